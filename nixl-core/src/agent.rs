@@ -1,0 +1,949 @@
+//! The agent: the per-process endpoint that owns backends and registrations, exports its
+//! metadata, loads its peers', and creates transfer requests.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::backend::{
+    Backend, BackendName, Connection, Notification, PeerInfo, Segment, TargetHandle, XferPlan,
+};
+use crate::error::{Error, Result};
+use crate::mem::{Desc, DescList, MemKind};
+use crate::metadata::{AgentMetadata, BackendInfo, RegionInfo, MAX_NAME_BYTES};
+use crate::region::{AccessGate, Region};
+use crate::xfer::{Watchdog, XferInfo, XferOp, XferRequest};
+
+/// How long deregistration waits for transfers that still hold a region.
+pub const DEREGISTER_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Options of a transfer request.
+#[derive(Clone, Debug, Default)]
+pub struct XferOptions {
+    /// Bytes delivered to the target after the data of each post has landed there.
+    pub notif: Option<Vec<u8>>,
+    /// Use this backend instead of the policy's choice (an error if it cannot carry the request).
+    pub backend: Option<BackendName>,
+    /// Each post ends `TimedOut` if it has not ended this long after it started.
+    pub deadline: Option<Duration>,
+}
+
+/// A backend as the agent holds it: running, or unavailable with the reason.
+#[derive(Clone, Debug)]
+pub struct BackendState {
+    /// Name.
+    pub name: BackendName,
+    /// `None` when running, `Some(reason)` when unavailable.
+    pub unavailable: Option<String>,
+}
+
+/// Builds an [`Agent`] from a name and a set of backends.
+pub struct AgentBuilder {
+    name: String,
+    backends: Vec<Arc<dyn Backend>>,
+}
+
+impl fmt::Debug for AgentBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentBuilder")
+            .field("name", &self.name)
+            .field("backends", &self.backends.len())
+            .finish()
+    }
+}
+
+impl AgentBuilder {
+    /// Adds a backend. A backend whose probe fails is kept, reported as unavailable, and never
+    /// used.
+    pub fn backend(mut self, backend: Arc<dyn Backend>) -> AgentBuilder {
+        self.backends.push(backend);
+        self
+    }
+
+    /// Adds several backends.
+    pub fn backends(mut self, backends: impl IntoIterator<Item = Arc<dyn Backend>>) -> Self {
+        self.backends.extend(backends);
+        self
+    }
+
+    /// Starts the backends and returns the agent.
+    pub fn build(self) -> Result<Agent> {
+        let name = self.name;
+        if name.is_empty() || name.len() > MAX_NAME_BYTES || name.contains('\0') {
+            return Err(Error::InvalidArgument(format!(
+                "agent name must be 1..={MAX_NAME_BYTES} bytes without NUL, got {name:?}"
+            )));
+        }
+        let name: Arc<str> = Arc::from(name.as_str());
+        let instance_id = random_u128();
+        let target = TargetHandle::new(Arc::clone(&name), instance_id);
+        let mut running: Vec<Arc<dyn Backend>> = Vec::new();
+        let mut states = Vec::new();
+        for b in self.backends {
+            if states.iter().any(|s: &BackendState| s.name == b.name()) {
+                return Err(Error::InvalidArgument(format!(
+                    "backend {} given twice",
+                    b.name()
+                )));
+            }
+            let unavailable = match b.probe() {
+                Ok(()) => match b.start(target.clone()) {
+                    Ok(()) => None,
+                    Err(e) => Some(format!("start failed: {e}")),
+                },
+                Err(reason) => Some(reason),
+            };
+            match &unavailable {
+                None => {
+                    tracing::debug!(agent = %name, backend = %b.name(), "backend running");
+                    running.push(b.clone());
+                }
+                Some(reason) => {
+                    tracing::info!(agent = %name, backend = %b.name(), "backend unavailable: {reason}");
+                }
+            }
+            states.push(BackendState {
+                name: b.name(),
+                unavailable,
+            });
+        }
+        running.sort_by_key(|b| (b.caps().locality, b.name().preference()));
+        let inner = Arc::new(AgentInner {
+            watchdog: Watchdog::new(Arc::clone(&name)),
+            name,
+            instance_id,
+            generation: AtomicU64::new(1),
+            next_region: AtomicU64::new(1),
+            backends: running,
+            states,
+            target,
+            peers: RwLock::new(HashMap::new()),
+            own_peer: Mutex::new(None),
+            shut: AtomicBool::new(false),
+        });
+        Ok(Agent { inner })
+    }
+}
+
+struct PeerState {
+    md: AgentMetadata,
+    /// (kind, dev_id, addr) -> index into md.regions.
+    index: BTreeMap<(MemKind, u64, u64), usize>,
+    conns: Arc<Mutex<HashMap<BackendName, Arc<dyn Connection>>>>,
+}
+
+impl PeerState {
+    fn new(md: AgentMetadata, conns: Arc<Mutex<HashMap<BackendName, Arc<dyn Connection>>>>) -> Self {
+        let index = md
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| ((r.kind, r.desc.dev_id, r.desc.addr), i))
+            .collect();
+        PeerState { md, index, conns }
+    }
+
+    fn find(&self, kind: MemKind, desc: &Desc) -> Option<(usize, &RegionInfo)> {
+        let (_, &i) = self
+            .index
+            .range(..=(kind, desc.dev_id, desc.addr))
+            .next_back()?;
+        let r = &self.md.regions[i];
+        (r.kind == kind && r.desc.contains(desc)).then_some((i, r))
+    }
+
+    fn backend_info(&self, b: BackendName) -> Option<&BackendInfo> {
+        self.md.backends.iter().find(|i| i.name == b)
+    }
+}
+
+pub(crate) struct AgentInner {
+    name: Arc<str>,
+    instance_id: u128,
+    generation: AtomicU64,
+    next_region: AtomicU64,
+    backends: Vec<Arc<dyn Backend>>,
+    states: Vec<BackendState>,
+    target: TargetHandle,
+    peers: RwLock<HashMap<String, Arc<PeerState>>>,
+    own_peer: Mutex<Option<(u64, Arc<PeerState>)>>,
+    watchdog: Arc<Watchdog>,
+    shut: AtomicBool,
+}
+
+impl AgentInner {
+    fn deregister_region(&self, region: &Arc<Region>) -> Result<()> {
+        if self.target.0.regions.remove_id(region).is_none() {
+            return Err(Error::NotRegistered {
+                kind: region.kind,
+                desc: region.desc,
+            });
+        }
+        self.finish_deregister(region)
+    }
+
+    fn finish_deregister(&self, region: &Arc<Region>) -> Result<()> {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let drained = region.gate.close_and_drain(DEREGISTER_PATIENCE);
+        for b in &self.backends {
+            if region.has_backend(b.name()) {
+                b.deregister(region);
+            }
+        }
+        if drained {
+            Ok(())
+        } else {
+            Err(Error::Backend {
+                backend: region.backends.first().map_or(BackendName::Local, |b| b.0),
+                op: "deregister",
+                reason: format!(
+                    "transfers still held {} {:?} after {:?}",
+                    region.kind, region.desc, DEREGISTER_PATIENCE
+                ),
+            })
+        }
+    }
+
+    fn shutdown(&self) {
+        if self.shut.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.watchdog.stop();
+        for p in self.peers.write().drain() {
+            for c in p.1.conns.lock().values() {
+                c.close();
+            }
+        }
+        for b in &self.backends {
+            b.shutdown();
+        }
+    }
+}
+
+/// The per-process endpoint of nixl-rs.
+///
+/// Dropping the agent shuts its backends down: transfers still in flight end `Cancelled`.
+pub struct Agent {
+    inner: Arc<AgentInner>,
+}
+
+impl fmt::Debug for Agent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Agent")
+            .field("name", &self.inner.name)
+            .field("instance_id", &format_args!("{:032x}", self.inner.instance_id))
+            .field("backends", &self.inner.states)
+            .finish()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.inner.shutdown();
+    }
+}
+
+/// An RAII registration: the regions are deregistered when it is dropped (errors are logged), or
+/// explicitly by [`Registration::deregister`], which reports them.
+pub struct Registration {
+    agent: Weak<AgentInner>,
+    regions: Vec<Arc<Region>>,
+}
+
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.regions.iter().map(|r| (r.kind, r.desc)))
+            .finish()
+    }
+}
+
+impl Registration {
+    /// The descriptors registered.
+    pub fn descs(&self) -> Vec<Desc> {
+        self.regions.iter().map(|r| r.desc).collect()
+    }
+
+    /// The registered regions.
+    pub fn regions(&self) -> &[Arc<Region>] {
+        &self.regions
+    }
+
+    /// Gives up the handle without deregistering: the regions stay registered until
+    /// deregistered by descriptor ([`Agent::deregister`]) or until the agent is dropped.
+    pub fn forget(mut self) {
+        self.regions.clear();
+    }
+
+    /// Deregisters now, waiting for transfers that hold the regions; reports the first error.
+    pub fn deregister(mut self) -> Result<()> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<()> {
+        let Some(agent) = self.agent.upgrade() else {
+            self.regions.clear();
+            return Ok(());
+        };
+        let mut first = Ok(());
+        for r in self.regions.drain(..) {
+            // Regions deregistered by descriptor meanwhile are not an error here.
+            if agent.target.0.regions.remove_id(&r).is_some() {
+                if let Err(e) = agent.finish_deregister(&r) {
+                    if first.is_ok() {
+                        first = Err(e);
+                    }
+                }
+            }
+        }
+        first
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::error!(error = %e, "deregistration on drop failed");
+        }
+    }
+}
+
+impl Agent {
+    /// Starts building an agent named `name` (unique among the agents that will talk).
+    pub fn builder(name: impl Into<String>) -> AgentBuilder {
+        AgentBuilder {
+            name: name.into(),
+            backends: Vec::new(),
+        }
+    }
+
+    /// The agent's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The random id of this incarnation.
+    pub fn instance_id(&self) -> u128 {
+        self.inner.instance_id
+    }
+
+    /// The metadata generation (bumped by every registration change).
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// Every backend given to the agent, running or unavailable with the reason.
+    pub fn backends(&self) -> &[BackendState] {
+        &self.inner.states
+    }
+
+    /// Registers every descriptor of `list` as a region, with every running backend that
+    /// registers that kind of memory.
+    pub fn register(&self, list: &DescList) -> Result<Registration> {
+        self.register_inner(list, None)
+    }
+
+    /// Registers with the named backends only.
+    pub fn register_with(&self, list: &DescList, backends: &[BackendName]) -> Result<Registration> {
+        self.register_inner(list, Some(backends))
+    }
+
+    fn register_inner(
+        &self,
+        list: &DescList,
+        only: Option<&[BackendName]>,
+    ) -> Result<Registration> {
+        let kind = list.kind();
+        if list.is_empty() {
+            return Err(Error::InvalidArgument("empty descriptor list".into()));
+        }
+        let chosen: Vec<&Arc<dyn Backend>> = match only {
+            Some(names) => {
+                let mut v = Vec::new();
+                for n in names {
+                    if let Some(b) = self.inner.backends.iter().find(|b| b.name() == *n) {
+                        if !b.caps().local_kinds.contains(&kind) {
+                            return Err(Error::InvalidArgument(format!(
+                                "backend {n} does not register {kind} memory"
+                            )));
+                        }
+                        v.push(b);
+                    } else {
+                        return Err(self.missing_backend(*n));
+                    }
+                }
+                v
+            }
+            None => self
+                .inner
+                .backends
+                .iter()
+                .filter(|b| b.caps().local_kinds.contains(&kind))
+                .collect(),
+        };
+        if chosen.is_empty() {
+            let mut reason = format!("no running backend registers {kind} memory");
+            for s in &self.inner.states {
+                if let Some(r) = &s.unavailable {
+                    let _ = write!(reason, "; {} unavailable: {r}", s.name);
+                }
+            }
+            return Err(Error::Unavailable {
+                backend: match kind {
+                    MemKind::Vram => BackendName::Cuda,
+                    MemKind::Object => BackendName::Object,
+                    MemKind::File | MemKind::Block => BackendName::Posix,
+                    MemKind::Dram => BackendName::Local,
+                },
+                reason,
+            });
+        }
+        let mut done: Vec<Arc<Region>> = Vec::with_capacity(list.len());
+        let result = (|| {
+            for desc in list.descs() {
+                let mut publics = Vec::with_capacity(chosen.len());
+                for b in &chosen {
+                    match b.register(kind, desc) {
+                        Ok(p) => publics.push((b.name(), p)),
+                        Err(e) => {
+                            for (name, _) in &publics {
+                                if let Some(b) = self.backend(*name) {
+                                    b.deregister(&placeholder(kind, desc));
+                                }
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+                let region = Region {
+                    id: self.inner.next_region.fetch_add(1, Ordering::Relaxed),
+                    kind,
+                    desc: *desc,
+                    key: random_u64(),
+                    backends: publics,
+                    gate: AccessGate::default(),
+                };
+                match self.inner.target.0.regions.insert(region) {
+                    Ok(r) => done.push(r),
+                    Err(e) => {
+                        for b in &chosen {
+                            b.deregister(&placeholder(kind, desc));
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for r in &done {
+                let _ = self.inner.deregister_region(r);
+            }
+            return Err(e);
+        }
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        tracing::debug!(agent = %self.inner.name, %kind, count = done.len(), "registered");
+        Ok(Registration {
+            agent: Arc::downgrade(&self.inner),
+            regions: done,
+        })
+    }
+
+    /// Deregisters regions by the exact descriptors they were registered with. A descriptor that
+    /// is not registered (never, or already deregistered) is an error; the ones before it in the
+    /// list are deregistered.
+    pub fn deregister(&self, kind: MemKind, descs: &[Desc]) -> Result<()> {
+        for d in descs {
+            let r = self.inner.target.0.regions.remove(kind, d)?;
+            self.inner.finish_deregister(&r)?;
+        }
+        Ok(())
+    }
+
+    fn backend(&self, name: BackendName) -> Option<&Arc<dyn Backend>> {
+        self.inner.backends.iter().find(|b| b.name() == name)
+    }
+
+    fn missing_backend(&self, name: BackendName) -> Error {
+        match self.inner.states.iter().find(|s| s.name == name) {
+            Some(BackendState {
+                unavailable: Some(reason),
+                ..
+            }) => Error::Unavailable {
+                backend: name,
+                reason: reason.clone(),
+            },
+            _ => Error::UnknownBackend(format!("{name} (not configured on agent '{}')", self.name())),
+        }
+    }
+
+    fn build_metadata(&self, regions: Vec<RegionInfo>, partial: bool) -> AgentMetadata {
+        AgentMetadata {
+            name: self.inner.name.to_string(),
+            instance_id: self.inner.instance_id,
+            generation: self.generation(),
+            partial,
+            backends: self
+                .inner
+                .backends
+                .iter()
+                .map(|b| BackendInfo {
+                    name: b.name(),
+                    conn_info: b.conn_info(),
+                })
+                .collect(),
+            regions,
+        }
+    }
+
+    /// The agent's full metadata.
+    pub fn metadata(&self) -> AgentMetadata {
+        let regions = self
+            .inner
+            .target
+            .0
+            .regions
+            .snapshot()
+            .iter()
+            .map(|r| region_info(r))
+            .collect();
+        self.build_metadata(regions, false)
+    }
+
+    /// The full metadata, encoded.
+    pub fn metadata_bytes(&self) -> Vec<u8> {
+        self.metadata().encode()
+    }
+
+    /// Metadata that describes only the regions containing `list`'s descriptors (a peer merges it
+    /// into what it has). An empty list gives the connection info alone.
+    pub fn partial_metadata(&self, list: &DescList) -> Result<AgentMetadata> {
+        let mut regions: Vec<RegionInfo> = Vec::new();
+        for (index, d) in list.descs().iter().enumerate() {
+            let r = self
+                .inner
+                .target
+                .0
+                .regions
+                .find(list.kind(), d)
+                .ok_or(Error::LocalNotRegistered {
+                    index,
+                    kind: list.kind(),
+                    desc: *d,
+                })?;
+            if !regions.iter().any(|x| x.desc == r.desc && x.kind == r.kind) {
+                regions.push(region_info(&r));
+            }
+        }
+        Ok(self.build_metadata(regions, true))
+    }
+
+    /// Loads a peer's metadata; returns the peer's name. A newer instance or generation replaces
+    /// what was loaded, partial metadata of the current instance is merged, older generations are
+    /// refused.
+    pub fn load_remote(&self, bytes: &[u8]) -> Result<String> {
+        let md = AgentMetadata::decode(bytes)?;
+        self.load_remote_md(md)
+    }
+
+    /// Loads decoded metadata (see [`Agent::load_remote`]).
+    pub fn load_remote_md(&self, md: AgentMetadata) -> Result<String> {
+        self.check_live()?;
+        if md.name == *self.inner.name {
+            return Err(Error::InvalidArgument(format!(
+                "metadata of '{}' is this agent's own name",
+                md.name
+            )));
+        }
+        let name = md.name.clone();
+        let mut peers = self.inner.peers.write();
+        let next = match peers.get(&name) {
+            Some(old) if old.md.instance_id == md.instance_id => {
+                if md.generation < old.md.generation {
+                    return Err(Error::StaleMetadata {
+                        peer: name,
+                        have: old.md.generation,
+                        got: md.generation,
+                    });
+                }
+                // Connections whose info changed are closed and made again on next use.
+                {
+                    let mut conns = old.conns.lock();
+                    conns.retain(|b, c| {
+                        let same = md.backends.iter().any(|i| i.name == *b)
+                            && old.backend_info(*b).map(|i| &i.conn_info)
+                                == md.backends.iter().find(|i| i.name == *b).map(|i| &i.conn_info);
+                        if !same {
+                            c.close();
+                        }
+                        same
+                    });
+                }
+                let merged = if md.partial {
+                    let mut merged = old.md.clone();
+                    merged.generation = md.generation;
+                    merged.backends = md.backends;
+                    for r in md.regions {
+                        merged
+                            .regions
+                            .retain(|x| !(x.kind == r.kind && x.desc.overlaps(&r.desc)));
+                        merged.regions.push(r);
+                    }
+                    merged
+                } else {
+                    md
+                };
+                PeerState::new(merged, Arc::clone(&old.conns))
+            }
+            old => {
+                if let Some(old) = old {
+                    tracing::info!(peer = %name, "peer restarted (new instance); reconnecting");
+                    for c in old.conns.lock().values() {
+                        c.close();
+                    }
+                }
+                PeerState::new(md, Arc::new(Mutex::new(HashMap::new())))
+            }
+        };
+        tracing::debug!(agent = %self.inner.name, peer = %name, generation = next.md.generation,
+            regions = next.md.regions.len(), "loaded peer metadata");
+        peers.insert(name.clone(), Arc::new(next));
+        Ok(name)
+    }
+
+    /// Forgets a peer: its connections close and its transfers fail from then on.
+    pub fn invalidate_remote(&self, name: &str) -> Result<()> {
+        let removed = self.inner.peers.write().remove(name);
+        match removed {
+            Some(p) => {
+                for c in p.conns.lock().values() {
+                    c.close();
+                }
+                Ok(())
+            }
+            None => Err(Error::UnknownPeer(name.to_owned())),
+        }
+    }
+
+    /// Names of the loaded peers.
+    pub fn peers(&self) -> Vec<String> {
+        self.inner.peers.read().keys().cloned().collect()
+    }
+
+    fn check_live(&self) -> Result<()> {
+        if self.inner.shut.load(Ordering::Acquire) {
+            Err(Error::Shutdown(self.inner.name.to_string()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn peer(&self, name: &str) -> Result<Arc<PeerState>> {
+        if name == &*self.inner.name {
+            // Transfers to ourselves (storage, or local copies) use our own metadata.
+            let gen = self.generation();
+            let mut own = self.inner.own_peer.lock();
+            if let Some((g, p)) = &*own {
+                if *g == gen {
+                    return Ok(Arc::clone(p));
+                }
+            }
+            let conns = own
+                .as_ref()
+                .map(|(_, p)| Arc::clone(&p.conns))
+                .unwrap_or_default();
+            let p = Arc::new(PeerState::new(self.metadata(), conns));
+            *own = Some((gen, Arc::clone(&p)));
+            return Ok(p);
+        }
+        self.inner
+            .peers
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownPeer(name.to_owned()))
+    }
+
+    fn connection(&self, peer: &PeerState, b: &Arc<dyn Backend>) -> Result<Arc<dyn Connection>> {
+        let mut conns = peer.conns.lock();
+        if let Some(c) = conns.get(&b.name()) {
+            return Ok(Arc::clone(c));
+        }
+        let info = peer
+            .backend_info(b.name())
+            .ok_or_else(|| Error::UnknownBackend(format!("{} not offered by peer", b.name())))?;
+        let c = b.connect(&PeerInfo {
+            name: &peer.md.name,
+            instance_id: peer.md.instance_id,
+            conn_info: &info.conn_info,
+        })?;
+        conns.insert(b.name(), Arc::clone(&c));
+        Ok(c)
+    }
+
+    /// Creates a transfer request: validates both lists against the registrations on both sides
+    /// once, chooses the backend, and prepares it. Post it with [`XferRequest::post`].
+    pub fn create_xfer(
+        &self,
+        op: XferOp,
+        local: &DescList,
+        remote: &DescList,
+        peer: &str,
+        opts: XferOptions,
+    ) -> Result<XferRequest> {
+        self.check_live()?;
+        if local.len() != remote.len() {
+            return Err(Error::Mismatch(format!(
+                "{} local descriptors, {} remote",
+                local.len(),
+                remote.len()
+            )));
+        }
+        if local.is_empty() {
+            return Err(Error::InvalidArgument("empty transfer".into()));
+        }
+        let p = self.peer(peer)?;
+        let regions = &self.inner.target.0.regions;
+        let mut local_regions: Vec<Arc<Region>> = Vec::new();
+        let mut remote_idx: Vec<usize> = Vec::new();
+        let mut segments = Vec::with_capacity(local.len());
+        for (index, (l, r)) in local.descs().iter().zip(remote.descs()).enumerate() {
+            if l.len != r.len {
+                return Err(Error::Mismatch(format!(
+                    "descriptor {index}: local length {} != remote length {}",
+                    l.len, r.len
+                )));
+            }
+            // Consecutive descriptors usually share a region: check the last one first.
+            let li = match local_regions.iter().rposition(|x| x.kind == local.kind() && x.desc.contains(l)) {
+                Some(i) => i,
+                None => {
+                    let reg = regions.find(local.kind(), l).ok_or(Error::LocalNotRegistered {
+                        index,
+                        kind: local.kind(),
+                        desc: *l,
+                    })?;
+                    local_regions.push(reg);
+                    local_regions.len() - 1
+                }
+            };
+            let ri = match remote_idx
+                .iter()
+                .rposition(|&i| p.md.regions[i].desc.contains(r))
+            {
+                Some(i) => i,
+                None => {
+                    let (i, _) = p.find(remote.kind(), r).ok_or_else(|| {
+                        Error::RemoteNotRegistered {
+                            peer: peer.to_owned(),
+                            index,
+                            kind: remote.kind(),
+                            desc: *r,
+                        }
+                    })?;
+                    remote_idx.push(i);
+                    remote_idx.len() - 1
+                }
+            };
+            segments.push(Segment {
+                local: *l,
+                remote: *r,
+                local_region: li as u32,
+                remote_region: ri as u32,
+            });
+        }
+        let remote_regions: Vec<RegionInfo> =
+            remote_idx.iter().map(|&i| p.md.regions[i].clone()).collect();
+
+        let (backend, reason) = self.select(&p, op, local, remote, &local_regions, &remote_regions, &opts)?;
+        tracing::debug!(agent = %self.inner.name, peer, backend = %backend.name(), op = op.as_str(),
+            descs = local.len(), "{reason}");
+        let conn = self.connection(&p, backend)?;
+        let plan = XferPlan {
+            op,
+            local_kind: local.kind(),
+            remote_kind: remote.kind(),
+            segments,
+            local_regions: local_regions.clone(),
+            remote_regions,
+            notif: opts.notif,
+            initiator: Arc::clone(&self.inner.name),
+        };
+        let bytes = plan.total_bytes();
+        let prepared = conn.prepare(plan)?;
+        Ok(XferRequest::new(
+            prepared,
+            local_regions,
+            XferInfo {
+                op,
+                backend: backend.name(),
+                peer: Arc::from(peer),
+                bytes,
+                descs: local.len(),
+                reason,
+            },
+            opts.deadline,
+            Arc::clone(&self.inner.watchdog),
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn select<'a>(
+        &'a self,
+        p: &PeerState,
+        _op: XferOp,
+        local: &DescList,
+        remote: &DescList,
+        local_regions: &[Arc<Region>],
+        remote_regions: &[RegionInfo],
+        opts: &XferOptions,
+    ) -> Result<(&'a Arc<dyn Backend>, String)> {
+        let mut why_not = String::new();
+        let candidates: Vec<&Arc<dyn Backend>> = match opts.backend {
+            Some(n) => vec![self.backend(n).ok_or_else(|| self.missing_backend(n))?],
+            None => self.inner.backends.iter().collect(),
+        };
+        for b in candidates {
+            let n = b.name();
+            let caps = b.caps();
+            let reject = if !caps.local_kinds.contains(&local.kind()) {
+                Some(format!("does not move local {}", local.kind()))
+            } else if !caps.remote_kinds.contains(&remote.kind()) {
+                Some(format!("does not move remote {}", remote.kind()))
+            } else if opts.notif.is_some() && !caps.notifications {
+                Some("carries no notifications".into())
+            } else if let Some(r) = local_regions.iter().find(|r| !r.has_backend(n)) {
+                Some(format!("local region {:?} not registered with it", r.desc))
+            } else if let Some(r) = remote_regions.iter().find(|r| !r.backends.iter().any(|x| x.0 == n)) {
+                Some(format!("remote region {:?} not registered with it", r.desc))
+            } else {
+                match p.backend_info(n) {
+                    None => Some("peer does not run it".into()),
+                    Some(info) => b.can_reach(&info.conn_info).err(),
+                }
+            };
+            match reject {
+                None => {
+                    let reason = if opts.backend.is_some() {
+                        format!("backend {n} named by caller")
+                    } else if why_not.is_empty() {
+                        format!("backend {n} chosen: best locality ({:?})", caps.locality)
+                    } else {
+                        format!("backend {n} chosen; passed over:{why_not}")
+                    };
+                    return Ok((b, reason));
+                }
+                Some(r) => {
+                    let _ = write!(why_not, " {n}: {r};");
+                }
+            }
+        }
+        for s in &self.inner.states {
+            if let Some(r) = &s.unavailable {
+                let _ = write!(why_not, " {}: unavailable: {r};", s.name);
+            }
+        }
+        Err(Error::NoBackend {
+            peer: p.md.name.clone(),
+            local_kind: local.kind(),
+            remote_kind: remote.kind(),
+            reason: why_not.trim().to_owned(),
+        })
+    }
+
+    /// Sends a standalone notification to a peer, over the best backend that carries them.
+    pub fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
+        self.check_live()?;
+        let p = self.peer(peer)?;
+        let mut why_not = String::new();
+        for b in &self.inner.backends {
+            if !b.caps().notifications {
+                continue;
+            }
+            let Some(info) = p.backend_info(b.name()) else {
+                continue;
+            };
+            if let Err(r) = b.can_reach(&info.conn_info) {
+                let _ = write!(why_not, " {}: {r};", b.name());
+                continue;
+            }
+            let conn = self.connection(&p, b)?;
+            return conn.send_notif(&self.inner.name, msg);
+        }
+        Err(Error::NoBackend {
+            peer: peer.to_owned(),
+            local_kind: MemKind::Dram,
+            remote_kind: MemKind::Dram,
+            reason: format!("no backend carries notifications to it;{why_not}"),
+        })
+    }
+
+    /// Takes every notification received so far.
+    pub fn take_notifs(&self) -> Vec<Notification> {
+        self.inner.target.take_notifs()
+    }
+
+    /// Waits up to `timeout` for at least one notification, then takes all of them.
+    pub fn wait_notifs(&self, timeout: Duration) -> Vec<Notification> {
+        self.inner.target.wait_notifs(timeout)
+    }
+
+    /// Shuts down now (as dropping does): transfers in flight end `Cancelled`.
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+}
+
+fn region_info(r: &Region) -> RegionInfo {
+    RegionInfo {
+        kind: r.kind,
+        desc: r.desc,
+        key: r.key,
+        backends: r.backends.clone(),
+    }
+}
+
+fn placeholder(kind: MemKind, desc: &Desc) -> Region {
+    Region {
+        id: 0,
+        kind,
+        desc: *desc,
+        key: 0,
+        backends: Vec::new(),
+        gate: AccessGate::default(),
+    }
+}
+
+/// A random u64 from the OS.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    fill_random(&mut b);
+    u64::from_le_bytes(b)
+}
+
+fn random_u128() -> u128 {
+    let mut b = [0u8; 16];
+    fill_random(&mut b);
+    u128::from_le_bytes(b)
+}
+
+fn fill_random(buf: &mut [u8]) {
+    if getrandom::fill(buf).is_err() {
+        // The OS generator failing is near impossible; fall back to time and address entropy,
+        // which is unique enough for ids (keys are then weaker, and we say so).
+        tracing::warn!("OS random generator failed; ids from time and addresses");
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let mix = t ^ (buf.as_ptr() as u128) << 64 ^ u128::from(std::process::id());
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (mix >> ((i % 16) * 8)) as u8;
+        }
+    }
+}

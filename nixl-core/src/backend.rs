@@ -1,0 +1,326 @@
+//! The backend contract: what every transport implements, and what the agent gives it.
+//!
+//! A backend is chosen per transfer request by policy (see [`crate::Agent::create_xfer`]):
+//! among the backends that both agents run, that registered every region involved, that reach
+//! the peer, and that move the two memory kinds, the one with the best [`Locality`] and then the
+//! best [`BackendName::preference`] wins, unless the caller names one.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::Result;
+use crate::mem::{Desc, MemKind};
+use crate::metadata::RegionInfo;
+use crate::region::{AccessDenied, Region, RegionAccess, RegionTable};
+use crate::xfer::{Completion, XferOp};
+
+/// The fixed names of the backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum BackendName {
+    /// Copies inside one process.
+    Local = 0,
+    /// Between processes on one node.
+    Shm = 1,
+    /// TCP between nodes.
+    Tcp = 2,
+    /// RDMA verbs.
+    Rdma = 3,
+    /// CUDA: VRAM, CUDA IPC, fabric handles.
+    Cuda = 4,
+    /// GPUDirect Storage.
+    Gds = 5,
+    /// io_uring files.
+    Uring = 6,
+    /// POSIX files.
+    Posix = 7,
+    /// S3-compatible object stores.
+    Object = 8,
+}
+
+impl BackendName {
+    /// All names, in wire order.
+    pub const ALL: [BackendName; 9] = [
+        BackendName::Local,
+        BackendName::Shm,
+        BackendName::Tcp,
+        BackendName::Rdma,
+        BackendName::Cuda,
+        BackendName::Gds,
+        BackendName::Uring,
+        BackendName::Posix,
+        BackendName::Object,
+    ];
+
+    /// The name as users write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendName::Local => "local",
+            BackendName::Shm => "shm",
+            BackendName::Tcp => "tcp",
+            BackendName::Rdma => "rdma",
+            BackendName::Cuda => "cuda",
+            BackendName::Gds => "gds",
+            BackendName::Uring => "uring",
+            BackendName::Posix => "posix",
+            BackendName::Object => "object",
+        }
+    }
+
+    /// Parses a user-written name.
+    pub fn parse(s: &str) -> Option<BackendName> {
+        BackendName::ALL.into_iter().find(|b| b.as_str() == s)
+    }
+
+    /// Wire code.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// Name for a wire code.
+    pub fn from_code(code: u8) -> Option<BackendName> {
+        BackendName::ALL.get(usize::from(code)).copied()
+    }
+
+    /// Tie-break among backends of equal locality: lower is preferred. Direct device paths
+    /// first, then shared memory, RDMA, io_uring, POSIX, object, TCP last.
+    pub fn preference(self) -> u8 {
+        match self {
+            BackendName::Local => 0,
+            BackendName::Cuda => 1,
+            BackendName::Gds => 2,
+            BackendName::Shm => 3,
+            BackendName::Rdma => 4,
+            BackendName::Uring => 5,
+            BackendName::Posix => 6,
+            BackendName::Object => 7,
+            BackendName::Tcp => 8,
+        }
+    }
+}
+
+impl fmt::Display for BackendName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How far a backend reaches; nearer is preferred.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Locality {
+    /// Only agents in the same process.
+    SameProcess,
+    /// Agents on the same node.
+    SameNode,
+    /// Any node.
+    AnyNode,
+}
+
+/// What a backend can do.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    /// Kinds it moves on the initiator's side.
+    pub local_kinds: &'static [MemKind],
+    /// Kinds it moves on the target's side.
+    pub remote_kinds: &'static [MemKind],
+    /// Whether it carries notifications.
+    pub notifications: bool,
+    /// How far it reaches.
+    pub locality: Locality,
+}
+
+/// What a peer published about itself, as given to [`Backend::connect`].
+#[derive(Clone, Copy, Debug)]
+pub struct PeerInfo<'a> {
+    /// The peer's name.
+    pub name: &'a str,
+    /// The peer's instance id.
+    pub instance_id: u128,
+    /// The peer's connection info for this backend.
+    pub conn_info: &'a [u8],
+}
+
+/// One pair of descriptors of a transfer, resolved against both sides' registrations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Local range.
+    pub local: Desc,
+    /// Remote range.
+    pub remote: Desc,
+    /// Index into [`XferPlan::local_regions`].
+    pub local_region: u32,
+    /// Index into [`XferPlan::remote_regions`].
+    pub remote_region: u32,
+}
+
+/// A validated transfer handed to a backend to prepare.
+#[derive(Debug)]
+pub struct XferPlan {
+    /// READ (remote to local) or WRITE (local to remote).
+    pub op: XferOp,
+    /// Kind of the local list.
+    pub local_kind: MemKind,
+    /// Kind of the remote list.
+    pub remote_kind: MemKind,
+    /// The descriptor pairs, in the caller's order.
+    pub segments: Vec<Segment>,
+    /// The distinct local regions the segments fall in.
+    pub local_regions: Vec<Arc<Region>>,
+    /// The distinct remote regions (from the peer's metadata; key and public data included).
+    pub remote_regions: Vec<RegionInfo>,
+    /// Notification delivered to the target after the data has landed, on every post.
+    pub notif: Option<Vec<u8>>,
+    /// The initiating agent's name (the sender of notifications).
+    pub initiator: Arc<str>,
+}
+
+impl XferPlan {
+    /// Total bytes moved per post.
+    pub fn total_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.local.len).sum()
+    }
+}
+
+/// A backend: one way of moving bytes.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Its fixed name.
+    fn name(&self) -> BackendName;
+    /// What it can do.
+    fn caps(&self) -> Caps;
+    /// `Err(reason)` if it cannot run on this host.
+    fn probe(&self) -> std::result::Result<(), String>;
+    /// Called once, before anything else, with the agent's target-side hooks.
+    fn start(&self, target: TargetHandle) -> Result<()>;
+    /// Connection info published in the agent's metadata.
+    fn conn_info(&self) -> Vec<u8>;
+    /// Registers a region; returns the public per-region data published in metadata.
+    fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>>;
+    /// Deregisters a region (after the core has drained its users).
+    fn deregister(&self, region: &Region);
+    /// `Err(reason)` if this backend cannot reach a peer with this connection info.
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String>;
+    /// Connects to a peer.
+    fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>>;
+    /// Stops: in-flight work ends `Cancelled`, threads exit.
+    fn shutdown(&self);
+}
+
+/// A backend's connection to one peer.
+pub trait Connection: Send + Sync + fmt::Debug {
+    /// Prepares a transfer; the result is posted any number of times.
+    fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>>;
+    /// Sends a standalone notification.
+    fn send_notif(&self, from: &str, msg: &[u8]) -> Result<()>;
+    /// Closes the connection (the peer was invalidated): its transfers fail from now on.
+    fn close(&self);
+}
+
+/// A prepared transfer.
+pub trait PreparedXfer: Send + Sync + fmt::Debug {
+    /// Starts one execution. The backend ends it by calling [`Completion::complete`] exactly once,
+    /// inline or later from any thread (dropping the completion counts as a failure).
+    fn post(&self, done: Completion);
+    /// Asks the backend to stop the current execution early (best effort; the request is
+    /// already marked cancelled or timed out).
+    fn cancel(&self) {}
+}
+
+/// A notification received by an agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    /// Name of the agent that sent it.
+    pub from: String,
+    /// The bytes.
+    pub msg: Vec<u8>,
+}
+
+/// Most notifications queued before new ones are dropped (and counted).
+pub const MAX_QUEUED_NOTIFS: usize = 1 << 20;
+
+#[derive(Debug)]
+pub(crate) struct TargetShared {
+    pub(crate) name: Arc<str>,
+    pub(crate) instance_id: u128,
+    pub(crate) regions: RegionTable,
+    notifs: Mutex<VecDeque<Notification>>,
+    notif_cv: Condvar,
+}
+
+/// The target side of an agent, as its backends see it: the owner-side access check and the
+/// notification queue.
+#[derive(Clone, Debug)]
+pub struct TargetHandle(pub(crate) Arc<TargetShared>);
+
+impl TargetHandle {
+    pub(crate) fn new(name: Arc<str>, instance_id: u128) -> TargetHandle {
+        TargetHandle(Arc::new(TargetShared {
+            name,
+            instance_id,
+            regions: RegionTable::default(),
+            notifs: Mutex::new(VecDeque::new()),
+            notif_cv: Condvar::new(),
+        }))
+    }
+
+    /// The agent's name.
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The agent's name, shared.
+    pub fn name_arc(&self) -> Arc<str> {
+        Arc::clone(&self.0.name)
+    }
+
+    /// The agent's instance id.
+    pub fn instance_id(&self) -> u128 {
+        self.0.instance_id
+    }
+
+    /// Checks a peer's access to `desc` of `kind` with `key`; holds the region until the access
+    /// is dropped.
+    pub fn check(
+        &self,
+        kind: MemKind,
+        desc: &Desc,
+        key: u64,
+    ) -> std::result::Result<RegionAccess, AccessDenied> {
+        self.0.regions.check(kind, desc, key)
+    }
+
+    /// Delivers a notification to this agent.
+    pub fn deliver(&self, from: &str, msg: Vec<u8>) {
+        let mut q = self.0.notifs.lock();
+        if q.len() >= MAX_QUEUED_NOTIFS {
+            metrics::counter!("nixl_notifs_dropped_total").increment(1);
+            tracing::warn!(agent = %self.0.name, from, "notification queue full, dropping");
+            return;
+        }
+        q.push_back(Notification {
+            from: from.to_owned(),
+            msg,
+        });
+        drop(q);
+        metrics::counter!("nixl_notifs_received_total").increment(1);
+        self.0.notif_cv.notify_all();
+    }
+
+    pub(crate) fn take_notifs(&self) -> Vec<Notification> {
+        self.0.notifs.lock().drain(..).collect()
+    }
+
+    pub(crate) fn wait_notifs(&self, timeout: Duration) -> Vec<Notification> {
+        let deadline = Instant::now() + timeout;
+        let mut q = self.0.notifs.lock();
+        while q.is_empty() {
+            if self.0.notif_cv.wait_until(&mut q, deadline).timed_out() {
+                break;
+            }
+        }
+        q.drain(..).collect()
+    }
+}

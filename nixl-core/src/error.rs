@@ -1,0 +1,230 @@
+//! The one error type of the core, with the context a user needs to act on it.
+
+use std::io;
+use std::sync::Arc;
+
+use crate::backend::BackendName;
+use crate::mem::{Desc, MemKind};
+use crate::metadata::DecodeError;
+
+/// Result alias for the core.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Coarse classes of errors, stable across releases (the C ABI maps them to its status codes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// Bad argument or malformed input.
+    Invalid,
+    /// Unknown agent, region or backend.
+    NotFound,
+    /// A backend failed.
+    Backend,
+    /// The peer went away.
+    RemoteDisconnect,
+    /// The request was cancelled.
+    Cancelled,
+    /// The request ran past its deadline.
+    TimedOut,
+    /// A backend cannot run on this host.
+    Unavailable,
+    /// Authentication, key or bounds check refused the access.
+    Denied,
+}
+
+/// Everything that can go wrong in the core. Cloneable, so that a failed request can hand its
+/// reason to every caller that asks.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A descriptor is malformed.
+    #[error("descriptor {index}: {reason}")]
+    InvalidDesc {
+        /// Position in its list.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An argument is malformed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A registration overlaps one that exists.
+    #[error("{kind} region {new:?} overlaps registered region {existing:?}")]
+    Overlap {
+        /// Kind of both regions.
+        kind: MemKind,
+        /// The region asked for.
+        new: Desc,
+        /// The registered region it overlaps.
+        existing: Desc,
+    },
+    /// Deregistration of a region that is not registered (or was deregistered already).
+    #[error("{kind} region {desc:?} is not registered")]
+    NotRegistered {
+        /// Kind of the region.
+        kind: MemKind,
+        /// The region asked for.
+        desc: Desc,
+    },
+    /// A local descriptor of a transfer lies outside every local registration.
+    #[error("local descriptor {index} ({kind} {desc:?}) is not inside a registered region")]
+    LocalNotRegistered {
+        /// Position in the local list.
+        index: usize,
+        /// Kind of the list.
+        kind: MemKind,
+        /// The descriptor.
+        desc: Desc,
+    },
+    /// A remote descriptor lies outside every region the peer's metadata describes.
+    #[error(
+        "remote descriptor {index} ({kind} {desc:?}) is not inside a region of peer '{peer}'"
+    )]
+    RemoteNotRegistered {
+        /// The peer.
+        peer: String,
+        /// Position in the remote list.
+        index: usize,
+        /// Kind of the list.
+        kind: MemKind,
+        /// The descriptor.
+        desc: Desc,
+    },
+    /// Local and remote lists do not pair up.
+    #[error("local and remote lists differ: {0}")]
+    Mismatch(String),
+    /// No peer of that name has been loaded.
+    #[error("unknown peer '{0}' (load its metadata first)")]
+    UnknownPeer(String),
+    /// A backend name that no backend has.
+    #[error("unknown backend '{0}'")]
+    UnknownBackend(String),
+    /// The backend cannot run on this host.
+    #[error("backend {backend} unavailable: {reason}")]
+    Unavailable {
+        /// The backend.
+        backend: BackendName,
+        /// Why it cannot run.
+        reason: String,
+    },
+    /// No backend can carry the transfer.
+    #[error("no backend can move {local_kind} to/from {remote_kind} of peer '{peer}': {reason}")]
+    NoBackend {
+        /// The peer.
+        peer: String,
+        /// Kind of the local list.
+        local_kind: MemKind,
+        /// Kind of the remote list.
+        remote_kind: MemKind,
+        /// What each candidate lacked.
+        reason: String,
+    },
+    /// Metadata bytes could not be decoded.
+    #[error("bad metadata: {0}")]
+    Metadata(#[from] DecodeError),
+    /// Metadata older than what is loaded.
+    #[error("stale metadata for peer '{peer}': generation {got} is older than loaded {have}")]
+    StaleMetadata {
+        /// The peer.
+        peer: String,
+        /// Generation loaded.
+        have: u64,
+        /// Generation offered.
+        got: u64,
+    },
+    /// The request is already in flight; wait for it to end before posting again.
+    #[error("request is still in flight")]
+    InFlight,
+    /// The owner of the memory refused the access.
+    #[error("peer '{peer}' denied access: {reason}")]
+    Denied {
+        /// The peer that refused.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer went away or its connection broke.
+    #[error("peer '{peer}' disconnected: {reason}")]
+    RemoteDisconnect {
+        /// The peer.
+        peer: String,
+        /// What was seen.
+        reason: String,
+    },
+    /// The request was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The request ran past its deadline.
+    #[error("timed out")]
+    TimedOut,
+    /// A backend operation failed.
+    #[error("backend {backend}: {op} failed: {reason}")]
+    Backend {
+        /// The backend.
+        backend: BackendName,
+        /// The failing operation.
+        op: &'static str,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An I/O error outside any backend.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// The agent has shut down.
+    #[error("agent '{0}' has shut down")]
+    Shutdown(String),
+}
+
+impl Error {
+    /// The class of this error.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::InvalidDesc { .. }
+            | Error::InvalidArgument(_)
+            | Error::Overlap { .. }
+            | Error::Mismatch(_)
+            | Error::Metadata(_)
+            | Error::StaleMetadata { .. }
+            | Error::InFlight
+            | Error::LocalNotRegistered { .. }
+            | Error::RemoteNotRegistered { .. } => ErrorClass::Invalid,
+            Error::NotRegistered { .. } | Error::UnknownPeer(_) | Error::UnknownBackend(_) => {
+                ErrorClass::NotFound
+            }
+            Error::Unavailable { .. } => ErrorClass::Unavailable,
+            Error::NoBackend { .. } => ErrorClass::NotFound,
+            Error::Denied { .. } => ErrorClass::Denied,
+            Error::RemoteDisconnect { .. } => ErrorClass::RemoteDisconnect,
+            Error::Cancelled | Error::Shutdown(_) => ErrorClass::Cancelled,
+            Error::TimedOut => ErrorClass::TimedOut,
+            Error::Backend { .. } | Error::Io { .. } => ErrorClass::Backend,
+        }
+    }
+
+    /// An [`Error::Io`] with context.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// A short label for metrics (`errors_total{kind=...}`).
+    pub fn metric_label(&self) -> &'static str {
+        match self.class() {
+            ErrorClass::Invalid => "invalid",
+            ErrorClass::NotFound => "not_found",
+            ErrorClass::Backend => "backend",
+            ErrorClass::RemoteDisconnect => "remote_disconnect",
+            ErrorClass::Cancelled => "cancelled",
+            ErrorClass::TimedOut => "timed_out",
+            ErrorClass::Unavailable => "unavailable",
+            ErrorClass::Denied => "denied",
+        }
+    }
+}

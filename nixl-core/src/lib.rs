@@ -1,0 +1,32 @@
+//! nixl-core: the transfer core of nixl-rs.
+//!
+//! Memory of any kind is registered once with an [`Agent`], described by [`DescList`]s, and
+//! moved by one-sided READ/WRITE [`XferRequest`]s through whichever [`Backend`] fits both sides.
+//! The core knows no concrete backend: the `nixl-transports` crate provides them.
+//!
+//! ```
+//! use nixl_core::{Agent, DescList, Desc, MemKind};
+//! let agent = Agent::builder("doc").build().unwrap();
+//! let list = DescList::from_descs(MemKind::Dram, vec![Desc::new(0x1000, 64, 0)]).unwrap();
+//! // No backend registers DRAM in a bare agent: the error says so.
+//! assert!(agent.register(&list).is_err());
+//! ```
+
+mod agent;
+pub mod backend;
+mod error;
+pub mod mem;
+pub mod metadata;
+pub mod region;
+pub mod xfer;
+
+pub use agent::{random_u64, Agent, AgentBuilder, BackendState, Registration, XferOptions};
+pub use backend::{
+    Backend, BackendName, Caps, Connection, Locality, Notification, PeerInfo, PreparedXfer,
+    Segment, TargetHandle, XferPlan,
+};
+pub use error::{Error, ErrorClass, Result};
+pub use mem::{Desc, DescList, MemKind};
+pub use metadata::{AgentMetadata, DecodeError};
+pub use region::{AccessDenied, Region, RegionAccess};
+pub use xfer::{Completion, XferInfo, XferOp, XferRequest, XferStatus};
