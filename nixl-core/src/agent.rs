@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::mem::{Desc, DescList, MemKind};
 use crate::metadata::{AgentMetadata, BackendInfo, RegionInfo, MAX_NAME_BYTES};
 use crate::region::{AccessGate, Region};
-use crate::xfer::{Watchdog, XferInfo, XferOp, XferRequest};
+use crate::xfer::{Choice, Telemetry, Watchdog, XferInfo, XferOp, XferRequest};
 
 /// How long deregistration waits for transfers that still hold a region.
 pub const DEREGISTER_PATIENCE: Duration = Duration::from_secs(60);
@@ -130,22 +130,45 @@ impl AgentBuilder {
     }
 }
 
+type TelemetryCache = Arc<Mutex<HashMap<(BackendName, XferOp), Arc<Telemetry>>>>;
+
 struct PeerState {
     md: AgentMetadata,
+    name: Arc<str>,
+    telemetry: TelemetryCache,
     /// (kind, dev_id, addr) -> index into md.regions.
     index: BTreeMap<(MemKind, u64, u64), usize>,
     conns: Arc<Mutex<HashMap<BackendName, Arc<dyn Connection>>>>,
 }
 
 impl PeerState {
-    fn new(md: AgentMetadata, conns: Arc<Mutex<HashMap<BackendName, Arc<dyn Connection>>>>) -> Self {
+    fn new(
+        md: AgentMetadata,
+        conns: Arc<Mutex<HashMap<BackendName, Arc<dyn Connection>>>>,
+        telemetry: TelemetryCache,
+    ) -> Self {
         let index = md
             .regions
             .iter()
             .enumerate()
             .map(|(i, r)| ((r.kind, r.desc.dev_id, r.desc.addr), i))
             .collect();
-        PeerState { md, index, conns }
+        PeerState {
+            name: Arc::from(md.name.as_str()),
+            md,
+            telemetry,
+            index,
+            conns,
+        }
+    }
+
+    fn telemetry(&self, backend: BackendName, op: XferOp) -> Arc<Telemetry> {
+        Arc::clone(
+            self.telemetry
+                .lock()
+                .entry((backend, op))
+                .or_insert_with(|| Arc::new(Telemetry::new(backend, &self.name, op))),
+        )
     }
 
     fn find(&self, kind: MemKind, desc: &Desc) -> Option<(usize, &RegionInfo)> {
@@ -598,7 +621,7 @@ impl Agent {
                 } else {
                     md
                 };
-                PeerState::new(merged, Arc::clone(&old.conns))
+                PeerState::new(merged, Arc::clone(&old.conns), Arc::clone(&old.telemetry))
             }
             old => {
                 if let Some(old) = old {
@@ -607,7 +630,7 @@ impl Agent {
                         c.close();
                     }
                 }
-                PeerState::new(md, Arc::new(Mutex::new(HashMap::new())))
+                PeerState::new(md, Arc::default(), Arc::default())
             }
         };
         tracing::debug!(agent = %self.inner.name, peer = %name, generation = next.md.generation,
@@ -653,11 +676,11 @@ impl Agent {
                     return Ok(Arc::clone(p));
                 }
             }
-            let conns = own
+            let (conns, telemetry) = own
                 .as_ref()
-                .map(|(_, p)| Arc::clone(&p.conns))
+                .map(|(_, p)| (Arc::clone(&p.conns), Arc::clone(&p.telemetry)))
                 .unwrap_or_default();
-            let p = Arc::new(PeerState::new(self.metadata(), conns));
+            let p = Arc::new(PeerState::new(self.metadata(), conns, telemetry));
             *own = Some((gen, Arc::clone(&p)));
             return Ok(p);
         }
@@ -762,7 +785,7 @@ impl Agent {
 
         let (backend, reason) = self.select(&p, op, local, remote, &local_regions, &remote_regions, &opts)?;
         tracing::debug!(agent = %self.inner.name, peer, backend = %backend.name(), op = op.as_str(),
-            descs = local.len(), "{reason}");
+            descs = local.len(), "backend {}: {reason}", backend.name());
         let conn = self.connection(&p, backend)?;
         let plan = XferPlan {
             op,
@@ -782,13 +805,14 @@ impl Agent {
             XferInfo {
                 op,
                 backend: backend.name(),
-                peer: Arc::from(peer),
+                peer: Arc::clone(&p.name),
                 bytes,
                 descs: local.len(),
                 reason,
             },
             opts.deadline,
             Arc::clone(&self.inner.watchdog),
+            p.telemetry(backend.name(), op),
         ))
     }
 
@@ -802,7 +826,7 @@ impl Agent {
         local_regions: &[Arc<Region>],
         remote_regions: &[RegionInfo],
         opts: &XferOptions,
-    ) -> Result<(&'a Arc<dyn Backend>, String)> {
+    ) -> Result<(&'a Arc<dyn Backend>, Choice)> {
         let mut why_not = String::new();
         let candidates: Vec<&Arc<dyn Backend>> = match opts.backend {
             Some(n) => vec![self.backend(n).ok_or_else(|| self.missing_backend(n))?],
@@ -830,11 +854,11 @@ impl Agent {
             match reject {
                 None => {
                     let reason = if opts.backend.is_some() {
-                        format!("backend {n} named by caller")
+                        Choice::Named
                     } else if why_not.is_empty() {
-                        format!("backend {n} chosen: best locality ({:?})", caps.locality)
+                        Choice::Best
                     } else {
-                        format!("backend {n} chosen; passed over:{why_not}")
+                        Choice::PassedOver(why_not)
                     };
                     return Ok((b, reason));
                 }

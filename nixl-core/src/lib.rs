@@ -14,6 +14,7 @@
 
 mod agent;
 pub mod backend;
+pub mod codec;
 mod error;
 pub mod mem;
 pub mod metadata;
@@ -29,4 +30,4 @@ pub use error::{Error, ErrorClass, Result};
 pub use mem::{Desc, DescList, MemKind};
 pub use metadata::{AgentMetadata, DecodeError};
 pub use region::{AccessDenied, Region, RegionAccess};
-pub use xfer::{Completion, XferInfo, XferOp, XferRequest, XferStatus};
+pub use xfer::{Choice, Completion, XferInfo, XferOp, XferRequest, XferStatus};

@@ -82,6 +82,12 @@ impl Desc {
         Desc::new(buf.as_ptr() as u64, buf.len() as u64, 0)
     }
 
+    /// A DRAM descriptor covering `buf`, for memory a transfer will write into (the pointer
+    /// carries write permission, which one taken from a shared slice does not).
+    pub fn from_mut_slice(buf: &mut [u8]) -> Desc {
+        Desc::new(buf.as_mut_ptr() as u64, buf.len() as u64, 0)
+    }
+
     /// One past the last byte, or `None` if `addr + len` overflows.
     pub fn end(&self) -> Option<u64> {
         self.addr.checked_add(self.len)

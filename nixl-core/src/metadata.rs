@@ -18,6 +18,7 @@
 //! more than we know), regions keep only the backends we know.
 
 use crate::backend::BackendName;
+use crate::codec::Reader;
 use crate::mem::{Desc, MemKind};
 
 /// Magic bytes that start every metadata blob.
@@ -301,117 +302,6 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 fn put_blob(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
     out.extend_from_slice(b);
-}
-
-/// A bounds-checked little-endian reader over untrusted bytes.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
-        if self.buf.len() < n {
-            return Err(DecodeError::Truncated {
-                field,
-                needed: n - self.buf.len(),
-            });
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N, field)?);
-        Ok(a)
-    }
-
-    fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
-        Ok(self.take(1, field)?[0])
-    }
-
-    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(self.array(field)?))
-    }
-
-    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.array(field)?))
-    }
-
-    fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.array(field)?))
-    }
-
-    fn peek_u8(&self) -> Result<u8, DecodeError> {
-        Reader { buf: self.buf }.u8("count")
-    }
-
-    fn peek_u16(&self) -> Result<u16, DecodeError> {
-        Reader { buf: self.buf }.u16("count")
-    }
-
-    fn peek_u32(&self) -> Result<u32, DecodeError> {
-        Reader { buf: self.buf }.u32("count")
-    }
-
-    /// Consumes a count field of `width` bytes whose value (already peeked) is `n`, and checks it
-    /// against `limit` and against the bytes left, given each entry takes at least `min_entry`.
-    fn count(
-        &mut self,
-        field: &'static str,
-        n: usize,
-        width: usize,
-        limit: usize,
-        min_entry: usize,
-    ) -> Result<usize, DecodeError> {
-        self.take(width, field)?;
-        if n > limit {
-            return Err(DecodeError::TooLarge {
-                field,
-                got: n,
-                limit,
-            });
-        }
-        let needed = n.saturating_mul(min_entry);
-        if needed > self.buf.len() {
-            return Err(DecodeError::Truncated {
-                field,
-                needed: needed - self.buf.len(),
-            });
-        }
-        Ok(n)
-    }
-
-    fn blob(&mut self, field: &'static str) -> Result<&'a [u8], DecodeError> {
-        let len = self.u32(field)? as usize;
-        if len > MAX_BLOB_BYTES {
-            return Err(DecodeError::TooLarge {
-                field,
-                got: len,
-                limit: MAX_BLOB_BYTES,
-            });
-        }
-        self.take(len, field)
-    }
-
-    fn str(&mut self, field: &'static str, limit: usize) -> Result<String, DecodeError> {
-        let len = usize::from(self.u16(field)?);
-        if len > limit {
-            return Err(DecodeError::TooLarge {
-                field,
-                got: len,
-                limit,
-            });
-        }
-        let bytes = self.take(len, field)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|e| DecodeError::Invalid {
-                field,
-                reason: e.to_string(),
-            })
-    }
 }
 
 #[cfg(test)]

@@ -106,14 +106,61 @@ pub struct XferInfo {
     pub bytes: u64,
     /// Descriptors per post.
     pub descs: usize,
-    /// Why this backend was chosen (or "named by caller").
-    pub reason: String,
+    /// Why this backend was chosen.
+    pub reason: Choice,
 }
 
-struct Telemetry {
+/// Why a request got its backend (printed by `Display`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// The caller named it.
+    Named,
+    /// The first candidate by locality and preference carried it.
+    Best,
+    /// Better candidates could not carry it; each with the reason.
+    PassedOver(String),
+}
+
+impl fmt::Display for Choice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Choice::Named => f.write_str("named by the caller"),
+            Choice::Best => f.write_str("best by locality and preference"),
+            Choice::PassedOver(why) => write!(f, "chosen after passing over:{why}"),
+        }
+    }
+}
+
+impl Choice {
+    /// Whether the displayed reason contains `needle`.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.to_string().contains(needle)
+    }
+}
+
+/// Metric handles of one (backend, peer, op): made once per peer, shared by its requests, so
+/// creating a request allocates no label strings.
+#[derive(Debug)]
+pub(crate) struct Telemetry {
     bytes: metrics::Counter,
     requests: metrics::Counter,
     latency: metrics::Histogram,
+}
+
+impl Telemetry {
+    pub(crate) fn new(backend: BackendName, peer: &str, op: XferOp) -> Telemetry {
+        let labels = [
+            ("backend", backend.as_str().to_owned()),
+            ("peer", peer.to_owned()),
+            ("op", op.as_str().to_owned()),
+        ];
+        Telemetry {
+            bytes: metrics::counter!("nixl_xfer_bytes_total", &labels),
+            requests: metrics::counter!("nixl_xfer_requests_total", &labels),
+            latency: metrics::histogram!("nixl_xfer_latency_seconds",
+                "backend" => backend.as_str(), "op" => op.as_str()),
+        }
+    }
 }
 
 pub(crate) struct XferShared {
@@ -126,7 +173,7 @@ pub(crate) struct XferShared {
     deadline: Option<Duration>,
     posted_at: Mutex<Option<Instant>>,
     watchdog: Arc<Watchdog>,
-    telemetry: Telemetry,
+    telemetry: Arc<Telemetry>,
 }
 
 impl XferShared {
@@ -284,18 +331,8 @@ impl XferRequest {
         info: XferInfo,
         deadline: Option<Duration>,
         watchdog: Arc<Watchdog>,
+        telemetry: Arc<Telemetry>,
     ) -> XferRequest {
-        let labels = [
-            ("backend", info.backend.as_str().to_owned()),
-            ("peer", info.peer.to_string()),
-            ("op", info.op.as_str().to_owned()),
-        ];
-        let telemetry = Telemetry {
-            bytes: metrics::counter!("nixl_xfer_bytes_total", &labels),
-            requests: metrics::counter!("nixl_xfer_requests_total", &labels),
-            latency: metrics::histogram!("nixl_xfer_latency_seconds",
-                "backend" => info.backend.as_str(), "op" => info.op.as_str()),
-        };
         XferRequest {
             shared: Arc::new(XferShared {
                 state: AtomicU64::new(word(0, IDLE)),
@@ -394,6 +431,11 @@ impl XferRequest {
     /// Blocks until the post in flight ends, or `timeout` passes (then `InProgress` is returned
     /// and the request goes on).
     pub fn wait_blocking(&self, timeout: Option<Duration>) -> XferStatus {
+        // Small transfers are usually done by the time we look: no waker, no allocation.
+        let st = self.status();
+        if st.is_terminal() || matches!(st, XferStatus::Idle) {
+            return st;
+        }
         let start = Instant::now();
         let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
         loop {

@@ -1,0 +1,563 @@
+//! Core behaviour with a scripted backend: registration rules, metadata loading, backend
+//! selection, and the request state machine (one terminal state per post, cancel, deadlines,
+//! stale completions, deregistration waiting for transfers).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nixl_core::*;
+use parking_lot::Mutex;
+
+/// A backend whose posts are parked until the test completes them.
+#[derive(Debug)]
+struct Scripted {
+    name: BackendName,
+    locality: Locality,
+    parked: Arc<Mutex<Vec<Completion>>>,
+    posts: Arc<AtomicUsize>,
+    /// Complete every post inline with Ok instead of parking it.
+    inline_ok: bool,
+    unavailable: Option<&'static str>,
+}
+
+impl Scripted {
+    fn new(name: BackendName, locality: Locality) -> Scripted {
+        Scripted {
+            name,
+            locality,
+            parked: Arc::default(),
+            posts: Arc::default(),
+            inline_ok: false,
+            unavailable: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ScriptedConn {
+    parked: Arc<Mutex<Vec<Completion>>>,
+    posts: Arc<AtomicUsize>,
+    inline_ok: bool,
+}
+
+#[derive(Debug)]
+struct ScriptedXfer {
+    parked: Arc<Mutex<Vec<Completion>>>,
+    posts: Arc<AtomicUsize>,
+    inline_ok: bool,
+}
+
+const DRAM: &[MemKind] = &[MemKind::Dram];
+
+impl Backend for Scripted {
+    fn name(&self) -> BackendName {
+        self.name
+    }
+    fn caps(&self) -> Caps {
+        Caps {
+            local_kinds: DRAM,
+            remote_kinds: DRAM,
+            notifications: true,
+            locality: self.locality,
+        }
+    }
+    fn probe(&self) -> std::result::Result<(), String> {
+        match self.unavailable {
+            Some(r) => Err(r.into()),
+            None => Ok(()),
+        }
+    }
+    fn start(&self, _target: TargetHandle) -> Result<()> {
+        Ok(())
+    }
+    fn conn_info(&self) -> Vec<u8> {
+        vec![self.name.code()]
+    }
+    fn register(&self, _kind: MemKind, _desc: &Desc) -> Result<Vec<u8>> {
+        Ok(vec![1, 2, 3])
+    }
+    fn deregister(&self, _region: &Region) {}
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+        if conn_info == [self.name.code()] {
+            Ok(())
+        } else {
+            Err("bad conn info".into())
+        }
+    }
+    fn connect(&self, _peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {
+        Ok(Arc::new(ScriptedConn {
+            parked: Arc::clone(&self.parked),
+            posts: Arc::clone(&self.posts),
+            inline_ok: self.inline_ok,
+        }))
+    }
+    fn shutdown(&self) {
+        for c in self.parked.lock().drain(..) {
+            c.complete(Err(Error::Cancelled));
+        }
+    }
+}
+
+impl Connection for ScriptedConn {
+    fn prepare(&self, _plan: XferPlan) -> Result<Box<dyn PreparedXfer>> {
+        Ok(Box::new(ScriptedXfer {
+            parked: Arc::clone(&self.parked),
+            posts: Arc::clone(&self.posts),
+            inline_ok: self.inline_ok,
+        }))
+    }
+    fn send_notif(&self, _from: &str, _msg: &[u8]) -> Result<()> {
+        Ok(())
+    }
+    fn close(&self) {}
+}
+
+impl PreparedXfer for ScriptedXfer {
+    fn post(&self, done: Completion) {
+        self.posts.fetch_add(1, Ordering::SeqCst);
+        if self.inline_ok {
+            done.complete(Ok(()));
+        } else {
+            self.parked.lock().push(done);
+        }
+    }
+}
+
+struct Pair {
+    a: Agent,
+    b: Agent,
+    a_buf: Vec<u8>,
+    b_buf: Vec<u8>,
+    _regs: (Registration, Registration),
+    parked: Arc<Mutex<Vec<Completion>>>,
+    posts: Arc<AtomicUsize>,
+}
+
+fn pair_with(make: impl Fn() -> Scripted) -> Pair {
+    let s = make();
+    let parked = Arc::clone(&s.parked);
+    let posts = Arc::clone(&s.posts);
+    let a = Agent::builder("a").backend(Arc::new(s)).build().unwrap();
+    let b = Agent::builder("b").backend(Arc::new(make())).build().unwrap();
+    let a_buf = vec![0u8; 4096];
+    let b_buf = vec![0u8; 4096];
+    let ra = a.register(&dram(&[Desc::from_slice(&a_buf)])).unwrap();
+    let rb = b.register(&dram(&[Desc::from_slice(&b_buf)])).unwrap();
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    Pair {
+        a,
+        b,
+        a_buf,
+        b_buf,
+        _regs: (ra, rb),
+        parked,
+        posts,
+    }
+}
+
+fn pair() -> Pair {
+    pair_with(|| Scripted::new(BackendName::Shm, Locality::SameNode))
+}
+
+fn dram(d: &[Desc]) -> DescList {
+    DescList::from_descs(MemKind::Dram, d.to_vec()).unwrap()
+}
+
+fn xfer(p: &Pair, opts: XferOptions) -> XferRequest {
+    p.a.create_xfer(
+        XferOp::Write,
+        &dram(&[Desc::from_slice(&p.a_buf[..100])]),
+        &dram(&[Desc::from_slice(&p.b_buf[100..200])]),
+        "b",
+        opts,
+    )
+    .unwrap()
+}
+
+#[test]
+fn registration_rules() {
+    let p = pair();
+    let err = DescList::from_descs(MemKind::Dram, vec![Desc::new(1, 0, 0)]).unwrap_err();
+    assert!(err.to_string().contains("zero-length"), "{err}");
+    // Overlap with an existing registration of the same kind.
+    let err = p.a.register(&dram(&[Desc::from_slice(&p.a_buf[10..20])])).unwrap_err();
+    assert!(matches!(err, Error::Overlap { .. }), "{err}");
+    // All-or-nothing: a list whose second entry overlaps leaves nothing registered.
+    let other = vec![0u8; 64];
+    let err = p
+        .a
+        .register(&dram(&[Desc::from_slice(&other), Desc::from_slice(&p.a_buf)]))
+        .unwrap_err();
+    assert!(matches!(err, Error::Overlap { .. }));
+    let r = p.a.register(&dram(&[Desc::from_slice(&other)])).unwrap();
+    // Deregister by descriptor, then again: a clear error.
+    let gen = p.a.generation();
+    r.forget();
+    p.a.deregister(MemKind::Dram, &[Desc::from_slice(&other)]).unwrap();
+    assert!(p.a.generation() > gen);
+    let err = p.a.deregister(MemKind::Dram, &[Desc::from_slice(&other)]).unwrap_err();
+    assert!(matches!(err, Error::NotRegistered { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::NotFound);
+    // The RAII handle deregisters on drop.
+    let r = p.a.register(&dram(&[Desc::from_slice(&other)])).unwrap();
+    drop(r);
+    p.a.register(&dram(&[Desc::from_slice(&other)])).unwrap().deregister().unwrap();
+}
+
+#[test]
+fn vram_without_a_backend_says_why() {
+    let a = Agent::builder("a")
+        .backend(Arc::new(Scripted {
+            unavailable: Some("no libcuda.so.1"),
+            ..Scripted::new(BackendName::Cuda, Locality::SameNode)
+        }))
+        .build()
+        .unwrap();
+    assert_eq!(a.backends()[0].unavailable.as_deref(), Some("no libcuda.so.1"));
+    let err = a
+        .register(&DescList::from_descs(MemKind::Vram, vec![Desc::new(0x1000, 10, 0)]).unwrap())
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Unavailable);
+    assert!(err.to_string().contains("no libcuda.so.1"), "{err}");
+    let err = a
+        .register_with(&dram(&[Desc::new(0x1000, 1, 0)]), &[BackendName::Cuda])
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Unavailable, "{err}");
+}
+
+#[test]
+fn post_complete_repost() {
+    let p = pair();
+    let req = xfer(&p, XferOptions::default());
+    assert!(matches!(req.status(), XferStatus::Idle));
+    assert_eq!(req.backend(), BackendName::Shm);
+    req.post().unwrap();
+    assert!(matches!(req.status(), XferStatus::InProgress));
+    assert!(matches!(req.post(), Err(Error::InFlight)), "repost in flight");
+    assert_eq!(p.posts.load(Ordering::SeqCst), 1, "refused repost reached the backend");
+    let c = p.parked.lock().pop().unwrap();
+    assert!(c.complete(Ok(())));
+    assert!(matches!(req.status(), XferStatus::Done));
+    // Post again: a new epoch.
+    req.post().unwrap();
+    let c = p.parked.lock().pop().unwrap();
+    c.complete(Err(Error::Backend {
+        backend: BackendName::Shm,
+        op: "copy",
+        reason: "EFAULT".into(),
+    }));
+    match req.status() {
+        XferStatus::Failed(e) => assert!(e.to_string().contains("EFAULT"), "{e}"),
+        s => panic!("{s:?}"),
+    }
+}
+
+#[test]
+fn cancel_wins_once_and_late_completion_is_ignored() {
+    let p = pair();
+    let req = xfer(&p, XferOptions::default());
+    req.post().unwrap();
+    req.cancel();
+    assert!(matches!(req.status(), XferStatus::Cancelled));
+    let late = p.parked.lock().pop().unwrap();
+    assert!(!late.complete(Ok(())), "stale completion must lose");
+    assert!(matches!(req.status(), XferStatus::Cancelled));
+    // A completion from an old epoch cannot end a newer post.
+    req.post().unwrap();
+    let c1 = p.parked.lock().pop().unwrap();
+    req.cancel();
+    req.post().unwrap();
+    assert!(!c1.complete(Ok(())));
+    assert!(matches!(req.status(), XferStatus::InProgress));
+    p.parked.lock().pop().unwrap().complete(Ok(()));
+    assert!(matches!(req.status(), XferStatus::Done));
+}
+
+#[test]
+fn dropped_completion_fails_the_post() {
+    let p = pair();
+    let req = xfer(&p, XferOptions::default());
+    req.post().unwrap();
+    drop(p.parked.lock().pop());
+    match req.status() {
+        XferStatus::Failed(e) => assert!(e.to_string().contains("without completing"), "{e}"),
+        s => panic!("{s:?}"),
+    }
+}
+
+#[test]
+fn deadline_fires_without_polling() {
+    let p = pair();
+    let req = xfer(
+        &p,
+        XferOptions {
+            deadline: Some(Duration::from_millis(50)),
+            ..Default::default()
+        },
+    );
+    let t = Instant::now();
+    req.post().unwrap();
+    // The watchdog ends it and wakes the waiter.
+    let st = req.wait_blocking(Some(Duration::from_secs(5)));
+    assert!(matches!(st, XferStatus::TimedOut), "{st:?}");
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(50) && took < Duration::from_secs(2), "{took:?}");
+    // The backend's late completion changes nothing.
+    assert!(!p.parked.lock().pop().unwrap().complete(Ok(())));
+    assert!(matches!(req.status(), XferStatus::TimedOut));
+}
+
+#[test]
+fn async_wait_resolves_on_completion() {
+    let p = pair();
+    let req = xfer(&p, XferOptions::default());
+    req.post().unwrap();
+    let parked = Arc::clone(&p.parked);
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(30));
+        parked.lock().pop().unwrap().complete(Ok(()));
+    });
+    let st = block_on(req.wait());
+    assert!(matches!(st, XferStatus::Done), "{st:?}");
+    t.join().unwrap();
+}
+
+/// A minimal executor: polls with a thread-unparking waker.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    struct W(std::thread::Thread);
+    impl std::task::Wake for W {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(W(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn deregistration_waits_for_the_transfer_in_flight() {
+    let p = pair();
+    let req = xfer(&p, XferOptions::default());
+    req.post().unwrap();
+    let a = &p.a;
+    let desc = Desc::from_slice(&p.a_buf);
+    std::thread::scope(|s| {
+        let dereg = s.spawn(move || {
+            let t = Instant::now();
+            a.deregister(MemKind::Dram, &[desc]).unwrap();
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!dereg.is_finished(), "deregistration must wait for the post");
+        p.parked.lock().pop().unwrap().complete(Ok(()));
+        assert!(dereg.join().unwrap() >= Duration::from_millis(100));
+    });
+    // The region is gone: posting again fails cleanly.
+    assert!(req.post().is_err());
+    assert!(matches!(req.status(), XferStatus::Failed(_)));
+}
+
+#[test]
+fn validation_errors_name_the_descriptor() {
+    let p = pair();
+    let l = dram(&[Desc::from_slice(&p.a_buf[..10]), Desc::from_slice(&p.a_buf[10..20])]);
+    let outside = dram(&[
+        Desc::from_slice(&p.b_buf[..10]),
+        Desc::new(p.b_buf.as_ptr() as u64 + 4090, 10, 0),
+    ]);
+    let err = p.a.create_xfer(XferOp::Read, &l, &outside, "b", Default::default()).unwrap_err();
+    assert!(matches!(err, Error::RemoteNotRegistered { index: 1, .. }), "{err}");
+    let short = dram(&[Desc::from_slice(&p.b_buf[..10])]);
+    let err = p.a.create_xfer(XferOp::Read, &l, &short, "b", Default::default()).unwrap_err();
+    assert!(matches!(err, Error::Mismatch(_)), "{err}");
+    let bad_len = dram(&[Desc::from_slice(&p.b_buf[..10]), Desc::from_slice(&p.b_buf[..11])]);
+    let err = p.a.create_xfer(XferOp::Read, &l, &bad_len, "b", Default::default()).unwrap_err();
+    assert!(err.to_string().contains("descriptor 1"), "{err}");
+    let stray = vec![0u8; 16];
+    let err = p
+        .a
+        .create_xfer(XferOp::Read, &dram(&[Desc::from_slice(&stray[..10])]), &short, "b", Default::default())
+        .unwrap_err();
+    assert!(matches!(err, Error::LocalNotRegistered { index: 0, .. }), "{err}");
+    let err = p.a.create_xfer(XferOp::Read, &l, &outside, "nobody", Default::default()).unwrap_err();
+    assert!(matches!(err, Error::UnknownPeer(_)), "{err}");
+}
+
+#[test]
+fn metadata_generations_partial_merge_and_restart() {
+    let p = pair();
+    let b_md = p.b.metadata();
+    // Same generation again: accepted (idempotent); older: refused.
+    p.a.load_remote(&b_md.encode()).unwrap();
+    let mut old = b_md.clone();
+    old.generation -= 1;
+    let err = p.a.load_remote(&old.encode()).unwrap_err();
+    assert!(matches!(err, Error::StaleMetadata { .. }), "{err}");
+
+    // A new region on b, published as partial metadata, is merged.
+    let extra = vec![0u8; 256];
+    let _r = p.b.register(&dram(&[Desc::from_slice(&extra)])).unwrap();
+    let partial = p.b.partial_metadata(&dram(&[Desc::from_slice(&extra[..8])])).unwrap();
+    assert!(partial.partial && partial.regions.len() == 1);
+    p.a.load_remote(&partial.encode()).unwrap();
+    let l = dram(&[Desc::from_slice(&p.a_buf[..8]), Desc::from_slice(&p.a_buf[8..16])]);
+    let r = dram(&[Desc::from_slice(&extra[..8]), Desc::from_slice(&p.b_buf[..8])]);
+    p.a.create_xfer(XferOp::Read, &l, &r, "b", Default::default())
+        .expect("both the merged and the original region are known");
+
+    // A restarted b (new instance) replaces everything, even with a lower generation.
+    let b2 = Agent::builder("b")
+        .backend(Arc::new(Scripted::new(BackendName::Shm, Locality::SameNode)))
+        .build()
+        .unwrap();
+    p.a.load_remote(&b2.metadata_bytes()).unwrap();
+    let err = p.a.create_xfer(XferOp::Read, &l, &r, "b", Default::default()).unwrap_err();
+    assert!(matches!(err, Error::RemoteNotRegistered { .. }), "{err}");
+
+    p.a.invalidate_remote("b").unwrap();
+    assert!(matches!(p.a.invalidate_remote("b"), Err(Error::UnknownPeer(_))));
+    assert!(p.a.load_remote(&p.a.metadata_bytes()).is_err(), "own metadata refused");
+    assert!(p.a.load_remote(b"garbage").is_err());
+}
+
+#[test]
+fn selection_prefers_locality_and_says_why() {
+    let mk = |n, l| -> Arc<dyn Backend> {
+        Arc::new(Scripted {
+            inline_ok: true,
+            ..Scripted::new(n, l)
+        })
+    };
+    let a = Agent::builder("a")
+        .backend(mk(BackendName::Tcp, Locality::AnyNode))
+        .backend(mk(BackendName::Shm, Locality::SameNode))
+        .build()
+        .unwrap();
+    let b = Agent::builder("b")
+        .backend(mk(BackendName::Tcp, Locality::AnyNode))
+        .backend(mk(BackendName::Shm, Locality::SameNode))
+        .build()
+        .unwrap();
+    let (ab, bb, cb) = (vec![0u8; 64], vec![0u8; 64], vec![0u8; 64]);
+    let _ra = a.register(&dram(&[Desc::from_slice(&ab)])).unwrap();
+    let _rc = b.register(&dram(&[Desc::from_slice(&cb)])).unwrap();
+    // b registers one buffer with tcp only: shm cannot carry it, and the request says so.
+    let _rb = b
+        .register_with(&dram(&[Desc::from_slice(&bb)]), &[BackendName::Tcp])
+        .unwrap();
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    let l = dram(&[Desc::from_slice(&ab)]);
+    // Both registered everywhere: shm wins by locality though tcp was added first.
+    let req = a
+        .create_xfer(XferOp::Write, &l, &dram(&[Desc::from_slice(&cb)]), "b", Default::default())
+        .unwrap();
+    assert_eq!(req.backend(), BackendName::Shm);
+    let r = dram(&[Desc::from_slice(&bb)]);
+    let req = a.create_xfer(XferOp::Write, &l, &r, "b", Default::default()).unwrap();
+    assert_eq!(req.backend(), BackendName::Tcp);
+    assert!(req.info().reason.contains("shm: remote region"), "{}", req.info().reason);
+    req.run_blocking().unwrap();
+    // Naming a backend that cannot carry it is an error with the reason.
+    let named = |b| XferOptions {
+        backend: Some(b),
+        ..Default::default()
+    };
+    let err = a.create_xfer(XferOp::Write, &l, &r, "b", named(BackendName::Shm)).unwrap_err();
+    assert!(matches!(err, Error::NoBackend { .. }), "{err}");
+    // Naming one that is not configured.
+    let err = a.create_xfer(XferOp::Write, &l, &r, "b", named(BackendName::Rdma)).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::NotFound, "{err}");
+}
+
+#[test]
+fn shutdown_cancels_in_flight() {
+    let p = pair();
+    let req = xfer(&p, XferOptions::default());
+    req.post().unwrap();
+    p.a.shutdown();
+    assert!(matches!(req.status(), XferStatus::Cancelled), "{:?}", req.status());
+    let err = p.a.create_xfer(
+        XferOp::Write,
+        &dram(&[Desc::from_slice(&p.a_buf[..1])]),
+        &dram(&[Desc::from_slice(&p.b_buf[..1])]),
+        "b",
+        Default::default(),
+    );
+    assert!(matches!(err, Err(Error::Shutdown(_))));
+}
+
+#[test]
+fn many_threads_post_at_once() {
+    let p = pair_with(|| Scripted {
+        inline_ok: true,
+        ..Scripted::new(BackendName::Shm, Locality::SameNode)
+    });
+    let reqs: Vec<XferRequest> = (0..4).map(|_| xfer(&p, XferOptions::default())).collect();
+    std::thread::scope(|s| {
+        for r in &reqs {
+            s.spawn(move || {
+                for _ in 0..10_000 {
+                    r.run_blocking().unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(p.posts.load(Ordering::SeqCst), 40_000);
+}
+
+#[test]
+fn metrics_count_bytes_requests_errors_and_latency() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let p = pair_with(|| Scripted {
+            inline_ok: true,
+            ..Scripted::new(BackendName::Shm, Locality::SameNode)
+        });
+        let req = xfer(&p, XferOptions::default());
+        req.run_blocking().unwrap();
+        req.run_blocking().unwrap();
+        // A failing post counts an error of its kind.
+        let q = pair();
+        let bad = xfer(&q, XferOptions::default());
+        bad.post().unwrap();
+        q.parked.lock().pop().unwrap().complete(Err(Error::RemoteDisconnect {
+            peer: "b".into(),
+            reason: "test".into(),
+        }));
+    });
+    let snap = snapshotter.snapshot().into_vec();
+    let find = |name: &str, label: (&str, &str)| {
+        snap.iter()
+            .find(|(k, _, _, _)| {
+                k.key().name() == name
+                    && k.key().labels().any(|l| l.key() == label.0 && l.value() == label.1)
+            })
+            .map(|(_, _, _, v)| v)
+    };
+    assert_eq!(
+        find("nixl_xfer_bytes_total", ("backend", "shm")),
+        Some(&DebugValue::Counter(200))
+    );
+    assert_eq!(
+        find("nixl_xfer_requests_total", ("peer", "b")),
+        Some(&DebugValue::Counter(2))
+    );
+    assert_eq!(
+        find("nixl_xfer_errors_total", ("kind", "remote_disconnect")),
+        Some(&DebugValue::Counter(1))
+    );
+    match find("nixl_xfer_latency_seconds", ("op", "write")) {
+        Some(DebugValue::Histogram(v)) => assert_eq!(v.len(), 2),
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,0 +1,173 @@
+//! Helpers shared by the multi-process tests: a deterministic byte pattern, hex for the
+//! metadata exchange over pipes, and a handle on a scripted peer process
+//! (`nixl-test-peer`, in `src/bin`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+/// The pattern word at 8-byte index `i`.
+pub fn word(i: usize, seed: u64) -> u64 {
+    (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// Fills `buf` with the pattern of `seed` (byte `k` depends on `k` and the seed only).
+pub fn fill(buf: &mut [u8], seed: u64) {
+    fill_at(buf, 0, seed);
+}
+
+/// Fills `buf` with the bytes the pattern of `seed` has at offsets `start..start + buf.len()`.
+pub fn fill_at(buf: &mut [u8], start: usize, seed: u64) {
+    let mut k = start;
+    let mut i = 0;
+    // Head up to the next 8-byte boundary, then whole words, then the tail.
+    while i < buf.len() && k % 8 != 0 {
+        buf[i] = word(k / 8, seed).to_le_bytes()[k % 8];
+        i += 1;
+        k += 1;
+    }
+    let words = (buf.len() - i) / 8;
+    for (j, c) in buf[i..i + words * 8].chunks_exact_mut(8).enumerate() {
+        c.copy_from_slice(&word(k / 8 + j, seed).to_le_bytes());
+    }
+    i += words * 8;
+    k += words * 8;
+    while i < buf.len() {
+        buf[i] = word(k / 8, seed).to_le_bytes()[k % 8];
+        i += 1;
+        k += 1;
+    }
+}
+
+/// The first offset where `buf` differs from the pattern of `seed`, if any.
+pub fn first_mismatch(buf: &[u8], seed: u64) -> Option<usize> {
+    let mut expect = vec![0u8; 1 << 20];
+    for (n, chunk) in buf.chunks(1 << 20).enumerate() {
+        let e = &mut expect[..chunk.len()];
+        fill_at(e, n << 20, seed);
+        if chunk != e {
+            let p = chunk.iter().zip(e.iter()).position(|(a, b)| a != b).unwrap_or(0);
+            return Some((n << 20) + p);
+        }
+    }
+    None
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses lower- or upper-case hex.
+pub fn unhex(s: &str) -> Result<Vec<u8>, String> {
+    let s = s.trim();
+    if s.len() % 2 != 0 {
+        return Err("odd-length hex".into());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// A scripted peer process: one agent with one registered buffer, driven by line commands.
+#[derive(Debug)]
+pub struct Peer {
+    /// The process.
+    pub child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    /// The peer's metadata as it printed it at start.
+    pub metadata: Vec<u8>,
+}
+
+impl Peer {
+    /// Starts `exe` (the `nixl-test-peer` binary) with a buffer of `size` bytes, from a memfd
+    /// (`memfd = true`, peers may map it) or the heap.
+    pub fn start(exe: &str, name: &str, size: usize, memfd: bool) -> Peer {
+        let mut child = Command::new(exe)
+            .args(["--name", name, "--size", &size.to_string()])
+            .args(memfd.then_some("--memfd"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start peer");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut p = Peer {
+            child,
+            stdin,
+            stdout,
+            metadata: Vec::new(),
+        };
+        let line = p.line();
+        p.metadata = unhex(line.strip_prefix("MD ").expect("MD line")).expect("hex");
+        p
+    }
+
+    fn line(&mut self) -> String {
+        let mut s = String::new();
+        self.stdout.read_line(&mut s).expect("read peer");
+        assert!(!s.is_empty(), "peer exited");
+        s.trim_end().to_owned()
+    }
+
+    /// Sends a command and returns the reply line.
+    pub fn cmd(&mut self, c: &str) -> String {
+        writeln!(self.stdin, "{c}").expect("write peer");
+        self.stdin.flush().expect("flush peer");
+        self.line()
+    }
+
+    /// Kills the process (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.stdin.flush();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_at_matches_fill() {
+        let mut whole = vec![0u8; 1000];
+        fill(&mut whole, 3);
+        for start in [0, 1, 7, 8, 9, 500, 993] {
+            let mut part = vec![0u8; 1000 - start];
+            fill_at(&mut part, start, 3);
+            assert_eq!(&part[..], &whole[start..], "start {start}");
+        }
+        assert_eq!(first_mismatch(&whole, 3), None);
+        whole[999] ^= 1;
+        assert_eq!(first_mismatch(&whole, 3), Some(999));
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        assert_eq!(unhex(&hex(&[0, 255, 16])).unwrap(), vec![0, 255, 16]);
+        assert!(unhex("abc").is_err());
+        assert!(unhex("zz").is_err());
+    }
+}
+
+/// The README's example, compiled and run as a doctest so it cannot drift from the API.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,309 @@
+//! Two real processes on one node, every byte checked: a scripted peer process
+//! (`nixl-test-peer`) and this test process as the initiator.
+//!
+//! Together these tests move more than 4 GiB: 1 GiB each way to a memfd target (mapped copies)
+//! and to a heap target (cross-memory attach), plus many-descriptor and fault cases.
+
+use std::time::{Duration, Instant};
+
+use nixl_core::*;
+use nixl_tests::{fill, fill_at, first_mismatch, hex, Peer};
+
+const PEER: &str = env!("CARGO_BIN_EXE_nixl-test-peer");
+
+fn initiator(name: &str) -> Agent {
+    Agent::builder(name)
+        .backends(nixl_transports::default_backends())
+        .build()
+        .unwrap()
+}
+
+fn dram(d: Vec<Desc>) -> DescList {
+    DescList::from_descs(MemKind::Dram, d).unwrap()
+}
+
+fn remote_region(p: &Peer) -> Desc {
+    AgentMetadata::decode(&p.metadata).unwrap().regions[0].desc
+}
+
+/// Connects `me` and `peer` both ways.
+fn connect(me: &Agent, peer: &mut Peer) -> String {
+    let name = me.load_remote(&peer.metadata).unwrap();
+    let reply = peer.cmd(&format!("load {}", hex(&me.metadata_bytes())));
+    assert!(reply.starts_with("ok"), "{reply}");
+    name
+}
+
+fn gib_each_way(memfd: bool) {
+    let size = 1 << 30;
+    let mut peer = Peer::start(PEER, "target", size, memfd);
+    let me = initiator("initiator");
+    let name = connect(&me, &mut peer);
+    let remote = remote_region(&peer);
+    let mut src = vec![0u8; size];
+    fill(&mut src, 11);
+    let mut back = vec![0u8; size];
+    let back_desc = Desc::from_mut_slice(&mut back);
+    let _r = me
+        .register(&dram(vec![Desc::from_slice(&src), back_desc]))
+        .unwrap();
+
+    // WRITE 1 GiB with a notification; the target checks every byte when it arrives.
+    let w = me
+        .create_xfer(
+            XferOp::Write,
+            &dram(vec![Desc::from_slice(&src)]),
+            &dram(vec![remote]),
+            &name,
+            XferOptions {
+                notif: Some(b"gib".to_vec()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(w.backend(), BackendName::Shm, "{}", w.info().reason);
+    w.run_blocking().unwrap();
+    assert_eq!(peer.cmd("notif-check 10000 11"), format!("ok {}", hex(b"gib")));
+
+    // The target writes another pattern; READ 1 GiB back and check every byte here.
+    assert_eq!(peer.cmd("fill 12"), "ok");
+    let r = me
+        .create_xfer(
+            XferOp::Read,
+            &dram(vec![back_desc]),
+            &dram(vec![remote]),
+            &name,
+            Default::default(),
+        )
+        .unwrap();
+    r.run_blocking().unwrap();
+    assert_eq!(first_mismatch(&back, 12), None);
+}
+
+#[test]
+fn one_gib_each_way_memfd_target() {
+    gib_each_way(true);
+}
+
+#[test]
+fn one_gib_each_way_heap_target() {
+    gib_each_way(false);
+}
+
+/// Splits `len` into pieces of 1..=9000 bytes, deterministic per seed.
+fn pieces(len: usize, seed: u64) -> Vec<(usize, usize)> {
+    let mut x = seed | 1;
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = ((x % 9000) as usize + 1).min(len - off);
+        out.push((off, n));
+        off += n;
+    }
+    out
+}
+
+fn many_descriptors(memfd: bool) {
+    // 48 MiB in ~11k pieces of odd sizes, placed at odd offsets, in shuffled order.
+    let size = 48 << 20;
+    let mut peer = Peer::start(PEER, "target-many", size + 4096, memfd);
+    let me = initiator("initiator-many");
+    let name = connect(&me, &mut peer);
+    let remote = remote_region(&peer);
+    let ps = pieces(size, 99);
+    assert!(ps.len() > 10_000);
+    let mut src = vec![0u8; size + 13];
+    fill_at(&mut src, 0, 5);
+    let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+    // Piece i goes from src[13 + off] to remote[off + 7] (odd alignment on both sides).
+    let mut order: Vec<usize> = (0..ps.len()).collect();
+    order.reverse();
+    order.swap(0, ps.len() / 2);
+    let local: Vec<Desc> = order
+        .iter()
+        .map(|&i| Desc::new(src.as_ptr() as u64 + 13 + ps[i].0 as u64, ps[i].1 as u64, 0))
+        .collect();
+    let remote_l: Vec<Desc> = order
+        .iter()
+        .map(|&i| Desc::new(remote.addr + 7 + ps[i].0 as u64, ps[i].1 as u64, 0))
+        .collect();
+    let w = me
+        .create_xfer(XferOp::Write, &dram(local), &dram(remote_l.clone()), &name, Default::default())
+        .unwrap();
+    w.run_blocking().unwrap();
+
+    // READ the whole remote buffer back in one descriptor and compare every byte.
+    let mut back = vec![0u8; size + 4096];
+    let back_desc = Desc::from_mut_slice(&mut back);
+    let _rb = me.register(&dram(vec![back_desc])).unwrap();
+    let r = me
+        .create_xfer(XferOp::Read, &dram(vec![back_desc]), &dram(vec![remote]), &name, Default::default())
+        .unwrap();
+    r.run_blocking().unwrap();
+    assert!(back[..7].iter().all(|&b| b == 0), "bytes before the first piece touched");
+    assert!(back[7..7 + size] == src[13..13 + size], "scattered WRITE differs");
+    assert!(back[7 + size..].iter().all(|&b| b == 0), "bytes after the last piece touched");
+
+    // Scattered READ: the peer refills, we read the pieces back into place.
+    assert_eq!(peer.cmd("fill 6"), "ok");
+    let mut dst = vec![0u8; size + 13];
+    let dst_base = Desc::from_mut_slice(&mut dst);
+    let _rd = me.register(&dram(vec![dst_base])).unwrap();
+    let local: Vec<Desc> = order
+        .iter()
+        .map(|&i| Desc::new(dst_base.addr + 13 + ps[i].0 as u64, ps[i].1 as u64, 0))
+        .collect();
+    let r = me
+        .create_xfer(XferOp::Read, &dram(local), &dram(remote_l), &name, Default::default())
+        .unwrap();
+    r.run_blocking().unwrap();
+    let mut expect = vec![0u8; size];
+    fill_at(&mut expect, 7, 6);
+    assert!(dst[13..] == expect[..], "scattered READ differs");
+}
+
+#[test]
+fn thousands_of_odd_descriptors_memfd_target() {
+    many_descriptors(true);
+}
+
+#[test]
+fn thousands_of_odd_descriptors_heap_target() {
+    many_descriptors(false);
+}
+
+/// Creates and runs a 4 KiB WRITE to `remote`; returns its error. The owner may refuse when
+/// the request is prepared (the mapped path asks it for the mapping then) or when it is posted
+/// (cross-memory attach: the owner checks every Op).
+fn attempt(me: &Agent, peer: &str, src: &[u8], remote: Desc) -> Error {
+    let created = me.create_xfer(
+        XferOp::Write,
+        &dram(vec![Desc::from_slice(&src[..4096])]),
+        &dram(vec![remote]),
+        peer,
+        Default::default(),
+    );
+    match created {
+        Err(e) => e,
+        Ok(w) => w.run_blocking().expect_err("forged access succeeded"),
+    }
+}
+
+#[test]
+fn forged_metadata_is_refused_by_the_owner() {
+    for memfd in [false, true] {
+        let mut peer = Peer::start(PEER, "owner", 1 << 20, memfd);
+        let me = initiator("forger");
+        let name = connect(&me, &mut peer);
+        assert_eq!(peer.cmd("fill 3"), "ok");
+        let src = vec![0xAAu8; 2 << 20];
+        let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+        let real = AgentMetadata::decode(&peer.metadata).unwrap();
+        let region = real.regions[0].desc;
+
+        // A wrong key.
+        let mut forged = real.clone();
+        forged.generation += 1;
+        forged.regions[0].key ^= 0x5555;
+        me.load_remote(&forged.encode()).unwrap();
+        let err = attempt(&me, &name, &src, Desc::new(region.addr, 4096, 0));
+        assert_eq!(err.class(), ErrorClass::Denied, "memfd={memfd}: {err}");
+        assert!(err.to_string().contains("key"), "{err}");
+
+        // A region claimed twice as large: the part beyond the real one is refused.
+        let mut forged = real.clone();
+        forged.generation += 2;
+        forged.regions[0].desc.len *= 2;
+        me.load_remote(&forged.encode()).unwrap();
+        let err = attempt(&me, &name, &src, Desc::new(region.addr + region.len, 4096, 0));
+        assert_eq!(err.class(), ErrorClass::Denied, "memfd={memfd}: {err}");
+        // Nothing was touched.
+        assert_eq!(peer.cmd("check 3"), "ok", "memfd={memfd}");
+    }
+}
+
+#[test]
+fn notifications_both_ways() {
+    let mut peer = Peer::start(PEER, "chatty", 4096, false);
+    let me = initiator("listener");
+    let name = connect(&me, &mut peer);
+    me.send_notif(&name, b"hello").unwrap();
+    assert_eq!(peer.cmd("notif 5000"), format!("notif listener {}", hex(b"hello")));
+    assert_eq!(peer.cmd(&format!("send listener {}", hex(b"world"))), "ok");
+    let got = me.wait_notifs(Duration::from_secs(5));
+    assert_eq!(got, vec![Notification { from: "chatty".into(), msg: b"world".to_vec() }]);
+}
+
+fn kill_mid_transfer(memfd: bool) {
+    let size = 512 << 20;
+    let mut peer = Peer::start(PEER, "victim", size, memfd);
+    let me = initiator("survivor");
+    let name = connect(&me, &mut peer);
+    let remote = remote_region(&peer);
+    let src = vec![1u8; size];
+    let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+    let w = me
+        .create_xfer(
+            XferOp::Write,
+            &dram(vec![Desc::from_slice(&src)]),
+            &dram(vec![remote]),
+            &name,
+            XferOptions {
+                notif: Some(b"x".to_vec()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    w.run_blocking().unwrap();
+    // Post in a loop and kill the target while a post is in flight.
+    let killer = {
+        let pid = peer.child.id();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            // SAFETY: kill(2) takes plain integers; the pid is our child, not yet reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        })
+    };
+    let start = Instant::now();
+    let mut outcome = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        w.post().unwrap();
+        let st = w.wait_blocking(Some(Duration::from_secs(10)));
+        assert!(st.is_terminal(), "post did not end within 10 s: {st:?}");
+        if let XferStatus::Failed(e) = st {
+            outcome = Some((e, start.elapsed()));
+            break;
+        }
+    }
+    killer.join().unwrap();
+    peer.kill();
+    let (err, _) = outcome.expect("posts kept succeeding after the target died");
+    assert_eq!(err.class(), ErrorClass::RemoteDisconnect, "memfd={memfd}: {err}");
+    // The agent keeps working: a fresh peer is reachable.
+    let mut fresh = Peer::start(PEER, "fresh", 4096, memfd);
+    let name = connect(&me, &mut fresh);
+    me.send_notif(&name, b"still here").unwrap();
+    assert!(fresh.cmd("notif 5000").starts_with("notif survivor"));
+}
+
+#[test]
+fn target_killed_mid_transfer_heap() {
+    kill_mid_transfer(false);
+}
+
+#[test]
+fn target_killed_mid_transfer_memfd() {
+    kill_mid_transfer(true);
+}
+
+#[test]
+fn garbage_metadata_is_an_error_not_a_crash() {
+    let me = initiator("careful");
+    for bad in [&b""[..], b"NXMD", b"garbage garbage garbage", &[0xff; 4096]] {
+        let err = me.load_remote(bad).unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Invalid, "{err}");
+    }
+}

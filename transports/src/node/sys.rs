@@ -1,0 +1,331 @@
+//! The unsafe bottom of the `shm` backend: thin checked wrappers over the syscalls it needs.
+//! Every function returns `io::Result`; nothing above this module uses `unsafe` except the copy
+//! into a peer's mapping.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+/// `IOV_MAX` on Linux: the most iovecs one process_vm_* call takes.
+pub const IOV_MAX: usize = 1024;
+
+fn cvt(r: libc::c_long) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// One (address, length) pair in our or the other process.
+#[derive(Clone, Copy, Debug)]
+pub struct Span {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// Direction of a cross-memory copy, seen from the calling process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cma {
+    /// Copy from the other process into ours (process_vm_readv).
+    Pull,
+    /// Copy from ours into the other process (process_vm_writev).
+    Push,
+}
+
+/// Copies between `ours` and `theirs` (pairwise, equal total length) in process `pid`, looping
+/// over short counts and IOV_MAX batches. Returns the bytes moved (always the total on success).
+///
+/// # Safety
+/// Every span of `ours` must be valid for writes (Pull) or reads (Push) for its length in this
+/// process for the duration of the call. `theirs` is checked by the kernel (EFAULT).
+pub unsafe fn cross_copy(pid: i32, dir: Cma, ours: &[Span], theirs: &[Span]) -> io::Result<u64> {
+    let mut moved = 0u64;
+    // Walk both lists as byte streams; build at most IOV_MAX iovecs per side per call.
+    let (mut oi, mut ooff) = (0usize, 0u64);
+    let (mut ti, mut toff) = (0usize, 0u64);
+    let mut local: Vec<libc::iovec> = Vec::with_capacity(IOV_MAX.min(ours.len().max(1)));
+    let mut remote: Vec<libc::iovec> = Vec::with_capacity(IOV_MAX.min(theirs.len().max(1)));
+    while oi < ours.len() && ti < theirs.len() {
+        local.clear();
+        remote.clear();
+        let mut batch = 0u64;
+        let (mut li, mut loff) = (oi, ooff);
+        while li < ours.len() && local.len() < IOV_MAX {
+            let s = ours[li];
+            local.push(libc::iovec {
+                iov_base: (s.addr + loff) as *mut libc::c_void,
+                iov_len: (s.len - loff) as usize,
+            });
+            batch += s.len - loff;
+            li += 1;
+            loff = 0;
+        }
+        let mut rbatch = 0u64;
+        let (mut ri, mut roff) = (ti, toff);
+        while ri < theirs.len() && remote.len() < IOV_MAX && rbatch < batch {
+            let s = theirs[ri];
+            let take = (s.len - roff).min(batch - rbatch);
+            remote.push(libc::iovec {
+                iov_base: (s.addr + roff) as *mut libc::c_void,
+                iov_len: take as usize,
+            });
+            rbatch += take;
+            if take == s.len - roff {
+                ri += 1;
+                roff = 0;
+            } else {
+                roff += take;
+            }
+        }
+        let want = batch.min(rbatch);
+        // SAFETY: the local iovecs point into `ours`, valid per the caller's contract; the remote
+        // ones are addresses in the other process, which the kernel checks. The kernel copies at
+        // most min(local total, remote total) bytes.
+        let n = cvt(unsafe {
+            match dir {
+                Cma::Pull => libc::process_vm_readv(
+                    pid,
+                    local.as_ptr(),
+                    local.len() as libc::c_ulong,
+                    remote.as_ptr(),
+                    remote.len() as libc::c_ulong,
+                    0,
+                ),
+                Cma::Push => libc::process_vm_writev(
+                    pid,
+                    local.as_ptr(),
+                    local.len() as libc::c_ulong,
+                    remote.as_ptr(),
+                    remote.len() as libc::c_ulong,
+                    0,
+                ),
+            }
+        } as libc::c_long)? as u64;
+        if n == 0 && want > 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "process_vm moved 0 bytes"));
+        }
+        moved += n;
+        // Advance both cursors by n bytes.
+        let mut left = n;
+        while left > 0 && oi < ours.len() {
+            let step = (ours[oi].len - ooff).min(left);
+            left -= step;
+            ooff += step;
+            if ooff == ours[oi].len {
+                oi += 1;
+                ooff = 0;
+            }
+        }
+        let mut left = n;
+        while left > 0 && ti < theirs.len() {
+            let step = (theirs[ti].len - toff).min(left);
+            left -= step;
+            toff += step;
+            if toff == theirs[ti].len {
+                ti += 1;
+                toff = 0;
+            }
+        }
+    }
+    Ok(moved)
+}
+
+/// Whether process_vm_readv works here (reads one byte of our own memory).
+pub fn probe_cma() -> io::Result<()> {
+    let src = [0x5au8; 1];
+    let mut dst = [0u8; 1];
+    let ours = [Span {
+        addr: dst.as_mut_ptr() as u64,
+        len: 1,
+    }];
+    let theirs = [Span {
+        addr: src.as_ptr() as u64,
+        len: 1,
+    }];
+    // SAFETY: `dst` is a live local array valid for a 1-byte write.
+    unsafe { cross_copy(std::process::id() as i32, Cma::Pull, &ours, &theirs)? };
+    if dst[0] == 0x5a {
+        Ok(())
+    } else {
+        Err(io::Error::other("process_vm_readv returned wrong bytes"))
+    }
+}
+
+/// Lets any process of ours ptrace us (and so use process_vm_* on us) where Yama restricts it.
+pub fn allow_any_ptracer() {
+    // SAFETY: prctl with integer arguments; failure (EINVAL without Yama) is harmless.
+    unsafe {
+        libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0);
+    }
+}
+
+/// The credentials of the process at the other end of a Unix socket.
+pub fn peer_cred(s: &UnixStream) -> io::Result<(i32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    cvt(r as libc::c_long)?;
+    Ok((cred.pid, cred.uid))
+}
+
+/// Our uid.
+pub fn uid() -> u32 {
+    // SAFETY: getuid cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// A new memfd of `len` bytes.
+pub fn memfd(len: usize, huge: bool) -> io::Result<OwnedFd> {
+    let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
+    // SAFETY: the name is a NUL-terminated static string.
+    let fd = cvt(unsafe { libc::memfd_create(c"nixl-shm".as_ptr(), flags) } as libc::c_long)?;
+    // SAFETY: memfd_create returned a fresh descriptor that we now own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: ftruncate on an fd we own.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } as libc::c_long)?;
+    Ok(fd)
+}
+
+/// Maps `len` bytes of `fd` shared, read-write.
+pub fn map_shared(fd: RawFd, len: usize) -> io::Result<*mut u8> {
+    // SAFETY: a fresh mapping chosen by the kernel; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(p.cast())
+    }
+}
+
+/// Unmaps a mapping made by [`map_shared`].
+///
+/// # Safety
+/// `(p, len)` must be exactly a live mapping from [`map_shared`] that nothing uses any more.
+pub unsafe fn unmap(p: *mut u8, len: usize) {
+    // SAFETY: per the contract.
+    unsafe { libc::munmap(p.cast(), len) };
+}
+
+/// The size of the file behind `fd`.
+pub fn fd_size(fd: RawFd) -> io::Result<u64> {
+    // SAFETY: fstat writes into a zeroed stat struct we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    cvt(unsafe { libc::fstat(fd, &mut st) } as libc::c_long)?;
+    Ok(st.st_size as u64)
+}
+
+/// Sends `data` with one fd attached (SCM_RIGHTS).
+pub fn send_with_fd(s: &UnixStream, data: &[u8], fd: RawFd) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: a zeroed msghdr is valid; the fields set below point at live locals.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer is CMSG_SPACE(sizeof fd) bytes, so the first header and its
+    // data fit; the macros only compute addresses inside it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+    }
+    let mut sent = 0;
+    while sent == 0 {
+        // SAFETY: msg points at live buffers for the duration of the call.
+        match cvt(unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) } as libc::c_long)
+        {
+            Ok(n) => sent = n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if sent < data.len() {
+        // The fd went with the first byte; the rest is ordinary stream data.
+        use std::io::Write;
+        (&*s).write_all(&data[sent..])?;
+    }
+    Ok(())
+}
+
+/// Receives into `buf`, collecting any fds passed with the data. Returns bytes read (0 = EOF).
+pub fn recv_with_fds(s: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 16]; // 128 bytes, 8-aligned: room for several fds
+    // SAFETY: zeroed msghdr is valid; fields point at live locals.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    // SAFETY: msg points at live buffers for the duration of the call.
+    let n = cvt(unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) }
+        as libc::c_long)?;
+    // SAFETY: walking the control messages the kernel wrote, with the kernel's own macros,
+    // within msg_controllen; each SCM_RIGHTS payload is an array of ints we now own.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let bytes = (*c).cmsg_len as usize - (data as usize - c as usize);
+                for i in 0..bytes / std::mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(n)
+}
+
+/// Contents of /proc/sys/kernel/random/boot_id (empty if unreadable).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Inode of our pid namespace (0 if unreadable).
+pub fn pid_ns() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid")
+        .map(|m| m.ino())
+        .unwrap_or(0)
+}
