@@ -230,7 +230,11 @@ fn drive(args: &DemoArgs, size: usize, child: &mut std::process::Child) -> Res<(
     writeln!(stdin, "MD {}", hex(&me.metadata_bytes()))?;
     stdin.flush()?;
     let remote_md = nixl_core::AgentMetadata::decode(&md)?;
-    let remote = remote_md.regions.first().ok_or("target registered nothing")?.desc;
+    let remote = remote_md
+        .regions
+        .first()
+        .ok_or("target registered nothing")?
+        .desc;
 
     println!(
         "nixl-rs demo: initiator pid {} -> target pid {} on one node; target memory: {}",
@@ -345,7 +349,11 @@ fn sweep(me: &Agent, peer: &str, src: &mut Buf, back: &mut Buf, remote: Desc) ->
     let mut memcpy_dst = vec![0u8; 64 << 20];
     for size in [64usize << 10, 1 << 20, 64 << 20] {
         if size > avail {
-            println!("{:>8}  skipped: buffer is only {}", human(size as u64), human(avail as u64));
+            println!(
+                "{:>8}  skipped: buffer is only {}",
+                human(size as u64),
+                human(avail as u64)
+            );
             continue;
         }
         let iters = ((512usize << 20) / size).clamp(4, 2000);
@@ -386,7 +394,9 @@ pub fn target(args: &TargetArgs) -> Res<()> {
     stdout.flush()?;
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
-    let peer = me.load_remote(&unhex(line.strip_prefix("MD ").ok_or("no initiator metadata")?)?)?;
+    let peer = me.load_remote(&unhex(
+        line.strip_prefix("MD ").ok_or("no initiator metadata")?,
+    )?)?;
     loop {
         let msg = expect_notif(&me, &peer, Duration::from_secs(600))?;
         let text = String::from_utf8_lossy(&msg).into_owned();

@@ -259,7 +259,10 @@ impl fmt::Debug for Agent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Agent")
             .field("name", &self.inner.name)
-            .field("instance_id", &format_args!("{:032x}", self.inner.instance_id))
+            .field(
+                "instance_id",
+                &format_args!("{:032x}", self.inner.instance_id),
+            )
             .field("backends", &self.inner.states)
             .finish()
     }
@@ -501,7 +504,10 @@ impl Agent {
                 backend: name,
                 reason: reason.clone(),
             },
-            _ => Error::UnknownBackend(format!("{name} (not configured on agent '{}')", self.name())),
+            _ => Error::UnknownBackend(format!(
+                "{name} (not configured on agent '{}')",
+                self.name()
+            )),
         }
     }
 
@@ -548,17 +554,13 @@ impl Agent {
     pub fn partial_metadata(&self, list: &DescList) -> Result<AgentMetadata> {
         let mut regions: Vec<RegionInfo> = Vec::new();
         for (index, d) in list.descs().iter().enumerate() {
-            let r = self
-                .inner
-                .target
-                .0
-                .regions
-                .find(list.kind(), d)
-                .ok_or(Error::LocalNotRegistered {
+            let r = self.inner.target.0.regions.find(list.kind(), d).ok_or(
+                Error::LocalNotRegistered {
                     index,
                     kind: list.kind(),
                     desc: *d,
-                })?;
+                },
+            )?;
             if !regions.iter().any(|x| x.desc == r.desc && x.kind == r.kind) {
                 regions.push(region_info(&r));
             }
@@ -600,7 +602,11 @@ impl Agent {
                     conns.retain(|b, c| {
                         let same = md.backends.iter().any(|i| i.name == *b)
                             && old.backend_info(*b).map(|i| &i.conn_info)
-                                == md.backends.iter().find(|i| i.name == *b).map(|i| &i.conn_info);
+                                == md
+                                    .backends
+                                    .iter()
+                                    .find(|i| i.name == *b)
+                                    .map(|i| &i.conn_info);
                         if !same {
                             c.close();
                         }
@@ -743,14 +749,19 @@ impl Agent {
                 )));
             }
             // Consecutive descriptors usually share a region: check the last one first.
-            let li = match local_regions.iter().rposition(|x| x.kind == local.kind() && x.desc.contains(l)) {
+            let li = match local_regions
+                .iter()
+                .rposition(|x| x.kind == local.kind() && x.desc.contains(l))
+            {
                 Some(i) => i,
                 None => {
-                    let reg = regions.find(local.kind(), l).ok_or(Error::LocalNotRegistered {
-                        index,
-                        kind: local.kind(),
-                        desc: *l,
-                    })?;
+                    let reg = regions
+                        .find(local.kind(), l)
+                        .ok_or(Error::LocalNotRegistered {
+                            index,
+                            kind: local.kind(),
+                            desc: *l,
+                        })?;
                     local_regions.push(reg);
                     local_regions.len() - 1
                 }
@@ -761,14 +772,14 @@ impl Agent {
             {
                 Some(i) => i,
                 None => {
-                    let (i, _) = p.find(remote.kind(), r).ok_or_else(|| {
-                        Error::RemoteNotRegistered {
-                            peer: peer.to_owned(),
-                            index,
-                            kind: remote.kind(),
-                            desc: *r,
-                        }
-                    })?;
+                    let (i, _) =
+                        p.find(remote.kind(), r)
+                            .ok_or_else(|| Error::RemoteNotRegistered {
+                                peer: peer.to_owned(),
+                                index,
+                                kind: remote.kind(),
+                                desc: *r,
+                            })?;
                     remote_idx.push(i);
                     remote_idx.len() - 1
                 }
@@ -780,10 +791,20 @@ impl Agent {
                 remote_region: ri as u32,
             });
         }
-        let remote_regions: Vec<RegionInfo> =
-            remote_idx.iter().map(|&i| p.md.regions[i].clone()).collect();
+        let remote_regions: Vec<RegionInfo> = remote_idx
+            .iter()
+            .map(|&i| p.md.regions[i].clone())
+            .collect();
 
-        let (backend, reason) = self.select(&p, op, local, remote, &local_regions, &remote_regions, &opts)?;
+        let (backend, reason) = self.select(
+            &p,
+            op,
+            local,
+            remote,
+            &local_regions,
+            &remote_regions,
+            &opts,
+        )?;
         tracing::debug!(agent = %self.inner.name, peer, backend = %backend.name(), op = op.as_str(),
             descs = local.len(), "backend {}: {reason}", backend.name());
         let conn = self.connection(&p, backend)?;
@@ -843,7 +864,10 @@ impl Agent {
                 Some("carries no notifications".into())
             } else if let Some(r) = local_regions.iter().find(|r| !r.has_backend(n)) {
                 Some(format!("local region {:?} not registered with it", r.desc))
-            } else if let Some(r) = remote_regions.iter().find(|r| !r.backends.iter().any(|x| x.0 == n)) {
+            } else if let Some(r) = remote_regions
+                .iter()
+                .find(|r| !r.backends.iter().any(|x| x.0 == n))
+            {
                 Some(format!("remote region {:?} not registered with it", r.desc))
             } else {
                 match p.backend_info(n) {

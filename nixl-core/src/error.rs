@@ -76,9 +76,7 @@ pub enum Error {
         desc: Desc,
     },
     /// A remote descriptor lies outside every region the peer's metadata describes.
-    #[error(
-        "remote descriptor {index} ({kind} {desc:?}) is not inside a region of peer '{peer}'"
-    )]
+    #[error("remote descriptor {index} ({kind} {desc:?}) is not inside a region of peer '{peer}'")]
     RemoteNotRegistered {
         /// The peer.
         peer: String,

@@ -328,7 +328,10 @@ mod tests {
                 kind: MemKind::Dram,
                 desc: Desc::new(0x1000, 4096, 0),
                 key: 99,
-                backends: vec![(BackendName::Shm, vec![9; 12]), (BackendName::Local, vec![])],
+                backends: vec![
+                    (BackendName::Shm, vec![9; 12]),
+                    (BackendName::Local, vec![]),
+                ],
             }],
         }
     }

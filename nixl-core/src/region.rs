@@ -290,11 +290,13 @@ mod tests {
         assert!(t.find(MemKind::Dram, &Desc::new(999, 1, 0)).is_none());
         assert!(t.find(MemKind::Vram, &Desc::new(1010, 1, 0)).is_none());
         assert_eq!(
-            t.check(MemKind::Dram, &Desc::new(1000, 1, 0), 0).unwrap_err(),
+            t.check(MemKind::Dram, &Desc::new(1000, 1, 0), 0)
+                .unwrap_err(),
             AccessDenied::BadKey
         );
         assert_eq!(
-            t.check(MemKind::Dram, &Desc::new(2000, 1, 0), 43).unwrap_err(),
+            t.check(MemKind::Dram, &Desc::new(2000, 1, 0), 43)
+                .unwrap_err(),
             AccessDenied::NotRegistered
         );
         let held = t.check(MemKind::Dram, &Desc::new(1000, 1, 0), 43).unwrap();
@@ -304,7 +306,9 @@ mod tests {
         drop(held);
         assert!(r.gate.close_and_drain(Duration::from_millis(5)));
         assert!(r.access().is_none());
-        let err = t.remove(MemKind::Dram, &Desc::new(1000, 100, 0)).unwrap_err();
+        let err = t
+            .remove(MemKind::Dram, &Desc::new(1000, 100, 0))
+            .unwrap_err();
         assert!(matches!(err, Error::NotRegistered { .. }));
     }
 

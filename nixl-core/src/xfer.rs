@@ -215,7 +215,11 @@ impl XferShared {
                     self.telemetry.latency.record(t.elapsed().as_secs_f64());
                 }
             } else if state != FAILED {
-                let label = if state == CANCELLED { "cancelled" } else { "timed_out" };
+                let label = if state == CANCELLED {
+                    "cancelled"
+                } else {
+                    "timed_out"
+                };
                 metrics::counter!("nixl_xfer_errors_total",
                     "backend" => self.info.backend.as_str(), "kind" => label)
                 .increment(1);
@@ -231,7 +235,10 @@ impl XferShared {
             IDLE => XferStatus::Idle,
             IN_FLIGHT => {
                 if let Some(deadline) = self.deadline {
-                    let late = self.posted_at.lock().is_some_and(|t| t.elapsed() >= deadline);
+                    let late = self
+                        .posted_at
+                        .lock()
+                        .is_some_and(|t| t.elapsed() >= deadline);
                     if late && self.finish(w >> STATE_BITS, Err(Error::TimedOut)) {
                         self.prepared.cancel();
                         return XferStatus::TimedOut;
@@ -396,8 +403,11 @@ impl XferRequest {
         }
         if let Some(deadline) = s.deadline {
             *s.posted_at.lock() = Some(Instant::now());
-            s.watchdog
-                .arm(Instant::now() + deadline, Arc::downgrade(&self.shared), epoch);
+            s.watchdog.arm(
+                Instant::now() + deadline,
+                Arc::downgrade(&self.shared),
+                epoch,
+            );
         } else {
             *s.posted_at.lock() = Some(Instant::now());
         }
@@ -541,7 +551,9 @@ impl Ord for TimerEntry {
 
 impl fmt::Debug for Watchdog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Watchdog").field("agent", &self.agent).finish()
+        f.debug_struct("Watchdog")
+            .field("agent", &self.agent)
+            .finish()
     }
 }
 

@@ -139,7 +139,10 @@ fn pair_with(make: impl Fn() -> Scripted) -> Pair {
     let parked = Arc::clone(&s.parked);
     let posts = Arc::clone(&s.posts);
     let a = Agent::builder("a").backend(Arc::new(s)).build().unwrap();
-    let b = Agent::builder("b").backend(Arc::new(make())).build().unwrap();
+    let b = Agent::builder("b")
+        .backend(Arc::new(make()))
+        .build()
+        .unwrap();
     let a_buf = vec![0u8; 4096];
     let b_buf = vec![0u8; 4096];
     let ra = a.register(&dram(&[Desc::from_slice(&a_buf)])).unwrap();
@@ -181,28 +184,38 @@ fn registration_rules() {
     let err = DescList::from_descs(MemKind::Dram, vec![Desc::new(1, 0, 0)]).unwrap_err();
     assert!(err.to_string().contains("zero-length"), "{err}");
     // Overlap with an existing registration of the same kind.
-    let err = p.a.register(&dram(&[Desc::from_slice(&p.a_buf[10..20])])).unwrap_err();
+    let err =
+        p.a.register(&dram(&[Desc::from_slice(&p.a_buf[10..20])]))
+            .unwrap_err();
     assert!(matches!(err, Error::Overlap { .. }), "{err}");
     // All-or-nothing: a list whose second entry overlaps leaves nothing registered.
     let other = vec![0u8; 64];
-    let err = p
-        .a
-        .register(&dram(&[Desc::from_slice(&other), Desc::from_slice(&p.a_buf)]))
+    let err =
+        p.a.register(&dram(&[
+            Desc::from_slice(&other),
+            Desc::from_slice(&p.a_buf),
+        ]))
         .unwrap_err();
     assert!(matches!(err, Error::Overlap { .. }));
     let r = p.a.register(&dram(&[Desc::from_slice(&other)])).unwrap();
     // Deregister by descriptor, then again: a clear error.
     let gen = p.a.generation();
     r.forget();
-    p.a.deregister(MemKind::Dram, &[Desc::from_slice(&other)]).unwrap();
+    p.a.deregister(MemKind::Dram, &[Desc::from_slice(&other)])
+        .unwrap();
     assert!(p.a.generation() > gen);
-    let err = p.a.deregister(MemKind::Dram, &[Desc::from_slice(&other)]).unwrap_err();
+    let err =
+        p.a.deregister(MemKind::Dram, &[Desc::from_slice(&other)])
+            .unwrap_err();
     assert!(matches!(err, Error::NotRegistered { .. }), "{err}");
     assert_eq!(err.class(), ErrorClass::NotFound);
     // The RAII handle deregisters on drop.
     let r = p.a.register(&dram(&[Desc::from_slice(&other)])).unwrap();
     drop(r);
-    p.a.register(&dram(&[Desc::from_slice(&other)])).unwrap().deregister().unwrap();
+    p.a.register(&dram(&[Desc::from_slice(&other)]))
+        .unwrap()
+        .deregister()
+        .unwrap();
 }
 
 #[test]
@@ -214,7 +227,10 @@ fn vram_without_a_backend_says_why() {
         }))
         .build()
         .unwrap();
-    assert_eq!(a.backends()[0].unavailable.as_deref(), Some("no libcuda.so.1"));
+    assert_eq!(
+        a.backends()[0].unavailable.as_deref(),
+        Some("no libcuda.so.1")
+    );
     let err = a
         .register(&DescList::from_descs(MemKind::Vram, vec![Desc::new(0x1000, 10, 0)]).unwrap())
         .unwrap_err();
@@ -234,8 +250,15 @@ fn post_complete_repost() {
     assert_eq!(req.backend(), BackendName::Shm);
     req.post().unwrap();
     assert!(matches!(req.status(), XferStatus::InProgress));
-    assert!(matches!(req.post(), Err(Error::InFlight)), "repost in flight");
-    assert_eq!(p.posts.load(Ordering::SeqCst), 1, "refused repost reached the backend");
+    assert!(
+        matches!(req.post(), Err(Error::InFlight)),
+        "repost in flight"
+    );
+    assert_eq!(
+        p.posts.load(Ordering::SeqCst),
+        1,
+        "refused repost reached the backend"
+    );
     let c = p.parked.lock().pop().unwrap();
     assert!(c.complete(Ok(())));
     assert!(matches!(req.status(), XferStatus::Done));
@@ -302,7 +325,10 @@ fn deadline_fires_without_polling() {
     let st = req.wait_blocking(Some(Duration::from_secs(5)));
     assert!(matches!(st, XferStatus::TimedOut), "{st:?}");
     let took = t.elapsed();
-    assert!(took >= Duration::from_millis(50) && took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(50) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
     // The backend's late completion changes nothing.
     assert!(!p.parked.lock().pop().unwrap().complete(Ok(())));
     assert!(matches!(req.status(), XferStatus::TimedOut));
@@ -356,7 +382,10 @@ fn deregistration_waits_for_the_transfer_in_flight() {
             t.elapsed()
         });
         std::thread::sleep(Duration::from_millis(100));
-        assert!(!dereg.is_finished(), "deregistration must wait for the post");
+        assert!(
+            !dereg.is_finished(),
+            "deregistration must wait for the post"
+        );
         p.parked.lock().pop().unwrap().complete(Ok(()));
         assert!(dereg.join().unwrap() >= Duration::from_millis(100));
     });
@@ -368,26 +397,51 @@ fn deregistration_waits_for_the_transfer_in_flight() {
 #[test]
 fn validation_errors_name_the_descriptor() {
     let p = pair();
-    let l = dram(&[Desc::from_slice(&p.a_buf[..10]), Desc::from_slice(&p.a_buf[10..20])]);
+    let l = dram(&[
+        Desc::from_slice(&p.a_buf[..10]),
+        Desc::from_slice(&p.a_buf[10..20]),
+    ]);
     let outside = dram(&[
         Desc::from_slice(&p.b_buf[..10]),
         Desc::new(p.b_buf.as_ptr() as u64 + 4090, 10, 0),
     ]);
-    let err = p.a.create_xfer(XferOp::Read, &l, &outside, "b", Default::default()).unwrap_err();
-    assert!(matches!(err, Error::RemoteNotRegistered { index: 1, .. }), "{err}");
+    let err =
+        p.a.create_xfer(XferOp::Read, &l, &outside, "b", Default::default())
+            .unwrap_err();
+    assert!(
+        matches!(err, Error::RemoteNotRegistered { index: 1, .. }),
+        "{err}"
+    );
     let short = dram(&[Desc::from_slice(&p.b_buf[..10])]);
-    let err = p.a.create_xfer(XferOp::Read, &l, &short, "b", Default::default()).unwrap_err();
+    let err =
+        p.a.create_xfer(XferOp::Read, &l, &short, "b", Default::default())
+            .unwrap_err();
     assert!(matches!(err, Error::Mismatch(_)), "{err}");
-    let bad_len = dram(&[Desc::from_slice(&p.b_buf[..10]), Desc::from_slice(&p.b_buf[..11])]);
-    let err = p.a.create_xfer(XferOp::Read, &l, &bad_len, "b", Default::default()).unwrap_err();
+    let bad_len = dram(&[
+        Desc::from_slice(&p.b_buf[..10]),
+        Desc::from_slice(&p.b_buf[..11]),
+    ]);
+    let err =
+        p.a.create_xfer(XferOp::Read, &l, &bad_len, "b", Default::default())
+            .unwrap_err();
     assert!(err.to_string().contains("descriptor 1"), "{err}");
-    let stray = vec![0u8; 16];
-    let err = p
-        .a
-        .create_xfer(XferOp::Read, &dram(&[Desc::from_slice(&stray[..10])]), &short, "b", Default::default())
+    let stray = [0u8; 16];
+    let err =
+        p.a.create_xfer(
+            XferOp::Read,
+            &dram(&[Desc::from_slice(&stray[..10])]),
+            &short,
+            "b",
+            Default::default(),
+        )
         .unwrap_err();
-    assert!(matches!(err, Error::LocalNotRegistered { index: 0, .. }), "{err}");
-    let err = p.a.create_xfer(XferOp::Read, &l, &outside, "nobody", Default::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::LocalNotRegistered { index: 0, .. }),
+        "{err}"
+    );
+    let err =
+        p.a.create_xfer(XferOp::Read, &l, &outside, "nobody", Default::default())
+            .unwrap_err();
     assert!(matches!(err, Error::UnknownPeer(_)), "{err}");
 }
 
@@ -405,26 +459,45 @@ fn metadata_generations_partial_merge_and_restart() {
     // A new region on b, published as partial metadata, is merged.
     let extra = vec![0u8; 256];
     let _r = p.b.register(&dram(&[Desc::from_slice(&extra)])).unwrap();
-    let partial = p.b.partial_metadata(&dram(&[Desc::from_slice(&extra[..8])])).unwrap();
+    let partial =
+        p.b.partial_metadata(&dram(&[Desc::from_slice(&extra[..8])]))
+            .unwrap();
     assert!(partial.partial && partial.regions.len() == 1);
     p.a.load_remote(&partial.encode()).unwrap();
-    let l = dram(&[Desc::from_slice(&p.a_buf[..8]), Desc::from_slice(&p.a_buf[8..16])]);
-    let r = dram(&[Desc::from_slice(&extra[..8]), Desc::from_slice(&p.b_buf[..8])]);
+    let l = dram(&[
+        Desc::from_slice(&p.a_buf[..8]),
+        Desc::from_slice(&p.a_buf[8..16]),
+    ]);
+    let r = dram(&[
+        Desc::from_slice(&extra[..8]),
+        Desc::from_slice(&p.b_buf[..8]),
+    ]);
     p.a.create_xfer(XferOp::Read, &l, &r, "b", Default::default())
         .expect("both the merged and the original region are known");
 
     // A restarted b (new instance) replaces everything, even with a lower generation.
     let b2 = Agent::builder("b")
-        .backend(Arc::new(Scripted::new(BackendName::Shm, Locality::SameNode)))
+        .backend(Arc::new(Scripted::new(
+            BackendName::Shm,
+            Locality::SameNode,
+        )))
         .build()
         .unwrap();
     p.a.load_remote(&b2.metadata_bytes()).unwrap();
-    let err = p.a.create_xfer(XferOp::Read, &l, &r, "b", Default::default()).unwrap_err();
+    let err =
+        p.a.create_xfer(XferOp::Read, &l, &r, "b", Default::default())
+            .unwrap_err();
     assert!(matches!(err, Error::RemoteNotRegistered { .. }), "{err}");
 
     p.a.invalidate_remote("b").unwrap();
-    assert!(matches!(p.a.invalidate_remote("b"), Err(Error::UnknownPeer(_))));
-    assert!(p.a.load_remote(&p.a.metadata_bytes()).is_err(), "own metadata refused");
+    assert!(matches!(
+        p.a.invalidate_remote("b"),
+        Err(Error::UnknownPeer(_))
+    ));
+    assert!(
+        p.a.load_remote(&p.a.metadata_bytes()).is_err(),
+        "own metadata refused"
+    );
     assert!(p.a.load_remote(b"garbage").is_err());
 }
 
@@ -457,23 +530,39 @@ fn selection_prefers_locality_and_says_why() {
     let l = dram(&[Desc::from_slice(&ab)]);
     // Both registered everywhere: shm wins by locality though tcp was added first.
     let req = a
-        .create_xfer(XferOp::Write, &l, &dram(&[Desc::from_slice(&cb)]), "b", Default::default())
+        .create_xfer(
+            XferOp::Write,
+            &l,
+            &dram(&[Desc::from_slice(&cb)]),
+            "b",
+            Default::default(),
+        )
         .unwrap();
     assert_eq!(req.backend(), BackendName::Shm);
     let r = dram(&[Desc::from_slice(&bb)]);
-    let req = a.create_xfer(XferOp::Write, &l, &r, "b", Default::default()).unwrap();
+    let req = a
+        .create_xfer(XferOp::Write, &l, &r, "b", Default::default())
+        .unwrap();
     assert_eq!(req.backend(), BackendName::Tcp);
-    assert!(req.info().reason.contains("shm: remote region"), "{}", req.info().reason);
+    assert!(
+        req.info().reason.contains("shm: remote region"),
+        "{}",
+        req.info().reason
+    );
     req.run_blocking().unwrap();
     // Naming a backend that cannot carry it is an error with the reason.
     let named = |b| XferOptions {
         backend: Some(b),
         ..Default::default()
     };
-    let err = a.create_xfer(XferOp::Write, &l, &r, "b", named(BackendName::Shm)).unwrap_err();
+    let err = a
+        .create_xfer(XferOp::Write, &l, &r, "b", named(BackendName::Shm))
+        .unwrap_err();
     assert!(matches!(err, Error::NoBackend { .. }), "{err}");
     // Naming one that is not configured.
-    let err = a.create_xfer(XferOp::Write, &l, &r, "b", named(BackendName::Rdma)).unwrap_err();
+    let err = a
+        .create_xfer(XferOp::Write, &l, &r, "b", named(BackendName::Rdma))
+        .unwrap_err();
     assert_eq!(err.class(), ErrorClass::NotFound, "{err}");
 }
 
@@ -483,7 +572,11 @@ fn shutdown_cancels_in_flight() {
     let req = xfer(&p, XferOptions::default());
     req.post().unwrap();
     p.a.shutdown();
-    assert!(matches!(req.status(), XferStatus::Cancelled), "{:?}", req.status());
+    assert!(
+        matches!(req.status(), XferStatus::Cancelled),
+        "{:?}",
+        req.status()
+    );
     let err = p.a.create_xfer(
         XferOp::Write,
         &dram(&[Desc::from_slice(&p.a_buf[..1])]),
@@ -530,17 +623,23 @@ fn metrics_count_bytes_requests_errors_and_latency() {
         let q = pair();
         let bad = xfer(&q, XferOptions::default());
         bad.post().unwrap();
-        q.parked.lock().pop().unwrap().complete(Err(Error::RemoteDisconnect {
-            peer: "b".into(),
-            reason: "test".into(),
-        }));
+        q.parked
+            .lock()
+            .pop()
+            .unwrap()
+            .complete(Err(Error::RemoteDisconnect {
+                peer: "b".into(),
+                reason: "test".into(),
+            }));
     });
     let snap = snapshotter.snapshot().into_vec();
     let find = |name: &str, label: (&str, &str)| {
         snap.iter()
             .find(|(k, _, _, _)| {
                 k.key().name() == name
-                    && k.key().labels().any(|l| l.key() == label.0 && l.value() == label.1)
+                    && k.key()
+                        .labels()
+                        .any(|l| l.key() == label.0 && l.value() == label.1)
             })
             .map(|(_, _, _, v)| v)
     };

@@ -45,7 +45,11 @@ pub fn first_mismatch(buf: &[u8], seed: u64) -> Option<usize> {
         let e = &mut expect[..chunk.len()];
         fill_at(e, n << 20, seed);
         if chunk != e {
-            let p = chunk.iter().zip(e.iter()).position(|(a, b)| a != b).unwrap_or(0);
+            let p = chunk
+                .iter()
+                .zip(e.iter())
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             return Some((n << 20) + p);
         }
     }

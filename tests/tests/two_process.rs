@@ -63,7 +63,10 @@ fn gib_each_way(memfd: bool) {
         .unwrap();
     assert_eq!(w.backend(), BackendName::Shm, "{}", w.info().reason);
     w.run_blocking().unwrap();
-    assert_eq!(peer.cmd("notif-check 10000 11"), format!("ok {}", hex(b"gib")));
+    assert_eq!(
+        peer.cmd("notif-check 10000 11"),
+        format!("ok {}", hex(b"gib"))
+    );
 
     // The target writes another pattern; READ 1 GiB back and check every byte here.
     assert_eq!(peer.cmd("fill 12"), "ok");
@@ -131,7 +134,13 @@ fn many_descriptors(memfd: bool) {
         .map(|&i| Desc::new(remote.addr + 7 + ps[i].0 as u64, ps[i].1 as u64, 0))
         .collect();
     let w = me
-        .create_xfer(XferOp::Write, &dram(local), &dram(remote_l.clone()), &name, Default::default())
+        .create_xfer(
+            XferOp::Write,
+            &dram(local),
+            &dram(remote_l.clone()),
+            &name,
+            Default::default(),
+        )
         .unwrap();
     w.run_blocking().unwrap();
 
@@ -140,12 +149,27 @@ fn many_descriptors(memfd: bool) {
     let back_desc = Desc::from_mut_slice(&mut back);
     let _rb = me.register(&dram(vec![back_desc])).unwrap();
     let r = me
-        .create_xfer(XferOp::Read, &dram(vec![back_desc]), &dram(vec![remote]), &name, Default::default())
+        .create_xfer(
+            XferOp::Read,
+            &dram(vec![back_desc]),
+            &dram(vec![remote]),
+            &name,
+            Default::default(),
+        )
         .unwrap();
     r.run_blocking().unwrap();
-    assert!(back[..7].iter().all(|&b| b == 0), "bytes before the first piece touched");
-    assert!(back[7..7 + size] == src[13..13 + size], "scattered WRITE differs");
-    assert!(back[7 + size..].iter().all(|&b| b == 0), "bytes after the last piece touched");
+    assert!(
+        back[..7].iter().all(|&b| b == 0),
+        "bytes before the first piece touched"
+    );
+    assert!(
+        back[7..7 + size] == src[13..13 + size],
+        "scattered WRITE differs"
+    );
+    assert!(
+        back[7 + size..].iter().all(|&b| b == 0),
+        "bytes after the last piece touched"
+    );
 
     // Scattered READ: the peer refills, we read the pieces back into place.
     assert_eq!(peer.cmd("fill 6"), "ok");
@@ -157,7 +181,13 @@ fn many_descriptors(memfd: bool) {
         .map(|&i| Desc::new(dst_base.addr + 13 + ps[i].0 as u64, ps[i].1 as u64, 0))
         .collect();
     let r = me
-        .create_xfer(XferOp::Read, &dram(local), &dram(remote_l), &name, Default::default())
+        .create_xfer(
+            XferOp::Read,
+            &dram(local),
+            &dram(remote_l),
+            &name,
+            Default::default(),
+        )
         .unwrap();
     r.run_blocking().unwrap();
     let mut expect = vec![0u8; size];
@@ -218,7 +248,12 @@ fn forged_metadata_is_refused_by_the_owner() {
         forged.generation += 2;
         forged.regions[0].desc.len *= 2;
         me.load_remote(&forged.encode()).unwrap();
-        let err = attempt(&me, &name, &src, Desc::new(region.addr + region.len, 4096, 0));
+        let err = attempt(
+            &me,
+            &name,
+            &src,
+            Desc::new(region.addr + region.len, 4096, 0),
+        );
         assert_eq!(err.class(), ErrorClass::Denied, "memfd={memfd}: {err}");
         // Nothing was touched.
         assert_eq!(peer.cmd("check 3"), "ok", "memfd={memfd}");
@@ -231,10 +266,19 @@ fn notifications_both_ways() {
     let me = initiator("listener");
     let name = connect(&me, &mut peer);
     me.send_notif(&name, b"hello").unwrap();
-    assert_eq!(peer.cmd("notif 5000"), format!("notif listener {}", hex(b"hello")));
+    assert_eq!(
+        peer.cmd("notif 5000"),
+        format!("notif listener {}", hex(b"hello"))
+    );
     assert_eq!(peer.cmd(&format!("send listener {}", hex(b"world"))), "ok");
     let got = me.wait_notifs(Duration::from_secs(5));
-    assert_eq!(got, vec![Notification { from: "chatty".into(), msg: b"world".to_vec() }]);
+    assert_eq!(
+        got,
+        vec![Notification {
+            from: "chatty".into(),
+            msg: b"world".to_vec()
+        }]
+    );
 }
 
 fn kill_mid_transfer(memfd: bool) {
@@ -281,7 +325,11 @@ fn kill_mid_transfer(memfd: bool) {
     killer.join().unwrap();
     peer.kill();
     let (err, _) = outcome.expect("posts kept succeeding after the target died");
-    assert_eq!(err.class(), ErrorClass::RemoteDisconnect, "memfd={memfd}: {err}");
+    assert_eq!(
+        err.class(),
+        ErrorClass::RemoteDisconnect,
+        "memfd={memfd}: {err}"
+    );
     // The agent keeps working: a fresh peer is reachable.
     let mut fresh = Peer::start(PEER, "fresh", 4096, memfd);
     let name = connect(&me, &mut fresh);

@@ -87,7 +87,9 @@ mod tests {
 
     #[test]
     fn every_alignment_and_length_copies_exactly() {
-        let src: Vec<u8> = (0..(3 * STREAM_MIN + 200)).map(|i| (i * 31 % 251) as u8).collect();
+        let src: Vec<u8> = (0..(3 * STREAM_MIN + 200))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
         for (soff, doff, len) in [
             (0, 0, 0),
             (1, 0, 17),
@@ -100,7 +102,11 @@ mod tests {
             let mut dst = vec![0u8; len + 32];
             // SAFETY: both ranges are inside their vectors and do not overlap.
             unsafe { copy_bytes(dst.as_mut_ptr().add(doff), src.as_ptr().add(soff), len) };
-            assert_eq!(&dst[doff..doff + len], &src[soff..soff + len], "{soff} {doff} {len}");
+            assert_eq!(
+                &dst[doff..doff + len],
+                &src[soff..soff + len],
+                "{soff} {doff} {len}"
+            );
             assert!(dst[..doff].iter().all(|&b| b == 0));
             assert!(dst[doff + len..].iter().all(|&b| b == 0));
         }

@@ -48,7 +48,10 @@ fn encode_info(instance: u128) -> Vec<u8> {
 
 fn decode_info(b: &[u8]) -> std::result::Result<(u64, u128), String> {
     if b.len() != 24 {
-        return Err(format!("local connection info is {} bytes, expected 24", b.len()));
+        return Err(format!(
+            "local connection info is {} bytes, expected 24",
+            b.len()
+        ));
     }
     let mut t = [0u8; 8];
     t.copy_from_slice(&b[..8]);

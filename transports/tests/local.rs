@@ -53,7 +53,9 @@ fn write_and_read_big_and_many_descriptors() {
     let mut a_buf = src.clone();
     let mut b_buf = vec![0u8; size + 3];
     let _ra = a.register(&dram(vec![Desc::from_slice(&a_buf)])).unwrap();
-    let _rb = b.register(&dram(vec![Desc::from_mut_slice(&mut b_buf)])).unwrap();
+    let _rb = b
+        .register(&dram(vec![Desc::from_mut_slice(&mut b_buf)]))
+        .unwrap();
     a.load_remote(&b.metadata_bytes()).unwrap();
 
     // One 64 MiB WRITE to an odd offset, with a notification.
@@ -73,7 +75,13 @@ fn write_and_read_big_and_many_descriptors() {
     req.run_blocking().unwrap();
     assert!(b_buf[3..] == src[..], "64 MiB write differs");
     let n = b.take_notifs();
-    assert_eq!(n, vec![Notification { from: "a".into(), msg: b"layer-0".to_vec() }]);
+    assert_eq!(
+        n,
+        vec![Notification {
+            from: "a".into(),
+            msg: b"layer-0".to_vec()
+        }]
+    );
 
     // READ back in ~thousands of odd pieces, scattered to shuffled local offsets.
     a_buf.iter_mut().for_each(|x| *x = 0);
@@ -92,7 +100,13 @@ fn write_and_read_big_and_many_descriptors() {
     local.reverse();
     remote.reverse();
     let req = a
-        .create_xfer(XferOp::Read, &dram(local), &dram(remote), "b", Default::default())
+        .create_xfer(
+            XferOp::Read,
+            &dram(local),
+            &dram(remote),
+            "b",
+            Default::default(),
+        )
         .unwrap();
     for _ in 0..3 {
         req.run_blocking().unwrap();
@@ -105,7 +119,9 @@ fn small_transfers_inline_and_agent_to_itself() {
     let a = agent("solo");
     let mut buf = pattern(3, 8192);
     let expect = buf.clone();
-    let _r = a.register(&dram(vec![Desc::from_mut_slice(&mut buf)])).unwrap();
+    let _r = a
+        .register(&dram(vec![Desc::from_mut_slice(&mut buf)]))
+        .unwrap();
     // Copy the first half over the second half, within one region, to ourselves.
     let (lo, hi) = buf.split_at_mut(4096);
     let req = a
@@ -167,7 +183,10 @@ fn target_deregistration_refuses_later_posts() {
     // Forged metadata with a wrong key is refused the same way.
     let mut md = b.metadata();
     let _rb2 = b.register(&dram(vec![b_desc])).unwrap();
-    md = AgentMetadata { generation: b.generation(), ..md };
+    md = AgentMetadata {
+        generation: b.generation(),
+        ..md
+    };
     let mut real = b.metadata();
     real.regions[0].key ^= 1;
     real.generation = md.generation + 1;
@@ -203,7 +222,11 @@ fn several_threads_post_concurrently() {
                     .create_xfer(
                         XferOp::Write,
                         &dram(vec![Desc::from_slice(&a_buf[t * chunk..(t + 1) * chunk])]),
-                        &dram(vec![Desc::new(b_desc.addr + (t * chunk) as u64, chunk as u64, 0)]),
+                        &dram(vec![Desc::new(
+                            b_desc.addr + (t * chunk) as u64,
+                            chunk as u64,
+                            0,
+                        )]),
                         "b",
                         Default::default(),
                     )

@@ -83,7 +83,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 format!("sum {h:016x}")
             }
-            ["notif", ms] => match agent.wait_notifs(Duration::from_millis(ms.parse()?)).first() {
+            ["notif", ms] => match agent
+                .wait_notifs(Duration::from_millis(ms.parse()?))
+                .first()
+            {
                 Some(n) => format!("notif {} {}", n.from, hex(&n.msg)),
                 None => "none".into(),
             },

@@ -11,8 +11,8 @@ use parking_lot::Mutex;
 use super::sys;
 
 /// Live buffers of this process: start address -> (length, fd, id).
-static LIVE: LazyLock<Mutex<BTreeMap<u64, (u64, RawFd, u64)>>> =
-    LazyLock::new(|| Mutex::new(BTreeMap::new()));
+type Registry = Mutex<BTreeMap<u64, (u64, RawFd, u64)>>;
+static LIVE: LazyLock<Registry> = LazyLock::new(|| Mutex::new(BTreeMap::new()));
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Host memory backed by a memfd (optionally huge pages). Registered with an agent, it lets a
@@ -51,7 +51,7 @@ impl ShmBuffer {
             ));
         }
         let fd = sys::memfd(len, huge)?;
-        let ptr = sys::map_shared(fd.as_raw_fd(), len)?;
+        let ptr = sys::map_shared(fd.as_raw_fd(), len, false)?;
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         LIVE.lock()
             .insert(ptr as u64, (len as u64, fd.as_raw_fd(), id));
@@ -135,7 +135,10 @@ mod tests {
         let d = b.desc();
         let (start, len, _, _) = find(&Desc::new(d.addr + 5, 100, 0)).unwrap();
         assert_eq!((start, len), (d.addr, 10_000));
-        assert!(find(&Desc::new(d.addr + 9_990, 11, 0)).is_none(), "past the end");
+        assert!(
+            find(&Desc::new(d.addr + 9_990, 11, 0)).is_none(),
+            "past the end"
+        );
         drop(b);
         assert!(find(&Desc::new(d.addr, 1, 0)).is_none());
         assert!(ShmBuffer::new(0).is_err());

@@ -206,7 +206,13 @@ const DRAM: &[MemKind] = &[MemKind::Dram];
 
 fn sanitize(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(40)
         .collect()
 }
@@ -227,7 +233,9 @@ impl Backend for ShmBackend {
 
     fn probe(&self) -> std::result::Result<(), String> {
         sys::probe_cma().map_err(|e| {
-            format!("process_vm_readv does not work here ({e}); seccomp or a container may block it")
+            format!(
+                "process_vm_readv does not work here ({e}); seccomp or a container may block it"
+            )
         })
     }
 
@@ -384,7 +392,11 @@ fn serve(inner: &Arc<Inner>, stream: UnixStream) -> io::Result<()> {
             format!("peer uid {cred_uid} is not ours"),
         ));
     }
-    let target = inner.target.get().cloned().ok_or_else(|| io::Error::other("not started"))?;
+    let target = inner
+        .target
+        .get()
+        .cloned()
+        .ok_or_else(|| io::Error::other("not started"))?;
     let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
     inner.served.lock().insert(
@@ -411,7 +423,7 @@ fn serve_frames(
     cred_pid: i32,
 ) -> io::Result<()> {
     let mut framer = Framer::default();
-    let mut peer: Option<(String, i32)> = None;
+    let mut peer: Option<(Arc<str>, i32)> = None;
     let bad = |e: nixl_core::DecodeError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
     loop {
         let body = loop {
@@ -426,7 +438,7 @@ fn serve_frames(
             }
         };
         let frame = Frame::decode(&body).map_err(bad)?;
-        let (name, pid) = match (&peer, frame) {
+        let (who, frame) = match (&peer, frame) {
             (None, Frame::Hello { name, pid, .. }) => {
                 if pid as i32 != cred_pid {
                     return Err(io::Error::new(
@@ -434,7 +446,7 @@ fn serve_frames(
                         format!("hello says pid {pid}, socket says {cred_pid}"),
                     ));
                 }
-                peer = Some((name, cred_pid));
+                peer = Some((Arc::from(name), cred_pid));
                 continue;
             }
             (None, _) => {
@@ -442,8 +454,8 @@ fn serve_frames(
             }
             (Some(p), f) => (p.clone(), f),
         };
-        let (peer_name, peer_pid) = name;
-        match pid {
+        let (peer_name, peer_pid) = who;
+        match frame {
             Frame::Op {
                 id,
                 write,
@@ -493,9 +505,15 @@ fn carry_out(
     for (i, s) in segs.iter().enumerate() {
         let d = Desc::new(s.target, s.len, 0);
         if s.len == 0 || d.end().is_none() {
-            return (Status::Denied, format!("descriptor {i}: empty or wrapping range"));
+            return (
+                Status::Denied,
+                format!("descriptor {i}: empty or wrapping range"),
+            );
         }
-        if held.last().is_some_and(|h| h.region().desc.contains(&d) && h.region().key == s.key) {
+        if held
+            .last()
+            .is_some_and(|h| h.region().desc.contains(&d) && h.region().key == s.key)
+        {
             continue;
         }
         match target.check(MemKind::Dram, &d, s.key) {
@@ -509,8 +527,20 @@ fn carry_out(
             }
         }
     }
-    let ours: Vec<Span> = segs.iter().map(|s| Span { addr: s.target, len: s.len }).collect();
-    let theirs: Vec<Span> = segs.iter().map(|s| Span { addr: s.init, len: s.len }).collect();
+    let ours: Vec<Span> = segs
+        .iter()
+        .map(|s| Span {
+            addr: s.target,
+            len: s.len,
+        })
+        .collect();
+    let theirs: Vec<Span> = segs
+        .iter()
+        .map(|s| Span {
+            addr: s.init,
+            len: s.len,
+        })
+        .collect();
     let dir = if write { Cma::Pull } else { Cma::Push };
     let total: u64 = segs.iter().map(|s| s.len).sum();
     let threads = inner.cfg.copy_threads.max(1);
@@ -527,7 +557,10 @@ fn carry_out(
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(io::Error::other("copy thread panicked"))))
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(io::Error::other("copy thread panicked")))
+                })
                 .try_fold(0u64, |acc, r| r.map(|n| acc + n))
         })
     } else {
@@ -561,8 +594,14 @@ fn split_spans(ours: &[Span], theirs: &[Span], n: usize) -> Vec<(Vec<Span>, Vec<
         let mut off = 0;
         while off < a.len {
             let take = (a.len - off).min(per - in_part);
-            o.push(Span { addr: a.addr + off, len: take });
-            t.push(Span { addr: b.addr + off, len: take });
+            o.push(Span {
+                addr: a.addr + off,
+                len: take,
+            });
+            t.push(Span {
+                addr: b.addr + off,
+                len: take,
+            });
             off += take;
             in_part += take;
             if in_part == per {
@@ -605,7 +644,10 @@ fn grant_map(
         Ok(a) => a,
         Err(denied) => return refuse(Status::Denied, denied.to_string()),
     };
-    let Some((start, id_buf)) = access.region().backend_public(BackendName::Shm).and_then(parse_public)
+    let Some((start, id_buf)) = access
+        .region()
+        .backend_public(BackendName::Shm)
+        .and_then(parse_public)
     else {
         return refuse(Status::Denied, "region is not mappable".into());
     };
@@ -661,8 +703,11 @@ impl Inner {
                 break;
             }
             if self.acks_cv.wait_until(&mut acks, deadline).timed_out() {
-                tracing::warn!(key, peers = waiting.len(),
-                    "shm: peers did not give up a mapping of a deregistered region in time");
+                tracing::warn!(
+                    key,
+                    peers = waiting.len(),
+                    "shm: peers did not give up a mapping of a deregistered region in time"
+                );
                 break;
             }
         }
@@ -703,6 +748,8 @@ impl Drop for Mapping {
 }
 
 type MapResult = std::result::Result<Arc<Mapping>, String>;
+/// A peer's answer to a mapping request: the memfd, the buffer length, the region's offset.
+type Granted = std::result::Result<(OwnedFd, u64, u64), String>;
 
 /// Our connection to one peer's socket.
 struct Conn {
@@ -710,7 +757,7 @@ struct Conn {
     backend: Arc<Inner>,
     writer: Mutex<UnixStream>,
     pending: Mutex<HashMap<u64, Pending>>,
-    map_waits: Mutex<HashMap<u64, Option<std::result::Result<(OwnedFd, u64, u64), String>>>>,
+    map_waits: Mutex<HashMap<u64, Option<Granted>>>,
     map_cv: Condvar,
     maps: Mutex<HashMap<u64, Arc<Mapping>>>,
     next_id: AtomicU64,
@@ -720,7 +767,9 @@ struct Conn {
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("shm::Conn").field("peer", &self.peer).finish()
+        f.debug_struct("shm::Conn")
+            .field("peer", &self.peer)
+            .finish()
     }
 }
 
@@ -754,7 +803,9 @@ impl Conn {
         (&stream)
             .write_all(&hello.encode())
             .map_err(|e| disconnected(format!("hello: {e}")))?;
-        let reader = stream.try_clone().map_err(|e| Error::io("shm: clone socket", e))?;
+        let reader = stream
+            .try_clone()
+            .map_err(|e| Error::io("shm: clone socket", e))?;
         reader
             .set_read_timeout(Some(Duration::from_millis(100)))
             .map_err(|e| Error::io("shm: socket timeout", e))?;
@@ -858,7 +909,8 @@ impl Conn {
                 region.len
             ));
         }
-        let base = sys::map_shared(fd.as_raw_fd(), buf_len as usize).map_err(|e| e.to_string())?;
+        let base =
+            sys::map_shared(fd.as_raw_fd(), buf_len as usize, true).map_err(|e| e.to_string())?;
         let m = Arc::new(Mapping {
             base,
             buf_len: buf_len as usize,
@@ -911,7 +963,12 @@ fn read_loop(conn: Weak<Conn>, stream: UnixStream) {
                 framer.commit(64 << 10, n);
                 fds.extend(got.drain(..));
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 framer.commit(64 << 10, 0);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => framer.commit(64 << 10, 0),
@@ -924,7 +981,11 @@ fn read_loop(conn: Weak<Conn>, stream: UnixStream) {
         let now = Instant::now();
         let expired: Vec<Pending> = {
             let mut p = c.pending.lock();
-            let ids: Vec<u64> = p.iter().filter(|(_, v)| v.deadline <= now).map(|(k, _)| *k).collect();
+            let ids: Vec<u64> = p
+                .iter()
+                .filter(|(_, v)| v.deadline <= now)
+                .map(|(k, _)| *k)
+                .collect();
             ids.into_iter().filter_map(|k| p.remove(&k)).collect()
         };
         for p in expired {
@@ -1018,9 +1079,17 @@ impl Connection for Conn {
                                 let mapped =
                                     m.base as u64 + m.offset + (s.remote.addr - m.region_addr);
                                 if write {
-                                    CopyOp { src: s.local.addr, dst: mapped, len: s.local.len }
+                                    CopyOp {
+                                        src: s.local.addr,
+                                        dst: mapped,
+                                        len: s.local.len,
+                                    }
                                 } else {
-                                    CopyOp { src: mapped, dst: s.local.addr, len: s.local.len }
+                                    CopyOp {
+                                        src: mapped,
+                                        dst: s.local.addr,
+                                        len: s.local.len,
+                                    }
                                 }
                             })
                             .collect();
@@ -1230,7 +1299,10 @@ mod tests {
         let mut i = ConnInfo::ours("/x");
         assert!(be.can_reach(&i.encode()).is_ok());
         i.boot_id = "other".into();
-        assert!(be.can_reach(&i.encode()).unwrap_err().contains("another node"));
+        assert!(be
+            .can_reach(&i.encode())
+            .unwrap_err()
+            .contains("another node"));
         let mut i = ConnInfo::ours("/x");
         i.uid += 1;
         assert!(be.can_reach(&i.encode()).unwrap_err().contains("uid"));
@@ -1239,7 +1311,13 @@ mod tests {
     #[test]
     fn split_spans_preserves_pairs_and_bytes() {
         let ours = [Span { addr: 0, len: 10 }, Span { addr: 100, len: 7 }];
-        let theirs = [Span { addr: 1000, len: 10 }, Span { addr: 2000, len: 7 }];
+        let theirs = [
+            Span {
+                addr: 1000,
+                len: 10,
+            },
+            Span { addr: 2000, len: 7 },
+        ];
         let parts = split_spans(&ours, &theirs, 3);
         assert_eq!(parts.len(), 3);
         let flat: Vec<(u64, u64, u64)> = parts
@@ -1259,10 +1337,16 @@ mod tests {
         let mut dst = vec![0u8; 5000];
         // 2500 spans of 2 bytes on our side, 1000 of 5 on theirs: more than IOV_MAX.
         let ours: Vec<Span> = (0..2500)
-            .map(|i| Span { addr: dst.as_mut_ptr() as u64 + i * 2, len: 2 })
+            .map(|i| Span {
+                addr: dst.as_mut_ptr() as u64 + i * 2,
+                len: 2,
+            })
             .collect();
         let theirs: Vec<Span> = (0..1000)
-            .map(|i| Span { addr: src.as_ptr() as u64 + i * 5, len: 5 })
+            .map(|i| Span {
+                addr: src.as_ptr() as u64 + i * 5,
+                len: 5,
+            })
             .collect();
         // SAFETY: `ours` covers `dst`, live and writable for the call.
         let n = unsafe { sys::cross_copy(std::process::id() as i32, Cma::Pull, &ours, &theirs) }

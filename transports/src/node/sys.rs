@@ -103,7 +103,10 @@ pub unsafe fn cross_copy(pid: i32, dir: Cma, ours: &[Span], theirs: &[Span]) -> 
             }
         } as libc::c_long)? as u64;
         if n == 0 && want > 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "process_vm moved 0 bytes"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "process_vm moved 0 bytes",
+            ));
         }
         moved += n;
         // Advance both cursors by n bytes.
@@ -200,15 +203,16 @@ pub fn memfd(len: usize, huge: bool) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Maps `len` bytes of `fd` shared, read-write.
-pub fn map_shared(fd: RawFd, len: usize) -> io::Result<*mut u8> {
+/// Maps `len` bytes of `fd` shared, read-write; `populate` builds the page tables now
+/// (MAP_POPULATE) so the first transfer does not pay a fault per page.
+pub fn map_shared(fd: RawFd, len: usize, populate: bool) -> io::Result<*mut u8> {
     // SAFETY: a fresh mapping chosen by the kernel; no existing memory is affected.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
+            libc::MAP_SHARED | if populate { libc::MAP_POPULATE } else { 0 },
             fd,
             0,
         )
@@ -287,15 +291,16 @@ pub fn recv_with_fds(s: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> 
         iov_len: buf.len(),
     };
     let mut cbuf = [0u64; 16]; // 128 bytes, 8-aligned: room for several fds
-    // SAFETY: zeroed msghdr is valid; fields point at live locals.
+                               // SAFETY: zeroed msghdr is valid; fields point at live locals.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
     // SAFETY: msg points at live buffers for the duration of the call.
-    let n = cvt(unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) }
-        as libc::c_long)?;
+    let n = cvt(
+        unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) } as libc::c_long,
+    )?;
     // SAFETY: walking the control messages the kernel wrote, with the kernel's own macros,
     // within msg_controllen; each SCM_RIGHTS payload is an array of ints we now own.
     unsafe {

@@ -45,7 +45,11 @@ pub enum Frame {
         segs: Vec<WireSeg>,
     },
     /// The end of an Op.
-    Done { id: u64, status: Status, text: String },
+    Done {
+        id: u64,
+        status: Status,
+        text: String,
+    },
     /// A standalone notification.
     Notif { msg: Vec<u8> },
     /// Ask for the memfd behind a mappable region (fd arrives with the reply).
