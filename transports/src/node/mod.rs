@@ -753,6 +753,8 @@ type Granted = std::result::Result<(OwnedFd, u64, u64), String>;
 
 /// Our connection to one peer's socket.
 struct Conn {
+    /// Ourselves, for the prepared transfers that keep the connection alive.
+    me: Weak<Conn>,
     peer: Arc<str>,
     backend: Arc<Inner>,
     writer: Mutex<UnixStream>,
@@ -809,7 +811,8 @@ impl Conn {
         reader
             .set_read_timeout(Some(Duration::from_millis(100)))
             .map_err(|e| Error::io("shm: socket timeout", e))?;
-        let conn = Arc::new(Conn {
+        let conn = Arc::new_cyclic(|me| Conn {
+            me: me.clone(),
             peer: Arc::from(peer),
             backend: Arc::clone(inner),
             writer: Mutex::new(stream),
@@ -1155,12 +1158,7 @@ impl Connection for Conn {
 
 impl Conn {
     fn self_arc(&self) -> Result<Arc<Conn>> {
-        let clients = self.backend.clients.lock();
-        clients
-            .iter()
-            .filter_map(Weak::upgrade)
-            .find(|c| std::ptr::eq(Arc::as_ptr(c), self))
-            .ok_or_else(|| self.disconnected())
+        self.me.upgrade().ok_or_else(|| self.disconnected())
     }
 }
 
