@@ -355,3 +355,31 @@ fn garbage_metadata_is_an_error_not_a_crash() {
         assert_eq!(err.class(), ErrorClass::Invalid, "{err}");
     }
 }
+
+#[test]
+fn owner_deregistration_revokes_access() {
+    for memfd in [true, false] {
+        let mut peer = Peer::start(PEER, "revoker", 1 << 20, memfd);
+        let me = initiator("revoked");
+        let name = connect(&me, &mut peer);
+        let remote = remote_region(&peer);
+        let src = vec![9u8; 1 << 20];
+        let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+        let w = me
+            .create_xfer(
+                XferOp::Write,
+                &dram(vec![Desc::from_slice(&src)]),
+                &dram(vec![remote]),
+                &name,
+                Default::default(),
+            )
+            .unwrap();
+        w.run_blocking().unwrap();
+        // The owner deregisters; with a mapping out, it revokes it and waits for our ack.
+        let reply = peer.cmd("dereg");
+        let ms: u64 = reply.strip_prefix("ok ").expect(&reply).parse().unwrap();
+        assert!(ms < 1000, "memfd={memfd}: deregistration took {ms} ms");
+        let err = w.run_blocking().unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Denied, "memfd={memfd}: {err}");
+    }
+}

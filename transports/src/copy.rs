@@ -126,6 +126,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use crossbeam_channel::Sender;
+use nixl_core::Completion;
 use parking_lot::Mutex;
 
 /// Transfers up to this many bytes are copied inline on the posting thread with memcpy.
@@ -251,6 +252,35 @@ impl CopyPool {
     /// The process-wide pool (started on first use).
     pub fn global() -> &'static CopyPool {
         &POOL
+    }
+
+    /// Copies `plan` for the post that `done` ends: split over the workers; when every range is
+    /// copied, `hold` is dropped and `finish(done)` runs, unless the post was cancelled or timed
+    /// out meanwhile (then the copy stops early and `done` is dropped, which changes nothing).
+    ///
+    /// # Safety
+    /// As [`CopyPool::run_split`]; `hold` (and the completion, which holds the local regions)
+    /// must keep every op valid until dropped.
+    pub unsafe fn run_post<H: Send + 'static>(
+        &self,
+        plan: CopyPlan,
+        done: Completion,
+        hold: H,
+        finish: impl FnOnce(Completion) + Send + 'static,
+    ) {
+        let done = Arc::new(Mutex::new(Some(done)));
+        let watch = Arc::clone(&done);
+        let abandoned = move || watch.lock().as_ref().is_none_or(|d| d.is_abandoned());
+        let end = move |completed: bool| {
+            drop(hold);
+            if let Some(done) = done.lock().take() {
+                if completed {
+                    finish(done);
+                }
+            }
+        };
+        // SAFETY: forwarded contract; `hold` and `done` live until `end` runs, after the copies.
+        unsafe { self.run_split(plan, abandoned, end) };
     }
 
     /// Copies `plan` split into one byte range per worker, with streaming stores, checking

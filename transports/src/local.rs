@@ -268,31 +268,20 @@ impl PreparedXfer for LocalXfer {
             done.complete(Ok(()));
             return;
         }
-        let done = Arc::new(Mutex::new(Some(done)));
-        let watch = Arc::clone(&done);
         let (target, initiator, notif) = (
             self.target.clone(),
             Arc::clone(&self.initiator),
             self.notif.clone(),
         );
-        let finish = move |completed: bool| {
-            drop(hold);
-            let Some(done) = done.lock().take() else {
-                return;
-            };
-            if !completed {
-                // Abandoned (cancel or deadline): the request has already ended.
-                return;
-            }
+        let finish = move |done: Completion| {
             if let Some(msg) = notif {
                 target.deliver(&initiator, msg);
             }
             done.complete(Ok(()));
         };
-        let abandoned = move || watch.lock().as_ref().is_none_or(|d| d.is_abandoned());
         // SAFETY: as for the inline copy; `hold` and the completion (which holds the local
-        // regions) are released in `finish`, after every range is copied.
-        unsafe { CopyPool::global().run_split(self.plan.clone(), abandoned, finish) };
+        // regions) are released only after every range is copied.
+        unsafe { CopyPool::global().run_post(self.plan.clone(), done, hold, finish) };
     }
 }
 

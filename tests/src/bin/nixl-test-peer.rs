@@ -11,6 +11,7 @@
 //! - `notif-check <timeout_ms> <seed>`: wait for a notification, then verify the buffer at once
 //!   (proves the data landed before the notification) → `ok <msg hex>` / `bad <offset>` / `none`
 //! - `send <peer> <hex>`: send a notification → `ok` or `err <text>`
+//! - `dereg`: deregister the buffer (peers' mappings are revoked first) → `ok <milliseconds>`
 //! - `exit`
 
 use std::io::{BufRead, Write};
@@ -52,10 +53,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         &mut heap
     };
     buf.fill(0);
-    let _reg = agent.register(&DescList::from_descs(
+    let mut reg = Some(agent.register(&DescList::from_descs(
         MemKind::Dram,
         vec![Desc::from_mut_slice(buf)],
-    )?)?;
+    )?)?);
     let mut out = std::io::stdout().lock();
     writeln!(out, "MD {}", hex(&agent.metadata_bytes()))?;
     out.flush()?;
@@ -104,6 +105,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 Ok(()) => "ok".into(),
                 Err(e) => format!("err {e}"),
             },
+            ["dereg"] => {
+                let t = std::time::Instant::now();
+                match reg.take().map(|r| r.deregister()) {
+                    Some(Ok(())) => format!("ok {}", t.elapsed().as_millis()),
+                    Some(Err(e)) => format!("err {e}"),
+                    None => "err not registered".into(),
+                }
+            }
             ["exit"] => return Ok(()),
             _ => format!("err unknown command {line:?}"),
         };

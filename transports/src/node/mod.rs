@@ -1254,22 +1254,12 @@ impl PreparedXfer for MappedXfer {
             finish_mapped(&self.conn, self.notif.as_deref(), done);
             return;
         }
-        let done = Arc::new(Mutex::new(Some(done)));
-        let watch = Arc::clone(&done);
         let conn = Arc::clone(&self.conn);
         let notif = self.notif.clone();
-        let finish = move |completed: bool| {
-            drop(hold);
-            let Some(done) = done.lock().take() else {
-                return;
-            };
-            if completed {
-                finish_mapped(&conn, notif.as_deref(), done);
-            }
-        };
-        let abandoned = move || watch.lock().as_ref().is_none_or(|d| d.is_abandoned());
-        // SAFETY: as above; the mappings and local regions stay held until `finish`.
-        unsafe { CopyPool::global().run_split(self.plan.clone(), abandoned, finish) };
+        let finish = move |done: Completion| finish_mapped(&conn, notif.as_deref(), done);
+        // SAFETY: as above; the mappings (`hold`) and the local regions (the completion) stay
+        // held until every range is copied.
+        unsafe { CopyPool::global().run_post(self.plan.clone(), done, hold, finish) };
     }
 }
 

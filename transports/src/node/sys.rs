@@ -109,29 +109,23 @@ pub unsafe fn cross_copy(pid: i32, dir: Cma, ours: &[Span], theirs: &[Span]) -> 
             ));
         }
         moved += n;
-        // Advance both cursors by n bytes.
-        let mut left = n;
-        while left > 0 && oi < ours.len() {
-            let step = (ours[oi].len - ooff).min(left);
-            left -= step;
-            ooff += step;
-            if ooff == ours[oi].len {
-                oi += 1;
-                ooff = 0;
-            }
-        }
-        let mut left = n;
-        while left > 0 && ti < theirs.len() {
-            let step = (theirs[ti].len - toff).min(left);
-            left -= step;
-            toff += step;
-            if toff == theirs[ti].len {
-                ti += 1;
-                toff = 0;
-            }
-        }
+        advance(ours, &mut oi, &mut ooff, n);
+        advance(theirs, &mut ti, &mut toff, n);
     }
     Ok(moved)
+}
+
+/// Moves a (span index, offset) cursor over `spans` forward by `n` bytes.
+fn advance(spans: &[Span], idx: &mut usize, off: &mut u64, mut n: u64) {
+    while n > 0 && *idx < spans.len() {
+        let step = (spans[*idx].len - *off).min(n);
+        n -= step;
+        *off += step;
+        if *off == spans[*idx].len {
+            *idx += 1;
+            *off = 0;
+        }
+    }
 }
 
 /// Whether process_vm_readv works here (reads one byte of our own memory).
