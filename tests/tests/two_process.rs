@@ -383,3 +383,46 @@ fn owner_deregistration_revokes_access() {
         assert_eq!(err.class(), ErrorClass::Denied, "memfd={memfd}: {err}");
     }
 }
+
+#[test]
+fn garbage_on_the_socket_drops_only_that_connection() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    let mut peer = Peer::start(PEER, "garbled", 1 << 20, false);
+    let dir = nixl_transports::shm::ShmConfig::default().socket_dir;
+    let instance = AgentMetadata::decode(&peer.metadata).unwrap().instance_id;
+    let sock = dir.join(format!("garbled-{instance:032x}.sock"));
+    assert!(sock.exists(), "{}", sock.display());
+    let attacks: [&[u8]; 4] = [
+        &[0xff, 0xff, 0xff, 0xff, 1, 2, 3],   // length over the limit
+        &[5, 0, 0, 0, 2, 0, 0, 0, 0],         // an Op before any Hello
+        &[3, 0, 0, 0, 1, 200, 0],             // a Hello with a truncated name
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", // not our protocol at all
+    ];
+    for bytes in attacks {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        let _ = s.write_all(bytes);
+        // The agent closes this connection; reading sees EOF (or a reset) soon.
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "the agent answered garbage");
+    }
+    // The agent still serves a well-behaved peer.
+    let me = initiator("polite");
+    let name = connect(&me, &mut peer);
+    let src = vec![4u8; 4096];
+    let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+    let remote = remote_region(&peer);
+    me.create_xfer(
+        XferOp::Write,
+        &dram(vec![Desc::from_slice(&src)]),
+        &dram(vec![Desc::new(remote.addr, 4096, 0)]),
+        &name,
+        Default::default(),
+    )
+    .unwrap()
+    .run_blocking()
+    .unwrap();
+}
