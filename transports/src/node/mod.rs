@@ -965,6 +965,12 @@ fn read_loop(conn: Weak<Conn>, stream: UnixStream) {
             Ok(n) => {
                 framer.commit(64 << 10, n);
                 fds.extend(got.drain(..));
+                if fds.len() > 64 {
+                    // Only mapping replies carry descriptors, one each; a peer sending more is
+                    // misbehaving, and holding them would leak.
+                    c.mark_closed("peer sent file descriptors nobody asked for");
+                    fds.clear();
+                }
             }
             Err(e)
                 if matches!(
@@ -1186,12 +1192,10 @@ impl PreparedXfer for CmaXfer {
                 deadline: Instant::now() + self.timeout,
             },
         );
-        let mut w = c.writer.lock();
-        let r = w
-            .write_all(&self.frame[..5])
-            .and_then(|()| w.write_all(&id.to_le_bytes()))
-            .and_then(|()| w.write_all(&self.frame[13..]));
-        drop(w);
+        // One write per post: the prepared frame with this post's id patched in.
+        let mut frame = self.frame.clone();
+        frame[5..13].copy_from_slice(&id.to_le_bytes());
+        let r = c.writer.lock().write_all(&frame);
         if let Err(e) = r {
             c.mark_closed(&format!("send: {e}"));
             if let Some(p) = c.pending.lock().remove(&id) {
