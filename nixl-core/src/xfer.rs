@@ -276,6 +276,14 @@ impl Completion {
         self.shared.finish(self.epoch, outcome)
     }
 
+    /// Ends the post now (as [`Completion::complete`] would) but keeps the local regions held
+    /// until this completion is dropped: for a backend that cannot stop the hardware or the peer
+    /// that still works on the memory (a stuck target, a closed connection), so the caller sees
+    /// the outcome at once and deregistration still waits until the memory is really let go.
+    pub fn end_early(&self, outcome: Result<()>) -> bool {
+        self.shared.finish(self.epoch, outcome)
+    }
+
     /// Whether the post has already ended (cancelled or timed out): the backend may stop early.
     pub fn is_abandoned(&self) -> bool {
         self.shared.state.load(Ordering::Acquire) != word(self.epoch, IN_FLIGHT)

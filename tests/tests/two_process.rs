@@ -4,10 +4,12 @@
 //! Together these tests move more than 4 GiB: 1 GiB each way to a memfd target (mapped copies)
 //! and to a heap target (cross-memory attach), plus many-descriptor and fault cases.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixl_core::*;
 use nixl_tests::{fill, fill_at, first_mismatch, hex, Peer};
+use nixl_transports::shm::{ShmBackend, ShmConfig};
 
 const PEER: &str = env!("CARGO_BIN_EXE_nixl-test-peer");
 
@@ -330,9 +332,21 @@ fn kill_mid_transfer(memfd: bool) {
         ErrorClass::RemoteDisconnect,
         "memfd={memfd}: {err}"
     );
-    // The agent keeps working: a fresh peer is reachable.
-    let mut fresh = Peer::start(PEER, "fresh", 4096, memfd);
+    // The agent keeps working, and the peer restarted under the same name (a new instance)
+    // replaces the dead one: connections are made again and transfers work.
+    let mut fresh = Peer::start(PEER, "victim", size, memfd);
     let name = connect(&me, &mut fresh);
+    let remote = remote_region(&fresh);
+    let w = me
+        .create_xfer(
+            XferOp::Write,
+            &dram(vec![Desc::from_slice(&src[..4096])]),
+            &dram(vec![Desc::new(remote.addr, 4096, 0)]),
+            &name,
+            Default::default(),
+        )
+        .unwrap();
+    w.run_blocking().unwrap();
     me.send_notif(&name, b"still here").unwrap();
     assert!(fresh.cmd("notif 5000").starts_with("notif survivor"));
 }
@@ -425,4 +439,114 @@ fn garbage_on_the_socket_drops_only_that_connection() {
     .unwrap()
     .run_blocking()
     .unwrap();
+}
+
+#[test]
+fn stuck_target_cannot_hang_a_request() {
+    let mut peer = Peer::start(PEER, "sleepy", 1 << 20, false);
+    let me = initiator("impatient");
+    let name = connect(&me, &mut peer);
+    let remote = remote_region(&peer);
+    let src = vec![5u8; 1 << 20];
+    let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+    let make = |deadline| {
+        me.create_xfer(
+            XferOp::Write,
+            &dram(vec![Desc::from_slice(&src)]),
+            &dram(vec![remote]),
+            &name,
+            XferOptions {
+                deadline,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let with_deadline = make(Some(Duration::from_millis(300)));
+    let without = make(None);
+    with_deadline.run_blocking().unwrap();
+    let pid = peer.child.id() as i32;
+    // SAFETY: kill(2) takes plain integers; the pid is our child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+
+    // A request deadline ends the post on time.
+    let t = Instant::now();
+    with_deadline.post().unwrap();
+    let st = with_deadline.wait_blocking(Some(Duration::from_secs(10)));
+    assert!(matches!(st, XferStatus::TimedOut), "{st:?}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // Without one, the backend's operation timeout (5 s by default) ends it.
+    let t = Instant::now();
+    without.post().unwrap();
+    let st = without.wait_blocking(Some(Duration::from_secs(20)));
+    let took = t.elapsed();
+    match st {
+        XferStatus::Failed(e) => assert_eq!(e.class(), ErrorClass::RemoteDisconnect, "{e}"),
+        s => panic!("{s:?} after {took:?}"),
+    }
+    assert!(took < Duration::from_secs(8), "{took:?}");
+
+    // Once the target runs again, its late answers are ignored and new posts work.
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    with_deadline.run_blocking().unwrap();
+    without.run_blocking().unwrap();
+}
+
+#[test]
+fn late_answer_keeps_local_memory_held_until_it_lands() {
+    let mut peer = Peer::start(PEER, "late", 1 << 20, false);
+    // A short operation timeout: the post is ended by it (and by the deadline) long before the
+    // target answers, and the memory must stay held all the same.
+    let shm = ShmConfig {
+        op_timeout: Duration::from_millis(300),
+        ..ShmConfig::default()
+    };
+    let me = Agent::builder("waiting")
+        .backend(Arc::new(ShmBackend::new(shm)))
+        .build()
+        .unwrap();
+    let name = connect(&me, &mut peer);
+    assert_eq!(peer.cmd("fill 21"), "ok");
+    let remote = remote_region(&peer);
+    let mut dst = vec![0u8; 1 << 20];
+    let dd = Desc::from_mut_slice(&mut dst);
+    let reg = me.register(&dram(vec![dd])).unwrap();
+    let read = me
+        .create_xfer(
+            XferOp::Read,
+            &dram(vec![dd]),
+            &dram(vec![remote]),
+            &name,
+            XferOptions {
+                deadline: Some(Duration::from_millis(200)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let pid = peer.child.id() as i32;
+    // SAFETY: kill(2) takes plain integers; the pid is our child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    read.post().unwrap();
+    let st = read.wait_blocking(Some(Duration::from_secs(5)));
+    assert!(matches!(st, XferStatus::TimedOut), "{st:?}");
+    // The target will still write into `dst` when it runs again: deregistration must wait.
+    std::thread::scope(|s| {
+        let dereg = s.spawn(move || {
+            let t = Instant::now();
+            reg.deregister().unwrap();
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(
+            !dereg.is_finished(),
+            "deregistered while the target still owed a write"
+        );
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        assert!(dereg.join().unwrap() >= Duration::from_millis(1000));
+    });
+    // The late READ landed before deregistration returned.
+    assert_eq!(first_mismatch(&dst, 21), None);
 }

@@ -334,8 +334,8 @@ impl Backend for ShmBackend {
         }
         for c in self.inner.clients.lock().drain(..) {
             if let Some(c) = c.upgrade() {
-                c.fail_all(Error::Cancelled);
-                c.close();
+                c.end_all_early(&Error::Cancelled);
+                c.mark_closed("agent shut down");
             }
         }
         for (_, s) in self.inner.served.lock().drain() {
@@ -721,6 +721,9 @@ impl Inner {
 struct Pending {
     done: Completion,
     deadline: Instant,
+    /// Ended early (timeout, close): the target may still be copying, so the completion (and
+    /// with it our local regions) is kept until its answer or the end of the connection.
+    ended: bool,
 }
 
 /// A peer's memfd buffer mapped into this process.
@@ -824,10 +827,13 @@ impl Conn {
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(String::new()),
         });
-        let weak = Arc::downgrade(&conn);
+        // The reader holds the connection until the peer's end of the socket closes: pending
+        // posts keep our memory held until then (we close our sending side on invalidation or
+        // shutdown, and the peer then closes its side).
+        let held = Arc::clone(&conn);
         std::thread::Builder::new()
             .name("nixl-shm-read".into())
-            .spawn(move || read_loop(weak, reader))
+            .spawn(move || read_loop(held, reader))
             .map_err(|e| Error::io("shm: spawn reader", e))?;
         Ok(conn)
     }
@@ -848,10 +854,25 @@ impl Conn {
         if !self.closed.swap(true, Ordering::AcqRel) {
             *self.close_reason.lock() = reason.to_owned();
         }
-        let _ = self.writer.lock().shutdown(std::net::Shutdown::Both);
+        // Only our sending side: the target finishes the op it is on, answers, sees EOF and
+        // closes, and our reader then lets go of the memory those ops held.
+        let _ = self.writer.lock().shutdown(std::net::Shutdown::Write);
         self.map_cv.notify_all();
     }
 
+    /// Ends every pending post now with `err`, keeping their memory held until the target
+    /// answers or the connection ends (see [`Pending::ended`]).
+    fn end_all_early(&self, err: &Error) {
+        for p in self.pending.lock().values_mut() {
+            if !p.ended {
+                p.done.end_early(Err(err.clone()));
+                p.ended = true;
+            }
+        }
+    }
+
+    /// Ends every pending post with `err` and lets go of them: only once nothing can still
+    /// touch their memory (the connection has ended).
     fn fail_all(&self, err: Error) {
         let drained: Vec<Pending> = self.pending.lock().drain().map(|(_, p)| p).collect();
         for p in drained {
@@ -926,16 +947,11 @@ impl Conn {
     }
 }
 
-fn read_loop(conn: Weak<Conn>, stream: UnixStream) {
+fn read_loop(c: Arc<Conn>, stream: UnixStream) {
     let mut framer = Framer::default();
     let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     let mut got: Vec<OwnedFd> = Vec::new();
     loop {
-        let Some(c) = conn.upgrade() else { return };
-        if c.closed.load(Ordering::Acquire) {
-            c.fail_all(c.disconnected());
-            return;
-        }
         // Frames already buffered.
         loop {
             match framer.next_frame() {
@@ -953,14 +969,13 @@ fn read_loop(conn: Weak<Conn>, stream: UnixStream) {
                 }
             }
         }
-        if c.closed.load(Ordering::Acquire) {
-            continue;
-        }
         let spare = framer.spare(64 << 10);
         match sys::recv_with_fds(&stream, spare, &mut got) {
             Ok(0) => {
-                framer.commit(64 << 10, 0);
+                // End of the connection: the target can no longer touch our memory.
                 c.mark_closed("peer closed the connection (process gone?)");
+                c.fail_all(c.disconnected());
+                return;
             }
             Ok(n) => {
                 framer.commit(64 << 10, n);
@@ -982,26 +997,21 @@ fn read_loop(conn: Weak<Conn>, stream: UnixStream) {
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => framer.commit(64 << 10, 0),
             Err(e) => {
-                framer.commit(64 << 10, 0);
                 c.mark_closed(&format!("receive: {e}"));
+                c.fail_all(c.disconnected());
+                return;
             }
         }
-        // Expire posts a stuck peer never answered.
+        // End posts a stuck peer has not answered in time (their memory stays held).
         let now = Instant::now();
-        let expired: Vec<Pending> = {
-            let mut p = c.pending.lock();
-            let ids: Vec<u64> = p
-                .iter()
-                .filter(|(_, v)| v.deadline <= now)
-                .map(|(k, _)| *k)
-                .collect();
-            ids.into_iter().filter_map(|k| p.remove(&k)).collect()
-        };
-        for p in expired {
-            p.done.complete(Err(Error::RemoteDisconnect {
-                peer: c.peer.to_string(),
-                reason: "no answer within the operation timeout".into(),
-            }));
+        for p in c.pending.lock().values_mut() {
+            if !p.ended && p.deadline <= now {
+                p.done.end_early(Err(Error::RemoteDisconnect {
+                    peer: c.peer.to_string(),
+                    reason: "no answer within the operation timeout".into(),
+                }));
+                p.ended = true;
+            }
         }
     }
 }
@@ -1158,7 +1168,7 @@ impl Connection for Conn {
 
     fn close(&self) {
         self.mark_closed("peer invalidated");
-        self.fail_all(self.disconnected());
+        self.end_all_early(&self.disconnected());
     }
 }
 
@@ -1190,6 +1200,7 @@ impl PreparedXfer for CmaXfer {
             Pending {
                 done,
                 deadline: Instant::now() + self.timeout,
+                ended: false,
             },
         );
         // One write per post: the prepared frame with this post's id patched in.
