@@ -251,10 +251,10 @@ fn drive(args: &DemoArgs, size: usize, child: &mut std::process::Child) -> Res<(
     let mut back = Buf::new(size, false)?;
     fill(src.slice(), 1);
     back.slice().fill(0);
-    let reg = me.register(&DescList::from_descs(
-        MemKind::Dram,
-        vec![src.desc(), back.desc()],
-    )?)?;
+    let list = DescList::from_descs(MemKind::Dram, vec![src.desc(), back.desc()])?;
+    // SAFETY: `src` and `back` outlive `reg` (dropped explicitly before them), and this thread
+    // reads `back` only after the READ that writes it has completed.
+    let reg = unsafe { me.register(&list)? };
 
     // WRITE the whole buffer; the target verifies it when the notification arrives.
     let write = me.create_xfer(
@@ -388,7 +388,10 @@ pub fn target(args: &TargetArgs) -> Res<()> {
     let me = agent("demo-target")?;
     let mut buf = Buf::new(size, !args.plain)?;
     buf.slice().fill(0);
-    let _reg = me.register(&dram(buf.desc())?)?;
+    // SAFETY: `buf` outlives `_reg` (declared before it). The initiator writes it only between
+    // our "ok" replies, and we read or refill it only when its notification says the WRITE has
+    // landed, so no Rust reference is live while a transfer touches it.
+    let _reg = unsafe { me.register(&dram(buf.desc())?)? };
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "MD {}", hex(&me.metadata_bytes()))?;
     stdout.flush()?;

@@ -29,10 +29,15 @@ fn bench_core(c: &mut Criterion) {
     let src = vec![1u8; 4 << 20];
     let mut dst = vec![0u8; 4 << 20];
     let dd = Desc::from_mut_slice(&mut dst);
-    let _ra = a
-        .register(&dram(vec![Desc::from_slice(&src)]))
-        .expect("reg");
-    let _rb = b.register(&dram(vec![dd])).expect("reg");
+    // SAFETY: `src` and `dst` are declared before the registrations, so they outlive them, and
+    // are not otherwise touched while the benches run.
+    let (_ra, _rb) = unsafe {
+        (
+            a.register(&dram(vec![Desc::from_slice(&src)]))
+                .expect("reg"),
+            b.register(&dram(vec![dd])).expect("reg"),
+        )
+    };
     a.load_remote(&b.metadata_bytes()).expect("load");
     let base = src.as_ptr() as u64;
 

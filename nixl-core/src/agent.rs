@@ -370,12 +370,27 @@ impl Agent {
 
     /// Registers every descriptor of `list` as a region, with every running backend that
     /// registers that kind of memory.
-    pub fn register(&self, list: &DescList) -> Result<Registration> {
+    ///
+    /// # Safety
+    /// For DRAM (and VRAM) descriptors, the memory must stay allocated, valid for reads and
+    /// writes, until the region is deregistered (deregistration waits for transfers that still
+    /// use it). While registered, the memory is read and written by transfers at any time, from
+    /// other threads and processes: don't hold Rust references into it across a transfer that
+    /// writes it, and describe memory a transfer writes with a pointer that may write
+    /// ([`Desc::from_mut_slice`]). File, block and object descriptors carry no such contract.
+    pub unsafe fn register(&self, list: &DescList) -> Result<Registration> {
         self.register_inner(list, None)
     }
 
     /// Registers with the named backends only.
-    pub fn register_with(&self, list: &DescList, backends: &[BackendName]) -> Result<Registration> {
+    ///
+    /// # Safety
+    /// As [`Agent::register`].
+    pub unsafe fn register_with(
+        &self,
+        list: &DescList,
+        backends: &[BackendName],
+    ) -> Result<Registration> {
         self.register_inner(list, Some(backends))
     }
 

@@ -9,7 +9,8 @@
 //! let agent = Agent::builder("doc").build().unwrap();
 //! let list = DescList::from_descs(MemKind::Dram, vec![Desc::new(0x1000, 64, 0)]).unwrap();
 //! // No backend registers DRAM in a bare agent: the error says so.
-//! assert!(agent.register(&list).is_err());
+//! // SAFETY: nothing gets registered (and the address is never touched).
+//! assert!(unsafe { agent.register(&list) }.is_err());
 //! ```
 
 mod agent;

@@ -9,6 +9,25 @@ use std::time::{Duration, Instant};
 use nixl_core::*;
 use parking_lot::Mutex;
 
+/// Registration for tests. Every buffer a test registers is declared before its registration
+/// (so it is dropped after it), and the test reads it only after the transfers that write it
+/// have completed: the contract of [`Agent::register`].
+trait RegisterExt {
+    fn reg(&self, list: &DescList) -> Result<Registration>;
+    fn reg_with(&self, list: &DescList, backends: &[BackendName]) -> Result<Registration>;
+}
+
+impl RegisterExt for Agent {
+    fn reg(&self, list: &DescList) -> Result<Registration> {
+        // SAFETY: see the trait: test buffers outlive their registrations.
+        unsafe { self.register(list) }
+    }
+    fn reg_with(&self, list: &DescList, backends: &[BackendName]) -> Result<Registration> {
+        // SAFETY: as above.
+        unsafe { self.register_with(list, backends) }
+    }
+}
+
 /// A backend whose posts are parked until the test completes them.
 #[derive(Debug)]
 struct Scripted {
@@ -145,8 +164,8 @@ fn pair_with(make: impl Fn() -> Scripted) -> Pair {
         .unwrap();
     let a_buf = vec![0u8; 4096];
     let b_buf = vec![0u8; 4096];
-    let ra = a.register(&dram(&[Desc::from_slice(&a_buf)])).unwrap();
-    let rb = b.register(&dram(&[Desc::from_slice(&b_buf)])).unwrap();
+    let ra = a.reg(&dram(&[Desc::from_slice(&a_buf)])).unwrap();
+    let rb = b.reg(&dram(&[Desc::from_slice(&b_buf)])).unwrap();
     a.load_remote(&b.metadata_bytes()).unwrap();
     Pair {
         a,
@@ -185,19 +204,19 @@ fn registration_rules() {
     assert!(err.to_string().contains("zero-length"), "{err}");
     // Overlap with an existing registration of the same kind.
     let err =
-        p.a.register(&dram(&[Desc::from_slice(&p.a_buf[10..20])]))
+        p.a.reg(&dram(&[Desc::from_slice(&p.a_buf[10..20])]))
             .unwrap_err();
     assert!(matches!(err, Error::Overlap { .. }), "{err}");
     // All-or-nothing: a list whose second entry overlaps leaves nothing registered.
     let other = vec![0u8; 64];
     let err =
-        p.a.register(&dram(&[
+        p.a.reg(&dram(&[
             Desc::from_slice(&other),
             Desc::from_slice(&p.a_buf),
         ]))
         .unwrap_err();
     assert!(matches!(err, Error::Overlap { .. }));
-    let r = p.a.register(&dram(&[Desc::from_slice(&other)])).unwrap();
+    let r = p.a.reg(&dram(&[Desc::from_slice(&other)])).unwrap();
     // Deregister by descriptor, then again: a clear error.
     let gen = p.a.generation();
     r.forget();
@@ -210,9 +229,9 @@ fn registration_rules() {
     assert!(matches!(err, Error::NotRegistered { .. }), "{err}");
     assert_eq!(err.class(), ErrorClass::NotFound);
     // The RAII handle deregisters on drop.
-    let r = p.a.register(&dram(&[Desc::from_slice(&other)])).unwrap();
+    let r = p.a.reg(&dram(&[Desc::from_slice(&other)])).unwrap();
     drop(r);
-    p.a.register(&dram(&[Desc::from_slice(&other)]))
+    p.a.reg(&dram(&[Desc::from_slice(&other)]))
         .unwrap()
         .deregister()
         .unwrap();
@@ -232,12 +251,12 @@ fn vram_without_a_backend_says_why() {
         Some("no libcuda.so.1")
     );
     let err = a
-        .register(&DescList::from_descs(MemKind::Vram, vec![Desc::new(0x1000, 10, 0)]).unwrap())
+        .reg(&DescList::from_descs(MemKind::Vram, vec![Desc::new(0x1000, 10, 0)]).unwrap())
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Unavailable);
     assert!(err.to_string().contains("no libcuda.so.1"), "{err}");
     let err = a
-        .register_with(&dram(&[Desc::new(0x1000, 1, 0)]), &[BackendName::Cuda])
+        .reg_with(&dram(&[Desc::new(0x1000, 1, 0)]), &[BackendName::Cuda])
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Unavailable, "{err}");
 }
@@ -458,7 +477,7 @@ fn metadata_generations_partial_merge_and_restart() {
 
     // A new region on b, published as partial metadata, is merged.
     let extra = vec![0u8; 256];
-    let _r = p.b.register(&dram(&[Desc::from_slice(&extra)])).unwrap();
+    let _r = p.b.reg(&dram(&[Desc::from_slice(&extra)])).unwrap();
     let partial =
         p.b.partial_metadata(&dram(&[Desc::from_slice(&extra[..8])]))
             .unwrap();
@@ -520,11 +539,11 @@ fn selection_prefers_locality_and_says_why() {
         .build()
         .unwrap();
     let (ab, bb, cb) = (vec![0u8; 64], vec![0u8; 64], vec![0u8; 64]);
-    let _ra = a.register(&dram(&[Desc::from_slice(&ab)])).unwrap();
-    let _rc = b.register(&dram(&[Desc::from_slice(&cb)])).unwrap();
+    let _ra = a.reg(&dram(&[Desc::from_slice(&ab)])).unwrap();
+    let _rc = b.reg(&dram(&[Desc::from_slice(&cb)])).unwrap();
     // b registers one buffer with tcp only: shm cannot carry it, and the request says so.
     let _rb = b
-        .register_with(&dram(&[Desc::from_slice(&bb)]), &[BackendName::Tcp])
+        .reg_with(&dram(&[Desc::from_slice(&bb)]), &[BackendName::Tcp])
         .unwrap();
     a.load_remote(&b.metadata_bytes()).unwrap();
     let l = dram(&[Desc::from_slice(&ab)]);

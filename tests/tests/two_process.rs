@@ -11,6 +11,20 @@ use nixl_core::*;
 use nixl_tests::{fill, fill_at, first_mismatch, hex, Peer};
 use nixl_transports::shm::{ShmBackend, ShmConfig};
 
+/// Registration for tests. Every buffer a test registers is declared before its registration
+/// (so it is dropped after it), and the test reads it only after the transfers that write it
+/// have completed: the contract of [`Agent::register`].
+trait RegisterExt {
+    fn reg(&self, list: &DescList) -> Result<Registration>;
+}
+
+impl RegisterExt for Agent {
+    fn reg(&self, list: &DescList) -> Result<Registration> {
+        // SAFETY: see the trait: test buffers outlive their registrations.
+        unsafe { self.register(list) }
+    }
+}
+
 const PEER: &str = env!("CARGO_BIN_EXE_nixl-test-peer");
 
 fn initiator(name: &str) -> Agent {
@@ -47,7 +61,7 @@ fn gib_each_way(memfd: bool) {
     let mut back = vec![0u8; size];
     let back_desc = Desc::from_mut_slice(&mut back);
     let _r = me
-        .register(&dram(vec![Desc::from_slice(&src), back_desc]))
+        .reg(&dram(vec![Desc::from_slice(&src), back_desc]))
         .unwrap();
 
     // WRITE 1 GiB with a notification; the target checks every byte when it arrives.
@@ -122,7 +136,7 @@ fn many_descriptors(memfd: bool) {
     assert!(ps.len() > 10_000);
     let mut src = vec![0u8; size + 13];
     fill_at(&mut src, 0, 5);
-    let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+    let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
     // Piece i goes from src[13 + off] to remote[off + 7] (odd alignment on both sides).
     let mut order: Vec<usize> = (0..ps.len()).collect();
     order.reverse();
@@ -149,7 +163,7 @@ fn many_descriptors(memfd: bool) {
     // READ the whole remote buffer back in one descriptor and compare every byte.
     let mut back = vec![0u8; size + 4096];
     let back_desc = Desc::from_mut_slice(&mut back);
-    let _rb = me.register(&dram(vec![back_desc])).unwrap();
+    let _rb = me.reg(&dram(vec![back_desc])).unwrap();
     let r = me
         .create_xfer(
             XferOp::Read,
@@ -177,7 +191,7 @@ fn many_descriptors(memfd: bool) {
     assert_eq!(peer.cmd("fill 6"), "ok");
     let mut dst = vec![0u8; size + 13];
     let dst_base = Desc::from_mut_slice(&mut dst);
-    let _rd = me.register(&dram(vec![dst_base])).unwrap();
+    let _rd = me.reg(&dram(vec![dst_base])).unwrap();
     let local: Vec<Desc> = order
         .iter()
         .map(|&i| Desc::new(dst_base.addr + 13 + ps[i].0 as u64, ps[i].1 as u64, 0))
@@ -232,7 +246,7 @@ fn forged_metadata_is_refused_by_the_owner() {
         let name = connect(&me, &mut peer);
         assert_eq!(peer.cmd("fill 3"), "ok");
         let src = vec![0xAAu8; 2 << 20];
-        let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+        let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
         let real = AgentMetadata::decode(&peer.metadata).unwrap();
         let region = real.regions[0].desc;
 
@@ -290,7 +304,7 @@ fn kill_mid_transfer(memfd: bool) {
     let name = connect(&me, &mut peer);
     let remote = remote_region(&peer);
     let src = vec![1u8; size];
-    let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+    let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
     let w = me
         .create_xfer(
             XferOp::Write,
@@ -378,7 +392,7 @@ fn owner_deregistration_revokes_access() {
         let name = connect(&me, &mut peer);
         let remote = remote_region(&peer);
         let src = vec![9u8; 1 << 20];
-        let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+        let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
         let w = me
             .create_xfer(
                 XferOp::Write,
@@ -427,7 +441,7 @@ fn garbage_on_the_socket_drops_only_that_connection() {
     let me = initiator("polite");
     let name = connect(&me, &mut peer);
     let src = vec![4u8; 4096];
-    let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+    let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
     let remote = remote_region(&peer);
     me.create_xfer(
         XferOp::Write,
@@ -448,7 +462,7 @@ fn stuck_target_cannot_hang_a_request() {
     let name = connect(&me, &mut peer);
     let remote = remote_region(&peer);
     let src = vec![5u8; 1 << 20];
-    let _r = me.register(&dram(vec![Desc::from_slice(&src)])).unwrap();
+    let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
     let make = |deadline| {
         me.create_xfer(
             XferOp::Write,
@@ -512,7 +526,7 @@ fn late_answer_keeps_local_memory_held_until_it_lands() {
     let remote = remote_region(&peer);
     let mut dst = vec![0u8; 1 << 20];
     let dd = Desc::from_mut_slice(&mut dst);
-    let reg = me.register(&dram(vec![dd])).unwrap();
+    let reg = me.reg(&dram(vec![dd])).unwrap();
     let read = me
         .create_xfer(
             XferOp::Read,

@@ -6,6 +6,20 @@ use std::time::Duration;
 use nixl_core::*;
 use nixl_transports::local::LocalBackend;
 
+/// Registration for tests. Every buffer a test registers is declared before its registration
+/// (so it is dropped after it), and the test reads it only after the transfers that write it
+/// have completed: the contract of [`Agent::register`].
+trait RegisterExt {
+    fn reg(&self, list: &DescList) -> Result<Registration>;
+}
+
+impl RegisterExt for Agent {
+    fn reg(&self, list: &DescList) -> Result<Registration> {
+        // SAFETY: see the trait: test buffers outlive their registrations.
+        unsafe { self.register(list) }
+    }
+}
+
 fn agent(name: &str) -> Agent {
     Agent::builder(name)
         .backend(Arc::new(LocalBackend::new()))
@@ -52,9 +66,9 @@ fn write_and_read_big_and_many_descriptors() {
     let src = pattern(1, size);
     let mut a_buf = src.clone();
     let mut b_buf = vec![0u8; size + 3];
-    let _ra = a.register(&dram(vec![Desc::from_slice(&a_buf)])).unwrap();
+    let _ra = a.reg(&dram(vec![Desc::from_slice(&a_buf)])).unwrap();
     let _rb = b
-        .register(&dram(vec![Desc::from_mut_slice(&mut b_buf)]))
+        .reg(&dram(vec![Desc::from_mut_slice(&mut b_buf)]))
         .unwrap();
     a.load_remote(&b.metadata_bytes()).unwrap();
 
@@ -119,9 +133,7 @@ fn small_transfers_inline_and_agent_to_itself() {
     let a = agent("solo");
     let mut buf = pattern(3, 8192);
     let expect = buf.clone();
-    let _r = a
-        .register(&dram(vec![Desc::from_mut_slice(&mut buf)]))
-        .unwrap();
+    let _r = a.reg(&dram(vec![Desc::from_mut_slice(&mut buf)])).unwrap();
     // Copy the first half over the second half, within one region, to ourselves.
     let (lo, hi) = buf.split_at_mut(4096);
     let req = a
@@ -150,8 +162,8 @@ fn target_deregistration_refuses_later_posts() {
     let a_buf = vec![1u8; 1024];
     let mut b_buf = vec![0u8; 1024];
     let b_desc = Desc::from_mut_slice(&mut b_buf);
-    let _ra = a.register(&dram(vec![Desc::from_slice(&a_buf)])).unwrap();
-    let rb = b.register(&dram(vec![b_desc])).unwrap();
+    let _ra = a.reg(&dram(vec![Desc::from_slice(&a_buf)])).unwrap();
+    let rb = b.reg(&dram(vec![b_desc])).unwrap();
     a.load_remote(&b.metadata_bytes()).unwrap();
     let req = a
         .create_xfer(
@@ -182,7 +194,7 @@ fn target_deregistration_refuses_later_posts() {
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
     // Forged metadata with a wrong key is refused the same way.
     let mut md = b.metadata();
-    let _rb2 = b.register(&dram(vec![b_desc])).unwrap();
+    let _rb2 = b.reg(&dram(vec![b_desc])).unwrap();
     md = AgentMetadata {
         generation: b.generation(),
         ..md
@@ -210,8 +222,8 @@ fn several_threads_post_concurrently() {
     let a_buf = pattern(5, 4 << 20);
     let mut b_buf = vec![0u8; 4 << 20];
     let b_desc = Desc::from_mut_slice(&mut b_buf);
-    let _ra = a.register(&dram(vec![Desc::from_slice(&a_buf)])).unwrap();
-    let _rb = b.register(&dram(vec![b_desc])).unwrap();
+    let _ra = a.reg(&dram(vec![Desc::from_slice(&a_buf)])).unwrap();
+    let _rb = b.reg(&dram(vec![b_desc])).unwrap();
     a.load_remote(&b.metadata_bytes()).unwrap();
     let chunk = 1 << 20;
     std::thread::scope(|s| {
@@ -246,8 +258,8 @@ fn invalidated_peer_fails_posts() {
     let b = agent("b");
     let a_buf = vec![1u8; 64];
     let b_buf = vec![0u8; 64];
-    let _ra = a.register(&dram(vec![Desc::from_slice(&a_buf)])).unwrap();
-    let _rb = b.register(&dram(vec![Desc::from_slice(&b_buf)])).unwrap();
+    let _ra = a.reg(&dram(vec![Desc::from_slice(&a_buf)])).unwrap();
+    let _rb = b.reg(&dram(vec![Desc::from_slice(&b_buf)])).unwrap();
     a.load_remote(&b.metadata_bytes()).unwrap();
     let req = a
         .create_xfer(
