@@ -89,6 +89,41 @@ fn bench_core(c: &mut Criterion) {
     });
     g.finish();
 
+    // Scaling: each thread posts its own prepared 4 KiB request; nothing is shared but the
+    // agents, so N threads should do about N times the posts of one (up to the core count).
+    let mut g = c.benchmark_group("scaling");
+    for threads in [1usize, 2] {
+        let reqs: Vec<_> = (0..threads as u64)
+            .map(|t| {
+                let l = dram(vec![Desc::new(base + t * 8192, 4096, 0)]);
+                let r = dram(vec![Desc::new(dd.addr + t * 8192, 4096, 0)]);
+                a.create_xfer(XferOp::Write, &l, &r, "bench-b", XferOptions::default())
+                    .expect("create")
+            })
+            .collect();
+        g.throughput(criterion::Throughput::Elements(threads as u64));
+        g.bench_with_input(
+            BenchmarkId::new("post+complete 4KiB, threads", threads),
+            &reqs,
+            |bch, reqs| {
+                bch.iter_custom(|iters| {
+                    let start = std::time::Instant::now();
+                    std::thread::scope(|s| {
+                        for r in reqs {
+                            s.spawn(move || {
+                                for _ in 0..iters {
+                                    r.run_blocking().expect("run");
+                                }
+                            });
+                        }
+                    });
+                    start.elapsed()
+                })
+            },
+        );
+    }
+    g.finish();
+
     let mut g = c.benchmark_group("metadata");
     for n in [1usize, 1000] {
         let md = AgentMetadata {

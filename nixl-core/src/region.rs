@@ -6,7 +6,7 @@
 //! were running, and no lock is shared between regions or taken on the post path.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,42 +16,72 @@ use crate::backend::BackendName;
 use crate::error::{Error, Result};
 use crate::mem::{Desc, MemKind};
 
-const REVOKED: u64 = 1 << 63;
+/// Counters per gate: threads spread over them, so posts from several threads into one region
+/// do not all hit one cache line.
+const SHARDS: usize = 16;
 
-/// Counts the users of a region and lets deregistration wait for them to finish.
 #[derive(Debug, Default)]
-pub struct AccessGate {
-    state: AtomicU64,
+#[repr(align(64))]
+struct Shard(AtomicU64);
+
+thread_local! {
+    static SHARD: usize = {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS
+    };
 }
 
+/// Counts the users of a region and lets deregistration wait for them to finish.
+///
+/// A user increments the counter of its thread's shard, then checks the closed flag; closing
+/// sets the flag, then waits for every shard to drain. Both sides use sequentially consistent
+/// operations, so either the user sees the flag (and backs out) or the closer sees the user.
+#[derive(Debug, Default)]
+pub struct AccessGate {
+    closed: AtomicBool,
+    shards: [Shard; SHARDS],
+}
+
+/// Proof of one hold on a gate: which shard to release.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket(usize);
+
 impl AccessGate {
-    /// Takes one hold on the gate; fails once the gate is closed.
-    pub fn enter(&self) -> bool {
-        let prev = self.state.fetch_add(1, Ordering::Acquire);
-        if prev & REVOKED != 0 {
-            self.state.fetch_sub(1, Ordering::Release);
-            return false;
+    /// Takes one hold on the gate; `None` once the gate is closed.
+    pub fn enter(&self) -> Option<Ticket> {
+        let i = SHARD.with(|s| *s);
+        self.shards[i].0.fetch_add(1, Ordering::SeqCst);
+        if self.closed.load(Ordering::SeqCst) {
+            self.shards[i].0.fetch_sub(1, Ordering::Release);
+            return None;
         }
-        true
+        Some(Ticket(i))
     }
 
-    /// Releases one hold taken by [`AccessGate::enter`].
-    pub fn leave(&self) {
-        self.state.fetch_sub(1, Ordering::Release);
+    /// Releases a hold taken by [`AccessGate::enter`] (from any thread).
+    pub fn leave(&self, ticket: Ticket) {
+        self.shards[ticket.0].0.fetch_sub(1, Ordering::Release);
     }
 
     /// Whether the gate has been closed.
     pub fn is_closed(&self) -> bool {
-        self.state.load(Ordering::Acquire) & REVOKED != 0
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn holders(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.0.load(Ordering::SeqCst))
+            .fold(0u64, u64::wrapping_add)
     }
 
     /// Closes the gate and waits until no hold remains. Returns false if holders remained after
     /// `patience` (the gate stays closed; the caller reports it).
     pub fn close_and_drain(&self, patience: Duration) -> bool {
-        self.state.fetch_or(REVOKED, Ordering::AcqRel);
+        self.closed.store(true, Ordering::SeqCst);
         let start = Instant::now();
         let mut spins = 0u32;
-        while self.state.load(Ordering::Acquire) & !REVOKED != 0 {
+        while self.holders() != 0 {
             if start.elapsed() > patience {
                 return false;
             }
@@ -68,10 +98,39 @@ impl AccessGate {
     }
 }
 
+/// Enters the gate of every item, or none: `Ok(ticket)` (`None` only for no items), or
+/// `Err(index)` of the first closed gate. One thread's holds share one ticket.
+pub fn enter_all<T>(
+    items: &[T],
+    gate: impl Fn(&T) -> &AccessGate,
+) -> Result<Option<Ticket>, usize> {
+    let mut ticket = None;
+    for (i, item) in items.iter().enumerate() {
+        match gate(item).enter() {
+            Some(t) => ticket = Some(t),
+            None => {
+                leave_all(&items[..i], gate, ticket);
+                return Err(i);
+            }
+        }
+    }
+    Ok(ticket)
+}
+
+/// Releases the holds taken by [`enter_all`].
+pub fn leave_all<T>(items: &[T], gate: impl Fn(&T) -> &AccessGate, ticket: Option<Ticket>) {
+    if let Some(t) = ticket {
+        for item in items {
+            gate(item).leave(t);
+        }
+    }
+}
+
 /// A hold on a region's gate, released on drop.
 #[derive(Debug)]
 pub struct RegionAccess {
     region: Arc<Region>,
+    ticket: Ticket,
 }
 
 impl RegionAccess {
@@ -83,7 +142,7 @@ impl RegionAccess {
 
 impl Drop for RegionAccess {
     fn drop(&mut self) {
-        self.region.gate.leave();
+        self.region.gate.leave(self.ticket);
     }
 }
 
@@ -107,13 +166,11 @@ pub struct Region {
 impl Region {
     /// Takes a hold on the region, or `None` if it is being deregistered.
     pub fn access(self: &Arc<Self>) -> Option<RegionAccess> {
-        if self.gate.enter() {
-            Some(RegionAccess {
-                region: Arc::clone(self),
-            })
-        } else {
-            None
-        }
+        let ticket = self.gate.enter()?;
+        Some(RegionAccess {
+            region: Arc::clone(self),
+            ticket,
+        })
     }
 
     /// Whether `backend` registered this region.

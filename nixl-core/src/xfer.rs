@@ -23,7 +23,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::backend::{BackendName, PreparedXfer};
 use crate::error::{Error, Result};
-use crate::region::Region;
+use crate::region::{enter_all, leave_all, Region, Ticket};
 
 /// The direction of a transfer, seen from the initiator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -266,6 +266,8 @@ pub struct Completion {
     shared: Arc<XferShared>,
     epoch: u64,
     completed: bool,
+    /// The holds on the local regions, released on drop.
+    ticket: Option<Ticket>,
 }
 
 impl Completion {
@@ -316,9 +318,7 @@ impl Drop for Completion {
                 }),
             );
         }
-        for r in &self.shared.local_regions {
-            r.gate.leave();
-        }
+        leave_all(&self.shared.local_regions, |r| &r.gate, self.ticket);
     }
 }
 
@@ -395,11 +395,10 @@ impl XferRequest {
             }
         };
         // Hold every local region for the duration of this post.
-        for (i, r) in s.local_regions.iter().enumerate() {
-            if !r.gate.enter() {
-                for held in &s.local_regions[..i] {
-                    held.gate.leave();
-                }
+        let ticket = match enter_all(&s.local_regions, |r| &r.gate) {
+            Ok(t) => t,
+            Err(i) => {
+                let r = &s.local_regions[i];
                 let err = Error::LocalNotRegistered {
                     index: 0,
                     kind: r.kind,
@@ -408,7 +407,7 @@ impl XferRequest {
                 s.finish(epoch, Err(err.clone()));
                 return Err(err);
             }
-        }
+        };
         if let Some(deadline) = s.deadline {
             *s.posted_at.lock() = Some(Instant::now());
             s.watchdog.arm(
@@ -423,6 +422,7 @@ impl XferRequest {
             shared: Arc::clone(s),
             epoch,
             completed: false,
+            ticket,
         });
         Ok(())
     }

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 
+use nixl_core::region::{enter_all, leave_all, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
     PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
@@ -211,32 +212,30 @@ impl Connection for LocalConn {
 /// Holds the remote regions of one post open; released on drop.
 struct RemoteHold {
     regions: Arc<[Arc<Region>]>,
+    ticket: Option<Ticket>,
 }
 
 impl Drop for RemoteHold {
     fn drop(&mut self) {
-        for r in self.regions.iter() {
-            r.gate.leave();
-        }
+        leave_all(&self.regions, |r| &r.gate, self.ticket);
     }
 }
 
 impl LocalXfer {
     fn hold_remote(&self) -> Result<RemoteHold> {
-        for (i, r) in self.remote_regions.iter().enumerate() {
-            if !r.gate.enter() {
-                for held in &self.remote_regions[..i] {
-                    held.gate.leave();
-                }
-                return Err(Error::Denied {
-                    peer: self.peer.to_string(),
-                    reason: format!("remote region {:?} was deregistered", r.desc),
-                });
-            }
+        match enter_all(&self.remote_regions, |r| &r.gate) {
+            Ok(ticket) => Ok(RemoteHold {
+                regions: Arc::clone(&self.remote_regions),
+                ticket,
+            }),
+            Err(i) => Err(Error::Denied {
+                peer: self.peer.to_string(),
+                reason: format!(
+                    "remote region {:?} was deregistered",
+                    self.remote_regions[i].desc
+                ),
+            }),
         }
-        Ok(RemoteHold {
-            regions: Arc::clone(&self.remote_regions),
-        })
     }
 }
 

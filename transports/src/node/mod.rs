@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 pub use buffer::ShmBuffer;
 use nixl_core::codec::Reader;
-use nixl_core::region::AccessGate;
+use nixl_core::region::{enter_all, leave_all, AccessGate, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
     PreparedXfer, Region, RegionAccess, Result, TargetHandle, XferOp, XferPlan,
@@ -1225,13 +1225,11 @@ struct MappedXfer {
     notif: Option<Vec<u8>>,
 }
 
-struct MapHold(Arc<[Arc<Mapping>]>);
+struct MapHold(Arc<[Arc<Mapping>]>, Option<Ticket>);
 
 impl Drop for MapHold {
     fn drop(&mut self) {
-        for m in self.0.iter() {
-            m.gate.leave();
-        }
+        leave_all(&self.0, |m| &m.gate, self.1);
     }
 }
 
@@ -1246,19 +1244,14 @@ fn finish_mapped(conn: &Conn, notif: Option<&[u8]>, done: Completion) {
 
 impl PreparedXfer for MappedXfer {
     fn post(&self, done: Completion) {
-        for (i, m) in self.maps.iter().enumerate() {
-            if !m.gate.enter() {
-                for held in &self.maps[..i] {
-                    held.gate.leave();
-                }
-                done.complete(Err(Error::Denied {
-                    peer: self.conn.peer.to_string(),
-                    reason: "the peer deregistered a region of this transfer".into(),
-                }));
-                return;
-            }
-        }
-        let hold = MapHold(Arc::clone(&self.maps));
+        let Ok(ticket) = enter_all(&self.maps, |m| &m.gate) else {
+            done.complete(Err(Error::Denied {
+                peer: self.conn.peer.to_string(),
+                reason: "the peer deregistered a region of this transfer".into(),
+            }));
+            return;
+        };
+        let hold = MapHold(Arc::clone(&self.maps), ticket);
         if self.plan.total() <= INLINE_MAX {
             // SAFETY: local ranges lie in our registered regions (held by the completion), the
             // remote ones inside the peer's buffer mapped here (bounds checked against the
