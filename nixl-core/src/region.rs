@@ -380,4 +380,41 @@ mod tests {
         drop(held);
         assert!(t.join().unwrap());
     }
+
+    #[test]
+    fn no_hold_survives_a_drained_close_under_contention() {
+        use std::sync::atomic::AtomicBool;
+        for _ in 0..20 {
+            let gate = Arc::new(AccessGate::default());
+            let drained = Arc::new(AtomicBool::new(false));
+            let violations = Arc::new(AtomicU64::new(0));
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (gate, drained, violations) = (
+                        Arc::clone(&gate),
+                        Arc::clone(&drained),
+                        Arc::clone(&violations),
+                    );
+                    std::thread::spawn(move || {
+                        for _ in 0..20_000 {
+                            if let Some(t) = gate.enter() {
+                                if drained.load(Ordering::SeqCst) {
+                                    violations.fetch_add(1, Ordering::SeqCst);
+                                }
+                                gate.leave(t);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_micros(200));
+            assert!(gate.close_and_drain(Duration::from_secs(5)));
+            drained.store(true, Ordering::SeqCst);
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert_eq!(violations.load(Ordering::SeqCst), 0);
+            assert!(gate.enter().is_none());
+        }
+    }
 }
