@@ -181,7 +181,9 @@ pub struct XferPlan {
 impl XferPlan {
     /// Total bytes moved per post.
     pub fn total_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.local.len).sum()
+        self.segments
+            .iter()
+            .fold(0u64, |acc, s| acc.saturating_add(s.local.len))
     }
 }
 

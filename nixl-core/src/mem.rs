@@ -107,7 +107,11 @@ impl Desc {
     pub fn overlaps(&self, other: &Desc) -> bool {
         match (self.end(), other.end()) {
             (Some(end), Some(other_end)) => {
-                self.dev_id == other.dev_id && self.addr < other_end && other.addr < end
+                self.len > 0
+                    && other.len > 0
+                    && self.dev_id == other.dev_id
+                    && self.addr < other_end
+                    && other.addr < end
             }
             _ => false,
         }
@@ -167,9 +171,12 @@ impl DescList {
         self.descs.is_empty()
     }
 
-    /// Sum of the descriptor lengths.
+    /// Sum of the descriptor lengths, saturating at `u64::MAX` (file descriptors on different
+    /// devices may each be near the top of the range).
     pub fn total_bytes(&self) -> u64 {
-        self.descs.iter().map(|d| d.len).sum()
+        self.descs
+            .iter()
+            .fold(0u64, |acc, d| acc.saturating_add(d.len))
     }
 }
 

@@ -201,10 +201,10 @@ impl AgentMetadata {
         }
 
         let name = r.str("name", MAX_NAME_BYTES)?;
-        if name.is_empty() {
+        if name.is_empty() || name.contains('\0') {
             return Err(DecodeError::Invalid {
                 field: "name",
-                reason: "empty".into(),
+                reason: "empty or contains NUL".into(),
             });
         }
         let instance_id = u128::from_le_bytes(r.array("instance id")?);
@@ -269,6 +269,12 @@ impl AgentMetadata {
                 let code = r.u8("region backend code")?;
                 let public = r.blob("region public data")?;
                 if let Some(name) = BackendName::from_code(code) {
+                    if rb.iter().any(|(n, _)| *n == name) {
+                        return Err(DecodeError::Invalid {
+                            field: "region backends",
+                            reason: format!("{name} listed twice"),
+                        });
+                    }
                     rb.push((name, public.to_vec()));
                 }
             }

@@ -20,7 +20,7 @@ fn region() -> impl Strategy<Value = RegionInfo> {
         1u64..u64::MAX / 2,
         any::<u64>(),
         any::<u64>(),
-        prop::collection::vec((backend(), prop::collection::vec(any::<u8>(), 0..40)), 0..4),
+        prop::collection::btree_map(backend(), prop::collection::vec(any::<u8>(), 0..40), 0..4),
     )
         .prop_map(|(kind, addr, len, dev, key, backends)| {
             let addr = addr.min(u64::MAX - len);
@@ -28,7 +28,7 @@ fn region() -> impl Strategy<Value = RegionInfo> {
                 kind,
                 desc: Desc::new(addr, len, dev),
                 key,
-                backends,
+                backends: backends.into_iter().collect(),
             }
         })
 }
