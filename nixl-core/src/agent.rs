@@ -11,7 +11,8 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 
 use crate::backend::{
-    Backend, BackendName, Connection, Notification, PeerInfo, Segment, TargetHandle, XferPlan,
+    Backend, BackendName, Connection, MetadataHooks, Notification, PeerInfo, Segment, TargetHandle,
+    XferPlan,
 };
 use crate::error::{Error, Result};
 use crate::mem::{Desc, DescList, MemKind};
@@ -126,6 +127,8 @@ impl AgentBuilder {
             own_peer: Mutex::new(None),
             shut: AtomicBool::new(false),
         });
+        let hooks: Weak<dyn MetadataHooks> = Arc::downgrade(&inner) as Weak<AgentInner>;
+        let _ = inner.target.0.hooks.set(hooks);
         Ok(Agent { inner })
     }
 }
@@ -199,7 +202,124 @@ pub(crate) struct AgentInner {
     shut: AtomicBool,
 }
 
+impl MetadataHooks for AgentInner {
+    fn metadata(&self) -> Vec<u8> {
+        AgentInner::metadata(self).encode()
+    }
+
+    fn load(&self, bytes: &[u8]) -> Result<String> {
+        self.load_remote_md(AgentMetadata::decode(bytes)?)
+    }
+}
+
 impl AgentInner {
+    fn build_metadata(&self, regions: Vec<RegionInfo>, partial: bool) -> AgentMetadata {
+        AgentMetadata {
+            name: self.name.to_string(),
+            instance_id: self.instance_id,
+            generation: self.generation.load(Ordering::Acquire),
+            partial,
+            backends: self
+                .backends
+                .iter()
+                .map(|b| BackendInfo {
+                    name: b.name(),
+                    conn_info: b.conn_info(),
+                })
+                .collect(),
+            regions,
+        }
+    }
+
+    fn metadata(&self) -> AgentMetadata {
+        let regions = self
+            .target
+            .0
+            .regions
+            .snapshot()
+            .iter()
+            .map(|r| region_info(r))
+            .collect();
+        self.build_metadata(regions, false)
+    }
+
+    fn check_live(&self) -> Result<()> {
+        if self.shut.load(Ordering::Acquire) {
+            Err(Error::Shutdown(self.name.to_string()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Loads decoded metadata (see [`Agent::load_remote`]).
+    fn load_remote_md(&self, md: AgentMetadata) -> Result<String> {
+        self.check_live()?;
+        if md.name == *self.name {
+            return Err(Error::InvalidArgument(format!(
+                "metadata of '{}' is this agent's own name",
+                md.name
+            )));
+        }
+        let name = md.name.clone();
+        let mut peers = self.peers.write();
+        let next = match peers.get(&name) {
+            Some(old) if old.md.instance_id == md.instance_id => {
+                if md.generation < old.md.generation {
+                    return Err(Error::StaleMetadata {
+                        peer: name,
+                        have: old.md.generation,
+                        got: md.generation,
+                    });
+                }
+                // Connections whose info changed are closed and made again on next use.
+                {
+                    let mut conns = old.conns.lock();
+                    conns.retain(|b, c| {
+                        let same = md.backends.iter().any(|i| i.name == *b)
+                            && old.backend_info(*b).map(|i| &i.conn_info)
+                                == md
+                                    .backends
+                                    .iter()
+                                    .find(|i| i.name == *b)
+                                    .map(|i| &i.conn_info);
+                        if !same {
+                            c.close();
+                        }
+                        same
+                    });
+                }
+                let merged = if md.partial {
+                    let mut merged = old.md.clone();
+                    merged.generation = md.generation;
+                    merged.backends = md.backends;
+                    for r in md.regions {
+                        merged
+                            .regions
+                            .retain(|x| !(x.kind == r.kind && x.desc.overlaps(&r.desc)));
+                        merged.regions.push(r);
+                    }
+                    merged
+                } else {
+                    md
+                };
+                PeerState::new(merged, Arc::clone(&old.conns), Arc::clone(&old.telemetry))
+            }
+            old => {
+                if let Some(old) = old {
+                    tracing::info!(peer = %name, "peer restarted (new instance); reconnecting");
+                    for c in old.conns.lock().values() {
+                        c.close();
+                    }
+                }
+                PeerState::new(md, Arc::default(), Arc::default())
+            }
+        };
+        tracing::debug!(agent = %self.name, peer = %name, generation = next.md.generation,
+            regions = next.md.regions.len(), "loaded peer metadata");
+        peers.insert(name.clone(), Arc::new(next));
+        Ok(name)
+    }
+
     fn deregister_region(&self, region: &Arc<Region>) -> Result<()> {
         if self.target.0.regions.remove_id(region).is_none() {
             return Err(Error::NotRegistered {
@@ -237,13 +357,15 @@ impl AgentInner {
             return;
         }
         self.watchdog.stop();
+        // Backends first, so that what is in flight ends `Cancelled` (a closed connection would
+        // end it as a remote disconnect, which it is not).
+        for b in &self.backends {
+            b.shutdown();
+        }
         for p in self.peers.write().drain() {
             for c in p.1.conns.lock().values() {
                 c.close();
             }
-        }
-        for b in &self.backends {
-            b.shutdown();
         }
     }
 }
@@ -526,37 +648,9 @@ impl Agent {
         }
     }
 
-    fn build_metadata(&self, regions: Vec<RegionInfo>, partial: bool) -> AgentMetadata {
-        AgentMetadata {
-            name: self.inner.name.to_string(),
-            instance_id: self.inner.instance_id,
-            generation: self.generation(),
-            partial,
-            backends: self
-                .inner
-                .backends
-                .iter()
-                .map(|b| BackendInfo {
-                    name: b.name(),
-                    conn_info: b.conn_info(),
-                })
-                .collect(),
-            regions,
-        }
-    }
-
     /// The agent's full metadata.
     pub fn metadata(&self) -> AgentMetadata {
-        let regions = self
-            .inner
-            .target
-            .0
-            .regions
-            .snapshot()
-            .iter()
-            .map(|r| region_info(r))
-            .collect();
-        self.build_metadata(regions, false)
+        self.inner.metadata()
     }
 
     /// The full metadata, encoded.
@@ -580,7 +674,12 @@ impl Agent {
                 regions.push(region_info(&r));
             }
         }
-        Ok(self.build_metadata(regions, true))
+        Ok(self.inner.build_metadata(regions, true))
+    }
+
+    /// Loads decoded metadata (see [`Agent::load_remote`]).
+    pub fn load_remote_md(&self, md: AgentMetadata) -> Result<String> {
+        self.inner.load_remote_md(md)
     }
 
     /// Loads a peer's metadata; returns the peer's name. A newer instance or generation replaces
@@ -589,75 +688,6 @@ impl Agent {
     pub fn load_remote(&self, bytes: &[u8]) -> Result<String> {
         let md = AgentMetadata::decode(bytes)?;
         self.load_remote_md(md)
-    }
-
-    /// Loads decoded metadata (see [`Agent::load_remote`]).
-    pub fn load_remote_md(&self, md: AgentMetadata) -> Result<String> {
-        self.check_live()?;
-        if md.name == *self.inner.name {
-            return Err(Error::InvalidArgument(format!(
-                "metadata of '{}' is this agent's own name",
-                md.name
-            )));
-        }
-        let name = md.name.clone();
-        let mut peers = self.inner.peers.write();
-        let next = match peers.get(&name) {
-            Some(old) if old.md.instance_id == md.instance_id => {
-                if md.generation < old.md.generation {
-                    return Err(Error::StaleMetadata {
-                        peer: name,
-                        have: old.md.generation,
-                        got: md.generation,
-                    });
-                }
-                // Connections whose info changed are closed and made again on next use.
-                {
-                    let mut conns = old.conns.lock();
-                    conns.retain(|b, c| {
-                        let same = md.backends.iter().any(|i| i.name == *b)
-                            && old.backend_info(*b).map(|i| &i.conn_info)
-                                == md
-                                    .backends
-                                    .iter()
-                                    .find(|i| i.name == *b)
-                                    .map(|i| &i.conn_info);
-                        if !same {
-                            c.close();
-                        }
-                        same
-                    });
-                }
-                let merged = if md.partial {
-                    let mut merged = old.md.clone();
-                    merged.generation = md.generation;
-                    merged.backends = md.backends;
-                    for r in md.regions {
-                        merged
-                            .regions
-                            .retain(|x| !(x.kind == r.kind && x.desc.overlaps(&r.desc)));
-                        merged.regions.push(r);
-                    }
-                    merged
-                } else {
-                    md
-                };
-                PeerState::new(merged, Arc::clone(&old.conns), Arc::clone(&old.telemetry))
-            }
-            old => {
-                if let Some(old) = old {
-                    tracing::info!(peer = %name, "peer restarted (new instance); reconnecting");
-                    for c in old.conns.lock().values() {
-                        c.close();
-                    }
-                }
-                PeerState::new(md, Arc::default(), Arc::default())
-            }
-        };
-        tracing::debug!(agent = %self.inner.name, peer = %name, generation = next.md.generation,
-            regions = next.md.regions.len(), "loaded peer metadata");
-        peers.insert(name.clone(), Arc::new(next));
-        Ok(name)
     }
 
     /// Forgets a peer: its connections close and its transfers fail from then on.
@@ -677,14 +707,6 @@ impl Agent {
     /// Names of the loaded peers.
     pub fn peers(&self) -> Vec<String> {
         self.inner.peers.read().keys().cloned().collect()
-    }
-
-    fn check_live(&self) -> Result<()> {
-        if self.inner.shut.load(Ordering::Acquire) {
-            Err(Error::Shutdown(self.inner.name.to_string()))
-        } else {
-            Ok(())
-        }
     }
 
     fn peer(&self, name: &str) -> Result<Arc<PeerState>> {
@@ -740,7 +762,7 @@ impl Agent {
         peer: &str,
         opts: XferOptions,
     ) -> Result<XferRequest> {
-        self.check_live()?;
+        self.inner.check_live()?;
         if local.len() != remote.len() {
             return Err(Error::Mismatch(format!(
                 "{} local descriptors, {} remote",
@@ -921,7 +943,7 @@ impl Agent {
 
     /// Sends a standalone notification to a peer, over the best backend that carries them.
     pub fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
-        self.check_live()?;
+        self.inner.check_live()?;
         let p = self.peer(peer)?;
         let mut why_not = String::new();
         for b in &self.inner.backends {

@@ -7,12 +7,12 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::mem::{Desc, MemKind};
 use crate::metadata::RegionInfo;
 use crate::region::{AccessDenied, Region, RegionAccess, RegionTable};
@@ -243,13 +243,31 @@ pub struct Notification {
 /// Most notifications queued before new ones are dropped (and counted).
 pub const MAX_QUEUED_NOTIFS: usize = 1 << 20;
 
-#[derive(Debug)]
+/// What an agent lends its backends so they can serve its metadata on their own listeners.
+pub(crate) trait MetadataHooks: Send + Sync {
+    /// The agent's full metadata, encoded.
+    fn metadata(&self) -> Vec<u8>;
+    /// Loads a peer's metadata, as [`crate::Agent::load_remote`] does.
+    fn load(&self, bytes: &[u8]) -> Result<String>;
+}
+
 pub(crate) struct TargetShared {
     pub(crate) name: Arc<str>,
     pub(crate) instance_id: u128,
     pub(crate) regions: RegionTable,
     notifs: Mutex<VecDeque<Notification>>,
     notif_cv: Condvar,
+    pub(crate) hooks: OnceLock<Weak<dyn MetadataHooks>>,
+}
+
+impl fmt::Debug for TargetShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TargetShared")
+            .field("name", &self.name)
+            .field("instance_id", &self.instance_id)
+            .field("regions", &self.regions)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The target side of an agent, as its backends see it: the owner-side access check and the
@@ -265,7 +283,28 @@ impl TargetHandle {
             regions: RegionTable::default(),
             notifs: Mutex::new(VecDeque::new()),
             notif_cv: Condvar::new(),
+            hooks: OnceLock::new(),
         }))
+    }
+
+    fn hooks(&self) -> Result<Arc<dyn MetadataHooks>> {
+        self.0
+            .hooks
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| Error::Shutdown(self.0.name.to_string()))
+    }
+
+    /// The agent's current full metadata, encoded, for a backend that serves it to peers
+    /// (`Err(Shutdown)` while the agent is starting or after it is gone).
+    pub fn local_metadata(&self) -> Result<Vec<u8>> {
+        Ok(self.hooks()?.metadata())
+    }
+
+    /// Loads metadata that a peer pushed to this agent (as [`crate::Agent::load_remote`] does);
+    /// returns the peer's name.
+    pub fn load_pushed(&self, bytes: &[u8]) -> Result<String> {
+        self.hooks()?.load(bytes)
     }
 
     /// The agent's name.

@@ -2,6 +2,8 @@
 //! metadata exchange over pipes, and a handle on a scripted peer process
 //! (`nixl-test-peer`, in `src/bin`).
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
@@ -88,9 +90,16 @@ impl Peer {
     /// Starts `exe` (the `nixl-test-peer` binary) with a buffer of `size` bytes, from a memfd
     /// (`memfd = true`, peers may map it) or the heap.
     pub fn start(exe: &str, name: &str, size: usize, memfd: bool) -> Peer {
-        let mut child = Command::new(exe)
+        let mut cmd = Command::new(exe);
+        cmd.args(memfd.then_some("--memfd"));
+        Peer::spawn(cmd, name, size)
+    }
+
+    /// Starts a prepared command (the `nixl-test-peer` binary, perhaps wrapped in
+    /// `ip netns exec`, with extra flags such as `--config`) with `--name` and `--size` added.
+    pub fn spawn(mut cmd: Command, name: &str, size: usize) -> Peer {
+        let mut child = cmd
             .args(["--name", name, "--size", &size.to_string()])
-            .args(memfd.then_some("--memfd"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -121,6 +130,39 @@ impl Peer {
         writeln!(self.stdin, "{c}").expect("write peer");
         self.stdin.flush().expect("flush peer");
         self.line()
+    }
+
+    /// Sends a command without waiting for its reply.
+    pub fn send(&mut self, c: &str) {
+        writeln!(self.stdin, "{c}").expect("write peer");
+        self.stdin.flush().expect("flush peer");
+    }
+
+    /// The next reply line, or `None` if none came within `timeout`.
+    pub fn reply_within(&mut self, timeout: std::time::Duration) -> Option<String> {
+        use std::os::fd::AsRawFd;
+        if self.stdout.buffer().is_empty() {
+            let mut pfd = libc::pollfd {
+                fd: self.stdout.get_ref().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n <= 0 {
+                return None;
+            }
+        }
+        Some(self.line())
+    }
+
+    /// Sends a command and returns its reply, failing the test if none comes within `timeout`
+    /// (so a hang is a failure, not a stuck test run).
+    pub fn cmd_within(&mut self, c: &str, timeout: std::time::Duration) -> String {
+        self.send(c);
+        self.reply_within(timeout)
+            .unwrap_or_else(|| panic!("no reply to {c:?} within {timeout:?}"))
     }
 
     /// Kills the process (SIGKILL).

@@ -3,11 +3,16 @@
 //! - [`local`]: copies inside one process (one agent to itself, or two agents in one process).
 //! - [`shm`]: between processes on one node: cross-memory attach for memory allocated any way,
 //!   and direct copies through memfd mappings for memory from [`shm::ShmBuffer`].
+//! - [`tcp`]: between hosts: authenticated connections, the target checks every access.
+//!
+//! [`config::Config`] reads the agent's TOML configuration and builds the backends it names.
 
+pub mod config;
 pub mod copy;
 pub mod local;
 #[path = "node/mod.rs"]
 pub mod shm;
+pub mod tcp;
 
 use std::sync::Arc;
 
@@ -16,9 +21,11 @@ use nixl_core::Backend;
 /// Every backend this crate builds, with default settings: what an agent that wants "whatever
 /// works here" is built with. Backends that cannot run on this host report why through
 /// [`nixl_core::Agent::backends`] and are never chosen.
+///
+/// `tcp` listens on the host's first non-loopback address with a free port and, without
+/// `NIXL_SECRET` in the environment, accepts connections from this host only.
 pub fn default_backends() -> Vec<Arc<dyn Backend>> {
-    vec![
-        Arc::new(local::LocalBackend::new()),
-        Arc::new(shm::ShmBackend::new(shm::ShmConfig::default())),
-    ]
+    config::Config::default()
+        .backends()
+        .expect("the default configuration is valid")
 }

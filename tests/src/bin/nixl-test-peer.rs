@@ -12,14 +12,26 @@
 //!   (proves the data landed before the notification) → `ok <msg hex>` / `bad <offset>` / `none`
 //! - `send <peer> <hex>`: send a notification → `ok` or `err <text>`
 //! - `dereg`: deregister the buffer (peers' mappings are revoked first) → `ok <milliseconds>`
+//! - `xfer <peer> <read|write> <posts> <notif hex|->`: moves the whole buffer to or from the
+//!   peer's first region `posts` times → `ok <bytes> <seconds>` or `err <class> <ms> <text>`
+//! - `bench <peer> <read|write> <block> <batch> <seconds>`: repeats a request of `batch`
+//!   descriptors of `block` bytes for about `seconds` → `ok <GB/s> <posts>` (or `err ...`)
+//! - `fetch <addr>` / `push <addr>`: metadata over a peer's tcp listener → `ok <name>`
 //! - `exit`
+//!
+//! Flags: `--name`, `--size`, `--memfd`, `--config FILE` (the agent's TOML configuration).
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use nixl_core::{Agent, Desc, DescList, MemKind};
+use std::collections::HashMap;
+use std::time::Instant;
+
+use nixl_core::{Agent, AgentMetadata, Desc, DescList, MemKind, XferOp, XferOptions};
 use nixl_tests::{fill, first_mismatch, hex, unhex};
+use nixl_transports::config::Config;
 use nixl_transports::shm::ShmBuffer;
+use nixl_transports::tcp::{fetch_metadata, push_metadata};
 
 fn main() {
     if let Err(e) = run() {
@@ -40,9 +52,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let size: usize = get("--size").ok_or("--size missing")?.parse()?;
     let memfd = args.iter().any(|a| a == "--memfd");
 
-    let agent = Agent::builder(name)
-        .backends(nixl_transports::default_backends())
-        .build()?;
+    let config = match get("--config") {
+        Some(path) => Config::from_file(std::path::Path::new(&path))?,
+        None => Config::default(),
+    };
+    let agent = Agent::builder(name).backends(config.backends()?).build()?;
+    let mut remotes: HashMap<String, Desc> = HashMap::new();
     let mut shm;
     let mut heap;
     let buf: &mut [u8] = if memfd {
@@ -66,10 +81,85 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let line = line?;
         let w: Vec<&str> = line.split_whitespace().collect();
         let reply = match w.as_slice() {
-            ["load", h] => match agent.load_remote(&unhex(h)?) {
-                Ok(n) => format!("ok {n}"),
-                Err(e) => format!("err {e}"),
+            ["load", h] => load(&agent, &mut remotes, &unhex(h)?),
+            ["fetch", addr] => match fetch_metadata(addr, &config.auth(), Duration::from_secs(5)) {
+                Ok(md) => load(&agent, &mut remotes, &md),
+                Err(e) => format!("err {} {e}", e.metric_label()),
             },
+            ["push", addr] => match push_metadata(
+                addr,
+                &config.auth(),
+                &agent.metadata_bytes(),
+                Duration::from_secs(5),
+            ) {
+                Ok(n) => format!("ok {n}"),
+                Err(e) => format!("err {} {e}", e.metric_label()),
+            },
+            ["xfer", peer, op, posts, notif] => {
+                let notif = (*notif != "-").then(|| unhex(notif)).transpose()?;
+                let remote = remotes.get(*peer).copied().ok_or("peer not loaded")?;
+                let n = buf.len().min(remote.len as usize);
+                let local = DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(&buf[..n])])?;
+                let remote =
+                    DescList::from_descs(MemKind::Dram, vec![Desc::new(remote.addr, n as u64, 0)])?;
+                let posts: u64 = posts.parse()?;
+                let t = Instant::now();
+                let res = agent
+                    .create_xfer(
+                        parse_op(op)?,
+                        &local,
+                        &remote,
+                        peer,
+                        XferOptions {
+                            notif,
+                            ..XferOptions::default()
+                        },
+                    )
+                    .and_then(|x| (0..posts).try_for_each(|_| x.run_blocking()));
+                match res {
+                    Ok(()) => format!("ok {} {:.6}", n as u64 * posts, t.elapsed().as_secs_f64()),
+                    Err(e) => format!("err {} {} {e}", e.metric_label(), t.elapsed().as_millis()),
+                }
+            }
+            ["bench", peer, op, block, batch, secs] => {
+                let remote = remotes.get(*peer).copied().ok_or("peer not loaded")?;
+                let block: usize = block.parse()?;
+                let batch: usize = batch.parse()?;
+                let until = Duration::from_secs_f64(secs.parse()?);
+                if block * batch > buf.len().min(remote.len as usize) {
+                    "err invalid block*batch is over the buffer".to_owned()
+                } else {
+                    let local = DescList::from_descs(
+                        MemKind::Dram,
+                        (0..batch)
+                            .map(|i| Desc::from_slice(&buf[i * block..(i + 1) * block]))
+                            .collect::<Vec<_>>(),
+                    )?;
+                    let remote = DescList::from_descs(
+                        MemKind::Dram,
+                        (0..batch)
+                            .map(|i| Desc::new(remote.addr + (i * block) as u64, block as u64, 0))
+                            .collect::<Vec<_>>(),
+                    )?;
+                    let res = agent
+                        .create_xfer(parse_op(op)?, &local, &remote, peer, XferOptions::default())
+                        .and_then(|x| {
+                            x.run_blocking()?; // warm-up
+                            let t = Instant::now();
+                            let mut posts = 0u64;
+                            while t.elapsed() < until {
+                                x.run_blocking()?;
+                                posts += 1;
+                            }
+                            let bytes = posts as f64 * (block * batch) as f64;
+                            Ok(format!(
+                                "ok {:.4} {posts}",
+                                bytes / t.elapsed().as_secs_f64() / 1e9
+                            ))
+                        });
+                    res.unwrap_or_else(|e| format!("err {} 0 {e}", e.metric_label()))
+                }
+            }
             ["fill", seed] => {
                 fill(buf, seed.parse()?);
                 "ok".into()
@@ -121,4 +211,27 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         out.flush()?;
     }
     Ok(())
+}
+
+fn load(agent: &Agent, remotes: &mut HashMap<String, Desc>, md: &[u8]) -> String {
+    match agent.load_remote(md) {
+        Ok(n) => {
+            if let Some(r) = AgentMetadata::decode(md)
+                .ok()
+                .and_then(|m| m.regions.first().map(|r| r.desc))
+            {
+                remotes.insert(n.clone(), r);
+            }
+            format!("ok {n}")
+        }
+        Err(e) => format!("err {} {e}", e.metric_label()),
+    }
+}
+
+fn parse_op(op: &str) -> Result<XferOp, String> {
+    match op {
+        "read" => Ok(XferOp::Read),
+        "write" => Ok(XferOp::Write),
+        _ => Err(format!("op must be read or write, not {op:?}")),
+    }
 }

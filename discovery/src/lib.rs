@@ -1,0 +1,1 @@
+//! Agent discovery through etcd (being built).

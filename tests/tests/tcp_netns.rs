@@ -1,0 +1,244 @@
+//! The `tcp` backend between hosts: agents in separate network namespaces joined by veth,
+//! each a `nixl-test-peer` process. Every byte is checked; faults (a killed peer, a cut link)
+//! must end requests in bounded time. Skips visibly where namespaces cannot be made.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use nixl_tests::netns::{skip_reason, Lab};
+use nixl_tests::{hex, Peer};
+
+const EXE: &str = env!("CARGO_BIN_EXE_nixl-test-peer");
+const MIB: usize = 1 << 20;
+const T: Duration = Duration::from_secs(30);
+
+fn skip(test: &str) -> bool {
+    match skip_reason() {
+        Some(why) => {
+            eprintln!("SKIP: {test}: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+fn sock(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+/// Writes a config file for one agent: tcp only, listening on `listen`.
+fn config(dir: &tempdir::Dir, name: &str, listen: &str, extra: &str) -> String {
+    let path = dir.path(name);
+    std::fs::write(
+        &path,
+        format!(
+            "backends = [\"tcp\"]\n{extra}\n[tcp]\nlisten = \"{listen}\"\nio_timeout_ms = 1500\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn peer(lab: &Lab, ns: usize, name: &str, size: usize, cfg: &str) -> Peer {
+    let mut cmd = lab.command(ns, EXE);
+    cmd.args(["--config", cfg]);
+    Peer::spawn(cmd, name, size)
+}
+
+mod tempdir {
+    /// A scratch directory removed on drop.
+    pub struct Dir(std::path::PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let p = std::env::temp_dir().join(format!("nixl-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+
+        pub fn path(&self, name: &str) -> String {
+            self.0.join(name).to_string_lossy().into_owned()
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+const SECRET: &str = "[auth]\nsecret = \"fleet-secret\"";
+
+#[test]
+fn bytes_cross_namespaces_both_ways_over_v4_and_v6_with_notifications() {
+    if skip("bytes_cross_namespaces") {
+        return;
+    }
+    let lab = Lab::pair();
+    let dir = tempdir::Dir::new("tcp-bytes");
+    let b_addr = sock(lab.addr(1), 17000);
+    let ca = config(&dir, "a.toml", &sock(lab.addr(0), 0), SECRET);
+    let cb = config(&dir, "b.toml", &b_addr, SECRET);
+    let mut a = peer(&lab, 0, "A", 48 * MIB + 12345, &ca);
+    let mut b = peer(&lab, 1, "B", 48 * MIB + 12345, &cb);
+
+    // Direct metadata exchange: A fetches B's from its listener, B gets A's pushed.
+    assert_eq!(a.cmd_within(&format!("fetch {b_addr}"), T), "ok B");
+    assert_eq!(a.cmd_within(&format!("push {b_addr}"), T), "ok A");
+
+    assert_eq!(a.cmd_within("fill 11", T), "ok");
+    let r = a.cmd_within(&format!("xfer B write 2 {}", hex(b"landed")), T);
+    assert!(r.starts_with("ok "), "{r}");
+    assert_eq!(
+        b.cmd_within("notif-check 5000 11", T),
+        format!("ok {}", hex(b"landed"))
+    );
+    assert_eq!(b.cmd_within("fill 12", T), "ok");
+    let r = a.cmd_within("xfer B read 1 -", T);
+    assert!(r.starts_with("ok "), "{r}");
+    assert_eq!(a.cmd_within("check 12", T), "ok");
+    // B notifies A on its own.
+    assert_eq!(b.cmd_within(&format!("send A {}", hex(b"hi")), T), "ok");
+    assert_eq!(
+        a.cmd_within("notif 5000", T),
+        format!("notif B {}", hex(b"hi"))
+    );
+
+    // IPv6: a third agent listening on B's v6 address.
+    let c6 = sock(lab.addr6(1), 17001);
+    let cc = config(&dir, "c.toml", &c6, SECRET);
+    let mut c = peer(&lab, 1, "C", 4 * MIB, &cc);
+    assert_eq!(a.cmd_within(&format!("fetch {c6}"), T), "ok C");
+    let r = a.cmd_within("xfer C write 1 -", T);
+    assert!(r.starts_with("ok "), "{r}");
+    assert_eq!(c.cmd_within("check 11", T), "ok");
+}
+
+#[test]
+fn wrong_or_missing_secret_and_foreign_hosts_without_secret_are_refused() {
+    if skip("wrong_or_missing_secret") {
+        return;
+    }
+    let lab = Lab::pair();
+    let dir = tempdir::Dir::new("tcp-auth");
+    let b_addr = sock(lab.addr(1), 17000);
+    let open_addr = sock(lab.addr(1), 17001);
+    let cb = config(&dir, "b.toml", &b_addr, SECRET);
+    let copen = config(&dir, "open.toml", &open_addr, "");
+    let _b = peer(&lab, 1, "B", MIB, &cb);
+    let _o = peer(&lab, 1, "O", MIB, &copen);
+    let wrong = config(
+        &dir,
+        "w.toml",
+        &sock(lab.addr(0), 0),
+        "[auth]\nsecret = \"guess\"",
+    );
+    let none = config(&dir, "n.toml", &sock(lab.addr(0), 0), "");
+    let mut w = peer(&lab, 0, "W", MIB, &wrong);
+    let mut n = peer(&lab, 0, "N", MIB, &none);
+    let r = w.cmd_within(&format!("fetch {b_addr}"), T);
+    assert!(
+        r.starts_with("err denied") && r.contains("wrong shared secret"),
+        "{r}"
+    );
+    let r = n.cmd_within(&format!("fetch {b_addr}"), T);
+    assert!(
+        r.starts_with("err denied") && r.contains("requires the shared secret"),
+        "{r}"
+    );
+    // No secret on the listener: a connection from another host is refused.
+    let r = n.cmd_within(&format!("fetch {open_addr}"), T);
+    assert!(
+        r.starts_with("err denied") && r.contains("only connections from this host"),
+        "{r}"
+    );
+}
+
+#[test]
+fn killed_peer_fails_requests_fast_others_keep_working_and_a_restart_reconnects() {
+    if skip("killed_peer") {
+        return;
+    }
+    let lab = Lab::pair();
+    let dir = tempdir::Dir::new("tcp-kill");
+    let b_addr = sock(lab.addr(1), 17000);
+    let ca = config(&dir, "a.toml", &sock(lab.addr(0), 0), SECRET);
+    let cb = config(&dir, "b.toml", &b_addr, SECRET);
+    let size = 64 * MIB;
+    let mut a = peer(&lab, 0, "A", size, &ca);
+    let mut c = peer(&lab, 0, "C", size, &ca);
+    let mut b = peer(&lab, 1, "B", size, &cb);
+    assert_eq!(a.cmd_within(&format!("fetch {b_addr}"), T), "ok B");
+    assert_eq!(c.cmd_within(&format!("fetch {b_addr}"), T), "ok B");
+
+    // The initiator dies mid-transfer: the target keeps serving its other peer.
+    c.send("xfer B write 1000 -");
+    std::thread::sleep(Duration::from_millis(300));
+    c.kill();
+    let r = a.cmd_within("xfer B write 3 -", T);
+    assert!(r.starts_with("ok "), "{r}");
+
+    // The target dies mid-transfer: the request ends as a remote disconnect, quickly.
+    a.send("xfer B write 1000 -");
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    b.kill();
+    let r = a
+        .reply_within(Duration::from_secs(10))
+        .expect("no answer within 10 s of the kill");
+    let after = killed.elapsed();
+    assert!(r.starts_with("err remote_disconnect"), "{r}");
+    assert!(after < Duration::from_secs(3), "took {after:?}");
+
+    // It comes back (a new instance, same name and address): the old metadata is refused,
+    // the new one works.
+    let mut b = peer(&lab, 1, "B", size, &cb);
+    let r = a.cmd_within("xfer B write 1 -", T);
+    assert!(
+        r.starts_with("err remote_disconnect") && r.contains("restarted"),
+        "{r}"
+    );
+    assert_eq!(a.cmd_within(&format!("fetch {b_addr}"), T), "ok B");
+    assert_eq!(a.cmd_within("fill 21", T), "ok");
+    let r = a.cmd_within("xfer B write 1 -", T);
+    assert!(r.starts_with("ok "), "{r}");
+    assert_eq!(b.cmd_within("check 21", T), "ok");
+}
+
+#[test]
+fn cut_link_times_out_in_bounded_time_and_recovers() {
+    if skip("cut_link") {
+        return;
+    }
+    let lab = Lab::pair();
+    let dir = tempdir::Dir::new("tcp-cut");
+    let b_addr = sock(lab.addr(1), 17000);
+    let ca = config(&dir, "a.toml", &sock(lab.addr(0), 0), SECRET);
+    let cb = config(&dir, "b.toml", &b_addr, SECRET);
+    let size = 64 * MIB;
+    let mut a = peer(&lab, 0, "A", size, &ca);
+    let mut b = peer(&lab, 1, "B", size, &cb);
+    assert_eq!(a.cmd_within(&format!("fetch {b_addr}"), T), "ok B");
+    // Cut at the target's end during a WRITE, at the initiator's end during a READ.
+    for (op, side) in [("write", 1), ("read", 0)] {
+        a.send(&format!("xfer B {op} 1000 -"));
+        std::thread::sleep(Duration::from_millis(300));
+        let cut = Instant::now();
+        lab.link_down(side);
+        let r = a
+            .reply_within(Duration::from_secs(15))
+            .expect("no answer within 15 s of the cut");
+        let after = cut.elapsed();
+        assert!(r.starts_with("err timed_out"), "{op}: {r}");
+        // io_timeout is 1.5 s; allow for the tick and a loaded machine.
+        assert!(after < Duration::from_secs(5), "{op}: took {after:?}");
+        lab.link_up(side);
+        // The same peer instance: the next request reconnects and works.
+        assert_eq!(a.cmd_within("fill 31", T), "ok");
+        let r = a.cmd_within("xfer B write 1 -", T);
+        assert!(r.starts_with("ok "), "{op}: {r}");
+        assert_eq!(b.cmd_within("check 31", T), "ok");
+    }
+}

@@ -1,0 +1,221 @@
+//! The agent's configuration file (TOML), shared by the daemon, the CLIs and the C ABI.
+//!
+//! ```toml
+//! backends = ["local", "shm", "tcp"]   # which to run (default: all this crate builds)
+//!
+//! [tcp]
+//! listen = "10.0.0.5:7000"   # default: the host's first non-loopback address, port 0 (free)
+//! conns_per_peer = 2
+//! chunk_bytes = 1048576
+//! window = 4
+//! io_timeout_ms = 5000       # no progress for this long with work outstanding: TimedOut
+//! connect_timeout_ms = 3000
+//! socket_buffer = 4194304
+//!
+//! [auth]
+//! secret = "..."             # or the environment variable NIXL_SECRET
+//! allow_open = false         # without a secret, accept only this host's connections
+//!
+//! [shm]
+//! socket_dir = "/run/nixl"
+//! op_timeout_ms = 5000
+//!
+//! [etcd]                     # read by nixl-discovery
+//! endpoints = ["http://127.0.0.1:2379"]
+//! ```
+//!
+//! Unknown keys are errors, so a typo does not silently fall back to a default.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixl_core::{Backend, Error, Result};
+use serde::Deserialize;
+
+use crate::local::LocalBackend;
+use crate::shm::{ShmBackend, ShmConfig};
+use crate::tcp::{parse_listen, Auth, TcpBackend, TcpConfig};
+
+/// A parsed configuration.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Backends to run, by name (default: every one this crate builds).
+    pub backends: Option<Vec<String>>,
+    /// `[tcp]`.
+    #[serde(default)]
+    pub tcp: TcpSection,
+    /// `[auth]`.
+    #[serde(default)]
+    pub auth: AuthSection,
+    /// `[shm]`.
+    #[serde(default)]
+    pub shm: ShmSection,
+    /// `[etcd]`, kept as written for the discovery crate.
+    pub etcd: Option<toml::Table>,
+}
+
+/// `[tcp]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpSection {
+    pub listen: Option<String>,
+    pub conns_per_peer: Option<usize>,
+    pub chunk_bytes: Option<usize>,
+    pub window: Option<usize>,
+    pub io_timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub socket_buffer: Option<usize>,
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub allow_open: bool,
+}
+
+/// `[shm]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShmSection {
+    pub socket_dir: Option<PathBuf>,
+    pub op_timeout_ms: Option<u64>,
+    pub allow_map: Option<bool>,
+}
+
+const ALL: [&str; 3] = ["local", "shm", "tcp"];
+
+impl Config {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| Error::InvalidArgument(format!("config: {}", e.message())))?;
+        cfg.tcp_config()?.check()?;
+        if let Some(list) = &cfg.backends {
+            for b in list {
+                if !ALL.contains(&b.as_str()) {
+                    return Err(Error::UnknownBackend(format!(
+                        "{b} (this build has {})",
+                        ALL.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file.
+    pub fn from_file(path: &std::path::Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("config {}", path.display()), e))?;
+        Config::from_toml(&text)
+    }
+
+    /// How connections authenticate.
+    pub fn auth(&self) -> Auth {
+        Auth::from_config(self.auth.secret.as_deref(), self.auth.allow_open)
+    }
+
+    /// The `tcp` backend's settings.
+    pub fn tcp_config(&self) -> Result<TcpConfig> {
+        let t = &self.tcp;
+        let d = TcpConfig::default();
+        let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
+        Ok(TcpConfig {
+            listen: t.listen.as_deref().map(parse_listen).transpose()?,
+            conns_per_peer: t.conns_per_peer.unwrap_or(d.conns_per_peer),
+            chunk_bytes: t.chunk_bytes.unwrap_or(d.chunk_bytes),
+            window: t.window.unwrap_or(d.window),
+            io_timeout: ms(t.io_timeout_ms, d.io_timeout),
+            connect_timeout: ms(t.connect_timeout_ms, d.connect_timeout),
+            socket_buffer: t.socket_buffer.unwrap_or(d.socket_buffer),
+            auth: self.auth(),
+        })
+    }
+
+    /// The `shm` backend's settings.
+    pub fn shm_config(&self) -> ShmConfig {
+        let d = ShmConfig::default();
+        ShmConfig {
+            socket_dir: self.shm.socket_dir.clone().unwrap_or(d.socket_dir),
+            op_timeout: self
+                .shm
+                .op_timeout_ms
+                .map_or(d.op_timeout, Duration::from_millis),
+            allow_map: self.shm.allow_map.unwrap_or(d.allow_map),
+            ..d
+        }
+    }
+
+    /// The backends this configuration asks for, built.
+    pub fn backends(&self) -> Result<Vec<Arc<dyn Backend>>> {
+        let want = |n: &str| {
+            self.backends
+                .as_ref()
+                .is_none_or(|l| l.iter().any(|b| b == n))
+        };
+        let mut out: Vec<Arc<dyn Backend>> = Vec::new();
+        if want("local") {
+            out.push(Arc::new(LocalBackend::new()));
+        }
+        if want("shm") {
+            out.push(Arc::new(ShmBackend::new(self.shm_config())));
+        }
+        if want("tcp") {
+            out.push(Arc::new(TcpBackend::new(self.tcp_config()?)));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_document_parses() {
+        let c = Config::from_toml(
+            r#"
+            backends = ["tcp"]
+            [tcp]
+            listen = "[::1]:0"
+            conns_per_peer = 3
+            io_timeout_ms = 1500
+            [auth]
+            secret = "x"
+            [shm]
+            op_timeout_ms = 10
+            [etcd]
+            endpoints = ["http://127.0.0.1:2379"]
+            "#,
+        )
+        .unwrap();
+        let t = c.tcp_config().unwrap();
+        assert_eq!(t.conns_per_peer, 3);
+        assert_eq!(t.io_timeout, Duration::from_millis(1500));
+        assert!(t.listen.unwrap().is_ipv6());
+        assert!(c.auth().has_secret());
+        assert_eq!(c.backends().unwrap().len(), 1);
+        assert!(c.etcd.is_some());
+    }
+
+    #[test]
+    fn mistakes_are_errors() {
+        for bad in [
+            "[tcp]\nlisten = 5",
+            "[tcp]\nlisten = \"nowhere\"",
+            "[tcp]\nlisen = \"127.0.0.1:0\"",
+            "[tcp]\nconns_per_peer = 0",
+            "[auth]\nsecret = 1",
+            "backends = [\"rdma2\"]",
+            "[[[",
+        ] {
+            assert!(Config::from_toml(bad).is_err(), "{bad}");
+        }
+        assert!(Config::from_toml("").unwrap().backends().unwrap().len() == 3);
+    }
+}

@@ -1,0 +1,873 @@
+//! The initiator side: sessions of several connections per peer, chunked and pipelined posts.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use nixl_core::{
+    BackendName, Completion, Connection, Error, PreparedXfer, Result, XferOp, XferPlan,
+};
+use parking_lot::{Condvar, Mutex};
+
+use super::auth::{self, AuthError};
+use super::net::{self, OnBlock, Span};
+use super::server::TICK;
+use super::wire::{self, Piece, Purpose, Status};
+use super::{connect_any, peer_err, TcpConfig};
+
+/// Chunk index that marks the acknowledgement of a notification.
+const NOTIF_CHUNK: u32 = u32::MAX;
+
+/// A connection (in the core's sense) to one peer: a session of sockets, remade when it fails.
+pub(super) struct Conn {
+    cfg: Arc<TcpConfig>,
+    me: Arc<str>,
+    my_instance: u128,
+    peer: String,
+    peer_instance: u128,
+    addrs: Vec<SocketAddr>,
+    backend_shut: Arc<AtomicBool>,
+    session: Mutex<Option<Arc<Session>>>,
+    closed: Mutex<Option<Error>>,
+    this: Weak<Conn>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("tcp::Conn")
+            .field("peer", &self.peer)
+            .field("addrs", &self.addrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    pub(super) fn new(
+        cfg: Arc<TcpConfig>,
+        me: Arc<str>,
+        my_instance: u128,
+        peer: String,
+        peer_instance: u128,
+        addrs: Vec<SocketAddr>,
+        backend_shut: Arc<AtomicBool>,
+    ) -> Arc<Conn> {
+        Arc::new_cyclic(|this| Conn {
+            cfg,
+            me,
+            my_instance,
+            peer,
+            peer_instance,
+            addrs,
+            backend_shut,
+            session: Mutex::new(None),
+            closed: Mutex::new(None),
+            this: this.clone(),
+        })
+    }
+
+    /// Opens the session now, so that an unreachable or refusing peer is reported at once.
+    pub(super) fn warm_up(&self) -> Result<()> {
+        self.session().map(drop)
+    }
+
+    fn session(&self) -> Result<Arc<Session>> {
+        if let Some(e) = self.closed.lock().clone() {
+            return Err(e);
+        }
+        if self.backend_shut.load(Ordering::Acquire) {
+            return Err(Error::Cancelled);
+        }
+        let mut g = self.session.lock();
+        if let Some(s) = g.as_ref() {
+            if s.state.lock().failed.is_none() {
+                return Ok(Arc::clone(s));
+            }
+        }
+        let s = Session::open(self)?;
+        *g = Some(Arc::clone(&s));
+        Ok(s)
+    }
+
+    /// Ends the connection for good: what is in flight ends with `e`, later posts fail with it.
+    pub(super) fn fail(&self, e: Error) {
+        self.closed.lock().get_or_insert(e.clone());
+        if let Some(s) = self.session.lock().take() {
+            s.fail(e);
+        }
+    }
+
+    fn open_lane(&self) -> Result<TcpStream> {
+        let cfg = &self.cfg;
+        let mut s = connect_any(&self.addrs, cfg.connect_timeout).map_err(|e| {
+            if e.kind() == io::ErrorKind::TimedOut {
+                tracing::warn!(peer = %self.peer, error = %e, "tcp connect timed out");
+                Error::TimedOut
+            } else {
+                peer_err(&self.peer, &e)
+            }
+        })?;
+        let io_err = |e: io::Error| peer_err(&self.peer, &e);
+        net::tune(&s, cfg.socket_buffer).map_err(io_err)?;
+        s.set_read_timeout(Some(cfg.connect_timeout))
+            .map_err(io_err)?;
+        s.set_write_timeout(Some(cfg.connect_timeout))
+            .map_err(io_err)?;
+        auth::connect(&mut s, &cfg.auth).map_err(|e| match e {
+            AuthError::Denied(reason) => Error::Denied {
+                peer: self.peer.clone(),
+                reason,
+            },
+            AuthError::Protocol(reason) => Error::RemoteDisconnect {
+                peer: self.peer.clone(),
+                reason,
+            },
+            AuthError::Io(e) => peer_err(&self.peer, &e),
+        })?;
+        let mut out = Vec::with_capacity(128);
+        wire::open(
+            &mut out,
+            Purpose::Data,
+            &self.me,
+            self.my_instance,
+            self.peer_instance,
+        );
+        net::send_all(&s, &out).map_err(io_err)?;
+        let mut body = Vec::new();
+        let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
+        if ty != wire::OPENED {
+            return Err(Error::RemoteDisconnect {
+                peer: self.peer.clone(),
+                reason: format!("expected OPENED, got frame type {ty}"),
+            });
+        }
+        let (status, instance, text) =
+            wire::decode_opened(&body).map_err(|e| Error::RemoteDisconnect {
+                peer: self.peer.clone(),
+                reason: e.to_string(),
+            })?;
+        if status != Status::Ok || instance != self.peer_instance {
+            return Err(Error::RemoteDisconnect {
+                peer: self.peer.clone(),
+                reason: if status == Status::Ok {
+                    "the peer restarted: load its new metadata".into()
+                } else {
+                    text
+                },
+            });
+        }
+        net::read_timeout(&s, TICK).map_err(io_err)?;
+        net::write_timeout(&s, TICK, cfg.io_timeout).map_err(io_err)?;
+        Ok(s)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.get_mut().take() {
+            s.fail(Error::Cancelled);
+        }
+    }
+}
+
+fn give_up(_: bool) -> io::Result<()> {
+    Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+}
+
+/// A post's transfer, prepared once.
+#[derive(Debug)]
+struct Plan {
+    op: XferOp,
+    local: Vec<Span>,
+    remote: Vec<Piece>,
+    chunks: Vec<Chunk>,
+    notif: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    start: u32,
+    end: u32,
+    bytes: u64,
+}
+
+fn make_plan(p: &XferPlan, chunk_bytes: u64) -> Plan {
+    let mut local = Vec::with_capacity(p.segments.len());
+    let mut remote = Vec::with_capacity(p.segments.len());
+    let mut chunks = Vec::new();
+    let mut start = 0u32;
+    let mut bytes = 0u64;
+    for seg in &p.segments {
+        let key = p.remote_regions[seg.remote_region as usize].key;
+        let mut off = 0u64;
+        while off < seg.local.len {
+            let take = (seg.local.len - off).min(chunk_bytes - bytes);
+            local.push(Span {
+                addr: seg.local.addr + off,
+                len: take,
+            });
+            remote.push(Piece {
+                addr: seg.remote.addr + off,
+                len: take,
+                key,
+            });
+            off += take;
+            bytes += take;
+            if bytes == chunk_bytes || local.len() - start as usize == wire::MAX_PIECES {
+                chunks.push(Chunk {
+                    start,
+                    end: local.len() as u32,
+                    bytes,
+                });
+                start = local.len() as u32;
+                bytes = 0;
+            }
+        }
+    }
+    if (start as usize) < local.len() {
+        chunks.push(Chunk {
+            start,
+            end: local.len() as u32,
+            bytes,
+        });
+    }
+    Plan {
+        op: p.op,
+        local,
+        remote,
+        chunks,
+        notif: p.notif.clone(),
+    }
+}
+
+struct Waiter {
+    result: Mutex<Option<Result<()>>>,
+    cv: Condvar,
+}
+
+enum Done {
+    Xfer(Completion),
+    Wait(Arc<Waiter>),
+}
+
+/// One execution of a plan (or a standalone notification) on a session.
+struct Post {
+    id: u64,
+    plan: Option<Arc<Plan>>,
+    msg: Option<Vec<u8>>,
+    left: AtomicUsize,
+    in_notif: AtomicBool,
+    error: Mutex<Option<Error>>,
+    done: Mutex<Option<Done>>,
+}
+
+impl Post {
+    fn abandoned(&self) -> bool {
+        matches!(&*self.done.lock(), Some(Done::Xfer(c)) if c.is_abandoned())
+    }
+
+    fn notif_msg(&self) -> Option<&[u8]> {
+        self.msg
+            .as_deref()
+            .or_else(|| self.plan.as_ref().and_then(|p| p.notif.as_deref()))
+    }
+
+    fn complete(&self, res: Result<()>) {
+        match self.done.lock().take() {
+            Some(Done::Xfer(c)) => {
+                c.complete(res);
+            }
+            Some(Done::Wait(w)) => {
+                *w.result.lock() = Some(res);
+                w.cv.notify_all();
+            }
+            None => {}
+        }
+    }
+
+    /// Ends the post now but keeps its memory held until the last reference goes.
+    fn end_early(&self, e: Error) {
+        match &*self.done.lock() {
+            Some(Done::Xfer(c)) => {
+                c.end_early(Err(e));
+            }
+            Some(Done::Wait(w)) => {
+                w.result.lock().get_or_insert(Err(e));
+                w.cv.notify_all();
+            }
+            None => {}
+        }
+    }
+}
+
+enum Job {
+    Chunk(Arc<Post>, u32),
+    Notif(Arc<Post>),
+}
+
+struct State {
+    queue: VecDeque<Job>,
+    pending: HashMap<u64, Arc<Post>>,
+    outstanding: Vec<usize>,
+    failed: Option<Error>,
+}
+
+struct Lane {
+    stream: TcpStream,
+    /// Milliseconds since the session's epoch when this lane last moved a byte.
+    last: AtomicU64,
+}
+
+struct Session {
+    peer: String,
+    cfg: Arc<TcpConfig>,
+    lanes: Vec<Lane>,
+    state: Mutex<State>,
+    cv: Condvar,
+    next_id: AtomicU64,
+    epoch: Instant,
+}
+
+impl Session {
+    fn open(conn: &Conn) -> Result<Arc<Session>> {
+        let n = conn.cfg.conns_per_peer;
+        let mut lanes = Vec::with_capacity(n);
+        for _ in 0..n {
+            lanes.push(Lane {
+                stream: conn.open_lane()?,
+                last: AtomicU64::new(0),
+            });
+        }
+        let s = Arc::new(Session {
+            peer: conn.peer.clone(),
+            cfg: Arc::clone(&conn.cfg),
+            lanes,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                pending: HashMap::new(),
+                outstanding: vec![0; n],
+                failed: None,
+            }),
+            cv: Condvar::new(),
+            next_id: AtomicU64::new(1),
+            epoch: Instant::now(),
+        });
+        for i in 0..n {
+            for tx in [true, false] {
+                let s2 = Arc::clone(&s);
+                let spawned = std::thread::Builder::new()
+                    .name(if tx { "nixl-tcp-tx" } else { "nixl-tcp-rx" }.into())
+                    .spawn(move || if tx { s2.send_loop(i) } else { s2.recv_loop(i) });
+                if let Err(e) = spawned {
+                    let err = Error::io("spawn tcp lane thread", e);
+                    s.fail(err.clone());
+                    return Err(err);
+                }
+            }
+        }
+        tracing::debug!(peer = %conn.peer, lanes = n, "tcp session open");
+        Ok(s)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn submit(&self, post: Arc<Post>) {
+        let mut st = self.state.lock();
+        if let Some(e) = st.failed.clone() {
+            drop(st);
+            post.complete(Err(e));
+            return;
+        }
+        st.pending.insert(post.id, Arc::clone(&post));
+        match &post.plan {
+            Some(plan) if !post.in_notif.load(Ordering::Acquire) => {
+                for i in 0..plan.chunks.len() {
+                    st.queue.push_back(Job::Chunk(Arc::clone(&post), i as u32));
+                }
+            }
+            _ => st.queue.push_back(Job::Notif(Arc::clone(&post))),
+        }
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    fn fail(&self, e: Error) {
+        let (posts, jobs) = {
+            let mut st = self.state.lock();
+            if st.failed.is_some() {
+                return;
+            }
+            st.failed = Some(e.clone());
+            let posts: Vec<_> = st.pending.drain().map(|(_, p)| p).collect();
+            (posts, std::mem::take(&mut st.queue))
+        };
+        self.cv.notify_all();
+        if !matches!(e, Error::Cancelled) {
+            tracing::warn!(peer = %self.peer, error = %e, "tcp session failed");
+        }
+        for l in &self.lanes {
+            let _ = l.stream.shutdown(Shutdown::Both);
+        }
+        for p in posts {
+            p.end_early(e.clone());
+        }
+        drop(jobs);
+    }
+
+    fn chunk_done(&self, post: &Arc<Post>, res: Result<()>) {
+        if let Err(e) = res {
+            post.error.lock().get_or_insert(e);
+        }
+        if post.left.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let err = post.error.lock().clone();
+        if err.is_none()
+            && !post.in_notif.load(Ordering::Acquire)
+            && post.notif_msg().is_some()
+            && !post.abandoned()
+        {
+            post.in_notif.store(true, Ordering::Release);
+            post.left.store(1, Ordering::Release);
+            let mut st = self.state.lock();
+            if st.failed.is_none() {
+                st.queue.push_front(Job::Notif(Arc::clone(post)));
+                drop(st);
+                self.cv.notify_all();
+            }
+            return;
+        }
+        self.state.lock().pending.remove(&post.id);
+        post.complete(err.map_or(Ok(()), Err));
+    }
+
+    fn take_job(&self, lane: usize) -> Option<Job> {
+        let mut st = self.state.lock();
+        loop {
+            if st.failed.is_some() {
+                return None;
+            }
+            if st.outstanding[lane] < self.cfg.window {
+                if let Some(j) = st.queue.pop_front() {
+                    st.outstanding[lane] += 1;
+                    self.lanes[lane]
+                        .last
+                        .store(self.now_ms(), Ordering::Release);
+                    return Some(j);
+                }
+            }
+            self.cv.wait(&mut st);
+        }
+    }
+
+    fn lane_reply(&self, lane: usize) {
+        let mut st = self.state.lock();
+        st.outstanding[lane] = st.outstanding[lane].saturating_sub(1);
+        drop(st);
+        self.cv.notify_all();
+    }
+
+    fn send_loop(self: Arc<Self>, lane: usize) {
+        let mut hdr = Vec::with_capacity(64 + wire::MAX_PIECES * wire::PIECE_BYTES);
+        let mut iov = Vec::with_capacity(net::IOV_MAX);
+        let s = &self.lanes[lane].stream;
+        while let Some(job) = self.take_job(lane) {
+            let res = match &job {
+                Job::Chunk(post, idx) => {
+                    if post.abandoned() {
+                        self.lane_reply(lane);
+                        self.chunk_done(post, Err(Error::Cancelled));
+                        continue;
+                    }
+                    let plan = post.plan.as_ref().expect("chunk jobs have a plan");
+                    let c = plan.chunks[*idx as usize];
+                    let range = c.start as usize..c.end as usize;
+                    let ty = match plan.op {
+                        XferOp::Write => wire::WRITE,
+                        XferOp::Read => wire::READ,
+                    };
+                    wire::xfer_head(&mut hdr, ty, post.id, *idx, c.end - c.start);
+                    for p in &plan.remote[range.clone()] {
+                        wire::put_piece(&mut hdr, p);
+                    }
+                    wire::finish(&mut hdr);
+                    let data: &[Span] = if ty == wire::WRITE {
+                        &plan.local[range]
+                    } else {
+                        &[]
+                    };
+                    // SAFETY: the local spans lie in regions the core validated at prepare and
+                    // holds for as long as the post's completion lives; `job` keeps the post
+                    // (and so its completion) alive until this write returns. The memory is
+                    // only read.
+                    unsafe { net::write_spans(s, &hdr, data, &mut iov, &mut LaneIdle(&self, lane)) }
+                }
+                Job::Notif(post) => {
+                    wire::notif(&mut hdr, post.id, post.notif_msg().unwrap_or_default());
+                    // SAFETY: no spans; only `hdr` is written.
+                    unsafe { net::write_spans(s, &hdr, &[], &mut iov, &mut LaneIdle(&self, lane)) }
+                }
+            };
+            drop(job);
+            if let Err(e) = res {
+                self.fail(self.io_error(&e));
+                return;
+            }
+        }
+    }
+
+    fn io_error(&self, e: &io::Error) -> Error {
+        if let Some(f) = self.state.lock().failed.clone() {
+            return f;
+        }
+        peer_err(&self.peer, e)
+    }
+
+    fn recv_loop(self: Arc<Self>, lane: usize) {
+        let s = &self.lanes[lane].stream;
+        let mut body = Vec::with_capacity(256);
+        let mut iov = Vec::with_capacity(net::IOV_MAX);
+        let mut scratch = Vec::new();
+        loop {
+            if let Err(e) = self.recv_one(lane, s, &mut body, &mut iov, &mut scratch) {
+                let err = if e.kind() == io::ErrorKind::InvalidData {
+                    metrics::counter!("nixl_tcp_bad_frames_total").increment(1);
+                    Error::RemoteDisconnect {
+                        peer: self.peer.clone(),
+                        reason: format!("malformed reply: {e}"),
+                    }
+                } else {
+                    self.io_error(&e)
+                };
+                self.fail(err);
+                return;
+            }
+        }
+    }
+
+    fn recv_one(
+        &self,
+        lane: usize,
+        s: &TcpStream,
+        body: &mut Vec<u8>,
+        iov: &mut Vec<libc::iovec>,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let ty = net::read_frame(s, body, wire::frame_limit, &mut LaneIdle(self, lane))?;
+        if ty != wire::ACK && ty != wire::DATA {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected frame type {ty}"),
+            ));
+        }
+        let r = wire::decode_reply(ty, body).map_err(wire::bad)?;
+        self.lane_reply(lane);
+        let post = self.state.lock().pending.get(&r.id).cloned();
+        if ty == wire::DATA && r.status == Status::Ok {
+            let target = post.as_ref().and_then(|p| {
+                let plan = p.plan.as_ref()?;
+                let c = plan.chunks.get(r.chunk as usize)?;
+                (plan.op == XferOp::Read && c.bytes == r.len)
+                    .then(|| &plan.local[c.start as usize..c.end as usize])
+            });
+            match (target, &post) {
+                // SAFETY: the spans lie in local regions the core validated and holds while
+                // the post's completion lives; `post` keeps it alive until this read returns.
+                // Registered memory is lent to transfers by contract, so no Rust reference
+                // aliases it.
+                (Some(spans), _) => unsafe {
+                    net::read_spans(s, spans, iov, &mut LaneIdle(self, lane))?
+                },
+                (None, None) => net::discard(s, r.len, scratch, &mut LaneIdle(self, lane))?,
+                (None, Some(_)) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("DATA for chunk {} does not match the request", r.chunk),
+                    ))
+                }
+            }
+        }
+        let Some(post) = post else {
+            return Ok(());
+        };
+        let res = match r.status {
+            Status::Ok => Ok(()),
+            Status::Denied => Err(Error::Denied {
+                peer: self.peer.clone(),
+                reason: r.text,
+            }),
+            Status::Failed => Err(Error::Backend {
+                backend: BackendName::Tcp,
+                op: "target",
+                reason: r.text,
+            }),
+        };
+        if (r.chunk == NOTIF_CHUNK) != post.in_notif.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "acknowledgement of the wrong kind",
+            ));
+        }
+        self.chunk_done(&post, res);
+        Ok(())
+    }
+}
+
+/// A lane blocked for one tick: give up when the session failed, or when work is outstanding
+/// and the lane moved nothing for `io_timeout`.
+struct LaneIdle<'a>(&'a Session, usize);
+
+impl OnBlock for LaneIdle<'_> {
+    fn blocked(&mut self, _started: bool) -> io::Result<()> {
+        let st = self.0.state.lock();
+        if st.failed.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "session closed",
+            ));
+        }
+        let busy = st.outstanding[self.1] > 0;
+        drop(st);
+        let last = self.0.lanes[self.1].last.load(Ordering::Acquire);
+        let silent = Duration::from_millis(self.0.now_ms().saturating_sub(last));
+        if busy && silent > self.0.cfg.io_timeout {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no progress for {silent:?} with work outstanding"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn progress(&mut self) {
+        self.0.lanes[self.1]
+            .last
+            .store(self.0.now_ms(), Ordering::Release);
+    }
+}
+
+#[derive(Debug)]
+struct TcpXfer {
+    conn: Arc<Conn>,
+    plan: Arc<Plan>,
+}
+
+impl PreparedXfer for TcpXfer {
+    fn post(&self, done: Completion) {
+        let sess = match self.conn.session() {
+            Ok(s) => s,
+            Err(e) => {
+                done.complete(Err(e));
+                return;
+            }
+        };
+        let post = Arc::new(Post {
+            id: sess.next_id.fetch_add(1, Ordering::Relaxed),
+            plan: Some(Arc::clone(&self.plan)),
+            msg: None,
+            left: AtomicUsize::new(self.plan.chunks.len()),
+            in_notif: AtomicBool::new(false),
+            error: Mutex::new(None),
+            done: Mutex::new(Some(Done::Xfer(done))),
+        });
+        sess.submit(post);
+    }
+}
+
+impl Connection for Conn {
+    fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>> {
+        let conn = self
+            .this
+            .upgrade()
+            .ok_or_else(|| Error::InvalidArgument("tcp connection is gone".into()))?;
+        if let Some(n) = &plan.notif {
+            if n.len() > wire::MAX_NOTIF {
+                return Err(Error::InvalidArgument(format!(
+                    "notification of {} bytes is over the {} byte limit",
+                    n.len(),
+                    wire::MAX_NOTIF
+                )));
+            }
+        }
+        let plan = Arc::new(make_plan(&plan, self.cfg.chunk_bytes as u64));
+        Ok(Box::new(TcpXfer { conn, plan }))
+    }
+
+    fn send_notif(&self, _from: &str, msg: &[u8]) -> Result<()> {
+        if msg.len() > wire::MAX_NOTIF {
+            return Err(Error::InvalidArgument(format!(
+                "notification of {} bytes is over the {} byte limit",
+                msg.len(),
+                wire::MAX_NOTIF
+            )));
+        }
+        let sess = self.session()?;
+        let waiter = Arc::new(Waiter {
+            result: Mutex::new(None),
+            cv: Condvar::new(),
+        });
+        let post = Arc::new(Post {
+            id: sess.next_id.fetch_add(1, Ordering::Relaxed),
+            plan: None,
+            msg: Some(msg.to_vec()),
+            left: AtomicUsize::new(1),
+            in_notif: AtomicBool::new(true),
+            error: Mutex::new(None),
+            done: Mutex::new(Some(Done::Wait(Arc::clone(&waiter)))),
+        });
+        sess.submit(post);
+        let deadline = Instant::now() + self.cfg.io_timeout * 2;
+        let mut r = waiter.result.lock();
+        while r.is_none() {
+            if waiter.cv.wait_until(&mut r, deadline).timed_out() {
+                return Err(Error::TimedOut);
+            }
+        }
+        r.take().unwrap_or(Err(Error::TimedOut))
+    }
+
+    fn close(&self) {
+        self.fail(Error::RemoteDisconnect {
+            peer: self.peer.clone(),
+            reason: "the peer was invalidated".into(),
+        });
+    }
+}
+
+/// A one-off metadata exchange with a listener: fetch (`push` None) or push.
+pub(super) fn metadata_call(
+    addr: SocketAddr,
+    auth: &auth::Auth,
+    timeout: Duration,
+    push: Option<&[u8]>,
+) -> Result<Vec<u8>> {
+    let who = addr.to_string();
+    let io_err = |e: io::Error| peer_err(&who, &e);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
+    s.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    s.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    s.set_nodelay(true).map_err(io_err)?;
+    auth::connect(&mut s, auth).map_err(|e| match e {
+        AuthError::Denied(reason) => Error::Denied {
+            peer: who.clone(),
+            reason,
+        },
+        AuthError::Protocol(reason) => Error::RemoteDisconnect {
+            peer: who.clone(),
+            reason,
+        },
+        AuthError::Io(e) => peer_err(&who, &e),
+    })?;
+    let mut out = Vec::new();
+    wire::open(&mut out, Purpose::Metadata, "-", 0, 0);
+    let mut f = Vec::with_capacity(push.map_or(0, <[u8]>::len) + 16);
+    match push {
+        None => wire::begin(&mut f, wire::MD_GET),
+        Some(md) => {
+            wire::begin(&mut f, wire::MD_PUSH);
+            wire::put_blob(&mut f, md);
+        }
+    }
+    wire::finish(&mut f);
+    out.extend_from_slice(&f);
+    net::send_all(&s, &out).map_err(io_err)?;
+    let mut body = Vec::new();
+    let bad = |reason: String| Error::RemoteDisconnect {
+        peer: who.clone(),
+        reason,
+    };
+    let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
+    if ty != wire::OPENED {
+        return Err(bad(format!("expected OPENED, got frame type {ty}")));
+    }
+    let (status, _, text) = wire::decode_opened(&body).map_err(|e| bad(e.to_string()))?;
+    if status != Status::Ok {
+        return Err(bad(text));
+    }
+    let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
+    if ty != wire::MD {
+        return Err(bad(format!("expected MD, got frame type {ty}")));
+    }
+    let (status, bytes) = wire::decode_md(&body).map_err(|e| bad(e.to_string()))?;
+    match status {
+        Status::Ok => Ok(bytes.to_vec()),
+        _ => Err(Error::Backend {
+            backend: BackendName::Tcp,
+            op: if push.is_some() {
+                "push metadata"
+            } else {
+                "fetch metadata"
+            },
+            reason: String::from_utf8_lossy(bytes).into_owned(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nixl_core::{Desc, MemKind, Segment};
+
+    fn xplan(segs: &[(u64, u64)]) -> XferPlan {
+        XferPlan {
+            op: XferOp::Write,
+            local_kind: MemKind::Dram,
+            remote_kind: MemKind::Dram,
+            segments: segs
+                .iter()
+                .map(|&(addr, len)| Segment {
+                    local: Desc::new(addr, len, 0),
+                    remote: Desc::new(addr + (1 << 40), len, 0),
+                    local_region: 0,
+                    remote_region: 0,
+                })
+                .collect(),
+            local_regions: Vec::new(),
+            remote_regions: vec![nixl_core::metadata::RegionInfo {
+                kind: MemKind::Dram,
+                desc: Desc::new(1 << 40, 1 << 40, 0),
+                key: 77,
+                backends: Vec::new(),
+            }],
+            notif: None,
+            initiator: Arc::from("me"),
+        }
+    }
+
+    #[test]
+    fn large_segments_are_cut_and_small_ones_batched() {
+        let p = make_plan(&xplan(&[(0, 10_000), (20_000, 100), (30_000, 100)]), 4096);
+        let bytes: Vec<u64> = p.chunks.iter().map(|c| c.bytes).collect();
+        assert_eq!(bytes, vec![4096, 4096, 2008]);
+        assert_eq!(p.local.iter().map(|s| s.len).sum::<u64>(), 10_200);
+        for (l, r) in p.local.iter().zip(&p.remote) {
+            assert_eq!(l.len, r.len);
+            assert_eq!(l.addr + (1 << 40), r.addr);
+            assert_eq!(r.key, 77);
+        }
+        // Every chunk's pieces add up to its bytes, and chunks tile the pieces.
+        let mut next = 0;
+        for c in &p.chunks {
+            assert_eq!(c.start, next);
+            let sum: u64 = p.local[c.start as usize..c.end as usize]
+                .iter()
+                .map(|s| s.len)
+                .sum();
+            assert_eq!(sum, c.bytes);
+            next = c.end;
+        }
+        assert_eq!(next as usize, p.local.len());
+    }
+
+    #[test]
+    fn many_small_descriptors_fill_frames_up_to_the_piece_limit() {
+        let segs: Vec<(u64, u64)> = (0..2500).map(|i| (i * 64, 8)).collect();
+        let p = make_plan(&xplan(&segs), 1 << 20);
+        let pieces: Vec<u32> = p.chunks.iter().map(|c| c.end - c.start).collect();
+        assert_eq!(pieces, vec![1000, 1000, 500]);
+    }
+}

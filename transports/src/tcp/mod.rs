@@ -1,0 +1,393 @@
+//! The `tcp` backend: one-sided READ and WRITE between agents on any hosts.
+//!
+//! The target agent carries out every request against its own registrations: each piece of a
+//! WRITE or READ names a target range and the region key, and the target checks both (and that
+//! the region is still registered) before a byte moves; data goes straight between the socket
+//! and registered memory with vectored I/O, no staging copy on either side.
+//!
+//! An initiator keeps a session per peer: `conns_per_peer` authenticated connections, each with a
+//! sender and a receiver thread. A post splits its descriptors into chunks of at most
+//! `chunk_bytes` (large descriptors are cut, small ones batched, up to 1000 per frame) and puts
+//! them on the session's queue; each connection takes the next chunk whenever it has fewer than
+//! `window` unanswered, so large transfers are pipelined across all connections and a slow
+//! connection takes less. A notification is sent once every chunk is acknowledged, so the
+//! target sees it only after all the data landed.
+//!
+//! Faults: a connection closed under a request ends it `Failed(remote disconnect)`; a
+//! connection that moves no byte for `io_timeout` while work is outstanding (a cut link, a
+//! frozen peer) is dropped and its requests end `TimedOut`; either way the memory of a request
+//! stays held until no thread touches it any more. The next post reconnects, and refuses a peer
+//! that restarted (a new instance id) until its new metadata is loaded.
+//!
+//! Every connection authenticates first (see [`Auth`]); the listener also serves the agent's
+//! metadata to peers that fetch it ([`fetch_metadata`]) and loads metadata peers push
+//! ([`push_metadata`]).
+
+mod auth;
+mod client;
+mod net;
+mod server;
+mod wire;
+
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use nixl_core::{
+    Backend, BackendName, Caps, Connection, Desc, Error, Locality, MemKind, PeerInfo, Region,
+    Result, TargetHandle,
+};
+use parking_lot::Mutex;
+
+pub use auth::Auth;
+
+use client::Conn;
+use server::Server;
+
+/// Settings of the `tcp` backend.
+#[derive(Clone, Debug)]
+pub struct TcpConfig {
+    /// Where to listen; `None` is the host's first non-loopback address with a free port.
+    pub listen: Option<SocketAddr>,
+    /// Connections per peer.
+    pub conns_per_peer: usize,
+    /// Most bytes per chunk (one frame of a WRITE or READ).
+    pub chunk_bytes: usize,
+    /// Most unanswered chunks per connection.
+    pub window: usize,
+    /// How long a connection with work outstanding may move no byte before it is dropped.
+    pub io_timeout: Duration,
+    /// How long connecting and authenticating may take.
+    pub connect_timeout: Duration,
+    /// Socket send and receive buffer sizes asked of the kernel.
+    pub socket_buffer: usize,
+    /// How connections authenticate.
+    pub auth: Auth,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            listen: None,
+            conns_per_peer: 2,
+            chunk_bytes: 1 << 20,
+            window: 4,
+            io_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            socket_buffer: 4 << 20,
+            auth: Auth::from_config(None, false),
+        }
+    }
+}
+
+impl TcpConfig {
+    pub(crate) fn check(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::InvalidArgument(format!("tcp config: {what}")));
+        if !(1..=64).contains(&self.conns_per_peer) {
+            return bad(format!(
+                "conns_per_peer {} not in 1..=64",
+                self.conns_per_peer
+            ));
+        }
+        if self.chunk_bytes < 4096 || self.chunk_bytes as u64 > wire::MAX_CHUNK {
+            return bad(format!(
+                "chunk_bytes {} not in 4096..={}",
+                self.chunk_bytes,
+                wire::MAX_CHUNK
+            ));
+        }
+        if !(1..=1024).contains(&self.window) {
+            return bad(format!("window {} not in 1..=1024", self.window));
+        }
+        if self.io_timeout < Duration::from_millis(10)
+            || self.connect_timeout < Duration::from_millis(10)
+        {
+            return bad("timeouts must be at least 10 ms".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses a listen address `"ADDR:PORT"` (IPv6 as `"[ADDR]:PORT"`); port 0 picks a free one.
+pub fn parse_listen(s: &str) -> Result<SocketAddr> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.to_socket_addrs()
+                .map_err(|e| e.to_string())
+                .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()))
+        })
+        .map_err(|e| Error::InvalidArgument(format!("tcp listen address {s:?}: {e}")))
+}
+
+/// The `tcp` backend.
+#[derive(Debug)]
+pub struct TcpBackend {
+    cfg: Arc<TcpConfig>,
+    server: Mutex<Option<Server>>,
+    conns: Arc<Mutex<Vec<Weak<Conn>>>>,
+    shut: Arc<AtomicBool>,
+    me: Mutex<Option<(Arc<str>, u128)>>,
+}
+
+impl TcpBackend {
+    /// A backend with these settings (it listens once its agent starts it).
+    pub fn new(cfg: TcpConfig) -> TcpBackend {
+        TcpBackend {
+            cfg: Arc::new(cfg),
+            server: Mutex::new(None),
+            conns: Arc::default(),
+            shut: Arc::new(AtomicBool::new(false)),
+            me: Mutex::new(None),
+        }
+    }
+
+    /// The addresses peers reach this agent at (empty before the agent starts it).
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.server
+            .lock()
+            .as_ref()
+            .map(|s| s.published.clone())
+            .unwrap_or_default()
+    }
+}
+
+const DRAM: &[MemKind] = &[MemKind::Dram];
+const CONN_INFO_VERSION: u8 = 1;
+
+fn encode_conn_info(addrs: &[SocketAddr]) -> Vec<u8> {
+    let mut out = vec![CONN_INFO_VERSION, addrs.len().min(255) as u8];
+    for a in addrs.iter().take(255) {
+        match a.ip() {
+            IpAddr::V4(v4) => {
+                out.push(4);
+                out.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                out.push(6);
+                out.extend_from_slice(&v6.octets());
+            }
+        }
+        out.extend_from_slice(&a.port().to_le_bytes());
+    }
+    out
+}
+
+fn decode_conn_info(b: &[u8]) -> std::result::Result<Vec<SocketAddr>, String> {
+    let mut r = nixl_core::codec::Reader::new(b);
+    let e = |e: nixl_core::DecodeError| format!("bad tcp connection info: {e}");
+    let v = r.u8("version").map_err(e)?;
+    if v != CONN_INFO_VERSION {
+        return Err(format!(
+            "tcp connection info version {v}, expected {CONN_INFO_VERSION}"
+        ));
+    }
+    let n = r.u8("count").map_err(e)?;
+    let mut out = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let ip = match r.u8("family").map_err(e)? {
+            4 => IpAddr::from(r.array::<4>("ipv4").map_err(e)?),
+            6 => IpAddr::from(r.array::<16>("ipv6").map_err(e)?),
+            f => return Err(format!("bad tcp connection info: address family {f}")),
+        };
+        let port = r.u16("port").map_err(e)?;
+        if port == 0 {
+            return Err("bad tcp connection info: port 0".into());
+        }
+        out.push(SocketAddr::new(ip, port));
+    }
+    if !r.is_empty() {
+        return Err("bad tcp connection info: trailing bytes".into());
+    }
+    if out.is_empty() {
+        return Err("the peer's tcp listener has no address".into());
+    }
+    Ok(out)
+}
+
+impl Backend for TcpBackend {
+    fn name(&self) -> BackendName {
+        BackendName::Tcp
+    }
+
+    fn caps(&self) -> Caps {
+        Caps {
+            local_kinds: DRAM,
+            remote_kinds: DRAM,
+            notifications: true,
+            locality: Locality::AnyNode,
+        }
+    }
+
+    fn probe(&self) -> std::result::Result<(), String> {
+        self.cfg.check().map_err(|e| e.to_string())
+    }
+
+    fn start(&self, target: TargetHandle) -> Result<()> {
+        self.cfg.check()?;
+        *self.me.lock() = Some((target.name_arc(), target.instance_id()));
+        let server = Server::start(Arc::clone(&self.cfg), target)?;
+        *self.server.lock() = Some(server);
+        Ok(())
+    }
+
+    fn conn_info(&self) -> Vec<u8> {
+        encode_conn_info(&self.listen_addrs())
+    }
+
+    fn register(&self, _kind: MemKind, _desc: &Desc) -> Result<Vec<u8>> {
+        // The target checks ranges and keys itself; peers need nothing more than the key.
+        Ok(Vec::new())
+    }
+
+    fn deregister(&self, _region: &Region) {}
+
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+        decode_conn_info(conn_info).map(|_| ())
+    }
+
+    fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {
+        if self.shut.load(Ordering::Acquire) {
+            return Err(Error::Cancelled);
+        }
+        let addrs = decode_conn_info(peer.conn_info).map_err(|reason| Error::Backend {
+            backend: BackendName::Tcp,
+            op: "connect",
+            reason,
+        })?;
+        let (me, my_instance) = self
+            .me
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument("tcp backend not started".into()))?;
+        let conn = Conn::new(
+            Arc::clone(&self.cfg),
+            me,
+            my_instance,
+            peer.name.to_owned(),
+            peer.instance_id,
+            addrs,
+            Arc::clone(&self.shut),
+        );
+        conn.warm_up()?;
+        let mut conns = self.conns.lock();
+        conns.retain(|c| c.strong_count() > 0);
+        conns.push(Arc::downgrade(&conn));
+        Ok(conn)
+    }
+
+    fn shutdown(&self) {
+        if self.shut.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for c in self.conns.lock().drain(..) {
+            if let Some(c) = c.upgrade() {
+                c.fail(Error::Cancelled);
+            }
+        }
+        if let Some(s) = self.server.lock().take() {
+            s.stop();
+        }
+    }
+}
+
+impl Drop for TcpBackend {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Fetches an agent's metadata from its `tcp` listener (authenticating with `auth`).
+pub fn fetch_metadata(addr: &str, auth: &Auth, timeout: Duration) -> Result<Vec<u8>> {
+    let addr = parse_listen(addr)?;
+    client::metadata_call(addr, auth, timeout, None)
+}
+
+/// Pushes this agent's metadata to a peer's `tcp` listener, which loads it; returns the peer's
+/// answer (the name it loaded it as).
+pub fn push_metadata(addr: &str, auth: &Auth, md: &[u8], timeout: Duration) -> Result<String> {
+    let addr = parse_listen(addr)?;
+    client::metadata_call(addr, auth, timeout, Some(md))
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// A socket error as a request outcome: a path that stopped carrying packets (the kernel's
+/// retransmission timeout, an unreachable network) is `TimedOut`; the peer closing or
+/// resetting is a remote disconnect.
+fn peer_err(peer: &str, e: &std::io::Error) -> Error {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::WouldBlock | K::NetworkUnreachable | K::HostUnreachable => {
+            tracing::warn!(peer, error = %e, "tcp: no path to the peer");
+            Error::TimedOut
+        }
+        _ => Error::RemoteDisconnect {
+            peer: peer.to_owned(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                last = Some(std::io::Error::new(
+                    e.kind(),
+                    format!("connect to {a}: {e}"),
+                ));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no address to connect to")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_info_round_trips_and_garbage_is_refused() {
+        let addrs: Vec<SocketAddr> = vec![
+            "10.1.2.3:4000".parse().unwrap(),
+            "[fd00::2]:5000".parse().unwrap(),
+        ];
+        assert_eq!(decode_conn_info(&encode_conn_info(&addrs)).unwrap(), addrs);
+        assert!(decode_conn_info(&encode_conn_info(&[])).is_err());
+        assert!(decode_conn_info(&[]).is_err());
+        assert!(decode_conn_info(&[1, 1, 4, 1, 2, 3, 4, 0, 0]).is_err());
+        assert!(decode_conn_info(&[1, 1, 9]).is_err());
+        assert!(decode_conn_info(&[2, 0]).is_err());
+        let mut long = encode_conn_info(&addrs);
+        long.push(0);
+        assert!(decode_conn_info(&long).is_err());
+    }
+
+    #[test]
+    fn config_limits() {
+        assert!(TcpConfig::default().check().is_ok());
+        for c in [
+            TcpConfig {
+                conns_per_peer: 0,
+                ..TcpConfig::default()
+            },
+            TcpConfig {
+                chunk_bytes: 10,
+                ..TcpConfig::default()
+            },
+            TcpConfig {
+                window: 0,
+                ..TcpConfig::default()
+            },
+        ] {
+            assert!(c.check().is_err());
+        }
+        assert_eq!(
+            parse_listen("[::1]:0").unwrap(),
+            "[::1]:0".parse::<SocketAddr>().unwrap()
+        );
+        assert!(parse_listen("nonsense").is_err());
+    }
+}

@@ -1,0 +1,486 @@
+//! Sockets: this host's addresses, socket options, and vectored reads and writes straight
+//! between a socket and registered memory.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+/// Most iovecs per readv/writev call (Linux's UIO_MAXIOV).
+pub const IOV_MAX: usize = 1024;
+
+/// One contiguous range of memory to read into or write from.
+#[derive(Clone, Copy, Debug)]
+pub struct Span {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// The addresses of this host's interfaces that are up (loopback included).
+pub fn host_addrs() -> Vec<(String, IpAddr)> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head into `ifap`, which we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return out;
+    }
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_flags & (libc::IFF_UP as u32) == 0 {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        // SAFETY: ifa_addr is non-null and points to a sockaddr whose family says its real type.
+        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+        if family == libc::AF_INET {
+            // SAFETY: the family is AF_INET, so the sockaddr is a sockaddr_in.
+            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+            out.push((
+                name,
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))),
+            ));
+        } else if family == libc::AF_INET6 {
+            // SAFETY: the family is AF_INET6, so the sockaddr is a sockaddr_in6.
+            let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+            out.push((name, IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))));
+        }
+    }
+    // SAFETY: `ifap` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(ifap) };
+    out
+}
+
+/// Whether `ip` belongs to this host (loopback, or an address of one of its interfaces).
+pub fn is_local(ip: IpAddr, addrs: &[(String, IpAddr)]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    ip.is_loopback() || addrs.iter().any(|(_, a)| *a == ip)
+}
+
+/// The address an agent listens on by default: the host's first non-loopback IPv4 address, else
+/// its first global-scope IPv6 address, else loopback.
+pub fn default_listen_ip() -> IpAddr {
+    let addrs = host_addrs();
+    let usable = |a: &IpAddr| match a {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified(),
+        IpAddr::V6(v6) => {
+            !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80
+        }
+    };
+    addrs
+        .iter()
+        .map(|(_, a)| *a)
+        .find(|a| a.is_ipv4() && usable(a))
+        .or_else(|| addrs.iter().map(|(_, a)| *a).find(usable))
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+fn setsockopt<T>(s: &TcpStream, level: i32, name: i32, value: T) -> io::Result<()> {
+    // SAFETY: `value` is a live T for the call and its size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            &value as *const T as *const libc::c_void,
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Low latency for small frames, large buffers for bulk data, keepalive to reap dead idle peers.
+pub fn tune(s: &TcpStream, buf_bytes: usize) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let b = i32::try_from(buf_bytes).unwrap_or(i32::MAX);
+    // Buffer sizes are hints the kernel caps; failing to raise them is not an error.
+    let _ = setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUF, b);
+    let _ = setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVBUF, b);
+    setsockopt(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1i32)?;
+    let _ = setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10i32);
+    let _ = setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5i32);
+    let _ = setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3i32);
+    Ok(())
+}
+
+/// Sets the receive timeout (how long one read may block).
+pub fn read_timeout(s: &TcpStream, t: Duration) -> io::Result<()> {
+    s.set_read_timeout(Some(t.max(Duration::from_millis(1))))
+}
+
+/// Sets the send timeout (how long one write may block) and the time unacknowledged data may
+/// sit before the kernel gives the connection up.
+pub fn write_timeout(s: &TcpStream, t: Duration, give_up: Duration) -> io::Result<()> {
+    s.set_write_timeout(Some(t.max(Duration::from_millis(1))))?;
+    let ms = u32::try_from(give_up.as_millis()).unwrap_or(u32::MAX);
+    let _ = setsockopt(s, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
+    Ok(())
+}
+
+/// A cursor over spans for partial vectored I/O.
+#[derive(Debug)]
+pub struct SpanCursor<'a> {
+    spans: &'a [Span],
+    idx: usize,
+    off: u64,
+}
+
+impl<'a> SpanCursor<'a> {
+    pub fn new(spans: &'a [Span]) -> SpanCursor<'a> {
+        let mut c = SpanCursor {
+            spans,
+            idx: 0,
+            off: 0,
+        };
+        c.skip_empty();
+        c
+    }
+
+    fn skip_empty(&mut self) {
+        while self.idx < self.spans.len() && self.off >= self.spans[self.idx].len {
+            self.idx += 1;
+            self.off = 0;
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.idx >= self.spans.len()
+    }
+
+    /// Fills `iov` (after `head` entries already there) with what is left, up to IOV_MAX.
+    fn fill(&self, iov: &mut Vec<libc::iovec>) {
+        let mut off = self.off;
+        for s in &self.spans[self.idx..] {
+            if iov.len() >= IOV_MAX {
+                break;
+            }
+            iov.push(libc::iovec {
+                iov_base: (s.addr + off) as usize as *mut libc::c_void,
+                iov_len: (s.len - off) as usize,
+            });
+            off = 0;
+        }
+    }
+
+    pub fn advance(&mut self, mut n: u64) {
+        while n > 0 && self.idx < self.spans.len() {
+            let left = self.spans[self.idx].len - self.off;
+            if n < left {
+                self.off += n;
+                return;
+            }
+            n -= left;
+            self.idx += 1;
+            self.off = 0;
+        }
+        self.skip_empty();
+    }
+}
+
+/// One `writev` of `head` (bytes not yet sent of a header) followed by the spans' memory.
+/// Returns bytes written; the caller advances.
+///
+/// # Safety
+/// Every span must be readable memory for the duration of the call.
+pub unsafe fn writev_once(
+    s: &TcpStream,
+    head: &[u8],
+    cur: &SpanCursor<'_>,
+    iov: &mut Vec<libc::iovec>,
+) -> io::Result<usize> {
+    iov.clear();
+    if !head.is_empty() {
+        iov.push(libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        });
+    }
+    cur.fill(iov);
+    if iov.is_empty() {
+        return Ok(0);
+    }
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: the iovecs point at `head` (borrowed for the call) and at spans the caller
+    // guarantees readable; sendmsg only reads them. MSG_NOSIGNAL: a closed peer is an error,
+    // not a SIGPIPE.
+    let r = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// One `readv` into the spans' memory.
+///
+/// # Safety
+/// Every span must be writable memory that no Rust reference aliases for the call.
+pub unsafe fn readv_once(
+    s: &TcpStream,
+    cur: &SpanCursor<'_>,
+    iov: &mut Vec<libc::iovec>,
+) -> io::Result<usize> {
+    iov.clear();
+    cur.fill(iov);
+    if iov.is_empty() {
+        return Ok(0);
+    }
+    // SAFETY: the caller guarantees the spans are writable and unaliased; readv writes at most
+    // iov_len bytes into each.
+    let r = unsafe { libc::readv(s.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Writes all of `buf` without raising SIGPIPE.
+pub fn send_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a live byte slice for the call.
+        let r = unsafe {
+            libc::send(
+                s.as_raw_fd(),
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[r as usize..];
+    }
+    Ok(())
+}
+
+/// What to do when a blocking call found nothing for one socket timeout period: `Ok` to try
+/// again, an error to give up. `started` says whether part of the unit was already moved.
+pub trait OnBlock {
+    fn blocked(&mut self, started: bool) -> io::Result<()>;
+    /// Bytes moved (resets idle clocks).
+    fn progress(&mut self) {}
+}
+
+impl<F: FnMut(bool) -> io::Result<()>> OnBlock for F {
+    fn blocked(&mut self, started: bool) -> io::Result<()> {
+        self(started)
+    }
+}
+
+fn retry(e: &io::Error) -> Option<bool> {
+    match e.kind() {
+        io::ErrorKind::Interrupted => Some(false),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Some(true),
+        _ => None,
+    }
+}
+
+/// Reads exactly `buf`, asking `on` what to do whenever a read times out.
+pub fn read_exact_with(s: &TcpStream, buf: &mut [u8], on: &mut dyn OnBlock) -> io::Result<()> {
+    use std::io::Read;
+    let mut got = 0;
+    let mut r: &TcpStream = s;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed by the peer",
+                ))
+            }
+            Ok(n) => {
+                got += n;
+                on.progress();
+            }
+            Err(e) => match retry(&e) {
+                Some(true) => on.blocked(got > 0)?,
+                Some(false) => {}
+                None => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Reads one frame into `body` (type byte first); returns the type. Grows `body` as bytes
+/// arrive, so a length prefix alone cannot make it allocate much.
+pub fn read_frame(
+    s: &TcpStream,
+    body: &mut Vec<u8>,
+    limit: impl Fn(u8) -> usize,
+    on: &mut dyn OnBlock,
+) -> io::Result<u8> {
+    let mut head = [0u8; 5];
+    read_exact_with(s, &mut head, on)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let ty = head[4];
+    if len == 0 || len - 1 > limit(ty) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of type {ty} with length {len} is over its limit"),
+        ));
+    }
+    let len = len - 1;
+    body.clear();
+    while body.len() < len {
+        let have = body.len();
+        let step = (len - have).min(1 << 20);
+        body.resize(have + step, 0);
+        let res = read_exact_with(s, &mut body[have..], &mut Started(on));
+        if let Err(e) = res {
+            body.truncate(have);
+            return Err(e);
+        }
+    }
+    Ok(ty)
+}
+
+/// Marks every block inside a unit as "started".
+struct Started<'a>(&'a mut dyn OnBlock);
+
+impl OnBlock for Started<'_> {
+    fn blocked(&mut self, _: bool) -> io::Result<()> {
+        self.0.blocked(true)
+    }
+    fn progress(&mut self) {
+        self.0.progress();
+    }
+}
+
+/// Reads exactly the spans' total length into their memory.
+///
+/// # Safety
+/// Every span must be writable memory that no Rust reference aliases until this returns.
+pub unsafe fn read_spans(
+    s: &TcpStream,
+    spans: &[Span],
+    iov: &mut Vec<libc::iovec>,
+    on: &mut dyn OnBlock,
+) -> io::Result<()> {
+    let mut cur = SpanCursor::new(spans);
+    while !cur.done() {
+        // SAFETY: forwarded from the caller.
+        match unsafe { readv_once(s, &cur, iov) } {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed by the peer",
+                ))
+            }
+            Ok(n) => {
+                cur.advance(n as u64);
+                on.progress();
+            }
+            Err(e) => match retry(&e) {
+                Some(true) => on.blocked(true)?,
+                Some(false) => {}
+                None => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Writes `head` then the spans' memory, all of it.
+///
+/// # Safety
+/// Every span must be readable memory until this returns.
+pub unsafe fn write_spans(
+    s: &TcpStream,
+    head: &[u8],
+    spans: &[Span],
+    iov: &mut Vec<libc::iovec>,
+    on: &mut dyn OnBlock,
+) -> io::Result<()> {
+    let mut head = head;
+    let mut cur = SpanCursor::new(spans);
+    while !head.is_empty() || !cur.done() {
+        // SAFETY: forwarded from the caller.
+        match unsafe { writev_once(s, head, &cur, iov) } {
+            Ok(n) => {
+                let h = n.min(head.len());
+                head = &head[h..];
+                cur.advance((n - h) as u64);
+                on.progress();
+            }
+            Err(e) => match retry(&e) {
+                Some(true) => on.blocked(true)?,
+                Some(false) => {}
+                None => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Reads and throws away `n` bytes (the data of a refused WRITE, to keep the stream in step).
+pub fn discard(
+    s: &TcpStream,
+    mut n: u64,
+    scratch: &mut Vec<u8>,
+    on: &mut dyn OnBlock,
+) -> io::Result<()> {
+    scratch.resize(64 << 10, 0);
+    while n > 0 {
+        let step = n.min(scratch.len() as u64) as usize;
+        read_exact_with(s, &mut scratch[..step], &mut Started(on))?;
+        n -= step as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_and_own_addresses_are_local() {
+        let addrs = host_addrs();
+        assert!(is_local("127.0.0.1".parse().unwrap(), &addrs));
+        assert!(is_local("::1".parse().unwrap(), &addrs));
+        assert!(is_local("::ffff:127.0.0.1".parse().unwrap(), &addrs));
+        for (_, a) in &addrs {
+            assert!(is_local(*a, &addrs));
+        }
+        assert!(!is_local("203.0.113.9".parse().unwrap(), &addrs));
+    }
+
+    #[test]
+    fn cursor_advances_across_spans() {
+        let spans = [
+            Span { addr: 0, len: 3 },
+            Span { addr: 10, len: 0 },
+            Span { addr: 20, len: 5 },
+        ];
+        let mut c = SpanCursor::new(&spans);
+        c.advance(2);
+        assert_eq!((c.idx, c.off), (0, 2));
+        c.advance(1);
+        assert_eq!((c.idx, c.off), (2, 0));
+        c.advance(4);
+        assert!(!c.done());
+        c.advance(1);
+        assert!(c.done());
+    }
+}

@@ -1,0 +1,412 @@
+//! The `tcp` backend's frames: `len u32 | type u8 | body`, little-endian, at most
+//! [`MAX_FRAME`] bytes. Data follows its frame raw (WRITE from the initiator, DATA from the
+//! target), at most [`MAX_CHUNK`] bytes. A frame that does not decode drops its connection.
+
+use std::io;
+
+use nixl_core::codec::Reader;
+use nixl_core::DecodeError;
+
+/// Largest frame accepted.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Most descriptors in one WRITE or READ frame (bounded so a frame fits in one writev).
+pub const MAX_PIECES: usize = 1000;
+/// Largest data payload after one frame.
+pub const MAX_CHUNK: u64 = 64 << 20;
+/// Bytes per piece on the wire.
+pub const PIECE_BYTES: usize = 24;
+/// Longest text in a reply.
+pub const MAX_TEXT: usize = 1024;
+/// Largest notification.
+pub const MAX_NOTIF: usize = 16 << 20;
+/// Longest agent name.
+const MAX_NAME: usize = 1024;
+
+/// One target range of a WRITE or READ: address, length, region key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub addr: u64,
+    pub len: u64,
+    pub key: u64,
+}
+
+/// What a connection is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Purpose {
+    /// Transfers and notifications.
+    Data = 0,
+    /// Fetching or pushing metadata.
+    Metadata = 1,
+}
+
+/// Status of a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    Denied = 1,
+    Failed = 2,
+}
+
+impl Status {
+    fn from_code(c: u8) -> Result<Status, DecodeError> {
+        match c {
+            0 => Ok(Status::Ok),
+            1 => Ok(Status::Denied),
+            2 => Ok(Status::Failed),
+            _ => Err(DecodeError::Invalid {
+                field: "status",
+                reason: format!("unknown code {c}"),
+            }),
+        }
+    }
+}
+
+pub const OPEN: u8 = 1;
+pub const WRITE: u8 = 2;
+pub const READ: u8 = 3;
+pub const NOTIF: u8 = 4;
+pub const MD_GET: u8 = 5;
+pub const MD_PUSH: u8 = 6;
+pub const OPENED: u8 = 16;
+pub const ACK: u8 = 17;
+pub const DATA: u8 = 18;
+pub const MD: u8 = 19;
+
+/// Starts a frame in `out` (cleared): length placeholder and type.
+pub fn begin(out: &mut Vec<u8>, ty: u8) {
+    out.clear();
+    out.extend_from_slice(&[0, 0, 0, 0, ty]);
+}
+
+/// Patches the length of a frame begun with [`begin`].
+pub fn finish(out: &mut [u8]) {
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_le_bytes());
+}
+
+pub fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+pub fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+pub fn put_str(out: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..floor_char(s, MAX_TEXT)];
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s);
+}
+
+fn floor_char(s: &str, max: usize) -> usize {
+    if s.len() <= max {
+        return s.len();
+    }
+    let mut i = max;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+pub fn put_blob(out: &mut Vec<u8>, b: &[u8]) {
+    put_u32(out, b.len() as u32);
+    out.extend_from_slice(b);
+}
+
+/// OPEN: purpose, the initiator's name and instance, the instance it expects (0: any).
+pub fn open(out: &mut Vec<u8>, purpose: Purpose, name: &str, instance: u128, expect: u128) {
+    begin(out, OPEN);
+    out.push(purpose as u8);
+    put_str(out, name);
+    out.extend_from_slice(&instance.to_le_bytes());
+    out.extend_from_slice(&expect.to_le_bytes());
+    finish(out);
+}
+
+/// A decoded OPEN.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Open {
+    pub purpose: Purpose,
+    pub name: String,
+    pub instance: u128,
+    pub expect: u128,
+}
+
+pub fn decode_open(body: &[u8]) -> Result<Open, DecodeError> {
+    let mut r = Reader::new(body);
+    let purpose = match r.u8("purpose")? {
+        0 => Purpose::Data,
+        1 => Purpose::Metadata,
+        p => {
+            return Err(DecodeError::Invalid {
+                field: "purpose",
+                reason: format!("unknown {p}"),
+            })
+        }
+    };
+    let name = r.str("name", MAX_NAME)?;
+    let instance = u128::from_le_bytes(r.array("instance")?);
+    let expect = u128::from_le_bytes(r.array("expected instance")?);
+    end(&r)?;
+    Ok(Open {
+        purpose,
+        name,
+        instance,
+        expect,
+    })
+}
+
+/// OPENED: the target's instance and name, or a refusal.
+pub fn opened(out: &mut Vec<u8>, status: Status, instance: u128, text: &str) {
+    begin(out, OPENED);
+    out.push(status as u8);
+    out.extend_from_slice(&instance.to_le_bytes());
+    put_str(out, text);
+    finish(out);
+}
+
+pub fn decode_opened(body: &[u8]) -> Result<(Status, u128, String), DecodeError> {
+    let mut r = Reader::new(body);
+    let status = Status::from_code(r.u8("status")?)?;
+    let instance = u128::from_le_bytes(r.array("instance")?);
+    let text = r.str("text", MAX_TEXT)?;
+    end(&r)?;
+    Ok((status, instance, text))
+}
+
+/// The head of a WRITE or READ frame; pieces are appended with [`put_piece`].
+pub fn xfer_head(out: &mut Vec<u8>, ty: u8, id: u64, chunk: u32, pieces: u32) {
+    begin(out, ty);
+    put_u64(out, id);
+    put_u32(out, chunk);
+    put_u32(out, pieces);
+}
+
+pub fn put_piece(out: &mut Vec<u8>, p: &Piece) {
+    put_u64(out, p.addr);
+    put_u64(out, p.len);
+    put_u64(out, p.key);
+}
+
+/// Decodes a WRITE or READ body into `pieces` (cleared); returns (id, chunk, payload bytes).
+pub fn decode_xfer(body: &[u8], pieces: &mut Vec<Piece>) -> Result<(u64, u32, u64), DecodeError> {
+    let mut r = Reader::new(body);
+    let id = r.u64("id")?;
+    let chunk = r.u32("chunk")?;
+    let n = r.count("pieces", r.peek_u32()? as usize, 4, MAX_PIECES, PIECE_BYTES)?;
+    pieces.clear();
+    let mut total = 0u64;
+    for _ in 0..n {
+        let p = Piece {
+            addr: r.u64("addr")?,
+            len: r.u64("len")?,
+            key: r.u64("key")?,
+        };
+        total = total.saturating_add(p.len);
+        pieces.push(p);
+    }
+    end(&r)?;
+    if total > MAX_CHUNK {
+        return Err(DecodeError::TooLarge {
+            field: "chunk payload",
+            got: usize::try_from(total).unwrap_or(usize::MAX),
+            limit: MAX_CHUNK as usize,
+        });
+    }
+    Ok((id, chunk, total))
+}
+
+/// ACK of a WRITE chunk, a NOTIF or a pushed metadata.
+pub fn ack(out: &mut Vec<u8>, id: u64, chunk: u32, status: Status, text: &str) {
+    begin(out, ACK);
+    put_u64(out, id);
+    put_u32(out, chunk);
+    out.push(status as u8);
+    put_str(out, text);
+    finish(out);
+}
+
+/// DATA: the answer to a READ chunk; `len` raw bytes follow when the status is Ok.
+pub fn data(out: &mut Vec<u8>, id: u64, chunk: u32, status: Status, len: u64, text: &str) {
+    begin(out, DATA);
+    put_u64(out, id);
+    put_u32(out, chunk);
+    out.push(status as u8);
+    put_u64(out, len);
+    put_str(out, text);
+    finish(out);
+}
+
+/// A decoded ACK or DATA.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub id: u64,
+    pub chunk: u32,
+    pub status: Status,
+    /// Raw bytes that follow (DATA only).
+    pub len: u64,
+    pub text: String,
+}
+
+pub fn decode_reply(ty: u8, body: &[u8]) -> Result<Reply, DecodeError> {
+    let mut r = Reader::new(body);
+    let id = r.u64("id")?;
+    let chunk = r.u32("chunk")?;
+    let status = Status::from_code(r.u8("status")?)?;
+    let len = if ty == DATA { r.u64("len")? } else { 0 };
+    let text = r.str("text", MAX_TEXT)?;
+    end(&r)?;
+    if len > MAX_CHUNK || (status != Status::Ok && len != 0) {
+        return Err(DecodeError::Invalid {
+            field: "data length",
+            reason: format!("{len} bytes with status {status:?}"),
+        });
+    }
+    Ok(Reply {
+        id,
+        chunk,
+        status,
+        len,
+        text,
+    })
+}
+
+/// NOTIF: a notification for the target (acknowledged with ACK of the same id).
+pub fn notif(out: &mut Vec<u8>, id: u64, msg: &[u8]) {
+    begin(out, NOTIF);
+    put_u64(out, id);
+    put_blob(out, msg);
+    finish(out);
+}
+
+pub fn decode_notif(body: &[u8]) -> Result<(u64, &[u8]), DecodeError> {
+    let mut r = Reader::new(body);
+    let id = r.u64("id")?;
+    let msg = r.blob("message")?;
+    end(&r)?;
+    Ok((id, msg))
+}
+
+/// MD: metadata bytes or a refusal text.
+pub fn md(out: &mut Vec<u8>, status: Status, bytes: &[u8]) {
+    begin(out, MD);
+    out.push(status as u8);
+    put_blob(out, bytes);
+    finish(out);
+}
+
+pub fn decode_md(body: &[u8]) -> Result<(Status, &[u8]), DecodeError> {
+    let mut r = Reader::new(body);
+    let status = Status::from_code(r.u8("status")?)?;
+    let bytes = r.blob("metadata")?;
+    end(&r)?;
+    Ok((status, bytes))
+}
+
+fn end(r: &Reader<'_>) -> Result<(), DecodeError> {
+    if r.is_empty() {
+        Ok(())
+    } else {
+        Err(DecodeError::Invalid {
+            field: "frame",
+            reason: "trailing bytes".into(),
+        })
+    }
+}
+
+/// Largest frame a peer may send for a purpose (metadata frames carry whole metadata).
+pub fn frame_limit(ty: u8) -> usize {
+    match ty {
+        MD | MD_PUSH => nixl_core::metadata::MAX_METADATA_BYTES + 64,
+        NOTIF => MAX_NOTIF + 64,
+        _ => MAX_FRAME,
+    }
+}
+
+/// Turns a decode error into an I/O error of kind InvalidData.
+pub fn bad(e: DecodeError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(f: &[u8]) -> (u8, &[u8]) {
+        let len = u32::from_le_bytes(f[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, f.len() - 4);
+        (f[4], &f[5..])
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let mut out = Vec::new();
+        open(&mut out, Purpose::Data, "a-ü", 7, 9);
+        let (ty, b) = body(&out);
+        assert_eq!(ty, OPEN);
+        assert_eq!(
+            decode_open(b).unwrap(),
+            Open {
+                purpose: Purpose::Data,
+                name: "a-ü".into(),
+                instance: 7,
+                expect: 9
+            }
+        );
+        let p = Piece {
+            addr: 1,
+            len: 2,
+            key: 3,
+        };
+        xfer_head(&mut out, WRITE, 5, 6, 2);
+        put_piece(&mut out, &p);
+        put_piece(&mut out, &p);
+        finish(&mut out);
+        let mut pieces = Vec::new();
+        assert_eq!(decode_xfer(body(&out).1, &mut pieces).unwrap(), (5, 6, 4));
+        assert_eq!(pieces, vec![p, p]);
+        data(&mut out, 1, 2, Status::Ok, 99, "");
+        let (ty, b) = body(&out);
+        assert_eq!(decode_reply(ty, b).unwrap().len, 99);
+        ack(&mut out, 1, 2, Status::Denied, "no");
+        let (ty, b) = body(&out);
+        assert_eq!(decode_reply(ty, b).unwrap().status, Status::Denied);
+    }
+
+    #[test]
+    fn garbage_and_lies_are_errors() {
+        let mut pieces = Vec::new();
+        // Claims more pieces than the bytes hold.
+        let mut out = Vec::new();
+        xfer_head(&mut out, READ, 1, 0, 50);
+        finish(&mut out);
+        assert!(decode_xfer(body(&out).1, &mut pieces).is_err());
+        // A payload over the chunk limit.
+        xfer_head(&mut out, WRITE, 1, 0, 1);
+        put_piece(
+            &mut out,
+            &Piece {
+                addr: 0,
+                len: MAX_CHUNK + 1,
+                key: 0,
+            },
+        );
+        finish(&mut out);
+        assert!(decode_xfer(body(&out).1, &mut pieces).is_err());
+        // Denied with data attached.
+        data(&mut out, 1, 2, Status::Denied, 5, "x");
+        let (ty, b) = body(&out);
+        assert!(decode_reply(ty, b).is_err());
+        for junk in [&[][..], &[9u8; 3], &[0xff; 40]] {
+            let _ = decode_open(junk);
+            let _ = decode_reply(ACK, junk);
+            let _ = decode_reply(DATA, junk);
+            let _ = decode_xfer(junk, &mut pieces);
+            let _ = decode_md(junk);
+            let _ = decode_notif(junk);
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The `tcp` backend with real sockets on loopback: two agents in one process talking through
+//! their listeners (the cross-namespace and cross-process tests live in the `nixl-tests` crate).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nixl_core::*;
+use nixl_transports::tcp::{fetch_metadata, push_metadata, Auth, TcpBackend, TcpConfig};
+
+/// Registration for tests: every buffer is declared before its registration (so it outlives
+/// it) and is read only after the transfers that write it have ended (`Agent::register`).
+fn reg(agent: &Agent, buf: &mut [u8]) -> Registration {
+    let list = DescList::from_descs(MemKind::Dram, vec![Desc::from_mut_slice(buf)]).unwrap();
+    // SAFETY: see above.
+    unsafe { agent.register(&list) }.unwrap()
+}
+
+fn cfg(auth: Auth) -> TcpConfig {
+    TcpConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        io_timeout: Duration::from_secs(2),
+        auth,
+        ..TcpConfig::default()
+    }
+}
+
+fn agent(name: &str, c: TcpConfig) -> (Agent, Arc<TcpBackend>) {
+    let b = Arc::new(TcpBackend::new(c));
+    let a = Agent::builder(name).backend(b.clone()).build().unwrap();
+    (a, b)
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn one(buf: &[u8]) -> DescList {
+    DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(buf)]).unwrap()
+}
+
+fn opts(notif: Option<&[u8]>) -> XferOptions {
+    XferOptions {
+        notif: notif.map(<[u8]>::to_vec),
+        ..XferOptions::default()
+    }
+}
+
+#[test]
+fn write_and_read_every_byte_with_notifications() {
+    let (a, _) = agent("tcp-a", cfg(Auth::host_only()));
+    let (b, _) = agent("tcp-b", cfg(Auth::host_only()));
+    let len = 40 << 20;
+    let mut src = pattern(1, len);
+    let mut dst = vec![0u8; len];
+    let _ra = reg(&a, &mut src);
+    let _rb = reg(&b, &mut dst);
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    let x = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&src),
+            &one(&dst),
+            "tcp-b",
+            opts(Some(b"w1")),
+        )
+        .unwrap();
+    assert_eq!(x.backend(), BackendName::Tcp);
+    x.run_blocking().unwrap();
+    let n = b.wait_notifs(Duration::from_secs(5));
+    assert_eq!(n.len(), 1);
+    assert_eq!(
+        (n[0].from.as_str(), n[0].msg.as_slice()),
+        ("tcp-a", &b"w1"[..])
+    );
+    assert!(dst == pattern(1, len), "written bytes differ");
+
+    // READ back into a fresh buffer, from 3000 odd pieces.
+    let mut back = vec![0u8; len];
+    let _rback = reg(&a, &mut back);
+    let mut local = Vec::new();
+    let mut remote = Vec::new();
+    let mut off = 0usize;
+    let mut i = 0usize;
+    while off < len {
+        let n = ((i * 7919) % 30_000 + 1).min(len - off);
+        local.push(Desc::from_slice(&back[off..off + n]));
+        remote.push(Desc::from_slice(&dst[off..off + n]));
+        off += n;
+        i += 1;
+    }
+    let local = DescList::from_descs(MemKind::Dram, local).unwrap();
+    let remote = DescList::from_descs(MemKind::Dram, remote).unwrap();
+    let r = a
+        .create_xfer(XferOp::Read, &local, &remote, "tcp-b", opts(Some(b"r1")))
+        .unwrap();
+    r.run_blocking().unwrap();
+    r.run_blocking().unwrap();
+    assert!(back == pattern(1, len), "read bytes differ");
+    assert_eq!(b.wait_notifs(Duration::from_secs(5)).len(), 2);
+
+    a.send_notif("tcp-b", b"hello").unwrap();
+    let n = b.wait_notifs(Duration::from_secs(5));
+    assert_eq!(n[0].msg, b"hello");
+}
+
+#[test]
+fn out_of_bounds_wrong_key_and_deregistered_are_refused_at_the_target() {
+    let (a, _) = agent("oob-a", cfg(Auth::host_only()));
+    let (b, _) = agent("oob-b", cfg(Auth::host_only()));
+    let mut src = vec![7u8; 1 << 16];
+    let mut dst = vec![0u8; 1 << 16];
+    let _ra = reg(&a, &mut src);
+    let rb = reg(&b, &mut dst);
+    let good = b.metadata();
+    // A forged copy of b's metadata: the region claims to be 1 MiB long, and a second copy
+    // with the wrong key. The target checks both itself.
+    let mut big = good.clone();
+    big.regions[0].desc.len = 1 << 20;
+    big.generation += 1;
+    a.load_remote_md(big).unwrap();
+    let far = Desc::new(dst.as_ptr() as u64 + (1 << 19), 4096, 0);
+    let x = a
+        .create_xfer(
+            XferOp::Write,
+            &DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(&src[..4096])]).unwrap(),
+            &DescList::from_descs(MemKind::Dram, vec![far]).unwrap(),
+            "oob-b",
+            XferOptions::default(),
+        )
+        .unwrap();
+    let err = x.run_blocking().unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+
+    let mut wrong = good.clone();
+    wrong.regions[0].key ^= 1;
+    wrong.generation += 2;
+    a.load_remote_md(wrong).unwrap();
+    let x = a
+        .create_xfer(
+            XferOp::Read,
+            &one(&src),
+            &one(&dst),
+            "oob-b",
+            XferOptions::default(),
+        )
+        .unwrap();
+    let err = x.run_blocking().unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    assert!(src.iter().all(|&v| v == 7), "a refused READ wrote memory");
+
+    // Correct metadata, then the target deregisters: the next post is refused.
+    let mut right = good.clone();
+    right.generation += 3;
+    a.load_remote_md(right).unwrap();
+    let x = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&src),
+            &one(&dst),
+            "oob-b",
+            XferOptions::default(),
+        )
+        .unwrap();
+    x.run_blocking().unwrap();
+    rb.deregister().unwrap();
+    let err = x.run_blocking().unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    // The session survives refusals: the connection still works for a good request.
+    let _rb2 = reg(&b, &mut dst);
+    let mut fresh = b.metadata();
+    fresh.generation = 100;
+    a.load_remote_md(fresh).unwrap();
+    let x = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&src),
+            &one(&dst),
+            "oob-b",
+            XferOptions::default(),
+        )
+        .unwrap();
+    x.run_blocking().unwrap();
+}
+
+#[test]
+fn shared_secret_must_match_on_both_sides() {
+    let (b, bb) = agent("sec-b", cfg(Auth::with_secret("s3cret")));
+    let mut bbuf = [0u8; 16];
+    let _rb = reg(&b, &mut bbuf);
+    let addr = bb.listen_addrs()[0].to_string();
+    let t = Duration::from_secs(2);
+    // Right secret: metadata fetch works and matches.
+    let md = fetch_metadata(&addr, &Auth::with_secret("s3cret"), t).unwrap();
+    assert_eq!(AgentMetadata::decode(&md).unwrap().name, "sec-b");
+    // Wrong secret, and none at all.
+    for auth in [Auth::with_secret("nope"), Auth::host_only()] {
+        let err = fetch_metadata(&addr, &auth, t).unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    }
+    // A client with a secret refuses a listener without one (it cannot prove itself).
+    let (_c, cb) = agent("sec-c", cfg(Auth::host_only()));
+    let err = fetch_metadata(
+        &cb.listen_addrs()[0].to_string(),
+        &Auth::with_secret("s3cret"),
+        t,
+    )
+    .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    // Transfers between agents with different secrets are refused at connect.
+    let (a, _) = agent("sec-a", cfg(Auth::with_secret("other")));
+    let mut buf = [0u8; 16];
+    let _ra = reg(&a, &mut buf);
+    let err = a
+        .load_remote(&md)
+        .and_then(|_| {
+            a.create_xfer(
+                XferOp::Read,
+                &one(&buf),
+                &one(&bbuf),
+                "sec-b",
+                XferOptions::default(),
+            )
+            .map(drop)
+        })
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    drop(b);
+}
+
+#[test]
+fn metadata_push_loads_the_pusher_at_the_listener() {
+    let (a, _) = agent("push-a", cfg(Auth::host_only()));
+    let (b, bb) = agent("push-b", cfg(Auth::host_only()));
+    let name = push_metadata(
+        &bb.listen_addrs()[0].to_string(),
+        &Auth::host_only(),
+        &a.metadata_bytes(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(name, "push-a");
+    assert_eq!(b.peers(), vec!["push-a".to_owned()]);
+    // Garbage is refused with a reason, and the listener keeps serving.
+    let err = push_metadata(
+        &bb.listen_addrs()[0].to_string(),
+        &Auth::host_only(),
+        b"garbage",
+        Duration::from_secs(2),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("metadata"), "{err}");
+    assert!(fetch_metadata(
+        &bb.listen_addrs()[0].to_string(),
+        &Auth::host_only(),
+        Duration::from_secs(2)
+    )
+    .is_ok());
+}
+
+#[test]
+fn garbage_on_the_listener_drops_that_connection_only() {
+    use std::io::{Read, Write};
+    let (a, _) = agent("junk-a", cfg(Auth::host_only()));
+    let (b, bb) = agent("junk-b", cfg(Auth::host_only()));
+    let addr = bb.listen_addrs()[0];
+    for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xffu8; 200][..], &[][..]] {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let _ = s.write_all(junk);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    let mut src = vec![3u8; 4096];
+    let mut dst = vec![0u8; 4096];
+    let _ra = reg(&a, &mut src);
+    let _rb = reg(&b, &mut dst);
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    a.create_xfer(
+        XferOp::Write,
+        &one(&src),
+        &one(&dst),
+        "junk-b",
+        XferOptions::default(),
+    )
+    .unwrap()
+    .run_blocking()
+    .unwrap();
+    assert!(dst.iter().all(|&v| v == 3));
+}
+
+#[test]
+fn dropping_the_initiator_cancels_what_is_in_flight_and_a_dead_target_fails_fast() {
+    let (a, _) = agent("drop-a", cfg(Auth::host_only()));
+    let (b, _) = agent("drop-b", cfg(Auth::host_only()));
+    let len = 64 << 20;
+    let mut src = vec![1u8; len];
+    let mut dst = vec![0u8; len];
+    let _ra = reg(&a, &mut src);
+    let _rb = reg(&b, &mut dst);
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    let x = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&src),
+            &one(&dst),
+            "drop-b",
+            XferOptions::default(),
+        )
+        .unwrap();
+    // Target shuts down: in-flight and later posts fail, within the io timeout.
+    x.post().unwrap();
+    b.shutdown();
+    let t = Instant::now();
+    let st = x.wait_blocking(Some(Duration::from_secs(10)));
+    assert!(st.is_terminal(), "{st:?}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let err = x.run_blocking().unwrap_err();
+    assert!(
+        matches!(
+            err.class(),
+            ErrorClass::RemoteDisconnect | ErrorClass::TimedOut
+        ),
+        "{err}"
+    );
+
+    // Initiator shuts down with a post in flight: it ends Cancelled.
+    let (c, _) = agent("drop-c", cfg(Auth::host_only()));
+    let mut dst2 = vec![0u8; len];
+    let _rc = reg(&c, &mut dst2);
+    a.load_remote(&c.metadata_bytes()).unwrap();
+    let y = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&src),
+            &one(&dst2),
+            "drop-c",
+            XferOptions::default(),
+        )
+        .unwrap();
+    y.post().unwrap();
+    a.shutdown();
+    let st = y.wait_blocking(Some(Duration::from_secs(10)));
+    assert!(
+        matches!(st, XferStatus::Cancelled | XferStatus::Done),
+        "{st:?}"
+    );
+}
