@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nixl_core::{Agent, Desc, DescList, MemKind, XferOp, XferOptions, XferRequest};
+use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, XferOp, XferOptions, XferRequest};
 use nixl_transports::shm::ShmBuffer;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -31,6 +31,13 @@ pub struct DemoArgs {
     /// Skip the 64 KiB / 1 MiB / 64 MiB sweep.
     #[arg(long)]
     pub no_sweep: bool,
+    /// Force a backend (`shm`, `tcp`) instead of the selection policy's choice.
+    #[arg(long, value_parser = parse_backend)]
+    pub backend: Option<BackendName>,
+}
+
+fn parse_backend(s: &str) -> Result<BackendName, String> {
+    BackendName::parse(s).ok_or_else(|| format!("unknown backend {s:?}"))
 }
 
 impl Default for DemoArgs {
@@ -39,6 +46,7 @@ impl Default for DemoArgs {
             size: 1 << 30,
             plain: false,
             no_sweep: false,
+            backend: None,
         }
     }
 }
@@ -264,6 +272,7 @@ fn drive(args: &DemoArgs, size: usize, child: &mut std::process::Child) -> Res<(
         &peer,
         XferOptions {
             notif: Some(b"verify 1 2".to_vec()),
+            backend: args.backend,
             ..Default::default()
         },
     )?;
@@ -287,7 +296,10 @@ fn drive(args: &DemoArgs, size: usize, child: &mut std::process::Child) -> Res<(
         &dram(back.desc())?,
         &dram(remote)?,
         &peer,
-        XferOptions::default(),
+        XferOptions {
+            backend: args.backend,
+            ..Default::default()
+        },
     )?;
     let t = Instant::now();
     read.run_blocking()?;
@@ -303,7 +315,7 @@ fn drive(args: &DemoArgs, size: usize, child: &mut std::process::Child) -> Res<(
     );
 
     if !args.no_sweep {
-        sweep(&me, &peer, &mut src, &mut back, remote)?;
+        sweep(&me, &peer, &mut src, &mut back, remote, args.backend)?;
     }
     drop(reg);
     me.send_notif(&peer, b"done")?;
@@ -338,7 +350,14 @@ fn time_memcpy(dst: &mut [u8], src: &[u8], iters: usize) -> f64 {
     best
 }
 
-fn sweep(me: &Agent, peer: &str, src: &mut Buf, back: &mut Buf, remote: Desc) -> Res<()> {
+fn sweep(
+    me: &Agent,
+    peer: &str,
+    src: &mut Buf,
+    back: &mut Buf,
+    remote: Desc,
+    forced: Option<BackendName>,
+) -> Res<()> {
     println!();
     println!(
         "{:>8}  {:>5}  {:>9}  {:>11}  {:>6}  backend",
@@ -364,7 +383,10 @@ fn sweep(me: &Agent, peer: &str, src: &mut Buf, back: &mut Buf, remote: Desc) ->
                 &dram(Desc::new(local.addr, size as u64, 0))?,
                 &dram(Desc::new(remote.addr, size as u64, remote.dev_id))?,
                 peer,
-                XferOptions::default(),
+                XferOptions {
+                    backend: forced,
+                    ..Default::default()
+                },
             )?;
             let t = time_xfer(&req, iters)?;
             let (g, m) = (gbps(size as u64, t), gbps(size as u64, cpy));

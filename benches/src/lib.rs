@@ -6,4 +6,7 @@
 //!   the same sizes in the same group, so each figure stands next to its ceiling.
 //!
 //! The two-process `shm` figures come from `nixl-agent demo`, which measures memcpy in the same
-//! run too.
+//! run too. The `nixl-bench` binary measures `tcp` between two network namespaces next to iperf3
+//! and ucx_perftest run between the same namespaces ([`compare`]).
+
+pub mod compare;

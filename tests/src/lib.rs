@@ -3,6 +3,7 @@
 //! (`nixl-test-peer`, in `src/bin`).
 
 pub mod netns;
+pub mod peer;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};

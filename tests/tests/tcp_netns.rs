@@ -111,9 +111,10 @@ fn bytes_cross_namespaces_both_ways_over_v4_and_v6_with_notifications() {
     let cc = config(&dir, "c.toml", &c6, SECRET);
     let mut c = peer(&lab, 1, "C", 4 * MIB, &cc);
     assert_eq!(a.cmd_within(&format!("fetch {c6}"), T), "ok C");
+    assert_eq!(a.cmd_within("fill 13", T), "ok");
     let r = a.cmd_within("xfer C write 1 -", T);
     assert!(r.starts_with("ok "), "{r}");
-    assert_eq!(c.cmd_within("check 11", T), "ok");
+    assert_eq!(c.cmd_within("check 13", T), "ok");
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! [tcp]
 //! listen = "10.0.0.5:7000"   # default: the host's first non-loopback address, port 0 (free)
 //! conns_per_peer = 2
-//! chunk_bytes = 1048576
+//! chunk_bytes = 524288
 //! window = 4
 //! io_timeout_ms = 5000       # no progress for this long with work outstanding: TimedOut
 //! connect_timeout_ms = 3000

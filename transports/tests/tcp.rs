@@ -354,3 +354,49 @@ fn dropping_the_initiator_cancels_what_is_in_flight_and_a_dead_target_fails_fast
         "{st:?}"
     );
 }
+
+#[test]
+fn a_deadline_ends_a_post_and_the_session_stays_usable() {
+    let (a, _) = agent("dl-a", cfg(Auth::host_only()));
+    let (b, _) = agent("dl-b", cfg(Auth::host_only()));
+    let len = 64 << 20;
+    let mut src = pattern(9, len);
+    let mut dst = vec![0u8; len];
+    let _ra = reg(&a, &mut src);
+    let _rb = reg(&b, &mut dst);
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    let slow = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&src),
+            &one(&dst),
+            "dl-b",
+            XferOptions {
+                deadline: Some(Duration::from_micros(200)),
+                ..XferOptions::default()
+            },
+        )
+        .unwrap();
+    let err = slow.run_blocking().unwrap_err();
+    assert_eq!(err.class(), ErrorClass::TimedOut, "{err}");
+    // The chunks already on the wire finish; the rest are skipped; the connection is fine.
+    let x = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&src),
+            &one(&dst),
+            "dl-b",
+            XferOptions::default(),
+        )
+        .unwrap();
+    x.run_blocking().unwrap();
+    assert!(dst == pattern(9, len));
+    // Cancelling a post in flight ends it Cancelled, and the next post still works.
+    x.post().unwrap();
+    x.cancel();
+    assert!(matches!(
+        x.wait_blocking(Some(Duration::from_secs(10))),
+        XferStatus::Cancelled | XferStatus::Done
+    ));
+    x.run_blocking().unwrap();
+}

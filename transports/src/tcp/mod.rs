@@ -71,7 +71,7 @@ impl Default for TcpConfig {
         TcpConfig {
             listen: None,
             conns_per_peer: 2,
-            chunk_bytes: 1 << 20,
+            chunk_bytes: 512 << 10,
             window: 4,
             io_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
