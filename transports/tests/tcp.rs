@@ -30,6 +30,31 @@ fn agent(name: &str, c: TcpConfig) -> (Agent, Arc<TcpBackend>) {
     (a, b)
 }
 
+/// Two agents on loopback; `src` registered with `a`, `dst` with `b`, b's metadata loaded into
+/// a. Fields drop in order: the registrations go before the buffers they cover.
+struct Linked {
+    _regs: Vec<Registration>,
+    a: Agent,
+    b: Agent,
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+fn linked(prefix: &str, mut src: Vec<u8>, dst_len: usize) -> Linked {
+    let (a, _) = agent(&format!("{prefix}-a"), cfg(Auth::host_only()));
+    let (b, _) = agent(&format!("{prefix}-b"), cfg(Auth::host_only()));
+    let mut dst = vec![0u8; dst_len];
+    let regs = vec![reg(&a, &mut src), reg(&b, &mut dst)];
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    Linked {
+        _regs: regs,
+        a,
+        b,
+        src,
+        dst,
+    }
+}
+
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
@@ -55,19 +80,14 @@ fn opts(notif: Option<&[u8]>) -> XferOptions {
 
 #[test]
 fn write_and_read_every_byte_with_notifications() {
-    let (a, _) = agent("tcp-a", cfg(Auth::host_only()));
-    let (b, _) = agent("tcp-b", cfg(Auth::host_only()));
     let len = 40 << 20;
-    let mut src = pattern(1, len);
-    let mut dst = vec![0u8; len];
-    let _ra = reg(&a, &mut src);
-    let _rb = reg(&b, &mut dst);
-    a.load_remote(&b.metadata_bytes()).unwrap();
+    let l = linked("tcp", pattern(1, len), len);
+    let (a, b, src, dst) = (&l.a, &l.b, &l.src, &l.dst);
     let x = a
         .create_xfer(
             XferOp::Write,
-            &one(&src),
-            &one(&dst),
+            &one(src),
+            &one(dst),
             "tcp-b",
             opts(Some(b"w1")),
         )
@@ -80,11 +100,11 @@ fn write_and_read_every_byte_with_notifications() {
         (n[0].from.as_str(), n[0].msg.as_slice()),
         ("tcp-a", &b"w1"[..])
     );
-    assert!(dst == pattern(1, len), "written bytes differ");
+    assert!(*dst == pattern(1, len), "written bytes differ");
 
     // READ back into a fresh buffer, from 3000 odd pieces.
     let mut back = vec![0u8; len];
-    let _rback = reg(&a, &mut back);
+    let _rback = reg(a, &mut back);
     let mut local = Vec::new();
     let mut remote = Vec::new();
     let mut off = 0usize;
@@ -299,19 +319,14 @@ fn garbage_on_the_listener_drops_that_connection_only() {
 
 #[test]
 fn dropping_the_initiator_cancels_what_is_in_flight_and_a_dead_target_fails_fast() {
-    let (a, _) = agent("drop-a", cfg(Auth::host_only()));
-    let (b, _) = agent("drop-b", cfg(Auth::host_only()));
     let len = 64 << 20;
-    let mut src = vec![1u8; len];
-    let mut dst = vec![0u8; len];
-    let _ra = reg(&a, &mut src);
-    let _rb = reg(&b, &mut dst);
-    a.load_remote(&b.metadata_bytes()).unwrap();
+    let l = linked("drop", vec![1u8; len], len);
+    let (a, b, src, dst) = (&l.a, &l.b, &l.src, &l.dst);
     let x = a
         .create_xfer(
             XferOp::Write,
-            &one(&src),
-            &one(&dst),
+            &one(src),
+            &one(dst),
             "drop-b",
             XferOptions::default(),
         )
@@ -340,7 +355,7 @@ fn dropping_the_initiator_cancels_what_is_in_flight_and_a_dead_target_fails_fast
     let y = a
         .create_xfer(
             XferOp::Write,
-            &one(&src),
+            &one(src),
             &one(&dst2),
             "drop-c",
             XferOptions::default(),
@@ -357,19 +372,14 @@ fn dropping_the_initiator_cancels_what_is_in_flight_and_a_dead_target_fails_fast
 
 #[test]
 fn a_deadline_ends_a_post_and_the_session_stays_usable() {
-    let (a, _) = agent("dl-a", cfg(Auth::host_only()));
-    let (b, _) = agent("dl-b", cfg(Auth::host_only()));
     let len = 64 << 20;
-    let mut src = pattern(9, len);
-    let mut dst = vec![0u8; len];
-    let _ra = reg(&a, &mut src);
-    let _rb = reg(&b, &mut dst);
-    a.load_remote(&b.metadata_bytes()).unwrap();
+    let l = linked("dl", pattern(9, len), len);
+    let (a, _b, src, dst) = (&l.a, &l.b, &l.src, &l.dst);
     let slow = a
         .create_xfer(
             XferOp::Write,
-            &one(&src),
-            &one(&dst),
+            &one(src),
+            &one(dst),
             "dl-b",
             XferOptions {
                 deadline: Some(Duration::from_micros(200)),
@@ -383,14 +393,14 @@ fn a_deadline_ends_a_post_and_the_session_stays_usable() {
     let x = a
         .create_xfer(
             XferOp::Write,
-            &one(&src),
-            &one(&dst),
+            &one(src),
+            &one(dst),
             "dl-b",
             XferOptions::default(),
         )
         .unwrap();
     x.run_blocking().unwrap();
-    assert!(dst == pattern(9, len));
+    assert!(*dst == pattern(9, len));
     // Cancelling a post in flight ends it Cancelled, and the next post still works.
     x.post().unwrap();
     x.cancel();
