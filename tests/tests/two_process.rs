@@ -482,6 +482,9 @@ fn stuck_target_cannot_hang_a_request() {
     let pid = peer.child.id() as i32;
     // SAFETY: kill(2) takes plain integers; the pid is our child, not yet reaped.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // SIGSTOP lands asynchronously: wait until every thread of the target is stopped, or a
+    // thread still running could serve the next post.
+    wait_stopped(pid);
 
     // A request deadline ends the post on time.
     let t = Instant::now();
@@ -542,6 +545,7 @@ fn late_answer_keeps_local_memory_held_until_it_lands() {
     let pid = peer.child.id() as i32;
     // SAFETY: kill(2) takes plain integers; the pid is our child, not yet reaped.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_stopped(pid);
     read.post().unwrap();
     let st = read.wait_blocking(Some(Duration::from_secs(5)));
     assert!(matches!(st, XferStatus::TimedOut), "{st:?}");
@@ -563,4 +567,29 @@ fn late_answer_keeps_local_memory_held_until_it_lands() {
     });
     // The late READ landed before deregistration returned.
     assert_eq!(first_mismatch(&dst, 21), None);
+}
+
+/// Waits (up to 5 s) until every thread of `pid` is in the stopped state.
+fn wait_stopped(pid: i32) {
+    let t = Instant::now();
+    loop {
+        let all = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.flatten().all(|t| {
+                    std::fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|st| {
+                            st.rsplit(')')
+                                .next()
+                                .map(|r| r.trim_start().starts_with('T'))
+                        })
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false);
+        if all || t.elapsed() > Duration::from_secs(5) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -311,8 +311,34 @@ struct State {
     queue: VecDeque<Job>,
     pending: HashMap<u64, Arc<Post>>,
     outstanding: Vec<usize>,
+    /// A thread is writing on the lane (its sender, or a poster writing a small request inline).
+    busy: Vec<bool>,
     failed: Option<Error>,
 }
+
+/// Reusable buffers of a writer: a frame header and the iovecs.
+struct WriteBufs {
+    hdr: Vec<u8>,
+    iov: Vec<libc::iovec>,
+}
+
+impl Default for WriteBufs {
+    fn default() -> Self {
+        WriteBufs {
+            hdr: Vec::with_capacity(64 + wire::MAX_PIECES * wire::PIECE_BYTES),
+            iov: Vec::with_capacity(net::IOV_MAX),
+        }
+    }
+}
+
+thread_local! {
+    /// The buffers a posting thread uses when it writes a small request itself.
+    static INLINE_BUFS: std::cell::RefCell<WriteBufs> = std::cell::RefCell::new(WriteBufs::default());
+}
+
+/// Requests of one chunk up to this size are written by the posting thread when a connection
+/// is idle, saving the hand-off to a sender thread.
+const INLINE_MAX: u64 = 64 << 10;
 
 struct Lane {
     stream: TcpStream,
@@ -348,6 +374,7 @@ impl Session {
                 queue: VecDeque::new(),
                 pending: HashMap::new(),
                 outstanding: vec![0; n],
+                busy: vec![false; n],
                 failed: None,
             }),
             cv: Condvar::new(),
@@ -385,6 +412,24 @@ impl Session {
         st.pending.insert(post.id, Arc::clone(&post));
         match &post.plan {
             Some(plan) if !post.in_notif.load(Ordering::Acquire) => {
+                let small = plan.chunks.len() == 1 && plan.chunks[0].bytes <= INLINE_MAX;
+                let idle = (0..self.lanes.len())
+                    .find(|&i| !st.busy[i] && st.outstanding[i] < self.cfg.window);
+                if let (true, Some(lane), true) = (small, idle, st.queue.is_empty()) {
+                    st.busy[lane] = true;
+                    st.outstanding[lane] += 1;
+                    self.lanes[lane].last.store(self.now_ms(), Ordering::Release);
+                    drop(st);
+                    INLINE_BUFS.with(|b| match b.try_borrow_mut() {
+                        Ok(mut bufs) => {
+                            self.send_job(lane, Job::Chunk(post, 0), &mut bufs);
+                        }
+                        Err(_) => {
+                            self.send_job(lane, Job::Chunk(post, 0), &mut WriteBufs::default());
+                        }
+                    });
+                    return;
+                }
                 for i in 0..plan.chunks.len() {
                     st.queue.push_back(Job::Chunk(Arc::clone(&post), i as u32));
                 }
@@ -451,9 +496,10 @@ impl Session {
             if st.failed.is_some() {
                 return None;
             }
-            if st.outstanding[lane] < self.cfg.window {
+            if st.outstanding[lane] < self.cfg.window && !st.busy[lane] {
                 if let Some(j) = st.queue.pop_front() {
                     st.outstanding[lane] += 1;
+                    st.busy[lane] = true;
                     self.lanes[lane]
                         .last
                         .store(self.now_ms(), Ordering::Release);
@@ -472,52 +518,70 @@ impl Session {
     }
 
     fn send_loop(self: Arc<Self>, lane: usize) {
-        let mut hdr = Vec::with_capacity(64 + wire::MAX_PIECES * wire::PIECE_BYTES);
-        let mut iov = Vec::with_capacity(net::IOV_MAX);
-        let s = &self.lanes[lane].stream;
+        let mut bufs = WriteBufs::default();
         while let Some(job) = self.take_job(lane) {
-            let res = match &job {
-                Job::Chunk(post, idx) => {
-                    if post.abandoned() {
-                        self.lane_reply(lane);
-                        self.chunk_done(post, Err(Error::Cancelled));
-                        continue;
-                    }
-                    let plan = post.plan.as_ref().expect("chunk jobs have a plan");
-                    let c = plan.chunks[*idx as usize];
-                    let range = c.start as usize..c.end as usize;
-                    let ty = match plan.op {
-                        XferOp::Write => wire::WRITE,
-                        XferOp::Read => wire::READ,
-                    };
-                    wire::xfer_head(&mut hdr, ty, post.id, *idx, c.end - c.start);
-                    for p in &plan.remote[range.clone()] {
-                        wire::put_piece(&mut hdr, p);
-                    }
-                    wire::finish(&mut hdr);
-                    let data: &[Span] = if ty == wire::WRITE {
-                        &plan.local[range]
-                    } else {
-                        &[]
-                    };
-                    // SAFETY: the local spans lie in regions the core validated at prepare and
-                    // holds for as long as the post's completion lives; `job` keeps the post
-                    // (and so its completion) alive until this write returns. The memory is
-                    // only read.
-                    unsafe { net::write_spans(s, &hdr, data, &mut iov, &mut LaneIdle(&self, lane)) }
-                }
-                Job::Notif(post) => {
-                    wire::notif(&mut hdr, post.id, post.notif_msg().unwrap_or_default());
-                    // SAFETY: no spans; only `hdr` is written.
-                    unsafe { net::write_spans(s, &hdr, &[], &mut iov, &mut LaneIdle(&self, lane)) }
-                }
-            };
-            drop(job);
-            if let Err(e) = res {
-                self.fail(self.io_error(&e));
+            if !self.send_job(lane, job, &mut bufs) {
                 return;
             }
         }
+    }
+
+    /// Writes one job on `lane` (which the caller has claimed: `busy[lane]` set, counted in
+    /// `outstanding`), then frees the lane. False if the session failed.
+    fn send_job(&self, lane: usize, job: Job, bufs: &mut WriteBufs) -> bool {
+        let s = &self.lanes[lane].stream;
+        let (hdr, iov) = (&mut bufs.hdr, &mut bufs.iov);
+        let res = match &job {
+            Job::Chunk(post, idx) if post.abandoned() => {
+                self.release(lane);
+                self.lane_reply(lane);
+                self.chunk_done(post, Err(Error::Cancelled));
+                return true;
+            }
+            Job::Chunk(post, idx) => {
+                let plan = post.plan.as_ref().expect("chunk jobs have a plan");
+                let c = plan.chunks[*idx as usize];
+                let range = c.start as usize..c.end as usize;
+                let ty = match plan.op {
+                    XferOp::Write => wire::WRITE,
+                    XferOp::Read => wire::READ,
+                };
+                wire::xfer_head(hdr, ty, post.id, *idx, c.end - c.start);
+                for p in &plan.remote[range.clone()] {
+                    wire::put_piece(hdr, p);
+                }
+                wire::finish(hdr);
+                let data: &[Span] = if ty == wire::WRITE {
+                    &plan.local[range]
+                } else {
+                    &[]
+                };
+                // SAFETY: the local spans lie in regions the core validated at prepare and
+                // holds for as long as the post's completion lives; `job` keeps the post (and
+                // so its completion) alive until this write returns. The memory is only read.
+                unsafe { net::write_spans(s, hdr, data, iov, &mut LaneIdle(self, lane)) }
+            }
+            Job::Notif(post) => {
+                wire::notif(hdr, post.id, post.notif_msg().unwrap_or_default());
+                // SAFETY: no spans; only `hdr` is written.
+                unsafe { net::write_spans(s, hdr, &[], iov, &mut LaneIdle(self, lane)) }
+            }
+        };
+        drop(job);
+        self.release(lane);
+        match res {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail(self.io_error(&e));
+                false
+            }
+        }
+    }
+
+    /// Frees a lane claimed for a write.
+    fn release(&self, lane: usize) {
+        self.state.lock().busy[lane] = false;
+        self.cv.notify_all();
     }
 
     fn io_error(&self, e: &io::Error) -> Error {

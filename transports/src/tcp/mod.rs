@@ -10,7 +10,9 @@
 //! `chunk_bytes` (large descriptors are cut, small ones batched, up to 1000 per frame) and puts
 //! them on the session's queue; each connection takes the next chunk whenever it has fewer than
 //! `window` unanswered, so large transfers are pipelined across all connections and a slow
-//! connection takes less. A notification is sent once every chunk is acknowledged, so the
+//! connection takes less. A request of one chunk of at most 64 KiB is written by the posting
+//! thread itself when a connection is idle, which saves a thread hand-off (about half the
+//! latency of a small request). A notification is sent once every chunk is acknowledged, so the
 //! target sees it only after all the data landed.
 //!
 //! Faults: a connection closed under a request ends it `Failed(remote disconnect)`; a
