@@ -308,12 +308,25 @@ enum Job {
 }
 
 struct State {
-    queue: VecDeque<Job>,
+    /// Jobs per lane: a post's chunks are dealt round-robin, so that a request of a few chunks
+    /// runs on as many connections (a sender that answers fast would otherwise take them all).
+    queues: Vec<VecDeque<Job>>,
+    /// Lane the next post's first chunk goes to.
+    next_lane: usize,
     pending: HashMap<u64, Arc<Post>>,
     outstanding: Vec<usize>,
     /// A thread is writing on the lane (its sender, or a poster writing a small request inline).
     busy: Vec<bool>,
     failed: Option<Error>,
+}
+
+impl State {
+    /// The lane with the least work waiting or unanswered.
+    fn quietest(&self) -> usize {
+        (0..self.queues.len())
+            .min_by_key(|&i| self.queues[i].len() + self.outstanding[i])
+            .unwrap_or(0)
+    }
 }
 
 /// Reusable buffers of a writer: a frame header and the iovecs.
@@ -371,7 +384,8 @@ impl Session {
             cfg: Arc::clone(&conn.cfg),
             lanes,
             state: Mutex::new(State {
-                queue: VecDeque::new(),
+                queues: (0..n).map(|_| VecDeque::new()).collect(),
+                next_lane: 0,
                 pending: HashMap::new(),
                 outstanding: vec![0; n],
                 busy: vec![false; n],
@@ -415,10 +429,13 @@ impl Session {
                 let small = plan.chunks.len() == 1 && plan.chunks[0].bytes <= INLINE_MAX;
                 let idle = (0..self.lanes.len())
                     .find(|&i| !st.busy[i] && st.outstanding[i] < self.cfg.window);
-                if let (true, Some(lane), true) = (small, idle, st.queue.is_empty()) {
+                let idle = idle.filter(|&i| st.queues[i].is_empty());
+                if let (true, Some(lane)) = (small, idle) {
                     st.busy[lane] = true;
                     st.outstanding[lane] += 1;
-                    self.lanes[lane].last.store(self.now_ms(), Ordering::Release);
+                    self.lanes[lane]
+                        .last
+                        .store(self.now_ms(), Ordering::Release);
                     drop(st);
                     INLINE_BUFS.with(|b| match b.try_borrow_mut() {
                         Ok(mut bufs) => {
@@ -430,11 +447,17 @@ impl Session {
                     });
                     return;
                 }
+                let n = self.lanes.len();
+                let first = st.next_lane;
+                st.next_lane = (first + plan.chunks.len()) % n;
                 for i in 0..plan.chunks.len() {
-                    st.queue.push_back(Job::Chunk(Arc::clone(&post), i as u32));
+                    st.queues[(first + i) % n].push_back(Job::Chunk(Arc::clone(&post), i as u32));
                 }
             }
-            _ => st.queue.push_back(Job::Notif(Arc::clone(&post))),
+            _ => {
+                let lane = st.quietest();
+                st.queues[lane].push_back(Job::Notif(Arc::clone(&post)));
+            }
         }
         drop(st);
         self.cv.notify_all();
@@ -448,7 +471,7 @@ impl Session {
             }
             st.failed = Some(e.clone());
             let posts: Vec<_> = st.pending.drain().map(|(_, p)| p).collect();
-            (posts, std::mem::take(&mut st.queue))
+            (posts, std::mem::take(&mut st.queues))
         };
         self.cv.notify_all();
         if !matches!(e, Error::Cancelled) {
@@ -480,7 +503,8 @@ impl Session {
             post.left.store(1, Ordering::Release);
             let mut st = self.state.lock();
             if st.failed.is_none() {
-                st.queue.push_front(Job::Notif(Arc::clone(post)));
+                let lane = st.quietest();
+                st.queues[lane].push_front(Job::Notif(Arc::clone(post)));
                 drop(st);
                 self.cv.notify_all();
             }
@@ -497,7 +521,7 @@ impl Session {
                 return None;
             }
             if st.outstanding[lane] < self.cfg.window && !st.busy[lane] {
-                if let Some(j) = st.queue.pop_front() {
+                if let Some(j) = st.queues[lane].pop_front() {
                     st.outstanding[lane] += 1;
                     st.busy[lane] = true;
                     self.lanes[lane]

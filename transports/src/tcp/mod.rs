@@ -7,10 +7,9 @@
 //!
 //! An initiator keeps a session per peer: `conns_per_peer` authenticated connections, each with a
 //! sender and a receiver thread. A post splits its descriptors into chunks of at most
-//! `chunk_bytes` (large descriptors are cut, small ones batched, up to 1000 per frame) and puts
-//! them on the session's queue; each connection takes the next chunk whenever it has fewer than
-//! `window` unanswered, so large transfers are pipelined across all connections and a slow
-//! connection takes less. A request of one chunk of at most 64 KiB is written by the posting
+//! `chunk_bytes` (large descriptors are cut, small ones batched, up to 1000 per frame) and deals
+//! them round-robin to the connections' queues; each connection sends its next chunk whenever it
+//! has fewer than `window` unanswered, so large transfers are pipelined across all connections. A request of one chunk of at most 64 KiB is written by the posting
 //! thread itself when a connection is idle, which saves a thread hand-off (about half the
 //! latency of a small request). A notification is sent once every chunk is acknowledged, so the
 //! target sees it only after all the data landed.
