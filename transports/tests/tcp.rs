@@ -410,3 +410,114 @@ fn a_deadline_ends_a_post_and_the_session_stays_usable() {
     ));
     x.run_blocking().unwrap();
 }
+
+/// After authentication, a peer sends frames of random types, lengths and bodies (and random
+/// bytes after them), each on a fresh connection: every one may drop its own connection, none
+/// may touch memory outside the registration or stop the agent from serving.
+#[test]
+fn random_frames_after_authentication_never_hurt_the_agent() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A panic on a server thread would not fail this test by itself: count them.
+    static PANICS: AtomicUsize = AtomicUsize::new(0);
+    let prev = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        prev(info);
+    }));
+    let l = linked("fz", pattern(4, 1 << 16), 1 << 16);
+    let (a, b) = (&l.a, &l.b);
+    let addr = {
+        let md = nixl_core::AgentMetadata::decode(&b.metadata_bytes()).unwrap();
+        let info = &md
+            .backends
+            .iter()
+            .find(|i| i.name == BackendName::Tcp)
+            .unwrap()
+            .conn_info;
+        // conn info v1: version, count, family 4, ipv4, port (little-endian).
+        assert_eq!(&info[..3], &[1, 1, 4]);
+        let ip = std::net::Ipv4Addr::new(info[3], info[4], info[5], info[6]);
+        std::net::SocketAddr::new(ip.into(), u16::from_le_bytes([info[7], info[8]]))
+    };
+    // Memory next to the registration: a wild write would change it.
+    let canary = vec![0x5au8; 1 << 16];
+    let dst_addr = l.dst.as_ptr() as u64;
+    let key = b.metadata().regions[0].key;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for round in 0..300 {
+        let mut s =
+            nixl_transports::tcp::raw_data_connection(addr, &Auth::host_only(), "fuzzer").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let ty = [1u8, 2, 3, 4, 5, 6, 16, 17, 18, 19, 0, 255][(rnd() % 12) as usize];
+        let mut body = vec![ty];
+        let n = (rnd() % 200) as usize;
+        // Sometimes a plausible WRITE/READ head aimed around the registration, with lies.
+        if ty == 2 || ty == 3 {
+            body.extend_from_slice(&rnd().to_le_bytes());
+            body.extend_from_slice(&0u32.to_le_bytes());
+            let pieces = (rnd() % 4) as u32;
+            body.extend_from_slice(&pieces.to_le_bytes());
+            for _ in 0..pieces {
+                // With the real key, only ranges that leave the registration (none may be
+                // served); with a random key, anything near it.
+                let (addr, len, k) = if rnd() % 2 == 0 {
+                    let len = 2 + rnd() % 4096;
+                    let addr = if rnd() % 2 == 0 {
+                        dst_addr + (1 << 16) - len / 2
+                    } else {
+                        dst_addr.wrapping_sub(1 + rnd() % 4096)
+                    };
+                    (addr, len, key)
+                } else {
+                    let addr = dst_addr
+                        .wrapping_add(rnd() % (1 << 18))
+                        .wrapping_sub(1 << 17);
+                    (addr, rnd() % (1 << 17), rnd())
+                };
+                body.extend_from_slice(&addr.to_le_bytes());
+                body.extend_from_slice(&len.to_le_bytes());
+                body.extend_from_slice(&k.to_le_bytes());
+            }
+        } else {
+            body.extend((0..n).map(|_| rnd() as u8));
+        }
+        let len = if round % 7 == 0 {
+            (rnd() as u32) | 1
+        } else {
+            body.len() as u32
+        };
+        let mut frame = len.to_le_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame.extend((0..(rnd() % 300)).map(|_| rnd() as u8));
+        let _ = s.write_all(&frame);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a thread panicked");
+    assert!(canary.iter().all(|&v| v == 0x5a));
+    assert!(
+        l.dst.iter().all(|&v| v == 0),
+        "a random frame wrote the registration"
+    );
+    // Still serving.
+    let w = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&l.src),
+            &one(&l.dst),
+            "fz-b",
+            XferOptions::default(),
+        )
+        .unwrap();
+    w.run_blocking().unwrap();
+    assert!(l.dst == pattern(4, 1 << 16));
+}

@@ -315,6 +315,32 @@ pub fn push_metadata(addr: &str, auth: &Auth, md: &[u8], timeout: Duration) -> R
 /// A socket error as a request outcome: a path that stopped carrying packets (the kernel's
 /// retransmission timeout, an unreachable network) is `TimedOut`; the peer closing or
 /// resetting is a remote disconnect.
+/// An authenticated data connection to a listener, as an initiator named `name` opens it, for
+/// tests that speak the wire protocol by hand (garbage after authentication, say).
+#[doc(hidden)]
+pub fn raw_data_connection(addr: SocketAddr, auth: &Auth, name: &str) -> Result<TcpStream> {
+    let io = |e: std::io::Error| Error::io(format!("raw connection to {addr}"), e);
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(io)?;
+    auth::connect(&mut s, auth).map_err(|e| Error::Denied {
+        peer: addr.to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut out = Vec::new();
+    wire::open(&mut out, wire::Purpose::Data, name, 1, 0);
+    net::send_all(&s, &out).map_err(io)?;
+    let mut body = Vec::new();
+    let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut |_: bool| {
+        Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
+    })
+    .map_err(io)?;
+    if ty != wire::OPENED {
+        return Err(Error::InvalidArgument(format!("expected OPENED, got {ty}")));
+    }
+    Ok(s)
+}
+
 fn peer_err(peer: &str, e: &std::io::Error) -> Error {
     use std::io::ErrorKind as K;
     match e.kind() {
