@@ -243,3 +243,43 @@ fn cut_link_times_out_in_bounded_time_and_recovers() {
         assert_eq!(b.cmd_within("check 31", T), "ok");
     }
 }
+
+#[test]
+fn three_hosts_on_a_bridge_each_initiator_reaches_both_others() {
+    if skip("three_hosts") {
+        return;
+    }
+    let lab = Lab::star(3);
+    let dir = tempdir::Dir::new("tcp-star");
+    let names = ["A", "B", "C"];
+    let mut peers: Vec<Peer> = (0..3)
+        .map(|i| {
+            let c = config(
+                &dir,
+                &format!("{i}.toml"),
+                &sock(lab.addr(i), 17000),
+                SECRET,
+            );
+            peer(&lab, i, names[i], 8 * MIB, &c)
+        })
+        .collect();
+    for (i, p) in peers.iter_mut().enumerate() {
+        for (j, name) in names.iter().enumerate().filter(|&(j, _)| j != i) {
+            let r = p.cmd_within(&format!("fetch {}", sock(lab.addr(j), 17000)), T);
+            assert_eq!(r, format!("ok {name}"));
+        }
+    }
+    // Each agent writes a fresh pattern into the next one, which checks it; then reads it back
+    // from there into a buffer it has just cleared with another pattern.
+    for i in 0..3 {
+        let n = (i + 1) % 3;
+        assert_eq!(peers[i].cmd_within(&format!("fill {}", 40 + i), T), "ok");
+        let r = peers[i].cmd_within(&format!("xfer {} write 1 -", names[n]), T);
+        assert!(r.starts_with("ok "), "{r}");
+        assert_eq!(peers[n].cmd_within(&format!("check {}", 40 + i), T), "ok");
+        assert_eq!(peers[i].cmd_within("fill 99", T), "ok");
+        let r = peers[i].cmd_within(&format!("xfer {} read 1 -", names[n]), T);
+        assert!(r.starts_with("ok "), "{r}");
+        assert_eq!(peers[i].cmd_within(&format!("check {}", 40 + i), T), "ok");
+    }
+}
