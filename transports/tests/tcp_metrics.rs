@@ -1,0 +1,95 @@
+//! The `tcp` backend counts what it refuses: denied accesses, failed authentications and
+//! malformed frames. A process-wide recorder (this file is its own test binary) sees the counters
+//! of the listener's threads.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use nixl_core::*;
+use nixl_transports::tcp::{fetch_metadata, Auth, TcpBackend, TcpConfig};
+
+fn counter(s: &Snapshotter, name: &str) -> u64 {
+    s.snapshot()
+        .into_vec()
+        .iter()
+        .filter(|(k, _, _, _)| k.key().name() == name)
+        .map(|(_, _, _, v)| match v {
+            DebugValue::Counter(c) => *c,
+            _ => 0,
+        })
+        .sum()
+}
+
+fn wait_for(s: &Snapshotter, name: &str, at_least: u64) -> u64 {
+    let t = Instant::now();
+    loop {
+        let v = counter(s, name);
+        if v >= at_least || t.elapsed() > Duration::from_secs(5) {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn refusals_are_counted() {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only recorder of this test binary");
+    let cfg = |auth: Auth| TcpConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        auth,
+        ..TcpConfig::default()
+    };
+    let tb = Arc::new(TcpBackend::new(cfg(Auth::with_secret("k"))));
+    let b = Agent::builder("m-b").backend(tb.clone()).build().unwrap();
+    let a = Agent::builder("m-a")
+        .backend(Arc::new(TcpBackend::new(cfg(Auth::with_secret("k")))))
+        .build()
+        .unwrap();
+    let src = vec![1u8; 4096];
+    let dst = vec![0u8; 4096];
+    let one =
+        |buf: &[u8]| DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(buf)]).unwrap();
+    // SAFETY: both buffers outlive their registrations and are read only after transfers end.
+    let _ra = unsafe { a.register(&one(&src)) }.unwrap();
+    // SAFETY: as above.
+    let _rb = unsafe { b.register(&one(&dst)) }.unwrap();
+    let addr = tb.listen_addrs()[0].to_string();
+
+    // A wrong key: denied at the target, counted there.
+    let mut md = b.metadata();
+    md.regions[0].key ^= 1;
+    a.load_remote_md(md).unwrap();
+    let x = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&src),
+            &one(&dst),
+            "m-b",
+            XferOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(x.run_blocking().unwrap_err().class(), ErrorClass::Denied);
+    assert!(wait_for(&snap, "nixl_tcp_denied_total", 1) >= 1);
+
+    // A wrong secret.
+    assert!(fetch_metadata(&addr, &Auth::with_secret("x"), Duration::from_secs(2)).is_err());
+    assert!(wait_for(&snap, "nixl_tcp_auth_failures_total", 1) >= 1);
+
+    // A malformed frame after authentication.
+    let mut s = nixl_transports::tcp::raw_data_connection(
+        tb.listen_addrs()[0],
+        &Auth::with_secret("k"),
+        "junk",
+    )
+    .unwrap();
+    s.write_all(&[3, 0, 0, 0, 99, 1, 2]).unwrap();
+    let mut sink = Vec::new();
+    let _ = s.read_to_end(&mut sink);
+    assert!(wait_for(&snap, "nixl_tcp_bad_frames_total", 1) >= 1);
+}
