@@ -7,6 +7,4 @@
 //!
 //! The two-process `shm` figures come from `nixl-agent demo`, which measures memcpy in the same
 //! run too. The `nixl-bench` binary measures `tcp` between two network namespaces next to iperf3
-//! and ucx_perftest run between the same namespaces ([`compare`]).
-
-pub mod compare;
+//! and ucx_perftest run between the same namespaces (`nixl_tests::peers`).

@@ -4,6 +4,7 @@
 
 pub mod netns;
 pub mod peer;
+pub mod peers;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};

@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 
 use clap::Parser;
-use nixl_benches::compare::{self, Measured};
 use nixl_tests::netns::{skip_reason, Lab};
+use nixl_tests::peers::{self, Measured};
 use nixl_tests::Peer;
 
 #[derive(Parser, Debug)]
@@ -100,8 +100,20 @@ struct Topology {
 }
 
 impl Topology {
-    fn ns(&self, i: usize) -> Option<&str> {
-        self.lab.as_ref().map(|l| l.name(i))
+    /// iperf3 from the initiator's host to the target's, `streams` streams.
+    fn iperf3(&self, block: usize, streams: usize, seconds: f64) -> Measured {
+        match &self.lab {
+            Some(l) => peers::iperf3(l, 1, 0, block, seconds, streams),
+            None => peers::iperf3_loopback(block, seconds, streams),
+        }
+    }
+
+    /// ucx_perftest's one-sided put from the initiator's host to the target's.
+    fn ucx_put_bw(&self, block: usize, iters: usize) -> Measured {
+        match &self.lab {
+            Some(l) => peers::ucx_put_bw(l, 1, 0, block, iters),
+            None => peers::ucx_put_bw_loopback(block, iters),
+        }
     }
 
     fn command(&self, i: usize, exe: &str) -> Command {
@@ -236,22 +248,8 @@ fn run(args: &Args) -> Res<()> {
     let interactive = std::io::stderr().is_terminal();
     for &block in &blocks {
         let ceiling = if args.compare {
-            let one = compare::iperf3(
-                topo.ns(1),
-                topo.ns(0),
-                topo.target_ip,
-                block,
-                1,
-                args.seconds.max(1.0),
-            );
-            let two = compare::iperf3(
-                topo.ns(1),
-                topo.ns(0),
-                topo.target_ip,
-                block,
-                2,
-                args.seconds.max(1.0),
-            );
+            let one = topo.iperf3(block, 1, args.seconds.max(1.0));
+            let two = topo.iperf3(block, 2, args.seconds.max(1.0));
             match (one.gbps(), two.gbps()) {
                 (Some(a), Some(b)) => Measured::Gbps(a.max(b)),
                 (Some(a), None) | (None, Some(a)) => Measured::Gbps(a),
@@ -262,7 +260,7 @@ fn run(args: &Args) -> Res<()> {
         };
         let ucx = if args.compare {
             let iters = ((2usize << 30) / block).clamp(200, 100_000);
-            compare::ucx_put_bw(topo.ns(1), topo.ns(0), topo.target_ip, block, iters)
+            topo.ucx_put_bw(block, iters)
         } else {
             Measured::Missing("not run".into())
         };
