@@ -174,6 +174,9 @@ pub(crate) struct XferShared {
     posted_at: Mutex<Option<Instant>>,
     watchdog: Arc<Watchdog>,
     telemetry: Arc<Telemetry>,
+    /// Completions alive (handed to the backend and not yet dropped), for [`XferRequest::release`].
+    holders: Mutex<usize>,
+    released: Condvar,
 }
 
 impl XferShared {
@@ -319,6 +322,11 @@ impl Drop for Completion {
             );
         }
         leave_all(&self.shared.local_regions, |r| &r.gate, self.ticket);
+        let mut h = self.shared.holders.lock();
+        *h -= 1;
+        if *h == 0 {
+            self.shared.released.notify_all();
+        }
     }
 }
 
@@ -360,6 +368,8 @@ impl XferRequest {
                 posted_at: Mutex::new(None),
                 watchdog,
                 telemetry,
+                holders: Mutex::new(0),
+                released: Condvar::new(),
             }),
         }
     }
@@ -418,6 +428,7 @@ impl XferRequest {
         } else {
             *s.posted_at.lock() = Some(Instant::now());
         }
+        *s.holders.lock() += 1;
         s.prepared.post(Completion {
             shared: Arc::clone(s),
             epoch,
@@ -439,6 +450,22 @@ impl XferRequest {
         {
             self.shared.prepared.cancel();
         }
+    }
+
+    /// Cancels the post in flight, if any, and blocks until no backend holds this request
+    /// any more: from then on nothing touches its memory. A backend that cannot stop at once
+    /// (a peer that still works on the memory, a stuck target) lets go within its own timeouts.
+    pub fn release(&self) {
+        self.cancel();
+        let mut h = self.shared.holders.lock();
+        while *h > 0 {
+            self.shared.released.wait(&mut h);
+        }
+    }
+
+    /// Whether a backend still holds this request (its post may still touch memory).
+    pub fn is_held(&self) -> bool {
+        *self.shared.holders.lock() > 0
     }
 
     /// Waits for the post in flight to end.

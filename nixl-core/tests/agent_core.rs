@@ -317,6 +317,33 @@ fn cancel_wins_once_and_late_completion_is_ignored() {
 }
 
 #[test]
+fn release_waits_until_the_backend_lets_go() {
+    let p = pair();
+    let req = xfer(&p, XferOptions::default());
+    // Never posted, or ended: nothing to wait for.
+    req.release();
+    req.post().unwrap();
+    assert!(req.is_held());
+    let parked = Arc::clone(&p.parked);
+    let let_go = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // The backend still has the completion after the cancel: it may still touch memory.
+        let c = parked.lock().pop().unwrap();
+        assert!(c.is_abandoned());
+        drop(c);
+    });
+    let t = std::time::Instant::now();
+    req.release();
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "release returned while the backend held the request"
+    );
+    assert!(!req.is_held());
+    assert!(matches!(req.status(), XferStatus::Cancelled));
+    let_go.join().unwrap();
+}
+
+#[test]
 fn dropped_completion_fails_the_post() {
     let p = pair();
     let req = xfer(&p, XferOptions::default());

@@ -20,6 +20,9 @@
 //! socket_dir = "/run/nixl"
 //! op_timeout_ms = 5000
 //!
+//! [agent]                    # read by the C ABI (nixl_agent_new)
+//! allow_duplicate_name = false   # a second live agent of the same name in one process
+//!
 //! [etcd]                     # read by nixl-discovery
 //! endpoints = ["http://127.0.0.1:2379"]
 //! ```
@@ -52,6 +55,9 @@ pub struct Config {
     /// `[shm]`.
     #[serde(default)]
     pub shm: ShmSection,
+    /// `[agent]`.
+    #[serde(default)]
+    pub agent: AgentSection,
     /// `[etcd]`, kept as written for the discovery crate.
     pub etcd: Option<toml::Table>,
 }
@@ -76,6 +82,16 @@ pub struct AuthSection {
     pub secret: Option<String>,
     #[serde(default)]
     pub allow_open: bool,
+}
+
+/// `[agent]`: how the agent itself is run.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// Allow a second live agent with the same name in one process (the C ABI refuses it
+    /// otherwise: two agents of one name confuse every peer that loads both).
+    #[serde(default)]
+    pub allow_duplicate_name: bool,
 }
 
 /// `[shm]`.
@@ -189,11 +205,14 @@ mod tests {
             secret = "x"
             [shm]
             op_timeout_ms = 10
+            [agent]
+            allow_duplicate_name = true
             [etcd]
             endpoints = ["http://127.0.0.1:2379"]
             "#,
         )
         .unwrap();
+        assert!(c.agent.allow_duplicate_name);
         let t = c.tcp_config().unwrap();
         assert_eq!(t.conns_per_peer, 3);
         assert_eq!(t.io_timeout, Duration::from_millis(1500));
