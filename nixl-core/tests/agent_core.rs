@@ -421,19 +421,26 @@ fn deregistration_waits_for_the_transfer_in_flight() {
     req.post().unwrap();
     let a = &p.a;
     let desc = Desc::from_slice(&p.a_buf);
+    let completed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
+        let completed = &completed;
         let dereg = s.spawn(move || {
-            let t = Instant::now();
             a.deregister(MemKind::Dram, &[desc]).unwrap();
-            t.elapsed()
+            // Returned only once the backend let go of the post.
+            completed.load(Ordering::SeqCst)
         });
         std::thread::sleep(Duration::from_millis(100));
         assert!(
             !dereg.is_finished(),
             "deregistration must wait for the post"
         );
-        p.parked.lock().pop().unwrap().complete(Ok(()));
-        assert!(dereg.join().unwrap() >= Duration::from_millis(100));
+        let c = p.parked.lock().pop().unwrap();
+        completed.store(true, Ordering::SeqCst);
+        c.complete(Ok(()));
+        assert!(
+            dereg.join().unwrap(),
+            "deregistration returned before the completion"
+        );
     });
     // The region is gone: posting again fails cleanly.
     assert!(req.post().is_err());

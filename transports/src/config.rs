@@ -1,7 +1,7 @@
 //! The agent's configuration file (TOML), shared by the daemon, the CLIs and the C ABI.
 //!
 //! ```toml
-//! backends = ["local", "shm", "tcp"]   # which to run (default: all this crate builds)
+//! backends = ["local", "shm", "tcp", "posix"]   # which to run (default: all this crate builds)
 //!
 //! [tcp]
 //! listen = "10.0.0.5:7000"   # default: the host's first non-loopback address, port 0 (free)
@@ -20,6 +20,10 @@
 //! socket_dir = "/run/nixl"
 //! op_timeout_ms = 5000
 //!
+//! [posix]                    # DRAM <-> FILE with preadv/pwritev
+//! threads = 4
+//! max_io_bytes = 4194304     # larger requests are cut so the threads share them
+//!
 //! [agent]                    # read by the C ABI (nixl_agent_new)
 //! allow_duplicate_name = false   # a second live agent of the same name in one process
 //!
@@ -37,6 +41,7 @@ use nixl_core::{Backend, Error, Result};
 use serde::Deserialize;
 
 use crate::local::LocalBackend;
+use crate::posix::{PosixBackend, PosixConfig};
 use crate::shm::{ShmBackend, ShmConfig};
 use crate::tcp::{parse_listen, Auth, TcpBackend, TcpConfig};
 
@@ -55,6 +60,9 @@ pub struct Config {
     /// `[shm]`.
     #[serde(default)]
     pub shm: ShmSection,
+    /// `[posix]`.
+    #[serde(default)]
+    pub posix: PosixSection,
     /// `[agent]`.
     #[serde(default)]
     pub agent: AgentSection,
@@ -84,6 +92,14 @@ pub struct AuthSection {
     pub allow_open: bool,
 }
 
+/// `[posix]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PosixSection {
+    pub threads: Option<usize>,
+    pub max_io_bytes: Option<usize>,
+}
+
 /// `[agent]`: how the agent itself is run.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,7 +119,7 @@ pub struct ShmSection {
     pub allow_map: Option<bool>,
 }
 
-const ALL: [&str; 3] = ["local", "shm", "tcp"];
+const ALL: [&str; 4] = ["local", "shm", "tcp", "posix"];
 
 impl Config {
     /// Parses a TOML document.
@@ -167,6 +183,15 @@ impl Config {
         }
     }
 
+    /// The `posix` backend's settings.
+    pub fn posix_config(&self) -> PosixConfig {
+        let d = PosixConfig::default();
+        PosixConfig {
+            threads: self.posix.threads.unwrap_or(d.threads),
+            max_io_bytes: self.posix.max_io_bytes.unwrap_or(d.max_io_bytes),
+        }
+    }
+
     /// The backends this configuration asks for, built.
     pub fn backends(&self) -> Result<Vec<Arc<dyn Backend>>> {
         let want = |n: &str| {
@@ -183,6 +208,9 @@ impl Config {
         }
         if want("tcp") {
             out.push(Arc::new(TcpBackend::new(self.tcp_config()?)));
+        }
+        if want("posix") {
+            out.push(Arc::new(PosixBackend::new(self.posix_config())));
         }
         Ok(out)
     }
@@ -235,6 +263,6 @@ mod tests {
         ] {
             assert!(Config::from_toml(bad).is_err(), "{bad}");
         }
-        assert!(Config::from_toml("").unwrap().backends().unwrap().len() == 3);
+        assert!(Config::from_toml("").unwrap().backends().unwrap().len() == 4);
     }
 }

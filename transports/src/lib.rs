@@ -4,12 +4,14 @@
 //! - [`shm`]: between processes on one node: cross-memory attach for memory allocated any way,
 //!   and direct copies through memfd mappings for memory from [`shm::ShmBuffer`].
 //! - [`tcp`]: between hosts: authenticated connections, the target checks every access.
+//! - [`posix`]: DRAM ↔ FILE with `preadv`/`pwritev` on a thread pool.
 //!
 //! [`config::Config`] reads the agent's TOML configuration and builds the backends it names.
 
 pub mod config;
 pub mod copy;
 pub mod local;
+pub mod posix;
 #[path = "node/mod.rs"]
 pub mod shm;
 pub mod tcp;

@@ -1,0 +1,358 @@
+//! The `posix` backend against real files: byte-exact round trips (one descriptor, thousands of
+//! odd ones, several files in one request), and faults: short files, files truncated under the
+//! agent, a full file system (a 1 MiB tmpfs), read-only files, bad fds, deregistered regions,
+//! cancellation.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nixl_core::{
+    Agent, BackendName, Desc, DescList, MemKind, Registration, XferOp, XferOptions, XferStatus,
+};
+use nixl_transports::config::Config;
+
+fn agent(name: &str, extra: &str) -> Agent {
+    let cfg = Config::from_toml(&format!("backends = [\"local\", \"posix\"]\n{extra}")).unwrap();
+    Agent::builder(name)
+        .backends(cfg.backends().unwrap())
+        .build()
+        .unwrap()
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "nixl-posix-{tag}-{}-{}",
+        std::process::id(),
+        nixl_core::random_u64()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn rw(path: &PathBuf) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap()
+}
+
+fn reg(a: &Agent, kind: MemKind, descs: Vec<Desc>) -> Registration {
+    let list = DescList::from_descs(kind, descs).unwrap();
+    // SAFETY: DRAM descriptors name test buffers that outlive the registration; FILE ones
+    // carry no memory contract.
+    unsafe { a.register(&list) }.unwrap()
+}
+
+fn file_desc(f: &File, off: u64, len: u64) -> Desc {
+    Desc::new(off, len, f.as_raw_fd() as u64)
+}
+
+fn run(a: &Agent, op: XferOp, mem: Vec<Desc>, file: Vec<Desc>) -> XferStatus {
+    let req = a
+        .create_xfer(
+            op,
+            &DescList::from_descs(MemKind::Dram, mem).unwrap(),
+            &DescList::from_descs(MemKind::File, file).unwrap(),
+            a.name(),
+            XferOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(req.backend(), BackendName::Posix, "{}", req.info().reason);
+    req.post().unwrap();
+    req.wait_blocking(Some(Duration::from_secs(60)))
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn one_large_descriptor_round_trips_byte_exact() {
+    let a = agent("store", "[posix]\nmax_io_bytes = 1048576");
+    let dir = scratch("large");
+    let f = rw(&dir.join("kv.bin"));
+    let n = (24 << 20) + 333; // odd tail, 25 operations of at most 1 MiB
+    let src = pattern(n, 7);
+    let mut dst = vec![0u8; n];
+    let _m = reg(
+        &a,
+        MemKind::Dram,
+        vec![Desc::from_slice(&src), Desc::from_mut_slice(&mut dst)],
+    );
+    let _f = reg(&a, MemKind::File, vec![file_desc(&f, 4096, n as u64)]);
+    let st = run(
+        &a,
+        XferOp::Write,
+        vec![Desc::from_slice(&src)],
+        vec![file_desc(&f, 4096, n as u64)],
+    );
+    assert!(matches!(st, XferStatus::Done), "{st:?}");
+    let on_disk = std::fs::read(dir.join("kv.bin")).unwrap();
+    assert_eq!(on_disk.len(), 4096 + n);
+    assert!(
+        on_disk[4096..] == src[..],
+        "file differs from what was written"
+    );
+    let st = run(
+        &a,
+        XferOp::Read,
+        vec![Desc::from_mut_slice(&mut dst)],
+        vec![file_desc(&f, 4096, n as u64)],
+    );
+    assert!(matches!(st, XferStatus::Done), "{st:?}");
+    assert!(dst == src, "read back differs");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn thousands_of_odd_descriptors_over_two_files() {
+    let a = agent("store", "");
+    let dir = scratch("many");
+    let (f1, f2) = (rw(&dir.join("a")), rw(&dir.join("b")));
+    let mut rng = pattern(8192, 99).into_iter().cycle();
+    let mut next = move || u64::from(rng.next().unwrap());
+    let src = pattern(16 << 20, 3);
+    let mut dst = vec![0u8; 16 << 20];
+    let _m = reg(
+        &a,
+        MemKind::Dram,
+        vec![Desc::from_slice(&src), Desc::from_mut_slice(&mut dst)],
+    );
+    let _f = reg(
+        &a,
+        MemKind::File,
+        vec![file_desc(&f1, 0, 64 << 20), file_desc(&f2, 0, 64 << 20)],
+    );
+    // 3000 pieces: odd lengths, gaps in the file, memory taken out of order; some adjacent
+    // in the file so they merge into one preadv/pwritev.
+    let (mut mem, mut back, mut file) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut off1, mut off2) = (0u64, 0u64);
+    let mut used = 0u64;
+    for i in 0..3000u64 {
+        let len = 1 + next() * 17 + next() % 13;
+        let m = (i * 7919 % 3000) * 5000;
+        assert!(m + len <= src.len() as u64);
+        let gap = if next() % 3 == 0 { 0 } else { next() };
+        let (f, off) = if i % 2 == 0 {
+            off1 += gap;
+            let o = off1;
+            off1 += len;
+            (&f1, o)
+        } else {
+            off2 += gap;
+            let o = off2;
+            off2 += len;
+            (&f2, o)
+        };
+        mem.push(Desc::new(src.as_ptr() as u64 + m, len, 0));
+        back.push(Desc::new(dst.as_mut_ptr() as u64 + m, len, 0));
+        file.push(file_desc(f, off, len));
+        used += len;
+    }
+    assert!(used > 1 << 20);
+    let st = run(&a, XferOp::Write, mem.clone(), file.clone());
+    assert!(matches!(st, XferStatus::Done), "{st:?}");
+    let st = run(&a, XferOp::Read, back.clone(), file.clone());
+    assert!(matches!(st, XferStatus::Done), "{st:?}");
+    let (d1, d2) = (
+        std::fs::read(dir.join("a")).unwrap(),
+        std::fs::read(dir.join("b")).unwrap(),
+    );
+    for (i, ((m, b), fd)) in mem.iter().zip(&back).zip(&file).enumerate() {
+        let s = (m.addr - src.as_ptr() as u64) as usize;
+        let want = &src[s..s + m.len as usize];
+        let d = (b.addr - dst.as_ptr() as u64) as usize;
+        assert!(
+            &dst[d..d + b.len as usize] == want,
+            "piece {i} read back wrong"
+        );
+        let disk = if fd.dev_id == f1.as_raw_fd() as u64 {
+            &d1
+        } else {
+            &d2
+        };
+        let o = fd.addr as usize;
+        assert!(
+            &disk[o..o + fd.len as usize] == want,
+            "piece {i} on disk wrong"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn short_and_truncated_files_fail_the_read_with_the_offset() {
+    let a = agent("store", "");
+    let dir = scratch("short");
+    let f = rw(&dir.join("short"));
+    f.set_len(100 << 10).unwrap();
+    let mut dst = vec![0u8; 1 << 20];
+    let _m = reg(&a, MemKind::Dram, vec![Desc::from_mut_slice(&mut dst)]);
+    let _f = reg(&a, MemKind::File, vec![file_desc(&f, 0, 1 << 20)]);
+    let st = run(
+        &a,
+        XferOp::Read,
+        vec![Desc::from_mut_slice(&mut dst)],
+        vec![file_desc(&f, 0, 1 << 20)],
+    );
+    match st {
+        XferStatus::Failed(e) => {
+            let e = e.to_string();
+            assert!(e.contains("short read") && e.contains("102400"), "{e}");
+        }
+        other => panic!("a read past the end of the file ended {other:?}"),
+    }
+    // Full length first, then truncated under the agent: the same request fails.
+    f.set_len(1 << 20).unwrap();
+    let req = a
+        .create_xfer(
+            XferOp::Read,
+            &DescList::from_descs(MemKind::Dram, vec![Desc::from_mut_slice(&mut dst)]).unwrap(),
+            &DescList::from_descs(MemKind::File, vec![file_desc(&f, 0, 1 << 20)]).unwrap(),
+            "store",
+            XferOptions::default(),
+        )
+        .unwrap();
+    req.run_blocking().unwrap();
+    f.set_len(4096).unwrap();
+    req.post().unwrap();
+    let st = req.wait_blocking(Some(Duration::from_secs(30)));
+    assert!(matches!(st, XferStatus::Failed(_)), "{st:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_full_file_system_fails_the_write() {
+    let dir = scratch("full");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "nixl-test"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("SKIP: cannot mount a 1 MiB tmpfs (needs root)");
+        eprintln!("SKIP: cannot mount a 1 MiB tmpfs (needs root)");
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    }
+    let result = std::panic::catch_unwind(|| {
+        let a = agent("store", "");
+        let f = rw(&mnt.join("big"));
+        let src = pattern(4 << 20, 5);
+        let _m = reg(&a, MemKind::Dram, vec![Desc::from_slice(&src)]);
+        let _f = reg(&a, MemKind::File, vec![file_desc(&f, 0, 4 << 20)]);
+        let st = run(
+            &a,
+            XferOp::Write,
+            vec![Desc::from_slice(&src)],
+            vec![file_desc(&f, 0, 4 << 20)],
+        );
+        match st {
+            XferStatus::Failed(e) => {
+                let e = e.to_string();
+                assert!(e.contains("No space left"), "{e}");
+            }
+            other => panic!("4 MiB into a 1 MiB file system ended {other:?}"),
+        }
+    });
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    let _ = std::fs::remove_dir_all(dir);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn bad_registrations_and_requests_are_refused_before_any_io() {
+    let a = agent("store", "");
+    let dir = scratch("bad");
+    let path = dir.join("ro");
+    std::fs::write(&path, vec![1u8; 8192]).unwrap();
+    let ro = File::open(&path).unwrap();
+    let mut buf = vec![0u8; 8192];
+    let _m = reg(&a, MemKind::Dram, vec![Desc::from_mut_slice(&mut buf)]);
+    // Not an fd, and not a file.
+    let bad = DescList::from_descs(MemKind::File, vec![Desc::new(0, 10, 999_999)]).unwrap();
+    // SAFETY: FILE descriptors carry no memory contract.
+    let e = unsafe { a.register(&bad) }.unwrap_err().to_string();
+    assert!(e.contains("not an open file descriptor"), "{e}");
+    let _f = reg(&a, MemKind::File, vec![file_desc(&ro, 0, 8192)]);
+    let mk = |op, off: u64, len: u64| {
+        a.create_xfer(
+            op,
+            &DescList::from_descs(MemKind::Dram, vec![Desc::new(buf.as_ptr() as u64, len, 0)])
+                .unwrap(),
+            &DescList::from_descs(MemKind::File, vec![file_desc(&ro, off, len)]).unwrap(),
+            "store",
+            XferOptions::default(),
+        )
+    };
+    let e = mk(XferOp::Write, 0, 4096).unwrap_err().to_string();
+    assert!(e.contains("not open for writing"), "{e}");
+    // Outside the file's registration.
+    let e = mk(XferOp::Read, 4096, 8192).unwrap_err().to_string();
+    assert!(e.contains("not inside a region"), "{e}");
+    // A READ is fine; after deregistration the prepared request is refused on post.
+    let req = mk(XferOp::Read, 0, 8192).unwrap();
+    req.run_blocking().unwrap();
+    assert!(buf.iter().all(|&b| b == 1));
+    a.deregister(MemKind::File, &[file_desc(&ro, 0, 8192)])
+        .unwrap();
+    req.post().unwrap();
+    let st = req.wait_blocking(Some(Duration::from_secs(5)));
+    match st {
+        XferStatus::Failed(e) => assert!(e.to_string().contains("deregistered"), "{e}"),
+        other => panic!("post into a deregistered file region ended {other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn cancel_and_shutdown_end_requests_and_let_go_of_memory() {
+    let a = agent("store", "[posix]\nmax_io_bytes = 65536\nthreads = 1");
+    let dir = scratch("cancel");
+    let f = rw(&dir.join("c"));
+    let src = pattern(64 << 20, 1);
+    let _m = reg(&a, MemKind::Dram, vec![Desc::from_slice(&src)]);
+    let _f = reg(&a, MemKind::File, vec![file_desc(&f, 0, 64 << 20)]);
+    let req = a
+        .create_xfer(
+            XferOp::Write,
+            &DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(&src)]).unwrap(),
+            &DescList::from_descs(MemKind::File, vec![file_desc(&f, 0, 64 << 20)]).unwrap(),
+            "store",
+            XferOptions::default(),
+        )
+        .unwrap();
+    req.post().unwrap();
+    req.release(); // cancels, then waits until no worker holds the request
+    assert!(matches!(
+        req.status(),
+        XferStatus::Cancelled | XferStatus::Done
+    ));
+    assert!(!req.is_held());
+    // Shutdown with a post in flight: it ends (Cancelled, or Done if the I/O won).
+    req.post().unwrap();
+    a.shutdown();
+    let st = req.wait_blocking(Some(Duration::from_secs(30)));
+    assert!(
+        matches!(st, XferStatus::Cancelled | XferStatus::Done),
+        "{st:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
