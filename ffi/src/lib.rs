@@ -94,20 +94,35 @@ const XFER_MAGIC: u64 = 0x6e69_786c_7866_6572; // "nixlxfer"
 const DEAD_MAGIC: u64 = 0xdead_dead_dead_dead;
 
 /// An agent (opaque). Create with `nixl_agent_new`, free with `nixl_agent_free`.
+#[derive(Debug)]
 pub struct nixl_agent {
-    magic: u64,
-    shared: Arc<Shared>,
+    _opaque: [u8; 0],
 }
 
 /// A transfer request (opaque): created once, posted many times. It keeps what it needs of its
 /// agent alive, so it may outlive `nixl_agent_free` of its agent.
+#[derive(Debug)]
 pub struct nixl_xfer {
+    _opaque: [u8; 0],
+}
+
+/// What a `nixl_agent *` points to. `repr(C)` with the tag first in both handle types: the
+/// tag check reads the first 8 bytes of whatever the caller passed, which both types have.
+#[repr(C)]
+struct AgentHandle {
+    magic: u64,
+    shared: Arc<Shared>,
+}
+
+/// What a `nixl_xfer *` points to.
+#[repr(C)]
+struct XferHandle {
     magic: u64,
     req: XferRequest,
     _agent: Arc<Shared>,
 }
 
-impl std::fmt::Debug for nixl_agent {
+impl std::fmt::Debug for AgentHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("nixl_agent")
             .field("name", &self.shared.agent.name())
@@ -115,7 +130,7 @@ impl std::fmt::Debug for nixl_agent {
     }
 }
 
-impl std::fmt::Debug for nixl_xfer {
+impl std::fmt::Debug for XferHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("nixl_xfer").field("req", &self.req).finish()
     }
@@ -226,37 +241,39 @@ fn guard(f: impl FnOnce() -> Res<nixl_status>) -> nixl_status {
     }
 }
 
-/// A required pointer argument, checked for NULL and alignment.
-fn req<'a, T>(p: *const T, what: &str) -> Res<&'a T> {
+/// Checks a handle's tag before a reference to it is made. The tag is the first field of both
+/// handle types (`repr(C)`), so a handle of the other type is read within its bounds too.
+fn tagged<'a, T>(p: *const (), what: &str, magic: u64) -> Res<&'a T> {
+    let p = p.cast::<T>();
     if p.is_null() {
         return Err(Fail::invalid(format!("{what} is NULL")));
     }
     if !p.is_aligned() {
         return Err(Fail::invalid(format!("{what} is misaligned")));
     }
-    // SAFETY: non-NULL and aligned; the caller passes a pointer to a live `T` (the contract of
-    // every export that takes one).
+    // SAFETY: non-NULL and aligned (both handle types are 8-aligned); the caller passes a
+    // handle of this library, and both kinds start with their u64 tag.
+    let tag = unsafe { p.cast::<u64>().read() };
+    if tag != magic {
+        return Err(Fail::invalid(format!(
+            "{what} is not a live {} (freed, or another object)",
+            if magic == AGENT_MAGIC {
+                "nixl_agent"
+            } else {
+                "nixl_xfer"
+            }
+        )));
+    }
+    // SAFETY: the tag says this is a live handle of type T, made by Box::into_raw.
     Ok(unsafe { &*p })
 }
 
-fn agent_ref<'a>(p: *const nixl_agent) -> Res<&'a nixl_agent> {
-    let a = req(p, "agent")?;
-    if a.magic != AGENT_MAGIC {
-        return Err(Fail::invalid(
-            "agent is not a live nixl_agent (freed, or another object)",
-        ));
-    }
-    Ok(a)
+fn agent_ref<'a>(p: *const nixl_agent) -> Res<&'a AgentHandle> {
+    tagged(p.cast(), "agent", AGENT_MAGIC)
 }
 
-fn xfer_ref<'a>(p: *const nixl_xfer) -> Res<&'a nixl_xfer> {
-    let x = req(p, "xfer")?;
-    if x.magic != XFER_MAGIC {
-        return Err(Fail::invalid(
-            "xfer is not a live nixl_xfer (freed, or another object)",
-        ));
-    }
-    Ok(x)
+fn xfer_ref<'a>(p: *const nixl_xfer) -> Res<&'a XferHandle> {
+    tagged(p.cast(), "xfer", XFER_MAGIC)
 }
 
 /// A required C string argument, as UTF-8.
@@ -441,7 +458,7 @@ pub unsafe extern "C" fn nixl_agent_new(
                 return Err(e.into());
             }
         };
-        let handle = Box::new(nixl_agent {
+        let handle = Box::new(AgentHandle {
             magic: AGENT_MAGIC,
             shared: Arc::new(Shared {
                 agent,
@@ -449,7 +466,7 @@ pub unsafe extern "C" fn nixl_agent_new(
                 auth: config.auth(),
             }),
         });
-        write_out(out, Box::into_raw(handle), "out")?;
+        write_out(out, Box::into_raw(handle).cast::<nixl_agent>(), "out")?;
         Ok(NIXL_OK)
     })
 }
@@ -469,7 +486,7 @@ pub unsafe extern "C" fn nixl_agent_free(agent: *mut nixl_agent) {
         agent_ref(agent)?;
         // SAFETY: a live handle made by `Box::into_raw` in `nixl_agent_new`, given up by the
         // caller; the magic is cleared first so a second free is caught while the memory lasts.
-        let mut b = unsafe { Box::from_raw(agent) };
+        let mut b = unsafe { Box::from_raw(agent.cast::<AgentHandle>()) };
         b.magic = DEAD_MAGIC;
         drop(b);
         Ok(NIXL_OK)
@@ -592,7 +609,7 @@ pub unsafe extern "C" fn nixl_load_remote_md(
     })
 }
 
-fn load_md(a: &nixl_agent, bytes: &[u8], name_out: *mut c_char, name_cap: usize) -> Res<i32> {
+fn load_md(a: &AgentHandle, bytes: &[u8], name_out: *mut c_char, name_cap: usize) -> Res<i32> {
     let md = AgentMetadata::decode(bytes).map_err(|e| Fail::invalid(format!("metadata: {e}")))?;
     let name = md.name.clone();
     check_str_out(name_out, name_cap, &name, "name_out")?;
@@ -646,7 +663,7 @@ pub unsafe extern "C" fn nixl_invalidate_remote(
 }
 
 /// A backend name from C: unknown is NOT_FOUND; known but not running here is UNAVAILABLE.
-fn backend_arg(a: &nixl_agent, name: &str) -> Res<BackendName> {
+fn backend_arg(a: &AgentHandle, name: &str) -> Res<BackendName> {
     let known = || {
         BackendName::ALL
             .iter()
@@ -747,12 +764,12 @@ pub unsafe extern "C" fn nixl_xfer_create(
             .shared
             .agent
             .create_xfer(op, &local, &remote, peer, opts)?;
-        let x = Box::new(nixl_xfer {
+        let x = Box::new(XferHandle {
             magic: XFER_MAGIC,
             req,
             _agent: Arc::clone(&a.shared),
         });
-        write_out(out, Box::into_raw(x), "out")?;
+        write_out(out, Box::into_raw(x).cast::<nixl_xfer>(), "out")?;
         Ok(NIXL_OK)
     })
 }
@@ -853,7 +870,7 @@ pub unsafe extern "C" fn nixl_xfer_free(xfer: *mut nixl_xfer) -> nixl_status {
         xfer_ref(xfer)?;
         // SAFETY: a live handle made by `Box::into_raw` in `nixl_xfer_create`, given up by the
         // caller; the magic is cleared first so a second free is caught while the memory lasts.
-        let mut b = unsafe { Box::from_raw(xfer) };
+        let mut b = unsafe { Box::from_raw(xfer.cast::<XferHandle>()) };
         b.magic = DEAD_MAGIC;
         b.req.release();
         drop(b);
