@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod copy;
+pub mod files;
 pub mod local;
 pub mod posix;
 #[path = "node/mod.rs"]

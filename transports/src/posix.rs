@@ -33,6 +33,8 @@ use nixl_core::{
 };
 use parking_lot::Mutex;
 
+use crate::files::{check_request, inspect_fd};
+
 /// Most pieces in one `preadv`/`pwritev` (Linux's `IOV_MAX`).
 pub const MAX_IOV: usize = 1024;
 
@@ -69,12 +71,6 @@ impl fmt::Debug for PosixBackend {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct FileInfo {
-    writable: bool,
-    readable: bool,
-}
-
 impl PosixBackend {
     /// A backend with these settings (threads start with the agent).
     pub fn new(cfg: PosixConfig) -> PosixBackend {
@@ -95,41 +91,6 @@ fn backend_err(op: &'static str, reason: impl Into<String>) -> Error {
         op,
         reason: reason.into(),
     }
-}
-
-/// What `fstat` and `fcntl(F_GETFL)` say about `fd`.
-fn inspect_fd(fd: u64) -> Result<FileInfo> {
-    let raw = i32::try_from(fd).map_err(|_| {
-        Error::InvalidArgument(format!("FILE descriptor: fd {fd} is not a file descriptor"))
-    })?;
-    // SAFETY: fstat writes into the zeroed stat buffer we own; an invalid fd is reported.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid, writable stat buffer.
-    if unsafe { libc::fstat(raw, &mut st) } != 0 {
-        return Err(Error::InvalidArgument(format!(
-            "FILE descriptor: fd {fd} is not an open file descriptor ({})",
-            io::Error::last_os_error()
-        )));
-    }
-    let fmt = st.st_mode & libc::S_IFMT;
-    if fmt != libc::S_IFREG && fmt != libc::S_IFBLK {
-        return Err(Error::InvalidArgument(format!(
-            "FILE descriptor: fd {fd} is not a regular file or block device"
-        )));
-    }
-    // SAFETY: F_GETFL takes no argument and only reads the fd's flags.
-    let fl = unsafe { libc::fcntl(raw, libc::F_GETFL) };
-    if fl < 0 {
-        return Err(Error::io(
-            format!("fcntl(F_GETFL) on fd {fd}"),
-            io::Error::last_os_error(),
-        ));
-    }
-    let acc = fl & libc::O_ACCMODE;
-    Ok(FileInfo {
-        readable: acc == libc::O_RDONLY || acc == libc::O_RDWR,
-        writable: acc == libc::O_WRONLY || acc == libc::O_RDWR,
-    })
 }
 
 impl Backend for PosixBackend {
@@ -232,22 +193,22 @@ struct PosixConn {
 
 /// One `preadv`/`pwritev`: file range `[offset, offset + len)` of `fd`, to or from `pieces`.
 #[derive(Clone, Debug)]
-struct IoOp {
-    fd: i32,
-    offset: u64,
+pub(crate) struct IoOp {
+    pub(crate) fd: i32,
+    pub(crate) offset: u64,
     /// (address, length) in registered DRAM, in file order.
-    pieces: Vec<(u64, u64)>,
+    pub(crate) pieces: Vec<(u64, u64)>,
 }
 
 impl IoOp {
-    fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.pieces.iter().map(|p| p.1).sum()
     }
 }
 
 /// Cuts the segments into operations: contiguous file ranges on one fd are merged (up to
 /// `MAX_IOV` pieces and `max_io` bytes), long ones split.
-fn plan_ops(segments: &[(Desc, Desc)], max_io: u64) -> Vec<IoOp> {
+pub(crate) fn plan_ops(segments: &[(Desc, Desc)], max_io: u64) -> Vec<IoOp> {
     let mut ops: Vec<IoOp> = Vec::new();
     for (mem, file) in segments {
         let mut done = 0u64;
@@ -292,47 +253,50 @@ struct PosixXfer {
     pool: PoolHandle,
 }
 
+/// The I/O operations of a request and the file regions each post holds.
+pub(crate) type FilePlan = (Arc<[IoOp]>, Arc<[Arc<Region>]>);
+
+/// (index in the request, memory, file) of one descriptor pair.
+pub(crate) type Pair = (usize, Desc, Desc);
+
+/// What the file backends prepare from a plan: the owner-side check of every file region
+/// (held on each post), the per-fd checks, and the I/O operations.
+pub(crate) fn prepare_files(
+    backend: BackendName,
+    target: &TargetHandle,
+    plan: &XferPlan,
+    max_io: usize,
+) -> Result<FilePlan> {
+    if plan.local_kind != MemKind::Dram || plan.remote_kind != MemKind::File {
+        return Err(Error::InvalidArgument(format!(
+            "{backend} moves DRAM <-> FILE, not {} <-> {}",
+            plan.local_kind, plan.remote_kind
+        )));
+    }
+    let mut remote_regions = Vec::with_capacity(plan.remote_regions.len());
+    for (i, r) in plan.remote_regions.iter().enumerate() {
+        let access = target
+            .check(r.kind, &r.desc, r.key)
+            .map_err(|denied| Error::Denied {
+                peer: target.name().to_owned(),
+                reason: format!("file region {i} {:?}: {denied}", r.desc),
+            })?;
+        remote_regions.push(Arc::clone(access.region()));
+    }
+    check_files(plan)?;
+    let segs: Vec<(Desc, Desc)> = plan.segments.iter().map(|s| (s.local, s.remote)).collect();
+    let ops = plan_ops(&segs, max_io.max(1) as u64);
+    Ok((ops.into(), remote_regions.into()))
+}
+
 impl Connection for PosixConn {
     fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>> {
-        if plan.local_kind != MemKind::Dram || plan.remote_kind != MemKind::File {
-            return Err(Error::InvalidArgument(format!(
-                "posix moves DRAM <-> FILE, not {} <-> {}",
-                plan.local_kind, plan.remote_kind
-            )));
-        }
-        let mut remote_regions = Vec::with_capacity(plan.remote_regions.len());
-        for (i, r) in plan.remote_regions.iter().enumerate() {
-            let access = self
-                .target
-                .check(r.kind, &r.desc, r.key)
-                .map_err(|denied| Error::Denied {
-                    peer: self.target.name().to_owned(),
-                    reason: format!("file region {i} {:?}: {denied}", r.desc),
-                })?;
-            let fd = r.desc.dev_id;
-            // Checked now rather than cached at registration: fd numbers are reused.
-            let info = inspect_fd(fd)?;
-            match plan.op {
-                XferOp::Write if !info.writable => {
-                    return Err(Error::InvalidArgument(format!(
-                        "WRITE into fd {fd}, which is not open for writing"
-                    )))
-                }
-                XferOp::Read if !info.readable => {
-                    return Err(Error::InvalidArgument(format!(
-                        "READ from fd {fd}, which is not open for reading"
-                    )))
-                }
-                _ => {}
-            }
-            remote_regions.push(Arc::clone(access.region()));
-        }
-        let segs: Vec<(Desc, Desc)> = plan.segments.iter().map(|s| (s.local, s.remote)).collect();
-        let ops = plan_ops(&segs, self.max_io as u64);
+        let (ops, remote_regions) =
+            prepare_files(BackendName::Posix, &self.target, &plan, self.max_io)?;
         Ok(Box::new(PosixXfer {
             op: plan.op,
-            ops: ops.into(),
-            remote_regions: remote_regions.into(),
+            ops,
+            remote_regions,
             pool: self.pool.clone(),
         }))
     }
@@ -347,10 +311,29 @@ impl Connection for PosixConn {
     fn close(&self) {}
 }
 
-/// One post in progress: shared by the workers that run its operations.
-struct Post {
-    op: XferOp,
-    ops: Arc<[IoOp]>,
+/// Checks every fd of the request: open for the operation, and for `O_DIRECT` every
+/// descriptor aligned. Checked when the request is created rather than cached at
+/// registration, since fd numbers are reused.
+pub(crate) fn check_files(plan: &XferPlan) -> Result<()> {
+    let mut by_fd: Vec<(u64, Vec<Pair>)> = Vec::new();
+    for (i, s) in plan.segments.iter().enumerate() {
+        let fd = s.remote.dev_id;
+        match by_fd.iter_mut().find(|(f, _)| *f == fd) {
+            Some((_, v)) => v.push((i, s.local, s.remote)),
+            None => by_fd.push((fd, vec![(i, s.local, s.remote)])),
+        }
+    }
+    for (fd, pairs) in &by_fd {
+        check_request(&inspect_fd(*fd)?, *fd, plan.op, pairs)?;
+    }
+    Ok(())
+}
+
+/// One post in progress: shared by the threads that run its operations (the `posix` workers,
+/// or the `uring` ring thread). The last operation to finish completes the request.
+pub(crate) struct Post {
+    pub(crate) op: XferOp,
+    pub(crate) ops: Arc<[IoOp]>,
     left: AtomicUsize,
     failed: Mutex<Option<Error>>,
     done: Mutex<Option<Completion>>,
@@ -367,28 +350,66 @@ impl Drop for Post {
 }
 
 impl Post {
-    fn run(&self, i: usize) {
-        if self.stopping.load(Ordering::Acquire) && !self.abandoned.swap(true, Ordering::AcqRel) {
-            let mut f = self.failed.lock();
-            if f.is_none() {
-                *f = Some(Error::Cancelled);
+    /// Holds the file regions and starts a post of `ops`; `Err` gives the completion back
+    /// with the reason when a region was deregistered.
+    pub(crate) fn start(
+        op: XferOp,
+        ops: &Arc<[IoOp]>,
+        regions: &Arc<[Arc<Region>]>,
+        done: Completion,
+        stopping: &Arc<AtomicBool>,
+    ) -> Option<Arc<Post>> {
+        let ticket = match enter_all(regions, |r| &r.gate) {
+            Ok(t) => t,
+            Err(i) => {
+                let peer = done.info().peer.to_string();
+                done.complete(Err(Error::Denied {
+                    peer,
+                    reason: format!("file region {:?} was deregistered", regions[i].desc),
+                }));
+                return None;
             }
+        };
+        Some(Arc::new(Post {
+            op,
+            ops: Arc::clone(ops),
+            left: AtomicUsize::new(ops.len()),
+            failed: Mutex::new(None),
+            done: Mutex::new(Some(done)),
+            abandoned: AtomicBool::new(false),
+            regions: Arc::clone(regions),
+            ticket,
+            stopping: Arc::clone(stopping),
+        }))
+    }
+
+    /// Whether the next operation should not run: the post failed, was cancelled or timed
+    /// out, or the backend is stopping (which fails the post as Cancelled).
+    pub(crate) fn should_skip(&self) -> bool {
+        if self.stopping.load(Ordering::Acquire) && !self.abandoned.swap(true, Ordering::AcqRel) {
+            self.record(Err(Error::Cancelled));
         }
-        let skip = self.abandoned.load(Ordering::Acquire)
+        self.abandoned.load(Ordering::Acquire)
             || self
                 .done
                 .lock()
                 .as_ref()
-                .is_none_or(Completion::is_abandoned);
-        if !skip {
-            if let Err(e) = run_op(self.op, &self.ops[i]) {
-                self.abandoned.store(true, Ordering::Release);
-                let mut f = self.failed.lock();
-                if f.is_none() {
-                    *f = Some(e);
-                }
+                .is_none_or(Completion::is_abandoned)
+    }
+
+    /// Records an operation's outcome (the first error wins).
+    pub(crate) fn record(&self, r: Result<()>) {
+        if let Err(e) = r {
+            self.abandoned.store(true, Ordering::Release);
+            let mut f = self.failed.lock();
+            if f.is_none() {
+                *f = Some(e);
             }
         }
+    }
+
+    /// One operation is over (run, failed or skipped); the last one completes the request.
+    pub(crate) fn finish_one(&self) {
         if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
             // A cancelled or timed-out post has already ended: `complete` then changes nothing.
             let outcome = match self.failed.lock().take() {
@@ -399,6 +420,13 @@ impl Post {
                 done.complete(outcome);
             }
         }
+    }
+
+    fn run(&self, i: usize) {
+        if !self.should_skip() {
+            self.record(run_op(self.op, &self.ops[i]));
+        }
+        self.finish_one();
     }
 }
 
@@ -496,31 +524,15 @@ fn run_op(op: XferOp, io_op: &IoOp) -> Result<()> {
 
 impl PreparedXfer for PosixXfer {
     fn post(&self, done: Completion) {
-        let ticket = match enter_all(&self.remote_regions, |r| &r.gate) {
-            Ok(t) => t,
-            Err(i) => {
-                let peer = done.info().peer.to_string();
-                done.complete(Err(Error::Denied {
-                    peer,
-                    reason: format!(
-                        "file region {:?} was deregistered",
-                        self.remote_regions[i].desc
-                    ),
-                }));
-                return;
-            }
+        let Some(post) = Post::start(
+            self.op,
+            &self.ops,
+            &self.remote_regions,
+            done,
+            &self.pool.stopping,
+        ) else {
+            return;
         };
-        let post = Arc::new(Post {
-            op: self.op,
-            ops: Arc::clone(&self.ops),
-            left: AtomicUsize::new(self.ops.len()),
-            failed: Mutex::new(None),
-            done: Mutex::new(Some(done)),
-            abandoned: AtomicBool::new(false),
-            regions: Arc::clone(&self.remote_regions),
-            ticket,
-            stopping: Arc::clone(&self.pool.stopping),
-        });
         if self.ops.len() == 1 && self.ops[0].len() <= 64 << 10 {
             // Small: no thread hand-off.
             post.run(0);
@@ -663,13 +675,5 @@ mod tests {
         assert_eq!(ops.len(), 3);
         assert!(ops.iter().all(|o| o.pieces.len() <= MAX_IOV));
         assert_eq!(ops.iter().map(IoOp::len).sum::<u64>(), 25_000);
-    }
-
-    #[test]
-    fn bad_fds_are_refused_with_the_reason() {
-        let e = inspect_fd(987_654).unwrap_err().to_string();
-        assert!(e.contains("not an open file descriptor"), "{e}");
-        let e = inspect_fd(u64::MAX).unwrap_err().to_string();
-        assert!(e.contains("not a file descriptor"), "{e}");
     }
 }
