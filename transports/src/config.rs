@@ -1,7 +1,7 @@
 //! The agent's configuration file (TOML), shared by the daemon, the CLIs and the C ABI.
 //!
 //! ```toml
-//! backends = ["local", "shm", "tcp", "posix"]   # which to run (default: all this crate builds)
+//! backends = ["local", "shm", "tcp", "uring", "posix"]   # which to run (default: all built)
 //!
 //! [tcp]
 //! listen = "10.0.0.5:7000"   # default: the host's first non-loopback address, port 0 (free)
@@ -19,6 +19,11 @@
 //! [shm]
 //! socket_dir = "/run/nixl"
 //! op_timeout_ms = 5000
+//!
+//! [uring]                    # DRAM <-> FILE through io_uring
+//! queue_depth = 64
+//! max_io_bytes = 1048576
+//! enabled = true             # false: files go through posix
 //!
 //! [posix]                    # DRAM <-> FILE with preadv/pwritev
 //! threads = 4
@@ -44,6 +49,7 @@ use crate::local::LocalBackend;
 use crate::posix::{PosixBackend, PosixConfig};
 use crate::shm::{ShmBackend, ShmConfig};
 use crate::tcp::{parse_listen, Auth, TcpBackend, TcpConfig};
+use crate::uring::{UringBackend, UringConfig};
 
 /// A parsed configuration.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -60,6 +66,9 @@ pub struct Config {
     /// `[shm]`.
     #[serde(default)]
     pub shm: ShmSection,
+    /// `[uring]`.
+    #[serde(default)]
+    pub uring: UringSection,
     /// `[posix]`.
     #[serde(default)]
     pub posix: PosixSection,
@@ -92,6 +101,15 @@ pub struct AuthSection {
     pub allow_open: bool,
 }
 
+/// `[uring]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UringSection {
+    pub queue_depth: Option<u32>,
+    pub max_io_bytes: Option<usize>,
+    pub enabled: Option<bool>,
+}
+
 /// `[posix]`.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,7 +137,7 @@ pub struct ShmSection {
     pub allow_map: Option<bool>,
 }
 
-const ALL: [&str; 4] = ["local", "shm", "tcp", "posix"];
+const ALL: [&str; 5] = ["local", "shm", "tcp", "uring", "posix"];
 
 impl Config {
     /// Parses a TOML document.
@@ -183,6 +201,16 @@ impl Config {
         }
     }
 
+    /// The `uring` backend's settings.
+    pub fn uring_config(&self) -> UringConfig {
+        let d = UringConfig::default();
+        UringConfig {
+            queue_depth: self.uring.queue_depth.unwrap_or(d.queue_depth),
+            max_io_bytes: self.uring.max_io_bytes.unwrap_or(d.max_io_bytes),
+            enabled: self.uring.enabled.unwrap_or(d.enabled),
+        }
+    }
+
     /// The `posix` backend's settings.
     pub fn posix_config(&self) -> PosixConfig {
         let d = PosixConfig::default();
@@ -208,6 +236,9 @@ impl Config {
         }
         if want("tcp") {
             out.push(Arc::new(TcpBackend::new(self.tcp_config()?)));
+        }
+        if want("uring") {
+            out.push(Arc::new(UringBackend::new(self.uring_config())));
         }
         if want("posix") {
             out.push(Arc::new(PosixBackend::new(self.posix_config())));
@@ -263,6 +294,6 @@ mod tests {
         ] {
             assert!(Config::from_toml(bad).is_err(), "{bad}");
         }
-        assert!(Config::from_toml("").unwrap().backends().unwrap().len() == 4);
+        assert!(Config::from_toml("").unwrap().backends().unwrap().len() == 5);
     }
 }

@@ -5,6 +5,7 @@
 //!   and direct copies through memfd mappings for memory from [`shm::ShmBuffer`].
 //! - [`tcp`]: between hosts: authenticated connections, the target checks every access.
 //! - [`posix`]: DRAM ↔ FILE with `preadv`/`pwritev` on a thread pool.
+//! - [`uring`]: DRAM ↔ FILE through io_uring, the ring kept full.
 //!
 //! [`config::Config`] reads the agent's TOML configuration and builds the backends it names.
 
@@ -16,6 +17,7 @@ pub mod posix;
 #[path = "node/mod.rs"]
 pub mod shm;
 pub mod tcp;
+pub mod uring;
 
 use std::sync::Arc;
 

@@ -1,7 +1,8 @@
-//! The `posix` backend against real files: byte-exact round trips (one descriptor, thousands of
-//! odd ones, several files in one request), and faults: short files, files truncated under the
-//! agent, a full file system (a 1 MiB tmpfs), read-only files, bad fds, deregistered regions,
-//! cancellation.
+//! The file backends (`uring` and `posix`, each test run for both) against real files:
+//! byte-exact round trips (one descriptor, thousands of odd ones, several files in one request),
+//! and faults: short files, files truncated under the agent, a full file system (a 1 MiB tmpfs),
+//! read-only files, bad fds, deregistered regions, O_DIRECT misalignment, cancellation and
+//! shutdown. And the fallback: with io_uring unavailable, files go through `posix`, visibly.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -13,8 +14,9 @@ use nixl_core::{
 };
 use nixl_transports::config::Config;
 
-fn agent(name: &str, extra: &str) -> Agent {
-    let cfg = Config::from_toml(&format!("backends = [\"local\", \"posix\"]\n{extra}")).unwrap();
+fn agent(b: BackendName, extra: &str) -> Agent {
+    let cfg = Config::from_toml(&format!("backends = [\"local\", \"{b}\"]\n{extra}")).unwrap();
+    let name = "store";
     Agent::builder(name)
         .backends(cfg.backends().unwrap())
         .build()
@@ -52,7 +54,7 @@ fn file_desc(f: &File, off: u64, len: u64) -> Desc {
     Desc::new(off, len, f.as_raw_fd() as u64)
 }
 
-fn run(a: &Agent, op: XferOp, mem: Vec<Desc>, file: Vec<Desc>) -> XferStatus {
+fn run(a: &Agent, b: BackendName, op: XferOp, mem: Vec<Desc>, file: Vec<Desc>) -> XferStatus {
     let req = a
         .create_xfer(
             op,
@@ -62,7 +64,7 @@ fn run(a: &Agent, op: XferOp, mem: Vec<Desc>, file: Vec<Desc>) -> XferStatus {
             XferOptions::default(),
         )
         .unwrap();
-    assert_eq!(req.backend(), BackendName::Posix, "{}", req.info().reason);
+    assert_eq!(req.backend(), b, "{}", req.info().reason);
     req.post().unwrap();
     req.wait_blocking(Some(Duration::from_secs(60)))
 }
@@ -79,9 +81,8 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn one_large_descriptor_round_trips_byte_exact() {
-    let a = agent("store", "[posix]\nmax_io_bytes = 1048576");
+fn one_large_descriptor_round_trips_byte_exact(b: BackendName) {
+    let a = agent(b, &format!("[{b}]\nmax_io_bytes = 1048576"));
     let dir = scratch("large");
     let f = rw(&dir.join("kv.bin"));
     let n = (24 << 20) + 333; // odd tail, 25 operations of at most 1 MiB
@@ -95,6 +96,7 @@ fn one_large_descriptor_round_trips_byte_exact() {
     let _f = reg(&a, MemKind::File, vec![file_desc(&f, 4096, n as u64)]);
     let st = run(
         &a,
+        b,
         XferOp::Write,
         vec![Desc::from_slice(&src)],
         vec![file_desc(&f, 4096, n as u64)],
@@ -108,6 +110,7 @@ fn one_large_descriptor_round_trips_byte_exact() {
     );
     let st = run(
         &a,
+        b,
         XferOp::Read,
         vec![Desc::from_mut_slice(&mut dst)],
         vec![file_desc(&f, 4096, n as u64)],
@@ -117,9 +120,8 @@ fn one_large_descriptor_round_trips_byte_exact() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn thousands_of_odd_descriptors_over_two_files() {
-    let a = agent("store", "");
+fn thousands_of_odd_descriptors_over_two_files(b: BackendName) {
+    let a = agent(b, "");
     let dir = scratch("many");
     let (f1, f2) = (rw(&dir.join("a")), rw(&dir.join("b")));
     let mut rng = pattern(8192, 99).into_iter().cycle();
@@ -163,9 +165,9 @@ fn thousands_of_odd_descriptors_over_two_files() {
         used += len;
     }
     assert!(used > 1 << 20);
-    let st = run(&a, XferOp::Write, mem.clone(), file.clone());
+    let st = run(&a, b, XferOp::Write, mem.clone(), file.clone());
     assert!(matches!(st, XferStatus::Done), "{st:?}");
-    let st = run(&a, XferOp::Read, back.clone(), file.clone());
+    let st = run(&a, b, XferOp::Read, back.clone(), file.clone());
     assert!(matches!(st, XferStatus::Done), "{st:?}");
     let (d1, d2) = (
         std::fs::read(dir.join("a")).unwrap(),
@@ -193,9 +195,8 @@ fn thousands_of_odd_descriptors_over_two_files() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn short_and_truncated_files_fail_the_read_with_the_offset() {
-    let a = agent("store", "");
+fn short_and_truncated_files_fail_the_read_with_the_offset(b: BackendName) {
+    let a = agent(b, "");
     let dir = scratch("short");
     let f = rw(&dir.join("short"));
     f.set_len(100 << 10).unwrap();
@@ -204,6 +205,7 @@ fn short_and_truncated_files_fail_the_read_with_the_offset() {
     let _f = reg(&a, MemKind::File, vec![file_desc(&f, 0, 1 << 20)]);
     let st = run(
         &a,
+        b,
         XferOp::Read,
         vec![Desc::from_mut_slice(&mut dst)],
         vec![file_desc(&f, 0, 1 << 20)],
@@ -234,8 +236,7 @@ fn short_and_truncated_files_fail_the_read_with_the_offset() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn a_full_file_system_fails_the_write() {
+fn a_full_file_system_fails_the_write(b: BackendName) {
     let dir = scratch("full");
     let mnt = dir.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
@@ -251,13 +252,14 @@ fn a_full_file_system_fails_the_write() {
         return;
     }
     let result = std::panic::catch_unwind(|| {
-        let a = agent("store", "");
+        let a = agent(b, "");
         let f = rw(&mnt.join("big"));
         let src = pattern(4 << 20, 5);
         let _m = reg(&a, MemKind::Dram, vec![Desc::from_slice(&src)]);
         let _f = reg(&a, MemKind::File, vec![file_desc(&f, 0, 4 << 20)]);
         let st = run(
             &a,
+            b,
             XferOp::Write,
             vec![Desc::from_slice(&src)],
             vec![file_desc(&f, 0, 4 << 20)],
@@ -277,9 +279,8 @@ fn a_full_file_system_fails_the_write() {
     }
 }
 
-#[test]
-fn bad_registrations_and_requests_are_refused_before_any_io() {
-    let a = agent("store", "");
+fn bad_registrations_and_requests_are_refused_before_any_io(b: BackendName) {
+    let a = agent(b, "");
     let dir = scratch("bad");
     let path = dir.join("ro");
     std::fs::write(&path, vec![1u8; 8192]).unwrap();
@@ -322,9 +323,8 @@ fn bad_registrations_and_requests_are_refused_before_any_io() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn cancel_and_shutdown_end_requests_and_let_go_of_memory() {
-    let a = agent("store", "[posix]\nmax_io_bytes = 65536\nthreads = 1");
+fn cancel_and_shutdown_end_requests_and_let_go_of_memory(b: BackendName) {
+    let a = agent(b, &format!("[{b}]\nmax_io_bytes = 65536"));
     let dir = scratch("cancel");
     let f = rw(&dir.join("c"));
     let src = pattern(64 << 20, 1);
@@ -354,5 +354,198 @@ fn cancel_and_shutdown_end_requests_and_let_go_of_memory() {
         matches!(st, XferStatus::Cancelled | XferStatus::Done),
         "{st:?}"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn direct_io_round_trips_aligned_and_refuses_misaligned(b: BackendName) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let a = agent(b, "");
+    let dir = scratch("direct");
+    let f = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dir.join("d"))
+    {
+        Ok(f) => f,
+        Err(e) => {
+            println!("SKIP: O_DIRECT not supported under {}: {e}", dir.display());
+            eprintln!("SKIP: O_DIRECT not supported under {}: {e}", dir.display());
+            let _ = std::fs::remove_dir_all(dir);
+            return;
+        }
+    };
+    let n = 4 << 20;
+    let mut src = vec![0u8; n + 8192];
+    let mut dst = vec![0u8; n + 8192];
+    let al = |v: &mut Vec<u8>| {
+        let p = v.as_ptr() as usize;
+        (4096 - p % 4096) % 4096
+    };
+    let (so, doff) = (al(&mut src), al(&mut dst));
+    src[so..so + n].copy_from_slice(&pattern(n, 11));
+    let _m = reg(
+        &a,
+        MemKind::Dram,
+        vec![Desc::from_slice(&src), Desc::from_mut_slice(&mut dst)],
+    );
+    let _f = reg(&a, MemKind::File, vec![file_desc(&f, 0, n as u64)]);
+    let s = Desc::new(src.as_ptr() as u64 + so as u64, n as u64, 0);
+    let d = Desc::new(dst.as_ptr() as u64 + doff as u64, n as u64, 0);
+    let st = run(
+        &a,
+        b,
+        XferOp::Write,
+        vec![s],
+        vec![file_desc(&f, 0, n as u64)],
+    );
+    assert!(matches!(st, XferStatus::Done), "{st:?}");
+    let st = run(
+        &a,
+        b,
+        XferOp::Read,
+        vec![d],
+        vec![file_desc(&f, 0, n as u64)],
+    );
+    assert!(matches!(st, XferStatus::Done), "{st:?}");
+    assert!(dst[doff..doff + n] == src[so..so + n]);
+    // Memory one byte off, and a length that is not a multiple of the block.
+    for (mem, file, want) in [
+        (
+            Desc::new(s.addr + 1, 4096, 0),
+            file_desc(&f, 0, 4096),
+            "memory aligned",
+        ),
+        (
+            Desc::new(s.addr, 100, 0),
+            file_desc(&f, 0, 100),
+            "offsets and lengths in multiples",
+        ),
+    ] {
+        let e = a
+            .create_xfer(
+                XferOp::Write,
+                &DescList::from_descs(MemKind::Dram, vec![mem]).unwrap(),
+                &DescList::from_descs(MemKind::File, vec![file]).unwrap(),
+                "store",
+                XferOptions {
+                    backend: Some(b),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("descriptor 0") && e.contains(want), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+macro_rules! for_both_backends {
+    ($($t:ident),* $(,)?) => {
+        mod uring {
+            $(#[test]
+            fn $t() {
+                super::$t(super::BackendName::Uring)
+            })*
+        }
+        mod posix {
+            $(#[test]
+            fn $t() {
+                super::$t(super::BackendName::Posix)
+            })*
+        }
+    };
+}
+
+for_both_backends!(
+    one_large_descriptor_round_trips_byte_exact,
+    thousands_of_odd_descriptors_over_two_files,
+    short_and_truncated_files_fail_the_read_with_the_offset,
+    a_full_file_system_fails_the_write,
+    bad_registrations_and_requests_are_refused_before_any_io,
+    cancel_and_shutdown_end_requests_and_let_go_of_memory,
+    direct_io_round_trips_aligned_and_refuses_misaligned,
+);
+
+#[test]
+fn without_io_uring_files_go_through_posix_and_the_request_says_why() {
+    let cfg =
+        Config::from_toml("backends = [\"local\", \"uring\", \"posix\"]\n[uring]\nenabled = false")
+            .unwrap();
+    let a = Agent::builder("store")
+        .backends(cfg.backends().unwrap())
+        .build()
+        .unwrap();
+    let uring = a
+        .backends()
+        .iter()
+        .find(|s| s.name == BackendName::Uring)
+        .unwrap();
+    let why = uring.unavailable.as_deref().unwrap_or("");
+    assert!(why.contains("enabled = false"), "{why}");
+    let dir = scratch("fallback");
+    let f = rw(&dir.join("f"));
+    let src = pattern(1 << 20, 2);
+    let _m = reg(&a, MemKind::Dram, vec![Desc::from_slice(&src)]);
+    let _f = reg(&a, MemKind::File, vec![file_desc(&f, 0, 1 << 20)]);
+    let st = run(
+        &a,
+        BackendName::Posix,
+        XferOp::Write,
+        vec![Desc::from_slice(&src)],
+        vec![file_desc(&f, 0, 1 << 20)],
+    );
+    assert!(matches!(st, XferStatus::Done), "{st:?}");
+    // Forcing uring says why it cannot run.
+    let e = a
+        .create_xfer(
+            XferOp::Write,
+            &DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(&src)]).unwrap(),
+            &DescList::from_descs(MemKind::File, vec![file_desc(&f, 0, 1 << 20)]).unwrap(),
+            "store",
+            XferOptions {
+                backend: Some(BackendName::Uring),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("enabled = false"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn with_io_uring_files_go_through_uring_by_default() {
+    let a = Agent::builder("store")
+        .backends(nixl_transports::default_backends())
+        .build()
+        .unwrap();
+    let dir = scratch("default");
+    let f = rw(&dir.join("f"));
+    let src = pattern(1 << 20, 2);
+    let _m = reg(&a, MemKind::Dram, vec![Desc::from_slice(&src)]);
+    let _f = reg(&a, MemKind::File, vec![file_desc(&f, 0, 1 << 20)]);
+    let req = a
+        .create_xfer(
+            XferOp::Write,
+            &DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(&src)]).unwrap(),
+            &DescList::from_descs(MemKind::File, vec![file_desc(&f, 0, 1 << 20)]).unwrap(),
+            "store",
+            XferOptions::default(),
+        )
+        .unwrap();
+    let uring_runs = a
+        .backends()
+        .iter()
+        .any(|s| s.name == BackendName::Uring && s.unavailable.is_none());
+    if uring_runs {
+        assert_eq!(req.backend(), BackendName::Uring, "{}", req.info().reason);
+    } else {
+        println!("SKIP: io_uring unavailable here; posix served the request");
+        assert_eq!(req.backend(), BackendName::Posix);
+    }
+    req.run_blocking().unwrap();
+    assert!(std::fs::read(dir.join("f")).unwrap() == src);
     let _ = std::fs::remove_dir_all(dir);
 }
