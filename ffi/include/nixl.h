@@ -41,6 +41,22 @@
 #define NIXL_FILE 4
 
 /**
+ * `nixl_register_file`: open with `O_DIRECT` (transfers must then be aligned as the file
+ * system requires; a misaligned one is refused at creation, naming the descriptor).
+ */
+#define NIXL_FILE_DIRECT 1
+
+/**
+ * `nixl_register_file`: open read-only (WRITE requests into it are refused).
+ */
+#define NIXL_FILE_READ_ONLY 2
+
+/**
+ * `nixl_register_file`: create the file if it does not exist.
+ */
+#define NIXL_FILE_CREATE 4
+
+/**
  * Remote to local.
  */
 #define NIXL_READ 0
@@ -206,6 +222,25 @@ nixl_status nixl_deregister(struct nixl_agent *agent,
                             int32_t kind,
                             const struct nixl_desc *descs,
                             size_t count);
+
+/**
+ * Opens the file at `path` and registers `[offset, offset + len)` of it as a FILE region
+ * (`len` 0: up to the file's current end, which must then be past `offset`). `flags` is a
+ * combination of `NIXL_FILE_DIRECT`, `NIXL_FILE_READ_ONLY` and `NIXL_FILE_CREATE` (0: an
+ * existing file, read-write, buffered). Writes the descriptor to use in transfers,
+ * `(offset, len, fd)`, to `*out`. The agent owns the fd: `nixl_deregister` of that descriptor
+ * closes it. A missing file is `NIXL_ERR_NOT_FOUND`; a file the process may not open is
+ * `NIXL_ERR_DENIED`.
+ *
+ * # Safety
+ * `path` is a NUL-terminated string; `out` is writable.
+ */
+nixl_status nixl_register_file(struct nixl_agent *agent,
+                               const char *path,
+                               uint64_t offset,
+                               uint64_t len,
+                               uint32_t flags,
+                               struct nixl_desc *out);
 
 /**
  * Writes a copy of the agent's metadata (its backends' connection info and its registered

@@ -18,6 +18,7 @@ use std::any::Any;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, CStr, CString};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
@@ -71,6 +72,14 @@ pub const NIXL_BLOCK: i32 = 2;
 pub const NIXL_OBJECT: i32 = 3;
 /// A file: descriptors are (offset, length, fd), the fd opened and kept open by the caller.
 pub const NIXL_FILE: i32 = 4;
+
+/// `nixl_register_file`: open with `O_DIRECT` (transfers must then be aligned as the file
+/// system requires; a misaligned one is refused at creation, naming the descriptor).
+pub const NIXL_FILE_DIRECT: u32 = 1;
+/// `nixl_register_file`: open read-only (WRITE requests into it are refused).
+pub const NIXL_FILE_READ_ONLY: u32 = 2;
+/// `nixl_register_file`: create the file if it does not exist.
+pub const NIXL_FILE_CREATE: u32 = 4;
 
 /// Remote to local.
 pub const NIXL_READ: i32 = 0;
@@ -142,6 +151,9 @@ struct Shared {
     /// Notifications taken from the agent and not yet handed out by `nixl_notif_next`.
     notifs: Mutex<VecDeque<Notification>>,
     auth: Auth,
+    /// Files the agent opened for `nixl_register_file`, by fd; closed on deregistration (and
+    /// when the agent goes, after its backends stopped).
+    files: Mutex<HashMap<u64, OwnedFd>>,
 }
 
 impl Drop for Shared {
@@ -464,6 +476,7 @@ pub unsafe extern "C" fn nixl_agent_new(
                 agent,
                 notifs: Mutex::new(VecDeque::new()),
                 auth: config.auth(),
+                files: Mutex::new(HashMap::new()),
             }),
         });
         write_out(out, Box::into_raw(handle).cast::<nixl_agent>(), "out")?;
@@ -535,7 +548,100 @@ pub unsafe extern "C" fn nixl_deregister(
     guard(|| {
         let a = agent_ref(agent)?;
         let list = descs_arg(kind, descs, count, "descs")?;
-        a.shared.agent.deregister(list.kind(), list.descs())?;
+        for d in list.descs() {
+            a.shared
+                .agent
+                .deregister(list.kind(), std::slice::from_ref(d))?;
+            if list.kind() == MemKind::File {
+                // A file this library opened (nixl_register_file) is closed with its region.
+                a.shared.files.lock().remove(&d.dev_id);
+            }
+        }
+        Ok(NIXL_OK)
+    })
+}
+
+/// Opens the file at `path` and registers `[offset, offset + len)` of it as a FILE region
+/// (`len` 0: up to the file's current end, which must then be past `offset`). `flags` is a
+/// combination of `NIXL_FILE_DIRECT`, `NIXL_FILE_READ_ONLY` and `NIXL_FILE_CREATE` (0: an
+/// existing file, read-write, buffered). Writes the descriptor to use in transfers,
+/// `(offset, len, fd)`, to `*out`. The agent owns the fd: `nixl_deregister` of that descriptor
+/// closes it. A missing file is `NIXL_ERR_NOT_FOUND`; a file the process may not open is
+/// `NIXL_ERR_DENIED`.
+///
+/// # Safety
+/// `path` is a NUL-terminated string; `out` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_register_file(
+    agent: *mut nixl_agent,
+    path: *const c_char,
+    offset: u64,
+    len: u64,
+    flags: u32,
+    out: *mut nixl_desc,
+) -> nixl_status {
+    guard(|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let a = agent_ref(agent)?;
+        let path = str_arg(path, "path")?;
+        if out.is_null() || !out.is_aligned() {
+            return Err(Fail::invalid("out is NULL or misaligned"));
+        }
+        let known = NIXL_FILE_DIRECT | NIXL_FILE_READ_ONLY | NIXL_FILE_CREATE;
+        if flags & !known != 0 {
+            return Err(Fail::invalid(format!(
+                "flags {flags:#x}: unknown bits {:#x}",
+                flags & !known
+            )));
+        }
+        let read_only = flags & NIXL_FILE_READ_ONLY != 0;
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true)
+            .write(!read_only)
+            .create(!read_only && flags & NIXL_FILE_CREATE != 0);
+        if flags & NIXL_FILE_DIRECT != 0 {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        let file = o.open(path).map_err(|e| {
+            let code = match e.kind() {
+                std::io::ErrorKind::NotFound => NIXL_ERR_NOT_FOUND,
+                std::io::ErrorKind::PermissionDenied => NIXL_ERR_DENIED,
+                _ => NIXL_ERR_INVALID,
+            };
+            Fail::new(code, format!("opening {path}: {e}"))
+        })?;
+        let len = if len == 0 {
+            let size = file
+                .metadata()
+                .map_err(|e| Fail::new(NIXL_ERR_BACKEND, format!("stat {path}: {e}")))?
+                .len();
+            if size <= offset {
+                return Err(Fail::invalid(format!(
+                    "{path} is {size} bytes: nothing past offset {offset} to register (give a \
+                     length to register a range to be written)"
+                )));
+            }
+            size - offset
+        } else {
+            len
+        };
+        let fd: OwnedFd = file.into();
+        let desc = Desc::new(offset, len, fd.as_raw_fd() as u64);
+        let list = DescList::from_descs(MemKind::File, vec![desc])
+            .map_err(|e| Fail::new(code_of(&e), e.to_string()))?;
+        // SAFETY: FILE descriptors carry no memory contract.
+        let reg = unsafe { a.shared.agent.register(&list) }?;
+        reg.forget();
+        a.shared.files.lock().insert(desc.dev_id, fd);
+        write_out(
+            out,
+            nixl_desc {
+                addr: desc.addr,
+                len: desc.len,
+                dev_id: desc.dev_id,
+            },
+            "out",
+        )?;
         Ok(NIXL_OK)
     })
 }

@@ -7,14 +7,16 @@
 //!   descriptors, unknown/unavailable backends, too-small buffers, bad handles; exact status
 //!   codes and a non-empty `nixl_last_error()` after each error.
 //! - `threads.c`: several threads using one agent, one request, one notification queue.
+//! - `files.c`: files through `uring` and `posix` (registered by path and by fd), O_DIRECT
+//!   alignment, short reads, read-only registrations.
 //!
 //! Each runs once plainly and once under valgrind with smaller sizes, where an invalid access or
 //! a definite leak fails the test (valgrind exits 99). A C program exits 0 when it passed, 1 with
 //! the reason on stderr when it failed, and 77 when the backend it tests cannot run on this host
 //! (a visible SKIP, or a failure under `NIXL_REQUIRE_C_TESTS=1`).
 //!
-//! Linking: `peer` links the static library `libnixl.a` (with `-lpthread -ldl -lm`), `misuse`
-//! and `threads` link `libnixl.so` (with an rpath to its directory), so that both artifacts C
+//! Linking: `peer` links the static library `libnixl.a` (with `-lpthread -ldl -lm`), `misuse`,
+//! `threads` and `files` link `libnixl.so` (with an rpath to its directory), so that both artifacts C
 //! users get are exercised: the static one for missing native libraries, the shared one for its
 //! exported symbols.
 //!
@@ -144,6 +146,7 @@ struct Programs {
     peer: PathBuf,
     misuse: PathBuf,
     threads: PathBuf,
+    files: PathBuf,
 }
 
 /// Compiles the programs (in parallel), or says why not: `Err(Skip)` when there is no compiler.
@@ -205,7 +208,7 @@ fn build_programs() -> Result<Programs, String> {
         .args(["-lpthread", "-ldl", "-lm"]);
     jobs.push(("peer", c));
     // misuse, threads: the shared library, found through an rpath.
-    for name in ["misuse", "threads"] {
+    for name in ["misuse", "threads", "files"] {
         let mut c = Command::new(&cc[0]);
         common(&mut c, name);
         c.arg("-L")
@@ -247,6 +250,7 @@ fn build_programs() -> Result<Programs, String> {
         peer: out.join("peer"),
         misuse: out.join("misuse"),
         threads: out.join("threads"),
+        files: out.join("files"),
     })
 }
 
@@ -526,4 +530,14 @@ fn threads_share_an_agent() {
 #[test]
 fn threads_under_valgrind() {
     single("threads", |p| &p.threads, &["20", "{tmo}"], true);
+}
+
+#[test]
+fn files_through_uring_and_posix() {
+    single("files", |p| &p.files, &["{dir}", "8", "{tmo}"], false);
+}
+
+#[test]
+fn files_under_valgrind() {
+    single("files", |p| &p.files, &["{dir}", "1", "{tmo}"], true);
 }
