@@ -15,9 +15,22 @@
 //! - `dereg`: deregister the buffer (peers' mappings are revoked first) → `ok <milliseconds>`
 //! - `xfer <peer> <read|write> <posts> <notif hex|->`: moves the whole buffer to or from the
 //!   peer's first region `posts` times → `ok <bytes> <seconds>` or `err <class> <ms> <text>`
-//! - `bench <peer> <read|write> <block> <batch> <seconds>`: repeats a request of `batch`
-//!   descriptors of `block` bytes for about `seconds` (after one warm-up post) →
-//!   `ok <GB/s> <posts> <p50 µs> <p99 µs>` (post-to-complete latency), or `err ...`
+//! - `bench <peer> <read|write> <block> <batch> <seconds> [threads=N] [iters=N] [warmup=N]
+//!   [backend=NAME]`: see [`bench`]: each of `threads` threads (default 1) repeats its own
+//!   request of `batch` descriptors of `block` bytes, over its own part of both buffers (part
+//!   `t` is bytes `t·block·batch ..` of each), `iters` times after `warmup` posts (default 1),
+//!   or for about `seconds` when `iters` is absent or 0; `backend` names the backend (default:
+//!   the selection policy's choice) →
+//!   `ok <GB/s> <posts> <p50 µs> <p99 µs> <backend> <seconds>` (GB/s = 10^9 bytes/s over all
+//!   threads; posts of all threads; post-to-complete latency of all posts merged; the backend
+//!   the requests used; the wall time), `unavailable <text>` when the request cannot be made
+//!   (no backend can carry it, or the named one cannot), or `err <class> 0 <text>`
+//! - `fill <seed> <part> <n>` / `check <seed> <part> <n>`: as `fill` / `check`, over the first
+//!   `n` parts of `part` bytes only, part `t` with the pattern of `seed + t` (see
+//!   [`fill_parts`]) → `ok` / `bad <offset>`
+//! - `poke <offset>`: flips the bits of one byte (a test hook for `nixl-bench --verify`) → `ok`
+//! - `backend <name>`: whether the agent runs that backend → `ok`, `unavailable <reason>` or
+//!   `absent`
 //! - `fetch <addr>` / `push <addr>`: metadata over a peer's tcp listener → `ok <name>`
 //! - `exit`
 //!
@@ -29,8 +42,10 @@ use std::time::Duration;
 use std::collections::HashMap;
 use std::time::Instant;
 
-use crate::{fill, first_mismatch, hex, unhex};
-use nixl_core::{Agent, AgentMetadata, Desc, DescList, MemKind, XferOp, XferOptions};
+use crate::{fill, fill_at, first_mismatch, hex, unhex};
+use nixl_core::{
+    Agent, AgentMetadata, BackendName, Desc, DescList, Error, MemKind, XferOp, XferOptions,
+};
 use nixl_transports::config::Config;
 use nixl_transports::shm::ShmBuffer;
 use nixl_transports::tcp::{fetch_metadata, push_metadata};
@@ -116,49 +131,74 @@ pub fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                     Err(e) => format!("err {} {} {e}", e.metric_label(), t.elapsed().as_millis()),
                 }
             }
-            ["bench", peer, op, block, batch, secs] => {
+            ["bench", peer, op, block, batch, secs, opts @ ..] => {
                 let remote = remotes.get(*peer).copied().ok_or("peer not loaded")?;
-                let block: usize = block.parse()?;
-                let batch: usize = batch.parse()?;
-                let until = Duration::from_secs_f64(secs.parse()?);
-                if block * batch > buf.len().min(remote.len as usize) {
-                    "err invalid block*batch is over the buffer".to_owned()
-                } else {
-                    let local = DescList::from_descs(
-                        MemKind::Dram,
-                        (0..batch)
-                            .map(|i| Desc::from_slice(&buf[i * block..(i + 1) * block]))
-                            .collect::<Vec<_>>(),
-                    )?;
-                    let remote = DescList::from_descs(
-                        MemKind::Dram,
-                        (0..batch)
-                            .map(|i| Desc::new(remote.addr + (i * block) as u64, block as u64, 0))
-                            .collect::<Vec<_>>(),
-                    )?;
-                    let res = agent
-                        .create_xfer(parse_op(op)?, &local, &remote, peer, XferOptions::default())
-                        .and_then(|x| {
-                            x.run_blocking()?; // warm-up
-                            let t = Instant::now();
-                            let mut lat = Vec::with_capacity(1 << 16);
-                            while t.elapsed() < until {
-                                let p = Instant::now();
-                                x.run_blocking()?;
-                                lat.push(p.elapsed().as_secs_f64() * 1e6);
-                            }
-                            let bytes = lat.len() as f64 * (block * batch) as f64;
-                            let gbps = bytes / t.elapsed().as_secs_f64() / 1e9;
-                            lat.sort_by(f64::total_cmp);
-                            let pct = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
-                            Ok(format!(
-                                "ok {gbps:.4} {} {:.1} {:.1}",
-                                lat.len(),
-                                pct(0.5),
-                                pct(0.99)
-                            ))
-                        });
-                    res.unwrap_or_else(|e| format!("err {} 0 {e}", e.metric_label()))
+                let mut spec = BenchSpec {
+                    op: parse_op(op)?,
+                    block: block.parse()?,
+                    batch: batch.parse()?,
+                    threads: 1,
+                    iters: 0,
+                    warmup: 1,
+                    seconds: secs.parse()?,
+                    backend: None,
+                };
+                for o in opts {
+                    match o.split_once('=') {
+                        Some(("threads", n)) => spec.threads = n.parse()?,
+                        Some(("iters", n)) => spec.iters = n.parse()?,
+                        Some(("warmup", n)) => spec.warmup = n.parse()?,
+                        Some(("backend", b)) => {
+                            spec.backend = Some(
+                                BackendName::parse(b)
+                                    .ok_or_else(|| format!("unknown backend {b:?}"))?,
+                            )
+                        }
+                        _ => return Err(format!("bench: unknown option {o:?}").into()),
+                    }
+                }
+                let local = Desc::from_mut_slice(buf);
+                match bench(&agent, peer, local, remote, &spec) {
+                    Ok(r) => format!(
+                        "ok {:.6} {} {:.2} {:.2} {} {:.9}",
+                        r.gbps, r.posts, r.p50_us, r.p99_us, r.backend, r.seconds
+                    ),
+                    Err(BenchError::Unavailable(e)) => format!("unavailable {e}"),
+                    Err(BenchError::Invalid(e)) => format!("err invalid 0 {e}"),
+                    Err(BenchError::Failed(e)) => format!("err {} 0 {e}", e.metric_label()),
+                }
+            }
+            ["fill", seed, part, n] => {
+                match fill_parts(buf, seed.parse()?, part.parse()?, n.parse()?) {
+                    Ok(()) => "ok".into(),
+                    Err(e) => format!("err {e}"),
+                }
+            }
+            ["check", seed, part, n] => {
+                match check_parts(buf, seed.parse()?, part.parse()?, n.parse()?) {
+                    Ok(None) => "ok".into(),
+                    Ok(Some(off)) => format!("bad {off}"),
+                    Err(e) => format!("err {e}"),
+                }
+            }
+            ["poke", off] => {
+                let off: usize = off.parse()?;
+                match buf.get_mut(off) {
+                    Some(b) => {
+                        *b ^= 0xff;
+                        "ok".into()
+                    }
+                    None => "err offset past the buffer".into(),
+                }
+            }
+            ["backend", b] => {
+                let name = BackendName::parse(b).ok_or_else(|| format!("unknown backend {b:?}"))?;
+                match agent.backends().iter().find(|s| s.name == name) {
+                    None => "absent".into(),
+                    Some(s) => match &s.unavailable {
+                        None => "ok".into(),
+                        Some(why) => format!("unavailable {why}"),
+                    },
                 }
             }
             ["fill", seed] => {
@@ -235,4 +275,227 @@ fn parse_op(op: &str) -> Result<XferOp, String> {
         "write" => Ok(XferOp::Write),
         _ => Err(format!("op must be read or write, not {op:?}")),
     }
+}
+
+/// One measured row: what [`bench`] runs.
+#[derive(Clone, Debug)]
+pub struct BenchSpec {
+    /// Direction.
+    pub op: XferOp,
+    /// Bytes per descriptor.
+    pub block: usize,
+    /// Descriptors per request.
+    pub batch: usize,
+    /// Initiator threads, each with its own request over its own part of the buffers.
+    pub threads: usize,
+    /// Posts per thread after the warm-up; 0: as many as fit in `seconds`.
+    pub iters: u64,
+    /// Posts per thread before timing starts.
+    pub warmup: u64,
+    /// How long each thread posts when `iters` is 0.
+    pub seconds: f64,
+    /// The backend to use; `None`: the selection policy chooses.
+    pub backend: Option<BackendName>,
+}
+
+/// What [`bench`] measured.
+#[derive(Clone, Debug)]
+pub struct BenchOutcome {
+    /// 10^9 bytes per second, all threads together, over the wall time.
+    pub gbps: f64,
+    /// Timed posts of all threads.
+    pub posts: u64,
+    /// Median post-to-complete latency of all timed posts, in µs.
+    pub p50_us: f64,
+    /// 99th percentile of the same, in µs.
+    pub p99_us: f64,
+    /// The backend the requests used.
+    pub backend: BackendName,
+    /// Wall time from the first thread's start to the last thread's end.
+    pub seconds: f64,
+}
+
+/// Why [`bench`] gave no figure.
+#[derive(Debug)]
+pub enum BenchError {
+    /// The spec does not fit the buffers (or is empty).
+    Invalid(String),
+    /// The request could not be made: no backend (or not the named one) can carry it.
+    Unavailable(Error),
+    /// A post failed.
+    Failed(Error),
+}
+
+impl std::fmt::Display for BenchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BenchError::Invalid(e) => write!(f, "invalid: {e}"),
+            BenchError::Unavailable(e) => write!(f, "unavailable: {e}"),
+            BenchError::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+/// Measures `spec` between the registered memory `local` (this agent's) and `remote` (`peer`'s
+/// registered memory; `peer` may be this agent's own name). Thread `t` moves bytes
+/// `t·block·batch .. (t+1)·block·batch` of `local` to or from the same bytes of `remote`, as
+/// `batch` descriptors of `block` bytes, with a request of its own; all requests are made
+/// first (on this thread), then every thread warms up, waits for the others, and times its
+/// posts (post, wait, repeat: one request in flight per thread).
+pub fn bench(
+    agent: &Agent,
+    peer: &str,
+    local: Desc,
+    remote: Desc,
+    spec: &BenchSpec,
+) -> Result<BenchOutcome, BenchError> {
+    let part = spec.block * spec.batch;
+    let need = part as u64 * spec.threads as u64;
+    if part == 0 || spec.threads == 0 {
+        return Err(BenchError::Invalid(
+            "block, batch and threads must be > 0".into(),
+        ));
+    }
+    if need > local.len.min(remote.len) {
+        return Err(BenchError::Invalid(format!(
+            "block*batch*threads = {need} bytes is over the buffers ({} local, {} remote)",
+            local.len, remote.len
+        )));
+    }
+    let descs = |base: Desc, t: usize| {
+        let start = base.addr + (t * part) as u64;
+        let d = (0..spec.batch)
+            .map(|i| Desc::new(start + (i * spec.block) as u64, spec.block as u64, 0))
+            .collect::<Vec<_>>();
+        DescList::from_descs(MemKind::Dram, d).map_err(|e| BenchError::Invalid(e.to_string()))
+    };
+    let mut reqs = Vec::with_capacity(spec.threads);
+    for t in 0..spec.threads {
+        let opts = XferOptions {
+            backend: spec.backend,
+            ..XferOptions::default()
+        };
+        let x = agent
+            .create_xfer(spec.op, &descs(local, t)?, &descs(remote, t)?, peer, opts)
+            .map_err(BenchError::Unavailable)?;
+        reqs.push(x);
+    }
+    let backend = reqs[0].backend();
+    let barrier = std::sync::Barrier::new(spec.threads);
+    let until = Duration::from_secs_f64(spec.seconds.max(0.0));
+    let runs = std::thread::scope(|s| {
+        let handles: Vec<_> = reqs
+            .iter()
+            .map(|x| {
+                let barrier = &barrier;
+                s.spawn(move || -> nixl_core::Result<(Instant, Instant, Vec<f64>)> {
+                    let mut warm = Ok(());
+                    for _ in 0..spec.warmup {
+                        warm = x.run_blocking();
+                        if warm.is_err() {
+                            break;
+                        }
+                    }
+                    // Every thread reaches the barrier, failed warm-up or not.
+                    barrier.wait();
+                    warm?;
+                    let mut lat = Vec::with_capacity(if spec.iters > 0 {
+                        spec.iters as usize
+                    } else {
+                        1 << 16
+                    });
+                    let t0 = Instant::now();
+                    loop {
+                        if spec.iters > 0 {
+                            if lat.len() as u64 >= spec.iters {
+                                break;
+                            }
+                        } else if t0.elapsed() >= until && !lat.is_empty() {
+                            break;
+                        }
+                        let p = Instant::now();
+                        x.run_blocking()?;
+                        lat.push(p.elapsed().as_secs_f64() * 1e6);
+                    }
+                    Ok((t0, Instant::now(), lat))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread panicked"))
+            .collect::<Vec<_>>()
+    });
+    let mut lat = Vec::new();
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+    for r in runs {
+        let (t0, t1, l) = r.map_err(BenchError::Failed)?;
+        first = Some(first.map_or(t0, |f| f.min(t0)));
+        last = Some(last.map_or(t1, |l| l.max(t1)));
+        lat.extend(l);
+    }
+    let seconds = match (first, last) {
+        (Some(a), Some(b)) => (b - a).as_secs_f64(),
+        _ => 0.0,
+    };
+    lat.sort_by(f64::total_cmp);
+    let (p50_us, p99_us) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
+    let posts = lat.len() as u64;
+    Ok(BenchOutcome {
+        gbps: posts as f64 * part as f64 / seconds.max(1e-9) / 1e9,
+        posts,
+        p50_us,
+        p99_us,
+        backend,
+        seconds,
+    })
+}
+
+/// The `q` quantile (0..=1) of sorted values: the value at index `⌊(n-1)·q⌋`; 0 if empty.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q) as usize]
+}
+
+/// Fills the first `n` parts of `part` bytes of `buf`: part `t` gets the bytes the pattern of
+/// `seed + t` has at its offsets (so every part, and every seed, differs).
+pub fn fill_parts(buf: &mut [u8], seed: u64, part: usize, n: usize) -> Result<(), String> {
+    if part.checked_mul(n).is_none_or(|b| b > buf.len()) {
+        return Err(format!("{n} parts of {part} bytes are over the buffer"));
+    }
+    for t in 0..n {
+        fill_at(
+            &mut buf[t * part..(t + 1) * part],
+            t * part,
+            seed + t as u64,
+        );
+    }
+    Ok(())
+}
+
+/// The first offset in the first `n` parts of `part` bytes of `buf` that differs from what
+/// [`fill_parts`] wrote with `seed`, if any.
+pub fn check_parts(buf: &[u8], seed: u64, part: usize, n: usize) -> Result<Option<usize>, String> {
+    if part.checked_mul(n).is_none_or(|b| b > buf.len()) {
+        return Err(format!("{n} parts of {part} bytes are over the buffer"));
+    }
+    const CHUNK: usize = 1 << 20;
+    let mut expect = vec![0u8; CHUNK.min(part)];
+    for t in 0..n {
+        let mut off = t * part;
+        for chunk in buf[t * part..(t + 1) * part].chunks(CHUNK) {
+            let e = &mut expect[..chunk.len()];
+            fill_at(e, off, seed + t as u64);
+            if chunk != e {
+                let p = chunk.iter().zip(e.iter()).position(|(a, b)| a != b);
+                return Ok(Some(off + p.unwrap_or(0)));
+            }
+            off += chunk.len();
+        }
+    }
+    Ok(None)
 }

@@ -1,56 +1,121 @@
-//! `nixl-bench`: transfer throughput and latency of a backend, with its ceiling or peer measured
-//! in the same run and printed beside it as a ratio.
+//! `nixl-bench`: transfer throughput and latency of a backend, with its ceiling and its peer
+//! measured in the same run and printed beside it as ratios.
 //!
-//! Today it runs the `tcp` topology: two agents in two network namespaces joined by veth (on
-//! loopback when namespaces cannot be made, which it says), each a process of its own; with
-//! `--compare`, iperf3 and ucx_perftest (ucp_put_bw over TCP) run between the same namespaces
-//! for the same sizes.
+//! Topologies (`--topology`, by default the backend's own):
+//! - `local`: one process; the agent moves bytes between two of its own registered buffers,
+//!   naming itself as the remote (backend `local`).
+//! - `shm`: two agent processes on this node (backend `shm`); the target's buffer is a memfd the
+//!   initiator maps, or malloc'd memory reached by cross-memory attach with `--plain`.
+//! - `tcp`: two agent processes in two network namespaces joined by veth (on loopback when
+//!   namespaces cannot be made, which it says), tcp only, authenticated.
+//!
+//! `--backend auto` lets the selection policy choose (the agents run every backend of this
+//! build; the topology defaults to `shm`); every row says the backend the requests used.
+//! Backends this build does not have (`rdma`, `cuda`, `gds`, `uring`, `posix`, `object`), or
+//! that cannot run here, end the run with `nixl-bench: backend X unavailable: <reason>` and exit
+//! status 2, never a figure.
+//!
+//! `--compare` measures, for the same sizes in the same run: memcpy (same block size, batch and
+//! threads, in this process) as the ceiling of `local` and `shm`, iperf3 as the ceiling of `tcp`;
+//! ucx_perftest as the peer of `shm` (`UCX_TLS=sm`, `ucp_put_bw` for WRITE, `ucp_get` for READ,
+//! on loopback) and of `tcp` (`ucp_put_bw` over `UCX_TLS=tcp`). A tool that is not installed or
+//! fails is reported missing with the reason.
+//!
+//! `--verify` checks every byte of every row: the source is filled with a pattern that differs
+//! per row and per thread, the destination with another, and after the row the side that owns
+//! the destination checks it (the target for WRITE, the initiator for READ). A mismatch ends
+//! the run with the first bad offset and exit status 1. Test hook: the hidden
+//! `--test-corrupt-at OFFSET` flips the byte at OFFSET of the destination after each row's
+//! transfers and before the check, so tests can see that `--verify` catches corruption.
+//!
+//! Exit status: 0 done; 1 failed (a transfer, a `--verify` mismatch, a bad value such as a
+//! `--block-sizes` entry); 2 backend unavailable (clap also exits 2 on an unknown flag).
 
 use std::io::IsTerminal;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 
 use clap::Parser;
+use nixl_benches::harness::{self, human, Progress, Sizing};
+use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, Registration, XferOp};
 use nixl_tests::netns::{skip_reason, Lab};
-use nixl_tests::peers::{self, Measured};
+use nixl_tests::peer::{check_parts, fill_parts, BenchError, BenchSpec};
+use nixl_tests::peers::{self, Measured, UcxOpts};
 use nixl_tests::Peer;
+use nixl_transports::config::Config;
 
 #[derive(Parser, Debug)]
 #[command(name = "nixl-bench", about = "nixl-rs transfer benchmark")]
 struct Args {
-    /// Backend to measure (`tcp`; other topologies come with the full harness).
+    /// Backend to measure: local, shm, tcp, or auto (the selection policy chooses).
     #[arg(long, default_value = "tcp")]
     backend: String,
+    /// local (one process), shm (two processes, one node) or tcp (two processes, two network
+    /// namespaces). Default: the backend's own; shm for auto.
+    #[arg(long)]
+    topology: Option<String>,
     /// `read`, `write`, or `both`.
     #[arg(long, default_value = "both")]
     op: String,
     /// Block sizes (descriptor length), comma separated: 4KiB,1MiB,64MiB.
     #[arg(long, default_value = "64KiB,1MiB,64MiB")]
     block_sizes: String,
-    /// Descriptors per request.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-    /// Seconds per row (after one warm-up request).
+    /// Descriptors per request (a comma-separated list gives rows for each: 1,16).
+    #[arg(long, default_value = "1")]
+    batch: String,
+    /// Timed posts per thread and row, after the warm-up (default: size rows by --seconds).
+    #[arg(long)]
+    iters: Option<u64>,
+    /// Untimed posts per thread before each row.
+    #[arg(long, default_value_t = 3)]
+    warmup: u64,
+    /// Seconds per row when --iters is not given (also iperf3's duration).
     #[arg(long, default_value_t = 2.0)]
     seconds: f64,
+    /// Initiator threads, each with its own request over its own part of the buffers.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Check every byte of every row (see the crate docs).
+    #[arg(long)]
+    verify: bool,
+    /// shm: the target's buffer is malloc'd (cross-memory attach) instead of a memfd.
+    #[arg(long)]
+    plain: bool,
     /// Connections per peer (the tcp backend's `conns_per_peer`).
     #[arg(long)]
     conns: Option<usize>,
     /// Bytes per chunk (the tcp backend's `chunk_bytes`).
     #[arg(long)]
     chunk: Option<usize>,
-    /// Measure iperf3 and ucx_perftest for the same sizes in the same run.
+    /// Measure the ceiling (memcpy or iperf3) and the peer (ucx_perftest) in the same run.
     #[arg(long)]
     compare: bool,
     /// One JSON object per row instead of a table.
     #[arg(long)]
     json: bool,
+    /// Test hook: flip the destination's byte at OFFSET after each row, before --verify checks.
+    #[arg(long, hide = true)]
+    test_corrupt_at: Option<usize>,
     /// Run as a benchmark peer (internal: the processes nixl-bench starts).
     #[arg(long, hide = true, num_args = 0.., allow_hyphen_values = true)]
     peer_mode: Option<Vec<String>>,
 }
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
+/// Why the run ended early.
+enum Fail {
+    /// The backend cannot run: exit 2.
+    Unavailable(String, String),
+    /// Anything else: exit 1.
+    Other(String),
+}
+
+impl<E: std::fmt::Display> From<E> for Fail {
+    fn from(e: E) -> Fail {
+        Fail::Other(e.to_string())
+    }
+}
+
+type Res<T> = Result<T, Fail>;
 
 fn main() {
     let args = Args::parse();
@@ -61,45 +126,69 @@ fn main() {
         }
         return;
     }
-    if let Err(e) = run(&args) {
-        eprintln!("nixl-bench: {e}");
-        std::process::exit(1);
+    match run(&args) {
+        Ok(()) => {}
+        Err(Fail::Unavailable(b, why)) => {
+            eprintln!("nixl-bench: backend {b} unavailable: {why}");
+            std::process::exit(2);
+        }
+        Err(Fail::Other(e)) => {
+            eprintln!("nixl-bench: {e}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn parse_size(s: &str) -> Res<usize> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: usize = n.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let m = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        u => return Err(format!("unknown unit {u:?} in {s:?}").into()),
-    };
-    Ok(n * m)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topo {
+    Local,
+    Shm,
+    Tcp,
 }
 
-fn human(n: usize) -> String {
-    if n >= 1 << 20 && n % (1 << 20) == 0 {
-        format!("{}MiB", n >> 20)
-    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
-        format!("{}KiB", n >> 10)
-    } else {
-        format!("{n}B")
+impl Topo {
+    fn as_str(self) -> &'static str {
+        match self {
+            Topo::Local => "local",
+            Topo::Shm => "shm",
+            Topo::Tcp => "tcp",
+        }
     }
 }
 
-struct Topology {
+/// The network side of the `tcp` topology.
+struct Net {
     lab: Option<Lab>,
     target_ip: IpAddr,
     initiator_ip: IpAddr,
     what: String,
 }
 
-impl Topology {
+impl Net {
+    fn new() -> Net {
+        match skip_reason() {
+            None => {
+                let lab = Lab::pair();
+                Net {
+                    target_ip: lab.addr(1),
+                    initiator_ip: lab.addr(0),
+                    what: format!(
+                        "two network namespaces joined by veth ({} -> {})",
+                        lab.addr(0),
+                        lab.addr(1)
+                    ),
+                    lab: Some(lab),
+                }
+            }
+            Some(why) => Net {
+                lab: None,
+                target_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                initiator_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+                what: format!("loopback, one network namespace ({why})"),
+            },
+        }
+    }
+
     /// iperf3 from the initiator's host to the target's, `streams` streams.
     fn iperf3(&self, block: usize, streams: usize, seconds: f64) -> Measured {
         match &self.lab {
@@ -124,207 +213,666 @@ impl Topology {
     }
 }
 
-fn run(args: &Args) -> Res<()> {
-    if args.backend != "tcp" {
-        return Err(format!(
-            "backend {:?}: this harness measures tcp so far (shm: `nixl-agent demo`; local: \
-             `cargo bench -p nixl-benches --bench transfer`)",
-            args.backend
-        )
-        .into());
-    }
-    let ops: Vec<&str> = match args.op.as_str() {
-        "both" => vec!["write", "read"],
-        "read" | "write" => vec![args.op.as_str()],
-        o => return Err(format!("--op {o:?}: read, write or both").into()),
-    };
-    let blocks = args
-        .block_sizes
-        .split(',')
-        .map(parse_size)
-        .collect::<Res<Vec<_>>>()?;
-    let batch = args.batch.max(1);
-    let size = blocks.iter().max().copied().unwrap_or(1 << 20) * batch;
+/// The `local` topology: one agent, two registered buffers, transfers to itself.
+struct LocalSide {
+    // Dropped first: deregistration before the buffers go.
+    _reg: Registration,
+    agent: Agent,
+    /// The initiator's buffer (WRITE's source, READ's destination).
+    a: Vec<u8>,
+    /// The "target's" buffer.
+    b: Vec<u8>,
+}
 
-    let topo = match skip_reason() {
-        None => {
-            let lab = Lab::pair();
-            Topology {
-                target_ip: lab.addr(1),
-                initiator_ip: lab.addr(0),
-                what: format!(
-                    "two network namespaces joined by veth ({} -> {})",
-                    lab.addr(0),
-                    lab.addr(1)
-                ),
-                lab: Some(lab),
+/// Two agent processes: `shm` and `tcp`.
+struct Procs {
+    // Dropped before `net` (whose namespaces they run in).
+    init: Peer,
+    target: Peer,
+    target_name: String,
+    net: Option<Net>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+enum Setup {
+    Local(LocalSide),
+    Procs(Box<Procs>),
+}
+
+/// Which buffer: the initiator's or the target's.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Init,
+    Target,
+}
+
+impl Setup {
+    fn what(&self) -> String {
+        match self {
+            Setup::Local(_) => "one process, transfers between two of its own buffers".into(),
+            Setup::Procs(p) => match &p.net {
+                Some(n) => format!("two processes, {}", n.what),
+                None => "two processes on this node".into(),
+            },
+        }
+    }
+
+    fn fill(&mut self, side: Side, seed: u64, part: usize, n: usize) -> Res<()> {
+        match (self, side) {
+            (Setup::Local(l), Side::Init) => Ok(fill_parts(&mut l.a, seed, part, n)?),
+            (Setup::Local(l), Side::Target) => Ok(fill_parts(&mut l.b, seed, part, n)?),
+            (Setup::Procs(p), side) => {
+                let peer = p.peer(side);
+                let r = peer.cmd(&format!("fill {seed} {part} {n}"));
+                if r == "ok" {
+                    Ok(())
+                } else {
+                    Err(Fail::Other(format!("fill: {r}")))
+                }
             }
         }
-        Some(why) => Topology {
-            lab: None,
-            target_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            initiator_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            what: format!("loopback, one network namespace ({why})"),
-        },
-    };
+    }
+
+    /// The first bad offset of the destination, if any.
+    fn check(&mut self, side: Side, seed: u64, part: usize, n: usize) -> Res<Option<usize>> {
+        match (self, side) {
+            (Setup::Local(l), Side::Init) => Ok(check_parts(&l.a, seed, part, n)?),
+            (Setup::Local(l), Side::Target) => Ok(check_parts(&l.b, seed, part, n)?),
+            (Setup::Procs(p), side) => {
+                let r = p.peer(side).cmd(&format!("check {seed} {part} {n}"));
+                match r.split_whitespace().collect::<Vec<_>>().as_slice() {
+                    ["ok"] => Ok(None),
+                    ["bad", off] => Ok(Some(off.parse()?)),
+                    _ => Err(Fail::Other(format!("check: {r}"))),
+                }
+            }
+        }
+    }
+
+    fn poke(&mut self, side: Side, off: usize) -> Res<()> {
+        let buf = match (self, side) {
+            (Setup::Local(l), Side::Init) => &mut l.a,
+            (Setup::Local(l), Side::Target) => &mut l.b,
+            (Setup::Procs(p), side) => {
+                let r = p.peer(side).cmd(&format!("poke {off}"));
+                return if r == "ok" {
+                    Ok(())
+                } else {
+                    Err(Fail::Other(format!("poke: {r}")))
+                };
+            }
+        };
+        let b = buf
+            .get_mut(off)
+            .ok_or_else(|| Fail::Other(format!("--test-corrupt-at {off}: past the buffer")))?;
+        *b ^= 0xff;
+        Ok(())
+    }
+
+    /// Runs one row; returns what the initiator measured.
+    fn bench(&mut self, spec: &BenchSpec, backend_arg: &str) -> Res<Row> {
+        match self {
+            Setup::Local(l) => {
+                let a = Desc::new(l.a.as_ptr() as u64, l.a.len() as u64, 0);
+                let b = Desc::new(l.b.as_ptr() as u64, l.b.len() as u64, 0);
+                match nixl_tests::peer::bench(&l.agent, l.agent.name(), a, b, spec) {
+                    Ok(r) => Ok(Row {
+                        gbps: r.gbps,
+                        posts: r.posts,
+                        p50_us: r.p50_us,
+                        p99_us: r.p99_us,
+                        backend: r.backend.to_string(),
+                        seconds: r.seconds,
+                    }),
+                    Err(BenchError::Unavailable(e)) => {
+                        Err(Fail::Unavailable(backend_arg.into(), e.to_string()))
+                    }
+                    Err(e) => Err(Fail::Other(e.to_string())),
+                }
+            }
+            Setup::Procs(p) => {
+                let mut c = format!(
+                    "bench {} {} {} {} {} threads={} iters={} warmup={}",
+                    p.target_name,
+                    spec.op.as_str(),
+                    spec.block,
+                    spec.batch,
+                    spec.seconds,
+                    spec.threads,
+                    spec.iters,
+                    spec.warmup
+                );
+                if let Some(b) = spec.backend {
+                    c += &format!(" backend={b}");
+                }
+                let r = p.init.cmd(&c);
+                if let Some(why) = r.strip_prefix("unavailable ") {
+                    return Err(Fail::Unavailable(backend_arg.into(), why.into()));
+                }
+                let w: Vec<&str> = r.split_whitespace().collect();
+                if w.first() != Some(&"ok") || w.len() < 7 {
+                    return Err(Fail::Other(format!("bench: {r}")));
+                }
+                Ok(Row {
+                    gbps: w[1].parse()?,
+                    posts: w[2].parse()?,
+                    p50_us: w[3].parse()?,
+                    p99_us: w[4].parse()?,
+                    backend: w[5].into(),
+                    seconds: w[6].parse()?,
+                })
+            }
+        }
+    }
+}
+
+impl Procs {
+    fn peer(&mut self, side: Side) -> &mut Peer {
+        match side {
+            Side::Init => &mut self.init,
+            Side::Target => &mut self.target,
+        }
+    }
+}
+
+/// What the initiator measured for one row.
+struct Row {
+    gbps: f64,
+    posts: u64,
+    p50_us: f64,
+    p99_us: f64,
+    backend: String,
+    seconds: f64,
+}
+
+/// Builds the `local` topology with buffers of `size` bytes.
+fn local_setup(backends: &str, size: usize) -> Res<LocalSide> {
+    let cfg = Config::from_toml(backends)?;
+    let agent = Agent::builder("bench-local")
+        .backends(cfg.backends()?)
+        .build()?;
+    // Filled, so every page is faulted in before timing.
+    let mut a = vec![1u8; size];
+    let mut b = vec![2u8; size];
+    let list = DescList::from_descs(
+        MemKind::Dram,
+        vec![Desc::from_mut_slice(&mut a), Desc::from_mut_slice(&mut b)],
+    )?;
+    // SAFETY: `a` and `b` are moved into the `LocalSide` that also holds the registration,
+    // which is dropped (deregistered) first; moving a Vec does not move its heap buffer. This
+    // process touches the buffers (fill, check, poke) only between rows, when no transfer runs.
+    let reg = unsafe { agent.register(&list)? };
+    Ok(LocalSide {
+        _reg: reg,
+        agent,
+        a,
+        b,
+    })
+}
+
+/// Starts the two agent processes of `shm` or `tcp`, with buffers of `size` bytes.
+fn procs_setup(topo: Topo, args: &Args, backends: &str, size: usize) -> Res<Procs> {
     let dir = std::env::temp_dir().join(format!("nixl-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let secret = format!("{:016x}", nixl_core::random_u64());
-    let mut tuning = String::new();
-    if let Some(c) = args.conns {
-        tuning += &format!("conns_per_peer = {c}\n");
-    }
-    if let Some(c) = args.chunk {
-        tuning += &format!("chunk_bytes = {c}\n");
-    }
-    let target_addr =
-        std::net::SocketAddr::new(topo.target_ip, 17000 + (std::process::id() % 1000) as u16);
-    let write_cfg = |name: &str, listen: String| -> Res<String> {
+    let exe = std::env::current_exe()?.to_string_lossy().into_owned();
+    let write_cfg = |name: &str, body: &str| -> Res<String> {
         let p = dir.join(name);
-        std::fs::write(
-            &p,
-            format!(
-                "backends = [\"tcp\"]\n[tcp]\nlisten = \"{listen}\"\n{tuning}[auth]\nsecret = \"{secret}\"\n"
-            ),
-        )?;
+        std::fs::write(&p, format!("{backends}{body}"))?;
         Ok(p.to_string_lossy().into_owned())
     };
-    let tcfg = write_cfg("target.toml", target_addr.to_string())?;
-    let icfg = write_cfg(
-        "initiator.toml",
-        std::net::SocketAddr::new(topo.initiator_ip, 0).to_string(),
-    )?;
-    let exe = std::env::current_exe()?.to_string_lossy().into_owned();
-    let start = |i: usize, name: &str, cfg: &str| {
-        let mut c = topo.command(i, &exe);
-        c.args(["--peer-mode", "--config", cfg]);
-        Peer::spawn(c, name, size)
-    };
-    let mut target = start(1, "bench-target", &tcfg);
-    let mut init = start(0, "bench-initiator", &icfg);
-    let r = init.cmd(&format!("fetch {target_addr}"));
-    if !r.starts_with("ok") {
-        return Err(format!("initiator could not reach the target: {r}").into());
+    match topo {
+        Topo::Shm => {
+            let tcfg = write_cfg("target.toml", "")?;
+            let icfg = write_cfg("initiator.toml", "")?;
+            let mut t = Command::new(&exe);
+            t.args(["--peer-mode", "--config", &tcfg]);
+            if !args.plain {
+                t.arg("--memfd");
+            }
+            let target = Peer::spawn(t, "bench-target", size);
+            let mut i = Command::new(&exe);
+            i.args(["--peer-mode", "--config", &icfg]);
+            let mut init = Peer::spawn(i, "bench-initiator", size);
+            let r = init.cmd(&format!("load {}", nixl_tests::hex(&target.metadata)));
+            if !r.starts_with("ok") {
+                return Err(Fail::Other(format!(
+                    "initiator could not load the target: {r}"
+                )));
+            }
+            Ok(Procs {
+                init,
+                target,
+                target_name: "bench-target".into(),
+                net: None,
+                dir,
+            })
+        }
+        Topo::Tcp | Topo::Local => {
+            let net = Net::new();
+            let secret = format!("{:016x}", nixl_core::random_u64());
+            let mut tuning = String::new();
+            if let Some(c) = args.conns {
+                tuning += &format!("conns_per_peer = {c}\n");
+            }
+            if let Some(c) = args.chunk {
+                tuning += &format!("chunk_bytes = {c}\n");
+            }
+            let target_addr =
+                SocketAddr::new(net.target_ip, 17000 + (std::process::id() % 1000) as u16);
+            let body = |listen: String| {
+                format!("[tcp]\nlisten = \"{listen}\"\n{tuning}[auth]\nsecret = \"{secret}\"\n")
+            };
+            let tcfg = write_cfg("target.toml", &body(target_addr.to_string()))?;
+            let icfg = write_cfg(
+                "initiator.toml",
+                &body(SocketAddr::new(net.initiator_ip, 0).to_string()),
+            )?;
+            let start = |i: usize, name: &str, cfg: &str| {
+                let mut c = net.command(i, &exe);
+                c.args(["--peer-mode", "--config", cfg]);
+                Peer::spawn(c, name, size)
+            };
+            let target = start(1, "bench-target", &tcfg);
+            let mut init = start(0, "bench-initiator", &icfg);
+            let r = init.cmd(&format!("fetch {target_addr}"));
+            if !r.starts_with("ok") {
+                return Err(Fail::Other(format!(
+                    "initiator could not reach the target: {r}"
+                )));
+            }
+            Ok(Procs {
+                init,
+                target,
+                target_name: "bench-target".into(),
+                net: Some(net),
+                dir,
+            })
+        }
     }
-    let _ = target.cmd("fill 1");
-    let _ = init.cmd("fill 2");
+}
 
+fn run(args: &Args) -> Res<()> {
+    let backend = args.backend.as_str();
+    let named = match backend {
+        "auto" => None,
+        b => match BackendName::parse(b) {
+            // Built in this build? The configuration knows (and says which are).
+            Some(name) => match Config::from_toml(&format!("backends = [\"{b}\"]\n")) {
+                Ok(_) => Some(name),
+                Err(e) => {
+                    return Err(Fail::Unavailable(
+                        b.into(),
+                        format!("not implemented in this build: {e}"),
+                    ))
+                }
+            },
+            None => {
+                return Err(Fail::Other(format!(
+                    "--backend {b:?}: unknown (auto, or one of {})",
+                    BackendName::ALL.map(|n| n.as_str()).join(", ")
+                )))
+            }
+        },
+    };
+    let topo = match args.topology.as_deref() {
+        Some(t) => t,
+        None => match backend {
+            "auto" => "shm",
+            b @ ("local" | "shm" | "tcp") => b,
+            b => {
+                return Err(Fail::Unavailable(
+                    b.into(),
+                    "this build has it, but nixl-bench has no topology for it yet (local, shm \
+                     and tcp move DRAM to DRAM between agents; --topology names one to try)"
+                        .into(),
+                ))
+            }
+        },
+    };
+    let topo = match topo {
+        "local" => Topo::Local,
+        "shm" => Topo::Shm,
+        "tcp" => Topo::Tcp,
+        t => return Err(Fail::Other(format!("--topology {t:?}: local, shm or tcp"))),
+    };
+    let ops: Vec<XferOp> = match args.op.as_str() {
+        "both" => vec![XferOp::Write, XferOp::Read],
+        "read" => vec![XferOp::Read],
+        "write" => vec![XferOp::Write],
+        o => return Err(Fail::Other(format!("--op {o:?}: read, write or both"))),
+    };
+    let blocks = harness::parse_sizes(&args.block_sizes)
+        .map_err(|e| Fail::Other(format!("--block-sizes: {e}")))?;
+    let batches =
+        harness::parse_counts(&args.batch).map_err(|e| Fail::Other(format!("--batch: {e}")))?;
+    if args.threads == 0 {
+        return Err(Fail::Other("--threads must be at least 1".into()));
+    }
+    if args.iters == Some(0) {
+        return Err(Fail::Other("--iters must be at least 1".into()));
+    }
+    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        return Err(Fail::Other("--seconds must be a positive number".into()));
+    }
+    let threads = args.threads;
+    let size = blocks
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(1)
+        .checked_mul(*batches.iter().max().unwrap_or(&1))
+        .and_then(|v| v.checked_mul(threads))
+        .ok_or_else(|| Fail::Other("block size × batch × threads overflows".into()))?;
+    let sizing = Sizing {
+        warmup: args.warmup,
+        iters: args.iters.unwrap_or(0),
+        seconds: args.seconds,
+    };
+
+    let backends = match named {
+        Some(b) => format!("backends = [\"{b}\"]\n"),
+        None => String::new(),
+    };
+    let mut setup = match topo {
+        Topo::Local => Setup::Local(local_setup(&backends, size)?),
+        _ => Setup::Procs(Box::new(procs_setup(topo, args, &backends, size)?)),
+    };
+    // A named backend that the agents could not start is unavailable (with their reason).
+    if let Some(b) = named {
+        match &mut setup {
+            Setup::Local(l) => match l.agent.backends().iter().find(|s| s.name == b) {
+                None => return Err(Fail::Unavailable(backend.into(), "not running".into())),
+                Some(s) => {
+                    if let Some(why) = &s.unavailable {
+                        return Err(Fail::Unavailable(backend.into(), why.clone()));
+                    }
+                }
+            },
+            Setup::Procs(p) => {
+                for (who, side) in [("target", Side::Target), ("initiator", Side::Init)] {
+                    let r = p.peer(side).cmd(&format!("backend {b}"));
+                    if r != "ok" {
+                        return Err(Fail::Unavailable(backend.into(), format!("{who}: {r}")));
+                    }
+                }
+            }
+        }
+    }
+    if !args.verify {
+        setup.fill(Side::Target, 1, size, 1)?;
+        setup.fill(Side::Init, 2, size, 1)?;
+    }
+
+    let sized = match args.iters {
+        Some(n) => format!("{n} posts per thread after {} warm-up", args.warmup),
+        None => format!(
+            "{} s per row after {} warm-up posts",
+            args.seconds, args.warmup
+        ),
+    };
+    let (baseline_name, peer_name) = match topo {
+        Topo::Local => ("memcpy", None),
+        Topo::Shm => ("memcpy", Some("ucx_perftest UCX_TLS=sm")),
+        Topo::Tcp => ("iperf3", Some("ucx_perftest ucp_put_bw UCX_TLS=tcp")),
+    };
     if !args.json {
-        println!("nixl-bench tcp: {}", topo.what);
         println!(
-            "  agents: two processes, tcp only, shared secret; {} s per row; batch {batch}{}",
-            args.seconds,
-            if tuning.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", tuning.trim().replace('\n', ", "))
-            }
+            "nixl-bench {} (topology {}): {}",
+            backend,
+            topo.as_str(),
+            setup.what()
         );
         println!(
-            "  ceiling: iperf3 (best of 1 and 2 streams, same write size){}",
-            if args.compare {
-                "; peer: ucx_perftest ucp_put_bw, UCX_TLS=tcp"
+            "  {sized}; {threads} thread(s){}{}",
+            if args.verify {
+                "; every byte verified"
             } else {
-                " (not run: add --compare)"
+                ""
+            },
+            match (&setup, args.plain) {
+                (Setup::Procs(p), true) if p.net.is_none() => "; target buffer malloc'd",
+                (Setup::Procs(p), false) if p.net.is_none() => "; target buffer a memfd",
+                _ => "",
             }
         );
+        if args.compare {
+            println!(
+                "  ceiling: {baseline_name}{}; peer: {}",
+                match topo {
+                    Topo::Tcp => " (best of 1 and 2 streams, same write size)",
+                    _ => " (same block, batch and threads, this process)",
+                },
+                match topo {
+                    Topo::Local => "none",
+                    Topo::Shm => "ucx_perftest UCX_TLS=sm on loopback (ucp_put_bw for write, ucp_get for read; one block per message)",
+                    Topo::Tcp => "ucx_perftest ucp_put_bw, UCX_TLS=tcp",
+                }
+            );
+        } else {
+            println!("  ceiling and peer not measured (add --compare)");
+        }
         println!();
         println!(
-            "{:>7} {:>5} {:>5} {:>8} {:>9} {:>8} {:>8} {:>7} | {:>8} {:>6} | {:>8} {:>6}",
+            "{:>7} {:>5} {:>5} {:>3} {:>8} {:>9} {:>8} {:>8} {:>7} | {:>8} {:>6} | {:>8} {:>6}",
             "block",
             "batch",
             "op",
+            "thr",
             "GB/s",
             "req/s",
             "p50 us",
             "p99 us",
             "backend",
-            "iperf3",
+            baseline_name,
             "ratio",
-            "ucx",
+            "peer",
             "ratio"
         );
     }
-    let interactive = std::io::stderr().is_terminal();
+
+    let mut progress = Progress::new(
+        std::io::stderr().is_terminal() && !args.json,
+        blocks.len() * batches.len() * ops.len(),
+    );
+    let mut row_index: u64 = 0;
     for &block in &blocks {
-        let ceiling = if args.compare {
-            let one = topo.iperf3(block, 1, args.seconds.max(1.0));
-            let two = topo.iperf3(block, 2, args.seconds.max(1.0));
-            match (one.gbps(), two.gbps()) {
-                (Some(a), Some(b)) => Measured::Gbps(a.max(b)),
-                (Some(a), None) | (None, Some(a)) => Measured::Gbps(a),
-                _ => one,
-            }
-        } else {
-            Measured::Missing("not run".into())
-        };
-        let ucx = if args.compare {
-            let iters = ((2usize << 30) / block).clamp(200, 100_000);
-            topo.ucx_put_bw(block, iters)
-        } else {
-            Measured::Missing("not run".into())
-        };
-        for op in &ops {
-            if interactive && !args.json {
-                eprint!("  measuring {} {op}...\r", human(block));
-            }
-            let r = init.cmd(&format!(
-                "bench bench-target {op} {block} {batch} {}",
-                args.seconds
-            ));
-            let w: Vec<&str> = r.split_whitespace().collect();
-            if w.first() != Some(&"ok") || w.len() < 5 {
-                return Err(format!("{op} {}: {r}", human(block)).into());
-            }
-            let gbps: f64 = w[1].parse()?;
-            let posts: f64 = w[2].parse()?;
-            let (p50, p99): (f64, f64) = (w[3].parse()?, w[4].parse()?);
-            let rps = posts / args.seconds;
-            let ratio = |m: &Measured| m.gbps().map(|c| gbps / c);
-            if args.json {
-                let mut o = serde_json::json!({
-                    "backend": "tcp", "op": op, "block_size": block, "batch": batch,
-                    "gbps": gbps, "requests_per_s": rps, "p50_us": p50, "p99_us": p99,
-                    "topology": topo.what,
-                });
-                if args.compare {
-                    o["baseline"] = "iperf3".into();
-                    o["baseline_gbps"] = ceiling.gbps().into();
-                    o["ratio"] = ratio(&ceiling).into();
-                    o["peer"] = "ucx_perftest ucp_put_bw tcp".into();
-                    o["peer_gbps"] = ucx.gbps().into();
-                    o["peer_ratio"] = ratio(&ucx).into();
-                    if let Measured::Missing(why) = &ceiling {
-                        o["baseline_missing"] = why.clone().into();
+        // Per block: iperf3 and ucx over tcp do not depend on the op or the batch.
+        let mut tcp_ceiling = None;
+        let mut tcp_peer = None;
+        for &batch in &batches {
+            let mut copy_ceiling = None;
+            for &op in &ops {
+                row_index += 1;
+                let label = format!("{} x{batch} {}", human(block), op.as_str());
+                progress.next(&label);
+                let spec = BenchSpec {
+                    op,
+                    block,
+                    batch,
+                    threads,
+                    iters: sizing.iters,
+                    warmup: sizing.warmup,
+                    seconds: sizing.seconds,
+                    backend: named,
+                };
+                let part = block * batch;
+                let (src, dst) = match op {
+                    XferOp::Write => (Side::Init, Side::Target),
+                    XferOp::Read => (Side::Target, Side::Init),
+                };
+                // Seeds: per row; fill_parts adds the thread index.
+                let seed = row_index << 16;
+                let other = seed + (1 << 12);
+                if args.verify {
+                    setup.fill(src, seed, part, threads)?;
+                    setup.fill(dst, other, part, threads)?;
+                }
+                let r = setup.bench(&spec, backend)?;
+                if args.verify {
+                    progress.step(&format!("{label}: verifying"));
+                    if let Some(off) = args.test_corrupt_at {
+                        setup.poke(dst, off)?;
                     }
-                    if let Measured::Missing(why) = &ucx {
-                        o["peer_missing"] = why.clone().into();
+                    if let Some(off) = setup.check(dst, seed, part, threads)? {
+                        progress.clear();
+                        return Err(Fail::Other(format!(
+                            "--verify: {label}: the destination ({}) differs from the source \
+                             at offset {off} (first bad byte)",
+                            match dst {
+                                Side::Init => "initiator",
+                                Side::Target => "target",
+                            }
+                        )));
                     }
                 }
-                println!("{o}");
-            } else {
-                let fmt = |m: &Measured| match m.gbps() {
-                    Some(g) => (format!("{g:.2}"), format!("{:.2}", gbps / g)),
-                    None => ("-".into(), "-".into()),
+
+                let (baseline, peer) = if args.compare {
+                    match topo {
+                        Topo::Local | Topo::Shm => {
+                            progress.step(&format!("{label}: memcpy"));
+                            let c = copy_ceiling
+                                .get_or_insert_with(|| {
+                                    let m = harness::memcpy(block, batch, threads, size, sizing);
+                                    Measured::Gbps(m.gbps)
+                                })
+                                .clone();
+                            let p = if topo == Topo::Shm {
+                                progress.step(&format!("{label}: ucx_perftest"));
+                                let test = match op {
+                                    XferOp::Write => "ucp_put_bw",
+                                    XferOp::Read => "ucp_get",
+                                };
+                                let opts = UcxOpts {
+                                    args: &[],
+                                    env: &[("UCX_TLS", "sm")],
+                                };
+                                let m = peers::ucx_perftest_loopback(
+                                    test,
+                                    block,
+                                    ucx_iters(block, args.iters, batch, threads),
+                                    opts,
+                                );
+                                Some((format!("ucx_perftest {test} UCX_TLS=sm"), m))
+                            } else {
+                                None
+                            };
+                            (c, p)
+                        }
+                        Topo::Tcp => {
+                            let Some(net) = (match &setup {
+                                Setup::Procs(p) => p.net.as_ref(),
+                                Setup::Local(_) => None,
+                            }) else {
+                                unreachable!("the tcp topology has a network")
+                            };
+                            let c = tcp_ceiling
+                                .get_or_insert_with(|| {
+                                    progress.step(&format!("{label}: iperf3"));
+                                    let secs = args.seconds.max(1.0);
+                                    let one = net.iperf3(block, 1, secs);
+                                    let two = net.iperf3(block, 2, secs);
+                                    match (one.gbps(), two.gbps()) {
+                                        (Some(a), Some(b)) => Measured::Gbps(a.max(b)),
+                                        (Some(a), None) | (None, Some(a)) => Measured::Gbps(a),
+                                        _ => one,
+                                    }
+                                })
+                                .clone();
+                            let p = tcp_peer
+                                .get_or_insert_with(|| {
+                                    progress.step(&format!("{label}: ucx_perftest"));
+                                    net.ucx_put_bw(block, ucx_iters(block, args.iters, batch, 1))
+                                })
+                                .clone();
+                            (c, Some((peer_name.unwrap_or_default().to_owned(), p)))
+                        }
+                    }
+                } else {
+                    (Measured::Missing("not run".into()), None)
                 };
-                let (c, cr) = fmt(&ceiling);
-                let (u, ur) = fmt(&ucx);
-                println!(
-                    "{:>7} {:>5} {:>5} {:>8.2} {:>9.0} {:>8.1} {:>8.1} {:>7} | {:>8} {:>6} | {:>8} {:>6}",
-                    human(block), batch, op, gbps, rps, p50, p99, "tcp", c, cr, u, ur
-                );
-            }
-        }
-        if !args.json && args.compare {
-            for (what, m) in [("iperf3", &ceiling), ("ucx_perftest", &ucx)] {
-                if let Measured::Missing(why) = m {
-                    println!("        {what} missing: {why}");
+
+                progress.clear();
+                let rps = r.posts as f64 / r.seconds.max(1e-9);
+                let ratio = |m: &Measured| m.gbps().map(|c| r.gbps / c);
+                if args.json {
+                    let mut o = serde_json::json!({
+                        "topology": topo.as_str(),
+                        "backend": r.backend,
+                        "backend_requested": backend,
+                        "op": op.as_str(),
+                        "block_size": block,
+                        "batch": batch,
+                        "threads": threads,
+                        "iters": r.posts / threads as u64,
+                        "warmup": args.warmup,
+                        "posts": r.posts,
+                        "seconds": r.seconds,
+                        "gbps": r.gbps,
+                        "req_per_s": rps,
+                        "p50_us": r.p50_us,
+                        "p99_us": r.p99_us,
+                        "verified": args.verify,
+                    });
+                    if args.compare {
+                        o["baseline"] = baseline_name.into();
+                        o["baseline_gbps"] = baseline.gbps().into();
+                        o["ratio"] = ratio(&baseline).into();
+                        if let Measured::Missing(why) = &baseline {
+                            o["baseline_missing"] = why.clone().into();
+                        }
+                        if let Some((name, m)) = &peer {
+                            o["peer"] = name.clone().into();
+                            o["peer_gbps"] = m.gbps().into();
+                            o["peer_ratio"] = ratio(m).into();
+                            if let Measured::Missing(why) = m {
+                                o["peer_missing"] = why.clone().into();
+                            }
+                        }
+                    }
+                    println!("{o}");
+                } else {
+                    let fmt = |m: Option<&Measured>| match m.and_then(Measured::gbps) {
+                        Some(g) => (format!("{g:.2}"), format!("{:.2}", r.gbps / g)),
+                        None => ("-".into(), "-".into()),
+                    };
+                    let (c, cr) = fmt(Some(&baseline));
+                    let (u, ur) = fmt(peer.as_ref().map(|p| &p.1));
+                    println!(
+                        "{:>7} {:>5} {:>5} {:>3} {:>8.2} {:>9.0} {:>8.1} {:>8.1} {:>7} | {:>8} {:>6} | {:>8} {:>6}",
+                        human(block), batch, op.as_str(), threads, r.gbps, rps, r.p50_us,
+                        r.p99_us, r.backend, c, cr, u, ur
+                    );
+                    if args.compare {
+                        if let Measured::Missing(why) = &baseline {
+                            println!("        {baseline_name} missing: {why}");
+                        }
+                        if let Some((name, Measured::Missing(why))) = &peer {
+                            println!("        {name} missing: {why}");
+                        }
+                    }
                 }
             }
         }
     }
-    drop(init);
-    drop(target);
-    let _ = std::fs::remove_dir_all(&dir);
+    progress.clear();
+    drop(setup);
     Ok(())
+}
+
+/// Iterations for ucx_perftest: about 2 GiB per row when rows are sized by time, else as many
+/// messages as the row's blocks; at least 200, at most 100 000.
+fn ucx_iters(block: usize, iters: Option<u64>, batch: usize, threads: usize) -> usize {
+    match iters {
+        None => ((2usize << 30) / block).clamp(200, 100_000),
+        Some(n) => (n as usize)
+            .saturating_mul(batch)
+            .saturating_mul(threads)
+            .clamp(200, 100_000),
+    }
 }
