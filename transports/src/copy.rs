@@ -17,7 +17,7 @@
 /// Copies of at least this many bytes use streaming stores.
 pub const STREAM_MIN: usize = 1 << 20;
 
-/// Distances `(dst - src) mod 4096` below this go through [`simd_copy`] rather than memcpy.
+/// Distances `(dst - src) mod 4096` below this go through a plain SIMD loop rather than memcpy.
 pub const ALIASING: usize = 64;
 /// Copies shorter than this always use memcpy (no `rep movsb` there).
 const ALIAS_MIN: usize = 256;

@@ -4,11 +4,13 @@
 //! `(offset, length, fd)`; the agent names itself as the remote), and so are the checks made
 //! when a request is created: the fd's mode, `O_DIRECT` alignment, the file regions' keys.
 //!
-//! One ring thread owns the ring. Posts reach it through a queue; it cuts nothing itself (the
-//! operations are planned when the request is created: one `readv`/`writev` per run of
-//! contiguous file ranges on an fd, at most `max_io_bytes`) and keeps up to `queue_depth`
-//! operations in flight, submitting every operation it can in one `io_uring_enter` and refilling
-//! the ring as completions arrive, rather than waiting op by op. A completion that moved fewer
+//! The operations are planned when the request is created (one `readv`/`writev` per run of
+//! contiguous file ranges on an fd, at most `max_io_bytes`). Posting puts them in the ring on the
+//! posting thread, up to `queue_depth` in flight, all in one `io_uring_enter`, and reaps
+//! whatever that already completed (buffered reads of cached pages finish inside the submit, so
+//! such a request ends on the posting thread with no hand-off). A completion thread waits in the
+//! kernel for the rest and refills the ring as completions arrive, rather than waiting op by
+//! op. A completion that moved fewer
 //! bytes than asked is resubmitted for the rest; `EINTR`/`EAGAIN` are retried; a read that
 //! meets the end of the file, and every other error, fails the request with the fd and offset.
 //!
@@ -23,7 +25,6 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
@@ -31,7 +32,7 @@ use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
     PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
 };
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::files::inspect_fd;
 use crate::posix::{prepare_files, IoOp, Post};
@@ -99,10 +100,15 @@ pub(crate) fn unavailable_reason(e: &io::Error, sysctl: Option<&str>) -> String 
 }
 
 fn new_ring(depth: u32) -> std::result::Result<IoUring, String> {
-    IoUring::new(depth.max(2)).map_err(|e| {
+    let ring = IoUring::new(depth.max(2)).map_err(|e| {
         let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok();
         unavailable_reason(&e, sysctl.as_deref())
-    })
+    })?;
+    if !ring.params().is_feature_ext_arg() {
+        // The completion thread waits with a timeout (IORING_ENTER_EXT_ARG).
+        return Err("this kernel's io_uring lacks IORING_FEAT_EXT_ARG (Linux 5.11+)".into());
+    }
+    Ok(ring)
 }
 
 const KINDS: &[MemKind] = &[MemKind::Dram, MemKind::File];
@@ -249,66 +255,47 @@ impl PreparedXfer for UringXfer {
             &self.ops,
             &self.remote_regions,
             done,
-            &self.queue.stopping,
+            &self.queue.shared.stopping,
         ) else {
             return;
         };
-        if let Err(post) = self.queue.send(post) {
-            // The ring is gone (shutdown): every operation ends the post as cancelled.
-            for _ in 0..post.ops.len() {
-                let _ = post.should_skip();
-                post.finish_one();
-            }
-        }
+        self.queue.shared.post(post);
     }
 }
 
-/// The way into the ring thread.
+/// The way to the ring, held by connections and requests.
 #[derive(Clone, Debug)]
 struct Queue {
-    tx: Arc<Mutex<Option<Sender<Arc<Post>>>>>,
+    shared: Arc<Shared>,
+}
+
+/// The ring and what is in it. Whoever holds `state` may touch the submission and completion
+/// queues: a posting thread submits its operations and reaps what is already done (buffered
+/// reads of cached pages complete during the submit, so they end on the posting thread with no
+/// hand-off); the completion thread waits in the kernel for the rest, without the lock.
+struct Shared {
+    ring: IoUring,
+    state: Mutex<State>,
+    /// Wakes the completion thread when operations are left in flight (it sleeps here, not in
+    /// the kernel, while the ring is idle).
+    work: Condvar,
     stopping: Arc<AtomicBool>,
 }
 
-impl Queue {
-    fn send(&self, post: Arc<Post>) -> std::result::Result<(), Arc<Post>> {
-        match &*self.tx.lock() {
-            Some(tx) => tx.send(post).map_err(|e| e.0),
-            None => Err(post),
-        }
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
     }
 }
 
-struct RingThread {
-    queue: Queue,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl RingThread {
-    fn start(ring: IoUring, depth: u32) -> Result<RingThread> {
-        let (tx, rx) = channel();
-        let queue = Queue {
-            tx: Arc::new(Mutex::new(Some(tx))),
-            stopping: Arc::new(AtomicBool::new(false)),
-        };
-        let thread = std::thread::Builder::new()
-            .name("nixl-uring".into())
-            .spawn(move || Ring::new(ring, depth as usize).run(rx))
-            .map_err(|e| Error::io("spawning the uring thread", e))?;
-        Ok(RingThread { queue, thread })
-    }
-
-    fn queue(&self) -> Queue {
-        self.queue.clone()
-    }
-
-    /// Operations not started end their posts `Cancelled`; those in the kernel are waited for
-    /// (their memory is in use until the kernel says so); then the thread exits.
-    fn stop(self) {
-        self.queue.stopping.store(true, Ordering::Release);
-        self.queue.tx.lock().take();
-        let _ = self.thread.join();
-    }
+struct State {
+    depth: usize,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    pending: VecDeque<(Arc<Post>, usize)>,
+    in_flight: usize,
+    /// The completion thread was asked to exit (once nothing is in flight).
+    stopped: bool,
 }
 
 /// One operation in the kernel (or about to be): where it stands.
@@ -322,80 +309,142 @@ struct Slot {
     left: u64,
 }
 
-struct Ring {
-    ring: IoUring,
-    depth: usize,
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
-    pending: VecDeque<(Arc<Post>, usize)>,
-    in_flight: usize,
+// SAFETY: the iovecs are addresses in registered DRAM, not references; a slot is only read
+// or changed under the state lock, by whichever thread holds it, and the memory they point
+// to stays registered and held by the slot's post until the slot is cleared.
+unsafe impl Send for Slot {}
+
+/// Longest wait of the completion thread before it looks at the state again.
+const WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+struct RingThread {
+    shared: Arc<Shared>,
+    thread: std::thread::JoinHandle<()>,
 }
 
-impl Ring {
-    fn new(ring: IoUring, depth: usize) -> Ring {
-        let depth = depth.clamp(1, ring.params().sq_entries() as usize);
-        Ring {
+impl RingThread {
+    fn start(ring: IoUring, depth: u32) -> Result<RingThread> {
+        let depth = (depth as usize).clamp(1, ring.params().sq_entries() as usize);
+        let shared = Arc::new(Shared {
             ring,
-            depth,
-            slots: (0..depth).map(|_| None).collect(),
-            free: (0..depth).rev().collect(),
-            pending: VecDeque::new(),
-            in_flight: 0,
+            state: Mutex::new(State {
+                depth,
+                slots: (0..depth).map(|_| None).collect(),
+                free: (0..depth).rev().collect(),
+                pending: VecDeque::new(),
+                in_flight: 0,
+                stopped: false,
+            }),
+            work: Condvar::new(),
+            stopping: Arc::new(AtomicBool::new(false)),
+        });
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("nixl-uring".into())
+            .spawn(move || s.completions())
+            .map_err(|e| Error::io("spawning the uring thread", e))?;
+        Ok(RingThread { shared, thread })
+    }
+
+    fn queue(&self) -> Queue {
+        Queue {
+            shared: Arc::clone(&self.shared),
         }
     }
 
-    fn run(mut self, rx: Receiver<Arc<Post>>) {
-        let mut open = true;
-        loop {
-            // Take new posts: block only when there is nothing else to do.
-            if open && self.in_flight == 0 && self.pending.is_empty() {
-                match rx.recv() {
-                    Ok(p) => self.enqueue(p),
-                    Err(_) => open = false,
-                }
+    /// Operations not started end their posts `Cancelled`; those in the kernel are waited for
+    /// (their memory is in use until the kernel says so); then the thread exits.
+    fn stop(self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.state.lock().stopped = true;
+        self.shared.work.notify_all();
+        let _ = self.thread.join();
+    }
+}
+
+impl Shared {
+    /// Takes a post's operations and runs as much as it can at once.
+    fn post(&self, post: Arc<Post>) {
+        let mut st = self.state.lock();
+        for i in 0..post.ops.len() {
+            st.pending.push_back((Arc::clone(&post), i));
+        }
+        self.pump(&mut st);
+        if st.in_flight > 0 || !st.pending.is_empty() {
+            self.work.notify_one();
+        }
+    }
+
+    /// Under the lock: reaps what is done, fills the ring up to its depth, submits, and reaps
+    /// again what the submit completed.
+    fn pump(&self, st: &mut State) {
+        for _ in 0..2 {
+            self.reap(st);
+            if self.fill(st) == 0 {
+                break;
             }
-            while open {
-                match rx.try_recv() {
-                    Ok(p) => self.enqueue(p),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => open = false,
-                }
-            }
-            self.fill();
-            if self.in_flight == 0 {
-                if !open && self.pending.is_empty() {
-                    return;
-                }
-                continue;
-            }
-            if let Err(e) = self.ring.submit_and_wait(1) {
+            if let Err(e) = self.ring.submit() {
                 if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
+                    // The entries stay in the queue: the next submit (here or on the
+                    // completion thread) sends them.
+                    tracing::warn!(error = %e, "io_uring submit failed; retrying later");
+                }
+            }
+        }
+    }
+
+    /// The completion thread: waits in the kernel (without the lock) until something
+    /// completes, then reaps and refills.
+    fn completions(&self) {
+        loop {
+            {
+                let mut st = self.state.lock();
+                self.pump(&mut st);
+                if st.in_flight == 0 && st.pending.is_empty() {
+                    if st.stopped {
+                        return;
+                    }
+                    // Idle: sleep here rather than in the kernel (a thread blocked in
+                    // io_uring_enter also stalls tools such as valgrind).
+                    self.work.wait_for(&mut st, WAIT);
+                    continue;
+                }
+            }
+            // Waits for a completion, at most WAIT: a completion that a posting thread reaped
+            // first must not leave this thread asleep. Entries queued meanwhile by posting
+            // threads (already published) may be submitted by this call too, which is harmless.
+            let ts = types::Timespec::from(WAIT);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let r = self.ring.submitter().submit_with_args(1, &args);
+            if let Err(e) = r {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::ETIME | libc::EBUSY)
+                ) {
                     // The kernel still owns what is in flight: retry rather than give up on
                     // memory it may write.
                     tracing::error!(error = %e, "io_uring_enter failed; retrying");
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }
-            self.reap();
         }
     }
 
-    fn enqueue(&mut self, post: Arc<Post>) {
-        for i in 0..post.ops.len() {
-            self.pending.push_back((Arc::clone(&post), i));
-        }
-    }
-
-    /// Puts pending operations into the ring, up to the queue depth.
-    fn fill(&mut self) {
-        while self.in_flight < self.depth {
-            let Some((post, i)) = self.pending.pop_front() else {
-                return;
+    /// Puts pending operations into the submission queue, up to the depth; how many.
+    fn fill(&self, st: &mut State) -> usize {
+        let mut pushed = 0;
+        while st.in_flight < st.depth {
+            let Some((post, i)) = st.pending.pop_front() else {
+                break;
             };
             if post.should_skip() {
                 post.finish_one();
                 continue;
             }
+            let Some(idx) = st.free.pop() else {
+                st.pending.push_front((post, i));
+                break;
+            };
             let op = &post.ops[i];
             let iov: Vec<libc::iovec> = op
                 .pieces
@@ -405,27 +454,25 @@ impl Ring {
                     iov_len: len as usize,
                 })
                 .collect();
-            let slot = Slot {
+            st.slots[idx] = Some(Slot {
                 fd: op.fd,
                 left: op.len(),
                 offset: op.offset,
                 first: 0,
                 iov,
                 post: Arc::clone(&post),
-            };
-            let Some(idx) = self.free.pop() else {
-                self.pending.push_front((post, i));
-                return;
-            };
-            self.slots[idx] = Some(slot);
-            self.submit(idx);
+            });
+            if self.submit_slot(st, idx) {
+                pushed += 1;
+            }
         }
+        pushed
     }
 
     /// Pushes the submission of slot `idx` (its remaining iovecs at its offset).
-    fn submit(&mut self, idx: usize) {
-        let Some(slot) = self.slots[idx].as_ref() else {
-            return;
+    fn submit_slot(&self, st: &mut State, idx: usize) -> bool {
+        let Some(slot) = st.slots[idx].as_ref() else {
+            return false;
         };
         let fd = types::Fd(slot.fd);
         let iov = &slot.iov[slot.first..];
@@ -438,98 +485,88 @@ impl Ring {
                 .build(),
         }
         .user_data(idx as u64);
-        // SAFETY: the iovec array lives in the slot until the completion of this entry is
-        // reaped, and the buffers it points to are registered DRAM held by the post (its
-        // completion holds the local regions, the post the file regions) until then. There is
-        // room: at most `depth` entries are in flight and the ring has at least that many.
-        let pushed = unsafe { self.ring.submission().push(&entry) };
-        if pushed.is_err() {
-            // Cannot happen (see above); keep the operation for later rather than lose it.
-            if self.ring.submit().is_ok() {
-                // SAFETY: as above.
-                if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                    self.in_flight += 1;
-                    return;
-                }
-            }
-            if let Some(slot) = self.slots[idx].take() {
-                slot.post.record(Err(Error::Backend {
-                    backend: BackendName::Uring,
-                    op: "submit",
-                    reason: "submission queue full".into(),
-                }));
-                slot.post.finish_one();
-            }
-            self.free.push(idx);
-            return;
+        // SAFETY: the state lock serialises every use of the submission queue. The iovec array
+        // lives in the slot until the completion of this entry is reaped, and the buffers it
+        // points to are registered DRAM held by the post (its completion holds the local
+        // regions, the post the file regions) until then. There is room: at most `depth`
+        // entries are in flight and the ring has at least that many.
+        let mut pushed = unsafe { self.ring.submission_shared().push(&entry) }.is_ok();
+        if !pushed && self.ring.submit().is_ok() {
+            // SAFETY: as above.
+            pushed = unsafe { self.ring.submission_shared().push(&entry) }.is_ok();
         }
-        self.in_flight += 1;
+        if pushed {
+            st.in_flight += 1;
+            return true;
+        }
+        if let Some(slot) = st.slots[idx].take() {
+            slot.post.record(Err(Error::Backend {
+                backend: BackendName::Uring,
+                op: "submit",
+                reason: "submission queue full".into(),
+            }));
+            slot.post.finish_one();
+        }
+        st.free.push(idx);
+        false
     }
 
     /// Handles every completion that has arrived.
-    fn reap(&mut self) {
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
+    fn reap(&self, st: &mut State) {
+        // SAFETY: the state lock serialises every use of the completion queue.
+        let done: Vec<(u64, i32)> = unsafe { self.ring.completion_shared() }
             .map(|c| (c.user_data(), c.result()))
             .collect();
         for (ud, res) in done {
-            self.in_flight -= 1;
+            st.in_flight -= 1;
             let idx = ud as usize;
-            let Some(slot) = self.slots[idx].as_mut() else {
+            let Some(slot) = st.slots.get_mut(idx).and_then(Option::as_mut) else {
                 continue;
             };
             if res == -libc::EINTR || res == -libc::EAGAIN {
-                self.submit(idx);
+                if !self.submit_slot(st, idx) {
+                    continue;
+                }
+                let _ = self.ring.submit();
                 continue;
             }
+            let verb = match slot.post.op {
+                XferOp::Read => "read",
+                XferOp::Write => "write",
+            };
             let outcome = if res < 0 {
-                let e = io::Error::from_raw_os_error(-res);
-                let what = match slot.post.op {
-                    XferOp::Read => "readv",
-                    XferOp::Write => "writev",
-                };
                 Err(Error::io(
                     format!(
-                        "io_uring {what} fd {} at offset {} ({} bytes left)",
+                        "io_uring {verb}v fd {} at offset {} ({} bytes left)",
                         slot.fd, slot.offset, slot.left
                     ),
-                    e,
+                    io::Error::from_raw_os_error(-res),
                 ))
             } else if res == 0 {
                 Err(Error::Backend {
                     backend: BackendName::Uring,
-                    op: if slot.post.op == XferOp::Read {
-                        "read"
-                    } else {
-                        "write"
-                    },
+                    op: verb,
                     reason: format!(
-                        "short {}: fd {} ends at offset {}, the request needs {} more bytes \
+                        "short {verb}: fd {} ends at offset {}, the request needs {} more bytes \
                          (file shorter than its registration, or truncated)",
-                        if slot.post.op == XferOp::Read {
-                            "read"
-                        } else {
-                            "write"
-                        },
-                        slot.fd,
-                        slot.offset,
-                        slot.left
+                        slot.fd, slot.offset, slot.left
                     ),
                 })
             } else {
                 advance(slot, res as u64);
                 if slot.left > 0 && !slot.post.should_skip() {
-                    self.submit(idx);
+                    if self.submit_slot(st, idx) {
+                        let _ = self.ring.submit();
+                    }
                     continue;
                 }
                 Ok(())
             };
-            if let Some(slot) = self.slots[idx].take() {
+            if let Some(slot) = st.slots[idx].take() {
                 slot.post.record(outcome);
                 slot.post.finish_one();
             }
-            self.free.push(idx);
+            st.free.push(idx);
         }
     }
 }
