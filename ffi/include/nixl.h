@@ -289,6 +289,17 @@ nixl_status nixl_fetch_remote_md(struct nixl_agent *agent,
                                  size_t name_cap);
 
 /**
+ * Names object `id` of the `object` backend: OBJECT descriptors `(offset, len, id)` then
+ * stand for `name` ("bucket/key"), for requests created from now on. (Without a name, `id`
+ * is `{key_prefix}{id}` in the configured `[object] bucket`.) `NIXL_ERR_UNAVAILABLE` if the
+ * agent runs no `object` backend.
+ *
+ * # Safety
+ * `name` is a NUL-terminated string.
+ */
+nixl_status nixl_object_name(struct nixl_agent *agent, uint64_t id, const char *name);
+
+/**
  * Forgets a peer: its connections close and its transfers fail from then on.
  * `NIXL_ERR_NOT_FOUND` if no such peer is loaded.
  *

@@ -750,6 +750,27 @@ pub unsafe extern "C" fn nixl_fetch_remote_md(
     })
 }
 
+/// Names object `id` of the `object` backend: OBJECT descriptors `(offset, len, id)` then
+/// stand for `name` ("bucket/key"), for requests created from now on. (Without a name, `id`
+/// is `{key_prefix}{id}` in the configured `[object] bucket`.) `NIXL_ERR_UNAVAILABLE` if the
+/// agent runs no `object` backend.
+///
+/// # Safety
+/// `name` is a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_object_name(
+    agent: *mut nixl_agent,
+    id: u64,
+    name: *const c_char,
+) -> nixl_status {
+    guard(|| {
+        let a = agent_ref(agent)?;
+        let name = str_arg(name, "name")?;
+        nixl_transports::object::name_object(&a.shared.agent, id, name)?;
+        Ok(NIXL_OK)
+    })
+}
+
 /// Forgets a peer: its connections close and its transfers fail from then on.
 /// `NIXL_ERR_NOT_FOUND` if no such peer is loaded.
 ///

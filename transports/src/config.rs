@@ -1,7 +1,7 @@
 //! The agent's configuration file (TOML), shared by the daemon, the CLIs and the C ABI.
 //!
 //! ```toml
-//! backends = ["local", "shm", "tcp", "uring", "posix"]   # which to run (default: all built)
+//! backends = ["local", "shm", "tcp", "uring", "posix", "object"]   # which to run (default: all built)
 //!
 //! [tcp]
 //! listen = "10.0.0.5:7000"   # default: the host's first non-loopback address, port 0 (free)
@@ -29,6 +29,22 @@
 //! threads = 4
 //! max_io_bytes = 4194304     # larger requests are cut so the threads share them
 //!
+//! [object]                   # DRAM <-> OBJECT in an S3-compatible store (see transports::object)
+//! endpoint = "http://127.0.0.1:9000"   # or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (http only)
+//! region = "us-east-1"       # or AWS_REGION / AWS_DEFAULT_REGION
+//! bucket = "kv"              # object id N is key "{key_prefix}N" in this bucket
+//! key_prefix = "node-3/"
+//! access_key_id = "..."      # or AWS_ACCESS_KEY_ID (and AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)
+//! secret_access_key = "..."  # never printed nor logged
+//! part_size = 8388608        # multipart part size, and the largest ranged GET
+//! multipart_threshold = 16777216   # larger WRITEs are multipart uploads
+//! max_concurrency = 16       # HTTP requests in flight per posted request
+//! request_timeout_ms = 30000 # one range or part; a dead server ends the request Failed
+//! connect_timeout_ms = 3000
+//! threads = 2                # the backend's runtime
+//! [object.names]             # explicit names: object id = "bucket/key"
+//! "7" = "weights/layer-7.bin"
+//!
 //! [agent]                    # read by the C ABI (nixl_agent_new)
 //! allow_duplicate_name = false   # a second live agent of the same name in one process
 //!
@@ -38,6 +54,8 @@
 //!
 //! Unknown keys are errors, so a typo does not silently fall back to a default.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +64,7 @@ use nixl_core::{Backend, Error, Result};
 use serde::Deserialize;
 
 use crate::local::LocalBackend;
+use crate::object::{ObjectBackend, ObjectConfig, ObjectName, Secret};
 use crate::posix::{PosixBackend, PosixConfig};
 use crate::shm::{ShmBackend, ShmConfig};
 use crate::tcp::{parse_listen, Auth, TcpBackend, TcpConfig};
@@ -72,6 +91,9 @@ pub struct Config {
     /// `[posix]`.
     #[serde(default)]
     pub posix: PosixSection,
+    /// `[object]`.
+    #[serde(default)]
+    pub object: ObjectSection,
     /// `[agent]`.
     #[serde(default)]
     pub agent: AgentSection,
@@ -118,6 +140,49 @@ pub struct PosixSection {
     pub max_io_bytes: Option<usize>,
 }
 
+/// `[object]`. `Debug` hides the secrets.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectSection {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub bucket: Option<String>,
+    pub key_prefix: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+    pub part_size: Option<usize>,
+    pub multipart_threshold: Option<usize>,
+    pub max_concurrency: Option<usize>,
+    pub request_timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub threads: Option<usize>,
+    /// Object id (as a string: TOML keys are strings) → `"bucket/key"`.
+    pub names: Option<BTreeMap<String, String>>,
+}
+
+impl fmt::Debug for ObjectSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("ObjectSection")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("bucket", &self.bucket)
+            .field("key_prefix", &self.key_prefix)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &hidden(&self.secret_access_key))
+            .field("session_token", &hidden(&self.session_token))
+            .field("part_size", &self.part_size)
+            .field("multipart_threshold", &self.multipart_threshold)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("threads", &self.threads)
+            .field("names", &self.names)
+            .finish()
+    }
+}
+
 /// `[agent]`: how the agent itself is run.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,7 +202,7 @@ pub struct ShmSection {
     pub allow_map: Option<bool>,
 }
 
-const ALL: [&str; 5] = ["local", "shm", "tcp", "uring", "posix"];
+const ALL: [&str; 6] = ["local", "shm", "tcp", "uring", "posix", "object"];
 
 impl Config {
     /// Parses a TOML document.
@@ -145,6 +210,7 @@ impl Config {
         let cfg: Config = toml::from_str(text)
             .map_err(|e| Error::InvalidArgument(format!("config: {}", e.message())))?;
         cfg.tcp_config()?.check()?;
+        cfg.object_config()?;
         if let Some(list) = &cfg.backends {
             for b in list {
                 if !ALL.contains(&b.as_str()) {
@@ -220,6 +286,41 @@ impl Config {
         }
     }
 
+    /// The `object` backend's settings (unset ones come from the `AWS_*` environment when the
+    /// backend is built).
+    pub fn object_config(&self) -> Result<ObjectConfig> {
+        let o = &self.object;
+        let d = ObjectConfig::default();
+        let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
+        let mut names = Vec::new();
+        for (id, name) in o.names.iter().flatten() {
+            let id: u64 = id.parse().map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "config: [object.names] key {id:?} is not an object id (a number)"
+                ))
+            })?;
+            ObjectName::parse(name)?;
+            names.push((id, name.clone()));
+        }
+        Ok(ObjectConfig {
+            endpoint: o.endpoint.clone(),
+            region: o.region.clone(),
+            bucket: o.bucket.clone(),
+            key_prefix: o.key_prefix.clone().unwrap_or_default(),
+            names,
+            access_key_id: o.access_key_id.clone(),
+            secret_access_key: o.secret_access_key.clone().map(Secret::new),
+            session_token: o.session_token.clone().map(Secret::new),
+            part_size: o.part_size.unwrap_or(d.part_size),
+            multipart_threshold: o.multipart_threshold.unwrap_or(d.multipart_threshold),
+            max_concurrency: o.max_concurrency.unwrap_or(d.max_concurrency),
+            request_timeout: ms(o.request_timeout_ms, d.request_timeout),
+            connect_timeout: ms(o.connect_timeout_ms, d.connect_timeout),
+            threads: o.threads.unwrap_or(d.threads),
+            use_env: true,
+        })
+    }
+
     /// The backends this configuration asks for, built.
     pub fn backends(&self) -> Result<Vec<Arc<dyn Backend>>> {
         let want = |n: &str| {
@@ -243,6 +344,9 @@ impl Config {
         if want("posix") {
             out.push(Arc::new(PosixBackend::new(self.posix_config())));
         }
+        if want("object") {
+            out.push(Arc::new(ObjectBackend::new(self.object_config()?)));
+        }
         Ok(out)
     }
 }
@@ -264,6 +368,11 @@ mod tests {
             secret = "x"
             [shm]
             op_timeout_ms = 10
+            [object]
+            bucket = "kv"
+            secret_access_key = "hidden-one"
+            [object.names]
+            "7" = "w/layer-7"
             [agent]
             allow_duplicate_name = true
             [etcd]
@@ -279,6 +388,11 @@ mod tests {
         assert!(c.auth().has_secret());
         assert_eq!(c.backends().unwrap().len(), 1);
         assert!(c.etcd.is_some());
+        assert_eq!(
+            c.object_config().unwrap().names,
+            vec![(7, "w/layer-7".into())]
+        );
+        assert!(!format!("{c:?}").contains("hidden-one"));
     }
 
     #[test]
@@ -290,10 +404,13 @@ mod tests {
             "[tcp]\nconns_per_peer = 0",
             "[auth]\nsecret = 1",
             "backends = [\"rdma2\"]",
+            "[object]\nbuckt = \"x\"",
+            "[object.names]\nseven = \"b/k\"",
+            "[object.names]\n\"7\" = \"nokey\"",
             "[[[",
         ] {
             assert!(Config::from_toml(bad).is_err(), "{bad}");
         }
-        assert!(Config::from_toml("").unwrap().backends().unwrap().len() == 5);
+        assert!(Config::from_toml("").unwrap().backends().unwrap().len() == 6);
     }
 }

@@ -6,6 +6,7 @@
 //! - [`tcp`]: between hosts: authenticated connections, the target checks every access.
 //! - [`posix`]: DRAM ↔ FILE with `preadv`/`pwritev` on a thread pool.
 //! - [`uring`]: DRAM ↔ FILE through io_uring, the ring kept full.
+//! - [`object`]: DRAM ↔ OBJECT in S3-compatible object stores (ranged GETs, PUT and multipart).
 //!
 //! [`config::Config`] reads the agent's TOML configuration and builds the backends it names.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod copy;
 pub mod files;
 pub mod local;
+pub mod object;
 pub mod posix;
 #[path = "node/mod.rs"]
 pub mod shm;
@@ -26,6 +28,9 @@ use nixl_core::Backend;
 /// Every backend this crate builds, with default settings: what an agent that wants "whatever
 /// works here" is built with. Backends that cannot run on this host report why through
 /// [`nixl_core::Agent::backends`] and are never chosen.
+///
+/// `object` runs only when an object store is configured (`AWS_*` environment variables here);
+/// otherwise it reports itself unavailable and costs nothing.
 ///
 /// `tcp` listens on the host's first non-loopback address with a free port and, without
 /// `NIXL_SECRET` in the environment, accepts connections from this host only.

@@ -315,6 +315,10 @@ static void test_agent_name_and_backends(void)
     }
     EXPECT(nixl_backend_status(a, "bogus"), NIXL_ERR_NOT_FOUND);
     EXPECT(nixl_backend_status(a, ""), NIXL_ERR_NOT_FOUND);
+    /* No object backend here: naming an object says so. */
+    EXPECT(nixl_object_name(a, 7, "bucket/key"), NIXL_ERR_UNAVAILABLE);
+    EXPECT(nixl_object_name(a, 7, NULL), NIXL_ERR_INVALID);
+    EXPECT(nixl_object_name(NULL, 7, "bucket/key"), NIXL_ERR_INVALID);
     nixl_agent_free(a);
 
     a = agent_ok("mis-name", NULL); /* defaults: local, shm, tcp */

@@ -1,0 +1,675 @@
+//! The `object` backend against a real S3-compatible server: moto's server, started by each
+//! test on a free loopback port (`python3 -m moto.server`; `.ci/setup` installs it). Byte-exact
+//! round trips (a single PUT with an odd tail, a multipart upload of many small parts, an
+//! explicitly named object, thousands of small READ descriptors), a missing object, the server
+//! killed mid-transfer (a many-range READ and a multipart WRITE end Failed within the request
+//! timeout), cancellation (the multipart upload is aborted), and misuse refused when the
+//! request is created.
+//!
+//! Without moto the server tests print `SKIP: moto not installed (...)` and pass, unless
+//! `NIXL_REQUIRE_OBJECT_TESTS=1`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use nixl_core::{
+    Agent, BackendName, Desc, DescList, Error, MemKind, Registration, XferOp, XferOptions,
+    XferRequest, XferStatus,
+};
+use nixl_transports::config::Config;
+
+const BUCKET: &str = "nixl-test";
+const FAKE_AUTH: &str = "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/s3/aws4_request, \
+                         SignedHeaders=host, Signature=0";
+
+/// A moto server on 127.0.0.1, killed when dropped.
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Moto {
+    /// Starts moto, or returns `None` (after printing why) when it is not installed.
+    fn start() -> Option<Moto> {
+        let have = Command::new("python3")
+            .args(["-c", "import moto.server, flask, werkzeug"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !have {
+            let why = "python3 -m moto.server unavailable; install with \
+                       python3 -m pip install 'moto[server]' (.ci/setup does)";
+            assert!(
+                std::env::var("NIXL_REQUIRE_OBJECT_TESTS").as_deref() != Ok("1"),
+                "moto not installed ({why}) and NIXL_REQUIRE_OBJECT_TESTS=1"
+            );
+            println!("SKIP: moto not installed ({why})");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        // Small parts for the multipart tests, objects kept in memory.
+        .env("S3_UPLOAD_PART_MIN_SIZE", "65536")
+        .env("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "134217728")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe and touches only the child's own state: if the
+        // test thread dies without dropping the guard, the server dies with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawning moto");
+        let mut m = Moto { child, port };
+        let t0 = Instant::now();
+        loop {
+            if let Ok((status, _)) = m.http("GET", "/", b"") {
+                if status > 0 {
+                    break;
+                }
+            }
+            if let Ok(Some(st)) = m.child.try_wait() {
+                panic!("moto exited at start: {st}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "moto did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (status, body) = m.http("PUT", &format!("/{BUCKET}"), b"").unwrap();
+        assert_eq!(
+            status,
+            200,
+            "create bucket: {}",
+            String::from_utf8_lossy(&body)
+        );
+        Some(m)
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// One HTTP/1.0 exchange: (status, body). moto checks no signature, but treats a request
+    /// without one as anonymous (refused on private objects).
+    fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\
+             Authorization: {FAKE_AUTH}\r\n\r\n",
+            self.port,
+            body.len()
+        )?;
+        s.write_all(body)?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        let text = String::from_utf8_lossy(&out);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let start = text.find("\r\n\r\n").map_or(out.len(), |i| i + 4);
+        Ok((status, out[start..].to_vec()))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn agent(endpoint: &str, extra: &str) -> Agent {
+    let cfg = Config::from_toml(&format!(
+        "backends = [\"local\", \"object\"]\n[object]\nendpoint = \"{endpoint}\"\n\
+         bucket = \"{BUCKET}\"\nregion = \"us-east-1\"\naccess_key_id = \"testing\"\n\
+         secret_access_key = \"testing\"\n{extra}"
+    ))
+    .unwrap();
+    Agent::builder("store")
+        .backends(cfg.backends().unwrap())
+        .build()
+        .unwrap()
+}
+
+fn reg(a: &Agent, kind: MemKind, descs: Vec<Desc>) -> Registration {
+    let list = DescList::from_descs(kind, descs).unwrap();
+    // SAFETY: DRAM descriptors name test buffers that outlive the registration; OBJECT ones
+    // carry no memory contract.
+    unsafe { a.register(&list) }.unwrap()
+}
+
+fn create(a: &Agent, op: XferOp, mem: Vec<Desc>, obj: Vec<Desc>) -> nixl_core::Result<XferRequest> {
+    let req = a.create_xfer(
+        op,
+        &DescList::from_descs(MemKind::Dram, mem).unwrap(),
+        &DescList::from_descs(MemKind::Object, obj).unwrap(),
+        a.name(),
+        XferOptions::default(),
+    )?;
+    assert_eq!(req.backend(), BackendName::Object, "{}", req.info().reason);
+    Ok(req)
+}
+
+fn run(a: &Agent, op: XferOp, mem: Vec<Desc>, obj: Vec<Desc>) -> XferStatus {
+    let req = create(a, op, mem, obj).unwrap();
+    req.post().unwrap();
+    req.wait_blocking(Some(Duration::from_secs(60)))
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+fn assert_done(st: &XferStatus, what: &str) {
+    assert!(matches!(st, XferStatus::Done), "{what}: {st:?}");
+}
+
+#[test]
+fn single_put_and_multipart_round_trip_byte_exact() {
+    let Some(moto) = Moto::start() else { return };
+    let t0 = Instant::now();
+    // Parts of 256 KiB; objects over 4 MiB are multipart uploads.
+    let a = agent(
+        &moto.endpoint(),
+        "key_prefix = \"rt/\"\npart_size = 262144\nmultipart_threshold = 4194304",
+    );
+    let (n1, n2) = ((3 << 20) + 333, (6 << 20) + 777); // odd tails; n2 is 25 parts
+    let (s1, s2) = (pattern(n1, 1), pattern(n2, 2));
+    let (mut d1, mut d2) = (vec![0u8; n1], vec![0u8; n2]);
+    let _m = reg(
+        &a,
+        MemKind::Dram,
+        vec![
+            Desc::from_slice(&s1),
+            Desc::from_slice(&s2),
+            Desc::from_mut_slice(&mut d1),
+            Desc::from_mut_slice(&mut d2),
+        ],
+    );
+    // Object 1 by its default name (rt/1); object 99 named explicitly through the agent.
+    nixl_transports::object::name_object(&a, 99, &format!("{BUCKET}/explicit/b.bin")).unwrap();
+    let (o1, o2) = (Desc::new(0, n1 as u64, 1), Desc::new(0, n2 as u64, 99));
+    let _o = reg(&a, MemKind::Object, vec![o1, o2]);
+    let st = run(
+        &a,
+        XferOp::Write,
+        vec![Desc::from_slice(&s1), Desc::from_slice(&s2)],
+        vec![o1, o2],
+    );
+    assert_done(&st, "WRITE");
+    // The store holds exactly what was written, under the names chosen.
+    let (status, body) = moto.http("GET", &format!("/{BUCKET}/rt/1"), b"").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body == s1,
+        "rt/1 differs in the store ({} bytes)",
+        body.len()
+    );
+    let (status, body) = moto
+        .http("GET", &format!("/{BUCKET}/explicit/b.bin"), b"")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(body == s2, "explicit/b.bin differs ({} bytes)", body.len());
+    // READ back whole (split into 256 KiB ranges), twice through one request.
+    let req = create(
+        &a,
+        XferOp::Read,
+        vec![Desc::from_mut_slice(&mut d1), Desc::from_mut_slice(&mut d2)],
+        vec![o1, o2],
+    )
+    .unwrap();
+    for _ in 0..2 {
+        req.post().unwrap();
+        assert_done(&req.wait_blocking(Some(Duration::from_secs(60))), "READ");
+    }
+    assert!(d1 == s1, "object 1 read back differs");
+    assert!(d2 == s2, "object 99 read back differs");
+    println!("round trips: {:?}", t0.elapsed());
+}
+
+#[test]
+fn thousands_of_small_read_descriptors() {
+    let Some(moto) = Moto::start() else { return };
+    let t0 = Instant::now();
+    let a = agent(
+        &moto.endpoint(),
+        "key_prefix = \"many/\"\npart_size = 262144",
+    );
+    let n = (1 << 20) + 5;
+    let src = pattern(n, 3);
+    let _s = reg(&a, MemKind::Dram, vec![Desc::from_slice(&src)]);
+    let o = Desc::new(0, n as u64, 5);
+    let _o = reg(&a, MemKind::Object, vec![o]);
+    assert_done(
+        &run(&a, XferOp::Write, vec![Desc::from_slice(&src)], vec![o]),
+        "WRITE",
+    );
+
+    // (a) The object cut in ~4000 odd pieces, laid out in memory in reverse order: merged
+    // into a few GETs that scatter. (b) 500 random ranges, each its own GET.
+    let mut next = rng(11);
+    let mut tiles = Vec::new();
+    let mut off = 0u64;
+    while off < n as u64 {
+        let len = (1 + next() % 500).min(n as u64 - off);
+        tiles.push((off, len));
+        off += len;
+    }
+    let mut dst = vec![0u8; n];
+    let mut dst2 = vec![0u8; 500 * 3000];
+    let _d = reg(
+        &a,
+        MemKind::Dram,
+        vec![
+            Desc::from_mut_slice(&mut dst),
+            Desc::from_mut_slice(&mut dst2),
+        ],
+    );
+    let base = dst.as_mut_ptr() as u64;
+    let base2 = dst2.as_mut_ptr() as u64;
+    let (mut mem, mut obj, mut expect) = (Vec::new(), Vec::new(), Vec::new());
+    for &(off, len) in &tiles {
+        let at = n as u64 - off - len; // reversed
+        mem.push(Desc::new(base + at, len, 0));
+        obj.push(Desc::new(off, len, 5));
+    }
+    let mut at2 = 0u64;
+    for _ in 0..500 {
+        let len = 1 + next() % 3000;
+        let off = next() % (n as u64 - len);
+        mem.push(Desc::new(base2 + at2, len, 0));
+        obj.push(Desc::new(off, len, 5));
+        expect.push((at2, off, len));
+        at2 += len;
+    }
+    let count = mem.len();
+    assert!(count > 3000, "{count} descriptors");
+    let st = run(&a, XferOp::Read, mem, obj);
+    assert_done(&st, "READ");
+    for &(off, len) in &tiles {
+        let at = (n as u64 - off - len) as usize;
+        let (off, len) = (off as usize, len as usize);
+        assert!(dst[at..at + len] == src[off..off + len], "tile at {off}");
+    }
+    for &(at, off, len) in &expect {
+        let (at, off, len) = (at as usize, off as usize, len as usize);
+        assert!(dst2[at..at + len] == src[off..off + len], "range at {off}");
+    }
+    println!("{count} descriptors: {:?}", t0.elapsed());
+}
+
+#[test]
+fn missing_object_fails_naming_the_key() {
+    let Some(moto) = Moto::start() else { return };
+    let a = agent(&moto.endpoint(), "key_prefix = \"gone/\"");
+    let mut buf = vec![0u8; 4096];
+    let _m = reg(&a, MemKind::Dram, vec![Desc::from_mut_slice(&mut buf)]);
+    // Registration does not need the object to exist.
+    let o = Desc::new(0, 1 << 20, 404);
+    let _o = reg(&a, MemKind::Object, vec![o]);
+    let st = run(
+        &a,
+        XferOp::Read,
+        vec![Desc::from_mut_slice(&mut buf)],
+        vec![Desc::new(100, 4096, 404)],
+    );
+    match st {
+        XferStatus::Failed(e) => {
+            let e = e.to_string();
+            assert!(e.contains("nixl-test/gone/404"), "{e}");
+            assert!(e.contains("404") && e.contains("NoSuchKey"), "{e}");
+        }
+        other => panic!("READ of a missing object ended {other:?}"),
+    }
+    // An object shorter than its registration: the READ past its end fails too.
+    let small = pattern(1000, 4);
+    let _s = reg(&a, MemKind::Dram, vec![Desc::from_slice(&small)]);
+    let o2 = Desc::new(0, 1000, 7);
+    let _o2 = reg(&a, MemKind::Object, vec![o2]);
+    assert_done(
+        &run(&a, XferOp::Write, vec![Desc::from_slice(&small)], vec![o2]),
+        "WRITE",
+    );
+    let (status, _) = moto
+        .http("PUT", &format!("/{BUCKET}/gone/8"), &small[..500])
+        .unwrap();
+    assert_eq!(status, 200);
+    let o3 = Desc::new(0, 1000, 8);
+    let _o3 = reg(&a, MemKind::Object, vec![o3]);
+    let st = run(
+        &a,
+        XferOp::Read,
+        vec![Desc::new(buf.as_mut_ptr() as u64, 200, 0)],
+        vec![Desc::new(400, 200, 8)],
+    );
+    assert!(
+        matches!(&st, XferStatus::Failed(e) if e.to_string().contains("gone/8")),
+        "{st:?}"
+    );
+}
+
+/// Posts `req`, kills the server once the request is under way, and checks that it ends
+/// Failed (not Done, not hanging) within the request timeout.
+fn killed_mid_transfer(moto: &mut Moto, req: &XferRequest, what: &str) {
+    req.post().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        matches!(req.status(), XferStatus::InProgress),
+        "{what} ended before the server was killed: {:?}",
+        req.status()
+    );
+    let t = Instant::now();
+    moto.kill();
+    let st = req.wait_blocking(Some(Duration::from_secs(20)));
+    let took = t.elapsed();
+    match &st {
+        XferStatus::Failed(e) => println!("{what}: Failed after {took:?}: {e}"),
+        other => panic!("{what} with the server killed ended {other:?} after {took:?}"),
+    }
+    assert!(
+        took < Duration::from_secs(8),
+        "{what} took {took:?} to fail"
+    );
+    // Nothing holds the memory any more once the request is released.
+    req.release();
+    assert!(!req.is_held());
+}
+
+#[test]
+fn server_killed_mid_transfer_fails_within_the_timeout() {
+    let Some(mut moto) = Moto::start() else {
+        return;
+    };
+    let a = agent(
+        &moto.endpoint(),
+        "key_prefix = \"kill/\"\npart_size = 65536\nmultipart_threshold = 65536\n\
+         request_timeout_ms = 3000\nmax_concurrency = 4",
+    );
+    // A READ of 20000 separate 16-byte ranges: 20000 GETs, far more than moto serves in the
+    // time before the kill.
+    let n = 1 << 20;
+    let src = pattern(n, 5);
+    let mut dst = vec![0u8; 20000 * 16];
+    let _m = reg(
+        &a,
+        MemKind::Dram,
+        vec![Desc::from_slice(&src), Desc::from_mut_slice(&mut dst)],
+    );
+    let o = Desc::new(0, n as u64, 1);
+    let _o = reg(&a, MemKind::Object, vec![o]);
+    assert_done(
+        &run(&a, XferOp::Write, vec![Desc::from_slice(&src)], vec![o]),
+        "WRITE",
+    );
+    let base = dst.as_mut_ptr() as u64;
+    let mem: Vec<Desc> = (0..20000u64)
+        .map(|i| Desc::new(base + i * 16, 16, 0))
+        .collect();
+    let obj: Vec<Desc> = (0..20000u64).map(|i| Desc::new(i * 48, 16, 1)).collect();
+    let req = create(&a, XferOp::Read, mem, obj).unwrap();
+    killed_mid_transfer(&mut moto, &req, "many-range READ");
+
+    // A multipart WRITE of 1024 parts, against a fresh server killed the same way.
+    let Some(mut moto) = Moto::start() else {
+        return;
+    };
+    let a = agent(
+        &moto.endpoint(),
+        "key_prefix = \"kill/\"\npart_size = 65536\nmultipart_threshold = 65536\n\
+         request_timeout_ms = 3000\nmax_concurrency = 4",
+    );
+    let big = pattern(64 << 20, 6);
+    let _b = reg(&a, MemKind::Dram, vec![Desc::from_slice(&big)]);
+    let o = Desc::new(0, 64 << 20, 2);
+    let _o = reg(&a, MemKind::Object, vec![o]);
+    let req = create(&a, XferOp::Write, vec![Desc::from_slice(&big)], vec![o]).unwrap();
+    killed_mid_transfer(&mut moto, &req, "multipart WRITE");
+}
+
+#[test]
+fn cancelled_multipart_write_is_aborted() {
+    let Some(moto) = Moto::start() else { return };
+    let a = agent(
+        &moto.endpoint(),
+        "key_prefix = \"cancel/\"\npart_size = 65536\nmultipart_threshold = 65536\n\
+         max_concurrency = 2",
+    );
+    let big = pattern(32 << 20, 8);
+    let _b = reg(&a, MemKind::Dram, vec![Desc::from_slice(&big)]);
+    let o = Desc::new(0, 32 << 20, 3);
+    let _o = reg(&a, MemKind::Object, vec![o]);
+    let req = create(&a, XferOp::Write, vec![Desc::from_slice(&big)], vec![o]).unwrap();
+    req.post().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    req.release(); // cancels, waits until the backend let go (after aborting the upload)
+    let st = req.status();
+    assert!(matches!(st, XferStatus::Cancelled), "{st:?}");
+    let (status, body) = moto
+        .http("GET", &format!("/{BUCKET}?uploads"), b"")
+        .unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("<UploadId>"), "upload left behind: {body}");
+    let (status, _) = moto
+        .http("GET", &format!("/{BUCKET}/cancel/3"), b"")
+        .unwrap();
+    assert_eq!(status, 404, "a cancelled WRITE left an object");
+    // Shutdown with a post in flight ends it (Cancelled, or Done if it won).
+    req.post().unwrap();
+    a.shutdown();
+    let st = req.wait_blocking(Some(Duration::from_secs(20)));
+    assert!(
+        matches!(st, XferStatus::Cancelled | XferStatus::Done),
+        "{st:?}"
+    );
+}
+
+#[test]
+fn silent_server_fails_the_request_after_the_timeout() {
+    // A server that accepts connections and never answers.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = std::sync::Arc::clone(&stop);
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        l.set_nonblocking(true).unwrap();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) && !stop2.load(Ordering::Relaxed) {
+            if let Ok((c, _)) = l.accept() {
+                conns.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let a = agent(&endpoint, "request_timeout_ms = 500");
+    let mut buf = vec![0u8; 1 << 20];
+    let _m = reg(&a, MemKind::Dram, vec![Desc::from_mut_slice(&mut buf)]);
+    let o = Desc::new(0, 1 << 20, 1);
+    let _o = reg(&a, MemKind::Object, vec![o]);
+    let t = Instant::now();
+    let st = run(
+        &a,
+        XferOp::Read,
+        vec![Desc::from_mut_slice(&mut buf)],
+        vec![o],
+    );
+    let took = t.elapsed();
+    match &st {
+        XferStatus::Failed(e) => {
+            let e = e.to_string();
+            assert!(
+                e.contains("within 500 ms") && e.contains("nixl-test/1"),
+                "{e}"
+            );
+        }
+        other => panic!("READ from a silent server ended {other:?}"),
+    }
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // A PUT whose body the server never reads (the socket buffers fill): Failed after the
+    // timeout, and the memory is let go (the HTTP client drops the body it held).
+    let a = agent(
+        &endpoint,
+        "request_timeout_ms = 500\nmultipart_threshold = 67108864",
+    );
+    let big = pattern(32 << 20, 9);
+    let _b = reg(&a, MemKind::Dram, vec![Desc::from_slice(&big)]);
+    let o = Desc::new(0, 32 << 20, 2);
+    let _o = reg(&a, MemKind::Object, vec![o]);
+    let req = create(&a, XferOp::Write, vec![Desc::from_slice(&big)], vec![o]).unwrap();
+    req.post().unwrap();
+    let st = req.wait_blocking(Some(Duration::from_secs(10)));
+    assert!(matches!(st, XferStatus::Failed(_)), "{st:?}");
+    let t = Instant::now();
+    req.release();
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "release took {:?}",
+        t.elapsed()
+    );
+    drop(a);
+    stop.store(true, Ordering::Relaxed);
+    let _ = held.join();
+}
+
+#[test]
+fn misuse_is_refused_when_the_request_is_created() {
+    // No server needed: nothing here reaches one.
+    let a = agent("http://127.0.0.1:1", "key_prefix = \"m/\"");
+    let mut buf = vec![0u8; 1000];
+    let _m = reg(&a, MemKind::Dram, vec![Desc::from_mut_slice(&mut buf)]);
+    let o = Desc::new(0, 1000, 1);
+    let _o = reg(&a, MemKind::Object, vec![o]);
+    let p = buf.as_mut_ptr() as u64;
+    // WRITE of part of an object.
+    for (off, len) in [(10, 100), (0, 999)] {
+        let e = create(
+            &a,
+            XferOp::Write,
+            vec![Desc::new(p, len, 0)],
+            vec![Desc::new(off, len, 1)],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("must cover the whole object") && e.contains("nixl-test/m/1"),
+            "{e}"
+        );
+    }
+    // One object written twice in one WRITE.
+    let _o2 = reg(&a, MemKind::Object, vec![Desc::new(0, 500, 2)]);
+    let e = create(
+        &a,
+        XferOp::Write,
+        vec![Desc::new(p, 500, 0), Desc::new(p + 500, 500, 0)],
+        vec![Desc::new(0, 500, 2), Desc::new(0, 500, 2)],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("two descriptors"), "{e}");
+    // Outside the registered size: refused by the core.
+    let e = create(
+        &a,
+        XferOp::Read,
+        vec![Desc::new(p, 200, 0)],
+        vec![Desc::new(900, 200, 1)],
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::RemoteNotRegistered { .. }), "{e}");
+    // A registration that does not start at 0.
+    let list = DescList::from_descs(MemKind::Object, vec![Desc::new(8, 100, 3)]).unwrap();
+    // SAFETY: OBJECT descriptors carry no memory contract.
+    let e = unsafe { a.register(&list) }.unwrap_err().to_string();
+    assert!(e.contains("(0, size, object id)"), "{e}");
+
+    // Without a bucket an id has no name until one is given.
+    let cfg = Config::from_toml(
+        "backends = [\"local\", \"object\"]\n[object]\nendpoint = \"http://127.0.0.1:1\"",
+    )
+    .unwrap();
+    let b = Agent::builder("nameless")
+        .backends(cfg.backends().unwrap())
+        .build()
+        .unwrap();
+    let list = DescList::from_descs(MemKind::Object, vec![Desc::new(0, 100, 9)]).unwrap();
+    // SAFETY: as above.
+    let e = unsafe { b.register(&list) }.unwrap_err().to_string();
+    assert!(e.contains("object 9 has no name"), "{e}");
+    nixl_transports::object::name_object(&b, 9, "bkt/some/key").unwrap();
+    // SAFETY: as above.
+    let _r = unsafe { b.register(&list) }.unwrap();
+    assert!(nixl_transports::object::name_object(&b, 9, "no-key").is_err());
+
+    // Unconfigured: the agent starts, the backend says why it is unavailable.
+    let cfg = Config::from_toml("backends = [\"local\", \"object\"]").unwrap();
+    let mut backends = cfg.backends().unwrap();
+    // Build the object backend without the environment, so AWS_* on this host cannot
+    // configure it.
+    backends.pop();
+    backends.push(std::sync::Arc::new(
+        nixl_transports::object::ObjectBackend::new(nixl_transports::object::ObjectConfig {
+            use_env: false,
+            ..Default::default()
+        }),
+    ));
+    let c = Agent::builder("plain").backends(backends).build().unwrap();
+    let s = c
+        .backends()
+        .iter()
+        .find(|s| s.name == BackendName::Object)
+        .unwrap();
+    assert_eq!(
+        s.unavailable.as_deref(),
+        Some("no object store configured ([object] endpoint/bucket or AWS_* environment)")
+    );
+    let e = nixl_transports::object::name_object(&c, 1, "b/k").unwrap_err();
+    assert!(e.to_string().contains("no object store configured"), "{e}");
+}
