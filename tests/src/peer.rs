@@ -16,7 +16,7 @@
 //! - `xfer <peer> <read|write> <posts> <notif hex|->`: moves the whole buffer to or from the
 //!   peer's first region `posts` times → `ok <bytes> <seconds>` or `err <class> <ms> <text>`
 //! - `bench <peer> <read|write> <block> <batch> <seconds> [threads=N] [iters=N] [warmup=N]
-//!   [backend=NAME]`: see [`bench`]: each of `threads` threads (default 1) repeats its own
+//!   [backend=NAME]`: see [`bench()`]: each of `threads` threads (default 1) repeats its own
 //!   request of `batch` descriptors of `block` bytes, over its own part of both buffers (part
 //!   `t` is bytes `t·block·batch ..` of each), `iters` times after `warmup` posts (default 1),
 //!   or for about `seconds` when `iters` is absent or 0; `backend` names the backend (default:
@@ -277,7 +277,7 @@ fn parse_op(op: &str) -> Result<XferOp, String> {
     }
 }
 
-/// One measured row: what [`bench`] runs.
+/// One measured row: what [`bench()`] runs.
 #[derive(Clone, Debug)]
 pub struct BenchSpec {
     /// Direction.
@@ -298,7 +298,7 @@ pub struct BenchSpec {
     pub backend: Option<BackendName>,
 }
 
-/// What [`bench`] measured.
+/// What [`bench()`] measured.
 #[derive(Clone, Debug)]
 pub struct BenchOutcome {
     /// 10^9 bytes per second, all threads together, over the wall time.
@@ -315,7 +315,7 @@ pub struct BenchOutcome {
     pub seconds: f64,
 }
 
-/// Why [`bench`] gave no figure.
+/// Why [`bench()`] gave no figure.
 #[derive(Debug)]
 pub enum BenchError {
     /// The spec does not fit the buffers (or is empty).
