@@ -96,13 +96,13 @@ impl Drop for TestFile {
 }
 
 /// Page-aligned memory (O_DIRECT needs aligned buffers).
-struct Aligned {
-    ptr: *mut u8,
-    len: usize,
+pub(crate) struct Aligned {
+    pub(crate) ptr: *mut u8,
+    pub(crate) len: usize,
 }
 
 impl Aligned {
-    fn new(len: usize) -> Aligned {
+    pub(crate) fn new(len: usize) -> Aligned {
         let layout = std::alloc::Layout::from_size_align(len.max(4096), 4096).expect("layout");
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -207,6 +207,22 @@ pub fn nixl_row(
             .map_err(|e| e.to_string())?;
         reqs.push(r);
     }
+    drive(&reqs, spec.depth, spec.block, spec.seconds)
+}
+
+/// Keeps `depth` of `reqs` in flight (in order, round robin) for `seconds` after one warm-up
+/// window; each request moves `block` bytes. Requests `j` and `j + depth` must not share
+/// memory that both write (the caller lays them out so).
+pub fn drive(
+    reqs: &[XferRequest],
+    depth: usize,
+    block: usize,
+    seconds: f64,
+) -> Result<StorageRow, String> {
+    let n = reqs.len();
+    if n < depth || depth == 0 {
+        return Err(format!("{n} requests cannot keep {depth} in flight"));
+    }
     let used = reqs[0].backend();
     let mut posted_at = vec![Instant::now(); n];
     let mut lat: Vec<f64> = Vec::new();
@@ -217,7 +233,7 @@ pub fn nixl_row(
         reqs[j].post().map_err(|e| e.to_string())
     };
     // Warm-up: one pass of the window.
-    for _ in 0..spec.depth {
+    for _ in 0..depth {
         post(next_req % n, &mut posted_at)?;
         window.push_back(next_req % n);
         next_req += 1;
@@ -226,10 +242,10 @@ pub fn nixl_row(
         XferStatus::Done => Ok(()),
         other => Err(format!("a request ended {other:?}")),
     };
-    let mut warm = spec.depth;
+    let mut warm = depth;
     let mut posts = 0u64;
     let mut start = Instant::now();
-    let limit = Duration::from_secs_f64(spec.seconds);
+    let limit = Duration::from_secs_f64(seconds);
     while let Some(j) = window.pop_front() {
         wait(&reqs[j])?;
         if warm > 0 {
@@ -249,7 +265,6 @@ pub fn nixl_row(
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    drop(reqs);
     lat.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         if lat.is_empty() {
@@ -260,7 +275,7 @@ pub fn nixl_row(
     };
     Ok(StorageRow {
         backend: used,
-        gbps: posts as f64 * spec.block as f64 / secs / 1e9,
+        gbps: posts as f64 * block as f64 / secs / 1e9,
         posts,
         seconds: secs,
         p50_us: pct(0.5),

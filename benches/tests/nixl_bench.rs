@@ -1,5 +1,6 @@
 //! Runs the built `nixl-bench` binary: the `local` and `shm` topologies with tiny sizes, every
-//! JSON row checked; backends this build lacks exit 2; bad values are clear errors; `--verify`
+//! JSON row checked; the storage (uring, posix next to fio) and object (moto next to plain HTTP)
+//! topologies; backends this build lacks exit 2; bad values are clear errors; `--verify`
 //! catches a corrupted destination (through the hidden `--test-corrupt-at` hook).
 
 use std::process::{Command, Output};
@@ -185,7 +186,7 @@ fn shm_plain_and_auto_report_the_backend_used() {
 
 #[test]
 fn unbuilt_backends_exit_2_without_figures() {
-    for b in ["uring", "rdma"] {
+    for b in ["gds", "rdma", "cuda"] {
         let out = run(&["--backend", b, "--iters", "1", "--json"]);
         let err = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{b}: {err}");
@@ -275,4 +276,110 @@ fn table_output() {
     assert!(s.contains("memcpy") && s.contains("ratio"), "{s}");
     let rows: Vec<&str> = s.lines().filter(|l| l.contains("  local |")).collect();
     assert_eq!(rows.len(), 2, "{s}");
+}
+
+/// The fields of a storage or object row with `--compare`: the baseline is measured, or
+/// missing with the reason (fio not installed), never made up.
+fn check_storage_row(row: &Value, backend: &str, baseline: &str) {
+    assert_eq!(row["backend"], backend, "{row}");
+    assert!(f(row, "gbps") > 0.0 && f(row, "req_per_s") > 0.0, "{row}");
+    assert!(f(row, "p50_us") <= f(row, "p99_us"), "{row}");
+    assert!(row["depth"].as_u64().unwrap() > 0, "{row}");
+    assert_eq!(row["baseline"], baseline, "{row}");
+    match row["baseline_gbps"].as_f64() {
+        Some(b) => assert!(close(f(row, "ratio"), f(row, "gbps") / b), "{row}"),
+        None => assert!(
+            row["ratio"].is_null() && row["baseline_missing"].as_str().is_some(),
+            "{row}"
+        ),
+    }
+}
+
+#[test]
+fn storage_rows_next_to_fio_and_posix() {
+    let r = rows(&[
+        "--backend",
+        "uring",
+        "--compare",
+        "--json",
+        "--block-sizes",
+        "64KiB",
+        "--depth",
+        "1,4",
+        "--io",
+        "buffered,direct",
+        "--seconds",
+        "0.1",
+        "--file-size",
+        "8MiB",
+    ]);
+    // 1 size × 2 depths × 2 modes × 2 ops.
+    assert_eq!(r.len(), 8, "{r:?}");
+    for row in &r {
+        check_storage_row(row, "uring", "fio");
+        assert_eq!(row["peer"], "posix", "{row}");
+        assert!(f(row, "peer_gbps") > 0.0, "{row}");
+        assert!(
+            close(f(row, "peer_ratio"), f(row, "gbps") / f(row, "peer_gbps")),
+            "{row}"
+        );
+    }
+    let r = rows(&[
+        "--backend",
+        "posix",
+        "--json",
+        "--block-sizes",
+        "4KiB",
+        "--depth",
+        "2",
+        "--io",
+        "buffered",
+        "--op",
+        "read",
+        "--seconds",
+        "0.1",
+        "--file-size",
+        "1MiB",
+    ]);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["backend"], "posix");
+}
+
+#[test]
+fn object_rows_against_moto_next_to_plain_http() {
+    let out = run(&[
+        "--backend",
+        "object",
+        "--compare",
+        "--json",
+        "--block-sizes",
+        "256KiB",
+        "--depth",
+        "2",
+        "--seconds",
+        "0.2",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    if out.status.code() == Some(2) && stderr.contains("moto not installed") {
+        assert!(
+            std::env::var("NIXL_REQUIRE_OBJECT_TESTS").as_deref() != Ok("1"),
+            "moto missing and NIXL_REQUIRE_OBJECT_TESTS=1: {stderr}"
+        );
+        println!("SKIP: {}", stderr.trim());
+        return;
+    }
+    assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+    let r: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(r.len(), 2, "{stdout}");
+    for row in &r {
+        check_storage_row(row, "object", "http");
+        assert_eq!(row["topology"], "object", "{row}");
+        assert!(
+            row["baseline_gbps"].as_f64().is_some(),
+            "the server's ceiling: {row}"
+        );
+    }
 }

@@ -15,6 +15,11 @@
 //!   file with the same block size, depth, pattern and direct flag (the ceiling), and, for
 //!   `uring`, the same rows over `posix` (the peer). See `nixl_benches::storage`.
 //!
+//! - object (`--backend object`): one agent writing and reading whole objects of one block in
+//!   an S3-compatible server that nixl-bench starts on loopback (moto), or `--endpoint
+//!   HOST:PORT`; `--compare` runs the same PUTs/GETs as plain HTTP against the same server
+//!   (the server's own ceiling). See `nixl_benches::object`.
+//!
 //! `--backend auto` lets the selection policy choose (the agents run every backend of this
 //! build; the topology defaults to `shm`); every row says the backend the requests used.
 //! Backends this build does not have (`rdma`, `cuda`, `gds`, `uring`, `posix`, `object`), or
@@ -114,6 +119,10 @@ struct Args {
     /// Storage: size of the test file.
     #[arg(long, default_value = "256MiB")]
     file_size: String,
+    /// Object: an S3-compatible server already running (HOST:PORT, plain HTTP) instead of
+    /// starting moto.
+    #[arg(long)]
+    endpoint: Option<String>,
     /// Run as a benchmark peer (internal: the processes nixl-bench starts).
     #[arg(long, hide = true, num_args = 0.., allow_hyphen_values = true)]
     peer_mode: Option<Vec<String>>,
@@ -517,7 +526,7 @@ fn procs_setup(topo: Topo, args: &Args, backends: &str, size: usize) -> Res<Proc
 
 fn run(args: &Args) -> Res<()> {
     let backend = args.backend.as_str();
-    if matches!(backend, "uring" | "posix") && args.topology.is_none() {
+    if matches!(backend, "uring" | "posix" | "object") && args.topology.is_none() {
         return run_storage(args);
     }
     let named = match backend {
@@ -903,6 +912,7 @@ fn run_storage(args: &Args) -> Res<()> {
     use nixl_benches::storage::{fio, nixl_row, StorageSpec, TestFile};
     let backend = match args.backend.as_str() {
         "uring" => BackendName::Uring,
+        "object" => BackendName::Object,
         _ => BackendName::Posix,
     };
     if args.verify {
@@ -933,10 +943,57 @@ fn run_storage(args: &Args) -> Res<()> {
         .collect::<Res<_>>()?;
     let file_size = harness::parse_size(&args.file_size)
         .map_err(|e| Fail::Other(format!("--file-size: {e}")))? as u64;
+    let is_object = backend == BackendName::Object;
+    let server = if is_object {
+        let s = match &args.endpoint {
+            Some(a) => nixl_benches::object::Server::existing(a),
+            None => nixl_benches::object::Server::start_moto(),
+        };
+        Some(s.map_err(|e| Fail::Unavailable("object".into(), e))?)
+    } else {
+        None
+    };
     let dir = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let file = TestFile::create(&dir, file_size)
+    let file = TestFile::create(&dir, if is_object { 0 } else { file_size })
         .map_err(|e| Fail::Other(format!("creating the test file in {}: {e}", dir.display())))?;
-    if !args.json {
+    if let Some(srv) = &server {
+        if !args.json {
+            println!(
+                "nixl-bench object: one agent, whole objects of one block in bucket {} at \
+                 http://{}{}, {} s per row",
+                nixl_benches::object::BUCKET,
+                srv.addr,
+                if args.endpoint.is_some() {
+                    ""
+                } else {
+                    " (moto, started here)"
+                },
+                args.seconds
+            );
+            if args.compare {
+                println!(
+                    "  ceiling: the same server over plain HTTP (depth threads, PUT or GET of \
+                     the same size, a connection per request)"
+                );
+            } else {
+                println!("  ceiling not measured (add --compare)");
+            }
+            println!();
+            println!(
+                "{:>7} {:>5} {:>5} {:>8} {:>9} {:>8} {:>8} {:>7} | {:>8} {:>6}",
+                "block",
+                "depth",
+                "op",
+                "GB/s",
+                "req/s",
+                "p50 us",
+                "p99 us",
+                "backend",
+                "http",
+                "ratio"
+            );
+        }
+    } else if !args.json {
         println!(
             "nixl-bench {backend} (storage): one agent, file {} ({} MiB), random block-aligned \
              offsets, {} s per row",
@@ -991,7 +1048,13 @@ fn run_storage(args: &Args) -> Res<()> {
                         direct,
                         seconds: args.seconds,
                     };
-                    let r = match nixl_row(backend, &file, &spec) {
+                    if is_object && direct {
+                        continue;
+                    }
+                    let r = match match &server {
+                        Some(srv) => nixl_benches::object::nixl_row(srv, &spec),
+                        None => nixl_row(backend, &file, &spec),
+                    } {
                         Ok(r) => r,
                         Err(e) => {
                             progress.clear();
@@ -1001,7 +1064,10 @@ fn run_storage(args: &Args) -> Res<()> {
                             });
                         }
                     };
-                    let (baseline, peer) = if args.compare {
+                    let (baseline, peer) = if let (true, Some(srv)) = (args.compare, &server) {
+                        progress.step(&format!("{label}: plain HTTP"));
+                        (nixl_benches::object::ceiling(srv, &spec), None)
+                    } else if args.compare {
                         progress.step(&format!("{label}: fio"));
                         let f = fio(&file, &spec);
                         let p = (backend == BackendName::Uring).then(|| {
@@ -1036,8 +1102,12 @@ fn run_storage(args: &Args) -> Res<()> {
                             "p50_us": r.p50_us,
                             "p99_us": r.p99_us,
                         });
+                        if is_object {
+                            o["topology"] = "object".into();
+                            o.as_object_mut().map(|m| m.remove("direct"));
+                        }
                         if args.compare {
-                            o["baseline"] = "fio".into();
+                            o["baseline"] = if is_object { "http" } else { "fio" }.into();
                             o["baseline_gbps"] = baseline.gbps().into();
                             o["ratio"] = ratio(&baseline).into();
                             if let Measured::Missing(why) = &baseline {
@@ -1060,6 +1130,19 @@ fn run_storage(args: &Args) -> Res<()> {
                         };
                         let (c, cr) = fmt(Some(&baseline));
                         let (u, ur) = fmt(peer.as_ref());
+                        if is_object {
+                            println!(
+                                "{:>7} {:>5} {:>5} {:>8.3} {:>9.0} {:>8.1} {:>8.1} {:>7} | {:>8} {:>6}",
+                                human(block), depth, op.as_str(), r.gbps, rps, r.p50_us,
+                                r.p99_us, r.backend, c, cr
+                            );
+                            if let Measured::Missing(why) = &baseline {
+                                if args.compare {
+                                    println!("        http ceiling missing: {why}");
+                                }
+                            }
+                            continue;
+                        }
                         println!(
                             "{:>7} {:>5} {:>5} {:>8} {:>8.3} {:>9.0} {:>8.1} {:>8.1} {:>7} | {:>8} {:>6} | {:>8} {:>6}",
                             human(block), depth, op.as_str(), io, r.gbps, rps, r.p50_us,
