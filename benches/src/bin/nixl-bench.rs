@@ -22,8 +22,8 @@
 //!
 //! `--backend auto` lets the selection policy choose (the agents run every backend of this
 //! build; the topology defaults to `shm`); every row says the backend the requests used.
-//! Backends this build does not have (`rdma`, `cuda`, `gds`), or that cannot run here, end the run with `nixl-bench: backend X unavailable: <reason>` and exit
-//! status 2, never a figure.
+//! Backends this build does not have (`rdma`, `cuda`, `gds`), or that cannot run here, end the
+//! run with `nixl-bench: backend X unavailable: <reason>` and exit status 2, never a figure.
 //!
 //! `--compare` measures, for the same sizes in the same run: memcpy (same block size, batch and
 //! threads, in this process) as the ceiling of `local` and `shm`, iperf3 as the ceiling of `tcp`;
