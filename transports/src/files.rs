@@ -6,7 +6,8 @@
 
 use std::io;
 
-use nixl_core::{Desc, Error, Result, XferOp};
+use nixl_core::{BackendName, Desc, Error, PeerInfo, Result, TargetHandle, XferOp};
+use parking_lot::Mutex;
 
 /// How an fd was opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +22,63 @@ pub struct FileInfo {
     pub mem_align: u64,
     /// For `O_DIRECT`: required alignment of file offsets and lengths (bytes).
     pub offset_align: u64,
+}
+
+/// The agent a storage backend (`uring`, `posix`, `object`) serves: storage is reached only by
+/// its own agent, which names itself as the remote. Holds the agent's target handle from
+/// `start` to `shutdown` and answers `conn_info`, `can_reach` and the check in `connect`.
+#[derive(Debug, Default)]
+pub struct OwnAgent {
+    target: Mutex<Option<TargetHandle>>,
+}
+
+impl OwnAgent {
+    /// Set at start.
+    pub fn set(&self, target: TargetHandle) {
+        *self.target.lock() = Some(target);
+    }
+
+    /// Cleared at shutdown.
+    pub fn clear(&self) {
+        self.target.lock().take();
+    }
+
+    /// The connection info: the agent's instance id.
+    pub fn conn_info(&self) -> Vec<u8> {
+        let instance = self.target.lock().as_ref().map_or(0, |t| t.instance_id());
+        instance.to_le_bytes().to_vec()
+    }
+
+    /// Only the agent itself is reachable.
+    pub fn can_reach(&self, conn_info: &[u8], what: &str) -> std::result::Result<(), String> {
+        if conn_info == self.conn_info().as_slice() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} are reached by their own agent only (name the agent itself as the remote)"
+            ))
+        }
+    }
+
+    /// The target handle for a connection to `peer`, which must be the agent itself.
+    pub fn connect(&self, backend: BackendName, peer: &PeerInfo<'_>) -> Result<TargetHandle> {
+        let target = self
+            .target
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::Shutdown(format!("{backend} backend not started")))?;
+        if peer.instance_id != target.instance_id() {
+            return Err(Error::Backend {
+                backend,
+                op: "connect",
+                reason: format!(
+                    "'{}' is another agent: {backend} reaches this agent's storage only",
+                    peer.name
+                ),
+            });
+        }
+        Ok(target)
+    }
 }
 
 /// Alignment assumed for `O_DIRECT` when the kernel does not say (`statx` without

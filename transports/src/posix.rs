@@ -33,7 +33,7 @@ use nixl_core::{
 };
 use parking_lot::Mutex;
 
-use crate::files::{check_request, inspect_fd};
+use crate::files::{OwnAgent, check_request, inspect_fd};
 
 /// Most pieces in one `preadv`/`pwritev` (Linux's `IOV_MAX`).
 pub const MAX_IOV: usize = 1024;
@@ -59,7 +59,7 @@ impl Default for PosixConfig {
 /// The `posix` backend.
 pub struct PosixBackend {
     cfg: PosixConfig,
-    target: Mutex<Option<TargetHandle>>,
+    own: OwnAgent,
     pool: Mutex<Option<Pool>>,
 }
 
@@ -76,7 +76,7 @@ impl PosixBackend {
     pub fn new(cfg: PosixConfig) -> PosixBackend {
         PosixBackend {
             cfg,
-            target: Mutex::new(None),
+            own: OwnAgent::default(),
             pool: Mutex::new(None),
         }
     }
@@ -119,13 +119,12 @@ impl Backend for PosixBackend {
 
     fn start(&self, target: TargetHandle) -> Result<()> {
         *self.pool.lock() = Some(Pool::start(self.cfg.threads)?);
-        *self.target.lock() = Some(target);
+        self.own.set(target);
         Ok(())
     }
 
     fn conn_info(&self) -> Vec<u8> {
-        let instance = self.target.lock().as_ref().map_or(0, |t| t.instance_id());
-        instance.to_le_bytes().to_vec()
+        self.own.conn_info()
     }
 
     fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>> {
@@ -138,31 +137,11 @@ impl Backend for PosixBackend {
     fn deregister(&self, _region: &Region) {}
 
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
-        if conn_info == self.conn_info().as_slice() {
-            Ok(())
-        } else {
-            Err(
-                "files are reached by their own agent only (name the agent itself as the remote)"
-                    .into(),
-            )
-        }
+        self.own.can_reach(conn_info, "files")
     }
 
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {
-        let target = self
-            .target
-            .lock()
-            .clone()
-            .ok_or_else(|| Error::Shutdown("posix backend not started".into()))?;
-        if peer.instance_id != target.instance_id() {
-            return Err(backend_err(
-                "connect",
-                format!(
-                    "'{}' is another agent: posix reaches this agent's files only",
-                    peer.name
-                ),
-            ));
-        }
+        let target = self.own.connect(BackendName::Posix, peer)?;
         let pool = self
             .pool
             .lock()
@@ -180,7 +159,7 @@ impl Backend for PosixBackend {
         if let Some(p) = self.pool.lock().take() {
             p.stop();
         }
-        self.target.lock().take();
+        self.own.clear();
     }
 }
 

@@ -34,7 +34,7 @@ use nixl_core::{
 };
 use parking_lot::{Condvar, Mutex};
 
-use crate::files::inspect_fd;
+use crate::files::{inspect_fd, OwnAgent};
 use crate::posix::{prepare_files, IoOp, Post};
 
 /// Settings of the `uring` backend (`[uring]` in the agent's configuration).
@@ -61,7 +61,7 @@ impl Default for UringConfig {
 /// The `uring` backend.
 pub struct UringBackend {
     cfg: UringConfig,
-    target: Mutex<Option<TargetHandle>>,
+    own: OwnAgent,
     ring: Mutex<Option<RingThread>>,
 }
 
@@ -78,7 +78,7 @@ impl UringBackend {
     pub fn new(cfg: UringConfig) -> UringBackend {
         UringBackend {
             cfg,
-            target: Mutex::new(None),
+            own: OwnAgent::default(),
             ring: Mutex::new(None),
         }
     }
@@ -144,13 +144,12 @@ impl Backend for UringBackend {
             reason,
         })?;
         *self.ring.lock() = Some(RingThread::start(ring, self.cfg.queue_depth)?);
-        *self.target.lock() = Some(target);
+        self.own.set(target);
         Ok(())
     }
 
     fn conn_info(&self) -> Vec<u8> {
-        let instance = self.target.lock().as_ref().map_or(0, |t| t.instance_id());
-        instance.to_le_bytes().to_vec()
+        self.own.conn_info()
     }
 
     fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>> {
@@ -163,32 +162,11 @@ impl Backend for UringBackend {
     fn deregister(&self, _region: &Region) {}
 
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
-        if conn_info == self.conn_info().as_slice() {
-            Ok(())
-        } else {
-            Err(
-                "files are reached by their own agent only (name the agent itself as the remote)"
-                    .into(),
-            )
-        }
+        self.own.can_reach(conn_info, "files")
     }
 
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {
-        let target = self
-            .target
-            .lock()
-            .clone()
-            .ok_or_else(|| Error::Shutdown("uring backend not started".into()))?;
-        if peer.instance_id != target.instance_id() {
-            return Err(Error::Backend {
-                backend: BackendName::Uring,
-                op: "connect",
-                reason: format!(
-                    "'{}' is another agent: uring reaches this agent's files only",
-                    peer.name
-                ),
-            });
-        }
+        let target = self.own.connect(BackendName::Uring, peer)?;
         let queue = self
             .ring
             .lock()
@@ -206,7 +184,7 @@ impl Backend for UringBackend {
         if let Some(r) = self.ring.lock().take() {
             r.stop();
         }
-        self.target.lock().take();
+        self.own.clear();
     }
 }
 
