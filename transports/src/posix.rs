@@ -33,7 +33,7 @@ use nixl_core::{
 };
 use parking_lot::Mutex;
 
-use crate::files::{OwnAgent, check_request, inspect_fd};
+use crate::files::{check_request, inspect_fd, OwnAgent};
 
 /// Most pieces in one `preadv`/`pwritev` (Linux's `IOV_MAX`).
 pub const MAX_IOV: usize = 1024;
