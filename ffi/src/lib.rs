@@ -789,37 +789,15 @@ pub unsafe extern "C" fn nixl_invalidate_remote(
     })
 }
 
-/// A backend name from C: unknown is NOT_FOUND; known but not running here is UNAVAILABLE.
-fn backend_arg(a: &AgentHandle, name: &str) -> Res<BackendName> {
-    let known = || {
-        BackendName::ALL
-            .iter()
-            .map(|b| b.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let b = BackendName::parse(name).ok_or_else(|| {
+/// A backend name from C: unknown is NOT_FOUND (the core decides about known ones).
+fn backend_arg(name: &str) -> Res<BackendName> {
+    BackendName::parse(name).ok_or_else(|| {
+        let known: Vec<&str> = BackendName::ALL.iter().map(|b| b.as_str()).collect();
         Fail::new(
             NIXL_ERR_NOT_FOUND,
-            format!("unknown backend '{name}' (known: {})", known()),
+            format!("unknown backend '{name}' (known: {})", known.join(", ")),
         )
-    })?;
-    match a.shared.agent.backends().iter().find(|s| s.name == b) {
-        None => Err(Fail::new(
-            NIXL_ERR_UNAVAILABLE,
-            format!(
-                "backend '{name}' unavailable: not run by this agent (not built in this version, \
-                 or left out of the config's `backends`)"
-            ),
-        )),
-        Some(s) => match &s.unavailable {
-            Some(r) => Err(Fail::new(
-                NIXL_ERR_UNAVAILABLE,
-                format!("backend '{name}' unavailable: {r}"),
-            )),
-            None => Ok(b),
-        },
-    }
+    })
 }
 
 /// Creates a transfer request of `op` (`NIXL_READ`: remote to local, `NIXL_WRITE`: local to
@@ -880,7 +858,7 @@ pub unsafe extern "C" fn nixl_xfer_create(
         let backend = if backend.is_null() {
             None
         } else {
-            Some(backend_arg(a, str_arg(backend, "backend")?)?)
+            Some(backend_arg(str_arg(backend, "backend")?)?)
         };
         let opts = XferOptions {
             notif,
@@ -1165,7 +1143,8 @@ pub unsafe extern "C" fn nixl_backend_status(
 ) -> nixl_status {
     guard(|| {
         let a = agent_ref(agent)?;
-        backend_arg(a, str_arg(backend, "backend")?)?;
+        let name = str_arg(backend, "backend")?;
+        a.shared.agent.check_backend(backend_arg(name)?)?;
         Ok(NIXL_OK)
     })
 }

@@ -632,6 +632,15 @@ impl Agent {
         self.inner.backends.iter().find(|b| b.name() == name)
     }
 
+    /// `Ok` if `name` runs on this agent; otherwise `Error::Unavailable` with the reason (the
+    /// host lacks it, or the agent was not given it).
+    pub fn check_backend(&self, name: BackendName) -> Result<()> {
+        match self.backend(name) {
+            Some(_) => Ok(()),
+            None => Err(self.missing_backend(name)),
+        }
+    }
+
     fn missing_backend(&self, name: BackendName) -> Error {
         match self.inner.states.iter().find(|s| s.name == name) {
             Some(BackendState {
@@ -641,10 +650,16 @@ impl Agent {
                 backend: name,
                 reason: reason.clone(),
             },
-            _ => Error::UnknownBackend(format!(
-                "{name} (not configured on agent '{}')",
-                self.name()
-            )),
+            // A name the library knows, but not among the agent's backends: it cannot run here
+            // (not built, or left out of the configuration), which is what callers act on.
+            _ => Error::Unavailable {
+                backend: name,
+                reason: format!(
+                    "not run by agent '{}' (not built in this version, or left out of its \
+                     configured backends)",
+                    self.name()
+                ),
+            },
         }
     }
 

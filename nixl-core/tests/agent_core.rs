@@ -612,11 +612,14 @@ fn selection_prefers_locality_and_says_why() {
         .create_xfer(XferOp::Write, &l, &r, "b", named(BackendName::Shm))
         .unwrap_err();
     assert!(matches!(err, Error::NoBackend { .. }), "{err}");
-    // Naming one that is not configured.
+    // Naming one this agent does not run: unavailable here (as the C ABI reports it), with why.
     let err = a
         .create_xfer(XferOp::Write, &l, &r, "b", named(BackendName::Rdma))
         .unwrap_err();
-    assert_eq!(err.class(), ErrorClass::NotFound, "{err}");
+    assert_eq!(err.class(), ErrorClass::Unavailable, "{err}");
+    assert!(err.to_string().contains("not run by agent 'a'"), "{err}");
+    assert!(a.check_backend(BackendName::Rdma).is_err());
+    assert!(a.check_backend(BackendName::Shm).is_ok());
 }
 
 #[test]
