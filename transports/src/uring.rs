@@ -269,6 +269,11 @@ impl fmt::Debug for Shared {
 struct State {
     depth: usize,
     slots: Vec<Option<Slot>>,
+    /// Each slot's iovec array (the kernel reads it until the slot's operation completes),
+    /// kept across operations so filling a slot allocates nothing.
+    iovs: Vec<Iovecs>,
+    /// Reused buffer of reaped completions.
+    reaped: Vec<(u64, i32)>,
     free: Vec<usize>,
     pending: VecDeque<(Arc<Post>, usize)>,
     in_flight: usize,
@@ -280,17 +285,19 @@ struct State {
 struct Slot {
     post: Arc<Post>,
     fd: i32,
-    /// The iovecs still to move (the kernel reads this array until the operation completes).
-    iov: Vec<libc::iovec>,
+    /// First iovec of the slot's array still to move.
     first: usize,
     offset: u64,
     left: u64,
 }
 
-// SAFETY: the iovecs are addresses in registered DRAM, not references; a slot is only read
-// or changed under the state lock, by whichever thread holds it, and the memory they point
-// to stays registered and held by the slot's post until the slot is cleared.
-unsafe impl Send for Slot {}
+/// A slot's iovecs.
+struct Iovecs(Vec<libc::iovec>);
+
+// SAFETY: the iovecs are addresses in registered DRAM, not references; they are only read or
+// changed under the state lock, by whichever thread holds it, and the memory they point to
+// stays registered and held by the slot's post until the slot is cleared.
+unsafe impl Send for Iovecs {}
 
 /// Longest wait of the completion thread before it looks at the state again.
 const WAIT: std::time::Duration = std::time::Duration::from_millis(50);
@@ -308,6 +315,8 @@ impl RingThread {
             state: Mutex::new(State {
                 depth,
                 slots: (0..depth).map(|_| None).collect(),
+                iovs: (0..depth).map(|_| Iovecs(Vec::new())).collect(),
+                reaped: Vec::with_capacity(depth),
                 free: (0..depth).rev().collect(),
                 pending: VecDeque::new(),
                 in_flight: 0,
@@ -424,20 +433,17 @@ impl Shared {
                 break;
             };
             let op = &post.ops[i];
-            let iov: Vec<libc::iovec> = op
-                .pieces
-                .iter()
-                .map(|&(addr, len)| libc::iovec {
-                    iov_base: addr as *mut libc::c_void,
-                    iov_len: len as usize,
-                })
-                .collect();
+            let iov = &mut st.iovs[idx].0;
+            iov.clear();
+            iov.extend(op.pieces.iter().map(|&(addr, len)| libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: len as usize,
+            }));
             st.slots[idx] = Some(Slot {
                 fd: op.fd,
                 left: op.len(),
                 offset: op.offset,
                 first: 0,
-                iov,
                 post: Arc::clone(&post),
             });
             if self.submit_slot(st, idx) {
@@ -453,7 +459,7 @@ impl Shared {
             return false;
         };
         let fd = types::Fd(slot.fd);
-        let iov = &slot.iov[slot.first..];
+        let iov = &st.iovs[idx].0[slot.first..];
         let entry = match slot.post.op {
             XferOp::Read => opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
                 .offset(slot.offset)
@@ -491,14 +497,16 @@ impl Shared {
 
     /// Handles every completion that has arrived.
     fn reap(&self, st: &mut State) {
+        let mut done = std::mem::take(&mut st.reaped);
+        done.clear();
         // SAFETY: the state lock serialises every use of the completion queue.
-        let done: Vec<(u64, i32)> = unsafe { self.ring.completion_shared() }
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (ud, res) in done {
+        let cq = unsafe { self.ring.completion_shared() };
+        done.extend(cq.map(|c| (c.user_data(), c.result())));
+        for &(ud, res) in &done {
             st.in_flight -= 1;
             let idx = ud as usize;
-            let Some(slot) = st.slots.get_mut(idx).and_then(Option::as_mut) else {
+            let State { slots, iovs, .. } = &mut *st;
+            let Some(slot) = slots.get_mut(idx).and_then(Option::as_mut) else {
                 continue;
             };
             if res == -libc::EINTR || res == -libc::EAGAIN {
@@ -531,7 +539,7 @@ impl Shared {
                     ),
                 })
             } else {
-                advance(slot, res as u64);
+                advance(slot, &mut iovs[idx].0, res as u64);
                 if slot.left > 0 && !slot.post.should_skip() {
                     if self.submit_slot(st, idx) {
                         let _ = self.ring.submit();
@@ -546,20 +554,21 @@ impl Shared {
             }
             st.free.push(idx);
         }
+        st.reaped = done;
     }
 }
 
 /// Moves a slot past `n` bytes done.
-fn advance(slot: &mut Slot, mut n: u64) {
+fn advance(slot: &mut Slot, iov: &mut [libc::iovec], mut n: u64) {
     slot.left = slot.left.saturating_sub(n);
     slot.offset += n;
-    while n > 0 && slot.first < slot.iov.len() {
-        let l = slot.iov[slot.first].iov_len as u64;
+    while n > 0 && slot.first < iov.len() {
+        let l = iov[slot.first].iov_len as u64;
         if n >= l {
             n -= l;
             slot.first += 1;
         } else {
-            let v = &mut slot.iov[slot.first];
+            let v = &mut iov[slot.first];
             v.iov_base = (v.iov_base as u64 + n) as *mut libc::c_void;
             v.iov_len -= n as usize;
             n = 0;
