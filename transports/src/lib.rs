@@ -11,6 +11,7 @@
 //! [`config::Config`] reads the agent's TOML configuration and builds the backends it names.
 
 pub mod config;
+pub mod control;
 pub mod copy;
 pub mod files;
 pub mod local;

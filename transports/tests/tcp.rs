@@ -521,3 +521,89 @@ fn random_frames_after_authentication_never_hurt_the_agent() {
     w.run_blocking().unwrap();
     assert!(l.dst == pattern(4, 1 << 16));
 }
+
+/// A control service for the test: echoes the request with the caller's name, refuses "no".
+#[derive(Debug)]
+struct Echo;
+
+impl nixl_transports::control::ControlService for Echo {
+    fn handle(&self, peer: &str, req: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        if req == b"no" {
+            return Err("refused by the service".into());
+        }
+        let mut out = peer.as_bytes().to_vec();
+        out.push(b':');
+        out.extend_from_slice(req);
+        Ok(out)
+    }
+}
+
+#[test]
+fn control_requests_reach_the_named_service_through_the_authenticated_listener() {
+    use nixl_transports::control::{ControlChannel, ControlService, MAX_CONTROL};
+    let secret = || Auth::with_secret(b"control secret".to_vec());
+    let (_a, ta) = agent("ctl-a", cfg(secret()));
+    let (_b, tb) = agent("ctl-b", cfg(secret()));
+    let (_c, tc) = agent("ctl-c", cfg(Auth::with_secret(b"other".to_vec())));
+    let svc: Arc<dyn ControlService> = Arc::new(Echo);
+    tb.control().serve(BackendName::Rdma, Arc::downgrade(&svc));
+    let ep = tb.control().endpoint();
+    assert!(!ep.is_empty(), "a started listener publishes its endpoint");
+    let t = Duration::from_secs(3);
+    let call =
+        |ch: &dyn ControlChannel, backend, req: &[u8]| ch.call(&ep, "ctl-a", backend, req, t);
+
+    // Served: the reply names the caller as its OPEN frame said.
+    let reply = call(&*ta.control(), BackendName::Rdma, b"hello").unwrap();
+    assert_eq!(reply, b"ctl-a:hello");
+    // Large requests up to the limit pass; over it are refused before sending.
+    let big = vec![7u8; MAX_CONTROL - 64];
+    assert_eq!(
+        call(&*ta.control(), BackendName::Rdma, &big).unwrap().len(),
+        big.len() + 6
+    );
+    let err = call(&*ta.control(), BackendName::Rdma, &vec![0; MAX_CONTROL + 1]).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Invalid, "{err}");
+    // The service's refusal and an unserved backend come back as Denied with the reason.
+    let err = call(&*ta.control(), BackendName::Rdma, b"no").unwrap_err();
+    assert!(
+        matches!(err, Error::Denied { .. }) && err.to_string().contains("refused by the service"),
+        "{err}"
+    );
+    let err = call(&*ta.control(), BackendName::Cuda, b"x").unwrap_err();
+    assert!(err.to_string().contains("serves no cuda control"), "{err}");
+    // A caller with the wrong secret is refused at authentication.
+    let err = call(&*tc.control(), BackendName::Rdma, b"hello").unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    // Garbage as an endpoint is a clear error, not a panic.
+    let err = ta
+        .control()
+        .call(b"\x09garbage", "ctl-a", BackendName::Rdma, b"x", t)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("connection info version 9"),
+        "{err}"
+    );
+    // The service is held weakly: once its backend is gone the agent says so.
+    drop(svc);
+    let err = call(&*ta.control(), BackendName::Rdma, b"hello").unwrap_err();
+    assert!(err.to_string().contains("serves no rdma control"), "{err}");
+    // Data transfers still work beside control traffic.
+    let l = linked("ctl-data", pattern(3, 4096), 4096);
+    let x =
+        l.a.create_xfer(
+            XferOp::Write,
+            &one(&l.src),
+            &one(&l.dst),
+            "ctl-data-b",
+            opts(None),
+        )
+        .unwrap();
+    x.run_blocking().unwrap();
+    drop(x);
+    assert!(
+        l.dst == l.src,
+        "bytes written beside control traffic differ"
+    );
+    let _ = &l.b;
+}

@@ -826,13 +826,14 @@ impl Connection for Conn {
     }
 }
 
-/// A one-off metadata exchange with a listener: fetch (`push` None) or push.
-pub(super) fn metadata_call(
+/// An authenticated connection opened for `purpose` as the agent `from`, past OPENED.
+fn open_call(
     addr: SocketAddr,
     auth: &auth::Auth,
     timeout: Duration,
-    push: Option<&[u8]>,
-) -> Result<Vec<u8>> {
+    purpose: Purpose,
+    from: &str,
+) -> Result<TcpStream> {
     let who = addr.to_string();
     let io_err = |e: io::Error| peer_err(&who, &e);
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
@@ -851,7 +852,47 @@ pub(super) fn metadata_call(
         AuthError::Io(e) => peer_err(&who, &e),
     })?;
     let mut out = Vec::new();
-    wire::open(&mut out, Purpose::Metadata, "-", 0, 0);
+    wire::open(&mut out, purpose, from, 0, 0);
+    net::send_all(&s, &out).map_err(io_err)?;
+    let mut body = Vec::new();
+    let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
+    let bad = |reason: String| Error::RemoteDisconnect {
+        peer: who.clone(),
+        reason,
+    };
+    if ty != wire::OPENED {
+        return Err(bad(format!("expected OPENED, got frame type {ty}")));
+    }
+    let (status, _, text) = wire::decode_opened(&body).map_err(|e| bad(e.to_string()))?;
+    if status != Status::Ok {
+        return Err(bad(text));
+    }
+    Ok(s)
+}
+
+/// Sends one frame on a call connection and reads the reply frame of type `want`.
+fn exchange(s: &TcpStream, who: &str, frame: &[u8], want: u8, body: &mut Vec<u8>) -> Result<()> {
+    let io_err = |e: io::Error| peer_err(who, &e);
+    net::send_all(s, frame).map_err(io_err)?;
+    let ty = net::read_frame(s, body, wire::frame_limit, &mut give_up).map_err(io_err)?;
+    if ty != want {
+        return Err(Error::RemoteDisconnect {
+            peer: who.to_owned(),
+            reason: format!("expected frame type {want}, got {ty}"),
+        });
+    }
+    Ok(())
+}
+
+/// A one-off metadata exchange with a listener: fetch (`push` None) or push.
+pub(super) fn metadata_call(
+    addr: SocketAddr,
+    auth: &auth::Auth,
+    timeout: Duration,
+    push: Option<&[u8]>,
+) -> Result<Vec<u8>> {
+    let who = addr.to_string();
+    let s = open_call(addr, auth, timeout, Purpose::Metadata, "-")?;
     let mut f = Vec::with_capacity(push.map_or(0, <[u8]>::len) + 16);
     match push {
         None => wire::begin(&mut f, wire::MD_GET),
@@ -861,26 +902,12 @@ pub(super) fn metadata_call(
         }
     }
     wire::finish(&mut f);
-    out.extend_from_slice(&f);
-    net::send_all(&s, &out).map_err(io_err)?;
     let mut body = Vec::new();
-    let bad = |reason: String| Error::RemoteDisconnect {
+    exchange(&s, &who, &f, wire::MD, &mut body)?;
+    let (status, bytes) = wire::decode_md(&body).map_err(|e| Error::RemoteDisconnect {
         peer: who.clone(),
-        reason,
-    };
-    let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
-    if ty != wire::OPENED {
-        return Err(bad(format!("expected OPENED, got frame type {ty}")));
-    }
-    let (status, _, text) = wire::decode_opened(&body).map_err(|e| bad(e.to_string()))?;
-    if status != Status::Ok {
-        return Err(bad(text));
-    }
-    let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
-    if ty != wire::MD {
-        return Err(bad(format!("expected MD, got frame type {ty}")));
-    }
-    let (status, bytes) = wire::decode_md(&body).map_err(|e| bad(e.to_string()))?;
+        reason: e.to_string(),
+    })?;
     match status {
         Status::Ok => Ok(bytes.to_vec()),
         _ => Err(Error::Backend {
@@ -890,6 +917,34 @@ pub(super) fn metadata_call(
             } else {
                 "fetch metadata"
             },
+            reason: String::from_utf8_lossy(bytes).into_owned(),
+        }),
+    }
+}
+
+/// One control request to the service of `backend` at a listener, as the agent `from`.
+pub(super) fn control_call(
+    addr: SocketAddr,
+    auth: &auth::Auth,
+    timeout: Duration,
+    from: &str,
+    backend: BackendName,
+    req: &[u8],
+) -> Result<Vec<u8>> {
+    let who = addr.to_string();
+    let s = open_call(addr, auth, timeout, Purpose::Control, from)?;
+    let mut f = Vec::with_capacity(req.len() + 16);
+    wire::ctrl(&mut f, backend.code(), req);
+    let mut body = Vec::new();
+    exchange(&s, &who, &f, wire::CTRL_RE, &mut body)?;
+    let (status, bytes) = wire::decode_ctrl_re(&body).map_err(|e| Error::RemoteDisconnect {
+        peer: who.clone(),
+        reason: e.to_string(),
+    })?;
+    match status {
+        Status::Ok => Ok(bytes.to_vec()),
+        _ => Err(Error::Denied {
+            peer: who,
             reason: String::from_utf8_lossy(bytes).into_owned(),
         }),
     }

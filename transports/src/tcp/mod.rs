@@ -46,6 +46,8 @@ pub use auth::Auth;
 use client::Conn;
 use server::Server;
 
+use crate::control::{ControlChannel, ControlService, Services};
+
 /// Settings of the `tcp` backend.
 #[derive(Clone, Debug)]
 pub struct TcpConfig {
@@ -129,18 +131,87 @@ pub struct TcpBackend {
     conns: Arc<Mutex<Vec<Weak<Conn>>>>,
     shut: Arc<AtomicBool>,
     me: Mutex<Option<(Arc<str>, u128)>>,
+    control: Arc<TcpControl>,
 }
 
+/// The agent's control channel ([`crate::control`]) over its `tcp` listener: requests travel on
+/// their own authenticated connections, so a slow service never stalls data.
+#[derive(Debug)]
+pub struct TcpControl {
+    cfg: Arc<TcpConfig>,
+    services: Arc<Services>,
+    published: Mutex<Vec<SocketAddr>>,
+}
+
+impl ControlChannel for TcpControl {
+    fn endpoint(&self) -> Vec<u8> {
+        let p = self.published.lock();
+        if p.is_empty() {
+            Vec::new()
+        } else {
+            encode_conn_info(&p)
+        }
+    }
+
+    fn serve(&self, backend: BackendName, svc: Weak<dyn ControlService>) {
+        self.services.insert(backend, svc);
+    }
+
+    fn call(
+        &self,
+        endpoint: &[u8],
+        from: &str,
+        backend: BackendName,
+        req: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        if req.len() > crate::control::MAX_CONTROL {
+            return Err(Error::InvalidArgument(format!(
+                "control request of {} bytes exceeds {}",
+                req.len(),
+                crate::control::MAX_CONTROL
+            )));
+        }
+        let addrs = decode_conn_info(endpoint).map_err(|reason| Error::Backend {
+            backend,
+            op: "control endpoint",
+            reason,
+        })?;
+        let mut last = None;
+        for a in addrs {
+            match client::control_call(a, &self.cfg.auth, timeout, from, backend, req) {
+                Ok(r) => return Ok(r),
+                // A refusal or a bad answer came from the agent itself: another address of it
+                // would answer the same.
+                Err(e @ (Error::Denied { .. } | Error::Backend { .. })) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::InvalidArgument("empty control endpoint".into())))
+    }
+}
 impl TcpBackend {
     /// A backend with these settings (it listens once its agent starts it).
     pub fn new(cfg: TcpConfig) -> TcpBackend {
+        let cfg = Arc::new(cfg);
         TcpBackend {
-            cfg: Arc::new(cfg),
+            cfg: Arc::clone(&cfg),
             server: Mutex::new(None),
             conns: Arc::default(),
             shut: Arc::new(AtomicBool::new(false)),
             me: Mutex::new(None),
+            control: Arc::new(TcpControl {
+                cfg: Arc::clone(&cfg),
+                services: Arc::default(),
+                published: Mutex::new(Vec::new()),
+            }),
         }
+    }
+
+    /// The agent's control channel through this listener, for backends that must talk to a
+    /// peer before moving bytes (`rdma` queue pairs).
+    pub fn control(&self) -> Arc<TcpControl> {
+        Arc::clone(&self.control)
     }
 
     /// The addresses peers reach this agent at (empty before the agent starts it).
@@ -227,7 +298,12 @@ impl Backend for TcpBackend {
     fn start(&self, target: TargetHandle) -> Result<()> {
         self.cfg.check()?;
         *self.me.lock() = Some((target.name_arc(), target.instance_id()));
-        let server = Server::start(Arc::clone(&self.cfg), target)?;
+        let server = Server::start(
+            Arc::clone(&self.cfg),
+            target,
+            Arc::clone(&self.control.services),
+        )?;
+        self.control.published.lock().clone_from(&server.published);
         *self.server.lock() = Some(server);
         Ok(())
     }

@@ -9,12 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nixl_core::{Desc, Error, MemKind, RegionAccess, Result, TargetHandle};
+use nixl_core::{BackendName, Desc, Error, MemKind, RegionAccess, Result, TargetHandle};
 use parking_lot::Mutex;
 
 use super::net::{self, OnBlock, Span};
 use super::wire::{self, Piece, Purpose, Status};
 use super::{auth, TcpConfig};
+use crate::control::Services;
 
 /// How often a blocked read or write wakes up to check the clock and the shutdown flag.
 pub(super) const TICK: Duration = Duration::from_millis(200);
@@ -27,6 +28,7 @@ struct Shared {
     conns: Mutex<HashMap<u64, TcpStream>>,
     next: AtomicU64,
     shut: AtomicBool,
+    services: Arc<Services>,
 }
 
 /// A running listener.
@@ -39,7 +41,11 @@ pub(super) struct Server {
 }
 
 impl Server {
-    pub(super) fn start(cfg: Arc<TcpConfig>, target: TargetHandle) -> Result<Server> {
+    pub(super) fn start(
+        cfg: Arc<TcpConfig>,
+        target: TargetHandle,
+        services: Arc<Services>,
+    ) -> Result<Server> {
         let want = cfg
             .listen
             .unwrap_or_else(|| SocketAddr::new(net::default_listen_ip(), 0));
@@ -63,6 +69,7 @@ impl Server {
             conns: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             shut: AtomicBool::new(false),
+            services,
         });
         let l2 = listener
             .try_clone()
@@ -242,6 +249,7 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
     net::write_timeout(s, TICK, cfg.io_timeout)?;
     match open.purpose {
         Purpose::Metadata => serve_metadata(shared, s, &mut body, &mut out),
+        Purpose::Control => serve_control(shared, s, &open.name, &mut body, &mut out),
         Purpose::Data => Worker::new(shared, open.name).run(s, &mut body),
     }
 }
@@ -280,6 +288,43 @@ fn serve_metadata(
                     io::ErrorKind::InvalidData,
                     format!("frame type {t} on a metadata connection"),
                 ))
+            }
+        }
+        net::send_all(s, out)?;
+    }
+}
+
+/// Answers control requests for other backends' services, one at a time, until the peer closes.
+fn serve_control(
+    shared: &Shared,
+    s: &TcpStream,
+    peer: &str,
+    body: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    loop {
+        let mut idle = Idle {
+            shared,
+            since: Instant::now(),
+        };
+        let ty = net::read_frame(s, body, wire::frame_limit, &mut idle)?;
+        if ty != wire::CTRL {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("frame type {ty} on a control connection"),
+            ));
+        }
+        let (code, req) = wire::decode_ctrl(body).map_err(wire::bad)?;
+        let answer = match BackendName::from_code(code) {
+            Some(b) => shared.services.dispatch(peer, b, req),
+            None => Err(format!("unknown backend code {code}")),
+        };
+        match answer {
+            Ok(reply) => wire::ctrl_re(out, Status::Ok, &reply),
+            Err(reason) => {
+                tracing::debug!(agent = %shared.target.name(), peer, %reason,
+                    "control request refused");
+                wire::ctrl_re(out, Status::Denied, reason.as_bytes());
             }
         }
         net::send_all(s, out)?;

@@ -38,6 +38,8 @@ pub enum Purpose {
     Data = 0,
     /// Fetching or pushing metadata.
     Metadata = 1,
+    /// Other backends' control requests ([`crate::control`]).
+    Control = 2,
 }
 
 /// Status of a reply.
@@ -69,10 +71,12 @@ pub const READ: u8 = 3;
 pub const NOTIF: u8 = 4;
 pub const MD_GET: u8 = 5;
 pub const MD_PUSH: u8 = 6;
+pub const CTRL: u8 = 7;
 pub const OPENED: u8 = 16;
 pub const ACK: u8 = 17;
 pub const DATA: u8 = 18;
 pub const MD: u8 = 19;
+pub const CTRL_RE: u8 = 20;
 
 /// Starts a frame in `out` (cleared): length placeholder and type.
 pub fn begin(out: &mut Vec<u8>, ty: u8) {
@@ -140,6 +144,7 @@ pub fn decode_open(body: &[u8]) -> Result<Open, DecodeError> {
     let purpose = match r.u8("purpose")? {
         0 => Purpose::Data,
         1 => Purpose::Metadata,
+        2 => Purpose::Control,
         p => {
             return Err(DecodeError::Invalid {
                 field: "purpose",
@@ -306,6 +311,38 @@ pub fn decode_md(body: &[u8]) -> Result<(Status, &[u8]), DecodeError> {
     Ok((status, bytes))
 }
 
+/// CTRL: a control request for a backend's service.
+pub fn ctrl(out: &mut Vec<u8>, backend: u8, req: &[u8]) {
+    begin(out, CTRL);
+    out.push(backend);
+    put_blob(out, req);
+    finish(out);
+}
+
+pub fn decode_ctrl(body: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
+    let mut r = Reader::new(body);
+    let backend = r.u8("backend")?;
+    let req = r.blob("request")?;
+    end(&r)?;
+    Ok((backend, req))
+}
+
+/// CTRL_RE: the service's reply (status Ok) or its refusal text (Denied).
+pub fn ctrl_re(out: &mut Vec<u8>, status: Status, bytes: &[u8]) {
+    begin(out, CTRL_RE);
+    out.push(status as u8);
+    put_blob(out, bytes);
+    finish(out);
+}
+
+pub fn decode_ctrl_re(body: &[u8]) -> Result<(Status, &[u8]), DecodeError> {
+    let mut r = Reader::new(body);
+    let status = Status::from_code(r.u8("status")?)?;
+    let bytes = r.blob("reply")?;
+    end(&r)?;
+    Ok((status, bytes))
+}
+
 fn end(r: &Reader<'_>) -> Result<(), DecodeError> {
     if r.is_empty() {
         Ok(())
@@ -321,6 +358,7 @@ fn end(r: &Reader<'_>) -> Result<(), DecodeError> {
 pub fn frame_limit(ty: u8) -> usize {
     match ty {
         MD | MD_PUSH => nixl_core::metadata::MAX_METADATA_BYTES + 64,
+        CTRL | CTRL_RE => crate::control::MAX_CONTROL + 64,
         NOTIF => MAX_NOTIF + 64,
         _ => MAX_FRAME,
     }
