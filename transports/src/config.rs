@@ -24,6 +24,9 @@
 //! queue_depth = 64
 //! max_io_bytes = 1048576
 //! enabled = true             # false: files go through posix
+//! fixed_files = 1024         # fixed-file table entries (0: none)
+//! fixed_buffers = 1024       # registered-buffer table entries (0: none)
+//! max_fixed_buffer = 1073741824   # larger DRAM registrations are not registered buffers
 //!
 //! [posix]                    # DRAM <-> FILE with preadv/pwritev
 //! threads = 4
@@ -130,6 +133,9 @@ pub struct UringSection {
     pub queue_depth: Option<u32>,
     pub max_io_bytes: Option<usize>,
     pub enabled: Option<bool>,
+    pub fixed_files: Option<u32>,
+    pub fixed_buffers: Option<u32>,
+    pub max_fixed_buffer: Option<u64>,
 }
 
 /// `[posix]`.
@@ -274,6 +280,9 @@ impl Config {
             queue_depth: self.uring.queue_depth.unwrap_or(d.queue_depth),
             max_io_bytes: self.uring.max_io_bytes.unwrap_or(d.max_io_bytes),
             enabled: self.uring.enabled.unwrap_or(d.enabled),
+            fixed_files: self.uring.fixed_files.unwrap_or(d.fixed_files),
+            fixed_buffers: self.uring.fixed_buffers.unwrap_or(d.fixed_buffers),
+            max_fixed_buffer: self.uring.max_fixed_buffer.unwrap_or(d.max_fixed_buffer),
         }
     }
 

@@ -19,12 +19,23 @@
 //! `unavailable: <reason>` and the selection policy uses `posix` instead (the choice and the
 //! reason are on the request). `[uring] enabled = false` turns it off by configuration.
 //!
-//! Not yet: registered buffers and fixed files (the kernel maps each buffer per operation).
+//! # Registered buffers and fixed files
+//!
+//! A FILE registration puts its fd in the ring's fixed-file table, so operations skip the
+//! kernel's per-operation file lookup; a DRAM registration up to `max_fixed_buffer` bytes
+//! becomes a registered buffer (its pages are pinned once, at registration, instead of on every
+//! operation), and an operation whose memory is one piece inside such a buffer is sent as
+//! `READ_FIXED`/`WRITE_FIXED`. Both tables are sparse (`fixed_files`, `fixed_buffers` entries)
+//! and updated in place as regions come and go. Where the kernel refuses one (a memlock limit,
+//! memory that cannot be pinned, a full table), that region simply goes through
+//! `readv`/`writev`, and `debug` logs say so; nothing else changes. A fixed file refers to the
+//! file that was registered: closing and reusing the fd number for another file does not
+//! redirect the registration.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
@@ -46,6 +57,13 @@ pub struct UringConfig {
     pub max_io_bytes: usize,
     /// `false` turns the backend off (it reports itself unavailable; `posix` serves files).
     pub enabled: bool,
+    /// Entries of the fixed-file table (0: no fixed files).
+    pub fixed_files: u32,
+    /// Entries of the registered-buffer table (0: no registered buffers; the kernel allows
+    /// 16384).
+    pub fixed_buffers: u32,
+    /// Largest DRAM registration made a registered buffer (the kernel's limit is 1 GiB).
+    pub max_fixed_buffer: u64,
 }
 
 impl Default for UringConfig {
@@ -54,6 +72,9 @@ impl Default for UringConfig {
             queue_depth: 64,
             max_io_bytes: 1 << 20,
             enabled: true,
+            fixed_files: 1024,
+            fixed_buffers: 1024,
+            max_fixed_buffer: 1 << 30,
         }
     }
 }
@@ -82,6 +103,36 @@ impl UringBackend {
             ring: Mutex::new(None),
         }
     }
+}
+
+impl UringBackend {
+    /// Operations submitted since start: all of them, those that named a fixed file, and those
+    /// sent as `READ_FIXED`/`WRITE_FIXED` from a registered buffer (zeros before start).
+    pub fn op_counts(&self) -> UringCounts {
+        self.ring
+            .lock()
+            .as_ref()
+            .map(|r| {
+                let c = &r.shared.counts;
+                UringCounts {
+                    ops: c[0].load(Ordering::Relaxed),
+                    fixed_file_ops: c[1].load(Ordering::Relaxed),
+                    fixed_buffer_ops: c[2].load(Ordering::Relaxed),
+                }
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// What [`UringBackend::op_counts`] reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UringCounts {
+    /// Operations submitted (resubmissions of partial ones included).
+    pub ops: u64,
+    /// Of those, naming a fixed file.
+    pub fixed_file_ops: u64,
+    /// Of those, reading or writing a registered buffer.
+    pub fixed_buffer_ops: u64,
 }
 
 /// Why io_uring cannot be used, in words an operator can act on.
@@ -143,7 +194,8 @@ impl Backend for UringBackend {
             backend: BackendName::Uring,
             reason,
         })?;
-        *self.ring.lock() = Some(RingThread::start(ring, self.cfg.queue_depth)?);
+        let fixed = Fixed::new(&ring, &self.cfg);
+        *self.ring.lock() = Some(RingThread::start(ring, self.cfg.queue_depth, fixed)?);
         self.own.set(target);
         Ok(())
     }
@@ -156,10 +208,29 @@ impl Backend for UringBackend {
         if kind == MemKind::File {
             inspect_fd(desc.dev_id)?;
         }
+        if let Some(r) = self.ring.lock().as_ref() {
+            let sh = &r.shared;
+            let mut fx = sh.fixed.lock();
+            match kind {
+                MemKind::File => fx.add_file(&sh.ring, desc.dev_id as i32),
+                MemKind::Dram => fx.add_buffer(&sh.ring, desc, self.cfg.max_fixed_buffer),
+                _ => {}
+            }
+        }
         Ok(Vec::new())
     }
 
-    fn deregister(&self, _region: &Region) {}
+    fn deregister(&self, region: &Region) {
+        if let Some(r) = self.ring.lock().as_ref() {
+            let sh = &r.shared;
+            let mut fx = sh.fixed.lock();
+            match region.kind {
+                MemKind::File => fx.remove_file(&sh.ring, region.desc.dev_id as i32),
+                MemKind::Dram => fx.remove_buffer(&sh.ring, &region.desc),
+                _ => {}
+            }
+        }
+    }
 
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
         self.own.can_reach(conn_info, "files")
@@ -254,6 +325,10 @@ struct Queue {
 struct Shared {
     ring: IoUring,
     state: Mutex<State>,
+    /// The fixed-file and registered-buffer tables (locked after `state` when both are held).
+    fixed: Mutex<Fixed>,
+    /// Submitted operations: all, with a fixed file, from a registered buffer.
+    counts: [AtomicU64; 3],
     /// Wakes the completion thread when operations are left in flight (it sleeps here, not in
     /// the kernel, while the ring is idle).
     work: Condvar,
@@ -285,6 +360,10 @@ struct State {
 struct Slot {
     post: Arc<Post>,
     fd: i32,
+    /// The fd's entry in the fixed-file table.
+    fixed_file: Option<u32>,
+    /// The registered buffer holding the operation's memory, when it is one piece.
+    fixed_buf: Option<u16>,
     /// First iovec of the slot's array still to move.
     first: usize,
     offset: u64,
@@ -308,7 +387,7 @@ struct RingThread {
 }
 
 impl RingThread {
-    fn start(ring: IoUring, depth: u32) -> Result<RingThread> {
+    fn start(ring: IoUring, depth: u32, fixed: Fixed) -> Result<RingThread> {
         let depth = (depth as usize).clamp(1, ring.params().sq_entries() as usize);
         let shared = Arc::new(Shared {
             ring,
@@ -322,6 +401,8 @@ impl RingThread {
                 in_flight: 0,
                 stopped: false,
             }),
+            fixed: Mutex::new(fixed),
+            counts: Default::default(),
             work: Condvar::new(),
             stopping: Arc::new(AtomicBool::new(false)),
         });
@@ -439,8 +520,18 @@ impl Shared {
                 iov_base: addr as *mut libc::c_void,
                 iov_len: len as usize,
             }));
+            let (fixed_file, fixed_buf) = {
+                let fx = self.fixed.lock();
+                let one = match op.pieces.as_slice() {
+                    [(addr, len)] if *len <= u64::from(u32::MAX) => fx.buffer_of(*addr, *len),
+                    _ => None,
+                };
+                (fx.file_of(op.fd), one)
+            };
             st.slots[idx] = Some(Slot {
                 fd: op.fd,
+                fixed_file,
+                fixed_buf,
                 left: op.len(),
                 offset: op.offset,
                 first: 0,
@@ -458,17 +549,41 @@ impl Shared {
         let Some(slot) = st.slots[idx].as_ref() else {
             return false;
         };
-        let fd = types::Fd(slot.fd);
         let iov = &st.iovs[idx].0[slot.first..];
-        let entry = match slot.post.op {
-            XferOp::Read => opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
-                .offset(slot.offset)
-                .build(),
-            XferOp::Write => opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32)
-                .offset(slot.offset)
-                .build(),
+        // One piece in a registered buffer goes as READ/WRITE_FIXED (its length fits in u32:
+        // checked when the slot was filled); the fd is its fixed-table entry where it has one.
+        macro_rules! entry {
+            ($fd:expr) => {
+                match (slot.post.op, slot.fixed_buf, iov) {
+                    (XferOp::Read, Some(b), [v]) => {
+                        opcode::ReadFixed::new($fd, v.iov_base.cast(), v.iov_len as u32, b)
+                            .offset(slot.offset)
+                            .build()
+                    }
+                    (XferOp::Write, Some(b), [v]) => {
+                        opcode::WriteFixed::new($fd, v.iov_base.cast(), v.iov_len as u32, b)
+                            .offset(slot.offset)
+                            .build()
+                    }
+                    (XferOp::Read, ..) => opcode::Readv::new($fd, iov.as_ptr(), iov.len() as u32)
+                        .offset(slot.offset)
+                        .build(),
+                    (XferOp::Write, ..) => opcode::Writev::new($fd, iov.as_ptr(), iov.len() as u32)
+                        .offset(slot.offset)
+                        .build(),
+                }
+            };
+        }
+        let entry = match slot.fixed_file {
+            Some(f) => entry!(types::Fixed(f)),
+            None => entry!(types::Fd(slot.fd)),
         }
         .user_data(idx as u64);
+        let counted = [
+            true,
+            slot.fixed_file.is_some(),
+            slot.fixed_buf.is_some() && iov.len() == 1,
+        ];
         // SAFETY: the state lock serialises every use of the submission queue. The iovec array
         // lives in the slot until the completion of this entry is reaped, and the buffers it
         // points to are registered DRAM held by the post (its completion holds the local
@@ -481,6 +596,11 @@ impl Shared {
         }
         if pushed {
             st.in_flight += 1;
+            for (c, on) in self.counts.iter().zip(counted) {
+                if on {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             return true;
         }
         if let Some(slot) = st.slots[idx].take() {
@@ -558,6 +678,163 @@ impl Shared {
     }
 }
 
+/// The ring's fixed-file and registered-buffer tables, updated in place as regions come and go.
+#[derive(Debug, Default)]
+struct Fixed {
+    /// fd → (table entry, registrations using it).
+    files: HashMap<i32, (u32, usize)>,
+    free_files: Vec<u32>,
+    /// Registered buffers by start address: (end, table entry, registrations using it).
+    bufs: BTreeMap<u64, (u64, u16, usize)>,
+    free_bufs: Vec<u16>,
+}
+
+impl Fixed {
+    /// Creates the sparse tables the configuration asks for; a table the kernel refuses is
+    /// left empty (operations then name fds and map memory per operation, as before).
+    fn new(ring: &IoUring, cfg: &UringConfig) -> Fixed {
+        let mut fx = Fixed::default();
+        let sub = ring.submitter();
+        if cfg.fixed_files > 0 {
+            match sub.register_files_sparse(cfg.fixed_files) {
+                Ok(()) => fx.free_files = (0..cfg.fixed_files).rev().collect(),
+                Err(e) => tracing::info!(error = %e, "io_uring: no fixed-file table"),
+            }
+        }
+        let nbufs = cfg.fixed_buffers.min(u32::from(u16::MAX));
+        if nbufs > 0 {
+            match sub.register_buffers_sparse(nbufs) {
+                Ok(()) => fx.free_bufs = (0..nbufs as u16).rev().collect(),
+                Err(e) => tracing::info!(error = %e, "io_uring: no registered-buffer table"),
+            }
+        }
+        fx
+    }
+
+    fn add_file(&mut self, ring: &IoUring, fd: i32) {
+        if let Some(e) = self.files.get_mut(&fd) {
+            e.1 += 1;
+            return;
+        }
+        let Some(slot) = self.free_files.pop() else {
+            tracing::debug!(
+                fd,
+                "io_uring: fixed-file table full; this fd goes by number"
+            );
+            return;
+        };
+        match ring.submitter().register_files_update(slot, &[fd]) {
+            Ok(_) => {
+                self.files.insert(fd, (slot, 1));
+            }
+            Err(e) => {
+                tracing::debug!(fd, error = %e, "io_uring: fd not made a fixed file");
+                self.free_files.push(slot);
+            }
+        }
+    }
+
+    fn remove_file(&mut self, ring: &IoUring, fd: i32) {
+        let Some(e) = self.files.get_mut(&fd) else {
+            return;
+        };
+        e.1 -= 1;
+        if e.1 > 0 {
+            return;
+        }
+        let slot = e.0;
+        self.files.remove(&fd);
+        // The core removes a region only when no transfer uses it; an operation the kernel
+        // still holds keeps its own reference to the file.
+        if let Err(e) = ring.submitter().register_files_update(slot, &[-1]) {
+            tracing::warn!(fd, error = %e, "io_uring: fixed-file entry not cleared; not reused");
+            return;
+        }
+        self.free_files.push(slot);
+    }
+
+    fn file_of(&self, fd: i32) -> Option<u32> {
+        self.files.get(&fd).map(|e| e.0)
+    }
+
+    fn add_buffer(&mut self, ring: &IoUring, desc: &Desc, max: u64) {
+        if desc.len == 0 || desc.len > max || desc.len > usize::MAX as u64 {
+            return;
+        }
+        let Some(end) = desc.addr.checked_add(desc.len) else {
+            return;
+        };
+        if let Some(e) = self.bufs.get_mut(&desc.addr).filter(|e| e.0 == end) {
+            e.2 += 1;
+            return;
+        }
+        if self.bufs.contains_key(&desc.addr) {
+            return;
+        }
+        let Some(slot) = self.free_bufs.pop() else {
+            tracing::debug!(
+                addr = desc.addr,
+                len = desc.len,
+                "io_uring: registered-buffer table full; this region maps per operation"
+            );
+            return;
+        };
+        let iov = libc::iovec {
+            iov_base: desc.addr as *mut libc::c_void,
+            iov_len: desc.len as usize,
+        };
+        // SAFETY: the range is DRAM the caller registered with the agent, valid until it is
+        // deregistered (`Agent::register`'s contract); the kernel pins its pages now and keeps
+        // them until the entry is replaced in `remove_buffer` and its last operation is done.
+        match unsafe {
+            ring.submitter()
+                .register_buffers_update(u32::from(slot), &[iov], None)
+        } {
+            Ok(()) => {
+                self.bufs.insert(desc.addr, (end, slot, 1));
+            }
+            Err(e) => {
+                tracing::debug!(addr = desc.addr, len = desc.len, error = %e,
+                    "io_uring: region not made a registered buffer; it maps per operation");
+                self.free_bufs.push(slot);
+            }
+        }
+    }
+
+    fn remove_buffer(&mut self, ring: &IoUring, desc: &Desc) {
+        let end = desc.addr.wrapping_add(desc.len);
+        let Some(e) = self.bufs.get_mut(&desc.addr).filter(|e| e.0 == end) else {
+            return;
+        };
+        e.2 -= 1;
+        if e.2 > 0 {
+            return;
+        }
+        let slot = e.1;
+        self.bufs.remove(&desc.addr);
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: an empty entry names no memory; the kernel drops the old pages once the
+        // operations still using them complete.
+        match unsafe {
+            ring.submitter()
+                .register_buffers_update(u32::from(slot), &[empty], None)
+        } {
+            Ok(()) => self.free_bufs.push(slot),
+            Err(e) => tracing::warn!(error = %e,
+                "io_uring: registered buffer not cleared; its entry is not reused"),
+        }
+    }
+
+    /// The registered buffer that holds `[addr, addr + len)`, if any.
+    fn buffer_of(&self, addr: u64, len: u64) -> Option<u16> {
+        let (_, &(end, slot, _)) = self.bufs.range(..=addr).next_back()?;
+        (addr.checked_add(len)? <= end).then_some(slot)
+    }
+}
+
 /// Moves a slot past `n` bytes done.
 fn advance(slot: &mut Slot, iov: &mut [libc::iovec], mut n: u64) {
     slot.left = slot.left.saturating_sub(n);
@@ -579,6 +856,20 @@ fn advance(slot: &mut Slot, iov: &mut [libc::iovec], mut n: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffer_lookup_finds_only_ranges_wholly_inside_one_buffer() {
+        let mut fx = Fixed::default();
+        fx.bufs.insert(1000, (2000, 3, 1));
+        fx.bufs.insert(4096, (8192, 7, 1));
+        assert_eq!(fx.buffer_of(1000, 1000), Some(3));
+        assert_eq!(fx.buffer_of(1500, 10), Some(3));
+        assert_eq!(fx.buffer_of(1999, 2), None, "runs past the end");
+        assert_eq!(fx.buffer_of(999, 1), None, "starts before the first");
+        assert_eq!(fx.buffer_of(3000, 10), None, "between buffers");
+        assert_eq!(fx.buffer_of(8000, 192), Some(7));
+        assert_eq!(fx.buffer_of(u64::MAX - 1, 5), None, "overflow");
+    }
 
     #[test]
     fn unavailable_reasons_say_what_to_do() {

@@ -549,3 +549,107 @@ fn with_io_uring_files_go_through_uring_by_default() {
     assert!(std::fs::read(dir.join("f")).unwrap() == src);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn uring_agent(
+    cfg: nixl_transports::uring::UringConfig,
+) -> (Agent, std::sync::Arc<nixl_transports::uring::UringBackend>) {
+    let u = std::sync::Arc::new(nixl_transports::uring::UringBackend::new(cfg));
+    let a = Agent::builder("store").backend(u.clone()).build().unwrap();
+    (a, u)
+}
+
+#[test]
+fn uring_uses_registered_buffers_and_fixed_files_where_they_fit() {
+    use nixl_transports::uring::UringConfig;
+    let dir = scratch("fixed");
+    let n = 4 << 20;
+    let src = pattern(n, 11);
+    let round_trip = |cfg: UringConfig, name: &str| {
+        let (a, u) = uring_agent(cfg);
+        let f = rw(&dir.join(name));
+        let mut dst = vec![0u8; n];
+        let m = reg(
+            &a,
+            MemKind::Dram,
+            vec![Desc::from_slice(&src), Desc::from_mut_slice(&mut dst)],
+        );
+        let fr = reg(&a, MemKind::File, vec![file_desc(&f, 0, n as u64)]);
+        for (op, mem) in [
+            (XferOp::Write, Desc::from_slice(&src)),
+            (XferOp::Read, Desc::from_mut_slice(&mut dst)),
+        ] {
+            let st = run(
+                &a,
+                BackendName::Uring,
+                op,
+                vec![mem],
+                vec![file_desc(&f, 0, n as u64)],
+            );
+            assert!(matches!(st, XferStatus::Done), "{st:?}");
+        }
+        drop((fr, m));
+        assert!(dst == src, "read back differs");
+        u.op_counts()
+    };
+    // Defaults: every 1 MiB operation names a fixed file and a registered buffer.
+    let c = round_trip(UringConfig::default(), "a");
+    assert_eq!(c.ops, 8, "{c:?}");
+    assert_eq!((c.fixed_file_ops, c.fixed_buffer_ops), (8, 8), "{c:?}");
+    // Tables off: the same bytes by fd number and mapped per operation.
+    let off = UringConfig {
+        fixed_files: 0,
+        fixed_buffers: 0,
+        ..UringConfig::default()
+    };
+    let c = round_trip(off, "b");
+    assert_eq!(
+        (c.ops, c.fixed_file_ops, c.fixed_buffer_ops),
+        (8, 0, 0),
+        "{c:?}"
+    );
+    // Registrations larger than max_fixed_buffer map per operation; fds are still fixed.
+    let big = UringConfig {
+        max_fixed_buffer: 1 << 20,
+        ..UringConfig::default()
+    };
+    let c = round_trip(big, "c");
+    assert_eq!(
+        (c.ops, c.fixed_file_ops, c.fixed_buffer_ops),
+        (8, 8, 0),
+        "{c:?}"
+    );
+    // A one-entry table is reused as regions come and go.
+    let tiny = UringConfig {
+        fixed_files: 1,
+        fixed_buffers: 1,
+        ..UringConfig::default()
+    };
+    let (a, u) = uring_agent(tiny);
+    let f = rw(&dir.join("d"));
+    for round in 0..5u64 {
+        let mut buf = pattern(1 << 20, round);
+        let want = buf.clone();
+        let m = reg(&a, MemKind::Dram, vec![Desc::from_mut_slice(&mut buf)]);
+        let fr = reg(&a, MemKind::File, vec![file_desc(&f, 0, 1 << 20)]);
+        let st = run(
+            &a,
+            BackendName::Uring,
+            XferOp::Write,
+            vec![Desc::from_slice(&buf)],
+            vec![file_desc(&f, 0, 1 << 20)],
+        );
+        assert!(matches!(st, XferStatus::Done), "{st:?}");
+        drop((fr, m));
+        assert!(
+            std::fs::read(dir.join("d")).unwrap() == want,
+            "round {round}"
+        );
+    }
+    let c = u.op_counts();
+    assert_eq!(
+        (c.ops, c.fixed_file_ops, c.fixed_buffer_ops),
+        (5, 5, 5),
+        "{c:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
