@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
@@ -126,6 +126,7 @@ impl AgentBuilder {
             peers: RwLock::new(HashMap::new()),
             own_peer: Mutex::new(None),
             shut: AtomicBool::new(false),
+            stage: OnceLock::new(),
         });
         let hooks: Weak<dyn MetadataHooks> = Arc::downgrade(&inner) as Weak<AgentInner>;
         let _ = inner.target.0.hooks.set(hooks);
@@ -200,6 +201,8 @@ pub(crate) struct AgentInner {
     own_peer: Mutex<Option<(u64, Arc<PeerState>)>>,
     watchdog: Arc<Watchdog>,
     shut: AtomicBool,
+    /// The staging thread, started by the first staged request.
+    stage: OnceLock<crate::staging::StageThread>,
 }
 
 impl MetadataHooks for AgentInner {
@@ -848,7 +851,7 @@ impl Agent {
             .map(|&i| p.md.regions[i].clone())
             .collect();
 
-        let (backend, reason) = self.select(
+        let (backend, reason) = match self.select(
             &p,
             op,
             local,
@@ -856,7 +859,41 @@ impl Agent {
             &local_regions,
             &remote_regions,
             &opts,
-        )?;
+        ) {
+            Ok(x) => x,
+            Err(Error::NoBackend {
+                peer: pn,
+                local_kind,
+                remote_kind,
+                reason,
+            }) => {
+                return match self.create_staged(
+                    &p,
+                    op,
+                    remote,
+                    segments,
+                    local_regions,
+                    remote_regions,
+                    &opts,
+                    &reason,
+                ) {
+                    Some(Ok(x)) => Ok(x),
+                    Some(Err(why)) => Err(Error::NoBackend {
+                        peer: pn,
+                        local_kind,
+                        remote_kind,
+                        reason: format!("{reason} staged through host memory: {why}"),
+                    }),
+                    None => Err(Error::NoBackend {
+                        peer: pn,
+                        local_kind,
+                        remote_kind,
+                        reason,
+                    }),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         tracing::debug!(agent = %self.inner.name, peer, backend = %backend.name(), op = op.as_str(),
             descs = local.len(), "backend {}: {reason}", backend.name());
         let conn = self.connection(&p, backend)?;
@@ -882,6 +919,158 @@ impl Agent {
                 bytes,
                 descs: local.len(),
                 reason,
+                staged: None,
+            },
+            opts.deadline,
+            Arc::clone(&self.inner.watchdog),
+            p.telemetry(backend.name(), op),
+        ))
+    }
+
+    /// The staged path (see [`crate::staging`]): `None` when no backend stages the local kind;
+    /// `Some(Err(why))` when one does but the request cannot go that way.
+    #[allow(clippy::too_many_arguments)]
+    fn create_staged(
+        &self,
+        p: &Arc<PeerState>,
+        op: XferOp,
+        remote: &DescList,
+        segments: Vec<Segment>,
+        local_regions: Vec<Arc<Region>>,
+        remote_regions: Vec<RegionInfo>,
+        opts: &XferOptions,
+        direct: &str,
+    ) -> Option<std::result::Result<XferRequest, String>> {
+        let kind = local_regions.first()?.kind;
+        let stager = self
+            .inner
+            .backends
+            .iter()
+            .filter_map(|b| b.stager())
+            .find(|s| s.kind() == kind)?;
+        Some(self.create_staged_with(
+            stager,
+            p,
+            op,
+            remote,
+            segments,
+            local_regions,
+            remote_regions,
+            opts,
+            direct,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_staged_with(
+        &self,
+        stager: Arc<dyn crate::staging::Stager>,
+        p: &Arc<PeerState>,
+        op: XferOp,
+        remote: &DescList,
+        segments: Vec<Segment>,
+        mut local_regions: Vec<Arc<Region>>,
+        remote_regions: Vec<RegionInfo>,
+        opts: &XferOptions,
+        direct: &str,
+    ) -> std::result::Result<XferRequest, String> {
+        let total = segments
+            .iter()
+            .try_fold(0u64, |a, s| a.checked_add(s.local.len))
+            .ok_or("request length overflows")?;
+        if total > crate::staging::MAX_STAGED_BYTES {
+            return Err(format!(
+                "{total} bytes exceed the staged path's {} per request; split the request",
+                crate::staging::MAX_STAGED_BYTES
+            ));
+        }
+        let host = stager.alloc(total).map_err(|e| {
+            format!(
+                "{} could not allocate {total} host bytes: {e}",
+                stager.backend()
+            )
+        })?;
+        let dram: Vec<Arc<dyn Backend>> = self
+            .inner
+            .backends
+            .iter()
+            .filter(|b| b.caps().local_kinds.contains(&MemKind::Dram))
+            .cloned()
+            .collect();
+        let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
+        let bounce = crate::staging::Bounce::register(id, host, dram).map_err(|e| e.to_string())?;
+        let base = bounce.region.desc.addr;
+        let mut pieces = Vec::with_capacity(segments.len());
+        let mut inner_segs = Vec::with_capacity(segments.len());
+        let mut off = 0u64;
+        for s in &segments {
+            let h = Desc::new(base + off, s.local.len, 0);
+            pieces.push((s.local, h.addr));
+            inner_segs.push(Segment {
+                local: h,
+                remote: s.remote,
+                local_region: 0,
+                remote_region: s.remote_region,
+            });
+            off += s.local.len;
+        }
+        let bounce_list = DescList::from_descs(MemKind::Dram, vec![bounce.region.desc])
+            .map_err(|e| e.to_string())?;
+        let bounce_regions = [Arc::clone(&bounce.region)];
+        let (backend, _) = self
+            .select(
+                p,
+                op,
+                &bounce_list,
+                remote,
+                &bounce_regions,
+                &remote_regions,
+                opts,
+            )
+            .map_err(|e| match e {
+                Error::NoBackend { reason, .. } => {
+                    format!("no backend carries host memory: {reason}")
+                }
+                e => e.to_string(),
+            })?;
+        let conn = self.connection(p, backend).map_err(|e| e.to_string())?;
+        let plan = XferPlan {
+            op,
+            local_kind: MemKind::Dram,
+            remote_kind: remote.kind(),
+            segments: inner_segs,
+            local_regions: vec![Arc::clone(&bounce.region)],
+            remote_regions,
+            notif: opts.notif.clone(),
+            initiator: Arc::clone(&self.inner.name),
+        };
+        let bytes = plan.total_bytes();
+        let prepared = conn.prepare(plan).map_err(|e| e.to_string())?;
+        let jobs = match self.inner.stage.get() {
+            Some(t) => t.sender(),
+            None => {
+                let t = crate::staging::StageThread::start(&self.inner.name)
+                    .map_err(|e| e.to_string())?;
+                self.inner.stage.get_or_init(|| t).sender()
+            }
+        };
+        let descs = segments.len();
+        local_regions.push(Arc::clone(&bounce.region));
+        let staged_by = stager.backend();
+        tracing::debug!(agent = %self.inner.name, peer = %p.name, backend = %backend.name(),
+            stager = %staged_by, op = op.as_str(), descs, "staged through host memory");
+        let staged = crate::staging::StagedXfer::new(op, prepared, stager, pieces, bounce, jobs);
+        Ok(XferRequest::new(
+            Box::new(staged),
+            local_regions,
+            XferInfo {
+                op,
+                backend: backend.name(),
+                peer: Arc::clone(&p.name),
+                bytes,
+                descs,
+                reason: Choice::PassedOver(format!(" {}", direct.trim())),
+                staged: Some(staged_by),
             },
             opts.deadline,
             Arc::clone(&self.inner.watchdog),

@@ -209,6 +209,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>>;
     /// Stops: in-flight work ends `Cancelled`, threads exit.
     fn shutdown(&self);
+    /// Its copier between its device memory and host memory, if it has one: requests from that
+    /// memory that no backend carries directly are then staged (see [`crate::staging`]).
+    fn stager(&self) -> Option<Arc<dyn crate::staging::Stager>> {
+        None
+    }
 }
 
 /// A backend's connection to one peer.

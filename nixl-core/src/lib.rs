@@ -20,6 +20,7 @@ mod error;
 pub mod mem;
 pub mod metadata;
 pub mod region;
+pub mod staging;
 pub mod xfer;
 
 pub use agent::{random_u64, Agent, AgentBuilder, BackendState, Registration, XferOptions};
@@ -31,4 +32,5 @@ pub use error::{Error, ErrorClass, Result};
 pub use mem::{Desc, DescList, MemKind};
 pub use metadata::{AgentMetadata, DecodeError};
 pub use region::{AccessDenied, Region, RegionAccess};
+pub use staging::{HostBuffer, Stager};
 pub use xfer::{Choice, Completion, XferInfo, XferOp, XferRequest, XferStatus};
