@@ -33,7 +33,11 @@
 //! max_io_bytes = 4194304     # larger requests are cut so the threads share them
 //!
 //! [object]                   # DRAM <-> OBJECT in an S3-compatible store (see transports::object)
-//! endpoint = "http://127.0.0.1:9000"   # or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (http only)
+//! endpoint = "https://minio.local:9000"   # or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; http:// or
+//!                            # https:// (default: AWS, https://s3.{region}.amazonaws.com)
+//! ca_file = "/etc/nixl/store-ca.pem"   # or AWS_CA_BUNDLE: PEM CA certificates trusted for https
+//!                            # besides the system's; unreadable or empty: a config error
+//! virtual_host = false       # true: bucket in the host name (bucket.host/key), not the path
 //! region = "us-east-1"       # or AWS_REGION / AWS_DEFAULT_REGION
 //! bucket = "kv"              # object id N is key "{key_prefix}N" in this bucket
 //! key_prefix = "node-3/"
@@ -151,6 +155,10 @@ pub struct PosixSection {
 #[serde(deny_unknown_fields)]
 pub struct ObjectSection {
     pub endpoint: Option<String>,
+    /// PEM bundle of CA certificates trusted for `https://` endpoints, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Bucket in the host name (`bucket.host/key`) instead of the path (`host/bucket/key`).
+    pub virtual_host: Option<bool>,
     pub region: Option<String>,
     pub bucket: Option<String>,
     pub key_prefix: Option<String>,
@@ -172,6 +180,8 @@ impl fmt::Debug for ObjectSection {
         let hidden = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
         f.debug_struct("ObjectSection")
             .field("endpoint", &self.endpoint)
+            .field("ca_file", &self.ca_file)
+            .field("virtual_host", &self.virtual_host)
             .field("region", &self.region)
             .field("bucket", &self.bucket)
             .field("key_prefix", &self.key_prefix)
@@ -311,8 +321,16 @@ impl Config {
             ObjectName::parse(name)?;
             names.push((id, name.clone()));
         }
+        if let Some(path) = &o.ca_file {
+            // Read now, so that a wrong path is an error of the configuration, not a backend
+            // that later turns out unavailable.
+            crate::object::s3::read_ca_file("[object] ca_file", path)
+                .map_err(|e| Error::InvalidArgument(format!("config: {e}")))?;
+        }
         Ok(ObjectConfig {
             endpoint: o.endpoint.clone(),
+            ca_file: o.ca_file.clone(),
+            virtual_host: o.virtual_host.unwrap_or(false),
             region: o.region.clone(),
             bucket: o.bucket.clone(),
             key_prefix: o.key_prefix.clone().unwrap_or_default(),

@@ -6,14 +6,22 @@
 //! timeout), cancellation (the multipart upload is aborted), and misuse refused when the
 //! request is created.
 //!
+//! HTTPS: moto serves TLS with a certificate signed by a CA that each test makes (rcgen): a
+//! byte-exact round trip trusting that CA through `ca_file` (by IP address and by host name),
+//! the same server without the CA (fails: unknown issuer), a certificate for another name
+//! (fails: not valid for the name), a server that never answers the handshake (fails within
+//! the request timeout), and CA files that cannot be used (configuration errors naming them).
+//!
 //! Without moto the server tests print `SKIP: moto not installed (...)` and pass, unless
 //! `NIXL_REQUIRE_OBJECT_TESTS=1`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixl_core::{
@@ -26,15 +34,115 @@ const BUCKET: &str = "nixl-test";
 const FAKE_AUTH: &str = "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/s3/aws4_request, \
                          SignedHeaders=host, Signature=0";
 
+/// A test CA (in a temporary directory, removed when dropped) and the server certificates it
+/// signs.
+struct Pki {
+    dir: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("nixl-object-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "nixl test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("ca.pem"), cert.pem()).unwrap();
+        Pki {
+            dir,
+            ca_der: cert.der().clone(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// The CA certificate, PEM.
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// A server certificate for `names` (host names or IP addresses) signed by the CA, and
+    /// what the test's own client needs to reach the server (it verifies `names[0]`).
+    fn server(&self, tag: &str, names: &[&str]) -> ServerTls {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names.clone()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0].clone());
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (cert_file, key_file) = (
+            self.dir.join(format!("{tag}.crt")),
+            self.dir.join(format!("{tag}.key")),
+        );
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        ServerTls {
+            cert: cert_file,
+            key: key_file,
+            client: Arc::new(client),
+            name: names[0].clone(),
+        }
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// TLS of a moto server: its certificate and key files, and the test client's settings.
+struct ServerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client: Arc<rustls::ClientConfig>,
+    /// The name the test client verifies.
+    name: String,
+}
+
+/// What [`Moto::http`] talks through: TCP, or TLS over it.
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
 /// A moto server on 127.0.0.1, killed when dropped.
 struct Moto {
     child: Child,
     port: u16,
+    tls: Option<ServerTls>,
 }
 
 impl Moto {
     /// Starts moto, or returns `None` (after printing why) when it is not installed.
     fn start() -> Option<Moto> {
+        Moto::launch(None)
+    }
+
+    /// Starts moto serving HTTPS with this certificate.
+    fn start_tls(tls: ServerTls) -> Option<Moto> {
+        Moto::launch(Some(tls))
+    }
+
+    fn launch(tls: Option<ServerTls>) -> Option<Moto> {
         let have = Command::new("python3")
             .args(["-c", "import moto.server, flask, werkzeug"])
             .stdout(Stdio::null())
@@ -64,13 +172,19 @@ impl Moto {
             "127.0.0.1",
             "-p",
             &port.to_string(),
-        ])
+        ]);
+        if let Some(t) = &tls {
+            cmd.arg("--ssl-cert")
+                .arg(&t.cert)
+                .arg("--ssl-key")
+                .arg(&t.key);
+        }
         // Small parts for the multipart tests, objects kept in memory.
-        .env("S3_UPLOAD_PART_MIN_SIZE", "65536")
-        .env("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "134217728")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        cmd.env("S3_UPLOAD_PART_MIN_SIZE", "65536")
+            .env("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "134217728")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         // SAFETY: prctl is async-signal-safe and touches only the child's own state: if the
         // test thread dies without dropping the guard, the server dies with it.
         unsafe {
@@ -80,7 +194,7 @@ impl Moto {
             });
         }
         let child = cmd.spawn().expect("spawning moto");
-        let mut m = Moto { child, port };
+        let mut m = Moto { child, port, tls };
         let t0 = Instant::now();
         loop {
             if let Ok((status, _)) = m.http("GET", "/", b"") {
@@ -108,14 +222,25 @@ impl Moto {
     }
 
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// One HTTP/1.0 exchange: (status, body). moto checks no signature, but treats a request
     /// without one as anonymous (refused on private objects).
     fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let tcp = TcpStream::connect(("127.0.0.1", self.port))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut s: Box<dyn Stream> = match &self.tls {
+            None => Box::new(tcp),
+            Some(t) => {
+                let name = rustls::pki_types::ServerName::try_from(t.name.clone())
+                    .map_err(std::io::Error::other)?;
+                let conn = rustls::ClientConnection::new(Arc::clone(&t.client), name)
+                    .map_err(std::io::Error::other)?;
+                Box::new(rustls::StreamOwned::new(conn, tcp))
+            }
+        };
         write!(
             s,
             "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\
@@ -124,8 +249,18 @@ impl Moto {
             body.len()
         )?;
         s.write_all(body)?;
+        s.flush()?;
         let mut out = Vec::new();
-        s.read_to_end(&mut out)?;
+        let mut buf = [0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                // A TLS server may close without close_notify: HTTP/1.0 ends at the close.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => break,
+                Err(e) => return Err(e),
+            }
+        }
         let text = String::from_utf8_lossy(&out);
         let status = text
             .split_whitespace()
@@ -672,4 +807,241 @@ fn misuse_is_refused_when_the_request_is_created() {
     );
     let e = nixl_transports::object::name_object(&c, 1, "b/k").unwrap_err();
     assert!(e.to_string().contains("no object store configured"), "{e}");
+}
+
+fn toml_path(p: &Path) -> String {
+    p.display().to_string().replace('\\', "\\\\")
+}
+
+/// Expects a READ of `len` bytes of object `id` to fail within `limit`; returns the error.
+fn read_fails(a: &Agent, id: u64, len: usize, limit: Duration) -> String {
+    let mut buf = vec![0u8; len];
+    let _m = reg(a, MemKind::Dram, vec![Desc::from_mut_slice(&mut buf)]);
+    let o = Desc::new(0, len as u64, id);
+    let _o = reg(a, MemKind::Object, vec![o]);
+    let t = Instant::now();
+    let st = run(
+        a,
+        XferOp::Read,
+        vec![Desc::from_mut_slice(&mut buf)],
+        vec![o],
+    );
+    let took = t.elapsed();
+    let e = match st {
+        XferStatus::Failed(e) => e.to_string(),
+        other => panic!("READ of object {id} ended {other:?}"),
+    };
+    assert!(took < limit, "took {took:?} to fail: {e}");
+    e
+}
+
+#[test]
+fn https_round_trip_byte_exact_and_an_untrusted_server_refused() {
+    let pki = Pki::new("tls-rt");
+    let tls = pki.server("srv", &["localhost", "127.0.0.1"]);
+    let Some(moto) = Moto::start_tls(tls) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let ca = format!("ca_file = \"{}\"\n", toml_path(&pki.ca_file()));
+    let a = agent(
+        &moto.endpoint(),
+        &format!("{ca}key_prefix = \"tls/\"\npart_size = 65536\nmultipart_threshold = 1048576"),
+    );
+    // A single PUT with an odd tail, and a multipart upload of 33 parts.
+    let (n1, n2) = (100_003, (2 << 20) + 4321);
+    let (s1, s2) = (pattern(n1, 21), pattern(n2, 22));
+    let (mut d1, mut d2) = (vec![0u8; n1], vec![0u8; n2]);
+    let _m = reg(
+        &a,
+        MemKind::Dram,
+        vec![
+            Desc::from_slice(&s1),
+            Desc::from_slice(&s2),
+            Desc::from_mut_slice(&mut d1),
+            Desc::from_mut_slice(&mut d2),
+        ],
+    );
+    let (o1, o2) = (Desc::new(0, n1 as u64, 1), Desc::new(0, n2 as u64, 2));
+    let _o = reg(&a, MemKind::Object, vec![o1, o2]);
+    assert_done(
+        &run(
+            &a,
+            XferOp::Write,
+            vec![Desc::from_slice(&s1), Desc::from_slice(&s2)],
+            vec![o1, o2],
+        ),
+        "WRITE over https",
+    );
+    for (key, want) in [("tls/1", &s1), ("tls/2", &s2)] {
+        let (status, body) = moto.http("GET", &format!("/{BUCKET}/{key}"), b"").unwrap();
+        assert_eq!(status, 200, "{key}");
+        assert!(
+            &body == want,
+            "{key} differs in the store ({} bytes)",
+            body.len()
+        );
+    }
+    assert_done(
+        &run(
+            &a,
+            XferOp::Read,
+            vec![Desc::from_mut_slice(&mut d1), Desc::from_mut_slice(&mut d2)],
+            vec![o1, o2],
+        ),
+        "READ over https",
+    );
+    assert!(d1 == s1, "object 1 read back over https differs");
+    assert!(d2 == s2, "object 2 read back over https differs");
+
+    // By host name: the certificate names localhost too.
+    let b = agent(
+        &format!("https://localhost:{}", moto.port),
+        &format!("{ca}key_prefix = \"tls/\""),
+    );
+    let mut d3 = vec![0u8; n1];
+    let _m3 = reg(&b, MemKind::Dram, vec![Desc::from_mut_slice(&mut d3)]);
+    let _o3 = reg(&b, MemKind::Object, vec![o1]);
+    assert_done(
+        &run(
+            &b,
+            XferOp::Read,
+            vec![Desc::from_mut_slice(&mut d3)],
+            vec![o1],
+        ),
+        "READ over https by host name",
+    );
+    assert!(d3 == s1, "object 1 read back by host name differs");
+
+    // The same server, without its CA: refused with the cause, well within the timeout.
+    let c = agent(
+        &moto.endpoint(),
+        "key_prefix = \"tls/\"\nrequest_timeout_ms = 5000",
+    );
+    let e = read_fails(&c, 1, n1, Duration::from_secs(5));
+    assert!(e.contains("invalid peer certificate: UnknownIssuer"), "{e}");
+    assert!(
+        e.contains("nixl-test/tls/1") && e.contains("ca_file"),
+        "{e}"
+    );
+    println!("https: {:?}; untrusted: {e}", t0.elapsed());
+}
+
+#[test]
+fn https_certificate_for_another_name_is_refused() {
+    let pki = Pki::new("tls-name");
+    let tls = pki.server("other", &["wrong.example"]);
+    let Some(moto) = Moto::start_tls(tls) else {
+        return;
+    };
+    let a = agent(
+        &moto.endpoint(),
+        &format!(
+            "ca_file = \"{}\"\nkey_prefix = \"n/\"\nrequest_timeout_ms = 5000",
+            toml_path(&pki.ca_file())
+        ),
+    );
+    let e = read_fails(&a, 1, 1000, Duration::from_secs(5));
+    assert!(e.contains("invalid peer certificate"), "{e}");
+    assert!(
+        e.contains("127.0.0.1") && e.contains("wrong.example"),
+        "{e}"
+    );
+    assert!(e.contains("does not name the endpoint's host"), "{e}");
+    println!("name mismatch: {e}");
+}
+
+#[test]
+fn https_server_that_never_answers_the_handshake_fails_within_the_timeout() {
+    // Accepts connections, reads nothing, answers nothing: the ClientHello goes unanswered.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("https://{}", l.local_addr().unwrap());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = Arc::clone(&stop);
+    l.set_nonblocking(true).unwrap();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        while !stop2.load(Ordering::Relaxed) {
+            if let Ok((c, _)) = l.accept() {
+                conns.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let pki = Pki::new("tls-silent");
+    let a = agent(
+        &endpoint,
+        &format!(
+            "ca_file = \"{}\"\nrequest_timeout_ms = 500",
+            toml_path(&pki.ca_file())
+        ),
+    );
+    let e = read_fails(&a, 1, 4096, Duration::from_secs(5));
+    assert!(
+        e.contains("within 500 ms") && e.contains("nixl-test/1"),
+        "{e}"
+    );
+    drop(a);
+    stop.store(true, Ordering::Relaxed);
+    held.join().unwrap();
+}
+
+#[test]
+fn unusable_ca_file_is_a_config_error_naming_it() {
+    let pki = Pki::new("tls-cfg");
+    let cfg = |ca: &Path| {
+        Config::from_toml(&format!(
+            "backends = [\"object\"]\n[object]\nendpoint = \"https://127.0.0.1:1\"\n\
+             bucket = \"{BUCKET}\"\nca_file = \"{}\"",
+            toml_path(ca)
+        ))
+    };
+    // The good one is accepted.
+    let c = cfg(&pki.ca_file()).unwrap();
+    assert_eq!(c.object_config().unwrap().ca_file, Some(pki.ca_file()));
+    let missing = pki.dir.join("missing.pem");
+    let garbage = pki.dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let bad_b64 = pki.dir.join("bad.pem");
+    std::fs::write(
+        &bad_b64,
+        "-----BEGIN CERTIFICATE-----\n%%%%\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    for (file, why) in [
+        (&missing, "cannot read"),
+        (&pki.dir, "cannot read"), // a directory
+        (&garbage, "no certificate"),
+        (&bad_b64, "not a PEM certificate bundle"),
+    ] {
+        let e = cfg(file).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        let e = e.to_string();
+        assert!(e.contains("[object] ca_file"), "{e}");
+        assert!(
+            e.contains(&file.display().to_string()) && e.contains(why),
+            "{e}"
+        );
+    }
+    // A backend built by hand with such a file is unavailable, naming it.
+    let backend =
+        nixl_transports::object::ObjectBackend::new(nixl_transports::object::ObjectConfig {
+            endpoint: Some("https://127.0.0.1:1".into()),
+            bucket: Some(BUCKET.into()),
+            ca_file: Some(missing.clone()),
+            use_env: false,
+            ..Default::default()
+        });
+    let backends: Vec<Arc<dyn nixl_core::Backend>> = vec![Arc::new(backend)];
+    let a = Agent::builder("bad-ca").backends(backends).build().unwrap();
+    let s = a
+        .backends()
+        .iter()
+        .find(|s| s.name == BackendName::Object)
+        .unwrap();
+    let why = s.unavailable.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("missing.pem") && why.contains("cannot read"),
+        "{why}"
+    );
 }

@@ -39,13 +39,32 @@
 //! `access_key_id`, `secret_access_key`, `session_token`, or the standard environment
 //! variables `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, `AWS_REGION` / `AWS_DEFAULT_REGION`,
 //! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` (the configuration wins).
-//! Without credentials requests are sent unsigned. Requests are path-style
-//! (`http://endpoint/bucket/key`) over plain HTTP: this build has no TLS, so an `https://`
-//! endpoint makes the backend unavailable with that reason. Secrets are never logged nor shown
-//! by `Debug`. The backend is available when something is configured (a bucket, an endpoint,
-//! a name, or the AWS environment); otherwise it reports
+//! Without credentials requests are sent unsigned. Without an endpoint, requests go to AWS S3
+//! itself, `https://s3.{region}.amazonaws.com`. Secrets are never logged nor shown by `Debug`.
+//! `ca_file` and `virtual_host` are below. The backend is available when something is
+//! configured (a bucket, an endpoint, a name, or the AWS environment); otherwise it reports
 //! `no object store configured ([object] endpoint/bucket or AWS_* environment)` and costs
 //! nothing.
+//!
+//! **HTTPS.** `http://` and `https://` endpoints are both served (rustls with the ring
+//! provider, TLS 1.2 and 1.3, HTTP/1.1). The server's certificate is verified against the
+//! system's trust roots (as OpenSSL finds them; `SSL_CERT_FILE` / `SSL_CERT_DIR` are honoured)
+//! plus the certificates of a PEM bundle when one is given: `[object] ca_file`, or the standard
+//! `AWS_CA_BUNDLE` (the configuration wins). Verification cannot be turned off. A `ca_file`
+//! that cannot be read or holds no certificate is a configuration error naming the file (from
+//! [`crate::config::Config`]; a backend built by hand is unavailable with that reason); an
+//! `https://` endpoint with no trust root at all is unavailable with the reason. A TLS failure
+//! (unknown issuer, a certificate for another name, a server that never finishes the handshake)
+//! fails the request with rustls' own words (`invalid peer certificate: UnknownIssuer`) within
+//! `request_timeout_ms`.
+//!
+//! **Addressing.** Requests are path-style by default (`{endpoint}/{bucket}/{key}`): every
+//! S3-compatible server serves it, it needs no DNS name per bucket and works with IP
+//! endpoints, one certificate for the endpoint's host covers every bucket, and AWS still serves
+//! it. `[object] virtual_host = true` puts the bucket in the host name instead
+//! (`{bucket}.{endpoint host}/{key}`, the Host header signed with it) for stores that require
+//! that; it needs a host name endpoint (not an IP address) and DNS-compatible bucket names
+//! (checked at registration and when a request is created).
 
 pub mod s3;
 
@@ -68,14 +87,19 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 pub use s3::Secret;
-use s3::{Creds, Endpoint, MemSource, ReqBody, S3Req, S3};
+use s3::{Creds, Endpoint, MemSource, ReqBody, S3Req, Scheme, S3};
 
 /// Settings of the `object` backend (`[object]` in the agent's configuration). Values left
 /// `None` come from the standard AWS environment variables.
 #[derive(Clone)]
 pub struct ObjectConfig {
-    /// `http://host[:port]` of the S3-compatible server.
+    /// `http://host[:port]` or `https://host[:port]` of the S3-compatible server (default:
+    /// `https://s3.{region}.amazonaws.com`).
     pub endpoint: Option<String>,
+    /// PEM bundle of CA certificates trusted for `https://` endpoints, besides the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Bucket in the host name (`bucket.host/key`) rather than in the path (`host/bucket/key`).
+    pub virtual_host: bool,
     /// Signing region (default `us-east-1`).
     pub region: Option<String>,
     /// Bucket of objects named by id.
@@ -110,6 +134,8 @@ impl Default for ObjectConfig {
     fn default() -> ObjectConfig {
         ObjectConfig {
             endpoint: None,
+            ca_file: None,
+            virtual_host: false,
             region: None,
             bucket: None,
             key_prefix: String::new(),
@@ -132,6 +158,8 @@ impl fmt::Debug for ObjectConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ObjectConfig")
             .field("endpoint", &self.endpoint)
+            .field("ca_file", &self.ca_file)
+            .field("virtual_host", &self.virtual_host)
             .field("region", &self.region)
             .field("bucket", &self.bucket)
             .field("key_prefix", &self.key_prefix)
@@ -145,6 +173,7 @@ impl fmt::Debug for ObjectConfig {
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("threads", &self.threads)
+            .field("use_env", &self.use_env)
             .finish()
     }
 }
@@ -185,6 +214,7 @@ struct Settings {
     endpoint: Endpoint,
     region: String,
     creds: Option<Creds>,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 /// The `object` backend.
@@ -298,6 +328,28 @@ fn resolve(cfg: &ObjectConfig) -> std::result::Result<Settings, String> {
         .or(env_endpoint)
         .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
     let endpoint = Endpoint::parse(&endpoint)?;
+    if cfg.virtual_host && endpoint.host_is_ip() {
+        return Err(format!(
+            "[object] virtual_host = true needs a host name endpoint; {} is an IP address \
+             (use path-style addressing)",
+            endpoint.host()
+        ));
+    }
+    if cfg.virtual_host {
+        if let Some(b) = &cfg.bucket {
+            if let Some(e) = s3::virtual_host_bucket_error(b) {
+                return Err(format!("[object] {e}"));
+            }
+        }
+    }
+    let ca_file = match &cfg.ca_file {
+        Some(p) => Some(("[object] ca_file", p.clone())),
+        None => e("AWS_CA_BUNDLE").map(|p| ("AWS_CA_BUNDLE", std::path::PathBuf::from(p))),
+    };
+    let tls = s3::tls_config(
+        ca_file.as_ref().map(|(l, p)| (*l, p.as_path())),
+        endpoint.scheme == Scheme::Https,
+    )?;
     let (key, secret) = match (&cfg.access_key_id, &cfg.secret_access_key) {
         (Some(k), Some(s)) => (Some(k.clone()), Some(s.clone())),
         (Some(_), None) => return Err("[object] access_key_id without secret_access_key".into()),
@@ -325,6 +377,7 @@ fn resolve(cfg: &ObjectConfig) -> std::result::Result<Settings, String> {
         endpoint,
         region,
         creds,
+        tls,
     })
 }
 
@@ -388,13 +441,19 @@ impl Inner {
     }
 
     fn name_or_err(&self, id: u64) -> Result<ObjectName> {
-        self.object_name(id).ok_or_else(|| {
+        let name = self.object_name(id).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "object {id} has no name: set [object] bucket (object id N is key \
                  {{key_prefix}}N there), or name it with [object.names] or \
                  nixl_transports::object::name_object"
             ))
-        })
+        })?;
+        if self.cfg.virtual_host {
+            if let Some(e) = s3::virtual_host_bucket_error(&name.bucket) {
+                return Err(Error::InvalidArgument(format!("object {id} ({name}): {e}")));
+            }
+        }
+        Ok(name)
     }
 }
 
@@ -449,12 +508,15 @@ impl Backend for ObjectBackend {
             .map_err(|e| Error::io("starting the object backend's runtime", e))?;
         let s3 = Arc::new(S3::new(
             settings.endpoint.clone(),
+            cfg.virtual_host,
             settings.region.clone(),
             settings.creds.clone(),
+            &settings.tls,
             cfg.connect_timeout,
             cfg.max_concurrency * 2,
         ));
-        tracing::debug!(agent = target.name(), endpoint = %settings.endpoint.authority,
+        tracing::debug!(agent = target.name(), scheme = settings.endpoint.scheme.as_str(),
+            endpoint = %settings.endpoint.authority, virtual_host = cfg.virtual_host,
             region = %settings.region, bucket = ?cfg.bucket, signed = settings.creds.is_some(),
             "object backend started");
         let id = target.instance_id();
@@ -1319,12 +1381,62 @@ mod tests {
             ..ObjectConfig::default()
         });
         assert_eq!(b.probe().unwrap_err(), UNCONFIGURED);
-        let b = ObjectBackend::new(ObjectConfig {
+        // A bucket alone means AWS S3 itself, over https (trusting the CA file here, so that
+        // the test does not depend on this host's CA store).
+        let dir = std::env::temp_dir().join(format!("nixl-object-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let aws = ObjectConfig {
             use_env: false,
-            bucket: Some("b".into()),
+            bucket: Some("bkt".into()),
+            region: Some("eu-west-3".into()),
+            ca_file: Some(ca.clone()),
             ..ObjectConfig::default()
+        };
+        let b = ObjectBackend::new(aws.clone());
+        b.probe().unwrap();
+        let st = b.inner.settings.as_ref().unwrap();
+        assert_eq!(st.endpoint.scheme, Scheme::Https);
+        assert_eq!(st.endpoint.authority, "s3.eu-west-3.amazonaws.com");
+        // A CA file that is not there: unavailable, naming it.
+        let b = ObjectBackend::new(ObjectConfig {
+            ca_file: Some(dir.join("nope.pem")),
+            ..aws.clone()
         });
-        assert!(b.probe().unwrap_err().contains("TLS"));
+        let e = b.probe().unwrap_err();
+        assert!(
+            e.contains("[object] ca_file") && e.contains("nope.pem"),
+            "{e}"
+        );
+        // Virtual-host addressing needs a host name and DNS-compatible buckets.
+        let b = ObjectBackend::new(ObjectConfig {
+            virtual_host: true,
+            endpoint: Some("https://10.0.0.1:9000".into()),
+            ..aws.clone()
+        });
+        let e = b.probe().unwrap_err();
+        assert!(e.contains("virtual_host") && e.contains("10.0.0.1"), "{e}");
+        let b = ObjectBackend::new(ObjectConfig {
+            virtual_host: true,
+            bucket: Some("Not_A_Host".into()),
+            ..aws.clone()
+        });
+        let e = b.probe().unwrap_err();
+        assert!(e.contains("Not_A_Host") && e.contains("host name"), "{e}");
+        let b = ObjectBackend::new(ObjectConfig {
+            virtual_host: true,
+            ..aws
+        });
+        b.probe().unwrap();
+        b.name_object(3, "Bad_Bucket/k").unwrap();
+        let e = b.inner.name_or_err(3).unwrap_err().to_string();
+        assert!(e.contains("Bad_Bucket") && e.contains("host name"), "{e}");
+        assert_eq!(b.inner.name_or_err(4).unwrap().to_string(), "bkt/4");
+        std::fs::remove_dir_all(&dir).unwrap();
         let cfg = ObjectConfig {
             use_env: false,
             endpoint: Some("http://127.0.0.1:1".into()),

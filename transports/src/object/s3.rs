@@ -1,12 +1,28 @@
-//! A small S3 client for the `object` backend: path-style requests over HTTP/1.1 (hyper's
-//! pooled client on the backend's tokio runtime), signed with AWS Signature Version 4 (payload
-//! `UNSIGNED-PAYLOAD`, so parts are sent straight from registered memory without hashing them).
+//! A small S3 client for the `object` backend: requests over HTTP/1.1, plain or TLS (hyper's
+//! pooled client on the backend's tokio runtime, with one connector that serves `http://` and
+//! `https://` endpoints: rustls, ring provider, TLS 1.2 and 1.3), signed with AWS Signature
+//! Version 4 (payload `UNSIGNED-PAYLOAD`, so parts are sent straight from registered memory
+//! without hashing them).
+//!
+//! **Addressing.** Path-style by default (`{endpoint}/{bucket}/{key}`): every S3-compatible
+//! server (MinIO, Ceph RGW, SeaweedFS, moto, ...) serves it, it needs no DNS name per bucket,
+//! works with IP endpoints, and one certificate for the endpoint's host covers every bucket
+//! (buckets with dots in their names break virtual-host TLS under a wildcard certificate); AWS
+//! still serves it. Virtual-host style (`{bucket}.{endpoint host}/{key}`) is there for stores
+//! that require it (`[object] virtual_host = true`); the Host header carries the bucket then, and
+//! it is signed like every header.
+//!
+//! **Trust.** Server certificates are verified against the system's roots (found as OpenSSL
+//! does, `SSL_CERT_FILE` / `SSL_CERT_DIR` included) plus, when configured, the certificates of
+//! a PEM bundle (`[object] ca_file`, or `AWS_CA_BUNDLE`). There is no way to turn verification
+//! off.
 //!
 //! Only what the backend needs: ranged GET, PUT, and the multipart calls (create, upload part,
 //! complete, abort). Errors name the method, the bucket/key and what the server said (its
 //! `<Code>` and `<Message>`), never the credentials.
 
 use std::fmt;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,9 +33,12 @@ use hmac::{Hmac, Mac};
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::{Method, Request, Response, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 
 /// A credential that is never printed: `Debug` shows `<redacted>`.
@@ -64,38 +83,177 @@ impl fmt::Debug for Creds {
     }
 }
 
-/// Where requests go: `http://host[:port]`.
+/// `http` or `https`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// Where requests go: `http://host[:port]` or `https://host[:port]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Endpoint {
+    pub(crate) scheme: Scheme,
     /// `host[:port]`, as written (the Host header, signed).
     pub(crate) authority: String,
 }
 
 impl Endpoint {
-    /// Parses `http://host[:port][/]`; `https://` is refused with what to do instead.
+    /// Parses `http://host[:port][/]` or `https://host[:port][/]`.
     pub(crate) fn parse(s: &str) -> Result<Endpoint, String> {
-        let rest = if let Some(r) = s.strip_prefix("http://") {
-            r
-        } else if s.starts_with("https://") {
-            return Err(format!(
-                "endpoint {s}: https needs TLS, which this build does not include; use an \
-                 http:// endpoint (an S3-compatible server or gateway on a trusted network)"
-            ));
+        let (scheme, rest) = if let Some(r) = s.strip_prefix("http://") {
+            (Scheme::Http, r)
+        } else if let Some(r) = s.strip_prefix("https://") {
+            (Scheme::Https, r)
         } else {
-            return Err(format!("endpoint {s}: expected http://host[:port]"));
+            return Err(format!(
+                "endpoint {s}: expected http://host[:port] or https://host[:port]"
+            ));
         };
         let authority = rest.strip_suffix('/').unwrap_or(rest);
         if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
             return Err(format!(
-                "endpoint {s}: expected http://host[:port] without a path"
+                "endpoint {s}: expected {}://host[:port] without a path",
+                scheme.as_str()
             ));
         }
-        hyper::Uri::try_from(format!("http://{authority}/"))
+        let uri = hyper::Uri::try_from(format!("{}://{authority}/", scheme.as_str()))
             .map_err(|e| format!("endpoint {s}: {e}"))?;
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(format!("endpoint {s}: no host"));
+        }
         Ok(Endpoint {
+            scheme,
             authority: authority.to_owned(),
         })
     }
+
+    /// The host, without the port.
+    pub(crate) fn host(&self) -> &str {
+        if self.authority.starts_with('[') {
+            // An IPv6 literal: `[::1]:9000`.
+            return self
+                .authority
+                .find(']')
+                .map_or(self.authority.as_str(), |i| &self.authority[..=i]);
+        }
+        self.authority
+            .rsplit_once(':')
+            .map_or(self.authority.as_str(), |(h, _)| h)
+    }
+
+    /// Whether the host is an IP address (no bucket can be put in front of it).
+    pub(crate) fn host_is_ip(&self) -> bool {
+        let h = self.host();
+        h.starts_with('[') || h.parse::<std::net::Ipv4Addr>().is_ok()
+    }
+}
+
+/// Why `bucket` cannot be put in a host name (virtual-host addressing), if it cannot.
+pub(crate) fn virtual_host_bucket_error(bucket: &str) -> Option<String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if bucket.len() < 3 || bucket.len() > 63 || !bucket.split('.').all(label_ok) {
+        return Some(format!(
+            "bucket {bucket:?} cannot be a host name (virtual_host = true needs 3 to 63 \
+             lower-case letters, digits, hyphens and dots): use path-style addressing"
+        ));
+    }
+    None
+}
+
+/// The TLS client settings: the system's roots plus the certificates of `ca_file` (`(label,
+/// path)`, the label naming where the path came from in messages). Without any root, an https
+/// endpoint (`https`) is refused, an http one is not.
+pub(crate) fn tls_config(
+    ca_file: Option<(&str, &Path)>,
+    https: bool,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let system = rustls_native_certs::load_native_certs();
+    let errors: Vec<String> = system.errors.iter().map(|e| e.to_string()).collect();
+    tls_config_from(system.certs, &errors, ca_file, https)
+}
+
+fn tls_config_from(
+    system: Vec<CertificateDer<'static>>,
+    system_errors: &[String],
+    ca_file: Option<(&str, &Path)>,
+    https: bool,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    // The system store may hold a certificate webpki cannot use; it is skipped, as browsers do.
+    let (_, ignored) = roots.add_parsable_certificates(system);
+    if ignored > 0 {
+        tracing::debug!(
+            ignored,
+            "object: system CA certificates skipped (unparsable)"
+        );
+    }
+    if let Some((label, path)) = ca_file {
+        for (i, cert) in read_ca_file(label, path)?.into_iter().enumerate() {
+            roots.add(cert).map_err(|e| {
+                format!(
+                    "{label} {}: certificate {} cannot be a trust root: {e}",
+                    path.display(),
+                    i + 1
+                )
+            })?;
+        }
+    }
+    if https && roots.is_empty() {
+        let why = if system_errors.is_empty() {
+            "the system has none".to_owned()
+        } else {
+            format!("the system store: {}", system_errors.join("; "))
+        };
+        return Err(format!(
+            "https endpoint without any trusted CA certificate ({why}): install the system's \
+             CA certificates (ca-certificates) or set [object] ca_file"
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS settings: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// The certificates of a PEM bundle; errors name `label` and the file.
+pub(crate) fn read_ca_file(
+    label: &str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let at = || format!("{label} {}", path.display());
+    let pem = std::fs::read(path).map_err(|e| format!("{}: cannot read it: {e}", at()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", at()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: no certificate in it (expected PEM \"-----BEGIN CERTIFICATE-----\" blocks)",
+            at()
+        ));
+    }
+    Ok(certs)
 }
 
 /// One request.
@@ -238,12 +396,14 @@ impl S3Req<'_> {
     }
 }
 
-type HttpClient = Client<HttpConnector, SendBody>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, SendBody>;
 
 /// The client: one pool of keep-alive connections to the endpoint.
 pub(crate) struct S3 {
     client: HttpClient,
     endpoint: Endpoint,
+    /// Bucket in the host name rather than in the path.
+    virtual_host: bool,
     region: String,
     creds: Option<Creds>,
 }
@@ -252,6 +412,7 @@ impl fmt::Debug for S3 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("S3")
             .field("endpoint", &self.endpoint)
+            .field("virtual_host", &self.virtual_host)
             .field("region", &self.region)
             .field("creds", &self.creds)
             .finish_non_exhaustive()
@@ -262,16 +423,25 @@ impl fmt::Debug for S3 {
 const MAX_ANSWER: usize = 1 << 20;
 
 impl S3 {
+    /// A client for `endpoint`; `tls` verifies the servers of `https://` endpoints.
     pub(crate) fn new(
         endpoint: Endpoint,
+        virtual_host: bool,
         region: String,
         creds: Option<Creds>,
+        tls: &rustls::ClientConfig,
         connect_timeout: Duration,
         max_idle: usize,
     ) -> S3 {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(connect_timeout));
         conn.set_nodelay(true);
+        conn.enforce_http(false); // the TLS layer above takes https:// URIs
+        let conn = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(conn);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
@@ -280,26 +450,49 @@ impl S3 {
         S3 {
             client,
             endpoint,
+            virtual_host,
             region,
             creds,
         }
     }
 
-    fn build(&self, r: &S3Req<'_>, now: SystemTime) -> Result<Request<SendBody>, String> {
-        let mut path = String::from("/");
-        path += &uri_encode(r.bucket, false);
-        if !r.key.is_empty() {
-            path.push('/');
-            path += &uri_encode(r.key, false);
-        }
-        let query = canonical_query(&r.query);
-        let uri = if query.is_empty() {
-            format!("http://{}{path}", self.endpoint.authority)
+    /// The authority (the Host header) and the path (as signed: encoded) of an object.
+    fn target(&self, bucket: &str, key: &str) -> (String, String) {
+        let (authority, mut path) = if self.virtual_host {
+            (
+                format!("{bucket}.{}", self.endpoint.authority),
+                String::from("/"),
+            )
         } else {
-            format!("http://{}{path}?{query}", self.endpoint.authority)
+            (
+                self.endpoint.authority.clone(),
+                format!("/{}", uri_encode(bucket, false)),
+            )
         };
-        let mut headers: Vec<(&'static str, String)> =
-            vec![("host", self.endpoint.authority.clone())];
+        if !key.is_empty() {
+            if !path.ends_with('/') {
+                path.push('/');
+            }
+            path += &uri_encode(key, false);
+        }
+        (authority, path)
+    }
+
+    fn build(&self, r: &S3Req<'_>, now: SystemTime) -> Result<Request<SendBody>, String> {
+        if self.virtual_host {
+            if let Some(e) = virtual_host_bucket_error(r.bucket) {
+                return Err(format!("{}: {e}", r.what()));
+            }
+        }
+        let (authority, path) = self.target(r.bucket, r.key);
+        let query = canonical_query(&r.query);
+        let scheme = self.endpoint.scheme.as_str();
+        let uri = if query.is_empty() {
+            format!("{scheme}://{authority}{path}")
+        } else {
+            format!("{scheme}://{authority}{path}?{query}")
+        };
+        let mut headers: Vec<(&'static str, String)> = vec![("host", authority)];
         if let Some((a, b)) = r.range {
             headers.push(("range", format!("bytes={a}-{b}")));
         }
@@ -354,6 +547,9 @@ impl S3 {
                 Ok(resp) => return Ok(resp),
                 Err(e) => {
                     last = format!("{}: {}", r.what(), error_chain(&e));
+                    if let Some(hint) = tls_hint(&last) {
+                        last += hint;
+                    }
                     if e.is_connect() {
                         break; // refused or unreachable: no use trying again at once
                     }
@@ -375,6 +571,25 @@ impl S3 {
             return Err(status_error(&r.what(), parts.status, &bytes));
         }
         Ok((Response::from_parts(parts, ()), bytes))
+    }
+}
+
+/// What to do about a certificate the client refused, going by rustls' words in `err`.
+fn tls_hint(err: &str) -> Option<&'static str> {
+    if !err.contains("invalid peer certificate") {
+        None
+    } else if err.contains("UnknownIssuer") {
+        Some(
+            " (the server's certificate is not signed by a trusted CA: set [object] ca_file \
+             (or AWS_CA_BUNDLE) to the PEM certificate of the CA that signed it)",
+        )
+    } else if err.contains("not valid for name") || err.contains("NotValidForName") {
+        Some(
+            " (the server's certificate does not name the endpoint's host: use an endpoint \
+             with a name the certificate holds)",
+        )
+    } else {
+        Some(" (the server's certificate was refused)")
     }
 }
 
@@ -612,14 +827,223 @@ mod tests {
             status_error("GET b/k", StatusCode::NOT_FOUND, doc.as_bytes()),
             "GET b/k: HTTP 404 Not Found: NoSuchKey: a & b"
         );
-        assert!(Endpoint::parse("https://s3.amazonaws.com")
-            .unwrap_err()
-            .contains("TLS"));
+    }
+
+    #[test]
+    fn endpoints_parse_with_their_scheme() {
+        let e = Endpoint::parse("https://s3.us-east-1.amazonaws.com").unwrap();
+        assert_eq!(e.scheme, Scheme::Https);
+        assert_eq!(e.authority, "s3.us-east-1.amazonaws.com");
+        assert_eq!(e.host(), "s3.us-east-1.amazonaws.com");
+        assert!(!e.host_is_ip());
+        let e = Endpoint::parse("http://127.0.0.1:9000/").unwrap();
         assert_eq!(
-            Endpoint::parse("http://127.0.0.1:9000/").unwrap().authority,
-            "127.0.0.1:9000"
+            (e.scheme, e.authority.as_str()),
+            (Scheme::Http, "127.0.0.1:9000")
         );
-        assert!(Endpoint::parse("http://h/path").is_err());
-        assert!(Endpoint::parse("ftp://h").is_err());
+        assert_eq!(e.host(), "127.0.0.1");
+        assert!(e.host_is_ip());
+        let e = Endpoint::parse("https://[::1]:9000").unwrap();
+        assert_eq!(e.host(), "[::1]");
+        assert!(e.host_is_ip());
+        assert_eq!(
+            Endpoint::parse("https://minio.lan:9000").unwrap().host(),
+            "minio.lan"
+        );
+        for bad in [
+            "http://h/path",
+            "https://h/path",
+            "ftp://h",
+            "https://",
+            "https://user@h",
+            "https://:9000",
+            "h:9000",
+        ] {
+            let e = Endpoint::parse(bad).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    fn doc_creds() -> Creds {
+        Creds {
+            access_key_id: "AKIAIOSFODNN7EXAMPLE".into(),
+            secret: Secret::new("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+            session_token: None,
+        }
+    }
+
+    fn client(endpoint: &str, virtual_host: bool) -> S3 {
+        let tls = tls_config_from(Vec::new(), &[], None, false).unwrap();
+        S3::new(
+            Endpoint::parse(endpoint).unwrap(),
+            virtual_host,
+            "us-east-1".into(),
+            Some(doc_creds()),
+            &tls,
+            Duration::from_secs(1),
+            1,
+        )
+    }
+
+    fn header<'a>(r: &'a Request<SendBody>, name: &str) -> &'a str {
+        r.headers().get(name).unwrap().to_str().unwrap()
+    }
+
+    /// The URI, the Host header and the signature of both addressing styles. The expected
+    /// signatures were computed apart from this code (Python's hmac/hashlib, following the
+    /// SigV4 documentation), so they check that the Host header signed is the one sent.
+    #[test]
+    fn requests_are_addressed_and_signed_in_both_styles() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_369_353_600); // 20130524T000000Z
+        let get = S3Req {
+            method: Method::GET,
+            bucket: "examplebucket",
+            key: "test.txt",
+            query: Vec::new(),
+            range: Some((0, 9)),
+            body: ReqBody::Empty,
+        };
+        let sh = "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date";
+
+        let vh = client("https://s3.us-east-1.amazonaws.com", true);
+        let r = vh.build(&get, t).unwrap();
+        assert_eq!(
+            r.uri().to_string(),
+            "https://examplebucket.s3.us-east-1.amazonaws.com/test.txt"
+        );
+        assert_eq!(
+            header(&r, "host"),
+            "examplebucket.s3.us-east-1.amazonaws.com"
+        );
+        let auth = header(&r, "authorization");
+        assert!(auth.contains(sh), "{auth}");
+        assert!(
+            auth.ends_with(
+                "Signature=6dbaa08808a26092e1a8dfea288abde7fb11fabbe52879597478ac290abaf188"
+            ),
+            "{auth}"
+        );
+
+        let ps = client("https://s3.us-east-1.amazonaws.com/", false);
+        let r = ps.build(&get, t).unwrap();
+        assert_eq!(
+            r.uri().to_string(),
+            "https://s3.us-east-1.amazonaws.com/examplebucket/test.txt"
+        );
+        assert_eq!(header(&r, "host"), "s3.us-east-1.amazonaws.com");
+        assert_eq!(header(&r, "range"), "bytes=0-9");
+        let auth = header(&r, "authorization");
+        assert!(auth.contains(sh), "{auth}");
+        assert!(
+            auth.ends_with(
+                "Signature=101e37aff6d2eef2249823416791b67080c70a34f84c11c317bc296d699f376b"
+            ),
+            "{auth}"
+        );
+
+        // Plain HTTP, a port, a key that needs encoding, a query.
+        let ip = client("http://127.0.0.1:9000", false);
+        let req = S3Req {
+            method: Method::GET,
+            bucket: "b",
+            key: "dir/k x",
+            query: vec![("uploadId", "a/b".into()), ("partNumber", "1".into())],
+            range: None,
+            body: ReqBody::Empty,
+        };
+        let r = ip.build(&req, t).unwrap();
+        assert_eq!(
+            r.uri().to_string(),
+            "http://127.0.0.1:9000/b/dir/k%20x?partNumber=1&uploadId=a%2Fb"
+        );
+        assert_eq!(header(&r, "host"), "127.0.0.1:9000");
+        assert!(
+            header(&r, "authorization").ends_with(
+                "SignedHeaders=host;x-amz-content-sha256;x-amz-date, \
+                 Signature=9a083a5ea20ec43fb5f45df709760c9f166893a7859be4a25155383607adc0f7"
+            ),
+            "{}",
+            header(&r, "authorization")
+        );
+
+        // Bucket-level requests, and buckets that cannot be host names.
+        assert_eq!(
+            vh.target("bkt", ""),
+            ("bkt.s3.us-east-1.amazonaws.com".into(), "/".into())
+        );
+        assert_eq!(
+            ps.target("bkt", ""),
+            ("s3.us-east-1.amazonaws.com".into(), "/bkt".into())
+        );
+        for bad in ["Upper", "a_b", "ab", "-ab", "a..b", "ab-"] {
+            assert!(virtual_host_bucket_error(bad).is_some(), "{bad}");
+            let req = S3Req {
+                method: Method::GET,
+                bucket: bad,
+                key: "k",
+                query: Vec::new(),
+                range: None,
+                body: ReqBody::Empty,
+            };
+            let e = vh.build(&req, t).unwrap_err();
+            assert!(e.contains("cannot be a host name"), "{e}");
+        }
+        for good in ["abc", "my-bucket.v2", "0k0"] {
+            assert_eq!(virtual_host_bucket_error(good), None, "{good}");
+        }
+    }
+
+    fn pem_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn trust_roots_from_the_system_and_a_ca_file() {
+        let dir = std::env::temp_dir().join(format!("nixl-s3-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        let good = pem_file(&dir, "ca.pem", &format!("{}{}", ca.pem(), ca.pem()));
+        assert_eq!(read_ca_file("[object] ca_file", &good).unwrap().len(), 2);
+        // No system roots: https needs the CA file, http does not.
+        let e = tls_config_from(Vec::new(), &["no store".into()], None, true).unwrap_err();
+        assert!(e.contains("no store") && e.contains("ca_file"), "{e}");
+        tls_config_from(Vec::new(), &[], None, false).unwrap();
+        tls_config_from(Vec::new(), &[], Some(("[object] ca_file", &good)), true).unwrap();
+        // Files that are no CA bundle: errors name the file.
+        let missing = dir.join("missing.pem");
+        let e = read_ca_file("[object] ca_file", &missing).unwrap_err();
+        assert!(
+            e.contains("missing.pem") && e.contains("cannot read"),
+            "{e}"
+        );
+        let empty = pem_file(&dir, "empty.pem", "just text\n");
+        let e =
+            tls_config_from(Vec::new(), &[], Some(("AWS_CA_BUNDLE", &empty)), false).unwrap_err();
+        assert!(
+            e.starts_with("AWS_CA_BUNDLE") && e.contains("empty.pem"),
+            "{e}"
+        );
+        assert!(e.contains("no certificate"), "{e}");
+        let broken = pem_file(
+            &dir,
+            "broken.pem",
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        );
+        let e = read_ca_file("[object] ca_file", &broken).unwrap_err();
+        assert!(e.contains("broken.pem"), "{e}");
+        let junk = pem_file(
+            &dir,
+            "junk.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let e =
+            tls_config_from(Vec::new(), &[], Some(("[object] ca_file", &junk)), true).unwrap_err();
+        assert!(e.contains("junk.pem") && e.contains("certificate 1"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
