@@ -1,7 +1,7 @@
 //! The agent's configuration file (TOML), shared by the daemon, the CLIs and the C ABI.
 //!
 //! ```toml
-//! backends = ["local", "shm", "tcp", "uring", "posix", "object"]   # which to run (default: all built)
+//! backends = ["local", "shm", "tcp", "cuda", "rdma", "uring", "posix", "gds", "object"]   # default: all
 //!
 //! [tcp]
 //! listen = "10.0.0.5:7000"   # default: the host's first non-loopback address, port 0 (free)
@@ -52,6 +52,32 @@
 //! [object.names]             # explicit names: object id = "bucket/key"
 //! "7" = "weights/layer-7.bin"
 //!
+//! [cuda]                     # VRAM; unavailable (with the reason) without libcuda and a GPU
+//! streams_per_device = 4     # copies of one request spread over these streams
+//! max_batch = 1048576        # most descriptors per request
+//! staging_buffer_size = 8388608   # pinned buffers of the pipelined stager (StagePipeline)
+//! staging_buffers = 4
+//! socket_dir = "/run/nixl"   # the Unix socket that grants VMM handles to peers on this node
+//! allow_fabric = true        # publish fabric handles where the GPU supports them (NVL72)
+//! op_timeout_ms = 5000
+//!
+//! [gds]                      # VRAM <-> FILE with GPUDirect Storage (libcufile)
+//! enabled = true
+//! threads = 4
+//! max_io_bytes = 16777216
+//! register_buffers = true    # cuFileBufRegister VRAM registrations
+//!
+//! [rdma]                     # RDMA verbs (libibverbs loaded at run time)
+//! devices = ["mlx5_0", "mlx5_1"]   # default: every device with an active port
+//! qps_per_nic = 4            # queue pairs per NIC per peer
+//! slice_bytes = 1048576      # largest work request; big transfers are striped in slices
+//! max_outstanding = 32       # work requests in flight per queue pair
+//! max_retries = 2            # a failed slice moves to another NIC/QP this many times
+//! connect_timeout_ms = 5000  # the queue-pair handshake over the tcp listener
+//! gid_index = 3              # RoCE: default the first RoCE v2 GID
+//! [rdma.gpu_devices]         # override the topology: NICs per GPU PCI bus id
+//! "0000:19:00.0" = ["mlx5_0"]
+//!
 //! [agent]                    # read by the C ABI (nixl_agent_new)
 //! allow_duplicate_name = false   # a second live agent of the same name in one process
 //!
@@ -70,9 +96,13 @@ use std::time::Duration;
 use nixl_core::{Backend, Error, Result};
 use serde::Deserialize;
 
+use crate::control::{ControlChannel, Unserved};
+use crate::cuda::{CudaBackend, CudaConfig};
+use crate::gds::{GdsBackend, GdsConfig};
 use crate::local::LocalBackend;
 use crate::object::{ObjectBackend, ObjectConfig, ObjectName, Secret};
 use crate::posix::{PosixBackend, PosixConfig};
+use crate::rdma::{RdmaBackend, RdmaConfig};
 use crate::shm::{ShmBackend, ShmConfig};
 use crate::tcp::{parse_listen, Auth, TcpBackend, TcpConfig};
 use crate::uring::{UringBackend, UringConfig};
@@ -101,6 +131,15 @@ pub struct Config {
     /// `[object]`.
     #[serde(default)]
     pub object: ObjectSection,
+    /// `[cuda]`.
+    #[serde(default)]
+    pub cuda: CudaSection,
+    /// `[gds]`.
+    #[serde(default)]
+    pub gds: GdsSection,
+    /// `[rdma]`.
+    #[serde(default)]
+    pub rdma: RdmaSection,
     /// `[agent]`.
     #[serde(default)]
     pub agent: AgentSection,
@@ -199,6 +238,46 @@ impl fmt::Debug for ObjectSection {
     }
 }
 
+/// `[cuda]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CudaSection {
+    pub streams_per_device: Option<usize>,
+    pub max_batch: Option<usize>,
+    pub staging_buffer_size: Option<usize>,
+    pub staging_buffers: Option<usize>,
+    pub socket_dir: Option<PathBuf>,
+    pub allow_fabric: Option<bool>,
+    pub op_timeout_ms: Option<u64>,
+}
+
+/// `[gds]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GdsSection {
+    pub enabled: Option<bool>,
+    pub threads: Option<usize>,
+    pub max_io_bytes: Option<usize>,
+    pub register_buffers: Option<bool>,
+}
+
+/// `[rdma]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RdmaSection {
+    pub devices: Option<Vec<String>>,
+    /// GPU PCI bus id → device names.
+    pub gpu_devices: Option<BTreeMap<String, Vec<String>>>,
+    pub qps_per_nic: Option<usize>,
+    pub slice_bytes: Option<u64>,
+    pub max_outstanding: Option<u32>,
+    pub max_retries: Option<u32>,
+    pub connect_timeout_ms: Option<u64>,
+    pub gid_index: Option<u8>,
+    pub traffic_class: Option<u8>,
+    pub service_level: Option<u8>,
+}
+
 /// `[agent]`: how the agent itself is run.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,7 +297,9 @@ pub struct ShmSection {
     pub allow_map: Option<bool>,
 }
 
-const ALL: [&str; 6] = ["local", "shm", "tcp", "uring", "posix", "object"];
+const ALL: [&str; 9] = [
+    "local", "shm", "tcp", "cuda", "rdma", "uring", "posix", "gds", "object",
+];
 
 impl Config {
     /// Parses a TOML document.
@@ -296,6 +377,54 @@ impl Config {
         }
     }
 
+    /// The `cuda` backend's settings.
+    pub fn cuda_config(&self) -> CudaConfig {
+        let d = CudaConfig::default();
+        let c = &self.cuda;
+        CudaConfig {
+            streams_per_device: c.streams_per_device.unwrap_or(d.streams_per_device),
+            max_batch: c.max_batch.unwrap_or(d.max_batch),
+            staging_buffer_size: c.staging_buffer_size.unwrap_or(d.staging_buffer_size),
+            staging_buffers: c.staging_buffers.unwrap_or(d.staging_buffers),
+            socket_dir: c.socket_dir.clone().unwrap_or(d.socket_dir),
+            allow_fabric: c.allow_fabric.unwrap_or(d.allow_fabric),
+            op_timeout: c.op_timeout_ms.map_or(d.op_timeout, Duration::from_millis),
+        }
+    }
+
+    /// The `gds` backend's settings.
+    pub fn gds_config(&self) -> GdsConfig {
+        let d = GdsConfig::default();
+        let g = &self.gds;
+        GdsConfig {
+            enabled: g.enabled.unwrap_or(d.enabled),
+            threads: g.threads.unwrap_or(d.threads),
+            max_io_bytes: g.max_io_bytes.unwrap_or(d.max_io_bytes),
+            register_buffers: g.register_buffers.unwrap_or(d.register_buffers),
+        }
+    }
+
+    /// The `rdma` backend's settings.
+    pub fn rdma_config(&self) -> RdmaConfig {
+        let d = RdmaConfig::default();
+        let r = &self.rdma;
+        RdmaConfig {
+            devices: r.devices.clone().or(d.devices),
+            gpu_devices: r.gpu_devices.clone().unwrap_or(d.gpu_devices),
+            qps_per_nic: r.qps_per_nic.unwrap_or(d.qps_per_nic),
+            slice_bytes: r.slice_bytes.unwrap_or(d.slice_bytes),
+            max_outstanding: r.max_outstanding.unwrap_or(d.max_outstanding),
+            max_retries: r.max_retries.unwrap_or(d.max_retries),
+            connect_timeout: r
+                .connect_timeout_ms
+                .map_or(d.connect_timeout, Duration::from_millis),
+            gid_index: r.gid_index.or(d.gid_index),
+            traffic_class: r.traffic_class.unwrap_or(d.traffic_class),
+            service_level: r.service_level.unwrap_or(d.service_level),
+            ..d
+        }
+    }
+
     /// The `posix` backend's settings.
     pub fn posix_config(&self) -> PosixConfig {
         let d = PosixConfig::default();
@@ -362,14 +491,32 @@ impl Config {
         if want("shm") {
             out.push(Arc::new(ShmBackend::new(self.shm_config())));
         }
+        let mut control: Option<Arc<dyn ControlChannel>> = None;
         if want("tcp") {
-            out.push(Arc::new(TcpBackend::new(self.tcp_config()?)));
+            let tcp = Arc::new(TcpBackend::new(self.tcp_config()?));
+            control = Some(tcp.control());
+            out.push(tcp);
+        }
+        if want("cuda") {
+            out.push(CudaBackend::new(self.cuda_config()));
+        }
+        if want("rdma") {
+            let control = control.unwrap_or_else(|| {
+                Arc::new(Unserved(
+                    "rdma connects its queue pairs through the tcp backend's listener, which                      this configuration does not run"
+                        .into(),
+                ))
+            });
+            out.push(RdmaBackend::new(self.rdma_config(), control));
         }
         if want("uring") {
             out.push(Arc::new(UringBackend::new(self.uring_config())));
         }
         if want("posix") {
             out.push(Arc::new(PosixBackend::new(self.posix_config())));
+        }
+        if want("gds") {
+            out.push(Arc::new(GdsBackend::new(self.gds_config())));
         }
         if want("object") {
             out.push(Arc::new(ObjectBackend::new(self.object_config()?)));
@@ -435,9 +582,12 @@ mod tests {
             "[object.names]\nseven = \"b/k\"",
             "[object.names]\n\"7\" = \"nokey\"",
             "[[[",
+            "[rdma]\nqps = 4",
+            "[cuda]\nstreams = 4",
+            "[gds]\nthreads = \"x\"",
         ] {
             assert!(Config::from_toml(bad).is_err(), "{bad}");
         }
-        assert!(Config::from_toml("").unwrap().backends().unwrap().len() == 6);
+        assert!(Config::from_toml("").unwrap().backends().unwrap().len() == 9);
     }
 }

@@ -79,6 +79,33 @@ impl Services {
     }
 }
 
+/// A channel for an agent that serves none: every call fails with the reason given (the
+/// configuration runs no `tcp` listener, say).
+#[derive(Debug)]
+pub struct Unserved(pub String);
+
+impl ControlChannel for Unserved {
+    fn endpoint(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    fn serve(&self, _backend: BackendName, _svc: Weak<dyn ControlService>) {}
+
+    fn call(
+        &self,
+        _endpoint: &[u8],
+        _from: &str,
+        backend: BackendName,
+        _req: &[u8],
+        _timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        Err(Error::Unavailable {
+            backend,
+            reason: self.0.clone(),
+        })
+    }
+}
+
 fn loopback_table() -> &'static Mutex<HashMap<Vec<u8>, Weak<Services>>> {
     static T: OnceLock<Mutex<HashMap<Vec<u8>, Weak<Services>>>> = OnceLock::new();
     T.get_or_init(Default::default)

@@ -7,16 +7,24 @@
 //! - [`posix`]: DRAM ↔ FILE with `preadv`/`pwritev` on a thread pool.
 //! - [`uring`]: DRAM ↔ FILE through io_uring, the ring kept full.
 //! - [`object`]: DRAM ↔ OBJECT in S3-compatible object stores (ranged GETs, PUT and multipart).
+//! - [`cuda`]: VRAM (CUDA driver loaded at run time): registration of cudaMalloc and VMM memory,
+//!   CUDA IPC and VMM fd handles between processes of one node, batched device copies, staging.
+//! - [`gds`]: VRAM ↔ FILE with GPUDirect Storage (cuFile loaded at run time).
+//! - [`rdma`]: between hosts over RDMA verbs (libibverbs loaded at run time): one-sided READ/WRITE
+//!   striped over the NICs nearest the memory and several queue pairs each, with failover.
 //!
 //! [`config::Config`] reads the agent's TOML configuration and builds the backends it names.
 
 pub mod config;
 pub mod control;
 pub mod copy;
+pub mod cuda;
 pub mod files;
+pub mod gds;
 pub mod local;
 pub mod object;
 pub mod posix;
+pub mod rdma;
 #[path = "node/mod.rs"]
 pub mod shm;
 pub mod tcp;

@@ -239,16 +239,18 @@ pub(crate) type FilePlan = (Arc<[IoOp]>, Arc<[Arc<Region>]>);
 pub(crate) type Pair = (usize, Desc, Desc);
 
 /// What the file backends prepare from a plan: the owner-side check of every file region
-/// (held on each post), the per-fd checks, and the I/O operations.
+/// (held on each post), the per-fd checks, and the I/O operations. `mem` is the memory kind
+/// the backend moves to and from files (DRAM, or VRAM for `gds`).
 pub(crate) fn prepare_files(
     backend: BackendName,
     target: &TargetHandle,
     plan: &XferPlan,
     max_io: usize,
+    mem: MemKind,
 ) -> Result<FilePlan> {
-    if plan.local_kind != MemKind::Dram || plan.remote_kind != MemKind::File {
+    if plan.local_kind != mem || plan.remote_kind != MemKind::File {
         return Err(Error::InvalidArgument(format!(
-            "{backend} moves DRAM <-> FILE, not {} <-> {}",
+            "{backend} moves {mem} <-> FILE, not {} <-> {}",
             plan.local_kind, plan.remote_kind
         )));
     }
@@ -270,8 +272,13 @@ pub(crate) fn prepare_files(
 
 impl Connection for PosixConn {
     fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>> {
-        let (ops, remote_regions) =
-            prepare_files(BackendName::Posix, &self.target, &plan, self.max_io)?;
+        let (ops, remote_regions) = prepare_files(
+            BackendName::Posix,
+            &self.target,
+            &plan,
+            self.max_io,
+            MemKind::Dram,
+        )?;
         Ok(Box::new(PosixXfer {
             op: plan.op,
             ops,
@@ -303,7 +310,13 @@ pub(crate) fn check_files(plan: &XferPlan) -> Result<()> {
         }
     }
     for (fd, pairs) in &by_fd {
-        check_request(&inspect_fd(*fd)?, *fd, plan.op, pairs)?;
+        let mut info = inspect_fd(*fd)?;
+        if plan.local_kind != MemKind::Dram {
+            // Device memory reaches O_DIRECT files through its backend's own alignment rules
+            // (cuFile bounces what is not aligned); only file offsets are checked here.
+            info.mem_align = 1;
+        }
+        check_request(&info, *fd, plan.op, pairs)?;
     }
     Ok(())
 }

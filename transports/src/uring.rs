@@ -268,8 +268,13 @@ struct UringConn {
 
 impl Connection for UringConn {
     fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>> {
-        let (ops, remote_regions) =
-            prepare_files(BackendName::Uring, &self.target, &plan, self.max_io)?;
+        let (ops, remote_regions) = prepare_files(
+            BackendName::Uring,
+            &self.target,
+            &plan,
+            self.max_io,
+            MemKind::Dram,
+        )?;
         Ok(Box::new(UringXfer {
             op: plan.op,
             ops,

@@ -351,6 +351,24 @@ static void test_register(void)
     if (!have_gpu()) {
         nixl_desc v = {(uint64_t)(uintptr_t)mem, 4096, 0};
         EXPECT(nixl_register(a, NIXL_VRAM, &v, 1), NIXL_ERR_UNAVAILABLE);
+        /* With every backend (the default), the refusal carries cuda's own reason, and cuda,
+         * gds and rdma say why they cannot run. */
+        nixl_agent *d = agent_ok("mis-reg-default", NULL);
+        EXPECT(nixl_register(d, NIXL_VRAM, &v, 1), NIXL_ERR_UNAVAILABLE);
+        CHECK(strstr(nixl_last_error(), "cuda unavailable: ") != NULL &&
+                  strstr(nixl_last_error(), "libcuda") != NULL,
+              "VRAM refusal without cuda's reason: %s", nixl_last_error());
+        EXPECT(nixl_backend_status(d, "cuda"), NIXL_ERR_UNAVAILABLE);
+        CHECK(strstr(nixl_last_error(), "libcuda") != NULL, "cuda: %s", nixl_last_error());
+        EXPECT(nixl_backend_status(d, "gds"), NIXL_ERR_UNAVAILABLE);
+        CHECK(strstr(nixl_last_error(), "CUDA driver") != NULL, "gds: %s", nixl_last_error());
+        if (access("/sys/class/infiniband", F_OK) != 0) {
+            EXPECT(nixl_backend_status(d, "rdma"), NIXL_ERR_UNAVAILABLE);
+            CHECK(strstr(nixl_last_error(), "RDMA") != NULL || strstr(nixl_last_error(), "libibverbs"),
+                  "rdma: %s", nixl_last_error());
+        }
+        EXPECT_OK(nixl_backend_status(d, "local"));
+        nixl_agent_free(d);
     }
 
     EXPECT_OK(nixl_register(a, NIXL_DRAM, &whole, 1));

@@ -1,0 +1,389 @@
+//! The `cuda` backend with real hardware, and its behaviour on hosts without it.
+//!
+//! The GPU tests run only with `NIXL_TEST_CUDA=1` (device 0, and device 1 where present) and
+//! otherwise print `SKIP: <test>: <reason>` to stderr. The two-process test re-executes this
+//! binary as the peer (`NIXL_CUDA_TEST_CHILD` names the owner's metadata file).
+//!
+//! ```text
+//! NIXL_TEST_CUDA=1 cargo test -p nixl-transports --test cuda -- --nocapture --test-threads=1
+//! ```
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixl_core::*;
+use nixl_transports::cuda::{device, CudaBackend, CudaConfig, LegacyBuffer, VmmBuffer};
+use nixl_transports::local::LocalBackend;
+
+const CHILD_ENV: &str = "NIXL_CUDA_TEST_CHILD";
+
+fn gpu(test: &str) -> bool {
+    if std::env::var("NIXL_TEST_CUDA").as_deref() != Ok("1") {
+        eprintln!("SKIP: {test}: NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)");
+        return false;
+    }
+    true
+}
+
+fn cfg(tag: &str) -> CudaConfig {
+    CudaConfig {
+        socket_dir: std::env::temp_dir()
+            .join(format!("nixl-cuda-test-{tag}-{}", std::process::id())),
+        ..CudaConfig::default()
+    }
+}
+
+fn agent(name: &str, tag: &str) -> Agent {
+    Agent::builder(name)
+        .backend(CudaBackend::new(cfg(tag)))
+        .build()
+        .unwrap()
+}
+
+fn vram(d: Vec<Desc>) -> DescList {
+    DescList::from_descs(MemKind::Vram, d).unwrap()
+}
+
+fn reg(a: &Agent, list: &DescList) -> Result<Registration> {
+    // SAFETY: every buffer a test registers outlives its registration (declared before it).
+    unsafe { a.register(list) }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn without_a_driver_cuda_is_unavailable_and_the_agent_runs() {
+    let b = CudaBackend::new(cfg("nodrv"));
+    if b.probe().is_ok() {
+        eprintln!(
+            "SKIP: without_a_driver_cuda_is_unavailable_and_the_agent_runs: a CUDA driver is present"
+        );
+        return;
+    }
+    let a = Agent::builder("nodrv")
+        .backend(b)
+        .backend(Arc::new(LocalBackend::new()))
+        .build()
+        .unwrap();
+    let st = a
+        .backends()
+        .iter()
+        .find(|s| s.name == BackendName::Cuda)
+        .cloned()
+        .unwrap();
+    let reason = st.unavailable.expect("cuda must be unavailable here");
+    assert!(reason.starts_with("libcuda.so.1 not found: "), "{reason}");
+    // Registering VRAM is refused with the reason; DRAM still works.
+    let e = reg(&a, &vram(vec![Desc::new(0x7f00_0000_0000, 4096, 0)])).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Unavailable, "{e}");
+    assert!(e.to_string().contains("libcuda.so.1 not found"), "{e}");
+    let buf = vec![0u8; 64];
+    let r = reg(
+        &a,
+        &DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(&buf)]).unwrap(),
+    );
+    assert!(r.is_ok());
+    // Forcing cuda is refused with the same reason.
+    let e = a.check_backend(BackendName::Cuda).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Unavailable, "{e}");
+    assert!(e.to_string().contains("libcuda.so.1"), "{e}");
+}
+
+#[test]
+fn gpu_probe_finds_a_device() {
+    if !gpu("gpu_probe_finds_a_device") {
+        return;
+    }
+    let b = CudaBackend::new(cfg("probe"));
+    b.probe().expect("the driver probe");
+    let ctx = device(0).unwrap();
+    eprintln!(
+        "device 0: vmm {} posix_fd {} fabric {}",
+        ctx.vmm_supported(),
+        ctx.posix_fd_supported(),
+        ctx.fabric_supported()
+    );
+    assert!(ctx.vmm_supported());
+}
+
+#[test]
+fn gpu_register_vmm_and_legacy_memory() {
+    if !gpu("gpu_register_vmm_and_legacy_memory") {
+        return;
+    }
+    let a = agent("reg", "reg");
+    let v = VmmBuffer::new(0, 3 << 20, true).unwrap();
+    assert!(v.capacity() >= 3 << 20);
+    let l = LegacyBuffer::new(0, 1 << 20).unwrap();
+    let r1 = reg(&a, &vram(vec![v.desc()])).unwrap();
+    // A sub-range of a cudaMalloc allocation: chunk offset from the allocation base.
+    let sub = Desc::new(l.addr() + 4096, 8192, 0);
+    let r2 = reg(&a, &vram(vec![sub])).unwrap();
+    // Wrong dev_id: refused with the device named.
+    let bad = Desc::new(l.addr() + 65536, 4096, 1);
+    match reg(&a, &vram(vec![bad])) {
+        Err(e) => eprintln!("dev_id 1 refused: {e}"),
+        Ok(_) => panic!("dev_id 1 accepted for device 0 memory"),
+    }
+    // Host memory is not VRAM.
+    let host = vec![0u8; 4096];
+    let e = reg(&a, &vram(vec![Desc::new(host.as_ptr() as u64, 4096, 0)])).unwrap_err();
+    eprintln!("host memory refused: {e}");
+    r1.deregister().unwrap();
+    r2.deregister().unwrap();
+}
+
+#[test]
+fn gpu_copy_between_two_agents_in_one_process() {
+    if !gpu("gpu_copy_between_two_agents_in_one_process") {
+        return;
+    }
+    let a = agent("a", "local-a");
+    let b = agent("b", "local-b");
+    let size = 8 << 20;
+    let src = pattern(1, size);
+    let va = VmmBuffer::new(0, size, false).unwrap();
+    let lb = LegacyBuffer::new(0, size + 4096).unwrap();
+    va.upload(0, &src).unwrap();
+    lb.upload(0, &vec![0u8; size + 4096]).unwrap();
+    let _ra = reg(&a, &vram(vec![va.desc()])).unwrap();
+    let _rb = reg(&b, &vram(vec![lb.desc()])).unwrap();
+    a.load_remote(&b.metadata_bytes()).unwrap();
+
+    // WRITE a's VMM buffer into b's legacy buffer at an odd offset, with a notification.
+    let req = a
+        .create_xfer(
+            XferOp::Write,
+            &vram(vec![va.desc()]),
+            &vram(vec![Desc::new(lb.addr() + 17, size as u64, 0)]),
+            "b",
+            XferOptions {
+                notif: Some(b"vram-done".to_vec()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(req.backend(), BackendName::Cuda);
+    req.run_blocking().unwrap();
+    let mut out = vec![0u8; size];
+    lb.download(17, &mut out).unwrap();
+    assert!(out == src, "VRAM write differs");
+    let n = b.wait_notifs(Duration::from_secs(5));
+    assert_eq!(n.len(), 1);
+    assert_eq!(n[0].msg, b"vram-done");
+
+    // READ back in 4096 scattered 2 KiB blocks, reversed.
+    va.upload(0, &vec![0u8; size]).unwrap();
+    let blocks = 4096u64;
+    let bs = (size as u64) / blocks;
+    let mut local: Vec<Desc> = (0..blocks)
+        .map(|i| Desc::new(va.addr() + i * bs, bs, 0))
+        .collect();
+    let mut remote: Vec<Desc> = (0..blocks)
+        .map(|i| Desc::new(lb.addr() + 17 + i * bs, bs, 0))
+        .collect();
+    local.reverse();
+    remote.reverse();
+    let req = a
+        .create_xfer(
+            XferOp::Read,
+            &vram(local),
+            &vram(remote),
+            "b",
+            Default::default(),
+        )
+        .unwrap();
+    for _ in 0..3 {
+        req.run_blocking().unwrap();
+    }
+    let mut back = vec![0u8; size];
+    va.download(0, &mut back).unwrap();
+    assert!(back == src, "scattered VRAM read differs");
+}
+
+#[test]
+fn gpu_staged_vram_to_a_dram_peer() {
+    if !gpu("gpu_staged_vram_to_a_dram_peer") {
+        return;
+    }
+    let a = Agent::builder("sa")
+        .backend(CudaBackend::new(cfg("staged")))
+        .backend(Arc::new(LocalBackend::new()))
+        .build()
+        .unwrap();
+    let b = Agent::builder("sb")
+        .backend(Arc::new(LocalBackend::new()))
+        .build()
+        .unwrap();
+    let size = 1 << 20;
+    let src = pattern(3, size);
+    let v = VmmBuffer::new(0, size, false).unwrap();
+    v.upload(0, &src).unwrap();
+    let mut host = vec![0u8; size];
+    let _ra = reg(&a, &vram(vec![v.desc()])).unwrap();
+    let _rb = reg(
+        &b,
+        &DescList::from_descs(MemKind::Dram, vec![Desc::from_mut_slice(&mut host)]).unwrap(),
+    )
+    .unwrap();
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    let dst = Desc::new(host.as_ptr() as u64, size as u64, 0);
+    let req = a
+        .create_xfer(
+            XferOp::Write,
+            &vram(vec![v.desc()]),
+            &DescList::from_descs(MemKind::Dram, vec![dst]).unwrap(),
+            "sb",
+            Default::default(),
+        )
+        .unwrap();
+    assert_eq!(req.info().staged, Some(BackendName::Cuda));
+    req.run_blocking().unwrap();
+    assert!(host == src, "staged VRAM -> DRAM differs");
+}
+
+/// The owner's side of the two-process test: legacy and VMM regions filled with patterns; the
+/// child READs both, WRITEs its own pattern into the VMM region, and notifies.
+#[test]
+fn gpu_two_processes_legacy_and_vmm_ipc() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return; // in the child, only `ipc_child` runs
+    }
+    if !gpu("gpu_two_processes_legacy_and_vmm_ipc") {
+        return;
+    }
+    let owner = agent("owner", "ipc-owner");
+    let size = 6 << 20;
+    let v = VmmBuffer::new(0, size, false).unwrap();
+    let l = LegacyBuffer::new(0, size).unwrap();
+    v.upload(0, &pattern(10, size)).unwrap();
+    l.upload(0, &pattern(11, size)).unwrap();
+    let _r = reg(&owner, &vram(vec![v.desc(), l.desc()])).unwrap();
+    let md: PathBuf = std::env::temp_dir().join(format!("nixl-cuda-md-{}", std::process::id()));
+    std::fs::write(&md, owner.metadata_bytes()).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "ipc_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, &md)
+        .env("NIXL_CUDA_TEST_VMM", v.addr().to_string())
+        .env("NIXL_CUDA_TEST_LEGACY", l.addr().to_string())
+        .env("NIXL_TEST_CUDA", "1")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&md);
+    eprintln!(
+        "child stdout:\n{}\nchild stderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child failed");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("CHILD OK"),
+        "the child did not run its checks"
+    );
+    let n = owner.wait_notifs(Duration::from_secs(10));
+    assert_eq!(n.len(), 1, "{n:?}");
+    assert_eq!(n[0].from, "peer");
+    assert_eq!(n[0].msg, b"written");
+    let mut got = vec![0u8; size];
+    v.download(0, &mut got).unwrap();
+    assert!(got == pattern(12, size), "the child's VMM write differs");
+}
+
+/// The child of the two-process test (does nothing unless started by it).
+#[test]
+fn ipc_child() {
+    let Some(md) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let addr = |var: &str| -> u64 { std::env::var(var).unwrap().parse().unwrap() };
+    let (vmm_addr, legacy_addr) = (addr("NIXL_CUDA_TEST_VMM"), addr("NIXL_CUDA_TEST_LEGACY"));
+    let bytes = std::fs::read(md).unwrap();
+    let peer = agent("peer", "ipc-peer");
+    assert_eq!(peer.load_remote(&bytes).unwrap(), "owner");
+    let size = 6 << 20;
+    let mine = VmmBuffer::new(0, size, false).unwrap();
+    let _r = reg(&peer, &vram(vec![mine.desc()])).unwrap();
+    // READ both owner regions (VMM through a granted fd, legacy through an IPC handle), twice
+    // each (the second post reuses the cached mappings), in 3 pieces with an odd split.
+    for (remote, seed) in [(vmm_addr, 10u64), (legacy_addr, 11)] {
+        let cut = [0u64, 1_000_003, 4 << 20, size as u64];
+        let local: Vec<Desc> = cut
+            .windows(2)
+            .map(|w| Desc::new(mine.addr() + w[0], w[1] - w[0], 0))
+            .collect();
+        let rem: Vec<Desc> = cut
+            .windows(2)
+            .map(|w| Desc::new(remote + w[0], w[1] - w[0], 0))
+            .collect();
+        let req = peer
+            .create_xfer(
+                XferOp::Read,
+                &vram(local),
+                &vram(rem),
+                "owner",
+                Default::default(),
+            )
+            .unwrap();
+        assert_eq!(req.backend(), BackendName::Cuda);
+        for round in 0..2 {
+            mine.upload(0, &vec![0u8; size]).unwrap();
+            req.run_blocking().unwrap();
+            let mut got = vec![0u8; size];
+            mine.download(0, &mut got).unwrap();
+            assert!(
+                got == pattern(seed, size),
+                "READ of {remote:#x} round {round} differs"
+            );
+        }
+    }
+    // A wrong key is refused by the owner (VMM fds are granted only with the region key).
+    let mut md = AgentMetadata::decode(&bytes).unwrap();
+    md.name = "forged".into();
+    md.instance_id ^= 1;
+    for r in &mut md.regions {
+        r.key ^= 0x5555;
+    }
+    peer.load_remote(&md.encode()).unwrap();
+    let forged = peer.create_xfer(
+        XferOp::Read,
+        &vram(vec![mine.desc()]),
+        &vram(vec![Desc::new(vmm_addr, size as u64, 0)]),
+        "forged",
+        Default::default(),
+    );
+    match forged {
+        Err(e) => {
+            assert_eq!(e.class(), ErrorClass::Denied, "{e}");
+            println!("forged key refused: {e}");
+        }
+        Ok(_) => panic!("a forged key must be refused"),
+    }
+    // WRITE our pattern into the owner's VMM region, with a notification.
+    mine.upload(0, &pattern(12, size)).unwrap();
+    let req = peer
+        .create_xfer(
+            XferOp::Write,
+            &vram(vec![mine.desc()]),
+            &vram(vec![Desc::new(vmm_addr, size as u64, 0)]),
+            "owner",
+            XferOptions {
+                notif: Some(b"written".to_vec()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    req.run_blocking().unwrap();
+    println!("CHILD OK");
+}
