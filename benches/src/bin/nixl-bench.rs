@@ -523,6 +523,13 @@ fn procs_setup(topo: Topo, args: &Args, backends: &str, size: usize) -> Res<Proc
     }
 }
 
+/// Why backend `b` cannot run on this host (its own probe), or `None` when it can.
+fn probe_reason(b: &str) -> Option<String> {
+    let cfg = Config::from_toml(&format!("backends = [\"{b}\"]\n")).ok()?;
+    let backends = cfg.backends().ok()?;
+    backends.iter().find_map(|x| x.probe().err())
+}
+
 fn run(args: &Args) -> Res<()> {
     let backend = args.backend.as_str();
     if matches!(backend, "uring" | "posix" | "object") && args.topology.is_none() {
@@ -555,12 +562,23 @@ fn run(args: &Args) -> Res<()> {
             "auto" => "shm",
             b @ ("local" | "shm" | "tcp") => b,
             b => {
-                return Err(Fail::Unavailable(
-                    b.into(),
-                    "this build has it, but nixl-bench has no topology for it yet (local, shm \
-                     and tcp move DRAM to DRAM between agents; --topology names one to try)"
-                        .into(),
-                ))
+                // The backend's own probe says why it cannot run on this host.
+                if let Some(why) = probe_reason(b) {
+                    return Err(Fail::Unavailable(b.into(), why));
+                }
+                match b {
+                    // Two agents in two network namespaces, the bytes over the RDMA device.
+                    "rdma" => "tcp",
+                    _ => {
+                        return Err(Fail::Unavailable(
+                            b.into(),
+                            "it runs on this host, but nixl-bench has no topology for it yet \
+                             (local, shm and tcp move DRAM to DRAM between agents; --topology \
+                             names one to try)"
+                                .into(),
+                        ))
+                    }
+                }
             }
         },
     };
