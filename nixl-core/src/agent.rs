@@ -573,9 +573,18 @@ impl Agent {
         let result = (|| {
             for desc in list.descs() {
                 let mut publics = Vec::with_capacity(chosen.len());
+                let mut skipped: Option<Error> = None;
                 for b in &chosen {
                     match b.register(kind, desc) {
                         Ok(p) => publics.push((b.name(), p)),
+                        // Not named by the caller, and unable to take this memory (RDMA with
+                        // neither dmabuf nor peer memory for VRAM, say): the region goes
+                        // without it, and requests that would need it say so.
+                        Err(e @ Error::Unavailable { .. }) if only.is_none() => {
+                            tracing::info!(agent = %self.inner.name, backend = %b.name(), %kind,
+                                desc = ?desc, "registered without this backend: {e}");
+                            skipped.get_or_insert(e);
+                        }
                         Err(e) => {
                             for (name, _) in &publics {
                                 if let Some(b) = self.backend(*name) {
@@ -586,6 +595,12 @@ impl Agent {
                         }
                     }
                 }
+                if publics.is_empty() {
+                    if let Some(e) = skipped {
+                        return Err(e);
+                    }
+                }
+                let names: Vec<BackendName> = publics.iter().map(|p| p.0).collect();
                 let region = Region {
                     id: self.inner.next_region.fetch_add(1, Ordering::Relaxed),
                     kind,
@@ -597,7 +612,7 @@ impl Agent {
                 match self.inner.target.0.regions.insert(region) {
                     Ok(r) => done.push(r),
                     Err(e) => {
-                        for b in &chosen {
+                        for b in chosen.iter().filter(|b| names.contains(&b.name())) {
                             b.deregister(&placeholder(kind, desc));
                         }
                         return Err(e);

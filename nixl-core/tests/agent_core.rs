@@ -38,6 +38,8 @@ struct Scripted {
     /// Complete every post inline with Ok instead of parking it.
     inline_ok: bool,
     unavailable: Option<&'static str>,
+    /// Refuse every registration as Unavailable with this reason.
+    refuse: Option<&'static str>,
 }
 
 impl Scripted {
@@ -49,6 +51,7 @@ impl Scripted {
             posts: Arc::default(),
             inline_ok: false,
             unavailable: None,
+            refuse: None,
         }
     }
 }
@@ -94,7 +97,13 @@ impl Backend for Scripted {
         vec![self.name.code()]
     }
     fn register(&self, _kind: MemKind, _desc: &Desc) -> Result<Vec<u8>> {
-        Ok(vec![1, 2, 3])
+        match self.refuse {
+            Some(reason) => Err(Error::Unavailable {
+                backend: self.name,
+                reason: reason.into(),
+            }),
+            None => Ok(vec![1, 2, 3]),
+        }
     }
     fn deregister(&self, _region: &Region) {}
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
@@ -715,4 +724,42 @@ fn metrics_count_bytes_requests_errors_and_latency() {
         Some(DebugValue::Histogram(v)) => assert_eq!(v.len(), 2),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_backend_that_cannot_take_a_region_is_left_out_unless_named() {
+    let picky = Scripted {
+        refuse: Some("no peer memory for this"),
+        ..Scripted::new(BackendName::Rdma, Locality::AnyNode)
+    };
+    let a = Agent::builder("picky")
+        .backend(Arc::new(picky))
+        .backend(Arc::new(Scripted::new(BackendName::Tcp, Locality::AnyNode)))
+        .build()
+        .unwrap();
+    let buf = vec![0u8; 4096];
+    let list = DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(&buf)]).unwrap();
+    // Not named: registered with the backends that could take it.
+    let r = a.reg(&list).unwrap();
+    let md = a.metadata();
+    let names: Vec<BackendName> = md.regions[0].backends.iter().map(|b| b.0).collect();
+    assert_eq!(names, vec![BackendName::Tcp]);
+    drop(r);
+    // Named: its refusal is the answer.
+    let e = a.reg_with(&list, &[BackendName::Rdma]).unwrap_err();
+    assert!(
+        matches!(&e, Error::Unavailable { backend: BackendName::Rdma, reason } if reason == "no peer memory for this"),
+        "{e}"
+    );
+    // Nobody takes it: the refusal is the answer too, and nothing stays registered.
+    let only = Agent::builder("only-picky")
+        .backend(Arc::new(Scripted {
+            refuse: Some("no peer memory for this"),
+            ..Scripted::new(BackendName::Rdma, Locality::AnyNode)
+        }))
+        .build()
+        .unwrap();
+    let e = only.reg(&list).unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Unavailable, "{e}");
+    assert!(only.metadata().regions.is_empty());
 }

@@ -2,14 +2,17 @@
 //!
 //! The GPU tests run only with `NIXL_TEST_CUDA=1` (device 0, and device 1 where present) and
 //! otherwise print `SKIP: <test>: <reason>` to stderr. The two-process test re-executes this
-//! binary as the peer (`NIXL_CUDA_TEST_CHILD` names the owner's metadata file).
+//! binary as the peer (`NIXL_CUDA_TEST_CHILD` names the owner's metadata file); the owner
+//! deregisters and frees its legacy buffer while the peer holds a mapping of it, and the peer's
+//! next transfer must fail cleanly.
 //!
 //! ```text
 //! NIXL_TEST_CUDA=1 cargo test -p nixl-transports --test cuda -- --nocapture --test-threads=1
 //! ```
 
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -255,7 +258,9 @@ fn gpu_staged_vram_to_a_dram_peer() {
 }
 
 /// The owner's side of the two-process test: legacy and VMM regions filled with patterns; the
-/// child READs both, WRITEs its own pattern into the VMM region, and notifies.
+/// child READs both and then holds its mappings; the owner deregisters and frees the legacy
+/// buffer (the child's mapping is revoked first), the child checks that its next transfer to it
+/// fails cleanly, WRITEs its own pattern into the VMM region, and notifies.
 #[test]
 fn gpu_two_processes_legacy_and_vmm_ipc() {
     if std::env::var_os(CHILD_ENV).is_some() {
@@ -270,28 +275,72 @@ fn gpu_two_processes_legacy_and_vmm_ipc() {
     let l = LegacyBuffer::new(0, size).unwrap();
     v.upload(0, &pattern(10, size)).unwrap();
     l.upload(0, &pattern(11, size)).unwrap();
-    let _r = reg(&owner, &vram(vec![v.desc(), l.desc()])).unwrap();
+    let _rv = reg(&owner, &vram(vec![v.desc()])).unwrap();
+    let rl = reg(&owner, &vram(vec![l.desc()])).unwrap();
     let md: PathBuf = std::env::temp_dir().join(format!("nixl-cuda-md-{}", std::process::id()));
     std::fs::write(&md, owner.metadata_bytes()).unwrap();
-    let out = Command::new(std::env::current_exe().unwrap())
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "ipc_child", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, &md)
         .env("NIXL_CUDA_TEST_VMM", v.addr().to_string())
         .env("NIXL_CUDA_TEST_LEGACY", l.addr().to_string())
         .env("NIXL_TEST_CUDA", "1")
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(|l| l.ok())
+        {
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(line);
+        }
+        all
+    });
+    let stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut s);
+        s
+    });
+    // Wait until the child holds its mappings (or ends).
+    let holding = loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.contains("HOLDING") => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    if holding {
+        // Deregistration revokes the child's legacy mapping; the child answers at once.
+        let t = std::time::Instant::now();
+        rl.deregister().unwrap();
+        let took = t.elapsed();
+        eprintln!("deregistration with a peer mapping took {took:?}");
+        assert!(
+            took < CudaConfig::default().op_timeout,
+            "the peer did not acknowledge the revocation ({took:?})"
+        );
+        // The memory can be freed now: nobody maps it any more.
+        drop(l);
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "GO").unwrap();
+    }
+    let status = child.wait().unwrap();
+    let out = reader.join().unwrap();
+    let err = err_reader.join().unwrap();
     let _ = std::fs::remove_file(&md);
-    eprintln!(
-        "child stdout:\n{}\nchild stderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "child failed");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("CHILD OK"),
-        "the child did not run its checks"
-    );
+    eprintln!("child stdout:\n{out}\nchild stderr:\n{err}");
+    assert!(holding, "the child never reported holding its mappings");
+    assert!(status.success(), "child failed");
+    assert!(out.contains("CHILD OK"), "the child did not run its checks");
     let n = owner.wait_notifs(Duration::from_secs(10));
     assert_eq!(n.len(), 1, "{n:?}");
     assert_eq!(n[0].from, "peer");
@@ -310,19 +359,24 @@ fn ipc_child() {
     let addr = |var: &str| -> u64 { std::env::var(var).unwrap().parse().unwrap() };
     let (vmm_addr, legacy_addr) = (addr("NIXL_CUDA_TEST_VMM"), addr("NIXL_CUDA_TEST_LEGACY"));
     let bytes = std::fs::read(md).unwrap();
-    let peer = agent("peer", "ipc-peer");
+    let cuda = CudaBackend::new(cfg("ipc-peer"));
+    let peer = Agent::builder("peer")
+        .backend(cuda.clone())
+        .build()
+        .unwrap();
     assert_eq!(peer.load_remote(&bytes).unwrap(), "owner");
     let size = 6 << 20;
     let mine = VmmBuffer::new(0, size, false).unwrap();
     let _r = reg(&peer, &vram(vec![mine.desc()])).unwrap();
     // READ both owner regions (VMM through a granted fd, legacy through an IPC handle), twice
     // each (the second post reuses the cached mappings), in 3 pieces with an odd split.
+    let cut = [0u64, 1_000_003, 4 << 20, size as u64];
+    let local: Vec<Desc> = cut
+        .windows(2)
+        .map(|w| Desc::new(mine.addr() + w[0], w[1] - w[0], 0))
+        .collect();
+    let mut reqs = Vec::new();
     for (remote, seed) in [(vmm_addr, 10u64), (legacy_addr, 11)] {
-        let cut = [0u64, 1_000_003, 4 << 20, size as u64];
-        let local: Vec<Desc> = cut
-            .windows(2)
-            .map(|w| Desc::new(mine.addr() + w[0], w[1] - w[0], 0))
-            .collect();
         let rem: Vec<Desc> = cut
             .windows(2)
             .map(|w| Desc::new(remote + w[0], w[1] - w[0], 0))
@@ -330,7 +384,7 @@ fn ipc_child() {
         let req = peer
             .create_xfer(
                 XferOp::Read,
-                &vram(local),
+                &vram(local.clone()),
                 &vram(rem),
                 "owner",
                 Default::default(),
@@ -347,7 +401,39 @@ fn ipc_child() {
                 "READ of {remote:#x} round {round} differs"
             );
         }
+        reqs.push(req);
     }
+    assert_eq!(cuda.imported_regions(), 2);
+    // Hold the mappings while the owner deregisters (and frees) its legacy region.
+    println!("HOLDING");
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "GO");
+    // The revocation came before the owner's deregistration returned: the legacy region is no
+    // longer mapped, and the prepared READ fails cleanly instead of touching freed memory.
+    assert_eq!(cuda.imported_regions(), 1, "the legacy import was dropped");
+    let e = reqs[1].run_blocking().unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Denied, "{e}");
+    assert!(e.to_string().contains("deregistered by its owner"), "{e}");
+    println!("post after deregistration: {e}");
+    // Preparing it anew (the metadata still lists it) is refused by the owner.
+    let rem = vec![Desc::new(legacy_addr, size as u64, 0)];
+    match peer.create_xfer(
+        XferOp::Read,
+        &vram(vec![mine.desc()]),
+        &vram(rem),
+        "owner",
+        Default::default(),
+    ) {
+        Err(e) => {
+            assert_eq!(e.class(), ErrorClass::Denied, "{e}");
+            println!("new transfer to the deregistered region refused: {e}");
+        }
+        Ok(_) => panic!("a deregistered region must be refused"),
+    }
+    // The VMM region is untouched.
+    reqs[0].run_blocking().unwrap();
     // A wrong key is refused by the owner (VMM fds are granted only with the region key).
     let mut md = AgentMetadata::decode(&bytes).unwrap();
     md.name = "forged".into();

@@ -288,3 +288,123 @@ fn hardware_write_and_read_with_notifications() {
     a.shutdown();
     b.shutdown();
 }
+
+fn vram(d: Vec<Desc>) -> DescList {
+    DescList::from_descs(MemKind::Vram, d).unwrap()
+}
+
+/// VRAM through dmabuf (`NIXL_TEST_RDMA_DEVICE=<name>` and `NIXL_TEST_CUDA=1`, GPU 0): DRAM of
+/// one agent to VRAM of another at an address that is not page-aligned (the dmabuf covers the
+/// aligned superset, the MR exactly the region), back, and VRAM as the local side; the bytes
+/// around the region stay untouched.
+#[test]
+fn hardware_vram_through_dmabuf() {
+    let test = "hardware_vram_through_dmabuf";
+    let Ok(dev) = std::env::var("NIXL_TEST_RDMA_DEVICE") else {
+        skip(
+            test,
+            "NIXL_TEST_RDMA_DEVICE is not set (name an RDMA device, e.g. mlx5_0)",
+        );
+        return;
+    };
+    if std::env::var("NIXL_TEST_CUDA").as_deref() != Ok("1") {
+        skip(
+            test,
+            "NIXL_TEST_CUDA=1 is not set (needs an NVIDIA GPU with dmabuf support)",
+        );
+        return;
+    }
+    use nixl_transports::cuda::LegacyBuffer;
+    let cfg = RdmaConfig {
+        devices: Some(vec![dev.clone()]),
+        slice_bytes: 256 << 10,
+        qps_per_nic: 2,
+        ..Default::default()
+    };
+    let mk = |name: &str| {
+        let ch = Loopback::new(&format!("rdma-vram-{name}-{}", std::process::id()));
+        let b = RdmaBackend::new(cfg.clone(), ch);
+        if let Err(e) = b.probe() {
+            panic!("NIXL_TEST_RDMA_DEVICE={dev} but the rdma backend cannot run: {e}");
+        }
+        Agent::builder(name).backend(b).build().unwrap()
+    };
+    let a = mk("rdma-vram-a");
+    let b = mk("rdma-vram-b");
+    let size = (4 << 20) + 777;
+    let off = 4096 + 123;
+    let gpu = LegacyBuffer::new(0, size + 3 * 4096).unwrap();
+    gpu.upload(0, &vec![0u8; gpu.len()]).unwrap();
+    let vdesc = Desc::new(gpu.addr() + off as u64, size as u64, 0);
+    // SAFETY: `gpu` outlives the registration (declared before it, dropped after it).
+    let _rv = unsafe { b.register(&vram(vec![vdesc])) }
+        .unwrap_or_else(|e| panic!("VRAM registration with rdma failed: {e}"));
+    let src = pattern(7, size);
+    let mut back = vec![0u8; size];
+    let mut from_gpu = vec![0u8; size];
+    // SAFETY: the buffers outlive their registration and are read after the transfers end.
+    let _ra = unsafe {
+        a.register(&dram(vec![
+            Desc::from_slice(&src),
+            Desc::from_mut_slice(&mut back),
+            Desc::from_mut_slice(&mut from_gpu),
+        ]))
+    }
+    .unwrap();
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    b.load_remote(&a.metadata_bytes()).unwrap();
+
+    // DRAM -> remote VRAM, with a notification.
+    let w = a
+        .create_xfer(
+            XferOp::Write,
+            &dram(vec![Desc::from_slice(&src)]),
+            &vram(vec![vdesc]),
+            "rdma-vram-b",
+            XferOptions {
+                notif: Some(b"vram written".to_vec()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(w.backend(), BackendName::Rdma);
+    w.run_blocking().unwrap();
+    let n = b.wait_notifs(Duration::from_secs(5));
+    assert_eq!(n.len(), 1);
+    assert_eq!(n[0].msg, b"vram written");
+    let mut all = vec![0u8; gpu.len()];
+    gpu.download(0, &mut all).unwrap();
+    assert!(all[off..off + size] == src[..], "WRITE into VRAM differs");
+    assert!(
+        all[..off].iter().all(|&x| x == 0) && all[off + size..].iter().all(|&x| x == 0),
+        "bytes outside the region changed"
+    );
+
+    // Remote VRAM -> DRAM.
+    let r = a
+        .create_xfer(
+            XferOp::Read,
+            &dram(vec![Desc::from_mut_slice(&mut back)]),
+            &vram(vec![vdesc]),
+            "rdma-vram-b",
+            XferOptions::default(),
+        )
+        .unwrap();
+    r.run_blocking().unwrap();
+    assert!(back == src, "READ from VRAM differs");
+
+    // Local VRAM -> remote DRAM (the VRAM MR's lkey on the initiator).
+    let w2 = b
+        .create_xfer(
+            XferOp::Write,
+            &vram(vec![vdesc]),
+            &dram(vec![Desc::from_mut_slice(&mut from_gpu)]),
+            "rdma-vram-a",
+            XferOptions::default(),
+        )
+        .unwrap();
+    w2.run_blocking().unwrap();
+    assert!(from_gpu == src, "WRITE from VRAM differs");
+    a.shutdown();
+    b.shutdown();
+}

@@ -237,6 +237,34 @@ api! {
     memcpy_htod_async = "cuMemcpyHtoDAsync_v2"(CuDevicePtr, *const c_void, usize, CuStream);
     mem_host_alloc = "cuMemHostAlloc"(*mut *mut c_void, usize, c_uint);
     mem_free_host = "cuMemFreeHost"(*mut c_void);
+    device_get_pci_bus_id = "cuDeviceGetPCIBusId"(*mut c_char, c_int, CuDevice);
+}
+
+/// `cuMemGetHandleForAddressRange` (CUDA 11.7+): resolved when present, as older drivers lack
+/// it (only dmabuf export needs it).
+type MemGetHandleForAddressRange =
+    unsafe extern "C" fn(*mut c_void, CuDevicePtr, usize, c_uint, c_ulonglong) -> CuResult;
+
+/// Entry points that only some features need; `None` where the driver lacks them.
+struct OptionalApi {
+    mem_get_handle_for_address_range: Option<MemGetHandleForAddressRange>,
+}
+
+impl OptionalApi {
+    /// Resolves what `lib` has.
+    ///
+    /// # Safety
+    /// As [`Api::load`].
+    unsafe fn load(lib: &Library) -> OptionalApi {
+        OptionalApi {
+            // SAFETY: per the contract, the symbol (if exported) has this signature.
+            mem_get_handle_for_address_range: unsafe {
+                lib.get::<MemGetHandleForAddressRange>(b"cuMemGetHandleForAddressRange\0")
+            }
+            .ok()
+            .map(|s| *s),
+        }
+    }
 }
 
 /// A failed driver call: the operation, the `CUresult` and its name.
@@ -273,6 +301,7 @@ pub struct DriverFacts {
 /// The loaded driver: the library (kept open for the life of the process) and its entry points.
 pub struct Driver {
     api: Api,
+    opt: OptionalApi,
     facts: DriverFacts,
     _lib: Library,
 }
@@ -416,8 +445,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub(crate) fn probe_names(names: &[&str]) -> Result<Driver, String> {
     let (lib, api) = open(names)?;
     let facts = check_init(&api)?;
+    // SAFETY: `lib` is the CUDA driver `open` resolved the required table from; it lives in
+    // `Driver` as long as the pointers.
+    let opt = unsafe { OptionalApi::load(&lib) };
     Ok(Driver {
         api,
+        opt,
         facts,
         _lib: lib,
     })
@@ -1473,6 +1506,105 @@ pub unsafe fn download(ctx: &Arc<DeviceCtx>, dst: &mut [u8], src: u64) -> CuRes<
     s.synchronize()
 }
 
+/// `CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD`.
+pub const RANGE_HANDLE_DMA_BUF_FD: c_uint = 1;
+const CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED: c_int = 124;
+
+impl Driver {
+    /// Whether the driver exports device memory as dmabuf fds (`cuMemGetHandleForAddressRange`,
+    /// CUDA 11.7 or newer); `Err` says why not.
+    pub fn dmabuf_export(&self) -> Result<(), String> {
+        match self.opt.mem_get_handle_for_address_range {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "this CUDA driver ({}.{}) lacks cuMemGetHandleForAddressRange: dmabuf export \
+                 needs a newer driver",
+                self.facts.version / 1000,
+                (self.facts.version % 1000) / 10
+            )),
+        }
+    }
+}
+
+impl DeviceCtx {
+    /// The device's PCI bus id as sysfs names it (`0000:19:00.0`, lower case).
+    pub fn pci_bus_id(&self) -> CuRes<String> {
+        let mut buf = [0 as c_char; 64];
+        // SAFETY: writes at most `len` bytes (NUL-terminated) into `buf`; `dev` is valid.
+        self.check("cuDeviceGetPCIBusId", unsafe {
+            (self.drv.api.device_get_pci_bus_id)(buf.as_mut_ptr(), buf.len() as c_int, self.dev)
+        })?;
+        // SAFETY: on success `buf` holds a NUL-terminated string (zeroed before, so a NUL
+        // within its 64 bytes is guaranteed even if the driver wrote none).
+        let raw = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+        Ok(sysfs_bus_id(&raw))
+    }
+
+    /// Whether the device can export its memory as dmabuf (`CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED`:
+    /// the open kernel modules, or a proprietary driver with dmabuf support).
+    pub fn dmabuf_supported(&self) -> bool {
+        self.drv
+            .attribute(self.dev, CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED)
+            .unwrap_or(0)
+            != 0
+    }
+
+    /// A dmabuf fd for the device memory `[start, start + size)`, both aligned to the host page
+    /// size (`cuMemGetHandleForAddressRange` with `CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD`). The fd
+    /// holds the memory's pages for whoever imports it (an RDMA NIC); call with this context
+    /// current.
+    pub fn export_dmabuf(&self, start: u64, size: u64) -> CuRes<OwnedFd> {
+        let op = "cuMemGetHandleForAddressRange(DMA_BUF_FD)";
+        let Some(f) = self.drv.opt.mem_get_handle_for_address_range else {
+            return Err(CuError {
+                op,
+                code: CUDA_ERROR_NOT_SUPPORTED,
+                name: self.drv.dmabuf_export().err().unwrap_or_default(),
+            });
+        };
+        let size = usize::try_from(size).map_err(|_| CuError {
+            op,
+            code: CUDA_ERROR_NOT_SUPPORTED,
+            name: format!("size {size} does not fit usize"),
+        })?;
+        let mut fd: c_int = -1;
+        // SAFETY: for DMA_BUF_FD the driver writes one int (a new fd we then own); the range is
+        // only looked up (the driver checks that it is mapped device memory).
+        let r = unsafe {
+            f(
+                (&mut fd as *mut c_int).cast(),
+                start,
+                size,
+                RANGE_HANDLE_DMA_BUF_FD,
+                0,
+            )
+        };
+        self.check(op, r)?;
+        if fd < 0 {
+            return Err(CuError {
+                op,
+                code: CUDA_ERROR_NOT_SUPPORTED,
+                name: format!("returned fd {fd}"),
+            });
+        }
+        // SAFETY: the driver handed us a fresh descriptor.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+}
+
+/// A PCI bus id as `cuDeviceGetPCIBusId` writes it (`0000:19:00.0`, or with an 8-digit domain
+/// `00000000:19:00.0` as nvidia-smi does) in sysfs form: lower case, the domain cut to 4 hex
+/// digits when its extra digits are zeros.
+pub fn sysfs_bus_id(raw: &str) -> String {
+    let s = raw.trim().to_ascii_lowercase();
+    match s.split_once(':') {
+        Some((dom, rest)) if dom.len() > 4 && dom[..dom.len() - 4].bytes().all(|b| b == b'0') => {
+            format!("{}:{rest}", &dom[dom.len() - 4..])
+        }
+        _ => s,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1592,5 +1724,17 @@ mod tests {
         s.dedup();
         assert_eq!(s.len(), SYMBOLS.len());
         assert!(SYMBOLS.contains(&"cuInit"));
+        assert!(SYMBOLS.contains(&"cuDeviceGetPCIBusId"));
+        // Optional: a driver without it still loads.
+        assert!(!SYMBOLS.contains(&"cuMemGetHandleForAddressRange"));
+    }
+
+    #[test]
+    fn bus_ids_in_sysfs_form() {
+        assert_eq!(sysfs_bus_id("0000:19:00.0"), "0000:19:00.0");
+        assert_eq!(sysfs_bus_id("00000000:1B:00.0"), "0000:1b:00.0");
+        assert_eq!(sysfs_bus_id("00010000:1b:00.0"), "00010000:1b:00.0");
+        assert_eq!(sysfs_bus_id(" 0001:AB:00.1\n"), "0001:ab:00.1");
+        assert_eq!(sysfs_bus_id("garbage"), "garbage");
     }
 }

@@ -38,13 +38,44 @@
 //! per device balanced by bytes ([`copy`]); each post enqueues `cuMemcpyDtoDAsync` (NVLink/P2P)
 //! and events, and a completion thread waits for the events, delivers the notification to the
 //! owner over its socket (the owner calls `TargetHandle::deliver`), and completes the request
-//! once. Mappings of a peer are dropped when the connection is closed (the peer invalidated), and
-//! an entry whose region key changed (re-registered) is replaced.
+//! once. Mappings belong to a peer *region* ([`ipc::RegionImport`]), never to a prepared
+//! transfer: a transfer holds the regions it uses (their gate) for each post, from before its
+//! copies are enqueued until their events have completed, so a region can be revoked (below)
+//! while prepared transfers still exist, and their next post fails cleanly.
 //!
 //! Access control: VMM fds are granted only to the same uid (`SO_PEERCRED`) with the region's key,
 //! checked by the owner's agent (`TargetHandle::check`). Legacy IPC and fabric handles are
-//! capabilities carried in the metadata, as in NIXL: whoever holds an agent's metadata can map
-//! those regions (CUDA offers no owner-side check for them).
+//! capabilities carried in the metadata, as in NIXL: CUDA offers no owner-side check for them,
+//! so whoever holds an agent's metadata could map those regions with the driver directly; this
+//! backend, though, maps one only after its owner accepted an announcement presenting the
+//! region key (below), and never uses a region whose announcement was refused.
+//!
+//! # Deregistration: revoking peers' mappings
+//!
+//! CUDA's docs say that if the owner frees legacy (`cudaMalloc`) memory while a peer still has
+//! it open through IPC, the behaviour is undefined; VMM memory stays allocated while a peer maps
+//! it, so a peer could keep writing memory the owner believes gone. So the owner tracks, and
+//! revokes, every import ([`ipc`] has the protocol):
+//! - before a peer maps any chunk of a region it announces the import over the owner's socket
+//!   ("opened", with the region key, checked like a VMM fd grant); the owner records which
+//!   connection imported which region (VMM fd grants are recorded too), while its check still
+//!   holds the region, so a deregistration cannot slip between check and record;
+//! - `deregister` of a region that peers imported sends "revoke" to each and waits, at most
+//!   [`CudaConfig::op_timeout`], for "revoked"; a peer whose connection has ended is skipped at
+//!   once, one that stays silent is logged (`nixl_cuda_revoke_timeouts_total`) and the owner goes
+//!   on; `deregister` then closes the exported fds, and the caller may free the memory;
+//! - the peer, on "revoke", closes the region's gate (no new copy starts), waits (bounded by its
+//!   own `op_timeout`) for the copies in flight on it, closes its mappings
+//!   (`cuIpcCloseMemHandle`, or unmap + release for VMM; a legacy mapping shared with another
+//!   region of the same allocation stays open for that one), drops the region from its
+//!   [`ipc::ImportCache`] and answers "revoked". A later post of a transfer prepared on it fails
+//!   with `Denied: region ... was deregistered by its owner`; a new prepare is refused by the
+//!   owner;
+//! - when the peer's connection to the owner ends (owner gone, garbage on the socket, a reply
+//!   timed out), the owner no longer tracks the peer's imports, so the peer gives up every
+//!   mapping of that owner at once (later posts fail with `RemoteDisconnect`); the same happens
+//!   when the connection is closed (the peer invalidated), and an import whose region key
+//!   changed (re-registered) is replaced.
 //!
 //! # Locality and fabric
 //!
@@ -65,6 +96,7 @@
 
 pub mod alloc;
 pub mod copy;
+pub mod dmabuf;
 pub mod driver;
 pub mod handles;
 pub mod ipc;
@@ -75,14 +107,17 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use alloc::{cu_err, unavailable};
 pub use alloc::{device, LegacyBuffer, VmmBuffer};
 use copy::{CopyPlan, Run};
 use driver::{DeviceCtx, Event, LegacyImport, Stream, VmmImport, VmmSource};
 use handles::{AllocInfo, AllocKind, AllocationMap, Chunk, ChunkHandles, ConnInfo, RegionPublic};
-use ipc::{GrantSource, ImportCache, ImportKey, IpcClient, IpcServer};
+use ipc::{
+    FinishRevoke, Grant, GrantSource, Hold, Holds, ImportCache, IpcClient, IpcServer, RegionImport,
+    RegionKey, RevokeSink,
+};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
     PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
@@ -104,7 +139,9 @@ pub struct CudaConfig {
     pub socket_dir: PathBuf,
     /// Publish and use fabric handles when the device and the allocation support them.
     pub allow_fabric: bool,
-    /// How long a request on a peer's socket (fd grant, notification) may take.
+    /// How long a request on a peer's socket (fd grant, announcement, notification) may take;
+    /// also how long a deregistration waits for peers to give up their mappings, and how long a
+    /// peer waits for its copies in flight before giving one up.
     pub op_timeout: Duration,
 }
 
@@ -160,7 +197,7 @@ impl Imported {
 }
 
 /// (peer instance, IPC handle, local device): one legacy import each (the driver maps a handle
-/// once per context).
+/// once per context), shared by the regions of one allocation and closed with the last of them.
 type LegacyKey = (u128, [u8; 64], i32);
 
 struct Job {
@@ -170,20 +207,21 @@ struct Job {
     enqueue_error: Option<Error>,
     done: Completion,
     notif: Option<(Arc<str>, Vec<u8>, Arc<IpcClient>)>,
-    /// Mappings the copies use, held until they are over.
-    _holds: Arc<Resolved>,
+    /// The peer regions the copies use, held (not revocable) until the copies are over.
+    holds: Holds<Imported>,
+    _resolved: Arc<Resolved>,
 }
 
 #[derive(Debug)]
 struct Inner {
     cfg: CudaConfig,
     target: OnceLock<TargetHandle>,
-    server: Mutex<Option<IpcServer>>,
+    server: Mutex<Option<Arc<IpcServer>>>,
     path: OnceLock<PathBuf>,
     fabric: OnceLock<bool>,
     regs: Mutex<HashMap<(u64, u64, u64), Arc<Registration>>>,
     imports: ImportCache<Imported>,
-    legacy_imports: Mutex<HashMap<LegacyKey, Arc<Imported>>>,
+    legacy_imports: Mutex<HashMap<LegacyKey, Weak<Imported>>>,
     devices: Mutex<HashMap<i32, Arc<DevState>>>,
     jobs: Mutex<Option<crossbeam_channel::Sender<Job>>>,
     shut: AtomicBool,
@@ -219,9 +257,15 @@ impl CudaBackend {
         })
     }
 
-    /// Peer chunks currently mapped by this backend.
+    /// Peer chunk mappings currently held by this backend's imported regions (a legacy mapping
+    /// shared by two regions counts twice).
     pub fn imported_chunks(&self) -> usize {
-        self.inner.imports.len() + self.inner.legacy_imports.lock().len()
+        self.inner.imports.mappings()
+    }
+
+    /// Peer regions currently imported (announced to or granted by their owner, not revoked).
+    pub fn imported_regions(&self) -> usize {
+        self.inner.imports.len()
     }
 
     /// A pipelined VRAM ↔ DRAM engine over a pool of pinned buffers of device `dev`
@@ -407,7 +451,8 @@ fn finish(job: Job) {
         enqueue_error,
         done,
         notif,
-        _holds,
+        holds,
+        _resolved,
     } = job;
     let mut outcome: Result<()> = Ok(());
     for ev in &events {
@@ -425,6 +470,9 @@ fn finish(job: Job) {
         }
         outcome = Err(e);
     }
+    // The copies are over: the peer regions may be revoked from now on (before the notification,
+    // whose answer comes through the reader that handles revocations).
+    drop(holds);
     if outcome.is_ok() {
         if let Some((from, msg, client)) = notif {
             outcome = client.notify(&from, &msg);
@@ -470,15 +518,15 @@ impl AllocationMap for DriverMap<'_> {
     }
 }
 
-impl GrantSource for Inner {
-    fn grant(
+impl Inner {
+    /// The owner-side check of a peer's access to a whole registered region: registered with
+    /// cuda, in bounds, with its key. The access holds the region (a deregistration waits for it).
+    fn check_whole(
         &self,
         region: &Desc,
         key: u64,
-        chunk: u32,
-    ) -> std::result::Result<(OwnedFd, u64), String> {
+    ) -> std::result::Result<(nixl_core::RegionAccess, Arc<Registration>), String> {
         let target = self.target.get().ok_or("the agent is starting")?;
-        // The owner-side check: registered, in bounds, right key; held while we dup the fd.
         let access = target
             .check(MemKind::Vram, region, key)
             .map_err(|d| d.to_string())?;
@@ -495,6 +543,13 @@ impl GrantSource for Inner {
             .get(&(r.desc.dev_id, r.desc.addr, r.desc.len))
             .cloned()
             .ok_or("region is not registered with cuda")?;
+        Ok((access, reg))
+    }
+}
+
+impl GrantSource for Inner {
+    fn grant(&self, region: &Desc, key: u64, chunk: u32) -> std::result::Result<Grant, String> {
+        let (access, reg) = self.check_whole(region, key)?;
         let c = reg.public.chunks.get(chunk as usize).ok_or_else(|| {
             format!(
                 "region has {} chunks, not {}",
@@ -510,13 +565,88 @@ impl GrantSource for Inner {
                 format!("chunk {chunk} has no POSIX fd (legacy or fabric-only memory)")
             })?;
         let dup = fd.try_clone().map_err(|e| format!("dup: {e}"))?;
-        Ok((dup, c.alloc_size))
+        Ok(Grant {
+            fd: dup,
+            alloc_size: c.alloc_size,
+            hold: Box::new(access),
+        })
+    }
+
+    fn opened(&self, region: &Desc, key: u64) -> std::result::Result<Hold, String> {
+        let (access, _) = self.check_whole(region, key)?;
+        Ok(Box::new(access))
     }
 
     fn notify(&self, from: &str, msg: Vec<u8>) {
         if let Some(t) = self.target.get() {
             t.deliver(from, msg);
         }
+    }
+}
+
+/// A connection's handler of its owner's revocations: gives up the mappings in this backend's
+/// import cache.
+struct PeerSink {
+    inner: Weak<Inner>,
+    peer: String,
+    instance: u128,
+}
+
+impl RevokeSink for PeerSink {
+    fn revoke(&self, region: &Desc, key: u64) -> FinishRevoke {
+        let Some(inner) = self.inner.upgrade() else {
+            return Box::new(|| true); // the backend is gone, and its mappings with it
+        };
+        let deadline = Instant::now() + inner.cfg.op_timeout;
+        let entry = inner.imports.begin_revoke(
+            self.instance,
+            region,
+            key,
+            ipc::deregistered(&self.peer, region),
+        );
+        let peer = self.peer.clone();
+        let region = *region;
+        Box::new(move || {
+            let done = entry.is_none_or(|e| e.finish_revoke(deadline));
+            inner.prune_legacy();
+            if !done {
+                tracing::warn!(
+                    peer = %peer,
+                    region = format_args!("{:#x}+{}", region.addr, region.len),
+                    "cuda: copies on a revoked region were still running at the bound; its \
+                     mappings close when they end"
+                );
+            }
+            done
+        })
+    }
+
+    fn link_lost(&self, reason: &str) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let why = Error::RemoteDisconnect {
+            peer: self.peer.clone(),
+            reason: format!(
+                "the cuda socket to the owner ended ({reason}); mappings of its memory were given up"
+            ),
+        };
+        let (n, busy) = inner
+            .imports
+            .revoke_peer(self.instance, &why, inner.cfg.op_timeout);
+        inner.prune_legacy();
+        if n > 0 {
+            tracing::debug!(peer = %self.peer, regions = n, busy, reason, "cuda: gave up a peer's mappings");
+        }
+    }
+}
+
+impl Inner {
+    /// Forgets legacy mappings that no region uses any more (closed with their last user).
+    fn prune_legacy(&self) {
+        self.legacy_imports
+            .lock()
+            .retain(|_, w| w.strong_count() > 0);
     }
 }
 
@@ -548,9 +678,14 @@ impl Backend for CudaBackend {
         let _ = self.inner.target.set(target);
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let weak: Weak<dyn GrantSource> = weak;
-        let server = IpcServer::start(&self.inner.cfg.socket_dir, &file, weak)?;
+        let server = IpcServer::start(
+            &self.inner.cfg.socket_dir,
+            &file,
+            weak,
+            self.inner.cfg.op_timeout,
+        )?;
         let _ = self.inner.path.set(server.path().to_owned());
-        *self.inner.server.lock() = Some(server);
+        *self.inner.server.lock() = Some(Arc::new(server));
         self.inner.start_completer()?;
         Ok(())
     }
@@ -576,8 +711,21 @@ impl Backend for CudaBackend {
 
     fn deregister(&self, region: &Region) {
         let d = region.desc;
-        // Dropping the registration closes the exported fds; peers' mappings keep the physical
-        // memory alive until they unmap it.
+        // Peers that imported the region give their mappings up first (bounded; see `ipc`), so
+        // the caller may free legacy memory once this returns.
+        let server = self.inner.server.lock().clone();
+        if let Some(server) = server {
+            let report = server.revoke(&d, region.key, self.inner.cfg.op_timeout);
+            if report.peers > 0 {
+                tracing::debug!(
+                    region = format_args!("{:#x}+{}", d.addr, d.len),
+                    ?report,
+                    "cuda: revoked peers' mappings of a deregistered region"
+                );
+            }
+        }
+        // Dropping the registration closes the exported fds; a peer's VMM mapping (one that
+        // did not answer in time) keeps the physical memory alive until it unmaps it.
         self.inner.regs.lock().remove(&(d.dev_id, d.addr, d.len));
     }
 
@@ -600,6 +748,11 @@ impl Backend for CudaBackend {
                 reason,
             })?;
         let same_process = info.pid == ours.pid;
+        let sink: Arc<dyn RevokeSink> = Arc::new(PeerSink {
+            inner: Arc::downgrade(&self.inner),
+            peer: peer.name.to_owned(),
+            instance: peer.instance_id,
+        });
         let conn = Arc::new(Conn {
             inner: Arc::clone(&self.inner),
             peer: peer.name.to_owned(),
@@ -609,6 +762,7 @@ impl Backend for CudaBackend {
                 peer.name,
                 std::path::Path::new(&info.socket),
                 self.inner.cfg.op_timeout,
+                Some(sink),
             )),
             closed: Arc::new(AtomicBool::new(false)),
         });
@@ -659,11 +813,13 @@ struct Conn {
     closed: Arc<AtomicBool>,
 }
 
-/// A prepared transfer's resolved form: per local device, the copy plan; plus the mappings.
+/// A prepared transfer's resolved form: per local device, the copy plan; plus the peer regions
+/// whose mappings it addresses (each post holds them; never a mapping directly, so that a
+/// revocation can close the mappings and the next post fails cleanly).
 #[derive(Debug)]
 struct Resolved {
     plans: Vec<(Arc<DevState>, CopyPlan)>,
-    _imports: Vec<Arc<Imported>>,
+    regions: Arc<[Arc<RegionImport<Imported>>]>,
 }
 
 #[derive(Debug)]
@@ -686,36 +842,61 @@ fn prep_err(reason: String) -> Error {
 }
 
 impl Conn {
+    /// The import of a peer region, announced to its owner on first use (the owner records it
+    /// and revokes it when it deregisters the region; a refusal is an error).
+    fn import_region(
+        &self,
+        rinfo: &nixl_core::metadata::RegionInfo,
+    ) -> Result<Arc<RegionImport<Imported>>> {
+        let key = RegionKey {
+            peer: self.instance,
+            region: rinfo.desc,
+            key: rinfo.key,
+        };
+        self.inner
+            .imports
+            .region(key, &self.peer, self.inner.cfg.op_timeout, || {
+                self.client.announce(&rinfo.desc, rinfo.key)
+            })
+    }
+
+    /// Maps chunk `ci` of an imported region on our device `local` (once per region).
     fn import_chunk(
         &self,
-        region_desc: &Desc,
-        region_key: u64,
+        region: &RegionImport<Imported>,
         public: &RegionPublic,
         ci: usize,
         local: &Arc<DevState>,
     ) -> Result<Arc<Imported>> {
         let c = &public.chunks[ci];
         let ctx = &local.ctx;
-        if let Some(h) = &c.handles.legacy {
-            let key = (self.instance, *h, ctx.ordinal());
-            if let Some(i) = self.inner.legacy_imports.lock().get(&key) {
-                return Ok(Arc::clone(i));
+        let rk = region.key();
+        region.mapping(ci as u32, ctx.ordinal(), || {
+            if let Some(h) = &c.handles.legacy {
+                let key = (self.instance, *h, ctx.ordinal());
+                if let Some(i) = self
+                    .inner
+                    .legacy_imports
+                    .lock()
+                    .get(&key)
+                    .and_then(Weak::upgrade)
+                {
+                    return Ok(i);
+                }
+                let imp =
+                    LegacyImport::open(ctx, h).map_err(|e| cu_err("import (legacy IPC)", e))?;
+                let imp = Arc::new(Imported::Legacy(imp));
+                let mut m = self.inner.legacy_imports.lock();
+                if let Some(i) = m.get(&key).and_then(Weak::upgrade) {
+                    drop(m);
+                    return Ok(i); // another thread opened it meanwhile; ours is closed
+                }
+                m.retain(|_, w| w.strong_count() > 0);
+                m.insert(key, Arc::downgrade(&imp));
+                return Ok(imp);
             }
-            let imp = LegacyImport::open(ctx, h).map_err(|e| cu_err("import (legacy IPC)", e))?;
-            let imp = Arc::new(Imported::Legacy(imp));
-            let mut m = self.inner.legacy_imports.lock();
-            return Ok(Arc::clone(m.entry(key).or_insert(imp)));
-        }
-        let key = ImportKey {
-            peer: self.instance,
-            region: *region_desc,
-            region_key,
-            chunk: ci as u32,
-            local_dev: ctx.ordinal(),
-        };
-        self.inner.imports.get_or_import(key, || {
             if c.handles.posix_fd {
-                let (fd, size) = self.client.grant(region_desc, region_key, ci as u32)?;
+                let (fd, size) = self.client.grant(&rk.region, rk.key, ci as u32)?;
                 if size != c.alloc_size {
                     return Err(prep_err(format!(
                         "peer '{}' granted an allocation of {size} bytes for chunk {ci}, its \
@@ -724,11 +905,11 @@ impl Conn {
                     )));
                 }
                 VmmImport::import(ctx, VmmSource::Fd(&fd), size)
-                    .map(Imported::Vmm)
+                    .map(|v| Arc::new(Imported::Vmm(v)))
                     .map_err(|e| cu_err("import (VMM fd)", e))
             } else if let Some(h) = &c.handles.fabric {
                 VmmImport::import(ctx, VmmSource::Fabric(h), c.alloc_size)
-                    .map(Imported::Vmm)
+                    .map(|v| Arc::new(Imported::Vmm(v)))
                     .map_err(|e| cu_err("import (fabric)", e))
             } else {
                 Err(prep_err(format!("chunk {ci} has no handle")))
@@ -746,7 +927,8 @@ impl Conn {
         }
         let publics = decode_publics(plan, &self.peer)?;
         let mut devs: HashMap<i32, Arc<DevState>> = HashMap::new();
-        let mut imports: HashMap<(usize, usize, i32), Arc<Imported>> = HashMap::new();
+        let mut regions: HashMap<usize, Arc<RegionImport<Imported>>> = HashMap::new();
+        let mut bases: HashMap<(usize, usize, i32), u64> = HashMap::new();
         let runs = resolve_runs(plan, &publics, |ri, ci, local_dev| {
             let dev = match devs.get(&local_dev) {
                 Some(d) => Arc::clone(d),
@@ -759,13 +941,20 @@ impl Conn {
             if self.same_process {
                 return Ok(None);
             }
-            if let Some(i) = imports.get(&(ri, ci, local_dev)) {
-                return Ok(Some(i.base()));
+            if let Some(b) = bases.get(&(ri, ci, local_dev)) {
+                return Ok(Some(*b));
             }
-            let rinfo = &plan.remote_regions[ri];
-            let i = self.import_chunk(&rinfo.desc, rinfo.key, &publics[ri], ci, &dev)?;
-            let base = i.base();
-            imports.insert((ri, ci, local_dev), i);
+            let region = match regions.get(&ri) {
+                Some(r) => Arc::clone(r),
+                None => {
+                    let r = self.import_region(&plan.remote_regions[ri])?;
+                    regions.insert(ri, Arc::clone(&r));
+                    r
+                }
+            };
+            // The mapping stays with the region; the address is valid while a post holds it.
+            let base = self.import_chunk(&region, &publics[ri], ci, &dev)?.base();
+            bases.insert((ri, ci, local_dev), base);
             Ok(Some(base))
         })?;
         let streams = self.inner.cfg.streams_per_device.max(1);
@@ -779,7 +968,7 @@ impl Conn {
         }
         Ok(Resolved {
             plans,
-            _imports: imports.into_values().collect(),
+            regions: regions.into_values().collect(),
         })
     }
 }
@@ -912,11 +1101,20 @@ impl Connection for Conn {
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.client.close();
-        self.inner.imports.drop_peer(self.instance);
-        self.inner
-            .legacy_imports
-            .lock()
-            .retain(|k, _| k.0 != self.instance);
+        let why = Error::RemoteDisconnect {
+            peer: self.peer.clone(),
+            reason: "connection closed".into(),
+        };
+        let (_, busy) =
+            self.inner
+                .imports
+                .revoke_peer(self.instance, &why, self.inner.cfg.op_timeout);
+        self.inner.prune_legacy();
+        if busy > 0 {
+            tracing::warn!(peer = %self.peer, regions = busy,
+                "cuda: copies were still running when the connection closed; their mappings \
+                 close when they end");
+        }
     }
 }
 
@@ -932,6 +1130,15 @@ impl PreparedXfer for Prepared {
         let Some(tx) = self.inner.jobs.lock().clone() else {
             done.complete(Err(Error::Cancelled));
             return;
+        };
+        // The peer regions stay mapped (revocations wait) until the copies are over; a region
+        // revoked since prepare fails the post before anything is enqueued.
+        let holds = match ipc::hold_all(&self.resolved.regions) {
+            Ok(h) => h,
+            Err(e) => {
+                done.complete(Err(e));
+                return;
+            }
         };
         let mut events = Vec::new();
         let mut drain = Vec::new();
@@ -967,7 +1174,8 @@ impl PreparedXfer for Prepared {
             enqueue_error,
             done,
             notif,
-            _holds: Arc::clone(&self.resolved),
+            holds,
+            _resolved: Arc::clone(&self.resolved),
         };
         if let Err(crossbeam_channel::SendError(job)) = tx.send(job) {
             // The completion thread is gone (shutdown): finish here.

@@ -21,29 +21,41 @@
 //!
 //! - **NICs.** Every device with an active port (or those named in [`RdmaConfig::devices`]) is
 //!   opened at start, with one protection domain and one completion queue each. [`topo`] ranks
-//!   NICs by PCIe/NUMA distance from a GPU or CPU socket read from sysfs; DRAM is registered
-//!   with every opened NIC and striped over all of them (the page's NUMA node is not known at
-//!   registration), and [`RdmaConfig::gpu_devices`] and the topology choose NICs for VRAM.
+//!   NICs by PCIe/NUMA distance from a GPU or CPU socket read from sysfs ([`place`]). DRAM is
+//!   registered with every opened NIC (a peer may stripe over all of them), and the NUMA node
+//!   of its first page (`get_mempolicy`, asked once the MR has pinned the page) marks the
+//!   nearest NICs: a transfer from that memory stripes over the lanes of those NICs only
+//!   (all of them when several are equally near) and fails over to the others.
+//!   [`RdmaConfig::gpu_devices`] and the topology choose the NICs for VRAM.
 //! - **Connections.** `connect` creates `qps_per_nic` reliable-connected QPs on every local
-//!   NIC, each paired with a peer NIC of the same link layer (round robin), and exchanges QP
-//!   numbers, PSNs, LIDs and GIDs with the peer's backend over the agent's control channel
+//!   NIC, each paired with a peer NIC of the same link layer (round robin), plus `qps_per_nic`
+//!   QPs to every peer NIC left out of that pairing (so that VRAM the peer registered on the
+//!   NICs near its GPU only is reachable), and exchanges QP numbers, PSNs, LIDs and GIDs
+//!   with the peer's backend over the agent's control channel
 //!   ([`crate::control`], authenticated by the channel). A *lane* is one such QP pair.
 //! - **Registration.** `ibv_reg_mr` on every NIC; the region's public data carries the address
 //!   and one rkey per NIC. The NIC enforces the rkey on the target; the core has already checked
 //!   every remote descriptor against the region bounds from the peer's metadata. Deregistration
-//!   deregisters the MRs, so a peer cannot touch the memory afterwards. VRAM registration needs
-//!   a dmabuf fd from the cuda backend (`ibv_reg_dmabuf_mr` is bound); until that hook exists it
-//!   reports `unavailable`.
+//!   deregisters the MRs, so a peer cannot touch the memory afterwards. VRAM is exported as a
+//!   dmabuf by the cuda driver layer and registered with `ibv_reg_dmabuf_mr` on the NICs
+//!   nearest to its GPU only ([`dmabuf`]); where dmabuf is not available the device address
+//!   is registered with `ibv_reg_mr` (works with `nvidia-peermem`); without a CUDA driver the
+//!   registration is `unavailable` with the cuda reason.
 //! - **Transfers.** [`plan`] cuts a request into WRs of at most `slice_bytes` (contiguous
 //!   pieces coalesced, at most `max_sge` SGEs), stripes them by bytes over every usable lane
 //!   (all NICs, several QPs each, no cap at two rails), and keeps at most `max_outstanding`
 //!   WRs in flight per QP. One poller thread polls every CQ in user space (no syscall per
-//!   completion), spinning while busy and backing off to short sleeps when idle.
+//!   completion), spinning while busy and backing off to short sleeps when idle. A completion
+//!   finds its owner through the `wr_id` (a slot of [`slab`], checked by generation, no global
+//!   lock), and posting the next WRs reuses the post's scratch buffers: no allocation per
+//!   completion.
 //! - **Notifications.** After every data WR of a post has completed, the initiator posts one
 //!   SEND with the message to the target, whose QPs keep receive buffers posted; the target
 //!   delivers it with [`TargetHandle::deliver`] under the peer name the control channel
 //!   authenticated at the handshake, and reposts the buffer. The post ends Done when the SEND
-//!   has completed, so the notification is never seen before the data.
+//!   has completed, so the notification is never seen before the data. Each notification
+//!   carries a per-connection sequence number, kept across retries on other lanes, and the
+//!   target drops one it has already delivered ([`notif`]).
 //! - **Failures.** Any error completion puts its QP in the error state: the lane goes down for
 //!   the connection, the lane's unfinished slices move to other lanes (another NIC first) and
 //!   a slice is retried at most `max_retries` times; with no lane left the post ends
@@ -52,7 +64,11 @@
 //!   path takes to report. A post ends exactly once; its local memory stays held until every WR
 //!   it posted has completed or flushed.
 
+pub mod dmabuf;
+pub mod notif;
+pub mod place;
 pub mod plan;
+pub mod slab;
 pub mod topo;
 #[doc(hidden)]
 pub mod verbs;
@@ -72,8 +88,12 @@ use nixl_core::{
 use parking_lot::{Condvar, Mutex};
 
 use crate::control::{ControlChannel, ControlService};
+use place::NicMask;
 use plan::{Progress, Slice, Tracker};
-use verbs::{Context, Cq, IbvSge, IbvWc, Mr, OwnedBuf, PathCfg, Pd, Qp, RemoteQp, SendReq, Verbs};
+use slab::Slab;
+use verbs::{
+    Context, Cq, IbvSge, IbvWc, Mr, OwnedBuf, PathCfg, Pd, Qp, RemoteQp, SendBatch, SendReq, Verbs,
+};
 use wire::{ConnInfo, Msg, NicAddr, QpAddr, RegionKeys};
 
 /// How the poller thread waits for completions.
@@ -352,15 +372,27 @@ enum Owner {
 /// A registered region: (kind code, address, length, device id).
 type RegionKey = (u8, u64, u64, u64);
 
+/// A region's MRs.
+struct RegionMrs {
+    /// One per NIC (same order as `State::nics`); `None` where it is not registered (VRAM is
+    /// registered on the NICs near its GPU only).
+    mrs: Vec<Option<Mr>>,
+    /// The NICs nearest to the memory.
+    near: NicMask,
+}
+
 /// State after start.
 struct State {
     cfg: RdmaConfig,
     nics: Vec<Arc<Nic>>,
+    /// The opened NICs' names (same order as `nics`).
+    names: Vec<String>,
+    /// NIC topology from sysfs, read at start.
+    topo: Vec<topo::NicInfo>,
     target: TargetHandle,
-    /// Region (kind, addr, len, dev) -> its MRs, one per NIC (same order as `nics`).
-    regions: Mutex<HashMap<RegionKey, Vec<Mr>>>,
-    owners: Mutex<HashMap<u64, Owner>>,
-    next_token: AtomicU64,
+    regions: Mutex<HashMap<RegionKey, RegionMrs>>,
+    /// What each completion's token refers to.
+    owners: Slab<Owner>,
     /// Connections peers opened to us: (peer, conn id) -> lanes.
     served: Mutex<HashMap<(String, u64), ServedConn>>,
     served_seq: AtomicU64,
@@ -378,19 +410,20 @@ impl fmt::Debug for State {
 }
 
 impl State {
-    fn token(&self) -> u64 {
-        // 40 bits of token: wraps after 10^12 posts; a stale token is ignored.
-        self.next_token.fetch_add(1, Ordering::Relaxed) & ((1 << 40) - 1)
-    }
-
-    fn own(&self, owner: Owner) -> u64 {
-        let t = self.token();
-        self.owners.lock().insert(t, owner);
-        t
+    /// A token (40 bits) for `owner`'s work requests; `None` when the table is full.
+    fn own(&self, owner: Owner) -> Option<u64> {
+        self.owners.insert(owner)
     }
 
     fn disown(&self, token: u64) {
-        self.owners.lock().remove(&token);
+        self.owners.remove(token);
+    }
+
+    fn full() -> String {
+        format!(
+            "more than {} transfers and lanes in flight at once",
+            slab::CAPACITY
+        )
     }
 
     fn conn_info(&self, endpoint: Vec<u8>) -> ConnInfo {
@@ -439,8 +472,7 @@ impl State {
     fn dispatch(&self, wc: &IbvWc) {
         let token = wc.wr_id >> 24;
         let idx = wc.wr_id & NOTIF_IDX;
-        let owner = self.owners.lock().get(&token).cloned();
-        match owner {
+        match self.owners.get(token) {
             Some(Owner::Post(p)) => p.on_wc(self, idx, wc),
             Some(Owner::Recv(l)) => l.on_recv(self, idx as usize, wc),
             Some(Owner::Sync(s)) => {
@@ -488,6 +520,8 @@ struct ServedLane {
     slot: usize,
     token: AtomicU64,
     peer: String,
+    /// Notifications delivered on the connection (shared by its lanes).
+    dedup: Arc<Mutex<notif::Dedup>>,
 }
 
 impl ServedLane {
@@ -511,7 +545,22 @@ impl ServedLane {
         }
         let len = (wc.byte_len as usize).min(self.slot);
         match self.bufs.read(slot * self.slot, len) {
-            Some(msg) => st.target.deliver(&self.peer, msg),
+            Some(mut buf) => match notif::split(&buf).map(|(seq, _)| seq) {
+                Some(seq) => {
+                    if self.dedup.lock().accept(seq) {
+                        buf.drain(..notif::HEADER);
+                        st.target.deliver(&self.peer, buf);
+                    } else {
+                        metrics::counter!("nixl_rdma_duplicate_notifs_total").increment(1);
+                        tracing::debug!(peer = %self.peer, seq, "rdma: duplicate notification dropped");
+                    }
+                }
+                None => tracing::warn!(
+                    peer = %self.peer,
+                    len,
+                    "rdma notification shorter than its header: dropped"
+                ),
+            },
             None => tracing::warn!(peer = %self.peer, slot, "rdma receive slot out of range"),
         }
         if let Err(e) = self.post_slot(slot) {
@@ -527,6 +576,32 @@ struct ServedConn {
 }
 
 impl State {
+    /// DRAM: an MR on every NIC; the NICs nearest to the NUMA node of the first page.
+    fn register_dram(&self, desc: &Desc, access: i32) -> Result<(Vec<Option<Mr>>, NicMask)> {
+        let mut mrs = Vec::with_capacity(self.nics.len());
+        for nic in &self.nics {
+            // SAFETY: `register` is called only by the agent under `Agent::register`'s contract:
+            // the caller keeps the memory allocated until the region is deregistered, and
+            // `deregister` drops these MRs (after the agent has drained the region's users).
+            let mr = unsafe { nic.pd.reg_mr(desc.addr, desc.len, access) };
+            match mr {
+                Ok(m) => mrs.push(Some(m)),
+                Err(e) => return Err(err("register", format!("{} {desc:?}: {e}", nic.name))),
+            }
+        }
+        // Asked after ibv_reg_mr pinned (and so placed) the page.
+        let near = match place::numa_node_of(desc.addr) {
+            Some(node) => place::nearest(
+                &self.cfg.sysfs,
+                &self.topo,
+                &self.names,
+                &topo::MemLocation::Numa(node),
+            ),
+            None => place::all(self.nics.len()),
+        };
+        Ok((mrs, near))
+    }
+
     fn drop_served(&self, conn: ServedConn) {
         for l in &conn.lanes {
             self.disown(l.token.load(Ordering::Acquire));
@@ -562,7 +637,8 @@ impl State {
         lanes: &[QpAddr],
         served: &mut Vec<Arc<ServedLane>>,
     ) -> std::result::Result<Vec<QpAddr>, String> {
-        let slot = self.cfg.max_notif as usize;
+        let slot = self.cfg.max_notif as usize + notif::HEADER;
+        let dedup = Arc::new(Mutex::new(notif::Dedup::default()));
         let mut reply = Vec::with_capacity(lanes.len());
         for (i, q) in lanes.iter().enumerate() {
             let nic = self
@@ -593,8 +669,11 @@ impl State {
                 slot,
                 token: AtomicU64::new(0),
                 peer: peer.to_owned(),
+                dedup: Arc::clone(&dedup),
             });
-            let token = self.own(Owner::Recv(Arc::clone(&lane)));
+            let token = self
+                .own(Owner::Recv(Arc::clone(&lane)))
+                .ok_or_else(|| format!("lane {i}: {}", State::full()))?;
             lane.token.store(token, Ordering::Release);
             served.push(Arc::clone(&lane));
             for s in 0..depth {
@@ -862,13 +941,15 @@ impl Backend for RdmaBackend {
         for s in &skipped {
             tracing::info!(reason = %s, "rdma device skipped");
         }
+        let names = nics.iter().map(|n| n.name.clone()).collect();
         let state = Arc::new(State {
             cfg: self.cfg.clone(),
             nics,
+            names,
+            topo: dmabuf::scan_topology(&self.cfg.sysfs),
             target,
             regions: Mutex::new(HashMap::new()),
-            owners: Mutex::new(HashMap::new()),
-            next_token: AtomicU64::new(1),
+            owners: Slab::new(),
             served: Mutex::new(HashMap::new()),
             served_seq: AtomicU64::new(0),
             conns: Mutex::new(Vec::new()),
@@ -898,44 +979,30 @@ impl Backend for RdmaBackend {
 
     fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>> {
         let st = self.state()?;
-        match kind {
-            MemKind::Dram => {}
-            MemKind::Vram => {
-                return Err(unavailable(
-                    "VRAM registration with rdma needs the cuda backend's dmabuf export",
-                ))
-            }
+        let access =
+            verbs::ACCESS_LOCAL_WRITE | verbs::ACCESS_REMOTE_READ | verbs::ACCESS_REMOTE_WRITE;
+        let (mrs, near) = match kind {
+            MemKind::Dram => st.register_dram(desc, access)?,
+            MemKind::Vram => dmabuf::register(st, desc, access)?,
             k => {
                 return Err(Error::InvalidArgument(format!(
                     "rdma registers DRAM and VRAM, not {k}"
                 )))
             }
-        }
-        let access =
-            verbs::ACCESS_LOCAL_WRITE | verbs::ACCESS_REMOTE_READ | verbs::ACCESS_REMOTE_WRITE;
-        let mut mrs = Vec::with_capacity(st.nics.len());
-        for nic in &st.nics {
-            // SAFETY: `register` is called only by the agent under `Agent::register`'s contract:
-            // the caller keeps the memory allocated until the region is deregistered, and
-            // `deregister` drops these MRs (after the agent has drained the region's users).
-            let mr = unsafe { nic.pd.reg_mr(desc.addr, desc.len, access) };
-            match mr {
-                Ok(m) => mrs.push(m),
-                Err(e) => return Err(err("register", format!("{} {desc:?}: {e}", nic.name))),
-            }
-        }
+        };
         let keys = RegionKeys {
             addr: desc.addr,
             len: desc.len,
             rkeys: mrs
                 .iter()
                 .zip(&st.nics)
-                .map(|(m, n)| (n.idx, m.rkey()))
+                .filter_map(|(m, n)| m.as_ref().map(|m| (n.idx, m.rkey())))
                 .collect(),
         };
-        st.regions
-            .lock()
-            .insert((kind.code(), desc.addr, desc.len, desc.dev_id), mrs);
+        st.regions.lock().insert(
+            (kind.code(), desc.addr, desc.len, desc.dev_id),
+            RegionMrs { mrs, near },
+        );
         Ok(keys.encode())
     }
 
@@ -977,20 +1044,12 @@ impl Backend for RdmaBackend {
                 peer.name
             ))
         })?;
-        // Pair every local NIC with a peer NIC of the same link layer, round robin.
-        let mut pairs: Vec<(Arc<Nic>, u8)> = Vec::new();
-        for (i, nic) in st.nics.iter().enumerate() {
-            let cands: Vec<u8> = remote
-                .nics
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| r.link_layer == nic.link_layer)
-                .map(|(k, _)| k as u8)
-                .collect();
-            if !cands.is_empty() {
-                pairs.push((Arc::clone(nic), cands[i % cands.len()]));
-            }
-        }
+        let local_ll: Vec<u8> = st.nics.iter().map(|n| n.link_layer).collect();
+        let remote_ll: Vec<u8> = remote.nics.iter().map(|n| n.link_layer).collect();
+        let pairs: Vec<(Arc<Nic>, u8)> = pair_nics(&local_ll, &remote_ll)
+            .into_iter()
+            .map(|(l, r)| (Arc::clone(&st.nics[l]), r))
+            .collect();
         if pairs.is_empty() {
             return Err(err(
                 "connect",
@@ -1104,6 +1163,8 @@ impl Backend for RdmaBackend {
             closed: AtomicBool::new(false),
             timeout: self.cfg.connect_timeout,
             waiters: Mutex::new(Vec::new()),
+            has_waiters: AtomicBool::new(false),
+            notif_seq: AtomicU64::new(0),
         });
         let mut conns = st.conns.lock();
         conns.retain(|w| w.strong_count() > 0);
@@ -1134,8 +1195,7 @@ impl Backend for RdmaBackend {
         for c in served {
             st.drop_served(c);
         }
-        let owners: Vec<Owner> = st.owners.lock().drain().map(|(_, o)| o).collect();
-        for o in owners {
+        for o in st.owners.drain() {
             match o {
                 Owner::Post(p) => p.cancel_now(Error::Cancelled),
                 Owner::Sync(s) => s.finish(Err((0, "the rdma backend shut down".into()))),
@@ -1144,6 +1204,33 @@ impl Backend for RdmaBackend {
         }
         st.regions.lock().clear();
     }
+}
+
+/// Which local NIC talks to which peer NIC (indices into `local` and `remote`, their link
+/// layers): every local NIC to a peer NIC of the same link layer, round robin (NIC i to NIC i
+/// on rail-aligned hosts); then every peer NIC left out gets a local NIC of its link layer, so
+/// that a region the peer registered on some NICs only (VRAM, near its GPU) is reachable.
+fn pair_nics(local: &[u8], remote: &[u8]) -> Vec<(usize, u8)> {
+    let mut pairs = Vec::new();
+    let mut covered = vec![false; remote.len()];
+    for (i, ll) in local.iter().enumerate() {
+        let cands: Vec<usize> = (0..remote.len()).filter(|&k| remote[k] == *ll).collect();
+        if !cands.is_empty() {
+            let k = cands[i % cands.len()];
+            covered[k] = true;
+            pairs.push((i, k as u8));
+        }
+    }
+    for (k, ll) in remote.iter().enumerate() {
+        if covered[k] {
+            continue;
+        }
+        let cands: Vec<usize> = (0..local.len()).filter(|&i| local[i] == *ll).collect();
+        if !cands.is_empty() {
+            pairs.push((cands[k % cands.len()], k as u8));
+        }
+    }
+    pairs
 }
 
 /// The devices to open among those `found`: all of them, or the configured ones, which must
@@ -1246,6 +1333,10 @@ struct RdmaConn {
     timeout: Duration,
     /// Posts waiting for send-queue slots on some lane.
     waiters: Mutex<Vec<Weak<PostState>>>,
+    /// Whether `waiters` may be non-empty (read without the lock on every completion).
+    has_waiters: AtomicBool,
+    /// The next notification's sequence number.
+    notif_seq: AtomicU64,
 }
 
 impl fmt::Debug for RdmaConn {
@@ -1267,14 +1358,24 @@ impl RdmaConn {
         }
     }
 
+    /// Registers a post to be resumed when slots are freed. The caller checks the lanes' free
+    /// slots again afterwards: a release that happened before `has_waiters` was set is seen
+    /// there (both sides use SeqCst), one after it wakes the post.
+    fn add_waiter(&self, p: Weak<PostState>) {
+        let mut w = self.waiters.lock();
+        w.push(p);
+        self.has_waiters.store(true, Ordering::SeqCst);
+    }
+
     /// Lets posts that waited for send-queue slots try again (called after slots were freed,
-    /// with no post's lock held).
+    /// with no post's lock held). No lock is taken when nobody waits.
     fn wake(&self, st: &State) {
+        if !self.has_waiters.load(Ordering::SeqCst) {
+            return;
+        }
         let ws: Vec<Weak<PostState>> = {
             let mut w = self.waiters.lock();
-            if w.is_empty() {
-                return;
-            }
+            self.has_waiters.store(false, Ordering::SeqCst);
             std::mem::take(&mut *w)
         };
         for p in ws.iter().filter_map(Weak::upgrade) {
@@ -1287,6 +1388,26 @@ impl RdmaConn {
             peer: self.peer.clone(),
             reason: reason.into(),
         }
+    }
+
+    fn next_notif_seq(&self) -> u64 {
+        self.notif_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Notification buffers (header + `msg`), one per NIC that one of `lanes` uses.
+    fn notif_bufs(&self, lanes: &[usize], msg: &[u8]) -> Result<Vec<Option<OwnedBuf>>> {
+        let mut bufs: Vec<Option<OwnedBuf>> = (0..self.st.nics.len()).map(|_| None).collect();
+        for &i in lanes {
+            let nic = &self.lanes[i].qp.nic;
+            let slot = &mut bufs[usize::from(nic.idx)];
+            if slot.is_none() {
+                let b = OwnedBuf::new(&nic.pd, notif::HEADER + msg.len(), 0)
+                    .map_err(|e| err("prepare", format!("notification buffer: {e}")))?;
+                b.write(notif::HEADER, msg);
+                *slot = Some(b);
+            }
+        }
+        Ok(bufs)
     }
 }
 
@@ -1347,38 +1468,56 @@ impl Connection for RdmaConn {
             }
             rkeys.push(keys);
         }
-        // Local keys per local region, per local NIC.
-        let regions = st.regions.lock();
-        let mut lkeys: Vec<Vec<u32>> = vec![Vec::new(); st.nics.len()];
-        for r in &plan.local_regions {
-            let k = (r.kind.code(), r.desc.addr, r.desc.len, r.desc.dev_id);
-            let mrs = regions.get(&k).ok_or_else(|| {
-                err(
-                    "prepare",
-                    format!("local region {:?} is not registered with rdma", r.desc),
-                )
-            })?;
-            for (n, mr) in mrs.iter().enumerate() {
-                lkeys[n].push(mr.lkey());
+        // Local keys per local NIC per local region (0 where the NIC has no MR for it), the
+        // NICs that hold every local region, and the NICs nearest to all of them.
+        let nnics = st.nics.len();
+        let mut lkeys: Vec<Vec<u32>> = vec![Vec::with_capacity(plan.local_regions.len()); nnics];
+        let mut local_ok = place::all(nnics);
+        let mut near = place::all(nnics);
+        {
+            let regions = st.regions.lock();
+            for r in &plan.local_regions {
+                let k = (r.kind.code(), r.desc.addr, r.desc.len, r.desc.dev_id);
+                let reg = regions.get(&k).ok_or_else(|| {
+                    err(
+                        "prepare",
+                        format!("local region {:?} is not registered with rdma", r.desc),
+                    )
+                })?;
+                for (n, keys) in lkeys.iter_mut().enumerate() {
+                    match reg.mrs.get(n).and_then(Option::as_ref) {
+                        Some(mr) => keys.push(mr.lkey()),
+                        None => {
+                            keys.push(0);
+                            local_ok &= !(1u64 << n.min(63));
+                        }
+                    }
+                }
+                near &= reg.near;
             }
         }
-        drop(regions);
         // Lanes that reach every region on both sides.
         let lanes: Vec<usize> = (0..self.lanes.len())
             .filter(|&i| {
                 let l = &self.lanes[i];
-                rkeys.iter().all(|k| k.rkey(l.remote_nic).is_some())
+                local_ok & (1u64 << usize::from(l.qp.nic.idx).min(63)) != 0
+                    && rkeys.iter().all(|k| k.rkey(l.remote_nic).is_some())
             })
             .collect();
         if lanes.is_empty() {
             return Err(err(
                 "prepare",
                 format!(
-                    "no lane to peer '{}' reaches every remote region",
+                    "no lane to peer '{}' reaches every region (local regions registered on \
+                     NICs {local_ok:#b}; remote regions' NICs from the peer's metadata)",
                     self.peer
                 ),
             ));
         }
+        let preferred: Vec<bool> = lanes
+            .iter()
+            .map(|&i| near & (1u64 << usize::from(self.lanes[i].qp.nic.idx).min(63)) != 0)
+            .collect();
         let read = plan.op == XferOp::Read;
         let max_sge = lanes
             .iter()
@@ -1411,19 +1550,10 @@ impl Connection for RdmaConn {
                     .collect()
             })
             .collect();
-        let mut notif_bufs: Vec<Option<OwnedBuf>> = (0..st.nics.len()).map(|_| None).collect();
-        if let Some(n) = &notif {
-            for &i in &lanes {
-                let nic = &self.lanes[i].qp.nic;
-                let slot = &mut notif_bufs[usize::from(nic.idx)];
-                if slot.is_none() {
-                    let b = OwnedBuf::new(&nic.pd, n.len(), 0)
-                        .map_err(|e| err("prepare", format!("notification buffer: {e}")))?;
-                    b.write(0, n);
-                    *slot = Some(b);
-                }
-            }
-        }
+        let notif_bufs = match &notif {
+            Some(n) => self.notif_bufs(&lanes, n)?,
+            None => Vec::new(),
+        };
         Ok(Box::new(Prepared {
             conn: self
                 .me
@@ -1431,11 +1561,14 @@ impl Connection for RdmaConn {
                 .ok_or_else(|| err("prepare", "connection is gone"))?,
             op: plan.op,
             slices: slices.into(),
-            lanes,
-            lkeys,
-            lane_rkeys,
-            notif_len: notif.as_ref().map(Vec::len),
-            notif_bufs: Arc::new(notif_bufs),
+            keys: Arc::new(Keys {
+                lanes,
+                preferred,
+                lkeys,
+                lane_rkeys,
+            }),
+            notif,
+            notif_bufs: Mutex::new(Arc::new(notif_bufs)),
             current: Mutex::new(None),
         }))
     }
@@ -1454,6 +1587,11 @@ impl Connection for RdmaConn {
         }
         let deadline = Instant::now() + self.timeout;
         let mut last = String::from("no lane is up");
+        // One number for every attempt: the target delivers it once.
+        let seq = self.next_notif_seq();
+        let mut header = [0u8; notif::HEADER];
+        notif::put_header(&mut header, seq);
+        let len = notif::HEADER + msg.len();
         loop {
             let mut busy = false;
             for (i, l) in self.lanes.iter().enumerate() {
@@ -1464,14 +1602,15 @@ impl Connection for RdmaConn {
                     busy = true;
                     continue;
                 }
-                let buf = match OwnedBuf::new(&l.qp.nic.pd, msg.len(), 0) {
+                let buf = match OwnedBuf::new(&l.qp.nic.pd, len, 0) {
                     Ok(b) => b,
                     Err(e) => {
                         l.release(1);
                         return Err(err("notification", e.to_string()));
                     }
                 };
-                buf.write(0, msg);
+                buf.write(0, &header);
+                buf.write(notif::HEADER, msg);
                 let sync = Arc::new(SyncSend {
                     buf,
                     result: Mutex::new(None),
@@ -1479,16 +1618,19 @@ impl Connection for RdmaConn {
                     conn: self.me.clone(),
                     lane: i,
                 });
-                let token = self.st.own(Owner::Sync(Arc::clone(&sync)));
+                let Some(token) = self.st.own(Owner::Sync(Arc::clone(&sync))) else {
+                    l.release(1);
+                    return Err(err("notification", State::full()));
+                };
                 let sge = [IbvSge {
                     addr: sync.buf.addr(0),
-                    length: msg.len() as u32,
+                    length: len as u32,
                     lkey: sync.buf.mr().lkey(),
                 }];
                 let req = SendReq {
                     wr_id: (token << 24) | NOTIF_IDX,
                     opcode: verbs::WR_SEND,
-                    sges: if msg.is_empty() { &[] } else { &sge },
+                    sges: &sge,
                     remote_addr: 0,
                     rkey: 0,
                 };
@@ -1577,19 +1719,28 @@ impl SyncSend {
     }
 }
 
+/// What every post of a prepared transfer reads: lanes and keys.
+struct Keys {
+    /// Connection lane index per tracker lane.
+    lanes: Vec<usize>,
+    /// Whether each tracker lane is on a NIC nearest to the local memory.
+    preferred: Vec<bool>,
+    /// lkeys[nic][local region].
+    lkeys: Vec<Vec<u32>>,
+    /// rkeys[tracker lane][remote region].
+    lane_rkeys: Vec<Vec<u32>>,
+}
+
 /// A prepared transfer.
 struct Prepared {
     conn: Arc<RdmaConn>,
     op: XferOp,
     slices: Arc<[Slice]>,
-    /// Connection lane index per tracker lane.
-    lanes: Vec<usize>,
-    /// lkeys[nic][local region].
-    lkeys: Vec<Vec<u32>>,
-    /// rkeys[tracker lane][remote region].
-    lane_rkeys: Vec<Vec<u32>>,
-    notif_len: Option<usize>,
-    notif_bufs: Arc<Vec<Option<OwnedBuf>>>,
+    keys: Arc<Keys>,
+    notif: Option<Vec<u8>>,
+    /// Notification buffers per NIC (header + message); replaced when a post that ended early
+    /// may still be sending from them.
+    notif_bufs: Mutex<Arc<Vec<Option<OwnedBuf>>>>,
     current: Mutex<Option<Weak<PostState>>>,
 }
 
@@ -1599,7 +1750,7 @@ impl fmt::Debug for Prepared {
             .field("peer", &self.conn.peer)
             .field("op", &self.op)
             .field("slices", &self.slices.len())
-            .field("lanes", &self.lanes.len())
+            .field("lanes", &self.keys.lanes.len())
             .finish_non_exhaustive()
     }
 }
@@ -1612,15 +1763,27 @@ enum NotifStage {
     Acked,
 }
 
+/// Buffers a post reuses for every round of posting (no allocation per completion once they
+/// have grown).
+#[derive(Debug, Default)]
+struct Scratch {
+    take: Vec<u32>,
+    starved: Vec<usize>,
+    batch: SendBatch,
+}
+
 struct PostInner {
     tracker: Tracker,
     done: Option<Completion>,
     notif: NotifStage,
+    /// The notification's sequence number, set when it is first sent, kept for retries.
+    notif_seq: Option<u64>,
     /// The error to report when the tracker fails (set by non-path failures).
     error: Option<Error>,
     ended: bool,
     /// Registered in the connection's waiters.
     waiting: bool,
+    scratch: Scratch,
 }
 
 /// One post in flight.
@@ -1630,12 +1793,27 @@ struct PostState {
     conn: Arc<RdmaConn>,
     op: XferOp,
     slices: Arc<[Slice]>,
-    lanes: Vec<usize>,
-    lkeys: Vec<Vec<u32>>,
-    lane_rkeys: Vec<Vec<u32>>,
+    keys: Arc<Keys>,
     notif_len: Option<usize>,
     notif_bufs: Arc<Vec<Option<OwnedBuf>>>,
     inner: Mutex<PostInner>,
+}
+
+impl Prepared {
+    /// The notification buffers for a new post: the current ones, or fresh ones while the
+    /// previous post (ended early) may still be sending from them.
+    fn bufs_for_post(&self) -> Result<Arc<Vec<Option<OwnedBuf>>>> {
+        let Some(msg) = &self.notif else {
+            return Ok(Arc::clone(&self.notif_bufs.lock()));
+        };
+        let prev = self.current.lock().as_ref().and_then(Weak::upgrade);
+        let busy = prev.is_some_and(|p| !p.inner.lock().ended);
+        let mut cur = self.notif_bufs.lock();
+        if busy {
+            *cur = Arc::new(self.conn.notif_bufs(&self.keys.lanes, msg)?);
+        }
+        Ok(Arc::clone(&cur))
+    }
 }
 
 impl PreparedXfer for Prepared {
@@ -1644,16 +1822,29 @@ impl PreparedXfer for Prepared {
             done.complete(Err(self.conn.disconnected("connection closed")));
             return;
         }
+        let notif_bufs = match self.bufs_for_post() {
+            Ok(b) => b,
+            Err(e) => {
+                done.complete(Err(e));
+                return;
+            }
+        };
         let st = Arc::clone(&self.conn.st);
-        let lane_nics: Vec<usize> = self
+        let keys = &self.keys;
+        let lane_nics: Vec<usize> = keys
             .lanes
             .iter()
             .map(|&i| usize::from(self.conn.lanes[i].qp.nic.idx))
             .collect();
         let lens: Vec<u64> = self.slices.iter().map(|s| s.len).collect();
-        let mut tracker =
-            Tracker::new(lens, &lane_nics, st.cfg.max_outstanding, st.cfg.max_retries);
-        for (t, &i) in self.lanes.iter().enumerate() {
+        let mut tracker = Tracker::with_preferred(
+            lens,
+            &lane_nics,
+            &keys.preferred,
+            st.cfg.max_outstanding,
+            st.cfg.max_retries,
+        );
+        for (t, &i) in keys.lanes.iter().enumerate() {
             if !self.conn.lanes[i].up.load(Ordering::Acquire) {
                 tracker.fail_lane(t, "lane was already down");
             }
@@ -1664,25 +1855,30 @@ impl PreparedXfer for Prepared {
             conn: Arc::clone(&self.conn),
             op: self.op,
             slices: Arc::clone(&self.slices),
-            lanes: self.lanes.clone(),
-            lkeys: self.lkeys.clone(),
-            lane_rkeys: self.lane_rkeys.clone(),
-            notif_len: self.notif_len,
-            notif_bufs: Arc::clone(&self.notif_bufs),
+            keys: Arc::clone(keys),
+            notif_len: self.notif.as_ref().map(Vec::len),
+            notif_bufs,
             inner: Mutex::new(PostInner {
                 tracker,
                 done: Some(done),
-                notif: if self.notif_len.is_some() {
+                notif: if self.notif.is_some() {
                     NotifStage::Pending
                 } else {
                     NotifStage::None
                 },
+                notif_seq: None,
                 error: None,
                 ended: false,
                 waiting: false,
+                scratch: Scratch::default(),
             }),
         });
-        let token = st.own(Owner::Post(Arc::clone(&ps)));
+        let Some(token) = st.own(Owner::Post(Arc::clone(&ps))) else {
+            if let Some(c) = ps.inner.lock().done.take() {
+                c.complete(Err(err("post", State::full())));
+            }
+            return;
+        };
         ps.token.store(token, Ordering::Release);
         *self.current.lock() = Some(Arc::downgrade(&ps));
         let finish = {
@@ -1717,56 +1913,69 @@ impl PreparedXfer for Prepared {
 type Finish = Option<(Completion, Result<()>)>;
 
 impl PostState {
+    fn lane(&self, t: usize) -> &Lane {
+        &self.conn.lanes[self.keys.lanes[t]]
+    }
+
     /// Posts what the tracker hands out, on `only` lane or all of them.
     fn pump(&self, g: &mut PostInner, only: Option<usize>) {
         let mut only = only;
         for _ in 0..4 {
-            let starved = self.pump_once(g, only.take());
-            if starved.is_empty() {
+            self.pump_once(g, only.take());
+            if g.scratch.starved.is_empty() {
                 return;
             }
             if !g.waiting {
                 g.waiting = true;
-                self.conn.waiters.lock().push(self.me.clone());
+                self.conn.add_waiter(self.me.clone());
             }
             // Slots freed between our attempt and the registration woke nobody: try again.
-            let freed = starved
+            let freed = g
+                .scratch
+                .starved
                 .iter()
-                .any(|&t| self.conn.lanes[self.lanes[t]].free.load(Ordering::SeqCst) > 0);
+                .any(|&t| self.lane(t).free.load(Ordering::SeqCst) > 0);
             if !freed {
                 return;
             }
         }
     }
 
-    /// One round of posting; returns the lanes that had work but no free slots.
-    fn pump_once(&self, g: &mut PostInner, only: Option<usize>) -> Vec<usize> {
-        let mut take = Vec::new();
-        let mut sges: Vec<IbvSge> = Vec::new();
+    /// One round of posting; leaves in `scratch.starved` the lanes that had work but no free
+    /// slots. Allocation-free once the scratch buffers have grown.
+    fn pump_once(&self, g: &mut PostInner, only: Option<usize>) {
+        let PostInner {
+            tracker, scratch, ..
+        } = g;
+        let Scratch {
+            take,
+            starved,
+            batch,
+        } = scratch;
+        starved.clear();
         let token = self.token.load(Ordering::Acquire);
         let opcode = match self.op {
             XferOp::Read => verbs::WR_RDMA_READ,
             XferOp::Write => verbs::WR_RDMA_WRITE,
         };
-        let mut starved = Vec::new();
+        let n = self.keys.lanes.len();
         // Requeues after a failed post may land on any lane: loop until nothing moves.
-        for _round in 0..=self.lanes.len() {
+        for round in 0..=n {
             let mut moved = false;
-            let range: Vec<usize> = match only {
-                Some(l) if _round == 0 => vec![l],
-                _ => (0..self.lanes.len()).collect(),
+            let (lo, hi) = match only {
+                Some(l) if round == 0 && l < n => (l, l + 1),
+                _ => (0, n),
             };
-            for t in range {
-                let lane = &self.conn.lanes[self.lanes[t]];
+            for t in lo..hi {
+                let lane = self.lane(t);
                 if !lane.up.load(Ordering::Acquire) {
-                    if g.tracker.lane_up(t) {
-                        g.tracker
-                            .fail_lane(t, "the lane failed in another transfer");
+                    if tracker.lane_up(t) {
+                        tracker.fail_lane(t, "the lane failed in another transfer");
                         moved = true;
                     }
                     continue;
                 }
-                let want = g.tracker.wants(t);
+                let want = tracker.wants(t);
                 if want == 0 {
                     continue;
                 }
@@ -1777,54 +1986,36 @@ impl PostState {
                 if k == 0 {
                     continue;
                 }
-                g.tracker.take(t, k, &mut take);
+                tracker.take(t, k, take);
                 if (take.len() as u32) < k {
                     lane.release(k - take.len() as u32);
                 }
                 if take.is_empty() {
                     continue;
                 }
-                let nic = usize::from(lane.qp.nic.idx);
-                sges.clear();
-                let mut bounds = Vec::with_capacity(take.len());
-                for &s in &take {
+                let lkeys = &self.keys.lkeys[usize::from(lane.qp.nic.idx)];
+                let rkeys = &self.keys.lane_rkeys[t];
+                batch.clear();
+                for &s in take.iter() {
                     let sl = &self.slices[s as usize];
-                    let start = sges.len();
-                    for p in &sl.pieces {
-                        sges.push(IbvSge {
+                    batch.push(
+                        (token << 24) | u64::from(s),
+                        opcode,
+                        sl.pieces.iter().map(|p| IbvSge {
                             addr: p.addr,
                             length: p.len as u32,
-                            lkey: self.lkeys[nic]
-                                .get(p.local_region as usize)
-                                .copied()
-                                .unwrap_or(0),
-                        });
-                    }
-                    bounds.push((start, sges.len()));
+                            lkey: lkeys.get(p.local_region as usize).copied().unwrap_or(0),
+                        }),
+                        sl.remote_addr,
+                        rkeys.get(sl.remote_region as usize).copied().unwrap_or(0),
+                    );
                 }
-                let reqs: Vec<SendReq<'_>> = take
-                    .iter()
-                    .zip(&bounds)
-                    .map(|(&s, &(a, b))| {
-                        let sl = &self.slices[s as usize];
-                        SendReq {
-                            wr_id: (token << 24) | u64::from(s),
-                            opcode,
-                            sges: &sges[a..b],
-                            remote_addr: sl.remote_addr,
-                            rkey: self.lane_rkeys[t]
-                                .get(sl.remote_region as usize)
-                                .copied()
-                                .unwrap_or(0),
-                        }
-                    })
-                    .collect();
-                if let Err(e) = lane.qp.qp.post_send(&reqs) {
+                if let Err(e) = lane.qp.qp.post_batch(batch) {
                     let why = e.to_string();
                     lane.release(take.len() as u32);
-                    self.conn.lane_down(self.lanes[t], &why);
-                    for &s in &take {
-                        g.tracker.fail(s, t, &why);
+                    self.conn.lane_down(self.keys.lanes[t], &why);
+                    for &s in take.iter() {
+                        tracker.fail(s, t, &why);
                     }
                     moved = true;
                 }
@@ -1833,7 +2024,6 @@ impl PostState {
                 break;
             }
         }
-        starved
     }
 
     /// Woken after slots were freed: posts what it can, ends if over.
@@ -1859,11 +2049,11 @@ impl PostState {
             let status = st.status_result(wc);
             if idx == NOTIF_IDX {
                 if let NotifStage::Sent { lane } = g.notif {
-                    self.conn.lanes[self.lanes[lane]].release(1);
+                    self.lane(lane).release(1);
                     match status {
                         Ok(()) => g.notif = NotifStage::Acked,
                         Err((_, why)) => {
-                            self.conn.lane_down(self.lanes[lane], &why);
+                            self.conn.lane_down(self.keys.lanes[lane], &why);
                             g.tracker.fail_lane(lane, &why);
                             g.notif = NotifStage::Pending;
                         }
@@ -1872,14 +2062,14 @@ impl PostState {
             } else {
                 let s = idx as u32;
                 if let Some(lane) = g.tracker.lane_of(s) {
-                    self.conn.lanes[self.lanes[lane]].release(1);
+                    self.lane(lane).release(1);
                     match status {
                         Ok(()) => {
                             g.tracker.complete(s, lane);
                             self.pump(&mut g, Some(lane));
                         }
                         Err((code, why)) => {
-                            self.conn.lane_down(self.lanes[lane], &why);
+                            self.conn.lane_down(self.keys.lanes[lane], &why);
                             g.tracker.fail(s, lane, &why);
                             if code == verbs::WC_REM_ACCESS_ERR && g.error.is_none() {
                                 g.error = Some(Error::Denied {
@@ -1942,11 +2132,10 @@ impl PostState {
     /// lane down, so this ends.
     fn send_notif(&self, st: &State, g: &mut PostInner) -> Finish {
         for _ in 0..4 {
-            let busy = match self.send_notif_once(g) {
-                Ok(()) => return None,
-                Err(busy) => busy,
-            };
-            if busy.is_empty() {
+            if self.send_notif_once(g) {
+                return None;
+            }
+            if g.scratch.starved.is_empty() {
                 let e = self.conn.disconnected(
                     "the data landed but the notification could not be sent on any lane",
                 );
@@ -1954,11 +2143,13 @@ impl PostState {
             }
             if !g.waiting {
                 g.waiting = true;
-                self.conn.waiters.lock().push(self.me.clone());
+                self.conn.add_waiter(self.me.clone());
             }
-            let freed = busy
+            let freed = g
+                .scratch
+                .starved
                 .iter()
-                .any(|&t| self.conn.lanes[self.lanes[t]].free.load(Ordering::SeqCst) > 0);
+                .any(|&t| self.lane(t).free.load(Ordering::SeqCst) > 0);
             if !freed {
                 return None;
             }
@@ -1966,13 +2157,14 @@ impl PostState {
         None
     }
 
-    /// `Ok` when the SEND is posted; `Err(busy lanes)` otherwise (empty: no lane left).
-    fn send_notif_once(&self, g: &mut PostInner) -> std::result::Result<(), Vec<usize>> {
-        let len = self.notif_len.unwrap_or(0);
+    /// `true` when the SEND is posted; otherwise `scratch.starved` holds the busy lanes
+    /// (empty: no lane left).
+    fn send_notif_once(&self, g: &mut PostInner) -> bool {
+        let len = notif::HEADER + self.notif_len.unwrap_or(0);
         let token = self.token.load(Ordering::Acquire);
-        let mut busy = Vec::new();
-        for t in 0..self.lanes.len() {
-            let lane = &self.conn.lanes[self.lanes[t]];
+        g.scratch.starved.clear();
+        for t in 0..self.keys.lanes.len() {
+            let lane = self.lane(t);
             if !g.tracker.lane_up(t) || !lane.up.load(Ordering::Acquire) {
                 continue;
             }
@@ -1980,35 +2172,45 @@ impl PostState {
                 continue;
             };
             if lane.acquire(1) == 0 {
-                busy.push(t);
+                g.scratch.starved.push(t);
                 continue;
             }
-            let sge = [IbvSge {
-                addr: buf.addr(0),
-                length: len as u32,
-                lkey: buf.mr().lkey(),
-            }];
-            let req = SendReq {
-                wr_id: (token << 24) | NOTIF_IDX,
-                opcode: verbs::WR_SEND,
-                sges: if len == 0 { &[] } else { &sge },
-                remote_addr: 0,
-                rkey: 0,
-            };
-            match lane.qp.qp.post_send(&[req]) {
+            // The same number on every attempt: the target delivers it once.
+            let seq = *g
+                .notif_seq
+                .get_or_insert_with(|| self.conn.next_notif_seq());
+            let mut header = [0u8; notif::HEADER];
+            notif::put_header(&mut header, seq);
+            // No SEND of this buffer is in flight: a previous attempt has completed, and a
+            // post still sending from it makes the next post take fresh buffers.
+            buf.write(0, &header);
+            let batch = &mut g.scratch.batch;
+            batch.clear();
+            batch.push(
+                (token << 24) | NOTIF_IDX,
+                verbs::WR_SEND,
+                [IbvSge {
+                    addr: buf.addr(0),
+                    length: len as u32,
+                    lkey: buf.mr().lkey(),
+                }],
+                0,
+                0,
+            );
+            match lane.qp.qp.post_batch(batch) {
                 Ok(()) => {
                     g.notif = NotifStage::Sent { lane: t };
-                    return Ok(());
+                    return true;
                 }
                 Err(e) => {
                     lane.release(1);
                     let why = e.to_string();
-                    self.conn.lane_down(self.lanes[t], &why);
+                    self.conn.lane_down(self.keys.lanes[t], &why);
                     g.tracker.fail_lane(t, &why);
                 }
             }
         }
-        Err(busy)
+        false
     }
 
     fn end(&self, st: &State, g: &mut PostInner, r: Result<()>) -> Finish {
@@ -2063,6 +2265,30 @@ mod tests {
         assert!(choose_devices(&found, Some(&[]), &fs.root)
             .unwrap_err()
             .contains("empty list"));
+    }
+
+    #[test]
+    fn every_peer_nic_is_reachable() {
+        const IB: u8 = 1;
+        const ETH: u8 = 2;
+        // Rail-aligned: NIC i to NIC i, nothing more.
+        assert_eq!(
+            pair_nics(&[IB; 4], &[IB; 4]),
+            vec![(0, 0), (1, 1), (2, 2), (3, 3)]
+        );
+        // One local NIC, eight on the peer: the rail pair plus one lane to each other NIC.
+        let p = pair_nics(&[IB], &[IB; 8]);
+        assert_eq!(p.len(), 8);
+        assert!((0..8u8).all(|k| p.iter().any(|&(l, r)| l == 0 && r == k)));
+        // More local NICs than peer NICs: round robin, all covered.
+        assert_eq!(pair_nics(&[IB; 3], &[IB; 2]), vec![(0, 0), (1, 1), (2, 0)]);
+        // Link layers must match; a peer NIC no local NIC shares a link layer with is left.
+        assert_eq!(
+            pair_nics(&[IB, ETH], &[ETH, ETH, IB]),
+            vec![(0, 2), (1, 1), (1, 0)]
+        );
+        assert_eq!(pair_nics(&[ETH], &[IB]), vec![]);
+        assert_eq!(pair_nics(&[], &[IB]), vec![]);
     }
 
     #[test]

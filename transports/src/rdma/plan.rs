@@ -10,8 +10,10 @@
 //!   loads of any two lanes differ by at most one slice.
 //! - [`Tracker`] follows one post: which slices are queued on which lane, in flight, done; it
 //!   hands out at most `max_outstanding` WRs per lane; a failed WR marks its lane down, and the
-//!   lane's unfinished slices move to healthy lanes, another NIC first; a slice is retried at
-//!   most `max_retries` times; with no lane left the post fails with the reason.
+//!   lane's unfinished slices move to healthy lanes, another NIC first, then preferred lanes
+//!   first; a slice is retried at most `max_retries` times; with no lane left the post fails
+//!   with the reason. Lanes may be marked *preferred* (on the NICs nearest to the memory): the
+//!   slices are striped over those only, and the others serve for failover.
 
 use std::collections::VecDeque;
 
@@ -115,6 +117,7 @@ enum State {
 #[derive(Clone, Debug)]
 struct Lane {
     nic: usize,
+    preferred: bool,
     up: bool,
     queue: VecDeque<u32>,
     inflight: u32,
@@ -158,19 +161,37 @@ impl Tracker {
         max_outstanding: u32,
         max_retries: u32,
     ) -> Self {
+        Tracker::with_preferred(lens, lane_nics, &[], max_outstanding, max_retries)
+    }
+
+    /// As [`Tracker::new`], striping the slices over the lanes whose `preferred` entry is true
+    /// only (a missing entry is false; with none preferred, over every lane). The other lanes
+    /// take slices only when a preferred lane fails.
+    pub fn with_preferred(
+        lens: Vec<u64>,
+        lane_nics: &[usize],
+        preferred: &[bool],
+        max_outstanding: u32,
+        max_retries: u32,
+    ) -> Self {
         let n = lens.len();
+        let any_preferred = preferred.iter().take(lane_nics.len()).any(|&p| p);
         let mut lanes: Vec<Lane> = lane_nics
             .iter()
-            .map(|&nic| Lane {
+            .enumerate()
+            .map(|(i, &nic)| Lane {
                 nic,
+                preferred: !any_preferred || preferred.get(i).copied().unwrap_or(false),
                 up: true,
                 queue: VecDeque::new(),
                 inflight: 0,
                 load: 0,
             })
             .collect();
+        let first: Vec<usize> = (0..lanes.len()).filter(|&l| lanes[l].preferred).collect();
         let mut state = vec![State::Done; n];
-        for (lane, slices) in stripe(&lens, lanes.len()).into_iter().enumerate() {
+        for (k, slices) in stripe(&lens, first.len()).into_iter().enumerate() {
+            let lane = first[k];
             for i in slices {
                 state[i] = State::Queued(lane as u32);
                 lanes[lane].queue.push_back(i as u32);
@@ -328,14 +349,14 @@ impl Tracker {
     }
 
     /// Puts slice `i` on the healthy lane with the least load, preferring NICs other than
-    /// `avoid_nic`.
+    /// `avoid_nic`, then preferred lanes.
     fn requeue(&mut self, i: usize, avoid_nic: usize, reason: &str) {
         let best = self
             .lanes
             .iter()
             .enumerate()
             .filter(|(_, l)| l.up)
-            .min_by_key(|(k, l)| (l.nic == avoid_nic, l.load, *k))
+            .min_by_key(|(k, l)| (l.nic == avoid_nic, !l.preferred, l.load, *k))
             .map(|(k, _)| k);
         match best {
             Some(k) => {
@@ -433,6 +454,32 @@ mod tests {
             p => panic!("{p:?}"),
         }
         assert_eq!(t.inflight(), 0);
+    }
+
+    #[test]
+    fn preferred_lanes_carry_the_work_and_the_others_take_over() {
+        // Lanes 0,1 on NIC 0 (far), lanes 2,3 on NIC 1 (near, preferred).
+        let pref = [false, false, true, true];
+        let mut t = Tracker::with_preferred(vec![10; 8], &[0, 0, 1, 1], &pref, 8, 2);
+        assert_eq!((t.load(0), t.load(1), t.load(2), t.load(3)), (0, 0, 40, 40));
+        assert_eq!(t.wants(0), 0);
+        let mut out = Vec::new();
+        t.take(2, u32::MAX, &mut out);
+        assert_eq!(out.len(), 4);
+        // Lane 2 fails: its slices go to the other NIC first (lanes 0/1), not to lane 3.
+        t.fail(out[0], 2, "IBV_WC_RETRY_EXC_ERR");
+        assert_eq!(t.load(3), 40);
+        assert_eq!(t.load(0) + t.load(1), 10);
+        // A failure on the far NIC moves its work back to the near NIC (lane 3).
+        let far = if t.load(0) > 0 { 0 } else { 1 };
+        t.take(far, u32::MAX, &mut out);
+        t.fail(out[0], far, "port down");
+        assert_eq!(t.load(3), 50);
+        // No preferred entry at all, or none true: every lane is striped over.
+        let t = Tracker::with_preferred(vec![10; 4], &[0, 1], &[], 8, 2);
+        assert_eq!((t.load(0), t.load(1)), (20, 20));
+        let t = Tracker::with_preferred(vec![10; 4], &[0, 1], &[false, false], 8, 2);
+        assert_eq!((t.load(0), t.load(1)), (20, 20));
     }
 
     #[test]
@@ -538,10 +585,11 @@ mod tests {
             retries in 0u32..4,
             fail_pct in 0u32..40,
             seed in any::<u64>(),
+            preferred in prop::collection::vec(any::<bool>(), 0..10),
         ) {
             let mut rng = seed | 1;
             let mut next = || { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; rng };
-            let mut t = Tracker::new(lens.clone(), &nics, max_out, retries);
+            let mut t = Tracker::with_preferred(lens.clone(), &nics, &preferred, max_out, retries);
             let mut flight: Vec<(u32, usize)> = Vec::new();
             let mut completed = vec![0u32; lens.len()];
             let mut dead = vec![false; nics.len()];

@@ -1419,6 +1419,82 @@ pub struct SendReq<'a> {
     pub rkey: u32,
 }
 
+/// A reusable chain of signalled send work requests: built with [`SendBatch::push`], posted
+/// with [`Qp::post_batch`], cleared with [`SendBatch::clear`]. Its vectors keep their capacity,
+/// so a batch reused per post allocates only while it grows.
+#[derive(Default)]
+pub struct SendBatch {
+    wrs: Vec<IbvSendWr>,
+    sges: Vec<IbvSge>,
+    /// (first SGE, SGE count) per WR.
+    ranges: Vec<(usize, usize)>,
+}
+
+// SAFETY: the raw pointers inside the WRs are only written and used by `Qp::post_batch`, on
+// the thread that holds `&mut SendBatch`; between posts they are dangling-but-unused.
+unsafe impl Send for SendBatch {}
+// SAFETY: `&SendBatch` exposes only lengths.
+unsafe impl Sync for SendBatch {}
+
+impl fmt::Debug for SendBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SendBatch")
+            .field("wrs", &self.wrs.len())
+            .field("sges", &self.sges.len())
+            .finish()
+    }
+}
+
+impl SendBatch {
+    /// Forgets the work requests (keeps the capacity).
+    pub fn clear(&mut self) {
+        self.wrs.clear();
+        self.sges.clear();
+        self.ranges.clear();
+    }
+
+    /// Number of work requests.
+    pub fn len(&self) -> usize {
+        self.wrs.len()
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.wrs.is_empty()
+    }
+
+    /// Appends one signalled work request (`wr_id`, opcode, local pieces each inside an MR
+    /// whose lkey it carries, remote address and rkey for RDMA).
+    pub fn push(
+        &mut self,
+        wr_id: u64,
+        opcode: c_uint,
+        sges: impl IntoIterator<Item = IbvSge>,
+        remote_addr: u64,
+        rkey: u32,
+    ) {
+        let start = self.sges.len();
+        self.sges.extend(sges);
+        let count = self.sges.len() - start;
+        self.ranges.push((start, count));
+        self.wrs.push(IbvSendWr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            // Linked by `Qp::post_batch` once `sges` no longer moves.
+            sg_list: std::ptr::null_mut(),
+            num_sge: count as c_int,
+            opcode,
+            send_flags: SEND_SIGNALED,
+            imm_data: 0,
+            rdma_remote_addr: remote_addr,
+            rdma_rkey: rkey,
+            _wr_rest: [0; 5],
+            _qp_type: 0,
+            _bind_mw_or_tso: [0; 6],
+        });
+    }
+}
+
 impl Qp {
     /// The QP number.
     pub fn qpn(&self) -> u32 {
@@ -1530,47 +1606,41 @@ impl Qp {
     /// with a protection error; the memory under a user MR stays valid by the registration
     /// contract of [`Pd::reg_mr`].
     pub fn post_send(&self, reqs: &[SendReq<'_>]) -> VResult<()> {
-        if reqs.is_empty() {
+        let mut batch = SendBatch::default();
+        for r in reqs {
+            batch.push(
+                r.wr_id,
+                r.opcode,
+                r.sges.iter().copied(),
+                r.remote_addr,
+                r.rkey,
+            );
+        }
+        self.post_batch(&mut batch)
+    }
+
+    /// Posts the work requests of `batch` as one chain (one `post_send` call); the batch
+    /// keeps its capacity for the next use (no allocation once it has grown). Empty: no call.
+    ///
+    /// Memory safety rests on the MRs, as for [`Qp::post_send`].
+    pub fn post_batch(&self, batch: &mut SendBatch) -> VResult<()> {
+        let n = batch.wrs.len();
+        if n == 0 {
             return Ok(());
         }
-        let mut sges: Vec<IbvSge> = Vec::with_capacity(reqs.iter().map(|r| r.sges.len()).sum());
-        for r in reqs {
-            sges.extend_from_slice(r.sges);
-        }
-        let mut wrs: Vec<IbvSendWr> = Vec::with_capacity(reqs.len());
-        let mut at = 0usize;
-        for r in reqs {
-            wrs.push(IbvSendWr {
-                wr_id: r.wr_id,
-                next: std::ptr::null_mut(),
-                // Patched below once `sges` no longer moves.
-                sg_list: std::ptr::null_mut(),
-                num_sge: r.sges.len() as c_int,
-                opcode: r.opcode,
-                send_flags: SEND_SIGNALED,
-                imm_data: 0,
-                rdma_remote_addr: r.remote_addr,
-                rdma_rkey: r.rkey,
-                _wr_rest: [0; 5],
-                _qp_type: 0,
-                _bind_mw_or_tso: [0; 6],
-            });
-            at += r.sges.len();
-        }
-        debug_assert_eq!(at, sges.len());
-        let base = sges.as_mut_ptr();
-        let mut off = 0usize;
-        let n = wrs.len();
-        let wr_base = wrs.as_mut_ptr();
-        for (i, r) in reqs.iter().enumerate() {
-            // SAFETY: `i < n` and `off + r.sges.len() <= sges.len()`: pointers inside the two
-            // vectors, which are not resized from here on.
+        let base = batch.sges.as_mut_ptr();
+        let wr_base = batch.wrs.as_mut_ptr();
+        for i in 0..n {
+            let (start, count) = batch.ranges[i];
+            debug_assert!(start + count <= batch.sges.len());
+            // SAFETY: `i < n` and `start + count <= sges.len()` (pushed together): pointers
+            // inside the two vectors, which are not resized while the chain is posted.
             unsafe {
                 let w = wr_base.add(i);
-                (*w).sg_list = if r.sges.is_empty() {
+                (*w).sg_list = if count == 0 {
                     std::ptr::null_mut()
                 } else {
-                    base.add(off)
+                    base.add(start)
                 };
                 (*w).next = if i + 1 < n {
                     wr_base.add(i + 1)
@@ -1578,7 +1648,6 @@ impl Qp {
                     std::ptr::null_mut()
                 };
             }
-            off += r.sges.len();
         }
         let mut bad: *mut IbvSendWr = std::ptr::null_mut();
         // SAFETY: live QP; its context's ops table is the provider's (as the inline
@@ -1634,5 +1703,48 @@ impl Qp {
             return Err(rc_err("ibv_post_recv", rc));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_batch_records_ranges_and_keeps_its_capacity() {
+        let sge = |a: u64| IbvSge {
+            addr: a,
+            length: 8,
+            lkey: 1,
+        };
+        let mut b = SendBatch::default();
+        assert!(b.is_empty());
+        b.push(7, WR_RDMA_WRITE, [sge(0), sge(8)], 0x1000, 42);
+        b.push(8, WR_SEND, [], 0, 0);
+        b.push(9, WR_RDMA_READ, [sge(16)], 0x2000, 43);
+        assert_eq!(b.len(), 3);
+        assert_eq!(b.ranges, vec![(0, 2), (2, 0), (2, 1)]);
+        assert_eq!(b.wrs[0].num_sge, 2);
+        assert_eq!(b.wrs[1].num_sge, 0);
+        assert_eq!(
+            (
+                b.wrs[2].wr_id,
+                b.wrs[2].rdma_remote_addr,
+                b.wrs[2].rdma_rkey
+            ),
+            (9, 0x2000, 43)
+        );
+        assert!(b.wrs.iter().all(|w| w.send_flags == SEND_SIGNALED));
+        let caps = (b.wrs.capacity(), b.sges.capacity(), b.ranges.capacity());
+        for round in 0..100u64 {
+            b.clear();
+            b.push(round, WR_RDMA_WRITE, [sge(0), sge(8)], 0, 0);
+            b.push(round, WR_RDMA_WRITE, [sge(16)], 0, 0);
+        }
+        assert_eq!(
+            (b.wrs.capacity(), b.sges.capacity(), b.ranges.capacity()),
+            caps,
+            "reuse allocates nothing"
+        );
     }
 }

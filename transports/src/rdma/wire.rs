@@ -8,7 +8,7 @@ use nixl_core::codec::Reader;
 use nixl_core::DecodeError;
 
 /// Version of every encoding in this module.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Most NICs one agent publishes.
 pub const MAX_NICS: usize = 64;
 /// Most lanes (QPs) in one handshake.
