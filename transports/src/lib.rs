@@ -29,6 +29,7 @@ pub mod rdma;
 pub mod shm;
 pub mod tcp;
 pub mod uring;
+mod unix;
 
 use std::sync::Arc;
 

@@ -3,8 +3,9 @@
 //! into a peer's mapping.
 
 use std::io;
+
+pub(crate) use crate::unix::{boot_id, peer_cred, recv_with_fds, send_with_fd, uid};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
 
 /// `IOV_MAX` on Linux: the most iovecs one process_vm_* call takes.
 pub const IOV_MAX: usize = 1024;
@@ -157,34 +158,6 @@ pub fn allow_any_ptracer() {
     }
 }
 
-/// The credentials of the process at the other end of a Unix socket.
-pub fn peer_cred(s: &UnixStream) -> io::Result<(i32, u32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    cvt(r as libc::c_long)?;
-    Ok((cred.pid, cred.uid))
-}
-
-/// Our uid.
-pub fn uid() -> u32 {
-    // SAFETY: getuid cannot fail.
-    unsafe { libc::getuid() }
-}
-
 /// A new memfd of `len` bytes.
 pub fn memfd(len: usize, huge: bool) -> io::Result<OwnedFd> {
     let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
@@ -234,91 +207,6 @@ pub fn fd_size(fd: RawFd) -> io::Result<u64> {
     // SAFETY: as above.
     cvt(unsafe { libc::fstat(fd, &mut st) } as libc::c_long)?;
     Ok(st.st_size as u64)
-}
-
-/// Sends `data` with one fd attached (SCM_RIGHTS).
-pub fn send_with_fd(s: &UnixStream, data: &[u8], fd: RawFd) -> io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is valid; the fields set below point at live locals.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: the control buffer is CMSG_SPACE(sizeof fd) bytes, so the first header and its
-    // data fit; the macros only compute addresses inside it.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
-    }
-    let mut sent = 0;
-    while sent == 0 {
-        // SAFETY: msg points at live buffers for the duration of the call.
-        match cvt(unsafe { libc::sendmsg(s.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) } as libc::c_long)
-        {
-            Ok(n) => sent = n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if sent < data.len() {
-        // The fd went with the first byte; the rest is ordinary stream data.
-        use std::io::Write;
-        (&*s).write_all(&data[sent..])?;
-    }
-    Ok(())
-}
-
-/// Receives into `buf`, collecting any fds passed with the data. Returns bytes read (0 = EOF).
-pub fn recv_with_fds(s: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut cbuf = [0u64; 16]; // 128 bytes, 8-aligned: room for several fds
-                               // SAFETY: zeroed msghdr is valid; fields point at live locals.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-    // SAFETY: msg points at live buffers for the duration of the call.
-    let n = cvt(
-        unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) } as libc::c_long,
-    )?;
-    // SAFETY: walking the control messages the kernel wrote, with the kernel's own macros,
-    // within msg_controllen; each SCM_RIGHTS payload is an array of ints we now own.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c);
-                let bytes = (*c).cmsg_len as usize - (data as usize - c as usize);
-                for i in 0..bytes / std::mem::size_of::<RawFd>() {
-                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok(n)
-}
-
-/// Contents of /proc/sys/kernel/random/boot_id (empty if unreadable).
-pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
 }
 
 /// Inode of our pid namespace (0 if unreadable).
