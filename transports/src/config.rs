@@ -498,7 +498,12 @@ impl Config {
             out.push(tcp);
         }
         if want("cuda") {
-            out.push(CudaBackend::new(self.cuda_config()));
+            // Peers on other nodes of an NVLink domain announce imports, take revocations and
+            // send notifications over the tcp listener's control channel.
+            out.push(match &control {
+                Some(c) => CudaBackend::with_control(self.cuda_config(), Arc::clone(c)),
+                None => CudaBackend::new(self.cuda_config()),
+            });
         }
         if want("rdma") {
             let control = control.unwrap_or_else(|| {

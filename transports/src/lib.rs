@@ -28,8 +28,8 @@ pub mod rdma;
 #[path = "node/mod.rs"]
 pub mod shm;
 pub mod tcp;
-pub mod uring;
 mod unix;
+pub mod uring;
 
 use std::sync::Arc;
 

@@ -6,8 +6,17 @@
 //! deregisters and frees its legacy buffer while the peer holds a mapping of it, and the peer's
 //! next transfer must fail cleanly.
 //!
+//! The fabric test (`gpu_two_processes_fabric_handles`) also needs `NIXL_TEST_CUDA_FABRIC=1`
+//! (GPUs that export fabric handles, with an IMEX channel); it forces two processes of this host
+//! onto the cross-node path (each publishes another node id, with every device in one made-up
+//! NVLink domain; announcements, the notification and the revocation go over the tcp backend's
+//! control channel on loopback) and re-executes this binary as the peer
+//! (`NIXL_CUDA_FABRIC_CHILD`).
+//!
 //! ```text
 //! NIXL_TEST_CUDA=1 cargo test -p nixl-transports --test cuda -- --nocapture --test-threads=1
+//! NIXL_TEST_CUDA=1 NIXL_TEST_CUDA_FABRIC=1 cargo test -p nixl-transports --test cuda fabric \
+//!     -- --nocapture --test-threads=1
 //! ```
 
 use std::io::{BufRead, Write};
@@ -17,8 +26,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nixl_core::*;
-use nixl_transports::cuda::{device, CudaBackend, CudaConfig, LegacyBuffer, VmmBuffer};
+use nixl_transports::cuda::{
+    device, nvml, CudaBackend, CudaConfig, DeviceFabric, FabricDomain, LegacyBuffer, NodeOverride,
+    VmmBuffer,
+};
 use nixl_transports::local::LocalBackend;
+use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
 
 const CHILD_ENV: &str = "NIXL_CUDA_TEST_CHILD";
 
@@ -472,4 +485,258 @@ fn ipc_child() {
         .unwrap();
     req.run_blocking().unwrap();
     println!("CHILD OK");
+}
+
+const FABRIC_CHILD_ENV: &str = "NIXL_CUDA_FABRIC_CHILD";
+
+fn fabric_gpu(test: &str) -> bool {
+    if !gpu(test) {
+        return false;
+    }
+    if std::env::var("NIXL_TEST_CUDA_FABRIC").as_deref() != Ok("1") {
+        eprintln!(
+            "SKIP: {test}: NIXL_TEST_CUDA_FABRIC=1 not set (needs GPUs that export fabric handles: \
+             CU_MEM_HANDLE_TYPE_FABRIC with an IMEX channel)"
+        );
+        return false;
+    }
+    true
+}
+
+/// Every local device in one made-up NVLink domain (real UUIDs, so the per-device check holds):
+/// on a single node NVML usually reports no multi-node fabric, but fabric handles still import.
+fn fabric_node(node_id: &str) -> NodeOverride {
+    let uuids = nvml::cuda_device_uuids().expect("device UUIDs");
+    match nvml::nvml() {
+        Ok(n) => {
+            for u in &uuids {
+                eprintln!("NVML fabric of {:02x?}: {:?}", &u[..4], n.domain_of(u));
+            }
+        }
+        Err(e) => eprintln!("NVML: {e}"),
+    }
+    NodeOverride {
+        node_id: node_id.into(),
+        devices: Some(
+            uuids
+                .iter()
+                .enumerate()
+                .map(|(i, u)| DeviceFabric {
+                    ordinal: i as u32,
+                    uuid: *u,
+                    domain: Some(FabricDomain {
+                        cluster_uuid: [0x42; 16],
+                        clique_id: 1,
+                    }),
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// An agent with a tcp backend (for its control channel) and a cuda backend that publishes
+/// `node_id` as its node, every device in one made-up NVLink domain.
+fn fabric_agent(name: &str, node_id: &str) -> (Agent, Arc<CudaBackend>) {
+    let tcp = Arc::new(TcpBackend::new(TcpConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        auth: Auth::with_secret(b"nixl cuda fabric test".to_vec()),
+        ..TcpConfig::default()
+    }));
+    let cuda = CudaBackend::with_node_override(
+        cfg(&format!("fabric-{name}")),
+        Some(tcp.control()),
+        fabric_node(node_id),
+    );
+    let a = Agent::builder(name)
+        .backend(tcp)
+        .backend(cuda.clone())
+        .build()
+        .unwrap();
+    (a, cuda)
+}
+
+/// Two processes of this host forced onto the cross-node path (each publishes another node id):
+/// the child imports the owner's VMM region through its fabric handle only (announced over the
+/// tcp control channel), READs and WRITEs it byte-checked with a notification, is refused a
+/// legacy region (no fabric handle), and holds its mapping while the owner deregisters the
+/// region: the owner's revocation reaches it over the control channel, and its next post fails
+/// cleanly.
+#[test]
+fn gpu_two_processes_fabric_handles() {
+    if std::env::var_os(FABRIC_CHILD_ENV).is_some() || std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    if !fabric_gpu("gpu_two_processes_fabric_handles") {
+        return;
+    }
+    let (owner, _cuda) = fabric_agent("fowner", "node-owner");
+    let size = 4 << 20;
+    let v = VmmBuffer::new(0, size, true).unwrap();
+    assert!(
+        v.has_fabric(),
+        "NIXL_TEST_CUDA_FABRIC=1 but device 0 gave no fabric allocation (IMEX channel?)"
+    );
+    let l = LegacyBuffer::new(0, 1 << 20).unwrap();
+    v.upload(0, &pattern(20, size)).unwrap();
+    let rv = reg(&owner, &vram(vec![v.desc()])).unwrap();
+    let _rl = reg(&owner, &vram(vec![l.desc()])).unwrap();
+    let md: PathBuf =
+        std::env::temp_dir().join(format!("nixl-cuda-fabric-md-{}", std::process::id()));
+    std::fs::write(&md, owner.metadata_bytes()).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "fabric_child", "--nocapture", "--test-threads=1"])
+        .env(FABRIC_CHILD_ENV, &md)
+        .env("NIXL_CUDA_TEST_VMM", v.addr().to_string())
+        .env("NIXL_CUDA_TEST_LEGACY", l.addr().to_string())
+        .env("NIXL_TEST_CUDA", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(|l| l.ok())
+        {
+            all.push_str(&line);
+            all.push('\n');
+            let _ = tx.send(line);
+        }
+        all
+    });
+    let stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut s);
+        s
+    });
+    let holding = loop {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.contains("HOLDING") => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    let mut notifs = Vec::new();
+    if holding {
+        // The child's WRITE landed and its notification came over the control channel.
+        notifs = owner.wait_notifs(Duration::from_secs(10));
+        let mut got = vec![0u8; size];
+        v.download(0, &mut got).unwrap();
+        assert!(got == pattern(21, size), "the child's fabric WRITE differs");
+        // Deregistration revokes the child's import over the control channel.
+        let t = std::time::Instant::now();
+        rv.deregister().unwrap();
+        let took = t.elapsed();
+        eprintln!("deregistration with a peer on another node mapping took {took:?}");
+        assert!(
+            took < CudaConfig::default().op_timeout,
+            "the peer did not acknowledge the revocation ({took:?})"
+        );
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "GO").unwrap();
+    }
+    let status = child.wait().unwrap();
+    let out = reader.join().unwrap();
+    let err = err_reader.join().unwrap();
+    let _ = std::fs::remove_file(&md);
+    eprintln!("child stdout:\n{out}\nchild stderr:\n{err}");
+    assert!(holding, "the child never reported holding its mapping");
+    assert!(status.success(), "child failed");
+    assert!(
+        out.contains("FABRIC CHILD OK"),
+        "the child did not run its checks"
+    );
+    assert_eq!(notifs.len(), 1, "{notifs:?}");
+    assert_eq!(notifs[0].from, "fpeer");
+    assert_eq!(notifs[0].msg, b"fabric-written");
+}
+
+/// The child of the fabric test (does nothing unless started by it).
+#[test]
+fn fabric_child() {
+    let Some(md) = std::env::var_os(FABRIC_CHILD_ENV) else {
+        return;
+    };
+    let addr = |var: &str| -> u64 { std::env::var(var).unwrap().parse().unwrap() };
+    let (vmm_addr, legacy_addr) = (addr("NIXL_CUDA_TEST_VMM"), addr("NIXL_CUDA_TEST_LEGACY"));
+    let (peer, cuda) = fabric_agent("fpeer", "node-peer");
+    assert_eq!(
+        peer.load_remote(&std::fs::read(md).unwrap()).unwrap(),
+        "fowner"
+    );
+    let size = 4 << 20;
+    let mine = VmmBuffer::new(0, size, false).unwrap();
+    let _r = reg(&peer, &vram(vec![mine.desc()])).unwrap();
+    let remote = vram(vec![Desc::new(vmm_addr, size as u64, 0)]);
+    let read = peer
+        .create_xfer(
+            XferOp::Read,
+            &vram(vec![mine.desc()]),
+            &remote,
+            "fowner",
+            Default::default(),
+        )
+        .unwrap();
+    assert_eq!(read.backend(), BackendName::Cuda);
+    for round in 0..2 {
+        mine.upload(0, &vec![0u8; size]).unwrap();
+        read.run_blocking().unwrap();
+        let mut got = vec![0u8; size];
+        mine.download(0, &mut got).unwrap();
+        assert!(
+            got == pattern(20, size),
+            "fabric READ round {round} differs"
+        );
+    }
+    assert_eq!(cuda.imported_regions(), 1);
+    // WRITE back a pattern of ours, with a notification (over the control channel).
+    mine.upload(0, &pattern(21, size)).unwrap();
+    peer.create_xfer(
+        XferOp::Write,
+        &vram(vec![mine.desc()]),
+        &remote,
+        "fowner",
+        XferOptions {
+            notif: Some(b"fabric-written".to_vec()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .run_blocking()
+    .unwrap();
+    // Legacy memory has no fabric handle: refused with the chunk named.
+    match peer.create_xfer(
+        XferOp::Read,
+        &vram(vec![Desc::new(mine.addr(), 4096, 0)]),
+        &vram(vec![Desc::new(legacy_addr, 4096, 0)]),
+        "fowner",
+        Default::default(),
+    ) {
+        Err(e) => {
+            let t = e.to_string();
+            assert!(
+                t.contains("chunk 0 (bytes") && t.contains("has none") && t.contains("cudaMalloc"),
+                "{t}"
+            );
+            println!("legacy region over fabric refused: {e}");
+        }
+        Ok(_) => panic!("a region without fabric handles must be refused"),
+    }
+    // Hold the mapping while the owner deregisters the region.
+    println!("HOLDING");
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "GO");
+    assert_eq!(cuda.imported_regions(), 0, "the revoked import was dropped");
+    let e = read.run_blocking().unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Denied, "{e}");
+    assert!(e.to_string().contains("deregistered by its owner"), "{e}");
+    println!("post after deregistration: {e}");
+    println!("FABRIC CHILD OK");
 }

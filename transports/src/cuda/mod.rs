@@ -1,5 +1,6 @@
-//! The `cuda` backend: VRAM registration, CUDA IPC between processes of one node, device copies,
-//! and VRAM ↔ DRAM staging; the CUDA driver is loaded at run time.
+//! The `cuda` backend: VRAM registration, CUDA IPC between processes of one node, fabric handles
+//! between nodes of one NVLink domain, device copies, and VRAM ↔ DRAM staging; the CUDA driver
+//! (and NVML, for the NVLink domain) is loaded at run time.
 //!
 //! # Availability
 //!
@@ -47,8 +48,10 @@
 //! checked by the owner's agent (`TargetHandle::check`). Legacy IPC and fabric handles are
 //! capabilities carried in the metadata, as in NIXL: CUDA offers no owner-side check for them,
 //! so whoever holds an agent's metadata could map those regions with the driver directly; this
-//! backend, though, maps one only after its owner accepted an announcement presenting the
-//! region key (below), and never uses a region whose announcement was refused.
+//! backend, though, maps one on the same node only after its owner accepted an announcement
+//! presenting the region key (below), and never uses a region whose announcement was refused.
+//! A peer on another node announces over the control channel where both agents have one (see
+//! "Locality and fabric").
 //!
 //! # Deregistration: revoking peers' mappings
 //!
@@ -77,15 +80,64 @@
 //!   when the connection is closed (the peer invalidated), and an import whose region key
 //!   changed (re-registered) is replaced.
 //!
-//! # Locality and fabric
+//! # Locality and fabric: peers on other nodes of an NVLink domain
 //!
-//! The backend declares `Locality::SameNode`: `can_reach` accepts peers with our boot id and uid.
-//! The core's locality is one value per backend, so "any node within an NVLink domain" cannot be
-//! declared for fabric-capable peers only; it would be expressed by `can_reach` accepting a peer
-//! on another node whose conn info names the same NVLink domain (cluster UUID and clique id).
-//! The driver API does not expose those (NVML's `nvmlDeviceGetGpuFabricInfo` does), so for now
-//! fabric handles are published (conn info says whether the devices support them) and used on
-//! one node only when a chunk has no POSIX fd; cross-node fabric import is the next step.
+//! The backend declares `Locality::SameNode` (the core's locality is one value per backend, and
+//! NVLink, on one node or across an NVL72 rack, ranks before RDMA); `can_reach` decides per peer
+//! from the connection info ([`handles::ConnInfo`], version 2; version 1 is still read), and
+//! says why it refuses:
+//! - same boot id and uid: the same node, reached as above (IPC handles, VMM fds, the socket);
+//! - another node: reachable when fabric is allowed here ([`CudaConfig::allow_fabric`]), the
+//!   peer exports fabric handles, and both agents have a device in the same NVLink domain (same
+//!   cluster UUID and clique id). The CUDA driver API does not expose the domain; [`nvml`] asks
+//!   NVML (`nvmlDeviceGetGpuFabricInfoV`, or `nvmlDeviceGetGpuFabricInfo` on older drivers) for
+//!   each device this process sees, found by UUID without creating a context, and the
+//!   connection info lists every device with its domain when NVML reports the fabric
+//!   registration COMPLETED with success, plus a note saying why devices have none (`NVML
+//!   unavailable: libnvidia-ml.so.1 not found: ...`, `fabric state NOT_STARTED`, ...). The
+//!   refusals read `different node (boot id differs) and` ... `fabric is not allowed here`,
+//!   `no NVLink domain here: <why>`, `the peer is in no NVLink domain: <why>`, `no common
+//!   NVLink domain (ours: ...; the peer's: ...)`, `the peer does not export fabric handles`.
+//!
+//! A connection to a peer on another node uses fabric handles only, and never a Unix socket:
+//! at prepare, every chunk the request touches must carry a fabric handle (a chunk without one,
+//! legacy `cudaMalloc` memory or VMM memory allocated without `CU_MEM_HANDLE_TYPE_FABRIC`, is
+//! refused with the chunk, its bytes and the fix named), and the peer's device holding the
+//! region and our local device must be in the same domain; the chunks are then imported with
+//! `cuMemImportFromShareableHandle(FABRIC)`, mapped and cached like same-node imports, and the
+//! copies run as above.
+//!
+//! What the socket carries on one node goes, across nodes, over the agents' control channel
+//! ([`crate::control`], the tcp backend's authenticated listener) when the backend has one
+//! ([`CudaBackend::with_control`]; its endpoint is in the connection info) and so does the
+//! peer (module [`handles`] has the messages, [`handles::Ctl`]):
+//! - before mapping any chunk of a region, the importer announces it ("opened", with the region
+//!   key and the importer's own endpoint); the owner checks it like a socket announcement
+//!   (`TargetHandle::check`, whole region), records the importer while the check holds the
+//!   region, and a refused announcement fails the prepare;
+//! - `deregister` sends "revoke" to every importer on another node at once and waits for them,
+//!   at most [`CudaConfig::op_timeout`] in all (after the same-node revocations); the importer
+//!   (only for revocations from the agent it imported from) closes the region's gate, waits for
+//!   its copies (bounded), closes its mappings and answers; later posts fail with
+//!   `deregistered by its owner`; an unreachable importer is skipped, a silent or busy one
+//!   reported (`nixl_cuda_revoke_timeouts_total`) and the owner goes on;
+//! - notifications are sent as control requests after the copies (the owner delivers them
+//!   under the name the channel authenticated), at most [`handles::MAX_CTL_NOTIF`] bytes.
+//!
+//! Without a control channel on either side (the plain [`CudaBackend::new`], or a peer that
+//! publishes no endpoint) a peer on another node is still reached, but:
+//! - a request with a notification is refused at prepare (and `send_notif` fails) with the
+//!   reason, never silently dropped; send it with another backend;
+//! - the owner is not told of the import, so its deregistration cannot revoke it. The peer
+//!   drops its mappings when its connection closes (the peer is invalidated or reloaded) and
+//!   replaces one whose region key changed; until then a transfer it had prepared still reaches
+//!   the physical memory, which stays allocated while mapped (VMM semantics: no use after free,
+//!   but no owner-side cut either).
+//!
+//! Fabric handles are capabilities carried in the metadata in any case (see Access control).
+//!
+//! [`CudaBackend::with_node_override`] makes two processes of one host take this path (each
+//! publishes another node id, optionally with given domains): for tests only.
 //!
 //! # Staging
 //!
@@ -100,6 +152,7 @@ pub mod dmabuf;
 pub mod driver;
 pub mod handles;
 pub mod ipc;
+pub mod nvml;
 pub mod staging;
 
 use std::collections::HashMap;
@@ -113,7 +166,10 @@ use alloc::{cu_err, unavailable};
 pub use alloc::{device, LegacyBuffer, VmmBuffer};
 use copy::{CopyPlan, Run};
 use driver::{DeviceCtx, Event, LegacyImport, Stream, VmmImport, VmmSource};
-use handles::{AllocInfo, AllocKind, AllocationMap, Chunk, ChunkHandles, ConnInfo, RegionPublic};
+use handles::{
+    AllocInfo, AllocKind, AllocationMap, Chunk, ChunkHandles, ConnInfo, RegionPublic, Route,
+};
+pub use handles::{DeviceFabric, FabricDomain};
 use ipc::{
     FinishRevoke, Grant, GrantSource, Hold, Holds, ImportCache, IpcClient, IpcServer, RegionImport,
     RegionKey, RevokeSink,
@@ -123,6 +179,9 @@ use nixl_core::{
     PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
 };
 use parking_lot::Mutex;
+
+use crate::control::{ControlChannel, ControlService};
+use handles::{Ctl, MAX_CTL_NOTIF};
 
 /// Settings of the `cuda` backend.
 #[derive(Clone, Debug)]
@@ -163,6 +222,183 @@ impl Default for CudaConfig {
 }
 
 const VRAM: &[MemKind] = &[MemKind::Vram];
+
+/// For tests on one host: makes a backend act as if it ran on another node (see
+/// [`CudaBackend::with_node_override`]).
+#[derive(Clone, Debug, Default)]
+pub struct NodeOverride {
+    /// Published instead of the boot id: peers with another id (the real boot id included) are
+    /// on "another node", reached through fabric handles only.
+    pub node_id: String,
+    /// Where given, the devices and NVLink domains to publish instead of asking NVML (their
+    /// UUIDs must be the real devices' for transfers to pass the per-device domain check).
+    pub devices: Option<Vec<DeviceFabric>>,
+}
+
+/// Our devices' NVLink domains, learned once.
+#[derive(Clone, Debug, Default)]
+struct LocalFabric {
+    devices: Vec<DeviceFabric>,
+    /// Why devices lack a domain (empty when none does).
+    note: String,
+}
+
+/// Why a connection to a peer on another node cannot carry a notification.
+const FABRIC_NOTIF: &str = "cuda carries notifications over the owner's Unix socket on one node \
+     and over the agents' control channel across nodes, and this connection has no control \
+     channel (this cuda backend was built without one, or the peer publishes no control \
+     endpoint): send the notification with another backend after the transfer, or post it \
+     without one";
+
+/// Most importers on other nodes recorded per region.
+const MAX_REMOTE_IMPORTERS: usize = 4096;
+
+/// An agent on another node that announced an import of one of our regions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Importer {
+    /// Its name, as the control channel authenticated it.
+    name: String,
+    instance: u128,
+    /// Where its cuda service is reached (to revoke).
+    endpoint: Vec<u8>,
+}
+
+/// A peer on another node, reached over the agents' control channel.
+#[derive(Debug)]
+struct RemoteOwner {
+    peer: String,
+    control: Arc<dyn ControlChannel>,
+    endpoint: Vec<u8>,
+    timeout: Duration,
+}
+
+impl RemoteOwner {
+    /// Sends `m` as agent `from`; a refusal names the peer.
+    fn call(&self, from: &str, m: &Ctl) -> Result<Vec<u8>> {
+        self.control
+            .call(
+                &self.endpoint,
+                from,
+                BackendName::Cuda,
+                &m.encode(),
+                self.timeout,
+            )
+            .map_err(|e| match e {
+                Error::Denied { reason, .. } => Error::Denied {
+                    peer: self.peer.clone(),
+                    reason,
+                },
+                other => other,
+            })
+    }
+
+    fn notify(&self, from: &str, msg: &[u8]) -> Result<()> {
+        if msg.len() > MAX_CTL_NOTIF {
+            return Err(Error::InvalidArgument(format!(
+                "notification of {} bytes exceeds {MAX_CTL_NOTIF} (the control channel's limit)",
+                msg.len()
+            )));
+        }
+        self.call(from, &Ctl::Notif { msg: msg.to_vec() })
+            .map(|_| ())
+    }
+}
+
+/// Where a connection's notifications go.
+#[derive(Clone, Debug)]
+enum Notifier {
+    /// The owner's Unix socket (same node).
+    Socket(Arc<IpcClient>),
+    /// The owner's cuda service over the control channel (another node).
+    Control(Arc<RemoteOwner>),
+}
+
+impl Notifier {
+    fn notify(&self, from: &str, msg: &[u8]) -> Result<()> {
+        match self {
+            Notifier::Socket(c) => c.notify(from, msg),
+            Notifier::Control(o) => o.notify(from, msg),
+        }
+    }
+}
+
+/// Sends Revoke for `region` (with `key`) of agent `from` (instance `instance`) to each
+/// importer at once and waits, at most `timeout` in all, for their answers: acknowledged,
+/// unreachable (gone) or late (copies still running, or silent; a silent call goes on in its
+/// thread until the channel's own timeout ends it).
+fn revoke_remote(
+    control: &Arc<dyn ControlChannel>,
+    from: &str,
+    instance: u128,
+    region: &Desc,
+    key: u64,
+    importers: Vec<Importer>,
+    timeout: Duration,
+) -> ipc::RevokeReport {
+    let mut report = ipc::RevokeReport {
+        peers: importers.len(),
+        ..Default::default()
+    };
+    let req: Arc<[u8]> = Ctl::Revoke {
+        instance,
+        region: *region,
+        key,
+    }
+    .encode()
+    .into();
+    let from: Arc<str> = Arc::from(from);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for imp in importers {
+        let (tx, control, req, from) = (
+            tx.clone(),
+            Arc::clone(control),
+            Arc::clone(&req),
+            Arc::clone(&from),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("nixl-cuda-revoke".into())
+            .spawn(move || {
+                let r = control.call(&imp.endpoint, &from, BackendName::Cuda, &req, timeout);
+                let _ = tx.send((imp.name, r));
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cuda: could not spawn a revocation");
+            report.gone += 1;
+        }
+    }
+    drop(tx);
+    let deadline = Instant::now() + timeout;
+    let mut answered = report.gone;
+    while answered < report.peers {
+        match rx.recv_deadline(deadline) {
+            Ok((name, Ok(reply))) => {
+                answered += 1;
+                if reply == [1] {
+                    report.acked += 1;
+                } else {
+                    tracing::warn!(peer = %name, "cuda: a peer on another node still had copies \
+                        running on a revoked region at its bound");
+                }
+            }
+            Ok((name, Err(e))) => {
+                answered += 1;
+                report.gone += 1;
+                tracing::debug!(peer = %name, error = %e, "cuda: revocation not delivered");
+            }
+            Err(_) => break,
+        }
+    }
+    report.late = report.peers - report.acked - report.gone;
+    if report.late > 0 {
+        metrics::counter!("nixl_cuda_revoke_timeouts_total").increment(report.late as u64);
+        tracing::warn!(
+            region = format_args!("{:#x}+{}", region.addr, region.len),
+            late = report.late,
+            "cuda: peers on other nodes did not confirm a revocation in time"
+        );
+    }
+    report
+}
 
 /// What the owner keeps per registered region.
 #[derive(Debug)]
@@ -206,7 +442,7 @@ struct Job {
     drain: Vec<Arc<Stream>>,
     enqueue_error: Option<Error>,
     done: Completion,
-    notif: Option<(Arc<str>, Vec<u8>, Arc<IpcClient>)>,
+    notif: Option<(Arc<str>, Vec<u8>, Notifier)>,
     /// The peer regions the copies use, held (not revocable) until the copies are over.
     holds: Holds<Imported>,
     _resolved: Arc<Resolved>,
@@ -227,6 +463,12 @@ struct Inner {
     shut: AtomicBool,
     conns: Mutex<Vec<Weak<Conn>>>,
     stager: OnceLock<std::result::Result<Arc<staging::CudaStager>, String>>,
+    node: Option<NodeOverride>,
+    local_fabric: OnceLock<LocalFabric>,
+    /// The agents' control channel (cross-node announcements, revocations, notifications).
+    control: Option<Arc<dyn ControlChannel>>,
+    /// Agents on other nodes that announced imports, per (region, key).
+    remote_importers: Mutex<HashMap<(Desc, u64), Vec<Importer>>>,
 }
 
 /// The `cuda` backend.
@@ -238,6 +480,34 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// A backend with these settings (it binds its socket when its agent starts it).
     pub fn new(cfg: CudaConfig) -> Arc<CudaBackend> {
+        Self::build(cfg, None, None)
+    }
+
+    /// A backend that also serves and uses the agents' control channel: a peer on another node
+    /// (fabric handles) then announces its imports to the owner, which revokes them when it
+    /// deregisters, and notifications reach it. Without one, such peers are reached with no
+    /// revocation and no notifications (see the module docs).
+    pub fn with_control(cfg: CudaConfig, control: Arc<dyn ControlChannel>) -> Arc<CudaBackend> {
+        Self::build(cfg, Some(control), None)
+    }
+
+    /// A backend that acts as if it ran on node `node.node_id` (and, where given, in the NVLink
+    /// domains of `node.devices`): for tests that force the cross-node (fabric) path between
+    /// two processes of one host. Not for production: a wrong node id sends same-node peers
+    /// over fabric handles only.
+    pub fn with_node_override(
+        cfg: CudaConfig,
+        control: Option<Arc<dyn ControlChannel>>,
+        node: NodeOverride,
+    ) -> Arc<CudaBackend> {
+        Self::build(cfg, control, Some(node))
+    }
+
+    fn build(
+        cfg: CudaConfig,
+        control: Option<Arc<dyn ControlChannel>>,
+        node: Option<NodeOverride>,
+    ) -> Arc<CudaBackend> {
         Arc::new(CudaBackend {
             inner: Arc::new(Inner {
                 cfg,
@@ -253,6 +523,10 @@ impl CudaBackend {
                 shut: AtomicBool::new(false),
                 conns: Mutex::new(Vec::new()),
                 stager: OnceLock::new(),
+                node,
+                local_fabric: OnceLock::new(),
+                control,
+                remote_importers: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -292,13 +566,57 @@ impl Drop for CudaBackend {
     }
 }
 
-fn our_conn_info(path: &str, fabric: bool) -> ConnInfo {
-    ConnInfo {
-        boot_id: ipc::boot_id(),
-        socket: path.to_owned(),
-        uid: ipc::uid(),
-        pid: std::process::id(),
-        fabric,
+/// Our devices and their NVLink domains, from the driver (UUIDs, fabric export support) and
+/// NVML (domains); `note` says why devices lack one.
+fn probe_local_fabric(allow_fabric: bool) -> LocalFabric {
+    if !allow_fabric {
+        return LocalFabric {
+            devices: Vec::new(),
+            note: "fabric is not allowed (cuda allow_fabric = false)".into(),
+        };
+    }
+    let fail = |note: String| LocalFabric {
+        devices: Vec::new(),
+        note,
+    };
+    let drv = match driver::driver() {
+        Ok(d) => d,
+        Err(e) => return fail(format!("cuda unavailable: {e}")),
+    };
+    let uuids = match nvml::cuda_device_uuids() {
+        Ok(u) => u,
+        Err(e) => return fail(format!("device UUIDs: {e}")),
+    };
+    let nv = nvml::nvml();
+    let mut notes = Vec::new();
+    let mut devices = Vec::with_capacity(uuids.len());
+    for (i, uuid) in uuids.into_iter().enumerate() {
+        let domain = if !drv.device_supports_fabric(i as i32) {
+            notes.push(format!("device {i} does not export fabric handles"));
+            None
+        } else {
+            match nv.as_ref().map(|n| n.domain_of(&uuid)) {
+                Ok(Ok(d)) => Some(d),
+                Ok(Err(e)) => {
+                    notes.push(format!("device {i}: {e}"));
+                    None
+                }
+                Err(e) => {
+                    notes.push(format!("NVML unavailable: {e}"));
+                    None
+                }
+            }
+        };
+        devices.push(DeviceFabric {
+            ordinal: i as u32,
+            uuid,
+            domain,
+        });
+    }
+    notes.dedup();
+    LocalFabric {
+        devices,
+        note: notes.join("; "),
     }
 }
 
@@ -338,8 +656,46 @@ impl Inner {
         Ok(d)
     }
 
+    /// Our devices' NVLink domains (the override's, or probed once).
+    fn local_fabric(&self) -> &LocalFabric {
+        self.local_fabric.get_or_init(
+            || match self.node.as_ref().and_then(|n| n.devices.clone()) {
+                Some(devices) if self.cfg.allow_fabric => LocalFabric {
+                    devices,
+                    note: String::new(),
+                },
+                _ => probe_local_fabric(self.cfg.allow_fabric),
+            },
+        )
+    }
+
+    /// What we publish (and compare a peer's info with).
+    fn our_conn_info(&self, path: &str) -> ConnInfo {
+        let lf = self.local_fabric();
+        ConnInfo {
+            boot_id: match &self.node {
+                Some(n) => n.node_id.clone(),
+                None => ipc::boot_id(),
+            },
+            socket: path.to_owned(),
+            uid: ipc::uid(),
+            pid: std::process::id(),
+            fabric: self.fabric_supported(),
+            devices: lf.devices.clone(),
+            fabric_note: lf.note.clone(),
+            control: self
+                .control
+                .as_ref()
+                .map(|c| c.endpoint())
+                .unwrap_or_default(),
+        }
+    }
+
     fn fabric_supported(&self) -> bool {
         *self.fabric.get_or_init(|| {
+            if self.node.as_ref().is_some_and(|n| n.devices.is_some()) {
+                return self.cfg.allow_fabric;
+            }
             self.cfg.allow_fabric
                 && driver::driver()
                     .is_ok_and(|d| (0..d.device_count()).any(|i| d.device_supports_fabric(i)))
@@ -474,8 +830,8 @@ fn finish(job: Job) {
     // whose answer comes through the reader that handles revocations).
     drop(holds);
     if outcome.is_ok() {
-        if let Some((from, msg, client)) = notif {
-            outcome = client.notify(&from, &msg);
+        if let Some((from, msg, to)) = notif {
+            outcome = to.notify(&from, &msg);
         }
     }
     drop(events);
@@ -584,6 +940,118 @@ impl GrantSource for Inner {
     }
 }
 
+impl Inner {
+    /// Announces to an owner on another node that we map `region` (whole, with `key`).
+    fn announce_remote(&self, owner: &RemoteOwner, region: &Desc, key: u64) -> Result<()> {
+        let t = self.target.get().ok_or_else(|| Error::Backend {
+            backend: BackendName::Cuda,
+            op: "announce",
+            reason: "the agent is starting".into(),
+        })?;
+        let endpoint = owner.control.endpoint();
+        if endpoint.is_empty() {
+            return Err(Error::Backend {
+                backend: BackendName::Cuda,
+                op: "announce",
+                reason: "our control channel is not serving, so the owner could not revoke the \
+                         import"
+                    .into(),
+            });
+        }
+        owner
+            .call(
+                t.name(),
+                &Ctl::Opened {
+                    instance: t.instance_id(),
+                    endpoint,
+                    region: *region,
+                    key,
+                },
+            )
+            .map(|_| ())
+    }
+
+    /// Owner `owner` (authenticated by the channel, instance `instance`) revoked `region`:
+    /// the same as a revocation over the socket. `[1]`: closed (or not imported); `[0]`:
+    /// copies were still running at the bound.
+    fn revoke_from_owner(
+        &self,
+        owner: &str,
+        instance: u128,
+        region: &Desc,
+        key: u64,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let conns: Vec<Arc<Conn>> = self
+            .conns
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|c| c.instance == instance)
+            .collect();
+        // Only the agent we connected to under that instance may revoke (dropping an import
+        // of an instance we hold no connection to any more is harmless).
+        if !conns.is_empty() && !conns.iter().any(|c| c.peer == owner) {
+            return Err(format!(
+                "agent '{owner}' cannot revoke imports from instance {instance:#x} (not its own)"
+            ));
+        }
+        let deadline = Instant::now() + self.cfg.op_timeout;
+        let entry =
+            self.imports
+                .begin_revoke(instance, region, key, ipc::deregistered(owner, region));
+        let done = entry.is_none_or(|e| e.finish_revoke(deadline));
+        self.prune_legacy();
+        Ok(vec![u8::from(done)])
+    }
+}
+
+impl ControlService for Inner {
+    fn handle(&self, peer: &str, req: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        match Ctl::decode(req).map_err(|e| format!("bad cuda control message: {e}"))? {
+            Ctl::Opened {
+                instance,
+                endpoint,
+                region,
+                key,
+            } => {
+                if endpoint.is_empty() {
+                    return Err("no control endpoint to revoke the import at".into());
+                }
+                // The access holds the region until the import is recorded, so a
+                // deregistration cannot slip between the check and the record.
+                let (access, _) = self.check_whole(&region, key)?;
+                let mut m = self.remote_importers.lock();
+                let v = m.entry((region, key)).or_default();
+                if !v.iter().any(|i| i.name == peer && i.instance == instance) {
+                    if v.len() >= MAX_REMOTE_IMPORTERS {
+                        return Err(format!(
+                            "region has {MAX_REMOTE_IMPORTERS} importers on other nodes already"
+                        ));
+                    }
+                    v.push(Importer {
+                        name: peer.to_owned(),
+                        instance,
+                        endpoint,
+                    });
+                }
+                drop(m);
+                drop(access);
+                Ok(Vec::new())
+            }
+            Ctl::Notif { msg } => {
+                let t = self.target.get().ok_or("the agent is starting")?;
+                t.deliver(peer, msg);
+                Ok(Vec::new())
+            }
+            Ctl::Revoke {
+                instance,
+                region,
+                key,
+            } => self.revoke_from_owner(peer, instance, &region, key),
+        }
+    }
+}
+
 /// A connection's handler of its owner's revocations: gives up the mappings in this backend's
 /// import cache.
 struct PeerSink {
@@ -669,13 +1137,19 @@ impl Backend for CudaBackend {
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
-        driver::driver().map_err(unavailable)?;
         let file = format!(
             "cuda-{}-{:032x}.sock",
             sanitize(target.name()),
             target.instance_id()
         );
         let _ = self.inner.target.set(target);
+        if let Some(c) = &self.inner.control {
+            // Served even without a driver: peers then learn "not registered" from us.
+            let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+            let weak: Weak<dyn ControlService> = weak;
+            c.serve(BackendName::Cuda, weak);
+        }
+        driver::driver().map_err(unavailable)?;
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
         let weak: Weak<dyn GrantSource> = weak;
         let server = IpcServer::start(
@@ -697,7 +1171,7 @@ impl Backend for CudaBackend {
             .get()
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
-        our_conn_info(&path, self.inner.fabric_supported()).encode()
+        self.inner.our_conn_info(&path).encode()
     }
 
     fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>> {
@@ -724,6 +1198,33 @@ impl Backend for CudaBackend {
                 );
             }
         }
+        // Peers on other nodes that announced an import (over the control channel).
+        let importers = self
+            .inner
+            .remote_importers
+            .lock()
+            .remove(&(d, region.key))
+            .unwrap_or_default();
+        if let (false, Some(control), Some(t)) = (
+            importers.is_empty(),
+            &self.inner.control,
+            self.inner.target.get(),
+        ) {
+            let report = revoke_remote(
+                control,
+                t.name(),
+                t.instance_id(),
+                &d,
+                region.key,
+                importers,
+                self.inner.cfg.op_timeout,
+            );
+            tracing::debug!(
+                region = format_args!("{:#x}+{}", d.addr, d.len),
+                ?report,
+                "cuda: revoked imports of peers on other nodes"
+            );
+        }
         // Dropping the registration closes the exported fds; a peer's VMM mapping (one that
         // did not answer in time) keeps the physical memory alive until it unmaps it.
         self.inner.regs.lock().remove(&(d.dev_id, d.addr, d.len));
@@ -731,7 +1232,8 @@ impl Backend for CudaBackend {
 
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
         let peer = ConnInfo::decode(conn_info)?;
-        peer.reachable_from(&our_conn_info("", false))
+        peer.route_from(&self.inner.our_conn_info(""), self.inner.cfg.allow_fabric)
+            .map(|_| ())
     }
 
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {
@@ -740,14 +1242,15 @@ impl Backend for CudaBackend {
             op: "connect",
             reason,
         })?;
-        let ours = our_conn_info("", false);
-        info.reachable_from(&ours)
+        let ours = self.inner.our_conn_info("");
+        let route = info
+            .route_from(&ours, self.inner.cfg.allow_fabric)
             .map_err(|reason| Error::Backend {
                 backend: BackendName::Cuda,
                 op: "connect",
                 reason,
             })?;
-        let same_process = info.pid == ours.pid;
+        let same_process = route == Route::SameNode && info.pid == ours.pid;
         let sink: Arc<dyn RevokeSink> = Arc::new(PeerSink {
             inner: Arc::downgrade(&self.inner),
             peer: peer.name.to_owned(),
@@ -758,12 +1261,28 @@ impl Backend for CudaBackend {
             peer: peer.name.to_owned(),
             instance: peer.instance_id,
             same_process,
-            client: Arc::new(IpcClient::new(
-                peer.name,
-                std::path::Path::new(&info.socket),
-                self.inner.cfg.op_timeout,
-                Some(sink),
-            )),
+            // A peer on another node has no socket we could reach: nothing goes over one.
+            client: (route == Route::SameNode).then(|| {
+                Arc::new(IpcClient::new(
+                    peer.name,
+                    std::path::Path::new(&info.socket),
+                    self.inner.cfg.op_timeout,
+                    Some(sink),
+                ))
+            }),
+            remote: match (route, &self.inner.control) {
+                (Route::Fabric, Some(control)) if !info.control.is_empty() => {
+                    Some(Arc::new(RemoteOwner {
+                        peer: peer.name.to_owned(),
+                        control: Arc::clone(control),
+                        endpoint: info.control.clone(),
+                        timeout: self.inner.cfg.op_timeout,
+                    }))
+                }
+                _ => None,
+            },
+            route,
+            peer_devices: info.devices,
             closed: Arc::new(AtomicBool::new(false)),
         });
         let mut conns = self.inner.conns.lock();
@@ -809,7 +1328,13 @@ struct Conn {
     peer: String,
     instance: u128,
     same_process: bool,
-    client: Arc<IpcClient>,
+    /// The owner's socket (same node only).
+    client: Option<Arc<IpcClient>>,
+    /// The owner's cuda service over the control channel (another node, where both have one).
+    remote: Option<Arc<RemoteOwner>>,
+    route: Route,
+    /// The peer's devices and NVLink domains (its connection info).
+    peer_devices: Vec<DeviceFabric>,
     closed: Arc<AtomicBool>,
 }
 
@@ -827,7 +1352,8 @@ struct Prepared {
     inner: Arc<Inner>,
     peer: String,
     closed: Arc<AtomicBool>,
-    client: Arc<IpcClient>,
+    /// Where the notification goes (`None`: refused at prepare if one was asked for).
+    notifier: Option<Notifier>,
     resolved: Arc<Resolved>,
     notif: Option<Vec<u8>>,
     initiator: Arc<str>,
@@ -842,6 +1368,16 @@ fn prep_err(reason: String) -> Error {
 }
 
 impl Conn {
+    /// Where notifications to the peer go: its socket on this node, its cuda service over the
+    /// control channel on another; `None`: no carrier.
+    fn notifier(&self) -> Option<Notifier> {
+        match (&self.client, &self.remote) {
+            (Some(c), _) => Some(Notifier::Socket(Arc::clone(c))),
+            (None, Some(o)) => Some(Notifier::Control(Arc::clone(o))),
+            (None, None) => None,
+        }
+    }
+
     /// The import of a peer region, announced to its owner on first use (the owner records it
     /// and revokes it when it deregisters the region; a refusal is an error).
     fn import_region(
@@ -853,10 +1389,16 @@ impl Conn {
             region: rinfo.desc,
             key: rinfo.key,
         };
+        // A peer on another node is told over the control channel where both have one;
+        // without, it is not told and cannot revoke the import (see the module docs).
         self.inner
             .imports
             .region(key, &self.peer, self.inner.cfg.op_timeout, || {
-                self.client.announce(&rinfo.desc, rinfo.key)
+                match (&self.client, &self.remote) {
+                    (Some(c), _) => c.announce(&rinfo.desc, rinfo.key),
+                    (None, Some(o)) => self.inner.announce_remote(o, &rinfo.desc, rinfo.key),
+                    (None, None) => Ok(()),
+                }
             })
     }
 
@@ -872,6 +1414,18 @@ impl Conn {
         let ctx = &local.ctx;
         let rk = region.key();
         region.mapping(ci as u32, ctx.ordinal(), || {
+            let Some(client) = &self.client else {
+                // Another node: the fabric handle only (checked at prepare).
+                let h = c.handles.fabric.as_ref().ok_or_else(|| {
+                    prep_err(format!(
+                        "chunk {ci} of peer '{}' has no fabric handle",
+                        self.peer
+                    ))
+                })?;
+                return VmmImport::import(ctx, VmmSource::Fabric(h), c.alloc_size)
+                    .map(|v| Arc::new(Imported::Vmm(v)))
+                    .map_err(|e| cu_err("import (fabric, from another node)", e));
+            };
             if let Some(h) = &c.handles.legacy {
                 let key = (self.instance, *h, ctx.ordinal());
                 if let Some(i) = self
@@ -896,7 +1450,7 @@ impl Conn {
                 return Ok(imp);
             }
             if c.handles.posix_fd {
-                let (fd, size) = self.client.grant(&rk.region, rk.key, ci as u32)?;
+                let (fd, size) = client.grant(&rk.region, rk.key, ci as u32)?;
                 if size != c.alloc_size {
                     return Err(prep_err(format!(
                         "peer '{}' granted an allocation of {size} bytes for chunk {ci}, its \
@@ -926,10 +1480,28 @@ impl Conn {
             )));
         }
         let publics = decode_publics(plan, &self.peer)?;
+        let fabric = self.route == Route::Fabric;
+        if fabric {
+            // Every chunk the request touches must have a fabric handle: say which does not
+            // before anything is opened or mapped.
+            resolve_runs(plan, &publics, |ri, ci, _| {
+                fabric_handle(&plan.remote_regions[ri], &publics[ri], ci, &self.peer).map(|_| None)
+            })?;
+        }
         let mut devs: HashMap<i32, Arc<DevState>> = HashMap::new();
         let mut regions: HashMap<usize, Arc<RegionImport<Imported>>> = HashMap::new();
         let mut bases: HashMap<(usize, usize, i32), u64> = HashMap::new();
         let runs = resolve_runs(plan, &publics, |ri, ci, local_dev| {
+            // The owner hears of the import (and may refuse it) before anything is opened.
+            let region = match (self.same_process, regions.get(&ri)) {
+                (true, _) => None,
+                (false, Some(r)) => Some(Arc::clone(r)),
+                (false, None) => {
+                    let r = self.import_region(&plan.remote_regions[ri])?;
+                    regions.insert(ri, Arc::clone(&r));
+                    Some(r)
+                }
+            };
             let dev = match devs.get(&local_dev) {
                 Some(d) => Arc::clone(d),
                 None => {
@@ -938,20 +1510,30 @@ impl Conn {
                     d
                 }
             };
-            if self.same_process {
-                return Ok(None);
-            }
+            let Some(region) = region else {
+                return Ok(None); // same process: addressed directly
+            };
             if let Some(b) = bases.get(&(ri, ci, local_dev)) {
                 return Ok(Some(*b));
             }
-            let region = match regions.get(&ri) {
-                Some(r) => Arc::clone(r),
-                None => {
-                    let r = self.import_region(&plan.remote_regions[ri])?;
-                    regions.insert(ri, Arc::clone(&r));
-                    r
-                }
-            };
+            if fabric {
+                handles::common_domain(
+                    &self.peer_devices,
+                    &publics[ri].uuid,
+                    &self.inner.local_fabric().devices,
+                    &dev.ctx.uuid(),
+                )
+                .map_err(|why| {
+                    prep_err(format!(
+                        "peer '{}' (another node) region {:#x}+{} on its device {}, our \
+                         device {local_dev}: {why}",
+                        self.peer,
+                        plan.remote_regions[ri].desc.addr,
+                        plan.remote_regions[ri].desc.len,
+                        publics[ri].device
+                    ))
+                })?;
+            }
             // The mapping stays with the region; the address is valid while a post holds it.
             let base = self.import_chunk(&region, &publics[ri], ci, &dev)?.base();
             bases.insert((ri, ci, local_dev), base);
@@ -971,6 +1553,40 @@ impl Conn {
             regions: regions.into_values().collect(),
         })
     }
+}
+
+/// The fabric handle of chunk `ci` of a peer's region: all that a peer on another node can map.
+/// Its absence is a prepare error naming the chunk, why it has none and the fix.
+fn fabric_handle<'a>(
+    rinfo: &nixl_core::metadata::RegionInfo,
+    public: &'a RegionPublic,
+    ci: usize,
+    peer: &str,
+) -> Result<&'a [u8; 64]> {
+    let c = public
+        .chunks
+        .get(ci)
+        .ok_or_else(|| prep_err(format!("peer '{peer}': no chunk {ci}")))?;
+    c.handles.fabric.as_ref().ok_or_else(|| {
+        let what = if c.handles.legacy.is_some() {
+            "cudaMalloc memory, shareable through legacy CUDA IPC on its node only"
+        } else {
+            "VMM memory allocated without CU_MEM_HANDLE_TYPE_FABRIC (or whose owner could not \
+             export a fabric handle: no IMEX channel, or its allow_fabric off), shareable as a \
+             POSIX fd on its node only"
+        };
+        prep_err(format!(
+            "peer '{peer}' is on another node, reached through fabric handles only, and chunk \
+             {ci} (bytes {}..{} of its region {:#x}+{} on its device {}) has none: it is {what}; \
+             allocate that memory with CU_MEM_HANDLE_TYPE_FABRIC (nixl's VmmBuffer with fabric, \
+             or PyTorch's allocator configured for fabric handles)",
+            c.offset,
+            c.offset + c.len,
+            rinfo.desc.addr,
+            rinfo.desc.len,
+            public.device
+        ))
+    })
 }
 
 /// Decodes the cuda data of every remote region of a plan (checked against the region length).
@@ -1076,12 +1692,19 @@ impl Connection for Conn {
                 plan.local_kind, plan.remote_kind
             )));
         }
+        let notifier = self.notifier();
+        if plan.notif.is_some() && notifier.is_none() {
+            return Err(prep_err(format!(
+                "peer '{}' is on another node (reached through fabric handles): {FABRIC_NOTIF}",
+                self.peer
+            )));
+        }
         let resolved = self.resolve(&plan)?;
         Ok(Box::new(Prepared {
             inner: Arc::clone(&self.inner),
             peer: self.peer.clone(),
             closed: Arc::clone(&self.closed),
-            client: Arc::clone(&self.client),
+            notifier,
             resolved: Arc::new(resolved),
             notif: plan.notif,
             initiator: plan.initiator,
@@ -1095,12 +1718,21 @@ impl Connection for Conn {
                 reason: "connection closed".into(),
             });
         }
-        self.client.notify(from, msg)
+        match self.notifier() {
+            Some(n) => n.notify(from, msg),
+            None => Err(Error::Backend {
+                backend: BackendName::Cuda,
+                op: "send_notif",
+                reason: format!("peer '{}' is on another node: {FABRIC_NOTIF}", self.peer),
+            }),
+        }
     }
 
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.client.close();
+        if let Some(c) = &self.client {
+            c.close();
+        }
         let why = Error::RemoteDisconnect {
             peer: self.peer.clone(),
             reason: "connection closed".into(),
@@ -1161,13 +1793,12 @@ impl PreparedXfer for Prepared {
                 break;
             }
         }
-        let notif = self.notif.as_ref().map(|m| {
-            (
-                Arc::clone(&self.initiator),
-                m.clone(),
-                Arc::clone(&self.client),
-            )
-        });
+        // A notification without a carrier was refused at prepare.
+        let notif = self
+            .notif
+            .as_ref()
+            .zip(self.notifier.as_ref())
+            .map(|(m, n)| (Arc::clone(&self.initiator), m.clone(), n.clone()));
         let job = Job {
             events,
             drain,
@@ -1390,14 +2021,16 @@ mod tests {
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
 
         // Reachability from connection info alone.
-        let ours = our_conn_info("/tmp/x.sock", false);
+        let ours = b.inner.our_conn_info("/tmp/x.sock");
         assert!(b.can_reach(&ours.encode()).is_ok());
         let mut other = ours.clone();
         other.boot_id = "another-node".into();
-        assert!(b
-            .can_reach(&other.encode())
-            .unwrap_err()
-            .starts_with("different node"));
+        let e = b.can_reach(&other.encode()).unwrap_err();
+        assert!(e.starts_with("different node"), "{e}");
+        if b.probe().is_err() {
+            // No driver: no domain here, and the reason says why.
+            assert!(e.contains("no NVLink domain here: cuda unavailable"), "{e}");
+        }
         assert!(b
             .can_reach(b"garbage")
             .unwrap_err()
@@ -1405,5 +2038,404 @@ mod tests {
         let info = b.conn_info();
         let d = ConnInfo::decode(&info).unwrap();
         assert_eq!(d.pid, std::process::id());
+    }
+    /// A region like [`remote_region`] whose chunks all carry fabric handles.
+    fn fabric_region() -> RegionInfo {
+        let mut public = RegionPublic::decode(&remote_region().backends[0].1, 300).unwrap();
+        for c in &mut public.chunks {
+            c.handles = ChunkHandles {
+                legacy: None,
+                posix_fd: false,
+                fabric: Some([5; 64]),
+            };
+        }
+        let mut r = remote_region();
+        r.backends = vec![(BackendName::Cuda, public.encode())];
+        r
+    }
+
+    #[test]
+    fn fabric_path_refuses_chunks_without_fabric_handles() {
+        let check = |p: &XferPlan| {
+            let publics = decode_publics(p, "peer").unwrap();
+            resolve_runs(p, &publics, |ri, ci, _| {
+                fabric_handle(&p.remote_regions[ri], &publics[ri], ci, "peer").map(|_| None)
+            })
+        };
+        // The legacy chunk 0.
+        let p = xplan(
+            XferOp::Read,
+            vec![(Desc::new(0xa000, 20, 0), Desc::new(0x10_0000 + 10, 20, 1))],
+            remote_region(),
+        );
+        let e = check(&p).unwrap_err();
+        let t = e.to_string();
+        assert!(matches!(e, Error::Backend { op: "prepare", .. }), "{e}");
+        assert!(
+            t.contains("chunk 0 (bytes 0..100 of its region 0x100000+300"),
+            "{t}"
+        );
+        assert!(t.contains("cudaMalloc memory"), "{t}");
+        assert!(t.contains("VmmBuffer with fabric"), "{t}");
+        // A VMM chunk exported as an fd only (chunk 2, touched by the segment's end).
+        let p = xplan(
+            XferOp::Write,
+            vec![(Desc::new(0xa000, 20, 0), Desc::new(0x10_0000 + 190, 20, 1))],
+            fabric_region(),
+        );
+        assert!(check(&p).is_ok());
+        let mut r = fabric_region();
+        let mut public = RegionPublic::decode(&r.backends[0].1, 300).unwrap();
+        public.chunks[2].handles = ChunkHandles {
+            legacy: None,
+            posix_fd: true,
+            fabric: None,
+        };
+        r.backends[0].1 = public.encode();
+        let p = xplan(
+            XferOp::Write,
+            vec![(Desc::new(0xa000, 20, 0), Desc::new(0x10_0000 + 190, 20, 1))],
+            r,
+        );
+        let t = check(&p).unwrap_err().to_string();
+        assert!(t.contains("chunk 2 (bytes 200..300"), "{t}");
+        assert!(t.contains("without CU_MEM_HANDLE_TYPE_FABRIC"), "{t}");
+    }
+
+    fn domain(c: u8) -> Option<FabricDomain> {
+        Some(FabricDomain {
+            cluster_uuid: [c; 16],
+            clique_id: 1,
+        })
+    }
+
+    /// A backend pretending to be on node "node-a" with one device in domain 7, and the
+    /// connection info of a peer on "node-b" whose device is in `peer_domain` and whose socket
+    /// is a live listener (to prove nothing connects to it).
+    fn fabric_pair(
+        tag: &str,
+        allow_fabric: bool,
+        peer_domain: Option<FabricDomain>,
+    ) -> (Arc<CudaBackend>, ConnInfo, std::os::unix::net::UnixListener) {
+        fabric_pair_with(tag, allow_fabric, peer_domain, None)
+    }
+
+    fn fabric_pair_with(
+        tag: &str,
+        allow_fabric: bool,
+        peer_domain: Option<FabricDomain>,
+        control: Option<Arc<dyn ControlChannel>>,
+    ) -> (Arc<CudaBackend>, ConnInfo, std::os::unix::net::UnixListener) {
+        let dir =
+            std::env::temp_dir().join(format!("nixl-cuda-fabric-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("peer.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let b = CudaBackend::with_node_override(
+            CudaConfig {
+                allow_fabric,
+                socket_dir: dir,
+                op_timeout: Duration::from_millis(500),
+                ..CudaConfig::default()
+            },
+            control,
+            NodeOverride {
+                node_id: "node-a".into(),
+                devices: Some(vec![DeviceFabric {
+                    ordinal: 0,
+                    uuid: [1; 16],
+                    domain: domain(7),
+                }]),
+            },
+        );
+        let peer = ConnInfo {
+            boot_id: "node-b".into(),
+            socket: path.to_string_lossy().into_owned(),
+            uid: ipc::uid(),
+            pid: std::process::id() + 1,
+            fabric: true,
+            devices: vec![DeviceFabric {
+                ordinal: 0,
+                uuid: [2; 16],
+                domain: peer_domain,
+            }],
+            fabric_note: String::new(),
+            control: Vec::new(),
+        };
+        (b, peer, listener)
+    }
+
+    #[test]
+    fn fabric_reach_connect_and_prepare_refusals() {
+        // Reachability.
+        let (b, peer, listener) = fabric_pair("reach", true, domain(7));
+        assert_eq!(b.can_reach(&peer.encode()), Ok(()));
+        let published = ConnInfo::decode(&b.conn_info()).unwrap();
+        assert_eq!(published.boot_id, "node-a");
+        assert_eq!(published.devices[0].domain, domain(7));
+        assert!(published.fabric);
+        let mut other = peer.clone();
+        other.devices[0].domain = domain(8);
+        let e = b.can_reach(&other.encode()).unwrap_err();
+        assert!(e.contains("no common NVLink domain"), "{e}");
+        let mut same = peer.clone();
+        same.boot_id = "node-a".into();
+        assert_eq!(b.can_reach(&same.encode()), Ok(()));
+        let (nb, npeer, _l) = fabric_pair("nofabric", false, domain(7));
+        let e = nb.can_reach(&npeer.encode()).unwrap_err();
+        assert!(e.contains("fabric is not allowed here"), "{e}");
+        assert!(!ConnInfo::decode(&nb.conn_info()).unwrap().fabric);
+
+        // A connection over fabric: notifications refused, chunks without fabric handles
+        // refused with the chunk named, and the peer's socket never touched.
+        let conn = b
+            .connect(&PeerInfo {
+                name: "far",
+                instance_id: 77,
+                conn_info: &peer.encode(),
+            })
+            .unwrap();
+        let mut p = xplan(
+            XferOp::Read,
+            vec![(Desc::new(0xa000, 20, 0), Desc::new(0x10_0000, 20, 1))],
+            fabric_region(),
+        );
+        p.notif = Some(b"done".to_vec());
+        let refused = |r: Result<Box<dyn PreparedXfer>>, what: &str| match r {
+            Ok(_) => panic!("{what} must be refused"),
+            Err(e) => e.to_string(),
+        };
+        let t = refused(conn.prepare(p), "a notification over fabric");
+        assert!(t.contains("peer 'far' is on another node"), "{t}");
+        assert!(t.contains("Unix socket"), "{t}");
+        let e = conn.send_notif("me", b"x").unwrap_err();
+        assert!(e.to_string().contains("another node"), "{e}");
+        let p = xplan(
+            XferOp::Read,
+            vec![(Desc::new(0xa000, 20, 0), Desc::new(0x10_0000 + 150, 20, 1))],
+            remote_region(),
+        );
+        let t = refused(conn.prepare(p), "a chunk without a fabric handle");
+        assert!(t.contains("chunk 1 (bytes 100..200"), "{t}");
+        // Fabric chunks pass the check and go on to the device (absent here, or present but
+        // with other UUIDs than the override's: either way a clear error, never a socket).
+        let p = xplan(
+            XferOp::Read,
+            vec![(Desc::new(0xa000, 20, 0), Desc::new(0x10_0000, 20, 1))],
+            fabric_region(),
+        );
+        match conn.prepare(p) {
+            Ok(_) => panic!("cannot map fabric handles of a made-up peer"),
+            Err(e) => {
+                let t = e.to_string();
+                assert!(
+                    matches!(e, Error::Unavailable { .. }) || t.contains("NVLink domain"),
+                    "{t}"
+                );
+            }
+        }
+        assert_eq!(b.imported_chunks(), 0);
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("the fabric path touched the peer's socket: {other:?}"),
+        }
+        conn.close();
+    }
+    #[test]
+    fn control_carrier_announces_notifies_and_takes_revocations() {
+        use crate::control::Loopback;
+        let pid = std::process::id();
+        let owner_ch = Loopback::new(&format!("cuda-owner-{pid}"));
+        let peer_ch = Loopback::new(&format!("cuda-peer-{pid}"));
+        let owner_ctl: Arc<dyn ControlChannel> = owner_ch.clone();
+        // The owner side: its service answers over the channel (without a driver its agent
+        // never started it, so it refuses announcements and notifications as "starting").
+        let (owner, _, _l1) = fabric_pair_with("ctl-owner", true, domain(7), Some(owner_ctl));
+        owner
+            .inner
+            .control
+            .as_ref()
+            .unwrap()
+            .serve(BackendName::Cuda, {
+                let w: Weak<Inner> = Arc::downgrade(&owner.inner);
+                w
+            });
+        let mut owner_info = ConnInfo::decode(&owner.conn_info()).unwrap();
+        assert_eq!(owner_info.control, format!("cuda-owner-{pid}").into_bytes());
+        owner_info.boot_id = "node-b".into(); // the owner is on another node than the peer
+        let (peer, _, _l2) = fabric_pair_with("ctl-peer", true, domain(7), Some(peer_ch.clone()));
+        peer.inner
+            .control
+            .as_ref()
+            .unwrap()
+            .serve(BackendName::Cuda, {
+                let w: Weak<Inner> = Arc::downgrade(&peer.inner);
+                w
+            });
+        let conn = peer
+            .connect(&PeerInfo {
+                name: "owner",
+                instance_id: 77,
+                conn_info: &owner_info.encode(),
+            })
+            .unwrap();
+
+        // A notification goes over the channel to the owner's service (which answers that it
+        // is starting): carried, not refused for want of a carrier.
+        let e = conn.send_notif("peer", b"hi").unwrap_err();
+        assert!(
+            matches!(&e, Error::Denied { peer, .. } if peer == "owner"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("the agent is starting"), "{e}");
+        // A prepare with a notification is accepted as far as the carrier goes; the import is
+        // announced first (here our own agent never started, so it cannot say who we are) and
+        // the failed announcement fails the prepare.
+        let mut p = xplan(
+            XferOp::Read,
+            vec![(Desc::new(0xa000, 20, 0), Desc::new(0x10_0000, 20, 1))],
+            fabric_region(),
+        );
+        p.notif = Some(b"done".to_vec());
+        match conn.prepare(p) {
+            Ok(_) => panic!("the announcement cannot be made"),
+            Err(e) => {
+                let t = e.to_string();
+                assert!(t.contains("announce failed: the agent is starting"), "{t}");
+                assert!(!t.contains("Unix socket"), "{t}");
+            }
+        }
+        assert_eq!(peer.imported_regions(), 0, "a refused import is dropped");
+        assert!(owner.inner.remote_importers.lock().is_empty());
+
+        // The owner revokes an import: the peer drops it and confirms; an agent that is not
+        // the owner of that instance is refused; an unknown instance is "nothing imported".
+        let region = Desc::new(0x10_0000, 300, 1);
+        let key = RegionKey {
+            peer: 77,
+            region,
+            key: 9,
+        };
+        peer.inner
+            .imports
+            .region(key, "owner", Duration::from_millis(100), || Ok(()))
+            .unwrap();
+        assert_eq!(peer.imported_regions(), 1);
+        let revoke = |from: &str, instance: u128| {
+            owner_ch.call(
+                &peer_ch.endpoint(),
+                from,
+                BackendName::Cuda,
+                &Ctl::Revoke {
+                    instance,
+                    region,
+                    key: 9,
+                }
+                .encode(),
+                Duration::from_secs(1),
+            )
+        };
+        let e = revoke("mallory", 77).unwrap_err();
+        assert!(e.to_string().contains("cannot revoke"), "{e}");
+        assert_eq!(peer.imported_regions(), 1);
+        assert_eq!(revoke("owner", 78).unwrap(), vec![1]);
+        assert_eq!(peer.imported_regions(), 1);
+        assert_eq!(revoke("owner", 77).unwrap(), vec![1]);
+        assert_eq!(peer.imported_regions(), 0, "the revoked import is gone");
+        // Garbage is refused with the reason, never a panic.
+        let e = owner_ch
+            .call(
+                &peer_ch.endpoint(),
+                "owner",
+                BackendName::Cuda,
+                &[3, 1],
+                Duration::from_secs(1),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("bad cuda control message"), "{e}");
+        conn.close();
+    }
+
+    /// A peer service for [`revoke_remote`]: answers `reply` after `delay`.
+    #[derive(Debug)]
+    struct FakePeer {
+        reply: Vec<u8>,
+        delay: Duration,
+        seen: Mutex<Vec<(String, Ctl)>>,
+    }
+
+    impl ControlService for FakePeer {
+        fn handle(&self, peer: &str, req: &[u8]) -> std::result::Result<Vec<u8>, String> {
+            self.seen.lock().push((
+                peer.to_owned(),
+                Ctl::decode(req).map_err(|e| e.to_string())?,
+            ));
+            std::thread::sleep(self.delay);
+            Ok(self.reply.clone())
+        }
+    }
+
+    #[test]
+    fn revocations_across_nodes_are_bounded() {
+        use crate::control::Loopback;
+        let pid = std::process::id();
+        let owner: Arc<dyn ControlChannel> = Loopback::new(&format!("rv-owner-{pid}"));
+        let timeout = Duration::from_millis(300);
+        let mut keep = Vec::new();
+        let mut importers = Vec::new();
+        for (name, reply, delay) in [
+            ("acks", vec![1u8], Duration::ZERO),
+            ("busy", vec![0u8], Duration::ZERO),
+            ("silent", vec![1u8], timeout * 4),
+        ] {
+            let ch = Loopback::new(&format!("rv-{name}-{pid}"));
+            let svc = Arc::new(FakePeer {
+                reply,
+                delay,
+                seen: Mutex::new(Vec::new()),
+            });
+            let w: Weak<FakePeer> = Arc::downgrade(&svc);
+            ch.serve(BackendName::Cuda, w);
+            importers.push(Importer {
+                name: name.into(),
+                instance: 1,
+                endpoint: ch.endpoint(),
+            });
+            keep.push((ch, svc));
+        }
+        importers.push(Importer {
+            name: "dead".into(),
+            instance: 2,
+            endpoint: b"rv-nobody".to_vec(),
+        });
+        let region = Desc::new(0x1000, 64, 0);
+        let t = Instant::now();
+        let r = revoke_remote(&owner, "owner", 5, &region, 9, importers, timeout);
+        let took = t.elapsed();
+        assert_eq!(
+            r,
+            ipc::RevokeReport {
+                peers: 4,
+                acked: 1,
+                gone: 1,
+                late: 2
+            }
+        );
+        assert!(took < timeout * 3, "took {took:?}");
+        let (from, m) = keep[0].1.seen.lock()[0].clone();
+        assert_eq!(from, "owner");
+        assert_eq!(
+            m,
+            Ctl::Revoke {
+                instance: 5,
+                region,
+                key: 9
+            }
+        );
+        // Nobody to tell: nothing to wait for.
+        let r = revoke_remote(&owner, "owner", 5, &region, 9, Vec::new(), timeout);
+        assert_eq!(r, ipc::RevokeReport::default());
     }
 }
