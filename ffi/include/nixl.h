@@ -382,6 +382,17 @@ nixl_status nixl_xfer_cancel(struct nixl_xfer *xfer);
 nixl_status nixl_xfer_backend(const struct nixl_xfer *xfer, char *out, size_t cap);
 
 /**
+ * Writes the name of the backend whose stager copies the request's device memory through
+ * host memory ("cuda") to `out`, or an empty string when the request moves its memory directly.
+ * A staged request is slower than a direct one: engines that must not fall back silently check
+ * this after `nixl_xfer_create`.
+ *
+ * # Safety
+ * `xfer` is NULL or a live request; `out` points to `cap` writable bytes.
+ */
+nixl_status nixl_xfer_staged(const struct nixl_xfer *xfer, char *out, size_t cap);
+
+/**
  * Frees a request. A post still in flight is cancelled, and the call returns only when no
  * backend will touch the request's memory again (a backend that cannot stop at once lets go
  * within its own timeouts). NULL is a no-op.

@@ -960,6 +960,28 @@ pub unsafe extern "C" fn nixl_xfer_backend(
     })
 }
 
+/// Writes the name of the backend whose stager copies the request's device memory through
+/// host memory ("cuda") to `out`, or an empty string when the request moves its memory directly.
+/// A staged request is slower than a direct one: engines that must not fall back silently check
+/// this after `nixl_xfer_create`.
+///
+/// # Safety
+/// `xfer` is NULL or a live request; `out` points to `cap` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_xfer_staged(
+    xfer: *const nixl_xfer,
+    out: *mut c_char,
+    cap: usize,
+) -> nixl_status {
+    guard(|| {
+        let x = xfer_ref(xfer)?;
+        let name = x.req.info().staged.map_or("", |b| b.as_str());
+        check_str_out(out, cap, name, "out")?;
+        put_str(out, name);
+        Ok(NIXL_OK)
+    })
+}
+
 /// Frees a request. A post still in flight is cancelled, and the call returns only when no
 /// backend will touch the request's memory again (a backend that cannot stop at once lets go
 /// within its own timeouts). NULL is a no-op.

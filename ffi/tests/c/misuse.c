@@ -82,12 +82,13 @@ static void contract_signatures(void)
     nixl_status (*fetch)(nixl_agent *, const char *, int64_t, char *, size_t) =
         nixl_fetch_remote_md;
     const char *(*version)(void) = nixl_version;
+    nixl_status (*xstaged)(const nixl_xfer *, char *, size_t) = nixl_xfer_staged;
     typedef void (*fn)(void);
     fn all[] = {(fn)agent_new, (fn)agent_free, (fn)reg,        (fn)dereg,   (fn)local_md,
                 (fn)bytes_free, (fn)load,      (fn)inval,      (fn)create,  (fn)post,
                 (fn)status,     (fn)xbackend,  (fn)xfree,      (fn)nsend,   (fn)nnext,
                 (fn)last_error, (fn)xwait,     (fn)xcancel,    (fn)nwait,   (fn)aname,
-                (fn)bstatus,    (fn)sstr,      (fn)fetch,      (fn)version};
+                (fn)bstatus,    (fn)sstr,      (fn)fetch,      (fn)version, (fn)xstaged};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         CHECK(all[i] != NULL, "function %zu of the contract is NULL", i);
 }
@@ -192,6 +193,13 @@ static void expect_xfer_backend(nixl_xfer *x, const char *want)
     char b[32];
     EXPECT_OK(nixl_xfer_backend(x, b, sizeof b));
     CHECK(strcmp(b, want) == 0, "transfer runs on \"%s\", expected \"%s\"", b, want);
+    /* DRAM requests are never staged: the answer is the empty string. */
+    memset(b, '#', sizeof b);
+    EXPECT_OK(nixl_xfer_staged(x, b, sizeof b));
+    CHECK(b[0] == '\0', "a DRAM transfer says it is staged by \"%s\"", b);
+    EXPECT(nixl_xfer_staged(x, NULL, 8), NIXL_ERR_INVALID);
+    EXPECT(nixl_xfer_staged(x, b, 0), NIXL_ERR_BUFFER_TOO_SMALL);
+    EXPECT(nixl_xfer_staged(NULL, b, sizeof b), NIXL_ERR_INVALID);
 }
 
 /* ---- the sections ------------------------------------------------------------------------- */
