@@ -489,6 +489,31 @@ impl Driver {
         self.facts.devices
     }
 
+    /// The UUID of device `ordinal` (no context is created).
+    pub fn device_uuid(&self, ordinal: i32) -> CuRes<[u8; 16]> {
+        if ordinal < 0 || ordinal >= self.facts.devices {
+            return Err(CuError {
+                op: "cuDeviceGet",
+                code: CUDA_ERROR_NO_DEVICE,
+                name: format!(
+                    "no device {ordinal} (this host has {} devices)",
+                    self.facts.devices
+                ),
+            });
+        }
+        let mut dev: CuDevice = 0;
+        // SAFETY: writes one CUdevice; the ordinal is in range.
+        self.check("cuDeviceGet", unsafe {
+            (self.api.device_get)(&mut dev, ordinal)
+        })?;
+        let mut uuid = CuUuid { bytes: [0; 16] };
+        // SAFETY: writes 16 bytes into `uuid`; `dev` came from cuDeviceGet.
+        self.check("cuDeviceGetUuid", unsafe {
+            (self.api.device_get_uuid)(&mut uuid, dev)
+        })?;
+        Ok(uuid.bytes)
+    }
+
     /// Whether device `ordinal` exports fabric handles (no context is created).
     pub fn device_supports_fabric(&self, ordinal: i32) -> bool {
         if ordinal < 0 || ordinal >= self.facts.devices {

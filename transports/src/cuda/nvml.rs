@@ -432,46 +432,14 @@ impl Nvml {
 // ---------------------------------------------------------------------------------------------
 // CUDA device UUIDs without a context.
 
-type CuDeviceGetFn = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
-type CuDeviceGetUuidFn = unsafe extern "C" fn(*mut [u8; 16], c_int) -> c_int;
-
 /// The UUIDs of the CUDA devices this process sees, by ordinal, read with `cuDeviceGet` and
 /// `cuDeviceGetUuid_v2` (no context is created: retaining a primary context on every visible
-/// GPU would cost each of them memory). Needs the driver probed ([`super::driver::driver`]:
-/// `cuInit` done); the library it opens is the one already loaded.
+/// GPU would cost each of them memory), through the driver's table ([`super::driver::driver`]).
 pub fn cuda_device_uuids() -> Result<Vec<[u8; 16]>, String> {
     let drv = super::driver::driver()?;
-    let n = drv.device_count();
-    let name = super::driver::LIBRARY_NAMES[0];
-    // SAFETY: the CUDA driver is already loaded and initialised by `driver()` (this only takes
-    // another reference to it); nothing runs before the symbols are resolved.
-    let lib = unsafe { Library::new(name) }.map_err(|e| format!("{name}: {}", error_chain(&e)))?;
-    // SAFETY: the CUDA driver exports cuDeviceGet with this signature (cuda.h).
-    let get = *unsafe { lib.get::<CuDeviceGetFn>(b"cuDeviceGet\0") }
-        .map_err(|e| format!("{name} lacks cuDeviceGet: {}", error_chain(&e)))?;
-    // SAFETY: cuDeviceGetUuid_v2(CUuuid *uuid, CUdevice dev); CUuuid is 16 bytes (cuda.h).
-    let get_uuid = *unsafe { lib.get::<CuDeviceGetUuidFn>(b"cuDeviceGetUuid_v2\0") }
-        .map_err(|e| format!("{name} lacks cuDeviceGetUuid_v2: {}", error_chain(&e)))?;
-    let mut out = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
-    for ordinal in 0..n {
-        let mut dev: c_int = 0;
-        // SAFETY: writes one CUdevice; the ordinal is below the device count; cuInit was done.
-        let r = unsafe { get(&mut dev, ordinal) };
-        if r != 0 {
-            return Err(format!("cuDeviceGet({ordinal}) failed: CUDA error {r}"));
-        }
-        let mut uuid = [0u8; 16];
-        // SAFETY: writes 16 bytes into `uuid`; `dev` came from cuDeviceGet.
-        let r = unsafe { get_uuid(&mut uuid, dev) };
-        if r != 0 {
-            return Err(format!(
-                "cuDeviceGetUuid_v2({ordinal}) failed: CUDA error {r}"
-            ));
-        }
-        out.push(uuid);
-    }
-    // `lib` drops here: the reference is given back, the driver stays loaded by `driver()`.
-    Ok(out)
+    (0..drv.device_count())
+        .map(|ordinal| drv.device_uuid(ordinal).map_err(|e| e.to_string()))
+        .collect()
 }
 
 #[cfg(test)]
