@@ -19,6 +19,9 @@
 //!     -- --nocapture --test-threads=1
 //! ```
 
+mod common;
+use common::pattern;
+
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -65,18 +68,6 @@ fn vram(d: Vec<Desc>) -> DescList {
 fn reg(a: &Agent, list: &DescList) -> Result<Registration> {
     // SAFETY: every buffer a test registers outlives its registration (declared before it).
     unsafe { a.register(list) }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[test]

@@ -9,6 +9,9 @@
 //! NIXL_TEST_CUDA=1 cargo test -p nixl-transports --test gds -- --nocapture --test-threads=1
 //! ```
 
+mod common;
+use common::pattern;
+
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -25,18 +28,6 @@ fn gpu(test: &str) -> bool {
         return false;
     }
     true
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn scratch(tag: &str) -> PathBuf {

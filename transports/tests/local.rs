@@ -1,5 +1,8 @@
 //! The `local` backend with real bytes: two agents in one process, and an agent to itself.
 
+mod common;
+use common::pattern;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,18 +32,6 @@ fn agent(name: &str) -> Agent {
 
 fn dram(d: Vec<Desc>) -> DescList {
     DescList::from_descs(MemKind::Dram, d).unwrap()
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// Splits `len` bytes into pieces of odd sizes (1..=4099), returning (offset, len).

@@ -2,6 +2,9 @@
 //! agent that runs without RDMA, and (with `NIXL_TEST_RDMA_DEVICE=<name>`) real transfers
 //! between two agents in one process over one device.
 
+mod common;
+use common::pattern;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -158,18 +161,6 @@ fn agent_runs_without_rdma() {
     assert_eq!(e.class(), ErrorClass::Unavailable, "{e}");
     assert!(rdma.conn_info().is_empty());
     a.check_backend(BackendName::Local).unwrap();
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn dram(d: Vec<Desc>) -> DescList {

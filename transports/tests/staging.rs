@@ -3,6 +3,9 @@
 //! A stand-in device backend ("cuda", whose "VRAM" is host memory and whose stager copies with
 //! memcpy) takes the place of a GPU, so everything around the device copies runs here for real.
 
+mod common;
+use common::pattern;
+
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -129,18 +132,6 @@ fn tcp() -> Arc<TcpBackend> {
         auth: Auth::host_only(),
         ..TcpConfig::default()
     }))
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn list(kind: MemKind, descs: Vec<Desc>) -> DescList {

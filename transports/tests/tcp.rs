@@ -1,6 +1,9 @@
 //! The `tcp` backend with real sockets on loopback: two agents in one process talking through
 //! their listeners (the cross-namespace and cross-process tests live in the `nixl-tests` crate).
 
+mod common;
+use common::pattern;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,18 +56,6 @@ fn linked(prefix: &str, mut src: Vec<u8>, dst_len: usize) -> Linked {
         src,
         dst,
     }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn one(buf: &[u8]) -> DescList {
