@@ -12,6 +12,8 @@
 //! - [`gds`]: VRAM ↔ FILE with GPUDirect Storage (cuFile loaded at run time).
 //! - [`rdma`]: between hosts over RDMA verbs (libibverbs loaded at run time): one-sided READ/WRITE
 //!   striped over the NICs nearest the memory and several queue pairs each, with failover.
+//! - [`control`]: the control channel between agents (served by the `tcp` listener) that `rdma`
+//!   and cross-node `cuda` use to set up queue pairs, announce imports and revoke them.
 //!
 //! [`config::Config`] reads the agent's TOML configuration and builds the backends it names.
 
@@ -40,7 +42,9 @@ use nixl_core::Backend;
 /// [`nixl_core::Agent::backends`] and are never chosen.
 ///
 /// `object` runs only when an object store is configured (`AWS_*` environment variables here);
-/// otherwise it reports itself unavailable and costs nothing.
+/// otherwise it reports itself unavailable and costs nothing. `cuda`, `gds` and `rdma` load
+/// their libraries at run time and report `unavailable: <reason>` on a host without a GPU,
+/// cuFile or an RDMA device.
 ///
 /// `tcp` listens on the host's first non-loopback address with a free port and, without
 /// `NIXL_SECRET` in the environment, accepts connections from this host only.
