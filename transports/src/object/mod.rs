@@ -86,6 +86,8 @@ use nixl_core::{
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
+use crate::files::OwnAgent;
+
 pub use s3::Secret;
 use s3::{Creds, Endpoint, MemSource, ReqBody, S3Req, Scheme, S3};
 
@@ -227,6 +229,8 @@ struct Inner {
     settings: std::result::Result<Arc<Settings>, String>,
     names: RwLock<HashMap<u64, ObjectName>>,
     running: Mutex<Option<Running>>,
+    /// The agent served (objects are reached by their own agent only).
+    own: OwnAgent,
     /// Set (true) at shutdown: requests stop at once, as Cancelled.
     stop: watch::Sender<bool>,
 }
@@ -406,6 +410,7 @@ impl ObjectBackend {
                 settings,
                 names: RwLock::new(names),
                 running: Mutex::new(None),
+                own: OwnAgent::default(),
                 stop: watch::Sender::new(false),
             }),
         }
@@ -520,6 +525,7 @@ impl Backend for ObjectBackend {
             region = %settings.region, bucket = ?cfg.bucket, signed = settings.creds.is_some(),
             "object backend started");
         let id = target.instance_id();
+        self.inner.own.set(target.clone());
         *self.inner.running.lock() = Some(Running { rt, s3, target });
         let mut t = STARTED.lock();
         t.retain(|(_, w)| w.strong_count() > 0);
@@ -528,13 +534,7 @@ impl Backend for ObjectBackend {
     }
 
     fn conn_info(&self) -> Vec<u8> {
-        let instance = self
-            .inner
-            .running
-            .lock()
-            .as_ref()
-            .map_or(0, |r| r.target.instance_id());
-        instance.to_le_bytes().to_vec()
+        self.inner.own.conn_info()
     }
 
     fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>> {
@@ -554,34 +554,18 @@ impl Backend for ObjectBackend {
     fn deregister(&self, _region: &Region) {}
 
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
-        if conn_info == self.conn_info().as_slice() {
-            Ok(())
-        } else {
-            Err(
-                "objects are reached by their own agent only (name the agent itself as the \
-                 remote)"
-                    .into(),
-            )
-        }
+        self.inner.own.can_reach(conn_info, "objects")
     }
 
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {
+        let target = self.inner.own.connect(BackendName::Object, peer)?;
         let r = self.inner.running.lock();
         let r = r
             .as_ref()
             .ok_or_else(|| Error::Shutdown("object backend not running".into()))?;
-        if peer.instance_id != r.target.instance_id() {
-            return Err(backend_err(
-                "connect",
-                format!(
-                    "'{}' is another agent: object reaches this agent's objects only",
-                    peer.name
-                ),
-            ));
-        }
         Ok(Arc::new(ObjectConn {
             inner: Arc::clone(&self.inner),
-            target: r.target.clone(),
+            target,
             rt: r.rt.handle().clone(),
             s3: Arc::clone(&r.s3),
         }))
@@ -589,6 +573,7 @@ impl Backend for ObjectBackend {
 
     fn shutdown(&self) {
         self.inner.stop.send_replace(true);
+        self.inner.own.clear();
         let r = self.inner.running.lock().take();
         if let Some(r) = r {
             STARTED
@@ -1011,8 +996,12 @@ where
         });
     }
     while let Some(r) = set.join_next().await {
-        if let Err(e) = r {
-            post.fail(backend_err("task", format!("a transfer task failed: {e}")));
+        match r {
+            Ok(()) => {}
+            // The runtime is shutting down (the backend or its agent stopped): the post ends
+            // Cancelled, as every other post cut short by shutdown does.
+            Err(e) if e.is_cancelled() => post.fail(Error::Cancelled),
+            Err(e) => post.fail(backend_err("task", format!("a transfer task failed: {e}"))),
         }
     }
 }
