@@ -993,16 +993,15 @@ impl Agent {
             .iter()
             .try_fold(0u64, |a, s| a.checked_add(s.local.len))
             .ok_or("request length overflows")?;
-        if total > crate::staging::MAX_STAGED_BYTES {
-            return Err(format!(
-                "{total} bytes exceed the staged path's {} per request; split the request",
-                crate::staging::MAX_STAGED_BYTES
-            ));
-        }
-        let host = stager.alloc(total).map_err(|e| {
+        let chunk = stager.chunk_bytes().max(1);
+        let chunks_n = total.div_ceil(chunk).max(1);
+        let slot_len = chunk.min(total).max(1);
+        let slots = (stager.slots().max(1) as u64).min(chunks_n);
+        let host = stager.alloc(slot_len * slots).map_err(|e| {
             format!(
-                "{} could not allocate {total} host bytes: {e}",
-                stager.backend()
+                "{} could not allocate {} host bytes: {e}",
+                stager.backend(),
+                slot_len * slots
             )
         })?;
         let dram: Vec<Arc<dyn Backend>> = self
@@ -1015,19 +1014,32 @@ impl Agent {
         let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
         let bounce = crate::staging::Bounce::register(id, host, dram).map_err(|e| e.to_string())?;
         let base = bounce.region.desc.addr;
-        let mut pieces = Vec::with_capacity(segments.len());
-        let mut inner_segs = Vec::with_capacity(segments.len());
-        let mut off = 0u64;
+        // Cut the segments into chunks of at most `chunk` bytes (a segment may straddle two);
+        // chunk k lives in slot k % slots of the host buffer.
+        let mut cut: Vec<Vec<(Segment, Desc)>> = vec![Vec::new()];
+        let mut used = 0u64;
         for s in &segments {
-            let h = Desc::new(base + off, s.local.len, 0);
-            pieces.push((s.local, h.addr));
-            inner_segs.push(Segment {
-                local: h,
-                remote: s.remote,
-                local_region: 0,
-                remote_region: s.remote_region,
-            });
-            off += s.local.len;
+            let mut off = 0u64;
+            while off < s.local.len {
+                if used == chunk {
+                    cut.push(Vec::new());
+                    used = 0;
+                }
+                let n = (s.local.len - off).min(chunk - used);
+                let k = (cut.len() - 1) as u64;
+                let host = base + (k % slots) * slot_len + used;
+                let piece = Segment {
+                    local: Desc::new(s.local.addr + off, n, s.local.dev_id),
+                    remote: Desc::new(s.remote.addr + off, n, s.remote.dev_id),
+                    local_region: s.local_region,
+                    remote_region: s.remote_region,
+                };
+                if let Some(c) = cut.last_mut() {
+                    c.push((piece, Desc::new(host, n, 0)));
+                }
+                used += n;
+                off += n;
+            }
         }
         let bounce_list = DescList::from_descs(MemKind::Dram, vec![bounce.region.desc])
             .map_err(|e| e.to_string())?;
@@ -1049,18 +1061,52 @@ impl Agent {
                 e => e.to_string(),
             })?;
         let conn = self.connection(p, backend).map_err(|e| e.to_string())?;
-        let plan = XferPlan {
-            op,
-            local_kind: MemKind::Dram,
-            remote_kind: remote.kind(),
-            segments: inner_segs,
-            local_regions: vec![Arc::clone(&bounce.region)],
-            remote_regions,
-            notif: opts.notif.clone(),
-            initiator: Arc::clone(&self.inner.name),
-        };
-        let bytes = plan.total_bytes();
-        let prepared = conn.prepare(plan).map_err(|e| e.to_string())?;
+        let telemetry = p.telemetry(backend.name(), op);
+        let last = cut.len() - 1;
+        let mut chunks = Vec::with_capacity(cut.len());
+        for (k, pieces) in cut.into_iter().enumerate() {
+            let plan = XferPlan {
+                op,
+                local_kind: MemKind::Dram,
+                remote_kind: remote.kind(),
+                segments: pieces
+                    .iter()
+                    .map(|(s, h)| Segment {
+                        local: *h,
+                        remote: s.remote,
+                        local_region: 0,
+                        remote_region: s.remote_region,
+                    })
+                    .collect(),
+                local_regions: vec![Arc::clone(&bounce.region)],
+                remote_regions: remote_regions.clone(),
+                notif: if k == last { opts.notif.clone() } else { None },
+                initiator: Arc::clone(&self.inner.name),
+            };
+            let bytes = plan.total_bytes();
+            let descs = plan.segments.len();
+            let prepared = conn.prepare(plan).map_err(|e| e.to_string())?;
+            let req = XferRequest::new(
+                prepared,
+                vec![Arc::clone(&bounce.region)],
+                XferInfo {
+                    op,
+                    backend: backend.name(),
+                    peer: Arc::clone(&p.name),
+                    bytes,
+                    descs,
+                    reason: Choice::Best,
+                    staged: None,
+                },
+                None,
+                Arc::clone(&self.inner.watchdog),
+                Arc::clone(&telemetry),
+            );
+            chunks.push(crate::staging::Chunk {
+                req,
+                pieces: pieces.iter().map(|(s, h)| (s.local, h.addr)).collect(),
+            });
+        }
         let jobs = match self.inner.stage.get() {
             Some(t) => t.sender(),
             None => {
@@ -1073,8 +1119,10 @@ impl Agent {
         local_regions.push(Arc::clone(&bounce.region));
         let staged_by = stager.backend();
         tracing::debug!(agent = %self.inner.name, peer = %p.name, backend = %backend.name(),
-            stager = %staged_by, op = op.as_str(), descs, "staged through host memory");
-        let staged = crate::staging::StagedXfer::new(op, prepared, stager, pieces, bounce, jobs);
+            stager = %staged_by, op = op.as_str(), descs, chunks = chunks.len(),
+            "staged through host memory");
+        let notif = opts.notif.is_some();
+        let staged = crate::staging::StagedXfer::new(op, stager, chunks, notif, bounce, jobs);
         Ok(XferRequest::new(
             Box::new(staged),
             local_regions,
@@ -1082,14 +1130,14 @@ impl Agent {
                 op,
                 backend: backend.name(),
                 peer: Arc::clone(&p.name),
-                bytes,
+                bytes: total,
                 descs,
                 reason: Choice::PassedOver(format!(" {}", direct.trim())),
                 staged: Some(staged_by),
             },
             opts.deadline,
             Arc::clone(&self.inner.watchdog),
-            p.telemetry(backend.name(), op),
+            telemetry,
         ))
     }
 

@@ -4,20 +4,25 @@
 //! VRAM to a file through `uring`), but a backend offers a [`Stager`] for that kind (the `cuda`
 //! backend, through pinned host buffers), the agent builds the request through host memory:
 //!
-//! - at creation it allocates one host buffer for the request (the stager's pinned memory),
-//!   registers it *privately* with every backend that moves DRAM (it never appears in the
-//!   agent's metadata, so no peer can name it), and prepares an ordinary DRAM request on the
-//!   best backend for it, by the same policy as any other request;
-//! - each WRITE post copies the device ranges into the buffer and then posts the DRAM request;
-//!   each READ post runs the DRAM request and then copies the buffer into the device ranges.
-//!   The copies run on the agent's staging thread, never on a backend's thread;
+//! - at creation it cuts the request into chunks of at most [`Stager::chunk_bytes`], allocates a
+//!   host buffer of [`Stager::slots`] chunks (the stager's pinned memory: bounded, whatever the
+//!   request's size), registers it *privately* with every backend that moves DRAM (it never
+//!   appears in the agent's metadata, so no peer can name it), and prepares one ordinary DRAM
+//!   request per chunk on the best backend for it, by the same policy as any other request;
+//! - each post runs on the agent's staging thread, pipelined over the slots: a WRITE copies
+//!   chunk k device → host while the chunks before it are on their way; a READ copies each chunk
+//!   host → device as soon as it has arrived, while the next ones are read. The notification, if
+//!   any, goes with the last chunk, posted only after every other chunk has landed. The first
+//!   failure cancels the chunks in flight and waits until no backend holds them before the
+//!   post ends;
 //! - the request says so: [`crate::XferInfo::staged`] names the stager, and
 //!   [`crate::XferInfo::backend`] the backend that carried the bytes.
 //!
 //! A request is staged only when no backend can carry it directly; the reason the direct
-//! backends were passed over stays in [`crate::XferInfo::reason`]. One request stages at most
-//! [`MAX_STAGED_BYTES`].
+//! backends were passed over stays in [`crate::XferInfo::reason`]. The staging thread runs one
+//! staged post at a time.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -27,10 +32,7 @@ use crate::backend::{Backend, BackendName, PreparedXfer};
 use crate::error::{Error, Result};
 use crate::mem::{Desc, MemKind};
 use crate::region::Region;
-use crate::xfer::{Completion, XferOp};
-
-/// Largest request the staged path carries (its host buffer is allocated whole).
-pub const MAX_STAGED_BYTES: u64 = 16 << 30;
+use crate::xfer::{Completion, XferOp, XferRequest};
 
 /// Host memory for staging, owned by the stager that allocated it (pinned where the device
 /// needs it); freed on drop.
@@ -59,6 +61,14 @@ pub trait Stager: Send + Sync + fmt::Debug {
     /// Copies each `(device range, host address)` pair from the host to the device; blocks
     /// until every byte has landed.
     fn to_device(&self, pieces: &[(Desc, u64)]) -> Result<()>;
+    /// Largest chunk a staged request is cut into.
+    fn chunk_bytes(&self) -> u64 {
+        8 << 20
+    }
+    /// Chunks in flight at once (the host buffer holds this many).
+    fn slots(&self) -> usize {
+        4
+    }
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -160,7 +170,16 @@ impl Drop for Bounce {
     }
 }
 
-/// A staged request's prepared form: copies around the prepared DRAM request.
+/// One chunk of a staged request: its DRAM request over one slot of the host buffer, and the
+/// device ranges it copies.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    pub(crate) req: XferRequest,
+    /// (device range, host address), in the request's order.
+    pub(crate) pieces: Vec<(Desc, u64)>,
+}
+
+/// A staged request's prepared form: the chunks, pipelined over the slots on each post.
 #[derive(Debug)]
 pub(crate) struct StagedXfer {
     inner: Arc<StagedInner>,
@@ -170,33 +189,124 @@ pub(crate) struct StagedXfer {
 #[derive(Debug)]
 struct StagedInner {
     op: XferOp,
-    prepared: Box<dyn PreparedXfer>,
     stager: Arc<dyn Stager>,
-    /// (device range, host address), in the request's order.
-    pieces: Vec<(Desc, u64)>,
-    /// Dropped after `prepared` (field order), which may refer to its region.
+    /// Dropped before `_bounce` (field order): their requests use its region.
+    chunks: Vec<Chunk>,
+    slots: usize,
+    /// Whether the last chunk carries a notification (then it goes after all the others).
+    notif: bool,
     _bounce: Bounce,
 }
 
 impl StagedXfer {
     pub(crate) fn new(
         op: XferOp,
-        prepared: Box<dyn PreparedXfer>,
         stager: Arc<dyn Stager>,
-        pieces: Vec<(Desc, u64)>,
+        chunks: Vec<Chunk>,
+        notif: bool,
         bounce: Bounce,
         jobs: mpsc::Sender<Job>,
     ) -> StagedXfer {
+        let slots = stager.slots().max(1);
         StagedXfer {
             inner: Arc::new(StagedInner {
                 op,
-                prepared,
                 stager,
-                pieces,
+                chunks,
+                slots,
+                notif,
                 _bounce: bounce,
             }),
             jobs,
         }
+    }
+}
+
+impl StagedInner {
+    /// Waits for chunk `i`'s request to end.
+    fn wait(&self, i: usize) -> Result<()> {
+        self.chunks[i].req.wait_blocking(None).into_result()
+    }
+
+    /// Cancels the chunks in flight and waits until no backend holds them.
+    fn stop(&self, inflight: &VecDeque<usize>) {
+        for &i in inflight {
+            self.chunks[i].req.release();
+        }
+    }
+
+    /// One post: the chunks through the slots, the first failure ending it.
+    fn run(&self, done: &Completion) -> Result<()> {
+        let mut inflight: VecDeque<usize> = VecDeque::with_capacity(self.slots);
+        let r = self.pump(done, &mut inflight);
+        if r.is_err() {
+            self.stop(&inflight);
+        }
+        r
+    }
+
+    fn pump(&self, done: &Completion, inflight: &mut VecDeque<usize>) -> Result<()> {
+        let n = self.chunks.len();
+        let abandoned = || {
+            if done.is_abandoned() {
+                Err(Error::Cancelled)
+            } else {
+                Ok(())
+            }
+        };
+        match self.op {
+            XferOp::Write => {
+                for k in 0..n {
+                    abandoned()?;
+                    // Chunk k reuses the slot of chunk k - slots; the notification's chunk
+                    // waits for every other one.
+                    let room = if self.notif && k + 1 == n {
+                        0
+                    } else {
+                        self.slots - 1
+                    };
+                    while inflight.len() > room {
+                        let j = inflight.pop_front().unwrap_or_default();
+                        if let Err(e) = self.wait(j) {
+                            inflight.push_front(j);
+                            return Err(e);
+                        }
+                    }
+                    self.stager.to_host(&self.chunks[k].pieces)?;
+                    self.chunks[k].req.post()?;
+                    inflight.push_back(k);
+                }
+                while let Some(j) = inflight.pop_front() {
+                    if let Err(e) = self.wait(j) {
+                        inflight.push_front(j);
+                        return Err(e);
+                    }
+                }
+            }
+            XferOp::Read => {
+                let mut next = 0;
+                while next < n || !inflight.is_empty() {
+                    abandoned()?;
+                    let last_waits = self.notif && next + 1 == n;
+                    if next < n
+                        && inflight.len() < self.slots
+                        && (!last_waits || inflight.is_empty())
+                    {
+                        self.chunks[next].req.post()?;
+                        inflight.push_back(next);
+                        next += 1;
+                        continue;
+                    }
+                    let j = inflight.pop_front().unwrap_or_default();
+                    if let Err(e) = self.wait(j) {
+                        inflight.push_front(j);
+                        return Err(e);
+                    }
+                    self.stager.to_device(&self.chunks[j].pieces)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -207,53 +317,25 @@ fn stopped() -> Error {
 impl PreparedXfer for StagedXfer {
     fn post(&self, done: Completion) {
         let inner = Arc::clone(&self.inner);
-        match self.inner.op {
-            XferOp::Write => {
-                let job: Job = Box::new(move || {
-                    if done.is_abandoned() {
-                        done.complete(Err(Error::Cancelled));
-                        return;
-                    }
-                    match inner.stager.to_host(&inner.pieces) {
-                        Ok(()) => inner.prepared.post(done),
-                        Err(e) => {
-                            done.complete(Err(e));
-                        }
-                    }
-                });
-                if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
-                    // The job owns the completion: dropping it ends the post as failed, but
-                    // say why.
-                    drop(job);
-                    tracing::warn!(
-                        "staged post after the staging thread stopped: {}",
-                        stopped()
-                    );
-                }
-            }
-            XferOp::Read => {
-                let jobs = self.jobs.clone();
-                let relay = Box::new(move |outcome: Result<()>, done: Completion| {
-                    if outcome.is_err() || done.is_abandoned() {
-                        done.complete(outcome);
-                        return;
-                    }
-                    let i2 = Arc::clone(&inner);
-                    let job: Job = Box::new(move || {
-                        let r = i2.stager.to_device(&i2.pieces);
-                        done.complete(r);
-                    });
-                    if let Err(mpsc::SendError(job)) = jobs.send(job) {
-                        drop(job);
-                        tracing::warn!("staged read ended without its copy: {}", stopped());
-                    }
-                });
-                self.inner.prepared.post(done.relay(relay));
-            }
+        let job: Job = Box::new(move || {
+            let r = inner.run(&done);
+            done.complete(r);
+        });
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            // The job owns the completion: dropping it ends the post as failed; say why.
+            drop(job);
+            tracing::warn!(
+                "staged post after the staging thread stopped: {}",
+                stopped()
+            );
         }
     }
 
     fn cancel(&self) {
-        self.inner.prepared.cancel();
+        // The staging thread sees the post abandoned between chunks; the chunks in flight are
+        // stopped now.
+        for c in &self.inner.chunks {
+            c.req.cancel();
+        }
     }
 }

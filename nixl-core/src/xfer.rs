@@ -274,31 +274,14 @@ pub struct Completion {
     completed: bool,
     /// The holds on the local regions, released on drop.
     ticket: Option<Ticket>,
-    /// Where [`Completion::complete`] hands the outcome instead of ending the post (the staged
-    /// path's copy after a READ).
-    relay: Option<Relay>,
 }
-
-/// Takes a post's outcome and the completion, and ends it later.
-pub(crate) type Relay = Box<dyn FnOnce(Result<()>, Completion) + Send + Sync>;
 
 impl Completion {
     /// Ends the post: `Ok` is Done; `Err(Cancelled)`, `Err(TimedOut)` map to those states; any
     /// other error is Failed. Returns false if the post had already ended (cancel or deadline).
     pub fn complete(mut self, outcome: Result<()>) -> bool {
-        if let Some(relay) = self.relay.take() {
-            let live = !self.is_abandoned();
-            relay(outcome, self);
-            return live;
-        }
         self.completed = true;
         self.shared.finish(self.epoch, outcome)
-    }
-
-    /// This completion with its outcome sent to `relay` first, which ends it.
-    pub(crate) fn relay(mut self, relay: Relay) -> Completion {
-        self.relay = Some(relay);
-        self
     }
 
     /// Ends the post now (as [`Completion::complete`] would) but keeps the local regions held
@@ -454,7 +437,6 @@ impl XferRequest {
             epoch,
             completed: false,
             ticket,
-            relay: None,
         });
         Ok(())
     }

@@ -29,16 +29,30 @@ impl HostBuffer for HostBuf {
     }
 }
 
-/// Copies with memcpy; fails every copy while `fail` is set.
+/// Copies with memcpy in chunks of 64 KiB over 3 slots (small, so that requests of a few MiB
+/// cross many chunk boundaries); fails every copy while `fail` is set.
 #[derive(Debug, Default)]
 struct HostStager {
     fail: AtomicBool,
     copies: AtomicU64,
+    /// Largest host buffer asked for.
+    most: AtomicU64,
+    /// Fail the copy with this number (counting from 1), once.
+    fail_at: AtomicU64,
 }
+
+const CHUNK: u64 = 64 << 10;
+const SLOTS: usize = 3;
 
 impl HostStager {
     fn copy(&self, pieces: &[(Desc, u64)], to_host: bool) -> Result<()> {
-        if self.fail.load(Ordering::Acquire) {
+        let nth = self.copies.load(Ordering::Relaxed) + 1;
+        if self.fail.load(Ordering::Acquire)
+            || self
+                .fail_at
+                .compare_exchange(nth, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             return Err(Error::Backend {
                 backend: BackendName::Cuda,
                 op: "stand-in device copy",
@@ -71,7 +85,14 @@ impl Stager for HostStager {
         MemKind::Vram
     }
     fn alloc(&self, len: u64) -> Result<Box<dyn HostBuffer>> {
+        self.most.fetch_max(len, Ordering::Relaxed);
         Ok(Box::new(HostBuf(vec![0; len as usize])))
+    }
+    fn chunk_bytes(&self) -> u64 {
+        CHUNK
+    }
+    fn slots(&self) -> usize {
+        SLOTS
     }
     fn to_host(&self, pieces: &[(Desc, u64)]) -> Result<()> {
         self.copy(pieces, true)
@@ -255,7 +276,57 @@ fn device_memory_goes_over_tcp_through_host_memory_and_says_so() {
     assert!(e.to_string().contains("injected device fault"), "{e}");
     stager.fail.store(false, Ordering::Release);
     w.run_blocking().unwrap();
-    assert!(stager.copies.load(Ordering::Relaxed) >= 4);
+    // Chunked: about len / 64 KiB copies per post, through a buffer of 3 chunks at most.
+    assert!(stager.copies.load(Ordering::Relaxed) >= 4 * (len as u64 / CHUNK));
+    assert!(stager.most.load(Ordering::Relaxed) <= CHUNK * SLOTS as u64);
+
+    // A fault half-way (the 10th chunk's copy) ends the post Failed with its cause once the
+    // chunks in flight have stopped; the next post runs whole.
+    stager.fail_at.store(
+        stager.copies.load(Ordering::Relaxed) + 10,
+        Ordering::Release,
+    );
+    let e = w.run_blocking().unwrap_err();
+    assert!(e.to_string().contains("injected device fault"), "{e}");
+    host.iter_mut().for_each(|b| *b = 0);
+    w.run_blocking().unwrap();
+    assert!(host == gpu, "bytes staged after a failed post differ");
+
+    // A deadline ends a post TimedOut (or Done, if it won), and the request is reusable.
+    let quick = a
+        .create_xfer(
+            XferOp::Write,
+            &list(MemKind::Vram, local.clone()),
+            &list(
+                MemKind::Dram,
+                local
+                    .iter()
+                    .map(|d| {
+                        Desc::new(
+                            host.as_ptr() as u64 + (d.addr - gpu.as_ptr() as u64),
+                            d.len,
+                            0,
+                        )
+                    })
+                    .collect(),
+            ),
+            "stage-b",
+            XferOptions {
+                deadline: Some(Duration::from_micros(50)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let st = {
+        quick.post().unwrap();
+        quick.wait_blocking(Some(Duration::from_secs(10)))
+    };
+    assert!(
+        matches!(st, XferStatus::TimedOut | XferStatus::Done),
+        "{st:?}"
+    );
+    quick.release();
+    drop(quick);
     drop(w);
 }
 
