@@ -55,8 +55,8 @@
 //! [cuda]                     # VRAM; unavailable (with the reason) without libcuda and a GPU
 //! streams_per_device = 4     # copies of one request spread over these streams
 //! max_batch = 1048576        # most descriptors per request
-//! staging_buffer_size = 8388608   # pinned buffers of the pipelined stager (StagePipeline)
-//! staging_buffers = 4
+//! staging_buffer_size = 8388608   # chunks of the staged path (VRAM over tcp, to files)
+//! staging_buffers = 4       # chunks in flight (pinned memory: size x buffers)
 //! socket_dir = "/run/nixl"   # the Unix socket that grants VMM handles to peers on this node
 //! allow_fabric = true        # publish fabric handles where the GPU supports them (NVL72)
 //! op_timeout_ms = 5000

@@ -190,9 +190,11 @@ pub struct CudaConfig {
     pub streams_per_device: usize,
     /// Most descriptors one prepared transfer may have.
     pub max_batch: usize,
-    /// Size of each pinned staging buffer of a [`staging::StagePipeline`].
+    /// Chunk size of the staged path (VRAM carried by a DRAM backend), and of each pinned
+    /// buffer of a [`staging::StagePipeline`].
     pub staging_buffer_size: usize,
-    /// Pinned staging buffers per device.
+    /// Chunks in flight per staged request (its pinned buffer holds this many), and pinned
+    /// buffers per device of a [`staging::StagePipeline`].
     pub staging_buffers: usize,
     /// Where the agent's Unix socket lives (created with mode 0700).
     pub socket_dir: PathBuf,
@@ -1309,7 +1311,13 @@ impl Backend for CudaBackend {
 
     fn stager(&self) -> Option<Arc<dyn nixl_core::Stager>> {
         let s = self.inner.stager.get_or_init(|| {
-            staging::CudaStager::new(self.inner.cfg.streams_per_device).map(Arc::new)
+            let c = &self.inner.cfg;
+            staging::CudaStager::new(
+                c.streams_per_device,
+                c.staging_buffer_size,
+                c.staging_buffers,
+            )
+            .map(Arc::new)
         });
         match s {
             Ok(s) => Some(Arc::clone(s) as Arc<dyn nixl_core::Stager>),

@@ -494,17 +494,26 @@ impl HostBuffer for PinnedBuffer {
 #[derive(Debug)]
 pub struct CudaStager {
     streams: usize,
+    /// Chunk size and chunks in flight of the agent's staged path (`[cuda]
+    /// staging_buffer_size`, `staging_buffers`).
+    chunk: (u64, usize),
     alloc_ctx: Arc<DeviceCtx>,
     devices: Mutex<HashMap<u64, Arc<Vec<Stream>>>>,
 }
 
 impl CudaStager {
-    /// A stager using `streams` streams per device; `Err` is why there is none (no driver).
-    pub fn new(streams: usize) -> std::result::Result<CudaStager, String> {
+    /// A stager using `streams` streams per device, staging in `chunk_bytes` chunks with
+    /// `slots` of them in flight; `Err` is why there is none (no driver).
+    pub fn new(
+        streams: usize,
+        chunk_bytes: usize,
+        slots: usize,
+    ) -> std::result::Result<CudaStager, String> {
         drv::driver()?;
         let alloc_ctx = super::device(0).map_err(|e| e.to_string())?;
         Ok(CudaStager {
             streams: streams.max(1),
+            chunk: ((chunk_bytes as u64).max(4096), slots.max(1)),
             alloc_ctx,
             devices: Mutex::new(HashMap::new()),
         })
@@ -618,6 +627,14 @@ impl nixl_core::Stager for CudaStager {
 
     fn to_device(&self, pieces: &[(Desc, u64)]) -> Result<()> {
         self.copy(pieces, false)
+    }
+
+    fn chunk_bytes(&self) -> u64 {
+        self.chunk.0
+    }
+
+    fn slots(&self) -> usize {
+        self.chunk.1
     }
 }
 
