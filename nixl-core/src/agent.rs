@@ -1062,6 +1062,7 @@ impl Agent {
             })?;
         let conn = self.connection(p, backend).map_err(|e| e.to_string())?;
         let telemetry = p.telemetry(backend.name(), op);
+        let silent = Arc::new(crate::xfer::Telemetry::silent());
         let last = cut.len() - 1;
         let mut chunks = Vec::with_capacity(cut.len());
         for (k, pieces) in cut.into_iter().enumerate() {
@@ -1100,7 +1101,8 @@ impl Agent {
                 },
                 None,
                 Arc::clone(&self.inner.watchdog),
-                Arc::clone(&telemetry),
+                // Counted once, as the staged request.
+                Arc::clone(&silent),
             );
             chunks.push(crate::staging::Chunk {
                 req,

@@ -148,6 +148,9 @@ pub(crate) struct Telemetry {
     bytes: metrics::Counter,
     requests: metrics::Counter,
     latency: metrics::Histogram,
+    /// Whether errors are counted too (not for the chunks of a staged request, which count
+    /// once, as the request).
+    errors: bool,
 }
 
 impl Telemetry {
@@ -162,6 +165,17 @@ impl Telemetry {
             requests: metrics::counter!("nixl_xfer_requests_total", &labels),
             latency: metrics::histogram!("nixl_xfer_latency_seconds",
                 "backend" => backend.as_str(), "op" => op.as_str()),
+            errors: true,
+        }
+    }
+
+    /// Records nothing: for the internal requests of a staged request.
+    pub(crate) fn silent() -> Telemetry {
+        Telemetry {
+            bytes: metrics::Counter::noop(),
+            requests: metrics::Counter::noop(),
+            latency: metrics::Histogram::noop(),
+            errors: false,
         }
     }
 }
@@ -205,9 +219,11 @@ impl XferShared {
             .is_ok();
         if won {
             if let Some(e) = &err {
-                metrics::counter!("nixl_xfer_errors_total",
-                    "backend" => self.info.backend.as_str(), "kind" => e.metric_label())
-                .increment(1);
+                if self.telemetry.errors {
+                    metrics::counter!("nixl_xfer_errors_total",
+                        "backend" => self.info.backend.as_str(), "kind" => e.metric_label())
+                    .increment(1);
+                }
                 tracing::debug!(peer = %self.info.peer, backend = %self.info.backend, error = %e, "transfer failed");
             }
             *slot = err;
@@ -220,7 +236,7 @@ impl XferShared {
                 if let Some(t) = *self.posted_at.lock() {
                     self.telemetry.latency.record(t.elapsed().as_secs_f64());
                 }
-            } else if state != FAILED {
+            } else if state != FAILED && self.telemetry.errors {
                 let label = if state == CANCELLED {
                     "cancelled"
                 } else {

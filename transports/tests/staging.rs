@@ -430,3 +430,60 @@ fn device_memory_goes_to_files_through_uring_the_gds_compatible_path() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_staged_request_counts_once_in_the_metrics() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only recorder of this test binary");
+    let a = Agent::builder("stage-m-a")
+        .backend(Arc::new(StandInGpu(Arc::default())))
+        .backend(tcp())
+        .build()
+        .unwrap();
+    let b = Agent::builder("stage-m-b").backend(tcp()).build().unwrap();
+    let len = 1 << 20; // 16 chunks of 64 KiB
+    let gpu = pattern(7, len);
+    let host = vec![0u8; len];
+    let _g = reg(&a, MemKind::Vram, vec![Desc::from_slice(&gpu)]);
+    let _h = reg(&b, MemKind::Dram, vec![Desc::from_slice(&host)]);
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    let w = a
+        .create_xfer(
+            XferOp::Write,
+            &list(MemKind::Vram, vec![Desc::from_slice(&gpu)]),
+            &list(MemKind::Dram, vec![Desc::from_slice(&host)]),
+            "stage-m-b",
+            XferOptions::default(),
+        )
+        .unwrap();
+    w.run_blocking().unwrap();
+    w.run_blocking().unwrap();
+    drop(w);
+    assert!(host == gpu);
+    // One snapshot: the debugging recorder's counters are read (and reset) by each snapshot.
+    let all = snap.snapshot().into_vec();
+    let counter = |name: &str| -> u64 {
+        all.iter()
+            .filter(|(k, _, _, _)| {
+                k.key().name() == name
+                    && k.key()
+                        .labels()
+                        .any(|l| l.key() == "peer" && l.value() == "stage-m-b")
+            })
+            .map(|(_, _, _, v)| match v {
+                DebugValue::Counter(c) => *c,
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(
+        counter("nixl_xfer_requests_total"),
+        2,
+        "two posts, not 2 x 16 chunks"
+    );
+    assert_eq!(counter("nixl_xfer_bytes_total"), 2 * len as u64);
+}
