@@ -680,12 +680,6 @@ impl PreparedXfer for GdsXfer {
     }
 }
 
-// SAFETY: `Resolved` holds cuFile handles as integers and a context Arc; cuFile handles may be
-// used from any thread (cuFile is thread-safe), and `DeviceCtx` is Send + Sync.
-unsafe impl Send for Resolved {}
-// SAFETY: as above; nothing in it is mutated after creation.
-unsafe impl Sync for Resolved {}
-
 /// Runs operation `i` to the end with cuFile, resuming short transfers.
 fn run_op(lib: &CuFileLib, op: XferOp, io: &IoOp, res: &Resolved, i: usize) -> Result<()> {
     let _cur = res

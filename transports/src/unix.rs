@@ -4,6 +4,15 @@
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+
+/// Where agents' Unix sockets live by default: `$XDG_RUNTIME_DIR/nixl`, else the temp dir's.
+pub(crate) fn default_socket_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join("nixl")
+}
 
 pub(crate) fn cvt(r: libc::c_long) -> io::Result<usize> {
     if r < 0 {

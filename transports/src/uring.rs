@@ -210,7 +210,7 @@ impl Backend for UringBackend {
         }
         if let Some(r) = self.ring.lock().as_ref() {
             let sh = &r.shared;
-            let mut fx = sh.fixed.lock();
+            let fx = &mut sh.state.lock().fixed;
             match kind {
                 MemKind::File => fx.add_file(&sh.ring, desc.dev_id as i32),
                 MemKind::Dram => fx.add_buffer(&sh.ring, desc, self.cfg.max_fixed_buffer),
@@ -223,7 +223,7 @@ impl Backend for UringBackend {
     fn deregister(&self, region: &Region) {
         if let Some(r) = self.ring.lock().as_ref() {
             let sh = &r.shared;
-            let mut fx = sh.fixed.lock();
+            let fx = &mut sh.state.lock().fixed;
             match region.kind {
                 MemKind::File => fx.remove_file(&sh.ring, region.desc.dev_id as i32),
                 MemKind::Dram => fx.remove_buffer(&sh.ring, &region.desc),
@@ -330,8 +330,6 @@ struct Queue {
 struct Shared {
     ring: IoUring,
     state: Mutex<State>,
-    /// The fixed-file and registered-buffer tables (locked after `state` when both are held).
-    fixed: Mutex<Fixed>,
     /// Submitted operations: all, with a fixed file, from a registered buffer.
     counts: [AtomicU64; 3],
     /// Wakes the completion thread when operations are left in flight (it sleeps here, not in
@@ -359,6 +357,9 @@ struct State {
     in_flight: usize,
     /// The completion thread was asked to exit (once nothing is in flight).
     stopped: bool,
+    /// The fixed-file and registered-buffer tables (under the same lock: filling a slot looks
+    /// them up with no second lock).
+    fixed: Fixed,
 }
 
 /// One operation in the kernel (or about to be): where it stands.
@@ -405,8 +406,8 @@ impl RingThread {
                 pending: VecDeque::new(),
                 in_flight: 0,
                 stopped: false,
+                fixed,
             }),
-            fixed: Mutex::new(fixed),
             counts: Default::default(),
             work: Condvar::new(),
             stopping: Arc::new(AtomicBool::new(false)),
@@ -525,14 +526,11 @@ impl Shared {
                 iov_base: addr as *mut libc::c_void,
                 iov_len: len as usize,
             }));
-            let (fixed_file, fixed_buf) = {
-                let fx = self.fixed.lock();
-                let one = match op.pieces.as_slice() {
-                    [(addr, len)] if *len <= u64::from(u32::MAX) => fx.buffer_of(*addr, *len),
-                    _ => None,
-                };
-                (fx.file_of(op.fd), one)
+            let fixed_buf = match op.pieces.as_slice() {
+                [(addr, len)] if *len <= u64::from(u32::MAX) => st.fixed.buffer_of(*addr, *len),
+                _ => None,
             };
+            let fixed_file = st.fixed.file_of(op.fd);
             st.slots[idx] = Some(Slot {
                 fd: op.fd,
                 fixed_file,

@@ -208,15 +208,12 @@ pub struct CudaConfig {
 
 impl Default for CudaConfig {
     fn default() -> Self {
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
         CudaConfig {
             streams_per_device: 4,
             max_batch: 1 << 20,
             staging_buffer_size: 8 << 20,
             staging_buffers: 4,
-            socket_dir: base.join("nixl"),
+            socket_dir: crate::unix::default_socket_dir(),
             allow_fabric: true,
             op_timeout: Duration::from_secs(5),
         }

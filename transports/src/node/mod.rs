@@ -69,11 +69,8 @@ pub struct ShmConfig {
 
 impl Default for ShmConfig {
     fn default() -> Self {
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
         ShmConfig {
-            socket_dir: base.join("nixl"),
+            socket_dir: crate::unix::default_socket_dir(),
             op_timeout: Duration::from_secs(5),
             copy_threads: std::thread::available_parallelism()
                 .map(|n| n.get())
