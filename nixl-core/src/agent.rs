@@ -997,7 +997,8 @@ impl Agent {
         let chunks_n = total.div_ceil(chunk).max(1);
         let slot_len = chunk.min(total).max(1);
         let slots = (stager.slots().max(1) as u64).min(chunks_n);
-        let host = stager.alloc(slot_len * slots).map_err(|e| {
+        let dev_id = segments.first().map_or(0, |s| s.local.dev_id);
+        let host = stager.alloc(slot_len * slots, dev_id).map_err(|e| {
             format!(
                 "{} could not allocate {} host bytes: {e}",
                 stager.backend(),

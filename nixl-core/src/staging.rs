@@ -53,8 +53,10 @@ pub trait Stager: Send + Sync + fmt::Debug {
     fn backend(&self) -> BackendName;
     /// The device memory kind it stages.
     fn kind(&self) -> MemKind;
-    /// Allocates `len` bytes of host memory suited to its copies.
-    fn alloc(&self, len: u64) -> Result<Box<dyn HostBuffer>>;
+    /// Allocates `len` bytes of host memory suited to copies with device `dev_id` (the
+    /// request's device: a stager must not touch other devices, e.g. retain GPU 0's context in
+    /// a process that only uses GPU 3).
+    fn alloc(&self, len: u64, dev_id: u64) -> Result<Box<dyn HostBuffer>>;
     /// Copies each `(device range, host address)` pair from the device to the host; blocks
     /// until every byte has landed.
     fn to_host(&self, pieces: &[(Desc, u64)]) -> Result<()>;

@@ -60,12 +60,15 @@
 //! socket_dir = "/run/nixl"   # the Unix socket that grants VMM handles to peers on this node
 //! allow_fabric = true        # publish fabric handles where the GPU supports them (NVL72)
 //! op_timeout_ms = 5000
+//! inline_wait_us = 20        # post polls a small request's copies this long itself (0: off)
+//! batch_copies = true        # cuMemcpyBatchAsync where the driver has it (CUDA 12.8+)
 //!
 //! [gds]                      # VRAM <-> FILE with GPUDirect Storage (libcufile)
 //! enabled = true
 //! threads = 4
 //! max_io_bytes = 16777216
 //! register_buffers = true    # cuFileBufRegister VRAM registrations
+//! allow_compat_mode = false  # run without nvidia-fs (cuFile compatibility mode); else staged
 //!
 //! [rdma]                     # RDMA verbs (libibverbs loaded at run time)
 //! devices = ["mlx5_0", "mlx5_1"]   # default: every device with an active port
@@ -249,6 +252,8 @@ pub struct CudaSection {
     pub socket_dir: Option<PathBuf>,
     pub allow_fabric: Option<bool>,
     pub op_timeout_ms: Option<u64>,
+    pub inline_wait_us: Option<u64>,
+    pub batch_copies: Option<bool>,
 }
 
 /// `[gds]`.
@@ -259,6 +264,7 @@ pub struct GdsSection {
     pub threads: Option<usize>,
     pub max_io_bytes: Option<usize>,
     pub register_buffers: Option<bool>,
+    pub allow_compat_mode: Option<bool>,
 }
 
 /// `[rdma]`.
@@ -389,6 +395,10 @@ impl Config {
             socket_dir: c.socket_dir.clone().unwrap_or(d.socket_dir),
             allow_fabric: c.allow_fabric.unwrap_or(d.allow_fabric),
             op_timeout: c.op_timeout_ms.map_or(d.op_timeout, Duration::from_millis),
+            inline_wait: c
+                .inline_wait_us
+                .map_or(d.inline_wait, Duration::from_micros),
+            batch_copies: c.batch_copies.unwrap_or(d.batch_copies),
         }
     }
 
@@ -401,6 +411,7 @@ impl Config {
             threads: g.threads.unwrap_or(d.threads),
             max_io_bytes: g.max_io_bytes.unwrap_or(d.max_io_bytes),
             register_buffers: g.register_buffers.unwrap_or(d.register_buffers),
+            allow_compat_mode: g.allow_compat_mode.unwrap_or(d.allow_compat_mode),
         }
     }
 

@@ -29,7 +29,9 @@
 //! library that is not there, so nothing can panic). `cuFileDriverOpen` runs when the agent
 //! starts the backend; its failure (no nvidia-fs and compatibility mode off in
 //! `/etc/cufile.json`, an unsupported file system) makes the backend unavailable with the
-//! reason. Without `gds`, VRAM ↔ FILE requests are staged through pinned host buffers by the
+//! reason. Without the nvidia-fs kernel module the backend also stands aside (cuFile would run
+//! in compatibility mode, POSIX I/O through bounce buffers, no faster than the staged path),
+//! unless `allow_compat_mode` asks for cuFile anyway. Without `gds`, VRAM ↔ FILE requests are staged through pinned host buffers by the
 //! `cuda` backend's stager over `uring` or `posix` (see `nixl_core::staging`), and the request
 //! says so.
 
@@ -63,6 +65,10 @@ pub struct GdsConfig {
     pub max_io_bytes: usize,
     /// Whether VRAM registrations are `cuFileBufRegister`ed.
     pub register_buffers: bool,
+    /// Run without the nvidia-fs kernel module, in cuFile's compatibility mode (POSIX I/O
+    /// through cuFile's own bounce buffers). Off by default: that path is no faster than the
+    /// `cuda` stager over `uring`, which then carries VRAM ↔ FILE instead.
+    pub allow_compat_mode: bool,
 }
 
 impl Default for GdsConfig {
@@ -72,8 +78,29 @@ impl Default for GdsConfig {
             threads: 4,
             max_io_bytes: 16 << 20,
             register_buffers: true,
+            allow_compat_mode: false,
         }
     }
+}
+
+/// Whether the nvidia-fs kernel module (GPUDirect Storage's DMA path) is loaded.
+fn nvidia_fs_loaded() -> bool {
+    std::path::Path::new("/sys/module/nvidia_fs").exists()
+        || std::path::Path::new("/proc/driver/nvidia-fs").exists()
+}
+
+/// Why the backend does not run without nvidia-fs, or `None` when it may.
+fn compat_refusal(nvidia_fs: bool, allow_compat_mode: bool) -> Option<String> {
+    if nvidia_fs || allow_compat_mode {
+        return None;
+    }
+    Some(
+        "the nvidia-fs kernel module is not loaded, so cuFile could only run in compatibility \
+         mode (POSIX I/O through its own bounce buffers), no faster than the cuda stager over \
+         uring, which carries VRAM <-> FILE instead (load nvidia-fs for GPUDirect Storage, or set \
+         [gds] allow_compat_mode = true to use cuFile anyway)"
+            .into(),
+    )
 }
 
 /// `CUfileError_t`: plain integers (a value the library returns that is not a variant of a
@@ -363,7 +390,11 @@ impl Backend for GdsBackend {
         if self.cfg.threads == 0 || self.cfg.max_io_bytes == 0 {
             return Err("[gds] threads and max_io_bytes must be positive".into());
         }
-        probe_all().map(drop)
+        probe_all()?;
+        match compat_refusal(nvidia_fs_loaded(), self.cfg.allow_compat_mode) {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
@@ -372,6 +403,9 @@ impl Backend for GdsBackend {
             reason,
         };
         let (drv, lib) = probe_all().map_err(unavailable)?;
+        if let Some(why) = compat_refusal(nvidia_fs_loaded(), self.cfg.allow_compat_mode) {
+            return Err(unavailable(why));
+        }
         // SAFETY: cuFileDriverOpen takes no arguments; the library is loaded and stays loaded.
         let r = unsafe { (lib.driver_open)() };
         if r.err != CU_FILE_SUCCESS {
@@ -630,9 +664,18 @@ fn file_handle(lib: &CuFileLib, t: &mut Tables, fd: i32) -> Result<usize> {
     // the agent, which the caller keeps open while it is registered.
     let r = unsafe { (lib.handle_register)(&mut h, &mut d) };
     if r.err != CU_FILE_SUCCESS {
+        // SAFETY: F_GETFL on an fd number only reads its flags (or fails with EBADF).
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        let hint = if flags >= 0 && flags & libc::O_DIRECT == 0 {
+            " (the fd was opened without O_DIRECT: cuFile takes files opened with O_DIRECT on a \
+             file system GDS supports, such as ext4 or xfs on local NVMe)"
+        } else {
+            " (cuFile takes files on a file system GDS supports, such as ext4 or xfs on local \
+             NVMe; tmpfs and overlay are not)"
+        };
         return Err(err(
             "cuFileHandleRegister",
-            format!("fd {fd}: {}", describe(r)),
+            format!("fd {fd}: {}{hint}", describe(r)),
         ));
     }
     e.0 = Some(h as usize);
@@ -737,6 +780,17 @@ fn run_op(lib: &CuFileLib, op: XferOp, io: &IoOp, res: &Resolved, i: usize) -> R
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn without_nvidia_fs_gds_stands_aside_unless_compat_mode_is_allowed() {
+        let why = super::compat_refusal(false, false).expect("refused");
+        assert!(
+            why.contains("nvidia-fs") && why.contains("allow_compat_mode"),
+            "{why}"
+        );
+        assert_eq!(super::compat_refusal(false, true), None);
+        assert_eq!(super::compat_refusal(true, false), None);
+    }
+
     use super::*;
 
     #[test]

@@ -123,6 +123,17 @@ fn gpu_probe_finds_a_device() {
         ctx.fabric_supported()
     );
     assert!(ctx.vmm_supported());
+    // Our VMM allocations are GPUDirect RDMA capable exactly where the device allows it.
+    let v = VmmBuffer::new(0, 2 << 20, false).unwrap();
+    let cap = {
+        let _g = ctx.enter().unwrap();
+        ctx.gdr_capable(v.addr()).unwrap()
+    };
+    eprintln!(
+        "device 0: gdr with vmm {}; a VmmBuffer is gdr capable: {cap}",
+        ctx.gdr_vmm_supported()
+    );
+    assert_eq!(cap, ctx.gdr_vmm_supported());
 }
 
 #[test]

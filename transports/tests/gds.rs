@@ -2,8 +2,10 @@
 //! pinned host buffers over `uring` (the compatible path) where it is not.
 //!
 //! The GPU tests run only with `NIXL_TEST_CUDA=1` and otherwise print `SKIP: <test>: <reason>`;
-//! the cuFile test also skips, with the backend's reason, where `gds` cannot run (no libcufile,
-//! or cuFileDriverOpen refused).
+//! the cuFile tests also skip, with the backend's reason, where `gds` cannot run (no libcufile,
+//! cuFileDriverOpen refused, or no nvidia-fs module for the default configuration). Files for
+//! cuFile are opened with `O_DIRECT` in `NIXL_TEST_GDS_DIR` (default: the temp dir; cuFile
+//! refuses tmpfs).
 //!
 //! ```text
 //! NIXL_TEST_CUDA=1 cargo test -p nixl-transports --test gds -- --nocapture --test-threads=1
@@ -14,6 +16,7 @@ use common::pattern;
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -59,6 +62,7 @@ fn round_trip(
     src: Desc,
     dst: Desc,
     dir: &std::path::Path,
+    direct: bool,
 ) -> (BackendName, Option<BackendName>) {
     let path = dir.join("kv.bin");
     let f = OpenOptions::new()
@@ -66,6 +70,7 @@ fn round_trip(
         .write(true)
         .create(true)
         .truncate(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
         .open(&path)
         .unwrap();
     let fd = f.as_raw_fd() as u64;
@@ -126,7 +131,7 @@ fn gpu_vram_to_file_staged_over_uring() {
     src.upload(0, &want).unwrap();
     let _m = reg(&a, MemKind::Vram, vec![src.desc(), dst.desc()]);
     let dir = scratch("staged");
-    let got = round_trip(&a, src.desc(), dst.desc(), &dir);
+    let got = round_trip(&a, src.desc(), dst.desc(), &dir, false);
     assert_eq!(got, (BackendName::Uring, Some(BackendName::Cuda)));
     assert!(
         std::fs::read(dir.join("kv.bin")).unwrap() == want,
@@ -138,15 +143,13 @@ fn gpu_vram_to_file_staged_over_uring() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[test]
-fn gpu_vram_to_file_through_cufile() {
-    if !gpu("gpu_vram_to_file_through_cufile") {
-        return;
-    }
-    let gds = Arc::new(GdsBackend::new(GdsConfig::default()));
+/// A round trip through cuFile with `cfg`; `None` (after printing the skip) where gds cannot
+/// run with it.
+fn cufile_round_trip(test: &str, cfg: GdsConfig) -> Option<()> {
+    let gds = Arc::new(GdsBackend::new(cfg));
     if let Err(why) = gds.probe() {
-        eprintln!("SKIP: gpu_vram_to_file_through_cufile: gds unavailable: {why}");
-        return;
+        eprintln!("SKIP: {test}: gds unavailable: {why}");
+        return None;
     }
     let built = Agent::builder("gds-direct")
         .backend(cuda())
@@ -161,8 +164,8 @@ fn gpu_vram_to_file_through_cufile() {
         .unavailable
         .clone();
     if let Some(why) = st {
-        eprintln!("SKIP: gpu_vram_to_file_through_cufile: gds did not start: {why}");
-        return;
+        eprintln!("SKIP: {test}: gds did not start: {why}");
+        return None;
     }
     let len = 8 << 20;
     let want = pattern(4, len);
@@ -170,13 +173,84 @@ fn gpu_vram_to_file_through_cufile() {
     let dst = VmmBuffer::new(0, len, false).unwrap();
     src.upload(0, &want).unwrap();
     let _m = reg(&built, MemKind::Vram, vec![src.desc(), dst.desc()]);
-    let dir = scratch("cufile");
-    let got = round_trip(&built, src.desc(), dst.desc(), &dir);
+    // On the disk, not in a tmpfs /tmp: cuFile refuses tmpfs.
+    let dir = std::env::var_os("NIXL_TEST_GDS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("nixl-gds-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let got = round_trip(&built, src.desc(), dst.desc(), &dir, true);
     assert_eq!(got, (BackendName::Gds, None));
     assert!(
         std::fs::read(dir.join("kv.bin")).unwrap() == want,
         "file differs"
     );
+    let mut back = vec![0u8; len];
+    dst.download(0, &mut back).unwrap();
+    assert!(back == want, "VRAM read back differs");
+    let _ = std::fs::remove_dir_all(dir);
+    Some(())
+}
+
+/// GPUDirect Storage proper: needs the nvidia-fs kernel module (else gds stands aside, and this
+/// skips with that reason). The file is opened with `O_DIRECT`; `NIXL_TEST_GDS_DIR` names a
+/// directory on a file system GDS supports (default: the temp dir).
+#[test]
+fn gpu_vram_to_file_through_cufile() {
+    if !gpu("gpu_vram_to_file_through_cufile") {
+        return;
+    }
+    cufile_round_trip("gpu_vram_to_file_through_cufile", GdsConfig::default());
+}
+
+/// cuFile in compatibility mode (no nvidia-fs), asked for with `allow_compat_mode`.
+#[test]
+fn gpu_vram_to_file_through_cufile_compat_mode() {
+    if !gpu("gpu_vram_to_file_through_cufile_compat_mode") {
+        return;
+    }
+    cufile_round_trip(
+        "gpu_vram_to_file_through_cufile_compat_mode",
+        GdsConfig {
+            allow_compat_mode: true,
+            ..GdsConfig::default()
+        },
+    );
+}
+
+/// With the default configuration the agent's choice for VRAM <-> FILE is visible: gds where
+/// nvidia-fs is loaded, else the cuda stager over uring, never a silent failure.
+#[test]
+fn gpu_vram_to_file_takes_the_best_path_and_says_which() {
+    if !gpu("gpu_vram_to_file_takes_the_best_path_and_says_which") {
+        return;
+    }
+    let gds = Arc::new(GdsBackend::new(GdsConfig::default()));
+    let gds_runs = gds.probe().is_ok();
+    let a = Agent::builder("gds-choice")
+        .backend(cuda())
+        .backend(gds)
+        .backend(Arc::new(UringBackend::new(UringConfig::default())))
+        .build()
+        .unwrap();
+    let len = 1 << 20;
+    let want = pattern(5, len);
+    let src = LegacyBuffer::new(0, len).unwrap();
+    let dst = LegacyBuffer::new(0, len).unwrap();
+    src.upload(0, &want).unwrap();
+    let _m = reg(&a, MemKind::Vram, vec![src.desc(), dst.desc()]);
+    let dir = std::env::var_os("NIXL_TEST_GDS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("nixl-gds-choice-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let got = round_trip(&a, src.desc(), dst.desc(), &dir, gds_runs);
+    let expect = if gds_runs {
+        (BackendName::Gds, None)
+    } else {
+        (BackendName::Uring, Some(BackendName::Cuda))
+    };
+    assert_eq!(got, expect);
     let mut back = vec![0u8; len];
     dst.download(0, &mut back).unwrap();
     assert!(back == want, "VRAM read back differs");

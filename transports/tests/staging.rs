@@ -84,7 +84,7 @@ impl Stager for HostStager {
     fn kind(&self) -> MemKind {
         MemKind::Vram
     }
-    fn alloc(&self, len: u64) -> Result<Box<dyn HostBuffer>> {
+    fn alloc(&self, len: u64, _dev_id: u64) -> Result<Box<dyn HostBuffer>> {
         self.most.fetch_max(len, Ordering::Relaxed);
         Ok(Box::new(HostBuf(vec![0; len as usize])))
     }

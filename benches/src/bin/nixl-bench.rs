@@ -122,9 +122,35 @@ struct Args {
     /// starting moto.
     #[arg(long)]
     endpoint: Option<String>,
+    /// cuda: the GPUs of the initiator and the target (default: 0 and the last GPU).
+    #[arg(long)]
+    gpus: Option<String>,
+    /// cuda: the target's VRAM: `vmm` (cuMemCreate, shared by VMM fds) or `legacy` (cuMemAlloc,
+    /// shared by CUDA IPC handles).
+    #[arg(long, default_value = "vmm")]
+    cuda_mem: String,
+    /// cuda: the initiator's streams per device (`[cuda] streams_per_device`).
+    #[arg(long)]
+    cuda_streams: Option<usize>,
+    /// cuda: how long post polls a small request itself, microseconds (`[cuda] inline_wait_us`).
+    #[arg(long)]
+    cuda_inline_us: Option<u64>,
+    /// cuda: one cuMemcpyDtoDAsync per copy instead of cuMemcpyBatchAsync (`[cuda]
+    /// batch_copies = false`).
+    #[arg(long)]
+    cuda_single_copies: bool,
     /// Run as a benchmark peer (internal: the processes nixl-bench starts).
     #[arg(long, hide = true, num_args = 0.., allow_hyphen_values = true)]
     peer_mode: Option<Vec<String>>,
+    /// Run as the cuda topology's target, writing its metadata to FILE (internal).
+    #[arg(long, hide = true)]
+    cuda_target: Option<std::path::PathBuf>,
+    /// The cuda target's GPU (internal).
+    #[arg(long, hide = true, default_value_t = 0)]
+    cuda_target_gpu: i32,
+    /// The cuda target's buffer size (internal).
+    #[arg(long, hide = true, default_value_t = 0)]
+    cuda_target_size: usize,
 }
 
 /// Why the run ended early.
@@ -148,6 +174,19 @@ fn main() {
     if let Some(peer_args) = &args.peer_mode {
         if let Err(e) = nixl_tests::peer::run(peer_args) {
             eprintln!("nixl-bench peer: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Some(meta) = &args.cuda_target {
+        let legacy = args.cuda_mem == "legacy";
+        if let Err(e) = nixl_benches::cuda::target_main(
+            meta,
+            args.cuda_target_gpu,
+            args.cuda_target_size,
+            legacy,
+        ) {
+            eprintln!("nixl-bench cuda target: {e}");
             std::process::exit(1);
         }
         return;
@@ -569,6 +608,8 @@ fn run(args: &Args) -> Res<()> {
                 match b {
                     // Two agents in two network namespaces, the bytes over the RDMA device.
                     "rdma" => "tcp",
+                    // Two processes of this node, VRAM to VRAM.
+                    "cuda" => return run_cuda(args),
                     _ => {
                         return Err(Fail::Unavailable(
                             b.into(),
@@ -922,6 +963,181 @@ fn ucx_iters(block: usize, iters: Option<u64>, batch: usize, threads: usize) -> 
             .saturating_mul(threads)
             .clamp(200, 100_000),
     }
+}
+
+/// The `cuda` topology: two processes, VRAM to VRAM, next to `cuMemcpyDtoDAsync` in one process
+/// (see `nixl_benches::cuda`).
+fn run_cuda(args: &Args) -> Res<()> {
+    use nixl_benches::cuda::{buffer_bytes, ceiling, CudaPair, CudaRow};
+    use nixl_transports::cuda::CudaConfig;
+    let ops: Vec<XferOp> = match args.op.as_str() {
+        "both" => vec![XferOp::Write, XferOp::Read],
+        "read" => vec![XferOp::Read],
+        "write" => vec![XferOp::Write],
+        o => return Err(Fail::Other(format!("--op {o:?}: read, write or both"))),
+    };
+    let legacy = match args.cuda_mem.as_str() {
+        "vmm" => false,
+        "legacy" => true,
+        m => return Err(Fail::Other(format!("--cuda-mem {m:?}: vmm or legacy"))),
+    };
+    let blocks = harness::parse_sizes(&args.block_sizes)
+        .map_err(|e| Fail::Other(format!("--block-sizes: {e}")))?;
+    let batches =
+        harness::parse_counts(&args.batch).map_err(|e| Fail::Other(format!("--batch: {e}")))?;
+    if args.threads != 1 {
+        return Err(Fail::Other(
+            "the cuda topology posts from one thread (--threads 1)".into(),
+        ));
+    }
+    let mut cfg = CudaConfig::default();
+    if let Some(n) = args.cuda_streams {
+        cfg.streams_per_device = n.max(1);
+    }
+    if let Some(us) = args.cuda_inline_us {
+        cfg.inline_wait = std::time::Duration::from_micros(us);
+    }
+    cfg.batch_copies = !args.cuda_single_copies;
+    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        return Err(Fail::Other("--seconds must be a positive number".into()));
+    }
+    let count = nixl_transports::cuda::driver::driver()
+        .map_err(|e| Fail::Unavailable("cuda".into(), e))?
+        .device_count();
+    let (init_dev, target_dev) = match &args.gpus {
+        None => (0, (count - 1).max(0)),
+        Some(g) => {
+            let v: Vec<i32> = g
+                .split(',')
+                .map(|x| x.trim().parse::<i32>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| Fail::Other(format!("--gpus {g:?}: {e}")))?;
+            match v.as_slice() {
+                [a, b] if (0..count).contains(a) && (0..count).contains(b) => (*a, *b),
+                _ => {
+                    return Err(Fail::Other(format!(
+                        "--gpus {g:?}: two GPU ordinals below {count}, e.g. 0,1"
+                    )))
+                }
+            }
+        }
+    };
+    let mut size = 1usize;
+    for &b in &blocks {
+        for &n in &batches {
+            size = size.max(
+                buffer_bytes(b, n)
+                    .ok_or_else(|| Fail::Other("block size × batch overflows".into()))?,
+            );
+        }
+    }
+    let (streams, inline, batched) = (cfg.streams_per_device, cfg.inline_wait, cfg.batch_copies);
+    let exe = std::env::current_exe()?;
+    let pair = CudaPair::start(&exe, init_dev, target_dev, size, legacy, cfg)
+        .map_err(|e| Fail::Unavailable("cuda".into(), e))?;
+    if args.verify {
+        pair.verify().map_err(Fail::Other)?;
+    }
+    let mem = if legacy {
+        "cuMemAlloc (CUDA IPC handle)"
+    } else {
+        "cuMemCreate (VMM fd)"
+    };
+    if !args.json {
+        println!(
+            "nixl-bench cuda: two processes on this node, GPU {init_dev} -> GPU {target_dev}, \
+             target VRAM from {mem}; {} s per row; {streams} stream(s), inline wait {} us, {}{}",
+            args.seconds,
+            inline.as_micros(),
+            if batched {
+                "batched copies"
+            } else {
+                "single copies"
+            },
+            if args.verify {
+                "; WRITE+READ of the whole buffer verified first"
+            } else {
+                ""
+            }
+        );
+        if args.compare {
+            println!(
+                "  ceiling: cuMemcpyDtoDAsync of the same block between two buffers of GPU \
+                 {init_dev} in one process, one copy at a time"
+            );
+        } else {
+            println!("  ceiling not measured (add --compare)");
+        }
+        println!();
+        println!(
+            "{:>5} {:>7} {:>5} {:>9} {:>9} {:>9} {:>7} | {:>9} {:>9} {:>6}",
+            "op",
+            "block",
+            "batch",
+            "GB/s",
+            "p50 us",
+            "p99 us",
+            "backend",
+            "ceiling",
+            "p50 us",
+            "ratio"
+        );
+    }
+    for &batch in &batches {
+        for &block in &blocks {
+            let ceil: Option<CudaRow> = if args.compare {
+                Some(
+                    ceiling(init_dev, block, batch, args.warmup, args.seconds)
+                        .map_err(Fail::Other)?,
+                )
+            } else {
+                None
+            };
+            for &op in &ops {
+                let r = pair
+                    .row(op, block, batch, args.warmup, args.seconds)
+                    .map_err(Fail::Other)?;
+                let ratio = ceil.as_ref().map(|c| r.gbps / c.gbps.max(1e-12));
+                if args.json {
+                    let j = serde_json::json!({
+                        "backend": r.backend, "topology": "cuda", "op": op.as_str(),
+                        "block": block, "batch": batch, "gbps": r.gbps, "posts": r.posts,
+                        "seconds": r.seconds, "streams": streams,
+                        "inline_wait_us": inline.as_micros() as u64, "batched_copies": batched,
+                        "p50_us": r.p50_us, "p99_us": r.p99_us,
+                        "init_gpu": init_dev, "target_gpu": target_dev,
+                        "target_mem": if legacy { "legacy" } else { "vmm" },
+                        "ceiling": ceil.as_ref().map(|c| serde_json::json!({
+                            "name": "cuMemcpyDtoDAsync", "gbps": c.gbps, "p50_us": c.p50_us,
+                        })),
+                        "ratio": ratio,
+                    });
+                    println!("{j}");
+                } else {
+                    println!(
+                        "{:>5} {:>7} {:>5} {:>9.2} {:>9.1} {:>9.1} {:>7} | {:>9} {:>9} {:>6}",
+                        op.as_str(),
+                        human(block),
+                        batch,
+                        r.gbps,
+                        r.p50_us,
+                        r.p99_us,
+                        r.backend,
+                        ceil.as_ref()
+                            .map(|c| format!("{:.2}", c.gbps))
+                            .unwrap_or_else(|| "-".into()),
+                        ceil.as_ref()
+                            .map(|c| format!("{:.1}", c.p50_us))
+                            .unwrap_or_else(|| "-".into()),
+                        ratio
+                            .map(|x| format!("{x:.2}x"))
+                            .unwrap_or_else(|| "-".into()),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The storage topology: `uring` or `posix` against a file, next to fio (and posix).

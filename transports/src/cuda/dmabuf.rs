@@ -140,6 +140,16 @@ impl Vram {
         })?;
         let fd = {
             let _g = self.ctx.enter().map_err(|e| cu_err("dmabuf export", e))?;
+            // VMM memory made without gpuDirectRDMACapable (PyTorch's expandable segments on
+            // some versions) exports, but NICs then fail or read garbage: refuse it here.
+            if let Ok(false) = self.ctx.gdr_capable(desc.addr) {
+                return Err(Error::InvalidArgument(format!(
+                    "VRAM {desc:?} is not GPUDirect RDMA capable (a VMM allocation made without \
+                     CUmemAllocationProp.allocFlags.gpuDirectRDMACapable): allocate it with that \
+                     flag (nixl's VmmBuffer does where the device supports it), or let rdma \
+                     carry it staged through host memory"
+                )));
+            }
             self.ctx
                 .export_dmabuf(lay.start, lay.size)
                 .map_err(|e| cu_err("dmabuf export", e))?

@@ -65,6 +65,7 @@ const CU_POINTER_ATTRIBUTE_MEMORY_TYPE: c_uint = 2;
 const CU_POINTER_ATTRIBUTE_IS_MANAGED: c_uint = 8;
 const CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_uint = 9;
 const CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE: c_uint = 10;
+const CU_POINTER_ATTRIBUTE_IS_GPU_DIRECT_RDMA_CAPABLE: c_uint = 15;
 const CU_POINTER_ATTRIBUTE_MAPPING_SIZE: c_uint = 18;
 const CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR: c_uint = 19;
 const CU_MEMORYTYPE_DEVICE: u64 = 2;
@@ -72,6 +73,7 @@ const CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: c_int = 41;
 const CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: c_int = 102;
 const CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED: c_int = 103;
 const CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED: c_int = 128;
+const CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED: c_int = 110;
 const CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: c_uint = 1;
 const CU_STREAM_NON_BLOCKING: c_uint = 1;
 const CU_EVENT_DISABLE_TIMING: c_uint = 2;
@@ -126,6 +128,19 @@ struct MemAccessDesc {
     flags: u32,
 }
 
+/// `CUmemcpyAttributes` (CUDA 12.8+): how `cuMemcpyBatchAsync` reads its sources.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct MemcpyAttributes {
+    src_access_order: c_int,
+    src_loc_hint: MemLocation,
+    dst_loc_hint: MemLocation,
+    flags: c_uint,
+}
+
+/// `CU_MEMCPY_SRC_ACCESS_ORDER_STREAM`: sources are read in stream order.
+const MEMCPY_SRC_ACCESS_ORDER_STREAM: c_int = 1;
+
 /// `CUipcMemHandle`: 64 opaque bytes.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -148,6 +163,8 @@ const _: () = {
     assert!(size_of::<MemAllocationProp>() == size_of::<s::CUmemAllocationProp>());
     assert!(align_of::<MemAllocationProp>() == align_of::<s::CUmemAllocationProp>());
     assert!(size_of::<MemAccessDesc>() == size_of::<s::CUmemAccessDesc>());
+    assert!(size_of::<MemcpyAttributes>() == size_of::<s::CUmemcpyAttributes>());
+    assert!(align_of::<MemcpyAttributes>() == align_of::<s::CUmemcpyAttributes>());
     assert!(size_of::<IpcMemHandle>() == size_of::<s::CUipcMemHandle>());
     assert!(size_of::<CuUuid>() == size_of::<s::CUuuid>());
     assert!(size_of::<[u8; 64]>() == size_of::<s::CUmemFabricHandle>());
@@ -245,9 +262,36 @@ api! {
 type MemGetHandleForAddressRange =
     unsafe extern "C" fn(*mut c_void, CuDevicePtr, usize, c_uint, c_ulonglong) -> CuResult;
 
+/// `cuMemcpyBatchAsync_v2` (CUDA 13.0): many copies in one call.
+type MemcpyBatchV2 = unsafe extern "C" fn(
+    *mut CuDevicePtr,
+    *mut CuDevicePtr,
+    *mut usize,
+    usize,
+    *mut MemcpyAttributes,
+    *mut usize,
+    usize,
+    CuStream,
+) -> CuResult;
+
+/// `cuMemcpyBatchAsync` (CUDA 12.8 and 12.9): as v2, with the index of a failed copy.
+type MemcpyBatchV1 = unsafe extern "C" fn(
+    *mut CuDevicePtr,
+    *mut CuDevicePtr,
+    *mut usize,
+    usize,
+    *mut MemcpyAttributes,
+    *mut usize,
+    usize,
+    *mut usize,
+    CuStream,
+) -> CuResult;
+
 /// Entry points that only some features need; `None` where the driver lacks them.
 struct OptionalApi {
     mem_get_handle_for_address_range: Option<MemGetHandleForAddressRange>,
+    memcpy_batch_v2: Option<MemcpyBatchV2>,
+    memcpy_batch_v1: Option<MemcpyBatchV1>,
 }
 
 impl OptionalApi {
@@ -263,6 +307,14 @@ impl OptionalApi {
             }
             .ok()
             .map(|s| *s),
+            // SAFETY: as above (the CUDA 13.0 signature under its versioned name).
+            memcpy_batch_v2: unsafe { lib.get::<MemcpyBatchV2>(b"cuMemcpyBatchAsync_v2\0") }
+                .ok()
+                .map(|s| *s),
+            // SAFETY: as above (the CUDA 12.8 signature under the unversioned name).
+            memcpy_batch_v1: unsafe { lib.get::<MemcpyBatchV1>(b"cuMemcpyBatchAsync\0") }
+                .ok()
+                .map(|s| *s),
         }
     }
 }
@@ -549,6 +601,8 @@ pub struct DeviceCtx {
     vmm: bool,
     posix_fd: bool,
     fabric: bool,
+    /// VMM allocations may be made GPUDirect RDMA capable (attribute 110).
+    gdr_vmm: bool,
 }
 
 // SAFETY: a CUcontext is a driver handle usable from any thread (the driver API is thread-safe;
@@ -625,6 +679,14 @@ impl DeviceCtx {
             .attribute(dev, CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED)
             .unwrap_or(0)
             != 0;
+        // Attribute 110 is CUDA 11.x+; an error reads as "not supported".
+        let gdr_vmm = drv
+            .attribute(
+                dev,
+                CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED,
+            )
+            .unwrap_or(0)
+            != 0;
         let mut ctx: CuContext = std::ptr::null_mut();
         // SAFETY: writes one CUcontext.
         drv.check("cuDevicePrimaryCtxRetain", unsafe {
@@ -639,6 +701,7 @@ impl DeviceCtx {
             vmm,
             posix_fd,
             fabric,
+            gdr_vmm,
         }))
     }
 
@@ -674,6 +737,24 @@ impl DeviceCtx {
     /// Whether VMM allocations can be exported as fabric handles (multi-node NVLink).
     pub fn fabric_supported(&self) -> bool {
         self.fabric
+    }
+
+    /// Whether VMM allocations of this device can be made GPUDirect RDMA capable (our own
+    /// [`VmmAlloc`]s are, where it is).
+    pub fn gdr_vmm_supported(&self) -> bool {
+        self.gdr_vmm
+    }
+
+    /// Whether NICs may DMA to the memory at `addr` (`CU_POINTER_ATTRIBUTE_IS_GPU_DIRECT_RDMA_
+    /// CAPABLE`: false for VMM allocations made without `gpuDirectRDMACapable`). Call with this
+    /// context current.
+    pub fn gdr_capable(&self, addr: u64) -> CuRes<bool> {
+        self.pointer_attr(
+            CU_POINTER_ATTRIBUTE_IS_GPU_DIRECT_RDMA_CAPABLE,
+            addr,
+            "cuPointerGetAttribute(IS_GPU_DIRECT_RDMA_CAPABLE)",
+        )
+        .map(|v| v & 0xff != 0)
     }
 
     /// The driver.
@@ -860,6 +941,8 @@ impl DeviceCtx {
             type_: CU_MEM_LOCATION_TYPE_DEVICE,
             id: self.ordinal,
         };
+        // NICs can reach it by dmabuf or peermem only when marked so at creation.
+        prop.gpu_direct_rdma_capable = u8::from(self.gdr_vmm);
         prop
     }
 
@@ -901,6 +984,9 @@ pub struct RawAlloc {
     /// Whether `cuIpcGetMemHandle` works on it (false for stream-ordered pools).
     pub legacy_ipc: bool,
 }
+
+/// Most copies in one `cuMemcpyBatchAsync` call.
+pub const BATCH_MAX: usize = 4096;
 
 /// A non-blocking stream of a device.
 pub struct Stream {
@@ -953,6 +1039,91 @@ impl Stream {
         self.ctx.check("cuMemcpyDtoDAsync", unsafe {
             (self.ctx.drv.api.memcpy_dtod_async)(dst, src, len, self.raw)
         })
+    }
+
+    /// Whether the driver has `cuMemcpyBatchAsync` (CUDA 12.8+), which
+    /// [`Stream::copy_dtod_batch`] uses.
+    pub fn has_batch_copy(&self) -> bool {
+        self.ctx.drv.opt.memcpy_batch_v2.is_some() || self.ctx.drv.opt.memcpy_batch_v1.is_some()
+    }
+
+    /// Enqueues device-to-device copies `(dst, src, len)` with as few driver calls as the
+    /// driver allows: `cuMemcpyBatchAsync` (one call per [`BATCH_MAX`] copies, a few hundred
+    /// nanoseconds per copy instead of microseconds) where present, else one
+    /// [`Stream::copy_dtod`] each. As `copy_dtod`, the context must be current.
+    ///
+    /// # Safety
+    /// As [`Stream::copy_dtod`], for every copy.
+    pub unsafe fn copy_dtod_batch(&self, copies: &[(u64, u64, usize)]) -> CuRes<()> {
+        let opt = &self.ctx.drv.opt;
+        if copies.len() < 2 || (opt.memcpy_batch_v2.is_none() && opt.memcpy_batch_v1.is_none()) {
+            for &(dst, src, len) in copies {
+                // SAFETY: per the contract.
+                unsafe { self.copy_dtod(dst, src, len)? };
+            }
+            return Ok(());
+        }
+        let loc = MemLocation {
+            type_: CU_MEM_LOCATION_TYPE_DEVICE,
+            id: self.ctx.ordinal,
+        };
+        let mut attrs = MemcpyAttributes {
+            src_access_order: MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            src_loc_hint: loc,
+            dst_loc_hint: loc,
+            flags: 0,
+        };
+        let mut dsts = Vec::with_capacity(copies.len().min(BATCH_MAX));
+        let mut srcs = Vec::with_capacity(dsts.capacity());
+        let mut sizes = Vec::with_capacity(dsts.capacity());
+        for batch in copies.chunks(BATCH_MAX) {
+            dsts.clear();
+            srcs.clear();
+            sizes.clear();
+            for &(d, s, l) in batch {
+                dsts.push(d);
+                srcs.push(s);
+                sizes.push(l);
+            }
+            let mut idx = [0usize];
+            let r = if let Some(f) = opt.memcpy_batch_v2 {
+                // SAFETY: three arrays of `batch.len()` entries and one attribute applying from
+                // copy 0 (`attrsIdxs = [0]`), all live for the call (the driver copies the
+                // descriptions); the copies' memory per the contract.
+                unsafe {
+                    f(
+                        dsts.as_mut_ptr(),
+                        srcs.as_mut_ptr(),
+                        sizes.as_mut_ptr(),
+                        batch.len(),
+                        &mut attrs,
+                        idx.as_mut_ptr(),
+                        1,
+                        self.raw,
+                    )
+                }
+            } else if let Some(f) = opt.memcpy_batch_v1 {
+                let mut fail = usize::MAX;
+                // SAFETY: as above, plus the failed-copy index written on error.
+                unsafe {
+                    f(
+                        dsts.as_mut_ptr(),
+                        srcs.as_mut_ptr(),
+                        sizes.as_mut_ptr(),
+                        batch.len(),
+                        &mut attrs,
+                        idx.as_mut_ptr(),
+                        1,
+                        &mut fail,
+                        self.raw,
+                    )
+                }
+            } else {
+                unreachable!("checked above")
+            };
+            self.ctx.check("cuMemcpyBatchAsync", r)?;
+        }
+        Ok(())
     }
 
     /// Enqueues a device-to-host copy.

@@ -165,7 +165,7 @@ use std::time::{Duration, Instant};
 use alloc::{cu_err, unavailable};
 pub use alloc::{device, LegacyBuffer, VmmBuffer};
 use copy::{CopyPlan, Run};
-use driver::{DeviceCtx, Event, LegacyImport, Stream, VmmImport, VmmSource};
+use driver::{CuError, DeviceCtx, Event, LegacyImport, Stream, VmmImport, VmmSource};
 use handles::{
     AllocInfo, AllocKind, AllocationMap, Chunk, ChunkHandles, ConnInfo, RegionPublic, Route,
 };
@@ -204,7 +204,20 @@ pub struct CudaConfig {
     /// also how long a deregistration waits for peers to give up their mappings, and how long a
     /// peer waits for its copies in flight before giving one up.
     pub op_timeout: Duration,
+    /// How long `post` itself may poll the copies of a request of at most
+    /// [`INLINE_MAX_BYTES`] (plus a microsecond per MB, the copy's own time at about 1 TB/s)
+    /// before handing them to the completion thread; a request done by then completes on the
+    /// posting thread, with no thread hand-off (measured on an H200: a 4 KiB request's median
+    /// latency from 27 µs to 13 µs, against 11 µs for the bare copy). Zero turns it off.
+    pub inline_wait: Duration,
+    /// Enqueue a request's copies with `cuMemcpyBatchAsync` (CUDA 12.8+; one driver call per
+    /// 4096 copies) instead of one `cuMemcpyDtoDAsync` each. On by default: measured on an H200,
+    /// 1024 scattered 64 KiB blocks took 5.0 ms as single copies (about 5 µs a call).
+    pub batch_copies: bool,
 }
+
+/// Largest request whose copies `post` polls itself (see [`CudaConfig::inline_wait`]).
+pub const INLINE_MAX_BYTES: u64 = 64 << 20;
 
 impl Default for CudaConfig {
     fn default() -> Self {
@@ -216,6 +229,8 @@ impl Default for CudaConfig {
             socket_dir: crate::unix::default_socket_dir(),
             allow_fabric: true,
             op_timeout: Duration::from_secs(5),
+            inline_wait: Duration::from_micros(20),
+            batch_copies: true,
         }
     }
 }
@@ -1792,7 +1807,8 @@ impl PreparedXfer for Prepared {
             // post (the completion keeps them until it is dropped, after the events completed);
             // remote ranges are inside peer chunks mapped in `resolved`, held by the job until
             // its events completed (or the streams were drained after an enqueue failure).
-            let r = unsafe { copy::enqueue(plan, &streams, &mut events) };
+            let r =
+                unsafe { copy::enqueue(plan, &streams, &mut events, self.inner.cfg.batch_copies) };
             if let Err(e) = r {
                 enqueue_error = Some(cu_err("enqueue copies", e));
                 break;
@@ -1804,6 +1820,7 @@ impl PreparedXfer for Prepared {
             .as_ref()
             .zip(self.notifier.as_ref())
             .map(|(m, n)| (Arc::clone(&self.initiator), m.clone(), n.clone()));
+        let bytes: u64 = self.resolved.plans.iter().map(|(_, p)| p.bytes).sum();
         let job = Job {
             events,
             drain,
@@ -1813,6 +1830,27 @@ impl PreparedXfer for Prepared {
             holds,
             _resolved: Arc::clone(&self.resolved),
         };
+        // A small request is usually done within microseconds: poll it here, and complete it
+        // on this thread when it is (no hand-off to the completion thread and back).
+        let wait = self.inner.cfg.inline_wait;
+        if job.enqueue_error.is_none() && bytes <= INLINE_MAX_BYTES && !wait.is_zero() {
+            let until = Instant::now() + wait + Duration::from_nanos(bytes / 1000);
+            loop {
+                match job
+                    .events
+                    .iter()
+                    .try_fold(true, |all, e| Ok(all && e.is_done()?))
+                {
+                    // Done (or failed: `finish` reports the error from the events).
+                    Ok(true) | Err::<bool, CuError>(_) => {
+                        finish(job);
+                        return;
+                    }
+                    Ok(false) if Instant::now() < until => std::hint::spin_loop(),
+                    Ok(false) => break,
+                }
+            }
+        }
         if let Err(crossbeam_channel::SendError(job)) = tx.send(job) {
             // The completion thread is gone (shutdown): finish here.
             finish(job);

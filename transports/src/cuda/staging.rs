@@ -497,7 +497,6 @@ pub struct CudaStager {
     /// Chunk size and chunks in flight of the agent's staged path (`[cuda]
     /// staging_buffer_size`, `staging_buffers`).
     chunk: (u64, usize),
-    alloc_ctx: Arc<DeviceCtx>,
     devices: Mutex<HashMap<u64, Arc<Vec<Stream>>>>,
 }
 
@@ -509,12 +508,13 @@ impl CudaStager {
         chunk_bytes: usize,
         slots: usize,
     ) -> std::result::Result<CudaStager, String> {
+        // No context is retained here: each request's own device is opened when it needs one
+        // (retaining GPU 0's would cost every staging process memory on GPU 0, and fail where
+        // GPU 0 is exclusive or hidden).
         drv::driver()?;
-        let alloc_ctx = super::device(0).map_err(|e| e.to_string())?;
         Ok(CudaStager {
             streams: streams.max(1),
             chunk: ((chunk_bytes as u64).max(4096), slots.max(1)),
-            alloc_ctx,
             devices: Mutex::new(HashMap::new()),
         })
     }
@@ -614,10 +614,14 @@ impl nixl_core::Stager for CudaStager {
         MemKind::Vram
     }
 
-    fn alloc(&self, len: u64) -> Result<Box<dyn HostBuffer>> {
+    fn alloc(&self, len: u64, dev_id: u64) -> Result<Box<dyn HostBuffer>> {
         let n = usize::try_from(len)
             .map_err(|_| Error::InvalidArgument(format!("{len} bytes of staging memory")))?;
-        let p = PinnedHost::new(&self.alloc_ctx, n).map_err(|e| cu("pinned staging buffer", e))?;
+        let ordinal = i32::try_from(dev_id).map_err(|_| {
+            Error::InvalidArgument(format!("VRAM dev_id {dev_id} is not a GPU ordinal"))
+        })?;
+        let ctx = super::device(ordinal)?;
+        let p = PinnedHost::new(&ctx, n).map_err(|e| cu("pinned staging buffer", e))?;
         Ok(Box::new(PinnedBuffer(p)))
     }
 
