@@ -13,8 +13,11 @@
 //!   fails that request with cuFile's reason rather than the registration. Files opened with
 //!   `O_DIRECT` take the direct path; others go through the page cache in cuFile's
 //!   compatibility mode.
-//! - A VRAM registration is `cuFileBufRegister`ed (pinned for DMA once); I/O into it names the
-//!   registered base and the offset, as cuFile requires for registered buffers. A buffer the
+//! - A VRAM region is `cuFileBufRegister`ed (pinned for DMA once) by the first request that
+//!   moves it to or from a file, so VRAM that never meets a file takes no BAR1 space; I/O into
+//!   it names the registered base and the offset, as cuFile requires for registered buffers.
+//!   Every cuFile call that needs one runs with the buffer's GPU context current, deregistration
+//!   included. A buffer the
 //!   driver refuses to register still works, through cuFile's bounce buffers (a `debug` log
 //!   says so).
 //! - Operations (consecutive file ranges, at most `max_io_bytes`) run on a small thread pool,
@@ -304,6 +307,10 @@ struct Tables {
     files: HashMap<i32, (Option<usize>, usize)>,
     /// Registered buffers by base: (end, registrations using it).
     bufs: BTreeMap<u64, (u64, usize)>,
+    /// VRAM registrations: (base, end) → (registrations, GPU, whether `cuFileBufRegister` was
+    /// tried). Buffers are registered with cuFile lazily, by the first request that moves them
+    /// to or from a file, so VRAM that never meets a file costs no BAR1 space.
+    vram: HashMap<(u64, u64), (usize, i32, bool)>,
     /// Contexts by GPU ordinal.
     ctxs: HashMap<i32, Arc<DeviceCtx>>,
 }
@@ -472,28 +479,10 @@ impl Backend for GdsBackend {
                     .addr
                     .checked_add(desc.len)
                     .ok_or_else(|| Error::InvalidArgument("VRAM descriptor wraps around".into()))?;
-                if !self.cfg.register_buffers {
-                    return Ok(Vec::new());
-                }
-                if let Some(e) = t.bufs.get_mut(&desc.addr).filter(|e| e.0 == end) {
-                    e.1 += 1;
-                    return Ok(Vec::new());
-                }
-                let ctx = Arc::clone(&t.ctxs[&ordinal]);
-                let _cur = ctx
-                    .enter()
-                    .map_err(|e| err("make GPU context current", e.to_string()))?;
-                // SAFETY: the range is device memory the caller registered with the agent
-                // (valid until deregistration, where it is deregistered from cuFile first).
-                let r = unsafe {
-                    (run.lib.buf_register)(desc.addr as *const c_void, desc.len as usize, 0)
-                };
-                if r.err == CU_FILE_SUCCESS {
-                    t.bufs.insert(desc.addr, (end, 1));
-                } else {
-                    tracing::debug!(addr = desc.addr, len = desc.len, error = %describe(r),
-                        "gds: buffer not registered with cuFile; its I/O goes through bounce buffers");
-                }
+                t.vram
+                    .entry((desc.addr, end))
+                    .or_insert((0, ordinal, false))
+                    .0 += 1;
             }
             _ => {}
         }
@@ -514,6 +503,7 @@ impl Backend for GdsBackend {
                         let h = e.0;
                         t.files.remove(&fd);
                         if let Some(h) = h {
+                            let _cur = t.ctxs.values().next().and_then(|c| c.enter().ok());
                             // SAFETY: `h` came from cuFileHandleRegister and no request uses
                             // it (the core drained the region's users, and requests hold them).
                             unsafe { (run.lib.handle_deregister)(h as HandleT) };
@@ -523,17 +513,25 @@ impl Backend for GdsBackend {
             }
             MemKind::Vram => {
                 let end = region.desc.addr.wrapping_add(region.desc.len);
-                if let Some(e) = t.bufs.get_mut(&region.desc.addr).filter(|e| e.0 == end) {
-                    e.1 -= 1;
-                    if e.1 == 0 {
-                        t.bufs.remove(&region.desc.addr);
-                        // SAFETY: the base was registered with cuFileBufRegister and no request
-                        // uses it any more.
-                        let r =
-                            unsafe { (run.lib.buf_deregister)(region.desc.addr as *const c_void) };
-                        if r.err != CU_FILE_SUCCESS {
-                            tracing::warn!(error = %describe(r), "gds: cuFileBufDeregister failed");
-                        }
+                let key = (region.desc.addr, end);
+                let Some(e) = t.vram.get_mut(&key) else {
+                    return;
+                };
+                e.0 -= 1;
+                if e.0 > 0 {
+                    return;
+                }
+                let ordinal = e.1;
+                t.vram.remove(&key);
+                if t.bufs.get(&region.desc.addr).is_some_and(|b| b.0 == end) {
+                    t.bufs.remove(&region.desc.addr);
+                    // cuFile calls need the buffer's context current.
+                    let _cur = t.ctxs.get(&ordinal).and_then(|c| c.enter().ok());
+                    // SAFETY: the base was registered with cuFileBufRegister and no request
+                    // uses it any more (the core drained the region's users).
+                    let r = unsafe { (run.lib.buf_deregister)(region.desc.addr as *const c_void) };
+                    if r.err != CU_FILE_SUCCESS {
+                        tracing::warn!(error = %describe(r), "gds: cuFileBufDeregister failed");
                     }
                 }
             }
@@ -551,6 +549,7 @@ impl Backend for GdsBackend {
             target,
             run: self.running()?,
             max_io: self.cfg.max_io_bytes,
+            register_buffers: self.cfg.register_buffers,
         }))
     }
 
@@ -566,6 +565,7 @@ struct GdsConn {
     target: TargetHandle,
     run: Arc<Running>,
     max_io: usize,
+    register_buffers: bool,
 }
 
 impl fmt::Debug for GdsConn {
@@ -620,6 +620,15 @@ impl Connection for GdsConn {
             .get(&(ordinal as i32))
             .cloned()
             .ok_or_else(|| err("prepare", format!("GPU {ordinal} has no registration")))?;
+        if self.register_buffers {
+            for r in plan
+                .local_regions
+                .iter()
+                .filter(|r| r.kind == MemKind::Vram)
+            {
+                register_buffer(self.run.lib, &mut t, &ctx, &r.desc);
+            }
+        }
         let mut resolved = Vec::with_capacity(ops.len());
         for (op, pieces) in ops.iter().zip(resolve_pieces(&ops, &t.bufs)) {
             let h = file_handle(self.run.lib, &mut t, op.fd)?;
@@ -640,6 +649,31 @@ impl Connection for GdsConn {
     }
 
     fn close(&self) {}
+}
+
+/// Registers a VRAM region's buffer with cuFile the first time a request needs it (once: a
+/// buffer the driver refuses keeps going through cuFile's bounce buffers).
+fn register_buffer(lib: &CuFileLib, t: &mut Tables, ctx: &DeviceCtx, desc: &Desc) {
+    let end = desc.addr.wrapping_add(desc.len);
+    let Some(e) = t.vram.get_mut(&(desc.addr, end)) else {
+        return;
+    };
+    if e.2 {
+        return;
+    }
+    e.2 = true;
+    let Ok(_cur) = ctx.enter() else {
+        return;
+    };
+    // SAFETY: the range is device memory registered with the agent (valid until its
+    // deregistration, which deregisters it from cuFile first).
+    let r = unsafe { (lib.buf_register)(desc.addr as *const c_void, desc.len as usize, 0) };
+    if r.err == CU_FILE_SUCCESS {
+        t.bufs.insert(desc.addr, (end, 1));
+    } else {
+        tracing::debug!(addr = desc.addr, len = desc.len, error = %describe(r),
+            "gds: buffer not registered with cuFile; its I/O goes through bounce buffers");
+    }
 }
 
 /// The cuFile handle of a registered fd, made on first use.

@@ -23,6 +23,7 @@ pub mod copy;
 pub mod cuda;
 pub mod files;
 pub mod gds;
+pub mod limits;
 pub mod local;
 pub mod object;
 pub mod posix;

@@ -68,6 +68,8 @@ fn verbs_layout() {
     for (name, rust) in verbs::layout() {
         match c.get(name) {
             Some(&v) if v == rust as i64 => checked += 1,
+            // A verbs.h older than our declaration: its struct is our prefix.
+            Some(&v) if verbs::GROWN_STRUCTS.contains(&name) && v < rust as i64 => checked += 1,
             Some(&v) => wrong.push(format!("{name}: C {v}, Rust {rust}")),
             None => wrong.push(format!("{name}: not printed by the C program")),
         }

@@ -80,6 +80,13 @@ pub struct Vram {
     ctx: Arc<DeviceCtx>,
 }
 
+impl Vram {
+    /// The device's context (for flushing GPUDirect RDMA writes before a notification).
+    pub fn ctx(&self) -> &Arc<DeviceCtx> {
+        &self.ctx
+    }
+}
+
 /// Checks VRAM `desc` (`dev_id` = the device ordinal): device memory of that device, within
 /// one allocation. Without a CUDA driver, `Unavailable` (backend `cuda`) with the driver's
 /// reason; memory that is not so, `InvalidArgument`.

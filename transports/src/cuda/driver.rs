@@ -287,8 +287,17 @@ type MemcpyBatchV1 = unsafe extern "C" fn(
     CuStream,
 ) -> CuResult;
 
+/// `cuFlushGPUDirectRDMAWrites` (CUDA 11.3+).
+type FlushGdrWrites = unsafe extern "C" fn(c_int, c_int) -> CuResult;
+
+/// `CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX`.
+const FLUSH_TARGET_CURRENT_CTX: c_int = 0;
+/// `CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER`.
+const FLUSH_TO_OWNER: c_int = 100;
+
 /// Entry points that only some features need; `None` where the driver lacks them.
 struct OptionalApi {
+    flush_gdr_writes: Option<FlushGdrWrites>,
     mem_get_handle_for_address_range: Option<MemGetHandleForAddressRange>,
     memcpy_batch_v2: Option<MemcpyBatchV2>,
     memcpy_batch_v1: Option<MemcpyBatchV1>,
@@ -301,6 +310,10 @@ impl OptionalApi {
     /// As [`Api::load`].
     unsafe fn load(lib: &Library) -> OptionalApi {
         OptionalApi {
+            // SAFETY: per the contract, the symbol (if exported) has this signature.
+            flush_gdr_writes: unsafe { lib.get::<FlushGdrWrites>(b"cuFlushGPUDirectRDMAWrites\0") }
+                .ok()
+                .map(|s| *s),
             // SAFETY: per the contract, the symbol (if exported) has this signature.
             mem_get_handle_for_address_range: unsafe {
                 lib.get::<MemGetHandleForAddressRange>(b"cuMemGetHandleForAddressRange\0")
@@ -743,6 +756,21 @@ impl DeviceCtx {
     /// [`VmmAlloc`]s are, where it is).
     pub fn gdr_vmm_supported(&self) -> bool {
         self.gdr_vmm
+    }
+
+    /// Makes the GPUDirect RDMA writes that NICs have completed into this device's memory
+    /// visible to work the device runs next (`cuFlushGPUDirectRDMAWrites`, to the owner): to be
+    /// called before telling the application that an RDMA WRITE into its VRAM has landed. A
+    /// driver without the call has nothing to flush with (`Ok`).
+    pub fn flush_gdr_writes(&self) -> CuRes<()> {
+        let Some(f) = self.drv.opt.flush_gdr_writes else {
+            return Ok(());
+        };
+        let _g = self.enter()?;
+        // SAFETY: two enum values; the context is current.
+        self.check("cuFlushGPUDirectRDMAWrites", unsafe {
+            f(FLUSH_TARGET_CURRENT_CTX, FLUSH_TO_OWNER)
+        })
     }
 
     /// Whether NICs may DMA to the memory at `addr` (`CU_POINTER_ATTRIBUTE_IS_GPU_DIRECT_RDMA_

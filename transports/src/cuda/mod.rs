@@ -758,10 +758,14 @@ impl Inner {
                 }
                 AllocKind::Vmm { handle_types } => {
                     if handle_types & driver::HANDLE_POSIX_FD != 0 {
-                        fd = Some(
-                            ctx.export_fd(chunk_addr)
-                                .map_err(|e| cu_err("register (VMM fd export)", e))?,
-                        );
+                        fd = Some(ctx.export_fd(chunk_addr).map_err(|mut e| {
+                            // Out of fds shows as a driver error with errno EMFILE left behind.
+                            let errno = std::io::Error::last_os_error().raw_os_error();
+                            if let Some(h) = errno.and_then(crate::limits::nofile_hint) {
+                                e.name = format!("{}; {h}", e.name);
+                            }
+                            cu_err("register (VMM fd export)", e)
+                        })?);
                         h.posix_fd = true;
                     }
                     if p.fabric {
@@ -1151,6 +1155,9 @@ impl Backend for CudaBackend {
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
+        // One fd per exported or imported VMM chunk: the default soft limit of 1024 is far too
+        // low for a KV pool of expandable segments.
+        crate::limits::raise_nofile();
         let file = format!(
             "cuda-{}-{:032x}.sock",
             sanitize(target.name()),
@@ -1555,7 +1562,13 @@ impl Conn {
                 })?;
             }
             // The mapping stays with the region; the address is valid while a post holds it.
-            let base = self.import_chunk(&region, &publics[ri], ci, &dev)?.base();
+            let base = self
+                .import_chunk(&region, &publics[ri], ci, &dev)
+                .map_err(|e| match invisible_device_hint(&publics[ri].uuid) {
+                    Some(h) => prep_err(format!("{e}; {h}")),
+                    None => e,
+                })?
+                .base();
             bases.insert((ri, ci, local_dev), base);
             Ok(Some(base))
         })?;
@@ -1573,6 +1586,37 @@ impl Conn {
             regions: regions.into_values().collect(),
         })
     }
+}
+
+/// Why an import may have failed: the owner's GPU is not among this process's devices (vLLM and
+/// others start each worker with `CUDA_VISIBLE_DEVICES` naming its own GPU only). `None` when the
+/// device is visible, or when that cannot be told.
+fn invisible_device_hint(owner_uuid: &[u8; 16]) -> Option<String> {
+    let drv = driver::driver().ok()?;
+    let visible = (0..drv.device_count()).any(|i| drv.device_uuid(i).ok() == Some(*owner_uuid));
+    if visible {
+        return None;
+    }
+    Some(format!(
+        "the owner's GPU (uuid {}) is not visible in this process (CUDA_VISIBLE_DEVICES={}): \
+         CUDA can map another process's memory only on devices this process can see; make the \
+         owner's GPU visible here too (list it in CUDA_VISIBLE_DEVICES after this worker's own \
+         GPU, so ordinal 0 stays the same), or move the bytes over another backend",
+        uuid_text(owner_uuid),
+        std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "<unset>".into())
+    ))
+}
+
+fn uuid_text(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// The fabric handle of chunk `ci` of a peer's region: all that a peer on another node can map.

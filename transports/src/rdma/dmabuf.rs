@@ -62,6 +62,12 @@ pub fn vram_nics(
 /// does.
 pub(super) fn register(st: &State, desc: &Desc, access: i32) -> Result<(Vec<Option<Mr>>, NicMask)> {
     let vram = crate::cuda::dmabuf::locate(desc).map_err(from_cuda)?;
+    {
+        let mut f = st.gdr_flush.lock();
+        if !f.iter().any(|c| c.ordinal() == vram.ordinal) {
+            f.push(std::sync::Arc::clone(vram.ctx()));
+        }
+    }
     let mask = vram_nics(
         &st.cfg,
         &st.cfg.sysfs,

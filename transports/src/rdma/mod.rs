@@ -397,6 +397,9 @@ struct State {
     served: Mutex<HashMap<(String, u64), ServedConn>>,
     served_seq: AtomicU64,
     conns: Mutex<Vec<Weak<RdmaConn>>>,
+    /// GPUs with VRAM registered here: their GPUDirect RDMA writes are flushed before a
+    /// notification is delivered, so the application's kernels see the bytes it announces.
+    gdr_flush: Mutex<Vec<Arc<crate::cuda::driver::DeviceCtx>>>,
     stop: AtomicBool,
     poller: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -549,6 +552,13 @@ impl ServedLane {
                 Some(seq) => {
                     if self.dedup.lock().accept(seq) {
                         buf.drain(..notif::HEADER);
+                        // The notification follows the data on the same QP, so the WRITEs have
+                        // landed in memory; for VRAM the GPU must also be told to see them.
+                        for ctx in st.gdr_flush.lock().iter() {
+                            if let Err(e) = ctx.flush_gdr_writes() {
+                                tracing::warn!(error = %e, "rdma: flushing GPUDirect writes failed");
+                            }
+                        }
                         st.target.deliver(&self.peer, buf);
                     } else {
                         metrics::counter!("nixl_rdma_duplicate_notifs_total").increment(1);
@@ -916,6 +926,7 @@ impl Backend for RdmaBackend {
 
     fn start(&self, target: TargetHandle) -> Result<()> {
         self.cfg.check().map_err(unavailable)?;
+        crate::limits::raise_nofile();
         let verbs = self.verbs().map_err(unavailable)?;
         let names = self.device_names(&verbs).map_err(unavailable)?;
         let mut nics = Vec::new();
@@ -953,6 +964,7 @@ impl Backend for RdmaBackend {
             served: Mutex::new(HashMap::new()),
             served_seq: AtomicU64::new(0),
             conns: Mutex::new(Vec::new()),
+            gdr_flush: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             poller: Mutex::new(None),
         });
@@ -2011,10 +2023,18 @@ impl PostState {
                     );
                 }
                 if let Err(e) = lane.qp.qp.post_batch(batch) {
-                    let why = e.to_string();
-                    lane.release(take.len() as u32);
+                    // The head of the chain before the refused WR is on the send queue: its
+                    // slices stay tracked on this lane (their completions, or the flush that
+                    // the error state below forces, come back here and fail over from there);
+                    // only the rest never went out.
+                    let posted = e.posted.min(take.len());
+                    let why = e.err.to_string();
+                    lane.release((take.len() - posted) as u32);
                     self.conn.lane_down(self.keys.lanes[t], &why);
-                    for &s in take.iter() {
+                    if posted > 0 {
+                        let _ = lane.qp.qp.to_err();
+                    }
+                    for &s in take[posted..].iter() {
                         tracker.fail(s, t, &why);
                     }
                     moved = true;
@@ -2202,9 +2222,10 @@ impl PostState {
                     g.notif = NotifStage::Sent { lane: t };
                     return true;
                 }
+                // A chain of one: `posted` is 0 (the SEND did not go out).
                 Err(e) => {
                     lane.release(1);
-                    let why = e.to_string();
+                    let why = e.err.to_string();
                     self.conn.lane_down(self.keys.lanes[t], &why);
                     g.tracker.fail_lane(t, &why);
                 }

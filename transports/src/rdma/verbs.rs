@@ -204,7 +204,9 @@ pub struct IbvDeviceAttr {
     pub phys_port_cnt: u8,
 }
 
-/// `struct ibv_port_attr` (complete; the exported `ibv_query_port` fills its compat prefix).
+/// `struct ibv_port_attr` as of rdma-core 47 (with `active_speed_ex`); the exported
+/// `ibv_query_port` fills its compat prefix. Older verbs.h declare a shorter struct: the layout
+/// check accepts a Rust struct at least as large, with every shared field at the same offset.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
 pub struct IbvPortAttr {
@@ -242,6 +244,10 @@ pub struct IbvPortAttr {
     pub link_layer: u8,
     _flags: u8,
     _port_cap_flags2: u16,
+    /// `active_speed_ex` (rdma-core 47+, DOCA/MLNX-OFED: speeds past what `active_speed` can
+    /// name). The exported `ibv_query_port` fills only the compat prefix, so it reads 0 here;
+    /// it is declared so that this struct is at least as large as any verbs.h's.
+    pub active_speed_ex: u32,
 }
 
 /// `union ibv_gid`.
@@ -529,8 +535,13 @@ pub struct IbvWc {
     pub dlid_path_bits: u8,
 }
 
+/// Structs whose Rust declaration may be larger than an older verbs.h's (fields appended by newer
+/// rdma-core releases; the library fills only what the caller's size covers).
+pub const GROWN_STRUCTS: &[&str] = &["sizeof ibv_port_attr"];
+
 /// The Rust side of the layout check: (`struct.field` or `sizeof struct`, value), in the same
-/// names as `tests/c/verbs_layout.c` prints them.
+/// names as `tests/c/verbs_layout.c` prints them. Sizes named in [`GROWN_STRUCTS`] may exceed
+/// the C size (verbs.h versions differ in trailing fields).
 pub fn layout() -> Vec<(&'static str, usize)> {
     use std::mem::{offset_of, size_of};
     macro_rules! off {
@@ -724,10 +735,52 @@ impl fmt::Display for VerbsError {
 }
 
 fn errno_err(call: &'static str) -> VerbsError {
+    let e = std::io::Error::last_os_error();
+    let hint = e.raw_os_error().and_then(|n| {
+        if call.starts_with("ibv_reg") {
+            crate::limits::memlock_hint(n)
+        } else {
+            None
+        }
+    });
     VerbsError {
         call,
-        reason: std::io::Error::last_os_error().to_string(),
+        reason: match hint {
+            Some(h) => format!("{e}: {h}"),
+            None => e.to_string(),
+        },
     }
+}
+
+/// A failed `ibv_post_send` of a chain: how many work requests were posted before the refused
+/// one (they are on the send queue and will complete), and why.
+#[derive(Clone, Debug)]
+pub struct PostError {
+    /// Work requests at the head of the chain that were posted.
+    pub posted: usize,
+    /// The provider's error.
+    pub err: VerbsError,
+}
+
+impl fmt::Display for PostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (after {} posted)", self.err, self.posted)
+    }
+}
+
+impl std::error::Error for PostError {}
+
+/// How many work requests of a chain of `n` starting at `base` come before `bad` (the
+/// provider's `bad_wr`). A null or foreign `bad` counts as nothing posted (the safe reading:
+/// the caller then fails every request and moves the QP to the error state, so whatever was in
+/// fact posted completes with a flush).
+pub(crate) fn posted_before(base: *const IbvSendWr, bad: *const IbvSendWr, n: usize) -> usize {
+    let (b, x) = (base as usize, bad as usize);
+    let size = std::mem::size_of::<IbvSendWr>();
+    if bad.is_null() || x < b || (x - b) % size != 0 {
+        return 0;
+    }
+    ((x - b) / size).min(n)
 }
 
 fn rc_err(call: &'static str, rc: c_int) -> VerbsError {
@@ -1605,7 +1658,7 @@ impl Qp {
     /// (the caller builds SGEs only from MRs it holds) and the NIC refuses anything else
     /// with a protection error; the memory under a user MR stays valid by the registration
     /// contract of [`Pd::reg_mr`].
-    pub fn post_send(&self, reqs: &[SendReq<'_>]) -> VResult<()> {
+    pub fn post_send(&self, reqs: &[SendReq<'_>]) -> Result<(), PostError> {
         let mut batch = SendBatch::default();
         for r in reqs {
             batch.push(
@@ -1623,7 +1676,11 @@ impl Qp {
     /// keeps its capacity for the next use (no allocation once it has grown). Empty: no call.
     ///
     /// Memory safety rests on the MRs, as for [`Qp::post_send`].
-    pub fn post_batch(&self, batch: &mut SendBatch) -> VResult<()> {
+    ///
+    /// On failure the error says how many work requests of the chain were posted before the
+    /// one the provider refused (`bad_wr`): those are on the send queue and will complete (or
+    /// flush); only the rest were not posted.
+    pub fn post_batch(&self, batch: &mut SendBatch) -> Result<(), PostError> {
         let n = batch.wrs.len();
         if n == 0 {
             return Ok(());
@@ -1654,16 +1711,22 @@ impl Qp {
         // ibv_post_send reads it).
         let f = unsafe { (*(*self.ptr).context).ops.post_send };
         let Some(f) = f else {
-            return Err(VerbsError {
-                call: "ibv_post_send",
-                reason: "provider has no post_send".into(),
+            return Err(PostError {
+                posted: 0,
+                err: VerbsError {
+                    call: "ibv_post_send",
+                    reason: "provider has no post_send".into(),
+                },
             });
         };
         // SAFETY: the chain and SGE arrays are valid for the call (the provider copies them
         // into the send queue before returning); SGEs name registered memory (see above).
         let rc = unsafe { f(self.ptr, wr_base, &mut bad) };
         if rc != 0 {
-            return Err(rc_err("ibv_post_send", rc));
+            return Err(PostError {
+                posted: posted_before(wr_base, bad, n),
+                err: rc_err("ibv_post_send", rc),
+            });
         }
         Ok(())
     }
@@ -1746,5 +1809,23 @@ mod tests {
             caps,
             "reuse allocates nothing"
         );
+    }
+
+    #[test]
+    fn a_refused_chain_counts_what_was_posted_before_bad_wr() {
+        let mut b = SendBatch::default();
+        for i in 0..5 {
+            b.push(i, WR_RDMA_WRITE, [], 0, 0);
+        }
+        let base = b.wrs.as_ptr();
+        // bad_wr = the third: two were posted.
+        assert_eq!(posted_before(base, base.wrapping_add(2), 5), 2);
+        assert_eq!(posted_before(base, base, 5), 0);
+        // Null, before the chain, misaligned or past it: read as nothing posted / all of it.
+        assert_eq!(posted_before(base, std::ptr::null(), 5), 0);
+        assert_eq!(posted_before(base.wrapping_add(1), base, 5), 0);
+        let odd = (base as usize + 3) as *const IbvSendWr;
+        assert_eq!(posted_before(base, odd, 5), 0);
+        assert_eq!(posted_before(base, base.wrapping_add(9), 5), 5);
     }
 }
