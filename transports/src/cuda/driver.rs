@@ -974,6 +974,20 @@ impl DeviceCtx {
         prop
     }
 
+    /// Grants this device read-write access to the VMM mapping `[va, va + size)` (a whole
+    /// mapping another device's allocation is mapped at, in this process): needed before a
+    /// stream of this device copies to or from another GPU's VMM memory in the same process,
+    /// which by default only its own device may touch. Peer access must be possible (NVLink or
+    /// PCIe P2P); the driver refuses otherwise.
+    pub fn grant_access(&self, va: u64, size: usize) -> CuRes<()> {
+        let desc = self.access_desc();
+        let _g = self.enter()?;
+        // SAFETY: changes access flags of a mapped range of this process; one descriptor.
+        self.check("cuMemSetAccess", unsafe {
+            (self.drv.api.mem_set_access)(va, size, &desc, 1)
+        })
+    }
+
     fn access_desc(&self) -> MemAccessDesc {
         MemAccessDesc {
             location: MemLocation {

@@ -1518,6 +1518,7 @@ impl Conn {
         let mut devs: HashMap<i32, Arc<DevState>> = HashMap::new();
         let mut regions: HashMap<usize, Arc<RegionImport<Imported>>> = HashMap::new();
         let mut bases: HashMap<(usize, usize, i32), u64> = HashMap::new();
+        let mut granted: std::collections::HashSet<(usize, usize, i32)> = Default::default();
         let runs = resolve_runs(plan, &publics, |ri, ci, local_dev| {
             // The owner hears of the import (and may refuse it) before anything is opened.
             let region = match (self.same_process, regions.get(&ri)) {
@@ -1538,7 +1539,27 @@ impl Conn {
                 }
             };
             let Some(region) = region else {
-                return Ok(None); // same process: addressed directly
+                // Same process: addressed directly. VMM memory of another GPU is mapped with
+                // access for its own device only: grant ours once per mapping.
+                let c = &publics[ri].chunks[ci];
+                let vmm = c.handles.legacy.is_none();
+                if vmm
+                    && publics[ri].device as i32 != local_dev
+                    && granted.insert((ri, ci, local_dev))
+                {
+                    let rinfo = &plan.remote_regions[ri];
+                    let va = rinfo.desc.addr + c.offset - c.alloc_offset;
+                    let size = usize::try_from(c.alloc_size).unwrap_or(usize::MAX);
+                    dev.ctx.grant_access(va, size).map_err(|e| {
+                        prep_err(format!(
+                            "agent '{}' in this process: GPU {local_dev} cannot be given access \
+                             to its VMM memory on GPU {} ({e}); peer access between the two \
+                             GPUs is needed",
+                            self.peer, publics[ri].device
+                        ))
+                    })?;
+                }
+                return Ok(None);
             };
             if let Some(b) = bases.get(&(ri, ci, local_dev)) {
                 return Ok(Some(*b));

@@ -251,7 +251,11 @@ struct Nic {
     max_sge: usize,
     max_sge_rd: usize,
     max_qp_wr: u32,
+    /// RDMA READs this NIC serves at once as a responder (`max_qp_rd_atom`), announced to peers.
     rd_atomic: u8,
+    /// RDMA READs a QP of this NIC may have outstanding as the initiator
+    /// (`max_qp_init_rd_atom`, often lower than the responder depth).
+    init_rd_atomic: u8,
     guid: u64,
     /// CQ entries promised to live QPs.
     cq_reserved: AtomicU64,
@@ -289,7 +293,8 @@ impl Nic {
             timeout: cfg.qp_timeout,
             retry_cnt: cfg.retry_cnt.min(7),
             rnr_retry: 7,
-            rd_atomic: self.rd_atomic.min(remote_rd_atomic).max(1),
+            // Our READs in flight: what we may initiate and what the peer serves.
+            rd_atomic: self.init_rd_atomic.min(remote_rd_atomic).max(1),
             dest_rd_atomic: self.rd_atomic,
             sl: cfg.service_level,
             traffic_class: cfg.traffic_class,
@@ -512,6 +517,49 @@ impl State {
     }
 }
 
+/// On RoCE, both ends of a QP must use GIDs of the same kind: an IPv4-mapped GID (RoCE v2 over
+/// IPv4, `::ffff:a.b.c.d`) against an IPv6 or link-local one (RoCE v1, or v2 over IPv6) never
+/// connects, and the QP only fails with retry-exceeded seconds later. Checked before the QP is
+/// brought up, with the fix in the error. InfiniBand routes by LID: nothing to check.
+fn check_gid_kinds(
+    nic: &str,
+    ours: &[u8; 16],
+    theirs: &[u8; 16],
+    link_layer: u8,
+) -> std::result::Result<(), String> {
+    if link_layer != verbs::LINK_LAYER_ETHERNET {
+        return Ok(());
+    }
+    let v4 = |g: &[u8; 16]| g[..10].iter().all(|b| *b == 0) && g[10] == 0xff && g[11] == 0xff;
+    let kind = |g: &[u8; 16]| {
+        if v4(g) {
+            "IPv4-mapped (RoCE v2 over IPv4)"
+        } else if g[0] == 0xfe && g[1] & 0xc0 == 0x80 {
+            "link-local (RoCE v1 or v2 over IPv6 link-local)"
+        } else {
+            "IPv6"
+        }
+    };
+    if *ours == [0; 16] || *theirs == [0; 16] {
+        return Err(format!(
+            "{nic}: a GID of zero (ours {}, the peer's {}): the chosen GID index has no address; \
+             set [rdma] gid_index to a RoCE v2 entry of `show_gids` on both hosts",
+            kind(ours),
+            kind(theirs)
+        ));
+    }
+    if v4(ours) != v4(theirs) {
+        return Err(format!(
+            "{nic}: GID kinds differ (ours {}, the peer's {}): the QP could never connect; use \
+             the same RoCE version and address family on both hosts ([rdma] gid_index, see \
+             `show_gids`)",
+            kind(ours),
+            kind(theirs)
+        ));
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Target side: lanes peers connected to us.
 // ---------------------------------------------------------------------------------------------
@@ -657,6 +705,8 @@ impl State {
                 .ok_or_else(|| format!("lane {i}: no NIC {} here", q.target_nic))?;
             let lq = nic
                 .create_qp(1, self.cfg.recv_depth, 1)
+                .map_err(|e| format!("lane {i}: {e}"))?;
+            check_gid_kinds(&nic.name, &nic.gid, &q.gid, nic.link_layer)
                 .map_err(|e| format!("lane {i}: {e}"))?;
             let path = nic.path(&self.cfg, q.mtu, q.rd_atomic);
             let remote = RemoteQp {
@@ -878,6 +928,7 @@ impl RdmaBackend {
             max_sge_rd: usize::try_from(dev.max_sge_rd).unwrap_or(1).max(1),
             max_qp_wr: u32::try_from(dev.max_qp_wr).unwrap_or(1).max(1),
             rd_atomic: u8::try_from(dev.max_qp_rd_atom.clamp(1, 16)).unwrap_or(1),
+            init_rd_atomic: u8::try_from(dev.max_qp_init_rd_atom.clamp(1, 16)).unwrap_or(1),
             guid: u64::from_be(dev.node_guid),
             cq_reserved: AtomicU64::new(0),
             cq_depth: u64::from(depth),
@@ -1146,6 +1197,8 @@ impl Backend for RdmaBackend {
                     format!("peer '{}' answered for another NIC", peer.name),
                 )));
             }
+            check_gid_kinds(&lq.nic.name, &lq.nic.gid, &t.gid, lq.nic.link_layer)
+                .map_err(|e| close(err("connect", e)))?;
             let path = lq.nic.path(&self.cfg, t.mtu, t.rd_atomic);
             let remote_qp = RemoteQp {
                 qpn: t.qpn,
@@ -2257,6 +2310,33 @@ impl PostState {
 mod tests {
     use super::topo::fake::FakeSys;
     use super::*;
+
+    #[test]
+    fn roce_gids_of_different_kinds_are_refused_before_the_qp_tries() {
+        let v4 = |a: [u8; 4]| {
+            let mut g = [0u8; 16];
+            g[10] = 0xff;
+            g[11] = 0xff;
+            g[12..].copy_from_slice(&a);
+            g
+        };
+        let mut ll = [0u8; 16];
+        ll[0] = 0xfe;
+        ll[1] = 0x80;
+        ll[15] = 7;
+        let eth = verbs::LINK_LAYER_ETHERNET;
+        assert!(check_gid_kinds("mlx5_0", &v4([10, 0, 0, 1]), &v4([10, 0, 0, 2]), eth).is_ok());
+        assert!(check_gid_kinds("mlx5_0", &ll, &ll, eth).is_ok());
+        let e = check_gid_kinds("mlx5_0", &v4([10, 0, 0, 1]), &ll, eth).unwrap_err();
+        assert!(
+            e.contains("GID kinds differ") && e.contains("gid_index"),
+            "{e}"
+        );
+        let e = check_gid_kinds("mlx5_0", &[0; 16], &ll, eth).unwrap_err();
+        assert!(e.contains("zero"), "{e}");
+        // InfiniBand routes by LID.
+        assert!(check_gid_kinds("mlx5_0", &[0; 16], &ll, verbs::LINK_LAYER_INFINIBAND).is_ok());
+    }
 
     #[test]
     fn device_choice_and_its_reasons() {
