@@ -6,7 +6,7 @@
 
 use std::io;
 
-use nixl_core::{BackendName, Desc, Error, PeerInfo, Result, TargetHandle, XferOp};
+use nixl_core::{BackendName, Desc, Error, MemKind, PeerInfo, Result, TargetHandle, XferOp};
 use parking_lot::Mutex;
 
 /// How an fd was opened.
@@ -79,6 +79,53 @@ impl OwnAgent {
         }
         Ok(target)
     }
+}
+
+/// Checks a storage region at registration: FILE regions name a regular file or a block
+/// device; BLOCK regions name a block device (`(offset, len, fd)` of a raw device, e.g. an
+/// NVMe namespace or a loop device, usually opened with `O_DIRECT`) and must lie inside it.
+pub fn check_storage_region(kind: MemKind, desc: &Desc) -> Result<()> {
+    match kind {
+        MemKind::File => inspect_fd(desc.dev_id).map(drop),
+        MemKind::Block => {
+            inspect_fd(desc.dev_id)?;
+            let size = block_device_size(desc.dev_id)?;
+            let end = desc.addr.checked_add(desc.len);
+            if end.is_none_or(|e| e > size) {
+                return Err(Error::InvalidArgument(format!(
+                    "BLOCK region {:#x}+{} ends past the end of the device behind fd {} ({size}                      bytes)",
+                    desc.addr, desc.len, desc.dev_id
+                )));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The size of the block device open as `fd` (`BLKGETSIZE64`); an error if `fd` is not one.
+pub fn block_device_size(fd: u64) -> Result<u64> {
+    let raw = i32::try_from(fd)
+        .map_err(|_| Error::InvalidArgument(format!("BLOCK descriptor: fd {fd} is not an fd")))?;
+    // SAFETY: an all-zero stat is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid, writable stat buffer; an invalid fd is reported, not UB.
+    if unsafe { libc::fstat(raw, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFBLK {
+        return Err(Error::InvalidArgument(format!(
+            "BLOCK descriptor: fd {fd} is not an open block device (register files as FILE)"
+        )));
+    }
+    /// `BLKGETSIZE64` = `_IOR(0x12, 114, size_t)`.
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 into `size`, on a block device checked above.
+    if unsafe { libc::ioctl(raw, BLKGETSIZE64, &mut size) } != 0 {
+        return Err(Error::io(
+            format!("ioctl(BLKGETSIZE64) on fd {fd}"),
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(size)
 }
 
 /// Alignment assumed for `O_DIRECT` when the kernel does not say (`statx` without

@@ -5,7 +5,9 @@
 //! it is an open regular file or block device and records whether it was opened for writing,
 //! so a WRITE into a read-only file fails when the request is created, not half-way through.
 //! A transfer names the agent itself as the remote: READ moves file → memory, WRITE memory →
-//! file.
+//! file. BLOCK registrations are the same triple on a raw block device (an NVMe namespace, a
+//! loop device), which must be one and must contain the range (`BLKGETSIZE64`); `uring` takes
+//! them the same way.
 //!
 //! Posting cuts a request into I/O operations: consecutive descriptors whose file ranges follow
 //! each other on one fd become one `preadv`/`pwritev` (up to [`MAX_IOV`] pieces), and an
@@ -82,8 +84,8 @@ impl PosixBackend {
     }
 }
 
-const KINDS: &[MemKind] = &[MemKind::Dram, MemKind::File];
-const FILE: &[MemKind] = &[MemKind::File];
+const KINDS: &[MemKind] = &[MemKind::Dram, MemKind::File, MemKind::Block];
+const FILE: &[MemKind] = &[MemKind::File, MemKind::Block];
 
 fn backend_err(op: &'static str, reason: impl Into<String>) -> Error {
     Error::Backend {
@@ -128,9 +130,7 @@ impl Backend for PosixBackend {
     }
 
     fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>> {
-        if kind == MemKind::File {
-            inspect_fd(desc.dev_id)?;
-        }
+        crate::files::check_storage_region(kind, desc)?;
         Ok(Vec::new())
     }
 
@@ -248,9 +248,9 @@ pub(crate) fn prepare_files(
     max_io: usize,
     mem: MemKind,
 ) -> Result<FilePlan> {
-    if plan.local_kind != mem || plan.remote_kind != MemKind::File {
+    if plan.local_kind != mem || !matches!(plan.remote_kind, MemKind::File | MemKind::Block) {
         return Err(Error::InvalidArgument(format!(
-            "{backend} moves {mem} <-> FILE, not {} <-> {}",
+            "{backend} moves {mem} <-> FILE or BLOCK, not {} <-> {}",
             plan.local_kind, plan.remote_kind
         )));
     }

@@ -45,7 +45,7 @@ use nixl_core::{
 };
 use parking_lot::{Condvar, Mutex};
 
-use crate::files::{inspect_fd, OwnAgent};
+use crate::files::OwnAgent;
 use crate::posix::{prepare_files, IoOp, Post};
 
 /// Settings of the `uring` backend (`[uring]` in the agent's configuration).
@@ -162,8 +162,8 @@ fn new_ring(depth: u32) -> std::result::Result<IoUring, String> {
     Ok(ring)
 }
 
-const KINDS: &[MemKind] = &[MemKind::Dram, MemKind::File];
-const FILE: &[MemKind] = &[MemKind::File];
+const KINDS: &[MemKind] = &[MemKind::Dram, MemKind::File, MemKind::Block];
+const FILE: &[MemKind] = &[MemKind::File, MemKind::Block];
 
 impl Backend for UringBackend {
     fn name(&self) -> BackendName {
@@ -205,14 +205,12 @@ impl Backend for UringBackend {
     }
 
     fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>> {
-        if kind == MemKind::File {
-            inspect_fd(desc.dev_id)?;
-        }
+        crate::files::check_storage_region(kind, desc)?;
         if let Some(r) = self.ring.lock().as_ref() {
             let sh = &r.shared;
             let fx = &mut sh.state.lock().fixed;
             match kind {
-                MemKind::File => fx.add_file(&sh.ring, desc.dev_id as i32),
+                MemKind::File | MemKind::Block => fx.add_file(&sh.ring, desc.dev_id as i32),
                 MemKind::Dram => fx.add_buffer(&sh.ring, desc, self.cfg.max_fixed_buffer),
                 _ => {}
             }
@@ -225,7 +223,9 @@ impl Backend for UringBackend {
             let sh = &r.shared;
             let fx = &mut sh.state.lock().fixed;
             match region.kind {
-                MemKind::File => fx.remove_file(&sh.ring, region.desc.dev_id as i32),
+                MemKind::File | MemKind::Block => {
+                    fx.remove_file(&sh.ring, region.desc.dev_id as i32)
+                }
                 MemKind::Dram => fx.remove_buffer(&sh.ring, &region.desc),
                 _ => {}
             }
