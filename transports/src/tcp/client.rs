@@ -560,10 +560,12 @@ impl Session {
     fn answered(&self, lane: usize) {
         let done = {
             let mut st = self.state.lock();
+            st.outstanding[lane] = st.outstanding[lane].saturating_sub(1);
             st.sent.get_mut(lane).and_then(VecDeque::pop_front)
         };
+        self.cv.notify_all();
+        // Outside the lock: the last holder of a post completes it.
         drop(done);
-        self.lane_reply(lane);
     }
 
     fn take_job(&self, lane: usize) -> Option<Job> {

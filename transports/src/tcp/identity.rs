@@ -129,6 +129,43 @@ pub(super) fn unseal<'a>(
         .map_err(|_| "the seal does not match: not sealed under this connection's secret".into())
 }
 
+/// The listener's side: reads the initiator's OPEN and checks its seal. `Ok(Err(why))` when the
+/// seal does not match (the connection is to be dropped and counted as an authentication
+/// failure); the OPEN's name and instance are the initiator's [`PeerIdentity`] otherwise.
+pub(super) fn read_open(
+    s: &std::net::TcpStream,
+    body: &mut Vec<u8>,
+    auth: &Auth,
+    binding: &Binding,
+    on: &mut dyn super::net::OnBlock,
+) -> std::io::Result<Result<super::wire::Open, String>> {
+    use super::wire;
+    let ty = super::net::read_frame(s, body, wire::frame_limit, on)?;
+    if ty != wire::OPEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("expected OPEN, got frame type {ty}"),
+        ));
+    }
+    match unseal(ty, body, auth, binding, OPEN_LABEL) {
+        Ok(inner) => Ok(Ok(wire::decode_open(inner).map_err(wire::bad)?)),
+        Err(why) => Ok(Err(why)),
+    }
+}
+
+/// The listener's side: its sealed OPENED (`text`: its name, or why it refuses) in `out`.
+pub(super) fn opened(
+    out: &mut Vec<u8>,
+    auth: &Auth,
+    binding: &Binding,
+    status: super::wire::Status,
+    instance: u128,
+    text: &str,
+) -> std::io::Result<()> {
+    super::wire::opened(out, status, instance, text);
+    seal(out, auth, binding, OPENED_LABEL).map_err(std::io::Error::other)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

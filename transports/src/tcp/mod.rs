@@ -487,25 +487,23 @@ pub fn raw_listener_opening(
             reason: e.to_string(),
         })?;
     let mut body = Vec::new();
-    let ty = net::read_frame(s, &mut body, wire::frame_limit, &mut |_: bool| {
-        Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
-    })
-    .map_err(io)?;
-    if ty != wire::OPEN {
-        return Err(Error::InvalidArgument(format!("expected OPEN, got {ty}")));
-    }
-    let inner =
-        identity::unseal(ty, &body, auth, &binding, identity::OPEN_LABEL).map_err(|reason| {
-            Error::Denied {
-                peer: peer.to_string(),
-                reason,
-            }
+    let mut give_up = |_: bool| Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
+    let open = identity::read_open(s, &mut body, auth, &binding, &mut give_up)
+        .map_err(io)?
+        .map_err(|reason| Error::Denied {
+            peer: peer.to_string(),
+            reason,
         })?;
-    let open = wire::decode_open(inner).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let mut out = Vec::new();
-    wire::opened(&mut out, wire::Status::Ok, me.instance, &me.name);
-    identity::seal(&mut out, auth, &binding, identity::OPENED_LABEL)
-        .map_err(Error::InvalidArgument)?;
+    identity::opened(
+        &mut out,
+        auth,
+        &binding,
+        wire::Status::Ok,
+        me.instance,
+        &me.name,
+    )
+    .map_err(io)?;
     net::send_all(s, &out).map_err(io)?;
     Ok((
         PeerIdentity::new(open.name, open.instance),

@@ -233,17 +233,10 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
         shared,
         since: Instant::now(),
     };
-    let ty = net::read_frame(s, &mut body, wire::frame_limit, &mut idle)?;
-    if ty != wire::OPEN {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("expected OPEN, got frame type {ty}"),
-        ));
-    }
     // The initiator's name and instance count only as sealed on this connection: from here on
     // `who` is the peer, whatever later frames say.
-    let open = match identity::unseal(ty, &body, &cfg.auth, &binding, identity::OPEN_LABEL) {
-        Ok(inner) => wire::decode_open(inner).map_err(wire::bad)?,
+    let open = match identity::read_open(s, &mut body, &cfg.auth, &binding, &mut idle)? {
+        Ok(open) => open,
         Err(e) => {
             metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
             tracing::warn!(agent = %shared.target.name(), %peer, "tcp: OPEN refused: {e}");
@@ -261,15 +254,18 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
         None
     };
     if let Some(why) = refusal {
-        wire::opened(&mut out, Status::Denied, me, why);
-        identity::seal(&mut out, &cfg.auth, &binding, identity::OPENED_LABEL)
-            .map_err(io::Error::other)?;
+        identity::opened(&mut out, &cfg.auth, &binding, Status::Denied, me, why)?;
         net::send_all(s, &out)?;
         return Ok(());
     }
-    wire::opened(&mut out, Status::Ok, me, shared.target.name());
-    identity::seal(&mut out, &cfg.auth, &binding, identity::OPENED_LABEL)
-        .map_err(io::Error::other)?;
+    identity::opened(
+        &mut out,
+        &cfg.auth,
+        &binding,
+        Status::Ok,
+        me,
+        shared.target.name(),
+    )?;
     net::send_all(s, &out)?;
     net::read_timeout(s, TICK)?;
     net::write_timeout(s, TICK, cfg.io_timeout)?;

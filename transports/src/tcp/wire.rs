@@ -417,6 +417,17 @@ mod tests {
     }
 
     #[test]
+    fn notifications_decode_up_to_the_one_limit() {
+        let mut out = Vec::new();
+        notif(&mut out, 3, &vec![7u8; MAX_NOTIF]);
+        let (ty, b) = body(&out);
+        assert!(b.len() <= frame_limit(ty));
+        assert_eq!(decode_notif(b).unwrap().1.len(), MAX_NOTIF);
+        notif(&mut out, 3, &vec![7u8; MAX_NOTIF + 1]);
+        assert!(decode_notif(body(&out).1).is_err());
+    }
+
+    #[test]
     fn garbage_and_lies_are_errors() {
         let mut pieces = Vec::new();
         // Claims more pieces than the bytes hold.
