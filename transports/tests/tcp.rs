@@ -770,7 +770,8 @@ fn notifications_up_to_the_one_limit_arrive_and_longer_ones_are_refused_at_the_s
     let over = vec![1u8; MAX_NOTIF_BYTES + 1];
     let err = a.send_notif("nsz-b", &over).unwrap_err();
     assert_eq!(err.class(), ErrorClass::Invalid, "{err}");
-    assert!(err.to_string().contains("limit"), "{err}");
+    // Refused by the agent itself, whichever backend would carry it.
+    assert!(err.to_string().contains("MAX_NOTIF_BYTES"), "{err}");
     let err = a
         .create_xfer(
             XferOp::Write,
