@@ -44,8 +44,8 @@ const FLAG_SECRET: u16 = 1;
 /// The secret is its user's per-host secret file, not a shared secret.
 const FLAG_USER: u16 = 2;
 
-/// Where the secret comes from.
-#[derive(Clone, Debug)]
+/// Where the secret comes from (no `Debug`: it holds the secret).
+#[derive(Clone)]
 enum Source {
     /// A shared secret: any host that holds it is let in.
     Given(Arc<[u8]>),
