@@ -26,6 +26,22 @@
 //! counted and skipped; no value read from etcd makes this crate panic. If a peer's key comes to
 //! hold such a value, the peer is invalidated as if the key had gone.
 //!
+//! # Trust: etcd must be access-controlled
+//!
+//! Whoever can write under the prefix decides where peers connect and which instance they
+//! expect: etcd is part of the control plane and must be protected like it (client TLS and
+//! authentication, with write access to the prefix for the agents alone). What this crate
+//! checks is limited to the value itself: it must be full metadata of the agent its key names.
+//! The rest is the transport's job, and it does it: an entry is only *used* where the transport
+//! authenticates that name when it connects. The `tcp` backend checks that the listener it
+//! reaches proves, on that connection, the agent name and instance id the entry holds (and the
+//! `shm` backend that the socket belongs to the process the entry names), so an entry that points
+//! at another agent, or at a listener that cannot prove the name, fails with `Denied` and moves
+//! no byte. A loaded peer replaced by an entry of another instance is logged at `warn` and
+//! counted (`nixl_peer_instance_replaced_total`). Within one shared secret every holder is
+//! trusted alike: the transport proves a peer holds the secret, not which agent it is entitled
+//! to be, so protect etcd as well as the secret.
+//!
 //! # Threads and time
 //!
 //! The API is synchronous, like the agent's. Each [`Registry`] runs a one-thread tokio runtime

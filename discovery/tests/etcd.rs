@@ -451,3 +451,66 @@ fn many_agents_are_listed_and_loaded_page_by_page() {
     let _w = r.watch(&a).unwrap();
     assert_eq!(a.peers().len(), n);
 }
+
+/// Someone who can write to etcd files an entry under an agent's name that sends its peers to
+/// another agent's listener. The watcher loads it (the name matches the key), but the transport
+/// authenticates who answers there: a transfer to the named agent is refused and nothing moves.
+/// (etcd must be access-controlled: whoever writes the prefix chooses where peers connect.)
+#[test]
+fn a_poisoned_entry_is_refused_by_the_transport_that_authenticates_the_name() {
+    use nixl_core::ErrorClass;
+    use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
+    let Some(e) = Etcd::start("poison") else {
+        return;
+    };
+    let tcp_agent = |name: &str| {
+        std::sync::Arc::new(
+            nixl_core::Agent::builder(name)
+                .backend(std::sync::Arc::new(TcpBackend::new(TcpConfig {
+                    listen: Some("127.0.0.1:0".parse().unwrap()),
+                    auth: Auth::host_only(),
+                    ..TcpConfig::default()
+                })))
+                .build()
+                .unwrap(),
+        )
+    };
+    let c = e.cfg(10);
+    let r = Registry::connect(&c).unwrap();
+    let a = tcp_agent("p-a");
+    let v = tcp_agent("p-v");
+    let m = tcp_agent("p-m");
+    let mut vbuf = vec![0u8; 4096];
+    let mut mbuf = vec![0u8; 4096];
+    let mut src = vec![7u8; 4096];
+    let _rv = reg(&v, &mut vbuf);
+    let _rm = reg(&m, &mut mbuf);
+    let _rs = reg(&a, &mut src);
+    let _pv = r.publish(&v).unwrap();
+    let _w = r.watch(&a).unwrap();
+    until("p-v loaded", Duration::from_secs(5), || has(&a, "p-v"));
+
+    // The entry of p-v, rewritten: p-m's address, instance and regions under p-v's name.
+    let mut forged = m.metadata();
+    forged.name = "p-v".into();
+    forged.generation = v.generation() + 100;
+    let key = format!("{}p-v", c.prefix);
+    e.raw(async |raw| raw.put(key, forged.encode(), None).await);
+    let write_to = |dst: &[u8]| {
+        a.create_xfer(
+            XferOp::Write,
+            &list(&src),
+            &list(dst),
+            "p-v",
+            XferOptions::default(),
+        )
+        .and_then(|x| x.run_blocking())
+    };
+    until("the forged entry is loaded", Duration::from_secs(5), || {
+        write_to(&mbuf).is_err_and(|e| e.class() == ErrorClass::Denied)
+    });
+    let err = write_to(&mbuf).unwrap_err();
+    assert!(err.to_string().contains("is agent 'p-m'"), "{err}");
+    assert!(mbuf.iter().all(|&b| b == 0), "bytes reached the impostor");
+    assert!(vbuf.iter().all(|&b| b == 0));
+}

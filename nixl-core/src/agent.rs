@@ -309,7 +309,13 @@ impl AgentInner {
             }
             old => {
                 if let Some(old) = old {
-                    tracing::info!(peer = %name, "peer restarted (new instance); reconnecting");
+                    // A restart, or someone loading other metadata under the peer's name: either
+                    // way worth a line and a count.
+                    metrics::counter!("nixl_peer_instance_replaced_total").increment(1);
+                    tracing::warn!(agent = %self.name, peer = %name,
+                        old_instance = %format_args!("{:032x}", old.md.instance_id),
+                        new_instance = %format_args!("{:032x}", md.instance_id),
+                        "peer metadata of a new instance replaces the loaded one; reconnecting");
                     for c in old.conns.lock().values() {
                         c.close();
                     }
@@ -370,6 +376,20 @@ impl AgentInner {
                 c.close();
             }
         }
+    }
+}
+
+/// Refuses a notification over [`crate::backend::MAX_NOTIF_BYTES`] at the sender, with the limit.
+fn check_notif_len(msg: Option<&[u8]>) -> Result<()> {
+    match msg {
+        Some(m) if m.len() > crate::backend::MAX_NOTIF_BYTES => {
+            Err(Error::InvalidArgument(format!(
+                "notification of {} bytes is over the limit of {} bytes (MAX_NOTIF_BYTES)",
+                m.len(),
+                crate::backend::MAX_NOTIF_BYTES
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -796,6 +816,7 @@ impl Agent {
         opts: XferOptions,
     ) -> Result<XferRequest> {
         self.inner.check_live()?;
+        check_notif_len(opts.notif.as_deref())?;
         if local.len() != remote.len() {
             return Err(Error::Mismatch(format!(
                 "{} local descriptors, {} remote",
@@ -1214,6 +1235,7 @@ impl Agent {
     /// Sends a standalone notification to a peer, over the best backend that carries them.
     pub fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
         self.inner.check_live()?;
+        check_notif_len(Some(msg))?;
         let p = self.peer(peer)?;
         let mut why_not = String::new();
         for b in &self.inner.backends {

@@ -236,6 +236,13 @@ pub trait PreparedXfer: Send + Sync + fmt::Debug {
     fn cancel(&self) {}
 }
 
+/// Largest notification, on every backend: [`crate::Agent::create_xfer`] and
+/// [`crate::Agent::send_notif`] refuse a longer one with [`Error::InvalidArgument`], and a
+/// backend's receiver accepts at least this much, so a notification is never dropped for its size
+/// on the way (backends with a smaller configured limit, such as `rdma`'s `max_notif`, refuse
+/// longer ones when the request is made).
+pub const MAX_NOTIF_BYTES: usize = 1 << 20;
+
 /// A notification received by an agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notification {

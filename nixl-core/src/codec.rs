@@ -108,12 +108,17 @@ impl<'a> Reader<'a> {
 
     /// Reads a u32-length-prefixed byte string of at most `MAX_BLOB_BYTES`.
     pub fn blob(&mut self, field: &'static str) -> Result<&'a [u8], DecodeError> {
+        self.blob_max(field, MAX_BLOB_BYTES)
+    }
+
+    /// Reads a u32-length-prefixed byte string of at most `limit` bytes.
+    pub fn blob_max(&mut self, field: &'static str, limit: usize) -> Result<&'a [u8], DecodeError> {
         let len = self.u32(field)? as usize;
-        if len > MAX_BLOB_BYTES {
+        if len > limit {
             return Err(DecodeError::TooLarge {
                 field,
                 got: len,
-                limit: MAX_BLOB_BYTES,
+                limit,
             });
         }
         self.take(len, field)

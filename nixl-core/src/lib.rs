@@ -26,7 +26,7 @@ pub mod xfer;
 pub use agent::{random_u64, Agent, AgentBuilder, BackendState, Registration, XferOptions};
 pub use backend::{
     Backend, BackendName, Caps, Connection, Locality, Notification, PeerInfo, PreparedXfer,
-    Segment, TargetHandle, XferPlan,
+    Segment, TargetHandle, XferPlan, MAX_NOTIF_BYTES,
 };
 pub use error::{Error, ErrorClass, Result};
 pub use mem::{Desc, DescList, MemKind};

@@ -81,6 +81,10 @@ fn bytes_cross_namespaces_both_ways_over_v4_and_v6_with_notifications() {
     let b_addr = sock(lab.addr(1), 17000);
     let ca = config(&dir, "a.toml", &sock(lab.addr(0), 0), SECRET);
     let cb = config(&dir, "b.toml", &b_addr, SECRET);
+    // B loads the metadata A pushes (off by default); [tcp] is the file's last table.
+    let mut f = std::fs::OpenOptions::new().append(true).open(&cb).unwrap();
+    std::io::Write::write_all(&mut f, b"accept_pushes = true\n").unwrap();
+    drop(f);
     let mut a = peer(&lab, 0, "A", 48 * MIB + 12345, &ca);
     let mut b = peer(&lab, 1, "B", 48 * MIB + 12345, &cb);
 

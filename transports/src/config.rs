@@ -11,10 +11,14 @@
 //! io_timeout_ms = 5000       # no progress for this long with work outstanding: TimedOut
 //! connect_timeout_ms = 3000
 //! socket_buffer = 4194304
+//! accept_pushes = false      # load metadata peers push (only each agent's own); off by default
 //!
 //! [auth]
-//! secret = "..."             # or the environment variable NIXL_SECRET
-//! allow_open = false         # without a secret, accept only this host's connections
+//! secret = "..."             # or NIXL_SECRET: a shared secret, any host that holds it gets in
+//! secret_file = "/path"      # or NIXL_SECRET_FILE; without a shared secret, this user's per-host
+//!                            # secret (default ~/.config/nixl/secret, created 0600 on first use):
+//!                            # only this user's agents on this host get in
+//! allow_open = false         # true (and no shared secret): NO authentication, anyone gets in
 //!
 //! [shm]
 //! socket_dir = "/run/nixl"
@@ -161,6 +165,7 @@ pub struct TcpSection {
     pub io_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
     pub socket_buffer: Option<usize>,
+    pub accept_pushes: Option<bool>,
 }
 
 /// `[auth]`.
@@ -168,6 +173,7 @@ pub struct TcpSection {
 #[serde(deny_unknown_fields)]
 pub struct AuthSection {
     pub secret: Option<String>,
+    pub secret_file: Option<PathBuf>,
     #[serde(default)]
     pub allow_open: bool,
 }
@@ -336,7 +342,11 @@ impl Config {
 
     /// How connections authenticate.
     pub fn auth(&self) -> Auth {
-        Auth::from_config(self.auth.secret.as_deref(), self.auth.allow_open)
+        Auth::from_settings(
+            self.auth.secret.as_deref(),
+            self.auth.secret_file.as_deref(),
+            self.auth.allow_open,
+        )
     }
 
     /// The `tcp` backend's settings.
@@ -353,6 +363,7 @@ impl Config {
             connect_timeout: ms(t.connect_timeout_ms, d.connect_timeout),
             socket_buffer: t.socket_buffer.unwrap_or(d.socket_buffer),
             auth: self.auth(),
+            accept_pushes: t.accept_pushes.unwrap_or(d.accept_pushes),
         })
     }
 

@@ -15,8 +15,9 @@ use std::time::Duration;
 use nixl_core::{BackendName, Error, Result};
 use parking_lot::Mutex;
 
-/// Largest request or reply on the control channel.
-pub const MAX_CONTROL: usize = 1 << 20;
+/// Largest request or reply on the control channel: room for a notification of the largest size
+/// ([`nixl_core::MAX_NOTIF_BYTES`]) and its header.
+pub const MAX_CONTROL: usize = nixl_core::MAX_NOTIF_BYTES + 4096;
 
 /// A backend's handler of control requests from peers.
 pub trait ControlService: Send + Sync + fmt::Debug {

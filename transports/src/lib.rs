@@ -48,7 +48,8 @@ use nixl_core::Backend;
 /// cuFile or an RDMA device.
 ///
 /// `tcp` listens on the host's first non-loopback address with a free port and, without
-/// `NIXL_SECRET` in the environment, accepts connections from this host only.
+/// `NIXL_SECRET` in the environment, accepts only agents of this user on this host (proved by the
+/// user's secret file, see [`tcp::Auth`]).
 pub fn default_backends() -> Vec<Arc<dyn Backend>> {
     config::Config::default()
         .backends()

@@ -715,6 +715,93 @@ fn silent_server_fails_the_request_after_the_timeout() {
     let _ = held.join();
 }
 
+/// A store that answers ranged GETs wrongly, over plain HTTP on loopback: `answer` gets the
+/// request's Range header and returns the whole response.
+fn lying_store(answer: fn(&str) -> Vec<u8>) -> (String, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", l.local_addr().unwrap());
+    let t = std::thread::spawn(move || {
+        l.set_nonblocking(true).unwrap();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15) {
+            let Ok((mut c, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            c.set_nonblocking(false).unwrap();
+            let mut req = Vec::new();
+            let mut b = [0u8; 1];
+            while !req.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
+                req.push(b[0]);
+            }
+            let req = String::from_utf8_lossy(&req).to_ascii_lowercase();
+            let range = req
+                .lines()
+                .find_map(|l| l.strip_prefix("range: "))
+                .unwrap_or("")
+                .to_owned();
+            let _ = c.write_all(&answer(&range));
+        }
+    });
+    (endpoint, t)
+}
+
+fn http_206(content_range: Option<&str>, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if let Some(cr) = content_range {
+        r += &format!("Content-Range: {cr}\r\n");
+    }
+    r += "\r\n";
+    let mut v = r.into_bytes();
+    v.extend_from_slice(body);
+    v
+}
+
+/// A store that answers a ranged GET with other bytes of the object (another range, no range,
+/// or more than asked) fails the request, and nothing lands outside the descriptor (nor, for an
+/// answer of the wrong range, inside it).
+#[test]
+fn a_lying_store_fails_the_read_and_writes_nothing_out_of_place() {
+    type Answer = fn(&str) -> Vec<u8>;
+    let cases: [(&str, Answer, bool); 3] = [
+        (
+            "another range",
+            |_| http_206(Some("bytes 0-4095/8192"), &[0xab; 4096]),
+            false,
+        ),
+        ("no Content-Range", |_| http_206(None, &[0xab; 4096]), false),
+        (
+            "more bytes than asked",
+            |_| http_206(Some("bytes 4096-8191/8192"), &[0xab; 8192]),
+            true,
+        ),
+    ];
+    for (what, answer, may_fill) in cases {
+        let (endpoint, server) = lying_store(answer);
+        let a = agent(&endpoint, "request_timeout_ms = 3000");
+        let mut buf = vec![0x11u8; 3 * 4096];
+        let _m = reg(&a, MemKind::Dram, vec![Desc::from_mut_slice(&mut buf)]);
+        let _o = reg(&a, MemKind::Object, vec![Desc::new(0, 8192, 1)]);
+        let st = run(
+            &a,
+            XferOp::Read,
+            vec![Desc::from_mut_slice(&mut buf[4096..8192])],
+            vec![Desc::new(4096, 4096, 1)],
+        );
+        assert!(matches!(st, XferStatus::Failed(_)), "{what}: {st:?}");
+        drop(a);
+        assert!(buf[..4096].iter().all(|&v| v == 0x11), "{what}: before");
+        assert!(buf[8192..].iter().all(|&v| v == 0x11), "{what}: after");
+        if !may_fill {
+            assert!(buf[4096..8192].iter().all(|&v| v == 0x11), "{what}: inside");
+        }
+        drop(server);
+    }
+}
+
 #[test]
 fn misuse_is_refused_when_the_request_is_created() {
     // No server needed: nothing here reaches one.

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixl_core::*;
-use nixl_transports::tcp::{fetch_metadata, push_metadata, Auth, TcpBackend, TcpConfig};
+use nixl_transports::tcp::{
+    fetch_metadata, push_metadata, push_metadata_as, Auth, PeerIdentity, TcpBackend, TcpConfig,
+};
 
 /// Registration for tests: every buffer is declared before its registration (so it outlives
 /// it) and is read only after the transfers that write it have ended (`Agent::register`).
@@ -249,7 +251,13 @@ fn shared_secret_must_match_on_both_sides() {
 #[test]
 fn metadata_push_loads_the_pusher_at_the_listener() {
     let (a, _) = agent("push-a", cfg(Auth::host_only()));
-    let (b, bb) = agent("push-b", cfg(Auth::host_only()));
+    let (b, bb) = agent(
+        "push-b",
+        TcpConfig {
+            accept_pushes: true,
+            ..cfg(Auth::host_only())
+        },
+    );
     let name = push_metadata(
         &bb.listen_addrs()[0].to_string(),
         &Auth::host_only(),
@@ -544,7 +552,7 @@ fn control_requests_reach_the_named_service_through_the_authenticated_listener()
     let call =
         |ch: &dyn ControlChannel, backend, req: &[u8]| ch.call(&ep, "ctl-a", backend, req, t);
 
-    // Served: the reply names the caller as its OPEN frame said.
+    // Served: the reply names the caller as its connection proved it.
     let reply = call(&*ta.control(), BackendName::Rdma, b"hello").unwrap();
     assert_eq!(reply, b"ctl-a:hello");
     // Large requests up to the limit pass; over it are refused before sending.
@@ -564,8 +572,17 @@ fn control_requests_reach_the_named_service_through_the_authenticated_listener()
     let err = call(&*ta.control(), BackendName::Cuda, b"x").unwrap_err();
     assert!(err.to_string().contains("serves no cuda control"), "{err}");
     // A caller with the wrong secret is refused at authentication.
-    let err = call(&*tc.control(), BackendName::Rdma, b"hello").unwrap_err();
+    let err = tc
+        .control()
+        .call(&ep, "ctl-c", BackendName::Rdma, b"hello", t)
+        .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    // A channel calls only as its own agent: it cannot name another.
+    let err = tb
+        .control()
+        .call(&ep, "ctl-a", BackendName::Rdma, b"hello", t)
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Invalid, "{err}");
     // Garbage as an endpoint is a clear error, not a panic.
     let err = ta
         .control()
@@ -597,4 +614,187 @@ fn control_requests_reach_the_named_service_through_the_authenticated_listener()
         "bytes written beside control traffic differ"
     );
     let _ = &l.b;
+}
+
+#[test]
+fn pushes_are_off_by_default_and_an_agent_pushes_only_its_own_metadata() {
+    let auth = Auth::host_only;
+    let t = Duration::from_secs(2);
+    let (a, _) = agent("own-a", cfg(auth()));
+    let (v, _) = agent("own-victim", cfg(auth()));
+    // Off by default: refused, nothing loaded.
+    let (b, bb) = agent("own-b", cfg(auth()));
+    let addr = bb.listen_addrs()[0].to_string();
+    let err = push_metadata(&addr, &auth(), &a.metadata_bytes(), t).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    assert!(err.to_string().contains("accept_pushes"), "{err}");
+    assert!(b.peers().is_empty());
+
+    // On: only under the name and instance the connection proved.
+    let (c, cb) = agent(
+        "own-c",
+        TcpConfig {
+            accept_pushes: true,
+            ..cfg(auth())
+        },
+    );
+    let addr = cb.listen_addrs()[0].to_string();
+    let as_a = PeerIdentity::new("own-a", a.instance_id());
+    let err = push_metadata_as(&addr, &auth(), &as_a, &v.metadata_bytes(), t).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    assert!(err.to_string().contains("only its own"), "{err}");
+    let mut other_instance = a.metadata();
+    other_instance.instance_id ^= 1;
+    let err = push_metadata_as(&addr, &auth(), &as_a, &other_instance.encode(), t).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    assert!(c.peers().is_empty(), "{:?}", c.peers());
+    assert_eq!(
+        push_metadata(&addr, &auth(), &a.metadata_bytes(), t).unwrap(),
+        "own-a"
+    );
+    assert_eq!(c.peers(), vec!["own-a".to_owned()]);
+}
+
+/// Metadata that names one agent but sends the initiator to another's listener (a poisoned
+/// etcd entry, a forged file): the listener proves who it is, and the initiator refuses.
+#[test]
+fn the_initiator_refuses_a_listener_that_is_not_the_agent_its_metadata_names() {
+    let (a, _) = agent("who-a", cfg(Auth::host_only()));
+    let (m, _) = agent("who-mallory", cfg(Auth::host_only()));
+    let mut src = vec![1u8; 4096];
+    let mut dst = vec![0u8; 4096];
+    let _ra = reg(&a, &mut src);
+    let _rm = reg(&m, &mut dst);
+    // "who-victim", at mallory's address, with mallory's instance and regions.
+    let mut forged = m.metadata();
+    forged.name = "who-victim".into();
+    a.load_remote_md(forged).unwrap();
+    let err = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&src),
+            &one(&dst),
+            "who-victim",
+            XferOptions::default(),
+        )
+        .and_then(|x| x.run_blocking())
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    assert!(err.to_string().contains("is agent 'who-mallory'"), "{err}");
+    assert!(dst.iter().all(|&b| b == 0));
+}
+
+/// A relay on the path that rewrites the name in a connection's OPEN: the seal no longer
+/// matches, the listener drops the connection, and nothing is attributed to either name.
+#[test]
+fn a_name_rewritten_on_the_path_is_refused_and_notifications_name_the_proven_sender() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let (b, bb) = agent("seal-b", cfg(Auth::host_only()));
+    let target = bb.listen_addrs()[0];
+
+    // Straight: a notification names the sender its connection proved.
+    let mut s =
+        nixl_transports::tcp::raw_data_connection(target, &Auth::host_only(), "mallory").unwrap();
+    s.write_all(&notif_frame(1, b"hi")).unwrap();
+    let n = b.wait_notifs(Duration::from_secs(5));
+    assert_eq!(n.len(), 1);
+    assert_eq!(
+        (n[0].from.as_str(), n[0].msg.as_slice()),
+        ("mallory", &b"hi"[..])
+    );
+
+    // Through a relay that turns "mallory" into "victim1" in the OPEN frame.
+    let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = relay.accept().unwrap();
+        let mut up = TcpStream::connect(target).unwrap();
+        let mut down = up.try_clone().unwrap();
+        let mut c2 = c.try_clone().unwrap();
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut down, &mut c2);
+        });
+        // Initiator hello (72 bytes), then the OPEN frame.
+        let mut hello = [0u8; 72];
+        c.read_exact(&mut hello).unwrap();
+        up.write_all(&hello).unwrap();
+        let mut len = [0u8; 4];
+        c.read_exact(&mut len).unwrap();
+        let mut frame = vec![0u8; u32::from_le_bytes(len) as usize];
+        c.read_exact(&mut frame).unwrap();
+        let at = frame
+            .windows(7)
+            .position(|w| w == b"mallory")
+            .expect("the name in OPEN");
+        frame[at..at + 7].copy_from_slice(b"victim1");
+        up.write_all(&len).unwrap();
+        up.write_all(&frame).unwrap();
+        let _ = std::io::copy(&mut c, &mut up);
+        let _ = up.shutdown(std::net::Shutdown::Both);
+        let _ = back.join();
+    });
+    let r = nixl_transports::tcp::raw_data_connection(relay_addr, &Auth::host_only(), "mallory");
+    assert!(
+        r.is_err(),
+        "the listener must drop a connection whose OPEN was rewritten"
+    );
+    t.join().unwrap();
+    assert!(b.wait_notifs(Duration::from_millis(300)).is_empty());
+}
+
+fn notif_frame(id: u64, msg: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    let body_len = 1 + 8 + 4 + msg.len();
+    f.extend_from_slice(&(body_len as u32).to_le_bytes());
+    f.push(4); // NOTIF
+    f.extend_from_slice(&id.to_le_bytes());
+    f.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    f.extend_from_slice(msg);
+    f
+}
+
+/// One limit for notifications, checked where they are made: the largest arrives whole, with a
+/// transfer or alone; one byte more is refused at the sender with the limit in the error, and the
+/// connection to the peer is untouched.
+#[test]
+fn notifications_up_to_the_one_limit_arrive_and_longer_ones_are_refused_at_the_sender() {
+    let l = linked("nsz", pattern(2, 8192), 8192);
+    let (a, b) = (&l.a, &l.b);
+    let largest = pattern(3, MAX_NOTIF_BYTES);
+    a.send_notif("nsz-b", &largest).unwrap();
+    let n = b.wait_notifs(Duration::from_secs(5));
+    assert_eq!(n.len(), 1);
+    assert!(n[0].msg == largest);
+
+    let over = vec![1u8; MAX_NOTIF_BYTES + 1];
+    let err = a.send_notif("nsz-b", &over).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Invalid, "{err}");
+    // Refused by the agent itself, whichever backend would carry it.
+    assert!(err.to_string().contains("MAX_NOTIF_BYTES"), "{err}");
+    let err = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&l.src),
+            &one(&l.dst),
+            "nsz-b",
+            opts(Some(&vec![2u8; 2 << 20])),
+        )
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Invalid, "{err}");
+
+    let x = a
+        .create_xfer(
+            XferOp::Write,
+            &one(&l.src),
+            &one(&l.dst),
+            "nsz-b",
+            opts(Some(&largest)),
+        )
+        .unwrap();
+    x.run_blocking().unwrap();
+    let n = b.wait_notifs(Duration::from_secs(5));
+    assert_eq!(n.len(), 1);
+    assert!(n[0].msg == largest);
+    assert!(l.dst == l.src);
 }

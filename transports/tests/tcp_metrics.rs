@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use nixl_core::*;
-use nixl_transports::tcp::{fetch_metadata, Auth, TcpBackend, TcpConfig};
+use nixl_transports::tcp::{fetch_metadata, push_metadata, Auth, TcpBackend, TcpConfig};
 
 fn counter(s: &Snapshotter, name: &str) -> u64 {
     s.snapshot()
@@ -92,4 +92,35 @@ fn refusals_are_counted() {
     let mut sink = Vec::new();
     let _ = s.read_to_end(&mut sink);
     assert!(wait_for(&snap, "nixl_tcp_bad_frames_total", 1) >= 1);
+
+    // Pushed metadata: refused while pushes are off, counted; with pushes on, a new instance of
+    // an agent replaces the loaded one, logged and counted.
+    let t = Duration::from_secs(2);
+    let k = || Auth::with_secret("k");
+    assert!(push_metadata(&addr, &k(), &a.metadata_bytes(), t).is_err());
+    assert!(wait_for(&snap, "nixl_tcp_pushes_refused_total", 1) >= 1);
+    let pb = Arc::new(TcpBackend::new(TcpConfig {
+        accept_pushes: true,
+        ..cfg(k())
+    }));
+    let p = Agent::builder("m-p").backend(pb.clone()).build().unwrap();
+    let paddr = pb.listen_addrs()[0].to_string();
+    let before = counter(&snap, "nixl_peer_instance_replaced_total");
+    assert_eq!(
+        push_metadata(&paddr, &k(), &a.metadata_bytes(), t).unwrap(),
+        "m-a"
+    );
+    let a2 = Agent::builder("m-a")
+        .backend(Arc::new(TcpBackend::new(cfg(k()))))
+        .build()
+        .unwrap();
+    assert_eq!(
+        push_metadata(&paddr, &k(), &a2.metadata_bytes(), t).unwrap(),
+        "m-a"
+    );
+    assert_eq!(
+        wait_for(&snap, "nixl_peer_instance_replaced_total", before + 1),
+        before + 1
+    );
+    drop(p);
 }

@@ -556,9 +556,9 @@ pub fn common_domain(
     Ok(mine)
 }
 
-/// Largest notification carried in a [`Ctl::Notif`] (the control channel's limit, less room for
-/// the header).
-pub const MAX_CTL_NOTIF: usize = crate::control::MAX_CONTROL - 64;
+/// Largest notification carried in a [`Ctl::Notif`]: the one limit of every backend (the
+/// control channel leaves room for it and the header).
+pub const MAX_CTL_NOTIF: usize = nixl_core::MAX_NOTIF_BYTES;
 
 /// A request between two agents' cuda backends over the agents' control channel: what the Unix
 /// socket carries on one node, for peers on other nodes. Encoded as a type byte, then

@@ -62,8 +62,8 @@ use parking_lot::{Condvar, Mutex};
 
 /// Largest frame body.
 pub const MAX_FRAME: usize = (1 << 20) + 4096;
-/// Longest notification message carried.
-pub const MAX_NOTIF: usize = 1 << 20;
+/// Longest notification message carried: the one limit of every backend.
+pub const MAX_NOTIF: usize = nixl_core::MAX_NOTIF_BYTES;
 
 const T_GRANT: u8 = 1;
 const T_GRANTED: u8 = 2;

@@ -216,7 +216,7 @@ impl Frame {
                 };
                 let notif = match r.u8("notif flag")? {
                     0 => None,
-                    _ => Some(r.blob("notif")?.to_vec()),
+                    _ => Some(r.blob_max("notif", nixl_core::MAX_NOTIF_BYTES)?.to_vec()),
                 };
                 let n = r.peek_u32()? as usize;
                 let n = r.count("segment count", n, 4, MAX_FRAME / SEG_BYTES, SEG_BYTES)?;
@@ -242,7 +242,7 @@ impl Frame {
                 text: r.str("text", MAX_TEXT)?,
             },
             NOTIF => Frame::Notif {
-                msg: r.blob("notif")?.to_vec(),
+                msg: r.blob_max("notif", nixl_core::MAX_NOTIF_BYTES)?.to_vec(),
             },
             MAP_REQ => Frame::MapReq {
                 id: r.u64("id")?,

@@ -1057,6 +1057,26 @@ async fn get_range(s3: &S3, name: &ObjectName, op: &RangeOp) -> Result<()> {
         }
         return Err(backend_err("get", e));
     }
+    // A partial answer must be the range asked for: other bytes of the object would land, in
+    // bounds, where these belong.
+    if status == StatusCode::PARTIAL_CONTENT {
+        let range = parts
+            .headers
+            .get("content-range")
+            .and_then(|v| v.to_str().ok());
+        let want = (op.offset, op.offset + op.len - 1);
+        if range.and_then(content_range) != Some(want) {
+            return Err(backend_err(
+                "get",
+                format!(
+                    "{what}: the server answered with Content-Range {:?}, not bytes {}-{}",
+                    range.unwrap_or("(none)"),
+                    want.0,
+                    want.1
+                ),
+            ));
+        }
+    }
     let mut got = 0u64;
     let (mut piece, mut in_piece) = (0usize, 0u64);
     while let Some(frame) = body.frame().await {
@@ -1111,6 +1131,15 @@ async fn get_range(s3: &S3, name: &ObjectName, op: &RangeOp) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The first and last byte of a `Content-Range: bytes FIRST-LAST/SIZE` header.
+fn content_range(v: &str) -> Option<(u64, u64)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (span, _size) = rest.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a <= b).then_some((a, b))
 }
 
 /// The upload id and part ETags of one multipart upload.
@@ -1341,6 +1370,22 @@ async fn complete_upload(post: &Arc<Post>, run: &Run, o: &WriteObj, up: &Upload)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_ranges_parse_strictly() {
+        assert_eq!(content_range("bytes 0-99/1000"), Some((0, 99)));
+        assert_eq!(content_range("bytes 5-5/*"), Some((5, 5)));
+        for bad in [
+            "bytes 9-5/10",
+            "bytes */10",
+            "items 0-1/2",
+            "bytes 0-x/2",
+            "",
+            "bytes 1/2",
+        ] {
+            assert_eq!(content_range(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn ranges_merge_scatter_and_split() {

@@ -13,6 +13,7 @@ use nixl_core::{
 use parking_lot::{Condvar, Mutex};
 
 use super::auth::{self, AuthError};
+use super::identity::{self, PeerIdentity};
 use super::net::{self, OnBlock, Span};
 use super::server::TICK;
 use super::wire::{self, Piece, Purpose, Status};
@@ -115,46 +116,35 @@ impl Conn {
             .map_err(io_err)?;
         s.set_write_timeout(Some(cfg.connect_timeout))
             .map_err(io_err)?;
-        auth::connect(&mut s, &cfg.auth).map_err(|e| match e {
-            AuthError::Denied(reason) => Error::Denied {
-                peer: self.peer.clone(),
-                reason,
-            },
-            AuthError::Protocol(reason) => Error::RemoteDisconnect {
-                peer: self.peer.clone(),
-                reason,
-            },
-            AuthError::Io(e) => peer_err(&self.peer, &e),
-        })?;
-        let mut out = Vec::with_capacity(128);
-        wire::open(
-            &mut out,
+        let me = PeerIdentity::new(&*self.me, self.my_instance);
+        let o = open_stream(
+            &mut s,
+            &cfg.auth,
             Purpose::Data,
-            &self.me,
-            self.my_instance,
+            &me,
             self.peer_instance,
-        );
-        net::send_all(&s, &out).map_err(io_err)?;
-        let mut body = Vec::new();
-        let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
-        if ty != wire::OPENED {
-            return Err(Error::RemoteDisconnect {
+            &self.peer,
+        )?;
+        if o.status == Status::Ok && o.text != self.peer {
+            // The listener proved another name: the metadata that sent us here (from etcd, a
+            // push, a file) does not describe who answers at its address.
+            return Err(Error::Denied {
                 peer: self.peer.clone(),
-                reason: format!("expected OPENED, got frame type {ty}"),
+                reason: format!(
+                    "the listener at {} is agent '{}', not '{}'",
+                    s.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+                    o.text,
+                    self.peer
+                ),
             });
         }
-        let (status, instance, text) =
-            wire::decode_opened(&body).map_err(|e| Error::RemoteDisconnect {
-                peer: self.peer.clone(),
-                reason: e.to_string(),
-            })?;
-        if status != Status::Ok || instance != self.peer_instance {
+        if o.status != Status::Ok || o.instance != self.peer_instance {
             return Err(Error::RemoteDisconnect {
                 peer: self.peer.clone(),
-                reason: if status == Status::Ok {
+                reason: if o.status == Status::Ok {
                     "the peer restarted: load its new metadata".into()
                 } else {
-                    text
+                    o.text
                 },
             });
         }
@@ -253,6 +243,12 @@ enum Done {
 }
 
 /// One execution of a plan (or a standalone notification) on a session.
+///
+/// A post ends when its last holder lets go of it ([`Drop`]): the session's tables, the job
+/// queues, the record of what a lane has sent, and the lane threads that read into or write from
+/// its memory all hold it. So whatever the peer answers, and whenever the session fails, the
+/// post's completion (which releases its memory to the caller) comes after every thread that
+/// touches that memory is done with it.
 struct Post {
     id: u64,
     plan: Option<Arc<Plan>>,
@@ -274,32 +270,43 @@ impl Post {
             .or_else(|| self.plan.as_ref().and_then(|p| p.notif.as_deref()))
     }
 
-    fn complete(&self, res: Result<()>) {
-        match self.done.lock().take() {
-            Some(Done::Xfer(c)) => {
-                c.complete(res);
-            }
-            Some(Done::Wait(w)) => {
-                *w.result.lock() = Some(res);
-                w.cv.notify_all();
-            }
-            None => {}
-        }
+    /// Records a failure (the first one wins); the post ends with it when it is let go.
+    fn fail(&self, e: Error) {
+        self.error.lock().get_or_insert(e);
     }
+}
 
-    /// Ends the post now but keeps its memory held until the last reference goes.
-    fn end_early(&self, e: Error) {
-        match &*self.done.lock() {
+impl Drop for Post {
+    fn drop(&mut self) {
+        let outcome = match self.error.get_mut().take() {
+            Some(e) => Err(e),
+            None if *self.left.get_mut() == 0 => Ok(()),
+            None => Err(Error::Backend {
+                backend: BackendName::Tcp,
+                op: "transfer",
+                reason: "the request ended before every chunk was answered".into(),
+            }),
+        };
+        match self.done.get_mut().take() {
             Some(Done::Xfer(c)) => {
-                c.end_early(Err(e));
+                c.complete(outcome);
             }
             Some(Done::Wait(w)) => {
-                w.result.lock().get_or_insert(Err(e));
+                *w.result.lock() = Some(outcome);
                 w.cv.notify_all();
             }
             None => {}
         }
     }
+}
+
+/// A chunk (or a notification: [`NOTIF_CHUNK`]) written on a lane and not answered yet. The
+/// target answers a lane's frames in the order it reads them, so each lane's answers must match
+/// its record front to back: an answer to anything else (a chunk never asked, asked on another
+/// lane, answered already, or of a request that ended) is a protocol error.
+struct Sent {
+    post: Arc<Post>,
+    chunk: u32,
 }
 
 enum Job {
@@ -315,6 +322,8 @@ struct State {
     next_lane: usize,
     pending: HashMap<u64, Arc<Post>>,
     outstanding: Vec<usize>,
+    /// What each lane has written and not had answered, in order.
+    sent: Vec<VecDeque<Sent>>,
     /// A thread is writing on the lane (its sender, or a poster writing a small request inline).
     busy: Vec<bool>,
     failed: Option<Error>,
@@ -388,6 +397,7 @@ impl Session {
                 next_lane: 0,
                 pending: HashMap::new(),
                 outstanding: vec![0; n],
+                sent: (0..n).map(|_| VecDeque::new()).collect(),
                 busy: vec![false; n],
                 failed: None,
             }),
@@ -420,7 +430,7 @@ impl Session {
         let mut st = self.state.lock();
         if let Some(e) = st.failed.clone() {
             drop(st);
-            post.complete(Err(e));
+            post.fail(e);
             return;
         }
         st.pending.insert(post.id, Arc::clone(&post));
@@ -463,15 +473,21 @@ impl Session {
         self.cv.notify_all();
     }
 
+    /// Fails the session: every post on it fails with `e`, each ending once the lane threads
+    /// that still touch its memory have stopped (the sockets are shut down to stop them).
     fn fail(&self, e: Error) {
-        let (posts, jobs) = {
+        let (posts, jobs, sent) = {
             let mut st = self.state.lock();
             if st.failed.is_some() {
                 return;
             }
             st.failed = Some(e.clone());
             let posts: Vec<_> = st.pending.drain().map(|(_, p)| p).collect();
-            (posts, std::mem::take(&mut st.queues))
+            (
+                posts,
+                std::mem::take(&mut st.queues),
+                std::mem::take(&mut st.sent),
+            )
         };
         self.cv.notify_all();
         if !matches!(e, Error::Cancelled) {
@@ -480,21 +496,24 @@ impl Session {
         for l in &self.lanes {
             let _ = l.stream.shutdown(Shutdown::Both);
         }
-        for p in posts {
-            p.end_early(e.clone());
+        for p in &posts {
+            p.fail(e.clone());
         }
+        // Let go outside the lock: the last holder of a post completes it.
+        drop(posts);
         drop(jobs);
+        drop(sent);
     }
 
     fn chunk_done(&self, post: &Arc<Post>, res: Result<()>) {
         if let Err(e) = res {
-            post.error.lock().get_or_insert(e);
+            post.fail(e);
         }
         if post.left.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        let err = post.error.lock().clone();
-        if err.is_none()
+        let failed = post.error.lock().is_some();
+        if !failed
             && !post.in_notif.load(Ordering::Acquire)
             && post.notif_msg().is_some()
             && !post.abandoned()
@@ -510,8 +529,43 @@ impl Session {
             }
             return;
         }
-        self.state.lock().pending.remove(&post.id);
-        post.complete(err.map_or(Ok(()), Err));
+        // Every chunk is answered: the post ends as its last holder (often our caller) lets go.
+        let gone = self.state.lock().pending.remove(&post.id);
+        drop(gone);
+    }
+
+    /// Records that `lane` is about to write `chunk` of `post`; false if the session failed.
+    fn mark_sent(&self, lane: usize, post: &Arc<Post>, chunk: u32) -> bool {
+        let mut st = self.state.lock();
+        if st.failed.is_some() {
+            return false;
+        }
+        st.sent[lane].push_back(Sent {
+            post: Arc::clone(post),
+            chunk,
+        });
+        true
+    }
+
+    /// What `lane` must be answered next, if anything.
+    fn next_answer(&self, lane: usize) -> Option<(Arc<Post>, u32)> {
+        let st = self.state.lock();
+        st.sent
+            .get(lane)?
+            .front()
+            .map(|x| (Arc::clone(&x.post), x.chunk))
+    }
+
+    /// The answer `lane` expected next has been read in full.
+    fn answered(&self, lane: usize) {
+        let done = {
+            let mut st = self.state.lock();
+            st.outstanding[lane] = st.outstanding[lane].saturating_sub(1);
+            st.sent.get_mut(lane).and_then(VecDeque::pop_front)
+        };
+        self.cv.notify_all();
+        // Outside the lock: the last holder of a post completes it.
+        drop(done);
     }
 
     fn take_job(&self, lane: usize) -> Option<Job> {
@@ -580,6 +634,10 @@ impl Session {
                 } else {
                     &[]
                 };
+                if !self.mark_sent(lane, post, *idx) {
+                    self.release(lane);
+                    return false;
+                }
                 // SAFETY: the local spans lie in regions the core validated at prepare and
                 // holds for as long as the post's completion lives; `job` keeps the post (and
                 // so its completion) alive until this write returns. The memory is only read.
@@ -587,6 +645,10 @@ impl Session {
             }
             Job::Notif(post) => {
                 wire::notif(hdr, post.id, post.notif_msg().unwrap_or_default());
+                if !self.mark_sent(lane, post, NOTIF_CHUNK) {
+                    self.release(lane);
+                    return false;
+                }
                 // SAFETY: no spans; only `hdr` is written.
                 unsafe { net::write_spans(s, hdr, &[], iov, &mut LaneIdle(self, lane)) }
             }
@@ -626,7 +688,7 @@ impl Session {
                     metrics::counter!("nixl_tcp_bad_frames_total").increment(1);
                     Error::RemoteDisconnect {
                         peer: self.peer.clone(),
-                        reason: format!("malformed reply: {e}"),
+                        reason: format!("protocol error, connection dropped: {e}"),
                     }
                 } else {
                     self.io_error(&e)
@@ -637,6 +699,10 @@ impl Session {
         }
     }
 
+    /// Reads one answer on `lane`. It must answer the lane's oldest unanswered frame, with the
+    /// kind of answer that frame asks for (DATA of exactly the chunk's bytes for a READ chunk,
+    /// ACK for a WRITE chunk or a notification); anything else is a protocol error that fails
+    /// the session before a byte of it is written to memory.
     fn recv_one(
         &self,
         lane: usize,
@@ -647,41 +713,68 @@ impl Session {
     ) -> io::Result<()> {
         let ty = net::read_frame(s, body, wire::frame_limit, &mut LaneIdle(self, lane))?;
         if ty != wire::ACK && ty != wire::DATA {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected frame type {ty}"),
-            ));
+            return Err(protocol(format!("unexpected frame type {ty}")));
         }
         let r = wire::decode_reply(ty, body).map_err(wire::bad)?;
-        self.lane_reply(lane);
-        let post = self.state.lock().pending.get(&r.id).cloned();
-        if ty == wire::DATA && r.status == Status::Ok {
-            let target = post.as_ref().and_then(|p| {
-                let plan = p.plan.as_ref()?;
-                let c = plan.chunks.get(r.chunk as usize)?;
-                (plan.op == XferOp::Read && c.bytes == r.len)
-                    .then(|| &plan.local[c.start as usize..c.end as usize])
-            });
-            match (target, &post) {
-                // SAFETY: the spans lie in local regions the core validated and holds while
-                // the post's completion lives; `post` keeps it alive until this read returns.
-                // Registered memory is lent to transfers by contract, so no Rust reference
-                // aliases it.
-                (Some(spans), _) => unsafe {
-                    net::read_spans(s, spans, iov, &mut LaneIdle(self, lane))?
-                },
-                (None, None) => net::discard(s, r.len, scratch, &mut LaneIdle(self, lane))?,
-                (None, Some(_)) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("DATA for chunk {} does not match the request", r.chunk),
-                    ))
+        let Some((post, chunk)) = self.next_answer(lane) else {
+            return Err(protocol(format!(
+                "an answer to chunk {} of request {} while nothing is outstanding on this \
+                 connection",
+                r.chunk, r.id
+            )));
+        };
+        if r.id != post.id || r.chunk != chunk {
+            return Err(protocol(format!(
+                "an answer to chunk {} of request {}, but chunk {} of request {} is the one \
+                 to answer next on this connection (an unknown, duplicate or late answer)",
+                r.chunk, r.id, chunk, post.id
+            )));
+        }
+        let spans = match &post.plan {
+            Some(plan) if chunk != NOTIF_CHUNK && plan.op == XferOp::Read => {
+                if ty != wire::DATA {
+                    return Err(protocol(format!(
+                        "chunk {chunk} of READ request {} answered by an ACK",
+                        post.id
+                    )));
                 }
+                let c = plan.chunks[chunk as usize];
+                if r.status == Status::Ok && r.len != c.bytes {
+                    return Err(protocol(format!(
+                        "{} bytes of DATA for chunk {chunk} of request {}, which asked for {}",
+                        r.len, post.id, c.bytes
+                    )));
+                }
+                Some(&plan.local[c.start as usize..c.end as usize])
+            }
+            _ => {
+                if ty != wire::ACK {
+                    return Err(protocol(format!(
+                        "{} of request {} answered by DATA",
+                        if chunk == NOTIF_CHUNK {
+                            "the notification".to_owned()
+                        } else {
+                            format!("WRITE chunk {chunk}")
+                        },
+                        post.id
+                    )));
+                }
+                None
+            }
+        };
+        if let (Some(spans), Status::Ok) = (spans, r.status) {
+            if post.abandoned() {
+                net::discard(s, r.len, scratch, &mut LaneIdle(self, lane))?;
+            } else {
+                // SAFETY: the spans are the local descriptors of this chunk, which lie in
+                // regions the core validated and holds while the post's completion lives;
+                // `post` (held here) keeps the completion alive until this read returns, and the
+                // length was checked to be exactly the chunk's. Registered memory is lent to
+                // transfers by contract, so no Rust reference aliases it.
+                unsafe { net::read_spans(s, spans, iov, &mut LaneIdle(self, lane))? };
             }
         }
-        let Some(post) = post else {
-            return Ok(());
-        };
+        self.answered(lane);
         let res = match r.status {
             Status::Ok => Ok(()),
             Status::Denied => Err(Error::Denied {
@@ -694,15 +787,13 @@ impl Session {
                 reason: r.text,
             }),
         };
-        if (r.chunk == NOTIF_CHUNK) != post.in_notif.load(Ordering::Acquire) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "acknowledgement of the wrong kind",
-            ));
-        }
         self.chunk_done(&post, res);
         Ok(())
     }
+}
+
+fn protocol(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
 }
 
 /// A lane blocked for one tick: give up when the session failed, or when work is outstanding
@@ -826,48 +917,108 @@ impl Connection for Conn {
     }
 }
 
-/// An authenticated connection opened for `purpose` as the agent `from`, past OPENED.
+/// What a listener answered to our OPEN, its seal checked.
+pub(super) struct Opened {
+    pub(super) status: Status,
+    /// The listener's instance id.
+    pub(super) instance: u128,
+    /// Its name (status Ok) or why it refused.
+    pub(super) text: String,
+}
+
+impl Opened {
+    /// The identity the listener proved (with status Ok).
+    pub(super) fn identity(&self) -> PeerIdentity {
+        PeerIdentity::new(self.text.clone(), self.instance)
+    }
+}
+
+/// The initiator's side of opening a connection: the secret handshake, then OPEN (sealed: our
+/// name and instance, the purpose, the listener instance we expect, 0 for any) and the sealed
+/// OPENED. `peer` names the other side in errors.
+pub(super) fn open_stream(
+    s: &mut TcpStream,
+    auth: &auth::Auth,
+    purpose: Purpose,
+    me: &PeerIdentity,
+    expect: u128,
+    peer: &str,
+) -> Result<Opened> {
+    let io_err = |e: io::Error| peer_err(peer, &e);
+    let binding = auth::connect(s, auth).map_err(|e| match e {
+        AuthError::Denied(reason) => Error::Denied {
+            peer: peer.to_owned(),
+            reason,
+        },
+        AuthError::Protocol(reason) => Error::RemoteDisconnect {
+            peer: peer.to_owned(),
+            reason,
+        },
+        AuthError::Io(e) => peer_err(peer, &e),
+    })?;
+    let bad = |reason: String| Error::RemoteDisconnect {
+        peer: peer.to_owned(),
+        reason,
+    };
+    let mut out = Vec::with_capacity(128);
+    wire::open(&mut out, purpose, &me.name, me.instance, expect);
+    identity::seal(&mut out, auth, &binding, identity::OPEN_LABEL).map_err(|reason| {
+        Error::Denied {
+            peer: peer.to_owned(),
+            reason,
+        }
+    })?;
+    net::send_all(s, &out).map_err(io_err)?;
+    let mut body = Vec::new();
+    let ty = net::read_frame(s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
+    if ty != wire::OPENED {
+        return Err(bad(format!("expected OPENED, got frame type {ty}")));
+    }
+    let inner =
+        identity::unseal(ty, &body, auth, &binding, identity::OPENED_LABEL).map_err(|e| {
+            Error::Denied {
+                peer: peer.to_owned(),
+                reason: format!("the listener's answer: {e}"),
+            }
+        })?;
+    let (status, instance, text) = wire::decode_opened(inner).map_err(|e| bad(e.to_string()))?;
+    Ok(Opened {
+        status,
+        instance,
+        text,
+    })
+}
+
+/// An authenticated connection opened for `purpose` as `me`, past OPENED; returns the identity
+/// the listener proved.
 fn open_call(
     addr: SocketAddr,
     auth: &auth::Auth,
     timeout: Duration,
     purpose: Purpose,
-    from: &str,
-) -> Result<TcpStream> {
+    me: &PeerIdentity,
+) -> Result<(TcpStream, PeerIdentity)> {
     let who = addr.to_string();
     let io_err = |e: io::Error| peer_err(&who, &e);
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
     s.set_read_timeout(Some(timeout)).map_err(io_err)?;
     s.set_write_timeout(Some(timeout)).map_err(io_err)?;
     s.set_nodelay(true).map_err(io_err)?;
-    auth::connect(&mut s, auth).map_err(|e| match e {
-        AuthError::Denied(reason) => Error::Denied {
-            peer: who.clone(),
-            reason,
-        },
-        AuthError::Protocol(reason) => Error::RemoteDisconnect {
-            peer: who.clone(),
-            reason,
-        },
-        AuthError::Io(e) => peer_err(&who, &e),
-    })?;
-    let mut out = Vec::new();
-    wire::open(&mut out, purpose, from, 0, 0);
-    net::send_all(&s, &out).map_err(io_err)?;
-    let mut body = Vec::new();
-    let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
-    let bad = |reason: String| Error::RemoteDisconnect {
-        peer: who.clone(),
-        reason,
-    };
-    if ty != wire::OPENED {
-        return Err(bad(format!("expected OPENED, got frame type {ty}")));
+    let o = open_stream(&mut s, auth, purpose, me, 0, &who)?;
+    if o.status != Status::Ok {
+        return Err(match o.status {
+            Status::Denied => Error::Denied {
+                peer: who,
+                reason: o.text,
+            },
+            _ => Error::RemoteDisconnect {
+                peer: who,
+                reason: o.text,
+            },
+        });
     }
-    let (status, _, text) = wire::decode_opened(&body).map_err(|e| bad(e.to_string()))?;
-    if status != Status::Ok {
-        return Err(bad(text));
-    }
-    Ok(s)
+    let id = o.identity();
+    Ok((s, id))
 }
 
 /// Sends one frame on a call connection and reads the reply frame of type `want`.
@@ -884,15 +1035,18 @@ fn exchange(s: &TcpStream, who: &str, frame: &[u8], want: u8, body: &mut Vec<u8>
     Ok(())
 }
 
-/// A one-off metadata exchange with a listener: fetch (`push` None) or push.
+/// A one-off metadata exchange with a listener, as `me`: fetch (`push` None) or push. A fetch
+/// returns only metadata of the agent the listener proved to be; a push is accepted by the
+/// listener only as the pusher's own (`me` is the name and instance in `push`).
 pub(super) fn metadata_call(
     addr: SocketAddr,
     auth: &auth::Auth,
     timeout: Duration,
+    me: &PeerIdentity,
     push: Option<&[u8]>,
 ) -> Result<Vec<u8>> {
     let who = addr.to_string();
-    let s = open_call(addr, auth, timeout, Purpose::Metadata, "-")?;
+    let (s, listener) = open_call(addr, auth, timeout, Purpose::Metadata, me)?;
     let mut f = Vec::with_capacity(push.map_or(0, <[u8]>::len) + 16);
     match push {
         None => wire::begin(&mut f, wire::MD_GET),
@@ -908,31 +1062,51 @@ pub(super) fn metadata_call(
         peer: who.clone(),
         reason: e.to_string(),
     })?;
+    let op = if push.is_some() {
+        "push metadata"
+    } else {
+        "fetch metadata"
+    };
     match status {
-        Status::Ok => Ok(bytes.to_vec()),
-        _ => Err(Error::Backend {
+        Status::Ok => {
+            if push.is_none() {
+                let md = nixl_core::AgentMetadata::decode(bytes)?;
+                if md.name != listener.name || md.instance_id != listener.instance {
+                    return Err(Error::Denied {
+                        peer: who,
+                        reason: format!(
+                            "the listener proved to be {listener} but served the metadata of \
+                             '{}' (instance {:032x})",
+                            md.name, md.instance_id
+                        ),
+                    });
+                }
+            }
+            Ok(bytes.to_vec())
+        }
+        Status::Denied => Err(Error::Denied {
+            peer: who,
+            reason: format!("{op}: {}", String::from_utf8_lossy(bytes)),
+        }),
+        Status::Failed => Err(Error::Backend {
             backend: BackendName::Tcp,
-            op: if push.is_some() {
-                "push metadata"
-            } else {
-                "fetch metadata"
-            },
+            op,
             reason: String::from_utf8_lossy(bytes).into_owned(),
         }),
     }
 }
 
-/// One control request to the service of `backend` at a listener, as the agent `from`.
+/// One control request to the service of `backend` at a listener, as the agent `me`.
 pub(super) fn control_call(
     addr: SocketAddr,
     auth: &auth::Auth,
     timeout: Duration,
-    from: &str,
+    me: &PeerIdentity,
     backend: BackendName,
     req: &[u8],
 ) -> Result<Vec<u8>> {
     let who = addr.to_string();
-    let s = open_call(addr, auth, timeout, Purpose::Control, from)?;
+    let (s, _) = open_call(addr, auth, timeout, Purpose::Control, me)?;
     let mut f = Vec::with_capacity(req.len() + 16);
     wire::ctrl(&mut f, backend.code(), req);
     let mut body = Vec::new();

@@ -20,14 +20,26 @@
 //! stays held until no thread touches it any more. The next post reconnects, and refuses a peer
 //! that restarted (a new instance id) until its new metadata is loaded.
 //!
-//! Every connection authenticates first (see [`Auth`]); the listener also serves the agent's
-//! metadata to peers that fetch it ([`fetch_metadata`]) and loads metadata peers push
-//! ([`push_metadata`]).
+//! A lying target cannot make the initiator write where or when it should not: each lane's
+//! answers must match, in order, what that lane asked (DATA of exactly the chunk's length for a
+//! READ chunk, ACK for the rest); an unknown, duplicate, late, oversized or wrong-kind answer is
+//! a protocol error that fails the session before a byte of it lands, and a post ends (releasing
+//! its memory) only once no lane thread reads into or writes from it any more.
+//!
+//! Every connection authenticates first (see [`Auth`]: by default with this user's per-host
+//! secret file, so that only this user's agents on this host get in), then each side names itself
+//! in a frame sealed to the connection ([`PeerIdentity`]): notifications, pushed metadata and
+//! control requests are attributed to that name only, and the initiator checks that the listener
+//! is the agent its metadata names. The listener also serves the agent's metadata to peers that
+//! fetch it ([`fetch_metadata`]) and, only with `accept_pushes`, loads metadata that an agent
+//! pushes about itself ([`push_metadata`]).
 
 mod auth;
 mod client;
+mod identity;
 mod net;
 mod server;
+mod user_secret;
 mod wire;
 
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
@@ -42,6 +54,7 @@ use nixl_core::{
 use parking_lot::Mutex;
 
 pub use auth::Auth;
+pub use identity::PeerIdentity;
 
 use client::Conn;
 use server::Server;
@@ -67,6 +80,9 @@ pub struct TcpConfig {
     pub socket_buffer: usize,
     /// How connections authenticate.
     pub auth: Auth,
+    /// Whether the listener loads metadata that peers push ([`push_metadata`]); even then only
+    /// an agent's own, under the name and instance its connection proved. Off by default.
+    pub accept_pushes: bool,
 }
 
 impl Default for TcpConfig {
@@ -80,6 +96,7 @@ impl Default for TcpConfig {
             connect_timeout: Duration::from_secs(3),
             socket_buffer: 4 << 20,
             auth: Auth::from_config(None, false),
+            accept_pushes: false,
         }
     }
 }
@@ -141,6 +158,8 @@ pub struct TcpControl {
     cfg: Arc<TcpConfig>,
     services: Arc<Services>,
     published: Mutex<Vec<SocketAddr>>,
+    /// This agent, as its calls name it (set when the backend starts).
+    me: Mutex<Option<PeerIdentity>>,
 }
 
 impl ControlChannel for TcpControl {
@@ -177,9 +196,21 @@ impl ControlChannel for TcpControl {
             op: "control endpoint",
             reason,
         })?;
+        // Calls go out as this agent, under the name its connections prove.
+        let me = self
+            .me
+            .lock()
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument("tcp backend not started".into()))?;
+        if from != me.name {
+            return Err(Error::InvalidArgument(format!(
+                "a control call from '{from}' through the tcp listener of agent '{}'",
+                me.name
+            )));
+        }
         let mut last = None;
         for a in addrs {
-            match client::control_call(a, &self.cfg.auth, timeout, from, backend, req) {
+            match client::control_call(a, &self.cfg.auth, timeout, &me, backend, req) {
                 Ok(r) => return Ok(r),
                 // A refusal or a bad answer came from the agent itself: another address of it
                 // would answer the same.
@@ -204,6 +235,7 @@ impl TcpBackend {
                 cfg: Arc::clone(&cfg),
                 services: Arc::default(),
                 published: Mutex::new(Vec::new()),
+                me: Mutex::new(None),
             }),
         }
     }
@@ -292,12 +324,20 @@ impl Backend for TcpBackend {
     }
 
     fn probe(&self) -> std::result::Result<(), String> {
-        self.cfg.check().map_err(|e| e.to_string())
+        self.cfg.check().map_err(|e| e.to_string())?;
+        // Reads (or creates) the per-user secret file now: a missing or unsafe one makes the
+        // backend unavailable with the reason, rather than failing every connection.
+        self.cfg.auth.ready().map_err(|e| format!("tcp auth: {e}"))
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
         self.cfg.check()?;
+        self.cfg
+            .auth
+            .ready()
+            .map_err(|e| Error::InvalidArgument(format!("tcp auth: {e}")))?;
         *self.me.lock() = Some((target.name_arc(), target.instance_id()));
+        *self.control.me.lock() = Some(PeerIdentity::new(target.name(), target.instance_id()));
         let server = Server::start(
             Arc::clone(&self.cfg),
             target,
@@ -374,23 +414,43 @@ impl Drop for TcpBackend {
     }
 }
 
-/// Fetches an agent's metadata from its `tcp` listener (authenticating with `auth`).
+/// Fetches an agent's metadata from its `tcp` listener (authenticating with `auth`, as an
+/// anonymous caller): only metadata of the agent the listener proves to be is returned.
 pub fn fetch_metadata(addr: &str, auth: &Auth, timeout: Duration) -> Result<Vec<u8>> {
     let addr = parse_listen(addr)?;
-    client::metadata_call(addr, auth, timeout, None)
+    client::metadata_call(addr, auth, timeout, &PeerIdentity::anonymous(), None)
 }
 
-/// Pushes this agent's metadata to a peer's `tcp` listener, which loads it; returns the peer's
-/// answer (the name it loaded it as).
+/// Pushes this agent's metadata to a peer's `tcp` listener, which loads it if it accepts pushes
+/// (`accept_pushes`); returns the peer's answer (the name it loaded it as). The connection names
+/// itself as the agent the metadata describes: a listener loads only an agent's own metadata.
 pub fn push_metadata(addr: &str, auth: &Auth, md: &[u8], timeout: Duration) -> Result<String> {
+    let d = nixl_core::AgentMetadata::decode(md)
+        .map_err(|e| Error::InvalidArgument(format!("push metadata: not valid metadata: {e}")))?;
+    push_metadata_as(
+        addr,
+        auth,
+        &PeerIdentity::new(d.name, d.instance_id),
+        md,
+        timeout,
+    )
+}
+
+/// [`push_metadata`] over a connection that names itself `me`, whatever `md` says: for tests of
+/// the listener's rule that an agent pushes only its own metadata.
+#[doc(hidden)]
+pub fn push_metadata_as(
+    addr: &str,
+    auth: &Auth,
+    me: &PeerIdentity,
+    md: &[u8],
+    timeout: Duration,
+) -> Result<String> {
     let addr = parse_listen(addr)?;
-    client::metadata_call(addr, auth, timeout, Some(md))
+    client::metadata_call(addr, auth, timeout, me, Some(md))
         .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
-/// A socket error as a request outcome: a path that stopped carrying packets (the kernel's
-/// retransmission timeout, an unreachable network) is `TimedOut`; the peer closing or
-/// resetting is a remote disconnect.
 /// An authenticated data connection to a listener, as an initiator named `name` opens it, for
 /// tests that speak the wire protocol by hand (garbage after authentication, say).
 #[doc(hidden)]
@@ -399,24 +459,68 @@ pub fn raw_data_connection(addr: SocketAddr, auth: &Auth, name: &str) -> Result<
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
     s.set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(io)?;
-    auth::connect(&mut s, auth).map_err(|e| Error::Denied {
-        peer: addr.to_string(),
-        reason: e.to_string(),
-    })?;
-    let mut out = Vec::new();
-    wire::open(&mut out, wire::Purpose::Data, name, 1, 0);
-    net::send_all(&s, &out).map_err(io)?;
-    let mut body = Vec::new();
-    let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut |_: bool| {
-        Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
-    })
-    .map_err(io)?;
-    if ty != wire::OPENED {
-        return Err(Error::InvalidArgument(format!("expected OPENED, got {ty}")));
+    let me = PeerIdentity::new(name, 1);
+    let o = client::open_stream(&mut s, auth, wire::Purpose::Data, &me, 0, &addr.to_string())?;
+    if o.status != wire::Status::Ok {
+        return Err(Error::InvalidArgument(format!("refused: {}", o.text)));
     }
     Ok(s)
 }
 
+/// The listener's side of a connection's opening, for tests that play a target by hand (a
+/// target that lies in its answers, say): the real secret handshake, then the sealed OPEN,
+/// answered by a sealed OPENED naming this side `me`. Returns the initiator's proven identity
+/// and whether it opened the connection for data (1), metadata (2) or control (3).
+#[doc(hidden)]
+pub fn raw_listener_opening(
+    s: &mut TcpStream,
+    auth: &Auth,
+    me: &PeerIdentity,
+) -> Result<(PeerIdentity, u8)> {
+    let peer = s
+        .peer_addr()
+        .map_err(|e| Error::io("raw listener: peer address", e))?;
+    let io = |e: std::io::Error| Error::io(format!("raw listener: {peer}"), e);
+    let binding =
+        auth::accept(s, auth, peer, |ip| ip.is_loopback()).map_err(|e| Error::Denied {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        })?;
+    let mut body = Vec::new();
+    let mut give_up = |_: bool| Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
+    let open = identity::read_open(s, &mut body, auth, &binding, &mut give_up)
+        .map_err(io)?
+        .map_err(|reason| Error::Denied {
+            peer: peer.to_string(),
+            reason,
+        })?;
+    let mut out = Vec::new();
+    identity::opened(
+        &mut out,
+        auth,
+        &binding,
+        wire::Status::Ok,
+        me.instance,
+        &me.name,
+    )
+    .map_err(io)?;
+    net::send_all(s, &out).map_err(io)?;
+    Ok((
+        PeerIdentity::new(open.name, open.instance),
+        open.purpose as u8 + 1,
+    ))
+}
+
+/// The connection info a `tcp` listener at `addrs` publishes in its agent's metadata, for tests
+/// that forge metadata.
+#[doc(hidden)]
+pub fn conn_info_for(addrs: &[SocketAddr]) -> Vec<u8> {
+    encode_conn_info(addrs)
+}
+
+/// A socket error as a request outcome: a path that stopped carrying packets (the kernel's
+/// retransmission timeout, an unreachable network) is `TimedOut`; the peer closing or
+/// resetting is a remote disconnect.
 fn peer_err(peer: &str, e: &std::io::Error) -> Error {
     use std::io::ErrorKind as K;
     match e.kind() {

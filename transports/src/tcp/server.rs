@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nixl_core::{BackendName, Desc, Error, MemKind, RegionAccess, Result, TargetHandle};
 use parking_lot::Mutex;
 
+use super::identity::{self, PeerIdentity};
 use super::net::{self, OnBlock, Span};
 use super::wire::{self, Piece, Purpose, Status};
 use super::{auth, TcpConfig};
@@ -56,11 +57,17 @@ impl Server {
             .map_err(|e| Error::io("tcp listener address", e))?;
         let host = net::host_addrs();
         let published = publish(bound, &host);
-        if cfg.auth.allow_open() && !cfg.auth.has_secret() {
-            tracing::warn!(agent = %target.name(), %bound,
-                "tcp listener accepts unauthenticated connections from any host (allow_open)");
+        if cfg.auth.allow_open() {
+            let warning = format!(
+                "nixl: WARNING: agent '{}' listens on {bound} with NO AUTHENTICATION \
+                 ([auth] allow_open = true): anyone who reaches this port, any local user \
+                 included, can read and write this agent's registered memory",
+                target.name()
+            );
+            tracing::warn!(agent = %target.name(), %bound, "{warning}");
+            eprintln!("{warning}");
         }
-        tracing::info!(agent = %target.name(), ?published, secret = cfg.auth.has_secret(),
+        tracing::info!(agent = %target.name(), ?published, auth = %cfg.auth.describe(),
             "tcp listening");
         let shared = Arc::new(Shared {
             cfg,
@@ -213,50 +220,66 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
     net::tune(s, cfg.socket_buffer)?;
     s.set_read_timeout(Some(cfg.connect_timeout))?;
     s.set_write_timeout(Some(cfg.connect_timeout))?;
-    if let Err(e) = auth::accept(s, &cfg.auth, peer, |ip| net::is_local(ip, &shared.host)) {
-        metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
-        tracing::warn!(agent = %shared.target.name(), %peer, "tcp: {e}");
-        return Ok(());
-    }
+    let binding = match auth::accept(s, &cfg.auth, peer, |ip| net::is_local(ip, &shared.host)) {
+        Ok(b) => b,
+        Err(e) => {
+            metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
+            tracing::warn!(agent = %shared.target.name(), %peer, "tcp: {e}");
+            return Ok(());
+        }
+    };
     let mut body = Vec::new();
     let mut idle = Idle {
         shared,
         since: Instant::now(),
     };
-    let ty = net::read_frame(s, &mut body, wire::frame_limit, &mut idle)?;
-    if ty != wire::OPEN {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("expected OPEN, got frame type {ty}"),
-        ));
-    }
-    let open = wire::decode_open(&body).map_err(wire::bad)?;
+    // The initiator's name and instance count only as sealed on this connection: from here on
+    // `who` is the peer, whatever later frames say.
+    let open = match identity::read_open(s, &mut body, &cfg.auth, &binding, &mut idle)? {
+        Ok(open) => open,
+        Err(e) => {
+            metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
+            tracing::warn!(agent = %shared.target.name(), %peer, "tcp: OPEN refused: {e}");
+            return Ok(());
+        }
+    };
+    let who = PeerIdentity::new(open.name, open.instance);
     let me = shared.target.instance_id();
     let mut out = Vec::with_capacity(256);
-    if open.expect != 0 && open.expect != me {
-        wire::opened(
-            &mut out,
-            Status::Denied,
-            me,
-            "this agent restarted: load its new metadata",
-        );
+    let refusal = if open.expect != 0 && open.expect != me {
+        Some("this agent restarted: load its new metadata")
+    } else if who.is_anonymous() && open.purpose != Purpose::Metadata {
+        Some("an anonymous caller may only fetch metadata")
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        identity::opened(&mut out, &cfg.auth, &binding, Status::Denied, me, why)?;
         net::send_all(s, &out)?;
         return Ok(());
     }
-    wire::opened(&mut out, Status::Ok, me, shared.target.name());
+    identity::opened(
+        &mut out,
+        &cfg.auth,
+        &binding,
+        Status::Ok,
+        me,
+        shared.target.name(),
+    )?;
     net::send_all(s, &out)?;
     net::read_timeout(s, TICK)?;
     net::write_timeout(s, TICK, cfg.io_timeout)?;
     match open.purpose {
-        Purpose::Metadata => serve_metadata(shared, s, &mut body, &mut out),
-        Purpose::Control => serve_control(shared, s, &open.name, &mut body, &mut out),
-        Purpose::Data => Worker::new(shared, open.name).run(s, &mut body),
+        Purpose::Metadata => serve_metadata(shared, s, &who, &mut body, &mut out),
+        Purpose::Control => serve_control(shared, s, &who.name, &mut body, &mut out),
+        Purpose::Data => Worker::new(shared, who.name).run(s, &mut body),
     }
 }
 
 fn serve_metadata(
     shared: &Shared,
     s: &TcpStream,
+    who: &PeerIdentity,
     body: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
@@ -274,13 +297,21 @@ fn serve_metadata(
             wire::MD_PUSH => {
                 let mut r = nixl_core::codec::Reader::new(body);
                 let md = r.blob("metadata").map_err(wire::bad)?;
-                match shared.target.load_pushed(md) {
-                    Ok(name) => {
-                        tracing::info!(agent = %shared.target.name(), peer = %name,
-                            "loaded pushed metadata");
-                        wire::md(out, Status::Ok, name.as_bytes());
+                match check_push(&shared.cfg, who, md) {
+                    Err(why) => {
+                        metrics::counter!("nixl_tcp_pushes_refused_total").increment(1);
+                        tracing::warn!(agent = %shared.target.name(), peer = %who,
+                            "pushed metadata refused: {why}");
+                        wire::md(out, Status::Denied, why.as_bytes());
                     }
-                    Err(e) => wire::md(out, Status::Failed, e.to_string().as_bytes()),
+                    Ok(()) => match shared.target.load_pushed(md) {
+                        Ok(name) => {
+                            tracing::info!(agent = %shared.target.name(), peer = %name,
+                                "loaded pushed metadata");
+                            wire::md(out, Status::Ok, name.as_bytes());
+                        }
+                        Err(e) => wire::md(out, Status::Failed, e.to_string().as_bytes()),
+                    },
                 }
             }
             t => {
@@ -292,6 +323,24 @@ fn serve_metadata(
         }
         net::send_all(s, out)?;
     }
+}
+
+/// Whether pushed metadata may be loaded: pushes must be on (`[tcp] accept_pushes`), and an agent
+/// may push only its own metadata, the name and instance its connection proved.
+fn check_push(cfg: &TcpConfig, who: &PeerIdentity, md: &[u8]) -> std::result::Result<(), String> {
+    if !cfg.accept_pushes {
+        return Err(
+            "this agent does not accept pushed metadata ([tcp] accept_pushes = false)".into(),
+        );
+    }
+    let got = nixl_core::AgentMetadata::decode(md).map_err(|e| format!("bad metadata: {e}"))?;
+    if got.name != who.name || got.instance_id != who.instance {
+        return Err(format!(
+            "metadata of '{}' (instance {:032x}) pushed by {who}: an agent may push only its own",
+            got.name, got.instance_id
+        ));
+    }
+    Ok(())
 }
 
 /// Answers control requests for other backends' services, one at a time, until the peer closes.

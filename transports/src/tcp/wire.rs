@@ -17,8 +17,9 @@ pub const MAX_CHUNK: u64 = 64 << 20;
 pub const PIECE_BYTES: usize = 24;
 /// Longest text in a reply.
 pub const MAX_TEXT: usize = 1024;
-/// Largest notification.
-pub const MAX_NOTIF: usize = 16 << 20;
+/// Largest notification: the one limit of every backend ([`nixl_core::MAX_NOTIF_BYTES`]),
+/// refused at the sender and accepted by the receiver.
+pub const MAX_NOTIF: usize = nixl_core::MAX_NOTIF_BYTES;
 /// Longest agent name.
 const MAX_NAME: usize = 1024;
 
@@ -120,7 +121,8 @@ pub fn put_blob(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// OPEN: purpose, the initiator's name and instance, the instance it expects (0: any).
+/// OPEN: purpose, the initiator's name and instance, the instance it expects (0: any); sent
+/// sealed ([`super::identity::seal`]), so the name is the one the connection proved.
 pub fn open(out: &mut Vec<u8>, purpose: Purpose, name: &str, instance: u128, expect: u128) {
     begin(out, OPEN);
     out.push(purpose as u8);
@@ -164,7 +166,7 @@ pub fn decode_open(body: &[u8]) -> Result<Open, DecodeError> {
     })
 }
 
-/// OPENED: the target's instance and name, or a refusal.
+/// OPENED: the target's instance and name, or a refusal; sent sealed like OPEN.
 pub fn opened(out: &mut Vec<u8>, status: Status, instance: u128, text: &str) {
     begin(out, OPENED);
     out.push(status as u8);
@@ -290,7 +292,7 @@ pub fn notif(out: &mut Vec<u8>, id: u64, msg: &[u8]) {
 pub fn decode_notif(body: &[u8]) -> Result<(u64, &[u8]), DecodeError> {
     let mut r = Reader::new(body);
     let id = r.u64("id")?;
-    let msg = r.blob("message")?;
+    let msg = r.blob_max("message", MAX_NOTIF)?;
     end(&r)?;
     Ok((id, msg))
 }
@@ -322,7 +324,7 @@ pub fn ctrl(out: &mut Vec<u8>, backend: u8, req: &[u8]) {
 pub fn decode_ctrl(body: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
     let mut r = Reader::new(body);
     let backend = r.u8("backend")?;
-    let req = r.blob("request")?;
+    let req = r.blob_max("request", crate::control::MAX_CONTROL)?;
     end(&r)?;
     Ok((backend, req))
 }
@@ -338,7 +340,7 @@ pub fn ctrl_re(out: &mut Vec<u8>, status: Status, bytes: &[u8]) {
 pub fn decode_ctrl_re(body: &[u8]) -> Result<(Status, &[u8]), DecodeError> {
     let mut r = Reader::new(body);
     let status = Status::from_code(r.u8("status")?)?;
-    let bytes = r.blob("reply")?;
+    let bytes = r.blob_max("reply", crate::control::MAX_CONTROL)?;
     end(&r)?;
     Ok((status, bytes))
 }
@@ -412,6 +414,17 @@ mod tests {
         ack(&mut out, 1, 2, Status::Denied, "no");
         let (ty, b) = body(&out);
         assert_eq!(decode_reply(ty, b).unwrap().status, Status::Denied);
+    }
+
+    #[test]
+    fn notifications_decode_up_to_the_one_limit() {
+        let mut out = Vec::new();
+        notif(&mut out, 3, &vec![7u8; MAX_NOTIF]);
+        let (ty, b) = body(&out);
+        assert!(b.len() <= frame_limit(ty));
+        assert_eq!(decode_notif(b).unwrap().1.len(), MAX_NOTIF);
+        notif(&mut out, 3, &vec![7u8; MAX_NOTIF + 1]);
+        assert!(decode_notif(body(&out).1).is_err());
     }
 
     #[test]
