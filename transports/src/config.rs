@@ -66,6 +66,7 @@
 //! op_timeout_ms = 5000
 //! inline_wait_us = 20        # post polls a small request's copies this long itself (0: off)
 //! batch_copies = true        # cuMemcpyBatchAsync where the driver has it (CUDA 12.8+)
+//! gather_kernel = true       # many small runs: one kernel launch per post (table at prepare)
 //!
 //! [gds]                      # VRAM <-> FILE with GPUDirect Storage (libcufile)
 //! enabled = true
@@ -260,6 +261,7 @@ pub struct CudaSection {
     pub op_timeout_ms: Option<u64>,
     pub inline_wait_us: Option<u64>,
     pub batch_copies: Option<bool>,
+    pub gather_kernel: Option<bool>,
 }
 
 /// `[gds]`.
@@ -410,6 +412,7 @@ impl Config {
                 .inline_wait_us
                 .map_or(d.inline_wait, Duration::from_micros),
             batch_copies: c.batch_copies.unwrap_or(d.batch_copies),
+            gather_kernel: c.gather_kernel.unwrap_or(d.gather_kernel),
         }
     }
 

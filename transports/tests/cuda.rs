@@ -229,6 +229,65 @@ fn gpu_copy_between_two_agents_in_one_process() {
     let mut back = vec![0u8; size];
     va.download(0, &mut back).unwrap();
     assert!(back == src, "scattered VRAM read differs");
+
+    // WRITE the same blocks, reversed, to 16-byte-aligned places (the gather kernel's vector
+    // path; the READ above, 17 bytes off, took its byte path), then odd-sized pieces.
+    lb.upload(0, &vec![0u8; size + 4096]).unwrap();
+    let mut local: Vec<Desc> = (0..blocks)
+        .map(|i| Desc::new(va.addr() + i * bs, bs, 0))
+        .collect();
+    let mut remote: Vec<Desc> = (0..blocks)
+        .map(|i| Desc::new(lb.addr() + i * bs, bs, 0))
+        .collect();
+    local.reverse();
+    remote.reverse();
+    let req = a
+        .create_xfer(
+            XferOp::Write,
+            &vram(local),
+            &vram(remote),
+            "b",
+            Default::default(),
+        )
+        .unwrap();
+    req.run_blocking().unwrap();
+    let mut out = vec![0u8; size];
+    lb.download(0, &mut out).unwrap();
+    assert!(out == src, "scattered aligned VRAM write differs");
+    let mut off = 0u64;
+    let mut local = Vec::new();
+    let mut remote = Vec::new();
+    for i in 0..300u64 {
+        let n = 1 + (i * 37) % 999;
+        local.push(Desc::new(va.addr() + off, n, 0));
+        remote.push(Desc::new(lb.addr() + off + 3, n, 0));
+        off += n + 5;
+    }
+    lb.upload(0, &vec![0u8; size + 4096]).unwrap();
+    let req = a
+        .create_xfer(
+            XferOp::Write,
+            &vram(local.clone()),
+            &vram(remote),
+            "b",
+            Default::default(),
+        )
+        .unwrap();
+    req.run_blocking().unwrap();
+    lb.download(0, &mut out).unwrap();
+    for d in &local {
+        let o = (d.addr - va.addr()) as usize;
+        let n = d.len as usize;
+        assert!(
+            out[o + 3..o + 3 + n] == src[o..o + n],
+            "odd piece at {o}+{n} differs"
+        );
+    }
+    // Bytes between the pieces stay untouched.
+    assert!(
+        out[..3].iter().all(|b| *b == 0),
+        "written before the first piece"
+    );
 }
 
 #[test]

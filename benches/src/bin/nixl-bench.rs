@@ -139,6 +139,9 @@ struct Args {
     /// batch_copies = false`).
     #[arg(long)]
     cuda_single_copies: bool,
+    /// cuda: no gather kernel for many small runs (`[cuda] gather_kernel = false`).
+    #[arg(long)]
+    cuda_no_gather: bool,
     /// Run as a benchmark peer (internal: the processes nixl-bench starts).
     #[arg(long, hide = true, num_args = 0.., allow_hyphen_values = true)]
     peer_mode: Option<Vec<String>>,
@@ -998,6 +1001,7 @@ fn run_cuda(args: &Args) -> Res<()> {
         cfg.inline_wait = std::time::Duration::from_micros(us);
     }
     cfg.batch_copies = !args.cuda_single_copies;
+    cfg.gather_kernel = !args.cuda_no_gather;
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         return Err(Fail::Other("--seconds must be a positive number".into()));
     }
@@ -1031,7 +1035,12 @@ fn run_cuda(args: &Args) -> Res<()> {
             );
         }
     }
-    let (streams, inline, batched) = (cfg.streams_per_device, cfg.inline_wait, cfg.batch_copies);
+    let (streams, inline, batched, gather) = (
+        cfg.streams_per_device,
+        cfg.inline_wait,
+        cfg.batch_copies,
+        cfg.gather_kernel,
+    );
     let exe = std::env::current_exe()?;
     let pair = CudaPair::start(&exe, init_dev, target_dev, size, legacy, cfg)
         .map_err(|e| Fail::Unavailable("cuda".into(), e))?;
@@ -1049,10 +1058,11 @@ fn run_cuda(args: &Args) -> Res<()> {
              target VRAM from {mem}; {} s per row; {streams} stream(s), inline wait {} us, {}{}",
             args.seconds,
             inline.as_micros(),
-            if batched {
-                "batched copies"
-            } else {
-                "single copies"
+            match (gather, batched) {
+                (true, true) => "gather kernel or batched copies",
+                (true, false) => "gather kernel or single copies",
+                (false, true) => "batched copies",
+                (false, false) => "single copies",
             },
             if args.verify {
                 "; WRITE+READ of the whole buffer verified first"
@@ -1103,7 +1113,7 @@ fn run_cuda(args: &Args) -> Res<()> {
                         "backend": r.backend, "topology": "cuda", "op": op.as_str(),
                         "block": block, "batch": batch, "gbps": r.gbps, "posts": r.posts,
                         "seconds": r.seconds, "streams": streams,
-                        "inline_wait_us": inline.as_micros() as u64, "batched_copies": batched,
+                        "inline_wait_us": inline.as_micros() as u64, "batched_copies": batched, "gather_kernel": gather,
                         "p50_us": r.p50_us, "p99_us": r.p99_us,
                         "init_gpu": init_dev, "target_gpu": target_dev,
                         "target_mem": if legacy { "legacy" } else { "vmm" },

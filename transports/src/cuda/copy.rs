@@ -22,13 +22,81 @@
 
 use std::sync::Arc;
 
-use super::driver::{CuRes, Event, Stream};
+use super::driver::{CuRes, DeviceAlloc, DeviceCtx, Event, Gather, GatherEntry, Stream};
 
 /// Smallest run the planner cuts to balance streams.
 pub const MIN_SPLIT: u64 = 1 << 20;
 
 /// Fewest bytes per stream: a request uses `min(streams, bytes / MIN_PART)` streams (at least 1).
 pub const MIN_PART: u64 = 64 << 20;
+
+/// Fewest runs in a part for the gather kernel (fewer go as batched copies).
+pub const GATHER_MIN_RUNS: usize = 16;
+
+/// Largest average run (bytes) for the gather kernel: one thread block copies a run, so large
+/// runs go faster as copies of their own.
+pub const GATHER_MAX_AVG: u64 = 1 << 20;
+
+/// A part's runs as a table in device memory, uploaded once when the request is prepared, for
+/// one launch of the gather kernel per post.
+#[derive(Debug)]
+pub struct GatherTable {
+    kernel: Arc<Gather>,
+    table: DeviceAlloc,
+    n: u32,
+}
+
+/// The gather tables of `plan`'s parts on device `ctx`: one per part that qualifies
+/// ([`GATHER_MIN_RUNS`], [`GATHER_MAX_AVG`]) when `kernel` gives a kernel; empty when no part
+/// does. The kernel is only asked for when a part qualifies.
+pub fn gather_tables(
+    plan: &CopyPlan,
+    ctx: &Arc<DeviceCtx>,
+    kernel: impl FnOnce() -> Option<Arc<Gather>>,
+) -> CuRes<Vec<Option<GatherTable>>> {
+    let wants = |p: &Vec<Run>| {
+        p.len() >= GATHER_MIN_RUNS
+            && u32::try_from(p.len()).is_ok()
+            && p.iter().map(|r| r.len).sum::<u64>() / p.len() as u64 <= GATHER_MAX_AVG
+    };
+    if !plan.parts.iter().any(wants) {
+        return Ok(Vec::new());
+    }
+    let Some(kernel) = kernel() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(plan.parts.len());
+    for part in &plan.parts {
+        if !wants(part) {
+            out.push(None);
+            continue;
+        }
+        let entries: Vec<GatherEntry> = part
+            .iter()
+            .map(|r| GatherEntry {
+                src: r.src,
+                dst: r.dst,
+                len: r.len,
+            })
+            .collect();
+        // SAFETY: GatherEntry is plain repr(C) data (three u64): viewing it as bytes is sound.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                entries.as_ptr().cast::<u8>(),
+                std::mem::size_of_val(entries.as_slice()),
+            )
+        };
+        let table = DeviceAlloc::new(ctx, bytes.len())?;
+        // SAFETY: `table` is a live allocation of exactly `bytes.len()` bytes on this device.
+        unsafe { super::driver::upload(ctx, table.addr(), bytes)? };
+        out.push(Some(GatherTable {
+            kernel: Arc::clone(&kernel),
+            table,
+            n: part.len() as u32,
+        }));
+    }
+    Ok(out)
+}
 
 /// One copy: `len` bytes from `src` to `dst` (addresses in this process).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +227,7 @@ pub unsafe fn enqueue(
     streams: &[Arc<Stream>],
     events: &mut Vec<Event>,
     batch: bool,
+    gathers: &[Option<GatherTable>],
 ) -> CuRes<()> {
     if streams.is_empty() {
         return Ok(());
@@ -169,7 +238,12 @@ pub unsafe fn enqueue(
         }
         let s = &streams[i % streams.len()];
         let _g = s.ctx().enter()?;
-        if batch {
+        if let Some(Some(g)) = gathers.get(i) {
+            // SAFETY: the table holds this part's runs (uploaded at prepare, owned by the
+            // request's plan, which the post holds); the runs' memory per this function's
+            // contract.
+            unsafe { g.kernel.launch(s, g.table.addr(), g.n)? };
+        } else if batch {
             let copies: Vec<(u64, u64, usize)> = part
                 .iter()
                 .map(|r| (r.dst, r.src, usize::try_from(r.len).unwrap_or(usize::MAX)))

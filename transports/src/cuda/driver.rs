@@ -287,6 +287,26 @@ type MemcpyBatchV1 = unsafe extern "C" fn(
     CuStream,
 ) -> CuResult;
 
+type CuModule = *mut c_void;
+type CuFunction = *mut c_void;
+type ModuleLoadData = unsafe extern "C" fn(*mut CuModule, *const c_void) -> CuResult;
+type ModuleGetFunction = unsafe extern "C" fn(*mut CuFunction, CuModule, *const c_char) -> CuResult;
+type ModuleUnload = unsafe extern "C" fn(CuModule) -> CuResult;
+#[allow(clippy::type_complexity)]
+type LaunchKernel = unsafe extern "C" fn(
+    CuFunction,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    c_uint,
+    CuStream,
+    *mut *mut c_void,
+    *mut *mut c_void,
+) -> CuResult;
+
 /// `cuFlushGPUDirectRDMAWrites` (CUDA 11.3+).
 type FlushGdrWrites = unsafe extern "C" fn(c_int, c_int) -> CuResult;
 
@@ -298,6 +318,10 @@ const FLUSH_TO_OWNER: c_int = 100;
 /// Entry points that only some features need; `None` where the driver lacks them.
 struct OptionalApi {
     flush_gdr_writes: Option<FlushGdrWrites>,
+    module_load_data: Option<ModuleLoadData>,
+    module_get_function: Option<ModuleGetFunction>,
+    module_unload: Option<ModuleUnload>,
+    launch_kernel: Option<LaunchKernel>,
     mem_get_handle_for_address_range: Option<MemGetHandleForAddressRange>,
     memcpy_batch_v2: Option<MemcpyBatchV2>,
     memcpy_batch_v1: Option<MemcpyBatchV1>,
@@ -310,6 +334,22 @@ impl OptionalApi {
     /// As [`Api::load`].
     unsafe fn load(lib: &Library) -> OptionalApi {
         OptionalApi {
+            // SAFETY: per the contract, each symbol (if exported) has its declared signature.
+            module_load_data: unsafe { lib.get::<ModuleLoadData>(b"cuModuleLoadData\0") }
+                .ok()
+                .map(|s| *s),
+            // SAFETY: as above.
+            module_get_function: unsafe { lib.get::<ModuleGetFunction>(b"cuModuleGetFunction\0") }
+                .ok()
+                .map(|s| *s),
+            // SAFETY: as above.
+            module_unload: unsafe { lib.get::<ModuleUnload>(b"cuModuleUnload\0") }
+                .ok()
+                .map(|s| *s),
+            // SAFETY: as above.
+            launch_kernel: unsafe { lib.get::<LaunchKernel>(b"cuLaunchKernel\0") }
+                .ok()
+                .map(|s| *s),
             // SAFETY: per the contract, the symbol (if exported) has this signature.
             flush_gdr_writes: unsafe { lib.get::<FlushGdrWrites>(b"cuFlushGPUDirectRDMAWrites\0") }
                 .ok()
@@ -1701,6 +1741,139 @@ impl DeviceAlloc {
     /// Size in bytes.
     pub fn size(&self) -> usize {
         self.size
+    }
+}
+
+/// The PTX of `nixl_gather` (see `gather.ptx`): many copies in one kernel launch.
+const GATHER_PTX: &str = concat!(include_str!("gather.ptx"), "\0");
+
+/// One entry of a gather table, as the kernel reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatherEntry {
+    /// Source address.
+    pub src: u64,
+    /// Destination address.
+    pub dst: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// The gather kernel loaded in one device's context: copies a table of runs (in device memory)
+/// in one launch, where one `cuMemcpyDtoDAsync` per run costs microseconds of driver time each.
+pub struct Gather {
+    ctx: Arc<DeviceCtx>,
+    module: CuModule,
+    func: CuFunction,
+}
+
+// SAFETY: module and function handles are driver objects usable from any thread (every use
+// makes the context current first); the struct is immutable after creation.
+unsafe impl Send for Gather {}
+// SAFETY: as above.
+unsafe impl Sync for Gather {}
+
+impl fmt::Debug for Gather {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gather")
+            .field("device", &self.ctx.ordinal)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Threads per block of the gather kernel.
+const GATHER_THREADS: u32 = 256;
+/// Most blocks of one launch (each loops over its share of the entries).
+const GATHER_MAX_BLOCKS: u32 = 8192;
+
+impl Gather {
+    /// Loads the kernel into `ctx` (JIT-compiled from PTX by the driver). `Err` when the
+    /// driver lacks the module API or refuses the PTX.
+    pub fn load(ctx: &Arc<DeviceCtx>) -> CuRes<Gather> {
+        let o = &ctx.drv.opt;
+        let (Some(load), Some(get), Some(_), Some(_)) = (
+            o.module_load_data,
+            o.module_get_function,
+            o.module_unload,
+            o.launch_kernel,
+        ) else {
+            return Err(CuError {
+                op: "cuModuleLoadData",
+                code: CUDA_ERROR_NOT_SUPPORTED,
+                name: "the driver lacks the module API".into(),
+            });
+        };
+        let _g = ctx.enter()?;
+        let mut module: CuModule = std::ptr::null_mut();
+        // SAFETY: a NUL-terminated PTX image; writes one module handle.
+        ctx.check("cuModuleLoadData", unsafe {
+            load(&mut module, GATHER_PTX.as_ptr().cast())
+        })?;
+        let mut func: CuFunction = std::ptr::null_mut();
+        // SAFETY: a live module and a NUL-terminated name; writes one function handle.
+        let r = unsafe { get(&mut func, module, c"nixl_gather".as_ptr()) };
+        let me = Gather {
+            ctx: Arc::clone(ctx),
+            module,
+            func,
+        };
+        ctx.check("cuModuleGetFunction", r)?;
+        Ok(me)
+    }
+
+    /// Enqueues the copies of the `n`-entry table at device address `table` on `stream` (of
+    /// this device; its context current, as for [`Stream::copy_dtod`]).
+    ///
+    /// # Safety
+    /// `table` must hold `n` [`GatherEntry`]s in device memory, and every entry's source must be
+    /// readable and destination writable device memory mapped in this process, all until the
+    /// work is complete (as [`Stream::copy_dtod`]).
+    pub unsafe fn launch(&self, stream: &Stream, table: u64, n: u32) -> CuRes<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let launch = self.ctx.drv.opt.launch_kernel.expect("checked at load");
+        let mut p_table = table;
+        let mut p_n = n;
+        let mut params: [*mut c_void; 2] = [
+            (&mut p_table as *mut u64).cast(),
+            (&mut p_n as *mut u32).cast(),
+        ];
+        let blocks = n.min(GATHER_MAX_BLOCKS);
+        // SAFETY: a live function of this context; `params` points at the kernel's two
+        // parameters (u64, u32), live for the call (the driver copies them); the memory the
+        // kernel touches per the contract.
+        self.ctx.check("cuLaunchKernel", unsafe {
+            launch(
+                self.func,
+                blocks,
+                1,
+                1,
+                GATHER_THREADS,
+                1,
+                1,
+                0,
+                stream.raw,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+}
+
+impl Drop for Gather {
+    fn drop(&mut self) {
+        let Some(unload) = self.ctx.drv.opt.module_unload else {
+            return;
+        };
+        if let Ok(_g) = self.ctx.enter() {
+            // SAFETY: our module; no launch of it is pending once its owner drops it (the
+            // tables' requests hold the owner).
+            let r = unsafe { unload(self.module) };
+            if let Err(e) = self.ctx.check("cuModuleUnload", r) {
+                tracing::warn!(error = %e, "cuda: unloading the gather kernel failed");
+            }
+        }
     }
 }
 

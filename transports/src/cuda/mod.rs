@@ -214,6 +214,10 @@ pub struct CudaConfig {
     /// 4096 copies) instead of one `cuMemcpyDtoDAsync` each. On by default: measured on an H200,
     /// 1024 scattered 64 KiB blocks took 5.0 ms as single copies (about 5 µs a call).
     pub batch_copies: bool,
+    /// Copy a request's many small runs with one launch of a gather kernel (its table uploaded
+    /// once, when the request is prepared) instead of a driver call per run: used for a part of
+    /// at least [`copy::GATHER_MIN_RUNS`] runs averaging at most [`copy::GATHER_MAX_AVG`] bytes.
+    pub gather_kernel: bool,
 }
 
 /// Largest request whose copies `post` polls itself (see [`CudaConfig::inline_wait`]).
@@ -231,6 +235,7 @@ impl Default for CudaConfig {
             op_timeout: Duration::from_secs(5),
             inline_wait: Duration::from_micros(20),
             batch_copies: true,
+            gather_kernel: true,
         }
     }
 }
@@ -428,6 +433,23 @@ struct DevState {
     ctx: Arc<DeviceCtx>,
     streams: Vec<Arc<Stream>>,
     next: AtomicUsize,
+    /// The gather kernel, loaded on first use (`None`: the driver cannot load it).
+    gather: OnceLock<Option<Arc<driver::Gather>>>,
+}
+
+impl DevState {
+    fn gather(&self) -> Option<Arc<driver::Gather>> {
+        self.gather
+            .get_or_init(|| match driver::Gather::load(&self.ctx) {
+                Ok(g) => Some(Arc::new(g)),
+                Err(e) => {
+                    tracing::debug!(error = %e, device = self.ctx.ordinal(),
+                        "cuda: no gather kernel; many-run requests use batched copies");
+                    None
+                }
+            })
+            .clone()
+    }
 }
 
 /// A peer chunk mapped into our address space.
@@ -665,6 +687,7 @@ impl Inner {
             ctx,
             streams,
             next: AtomicUsize::new(0),
+            gather: OnceLock::new(),
         });
         m.insert(ordinal, Arc::clone(&d));
         Ok(d)
@@ -1370,7 +1393,9 @@ struct Conn {
 /// revocation can close the mappings and the next post fails cleanly).
 #[derive(Debug)]
 struct Resolved {
-    plans: Vec<(Arc<DevState>, CopyPlan)>,
+    /// Per device: its copy plan, and the gather tables of the plan's parts (empty, or one
+    /// entry per part).
+    plans: Vec<(Arc<DevState>, CopyPlan, Vec<Option<copy::GatherTable>>)>,
     regions: Arc<[Arc<RegionImport<Imported>>]>,
 }
 
@@ -1600,7 +1625,14 @@ impl Conn {
                 Some(d) => Arc::clone(d),
                 None => self.inner.dev_state(local_dev)?,
             };
-            plans.push((d, copy::plan(v, streams)));
+            let plan = copy::plan(v, streams);
+            let gathers = if self.inner.cfg.gather_kernel {
+                copy::gather_tables(&plan, &d.ctx, || d.gather())
+                    .map_err(|e| cu_err("upload the gather table", e))?
+            } else {
+                Vec::new()
+            };
+            plans.push((d, plan, gathers));
         }
         Ok(Resolved {
             plans,
@@ -1860,7 +1892,7 @@ impl PreparedXfer for Prepared {
         let mut events = Vec::new();
         let mut drain = Vec::new();
         let mut enqueue_error = None;
-        for (dev, plan) in &self.resolved.plans {
+        for (dev, plan, gathers) in &self.resolved.plans {
             let n = dev.streams.len();
             // Rotate the stream assignment so concurrent requests spread over the pool.
             let first = dev.next.fetch_add(1, Ordering::Relaxed) % n;
@@ -1872,8 +1904,15 @@ impl PreparedXfer for Prepared {
             // post (the completion keeps them until it is dropped, after the events completed);
             // remote ranges are inside peer chunks mapped in `resolved`, held by the job until
             // its events completed (or the streams were drained after an enqueue failure).
-            let r =
-                unsafe { copy::enqueue(plan, &streams, &mut events, self.inner.cfg.batch_copies) };
+            let r = unsafe {
+                copy::enqueue(
+                    plan,
+                    &streams,
+                    &mut events,
+                    self.inner.cfg.batch_copies,
+                    gathers,
+                )
+            };
             if let Err(e) = r {
                 enqueue_error = Some(cu_err("enqueue copies", e));
                 break;
@@ -1885,7 +1924,7 @@ impl PreparedXfer for Prepared {
             .as_ref()
             .zip(self.notifier.as_ref())
             .map(|(m, n)| (Arc::clone(&self.initiator), m.clone(), n.clone()));
-        let bytes: u64 = self.resolved.plans.iter().map(|(_, p)| p.bytes).sum();
+        let bytes: u64 = self.resolved.plans.iter().map(|(_, p, _)| p.bytes).sum();
         let job = Job {
             events,
             drain,
