@@ -28,7 +28,8 @@
 
 mod buffer;
 mod sys;
-mod wire;
+#[doc(hidden)] // for the fuzz targets (fuzz/): the frames a peer sends on the socket
+pub mod wire;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
