@@ -87,6 +87,11 @@ pub struct CopyOutcome {
     pub p50_us: f64,
 }
 
+/// CPU cores this process may run on (the memcpy ceiling's thread count).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// memcpy of the same shape as a nixl row: `threads` threads, each copying `batch` blocks of
 /// `block` bytes per "request" from its own part of a source buffer to the same part of a
 /// destination buffer, sized like the row. The buffers are `buf_size` bytes (at least
