@@ -239,12 +239,7 @@ impl Backend for ShmBackend {
     fn start(&self, target: TargetHandle) -> Result<()> {
         sys::allow_any_ptracer();
         let dir = &self.inner.cfg.socket_dir;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("shm: create {}", dir.display()), e))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-        }
+        crate::unix::secure_socket_dir(dir, "shm")?;
         let path = dir.join(format!(
             "{}-{:032x}.sock",
             sanitize(target.name()),
