@@ -456,7 +456,7 @@ pub unsafe extern "C" fn nixl_agent_new(
         }
         let built = config
             .backends()
-            .and_then(|b| Agent::builder(name).backends(b).build());
+            .and_then(|b| config.agent_builder(name).backends(b).build());
         let agent = match built {
             Ok(a) => a,
             Err(e) => {

@@ -47,6 +47,7 @@ pub struct BackendState {
 pub struct AgentBuilder {
     name: String,
     backends: Vec<Arc<dyn Backend>>,
+    notif_queue_bytes: usize,
 }
 
 impl fmt::Debug for AgentBuilder {
@@ -72,6 +73,14 @@ impl AgentBuilder {
         self
     }
 
+    /// The byte budget of the queue of received notifications not yet taken (default
+    /// [`crate::backend::DEFAULT_NOTIF_QUEUE_BYTES`]): past it, notifications are refused and
+    /// their senders told so (see [`crate::TargetHandle::deliver`]).
+    pub fn notif_queue_bytes(mut self, bytes: usize) -> AgentBuilder {
+        self.notif_queue_bytes = bytes;
+        self
+    }
+
     /// Starts the backends and returns the agent.
     pub fn build(self) -> Result<Agent> {
         let name = self.name;
@@ -82,7 +91,7 @@ impl AgentBuilder {
         }
         let name: Arc<str> = Arc::from(name.as_str());
         let instance_id = random_u128();
-        let target = TargetHandle::new(Arc::clone(&name), instance_id);
+        let target = TargetHandle::new(Arc::clone(&name), instance_id, self.notif_queue_bytes);
         let mut running: Vec<Arc<dyn Backend>> = Vec::new();
         let mut states = Vec::new();
         for b in self.backends {
@@ -469,6 +478,7 @@ impl Agent {
     pub fn builder(name: impl Into<String>) -> AgentBuilder {
         AgentBuilder {
             name: name.into(),
+            notif_queue_bytes: crate::backend::DEFAULT_NOTIF_QUEUE_BYTES,
             backends: Vec::new(),
         }
     }

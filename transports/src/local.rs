@@ -40,6 +40,14 @@ impl LocalBackend {
     }
 }
 
+/// Delivers a transfer's notification; a full queue fails the post with the reason.
+fn notify(target: &TargetHandle, from: &str, msg: Vec<u8>) -> Result<()> {
+    target.deliver(from, msg).map_err(|refused| Error::Denied {
+        peer: target.name().to_owned(),
+        reason: refused.to_string(),
+    })
+}
+
 fn encode_info(instance: u128) -> Vec<u8> {
     let mut v = Vec::with_capacity(24);
     v.extend_from_slice(&PROCESS_TOKEN.to_le_bytes());
@@ -200,8 +208,12 @@ impl Connection for LocalConn {
                 reason: "peer invalidated".into(),
             });
         }
-        self.target.deliver(from, msg.to_vec());
-        Ok(())
+        self.target
+            .deliver(from, msg.to_vec())
+            .map_err(|refused| Error::Denied {
+                peer: self.peer.to_string(),
+                reason: refused.to_string(),
+            })
     }
 
     fn close(&self) {
@@ -261,10 +273,11 @@ impl PreparedXfer for LocalXfer {
             // completion and the remote ones by `hold`, so deregistration waits for us.
             unsafe { self.plan.copy_range(0, self.plan.total(), false) };
             drop(hold);
-            if let Some(msg) = &self.notif {
-                self.target.deliver(&self.initiator, msg.clone());
-            }
-            done.complete(Ok(()));
+            let res = match &self.notif {
+                Some(msg) => notify(&self.target, &self.initiator, msg.clone()),
+                None => Ok(()),
+            };
+            done.complete(res);
             return;
         }
         let (target, initiator, notif) = (
@@ -273,10 +286,11 @@ impl PreparedXfer for LocalXfer {
             self.notif.clone(),
         );
         let finish = move |done: Completion| {
-            if let Some(msg) = notif {
-                target.deliver(&initiator, msg);
-            }
-            done.complete(Ok(()));
+            let res = match notif {
+                Some(msg) => notify(&target, &initiator, msg),
+                None => Ok(()),
+            };
+            done.complete(res);
         };
         // SAFETY: as for the inline copy; `hold` and the completion (which holds the local
         // regions) are released only after every range is copied.

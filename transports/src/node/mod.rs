@@ -454,15 +454,21 @@ fn serve_frames(
                 notif,
                 segs,
             } => {
-                let (status, text) = carry_out(inner, target, peer_pid, write, &segs);
+                let (mut status, mut text) = carry_out(inner, target, peer_pid, write, &segs);
                 if status == Status::Ok {
                     if let Some(msg) = notif {
-                        target.deliver(&peer_name, msg);
+                        if let Err(refused) = target.deliver(&peer_name, msg) {
+                            (status, text) = (Status::Denied, refused.to_string());
+                        }
                     }
                 }
                 send(writer, &Frame::Done { id, status, text })?;
             }
-            Frame::Notif { msg } => target.deliver(&peer_name, msg),
+            Frame::Notif { msg } => {
+                // Standalone notifications have no answer on this wire: a refusal (queue over
+                // its budget) is counted and logged by `deliver`.
+                let _ = target.deliver(&peer_name, msg);
+            }
             Frame::MapReq { id, addr, len, key } => {
                 let reply = grant_map(inner, target, writer, conn_id, id, addr, len, key);
                 if let Some(f) = reply {

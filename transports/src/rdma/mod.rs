@@ -549,7 +549,8 @@ impl ServedLane {
                 Some(seq) => {
                     if self.dedup.lock().accept(seq) {
                         buf.drain(..notif::HEADER);
-                        st.target.deliver(&self.peer, buf);
+                        // A refusal (queue over its budget) is counted and logged by `deliver`.
+                        let _ = st.target.deliver(&self.peer, buf);
                     } else {
                         metrics::counter!("nixl_rdma_duplicate_notifs_total").increment(1);
                         tracing::debug!(peer = %self.peer, seq, "rdma: duplicate notification dropped");

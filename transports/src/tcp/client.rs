@@ -827,7 +827,7 @@ impl Connection for Conn {
 }
 
 /// An authenticated connection opened for `purpose` as the agent `from`, past OPENED.
-fn open_call(
+pub(super) fn open_call(
     addr: SocketAddr,
     auth: &auth::Auth,
     timeout: Duration,

@@ -26,6 +26,8 @@
 
 mod auth;
 mod client;
+#[cfg(test)]
+mod limits_tests;
 mod net;
 mod server;
 mod wire;
@@ -67,6 +69,17 @@ pub struct TcpConfig {
     pub socket_buffer: usize,
     /// How connections authenticate.
     pub auth: Auth,
+    /// Most connections the listener serves at once (each is one thread and one fd); more are
+    /// closed on accept and counted. Capped at half the process's fd limit when it starts.
+    pub max_conns: usize,
+    /// Most connections the listener serves at once from one peer address.
+    pub max_conns_per_ip: usize,
+    /// How long an opened connection may sit between frames before the listener closes it
+    /// (initiators reconnect on their next post).
+    pub idle_timeout: Duration,
+    /// Bytes the listener may buffer at once for frame bodies over 64 KiB (metadata pushes,
+    /// control requests, large notifications), over all its connections.
+    pub frame_memory: usize,
 }
 
 impl Default for TcpConfig {
@@ -80,6 +93,10 @@ impl Default for TcpConfig {
             connect_timeout: Duration::from_secs(3),
             socket_buffer: 4 << 20,
             auth: Auth::from_config(None, false),
+            max_conns: 1024,
+            max_conns_per_ip: 256,
+            idle_timeout: Duration::from_secs(300),
+            frame_memory: 256 << 20,
         }
     }
 }
@@ -107,6 +124,15 @@ impl TcpConfig {
             || self.connect_timeout < Duration::from_millis(10)
         {
             return bad("timeouts must be at least 10 ms".into());
+        }
+        if self.idle_timeout < Duration::from_millis(100) {
+            return bad("idle_timeout must be at least 100 ms".into());
+        }
+        if self.max_conns == 0 || self.max_conns_per_ip == 0 {
+            return bad("max_conns and max_conns_per_ip must be at least 1".into());
+        }
+        if self.frame_memory < (1 << 20) {
+            return bad(format!("frame_memory {} is under 1 MiB", self.frame_memory));
         }
         Ok(())
     }
