@@ -139,6 +139,8 @@ fn connect_from(src: Ipv4Addr, to: SocketAddrV4) -> Option<TcpStream> {
 }
 
 /// Starts the flooding child; returns it once its connections are open, and how many are.
+// The caller waits for the child in `end`; a panic on the way ends the whole test binary.
+#[allow(clippy::zombie_processes)]
 fn flood(to: SocketAddr, count: usize, first: u8, sources: u8) -> (std::process::Child, usize) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -157,7 +159,10 @@ fn flood(to: SocketAddr, count: usize, first: u8, sources: u8) -> (std::process:
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "flood child ended");
+        if out.read_line(&mut line).unwrap_or(0) == 0 {
+            let status = child.wait();
+            panic!("flood child ended: {status:?}");
+        }
         // The harness may have printed "test flood_child ... " on the same line.
         if let Some(n) = line.trim().split("ready ").nth(1) {
             // Keep the pipe open (the child prints more at exit).
