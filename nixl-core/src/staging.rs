@@ -137,6 +137,7 @@ impl Bounce {
         backends: Vec<Arc<dyn Backend>>,
     ) -> Result<Bounce> {
         let desc = Desc::new(host.addr(), host.len(), 0);
+        let key = crate::random_u64()?;
         let mut publics = Vec::with_capacity(backends.len());
         let mut done: Vec<Arc<dyn Backend>> = Vec::with_capacity(backends.len());
         for b in &backends {
@@ -166,7 +167,7 @@ impl Bounce {
                 id,
                 kind: MemKind::Dram,
                 desc,
-                key: crate::random_u64(),
+                key,
                 backends: publics,
                 gate: Default::default(),
             }),

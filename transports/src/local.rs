@@ -23,7 +23,17 @@ use parking_lot::Mutex;
 
 use crate::copy::{CopyOp, CopyPlan, CopyPool, INLINE_MAX};
 
-static PROCESS_TOKEN: LazyLock<u64> = LazyLock::new(nixl_core::random_u64);
+/// Tells agents of this process from others'. An identity, not a secret: should the OS generator
+/// fail, the pid and the time do (a clash only makes `can_reach` say yes; `connect` still finds
+/// only agents of this process).
+static PROCESS_TOKEN: LazyLock<u64> = LazyLock::new(|| {
+    nixl_core::random_u64().unwrap_or_else(|_| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        t ^ u64::from(std::process::id()) << 32
+    })
+});
 static TARGETS: LazyLock<Mutex<HashMap<u128, TargetHandle>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 

@@ -222,7 +222,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!(
             "nixl-sockdir-{name}-{}-{:x}",
             std::process::id(),
-            nixl_core::random_u64()
+            nixl_core::random_u64().unwrap()
         ));
         let _ = std::fs::remove_dir_all(&d);
         d

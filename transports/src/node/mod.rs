@@ -1357,7 +1357,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "nixl-seal-{}-{:x}",
             std::process::id(),
-            nixl_core::random_u64()
+            nixl_core::random_u64().unwrap()
         ));
         let be = Arc::new(ShmBackend::new(ShmConfig {
             socket_dir: dir.join("agent"),

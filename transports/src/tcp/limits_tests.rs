@@ -19,7 +19,7 @@ fn target(cfg: TcpConfig) -> (Agent, Arc<TcpBackend>, SocketAddr) {
         auth: Auth::with_secret(SECRET),
         ..cfg
     }));
-    let agent = Agent::builder(format!("limits-{:x}", nixl_core::random_u64()))
+    let agent = Agent::builder(format!("limits-{:x}", nixl_core::random_u64().unwrap()))
         .backend(tb.clone())
         .build()
         .unwrap();
