@@ -1304,7 +1304,7 @@ fn fill_random(buf: &mut [u8]) -> Result<()> {
     if tests::RANDOM_FAILS.with(std::cell::Cell::get) {
         return Err(random_failed(std::io::Error::other("injected failure")));
     }
-    getrandom::fill(buf).map_err(|e| random_failed(std::io::Error::from(e)))
+    getrandom::fill(buf).map_err(|e| random_failed(std::io::Error::other(e.to_string())))
 }
 
 fn random_failed(e: std::io::Error) -> Error {

@@ -152,7 +152,7 @@ impl From<io::Error> for AuthError {
 /// would let a transcript be replayed).
 fn nonce() -> Result<[u8; NONCE], AuthError> {
     let mut n = [0u8; NONCE];
-    getrandom::fill(&mut n).map_err(|e| AuthError::Io(io::Error::from(e)))?;
+    getrandom::fill(&mut n).map_err(|e| AuthError::Io(io::Error::other(e.to_string())))?;
     Ok(n)
 }
 
