@@ -23,7 +23,8 @@
 //! allow_open = false         # without a secret, accept only this host's connections
 //!
 //! [shm]
-//! socket_dir = "/run/nixl"
+//! socket_dir = "/run/nixl"   # default $XDG_RUNTIME_DIR/nixl, else $TMPDIR/nixl-<uid>; created
+//!                            # 0700, refused unless ours and writable by nobody else
 //! op_timeout_ms = 5000
 //!
 //! [uring]                    # DRAM <-> FILE through io_uring

@@ -55,7 +55,8 @@ use crate::copy::{CopyOp, CopyPlan, CopyPool, INLINE_MAX};
 /// Settings of the `shm` backend.
 #[derive(Clone, Debug)]
 pub struct ShmConfig {
-    /// Where the agent's Unix socket lives (created with mode 0700).
+    /// Where the agent's Unix socket lives: created with mode 0700; an existing directory must
+    /// be ours and writable by nobody else (see `unix::secure_socket_dir`).
     pub socket_dir: PathBuf,
     /// How long an initiator waits for a stuck (alive) target, plus 1 s per 500 MB moved.
     pub op_timeout: Duration,

@@ -23,6 +23,18 @@
 //! Every connection authenticates first (see [`Auth`]); the listener also serves the agent's
 //! metadata to peers that fetch it ([`fetch_metadata`]) and loads metadata peers push
 //! ([`push_metadata`]).
+//!
+//! What a peer can make the listener hold is bounded: one thread and one fd per connection,
+//! at most `max_conns` connections (and at most half the process's fd limit), `max_conns_per_ip`
+//! of them from one address, more closed on accept and counted (`nixl_tcp_conns_refused_total`);
+//! a connection must send OPEN within `connect_timeout` of authenticating and is closed after
+//! `idle_timeout` without a frame (`nixl_tcp_idle_closed_total`; initiators reconnect on their
+//! next post); each connection takes only the frames of its purpose, each within its own size
+//! limit checked from the header before the body is read (a data connection: WRITE and READ of
+//! at most 1000 pieces, NOTIF; never a metadata push or a control request); bodies over 64 KiB
+//! share one `frame_memory` budget (`nixl_tcp_frame_memory_refused_total`). Notifications go
+//! into the agent's queue within its byte budget; one past it is answered `Denied` with the
+//! reason, which the sender's `send_notif` or post returns.
 
 mod auth;
 mod client;
