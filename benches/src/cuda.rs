@@ -217,7 +217,7 @@ impl CudaPair {
         let dir = TempDir(std::env::temp_dir().join(format!(
             "nixl-bench-cuda-pair-{}-{}",
             std::process::id(),
-            nixl_core::random_u64()
+            nixl_core::random_u64().map_err(|e| e.to_string())?
         )));
         std::fs::create_dir_all(&dir.0).map_err(|e| format!("{}: {e}", dir.0.display()))?;
         let meta = dir.0.join("target.md");

@@ -115,8 +115,8 @@ pub struct nixl_xfer {
     _opaque: [u8; 0],
 }
 
-/// What a `nixl_agent *` points to. `repr(C)` with the tag first in both handle types: the
-/// tag check reads the first 8 bytes of whatever the caller passed, which both types have.
+/// What a `nixl_agent *` points to. The tag says the type in a debugger; calls find out
+/// whether a pointer is a live handle of theirs from [`LIVE`], without reading it.
 #[repr(C)]
 struct AgentHandle {
     magic: u64,
@@ -253,39 +253,61 @@ fn guard(f: impl FnOnce() -> Res<nixl_status>) -> nixl_status {
     }
 }
 
-/// Checks a handle's tag before a reference to it is made. The tag is the first field of both
-/// handle types (`repr(C)`), so a handle of the other type is read within its bounds too.
+/// The handles this library has handed out and not freed yet: address -> type tag. Checked
+/// before any handle is dereferenced, so a freed or foreign pointer is an error, never a read.
+static LIVE: std::sync::LazyLock<parking_lot::RwLock<HashMap<usize, u64>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn not_live(what: &str, magic: u64) -> Fail {
+    Fail::invalid(format!(
+        "{what} is not a live {} (freed, or another object)",
+        if magic == AGENT_MAGIC {
+            "nixl_agent"
+        } else {
+            "nixl_xfer"
+        }
+    ))
+}
+
+/// Records a handle just handed to C as live.
+fn hand_out<T>(p: *mut T, magic: u64) {
+    LIVE.write().insert(p as usize, magic);
+}
+
+/// Takes a handle out of the live set for freeing: `Err` unless it is a live handle of this
+/// type, so that of two frees of one handle only the first gets to free it.
+fn take_back(p: *const (), what: &str, magic: u64) -> Res<()> {
+    let mut live = LIVE.write();
+    if live.get(&(p as usize)) != Some(&magic) {
+        return Err(not_live(what, magic));
+    }
+    live.remove(&(p as usize));
+    Ok(())
+}
+
+/// A reference to a handle, once [`LIVE`] says it is a live handle of this type.
 fn tagged<'a, T>(p: *const (), what: &str, magic: u64) -> Res<&'a T> {
-    let p = p.cast::<T>();
     if p.is_null() {
         return Err(Fail::invalid(format!("{what} is NULL")));
     }
-    if !p.is_aligned() {
-        return Err(Fail::invalid(format!("{what} is misaligned")));
+    if LIVE.read().get(&(p as usize)) != Some(&magic) {
+        return Err(not_live(what, magic));
     }
-    // SAFETY: non-NULL and aligned (both handle types are 8-aligned); the caller passes a
-    // handle of this library, and both kinds start with their u64 tag.
-    let tag = unsafe { p.cast::<u64>().read() };
-    if tag != magic {
-        return Err(Fail::invalid(format!(
-            "{what} is not a live {} (freed, or another object)",
-            if magic == AGENT_MAGIC {
-                "nixl_agent"
-            } else {
-                "nixl_xfer"
-            }
-        )));
-    }
-    // SAFETY: the tag says this is a live handle of type T, made by Box::into_raw.
-    Ok(unsafe { &*p })
+    // SAFETY: a live handle of type T, made by Box::into_raw and not freed (freeing takes it
+    // out of LIVE first); the caller does not free it during the call (the API's contract).
+    Ok(unsafe { &*p.cast::<T>() })
 }
 
 fn agent_ref<'a>(p: *const nixl_agent) -> Res<&'a AgentHandle> {
-    tagged(p.cast(), "agent", AGENT_MAGIC)
+    let h: &AgentHandle = tagged(p.cast(), "agent", AGENT_MAGIC)?;
+    debug_assert_eq!(h.magic, AGENT_MAGIC);
+    Ok(h)
 }
 
 fn xfer_ref<'a>(p: *const nixl_xfer) -> Res<&'a XferHandle> {
-    tagged(p.cast(), "xfer", XFER_MAGIC)
+    let h: &XferHandle = tagged(p.cast(), "xfer", XFER_MAGIC)?;
+    debug_assert_eq!(h.magic, XFER_MAGIC);
+    Ok(h)
 }
 
 /// A required C string argument, as UTF-8.
@@ -456,7 +478,7 @@ pub unsafe extern "C" fn nixl_agent_new(
         }
         let built = config
             .backends()
-            .and_then(|b| Agent::builder(name).backends(b).build());
+            .and_then(|b| config.agent_builder(name).backends(b).build());
         let agent = match built {
             Ok(a) => a,
             Err(e) => {
@@ -479,7 +501,9 @@ pub unsafe extern "C" fn nixl_agent_new(
                 files: Mutex::new(HashMap::new()),
             }),
         });
-        write_out(out, Box::into_raw(handle).cast::<nixl_agent>(), "out")?;
+        let p = Box::into_raw(handle);
+        write_out(out, p.cast::<nixl_agent>(), "out")?;
+        hand_out(p, AGENT_MAGIC);
         Ok(NIXL_OK)
     })
 }
@@ -496,9 +520,9 @@ pub unsafe extern "C" fn nixl_agent_free(agent: *mut nixl_agent) {
         if agent.is_null() {
             return Ok(NIXL_OK);
         }
-        agent_ref(agent)?;
+        take_back(agent.cast(), "agent", AGENT_MAGIC)?;
         // SAFETY: a live handle made by `Box::into_raw` in `nixl_agent_new`, given up by the
-        // caller; the magic is cleared first so a second free is caught while the memory lasts.
+        // caller, and now out of LIVE, so no later call (a second free included) touches it.
         let mut b = unsafe { Box::from_raw(agent.cast::<AgentHandle>()) };
         b.magic = DEAD_MAGIC;
         drop(b);
@@ -874,7 +898,9 @@ pub unsafe extern "C" fn nixl_xfer_create(
             req,
             _agent: Arc::clone(&a.shared),
         });
-        write_out(out, Box::into_raw(x).cast::<nixl_xfer>(), "out")?;
+        let p = Box::into_raw(x);
+        write_out(out, p.cast::<nixl_xfer>(), "out")?;
+        hand_out(p, XFER_MAGIC);
         Ok(NIXL_OK)
     })
 }
@@ -994,9 +1020,9 @@ pub unsafe extern "C" fn nixl_xfer_free(xfer: *mut nixl_xfer) -> nixl_status {
         if xfer.is_null() {
             return Ok(NIXL_OK);
         }
-        xfer_ref(xfer)?;
+        take_back(xfer.cast(), "xfer", XFER_MAGIC)?;
         // SAFETY: a live handle made by `Box::into_raw` in `nixl_xfer_create`, given up by the
-        // caller; the magic is cleared first so a second free is caught while the memory lasts.
+        // caller, and now out of LIVE, so no later call (a second free included) touches it.
         let mut b = unsafe { Box::from_raw(xfer.cast::<XferHandle>()) };
         b.magic = DEAD_MAGIC;
         b.req.release();

@@ -47,6 +47,7 @@ pub struct BackendState {
 pub struct AgentBuilder {
     name: String,
     backends: Vec<Arc<dyn Backend>>,
+    notif_queue_bytes: usize,
 }
 
 impl fmt::Debug for AgentBuilder {
@@ -72,6 +73,14 @@ impl AgentBuilder {
         self
     }
 
+    /// The byte budget of the queue of received notifications not yet taken (default
+    /// [`crate::backend::DEFAULT_NOTIF_QUEUE_BYTES`]): past it, notifications are refused and
+    /// their senders told so (see [`crate::TargetHandle::deliver`]).
+    pub fn notif_queue_bytes(mut self, bytes: usize) -> AgentBuilder {
+        self.notif_queue_bytes = bytes;
+        self
+    }
+
     /// Starts the backends and returns the agent.
     pub fn build(self) -> Result<Agent> {
         let name = self.name;
@@ -81,8 +90,8 @@ impl AgentBuilder {
             )));
         }
         let name: Arc<str> = Arc::from(name.as_str());
-        let instance_id = random_u128();
-        let target = TargetHandle::new(Arc::clone(&name), instance_id);
+        let instance_id = random_u128()?;
+        let target = TargetHandle::new(Arc::clone(&name), instance_id, self.notif_queue_bytes);
         let mut running: Vec<Arc<dyn Backend>> = Vec::new();
         let mut states = Vec::new();
         for b in self.backends {
@@ -489,6 +498,7 @@ impl Agent {
     pub fn builder(name: impl Into<String>) -> AgentBuilder {
         AgentBuilder {
             name: name.into(),
+            notif_queue_bytes: crate::backend::DEFAULT_NOTIF_QUEUE_BYTES,
             backends: Vec::new(),
         }
     }
@@ -592,6 +602,8 @@ impl Agent {
         let mut done: Vec<Arc<Region>> = Vec::with_capacity(list.len());
         let result = (|| {
             for desc in list.descs() {
+                // Before any backend registers it: nothing to undo if there is no key.
+                let key = random_u64()?;
                 let mut publics = Vec::with_capacity(chosen.len());
                 let mut skipped: Option<Error> = None;
                 for b in &chosen {
@@ -625,7 +637,7 @@ impl Agent {
                     id: self.inner.next_region.fetch_add(1, Ordering::Relaxed),
                     kind,
                     desc: *desc,
-                    key: random_u64(),
+                    key,
                     backends: publics,
                     gate: AccessGate::default(),
                 };
@@ -1296,31 +1308,113 @@ fn placeholder(kind: MemKind, desc: &Desc) -> Region {
     }
 }
 
-/// A random u64 from the OS.
-pub fn random_u64() -> u64 {
+/// A random u64 from the OS generator (`getrandom`), or an error when it fails: region keys,
+/// instance ids and nonces are never made of guessable bytes instead.
+pub fn random_u64() -> Result<u64> {
     let mut b = [0u8; 8];
-    fill_random(&mut b);
-    u64::from_le_bytes(b)
+    fill_random(&mut b)?;
+    Ok(u64::from_le_bytes(b))
 }
 
-fn random_u128() -> u128 {
+fn random_u128() -> Result<u128> {
     let mut b = [0u8; 16];
-    fill_random(&mut b);
-    u128::from_le_bytes(b)
+    fill_random(&mut b)?;
+    Ok(u128::from_le_bytes(b))
 }
 
-fn fill_random(buf: &mut [u8]) {
-    if getrandom::fill(buf).is_err() {
-        // The OS generator failing is near impossible; fall back to time and address entropy,
-        // which is unique enough for ids (keys are then weaker, and we say so).
-        tracing::warn!("OS random generator failed; ids from time and addresses");
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let mix = t ^ (buf.as_ptr() as u128) << 64 ^ u128::from(std::process::id());
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (mix >> ((i % 16) * 8)) as u8;
+fn fill_random(buf: &mut [u8]) -> Result<()> {
+    #[cfg(test)]
+    if tests::RANDOM_FAILS.with(std::cell::Cell::get) {
+        return Err(random_failed(std::io::Error::other("injected failure")));
+    }
+    getrandom::fill(buf).map_err(|e| random_failed(std::io::Error::other(e.to_string())))
+}
+
+fn random_failed(e: std::io::Error) -> Error {
+    Error::io(
+        "the OS random generator (getrandom) failed, so no unguessable key or id can be made",
+        e,
+    )
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::sync::atomic::AtomicUsize;
+
+    thread_local! {
+        /// Makes this thread's OS random generator fail.
+        pub(crate) static RANDOM_FAILS: Cell<bool> = const { Cell::new(false) };
+    }
+
+    #[derive(Debug, Default)]
+    struct Counting {
+        registered: AtomicUsize,
+    }
+
+    impl Backend for Counting {
+        fn name(&self) -> BackendName {
+            BackendName::Local
         }
+        fn caps(&self) -> crate::Caps {
+            crate::Caps {
+                local_kinds: &[MemKind::Dram],
+                remote_kinds: &[MemKind::Dram],
+                notifications: false,
+                locality: crate::Locality::SameProcess,
+            }
+        }
+        fn probe(&self) -> std::result::Result<(), String> {
+            Ok(())
+        }
+        fn start(&self, _target: TargetHandle) -> Result<()> {
+            Ok(())
+        }
+        fn conn_info(&self) -> Vec<u8> {
+            Vec::new()
+        }
+        fn register(&self, _kind: MemKind, _desc: &Desc) -> Result<Vec<u8>> {
+            self.registered.fetch_add(1, Ordering::Relaxed);
+            Ok(Vec::new())
+        }
+        fn deregister(&self, _region: &Region) {
+            self.registered.fetch_sub(1, Ordering::Relaxed);
+        }
+        fn can_reach(&self, _conn_info: &[u8]) -> std::result::Result<(), String> {
+            Err("nowhere".into())
+        }
+        fn connect(&self, _peer: &crate::PeerInfo<'_>) -> Result<Arc<dyn crate::Connection>> {
+            Err(Error::InvalidArgument("no peers".into()))
+        }
+        fn shutdown(&self) {}
+    }
+
+    #[test]
+    fn no_key_or_id_without_the_os_random_generator() {
+        RANDOM_FAILS.with(|f| f.set(true));
+        let e = Agent::builder("no-random").build().unwrap_err();
+        assert!(e.to_string().contains("getrandom"), "{e}");
+        assert!(random_u64().is_err());
+
+        RANDOM_FAILS.with(|f| f.set(false));
+        let be = Arc::new(Counting::default());
+        let agent = Agent::builder("random")
+            .backend(be.clone())
+            .build()
+            .unwrap();
+        let buf = vec![0u8; 4096];
+        let list = DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(&buf)]).unwrap();
+        RANDOM_FAILS.with(|f| f.set(true));
+        // SAFETY: `buf` outlives the agent, and the registration is refused anyway.
+        let e = unsafe { agent.register(&list) }.unwrap_err();
+        assert!(e.to_string().contains("getrandom"), "{e}");
+        assert_eq!(be.registered.load(Ordering::Relaxed), 0, "left registered");
+        assert!(agent.metadata().regions.is_empty());
+        RANDOM_FAILS.with(|f| f.set(false));
+        // SAFETY: as above; `buf` outlives the registration.
+        let r = unsafe { agent.register(&list) }.unwrap();
+        assert_ne!(agent.metadata().regions[0].key, 0);
+        drop(r);
     }
 }

@@ -252,8 +252,51 @@ pub struct Notification {
     pub msg: Vec<u8>,
 }
 
-/// Most notifications queued before new ones are dropped (and counted).
+/// Most notifications queued before new ones are refused (and counted).
 pub const MAX_QUEUED_NOTIFS: usize = 1 << 20;
+
+/// Default byte budget of an agent's queue of notifications not yet taken
+/// ([`crate::AgentBuilder::notif_queue_bytes`]).
+pub const DEFAULT_NOTIF_QUEUE_BYTES: usize = 64 << 20;
+
+/// Bytes a queued notification costs besides its message and its sender's name.
+const NOTIF_OVERHEAD: usize = 64;
+
+/// A notification the target's queue has no room for: its owner takes notifications more
+/// slowly than peers send them. Backends answer the sender with it where their wire can.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotifRefused {
+    /// The receiving agent.
+    pub agent: String,
+    /// Bytes of the refused notification.
+    pub bytes: usize,
+    /// Bytes queued (messages, names and per-notification overhead).
+    pub queued_bytes: usize,
+    /// Notifications queued.
+    pub queued: usize,
+    /// The queue's byte budget.
+    pub budget: usize,
+}
+
+impl fmt::Display for NotifRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "notification of {} bytes refused: agent '{}' has {} notifications ({} bytes) not \
+             yet taken, its budget is {} notifications or {} bytes; it takes them too slowly",
+            self.bytes, self.agent, self.queued, self.queued_bytes, MAX_QUEUED_NOTIFS, self.budget
+        )
+    }
+}
+
+impl std::error::Error for NotifRefused {}
+
+#[derive(Debug, Default)]
+struct NotifQueue {
+    q: VecDeque<Notification>,
+    /// What the queued notifications cost against the budget.
+    bytes: usize,
+}
 
 /// What an agent lends its backends so they can serve its metadata on their own listeners.
 pub(crate) trait MetadataHooks: Send + Sync {
@@ -267,7 +310,8 @@ pub(crate) struct TargetShared {
     pub(crate) name: Arc<str>,
     pub(crate) instance_id: u128,
     pub(crate) regions: RegionTable,
-    notifs: Mutex<VecDeque<Notification>>,
+    notifs: Mutex<NotifQueue>,
+    notif_budget: usize,
     notif_cv: Condvar,
     pub(crate) hooks: OnceLock<Weak<dyn MetadataHooks>>,
 }
@@ -288,12 +332,13 @@ impl fmt::Debug for TargetShared {
 pub struct TargetHandle(pub(crate) Arc<TargetShared>);
 
 impl TargetHandle {
-    pub(crate) fn new(name: Arc<str>, instance_id: u128) -> TargetHandle {
+    pub(crate) fn new(name: Arc<str>, instance_id: u128, notif_budget: usize) -> TargetHandle {
         TargetHandle(Arc::new(TargetShared {
             name,
             instance_id,
             regions: RegionTable::default(),
-            notifs: Mutex::new(VecDeque::new()),
+            notifs: Mutex::new(NotifQueue::default()),
+            notif_budget,
             notif_cv: Condvar::new(),
             hooks: OnceLock::new(),
         }))
@@ -345,35 +390,56 @@ impl TargetHandle {
         self.0.regions.check(kind, desc, key)
     }
 
-    /// Delivers a notification to this agent.
-    pub fn deliver(&self, from: &str, msg: Vec<u8>) {
+    /// Delivers a notification to this agent, or refuses it (counted, and logged at most once
+    /// a second) when the queue of notifications not yet taken is over its count or byte budget:
+    /// a sender then learns it from the backend instead of the agent's memory growing.
+    pub fn deliver(&self, from: &str, msg: Vec<u8>) -> std::result::Result<(), NotifRefused> {
+        let cost = msg.len() + from.len() + NOTIF_OVERHEAD;
         let mut q = self.0.notifs.lock();
-        if q.len() >= MAX_QUEUED_NOTIFS {
+        if q.q.len() >= MAX_QUEUED_NOTIFS || q.bytes.saturating_add(cost) > self.0.notif_budget {
+            let refused = NotifRefused {
+                agent: self.0.name.to_string(),
+                bytes: msg.len(),
+                queued_bytes: q.bytes,
+                queued: q.q.len(),
+                budget: self.0.notif_budget,
+            };
+            drop(q);
             metrics::counter!("nixl_notifs_dropped_total").increment(1);
-            tracing::warn!(agent = %self.0.name, from, "notification queue full, dropping");
-            return;
+            static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+            let mut last = LAST.lock();
+            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                *last = Some(Instant::now());
+                tracing::warn!(agent = %self.0.name, from, "{refused}");
+            }
+            return Err(refused);
         }
-        q.push_back(Notification {
+        q.bytes += cost;
+        q.q.push_back(Notification {
             from: from.to_owned(),
             msg,
         });
         drop(q);
         metrics::counter!("nixl_notifs_received_total").increment(1);
         self.0.notif_cv.notify_all();
+        Ok(())
     }
 
     pub(crate) fn take_notifs(&self) -> Vec<Notification> {
-        self.0.notifs.lock().drain(..).collect()
+        let mut q = self.0.notifs.lock();
+        q.bytes = 0;
+        q.q.drain(..).collect()
     }
 
     pub(crate) fn wait_notifs(&self, timeout: Duration) -> Vec<Notification> {
         let deadline = Instant::now() + timeout;
         let mut q = self.0.notifs.lock();
-        while q.is_empty() {
+        while q.q.is_empty() {
             if self.0.notif_cv.wait_until(&mut q, deadline).timed_out() {
                 break;
             }
         }
-        q.drain(..).collect()
+        q.bytes = 0;
+        q.q.drain(..).collect()
     }
 }

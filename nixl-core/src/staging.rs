@@ -36,7 +36,13 @@ use crate::xfer::{Completion, XferOp, XferRequest};
 
 /// Host memory for staging, owned by the stager that allocated it (pinned where the device
 /// needs it); freed on drop.
-pub trait HostBuffer: Send + Sync + fmt::Debug {
+///
+/// # Safety
+/// The agent registers `addr()..addr() + len()` as DRAM and lets backends and the stager write
+/// it with raw pointers, so an implementation guarantees that this range is memory it owns,
+/// readable and writable, that nothing else (no Rust reference, no other buffer) uses, and that
+/// both values stay the same and the memory stays valid until the buffer is dropped.
+pub unsafe trait HostBuffer: Send + Sync + fmt::Debug {
     /// Its first byte.
     fn addr(&self) -> u64;
     /// Its length.
@@ -48,7 +54,13 @@ pub trait HostBuffer: Send + Sync + fmt::Debug {
 }
 
 /// Copies between a backend's device memory and host memory, for the staged path.
-pub trait Stager: Send + Sync + fmt::Debug {
+///
+/// # Safety
+/// An implementation guarantees that [`Stager::alloc`] returns a buffer that keeps the
+/// [`HostBuffer`] contract for the length asked, and that [`Stager::to_host`] and
+/// [`Stager::to_device`] touch no memory but the ranges they are given, and none of it after
+/// they return.
+pub unsafe trait Stager: Send + Sync + fmt::Debug {
     /// The backend that stages (named in the request's info).
     fn backend(&self) -> BackendName;
     /// The device memory kind it stages.
@@ -59,10 +71,20 @@ pub trait Stager: Send + Sync + fmt::Debug {
     fn alloc(&self, len: u64, dev_id: u64) -> Result<Box<dyn HostBuffer>>;
     /// Copies each `(device range, host address)` pair from the device to the host; blocks
     /// until every byte has landed.
-    fn to_host(&self, pieces: &[(Desc, u64)]) -> Result<()>;
+    ///
+    /// # Safety
+    /// Each device range lies in device memory of [`Stager::kind`] that the caller holds
+    /// registered for the call, and each host range (`host .. host + range.len`) lies inside
+    /// a live buffer from [`Stager::alloc`] of this stager, which nothing else reads or writes
+    /// during the call.
+    unsafe fn to_host(&self, pieces: &[(Desc, u64)]) -> Result<()>;
     /// Copies each `(device range, host address)` pair from the host to the device; blocks
     /// until every byte has landed.
-    fn to_device(&self, pieces: &[(Desc, u64)]) -> Result<()>;
+    ///
+    /// # Safety
+    /// As for [`Stager::to_host`]; the device ranges are written, so nothing else may use them
+    /// during the call.
+    unsafe fn to_device(&self, pieces: &[(Desc, u64)]) -> Result<()>;
     /// Largest chunk a staged request is cut into.
     fn chunk_bytes(&self) -> u64 {
         8 << 20
@@ -117,6 +139,7 @@ impl Bounce {
         backends: Vec<Arc<dyn Backend>>,
     ) -> Result<Bounce> {
         let desc = Desc::new(host.addr(), host.len(), 0);
+        let key = crate::random_u64()?;
         let mut publics = Vec::with_capacity(backends.len());
         let mut done: Vec<Arc<dyn Backend>> = Vec::with_capacity(backends.len());
         for b in &backends {
@@ -146,7 +169,7 @@ impl Bounce {
                 id,
                 kind: MemKind::Dram,
                 desc,
-                key: crate::random_u64(),
+                key,
                 backends: publics,
                 gate: Default::default(),
             }),
@@ -274,7 +297,11 @@ impl StagedInner {
                             return Err(e);
                         }
                     }
-                    self.stager.to_host(&self.chunks[k].pieces)?;
+                    // SAFETY: the pieces were cut from the request's device descriptors, checked
+                    // against registered regions that the request holds while it runs, and
+                    // point into slot k % slots of the bounce buffer this stager allocated,
+                    // which the chunk that used it before is done with (waited above).
+                    unsafe { self.stager.to_host(&self.chunks[k].pieces)? };
                     self.chunks[k].req.post()?;
                     inflight.push_back(k);
                 }
@@ -304,7 +331,9 @@ impl StagedInner {
                         inflight.push_front(j);
                         return Err(e);
                     }
-                    self.stager.to_device(&self.chunks[j].pieces)?;
+                    // SAFETY: as for `to_host` above; chunk j has arrived (waited just before),
+                    // so no backend writes its slot any more.
+                    unsafe { self.stager.to_device(&self.chunks[j].pieces)? };
                 }
             }
         }

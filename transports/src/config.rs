@@ -12,6 +12,12 @@
 //! connect_timeout_ms = 3000
 //! socket_buffer = 4194304
 //! accept_pushes = false      # load metadata peers push (only each agent's own); off by default
+//! max_conns = 1024           # connections the listener serves at once (one thread, one fd
+//!                            # each); at most half the process's fd limit
+//! max_conns_per_ip = 256     # of them from one peer address
+//! idle_timeout_ms = 300000   # an opened connection silent this long between frames is closed
+//! frame_memory = 268435456   # bytes buffered at once for frames over 64 KiB (metadata pushes,
+//!                            # control requests, large notifications), all connections together
 //!
 //! [auth]
 //! secret = "..."             # or NIXL_SECRET: a shared secret, any host that holds it gets in
@@ -21,7 +27,8 @@
 //! allow_open = false         # true (and no shared secret): NO authentication, anyone gets in
 //!
 //! [shm]
-//! socket_dir = "/run/nixl"
+//! socket_dir = "/run/nixl"   # default $XDG_RUNTIME_DIR/nixl, else $TMPDIR/nixl-<uid>; created
+//!                            # 0700, refused unless ours and writable by nobody else
 //! op_timeout_ms = 5000
 //!
 //! [uring]                    # DRAM <-> FILE through io_uring
@@ -88,6 +95,8 @@
 //!
 //! [agent]                    # read by the C ABI (nixl_agent_new)
 //! allow_duplicate_name = false   # a second live agent of the same name in one process
+//! notif_queue_bytes = 67108864    # received notifications not yet taken, at most; past it
+//!                            # they are refused and the sender told (where its backend can)
 //!
 //! [etcd]                     # read by nixl-discovery
 //! endpoints = ["http://127.0.0.1:2379"]
@@ -167,6 +176,10 @@ pub struct TcpSection {
     pub connect_timeout_ms: Option<u64>,
     pub socket_buffer: Option<usize>,
     pub accept_pushes: Option<bool>,
+    pub max_conns: Option<usize>,
+    pub max_conns_per_ip: Option<usize>,
+    pub idle_timeout_ms: Option<u64>,
+    pub frame_memory: Option<usize>,
 }
 
 /// `[auth]`.
@@ -300,6 +313,8 @@ pub struct AgentSection {
     /// otherwise: two agents of one name confuse every peer that loads both).
     #[serde(default)]
     pub allow_duplicate_name: bool,
+    /// Byte budget of the queue of received notifications not yet taken.
+    pub notif_queue_bytes: Option<usize>,
 }
 
 /// `[shm]`.
@@ -342,6 +357,15 @@ impl Config {
         Config::from_toml(&text)
     }
 
+    /// A builder for an agent named `name` with the `[agent]` settings (add the backends).
+    pub fn agent_builder(&self, name: impl Into<String>) -> nixl_core::AgentBuilder {
+        nixl_core::Agent::builder(name).notif_queue_bytes(
+            self.agent
+                .notif_queue_bytes
+                .unwrap_or(nixl_core::DEFAULT_NOTIF_QUEUE_BYTES),
+        )
+    }
+
     /// How connections authenticate.
     pub fn auth(&self) -> Auth {
         Auth::from_settings(
@@ -366,6 +390,10 @@ impl Config {
             socket_buffer: t.socket_buffer.unwrap_or(d.socket_buffer),
             auth: self.auth(),
             accept_pushes: t.accept_pushes.unwrap_or(d.accept_pushes),
+            max_conns: t.max_conns.unwrap_or(d.max_conns),
+            max_conns_per_ip: t.max_conns_per_ip.unwrap_or(d.max_conns_per_ip),
+            idle_timeout: ms(t.idle_timeout_ms, d.idle_timeout),
+            frame_memory: t.frame_memory.unwrap_or(d.frame_memory),
         })
     }
 

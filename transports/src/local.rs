@@ -23,7 +23,17 @@ use parking_lot::Mutex;
 
 use crate::copy::{CopyOp, CopyPlan, CopyPool, INLINE_MAX};
 
-static PROCESS_TOKEN: LazyLock<u64> = LazyLock::new(nixl_core::random_u64);
+/// Tells agents of this process from others'. An identity, not a secret: should the OS generator
+/// fail, the pid and the time do (a clash only makes `can_reach` say yes; `connect` still finds
+/// only agents of this process).
+static PROCESS_TOKEN: LazyLock<u64> = LazyLock::new(|| {
+    nixl_core::random_u64().unwrap_or_else(|_| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        t ^ u64::from(std::process::id()) << 32
+    })
+});
 static TARGETS: LazyLock<Mutex<HashMap<u128, TargetHandle>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
@@ -38,6 +48,14 @@ impl LocalBackend {
     pub fn new() -> LocalBackend {
         LocalBackend::default()
     }
+}
+
+/// Delivers a transfer's notification; a full queue fails the post with the reason.
+fn notify(target: &TargetHandle, from: &str, msg: Vec<u8>) -> Result<()> {
+    target.deliver(from, msg).map_err(|refused| Error::Denied {
+        peer: target.name().to_owned(),
+        reason: refused.to_string(),
+    })
 }
 
 fn encode_info(instance: u128) -> Vec<u8> {
@@ -200,8 +218,12 @@ impl Connection for LocalConn {
                 reason: "peer invalidated".into(),
             });
         }
-        self.target.deliver(from, msg.to_vec());
-        Ok(())
+        self.target
+            .deliver(from, msg.to_vec())
+            .map_err(|refused| Error::Denied {
+                peer: self.peer.to_string(),
+                reason: refused.to_string(),
+            })
     }
 
     fn close(&self) {
@@ -261,10 +283,11 @@ impl PreparedXfer for LocalXfer {
             // completion and the remote ones by `hold`, so deregistration waits for us.
             unsafe { self.plan.copy_range(0, self.plan.total(), false) };
             drop(hold);
-            if let Some(msg) = &self.notif {
-                self.target.deliver(&self.initiator, msg.clone());
-            }
-            done.complete(Ok(()));
+            let res = match &self.notif {
+                Some(msg) => notify(&self.target, &self.initiator, msg.clone()),
+                None => Ok(()),
+            };
+            done.complete(res);
             return;
         }
         let (target, initiator, notif) = (
@@ -273,10 +296,11 @@ impl PreparedXfer for LocalXfer {
             self.notif.clone(),
         );
         let finish = move |done: Completion| {
-            if let Some(msg) = notif {
-                target.deliver(&initiator, msg);
-            }
-            done.complete(Ok(()));
+            let res = match notif {
+                Some(msg) => notify(&target, &initiator, msg),
+                None => Ok(()),
+            };
+            done.complete(res);
         };
         // SAFETY: as for the inline copy; `hold` and the completion (which holds the local
         // regions) are released only after every range is copied.

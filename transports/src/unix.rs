@@ -4,14 +4,85 @@
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-/// Where agents' Unix sockets live by default: `$XDG_RUNTIME_DIR/nixl`, else the temp dir's.
+use nixl_core::Error;
+
+/// Where agents' Unix sockets live by default: `$XDG_RUNTIME_DIR/nixl` (the user's own runtime
+/// directory), else `nixl-<uid>` in the temp dir (one per user, so that users do not share it).
 pub(crate) fn default_socket_dir() -> PathBuf {
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join("nixl")
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("nixl"),
+        _ => std::env::temp_dir().join(format!("nixl-{}", euid())),
+    }
+}
+
+/// Our effective uid (the owner of what we create).
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Makes `dir` fit to hold `backend`'s socket before it binds there: created with mode 0700
+/// where missing; an existing one must be a real directory (not a link) of our own uid that
+/// nobody else can write (else anyone who can write it can delete or replace our socket, or
+/// created it first to do so). Our own directory that others can only read or search is
+/// tightened to 0700. Anything else is refused with the path and the fix.
+pub(crate) fn secure_socket_dir(dir: &Path, backend: &str) -> nixl_core::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let refuse = |why: String| {
+        Err(Error::InvalidArgument(format!(
+            "{backend}: socket directory {}: {why}",
+            dir.display()
+        )))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(format!("{backend}: create {}", dir.display()), e))?;
+    let md = std::fs::symlink_metadata(dir)
+        .map_err(|e| Error::io(format!("{backend}: inspect {}", dir.display()), e))?;
+    if !md.file_type().is_dir() {
+        return refuse(format!(
+            "not a directory (a {}); remove it or set [{backend}] socket_dir elsewhere",
+            if md.file_type().is_symlink() {
+                "symbolic link"
+            } else {
+                "file"
+            }
+        ));
+    }
+    let me = euid();
+    if md.uid() != me {
+        return refuse(format!(
+            "owned by uid {}, not by this process's uid {me}: another user could delete or \
+             replace the socket; remove the directory, or set [{backend}] socket_dir to a \
+             directory of your own (mode 0700)",
+            md.uid()
+        ));
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return refuse(format!(
+            "writable by group or others (mode {mode:o}): they could delete or replace the \
+             socket; run `chmod 700 {}` or set [{backend}] socket_dir elsewhere",
+            dir.display()
+        ));
+    }
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(format!("{backend}: chmod 700 {}", dir.display()), e))?;
+        let now = std::fs::symlink_metadata(dir)
+            .map_err(|e| Error::io(format!("{backend}: inspect {}", dir.display()), e))?;
+        if now.mode() & 0o077 != 0 || now.uid() != me {
+            return refuse(format!(
+                "still mode {:o} after chmod 700",
+                now.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn cvt(r: libc::c_long) -> io::Result<usize> {
@@ -140,4 +211,73 @@ pub(crate) fn recv_with_fds(
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "nixl-sockdir-{name}-{}-{:x}",
+            std::process::id(),
+            nixl_core::random_u64().unwrap()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn socket_dir_is_created_private() {
+        let d = scratch("new").join("a/b");
+        secure_socket_dir(&d, "shm").unwrap();
+        let md = std::fs::metadata(&d).unwrap();
+        assert_eq!(md.mode() & 0o777, 0o700);
+        assert_eq!(md.uid(), euid());
+        // Our own directory that others may only read is tightened.
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        secure_socket_dir(&d, "shm").unwrap();
+        assert_eq!(std::fs::metadata(&d).unwrap().mode() & 0o777, 0o700);
+        std::fs::remove_dir_all(d.parent().unwrap().parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn socket_dir_others_can_write_is_refused() {
+        let d = scratch("wide");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = secure_socket_dir(&d, "shm").unwrap_err().to_string();
+        assert!(e.contains(&d.display().to_string()), "{e}");
+        assert!(e.contains("chmod 700"), "{e}");
+        assert_eq!(
+            std::fs::metadata(&d).unwrap().mode() & 0o7777,
+            0o1777,
+            "left alone"
+        );
+        let link = scratch("link");
+        std::os::unix::fs::symlink(&d, &link).unwrap();
+        let e = secure_socket_dir(&link, "cuda").unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        std::fs::remove_file(&link).unwrap();
+        std::fs::remove_dir(&d).unwrap();
+    }
+
+    #[test]
+    fn socket_dir_of_another_user_is_refused() {
+        if euid() != 0 {
+            eprintln!("skipped: needs root to make a directory another user owns");
+            return;
+        }
+        let d = scratch("theirs");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let p = std::ffi::CString::new(d.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: chown on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::chown(p.as_ptr(), 65534, 65534) }, 0);
+        let e = secure_socket_dir(&d, "shm").unwrap_err().to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+        assert!(e.contains(&d.display().to_string()), "{e}");
+        std::fs::remove_dir(&d).unwrap();
+    }
 }

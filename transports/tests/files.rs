@@ -27,7 +27,7 @@ fn scratch(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
         "nixl-posix-{tag}-{}-{}",
         std::process::id(),
-        nixl_core::random_u64()
+        nixl_core::random_u64().unwrap()
     ));
     std::fs::create_dir_all(&d).unwrap();
     d

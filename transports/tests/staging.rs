@@ -20,7 +20,9 @@ use nixl_transports::uring::{UringBackend, UringConfig};
 #[derive(Debug)]
 struct HostBuf(Vec<u8>);
 
-impl HostBuffer for HostBuf {
+// SAFETY: the Vec's heap memory is owned by the buffer, never resized, and used by no one else
+// (the agent only lends it to backends through raw pointers); it lives until the drop.
+unsafe impl HostBuffer for HostBuf {
     fn addr(&self) -> u64 {
         self.0.as_ptr() as u64
     }
@@ -77,7 +79,9 @@ impl HostStager {
     }
 }
 
-impl Stager for HostStager {
+// SAFETY: `alloc` returns a `HostBuf` of the length asked; the copies touch only the ranges
+// they are given, and return when done.
+unsafe impl Stager for HostStager {
     fn backend(&self) -> BackendName {
         BackendName::Cuda
     }
@@ -94,10 +98,10 @@ impl Stager for HostStager {
     fn slots(&self) -> usize {
         SLOTS
     }
-    fn to_host(&self, pieces: &[(Desc, u64)]) -> Result<()> {
+    unsafe fn to_host(&self, pieces: &[(Desc, u64)]) -> Result<()> {
         self.copy(pieces, true)
     }
-    fn to_device(&self, pieces: &[(Desc, u64)]) -> Result<()> {
+    unsafe fn to_device(&self, pieces: &[(Desc, u64)]) -> Result<()> {
         self.copy(pieces, false)
     }
 }

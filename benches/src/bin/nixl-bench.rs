@@ -525,7 +525,7 @@ fn procs_setup(topo: Topo, args: &Args, backends: &str, size: usize) -> Res<Proc
         }
         Topo::Tcp | Topo::Local => {
             let net = Net::new();
-            let secret = format!("{:016x}", nixl_core::random_u64());
+            let secret = format!("{:016x}", nixl_core::random_u64()?);
             let mut tuning = String::new();
             if let Some(c) = args.conns {
                 tuning += &format!("conns_per_peer = {c}\n");

@@ -857,7 +857,8 @@ static void test_invalidate(pair_t *p)
     printf("invalidation: ok\n");
 }
 
-/* Wrong objects and misaligned pointers passed as handles: the tag check catches them. */
+/* Wrong objects, misaligned pointers and freed handles passed as handles: the live-handle set
+ * catches them without reading them. */
 static void test_bad_handles(pair_t *p)
 {
     nixl_desc l = dram(p->la, 64), r = dram(p->rb, 64);
@@ -885,7 +886,22 @@ static void test_bad_handles(pair_t *p)
     }
     free(zeros);
     EXPECT_OK(nixl_xfer_free(x));
-    printf("wrong and misaligned handles: ok\n");
+
+    /* Freed handles: a second free and every use are errors, and the library never reads the
+     * freed memory (valgrind says so). */
+    EXPECT(nixl_xfer_free(x), NIXL_ERR_INVALID);
+    EXPECT(nixl_xfer_status(x), NIXL_ERR_INVALID);
+    EXPECT(nixl_xfer_post(x), NIXL_ERR_INVALID);
+    EXPECT(nixl_xfer_backend(x, buf, sizeof buf), NIXL_ERR_INVALID);
+    nixl_agent *d = agent_ok("mis-freed", config("\"local\"", NULL));
+    nixl_agent_free(d);
+    nixl_agent_free(d); /* returns nothing: the error is in nixl_last_error() */
+    CHECK(strstr(nixl_last_error(), "not a live nixl_agent") != NULL,
+          "double nixl_agent_free: last error \"%s\"", nixl_last_error());
+    EXPECT(nixl_agent_name(d, buf, sizeof buf), NIXL_ERR_INVALID);
+    EXPECT(nixl_register(d, NIXL_DRAM, &l, 1), NIXL_ERR_INVALID);
+    EXPECT(nixl_notif_wait(d, 0), NIXL_ERR_INVALID);
+    printf("wrong, misaligned and freed handles: ok\n");
 }
 
 /* A port nothing listens on right now (bind to port 0, read it back, close). */

@@ -430,22 +430,16 @@ pub struct IpcServer {
 }
 
 impl IpcServer {
-    /// Binds `dir/<file>` (creating `dir` with mode 0700) and serves `source` (held weakly: a
-    /// dropped owner is answered "shut down"). Writes to a peer time out after `io_timeout`.
+    /// Binds `dir/<file>` (`dir` created with mode 0700, or refused unless ours and private:
+    /// see `unix::secure_socket_dir`) and serves `source` (held weakly: a dropped owner is
+    /// answered "shut down"). Writes to a peer time out after `io_timeout`.
     pub fn start(
         dir: &Path,
         file: &str,
         source: Weak<dyn GrantSource>,
         io_timeout: Duration,
     ) -> Result<IpcServer> {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| Error::io(format!("cuda: create {}", dir.display()), e))?;
-        // An existing directory keeps its mode; tighten it if it is ours.
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        crate::unix::secure_socket_dir(dir, "cuda")?;
         let path = dir.join(file);
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)

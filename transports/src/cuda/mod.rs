@@ -976,7 +976,8 @@ impl GrantSource for Inner {
 
     fn notify(&self, from: &str, msg: Vec<u8>) {
         if let Some(t) = self.target.get() {
-            t.deliver(from, msg);
+            // A refusal (queue over its budget) is counted and logged by `deliver`.
+            let _ = t.deliver(from, msg);
         }
     }
 }
@@ -1081,7 +1082,8 @@ impl ControlService for Inner {
             }
             Ctl::Notif { msg } => {
                 let t = self.target.get().ok_or("the agent is starting")?;
-                t.deliver(peer, msg);
+                t.deliver(peer, msg)
+                    .map_err(|refused| refused.to_string())?;
                 Ok(Vec::new())
             }
             Ctl::Revoke {

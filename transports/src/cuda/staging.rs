@@ -35,9 +35,18 @@ use super::driver::{self as drv, DeviceCtx, PinnedHost, Stream};
 /// Copies between device addresses and host bytes (synchronously: done when it returns).
 pub trait DeviceCopy: Send + Sync {
     /// Copies `dst.len()` bytes from device address `src` into `dst`.
-    fn to_host(&self, src: u64, dst: &mut [u8]) -> Result<()>;
+    ///
+    /// # Safety
+    /// `src .. src + dst.len()` is device memory of this copier's device (or memory the device
+    /// maps) that stays allocated for the call.
+    unsafe fn to_host(&self, src: u64, dst: &mut [u8]) -> Result<()>;
     /// Copies `src` to device address `dst`.
-    fn to_device(&self, src: &[u8], dst: u64) -> Result<()>;
+    ///
+    /// # Safety
+    /// `dst .. dst + src.len()` is device memory of this copier's device (or memory the device
+    /// maps) that stays allocated for the call and that nothing else reads or writes during it:
+    /// the device writes whatever address it is given.
+    unsafe fn to_device(&self, src: &[u8], dst: u64) -> Result<()>;
 }
 
 /// A host buffer of the pool.
@@ -248,7 +257,11 @@ impl StagePipeline {
 
     /// Reads the device ranges `segs` (in order, as one stream) and calls `sink(offset, bytes)`
     /// for consecutive pieces of the stream, while the next piece is being copied off the device.
-    pub fn stage_out(
+    ///
+    /// # Safety
+    /// Every range of `segs` keeps the contract of [`DeviceCopy::to_host`] for this pipeline's
+    /// copier until this returns.
+    pub unsafe fn stage_out(
         &self,
         segs: &[Desc],
         sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
@@ -285,7 +298,9 @@ impl StagePipeline {
                     let n = cur.next_pieces(b.bytes().len(), &mut pieces);
                     let mut at = 0usize;
                     for &(addr, len) in &pieces {
-                        if let Err(e) = dev.to_host(addr, &mut b.bytes()[at..at + len]) {
+                        // SAFETY: (addr, len) is cut from `segs`, which the caller vouches for.
+                        let r = unsafe { dev.to_host(addr, &mut b.bytes()[at..at + len]) };
+                        if let Err(e) = r {
                             let _ = free_tx2.send(b);
                             return Err(e);
                         }
@@ -335,7 +350,11 @@ impl StagePipeline {
     /// Fills the device ranges `segs` (in order, as one stream) from `source(offset, buf)`, which
     /// must fill `buf` entirely with the stream's bytes at `offset`; the device copy of piece k
     /// runs while the source fills piece k+1.
-    pub fn stage_in(
+    ///
+    /// # Safety
+    /// Every range of `segs` keeps the contract of [`DeviceCopy::to_device`] for this pipeline's
+    /// copier until this returns.
+    pub unsafe fn stage_in(
         &self,
         segs: &[Desc],
         source: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
@@ -363,7 +382,10 @@ impl StagePipeline {
                     if failed.is_none() {
                         let mut at = 0usize;
                         for &(addr, len) in &pieces {
-                            if let Err(e) = dev.to_device(&b.bytes()[at..at + len], addr) {
+                            // SAFETY: (addr, len) is cut from `segs`, which the caller vouches
+                            // for.
+                            let r = unsafe { dev.to_device(&b.bytes()[at..at + len], addr) };
+                            if let Err(e) = r {
                                 stop.store(true, Ordering::Release);
                                 failed = Some(e);
                                 break;
@@ -456,17 +478,17 @@ fn cu(op: &'static str, e: super::driver::CuError) -> Error {
 }
 
 impl DeviceCopy for CudaDeviceCopy {
-    fn to_host(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+    unsafe fn to_host(&self, src: u64, dst: &mut [u8]) -> Result<()> {
         let _g = self.stream.ctx().enter().map_err(|e| cu("stage out", e))?;
-        // SAFETY: the stager passes device ranges of registered VRAM (the caller holds the
-        // regions) and a host buffer it owns; we synchronize before returning, so both stay
-        // valid for the whole copy.
+        // SAFETY: the caller vouches for the device range (`DeviceCopy::to_host`), `dst` is a
+        // host slice we borrow; we synchronize before returning, so both stay valid for the
+        // whole copy.
         unsafe { self.stream.copy_dtoh(dst.as_mut_ptr(), src, dst.len()) }
             .map_err(|e| cu("stage out", e))?;
         self.stream.synchronize().map_err(|e| cu("stage out", e))
     }
 
-    fn to_device(&self, src: &[u8], dst: u64) -> Result<()> {
+    unsafe fn to_device(&self, src: &[u8], dst: u64) -> Result<()> {
         let _g = self.stream.ctx().enter().map_err(|e| cu("stage in", e))?;
         // SAFETY: as in `to_host`, the other way round.
         unsafe { self.stream.copy_htod(dst, src.as_ptr(), src.len()) }
@@ -479,7 +501,9 @@ impl DeviceCopy for CudaDeviceCopy {
 #[derive(Debug)]
 pub struct PinnedBuffer(PinnedHost);
 
-impl HostBuffer for PinnedBuffer {
+// SAFETY: the pinned allocation is owned by this value, never resized, used by nothing else
+// (the slice is never handed out), and freed only on drop.
+unsafe impl HostBuffer for PinnedBuffer {
     fn addr(&self) -> u64 {
         self.0.as_slice().as_ptr() as u64
     }
@@ -537,7 +561,9 @@ impl CudaStager {
         Ok(v)
     }
 
-    fn copy(&self, pieces: &[(Desc, u64)], to_host: bool) -> Result<()> {
+    /// # Safety
+    /// The contract of [`nixl_core::Stager::to_host`] (or `to_device`).
+    unsafe fn copy(&self, pieces: &[(Desc, u64)], to_host: bool) -> Result<()> {
         let mut by_dev: HashMap<u64, Vec<Run>> = HashMap::new();
         for (d, host) in pieces {
             let run = if to_host {
@@ -573,10 +599,9 @@ impl CudaStager {
                     let _g = s.ctx().enter()?;
                     for r in part {
                         let len = usize::try_from(r.len).unwrap_or(usize::MAX);
-                        // SAFETY: the agent's staged path passes device ranges it checked
-                        // against registered VRAM regions it holds for the post, and host
-                        // addresses inside the buffer this stager allocated for the request
-                        // (`Stager` contract); both stay valid until the synchronize below.
+                        // SAFETY: the caller of `Stager::to_host`/`to_device` vouches for both
+                        // ranges (registered VRAM it holds, and a buffer this stager
+                        // allocated); both stay valid until the synchronize below.
                         unsafe {
                             if to_host {
                                 s.copy_dtoh(r.dst as *mut u8, r.src, len)?
@@ -605,7 +630,9 @@ impl CudaStager {
     }
 }
 
-impl nixl_core::Stager for CudaStager {
+// SAFETY: `alloc` returns a `PinnedBuffer` of the length asked; the copies touch only the
+// ranges given and synchronize every stream before returning.
+unsafe impl nixl_core::Stager for CudaStager {
     fn backend(&self) -> BackendName {
         BackendName::Cuda
     }
@@ -625,12 +652,14 @@ impl nixl_core::Stager for CudaStager {
         Ok(Box::new(PinnedBuffer(p)))
     }
 
-    fn to_host(&self, pieces: &[(Desc, u64)]) -> Result<()> {
-        self.copy(pieces, true)
+    unsafe fn to_host(&self, pieces: &[(Desc, u64)]) -> Result<()> {
+        // SAFETY: forwarded from our caller.
+        unsafe { self.copy(pieces, true) }
     }
 
-    fn to_device(&self, pieces: &[(Desc, u64)]) -> Result<()> {
-        self.copy(pieces, false)
+    unsafe fn to_device(&self, pieces: &[(Desc, u64)]) -> Result<()> {
+        // SAFETY: forwarded from our caller.
+        unsafe { self.copy(pieces, false) }
     }
 
     fn chunk_bytes(&self) -> u64 {
@@ -665,7 +694,7 @@ mod tests {
     }
 
     impl DeviceCopy for FakeDevice {
-        fn to_host(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        unsafe fn to_host(&self, src: u64, dst: &mut [u8]) -> Result<()> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             if self
                 .fail_at
@@ -682,7 +711,7 @@ mod tests {
             Ok(())
         }
 
-        fn to_device(&self, src: &[u8], dst: u64) -> Result<()> {
+        unsafe fn to_device(&self, src: &[u8], dst: u64) -> Result<()> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             if self
                 .fail_at
@@ -698,6 +727,27 @@ mod tests {
             m[dst as usize..dst as usize + src.len()].copy_from_slice(src);
             Ok(())
         }
+    }
+
+    /// The pipeline over a [`FakeDevice`], whose "device addresses" are offsets into its own
+    /// memory, bounds-checked (a bad one panics, touching nothing).
+    fn stage_out(
+        st: &StagePipeline,
+        segs: &[Desc],
+        sink: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<StageStats> {
+        // SAFETY: the copier is a FakeDevice: any device range is safe to name.
+        unsafe { st.stage_out(segs, sink) }
+    }
+
+    /// As [`stage_out`], inbound.
+    fn stage_in(
+        st: &StagePipeline,
+        segs: &[Desc],
+        source: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<StageStats> {
+        // SAFETY: as in `stage_out`.
+        unsafe { st.stage_in(segs, source) }
     }
 
     fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -751,13 +801,12 @@ mod tests {
         let segs = odd_segs(mem.len() as u64, 5);
         assert!(segs.len() > 500, "{}", segs.len());
         let mut out = Vec::new();
-        let stats = st
-            .stage_out(&segs, &mut |off, b| {
-                assert_eq!(off, out.len() as u64, "pieces arrive in order");
-                out.extend_from_slice(b);
-                Ok(())
-            })
-            .unwrap();
+        let stats = stage_out(&st, &segs, &mut |off, b| {
+            assert_eq!(off, out.len() as u64, "pieces arrive in order");
+            out.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap();
         assert!(out == expected(&mem, &segs), "staged bytes differ");
         assert_eq!(stats.bytes, out.len() as u64);
         assert!(stats.staged);
@@ -778,12 +827,11 @@ mod tests {
         let segs = odd_segs(mem_len as u64, 9);
         let total: u64 = segs.iter().map(|d| d.len).sum();
         let stream = pattern(2, total as usize);
-        let stats = st
-            .stage_in(&segs, &mut |off, buf| {
-                buf.copy_from_slice(&stream[off as usize..off as usize + buf.len()]);
-                Ok(())
-            })
-            .unwrap();
+        let stats = stage_in(&st, &segs, &mut |off, buf| {
+            buf.copy_from_slice(&stream[off as usize..off as usize + buf.len()]);
+            Ok(())
+        })
+        .unwrap();
         assert_eq!(stats.bytes, total);
         let mem = dev.mem.lock().clone();
         assert!(expected(&mem, &segs) == stream, "device bytes differ");
@@ -810,22 +858,20 @@ mod tests {
         );
         let segs = vec![Desc::new(0, 1 << 20, 0)];
         let mut got = 0u64;
-        let e = st
-            .stage_out(&segs, &mut |_, b| {
-                got += b.len() as u64;
-                Ok(())
-            })
-            .unwrap_err();
+        let e = stage_out(&st, &segs, &mut |_, b| {
+            got += b.len() as u64;
+            Ok(())
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("device fault"), "{e}");
         assert!(got <= 600_000, "nothing past the fault was sent");
         assert_eq!(pool.available(), 2);
         // And inbound.
-        let e = st
-            .stage_in(&segs, &mut |_, b| {
-                b.fill(1);
-                Ok(())
-            })
-            .unwrap_err();
+        let e = stage_in(&st, &segs, &mut |_, b| {
+            b.fill(1);
+            Ok(())
+        })
+        .unwrap_err();
         assert!(e.to_string().contains("device fault"), "{e}");
         assert_eq!(pool.available(), 2);
     }
@@ -842,19 +888,18 @@ mod tests {
         );
         let segs = vec![Desc::new(0, 1 << 20, 0)];
         let mut n = 0;
-        let e = st
-            .stage_out(&segs, &mut |_, _| {
-                n += 1;
-                if n == 5 {
-                    Err(Error::RemoteDisconnect {
-                        peer: "p".into(),
-                        reason: "socket closed".into(),
-                    })
-                } else {
-                    Ok(())
-                }
-            })
-            .unwrap_err();
+        let e = stage_out(&st, &segs, &mut |_, _| {
+            n += 1;
+            if n == 5 {
+                Err(Error::RemoteDisconnect {
+                    peer: "p".into(),
+                    reason: "socket closed".into(),
+                })
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
         assert!(matches!(e, Error::RemoteDisconnect { .. }), "{e}");
         assert_eq!(n, 5, "the sink is not called after its error");
         // The device side stopped early: far fewer than the 1049 copies the whole range takes.
@@ -863,16 +908,15 @@ mod tests {
 
         dev.calls.store(0, Ordering::Relaxed);
         let mut n = 0;
-        let e = st
-            .stage_in(&segs, &mut |_, _| {
-                n += 1;
-                if n == 3 {
-                    Err(Error::TimedOut)
-                } else {
-                    Ok(())
-                }
-            })
-            .unwrap_err();
+        let e = stage_in(&st, &segs, &mut |_, _| {
+            n += 1;
+            if n == 3 {
+                Err(Error::TimedOut)
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
         assert!(matches!(e, Error::TimedOut), "{e}");
         assert!(dev.calls.load(Ordering::Relaxed) <= 2);
         assert_eq!(pool.available(), 3);
@@ -891,7 +935,7 @@ mod tests {
                 s.spawn(move || {
                     let segs = vec![Desc::new(t * 1000, 200_000, 0)];
                     let mut out = Vec::new();
-                    st.stage_out(&segs, &mut |_, b| {
+                    stage_out(&st, &segs, &mut |_, b| {
                         out.extend_from_slice(b);
                         Ok(())
                     })
@@ -907,16 +951,14 @@ mod tests {
     fn bad_ranges_are_refused() {
         let dev = Arc::new(FakeDevice::new(vec![0; 10]));
         let st = StagePipeline::new(StagingPool::host(1, 10), dev, 2);
-        let e = st
-            .stage_out(&[Desc::new(0, 0, 0)], &mut |_, _| Ok(()))
-            .unwrap_err();
+        let e = stage_out(&st, &[Desc::new(0, 0, 0)], &mut |_, _| Ok(())).unwrap_err();
         assert!(matches!(e, Error::InvalidDesc { index: 0, .. }), "{e}");
-        let e = st
-            .stage_in(
-                &[Desc::new(1, 1, 0), Desc::new(u64::MAX, 2, 0)],
-                &mut |_, _| Ok(()),
-            )
-            .unwrap_err();
+        let e = stage_in(
+            &st,
+            &[Desc::new(1, 1, 0), Desc::new(u64::MAX, 2, 0)],
+            &mut |_, _| Ok(()),
+        )
+        .unwrap_err();
         assert!(matches!(e, Error::InvalidDesc { index: 1, .. }), "{e}");
     }
 }

@@ -56,7 +56,8 @@ use crate::copy::{CopyOp, CopyPlan, CopyPool, INLINE_MAX};
 /// Settings of the `shm` backend.
 #[derive(Clone, Debug)]
 pub struct ShmConfig {
-    /// Where the agent's Unix socket lives (created with mode 0700).
+    /// Where the agent's Unix socket lives: created with mode 0700; an existing directory must
+    /// be ours and writable by nobody else (see `unix::secure_socket_dir`).
     pub socket_dir: PathBuf,
     /// How long an initiator waits for a stuck (alive) target, plus 1 s per 500 MB moved.
     pub op_timeout: Duration,
@@ -240,12 +241,7 @@ impl Backend for ShmBackend {
     fn start(&self, target: TargetHandle) -> Result<()> {
         sys::allow_any_ptracer();
         let dir = &self.inner.cfg.socket_dir;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("shm: create {}", dir.display()), e))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-        }
+        crate::unix::secure_socket_dir(dir, "shm")?;
         let path = dir.join(format!(
             "{}-{:032x}.sock",
             sanitize(target.name()),
@@ -460,15 +456,21 @@ fn serve_frames(
                 notif,
                 segs,
             } => {
-                let (status, text) = carry_out(inner, target, peer_pid, write, &segs);
+                let (mut status, mut text) = carry_out(inner, target, peer_pid, write, &segs);
                 if status == Status::Ok {
                     if let Some(msg) = notif {
-                        target.deliver(&peer_name, msg);
+                        if let Err(refused) = target.deliver(&peer_name, msg) {
+                            (status, text) = (Status::Denied, refused.to_string());
+                        }
                     }
                 }
                 send(writer, &Frame::Done { id, status, text })?;
             }
-            Frame::Notif { msg } => target.deliver(&peer_name, msg),
+            Frame::Notif { msg } => {
+                // Standalone notifications have no answer on this wire: a refusal (queue over
+                // its budget) is counted and logged by `deliver`.
+                let _ = target.deliver(&peer_name, msg);
+            }
             Frame::MapReq { id, addr, len, key } => {
                 let reply = grant_map(inner, target, writer, conn_id, id, addr, len, key);
                 if let Some(f) = reply {
@@ -923,6 +925,8 @@ impl Conn {
         waits.remove(&id);
         drop(waits);
         let (fd, buf_len, offset) = got?;
+        // Sealed first: only then does the size checked next stay the size.
+        sys::check_sealed(fd.as_raw_fd())?;
         let size = sys::fd_size(fd.as_raw_fd()).map_err(|e| e.to_string())?;
         let end = offset.checked_add(region.len);
         if size < buf_len || end.is_none_or(|e| e > buf_len) {
@@ -1272,6 +1276,7 @@ impl PreparedXfer for MappedXfer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::FromRawFd;
 
     #[test]
     fn conn_info_round_trips_and_garbage_is_refused() {
@@ -1347,5 +1352,108 @@ mod tests {
             .unwrap();
         assert_eq!(n, 5000);
         assert_eq!(dst, src);
+    }
+
+    /// A fake peer answers a mapping request with `fd`; returns what the initiator made of it.
+    fn map_from_fake_peer(fd: OwnedFd) -> Option<MapResult> {
+        let dir = std::env::temp_dir().join(format!(
+            "nixl-seal-{}-{:x}",
+            std::process::id(),
+            nixl_core::random_u64().unwrap()
+        ));
+        let be = Arc::new(ShmBackend::new(ShmConfig {
+            socket_dir: dir.join("agent"),
+            ..ShmConfig::default()
+        }));
+        let agent = nixl_core::Agent::builder("seal-initiator")
+            .backend(be.clone())
+            .build()
+            .unwrap();
+        if be.inner.target.get().is_none() {
+            eprintln!("skipped: the shm backend does not run here");
+            return None;
+        }
+        let path = dir.join("fake.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut framer = Framer::default();
+            loop {
+                while let Some(body) = framer.next_frame().unwrap() {
+                    if let Frame::MapReq { id, .. } = Frame::decode(&body).unwrap() {
+                        let reply = Frame::MapReply {
+                            id,
+                            status: Status::Ok,
+                            buf_len: 4096,
+                            offset: 0,
+                            text: String::new(),
+                        };
+                        sys::send_with_fd(&s, &reply.encode(), fd.as_raw_fd()).unwrap();
+                        // Hold the socket until the initiator is done.
+                        let _ = (&s).read(&mut [0u8; 64]);
+                        return;
+                    }
+                }
+                let spare = framer.spare(4096);
+                let n = (&s).read(spare).unwrap();
+                framer.commit(4096, n);
+                assert!(n > 0, "initiator went away");
+            }
+        });
+        let mut info = ConnInfo::ours(&path.to_string_lossy());
+        info.pid = std::process::id();
+        let conn = Conn::open(&be.inner, "fake", &info).unwrap();
+        let got = conn.map_region(&Desc::new(0x10000, 4096, 0), 7);
+        conn.mark_closed("test over");
+        drop(conn);
+        drop(agent);
+        peer.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        Some(got)
+    }
+
+    #[test]
+    fn a_peer_memfd_that_can_shrink_is_not_mapped() {
+        // Unsealed: the peer (or anyone holding the fd) could truncate it under our mapping.
+        // SAFETY: the name is a NUL-terminated static string.
+        let raw = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate on an fd we own.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 4096) }, 0);
+        let Some(got) = map_from_fake_peer(fd) else {
+            return;
+        };
+        let e = got.unwrap_err();
+        assert!(e.contains("not sealed"), "{e}");
+
+        // Sealed against shrinking only: growing is refused as well (both seals are asked).
+        // SAFETY: as above.
+        let raw = unsafe {
+            libc::memfd_create(
+                c"shrink-only".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        // SAFETY: as above.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: fcntl and ftruncate with integer arguments on an fd we own.
+        unsafe {
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), 4096), 0);
+            assert_eq!(
+                libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK),
+                0
+            );
+        }
+        let e = map_from_fake_peer(fd).unwrap().unwrap_err();
+        assert!(e.contains("not sealed"), "{e}");
+
+        // Our own buffers are sealed, and a peer's sealed memfd maps.
+        let fd = sys::memfd(4096, false).unwrap();
+        // SAFETY: ftruncate on an fd we own; the seal makes it fail.
+        assert_ne!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0) }, 0);
+        let m = map_from_fake_peer(fd).unwrap().unwrap();
+        assert_eq!(m.buf_len, 4096);
     }
 }

@@ -158,16 +158,43 @@ pub fn allow_any_ptracer() {
     }
 }
 
-/// A new memfd of `len` bytes.
+/// The seals a mapped memfd must carry: its size is fixed for good, so no process holding it
+/// (a peer it was lent to, or one it came from) can cut the pages under a mapping (SIGBUS).
+pub const SIZE_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+/// A new memfd of `len` bytes, sealed against shrinking and growing.
 pub fn memfd(len: usize, huge: bool) -> io::Result<OwnedFd> {
-    let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
+    let flags =
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | if huge { libc::MFD_HUGETLB } else { 0 };
     // SAFETY: the name is a NUL-terminated static string.
     let fd = cvt(unsafe { libc::memfd_create(c"nixl-shm".as_ptr(), flags) } as libc::c_long)?;
     // SAFETY: memfd_create returned a fresh descriptor that we now own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     // SAFETY: ftruncate on an fd we own.
     cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } as libc::c_long)?;
+    // SAFETY: fcntl with integer arguments on an fd we own.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SIZE_SEALS) } as libc::c_long)?;
     Ok(fd)
+}
+
+/// `Err(reason)` unless `fd` is a memfd sealed with [`SIZE_SEALS`] (a peer's buffer is mapped
+/// only then).
+pub fn check_sealed(fd: RawFd) -> Result<(), String> {
+    // SAFETY: fcntl with integer arguments; an fd that is not a memfd fails with EINVAL.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(format!(
+            "the peer's buffer is not a sealable memfd ({}): refusing to map it",
+            io::Error::last_os_error()
+        ));
+    }
+    if seals & SIZE_SEALS != SIZE_SEALS {
+        return Err(format!(
+            "the peer's memfd is not sealed against shrinking and growing (seals {seals:#x}): \
+             refusing to map it, since anyone holding it could truncate it under the mapping"
+        ));
+    }
+    Ok(())
 }
 
 /// Maps `len` bytes of `fd` shared, read-write; `populate` builds the page tables now

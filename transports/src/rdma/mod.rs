@@ -607,7 +607,8 @@ impl ServedLane {
                                 tracing::warn!(error = %e, "rdma: flushing GPUDirect writes failed");
                             }
                         }
-                        st.target.deliver(&self.peer, buf);
+                        // A refusal (queue over its budget) is counted and logged by `deliver`.
+                        let _ = st.target.deliver(&self.peer, buf);
                     } else {
                         metrics::counter!("nixl_rdma_duplicate_notifs_total").increment(1);
                         tracing::debug!(peer = %self.peer, seq, "rdma: duplicate notification dropped");
@@ -1699,7 +1700,10 @@ impl Connection for RdmaConn {
                     remote_addr: 0,
                     rkey: 0,
                 };
-                if let Err(e) = l.qp.qp.post_send(&[req]) {
+                // SAFETY: the SGE lies in `sync.buf`, an OwnedBuf with its own MR on this
+                // lane's PD; `sync` is owned by the connection's state under `token` until the
+                // SEND's completion (or the lane's flush) is reaped, so the buffer outlives it.
+                if let Err(e) = unsafe { l.qp.qp.post_send(&[req]) } {
                     self.st.disown(token);
                     l.release(1);
                     self.lane_down(i, &e.to_string());
@@ -2075,7 +2079,11 @@ impl PostState {
                         rkeys.get(sl.remote_region as usize).copied().unwrap_or(0),
                     );
                 }
-                if let Err(e) = lane.qp.qp.post_batch(batch) {
+                // SAFETY: every SGE lies in a local region of the request, carrying the lkey
+                // of that region's MR on this NIC; the post holds those regions (its
+                // completion keeps them registered) until every slice's completion, or the
+                // lane's flush, is reaped.
+                if let Err(e) = unsafe { lane.qp.qp.post_batch(batch) } {
                     // The head of the chain before the refused WR is on the send queue: its
                     // slices stay tracked on this lane (their completions, or the flush that
                     // the error state below forces, come back here and fail over from there);
@@ -2270,7 +2278,10 @@ impl PostState {
                 0,
                 0,
             );
-            match lane.qp.qp.post_batch(batch) {
+            // SAFETY: the SGE lies in this NIC's notification buffer of the prepared request,
+            // registered with its own MR and kept by the request until the SEND's completion is
+            // reaped (a post still sending from it makes the next post take fresh buffers).
+            match unsafe { lane.qp.qp.post_batch(batch) } {
                 Ok(()) => {
                     g.notif = NotifStage::Sent { lane: t };
                     return true;

@@ -1654,11 +1654,15 @@ impl Qp {
 
     /// Posts a chain of signalled send work requests (one `post_send` call).
     ///
-    /// Memory safety rests on the MRs: every SGE carries the lkey of an MR that covers it
-    /// (the caller builds SGEs only from MRs it holds) and the NIC refuses anything else
-    /// with a protection error; the memory under a user MR stays valid by the registration
-    /// contract of [`Pd::reg_mr`].
-    pub fn post_send(&self, reqs: &[SendReq<'_>]) -> Result<(), PostError> {
+    /// # Safety
+    /// The NIC reads (WRITE, SEND) or writes (READ) the SGEs' memory at any time until each
+    /// request's completion is reaped from the CQ (or the QP is moved to ERR and its flushed
+    /// completions are reaped), long after this returns, and nothing here ties that memory to
+    /// the requests. The caller guarantees that every SGE lies inside an MR of this QP's PD
+    /// whose lkey it carries, that this memory stays allocated and registered until then, and
+    /// that memory a READ lands in is used by nothing else until then. The NIC refuses SGEs
+    /// outside their MR with a protection error, but an MR over freed memory it cannot see.
+    pub unsafe fn post_send(&self, reqs: &[SendReq<'_>]) -> Result<(), PostError> {
         let mut batch = SendBatch::default();
         for r in reqs {
             batch.push(
@@ -1669,18 +1673,20 @@ impl Qp {
                 r.rkey,
             );
         }
-        self.post_batch(&mut batch)
+        // SAFETY: forwarded from our caller.
+        unsafe { self.post_batch(&mut batch) }
     }
 
     /// Posts the work requests of `batch` as one chain (one `post_send` call); the batch
     /// keeps its capacity for the next use (no allocation once it has grown). Empty: no call.
     ///
-    /// Memory safety rests on the MRs, as for [`Qp::post_send`].
-    ///
     /// On failure the error says how many work requests of the chain were posted before the
     /// one the provider refused (`bad_wr`): those are on the send queue and will complete (or
     /// flush); only the rest were not posted.
-    pub fn post_batch(&self, batch: &mut SendBatch) -> Result<(), PostError> {
+    ///
+    /// # Safety
+    /// As for [`Qp::post_send`], for every SGE of `batch`.
+    pub unsafe fn post_batch(&self, batch: &mut SendBatch) -> Result<(), PostError> {
         let n = batch.wrs.len();
         if n == 0 {
             return Ok(());
@@ -1720,7 +1726,8 @@ impl Qp {
             });
         };
         // SAFETY: the chain and SGE arrays are valid for the call (the provider copies them
-        // into the send queue before returning); SGEs name registered memory (see above).
+        // into the send queue before returning); the memory the SGEs name stays registered
+        // and valid until completion (our caller's contract).
         let rc = unsafe { f(self.ptr, wr_base, &mut bad) };
         if rc != 0 {
             return Err(PostError {

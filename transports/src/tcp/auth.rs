@@ -266,14 +266,12 @@ impl From<io::Error> for AuthError {
     }
 }
 
-fn nonce() -> [u8; NONCE] {
+/// A fresh nonce from the OS generator; its failure fails the handshake (a guessable nonce
+/// would let a transcript be replayed).
+fn nonce() -> Result<[u8; NONCE], AuthError> {
     let mut n = [0u8; NONCE];
-    if getrandom::fill(&mut n).is_err() {
-        for chunk in n.chunks_mut(8) {
-            chunk.copy_from_slice(&nixl_core::random_u64().to_le_bytes());
-        }
-    }
-    n
+    getrandom::fill(&mut n).map_err(|e| AuthError::Io(io::Error::other(e.to_string())))?;
+    Ok(n)
 }
 
 /// The listener's side. `peer` is the connecting address, `local` tells whether an address is
@@ -286,7 +284,7 @@ pub fn accept(
     local: impl Fn(IpAddr) -> bool,
 ) -> Result<Binding, AuthError> {
     let key = auth.key().map_err(AuthError::Denied)?;
-    let ours = nonce();
+    let ours = nonce()?;
     let mut hello = Vec::with_capacity(SRV_HELLO_LEN);
     hello.extend_from_slice(&MAGIC);
     hello.extend_from_slice(&VERSION.to_le_bytes());
@@ -395,7 +393,7 @@ pub fn connect(s: &mut TcpStream, auth: &Auth) -> Result<Binding, AuthError> {
     }
     let server_secret = u16::from_le_bytes([buf[6], buf[7]]) & FLAG_SECRET != 0;
     let theirs: [u8; NONCE] = buf[8..].try_into().expect("length");
-    let ours = nonce();
+    let ours = nonce()?;
     let mut hello = Vec::with_capacity(CLI_HELLO_LEN);
     hello.extend_from_slice(&MAGIC);
     hello.extend_from_slice(&VERSION.to_le_bytes());

@@ -991,7 +991,7 @@ pub(super) fn open_stream(
 
 /// An authenticated connection opened for `purpose` as `me`, past OPENED; returns the identity
 /// the listener proved.
-fn open_call(
+pub(super) fn open_call(
     addr: SocketAddr,
     auth: &auth::Auth,
     timeout: Duration,

@@ -129,9 +129,9 @@ pub(super) fn unseal<'a>(
         .map_err(|_| "the seal does not match: not sealed under this connection's secret".into())
 }
 
-/// The listener's side: reads the initiator's OPEN and checks its seal. `Ok(Err(why))` when the
-/// seal does not match (the connection is to be dropped and counted as an authentication
-/// failure); the OPEN's name and instance are the initiator's [`PeerIdentity`] otherwise.
+/// The listener's side: reads the initiator's OPEN (only an OPEN, within
+/// [`super::wire::OPEN_BYTES`], checked from the header) and checks its seal (see
+/// [`check_open`]).
 pub(super) fn read_open(
     s: &std::net::TcpStream,
     body: &mut Vec<u8>,
@@ -140,7 +140,28 @@ pub(super) fn read_open(
     on: &mut dyn super::net::OnBlock,
 ) -> std::io::Result<Result<super::wire::Open, String>> {
     use super::wire;
-    let ty = super::net::read_frame(s, body, wire::frame_limit, on)?;
+    let mut admit = |ty: u8, len: usize| match wire::purpose_limit(None, ty) {
+        Some(limit) if len <= limit => Ok(()),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("expected OPEN, got frame type {ty} of {len} bytes"),
+        )),
+    };
+    let ty = super::net::read_frame_admit(s, body, &mut admit, on)?;
+    check_open(ty, body, auth, binding)
+}
+
+/// The listener's side: checks that a frame (type `ty`, body `body`) is an OPEN sealed for this
+/// connection. `Ok(Err(why))` when the seal does not match (the connection is to be dropped and
+/// counted as an authentication failure); the OPEN's name and instance are the initiator's
+/// [`PeerIdentity`] otherwise.
+pub(super) fn check_open(
+    ty: u8,
+    body: &[u8],
+    auth: &Auth,
+    binding: &Binding,
+) -> std::io::Result<Result<super::wire::Open, String>> {
+    use super::wire;
     if ty != wire::OPEN {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,

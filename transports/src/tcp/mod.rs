@@ -33,10 +33,24 @@
 //! is the agent its metadata names. The listener also serves the agent's metadata to peers that
 //! fetch it ([`fetch_metadata`]) and, only with `accept_pushes`, loads metadata that an agent
 //! pushes about itself ([`push_metadata`]).
+//!
+//! What a peer can make the listener hold is bounded: one thread and one fd per connection,
+//! at most `max_conns` connections (and at most half the process's fd limit), `max_conns_per_ip`
+//! of them from one address, more closed on accept and counted (`nixl_tcp_conns_refused_total`);
+//! a connection must send OPEN within `connect_timeout` of authenticating and is closed after
+//! `idle_timeout` without a frame (`nixl_tcp_idle_closed_total`; initiators reconnect on their
+//! next post); each connection takes only the frames of its purpose, each within its own size
+//! limit checked from the header before the body is read (a data connection: WRITE and READ of
+//! at most 1000 pieces, NOTIF; never a metadata push or a control request); bodies over 64 KiB
+//! share one `frame_memory` budget (`nixl_tcp_frame_memory_refused_total`). Notifications go
+//! into the agent's queue within its byte budget; one past it is answered `Denied` with the
+//! reason, which the sender's `send_notif` or post returns.
 
 mod auth;
 mod client;
 mod identity;
+#[cfg(test)]
+mod limits_tests;
 mod net;
 mod server;
 mod user_secret;
@@ -83,6 +97,17 @@ pub struct TcpConfig {
     /// Whether the listener loads metadata that peers push ([`push_metadata`]); even then only
     /// an agent's own, under the name and instance its connection proved. Off by default.
     pub accept_pushes: bool,
+    /// Most connections the listener serves at once (each is one thread and one fd); more are
+    /// closed on accept and counted. Capped at half the process's fd limit when it starts.
+    pub max_conns: usize,
+    /// Most connections the listener serves at once from one peer address.
+    pub max_conns_per_ip: usize,
+    /// How long an opened connection may sit between frames before the listener closes it
+    /// (initiators reconnect on their next post).
+    pub idle_timeout: Duration,
+    /// Bytes the listener may buffer at once for frame bodies over 64 KiB (metadata pushes,
+    /// control requests, large notifications), over all its connections.
+    pub frame_memory: usize,
 }
 
 impl Default for TcpConfig {
@@ -97,6 +122,10 @@ impl Default for TcpConfig {
             socket_buffer: 4 << 20,
             auth: Auth::from_config(None, false),
             accept_pushes: false,
+            max_conns: 1024,
+            max_conns_per_ip: 256,
+            idle_timeout: Duration::from_secs(300),
+            frame_memory: 256 << 20,
         }
     }
 }
@@ -124,6 +153,15 @@ impl TcpConfig {
             || self.connect_timeout < Duration::from_millis(10)
         {
             return bad("timeouts must be at least 10 ms".into());
+        }
+        if self.idle_timeout < Duration::from_millis(100) {
+            return bad("idle_timeout must be at least 100 ms".into());
+        }
+        if self.max_conns == 0 || self.max_conns_per_ip == 0 {
+            return bad("max_conns and max_conns_per_ip must be at least 1".into());
+        }
+        if self.frame_memory < (1 << 20) {
+            return bad(format!("frame_memory {} is under 1 MiB", self.frame_memory));
         }
         Ok(())
     }

@@ -331,17 +331,39 @@ pub fn read_frame(
     limit: impl Fn(u8) -> usize,
     on: &mut dyn OnBlock,
 ) -> io::Result<u8> {
+    let mut admit = |ty: u8, len: usize| {
+        if len > limit(ty) {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("frame of type {ty} with a body of {len} bytes is over its limit"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    read_frame_admit(s, body, &mut admit, on)
+}
+
+/// As [`read_frame`], with `admit(type, body length)` deciding from the header alone, before a
+/// byte of the body is read or allocated, whether the frame may come in.
+pub fn read_frame_admit(
+    s: &TcpStream,
+    body: &mut Vec<u8>,
+    admit: &mut dyn FnMut(u8, usize) -> io::Result<()>,
+    on: &mut dyn OnBlock,
+) -> io::Result<u8> {
     let mut head = [0u8; 5];
     read_exact_with(s, &mut head, on)?;
     let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
     let ty = head[4];
-    if len == 0 || len - 1 > limit(ty) {
+    if len == 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("frame of type {ty} with length {len} is over its limit"),
+            format!("frame of type {ty} with length 0"),
         ));
     }
     let len = len - 1;
+    admit(ty, len)?;
     body.clear();
     while body.len() < len {
         let have = body.len();

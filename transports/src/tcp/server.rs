@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,15 +21,113 @@ use crate::control::Services;
 /// How often a blocked read or write wakes up to check the clock and the shutdown flag.
 pub(super) const TICK: Duration = Duration::from_millis(200);
 
+/// Frame bodies up to this size are read without asking the listener's frame memory budget.
+const SMALL_FRAME: usize = 64 << 10;
+
 #[derive(Debug)]
 struct Shared {
     cfg: Arc<TcpConfig>,
     target: TargetHandle,
     host: Vec<(String, IpAddr)>,
-    conns: Mutex<HashMap<u64, TcpStream>>,
+    /// The socket of each connection being served, to shut down on stop. A connection's entry is
+    /// removed (under this lock) before its socket is closed, so every fd here is open.
+    conns: Mutex<HashMap<u64, RawFd>>,
+    /// Connections being served, in total and per peer address.
+    admitted: Mutex<Admitted>,
+    /// `max_conns`, capped by the fd limit.
+    max_conns: usize,
+    /// Bytes reserved by frame bodies over [`SMALL_FRAME`] being read or handled.
+    frame_bytes: AtomicUsize,
+    /// When a refusal was last logged (ms since `started`), so a flood logs once a second.
+    last_warn: AtomicU64,
+    started: Instant,
     next: AtomicU64,
     shut: AtomicBool,
     services: Arc<Services>,
+}
+
+#[derive(Debug, Default)]
+struct Admitted {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place under the listener's caps, given back on drop.
+struct Slot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut a = self.shared.admitted.lock();
+        a.total -= 1;
+        if let Some(n) = a.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                a.per_ip.remove(&self.ip);
+            }
+        }
+        metrics::gauge!("nixl_tcp_conns_open").set(a.total as f64);
+    }
+}
+
+impl Shared {
+    /// Takes a slot for a connection from `ip`, or says which cap refuses it.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> std::result::Result<Slot, &'static str> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let mut a = self.admitted.lock();
+        if a.total >= self.max_conns {
+            return Err("total");
+        }
+        let n = a.per_ip.entry(ip).or_insert(0);
+        if *n >= self.cfg.max_conns_per_ip {
+            return Err("per_ip");
+        }
+        *n += 1;
+        a.total += 1;
+        metrics::gauge!("nixl_tcp_conns_open").set(a.total as f64);
+        Ok(Slot {
+            shared: Arc::clone(self),
+            ip,
+        })
+    }
+
+    /// Whether a refusal may be logged now (at most one a second).
+    fn may_warn(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last_warn.load(Ordering::Relaxed);
+        (last == 0 || now >= last + 1000)
+            && self
+                .last_warn
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// Bytes of the frame memory budget held by one frame body, given back on drop.
+struct Reserved<'a>(&'a AtomicUsize, usize);
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
+    }
+}
+
+/// The fd limit of the process (soft), if it can be read.
+fn fd_limit() -> Option<usize> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `r`, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return None;
+    }
+    usize::try_from(r.rlim_cur).ok()
 }
 
 /// A running listener.
@@ -67,13 +165,29 @@ impl Server {
             tracing::warn!(agent = %target.name(), %bound, "{warning}");
             eprintln!("{warning}");
         }
+        // Each connection holds one fd: keep at least half of the process's fds for the rest
+        // of the application whatever the configuration says.
+        let max_conns = match fd_limit() {
+            Some(fds) if cfg.max_conns > fds / 2 => {
+                let capped = (fds / 2).max(16);
+                tracing::warn!(agent = %target.name(), max_conns = cfg.max_conns, fd_limit = fds,
+                    capped, "tcp: max_conns capped at half the fd limit");
+                capped
+            }
+            _ => cfg.max_conns,
+        };
         tracing::info!(agent = %target.name(), ?published, auth = %cfg.auth.describe(),
-            "tcp listening");
+            max_conns, "tcp listening");
         let shared = Arc::new(Shared {
             cfg,
             target,
             host,
             conns: Mutex::new(HashMap::new()),
+            admitted: Mutex::new(Admitted::default()),
+            max_conns,
+            frame_bytes: AtomicUsize::new(0),
+            last_warn: AtomicU64::new(0),
+            started: Instant::now(),
             next: AtomicU64::new(1),
             shut: AtomicBool::new(false),
             services,
@@ -98,8 +212,11 @@ impl Server {
         self.shared.shut.store(true, Ordering::Release);
         // SAFETY: shutdown on our own listening socket only wakes the blocked accept.
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
-        for (_, c) in self.shared.conns.lock().drain() {
-            let _ = c.shutdown(Shutdown::Both);
+        let mut conns = self.shared.conns.lock();
+        for (_, fd) in conns.drain() {
+            // SAFETY: the fd is open: its connection removes it from the map, under this lock,
+            // before closing it. Shutdown only wakes the connection's blocked reads and writes.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
     }
 }
@@ -145,10 +262,27 @@ fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 if shared.shut.load(Ordering::Acquire) {
                     return;
                 }
+                // One thread per connection, as many as connections are admitted: the caps
+                // bound both.
+                let slot = match shared.admit(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(cap) => {
+                        metrics::counter!("nixl_tcp_conns_refused_total", "cap" => cap)
+                            .increment(1);
+                        if shared.may_warn() {
+                            tracing::warn!(agent = %shared.target.name(), %peer, cap,
+                                max_conns = shared.max_conns,
+                                max_conns_per_ip = shared.cfg.max_conns_per_ip,
+                                "tcp: connection refused, the listener is at its cap");
+                        }
+                        drop(s);
+                        continue;
+                    }
+                };
                 let sh = Arc::clone(&shared);
                 let spawned = std::thread::Builder::new()
                     .name("nixl-tcp-serve".into())
-                    .spawn(move || serve(sh, s, peer));
+                    .spawn(move || serve(sh, s, peer, slot));
                 if let Err(e) = spawned {
                     tracing::error!(error = %e, "cannot start a tcp connection thread");
                 }
@@ -164,11 +298,26 @@ fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// Reads give up mid-frame once the peer has been silent for `io_timeout`; between frames they
-/// wait for as long as the connection lives.
+/// Reads give up mid-frame once the peer has been silent for `io_timeout`, and between frames
+/// once it has sent nothing for `idle` (the OPEN after authentication: `connect_timeout`; later
+/// frames: `idle_timeout`).
 struct Idle<'a> {
     shared: &'a Shared,
     since: Instant,
+    waiting: Instant,
+    idle: Duration,
+}
+
+impl<'a> Idle<'a> {
+    fn new(shared: &'a Shared, idle: Duration) -> Idle<'a> {
+        let now = Instant::now();
+        Idle {
+            shared,
+            since: now,
+            waiting: now,
+            idle,
+        }
+    }
 }
 
 impl OnBlock for Idle<'_> {
@@ -187,6 +336,13 @@ impl OnBlock for Idle<'_> {
         }
         if !started {
             self.since = Instant::now();
+            if self.waiting.elapsed() > self.idle {
+                metrics::counter!("nixl_tcp_idle_closed_total").increment(1);
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("idle for {:?}", self.idle),
+                ));
+            }
         }
         Ok(())
     }
@@ -196,14 +352,14 @@ impl OnBlock for Idle<'_> {
     }
 }
 
-fn serve(shared: Arc<Shared>, mut s: TcpStream, peer: SocketAddr) {
+fn serve(shared: Arc<Shared>, mut s: TcpStream, peer: SocketAddr, slot: Slot) {
     let id = shared.next.fetch_add(1, Ordering::Relaxed);
-    if let Ok(c) = s.try_clone() {
-        shared.conns.lock().insert(id, c);
-    }
+    shared.conns.lock().insert(id, s.as_raw_fd());
     let res = serve_inner(&shared, &mut s, peer);
     shared.conns.lock().remove(&id);
     let _ = s.shutdown(Shutdown::Both);
+    drop(s);
+    drop(slot);
     match res {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {}
@@ -229,13 +385,12 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
         }
     };
     let mut body = Vec::new();
-    let mut idle = Idle {
-        shared,
-        since: Instant::now(),
-    };
-    // The initiator's name and instance count only as sealed on this connection: from here on
-    // `who` is the peer, whatever later frames say.
-    let open = match identity::read_open(s, &mut body, &cfg.auth, &binding, &mut idle)? {
+    // The OPEN must come within `connect_timeout` and be no more than an OPEN (checked from the
+    // header). The initiator's name and instance count only as sealed on this connection: from
+    // here on `who` is the peer, whatever later frames say.
+    let mut frames = Frames::new(shared, None);
+    let ty = frames.next(s, &mut body)?;
+    let open = match identity::check_open(ty, &body, &cfg.auth, &binding)? {
         Ok(open) => open,
         Err(e) => {
             metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
@@ -243,6 +398,7 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
             return Ok(());
         }
     };
+    drop(frames);
     let who = PeerIdentity::new(open.name, open.instance);
     let me = shared.target.instance_id();
     let mut out = Vec::with_capacity(256);
@@ -269,26 +425,98 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
     net::send_all(s, &out)?;
     net::read_timeout(s, TICK)?;
     net::write_timeout(s, TICK, cfg.io_timeout)?;
+    let frames = Frames::new(shared, Some(open.purpose));
     match open.purpose {
-        Purpose::Metadata => serve_metadata(shared, s, &who, &mut body, &mut out),
-        Purpose::Control => serve_control(shared, s, &who.name, &mut body, &mut out),
-        Purpose::Data => Worker::new(shared, who.name).run(s, &mut body),
+        Purpose::Metadata => serve_metadata(shared, s, frames, &who, &mut body, &mut out),
+        Purpose::Control => serve_control(shared, s, frames, &who.name, &mut body, &mut out),
+        Purpose::Data => Worker::new(shared, who.name).run(s, frames, &mut body),
+    }
+}
+
+/// Reads the frames of one connection: only those of its purpose, each within its size limit
+/// (see [`wire::purpose_limit`]), bodies over [`SMALL_FRAME`] only within the listener's frame
+/// memory budget, each held until the next frame is asked for.
+struct Frames<'a> {
+    shared: &'a Shared,
+    purpose: Option<Purpose>,
+    held: Option<Reserved<'a>>,
+}
+
+impl<'a> Frames<'a> {
+    fn new(shared: &'a Shared, purpose: Option<Purpose>) -> Frames<'a> {
+        Frames {
+            shared,
+            purpose,
+            held: None,
+        }
+    }
+
+    /// The next frame's type, its body in `body`; `idle` counts from now.
+    fn next(&mut self, s: &TcpStream, body: &mut Vec<u8>) -> io::Result<u8> {
+        // The last frame is handled: give its memory back.
+        if self.held.take().is_some() || body.capacity() > SMALL_FRAME {
+            *body = Vec::new();
+        }
+        let shared = self.shared;
+        let purpose = self.purpose;
+        let idle = match purpose {
+            None => shared.cfg.connect_timeout,
+            Some(_) => shared.cfg.idle_timeout,
+        };
+        let mut idle = Idle::new(shared, idle);
+        let held = &mut self.held;
+        let mut admit = |ty: u8, len: usize| -> io::Result<()> {
+            let what = match purpose {
+                None => "an unopened",
+                Some(Purpose::Data) => "a data",
+                Some(Purpose::Metadata) => "a metadata",
+                Some(Purpose::Control) => "a control",
+            };
+            let Some(limit) = wire::purpose_limit(purpose, ty) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("frame type {ty} on {what} connection"),
+                ));
+            };
+            if len > limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("frame type {ty} of {len} bytes on {what} connection (limit {limit})"),
+                ));
+            }
+            if len > SMALL_FRAME {
+                let budget = shared.cfg.frame_memory;
+                let got =
+                    shared
+                        .frame_bytes
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                            used.checked_add(len).filter(|&n| n <= budget)
+                        });
+                if got.is_err() {
+                    metrics::counter!("nixl_tcp_frame_memory_refused_total").increment(1);
+                    return Err(io::Error::other(format!(
+                        "frame type {ty} of {len} bytes refused: the listener's frame_memory \
+                         budget ({budget} bytes) is taken by other connections' frames"
+                    )));
+                }
+                *held = Some(Reserved(&shared.frame_bytes, len));
+            }
+            Ok(())
+        };
+        net::read_frame_admit(s, body, &mut admit, &mut idle)
     }
 }
 
 fn serve_metadata(
     shared: &Shared,
     s: &TcpStream,
+    mut frames: Frames<'_>,
     who: &PeerIdentity,
     body: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
     loop {
-        let mut idle = Idle {
-            shared,
-            since: Instant::now(),
-        };
-        let ty = net::read_frame(s, body, wire::frame_limit, &mut idle)?;
+        let ty = frames.next(s, body)?;
         match ty {
             wire::MD_GET => match shared.target.local_metadata() {
                 Ok(md) => wire::md(out, Status::Ok, &md),
@@ -347,16 +575,13 @@ fn check_push(cfg: &TcpConfig, who: &PeerIdentity, md: &[u8]) -> std::result::Re
 fn serve_control(
     shared: &Shared,
     s: &TcpStream,
+    mut frames: Frames<'_>,
     peer: &str,
     body: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
     loop {
-        let mut idle = Idle {
-            shared,
-            since: Instant::now(),
-        };
-        let ty = net::read_frame(s, body, wire::frame_limit, &mut idle)?;
+        let ty = frames.next(s, body)?;
         if ty != wire::CTRL {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -406,13 +631,11 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn run(mut self, s: &TcpStream, body: &mut Vec<u8>) -> io::Result<()> {
+    fn run(mut self, s: &TcpStream, mut frames: Frames<'_>, body: &mut Vec<u8>) -> io::Result<()> {
         loop {
-            let mut idle = Idle {
-                shared: self.shared,
-                since: Instant::now(),
-            };
-            let ty = net::read_frame(s, body, wire::frame_limit, &mut idle)?;
+            let ty = frames.next(s, body)?;
+            // Data moving after a frame gives up after `io_timeout` of silence (`started`).
+            let mut idle = Idle::new(self.shared, self.shared.cfg.idle_timeout);
             match ty {
                 wire::WRITE | wire::READ => {
                     let (id, chunk, total) =
@@ -427,8 +650,16 @@ impl<'a> Worker<'a> {
                 }
                 wire::NOTIF => {
                     let (id, msg) = wire::decode_notif(body).map_err(wire::bad)?;
-                    self.shared.target.deliver(&self.peer, msg.to_vec());
-                    wire::ack(&mut self.out, id, u32::MAX, Status::Ok, "");
+                    match self.shared.target.deliver(&self.peer, msg.to_vec()) {
+                        Ok(()) => wire::ack(&mut self.out, id, u32::MAX, Status::Ok, ""),
+                        Err(full) => wire::ack(
+                            &mut self.out,
+                            id,
+                            u32::MAX,
+                            Status::Denied,
+                            &full.to_string(),
+                        ),
+                    }
                     net::send_all(s, &self.out)?;
                 }
                 t => {

@@ -366,6 +366,28 @@ pub fn frame_limit(ty: u8) -> usize {
     }
 }
 
+/// Largest OPEN body: purpose, a name, two instance ids, the seal
+/// ([`super::identity::TAG`]).
+pub const OPEN_BYTES: usize = 1 + 2 + MAX_NAME + 32 + super::identity::TAG;
+/// Largest WRITE or READ body: id, chunk, count, [`MAX_PIECES`] pieces.
+pub const XFER_BYTES: usize = 16 + MAX_PIECES * PIECE_BYTES;
+
+/// The frames a listener takes on a connection opened for `purpose` (`None`: not opened yet,
+/// only OPEN), and the largest body of each; `None` for a frame that has no business there.
+/// A data connection takes WRITE, READ (a few KiB) and NOTIF, never a metadata push or a
+/// control request, so a peer cannot make it buffer more than a notification.
+pub fn purpose_limit(purpose: Option<Purpose>, ty: u8) -> Option<usize> {
+    match (purpose, ty) {
+        (None, OPEN) => Some(OPEN_BYTES),
+        (Some(Purpose::Data), WRITE | READ) => Some(XFER_BYTES),
+        (Some(Purpose::Data), NOTIF) => Some(MAX_NOTIF + 12),
+        (Some(Purpose::Metadata), MD_GET) => Some(0),
+        (Some(Purpose::Metadata), MD_PUSH) => Some(nixl_core::metadata::MAX_METADATA_BYTES + 4),
+        (Some(Purpose::Control), CTRL) => Some(crate::control::MAX_CONTROL + 5),
+        _ => None,
+    }
+}
+
 /// Turns a decode error into an I/O error of kind InvalidData.
 pub fn bad(e: DecodeError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
@@ -425,6 +447,62 @@ mod tests {
         assert_eq!(decode_notif(b).unwrap().1.len(), MAX_NOTIF);
         notif(&mut out, 3, &vec![7u8; MAX_NOTIF + 1]);
         assert!(decode_notif(body(&out).1).is_err());
+    }
+
+    #[test]
+    fn each_purpose_takes_only_its_frames() {
+        let mut out = Vec::new();
+        open(
+            &mut out,
+            Purpose::Data,
+            &"n".repeat(MAX_NAME + 50),
+            u128::MAX,
+            1,
+        );
+        // OPEN goes sealed: the limit counts the seal.
+        let binding = super::super::identity::Binding([9; 2 * super::super::auth::NONCE]);
+        super::super::identity::seal(
+            &mut out,
+            &super::super::auth::Auth::with_secret("k"),
+            &binding,
+            super::super::identity::OPEN_LABEL,
+        )
+        .unwrap();
+        assert!(out.len() - 5 <= OPEN_BYTES);
+        xfer_head(&mut out, WRITE, 1, 2, MAX_PIECES as u32);
+        for _ in 0..MAX_PIECES {
+            put_piece(
+                &mut out,
+                &Piece {
+                    addr: 1,
+                    len: 1,
+                    key: 1,
+                },
+            );
+        }
+        finish(&mut out);
+        assert_eq!(out.len() - 5, XFER_BYTES);
+        notif(&mut out, 3, &vec![0; MAX_NOTIF]);
+        assert_eq!(
+            Some(out.len() - 5),
+            purpose_limit(Some(Purpose::Data), NOTIF)
+        );
+        for ty in [MD_PUSH, MD_GET, CTRL, OPEN, ACK, DATA, 0, 255] {
+            assert_eq!(purpose_limit(Some(Purpose::Data), ty), None, "type {ty}");
+        }
+        for ty in [WRITE, READ, NOTIF, CTRL] {
+            assert_eq!(
+                purpose_limit(Some(Purpose::Metadata), ty),
+                None,
+                "type {ty}"
+            );
+        }
+        for ty in [WRITE, MD_PUSH, MD_GET, OPEN] {
+            assert_eq!(purpose_limit(Some(Purpose::Control), ty), None, "type {ty}");
+        }
+        for ty in [WRITE, READ, NOTIF, MD_PUSH, CTRL] {
+            assert_eq!(purpose_limit(None, ty), None, "type {ty} before OPEN");
+        }
     }
 
     #[test]
