@@ -54,7 +54,8 @@ mod limits_tests;
 mod net;
 mod server;
 mod user_secret;
-mod wire;
+#[doc(hidden)] // for the fuzz targets (fuzz/): the frames a peer sends after the handshake
+pub mod wire;
 
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
