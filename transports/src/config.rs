@@ -9,12 +9,21 @@
 //! chunk_bytes = 524288
 //! window = 4
 //! io_timeout_ms = 5000       # no progress for this long with work outstanding: TimedOut
-//! connect_timeout_ms = 3000
+//! connect_timeout_ms = 3000  # connecting and the whole handshake, at the initiator
+//! handshake_timeout_ms = 5000   # a listener drops a connection whose handshake takes longer
 //! socket_buffer = 4194304
 //!
 //! [auth]
 //! secret = "..."             # or the environment variable NIXL_SECRET
 //! allow_open = false         # without a secret, accept only this host's connections
+//!
+//! [tls]                      # with a secret, every tcp connection is TLS 1.3 (see tcp::Auth)
+//! mode = "encrypt"           # the only mode: "integrity-only" is refused (TLS 1.3 has no
+//!                            # integrity-only cipher suite)
+//! cert = "/etc/nixl/agent.pem"   # optional, all three or none: this agent's certificate chain,
+//! key = "/etc/nixl/agent.key"    # its private key (PEM), and the CA bundle peers' certificates
+//! ca = "/etc/nixl/ca.pem"        # must chain to (mutual TLS); default: an ephemeral self-signed
+//!                            # certificate, the secret alone authenticating
 //!
 //! [shm]
 //! socket_dir = "/run/nixl"
@@ -104,7 +113,7 @@ use crate::object::{ObjectBackend, ObjectConfig, ObjectName, Secret};
 use crate::posix::{PosixBackend, PosixConfig};
 use crate::rdma::{RdmaBackend, RdmaConfig};
 use crate::shm::{ShmBackend, ShmConfig};
-use crate::tcp::{parse_listen, Auth, TcpBackend, TcpConfig};
+use crate::tcp::{parse_listen, Auth, CertFiles, TcpBackend, TcpConfig, TlsMode, TlsSettings};
 use crate::uring::{UringBackend, UringConfig};
 
 /// A parsed configuration.
@@ -119,6 +128,9 @@ pub struct Config {
     /// `[auth]`.
     #[serde(default)]
     pub auth: AuthSection,
+    /// `[tls]`.
+    #[serde(default)]
+    pub tls: TlsSection,
     /// `[shm]`.
     #[serde(default)]
     pub shm: ShmSection,
@@ -157,6 +169,7 @@ pub struct TcpSection {
     pub window: Option<usize>,
     pub io_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
+    pub handshake_timeout_ms: Option<u64>,
     pub socket_buffer: Option<usize>,
 }
 
@@ -167,6 +180,42 @@ pub struct AuthSection {
     pub secret: Option<String>,
     #[serde(default)]
     pub allow_open: bool,
+}
+
+/// `[tls]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub mode: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+impl TlsSection {
+    /// The settings, or why they are wrong (files are read when the backend first needs them,
+    /// and checked by [`Config::from_toml`]).
+    pub fn settings(&self) -> Result<TlsSettings> {
+        let bad = |why: String| Error::InvalidArgument(format!("config: {why}"));
+        let mode = match &self.mode {
+            Some(m) => TlsMode::parse(m).map_err(bad)?,
+            None => TlsMode::default(),
+        };
+        let files = match (&self.cert, &self.key, &self.ca) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(CertFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => {
+                return Err(bad(
+                    "[tls] cert, key and ca go together: name all three".into()
+                ))
+            }
+        };
+        Ok(TlsSettings::new(mode, files))
+    }
 }
 
 /// `[uring]`.
@@ -306,7 +355,15 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config> {
         let cfg: Config = toml::from_str(text)
             .map_err(|e| Error::InvalidArgument(format!("config: {}", e.message())))?;
-        cfg.tcp_config()?.check()?;
+        let tcp = cfg.tcp_config()?;
+        tcp.check()?;
+        if cfg.tls.mode.is_some() {
+            // A mode nobody can use is an error even before a secret is set.
+            tcp.auth
+                .tls()
+                .check()
+                .map_err(|e| Error::InvalidArgument(format!("config: {e}")))?;
+        }
         cfg.object_config()?;
         if let Some(list) = &cfg.backends {
             for b in list {
@@ -328,9 +385,11 @@ impl Config {
         Config::from_toml(&text)
     }
 
-    /// How connections authenticate.
+    /// How connections authenticate (a wrong `[tls]` section is reported by
+    /// [`Config::from_toml`]; here it falls back to the defaults).
     pub fn auth(&self) -> Auth {
         Auth::from_config(self.auth.secret.as_deref(), self.auth.allow_open)
+            .with_tls(self.tls.settings().unwrap_or_default())
     }
 
     /// The `tcp` backend's settings.
@@ -345,8 +404,9 @@ impl Config {
             window: t.window.unwrap_or(d.window),
             io_timeout: ms(t.io_timeout_ms, d.io_timeout),
             connect_timeout: ms(t.connect_timeout_ms, d.connect_timeout),
+            handshake_timeout: ms(t.handshake_timeout_ms, d.handshake_timeout),
             socket_buffer: t.socket_buffer.unwrap_or(d.socket_buffer),
-            auth: self.auth(),
+            auth: self.auth().with_tls(self.tls.settings()?),
         })
     }
 

@@ -13,7 +13,7 @@ use nixl_core::{
 use parking_lot::{Condvar, Mutex};
 
 use super::auth::{self, AuthError};
-use super::net::{self, OnBlock, Span};
+use super::net::{self, Link, OnBlock, Span};
 use super::server::TICK;
 use super::wire::{self, Piece, Purpose, Status};
 use super::{connect_any, peer_err, TcpConfig};
@@ -99,9 +99,9 @@ impl Conn {
         }
     }
 
-    fn open_lane(&self) -> Result<TcpStream> {
+    fn open_lane(&self) -> Result<Link> {
         let cfg = &self.cfg;
-        let mut s = connect_any(&self.addrs, cfg.connect_timeout).map_err(|e| {
+        let s = connect_any(&self.addrs, cfg.connect_timeout).map_err(|e| {
             if e.kind() == io::ErrorKind::TimedOut {
                 tracing::warn!(peer = %self.peer, error = %e, "tcp connect timed out");
                 Error::TimedOut
@@ -111,11 +111,10 @@ impl Conn {
         })?;
         let io_err = |e: io::Error| peer_err(&self.peer, &e);
         net::tune(&s, cfg.socket_buffer).map_err(io_err)?;
-        s.set_read_timeout(Some(cfg.connect_timeout))
-            .map_err(io_err)?;
-        s.set_write_timeout(Some(cfg.connect_timeout))
-            .map_err(io_err)?;
-        auth::connect(&mut s, &cfg.auth).map_err(|e| match e {
+        let deadline = Instant::now() + cfg.connect_timeout;
+        let me = (&*self.me, self.my_instance);
+        let expect = (self.peer.as_str(), self.peer_instance);
+        let (s, _) = auth::connect(s, &cfg.auth, me, expect, deadline).map_err(|e| match e {
             AuthError::Denied(reason) => Error::Denied {
                 peer: self.peer.clone(),
                 reason,
@@ -158,6 +157,7 @@ impl Conn {
                 },
             });
         }
+        s.set_deadline(None);
         net::read_timeout(&s, TICK).map_err(io_err)?;
         net::write_timeout(&s, TICK, cfg.io_timeout).map_err(io_err)?;
         Ok(s)
@@ -354,7 +354,7 @@ thread_local! {
 const INLINE_MAX: u64 = 64 << 10;
 
 struct Lane {
-    stream: TcpStream,
+    stream: Link,
     /// Milliseconds since the session's epoch when this lane last moved a byte.
     last: AtomicU64,
 }
@@ -640,7 +640,7 @@ impl Session {
     fn recv_one(
         &self,
         lane: usize,
-        s: &TcpStream,
+        s: &Link,
         body: &mut Vec<u8>,
         iov: &mut Vec<libc::iovec>,
         scratch: &mut Vec<u8>,
@@ -833,14 +833,13 @@ fn open_call(
     timeout: Duration,
     purpose: Purpose,
     from: &str,
-) -> Result<TcpStream> {
+) -> Result<Link> {
     let who = addr.to_string();
     let io_err = |e: io::Error| peer_err(&who, &e);
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
-    s.set_read_timeout(Some(timeout)).map_err(io_err)?;
-    s.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
     s.set_nodelay(true).map_err(io_err)?;
-    auth::connect(&mut s, auth).map_err(|e| match e {
+    let deadline = Instant::now() + timeout;
+    let (s, _) = auth::connect(s, auth, (from, 0), ("", 0), deadline).map_err(|e| match e {
         AuthError::Denied(reason) => Error::Denied {
             peer: who.clone(),
             reason,
@@ -867,11 +866,16 @@ fn open_call(
     if status != Status::Ok {
         return Err(bad(text));
     }
+    s.set_deadline(None);
+    s.socket().set_read_timeout(Some(timeout)).map_err(io_err)?;
+    s.socket()
+        .set_write_timeout(Some(timeout))
+        .map_err(io_err)?;
     Ok(s)
 }
 
 /// Sends one frame on a call connection and reads the reply frame of type `want`.
-fn exchange(s: &TcpStream, who: &str, frame: &[u8], want: u8, body: &mut Vec<u8>) -> Result<()> {
+fn exchange(s: &Link, who: &str, frame: &[u8], want: u8, body: &mut Vec<u8>) -> Result<()> {
     let io_err = |e: io::Error| peer_err(who, &e);
     net::send_all(s, frame).map_err(io_err)?;
     let ty = net::read_frame(s, body, wire::frame_limit, &mut give_up).map_err(io_err)?;

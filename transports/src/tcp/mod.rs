@@ -26,8 +26,10 @@
 
 mod auth;
 mod client;
+mod link;
 mod net;
 mod server;
+mod tls;
 mod wire;
 
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
@@ -41,7 +43,8 @@ use nixl_core::{
 };
 use parking_lot::Mutex;
 
-pub use auth::Auth;
+pub use auth::{Auth, CertFiles, PeerIdentity, TlsMode, TlsSettings};
+pub use link::Link;
 
 use client::Conn;
 use server::Server;
@@ -61,8 +64,11 @@ pub struct TcpConfig {
     pub window: usize,
     /// How long a connection with work outstanding may move no byte before it is dropped.
     pub io_timeout: Duration,
-    /// How long connecting and authenticating may take.
+    /// How long connecting and authenticating may take (in all, at the initiator).
     pub connect_timeout: Duration,
+    /// How long a listener gives an accepted connection to finish its whole handshake (TLS, the
+    /// proofs, and the OPEN frame); past it the connection is dropped, however the peer trickles.
+    pub handshake_timeout: Duration,
     /// Socket send and receive buffer sizes asked of the kernel.
     pub socket_buffer: usize,
     /// How connections authenticate.
@@ -78,6 +84,7 @@ impl Default for TcpConfig {
             window: 4,
             io_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(5),
             socket_buffer: 4 << 20,
             auth: Auth::from_config(None, false),
         }
@@ -105,8 +112,16 @@ impl TcpConfig {
         }
         if self.io_timeout < Duration::from_millis(10)
             || self.connect_timeout < Duration::from_millis(10)
+            || self.handshake_timeout < Duration::from_millis(10)
         {
             return bad("timeouts must be at least 10 ms".into());
+        }
+        if self.auth.has_secret() {
+            self.auth.tls().check().map_err(Error::InvalidArgument)?;
+        } else if self.auth.tls().files.is_some() {
+            return bad("[tls] certificates are used together with [auth] secret, \
+                        which proves the agents' names; set one"
+                .into());
         }
         Ok(())
     }
@@ -388,21 +403,18 @@ pub fn push_metadata(addr: &str, auth: &Auth, md: &[u8], timeout: Duration) -> R
         .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
-/// A socket error as a request outcome: a path that stopped carrying packets (the kernel's
-/// retransmission timeout, an unreachable network) is `TimedOut`; the peer closing or
-/// resetting is a remote disconnect.
 /// An authenticated data connection to a listener, as an initiator named `name` opens it, for
 /// tests that speak the wire protocol by hand (garbage after authentication, say).
 #[doc(hidden)]
-pub fn raw_data_connection(addr: SocketAddr, auth: &Auth, name: &str) -> Result<TcpStream> {
+pub fn raw_data_connection(addr: SocketAddr, auth: &Auth, name: &str) -> Result<RawConnection> {
     let io = |e: std::io::Error| Error::io(format!("raw connection to {addr}"), e);
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))
-        .map_err(io)?;
-    auth::connect(&mut s, auth).map_err(|e| Error::Denied {
-        peer: addr.to_string(),
-        reason: e.to_string(),
-    })?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let (s, _) =
+        auth::connect(s, auth, (name, 1), ("", 0), deadline).map_err(|e| Error::Denied {
+            peer: addr.to_string(),
+            reason: e.to_string(),
+        })?;
     let mut out = Vec::new();
     wire::open(&mut out, wire::Purpose::Data, name, 1, 0);
     net::send_all(&s, &out).map_err(io)?;
@@ -414,9 +426,47 @@ pub fn raw_data_connection(addr: SocketAddr, auth: &Auth, name: &str) -> Result<
     if ty != wire::OPENED {
         return Err(Error::InvalidArgument(format!("expected OPENED, got {ty}")));
     }
-    Ok(s)
+    s.set_deadline(None);
+    s.socket()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(io)?;
+    Ok(RawConnection(s))
 }
 
+/// A connection past the handshake, for tests that write frames by hand.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct RawConnection(Link);
+
+impl RawConnection {
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.0.socket().set_read_timeout(t)
+    }
+
+    pub fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        self.0.shutdown(how)
+    }
+}
+
+impl std::io::Read for RawConnection {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for RawConnection {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.send_all(buf).map(|()| buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A socket error as a request outcome: a path that stopped carrying packets (the kernel's
+/// retransmission timeout, an unreachable network) is `TimedOut`; the peer closing or
+/// resetting is a remote disconnect.
 fn peer_err(peer: &str, e: &std::io::Error) -> Error {
     use std::io::ErrorKind as K;
     match e.kind() {

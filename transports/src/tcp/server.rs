@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nixl_core::{BackendName, Desc, Error, MemKind, RegionAccess, Result, TargetHandle};
 use parking_lot::Mutex;
 
-use super::net::{self, OnBlock, Span};
+use super::net::{self, Link, OnBlock, Span};
 use super::wire::{self, Piece, Purpose, Status};
 use super::{auth, TcpConfig};
 use crate::control::Services;
@@ -189,6 +189,25 @@ impl OnBlock for Idle<'_> {
     }
 }
 
+/// The handshake's reads: past the deadline they fail, however the peer trickles bytes.
+struct Deadline(Instant);
+
+impl OnBlock for Deadline {
+    fn blocked(&mut self, _: bool) -> io::Result<()> {
+        self.moved()
+    }
+
+    fn moved(&mut self) -> io::Result<()> {
+        if Instant::now() >= self.0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake did not finish within its deadline",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn serve(shared: Arc<Shared>, mut s: TcpStream, peer: SocketAddr) {
     let id = shared.next.fetch_add(1, Ordering::Relaxed);
     if let Ok(c) = s.try_clone() {
@@ -211,19 +230,21 @@ fn serve(shared: Arc<Shared>, mut s: TcpStream, peer: SocketAddr) {
 fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Result<()> {
     let cfg = &shared.cfg;
     net::tune(s, cfg.socket_buffer)?;
-    s.set_read_timeout(Some(cfg.connect_timeout))?;
-    s.set_write_timeout(Some(cfg.connect_timeout))?;
-    if let Err(e) = auth::accept(s, &cfg.auth, peer, |ip| net::is_local(ip, &shared.host)) {
-        metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
-        tracing::warn!(agent = %shared.target.name(), %peer, "tcp: {e}");
-        return Ok(());
-    }
-    let mut body = Vec::new();
-    let mut idle = Idle {
-        shared,
-        since: Instant::now(),
+    // The whole handshake, up to the OPEN frame, within one deadline.
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    let me = (shared.target.name(), shared.target.instance_id());
+    let local = |ip| net::is_local(ip, &shared.host);
+    let (link, _proven) = match auth::accept(s.try_clone()?, &cfg.auth, peer, local, me, deadline) {
+        Ok(r) => r,
+        Err(e) => {
+            metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
+            tracing::warn!(agent = %shared.target.name(), %peer, "tcp: {e}");
+            return Ok(());
+        }
     };
-    let ty = net::read_frame(s, &mut body, wire::frame_limit, &mut idle)?;
+    let s = &link;
+    let mut body = Vec::new();
+    let ty = net::read_frame(s, &mut body, wire::frame_limit, &mut Deadline(deadline))?;
     if ty != wire::OPEN {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -245,6 +266,7 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
     }
     wire::opened(&mut out, Status::Ok, me, shared.target.name());
     net::send_all(s, &out)?;
+    s.set_deadline(None);
     net::read_timeout(s, TICK)?;
     net::write_timeout(s, TICK, cfg.io_timeout)?;
     match open.purpose {
@@ -256,7 +278,7 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
 
 fn serve_metadata(
     shared: &Shared,
-    s: &TcpStream,
+    s: &Link,
     body: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
@@ -297,7 +319,7 @@ fn serve_metadata(
 /// Answers control requests for other backends' services, one at a time, until the peer closes.
 fn serve_control(
     shared: &Shared,
-    s: &TcpStream,
+    s: &Link,
     peer: &str,
     body: &mut Vec<u8>,
     out: &mut Vec<u8>,
@@ -357,7 +379,7 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn run(mut self, s: &TcpStream, body: &mut Vec<u8>) -> io::Result<()> {
+    fn run(mut self, s: &Link, body: &mut Vec<u8>) -> io::Result<()> {
         loop {
             let mut idle = Idle {
                 shared: self.shared,
@@ -423,7 +445,7 @@ impl<'a> Worker<'a> {
 
     fn write(
         &mut self,
-        s: &TcpStream,
+        s: &Link,
         id: u64,
         chunk: u32,
         total: u64,
@@ -450,7 +472,7 @@ impl<'a> Worker<'a> {
 
     fn read(
         &mut self,
-        s: &TcpStream,
+        s: &Link,
         id: u64,
         chunk: u32,
         total: u64,
