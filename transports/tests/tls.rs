@@ -657,3 +657,86 @@ fn config_refuses_integrity_only_and_lone_certificates() {
     let c = Config::from_toml("[auth]\nsecret = \"x\"\n[tls]\nmode = \"encrypt\"").unwrap();
     assert!(c.tcp_config().unwrap().auth.has_secret());
 }
+
+/// A CA and certificates it issues, as PEM files in `dir`.
+fn pki(dir: &std::path::Path, tag: &str, leaves: &[&str]) -> Vec<nixl_transports::tcp::CertFiles> {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let ca_path = dir.join(format!("{tag}-ca.pem"));
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    leaves
+        .iter()
+        .map(|name| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![(*name).to_owned()])
+                .unwrap()
+                .signed_by(&key, &ca)
+                .unwrap();
+            let (c, k) = (
+                dir.join(format!("{tag}-{name}.pem")),
+                dir.join(format!("{tag}-{name}.key")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            nixl_transports::tcp::CertFiles {
+                cert: c,
+                key: k,
+                ca: ca_path.clone(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn certificates_from_the_config_are_presented_and_verified_both_ways() {
+    use nixl_transports::tcp::{TlsMode, TlsSettings};
+    let dir = std::env::temp_dir().join(format!("nixl-tls-pki-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ours = pki(&dir, "fleet", &["cert-x", "cert-y"]);
+    let theirs = pki(&dir, "other", &["cert-z"]);
+    let with = |f: &nixl_transports::tcp::CertFiles| {
+        cfg(Auth::with_secret(SECRET).with_tls(TlsSettings::new(TlsMode::Encrypt, Some(f.clone()))))
+    };
+    let (x, _) = agent("cert-x", with(&ours[0]));
+    let (y, yb) = agent("cert-y", with(&ours[1]));
+    let (z, zb) = agent("cert-z", with(&theirs[0]));
+    let mut src = pattern(11, 3 << 20);
+    let mut dst = vec![0u8; 3 << 20];
+    let _rx = reg(&x, &mut src);
+    let _rz = reg(&z, &mut src);
+    let _ry = reg(&y, &mut dst);
+    // Same CA and secret: transfers are byte-exact.
+    x.load_remote(&y.metadata_bytes()).unwrap();
+    let w = x
+        .create_xfer(XferOp::Write, &one(&src), &one(&dst), "cert-y", opts(None))
+        .unwrap();
+    w.run_blocking().unwrap();
+    drop(w);
+    assert!(dst == src);
+    // The secret but a certificate of another CA: refused at the TLS handshake, both ways.
+    z.load_remote(&y.metadata_bytes()).unwrap();
+    let err = z
+        .create_xfer(XferOp::Write, &one(&src), &one(&dst), "cert-y", opts(None))
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    assert!(err.to_string().contains("tls"), "{err}");
+    let err = fetch_metadata(
+        &zb.listen_addrs()[0].to_string(),
+        &Auth::with_secret(SECRET)
+            .with_tls(TlsSettings::new(TlsMode::Encrypt, Some(ours[0].clone()))),
+        Duration::from_secs(2),
+    )
+    .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    // And the right CA without a certificate of one's own (ephemeral): the listener refuses.
+    assert!(fetch_metadata(
+        &yb.listen_addrs()[0].to_string(),
+        &Auth::with_secret(SECRET),
+        Duration::from_secs(2)
+    )
+    .is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}

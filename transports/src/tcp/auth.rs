@@ -449,7 +449,6 @@ pub(super) fn accept(
     }
     st.write_all(&v)?;
     st.flush()?;
-    drop(st);
     while conn.wants_write() {
         conn.write_tls(&mut io)?;
     }
@@ -518,7 +517,6 @@ pub(super) fn connect(
     let them = get_id(&mut st)?;
     let mut tag = [0u8; MAC];
     st.read_exact(&mut tag)?;
-    drop(st);
     let ok = auth
         .proof(SERVER_LABEL, &e, (&them.name, them.instance), me)
         .is_some_and(|m| m.verify_slice(&tag).is_ok());

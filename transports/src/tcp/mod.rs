@@ -2,8 +2,10 @@
 //!
 //! The target agent carries out every request against its own registrations: each piece of a
 //! WRITE or READ names a target range and the region key, and the target checks both (and that
-//! the region is still registered) before a byte moves; data goes straight between the socket
-//! and registered memory with vectored I/O, no staging copy on either side.
+//! the region is still registered) before a byte moves. On a plain connection data goes
+//! straight between the socket and registered memory with vectored I/O, no staging copy on
+//! either side; on a TLS connection (agents with a shared secret) it is sealed from and opened
+//! into registered memory by rustls's record layer, one copy each way ([`Link`]).
 //!
 //! An initiator keeps a session per peer: `conns_per_peer` authenticated connections, each with a
 //! sender and a receiver thread. A post splits its descriptors into chunks of at most
@@ -20,7 +22,10 @@
 //! stays held until no thread touches it any more. The next post reconnects, and refuses a peer
 //! that restarted (a new instance id) until its new metadata is loaded.
 //!
-//! Every connection authenticates first (see [`Auth`]); the listener also serves the agent's
+//! Every connection authenticates first, within a deadline (see [`Auth`] and the `auth` module:
+//! with a shared secret, TLS 1.3 and a proof of the secret bound to the TLS channel and to both
+//! agents' names, so a relayed handshake fails and every later byte is protected); the
+//! listener also serves the agent's
 //! metadata to peers that fetch it ([`fetch_metadata`]) and loads metadata peers push
 //! ([`push_metadata`]).
 
