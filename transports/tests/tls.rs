@@ -740,3 +740,88 @@ fn certificates_from_the_config_are_presented_and_verified_both_ways() {
     .is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The handshake of an initiator with the secret, done by hand (an independent implementation
+/// of the proof): returns the TLS stream, past the listener's verdict, which must be OK.
+fn handshake_by_hand(
+    target: SocketAddr,
+    me: (&str, u128),
+) -> (rustls::ClientConnection, TcpStream) {
+    use hmac::{Hmac, Mac};
+    let mut s = TcpStream::connect(target).unwrap();
+    let mut hello = [0u8; 8];
+    s.read_exact(&mut hello).unwrap();
+    s.write_all(b"NXTP\x02\x00\x01\x00").unwrap();
+    let mut v = [0u8; 1];
+    s.read_exact(&mut v).unwrap();
+    assert_eq!(v[0], 0);
+    let ccfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert))
+        .with_no_client_auth();
+    let mut cc =
+        rustls::ClientConnection::new(Arc::new(ccfg), "nixl-agent".try_into().unwrap()).unwrap();
+    while cc.is_handshaking() {
+        cc.complete_io(&mut s).unwrap();
+    }
+    let e = cc
+        .export_keying_material([0u8; 32], b"EXPORTER-nixl-tcp-auth-v2", None)
+        .unwrap();
+    let id = |out: &mut Vec<u8>, name: &str, inst: u128| {
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&inst.to_le_bytes());
+    };
+    let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(SECRET.as_bytes()).unwrap();
+    m.update(b"nixl-tcp v2 initiator");
+    m.update(&e);
+    for (name, inst) in [me, ("", 0)] {
+        m.update(&(name.len() as u64).to_le_bytes());
+        m.update(name.as_bytes());
+        m.update(&inst.to_le_bytes());
+    }
+    let mut msg = Vec::new();
+    id(&mut msg, me.0, me.1);
+    id(&mut msg, "", 0);
+    msg.extend_from_slice(&m.finalize().into_bytes());
+    let mut st = rustls::Stream::new(&mut cc, &mut s);
+    st.write_all(&msg).unwrap();
+    st.read_exact(&mut v).unwrap();
+    assert_eq!(v[0], 0, "the listener refused a proof made by hand");
+    let mut raw = Vec::new();
+    read_id(&mut st, &mut raw);
+    let mut tag = [0u8; 32];
+    st.read_exact(&mut tag).unwrap();
+    (cc, s)
+}
+
+/// Sends OPEN(data) naming `name`/`instance` and returns OPENED's status byte.
+fn open_as(cc: &mut rustls::ClientConnection, s: &mut TcpStream, name: &str, instance: u128) -> u8 {
+    let mut body = vec![1u8, 0];
+    body.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    body.extend_from_slice(name.as_bytes());
+    body.extend_from_slice(&instance.to_le_bytes());
+    body.extend_from_slice(&0u128.to_le_bytes());
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&body);
+    let mut st = rustls::Stream::new(cc, s);
+    st.write_all(&f).unwrap();
+    let mut head = [0u8; 6];
+    st.read_exact(&mut head).unwrap();
+    assert_eq!(head[4], 16, "OPENED expected");
+    head[5]
+}
+
+#[test]
+fn the_open_frame_must_name_the_agent_the_handshake_proved() {
+    let (_b, bb) = agent("bind-b", cfg(Auth::with_secret(SECRET)));
+    let target = bb.listen_addrs()[0];
+    let (mut cc, mut s) = handshake_by_hand(target, ("bind-x", 5));
+    assert_eq!(open_as(&mut cc, &mut s, "bind-x", 5), 0, "the proven name");
+    let (mut cc, mut s) = handshake_by_hand(target, ("bind-x", 5));
+    assert_eq!(open_as(&mut cc, &mut s, "bind-y", 5), 1, "another name");
+    let (mut cc, mut s) = handshake_by_hand(target, ("bind-x", 5));
+    assert_eq!(open_as(&mut cc, &mut s, "bind-x", 6), 1, "another instance");
+}

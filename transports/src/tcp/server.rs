@@ -234,7 +234,7 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
     let deadline = Instant::now() + cfg.handshake_timeout;
     let me = (shared.target.name(), shared.target.instance_id());
     let local = |ip| net::is_local(ip, &shared.host);
-    let (link, _proven) = match auth::accept(s.try_clone()?, &cfg.auth, peer, local, me, deadline) {
+    let (link, proven) = match auth::accept(s.try_clone()?, &cfg.auth, peer, local, me, deadline) {
         Ok(r) => r,
         Err(e) => {
             metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
@@ -254,6 +254,20 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
     let open = wire::decode_open(&body).map_err(wire::bad)?;
     let me = shared.target.instance_id();
     let mut out = Vec::with_capacity(256);
+    // With a secret the handshake proved who the initiator is: the OPEN frame may not claim
+    // anyone else.
+    if let Some(p) = proven.filter(|p| p.name != open.name || p.instance != open.instance) {
+        tracing::warn!(agent = %shared.target.name(), %peer, proven = %p.name, claimed = %open.name,
+            "tcp: OPEN names another agent than the handshake proved");
+        wire::opened(
+            &mut out,
+            Status::Denied,
+            me,
+            "the OPEN frame names another agent than the handshake proved",
+        );
+        net::send_all(s, &out)?;
+        return Ok(());
+    }
     if open.expect != 0 && open.expect != me {
         wire::opened(
             &mut out,
