@@ -603,8 +603,11 @@ mod tests {
             listen = "[::1]:0"
             conns_per_peer = 3
             io_timeout_ms = 1500
+            handshake_timeout_ms = 700
             [auth]
             secret = "x"
+            [tls]
+            mode = "encrypt"
             [shm]
             op_timeout_ms = 10
             [object]
@@ -623,6 +626,8 @@ mod tests {
         let t = c.tcp_config().unwrap();
         assert_eq!(t.conns_per_peer, 3);
         assert_eq!(t.io_timeout, Duration::from_millis(1500));
+        assert_eq!(t.handshake_timeout, Duration::from_millis(700));
+        assert_eq!(t.auth.tls().mode, TlsMode::Encrypt);
         assert!(t.listen.unwrap().is_ipv6());
         assert!(c.auth().has_secret());
         assert_eq!(c.backends().unwrap().len(), 1);
@@ -650,6 +655,11 @@ mod tests {
             "[rdma]\nqps = 4",
             "[cuda]\nstreams = 4",
             "[gds]\nthreads = \"x\"",
+            "[tls]\nmode = \"none\"",
+            "[tls]\nmode = \"integrity-only\"",
+            "[tls]\ncert = \"/a.pem\"",
+            "[tls]\nciphers = \"null\"",
+            "[tcp]\nhandshake_timeout_ms = 1",
         ] {
             assert!(Config::from_toml(bad).is_err(), "{bad}");
         }

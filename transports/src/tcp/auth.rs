@@ -41,7 +41,9 @@
 //! other side's hello says; the flags only make mismatches clear errors. Every byte after the
 //! handshake is inside TLS records, so an on-path attacker can neither read nor change nor
 //! inject frames. What the shared secret cannot give: anyone holding it can claim any agent
-//! name (with `[tls]` certificates, only holders of CA-issued keys can be endpoints at all).
+//! name (with `[tls]` certificates, only holders of CA-issued keys can be endpoints at all); and
+//! whoever takes part in a handshake sees a MAC under the secret over known inputs, so a
+//! low-entropy secret (a password) can be guessed offline: use a random one (32 bytes).
 //!
 //! The whole handshake (TLS, proofs, and the OPEN/OPENED frames that follow) must finish before
 //! a deadline, checked at every read, so a peer that trickles bytes cannot keep it open.
