@@ -296,7 +296,12 @@ impl Proc {
         let f = File::create(&log).expect("create the log");
         let mut c = if valgrind {
             let mut c = Command::new("valgrind");
-            c.args(VALGRIND_ARGS).arg(program);
+            c.args(VALGRIND_ARGS)
+                .arg(format!(
+                    "--suppressions={}",
+                    manifest_dir().join("tests/c/valgrind.supp").display()
+                ))
+                .arg(program);
             c
         } else {
             Command::new(program)

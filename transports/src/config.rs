@@ -9,7 +9,8 @@
 //! chunk_bytes = 524288
 //! window = 4
 //! io_timeout_ms = 5000       # no progress for this long with work outstanding: TimedOut
-//! connect_timeout_ms = 3000
+//! connect_timeout_ms = 3000  # connecting and the whole handshake, at the initiator
+//! handshake_timeout_ms = 5000   # a listener drops a connection whose handshake takes longer
 //! socket_buffer = 4194304
 //! accept_pushes = false      # load metadata peers push (only each agent's own); off by default
 //! max_conns = 1024           # connections the listener serves at once (one thread, one fd
@@ -25,6 +26,16 @@
 //!                            # secret (default ~/.config/nixl/secret, created 0600 on first use):
 //!                            # only this user's agents on this host get in
 //! allow_open = false         # true (and no shared secret): NO authentication, anyone gets in
+//!
+//! [tls]                      # with a secret (shared or per-user), every tcp connection is TLS
+//!                            # 1.3 (see tcp::Auth)
+//! mode = "encrypt"           # the only mode: "integrity-only" is refused (TLS 1.3 has no
+//!                            # integrity-only cipher suite)
+//! cert = "/etc/nixl/agent.pem"   # optional, all three or none, with a shared secret only: this
+//!                            # agent's certificate chain,
+//! key = "/etc/nixl/agent.key"    # its private key (PEM), and the CA bundle peers' certificates
+//! ca = "/etc/nixl/ca.pem"        # must chain to (mutual TLS); default: an ephemeral self-signed
+//!                            # certificate, the secret alone authenticating
 //!
 //! [shm]
 //! socket_dir = "/run/nixl"   # default $XDG_RUNTIME_DIR/nixl, else $TMPDIR/nixl-<uid>; created
@@ -121,7 +132,7 @@ use crate::object::{ObjectBackend, ObjectConfig, ObjectName, Secret};
 use crate::posix::{PosixBackend, PosixConfig};
 use crate::rdma::{RdmaBackend, RdmaConfig};
 use crate::shm::{ShmBackend, ShmConfig};
-use crate::tcp::{parse_listen, Auth, TcpBackend, TcpConfig};
+use crate::tcp::{parse_listen, Auth, CertFiles, TcpBackend, TcpConfig, TlsMode, TlsSettings};
 use crate::uring::{UringBackend, UringConfig};
 
 /// A parsed configuration.
@@ -136,6 +147,9 @@ pub struct Config {
     /// `[auth]`.
     #[serde(default)]
     pub auth: AuthSection,
+    /// `[tls]`.
+    #[serde(default)]
+    pub tls: TlsSection,
     /// `[shm]`.
     #[serde(default)]
     pub shm: ShmSection,
@@ -174,6 +188,7 @@ pub struct TcpSection {
     pub window: Option<usize>,
     pub io_timeout_ms: Option<u64>,
     pub connect_timeout_ms: Option<u64>,
+    pub handshake_timeout_ms: Option<u64>,
     pub socket_buffer: Option<usize>,
     pub accept_pushes: Option<bool>,
     pub max_conns: Option<usize>,
@@ -190,6 +205,42 @@ pub struct AuthSection {
     pub secret_file: Option<PathBuf>,
     #[serde(default)]
     pub allow_open: bool,
+}
+
+/// `[tls]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub mode: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+}
+
+impl TlsSection {
+    /// The settings, or why they are wrong (files are read when the backend first needs them,
+    /// and checked by [`Config::from_toml`]).
+    pub fn settings(&self) -> Result<TlsSettings> {
+        let bad = |why: String| Error::InvalidArgument(format!("config: {why}"));
+        let mode = match &self.mode {
+            Some(m) => TlsMode::parse(m).map_err(bad)?,
+            None => TlsMode::default(),
+        };
+        let files = match (&self.cert, &self.key, &self.ca) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(CertFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => {
+                return Err(bad(
+                    "[tls] cert, key and ca go together: name all three".into()
+                ))
+            }
+        };
+        Ok(TlsSettings::new(mode, files))
+    }
 }
 
 /// `[uring]`.
@@ -335,7 +386,15 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config> {
         let cfg: Config = toml::from_str(text)
             .map_err(|e| Error::InvalidArgument(format!("config: {}", e.message())))?;
-        cfg.tcp_config()?.check()?;
+        let tcp = cfg.tcp_config()?;
+        tcp.check()?;
+        if cfg.tls.mode.is_some() {
+            // A mode nobody can use is an error even before a secret is set.
+            tcp.auth
+                .tls()
+                .check()
+                .map_err(|e| Error::InvalidArgument(format!("config: {e}")))?;
+        }
         cfg.object_config()?;
         if let Some(list) = &cfg.backends {
             for b in list {
@@ -366,13 +425,15 @@ impl Config {
         )
     }
 
-    /// How connections authenticate.
+    /// How connections authenticate (a wrong `[tls]` section is reported by
+    /// [`Config::from_toml`]; here it falls back to the defaults).
     pub fn auth(&self) -> Auth {
         Auth::from_settings(
             self.auth.secret.as_deref(),
             self.auth.secret_file.as_deref(),
             self.auth.allow_open,
         )
+        .with_tls(self.tls.settings().unwrap_or_default())
     }
 
     /// The `tcp` backend's settings.
@@ -387,8 +448,9 @@ impl Config {
             window: t.window.unwrap_or(d.window),
             io_timeout: ms(t.io_timeout_ms, d.io_timeout),
             connect_timeout: ms(t.connect_timeout_ms, d.connect_timeout),
+            handshake_timeout: ms(t.handshake_timeout_ms, d.handshake_timeout),
             socket_buffer: t.socket_buffer.unwrap_or(d.socket_buffer),
-            auth: self.auth(),
+            auth: self.auth().with_tls(self.tls.settings()?),
             accept_pushes: t.accept_pushes.unwrap_or(d.accept_pushes),
             max_conns: t.max_conns.unwrap_or(d.max_conns),
             max_conns_per_ip: t.max_conns_per_ip.unwrap_or(d.max_conns_per_ip),
@@ -596,8 +658,11 @@ mod tests {
             listen = "[::1]:0"
             conns_per_peer = 3
             io_timeout_ms = 1500
+            handshake_timeout_ms = 700
             [auth]
             secret = "x"
+            [tls]
+            mode = "encrypt"
             [shm]
             op_timeout_ms = 10
             [object]
@@ -616,6 +681,8 @@ mod tests {
         let t = c.tcp_config().unwrap();
         assert_eq!(t.conns_per_peer, 3);
         assert_eq!(t.io_timeout, Duration::from_millis(1500));
+        assert_eq!(t.handshake_timeout, Duration::from_millis(700));
+        assert_eq!(t.auth.tls().mode, TlsMode::Encrypt);
         assert!(t.listen.unwrap().is_ipv6());
         assert!(c.auth().has_secret());
         assert_eq!(c.backends().unwrap().len(), 1);
@@ -643,6 +710,11 @@ mod tests {
             "[rdma]\nqps = 4",
             "[cuda]\nstreams = 4",
             "[gds]\nthreads = \"x\"",
+            "[tls]\nmode = \"none\"",
+            "[tls]\nmode = \"integrity-only\"",
+            "[tls]\ncert = \"/a.pem\"",
+            "[tls]\nciphers = \"null\"",
+            "[tcp]\nhandshake_timeout_ms = 1",
         ] {
             assert!(Config::from_toml(bad).is_err(), "{bad}");
         }

@@ -4,8 +4,8 @@
 //! A backend registers a [`ControlService`] under its name; a peer reaches it with
 //! [`ControlChannel::call`] at the endpoint this agent publishes (inside the backend's own
 //! connection info). The agent's channel is the `tcp` backend's authenticated listener
-//! ([`crate::tcp::TcpBackend::control`]): the same shared-secret challenge, the same instance check,
-//! bounded frames. [`Loopback`] is an in-process channel for tests of the logic above it.
+//! ([`crate::tcp::TcpBackend::control`]): the same handshake (TLS 1.3 and the channel-bound
+//! proof of the shared secret when one is set), the same instance check, bounded frames. [`Loopback`] is an in-process channel for tests of the logic above it.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -684,8 +684,9 @@ fn the_initiator_refuses_a_listener_that_is_not_the_agent_its_metadata_names() {
     assert!(dst.iter().all(|&b| b == 0));
 }
 
-/// A relay on the path that rewrites the name in a connection's OPEN: the seal no longer
-/// matches, the listener drops the connection, and nothing is attributed to either name.
+/// A relay on the path that changes a connection's OPEN: inside TLS it cannot even find the
+/// name, and a changed byte fails the record's authentication, so the listener drops the
+/// connection and nothing is attributed to any name.
 #[test]
 fn a_name_rewritten_on_the_path_is_refused_and_notifications_name_the_proven_sender() {
     use std::io::{Read, Write};
@@ -704,7 +705,8 @@ fn a_name_rewritten_on_the_path_is_refused_and_notifications_name_the_proven_sen
         ("mallory", &b"hi"[..])
     );
 
-    // Through a relay that turns "mallory" into "victim1" in the OPEN frame.
+    // Through a relay that changes the record carrying the OPEN frame (the initiator's third
+    // encrypted record, after its TLS Finished and its proof).
     let relay = TcpListener::bind("127.0.0.1:0").unwrap();
     let relay_addr = relay.local_addr().unwrap();
     let t = std::thread::spawn(move || {
@@ -714,32 +716,52 @@ fn a_name_rewritten_on_the_path_is_refused_and_notifications_name_the_proven_sen
         let mut c2 = c.try_clone().unwrap();
         let back = std::thread::spawn(move || {
             let _ = std::io::copy(&mut down, &mut c2);
+            let _ = c2.shutdown(std::net::Shutdown::Both);
         });
-        // Initiator hello (72 bytes), then the OPEN frame.
-        let mut hello = [0u8; 72];
-        c.read_exact(&mut hello).unwrap();
-        up.write_all(&hello).unwrap();
-        let mut len = [0u8; 4];
-        c.read_exact(&mut len).unwrap();
-        let mut frame = vec![0u8; u32::from_le_bytes(len) as usize];
-        c.read_exact(&mut frame).unwrap();
-        let at = frame
-            .windows(7)
-            .position(|w| w == b"mallory")
-            .expect("the name in OPEN");
-        frame[at..at + 7].copy_from_slice(b"victim1");
-        up.write_all(&len).unwrap();
-        up.write_all(&frame).unwrap();
-        let _ = std::io::copy(&mut c, &mut up);
+        let mut seen = Vec::new();
+        let mut hello = [0u8; 8];
+        if c.read_exact(&mut hello).is_ok() && up.write_all(&hello).is_ok() {
+            seen.extend_from_slice(&hello);
+            let mut encrypted = 0;
+            loop {
+                let mut head = [0u8; 5];
+                if c.read_exact(&mut head).is_err() {
+                    break;
+                }
+                let mut rec = vec![0u8; usize::from(u16::from_be_bytes([head[3], head[4]]))];
+                if c.read_exact(&mut rec).is_err() {
+                    break;
+                }
+                seen.extend_from_slice(&head);
+                seen.extend_from_slice(&rec);
+                if head[0] == 23 {
+                    encrypted += 1;
+                    if encrypted >= 3 {
+                        if let Some(last) = rec.last_mut() {
+                            *last ^= 1;
+                        }
+                    }
+                }
+                if up.write_all(&head).is_err() || up.write_all(&rec).is_err() {
+                    break;
+                }
+            }
+        }
         let _ = up.shutdown(std::net::Shutdown::Both);
         let _ = back.join();
+        seen
     });
     let r = nixl_transports::tcp::raw_data_connection(relay_addr, &Auth::host_only(), "mallory");
     assert!(
         r.is_err(),
-        "the listener must drop a connection whose OPEN was rewritten"
+        "the listener must drop a connection whose OPEN was changed"
     );
-    t.join().unwrap();
+    drop(r);
+    let seen = t.join().unwrap();
+    assert!(
+        !seen.windows(7).any(|w| w == b"mallory"),
+        "the initiator's name crossed the relay in the clear"
+    );
     assert!(b.wait_notifs(Duration::from_millis(300)).is_empty());
 }
 

@@ -10,14 +10,16 @@
 //! rest of what it held back: the fresh mapping must stay as it was.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nixl_core::metadata::{BackendInfo, RegionInfo};
 use nixl_core::*;
-use nixl_transports::tcp::{conn_info_for, raw_listener_opening, Auth, PeerIdentity};
+use nixl_transports::tcp::{
+    conn_info_for, raw_listener_opening, Auth, PeerIdentity, RawConnection,
+};
 use nixl_transports::tcp::{TcpBackend, TcpConfig};
 
 const PAGE: usize = 4096;
@@ -63,7 +65,7 @@ struct Liar {
     closed: mpsc::Receiver<()>,
 }
 
-fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+fn read_frame(s: &mut RawConnection) -> std::io::Result<(u8, Vec<u8>)> {
     let mut head = [0u8; 5];
     s.read_exact(&mut head)?;
     let len = u32::from_le_bytes(head[..4].try_into().unwrap()) as usize;
@@ -98,7 +100,7 @@ fn ack(id: u64, chunk: u32) -> Vec<u8> {
     f
 }
 
-fn answer(s: &mut TcpStream, id: u64, chunk: u32, len: u64) -> std::io::Result<()> {
+fn answer(s: &mut RawConnection, id: u64, chunk: u32, len: u64) -> std::io::Result<()> {
     s.write_all(&data_head(id, chunk, len))?;
     s.write_all(&vec![LIAR_BYTE; len as usize])
 }
@@ -113,14 +115,14 @@ impl Liar {
         let (lie2, rel2) = (Arc::clone(&lie), Arc::clone(&release));
         std::thread::spawn(move || {
             for s in l.incoming() {
-                let Ok(mut s) = s else { return };
+                let Ok(s) = s else { return };
                 let (lie, rel, closed_tx) =
                     (Arc::clone(&lie2), Arc::clone(&rel2), closed_tx.clone());
                 std::thread::spawn(move || {
                     let me = PeerIdentity::new("liar", LIAR_INSTANCE);
-                    if raw_listener_opening(&mut s, &Auth::host_only(), &me).is_err() {
+                    let Ok((_, _, mut s)) = raw_listener_opening(s, &Auth::host_only(), &me) else {
                         return;
-                    }
+                    };
                     let _ = serve(&mut s, &lie, &rel);
                     let _ = closed_tx.send(());
                 });
@@ -170,7 +172,7 @@ fn wait_release(rel: &Mutex<Option<mpsc::Receiver<()>>>) {
 
 /// Answers the READ frames of one connection as the current lie says.
 fn serve(
-    s: &mut TcpStream,
+    s: &mut RawConnection,
     lie: &Mutex<Lie>,
     rel: &Mutex<Option<mpsc::Receiver<()>>>,
 ) -> std::io::Result<()> {

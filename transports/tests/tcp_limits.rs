@@ -267,8 +267,10 @@ fn thousands_of_idle_connections_leave_fds_and_threads_bounded() {
             max_conns: CAP,
             max_conns_per_ip: PER_IP,
             // The flood's connections sit idle for the whole test, as idle authenticated
-            // connections would.
+            // connections would (they never start their handshake: its deadline, which would
+            // close them after 5 s, is set past the test too).
             connect_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(60),
             ..TcpConfig::default()
         },
         None,

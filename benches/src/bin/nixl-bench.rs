@@ -56,7 +56,7 @@ use nixl_tests::peers::{self, Measured, UcxOpts};
 use nixl_tests::Peer;
 use nixl_transports::config::Config;
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "nixl-bench", about = "nixl-rs transfer benchmark")]
 struct Args {
     /// Backend to measure: local, shm, tcp, or auto (the selection policy chooses).
@@ -99,6 +99,10 @@ struct Args {
     /// Bytes per chunk (the tcp backend's `chunk_bytes`).
     #[arg(long)]
     chunk: Option<usize>,
+    /// tcp topology: `on` (the agents share a secret, so every connection is TLS 1.3), `off`
+    /// (no secret, `allow_open`: plain sockets, zero-copy), or `both` (off then on, one run).
+    #[arg(long, default_value = "on")]
+    tls: String,
     /// Measure the ceiling (memcpy or iperf3) and the peer (ucx_perftest) in the same run.
     #[arg(long)]
     compare: bool,
@@ -196,7 +200,16 @@ fn main() {
         }
         return;
     }
-    match run(&args) {
+    let res = match args.tls.as_str() {
+        "on" | "off" => run(&args),
+        "both" => ["off", "on"].iter().try_for_each(|m| {
+            let mut a = args.clone();
+            a.tls = (*m).to_owned();
+            run(&a)
+        }),
+        t => Err(Fail::Other(format!("--tls {t:?}: on, off or both"))),
+    };
+    match res {
         Ok(()) => {}
         Err(Fail::Unavailable(b, why)) => {
             eprintln!("nixl-bench: backend {b} unavailable: {why}");
@@ -535,9 +548,13 @@ fn procs_setup(topo: Topo, args: &Args, backends: &str, size: usize) -> Res<Proc
             }
             let target_addr =
                 SocketAddr::new(net.target_ip, 17000 + (std::process::id() % 1000) as u16);
-            let body = |listen: String| {
-                format!("[tcp]\nlisten = \"{listen}\"\n{tuning}[auth]\nsecret = \"{secret}\"\n")
+            let auth = if args.tls == "off" {
+                "allow_open = true\n".to_owned()
+            } else {
+                format!("secret = \"{secret}\"\n")
             };
+            let body =
+                |listen: String| format!("[tcp]\nlisten = \"{listen}\"\n{tuning}[auth]\n{auth}");
             let tcfg = write_cfg("target.toml", &body(target_addr.to_string()))?;
             let icfg = write_cfg(
                 "initiator.toml",
@@ -721,6 +738,16 @@ fn run(args: &Args) -> Res<()> {
             topo.as_str(),
             setup.what()
         );
+        if topo == Topo::Tcp {
+            println!(
+                "  tcp connections: {}",
+                if args.tls == "off" {
+                    "plain (no secret, allow_open; zero-copy readv/writev)"
+                } else {
+                    "TLS 1.3 (shared secret; rustls, AES-128-GCM)"
+                }
+            );
+        }
         println!(
             "  {sized}; {threads} thread(s){}{}",
             if args.verify {

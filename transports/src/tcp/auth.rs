@@ -1,48 +1,93 @@
-//! Connection authentication, before any framed byte is read.
-//!
-//! Both sides send a fixed-size hello with a fresh 32-byte nonce. With a secret, the initiator
-//! proves it holds the secret by an HMAC-SHA256 over both nonces, and the listener answers with
-//! its own HMAC over them in the other order, so each side knows the other holds the secret and
-//! neither transcript can be replayed. The nonces are the connection's [`Binding`]: the frames
-//! that then name each side ([`super::identity`]) are sealed to it.
+//! Connection authentication: the handshake before any framed byte.
 //!
 //! Where the secret comes from ([`Auth`]): a shared secret given in the configuration or in
 //! `NIXL_SECRET` (any host that holds it is let in); else this user's per-host secret file
 //! ([`super::user_secret`]), and then only connections from this host are accepted (the file is
 //! per host, and readable by its user alone); or, only with `[auth] allow_open = true`, none at
-//! all: anyone who reaches the port is let in, loudly.
+//! all: anyone who reaches the port is let in, loudly, and the connection stays plain.
 //!
-//! The exchange authenticates the connection; it does not encrypt or sign what follows (TLS is
-//! not built yet): the secret protects against a stranger on the network, not against someone
-//! who can rewrite packets on the path.
+//! Both sides first exchange a plaintext hello (magic, protocol version, whether they hold a
+//! secret and whether it is a per-user one), and the listener answers with a verdict: a listener
+//! with a secret refuses an initiator without one, a listener with its user's secret refuses
+//! other hosts, and an open listener refuses an initiator with a secret (it could not prove
+//! itself to it).
+//!
+//! With a secret the rest of the connection is TLS 1.3 ([`super::tls`]), and inside it each side
+//! proves the secret, bound to the channel and to both agents' identities:
+//!
+//! - the initiator sends its name and instance id, the name and instance id it expects to reach
+//!   (empty and 0 when it does not know them: a metadata fetch by address), and
+//!   `HMAC-SHA256(secret, "nixl-tcp v2 initiator" | E | initiator id | expected id)`;
+//! - the listener checks it, refuses an initiator that expects another agent, and answers with
+//!   its own name and instance id and `HMAC(secret, "nixl-tcp v2 listener" | E | listener id |
+//!   initiator id)`; the initiator checks that proof and that the name is the one it expected.
+//!
+//! `E` is the TLS exporter value of the connection (RFC 8446 §7.5, label
+//! `EXPORTER-nixl-tcp-auth-v2`), and identities are length-prefixed, so no two different inputs
+//! give the same MAC input.
+//!
+//! Why a relay fails (channel binding). A stranger R without the secret, whom an agent A
+//! connects to believing it is B (a poisoned discovery entry, a pushed address), can do one of
+//! two things with A's handshake:
+//! - forward the bytes unchanged to B: then A and B run TLS with each other through R; R sees
+//!   only ciphertext, and any byte it changes or injects fails the record's AEAD tag, which ends
+//!   the connection. R holds no key of the session, so it gets nothing usable.
+//! - terminate TLS itself, once towards A and once towards B, and pass the proofs across: the
+//!   two TLS sessions have different exporter values, since each TLS 1.3 exporter is derived
+//!   from its own handshake's (EC)DHE secret and transcript, and R is a party to both and cannot
+//!   make them equal (that would need the same transcript, including A's and B's fresh key
+//!   shares, on both sides, and then R would not know the shared secret). A's proof is over
+//!   `E(A,R)`, B checks it against `E(R,B)` and refuses; B's proof (had R got one) would be over
+//!   `E(R,B)` and A would refuse it. Making a proof for the right exporter needs the secret.
+//!
+//! Replays fail the same way (every connection has a fresh exporter), a proof cannot be
+//! reflected (the two roles use different labels), and a listener proof names both agents, so
+//! an agent that holds the secret but is not the one the initiator expected (an address that
+//! now belongs to another agent of the fleet) is refused instead of served. The plaintext hello
+//! cannot downgrade anything: a side with a secret insists on TLS and the proof whatever the
+//! other side's hello says; the flags only make mismatches clear errors. Every byte after the
+//! handshake is inside TLS records, so an on-path attacker can neither read nor change nor
+//! inject frames. What the shared secret cannot give: anyone holding it can claim any agent
+//! name (with `[tls]` certificates, only holders of CA-issued keys can be endpoints at all); and
+//! whoever takes part in a handshake sees a MAC under the secret over known inputs, so a
+//! low-entropy secret (a password) can be guessed offline: use a random one (32 bytes).
+//!
+//! The identities the proofs carry are the connection's [`PeerIdentity`]s: the listener takes
+//! the OPEN frame that follows only if it names the proven initiator, and attributes every
+//! notification, pushed metadata and control request on the connection to it; the initiator
+//! takes only the listener its metadata names. On an open connection (no secret) names are what
+//! peers claim, which is what "open" means.
+//!
+//! The whole handshake (TLS, proofs, and the OPEN/OPENED frames that follow) must finish before
+//! a deadline, checked at every read, so a peer that trickles bytes cannot keep it open.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-pub(super) use super::identity::Binding;
+pub use super::identity::PeerIdentity;
+use super::link::Link;
+pub use super::tls::{CertFiles, TlsMode, TlsSettings};
 
 type HmacSha256 = Hmac<Sha256>;
 
 const MAGIC: [u8; 4] = *b"NXTP";
-/// 2: OPEN and OPENED are sealed ([`super::identity`]).
 const VERSION: u16 = 2;
-pub(super) const NONCE: usize = 32;
 const MAC: usize = 32;
-/// Listener hello: magic, version, flags, nonce.
-const SRV_HELLO_LEN: usize = 4 + 2 + 2 + NONCE;
-/// Initiator hello: magic, version, flags, nonce, mac.
-const CLI_HELLO_LEN: usize = 4 + 2 + 2 + NONCE + MAC;
-/// Verdict: status byte, mac, reason length, reason (at most 255 bytes).
-const VERDICT_HEAD: usize = 1 + MAC + 1;
-/// The side holds a secret (and MACs with it).
+/// Hello: magic, version, flags.
+const HELLO_LEN: usize = 4 + 2 + 2;
+/// The side holds a secret (and proves it inside TLS).
 const FLAG_SECRET: u16 = 1;
 /// The secret is its user's per-host secret file, not a shared secret.
 const FLAG_USER: u16 = 2;
+/// Longest agent name or refusal text in the handshake.
+const MAX_TEXT: usize = 1024;
 
 /// Where the secret comes from (no `Debug`: it holds the secret).
 #[derive(Clone)]
@@ -65,6 +110,8 @@ pub struct Auth {
     source: Source,
     /// The secret, once read (the user file is read, or created, on first use).
     key: Arc<OnceLock<Key>>,
+    /// TLS settings (used when there is a secret).
+    tls: TlsSettings,
 }
 
 impl Default for Auth {
@@ -78,6 +125,7 @@ impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Auth")
             .field("mode", &self.describe())
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -87,6 +135,7 @@ impl Auth {
         Auth {
             source,
             key: Arc::new(OnceLock::new()),
+            tls: TlsSettings::default(),
         }
     }
 
@@ -204,6 +253,22 @@ impl Auth {
             .clone()
     }
 
+    /// Whether the secret is a shared one (`[auth] secret`), not this user's per-host one.
+    pub fn is_shared_secret(&self) -> bool {
+        matches!(self.source, Source::Given(_))
+    }
+
+    /// The same, with these TLS settings (used when there is a secret).
+    pub fn with_tls(mut self, tls: TlsSettings) -> Auth {
+        self.tls = tls;
+        self
+    }
+
+    /// The TLS settings.
+    pub fn tls(&self) -> &TlsSettings {
+        &self.tls
+    }
+
     fn flags(&self) -> u16 {
         match self.source {
             Source::Given(_) => FLAG_SECRET,
@@ -211,29 +276,28 @@ impl Auth {
             Source::Open => 0,
         }
     }
-
-    fn mac(key: Option<&[u8]>, label: &[u8], a: &[u8; NONCE], b: &[u8; NONCE]) -> [u8; MAC] {
-        let Some(key) = key else {
-            return [0; MAC];
-        };
-        let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key size");
-        m.update(label);
-        m.update(a);
-        m.update(b);
-        m.finalize().into_bytes().into()
-    }
-
-    fn verify(key: &[u8], label: &[u8], a: &[u8; NONCE], b: &[u8; NONCE], tag: &[u8]) -> bool {
-        let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key size");
-        m.update(label);
-        m.update(a);
-        m.update(b);
-        m.verify_slice(tag).is_ok()
-    }
 }
 
-const CLIENT_LABEL: &[u8] = b"nixl-tcp v1 initiator";
-const SERVER_LABEL: &[u8] = b"nixl-tcp v1 listener";
+fn proof(
+    key: &[u8],
+    label: &[u8],
+    exporter: &[u8],
+    a: (&str, u128),
+    b: (&str, u128),
+) -> HmacSha256 {
+    let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes any key size");
+    m.update(label);
+    m.update(exporter);
+    for (name, instance) in [a, b] {
+        m.update(&(name.len() as u64).to_le_bytes());
+        m.update(name.as_bytes());
+        m.update(&instance.to_le_bytes());
+    }
+    m
+}
+
+const CLIENT_LABEL: &[u8] = b"nixl-tcp v2 initiator";
+const SERVER_LABEL: &[u8] = b"nixl-tcp v2 listener";
 
 /// Why a handshake failed.
 #[derive(Debug)]
@@ -258,171 +322,367 @@ impl std::fmt::Display for AuthError {
 
 impl From<io::Error> for AuthError {
     fn from(e: io::Error) -> Self {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            AuthError::Protocol("connection closed during the handshake".into())
-        } else {
-            AuthError::Io(e)
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                AuthError::Protocol("connection closed during the handshake".into())
+            }
+            io::ErrorKind::InvalidData => AuthError::Protocol(e.to_string()),
+            _ => AuthError::Io(e),
         }
     }
 }
 
-/// A fresh nonce from the OS generator; its failure fails the handshake (a guessable nonce
-/// would let a transcript be replayed).
-fn nonce() -> Result<[u8; NONCE], AuthError> {
-    let mut n = [0u8; NONCE];
-    getrandom::fill(&mut n).map_err(|e| AuthError::Io(io::Error::other(e.to_string())))?;
-    Ok(n)
+/// The socket under a handshake: every read and write is bounded by the deadline.
+struct Timed<'a> {
+    s: &'a TcpStream,
+    deadline: Instant,
 }
 
-/// The listener's side. `peer` is the connecting address, `local` tells whether an address is
-/// one of this host's. Reads exactly the initiator's fixed-size hello, nothing more. Returns the
-/// connection's binding (for the sealed OPEN and OPENED that follow).
-pub fn accept(
-    s: &mut TcpStream,
+impl Timed<'_> {
+    fn left(&self) -> io::Result<std::time::Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(late())
+        } else {
+            Ok(left)
+        }
+    }
+}
+
+fn late() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the handshake did not finish within its deadline",
+    )
+}
+
+fn timed_out(e: io::Error) -> io::Error {
+    if matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    ) {
+        late()
+    } else {
+        e
+    }
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.s.set_read_timeout(Some(self.left()?))?;
+        let mut s = self.s;
+        s.read(buf).map_err(timed_out)
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.s.set_write_timeout(Some(self.left()?))?;
+        // SAFETY: `buf` is a live byte slice for the call; MSG_NOSIGNAL: a closed peer is an
+        // error, not a SIGPIPE.
+        let r = unsafe {
+            libc::send(
+                self.s.as_raw_fd(),
+                buf.as_ptr() as *const libc::c_void,
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if r < 0 {
+            Err(timed_out(io::Error::last_os_error()))
+        } else {
+            Ok(r as usize)
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn hello(auth: &Auth) -> [u8; HELLO_LEN] {
+    let mut h = [0u8; HELLO_LEN];
+    h[..4].copy_from_slice(&MAGIC);
+    h[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    h[6..8].copy_from_slice(&auth.flags().to_le_bytes());
+    h
+}
+
+/// Checks a hello; returns the other side's flags.
+fn read_hello(r: &mut impl Read, what: &str) -> Result<u16, AuthError> {
+    let mut h = [0u8; HELLO_LEN];
+    r.read_exact(&mut h)?;
+    if h[..4] != MAGIC {
+        return Err(AuthError::Protocol(format!(
+            "{what} is not a nixl-rs tcp agent"
+        )));
+    }
+    let version = u16::from_le_bytes([h[4], h[5]]);
+    if version != VERSION {
+        return Err(AuthError::Protocol(format!(
+            "{what} speaks protocol version {version}, this agent {VERSION}"
+        )));
+    }
+    Ok(u16::from_le_bytes([h[6], h[7]]))
+}
+
+fn put_text(out: &mut Vec<u8>, s: &str) {
+    let s = &s.as_bytes()[..s.len().min(MAX_TEXT)];
+    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
+    out.extend_from_slice(s);
+}
+
+fn get_text(r: &mut impl Read) -> Result<String, AuthError> {
+    let mut n = [0u8; 2];
+    r.read_exact(&mut n)?;
+    let n = usize::from(u16::from_le_bytes(n));
+    if n > MAX_TEXT {
+        return Err(AuthError::Protocol(format!(
+            "text of {n} bytes in the handshake"
+        )));
+    }
+    let mut b = vec![0u8; n];
+    r.read_exact(&mut b)?;
+    String::from_utf8(b)
+        .map_err(|_| AuthError::Protocol("text in the handshake is not UTF-8".into()))
+}
+
+fn put_id(out: &mut Vec<u8>, (name, instance): (&str, u128)) {
+    put_text(out, name);
+    out.extend_from_slice(&instance.to_le_bytes());
+}
+
+fn get_id(r: &mut impl Read) -> Result<PeerIdentity, AuthError> {
+    let name = get_text(r)?;
+    let mut i = [0u8; 16];
+    r.read_exact(&mut i)?;
+    Ok(PeerIdentity {
+        name,
+        instance: u128::from_le_bytes(i),
+    })
+}
+
+fn exporter<D>(c: &rustls::ConnectionCommon<D>) -> Result<[u8; 32], AuthError> {
+    c.export_keying_material([0u8; 32], super::tls::EXPORTER_LABEL, None)
+        .map_err(|e| AuthError::Protocol(format!("tls exporter: {e}")))
+}
+
+fn tls_err(e: io::Error) -> AuthError {
+    if e.kind() == io::ErrorKind::InvalidData {
+        AuthError::Denied(format!("tls: {e}"))
+    } else {
+        AuthError::from(e)
+    }
+}
+
+/// Plaintext verdict of the listener on the hellos: 0 = go on, else refused with a reason.
+fn plain_verdict(w: &mut impl Write, refusal: Option<&str>) -> io::Result<()> {
+    let mut v = Vec::with_capacity(3);
+    match refusal {
+        None => v.push(0),
+        Some(why) => {
+            v.push(1);
+            put_text(&mut v, why);
+        }
+    }
+    w.write_all(&v)
+}
+
+/// The listener's side, as the agent `me`. `peer` is the connecting address, `local` tells
+/// whether an address is one of this host's. Returns the link (with the deadline still set: the
+/// caller reads OPEN under it, then clears it) and, with a secret, the initiator's proven
+/// identity.
+pub(super) fn accept(
+    s: TcpStream,
     auth: &Auth,
     peer: SocketAddr,
     local: impl Fn(IpAddr) -> bool,
-) -> Result<Binding, AuthError> {
+    me: (&str, u128),
+    deadline: Instant,
+) -> Result<(Link, Option<PeerIdentity>), AuthError> {
     let key = auth.key().map_err(AuthError::Denied)?;
-    let ours = nonce()?;
-    let mut hello = Vec::with_capacity(SRV_HELLO_LEN);
-    hello.extend_from_slice(&MAGIC);
-    hello.extend_from_slice(&VERSION.to_le_bytes());
-    hello.extend_from_slice(&auth.flags().to_le_bytes());
-    hello.extend_from_slice(&ours);
-    s.write_all(&hello)?;
-
-    let mut buf = [0u8; CLI_HELLO_LEN];
-    s.read_exact(&mut buf)?;
-    if buf[..4] != MAGIC {
-        return Err(AuthError::Protocol("not a nixl-rs tcp initiator".into()));
-    }
-    let version = u16::from_le_bytes([buf[4], buf[5]]);
-    if version != VERSION {
-        let why = format!("protocol version {version}, this agent speaks {VERSION}");
-        refuse(s, &why);
-        return Err(AuthError::Protocol(why));
-    }
-    let their_flags = u16::from_le_bytes([buf[6], buf[7]]);
-    let theirs: [u8; NONCE] = buf[8..8 + NONCE].try_into().expect("length");
-    let tag = &buf[8 + NONCE..];
-    let deny = |s: &mut TcpStream, why: String| {
-        refuse(s, &why);
-        Err(AuthError::Denied(why))
+    let mut io = Timed { s: &s, deadline };
+    io.write_all(&hello(auth))?;
+    let flags = read_hello(&mut io, "the initiator")?;
+    let (theirs, their_user) = (flags & FLAG_SECRET != 0, flags & FLAG_USER != 0);
+    let shared = auth.is_shared_secret();
+    let refusal = if auth.is_user_secret() && !local(peer.ip()) {
+        Some(format!(
+            "no shared secret is configured, so only connections from this host are accepted, \
+             from agents of this agent's user ({} is not one of its addresses)",
+            peer.ip()
+        ))
+    } else if key.is_some() && !theirs {
+        Some(if shared {
+            "this agent requires the shared secret; the initiator has none".to_owned()
+        } else {
+            "this agent accepts only agents of its own user (proved by that user's secret \
+             file); the initiator has no secret"
+                .to_owned()
+        })
+    } else if key.is_none() && theirs {
+        Some(
+            "this agent has no secret (allow_open), so it cannot prove who it is; configure the \
+             same secret on both agents"
+                .to_owned(),
+        )
+    } else {
+        None
     };
-    if auth.is_user_secret() && !local(peer.ip()) {
-        return deny(
-            s,
-            format!(
-                "no shared secret is configured, so only connections from this host are \
-                 accepted, from agents of this agent's user ({} is not one of its addresses)",
-                peer.ip()
-            ),
-        );
+    plain_verdict(&mut io, refusal.as_deref())?;
+    if let Some(why) = refusal {
+        return Err(AuthError::Denied(why));
     }
-    if let Some(key) = &key {
-        let shared = !auth.is_user_secret();
-        if their_flags & FLAG_SECRET == 0 {
-            return deny(
-                s,
-                if shared {
-                    "this agent requires the shared secret; the initiator has none".into()
-                } else {
-                    "this agent accepts only agents of its own user (proved by that user's \
-                     secret file); the initiator has no secret"
-                        .into()
-                },
-            );
+    let Some(key) = key else {
+        let link = Link::plain(s);
+        link.set_deadline(Some(deadline));
+        return Ok((link, None));
+    };
+
+    let cfg = auth.tls.configs().map_err(AuthError::Protocol)?;
+    let mut conn = rustls::ServerConnection::new(cfg.server)
+        .map_err(|e| AuthError::Protocol(format!("tls: {e}")))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut io).map_err(tls_err)?;
+    }
+    let e = exporter(&*conn)?;
+    let mut st = rustls::Stream::new(&mut conn, &mut io);
+    let them = get_id(&mut st)?;
+    let expect = get_id(&mut st)?;
+    let mut tag = [0u8; MAC];
+    st.read_exact(&mut tag)?;
+    let ok = proof(
+        &key,
+        CLIENT_LABEL,
+        &e,
+        (&them.name, them.instance),
+        (&expect.name, expect.instance),
+    )
+    .verify_slice(&tag)
+    .is_ok();
+    let refusal = if !ok {
+        Some(match (shared, their_user) {
+            (true, true) => "this agent requires the shared secret; the initiator has only its \
+                             user's per-host secret (or the handshake was relayed from another \
+                             connection)"
+                .to_owned(),
+            (true, false) => {
+                "wrong shared secret, or a handshake relayed from another connection".to_owned()
+            }
+            (false, true) => "the initiator is not an agent of this agent's user (its per-user \
+                              secret differs), or the handshake was relayed from another \
+                              connection"
+                .to_owned(),
+            (false, false) => "this agent has no shared secret and accepts only agents of its \
+                               own user; the initiator's secret is not that user's (or the \
+                               handshake was relayed from another connection)"
+                .to_owned(),
+        })
+    } else if !expect.name.is_empty() && expect.name != me.0 {
+        Some(format!(
+            "this is agent '{}', not '{}' (its address changed hands: load its metadata again)",
+            me.0, expect.name
+        ))
+    } else {
+        None
+    };
+    let mut v = Vec::with_capacity(64);
+    match &refusal {
+        Some(why) => {
+            v.push(1);
+            put_text(&mut v, why);
         }
-        if !Auth::verify(key, CLIENT_LABEL, &ours, &theirs, tag) {
-            let why = match (shared, their_flags & FLAG_USER != 0) {
-                (true, true) => "this agent requires the shared secret; the initiator has only \
-                                 its user's per-host secret"
-                    .into(),
-                (true, false) => "wrong shared secret".into(),
-                (false, true) => "the initiator is not an agent of this agent's user (its \
-                                  per-user secret differs)"
-                    .into(),
-                (false, false) => "this agent has no shared secret and accepts only agents of \
-                                   its own user; the initiator's secret is not that user's"
-                    .into(),
-            };
-            return deny(s, why);
+        None => {
+            v.push(0);
+            put_id(&mut v, me);
+            let m = proof(&key, SERVER_LABEL, &e, me, (&them.name, them.instance));
+            v.extend_from_slice(&m.finalize().into_bytes());
         }
     }
-    let mut verdict = Vec::with_capacity(VERDICT_HEAD);
-    verdict.push(0);
-    verdict.extend_from_slice(&Auth::mac(key.as_deref(), SERVER_LABEL, &theirs, &ours));
-    verdict.push(0);
-    s.write_all(&verdict)?;
-    Ok(binding(&ours, &theirs))
+    st.write_all(&v)?;
+    st.flush()?;
+    while conn.wants_write() {
+        conn.write_tls(&mut io)?;
+    }
+    if let Some(why) = refusal {
+        return Err(AuthError::Denied(why));
+    }
+    let link = Link::tls(s, rustls::Connection::Server(conn));
+    link.set_deadline(Some(deadline));
+    Ok((link, Some(them)))
 }
 
-fn binding(listener: &[u8; NONCE], initiator: &[u8; NONCE]) -> Binding {
-    let mut b = [0u8; 2 * NONCE];
-    b[..NONCE].copy_from_slice(listener);
-    b[NONCE..].copy_from_slice(initiator);
-    Binding(b)
-}
-
-fn refuse(s: &mut TcpStream, why: &str) {
-    let why = &why.as_bytes()[..why.len().min(255)];
-    let mut verdict = Vec::with_capacity(VERDICT_HEAD + why.len());
-    verdict.push(1);
-    verdict.extend_from_slice(&[0; MAC]);
-    verdict.push(why.len() as u8);
-    verdict.extend_from_slice(why);
-    let _ = s.write_all(&verdict);
-}
-
-/// The initiator's side. Returns the connection's binding.
-pub fn connect(s: &mut TcpStream, auth: &Auth) -> Result<Binding, AuthError> {
+/// The initiator's side, as the agent `me` (name "" and instance 0 for a one-off call without
+/// an agent), expecting to reach `expect` ("" and 0: whoever listens). Returns the link (with
+/// the deadline still set: the caller reads OPENED under it, then clears it) and, with a
+/// secret, the listener's proven identity.
+pub(super) fn connect(
+    s: TcpStream,
+    auth: &Auth,
+    me: (&str, u128),
+    expect: (&str, u128),
+    deadline: Instant,
+) -> Result<(Link, Option<PeerIdentity>), AuthError> {
     let key = auth.key().map_err(AuthError::Denied)?;
-    let mut buf = [0u8; SRV_HELLO_LEN];
-    s.read_exact(&mut buf)?;
-    if buf[..4] != MAGIC {
-        return Err(AuthError::Protocol(
-            "the listener is not a nixl-rs tcp agent".into(),
+    let mut io = Timed { s: &s, deadline };
+    let theirs = read_hello(&mut io, "the listener")? & FLAG_SECRET != 0;
+    io.write_all(&hello(auth))?;
+    let mut status = [0u8; 1];
+    io.read_exact(&mut status)?;
+    if status[0] != 0 {
+        let why = get_text(&mut io)?;
+        return Err(AuthError::Denied(format!("refused by the listener: {why}")));
+    }
+    let Some(key) = key else {
+        let link = Link::plain(s);
+        link.set_deadline(Some(deadline));
+        return Ok((link, None));
+    };
+    if !theirs {
+        return Err(AuthError::Denied(
+            "the listener has no secret (it is open), so it cannot prove who it is".into(),
         ));
     }
-    let version = u16::from_le_bytes([buf[4], buf[5]]);
-    if version != VERSION {
-        return Err(AuthError::Protocol(format!(
-            "listener speaks protocol version {version}, this agent {VERSION}"
-        )));
-    }
-    let server_secret = u16::from_le_bytes([buf[6], buf[7]]) & FLAG_SECRET != 0;
-    let theirs: [u8; NONCE] = buf[8..].try_into().expect("length");
-    let ours = nonce()?;
-    let mut hello = Vec::with_capacity(CLI_HELLO_LEN);
-    hello.extend_from_slice(&MAGIC);
-    hello.extend_from_slice(&VERSION.to_le_bytes());
-    hello.extend_from_slice(&auth.flags().to_le_bytes());
-    hello.extend_from_slice(&ours);
-    hello.extend_from_slice(&Auth::mac(key.as_deref(), CLIENT_LABEL, &theirs, &ours));
-    s.write_all(&hello)?;
 
-    let mut head = [0u8; VERDICT_HEAD];
-    s.read_exact(&mut head)?;
-    if head[0] != 0 {
-        let mut why = vec![0u8; usize::from(head[VERDICT_HEAD - 1])];
-        s.read_exact(&mut why)?;
+    let cfg = auth.tls.configs().map_err(AuthError::Protocol)?;
+    let mut conn = rustls::ClientConnection::new(cfg.client, super::tls::server_name())
+        .map_err(|e| AuthError::Protocol(format!("tls: {e}")))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut io).map_err(tls_err)?;
+    }
+    let e = exporter(&*conn)?;
+    let mut st = rustls::Stream::new(&mut conn, &mut io);
+    let mut v = Vec::with_capacity(128);
+    put_id(&mut v, me);
+    put_id(&mut v, expect);
+    let m = proof(&key, CLIENT_LABEL, &e, me, expect);
+    v.extend_from_slice(&m.finalize().into_bytes());
+    st.write_all(&v)?;
+    st.flush()?;
+    let mut status = [0u8; 1];
+    st.read_exact(&mut status)?;
+    if status[0] != 0 {
+        let why = get_text(&mut st)?;
+        return Err(AuthError::Denied(format!("refused by the listener: {why}")));
+    }
+    let them = get_id(&mut st)?;
+    let mut tag = [0u8; MAC];
+    st.read_exact(&mut tag)?;
+    let ok = proof(&key, SERVER_LABEL, &e, (&them.name, them.instance), me)
+        .verify_slice(&tag)
+        .is_ok();
+    if !ok {
+        return Err(AuthError::Denied(
+            "the listener does not hold our secret, or the handshake was relayed".into(),
+        ));
+    }
+    if !expect.0.is_empty() && them.name != expect.0 {
         return Err(AuthError::Denied(format!(
-            "refused by the listener: {}",
-            String::from_utf8_lossy(&why)
+            "the listener is agent '{}', not '{}'",
+            them.name, expect.0
         )));
     }
-    if let Some(key) = &key {
-        if !server_secret {
-            return Err(AuthError::Denied(
-                "the listener has no secret (it is open), so it cannot prove who it is".into(),
-            ));
-        }
-        if !Auth::verify(key, SERVER_LABEL, &ours, &theirs, &head[1..1 + MAC]) {
-            return Err(AuthError::Denied(
-                "the listener does not hold our secret".into(),
-            ));
-        }
-    }
-    Ok(binding(&theirs, &ours))
+    let link = Link::tls(s, rustls::Connection::Client(conn));
+    link.set_deadline(Some(deadline));
+    Ok((link, Some(them)))
 }

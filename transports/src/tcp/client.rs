@@ -13,8 +13,8 @@ use nixl_core::{
 use parking_lot::{Condvar, Mutex};
 
 use super::auth::{self, AuthError};
-use super::identity::{self, PeerIdentity};
-use super::net::{self, OnBlock, Span};
+use super::identity::PeerIdentity;
+use super::net::{self, Link, OnBlock, Span};
 use super::server::TICK;
 use super::wire::{self, Piece, Purpose, Status};
 use super::{connect_any, peer_err, TcpConfig};
@@ -100,9 +100,9 @@ impl Conn {
         }
     }
 
-    fn open_lane(&self) -> Result<TcpStream> {
+    fn open_lane(&self) -> Result<Link> {
         let cfg = &self.cfg;
-        let mut s = connect_any(&self.addrs, cfg.connect_timeout).map_err(|e| {
+        let s = connect_any(&self.addrs, cfg.connect_timeout).map_err(|e| {
             if e.kind() == io::ErrorKind::TimedOut {
                 tracing::warn!(peer = %self.peer, error = %e, "tcp connect timed out");
                 Error::TimedOut
@@ -112,17 +112,15 @@ impl Conn {
         })?;
         let io_err = |e: io::Error| peer_err(&self.peer, &e);
         net::tune(&s, cfg.socket_buffer).map_err(io_err)?;
-        s.set_read_timeout(Some(cfg.connect_timeout))
-            .map_err(io_err)?;
-        s.set_write_timeout(Some(cfg.connect_timeout))
-            .map_err(io_err)?;
+        let deadline = Instant::now() + cfg.connect_timeout;
         let me = PeerIdentity::new(&*self.me, self.my_instance);
-        let o = open_stream(
-            &mut s,
+        let (s, o) = open_stream(
+            s,
             &cfg.auth,
             Purpose::Data,
             &me,
-            self.peer_instance,
+            (&self.peer, self.peer_instance),
+            deadline,
             &self.peer,
         )?;
         if o.status == Status::Ok && o.text != self.peer {
@@ -132,7 +130,9 @@ impl Conn {
                 peer: self.peer.clone(),
                 reason: format!(
                     "the listener at {} is agent '{}', not '{}'",
-                    s.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+                    s.socket()
+                        .peer_addr()
+                        .map_or_else(|_| "?".into(), |a| a.to_string()),
                     o.text,
                     self.peer
                 ),
@@ -148,6 +148,7 @@ impl Conn {
                 },
             });
         }
+        s.set_deadline(None);
         net::read_timeout(&s, TICK).map_err(io_err)?;
         net::write_timeout(&s, TICK, cfg.io_timeout).map_err(io_err)?;
         Ok(s)
@@ -363,7 +364,7 @@ thread_local! {
 const INLINE_MAX: u64 = 64 << 10;
 
 struct Lane {
-    stream: TcpStream,
+    stream: Link,
     /// Milliseconds since the session's epoch when this lane last moved a byte.
     last: AtomicU64,
 }
@@ -706,7 +707,7 @@ impl Session {
     fn recv_one(
         &self,
         lane: usize,
-        s: &TcpStream,
+        s: &Link,
         body: &mut Vec<u8>,
         iov: &mut Vec<libc::iovec>,
         scratch: &mut Vec<u8>,
@@ -917,7 +918,7 @@ impl Connection for Conn {
     }
 }
 
-/// What a listener answered to our OPEN, its seal checked.
+/// What a listener answered to our OPEN.
 pub(super) struct Opened {
     pub(super) status: Status,
     /// The listener's instance id.
@@ -933,60 +934,62 @@ impl Opened {
     }
 }
 
-/// The initiator's side of opening a connection: the secret handshake, then OPEN (sealed: our
-/// name and instance, the purpose, the listener instance we expect, 0 for any) and the sealed
-/// OPENED. `peer` names the other side in errors.
+/// The initiator's side of opening a connection: the handshake (with a secret: TLS and the
+/// proofs of both agents' names, `me` and the listener we `expect`, ("", 0) for whoever
+/// listens), then OPEN (our name and instance, the purpose, the listener instance we expect, 0
+/// for any) and OPENED, all before `deadline`. An OPENED that names another agent than the
+/// handshake proved is refused. `peer` names the other side in errors. The link keeps the
+/// deadline: the caller clears it.
 pub(super) fn open_stream(
-    s: &mut TcpStream,
+    s: TcpStream,
     auth: &auth::Auth,
     purpose: Purpose,
     me: &PeerIdentity,
-    expect: u128,
+    expect: (&str, u128),
+    deadline: Instant,
     peer: &str,
-) -> Result<Opened> {
+) -> Result<(Link, Opened)> {
     let io_err = |e: io::Error| peer_err(peer, &e);
-    let binding = auth::connect(s, auth).map_err(|e| match e {
-        AuthError::Denied(reason) => Error::Denied {
-            peer: peer.to_owned(),
-            reason,
-        },
-        AuthError::Protocol(reason) => Error::RemoteDisconnect {
-            peer: peer.to_owned(),
-            reason,
-        },
-        AuthError::Io(e) => peer_err(peer, &e),
-    })?;
+    let (s, proven) =
+        auth::connect(s, auth, (&me.name, me.instance), expect, deadline).map_err(|e| match e {
+            AuthError::Denied(reason) => Error::Denied {
+                peer: peer.to_owned(),
+                reason,
+            },
+            AuthError::Protocol(reason) => Error::RemoteDisconnect {
+                peer: peer.to_owned(),
+                reason,
+            },
+            AuthError::Io(e) => peer_err(peer, &e),
+        })?;
     let bad = |reason: String| Error::RemoteDisconnect {
         peer: peer.to_owned(),
         reason,
     };
     let mut out = Vec::with_capacity(128);
-    wire::open(&mut out, purpose, &me.name, me.instance, expect);
-    identity::seal(&mut out, auth, &binding, identity::OPEN_LABEL).map_err(|reason| {
-        Error::Denied {
-            peer: peer.to_owned(),
-            reason,
-        }
-    })?;
-    net::send_all(s, &out).map_err(io_err)?;
+    wire::open(&mut out, purpose, &me.name, me.instance, expect.1);
+    net::send_all(&s, &out).map_err(io_err)?;
     let mut body = Vec::new();
-    let ty = net::read_frame(s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
+    let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut give_up).map_err(io_err)?;
     if ty != wire::OPENED {
         return Err(bad(format!("expected OPENED, got frame type {ty}")));
     }
-    let inner =
-        identity::unseal(ty, &body, auth, &binding, identity::OPENED_LABEL).map_err(|e| {
-            Error::Denied {
-                peer: peer.to_owned(),
-                reason: format!("the listener's answer: {e}"),
-            }
-        })?;
-    let (status, instance, text) = wire::decode_opened(inner).map_err(|e| bad(e.to_string()))?;
-    Ok(Opened {
+    let (status, instance, text) = wire::decode_opened(&body).map_err(|e| bad(e.to_string()))?;
+    let o = Opened {
         status,
         instance,
         text,
-    })
+    };
+    if let Some(p) = proven.filter(|p| o.status == Status::Ok && *p != o.identity()) {
+        return Err(Error::Denied {
+            peer: peer.to_owned(),
+            reason: format!(
+                "the listener proved to be {p} but its OPENED names {}",
+                o.identity()
+            ),
+        });
+    }
+    Ok((s, o))
 }
 
 /// An authenticated connection opened for `purpose` as `me`, past OPENED; returns the identity
@@ -997,14 +1000,13 @@ pub(super) fn open_call(
     timeout: Duration,
     purpose: Purpose,
     me: &PeerIdentity,
-) -> Result<(TcpStream, PeerIdentity)> {
+) -> Result<(Link, PeerIdentity)> {
     let who = addr.to_string();
     let io_err = |e: io::Error| peer_err(&who, &e);
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
-    s.set_read_timeout(Some(timeout)).map_err(io_err)?;
-    s.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(io_err)?;
     s.set_nodelay(true).map_err(io_err)?;
-    let o = open_stream(&mut s, auth, purpose, me, 0, &who)?;
+    let deadline = Instant::now() + timeout;
+    let (s, o) = open_stream(s, auth, purpose, me, ("", 0), deadline, &who)?;
     if o.status != Status::Ok {
         return Err(match o.status {
             Status::Denied => Error::Denied {
@@ -1017,12 +1019,17 @@ pub(super) fn open_call(
             },
         });
     }
+    s.set_deadline(None);
+    s.socket().set_read_timeout(Some(timeout)).map_err(io_err)?;
+    s.socket()
+        .set_write_timeout(Some(timeout))
+        .map_err(io_err)?;
     let id = o.identity();
     Ok((s, id))
 }
 
 /// Sends one frame on a call connection and reads the reply frame of type `want`.
-fn exchange(s: &TcpStream, who: &str, frame: &[u8], want: u8, body: &mut Vec<u8>) -> Result<()> {
+fn exchange(s: &Link, who: &str, frame: &[u8], want: u8, body: &mut Vec<u8>) -> Result<()> {
     let io_err = |e: io::Error| peer_err(who, &e);
     net::send_all(s, frame).map_err(io_err)?;
     let ty = net::read_frame(s, body, wire::frame_limit, &mut give_up).map_err(io_err)?;

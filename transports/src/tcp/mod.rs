@@ -2,8 +2,10 @@
 //!
 //! The target agent carries out every request against its own registrations: each piece of a
 //! WRITE or READ names a target range and the region key, and the target checks both (and that
-//! the region is still registered) before a byte moves; data goes straight between the socket
-//! and registered memory with vectored I/O, no staging copy on either side.
+//! the region is still registered) before a byte moves. On a plain connection data goes
+//! straight between the socket and registered memory with vectored I/O, no staging copy on
+//! either side; on a TLS connection (agents with a secret) it is sealed from and opened
+//! into registered memory by rustls's record layer, one copy each way ([`Link`]).
 //!
 //! An initiator keeps a session per peer: `conns_per_peer` authenticated connections, each with a
 //! sender and a receiver thread. A post splits its descriptors into chunks of at most
@@ -26,18 +28,21 @@
 //! a protocol error that fails the session before a byte of it lands, and a post ends (releasing
 //! its memory) only once no lane thread reads into or writes from it any more.
 //!
-//! Every connection authenticates first (see [`Auth`]: by default with this user's per-host
-//! secret file, so that only this user's agents on this host get in), then each side names itself
-//! in a frame sealed to the connection ([`PeerIdentity`]): notifications, pushed metadata and
-//! control requests are attributed to that name only, and the initiator checks that the listener
-//! is the agent its metadata names. The listener also serves the agent's metadata to peers that
+//! Every connection authenticates first, within a deadline (see [`Auth`]: by default with this
+//! user's per-host secret file, so that only this user's agents on this host get in). With a
+//! secret (that one or a shared one) the connection is TLS 1.3, and inside it each side proves
+//! the secret bound to the TLS channel and to both agents' names and instance ids, so a relayed
+//! handshake fails and every later byte is protected ([`PeerIdentity`]): notifications, pushed
+//! metadata and control requests are attributed to the proven name only, and the initiator
+//! checks that the listener is the agent its metadata names. The listener also serves the agent's metadata to peers that
 //! fetch it ([`fetch_metadata`]) and, only with `accept_pushes`, loads metadata that an agent
 //! pushes about itself ([`push_metadata`]).
 //!
 //! What a peer can make the listener hold is bounded: one thread and one fd per connection,
 //! at most `max_conns` connections (and at most half the process's fd limit), `max_conns_per_ip`
 //! of them from one address, more closed on accept and counted (`nixl_tcp_conns_refused_total`);
-//! a connection must send OPEN within `connect_timeout` of authenticating and is closed after
+//! a connection must finish its handshake within `handshake_timeout` and send OPEN within
+//! `connect_timeout` of authenticating (and within that deadline), and is closed after
 //! `idle_timeout` without a frame (`nixl_tcp_idle_closed_total`; initiators reconnect on their
 //! next post); each connection takes only the frames of its purpose, each within its own size
 //! limit checked from the header before the body is read (a data connection: WRITE and READ of
@@ -51,8 +56,10 @@ mod client;
 mod identity;
 #[cfg(test)]
 mod limits_tests;
+mod link;
 mod net;
 mod server;
+mod tls;
 mod user_secret;
 #[doc(hidden)] // for the fuzz targets (fuzz/): the frames a peer sends after the handshake
 pub mod wire;
@@ -68,8 +75,8 @@ use nixl_core::{
 };
 use parking_lot::Mutex;
 
-pub use auth::Auth;
-pub use identity::PeerIdentity;
+pub use auth::{Auth, CertFiles, PeerIdentity, TlsMode, TlsSettings};
+pub use link::Link;
 
 use client::Conn;
 use server::Server;
@@ -89,8 +96,11 @@ pub struct TcpConfig {
     pub window: usize,
     /// How long a connection with work outstanding may move no byte before it is dropped.
     pub io_timeout: Duration,
-    /// How long connecting and authenticating may take.
+    /// How long connecting and authenticating may take (in all, at the initiator).
     pub connect_timeout: Duration,
+    /// How long a listener gives an accepted connection to finish its whole handshake (TLS, the
+    /// proofs, and the OPEN frame); past it the connection is dropped, however the peer trickles.
+    pub handshake_timeout: Duration,
     /// Socket send and receive buffer sizes asked of the kernel.
     pub socket_buffer: usize,
     /// How connections authenticate.
@@ -120,6 +130,7 @@ impl Default for TcpConfig {
             window: 4,
             io_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(5),
             socket_buffer: 4 << 20,
             auth: Auth::from_config(None, false),
             accept_pushes: false,
@@ -152,6 +163,7 @@ impl TcpConfig {
         }
         if self.io_timeout < Duration::from_millis(10)
             || self.connect_timeout < Duration::from_millis(10)
+            || self.handshake_timeout < Duration::from_millis(10)
         {
             return bad("timeouts must be at least 10 ms".into());
         }
@@ -163,6 +175,14 @@ impl TcpConfig {
         }
         if self.frame_memory < (1 << 20) {
             return bad(format!("frame_memory {} is under 1 MiB", self.frame_memory));
+        }
+        if self.auth.tls().files.is_some() && !self.auth.is_shared_secret() {
+            return bad("[tls] certificates are used together with [auth] secret, \
+                        which proves the agents' names; set one"
+                .into());
+        }
+        if self.auth.has_secret() {
+            self.auth.tls().check().map_err(Error::InvalidArgument)?;
         }
         Ok(())
     }
@@ -493,61 +513,79 @@ pub fn push_metadata_as(
 /// An authenticated data connection to a listener, as an initiator named `name` opens it, for
 /// tests that speak the wire protocol by hand (garbage after authentication, say).
 #[doc(hidden)]
-pub fn raw_data_connection(addr: SocketAddr, auth: &Auth, name: &str) -> Result<TcpStream> {
+pub fn raw_data_connection(addr: SocketAddr, auth: &Auth, name: &str) -> Result<RawConnection> {
     let io = |e: std::io::Error| Error::io(format!("raw connection to {addr}"), e);
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))
-        .map_err(io)?;
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
     let me = PeerIdentity::new(name, 1);
-    let o = client::open_stream(&mut s, auth, wire::Purpose::Data, &me, 0, &addr.to_string())?;
+    let (s, o) = client::open_stream(
+        s,
+        auth,
+        wire::Purpose::Data,
+        &me,
+        ("", 0),
+        deadline,
+        &addr.to_string(),
+    )?;
     if o.status != wire::Status::Ok {
         return Err(Error::InvalidArgument(format!("refused: {}", o.text)));
     }
-    Ok(s)
+    s.set_deadline(None);
+    s.socket()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(io)?;
+    Ok(RawConnection(s))
 }
 
 /// The listener's side of a connection's opening, for tests that play a target by hand (a
-/// target that lies in its answers, say): the real secret handshake, then the sealed OPEN,
-/// answered by a sealed OPENED naming this side `me`. Returns the initiator's proven identity
-/// and whether it opened the connection for data (1), metadata (2) or control (3).
+/// target that lies in its answers, say): the real handshake (TLS and the proofs with a secret),
+/// then the OPEN (which must name the proven initiator), answered by an OPENED naming this side
+/// `me`. Returns the initiator's identity, whether it opened the connection for data (1),
+/// metadata (2) or control (3), and the connection to speak frames on.
 #[doc(hidden)]
 pub fn raw_listener_opening(
-    s: &mut TcpStream,
+    s: TcpStream,
     auth: &Auth,
     me: &PeerIdentity,
-) -> Result<(PeerIdentity, u8)> {
+) -> Result<(PeerIdentity, u8, RawConnection)> {
     let peer = s
         .peer_addr()
         .map_err(|e| Error::io("raw listener: peer address", e))?;
     let io = |e: std::io::Error| Error::io(format!("raw listener: {peer}"), e);
-    let binding =
-        auth::accept(s, auth, peer, |ip| ip.is_loopback()).map_err(|e| Error::Denied {
-            peer: peer.to_string(),
-            reason: e.to_string(),
-        })?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (s, proven) = auth::accept(
+        s,
+        auth,
+        peer,
+        |ip| ip.is_loopback(),
+        (&me.name, me.instance),
+        deadline,
+    )
+    .map_err(|e| Error::Denied {
+        peer: peer.to_string(),
+        reason: e.to_string(),
+    })?;
     let mut body = Vec::new();
     let mut give_up = |_: bool| Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
-    let open = identity::read_open(s, &mut body, auth, &binding, &mut give_up)
-        .map_err(io)?
-        .map_err(|reason| Error::Denied {
+    let ty = net::read_frame(&s, &mut body, wire::frame_limit, &mut give_up).map_err(io)?;
+    if ty != wire::OPEN {
+        return Err(Error::InvalidArgument(format!("expected OPEN, got {ty}")));
+    }
+    let open = wire::decode_open(&body).map_err(|e| io(wire::bad(e)))?;
+    let who = PeerIdentity::new(open.name, open.instance);
+    if proven.is_some_and(|p| p != who) {
+        return Err(Error::Denied {
             peer: peer.to_string(),
-            reason,
-        })?;
+            reason: "the OPEN frame names another agent than the handshake proved".into(),
+        });
+    }
     let mut out = Vec::new();
-    identity::opened(
-        &mut out,
-        auth,
-        &binding,
-        wire::Status::Ok,
-        me.instance,
-        &me.name,
-    )
-    .map_err(io)?;
-    net::send_all(s, &out).map_err(io)?;
-    Ok((
-        PeerIdentity::new(open.name, open.instance),
-        open.purpose as u8 + 1,
-    ))
+    wire::opened(&mut out, wire::Status::Ok, me.instance, &me.name);
+    net::send_all(&s, &out).map_err(io)?;
+    s.set_deadline(None);
+    s.socket().set_read_timeout(None).map_err(io)?;
+    s.socket().set_write_timeout(None).map_err(io)?;
+    Ok((who, open.purpose as u8 + 1, RawConnection(s)))
 }
 
 /// The connection info a `tcp` listener at `addrs` publishes in its agent's metadata, for tests
@@ -555,6 +593,37 @@ pub fn raw_listener_opening(
 #[doc(hidden)]
 pub fn conn_info_for(addrs: &[SocketAddr]) -> Vec<u8> {
     encode_conn_info(addrs)
+}
+
+/// A connection past the handshake, for tests that write frames by hand.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct RawConnection(Link);
+
+impl RawConnection {
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.0.socket().set_read_timeout(t)
+    }
+
+    pub fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        self.0.shutdown(how)
+    }
+}
+
+impl std::io::Read for RawConnection {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for RawConnection {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.send_all(buf).map(|()| buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A socket error as a request outcome: a path that stopped carrying packets (the kernel's

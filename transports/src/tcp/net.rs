@@ -1,10 +1,13 @@
-//! Sockets: this host's addresses, socket options, and vectored reads and writes straight
-//! between a socket and registered memory.
+//! Sockets: this host's addresses, socket options, and reads and writes of frames and of
+//! registered memory on a [`Link`]: on a plain link vectored straight between the socket and the
+//! memory, on a TLS link through its record layer.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
+
+pub use super::link::Link;
 
 /// Most iovecs per readv/writev call (Linux's UIO_MAXIOV).
 pub const IOV_MAX: usize = 1024;
@@ -116,13 +119,15 @@ pub fn tune(s: &TcpStream, buf_bytes: usize) -> io::Result<()> {
 }
 
 /// Sets the receive timeout (how long one read may block).
-pub fn read_timeout(s: &TcpStream, t: Duration) -> io::Result<()> {
-    s.set_read_timeout(Some(t.max(Duration::from_millis(1))))
+pub fn read_timeout(s: &Link, t: Duration) -> io::Result<()> {
+    s.socket()
+        .set_read_timeout(Some(t.max(Duration::from_millis(1))))
 }
 
 /// Sets the send timeout (how long one write may block) and the time unacknowledged data may
 /// sit before the kernel gives the connection up.
-pub fn write_timeout(s: &TcpStream, t: Duration, give_up: Duration) -> io::Result<()> {
+pub fn write_timeout(s: &Link, t: Duration, give_up: Duration) -> io::Result<()> {
+    let s = s.socket();
     s.set_write_timeout(Some(t.max(Duration::from_millis(1))))?;
     let ms = u32::try_from(give_up.as_millis()).unwrap_or(u32::MAX);
     let _ = setsockopt(s, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms);
@@ -172,6 +177,23 @@ impl<'a> SpanCursor<'a> {
             });
             off = 0;
         }
+    }
+
+    /// The next contiguous range left (address, length), without moving.
+    pub fn peek(&self) -> Option<(u64, u64)> {
+        let s = self.spans.get(self.idx)?;
+        Some((s.addr + self.off, s.len - self.off))
+    }
+
+    /// The next contiguous range left, at most `max` bytes, and moves past it.
+    pub fn take(&mut self, max: u64) -> Option<(u64, u64)> {
+        let (addr, len) = self.peek()?;
+        let len = len.min(max);
+        if len == 0 {
+            return None;
+        }
+        self.advance(len);
+        Some((addr, len))
     }
 
     pub fn advance(&mut self, mut n: u64) {
@@ -250,8 +272,13 @@ pub unsafe fn readv_once(
     }
 }
 
-/// Writes all of `buf` without raising SIGPIPE.
-pub fn send_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+/// Writes all of `buf` (sealed on a TLS link); a socket timeout is an error.
+pub fn send_all(s: &Link, buf: &[u8]) -> io::Result<()> {
+    s.send_all(buf)
+}
+
+/// Writes all of `buf` on the socket without raising SIGPIPE.
+pub(super) fn send_raw_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: `buf` is a live byte slice for the call.
         let r = unsafe {
@@ -280,6 +307,11 @@ pub trait OnBlock {
     fn blocked(&mut self, started: bool) -> io::Result<()>;
     /// Bytes moved (resets idle clocks).
     fn progress(&mut self) {}
+    /// Bytes moved: [`OnBlock::progress`], or an error to stop (a deadline that passed).
+    fn moved(&mut self) -> io::Result<()> {
+        self.progress();
+        Ok(())
+    }
 }
 
 impl<F: FnMut(bool) -> io::Result<()>> OnBlock for F {
@@ -288,7 +320,7 @@ impl<F: FnMut(bool) -> io::Result<()>> OnBlock for F {
     }
 }
 
-fn retry(e: &io::Error) -> Option<bool> {
+pub(super) fn retry(e: &io::Error) -> Option<bool> {
     match e.kind() {
         io::ErrorKind::Interrupted => Some(false),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Some(true),
@@ -297,12 +329,10 @@ fn retry(e: &io::Error) -> Option<bool> {
 }
 
 /// Reads exactly `buf`, asking `on` what to do whenever a read times out.
-pub fn read_exact_with(s: &TcpStream, buf: &mut [u8], on: &mut dyn OnBlock) -> io::Result<()> {
-    use std::io::Read;
+pub fn read_exact_with(s: &Link, buf: &mut [u8], on: &mut dyn OnBlock) -> io::Result<()> {
     let mut got = 0;
-    let mut r: &TcpStream = s;
     while got < buf.len() {
-        match r.read(&mut buf[got..]) {
+        match s.read(&mut buf[got..]) {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -311,7 +341,7 @@ pub fn read_exact_with(s: &TcpStream, buf: &mut [u8], on: &mut dyn OnBlock) -> i
             }
             Ok(n) => {
                 got += n;
-                on.progress();
+                on.moved()?;
             }
             Err(e) => match retry(&e) {
                 Some(true) => on.blocked(got > 0)?,
@@ -326,7 +356,7 @@ pub fn read_exact_with(s: &TcpStream, buf: &mut [u8], on: &mut dyn OnBlock) -> i
 /// Reads one frame into `body` (type byte first); returns the type. Grows `body` as bytes
 /// arrive, so a length prefix alone cannot make it allocate much.
 pub fn read_frame(
-    s: &TcpStream,
+    s: &Link,
     body: &mut Vec<u8>,
     limit: impl Fn(u8) -> usize,
     on: &mut dyn OnBlock,
@@ -347,7 +377,7 @@ pub fn read_frame(
 /// As [`read_frame`], with `admit(type, body length)` deciding from the header alone, before a
 /// byte of the body is read or allocated, whether the frame may come in.
 pub fn read_frame_admit(
-    s: &TcpStream,
+    s: &Link,
     body: &mut Vec<u8>,
     admit: &mut dyn FnMut(u8, usize) -> io::Result<()>,
     on: &mut dyn OnBlock,
@@ -388,6 +418,9 @@ impl OnBlock for Started<'_> {
     fn progress(&mut self) {
         self.0.progress();
     }
+    fn moved(&mut self) -> io::Result<()> {
+        self.0.moved()
+    }
 }
 
 /// Reads exactly the spans' total length into their memory.
@@ -395,11 +428,16 @@ impl OnBlock for Started<'_> {
 /// # Safety
 /// Every span must be writable memory that no Rust reference aliases until this returns.
 pub unsafe fn read_spans(
-    s: &TcpStream,
+    s: &Link,
     spans: &[Span],
     iov: &mut Vec<libc::iovec>,
     on: &mut dyn OnBlock,
 ) -> io::Result<()> {
+    if s.is_tls() {
+        // SAFETY: forwarded from the caller.
+        return unsafe { s.tls_read_spans(spans, on) };
+    }
+    let s = s.socket();
     let mut cur = SpanCursor::new(spans);
     while !cur.done() {
         // SAFETY: forwarded from the caller.
@@ -412,7 +450,7 @@ pub unsafe fn read_spans(
             }
             Ok(n) => {
                 cur.advance(n as u64);
-                on.progress();
+                on.moved()?;
             }
             Err(e) => match retry(&e) {
                 Some(true) => on.blocked(true)?,
@@ -429,12 +467,17 @@ pub unsafe fn read_spans(
 /// # Safety
 /// Every span must be readable memory until this returns.
 pub unsafe fn write_spans(
-    s: &TcpStream,
+    s: &Link,
     head: &[u8],
     spans: &[Span],
     iov: &mut Vec<libc::iovec>,
     on: &mut dyn OnBlock,
 ) -> io::Result<()> {
+    if s.is_tls() {
+        // SAFETY: forwarded from the caller.
+        return unsafe { s.tls_write_spans(head, spans, on) };
+    }
+    let s = s.socket();
     let mut head = head;
     let mut cur = SpanCursor::new(spans);
     while !head.is_empty() || !cur.done() {
@@ -444,7 +487,7 @@ pub unsafe fn write_spans(
                 let h = n.min(head.len());
                 head = &head[h..];
                 cur.advance((n - h) as u64);
-                on.progress();
+                on.moved()?;
             }
             Err(e) => match retry(&e) {
                 Some(true) => on.blocked(true)?,
@@ -458,7 +501,7 @@ pub unsafe fn write_spans(
 
 /// Reads and throws away `n` bytes (the data of a refused WRITE, to keep the stream in step).
 pub fn discard(
-    s: &TcpStream,
+    s: &Link,
     mut n: u64,
     scratch: &mut Vec<u8>,
     on: &mut dyn OnBlock,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use nixl_core::{BackendName, Desc, Error, MemKind, RegionAccess, Result, TargetHandle};
 use parking_lot::Mutex;
 
-use super::identity::{self, PeerIdentity};
-use super::net::{self, OnBlock, Span};
+use super::identity::PeerIdentity;
+use super::net::{self, Link, OnBlock, Span};
 use super::wire::{self, Piece, Purpose, Status};
 use super::{auth, TcpConfig};
 use crate::control::Services;
@@ -352,13 +352,52 @@ impl OnBlock for Idle<'_> {
     }
 }
 
-fn serve(shared: Arc<Shared>, mut s: TcpStream, peer: SocketAddr, slot: Slot) {
-    let id = shared.next.fetch_add(1, Ordering::Relaxed);
-    shared.conns.lock().insert(id, s.as_raw_fd());
-    let res = serve_inner(&shared, &mut s, peer);
-    shared.conns.lock().remove(&id);
-    let _ = s.shutdown(Shutdown::Both);
-    drop(s);
+/// The handshake's reads: past the deadline they fail, however the peer trickles bytes.
+struct Deadline(Instant);
+
+impl OnBlock for Deadline {
+    fn blocked(&mut self, _: bool) -> io::Result<()> {
+        self.moved()
+    }
+
+    fn moved(&mut self) -> io::Result<()> {
+        if Instant::now() >= self.0 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake did not finish within its deadline",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A connection past its handshake, its socket registered for [`Server::stop`] to shut down.
+/// Dropping it removes the entry (under the lock) before the socket is closed, so every fd in
+/// the map is open.
+struct Served<'a> {
+    shared: &'a Shared,
+    id: u64,
+    link: Link,
+}
+
+impl<'a> Served<'a> {
+    fn new(shared: &'a Shared, link: Link) -> Served<'a> {
+        let id = shared.next.fetch_add(1, Ordering::Relaxed);
+        shared.conns.lock().insert(id, link.socket().as_raw_fd());
+        Served { shared, id, link }
+    }
+}
+
+impl Drop for Served<'_> {
+    fn drop(&mut self) {
+        self.shared.conns.lock().remove(&self.id);
+        // The link (and its socket) is dropped after this, with the struct's fields.
+    }
+}
+
+fn serve(shared: Arc<Shared>, s: TcpStream, peer: SocketAddr, slot: Slot) {
+    let res = serve_inner(&shared, s, peer);
+    // The socket is closed by now: only then does the connection give its place back.
     drop(slot);
     match res {
         Ok(()) => {}
@@ -371,37 +410,51 @@ fn serve(shared: Arc<Shared>, mut s: TcpStream, peer: SocketAddr, slot: Slot) {
     }
 }
 
-fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Result<()> {
+fn serve_inner(shared: &Shared, s: TcpStream, peer: SocketAddr) -> io::Result<()> {
     let cfg = &shared.cfg;
-    net::tune(s, cfg.socket_buffer)?;
-    s.set_read_timeout(Some(cfg.connect_timeout))?;
-    s.set_write_timeout(Some(cfg.connect_timeout))?;
-    let binding = match auth::accept(s, &cfg.auth, peer, |ip| net::is_local(ip, &shared.host)) {
-        Ok(b) => b,
+    net::tune(&s, cfg.socket_buffer)?;
+    // The whole handshake, up to the OPEN frame, within one deadline. The socket is not in the
+    // map `stop` shuts down until the handshake is over: the deadline bounds it.
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    let me = (shared.target.name(), shared.target.instance_id());
+    let local = |ip| net::is_local(ip, &shared.host);
+    let (link, proven) = match auth::accept(s, &cfg.auth, peer, local, me, deadline) {
+        Ok(r) => r,
         Err(e) => {
             metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
             tracing::warn!(agent = %shared.target.name(), %peer, "tcp: {e}");
             return Ok(());
         }
     };
+    let served = Served::new(shared, link);
+    let s = &served.link;
     let mut body = Vec::new();
-    // The OPEN must come within `connect_timeout` and be no more than an OPEN (checked from the
-    // header). The initiator's name and instance count only as sealed on this connection: from
-    // here on `who` is the peer, whatever later frames say.
-    let mut frames = Frames::new(shared, None);
-    let ty = frames.next(s, &mut body)?;
-    let open = match identity::check_open(ty, &body, &cfg.auth, &binding)? {
-        Ok(open) => open,
-        Err(e) => {
-            metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
-            tracing::warn!(agent = %shared.target.name(), %peer, "tcp: OPEN refused: {e}");
-            return Ok(());
-        }
-    };
+    // The OPEN must come within the handshake's deadline and within `connect_timeout` of
+    // authenticating, and be no more than an OPEN (checked from the header).
+    let open_by = deadline.min(Instant::now() + cfg.connect_timeout);
+    s.set_deadline(Some(open_by));
+    let mut frames = Frames::opening(shared, open_by);
+    frames.next(s, &mut body)?;
     drop(frames);
-    let who = PeerIdentity::new(open.name, open.instance);
+    let open = wire::decode_open(&body).map_err(wire::bad)?;
     let me = shared.target.instance_id();
     let mut out = Vec::with_capacity(256);
+    // With a secret the handshake proved who the initiator is: the OPEN frame may not claim
+    // anyone else. From here on `who` is the peer, whatever later frames say.
+    let who = PeerIdentity::new(open.name, open.instance);
+    if let Some(p) = proven.filter(|p| *p != who) {
+        metrics::counter!("nixl_tcp_auth_failures_total").increment(1);
+        tracing::warn!(agent = %shared.target.name(), %peer, proven = %p, claimed = %who,
+            "tcp: OPEN names another agent than the handshake proved");
+        wire::opened(
+            &mut out,
+            Status::Denied,
+            me,
+            "the OPEN frame names another agent than the handshake proved",
+        );
+        net::send_all(s, &out)?;
+        return Ok(());
+    }
     let refusal = if open.expect != 0 && open.expect != me {
         Some("this agent restarted: load its new metadata")
     } else if who.is_anonymous() && open.purpose != Purpose::Metadata {
@@ -410,19 +463,13 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
         None
     };
     if let Some(why) = refusal {
-        identity::opened(&mut out, &cfg.auth, &binding, Status::Denied, me, why)?;
+        wire::opened(&mut out, Status::Denied, me, why);
         net::send_all(s, &out)?;
         return Ok(());
     }
-    identity::opened(
-        &mut out,
-        &cfg.auth,
-        &binding,
-        Status::Ok,
-        me,
-        shared.target.name(),
-    )?;
+    wire::opened(&mut out, Status::Ok, me, shared.target.name());
     net::send_all(s, &out)?;
+    s.set_deadline(None);
     net::read_timeout(s, TICK)?;
     net::write_timeout(s, TICK, cfg.io_timeout)?;
     let frames = Frames::new(shared, Some(open.purpose));
@@ -439,6 +486,8 @@ fn serve_inner(shared: &Shared, s: &mut TcpStream, peer: SocketAddr) -> io::Resu
 struct Frames<'a> {
     shared: &'a Shared,
     purpose: Option<Purpose>,
+    /// Before OPEN: when it must have arrived, however the peer trickles it.
+    until: Option<Instant>,
     held: Option<Reserved<'a>>,
 }
 
@@ -447,23 +496,39 @@ impl<'a> Frames<'a> {
         Frames {
             shared,
             purpose,
+            until: None,
             held: None,
         }
     }
 
+    /// The frames of a connection not opened yet: only an OPEN, by `until`.
+    fn opening(shared: &'a Shared, until: Instant) -> Frames<'a> {
+        Frames {
+            until: Some(until),
+            ..Frames::new(shared, None)
+        }
+    }
+
     /// The next frame's type, its body in `body`; `idle` counts from now.
-    fn next(&mut self, s: &TcpStream, body: &mut Vec<u8>) -> io::Result<u8> {
+    fn next(&mut self, s: &Link, body: &mut Vec<u8>) -> io::Result<u8> {
         // The last frame is handled: give its memory back.
         if self.held.take().is_some() || body.capacity() > SMALL_FRAME {
             *body = Vec::new();
         }
         let shared = self.shared;
         let purpose = self.purpose;
-        let idle = match purpose {
-            None => shared.cfg.connect_timeout,
-            Some(_) => shared.cfg.idle_timeout,
+        let mut deadline;
+        let mut idle;
+        let on: &mut dyn OnBlock = match self.until {
+            Some(until) => {
+                deadline = Deadline(until);
+                &mut deadline
+            }
+            None => {
+                idle = Idle::new(shared, shared.cfg.idle_timeout);
+                &mut idle
+            }
         };
-        let mut idle = Idle::new(shared, idle);
         let held = &mut self.held;
         let mut admit = |ty: u8, len: usize| -> io::Result<()> {
             let what = match purpose {
@@ -503,13 +568,13 @@ impl<'a> Frames<'a> {
             }
             Ok(())
         };
-        net::read_frame_admit(s, body, &mut admit, &mut idle)
+        net::read_frame_admit(s, body, &mut admit, on)
     }
 }
 
 fn serve_metadata(
     shared: &Shared,
-    s: &TcpStream,
+    s: &Link,
     mut frames: Frames<'_>,
     who: &PeerIdentity,
     body: &mut Vec<u8>,
@@ -574,7 +639,7 @@ fn check_push(cfg: &TcpConfig, who: &PeerIdentity, md: &[u8]) -> std::result::Re
 /// Answers control requests for other backends' services, one at a time, until the peer closes.
 fn serve_control(
     shared: &Shared,
-    s: &TcpStream,
+    s: &Link,
     mut frames: Frames<'_>,
     peer: &str,
     body: &mut Vec<u8>,
@@ -631,7 +696,7 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn run(mut self, s: &TcpStream, mut frames: Frames<'_>, body: &mut Vec<u8>) -> io::Result<()> {
+    fn run(mut self, s: &Link, mut frames: Frames<'_>, body: &mut Vec<u8>) -> io::Result<()> {
         loop {
             let ty = frames.next(s, body)?;
             // Data moving after a frame gives up after `io_timeout` of silence (`started`).
@@ -703,7 +768,7 @@ impl<'a> Worker<'a> {
 
     fn write(
         &mut self,
-        s: &TcpStream,
+        s: &Link,
         id: u64,
         chunk: u32,
         total: u64,
@@ -730,7 +795,7 @@ impl<'a> Worker<'a> {
 
     fn read(
         &mut self,
-        s: &TcpStream,
+        s: &Link,
         id: u64,
         chunk: u32,
         total: u64,

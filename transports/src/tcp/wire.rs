@@ -121,8 +121,8 @@ pub fn put_blob(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// OPEN: purpose, the initiator's name and instance, the instance it expects (0: any); sent
-/// sealed ([`super::identity::seal`]), so the name is the one the connection proved.
+/// OPEN: purpose, the initiator's name and instance, the instance it expects (0: any); with a
+/// secret the listener takes it only if it names the initiator its handshake proved.
 pub fn open(out: &mut Vec<u8>, purpose: Purpose, name: &str, instance: u128, expect: u128) {
     begin(out, OPEN);
     out.push(purpose as u8);
@@ -166,7 +166,7 @@ pub fn decode_open(body: &[u8]) -> Result<Open, DecodeError> {
     })
 }
 
-/// OPENED: the target's instance and name, or a refusal; sent sealed like OPEN.
+/// OPENED: the target's instance and name, or a refusal.
 pub fn opened(out: &mut Vec<u8>, status: Status, instance: u128, text: &str) {
     begin(out, OPENED);
     out.push(status as u8);
@@ -366,9 +366,8 @@ pub fn frame_limit(ty: u8) -> usize {
     }
 }
 
-/// Largest OPEN body: purpose, a name, two instance ids, the seal
-/// ([`super::identity::TAG`]).
-pub const OPEN_BYTES: usize = 1 + 2 + MAX_NAME + 32 + super::identity::TAG;
+/// Largest OPEN body: purpose, a name, two instance ids.
+pub const OPEN_BYTES: usize = 1 + 2 + MAX_NAME + 32;
 /// Largest WRITE or READ body: id, chunk, count, [`MAX_PIECES`] pieces.
 pub const XFER_BYTES: usize = 16 + MAX_PIECES * PIECE_BYTES;
 
@@ -459,15 +458,6 @@ mod tests {
             u128::MAX,
             1,
         );
-        // OPEN goes sealed: the limit counts the seal.
-        let binding = super::super::identity::Binding([9; 2 * super::super::auth::NONCE]);
-        super::super::identity::seal(
-            &mut out,
-            &super::super::auth::Auth::with_secret("k"),
-            &binding,
-            super::super::identity::OPEN_LABEL,
-        )
-        .unwrap();
         assert!(out.len() - 5 <= OPEN_BYTES);
         xfer_head(&mut out, WRITE, 1, 2, MAX_PIECES as u32);
         for _ in 0..MAX_PIECES {
