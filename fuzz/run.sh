@@ -32,4 +32,4 @@ for t in $TARGETS; do
         exit 1
     fi
 done
-echo "fuzz: every target ran ${SECS}s without a failure: $TARGETS"
+echo "fuzz: every target ran ${SECS}s without a failure:" $TARGETS
