@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::net::{retry, OnBlock, Span, SpanCursor};
+use super::net::{after_error, after_read, OnBlock, Span, SpanCursor};
 
 /// Most plaintext sealed under the connection's lock at once.
 const STEP: u64 = 256 << 10;
@@ -313,23 +313,7 @@ impl Link {
             // returns; the slice lives only for this read.
             let dst =
                 unsafe { std::slice::from_raw_parts_mut(addr as usize as *mut u8, len as usize) };
-            match self.read(dst) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed by the peer",
-                    ))
-                }
-                Ok(n) => {
-                    cur.advance(n as u64);
-                    on.moved()?;
-                }
-                Err(e) => match retry(&e) {
-                    Some(true) => on.blocked(true)?,
-                    Some(false) => {}
-                    None => return Err(e),
-                },
-            }
+            after_read(self.read(dst), &mut cur, on)?;
         }
         Ok(())
     }
@@ -358,12 +342,7 @@ fn send_with(s: &TcpStream, mut buf: &[u8], on: &mut dyn OnBlock) -> io::Result<
             )
         };
         if r < 0 {
-            let e = io::Error::last_os_error();
-            match retry(&e) {
-                Some(true) => on.blocked(true)?,
-                Some(false) => {}
-                None => return Err(e),
-            }
+            after_error(io::Error::last_os_error(), on)?;
             continue;
         }
         buf = &buf[r as usize..];

@@ -441,23 +441,7 @@ pub unsafe fn read_spans(
     let mut cur = SpanCursor::new(spans);
     while !cur.done() {
         // SAFETY: forwarded from the caller.
-        match unsafe { readv_once(s, &cur, iov) } {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed by the peer",
-                ))
-            }
-            Ok(n) => {
-                cur.advance(n as u64);
-                on.moved()?;
-            }
-            Err(e) => match retry(&e) {
-                Some(true) => on.blocked(true)?,
-                Some(false) => {}
-                None => return Err(e),
-            },
-        }
+        after_read(unsafe { readv_once(s, &cur, iov) }, &mut cur, on)?;
     }
     Ok(())
 }
@@ -489,14 +473,40 @@ pub unsafe fn write_spans(
                 cur.advance((n - h) as u64);
                 on.moved()?;
             }
-            Err(e) => match retry(&e) {
-                Some(true) => on.blocked(true)?,
-                Some(false) => {}
-                None => return Err(e),
-            },
+            Err(e) => after_error(e, on)?,
         }
     }
     Ok(())
+}
+
+/// One step of a loop that reads into spans: end of stream is an error, bytes advance the
+/// cursor, a timeout or interruption is retried (after telling `on`), anything else ends it.
+pub(super) fn after_read(
+    r: io::Result<usize>,
+    cur: &mut SpanCursor<'_>,
+    on: &mut dyn OnBlock,
+) -> io::Result<()> {
+    match r {
+        Ok(0) => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed by the peer",
+        )),
+        Ok(n) => {
+            cur.advance(n as u64);
+            on.moved()
+        }
+        Err(e) => after_error(e, on),
+    }
+}
+
+/// A failed socket call of a span loop: retried (`Ok`) if it timed out or was interrupted,
+/// after telling `on` about a timeout; else the error.
+pub(super) fn after_error(e: io::Error, on: &mut dyn OnBlock) -> io::Result<()> {
+    match retry(&e) {
+        Some(true) => on.blocked(true),
+        Some(false) => Ok(()),
+        None => Err(e),
+    }
 }
 
 /// Reads and throws away `n` bytes (the data of a refused WRITE, to keep the stream in step).
