@@ -774,6 +774,13 @@ impl Agent {
         self.inner.peers.read().keys().cloned().collect()
     }
 
+    /// The metadata loaded for the peer `name` (what [`Agent::load_remote`] accepted, merged),
+    /// or `None` when no such peer is loaded: for services that reach a peer by other means than
+    /// a transfer (a health check through its listener's control channel, say).
+    pub fn peer_metadata(&self, name: &str) -> Option<AgentMetadata> {
+        self.inner.peers.read().get(name).map(|p| p.md.clone())
+    }
+
     fn peer(&self, name: &str) -> Result<Arc<PeerState>> {
         if name == &*self.inner.name {
             // Transfers to ourselves (storage, or local copies) use our own metadata.

@@ -31,6 +31,24 @@ pub enum ErrorClass {
     Denied,
 }
 
+impl ErrorClass {
+    /// The C ABI's name of this class's status in lower case without `NIXL_ERR_`
+    /// (`"remote_disconnect"` for `NIXL_ERR_REMOTE_DISCONNECT`): the `status` label of
+    /// `nixl_agent_errors_total`.
+    pub fn status_name(self) -> &'static str {
+        match self {
+            ErrorClass::Invalid => "invalid",
+            ErrorClass::NotFound => "not_found",
+            ErrorClass::Backend => "backend",
+            ErrorClass::RemoteDisconnect => "remote_disconnect",
+            ErrorClass::Cancelled => "cancelled",
+            ErrorClass::TimedOut => "timeout",
+            ErrorClass::Unavailable => "unavailable",
+            ErrorClass::Denied => "denied",
+        }
+    }
+}
+
 /// Everything that can go wrong in the core. Cloneable, so that a failed request can hand its
 /// reason to every caller that asks.
 #[derive(Clone, Debug, thiserror::Error)]

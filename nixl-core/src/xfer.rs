@@ -22,7 +22,7 @@ use atomic_waker::AtomicWaker;
 use parking_lot::{Condvar, Mutex};
 
 use crate::backend::{BackendName, PreparedXfer};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorClass, Result};
 use crate::region::{enter_all, leave_all, Region, Ticket};
 
 /// The direction of a transfer, seen from the initiator.
@@ -143,11 +143,22 @@ impl Choice {
 
 /// Metric handles of one (backend, peer, op): made once per peer, shared by its requests, so
 /// creating a request allocates no label strings.
+///
+/// Besides the per-peer `nixl_xfer_*` series, every request that ends Done counts in the
+/// agent-wide names of NIXL's telemetry (no peer label): a WRITE's bytes left this agent
+/// (`nixl_agent_tx_bytes_total`, `nixl_agent_tx_requests_total`), a READ's arrived
+/// (`nixl_agent_rx_bytes_total`, `nixl_agent_rx_requests_total`); its time from post to end is
+/// `nixl_agent_xfer_seconds`, and a post that does not end Done counts in
+/// `nixl_agent_errors_total{status}` (the C ABI's status names). Targets whose own threads move
+/// the bytes (the `tcp` listener) count the same byte totals on their side.
 #[derive(Debug)]
 pub(crate) struct Telemetry {
     bytes: metrics::Counter,
     requests: metrics::Counter,
     latency: metrics::Histogram,
+    agent_bytes: metrics::Counter,
+    agent_requests: metrics::Counter,
+    agent_latency: metrics::Histogram,
     /// Whether errors are counted too (not for the chunks of a staged request, which count
     /// once, as the request).
     errors: bool,
@@ -165,6 +176,15 @@ impl Telemetry {
             requests: metrics::counter!("nixl_xfer_requests_total", &labels),
             latency: metrics::histogram!("nixl_xfer_latency_seconds",
                 "backend" => backend.as_str(), "op" => op.as_str()),
+            agent_bytes: match op {
+                XferOp::Write => metrics::counter!("nixl_agent_tx_bytes_total"),
+                XferOp::Read => metrics::counter!("nixl_agent_rx_bytes_total"),
+            },
+            agent_requests: match op {
+                XferOp::Write => metrics::counter!("nixl_agent_tx_requests_total"),
+                XferOp::Read => metrics::counter!("nixl_agent_rx_requests_total"),
+            },
+            agent_latency: metrics::histogram!("nixl_agent_xfer_seconds"),
             errors: true,
         }
     }
@@ -175,6 +195,9 @@ impl Telemetry {
             bytes: metrics::Counter::noop(),
             requests: metrics::Counter::noop(),
             latency: metrics::Histogram::noop(),
+            agent_bytes: metrics::Counter::noop(),
+            agent_requests: metrics::Counter::noop(),
+            agent_latency: metrics::Histogram::noop(),
             errors: false,
         }
     }
@@ -226,17 +249,36 @@ impl XferShared {
                 }
                 tracing::debug!(peer = %self.info.peer, backend = %self.info.backend, error = %e, "transfer failed");
             }
+        }
+        let failed_class = err.as_ref().map(Error::class);
+        if won {
             *slot = err;
         }
         drop(slot);
         if won {
+            let t = &self.telemetry;
             if state == DONE {
-                self.telemetry.bytes.increment(self.info.bytes);
-                self.telemetry.requests.increment(1);
-                if let Some(t) = *self.posted_at.lock() {
-                    self.telemetry.latency.record(t.elapsed().as_secs_f64());
+                t.bytes.increment(self.info.bytes);
+                t.requests.increment(1);
+                t.agent_bytes.increment(self.info.bytes);
+                t.agent_requests.increment(1);
+            } else if t.errors {
+                let status = match (state, failed_class) {
+                    (CANCELLED, _) => ErrorClass::Cancelled.status_name(),
+                    (TIMED_OUT, _) => ErrorClass::TimedOut.status_name(),
+                    (_, Some(c)) => c.status_name(),
+                    (_, None) => ErrorClass::Backend.status_name(),
+                };
+                metrics::counter!("nixl_agent_errors_total", "status" => status).increment(1);
+            }
+            if let Some(p) = *self.posted_at.lock() {
+                let secs = p.elapsed().as_secs_f64();
+                if state == DONE {
+                    t.latency.record(secs);
                 }
-            } else if state != FAILED && self.telemetry.errors {
+                t.agent_latency.record(secs);
+            }
+            if state != DONE && state != FAILED && t.errors {
                 let label = if state == CANCELLED {
                     "cancelled"
                 } else {

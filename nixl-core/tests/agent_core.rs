@@ -724,6 +724,29 @@ fn metrics_count_bytes_requests_errors_and_latency() {
         Some(DebugValue::Histogram(v)) => assert_eq!(v.len(), 2),
         other => panic!("{other:?}"),
     }
+    // The agent-wide names of NIXL's telemetry: WRITEs are tx, no peer label.
+    let plain = |name: &str| {
+        snap.iter()
+            .find(|(k, _, _, _)| k.key().name() == name && k.key().labels().count() == 0)
+            .map(|(_, _, _, v)| v)
+    };
+    assert_eq!(
+        plain("nixl_agent_tx_bytes_total"),
+        Some(&DebugValue::Counter(200))
+    );
+    assert_eq!(
+        plain("nixl_agent_tx_requests_total"),
+        Some(&DebugValue::Counter(2))
+    );
+    assert_eq!(plain("nixl_agent_rx_bytes_total"), None, "no READ was made");
+    assert_eq!(
+        find("nixl_agent_errors_total", ("status", "remote_disconnect")),
+        Some(&DebugValue::Counter(1))
+    );
+    match plain("nixl_agent_xfer_seconds") {
+        Some(DebugValue::Histogram(v)) => assert_eq!(v.len(), 3, "two Done, one Failed"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -762,4 +785,15 @@ fn a_backend_that_cannot_take_a_region_is_left_out_unless_named() {
     let e = only.reg(&list).unwrap_err();
     assert_eq!(e.class(), ErrorClass::Unavailable, "{e}");
     assert!(only.metadata().regions.is_empty());
+}
+
+#[test]
+fn peer_metadata_is_what_was_loaded_and_goes_with_the_peer() {
+    let p = pair();
+    let md = p.a.peer_metadata("b").expect("b is loaded");
+    assert_eq!(md.instance_id, p.b.instance_id());
+    assert_eq!(md.regions.len(), 1);
+    assert!(p.a.peer_metadata("nobody").is_none());
+    p.a.invalidate_remote("b").unwrap();
+    assert!(p.a.peer_metadata("b").is_none());
 }

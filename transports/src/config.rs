@@ -111,6 +111,9 @@
 //!
 //! [etcd]                     # read by nixl-discovery
 //! endpoints = ["http://127.0.0.1:2379"]
+//!
+//! [daemon]                   # read by `nixl-agent serve` (see the nixl-agent crate)
+//! name = "node-3"
 //! ```
 //!
 //! Unknown keys are errors, so a typo does not silently fall back to a default.
@@ -176,6 +179,8 @@ pub struct Config {
     pub agent: AgentSection,
     /// `[etcd]`, kept as written for the discovery crate.
     pub etcd: Option<toml::Table>,
+    /// `[daemon]`, kept as written for the agent daemon (which refuses unknown keys in it).
+    pub daemon: Option<toml::Table>,
 }
 
 /// `[tcp]`.
@@ -594,6 +599,14 @@ impl Config {
 
     /// The backends this configuration asks for, built.
     pub fn backends(&self) -> Result<Vec<Arc<dyn Backend>>> {
+        Ok(self.backends_and_control()?.0)
+    }
+
+    /// [`Config::backends`], with the `tcp` backend's control channel when it runs (the
+    /// daemon's canaries ping peers through it: [`crate::tcp::TcpControl::ping`]).
+    pub fn backends_and_control(
+        &self,
+    ) -> Result<(Vec<Arc<dyn Backend>>, Option<Arc<crate::tcp::TcpControl>>)> {
         let want = |n: &str| {
             self.backends
                 .as_ref()
@@ -607,9 +620,11 @@ impl Config {
             out.push(Arc::new(ShmBackend::new(self.shm_config())));
         }
         let mut control: Option<Arc<dyn ControlChannel>> = None;
+        let mut tcp_control = None;
         if want("tcp") {
             let tcp = Arc::new(TcpBackend::new(self.tcp_config()?));
             control = Some(tcp.control());
+            tcp_control = Some(tcp.control());
             out.push(tcp);
         }
         if want("cuda") {
@@ -641,7 +656,7 @@ impl Config {
         if want("object") {
             out.push(Arc::new(ObjectBackend::new(self.object_config()?)));
         }
-        Ok(out)
+        Ok((out, tcp_control))
     }
 }
 
@@ -674,6 +689,8 @@ mod tests {
             allow_duplicate_name = true
             [etcd]
             endpoints = ["http://127.0.0.1:2379"]
+            [daemon]
+            name = "n"
             "#,
         )
         .unwrap();
@@ -687,6 +704,7 @@ mod tests {
         assert!(c.auth().has_secret());
         assert_eq!(c.backends().unwrap().len(), 1);
         assert!(c.etcd.is_some());
+        assert_eq!(c.daemon.as_ref().unwrap()["name"].as_str(), Some("n"));
         assert_eq!(
             c.object_config().unwrap().names,
             vec![(7, "w/layer-7".into())]

@@ -571,6 +571,16 @@ fn control_requests_reach_the_named_service_through_the_authenticated_listener()
     );
     let err = call(&*ta.control(), BackendName::Cuda, b"x").unwrap_err();
     assert!(err.to_string().contains("serves no cuda control"), "{err}");
+    // The tcp backend answers a ping itself (the daemon's canary), and only that.
+    ta.control().ping(&ep, "ctl-a", t).unwrap();
+    assert_eq!(
+        call(&*ta.control(), BackendName::Tcp, nixl_transports::tcp::PING).unwrap(),
+        nixl_transports::tcp::PONG
+    );
+    let err = call(&*ta.control(), BackendName::Tcp, b"pong").unwrap_err();
+    assert!(err.to_string().contains("answers only"), "{err}");
+    let err = tc.control().ping(&ep, "ctl-c", t).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "wrong secret: {err}");
     // A caller with the wrong secret is refused at authentication.
     let err = tc
         .control()

@@ -208,6 +208,51 @@ pub struct TcpBackend {
     shut: Arc<AtomicBool>,
     me: Mutex<Option<(Arc<str>, u128)>>,
     control: Arc<TcpControl>,
+    /// The backend's own control service (held here; the channel holds it weakly).
+    _ping: Arc<Ping>,
+}
+
+/// The request the `tcp` backend answers itself on the control channel, with [`PONG`]: a health
+/// check of a peer (the daemon's canary) that proves the peer's listener is up, holds the secret
+/// and answers, without touching its memory. See [`TcpControl::ping`].
+pub const PING: &[u8] = b"ping";
+/// The answer to [`PING`].
+pub const PONG: &[u8] = b"pong";
+
+/// Answers [`PING`] with [`PONG`]; refuses anything else.
+#[derive(Debug)]
+struct Ping;
+
+impl ControlService for Ping {
+    fn handle(&self, _peer: &str, req: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        if req == PING {
+            Ok(PONG.to_vec())
+        } else {
+            Err(format!(
+                "unknown tcp control request of {} bytes (the tcp backend answers only \"ping\")",
+                req.len()
+            ))
+        }
+    }
+}
+
+impl TcpControl {
+    /// One authenticated round trip to the listener at `endpoint` (a peer's `tcp` connection
+    /// info), as this agent `from`, within `timeout`: `Ok` once it answered [`PONG`]. It opens a
+    /// connection of its own (handshake included), so it also checks that the peer accepts new
+    /// connections.
+    pub fn ping(&self, endpoint: &[u8], from: &str, timeout: Duration) -> Result<()> {
+        let reply = self.call(endpoint, from, BackendName::Tcp, PING, timeout)?;
+        if reply == PONG {
+            Ok(())
+        } else {
+            Err(Error::Backend {
+                backend: BackendName::Tcp,
+                op: "ping",
+                reason: format!("answered {} bytes, not \"pong\"", reply.len()),
+            })
+        }
+    }
 }
 
 /// The agent's control channel ([`crate::control`]) over its `tcp` listener: requests travel on
@@ -284,15 +329,22 @@ impl TcpBackend {
     /// A backend with these settings (it listens once its agent starts it).
     pub fn new(cfg: TcpConfig) -> TcpBackend {
         let cfg = Arc::new(cfg);
+        let ping = Arc::new(Ping);
+        let services = Arc::<Services>::default();
+        services.insert(
+            BackendName::Tcp,
+            Arc::downgrade(&ping) as Weak<dyn ControlService>,
+        );
         TcpBackend {
             cfg: Arc::clone(&cfg),
             server: Mutex::new(None),
             conns: Arc::default(),
             shut: Arc::new(AtomicBool::new(false)),
             me: Mutex::new(None),
+            _ping: ping,
             control: Arc::new(TcpControl {
                 cfg: Arc::clone(&cfg),
-                services: Arc::default(),
+                services,
                 published: Mutex::new(Vec::new()),
                 me: Mutex::new(None),
             }),

@@ -783,6 +783,8 @@ impl<'a> Worker<'a> {
                 // (`Agent::register`), so no Rust reference of ours aliases it.
                 unsafe { net::read_spans(s, &self.spans, &mut self.iov, idle)? };
                 metrics::counter!("nixl_tcp_bytes_in_total").increment(total);
+                // A peer's WRITE: these bytes arrived at this agent.
+                metrics::counter!("nixl_agent_rx_bytes_total").increment(total);
                 wire::ack(&mut self.out, id, chunk, Status::Ok, "");
             }
             Err(why) => {
@@ -808,6 +810,8 @@ impl<'a> Worker<'a> {
                 // SAFETY: as in `write`: checked, held registered memory, read only.
                 unsafe { net::write_spans(s, &self.out, &self.spans, &mut self.iov, idle)? };
                 metrics::counter!("nixl_tcp_bytes_out_total").increment(total);
+                // A peer's READ: these bytes left this agent.
+                metrics::counter!("nixl_agent_tx_bytes_total").increment(total);
                 Ok(())
             }
             Err(why) => {
