@@ -36,6 +36,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub use crate::api::{MAX_BODY, MAX_CONNS};
+
 /// Largest answer read.
 const MAX_ANSWER: u64 = 64 << 20;
 

@@ -80,7 +80,12 @@ impl Daemon {
         let cfg = dir.join(format!("{name}.toml"));
         let sock = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        let toml = format!("{toml}\ncontrol_socket = \"{}\"\n", sock.display());
+        assert!(toml.contains("[daemon]\n"), "a [daemon] section");
+        let toml = toml.replacen(
+            "[daemon]\n",
+            &format!("[daemon]\ncontrol_socket = \"{}\"\n", sock.display()),
+            1,
+        );
         std::fs::write(&cfg, toml).unwrap();
         let child = cmd
             .args(["--log-format", "json", "serve", "--config"])
