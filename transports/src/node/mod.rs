@@ -361,7 +361,15 @@ fn accept_loop(inner: Arc<Inner>, listener: UnixListener) {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
+                // Sleep in poll(2) until a peer connects (at once) or 200 ms pass (to look at
+                // `shut`): an idle agent wakes 5 times a second here, not 100.
+                let mut pfd = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd on our own listening socket, for the call's duration.
+                unsafe { libc::poll(&mut pfd, 1, 200) };
             }
             Err(e) => {
                 tracing::warn!(error = %e, "shm: accept failed");
