@@ -132,10 +132,11 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         .map_err(|e| start(format!("http listener: {e}")))?;
     let control = crate::api::bind(&d.control_socket, d.socket_mode).map_err(start)?;
 
-    let (backends, tcp) = cfg
+    let built = cfg
         .agent
         .backends_and_control()
         .map_err(|e| ServeError::Config(e.to_string()))?;
+    let (backends, tcp) = (built.backends, built.tcp_control);
     let agent = Arc::new(
         cfg.agent
             .agent_builder(d.name.clone())

@@ -138,6 +138,15 @@ use crate::shm::{ShmBackend, ShmConfig};
 use crate::tcp::{parse_listen, Auth, CertFiles, TcpBackend, TcpConfig, TlsMode, TlsSettings};
 use crate::uring::{UringBackend, UringConfig};
 
+/// What [`Config::backends_and_control`] builds.
+#[derive(Debug)]
+pub struct Built {
+    /// The backends, as [`Config::backends`] returns them.
+    pub backends: Vec<Arc<dyn Backend>>,
+    /// The `tcp` backend's control channel, when it runs.
+    pub tcp_control: Option<Arc<crate::tcp::TcpControl>>,
+}
+
 /// A parsed configuration.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -599,14 +608,12 @@ impl Config {
 
     /// The backends this configuration asks for, built.
     pub fn backends(&self) -> Result<Vec<Arc<dyn Backend>>> {
-        Ok(self.backends_and_control()?.0)
+        Ok(self.backends_and_control()?.backends)
     }
 
     /// [`Config::backends`], with the `tcp` backend's control channel when it runs (the
     /// daemon's canaries ping peers through it: [`crate::tcp::TcpControl::ping`]).
-    pub fn backends_and_control(
-        &self,
-    ) -> Result<(Vec<Arc<dyn Backend>>, Option<Arc<crate::tcp::TcpControl>>)> {
+    pub fn backends_and_control(&self) -> Result<Built> {
         let want = |n: &str| {
             self.backends
                 .as_ref()
@@ -656,7 +663,10 @@ impl Config {
         if want("object") {
             out.push(Arc::new(ObjectBackend::new(self.object_config()?)));
         }
-        Ok((out, tcp_control))
+        Ok(Built {
+            backends: out,
+            tcp_control,
+        })
     }
 }
 
