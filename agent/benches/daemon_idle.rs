@@ -9,8 +9,11 @@
 //! every canary is refused and the daemon backs off to `canary_backoff_max`. Needs `etcd` on
 //! the PATH.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,14 +21,6 @@ use std::time::{Duration, Instant};
 use nixl_core::Agent;
 use nixl_discovery::{EtcdConfig, Registry};
 use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// utime + stime of a process, in seconds.
 fn cpu_secs(pid: u32) -> f64 {
@@ -99,31 +94,19 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("nixl-daemon-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
 
-    let (cp, pp, http) = (free_port(), free_port(), free_port());
+    let (cp, pp, http) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
     let url = format!("http://127.0.0.1:{cp}");
     let peer_url = format!("http://127.0.0.1:{pp}");
-    let etcd = Kill(
-        Command::new("etcd")
-            .args(["--name", "b", "--data-dir"])
-            .arg(dir.join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("b={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd on the PATH"),
-    );
+    let etcd = Kill(common::spawn_etcd(
+        Command::new("etcd"),
+        &dir.join("etcd"),
+        &url,
+        &peer_url,
+    ));
     let ecfg = EtcdConfig::new([url.clone()]);
     let t = Instant::now();
     let reg = loop {

@@ -10,17 +10,9 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{curl, skip, Daemon, Scratch, BIN};
+use common::{curl, free_port, skip, Daemon, Scratch, BIN};
 use nixl_agent::control::ControlError;
 use serde_json::json;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn base(name: &str, http_port: u16) -> String {
     format!(
@@ -325,26 +317,7 @@ fn an_etcd_down_at_start_is_waited_for_and_published_to_when_it_comes() {
     // etcd comes up: the daemon publishes and turns ready.
     let data = dir.0.join("etcd-data");
     let peer_url = format!("http://127.0.0.1:{peer}");
-    let mut etcd = Command::new("etcd")
-        .args(["--name", "t", "--data-dir"])
-        .arg(&data)
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("t={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut etcd = common::spawn_etcd(Command::new("etcd"), &data, &url, &peer_url);
     let took = d.until("published once etcd is up", Duration::from_secs(25), |s| {
         s["etcd"]["state"] == "published" && s["ready"] == true
     });

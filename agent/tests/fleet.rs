@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{curl, peer_state, run, sample, scrape, skip, Daemon, Scratch, BIN};
+use common::{curl, peer_state, run, sample, scrape, skip, spawn_etcd, Daemon, Scratch, BIN};
 use nixl_agent::control::ControlError;
 use nixl_tests::netns::Lab;
 use serde_json::json;
@@ -29,27 +28,7 @@ impl Etcd {
         let ip = lab.addr(0);
         let url = format!("http://{ip}:2379");
         let peer = format!("http://{ip}:2380");
-        let child = lab
-            .command(0, "etcd")
-            .args(["--name", "t", "--data-dir"])
-            .arg(dir.0.join("data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("t={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd");
+        let child = spawn_etcd(lab.command(0, "etcd"), &dir.0.join("data"), &url, &peer);
         let e = Etcd {
             child,
             url,

@@ -237,3 +237,38 @@ pub fn scrape(lab: Option<(&Lab, usize)>, url: &str) -> serde_json::Map<String, 
 pub fn sample(m: &serde_json::Map<String, Value>, key: &str) -> f64 {
     m.get(key).and_then(Value::as_f64).unwrap_or(0.0)
 }
+
+/// Starts `etcd` through `cmd` (a command that runs the binary, maybe inside a namespace) with
+/// its data in `data`, serving clients at `client` and its one-member cluster at `peer`
+/// (`http://IP:PORT` both). It answers a moment later.
+pub fn spawn_etcd(mut cmd: Command, data: &std::path::Path, client: &str, peer: &str) -> Child {
+    cmd.args(["--name", "t", "--data-dir"])
+        .arg(data)
+        .args([
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+        ])
+        .args([
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+        ])
+        .args(["--initial-cluster", &format!("t={peer}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etcd")
+}
+
+/// A loopback port free now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
