@@ -114,11 +114,11 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Reply {
             },
             Err(_) => error_reply(400, &format!("job id {id:?} is not a number")),
         },
-        (&Method::DELETE, ["v1", "jobs", id]) => match id.parse() {
-            Ok(id) => match crate::jobs::delete(d, id) {
-                Ok(j) => json_reply(200, &j),
-                Err((code, m)) => error_reply(code, &m),
-            },
+        (&Method::DELETE, ["v1", "jobs", id]) => match id.parse::<u64>() {
+            Ok(id) => {
+                let dd = Arc::clone(d);
+                blocking(move || crate::jobs::delete(&dd, id)).await
+            }
             Err(_) => error_reply(400, &format!("job id {id:?} is not a number")),
         },
         (&Method::POST, ["v1", "jobs"]) => {
@@ -138,9 +138,14 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Reply {
                 Ok(s) => s,
                 Err(e) => return error_reply(400, &format!("job: {e}")),
             };
-            match crate::jobs::create(d, spec) {
-                Ok(j) => json_reply(201, &j),
-                Err((code, m)) => error_reply(code, &m),
+            let dd = Arc::clone(d);
+            match blocking(move || crate::jobs::create(&dd, spec)).await {
+                r if r.status() == 200 => {
+                    let (mut parts, body) = r.into_parts();
+                    parts.status = hyper::StatusCode::CREATED;
+                    Reply::from_parts(parts, body)
+                }
+                r => r,
             }
         }
         (_, ["v1", "status" | "peers" | "pool" | "jobs", ..]) => {
@@ -153,6 +158,18 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Reply {
                  POST /v1/jobs; DELETE /v1/jobs/ID"
             ),
         ),
+    }
+}
+
+/// Runs a job operation on a blocking thread (it may connect to a peer, or wait for another
+/// operation), so the async workers keep serving /metrics and the other requests.
+async fn blocking(
+    f: impl FnOnce() -> Result<Value, crate::jobs::Refusal> + Send + 'static,
+) -> Reply {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(j)) => json_reply(200, &j),
+        Ok(Err((code, m))) => error_reply(code, &m),
+        Err(e) => error_reply(500, &format!("job operation: {e}")),
     }
 }
 

@@ -124,6 +124,9 @@ impl Job {
 /// The job table.
 #[derive(Debug, Default)]
 pub(crate) struct Jobs {
+    /// Held across creating and deleting a job, so that a lease cannot be released between a
+    /// transfer's check of it and the transfer's start.
+    edit: Mutex<()>,
     next: AtomicU64,
     all: Mutex<BTreeMap<u64, Arc<Job>>>,
     changed: tokio::sync::Notify,
@@ -196,8 +199,10 @@ impl Jobs {
     }
 }
 
-/// Creates a job (the control API's `POST /v1/jobs`); returns it as JSON.
+/// Creates a job (the control API's `POST /v1/jobs`); returns it as JSON. Blocks (a transfer
+/// to a peer not yet connected connects first): call it off the async workers.
 pub(crate) fn create(d: &Arc<Daemon>, spec: JobSpec) -> Result<Value, Refusal> {
+    let _edit = d.jobs.edit.lock();
     let pool = d.pool.as_ref().ok_or_else(|| {
         (
             409,
@@ -323,8 +328,9 @@ pub(crate) fn create(d: &Arc<Daemon>, spec: JobSpec) -> Result<Value, Refusal> {
 }
 
 /// Deletes a job: a lease is released (refused while a transfer uses it), a running transfer
-/// cancelled.
+/// cancelled. May wait for a job being created: call it off the async workers.
 pub(crate) fn delete(d: &Daemon, id: u64) -> Result<Value, Refusal> {
+    let _edit = d.jobs.edit.lock();
     let job = d
         .jobs
         .all
