@@ -1,0 +1,299 @@
+//! `nixl-weights`: serve a model from registered memory, pull it from its sources, verify a
+//! directory. See the crate docs and the README's "Weight streaming" section.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use nixl_core::{Agent, Backend, BackendName};
+use nixl_transports::config::Config;
+use nixl_transports::tcp::TcpBackend;
+use nixl_weight_streamer::{manifest, pull, Error, Fallback, Manifest, PullOptions, Result, Source, SourceOptions};
+
+#[derive(Parser, Debug)]
+#[command(name = "nixl-weights", about = "Weight streaming across replicas", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Load a model directory into registered memory and serve it until killed.
+    Serve {
+        /// The model directory (`*.safetensors`, and any other files beside them).
+        path: PathBuf,
+        /// Model name (default: the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Agent configuration (TOML; see nixl_transports::config).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address of the tcp backend (overrides the configuration's `[tcp] listen`).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Chunk size in bytes (the unit of transfer and verification).
+        #[arg(long, default_value_t = manifest::DEFAULT_CHUNK)]
+        chunk_size: u64,
+        /// Print one JSON object when serving starts.
+        #[arg(long)]
+        json: bool,
+        /// TEST ONLY: corrupt this chunk in the served memory after the manifest is computed.
+        #[arg(long, hide = true)]
+        fault_corrupt_chunk: Vec<usize>,
+    },
+    /// Pull a model from its sources into a directory, verified.
+    Pull {
+        /// Model name.
+        name: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// A source's tcp listener (`HOST:PORT`); repeat for several.
+        #[arg(long = "source")]
+        sources: Vec<String>,
+        /// Where chunks no live source can give are read from: a directory holding the model.
+        #[arg(long)]
+        fallback: Option<PathBuf>,
+        /// Serve each chunk as soon as it is verified, and keep serving after the pull.
+        #[arg(long)]
+        serve: bool,
+        /// Agent configuration (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen address of the tcp backend.
+        #[arg(long)]
+        listen: Option<String>,
+        /// READs in flight per source.
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+        /// Give up after this many seconds without progress.
+        #[arg(long, default_value_t = 30)]
+        stall_timeout: u64,
+        /// Print one JSON summary object on stdout at the end.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute the checksums of a directory (against the manifest a pull left there).
+    Verify {
+        /// The directory.
+        dir: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NIXL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nixl-weights: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The agent of the CLI: the configured backends (tcp only by default), with the tcp backend
+/// kept by type so that its listen address can be printed.
+fn agent(config: Option<&PathBuf>, listen: Option<String>, role: &str) -> Result<(Arc<Agent>, Config, Vec<String>)> {
+    let mut cfg = match config {
+        Some(p) => Config::from_file(p).map_err(|e| Error::core(format!("config {}", p.display()), e))?,
+        None => Config::default(),
+    };
+    if cfg.backends.is_none() {
+        cfg.backends = Some(vec!["tcp".into()]);
+    }
+    if listen.is_some() {
+        cfg.tcp.listen = listen;
+    }
+    let tcp = Arc::new(TcpBackend::new(cfg.tcp_config().map_err(|e| Error::core("config [tcp]", e))?));
+    let mut backends: Vec<Arc<dyn Backend>> = vec![tcp.clone()];
+    for b in cfg.backends().map_err(|e| Error::core("config", e))? {
+        if b.name() != BackendName::Tcp {
+            backends.push(b);
+        }
+    }
+    let name = format!(
+        "nixl-weights-{role}-{:016x}",
+        nixl_core::random_u64().map_err(|e| Error::core("agent name", e))?
+    );
+    let agent = cfg
+        .agent_builder(name)
+        .backends(backends)
+        .build()
+        .map_err(|e| Error::core("starting the agent", e))?;
+    agent
+        .check_backend(BackendName::Tcp)
+        .map_err(|e| Error::core("the tcp backend", e))?;
+    let addrs = tcp.listen_addrs().iter().map(ToString::to_string).collect();
+    Ok((Arc::new(agent), cfg, addrs))
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Serve {
+            path,
+            name,
+            config,
+            listen,
+            chunk_size,
+            json,
+            fault_corrupt_chunk,
+        } => {
+            let (agent, _cfg, addrs) = agent(config.as_ref(), listen, "src")?;
+            let opts = SourceOptions {
+                name,
+                chunk_size,
+                corrupt_chunks: fault_corrupt_chunk,
+            };
+            let src = Source::load(&agent, &path, &opts)?;
+            let m = src.manifest();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "serving": m.name, "model_id": m.model_id(), "addrs": addrs,
+                        "bytes": m.total_bytes(), "files": m.files.len(),
+                        "tensors": m.tensors.len(), "chunks": m.chunk_count(),
+                    })
+                );
+            } else {
+                println!(
+                    "serving {} ({} files, {} tensors, {} bytes) on {}",
+                    m.model_id(),
+                    m.files.len(),
+                    m.tensors.len(),
+                    m.total_bytes(),
+                    addrs.join(" ")
+                );
+            }
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                if let Err(e) = src.check_unchanged() {
+                    eprintln!("nixl-weights: error: {e}");
+                    // Peers' reads fail from now on; they fetch elsewhere.
+                    if let Err(e) = src.withdraw() {
+                        eprintln!("nixl-weights: withdrawing: {e}");
+                    }
+                    return Ok(ExitCode::from(3));
+                }
+            }
+        }
+        Cmd::Pull {
+            name,
+            out,
+            sources,
+            fallback,
+            serve,
+            config,
+            listen,
+            streams,
+            stall_timeout,
+            json,
+        } => {
+            let (agent, cfg, addrs) = agent(config.as_ref(), listen, "pull")?;
+            let mut opts = PullOptions::new(name);
+            opts.sources = sources;
+            opts.fallback = fallback.map(Fallback::Dir);
+            opts.serve = serve;
+            opts.streams_per_source = streams;
+            opts.stall_timeout = Duration::from_secs(stall_timeout);
+            opts.progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            if serve {
+                eprintln!("nixl-weights: serving while pulling on {}", addrs.join(" "));
+            }
+            let pulled = pull(&agent, &cfg.auth(), Some(&out), &opts)?;
+            let r = &pulled.report;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "model_id": r.model_id, "bytes": r.bytes, "seconds": r.seconds,
+                        "gbps": r.bytes as f64 * 8.0 / r.seconds.max(1e-9) / 1e9,
+                        "sources": r.sources, "fallback_bytes": r.fallback_bytes,
+                        "verified": r.verified, "corrupt_chunks": r.corrupt_chunks,
+                        "dropped": r.dropped, "skipped": r.skipped,
+                        "chunks_written": r.chunks_written,
+                        "chunks": pulled.manifest.chunk_count(),
+                    })
+                );
+            } else {
+                println!(
+                    "pulled {} ({} bytes) in {:.2} s, verified; from {}",
+                    r.model_id,
+                    r.bytes,
+                    r.seconds,
+                    r.sources
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {v}"))
+                        .chain((r.fallback_bytes > 0).then(|| format!("fallback: {}", r.fallback_bytes)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            if serve {
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                eprintln!("nixl-weights: pull done, serving {} until killed", r.model_id);
+                let _keep = pulled;
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Verify { dir, json } => {
+            let mpath = dir.join(nixl_weight_streamer::MANIFEST_FILE);
+            let stored = match std::fs::read(&mpath) {
+                Ok(b) => Some(Manifest::decode(&b)?),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(Error::Io { what: format!("reading {}", mpath.display()), source: e }),
+            };
+            let (name, chunk) = stored
+                .as_ref()
+                .map_or(("model".to_owned(), manifest::DEFAULT_CHUNK), |m| (m.name.clone(), m.chunk_size));
+            let now = nixl_weight_streamer::source::manifest_of_dir(&dir, &name, chunk)?;
+            let diff = stored.as_ref().and_then(|m| m.difference(&now));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "model_id": now.model_id(), "bytes": now.total_bytes(),
+                        "files": now.files.len(), "tensors": now.tensors.len(),
+                        "chunks": now.chunk_count(), "checked_against_manifest": stored.is_some(),
+                        "ok": diff.is_none(), "difference": diff,
+                    })
+                );
+            } else if let Some(d) = &diff {
+                println!("MISMATCH {}: {d}", dir.display());
+            } else {
+                println!(
+                    "{} {}: {} files, {} tensors, {} chunks{}",
+                    if stored.is_some() { "OK" } else { "computed" },
+                    now.model_id(),
+                    now.files.len(),
+                    now.tensors.len(),
+                    now.chunk_count(),
+                    if stored.is_some() { " match the manifest" } else { " (no manifest to check against)" }
+                );
+            }
+            let _ = json_str;
+            Ok(if diff.is_some() { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        }
+    }
+}

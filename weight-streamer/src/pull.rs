@@ -1,0 +1,765 @@
+//! The replica side: find sources, pull every chunk with one-sided READs spread over all live
+//! sources, verify each chunk, write each verified chunk once, fall back to storage for chunks
+//! no live source can give.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nixl_core::{Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
+use nixl_transports::tcp::{fetch_metadata, Auth};
+use parking_lot::{Condvar, Mutex};
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+
+use crate::error::{Error, Result};
+use crate::manifest::{check_file_tensors, Chunk, Manifest};
+use crate::mem::HostMem;
+use crate::publish::{register, Header, Published, HEADER};
+
+/// Bad chunks after which a source is dropped.
+pub const MAX_BAD_CHUNKS: u32 = 2;
+
+/// Where chunks come from when no live source has them.
+#[derive(Clone, Debug)]
+pub enum Fallback {
+    /// A local copy of the model directory.
+    Dir(PathBuf),
+}
+
+/// How to pull.
+#[derive(Clone, Debug)]
+pub struct PullOptions {
+    /// Model name.
+    pub name: String,
+    /// Source addresses (`HOST:PORT` of their tcp listeners).
+    pub sources: Vec<String>,
+    /// Storage fallback.
+    pub fallback: Option<Fallback>,
+    /// Become a source while pulling (each chunk served once verified).
+    pub serve: bool,
+    /// READs in flight per source.
+    pub streams_per_source: usize,
+    /// One bounded attempt to reach a source (metadata and header).
+    pub connect_timeout: Duration,
+    /// Longest a chunk READ may take before its source is taken for dead.
+    pub chunk_timeout: Duration,
+    /// Longest the pull may go without progress before it gives up.
+    pub stall_timeout: Duration,
+    /// Progress line on stderr.
+    pub progress: bool,
+}
+
+impl PullOptions {
+    /// Defaults for `name`.
+    pub fn new(name: impl Into<String>) -> PullOptions {
+        PullOptions {
+            name: name.into(),
+            sources: Vec::new(),
+            fallback: None,
+            serve: false,
+            streams_per_source: 4,
+            connect_timeout: Duration::from_secs(3),
+            chunk_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
+            progress: false,
+        }
+    }
+}
+
+/// What a pull did.
+#[derive(Clone, Debug, Default)]
+pub struct PullReport {
+    /// Model id (`name@digest`).
+    pub model_id: String,
+    /// Bytes of the model.
+    pub bytes: u64,
+    /// Wall time of the transfer phase.
+    pub seconds: f64,
+    /// Bytes taken from each source (by address).
+    pub sources: BTreeMap<String, u64>,
+    /// Bytes read from the fallback.
+    pub fallback_bytes: u64,
+    /// Every chunk verified (always true in a report: a pull that cannot verify fails).
+    pub verified: bool,
+    /// Chunks that failed their checksum (and were fetched again elsewhere).
+    pub corrupt_chunks: u64,
+    /// Sources dropped during the pull, with the reason.
+    pub dropped: Vec<String>,
+    /// Sources skipped at the start (unreachable, or not serving this model), with the reason.
+    pub skipped: Vec<String>,
+    /// Chunk writes to the output files (equals the chunk count: nothing is written twice).
+    pub chunks_written: u64,
+}
+
+/// A source that answered: its agent, its control and data regions, its manifest.
+struct Peer {
+    label: String,
+    agent_name: String,
+    ctrl: Desc,
+    header: Header,
+    manifest: Arc<Manifest>,
+}
+
+/// A registered scratch buffer (the registration is dropped before the memory).
+struct Scratch {
+    reg: Option<Registration>,
+    mem: Arc<HostMem>,
+}
+
+impl Scratch {
+    fn new(agent: &Agent, len: u64) -> Result<Scratch> {
+        let mem = Arc::new(HostMem::new(len as usize)?);
+        let reg = register(agent, &mem)?;
+        Ok(Scratch {
+            reg: Some(reg),
+            mem,
+        })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        drop(self.reg.take());
+    }
+}
+
+/// READs `len` bytes of peer memory at `remote` into `local` at `off`.
+fn read_remote(
+    agent: &Agent,
+    peer: &str,
+    local: &HostMem,
+    off: u64,
+    remote: u64,
+    len: u64,
+    timeout: Duration,
+) -> nixl_core::Result<()> {
+    let l = DescList::from_descs(MemKind::Dram, vec![Desc::new(local.addr() + off, len, 0)])?;
+    let r = DescList::from_descs(MemKind::Dram, vec![Desc::new(remote, len, 0)])?;
+    let x = agent.create_xfer(
+        XferOp::Read,
+        &l,
+        &r,
+        peer,
+        XferOptions {
+            deadline: Some(timeout),
+            ..Default::default()
+        },
+    )?;
+    x.post()?;
+    x.wait_blocking(Some(timeout + Duration::from_secs(1)))
+        .into_result()
+}
+
+/// One bounded attempt to reach a source at `addr` and read its description of `name`.
+fn probe(agent: &Agent, auth: &Auth, addr: &str, name: &str, t: Duration) -> Result<Peer> {
+    let md_bytes =
+        fetch_metadata(addr, auth, t).map_err(|e| Error::core(format!("metadata of {addr}"), e))?;
+    let md = AgentMetadata::decode(&md_bytes)
+        .map_err(|e| Error::Invalid(format!("metadata of {addr}: {e}")))?;
+    let peer = agent
+        .load_remote_md(md.clone())
+        .map_err(|e| Error::core(format!("loading metadata of {addr}"), e))?;
+    let page = Scratch::new(agent, HEADER)?;
+    for r in md.regions.iter().filter(|r| r.kind == MemKind::Dram) {
+        if r.desc.len < HEADER {
+            continue;
+        }
+        read_remote(agent, &peer, &page.mem, 0, r.desc.addr, HEADER, t)
+            .map_err(|e| Error::core(format!("reading a header from {addr}"), e))?;
+        // SAFETY: the READ into the page has ended; nothing else writes it.
+        let bytes = unsafe { page.mem.slice(0, HEADER)? }.to_vec();
+        let Some(h) = Header::decode(&bytes) else {
+            continue;
+        };
+        let h = h?;
+        if h.name != name {
+            continue;
+        }
+        if h.control_len() > r.desc.len {
+            return Err(Error::Invalid(format!(
+                "{addr}: control region of {} bytes shorter than its header says",
+                r.desc.len
+            )));
+        }
+        let ms = Scratch::new(agent, h.manifest_len.max(1))?;
+        read_remote(agent, &peer, &ms.mem, 0, r.desc.addr + HEADER, h.manifest_len, t)
+            .map_err(|e| Error::core(format!("reading the manifest from {addr}"), e))?;
+        // SAFETY: the READ has ended; nothing else writes this scratch buffer.
+        let enc = unsafe { ms.mem.slice(0, h.manifest_len)? };
+        if xxh3_128(enc) != h.digest {
+            return Err(Error::Invalid(format!(
+                "{addr}: manifest does not match the digest in its header"
+            )));
+        }
+        let m = Manifest::decode(enc)?;
+        if m.name != name || m.chunk_count() as u64 != h.chunks {
+            return Err(Error::Invalid(format!(
+                "{addr}: manifest of {:?} with {} chunks under a header of {:?} with {}",
+                m.name,
+                m.chunk_count(),
+                h.name,
+                h.chunks
+            )));
+        }
+        let (_, data_len) = m.layout();
+        let data_ok = md.regions.iter().any(|x| {
+            x.kind == MemKind::Dram
+                && x.desc.addr == h.data.addr
+                && x.desc.len == h.data.len
+                && x.desc.len >= data_len
+        });
+        if !data_ok {
+            return Err(Error::Invalid(format!(
+                "{addr}: the data region its header names is not registered or too short"
+            )));
+        }
+        return Ok(Peer {
+            label: addr.to_owned(),
+            agent_name: peer,
+            ctrl: r.desc,
+            header: h,
+            manifest: Arc::new(m),
+        });
+    }
+    Err(Error::Invalid(format!("{addr} does not serve a model named {name:?}")))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum St {
+    Pending,
+    InFlight,
+    Done,
+}
+
+struct SourceState {
+    label: String,
+    agent_name: String,
+    data_addr: u64,
+    ctrl: Desc,
+    have_offset: u64,
+    have: Mutex<Vec<bool>>,
+    complete: AtomicBool,
+    alive: AtomicBool,
+    bad: AtomicU32,
+    bytes: AtomicU64,
+    cursor: AtomicU64,
+}
+
+struct Board {
+    st: Vec<St>,
+    /// Sources (by index) whose copy of the chunk failed its checksum.
+    failed_on: Vec<Vec<u16>>,
+    done: usize,
+    last_progress: Instant,
+}
+
+struct Run<'a> {
+    agent: &'a Agent,
+    chunks: Vec<Chunk>,
+    sources: Vec<SourceState>,
+    board: Mutex<Board>,
+    cv: Condvar,
+    finished: AtomicBool,
+    data: Arc<HostMem>,
+    outs: Option<Vec<File>>,
+    published: Option<&'a Published>,
+    fallback: Option<Fallback>,
+    manifest: Arc<Manifest>,
+    fallback_bytes: AtomicU64,
+    corrupt: AtomicU64,
+    writes: AtomicU64,
+    dropped: Mutex<Vec<String>>,
+    fatal: Mutex<Option<Error>>,
+    chunk_timeout: Duration,
+}
+
+impl Run<'_> {
+    /// Whether source `s` may serve chunk `c`.
+    fn eligible(&self, b: &Board, s: usize, c: usize) -> bool {
+        let src = &self.sources[s];
+        src.alive.load(Ordering::Acquire)
+            && src.have.lock().get(c).copied().unwrap_or(false)
+            && !b.failed_on[c].contains(&(s as u16))
+    }
+
+    fn pick(&self, s: usize) -> Option<usize> {
+        let mut b = self.board.lock();
+        let n = self.chunks.len();
+        let start = self.sources[s].cursor.load(Ordering::Relaxed) as usize % n.max(1);
+        let have = self.sources[s].have.lock().clone();
+        for k in 0..n {
+            let c = (start + k) % n;
+            if b.st[c] == St::Pending && have[c] && !b.failed_on[c].contains(&(s as u16)) {
+                b.st[c] = St::InFlight;
+                self.sources[s]
+                    .cursor
+                    .store((c + 1) as u64, Ordering::Relaxed);
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn pick_fallback(&self) -> Option<usize> {
+        let mut b = self.board.lock();
+        for c in 0..self.chunks.len() {
+            if b.st[c] == St::Pending && !(0..self.sources.len()).any(|s| self.eligible(&b, s, c))
+            {
+                b.st[c] = St::InFlight;
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn requeue(&self, c: usize, bad_from: Option<usize>) {
+        let mut b = self.board.lock();
+        b.st[c] = St::Pending;
+        if let Some(s) = bad_from {
+            b.failed_on[c].push(s as u16);
+        }
+        drop(b);
+        self.cv.notify_all();
+    }
+
+    fn drop_source(&self, s: usize, why: String) {
+        if self.sources[s].alive.swap(false, Ordering::AcqRel) {
+            tracing::warn!(source = %self.sources[s].label, "source dropped: {why}");
+            self.dropped
+                .lock()
+                .push(format!("{}: {why}", self.sources[s].label));
+            self.cv.notify_all();
+        }
+    }
+
+    /// Verifies chunk `c` (now in the data buffer) and, if good, writes it out once.
+    fn accept(&self, c: usize) -> Result<bool> {
+        let ch = &self.chunks[c];
+        // SAFETY: chunk `c` is InFlight for this thread alone: the READ (or fallback copy) into
+        // it has ended, and no other transfer targets it until it is requeued.
+        let bytes = unsafe { self.data.slice(ch.data_offset, ch.len)? };
+        if xxh3_64(bytes) != ch.sum {
+            return Ok(false);
+        }
+        if let Some(outs) = &self.outs {
+            outs[ch.file]
+                .write_all_at(bytes, ch.file_offset)
+                .map_err(|e| {
+                    Error::io(format!("writing {}", self.manifest.files[ch.file].name), e)
+                })?;
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(p) = self.published {
+            p.mark_have(c)?;
+        }
+        let mut b = self.board.lock();
+        debug_assert_eq!(b.st[c], St::InFlight);
+        b.st[c] = St::Done;
+        b.done += 1;
+        b.last_progress = Instant::now();
+        drop(b);
+        self.cv.notify_all();
+        Ok(true)
+    }
+
+    fn fail(&self, e: Error) {
+        let mut f = self.fatal.lock();
+        if f.is_none() {
+            *f = Some(e);
+        }
+        self.finished.store(true, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    fn source_worker(&self, s: usize) {
+        let src = &self.sources[s];
+        while !self.finished.load(Ordering::Acquire) && src.alive.load(Ordering::Acquire) {
+            let Some(c) = self.pick(s) else {
+                let mut b = self.board.lock();
+                self.cv.wait_for(&mut b, Duration::from_millis(50));
+                continue;
+            };
+            let ch = self.chunks[c];
+            let r = read_remote(
+                self.agent,
+                &src.agent_name,
+                &self.data,
+                ch.data_offset,
+                src.data_addr + ch.data_offset,
+                ch.len,
+                self.chunk_timeout,
+            );
+            if let Err(e) = r {
+                self.requeue(c, None);
+                self.drop_source(s, format!("READ of chunk {c} failed: {e}"));
+                return;
+            }
+            match self.accept(c) {
+                Ok(true) => {
+                    src.bytes.fetch_add(ch.len, Ordering::Relaxed);
+                }
+                Ok(false) => {
+                    self.corrupt.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(source = %src.label, chunk = c, "chunk failed its checksum");
+                    self.requeue(c, Some(s));
+                    if src.bad.fetch_add(1, Ordering::AcqRel) + 1 >= MAX_BAD_CHUNKS {
+                        self.drop_source(s, format!("{MAX_BAD_CHUNKS} chunks failed their checksum"));
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fallback_worker(&self, fb: &Fallback) {
+        let mut open: BTreeMap<usize, File> = BTreeMap::new();
+        while !self.finished.load(Ordering::Acquire) {
+            let Some(c) = self.pick_fallback() else {
+                let mut b = self.board.lock();
+                self.cv.wait_for(&mut b, Duration::from_millis(50));
+                continue;
+            };
+            let ch = self.chunks[c];
+            let r = match fb {
+                Fallback::Dir(dir) => {
+                    let name = &self.manifest.files[ch.file].name;
+                    let f = match open.entry(ch.file) {
+                        std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            match File::open(dir.join(name)) {
+                                Ok(f) => v.insert(f),
+                                Err(e) => {
+                                    self.fail(Error::io(
+                                        format!("fallback {}", dir.join(name).display()),
+                                        e,
+                                    ));
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    let mut buf = vec![0u8; ch.len as usize];
+                    f.read_exact_at(&mut buf, ch.file_offset)
+                        .map_err(|e| Error::io(format!("fallback {}", dir.join(name).display()), e))
+                        // SAFETY: chunk `c` is InFlight for this thread alone (no transfer
+                        // targets it) and no reference into it is alive.
+                        .and_then(|()| unsafe { self.data.write(ch.data_offset, &buf) })
+                }
+            };
+            let ok = r.and_then(|()| self.accept(c));
+            match ok {
+                Ok(true) => {
+                    self.fallback_bytes.fetch_add(ch.len, Ordering::Relaxed);
+                }
+                Ok(false) => {
+                    self.fail(Error::Incomplete(format!(
+                        "chunk {c} of {} fails its checksum in the fallback too",
+                        self.manifest.files[ch.file].name
+                    )));
+                    return;
+                }
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn refresh_have(&self, scratch: &HostMem) {
+        for s in &self.sources {
+            if !s.alive.load(Ordering::Acquire) || s.complete.load(Ordering::Acquire) {
+                continue;
+            }
+            let n = self.chunks.len() as u64;
+            let r = read_remote(
+                self.agent,
+                &s.agent_name,
+                scratch,
+                0,
+                s.ctrl.addr + s.have_offset,
+                n,
+                Duration::from_secs(5),
+            );
+            if r.is_err() {
+                continue;
+            }
+            // SAFETY: the READ into the scratch buffer has ended; only this thread uses it.
+            let Ok(bytes) = (unsafe { scratch.slice(0, n) }) else {
+                continue;
+            };
+            let mut have = s.have.lock();
+            for (h, &b) in have.iter_mut().zip(bytes) {
+                *h |= b == 1;
+            }
+            if have.iter().all(|&x| x) {
+                s.complete.store(true, Ordering::Release);
+            }
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// The result of a pull: its report, the pulled model in registered memory (published when
+/// `serve`), and the manifest.
+#[derive(Debug)]
+pub struct Pulled {
+    /// What happened.
+    pub report: PullReport,
+    /// The model's manifest.
+    pub manifest: Arc<Manifest>,
+    /// The model, published by the agent when the pull was asked to serve.
+    pub published: Published,
+}
+
+/// Pulls model `opts.name` into registered memory of `agent`, and writes its files into `out`
+/// (when given) byte-identical to the source's.
+pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) -> Result<Pulled> {
+    let mut peers: Vec<Peer> = Vec::new();
+    let mut skipped = Vec::new();
+    for addr in &opts.sources {
+        match probe(agent, auth, addr, &opts.name, opts.connect_timeout) {
+            Ok(p) => peers.push(p),
+            Err(e) => {
+                tracing::warn!(source = %addr, "source skipped: {e}");
+                skipped.push(format!("{addr}: {e}"));
+            }
+        }
+    }
+    let manifest: Arc<Manifest> = match (peers.first(), &opts.fallback) {
+        (Some(p), _) => Arc::clone(&p.manifest),
+        (None, Some(Fallback::Dir(d))) => Arc::new(crate::source::manifest_of_dir(
+            d,
+            &opts.name,
+            crate::manifest::DEFAULT_CHUNK,
+        )?),
+        (None, None) => {
+            return Err(Error::Incomplete(format!(
+                "no source of {:?} answered and no fallback was given: {}",
+                opts.name,
+                skipped.join("; ")
+            )))
+        }
+    };
+    for p in &peers[1..] {
+        if p.header.digest != peers[0].header.digest {
+            let detail = manifest.difference(&p.manifest).unwrap_or_default();
+            let tensor = detail
+                .split('"')
+                .nth(1)
+                .unwrap_or("(none: files differ)")
+                .to_owned();
+            return Err(Error::ManifestMismatch {
+                tensor,
+                detail: format!("{} vs {}: {detail}", peers[0].label, p.label),
+            });
+        }
+    }
+    let chunks = manifest.chunks();
+    let (_, data_len) = manifest.layout();
+    let data = Arc::new(HostMem::new(data_len as usize)?);
+    // Registered either way: as the published model when serving, else on its own.
+    let published = Published::new(agent, Arc::clone(&manifest), Arc::clone(&data), false)?;
+    let have_scratch = Scratch::new(agent, chunks.len() as u64)?;
+
+    let outs = match out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let mut v = Vec::new();
+            for f in &manifest.files {
+                let p = dir.join(format!(".{}.nixl-partial", f.name));
+                let file = File::create(&p)
+                    .map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
+                file.set_len(f.size)
+                    .map_err(|e| Error::io(format!("sizing {}", p.display()), e))?;
+                v.push(file);
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let seed = (xxh3_64(agent.name().as_bytes()) as usize) % chunks.len().max(1);
+    let sources: Vec<SourceState> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| SourceState {
+            label: p.label.clone(),
+            agent_name: p.agent_name.clone(),
+            data_addr: p.header.data.addr,
+            ctrl: p.ctrl,
+            have_offset: p.header.have_offset(),
+            have: Mutex::new(vec![p.header.complete; chunks.len()]),
+            complete: AtomicBool::new(p.header.complete),
+            alive: AtomicBool::new(true),
+            bad: AtomicU32::new(0),
+            bytes: AtomicU64::new(0),
+            cursor: AtomicU64::new(
+                (seed + i * chunks.len() / peers.len().max(1)) as u64 % chunks.len().max(1) as u64,
+            ),
+        })
+        .collect();
+    let run = Run {
+        agent,
+        board: Mutex::new(Board {
+            st: vec![St::Pending; chunks.len()],
+            failed_on: vec![Vec::new(); chunks.len()],
+            done: 0,
+            last_progress: Instant::now(),
+        }),
+        chunks,
+        sources,
+        cv: Condvar::new(),
+        finished: AtomicBool::new(false),
+        data: Arc::clone(&data),
+        outs,
+        published: opts.serve.then_some(&published),
+        fallback: opts.fallback.clone(),
+        manifest: Arc::clone(&manifest),
+        fallback_bytes: AtomicU64::new(0),
+        corrupt: AtomicU64::new(0),
+        writes: AtomicU64::new(0),
+        dropped: Mutex::new(Vec::new()),
+        fatal: Mutex::new(None),
+        chunk_timeout: opts.chunk_timeout,
+    };
+    let start = Instant::now();
+    let total = run.chunks.len();
+    std::thread::scope(|sc| {
+        for s in 0..run.sources.len() {
+            for _ in 0..opts.streams_per_source.max(1) {
+                let run = &run;
+                sc.spawn(move || run.source_worker(s));
+            }
+        }
+        if let Some(fb) = &run.fallback {
+            let run = &run;
+            sc.spawn(move || run.fallback_worker(fb));
+        }
+        let mut last_refresh = Instant::now();
+        let mut last_print = Instant::now();
+        loop {
+            {
+                let mut b = run.board.lock();
+                if b.done == total || run.finished.load(Ordering::Acquire) {
+                    break;
+                }
+                run.cv.wait_for(&mut b, Duration::from_millis(50));
+                if b.done == total {
+                    break;
+                }
+                let any_alive = run.sources.iter().any(|s| s.alive.load(Ordering::Acquire));
+                if !any_alive && run.fallback.is_none() {
+                    drop(b);
+                    let dropped = run.dropped.lock().join("; ");
+                    run.fail(Error::Incomplete(format!(
+                        "every source is gone and no fallback was given ({dropped})"
+                    )));
+                    break;
+                }
+                if b.last_progress.elapsed() > opts.stall_timeout {
+                    let missing = total - b.done;
+                    drop(b);
+                    run.fail(Error::Incomplete(format!(
+                        "no progress for {:?}: {missing} of {total} chunks held by no live source",
+                        opts.stall_timeout
+                    )));
+                    break;
+                }
+            }
+            if last_refresh.elapsed() > Duration::from_millis(200) {
+                run.refresh_have(&have_scratch.mem);
+                last_refresh = Instant::now();
+            }
+            if opts.progress && last_print.elapsed() > Duration::from_millis(500) {
+                print_progress(&run, start, total);
+                last_print = Instant::now();
+            }
+        }
+        run.finished.store(true, Ordering::Release);
+        run.cv.notify_all();
+    });
+    if opts.progress {
+        print_progress(&run, start, total);
+        eprintln!();
+    }
+    if let Some(e) = run.fatal.lock().take() {
+        return Err(e);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    // Every chunk verified; now the tensors of each safetensors file against the manifest.
+    let (offs, _) = manifest.layout();
+    for (i, f) in manifest.files.iter().enumerate() {
+        // SAFETY: every transfer into the buffer has ended; peers only read it.
+        let bytes = unsafe { data.slice(offs[i], f.size)? };
+        check_file_tensors(&manifest, i, bytes)?;
+    }
+    if let (Some(dir), Some(outs)) = (out, &run.outs) {
+        for (f, file) in manifest.files.iter().zip(outs) {
+            file.sync_all()
+                .map_err(|e| Error::io(format!("syncing {}", f.name), e))?;
+            let from = dir.join(format!(".{}.nixl-partial", f.name));
+            std::fs::rename(&from, dir.join(&f.name))
+                .map_err(|e| Error::io(format!("renaming {}", from.display()), e))?;
+        }
+        let mpath = dir.join(crate::MANIFEST_FILE);
+        std::fs::write(&mpath, manifest.encode())
+            .map_err(|e| Error::io(format!("writing {}", mpath.display()), e))?;
+    }
+    drop(have_scratch);
+    let report = PullReport {
+        model_id: manifest.model_id(),
+        bytes: manifest.total_bytes(),
+        seconds,
+        sources: run
+            .sources
+            .iter()
+            .map(|s| (s.label.clone(), s.bytes.load(Ordering::Relaxed)))
+            .collect(),
+        fallback_bytes: run.fallback_bytes.load(Ordering::Relaxed),
+        verified: true,
+        corrupt_chunks: run.corrupt.load(Ordering::Relaxed),
+        dropped: run.dropped.lock().clone(),
+        skipped,
+        chunks_written: run.writes.load(Ordering::Relaxed),
+    };
+    Ok(Pulled {
+        report,
+        manifest,
+        published,
+    })
+}
+
+fn print_progress(run: &Run<'_>, start: Instant, total: usize) {
+    let done_bytes: u64 = run.sources.iter().map(|s| s.bytes.load(Ordering::Relaxed)).sum::<u64>()
+        + run.fallback_bytes.load(Ordering::Relaxed);
+    let all = run.manifest.total_bytes().max(1);
+    let secs = start.elapsed().as_secs_f64().max(1e-3);
+    let rate = done_bytes as f64 / secs;
+    let live = run.sources.iter().filter(|s| s.alive.load(Ordering::Relaxed)).count();
+    let eta = if rate > 0.0 {
+        (all - done_bytes.min(all)) as f64 / rate
+    } else {
+        f64::INFINITY
+    };
+    let done = run.board.lock().done;
+    let width = 30usize;
+    let filled = (done * width) / total.max(1);
+    eprint!(
+        "\r[{}{}] {:>7.1}/{:.1} MiB {:>8.1} MB/s  sources {live}  ETA {:>5.1}s ",
+        "#".repeat(filled),
+        " ".repeat(width - filled),
+        done_bytes as f64 / (1 << 20) as f64,
+        all as f64 / (1 << 20) as f64,
+        rate / 1e6,
+        eta
+    );
+}
