@@ -10,10 +10,16 @@ use clap::{Parser, Subcommand};
 use nixl_core::{Agent, Backend, BackendName};
 use nixl_transports::config::Config;
 use nixl_transports::tcp::TcpBackend;
-use nixl_weight_streamer::{manifest, pull, Error, Fallback, Manifest, PullOptions, Result, Source, SourceOptions};
+use nixl_weight_streamer::{
+    manifest, pull, Error, Fallback, Manifest, PullOptions, Result, Source, SourceOptions,
+};
 
 #[derive(Parser, Debug)]
-#[command(name = "nixl-weights", about = "Weight streaming across replicas", version)]
+#[command(
+    name = "nixl-weights",
+    about = "Weight streaming across replicas",
+    version
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -106,9 +112,15 @@ fn main() -> ExitCode {
 
 /// The agent of the CLI: the configured backends (tcp only by default), with the tcp backend
 /// kept by type so that its listen address can be printed.
-fn agent(config: Option<&PathBuf>, listen: Option<String>, role: &str) -> Result<(Arc<Agent>, Config, Vec<String>)> {
+fn agent(
+    config: Option<&PathBuf>,
+    listen: Option<String>,
+    role: &str,
+) -> Result<(Arc<Agent>, Config, Vec<String>)> {
     let mut cfg = match config {
-        Some(p) => Config::from_file(p).map_err(|e| Error::core(format!("config {}", p.display()), e))?,
+        Some(p) => {
+            Config::from_file(p).map_err(|e| Error::core(format!("config {}", p.display()), e))?
+        }
         None => Config::default(),
     };
     if cfg.backends.is_none() {
@@ -117,7 +129,10 @@ fn agent(config: Option<&PathBuf>, listen: Option<String>, role: &str) -> Result
     if listen.is_some() {
         cfg.tcp.listen = listen;
     }
-    let tcp = Arc::new(TcpBackend::new(cfg.tcp_config().map_err(|e| Error::core("config [tcp]", e))?));
+    let tcp = Arc::new(TcpBackend::new(
+        cfg.tcp_config()
+            .map_err(|e| Error::core("config [tcp]", e))?,
+    ));
     let mut backends: Vec<Arc<dyn Backend>> = vec![tcp.clone()];
     for b in cfg.backends().map_err(|e| Error::core("config", e))? {
         if b.name() != BackendName::Tcp {
@@ -241,7 +256,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     r.sources
                         .iter()
                         .map(|(k, v)| format!("{k}: {v}"))
-                        .chain((r.fallback_bytes > 0).then(|| format!("fallback: {}", r.fallback_bytes)))
+                        .chain(
+                            (r.fallback_bytes > 0)
+                                .then(|| format!("fallback: {}", r.fallback_bytes))
+                        )
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
@@ -249,7 +267,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if serve {
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
-                eprintln!("nixl-weights: pull done, serving {} until killed", r.model_id);
+                eprintln!(
+                    "nixl-weights: pull done, serving {} until killed",
+                    r.model_id
+                );
                 let _keep = pulled;
                 loop {
                     std::thread::sleep(Duration::from_secs(3600));
@@ -262,11 +283,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let stored = match std::fs::read(&mpath) {
                 Ok(b) => Some(Manifest::decode(&b)?),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(e) => return Err(Error::Io { what: format!("reading {}", mpath.display()), source: e }),
+                Err(e) => {
+                    return Err(Error::Io {
+                        what: format!("reading {}", mpath.display()),
+                        source: e,
+                    })
+                }
             };
             let (name, chunk) = stored
                 .as_ref()
-                .map_or(("model".to_owned(), manifest::DEFAULT_CHUNK), |m| (m.name.clone(), m.chunk_size));
+                .map_or(("model".to_owned(), manifest::DEFAULT_CHUNK), |m| {
+                    (m.name.clone(), m.chunk_size)
+                });
             let now = nixl_weight_streamer::source::manifest_of_dir(&dir, &name, chunk)?;
             let diff = stored.as_ref().and_then(|m| m.difference(&now));
             if json {
@@ -289,11 +317,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     now.files.len(),
                     now.tensors.len(),
                     now.chunk_count(),
-                    if stored.is_some() { " match the manifest" } else { " (no manifest to check against)" }
+                    if stored.is_some() {
+                        " match the manifest"
+                    } else {
+                        " (no manifest to check against)"
+                    }
                 );
             }
             let _ = json_str;
-            Ok(if diff.is_some() { ExitCode::from(2) } else { ExitCode::SUCCESS })
+            Ok(if diff.is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
     }
 }

@@ -360,25 +360,39 @@ impl Manifest {
                 .get(i as usize)
                 .map_or("?".to_owned(), |f| f.name.clone())
         };
+        // Dtype and shape first (the most telling), then placement, then contents.
         for t in &self.tensors {
             match other.tensor(&t.name) {
                 None => return Some(format!("tensor {:?} missing on one side", t.name)),
-                Some(o) => {
-                    let a = (&t.dtype, &t.shape, file_name(self, t.file), t.begin, t.end);
-                    let b = (&o.dtype, &o.shape, file_name(other, o.file), o.begin, o.end);
-                    if a != b {
-                        return Some(format!(
-                            "tensor {:?}: {} {:?} in {} at {}..{} vs {} {:?} in {} at {}..{}",
-                            t.name, a.0, a.1, a.2, a.3, a.4, b.0, b.1, b.2, b.3, b.4
-                        ));
-                    }
-                    if t.sum != o.sum {
-                        return Some(format!("tensor {:?}: contents differ", t.name));
-                    }
+                Some(o) if (&t.dtype, &t.shape) != (&o.dtype, &o.shape) => {
+                    return Some(format!(
+                        "tensor {:?}: {} {:?} vs {} {:?}",
+                        t.name, t.dtype, t.shape, o.dtype, o.shape
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        for t in &self.tensors {
+            if let Some(o) = other.tensor(&t.name) {
+                let a = (file_name(self, t.file), t.begin, t.end);
+                let b = (file_name(other, o.file), o.begin, o.end);
+                if a != b {
+                    return Some(format!(
+                        "tensor {:?}: in {} at {}..{} vs in {} at {}..{}",
+                        t.name, a.0, a.1, a.2, b.0, b.1, b.2
+                    ));
+                }
+                if t.sum != o.sum {
+                    return Some(format!("tensor {:?}: contents differ", t.name));
                 }
             }
         }
-        if let Some(t) = other.tensors.iter().find(|t| self.tensor(&t.name).is_none()) {
+        if let Some(t) = other
+            .tensors
+            .iter()
+            .find(|t| self.tensor(&t.name).is_none())
+        {
             return Some(format!("tensor {:?} missing on one side", t.name));
         }
         if self.chunk_size != other.chunk_size {
@@ -520,7 +534,11 @@ pub fn check_file_tensors(m: &Manifest, file: usize, bytes: &[u8]) -> Result<()>
         .map_err(|e| Error::Invalid(format!("{}: not a valid safetensors file: {e}", f.name)))?;
     let hb = 8 + n as u64;
     let parsed = md.tensors();
-    let mine: Vec<&TensorEntry> = m.tensors.iter().filter(|t| t.file as usize == file).collect();
+    let mine: Vec<&TensorEntry> = m
+        .tensors
+        .iter()
+        .filter(|t| t.file as usize == file)
+        .collect();
     for t in &mine {
         let Some(p) = parsed.get(&t.name) else {
             return Err(Error::ManifestMismatch {

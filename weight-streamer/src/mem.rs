@@ -121,7 +121,10 @@ impl Drop for HostMem {
         // once, here; registrations that use it hold an Arc to it, so none outlives it.
         let rc = unsafe { libc::munmap(self.ptr.cast(), self.len) };
         if rc != 0 {
-            tracing::error!("munmap of weight buffer failed: {}", std::io::Error::last_os_error());
+            tracing::error!(
+                "munmap of weight buffer failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

@@ -92,7 +92,9 @@ impl Header {
         }
         let chunks = u64_at(56);
         if chunks > crate::manifest::MAX_CHUNKS as u64 {
-            return Some(Err(Error::Invalid("control header: too many chunks".into())));
+            return Some(Err(Error::Invalid(
+                "control header: too many chunks".into(),
+            )));
         }
         Some(Ok(Header {
             name: name.to_owned(),
@@ -183,7 +185,10 @@ impl Published {
         }
         // SAFETY: a single byte of the have array, which no Rust reference points into (peers
         // only read it through the backend, which copies).
-        unsafe { self.ctrl.write(self.header.have_offset() + index as u64, &[1]) }
+        unsafe {
+            self.ctrl
+                .write(self.header.have_offset() + index as u64, &[1])
+        }
     }
 
     /// Deregisters both regions (peers' reads fail from then on), reporting the first error.

@@ -186,8 +186,16 @@ fn probe(agent: &Agent, auth: &Auth, addr: &str, name: &str, t: Duration) -> Res
             )));
         }
         let ms = Scratch::new(agent, h.manifest_len.max(1))?;
-        read_remote(agent, &peer, &ms.mem, 0, r.desc.addr + HEADER, h.manifest_len, t)
-            .map_err(|e| Error::core(format!("reading the manifest from {addr}"), e))?;
+        read_remote(
+            agent,
+            &peer,
+            &ms.mem,
+            0,
+            r.desc.addr + HEADER,
+            h.manifest_len,
+            t,
+        )
+        .map_err(|e| Error::core(format!("reading the manifest from {addr}"), e))?;
         // SAFETY: the READ has ended; nothing else writes this scratch buffer.
         let enc = unsafe { ms.mem.slice(0, h.manifest_len)? };
         if xxh3_128(enc) != h.digest {
@@ -225,7 +233,9 @@ fn probe(agent: &Agent, auth: &Auth, addr: &str, name: &str, t: Duration) -> Res
             manifest: Arc::new(m),
         });
     }
-    Err(Error::Invalid(format!("{addr} does not serve a model named {name:?}")))
+    Err(Error::Invalid(format!(
+        "{addr} does not serve a model named {name:?}"
+    )))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,8 +317,7 @@ impl Run<'_> {
     fn pick_fallback(&self) -> Option<usize> {
         let mut b = self.board.lock();
         for c in 0..self.chunks.len() {
-            if b.st[c] == St::Pending && !(0..self.sources.len()).any(|s| self.eligible(&b, s, c))
-            {
+            if b.st[c] == St::Pending && !(0..self.sources.len()).any(|s| self.eligible(&b, s, c)) {
                 b.st[c] = St::InFlight;
                 return Some(c);
             }
@@ -407,7 +416,10 @@ impl Run<'_> {
                     tracing::warn!(source = %src.label, chunk = c, "chunk failed its checksum");
                     self.requeue(c, Some(s));
                     if src.bad.fetch_add(1, Ordering::AcqRel) + 1 >= MAX_BAD_CHUNKS {
-                        self.drop_source(s, format!("{MAX_BAD_CHUNKS} chunks failed their checksum"));
+                        self.drop_source(
+                            s,
+                            format!("{MAX_BAD_CHUNKS} chunks failed their checksum"),
+                        );
                         return;
                     }
                 }
@@ -739,12 +751,20 @@ pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) 
 }
 
 fn print_progress(run: &Run<'_>, start: Instant, total: usize) {
-    let done_bytes: u64 = run.sources.iter().map(|s| s.bytes.load(Ordering::Relaxed)).sum::<u64>()
+    let done_bytes: u64 = run
+        .sources
+        .iter()
+        .map(|s| s.bytes.load(Ordering::Relaxed))
+        .sum::<u64>()
         + run.fallback_bytes.load(Ordering::Relaxed);
     let all = run.manifest.total_bytes().max(1);
     let secs = start.elapsed().as_secs_f64().max(1e-3);
     let rate = done_bytes as f64 / secs;
-    let live = run.sources.iter().filter(|s| s.alive.load(Ordering::Relaxed)).count();
+    let live = run
+        .sources
+        .iter()
+        .filter(|s| s.alive.load(Ordering::Relaxed))
+        .count();
     let eta = if rate > 0.0 {
         (all - done_bytes.min(all)) as f64 / rate
     } else {

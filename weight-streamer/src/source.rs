@@ -23,7 +23,8 @@ struct Stamp {
 }
 
 fn stamp(path: &Path) -> Result<Stamp> {
-    let m = std::fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    let m =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
     Ok(Stamp {
         size: m.len(),
         mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
@@ -36,7 +37,8 @@ fn stamp(path: &Path) -> Result<Stamp> {
 /// cache) whose names do not start with '.', sorted by name. At least one must be
 /// `*.safetensors`.
 pub fn model_files(dir: &Path) -> Result<Vec<String>> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+    let rd =
+        std::fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
     let mut names = Vec::new();
     for ent in rd {
         let ent = ent.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
@@ -47,8 +49,8 @@ pub fn model_files(dir: &Path) -> Result<Vec<String>> {
             continue;
         }
         let path = ent.path();
-        let md =
-            std::fs::metadata(&path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        let md = std::fs::metadata(&path)
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
         if md.is_file() {
             check_name("file name", &name, MAX_FILE_NAME)?;
             names.push(name);
@@ -129,7 +131,9 @@ impl Source {
                 .canonicalize()
                 .ok()
                 .and_then(|p| p.file_name().and_then(|s| s.to_str()).map(str::to_owned))
-                .ok_or_else(|| Error::Invalid(format!("{}: give the model a --name", dir.display())))?,
+                .ok_or_else(|| {
+                    Error::Invalid(format!("{}: give the model a --name", dir.display()))
+                })?,
         };
         let names = model_files(dir)?;
         let mut files = Vec::with_capacity(names.len());
@@ -171,8 +175,11 @@ impl Source {
                     .get(c)
                     .ok_or_else(|| Error::Invalid(format!("fault hook: no chunk {c}")))?;
                 buf[ch.data_offset as usize] ^= 0x5a;
-                tracing::warn!(chunk = c, "fault hook: chunk corrupted in served memory");
             }
+            tracing::warn!(
+                chunks = opts.corrupt_chunks.len(),
+                "fault hook: chunks corrupted in served memory"
+            );
         }
         let published = Published::new(agent, Arc::new(manifest), Arc::new(data), true)?;
         Ok(Source { published, files })
