@@ -155,10 +155,6 @@ fn agent(
     Ok((Arc::new(agent), cfg, addrs))
 }
 
-fn json_str(s: &str) -> String {
-    serde_json::Value::String(s.to_owned()).to_string()
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve {
@@ -230,7 +226,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.stall_timeout = Duration::from_secs(stall_timeout);
             opts.progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
             if serve {
-                eprintln!("nixl-weights: serving while pulling on {}", addrs.join(" "));
+                if json {
+                    println!("{}", serde_json::json!({ "serving_on": addrs }));
+                } else {
+                    eprintln!("nixl-weights: serving while pulling on {}", addrs.join(" "));
+                }
             }
             let pulled = pull(&agent, &cfg.auth(), Some(&out), &opts)?;
             let r = &pulled.report;
@@ -324,7 +324,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                 );
             }
-            let _ = json_str;
             Ok(if diff.is_some() {
                 ExitCode::from(2)
             } else {
