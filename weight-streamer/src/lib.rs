@@ -29,5 +29,9 @@ pub use manifest::Manifest;
 pub use pull::{pull, Fallback, PullOptions, PullReport, Pulled};
 pub use source::{Source, SourceOptions};
 
+/// etcd key prefix under which sources of a model announce themselves:
+/// `/nixl/weights/<model>/<agent>` holds the agent's metadata, under a lease.
+pub const ETCD_PREFIX: &str = "/nixl/weights/";
+
 /// Name of the manifest a pull writes beside the files (read by `nixl-weights verify`).
 pub const MANIFEST_FILE: &str = ".nixl-weights-manifest";

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use nixl_core::{Agent, Backend, BackendName};
+use nixl_discovery::EtcdConfig;
 use nixl_transports::config::Config;
 use nixl_transports::tcp::TcpBackend;
+use nixl_weight_streamer::pull::announce;
 use nixl_weight_streamer::{
     manifest, pull, Error, Fallback, Manifest, PullOptions, Result, Source, SourceOptions,
 };
@@ -43,6 +45,10 @@ enum Cmd {
         /// Chunk size in bytes (the unit of transfer and verification).
         #[arg(long, default_value_t = manifest::DEFAULT_CHUNK)]
         chunk_size: u64,
+        /// etcd endpoint to announce the model at (repeatable; default: the configuration's
+        /// `[etcd]`).
+        #[arg(long)]
+        etcd: Vec<String>,
         /// Print one JSON object when serving starts.
         #[arg(long)]
         json: bool,
@@ -75,10 +81,25 @@ enum Cmd {
         /// READs in flight per source.
         #[arg(long, default_value_t = 4)]
         streams: usize,
+        /// etcd endpoint to find sources at (repeatable; default: the configuration's `[etcd]`).
+        #[arg(long)]
+        etcd: Vec<String>,
         /// Give up after this many seconds without progress.
         #[arg(long, default_value_t = 30)]
         stall_timeout: u64,
         /// Print one JSON summary object on stdout at the end.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the models announced in etcd, their sources and how much each holds.
+    Ls {
+        /// etcd endpoint (repeatable; default: the configuration's `[etcd]`).
+        #[arg(long)]
+        etcd: Vec<String>,
+        /// Agent configuration (TOML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -155,6 +176,25 @@ fn agent(
     Ok((Arc::new(agent), cfg, addrs))
 }
 
+/// etcd settings: the `--etcd` endpoints (with the configuration's other `[etcd]` values), else
+/// the configuration's `[etcd]`, else none.
+fn etcd_cfg(cfg: &Config, flags: Vec<String>) -> Result<Option<EtcdConfig>> {
+    let from_cfg = cfg
+        .etcd
+        .as_ref()
+        .map(EtcdConfig::from_table)
+        .transpose()
+        .map_err(|e| Error::Invalid(format!("config [etcd]: {e}")))?;
+    Ok(match (flags.is_empty(), from_cfg) {
+        (true, c) => c,
+        (false, Some(c)) => Some(EtcdConfig {
+            endpoints: flags,
+            ..c
+        }),
+        (false, None) => Some(EtcdConfig::new(flags)),
+    })
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve {
@@ -163,10 +203,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             listen,
             chunk_size,
+            etcd,
             json,
             fault_corrupt_chunk,
         } => {
-            let (agent, _cfg, addrs) = agent(config.as_ref(), listen, "src")?;
+            let (agent, cfg, addrs) = agent(config.as_ref(), listen, "src")?;
+            let etcd = etcd_cfg(&cfg, etcd)?;
             let opts = SourceOptions {
                 name,
                 chunk_size,
@@ -174,6 +216,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let src = Source::load(&agent, &path, &opts)?;
             let m = src.manifest();
+            let announced = match &etcd {
+                Some(e) => announce(&agent, e, &m.name)?,
+                None => Vec::new(),
+            };
             if json {
                 println!(
                     "{}",
@@ -197,6 +243,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::thread::sleep(Duration::from_millis(500));
                 if let Err(e) = src.check_unchanged() {
                     eprintln!("nixl-weights: error: {e}");
+                    drop(announced);
                     // Peers' reads fail from now on; they fetch elsewhere.
                     if let Err(e) = src.withdraw() {
                         eprintln!("nixl-weights: withdrawing: {e}");
@@ -214,10 +261,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             listen,
             streams,
+            etcd,
             stall_timeout,
             json,
         } => {
             let (agent, cfg, addrs) = agent(config.as_ref(), listen, "pull")?;
+            let etcd = etcd_cfg(&cfg, etcd)?;
             let mut opts = PullOptions::new(name);
             opts.sources = sources;
             opts.fallback = fallback.map(Fallback::Dir);
@@ -232,7 +281,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     eprintln!("nixl-weights: serving while pulling on {}", addrs.join(" "));
                 }
             }
-            let pulled = pull(&agent, &cfg.auth(), Some(&out), &opts)?;
+            let pulled = pull(&agent, &cfg.auth(), etcd.as_ref(), Some(&out), &opts)?;
             let r = &pulled.report;
             if json {
                 println!(
@@ -274,6 +323,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let _keep = pulled;
                 loop {
                     std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ls { etcd, config, json } => {
+            let (agent, cfg, _) = agent(config.as_ref(), None, "ls")?;
+            let etcd = etcd_cfg(&cfg, etcd)?.ok_or_else(|| {
+                Error::Invalid("ls needs etcd: --etcd URL or [etcd] in --config".into())
+            })?;
+            let models = nixl_weight_streamer::pull::list(&agent, &etcd, Duration::from_secs(3))?;
+            if json {
+                println!("{}", serde_json::json!({ "models": models }));
+            } else if models.is_empty() {
+                println!("no models announced in etcd");
+            } else {
+                for m in &models {
+                    println!("{}", m["model"].as_str().unwrap_or("?"));
+                    for s in m["sources"].as_array().into_iter().flatten() {
+                        println!(
+                            "  {:<48} {}",
+                            s["agent"].as_str().unwrap_or("?"),
+                            match s["error"].as_str() {
+                                Some(e) => format!("unreachable: {e}"),
+                                None => format!(
+                                    "{} {}/{} chunks, {} bytes",
+                                    s["model_id"].as_str().unwrap_or(""),
+                                    s["chunks_held"],
+                                    s["chunks"],
+                                    s["bytes_held"]
+                                ),
+                            }
+                        );
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nixl_core::{Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
 use nixl_transports::tcp::{fetch_metadata, Auth};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 use crate::error::{Error, Result};
@@ -96,12 +96,12 @@ pub struct PullReport {
 }
 
 /// A source that answered: its agent, its control and data regions, its manifest.
-struct Peer {
-    label: String,
-    agent_name: String,
-    ctrl: Desc,
-    header: Header,
-    manifest: Arc<Manifest>,
+pub(crate) struct Peer {
+    pub(crate) label: String,
+    pub(crate) agent_name: String,
+    pub(crate) ctrl: Desc,
+    pub(crate) header: Header,
+    pub(crate) manifest: Arc<Manifest>,
 }
 
 /// A registered scratch buffer (the registration is dropped before the memory).
@@ -158,7 +158,19 @@ fn read_remote(
 fn probe(agent: &Agent, auth: &Auth, addr: &str, name: &str, t: Duration) -> Result<Peer> {
     let md_bytes =
         fetch_metadata(addr, auth, t).map_err(|e| Error::core(format!("metadata of {addr}"), e))?;
-    let md = AgentMetadata::decode(&md_bytes)
+    probe_loaded(agent, &md_bytes, addr, name, t)
+}
+
+/// Loads a source's metadata (from its listener or from etcd), then reads its control region's
+/// header and manifest: one bounded attempt.
+pub(crate) fn probe_loaded(
+    agent: &Agent,
+    md_bytes: &[u8],
+    addr: &str,
+    name: &str,
+    t: Duration,
+) -> Result<Peer> {
+    let md = AgentMetadata::decode(md_bytes)
         .map_err(|e| Error::Invalid(format!("metadata of {addr}: {e}")))?;
     let peer = agent
         .load_remote_md(md.clone())
@@ -270,7 +282,7 @@ struct Board {
 struct Run<'a> {
     agent: &'a Agent,
     chunks: Vec<Chunk>,
-    sources: Vec<SourceState>,
+    sources: RwLock<Vec<Arc<SourceState>>>,
     board: Mutex<Board>,
     cv: Condvar,
     finished: AtomicBool,
@@ -289,8 +301,12 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// Whether source `s` may serve chunk `c`.
+    fn src(&self, s: usize) -> Arc<SourceState> {
+        Arc::clone(&self.sources.read()[s])
+    }
+
     fn eligible(&self, b: &Board, s: usize, c: usize) -> bool {
-        let src = &self.sources[s];
+        let src = self.src(s);
         src.alive.load(Ordering::Acquire)
             && src.have.lock().get(c).copied().unwrap_or(false)
             && !b.failed_on[c].contains(&(s as u16))
@@ -299,15 +315,35 @@ impl Run<'_> {
     fn pick(&self, s: usize) -> Option<usize> {
         let mut b = self.board.lock();
         let n = self.chunks.len();
-        let start = self.sources[s].cursor.load(Ordering::Relaxed) as usize % n.max(1);
-        let have = self.sources[s].have.lock().clone();
+        let src = self.src(s);
+        let start = src.cursor.load(Ordering::Relaxed) as usize % n.max(1);
+        let have = src.have.lock().clone();
+        // A complete source (an origin) leaves to serving replicas what they already hold, so
+        // that it sends each chunk about once however many replicas pull.
+        let others: Vec<Arc<SourceState>> = if src.complete.load(Ordering::Acquire) {
+            self.sources
+                .read()
+                .iter()
+                .filter(|o| {
+                    !o.complete.load(Ordering::Acquire)
+                        && o.alive.load(Ordering::Acquire)
+                        && o.bad.load(Ordering::Acquire) == 0
+                })
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let others_have: Vec<Vec<bool>> = others.iter().map(|o| o.have.lock().clone()).collect();
         for k in 0..n {
             let c = (start + k) % n;
-            if b.st[c] == St::Pending && have[c] && !b.failed_on[c].contains(&(s as u16)) {
+            if b.st[c] == St::Pending
+                && have[c]
+                && !b.failed_on[c].contains(&(s as u16))
+                && !others_have.iter().any(|h| h[c])
+            {
                 b.st[c] = St::InFlight;
-                self.sources[s]
-                    .cursor
-                    .store((c + 1) as u64, Ordering::Relaxed);
+                src.cursor.store((c + 1) as u64, Ordering::Relaxed);
                 return Some(c);
             }
         }
@@ -317,7 +353,8 @@ impl Run<'_> {
     fn pick_fallback(&self) -> Option<usize> {
         let mut b = self.board.lock();
         for c in 0..self.chunks.len() {
-            if b.st[c] == St::Pending && !(0..self.sources.len()).any(|s| self.eligible(&b, s, c)) {
+            let n = self.sources.read().len();
+            if b.st[c] == St::Pending && !(0..n).any(|s| self.eligible(&b, s, c)) {
                 b.st[c] = St::InFlight;
                 return Some(c);
             }
@@ -336,11 +373,10 @@ impl Run<'_> {
     }
 
     fn drop_source(&self, s: usize, why: String) {
-        if self.sources[s].alive.swap(false, Ordering::AcqRel) {
-            tracing::warn!(source = %self.sources[s].label, "source dropped: {why}");
-            self.dropped
-                .lock()
-                .push(format!("{}: {why}", self.sources[s].label));
+        let src = self.src(s);
+        if src.alive.swap(false, Ordering::AcqRel) {
+            tracing::warn!(source = %src.label, "source dropped: {why}");
+            self.dropped.lock().push(format!("{}: {why}", src.label));
             self.cv.notify_all();
         }
     }
@@ -385,7 +421,7 @@ impl Run<'_> {
     }
 
     fn source_worker(&self, s: usize) {
-        let src = &self.sources[s];
+        let src = self.src(s);
         while !self.finished.load(Ordering::Acquire) && src.alive.load(Ordering::Acquire) {
             let Some(c) = self.pick(s) else {
                 let mut b = self.board.lock();
@@ -487,7 +523,8 @@ impl Run<'_> {
     }
 
     fn refresh_have(&self, scratch: &HostMem) {
-        for s in &self.sources {
+        let sources = self.sources.read().clone();
+        for s in &sources {
             if !s.alive.load(Ordering::Acquire) || s.complete.load(Ordering::Acquire) {
                 continue;
             }
@@ -530,11 +567,102 @@ pub struct Pulled {
     pub manifest: Arc<Manifest>,
     /// The model, published by the agent when the pull was asked to serve.
     pub published: Published,
+    /// The etcd entries that announce this replica as a source (when serving with etcd); the
+    /// announcement ends when they are dropped.
+    pub announcements: Vec<nixl_discovery::Publication>,
+}
+
+impl SourceState {
+    fn new(p: &Peer, chunks: usize, cursor: u64) -> SourceState {
+        SourceState {
+            label: p.label.clone(),
+            agent_name: p.agent_name.clone(),
+            data_addr: p.header.data.addr,
+            ctrl: p.ctrl,
+            have_offset: p.header.have_offset(),
+            have: Mutex::new(vec![p.header.complete; chunks]),
+            complete: AtomicBool::new(p.header.complete),
+            alive: AtomicBool::new(true),
+            bad: AtomicU32::new(0),
+            bytes: AtomicU64::new(0),
+            cursor: AtomicU64::new(cursor),
+        }
+    }
+}
+
+/// Sources of `name` announced in etcd now (skipping `me` and `known` agents): one bounded
+/// attempt each; the failures are returned as "skipped" lines.
+fn discover(
+    agent: &Agent,
+    reg: &nixl_discovery::Registry,
+    name: &str,
+    known: &[String],
+    t: Duration,
+) -> (Vec<Peer>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut skipped = Vec::new();
+    let names = match reg.list() {
+        Ok(n) => n,
+        Err(e) => {
+            skipped.push(format!("etcd: {e}"));
+            return (found, skipped);
+        }
+    };
+    for n in names {
+        if n == agent.name() || known.contains(&n) {
+            continue;
+        }
+        let r = match reg.fetch(&n) {
+            Ok(Some(md)) => probe_loaded(agent, &md, &n, name, t),
+            Ok(None) => continue,
+            Err(e) => Err(Error::Invalid(format!("etcd: {e}"))),
+        };
+        match r {
+            Ok(p) => found.push(p),
+            Err(e) => {
+                tracing::warn!(source = %n, "etcd entry skipped: {e}");
+                skipped.push(format!("{n}: {e}"));
+            }
+        }
+    }
+    (found, skipped)
+}
+
+/// The etcd prefix under which the sources of `model` are announced.
+pub fn etcd_prefix(cfg: &nixl_discovery::EtcdConfig, model: &str) -> nixl_discovery::EtcdConfig {
+    nixl_discovery::EtcdConfig {
+        prefix: format!("{}{model}/", crate::ETCD_PREFIX),
+        ..cfg.clone()
+    }
+}
+
+/// Announces `agent` in etcd as a source of `model` (under a lease, kept alive until the
+/// returned publications are dropped), and under the agents' prefix as any agent is.
+pub fn announce(
+    agent: &Arc<Agent>,
+    cfg: &nixl_discovery::EtcdConfig,
+    model: &str,
+) -> Result<Vec<nixl_discovery::Publication>> {
+    let e = |e: nixl_discovery::DiscoveryError| Error::Invalid(format!("etcd: {e}"));
+    let weights = nixl_discovery::Registry::connect(&etcd_prefix(cfg, model)).map_err(e)?;
+    let agents = nixl_discovery::Registry::connect(cfg).map_err(e)?;
+    Ok(vec![
+        weights.publish(agent).map_err(e)?,
+        agents.publish(agent).map_err(e)?,
+    ])
 }
 
 /// Pulls model `opts.name` into registered memory of `agent`, and writes its files into `out`
-/// (when given) byte-identical to the source's.
-pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) -> Result<Pulled> {
+/// (when given) byte-identical to the source's. Sources are the `opts.sources` addresses and,
+/// with `etcd`, the agents announced there (looked up again every second while pulling, so
+/// replicas that start later are used too).
+pub fn pull(
+    agent: &Arc<Agent>,
+    auth: &Auth,
+    etcd: Option<&nixl_discovery::EtcdConfig>,
+    out: Option<&Path>,
+    opts: &PullOptions,
+) -> Result<Pulled> {
     let mut peers: Vec<Peer> = Vec::new();
     let mut skipped = Vec::new();
     for addr in &opts.sources {
@@ -546,6 +674,18 @@ pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) 
             }
         }
     }
+    let registry = match etcd {
+        Some(cfg) => Some(
+            nixl_discovery::Registry::connect(&etcd_prefix(cfg, &opts.name))
+                .map_err(|e| Error::Invalid(format!("etcd: {e}")))?,
+        ),
+        None => None,
+    };
+    if let Some(reg) = &registry {
+        let (found, sk) = discover(agent, reg, &opts.name, &[], opts.connect_timeout);
+        peers.extend(found);
+        skipped.extend(sk);
+    }
     let manifest: Arc<Manifest> = match (peers.first(), &opts.fallback) {
         (Some(p), _) => Arc::clone(&p.manifest),
         (None, Some(Fallback::Dir(d))) => Arc::new(crate::source::manifest_of_dir(
@@ -555,24 +695,16 @@ pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) 
         )?),
         (None, None) => {
             return Err(Error::Incomplete(format!(
-                "no source of {:?} answered and no fallback was given: {}",
+                "no source of {:?} answered and no fallback was given{}{}",
                 opts.name,
+                if skipped.is_empty() { "" } else { ": " },
                 skipped.join("; ")
             )))
         }
     };
     for p in &peers[1..] {
         if p.header.digest != peers[0].header.digest {
-            let detail = manifest.difference(&p.manifest).unwrap_or_default();
-            let tensor = detail
-                .split('"')
-                .nth(1)
-                .unwrap_or("(none: files differ)")
-                .to_owned();
-            return Err(Error::ManifestMismatch {
-                tensor,
-                detail: format!("{} vs {}: {detail}", peers[0].label, p.label),
-            });
+            return Err(mismatch(&manifest, &peers[0].label, p));
         }
     }
     let chunks = manifest.chunks();
@@ -581,6 +713,10 @@ pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) 
     // Registered either way: as the published model when serving, else on its own.
     let published = Published::new(agent, Arc::clone(&manifest), Arc::clone(&data), false)?;
     let have_scratch = Scratch::new(agent, chunks.len() as u64)?;
+    let announcements = match (etcd, opts.serve) {
+        (Some(cfg), true) => announce(agent, cfg, &opts.name)?,
+        _ => Vec::new(),
+    };
 
     let outs = match out {
         Some(dir) => {
@@ -599,25 +735,15 @@ pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) 
         }
         None => None,
     };
-    let seed = (xxh3_64(agent.name().as_bytes()) as usize) % chunks.len().max(1);
-    let sources: Vec<SourceState> = peers
+    let n = chunks.len().max(1);
+    // Replicas start at different chunks, so that they hold different ones early and can
+    // serve them to each other.
+    let seed = (xxh3_64(agent.name().as_bytes()) as usize) % n;
+    let cursor = |i: usize| ((seed + i * n / 7) % n) as u64;
+    let sources: Vec<Arc<SourceState>> = peers
         .iter()
         .enumerate()
-        .map(|(i, p)| SourceState {
-            label: p.label.clone(),
-            agent_name: p.agent_name.clone(),
-            data_addr: p.header.data.addr,
-            ctrl: p.ctrl,
-            have_offset: p.header.have_offset(),
-            have: Mutex::new(vec![p.header.complete; chunks.len()]),
-            complete: AtomicBool::new(p.header.complete),
-            alive: AtomicBool::new(true),
-            bad: AtomicU32::new(0),
-            bytes: AtomicU64::new(0),
-            cursor: AtomicU64::new(
-                (seed + i * chunks.len() / peers.len().max(1)) as u64 % chunks.len().max(1) as u64,
-            ),
-        })
+        .map(|(i, p)| Arc::new(SourceState::new(p, chunks.len(), cursor(i))))
         .collect();
     let run = Run {
         agent,
@@ -628,7 +754,7 @@ pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) 
             last_progress: Instant::now(),
         }),
         chunks,
-        sources,
+        sources: RwLock::new(sources),
         cv: Condvar::new(),
         finished: AtomicBool::new(false),
         data: Arc::clone(&data),
@@ -643,18 +769,66 @@ pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) 
         fatal: Mutex::new(None),
         chunk_timeout: opts.chunk_timeout,
     };
+    let skipped = Mutex::new(skipped);
     let start = Instant::now();
     let total = run.chunks.len();
+    let streams = opts.streams_per_source.clamp(1, 64);
     std::thread::scope(|sc| {
-        for s in 0..run.sources.len() {
-            for _ in 0..opts.streams_per_source.max(1) {
+        let spawn_workers = |s: usize| {
+            for _ in 0..streams {
                 let run = &run;
                 sc.spawn(move || run.source_worker(s));
             }
+        };
+        for s in 0..run.sources.read().len() {
+            spawn_workers(s);
         }
         if let Some(fb) = &run.fallback {
             let run = &run;
             sc.spawn(move || run.fallback_worker(fb));
+        }
+        if let Some(reg) = &registry {
+            // Replicas that join later are sources too: look etcd up again every second.
+            let (run, skipped, manifest) = (&run, &skipped, &manifest);
+            sc.spawn(move || {
+                let mut last = Instant::now();
+                while !run.finished.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if last.elapsed() < Duration::from_secs(1) {
+                        continue;
+                    }
+                    last = Instant::now();
+                    let known: Vec<String> = run
+                        .sources
+                        .read()
+                        .iter()
+                        .map(|s| s.agent_name.clone())
+                        .collect();
+                    let (found, sk) =
+                        discover(run.agent, reg, &opts.name, &known, opts.connect_timeout);
+                    skipped.lock().extend(sk);
+                    for p in found {
+                        if p.header.digest != manifest.digest() {
+                            let e = mismatch(manifest, "this pull", &p);
+                            skipped.lock().push(format!("{}: {e}", p.label));
+                            continue;
+                        }
+                        let s = {
+                            let mut v = run.sources.write();
+                            let i = v.len();
+                            if i >= usize::from(u16::MAX) {
+                                break;
+                            }
+                            v.push(Arc::new(SourceState::new(&p, total, cursor(i))));
+                            i
+                        };
+                        tracing::info!(source = %p.label, "new source from etcd");
+                        for _ in 0..streams {
+                            sc.spawn(move || run.source_worker(s));
+                        }
+                    }
+                }
+            });
         }
         let mut last_refresh = Instant::now();
         let mut last_print = Instant::now();
@@ -668,8 +842,12 @@ pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) 
                 if b.done == total {
                     break;
                 }
-                let any_alive = run.sources.iter().any(|s| s.alive.load(Ordering::Acquire));
-                if !any_alive && run.fallback.is_none() {
+                let any_alive = run
+                    .sources
+                    .read()
+                    .iter()
+                    .any(|s| s.alive.load(Ordering::Acquire));
+                if !any_alive && run.fallback.is_none() && registry.is_none() {
                     drop(b);
                     let dropped = run.dropped.lock().join("; ");
                     run.fail(Error::Incomplete(format!(
@@ -680,8 +858,10 @@ pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) 
                 if b.last_progress.elapsed() > opts.stall_timeout {
                     let missing = total - b.done;
                     drop(b);
+                    let dropped = run.dropped.lock().join("; ");
                     run.fail(Error::Incomplete(format!(
-                        "no progress for {:?}: {missing} of {total} chunks held by no live source",
+                        "no progress for {:?}: {missing} of {total} chunks held by no live \
+                         source (dropped: {dropped})",
                         opts.stall_timeout
                     )));
                     break;
@@ -727,32 +907,46 @@ pub fn pull(agent: &Agent, auth: &Auth, out: Option<&Path>, opts: &PullOptions) 
             .map_err(|e| Error::io(format!("writing {}", mpath.display()), e))?;
     }
     drop(have_scratch);
+    let mut sources_bytes = BTreeMap::new();
+    for s in run.sources.read().iter() {
+        *sources_bytes.entry(s.label.clone()).or_insert(0) += s.bytes.load(Ordering::Relaxed);
+    }
     let report = PullReport {
         model_id: manifest.model_id(),
         bytes: manifest.total_bytes(),
         seconds,
-        sources: run
-            .sources
-            .iter()
-            .map(|s| (s.label.clone(), s.bytes.load(Ordering::Relaxed)))
-            .collect(),
+        sources: sources_bytes,
         fallback_bytes: run.fallback_bytes.load(Ordering::Relaxed),
         verified: true,
         corrupt_chunks: run.corrupt.load(Ordering::Relaxed),
         dropped: run.dropped.lock().clone(),
-        skipped,
+        skipped: skipped.into_inner(),
         chunks_written: run.writes.load(Ordering::Relaxed),
     };
     Ok(Pulled {
         report,
         manifest,
         published,
+        announcements,
     })
 }
 
+fn mismatch(manifest: &Manifest, first: &str, p: &Peer) -> Error {
+    let detail = manifest.difference(&p.manifest).unwrap_or_default();
+    let tensor = detail
+        .split('"')
+        .nth(1)
+        .unwrap_or("(none: files differ)")
+        .to_owned();
+    Error::ManifestMismatch {
+        tensor,
+        detail: format!("{first} vs {}: {detail}", p.label),
+    }
+}
+
 fn print_progress(run: &Run<'_>, start: Instant, total: usize) {
-    let done_bytes: u64 = run
-        .sources
+    let sources = run.sources.read().clone();
+    let done_bytes: u64 = sources
         .iter()
         .map(|s| s.bytes.load(Ordering::Relaxed))
         .sum::<u64>()
@@ -760,8 +954,7 @@ fn print_progress(run: &Run<'_>, start: Instant, total: usize) {
     let all = run.manifest.total_bytes().max(1);
     let secs = start.elapsed().as_secs_f64().max(1e-3);
     let rate = done_bytes as f64 / secs;
-    let live = run
-        .sources
+    let live = sources
         .iter()
         .filter(|s| s.alive.load(Ordering::Relaxed))
         .count();
@@ -782,4 +975,74 @@ fn print_progress(run: &Run<'_>, start: Instant, total: usize) {
         rate / 1e6,
         eta
     );
+}
+
+/// What etcd announces: per model, its sources and how much each holds (read from each source's
+/// have bytes, one bounded attempt each), as JSON objects (`model`, `sources`: `agent`,
+/// `model_id`, `chunks`, `chunks_held`, `bytes_held`, or `error`).
+pub fn list(
+    agent: &Agent,
+    etcd: &nixl_discovery::EtcdConfig,
+    t: Duration,
+) -> Result<Vec<serde_json::Value>> {
+    let e = |e: nixl_discovery::DiscoveryError| Error::Invalid(format!("etcd: {e}"));
+    let all = nixl_discovery::EtcdConfig {
+        prefix: crate::ETCD_PREFIX.to_owned(),
+        ..etcd.clone()
+    };
+    let reg = nixl_discovery::Registry::connect(&all).map_err(e)?;
+    let mut by_model: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for key in reg.list().map_err(e)? {
+        let Some((model, who)) = key.split_once('/') else {
+            continue;
+        };
+        let entry = match reg.fetch(&key) {
+            Ok(Some(md)) => match holdings(agent, &md, who, model, t) {
+                Ok(v) => v,
+                Err(err) => serde_json::json!({ "agent": who, "error": err.to_string() }),
+            },
+            Ok(None) => continue,
+            Err(err) => serde_json::json!({ "agent": who, "error": err.to_string() }),
+        };
+        by_model.entry(model.to_owned()).or_default().push(entry);
+    }
+    Ok(by_model
+        .into_iter()
+        .map(|(m, s)| serde_json::json!({ "model": m, "sources": s }))
+        .collect())
+}
+
+fn holdings(
+    agent: &Agent,
+    md: &[u8],
+    who: &str,
+    model: &str,
+    t: Duration,
+) -> Result<serde_json::Value> {
+    let p = probe_loaded(agent, md, who, model, t)?;
+    let n = p.header.chunks;
+    let scratch = Scratch::new(agent, n.max(1))?;
+    read_remote(
+        agent,
+        &p.agent_name,
+        &scratch.mem,
+        0,
+        p.ctrl.addr + p.header.have_offset(),
+        n.max(1).min(n),
+        t,
+    )
+    .or_else(|e| if n == 0 { Ok(()) } else { Err(e) })
+    .map_err(|e| Error::core(format!("reading what {who} holds"), e))?;
+    // SAFETY: the READ has ended; only this thread uses the scratch buffer.
+    let have = unsafe { scratch.mem.slice(0, n)? };
+    let chunks = p.manifest.chunks();
+    let held: Vec<&Chunk> = chunks.iter().filter(|c| have[c.index] == 1).collect();
+    Ok(serde_json::json!({
+        "agent": who,
+        "model_id": p.manifest.model_id(),
+        "chunks": n,
+        "chunks_held": held.len(),
+        "bytes_held": held.iter().map(|c| c.len).sum::<u64>(),
+        "bytes": p.manifest.total_bytes(),
+    }))
 }

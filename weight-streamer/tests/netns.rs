@@ -32,39 +32,87 @@ fn a_source_killed_mid_pull_is_replaced_by_the_others_and_the_fallback() {
     // 150 Mbit/s out of each source: the 16 MiB model takes about half a second from both.
     lab.set_rate(0, 150_000_000).unwrap();
     lab.set_rate(1, 150_000_000).unwrap();
-    let (mut a, aa) = serve(on(&lab, 0), &model, "m", &format!("{}:7000", lab.addr(0)), &["--chunk-size", "1048576"]);
-    let (_b, ab) = serve(on(&lab, 1), &model, "m", &format!("{}:7000", lab.addr(1)), &["--chunk-size", "1048576"]);
+    let (mut a, aa) = serve(
+        on(&lab, 0),
+        &model,
+        "m",
+        &format!("{}:7000", lab.addr(0)),
+        &["--chunk-size", "1048576"],
+    );
+    let (_b, ab) = serve(
+        on(&lab, 1),
+        &model,
+        "m",
+        &format!("{}:7000", lab.addr(1)),
+        &["--chunk-size", "1048576"],
+    );
     let out = t.join("out");
     let puller = {
         let (out, aa, ab) = (out.clone(), aa.clone(), ab.clone());
         let c = on(&lab, 2);
-        std::thread::spawn(move || pull(c, "m", &out, &[&aa, &ab], &["--listen", "0.0.0.0:0", "--streams", "2"]))
+        std::thread::spawn(move || {
+            pull(
+                c,
+                "m",
+                &out,
+                &[&aa, &ab],
+                &["--listen", "0.0.0.0:0", "--streams", "2"],
+            )
+        })
     };
     std::thread::sleep(Duration::from_millis(250));
     a.kill(); // SIGKILL mid-pull
     let r = puller.join().unwrap().unwrap();
     assert!(r["dropped"].to_string().contains(&aa), "{r}");
-    assert!(u(&r["sources"][&aa]) > 0, "the killed source served nothing before it died: {r}");
+    assert!(
+        u(&r["sources"][&aa]) > 0,
+        "the killed source served nothing before it died: {r}"
+    );
     assert!(u(&r["sources"][&ab]) > 0, "{r}");
-    assert_eq!(u(&r["sources"][&aa]) + u(&r["sources"][&ab]), u(&r["bytes"]), "{r}");
-    assert_eq!(r["chunks_written"], r["chunks"], "nothing written twice: {r}");
+    assert_eq!(
+        u(&r["sources"][&aa]) + u(&r["sources"][&ab]),
+        u(&r["bytes"]),
+        "{r}"
+    );
+    assert_eq!(
+        r["chunks_written"], r["chunks"],
+        "nothing written twice: {r}"
+    );
     assert_same_model(&model, &out);
 
     // One source killed mid-pull, no other: the storage fallback finishes the pull.
-    let (mut a, aa) = serve(on(&lab, 0), &model, "m", &format!("{}:7001", lab.addr(0)), &["--chunk-size", "1048576"]);
+    let (mut a, aa) = serve(
+        on(&lab, 0),
+        &model,
+        "m",
+        &format!("{}:7001", lab.addr(0)),
+        &["--chunk-size", "1048576"],
+    );
     let out2 = t.join("out2");
     let puller = {
         let (out2, aa) = (out2.clone(), aa.clone());
         let c = on(&lab, 2);
         let fb = model.to_str().unwrap().to_owned();
-        std::thread::spawn(move || pull(c, "m", &out2, &[&aa], &["--listen", "0.0.0.0:0", "--fallback", &fb]))
+        std::thread::spawn(move || {
+            pull(
+                c,
+                "m",
+                &out2,
+                &[&aa],
+                &["--listen", "0.0.0.0:0", "--fallback", &fb],
+            )
+        })
     };
     std::thread::sleep(Duration::from_millis(300));
     a.kill();
     let r = puller.join().unwrap().unwrap();
     assert!(u(&r["sources"][&aa]) > 0, "{r}");
     assert!(u(&r["fallback_bytes"]) > 0, "{r}");
-    assert_eq!(u(&r["sources"][&aa]) + u(&r["fallback_bytes"]), u(&r["bytes"]), "{r}");
+    assert_eq!(
+        u(&r["sources"][&aa]) + u(&r["fallback_bytes"]),
+        u(&r["bytes"]),
+        "{r}"
+    );
     assert_eq!(r["chunks_written"], r["chunks"], "{r}");
     assert_same_model(&model, &out2);
     let _ = std::fs::remove_dir_all(&t);
@@ -81,16 +129,30 @@ fn one_origin_fans_out_to_three_serving_replicas() {
     let lab = Lab::star(4);
     // The origin's link is the bottleneck, as in a fleet where it is one NIC among many.
     lab.set_rate(0, 100_000_000).unwrap();
-    let (_origin, oa) = serve(on(&lab, 0), &model, "m", &format!("{}:7000", lab.addr(0)), &["--chunk-size", "1048576"]);
+    let (_origin, oa) = serve(
+        on(&lab, 0),
+        &model,
+        "m",
+        &format!("{}:7000", lab.addr(0)),
+        &["--chunk-size", "1048576"],
+    );
     let mut addrs = vec![oa.clone()];
     let mut replicas = Vec::new();
     for i in 1..4 {
         let mut c = on(&lab, i);
         let out = t.join(format!("r{i}"));
-        c.args(["pull", "m", "--serve", "--json", "--streams", "2", "--listen"])
-            .arg(format!("{}:7000", lab.addr(i)))
-            .arg("--out")
-            .arg(&out);
+        c.args([
+            "pull",
+            "m",
+            "--serve",
+            "--json",
+            "--streams",
+            "2",
+            "--listen",
+        ])
+        .arg(format!("{}:7000", lab.addr(i)))
+        .arg("--out")
+        .arg(&out);
         for a in &addrs {
             c.args(["--source", a]);
         }
@@ -119,7 +181,10 @@ fn one_origin_fans_out_to_three_serving_replicas() {
     }
     assert_eq!(from_origin + from_replicas, 3 * bytes);
     // Replicas served one another: the origin sent less than one copy per replica.
-    assert!(from_replicas > 0 && from_origin < 3 * bytes, "origin {from_origin}, replicas {from_replicas}, model {bytes}");
+    assert!(
+        from_replicas > 0 && from_origin < 3 * bytes,
+        "origin {from_origin}, replicas {from_replicas}, model {bytes}"
+    );
     eprintln!(
         "fan-out: origin egress {:.2}x the model for 3 replicas",
         from_origin as f64 / bytes as f64
