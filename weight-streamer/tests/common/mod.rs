@@ -202,3 +202,69 @@ pub fn pull(
 pub fn cmd() -> Command {
     Command::new(BIN)
 }
+
+/// A real etcd on free loopback ports (killed and its data removed on drop), or a skip.
+pub struct Etcd {
+    pub child: Child,
+    pub url: String,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    pub fn start(test: &str) -> Option<Etcd> {
+        let found = Command::new("etcd").arg("--version").output().is_ok();
+        if gate(
+            test,
+            (!found).then(|| "etcd is not installed (Debian package etcd-server)".to_owned()),
+        ) {
+            return None;
+        }
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (c, p) = (port(), port());
+        let url = format!("http://127.0.0.1:{c}");
+        let peer = format!("http://127.0.0.1:{p}");
+        let dir = tmpdir(&format!("etcd-{test}"));
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let e = Etcd { child, url, dir };
+        let cfg = nixl_discovery::EtcdConfig::new([e.url.clone()]);
+        let t = std::time::Instant::now();
+        while nixl_discovery::Registry::connect(&cfg).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(20), "etcd did not answer");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(e)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
