@@ -13,6 +13,7 @@
 //!   control region with a header, the manifest and one "have" byte per chunk; a data region).
 //! - [`source`]: an origin loads a directory, publishes it, and refuses files changed on disk.
 //! - [`pull`]: a replica pulls, verifies, writes, falls back to storage, and may serve on.
+//! - [`tensors`]: single tensors pulled by name into memory the caller registered.
 //!
 //! Without a daemon everything runs in the CLI's own agent; the seam for the per-node daemon's
 //! pool is [`mem::HostMem`] (the buffer the model lives in) and the agent passed in.
@@ -23,6 +24,7 @@ pub mod mem;
 pub mod publish;
 pub mod pull;
 pub mod source;
+pub mod tensors;
 
 pub use error::{Error, Result};
 pub use manifest::Manifest;

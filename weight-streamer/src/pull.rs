@@ -96,6 +96,7 @@ pub struct PullReport {
 }
 
 /// A source that answered: its agent, its control and data regions, its manifest.
+#[derive(Debug)]
 pub(crate) struct Peer {
     pub(crate) label: String,
     pub(crate) agent_name: String,
@@ -248,6 +249,37 @@ pub(crate) fn probe_loaded(
     Err(Error::Invalid(format!(
         "{addr} does not serve a model named {name:?}"
     )))
+}
+
+/// The sources of `name` at `sources` and in etcd: one bounded attempt each; the failures as
+/// "skipped" lines.
+pub(crate) fn discover_all(
+    agent: &Agent,
+    auth: &Auth,
+    etcd: Option<&nixl_discovery::EtcdConfig>,
+    name: &str,
+    sources: &[String],
+    t: Duration,
+) -> Result<(Vec<Peer>, Vec<String>)> {
+    let mut peers = Vec::new();
+    let mut skipped = Vec::new();
+    for addr in sources {
+        match probe(agent, auth, addr, name, t) {
+            Ok(p) => peers.push(p),
+            Err(e) => {
+                tracing::warn!(source = %addr, "source skipped: {e}");
+                skipped.push(format!("{addr}: {e}"));
+            }
+        }
+    }
+    if let Some(cfg) = etcd {
+        let reg = nixl_discovery::Registry::connect(&etcd_prefix(cfg, name))
+            .map_err(|e| Error::Invalid(format!("etcd: {e}")))?;
+        let (found, sk) = discover(agent, &reg, name, &[], t);
+        peers.extend(found);
+        skipped.extend(sk);
+    }
+    Ok((peers, skipped))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -663,17 +695,15 @@ pub fn pull(
     out: Option<&Path>,
     opts: &PullOptions,
 ) -> Result<Pulled> {
-    let mut peers: Vec<Peer> = Vec::new();
-    let mut skipped = Vec::new();
-    for addr in &opts.sources {
-        match probe(agent, auth, addr, &opts.name, opts.connect_timeout) {
-            Ok(p) => peers.push(p),
-            Err(e) => {
-                tracing::warn!(source = %addr, "source skipped: {e}");
-                skipped.push(format!("{addr}: {e}"));
-            }
-        }
-    }
+    let (peers, skipped) = discover_all(
+        agent,
+        auth,
+        etcd,
+        &opts.name,
+        &opts.sources,
+        opts.connect_timeout,
+    )?;
+    // Sources announced later are looked up while pulling.
     let registry = match etcd {
         Some(cfg) => Some(
             nixl_discovery::Registry::connect(&etcd_prefix(cfg, &opts.name))
@@ -681,11 +711,6 @@ pub fn pull(
         ),
         None => None,
     };
-    if let Some(reg) = &registry {
-        let (found, sk) = discover(agent, reg, &opts.name, &[], opts.connect_timeout);
-        peers.extend(found);
-        skipped.extend(sk);
-    }
     let manifest: Arc<Manifest> = match (peers.first(), &opts.fallback) {
         (Some(p), _) => Arc::clone(&p.manifest),
         (None, Some(Fallback::Dir(d))) => Arc::new(crate::source::manifest_of_dir(
@@ -931,7 +956,7 @@ pub fn pull(
     })
 }
 
-fn mismatch(manifest: &Manifest, first: &str, p: &Peer) -> Error {
+pub(crate) fn mismatch(manifest: &Manifest, first: &str, p: &Peer) -> Error {
     let detail = manifest.difference(&p.manifest).unwrap_or_default();
     let tensor = detail
         .split('"')
