@@ -66,9 +66,15 @@ enum Cmd {
         /// A source's tcp listener (`HOST:PORT`); repeat for several.
         #[arg(long = "source")]
         sources: Vec<String>,
-        /// Where chunks no live source can give are read from: a directory holding the model.
+        /// Where chunks no live source can give are read from: a directory holding the model,
+        /// or `s3://bucket/prefix` (the `[object]` configuration or `AWS_*` environment says
+        /// which store).
         #[arg(long)]
-        fallback: Option<PathBuf>,
+        fallback: Option<String>,
+        /// The manifest to pull by when no source answers (a pulled directory's
+        /// `.nixl-weights-manifest`); needed with an S3 fallback alone.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
         /// Serve each chunk as soon as it is verified, and keep serving after the pull.
         #[arg(long)]
         serve: bool,
@@ -132,11 +138,13 @@ fn main() -> ExitCode {
 }
 
 /// The agent of the CLI: the configured backends (tcp only by default), with the tcp backend
-/// kept by type so that its listen address can be printed.
+/// kept by type so that its listen address can be printed; `object` adds the object backend
+/// (an S3 fallback) to a configuration that does not list its backends.
 fn agent(
     config: Option<&PathBuf>,
     listen: Option<String>,
     role: &str,
+    object: bool,
 ) -> Result<(Arc<Agent>, Config, Vec<String>)> {
     let mut cfg = match config {
         Some(p) => {
@@ -146,6 +154,13 @@ fn agent(
     };
     if cfg.backends.is_none() {
         cfg.backends = Some(vec!["tcp".into()]);
+    }
+    if let Some(b) = cfg
+        .backends
+        .as_mut()
+        .filter(|b| object && !b.iter().any(|n| n == "object"))
+    {
+        b.push("object".into());
     }
     if listen.is_some() {
         cfg.tcp.listen = listen;
@@ -207,7 +222,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             fault_corrupt_chunk,
         } => {
-            let (agent, cfg, addrs) = agent(config.as_ref(), listen, "src")?;
+            let (agent, cfg, addrs) = agent(config.as_ref(), listen, "src", false)?;
             let etcd = etcd_cfg(&cfg, etcd)?;
             let opts = SourceOptions {
                 name,
@@ -257,6 +272,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
             sources,
             fallback,
+            manifest,
             serve,
             config,
             listen,
@@ -265,11 +281,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             stall_timeout,
             json,
         } => {
-            let (agent, cfg, addrs) = agent(config.as_ref(), listen, "pull")?;
+            let fallback = fallback.as_deref().map(Fallback::parse).transpose()?;
+            let s3 = matches!(fallback, Some(Fallback::S3 { .. }));
+            let (agent, cfg, addrs) = agent(config.as_ref(), listen, "pull", s3)?;
             let etcd = etcd_cfg(&cfg, etcd)?;
             let mut opts = PullOptions::new(name);
             opts.sources = sources;
-            opts.fallback = fallback.map(Fallback::Dir);
+            opts.fallback = fallback;
+            opts.manifest = manifest;
             opts.serve = serve;
             opts.streams_per_source = streams;
             opts.stall_timeout = Duration::from_secs(stall_timeout);
@@ -328,7 +347,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ls { etcd, config, json } => {
-            let (agent, cfg, _) = agent(config.as_ref(), None, "ls")?;
+            let (agent, cfg, _) = agent(config.as_ref(), None, "ls", false)?;
             let etcd = etcd_cfg(&cfg, etcd)?.ok_or_else(|| {
                 Error::Invalid("ls needs etcd: --etcd URL or [etcd] in --config".into())
             })?;

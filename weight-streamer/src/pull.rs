@@ -28,6 +28,41 @@ pub const MAX_BAD_CHUNKS: u32 = 2;
 pub enum Fallback {
     /// A local copy of the model directory.
     Dir(PathBuf),
+    /// The model's files as objects `PREFIX<file name>` in an S3-compatible bucket, read with
+    /// ranged GETs through the agent's `object` backend (endpoint and credentials from its
+    /// `[object]` configuration or the `AWS_*` environment).
+    S3 {
+        /// Bucket.
+        bucket: String,
+        /// Key prefix (empty, or ending in `/`).
+        prefix: String,
+    },
+}
+
+/// Object ids this crate names for an S3 fallback: `OBJECT_ID_BASE + file index`.
+pub const OBJECT_ID_BASE: u64 = 0x5757_0000_0000;
+
+impl Fallback {
+    /// `s3://bucket/prefix` or a directory path.
+    pub fn parse(s: &str) -> Result<Fallback> {
+        match s.strip_prefix("s3://") {
+            Some(rest) => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(Error::Invalid(format!("{s}: no bucket")));
+                }
+                let mut prefix = prefix.to_owned();
+                if !prefix.is_empty() && !prefix.ends_with('/') {
+                    prefix.push('/');
+                }
+                Ok(Fallback::S3 {
+                    bucket: bucket.to_owned(),
+                    prefix,
+                })
+            }
+            None => Ok(Fallback::Dir(PathBuf::from(s))),
+        }
+    }
 }
 
 /// How to pull.
@@ -51,6 +86,9 @@ pub struct PullOptions {
     pub stall_timeout: Duration,
     /// Progress line on stderr.
     pub progress: bool,
+    /// The manifest to pull by when no source answers (as a pull leaves it beside the files,
+    /// [`crate::MANIFEST_FILE`]): needed with an S3 fallback alone.
+    pub manifest: Option<PathBuf>,
 }
 
 impl PullOptions {
@@ -66,6 +104,7 @@ impl PullOptions {
             chunk_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(30),
             progress: false,
+            manifest: None,
         }
     }
 }
@@ -533,6 +572,33 @@ impl Run<'_> {
                         // targets it) and no reference into it is alive.
                         .and_then(|()| unsafe { self.data.write(ch.data_offset, &buf) })
                 }
+                Fallback::S3 { .. } => {
+                    // A ranged GET straight into the data buffer, through the object backend.
+                    let object = Desc::new(ch.file_offset, ch.len, OBJECT_ID_BASE + ch.file as u64);
+                    let local = Desc::new(self.data.addr() + ch.data_offset, ch.len, 0);
+                    (|| {
+                        let x = self.agent.create_xfer(
+                            XferOp::Read,
+                            &DescList::from_descs(MemKind::Dram, vec![local])?,
+                            &DescList::from_descs(MemKind::Object, vec![object])?,
+                            self.agent.name(),
+                            XferOptions {
+                                deadline: Some(self.chunk_timeout),
+                                ..Default::default()
+                            },
+                        )?;
+                        x.run_blocking()
+                    })()
+                    .map_err(|e| {
+                        Error::core(
+                            format!(
+                                "fallback GET of {} at {}",
+                                self.manifest.files[ch.file].name, ch.file_offset
+                            ),
+                            e,
+                        )
+                    })
+                }
             };
             let ok = r.and_then(|()| self.accept(c));
             match ok {
@@ -713,11 +779,34 @@ pub fn pull(
     };
     let manifest: Arc<Manifest> = match (peers.first(), &opts.fallback) {
         (Some(p), _) => Arc::clone(&p.manifest),
+        (None, _) if opts.manifest.is_some() => {
+            let p = opts.manifest.as_deref().unwrap_or(Path::new(""));
+            let b = std::fs::read(p)
+                .map_err(|e| Error::io(format!("reading the manifest {}", p.display()), e))?;
+            let m = Manifest::decode(&b)?;
+            if m.name != opts.name {
+                return Err(Error::Invalid(format!(
+                    "{} is the manifest of {:?}, not {:?}",
+                    p.display(),
+                    m.name,
+                    opts.name
+                )));
+            }
+            Arc::new(m)
+        }
         (None, Some(Fallback::Dir(d))) => Arc::new(crate::source::manifest_of_dir(
             d,
             &opts.name,
             crate::manifest::DEFAULT_CHUNK,
         )?),
+        (None, Some(Fallback::S3 { .. })) => {
+            return Err(Error::Incomplete(format!(
+                "no source of {:?} answered, and an S3 fallback alone needs --manifest{}{}",
+                opts.name,
+                if skipped.is_empty() { "" } else { ": " },
+                skipped.join("; ")
+            )))
+        }
         (None, None) => {
             return Err(Error::Incomplete(format!(
                 "no source of {:?} answered and no fallback was given{}{}",
@@ -727,7 +816,7 @@ pub fn pull(
             )))
         }
     };
-    for p in &peers[1..] {
+    for p in peers.iter().skip(1) {
         if p.header.digest != peers[0].header.digest {
             return Err(mismatch(&manifest, &peers[0].label, p));
         }
@@ -738,6 +827,12 @@ pub fn pull(
     // Registered either way: as the published model when serving, else on its own.
     let published = Published::new(agent, Arc::clone(&manifest), Arc::clone(&data), false)?;
     let have_scratch = Scratch::new(agent, chunks.len() as u64)?;
+    let _objects = match &opts.fallback {
+        Some(Fallback::S3 { bucket, prefix }) => {
+            Some(register_objects(agent, &manifest, bucket, prefix)?)
+        }
+        _ => None,
+    };
     let announcements = match (etcd, opts.serve) {
         (Some(cfg), true) => announce(agent, cfg, &opts.name)?,
         _ => Vec::new(),
@@ -809,8 +904,10 @@ pub fn pull(
             spawn_workers(s);
         }
         if let Some(fb) = &run.fallback {
-            let run = &run;
-            sc.spawn(move || run.fallback_worker(fb));
+            for _ in 0..streams {
+                let run = &run;
+                sc.spawn(move || run.fallback_worker(fb));
+            }
         }
         if let Some(reg) = &registry {
             // Replicas that join later are sources too: look etcd up again every second.
@@ -954,6 +1051,28 @@ pub fn pull(
         published,
         announcements,
     })
+}
+
+/// Names and registers the model's files as objects of the agent (the S3 fallback).
+fn register_objects(
+    agent: &Agent,
+    manifest: &Manifest,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Registration> {
+    let mut descs = Vec::new();
+    for (i, f) in manifest.files.iter().enumerate() {
+        let id = OBJECT_ID_BASE + i as u64;
+        nixl_transports::object::name_object(agent, id, &format!("{bucket}/{prefix}{}", f.name))
+            .map_err(|e| Error::core("the S3 fallback", e))?;
+        if f.size > 0 {
+            descs.push(Desc::new(0, f.size, id));
+        }
+    }
+    let list = DescList::from_descs(MemKind::Object, descs)
+        .map_err(|e| Error::core("the S3 fallback", e))?;
+    // SAFETY: object descriptors name no memory of this process.
+    unsafe { agent.register(&list) }.map_err(|e| Error::core("registering the S3 fallback", e))
 }
 
 pub(crate) fn mismatch(manifest: &Manifest, first: &str, p: &Peer) -> Error {

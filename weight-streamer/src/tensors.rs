@@ -74,7 +74,7 @@ impl TensorSource {
             ))
         })?;
         let manifest = Arc::clone(&first.manifest);
-        for p in &peers[1..] {
+        for p in peers.iter().skip(1) {
             if p.header.digest != first.header.digest {
                 return Err(crate::pull::mismatch(&manifest, &first.label, p));
             }
