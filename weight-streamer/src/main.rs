@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -191,6 +192,28 @@ fn agent(
     Ok((Arc::new(agent), cfg, addrs))
 }
 
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Async-signal-safe: one atomic store.
+    STOP.store(true, Ordering::Release);
+}
+
+/// SIGTERM and SIGINT set the returned flag (serving loops then leave etcd and stop cleanly).
+fn stop_on_signals() -> &'static AtomicBool {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe; installing
+        // it replaces the default action (termination) for these two signals only.
+        unsafe {
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    }
+    &STOP
+}
+
 /// etcd settings: the `--etcd` endpoints (with the configuration's other `[etcd]` values), else
 /// the configuration's `[etcd]`, else none.
 fn etcd_cfg(cfg: &Config, flags: Vec<String>) -> Result<Option<EtcdConfig>> {
@@ -254,8 +277,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     addrs.join(" ")
                 );
             }
+            let stop = stop_on_signals();
             loop {
-                std::thread::sleep(Duration::from_millis(500));
+                std::thread::sleep(Duration::from_millis(200));
+                if stop.load(Ordering::Acquire) {
+                    // Leave etcd at once (the lease is revoked), then stop serving.
+                    drop(announced);
+                    return src.withdraw().map(|()| ExitCode::SUCCESS);
+                }
                 if let Err(e) = src.check_unchanged() {
                     eprintln!("nixl-weights: error: {e}");
                     drop(announced);
@@ -339,10 +368,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "nixl-weights: pull done, serving {} until killed",
                     r.model_id
                 );
-                let _keep = pulled;
-                loop {
-                    std::thread::sleep(Duration::from_secs(3600));
+                let stop = stop_on_signals();
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(200));
                 }
+                drop(pulled.announcements);
+                return pulled.published.withdraw().map(|()| ExitCode::SUCCESS);
             }
             Ok(ExitCode::SUCCESS)
         }

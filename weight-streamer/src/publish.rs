@@ -18,6 +18,12 @@ use crate::mem::HostMem;
 
 /// Magic at the start of a control region.
 pub const MAGIC: &[u8; 8] = b"NIXLWTS1";
+/// Have byte: the chunk is not here.
+pub const ABSENT: u8 = 0;
+/// Have byte: the chunk is here and verified.
+pub const HAVE: u8 = 1;
+/// Have byte: the chunk is being fetched here.
+pub const FETCHING: u8 = 2;
 /// Size of the header page.
 pub const HEADER: u64 = 4096;
 
@@ -178,8 +184,10 @@ impl Published {
         &self.data
     }
 
-    /// Announces that chunk `index` is held and verified (peers reading the have bytes see it).
-    pub fn mark_have(&self, index: usize) -> Result<()> {
+    /// Announces the state of chunk `index` to peers reading the have bytes: [`HAVE`] (held
+    /// and verified), [`FETCHING`] (on its way here: a peer may wait for it rather than ask an
+    /// origin), or [`ABSENT`].
+    pub fn mark(&self, index: usize, state: u8) -> Result<()> {
         if index as u64 >= self.header.chunks {
             return Err(Error::Invalid(format!("no chunk {index}")));
         }
@@ -187,7 +195,7 @@ impl Published {
         // only read it through the backend, which copies).
         unsafe {
             self.ctrl
-                .write(self.header.have_offset() + index as u64, &[1])
+                .write(self.header.have_offset() + index as u64, &[state])
         }
     }
 

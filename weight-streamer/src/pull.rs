@@ -18,10 +18,13 @@ use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 use crate::error::{Error, Result};
 use crate::manifest::{check_file_tensors, Chunk, Manifest};
 use crate::mem::HostMem;
-use crate::publish::{register, Header, Published, HEADER};
+use crate::publish::{register, Header, Published, ABSENT, FETCHING, HAVE, HEADER};
 
 /// Bad chunks after which a source is dropped.
 pub const MAX_BAD_CHUNKS: u32 = 2;
+/// READs failed in a row after which a source is dropped (a dead source fails them at once; a
+/// congested one may time out once and then go on).
+pub const MAX_FAILED_READS: u32 = 3;
 
 /// Where chunks come from when no live source has them.
 #[derive(Clone, Debug)]
@@ -334,10 +337,12 @@ struct SourceState {
     data_addr: u64,
     ctrl: Desc,
     have_offset: u64,
-    have: Mutex<Vec<bool>>,
+    /// Each chunk's have byte as last read ([`HAVE`], [`FETCHING`] or [`ABSENT`]).
+    have: Mutex<Vec<u8>>,
     complete: AtomicBool,
     alive: AtomicBool,
     bad: AtomicU32,
+    failed_reads: AtomicU32,
     bytes: AtomicU64,
     cursor: AtomicU64,
 }
@@ -379,7 +384,7 @@ impl Run<'_> {
     fn eligible(&self, b: &Board, s: usize, c: usize) -> bool {
         let src = self.src(s);
         src.alive.load(Ordering::Acquire)
-            && src.have.lock().get(c).copied().unwrap_or(false)
+            && src.have.lock().get(c) == Some(&HAVE)
             && !b.failed_on[c].contains(&(s as u16))
     }
 
@@ -405,15 +410,19 @@ impl Run<'_> {
         } else {
             Vec::new()
         };
-        let others_have: Vec<Vec<bool>> = others.iter().map(|o| o.have.lock().clone()).collect();
+        let others_have: Vec<Vec<u8>> = others.iter().map(|o| o.have.lock().clone()).collect();
         for k in 0..n {
             let c = (start + k) % n;
             if b.st[c] == St::Pending
-                && have[c]
+                && have[c] == HAVE
                 && !b.failed_on[c].contains(&(s as u16))
-                && !others_have.iter().any(|h| h[c])
+                && !others_have.iter().any(|h| h[c] != ABSENT)
             {
                 b.st[c] = St::InFlight;
+                if let Some(p) = self.published {
+                    // Peers see it coming and wait for it here rather than ask an origin.
+                    let _ = p.mark(c, FETCHING);
+                }
                 src.cursor.store((c + 1) as u64, Ordering::Relaxed);
                 return Some(c);
             }
@@ -434,6 +443,9 @@ impl Run<'_> {
     }
 
     fn requeue(&self, c: usize, bad_from: Option<usize>) {
+        if let Some(p) = self.published {
+            let _ = p.mark(c, ABSENT);
+        }
         let mut b = self.board.lock();
         b.st[c] = St::Pending;
         if let Some(s) = bad_from {
@@ -470,7 +482,7 @@ impl Run<'_> {
             self.writes.fetch_add(1, Ordering::Relaxed);
         }
         if let Some(p) = self.published {
-            p.mark_have(c)?;
+            p.mark(c, HAVE)?;
         }
         let mut b = self.board.lock();
         debug_assert_eq!(b.st[c], St::InFlight);
@@ -511,9 +523,16 @@ impl Run<'_> {
             );
             if let Err(e) = r {
                 self.requeue(c, None);
-                self.drop_source(s, format!("READ of chunk {c} failed: {e}"));
-                return;
+                let n = src.failed_reads.fetch_add(1, Ordering::AcqRel) + 1;
+                if n >= MAX_FAILED_READS {
+                    self.drop_source(s, format!("{n} READs failed in a row, the last: {e}"));
+                    return;
+                }
+                tracing::info!(source = %src.label, chunk = c, "READ failed, retrying: {e}");
+                std::thread::sleep(Duration::from_millis(100 * u64::from(n)));
+                continue;
             }
+            src.failed_reads.store(0, Ordering::Release);
             match self.accept(c) {
                 Ok(true) => {
                     src.bytes.fetch_add(ch.len, Ordering::Relaxed);
@@ -636,7 +655,13 @@ impl Run<'_> {
                 n,
                 Duration::from_secs(5),
             );
-            if r.is_err() {
+            if let Err(e) = r {
+                // A source that cannot tell what it holds is gone (or going): peers waiting
+                // for chunks it announced must not wait on it.
+                let i = self.sources.read().iter().position(|x| Arc::ptr_eq(x, s));
+                if let Some(i) = i {
+                    self.drop_source(i, format!("reading what it holds failed: {e}"));
+                }
                 continue;
             }
             // SAFETY: the READ into the scratch buffer has ended; only this thread uses it.
@@ -645,9 +670,16 @@ impl Run<'_> {
             };
             let mut have = s.have.lock();
             for (h, &b) in have.iter_mut().zip(bytes) {
-                *h |= b == 1;
+                // Held stays held (its chunks are verified by whoever reads them anyway).
+                if *h != HAVE {
+                    *h = if b == HAVE || b == FETCHING {
+                        b
+                    } else {
+                        ABSENT
+                    };
+                }
             }
-            if have.iter().all(|&x| x) {
+            if have.iter().all(|&x| x == HAVE) {
                 s.complete.store(true, Ordering::Release);
             }
         }
@@ -678,10 +710,11 @@ impl SourceState {
             data_addr: p.header.data.addr,
             ctrl: p.ctrl,
             have_offset: p.header.have_offset(),
-            have: Mutex::new(vec![p.header.complete; chunks]),
+            have: Mutex::new(vec![if p.header.complete { HAVE } else { ABSENT }; chunks]),
             complete: AtomicBool::new(p.header.complete),
             alive: AtomicBool::new(true),
             bad: AtomicU32::new(0),
+            failed_reads: AtomicU32::new(0),
             bytes: AtomicU64::new(0),
             cursor: AtomicU64::new(cursor),
         }
@@ -752,7 +785,7 @@ pub fn announce(
 
 /// Pulls model `opts.name` into registered memory of `agent`, and writes its files into `out`
 /// (when given) byte-identical to the source's. Sources are the `opts.sources` addresses and,
-/// with `etcd`, the agents announced there (looked up again every second while pulling, so
+/// with `etcd`, the agents announced there (looked up again every 300 ms while pulling, so
 /// replicas that start later are used too).
 pub fn pull(
     agent: &Arc<Agent>,
@@ -910,13 +943,13 @@ pub fn pull(
             }
         }
         if let Some(reg) = &registry {
-            // Replicas that join later are sources too: look etcd up again every second.
+            // Replicas that join later are sources too: look etcd up again every 300 ms.
             let (run, skipped, manifest) = (&run, &skipped, &manifest);
             sc.spawn(move || {
                 let mut last = Instant::now();
                 while !run.finished.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(50));
-                    if last.elapsed() < Duration::from_secs(1) {
+                    if last.elapsed() < Duration::from_millis(300) {
                         continue;
                     }
                     last = Instant::now();
@@ -1180,7 +1213,7 @@ fn holdings(
     // SAFETY: the READ has ended; only this thread uses the scratch buffer.
     let have = unsafe { scratch.mem.slice(0, n)? };
     let chunks = p.manifest.chunks();
-    let held: Vec<&Chunk> = chunks.iter().filter(|c| have[c.index] == 1).collect();
+    let held: Vec<&Chunk> = chunks.iter().filter(|c| have[c.index] == HAVE).collect();
     Ok(serde_json::json!({
         "agent": who,
         "model_id": p.manifest.model_id(),

@@ -19,7 +19,7 @@ fn sources_found_in_etcd_and_a_stale_entry_skipped() {
     let t = tmpdir("etcd");
     let model = t.join("m");
     make_model(&model, "sharded", 10);
-    let (_live, live_addr) = serve(cmd(), &model, "m", "127.0.0.1:0", &["--etcd", &etcd.url]);
+    let (live, live_addr) = serve(cmd(), &model, "m", "127.0.0.1:0", &["--etcd", &etcd.url]);
     let (mut dead, _) = serve(cmd(), &model, "m", "127.0.0.1:0", &["--etcd", &etcd.url]);
 
     // ls: one model, two sources, each holding every chunk.
@@ -77,5 +77,23 @@ fn sources_found_in_etcd_and_a_stale_entry_skipped() {
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v.to_string().contains("\"error\""), "{v}");
+
+    // SIGTERM: the source leaves etcd at once (its lease revoked) and exits 0.
+    let mut live = live;
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(
+        unsafe { libc::kill(live.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let st = live.child.wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+    let o = cmd()
+        .args(["ls", "--json", "--etcd", &etcd.url])
+        .env("NIXL_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let left = v["models"][0]["sources"].as_array().map_or(0, Vec::len);
+    assert_eq!(left, 1, "only the SIGKILLed source's entry is left: {v}");
     let _ = std::fs::remove_dir_all(&t);
 }
