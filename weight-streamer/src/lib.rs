@@ -12,7 +12,7 @@
 //! - [`publish`]: how a model sits in registered memory so that a puller needs READs alone (a
 //!   control region with a header, the manifest and one "have" byte per chunk; a data region).
 //! - [`source`]: an origin loads a directory, publishes it, and refuses files changed on disk.
-//! - [`pull`]: a replica pulls, verifies, writes, falls back to storage, and may serve on.
+//! - [`mod@pull`]: a replica pulls, verifies, writes, falls back to storage, and may serve on.
 //! - [`tensors`]: single tensors pulled by name into memory the caller registered.
 //!
 //! Without a daemon everything runs in the CLI's own agent; the seam for the per-node daemon's
