@@ -22,6 +22,8 @@ use crate::publish::{register, Header, Published, ABSENT, FETCHING, HAVE, HEADER
 
 /// Bad chunks after which a source is dropped.
 pub const MAX_BAD_CHUNKS: u32 = 2;
+/// Regions of a source whose first page is read to find a model's header.
+pub const MAX_PROBED_REGIONS: usize = 64;
 /// READs failed in a row after which a source is dropped (a dead source fails them at once; a
 /// congested one may time out once and then go on).
 pub const MAX_FAILED_READS: u32 = 3;
@@ -219,7 +221,14 @@ pub(crate) fn probe_loaded(
         .load_remote_md(md.clone())
         .map_err(|e| Error::core(format!("loading metadata of {addr}"), e))?;
     let page = Scratch::new(agent, HEADER)?;
-    for r in md.regions.iter().filter(|r| r.kind == MemKind::Dram) {
+    // A source registers two regions per model it serves: a peer listing thousands costs one
+    // bounded READ each, up to this many.
+    for r in md
+        .regions
+        .iter()
+        .filter(|r| r.kind == MemKind::Dram)
+        .take(MAX_PROBED_REGIONS)
+    {
         if r.desc.len < HEADER {
             continue;
         }
@@ -340,6 +349,8 @@ struct SourceState {
     /// Each chunk's have byte as last read ([`HAVE`], [`FETCHING`] or [`ABSENT`]).
     have: Mutex<Vec<u8>>,
     complete: AtomicBool,
+    /// Published complete from the start (an origin, not a replica serving what it pulled).
+    origin: bool,
     alive: AtomicBool,
     bad: AtomicU32,
     failed_reads: AtomicU32,
@@ -394,14 +405,14 @@ impl Run<'_> {
         let src = self.src(s);
         let start = src.cursor.load(Ordering::Relaxed) as usize % n.max(1);
         let have = src.have.lock().clone();
-        // A complete source (an origin) leaves to serving replicas what they already hold, so
-        // that it sends each chunk about once however many replicas pull.
-        let others: Vec<Arc<SourceState>> = if src.complete.load(Ordering::Acquire) {
+        // An origin leaves to serving replicas (complete or not) the chunks they hold or are
+        // fetching, so that it sends each chunk about once however many replicas pull.
+        let others: Vec<Arc<SourceState>> = if src.origin {
             self.sources
                 .read()
                 .iter()
                 .filter(|o| {
-                    !o.complete.load(Ordering::Acquire)
+                    !o.origin
                         && o.alive.load(Ordering::Acquire)
                         && o.bad.load(Ordering::Acquire) == 0
                 })
@@ -712,6 +723,7 @@ impl SourceState {
             have_offset: p.header.have_offset(),
             have: Mutex::new(vec![if p.header.complete { HAVE } else { ABSENT }; chunks]),
             complete: AtomicBool::new(p.header.complete),
+            origin: p.header.complete,
             alive: AtomicBool::new(true),
             bad: AtomicU32::new(0),
             failed_reads: AtomicU32::new(0),
