@@ -1211,17 +1211,11 @@ fn holdings(
     let p = probe_loaded(agent, md, who, model, t)?;
     let n = p.header.chunks;
     let scratch = Scratch::new(agent, n.max(1))?;
-    read_remote(
-        agent,
-        &p.agent_name,
-        &scratch.mem,
-        0,
-        p.ctrl.addr + p.header.have_offset(),
-        n.max(1).min(n),
-        t,
-    )
-    .or_else(|e| if n == 0 { Ok(()) } else { Err(e) })
-    .map_err(|e| Error::core(format!("reading what {who} holds"), e))?;
+    if n > 0 {
+        let at = p.ctrl.addr + p.header.have_offset();
+        read_remote(agent, &p.agent_name, &scratch.mem, 0, at, n, t)
+            .map_err(|e| Error::core(format!("reading what {who} holds"), e))?;
+    }
     // SAFETY: the READ has ended; only this thread uses the scratch buffer.
     let have = unsafe { scratch.mem.slice(0, n)? };
     let chunks = p.manifest.chunks();
