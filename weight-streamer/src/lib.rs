@@ -1,6 +1,39 @@
-//! Weight streaming across replicas: **not built yet**.
+//! Weight streaming across replicas: a model's safetensors files are published from registered
+//! memory by a source and pulled by replicas with one-sided READs, spread over every live
+//! source, each chunk verified against the manifest before it is written (once) or served on.
 //!
-//! This crate will hold the weight streamer: a source publishes a manifest of its registered
-//! weights (tensor name, dtype, shape, byte range, checksum); replicas pull them with one-sided
-//! READs through the public `nixl_core::Agent` API, verify them, and become sources themselves,
-//! so scale-out fans out. Nothing here works today; it exists so the workspace has its final shape.
+//! ```text
+//!  origin: nixl-weights serve /models/llama --name llama      (reads each file once)
+//!  replica: nixl-weights pull llama --out /models/llama --source 10.0.0.5:7000 --serve
+//! ```
+//!
+//! - [`manifest`]: files, tensors (name, dtype, shape, byte range, checksum) and chunk checksums,
+//!   versioned and decoded with bounds; the model id is the name plus the manifest's digest.
+//! - [`publish`]: how a model sits in registered memory so that a puller needs READs alone (a
+//!   control region with a header, the manifest and one "have" byte per chunk; a data region).
+//! - [`source`]: an origin loads a directory, publishes it, and refuses files changed on disk.
+//! - [`mod@pull`]: a replica pulls, verifies, writes, falls back to storage, and may serve on.
+//! - [`tensors`]: single tensors pulled by name into memory the caller registered.
+//!
+//! Without a daemon everything runs in the CLI's own agent; the seam for the per-node daemon's
+//! pool is [`mem::HostMem`] (the buffer the model lives in) and the agent passed in.
+
+pub mod error;
+pub mod manifest;
+pub mod mem;
+pub mod publish;
+pub mod pull;
+pub mod source;
+pub mod tensors;
+
+pub use error::{Error, Result};
+pub use manifest::Manifest;
+pub use pull::{pull, Fallback, PullOptions, PullReport, Pulled};
+pub use source::{Source, SourceOptions};
+
+/// etcd key prefix under which sources of a model announce themselves:
+/// `/nixl/weights/<model>/<agent>` holds the agent's metadata, under a lease.
+pub const ETCD_PREFIX: &str = "/nixl/weights/";
+
+/// Name of the manifest a pull writes beside the files (read by `nixl-weights verify`).
+pub const MANIFEST_FILE: &str = ".nixl-weights-manifest";

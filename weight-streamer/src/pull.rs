@@ -1,0 +1,1231 @@
+//! The replica side: find sources, pull every chunk with one-sided READs spread over all live
+//! sources, verify each chunk, write each verified chunk once, fall back to storage for chunks
+//! no live source can give.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nixl_core::{Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
+use nixl_transports::tcp::{fetch_metadata, Auth};
+use parking_lot::{Condvar, Mutex, RwLock};
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+
+use crate::error::{Error, Result};
+use crate::manifest::{check_file_tensors, Chunk, Manifest};
+use crate::mem::HostMem;
+use crate::publish::{register, Header, Published, ABSENT, FETCHING, HAVE, HEADER};
+
+/// Bad chunks after which a source is dropped.
+pub const MAX_BAD_CHUNKS: u32 = 2;
+/// Regions of a source whose first page is read to find a model's header.
+pub const MAX_PROBED_REGIONS: usize = 64;
+/// READs failed in a row after which a source is dropped (a dead source fails them at once; a
+/// congested one may time out once and then go on).
+pub const MAX_FAILED_READS: u32 = 3;
+
+/// Where chunks come from when no live source has them.
+#[derive(Clone, Debug)]
+pub enum Fallback {
+    /// A local copy of the model directory.
+    Dir(PathBuf),
+    /// The model's files as objects `PREFIX<file name>` in an S3-compatible bucket, read with
+    /// ranged GETs through the agent's `object` backend (endpoint and credentials from its
+    /// `[object]` configuration or the `AWS_*` environment).
+    S3 {
+        /// Bucket.
+        bucket: String,
+        /// Key prefix (empty, or ending in `/`).
+        prefix: String,
+    },
+}
+
+/// Object ids this crate names for an S3 fallback: `OBJECT_ID_BASE + file index`.
+pub const OBJECT_ID_BASE: u64 = 0x5757_0000_0000;
+
+impl Fallback {
+    /// `s3://bucket/prefix` or a directory path.
+    pub fn parse(s: &str) -> Result<Fallback> {
+        match s.strip_prefix("s3://") {
+            Some(rest) => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(Error::Invalid(format!("{s}: no bucket")));
+                }
+                let mut prefix = prefix.to_owned();
+                if !prefix.is_empty() && !prefix.ends_with('/') {
+                    prefix.push('/');
+                }
+                Ok(Fallback::S3 {
+                    bucket: bucket.to_owned(),
+                    prefix,
+                })
+            }
+            None => Ok(Fallback::Dir(PathBuf::from(s))),
+        }
+    }
+}
+
+/// How to pull.
+#[derive(Clone, Debug)]
+pub struct PullOptions {
+    /// Model name.
+    pub name: String,
+    /// Source addresses (`HOST:PORT` of their tcp listeners).
+    pub sources: Vec<String>,
+    /// Storage fallback.
+    pub fallback: Option<Fallback>,
+    /// Become a source while pulling (each chunk served once verified).
+    pub serve: bool,
+    /// READs in flight per source.
+    pub streams_per_source: usize,
+    /// One bounded attempt to reach a source (metadata and header).
+    pub connect_timeout: Duration,
+    /// Longest a chunk READ may take before its source is taken for dead.
+    pub chunk_timeout: Duration,
+    /// Longest the pull may go without progress before it gives up.
+    pub stall_timeout: Duration,
+    /// Progress line on stderr.
+    pub progress: bool,
+    /// The manifest to pull by when no source answers (as a pull leaves it beside the files,
+    /// [`crate::MANIFEST_FILE`]): needed with an S3 fallback alone.
+    pub manifest: Option<PathBuf>,
+}
+
+impl PullOptions {
+    /// Defaults for `name`.
+    pub fn new(name: impl Into<String>) -> PullOptions {
+        PullOptions {
+            name: name.into(),
+            sources: Vec::new(),
+            fallback: None,
+            serve: false,
+            streams_per_source: 4,
+            connect_timeout: Duration::from_secs(3),
+            chunk_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
+            progress: false,
+            manifest: None,
+        }
+    }
+}
+
+/// What a pull did.
+#[derive(Clone, Debug, Default)]
+pub struct PullReport {
+    /// Model id (`name@digest`).
+    pub model_id: String,
+    /// Bytes of the model.
+    pub bytes: u64,
+    /// Wall time of the transfer phase.
+    pub seconds: f64,
+    /// Bytes taken from each source (by address).
+    pub sources: BTreeMap<String, u64>,
+    /// Bytes read from the fallback.
+    pub fallback_bytes: u64,
+    /// Every chunk verified (always true in a report: a pull that cannot verify fails).
+    pub verified: bool,
+    /// Chunks that failed their checksum (and were fetched again elsewhere).
+    pub corrupt_chunks: u64,
+    /// Sources dropped during the pull, with the reason.
+    pub dropped: Vec<String>,
+    /// Sources skipped at the start (unreachable, or not serving this model), with the reason.
+    pub skipped: Vec<String>,
+    /// Chunk writes to the output files (equals the chunk count: nothing is written twice).
+    pub chunks_written: u64,
+}
+
+/// A source that answered: its agent, its control and data regions, its manifest.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    pub(crate) label: String,
+    pub(crate) agent_name: String,
+    pub(crate) ctrl: Desc,
+    pub(crate) header: Header,
+    pub(crate) manifest: Arc<Manifest>,
+}
+
+/// A registered scratch buffer (the registration is dropped before the memory).
+struct Scratch {
+    reg: Option<Registration>,
+    mem: Arc<HostMem>,
+}
+
+impl Scratch {
+    fn new(agent: &Agent, len: u64) -> Result<Scratch> {
+        let mem = Arc::new(HostMem::new(len as usize)?);
+        let reg = register(agent, &mem)?;
+        Ok(Scratch {
+            reg: Some(reg),
+            mem,
+        })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        drop(self.reg.take());
+    }
+}
+
+/// READs `len` bytes of peer memory at `remote` into `local` at `off`.
+fn read_remote(
+    agent: &Agent,
+    peer: &str,
+    local: &HostMem,
+    off: u64,
+    remote: u64,
+    len: u64,
+    timeout: Duration,
+) -> nixl_core::Result<()> {
+    let l = DescList::from_descs(MemKind::Dram, vec![Desc::new(local.addr() + off, len, 0)])?;
+    let r = DescList::from_descs(MemKind::Dram, vec![Desc::new(remote, len, 0)])?;
+    let x = agent.create_xfer(
+        XferOp::Read,
+        &l,
+        &r,
+        peer,
+        XferOptions {
+            deadline: Some(timeout),
+            ..Default::default()
+        },
+    )?;
+    x.post()?;
+    x.wait_blocking(Some(timeout + Duration::from_secs(1)))
+        .into_result()
+}
+
+/// One bounded attempt to reach a source at `addr` and read its description of `name`.
+fn probe(agent: &Agent, auth: &Auth, addr: &str, name: &str, t: Duration) -> Result<Peer> {
+    let md_bytes =
+        fetch_metadata(addr, auth, t).map_err(|e| Error::core(format!("metadata of {addr}"), e))?;
+    probe_loaded(agent, &md_bytes, addr, name, t)
+}
+
+/// Loads a source's metadata (from its listener or from etcd), then reads its control region's
+/// header and manifest: one bounded attempt.
+pub(crate) fn probe_loaded(
+    agent: &Agent,
+    md_bytes: &[u8],
+    addr: &str,
+    name: &str,
+    t: Duration,
+) -> Result<Peer> {
+    let md = AgentMetadata::decode(md_bytes)
+        .map_err(|e| Error::Invalid(format!("metadata of {addr}: {e}")))?;
+    let peer = agent
+        .load_remote_md(md.clone())
+        .map_err(|e| Error::core(format!("loading metadata of {addr}"), e))?;
+    let page = Scratch::new(agent, HEADER)?;
+    // A source registers two regions per model it serves: a peer listing thousands costs one
+    // bounded READ each, up to this many.
+    for r in md
+        .regions
+        .iter()
+        .filter(|r| r.kind == MemKind::Dram)
+        .take(MAX_PROBED_REGIONS)
+    {
+        if r.desc.len < HEADER {
+            continue;
+        }
+        read_remote(agent, &peer, &page.mem, 0, r.desc.addr, HEADER, t)
+            .map_err(|e| Error::core(format!("reading a header from {addr}"), e))?;
+        // SAFETY: the READ into the page has ended; nothing else writes it.
+        let bytes = unsafe { page.mem.slice(0, HEADER)? }.to_vec();
+        let Some(h) = Header::decode(&bytes) else {
+            continue;
+        };
+        let h = h?;
+        if h.name != name {
+            continue;
+        }
+        if h.control_len() > r.desc.len {
+            return Err(Error::Invalid(format!(
+                "{addr}: control region of {} bytes shorter than its header says",
+                r.desc.len
+            )));
+        }
+        let ms = Scratch::new(agent, h.manifest_len.max(1))?;
+        read_remote(
+            agent,
+            &peer,
+            &ms.mem,
+            0,
+            r.desc.addr + HEADER,
+            h.manifest_len,
+            t,
+        )
+        .map_err(|e| Error::core(format!("reading the manifest from {addr}"), e))?;
+        // SAFETY: the READ has ended; nothing else writes this scratch buffer.
+        let enc = unsafe { ms.mem.slice(0, h.manifest_len)? };
+        if xxh3_128(enc) != h.digest {
+            return Err(Error::Invalid(format!(
+                "{addr}: manifest does not match the digest in its header"
+            )));
+        }
+        let m = Manifest::decode(enc)?;
+        if m.name != name || m.chunk_count() as u64 != h.chunks {
+            return Err(Error::Invalid(format!(
+                "{addr}: manifest of {:?} with {} chunks under a header of {:?} with {}",
+                m.name,
+                m.chunk_count(),
+                h.name,
+                h.chunks
+            )));
+        }
+        let (_, data_len) = m.layout();
+        let data_ok = md.regions.iter().any(|x| {
+            x.kind == MemKind::Dram
+                && x.desc.addr == h.data.addr
+                && x.desc.len == h.data.len
+                && x.desc.len >= data_len
+        });
+        if !data_ok {
+            return Err(Error::Invalid(format!(
+                "{addr}: the data region its header names is not registered or too short"
+            )));
+        }
+        return Ok(Peer {
+            label: addr.to_owned(),
+            agent_name: peer,
+            ctrl: r.desc,
+            header: h,
+            manifest: Arc::new(m),
+        });
+    }
+    Err(Error::Invalid(format!(
+        "{addr} does not serve a model named {name:?}"
+    )))
+}
+
+/// The sources of `name` at `sources` and in etcd: one bounded attempt each; the failures as
+/// "skipped" lines.
+pub(crate) fn discover_all(
+    agent: &Agent,
+    auth: &Auth,
+    etcd: Option<&nixl_discovery::EtcdConfig>,
+    name: &str,
+    sources: &[String],
+    t: Duration,
+) -> Result<(Vec<Peer>, Vec<String>)> {
+    let mut peers = Vec::new();
+    let mut skipped = Vec::new();
+    for addr in sources {
+        match probe(agent, auth, addr, name, t) {
+            Ok(p) => peers.push(p),
+            Err(e) => {
+                tracing::warn!(source = %addr, "source skipped: {e}");
+                skipped.push(format!("{addr}: {e}"));
+            }
+        }
+    }
+    if let Some(cfg) = etcd {
+        let reg = nixl_discovery::Registry::connect(&etcd_prefix(cfg, name))
+            .map_err(|e| Error::Invalid(format!("etcd: {e}")))?;
+        let (found, sk) = discover(agent, &reg, name, &[], t);
+        peers.extend(found);
+        skipped.extend(sk);
+    }
+    Ok((peers, skipped))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum St {
+    Pending,
+    InFlight,
+    Done,
+}
+
+struct SourceState {
+    label: String,
+    agent_name: String,
+    data_addr: u64,
+    ctrl: Desc,
+    have_offset: u64,
+    /// Each chunk's have byte as last read ([`HAVE`], [`FETCHING`] or [`ABSENT`]).
+    have: Mutex<Vec<u8>>,
+    complete: AtomicBool,
+    /// Published complete from the start (an origin, not a replica serving what it pulled).
+    origin: bool,
+    alive: AtomicBool,
+    bad: AtomicU32,
+    failed_reads: AtomicU32,
+    bytes: AtomicU64,
+    cursor: AtomicU64,
+}
+
+struct Board {
+    st: Vec<St>,
+    /// Sources (by index) whose copy of the chunk failed its checksum.
+    failed_on: Vec<Vec<u16>>,
+    done: usize,
+    last_progress: Instant,
+}
+
+struct Run<'a> {
+    agent: &'a Agent,
+    chunks: Vec<Chunk>,
+    sources: RwLock<Vec<Arc<SourceState>>>,
+    board: Mutex<Board>,
+    cv: Condvar,
+    finished: AtomicBool,
+    data: Arc<HostMem>,
+    outs: Option<Vec<File>>,
+    published: Option<&'a Published>,
+    fallback: Option<Fallback>,
+    manifest: Arc<Manifest>,
+    fallback_bytes: AtomicU64,
+    corrupt: AtomicU64,
+    writes: AtomicU64,
+    dropped: Mutex<Vec<String>>,
+    fatal: Mutex<Option<Error>>,
+    chunk_timeout: Duration,
+}
+
+impl Run<'_> {
+    /// Whether source `s` may serve chunk `c`.
+    fn src(&self, s: usize) -> Arc<SourceState> {
+        Arc::clone(&self.sources.read()[s])
+    }
+
+    fn eligible(&self, b: &Board, s: usize, c: usize) -> bool {
+        let src = self.src(s);
+        src.alive.load(Ordering::Acquire)
+            && src.have.lock().get(c) == Some(&HAVE)
+            && !b.failed_on[c].contains(&(s as u16))
+    }
+
+    fn pick(&self, s: usize) -> Option<usize> {
+        let mut b = self.board.lock();
+        let n = self.chunks.len();
+        let src = self.src(s);
+        let start = src.cursor.load(Ordering::Relaxed) as usize % n.max(1);
+        let have = src.have.lock().clone();
+        // An origin leaves to serving replicas (complete or not) the chunks they hold or are
+        // fetching, so that it sends each chunk about once however many replicas pull.
+        let others: Vec<Arc<SourceState>> = if src.origin {
+            self.sources
+                .read()
+                .iter()
+                .filter(|o| {
+                    !o.origin
+                        && o.alive.load(Ordering::Acquire)
+                        && o.bad.load(Ordering::Acquire) == 0
+                })
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let others_have: Vec<Vec<u8>> = others.iter().map(|o| o.have.lock().clone()).collect();
+        for k in 0..n {
+            let c = (start + k) % n;
+            if b.st[c] == St::Pending
+                && have[c] == HAVE
+                && !b.failed_on[c].contains(&(s as u16))
+                && !others_have.iter().any(|h| h[c] != ABSENT)
+            {
+                b.st[c] = St::InFlight;
+                if let Some(p) = self.published {
+                    // Peers see it coming and wait for it here rather than ask an origin.
+                    let _ = p.mark(c, FETCHING);
+                }
+                src.cursor.store((c + 1) as u64, Ordering::Relaxed);
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn pick_fallback(&self) -> Option<usize> {
+        let mut b = self.board.lock();
+        for c in 0..self.chunks.len() {
+            let n = self.sources.read().len();
+            if b.st[c] == St::Pending && !(0..n).any(|s| self.eligible(&b, s, c)) {
+                b.st[c] = St::InFlight;
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn requeue(&self, c: usize, bad_from: Option<usize>) {
+        if let Some(p) = self.published {
+            let _ = p.mark(c, ABSENT);
+        }
+        let mut b = self.board.lock();
+        b.st[c] = St::Pending;
+        if let Some(s) = bad_from {
+            b.failed_on[c].push(s as u16);
+        }
+        drop(b);
+        self.cv.notify_all();
+    }
+
+    fn drop_source(&self, s: usize, why: String) {
+        let src = self.src(s);
+        if src.alive.swap(false, Ordering::AcqRel) {
+            tracing::warn!(source = %src.label, "source dropped: {why}");
+            self.dropped.lock().push(format!("{}: {why}", src.label));
+            self.cv.notify_all();
+        }
+    }
+
+    /// Verifies chunk `c` (now in the data buffer) and, if good, writes it out once.
+    fn accept(&self, c: usize) -> Result<bool> {
+        let ch = &self.chunks[c];
+        // SAFETY: chunk `c` is InFlight for this thread alone: the READ (or fallback copy) into
+        // it has ended, and no other transfer targets it until it is requeued.
+        let bytes = unsafe { self.data.slice(ch.data_offset, ch.len)? };
+        if xxh3_64(bytes) != ch.sum {
+            return Ok(false);
+        }
+        if let Some(outs) = &self.outs {
+            outs[ch.file]
+                .write_all_at(bytes, ch.file_offset)
+                .map_err(|e| {
+                    Error::io(format!("writing {}", self.manifest.files[ch.file].name), e)
+                })?;
+            self.writes.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(p) = self.published {
+            p.mark(c, HAVE)?;
+        }
+        let mut b = self.board.lock();
+        debug_assert_eq!(b.st[c], St::InFlight);
+        b.st[c] = St::Done;
+        b.done += 1;
+        b.last_progress = Instant::now();
+        drop(b);
+        self.cv.notify_all();
+        Ok(true)
+    }
+
+    fn fail(&self, e: Error) {
+        let mut f = self.fatal.lock();
+        if f.is_none() {
+            *f = Some(e);
+        }
+        self.finished.store(true, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    fn source_worker(&self, s: usize) {
+        let src = self.src(s);
+        while !self.finished.load(Ordering::Acquire) && src.alive.load(Ordering::Acquire) {
+            let Some(c) = self.pick(s) else {
+                let mut b = self.board.lock();
+                self.cv.wait_for(&mut b, Duration::from_millis(50));
+                continue;
+            };
+            let ch = self.chunks[c];
+            let r = read_remote(
+                self.agent,
+                &src.agent_name,
+                &self.data,
+                ch.data_offset,
+                src.data_addr + ch.data_offset,
+                ch.len,
+                self.chunk_timeout,
+            );
+            if let Err(e) = r {
+                self.requeue(c, None);
+                let n = src.failed_reads.fetch_add(1, Ordering::AcqRel) + 1;
+                if n >= MAX_FAILED_READS {
+                    self.drop_source(s, format!("{n} READs failed in a row, the last: {e}"));
+                    return;
+                }
+                tracing::info!(source = %src.label, chunk = c, "READ failed, retrying: {e}");
+                std::thread::sleep(Duration::from_millis(100 * u64::from(n)));
+                continue;
+            }
+            src.failed_reads.store(0, Ordering::Release);
+            match self.accept(c) {
+                Ok(true) => {
+                    src.bytes.fetch_add(ch.len, Ordering::Relaxed);
+                }
+                Ok(false) => {
+                    self.corrupt.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(source = %src.label, chunk = c, "chunk failed its checksum");
+                    self.requeue(c, Some(s));
+                    if src.bad.fetch_add(1, Ordering::AcqRel) + 1 >= MAX_BAD_CHUNKS {
+                        self.drop_source(
+                            s,
+                            format!("{MAX_BAD_CHUNKS} chunks failed their checksum"),
+                        );
+                        return;
+                    }
+                }
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fallback_worker(&self, fb: &Fallback) {
+        let mut open: BTreeMap<usize, File> = BTreeMap::new();
+        while !self.finished.load(Ordering::Acquire) {
+            let Some(c) = self.pick_fallback() else {
+                let mut b = self.board.lock();
+                self.cv.wait_for(&mut b, Duration::from_millis(50));
+                continue;
+            };
+            let ch = self.chunks[c];
+            let r = match fb {
+                Fallback::Dir(dir) => {
+                    let name = &self.manifest.files[ch.file].name;
+                    let f = match open.entry(ch.file) {
+                        std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            match File::open(dir.join(name)) {
+                                Ok(f) => v.insert(f),
+                                Err(e) => {
+                                    self.fail(Error::io(
+                                        format!("fallback {}", dir.join(name).display()),
+                                        e,
+                                    ));
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    let mut buf = vec![0u8; ch.len as usize];
+                    f.read_exact_at(&mut buf, ch.file_offset)
+                        .map_err(|e| Error::io(format!("fallback {}", dir.join(name).display()), e))
+                        // SAFETY: chunk `c` is InFlight for this thread alone (no transfer
+                        // targets it) and no reference into it is alive.
+                        .and_then(|()| unsafe { self.data.write(ch.data_offset, &buf) })
+                }
+                Fallback::S3 { .. } => {
+                    // A ranged GET straight into the data buffer, through the object backend.
+                    let object = Desc::new(ch.file_offset, ch.len, OBJECT_ID_BASE + ch.file as u64);
+                    let local = Desc::new(self.data.addr() + ch.data_offset, ch.len, 0);
+                    (|| {
+                        let x = self.agent.create_xfer(
+                            XferOp::Read,
+                            &DescList::from_descs(MemKind::Dram, vec![local])?,
+                            &DescList::from_descs(MemKind::Object, vec![object])?,
+                            self.agent.name(),
+                            XferOptions {
+                                deadline: Some(self.chunk_timeout),
+                                ..Default::default()
+                            },
+                        )?;
+                        x.run_blocking()
+                    })()
+                    .map_err(|e| {
+                        Error::core(
+                            format!(
+                                "fallback GET of {} at {}",
+                                self.manifest.files[ch.file].name, ch.file_offset
+                            ),
+                            e,
+                        )
+                    })
+                }
+            };
+            let ok = r.and_then(|()| self.accept(c));
+            match ok {
+                Ok(true) => {
+                    self.fallback_bytes.fetch_add(ch.len, Ordering::Relaxed);
+                }
+                Ok(false) => {
+                    self.fail(Error::Incomplete(format!(
+                        "chunk {c} of {} fails its checksum in the fallback too",
+                        self.manifest.files[ch.file].name
+                    )));
+                    return;
+                }
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn refresh_have(&self, scratch: &HostMem) {
+        let sources = self.sources.read().clone();
+        for s in &sources {
+            if !s.alive.load(Ordering::Acquire) || s.complete.load(Ordering::Acquire) {
+                continue;
+            }
+            let n = self.chunks.len() as u64;
+            let r = read_remote(
+                self.agent,
+                &s.agent_name,
+                scratch,
+                0,
+                s.ctrl.addr + s.have_offset,
+                n,
+                Duration::from_secs(5),
+            );
+            if let Err(e) = r {
+                // A source that cannot tell what it holds is gone (or going): peers waiting
+                // for chunks it announced must not wait on it.
+                let i = self.sources.read().iter().position(|x| Arc::ptr_eq(x, s));
+                if let Some(i) = i {
+                    self.drop_source(i, format!("reading what it holds failed: {e}"));
+                }
+                continue;
+            }
+            // SAFETY: the READ into the scratch buffer has ended; only this thread uses it.
+            let Ok(bytes) = (unsafe { scratch.slice(0, n) }) else {
+                continue;
+            };
+            let mut have = s.have.lock();
+            for (h, &b) in have.iter_mut().zip(bytes) {
+                // Held stays held (its chunks are verified by whoever reads them anyway).
+                if *h != HAVE {
+                    *h = if b == HAVE || b == FETCHING {
+                        b
+                    } else {
+                        ABSENT
+                    };
+                }
+            }
+            if have.iter().all(|&x| x == HAVE) {
+                s.complete.store(true, Ordering::Release);
+            }
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// The result of a pull: its report, the pulled model in registered memory (published when
+/// `serve`), and the manifest.
+#[derive(Debug)]
+pub struct Pulled {
+    /// What happened.
+    pub report: PullReport,
+    /// The model's manifest.
+    pub manifest: Arc<Manifest>,
+    /// The model, published by the agent when the pull was asked to serve.
+    pub published: Published,
+    /// The etcd entries that announce this replica as a source (when serving with etcd); the
+    /// announcement ends when they are dropped.
+    pub announcements: Vec<nixl_discovery::Publication>,
+}
+
+impl SourceState {
+    fn new(p: &Peer, chunks: usize, cursor: u64) -> SourceState {
+        SourceState {
+            label: p.label.clone(),
+            agent_name: p.agent_name.clone(),
+            data_addr: p.header.data.addr,
+            ctrl: p.ctrl,
+            have_offset: p.header.have_offset(),
+            have: Mutex::new(vec![if p.header.complete { HAVE } else { ABSENT }; chunks]),
+            complete: AtomicBool::new(p.header.complete),
+            origin: p.header.complete,
+            alive: AtomicBool::new(true),
+            bad: AtomicU32::new(0),
+            failed_reads: AtomicU32::new(0),
+            bytes: AtomicU64::new(0),
+            cursor: AtomicU64::new(cursor),
+        }
+    }
+}
+
+/// Sources of `name` announced in etcd now (skipping `me` and `known` agents): one bounded
+/// attempt each; the failures are returned as "skipped" lines.
+fn discover(
+    agent: &Agent,
+    reg: &nixl_discovery::Registry,
+    name: &str,
+    known: &[String],
+    t: Duration,
+) -> (Vec<Peer>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut skipped = Vec::new();
+    let names = match reg.list() {
+        Ok(n) => n,
+        Err(e) => {
+            skipped.push(format!("etcd: {e}"));
+            return (found, skipped);
+        }
+    };
+    for n in names {
+        if n == agent.name() || known.contains(&n) {
+            continue;
+        }
+        let r = match reg.fetch(&n) {
+            Ok(Some(md)) => probe_loaded(agent, &md, &n, name, t),
+            Ok(None) => continue,
+            Err(e) => Err(Error::Invalid(format!("etcd: {e}"))),
+        };
+        match r {
+            Ok(p) => found.push(p),
+            Err(e) => {
+                tracing::warn!(source = %n, "etcd entry skipped: {e}");
+                skipped.push(format!("{n}: {e}"));
+            }
+        }
+    }
+    (found, skipped)
+}
+
+/// The etcd prefix under which the sources of `model` are announced.
+pub fn etcd_prefix(cfg: &nixl_discovery::EtcdConfig, model: &str) -> nixl_discovery::EtcdConfig {
+    nixl_discovery::EtcdConfig {
+        prefix: format!("{}{model}/", crate::ETCD_PREFIX),
+        ..cfg.clone()
+    }
+}
+
+/// Announces `agent` in etcd as a source of `model` (under a lease, kept alive until the
+/// returned publications are dropped), and under the agents' prefix as any agent is.
+pub fn announce(
+    agent: &Arc<Agent>,
+    cfg: &nixl_discovery::EtcdConfig,
+    model: &str,
+) -> Result<Vec<nixl_discovery::Publication>> {
+    let e = |e: nixl_discovery::DiscoveryError| Error::Invalid(format!("etcd: {e}"));
+    let weights = nixl_discovery::Registry::connect(&etcd_prefix(cfg, model)).map_err(e)?;
+    let agents = nixl_discovery::Registry::connect(cfg).map_err(e)?;
+    Ok(vec![
+        weights.publish(agent).map_err(e)?,
+        agents.publish(agent).map_err(e)?,
+    ])
+}
+
+/// Pulls model `opts.name` into registered memory of `agent`, and writes its files into `out`
+/// (when given) byte-identical to the source's. Sources are the `opts.sources` addresses and,
+/// with `etcd`, the agents announced there (looked up again every 300 ms while pulling, so
+/// replicas that start later are used too).
+pub fn pull(
+    agent: &Arc<Agent>,
+    auth: &Auth,
+    etcd: Option<&nixl_discovery::EtcdConfig>,
+    out: Option<&Path>,
+    opts: &PullOptions,
+) -> Result<Pulled> {
+    let (peers, skipped) = discover_all(
+        agent,
+        auth,
+        etcd,
+        &opts.name,
+        &opts.sources,
+        opts.connect_timeout,
+    )?;
+    // Sources announced later are looked up while pulling.
+    let registry = match etcd {
+        Some(cfg) => Some(
+            nixl_discovery::Registry::connect(&etcd_prefix(cfg, &opts.name))
+                .map_err(|e| Error::Invalid(format!("etcd: {e}")))?,
+        ),
+        None => None,
+    };
+    let manifest: Arc<Manifest> = match (peers.first(), &opts.fallback) {
+        (Some(p), _) => Arc::clone(&p.manifest),
+        (None, _) if opts.manifest.is_some() => {
+            let p = opts.manifest.as_deref().unwrap_or(Path::new(""));
+            let b = std::fs::read(p)
+                .map_err(|e| Error::io(format!("reading the manifest {}", p.display()), e))?;
+            let m = Manifest::decode(&b)?;
+            if m.name != opts.name {
+                return Err(Error::Invalid(format!(
+                    "{} is the manifest of {:?}, not {:?}",
+                    p.display(),
+                    m.name,
+                    opts.name
+                )));
+            }
+            Arc::new(m)
+        }
+        (None, Some(Fallback::Dir(d))) => Arc::new(crate::source::manifest_of_dir(
+            d,
+            &opts.name,
+            crate::manifest::DEFAULT_CHUNK,
+        )?),
+        (None, Some(Fallback::S3 { .. })) => {
+            return Err(Error::Incomplete(format!(
+                "no source of {:?} answered, and an S3 fallback alone needs --manifest{}{}",
+                opts.name,
+                if skipped.is_empty() { "" } else { ": " },
+                skipped.join("; ")
+            )))
+        }
+        (None, None) => {
+            return Err(Error::Incomplete(format!(
+                "no source of {:?} answered and no fallback was given{}{}",
+                opts.name,
+                if skipped.is_empty() { "" } else { ": " },
+                skipped.join("; ")
+            )))
+        }
+    };
+    for p in peers.iter().skip(1) {
+        if p.header.digest != peers[0].header.digest {
+            return Err(mismatch(&manifest, &peers[0].label, p));
+        }
+    }
+    let chunks = manifest.chunks();
+    let (_, data_len) = manifest.layout();
+    let data = Arc::new(HostMem::new(data_len as usize)?);
+    // Registered either way: as the published model when serving, else on its own.
+    let published = Published::new(agent, Arc::clone(&manifest), Arc::clone(&data), false)?;
+    let have_scratch = Scratch::new(agent, chunks.len() as u64)?;
+    let _objects = match &opts.fallback {
+        Some(Fallback::S3 { bucket, prefix }) => {
+            Some(register_objects(agent, &manifest, bucket, prefix)?)
+        }
+        _ => None,
+    };
+    let announcements = match (etcd, opts.serve) {
+        (Some(cfg), true) => announce(agent, cfg, &opts.name)?,
+        _ => Vec::new(),
+    };
+
+    let outs = match out {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let mut v = Vec::new();
+            for f in &manifest.files {
+                let p = dir.join(format!(".{}.nixl-partial", f.name));
+                let file = File::create(&p)
+                    .map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
+                file.set_len(f.size)
+                    .map_err(|e| Error::io(format!("sizing {}", p.display()), e))?;
+                v.push(file);
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let n = chunks.len().max(1);
+    // Replicas start at different chunks, so that they hold different ones early and can
+    // serve them to each other.
+    let seed = (xxh3_64(agent.name().as_bytes()) as usize) % n;
+    let cursor = |i: usize| ((seed + i * n / 7) % n) as u64;
+    let sources: Vec<Arc<SourceState>> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Arc::new(SourceState::new(p, chunks.len(), cursor(i))))
+        .collect();
+    let run = Run {
+        agent,
+        board: Mutex::new(Board {
+            st: vec![St::Pending; chunks.len()],
+            failed_on: vec![Vec::new(); chunks.len()],
+            done: 0,
+            last_progress: Instant::now(),
+        }),
+        chunks,
+        sources: RwLock::new(sources),
+        cv: Condvar::new(),
+        finished: AtomicBool::new(false),
+        data: Arc::clone(&data),
+        outs,
+        published: opts.serve.then_some(&published),
+        fallback: opts.fallback.clone(),
+        manifest: Arc::clone(&manifest),
+        fallback_bytes: AtomicU64::new(0),
+        corrupt: AtomicU64::new(0),
+        writes: AtomicU64::new(0),
+        dropped: Mutex::new(Vec::new()),
+        fatal: Mutex::new(None),
+        chunk_timeout: opts.chunk_timeout,
+    };
+    let skipped = Mutex::new(skipped);
+    let start = Instant::now();
+    let total = run.chunks.len();
+    let streams = opts.streams_per_source.clamp(1, 64);
+    std::thread::scope(|sc| {
+        let spawn_workers = |s: usize| {
+            for _ in 0..streams {
+                let run = &run;
+                sc.spawn(move || run.source_worker(s));
+            }
+        };
+        for s in 0..run.sources.read().len() {
+            spawn_workers(s);
+        }
+        if let Some(fb) = &run.fallback {
+            for _ in 0..streams {
+                let run = &run;
+                sc.spawn(move || run.fallback_worker(fb));
+            }
+        }
+        if let Some(reg) = &registry {
+            // Replicas that join later are sources too: look etcd up again every 300 ms.
+            let (run, skipped, manifest) = (&run, &skipped, &manifest);
+            sc.spawn(move || {
+                let mut last = Instant::now();
+                while !run.finished.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if last.elapsed() < Duration::from_millis(300) {
+                        continue;
+                    }
+                    last = Instant::now();
+                    let known: Vec<String> = run
+                        .sources
+                        .read()
+                        .iter()
+                        .map(|s| s.agent_name.clone())
+                        .collect();
+                    let (found, sk) =
+                        discover(run.agent, reg, &opts.name, &known, opts.connect_timeout);
+                    skipped.lock().extend(sk);
+                    for p in found {
+                        if p.header.digest != manifest.digest() {
+                            let e = mismatch(manifest, "this pull", &p);
+                            skipped.lock().push(format!("{}: {e}", p.label));
+                            continue;
+                        }
+                        let s = {
+                            let mut v = run.sources.write();
+                            let i = v.len();
+                            if i >= usize::from(u16::MAX) {
+                                break;
+                            }
+                            v.push(Arc::new(SourceState::new(&p, total, cursor(i))));
+                            i
+                        };
+                        tracing::info!(source = %p.label, "new source from etcd");
+                        for _ in 0..streams {
+                            sc.spawn(move || run.source_worker(s));
+                        }
+                    }
+                }
+            });
+        }
+        let mut last_refresh = Instant::now();
+        let mut last_print = Instant::now();
+        loop {
+            {
+                let mut b = run.board.lock();
+                if b.done == total || run.finished.load(Ordering::Acquire) {
+                    break;
+                }
+                run.cv.wait_for(&mut b, Duration::from_millis(50));
+                if b.done == total {
+                    break;
+                }
+                let any_alive = run
+                    .sources
+                    .read()
+                    .iter()
+                    .any(|s| s.alive.load(Ordering::Acquire));
+                if !any_alive && run.fallback.is_none() && registry.is_none() {
+                    drop(b);
+                    let dropped = run.dropped.lock().join("; ");
+                    run.fail(Error::Incomplete(format!(
+                        "every source is gone and no fallback was given ({dropped})"
+                    )));
+                    break;
+                }
+                if b.last_progress.elapsed() > opts.stall_timeout {
+                    let missing = total - b.done;
+                    drop(b);
+                    let dropped = run.dropped.lock().join("; ");
+                    run.fail(Error::Incomplete(format!(
+                        "no progress for {:?}: {missing} of {total} chunks held by no live \
+                         source (dropped: {dropped})",
+                        opts.stall_timeout
+                    )));
+                    break;
+                }
+            }
+            if last_refresh.elapsed() > Duration::from_millis(200) {
+                run.refresh_have(&have_scratch.mem);
+                last_refresh = Instant::now();
+            }
+            if opts.progress && last_print.elapsed() > Duration::from_millis(500) {
+                print_progress(&run, start, total);
+                last_print = Instant::now();
+            }
+        }
+        run.finished.store(true, Ordering::Release);
+        run.cv.notify_all();
+    });
+    if opts.progress {
+        print_progress(&run, start, total);
+        eprintln!();
+    }
+    if let Some(e) = run.fatal.lock().take() {
+        return Err(e);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    // Every chunk verified; now the tensors of each safetensors file against the manifest.
+    let (offs, _) = manifest.layout();
+    for (i, f) in manifest.files.iter().enumerate() {
+        // SAFETY: every transfer into the buffer has ended; peers only read it.
+        let bytes = unsafe { data.slice(offs[i], f.size)? };
+        check_file_tensors(&manifest, i, bytes)?;
+    }
+    if let (Some(dir), Some(outs)) = (out, &run.outs) {
+        for (f, file) in manifest.files.iter().zip(outs) {
+            file.sync_all()
+                .map_err(|e| Error::io(format!("syncing {}", f.name), e))?;
+            let from = dir.join(format!(".{}.nixl-partial", f.name));
+            std::fs::rename(&from, dir.join(&f.name))
+                .map_err(|e| Error::io(format!("renaming {}", from.display()), e))?;
+        }
+        let mpath = dir.join(crate::MANIFEST_FILE);
+        std::fs::write(&mpath, manifest.encode())
+            .map_err(|e| Error::io(format!("writing {}", mpath.display()), e))?;
+    }
+    drop(have_scratch);
+    let mut sources_bytes = BTreeMap::new();
+    for s in run.sources.read().iter() {
+        *sources_bytes.entry(s.label.clone()).or_insert(0) += s.bytes.load(Ordering::Relaxed);
+    }
+    let report = PullReport {
+        model_id: manifest.model_id(),
+        bytes: manifest.total_bytes(),
+        seconds,
+        sources: sources_bytes,
+        fallback_bytes: run.fallback_bytes.load(Ordering::Relaxed),
+        verified: true,
+        corrupt_chunks: run.corrupt.load(Ordering::Relaxed),
+        dropped: run.dropped.lock().clone(),
+        skipped: skipped.into_inner(),
+        chunks_written: run.writes.load(Ordering::Relaxed),
+    };
+    Ok(Pulled {
+        report,
+        manifest,
+        published,
+        announcements,
+    })
+}
+
+/// Names and registers the model's files as objects of the agent (the S3 fallback).
+fn register_objects(
+    agent: &Agent,
+    manifest: &Manifest,
+    bucket: &str,
+    prefix: &str,
+) -> Result<Registration> {
+    let mut descs = Vec::new();
+    for (i, f) in manifest.files.iter().enumerate() {
+        let id = OBJECT_ID_BASE + i as u64;
+        nixl_transports::object::name_object(agent, id, &format!("{bucket}/{prefix}{}", f.name))
+            .map_err(|e| Error::core("the S3 fallback", e))?;
+        if f.size > 0 {
+            descs.push(Desc::new(0, f.size, id));
+        }
+    }
+    let list = DescList::from_descs(MemKind::Object, descs)
+        .map_err(|e| Error::core("the S3 fallback", e))?;
+    // SAFETY: object descriptors name no memory of this process.
+    unsafe { agent.register(&list) }.map_err(|e| Error::core("registering the S3 fallback", e))
+}
+
+pub(crate) fn mismatch(manifest: &Manifest, first: &str, p: &Peer) -> Error {
+    let detail = manifest.difference(&p.manifest).unwrap_or_default();
+    let tensor = detail
+        .split('"')
+        .nth(1)
+        .unwrap_or("(none: files differ)")
+        .to_owned();
+    Error::ManifestMismatch {
+        tensor,
+        detail: format!("{first} vs {}: {detail}", p.label),
+    }
+}
+
+fn print_progress(run: &Run<'_>, start: Instant, total: usize) {
+    let sources = run.sources.read().clone();
+    let done_bytes: u64 = sources
+        .iter()
+        .map(|s| s.bytes.load(Ordering::Relaxed))
+        .sum::<u64>()
+        + run.fallback_bytes.load(Ordering::Relaxed);
+    let all = run.manifest.total_bytes().max(1);
+    let secs = start.elapsed().as_secs_f64().max(1e-3);
+    let rate = done_bytes as f64 / secs;
+    let live = sources
+        .iter()
+        .filter(|s| s.alive.load(Ordering::Relaxed))
+        .count();
+    let eta = if rate > 0.0 {
+        (all - done_bytes.min(all)) as f64 / rate
+    } else {
+        f64::INFINITY
+    };
+    let done = run.board.lock().done;
+    let width = 30usize;
+    let filled = (done * width) / total.max(1);
+    eprint!(
+        "\r[{}{}] {:>7.1}/{:.1} MiB {:>8.1} MB/s  sources {live}  ETA {:>5.1}s ",
+        "#".repeat(filled),
+        " ".repeat(width - filled),
+        done_bytes as f64 / (1 << 20) as f64,
+        all as f64 / (1 << 20) as f64,
+        rate / 1e6,
+        eta
+    );
+}
+
+/// What etcd announces: per model, its sources and how much each holds (read from each source's
+/// have bytes, one bounded attempt each), as JSON objects (`model`, `sources`: `agent`,
+/// `model_id`, `chunks`, `chunks_held`, `bytes_held`, or `error`).
+pub fn list(
+    agent: &Agent,
+    etcd: &nixl_discovery::EtcdConfig,
+    t: Duration,
+) -> Result<Vec<serde_json::Value>> {
+    let e = |e: nixl_discovery::DiscoveryError| Error::Invalid(format!("etcd: {e}"));
+    let all = nixl_discovery::EtcdConfig {
+        prefix: crate::ETCD_PREFIX.to_owned(),
+        ..etcd.clone()
+    };
+    let reg = nixl_discovery::Registry::connect(&all).map_err(e)?;
+    let mut by_model: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+    for key in reg.list().map_err(e)? {
+        let Some((model, who)) = key.split_once('/') else {
+            continue;
+        };
+        let entry = match reg.fetch(&key) {
+            Ok(Some(md)) => match holdings(agent, &md, who, model, t) {
+                Ok(v) => v,
+                Err(err) => serde_json::json!({ "agent": who, "error": err.to_string() }),
+            },
+            Ok(None) => continue,
+            Err(err) => serde_json::json!({ "agent": who, "error": err.to_string() }),
+        };
+        by_model.entry(model.to_owned()).or_default().push(entry);
+    }
+    Ok(by_model
+        .into_iter()
+        .map(|(m, s)| serde_json::json!({ "model": m, "sources": s }))
+        .collect())
+}
+
+fn holdings(
+    agent: &Agent,
+    md: &[u8],
+    who: &str,
+    model: &str,
+    t: Duration,
+) -> Result<serde_json::Value> {
+    let p = probe_loaded(agent, md, who, model, t)?;
+    let n = p.header.chunks;
+    let scratch = Scratch::new(agent, n.max(1))?;
+    if n > 0 {
+        let at = p.ctrl.addr + p.header.have_offset();
+        read_remote(agent, &p.agent_name, &scratch.mem, 0, at, n, t)
+            .map_err(|e| Error::core(format!("reading what {who} holds"), e))?;
+    }
+    // SAFETY: the READ has ended; only this thread uses the scratch buffer.
+    let have = unsafe { scratch.mem.slice(0, n)? };
+    let chunks = p.manifest.chunks();
+    let held: Vec<&Chunk> = chunks.iter().filter(|c| have[c.index] == HAVE).collect();
+    Ok(serde_json::json!({
+        "agent": who,
+        "model_id": p.manifest.model_id(),
+        "chunks": n,
+        "chunks_held": held.len(),
+        "bytes_held": held.iter().map(|c| c.len).sum::<u64>(),
+        "bytes": p.manifest.total_bytes(),
+    }))
+}
