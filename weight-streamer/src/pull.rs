@@ -868,6 +868,9 @@ pub fn pull(
     }
     let chunks = manifest.chunks();
     let (_, data_len) = manifest.layout();
+    // The manifest came from a peer: a size it claims is checked against what this node has
+    // before any memory is mapped or any file is sized.
+    check_room(&manifest, data_len, out)?;
     let data = Arc::new(HostMem::new(data_len as usize)?);
     // Registered either way: as the published model when serving, else on its own.
     let published = Published::new(agent, Arc::clone(&manifest), Arc::clone(&data), false)?;
@@ -1120,6 +1123,70 @@ fn register_objects(
     unsafe { agent.register(&list) }.map_err(|e| Error::core("registering the S3 fallback", e))
 }
 
+/// Refuses a model that this node cannot hold: its bytes (`data_len`, as the manifest lays them
+/// out) beyond the host's physical memory, or its files beyond the free space under `out`. A
+/// source that lies about a model's size then costs a clear error, not a mapping or sparse files
+/// of any size it names.
+fn check_room(manifest: &Manifest, data_len: u64, out: Option<&Path>) -> Result<()> {
+    // SAFETY: sysconf reads system constants and touches no memory of ours.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let ram = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
+    if ram > 0 && data_len > ram {
+        return Err(Error::Invalid(format!(
+            "model {:?} claims {data_len} bytes, more than this host's {ram} bytes of memory",
+            manifest.name
+        )));
+    }
+    if let Some(dir) = out {
+        let files: u64 = manifest
+            .files
+            .iter()
+            .fold(0u64, |a, f| a.saturating_add(f.size));
+        // The directory may not exist yet: ask the nearest ancestor that does.
+        let mut probe = dir;
+        while !probe.exists() {
+            match probe.parent() {
+                Some(p) if !p.as_os_str().is_empty() => probe = p,
+                _ => {
+                    probe = Path::new(".");
+                    break;
+                }
+            }
+        }
+        let free = free_bytes(probe)
+            .map_err(|e| Error::io(format!("checking free space under {}", probe.display()), e))?;
+        if files > free {
+            return Err(Error::Invalid(format!(
+                "model {:?} has {files} bytes of files, more than the {free} bytes free under {}",
+                manifest.name,
+                probe.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem of `path`.
+fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path and `st` is writable memory of the struct's size.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs succeeded, so it filled the struct.
+    let st = unsafe { st.assume_init() };
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
 pub(crate) fn mismatch(manifest: &Manifest, first: &str, p: &Peer) -> Error {
     let detail = manifest.difference(&p.manifest).unwrap_or_default();
     let tensor = detail
@@ -1228,4 +1295,40 @@ fn holdings(
         "bytes_held": held.iter().map(|c| c.len).sum::<u64>(),
         "bytes": p.manifest.total_bytes(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::FileEntry;
+
+    fn claiming(size: u64) -> Manifest {
+        Manifest {
+            name: "liar".into(),
+            chunk_size: crate::manifest::DEFAULT_CHUNK,
+            files: vec![FileEntry {
+                name: "model.safetensors".into(),
+                size,
+                header_bytes: 0,
+                chunk_sums: Vec::new(),
+            }],
+            tensors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_model_larger_than_the_node_is_refused_before_anything_is_mapped() {
+        let dir = std::env::temp_dir();
+        // More memory than any host has: refused by the memory check.
+        let e = check_room(&claiming(1 << 62), 1 << 62, Some(&dir)).unwrap_err();
+        assert!(e.to_string().contains("bytes of memory"), "{e}");
+        // Fits in memory, but not on the filesystem of the output directory (which need not
+        // exist yet).
+        let free = free_bytes(&dir).unwrap();
+        let e = check_room(&claiming(free + (1 << 30)), 4096, Some(&dir.join("a/b"))).unwrap_err();
+        assert!(e.to_string().contains("bytes free under"), "{e}");
+        // A model that fits passes, with an output directory or without one.
+        check_room(&claiming(1 << 20), 1 << 20, Some(&dir)).unwrap();
+        check_room(&claiming(1 << 20), 1 << 20, None).unwrap();
+    }
 }
