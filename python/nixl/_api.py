@@ -193,9 +193,7 @@ class nixl_agent_config:
         self.others = others
 
 
-class nixl_prepped_dlist_handle:
-    """A prepared descriptor list (from ``prep_xfer_dlist``)."""
-
+class _Handle:
     __slots__ = ("_handle", "_released")
 
     def __init__(self, handle: Any):
@@ -203,7 +201,7 @@ class nixl_prepped_dlist_handle:
         self._released = False
 
     def __repr__(self) -> str:
-        return f"nixl_prepped_dlist_handle({len(self._handle)} descriptors, released={self._released})"
+        return f"{type(self).__name__}(released={self._released})"
 
     def release(self) -> None:
         if not self._released:
@@ -217,30 +215,18 @@ class nixl_prepped_dlist_handle:
             pass
 
 
-class nixl_xfer_handle:
+class nixl_prepped_dlist_handle(_Handle):
+    """A prepared descriptor list (from ``prep_xfer_dlist``)."""
+
+    __slots__ = ()
+
+
+class nixl_xfer_handle(_Handle):
     """A transfer request (from ``initialize_xfer`` or ``make_prepped_xfer``). ``release()``
     cancels a post in flight and waits until nothing touches its memory; dropping the handle
     does the same. It keeps its agent alive, so handles may be dropped in any order."""
 
-    __slots__ = ("_handle", "_released")
-
-    def __init__(self, handle: Any):
-        self._handle = handle
-        self._released = False
-
-    def __repr__(self) -> str:
-        return f"nixl_xfer_handle(released={self._released})"
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._handle.release()
-
-    def __del__(self) -> None:
-        try:
-            self.release()
-        except Exception:
-            pass
+    __slots__ = ()
 
 
 class nixl_agent:

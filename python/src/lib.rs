@@ -306,6 +306,25 @@ struct RegDList {
     metas: Vec<String>,
 }
 
+/// The position of row `i` (negative: from the end) of a list of `n`.
+fn row(n: usize, i: isize) -> PyResult<usize> {
+    let j = if i < 0 { i + n as isize } else { i };
+    usize::try_from(j)
+        .ok()
+        .filter(|&j| j < n)
+        .ok_or_else(|| PyIndexError::new_err("descriptor index out of range"))
+}
+
+/// What pickling stores of a list: its class and `(mem_type, rows)`.
+fn reduce<'py>(
+    obj: &Bound<'py, PyAny>,
+    kind: MemKind,
+    rows: Bound<'py, PyList>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let args = (kind.code(), rows).into_pyobject(obj.py())?;
+    PyTuple::new(obj.py(), [obj.get_type().into_any(), args.into_any()])
+}
+
 fn desc_tuple<'py>(py: Python<'py>, d: &Desc) -> PyResult<Bound<'py, PyTuple>> {
     PyTuple::new(py, [d.addr, d.len, d.dev_id])
 }
@@ -326,12 +345,7 @@ impl XferDList {
         self.descs.len()
     }
     fn __getitem__<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyTuple>> {
-        let n = self.descs.len() as isize;
-        let j = if i < 0 { i + n } else { i };
-        if !(0..n).contains(&j) {
-            return Err(PyIndexError::new_err("descriptor index out of range"));
-        }
-        desc_tuple(py, &self.descs[j as usize])
+        desc_tuple(py, &self.descs[row(self.descs.len(), i)?])
     }
     #[pyo3(name = "getType")]
     fn get_type(&self) -> u8 {
@@ -359,14 +373,11 @@ impl XferDList {
     }
     /// Pickling (what NIXL's `get_serialized_descs` does) rebuilds the list from its rows.
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
-        let py = slf.py();
-        let me = slf.get();
-        let rows = PyList::empty(py);
-        for d in &me.descs {
-            rows.append(desc_tuple(py, d)?)?;
+        let rows = PyList::empty(slf.py());
+        for d in &slf.get().descs {
+            rows.append(desc_tuple(slf.py(), d)?)?;
         }
-        let args = (me.kind.code(), rows).into_pyobject(py)?;
-        PyTuple::new(py, [slf.get_type().into_any(), args.into_any()])
+        reduce(slf.as_any(), slf.get().kind, rows)
     }
     /// The safe serialized form (see `deserialize_descs_safe`).
     fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
@@ -390,13 +401,9 @@ impl RegDList {
         self.descs.len()
     }
     fn __getitem__<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyTuple>> {
-        let n = self.descs.len() as isize;
-        let j = if i < 0 { i + n } else { i };
-        if !(0..n).contains(&j) {
-            return Err(PyIndexError::new_err("descriptor index out of range"));
-        }
-        let d = &self.descs[j as usize];
-        (d.addr, d.len, d.dev_id, self.metas[j as usize].clone()).into_pyobject(py)
+        let j = row(self.descs.len(), i)?;
+        let d = &self.descs[j];
+        (d.addr, d.len, d.dev_id, self.metas[j].clone()).into_pyobject(py)
     }
     #[pyo3(name = "getType")]
     fn get_type(&self) -> u8 {
@@ -431,14 +438,12 @@ impl RegDList {
         )
     }
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
-        let py = slf.py();
         let me = slf.get();
-        let rows = PyList::empty(py);
+        let rows = PyList::empty(slf.py());
         for (d, m) in me.descs.iter().zip(&me.metas) {
-            rows.append((d.addr, d.len, d.dev_id, m.clone()).into_pyobject(py)?)?;
+            rows.append((d.addr, d.len, d.dev_id, m.clone()).into_pyobject(slf.py())?)?;
         }
-        let args = (me.kind.code(), rows).into_pyobject(py)?;
-        PyTuple::new(py, [slf.get_type().into_any(), args.into_any()])
+        reduce(slf.as_any(), me.kind, rows)
     }
     /// The safe serialized form (see `deserialize_descs_safe`).
     fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import wait_done
 
 import nixl
 from nixl import _utils
@@ -24,12 +25,6 @@ from nixl._bindings import (
     nixlXferDList,
 )
 from nixl.logging import get_logger
-
-
-def wait_done(agent, h, timeout=10.0):
-    end = time.monotonic() + timeout
-    while agent.check_xfer_state(h) != "DONE":
-        assert time.monotonic() < end, "transfer did not finish"
 
 
 def wait_notif(agent, peer, timeout=10.0):
