@@ -509,14 +509,14 @@ class nixl_agent:
         logger.error("Unsupported descriptor input of type %s", type(descs).__name__)
         return None
 
-    def get_xfer_descs(self, descs: Any, mem_type: Optional[str] = None) -> Any:
+    def get_xfer_descs(self, descs: Any, mem_type: Optional[str] = None, is_sorted: bool = False) -> Any:
         """A ``nixlXferDList`` from a tensor, a list of tensors, a list of ``(addr, len, dev)``
         tuples or an Nx3 integer numpy array (these two with ``mem_type``), numpy arrays
         (nixl-rs: each a host buffer), or a ``nixlXferDList`` (returned as is). None when the
         input does not fit (logged), as NIXL."""
         return self._descs(descs, mem_type, reg=False)
 
-    def get_reg_descs(self, descs: Any, mem_type: Optional[str] = None) -> Any:
+    def get_reg_descs(self, descs: Any, mem_type: Optional[str] = None, is_sorted: bool = False) -> Any:
         """A ``nixlRegDList`` from the inputs of ``get_xfer_descs``, with
         ``(addr, len, dev, meta)`` tuples instead of 3-tuples."""
         return self._descs(descs, mem_type, reg=True)
@@ -545,11 +545,18 @@ class nixl_agent:
     # -- memory ---------------------------------------------------------------------------
 
     def register_memory(
-        self, reg_list: Any, mem_type: Optional[str] = None, backends: Optional[list[str]] = None
+        self,
+        reg_list: Any,
+        mem_type: Optional[str] = None,
+        backends: Optional[list[str]] = None,
+        is_sorted: bool = False,
     ) -> Any:
         """Registers memory (tensors, numpy arrays, ``(addr, len, dev, meta)`` tuples, an Nx3
         array, a ``nixlRegDList``) with the given backends, or every one that takes it.
-        Returns the ``nixlRegDList`` to deregister it with."""
+        Returns the ``nixlRegDList`` to deregister it with. (``is_sorted``, an argument of
+        older NIXL versions, is accepted, also in its old place before ``backends``.)"""
+        if isinstance(backends, bool):
+            backends = None
         descs = self.get_reg_descs(reg_list, mem_type)
         if descs is None:
             raise nixlInvalidParamError("register_memory: unsupported or malformed descriptors")
@@ -700,10 +707,13 @@ class nixl_agent:
         xfer_list: Any,
         mem_type: Optional[str] = None,
         backends: Optional[list[str]] = None,
+        is_sorted: bool = False,
     ) -> nixl_prepped_dlist_handle:
         """Prepares a descriptor list, local (``""`` or ``"NIXL_INIT_AGENT"``) or of a remote
         agent, whose entries ``make_prepped_xfer`` picks by index. An Nx5 array is strided:
         rows ``(addr, len, dev, stride, count)`` stand for ``count`` blocks ``stride`` apart."""
+        if isinstance(backends, bool):  # older NIXL: is_sorted stood here
+            backends = None
         if isinstance(xfer_list, np.ndarray) and xfer_list.ndim == 2 and xfer_list.shape[1] == 5:
             if mem_type is None:
                 raise ValueError("Please specify a mem type for strided descriptors")
