@@ -793,12 +793,14 @@ class nixl_agent:
     def transfer(self, handle: nixl_xfer_handle, notif_msg: Union[bytes, str] = b"") -> str:
         """Posts the request: "DONE" if it completed at once, else "PROC"; raises NIXL's
         exception for a failure."""
-        return "DONE" if handle._handle.post(_as_bytes(notif_msg)) == 0 else "PROC"
+        if notif_msg and not isinstance(notif_msg, bytes):
+            notif_msg = _as_bytes(notif_msg)
+        return handle._handle.post(notif_msg)
 
     def check_xfer_state(self, handle: nixl_xfer_handle) -> str:
         """ "DONE" or "PROC"; raises the failure's exception (``nixlRemoteDisconnectError``,
         ``nixlCancelledError``, ...)."""
-        return "DONE" if handle._handle.status() == 0 else "PROC"
+        return handle._handle.state()
 
     def wait_xfer(self, handle: nixl_xfer_handle, timeout_s: Optional[float] = None) -> str:
         """nixl-rs: blocks (without the GIL) until the post ends or ``timeout_s`` passes."""

@@ -26,8 +26,9 @@ use nixl_transports::tcp::{fetch_metadata, listen_addrs_in, push_metadata, Auth}
 use parking_lot::Mutex;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyIndexError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 create_exception!(
     nixl._bindings,
@@ -1022,9 +1023,9 @@ impl XferReq {
 #[pymethods]
 impl XferReq {
     /// Posts the request (with a new notification message when `notif` is not empty):
-    /// 0 when it completed inline, 1 when it is in progress; the error otherwise.
+    /// `"DONE"` when it completed inline, `"PROC"` when it is in progress; the error otherwise.
     #[pyo3(signature = (notif = None))]
-    fn post(&self, py: Python<'_>, notif: Option<&[u8]>) -> PyResult<i32> {
+    fn post<'py>(&self, py: Python<'py>, notif: Option<&[u8]>) -> PyResult<Bound<'py, PyString>> {
         let mut req = self.req()?;
         if let Some(n) = notif.filter(|n| !n.is_empty()) {
             let (changed, op, local, remote, peer, backend) = {
@@ -1081,7 +1082,18 @@ impl XferReq {
         st.posted = Some((wall, t0));
         st.post_us = post_us;
         st.done_us = matches!(code, Ok(DONE)).then_some(post_us);
-        code
+        Ok(match code? {
+            DONE => intern!(py, "DONE").clone(),
+            _ => intern!(py, "PROC").clone(),
+        })
+    }
+
+    /// `"DONE"` or `"PROC"` (NIXL's `check_xfer_state`); its error otherwise.
+    fn state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyString>> {
+        Ok(match self.status()? {
+            DONE => intern!(py, "DONE").clone(),
+            _ => intern!(py, "PROC").clone(),
+        })
     }
 
     /// 0 when the last post is done, 1 while in progress; its error otherwise.
@@ -1156,57 +1168,6 @@ impl XferReq {
     }
 }
 
-/// `malloc(size)`, as NIXL's `_utils.malloc_passthru`: the address (0 when it failed).
-#[pyfunction]
-fn malloc_passthru(size: usize) -> usize {
-    // SAFETY: plain allocation; the caller frees it with free_passthru.
-    unsafe { libc::malloc(size.max(1)) as usize }
-}
-
-/// `free(addr)` of an address from `malloc_passthru` (0 is a no-op).
-///
-/// The address must come from `malloc_passthru` and not have been freed: like NIXL's, this
-/// helper trusts its caller.
-#[pyfunction]
-fn free_passthru(addr: usize) {
-    // SAFETY: the caller's contract above (an address from malloc_passthru, freed once).
-    unsafe { libc::free(addr as *mut libc::c_void) }
-}
-
-/// Fills `size` bytes at `addr` with 0xba, as NIXL's `_utils.ba_buf`.
-#[pyfunction]
-fn ba_buf(addr: usize, size: usize) -> PyResult<()> {
-    if addr == 0 {
-        return Err(invalid("address 0"));
-    }
-    // SAFETY: the caller's contract, as NIXL's: `addr` points to `size` writable bytes.
-    unsafe { std::ptr::write_bytes(addr as *mut u8, 0xba, size) };
-    Ok(())
-}
-
-/// Checks that `size` bytes at `a` and `b` are equal; raises `nixlMismatchError` naming the
-/// first byte that differs.
-#[pyfunction]
-fn verify_transfer(a: usize, b: usize, size: usize) -> PyResult<()> {
-    if a == 0 || b == 0 {
-        return Err(invalid("address 0"));
-    }
-    // SAFETY: the caller's contract, as NIXL's: both point to `size` readable bytes.
-    let (x, y) = unsafe {
-        (
-            std::slice::from_raw_parts(a as *const u8, size),
-            std::slice::from_raw_parts(b as *const u8, size),
-        )
-    };
-    match x.iter().zip(y).position(|(p, q)| p != q) {
-        None => Ok(()),
-        Some(i) => Err(nixlMismatchError::new_err(format!(
-            "byte {i} differs: {:#04x} != {:#04x}",
-            x[i], y[i]
-        ))),
-    }
-}
-
 /// The backend names this build knows, with the memory types each registers locally.
 #[pyfunction]
 fn known_backends() -> HashMap<&'static str, Vec<&'static str>> {
@@ -1238,10 +1199,6 @@ fn _bindings(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<XferReq>()?;
     m.add_class::<Telemetry>()?;
     m.add_function(wrap_pyfunction!(deserialize_descs_safe, m)?)?;
-    m.add_function(wrap_pyfunction!(malloc_passthru, m)?)?;
-    m.add_function(wrap_pyfunction!(free_passthru, m)?)?;
-    m.add_function(wrap_pyfunction!(ba_buf, m)?)?;
-    m.add_function(wrap_pyfunction!(verify_transfer, m)?)?;
     m.add_function(wrap_pyfunction!(known_backends, m)?)?;
     for (name, e) in [
         ("nixlNotPostedError", py.get_type::<nixlNotPostedError>()),
