@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import threading
 from enum import Enum
 from typing import Any, Optional, Union
 
@@ -102,6 +103,9 @@ _SEG_NAMES = {
 }
 
 _SAFE_MAGIC = b"NIXLRSD1"
+
+# Agents are built on first use; two threads that get there at once build one.
+_BUILD_LOCK = threading.Lock()
 
 # Opaque handle types, as NIXL names them.
 nixl_backend_handle = int
@@ -326,9 +330,13 @@ class nixl_agent:
         return "\n".join(lines) + "\n"
 
     def _build(self) -> Any:
-        agent = self.__dict__.get("agent")
-        if agent is not None:
-            return agent
+        with _BUILD_LOCK:
+            agent = self.__dict__.get("agent")
+            if agent is not None:
+                return agent
+            return self._build_locked()
+
+    def _build_locked(self) -> Any:
         listen = self._conf.port if self._conf.enable_listen else None
         agent = nixlBind.nixlAgent(
             self.name, self._toml(), listen, bool(self._conf.capture_telemetry)
@@ -660,9 +668,11 @@ class nixl_agent:
         it (waiting up to 10 s for the listener to come up). Authenticated with the secret,
         when configured."""
         ip = self._peer(ip_addr, "fetch_remote_metadata")
+        known = set(self.agent.peers())
         name = self.agent.fetch_remote_md(ip, int(port), 10_000)
         if name != remote_agent:
-            self.agent.invalidate_remote(name)
+            if name not in known:
+                self.agent.invalidate_remote(name)
             raise nixlNotFoundError(
                 f"the agent listening at {ip}:{port} is '{name}', not '{remote_agent}'"
             )

@@ -553,10 +553,14 @@ fn port_addr(ip: &str, port: u16) -> String {
     }
 }
 
-/// Whether an error means the peer's listener is not up (yet): worth another try.
+/// Whether an error means the peer's listener is not up (yet): worth another try. A refusal
+/// by a listener that is up (a wrong secret, say) is not.
 fn not_listening(e: &Error) -> bool {
-    let text = e.to_string();
-    text.contains("refused") || text.contains("Connection reset")
+    match e {
+        Error::Io { source, .. } => source.kind() == std::io::ErrorKind::ConnectionRefused,
+        Error::RemoteDisconnect { reason, .. } => reason.contains("os error 111"),
+        _ => false,
+    }
 }
 
 /// An agent: NIXL's `nixlAgent`, with the calls `_api.py` needs.

@@ -14,7 +14,7 @@ import pytest
 from conftest import wait_done
 
 from nixl._api import nixl_agent, nixl_agent_config
-from nixl._bindings import nixlNotFoundError, nixlRemoteDisconnectError
+from nixl._bindings import nixlNotAllowedError, nixlNotFoundError, nixlRemoteDisconnectError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,23 +29,48 @@ def notif_from(agent, peer, timeout=20.0):
         time.sleep(0.002)
 
 
-@pytest.fixture
-def target(tmp_path, name):
+def start_target(tmp_path, name, env=None):
     tname, iname = name("target"), name("init")
     port_file = tmp_path / "port"
     size = 8 << 20
     p = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "peer_target.py"), tname, iname, str(port_file), str(size)],
+        env=env,
     )
     end = time.monotonic() + 30
     while not port_file.exists():
         assert p.poll() is None, "target exited early"
         assert time.monotonic() < end, "target did not start"
         time.sleep(0.01)
-    yield tname, iname, int(port_file.read_text()), size, p
-    if p.poll() is None:
-        p.kill()
-    p.wait(timeout=10)
+    return tname, iname, int(port_file.read_text()), size, p
+
+
+@pytest.fixture
+def target(tmp_path, name):
+    t = start_target(tmp_path, name)
+    yield t
+    if t[4].poll() is None:
+        t[4].kill()
+    t[4].wait(timeout=10)
+
+
+def test_listener_with_a_secret_refuses_a_wrong_one(tmp_path, name):
+    env = dict(os.environ, NIXL_SECRET="the right secret")
+    tname, iname, port, size, proc = start_target(tmp_path, name, env)
+    try:
+        wrong = nixl_agent(iname, nixl_agent_config(True, True, 0, secret="a wrong secret"))
+        start = time.monotonic()
+        with pytest.raises(nixlNotAllowedError, match="secret"):
+            wrong.fetch_remote_metadata(tname, "127.0.0.1", port)
+        assert time.monotonic() - start < 5, "a refusal is final: no retries until the deadline"
+        assert not wrong.check_remote_metadata(tname)
+        del wrong
+        right = nixl_agent(iname, nixl_agent_config(True, True, 0, secret="the right secret"))
+        right.fetch_remote_metadata(tname, "127.0.0.1", port)
+        assert right.check_remote_metadata(tname)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize("backend", [None, "tcp"])
