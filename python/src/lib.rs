@@ -610,6 +610,19 @@ impl PyAgent {
                     .and_then(|b| config.agent_builder(name).backends(b).build())
             })
             .map_err(err)?;
+        if listen_port.is_some() {
+            // NIXL's listen thread is the tcp listener here: without it, peers could neither
+            // fetch this agent's metadata nor send theirs, so say why instead of going on.
+            if let Some(s) = agent.backends().iter().find(|s| s.name == BackendName::Tcp) {
+                if let Some(why) = &s.unavailable {
+                    agent.shutdown();
+                    return Err(nixlBackendError::new_err(format!(
+                        "the listen thread (tcp listener on {}) cannot run: {why}",
+                        config.tcp.listen.as_deref().unwrap_or("?")
+                    )));
+                }
+            }
+        }
         Ok(PyAgent {
             shared: Arc::new(Shared {
                 agent,

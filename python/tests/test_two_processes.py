@@ -14,7 +14,7 @@ import pytest
 from conftest import wait_done
 
 from nixl._api import nixl_agent, nixl_agent_config
-from nixl._bindings import nixlNotAllowedError, nixlNotFoundError, nixlRemoteDisconnectError
+from nixl._bindings import nixlBackendError, nixlNotAllowedError, nixlNotFoundError, nixlRemoteDisconnectError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -125,3 +125,16 @@ def test_two_processes_read_write_then_dead_peer(target, backend):
     assert time.monotonic() - start < 15
     agent.release_xfer_handle(r)
     agent.release_xfer_handle(w)
+
+
+def test_listen_port_in_use_is_an_error(name):
+    import socket
+
+    s = socket.socket()
+    s.bind(("0.0.0.0", 0))
+    s.listen()
+    try:
+        with pytest.raises(nixlBackendError, match="listen thread"):
+            nixl_agent(name(), nixl_agent_config(True, True, s.getsockname()[1])).get_agent_metadata()
+    finally:
+        s.close()
