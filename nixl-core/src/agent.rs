@@ -781,6 +781,31 @@ impl Agent {
         self.inner.peers.read().get(name).map(|p| p.md.clone())
     }
 
+    /// `Ok` if peer `name` is loaded and every descriptor of `list` lies inside a region that
+    /// its metadata describes (what a transfer to it would be checked against); otherwise the
+    /// error a transfer would get (`UnknownPeer`, `RemoteNotRegistered`). Bindings that poll
+    /// for a peer's (partial) metadata use it.
+    pub fn check_remote(&self, name: &str, list: &DescList) -> Result<()> {
+        let p = self
+            .inner
+            .peers
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownPeer(name.to_owned()))?;
+        for (index, d) in list.descs().iter().enumerate() {
+            if p.find(list.kind(), d).is_none() {
+                return Err(Error::RemoteNotRegistered {
+                    peer: name.to_owned(),
+                    index,
+                    kind: list.kind(),
+                    desc: *d,
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn peer(&self, name: &str) -> Result<Arc<PeerState>> {
         if name == &*self.inner.name {
             // Transfers to ourselves (storage, or local copies) use our own metadata.
@@ -1422,6 +1447,42 @@ pub(crate) mod tests {
         // SAFETY: as above; `buf` outlives the registration.
         let r = unsafe { agent.register(&list) }.unwrap();
         assert_ne!(agent.metadata().regions[0].key, 0);
+        drop(r);
+    }
+
+    #[test]
+    fn check_remote_says_whether_a_peer_describes_the_descriptors() {
+        let a = Agent::builder("a")
+            .backend(Arc::new(Counting::default()))
+            .build()
+            .unwrap();
+        let b = Agent::builder("b")
+            .backend(Arc::new(Counting::default()))
+            .build()
+            .unwrap();
+        let buf = vec![0u8; 4096];
+        let whole = DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(&buf)]).unwrap();
+        let inside = DescList::from_descs(
+            MemKind::Dram,
+            vec![Desc::new(buf.as_ptr() as u64 + 100, 200, 0)],
+        )
+        .unwrap();
+        let outside =
+            DescList::from_descs(MemKind::Dram, vec![Desc::new(buf.as_ptr() as u64, 4097, 0)])
+                .unwrap();
+        assert!(matches!(
+            a.check_remote("b", &inside),
+            Err(Error::UnknownPeer(_))
+        ));
+        // SAFETY: `buf` outlives the registration (dropped at the end of the test).
+        let r = unsafe { b.register(&whole) }.unwrap();
+        a.load_remote(&b.metadata_bytes()).unwrap();
+        a.check_remote("b", &inside).unwrap();
+        a.check_remote("b", &DescList::new(MemKind::Dram)).unwrap();
+        assert!(matches!(
+            a.check_remote("b", &outside),
+            Err(Error::RemoteNotRegistered { index: 0, .. })
+        ));
         drop(r);
     }
 }

@@ -640,6 +640,17 @@ pub fn raw_listener_opening(
     Ok((who, open.purpose as u8 + 1, RawConnection(s)))
 }
 
+/// The addresses at which the agent that `md` describes runs its `tcp` listener (empty when it
+/// runs none, or its connection info is malformed): where peers fetch its metadata and push
+/// theirs, and the port a binding reports as its listen port.
+pub fn listen_addrs_in(md: &nixl_core::AgentMetadata) -> Vec<SocketAddr> {
+    md.backends
+        .iter()
+        .find(|b| b.name == nixl_core::BackendName::Tcp)
+        .and_then(|b| decode_conn_info(&b.conn_info).ok())
+        .unwrap_or_default()
+}
+
 /// The connection info a `tcp` listener at `addrs` publishes in its agent's metadata, for tests
 /// that forge metadata.
 #[doc(hidden)]
@@ -730,6 +741,27 @@ mod tests {
         let mut long = encode_conn_info(&addrs);
         long.push(0);
         assert!(decode_conn_info(&long).is_err());
+    }
+
+    #[test]
+    fn listen_addrs_are_read_from_metadata() {
+        let addrs: Vec<SocketAddr> = vec!["10.1.2.3:4000".parse().unwrap()];
+        let mut md = nixl_core::AgentMetadata {
+            name: "a".into(),
+            instance_id: 1,
+            generation: 1,
+            partial: false,
+            backends: vec![nixl_core::metadata::BackendInfo {
+                name: nixl_core::BackendName::Tcp,
+                conn_info: encode_conn_info(&addrs),
+            }],
+            regions: Vec::new(),
+        };
+        assert_eq!(listen_addrs_in(&md), addrs);
+        md.backends[0].conn_info = vec![9];
+        assert!(listen_addrs_in(&md).is_empty());
+        md.backends.clear();
+        assert!(listen_addrs_in(&md).is_empty());
     }
 
     #[test]
