@@ -1184,7 +1184,7 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
     }
     // SAFETY: statvfs succeeded, so it filled the struct.
     let st = unsafe { st.assume_init() };
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 pub(crate) fn mismatch(manifest: &Manifest, first: &str, p: &Peer) -> Error {
