@@ -434,6 +434,32 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any bytes, and any mutation of a valid manifest, decode to an error or a manifest
+        /// that validates: never a panic, never an allocation sized by the input.
+        #[test]
+        fn untrusted_bytes_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+            edits in proptest::collection::vec((0usize..4096, proptest::num::u8::ANY), 0..8),
+            reseal in proptest::bool::ANY,
+        ) {
+            let _ = Manifest::decode(&bytes);
+            let mut b = sample().encode();
+            for (at, v) in edits {
+                let n = b.len();
+                b[at % n] = v;
+            }
+            if reseal {
+                let body = b.len() - 8;
+                let sum = xxh3_64(&b[..body]);
+                b[body..].copy_from_slice(&sum.to_le_bytes());
+            }
+            if let Ok(m) = Manifest::decode(&b) {
+                m.validate().unwrap();
+            }
+        }
+    }
+
     #[test]
     fn round_trip() {
         let m = sample();
