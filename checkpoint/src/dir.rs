@@ -16,6 +16,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::error::{CkptError, Result};
 use crate::manifest::{self, Chunk, DataFile, Manifest, RegionEntry};
 use crate::ops::{read_manifest, Location, MANIFEST};
+use crate::s3::{self, S3Loc};
 
 /// A region to save, or to restore into: a name, and where the memory is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,7 +150,7 @@ pub unsafe fn save(
     regions: &[Region],
     opts: &SaveOptions,
 ) -> Result<SaveReport> {
-    let dir = Location::parse(uri)?.dir()?;
+    let loc = Location::parse(uri)?;
     check_regions(regions)?;
     let (lo, hi) = manifest::CHUNK_BOUNDS;
     let cs = opts.chunk_size;
@@ -185,6 +186,13 @@ pub unsafe fn save(
             ))
         })?;
     }
+    let dir = match loc {
+        Location::Dir(d) => d,
+        Location::S3 { bucket, prefix } => {
+            // SAFETY: the caller's contract is this function's.
+            return unsafe { s3::save(agent, &S3Loc { bucket, prefix }, regions, opts, metadata) };
+        }
+    };
     std::fs::create_dir_all(&dir)
         .map_err(|e| CkptError::io(format!("create {}", dir.display()), e))?;
     let dir = dir
@@ -211,29 +219,10 @@ pub unsafe fn save(
     let total: u64 = regions.iter().map(|r| r.len).sum();
 
     // The chunks of every region, and (for an incremental save) which of them changed.
-    let chunks: Vec<(usize, usize, u64, u64)> = regions
-        .iter()
-        .enumerate()
-        .flat_map(|(ri, r)| {
-            (0..r.len.div_ceil(cs)).map(move |ci| {
-                let off = ci * cs;
-                (ri, ci as usize, r.addr + off, (r.len - off).min(cs))
-            })
-        })
-        .collect();
+    let chunks = chunk_list(regions, cs);
     let progress = opts.progress.as_ref();
     let mut files: Vec<DataFile> = Vec::new();
-    let mut entries: Vec<RegionEntry> = regions
-        .iter()
-        .map(|r| RegionEntry {
-            name: r.name.clone(),
-            kind: r.kind,
-            dev_id: r.dev_id,
-            addr: r.addr,
-            len: r.len,
-            chunks: Vec::new(),
-        })
-        .collect();
+    let mut entries = entries_of(regions);
     // Chunk placement: reused from the base, or written to this save's file of the region.
     let mut reuse: Vec<Option<Chunk>> = vec![None; chunks.len()];
     let mut hashes: Vec<u64> = Vec::new();
@@ -341,9 +330,7 @@ pub unsafe fn save(
         .sum();
     let m = Manifest {
         save_id,
-        created_unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        created_unix_ms: now_ms(),
         chunk_size: cs,
         base: opts.base.clone(),
         metadata,
@@ -361,6 +348,50 @@ pub unsafe fn save(
         backend,
         manifest: m,
     })
+}
+
+/// Every chunk of `regions` in chunks of `cs`: `(region index, chunk index, address, length)`.
+pub(crate) fn chunk_list(regions: &[Region], cs: u64) -> Vec<(usize, usize, u64, u64)> {
+    regions
+        .iter()
+        .enumerate()
+        .flat_map(|(ri, r)| {
+            (0..r.len.div_ceil(cs)).map(move |ci| {
+                let off = ci * cs;
+                (ri, ci as usize, r.addr + off, (r.len - off).min(cs))
+            })
+        })
+        .collect()
+}
+
+/// The manifest entries of `regions`, without their chunks yet.
+pub(crate) fn entries_of(regions: &[Region]) -> Vec<RegionEntry> {
+    regions
+        .iter()
+        .map(|r| RegionEntry {
+            name: r.name.clone(),
+            kind: r.kind,
+            dev_id: r.dev_id,
+            addr: r.addr,
+            len: r.len,
+            chunks: Vec::new(),
+        })
+        .collect()
+}
+
+/// Now, in ms since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The manifest of the checkpoint at `uri` (a directory, or S3 through `agent`).
+pub(crate) fn manifest_of(agent: &Agent, uri: &str) -> Result<Manifest> {
+    match Location::parse(uri)? {
+        Location::S3 { bucket, prefix } => s3::read_manifest(agent, &S3Loc { bucket, prefix }),
+        Location::Dir(_) => read_manifest(uri),
+    }
 }
 
 fn files_sizes(data: &[Option<(u32, DataFd)>], files: &[DataFile]) -> Vec<u64> {
@@ -691,8 +722,8 @@ pub unsafe fn restore(
     regions: &[Region],
     opts: &RestoreOptions,
 ) -> Result<u64> {
-    let dir = Location::parse(uri)?.dir()?;
-    let m = read_manifest(uri)?;
+    let loc = Location::parse(uri)?;
+    let m = manifest_of(agent, uri)?;
     if regions.is_empty() {
         return Err(CkptError::InvalidArgument("no regions named".into()));
     }
@@ -722,6 +753,43 @@ pub unsafe fn restore(
         }
         chosen.push((r, e));
     }
+    let chunks = match loc {
+        Location::S3 { bucket, prefix } => {
+            let loc = S3Loc { bucket, prefix };
+            // SAFETY: the caller's contract is this function's.
+            unsafe { s3::read_regions(agent, &loc, &m, &chosen, opts) }?
+        }
+        Location::Dir(dir) => read_files(agent, &dir, &m, &chosen, opts)?,
+    };
+    let total: u64 = chosen.iter().map(|(r, _)| r.len).sum();
+    // SAFETY: the caller keeps the regions valid for the call; the reads have ended.
+    let got = unsafe { hash_all(&chunks, opts.progress.as_ref(), "verify") };
+    for (k, &(ri, ci, _, _)) in chunks.iter().enumerate() {
+        let want = chosen[ri].1.chunks[ci].xxh3;
+        if got[k] != want {
+            return Err(CkptError::Corrupt {
+                region: chosen[ri].0.name.clone(),
+                chunk: Some(ci),
+                reason: format!(
+                    "checksum mismatch (manifest xxh3 {want:016x}, data {:016x})",
+                    got[k]
+                ),
+                memory_written: true,
+            });
+        }
+    }
+    Ok(total)
+}
+
+/// Reads the chunks of `chosen` from the data files in `dir` into the caller's regions; returns
+/// the chunks read, `(index in chosen, chunk, addr, len)`, for the caller to verify.
+fn read_files(
+    agent: &Agent,
+    dir: &Path,
+    m: &Manifest,
+    chosen: &[(&Region, &RegionEntry)],
+    opts: &RestoreOptions,
+) -> Result<Vec<(usize, usize, u64, u64)>> {
     // Open every data file needed, checking it is there and long enough.
     let mut open: Vec<(u32, DataFd)> = Vec::new();
     let mut pieces = Vec::new();
@@ -776,9 +844,8 @@ pub unsafe fn restore(
         .map(|(fi, _)| m.files[*fi as usize].size)
         .collect();
     let _reg = register_files(agent, &fds, &sizes)?;
-    let total: u64 = chosen.iter().map(|(r, _)| r.len).sum();
     if let Some(p) = &opts.progress {
-        p("read", 0, total);
+        p("read", 0, chosen.iter().map(|(r, _)| r.len).sum());
     }
     let reqs = transfers(agent, XferOp::Read, &pieces)?;
     let failed = reqs
@@ -798,21 +865,5 @@ pub unsafe fn restore(
             memory_written: true,
         });
     }
-    // SAFETY: the caller keeps the regions valid for the call; the reads have ended.
-    let got = unsafe { hash_all(&chunks, opts.progress.as_ref(), "verify") };
-    for (k, &(ri, ci, _, _)) in chunks.iter().enumerate() {
-        let want = chosen[ri].1.chunks[ci].xxh3;
-        if got[k] != want {
-            return Err(CkptError::Corrupt {
-                region: chosen[ri].0.name.clone(),
-                chunk: Some(ci),
-                reason: format!(
-                    "checksum mismatch (manifest xxh3 {want:016x}, data {:016x})",
-                    got[k]
-                ),
-                memory_written: true,
-            });
-        }
-    }
-    Ok(total)
+    Ok(chunks)
 }

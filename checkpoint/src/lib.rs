@@ -8,6 +8,9 @@
 //! DIR/d<save id>-<region>.dat    one data file per region, chunks at chunk-size-aligned offsets
 //! ```
 //!
+//! Or under `s3://bucket/prefix` through the agent's `object` backend: one object per region,
+//! the manifest object (`prefix/manifest.nckpt`) PUT last (full saves only; see `s3.rs`).
+//!
 //! **Moving the bytes.** [`save`] and [`restore`] go through the caller's [`nixl_core::Agent`]
 //! as any user would: the data files are opened (with `O_DIRECT` where the file system and the
 //! memory's alignment allow, a buffered fd for the unaligned tail), registered as FILE regions,
@@ -57,6 +60,7 @@ mod error;
 pub mod manifest;
 mod mapped;
 pub mod ops;
+mod s3;
 
 pub use dir::{restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport};
 pub use error::{CkptError, Result};

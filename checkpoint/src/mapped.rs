@@ -7,7 +7,6 @@ use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
 
 use crate::dir::{restore, Region, RestoreOptions};
 use crate::error::{CkptError, Result};
-use crate::ops::read_manifest;
 
 /// Where [`restore_mapped`] puts the regions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,7 +145,7 @@ pub fn restore_mapped(
     names: Option<&[&str]>,
     placement: Placement,
 ) -> Result<Restored> {
-    let m = read_manifest(uri)?;
+    let m = crate::dir::manifest_of(agent, uri)?;
     let entries: Vec<_> = match names {
         None => m.regions.iter().collect(),
         Some(ns) => ns.iter().map(|n| m.find(n)).collect::<Result<_>>()?,

@@ -64,8 +64,9 @@ impl Location {
         match self {
             Location::Dir(d) => Ok(d),
             Location::S3 { bucket, prefix } => Err(CkptError::Unsupported(format!(
-                "s3://{bucket}/{prefix}: checkpoints in object stores are not built yet (save to \
-                 a directory and upload it with any S3 client)"
+                "s3://{bucket}/{prefix}: inspect, verify, copy and rm of checkpoints in object \
+                 stores are not built yet (save, restore and restore_mapped through an agent \
+                 with the object backend are)"
             ))),
         }
     }

@@ -504,8 +504,9 @@ const char *nixl_version(void);
 
 /**
  * Saves the named regions (each inside a registration of `agent` made with the `uring` or
- * `posix` backend) to `uri`, a checkpoint directory. `base_uri` NULL: a full checkpoint; else
- * an incremental one over that base (only changed chunks are written; the base must stay).
+ * `posix` backend) to `uri`: a directory path, or `s3://bucket/prefix` (the agent then needs
+ * the `object` backend; full saves only). `base_uri` NULL: a full checkpoint; else an
+ * incremental one over that base (only changed chunks are written; the base must stay).
  * The checkpoint already at `uri`, if any, is replaced only once the new one is complete and
  * durable.
  *

@@ -66,8 +66,9 @@ fn regions_arg(p: *const nixl_ckpt_region, count: usize) -> Res<Vec<Region>> {
 }
 
 /// Saves the named regions (each inside a registration of `agent` made with the `uring` or
-/// `posix` backend) to `uri`, a checkpoint directory. `base_uri` NULL: a full checkpoint; else
-/// an incremental one over that base (only changed chunks are written; the base must stay).
+/// `posix` backend) to `uri`: a directory path, or `s3://bucket/prefix` (the agent then needs
+/// the `object` backend; full saves only). `base_uri` NULL: a full checkpoint; else an
+/// incremental one over that base (only changed chunks are written; the base must stay).
 /// The checkpoint already at `uri`, if any, is replaced only once the new one is complete and
 /// durable.
 ///
