@@ -15,7 +15,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{CkptError, Result};
 use crate::manifest::{self, Chunk, DataFile, Manifest, RegionEntry};
-use crate::ops::{read_manifest, Location, MANIFEST};
+use crate::ops::{is_ours, read_manifest, Location, MANIFEST};
 use crate::s3::{self, S3Loc};
 
 /// A region to save, or to restore into: a name, and where the memory is.
@@ -694,9 +694,7 @@ fn remove_stale(dir: &Path, m: &Manifest) {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let ours = (name.starts_with('d') && name.ends_with(".dat"))
-            || name.starts_with(&format!("{MANIFEST}.tmp-"));
-        if ours && !m.files.iter().any(|f| f.name == name) {
+        if is_ours(&name) && !m.files.iter().any(|f| f.name == name) {
             if let Err(err) = std::fs::remove_file(e.path()) {
                 tracing::warn!(file = %e.path().display(), "could not remove a stale file: {err}");
             }

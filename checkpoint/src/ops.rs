@@ -16,6 +16,20 @@ use crate::manifest::{Chunk, DataFile, Manifest, MAX_MANIFEST_BYTES};
 /// File name of the manifest in a checkpoint directory.
 pub const MANIFEST: &str = "manifest.nckpt";
 
+/// Whether `name` is a file that saves write into a checkpoint directory: a data file
+/// `d<16 hex>-<region>.dat` or a temporary manifest `manifest.nckpt.tmp-<16 hex>` (what
+/// cleanup and [`remove`] may delete; nothing else in the directory is touched).
+pub(crate) fn is_ours(name: &str) -> bool {
+    let hex16 = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Some(id) = name.strip_prefix(&format!("{MANIFEST}.tmp-")) {
+        return hex16(id);
+    }
+    name.strip_prefix('d')
+        .and_then(|r| r.strip_suffix(".dat"))
+        .and_then(|r| r.split_once('-'))
+        .is_some_and(|(id, n)| hex16(id) && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// Where a checkpoint is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Location {
@@ -302,14 +316,43 @@ pub fn remove(uri: &str) -> Result<usize> {
         std::fs::read_dir(&dir).map_err(|e| CkptError::io(format!("list {}", dir.display()), e))?;
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let ours = (name.starts_with('d') && name.ends_with(".dat"))
-            || name.starts_with(&format!("{MANIFEST}.tmp-"));
-        if ours {
+        if is_ours(&name) {
             std::fs::remove_file(e.path())
                 .map_err(|err| CkptError::io(format!("remove {}", e.path().display()), err))?;
             removed += 1;
         }
     }
+    // An empty directory (a save killed before it wrote anything) goes too; a directory of
+    // other files is left alone, and said so.
+    if removed == 0 && std::fs::remove_dir(&dir).is_err() {
+        return Err(CkptError::NoCheckpoint {
+            location: dir.display().to_string(),
+            reason: "no manifest and no data files of a checkpoint there (nothing removed)".into(),
+        });
+    }
     let _ = std::fs::remove_dir(&dir);
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_ours;
+
+    #[test]
+    fn cleanup_touches_only_checkpoint_files() {
+        assert!(is_ours("d0123456789abcdef-0.dat"));
+        assert!(is_ours("d0123456789abcdef-12.dat"));
+        assert!(is_ours("manifest.nckpt.tmp-0123456789abcdef"));
+        for other in [
+            "data.dat",
+            "d.dat",
+            "d0123-1.dat",
+            "d0123456789abcdef-.dat",
+            "manifest.nckpt",
+            "manifest.nckpt.tmp-x",
+            "notes.txt",
+        ] {
+            assert!(!is_ours(other), "{other}");
+        }
+    }
 }
