@@ -306,7 +306,10 @@ fn s3_round_trips_and_every_damage_is_named() {
     // Missing: the chunk named is the one whose GET failed first (the GETs run in parallel).
     m.delete(&r0);
     let e = restore_all(&a, &uri).0.unwrap_err().to_string();
-    assert!(e.contains("\"r0\" chunk ") && e.contains("is missing"), "{e}");
+    assert!(
+        e.contains("\"r0\" chunk ") && e.contains("is missing"),
+        "{e}"
+    );
     m.put(&r0, &orig);
     restore_all(&a, &uri).0.unwrap();
     // A manifest from a newer version; no manifest at all.
