@@ -386,8 +386,9 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The manifest of the checkpoint at `uri` (a directory, or S3 through `agent`).
-pub(crate) fn manifest_of(agent: &Agent, uri: &str) -> Result<Manifest> {
+/// The manifest of the checkpoint at `uri`: a directory, or `s3://bucket/prefix` read through
+/// `agent`'s `object` backend.
+pub fn read_manifest_with(agent: &Agent, uri: &str) -> Result<Manifest> {
     match Location::parse(uri)? {
         Location::S3 { bucket, prefix } => s3::read_manifest(agent, &S3Loc { bucket, prefix }),
         Location::Dir(_) => read_manifest(uri),
@@ -721,7 +722,7 @@ pub unsafe fn restore(
     opts: &RestoreOptions,
 ) -> Result<u64> {
     let loc = Location::parse(uri)?;
-    let m = manifest_of(agent, uri)?;
+    let m = read_manifest_with(agent, uri)?;
     if regions.is_empty() {
         return Err(CkptError::InvalidArgument("no regions named".into()));
     }

@@ -62,7 +62,9 @@ mod mapped;
 pub mod ops;
 mod s3;
 
-pub use dir::{restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport};
+pub use dir::{
+    read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
+};
 pub use error::{CkptError, Result};
 pub use manifest::Manifest;
 pub use mapped::{restore_mapped, Placement, Restored, RestoredRegion};

@@ -145,7 +145,7 @@ pub fn restore_mapped(
     names: Option<&[&str]>,
     placement: Placement,
 ) -> Result<Restored> {
-    let m = crate::dir::manifest_of(agent, uri)?;
+    let m = crate::dir::read_manifest_with(agent, uri)?;
     let entries: Vec<_> = match names {
         None => m.regions.iter().collect(),
         Some(ns) => ns.iter().map(|n| m.find(n)).collect::<Result<_>>()?,

@@ -78,9 +78,9 @@ impl Location {
         match self {
             Location::Dir(d) => Ok(d),
             Location::S3 { bucket, prefix } => Err(CkptError::Unsupported(format!(
-                "s3://{bucket}/{prefix}: inspect, verify, copy and rm of checkpoints in object \
-                 stores are not built yet (save, restore and restore_mapped through an agent \
-                 with the object backend are)"
+                "s3://{bucket}/{prefix}: this operation reads directories only; for object \
+                 stores use read_manifest_with / restore_mapped with an agent running the \
+                 object backend (nixl-ckpt inspect and verify do); copy and rm are not built"
             ))),
         }
     }

@@ -242,6 +242,24 @@ fn s3_round_trips_and_every_damage_is_named() {
     let (res, got) = restore_all(&a, &uri);
     assert_eq!(res.unwrap(), LENS.iter().sum::<usize>() as u64);
     assert_eq!(got, first);
+    // The CLI reads it too, configured from the standard AWS environment.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+            .args(args)
+            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .output()
+            .unwrap()
+    };
+    let o = cli(&["inspect", &uri, "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["regions"][0]["len"], LENS[0]);
+    assert_eq!(v["metadata"]["s3"], true);
+    let o = cli(&["verify", &uri, "--json"]);
+    assert!(o.status.success(), "{o:?}");
     // A second save over the first: the new manifest names the new objects.
     let second = save_gen(&a, &uri, 50);
     let (res, got) = restore_all(&a, &uri);

@@ -225,11 +225,33 @@ fn error_json(e: &CkptError) -> Value {
     json!({"ok": false, "error": e.to_string(), "region": region, "chunk": chunk, "memory_written": written})
 }
 
+fn is_s3(uri: &str) -> bool {
+    uri.starts_with("s3://")
+}
+
+/// An agent for `s3://` checkpoints: the `object` backend configured from the standard AWS
+/// environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...).
+fn s3_agent() -> Result<nixl_core::Agent, CkptError> {
+    let bad = |e: nixl_core::Error| CkptError::InvalidArgument(format!("object store agent: {e}"));
+    let cfg = nixl_transports::config::Config::from_toml("backends = [\"object\"]").map_err(bad)?;
+    let a = nixl_core::Agent::builder(format!("nixl-ckpt-{}", std::process::id()))
+        .backends(cfg.backends().map_err(bad)?)
+        .build()
+        .map_err(bad)?;
+    a.check_backend(nixl_core::BackendName::Object)
+        .map_err(bad)?;
+    Ok(a)
+}
+
 fn run(cli: &Cli) -> Result<Value, CkptError> {
     let p = progress(cli.quiet);
     match &cli.cmd {
         Cmd::Inspect { uri } => {
-            let m = ops::read_manifest(uri)?;
+            let m = if is_s3(uri) {
+                nixl_checkpoint::read_manifest_with(&s3_agent()?, uri)?
+            } else {
+                ops::read_manifest(uri)?
+            };
             if !cli.json {
                 println!(
                     "checkpoint {uri}: manifest v{}, save {:016x}, {} in {} regions, chunks of {}{}",
@@ -261,7 +283,25 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
         }
         Cmd::Verify { uri } => {
             let t = Instant::now();
-            let r = ops::verify(uri, p.as_ref())?;
+            let r = if is_s3(uri) {
+                // Every region read into memory mapped for the purpose, every chunk checked.
+                let a = s3_agent()?;
+                let m = nixl_checkpoint::read_manifest_with(&a, uri)?;
+                let restored = nixl_checkpoint::restore_mapped(
+                    &a,
+                    uri,
+                    None,
+                    nixl_checkpoint::Placement::Anywhere,
+                )?;
+                drop(restored);
+                ops::VerifyReport {
+                    regions: m.regions.len(),
+                    chunks: m.regions.iter().map(|r| r.chunks.len()).sum(),
+                    bytes: m.total_bytes(),
+                }
+            } else {
+                ops::verify(uri, p.as_ref())?
+            };
             let s = t.elapsed().as_secs_f64();
             if !cli.json {
                 println!(
