@@ -493,6 +493,14 @@ fn kill_9_during_save_never_leaves_a_valid_looking_partial_checkpoint() {
         unreachable!();
     }
     let a = agent();
+    // How long one save takes here: kills are spread over 1.25 times that after the child
+    // starts its first save, so most land inside it, on slow and fast machines alike.
+    let probe = scratch("kill-probe");
+    let mut bufs: Vec<Vec<u8>> = LENS.iter().map(|&l| pattern(l, 3)).collect();
+    let t = std::time::Instant::now();
+    save_small(&a, &probe, &mut bufs, None);
+    let save_us = (t.elapsed().as_micros() as u64).max(1000);
+    ops::remove(probe.to_str().unwrap()).unwrap();
     let (mut old, mut new, mut none) = (0, 0, 0);
     for round in 0..24u64 {
         let dir = scratch("kill");
@@ -518,8 +526,7 @@ fn kill_9_during_save_never_leaves_a_valid_looking_partial_checkpoint() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        // Wait until the child's agent is up and its first save starts, then kill it within
-        // about the time of two saves.
+        // Wait until the child's agent is up and its first save starts, then kill it.
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         while !line.contains("ready") {
@@ -529,7 +536,7 @@ fn kill_9_during_save_never_leaves_a_valid_looking_partial_checkpoint() {
                 "child ended"
             );
         }
-        let wait_us = nixl_core::random_u64().unwrap() % 25_000;
+        let wait_us = nixl_core::random_u64().unwrap() % (save_us * 5 / 4);
         std::thread::sleep(Duration::from_micros(wait_us));
         child.kill().unwrap();
         child.wait().unwrap();
