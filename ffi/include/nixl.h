@@ -101,6 +101,33 @@ typedef struct nixl_desc {
 } nixl_desc;
 
 /**
+ * A named region of a checkpoint: memory of `kind` (`NIXL_DRAM`) at `addr`, `len` bytes, on
+ * device `dev_id` (0 for DRAM).
+ */
+typedef struct nixl_ckpt_region {
+  /**
+   * NUL-terminated UTF-8 name, unique in the checkpoint.
+   */
+  const char *name;
+  /**
+   * Memory kind (`NIXL_DRAM`; VRAM is `NIXL_ERR_UNAVAILABLE` today).
+   */
+  int32_t kind;
+  /**
+   * Virtual address.
+   */
+  uint64_t addr;
+  /**
+   * Length in bytes.
+   */
+  uint64_t len;
+  /**
+   * 0 for DRAM, the GPU ordinal for VRAM.
+   */
+  uint64_t dev_id;
+} nixl_ckpt_region;
+
+/**
  * Success.
  */
 #define NIXL_OK 0
@@ -474,6 +501,40 @@ const char *nixl_status_str(nixl_status status);
  * The library's version ("0.1.0"), static.
  */
 const char *nixl_version(void);
+
+/**
+ * Saves the named regions (each inside a registration of `agent` made with the `uring` or
+ * `posix` backend) to `uri`: a directory path, or `s3://bucket/prefix` (the agent then needs
+ * the `object` backend; full saves only). `base_uri` NULL: a full checkpoint; else an
+ * incremental one over that base (only changed chunks are written; the base must stay).
+ * The checkpoint already at `uri`, if any, is replaced only once the new one is complete and
+ * durable.
+ *
+ * # Safety
+ * `regions` points to `count` regions whose names are NUL-terminated strings; the memory of
+ * every region stays readable and unchanged for the call.
+ */
+nixl_status nixl_ckpt_save(struct nixl_agent *agent,
+                           const char *uri,
+                           const struct nixl_ckpt_region *regions,
+                           size_t count,
+                           const char *base_uri);
+
+/**
+ * Restores the named regions of `uri` into the caller's registered memory described by
+ * `regions` (matched by name, lengths must equal), verifying every byte;
+ * `NIXL_ERR_NOT_FOUND` for a missing name, `NIXL_ERR_INVALID` for a corrupt or mismatched
+ * checkpoint, with the region and chunk in `nixl_last_error`, which also says whether the
+ * caller's memory was partly written.
+ *
+ * # Safety
+ * `regions` points to `count` regions whose names are NUL-terminated strings; the memory of
+ * every region stays writable for the call.
+ */
+nixl_status nixl_ckpt_restore(struct nixl_agent *agent,
+                              const char *uri,
+                              const struct nixl_ckpt_region *regions,
+                              size_t count);
 
 #ifdef __cplusplus
 }  // extern "C"

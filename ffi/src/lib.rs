@@ -14,6 +14,9 @@
 
 #![allow(non_camel_case_types)]
 
+mod ckpt;
+pub use ckpt::{nixl_ckpt_region, nixl_ckpt_restore, nixl_ckpt_save};
+
 use std::any::Any;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

@@ -9,6 +9,8 @@
 //! - `threads.c`: several threads using one agent, one request, one notification queue.
 //! - `files.c`: files through `uring` and `posix` (registered by path and by fd), O_DIRECT
 //!   alignment, short reads, read-only registrations.
+//! - `ckpt.c`: checkpoints (`nixl_ckpt_save`, `nixl_ckpt_restore`): full and incremental round
+//!   trips, and the status and last error of each way to get them wrong.
 //!
 //! Each runs once plainly and once under valgrind with smaller sizes, where an invalid access or
 //! a definite leak fails the test (valgrind exits 99). A C program exits 0 when it passed, 1 with
@@ -147,6 +149,7 @@ struct Programs {
     misuse: PathBuf,
     threads: PathBuf,
     files: PathBuf,
+    ckpt: PathBuf,
 }
 
 /// Compiles the programs (in parallel), or says why not: `Err(Skip)` when there is no compiler.
@@ -208,7 +211,7 @@ fn build_programs() -> Result<Programs, String> {
         .args(["-lpthread", "-ldl", "-lm"]);
     jobs.push(("peer", c));
     // misuse, threads: the shared library, found through an rpath.
-    for name in ["misuse", "threads", "files"] {
+    for name in ["misuse", "threads", "files", "ckpt"] {
         let mut c = Command::new(&cc[0]);
         common(&mut c, name);
         c.arg("-L")
@@ -251,6 +254,7 @@ fn build_programs() -> Result<Programs, String> {
         misuse: out.join("misuse"),
         threads: out.join("threads"),
         files: out.join("files"),
+        ckpt: out.join("ckpt"),
     })
 }
 
@@ -545,4 +549,14 @@ fn files_through_uring_and_posix() {
 #[test]
 fn files_under_valgrind() {
     single("files", |p| &p.files, &["{dir}", "1", "{tmo}"], true);
+}
+
+#[test]
+fn checkpoints_through_the_c_abi() {
+    single("ckpt", |p| &p.ckpt, &["{dir}", "3000", "{tmo}"], false);
+}
+
+#[test]
+fn checkpoints_under_valgrind() {
+    single("ckpt", |p| &p.ckpt, &["{dir}", "200", "{tmo}"], true);
 }

@@ -1,0 +1,374 @@
+//! `nixl-ckpt`: inspect, verify, copy and remove checkpoints; measure save and restore.
+//!
+//! ```text
+//! nixl-ckpt inspect /ckpt/worker-0            # what it holds
+//! nixl-ckpt verify  /ckpt/worker-0 --json     # read every chunk, check every checksum
+//! nixl-ckpt copy    /ckpt/worker-0 /backup/w0 # verified, self-contained copy
+//! nixl-ckpt rm      /ckpt/worker-0
+//! nixl-ckpt bench   /mnt/nvme/bench --size 1GiB
+//! ```
+//!
+//! Progress goes to stderr; `--json` prints one JSON object on stdout. Exit status 0 on
+//! success, 1 on failure (the error on stderr, and in the JSON as `error`), 2 on bad usage.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use nixl_checkpoint::{ops, CkptError, Manifest, Progress};
+use serde_json::{json, Value};
+use throttle::Throttle;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nixl-ckpt",
+    version,
+    about = "Checkpoints of ready-to-serve state"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress on stderr.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Show what a checkpoint holds (from its manifest).
+    Inspect {
+        /// Checkpoint directory.
+        uri: String,
+    },
+    /// Read every chunk and check its checksum.
+    Verify {
+        /// Checkpoint directory.
+        uri: String,
+    },
+    /// Copy a checkpoint, verifying every chunk, into a self-contained one.
+    Copy {
+        /// Source checkpoint.
+        src: String,
+        /// Destination directory (must not hold a checkpoint).
+        dst: String,
+    },
+    /// Remove a checkpoint (manifest first, then its data files).
+    Rm {
+        /// Checkpoint directory.
+        uri: String,
+    },
+    /// Save and restore SIZE bytes of host memory through an agent, with the GB/s of each.
+    Bench {
+        /// Directory to save into (removed afterwards).
+        dir: String,
+        /// Bytes (suffixes KiB, MiB, GiB).
+        #[arg(long, default_value = "1GiB")]
+        size: String,
+        /// Regions the bytes are split into.
+        #[arg(long, default_value_t = 4)]
+        regions: usize,
+        /// Chunk size (suffixes as --size).
+        #[arg(long, default_value = "8MiB")]
+        chunk: String,
+        /// Percent of the chunks changed before an incremental save over the first one.
+        #[arg(long, default_value_t = 1.0)]
+        changed: f64,
+        /// Buffered I/O instead of O_DIRECT.
+        #[arg(long)]
+        buffered: bool,
+    },
+}
+
+mod throttle {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// Lets one report through per interval.
+    #[derive(Debug)]
+    pub struct Throttle(Mutex<Option<Instant>>, Duration);
+
+    impl Throttle {
+        pub fn new(every: Duration) -> Throttle {
+            Throttle(Mutex::new(None), every)
+        }
+
+        pub fn ready(&self) -> bool {
+            let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if last.is_some_and(|l| now.duration_since(l) < self.1) {
+                return false;
+            }
+            *last = Some(now);
+            true
+        }
+    }
+}
+
+fn progress(quiet: bool) -> Option<Progress> {
+    if quiet {
+        return None;
+    }
+    let tty = std::io::stderr().is_terminal();
+    let t = Throttle::new(if tty {
+        Duration::from_millis(100)
+    } else {
+        Duration::from_secs(2)
+    });
+    Some(Arc::new(move |phase: &str, done: u64, total: u64| {
+        if done < total && !t.ready() {
+            return;
+        }
+        let pct = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        let mut e = std::io::stderr().lock();
+        let _ = if tty {
+            write!(
+                e,
+                "\r{phase}: {} of {} ({pct:.0}%)   ",
+                human(done),
+                human(total)
+            )
+        } else {
+            writeln!(
+                e,
+                "{phase}: {} of {} ({pct:.0}%)",
+                human(done),
+                human(total)
+            )
+        };
+        if tty && done >= total {
+            let _ = writeln!(e);
+        }
+    }))
+}
+
+fn human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = [
+        ("KiB", 1u64 << 10),
+        ("MiB", 1 << 20),
+        ("GiB", 1 << 30),
+        ("K", 1 << 10),
+        ("M", 1 << 20),
+        ("G", 1 << 30),
+    ]
+    .iter()
+    .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+    .unwrap_or((s, 1));
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size (like 4096, 8MiB, 1GiB)"))
+}
+
+fn manifest_json(uri: &str, m: &Manifest) -> Value {
+    let metadata: Value =
+        serde_json::from_str(&m.metadata).unwrap_or(Value::String(m.metadata.clone()));
+    json!({
+        "location": uri,
+        "version": nixl_checkpoint::manifest::VERSION,
+        "save_id": format!("{:016x}", m.save_id),
+        "created_unix_ms": m.created_unix_ms,
+        "chunk_size": m.chunk_size,
+        "base": m.base,
+        "metadata": metadata,
+        "bytes": m.total_bytes(),
+        "regions": m.regions.iter().map(|r| json!({
+            "name": r.name,
+            "kind": r.kind.to_string(),
+            "dev_id": r.dev_id,
+            "addr": format!("{:#x}", r.addr),
+            "len": r.len,
+            "chunks": r.chunks.len(),
+        })).collect::<Vec<_>>(),
+        "files": m.files.iter().map(|f| json!({"name": f.name, "size": f.size})).collect::<Vec<_>>(),
+    })
+}
+
+fn error_json(e: &CkptError) -> Value {
+    let (region, chunk, written) = match e {
+        CkptError::Corrupt {
+            region,
+            chunk,
+            memory_written,
+            ..
+        } => (Some(region.as_str()), *chunk, Some(*memory_written)),
+        CkptError::Mismatch { region, .. } | CkptError::NotFound { region, .. } => {
+            (Some(region.as_str()), None, None)
+        }
+        _ => (None, None, None),
+    };
+    json!({"ok": false, "error": e.to_string(), "region": region, "chunk": chunk, "memory_written": written})
+}
+
+fn is_s3(uri: &str) -> bool {
+    uri.starts_with("s3://")
+}
+
+/// An agent for `s3://` checkpoints: the `object` backend configured from the standard AWS
+/// environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...).
+fn s3_agent() -> Result<nixl_core::Agent, CkptError> {
+    let bad = |e: nixl_core::Error| CkptError::InvalidArgument(format!("object store agent: {e}"));
+    let cfg = nixl_transports::config::Config::from_toml("backends = [\"object\"]").map_err(bad)?;
+    let a = nixl_core::Agent::builder(format!("nixl-ckpt-{}", std::process::id()))
+        .backends(cfg.backends().map_err(bad)?)
+        .build()
+        .map_err(bad)?;
+    a.check_backend(nixl_core::BackendName::Object)
+        .map_err(bad)?;
+    Ok(a)
+}
+
+fn run(cli: &Cli) -> Result<Value, CkptError> {
+    let p = progress(cli.quiet);
+    match &cli.cmd {
+        Cmd::Inspect { uri } => {
+            let m = if is_s3(uri) {
+                nixl_checkpoint::read_manifest_with(&s3_agent()?, uri)?
+            } else {
+                ops::read_manifest(uri)?
+            };
+            if !cli.json {
+                println!(
+                    "checkpoint {uri}: manifest v{}, save {:016x}, {} in {} regions, chunks of {}{}",
+                    nixl_checkpoint::manifest::VERSION,
+                    m.save_id,
+                    human(m.total_bytes()),
+                    m.regions.len(),
+                    human(m.chunk_size),
+                    m.base.as_ref().map(|b| format!(", incremental over {b}")).unwrap_or_default()
+                );
+                println!("metadata: {}", m.metadata);
+                println!(
+                    "{:<24} {:<5} {:>3} {:>18} {:>14} {:>7}",
+                    "REGION", "KIND", "DEV", "ADDR", "BYTES", "CHUNKS"
+                );
+                for r in &m.regions {
+                    println!(
+                        "{:<24} {:<5} {:>3} {:>#18x} {:>14} {:>7}",
+                        r.name,
+                        r.kind.to_string(),
+                        r.dev_id,
+                        r.addr,
+                        r.len,
+                        r.chunks.len()
+                    );
+                }
+            }
+            Ok(manifest_json(uri, &m))
+        }
+        Cmd::Verify { uri } => {
+            let t = Instant::now();
+            let r = if is_s3(uri) {
+                // Every region read into memory mapped for the purpose, every chunk checked.
+                let a = s3_agent()?;
+                let m = nixl_checkpoint::read_manifest_with(&a, uri)?;
+                let restored = nixl_checkpoint::restore_mapped(
+                    &a,
+                    uri,
+                    None,
+                    nixl_checkpoint::Placement::Anywhere,
+                )?;
+                drop(restored);
+                ops::VerifyReport {
+                    regions: m.regions.len(),
+                    chunks: m.regions.iter().map(|r| r.chunks.len()).sum(),
+                    bytes: m.total_bytes(),
+                }
+            } else {
+                ops::verify(uri, p.as_ref())?
+            };
+            let s = t.elapsed().as_secs_f64();
+            if !cli.json {
+                println!(
+                    "ok: {} regions, {} chunks, {} verified in {s:.2} s ({:.2} GB/s)",
+                    r.regions,
+                    r.chunks,
+                    human(r.bytes),
+                    r.bytes as f64 / s / 1e9
+                );
+            }
+            Ok(
+                json!({"ok": true, "regions": r.regions, "chunks": r.chunks, "bytes": r.bytes, "seconds": s}),
+            )
+        }
+        Cmd::Copy { src, dst } => {
+            let m = ops::copy(src, dst, p.as_ref())?;
+            if !cli.json {
+                println!(
+                    "copied {src} to {dst}: {} in {} regions, verified",
+                    human(m.total_bytes()),
+                    m.regions.len()
+                );
+            }
+            Ok(json!({"ok": true, "bytes": m.total_bytes(), "regions": m.regions.len()}))
+        }
+        Cmd::Rm { uri } => {
+            let n = ops::remove(uri)?;
+            if !cli.json {
+                println!("removed {uri} ({n} files)");
+            }
+            Ok(json!({"ok": true, "files_removed": n}))
+        }
+        Cmd::Bench {
+            dir,
+            size,
+            regions,
+            chunk,
+            changed,
+            buffered,
+        } => {
+            let size = parse_size(size).map_err(CkptError::InvalidArgument)?;
+            let chunk = parse_size(chunk).map_err(CkptError::InvalidArgument)?;
+            let v = bench::run(dir, size, *regions, chunk, *changed, !*buffered, p)?;
+            if !cli.json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
+            Ok(v)
+        }
+    }
+}
+
+mod bench;
+
+fn main() {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(v) => {
+            if cli.json {
+                println!("{v}");
+            }
+        }
+        Err(e) => {
+            if cli.json {
+                println!("{}", error_json(&e));
+            }
+            eprintln!("nixl-ckpt: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Restore into memory the library maps: anywhere, or at the addresses the regions had when
+//! they were saved.
+
+use std::io;
+
+use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
+
+use crate::dir::{restore, Region, RestoreOptions};
+use crate::error::{CkptError, Result};
+
+/// Where [`restore_mapped`] puts the regions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Wherever the kernel maps them.
+    Anywhere,
+    /// At the virtual addresses recorded when they were saved (`MAP_FIXED_NOREPLACE`), so that
+    /// pointers inside them stay valid; an error names the region whose range is taken.
+    Recorded,
+}
+
+/// One restored region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoredRegion {
+    /// Name.
+    pub name: String,
+    /// Its address now.
+    pub addr: u64,
+    /// Length.
+    pub len: u64,
+}
+
+/// Regions restored into memory mapped by the library, registered with the agent. Dropping it
+/// deregisters and unmaps them.
+#[derive(Debug)]
+pub struct Restored {
+    regions: Vec<RestoredRegion>,
+    reg: Option<Registration>,
+    maps: Vec<Mapping>,
+}
+
+impl Restored {
+    /// The regions, in the order asked (or the checkpoint's order).
+    pub fn regions(&self) -> &[RestoredRegion] {
+        &self.regions
+    }
+
+    /// The region named `name`.
+    pub fn region(&self, name: &str) -> Option<&RestoredRegion> {
+        self.regions.iter().find(|r| r.name == name)
+    }
+
+    /// The registration of the regions with the agent (they can be the source of transfers).
+    pub fn registration(&self) -> Option<&Registration> {
+        self.reg.as_ref()
+    }
+
+    /// Keeps the memory mapped and registered for the rest of the process (state restored at
+    /// its recorded addresses usually lives that long). Returns the regions.
+    pub fn leak(mut self) -> Vec<RestoredRegion> {
+        if let Some(r) = self.reg.take() {
+            r.forget();
+        }
+        self.maps.clear();
+        std::mem::take(&mut self.regions)
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        // Deregistration first: it waits for transfers that still use the memory.
+        drop(self.reg.take());
+        for m in self.maps.drain(..) {
+            // SAFETY: the mapping was made by `map` and nothing registered refers to it now.
+            if unsafe { libc::munmap(m.addr as *mut libc::c_void, m.len) } != 0 {
+                tracing::error!(
+                    addr = m.addr,
+                    len = m.len,
+                    "munmap failed: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Mapping {
+    addr: usize,
+    len: usize,
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// Maps `len` bytes of fresh anonymous memory, at `at` exactly (`MAP_FIXED_NOREPLACE`) or
+/// anywhere.
+fn map(at: Option<u64>, len: u64, what: &str) -> Result<Mapping> {
+    let len = usize::try_from(len)
+        .map_err(|_| CkptError::InvalidArgument(format!("{what}: {len} bytes do not fit")))?;
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if at.is_some() {
+        flags |= libc::MAP_FIXED_NOREPLACE;
+    }
+    let hint = at.unwrap_or(0) as usize as *mut libc::c_void;
+    // SAFETY: an anonymous mapping; MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let p = unsafe { libc::mmap(hint, len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+    if p == libc::MAP_FAILED {
+        let e = io::Error::last_os_error();
+        return Err(match (at, e.raw_os_error()) {
+            (Some(a), Some(libc::EEXIST)) => CkptError::InvalidArgument(format!(
+                "{what}: the recorded range {a:#x}+{len} is taken in this process (restore it \
+                 anywhere, or earlier in the process's life, before that range is used)"
+            )),
+            _ => CkptError::io(format!("{what}: mmap of {len} bytes"), e),
+        });
+    }
+    if let Some(a) = at {
+        if p as u64 != a {
+            // A kernel before 4.17 treats the flag as a hint.
+            // SAFETY: `p` was just mapped, `len` bytes, and is unused.
+            unsafe { libc::munmap(p, len) };
+            return Err(CkptError::Unsupported(format!(
+                "{what}: this kernel does not honour MAP_FIXED_NOREPLACE (Linux 4.17+)"
+            )));
+        }
+    }
+    Ok(Mapping {
+        addr: p as usize,
+        len,
+    })
+}
+
+/// Restores the regions `names` (all when `None`) of the checkpoint at `uri` into memory the
+/// library maps and registers with `agent`, every byte verified; see [`Placement`].
+pub fn restore_mapped(
+    agent: &Agent,
+    uri: &str,
+    names: Option<&[&str]>,
+    placement: Placement,
+) -> Result<Restored> {
+    let m = crate::dir::read_manifest_with(agent, uri)?;
+    let entries: Vec<_> = match names {
+        None => m.regions.iter().collect(),
+        Some(ns) => ns.iter().map(|n| m.find(n)).collect::<Result<_>>()?,
+    };
+    if let Some(e) = entries.iter().find(|e| e.kind != MemKind::Dram) {
+        return Err(CkptError::Unsupported(format!(
+            "region {:?} is {}: only DRAM regions are restored today",
+            e.name, e.kind
+        )));
+    }
+    let page = page_size();
+    let mut out = Restored {
+        regions: Vec::new(),
+        reg: None,
+        maps: Vec::new(),
+    };
+    let mut regions = Vec::new();
+    match placement {
+        Placement::Anywhere => {
+            for e in &entries {
+                let mp = map(
+                    None,
+                    e.len.div_ceil(page) * page,
+                    &format!("region {:?}", e.name),
+                )?;
+                regions.push(Region::dram(e.name.clone(), mp.addr as u64, e.len));
+                out.maps.push(mp);
+            }
+        }
+        Placement::Recorded => {
+            // Page spans of the regions, merged where regions share pages.
+            let mut spans: Vec<(u64, u64, String)> = Vec::new();
+            for e in &entries {
+                let end = e.addr.checked_add(e.len).ok_or_else(|| {
+                    CkptError::Manifest(format!("region {:?} wraps the address space", e.name))
+                })?;
+                let start = e.addr - e.addr % page;
+                let end = end.div_ceil(page) * page;
+                spans.push((start, end, e.name.clone()));
+                regions.push(Region::dram(e.name.clone(), e.addr, e.len));
+            }
+            spans.sort();
+            let mut merged: Vec<(u64, u64, String)> = Vec::new();
+            for s in spans {
+                match merged.last_mut() {
+                    Some(last) if s.0 <= last.1 => {
+                        last.1 = last.1.max(s.1);
+                        last.2 = format!("{}, {:?}", last.2, s.2);
+                    }
+                    _ => merged.push((s.0, s.1, format!("{:?}", s.2))),
+                }
+            }
+            for (start, end, who) in merged {
+                let what = format!("region {who}");
+                let mp = map(Some(start), end - start, &what)?;
+                out.maps.push(mp);
+            }
+        }
+    }
+    let descs: Vec<Desc> = regions
+        .iter()
+        .map(|r| Desc::new(r.addr, r.len, 0))
+        .collect();
+    let list = DescList::from_descs(MemKind::Dram, descs)
+        .map_err(|e| CkptError::agent("restored regions", e))?;
+    // SAFETY: the regions lie in mappings owned by `out`, which deregisters before unmapping.
+    let reg = unsafe { agent.register(&list) }
+        .map_err(|e| CkptError::agent("register the restored regions with the agent", e))?;
+    out.reg = Some(reg);
+    // SAFETY: the memory is ours, mapped above, and no reference to it exists.
+    unsafe { restore(agent, uri, &regions, &RestoreOptions::default()) }?;
+    out.regions = regions
+        .into_iter()
+        .map(|r| RestoredRegion {
+            name: r.name,
+            addr: r.addr,
+            len: r.len,
+        })
+        .collect();
+    Ok(out)
+}

@@ -1,0 +1,358 @@
+//! Operations on stored checkpoints that need no agent: locate, read the manifest, verify every
+//! chunk, copy (verified, into a self-contained checkpoint), remove.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::dir::{sync_dir, write_manifest, Progress};
+use crate::error::{CkptError, Result};
+use crate::manifest::{Chunk, DataFile, Manifest, MAX_MANIFEST_BYTES};
+
+/// File name of the manifest in a checkpoint directory.
+pub const MANIFEST: &str = "manifest.nckpt";
+
+/// Whether `name` is a file that saves write into a checkpoint directory: a data file
+/// `d<16 hex>-<region>.dat` or a temporary manifest `manifest.nckpt.tmp-<16 hex>` (what
+/// cleanup and [`remove`] may delete; nothing else in the directory is touched).
+pub(crate) fn is_ours(name: &str) -> bool {
+    let hex16 = |s: &str| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if let Some(id) = name.strip_prefix(&format!("{MANIFEST}.tmp-")) {
+        return hex16(id);
+    }
+    name.strip_prefix('d')
+        .and_then(|r| r.strip_suffix(".dat"))
+        .and_then(|r| r.split_once('-'))
+        .is_some_and(|(id, n)| hex16(id) && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Where a checkpoint is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// A directory (`/path`, `./path` or `file:///path`).
+    Dir(PathBuf),
+    /// `s3://bucket/prefix`.
+    S3 {
+        /// Bucket.
+        bucket: String,
+        /// Key prefix.
+        prefix: String,
+    },
+}
+
+impl Location {
+    /// Parses a URI: `s3://bucket/prefix`, `file://path`, or a plain path.
+    pub fn parse(uri: &str) -> Result<Location> {
+        if uri.is_empty() {
+            return Err(CkptError::InvalidArgument(
+                "empty checkpoint location".into(),
+            ));
+        }
+        if let Some(rest) = uri.strip_prefix("s3://") {
+            return match rest.split_once('/') {
+                Some((b, p)) if !b.is_empty() => Ok(Location::S3 {
+                    bucket: b.into(),
+                    prefix: p.trim_end_matches('/').into(),
+                }),
+                _ => Err(CkptError::InvalidArgument(format!(
+                    "{uri}: expected s3://bucket/prefix"
+                ))),
+            };
+        }
+        if uri.contains("://") && !uri.starts_with("file://") {
+            return Err(CkptError::InvalidArgument(format!(
+                "{uri}: a checkpoint is a directory path or s3://bucket/prefix"
+            )));
+        }
+        Ok(Location::Dir(PathBuf::from(
+            uri.strip_prefix("file://").unwrap_or(uri),
+        )))
+    }
+
+    /// The directory, or why this location is not served.
+    pub fn dir(self) -> Result<PathBuf> {
+        match self {
+            Location::Dir(d) => Ok(d),
+            Location::S3 { bucket, prefix } => Err(CkptError::Unsupported(format!(
+                "s3://{bucket}/{prefix}: this operation reads directories only; for object \
+                 stores use read_manifest_with / restore_mapped with an agent running the \
+                 object backend (nixl-ckpt inspect and verify do); copy and rm are not built"
+            ))),
+        }
+    }
+}
+
+/// Reads and validates the manifest of the checkpoint at `uri`.
+pub fn read_manifest(uri: &str) -> Result<Manifest> {
+    let dir = Location::parse(uri)?.dir()?;
+    let path = dir.join(MANIFEST);
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(CkptError::NoCheckpoint {
+                location: dir.display().to_string(),
+                reason: format!(
+                    "no {MANIFEST} (nothing was saved there, or the save did not finish: the \
+                     manifest is written last)"
+                ),
+            })
+        }
+        Err(e) => return Err(CkptError::io(format!("open {}", path.display()), e)),
+    };
+    let mut bytes = Vec::new();
+    f.take(MAX_MANIFEST_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| CkptError::io(format!("read {}", path.display()), e))?;
+    Manifest::decode(&bytes)
+}
+
+/// What [`verify`] checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Regions.
+    pub regions: usize,
+    /// Chunks.
+    pub chunks: usize,
+    /// Bytes read and checked.
+    pub bytes: u64,
+}
+
+/// Reads every chunk of the checkpoint at `uri` and checks its checksum; the first bad one is
+/// reported with its region and chunk.
+pub fn verify(uri: &str, progress: Option<&Progress>) -> Result<VerifyReport> {
+    let dir = Location::parse(uri)?.dir()?;
+    let m = read_manifest(uri)?;
+    let bytes = each_chunk(&dir, &m, progress, "verify", |_, _, _| Ok(()))?;
+    Ok(VerifyReport {
+        regions: m.regions.len(),
+        chunks: m.regions.iter().map(|r| r.chunks.len()).sum(),
+        bytes,
+    })
+}
+
+/// Reads every chunk of `m` (on several threads), checks it, and hands it to `sink` with its
+/// region and chunk index. Returns the bytes read.
+fn each_chunk(
+    dir: &Path,
+    m: &Manifest,
+    progress: Option<&Progress>,
+    phase: &str,
+    sink: impl Fn(usize, usize, &[u8]) -> Result<()> + Sync,
+) -> Result<u64> {
+    let list: Vec<(usize, usize, Chunk)> = m
+        .regions
+        .iter()
+        .enumerate()
+        .flat_map(|(ri, r)| r.chunks.iter().enumerate().map(move |(ci, c)| (ri, ci, *c)))
+        .collect();
+    let total: u64 = list.iter().map(|c| c.2.len).sum();
+    let files: Vec<std::result::Result<File, io::Error>> = m
+        .files
+        .iter()
+        .map(|f| File::open(dir.join(&f.name)))
+        .collect();
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8)
+        .min(list.len().max(1));
+    let results: Vec<Result<()>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut buf = vec![0u8; m.chunk_size as usize];
+                    loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(ri, ci, c)) = list.get(k) else {
+                            return Ok(());
+                        };
+                        let corrupt = |reason: String| CkptError::Corrupt {
+                            region: m.regions[ri].name.clone(),
+                            chunk: Some(ci),
+                            reason,
+                            memory_written: false,
+                        };
+                        let name = &m.files[c.file as usize].name;
+                        let f = files[c.file as usize].as_ref().map_err(|e| {
+                            corrupt(format!("data file {name:?} cannot be opened: {e}"))
+                        })?;
+                        let b = &mut buf[..c.len as usize];
+                        f.read_exact_at(b, c.offset).map_err(|e| {
+                            if e.kind() == io::ErrorKind::UnexpectedEof {
+                                corrupt(format!("data file {name:?} is truncated"))
+                            } else {
+                                corrupt(format!("reading {name:?}: {e}"))
+                            }
+                        })?;
+                        let got = xxh3_64(b);
+                        if got != c.xxh3 {
+                            return Err(corrupt(format!(
+                                "checksum mismatch (manifest xxh3 {:016x}, data {got:016x})",
+                                c.xxh3
+                            )));
+                        }
+                        sink(ri, ci, b)?;
+                        let d = done.fetch_add(c.len, Ordering::Relaxed) + c.len;
+                        if let Some(p) = progress {
+                            p(phase, d, total);
+                        }
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(CkptError::InvalidArgument(
+                        "a worker thread panicked".into(),
+                    ))
+                })
+            })
+            .collect()
+    });
+    // The first error in region and chunk order would need every thread's; any is fine here.
+    for r in results {
+        r?;
+    }
+    Ok(total)
+}
+
+/// Copies the checkpoint `src` to the directory `dst`, every chunk verified on the way, into a
+/// self-contained checkpoint (an incremental one loses its dependence on its base). The
+/// manifest is written last, as by a save.
+pub fn copy(src: &str, dst: &str, progress: Option<&Progress>) -> Result<Manifest> {
+    let sdir = Location::parse(src)?.dir()?;
+    let ddir = Location::parse(dst)?.dir()?;
+    let m = read_manifest(src)?;
+    std::fs::create_dir_all(&ddir)
+        .map_err(|e| CkptError::io(format!("create {}", ddir.display()), e))?;
+    if ddir.join(MANIFEST).exists() {
+        return Err(CkptError::InvalidArgument(format!(
+            "{} already holds a checkpoint (remove it first)",
+            ddir.display()
+        )));
+    }
+    let id = nixl_core::random_u64().map_err(|e| CkptError::agent("random save id", e))?;
+    let mut out = m.clone();
+    out.save_id = id;
+    out.base = None;
+    out.files = Vec::new();
+    let mut outs = Vec::new();
+    for (ri, r) in m.regions.iter().enumerate() {
+        let name = format!("d{id:016x}-{ri}.dat");
+        let path = ddir.join(&name);
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| CkptError::io(format!("create {}", path.display()), e))?;
+        out.files.push(DataFile { name, size: r.len });
+        for (ci, c) in out.regions[ri].chunks.iter_mut().enumerate() {
+            *c = Chunk {
+                file: ri as u32,
+                offset: ci as u64 * m.chunk_size,
+                ..*c
+            };
+        }
+        outs.push(f);
+    }
+    let cs = m.chunk_size;
+    each_chunk(&sdir, &m, progress, "copy", |ri, ci, b| {
+        outs[ri]
+            .write_all_at(b, ci as u64 * cs)
+            .map_err(|e| CkptError::io(format!("write {}", ddir.display()), e))
+    })?;
+    for f in &outs {
+        f.sync_all()
+            .map_err(|e| CkptError::io(format!("fsync in {}", ddir.display()), e))?;
+    }
+    out.validate()?;
+    write_manifest(&ddir, &out)?;
+    Ok(out)
+}
+
+/// Removes the checkpoint at `uri`: the manifest first (from then on nothing restores from
+/// it), then its data files, temporary manifests of unfinished saves, and the directory if it
+/// is left empty. Files of other checkpoints it referenced (an incremental save's base) stay.
+/// Returns the files removed.
+pub fn remove(uri: &str) -> Result<usize> {
+    let dir = Location::parse(uri)?.dir()?;
+    let m = match read_manifest(uri) {
+        Ok(m) => Some(m),
+        Err(CkptError::NoCheckpoint { .. }) => None,
+        // A damaged manifest still goes: the checkpoint is being removed.
+        Err(
+            CkptError::Manifest(_) | CkptError::NewerVersion { .. } | CkptError::Corrupt { .. },
+        ) => None,
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    match std::fs::remove_file(dir.join(MANIFEST)) {
+        Ok(()) => {
+            removed += 1;
+            sync_dir(&dir)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if m.is_none() && !dir.exists() {
+                return Err(CkptError::NoCheckpoint {
+                    location: dir.display().to_string(),
+                    reason: "no such directory".into(),
+                });
+            }
+        }
+        Err(e) => {
+            return Err(CkptError::io(
+                format!("remove {}", dir.join(MANIFEST).display()),
+                e,
+            ))
+        }
+    }
+    let rd =
+        std::fs::read_dir(&dir).map_err(|e| CkptError::io(format!("list {}", dir.display()), e))?;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_ours(&name) {
+            std::fs::remove_file(e.path())
+                .map_err(|err| CkptError::io(format!("remove {}", e.path().display()), err))?;
+            removed += 1;
+        }
+    }
+    // An empty directory (a save killed before it wrote anything) goes too; a directory of
+    // other files is left alone, and said so.
+    if removed == 0 && std::fs::remove_dir(&dir).is_err() {
+        return Err(CkptError::NoCheckpoint {
+            location: dir.display().to_string(),
+            reason: "no manifest and no data files of a checkpoint there (nothing removed)".into(),
+        });
+    }
+    let _ = std::fs::remove_dir(&dir);
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_ours;
+
+    #[test]
+    fn cleanup_touches_only_checkpoint_files() {
+        assert!(is_ours("d0123456789abcdef-0.dat"));
+        assert!(is_ours("d0123456789abcdef-12.dat"));
+        assert!(is_ours("manifest.nckpt.tmp-0123456789abcdef"));
+        for other in [
+            "data.dat",
+            "d.dat",
+            "d0123-1.dat",
+            "d0123456789abcdef-.dat",
+            "manifest.nckpt",
+            "manifest.nckpt.tmp-x",
+            "notes.txt",
+        ] {
+            assert!(!is_ours(other), "{other}");
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Checkpoints under `s3://bucket/prefix`, through the agent's `object` backend: one object per
+//! region (`prefix/d<save id>-<n>.dat`), written whole (multipart past the backend's threshold)
+//! and read by ranged GETs chunk by chunk; the manifest object (`prefix/manifest.nckpt`, its
+//! length first) is PUT last, after every data object was written, so a save killed before it
+//! leaves the previous manifest, which names only the previous objects.
+
+use nixl_core::{Agent, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
+use nixl_transports::object::name_object;
+
+use crate::dir::{hash_all, Posted, Region, RestoreOptions, SaveOptions, SaveReport};
+use crate::error::{CkptError, Result};
+use crate::manifest::{self, Chunk, DataFile, Manifest, RegionEntry};
+use crate::ops::MANIFEST;
+
+/// A bucket and a key prefix (no trailing slash; may be empty).
+#[derive(Clone, Debug)]
+pub(crate) struct S3Loc {
+    pub(crate) bucket: String,
+    pub(crate) prefix: String,
+}
+
+impl S3Loc {
+    fn uri(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    /// The key of `name` (a manifest file name, `..` allowed) under the prefix.
+    fn key(&self, name: &str) -> Result<String> {
+        let mut parts: Vec<&str> = self.prefix.split('/').filter(|p| !p.is_empty()).collect();
+        for c in name.split('/') {
+            if c == ".." {
+                if parts.pop().is_none() {
+                    return Err(CkptError::Manifest(format!(
+                        "data file {name:?} lies above the bucket's root"
+                    )));
+                }
+            } else {
+                parts.push(c);
+            }
+        }
+        Ok(parts.join("/"))
+    }
+
+    /// Registers object `key` (`size` bytes) with the agent under a fresh id.
+    fn register(&self, agent: &Agent, key: &str, size: u64) -> Result<(u64, Registration)> {
+        let id = nixl_core::random_u64().map_err(|e| CkptError::agent("object id", e))?;
+        let name = format!("{}/{key}", self.bucket);
+        name_object(agent, id, &name)
+            .map_err(|e| CkptError::agent(format!("name object {name}"), e))?;
+        let list = DescList::from_descs(MemKind::Object, vec![Desc::new(0, size.max(1), id)])
+            .map_err(|e| CkptError::agent(format!("object {name}"), e))?;
+        // SAFETY: OBJECT descriptors carry no memory contract.
+        let reg = unsafe { agent.register(&list) }
+            .map_err(|e| CkptError::agent(format!("register object {name}"), e))?;
+        Ok((id, reg))
+    }
+}
+
+fn run(agent: &Agent, op: XferOp, mem: Vec<Desc>, obj: Vec<Desc>, what: &str) -> Result<()> {
+    let ctx = |e| CkptError::agent(what.to_owned(), e);
+    let local = DescList::from_descs(MemKind::Dram, mem).map_err(ctx)?;
+    let remote = DescList::from_descs(MemKind::Object, obj).map_err(ctx)?;
+    let req = agent
+        .create_xfer(op, &local, &remote, agent.name(), XferOptions::default())
+        .map_err(ctx)?;
+    req.post().map_err(ctx)?;
+    let posted = Posted(vec![req]);
+    posted.0[0].wait_blocking(None).into_result().map_err(ctx)
+}
+
+fn is_missing(e: &CkptError) -> bool {
+    let s = e.to_string();
+    s.contains("404") || s.contains("NoSuchKey")
+}
+
+/// Saves `regions` under `loc` (a full checkpoint).
+///
+/// # Safety
+/// As [`crate::save`].
+pub(crate) unsafe fn save(
+    agent: &Agent,
+    loc: &S3Loc,
+    regions: &[Region],
+    opts: &SaveOptions,
+    metadata: String,
+) -> Result<SaveReport> {
+    if opts.base.is_some() {
+        return Err(CkptError::Unsupported(format!(
+            "{}: incremental saves to object stores are not built yet (save in full)",
+            loc.uri()
+        )));
+    }
+    let cs = opts.chunk_size;
+    let save_id = nixl_core::random_u64().map_err(|e| CkptError::agent("random save id", e))?;
+    let mut regs = Vec::new();
+    let mut mem = Vec::new();
+    let mut obj = Vec::new();
+    let mut files = Vec::new();
+    for (ri, r) in regions.iter().enumerate() {
+        let name = format!("d{save_id:016x}-{ri}.dat");
+        let (id, reg) = loc.register(agent, &loc.key(&name)?, r.len)?;
+        regs.push(reg);
+        mem.push(Desc::new(r.addr, r.len, 0));
+        obj.push(Desc::new(0, r.len, id));
+        files.push(DataFile { name, size: r.len });
+    }
+    let chunks = crate::dir::chunk_list(regions, cs);
+    let what = format!("write the regions to {}", loc.uri());
+    // Checksums on every core while the objects are uploaded.
+    let (written, hashes) = std::thread::scope(|s| {
+        // SAFETY: the caller keeps the regions readable for the call.
+        let h = s.spawn(|| unsafe { hash_all(&chunks, opts.progress.as_ref(), "save") });
+        let w = run(agent, XferOp::Write, mem, obj, &what);
+        (w, h.join())
+    });
+    written?;
+    let hashes =
+        hashes.map_err(|_| CkptError::InvalidArgument("checksum thread panicked".into()))?;
+    let mut entries = crate::dir::entries_of(regions);
+    for (k, &(ri, ci, _, len)) in chunks.iter().enumerate() {
+        entries[ri].chunks.push(Chunk {
+            file: ri as u32,
+            offset: ci as u64 * cs,
+            len,
+            xxh3: hashes[k],
+        });
+    }
+    let m = Manifest {
+        save_id,
+        created_unix_ms: crate::dir::now_ms(),
+        chunk_size: cs,
+        base: None,
+        metadata,
+        files,
+        regions: entries,
+    };
+    m.validate()?;
+    let body = m.encode();
+    let mut buf = Vec::with_capacity(8 + body.len());
+    buf.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&body);
+    transfer_buf(agent, loc, &mut buf, XferOp::Write)?;
+    drop(regs);
+    let total = regions.iter().map(|r| r.len).sum();
+    Ok(SaveReport {
+        bytes: total,
+        written: total,
+        chunks: chunks.len(),
+        reused: 0,
+        backend: Some("object".into()),
+        manifest: m,
+    })
+}
+
+/// Moves `buf` to or from the manifest object (from offset 0).
+fn transfer_buf(agent: &Agent, loc: &S3Loc, buf: &mut [u8], op: XferOp) -> Result<()> {
+    let key = loc.key(MANIFEST)?;
+    let (id, oreg) = loc.register(agent, &key, buf.len() as u64)?;
+    let d = Desc::from_mut_slice(buf);
+    let list = DescList::from_descs(MemKind::Dram, vec![d])
+        .map_err(|e| CkptError::agent("manifest buffer", e))?;
+    // SAFETY: `buf` outlives the registration, dropped at the end of this function, and no
+    // reference to it is used while the transfer runs.
+    let mreg = unsafe { agent.register(&list) }
+        .map_err(|e| CkptError::agent("register the manifest buffer", e))?;
+    let what = format!(
+        "{} s3://{}/{key}",
+        if op == XferOp::Write { "PUT" } else { "GET" },
+        loc.bucket
+    );
+    let r = run(agent, op, vec![d], vec![Desc::new(0, d.len, id)], &what);
+    drop(mreg);
+    drop(oreg);
+    r
+}
+
+/// Reads the manifest under `loc`: its length (8 bytes), then the rest.
+pub(crate) fn read_manifest(agent: &Agent, loc: &S3Loc) -> Result<Manifest> {
+    let mut head = [0u8; 8];
+    if let Err(e) = transfer_buf(agent, loc, &mut head, XferOp::Read) {
+        return Err(if is_missing(&e) {
+            CkptError::NoCheckpoint {
+                location: loc.uri(),
+                reason: format!(
+                    "no {MANIFEST} object (nothing was saved there, or the save did not finish: \
+                     the manifest is written last)"
+                ),
+            }
+        } else {
+            e
+        });
+    }
+    let len = u64::from_le_bytes(head);
+    if len > manifest::MAX_MANIFEST_BYTES as u64 || len < manifest::HEADER_BYTES as u64 {
+        return Err(CkptError::Manifest(format!(
+            "the manifest object says it holds {len} bytes"
+        )));
+    }
+    let mut buf = vec![0u8; 8 + len as usize];
+    transfer_buf(agent, loc, &mut buf, XferOp::Read).map_err(|e| {
+        if e.to_string().contains("shorter") {
+            CkptError::Manifest(format!("the manifest object is truncated: {e}"))
+        } else {
+            e
+        }
+    })?;
+    if buf[..8] != head {
+        return Err(CkptError::Manifest(
+            "the manifest object changed while it was read".into(),
+        ));
+    }
+    Manifest::decode(&buf[8..])
+}
+
+/// Restores `chosen` (caller's region, its entry) of `m` from `loc`; returns the chunks read,
+/// as `(index in chosen, chunk, addr, len)`, for the caller to verify.
+///
+/// # Safety
+/// As [`crate::restore`].
+pub(crate) unsafe fn read_regions(
+    agent: &Agent,
+    loc: &S3Loc,
+    m: &Manifest,
+    chosen: &[(&Region, &RegionEntry)],
+    _opts: &RestoreOptions,
+) -> Result<Vec<(usize, usize, u64, u64)>> {
+    let mut ids: Vec<(u32, u64, String)> = Vec::new();
+    let mut regs = Vec::new();
+    let mut mem = Vec::new();
+    let mut obj = Vec::new();
+    let mut chunks = Vec::new();
+    for (ri, (r, e)) in chosen.iter().enumerate() {
+        for (ci, c) in e.chunks.iter().enumerate() {
+            let id = match ids.iter().find(|x| x.0 == c.file) {
+                Some(x) => x.1,
+                None => {
+                    let f = &m.files[c.file as usize];
+                    let key = loc.key(&f.name)?;
+                    let (id, reg) = loc.register(agent, &key, f.size)?;
+                    regs.push(reg);
+                    ids.push((c.file, id, key));
+                    id
+                }
+            };
+            let addr = r.addr + ci as u64 * m.chunk_size;
+            mem.push(Desc::new(addr, c.len, 0));
+            obj.push(Desc::new(c.offset, c.len, id));
+            chunks.push((ri, ci, addr, c.len));
+        }
+    }
+    let what = format!("read {}", loc.uri());
+    if let Err(e) = run(agent, XferOp::Read, mem, obj, &what) {
+        // Name the region and chunk of the object the store could not serve.
+        let msg = e.to_string();
+        // The chunk whose range the failed GET asked for, else the object's first chunk.
+        let blame = ids
+            .iter()
+            .find(|(_, _, key)| msg.contains(key.as_str()))
+            .and_then(|(fi, _, key)| {
+                let of_file = || {
+                    chosen.iter().flat_map(|(r, e)| {
+                        e.chunks
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, c)| c.file == *fi)
+                            .map(move |(ci, c)| (r.name.clone(), ci, c.offset))
+                    })
+                };
+                of_file()
+                    .find(|(_, _, off)| msg.contains(&format!("bytes {off}-")))
+                    .or_else(|| of_file().next())
+                    .map(|(r, ci, _)| (r, ci, key.clone()))
+            });
+        let short = msg.contains("shorter") || msg.contains("Content-Range");
+        let (region, chunk, why) = match blame {
+            Some((r, ci, key)) if is_missing(&e) => {
+                (r, Some(ci), format!("object {key} is missing: {msg}"))
+            }
+            Some((r, ci, key)) if short => (
+                r,
+                Some(ci),
+                format!("object {key} is truncated (shorter than the manifest says): {msg}"),
+            ),
+            Some((r, ci, _)) => (r, Some(ci), format!("reading failed: {msg}")),
+            None => (
+                chosen
+                    .iter()
+                    .map(|(r, _)| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                None,
+                format!("reading failed: {msg}"),
+            ),
+        };
+        return Err(CkptError::Corrupt {
+            region,
+            chunk,
+            reason: why,
+            memory_written: true,
+        });
+    }
+    drop(regs);
+    Ok(chunks)
+}

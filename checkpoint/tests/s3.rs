@@ -1,0 +1,346 @@
+//! Checkpoints under `s3://bucket/prefix` against moto's S3 server (`python3 -m moto.server`,
+//! installed by `.ci/setup`): round trips, a second save over the first, and the store's objects
+//! damaged behind the library's back (deleted, flipped, truncated; the manifest deleted or from a
+//! newer version), each refused naming region and chunk. Without moto: `SKIP` (a failure under
+//! `NIXL_REQUIRE_OBJECT_TESTS=1`, as in CI).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nixl_checkpoint::{
+    restore, restore_mapped, save, CkptError, Placement, Region, RestoreOptions, SaveOptions,
+};
+use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
+use nixl_transports::config::Config;
+
+const BUCKET: &str = "ckpt-test";
+const AUTH: &str = "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/s3/aws4_request, \
+                    SignedHeaders=host, Signature=0";
+
+struct Moto {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    fn start() -> Option<Moto> {
+        let have = Command::new("python3")
+            .args(["-c", "import moto.server"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !have {
+            assert!(
+                std::env::var("NIXL_REQUIRE_OBJECT_TESTS").as_deref() != Ok("1"),
+                "moto not installed and NIXL_REQUIRE_OBJECT_TESTS=1"
+            );
+            eprintln!(
+                "SKIP: moto not installed (python3 -m pip install 'moto[server]'; .ci/setup does)"
+            );
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .env("S3_UPLOAD_PART_MIN_SIZE", "65536")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe and touches only the child: the server dies with
+        // the test process.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let m = Moto {
+            child: cmd.spawn().unwrap(),
+            port,
+        };
+        let t0 = Instant::now();
+        while m.http("GET", "/", b"").map_or(true, |(s, _)| s == 0) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "moto did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(m.http("PUT", &format!("/{BUCKET}"), b"").unwrap().0, 200);
+        Some(m)
+    }
+
+    /// One HTTP/1.0 exchange: (status, body).
+    fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nAuthorization: {AUTH}\r\n\r\n",
+            self.port,
+            body.len()
+        )?;
+        s.write_all(body)?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        let head_end = out
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(out.len(), |i| i + 4);
+        let status = String::from_utf8_lossy(&out[..head_end])
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((status, out[head_end..].to_vec()))
+    }
+
+    fn object(&self, key: &str) -> Vec<u8> {
+        let (st, b) = self.http("GET", &format!("/{BUCKET}/{key}"), b"").unwrap();
+        assert_eq!(st, 200, "GET {key}");
+        b
+    }
+
+    fn put(&self, key: &str, body: &[u8]) {
+        assert_eq!(
+            self.http("PUT", &format!("/{BUCKET}/{key}"), body)
+                .unwrap()
+                .0,
+            200,
+            "PUT {key}"
+        );
+    }
+
+    fn delete(&self, key: &str) {
+        assert_eq!(
+            self.http("DELETE", &format!("/{BUCKET}/{key}"), b"")
+                .unwrap()
+                .0,
+            204,
+            "DELETE {key}"
+        );
+    }
+
+    /// Keys under `prefix`.
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let (_, b) = self
+            .http("GET", &format!("/{BUCKET}?prefix={prefix}"), b"")
+            .unwrap();
+        let t = String::from_utf8_lossy(&b);
+        t.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split("</Key>").next())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn agent(m: &Moto) -> Agent {
+    let cfg = Config::from_toml(&format!(
+        "backends = [\"uring\", \"posix\", \"object\"]\n[object]\nendpoint = \"http://127.0.0.1:{}\"\n\
+         region = \"us-east-1\"\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n\
+         part_size = 1048576\nmultipart_threshold = 2097152\n",
+        m.port
+    ))
+    .unwrap();
+    Agent::builder("ckpt-s3")
+        .backends(cfg.backends().unwrap())
+        .build()
+        .unwrap()
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn reg(a: &Agent, bufs: &mut [Vec<u8>]) -> (Vec<Region>, Registration) {
+    let regions: Vec<Region> = bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, b)| Region::dram(format!("r{i}"), b.as_mut_ptr() as u64, b.len() as u64))
+        .collect();
+    let list = DescList::from_descs(
+        MemKind::Dram,
+        regions
+            .iter()
+            .map(|r| Desc::new(r.addr, r.len, 0))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    // SAFETY: the buffers outlive the registration.
+    (regions, unsafe { a.register(&list) }.unwrap())
+}
+
+const LENS: [usize; 2] = [(5 << 20) + 333, 3];
+const CHUNK: u64 = 1 << 20;
+
+fn save_gen(a: &Agent, uri: &str, seed: u64) -> Vec<Vec<u8>> {
+    let mut bufs: Vec<Vec<u8>> = LENS
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| pattern(l, seed + i as u64))
+        .collect();
+    let (regions, _r) = reg(a, &mut bufs);
+    let opts = SaveOptions {
+        chunk_size: CHUNK,
+        metadata: Some("{\"s3\":true}".into()),
+        ..SaveOptions::default()
+    };
+    // SAFETY: the buffers are unchanged for the call.
+    let rep = unsafe { save(a, uri, &regions, &opts) }.unwrap();
+    assert_eq!(rep.backend.as_deref(), Some("object"));
+    bufs
+}
+
+fn restore_all(a: &Agent, uri: &str) -> (Result<u64, CkptError>, Vec<Vec<u8>>) {
+    let mut bufs: Vec<Vec<u8>> = LENS.iter().map(|&l| vec![0u8; l]).collect();
+    let (regions, r) = reg(a, &mut bufs);
+    // SAFETY: the buffers live and are untouched for the call.
+    let res = unsafe { restore(a, uri, &regions, &RestoreOptions::default()) };
+    drop(r);
+    (res, bufs)
+}
+
+#[test]
+fn s3_round_trips_and_every_damage_is_named() {
+    let Some(m) = Moto::start() else {
+        return;
+    };
+    let a = agent(&m);
+    let uri = format!("s3://{BUCKET}/ckpt/w0");
+    let first = save_gen(&a, &uri, 1);
+    let (res, got) = restore_all(&a, &uri);
+    assert_eq!(res.unwrap(), LENS.iter().sum::<usize>() as u64);
+    assert_eq!(got, first);
+    // The CLI reads it too, configured from the standard AWS environment.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+            .args(args)
+            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .output()
+            .unwrap()
+    };
+    let o = cli(&["inspect", &uri, "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["regions"][0]["len"], LENS[0]);
+    assert_eq!(v["metadata"]["s3"], true);
+    let o = cli(&["verify", &uri, "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    // A second save over the first: the new manifest names the new objects.
+    let second = save_gen(&a, &uri, 50);
+    let (res, got) = restore_all(&a, &uri);
+    res.unwrap();
+    assert_eq!(got, second);
+    let r = restore_mapped(&a, &uri, Some(&["r1"]), Placement::Anywhere).unwrap();
+    let t = &r.regions()[0];
+    // SAFETY: mapped by `r`.
+    let bytes = unsafe { std::slice::from_raw_parts(t.addr as *const u8, 3) };
+    assert_eq!(bytes, &second[1][..]);
+    drop(r);
+
+    let keys = m.keys("ckpt/w0/");
+    assert!(
+        keys.contains(&"ckpt/w0/manifest.nckpt".to_owned()),
+        "{keys:?}"
+    );
+    let manifest = m.object("ckpt/w0/manifest.nckpt");
+    let data_keys = |k: &[String]| -> Vec<String> {
+        // The current save's data objects: those the manifest names.
+        k.iter()
+            .filter(|k| {
+                k.ends_with("-0.dat")
+                    && manifest
+                        .windows(k.len() - 8)
+                        .any(|w| w == &k.as_bytes()[8..])
+            })
+            .cloned()
+            .collect()
+    };
+    let r0 = data_keys(&keys).pop().expect("the data object of r0");
+    let orig = m.object(&r0);
+
+    // A flipped byte in chunk 3 of r0.
+    let mut b = orig.clone();
+    b[3 * CHUNK as usize + 5] ^= 1;
+    m.put(&r0, &b);
+    let e = restore_all(&a, &uri).0.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            e,
+            CkptError::Corrupt {
+                chunk: Some(3),
+                memory_written: true,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("\"r0\" chunk 3") && msg.contains("checksum"),
+        "{msg}"
+    );
+    // Truncated.
+    m.put(&r0, &orig[..orig.len() - 100]);
+    let e = restore_all(&a, &uri).0.unwrap_err().to_string();
+    assert!(
+        e.contains("\"r0\" chunk 5") && e.contains("truncated") && e.contains("partly written"),
+        "{e}"
+    );
+    // Missing: the chunk named is the one whose GET failed first (the GETs run in parallel).
+    m.delete(&r0);
+    let e = restore_all(&a, &uri).0.unwrap_err().to_string();
+    assert!(
+        e.contains("\"r0\" chunk ") && e.contains("is missing"),
+        "{e}"
+    );
+    m.put(&r0, &orig);
+    restore_all(&a, &uri).0.unwrap();
+    // A manifest from a newer version; no manifest at all.
+    let mut b = manifest.clone();
+    b[8 + 8] = 7;
+    m.put("ckpt/w0/manifest.nckpt", &b);
+    let e = restore_all(&a, &uri).0.unwrap_err().to_string();
+    assert!(e.contains("version 7"), "{e}");
+    m.delete("ckpt/w0/manifest.nckpt");
+    let e = restore_all(&a, &uri).0.unwrap_err();
+    assert!(matches!(e, CkptError::NoCheckpoint { .. }), "{e}");
+    let e = restore_all(&a, &format!("s3://{BUCKET}/nothing/here"))
+        .0
+        .unwrap_err();
+    assert!(matches!(e, CkptError::NoCheckpoint { .. }), "{e}");
+}
