@@ -11,7 +11,7 @@ use std::sync::Arc;
 use super::{Agent, PeerState};
 use crate::backend::Segment;
 use crate::error::{Error, Result};
-use crate::mem::{Desc, DescList, MemKind, MAX_STRIDED_COUNT};
+use crate::mem::{Desc, DescList, MemKind, Strided, MAX_STRIDED_COUNT};
 use crate::metadata::RegionInfo;
 use crate::region::Region;
 use crate::xfer::{XferOp, XferRequest};
@@ -61,10 +61,48 @@ impl std::fmt::Debug for Side {
 #[derive(Clone, Debug)]
 pub struct PreppedList {
     kind: MemKind,
-    descs: Vec<Desc>,
-    /// Per descriptor, its region's index in `side`.
-    region_of: Vec<u32>,
+    descs: Descs,
     side: Side,
+}
+
+/// The descriptors of a prepared list: explicit, or one strided run computed on the fly (no
+/// memory read per index, which is what makes 100k-block requests cheap).
+#[derive(Clone, Debug)]
+enum Descs {
+    List {
+        descs: Vec<Desc>,
+        /// Per descriptor, its region's index in `side`.
+        region_of: Vec<u32>,
+    },
+    /// Every piece lies in region 0 of `side`.
+    Strided(Strided),
+}
+
+impl Descs {
+    fn len(&self) -> usize {
+        match self {
+            Descs::List { descs, .. } => descs.len(),
+            Descs::Strided(s) => s.count as usize,
+        }
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> Option<(Desc, usize)> {
+        match self {
+            Descs::List { descs, region_of } => Some((*descs.get(i)?, *region_of.get(i)? as usize)),
+            Descs::Strided(s) => ((i as u64) < s.count)
+                .then(|| (Desc::new(s.addr + i as u64 * s.stride, s.len, s.dev_id), 0)),
+        }
+    }
+
+    fn first_with_region(&self, k: usize) -> usize {
+        match self {
+            Descs::List { region_of, .. } => {
+                region_of.iter().position(|&x| x as usize == k).unwrap_or(0)
+            }
+            Descs::Strided(_) => 0,
+        }
+    }
 }
 
 impl PreppedList {
@@ -73,9 +111,9 @@ impl PreppedList {
         self.descs.len()
     }
 
-    /// Whether the list is empty.
+    /// Whether the list is empty (never, once prepared).
     pub fn is_empty(&self) -> bool {
-        self.descs.is_empty()
+        self.descs.len() == 0
     }
 
     /// The memory kind of the list.
@@ -83,9 +121,9 @@ impl PreppedList {
         self.kind
     }
 
-    /// The descriptors.
-    pub fn descs(&self) -> &[Desc] {
-        &self.descs
+    /// Descriptor `i`, if in range.
+    pub fn desc(&self, i: usize) -> Option<Desc> {
+        self.descs.get(i).map(|(d, _)| d)
     }
 
     /// The peer whose metadata it was checked against (`None`: this agent's registrations).
@@ -143,8 +181,10 @@ impl Agent {
         }
         Ok(PreppedList {
             kind: list.kind(),
-            descs: list.descs().to_vec(),
-            region_of,
+            descs: Descs::List {
+                descs: list.descs().to_vec(),
+                region_of,
+            },
             side: Side::Local(regions),
         })
     }
@@ -182,8 +222,61 @@ impl Agent {
         let regions = idx.iter().map(|&i| p.md.regions[i].clone()).collect();
         Ok(PreppedList {
             kind: list.kind(),
-            descs: list.descs().to_vec(),
-            region_of,
+            descs: Descs::List {
+                descs: list.descs().to_vec(),
+                region_of,
+            },
+            side: Side::Remote { peer: p, regions },
+        })
+    }
+
+    /// Prepares one strided run against this agent's registrations: its whole span must lie in
+    /// one registered region. Requests index its pieces (`0..count`) with no memory read per
+    /// index.
+    pub fn prep_local_strided(&self, kind: MemKind, s: Strided) -> Result<PreppedList> {
+        self.inner.check_live()?;
+        let span = s.span()?;
+        let r = self
+            .inner
+            .target
+            .0
+            .regions
+            .find(kind, &span)
+            .ok_or(Error::LocalNotRegistered {
+                index: 0,
+                kind,
+                desc: span,
+            })?;
+        Ok(PreppedList {
+            kind,
+            descs: Descs::Strided(s),
+            side: Side::Local(vec![r]),
+        })
+    }
+
+    /// Prepares one strided run against `peer`'s loaded metadata: its whole span must lie in
+    /// one region the peer published.
+    pub fn prep_remote_strided(
+        &self,
+        peer: &str,
+        kind: MemKind,
+        s: Strided,
+    ) -> Result<PreppedList> {
+        self.inner.check_live()?;
+        let span = s.span()?;
+        let p = self.peer(peer)?;
+        let (_, r) = p
+            .find(kind, &span)
+            .ok_or_else(|| Error::RemoteNotRegistered {
+                peer: peer.to_owned(),
+                index: 0,
+                kind,
+                desc: span,
+            })?;
+        let regions = vec![r.clone()];
+        Ok(PreppedList {
+            kind,
+            descs: Descs::Strided(s),
             side: Side::Remote { peer: p, regions },
         })
     }
@@ -251,11 +344,7 @@ impl Agent {
                     Some((_, now)) if now.desc == r.desc => Ok(now.clone()),
                     _ => Err(Error::RemoteNotRegistered {
                         peer: p.name.to_string(),
-                        index: remote
-                            .region_of
-                            .iter()
-                            .position(|&x| x as usize == k)
-                            .unwrap_or(0),
+                        index: remote.descs.first_with_region(k),
                         kind: r.kind,
                         desc: r.desc,
                     }),
@@ -279,7 +368,8 @@ impl Agent {
         let mut plan_r: Vec<RegionInfo> = Vec::new();
         let mut segments: Vec<Segment> = Vec::with_capacity(local_idx.len());
         for (k, (&li, &ri)) in local_idx.iter().zip(remote_idx).enumerate() {
-            let (Some(l), Some(r)) = (local.descs.get(li as usize), remote.descs.get(ri as usize))
+            let (Some((l, lr)), Some((r, rr))) =
+                (local.descs.get(li as usize), remote.descs.get(ri as usize))
             else {
                 return Err(Error::InvalidArgument(format!(
                     "pair {k}: index {li} of {} local or {ri} of {} remote descriptors is out of range",
@@ -293,8 +383,6 @@ impl Agent {
                     l.len, r.len
                 )));
             }
-            let lr = local.region_of[li as usize] as usize;
-            let rr = remote.region_of[ri as usize] as usize;
             if let Some(last) = segments.last_mut() {
                 if lmap[lr] == last.local_region
                     && rmap[rr] == last.remote_region
@@ -318,8 +406,8 @@ impl Agent {
                 plan_r.push(rregs[rr].clone());
             }
             segments.push(Segment {
-                local: *l,
-                remote: *r,
+                local: l,
+                remote: r,
                 local_region: lmap[lr],
                 remote_region: rmap[rr],
             });

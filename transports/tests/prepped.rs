@@ -89,6 +89,26 @@ impl Pair {
             .unwrap();
         (l, r)
     }
+
+    /// The same lists, as one strided run each (computed per index, nothing stored).
+    fn strided_lists(&self) -> (PreppedList, PreppedList) {
+        let run = |base: &Vec<u8>| Strided {
+            addr: base.as_ptr() as u64,
+            stride: self.block as u64,
+            count: (base.len() / self.block) as u64,
+            len: self.block as u64,
+            dev_id: 0,
+        };
+        let l = self
+            .a
+            .prep_local_strided(MemKind::Dram, run(&self.a_buf))
+            .unwrap();
+        let r = self
+            .a
+            .prep_remote_strided("b", MemKind::Dram, run(&self.b_buf))
+            .unwrap();
+        (l, r)
+    }
 }
 
 /// Number of segments a naive merge of contiguous-on-both-sides runs gives.
@@ -202,6 +222,27 @@ fn bad_indices_lengths_and_sides_are_refused() {
     );
     let e = p.a.prep_remote("nobody", &outside).unwrap_err();
     assert!(matches!(e, Error::UnknownPeer(_)), "{e}");
+    // A strided run must lie in one region; its indices are bounded by its count.
+    let run = Strided {
+        addr: p.b_buf.as_ptr() as u64,
+        stride: 256,
+        count: 9,
+        len: 256,
+        dev_id: 0,
+    };
+    let e =
+        p.a.prep_remote_strided("b", MemKind::Dram, run)
+            .unwrap_err();
+    assert!(matches!(e, Error::RemoteNotRegistered { .. }), "{e}");
+    let rs =
+        p.a.prep_remote_strided("b", MemKind::Dram, Strided { count: 8, ..run })
+            .unwrap();
+    assert_eq!(rs.len(), 8);
+    assert_eq!(rs.desc(7), Some(Desc::new(run.addr + 7 * 256, 256, 0)));
+    let e =
+        p.a.create_xfer_prepped(XferOp::Read, &l, &[0], &rs, &[8], XferOptions::default())
+            .unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
 }
 
 #[test]
@@ -276,9 +317,10 @@ proptest! {
         block in prop_oneof![Just(1usize), Just(3), Just(64), Just(4096)],
         pairs in proptest::collection::vec((0u32..48, 0u32..48, 1usize..6), 1..24),
         write in any::<bool>(),
+        strided in any::<bool>(),
     ) {
         let p = pair(48, block);
-        let (l, r) = p.lists();
+        let (l, r) = if strided { p.strided_lists() } else { p.lists() };
         // Runs of consecutive indices, clipped at the end; destinations distinct so the
         // expected result is well defined.
         let (mut li, mut ri) = (Vec::new(), Vec::new());
