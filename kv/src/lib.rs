@@ -6,6 +6,8 @@
 //!   the byte runs to move (heterogeneous tensor parallelism and MLA included), contiguous runs
 //!   merged; unsupported combinations refused with the reason.
 //! - [`descs`]: the runs as descriptor lists for [`nixl_core::Agent::create_xfer`].
+//! - [`handoff`]: the pull handoff between a prefill and a decode agent, with a lease and one
+//!   terminal outcome on both sides.
 //!
 //! ```
 //! use nixl_kv::{plan, KvKind, KvLayout, Order};
@@ -22,6 +24,7 @@
 //! assert!(runs.iter().all(|r| r.src_rank == 0));
 //! ```
 
+pub mod handoff;
 pub mod layout;
 pub mod plan;
 
@@ -43,6 +46,9 @@ pub enum KvError {
     /// The block mapping is out of range or too large.
     #[error("KV block mapping: {0}")]
     Mapping(String),
+    /// A handoff message is malformed, out of bounds, or names no open handoff.
+    #[error("KV handoff: {0}")]
+    Protocol(String),
     /// The transfer core refused or failed.
     #[error(transparent)]
     Core(#[from] nixl_core::Error),
