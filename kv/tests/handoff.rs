@@ -53,6 +53,27 @@ fn drive(
     (f, e)
 }
 
+/// Both sides, decode knowing prefill's layout.
+fn sides<'a>(p: &'a Worker, d: &'a Worker) -> (PrefillSide<'a>, DecodeSide<'a>) {
+    let pre = PrefillSide::new(&p.agent);
+    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
+    dec.add_prefill("prefill", vec![p.layout], vec!["prefill".into()])
+        .unwrap();
+    (pre, dec)
+}
+
+/// Prefill offers `blocks`; returns the handoff id and the offer as decode saw it.
+fn offer(
+    pre: &mut PrefillSide<'_>,
+    dec: &mut DecodeSide<'_>,
+    blocks: &[u32],
+    lease: Duration,
+) -> (u64, Offer) {
+    let id = pre.offer("decode", "req-7", blocks, lease).unwrap();
+    let (_, e) = drive(pre, dec, |_, e| offered(e).is_some());
+    (id, offered(&e).unwrap())
+}
+
 fn offered(e: &[DecodeEvent]) -> Option<Offer> {
     e.iter().find_map(|x| match x {
         DecodeEvent::Offered(o) => Some(o.clone()),
@@ -63,15 +84,8 @@ fn offered(e: &[DecodeEvent]) -> Option<Offer> {
 #[test]
 fn pull_lands_every_byte_then_prefill_frees() {
     let (p, d) = setup();
-    let mut pre = PrefillSide::new(&p.agent);
-    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
-    dec.add_prefill("prefill", vec![p.layout], vec!["prefill".into()])
-        .unwrap();
-    let id = pre
-        .offer("decode", "req-7", &[3, 4, 9], Duration::from_secs(5))
-        .unwrap();
-    let (_, e) = drive(&mut pre, &mut dec, |_, e| offered(e).is_some());
-    let o = offered(&e).unwrap();
+    let (mut pre, mut dec) = sides(&p, &d);
+    let (id, o) = offer(&mut pre, &mut dec, &[3, 4, 9], Duration::from_secs(5));
     assert_eq!(
         (o.id, o.request.as_str(), &o.blocks[..]),
         (id, "req-7", &[3, 4, 9][..])
@@ -95,15 +109,8 @@ fn pull_lands_every_byte_then_prefill_frees() {
 #[test]
 fn decode_abort_frees_both_sides() {
     let (p, d) = setup();
-    let mut pre = PrefillSide::new(&p.agent);
-    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
-    dec.add_prefill("prefill", vec![p.layout], vec!["prefill".into()])
-        .unwrap();
-    let id = pre
-        .offer("decode", "r", &[1], Duration::from_secs(5))
-        .unwrap();
-    let (_, e) = drive(&mut pre, &mut dec, |_, e| offered(e).is_some());
-    let o = offered(&e).unwrap();
+    let (mut pre, mut dec) = sides(&p, &d);
+    let (id, o) = offer(&mut pre, &mut dec, &[1], Duration::from_secs(5));
     dec.cancel(&o.from, o.id, "client went away");
     let (f, _) = drive(&mut pre, &mut dec, |f, _| !f.is_empty());
     assert_eq!(f[0].id, id);
@@ -116,15 +123,8 @@ fn decode_abort_frees_both_sides() {
 #[test]
 fn prefill_abort_is_acknowledged_before_freeing() {
     let (p, d) = setup();
-    let mut pre = PrefillSide::new(&p.agent);
-    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
-    dec.add_prefill("prefill", vec![p.layout], vec!["prefill".into()])
-        .unwrap();
-    let id = pre
-        .offer("decode", "r", &[1, 2], Duration::from_secs(30))
-        .unwrap();
-    let (_, e) = drive(&mut pre, &mut dec, |_, e| offered(e).is_some());
-    let o = offered(&e).unwrap();
+    let (mut pre, mut dec) = sides(&p, &d);
+    let (id, o) = offer(&mut pre, &mut dec, &[1, 2], Duration::from_secs(30));
     pre.cancel(id, "preempted");
     // Not freed before decode acknowledges (the lease is 30 s).
     assert!(pre.poll().0.is_empty());
@@ -162,14 +162,9 @@ fn lease_expiry_frees_after_a_grace_period_when_decode_is_gone() {
 #[test]
 fn renewal_keeps_the_lease() {
     let (p, d) = setup();
-    let mut pre = PrefillSide::new(&p.agent);
-    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
-    dec.add_prefill("prefill", vec![p.layout], vec!["prefill".into()])
-        .unwrap();
+    let (mut pre, mut dec) = sides(&p, &d);
     let lease = Duration::from_millis(200);
-    pre.offer("decode", "r", &[1], lease).unwrap();
-    let (_, e) = drive(&mut pre, &mut dec, |_, e| offered(e).is_some());
-    let o = offered(&e).unwrap();
+    let (_, o) = offer(&mut pre, &mut dec, &[1], lease);
     let t = Instant::now();
     while t.elapsed() < 3 * lease {
         dec.renew(&o.from, o.id).unwrap();

@@ -35,23 +35,9 @@ pub fn worker(name: &str, mut layout: KvLayout, fill: bool) -> Worker {
     let mut buf = vec![0u8; layout.region_bytes() as usize];
     layout.base = buf.as_ptr() as u64;
     if fill {
-        for layer in 0..layout.layers {
-            for plane in 0..layout.kv_planes() {
-                for block in 0..layout.blocks {
-                    for h in 0..layout.heads() {
-                        let g = match layout.kind {
-                            KvKind::Mla => 0,
-                            KvKind::Split => layout.tp_rank * layout.heads() + h,
-                        };
-                        for t in 0..layout.tokens_per_block {
-                            let o = layout.offset(layer, plane, block, h, t);
-                            for b in 0..layout.unit_bytes() {
-                                buf[(o + b) as usize] = value(layer, plane, block, g, t, b);
-                            }
-                        }
-                    }
-                }
-            }
+        let l = layout;
+        for block in 0..l.blocks {
+            each(&l, block, |i, v| buf[i] = v(block));
         }
     }
     // SAFETY: `buf` lives in the `Worker` beside the registration, which is dropped first; the
@@ -70,29 +56,32 @@ pub fn worker(name: &str, mut layout: KvLayout, fill: bool) -> Worker {
     }
 }
 
-/// Checks that decode blocks `mapping[i].1` of `w` hold prefill blocks `mapping[i].0`.
-pub fn check(w: &Worker, mapping: &[(u32, u32)]) {
-    let l = w.layout;
-    for &(sb, db) in mapping {
-        for layer in 0..l.layers {
-            for plane in 0..l.kv_planes() {
-                for h in 0..l.heads() {
-                    let g = match l.kind {
-                        KvKind::Mla => 0,
-                        KvKind::Split => l.tp_rank * l.heads() + h,
-                    };
-                    for t in 0..l.tokens_per_block {
-                        let o = l.offset(layer, plane, db, h, t);
-                        for b in 0..l.unit_bytes() {
-                            assert_eq!(
-                                w.buf[(o + b) as usize],
-                                value(layer, plane, sb, g, t, b),
-                                "layer {layer} plane {plane} block {sb}->{db} head {h} token {t}"
-                            );
-                        }
+/// Calls `f(byte index, value of that byte given the source block)` for every byte of
+/// `block` of `l`.
+pub fn each(l: &KvLayout, block: u32, mut f: impl FnMut(usize, &dyn Fn(u32) -> u8)) {
+    for layer in 0..l.layers {
+        for plane in 0..l.kv_planes() {
+            for h in 0..l.heads() {
+                let g = match l.kind {
+                    KvKind::Mla => 0,
+                    KvKind::Split => l.tp_rank * l.heads() + h,
+                };
+                for t in 0..l.tokens_per_block {
+                    let o = l.offset(layer, plane, block, h, t);
+                    for b in 0..l.unit_bytes() {
+                        f((o + b) as usize, &|src| value(layer, plane, src, g, t, b));
                     }
                 }
             }
         }
+    }
+}
+
+/// Checks that decode blocks `mapping[i].1` of `w` hold prefill blocks `mapping[i].0`.
+pub fn check(w: &Worker, mapping: &[(u32, u32)]) {
+    for &(sb, db) in mapping {
+        each(&w.layout, db, |i, v| {
+            assert_eq!(w.buf[i], v(sb), "byte {i} of decode block {db} (from {sb})")
+        });
     }
 }
