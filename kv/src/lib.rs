@@ -6,6 +6,8 @@
 //!   the byte runs to move (heterogeneous tensor parallelism and MLA included), contiguous runs
 //!   merged; unsupported combinations refused with the reason.
 //! - [`descs`]: the runs as descriptor lists for [`nixl_core::Agent::create_xfer`].
+//! - [`events`]: KV events (stored/removed/cleared, monotonic ids, "since N", "all blocks")
+//!   and the chained xxh3-64 block hashes of Dynamo's router.
 //! - [`handoff`]: the pull handoff between a prefill and a decode agent, with a lease and one
 //!   terminal outcome on both sides.
 //!
@@ -24,6 +26,7 @@
 //! assert!(runs.iter().all(|r| r.src_rank == 0));
 //! ```
 
+pub mod events;
 pub mod handoff;
 pub mod layout;
 pub mod plan;
