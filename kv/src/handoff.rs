@@ -1,6 +1,15 @@
-//! The pull handoff: prefill offers a request's blocks under a lease, decode READs them and
-//! the READ's own notification (delivered after the data) confirms, so prefill frees the
-//! blocks exactly once, and never while the READ may still run.
+//! Handoffs between a prefill and a decode worker, each ending in one terminal outcome on both
+//! sides within bounded time.
+//!
+//! Pull: prefill offers a request's blocks under a lease, decode READs them and the READ's own
+//! notification (delivered after the data) confirms, so prefill frees the blocks exactly once,
+//! and never while the READ may still run.
+//!
+//! Push: decode reserves blocks ([`DecodeSide::reserve`], under a lease), every prefill rank
+//! that holds some of its heads WRITEs its share ([`PrefillSide::push`]) with the request's
+//! `Done` as the WRITE's notification (after the data); decode reports the blocks landed when
+//! every writer's `Done` came, and never reports them free while a WRITE may still land (an
+//! abort waits for the writers' acknowledgement, an expiry for one more lease).
 //!
 //! Messages travel as nixl notifications ([`nixl_core::Agent::send_notif`]), versioned and
 //! bounded ([`Msg::decode`] checks every field of a peer's message). The sides:
@@ -34,6 +43,8 @@ pub const MAX_REQUEST_ID: usize = 256;
 pub const MAX_HANDOFF_BLOCKS: usize = 100_000;
 /// Longest reason in an abort.
 pub const MAX_REASON: usize = 512;
+/// First push handoff id (decode-chosen); pull ids (prefill-chosen) stay below it.
+pub const PUSH_ID_BASE: u64 = 1 << 63;
 /// Longest lease a peer may ask for.
 pub const MAX_LEASE: Duration = Duration::from_secs(600);
 
@@ -70,6 +81,18 @@ pub enum Msg {
         /// Handoff id.
         id: u64,
     },
+    /// Decode → prefill (push): decode reserved `blocks` for `request` until the lease ends;
+    /// prefill WRITEs into them, its WRITE's notification (`Done`) confirms.
+    Reserve {
+        /// Handoff id (chosen by decode, unique per decode agent).
+        id: u64,
+        /// The engine's request id.
+        request: String,
+        /// Decode block indices, in token order.
+        blocks: Vec<u32>,
+        /// Lease, milliseconds.
+        lease_ms: u32,
+    },
 }
 
 impl Msg {
@@ -86,8 +109,18 @@ impl Msg {
                 request,
                 blocks,
                 lease_ms,
+            }
+            | Msg::Reserve {
+                id,
+                request,
+                blocks,
+                lease_ms,
             } => {
-                b.push(1);
+                b.push(if matches!(self, Msg::Ready { .. }) {
+                    1
+                } else {
+                    5
+                });
                 b.extend_from_slice(&id.to_le_bytes());
                 s(&mut b, request);
                 b.extend_from_slice(&lease_ms.to_le_bytes());
@@ -127,7 +160,7 @@ impl Msg {
         let t = r.u8()?;
         let id = r.u64()?;
         let m = match t {
-            1 => {
+            1 | 5 => {
                 let request = r.str(MAX_REQUEST_ID)?;
                 let lease_ms = r.u32()?;
                 if lease_ms == 0 || Duration::from_millis(lease_ms.into()) > MAX_LEASE {
@@ -141,11 +174,20 @@ impl Msg {
                 for _ in 0..n {
                     blocks.push(r.u32()?);
                 }
-                Msg::Ready {
-                    id,
-                    request,
-                    blocks,
-                    lease_ms,
+                if t == 1 {
+                    Msg::Ready {
+                        id,
+                        request,
+                        blocks,
+                        lease_ms,
+                    }
+                } else {
+                    Msg::Reserve {
+                        id,
+                        request,
+                        blocks,
+                        lease_ms,
+                    }
                 }
             }
             2 => Msg::Done {
@@ -236,12 +278,39 @@ struct Held {
     free_at: Option<(Instant, Outcome)>,
 }
 
-/// The prefill side of pull handoffs on one agent.
+/// A push reservation received by the prefill side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// The decode agent.
+    pub from: String,
+    /// Handoff id (decode's).
+    pub id: u64,
+    /// Request id.
+    pub request: String,
+    /// Decode block indices reserved.
+    pub blocks: Vec<u32>,
+    /// Lease.
+    pub lease: Duration,
+}
+
+#[derive(Debug)]
+struct Push {
+    request: String,
+    blocks: Vec<u32>,
+    reqs: Vec<XferRequest>,
+}
+
+/// The prefill side of handoffs on one agent: pull (offers under a lease) and push (WRITEs
+/// into blocks decode reserved).
 #[derive(Debug)]
 pub struct PrefillSide<'a> {
     agent: &'a Agent,
     next: u64,
     held: HashMap<u64, Held>,
+    /// Push: per decode peer, its layout, this worker's TP group's layouts and its rank.
+    decode: HashMap<String, (KvLayout, Vec<KvLayout>, u32)>,
+    reservations: Vec<Reservation>,
+    pushes: HashMap<(String, u64), Push>,
 }
 
 impl<'a> PrefillSide<'a> {
@@ -251,7 +320,106 @@ impl<'a> PrefillSide<'a> {
             agent,
             next: 1,
             held: HashMap::new(),
+            decode: HashMap::new(),
+            reservations: Vec::new(),
+            pushes: HashMap::new(),
         }
+    }
+
+    /// Accepts push reservations from `peer` (a decode rank with `layout`); this worker is
+    /// rank `rank` of the prefill group `group`. Refused with the reason if the layouts cannot
+    /// hand KV over.
+    pub fn add_decode(
+        &mut self,
+        peer: &str,
+        layout: KvLayout,
+        group: Vec<KvLayout>,
+        rank: u32,
+    ) -> Result<()> {
+        crate::check_compatible(&group, &layout)?;
+        if rank as usize >= group.len() {
+            return Err(KvError::Incompatible(format!(
+                "rank {rank} of a group of {}",
+                group.len()
+            )));
+        }
+        self.decode.insert(peer.to_owned(), (layout, group, rank));
+        Ok(())
+    }
+
+    /// Push reservations received and not yet taken.
+    pub fn reservations_pending(&self) -> usize {
+        self.reservations.len()
+    }
+
+    /// Push reservations received by [`PrefillSide::poll`] and not yet taken.
+    pub fn take_reservations(&mut self) -> Vec<Reservation> {
+        std::mem::take(&mut self.reservations)
+    }
+
+    /// WRITEs this rank's share of prefill blocks `src` into the reservation's blocks, with a
+    /// deadline inside its lease; the WRITE's notification (after the data) tells decode.
+    /// [`PrefillSide::poll`] reports the source blocks free when the WRITE has ended.
+    pub fn push(&mut self, res: &Reservation, src: &[u32]) -> Result<()> {
+        let r = self.start_push(res, src);
+        if let Err(e) = &r {
+            let msg = abort(res.id, &format!("prefill could not push: {e}"));
+            let _ = self.agent.send_notif(&res.from, &msg);
+        }
+        r
+    }
+
+    fn start_push(&mut self, res: &Reservation, src: &[u32]) -> Result<()> {
+        let (decode, group, rank) = self
+            .decode
+            .get(&res.from)
+            .ok_or_else(|| KvError::Incompatible(format!("no layout for decode {}", res.from)))?;
+        if src.len() != res.blocks.len() {
+            return Err(KvError::Mapping(format!(
+                "{} prefill blocks for {} reserved",
+                src.len(),
+                res.blocks.len()
+            )));
+        }
+        let mapping: Vec<(u32, u32)> = src
+            .iter()
+            .copied()
+            .zip(res.blocks.iter().copied())
+            .collect();
+        let runs = plan(group, decode, &mapping)?;
+        let (remote, local) = descs(&runs, *rank, &group[*rank as usize], decode, MemKind::Dram)?;
+        let deadline = res.lease.saturating_sub(res.lease / 5);
+        let done = Msg::Done {
+            id: res.id,
+            request: res.request.clone(),
+        };
+        let mut reqs = Vec::new();
+        if local.is_empty() {
+            self.agent.send_notif(&res.from, &done.encode())?;
+        } else {
+            let x = self.agent.create_xfer(
+                XferOp::Write,
+                &local,
+                &remote,
+                &res.from,
+                XferOptions {
+                    notif: Some(done.encode()),
+                    deadline: Some(deadline),
+                    ..XferOptions::default()
+                },
+            )?;
+            x.post()?;
+            reqs.push(x);
+        }
+        self.pushes.insert(
+            (res.from.clone(), res.id),
+            Push {
+                request: res.request.clone(),
+                blocks: src.to_vec(),
+                reqs,
+            },
+        );
+        Ok(())
     }
 
     /// Offers `blocks` of `request` to `decode` under `lease`; returns the handoff id. The
@@ -263,17 +431,7 @@ impl<'a> PrefillSide<'a> {
         blocks: &[u32],
         lease: Duration,
     ) -> Result<u64> {
-        if request.len() > MAX_REQUEST_ID || blocks.is_empty() || blocks.len() > MAX_HANDOFF_BLOCKS
-        {
-            return Err(KvError::Protocol(format!(
-                "request id of at most {MAX_REQUEST_ID} bytes and 1..={MAX_HANDOFF_BLOCKS} blocks"
-            )));
-        }
-        if lease.is_zero() || lease > MAX_LEASE {
-            return Err(KvError::Protocol(format!(
-                "lease {lease:?} not in (0, {MAX_LEASE:?}]"
-            )));
-        }
+        check_handoff(request, blocks, lease)?;
         let id = self.next;
         self.next += 1;
         let msg = Msg::Ready {
@@ -302,11 +460,8 @@ impl<'a> PrefillSide<'a> {
     pub fn cancel(&mut self, id: u64, reason: &str) {
         if let Some(h) = self.held.get_mut(&id) {
             if h.free_at.is_none() {
-                let msg = Msg::Abort {
-                    id,
-                    reason: reason.chars().take(MAX_REASON / 4).collect(),
-                };
-                let _ = self.agent.send_notif(&h.peer, &msg.encode());
+                let msg = abort(id, reason);
+                let _ = self.agent.send_notif(&h.peer, &msg);
                 h.free_at = Some((
                     Instant::now() + h.lease,
                     Outcome::Cancelled(format!("cancelled by prefill: {reason}")),
@@ -334,8 +489,56 @@ impl<'a> PrefillSide<'a> {
                 Some(Err(_)) => continue, // malformed: nothing to act on
                 Some(Ok(m)) => m,
             };
-            let id = match &msg {
-                Msg::Done { id, .. } | Msg::Abort { id, .. } | Msg::Renew { id } => *id,
+            let id = match msg {
+                Msg::Reserve {
+                    id,
+                    request,
+                    blocks,
+                    lease_ms,
+                } => {
+                    if self.decode.contains_key(&n.from) {
+                        self.reservations.push(Reservation {
+                            from: n.from,
+                            id,
+                            request,
+                            blocks,
+                            lease: Duration::from_millis(lease_ms.into()),
+                        });
+                    }
+                    continue;
+                }
+                Msg::Abort { id, .. }
+                    if self
+                        .reservations
+                        .iter()
+                        .any(|r| r.id == id && r.from == n.from) =>
+                {
+                    // A reservation not pushed yet: nothing writes; acknowledge.
+                    self.reservations
+                        .retain(|r| !(r.id == id && r.from == n.from));
+                    let ack = abort(id, "acknowledged");
+                    let _ = self.agent.send_notif(&n.from, &ack);
+                    continue;
+                }
+                Msg::Abort { id, ref reason }
+                    if self.pushes.contains_key(&(n.from.clone(), id)) =>
+                {
+                    let p = self.pushes.remove(&(n.from.clone(), id)).expect("present");
+                    for x in &p.reqs {
+                        x.release();
+                    }
+                    // Acknowledge: our WRITE has let go of decode's blocks.
+                    let ack = abort(id, "acknowledged");
+                    let _ = self.agent.send_notif(&n.from, &ack);
+                    freed.push(Freed {
+                        id,
+                        request: p.request,
+                        blocks: p.blocks,
+                        outcome: Outcome::Cancelled(format!("cancelled by decode: {reason}")),
+                    });
+                    continue;
+                }
+                Msg::Done { id, .. } | Msg::Abort { id, .. } | Msg::Renew { id } => id,
                 Msg::Ready { .. } => continue,
             };
             // Only the decode peer the handoff was offered to may act on it.
@@ -364,17 +567,42 @@ impl<'a> PrefillSide<'a> {
                 outcome,
             });
         }
+        let mut done_pushes = Vec::new();
+        for (key, p) in &self.pushes {
+            let st: Vec<XferStatus> = p.reqs.iter().map(|x| x.status()).collect();
+            if let Some(bad) = st
+                .iter()
+                .find(|s| s.is_terminal() && !matches!(s, XferStatus::Done))
+            {
+                done_pushes.push((key.clone(), Outcome::Failed(why_failed(bad))));
+            } else if st.iter().all(|s| matches!(s, XferStatus::Done)) {
+                done_pushes.push((key.clone(), Outcome::Done));
+            }
+        }
+        for (key, outcome) in done_pushes {
+            let p = self.pushes.remove(&key).expect("present");
+            if let Outcome::Failed(why) = &outcome {
+                for x in &p.reqs {
+                    x.release();
+                }
+                let msg = abort(key.1, &why);
+                let _ = self.agent.send_notif(&key.0, &msg);
+            }
+            freed.push(Freed {
+                id: key.1,
+                request: p.request,
+                blocks: p.blocks,
+                outcome,
+            });
+        }
         let now = Instant::now();
         let mut ended = Vec::new();
         for (id, h) in self.held.iter_mut() {
             if h.free_at.is_none() && now >= h.expires {
                 // Decode's READ ends within the lease; free one more lease later.
                 h.free_at = Some((now + h.lease, Outcome::Failed("lease expired".into())));
-                let msg = Msg::Abort {
-                    id: *id,
-                    reason: "lease expired".into(),
-                };
-                let _ = self.agent.send_notif(&h.peer, &msg.encode());
+                let msg = abort(*id, "lease expired");
+                let _ = self.agent.send_notif(&h.peer, &msg);
             }
             if matches!(&h.free_at, Some((t, _)) if now >= *t) {
                 ended.push(*id);
@@ -394,6 +622,38 @@ impl<'a> PrefillSide<'a> {
             });
         }
         (freed, other)
+    }
+}
+
+/// An encoded `Abort` (the reason cut to fit [`MAX_REASON`]).
+fn abort(id: u64, reason: &str) -> Vec<u8> {
+    Msg::Abort {
+        id,
+        reason: reason.chars().take(MAX_REASON / 4).collect(),
+    }
+    .encode()
+}
+
+/// The bounds of a handoff this side starts (the same as [`Msg::decode`] applies to a peer's).
+fn check_handoff(request: &str, blocks: &[u32], lease: Duration) -> Result<()> {
+    if request.len() > MAX_REQUEST_ID || blocks.is_empty() || blocks.len() > MAX_HANDOFF_BLOCKS {
+        return Err(KvError::Protocol(format!(
+            "request id of at most {MAX_REQUEST_ID} bytes and 1..={MAX_HANDOFF_BLOCKS} blocks"
+        )));
+    }
+    if lease.is_zero() || lease > MAX_LEASE {
+        return Err(KvError::Protocol(format!(
+            "lease {lease:?} not in (0, {MAX_LEASE:?}]"
+        )));
+    }
+    Ok(())
+}
+
+fn why_failed(st: &XferStatus) -> String {
+    match st {
+        XferStatus::TimedOut => "transfer ran past the lease".to_owned(),
+        XferStatus::Failed(e) => format!("transfer failed: {e}"),
+        _ => "transfer cancelled".to_owned(),
     }
 }
 
@@ -450,6 +710,21 @@ pub struct DecodeSide<'a> {
     pulls: HashMap<(String, u64), Pull>,
     /// Offers seen and not yet pulled: (from, id) -> lease end.
     offered: HashMap<(String, u64), Instant>,
+    /// Push reservations by id (decode's).
+    reserved: HashMap<u64, Reserved>,
+    next: u64,
+}
+
+#[derive(Debug)]
+struct Reserved {
+    request: String,
+    blocks: Vec<u32>,
+    lease: Duration,
+    expires: Instant,
+    /// Writers whose `Done` has not come yet.
+    waiting: Vec<String>,
+    /// Set on abort or expiry: freed then, unless every writer acknowledges first.
+    free_at: Option<(Instant, Outcome)>,
 }
 
 impl<'a> DecodeSide<'a> {
@@ -462,7 +737,80 @@ impl<'a> DecodeSide<'a> {
             prefill: HashMap::new(),
             pulls: HashMap::new(),
             offered: HashMap::new(),
+            reserved: HashMap::new(),
+            // Push ids have the top bit set, pull ids (prefill's) do not: a message naming an
+            // id can never be taken for the other kind of handoff.
+            next: PUSH_ID_BASE,
         })
+    }
+
+    /// Push: reserves `blocks` of this rank for `request` and asks the prefill group of
+    /// `prefill` (added with [`DecodeSide::add_prefill`]) to WRITE into them within `lease`.
+    /// [`DecodeSide::poll`] reports `Ended` once every writing rank's data has landed (or why
+    /// not); the blocks are never reported free while a WRITE may still land in them.
+    pub fn reserve(
+        &mut self,
+        prefill: &str,
+        request: &str,
+        blocks: &[u32],
+        lease: Duration,
+    ) -> Result<u64> {
+        check_handoff(request, blocks, lease)?;
+        let (layouts, agents) = self
+            .prefill
+            .get(prefill)
+            .ok_or_else(|| KvError::Incompatible(format!("no layouts for prefill {prefill}")))?;
+        // The ranks that hold this rank's heads (independent of which blocks).
+        let writers: std::collections::BTreeSet<u32> =
+            plan(layouts, &self.layout, &[(0, blocks[0])])?
+                .iter()
+                .map(|r| r.src_rank)
+                .collect();
+        let waiting: Vec<String> = writers
+            .iter()
+            .map(|&r| agents[r as usize].clone())
+            .collect();
+        let id = self.next;
+        self.next += 1;
+        let msg = Msg::Reserve {
+            id,
+            request: request.to_owned(),
+            blocks: blocks.to_vec(),
+            lease_ms: lease.as_millis() as u32,
+        }
+        .encode();
+        for w in &waiting {
+            self.agent.send_notif(w, &msg)?;
+        }
+        self.reserved.insert(
+            id,
+            Reserved {
+                request: request.to_owned(),
+                blocks: blocks.to_vec(),
+                lease,
+                expires: Instant::now() + lease,
+                waiting,
+                free_at: None,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Aborts a push reservation: the writers are told; the blocks are reported free when
+    /// they acknowledge (their WRITE let go) or a lease from now at the latest.
+    pub fn cancel_reservation(&mut self, id: u64, reason: &str) {
+        if let Some(r) = self.reserved.get_mut(&id) {
+            if r.free_at.is_none() {
+                let msg = abort(id, reason);
+                for w in &r.waiting {
+                    let _ = self.agent.send_notif(w, &msg);
+                }
+                r.free_at = Some((
+                    Instant::now() + r.lease,
+                    Outcome::Cancelled(format!("cancelled by decode: {reason}")),
+                ));
+            }
+        }
     }
 
     /// Accepts the prefill group whose rank 0 agent is `peer` (offers come from it), with the
@@ -496,11 +844,8 @@ impl<'a> DecodeSide<'a> {
         let res = self.start(offer, dst, until);
         if let Err(e) = &res {
             // Nothing runs: tell prefill at once so it frees.
-            let msg = Msg::Abort {
-                id: offer.id,
-                reason: format!("decode could not pull: {e}"),
-            };
-            let _ = self.agent.send_notif(&offer.from, &msg.encode());
+            let msg = abort(offer.id, &format!("decode could not pull: {e}"));
+            let _ = self.agent.send_notif(&offer.from, &msg);
         }
         res
     }
@@ -585,11 +930,8 @@ impl<'a> DecodeSide<'a> {
         for x in p.iter().flat_map(|p| &p.reqs) {
             x.release();
         }
-        let msg = Msg::Abort {
-            id,
-            reason: reason.chars().take(MAX_REASON / 4).collect(),
-        };
-        let _ = self.agent.send_notif(from, &msg.encode());
+        let msg = abort(id, reason);
+        let _ = self.agent.send_notif(from, &msg);
         p.map(|p| DecodeEvent::Ended {
             id,
             request: p.request,
@@ -628,26 +970,46 @@ impl<'a> DecodeSide<'a> {
                         }));
                     }
                 }
+                Some(Ok(Msg::Done { id, .. })) => {
+                    if let Some(r) = self.reserved.get_mut(&id) {
+                        r.waiting.retain(|w| *w != n.from);
+                    }
+                }
+                Some(Ok(Msg::Abort { id, reason }))
+                    if self
+                        .reserved
+                        .get(&id)
+                        .is_some_and(|r| r.waiting.contains(&n.from)) =>
+                {
+                    let r = self.reserved.get_mut(&id).expect("present");
+                    r.waiting.retain(|w| *w != n.from);
+                    if r.free_at.is_none() {
+                        // A writer gave up: the others are told, and the handoff fails once
+                        // they have let go too.
+                        let msg = abort(id, "another rank aborted");
+                        for w in &r.waiting {
+                            let _ = self.agent.send_notif(w, &msg);
+                        }
+                        r.free_at = Some((
+                            Instant::now() + r.lease,
+                            Outcome::Cancelled(format!("cancelled by prefill: {reason}")),
+                        ));
+                    }
+                }
                 Some(Ok(Msg::Abort { id, reason })) => {
                     let key = (n.from.clone(), id);
                     if self.offered.remove(&key).is_some() {
                         // An offer not pulled: nothing reads; acknowledge so prefill frees.
-                        let ack = Msg::Abort {
-                            id,
-                            reason: "acknowledged".into(),
-                        };
-                        let _ = self.agent.send_notif(&n.from, &ack.encode());
+                        let ack = abort(id, "acknowledged");
+                        let _ = self.agent.send_notif(&n.from, &ack);
                     }
                     if let Some(p) = self.pulls.remove(&key) {
                         for x in &p.reqs {
                             x.release();
                         }
                         // Acknowledge: our READ has let go.
-                        let ack = Msg::Abort {
-                            id,
-                            reason: "acknowledged".into(),
-                        };
-                        let _ = self.agent.send_notif(&n.from, &ack.encode());
+                        let ack = abort(id, "acknowledged");
+                        let _ = self.agent.send_notif(&n.from, &ack);
                         ev.push(DecodeEvent::Ended {
                             id,
                             request: p.request,
@@ -658,6 +1020,36 @@ impl<'a> DecodeSide<'a> {
                 }
                 Some(Ok(_)) => {}
             }
+        }
+        let now = Instant::now();
+        let mut over = Vec::new();
+        for (id, r) in self.reserved.iter_mut() {
+            if r.free_at.is_none() && now >= r.expires && !r.waiting.is_empty() {
+                let msg = abort(*id, "lease expired");
+                for w in &r.waiting {
+                    let _ = self.agent.send_notif(w, &msg);
+                }
+                // Writers' deadlines end within the lease; free one more lease later.
+                r.free_at = Some((now + r.lease, Outcome::Failed("lease expired".into())));
+            }
+            let outcome = match &r.free_at {
+                None if r.waiting.is_empty() => Some(Outcome::Done),
+                Some((_, o)) if r.waiting.is_empty() => Some(o.clone()),
+                Some((t, o)) if now >= *t => Some(o.clone()),
+                _ => None,
+            };
+            if let Some(o) = outcome {
+                over.push((*id, o));
+            }
+        }
+        for (id, outcome) in over {
+            let r = self.reserved.remove(&id).expect("present");
+            ev.push(DecodeEvent::Ended {
+                id,
+                request: r.request,
+                blocks: r.blocks,
+                outcome,
+            });
         }
         let mut ended = Vec::new();
         for (key, p) in &self.pulls {
@@ -692,11 +1084,8 @@ impl<'a> DecodeSide<'a> {
                     for x in &p.reqs {
                         x.release();
                     }
-                    let msg = Msg::Abort {
-                        id: key.1,
-                        reason: why.clone(),
-                    };
-                    let _ = self.agent.send_notif(&p.from, &msg.encode());
+                    let msg = abort(key.1, &why);
+                    let _ = self.agent.send_notif(&p.from, &msg);
                 }
             }
             ev.push(DecodeEvent::Ended {

@@ -239,6 +239,7 @@ proptest! {
             Msg::Done { id, request: req.clone() },
             Msg::Abort { id, reason: req.clone() },
             Msg::Renew { id },
+            Msg::Reserve { id, request: req.clone(), blocks: blocks.clone(), lease_ms: lease },
         ] {
             let b = m.encode();
             prop_assert_eq!(Msg::decode(&b).unwrap().unwrap(), m);
@@ -250,4 +251,128 @@ proptest! {
         g.extend(garbage);
         let _ = Msg::decode(&g);
     }
+}
+
+/// Push from a prefill group of `ptp` ranks into one decode rank; returns the workers.
+fn push_setup(ptp: u32) -> (Vec<Worker>, Worker) {
+    let ps: Vec<Worker> = (0..ptp)
+        .map(|r| worker(&format!("prefill-{r}"), shape(r, ptp), true))
+        .collect();
+    let d = worker("decode", shape(0, 1), false);
+    for p in &ps {
+        p.agent.load_remote(&d.agent.metadata_bytes()).unwrap();
+        d.agent.load_remote(&p.agent.metadata_bytes()).unwrap();
+    }
+    (ps, d)
+}
+
+#[test]
+fn push_tp_2_to_1_lands_every_byte_on_both_sides() {
+    let (ps, d) = push_setup(2);
+    let group: Vec<KvLayout> = ps.iter().map(|w| w.layout).collect();
+    let mut pres: Vec<PrefillSide<'_>> = ps
+        .iter()
+        .enumerate()
+        .map(|(r, w)| {
+            let mut s = PrefillSide::new(&w.agent);
+            s.add_decode("decode", d.layout, group.clone(), r as u32)
+                .unwrap();
+            s
+        })
+        .collect();
+    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
+    dec.add_prefill(
+        "prefill-0",
+        group.clone(),
+        vec!["prefill-0".into(), "prefill-1".into()],
+    )
+    .unwrap();
+    let id = dec
+        .reserve("prefill-0", "req-9", &[5, 6], Duration::from_secs(5))
+        .unwrap();
+    assert!(id >= PUSH_ID_BASE);
+    let t = Instant::now();
+    let (mut freed, mut ended) = (Vec::new(), Vec::new());
+    while ended.is_empty() || freed.len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(5), "{freed:?} {ended:?}");
+        for p in pres.iter_mut() {
+            let (f, _) = p.poll();
+            freed.extend(f);
+            for r in p.take_reservations() {
+                assert_eq!((r.id, r.request.as_str()), (id, "req-9"));
+                p.push(&r, &[2, 11]).unwrap();
+            }
+        }
+        ended.extend(dec.poll().0);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        freed
+            .iter()
+            .all(|f| f.outcome == Outcome::Done && f.blocks == [2, 11]),
+        "{freed:?}"
+    );
+    assert!(
+        matches!(&ended[0], DecodeEvent::Ended { outcome: Outcome::Done, blocks, .. } if blocks == &[5, 6]),
+        "{ended:?}"
+    );
+    check(&d, &[(2, 5), (11, 6)]);
+}
+
+#[test]
+fn push_reservation_expires_when_prefill_never_writes() {
+    let (ps, d) = push_setup(1);
+    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
+    dec.add_prefill("prefill-0", vec![ps[0].layout], vec!["prefill-0".into()])
+        .unwrap();
+    let lease = Duration::from_millis(150);
+    let t = Instant::now();
+    dec.reserve("prefill-0", "r", &[1], lease).unwrap();
+    // Prefill is gone (killed): decode frees after the lease and one more, not before.
+    drop(ps);
+    let mut ev = Vec::new();
+    while ev.is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        ev = dec.poll().0;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(t.elapsed() >= 2 * lease, "{:?}", t.elapsed());
+    assert!(
+        matches!(&ev[0], DecodeEvent::Ended { outcome: Outcome::Failed(w), .. } if w == "lease expired"),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn push_reservation_cancelled_before_the_write_is_acknowledged() {
+    let (ps, d) = push_setup(1);
+    let mut pre = PrefillSide::new(&ps[0].agent);
+    pre.add_decode("decode", d.layout, vec![ps[0].layout], 0)
+        .unwrap();
+    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
+    dec.add_prefill("prefill-0", vec![ps[0].layout], vec!["prefill-0".into()])
+        .unwrap();
+    let id = dec
+        .reserve("prefill-0", "r", &[1], Duration::from_secs(30))
+        .unwrap();
+    let t = Instant::now();
+    while pre.reservations_pending() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        pre.poll();
+    }
+    dec.cancel_reservation(id, "client went away");
+    let mut ev = Vec::new();
+    while ev.is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(2), "not acknowledged");
+        pre.poll();
+        ev = dec.poll().0;
+    }
+    assert!(
+        matches!(&ev[0], DecodeEvent::Ended { outcome: Outcome::Cancelled(w), .. } if w.contains("client went away")),
+        "{ev:?}"
+    );
+    assert!(
+        pre.take_reservations().is_empty(),
+        "the reservation is gone on prefill"
+    );
 }
