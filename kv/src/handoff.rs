@@ -585,7 +585,7 @@ impl<'a> PrefillSide<'a> {
                 for x in &p.reqs {
                     x.release();
                 }
-                let msg = abort(key.1, &why);
+                let msg = abort(key.1, why);
                 let _ = self.agent.send_notif(&key.0, &msg);
             }
             freed.push(Freed {
@@ -1084,7 +1084,7 @@ impl<'a> DecodeSide<'a> {
                     for x in &p.reqs {
                         x.release();
                     }
-                    let msg = abort(key.1, &why);
+                    let msg = abort(key.1, why);
                     let _ = self.agent.send_notif(&p.from, &msg);
                 }
             }
