@@ -25,6 +25,10 @@
 //! The prefill side frees after an abort or an expiry only when the decode side cannot be
 //! reading any more: on decode's abort (sent after its READ let go), or a grace period (one
 //! more lease) after the lease ran out, since decode's READ deadline ends within the lease.
+//! Limitation: a pull from a prefill group of several ranks holds the lease on the offering
+//! agent (rank 0) only; the other ranks' blocks must be kept by the engine until rank 0's
+//! `Freed`. Push has no such gap (each writing rank tracks its own WRITE).
+//!
 //! The agent's notifications are taken by the side (it owns the agent's notification queue);
 //! notifications that are not KV messages are returned by `poll` in `other`.
 
