@@ -399,3 +399,48 @@ fn object_rows_against_moto_next_to_plain_http() {
         );
     }
 }
+
+#[test]
+fn prepped_and_stride_rows_report_create_time() {
+    for (mode, flag) in [
+        ("plain", None),
+        ("prepped", Some("--prepped")),
+        ("stride", Some("--stride")),
+    ] {
+        let mut args = vec![
+            "--backend",
+            "shm",
+            "--op",
+            "read",
+            "--block-sizes",
+            "4KiB",
+            "--batch",
+            "2000",
+            "--iters",
+            "3",
+            "--json",
+        ];
+        args.extend(flag);
+        let r = rows(&args);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0]["mode"], mode, "{}", r[0]);
+        assert_eq!(r[0]["backend"], "shm", "{}", r[0]);
+        assert!(f(&r[0], "create_us") > 0.0, "{}", r[0]);
+        assert!(f(&r[0], "gbps") > 0.0, "{}", r[0]);
+    }
+    // --verify checks whole parts: refused with these modes, with the reason.
+    let out = run(&[
+        "--backend",
+        "local",
+        "--prepped",
+        "--verify",
+        "--iters",
+        "1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--verify"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -20,6 +20,10 @@ use crate::metadata::{AgentMetadata, BackendInfo, RegionInfo, MAX_NAME_BYTES};
 use crate::region::{AccessGate, Region};
 use crate::xfer::{Choice, Telemetry, Watchdog, XferInfo, XferOp, XferRequest};
 
+#[path = "prepped.rs"]
+mod prepped;
+pub use prepped::PreppedList;
+
 /// How long deregistration waits for transfers that still hold a region.
 pub const DEREGISTER_PATIENCE: Duration = Duration::from_secs(60);
 
@@ -930,12 +934,37 @@ impl Agent {
             .iter()
             .map(|&i| p.md.regions[i].clone())
             .collect();
-
-        let (backend, reason) = match self.select(
+        self.finish_xfer(
             &p,
             op,
-            local,
-            remote,
+            (local.kind(), remote.kind()),
+            segments,
+            local_regions,
+            remote_regions,
+            opts,
+        )
+    }
+
+    /// The second half of creating a request, once its segments are resolved: chooses the
+    /// backend (or the staged path) and prepares the plan.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_xfer(
+        &self,
+        p: &Arc<PeerState>,
+        op: XferOp,
+        (local_kind, remote_kind): (MemKind, MemKind),
+        segments: Vec<Segment>,
+        local_regions: Vec<Arc<Region>>,
+        remote_regions: Vec<RegionInfo>,
+        opts: XferOptions,
+    ) -> Result<XferRequest> {
+        let peer = &*p.name;
+        let descs = segments.len();
+        let (backend, reason) = match self.select(
+            p,
+            op,
+            local_kind,
+            remote_kind,
             &local_regions,
             &remote_regions,
             &opts,
@@ -948,9 +977,9 @@ impl Agent {
                 reason,
             }) => {
                 return match self.create_staged(
-                    &p,
+                    p,
                     op,
-                    remote,
+                    remote_kind,
                     segments,
                     local_regions,
                     remote_regions,
@@ -975,12 +1004,12 @@ impl Agent {
             Err(e) => return Err(e),
         };
         tracing::debug!(agent = %self.inner.name, peer, backend = %backend.name(), op = op.as_str(),
-            descs = local.len(), "backend {}: {reason}", backend.name());
-        let conn = self.connection(&p, backend)?;
+            descs, "backend {}: {reason}", backend.name());
+        let conn = self.connection(p, backend)?;
         let plan = XferPlan {
             op,
-            local_kind: local.kind(),
-            remote_kind: remote.kind(),
+            local_kind,
+            remote_kind,
             segments,
             local_regions: local_regions.clone(),
             remote_regions,
@@ -997,7 +1026,7 @@ impl Agent {
                 backend: backend.name(),
                 peer: Arc::clone(&p.name),
                 bytes,
-                descs: local.len(),
+                descs,
                 reason,
                 staged: None,
             },
@@ -1014,7 +1043,7 @@ impl Agent {
         &self,
         p: &Arc<PeerState>,
         op: XferOp,
-        remote: &DescList,
+        remote_kind: MemKind,
         segments: Vec<Segment>,
         local_regions: Vec<Arc<Region>>,
         remote_regions: Vec<RegionInfo>,
@@ -1032,7 +1061,7 @@ impl Agent {
             stager,
             p,
             op,
-            remote,
+            remote_kind,
             segments,
             local_regions,
             remote_regions,
@@ -1047,7 +1076,7 @@ impl Agent {
         stager: Arc<dyn crate::staging::Stager>,
         p: &Arc<PeerState>,
         op: XferOp,
-        remote: &DescList,
+        remote_kind: MemKind,
         segments: Vec<Segment>,
         mut local_regions: Vec<Arc<Region>>,
         remote_regions: Vec<RegionInfo>,
@@ -1107,15 +1136,13 @@ impl Agent {
                 off += n;
             }
         }
-        let bounce_list = DescList::from_descs(MemKind::Dram, vec![bounce.region.desc])
-            .map_err(|e| e.to_string())?;
         let bounce_regions = [Arc::clone(&bounce.region)];
         let (backend, _) = self
             .select(
                 p,
                 op,
-                &bounce_list,
-                remote,
+                MemKind::Dram,
+                remote_kind,
                 &bounce_regions,
                 &remote_regions,
                 opts,
@@ -1135,7 +1162,7 @@ impl Agent {
             let plan = XferPlan {
                 op,
                 local_kind: MemKind::Dram,
-                remote_kind: remote.kind(),
+                remote_kind,
                 segments: pieces
                     .iter()
                     .map(|(s, h)| Segment {
@@ -1214,8 +1241,8 @@ impl Agent {
         &'a self,
         p: &PeerState,
         _op: XferOp,
-        local: &DescList,
-        remote: &DescList,
+        local_kind: MemKind,
+        remote_kind: MemKind,
         local_regions: &[Arc<Region>],
         remote_regions: &[RegionInfo],
         opts: &XferOptions,
@@ -1228,10 +1255,10 @@ impl Agent {
         for b in candidates {
             let n = b.name();
             let caps = b.caps();
-            let reject = if !caps.local_kinds.contains(&local.kind()) {
-                Some(format!("does not move local {}", local.kind()))
-            } else if !caps.remote_kinds.contains(&remote.kind()) {
-                Some(format!("does not move remote {}", remote.kind()))
+            let reject = if !caps.local_kinds.contains(&local_kind) {
+                Some(format!("does not move local {}", local_kind))
+            } else if !caps.remote_kinds.contains(&remote_kind) {
+                Some(format!("does not move remote {}", remote_kind))
             } else if opts.notif.is_some() && !caps.notifications {
                 Some("carries no notifications".into())
             } else if let Some(r) = local_regions.iter().find(|r| !r.has_backend(n)) {
@@ -1270,8 +1297,8 @@ impl Agent {
         }
         Err(Error::NoBackend {
             peer: p.md.name.clone(),
-            local_kind: local.kind(),
-            remote_kind: remote.kind(),
+            local_kind,
+            remote_kind,
             reason: why_not.trim().to_owned(),
         })
     }

@@ -23,13 +23,15 @@ pub mod region;
 pub mod staging;
 pub mod xfer;
 
-pub use agent::{random_u64, Agent, AgentBuilder, BackendState, Registration, XferOptions};
+pub use agent::{
+    random_u64, Agent, AgentBuilder, BackendState, PreppedList, Registration, XferOptions,
+};
 pub use backend::{
     Backend, BackendName, Caps, Connection, Locality, NotifRefused, Notification, PeerInfo,
     PreparedXfer, Segment, TargetHandle, XferPlan, DEFAULT_NOTIF_QUEUE_BYTES, MAX_NOTIF_BYTES,
 };
 pub use error::{Error, ErrorClass, Result};
-pub use mem::{Desc, DescList, MemKind};
+pub use mem::{Desc, DescList, MemKind, Strided, MAX_STRIDED_COUNT};
 pub use metadata::{AgentMetadata, DecodeError};
 pub use region::{AccessDenied, Region, RegionAccess};
 pub use staging::{HostBuffer, Stager};

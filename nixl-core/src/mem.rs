@@ -180,6 +180,86 @@ impl DescList {
     }
 }
 
+/// Most descriptors one [`Strided`] may stand for (and one prepared list may hold): 2^24.
+pub const MAX_STRIDED_COUNT: u64 = 1 << 24;
+
+/// A regular run of equal descriptors: `count` pieces of `len` bytes, the `i`-th at
+/// `addr + i·stride` (NIXL's strided descriptors). One KV block of every layer, or every block
+/// of a layer, is one `Strided` instead of thousands of descriptors.
+///
+/// ```
+/// use nixl_core::{Desc, DescList, MemKind, Strided};
+/// let mut list = DescList::new(MemKind::Dram);
+/// list.push_strided(Strided { addr: 0x1000, stride: 256, count: 3, len: 64, dev_id: 0 }).unwrap();
+/// assert_eq!(list.descs()[2], Desc::new(0x1000 + 512, 64, 0));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Strided {
+    /// Address (or offset) of the first piece.
+    pub addr: u64,
+    /// Distance between the starts of consecutive pieces (0: the same piece repeated).
+    pub stride: u64,
+    /// Number of pieces, 1 to [`MAX_STRIDED_COUNT`].
+    pub count: u64,
+    /// Bytes per piece (non-zero).
+    pub len: u64,
+    /// Device id of every piece.
+    pub dev_id: u64,
+}
+
+impl Strided {
+    /// The smallest descriptor covering every piece, or an error if the run is empty, too long,
+    /// or overflows the address space.
+    pub fn span(&self) -> Result<Desc> {
+        let bad = |reason: String| Error::InvalidDesc { index: 0, reason };
+        if self.count == 0 || self.count > MAX_STRIDED_COUNT {
+            return Err(bad(format!(
+                "strided count {} is not in 1..={MAX_STRIDED_COUNT}",
+                self.count
+            )));
+        }
+        if self.len == 0 {
+            return Err(bad("zero-length strided pieces".into()));
+        }
+        let end = self
+            .stride
+            .checked_mul(self.count - 1)
+            .and_then(|o| o.checked_add(self.addr))
+            .and_then(|a| a.checked_add(self.len))
+            .ok_or_else(|| bad(format!("strided run {self:?} overflows the address space")))?;
+        // The last piece starts at or after the first (stride >= 0), so it ends last.
+        Ok(Desc::new(self.addr, end - self.addr, self.dev_id))
+    }
+
+    /// The pieces, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Desc> + '_ {
+        (0..self.count as usize)
+            .map(move |i| Desc::new(self.addr + i as u64 * self.stride, self.len, self.dev_id))
+    }
+}
+
+impl DescList {
+    /// Appends the pieces of a strided run (checked once for the whole run).
+    pub fn push_strided(&mut self, s: Strided) -> Result<()> {
+        s.span().map_err(|e| match e {
+            Error::InvalidDesc { reason, .. } => Error::InvalidDesc {
+                index: self.descs.len(),
+                reason,
+            },
+            e => e,
+        })?;
+        let total = (self.descs.len() as u64).saturating_add(s.count);
+        if total > MAX_STRIDED_COUNT {
+            return Err(Error::InvalidArgument(format!(
+                "a list of {total} descriptors is over the limit of {MAX_STRIDED_COUNT}"
+            )));
+        }
+        self.descs.reserve(s.count as usize);
+        self.descs.extend(s.iter());
+        Ok(())
+    }
+}
+
 fn check_desc(kind: MemKind, index: usize, d: &Desc) -> Result<()> {
     if d.len == 0 {
         return Err(Error::InvalidDesc {

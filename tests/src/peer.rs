@@ -142,12 +142,15 @@ pub fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                     warmup: 1,
                     seconds: secs.parse()?,
                     backend: None,
+                    mode: BenchMode::Plain,
                 };
                 for o in opts {
                     match o.split_once('=') {
                         Some(("threads", n)) => spec.threads = n.parse()?,
                         Some(("iters", n)) => spec.iters = n.parse()?,
                         Some(("warmup", n)) => spec.warmup = n.parse()?,
+                        Some(("mode", "prepped")) => spec.mode = BenchMode::Prepped,
+                        Some(("mode", "stride")) => spec.mode = BenchMode::Stride,
                         Some(("backend", b)) => {
                             spec.backend = Some(
                                 BackendName::parse(b)
@@ -160,8 +163,8 @@ pub fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
                 let local = Desc::from_mut_slice(buf);
                 match bench(&agent, peer, local, remote, &spec) {
                     Ok(r) => format!(
-                        "ok {:.6} {} {:.2} {:.2} {} {:.9}",
-                        r.gbps, r.posts, r.p50_us, r.p99_us, r.backend, r.seconds
+                        "ok {:.6} {} {:.2} {:.2} {} {:.9} {:.3}",
+                        r.gbps, r.posts, r.p50_us, r.p99_us, r.backend, r.seconds, r.create_us
                     ),
                     Err(BenchError::Unavailable(e)) => format!("unavailable {e}"),
                     Err(BenchError::Invalid(e)) => format!("err invalid 0 {e}"),
@@ -296,6 +299,40 @@ pub struct BenchSpec {
     pub seconds: f64,
     /// The backend to use; `None`: the selection policy chooses.
     pub backend: Option<BackendName>,
+    /// How the requests are made.
+    pub mode: BenchMode,
+}
+
+/// How [`bench()`] makes its requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchMode {
+    /// `create_xfer` from descriptor lists of `batch` adjacent blocks.
+    Plain,
+    /// `create_xfer_prepped` by index from lists of `2·batch` blocks prepared once on each
+    /// side, taking every other block (so nothing merges).
+    Prepped,
+    /// As `Prepped`, each list prepared from one strided run (stride two blocks, indices
+    /// `0..batch`): [`nixl_core::Agent::prep_local_strided`], nothing stored per block.
+    Stride,
+}
+
+impl BenchMode {
+    /// Blocks of the buffers each request spans per block it moves.
+    pub fn spread(self) -> usize {
+        match self {
+            BenchMode::Plain => 1,
+            BenchMode::Prepped | BenchMode::Stride => 2,
+        }
+    }
+
+    /// Name, as in nixl-bench's JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BenchMode::Plain => "plain",
+            BenchMode::Prepped => "prepped",
+            BenchMode::Stride => "stride",
+        }
+    }
 }
 
 /// What [`bench()`] measured.
@@ -313,7 +350,12 @@ pub struct BenchOutcome {
     pub backend: BackendName,
     /// Wall time from the first thread's start to the last thread's end.
     pub seconds: f64,
+    /// Median time to create one request (of thread 0's shape), in µs: [`CREATE_REPS`] tries.
+    pub create_us: f64,
 }
+
+/// Requests [`bench()`] creates (and drops) to time their creation.
+pub const CREATE_REPS: usize = 15;
 
 /// Why [`bench()`] gave no figure.
 #[derive(Debug)]
@@ -351,7 +393,7 @@ pub fn bench(
     remote: Desc,
     spec: &BenchSpec,
 ) -> Result<BenchOutcome, BenchError> {
-    let part = spec.block * spec.batch;
+    let part = spec.block * spec.batch * spec.mode.spread();
     let need = part as u64 * spec.threads as u64;
     if part == 0 || spec.threads == 0 {
         return Err(BenchError::Invalid(
@@ -364,24 +406,79 @@ pub fn bench(
             local.len, remote.len
         )));
     }
-    let descs = |base: Desc, t: usize| {
-        let start = base.addr + (t * part) as u64;
-        let d = (0..spec.batch)
-            .map(|i| Desc::new(start + (i * spec.block) as u64, spec.block as u64, 0))
-            .collect::<Vec<_>>();
-        DescList::from_descs(MemKind::Dram, d).map_err(|e| BenchError::Invalid(e.to_string()))
+    let invalid = |e: Error| BenchError::Invalid(e.to_string());
+    let block = spec.block as u64;
+    // Thread t's list on one side: its blocks, as the mode makes them.
+    let list = |base: Desc, t: usize| -> Result<DescList, BenchError> {
+        let addr = base.addr + (t * part) as u64;
+        let mut l = DescList::new(MemKind::Dram);
+        let (stride, count) = match spec.mode {
+            BenchMode::Plain => (block, spec.batch),
+            BenchMode::Prepped => (block, 2 * spec.batch),
+            BenchMode::Stride => (2 * block, spec.batch),
+        };
+        l.push_strided(nixl_core::Strided {
+            addr,
+            stride,
+            count: count as u64,
+            len: block,
+            dev_id: 0,
+        })
+        .map_err(invalid)?;
+        Ok(l)
+    };
+    let idx: Vec<u32> = match spec.mode {
+        BenchMode::Prepped => (0..spec.batch as u32).map(|i| 2 * i).collect(),
+        _ => (0..spec.batch as u32).collect(),
     };
     let mut reqs = Vec::with_capacity(spec.threads);
+    let mut create = Vec::with_capacity(CREATE_REPS);
     for t in 0..spec.threads {
         let opts = XferOptions {
             backend: spec.backend,
             ..XferOptions::default()
         };
-        let x = agent
-            .create_xfer(spec.op, &descs(local, t)?, &descs(remote, t)?, peer, opts)
-            .map_err(BenchError::Unavailable)?;
-        reqs.push(x);
+        let (l, r) = (list(local, t)?, list(remote, t)?);
+        let strided = |base: Desc| nixl_core::Strided {
+            addr: base.addr + (t * part) as u64,
+            stride: 2 * block,
+            count: spec.batch as u64,
+            len: block,
+            dev_id: 0,
+        };
+        let prepped = match spec.mode {
+            BenchMode::Plain => None,
+            BenchMode::Stride => Some((
+                agent
+                    .prep_local_strided(MemKind::Dram, strided(local))
+                    .map_err(BenchError::Unavailable)?,
+                agent
+                    .prep_remote_strided(peer, MemKind::Dram, strided(remote))
+                    .map_err(BenchError::Unavailable)?,
+            )),
+            BenchMode::Prepped => Some((
+                agent.prep_local(&l).map_err(BenchError::Unavailable)?,
+                agent
+                    .prep_remote(peer, &r)
+                    .map_err(BenchError::Unavailable)?,
+            )),
+        };
+        let make = || match &prepped {
+            None => agent.create_xfer(spec.op, &l, &r, peer, opts.clone()),
+            Some((pl, pr)) => agent.create_xfer_prepped(spec.op, pl, &idx, pr, &idx, opts.clone()),
+        };
+        if t == 0 {
+            for _ in 0..CREATE_REPS {
+                let c = Instant::now();
+                let x = make().map_err(BenchError::Unavailable)?;
+                create.push(c.elapsed().as_secs_f64() * 1e6);
+                drop(x);
+            }
+        }
+        reqs.push(make().map_err(BenchError::Unavailable)?);
     }
+    create.sort_by(f64::total_cmp);
+    let create_us = percentile(&create, 0.5);
     let backend = reqs[0].backend();
     let barrier = std::sync::Barrier::new(spec.threads);
     let until = Duration::from_secs_f64(spec.seconds.max(0.0));
@@ -444,12 +541,13 @@ pub fn bench(
     let (p50_us, p99_us) = (percentile(&lat, 0.5), percentile(&lat, 0.99));
     let posts = lat.len() as u64;
     Ok(BenchOutcome {
-        gbps: posts as f64 * part as f64 / seconds.max(1e-9) / 1e9,
+        gbps: posts as f64 * (spec.block * spec.batch) as f64 / seconds.max(1e-9) / 1e9,
         posts,
         p50_us,
         p99_us,
         backend,
         seconds,
+        create_us,
     })
 }
 

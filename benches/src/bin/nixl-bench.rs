@@ -51,7 +51,7 @@ use clap::Parser;
 use nixl_benches::harness::{self, human, Progress, Sizing};
 use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, Registration, XferOp};
 use nixl_tests::netns::{skip_reason, Lab};
-use nixl_tests::peer::{check_parts, fill_parts, BenchError, BenchSpec};
+use nixl_tests::peer::{check_parts, fill_parts, BenchError, BenchMode, BenchSpec};
 use nixl_tests::peers::{self, Measured, UcxOpts};
 use nixl_tests::Peer;
 use nixl_transports::config::Config;
@@ -103,6 +103,13 @@ struct Args {
     /// (no secret, `allow_open`: plain sockets, zero-copy), or `both` (off then on, one run).
     #[arg(long, default_value = "on")]
     tls: String,
+    /// Make each request with `create_xfer_prepped` by index from lists prepared once on each
+    /// side, of twice `--batch` blocks, taking every other block (so nothing merges).
+    #[arg(long, conflicts_with = "stride")]
+    prepped: bool,
+    /// As `--prepped`, each side's list one strided descriptor (stride two blocks).
+    #[arg(long)]
+    stride: bool,
     /// Measure the ceiling (memcpy or iperf3) and the peer (ucx_perftest) in the same run.
     #[arg(long)]
     compare: bool,
@@ -412,6 +419,7 @@ impl Setup {
                         p99_us: r.p99_us,
                         backend: r.backend.to_string(),
                         seconds: r.seconds,
+                        create_us: r.create_us,
                     }),
                     Err(BenchError::Unavailable(e)) => {
                         Err(Fail::Unavailable(backend_arg.into(), e.to_string()))
@@ -434,12 +442,15 @@ impl Setup {
                 if let Some(b) = spec.backend {
                     c += &format!(" backend={b}");
                 }
+                if spec.mode != BenchMode::Plain {
+                    c += &format!(" mode={}", spec.mode.as_str());
+                }
                 let r = p.init.cmd(&c);
                 if let Some(why) = r.strip_prefix("unavailable ") {
                     return Err(Fail::Unavailable(backend_arg.into(), why.into()));
                 }
                 let w: Vec<&str> = r.split_whitespace().collect();
-                if w.first() != Some(&"ok") || w.len() < 7 {
+                if w.first() != Some(&"ok") || w.len() < 8 {
                     return Err(Fail::Other(format!("bench: {r}")));
                 }
                 Ok(Row {
@@ -449,6 +460,7 @@ impl Setup {
                     p99_us: w[4].parse()?,
                     backend: w[5].into(),
                     seconds: w[6].parse()?,
+                    create_us: w[7].parse()?,
                 })
             }
         }
@@ -472,6 +484,8 @@ struct Row {
     p99_us: f64,
     backend: String,
     seconds: f64,
+    /// Median time to create one request, µs.
+    create_us: f64,
 }
 
 /// Builds the `local` topology with buffers of `size` bytes.
@@ -671,6 +685,18 @@ fn run(args: &Args) -> Res<()> {
         return Err(Fail::Other("--seconds must be a positive number".into()));
     }
     let threads = args.threads;
+    let mode = match (args.prepped, args.stride) {
+        (true, _) => BenchMode::Prepped,
+        (_, true) => BenchMode::Stride,
+        _ => BenchMode::Plain,
+    };
+    if mode != BenchMode::Plain && args.verify {
+        return Err(Fail::Other(
+            "--verify checks whole parts: not with --prepped or --stride (their bytes are \
+             checked by transports/tests/prepped.rs)"
+                .into(),
+        ));
+    }
     let size = blocks
         .iter()
         .max()
@@ -678,6 +704,7 @@ fn run(args: &Args) -> Res<()> {
         .unwrap_or(1)
         .checked_mul(*batches.iter().max().unwrap_or(&1))
         .and_then(|v| v.checked_mul(threads))
+        .and_then(|v| v.checked_mul(mode.spread()))
         .ok_or_else(|| Fail::Other("block size × batch × threads overflows".into()))?;
     let sizing = Sizing {
         warmup: args.warmup,
@@ -779,7 +806,7 @@ fn run(args: &Args) -> Res<()> {
         }
         println!();
         println!(
-            "{:>7} {:>5} {:>5} {:>3} {:>8} {:>9} {:>8} {:>8} {:>7} | {:>8} {:>6} | {:>8} {:>6}",
+            "{:>7} {:>5} {:>5} {:>3} {:>8} {:>9} {:>8} {:>8} {:>9} {:>7} | {:>8} {:>6} | {:>8} {:>6}",
             "block",
             "batch",
             "op",
@@ -788,6 +815,7 @@ fn run(args: &Args) -> Res<()> {
             "req/s",
             "p50 us",
             "p99 us",
+            "create us",
             "backend",
             baseline_name,
             "ratio",
@@ -821,6 +849,7 @@ fn run(args: &Args) -> Res<()> {
                     warmup: sizing.warmup,
                     seconds: sizing.seconds,
                     backend: named,
+                    mode,
                 };
                 let part = block * batch;
                 let (src, dst) = match op {
@@ -951,6 +980,8 @@ fn run(args: &Args) -> Res<()> {
                         "req_per_s": rps,
                         "p50_us": r.p50_us,
                         "p99_us": r.p99_us,
+                        "create_us": r.create_us,
+                        "mode": mode.as_str(),
                         "verified": args.verify,
                     });
                     if args.compare {
@@ -978,9 +1009,9 @@ fn run(args: &Args) -> Res<()> {
                     let (c, cr) = fmt(Some(&baseline));
                     let (u, ur) = fmt(peer.as_ref().map(|p| &p.1));
                     println!(
-                        "{:>7} {:>5} {:>5} {:>3} {:>8.2} {:>9.0} {:>8.1} {:>8.1} {:>7} | {:>8} {:>6} | {:>8} {:>6}",
+                        "{:>7} {:>5} {:>5} {:>3} {:>8.2} {:>9.0} {:>8.1} {:>8.1} {:>9.1} {:>7} | {:>8} {:>6} | {:>8} {:>6}",
                         human(block), batch, op.as_str(), threads, r.gbps, rps, r.p50_us,
-                        r.p99_us, r.backend, c, cr, u, ur
+                        r.p99_us, r.create_us, r.backend, c, cr, u, ur
                     );
                     if args.compare {
                         if let Measured::Missing(why) = &baseline {

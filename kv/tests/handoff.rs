@@ -1,0 +1,378 @@
+//! Pull handoffs between a prefill and a decode agent (in one process, `local` backend): every
+//! handoff ends in one terminal outcome on both sides, prefill frees only after decode's READ
+//! landed or let go, and a peer's malformed messages change nothing.
+
+mod common;
+use common::{check, worker, Worker};
+
+use std::time::{Duration, Instant};
+
+use nixl_kv::handoff::*;
+use nixl_kv::*;
+use proptest::prelude::*;
+
+fn shape(rank: u32, tp: u32) -> KvLayout {
+    KvLayout {
+        layers: 2,
+        blocks: 16,
+        tokens_per_block: 4,
+        total_heads: 4,
+        head_dim: 8,
+        dtype_bytes: 2,
+        kind: KvKind::Split,
+        order: Order::LayerFirstNhd,
+        tp_rank: rank,
+        tp_size: tp,
+        base: 0,
+        dev_id: 0,
+    }
+}
+
+fn setup() -> (Worker, Worker) {
+    let p = worker("prefill", shape(0, 1), true);
+    let d = worker("decode", shape(0, 1), false);
+    p.agent.load_remote(&d.agent.metadata_bytes()).unwrap();
+    d.agent.load_remote(&p.agent.metadata_bytes()).unwrap();
+    (p, d)
+}
+
+/// Polls both sides until `until` says stop or 5 s pass.
+fn drive(
+    pre: &mut PrefillSide<'_>,
+    dec: &mut DecodeSide<'_>,
+    mut until: impl FnMut(&[Freed], &[DecodeEvent]) -> bool,
+) -> (Vec<Freed>, Vec<DecodeEvent>) {
+    let (mut f, mut e) = (Vec::new(), Vec::new());
+    let t = Instant::now();
+    while !until(&f, &e) {
+        assert!(t.elapsed() < Duration::from_secs(5), "no end: {f:?} {e:?}");
+        f.extend(pre.poll().0);
+        e.extend(dec.poll().0);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (f, e)
+}
+
+/// Both sides, decode knowing prefill's layout.
+fn sides<'a>(p: &'a Worker, d: &'a Worker) -> (PrefillSide<'a>, DecodeSide<'a>) {
+    let pre = PrefillSide::new(&p.agent);
+    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
+    dec.add_prefill("prefill", vec![p.layout], vec!["prefill".into()])
+        .unwrap();
+    (pre, dec)
+}
+
+/// Prefill offers `blocks`; returns the handoff id and the offer as decode saw it.
+fn offer(
+    pre: &mut PrefillSide<'_>,
+    dec: &mut DecodeSide<'_>,
+    blocks: &[u32],
+    lease: Duration,
+) -> (u64, Offer) {
+    let id = pre.offer("decode", "req-7", blocks, lease).unwrap();
+    let (_, e) = drive(pre, dec, |_, e| offered(e).is_some());
+    (id, offered(&e).unwrap())
+}
+
+fn offered(e: &[DecodeEvent]) -> Option<Offer> {
+    e.iter().find_map(|x| match x {
+        DecodeEvent::Offered(o) => Some(o.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn pull_lands_every_byte_then_prefill_frees() {
+    let (p, d) = setup();
+    let (mut pre, mut dec) = sides(&p, &d);
+    let (id, o) = offer(&mut pre, &mut dec, &[3, 4, 9], Duration::from_secs(5));
+    assert_eq!(
+        (o.id, o.request.as_str(), &o.blocks[..]),
+        (id, "req-7", &[3, 4, 9][..])
+    );
+    dec.pull(&o, &[0, 1, 2]).unwrap();
+    let (f, e) = drive(&mut pre, &mut dec, |f, e| {
+        !f.is_empty() && e.iter().any(|x| matches!(x, DecodeEvent::Ended { .. }))
+    });
+    assert_eq!(f.len(), 1);
+    assert_eq!(
+        (f[0].id, &f[0].outcome, &f[0].blocks[..]),
+        (id, &Outcome::Done, &[3, 4, 9][..])
+    );
+    assert!(
+        matches!(&e[0], DecodeEvent::Ended { outcome: Outcome::Done, blocks, .. } if blocks == &[0, 1, 2])
+    );
+    check(&d, &[(3, 0), (4, 1), (9, 2)]);
+    assert_eq!(pre.held(), 0);
+}
+
+#[test]
+fn decode_abort_frees_both_sides() {
+    let (p, d) = setup();
+    let (mut pre, mut dec) = sides(&p, &d);
+    let (id, o) = offer(&mut pre, &mut dec, &[1], Duration::from_secs(5));
+    dec.cancel(&o.from, o.id, "client went away");
+    let (f, _) = drive(&mut pre, &mut dec, |f, _| !f.is_empty());
+    assert_eq!(f[0].id, id);
+    assert!(
+        matches!(&f[0].outcome, Outcome::Cancelled(w) if w.contains("client went away")),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn prefill_abort_is_acknowledged_before_freeing() {
+    let (p, d) = setup();
+    let (mut pre, mut dec) = sides(&p, &d);
+    let (id, o) = offer(&mut pre, &mut dec, &[1, 2], Duration::from_secs(30));
+    pre.cancel(id, "preempted");
+    // Not freed before decode acknowledges (the lease is 30 s).
+    assert!(pre.poll().0.is_empty());
+    let t = Instant::now();
+    let (f, _) = drive(&mut pre, &mut dec, |f, _| !f.is_empty());
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(
+        matches!(&f[0].outcome, Outcome::Cancelled(w) if w.contains("preempted")),
+        "{f:?}"
+    );
+    // The offer is gone on the decode side.
+    assert!(dec.pull(&o, &[0, 1]).is_err());
+}
+
+#[test]
+fn lease_expiry_frees_after_a_grace_period_when_decode_is_gone() {
+    let (p, d) = setup();
+    let mut pre = PrefillSide::new(&p.agent);
+    let lease = Duration::from_millis(150);
+    let t = Instant::now();
+    let id = pre.offer("decode", "r", &[1], lease).unwrap();
+    // Decode never answers (killed): prefill frees after the lease and one more, not before.
+    drop(d);
+    let mut f = Vec::new();
+    while f.is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        f = pre.poll().0;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(t.elapsed() >= 2 * lease, "{:?}", t.elapsed());
+    assert_eq!(f[0].id, id);
+    assert_eq!(f[0].outcome, Outcome::Failed("lease expired".into()));
+}
+
+#[test]
+fn renewal_keeps_the_lease() {
+    let (p, d) = setup();
+    let (mut pre, mut dec) = sides(&p, &d);
+    let lease = Duration::from_millis(200);
+    let (_, o) = offer(&mut pre, &mut dec, &[1], lease);
+    let t = Instant::now();
+    while t.elapsed() < 3 * lease {
+        dec.renew(&o.from, o.id).unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(pre.poll().0.is_empty(), "freed while renewed");
+    }
+    assert_eq!(pre.held(), 1);
+}
+
+#[test]
+fn mismatched_layouts_are_refused_at_handshake() {
+    let d = shape(0, 1);
+    let mut p = shape(0, 1);
+    p.head_dim = 16;
+    let a = nixl_core::Agent::builder("x").build().unwrap();
+    let mut dec = DecodeSide::new(&a, d).unwrap();
+    let e = dec.add_prefill("p", vec![p], vec!["p".into()]).unwrap_err();
+    assert!(
+        e.to_string().contains("head_dim: prefill 16, decode 8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn peer_messages_out_of_bounds_are_refused() {
+    let ready = |blocks: Vec<u32>, lease_ms| {
+        Msg::Ready {
+            id: 1,
+            request: "r".into(),
+            blocks,
+            lease_ms,
+        }
+        .encode()
+    };
+    assert!(
+        Msg::decode(&ready(vec![1], 0)).unwrap().is_err(),
+        "zero lease"
+    );
+    assert!(
+        Msg::decode(&ready(vec![1], 700_000)).unwrap().is_err(),
+        "lease over the max"
+    );
+    assert!(
+        Msg::decode(&ready(vec![], 10)).unwrap().is_err(),
+        "no blocks"
+    );
+    assert!(Msg::decode(&ready(vec![0; MAX_HANDOFF_BLOCKS + 1], 10))
+        .unwrap()
+        .is_err());
+    let mut b = ready(vec![1, 2], 10);
+    b.push(0);
+    assert!(Msg::decode(&b).unwrap().is_err(), "trailing byte");
+    assert!(Msg::decode(b"not kv").is_none());
+    let long = Msg::Abort {
+        id: 1,
+        reason: "x".repeat(MAX_REASON + 1),
+    };
+    assert!(Msg::decode(&long.encode()).unwrap().is_err());
+}
+
+proptest! {
+    #[test]
+    fn messages_round_trip_and_garbage_never_panics(
+        id in any::<u64>(), req in "[a-z0-9-]{0,40}",
+        blocks in proptest::collection::vec(any::<u32>(), 1..50),
+        lease in 1u32..600_000,
+        garbage in proptest::collection::vec(any::<u8>(), 0..64),
+        cut in 0usize..64,
+    ) {
+        for m in [
+            Msg::Ready { id, request: req.clone(), blocks: blocks.clone(), lease_ms: lease },
+            Msg::Done { id, request: req.clone() },
+            Msg::Abort { id, reason: req.clone() },
+            Msg::Renew { id },
+            Msg::Reserve { id, request: req.clone(), blocks: blocks.clone(), lease_ms: lease },
+        ] {
+            let b = m.encode();
+            prop_assert_eq!(Msg::decode(&b).unwrap().unwrap(), m);
+            if cut < b.len() {
+                prop_assert!(Msg::decode(&b[..cut]).is_none_or(|r| r.is_err()));
+            }
+        }
+        let mut g = b"NKV1".to_vec();
+        g.extend(garbage);
+        let _ = Msg::decode(&g);
+    }
+}
+
+/// Push from a prefill group of `ptp` ranks into one decode rank; returns the workers.
+fn push_setup(ptp: u32) -> (Vec<Worker>, Worker) {
+    let ps: Vec<Worker> = (0..ptp)
+        .map(|r| worker(&format!("prefill-{r}"), shape(r, ptp), true))
+        .collect();
+    let d = worker("decode", shape(0, 1), false);
+    for p in &ps {
+        p.agent.load_remote(&d.agent.metadata_bytes()).unwrap();
+        d.agent.load_remote(&p.agent.metadata_bytes()).unwrap();
+    }
+    (ps, d)
+}
+
+#[test]
+fn push_tp_2_to_1_lands_every_byte_on_both_sides() {
+    let (ps, d) = push_setup(2);
+    let group: Vec<KvLayout> = ps.iter().map(|w| w.layout).collect();
+    let mut pres: Vec<PrefillSide<'_>> = ps
+        .iter()
+        .enumerate()
+        .map(|(r, w)| {
+            let mut s = PrefillSide::new(&w.agent);
+            s.add_decode("decode", d.layout, group.clone(), r as u32)
+                .unwrap();
+            s
+        })
+        .collect();
+    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
+    dec.add_prefill(
+        "prefill-0",
+        group.clone(),
+        vec!["prefill-0".into(), "prefill-1".into()],
+    )
+    .unwrap();
+    let id = dec
+        .reserve("prefill-0", "req-9", &[5, 6], Duration::from_secs(5))
+        .unwrap();
+    assert!(id >= PUSH_ID_BASE);
+    let t = Instant::now();
+    let (mut freed, mut ended) = (Vec::new(), Vec::new());
+    while ended.is_empty() || freed.len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(5), "{freed:?} {ended:?}");
+        for p in pres.iter_mut() {
+            let (f, _) = p.poll();
+            freed.extend(f);
+            for r in p.take_reservations() {
+                assert_eq!((r.id, r.request.as_str()), (id, "req-9"));
+                p.push(&r, &[2, 11]).unwrap();
+            }
+        }
+        ended.extend(dec.poll().0);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        freed
+            .iter()
+            .all(|f| f.outcome == Outcome::Done && f.blocks == [2, 11]),
+        "{freed:?}"
+    );
+    assert!(
+        matches!(&ended[0], DecodeEvent::Ended { outcome: Outcome::Done, blocks, .. } if blocks == &[5, 6]),
+        "{ended:?}"
+    );
+    check(&d, &[(2, 5), (11, 6)]);
+}
+
+#[test]
+fn push_reservation_expires_when_prefill_never_writes() {
+    let (ps, d) = push_setup(1);
+    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
+    dec.add_prefill("prefill-0", vec![ps[0].layout], vec!["prefill-0".into()])
+        .unwrap();
+    let lease = Duration::from_millis(150);
+    let t = Instant::now();
+    dec.reserve("prefill-0", "r", &[1], lease).unwrap();
+    // Prefill is gone (killed): decode frees after the lease and one more, not before.
+    drop(ps);
+    let mut ev = Vec::new();
+    while ev.is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        ev = dec.poll().0;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(t.elapsed() >= 2 * lease, "{:?}", t.elapsed());
+    assert!(
+        matches!(&ev[0], DecodeEvent::Ended { outcome: Outcome::Failed(w), .. } if w == "lease expired"),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn push_reservation_cancelled_before_the_write_is_acknowledged() {
+    let (ps, d) = push_setup(1);
+    let mut pre = PrefillSide::new(&ps[0].agent);
+    pre.add_decode("decode", d.layout, vec![ps[0].layout], 0)
+        .unwrap();
+    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
+    dec.add_prefill("prefill-0", vec![ps[0].layout], vec!["prefill-0".into()])
+        .unwrap();
+    let id = dec
+        .reserve("prefill-0", "r", &[1], Duration::from_secs(30))
+        .unwrap();
+    let t = Instant::now();
+    while pre.reservations_pending() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        pre.poll();
+    }
+    dec.cancel_reservation(id, "client went away");
+    let mut ev = Vec::new();
+    while ev.is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(2), "not acknowledged");
+        pre.poll();
+        ev = dec.poll().0;
+    }
+    assert!(
+        matches!(&ev[0], DecodeEvent::Ended { outcome: Outcome::Cancelled(w), .. } if w.contains("client went away")),
+        "{ev:?}"
+    );
+    assert!(
+        pre.take_reservations().is_empty(),
+        "the reservation is gone on prefill"
+    );
+}
