@@ -34,6 +34,12 @@ struct WeightsHandle {
     _agent: Arc<Shared>,
 }
 
+// The handle is used from any thread the C caller likes, several at once.
+const _: fn() = || {
+    fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<TensorSource>();
+};
+
 impl std::fmt::Debug for WeightsHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("nixl_weights")

@@ -14,8 +14,8 @@
 //! - `weights.c`: weight streaming (`nixl_weights_*`): this harness writes a two-file
 //!   safetensors model (the `safetensors` crate) whose tensors hold the C tests' pattern and
 //!   serves it from an agent of its own (as `nixl-weights serve` does); the program lists the
-//!   tensors, pulls each into malloc'd memory it registered, checks every byte, and checks each
-//!   way to get a pull wrong.
+//!   tensors, pulls each into malloc'd memory it registered (also from four threads at once),
+//!   checks every byte, and checks each way to get a pull wrong.
 //!
 //! Each runs once plainly and once under valgrind with smaller sizes, where an invalid access or
 //! a definite leak fails the test (valgrind exits 99). A C program exits 0 when it passed, 1 with

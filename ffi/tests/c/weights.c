@@ -8,12 +8,14 @@
  *     status and leave *out alone; then the model opens and names itself.
  *  2. Listing: the count, every name once, each one's dtype, shape and size.
  *  3. Pulling: every tensor into malloc'd memory registered with the agent (one byte larger,
- *     which must stay untouched), every byte checked.
+ *     which must stay untouched), every byte checked; then four threads at once on one handle.
  *  4. Errors, each with its exact status, a last error naming what matters, and the buffer
  *     untouched: unknown tensor, wrong dtype, wrong shape, too-small buffer, unregistered
  *     memory, a FILE kind, NULL and foreign handles, a too-small shape or dtype output.
  * Exit status 0 passed, 1 failed. */
 #include "nixl_test.h"
+
+#include <pthread.h>
 
 #define NT 6
 
@@ -51,6 +53,23 @@ static void expect_untouched(const uint8_t *buf, uint64_t len, uint8_t byte, con
 {
     for (uint64_t i = 0; i < len; i++)
         CHECK(buf[i] == byte, "%s: byte %llu was written", what, (unsigned long long)i);
+}
+
+/* One thread's pull: tensor k into its own registered buffer, checked. */
+typedef struct {
+    nixl_weights *w;
+    int k;
+    const uint8_t *buf;
+    nixl_status got;
+} pull_job;
+
+static void *pull_thread(void *arg)
+{
+    pull_job *j = arg;
+    j->got = nixl_weights_pull_tensor(j->w, TENSORS[j->k].name, TENSORS[j->k].dtype,
+                                      TENSORS[j->k].shape, TENSORS[j->k].ndim, NIXL_DRAM,
+                                      (uint64_t)(uintptr_t)j->buf, TENSORS[j->k].len, 0);
+    return NULL;
 }
 
 int main(int argc, char **argv)
@@ -165,6 +184,32 @@ int main(int argc, char **argv)
         CHECK(buf[len] == 0xee, "%s: the byte past the tensor was written", TENSORS[k].name);
         EXPECT_OK(nixl_deregister(a, NIXL_DRAM, &d, 1));
         free(buf);
+    }
+
+    /* Several threads through one handle at once, each tensor twice. */
+    {
+        enum { NJ = 4 };
+        pthread_t th[NJ];
+        pull_job jobs[NJ];
+        nixl_desc ds[NJ];
+        for (int i = 0; i < NJ; i++) {
+            int k = (i % 2) ? 3 : 5;
+            uint8_t *b = xmalloc(TENSORS[k].len);
+            memset(b, 0, TENSORS[k].len);
+            ds[i] = (nixl_desc){(uint64_t)(uintptr_t)b, TENSORS[k].len, 0};
+            EXPECT_OK(nixl_register(a, NIXL_DRAM, &ds[i], 1));
+            jobs[i] = (pull_job){w, k, b, NIXL_ERR_PANIC};
+        }
+        for (int i = 0; i < NJ; i++)
+            CHECK(pthread_create(&th[i], NULL, pull_thread, &jobs[i]) == 0, "pthread_create");
+        for (int i = 0; i < NJ; i++) {
+            CHECK(pthread_join(th[i], NULL) == 0, "pthread_join");
+            CHECK(jobs[i].got == NIXL_OK, "thread %d: %s", i, status_name(jobs[i].got));
+            VERIFY(jobs[i].buf, 0, TENSORS[jobs[i].k].len, (uint32_t)jobs[i].k + 1, 0,
+                   TENSORS[jobs[i].k].name);
+            EXPECT_OK(nixl_deregister(a, NIXL_DRAM, &ds[i], 1));
+            free((void *)jobs[i].buf);
+        }
     }
 
     /* 4. Errors, against the largest tensor's exact-size registered buffer. */
