@@ -67,9 +67,20 @@
 #define NIXL_WRITE 1
 
 /**
+ * The most dimensions a tensor has (a `shape` array of this many always suffices).
+ */
+#define NIXL_WEIGHTS_MAX_DIMS 16
+
+/**
  * An agent (opaque). Create with `nixl_agent_new`, free with `nixl_agent_free`.
  */
 typedef struct nixl_agent nixl_agent;
+
+/**
+ * A model's sources, opened for tensor pulls (opaque). Open with `nixl_weights_open`, free
+ * with `nixl_weights_close`. It keeps what it needs of its agent alive.
+ */
+typedef struct nixl_weights nixl_weights;
 
 /**
  * A transfer request (opaque): created once, posted many times. It keeps what it needs of its
@@ -535,6 +546,114 @@ nixl_status nixl_ckpt_restore(struct nixl_agent *agent,
                               const char *uri,
                               const struct nixl_ckpt_region *regions,
                               size_t count);
+
+/**
+ * Opens model `model` on `agent` (which must run the `tcp` backend) from its sources and
+ * writes the handle to `*out`.
+ *
+ * `sources`: NULL or a comma-separated list of `HOST:PORT` addresses that
+ * `nixl-weights serve` or `nixl-weights pull --serve` printed; `etcd`: NULL or a
+ * comma-separated list of etcd endpoints (`http://10.0.0.1:2379`) where sources announce the
+ * model. At least one source must be given; each gets one attempt bounded by `timeout_ms` (0:
+ * 3000), and each tensor's READ ten times that. Sources whose manifests differ are
+ * `NIXL_ERR_INVALID` naming the tensor; none answering is `NIXL_ERR_NOT_FOUND` with each
+ * source's reason. Cross-host sources need the same `[auth] secret` as the agent's.
+ *
+ * # Safety
+ * `model`, `sources` and `etcd` are NULL or NUL-terminated strings; `out` is NULL or writable.
+ */
+nixl_status nixl_weights_open(struct nixl_agent *agent,
+                              const char *model,
+                              const char *sources,
+                              const char *etcd,
+                              int64_t timeout_ms,
+                              struct nixl_weights **out);
+
+/**
+ * Frees a handle from `nixl_weights_open`. NULL is a no-op.
+ *
+ * # Safety
+ * `weights` is NULL or a handle from `nixl_weights_open` not yet closed; no other thread uses
+ * it during or after this call.
+ */
+void nixl_weights_close(struct nixl_weights *weights);
+
+/**
+ * Writes the model's id (its name, `@`, and 16 hex digits of its manifest's digest: equal ids
+ * are equal models) to `out` (`cap` bytes with the NUL).
+ *
+ * # Safety
+ * `out` is NULL or has `cap` writable bytes.
+ */
+nixl_status nixl_weights_model_id(const struct nixl_weights *weights, char *out, size_t cap);
+
+/**
+ * Writes how many tensors the model has to `*count`.
+ *
+ * # Safety
+ * `count` is NULL or writable.
+ */
+nixl_status nixl_weights_tensor_count(const struct nixl_weights *weights, size_t *count);
+
+/**
+ * Writes the name of tensor `index` (0 .. count - 1, in file then offset order) to `out`
+ * (`cap` bytes with the NUL), so that a loader can list the model.
+ *
+ * # Safety
+ * `out` is NULL or has `cap` writable bytes.
+ */
+nixl_status nixl_weights_tensor_name(const struct nixl_weights *weights,
+                                     size_t index,
+                                     char *out,
+                                     size_t cap);
+
+/**
+ * Describes tensor `name`: its dtype as safetensors writes it (`"F32"`, `"BF16"`, ...) in
+ * `dtype` (`dtype_cap` bytes with the NUL), its shape in `shape` (`shape_cap` elements;
+ * `NIXL_WEIGHTS_MAX_DIMS` always suffice; NULL with `shape_cap` 0 for a scalar), its number
+ * of dimensions in `*ndim` and its size in bytes in `*len`. An unknown name is
+ * `NIXL_ERR_NOT_FOUND`; a dtype or shape that does not fit is `NIXL_ERR_BUFFER_TOO_SMALL`.
+ *
+ * # Safety
+ * `name` is NULL or a NUL-terminated string; `dtype` is NULL or has `dtype_cap` writable
+ * bytes; `shape` is NULL or has `shape_cap` writable elements; `ndim` and `len` are NULL or
+ * writable.
+ */
+nixl_status nixl_weights_tensor_info(const struct nixl_weights *weights,
+                                     const char *name,
+                                     char *dtype,
+                                     size_t dtype_cap,
+                                     uint64_t *shape,
+                                     size_t shape_cap,
+                                     size_t *ndim,
+                                     uint64_t *len);
+
+/**
+ * Pulls tensor `name` into memory of `kind` (`NIXL_DRAM`, or `NIXL_VRAM` with `dev_id` the GPU
+ * ordinal) at `addr`, `len` bytes, which the caller registered with the handle's agent. The
+ * model's dtype and shape must be `dtype` and `shape` (`ndim` elements; NULL with 0 for a
+ * scalar), else `NIXL_ERR_INVALID` naming both; an unknown name is `NIXL_ERR_NOT_FOUND`;
+ * `len` below the tensor's size is `NIXL_ERR_BUFFER_TOO_SMALL` (only the tensor's bytes are
+ * written when `len` is larger); memory outside every registration is `NIXL_ERR_INVALID`.
+ * The sources are tried in turn (a different first one per tensor); a DRAM copy is checked
+ * against the manifest's checksum and fetched again from the next source when it fails.
+ * `NIXL_ERR_BACKEND` when no source delivered, with each one's reason. Several threads may
+ * pull different tensors through one handle at once.
+ *
+ * # Safety
+ * `name` and `dtype` are NULL or NUL-terminated strings; `shape` is NULL or has `ndim`
+ * readable elements; `addr .. addr + len` is memory of `kind` registered with the agent that
+ * stays allocated for the call, and nothing else reads or writes it meanwhile.
+ */
+nixl_status nixl_weights_pull_tensor(const struct nixl_weights *weights,
+                                     const char *name,
+                                     const char *dtype,
+                                     const uint64_t *shape,
+                                     size_t ndim,
+                                     int32_t kind,
+                                     uint64_t addr,
+                                     uint64_t len,
+                                     uint64_t dev_id);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -16,6 +16,12 @@
 
 mod ckpt;
 pub use ckpt::{nixl_ckpt_region, nixl_ckpt_restore, nixl_ckpt_save};
+mod weights;
+pub use weights::{
+    nixl_weights, nixl_weights_close, nixl_weights_model_id, nixl_weights_open,
+    nixl_weights_pull_tensor, nixl_weights_tensor_count, nixl_weights_tensor_info,
+    nixl_weights_tensor_name, NIXL_WEIGHTS_MAX_DIMS,
+};
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -150,7 +156,8 @@ impl std::fmt::Debug for XferHandle {
 
 /// What an agent handle and its requests share.
 struct Shared {
-    agent: Agent,
+    /// Shared with the weight sources opened on it (`nixl_weights_open`).
+    agent: Arc<Agent>,
     /// Notifications taken from the agent and not yet handed out by `nixl_notif_next`.
     notifs: Mutex<VecDeque<Notification>>,
     auth: Auth,
@@ -264,10 +271,10 @@ static LIVE: std::sync::LazyLock<parking_lot::RwLock<HashMap<usize, u64>>> =
 fn not_live(what: &str, magic: u64) -> Fail {
     Fail::invalid(format!(
         "{what} is not a live {} (freed, or another object)",
-        if magic == AGENT_MAGIC {
-            "nixl_agent"
-        } else {
-            "nixl_xfer"
+        match magic {
+            AGENT_MAGIC => "nixl_agent",
+            weights::WEIGHTS_MAGIC => "nixl_weights",
+            _ => "nixl_xfer",
         }
     ))
 }
@@ -498,7 +505,7 @@ pub unsafe extern "C" fn nixl_agent_new(
         let handle = Box::new(AgentHandle {
             magic: AGENT_MAGIC,
             shared: Arc::new(Shared {
-                agent,
+                agent: Arc::new(agent),
                 notifs: Mutex::new(VecDeque::new()),
                 auth: config.auth(),
                 files: Mutex::new(HashMap::new()),

@@ -11,6 +11,11 @@
 //!   alignment, short reads, read-only registrations.
 //! - `ckpt.c`: checkpoints (`nixl_ckpt_save`, `nixl_ckpt_restore`): full and incremental round
 //!   trips, and the status and last error of each way to get them wrong.
+//! - `weights.c`: weight streaming (`nixl_weights_*`): this harness writes a two-file
+//!   safetensors model (the `safetensors` crate) whose tensors hold the C tests' pattern and
+//!   serves it from an agent of its own (as `nixl-weights serve` does); the program lists the
+//!   tensors, pulls each into malloc'd memory it registered (also from four threads at once),
+//!   checks every byte, and checks each way to get a pull wrong.
 //!
 //! Each runs once plainly and once under valgrind with smaller sizes, where an invalid access or
 //! a definite leak fails the test (valgrind exits 99). A C program exits 0 when it passed, 1 with
@@ -150,6 +155,7 @@ struct Programs {
     threads: PathBuf,
     files: PathBuf,
     ckpt: PathBuf,
+    weights: PathBuf,
 }
 
 /// Compiles the programs (in parallel), or says why not: `Err(Skip)` when there is no compiler.
@@ -211,7 +217,7 @@ fn build_programs() -> Result<Programs, String> {
         .args(["-lpthread", "-ldl", "-lm"]);
     jobs.push(("peer", c));
     // misuse, threads: the shared library, found through an rpath.
-    for name in ["misuse", "threads", "files", "ckpt"] {
+    for name in ["misuse", "threads", "files", "ckpt", "weights"] {
         let mut c = Command::new(&cc[0]);
         common(&mut c, name);
         c.arg("-L")
@@ -255,6 +261,7 @@ fn build_programs() -> Result<Programs, String> {
         threads: out.join("threads"),
         files: out.join("files"),
         ckpt: out.join("ckpt"),
+        weights: out.join("weights"),
     })
 }
 
@@ -431,6 +438,16 @@ fn finish(what: &str, dir: &Path, mut procs: Vec<Proc>, kill_after: Duration, st
     );
 }
 
+/// The C program's own timeout (seconds, as its argument) and the kill timeout around it.
+fn limits(valgrind: bool) -> (String, Duration) {
+    let (tmo, kill) = if valgrind {
+        (VALGRIND_C_TIMEOUT_S, VALGRIND_KILL)
+    } else {
+        (PLAIN_C_TIMEOUT_S, PLAIN_KILL)
+    };
+    (tmo.to_string(), kill)
+}
+
 fn two_process(backend: &str, valgrind: bool) {
     let Some(progs) = programs_or_skip() else {
         return;
@@ -441,12 +458,7 @@ fn two_process(backend: &str, valgrind: bool) {
     let mode = if valgrind { "valgrind" } else { "plain" };
     let dir = fresh_dir(&format!("peer-{backend}-{mode}"));
     let size = if valgrind { "small" } else { "full" };
-    let (tmo, kill) = if valgrind {
-        (VALGRIND_C_TIMEOUT_S, VALGRIND_KILL)
-    } else {
-        (PLAIN_C_TIMEOUT_S, PLAIN_KILL)
-    };
-    let tmo = tmo.to_string();
+    let (tmo, kill) = limits(valgrind);
     let d = dir.to_str().expect("UTF-8 temp dir");
     let started = Instant::now();
     let procs = ["target", "initiator"]
@@ -501,12 +513,7 @@ fn single(name: &str, program: fn(&Programs) -> &Path, args: &[&str], valgrind: 
     let mode = if valgrind { "valgrind" } else { "plain" };
     let dir = fresh_dir(&format!("{name}-{mode}"));
     let d = dir.to_str().expect("UTF-8 temp dir").to_owned();
-    let (tmo, kill) = if valgrind {
-        (VALGRIND_C_TIMEOUT_S, VALGRIND_KILL)
-    } else {
-        (PLAIN_C_TIMEOUT_S, PLAIN_KILL)
-    };
-    let tmo = tmo.to_string();
+    let (tmo, kill) = limits(valgrind);
     // "{dir}" and "{tmo}" in args stand for the run directory and the C timeout.
     let args: Vec<&str> = args
         .iter()
@@ -559,4 +566,112 @@ fn checkpoints_through_the_c_abi() {
 #[test]
 fn checkpoints_under_valgrind() {
     single("ckpt", |p| &p.ckpt, &["{dir}", "200", "{tmo}"], true);
+}
+
+/// The C tests' byte pattern (`pat` in `tests/c/nixl_test.h`).
+fn pat(seed: u32, i: u64) -> u8 {
+    let mut h = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ u64::from(seed).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 32;
+    h as u8
+}
+
+/// The model `weights.c` expects (its `TENSORS` table, in the same order): name, dtype, shape,
+/// file. Tensor `k` holds pattern `k + 1`.
+const WEIGHTS_MODEL: &[(&str, safetensors::Dtype, &[usize], usize)] = &[
+    ("embed.weight", safetensors::Dtype::F32, &[33, 17], 0),
+    ("layers.0.attn.q", safetensors::Dtype::BF16, &[64, 48], 0),
+    ("layers.0.norm", safetensors::Dtype::F16, &[48], 0),
+    ("layers.1.mlp.up", safetensors::Dtype::I8, &[7, 3, 4099], 1),
+    ("lm_head.scale", safetensors::Dtype::F64, &[], 1),
+    ("lm_head.weight", safetensors::Dtype::U8, &[100_003], 1),
+];
+
+/// The shared secret of the harness's source and the C program's agent.
+const WEIGHTS_SECRET: &str = "c-api-weights-secret";
+
+/// Writes [`WEIGHTS_MODEL`] to `dir` as two safetensors files, loads it into a source agent of
+/// this process (4 KiB chunks, so tensors span chunks) and returns it with its tcp address.
+fn serve_weights(
+    dir: &Path,
+    tag: &str,
+) -> (
+    std::sync::Arc<nixl_core::Agent>,
+    nixl_weight_streamer::Source,
+    String,
+) {
+    let model = dir.join("model");
+    fs::create_dir_all(&model).expect("model dir");
+    for file in 0..2 {
+        let data: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = WEIGHTS_MODEL
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.3 == file)
+            .map(|(k, &(name, dtype, shape, _))| {
+                let n = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+                let bytes = (0..n as u64).map(|i| pat(k as u32 + 1, i)).collect();
+                (name.to_owned(), bytes, dtype, shape.to_vec())
+            })
+            .collect();
+        let views = data.iter().map(|(name, bytes, dtype, shape)| {
+            let v = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .expect("tensor view");
+            (name.clone(), v)
+        });
+        safetensors::tensor::serialize_to_file(
+            views,
+            None,
+            &model.join(format!("model-0000{}-of-00002.safetensors", file + 1)),
+        )
+        .expect("write the model");
+    }
+    let cfg = nixl_transports::config::Config::from_toml(&format!(
+        "backends = [\"tcp\"]\n[tcp]\nlisten = \"127.0.0.1:0\"\nio_timeout_ms = 60000\n\
+         connect_timeout_ms = 60000\n[auth]\nsecret = \"{WEIGHTS_SECRET}\"\n"
+    ))
+    .expect("source config");
+    let agent = std::sync::Arc::new(
+        cfg.agent_builder(format!("weights-src-{tag}"))
+            .backends(cfg.backends().expect("backends"))
+            .build()
+            .expect("source agent"),
+    );
+    let opts = nixl_weight_streamer::SourceOptions {
+        name: Some("tiny".into()),
+        chunk_size: 4096,
+        ..Default::default()
+    };
+    let src = nixl_weight_streamer::Source::load(&agent, &model, &opts).expect("load the model");
+    let addr = nixl_transports::tcp::listen_addrs_in(&agent.metadata())
+        .first()
+        .expect("the source listens")
+        .to_string();
+    (agent, src, addr)
+}
+
+fn weights_run(valgrind: bool) {
+    let mode = if valgrind { "valgrind" } else { "plain" };
+    let dir = fresh_dir(&format!("weights-model-{mode}"));
+    let (agent, src, addr) = serve_weights(&dir, mode);
+    single(
+        "weights",
+        |p| &p.weights,
+        &[&addr, WEIGHTS_SECRET, "{tmo}"],
+        valgrind,
+    );
+    src.withdraw().expect("withdraw the model");
+    agent.shutdown();
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn weights_pulled_through_the_c_abi() {
+    weights_run(false);
+}
+
+#[test]
+fn weights_under_valgrind() {
+    weights_run(true);
 }

@@ -88,6 +88,10 @@ enum Cmd {
         /// READs in flight per source.
         #[arg(long, default_value_t = 4)]
         streams: usize,
+        /// READs in flight per origin (a source complete from the start; at most --streams):
+        /// fewer, so that replicas starting at once do not queue past the origin's link.
+        #[arg(long, default_value_t = 2)]
+        origin_streams: usize,
         /// etcd endpoint to find sources at (repeatable; default: the configuration's `[etcd]`).
         #[arg(long)]
         etcd: Vec<String>,
@@ -306,6 +310,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             config,
             listen,
             streams,
+            origin_streams,
             etcd,
             stall_timeout,
             json,
@@ -320,6 +325,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.manifest = manifest;
             opts.serve = serve;
             opts.streams_per_source = streams;
+            opts.origin_streams = origin_streams;
             opts.stall_timeout = Duration::from_secs(stall_timeout);
             opts.progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
             if serve {

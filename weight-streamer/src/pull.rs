@@ -83,6 +83,11 @@ pub struct PullOptions {
     pub serve: bool,
     /// READs in flight per source.
     pub streams_per_source: usize,
+    /// READs in flight per origin (a source complete from the start), at most
+    /// `streams_per_source`: N replicas that start at once queue at most this times N READs on
+    /// the origin's link, so none waits there past the tcp backend's no-progress timeout (a
+    /// timed-out READ is sent again), and the replicas serve each other the rest.
+    pub origin_streams: usize,
     /// One bounded attempt to reach a source (metadata and header).
     pub connect_timeout: Duration,
     /// Longest a chunk READ may take before its source is taken for dead.
@@ -105,6 +110,7 @@ impl PullOptions {
             fallback: None,
             serve: false,
             streams_per_source: 4,
+            origin_streams: 2,
             connect_timeout: Duration::from_secs(3),
             chunk_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(30),
@@ -941,9 +947,16 @@ pub fn pull(
     let start = Instant::now();
     let total = run.chunks.len();
     let streams = opts.streams_per_source.clamp(1, 64);
+    let streams_to = |origin: bool| {
+        if origin {
+            opts.origin_streams.clamp(1, streams)
+        } else {
+            streams
+        }
+    };
     std::thread::scope(|sc| {
         let spawn_workers = |s: usize| {
-            for _ in 0..streams {
+            for _ in 0..streams_to(run.src(s).origin) {
                 let run = &run;
                 sc.spawn(move || run.source_worker(s));
             }
@@ -993,7 +1006,7 @@ pub fn pull(
                             i
                         };
                         tracing::info!(source = %p.label, "new source from etcd");
-                        for _ in 0..streams {
+                        for _ in 0..streams_to(p.header.complete) {
                             sc.spawn(move || run.source_worker(s));
                         }
                     }

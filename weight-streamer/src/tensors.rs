@@ -57,7 +57,7 @@ pub struct TensorPulled {
 
 impl TensorSource {
     /// Finds the sources of `name` (the `sources` addresses, and etcd when given): one bounded
-    /// attempt each; their manifests must agree.
+    /// attempt each (3 s); their manifests must agree.
     pub fn connect(
         agent: &Arc<Agent>,
         auth: &Auth,
@@ -65,7 +65,19 @@ impl TensorSource {
         name: &str,
         sources: &[String],
     ) -> Result<TensorSource> {
-        let timeout = Duration::from_secs(3);
+        Self::connect_with_timeout(agent, auth, etcd, name, sources, Duration::from_secs(3))
+    }
+
+    /// [`TensorSource::connect`] with `timeout` bounding each source's attempt (and each
+    /// tensor's READ to ten times that).
+    pub fn connect_with_timeout(
+        agent: &Arc<Agent>,
+        auth: &Auth,
+        etcd: Option<&nixl_discovery::EtcdConfig>,
+        name: &str,
+        sources: &[String],
+        timeout: Duration,
+    ) -> Result<TensorSource> {
         let (peers, skipped) = discover_all(agent, auth, etcd, name, sources, timeout)?;
         let first = peers.first().ok_or_else(|| {
             Error::Incomplete(format!(
@@ -173,6 +185,10 @@ impl TensorSource {
                 x.run_blocking()
             })();
             if let Err(e) = r {
+                if matches!(e, nixl_core::Error::LocalNotRegistered { .. }) {
+                    // The caller's memory, not the source: no other source can do better.
+                    return Err(Error::core(format!("tensor {name:?}: the destination"), e));
+                }
                 errors.push(format!("{}: {e}", p.label));
                 continue;
             }

@@ -109,5 +109,12 @@ fn tensors_pulled_by_name_into_caller_memory() {
     let e = unsafe { src.pull_tensor(&te.name, &te.dtype, &te.shape, MemKind::Dram, short) }
         .unwrap_err();
     assert!(e.to_string().contains("bytes, the destination"), "{e}");
+    // Memory outside every registration: refused at once, not blamed on the sources.
+    let mut loose = vec![0u8; buf.len()];
+    let ld = Desc::from_mut_slice(&mut loose);
+    // SAFETY: `loose` outlives the call; the pull refuses it before any transfer starts.
+    let e =
+        unsafe { src.pull_tensor(&te.name, &te.dtype, &te.shape, MemKind::Dram, ld) }.unwrap_err();
+    assert!(matches!(e, Error::Core { .. }), "{e}");
     let _ = std::fs::remove_dir_all(&t);
 }
