@@ -61,6 +61,7 @@ pub mod manifest;
 mod mapped;
 pub mod ops;
 mod s3;
+pub mod vram;
 
 pub use dir::{
     read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
