@@ -17,6 +17,7 @@ use crate::error::{CkptError, Result};
 use crate::manifest::{self, Chunk, DataFile, Manifest, RegionEntry};
 use crate::ops::{is_ours, read_manifest, Location, MANIFEST};
 use crate::s3::{self, S3Loc};
+use crate::serve;
 use crate::vram::HostStage;
 
 /// A region to save, or to restore into: a name, and where the memory is.
@@ -239,6 +240,12 @@ unsafe fn save_from(
                 )
             };
         }
+        Location::Peer { addr } => {
+            return Err(CkptError::Unsupported(format!(
+                "nixl://{addr}: a save goes to a directory or s3://; to serve it from memory, \
+                 save it there and run `nixl-ckpt serve` on it"
+            )))
+        }
     };
     std::fs::create_dir_all(&dir)
         .map_err(|e| CkptError::io(format!("create {}", dir.display()), e))?;
@@ -438,6 +445,7 @@ pub(crate) fn now_ms() -> u64 {
 pub fn read_manifest_with(agent: &Agent, uri: &str) -> Result<Manifest> {
     match Location::parse(uri)? {
         Location::S3 { bucket, prefix } => s3::read_manifest(agent, &S3Loc { bucket, prefix }),
+        Location::Peer { addr } => Ok(serve::open(agent, &addr, &serve::auth())?.manifest),
         Location::Dir(_) => read_manifest(uri),
     }
 }
@@ -821,6 +829,16 @@ unsafe fn restore_into(
             unsafe { s3::read_regions(agent, &loc, &m, &chosen, opts) }?
         }
         Location::Dir(dir) => read_files(agent, &dir, &m, &chosen, opts)?,
+        Location::Peer { addr } => {
+            let p = serve::open(agent, &addr, &serve::auth())?;
+            if p.manifest != m {
+                return Err(CkptError::Manifest(format!(
+                    "nixl://{addr}: the served checkpoint changed while it was being restored"
+                )));
+            }
+            // SAFETY: the caller's contract is this function's.
+            unsafe { serve::read_regions(agent, &p, &chosen) }?
+        }
     };
     let total: u64 = chosen.iter().map(|(r, _)| r.len).sum();
     // SAFETY: the caller keeps the regions valid for the call; the reads have ended.
