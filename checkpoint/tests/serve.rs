@@ -40,6 +40,14 @@ fn register(a: &Agent, d: Desc) -> Registration {
     unsafe { a.register(&DescList::from_descs(MemKind::Dram, vec![d]).unwrap()) }.unwrap()
 }
 
+fn scratch(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "nixl-ckpt-{tag}-{}-{:x}",
+        std::process::id(),
+        nixl_core::random_u64().unwrap()
+    ))
+}
+
 /// Kills the serving process when the test ends, passing or not.
 struct Server(Child);
 
@@ -52,11 +60,7 @@ impl Drop for Server {
 
 #[test]
 fn restore_from_a_peer_serving_the_checkpoint_over_tcp() {
-    let dir = std::env::temp_dir().join(format!(
-        "nixl-ckpt-serve-{}-{:x}",
-        std::process::id(),
-        nixl_core::random_u64().unwrap()
-    ));
+    let dir = scratch("serve");
     let uri = dir.to_str().unwrap();
     let sizes = [(3 << 20) + 17, 4096, 777];
     let want: Vec<Vec<u8>> = sizes
@@ -172,4 +176,57 @@ fn a_peer_without_a_checkpoint_or_not_there_is_a_clear_error() {
             Err(CkptError::InvalidArgument(_))
         ));
     }
+}
+
+#[test]
+fn a_peer_serving_altered_bytes_is_caught_by_the_checksums() {
+    let dir = scratch("serve-bad");
+    let uri = dir.to_str().unwrap();
+    let a = agent("backends = [\"uring\", \"posix\"]");
+    let mut buf = pattern((2 << 20) + 9, 4);
+    let d = Desc::from_mut_slice(&mut buf);
+    let reg = register(&a, d);
+    let opts = SaveOptions {
+        chunk_size: 1 << 20,
+        ..SaveOptions::default()
+    };
+    // SAFETY: `buf` is live and unchanged during the call.
+    unsafe { save(&a, uri, &[Region::dram("w", d.addr, d.len)], &opts) }.unwrap();
+    drop(reg);
+    let server =
+        agent("backends = [\"tcp\", \"uring\", \"posix\"]\n[tcp]\nlisten = \"127.0.0.1:0\"\n");
+    let served = nixl_checkpoint::serve(&server, uri).unwrap();
+    let w = served.restored().region("w").unwrap();
+    // Alter one byte of chunk 1 in the served memory.
+    // SAFETY: the region is mapped by `served`, and no transfer runs while it is written.
+    unsafe { *((w.addr + (1 << 20) + 3) as usize as *mut u8) ^= 0x40 };
+    let at = nixl_transports::tcp::listen_addrs_in(&server.metadata())[0];
+    let c = agent("backends = [\"tcp\"]");
+    let mut out = vec![0u8; d.len as usize];
+    let od = Desc::from_mut_slice(&mut out);
+    let _oreg = register(&c, od);
+    // SAFETY: `out` is live and not referenced during the call.
+    let e = unsafe {
+        restore(
+            &c,
+            &format!("nixl://{at}"),
+            &[Region::dram("w", od.addr, od.len)],
+            &RestoreOptions::default(),
+        )
+    }
+    .unwrap_err();
+    match e {
+        CkptError::Corrupt {
+            region,
+            chunk,
+            memory_written,
+            ..
+        } => assert_eq!(
+            (region.as_str(), chunk, memory_written),
+            ("w", Some(1), true)
+        ),
+        other => panic!("{other:?}"),
+    }
+    drop(served);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
