@@ -4,7 +4,8 @@
 # its log kept.
 #
 #   scripts/hw-smoke.sh                  build the test binaries with cargo, then run everything
-#   scripts/hw-smoke.sh --bin DIR        use prebuilt binaries DIR/{cuda,gds,rdma,nixl-bench}
+#   scripts/hw-smoke.sh --bin DIR        use prebuilt binaries DIR/{cuda,gds,rdma,vram,nixl-bench}
+#                                        (vram: nixl-checkpoint's test of VRAM checkpoints)
 #                                        (a GPU host without a Rust toolchain)
 #   scripts/hw-smoke.sh --keep-going     run every stage even after a failure (first contact)
 #   scripts/hw-smoke.sh --logs DIR       where the logs go (default: a new folder under /tmp)
@@ -122,16 +123,17 @@ EOF
 declare -A EXE
 find_binaries() {
     if [ -n "$BIN" ]; then
-        for t in cuda gds rdma nixl-bench; do EXE[$t]="$BIN/$t"; done
+        for t in cuda gds rdma vram nixl-bench; do EXE[$t]="$BIN/$t"; done
         return
     fi
     local json="$LOGS/build.json"
-    if ! cargo test --release -p nixl-transports --test cuda --test gds --test rdma --no-run \
-        --message-format=json >"$json" 2>"$LOGS/build.log"; then
+    if ! { cargo test --release -p nixl-transports --test cuda --test gds --test rdma --no-run \
+        --message-format=json && cargo test --release -p nixl-checkpoint --test vram --no-run \
+        --message-format=json; } >"$json" 2>"$LOGS/build.log"; then
         say "FAIL build: cargo test --no-run (log $LOGS/build.log)"
         exit 1
     fi
-    for t in cuda gds rdma; do
+    for t in cuda gds rdma vram; do
         EXE[$t]=$(grep -o "\"executable\":\"[^\"]*/$t-[0-9a-f]*\"" "$json" | tail -1 | cut -d'"' -f4)
     done
     if [ "$BENCH" = 1 ]; then
@@ -195,6 +197,8 @@ stage gds-staged-uring "${EXE[gds]}" gpu_vram_to_file_staged_over_uring "${GPU[@
 stage gds-choice "${EXE[gds]}" gpu_vram_to_file_takes_the_best_path_and_says_which "${GPU[@]}" NIXL_TEST_GDS_DIR="$GDSDIR"
 stage gds-cufile "${EXE[gds]}" gpu_vram_to_file_through_cufile "${GPU[@]}" NIXL_TEST_GDS_DIR="$GDSDIR"
 stage gds-cufile-compat "${EXE[gds]}" gpu_vram_to_file_through_cufile_compat_mode "${GPU[@]}" NIXL_TEST_GDS_DIR="$GDSDIR"
+stage ckpt-vram "${EXE[vram]}" gpu_vram_regions_save_restore_and_recorded_addresses "${GPU[@]}"
+stage ckpt-vram-manifest "${EXE[vram]}" vram_region_in_a_manifest_needs_the_driver "${GPU[@]}"
 if [ "${NIXL_TEST_CUDA_FABRIC:-}" = 1 ]; then
     stage cuda-fabric "${EXE[cuda]}" gpu_two_processes_fabric_handles "${GPU[@]}" NIXL_TEST_CUDA_FABRIC=1
 fi

@@ -17,13 +17,15 @@ use crate::error::{CkptError, Result};
 use crate::manifest::{self, Chunk, DataFile, Manifest, RegionEntry};
 use crate::ops::{is_ours, read_manifest, Location, MANIFEST};
 use crate::s3::{self, S3Loc};
+use crate::serve;
+use crate::vram::HostStage;
 
 /// A region to save, or to restore into: a name, and where the memory is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Region {
     /// Name (unique in a checkpoint; what restore matches on).
     pub name: String,
-    /// Memory kind (DRAM today; VRAM is refused with the reason).
+    /// Memory kind: DRAM, or VRAM (staged through host memory; see the crate's docs).
     pub kind: MemKind,
     /// Virtual address.
     pub addr: u64,
@@ -42,6 +44,17 @@ impl Region {
             addr,
             len,
             dev_id: 0,
+        }
+    }
+
+    /// A VRAM region on GPU `dev_id`.
+    pub fn vram(name: impl Into<String>, addr: u64, len: u64, dev_id: u64) -> Region {
+        Region {
+            name: name.into(),
+            kind: MemKind::Vram,
+            addr,
+            len,
+            dev_id,
         }
     }
 
@@ -139,8 +152,9 @@ pub struct SaveReport {
 /// Saves `regions` of `agent`'s registered memory to the checkpoint directory `uri`, replacing
 /// the checkpoint there (if any) only once the new one is complete and durable.
 ///
-/// Every region must lie inside a registration of `agent` made with a backend that writes
-/// files (`uring` or `posix`).
+/// Every region must lie inside a registration of `agent`, and the agent must run a backend
+/// that writes files (`uring` or `posix`). VRAM regions are copied to host memory first (the
+/// CUDA driver is needed then; without it the error says so).
 ///
 /// # Safety
 /// Every region's memory must stay valid for reads, and unchanged, for the whole call.
@@ -150,8 +164,47 @@ pub unsafe fn save(
     regions: &[Region],
     opts: &SaveOptions,
 ) -> Result<SaveReport> {
-    let loc = Location::parse(uri)?;
+    Location::parse(uri)?;
     check_regions(regions)?;
+    for r in regions {
+        let list = DescList::from_descs(r.kind, vec![r.desc()])
+            .map_err(|e| CkptError::agent(format!("region {:?}", r.name), e))?;
+        agent.partial_metadata(&list).map_err(|_| {
+            CkptError::InvalidArgument(format!(
+                "region {:?} ({} {:#x}+{}) is not inside a registration of agent '{}'",
+                r.name,
+                r.kind,
+                r.addr,
+                r.len,
+                agent.name()
+            ))
+        })?;
+    }
+    match HostStage::new(agent, regions)? {
+        // SAFETY: the caller's contract is this function's.
+        None => unsafe { save_from(agent, uri, regions, regions, opts) },
+        Some(st) => {
+            // SAFETY: the caller keeps the VRAM regions readable; the host copies are ours.
+            unsafe { st.download(regions) }?;
+            // SAFETY: the host copies live as long as `st`, past the call.
+            unsafe { save_from(agent, uri, &st.regions, regions, opts) }
+        }
+    }
+}
+
+/// [`save`] of the bytes of `read` (registered host memory), recorded in the manifest as
+/// `origin` (the caller's regions, same order, names and lengths).
+///
+/// # Safety
+/// As [`save`], for `read`.
+unsafe fn save_from(
+    agent: &Agent,
+    uri: &str,
+    regions: &[Region],
+    origin: &[Region],
+    opts: &SaveOptions,
+) -> Result<SaveReport> {
+    let loc = Location::parse(uri)?;
     let (lo, hi) = manifest::CHUNK_BOUNDS;
     let cs = opts.chunk_size;
     if cs < lo || cs > hi || cs % lo != 0 {
@@ -172,25 +225,26 @@ pub unsafe fn save(
             "metadata is not JSON: {e}"
         )));
     }
-    for r in regions {
-        let list = DescList::from_descs(r.kind, vec![r.desc()])
-            .map_err(|e| CkptError::agent(format!("region {:?}", r.name), e))?;
-        agent.partial_metadata(&list).map_err(|_| {
-            CkptError::InvalidArgument(format!(
-                "region {:?} ({} {:#x}+{}) is not inside a registration of agent '{}'",
-                r.name,
-                r.kind,
-                r.addr,
-                r.len,
-                agent.name()
-            ))
-        })?;
-    }
     let dir = match loc {
         Location::Dir(d) => d,
         Location::S3 { bucket, prefix } => {
             // SAFETY: the caller's contract is this function's.
-            return unsafe { s3::save(agent, &S3Loc { bucket, prefix }, regions, opts, metadata) };
+            return unsafe {
+                s3::save(
+                    agent,
+                    &S3Loc { bucket, prefix },
+                    regions,
+                    origin,
+                    opts,
+                    metadata,
+                )
+            };
+        }
+        Location::Peer { addr } => {
+            return Err(CkptError::Unsupported(format!(
+                "nixl://{addr}: a save goes to a directory or s3://; to serve it from memory, \
+                 save it there and run `nixl-ckpt serve` on it"
+            )))
         }
     };
     std::fs::create_dir_all(&dir)
@@ -222,7 +276,7 @@ pub unsafe fn save(
     let chunks = chunk_list(regions, cs);
     let progress = opts.progress.as_ref();
     let mut files: Vec<DataFile> = Vec::new();
-    let mut entries = entries_of(regions);
+    let mut entries = entries_of(origin);
     // Chunk placement: reused from the base, or written to this save's file of the region.
     let mut reuse: Vec<Option<Chunk>> = vec![None; chunks.len()];
     let mut hashes: Vec<u64> = Vec::new();
@@ -233,7 +287,7 @@ pub unsafe fn save(
             let Some(be) = bm.region(&regions[ri].name) else {
                 continue;
             };
-            if be.kind != regions[ri].kind {
+            if be.kind != origin[ri].kind || be.dev_id != origin[ri].dev_id {
                 continue;
             }
             if let Some(bc) = be.chunks.get(ci) {
@@ -391,6 +445,7 @@ pub(crate) fn now_ms() -> u64 {
 pub fn read_manifest_with(agent: &Agent, uri: &str) -> Result<Manifest> {
     match Location::parse(uri)? {
         Location::S3 { bucket, prefix } => s3::read_manifest(agent, &S3Loc { bucket, prefix }),
+        Location::Peer { addr } => Ok(serve::open(agent, &addr, &serve::auth())?.manifest),
         Location::Dir(_) => read_manifest(uri),
     }
 }
@@ -452,14 +507,7 @@ fn check_regions(regions: &[Region]) -> Result<()> {
             )));
         }
         match r.kind {
-            MemKind::Dram => {}
-            MemKind::Vram => {
-                return Err(CkptError::Unsupported(format!(
-                    "region {:?} is VRAM: checkpoints of VRAM regions are not built yet (copy \
-                     the region to registered host memory and save that)",
-                    r.name
-                )))
-            }
+            MemKind::Dram | MemKind::Vram => {}
             k => {
                 return Err(CkptError::InvalidArgument(format!(
                     "region {:?} is {k} memory: only memory regions (DRAM, VRAM) are saved",
@@ -705,8 +753,10 @@ fn remove_stale(dir: &Path, m: &Manifest) {
 
 /// Restores the regions of the checkpoint `uri` named in `regions` into the memory they
 /// describe (matched by name, kinds and lengths equal), verifying every byte before it returns
-/// `Ok`. Every region must lie inside a registration of `agent` made with a backend that reads
-/// files (`uring` or `posix`).
+/// `Ok`. Every DRAM region must lie inside a registration of `agent`, and the agent must run a
+/// backend that reads files (`uring` or `posix`). VRAM regions are read and verified in host
+/// memory, then copied to the device (on the GPU the caller names; the checkpoint's ordinal is
+/// informational here).
 ///
 /// Everything that can be checked before memory is written is (the manifest, names, lengths,
 /// data files present and long enough); a checksum mismatch found afterwards says that the
@@ -721,6 +771,32 @@ pub unsafe fn restore(
     regions: &[Region],
     opts: &RestoreOptions,
 ) -> Result<u64> {
+    match HostStage::new(agent, regions)? {
+        // SAFETY: the caller's contract is this function's.
+        None => unsafe { restore_into(agent, uri, regions, regions, opts) },
+        Some(st) => {
+            // SAFETY: the host copies are ours and live as long as `st`.
+            let n = unsafe { restore_into(agent, uri, regions, &st.regions, opts) }?;
+            // SAFETY: the caller keeps the VRAM regions writable for the call.
+            unsafe { st.upload(regions) }?;
+            Ok(n)
+        }
+    }
+}
+
+/// [`restore`] of the regions `asked` (what the checkpoint's entries are checked against)
+/// into the memory of `into` (same order, names and lengths; registered host memory).
+///
+/// # Safety
+/// As [`restore`], for `into`.
+unsafe fn restore_into(
+    agent: &Agent,
+    uri: &str,
+    asked: &[Region],
+    into: &[Region],
+    opts: &RestoreOptions,
+) -> Result<u64> {
+    let regions = asked;
     let loc = Location::parse(uri)?;
     let m = read_manifest_with(agent, uri)?;
     if regions.is_empty() {
@@ -744,13 +820,7 @@ pub unsafe fn restore(
                 ),
             });
         }
-        if r.kind != MemKind::Dram {
-            return Err(CkptError::Unsupported(format!(
-                "region {:?} is {}: only DRAM regions are restored today",
-                r.name, r.kind
-            )));
-        }
-        chosen.push((r, e));
+        chosen.push((&into[i], e));
     }
     let chunks = match loc {
         Location::S3 { bucket, prefix } => {
@@ -759,6 +829,16 @@ pub unsafe fn restore(
             unsafe { s3::read_regions(agent, &loc, &m, &chosen, opts) }?
         }
         Location::Dir(dir) => read_files(agent, &dir, &m, &chosen, opts)?,
+        Location::Peer { addr } => {
+            let p = serve::open(agent, &addr, &serve::auth())?;
+            if p.manifest != m {
+                return Err(CkptError::Manifest(format!(
+                    "nixl://{addr}: the served checkpoint changed while it was being restored"
+                )));
+            }
+            // SAFETY: the caller's contract is this function's.
+            unsafe { serve::read_regions(agent, &p, &chosen) }?
+        }
     };
     let total: u64 = chosen.iter().map(|(r, _)| r.len).sum();
     // SAFETY: the caller keeps the regions valid for the call; the reads have ended.

@@ -36,6 +36,11 @@
 //! failing clearly when the range is taken), so state holding pointers into itself is valid
 //! without fixing up.
 //!
+//! **VRAM and peers.** VRAM regions are staged through host memory with the CUDA driver loaded
+//! at run time, and restored at their recorded device addresses with the VMM API (see
+//! [`vram`]). A checkpoint held in a peer's registered memory ([`serve()`], `nixl-ckpt serve`) is
+//! restored from `nixl://HOST:PORT` over `tcp` with one-sided READs, every chunk verified.
+//!
 //! ```no_run
 //! use nixl_checkpoint::{restore_mapped, save, Placement, Region, SaveOptions};
 //! use nixl_core::{Agent, DescList, Desc, MemKind};
@@ -61,6 +66,8 @@ pub mod manifest;
 mod mapped;
 pub mod ops;
 mod s3;
+pub mod serve;
+pub mod vram;
 
 pub use dir::{
     read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
@@ -69,3 +76,4 @@ pub use error::{CkptError, Result};
 pub use manifest::Manifest;
 pub use mapped::{restore_mapped, Placement, Restored, RestoredRegion};
 pub use ops::{read_manifest, remove, verify, Location, VerifyReport};
+pub use serve::{serve, Served};

@@ -38,6 +38,8 @@ pub const MAX_REGIONS: usize = 1 << 16;
 pub const MAX_FILES: usize = 1 << 20;
 /// Longest region or file name.
 pub const MAX_NAME_BYTES: usize = 1024;
+/// Largest GPU ordinal of a VRAM region.
+pub const MAX_GPU_ORDINAL: u64 = 1 << 16;
 /// Smallest and largest chunk size.
 pub const CHUNK_BOUNDS: (u64, u64) = (4096, 1 << 30);
 /// Size of the header (magic, version, flags) read to learn the version before anything else.
@@ -238,6 +240,28 @@ impl Manifest {
             }
             if reg.len == 0 {
                 return bad(format!("region {:?} is empty", reg.name));
+            }
+            match reg.kind {
+                MemKind::Dram if reg.dev_id != 0 => {
+                    return bad(format!(
+                        "DRAM region {:?} names device {}",
+                        reg.name, reg.dev_id
+                    ))
+                }
+                MemKind::Dram => {}
+                MemKind::Vram if reg.dev_id > MAX_GPU_ORDINAL => {
+                    return bad(format!(
+                        "VRAM region {:?} is on GPU {}, over the limit of {MAX_GPU_ORDINAL}",
+                        reg.name, reg.dev_id
+                    ))
+                }
+                MemKind::Vram => {}
+                k => {
+                    return bad(format!(
+                        "region {:?} is {k} memory (only DRAM and VRAM are saved)",
+                        reg.name
+                    ))
+                }
             }
             let want = reg.len.div_ceil(self.chunk_size);
             if reg.chunks.len() as u64 != want {
@@ -464,6 +488,29 @@ mod tests {
     fn round_trip() {
         let m = sample();
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+    }
+
+    #[test]
+    fn vram_kind_and_device_round_trip_and_are_bounded() {
+        let mut m = sample();
+        m.regions[0].kind = MemKind::Vram;
+        m.regions[0].dev_id = 3;
+        let back = Manifest::decode(&m.encode()).unwrap();
+        assert_eq!(
+            (back.regions[0].kind, back.regions[0].dev_id),
+            (MemKind::Vram, 3)
+        );
+        m.regions[0].dev_id = MAX_GPU_ORDINAL + 1;
+        let e = Manifest::decode(&m.encode()).unwrap_err().to_string();
+        assert!(e.contains("GPU") && e.contains("weights"), "{e}");
+        m.regions[0].kind = MemKind::Dram;
+        m.regions[0].dev_id = 1;
+        let e = Manifest::decode(&m.encode()).unwrap_err().to_string();
+        assert!(e.contains("names device 1"), "{e}");
+        m.regions[0].dev_id = 0;
+        m.regions[0].kind = MemKind::File;
+        let e = Manifest::decode(&m.encode()).unwrap_err().to_string();
+        assert!(e.contains("only DRAM and VRAM"), "{e}");
     }
 
     #[test]

@@ -5,16 +5,22 @@ use std::io;
 
 use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
 
+use nixl_transports::cuda::driver::VmmAlloc;
+
 use crate::dir::{restore, Region, RestoreOptions};
 use crate::error::{CkptError, Result};
+use crate::manifest::RegionEntry;
+use crate::vram::{self, merge_spans, vmm_span};
 
-/// Where [`restore_mapped`] puts the regions.
+/// Where [`restore_mapped`] puts the regions (host memory for DRAM regions, device memory from
+/// the CUDA VMM API on the recorded GPU for VRAM ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
     /// Wherever the kernel maps them.
     Anywhere,
-    /// At the virtual addresses recorded when they were saved (`MAP_FIXED_NOREPLACE`), so that
-    /// pointers inside them stay valid; an error names the region whose range is taken.
+    /// At the virtual addresses recorded when they were saved (`MAP_FIXED_NOREPLACE`; for VRAM
+    /// `cuMemAddressReserve` at the address), so that pointers inside them stay valid; an error
+    /// names the region whose range is taken or whose device is not here.
     Recorded,
 }
 
@@ -35,7 +41,9 @@ pub struct RestoredRegion {
 pub struct Restored {
     regions: Vec<RestoredRegion>,
     reg: Option<Registration>,
+    vram_reg: Option<Registration>,
     maps: Vec<Mapping>,
+    vmm: Vec<VmmAlloc>,
 }
 
 impl Restored {
@@ -57,10 +65,16 @@ impl Restored {
     /// Keeps the memory mapped and registered for the rest of the process (state restored at
     /// its recorded addresses usually lives that long). Returns the regions.
     pub fn leak(mut self) -> Vec<RestoredRegion> {
-        if let Some(r) = self.reg.take() {
+        for r in [self.reg.take(), self.vram_reg.take()]
+            .into_iter()
+            .flatten()
+        {
             r.forget();
         }
         self.maps.clear();
+        for a in self.vmm.drain(..) {
+            std::mem::forget(a);
+        }
         std::mem::take(&mut self.regions)
     }
 }
@@ -69,6 +83,9 @@ impl Drop for Restored {
     fn drop(&mut self) {
         // Deregistration first: it waits for transfers that still use the memory.
         drop(self.reg.take());
+        drop(self.vram_reg.take());
+        // VMM allocations unmap and release themselves (errors logged, never a panic).
+        self.vmm.clear();
         for m in self.maps.drain(..) {
             // SAFETY: the mapping was made by `map` and nothing registered refers to it now.
             if unsafe { libc::munmap(m.addr as *mut libc::c_void, m.len) } != 0 {
@@ -84,9 +101,9 @@ impl Drop for Restored {
 }
 
 #[derive(Debug)]
-struct Mapping {
-    addr: usize,
-    len: usize,
+pub(crate) struct Mapping {
+    pub(crate) addr: usize,
+    pub(crate) len: usize,
 }
 
 fn page_size() -> u64 {
@@ -101,7 +118,7 @@ fn page_size() -> u64 {
 
 /// Maps `len` bytes of fresh anonymous memory, at `at` exactly (`MAP_FIXED_NOREPLACE`) or
 /// anywhere.
-fn map(at: Option<u64>, len: u64, what: &str) -> Result<Mapping> {
+pub(crate) fn map(at: Option<u64>, len: u64, what: &str) -> Result<Mapping> {
     let len = usize::try_from(len)
         .map_err(|_| CkptError::InvalidArgument(format!("{what}: {len} bytes do not fit")))?;
     let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
@@ -150,9 +167,12 @@ pub fn restore_mapped(
         None => m.regions.iter().collect(),
         Some(ns) => ns.iter().map(|n| m.find(n)).collect::<Result<_>>()?,
     };
-    if let Some(e) = entries.iter().find(|e| e.kind != MemKind::Dram) {
-        return Err(CkptError::Unsupported(format!(
-            "region {:?} is {}: only DRAM regions are restored today",
+    if let Some(e) = entries
+        .iter()
+        .find(|e| e.kind != MemKind::Dram && e.kind != MemKind::Vram)
+    {
+        return Err(CkptError::Manifest(format!(
+            "region {:?} is {} memory",
             e.name, e.kind
         )));
     }
@@ -160,12 +180,16 @@ pub fn restore_mapped(
     let mut out = Restored {
         regions: Vec::new(),
         reg: None,
+        vram_reg: None,
         maps: Vec::new(),
+        vmm: Vec::new(),
     };
+    let (vram, dram): (Vec<&RegionEntry>, Vec<&RegionEntry>) =
+        entries.iter().partition(|e| e.kind == MemKind::Vram);
     let mut regions = Vec::new();
     match placement {
         Placement::Anywhere => {
-            for e in &entries {
+            for e in &dram {
                 let mp = map(
                     None,
                     e.len.div_ceil(page) * page,
@@ -178,43 +202,63 @@ pub fn restore_mapped(
         Placement::Recorded => {
             // Page spans of the regions, merged where regions share pages.
             let mut spans: Vec<(u64, u64, String)> = Vec::new();
-            for e in &entries {
-                let end = e.addr.checked_add(e.len).ok_or_else(|| {
-                    CkptError::Manifest(format!("region {:?} wraps the address space", e.name))
-                })?;
-                let start = e.addr - e.addr % page;
-                let end = end.div_ceil(page) * page;
+            for e in &dram {
+                let (start, end) = vmm_span(e.addr, e.len, page)?;
                 spans.push((start, end, e.name.clone()));
                 regions.push(Region::dram(e.name.clone(), e.addr, e.len));
             }
-            spans.sort();
-            let mut merged: Vec<(u64, u64, String)> = Vec::new();
-            for s in spans {
-                match merged.last_mut() {
-                    Some(last) if s.0 <= last.1 => {
-                        last.1 = last.1.max(s.1);
-                        last.2 = format!("{}, {:?}", last.2, s.2);
-                    }
-                    _ => merged.push((s.0, s.1, format!("{:?}", s.2))),
-                }
-            }
-            for (start, end, who) in merged {
+            for (start, end, who) in merge_spans(spans) {
                 let what = format!("region {who}");
                 let mp = map(Some(start), end - start, &what)?;
                 out.maps.push(mp);
             }
         }
     }
-    let descs: Vec<Desc> = regions
-        .iter()
-        .map(|r| Desc::new(r.addr, r.len, 0))
-        .collect();
-    let list = DescList::from_descs(MemKind::Dram, descs)
-        .map_err(|e| CkptError::agent("restored regions", e))?;
-    // SAFETY: the regions lie in mappings owned by `out`, which deregisters before unmapping.
-    let reg = unsafe { agent.register(&list) }
-        .map_err(|e| CkptError::agent("register the restored regions with the agent", e))?;
-    out.reg = Some(reg);
+    // VRAM: device memory on the recorded GPU, one VMM allocation per region (anywhere) or per
+    // granule-aligned span of regions on one GPU (at the recorded addresses).
+    let mut vregions = Vec::new();
+    let mut devs: Vec<u64> = vram.iter().map(|e| e.dev_id).collect();
+    devs.sort_unstable();
+    devs.dedup();
+    for dev in devs {
+        let on: Vec<_> = vram.iter().filter(|e| e.dev_id == dev).collect();
+        let ctx = vram::device(&on[0].name, dev)?;
+        match placement {
+            Placement::Anywhere => {
+                for e in on {
+                    let what = format!("region {:?}", e.name);
+                    let a = vram::vmm_alloc(&ctx, None, e.len, &what)?;
+                    vregions.push(vram_region(e, a.addr()));
+                    out.vmm.push(a);
+                }
+            }
+            Placement::Recorded => {
+                let g = vram::granularity(&ctx, &format!("region {:?}", on[0].name))?;
+                let mut spans = Vec::new();
+                for e in on {
+                    let (start, end) = vmm_span(e.addr, e.len, g)?;
+                    spans.push((start, end, e.name.clone()));
+                    vregions.push(vram_region(e, e.addr));
+                }
+                for (start, end, who) in merge_spans(spans) {
+                    let what = format!("region {who}");
+                    out.vmm.push(vram::vmm_alloc(
+                        &ctx,
+                        Some((start, end)),
+                        end - start,
+                        &what,
+                    )?);
+                }
+            }
+        }
+    }
+    if !regions.is_empty() {
+        out.reg = Some(register(agent, MemKind::Dram, &regions)?);
+    }
+    if !vregions.is_empty() {
+        out.vram_reg = Some(register(agent, MemKind::Vram, &vregions)?);
+    }
+    regions.extend(vregions);
     // SAFETY: the memory is ours, mapped above, and no reference to it exists.
     unsafe { restore(agent, uri, &regions, &RestoreOptions::default()) }?;
     out.regions = regions
@@ -226,4 +270,33 @@ pub fn restore_mapped(
         })
         .collect();
     Ok(out)
+}
+
+fn vram_region(e: &RegionEntry, addr: u64) -> Region {
+    Region {
+        name: e.name.clone(),
+        kind: MemKind::Vram,
+        addr,
+        len: e.len,
+        dev_id: e.dev_id,
+    }
+}
+
+/// Registers `regions` (all of `kind`, in memory owned by a [`Restored`], which deregisters
+/// before unmapping) with `agent`.
+fn register(agent: &Agent, kind: MemKind, regions: &[Region]) -> Result<Registration> {
+    let descs: Vec<Desc> = regions
+        .iter()
+        .map(|r| Desc::new(r.addr, r.len, r.dev_id))
+        .collect();
+    let list =
+        DescList::from_descs(kind, descs).map_err(|e| CkptError::agent("restored regions", e))?;
+    // SAFETY: the regions lie in mappings owned by the `Restored` the registration goes into,
+    // which deregisters before unmapping.
+    unsafe { agent.register(&list) }.map_err(|e| {
+        CkptError::agent(
+            format!("register the restored {kind} regions with the agent"),
+            e,
+        )
+    })
 }

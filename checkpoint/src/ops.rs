@@ -42,10 +42,16 @@ pub enum Location {
         /// Key prefix.
         prefix: String,
     },
+    /// `nixl://HOST:PORT`: a peer agent serving the checkpoint from its memory
+    /// (`nixl-ckpt serve`), read over `tcp`.
+    Peer {
+        /// The peer's tcp listener, `HOST:PORT`.
+        addr: String,
+    },
 }
 
 impl Location {
-    /// Parses a URI: `s3://bucket/prefix`, `file://path`, or a plain path.
+    /// Parses a URI: `s3://bucket/prefix`, `nixl://HOST:PORT`, `file://path`, or a plain path.
     pub fn parse(uri: &str) -> Result<Location> {
         if uri.is_empty() {
             return Err(CkptError::InvalidArgument(
@@ -63,9 +69,22 @@ impl Location {
                 ))),
             };
         }
+        if let Some(rest) = uri.strip_prefix("nixl://") {
+            let addr = rest.trim_end_matches('/');
+            return match addr.rsplit_once(':') {
+                Some((h, p))
+                    if !h.is_empty() && p.parse::<u16>().is_ok() && !addr.contains('/') =>
+                {
+                    Ok(Location::Peer { addr: addr.into() })
+                }
+                _ => Err(CkptError::InvalidArgument(format!(
+                    "{uri}: expected nixl://HOST:PORT (a peer serving a checkpoint)"
+                ))),
+            };
+        }
         if uri.contains("://") && !uri.starts_with("file://") {
             return Err(CkptError::InvalidArgument(format!(
-                "{uri}: a checkpoint is a directory path or s3://bucket/prefix"
+                "{uri}: a checkpoint is a directory path, s3://bucket/prefix or nixl://HOST:PORT"
             )));
         }
         Ok(Location::Dir(PathBuf::from(
@@ -81,6 +100,11 @@ impl Location {
                 "s3://{bucket}/{prefix}: this operation reads directories only; for object \
                  stores use read_manifest_with / restore_mapped with an agent running the \
                  object backend (nixl-ckpt inspect and verify do); copy and rm are not built"
+            ))),
+            Location::Peer { addr } => Err(CkptError::Unsupported(format!(
+                "nixl://{addr}: this operation reads directories only; a served checkpoint is \
+                 read with an agent running the tcp backend (restore, restore_mapped, \
+                 read_manifest_with)"
             ))),
         }
     }

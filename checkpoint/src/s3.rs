@@ -81,6 +81,7 @@ pub(crate) unsafe fn save(
     agent: &Agent,
     loc: &S3Loc,
     regions: &[Region],
+    origin: &[Region],
     opts: &SaveOptions,
     metadata: String,
 ) -> Result<SaveReport> {
@@ -116,7 +117,7 @@ pub(crate) unsafe fn save(
     written?;
     let hashes =
         hashes.map_err(|_| CkptError::InvalidArgument("checksum thread panicked".into()))?;
-    let mut entries = crate::dir::entries_of(regions);
+    let mut entries = crate::dir::entries_of(origin);
     for (k, &(ri, ci, _, len)) in chunks.iter().enumerate() {
         entries[ri].chunks.push(Chunk {
             file: ri as u32,

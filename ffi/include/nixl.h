@@ -121,7 +121,8 @@ typedef struct nixl_ckpt_region {
    */
   const char *name;
   /**
-   * Memory kind (`NIXL_DRAM`; VRAM is `NIXL_ERR_UNAVAILABLE` today).
+   * Memory kind: `NIXL_DRAM`, or `NIXL_VRAM` (staged through host memory;
+   * `NIXL_ERR_UNAVAILABLE` without a CUDA driver).
    */
   int32_t kind;
   /**

@@ -11,7 +11,8 @@ use nixl_checkpoint::{CkptError, Region, RestoreOptions, SaveOptions};
 pub struct nixl_ckpt_region {
     /// NUL-terminated UTF-8 name, unique in the checkpoint.
     pub name: *const c_char,
-    /// Memory kind (`NIXL_DRAM`; VRAM is `NIXL_ERR_UNAVAILABLE` today).
+    /// Memory kind: `NIXL_DRAM`, or `NIXL_VRAM` (staged through host memory;
+    /// `NIXL_ERR_UNAVAILABLE` without a CUDA driver).
     pub kind: i32,
     /// Virtual address.
     pub addr: u64,

@@ -1614,6 +1614,29 @@ impl fmt::Debug for VmmAlloc {
 impl VmmAlloc {
     /// Creates `size` bytes (already rounded to the granularity) exportable as `handle_types`.
     pub fn new(ctx: &Arc<DeviceCtx>, size: usize, handle_types: u32) -> CuRes<VmmAlloc> {
+        Self::create(ctx, size, handle_types, 0)
+    }
+
+    /// As [`VmmAlloc::new`], mapped at the device address `at` exactly (a multiple of the
+    /// granularity): `cuMemAddressReserve` takes it as a hint, and a range it cannot give there
+    /// (taken, or outside what the driver manages) is an error naming it, never another place.
+    pub fn new_at(
+        ctx: &Arc<DeviceCtx>,
+        size: usize,
+        handle_types: u32,
+        at: u64,
+    ) -> CuRes<VmmAlloc> {
+        if at == 0 {
+            return Err(CuError {
+                op: "cuMemAddressReserve",
+                code: CUDA_ERROR_NOT_SUPPORTED,
+                name: "a fixed address of 0".into(),
+            });
+        }
+        Self::create(ctx, size, handle_types, at)
+    }
+
+    fn create(ctx: &Arc<DeviceCtx>, size: usize, handle_types: u32, at: u64) -> CuRes<VmmAlloc> {
         let _g = ctx.enter()?;
         let prop = ctx.vmm_prop(handle_types);
         let mut handle: CuMemHandle = 0;
@@ -1630,12 +1653,23 @@ impl VmmAlloc {
             mapped: false,
         };
         let mut va: CuDevicePtr = 0;
-        // SAFETY: reserves a fresh range; writes its start.
+        // SAFETY: reserves a fresh range (at `at` when the driver can, a hint only); writes its
+        // start.
         ctx.check("cuMemAddressReserve", unsafe {
-            (ctx.drv.api.mem_address_reserve)(&mut va, size, 0, 0, 0)
+            (ctx.drv.api.mem_address_reserve)(&mut va, size, 0, at, 0)
         })?;
         me.va = va;
         me.reserved = true;
+        if at != 0 && va != at {
+            // Dropping `me` frees the range given elsewhere and releases the handle.
+            return Err(CuError {
+                op: "cuMemAddressReserve",
+                code: CUDA_ERROR_NOT_SUPPORTED,
+                name: format!(
+                    "the range {at:#x}+{size} is taken in this process (the driver offered {va:#x})"
+                ),
+            });
+        }
         // SAFETY: maps our whole allocation at offset 0 into our fresh range.
         ctx.check("cuMemMap", unsafe {
             (ctx.drv.api.mem_map)(va, size, 0, handle, 0)

@@ -61,6 +61,15 @@ enum Cmd {
         /// Checkpoint directory.
         uri: String,
     },
+    /// Hold a checkpoint in registered memory (every byte verified) and serve it to peers over
+    /// tcp until killed: they restore from `nixl://HOST:PORT` (printed on stdout first).
+    Serve {
+        /// Checkpoint (directory or s3://bucket/prefix).
+        uri: String,
+        /// Listen address of the tcp backend.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
     /// Save and restore SIZE bytes of host memory through an agent, with the GB/s of each.
     Bench {
         /// Directory to save into (removed afterwards).
@@ -243,9 +252,54 @@ fn s3_agent() -> Result<nixl_core::Agent, CkptError> {
     Ok(a)
 }
 
+/// `nixl-ckpt serve`: never returns unless it fails.
+fn serve(cli: &Cli, uri: &str, listen: &str) -> Result<Value, CkptError> {
+    let bad = |e: nixl_core::Error| CkptError::InvalidArgument(format!("serving agent: {e}"));
+    if listen.contains('"') || listen.contains('\n') {
+        return Err(CkptError::InvalidArgument(format!("--listen {listen:?}")));
+    }
+    let extra = if is_s3(uri) { ", \"object\"" } else { "" };
+    let cfg = nixl_transports::config::Config::from_toml(&format!(
+        "backends = [\"tcp\", \"uring\", \"posix\"{extra}]\n[tcp]\nlisten = \"{listen}\"\n"
+    ))
+    .map_err(bad)?;
+    let a = nixl_core::Agent::builder(format!("nixl-ckpt-serve-{}", std::process::id()))
+        .backends(cfg.backends().map_err(bad)?)
+        .build()
+        .map_err(bad)?;
+    let served = nixl_checkpoint::serve(&a, uri)?;
+    let addrs = nixl_transports::tcp::listen_addrs_in(&a.metadata());
+    let at = addrs
+        .first()
+        .ok_or_else(|| CkptError::InvalidArgument("the tcp backend has no listener".into()))?;
+    let m = served.manifest();
+    let v = json!({
+        "ok": true,
+        "serving": uri,
+        "uri": format!("nixl://{at}"),
+        "regions": m.regions.len(),
+        "bytes": m.total_bytes(),
+    });
+    if cli.json {
+        println!("{v}");
+    } else {
+        println!(
+            "serving {uri} ({} in {} regions) at nixl://{at}",
+            human(m.total_bytes()),
+            m.regions.len()
+        );
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::park();
+    }
+}
+
 fn run(cli: &Cli) -> Result<Value, CkptError> {
     let p = progress(cli.quiet);
     match &cli.cmd {
+        Cmd::Serve { uri, listen } => serve(cli, uri, listen),
         Cmd::Inspect { uri } => {
             let m = if is_s3(uri) {
                 nixl_checkpoint::read_manifest_with(&s3_agent()?, uri)?

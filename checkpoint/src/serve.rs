@@ -1,0 +1,351 @@
+//! A checkpoint held in registered memory and served to peers over `tcp`, as a weight source is
+//! (`nixl-ckpt serve URI`), and restored from such a peer (`nixl://HOST:PORT`) with one-sided
+//! READs alone.
+//!
+//! The server restores the checkpoint into memory it maps and registers (every byte verified),
+//! and registers one more region, the control region:
+//!
+//! ```text
+//! header page (4096 bytes): magic "NIXLCKSV" | version u32 | regions u32 | manifest_len u64
+//!                           | xxh3-64 of everything after the header page, u64
+//! manifest (as stored, see manifest.rs), then per region in manifest order { addr u64, len u64 }:
+//! where the region lives in the server's memory now
+//! ```
+//!
+//! A restorer fetches the server's agent metadata from its listener, finds the control region
+//! among its registered DRAM regions by the magic (a bounded number of probes), READs the
+//! manifest and table (checking the digest; the manifest decoded as untrusted, every served
+//! region checked to lie inside a region the server registered and to have its entry's length),
+//! then READs the chunks straight into the caller's memory; each chunk is verified against the
+//! manifest before the restore reports success, as from a directory.
+
+use std::time::Duration;
+
+use nixl_core::{Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
+use nixl_transports::tcp::{fetch_metadata, Auth};
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::dir::Region;
+use crate::error::{CkptError, Result};
+use crate::manifest::{Manifest, RegionEntry, MAX_MANIFEST_BYTES, MAX_REGIONS};
+use crate::mapped::{restore_mapped, Placement, Restored};
+
+/// The first bytes of a control region.
+pub const MAGIC: [u8; 8] = *b"NIXLCKSV";
+/// Version of the control region's layout.
+pub const VERSION: u32 = 1;
+/// Size of the header page.
+pub const HEADER: u64 = 4096;
+/// Most registered regions of a peer probed for the control region.
+pub const MAX_PROBED_REGIONS: usize = 256;
+/// Bound on one metadata fetch or one READ from a peer.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How a restorer authenticates to the peer: `NIXL_SECRET`, else this user's per-host secret
+/// (as the `tcp` backend's defaults).
+pub(crate) fn auth() -> Auth {
+    Auth::from_settings(None, None, false)
+}
+
+/// A checkpoint served from this process's memory; dropping it stops serving it.
+#[derive(Debug)]
+pub struct Served {
+    // Field order: the control registration goes before its buffer.
+    ctrl_reg: Option<Registration>,
+    ctrl: Vec<u8>,
+    restored: Restored,
+    manifest: Manifest,
+}
+
+impl Served {
+    /// The checkpoint's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The control region peers find the checkpoint by.
+    pub fn control_region(&self) -> Desc {
+        Desc::new(self.ctrl.as_ptr() as u64, self.ctrl.len() as u64, 0)
+    }
+
+    /// The regions, where they live in this process.
+    pub fn restored(&self) -> &Restored {
+        &self.restored
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        drop(self.ctrl_reg.take());
+    }
+}
+
+/// Loads the checkpoint at `uri` into memory registered with `agent` (every byte verified) and
+/// publishes it for peers that reach `agent` (its `tcp` backend) to restore from. VRAM regions
+/// are not served (the error says so).
+pub fn serve(agent: &Agent, uri: &str) -> Result<Served> {
+    let m = crate::dir::read_manifest_with(agent, uri)?;
+    if let Some(e) = m.regions.iter().find(|e| e.kind != MemKind::Dram) {
+        return Err(CkptError::Unsupported(format!(
+            "region {:?} is {}: only DRAM regions are served to peers",
+            e.name, e.kind
+        )));
+    }
+    let restored = restore_mapped(agent, uri, None, Placement::Anywhere)?;
+    let mut body = m.encode();
+    for e in &m.regions {
+        let r = restored.region(&e.name).ok_or_else(|| {
+            CkptError::InvalidArgument(format!("region {:?} was not restored", e.name))
+        })?;
+        body.extend_from_slice(&r.addr.to_le_bytes());
+        body.extend_from_slice(&r.len.to_le_bytes());
+    }
+    let manifest_len = body.len() as u64 - 16 * m.regions.len() as u64;
+    let mut ctrl = vec![0u8; HEADER as usize];
+    ctrl[..8].copy_from_slice(&MAGIC);
+    ctrl[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    ctrl[12..16].copy_from_slice(&(m.regions.len() as u32).to_le_bytes());
+    ctrl[16..24].copy_from_slice(&manifest_len.to_le_bytes());
+    ctrl[24..32].copy_from_slice(&xxh3_64(&body).to_le_bytes());
+    ctrl.extend_from_slice(&body);
+    let desc = Desc::new(ctrl.as_ptr() as u64, ctrl.len() as u64, 0);
+    let list = DescList::from_descs(MemKind::Dram, vec![desc])
+        .map_err(|e| CkptError::agent("control region", e))?;
+    // SAFETY: `ctrl` is owned by the `Served` the registration goes into, never resized, and
+    // dropped after the registration (its Drop deregisters first).
+    let reg = unsafe { agent.register(&list) }
+        .map_err(|e| CkptError::agent("register the control region", e))?;
+    Ok(Served {
+        ctrl_reg: Some(reg),
+        ctrl,
+        restored,
+        manifest: m,
+    })
+}
+
+/// A peer serving a checkpoint, as found by [`open`].
+pub(crate) struct PeerCkpt {
+    pub agent: String,
+    pub manifest: Manifest,
+    /// Where each region of the manifest lives in the peer, in manifest order.
+    pub served: Vec<Desc>,
+}
+
+/// READs `len` bytes of peer memory at `remote` into registered local memory at `local`.
+fn read(agent: &Agent, peer: &str, local: Vec<Desc>, remote: Vec<Desc>) -> nixl_core::Result<()> {
+    let l = DescList::from_descs(MemKind::Dram, local)?;
+    let r = DescList::from_descs(MemKind::Dram, remote)?;
+    let x = agent.create_xfer(
+        XferOp::Read,
+        &l,
+        &r,
+        peer,
+        XferOptions {
+            deadline: Some(PEER_TIMEOUT),
+            ..Default::default()
+        },
+    )?;
+    x.post()?;
+    x.wait_blocking(Some(PEER_TIMEOUT + Duration::from_secs(1)))
+        .into_result()
+}
+
+/// A buffer registered with the agent for the length of one READ.
+fn read_buf(agent: &Agent, peer: &str, remote: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    let d = Desc::from_mut_slice(&mut buf);
+    let list = DescList::from_descs(MemKind::Dram, vec![d])
+        .map_err(|e| CkptError::agent(what.to_owned(), e))?;
+    // SAFETY: `buf` outlives the registration (dropped at the end of this function, after the
+    // READ has ended) and is not touched meanwhile.
+    let reg = unsafe { agent.register(&list) }.map_err(|e| CkptError::agent(what.to_owned(), e))?;
+    read(agent, peer, vec![d], vec![Desc::new(remote, len, 0)])
+        .map_err(|e| CkptError::agent(what.to_owned(), e))?;
+    drop(reg);
+    Ok(buf)
+}
+
+/// Finds the checkpoint served at `addr` (`HOST:PORT`) and reads its manifest.
+pub(crate) fn open(agent: &Agent, addr: &str, auth: &Auth) -> Result<PeerCkpt> {
+    let bytes = fetch_metadata(addr, auth, PEER_TIMEOUT)
+        .map_err(|e| CkptError::agent(format!("metadata of the peer {addr}"), e))?;
+    let md = AgentMetadata::decode(&bytes)
+        .map_err(|e| CkptError::Manifest(format!("metadata of the peer {addr}: {e}")))?;
+    let peer = agent
+        .load_remote_md(md.clone())
+        .map_err(|e| CkptError::agent(format!("loading the metadata of {addr}"), e))?;
+    let registered: Vec<Desc> = md
+        .regions
+        .iter()
+        .filter(|r| r.kind == MemKind::Dram)
+        .map(|r| r.desc)
+        .collect();
+    for r in registered.iter().take(MAX_PROBED_REGIONS) {
+        if r.len < HEADER {
+            continue;
+        }
+        let head = read_buf(agent, &peer, r.addr, HEADER, &format!("header from {addr}"))?;
+        if head[..8] != MAGIC {
+            continue;
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([head[o], head[o + 1], head[o + 2], head[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&head[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        let bad = |why: String| CkptError::Manifest(format!("control region of {addr}: {why}"));
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(bad(format!(
+                "version {version}, this build reads {VERSION}"
+            )));
+        }
+        let n = u32_at(12) as usize;
+        let mlen = u64_at(16);
+        if n > MAX_REGIONS || mlen > MAX_MANIFEST_BYTES as u64 {
+            return Err(bad(format!(
+                "{n} regions, a manifest of {mlen} bytes: over the limits"
+            )));
+        }
+        let body_len = mlen + 16 * n as u64;
+        if HEADER + body_len > r.len {
+            return Err(bad(format!(
+                "{body_len} bytes after the header, and the region holds {}",
+                r.len
+            )));
+        }
+        let body = read_buf(
+            agent,
+            &peer,
+            r.addr + HEADER,
+            body_len,
+            &format!("manifest from {addr}"),
+        )?;
+        if xxh3_64(&body) != u64_at(24) {
+            return Err(bad(
+                "the manifest does not match the digest in the header".into()
+            ));
+        }
+        let manifest = Manifest::decode(&body[..mlen as usize])?;
+        if manifest.regions.len() != n {
+            return Err(bad(format!(
+                "a table of {n} regions for a manifest of {}",
+                manifest.regions.len()
+            )));
+        }
+        let mut served = Vec::with_capacity(n);
+        for (i, e) in manifest.regions.iter().enumerate() {
+            let o = mlen as usize + 16 * i;
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&body[o..o + 8]);
+            let mut l = [0u8; 8];
+            l.copy_from_slice(&body[o + 8..o + 16]);
+            let d = Desc::new(u64::from_le_bytes(a), u64::from_le_bytes(l), 0);
+            check_served(&registered, e, d).map_err(bad)?;
+            served.push(d);
+        }
+        return Ok(PeerCkpt {
+            agent: peer,
+            manifest,
+            served,
+        });
+    }
+    Err(CkptError::NoCheckpoint {
+        location: format!("nixl://{addr}"),
+        reason: format!(
+            "the agent there ({}) registers no control region of a served checkpoint",
+            md.name
+        ),
+    })
+}
+
+/// Whether the served copy `d` of `e` has its length and lies inside a registered region.
+fn check_served(registered: &[Desc], e: &RegionEntry, d: Desc) -> std::result::Result<(), String> {
+    if d.len != e.len {
+        return Err(format!(
+            "region {:?} served with {} bytes, the manifest says {}",
+            e.name, d.len, e.len
+        ));
+    }
+    let end = d.addr.checked_add(d.len);
+    let inside = registered
+        .iter()
+        .any(|r| r.addr <= d.addr && end.is_some_and(|x| x <= r.addr.saturating_add(r.len)));
+    if !inside {
+        return Err(format!(
+            "region {:?} served at {:#x}+{}, outside what the peer registered",
+            e.name, d.addr, d.len
+        ));
+    }
+    Ok(())
+}
+
+/// READs the chunks of `chosen` from the peer into the caller's regions; returns the chunks
+/// read, `(index in chosen, chunk, addr, len)`, for the caller to verify.
+///
+/// # Safety
+/// As [`crate::restore`].
+pub(crate) unsafe fn read_regions(
+    agent: &Agent,
+    p: &PeerCkpt,
+    chosen: &[(&Region, &RegionEntry)],
+) -> Result<Vec<(usize, usize, u64, u64)>> {
+    let cs = p.manifest.chunk_size;
+    let mut local = Vec::new();
+    let mut remote = Vec::new();
+    let mut chunks = Vec::new();
+    for (ri, (r, e)) in chosen.iter().enumerate() {
+        let i = p
+            .manifest
+            .regions
+            .iter()
+            .position(|x| x.name == e.name)
+            .ok_or_else(|| {
+                CkptError::Manifest(format!("region {:?} changed on the peer", e.name))
+            })?;
+        for (ci, c) in e.chunks.iter().enumerate() {
+            let off = ci as u64 * cs;
+            local.push(Desc::new(r.addr + off, c.len, 0));
+            remote.push(Desc::new(p.served[i].addr + off, c.len, 0));
+            chunks.push((ri, ci, r.addr + off, c.len));
+        }
+    }
+    read(agent, &p.agent, local, remote).map_err(|e| CkptError::Corrupt {
+        region: chosen
+            .iter()
+            .map(|(r, _)| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        chunk: None,
+        reason: format!("reading from the peer failed: {e}"),
+        memory_written: true,
+    })?;
+    Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_regions_must_match_and_lie_inside_registrations() {
+        let e = RegionEntry {
+            name: "w".into(),
+            kind: MemKind::Dram,
+            dev_id: 0,
+            addr: 0x1000,
+            len: 100,
+            chunks: Vec::new(),
+        };
+        let regs = [Desc::new(0x10_000, 4096, 0)];
+        assert!(check_served(&regs, &e, Desc::new(0x10_000, 100, 0)).is_ok());
+        assert!(check_served(&regs, &e, Desc::new(0x10_000 + 3996, 100, 0)).is_ok());
+        let err = check_served(&regs, &e, Desc::new(0x10_000 + 3997, 100, 0)).unwrap_err();
+        assert!(err.contains("outside"), "{err}");
+        let err = check_served(&regs, &e, Desc::new(0x10_000, 99, 0)).unwrap_err();
+        assert!(err.contains("99 bytes"), "{err}");
+        assert!(check_served(&regs, &e, Desc::new(u64::MAX - 10, 100, 0)).is_err());
+    }
+}

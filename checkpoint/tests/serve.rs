@@ -1,0 +1,232 @@
+//! A checkpoint served from a peer's memory (`nixl-ckpt serve`, another process) and restored
+//! from `nixl://HOST:PORT` over tcp: into the caller's regions, into mapped memory, and the
+//! errors for a peer that is not there or serves no checkpoint.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use nixl_checkpoint::{
+    ops, read_manifest_with, restore, restore_mapped, save, CkptError, Placement, Region,
+    RestoreOptions, SaveOptions,
+};
+use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
+use nixl_transports::config::Config;
+
+fn agent(toml: &str) -> Agent {
+    let cfg = Config::from_toml(toml).unwrap();
+    Agent::builder(format!(
+        "ckpt-serve-test-{:x}",
+        nixl_core::random_u64().unwrap()
+    ))
+    .backends(cfg.backends().unwrap())
+    .build()
+    .unwrap()
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn register(a: &Agent, d: Desc) -> Registration {
+    // SAFETY: the test's buffers outlive the registration.
+    unsafe { a.register(&DescList::from_descs(MemKind::Dram, vec![d]).unwrap()) }.unwrap()
+}
+
+fn scratch(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "nixl-ckpt-{tag}-{}-{:x}",
+        std::process::id(),
+        nixl_core::random_u64().unwrap()
+    ))
+}
+
+/// Kills the serving process when the test ends, passing or not.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn restore_from_a_peer_serving_the_checkpoint_over_tcp() {
+    let dir = scratch("serve");
+    let uri = dir.to_str().unwrap();
+    let sizes = [(3 << 20) + 17, 4096, 777];
+    let want: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| pattern(n, i as u64 + 3))
+        .collect();
+    {
+        let a = agent("backends = [\"uring\", \"posix\"]");
+        let mut bufs = want.clone();
+        let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
+        let _regs: Vec<_> = descs.iter().map(|d| register(&a, *d)).collect();
+        let regions: Vec<Region> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
+            .collect();
+        let opts = SaveOptions {
+            chunk_size: 1 << 20,
+            ..SaveOptions::default()
+        };
+        // SAFETY: the buffers are live and unchanged during the call.
+        unsafe { save(&a, uri, &regions, &opts) }.unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+        .args(["serve", uri, "--json", "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Server(child);
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let peer = v["uri"].as_str().unwrap().to_owned();
+    assert!(peer.starts_with("nixl://127.0.0.1:"), "{peer}");
+
+    let a = agent("backends = [\"tcp\", \"posix\"]");
+    assert_eq!(
+        read_manifest_with(&a, &peer).unwrap(),
+        ops::read_manifest(uri).unwrap()
+    );
+
+    // Into the caller's registered regions (two of the three: a partial restore).
+    let mut got: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
+    let descs: Vec<Desc> = got.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
+    let regs: Vec<_> = descs.iter().map(|d| register(&a, *d)).collect();
+    let asked = [
+        Region::dram("r0", descs[0].addr, descs[0].len),
+        Region::dram("r2", descs[2].addr, descs[2].len),
+    ];
+    // SAFETY: the buffers are live and not referenced during the call.
+    let n = unsafe { restore(&a, &peer, &asked, &RestoreOptions::default()) }.unwrap();
+    assert_eq!(n, (sizes[0] + sizes[2]) as u64);
+    drop(regs);
+    assert!(got[0] == want[0] && got[2] == want[2], "bytes differ");
+    assert!(got[1].iter().all(|&b| b == 0), "r1 was not asked for");
+
+    // Into memory the library maps.
+    let r = restore_mapped(&a, &peer, None, Placement::Anywhere).unwrap();
+    for (i, w) in want.iter().enumerate() {
+        let x = r.region(&format!("r{i}")).unwrap();
+        // SAFETY: the region is mapped and written by the restore, which has returned.
+        let b = unsafe { std::slice::from_raw_parts(x.addr as usize as *const u8, x.len as usize) };
+        assert!(b == w.as_slice(), "r{i} differs");
+    }
+    drop(r);
+
+    // A length that does not match is refused before anything is read.
+    let mut small = vec![0u8; 100];
+    let d = Desc::from_mut_slice(&mut small);
+    let _reg = register(&a, d);
+    // SAFETY: as above.
+    let e = unsafe {
+        restore(
+            &a,
+            &peer,
+            &[Region::dram("r1", d.addr, d.len)],
+            &RestoreOptions::default(),
+        )
+    }
+    .unwrap_err();
+    assert!(matches!(e, CkptError::Mismatch { .. }), "{e:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_peer_without_a_checkpoint_or_not_there_is_a_clear_error() {
+    let server = agent("backends = [\"tcp\"]\n[tcp]\nlisten = \"127.0.0.1:0\"\n");
+    let mut junk = pattern(8192, 9);
+    let _reg = register(&server, Desc::from_mut_slice(&mut junk));
+    let at = nixl_transports::tcp::listen_addrs_in(&server.metadata())[0];
+    let a = agent("backends = [\"tcp\"]");
+    match read_manifest_with(&a, &format!("nixl://{at}")) {
+        Err(CkptError::NoCheckpoint { location, reason }) => {
+            assert_eq!(location, format!("nixl://{at}"));
+            assert!(reason.contains("no control region"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A port with nothing listening (bound, then closed).
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = l.local_addr().unwrap();
+    drop(l);
+    let e = read_manifest_with(&a, &format!("nixl://{dead}")).unwrap_err();
+    assert!(e.to_string().contains(&dead.to_string()), "{e}");
+    for bad in ["nixl://", "nixl://host", "nixl://h:99999", "nixl://h:1/x"] {
+        assert!(matches!(
+            read_manifest_with(&a, bad),
+            Err(CkptError::InvalidArgument(_))
+        ));
+    }
+}
+
+#[test]
+fn a_peer_serving_altered_bytes_is_caught_by_the_checksums() {
+    let dir = scratch("serve-bad");
+    let uri = dir.to_str().unwrap();
+    let a = agent("backends = [\"uring\", \"posix\"]");
+    let mut buf = pattern((2 << 20) + 9, 4);
+    let d = Desc::from_mut_slice(&mut buf);
+    let reg = register(&a, d);
+    let opts = SaveOptions {
+        chunk_size: 1 << 20,
+        ..SaveOptions::default()
+    };
+    // SAFETY: `buf` is live and unchanged during the call.
+    unsafe { save(&a, uri, &[Region::dram("w", d.addr, d.len)], &opts) }.unwrap();
+    drop(reg);
+    let server =
+        agent("backends = [\"tcp\", \"uring\", \"posix\"]\n[tcp]\nlisten = \"127.0.0.1:0\"\n");
+    let served = nixl_checkpoint::serve(&server, uri).unwrap();
+    let w = served.restored().region("w").unwrap();
+    // Alter one byte of chunk 1 in the served memory.
+    // SAFETY: the region is mapped by `served`, and no transfer runs while it is written.
+    unsafe { *((w.addr + (1 << 20) + 3) as usize as *mut u8) ^= 0x40 };
+    let at = nixl_transports::tcp::listen_addrs_in(&server.metadata())[0];
+    let c = agent("backends = [\"tcp\"]");
+    let mut out = vec![0u8; d.len as usize];
+    let od = Desc::from_mut_slice(&mut out);
+    let _oreg = register(&c, od);
+    // SAFETY: `out` is live and not referenced during the call.
+    let e = unsafe {
+        restore(
+            &c,
+            &format!("nixl://{at}"),
+            &[Region::dram("w", od.addr, od.len)],
+            &RestoreOptions::default(),
+        )
+    }
+    .unwrap_err();
+    match e {
+        CkptError::Corrupt {
+            region,
+            chunk,
+            memory_written,
+            ..
+        } => assert_eq!(
+            (region.as_str(), chunk, memory_written),
+            ("w", Some(1), true)
+        ),
+        other => panic!("{other:?}"),
+    }
+    drop(served);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

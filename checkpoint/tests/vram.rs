@@ -1,0 +1,246 @@
+//! VRAM regions: saved from device memory (staged through host memory), restored into the
+//! caller's device memory, into memory the library maps anywhere, and at the recorded device
+//! addresses (CUDA VMM), every byte compared.
+//!
+//! The GPU test runs only with `NIXL_TEST_CUDA=1` (device 0), as the `cuda` backend's tests do,
+//! and is run by `scripts/hw-smoke.sh`; without it the test prints `SKIP` with the reason. The
+//! other test runs everywhere: without a driver it checks the error, with one the bytes.
+//!
+//! ```text
+//! NIXL_TEST_CUDA=1 cargo test --release -p nixl-checkpoint --test vram -- --nocapture
+//! ```
+
+use std::path::PathBuf;
+
+use nixl_checkpoint::manifest::Manifest;
+use nixl_checkpoint::{
+    ops, restore, restore_mapped, save, CkptError, Placement, Region, RestoreOptions, SaveOptions,
+};
+use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
+use nixl_transports::config::Config;
+use nixl_transports::cuda::{CudaBackend, CudaConfig, VmmBuffer};
+
+fn gpu(test: &str) -> bool {
+    if std::env::var("NIXL_TEST_CUDA").as_deref() != Ok("1") {
+        eprintln!("SKIP: {test}: NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)");
+        return false;
+    }
+    true
+}
+
+fn agent(cuda: bool) -> Agent {
+    let cfg = Config::from_toml("backends = [\"uring\", \"posix\"]").unwrap();
+    let mut b = Agent::builder("ckpt-vram-test").backends(cfg.backends().unwrap());
+    if cuda {
+        b = b.backend(CudaBackend::new(CudaConfig {
+            socket_dir: std::env::temp_dir().join(format!("nixl-ckpt-vram-{}", std::process::id())),
+            ..CudaConfig::default()
+        }));
+    }
+    b.build().unwrap()
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "nixl-ckpt-vram-{tag}-{}-{:x}",
+        std::process::id(),
+        nixl_core::random_u64().unwrap()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = vec![0u8; len];
+    for c in v.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let b = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+    v
+}
+
+fn register(a: &Agent, kind: MemKind, d: Desc) -> Registration {
+    // SAFETY: the test's buffers outlive the registration.
+    unsafe { a.register(&DescList::from_descs(kind, vec![d]).unwrap()) }.unwrap()
+}
+
+fn download(buf: &VmmBuffer) -> Vec<u8> {
+    let mut v = vec![0u8; buf.len()];
+    buf.download(0, &mut v).unwrap();
+    v
+}
+
+/// Reads back `len` bytes of device memory at `addr` on device 0 (memory the library mapped).
+fn read_device(addr: u64, len: usize) -> Vec<u8> {
+    let ctx = nixl_transports::cuda::device(0).unwrap();
+    let mut v = vec![0u8; len];
+    // SAFETY: `addr..addr+len` is a live VRAM region of a `Restored` held by the caller.
+    unsafe { nixl_transports::cuda::driver::download(&ctx, &mut v, addr) }.unwrap();
+    v
+}
+
+#[test]
+fn gpu_vram_regions_save_restore_and_recorded_addresses() {
+    if !gpu("gpu_vram_regions_save_restore_and_recorded_addresses") {
+        return;
+    }
+    let a = agent(true);
+    let dir = scratch("gpu");
+    let uri = dir.to_str().unwrap();
+    let len = (5 << 20) + 123;
+    let want = pattern(len, 11);
+    let src = VmmBuffer::new(0, len, false).unwrap();
+    src.upload(0, &want).unwrap();
+    let mut host = pattern(70_001, 12);
+    let host_want = host.clone();
+    let hd = Desc::from_mut_slice(&mut host);
+    let src_reg = register(&a, MemKind::Vram, src.desc());
+    let host_reg = register(&a, MemKind::Dram, hd);
+    let regions = [
+        Region::vram("kv", src.addr(), len as u64, 0),
+        Region::dram("host", hd.addr, hd.len),
+    ];
+    // SAFETY: both regions are live and unchanged during the call.
+    let rep = unsafe { save(&a, uri, &regions, &SaveOptions::default()) }.unwrap();
+    let e = rep.manifest.region("kv").unwrap();
+    assert_eq!(
+        (e.kind, e.dev_id, e.addr, e.len),
+        (MemKind::Vram, 0, src.addr(), len as u64)
+    );
+    ops::verify(uri, None).unwrap();
+
+    // Into the caller's device memory.
+    let dst = VmmBuffer::new(0, len, false).unwrap();
+    dst.upload(0, &vec![0u8; len]).unwrap();
+    let dst_reg = register(&a, MemKind::Vram, dst.desc());
+    let kv = [Region::vram("kv", dst.addr(), len as u64, 0)];
+    // SAFETY: `dst` is live and not referenced during the call.
+    unsafe { restore(&a, uri, &kv, &RestoreOptions::default()) }.unwrap();
+    assert!(download(&dst) == want, "restored VRAM differs");
+    drop(dst_reg);
+
+    // Anywhere, into memory the library maps.
+    let r = restore_mapped(&a, uri, None, Placement::Anywhere).unwrap();
+    let k = r.region("kv").unwrap();
+    assert!(
+        read_device(k.addr, len) == want,
+        "VRAM restored anywhere differs"
+    );
+    drop(r);
+
+    // At the recorded address: taken while `src` lives, then free.
+    let e = restore_mapped(&a, uri, Some(&["kv"]), Placement::Recorded).unwrap_err();
+    assert!(
+        e.to_string().contains("taken") && e.to_string().contains("kv"),
+        "{e}"
+    );
+    let recorded = src.addr();
+    drop(src_reg);
+    drop(src);
+    drop(host_reg);
+    let r = restore_mapped(&a, uri, Some(&["kv"]), Placement::Recorded).unwrap();
+    let k = r.region("kv").unwrap();
+    assert_eq!(k.addr, recorded);
+    assert!(
+        read_device(k.addr, len) == want,
+        "VRAM restored in place differs"
+    );
+    drop(r);
+    assert_eq!(host, host_want);
+
+    // A flipped byte in the VRAM region's data is named.
+    let m = ops::read_manifest(uri).unwrap();
+    let c = m.region("kv").unwrap().chunks[1];
+    let path = dir.join(&m.files[c.file as usize].name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[c.offset as usize + 7] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    match restore_mapped(&a, uri, Some(&["kv"]), Placement::Anywhere) {
+        Err(CkptError::Corrupt { region, chunk, .. }) => {
+            assert_eq!((region.as_str(), chunk), ("kv", Some(1)))
+        }
+        other => panic!("{other:?}"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A checkpoint whose manifest records a VRAM region: without a CUDA driver, restoring it says
+/// why (naming the region); with one (`NIXL_TEST_CUDA=1`), it lands on the GPU, every byte
+/// equal.
+#[test]
+fn vram_region_in_a_manifest_needs_the_driver() {
+    let with_gpu = std::env::var("NIXL_TEST_CUDA").as_deref() == Ok("1");
+    let a = agent(with_gpu);
+    let dir = scratch("nodriver");
+    let uri = dir.to_str().unwrap();
+    let mut buf = pattern(9000, 5);
+    let want = buf.clone();
+    let d = Desc::from_mut_slice(&mut buf);
+    let reg = register(&a, MemKind::Dram, d);
+    // SAFETY: `buf` is live and unchanged during the call.
+    unsafe {
+        save(
+            &a,
+            uri,
+            &[Region::dram("kv", d.addr, d.len)],
+            &SaveOptions::default(),
+        )
+    }
+    .unwrap();
+    drop(reg);
+    // Rewrite the manifest as if the region had been on GPU 0 (the checksum is resealed).
+    let mut m = ops::read_manifest(uri).unwrap();
+    m.regions[0].kind = MemKind::Vram;
+    std::fs::write(dir.join(ops::MANIFEST), m.encode()).unwrap();
+    assert_eq!(
+        Manifest::decode(&m.encode()).unwrap().regions[0].kind,
+        MemKind::Vram
+    );
+    // A DRAM region cannot take a VRAM one.
+    let mut other = vec![0u8; 9000];
+    let od = Desc::from_mut_slice(&mut other);
+    let oreg = register(&a, MemKind::Dram, od);
+    // SAFETY: `other` is live and not referenced during the call.
+    let e = unsafe {
+        restore(
+            &a,
+            uri,
+            &[Region::dram("kv", od.addr, od.len)],
+            &RestoreOptions::default(),
+        )
+    }
+    .unwrap_err();
+    assert!(matches!(e, CkptError::Mismatch { .. }), "{e:?}");
+    drop(oreg);
+    match restore_mapped(&a, uri, None, Placement::Anywhere) {
+        Ok(r) if with_gpu => {
+            let k = r.region("kv").unwrap();
+            assert!(read_device(k.addr, 9000) == want);
+        }
+        Err(CkptError::Unsupported(msg)) if !with_gpu => {
+            eprintln!("without a driver: {msg}");
+            assert!(
+                msg.contains("\"kv\"") && msg.contains("CUDA driver"),
+                "{msg}"
+            );
+        }
+        other => panic!("with_gpu={with_gpu}: {other:?}"),
+    }
+    // A recorded device that is not there is a mismatch naming it (or, without a driver, the
+    // driver's absence).
+    m.regions[0].dev_id = 4000;
+    std::fs::write(dir.join(ops::MANIFEST), m.encode()).unwrap();
+    match restore_mapped(&a, uri, None, Placement::Recorded) {
+        Err(CkptError::Mismatch { region, reason }) if with_gpu => {
+            assert_eq!(region, "kv");
+            assert!(reason.contains("GPU 4000"), "{reason}");
+        }
+        Err(CkptError::Unsupported(msg)) if !with_gpu => assert!(msg.contains("CUDA"), "{msg}"),
+        other => panic!("with_gpu={with_gpu}: {other:?}"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
