@@ -1,5 +1,5 @@
 //! What a tcp peer sends after the handshake: frame bodies of every type (OPEN, WRITE/READ with
-//! their pieces, ACK/DATA answers, NOTIF, metadata and control frames), and the per-purpose
+//! their pieces, ACK/DATA answers, NOTIF, metadata frames (MD_PUSH, MD_DROP, MD) and control frames), and the per-purpose
 //! admission check a listener makes from a frame's header before reading its body. Any input
 //! gives Ok or Err, never a panic or an allocation beyond the frame; a body that decodes
 //! re-encodes to one that decodes to the same value; a decoded transfer never holds more than
@@ -52,6 +52,9 @@ fuzz_target!(|data: &[u8]| {
         }
         7 => {
             let _ = wire::decode_ctrl(body);
+            if wire::decode_md_drop(body).is_ok() {
+                assert!(body.is_empty());
+            }
         }
         _ => {
             // The admission check: any purpose (or none yet) and any type byte.

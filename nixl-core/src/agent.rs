@@ -226,6 +226,32 @@ impl MetadataHooks for AgentInner {
     fn load(&self, bytes: &[u8]) -> Result<String> {
         self.load_remote_md(AgentMetadata::decode(bytes)?)
     }
+
+    fn forget(&self, name: &str, instance: u128) -> Result<bool> {
+        let mut peers = self.peers.write();
+        let Some(p) = peers.get(name) else {
+            return Ok(false);
+        };
+        if p.md.instance_id != instance {
+            return Err(Error::Denied {
+                peer: self.name.to_string(),
+                reason: format!(
+                    "the metadata loaded for '{name}' is of instance {:032x}, not the caller's \
+                     {instance:032x}: an agent may invalidate only its own",
+                    p.md.instance_id
+                ),
+            });
+        }
+        let p = peers.remove(name);
+        drop(peers);
+        if let Some(p) = p {
+            tracing::info!(agent = %self.name, peer = %name, "peer invalidated its metadata");
+            for c in p.conns.lock().values() {
+                c.close();
+            }
+        }
+        Ok(true)
+    }
 }
 
 impl AgentInner {

@@ -304,6 +304,9 @@ pub(crate) trait MetadataHooks: Send + Sync {
     fn metadata(&self) -> Vec<u8>;
     /// Loads a peer's metadata, as [`crate::Agent::load_remote`] does.
     fn load(&self, bytes: &[u8]) -> Result<String>;
+    /// Forgets the peer `name` at a request the peer made itself (see
+    /// [`TargetHandle::drop_pushed`]).
+    fn forget(&self, name: &str, instance: u128) -> Result<bool>;
 }
 
 pub(crate) struct TargetShared {
@@ -362,6 +365,14 @@ impl TargetHandle {
     /// returns the peer's name.
     pub fn load_pushed(&self, bytes: &[u8]) -> Result<String> {
         self.hooks()?.load(bytes)
+    }
+
+    /// Forgets the peer `name` (as [`crate::Agent::invalidate_remote`] does) at the request of
+    /// that peer itself, instance `instance` as its connection proved it: `Ok(false)` when no
+    /// metadata of `name` is loaded, `Err(Denied)` when the loaded metadata is of another
+    /// instance (a stale process may not drop its successor's).
+    pub fn drop_pushed(&self, name: &str, instance: u128) -> Result<bool> {
+        self.hooks()?.forget(name, instance)
     }
 
     /// The agent's name.

@@ -699,10 +699,12 @@ class nixl_agent:
         self.agent.send_md(ip, int(port), 10_000, reg)
 
     def invalidate_local_metadata(self, ip_addr: str = "", port: int = DEFAULT_COMM_PORT) -> None:
-        """Accepted; nixl-rs sends nothing: a peer's requests to this agent fail with
-        ``nixlRemoteDisconnectError`` once it is gone, and a new incarnation replaces its
-        metadata there."""
-        logger.debug("invalidate_local_metadata(%s, %s): nothing to send", ip_addr, port)
+        """Tells the agent listening at ``ip_addr:port`` to drop this agent's metadata, so that
+        its later requests to this agent fail (it must accept pushes, as its listen thread
+        does; it drops only the metadata of the agent the connection proved, this one). Nothing
+        listening there is not an error: a gone peer holds nothing of this agent."""
+        ip = self._peer(ip_addr, "invalidate_local_metadata")
+        self.agent.invalidate_md(ip, int(port), 10_000)
 
     def make_connection(self, remote_agent: str, backends: Optional[list[str]] = None) -> None:
         """Accepted (optional in NIXL): nixl-rs connects on the first request to a peer."""

@@ -22,7 +22,9 @@ use nixl_core::{
     XferStatus,
 };
 use nixl_transports::config::Config;
-use nixl_transports::tcp::{fetch_metadata, listen_addrs_in, push_metadata, Auth};
+use nixl_transports::tcp::{
+    fetch_metadata, invalidate_metadata, listen_addrs_in, push_metadata, Auth, PeerIdentity,
+};
 use parking_lot::Mutex;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyIndexError, PyValueError};
@@ -786,6 +788,28 @@ impl PyAgent {
                     }
                     r => return r,
                 }
+            }
+        })
+        .map_err(err)
+    }
+
+    /// Asks the listener at `ip:port` to drop this agent's metadata (which it does only for the
+    /// agent its connection proved, and only if it accepts pushes); returns whether it had it
+    /// loaded. Nothing listening there is `False`: a gone peer holds nothing of this agent.
+    fn invalidate_md(
+        &self,
+        py: Python<'_>,
+        ip: &str,
+        port: u16,
+        timeout_ms: u64,
+    ) -> PyResult<bool> {
+        let addr = port_addr(ip, port);
+        let s = &self.shared;
+        let me = PeerIdentity::new(s.agent.name(), s.agent.instance_id());
+        py.allow_threads(|| {
+            match invalidate_metadata(&addr, &s.auth, &me, Duration::from_millis(timeout_ms)) {
+                Err(e) if not_listening(&e) => Ok(false),
+                r => r,
             }
         })
         .map_err(err)

@@ -19,6 +19,7 @@ from nixl._bindings import (
     nixlInvalidParamError,
     nixlMismatchError,
     nixlNoTelemetryError,
+    nixlNotAllowedError,
     nixlNotFoundError,
     nixlNotSupportedError,
     nixlRegDList,
@@ -259,6 +260,44 @@ def test_error_classes(pair):
         a.send_local_metadata()  # no central metadata server
     with pytest.raises(nixlNotSupportedError):
         a.estimate_xfer_cost(h)
+
+
+def test_invalidate_local_metadata_removes_us_at_the_peer(name):
+    """Over the listen threads: after ``invalidate_local_metadata`` the peer no longer lists us
+    and its transfers to us raise nixlNotFoundError; a listener that takes no pushes refuses."""
+    a = nixl_agent(name(), nixl_agent_config(True, True, 0))
+    b = nixl_agent(name(), nixl_agent_config(True, True, 0))
+    mine, theirs = np.zeros(4096, dtype=np.uint8), np.full(4096, 9, dtype=np.uint8)
+    a.register_memory(mine)
+    b.register_memory(theirs)
+    port = b.get_listen_port()
+    a.send_local_metadata("127.0.0.1", port)
+    assert b.check_remote_metadata(a.name)
+    h = b.initialize_xfer("WRITE", b.get_xfer_descs(theirs), b.get_xfer_descs(mine), a.name)
+    b.transfer(h)
+    wait_done(b, h)
+    assert (mine == 9).all()
+
+    a.invalidate_local_metadata("127.0.0.1", port)
+    assert not b.check_remote_metadata(a.name)
+    with pytest.raises(nixlNotFoundError):
+        b.initialize_xfer("WRITE", b.get_xfer_descs(theirs), b.get_xfer_descs(mine), a.name)
+    a.invalidate_local_metadata("127.0.0.1", port)  # nothing left there: not an error
+    with pytest.raises(nixlNotSupportedError):
+        a.invalidate_local_metadata()  # no central metadata server
+    h.release()
+
+    closed = nixl_agent(name(), nixl_agent_config(True, True, 0,
+                                                  rs_config="[tcp]\naccept_pushes = false\n"))
+    closed.add_remote_agent(a.get_agent_metadata())
+    with pytest.raises(nixlNotAllowedError, match="accept_pushes"):
+        a.invalidate_local_metadata("127.0.0.1", closed.get_listen_port())
+    assert closed.check_remote_metadata(a.name)
+
+    # A peer that is gone holds nothing of us: quiet, as NIXL's (asynchronous) call is.
+    del b
+    gc.collect()
+    a.invalidate_local_metadata("127.0.0.1", port)
 
 
 def test_abort_and_handles_dropped_in_any_order(name):

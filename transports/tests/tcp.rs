@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use nixl_core::*;
 use nixl_transports::tcp::{
-    fetch_metadata, push_metadata, push_metadata_as, Auth, PeerIdentity, TcpBackend, TcpConfig,
+    fetch_metadata, invalidate_metadata, push_metadata, push_metadata_as, Auth, PeerIdentity,
+    TcpBackend, TcpConfig,
 };
 
 /// Registration for tests: every buffer is declared before its registration (so it outlives
@@ -663,6 +664,71 @@ fn pushes_are_off_by_default_and_an_agent_pushes_only_its_own_metadata() {
         "own-a"
     );
     assert_eq!(c.peers(), vec!["own-a".to_owned()]);
+}
+
+/// An agent asks a peer's listener to drop its metadata (NIXL's `invalidate_local_metadata`):
+/// the peer's requests to it fail from then on. Whose metadata goes is the name and instance the
+/// connection proved (the frame names nobody), and only where pushes are accepted.
+#[test]
+fn an_agent_invalidates_only_its_own_metadata_and_only_where_pushes_are_accepted() {
+    let auth = Auth::host_only;
+    let t = Duration::from_secs(2);
+    let me = |x: &Agent| PeerIdentity::new(x.name(), x.instance_id());
+    let (a, _) = agent("inv-a", cfg(auth()));
+    let (c, _) = agent("inv-c", cfg(auth()));
+    let (b, bb) = agent(
+        "inv-b",
+        TcpConfig {
+            accept_pushes: true,
+            ..cfg(auth())
+        },
+    );
+    let addr = bb.listen_addrs()[0].to_string();
+    let mut src = vec![7u8; 4096];
+    let mut dst = vec![0u8; 4096];
+    let _ra = reg(&a, &mut dst);
+    let _rb = reg(&b, &mut src);
+    for x in [&a, &c] {
+        push_metadata(&addr, &auth(), &x.metadata_bytes(), t).unwrap();
+    }
+    // B writes to A: a connection to A is open when A invalidates.
+    b.create_xfer(XferOp::Write, &one(&src), &one(&dst), "inv-a", opts(None))
+        .unwrap()
+        .run_blocking()
+        .unwrap();
+
+    // C drops only C, whatever it wishes; another instance of A, an anonymous caller, nobody.
+    assert!(invalidate_metadata(&addr, &auth(), &me(&c), t).unwrap());
+    assert!(!invalidate_metadata(&addr, &auth(), &me(&c), t).unwrap());
+    let mut stale = me(&a);
+    stale.instance ^= 1;
+    let err = invalidate_metadata(&addr, &auth(), &stale, t).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    assert!(err.to_string().contains("only its own"), "{err}");
+    let err = invalidate_metadata(&addr, &auth(), &PeerIdentity::anonymous(), t).unwrap_err();
+    assert!(err.to_string().contains("anonymous"), "{err}");
+    assert_eq!(b.peers(), vec!["inv-a".to_owned()]);
+
+    // A drops A: B's next request to A fails cleanly, and nothing of A is left at B.
+    assert!(invalidate_metadata(&addr, &auth(), &me(&a), t).unwrap());
+    assert!(b.peers().is_empty(), "{:?}", b.peers());
+    let err = b
+        .create_xfer(XferOp::Write, &one(&src), &one(&dst), "inv-a", opts(None))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::UnknownPeer(ref p) if p == "inv-a"),
+        "{err}"
+    );
+
+    // A listener that takes no pushes takes no invalidation either, and keeps what it loaded.
+    let (d, db) = agent("inv-d", cfg(auth()));
+    d.load_remote(&a.metadata_bytes()).unwrap();
+    let addr = db.listen_addrs()[0].to_string();
+    let err = invalidate_metadata(&addr, &auth(), &me(&a), t).unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Denied, "{err}");
+    assert!(err.to_string().contains("accept_pushes"), "{err}");
+    assert_eq!(d.peers(), vec!["inv-a".to_owned()]);
 }
 
 /// Metadata that names one agent but sends the initiator to another's listener (a poisoned

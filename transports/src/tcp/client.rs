@@ -1050,33 +1050,38 @@ pub(super) fn metadata_call(
     auth: &auth::Auth,
     timeout: Duration,
     me: &PeerIdentity,
-    push: Option<&[u8]>,
+    req: MdRequest<'_>,
 ) -> Result<Vec<u8>> {
     let who = addr.to_string();
     let (s, listener) = open_call(addr, auth, timeout, Purpose::Metadata, me)?;
-    let mut f = Vec::with_capacity(push.map_or(0, <[u8]>::len) + 16);
-    match push {
-        None => wire::begin(&mut f, wire::MD_GET),
-        Some(md) => {
+    let mut f = Vec::with_capacity(16);
+    let op = match req {
+        MdRequest::Get => {
+            wire::begin(&mut f, wire::MD_GET);
+            wire::finish(&mut f);
+            "fetch metadata"
+        }
+        MdRequest::Push(md) => {
+            f.reserve(md.len());
             wire::begin(&mut f, wire::MD_PUSH);
             wire::put_blob(&mut f, md);
+            wire::finish(&mut f);
+            "push metadata"
         }
-    }
-    wire::finish(&mut f);
+        MdRequest::Drop => {
+            wire::md_drop(&mut f);
+            "invalidate metadata"
+        }
+    };
     let mut body = Vec::new();
     exchange(&s, &who, &f, wire::MD, &mut body)?;
     let (status, bytes) = wire::decode_md(&body).map_err(|e| Error::RemoteDisconnect {
         peer: who.clone(),
         reason: e.to_string(),
     })?;
-    let op = if push.is_some() {
-        "push metadata"
-    } else {
-        "fetch metadata"
-    };
     match status {
         Status::Ok => {
-            if push.is_none() {
+            if matches!(req, MdRequest::Get) {
                 let md = nixl_core::AgentMetadata::decode(bytes)?;
                 if md.name != listener.name || md.instance_id != listener.instance {
                     return Err(Error::Denied {
@@ -1101,6 +1106,17 @@ pub(super) fn metadata_call(
             reason: String::from_utf8_lossy(bytes).into_owned(),
         }),
     }
+}
+
+/// What a metadata connection asks of a listener.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum MdRequest<'a> {
+    /// Its agent's metadata (MD_GET).
+    Get,
+    /// Load these, the caller's own (MD_PUSH).
+    Push(&'a [u8]),
+    /// Drop the caller's metadata (MD_DROP).
+    Drop,
 }
 
 /// One control request to the service of `backend` at a listener, as the agent `me`.

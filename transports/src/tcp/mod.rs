@@ -36,7 +36,8 @@
 //! metadata and control requests are attributed to the proven name only, and the initiator
 //! checks that the listener is the agent its metadata names. The listener also serves the agent's metadata to peers that
 //! fetch it ([`fetch_metadata`]) and, only with `accept_pushes`, loads metadata that an agent
-//! pushes about itself ([`push_metadata`]).
+//! pushes about itself ([`push_metadata`]), or drops it at that agent's request
+//! ([`invalidate_metadata`]).
 //!
 //! What a peer can make the listener hold is bounded: one thread and one fd per connection,
 //! at most `max_conns` connections (and at most half the process's fd limit), `max_conns_per_ip`
@@ -529,7 +530,13 @@ impl Drop for TcpBackend {
 /// anonymous caller): only metadata of the agent the listener proves to be is returned.
 pub fn fetch_metadata(addr: &str, auth: &Auth, timeout: Duration) -> Result<Vec<u8>> {
     let addr = parse_listen(addr)?;
-    client::metadata_call(addr, auth, timeout, &PeerIdentity::anonymous(), None)
+    client::metadata_call(
+        addr,
+        auth,
+        timeout,
+        &PeerIdentity::anonymous(),
+        client::MdRequest::Get,
+    )
 }
 
 /// Pushes this agent's metadata to a peer's `tcp` listener, which loads it if it accepts pushes
@@ -558,8 +565,31 @@ pub fn push_metadata_as(
     timeout: Duration,
 ) -> Result<String> {
     let addr = parse_listen(addr)?;
-    client::metadata_call(addr, auth, timeout, me, Some(md))
+    client::metadata_call(addr, auth, timeout, me, client::MdRequest::Push(md))
         .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// Asks a peer's `tcp` listener to drop the metadata it loaded of this agent, `me` (its name and
+/// instance id), as [`nixl_core::Agent::invalidate_remote`] would there: the peer's later
+/// requests to this agent fail. The listener acts only on the name and instance the connection
+/// proved, and only if it accepts pushes (`accept_pushes`); it refuses (`Denied`) to drop
+/// metadata of another instance of `me`. Returns whether it had this agent's metadata loaded.
+pub fn invalidate_metadata(
+    addr: &str,
+    auth: &Auth,
+    me: &PeerIdentity,
+    timeout: Duration,
+) -> Result<bool> {
+    let addr = parse_listen(addr)?;
+    let answer = client::metadata_call(addr, auth, timeout, me, client::MdRequest::Drop)?;
+    match answer.as_slice() {
+        [0] => Ok(false),
+        [1] => Ok(true),
+        _ => Err(Error::RemoteDisconnect {
+            peer: addr.to_string(),
+            reason: format!("invalidate metadata: an answer of {} bytes", answer.len()),
+        }),
+    }
 }
 
 /// An authenticated data connection to a listener, as an initiator named `name` opens it, for

@@ -607,6 +607,25 @@ fn serve_metadata(
                     },
                 }
             }
+            wire::MD_DROP => {
+                wire::decode_md_drop(body).map_err(wire::bad)?;
+                match check_drop(&shared.cfg, who) {
+                    Err(why) => {
+                        metrics::counter!("nixl_tcp_pushes_refused_total").increment(1);
+                        tracing::warn!(agent = %shared.target.name(), peer = %who,
+                            "metadata invalidation refused: {why}");
+                        wire::md(out, Status::Denied, why.as_bytes());
+                    }
+                    // Only the proven caller's own metadata: no frame names anyone.
+                    Ok(()) => match shared.target.drop_pushed(&who.name, who.instance) {
+                        Ok(loaded) => wire::md(out, Status::Ok, wire::dropped(loaded)),
+                        Err(Error::Denied { reason, .. }) => {
+                            wire::md(out, Status::Denied, reason.as_bytes())
+                        }
+                        Err(e) => wire::md(out, Status::Failed, e.to_string().as_bytes()),
+                    },
+                }
+            }
             t => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -632,6 +651,22 @@ fn check_push(cfg: &TcpConfig, who: &PeerIdentity, md: &[u8]) -> std::result::Re
             "metadata of '{}' (instance {:032x}) pushed by {who}: an agent may push only its own",
             got.name, got.instance_id
         ));
+    }
+    Ok(())
+}
+
+/// Whether a caller may have its metadata dropped: as for pushes, they must be on
+/// (`[tcp] accept_pushes`), and the caller must be an agent (an anonymous caller has no metadata).
+fn check_drop(cfg: &TcpConfig, who: &PeerIdentity) -> std::result::Result<(), String> {
+    if !cfg.accept_pushes {
+        return Err(
+            "this agent does not accept pushed metadata nor its invalidation \
+                    ([tcp] accept_pushes = false)"
+                .into(),
+        );
+    }
+    if who.is_anonymous() {
+        return Err("an anonymous caller has no metadata to invalidate".into());
     }
     Ok(())
 }

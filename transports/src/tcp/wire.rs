@@ -73,6 +73,8 @@ pub const NOTIF: u8 = 4;
 pub const MD_GET: u8 = 5;
 pub const MD_PUSH: u8 = 6;
 pub const CTRL: u8 = 7;
+/// MD_DROP: the caller asks the listener to forget the caller's own metadata (answered with MD).
+pub const MD_DROP: u8 = 8;
 pub const OPENED: u8 = 16;
 pub const ACK: u8 = 17;
 pub const DATA: u8 = 18;
@@ -313,6 +315,27 @@ pub fn decode_md(body: &[u8]) -> Result<(Status, &[u8]), DecodeError> {
     Ok((status, bytes))
 }
 
+/// MD_DROP: asks the listener to drop the caller's metadata. The body is empty: whose metadata
+/// is dropped is the name the connection proved, never anything a frame says.
+pub fn md_drop(out: &mut Vec<u8>) {
+    begin(out, MD_DROP);
+    finish(out);
+}
+
+/// Checks an MD_DROP body (empty).
+pub fn decode_md_drop(body: &[u8]) -> Result<(), DecodeError> {
+    end(&Reader::new(body))
+}
+
+/// The answer to MD_DROP in an MD frame's bytes: whether the caller's metadata was loaded.
+pub fn dropped(loaded: bool) -> &'static [u8] {
+    if loaded {
+        b"\x01"
+    } else {
+        b"\x00"
+    }
+}
+
 /// CTRL: a control request for a backend's service.
 pub fn ctrl(out: &mut Vec<u8>, backend: u8, req: &[u8]) {
     begin(out, CTRL);
@@ -380,7 +403,7 @@ pub fn purpose_limit(purpose: Option<Purpose>, ty: u8) -> Option<usize> {
         (None, OPEN) => Some(OPEN_BYTES),
         (Some(Purpose::Data), WRITE | READ) => Some(XFER_BYTES),
         (Some(Purpose::Data), NOTIF) => Some(MAX_NOTIF + 12),
-        (Some(Purpose::Metadata), MD_GET) => Some(0),
+        (Some(Purpose::Metadata), MD_GET | MD_DROP) => Some(0),
         (Some(Purpose::Metadata), MD_PUSH) => Some(nixl_core::metadata::MAX_METADATA_BYTES + 4),
         (Some(Purpose::Control), CTRL) => Some(crate::control::MAX_CONTROL + 5),
         _ => None,
@@ -477,7 +500,7 @@ mod tests {
             Some(out.len() - 5),
             purpose_limit(Some(Purpose::Data), NOTIF)
         );
-        for ty in [MD_PUSH, MD_GET, CTRL, OPEN, ACK, DATA, 0, 255] {
+        for ty in [MD_PUSH, MD_GET, MD_DROP, CTRL, OPEN, ACK, DATA, 0, 255] {
             assert_eq!(purpose_limit(Some(Purpose::Data), ty), None, "type {ty}");
         }
         for ty in [WRITE, READ, NOTIF, CTRL] {
@@ -487,10 +510,10 @@ mod tests {
                 "type {ty}"
             );
         }
-        for ty in [WRITE, MD_PUSH, MD_GET, OPEN] {
+        for ty in [WRITE, MD_PUSH, MD_GET, MD_DROP, OPEN] {
             assert_eq!(purpose_limit(Some(Purpose::Control), ty), None, "type {ty}");
         }
-        for ty in [WRITE, READ, NOTIF, MD_PUSH, CTRL] {
+        for ty in [WRITE, READ, NOTIF, MD_PUSH, MD_DROP, CTRL] {
             assert_eq!(purpose_limit(None, ty), None, "type {ty} before OPEN");
         }
     }
@@ -526,6 +549,13 @@ mod tests {
             let _ = decode_xfer(junk, &mut pieces);
             let _ = decode_md(junk);
             let _ = decode_notif(junk);
+            let _ = decode_md_drop(junk);
         }
+        md_drop(&mut out);
+        let (ty, b) = body(&out);
+        assert_eq!(ty, MD_DROP);
+        assert_eq!(decode_md_drop(b), Ok(()));
+        assert!(decode_md_drop(&[0]).is_err());
+        assert_eq!(purpose_limit(Some(Purpose::Metadata), MD_DROP), Some(0));
     }
 }
