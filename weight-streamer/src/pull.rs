@@ -10,10 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nixl_core::{Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
+use nixl_core::{
+    Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferOp, XferOptions, XferRequest,
+};
 use nixl_transports::tcp::{fetch_metadata, Auth};
 use parking_lot::{Condvar, Mutex, RwLock};
-use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};
 
 use crate::error::{Error, Result};
 use crate::manifest::{check_file_tensors, Chunk, Manifest};
@@ -27,6 +29,120 @@ pub const MAX_PROBED_REGIONS: usize = 64;
 /// READs failed in a row after which a source is dropped (a dead source fails them at once; a
 /// congested one may time out once and then go on).
 pub const MAX_FAILED_READS: u32 = 3;
+
+/// How often a pull reads the have bytes of the replicas it pulls from: the staler they are,
+/// the more chunks two replicas fetch from an origin at once.
+pub const HAVE_REFRESH: Duration = Duration::from_millis(100);
+
+/// What a pull knows of the serving replicas, as of the last have-byte refresh.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct View {
+    /// Per chunk, the serving replicas (live, no bad chunk so far; origins not counted) that
+    /// hold it or are fetching it.
+    pub(crate) holders: Vec<u16>,
+    /// Per chunk, the replica (of this one and the serving replicas it knows, by rendezvous
+    /// hashing on agent names; as [`salt`] of its name) that takes it from an origin: replicas
+    /// that know each other agree on one taker per chunk without talking, so that an origin
+    /// sends each chunk about once and the replicas spread it.
+    pub(crate) owner: Vec<u64>,
+    /// This replica's [`salt`].
+    pub(crate) me: u64,
+}
+
+/// A replica's own pseudo-random order of the chunks (by agent name).
+pub(crate) fn salt(agent_name: &str) -> u64 {
+    xxh3_64(agent_name.as_bytes())
+}
+
+/// Where chunk `c` comes in the order of the replica with salt `s` (smaller first).
+fn rank(c: usize, s: u64) -> u64 {
+    xxh3_64_with_seed(&(c as u64).to_le_bytes(), s)
+}
+
+impl View {
+    /// The view of `me` among `replicas` (agent names and have bytes).
+    pub(crate) fn new(me: &str, replicas: &[(&str, &[u8])], chunks: usize) -> View {
+        let mut holders = vec![0u16; chunks];
+        for (_, have) in replicas {
+            for (h, &b) in holders.iter_mut().zip(have.iter()) {
+                if b != ABSENT {
+                    *h = h.saturating_add(1);
+                }
+            }
+        }
+        let score =
+            |name: &str, c: usize| (xxh3_64_with_seed(name.as_bytes(), c as u64), salt(name));
+        let owner = (0..chunks)
+            .map(|c| {
+                std::iter::once(me)
+                    .chain(replicas.iter().map(|(n, _)| *n))
+                    .map(|n| score(n, c))
+                    .max()
+                    .map_or(0, |(_, s)| s)
+            })
+            .collect();
+        View {
+            holders,
+            owner,
+            me: salt(me),
+        }
+    }
+}
+
+/// Which kind of source a chunk is picked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum From {
+    /// A replica serving what it pulled.
+    Replica,
+    /// An origin (complete from the start).
+    Origin,
+}
+
+/// The chunk to read next from one source, among `candidates` (pending here, held by that
+/// source).
+///
+/// From a replica: the one the fewest serving replicas hold or are fetching, so that rare
+/// chunks spread first and each replica soon holds something the others lack.
+///
+/// From an origin: only chunks no replica holds or fetches (the origin's link carries what
+/// nobody else can serve); this replica's own ([`View::owner`]) first. With none of its own
+/// left it helps the replica with the most left (one whose link to the origin is slower, or a
+/// stuck one), taking from the back of that replica's order (the chunks it would take last,
+/// so the two rarely take the same one), at an offset of its own (so that two helpers rarely
+/// do either).
+///
+/// Ties go by this replica's own pseudo-random order, so that replicas picking at once from
+/// stale have bytes rarely pick the same chunk (as they did sweeping forward from different
+/// starts, each catching up with the next).
+pub(crate) fn rarest(
+    candidates: impl IntoIterator<Item = usize>,
+    view: &View,
+    from: From,
+) -> Option<usize> {
+    let held = |c: usize| view.holders.get(c).copied().unwrap_or(0);
+    let owner = |c: usize| view.owner.get(c).copied().unwrap_or(view.me);
+    let candidates = candidates.into_iter();
+    if from == From::Replica {
+        return candidates.min_by_key(|&c| (held(c), rank(c, view.me)));
+    }
+    let unheld: Vec<usize> = candidates.filter(|&c| held(c) == 0).collect();
+    let own = unheld.iter().copied().filter(|&c| owner(c) == view.me);
+    if let Some(c) = own.min_by_key(|&c| rank(c, view.me)) {
+        return Some(c);
+    }
+    let mut left: BTreeMap<u64, usize> = BTreeMap::new();
+    for &c in &unheld {
+        *left.entry(owner(c)).or_default() += 1;
+    }
+    let (&behind, _) = left.iter().max_by_key(|&(&o, &n)| (n, o))?;
+    let mut theirs: Vec<usize> = unheld.into_iter().filter(|&c| owner(c) == behind).collect();
+    theirs.sort_by_key(|&c| std::cmp::Reverse(rank(c, behind)));
+    let k = rank(behind as usize, view.me) as usize % (theirs.len() / 2).max(1);
+    theirs.get(k).copied()
+}
+
+/// Have-byte READs a refresh keeps in flight at once (its scratch buffer holds this many).
+pub const REFRESH_BATCH: usize = 16;
 
 /// Where chunks come from when no live source has them.
 #[derive(Clone, Debug)]
@@ -188,6 +304,21 @@ fn read_remote(
     len: u64,
     timeout: Duration,
 ) -> nixl_core::Result<()> {
+    let x = post_read(agent, peer, local, off, remote, len, timeout)?;
+    x.wait_blocking(Some(timeout + Duration::from_secs(1)))
+        .into_result()
+}
+
+/// Posts the READ of [`read_remote`] and returns it in flight.
+fn post_read(
+    agent: &Agent,
+    peer: &str,
+    local: &HostMem,
+    off: u64,
+    remote: u64,
+    len: u64,
+    timeout: Duration,
+) -> nixl_core::Result<XferRequest> {
     let l = DescList::from_descs(MemKind::Dram, vec![Desc::new(local.addr() + off, len, 0)])?;
     let r = DescList::from_descs(MemKind::Dram, vec![Desc::new(remote, len, 0)])?;
     let x = agent.create_xfer(
@@ -201,8 +332,7 @@ fn read_remote(
         },
     )?;
     x.post()?;
-    x.wait_blocking(Some(timeout + Duration::from_secs(1)))
-        .into_result()
+    Ok(x)
 }
 
 /// One bounded attempt to reach a source at `addr` and read its description of `name`.
@@ -361,7 +491,6 @@ struct SourceState {
     bad: AtomicU32,
     failed_reads: AtomicU32,
     bytes: AtomicU64,
-    cursor: AtomicU64,
 }
 
 struct Board {
@@ -390,6 +519,8 @@ struct Run<'a> {
     dropped: Mutex<Vec<String>>,
     fatal: Mutex<Option<Error>>,
     chunk_timeout: Duration,
+    /// The serving replicas as of the last have-byte refresh.
+    view: RwLock<View>,
 }
 
 impl Run<'_> {
@@ -407,44 +538,29 @@ impl Run<'_> {
 
     fn pick(&self, s: usize) -> Option<usize> {
         let mut b = self.board.lock();
-        let n = self.chunks.len();
         let src = self.src(s);
-        let start = src.cursor.load(Ordering::Relaxed) as usize % n.max(1);
-        let have = src.have.lock().clone();
-        // An origin leaves to serving replicas (complete or not) the chunks they hold or are
-        // fetching, so that it sends each chunk about once however many replicas pull.
-        let others: Vec<Arc<SourceState>> = if src.origin {
-            self.sources
-                .read()
-                .iter()
-                .filter(|o| {
-                    !o.origin
-                        && o.alive.load(Ordering::Acquire)
-                        && o.bad.load(Ordering::Acquire) == 0
-                })
-                .cloned()
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let others_have: Vec<Vec<u8>> = others.iter().map(|o| o.have.lock().clone()).collect();
-        for k in 0..n {
-            let c = (start + k) % n;
-            if b.st[c] == St::Pending
-                && have[c] == HAVE
-                && !b.failed_on[c].contains(&(s as u16))
-                && !others_have.iter().any(|h| h[c] != ABSENT)
-            {
-                b.st[c] = St::InFlight;
-                if let Some(p) = self.published {
-                    // Peers see it coming and wait for it here rather than ask an origin.
-                    let _ = p.mark(c, FETCHING);
-                }
-                src.cursor.store((c + 1) as u64, Ordering::Relaxed);
-                return Some(c);
-            }
+        let view = self.view.read();
+        let c = {
+            let have = src.have.lock();
+            let b = &*b;
+            let from = if src.origin {
+                From::Origin
+            } else {
+                From::Replica
+            };
+            let candidates = (0..self.chunks.len()).filter(|&c| {
+                b.st[c] == St::Pending && have[c] == HAVE && !b.failed_on[c].contains(&(s as u16))
+            });
+            // An origin leaves to serving replicas (complete or not) the chunks they hold or
+            // are fetching, so that it sends each chunk about once however many replicas pull.
+            rarest(candidates, &view, from)
+        }?;
+        b.st[c] = St::InFlight;
+        if let Some(p) = self.published {
+            // Peers see it coming and wait for it here rather than ask an origin.
+            let _ = p.mark(c, FETCHING);
         }
-        None
+        Some(c)
     }
 
     fn pick_fallback(&self) -> Option<usize> {
@@ -656,51 +772,90 @@ impl Run<'_> {
         }
     }
 
+    /// Reads the have bytes of every serving replica: [`REFRESH_BATCH`] READs at once into
+    /// `scratch` (that many times the chunk count), since each may wait behind chunk data on
+    /// a busy link and one after another they made the view seconds old.
     fn refresh_have(&self, scratch: &HostMem) {
-        let sources = self.sources.read().clone();
-        for s in &sources {
-            if !s.alive.load(Ordering::Acquire) || s.complete.load(Ordering::Acquire) {
-                continue;
-            }
-            let n = self.chunks.len() as u64;
-            let r = read_remote(
-                self.agent,
-                &s.agent_name,
-                scratch,
-                0,
-                s.ctrl.addr + s.have_offset,
-                n,
-                Duration::from_secs(5),
-            );
-            if let Err(e) = r {
-                // A source that cannot tell what it holds is gone (or going): peers waiting
-                // for chunks it announced must not wait on it.
-                let i = self.sources.read().iter().position(|x| Arc::ptr_eq(x, s));
-                if let Some(i) = i {
-                    self.drop_source(i, format!("reading what it holds failed: {e}"));
+        let sources: Vec<Arc<SourceState>> = self
+            .sources
+            .read()
+            .iter()
+            .filter(|s| s.alive.load(Ordering::Acquire) && !s.complete.load(Ordering::Acquire))
+            .cloned()
+            .collect();
+        let n = self.chunks.len() as u64;
+        let t = Duration::from_secs(5);
+        for batch in sources.chunks(REFRESH_BATCH) {
+            let posted: Vec<_> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let at = s.ctrl.addr + s.have_offset;
+                    post_read(self.agent, &s.agent_name, scratch, i as u64 * n, at, n, t)
+                })
+                .collect();
+            for (i, (s, x)) in batch.iter().zip(posted).enumerate() {
+                let r = x.and_then(|x| {
+                    let r = x
+                        .wait_blocking(Some(t + Duration::from_secs(1)))
+                        .into_result();
+                    if r.is_err() {
+                        // Its slot of the scratch buffer is read again next time: nothing
+                        // of this READ may land there later.
+                        x.release();
+                    }
+                    r
+                });
+                if let Err(e) = r {
+                    // A source that cannot tell what it holds is gone (or going): peers
+                    // waiting for chunks it announced must not wait on it.
+                    let i = self.sources.read().iter().position(|x| Arc::ptr_eq(x, s));
+                    if let Some(i) = i {
+                        self.drop_source(i, format!("reading what it holds failed: {e}"));
+                    }
+                    continue;
                 }
-                continue;
-            }
-            // SAFETY: the READ into the scratch buffer has ended; only this thread uses it.
-            let Ok(bytes) = (unsafe { scratch.slice(0, n) }) else {
-                continue;
-            };
-            let mut have = s.have.lock();
-            for (h, &b) in have.iter_mut().zip(bytes) {
-                // Held stays held (its chunks are verified by whoever reads them anyway).
-                if *h != HAVE {
-                    *h = if b == HAVE || b == FETCHING {
-                        b
-                    } else {
-                        ABSENT
-                    };
-                }
-            }
-            if have.iter().all(|&x| x == HAVE) {
-                s.complete.store(true, Ordering::Release);
+                self.take_have(s, scratch, i as u64 * n);
             }
         }
+        let replicas: Vec<(String, Vec<u8>)> = self
+            .sources
+            .read()
+            .iter()
+            .filter(|o| {
+                !o.origin && o.alive.load(Ordering::Acquire) && o.bad.load(Ordering::Acquire) == 0
+            })
+            .map(|o| (o.agent_name.clone(), o.have.lock().clone()))
+            .collect();
+        let replicas: Vec<(&str, &[u8])> = replicas
+            .iter()
+            .map(|(n, h)| (n.as_str(), h.as_slice()))
+            .collect();
+        *self.view.write() = View::new(self.agent.name(), &replicas, self.chunks.len());
         self.cv.notify_all();
+    }
+
+    /// Takes in the have bytes of `s` read into `scratch` at `off`.
+    fn take_have(&self, s: &SourceState, scratch: &HostMem, off: u64) {
+        let n = self.chunks.len() as u64;
+        // SAFETY: the READ into the scratch buffer has ended; only this thread uses it.
+        let Ok(bytes) = (unsafe { scratch.slice(off, n) }) else {
+            return;
+        };
+        let mut have = s.have.lock();
+        for (h, &b) in have.iter_mut().zip(bytes) {
+            // Held stays held (its chunks are verified by whoever reads them anyway).
+            if *h != HAVE {
+                *h = if b == HAVE || b == FETCHING {
+                    b
+                } else {
+                    ABSENT
+                };
+            }
+        }
+        if have.iter().all(|&x| x == HAVE) {
+            s.complete.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -720,7 +875,7 @@ pub struct Pulled {
 }
 
 impl SourceState {
-    fn new(p: &Peer, chunks: usize, cursor: u64) -> SourceState {
+    fn new(p: &Peer, chunks: usize) -> SourceState {
         SourceState {
             label: p.label.clone(),
             agent_name: p.agent_name.clone(),
@@ -734,7 +889,6 @@ impl SourceState {
             bad: AtomicU32::new(0),
             failed_reads: AtomicU32::new(0),
             bytes: AtomicU64::new(0),
-            cursor: AtomicU64::new(cursor),
         }
     }
 }
@@ -880,7 +1034,7 @@ pub fn pull(
     let data = Arc::new(HostMem::new(data_len as usize)?);
     // Registered either way: as the published model when serving, else on its own.
     let published = Published::new(agent, Arc::clone(&manifest), Arc::clone(&data), false)?;
-    let have_scratch = Scratch::new(agent, chunks.len() as u64)?;
+    let have_scratch = Scratch::new(agent, (chunks.len() * REFRESH_BATCH) as u64)?;
     let _objects = match &opts.fallback {
         Some(Fallback::S3 { bucket, prefix }) => {
             Some(register_objects(agent, &manifest, bucket, prefix)?)
@@ -909,15 +1063,9 @@ pub fn pull(
         }
         None => None,
     };
-    let n = chunks.len().max(1);
-    // Replicas start at different chunks, so that they hold different ones early and can
-    // serve them to each other.
-    let seed = (xxh3_64(agent.name().as_bytes()) as usize) % n;
-    let cursor = |i: usize| ((seed + i * n / 7) % n) as u64;
     let sources: Vec<Arc<SourceState>> = peers
         .iter()
-        .enumerate()
-        .map(|(i, p)| Arc::new(SourceState::new(p, chunks.len(), cursor(i))))
+        .map(|p| Arc::new(SourceState::new(p, chunks.len())))
         .collect();
     let run = Run {
         agent,
@@ -927,6 +1075,7 @@ pub fn pull(
             done: 0,
             last_progress: Instant::now(),
         }),
+        view: RwLock::new(View::new(agent.name(), &[], chunks.len())),
         chunks,
         sources: RwLock::new(sources),
         cv: Condvar::new(),
@@ -954,6 +1103,9 @@ pub fn pull(
             streams
         }
     };
+    // What the other replicas hold or fetch, read before the first pick (not 100 ms into the
+    // pull, after each replica's first picks went to the origin blind).
+    run.refresh_have(&have_scratch.mem);
     std::thread::scope(|sc| {
         let spawn_workers = |s: usize| {
             for _ in 0..streams_to(run.src(s).origin) {
@@ -1002,7 +1154,7 @@ pub fn pull(
                             if i >= usize::from(u16::MAX) {
                                 break;
                             }
-                            v.push(Arc::new(SourceState::new(&p, total, cursor(i))));
+                            v.push(Arc::new(SourceState::new(&p, total)));
                             i
                         };
                         tracing::info!(source = %p.label, "new source from etcd");
@@ -1050,7 +1202,7 @@ pub fn pull(
                     break;
                 }
             }
-            if last_refresh.elapsed() > Duration::from_millis(200) {
+            if last_refresh.elapsed() > HAVE_REFRESH {
                 run.refresh_have(&have_scratch.mem);
                 last_refresh = Instant::now();
             }
@@ -1327,6 +1479,106 @@ mod tests {
             }],
             tensors: Vec::new(),
         }
+    }
+
+    fn view(holders: Vec<u16>, me: u64) -> View {
+        View {
+            owner: vec![me; holders.len()],
+            holders,
+            me,
+        }
+    }
+
+    #[test]
+    fn the_picker_takes_the_rarest_chunk_and_leaves_to_an_origin_only_what_nobody_has() {
+        // Chunks 0..6; holders per chunk among the serving replicas (held or being fetched).
+        let holders = vec![3, 1, 0, 2, 1, 0];
+        for me in 0..64 {
+            let v = view(holders.clone(), me);
+            // From a replica: the rarest chunk it holds, whatever the tie-break order.
+            assert_eq!(rarest([0, 1, 3], &v, From::Replica), Some(1));
+            assert_eq!(rarest([0, 3], &v, From::Replica), Some(3));
+            let c = rarest(0..6, &v, From::Replica).unwrap();
+            assert!(c == 2 || c == 5, "salt {me}: chunk {c} has holders");
+            // From an origin: only chunks no replica holds or fetches, never a held one.
+            assert_eq!(rarest([0, 1, 3, 4], &v, From::Origin), None);
+            assert_eq!(rarest([0, 1, 5], &v, From::Origin), Some(5));
+            assert_eq!(rarest(std::iter::empty(), &v, From::Replica), None);
+        }
+        // Ties go by each replica's own order: replicas picking at once from the same stale
+        // view spread over the unheld chunks rather than all taking the first.
+        let firsts: std::collections::BTreeSet<usize> = (0..8)
+            .map(|r| {
+                rarest(
+                    0..64,
+                    &view(vec![0; 64], salt(&format!("r{r}"))),
+                    From::Origin,
+                )
+            })
+            .map(Option::unwrap)
+            .collect();
+        assert!(firsts.len() >= 6, "eight replicas' first picks: {firsts:?}");
+        // The same replica picks the same way every time (deterministic).
+        let v = view(vec![0; 64], 42);
+        assert_eq!(
+            rarest(0..64, &v, From::Origin),
+            rarest(0..64, &v, From::Origin)
+        );
+    }
+
+    #[test]
+    fn replicas_that_know_each_other_split_the_origin_chunks_and_help_the_one_behind() {
+        let names = ["a", "b", "c", "d"];
+        let absent = vec![ABSENT; 256];
+        let views: Vec<View> = names
+            .iter()
+            .map(|me| {
+                let others: Vec<(&str, &[u8])> = names
+                    .iter()
+                    .filter(|n| *n != me)
+                    .map(|n| (*n, absent.as_slice()))
+                    .collect();
+                View::new(me, &others, 256)
+            })
+            .collect();
+        // Each chunk has the same taker in every view, and each replica about a quarter.
+        for c in 0..256 {
+            assert!(views.iter().all(|v| v.owner[c] == views[0].owner[c]), "{c}");
+        }
+        for v in &views {
+            let n = v.owner.iter().filter(|&&o| o == v.me).count();
+            assert!((40..=90).contains(&n), "{n} of 256 chunks");
+        }
+        // From an origin a replica takes its own unheld chunks first.
+        let a = &views[0];
+        let pick = rarest(0..256, a, From::Origin).unwrap();
+        assert_eq!(a.owner[pick], a.me);
+        // With none of its own left, it helps the replica with the most unheld chunks left,
+        // from the back of that replica's order: not what that replica takes next.
+        let (b, c) = (salt("b"), salt("c"));
+        let left: Vec<usize> = (0..256)
+            .filter(|&x| a.owner[x] == b)
+            .take(6)
+            .chain((0..256).filter(|&x| a.owner[x] == c).take(2))
+            .collect();
+        let help = rarest(left.iter().copied(), a, From::Origin).unwrap();
+        assert_eq!(a.owner[help], b);
+        let b_next = rarest(left.iter().copied(), &views[1], From::Origin).unwrap();
+        assert_eq!(views[1].owner[b_next], b);
+        assert_ne!(help, b_next, "a helper took what the owner takes next");
+        // A chunk someone holds or fetches, never.
+        let mut held = a.clone();
+        for &x in &left {
+            held.holders[x] = 1;
+        }
+        assert_eq!(rarest(left.iter().copied(), &held, From::Origin), None);
+        // Alone, a replica takes everything.
+        let alone = View::new("a", &[], 8);
+        assert!(alone.owner.iter().all(|&o| o == alone.me));
+        // A replica counts as a holder once it holds or fetches a chunk.
+        let have = [HAVE, FETCHING, ABSENT];
+        let v = View::new("a", &[("b", &have), ("c", &have[..1])], 3);
+        assert_eq!(v.holders, vec![2, 1, 0]);
     }
 
     #[test]
