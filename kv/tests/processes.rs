@@ -481,10 +481,14 @@ cases! {
     shm_pull_tp_2_to_1: shm 2 -> 1 "pull";
     shm_push_tp_1_to_2: shm 1 -> 2 "push";
     shm_push_tp_2_to_1: shm 2 -> 1 "push";
+    shm_pull_tp_4_to_2: shm 4 -> 2 "pull";
+    shm_push_tp_4_to_2: shm 4 -> 2 "push";
     tcp_netns_pull_tp_1_to_2: netns 1 -> 2 "pull";
     tcp_netns_pull_tp_2_to_1: netns 2 -> 1 "pull";
     tcp_netns_push_tp_1_to_2: netns 1 -> 2 "push";
     tcp_netns_push_tp_2_to_1: netns 2 -> 1 "push";
+    tcp_netns_pull_tp_4_to_2: netns 4 -> 2 "pull";
+    tcp_netns_push_tp_4_to_2: netns 4 -> 2 "push";
 }
 
 /// Starts a fault case between namespaces, prefill's sending rate limited so the READ (or
