@@ -31,15 +31,16 @@ const BOUND: Duration = Duration::from_secs(10);
 
 /// `big` for the fault tests: 384 KiB per block, so a READ of the mapped blocks (1.5 MiB)
 /// stays in flight for seconds behind a rate limit.
-fn shape(rank: u32, tp: u32, order: Order, big: bool) -> KvLayout {
+/// `mla`: one latent head, replicated on every rank.
+fn shape(rank: u32, tp: u32, order: Order, big: bool, mla: bool) -> KvLayout {
     KvLayout {
         layers: 3,
         blocks: 16,
         tokens_per_block: if big { 64 } else { 4 },
-        total_heads: 4,
+        total_heads: if mla { 1 } else { 4 },
         head_dim: if big { 128 } else { 8 },
         dtype_bytes: 2,
-        kind: KvKind::Split,
+        kind: if mla { KvKind::Mla } else { KvKind::Split },
         order,
         tp_rank: rank,
         tp_size: tp,
@@ -48,12 +49,12 @@ fn shape(rank: u32, tp: u32, order: Order, big: bool) -> KvLayout {
     }
 }
 
-fn prefill_shape(rank: u32, tp: u32, big: bool) -> KvLayout {
-    shape(rank, tp, Order::LayerFirstNhd, big)
+fn prefill_shape(rank: u32, tp: u32, big: bool, mla: bool) -> KvLayout {
+    shape(rank, tp, Order::LayerFirstNhd, big, mla)
 }
 
-fn decode_shape(rank: u32, tp: u32, big: bool) -> KvLayout {
-    shape(rank, tp, Order::BlockFirstHnd, big)
+fn decode_shape(rank: u32, tp: u32, big: bool, mla: bool) -> KvLayout {
+    shape(rank, tp, Order::BlockFirstHnd, big, mla)
 }
 
 /// Milliseconds since the epoch: instants compared between processes on one host.
@@ -80,7 +81,8 @@ fn say(line: &str) {
     let _ = o.flush();
 }
 
-/// A child's role: `prefill|decode RANK PTP DTP MODE`, MODE `pull`, `push`, or a fault:
+/// A child's role: `prefill|decode RANK PTP DTP MODE`, MODE `pull`, `push` (either with
+/// `-mla`: MLA layouts), or a fault:
 /// `killpre` (prefill is killed mid-READ), `killdec` (decode is killed mid-READ), `expire`
 /// (the lease runs out mid-READ), `killpush` (prefill is killed mid-WRITE), the agent config in
 /// `NIXL_KV_CONFIG`.
@@ -90,6 +92,8 @@ struct Role {
     ptp: u32,
     dtp: u32,
     mode: String,
+    /// MLA layouts (MODE ends in `-mla`).
+    mla: bool,
 }
 
 impl Role {
@@ -106,7 +110,8 @@ fn role() -> Option<Role> {
         rank: w[1].parse().unwrap(),
         ptp: w[2].parse().unwrap(),
         dtp: w[3].parse().unwrap(),
-        mode: w[4].to_owned(),
+        mode: w[4].trim_end_matches("-mla").to_owned(),
+        mla: w[4].ends_with("-mla"),
     })
 }
 
@@ -124,9 +129,9 @@ fn child(r: Role) {
         .unwrap();
     let big = r.fault();
     let layout = if r.prefill {
-        prefill_shape(r.rank, r.ptp, big)
+        prefill_shape(r.rank, r.ptp, big, r.mla)
     } else {
-        decode_shape(r.rank, r.dtp, big)
+        decode_shape(r.rank, r.dtp, big, r.mla)
     };
     let w = worker_on(agent, layout, r.prefill);
     say(&format!(
@@ -483,12 +488,16 @@ cases! {
     shm_push_tp_2_to_1: shm 2 -> 1 "push";
     shm_pull_tp_4_to_2: shm 4 -> 2 "pull";
     shm_push_tp_4_to_2: shm 4 -> 2 "push";
+    shm_pull_tp_2_to_4: shm 2 -> 4 "pull";
+    shm_pull_mla_2_to_4: shm 2 -> 4 "pull-mla";
+    shm_push_mla_2_to_4: shm 2 -> 4 "push-mla";
     tcp_netns_pull_tp_1_to_2: netns 1 -> 2 "pull";
     tcp_netns_pull_tp_2_to_1: netns 2 -> 1 "pull";
     tcp_netns_push_tp_1_to_2: netns 1 -> 2 "push";
     tcp_netns_push_tp_2_to_1: netns 2 -> 1 "push";
     tcp_netns_pull_tp_4_to_2: netns 4 -> 2 "pull";
     tcp_netns_push_tp_4_to_2: netns 4 -> 2 "push";
+    tcp_netns_pull_mla_2_to_4: netns 2 -> 4 "pull-mla";
 }
 
 /// Starts a fault case between namespaces, prefill's sending rate limited so the READ (or
