@@ -701,6 +701,8 @@ struct Pull {
     request: String,
     blocks: Vec<u32>,
     reqs: Vec<XferRequest>,
+    /// Whether the READ carries the confirmation (a single prefill rank); else poll sends it.
+    confirmed_by_read: bool,
 }
 
 /// The decode side of pull handoffs on one agent: a single prefill rank per peer (its layouts
@@ -915,6 +917,7 @@ impl<'a> DecodeSide<'a> {
                 request: offer.request.clone(),
                 blocks: dst.to_vec(),
                 reqs,
+                confirmed_by_read: layouts.len() == 1,
             },
         );
         Ok(())
@@ -1076,7 +1079,9 @@ impl<'a> DecodeSide<'a> {
             let p = self.pulls.remove(&key).expect("present");
             match &outcome {
                 Outcome::Done => {
-                    if p.reqs.len() > 1 {
+                    // Several prefill ranks: the offering rank may not even be one that was
+                    // read (MLA, or decode TP above prefill TP), so it is told here.
+                    if !p.confirmed_by_read {
                         let done = Msg::Done {
                             id: key.1,
                             request: p.request.clone(),

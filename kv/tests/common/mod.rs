@@ -27,11 +27,16 @@ pub struct Worker {
     pub buf: Vec<u8>,
 }
 
-pub fn worker(name: &str, mut layout: KvLayout, fill: bool) -> Worker {
+pub fn worker(name: &str, layout: KvLayout, fill: bool) -> Worker {
     let agent = Agent::builder(name)
         .backend(Arc::new(LocalBackend::new()))
         .build()
         .unwrap();
+    worker_on(agent, layout, fill)
+}
+
+/// A synthetic KV worker on `agent` (any backends).
+pub fn worker_on(agent: Agent, mut layout: KvLayout, fill: bool) -> Worker {
     let mut buf = vec![0u8; layout.region_bytes() as usize];
     layout.base = buf.as_ptr() as u64;
     if fill {
