@@ -182,7 +182,11 @@ pub(crate) fn render_metrics(d: &Daemon) -> String {
     metrics::gauge!("nixl_agent_in_flight_requests").set(d.jobs.in_flight() as f64);
     d.prom.run_upkeep();
     let mut out = d.prom.render();
-    let peers = d.peers.snapshot();
+    // The canary table is pruned on its next tick; the loaded peers are the truth (a peer whose
+    // etcd key went is gone from `/v1/status` and from here at the same moment).
+    let loaded = d.agent.peers();
+    let mut peers = d.peers.snapshot();
+    peers.retain(|name, _| loaded.iter().any(|p| p == name));
     out.push_str("# HELP nixl_peer_up Whether the peer answered its last canary (1) or not (0).\n");
     out.push_str("# TYPE nixl_peer_up gauge\n");
     for (name, h) in &peers {
