@@ -577,14 +577,11 @@ fn tcp_netns_decode_killed_mid_pull_prefill_frees_after_the_lease() {
     assert!(ps[0].child.wait().unwrap().success());
 }
 
-/// Known gap (fails today): the READ's deadline (inside the lease) ends its status on time, but
-/// the `tcp` backend cannot stop a READ mid-stream, so decode's memory is let go only when the
-/// last byte lands; decode's renewals or acknowledgement queue behind the READ's chunks on the
-/// same lanes, and prefill frees (lease + one more) while its blocks are still being read.
-/// Needs notifications ahead of queued chunks in `tcp` (or a READ that can be cut), then decode
-/// renewing while a timed-out READ still holds memory.
+/// The lease runs out while the READ (3 s at the rate) is in flight: the READ's deadline (inside
+/// the lease) ends it, the `tcp` initiator lets go of decode's memory at once (the DATA still
+/// queued is read and thrown away), decode reports the end and tells prefill, and prefill frees
+/// only after that and once its listener serves decode nothing any more.
 #[test]
-#[ignore = "known gap: prefill frees before a timed-out tcp READ lets go (see the doc comment)"]
 fn tcp_netns_lease_expires_mid_pull_prefill_frees_after_the_read_ended() {
     const TEST: &str = "tcp_netns_lease_expires_mid_pull_prefill_frees_after_the_read_ended";
     if let Some(r) = role() {
