@@ -194,4 +194,19 @@ fn a_dead_server_is_an_error_not_a_hang() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
+    let m = Command::new(env!("CARGO_BIN_EXE_nixl-loadgen"))
+        .args([
+            "--url",
+            &dead,
+            "--memcpy-bytes",
+            "65536",
+            "--memcpy-chunk",
+            "4096",
+        ])
+        .output()
+        .unwrap();
+    assert!(m.status.success());
+    let m: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+    assert_eq!(m["memcpy_bytes"], 65536, "{m}");
+    assert!(m["median_ms"].as_f64().unwrap() > 0.0, "{m}");
 }

@@ -16,6 +16,10 @@
 //!
 //! Prompts are ASCII text, one byte per token for a byte-level model. `--json` prints one JSON
 //! object instead of the table.
+//!
+//! `--memcpy-bytes N` sends nothing: it times memcpy of N bytes in `--memcpy-chunk` pieces
+//! taken from every other slot of a source twice as large (scattered like KV blocks), one
+//! core, median of 51 runs, the peer of a KV handoff of N bytes (`scripts/serve-bench.sh`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,6 +74,37 @@ struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Time memcpy of this many bytes instead of sending load.
+    #[arg(long)]
+    memcpy_bytes: Option<usize>,
+    /// Piece size of --memcpy-bytes.
+    #[arg(long, default_value_t = 4096)]
+    memcpy_chunk: usize,
+}
+
+/// Median seconds of copying `bytes` in `chunk` pieces from every other slot of a source.
+fn memcpy_median(bytes: usize, chunk: usize) -> f64 {
+    let chunk = chunk.max(1);
+    let n = bytes.div_ceil(chunk);
+    let src: Vec<u8> = (0..2 * n * chunk).map(|i| i as u8).collect();
+    let mut dst = vec![0u8; n * chunk];
+    let mut times = Vec::with_capacity(51);
+    for rep in 0..56 {
+        let t = Instant::now();
+        for i in 0..n {
+            dst[i * chunk..(i + 1) * chunk]
+                .copy_from_slice(&src[2 * i * chunk..(2 * i + 1) * chunk]);
+        }
+        std::hint::black_box(&mut dst);
+        if rep >= 5 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    if n > 0 {
+        assert_eq!(dst[chunk - 1], src[chunk - 1]);
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// splitmix64: small, seeded, the same everywhere.
@@ -266,6 +301,15 @@ fn ms(x: f64) -> Value {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let a = Args::parse();
+    if let Some(bytes) = a.memcpy_bytes {
+        let t = memcpy_median(bytes, a.memcpy_chunk);
+        println!(
+            "{}",
+            json!({"memcpy_bytes": bytes, "memcpy_chunk": a.memcpy_chunk, "median_ms": t * 1e3,
+                   "gb_per_s": bytes as f64 / t / 1e9})
+        );
+        return;
+    }
     let planned = match plan(&a) {
         Ok(p) => p,
         Err(e) => {
