@@ -56,7 +56,7 @@ pub fn seq_hashes(tokens: &[u32], tokens_per_block: usize) -> Vec<u64> {
 }
 
 /// One cached block as events describe it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoredBlock {
     /// Sequence hash.
     pub hash: u64,
@@ -65,7 +65,8 @@ pub struct StoredBlock {
 }
 
 /// What changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum KvEventKind {
     /// Blocks now held (each with its parent), of `tokens_per_block` tokens.
     Stored {
@@ -84,7 +85,7 @@ pub enum KvEventKind {
 }
 
 /// An event with its id (monotonic per worker, from 1).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KvEvent {
     /// Event id.
     pub id: u64,
