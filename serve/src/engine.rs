@@ -74,6 +74,9 @@ pub struct EngineConfig {
     pub lease: Duration,
     /// Events kept for `/kv/events`.
     pub event_capacity: usize,
+    /// Pause after each decode step that produced tokens (simulates a larger model's step
+    /// time, for tests and benchmarks; zero by default).
+    pub step_delay: Duration,
 }
 
 /// One rank agent as peers see it.
@@ -449,8 +452,11 @@ impl Engine<'_> {
             if let Some(c) = self.queue.pop_front() {
                 self.prefill_work(c);
             }
-            self.decode_step();
+            let stepped = self.decode_step();
             self.publish();
+            if stepped && !self.cfg.step_delay.is_zero() {
+                std::thread::sleep(self.cfg.step_delay);
+            }
         }
     }
 
@@ -942,9 +948,10 @@ impl Engine<'_> {
         });
     }
 
-    /// One token for every decoding request.
-    fn decode_step(&mut self) {
+    /// One token for every decoding request; whether any ran.
+    fn decode_step(&mut self) -> bool {
         let tpb = self.cfg.tokens_per_block as usize;
+        let mut stepped = false;
         let mut i = 0;
         while i < self.reqs.len() {
             if !matches!(self.reqs[i].state, State::Decoding) {
@@ -981,6 +988,7 @@ impl Engine<'_> {
                 table: &r.table,
             };
             let logits = self.model.step(r.next, pos as u32, &mut kv);
+            stepped = true;
             r.tokens.push(r.next);
             if r.tokens.len() / tpb > r.hashed {
                 let hashes = seq_hashes(&r.tokens, tpb);
@@ -1009,5 +1017,6 @@ impl Engine<'_> {
             }
             i += 1;
         }
+        stepped
     }
 }

@@ -63,6 +63,9 @@ struct WorkerArgs {
     /// Handoff lease, milliseconds.
     #[arg(long, default_value_t = 10_000)]
     lease_ms: u64,
+    /// Pause after each decode step, milliseconds (simulates a larger model's step time).
+    #[arg(long, default_value_t = 0)]
+    step_delay_ms: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -155,6 +158,7 @@ fn worker(a: WorkerArgs) -> Result<(), String> {
             transport,
             lease: Duration::from_millis(a.lease_ms),
             event_capacity: 4096,
+            step_delay: Duration::from_millis(a.step_delay_ms),
         },
         model,
     )?;

@@ -54,6 +54,9 @@ pub struct UpArgs {
     /// KV blocks per worker.
     #[arg(long, default_value_t = 512)]
     pub blocks: u32,
+    /// Pause after each decode step of every worker, milliseconds (simulates a larger model).
+    #[arg(long, default_value_t = 0)]
+    pub step_delay_ms: u64,
     /// Worker choice of the frontend.
     #[arg(long, default_value = "round-robin")]
     pub router: String,
@@ -187,6 +190,7 @@ fn run(
             "worker", "--role", role, "--tp", &tp.to_string(), "--model",
             &model.display().to_string(), "--name", &name, "--backend", &a.backend,
             "--blocks", &a.blocks.to_string(), "--listen", "127.0.0.1:0",
+            "--step-delay-ms", &a.step_delay_ms.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
