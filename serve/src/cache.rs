@@ -267,3 +267,57 @@ impl Blocks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nixl_kv::events::{seq_hashes, KvEventKind};
+
+    #[test]
+    fn alloc_release_and_exhaustion() {
+        let mut log = KvEventLog::new(16);
+        let mut b = Blocks::new(4, 2);
+        let x = b.alloc_n(3, &mut log).unwrap();
+        assert_eq!((b.used(), b.available()), (3, 1));
+        assert!(b.alloc_n(2, &mut log).is_none(), "all or nothing");
+        assert_eq!(b.used(), 3);
+        b.release(&x);
+        b.release(&x); // a second release of a free block is ignored
+        assert_eq!(b.used(), 0);
+        assert_eq!(b.alloc_n(4, &mut log).unwrap().len(), 4);
+        assert!(b.alloc(&mut log).is_none());
+        assert_eq!(log.last_id(), 0, "no events without hashes");
+    }
+
+    #[test]
+    fn prefix_reuse_eviction_and_events() {
+        let mut log = KvEventLog::new(16);
+        let mut b = Blocks::new(3, 2);
+        let toks = [1u32, 2, 3, 4, 5];
+        let h = seq_hashes(&toks, 2);
+        let t = b.alloc_n(3, &mut log).unwrap();
+        b.commit(&t[..2], &h, &mut log);
+        let (_, held) = log.all_blocks();
+        assert_eq!(held.len(), 2);
+        assert!(matches!(&log.since(0).unwrap()[0].kind,
+            KvEventKind::Stored { blocks, .. } if blocks[1].parent == Some(h[0])));
+        // While held, and after release, the prefix is found.
+        assert_eq!(b.lookup(&h), t[..2].to_vec());
+        b.release(&t[..2]);
+        b.release(&t);
+        assert_eq!(b.used(), 0);
+        assert_eq!(b.lookup(&h[..1]), vec![t[0]]);
+        assert_eq!(b.used(), 1);
+        // A miss in the middle stops the run.
+        assert_eq!(b.lookup(&[h[1]]).len(), 1);
+        b.release(&[t[0], t[1]]);
+        // Plain blocks go first, then the least recently freed cached one, with an event.
+        let x = b.alloc(&mut log).unwrap();
+        assert_eq!(x, t[2]);
+        let y = b.alloc(&mut log).unwrap();
+        assert_eq!(y, t[0]);
+        assert!(matches!(&log.since(1).unwrap()[0].kind,
+            KvEventKind::Removed { hashes } if hashes == &vec![h[0]]));
+        assert_eq!(b.lookup(&h), Vec::<u32>::new(), "the chain's first block is gone");
+    }
+}

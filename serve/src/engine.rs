@@ -468,6 +468,15 @@ impl Engine<'_> {
 
     fn finish(&self, status: &'static str) {
         *self.shared.stats.lock().requests.entry(status).or_default() += 1;
+        self.publish();
+    }
+
+    /// Ends a request that generated all its tokens: blocks released and counted before the
+    /// client hears the end.
+    fn complete(&mut self, r: Req) {
+        self.blocks.release(&r.table);
+        self.finish("ok");
+        let _ = r.tx.send(Ev::Done("length".into()));
     }
 
     fn command(&mut self, c: Cmd) {
@@ -549,11 +558,11 @@ impl Engine<'_> {
                 self.decs[*rank].cancel(from, *h, "request ended");
             }
         }
+        self.blocks.release(&r.table);
+        self.finish(status);
         if let Some(e) = err {
             let _ = r.tx.send(Ev::Error(e));
         }
-        self.blocks.release(&r.table);
-        self.finish(status);
     }
 
     /// Allocates blocks for `tokens` reusing cached prefix blocks; computes the rest. Returns
@@ -648,9 +657,7 @@ impl Engine<'_> {
                     seed: g.seed,
                 };
                 if r.left == 0 {
-                    let _ = r.tx.send(Ev::Done("length".into()));
-                    self.blocks.release(&r.table);
-                    self.finish("ok");
+                    self.complete(r);
                 } else {
                     self.reqs.push(r);
                 }
@@ -966,9 +973,7 @@ impl Engine<'_> {
             let pos = self.reqs[i].tokens.len();
             if pos as u32 >= self.model.cfg.max_seq {
                 let r = self.reqs.swap_remove(i);
-                let _ = r.tx.send(Ev::Done("length".into()));
-                self.blocks.release(&r.table);
-                self.finish("ok");
+                self.complete(r);
                 continue;
             }
             if pos / tpb >= self.reqs[i].table.len() {
@@ -1010,9 +1015,7 @@ impl Engine<'_> {
             r.next = t;
             if r.left == 0 {
                 let r = self.reqs.swap_remove(i);
-                let _ = r.tx.send(Ev::Done("length".into()));
-                self.blocks.release(&r.table);
-                self.finish("ok");
+                self.complete(r);
                 continue;
             }
             i += 1;

@@ -66,6 +66,9 @@ struct WorkerArgs {
     /// Pause after each decode step, milliseconds (simulates a larger model's step time).
     #[arg(long, default_value_t = 0)]
     step_delay_ms: u64,
+    /// KV events kept for `/kv/events` (older ones answer 410 with the oldest kept).
+    #[arg(long, default_value_t = 4096)]
+    event_capacity: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -157,7 +160,7 @@ fn worker(a: WorkerArgs) -> Result<(), String> {
             tokens_per_block: a.tokens_per_block,
             transport,
             lease: Duration::from_millis(a.lease_ms),
-            event_capacity: 4096,
+            event_capacity: a.event_capacity,
             step_delay: Duration::from_millis(a.step_delay_ms),
         },
         model,
