@@ -15,7 +15,7 @@
 //! would have. A client that goes away cancels its request on every worker it used.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -50,42 +50,63 @@ pub enum Pool {
     Aggregated,
 }
 
-/// How the frontend picks a worker of a pool: the seam where the KV-aware router plugs in.
+/// How the frontend picks a worker of a pool: the seam where a router plugs in.
 pub trait WorkerChoice: Send + Sync + std::fmt::Debug {
     /// One of `candidates` (indices into `urls`, never empty) for a request of `tokens`.
     fn choose(&self, pool: Pool, urls: &[String], candidates: &[usize], tokens: &[u32]) -> usize;
-}
-
-/// Round-robin over the candidates, per pool.
-#[derive(Debug, Default)]
-pub struct RoundRobin(Mutex<HashMap<Pool, usize>>);
-
-impl WorkerChoice for RoundRobin {
-    fn choose(&self, pool: Pool, _: &[String], c: &[usize], _: &[u32]) -> usize {
-        let mut m = self.0.lock();
-        let n = m.entry(pool).or_default();
-        *n = n.wrapping_add(1);
-        c[(*n - 1) % c.len()]
+    /// Counts a request of `blocks` KV blocks on `url` until the returned guard is dropped.
+    fn book(&self, _url: &str, _blocks: u64) -> Option<Box<dyn std::any::Any + Send>> {
+        None
     }
 }
 
-/// Uniformly random candidates.
-#[derive(Debug, Default)]
-pub struct Random(AtomicU64);
+/// The `nixl-router` [`Router`](nixl_router::Router) behind the seam (KV-aware, round-robin
+/// or random), fed by a follower of every worker's `/kv/events` and `/load` (workers are
+/// known by URL).
+#[derive(Debug)]
+pub struct RouterChoice {
+    router: Arc<nixl_router::Router>,
+    _followers: Vec<nixl_router::FollowerHandle>,
+    tokens_per_block: usize,
+}
 
-impl WorkerChoice for Random {
-    fn choose(&self, _: Pool, _: &[String], c: &[usize], _: &[u32]) -> usize {
-        let x = self.0.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed) ^ nanos();
-        let x = (x ^ (x >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        c[(x % c.len() as u64) as usize]
+impl RouterChoice {
+    /// Follows `urls` (call inside a tokio runtime); `tokens_per_block` must be the workers'.
+    pub fn new(
+        mode: nixl_router::Mode,
+        urls: &[String],
+        tokens_per_block: usize,
+    ) -> Result<RouterChoice, String> {
+        let router = Arc::new(nixl_router::Router::new(mode));
+        let mut followers = Vec::new();
+        for u in urls {
+            let src = nixl_router::HttpSource::new(u).map_err(|e| e.to_string())?;
+            followers.push(router.follow(u, src, Duration::from_millis(50)));
+        }
+        Ok(RouterChoice {
+            router,
+            _followers: followers,
+            tokens_per_block,
+        })
     }
 }
 
-fn nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+impl WorkerChoice for RouterChoice {
+    fn choose(&self, pool: Pool, urls: &[String], c: &[usize], tokens: &[u32]) -> usize {
+        let hashes = nixl_kv::events::seq_hashes(tokens, self.tokens_per_block);
+        let names: Vec<&str> = c.iter().map(|&i| urls[i].as_str()).collect();
+        let pick = match pool {
+            Pool::Prefill => self.router.choose_prefill(&hashes, &names),
+            Pool::Decode => self.router.choose_decode(&hashes, &names),
+            Pool::Aggregated => self.router.choose(&hashes, &names),
+        };
+        pick.and_then(|p| c.iter().copied().find(|&i| urls[i] == p.worker))
+            .unwrap_or(c[0])
+    }
+
+    fn book(&self, url: &str, blocks: u64) -> Option<Box<dyn std::any::Any + Send>> {
+        Some(Box::new(self.router.book(url, blocks)))
+    }
 }
 
 /// The frontend's settings.
@@ -103,6 +124,8 @@ pub struct FrontendConfig {
     pub max_seq: u32,
     /// Largest `max_tokens` accepted.
     pub max_tokens: u32,
+    /// Tokens per KV block of the workers.
+    pub tokens_per_block: u32,
 }
 
 #[derive(Debug, Default)]
@@ -607,11 +630,13 @@ async fn attempt(
     let mut tokens = g.prompt.clone();
     tokens.extend(&em.tokens);
     let remaining = g.max_tokens - em.tokens.len() as u32;
+    let blocks = (tokens.len() + remaining as usize).div_ceil(fe.cfg.tokens_per_block.max(1) as usize) as u64;
     let closed = em.tx.clone();
     if !fe.cfg.aggregated.is_empty() {
         let Some(a) = fe.pick(Pool::Aggregated, &tokens) else {
             return Err(Fail::Fatal(ApiError::unavailable("no aggregated worker is available")));
         };
+        let _booked = fe.choice.book(&a, blocks);
         let body = json!({"id": id, "tokens": tokens, "max_tokens": remaining,
                           "temperature": g.temperature, "seed": g.seed});
         let url = format!("{a}/generate");
@@ -632,6 +657,7 @@ async fn attempt(
     } else {
         None
     };
+    let _booked = (fe.choice.book(&p, blocks), d.as_ref().map(|d| fe.choice.book(d, blocks)));
     let mut agents = Vec::new();
     if let Some(d) = &d {
         let di = fe.peer(&p, d).await.map_err(|(u, e)| fe.fail(&u, &e))?;
@@ -808,6 +834,13 @@ async fn drive(fe: Arc<Frontend>, g: Gen, tx: mpsc::UnboundedSender<Out>) {
     *m.requests.entry(status).or_default() += 1;
     m.prompt_tokens += g.prompt.len() as u64;
     m.cached_tokens += first_cached.unwrap_or(0) as u64;
+}
+
+fn nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 fn now_s() -> u64 {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use nixl_serve::engine::{self, EngineConfig, Role};
-use nixl_serve::frontend::{self, FrontendConfig, RoundRobin, WorkerChoice};
+use nixl_serve::frontend::{self, FrontendConfig, RouterChoice};
 use nixl_serve::model::{Model, ModelConfig, Weights, MODEL_NAME};
 
 #[derive(Parser, Debug)]
@@ -85,18 +85,16 @@ struct FrontendArgs {
     /// Aggregated worker URLs.
     #[arg(long, num_args = 1..)]
     aggregated: Vec<String>,
-    /// How workers are chosen.
-    #[arg(long, value_enum, default_value = "round-robin")]
-    router: RouterMode,
+    /// How workers are chosen: kv (KV-aware: overlap and load, Dynamo's cost), kv:WEIGHT,
+    /// round-robin, random.
+    #[arg(long, default_value = "kv")]
+    router: String,
+    /// Tokens per KV block of the workers (for the router's block hashes).
+    #[arg(long, default_value_t = 16)]
+    tokens_per_block: u32,
     /// Largest max_tokens accepted.
     #[arg(long, default_value_t = 1024)]
     max_tokens: u32,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum RouterMode {
-    RoundRobin,
-    Random,
 }
 
 fn main() {
@@ -181,10 +179,16 @@ fn run_frontend(a: FrontendArgs) -> Result<(), String> {
         model: MODEL_NAME.to_owned(),
         max_seq: ModelConfig::default().max_seq,
         max_tokens: a.max_tokens,
+        tokens_per_block: a.tokens_per_block,
     };
-    let choice: Box<dyn WorkerChoice> = match a.router {
-        RouterMode::RoundRobin => Box::new(RoundRobin::default()),
-        RouterMode::Random => Box::new(frontend::Random::default()),
-    };
-    runtime()?.block_on(serve(&a.listen, frontend::router(cfg, choice)))
+    let mode = nixl_router::Mode::parse(&a.router)?;
+    runtime()?.block_on(async move {
+        let urls: Vec<String> = [&cfg.prefill, &cfg.decode, &cfg.aggregated]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let choice = RouterChoice::new(mode, &urls, a.tokens_per_block as usize)?;
+        serve(&a.listen, frontend::router(cfg, Box::new(choice))).await
+    })
 }

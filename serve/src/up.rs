@@ -57,8 +57,8 @@ pub struct UpArgs {
     /// Pause after each decode step of every worker, milliseconds (simulates a larger model).
     #[arg(long, default_value_t = 0)]
     pub step_delay_ms: u64,
-    /// Worker choice of the frontend.
-    #[arg(long, default_value = "round-robin")]
+    /// Worker choice of the frontend: kv, kv:WEIGHT, round-robin, random.
+    #[arg(long, default_value = "kv")]
     pub router: String,
 }
 

@@ -210,3 +210,25 @@ def test_prefill_killed_retried_elsewhere_then_a_clear_error(deployments):
     assert e.value.status_code == 503
     assert "prefill" in e.value.message
     assert time.time() - t < 10
+
+
+def cached_tokens(c, prompt):
+    r = c.completions.create(model="nixl-ref", prompt=prompt, max_tokens=4, temperature=0)
+    return r.usage.prompt_tokens_details.cached_tokens
+
+
+@pytest.mark.parametrize("mode", ["kv", "round-robin"])
+def test_kv_router_places_shared_prefixes_on_the_worker_that_holds_them(deployments, mode):
+    d = deployments("--aggregated", "--workers", "2", "--router", mode)
+    c = d.client()
+    system = "A long shared system prompt about moving KV blocks between workers. " * 4
+    hits = []
+    for i in range(4):
+        hits.append(cached_tokens(c, system + f"question {i}?"))
+        time.sleep(0.3)  # the router's followers poll the workers' events every 50 ms
+    assert hits[0] == 0
+    if mode == "kv":
+        assert all(h >= 256 for h in hits[1:]), hits
+        assert metric(d.url, "nixl_serve_cache_hit_rate") > 0.5
+    else:
+        assert hits[1] == 0, hits  # the other worker, which holds nothing yet
