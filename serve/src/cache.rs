@@ -60,8 +60,9 @@ impl KvRegion {
             len,
         };
         layout.base = mem.ptr as u64;
-        let list = DescList::from_descs(MemKind::Dram, vec![Desc::new(layout.base, bytes as u64, 0)])
-            .map_err(|e| e.to_string())?;
+        let list =
+            DescList::from_descs(MemKind::Dram, vec![Desc::new(layout.base, bytes as u64, 0)])
+                .map_err(|e| e.to_string())?;
         // SAFETY: the memory is owned by the returned region and outlives its registration
         // (the registration is dropped first, see the field order).
         let reg = unsafe { agent.register(&list) }.map_err(|e| e.to_string())?;
@@ -318,6 +319,10 @@ mod tests {
         assert_eq!(y, t[0]);
         assert!(matches!(&log.since(1).unwrap()[0].kind,
             KvEventKind::Removed { hashes } if hashes == &vec![h[0]]));
-        assert_eq!(b.lookup(&h), Vec::<u32>::new(), "the chain's first block is gone");
+        assert_eq!(
+            b.lookup(&h),
+            Vec::<u32>::new(),
+            "the chain's first block is gone"
+        );
     }
 }

@@ -72,7 +72,10 @@ impl Http {
     ) -> Result<Bytes, CallError> {
         let fut = async {
             let (m, b) = match post {
-                Some(v) => (hyper::Method::POST, Some(serde_json::to_vec(v).unwrap_or_default())),
+                Some(v) => (
+                    hyper::Method::POST,
+                    Some(serde_json::to_vec(v).unwrap_or_default()),
+                ),
                 None => (hyper::Method::GET, None),
             };
             let r = self.send(m, url, b, timeout).await?;

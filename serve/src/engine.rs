@@ -421,7 +421,9 @@ struct Engine<'a> {
 
 impl std::fmt::Debug for Engine<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("name", &self.cfg.name).finish()
+        f.debug_struct("Engine")
+            .field("name", &self.cfg.name)
+            .finish()
     }
 }
 
@@ -429,10 +431,7 @@ impl Engine<'_> {
     fn run(&mut self, rx: Receiver<Cmd>) {
         loop {
             let busy = !self.queue.is_empty()
-                || self
-                    .reqs
-                    .iter()
-                    .any(|r| matches!(r.state, State::Decoding));
+                || self.reqs.iter().any(|r| matches!(r.state, State::Decoding));
             let first = if busy {
                 rx.try_recv().ok()
             } else {
@@ -582,9 +581,7 @@ impl Engine<'_> {
         let hashes = seq_hashes(tokens, tpb);
         // The last token is always computed (its logits are needed).
         let reuse_max = (n - 1) / tpb;
-        let mut table = self
-            .blocks
-            .lookup(&hashes[..hashes.len().min(reuse_max)]);
+        let mut table = self.blocks.lookup(&hashes[..hashes.len().min(reuse_max)]);
         let reused = table.len();
         let need = n.div_ceil(tpb) - reused;
         let mut log = self.shared.log.lock();
@@ -909,10 +906,7 @@ impl Engine<'_> {
             let mut err = None;
             for (rank, o, _) in &os {
                 if o.blocks.len() != nblocks {
-                    err = Some(format!(
-                        "offer of {} blocks for {n} tokens",
-                        o.blocks.len()
-                    ));
+                    err = Some(format!("offer of {} blocks for {n} tokens", o.blocks.len()));
                     self.decs[*rank].cancel(&o.from, o.id, "wrong block count");
                     continue;
                 }
@@ -943,7 +937,9 @@ impl Engine<'_> {
         let waiting: HashSet<String> = self.reqs.iter().map(|r| r.id.clone()).collect();
         let decs = &mut self.decs;
         self.offers.retain(|req, os| {
-            let stale = os.iter().all(|(_, _, t)| now.duration_since(*t) > lease / 2);
+            let stale = os
+                .iter()
+                .all(|(_, _, t)| now.duration_since(*t) > lease / 2);
             if stale && !waiting.contains(req) {
                 for (rank, o, _) in os.iter() {
                     decs[*rank].cancel(&o.from, o.id, "offer not claimed");

@@ -248,12 +248,18 @@ fn parse(fe: &Frontend, body: &[u8], chat: bool) -> Result<Gen, ApiError> {
         )
     })?;
     let Some(o) = v.as_object() else {
-        return Err(ApiError::bad("The request body must be a JSON object.", None));
+        return Err(ApiError::bad(
+            "The request body must be a JSON object.",
+            None,
+        ));
     };
     let model = match o.get("model") {
         Some(Value::String(s)) => s.clone(),
         None | Some(Value::Null) => {
-            return Err(ApiError::bad("you must provide a model parameter", Some("model")))
+            return Err(ApiError::bad(
+                "you must provide a model parameter",
+                Some("model"),
+            ))
         }
         Some(_) => return Err(ApiError::bad("model must be a string", Some("model"))),
     };
@@ -273,13 +279,16 @@ fn parse(fe: &Frontend, body: &[u8], chat: bool) -> Result<Gen, ApiError> {
             return Err(ApiError::bad("messages must be an array", Some("messages")));
         };
         if msgs.is_empty() {
-            return Err(ApiError::bad("messages must not be empty", Some("messages")));
+            return Err(ApiError::bad(
+                "messages must not be empty",
+                Some("messages"),
+            ));
         }
         for m in msgs {
             let role = m.get("role").and_then(Value::as_str);
-            let Some(role) = role.filter(|r| {
-                ["system", "developer", "user", "assistant", "tool"].contains(r)
-            }) else {
+            let Some(role) =
+                role.filter(|r| ["system", "developer", "user", "assistant", "tool"].contains(r))
+            else {
                 return Err(ApiError::bad(
                     "each message needs a role: system, developer, user, assistant or tool",
                     Some("messages"),
@@ -341,10 +350,9 @@ fn parse(fe: &Frontend, body: &[u8], chat: bool) -> Result<Gen, ApiError> {
     let int = |k: &'static str| -> Result<Option<u64>, ApiError> {
         match get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| ApiError::bad(format!("{k} must be a non-negative integer"), Some(k))),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                ApiError::bad(format!("{k} must be a non-negative integer"), Some(k))
+            }),
         }
     };
     let max_key = if chat && get("max_completion_tokens").is_some() {
@@ -444,7 +452,10 @@ fn parse(fe: &Frontend, body: &[u8], chat: bool) -> Result<Gen, ApiError> {
         }
     };
     if stop.iter().any(String::is_empty) {
-        return Err(ApiError::bad("stop strings must not be empty", Some("stop")));
+        return Err(ApiError::bad(
+            "stop strings must not be empty",
+            Some("stop"),
+        ));
     }
     Ok(Gen {
         prompt,
@@ -461,7 +472,11 @@ fn parse(fe: &Frontend, body: &[u8], chat: bool) -> Result<Gen, ApiError> {
 #[derive(Debug)]
 enum Out {
     Text(String),
-    Done { finish: &'static str, completion_tokens: usize, cached: u32 },
+    Done {
+        finish: &'static str,
+        completion_tokens: usize,
+        cached: u32,
+    },
     Error(ApiError),
 }
 
@@ -503,7 +518,12 @@ impl Emitter {
         if t < 256 {
             self.text.push(t as u8 as char);
         }
-        if let Some(at) = self.stop.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.text.find(s.as_str()))
+            .min()
+        {
             self.text.truncate(at);
             self.flush(at);
             return true;
@@ -521,7 +541,9 @@ impl Emitter {
 
     fn flush(&mut self, upto: usize) {
         if upto > self.sent {
-            let _ = self.tx.send(Out::Text(self.text[self.sent..upto].to_owned()));
+            let _ = self
+                .tx
+                .send(Out::Text(self.text[self.sent..upto].to_owned()));
             self.sent = upto;
         }
     }
@@ -532,7 +554,9 @@ impl Frontend {
         let mut dead = self.dead.lock();
         let now = Instant::now();
         dead.retain(|_, t| *t > now);
-        (0..urls.len()).filter(|&i| !dead.contains_key(&urls[i])).collect()
+        (0..urls.len())
+            .filter(|&i| !dead.contains_key(&urls[i]))
+            .collect()
     }
 
     fn pick(&self, pool: Pool, tokens: &[u32]) -> Option<String> {
@@ -630,11 +654,14 @@ async fn attempt(
     let mut tokens = g.prompt.clone();
     tokens.extend(&em.tokens);
     let remaining = g.max_tokens - em.tokens.len() as u32;
-    let blocks = (tokens.len() + remaining as usize).div_ceil(fe.cfg.tokens_per_block.max(1) as usize) as u64;
+    let blocks = (tokens.len() + remaining as usize)
+        .div_ceil(fe.cfg.tokens_per_block.max(1) as usize) as u64;
     let closed = em.tx.clone();
     if !fe.cfg.aggregated.is_empty() {
         let Some(a) = fe.pick(Pool::Aggregated, &tokens) else {
-            return Err(Fail::Fatal(ApiError::unavailable("no aggregated worker is available")));
+            return Err(Fail::Fatal(ApiError::unavailable(
+                "no aggregated worker is available",
+            )));
         };
         let _booked = fe.choice.book(&a, blocks);
         let body = json!({"id": id, "tokens": tokens, "max_tokens": remaining,
@@ -647,17 +674,26 @@ async fn attempt(
         return follow(fe, &a, id, &mut lines, em, cached, true).await;
     }
     let Some(p) = fe.pick(Pool::Prefill, &tokens) else {
-        return Err(Fail::Fatal(ApiError::unavailable("no prefill worker is available")));
+        return Err(Fail::Fatal(ApiError::unavailable(
+            "no prefill worker is available",
+        )));
     };
     let d = if remaining > 1 {
         match fe.pick(Pool::Decode, &tokens) {
             Some(d) => Some(d),
-            None => return Err(Fail::Fatal(ApiError::unavailable("no decode worker is available"))),
+            None => {
+                return Err(Fail::Fatal(ApiError::unavailable(
+                    "no decode worker is available",
+                )))
+            }
         }
     } else {
         None
     };
-    let _booked = (fe.choice.book(&p, blocks), d.as_ref().map(|d| fe.choice.book(d, blocks)));
+    let _booked = (
+        fe.choice.book(&p, blocks),
+        d.as_ref().map(|d| fe.choice.book(d, blocks)),
+    );
     let mut agents = Vec::new();
     if let Some(d) = &d {
         let di = fe.peer(&p, d).await.map_err(|(u, e)| fe.fail(&u, &e))?;
@@ -932,16 +968,20 @@ async fn serve(fe: Arc<Frontend>, body: &[u8], chat: bool) -> Response {
     let state = (rx, chat, false);
     let stream = futures_util::stream::unfold(state, move |(mut rx, mut first, done)| {
         let chunk = chunk.clone();
-        let usage = usage.clone();
         async move {
             if done {
                 return None;
             }
             if first {
                 first = false;
-                let c = chunk(json!({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "finish_reason": null, "logprobs": null}));
-                return Some((Ok::<_, std::convert::Infallible>(sse(&c)), (rx, first, false)));
+                let c = chunk(
+                    json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "finish_reason": null, "logprobs": null}),
+                );
+                return Some((
+                    Ok::<_, std::convert::Infallible>(sse(&c)),
+                    (rx, first, false),
+                ));
             }
             match rx.recv().await {
                 Some(Out::Text(t)) => {
@@ -1030,18 +1070,38 @@ async fn metrics_text(State(fe): State<Arc<Frontend>>) -> Response {
         "nixl_serve_inter_token_latency_seconds",
         "Time between consecutive tokens",
     );
-    metrics::single(&mut out, "nixl_serve_frontend_prompt_tokens_total", "counter",
-        "Prompt tokens of finished requests", m.prompt_tokens as f64);
-    metrics::single(&mut out, "nixl_serve_frontend_cached_tokens_total", "counter",
-        "Prompt tokens served from a worker's prefix cache", m.cached_tokens as f64);
+    metrics::single(
+        &mut out,
+        "nixl_serve_frontend_prompt_tokens_total",
+        "counter",
+        "Prompt tokens of finished requests",
+        m.prompt_tokens as f64,
+    );
+    metrics::single(
+        &mut out,
+        "nixl_serve_frontend_cached_tokens_total",
+        "counter",
+        "Prompt tokens served from a worker's prefix cache",
+        m.cached_tokens as f64,
+    );
     let rate = if m.prompt_tokens == 0 {
         0.0
     } else {
         m.cached_tokens as f64 / m.prompt_tokens as f64
     };
-    metrics::single(&mut out, "nixl_serve_cache_hit_rate", "gauge",
-        "Share of prompt tokens served from prefix caches", rate);
-    metrics::single(&mut out, "nixl_serve_migrations_total", "counter",
-        "Request attempts moved to other workers after a failure", m.migrations as f64);
+    metrics::single(
+        &mut out,
+        "nixl_serve_cache_hit_rate",
+        "gauge",
+        "Share of prompt tokens served from prefix caches",
+        rate,
+    );
+    metrics::single(
+        &mut out,
+        "nixl_serve_migrations_total",
+        "counter",
+        "Request attempts moved to other workers after a failure",
+        m.migrations as f64,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

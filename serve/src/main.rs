@@ -9,7 +9,11 @@ use nixl_serve::frontend::{self, FrontendConfig, RouterChoice};
 use nixl_serve::model::{Model, ModelConfig, Weights, MODEL_NAME};
 
 #[derive(Parser, Debug)]
-#[command(name = "nixl-serve", version, about = "A disaggregated serving stack over nixl-rs")]
+#[command(
+    name = "nixl-serve",
+    version,
+    about = "A disaggregated serving stack over nixl-rs"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -143,7 +147,10 @@ fn worker(a: WorkerArgs) -> Result<(), String> {
     }
     let transport = match a.backend.as_str() {
         "shm" => "backends = [\"shm\"]\n".to_owned(),
-        "tcp" => format!("backends = [\"tcp\"]\n[tcp]\nlisten = \"{}\"\n", a.tcp_listen),
+        "tcp" => format!(
+            "backends = [\"tcp\"]\n[tcp]\nlisten = \"{}\"\n",
+            a.tcp_listen
+        ),
         b => return Err(format!("--backend {b}: shm or tcp")),
     };
     let name = a
@@ -168,10 +175,16 @@ fn worker(a: WorkerArgs) -> Result<(), String> {
 
 fn run_frontend(a: FrontendArgs) -> Result<(), String> {
     let disagg = !a.prefill.is_empty() || !a.decode.is_empty();
-    if disagg == !a.aggregated.is_empty() || (disagg && (a.prefill.is_empty() || a.decode.is_empty())) {
+    if disagg != a.aggregated.is_empty()
+        || (disagg && (a.prefill.is_empty() || a.decode.is_empty()))
+    {
         return Err("give --prefill and --decode workers, or --aggregated workers".into());
     }
-    let trim = |v: Vec<String>| v.into_iter().map(|u| u.trim_end_matches('/').to_owned()).collect();
+    let trim = |v: Vec<String>| {
+        v.into_iter()
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .collect()
+    };
     let cfg = FrontendConfig {
         prefill: trim(a.prefill),
         decode: trim(a.decode),

@@ -45,7 +45,10 @@ impl Histogram {
 
 /// Renders one gauge or counter sample with its header.
 pub fn single(out: &mut String, name: &str, kind: &str, help: &str, v: f64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+    );
 }
 
 /// Renders a labelled counter family (`label` = each key).

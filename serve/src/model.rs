@@ -171,7 +171,12 @@ impl Weights {
             t.push(mat(format!("{p}w2"), d, f, 0.7 / (f as f32).sqrt()));
         }
         t.push(("final_norm".into(), vec![d], vec![1.0; d]));
-        t.push(mat("lm_head".into(), c.vocab as usize, d, 2.0 / (d as f32).sqrt()));
+        t.push(mat(
+            "lm_head".into(),
+            c.vocab as usize,
+            d,
+            2.0 / (d as f32).sqrt(),
+        ));
         // Only printable bytes are ever chosen; letters and space a little more often.
         let bias: Vec<f32> = (0..c.vocab)
             .map(|b| {
@@ -185,10 +190,7 @@ impl Weights {
             })
             .collect();
         t.push(("lm_bias".into(), vec![c.vocab as usize], bias));
-        Weights {
-            config,
-            tensors: t,
-        }
+        Weights { config, tensors: t }
     }
 
     /// Writes `dir/model.safetensors` (little-endian f32, the config in the metadata).

@@ -187,10 +187,23 @@ fn run(
     for (i, (role, tp)) in plan.iter().enumerate() {
         let name = format!("{role}{i}-{pid}");
         let args: Vec<String> = [
-            "worker", "--role", role, "--tp", &tp.to_string(), "--model",
-            &model.display().to_string(), "--name", &name, "--backend", &a.backend,
-            "--blocks", &a.blocks.to_string(), "--listen", "127.0.0.1:0",
-            "--step-delay-ms", &a.step_delay_ms.to_string(),
+            "worker",
+            "--role",
+            role,
+            "--tp",
+            &tp.to_string(),
+            "--model",
+            &model.display().to_string(),
+            "--name",
+            &name,
+            "--backend",
+            &a.backend,
+            "--blocks",
+            &a.blocks.to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--step-delay-ms",
+            &a.step_delay_ms.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -224,7 +237,10 @@ fn run(
             .iter()
             .map(|p| json!({"role": p.role, "url": p.url, "pid": p.child.id(), "name": p.name, "tp": p.tp}))
             .collect();
-        println!("{}", json!({"url": url, "model": MODEL_NAME, "processes": ps}));
+        println!(
+            "{}",
+            json!({"url": url, "model": MODEL_NAME, "processes": ps})
+        );
     } else {
         println!("nixl-serve up: {url}/v1 (model {MODEL_NAME}); SIGINT or SIGTERM stops it");
     }

@@ -4,7 +4,7 @@
 //! | method, path | body / answer |
 //! |---|---|
 //! | `POST /generate` | [`GenReq`] → newline-delimited JSON [`Ev`]s (`{"token":N}`, ..., `{"done":"length"}` or `{"error":..}`) |
-//! | `POST /prefill` | [`PrefillReq`] → [`PrefillOut`] (prefill role) |
+//! | `POST /prefill` | [`PrefillReq`] → [`PrefillOut`](crate::engine::PrefillOut) (prefill role) |
 //! | `POST /cancel` | `{"id": ..}` → 200 |
 //! | `GET /kv/meta`, `POST /kv/peer` | [`PeerInfo`]: agents, metadata, layouts |
 //! | `GET /kv/events?since=N` | 200 `{"worker", "events": [KvEvent..]}` or 410 `{"oldest": N}` |
@@ -40,8 +40,9 @@ fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({"error": msg.into()}))).into_response()
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(b: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(b).map_err(|e| err(StatusCode::BAD_REQUEST, format!("body: {e}")))
+fn parse<T: for<'de> Deserialize<'de>>(b: &Bytes) -> Result<T, Box<Response>> {
+    serde_json::from_slice(b)
+        .map_err(|e| Box::new(err(StatusCode::BAD_REQUEST, format!("body: {e}"))))
 }
 
 /// The worker's HTTP routes over a running engine.
@@ -68,7 +69,7 @@ async fn health(State(w): State<W>) -> Response {
 async fn generate(State(w): State<W>, body: Bytes) -> Response {
     let g: GenReq = match parse(&body) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (tx, rx) = mpsc::unbounded_channel();
     if w.tx.send(Cmd::Generate(g, tx)).is_err() {
@@ -89,7 +90,7 @@ async fn generate(State(w): State<W>, body: Bytes) -> Response {
 async fn prefill(State(w): State<W>, body: Bytes) -> Response {
     let p: PrefillReq = match parse(&body) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (tx, rx) = oneshot::channel();
     if w.tx.send(Cmd::Prefill(p, tx)).is_err() {
@@ -113,7 +114,7 @@ async fn cancel(State(w): State<W>, body: Bytes) -> Response {
             let _ = w.tx.send(Cmd::Cancel(i.id));
             Json(json!({})).into_response()
         }
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -124,7 +125,7 @@ async fn meta(State(w): State<W>) -> Response {
 async fn peer(State(w): State<W>, body: Bytes) -> Response {
     let p: PeerInfo = match parse(&body) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (tx, rx) = oneshot::channel();
     if w.tx.send(Cmd::Peer(p, tx)).is_err() {
@@ -143,7 +144,10 @@ struct Since {
     since: u64,
 }
 
-async fn events(State(w): State<W>, q: Result<Query<Since>, axum::extract::rejection::QueryRejection>) -> Response {
+async fn events(
+    State(w): State<W>,
+    q: Result<Query<Since>, axum::extract::rejection::QueryRejection>,
+) -> Response {
     let Ok(Query(q)) = q else {
         return err(StatusCode::BAD_REQUEST, "since must be an unsigned integer");
     };
@@ -173,9 +177,27 @@ async fn metrics_text(State(w): State<W>) -> Response {
     let mut out = String::new();
     {
         let s = w.shared.stats.lock();
-        metrics::single(&mut out, "nixl_serve_kv_blocks_used", "gauge", "KV blocks in use", s.blocks_used as f64);
-        metrics::single(&mut out, "nixl_serve_kv_blocks_total", "gauge", "KV blocks of this worker", s.blocks_total as f64);
-        metrics::single(&mut out, "nixl_serve_active_requests", "gauge", "Requests running or holding blocks", s.active_requests as f64);
+        metrics::single(
+            &mut out,
+            "nixl_serve_kv_blocks_used",
+            "gauge",
+            "KV blocks in use",
+            s.blocks_used as f64,
+        );
+        metrics::single(
+            &mut out,
+            "nixl_serve_kv_blocks_total",
+            "gauge",
+            "KV blocks of this worker",
+            s.blocks_total as f64,
+        );
+        metrics::single(
+            &mut out,
+            "nixl_serve_active_requests",
+            "gauge",
+            "Requests running or holding blocks",
+            s.active_requests as f64,
+        );
         metrics::family(
             &mut out,
             "nixl_serve_requests_total",
@@ -190,10 +212,32 @@ async fn metrics_text(State(w): State<W>) -> Response {
             "outcome",
             ["done", "failed", "cancelled"].map(|k| (k, s.handoffs.get(k).copied().unwrap_or(0))),
         );
-        s.handoff_seconds.render(&mut out, "nixl_serve_handoff_seconds", "KV handoff time (prefill: offer to done; decode: pull to landed)");
-        metrics::single(&mut out, "nixl_serve_prompt_tokens_total", "counter", "Prompt tokens prefilled", s.prompt_tokens as f64);
-        metrics::single(&mut out, "nixl_serve_cached_tokens_total", "counter", "Prompt tokens reused from the prefix cache", s.cached_tokens as f64);
-        metrics::single(&mut out, "nixl_serve_generated_tokens_total", "counter", "Tokens generated", s.generated_tokens as f64);
+        s.handoff_seconds.render(
+            &mut out,
+            "nixl_serve_handoff_seconds",
+            "KV handoff time (prefill: offer to done; decode: pull to landed)",
+        );
+        metrics::single(
+            &mut out,
+            "nixl_serve_prompt_tokens_total",
+            "counter",
+            "Prompt tokens prefilled",
+            s.prompt_tokens as f64,
+        );
+        metrics::single(
+            &mut out,
+            "nixl_serve_cached_tokens_total",
+            "counter",
+            "Prompt tokens reused from the prefix cache",
+            s.cached_tokens as f64,
+        );
+        metrics::single(
+            &mut out,
+            "nixl_serve_generated_tokens_total",
+            "counter",
+            "Tokens generated",
+            s.generated_tokens as f64,
+        );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -31,7 +31,9 @@ fn start(args: &[&str]) -> (Proc, String) {
         let _ = BufReader::new(out).read_line(&mut l);
         let _ = tx.send(l);
     });
-    let line = rx.recv_timeout(Duration::from_secs(60)).expect("ready line");
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("ready line");
     (p, line.trim().to_owned())
 }
 
@@ -67,21 +69,95 @@ fn json(s: &str) -> serde_json::Value {
 fn bad_requests_get_openai_errors() {
     let (_up, line) = start(&["up", "--aggregated", "--listen", "127.0.0.1:0", "--json"]);
     let url = json(&line)["url"].as_str().unwrap().to_owned();
-    let cases: &[(&str, &str, u16, Option<&str>, Option<&str>)] = &[
+    // (path, body, status, error.param, error.code)
+    type Case<'a> = (&'a str, &'a str, u16, Option<&'a str>, Option<&'a str>);
+    let cases: &[Case] = &[
         ("/v1/completions", "{not json", 400, None, None),
         ("/v1/completions", "[1,2]", 400, None, None),
-        ("/v1/completions", r#"{"prompt":"x"}"#, 400, Some("model"), None),
-        ("/v1/completions", r#"{"model":"nope","prompt":"x"}"#, 404, Some("model"), Some("model_not_found")),
-        ("/v1/completions", r#"{"model":"nixl-ref"}"#, 400, Some("prompt"), None),
-        ("/v1/completions", r#"{"model":"nixl-ref","prompt":"x","max_tokens":0}"#, 400, Some("max_tokens"), None),
-        ("/v1/completions", r#"{"model":"nixl-ref","prompt":"x","max_tokens":"7"}"#, 400, Some("max_tokens"), None),
-        ("/v1/completions", r#"{"model":"nixl-ref","prompt":"x","temperature":5}"#, 400, Some("temperature"), None),
-        ("/v1/completions", r#"{"model":"nixl-ref","prompt":"x","n":2}"#, 400, Some("n"), None),
-        ("/v1/completions", r#"{"model":"nixl-ref","prompt":["a","b"]}"#, 400, Some("prompt"), None),
-        ("/v1/completions", r#"{"model":"nixl-ref","prompt":"x","stop":5}"#, 400, Some("stop"), None),
-        ("/v1/chat/completions", r#"{"model":"nixl-ref","messages":[]}"#, 400, Some("messages"), None),
-        ("/v1/chat/completions", r#"{"model":"nixl-ref","messages":[{"role":"robot","content":"x"}]}"#, 400, Some("messages"), None),
-        ("/v1/chat/completions", r#"{"model":"nixl-ref","messages":[{"role":"user"}]}"#, 400, Some("messages"), None),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x"}"#,
+            400,
+            Some("model"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"nope","prompt":"x"}"#,
+            404,
+            Some("model"),
+            Some("model_not_found"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"nixl-ref"}"#,
+            400,
+            Some("prompt"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"nixl-ref","prompt":"x","max_tokens":0}"#,
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"nixl-ref","prompt":"x","max_tokens":"7"}"#,
+            400,
+            Some("max_tokens"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"nixl-ref","prompt":"x","temperature":5}"#,
+            400,
+            Some("temperature"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"nixl-ref","prompt":"x","n":2}"#,
+            400,
+            Some("n"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"nixl-ref","prompt":["a","b"]}"#,
+            400,
+            Some("prompt"),
+            None,
+        ),
+        (
+            "/v1/completions",
+            r#"{"model":"nixl-ref","prompt":"x","stop":5}"#,
+            400,
+            Some("stop"),
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"nixl-ref","messages":[]}"#,
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"nixl-ref","messages":[{"role":"robot","content":"x"}]}"#,
+            400,
+            Some("messages"),
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"nixl-ref","messages":[{"role":"user"}]}"#,
+            400,
+            Some("messages"),
+            None,
+        ),
         ("/v1/nothing", "{}", 404, None, Some("unknown_url")),
     ];
     for (path, body, status, param, code) in cases {
@@ -93,19 +169,29 @@ fn bad_requests_get_openai_errors() {
         assert_eq!(e["param"].as_str(), *param, "{body}: {b}");
         assert_eq!(e["code"].as_str(), *code, "{body}: {b}");
     }
-    let long = format!(r#"{{"model":"nixl-ref","prompt":"{}","max_tokens":100}}"#, "y".repeat(2000));
+    let long = format!(
+        r#"{{"model":"nixl-ref","prompt":"{}","max_tokens":100}}"#,
+        "y".repeat(2000)
+    );
     let (s, b) = http(&url, "POST", "/v1/completions", &long);
     assert_eq!(s, 400);
     assert_eq!(json(&b)["error"]["code"], "context_length_exceeded");
     // And a good one, with the usage.
-    let (s, b) = http(&url, "POST", "/v1/completions",
-        r#"{"model":"nixl-ref","prompt":"hello","max_tokens":5,"temperature":0}"#);
+    let (s, b) = http(
+        &url,
+        "POST",
+        "/v1/completions",
+        r#"{"model":"nixl-ref","prompt":"hello","max_tokens":5,"temperature":0}"#,
+    );
     assert_eq!(s, 200, "{b}");
     let v = json(&b);
     assert_eq!(v["usage"]["completion_tokens"], 5);
     assert_eq!(v["choices"][0]["text"].as_str().unwrap().len(), 5);
     let (s, b) = http(&url, "GET", "/v1/models", "");
-    assert_eq!((s, json(&b)["data"][0]["id"].as_str()), (200, Some("nixl-ref")));
+    assert_eq!(
+        (s, json(&b)["data"][0]["id"].as_str()),
+        (200, Some("nixl-ref"))
+    );
 }
 
 #[test]
@@ -119,15 +205,30 @@ fn worker_kv_events_blocks_load_and_gap() {
         .unwrap();
     assert!(st.success());
     let (_w, line) = start(&[
-        "worker", "--role", "aggregated", "--model", dir.to_str().unwrap(),
-        "--tokens-per-block", "4", "--event-capacity", "2", "--blocks", "64", "--name", "wtest",
+        "worker",
+        "--role",
+        "aggregated",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens-per-block",
+        "4",
+        "--event-capacity",
+        "2",
+        "--blocks",
+        "64",
+        "--name",
+        "wtest",
     ]);
     let url = line.trim_start_matches("NIXL-SERVE-READY ").to_owned();
     let (s, b) = http(&url, "GET", "/kv/events?since=0", "");
     assert_eq!((s, json(&b)["events"].as_array().unwrap().len()), (200, 0));
     let gen = |toks: &str| {
-        let (s, b) = http(&url, "POST", "/generate",
-            &format!(r#"{{"id":"g{toks}","tokens":[{toks}],"max_tokens":3}}"#));
+        let (s, b) = http(
+            &url,
+            "POST",
+            "/generate",
+            &format!(r#"{{"id":"g{toks}","tokens":[{toks}],"max_tokens":3}}"#),
+        );
         assert_eq!(s, 200, "{b}");
         b
     };
@@ -136,11 +237,21 @@ fn worker_kv_events_blocks_load_and_gap() {
     let ev = json(&b);
     assert_eq!(ev["worker"], "wtest");
     assert_eq!(ev["events"][0]["kind"]["type"], "stored");
-    assert_eq!(ev["events"][0]["kind"]["blocks"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        ev["events"][0]["kind"]["blocks"].as_array().unwrap().len(),
+        2
+    );
     // The same prefix again: reused (a hit), no new stored event for those blocks.
-    let (_, b) = http(&url, "POST", "/generate",
-        r#"{"id":"again","tokens":[256,1,2,3,4,5,6,7,8,9],"max_tokens":1}"#);
-    assert!(b.contains("\"cached_tokens\":8") || b.contains("\"cached_tokens\": 8"), "{b}");
+    let (_, b) = http(
+        &url,
+        "POST",
+        "/generate",
+        r#"{"id":"again","tokens":[256,1,2,3,4,5,6,7,8,9],"max_tokens":1}"#,
+    );
+    assert!(
+        b.contains("\"cached_tokens\":8") || b.contains("\"cached_tokens\": 8"),
+        "{b}"
+    );
     gen("256,9,9,9,9");
     gen("256,8,8,8,8");
     gen("256,7,7,7,7");
@@ -157,7 +268,10 @@ fn worker_kv_events_blocks_load_and_gap() {
     assert!(v["blocks"].as_array().unwrap().len() >= 5, "{b}");
     assert!(v["last_id"].as_u64().unwrap() >= oldest);
     let (_, b) = http(&url, "GET", "/load", "");
-    assert_eq!(json(&b), serde_json::json!({"active_requests": 0, "active_blocks": 0, "total_blocks": 64}));
+    assert_eq!(
+        json(&b),
+        serde_json::json!({"active_requests": 0, "active_blocks": 0, "total_blocks": 64})
+    );
     let (s, _) = http(&url, "POST", "/generate", "{bad");
     assert_eq!(s, 400);
     let _ = std::fs::remove_dir_all(&dir);

@@ -15,7 +15,9 @@ fn model() -> Model {
 }
 
 fn prompt(s: &str) -> Vec<u32> {
-    std::iter::once(BOS).chain(s.bytes().map(u32::from)).collect()
+    std::iter::once(BOS)
+        .chain(s.bytes().map(u32::from))
+        .collect()
 }
 
 fn greedy(m: &Model, p: &[u32], n: usize) -> Vec<u32> {
@@ -53,7 +55,11 @@ fn paged_cache_over_tp_ranks_equals_the_plain_store_bitwise() {
     let m = model();
     let p = prompt("Paged blocks, split by heads over two ranks.");
     let want = greedy(&m, &p, 24);
-    for (tp, order) in [(1, Order::BlockFirstNhd), (2, Order::LayerFirstHnd), (4, Order::BlockFirstHnd)] {
+    for (tp, order) in [
+        (1, Order::BlockFirstNhd),
+        (2, Order::LayerFirstHnd),
+        (4, Order::BlockFirstHnd),
+    ] {
         let agents: Vec<Agent> = (0..tp)
             .map(|r| {
                 Agent::builder(format!("model-test-{tp}-{r}"))
@@ -123,7 +129,11 @@ fn weights_round_trip_through_safetensors() {
 fn greedy_text_is_printable_and_not_degenerate() {
     let m = model();
     let mut texts = Vec::new();
-    for s in ["Hello, world!", "Once upon a time", "user: what is nixl?\nassistant: "] {
+    for s in [
+        "Hello, world!",
+        "Once upon a time",
+        "user: what is nixl?\nassistant: ",
+    ] {
         let out = greedy(&m, &prompt(s), 40);
         assert!(out.iter().all(|&t| printable(t)), "{out:?}");
         let text: String = out.iter().map(|&t| t as u8 as char).collect();

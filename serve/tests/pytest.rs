@@ -36,7 +36,13 @@ fn openai_client_against_nixl_serve_up() {
     let have = || ok(Command::new(&py).args(["-c", "import openai, pytest"]));
     if !have() {
         let _ = Command::new(&py)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(["openai", "pytest"])
             .status();
         if !have() {
