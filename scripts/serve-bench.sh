@@ -4,8 +4,9 @@
 #
 #   scripts/serve-bench.sh            (environment: see the defaults below)
 #
-# For each topology (TOPOS: `disagg` = --prefill 1 --decode 2, `agg` = --aggregated
-# --workers 3) and each router (kv, round-robin) it starts a deployment, runs nixl-loadgen
+# For each topology (TOPOS: `disagg` = --prefill 1 --decode 2, the issue's shape, where the only
+# choice is the decode worker, by load; `disagg2` = --prefill 2 --decode 2, where the prefill
+# worker is chosen by overlap; `agg` = --aggregated --workers 3) and each router (kv, round-robin) it starts a deployment, runs nixl-loadgen
 # with the shared-prefix workload and then the unique one (Poisson arrivals at RATE/s, REQUESTS
 # requests, SEED), reads the frontend's and the workers' /metrics before and after each
 # workload, and stops it. It prints one row per (topology, workload, router): TTFT and ITL
@@ -18,15 +19,16 @@
 # JSON=1 prints the rows as JSON lines too.
 set -euo pipefail
 REQUESTS=${REQUESTS:-96}
-RATE=${RATE:-8}
+RATE=${RATE:-4}
 SEED=${SEED:-1}
-PROMPTS=${PROMPTS:-4}
+# 20 system prompts of 32 blocks: more than one worker's 512 blocks hold, fewer than three do.
+PROMPTS=${PROMPTS:-20}
 PREFIX=${PREFIX:-512}
 SUFFIX=${SUFFIX:-32}
 MAX_TOKENS=${MAX_TOKENS:-32}
 STEP_DELAY_MS=${STEP_DELAY_MS:-0}
 PORT=${PORT:-18731}
-TOPOS=${TOPOS:-"disagg agg"}
+TOPOS=${TOPOS:-"disagg disagg2 agg"}
 TPB=${TPB:-16}
 KV_BYTES_PER_TOKEN=${KV_BYTES_PER_TOKEN:-1024}
 ROUTERS=${ROUTERS:-"kv round-robin"}
@@ -59,8 +61,9 @@ snapshot() {
 for topo in $TOPOS; do
     case $topo in
     disagg) shape=(--prefill 1 --decode 2) ;;
+    disagg2) shape=(--prefill 2 --decode 2) ;;
     agg) shape=(--aggregated --workers 3) ;;
-    *) echo "serve-bench: unknown topology $topo (disagg, agg)" >&2; exit 2 ;;
+    *) echo "serve-bench: unknown topology $topo (disagg, disagg2, agg)" >&2; exit 2 ;;
     esac
     for router in $ROUTERS; do
         "$bin/nixl-serve" up "${shape[@]}" --router "$router" --listen "127.0.0.1:$PORT" \
@@ -155,7 +158,7 @@ for topo in topos:
                 "cache_hit_rate": round(cached / prompt, 3) if prompt else None,
             }
             ok = load["ok"]
-            if topo == "disagg" and ttft_n > 0 and ok > 0:
+            if topo.startswith("disagg") and ttft_n > 0 and ok > 0:
                 hs = sum(delta(b, a, u, "nixl_serve_handoff_seconds_sum") for u in a if u != fe)
                 hn = sum(delta(b, a, u, "nixl_serve_handoff_seconds_count") for u in a if u != fe)
                 if hn > 0:
@@ -170,6 +173,8 @@ for topo in topos:
                         "handoff_bytes": nbytes,
                         "memcpy_same_bytes_ms": round(memcpy_ms(nbytes), 4),
                     })
+            if load.get("error_samples"):
+                row["error_samples"] = load["error_samples"]
             rows.append(row)
 
 def f(v):
@@ -182,6 +187,9 @@ print("| " + " | ".join(cols) + " |")
 print("|" + "---|" * len(cols))
 for r in rows:
     print("| " + " | ".join(f(r.get(c)) for c in cols) + " |")
+for r in rows:
+    for e in r.get("error_samples", []):
+        print(f"error ({r['topology']}, {r['workload']}, {r['router']}): {e}")
 if as_json:
     for r in rows:
         print(json.dumps(r))
