@@ -1,6 +1,6 @@
 """The serving stack against the official `openai` client: completions and chat, streaming and
 not, greedy outputs identical between an aggregated worker and disaggregated prefill/decode
-with TP 1->1, 2->1, 1->2; a decode worker SIGKILLed mid-stream (the stream completes with the
+with TP 1->1, 2->1, 1->2 (over shm, and 2->1 over tcp); a decode worker SIGKILLed mid-stream (the stream completes with the
 same text); prefill workers killed (retried elsewhere, or a clear error in bounded time); a
 client that disconnects mid-stream (its KV blocks are freed on every worker)."""
 
@@ -26,6 +26,7 @@ TOPOLOGIES = {
     "tp1to1": ("--prefill-tp", "1", "--decode-tp", "1"),
     "tp2to1": ("--prefill-tp", "2", "--decode-tp", "1"),
     "tp1to2": ("--prefill-tp", "1", "--decode-tp", "2"),
+    "tcp_tp2to1": ("--backend", "tcp", "--prefill-tp", "2", "--decode-tp", "1"),
 }
 
 
@@ -71,7 +72,7 @@ def test_reference_outputs_are_sane(reference):
     assert reference[0] != reference[2]
 
 
-@pytest.mark.parametrize("topology", ["tp1to1", "tp2to1", "tp1to2"])
+@pytest.mark.parametrize("topology", ["tp1to1", "tp2to1", "tp1to2", "tcp_tp2to1"])
 def test_disaggregated_equals_aggregated(deployments, reference, topology):
     d = deployments(*TOPOLOGIES[topology])
     assert outputs(d) == reference
