@@ -220,6 +220,8 @@ pub struct Shared {
     pub tokens_per_block: u32,
     /// Longest sequence.
     pub max_seq: u32,
+    /// New at each start of the worker (lets a router see restarts).
+    pub instance: u64,
 }
 
 /// Hex of bytes.
@@ -323,6 +325,10 @@ fn run(
         }),
         tokens_per_block: cfg.tokens_per_block,
         max_seq: model.cfg.max_seq,
+        instance: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()) << 40,
     });
     let decs = if cfg.role == Role::Decode {
         let mut v = Vec::new();

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{Cmd, Ev, GenReq, PeerInfo, PrefillReq, Shared};
 use crate::metrics;
+use nixl_router::wire;
 
 #[derive(Clone, Debug)]
 struct W {
@@ -151,25 +152,35 @@ async fn events(
     let Ok(Query(q)) = q else {
         return err(StatusCode::BAD_REQUEST, "since must be an unsigned integer");
     };
-    let r = w.shared.log.lock().since(q.since);
-    match r {
-        Ok(ev) => Json(json!({"worker": w.shared.info.worker, "events": ev})).into_response(),
-        Err(gap) => (StatusCode::GONE, Json(json!({"oldest": gap.oldest}))).into_response(),
+    let log = w.shared.log.lock();
+    match wire::events_response(
+        &w.shared.info.worker,
+        &log,
+        q.since,
+        Some(w.shared.instance),
+    ) {
+        Ok(ev) => Json(ev).into_response(),
+        Err(gap) => (StatusCode::GONE, Json(gap)).into_response(),
     }
 }
 
 async fn blocks(State(w): State<W>) -> Response {
-    let (last, b) = w.shared.log.lock().all_blocks();
-    Json(json!({"worker": w.shared.info.worker, "last_id": last, "blocks": b})).into_response()
+    let log = w.shared.log.lock();
+    Json(wire::blocks_response(
+        &w.shared.info.worker,
+        &log,
+        Some(w.shared.instance),
+    ))
+    .into_response()
 }
 
 async fn load(State(w): State<W>) -> Response {
     let s = w.shared.stats.lock();
-    Json(json!({
-        "active_requests": s.active_requests,
-        "active_blocks": s.blocks_used,
-        "total_blocks": s.blocks_total,
-    }))
+    Json(wire::WorkerLoad {
+        active_requests: s.active_requests as u64,
+        active_blocks: s.blocks_used as u64,
+        total_blocks: s.blocks_total as u64,
+    })
     .into_response()
 }
 
