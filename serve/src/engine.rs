@@ -30,7 +30,7 @@ use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
 use crate::cache::{Blocks, KvRegion, Paged};
 use crate::metrics::Histogram;
-use crate::model::{sample, Model};
+use crate::model::{logprob, sample, Model};
 
 /// What a worker does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -148,6 +148,8 @@ pub struct PrefillReq {
 pub struct PrefillOut {
     /// The first generated token.
     pub first_token: u32,
+    /// Its log-probability.
+    pub first_logprob: f32,
     /// Prompt tokens whose KV came from the prefix cache.
     pub cached_tokens: u32,
     /// The prefill agent (rank 0) that offered the KV.
@@ -163,8 +165,8 @@ pub enum Ev {
         /// Tokens reused from the prefix cache.
         cached_tokens: u32,
     },
-    /// A generated token.
-    Token(u32),
+    /// A generated token and its log-probability.
+    Token(u32, f32),
     /// The end, with the finish reason.
     Done(String),
     /// Failed, with the reason.
@@ -645,7 +647,7 @@ impl Engine<'_> {
                 let _ = tx.send(Ev::Prefilled {
                     cached_tokens: cached,
                 });
-                let _ = tx.send(Ev::Token(t));
+                let _ = tx.send(Ev::Token(t, logprob(&logits, t)));
                 self.shared.stats.lock().generated_tokens += 1;
                 let r = Req {
                     id: g.id,
@@ -700,6 +702,7 @@ impl Engine<'_> {
                 }
                 let out = PrefillOut {
                     first_token: first,
+                    first_logprob: logprob(&logits, first),
                     cached_tokens: cached,
                     agent: self.agents[0].name().to_owned(),
                 };
@@ -1011,7 +1014,7 @@ impl Engine<'_> {
             }
             let r = &mut self.reqs[i];
             let t = sample(&logits, r.temperature, r.seed, r.tokens.len() as u32);
-            let _ = r.tx.send(Ev::Token(t));
+            let _ = r.tx.send(Ev::Token(t, logprob(&logits, t)));
             self.shared.stats.lock().generated_tokens += 1;
             r.left -= 1;
             r.next = t;

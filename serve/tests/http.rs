@@ -138,6 +138,13 @@ fn bad_requests_get_openai_errors() {
             None,
         ),
         (
+            "/v1/completions",
+            r#"{"model":"nixl-ref","prompt":"x","logprobs":3}"#,
+            400,
+            Some("logprobs"),
+            None,
+        ),
+        (
             "/v1/chat/completions",
             r#"{"model":"nixl-ref","messages":[]}"#,
             400,

@@ -30,30 +30,48 @@ TOPOLOGIES = {
 }
 
 
+def completion(c, prompt, n, **kw):
+    """(text, log-probabilities of its tokens), streamed or not."""
+    r = c.completions.create(model="nixl-ref", prompt=prompt, max_tokens=n, temperature=0,
+                             logprobs=0, **kw)
+    if not kw.get("stream"):
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == n
+        return r.choices[0].text, r.choices[0].logprobs.token_logprobs
+    text, lps = "", []
+    for ch in r:
+        for choice in ch.choices:
+            text += choice.text
+            if choice.logprobs:
+                lps += choice.logprobs.token_logprobs
+    return text, lps
+
+
 def outputs(d):
+    """Texts and the exact log-probabilities of every token (any change in the KV a token
+    attends to changes them)."""
     c = d.client()
     out = []
     for p in PROMPTS:
-        r = c.completions.create(model="nixl-ref", prompt=p, max_tokens=N, temperature=0)
-        assert r.choices[0].finish_reason == "length"
-        assert r.usage.completion_tokens == N
-        out.append(r.choices[0].text)
-        s = c.completions.create(model="nixl-ref", prompt=p, max_tokens=N, temperature=0,
-                                 stream=True)
-        out.append("".join(ch.choices[0].text for ch in s if ch.choices))
-    r = c.chat.completions.create(model="nixl-ref", messages=CHAT, max_tokens=N, temperature=0)
+        out.append(completion(c, p, N))
+        out.append(completion(c, p, N, stream=True))
+    r = c.chat.completions.create(model="nixl-ref", messages=CHAT, max_tokens=N, temperature=0,
+                                  logprobs=True)
     assert r.choices[0].message.role == "assistant"
-    out.append(r.choices[0].message.content)
+    out.append((r.choices[0].message.content, [t.logprob for t in r.choices[0].logprobs.content]))
     s = c.chat.completions.create(model="nixl-ref", messages=CHAT, max_tokens=N, temperature=0,
-                                  stream=True, stream_options={"include_usage": True})
-    text, usage = "", None
+                                  logprobs=True, stream=True,
+                                  stream_options={"include_usage": True})
+    text, lps, usage = "", [], None
     for ch in s:
         if ch.usage:
             usage = ch.usage
         for choice in ch.choices:
             text += choice.delta.content or ""
+            if choice.logprobs:
+                lps += [t.logprob for t in choice.logprobs.content]
     assert usage is not None and usage.completion_tokens == N
-    out.append(text)
+    out.append((text, lps))
     return out
 
 
@@ -66,10 +84,11 @@ def test_reference_outputs_are_sane(reference):
     for i in range(0, len(reference), 2):
         # Streaming and not give the same text.
         assert reference[i] == reference[i + 1]
-    for t in reference:
-        assert len(t) == N
+    for t, lps in reference:
+        assert len(t) == N and len(lps) == N
         assert len(set(t)) > 4, t
-    assert reference[0] != reference[2]
+        assert all(lp <= 0 for lp in lps) and len(set(lps)) > 4, lps
+    assert reference[0][0] != reference[2][0]
 
 
 @pytest.mark.parametrize("topology", ["tp1to1", "tp2to1", "tp1to2", "tcp_tp2to1"])
@@ -145,20 +164,23 @@ LONG = 160
 def test_decode_killed_mid_stream_the_stream_completes_identically(deployments):
     d = deployments("--prefill", "1", "--decode", "3", "--step-delay-ms", "15")
     c = d.client()
-    want = c.completions.create(model="nixl-ref", prompt=PROMPTS[0], max_tokens=LONG,
-                                temperature=0).choices[0].text
+    want = completion(c, PROMPTS[0], LONG)
     s = c.completions.create(model="nixl-ref", prompt=PROMPTS[0], max_tokens=LONG,
-                             temperature=0, stream=True)
-    text, killed = "", None
+                             temperature=0, stream=True, logprobs=0)
+    text, lps, killed = "", [], None
     for ch in s:
         if not ch.choices:
             continue
         text += ch.choices[0].text
+        if ch.choices[0].logprobs:
+            lps += ch.choices[0].logprobs.token_logprobs
         if killed is None and len(text) >= 30:
             killed = busy_decode(d)
             os.kill(killed["pid"], signal.SIGKILL)
     assert killed is not None
-    assert text == want
+    # The migrated request (prefilled again on other workers) goes on with the very same
+    # tokens and log-probabilities.
+    assert (text, lps) == want
     assert metric(d.url, "nixl_serve_migrations_total") >= 1
     # The other workers are left with nothing held.
     for w in d.workers():
