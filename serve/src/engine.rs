@@ -222,6 +222,8 @@ pub struct Shared {
     pub tokens_per_block: u32,
     /// Longest sequence.
     pub max_seq: u32,
+    /// Vocabulary size.
+    pub vocab: u32,
     /// New at each start of the worker (lets a router see restarts).
     pub instance: u64,
 }
@@ -327,6 +329,7 @@ fn run(
         }),
         tokens_per_block: cfg.tokens_per_block,
         max_seq: model.cfg.max_seq,
+        vocab: model.cfg.vocab,
         instance: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)

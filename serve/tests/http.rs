@@ -279,7 +279,25 @@ fn worker_kv_events_blocks_load_and_gap() {
         json(&b),
         serde_json::json!({"active_requests": 0, "active_blocks": 0, "total_blocks": 64})
     );
-    let (s, _) = http(&url, "POST", "/generate", "{bad");
-    assert_eq!(s, 400);
+    for bad in [
+        "{bad",
+        r#"{"id":"x","tokens":[],"max_tokens":3}"#,
+        r#"{"id":"x","tokens":[999],"max_tokens":3}"#,
+        r#"{"id":"x","tokens":[1],"max_tokens":4000000000}"#,
+        r#"{"id":"","tokens":[1],"max_tokens":3}"#,
+        r#"{"id":"x","tokens":[1],"max_tokens":3,"temperature":-1}"#,
+    ] {
+        let (s, b) = http(&url, "POST", "/generate", bad);
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
+    let (s, _) = http(
+        &url,
+        "POST",
+        "/kv/peer",
+        r#"{"worker":"w","role":"prefill","agents":[{"name":"a","metadata":"00ff","layout":"zz"}]}"#,
+    );
+    assert_eq!(s, 422);
+    // Still serving.
+    gen("256,3,3,3,3");
     let _ = std::fs::remove_dir_all(&dir);
 }
