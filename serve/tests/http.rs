@@ -301,3 +301,34 @@ fn worker_kv_events_blocks_load_and_gap() {
     gen("256,3,3,3,3");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The heart of the stack without Python: the same greedy completion (text and the exact
+/// log-probability of every token) from an aggregated worker and from prefill TP 2 handing KV
+/// to decode TP 1, and from prefill TP 1 to decode TP 2.
+#[test]
+fn disaggregated_equals_aggregated_over_raw_http() {
+    let body = r#"{"model":"nixl-ref","prompt":"Disaggregated serving moves the KV cache from prefill to decode.","max_tokens":40,"temperature":0,"logprobs":0}"#;
+    let mut answers = Vec::new();
+    for args in [
+        &["--aggregated"][..],
+        &["--prefill-tp", "2", "--decode-tp", "1"][..],
+        &["--prefill-tp", "1", "--decode-tp", "2"][..],
+    ] {
+        let mut a = vec!["up", "--listen", "127.0.0.1:0", "--json"];
+        a.extend(args);
+        let (_up, line) = start(&a);
+        let url = json(&line)["url"].as_str().unwrap().to_owned();
+        let (s, b) = http(&url, "POST", "/v1/completions", body);
+        assert_eq!(s, 200, "{args:?}: {b}");
+        let v = json(&b);
+        let c = &v["choices"][0];
+        assert_eq!(c["text"].as_str().unwrap().len(), 40);
+        assert_eq!(
+            c["logprobs"]["token_logprobs"].as_array().unwrap().len(),
+            40
+        );
+        answers.push((c["text"].clone(), c["logprobs"]["token_logprobs"].clone()));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0], answers[2]);
+}
