@@ -255,3 +255,21 @@ def test_kv_router_places_shared_prefixes_on_the_worker_that_holds_them(deployme
         assert metric(d.url, "nixl_serve_cache_hit_rate") > 0.5
     else:
         assert hits[1] == 0, hits  # the other worker, which holds nothing yet
+
+
+def test_concurrent_requests_equal_their_sequential_answers(deployments):
+    """Many requests at once (batched decode steps, overlapping handoffs, shared prefixes)
+    give exactly what each gives alone on an aggregated worker."""
+    from concurrent.futures import ThreadPoolExecutor
+    prompts = [f"Shared prefix for every request here. Request number {i}: " * (1 + i % 3)
+               for i in range(16)]
+    agg = deployments(*TOPOLOGIES["aggregated"]).client()
+    want = [completion(agg, p, 24) for p in prompts]
+    d = deployments("--prefill", "2", "--decode", "2", "--prefill-tp", "2", "--decode-tp", "1")
+    c = d.client()
+    with ThreadPoolExecutor(16) as ex:
+        got = list(ex.map(lambda ip: completion(c, ip[1], 24, stream=ip[0] % 2 == 1),
+                          enumerate(prompts)))
+    assert got == want
+    for w in d.workers():
+        assert wait_blocks_free(w["url"])
