@@ -273,3 +273,22 @@ def test_concurrent_requests_equal_their_sequential_answers(deployments):
     assert got == want
     for w in d.workers():
         assert wait_blocks_free(w["url"])
+
+
+def test_overload_waits_preempts_and_still_answers_exactly(deployments):
+    """A KV cache far too small for the load: prefills and pulls wait for blocks, running
+    requests that find none are preempted and prefilled again elsewhere; every client still
+    gets exactly the tokens of an unloaded run, and every block comes back."""
+    from concurrent.futures import ThreadPoolExecutor
+    prompts = [f"Overload {i % 3}: a prompt of a few KV blocks. " * 4 + str(i) for i in range(24)]
+    agg = deployments(*TOPOLOGIES["aggregated"]).client()
+    want = [completion(agg, p, 40) for p in prompts]
+    d = deployments("--prefill", "1", "--decode", "2", "--blocks", "40")
+    c = d.client(timeout=120)
+    with ThreadPoolExecutor(24) as ex:
+        got = list(ex.map(lambda p: completion(c, p, 40, stream=True), prompts))
+    assert got == want
+    for w in d.workers():
+        assert wait_blocks_free(w["url"])
+    for w in d.workers():
+        assert wait_blocks_free(w["url"])
