@@ -290,5 +290,3 @@ def test_overload_waits_preempts_and_still_answers_exactly(deployments):
     assert got == want
     for w in d.workers():
         assert wait_blocks_free(w["url"])
-    for w in d.workers():
-        assert wait_blocks_free(w["url"])
