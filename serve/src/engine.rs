@@ -30,7 +30,7 @@ use tokio::sync::{mpsc::UnboundedSender, oneshot};
 
 use crate::cache::{Blocks, KvRegion, Paged};
 use crate::metrics::Histogram;
-use crate::model::{sample, Model};
+use crate::model::{logprob, sample, Model};
 
 /// What a worker does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -148,6 +148,8 @@ pub struct PrefillReq {
 pub struct PrefillOut {
     /// The first generated token.
     pub first_token: u32,
+    /// Its log-probability.
+    pub first_logprob: f32,
     /// Prompt tokens whose KV came from the prefix cache.
     pub cached_tokens: u32,
     /// The prefill agent (rank 0) that offered the KV.
@@ -163,8 +165,8 @@ pub enum Ev {
         /// Tokens reused from the prefix cache.
         cached_tokens: u32,
     },
-    /// A generated token.
-    Token(u32),
+    /// A generated token and its log-probability.
+    Token(u32, f32),
     /// The end, with the finish reason.
     Done(String),
     /// Failed, with the reason.
@@ -220,6 +222,10 @@ pub struct Shared {
     pub tokens_per_block: u32,
     /// Longest sequence.
     pub max_seq: u32,
+    /// Vocabulary size.
+    pub vocab: u32,
+    /// New at each start of the worker (lets a router see restarts).
+    pub instance: u64,
 }
 
 /// Hex of bytes.
@@ -323,6 +329,11 @@ fn run(
         }),
         tokens_per_block: cfg.tokens_per_block,
         max_seq: model.cfg.max_seq,
+        vocab: model.cfg.vocab,
+        instance: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()) << 40,
     });
     let decs = if cfg.role == Role::Decode {
         let mut v = Vec::new();
@@ -352,12 +363,24 @@ fn run(
         decs,
         reqs: Vec::new(),
         queue: Default::default(),
+        starved: false,
         offers: HashMap::new(),
         offered: HashMap::new(),
         cancelled: HashMap::new(),
         loaded: HashSet::new(),
     };
     e.run(rx);
+}
+
+/// How long queued work may wait for KV blocks held by other requests.
+const QUEUE_WAIT: Duration = Duration::from_secs(30);
+
+/// Why a prefill found no room.
+enum NoRoom {
+    /// Not now: blocks held by other requests will come back.
+    Now(String),
+    /// Never (bad request, larger than the cache).
+    Never(String),
 }
 
 #[derive(Debug)]
@@ -408,7 +431,9 @@ struct Engine<'a> {
     blocks: Blocks,
     reqs: Vec<Req>,
     /// Prefill work (aggregated generate or prefill), first come first served.
-    queue: std::collections::VecDeque<Cmd>,
+    queue: std::collections::VecDeque<(Cmd, Instant)>,
+    /// The first queued work waits for blocks (retried each turn, without spinning).
+    starved: bool,
     /// Decode: offers received, by request id: (rank, offer, arrival).
     offers: HashMap<String, Vec<(usize, Offer, Instant)>>,
     /// Prefill: offers held, by request id.
@@ -430,7 +455,7 @@ impl std::fmt::Debug for Engine<'_> {
 impl Engine<'_> {
     fn run(&mut self, rx: Receiver<Cmd>) {
         loop {
-            let busy = !self.queue.is_empty()
+            let busy = (!self.queue.is_empty() && !self.starved)
                 || self.reqs.iter().any(|r| matches!(r.state, State::Decoding));
             let first = if busy {
                 rx.try_recv().ok()
@@ -448,8 +473,14 @@ impl Engine<'_> {
                 }
             }
             self.poll_handoffs();
-            if let Some(c) = self.queue.pop_front() {
-                self.prefill_work(c);
+            if let Some((c, since)) = self.queue.pop_front() {
+                match self.prefill_work(c, since) {
+                    Some(c) => {
+                        self.queue.push_front((c, since));
+                        self.starved = true;
+                    }
+                    None => self.starved = false,
+                }
             }
             let stepped = self.decode_step();
             self.publish();
@@ -485,7 +516,7 @@ impl Engine<'_> {
             }
             Cmd::Cancel(id) => self.cancel(&id),
             Cmd::Generate(g, tx) if self.cfg.role == Role::Decode => self.decode_request(g, tx),
-            c @ (Cmd::Generate(..) | Cmd::Prefill(..)) => self.queue.push_back(c),
+            c @ (Cmd::Generate(..) | Cmd::Prefill(..)) => self.queue.push_back((c, Instant::now())),
         }
     }
 
@@ -527,7 +558,7 @@ impl Engine<'_> {
             found = true;
         }
         let before = self.queue.len();
-        self.queue.retain(|c| match c {
+        self.queue.retain(|(c, _)| match c {
             Cmd::Generate(g, _) => g.id != id,
             Cmd::Prefill(p, _) => p.id != id,
             _ => true,
@@ -560,22 +591,23 @@ impl Engine<'_> {
         self.blocks.release(&r.table);
         self.finish(status);
         if let Some(e) = err {
+            eprintln!("nixl-serve worker {}: request {}: {e}", self.cfg.name, r.id);
             let _ = r.tx.send(Ev::Error(e));
         }
     }
 
     /// Allocates blocks for `tokens` reusing cached prefix blocks; computes the rest. Returns
     /// (block table, logits after the last token, tokens reused).
-    fn prefill(&mut self, tokens: &[u32]) -> Result<(Vec<u32>, Vec<f32>, u32), String> {
+    fn prefill(&mut self, tokens: &[u32]) -> Result<(Vec<u32>, Vec<f32>, u32), NoRoom> {
         let n = tokens.len();
         if n == 0 {
-            return Err("empty prompt".into());
+            return Err(NoRoom::Never("empty prompt".into()));
         }
         if n as u32 >= self.model.cfg.max_seq {
-            return Err(format!(
+            return Err(NoRoom::Never(format!(
                 "{n} tokens: the model's context is {}",
                 self.model.cfg.max_seq
-            ));
+            )));
         }
         let tpb = self.cfg.tokens_per_block as usize;
         let hashes = seq_hashes(tokens, tpb);
@@ -584,15 +616,32 @@ impl Engine<'_> {
         let mut table = self.blocks.lookup(&hashes[..hashes.len().min(reuse_max)]);
         let reused = table.len();
         let need = n.div_ceil(tpb) - reused;
+        let running = self
+            .reqs
+            .iter()
+            .filter(|r| matches!(r.state, State::Decoding))
+            .count();
+        // One block of headroom per running request, so admissions do not starve growth.
+        let short =
+            self.blocks.available() < need + running && need + running <= self.blocks.total();
         let mut log = self.shared.log.lock();
-        match self.blocks.alloc_n(need, &mut log) {
+        match (!short)
+            .then(|| self.blocks.alloc_n(need, &mut log))
+            .flatten()
+        {
             Some(b) => table.extend(b),
             None => {
                 self.blocks.release(&table);
-                return Err(format!(
+                let why = format!(
                     "out of KV blocks ({need} needed, {} free)",
                     self.blocks.available()
-                ));
+                );
+                // Blocks held by others come back; a prompt larger than the cache never fits.
+                return Err(if need <= self.blocks.total() {
+                    NoRoom::Now(why)
+                } else {
+                    NoRoom::Never(why)
+                });
             }
         }
         drop(log);
@@ -614,24 +663,27 @@ impl Engine<'_> {
         Ok((table, logits, start as u32))
     }
 
-    fn prefill_work(&mut self, c: Cmd) {
+    /// Runs queued work; gives it back if it must wait for blocks.
+    fn prefill_work(&mut self, c: Cmd, since: Instant) -> Option<Cmd> {
+        let may_wait = since.elapsed() < QUEUE_WAIT;
         match c {
             Cmd::Generate(g, tx) => {
                 if self.cancelled.remove(&g.id).is_some() || tx.is_closed() {
                     self.finish("cancelled");
-                    return;
+                    return None;
                 }
                 if g.max_tokens == 0 {
                     let _ = tx.send(Ev::Done("length".into()));
                     self.finish("ok");
-                    return;
+                    return None;
                 }
                 let (table, logits, cached) = match self.prefill(&g.tokens) {
                     Ok(x) => x,
-                    Err(e) => {
+                    Err(NoRoom::Now(_)) if may_wait => return Some(Cmd::Generate(g, tx)),
+                    Err(NoRoom::Now(e) | NoRoom::Never(e)) => {
                         let _ = tx.send(Ev::Error(e));
                         self.finish("error");
-                        return;
+                        return None;
                     }
                 };
                 let n = g.tokens.len();
@@ -639,7 +691,7 @@ impl Engine<'_> {
                 let _ = tx.send(Ev::Prefilled {
                     cached_tokens: cached,
                 });
-                let _ = tx.send(Ev::Token(t));
+                let _ = tx.send(Ev::Token(t, logprob(&logits, t)));
                 self.shared.stats.lock().generated_tokens += 1;
                 let r = Req {
                     id: g.id,
@@ -660,17 +712,18 @@ impl Engine<'_> {
                 }
             }
             Cmd::Prefill(p, reply) => {
-                if self.cancelled.remove(&p.id).is_some() {
+                if self.cancelled.remove(&p.id).is_some() || reply.is_closed() {
                     let _ = reply.send(Err("cancelled".into()));
                     self.finish("cancelled");
-                    return;
+                    return None;
                 }
                 let (table, logits, cached) = match self.prefill(&p.tokens) {
                     Ok(x) => x,
-                    Err(e) => {
+                    Err(NoRoom::Now(_)) if may_wait => return Some(Cmd::Prefill(p, reply)),
+                    Err(NoRoom::Now(e) | NoRoom::Never(e)) => {
                         let _ = reply.send(Err(e));
                         self.finish("error");
-                        return;
+                        return None;
                     }
                 };
                 let first = sample(&logits, p.temperature, p.seed, p.tokens.len() as u32);
@@ -694,6 +747,7 @@ impl Engine<'_> {
                 }
                 let out = PrefillOut {
                     first_token: first,
+                    first_logprob: logprob(&logits, first),
                     cached_tokens: cached,
                     agent: self.agents[0].name().to_owned(),
                 };
@@ -725,6 +779,7 @@ impl Engine<'_> {
             }
             _ => {}
         }
+        None
     }
 
     fn decode_request(&mut self, g: GenReq, tx: UnboundedSender<Ev>) {
@@ -887,9 +942,24 @@ impl Engine<'_> {
                 }
                 continue;
             }
-            let os = self.offers.remove(&r.id).unwrap_or_default();
             let n = r.tokens.len();
             let nblocks = n.div_ceil(self.cfg.tokens_per_block as usize);
+            // Blocks held by running requests come back: wait for them within half the
+            // lease (the offer's READ must still fit in it), then give up.
+            // One block of headroom per running request, so admissions do not starve growth.
+            let running = self
+                .reqs
+                .iter()
+                .filter(|r| matches!(r.state, State::Decoding))
+                .count();
+            if self.blocks.available() < nblocks + running
+                && nblocks + running <= self.blocks.total()
+                && since.elapsed() < self.cfg.lease / 2
+            {
+                i += 1;
+                continue;
+            }
+            let os = self.offers.remove(&r.id).unwrap_or_default();
             let got = self.blocks.alloc_n(nblocks, &mut self.shared.log.lock());
             let table = match got {
                 Some(t) => t,
@@ -955,6 +1025,7 @@ impl Engine<'_> {
     fn decode_step(&mut self) -> bool {
         let tpb = self.cfg.tokens_per_block as usize;
         let mut stepped = false;
+        let mut starved = None;
         let mut i = 0;
         while i < self.reqs.len() {
             if !matches!(self.reqs[i].state, State::Decoding) {
@@ -977,8 +1048,9 @@ impl Engine<'_> {
                 match got {
                     Some(b) => self.reqs[i].table.push(b),
                     None => {
-                        let r = self.reqs.swap_remove(i);
-                        self.drop_req(r, "error", Some("out of KV blocks".into()));
+                        // Waits for a block another request frees (see below).
+                        starved = Some(i);
+                        i += 1;
                         continue;
                     }
                 }
@@ -1005,7 +1077,7 @@ impl Engine<'_> {
             }
             let r = &mut self.reqs[i];
             let t = sample(&logits, r.temperature, r.seed, r.tokens.len() as u32);
-            let _ = r.tx.send(Ev::Token(t));
+            let _ = r.tx.send(Ev::Token(t, logprob(&logits, t)));
             self.shared.stats.lock().generated_tokens += 1;
             r.left -= 1;
             r.next = t;
@@ -1015,6 +1087,12 @@ impl Engine<'_> {
                 continue;
             }
             i += 1;
+        }
+        if let (false, Some(k)) = (stepped, starved) {
+            // Every running request needs a block and none is free: preempt one (its
+            // frontend prefills it again elsewhere, with the same tokens) so the others go on.
+            let r = self.reqs.swap_remove(k);
+            self.drop_req(r, "error", Some("preempted: out of KV blocks".into()));
         }
         stepped
     }

@@ -238,6 +238,7 @@ struct Gen {
     stream: bool,
     include_usage: bool,
     stop: Vec<String>,
+    logprobs: bool,
 }
 
 fn parse(fe: &Frontend, body: &[u8], chat: bool) -> Result<Gen, ApiError> {
@@ -411,14 +412,29 @@ fn parse(fe: &Frontend, body: &[u8], chat: bool) -> Result<Gen, ApiError> {
             return Err(ApiError::bad("only n = 1 is supported", Some("n")));
         }
     }
-    match get("logprobs") {
-        None | Some(Value::Bool(false)) => {}
-        Some(_) => {
+    // The chosen tokens' log-probabilities only (no alternatives).
+    let logprobs = match (chat, get("logprobs")) {
+        (_, None) | (true, Some(Value::Bool(false))) => false,
+        (true, Some(Value::Bool(true))) => true,
+        (false, Some(v)) if v.as_u64() == Some(0) => true,
+        (true, _) => {
             return Err(ApiError::bad(
-                "logprobs are not supported by this server",
+                "logprobs must be a boolean",
                 Some("logprobs"),
             ))
         }
+        (false, Some(_)) => {
+            return Err(ApiError::bad(
+                "only logprobs = 0 (the chosen tokens' log-probabilities) is supported",
+                Some("logprobs"),
+            ))
+        }
+    };
+    if int("top_logprobs")?.is_some_and(|n| n > 0) {
+        return Err(ApiError::bad(
+            "top_logprobs are not supported (only the chosen tokens')",
+            Some("top_logprobs"),
+        ));
     }
     let seed = match get("seed") {
         None => 0,
@@ -465,13 +481,15 @@ fn parse(fe: &Frontend, body: &[u8], chat: bool) -> Result<Gen, ApiError> {
         stream,
         include_usage,
         stop,
+        logprobs,
     })
 }
 
 /// What the driving task tells the answering side.
 #[derive(Debug)]
 enum Out {
-    Text(String),
+    /// Text, and the log-probability of each of its characters (tokens).
+    Text(String, Vec<f32>),
     Done {
         finish: &'static str,
         completion_tokens: usize,
@@ -495,6 +513,7 @@ struct Emitter {
     tx: mpsc::UnboundedSender<Out>,
     stop: Vec<String>,
     tokens: Vec<u32>,
+    logprobs: Vec<f32>,
     text: String,
     sent: usize,
     start: Instant,
@@ -503,8 +522,8 @@ struct Emitter {
 }
 
 impl Emitter {
-    /// Adds a token; `true` when a stop string ended the text.
-    fn push(&mut self, t: u32) -> bool {
+    /// Adds a token and its log-probability; `true` when a stop string ended the text.
+    fn push(&mut self, t: u32, lp: f32) -> bool {
         let now = Instant::now();
         {
             let mut m = self.fe.metrics.lock();
@@ -515,8 +534,11 @@ impl Emitter {
         }
         self.last = Some(now);
         self.tokens.push(t);
-        if t < 256 {
+        // Every token the model emits is one printable ASCII character (or newline), so
+        // text offsets are token indices.
+        if t < 128 {
             self.text.push(t as u8 as char);
+            self.logprobs.push(lp);
         }
         if let Some(at) = self
             .stop
@@ -541,9 +563,10 @@ impl Emitter {
 
     fn flush(&mut self, upto: usize) {
         if upto > self.sent {
-            let _ = self
-                .tx
-                .send(Out::Text(self.text[self.sent..upto].to_owned()));
+            let _ = self.tx.send(Out::Text(
+                self.text[self.sent..upto].to_owned(),
+                self.logprobs[self.sent..upto].to_vec(),
+            ));
             self.sent = upto;
         }
     }
@@ -716,7 +739,7 @@ async fn attempt(
         }
     };
     *cached = po.cached_tokens;
-    if em.push(po.first_token) {
+    if em.push(po.first_token, po.first_logprob) {
         fe.cancel(everyone, id.into());
         return Ok("stop");
     }
@@ -772,8 +795,8 @@ async fn follow(
         match crate::worker::parse_line(&line) {
             Ok(Ev::Prefilled { cached_tokens }) if aggregated => *cached = cached_tokens,
             Ok(Ev::Prefilled { .. }) => {}
-            Ok(Ev::Token(t)) => {
-                if em.push(t) {
+            Ok(Ev::Token(t, lp)) => {
+                if em.push(t, lp) {
                     fe.cancel(vec![url.to_owned()], id.into());
                     return Ok("stop");
                 }
@@ -799,6 +822,7 @@ async fn drive(fe: Arc<Frontend>, g: Gen, tx: mpsc::UnboundedSender<Out>) {
         tx: tx.clone(),
         stop: g.stop.clone(),
         tokens: Vec::new(),
+        logprobs: Vec::new(),
         text: String::new(),
         sent: 0,
         start: Instant::now(),
@@ -918,22 +942,48 @@ async fn serve(fe: Arc<Frontend>, body: &[u8], chat: bool) -> Response {
                "total_tokens": prompt_tokens + n,
                "prompt_tokens_details": {"cached_tokens": cached}})
     };
+    let want_lp = g.logprobs;
+    // OpenAI's logprobs object for `text` (its characters are its tokens) starting at `offset`.
+    let lp_json = move |text: &str, lps: &[f32], offset: usize| -> Value {
+        if !want_lp {
+            return Value::Null;
+        }
+        let toks: Vec<String> = text.chars().map(String::from).collect();
+        if chat {
+            let content: Vec<Value> = toks
+                .iter()
+                .zip(lps)
+                .map(|(t, lp)| {
+                    json!({"token": t, "logprob": lp, "bytes": t.as_bytes(), "top_logprobs": []})
+                })
+                .collect();
+            json!({"content": content})
+        } else {
+            json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": null,
+                   "text_offset": (offset..offset + toks.len()).collect::<Vec<_>>()})
+        }
+    };
     if !g.stream {
         let mut text = String::new();
+        let mut lps = Vec::new();
         loop {
             match rx.recv().await {
-                Some(Out::Text(t)) => text.push_str(&t),
+                Some(Out::Text(t, l)) => {
+                    text.push_str(&t);
+                    lps.extend(l);
+                }
                 Some(Out::Done {
                     finish,
                     completion_tokens,
                     cached,
                 }) => {
+                    let lp = lp_json(&text, &lps, 0);
                     let choice = if chat {
                         json!({"index": 0, "message": {"role": "assistant", "content": text},
-                               "finish_reason": finish, "logprobs": null})
+                               "finish_reason": finish, "logprobs": lp})
                     } else {
                         json!({"index": 0, "text": text, "finish_reason": finish,
-                               "logprobs": null})
+                               "logprobs": lp})
                     };
                     return Json(json!({
                         "id": id,
@@ -964,9 +1014,9 @@ async fn serve(fe: Arc<Frontend>, body: &[u8], chat: bool) -> Response {
                "choices": [choice]})
     };
     let sse = |v: &Value| Bytes::from(format!("data: {v}\n\n"));
-    // (channel, first chunk pending, finished)
-    let state = (rx, chat, false);
-    let stream = futures_util::stream::unfold(state, move |(mut rx, mut first, done)| {
+    // (channel, first chunk pending, finished, characters sent)
+    let state = (rx, chat, false, 0usize);
+    let stream = futures_util::stream::unfold(state, move |(mut rx, mut first, done, sent)| {
         let chunk = chunk.clone();
         async move {
             if done {
@@ -980,19 +1030,21 @@ async fn serve(fe: Arc<Frontend>, body: &[u8], chat: bool) -> Response {
                 );
                 return Some((
                     Ok::<_, std::convert::Infallible>(sse(&c)),
-                    (rx, first, false),
+                    (rx, first, false, sent),
                 ));
             }
             match rx.recv().await {
-                Some(Out::Text(t)) => {
+                Some(Out::Text(t, l)) => {
+                    let lp = lp_json(&t, &l, sent);
+                    let n = t.len();
                     let c = if chat {
                         chunk(json!({"index": 0, "delta": {"content": t},
-                                     "finish_reason": null, "logprobs": null}))
+                                     "finish_reason": null, "logprobs": lp}))
                     } else {
                         chunk(json!({"index": 0, "text": t, "finish_reason": null,
-                                     "logprobs": null}))
+                                     "logprobs": lp}))
                     };
-                    Some((Ok(sse(&c)), (rx, first, false)))
+                    Some((Ok(sse(&c)), (rx, first, false, sent + n)))
                 }
                 Some(Out::Done {
                     finish,
@@ -1014,11 +1066,11 @@ async fn serve(fe: Arc<Frontend>, body: &[u8], chat: bool) -> Response {
                         out.push_str(&format!("data: {u}\n\n"));
                     }
                     out.push_str("data: [DONE]\n\n");
-                    Some((Ok(Bytes::from(out)), (rx, first, true)))
+                    Some((Ok(Bytes::from(out)), (rx, first, true, sent)))
                 }
                 Some(Out::Error(e)) => {
                     let out = format!("data: {}\n\n", e.body());
-                    Some((Ok(Bytes::from(out)), (rx, first, true)))
+                    Some((Ok(Bytes::from(out)), (rx, first, true, sent)))
                 }
                 None => None,
             }

@@ -534,6 +534,18 @@ impl Model {
     }
 }
 
+/// Log-probability of token `t` under `logits` (temperature 1), summed in one fixed order.
+pub fn logprob(logits: &[f32], t: u32) -> f32 {
+    let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f32;
+    for &l in logits {
+        sum += (l - m).exp();
+    }
+    logits
+        .get(t as usize)
+        .map_or(f32::NEG_INFINITY, |&l| l - m - sum.ln())
+}
+
 /// The greedy choice: the first token of highest logit.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;

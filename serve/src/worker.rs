@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{Cmd, Ev, GenReq, PeerInfo, PrefillReq, Shared};
 use crate::metrics;
+use nixl_router::wire;
 
 #[derive(Clone, Debug)]
 struct W {
@@ -71,6 +72,17 @@ async fn generate(State(w): State<W>, body: Bytes) -> Response {
         Ok(g) => g,
         Err(r) => return *r,
     };
+    let first = g.first_token.iter().copied();
+    if let Err(e) = check(
+        &w.shared,
+        &g.id,
+        &g.tokens,
+        first,
+        g.max_tokens,
+        g.temperature,
+    ) {
+        return err(StatusCode::BAD_REQUEST, e);
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     if w.tx.send(Cmd::Generate(g, tx)).is_err() {
         return err(StatusCode::SERVICE_UNAVAILABLE, "engine stopped");
@@ -87,11 +99,61 @@ async fn generate(State(w): State<W>, body: Bytes) -> Response {
         .unwrap_or_else(|_| err(StatusCode::INTERNAL_SERVER_ERROR, "response"))
 }
 
+/// Bounds of a request from the frontend (it is a peer: checked, never trusted).
+fn check(
+    sh: &Shared,
+    id: &str,
+    tokens: &[u32],
+    first: impl IntoIterator<Item = u32>,
+    max_tokens: u32,
+    temperature: f32,
+) -> Result<(), String> {
+    if id.is_empty() || id.len() > nixl_kv::handoff::MAX_REQUEST_ID {
+        return Err(format!(
+            "id of 1..={} bytes",
+            nixl_kv::handoff::MAX_REQUEST_ID
+        ));
+    }
+    if tokens.is_empty() {
+        return Err("no tokens".into());
+    }
+    let first: Vec<u32> = first.into_iter().collect();
+    if let Some(t) = tokens
+        .iter()
+        .chain(&first)
+        .copied()
+        .find(|&t| t >= sh.vocab)
+    {
+        return Err(format!(
+            "token {t} is not below the vocabulary size {}",
+            sh.vocab
+        ));
+    }
+    // The sequence at its end: the tokens, a decode worker's first token, the new ones.
+    if tokens.len() as u64 + first.len() as u64 + max_tokens as u64 > sh.max_seq as u64 {
+        return Err(format!(
+            "{} tokens and {max_tokens} more exceed the context of {}",
+            tokens.len(),
+            sh.max_seq
+        ));
+    }
+    if !(0.0..=100.0).contains(&temperature) {
+        return Err("temperature out of range".into());
+    }
+    Ok(())
+}
+
 async fn prefill(State(w): State<W>, body: Bytes) -> Response {
     let p: PrefillReq = match parse(&body) {
         Ok(p) => p,
         Err(r) => return *r,
     };
+    if let Err(e) = check(&w.shared, &p.id, &p.tokens, None, 0, p.temperature) {
+        return err(StatusCode::BAD_REQUEST, e);
+    }
+    if p.decode_agents.len() > 256 {
+        return err(StatusCode::BAD_REQUEST, "at most 256 decode agents");
+    }
     let (tx, rx) = oneshot::channel();
     if w.tx.send(Cmd::Prefill(p, tx)).is_err() {
         return err(StatusCode::SERVICE_UNAVAILABLE, "engine stopped");
@@ -151,25 +213,35 @@ async fn events(
     let Ok(Query(q)) = q else {
         return err(StatusCode::BAD_REQUEST, "since must be an unsigned integer");
     };
-    let r = w.shared.log.lock().since(q.since);
-    match r {
-        Ok(ev) => Json(json!({"worker": w.shared.info.worker, "events": ev})).into_response(),
-        Err(gap) => (StatusCode::GONE, Json(json!({"oldest": gap.oldest}))).into_response(),
+    let log = w.shared.log.lock();
+    match wire::events_response(
+        &w.shared.info.worker,
+        &log,
+        q.since,
+        Some(w.shared.instance),
+    ) {
+        Ok(ev) => Json(ev).into_response(),
+        Err(gap) => (StatusCode::GONE, Json(gap)).into_response(),
     }
 }
 
 async fn blocks(State(w): State<W>) -> Response {
-    let (last, b) = w.shared.log.lock().all_blocks();
-    Json(json!({"worker": w.shared.info.worker, "last_id": last, "blocks": b})).into_response()
+    let log = w.shared.log.lock();
+    Json(wire::blocks_response(
+        &w.shared.info.worker,
+        &log,
+        Some(w.shared.instance),
+    ))
+    .into_response()
 }
 
 async fn load(State(w): State<W>) -> Response {
     let s = w.shared.stats.lock();
-    Json(json!({
-        "active_requests": s.active_requests,
-        "active_blocks": s.blocks_used,
-        "total_blocks": s.blocks_total,
-    }))
+    Json(wire::WorkerLoad {
+        active_requests: s.active_requests as u64,
+        active_blocks: s.blocks_used as u64,
+        total_blocks: s.blocks_total as u64,
+    })
     .into_response()
 }
 

@@ -138,6 +138,13 @@ fn bad_requests_get_openai_errors() {
             None,
         ),
         (
+            "/v1/completions",
+            r#"{"model":"nixl-ref","prompt":"x","logprobs":3}"#,
+            400,
+            Some("logprobs"),
+            None,
+        ),
+        (
             "/v1/chat/completions",
             r#"{"model":"nixl-ref","messages":[]}"#,
             400,
@@ -272,7 +279,56 @@ fn worker_kv_events_blocks_load_and_gap() {
         json(&b),
         serde_json::json!({"active_requests": 0, "active_blocks": 0, "total_blocks": 64})
     );
-    let (s, _) = http(&url, "POST", "/generate", "{bad");
-    assert_eq!(s, 400);
+    for bad in [
+        "{bad",
+        r#"{"id":"x","tokens":[],"max_tokens":3}"#,
+        r#"{"id":"x","tokens":[999],"max_tokens":3}"#,
+        r#"{"id":"x","tokens":[1],"max_tokens":4000000000}"#,
+        r#"{"id":"","tokens":[1],"max_tokens":3}"#,
+        r#"{"id":"x","tokens":[1],"max_tokens":3,"temperature":-1}"#,
+    ] {
+        let (s, b) = http(&url, "POST", "/generate", bad);
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
+    let (s, _) = http(
+        &url,
+        "POST",
+        "/kv/peer",
+        r#"{"worker":"w","role":"prefill","agents":[{"name":"a","metadata":"00ff","layout":"zz"}]}"#,
+    );
+    assert_eq!(s, 422);
+    // Still serving.
+    gen("256,3,3,3,3");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The heart of the stack without Python: the same greedy completion (text and the exact
+/// log-probability of every token) from an aggregated worker and from prefill TP 2 handing KV
+/// to decode TP 1, and from prefill TP 1 to decode TP 2.
+#[test]
+fn disaggregated_equals_aggregated_over_raw_http() {
+    let body = r#"{"model":"nixl-ref","prompt":"Disaggregated serving moves the KV cache from prefill to decode.","max_tokens":40,"temperature":0,"logprobs":0}"#;
+    let mut answers = Vec::new();
+    for args in [
+        &["--aggregated"][..],
+        &["--prefill-tp", "2", "--decode-tp", "1"][..],
+        &["--prefill-tp", "1", "--decode-tp", "2"][..],
+    ] {
+        let mut a = vec!["up", "--listen", "127.0.0.1:0", "--json"];
+        a.extend(args);
+        let (_up, line) = start(&a);
+        let url = json(&line)["url"].as_str().unwrap().to_owned();
+        let (s, b) = http(&url, "POST", "/v1/completions", body);
+        assert_eq!(s, 200, "{args:?}: {b}");
+        let v = json(&b);
+        let c = &v["choices"][0];
+        assert_eq!(c["text"].as_str().unwrap().len(), 40);
+        assert_eq!(
+            c["logprobs"]["token_logprobs"].as_array().unwrap().len(),
+            40
+        );
+        answers.push((c["text"].clone(), c["logprobs"]["token_logprobs"].clone()));
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[0], answers[2]);
 }

@@ -1,6 +1,6 @@
 """The serving stack against the official `openai` client: completions and chat, streaming and
 not, greedy outputs identical between an aggregated worker and disaggregated prefill/decode
-with TP 1->1, 2->1, 1->2; a decode worker SIGKILLed mid-stream (the stream completes with the
+with TP 1->1, 2->1, 1->2 (over shm, and 2->1 over tcp); a decode worker SIGKILLed mid-stream (the stream completes with the
 same text); prefill workers killed (retried elsewhere, or a clear error in bounded time); a
 client that disconnects mid-stream (its KV blocks are freed on every worker)."""
 
@@ -26,33 +26,52 @@ TOPOLOGIES = {
     "tp1to1": ("--prefill-tp", "1", "--decode-tp", "1"),
     "tp2to1": ("--prefill-tp", "2", "--decode-tp", "1"),
     "tp1to2": ("--prefill-tp", "1", "--decode-tp", "2"),
+    "tcp_tp2to1": ("--backend", "tcp", "--prefill-tp", "2", "--decode-tp", "1"),
 }
 
 
+def completion(c, prompt, n, **kw):
+    """(text, log-probabilities of its tokens), streamed or not."""
+    r = c.completions.create(model="nixl-ref", prompt=prompt, max_tokens=n, temperature=0,
+                             logprobs=0, **kw)
+    if not kw.get("stream"):
+        assert r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == n
+        return r.choices[0].text, r.choices[0].logprobs.token_logprobs
+    text, lps = "", []
+    for ch in r:
+        for choice in ch.choices:
+            text += choice.text
+            if choice.logprobs:
+                lps += choice.logprobs.token_logprobs
+    return text, lps
+
+
 def outputs(d):
+    """Texts and the exact log-probabilities of every token (any change in the KV a token
+    attends to changes them)."""
     c = d.client()
     out = []
     for p in PROMPTS:
-        r = c.completions.create(model="nixl-ref", prompt=p, max_tokens=N, temperature=0)
-        assert r.choices[0].finish_reason == "length"
-        assert r.usage.completion_tokens == N
-        out.append(r.choices[0].text)
-        s = c.completions.create(model="nixl-ref", prompt=p, max_tokens=N, temperature=0,
-                                 stream=True)
-        out.append("".join(ch.choices[0].text for ch in s if ch.choices))
-    r = c.chat.completions.create(model="nixl-ref", messages=CHAT, max_tokens=N, temperature=0)
+        out.append(completion(c, p, N))
+        out.append(completion(c, p, N, stream=True))
+    r = c.chat.completions.create(model="nixl-ref", messages=CHAT, max_tokens=N, temperature=0,
+                                  logprobs=True)
     assert r.choices[0].message.role == "assistant"
-    out.append(r.choices[0].message.content)
+    out.append((r.choices[0].message.content, [t.logprob for t in r.choices[0].logprobs.content]))
     s = c.chat.completions.create(model="nixl-ref", messages=CHAT, max_tokens=N, temperature=0,
-                                  stream=True, stream_options={"include_usage": True})
-    text, usage = "", None
+                                  logprobs=True, stream=True,
+                                  stream_options={"include_usage": True})
+    text, lps, usage = "", [], None
     for ch in s:
         if ch.usage:
             usage = ch.usage
         for choice in ch.choices:
             text += choice.delta.content or ""
+            if choice.logprobs:
+                lps += [t.logprob for t in choice.logprobs.content]
     assert usage is not None and usage.completion_tokens == N
-    out.append(text)
+    out.append((text, lps))
     return out
 
 
@@ -65,13 +84,14 @@ def test_reference_outputs_are_sane(reference):
     for i in range(0, len(reference), 2):
         # Streaming and not give the same text.
         assert reference[i] == reference[i + 1]
-    for t in reference:
-        assert len(t) == N
+    for t, lps in reference:
+        assert len(t) == N and len(lps) == N
         assert len(set(t)) > 4, t
-    assert reference[0] != reference[2]
+        assert all(lp <= 0 for lp in lps) and len(set(lps)) > 4, lps
+    assert reference[0][0] != reference[2][0]
 
 
-@pytest.mark.parametrize("topology", ["tp1to1", "tp2to1", "tp1to2"])
+@pytest.mark.parametrize("topology", ["tp1to1", "tp2to1", "tp1to2", "tcp_tp2to1"])
 def test_disaggregated_equals_aggregated(deployments, reference, topology):
     d = deployments(*TOPOLOGIES[topology])
     assert outputs(d) == reference
@@ -144,20 +164,23 @@ LONG = 160
 def test_decode_killed_mid_stream_the_stream_completes_identically(deployments):
     d = deployments("--prefill", "1", "--decode", "3", "--step-delay-ms", "15")
     c = d.client()
-    want = c.completions.create(model="nixl-ref", prompt=PROMPTS[0], max_tokens=LONG,
-                                temperature=0).choices[0].text
+    want = completion(c, PROMPTS[0], LONG)
     s = c.completions.create(model="nixl-ref", prompt=PROMPTS[0], max_tokens=LONG,
-                             temperature=0, stream=True)
-    text, killed = "", None
+                             temperature=0, stream=True, logprobs=0)
+    text, lps, killed = "", [], None
     for ch in s:
         if not ch.choices:
             continue
         text += ch.choices[0].text
+        if ch.choices[0].logprobs:
+            lps += ch.choices[0].logprobs.token_logprobs
         if killed is None and len(text) >= 30:
             killed = busy_decode(d)
             os.kill(killed["pid"], signal.SIGKILL)
     assert killed is not None
-    assert text == want
+    # The migrated request (prefilled again on other workers) goes on with the very same
+    # tokens and log-probabilities.
+    assert (text, lps) == want
     assert metric(d.url, "nixl_serve_migrations_total") >= 1
     # The other workers are left with nothing held.
     for w in d.workers():
@@ -225,10 +248,45 @@ def test_kv_router_places_shared_prefixes_on_the_worker_that_holds_them(deployme
     hits = []
     for i in range(4):
         hits.append(cached_tokens(c, system + f"question {i}?"))
-        time.sleep(0.3)  # the router's followers poll the workers' events every 50 ms
+        time.sleep(0.6)  # the router's followers poll the workers' events every 50 ms
     assert hits[0] == 0
     if mode == "kv":
         assert all(h >= 256 for h in hits[1:]), hits
         assert metric(d.url, "nixl_serve_cache_hit_rate") > 0.5
     else:
         assert hits[1] == 0, hits  # the other worker, which holds nothing yet
+
+
+def test_concurrent_requests_equal_their_sequential_answers(deployments):
+    """Many requests at once (batched decode steps, overlapping handoffs, shared prefixes)
+    give exactly what each gives alone on an aggregated worker."""
+    from concurrent.futures import ThreadPoolExecutor
+    prompts = [f"Shared prefix for every request here. Request number {i}: " * (1 + i % 3)
+               for i in range(16)]
+    agg = deployments(*TOPOLOGIES["aggregated"]).client()
+    want = [completion(agg, p, 24) for p in prompts]
+    d = deployments("--prefill", "2", "--decode", "2", "--prefill-tp", "2", "--decode-tp", "1")
+    c = d.client()
+    with ThreadPoolExecutor(16) as ex:
+        got = list(ex.map(lambda ip: completion(c, ip[1], 24, stream=ip[0] % 2 == 1),
+                          enumerate(prompts)))
+    assert got == want
+    for w in d.workers():
+        assert wait_blocks_free(w["url"])
+
+
+def test_overload_waits_preempts_and_still_answers_exactly(deployments):
+    """A KV cache far too small for the load: prefills and pulls wait for blocks, running
+    requests that find none are preempted and prefilled again elsewhere; every client still
+    gets exactly the tokens of an unloaded run, and every block comes back."""
+    from concurrent.futures import ThreadPoolExecutor
+    prompts = [f"Overload {i % 3}: a prompt of a few KV blocks. " * 4 + str(i) for i in range(24)]
+    agg = deployments(*TOPOLOGIES["aggregated"]).client()
+    want = [completion(agg, p, 40) for p in prompts]
+    d = deployments("--prefill", "1", "--decode", "2", "--blocks", "40")
+    c = d.client(timeout=120)
+    with ThreadPoolExecutor(24) as ex:
+        got = list(ex.map(lambda p: completion(c, p, 40, stream=True), prompts))
+    assert got == want
+    for w in d.workers():
+        assert wait_blocks_free(w["url"])
