@@ -21,30 +21,6 @@ fn visible(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-fn skip(test: &str) -> bool {
-    match skip_reason() {
-        Some(why) => {
-            visible(&format!("SKIP: {test}: {why}"));
-            true
-        }
-        None => false,
-    }
-}
-
-/// Whether `program` can be run (prints a SKIP for `test` if not).
-fn have(test: &str, program: &str) -> bool {
-    let ok = Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        visible(&format!("SKIP: {test}: {program} is not installed"));
-    }
-    ok
-}
-
 /// A TCP listener (`iperf3 -s`, which keeps serving after a bad client) inside host `i`,
 /// killed on drop.
 struct Listener(Child);
@@ -108,9 +84,8 @@ fn netns_names() -> String {
 
 #[test]
 fn pair_reaches_a_listener_over_v4_and_v6() {
-    if skip("pair_reaches") || !have("pair_reaches", "iperf3") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
+    nixl_testkit::require!(nixl_testkit::missing_program("iperf3"));
     let lab = Lab::pair();
     assert_ne!(lab.name(0), lab.name(1));
     assert_eq!(lab.ns(1).name(), lab.name(1));
@@ -125,9 +100,8 @@ fn pair_reaches_a_listener_over_v4_and_v6() {
 
 #[test]
 fn triangle_hosts_reach_each_other() {
-    if skip("triangle") || !have("triangle", "iperf3") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
+    nixl_testkit::require!(nixl_testkit::missing_program("iperf3"));
     let lab = Lab::triangle();
     assert_eq!(lab.len(), 3);
     let listeners: Vec<Listener> = (0..3).map(|i| Listener::start(&lab, i, 5201)).collect();
@@ -142,9 +116,8 @@ fn triangle_hosts_reach_each_other() {
 
 #[test]
 fn link_down_cuts_and_link_up_restores() {
-    if skip("link_down") || !have("link_down", "iperf3") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
+    nixl_testkit::require!(nixl_testkit::missing_program("iperf3"));
     let lab = Lab::pair();
     let _l = Listener::start(&lab, 1, 5201);
     let t = Duration::from_secs(5);
@@ -175,9 +148,7 @@ fn link_down_cuts_and_link_up_restores() {
 
 #[test]
 fn iperf3_runner_measures_between_namespaces() {
-    if skip("iperf3_runner") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     match peers::iperf3(&lab, 1, 0, MIB, 1.0, 1) {
         Measured::Gbps(g) => {
@@ -185,7 +156,7 @@ fn iperf3_runner_measures_between_namespaces() {
             assert!(g > 0.0);
         }
         Measured::Missing(why) if why.contains("not installed") => {
-            visible(&format!("SKIP: iperf3_runner: {why}"));
+            nixl_testkit::skip(why, false, &[]);
             return;
         }
         Measured::Missing(why) => panic!("iperf3 installed but no figure: {why}"),
@@ -199,7 +170,8 @@ fn iperf3_runner_measures_between_namespaces() {
             assert!(g < 0.4, "{g} GB/s through a 0.25 GB/s limit");
             lab.clear_qdisc(0).unwrap();
         }
-        Err(e) => visible(&format!("SKIP: iperf3_runner rate limit: {e}")),
+        // A kernel without the token-bucket qdisc: a property of the host.
+        Err(e) => nixl_testkit::skip(format!("rate limit: {e}"), true, &[]),
     }
     if let Err(e) = lab.netem(0, "delay 1ms") {
         visible(&format!("note: netem unavailable here: {e}"));
@@ -208,9 +180,7 @@ fn iperf3_runner_measures_between_namespaces() {
 
 #[test]
 fn ucx_runner_gives_a_figure_or_a_reason() {
-    if skip("ucx_runner") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     let m = peers::ucx_put_bw(&lab, 1, 0, MIB, 200);
     visible(&format!(
@@ -224,9 +194,7 @@ fn ucx_runner_gives_a_figure_or_a_reason() {
 
 #[test]
 fn runners_say_why_when_there_is_no_server() {
-    if skip("no_server") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     // a's link is down: the server listens in b, but the client in a has no route to it.
     lab.link_down(0);
@@ -239,9 +207,7 @@ fn runners_say_why_when_there_is_no_server() {
 
 #[test]
 fn namespaces_and_their_processes_are_gone_after_drop() {
-    if skip("gone_after_drop") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let (names, mut sleepers) = {
         let pair = Lab::pair();
         let star = Lab::star(3);
@@ -281,9 +247,7 @@ fn namespaces_and_their_processes_are_gone_after_drop() {
 #[test]
 #[ignore = "prints reference figures; takes a minute or two"]
 fn reference_figures() {
-    if skip("reference_figures") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     for streams in [1, 4] {
         let m = peers::iperf3(&lab, 1, 0, MIB, 3.0, streams);
