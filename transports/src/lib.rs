@@ -28,7 +28,6 @@ pub mod local;
 pub mod object;
 pub mod posix;
 pub mod rdma;
-#[path = "node/mod.rs"]
 pub mod shm;
 pub mod tcp;
 mod unix;
