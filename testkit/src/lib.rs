@@ -9,11 +9,12 @@
 //!     None // or Some("etcd not installed".into())
 //! }
 //!
-//! #[test]
+//! // In a #[test] fn:
 //! fn needs_etcd() {
 //!     nixl_testkit::require!(etcd_missing(), "NIXL_REQUIRE_DAEMON_TESTS");
 //!     // ... the test proper
 //! }
+//! # needs_etcd();
 //! ```
 //!
 //! `require!(why_not)` does nothing when `why_not` is `None`. With `Some(reason)` it fails the

@@ -55,7 +55,7 @@ use parking_lot::Mutex;
 
 use crate::cuda::driver::{self, DeviceCtx};
 use crate::files::{inspect_fd, OwnAgent};
-use crate::posix::{prepare_files, IoOp, Post};
+use crate::files::{prepare_files, IoOp, Post};
 
 /// Settings of the `gds` backend (`[gds]` in the agent's configuration).
 #[derive(Clone, Debug)]

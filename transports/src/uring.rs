@@ -46,7 +46,7 @@ use nixl_core::{
 use parking_lot::{Condvar, Mutex};
 
 use crate::files::OwnAgent;
-use crate::posix::{prepare_files, IoOp, Post};
+use crate::files::{prepare_files, IoOp, Post};
 
 /// Settings of the `uring` backend (`[uring]` in the agent's configuration).
 #[derive(Clone, Debug)]
