@@ -1,10 +1,14 @@
-//! Helpers shared by the multi-process tests: a deterministic byte pattern, hex for the
-//! metadata exchange over pipes, and a handle on a scripted peer process
+//! Helpers shared by the multi-process tests: the byte pattern (from `nixl-testkit`), hex for
+//! the metadata exchange over pipes, and a handle on a scripted peer process
 //! (`nixl-test-peer`, in `src/bin`).
+//!
+//! - [`netns`]: throwaway network namespaces joined by veth (the "hosts" of a test lab).
+//! - [`scripted_peer`]: the body of the `nixl-test-peer` process (one agent, line commands).
+//! - [`reference_tools`]: `iperf3` and `ucx_perftest`, measured beside nixl-rs in one run.
 
 pub mod netns;
-pub mod peer;
-pub mod peers;
+pub mod reference_tools;
+pub mod scripted_peer;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};

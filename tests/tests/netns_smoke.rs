@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nixl_tests::netns::{skip_reason, Lab};
-use nixl_tests::peers::{self, Measured, UcxOpts};
+use nixl_tests::reference_tools::{self, Measured, UcxOpts};
 
 const MIB: usize = 1 << 20;
 
@@ -150,7 +150,7 @@ fn link_down_cuts_and_link_up_restores() {
 fn iperf3_runner_measures_between_namespaces() {
     nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
-    match peers::iperf3(&lab, 1, 0, MIB, 1.0, 1) {
+    match reference_tools::iperf3(&lab, 1, 0, MIB, 1.0, 1) {
         Measured::Gbps(g) => {
             eprintln!("iperf3 a -> b, 1 MiB writes, 1 stream: {g:.3} GB/s");
             assert!(g > 0.0);
@@ -164,7 +164,7 @@ fn iperf3_runner_measures_between_namespaces() {
     // A 2 Gbit/s token bucket on a's egress caps what b receives near 0.25 GB/s.
     match lab.set_rate(0, 2_000_000_000) {
         Ok(()) => {
-            let g = peers::iperf3(&lab, 1, 0, MIB, 1.0, 1);
+            let g = reference_tools::iperf3(&lab, 1, 0, MIB, 1.0, 1);
             eprintln!("iperf3 a -> b at set_rate(2 Gbit/s): {g}");
             let g = g.gbps().expect("iperf3 figure under a rate limit");
             assert!(g < 0.4, "{g} GB/s through a 0.25 GB/s limit");
@@ -182,7 +182,7 @@ fn iperf3_runner_measures_between_namespaces() {
 fn ucx_runner_gives_a_figure_or_a_reason() {
     nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
-    let m = peers::ucx_put_bw(&lab, 1, 0, MIB, 200);
+    let m = reference_tools::ucx_put_bw(&lab, 1, 0, MIB, 200);
     visible(&format!(
         "ucx_perftest ucp_put_bw a -> b, 1 MiB x 200, tcp: {m}"
     ));
@@ -199,7 +199,7 @@ fn runners_say_why_when_there_is_no_server() {
     // a's link is down: the server listens in b, but the client in a has no route to it.
     lab.link_down(0);
     let start = Instant::now();
-    let m = peers::iperf3(&lab, 1, 0, MIB, 1.0, 1);
+    let m = reference_tools::iperf3(&lab, 1, 0, MIB, 1.0, 1);
     eprintln!("iperf3 to a cut host: {m}");
     assert!(matches!(m, Measured::Missing(_)), "{m}");
     assert!(start.elapsed() < Duration::from_secs(20));
@@ -250,11 +250,11 @@ fn reference_figures() {
     nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     for streams in [1, 4] {
-        let m = peers::iperf3(&lab, 1, 0, MIB, 3.0, streams);
+        let m = reference_tools::iperf3(&lab, 1, 0, MIB, 3.0, streams);
         eprintln!("iperf3 netns a -> b, 1 MiB writes, {streams} stream(s), 3 s: {m}");
     }
     for streams in [1, 4] {
-        let m = peers::iperf3_loopback(MIB, 3.0, streams);
+        let m = reference_tools::iperf3_loopback(MIB, 3.0, streams);
         eprintln!("iperf3 loopback, 1 MiB writes, {streams} stream(s), 3 s: {m}");
     }
     let o1 = UcxOpts {
@@ -262,11 +262,11 @@ fn reference_figures() {
         ..UcxOpts::default()
     };
     for (size, iters) in [(64 << 10, 20_000), (MIB, 2_000), (64 * MIB, 5)] {
-        let m = peers::ucx_put_bw(&lab, 1, 0, size, iters);
+        let m = reference_tools::ucx_put_bw(&lab, 1, 0, size, iters);
         eprintln!("ucx ucp_put_bw netns a -> b, {size} B x {iters}: {m}");
-        let m = peers::ucx_perftest(&lab, 1, 0, "ucp_put_bw", size, iters, o1);
+        let m = reference_tools::ucx_perftest(&lab, 1, 0, "ucp_put_bw", size, iters, o1);
         eprintln!("ucx ucp_put_bw -O 1 netns a -> b, {size} B x {iters}: {m}");
-        let m = peers::ucx_put_bw_loopback(size, iters);
+        let m = reference_tools::ucx_put_bw_loopback(size, iters);
         eprintln!("ucx ucp_put_bw loopback, {size} B x {iters}: {m}");
     }
 }
