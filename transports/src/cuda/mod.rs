@@ -143,8 +143,7 @@
 //!
 //! [`CudaBackend`] offers a [`nixl_core::Stager`] ([`staging::CudaStager`]: pinned host buffers,
 //! batched copies over the device's streams) so the agent can carry VRAM over `tcp`, `shm` or to
-//! files when no direct path exists; [`staging::StagePipeline`] is a pipelined engine (device copy
-//! of piece k+1 overlapping the send of piece k) for backends that want to stream instead.
+//! files when no direct path exists.
 
 pub mod alloc;
 pub mod copy;
@@ -190,11 +189,9 @@ pub struct CudaConfig {
     pub streams_per_device: usize,
     /// Most descriptors one prepared transfer may have.
     pub max_batch: usize,
-    /// Chunk size of the staged path (VRAM carried by a DRAM backend), and of each pinned
-    /// buffer of a [`staging::StagePipeline`].
+    /// Chunk size of the staged path (VRAM carried by a DRAM backend).
     pub staging_buffer_size: usize,
-    /// Chunks in flight per staged request (its pinned buffer holds this many), and pinned
-    /// buffers per device of a [`staging::StagePipeline`].
+    /// Chunks in flight per staged request (its pinned buffer holds this many).
     pub staging_buffers: usize,
     /// Where the agent's Unix socket lives (created with mode 0700).
     pub socket_dir: PathBuf,
@@ -576,23 +573,6 @@ impl CudaBackend {
     /// Peer regions currently imported (announced to or granted by their owner, not revoked).
     pub fn imported_regions(&self) -> usize {
         self.inner.imports.len()
-    }
-
-    /// A pipelined VRAM ↔ DRAM engine over a pool of pinned buffers of device `dev`
-    /// ([`CudaConfig::staging_buffers`] × [`CudaConfig::staging_buffer_size`]).
-    pub fn pipeline(&self, dev: i32) -> Result<staging::StagePipeline> {
-        let ctx = device(dev)?;
-        let pool = staging::StagingPool::pinned(
-            &ctx,
-            self.inner.cfg.staging_buffers,
-            self.inner.cfg.staging_buffer_size,
-        )?;
-        let copier = Arc::new(staging::CudaDeviceCopy::new(&ctx)?);
-        Ok(staging::StagePipeline::new(
-            pool,
-            copier,
-            self.inner.cfg.staging_buffers,
-        ))
     }
 }
 
