@@ -1,5 +1,5 @@
 //! What the workspace's tests share: [`require!`] for tests that need something a machine may
-//! lack (root, etcd, moto, a C compiler, hardware), and [`pattern`], the one generator of test
+//! lack (root, etcd, moto, a C compiler, hardware), and [`pattern()`], the one generator of test
 //! bytes.
 //!
 //! # Skipping, visibly, or failing

@@ -4,8 +4,8 @@
 //! request is refused when it is created, naming the descriptor and the alignment, instead of
 //! failing with a bare `EINVAL` half-way through.
 //!
-//! And what they share to run a request: [`prepare_files`] checks the file regions and cuts
-//! the request into I/O operations ([`IoOp`], at most [`MAX_IOV`] pieces each), and a `Post`
+//! And what they share to run a request: `prepare_files` checks the file regions and cuts
+//! the request into I/O operations (`IoOp`, at most [`MAX_IOV`] pieces each), and a `Post`
 //! tracks one post of them across the threads that run them (the `posix` workers, the `uring`
 //! ring thread, the `gds` workers); the last operation to finish completes the request.
 
