@@ -38,7 +38,8 @@ pub use crate::files::MAX_IOV;
 use crate::files::{prepare_files, IoOp, OwnAgent, Post};
 
 /// Settings of the `posix` backend (`[posix]` in the agent's configuration).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PosixConfig {
     /// Worker threads that run the I/O.
     pub threads: usize,

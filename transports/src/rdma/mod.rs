@@ -125,13 +125,15 @@ impl Default for PollPolicy {
 }
 
 /// Settings of the `rdma` backend (`[rdma]` in the agent's configuration).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RdmaConfig {
     /// Use only these devices (by name); `None`: every device with an active port.
     pub devices: Option<Vec<String>>,
     /// Devices per GPU PCI bus id (`0000:19:00.0`), overriding the topology for that GPU.
     pub gpu_devices: BTreeMap<String, Vec<String>>,
     /// Root of sysfs (tests point it at a fake tree).
+    #[serde(skip)]
     pub sysfs: PathBuf,
     /// Queue pairs per NIC per peer.
     pub qps_per_nic: usize,
@@ -140,28 +142,39 @@ pub struct RdmaConfig {
     /// Most work requests in flight per queue pair.
     pub max_outstanding: u32,
     /// Most SGEs per work request (also capped by the device).
+    #[serde(skip)]
     pub max_sge: usize,
     /// Completion queue entries per NIC (shared by all its QPs; QPs are refused beyond it).
+    #[serde(skip)]
     pub cq_depth: u32,
     /// Times one slice is retried on another lane after a failure.
     pub max_retries: u32,
     /// How long connecting (the QP handshake) may take.
+    #[serde(
+        rename = "connect_timeout_ms",
+        deserialize_with = "crate::config::de::millis"
+    )]
     pub connect_timeout: Duration,
     /// Largest notification received; receive buffers of this size are posted per QP.
+    #[serde(skip)]
     pub max_notif: u32,
     /// Receive buffers posted per target-side QP.
+    #[serde(skip)]
     pub recv_depth: u32,
     /// GID index on RoCE ports; `None`: the first RoCE v2 GID (IPv4-mapped first).
     pub gid_index: Option<u8>,
     /// QP local ACK timeout exponent (4.096 µs × 2^n).
+    #[serde(skip)]
     pub qp_timeout: u8,
     /// QP transport retries before a path is declared failed.
+    #[serde(skip)]
     pub retry_cnt: u8,
     /// Traffic class on RoCE.
     pub traffic_class: u8,
     /// Service level.
     pub service_level: u8,
     /// How the poller waits.
+    #[serde(skip)]
     pub poll: PollPolicy,
 }
 
