@@ -147,11 +147,19 @@
 
 pub mod alloc;
 mod conn;
+// Bindings, wire formats and internals: public for the fuzz targets, the benches, the
+// checkpoint crate and the tests, hidden from the docs (not part of the API a user reads).
+#[doc(hidden)]
 pub mod copy;
+#[doc(hidden)]
 pub mod dmabuf;
+#[doc(hidden)]
 pub mod driver;
+#[doc(hidden)]
 pub mod handles;
+#[doc(hidden)]
 pub mod ipc;
+#[doc(hidden)]
 pub mod nvml;
 pub mod staging;
 

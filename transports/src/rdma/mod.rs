@@ -64,14 +64,24 @@
 //!   path takes to report. A post ends exactly once; its local memory stays held until every WR
 //!   it posted has completed or flushed.
 
+// Bindings, wire formats and internals: public for the fuzz targets, the benches, the
+// checkpoint crate and the tests, hidden from the docs (not part of the API a user reads).
+#[doc(hidden)]
 pub mod dmabuf;
+#[doc(hidden)]
 pub mod notif;
+#[doc(hidden)]
 pub mod place;
+#[doc(hidden)]
 pub mod plan;
+#[doc(hidden)]
 pub mod slab;
+#[doc(hidden)]
 pub mod topo;
 #[doc(hidden)]
+#[doc(hidden)]
 pub mod verbs;
+#[doc(hidden)]
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
