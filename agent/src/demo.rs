@@ -130,16 +130,53 @@ fn check(buf: &[u8], seed: u64) -> Option<usize> {
         .map(|p| tail * 8 + p)
 }
 
+/// Builds the demo's agent. The reasons a backend is unavailable go to the debug log
+/// (`NIXL_LOG=debug`); the initiator prints them as one summary line.
 fn agent(name: &str) -> Res<Agent> {
     let agent = Agent::builder(name)
         .backends(nixl_transports::default_backends())
         .build()?;
     for b in agent.backends() {
         if let Some(reason) = &b.unavailable {
-            eprintln!("[{name}] backend {} unavailable: {reason}", b.name);
+            tracing::debug!(agent = %name, backend = %b.name, "backend unavailable: {reason}");
         }
     }
     Ok(agent)
+}
+
+/// `backends: local shm tcp uring posix; unavailable: cuda (libcuda.so.1 not found), ...`: the
+/// running backends, then each unavailable one with its reason cut at its first detail.
+fn backend_summary(backends: &[nixl_core::BackendState]) -> String {
+    let running: Vec<String> = backends
+        .iter()
+        .filter(|b| b.unavailable.is_none())
+        .map(|b| b.name.to_string())
+        .collect();
+    let unavailable: Vec<String> = backends
+        .iter()
+        .filter_map(|b| {
+            let reason = b.unavailable.as_deref()?;
+            Some(format!("{} ({})", b.name, short_reason(reason)))
+        })
+        .collect();
+    let mut line = format!("backends: {}", running.join(" "));
+    if !unavailable.is_empty() {
+        line.push_str("; unavailable: ");
+        line.push_str(&unavailable.join(", "));
+        line.push_str(" (details: NIXL_LOG=debug)");
+    }
+    line
+}
+
+/// A reason up to its first `: ` or ` (`, where the details start ("libcuda.so.1 not found:
+/// dlopen failed: ..." becomes "libcuda.so.1 not found").
+fn short_reason(reason: &str) -> &str {
+    let end = [": ", " ("]
+        .iter()
+        .filter_map(|sep| reason.find(sep))
+        .min()
+        .unwrap_or(reason.len());
+    reason[..end].trim()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -210,6 +247,7 @@ pub fn run(args: &DemoArgs) -> Res<()> {
 
 fn drive(args: &DemoArgs, size: usize, child: &mut std::process::Child) -> Res<()> {
     let me = agent("demo-initiator")?;
+    println!("{}", backend_summary(me.backends()));
     let mut out = BufReader::new(child.stdout.take().ok_or("no child stdout")?);
     let mut line = String::new();
     out.read_line(&mut line)?;
@@ -450,5 +488,31 @@ mod tests {
         b[17] ^= 1;
         assert_eq!(check(&b, 5), Some(17));
         assert!(check(&b, 6).is_some());
+    }
+
+    #[test]
+    fn backend_summary_is_one_short_line() {
+        let state = |name: &str, why: Option<&str>| nixl_core::BackendState {
+            name: nixl_core::BackendName::parse(name).unwrap(),
+            unavailable: why.map(str::to_string),
+        };
+        let line = backend_summary(&[
+            state("shm", None),
+            state("tcp", None),
+            state(
+                "cuda",
+                Some("libcuda.so.1 not found: dlopen failed: no such file"),
+            ),
+            state(
+                "rdma",
+                Some("no RDMA devices (ibv_get_device_list: os error 38)"),
+            ),
+        ]);
+        assert_eq!(
+            line,
+            "backends: shm tcp; unavailable: cuda (libcuda.so.1 not found), \
+             rdma (no RDMA devices) (details: NIXL_LOG=debug)"
+        );
+        assert_eq!(backend_summary(&[state("tcp", None)]), "backends: tcp");
     }
 }

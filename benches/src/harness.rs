@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use nixl_tests::peer::percentile;
+use nixl_tests::scripted_peer::percentile;
 
 /// Parses a size: a number with an optional unit `B`, `KiB`/`K`, `MiB`/`M`, `GiB`/`G`
 /// (case-insensitive; binary multiples). Zero is refused.

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, XferOp, XferOptions};
-use nixl_tests::peers::Measured;
+use nixl_tests::reference_tools::Measured;
 use nixl_transports::config::Config;
 
 use crate::storage::{drive, Aligned, StorageRow, StorageSpec};

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use nixl_core::{
     Agent, BackendName, Desc, DescList, MemKind, XferOp, XferOptions, XferRequest, XferStatus,
 };
-use nixl_tests::peers::Measured;
+use nixl_tests::reference_tools::Measured;
 use nixl_transports::config::Config;
 
 /// What one storage row is.

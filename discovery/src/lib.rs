@@ -81,10 +81,10 @@
 //!
 //! # Building and testing
 //!
-//! `etcd-client` compiles etcd's protobuf definitions at build time, so `protoc` must be on the
-//! `PATH` (or named by `PROTOC`) with Google's well-known `.proto` files beside it (Debian:
-//! `protobuf-compiler` and `libprotobuf-dev`, which apt installs with it unless told not to
-//! install recommended packages). The tests start real etcd servers
+//! `etcd-client` compiles etcd's protobuf definitions at build time with `protoc`. Nothing
+//! needs installing for that: the workspace's `.cargo/config.toml` sets `PROTOC` to
+//! `scripts/protoc`, which runs the protoc shipped in the `protoc-bin-vendored` crates (this
+//! crate's build dependency); a `PROTOC` set in the environment wins. The tests start real etcd servers
 //! (Debian: `etcd-server`; `NIXL_ETCD_BIN` names another binary) and print
 //! `SKIP: etcd not installed (...)` where there is none.
 //!

@@ -1113,10 +1113,8 @@ impl Agent {
             .iter()
             .try_fold(0u64, |a, s| a.checked_add(s.local.len))
             .ok_or("request length overflows")?;
-        let chunk = stager.chunk_bytes().max(1);
-        let chunks_n = total.div_ceil(chunk).max(1);
-        let slot_len = chunk.min(total).max(1);
-        let slots = (stager.slots().max(1) as u64).min(chunks_n);
+        let layout = crate::staging::ChunkLayout::new(total, stager.chunk_bytes(), stager.slots());
+        let (slot_len, slots) = (layout.slot_len, layout.slots);
         let dev_id = segments.first().map_or(0, |s| s.local.dev_id);
         let host = stager.alloc(slot_len * slots, dev_id).map_err(|e| {
             format!(
@@ -1135,33 +1133,7 @@ impl Agent {
         let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
         let bounce = crate::staging::Bounce::register(id, host, dram).map_err(|e| e.to_string())?;
         let base = bounce.region.desc.addr;
-        // Cut the segments into chunks of at most `chunk` bytes (a segment may straddle two);
-        // chunk k lives in slot k % slots of the host buffer.
-        let mut cut: Vec<Vec<(Segment, Desc)>> = vec![Vec::new()];
-        let mut used = 0u64;
-        for s in &segments {
-            let mut off = 0u64;
-            while off < s.local.len {
-                if used == chunk {
-                    cut.push(Vec::new());
-                    used = 0;
-                }
-                let n = (s.local.len - off).min(chunk - used);
-                let k = (cut.len() - 1) as u64;
-                let host = base + (k % slots) * slot_len + used;
-                let piece = Segment {
-                    local: Desc::new(s.local.addr + off, n, s.local.dev_id),
-                    remote: Desc::new(s.remote.addr + off, n, s.remote.dev_id),
-                    local_region: s.local_region,
-                    remote_region: s.remote_region,
-                };
-                if let Some(c) = cut.last_mut() {
-                    c.push((piece, Desc::new(host, n, 0)));
-                }
-                used += n;
-                off += n;
-            }
-        }
+        let cut = layout.cut(&segments, base);
         let bounce_regions = [Arc::clone(&bounce.region)];
         let (backend, _) = self
             .select(

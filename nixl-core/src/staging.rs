@@ -28,7 +28,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{Backend, BackendName, PreparedXfer};
+use crate::backend::{Backend, BackendName, PreparedXfer, Segment};
 use crate::error::{Error, Result};
 use crate::mem::{Desc, MemKind};
 use crate::region::Region;
@@ -96,6 +96,60 @@ pub unsafe trait Stager: Send + Sync + fmt::Debug {
 }
 
 type Job = Box<dyn FnOnce() + Send>;
+
+/// How a staged request of `total` bytes is cut: chunks of at most `chunk` bytes, carried
+/// through `slots` slots of `slot_len` bytes of one host buffer (chunk k in slot `k % slots`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ChunkLayout {
+    pub(crate) chunk: u64,
+    pub(crate) slot_len: u64,
+    pub(crate) slots: u64,
+}
+
+impl ChunkLayout {
+    /// The layout for `total` bytes with the stager's chunk size and slot count (each at
+    /// least 1; no more slots than chunks, no slot longer than the request).
+    pub(crate) fn new(total: u64, chunk_bytes: u64, slots: usize) -> ChunkLayout {
+        let chunk = chunk_bytes.max(1);
+        let chunks_n = total.div_ceil(chunk).max(1);
+        ChunkLayout {
+            chunk,
+            slot_len: chunk.min(total).max(1),
+            slots: (slots.max(1) as u64).min(chunks_n),
+        }
+    }
+
+    /// Cuts `segments` into chunks of at most `chunk` bytes (a segment may straddle two), each
+    /// piece paired with its range in the host buffer at `base`. Always at least one chunk.
+    pub(crate) fn cut(&self, segments: &[Segment], base: u64) -> Vec<Vec<(Segment, Desc)>> {
+        let mut cut: Vec<Vec<(Segment, Desc)>> = vec![Vec::new()];
+        let mut used = 0u64;
+        for s in segments {
+            let mut off = 0u64;
+            while off < s.local.len {
+                if used == self.chunk {
+                    cut.push(Vec::new());
+                    used = 0;
+                }
+                let n = (s.local.len - off).min(self.chunk - used);
+                let k = (cut.len() - 1) as u64;
+                let host = base + (k % self.slots) * self.slot_len + used;
+                let piece = Segment {
+                    local: Desc::new(s.local.addr + off, n, s.local.dev_id),
+                    remote: Desc::new(s.remote.addr + off, n, s.remote.dev_id),
+                    local_region: s.local_region,
+                    remote_region: s.remote_region,
+                };
+                if let Some(c) = cut.last_mut() {
+                    c.push((piece, Desc::new(host, n, 0)));
+                }
+                used += n;
+                off += n;
+            }
+        }
+        cut
+    }
+}
 
 /// The agent's staging thread: runs the copies of staged posts in order.
 #[derive(Debug)]
@@ -368,5 +422,71 @@ impl PreparedXfer for StagedXfer {
         for c in &self.inner.chunks {
             c.req.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(local: u64, remote: u64, len: u64) -> Segment {
+        Segment {
+            local: Desc::new(local, len, 1),
+            remote: Desc::new(remote, len, 2),
+            local_region: 0,
+            remote_region: 3,
+        }
+    }
+
+    #[test]
+    fn chunks_cover_every_byte_once_in_their_slots() {
+        let segs = [
+            seg(1000, 50_000, 25),
+            seg(9000, 70_000, 3),
+            seg(20_000, 90_000, 40),
+        ];
+        let l = ChunkLayout::new(68, 16, 2);
+        assert_eq!((l.chunk, l.slot_len, l.slots), (16, 16, 2));
+        let cut = l.cut(&segs, 4096);
+        assert_eq!(cut.len(), 5); // 68 bytes in chunks of 16
+        let mut next = 0usize; // (segment, offset) walked in order
+        let mut off = 0u64;
+        for (k, pieces) in cut.iter().enumerate() {
+            let bytes: u64 = pieces.iter().map(|(p, _)| p.local.len).sum();
+            assert!(
+                bytes <= 16 && (bytes == 16 || k == cut.len() - 1),
+                "chunk {k}: {bytes}"
+            );
+            let mut used = 0;
+            for (p, host) in pieces {
+                let s = segs[next];
+                assert_eq!(p.local.addr, s.local.addr + off);
+                assert_eq!(p.remote.addr, s.remote.addr + off);
+                assert_eq!(
+                    (p.local.dev_id, p.remote.dev_id, p.remote_region),
+                    (1, 2, 3)
+                );
+                assert_eq!(host.addr, 4096 + (k as u64 % 2) * 16 + used);
+                assert_eq!(host.len, p.local.len);
+                used += p.local.len;
+                off += p.local.len;
+                if off == s.local.len {
+                    next += 1;
+                    off = 0;
+                }
+            }
+        }
+        assert_eq!(next, segs.len());
+    }
+
+    #[test]
+    fn a_small_request_has_one_short_slot() {
+        let l = ChunkLayout::new(10, 1 << 20, 4);
+        assert_eq!((l.slot_len, l.slots), (10, 1));
+        assert_eq!(l.cut(&[seg(0, 0, 10)], 0).len(), 1);
+        // Nothing to move still gives one (empty) chunk, and no zero sizes.
+        let l = ChunkLayout::new(0, 0, 0);
+        assert_eq!((l.chunk, l.slot_len, l.slots), (1, 1, 1));
+        assert_eq!(l.cut(&[], 0), vec![Vec::new()]);
     }
 }

@@ -1,64 +1,19 @@
-//! Helpers shared by the multi-process tests: a deterministic byte pattern, hex for the
-//! metadata exchange over pipes, and a handle on a scripted peer process
+//! Helpers shared by the multi-process tests: the byte pattern (from `nixl-testkit`), hex for
+//! the metadata exchange over pipes, and a handle on a scripted peer process
 //! (`nixl-test-peer`, in `src/bin`).
+//!
+//! - [`netns`]: throwaway network namespaces joined by veth (the "hosts" of a test lab).
+//! - [`scripted_peer`]: the body of the `nixl-test-peer` process (one agent, line commands).
+//! - [`reference_tools`]: `iperf3` and `ucx_perftest`, measured beside nixl-rs in one run.
 
 pub mod netns;
-pub mod peer;
-pub mod peers;
+pub mod reference_tools;
+pub mod scripted_peer;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-/// The pattern word at 8-byte index `i`.
-pub fn word(i: usize, seed: u64) -> u64 {
-    (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03)
-}
-
-/// Fills `buf` with the pattern of `seed` (byte `k` depends on `k` and the seed only).
-pub fn fill(buf: &mut [u8], seed: u64) {
-    fill_at(buf, 0, seed);
-}
-
-/// Fills `buf` with the bytes the pattern of `seed` has at offsets `start..start + buf.len()`.
-pub fn fill_at(buf: &mut [u8], start: usize, seed: u64) {
-    let mut k = start;
-    let mut i = 0;
-    // Head up to the next 8-byte boundary, then whole words, then the tail.
-    while i < buf.len() && k % 8 != 0 {
-        buf[i] = word(k / 8, seed).to_le_bytes()[k % 8];
-        i += 1;
-        k += 1;
-    }
-    let words = (buf.len() - i) / 8;
-    for (j, c) in buf[i..i + words * 8].chunks_exact_mut(8).enumerate() {
-        c.copy_from_slice(&word(k / 8 + j, seed).to_le_bytes());
-    }
-    i += words * 8;
-    k += words * 8;
-    while i < buf.len() {
-        buf[i] = word(k / 8, seed).to_le_bytes()[k % 8];
-        i += 1;
-        k += 1;
-    }
-}
-
-/// The first offset where `buf` differs from the pattern of `seed`, if any.
-pub fn first_mismatch(buf: &[u8], seed: u64) -> Option<usize> {
-    let mut expect = vec![0u8; 1 << 20];
-    for (n, chunk) in buf.chunks(1 << 20).enumerate() {
-        let e = &mut expect[..chunk.len()];
-        fill_at(e, n << 20, seed);
-        if chunk != e {
-            let p = chunk
-                .iter()
-                .zip(e.iter())
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
-            return Some((n << 20) + p);
-        }
-    }
-    None
-}
+pub use nixl_testkit::pattern::{fill, fill_at, first_mismatch, pattern, word};
 
 /// Lower-case hex.
 pub fn hex(bytes: &[u8]) -> String {

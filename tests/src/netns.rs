@@ -1,13 +1,10 @@
 //! Throwaway network namespaces joined by veth: separate "hosts" on one machine, for tests of
 //! what crosses a network. Needs root (CAP_NET_ADMIN) and iproute2; [`skip_reason`] says why
-//! not otherwise, and tests print it as a visible skip:
+//! not otherwise, and tests skip visibly with it (or fail, under `NIXL_REQUIRE_ALL=1`):
 //!
 //! ```no_run
 //! # fn t() {
-//! if let Some(why) = nixl_tests::netns::skip_reason() {
-//!     eprintln!("SKIP: my_test: {why}");
-//!     return;
-//! }
+//! nixl_testkit::require!(nixl_tests::netns::skip_reason());
 //! let lab = nixl_tests::netns::Lab::pair();
 //! let out = lab.command(0, "true").output().unwrap(); // runs inside namespace "a"
 //! # }

@@ -26,12 +26,6 @@ fn agent(toml: &str) -> Agent {
         .unwrap()
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    nixl_tests::fill(&mut v, seed);
-    v
-}
-
 const SIZES: [usize; 3] = [(6 << 20) + 5, 12_345, 4096];
 
 /// In namespace `a`: serves the checkpoint at `dir` on `listen`, prints the URI, waits for
@@ -57,13 +51,12 @@ fn restorer(uri: &str) {
         assert_eq!(x.len, n as u64);
         // SAFETY: mapped and written by the restore, which has returned.
         let b = unsafe { std::slice::from_raw_parts(x.addr as usize as *const u8, n) };
-        assert!(b == pattern(n, i as u64 + 1).as_slice(), "r{i} differs");
+        assert!(
+            b == nixl_tests::pattern(i as u64 + 1, n).as_slice(),
+            "r{i} differs"
+        );
     }
     let _ = writeln!(std::io::stderr(), "restored {} regions", SIZES.len());
-}
-
-fn visible(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 #[test]
@@ -78,17 +71,14 @@ fn checkpoint_served_in_one_namespace_restores_in_another() {
         Ok("restore") => return restorer(&std::env::var("NIXL_CKPT_URI").unwrap()),
         _ => {}
     }
-    if let Some(why) = skip_reason() {
-        visible(&format!("SKIP: {TEST}: {why}"));
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let dir = std::env::temp_dir().join(format!("nixl-ckpt-netns-{}", std::process::id()));
     {
         let a = agent("backends = [\"uring\", \"posix\"]");
         let mut bufs: Vec<Vec<u8>> = SIZES
             .iter()
             .enumerate()
-            .map(|(i, &n)| pattern(n, i as u64 + 1))
+            .map(|(i, &n)| nixl_tests::pattern(i as u64 + 1, n))
             .collect();
         let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
         // SAFETY: the buffers outlive the registration.

@@ -162,14 +162,11 @@ fn tcp_addr(md: &AgentMetadata) -> String {
 
 #[test]
 fn another_local_user_gets_no_metadata_no_memory_and_no_notifications() {
-    if let Some(why) = skip_reason() {
-        eprintln!("SKIP: another_local_user_gets_nothing: {why}");
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let user = match User::create() {
         Ok(u) => u,
         Err(e) => {
-            eprintln!("SKIP: another_local_user_gets_nothing: {e}");
+            nixl_testkit::skip(e, false, &[]);
             return;
         }
     };

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nixl_tests::netns::{skip_reason, Lab};
-use nixl_tests::peers::{self, Measured, UcxOpts};
+use nixl_tests::reference_tools::{self, Measured, UcxOpts};
 
 const MIB: usize = 1 << 20;
 
@@ -19,30 +19,6 @@ const MIB: usize = 1 << 20;
 /// a skip shows in a plain `cargo test`.
 fn visible(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
-}
-
-fn skip(test: &str) -> bool {
-    match skip_reason() {
-        Some(why) => {
-            visible(&format!("SKIP: {test}: {why}"));
-            true
-        }
-        None => false,
-    }
-}
-
-/// Whether `program` can be run (prints a SKIP for `test` if not).
-fn have(test: &str, program: &str) -> bool {
-    let ok = Command::new(program)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        visible(&format!("SKIP: {test}: {program} is not installed"));
-    }
-    ok
 }
 
 /// A TCP listener (`iperf3 -s`, which keeps serving after a bad client) inside host `i`,
@@ -108,9 +84,8 @@ fn netns_names() -> String {
 
 #[test]
 fn pair_reaches_a_listener_over_v4_and_v6() {
-    if skip("pair_reaches") || !have("pair_reaches", "iperf3") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
+    nixl_testkit::require!(nixl_testkit::missing_program("iperf3"));
     let lab = Lab::pair();
     assert_ne!(lab.name(0), lab.name(1));
     assert_eq!(lab.ns(1).name(), lab.name(1));
@@ -125,9 +100,8 @@ fn pair_reaches_a_listener_over_v4_and_v6() {
 
 #[test]
 fn triangle_hosts_reach_each_other() {
-    if skip("triangle") || !have("triangle", "iperf3") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
+    nixl_testkit::require!(nixl_testkit::missing_program("iperf3"));
     let lab = Lab::triangle();
     assert_eq!(lab.len(), 3);
     let listeners: Vec<Listener> = (0..3).map(|i| Listener::start(&lab, i, 5201)).collect();
@@ -142,9 +116,8 @@ fn triangle_hosts_reach_each_other() {
 
 #[test]
 fn link_down_cuts_and_link_up_restores() {
-    if skip("link_down") || !have("link_down", "iperf3") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
+    nixl_testkit::require!(nixl_testkit::missing_program("iperf3"));
     let lab = Lab::pair();
     let _l = Listener::start(&lab, 1, 5201);
     let t = Duration::from_secs(5);
@@ -175,17 +148,15 @@ fn link_down_cuts_and_link_up_restores() {
 
 #[test]
 fn iperf3_runner_measures_between_namespaces() {
-    if skip("iperf3_runner") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
-    match peers::iperf3(&lab, 1, 0, MIB, 1.0, 1) {
+    match reference_tools::iperf3(&lab, 1, 0, MIB, 1.0, 1) {
         Measured::Gbps(g) => {
             eprintln!("iperf3 a -> b, 1 MiB writes, 1 stream: {g:.3} GB/s");
             assert!(g > 0.0);
         }
         Measured::Missing(why) if why.contains("not installed") => {
-            visible(&format!("SKIP: iperf3_runner: {why}"));
+            nixl_testkit::skip(why, false, &[]);
             return;
         }
         Measured::Missing(why) => panic!("iperf3 installed but no figure: {why}"),
@@ -193,13 +164,14 @@ fn iperf3_runner_measures_between_namespaces() {
     // A 2 Gbit/s token bucket on a's egress caps what b receives near 0.25 GB/s.
     match lab.set_rate(0, 2_000_000_000) {
         Ok(()) => {
-            let g = peers::iperf3(&lab, 1, 0, MIB, 1.0, 1);
+            let g = reference_tools::iperf3(&lab, 1, 0, MIB, 1.0, 1);
             eprintln!("iperf3 a -> b at set_rate(2 Gbit/s): {g}");
             let g = g.gbps().expect("iperf3 figure under a rate limit");
             assert!(g < 0.4, "{g} GB/s through a 0.25 GB/s limit");
             lab.clear_qdisc(0).unwrap();
         }
-        Err(e) => visible(&format!("SKIP: iperf3_runner rate limit: {e}")),
+        // A kernel without the token-bucket qdisc: a property of the host.
+        Err(e) => nixl_testkit::skip(format!("rate limit: {e}"), true, &[]),
     }
     if let Err(e) = lab.netem(0, "delay 1ms") {
         visible(&format!("note: netem unavailable here: {e}"));
@@ -208,11 +180,9 @@ fn iperf3_runner_measures_between_namespaces() {
 
 #[test]
 fn ucx_runner_gives_a_figure_or_a_reason() {
-    if skip("ucx_runner") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
-    let m = peers::ucx_put_bw(&lab, 1, 0, MIB, 200);
+    let m = reference_tools::ucx_put_bw(&lab, 1, 0, MIB, 200);
     visible(&format!(
         "ucx_perftest ucp_put_bw a -> b, 1 MiB x 200, tcp: {m}"
     ));
@@ -224,14 +194,12 @@ fn ucx_runner_gives_a_figure_or_a_reason() {
 
 #[test]
 fn runners_say_why_when_there_is_no_server() {
-    if skip("no_server") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     // a's link is down: the server listens in b, but the client in a has no route to it.
     lab.link_down(0);
     let start = Instant::now();
-    let m = peers::iperf3(&lab, 1, 0, MIB, 1.0, 1);
+    let m = reference_tools::iperf3(&lab, 1, 0, MIB, 1.0, 1);
     eprintln!("iperf3 to a cut host: {m}");
     assert!(matches!(m, Measured::Missing(_)), "{m}");
     assert!(start.elapsed() < Duration::from_secs(20));
@@ -239,9 +207,7 @@ fn runners_say_why_when_there_is_no_server() {
 
 #[test]
 fn namespaces_and_their_processes_are_gone_after_drop() {
-    if skip("gone_after_drop") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let (names, mut sleepers) = {
         let pair = Lab::pair();
         let star = Lab::star(3);
@@ -281,16 +247,14 @@ fn namespaces_and_their_processes_are_gone_after_drop() {
 #[test]
 #[ignore = "prints reference figures; takes a minute or two"]
 fn reference_figures() {
-    if skip("reference_figures") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     for streams in [1, 4] {
-        let m = peers::iperf3(&lab, 1, 0, MIB, 3.0, streams);
+        let m = reference_tools::iperf3(&lab, 1, 0, MIB, 3.0, streams);
         eprintln!("iperf3 netns a -> b, 1 MiB writes, {streams} stream(s), 3 s: {m}");
     }
     for streams in [1, 4] {
-        let m = peers::iperf3_loopback(MIB, 3.0, streams);
+        let m = reference_tools::iperf3_loopback(MIB, 3.0, streams);
         eprintln!("iperf3 loopback, 1 MiB writes, {streams} stream(s), 3 s: {m}");
     }
     let o1 = UcxOpts {
@@ -298,11 +262,11 @@ fn reference_figures() {
         ..UcxOpts::default()
     };
     for (size, iters) in [(64 << 10, 20_000), (MIB, 2_000), (64 * MIB, 5)] {
-        let m = peers::ucx_put_bw(&lab, 1, 0, size, iters);
+        let m = reference_tools::ucx_put_bw(&lab, 1, 0, size, iters);
         eprintln!("ucx ucp_put_bw netns a -> b, {size} B x {iters}: {m}");
-        let m = peers::ucx_perftest(&lab, 1, 0, "ucp_put_bw", size, iters, o1);
+        let m = reference_tools::ucx_perftest(&lab, 1, 0, "ucp_put_bw", size, iters, o1);
         eprintln!("ucx ucp_put_bw -O 1 netns a -> b, {size} B x {iters}: {m}");
-        let m = peers::ucx_put_bw_loopback(size, iters);
+        let m = reference_tools::ucx_put_bw_loopback(size, iters);
         eprintln!("ucx ucp_put_bw loopback, {size} B x {iters}: {m}");
     }
 }

@@ -12,16 +12,6 @@ const EXE: &str = env!("CARGO_BIN_EXE_nixl-test-peer");
 const MIB: usize = 1 << 20;
 const T: Duration = Duration::from_secs(30);
 
-fn skip(test: &str) -> bool {
-    match skip_reason() {
-        Some(why) => {
-            eprintln!("SKIP: {test}: {why}");
-            true
-        }
-        None => false,
-    }
-}
-
 fn sock(ip: IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
 }
@@ -73,9 +63,7 @@ const SECRET: &str = "[auth]\nsecret = \"fleet-secret\"";
 
 #[test]
 fn bytes_cross_namespaces_both_ways_over_v4_and_v6_with_notifications() {
-    if skip("bytes_cross_namespaces") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     let dir = tempdir::Dir::new("tcp-bytes");
     let b_addr = sock(lab.addr(1), 17000);
@@ -123,9 +111,7 @@ fn bytes_cross_namespaces_both_ways_over_v4_and_v6_with_notifications() {
 
 #[test]
 fn wrong_or_missing_secret_and_foreign_hosts_without_secret_are_refused() {
-    if skip("wrong_or_missing_secret") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     let dir = tempdir::Dir::new("tcp-auth");
     let b_addr = sock(lab.addr(1), 17000);
@@ -163,9 +149,7 @@ fn wrong_or_missing_secret_and_foreign_hosts_without_secret_are_refused() {
 
 #[test]
 fn killed_peer_fails_requests_fast_others_keep_working_and_a_restart_reconnects() {
-    if skip("killed_peer") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     let dir = tempdir::Dir::new("tcp-kill");
     let b_addr = sock(lab.addr(1), 17000);
@@ -214,9 +198,7 @@ fn killed_peer_fails_requests_fast_others_keep_working_and_a_restart_reconnects(
 
 #[test]
 fn cut_link_times_out_in_bounded_time_and_recovers() {
-    if skip("cut_link") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
     let dir = tempdir::Dir::new("tcp-cut");
     let b_addr = sock(lab.addr(1), 17000);
@@ -250,9 +232,7 @@ fn cut_link_times_out_in_bounded_time_and_recovers() {
 
 #[test]
 fn three_hosts_on_a_bridge_each_initiator_reaches_both_others() {
-    if skip("three_hosts") {
-        return;
-    }
+    nixl_testkit::require!(skip_reason());
     let lab = Lab::star(3);
     let dir = tempdir::Dir::new("tcp-star");
     let names = ["A", "B", "C"];

@@ -167,22 +167,22 @@ pub struct Config {
     pub shm: ShmSection,
     /// `[uring]`.
     #[serde(default)]
-    pub uring: UringSection,
+    pub uring: UringConfig,
     /// `[posix]`.
     #[serde(default)]
-    pub posix: PosixSection,
+    pub posix: PosixConfig,
     /// `[object]`.
     #[serde(default)]
     pub object: ObjectSection,
     /// `[cuda]`.
     #[serde(default)]
-    pub cuda: CudaSection,
+    pub cuda: CudaConfig,
     /// `[gds]`.
     #[serde(default)]
-    pub gds: GdsSection,
+    pub gds: GdsConfig,
     /// `[rdma]`.
     #[serde(default)]
-    pub rdma: RdmaSection,
+    pub rdma: RdmaConfig,
     /// `[agent]`.
     #[serde(default)]
     pub agent: AgentSection,
@@ -257,26 +257,6 @@ impl TlsSection {
     }
 }
 
-/// `[uring]`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UringSection {
-    pub queue_depth: Option<u32>,
-    pub max_io_bytes: Option<usize>,
-    pub enabled: Option<bool>,
-    pub fixed_files: Option<u32>,
-    pub fixed_buffers: Option<u32>,
-    pub max_fixed_buffer: Option<u64>,
-}
-
-/// `[posix]`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PosixSection {
-    pub threads: Option<usize>,
-    pub max_io_bytes: Option<usize>,
-}
-
 /// `[object]`. `Debug` hides the secrets.
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -326,50 +306,6 @@ impl fmt::Debug for ObjectSection {
     }
 }
 
-/// `[cuda]`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CudaSection {
-    pub streams_per_device: Option<usize>,
-    pub max_batch: Option<usize>,
-    pub staging_buffer_size: Option<usize>,
-    pub staging_buffers: Option<usize>,
-    pub socket_dir: Option<PathBuf>,
-    pub allow_fabric: Option<bool>,
-    pub op_timeout_ms: Option<u64>,
-    pub inline_wait_us: Option<u64>,
-    pub batch_copies: Option<bool>,
-    pub gather_kernel: Option<bool>,
-}
-
-/// `[gds]`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GdsSection {
-    pub enabled: Option<bool>,
-    pub threads: Option<usize>,
-    pub max_io_bytes: Option<usize>,
-    pub register_buffers: Option<bool>,
-    pub allow_compat_mode: Option<bool>,
-}
-
-/// `[rdma]`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RdmaSection {
-    pub devices: Option<Vec<String>>,
-    /// GPU PCI bus id → device names.
-    pub gpu_devices: Option<BTreeMap<String, Vec<String>>>,
-    pub qps_per_nic: Option<usize>,
-    pub slice_bytes: Option<u64>,
-    pub max_outstanding: Option<u32>,
-    pub max_retries: Option<u32>,
-    pub connect_timeout_ms: Option<u64>,
-    pub gid_index: Option<u8>,
-    pub traffic_class: Option<u8>,
-    pub service_level: Option<u8>,
-}
-
 /// `[agent]`: how the agent itself is run.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -389,6 +325,24 @@ pub struct ShmSection {
     pub socket_dir: Option<PathBuf>,
     pub op_timeout_ms: Option<u64>,
     pub allow_map: Option<bool>,
+}
+
+/// Deserializers for the units settings are written in; the backends' config structs name them
+/// in `#[serde(deserialize_with = ...)]`, so each setting is declared once, in its backend.
+pub(crate) mod de {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// A duration written in milliseconds (`op_timeout_ms = 5000`).
+    pub(crate) fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+
+    /// A duration written in microseconds (`inline_wait_us = 20`).
+    pub(crate) fn micros<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_micros)
+    }
 }
 
 const ALL: [&str; 9] = [
@@ -489,78 +443,27 @@ impl Config {
 
     /// The `uring` backend's settings.
     pub fn uring_config(&self) -> UringConfig {
-        let d = UringConfig::default();
-        UringConfig {
-            queue_depth: self.uring.queue_depth.unwrap_or(d.queue_depth),
-            max_io_bytes: self.uring.max_io_bytes.unwrap_or(d.max_io_bytes),
-            enabled: self.uring.enabled.unwrap_or(d.enabled),
-            fixed_files: self.uring.fixed_files.unwrap_or(d.fixed_files),
-            fixed_buffers: self.uring.fixed_buffers.unwrap_or(d.fixed_buffers),
-            max_fixed_buffer: self.uring.max_fixed_buffer.unwrap_or(d.max_fixed_buffer),
-        }
+        self.uring.clone()
     }
 
     /// The `cuda` backend's settings.
     pub fn cuda_config(&self) -> CudaConfig {
-        let d = CudaConfig::default();
-        let c = &self.cuda;
-        CudaConfig {
-            streams_per_device: c.streams_per_device.unwrap_or(d.streams_per_device),
-            max_batch: c.max_batch.unwrap_or(d.max_batch),
-            staging_buffer_size: c.staging_buffer_size.unwrap_or(d.staging_buffer_size),
-            staging_buffers: c.staging_buffers.unwrap_or(d.staging_buffers),
-            socket_dir: c.socket_dir.clone().unwrap_or(d.socket_dir),
-            allow_fabric: c.allow_fabric.unwrap_or(d.allow_fabric),
-            op_timeout: c.op_timeout_ms.map_or(d.op_timeout, Duration::from_millis),
-            inline_wait: c
-                .inline_wait_us
-                .map_or(d.inline_wait, Duration::from_micros),
-            batch_copies: c.batch_copies.unwrap_or(d.batch_copies),
-            gather_kernel: c.gather_kernel.unwrap_or(d.gather_kernel),
-        }
+        self.cuda.clone()
     }
 
     /// The `gds` backend's settings.
     pub fn gds_config(&self) -> GdsConfig {
-        let d = GdsConfig::default();
-        let g = &self.gds;
-        GdsConfig {
-            enabled: g.enabled.unwrap_or(d.enabled),
-            threads: g.threads.unwrap_or(d.threads),
-            max_io_bytes: g.max_io_bytes.unwrap_or(d.max_io_bytes),
-            register_buffers: g.register_buffers.unwrap_or(d.register_buffers),
-            allow_compat_mode: g.allow_compat_mode.unwrap_or(d.allow_compat_mode),
-        }
+        self.gds.clone()
     }
 
     /// The `rdma` backend's settings.
     pub fn rdma_config(&self) -> RdmaConfig {
-        let d = RdmaConfig::default();
-        let r = &self.rdma;
-        RdmaConfig {
-            devices: r.devices.clone().or(d.devices),
-            gpu_devices: r.gpu_devices.clone().unwrap_or(d.gpu_devices),
-            qps_per_nic: r.qps_per_nic.unwrap_or(d.qps_per_nic),
-            slice_bytes: r.slice_bytes.unwrap_or(d.slice_bytes),
-            max_outstanding: r.max_outstanding.unwrap_or(d.max_outstanding),
-            max_retries: r.max_retries.unwrap_or(d.max_retries),
-            connect_timeout: r
-                .connect_timeout_ms
-                .map_or(d.connect_timeout, Duration::from_millis),
-            gid_index: r.gid_index.or(d.gid_index),
-            traffic_class: r.traffic_class.unwrap_or(d.traffic_class),
-            service_level: r.service_level.unwrap_or(d.service_level),
-            ..d
-        }
+        self.rdma.clone()
     }
 
     /// The `posix` backend's settings.
     pub fn posix_config(&self) -> PosixConfig {
-        let d = PosixConfig::default();
-        PosixConfig {
-            threads: self.posix.threads.unwrap_or(d.threads),
-            max_io_bytes: self.posix.max_io_bytes.unwrap_or(d.max_io_bytes),
-        }
+        self.posix.clone()
     }
 
     /// The `object` backend's settings (unset ones come from the `AWS_*` environment when the
@@ -723,6 +626,33 @@ mod tests {
     }
 
     #[test]
+    fn settings_land_in_the_backend_configs_and_the_rest_keep_their_defaults() {
+        let c = Config::from_toml(
+            "[cuda]\nop_timeout_ms = 7\ninline_wait_us = 3\n\
+             [rdma]\nconnect_timeout_ms = 9\ngid_index = 2\n[rdma.gpu_devices]\n\"0:1\" = [\"m\"]\n\
+             [uring]\nqueue_depth = 8\n[posix]\nthreads = 3\n[gds]\nenabled = false",
+        )
+        .unwrap();
+        let cuda = c.cuda_config();
+        assert_eq!(cuda.op_timeout, Duration::from_millis(7));
+        assert_eq!(cuda.inline_wait, Duration::from_micros(3));
+        assert_eq!(cuda.max_batch, CudaConfig::default().max_batch);
+        let rdma = c.rdma_config();
+        assert_eq!(rdma.connect_timeout, Duration::from_millis(9));
+        assert_eq!(rdma.gid_index, Some(2));
+        assert_eq!(rdma.gpu_devices["0:1"], vec!["m".to_string()]);
+        assert_eq!(rdma.sysfs, RdmaConfig::default().sysfs);
+        assert_eq!(rdma.cq_depth, RdmaConfig::default().cq_depth);
+        assert_eq!(c.uring_config().queue_depth, 8);
+        assert_eq!(
+            c.uring_config().max_io_bytes,
+            UringConfig::default().max_io_bytes
+        );
+        assert_eq!(c.posix_config().threads, 3);
+        assert!(!c.gds_config().enabled);
+    }
+
+    #[test]
     fn mistakes_are_errors() {
         for bad in [
             "[tcp]\nlisten = 5",
@@ -743,6 +673,13 @@ mod tests {
             "[tls]\ncert = \"/a.pem\"",
             "[tls]\nciphers = \"null\"",
             "[tcp]\nhandshake_timeout_ms = 1",
+            // Settings the backends do not take from the file, and fields by their Rust names.
+            "[rdma]\nsysfs = \"/tmp\"",
+            "[rdma]\npoll = 1",
+            "[rdma]\nconnect_timeout = 5",
+            "[cuda]\nop_timeout = 5",
+            "[uring]\nqueue_dept = 3",
+            "[posix]\nthreads = -1",
         ] {
             assert!(Config::from_toml(bad).is_err(), "{bad}");
         }

@@ -55,10 +55,11 @@ use parking_lot::Mutex;
 
 use crate::cuda::driver::{self, DeviceCtx};
 use crate::files::{inspect_fd, OwnAgent};
-use crate::posix::{prepare_files, IoOp, Post};
+use crate::files::{prepare_files, IoOp, Post};
 
 /// Settings of the `gds` backend (`[gds]` in the agent's configuration).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GdsConfig {
     /// `false` turns the backend off (VRAM ↔ FILE is then staged through host memory).
     pub enabled: bool,

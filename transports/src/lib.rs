@@ -16,6 +16,68 @@
 //!   and cross-node `cuda` use to set up queue pairs, announce imports and revoke them.
 //!
 //! [`config::Config`] reads the agent's TOML configuration and builds the backends it names.
+//!
+//! # Map
+//!
+//! Each backend's whole story is in the file or folder named after it (`src/`):
+//!
+//! ```text
+//! lib.rs              this map; default_backends()
+//! config.rs           the TOML configuration: every backend's settings, building the backends
+//! control.rs          the control channel between agents (rdma, cross-node cuda)
+//! limits.rs           process limits (locked memory, open files) with the fix in the error text
+//! unix.rs             Unix-socket plumbing (fd passing, peer credentials) for shm and cuda
+//! copy/mod.rs         CPU copy kernels (memcpy, streaming stores, the 4K-aliasing loop)
+//! copy/pool.rs        the copy thread pool that runs big copies in pieces (local, shm)
+//! files.rs            the file layer of posix/uring/gds: fd checks, I/O operations, a post
+//! local.rs            `local`: copies inside one process
+//! posix.rs            `posix`: DRAM <-> FILE with preadv/pwritev on worker threads
+//! uring.rs            `uring`: DRAM <-> FILE through io_uring
+//! gds.rs              `gds`: VRAM <-> FILE through cuFile
+//! shm/mod.rs          `shm`: between processes of one node (server, client, the two paths)
+//! shm/buffer.rs         ShmBuffer, memfd-backed host memory a peer may map
+//! shm/sys.rs            the syscalls (process_vm_readv/writev, mmap, memfd)
+//! shm/wire.rs           the frames on its Unix socket
+//! tcp/mod.rs          `tcp`: between hosts (backend, sessions, options)
+//! tcp/auth.rs           the handshake before any frame
+//! tcp/identity.rs       who the other end proved to be
+//! tcp/user_secret.rs    the per-user default secret
+//! tcp/tls.rs            TLS 1.3 for agents with a secret
+//! tcp/link.rs           one connection's byte stream (plain or TLS)
+//! tcp/net.rs            addresses, socket options, frame reads and writes
+//! tcp/wire.rs           the frames
+//! tcp/client.rs         the initiator: chunked, pipelined posts
+//! tcp/server.rs         the target: listener and connection threads
+//! object/mod.rs       `object`: DRAM <-> OBJECT in S3-compatible stores
+//! object/s3.rs          the small S3 client (HTTP/1.1, SigV4, TLS)
+//! cuda/mod.rs         `cuda`: the backend, registration, revocation, fabric
+//! cuda/conn.rs          a connection to a peer: resolving, planning and posting transfers
+//! cuda/driver.rs        the CUDA driver API, loaded at run time (the unsafe bottom)
+//! cuda/alloc.rs         device buffers (VMM, legacy) for tests and benches
+//! cuda/copy.rs          the batched copy planner and executor (gather kernel: gather.ptx)
+//! cuda/handles.rs       what cuda publishes: devices, NVLink domains, region handles
+//! cuda/ipc/mod.rs       the owner socket's wire format
+//! cuda/ipc/server.rs      the owner's side: grants, imports recorded, revocation
+//! cuda/ipc/client.rs      the importer's side: a connection with its reader thread
+//! cuda/ipc/imports.rs     the cache of imported peer regions
+//! cuda/staging.rs       the stager of the agent's staged path (pinned buffers)
+//! cuda/dmabuf.rs        device memory as a dmabuf (for rdma)
+//! cuda/nvml.rs          NVML, for a GPU's NVLink domain
+//! rdma/mod.rs         `rdma`: the backend, lanes, served regions, posts
+//! rdma/verbs.rs         the verbs binding, loaded at run time
+//! rdma/wire.rs          connection info and control messages
+//! rdma/plan.rs          slicing, striping, completions, failover (pure logic)
+//! rdma/slab.rs          the wr_id -> completion owner table
+//! rdma/notif.rs         exactly-once notifications over several lanes
+//! rdma/topo.rs          NIC discovery and choice by topology (sysfs)
+//! rdma/place.rs         where memory lives, which NICs are nearest
+//! rdma/dmabuf.rs        VRAM registration through dmabuf
+//! ```
+//!
+//! The other crates: `nixl-core` (agent, descriptors, policy, staged path), `nixl-discovery`
+//! (etcd), `nixl-agent` (daemon, demo), `nixl-ffi` (C ABI), `nixl` (Python), `nixl-kv`,
+//! `nixl-weight-streamer`, `nixl-checkpoint`, `nixl-benches`, `nixl-tests` (multi-process test
+//! helpers) and `nixl-testkit` (`require!`, the test byte pattern).
 
 pub mod config;
 pub mod control;
@@ -28,7 +90,6 @@ pub mod local;
 pub mod object;
 pub mod posix;
 pub mod rdma;
-#[path = "node/mod.rs"]
 pub mod shm;
 pub mod tcp;
 mod unix;

@@ -46,10 +46,11 @@ use nixl_core::{
 use parking_lot::{Condvar, Mutex};
 
 use crate::files::OwnAgent;
-use crate::posix::{prepare_files, IoOp, Post};
+use crate::files::{prepare_files, IoOp, Post};
 
 /// Settings of the `uring` backend (`[uring]` in the agent's configuration).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct UringConfig {
     /// Operations kept in flight (and the ring's size).
     pub queue_depth: u32,

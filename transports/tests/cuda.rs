@@ -1,7 +1,7 @@
 //! The `cuda` backend with real hardware, and its behaviour on hosts without it.
 //!
 //! The GPU tests run only with `NIXL_TEST_CUDA=1` (device 0, and device 1 where present) and
-//! otherwise print `SKIP: <test>: <reason>` to stderr. The two-process test re-executes this
+//! otherwise print `SKIPPED <test>: <reason>` to stderr. The two-process test re-executes this
 //! binary as the peer (`NIXL_CUDA_TEST_CHILD` names the owner's metadata file); the owner
 //! deregisters and frees its legacy buffer while the peer holds a mapping of it, and the peer's
 //! next transfer must fail cleanly.
@@ -38,9 +38,11 @@ use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
 
 const CHILD_ENV: &str = "NIXL_CUDA_TEST_CHILD";
 
-fn gpu(test: &str) -> bool {
-    if std::env::var("NIXL_TEST_CUDA").as_deref() != Ok("1") {
-        eprintln!("SKIP: {test}: NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)");
+/// Whether the GPU tests run (`NIXL_TEST_CUDA=1`); prints the skip otherwise.
+fn gpu() -> bool {
+    if !nixl_testkit::env_is_1("NIXL_TEST_CUDA") {
+        let why = "NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)";
+        nixl_testkit::skip(why, true, &[]);
         return false;
     }
     true
@@ -74,9 +76,7 @@ fn reg(a: &Agent, list: &DescList) -> Result<Registration> {
 fn without_a_driver_cuda_is_unavailable_and_the_agent_runs() {
     let b = CudaBackend::new(cfg("nodrv"));
     if b.probe().is_ok() {
-        eprintln!(
-            "SKIP: without_a_driver_cuda_is_unavailable_and_the_agent_runs: a CUDA driver is present"
-        );
+        nixl_testkit::skip("a CUDA driver is present", true, &[]);
         return;
     }
     let a = Agent::builder("nodrv")
@@ -110,7 +110,7 @@ fn without_a_driver_cuda_is_unavailable_and_the_agent_runs() {
 
 #[test]
 fn gpu_probe_finds_a_device() {
-    if !gpu("gpu_probe_finds_a_device") {
+    if !gpu() {
         return;
     }
     let b = CudaBackend::new(cfg("probe"));
@@ -138,7 +138,7 @@ fn gpu_probe_finds_a_device() {
 
 #[test]
 fn gpu_register_vmm_and_legacy_memory() {
-    if !gpu("gpu_register_vmm_and_legacy_memory") {
+    if !gpu() {
         return;
     }
     let a = agent("reg", "reg");
@@ -165,7 +165,7 @@ fn gpu_register_vmm_and_legacy_memory() {
 
 #[test]
 fn gpu_copy_between_two_agents_in_one_process() {
-    if !gpu("gpu_copy_between_two_agents_in_one_process") {
+    if !gpu() {
         return;
     }
     let a = agent("a", "local-a");
@@ -292,7 +292,7 @@ fn gpu_copy_between_two_agents_in_one_process() {
 
 #[test]
 fn gpu_staged_vram_to_a_dram_peer() {
-    if !gpu("gpu_staged_vram_to_a_dram_peer") {
+    if !gpu() {
         return;
     }
     let a = Agent::builder("sa")
@@ -340,7 +340,7 @@ fn gpu_two_processes_legacy_and_vmm_ipc() {
     if std::env::var_os(CHILD_ENV).is_some() {
         return; // in the child, only `ipc_child` runs
     }
-    if !gpu("gpu_two_processes_legacy_and_vmm_ipc") {
+    if !gpu() {
         return;
     }
     let owner = agent("owner", "ipc-owner");
@@ -354,7 +354,13 @@ fn gpu_two_processes_legacy_and_vmm_ipc() {
     let md: PathBuf = std::env::temp_dir().join(format!("nixl-cuda-md-{}", std::process::id()));
     std::fs::write(&md, owner.metadata_bytes()).unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "ipc_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "ipc_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, &md)
         .env("NIXL_CUDA_TEST_VMM", v.addr().to_string())
         .env("NIXL_CUDA_TEST_LEGACY", l.addr().to_string())
@@ -426,6 +432,7 @@ fn gpu_two_processes_legacy_and_vmm_ipc() {
 
 /// The child of the two-process test (does nothing unless started by it).
 #[test]
+#[ignore = "run by gpu_two_processes_legacy_and_vmm_ipc as its child process"]
 fn ipc_child() {
     let Some(md) = std::env::var_os(CHILD_ENV) else {
         return;
@@ -550,15 +557,14 @@ fn ipc_child() {
 
 const FABRIC_CHILD_ENV: &str = "NIXL_CUDA_FABRIC_CHILD";
 
-fn fabric_gpu(test: &str) -> bool {
-    if !gpu(test) {
+fn fabric_gpu() -> bool {
+    if !gpu() {
         return false;
     }
-    if std::env::var("NIXL_TEST_CUDA_FABRIC").as_deref() != Ok("1") {
-        eprintln!(
-            "SKIP: {test}: NIXL_TEST_CUDA_FABRIC=1 not set (needs GPUs that export fabric handles: \
-             CU_MEM_HANDLE_TYPE_FABRIC with an IMEX channel)"
-        );
+    if !nixl_testkit::env_is_1("NIXL_TEST_CUDA_FABRIC") {
+        let why = "NIXL_TEST_CUDA_FABRIC=1 not set (needs GPUs that export fabric handles: \
+                   CU_MEM_HANDLE_TYPE_FABRIC with an IMEX channel)";
+        nixl_testkit::skip(why, true, &[]);
         return false;
     }
     true
@@ -627,7 +633,7 @@ fn gpu_two_processes_fabric_handles() {
     if std::env::var_os(FABRIC_CHILD_ENV).is_some() || std::env::var_os(CHILD_ENV).is_some() {
         return;
     }
-    if !fabric_gpu("gpu_two_processes_fabric_handles") {
+    if !fabric_gpu() {
         return;
     }
     let (owner, _cuda) = fabric_agent("fowner", "node-owner");
@@ -645,7 +651,13 @@ fn gpu_two_processes_fabric_handles() {
         std::env::temp_dir().join(format!("nixl-cuda-fabric-md-{}", std::process::id()));
     std::fs::write(&md, owner.metadata_bytes()).unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "fabric_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "fabric_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(FABRIC_CHILD_ENV, &md)
         .env("NIXL_CUDA_TEST_VMM", v.addr().to_string())
         .env("NIXL_CUDA_TEST_LEGACY", l.addr().to_string())
@@ -719,6 +731,7 @@ fn gpu_two_processes_fabric_handles() {
 
 /// The child of the fabric test (does nothing unless started by it).
 #[test]
+#[ignore = "run by gpu_two_processes_fabric_handles as its child process"]
 fn fabric_child() {
     let Some(md) = std::env::var_os(FABRIC_CHILD_ENV) else {
         return;

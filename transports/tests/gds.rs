@@ -1,7 +1,7 @@
 //! VRAM ↔ FILE: through `gds` (cuFile) where GPUDirect Storage is present, and staged through
 //! pinned host buffers over `uring` (the compatible path) where it is not.
 //!
-//! The GPU tests run only with `NIXL_TEST_CUDA=1` and otherwise print `SKIP: <test>: <reason>`;
+//! The GPU tests run only with `NIXL_TEST_CUDA=1` and otherwise print `SKIPPED <test>: <reason>`;
 //! the cuFile tests also skip, with the backend's reason, where `gds` cannot run (no libcufile,
 //! cuFileDriverOpen refused, or no nvidia-fs module for the default configuration). Files for
 //! cuFile are opened with `O_DIRECT` in `NIXL_TEST_GDS_DIR` (default: the temp dir; cuFile
@@ -25,9 +25,11 @@ use nixl_transports::cuda::{CudaBackend, CudaConfig, LegacyBuffer, VmmBuffer};
 use nixl_transports::gds::{GdsBackend, GdsConfig};
 use nixl_transports::uring::{UringBackend, UringConfig};
 
-fn gpu(test: &str) -> bool {
-    if std::env::var("NIXL_TEST_CUDA").as_deref() != Ok("1") {
-        eprintln!("SKIP: {test}: NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)");
+/// Whether the GPU tests run (`NIXL_TEST_CUDA=1`); prints the skip otherwise.
+fn gpu() -> bool {
+    if !nixl_testkit::env_is_1("NIXL_TEST_CUDA") {
+        let why = "NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)";
+        nixl_testkit::skip(why, true, &[]);
         return false;
     }
     true
@@ -106,7 +108,7 @@ fn round_trip(
 fn without_the_libraries_gds_says_why() {
     let b = GdsBackend::new(GdsConfig::default());
     match b.probe() {
-        Ok(()) => eprintln!("SKIP: without_the_libraries_gds_says_why: gds can run here"),
+        Ok(()) => nixl_testkit::skip("gds can run here", true, &[]),
         Err(why) => assert!(
             why.contains("CUDA driver") || why.contains("libcufile"),
             "{why}"
@@ -116,7 +118,7 @@ fn without_the_libraries_gds_says_why() {
 
 #[test]
 fn gpu_vram_to_file_staged_over_uring() {
-    if !gpu("gpu_vram_to_file_staged_over_uring") {
+    if !gpu() {
         return;
     }
     let a = Agent::builder("gds-staged")
@@ -148,7 +150,7 @@ fn gpu_vram_to_file_staged_over_uring() {
 fn cufile_round_trip(test: &str, cfg: GdsConfig) -> Option<()> {
     let gds = Arc::new(GdsBackend::new(cfg));
     if let Err(why) = gds.probe() {
-        eprintln!("SKIP: {test}: gds unavailable: {why}");
+        nixl_testkit::skip(format!("gds unavailable: {why}"), true, &[]);
         return None;
     }
     let built = Agent::builder("gds-direct")
@@ -164,7 +166,7 @@ fn cufile_round_trip(test: &str, cfg: GdsConfig) -> Option<()> {
         .unavailable
         .clone();
     if let Some(why) = st {
-        eprintln!("SKIP: {test}: gds did not start: {why}");
+        nixl_testkit::skip(format!("gds did not start: {why}"), true, &[]);
         return None;
     }
     let len = 8 << 20;
@@ -202,10 +204,8 @@ fn cufile_round_trip(test: &str, cfg: GdsConfig) -> Option<()> {
         );
         if let Err(e) = r {
             if e.to_string().contains("cuFileHandleRegister") {
-                eprintln!(
-                    "SKIP: {test}: cuFile refuses files in {}: {e}",
-                    dir.display()
-                );
+                let why = format!("cuFile refuses files in {}: {e}", dir.display());
+                nixl_testkit::skip(why, true, &[]);
                 let _ = std::fs::remove_dir_all(dir);
                 return None;
             }
@@ -230,7 +230,7 @@ fn cufile_round_trip(test: &str, cfg: GdsConfig) -> Option<()> {
 /// directory on a file system GDS supports (default: the temp dir).
 #[test]
 fn gpu_vram_to_file_through_cufile() {
-    if !gpu("gpu_vram_to_file_through_cufile") {
+    if !gpu() {
         return;
     }
     cufile_round_trip("gpu_vram_to_file_through_cufile", GdsConfig::default());
@@ -239,7 +239,7 @@ fn gpu_vram_to_file_through_cufile() {
 /// cuFile in compatibility mode (no nvidia-fs), asked for with `allow_compat_mode`.
 #[test]
 fn gpu_vram_to_file_through_cufile_compat_mode() {
-    if !gpu("gpu_vram_to_file_through_cufile_compat_mode") {
+    if !gpu() {
         return;
     }
     cufile_round_trip(
@@ -255,7 +255,7 @@ fn gpu_vram_to_file_through_cufile_compat_mode() {
 /// nvidia-fs is loaded, else the cuda stager over uring, never a silent failure.
 #[test]
 fn gpu_vram_to_file_takes_the_best_path_and_says_which() {
-    if !gpu("gpu_vram_to_file_takes_the_best_path_and_says_which") {
+    if !gpu() {
         return;
     }
     let gds = Arc::new(GdsBackend::new(GdsConfig::default()));

@@ -12,8 +12,8 @@
 //! (fails: not valid for the name), a server that never answers the handshake (fails within
 //! the request timeout), and CA files that cannot be used (configuration errors naming them).
 //!
-//! Without moto the server tests print `SKIP: moto not installed (...)` and pass, unless
-//! `NIXL_REQUIRE_OBJECT_TESTS=1`.
+//! Without moto the server tests print `SKIPPED <test>: moto not installed (...)` and pass,
+//! unless `NIXL_REQUIRE_OBJECT_TESTS=1` or `NIXL_REQUIRE_ALL=1`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -28,6 +28,7 @@ use nixl_core::{
     Agent, BackendName, Desc, DescList, Error, MemKind, Registration, XferOp, XferOptions,
     XferRequest, XferStatus,
 };
+use nixl_testkit::pattern;
 use nixl_transports::config::Config;
 
 const BUCKET: &str = "nixl-test";
@@ -152,11 +153,11 @@ impl Moto {
         if !have {
             let why = "python3 -m moto.server unavailable; install with \
                        python3 -m pip install 'moto[server]' (.ci/setup does)";
-            assert!(
-                std::env::var("NIXL_REQUIRE_OBJECT_TESTS").as_deref() != Ok("1"),
-                "moto not installed ({why}) and NIXL_REQUIRE_OBJECT_TESTS=1"
+            nixl_testkit::skip(
+                format!("moto not installed ({why})"),
+                false,
+                &["NIXL_REQUIRE_OBJECT_TESTS"],
             );
-            println!("SKIP: moto not installed ({why})");
             return None;
         }
         let port = TcpListener::bind("127.0.0.1:0")
@@ -321,18 +322,6 @@ fn run(a: &Agent, op: XferOp, mem: Vec<Desc>, obj: Vec<Desc>) -> XferStatus {
     req.wait_blocking(Some(Duration::from_secs(60)))
 }
 
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn rng(seed: u64) -> impl FnMut() -> u64 {
     let mut x = seed | 1;
     move || {
@@ -357,7 +346,7 @@ fn single_put_and_multipart_round_trip_byte_exact() {
         "key_prefix = \"rt/\"\npart_size = 262144\nmultipart_threshold = 4194304",
     );
     let (n1, n2) = ((3 << 20) + 333, (6 << 20) + 777); // odd tails; n2 is 25 parts
-    let (s1, s2) = (pattern(n1, 1), pattern(n2, 2));
+    let (s1, s2) = (pattern(1, n1), pattern(2, n2));
     let (mut d1, mut d2) = (vec![0u8; n1], vec![0u8; n2]);
     let _m = reg(
         &a,
@@ -419,7 +408,7 @@ fn thousands_of_small_read_descriptors() {
         "key_prefix = \"many/\"\npart_size = 262144",
     );
     let n = (1 << 20) + 5;
-    let src = pattern(n, 3);
+    let src = pattern(3, n);
     let _s = reg(&a, MemKind::Dram, vec![Desc::from_slice(&src)]);
     let o = Desc::new(0, n as u64, 5);
     let _o = reg(&a, MemKind::Object, vec![o]);
@@ -505,7 +494,7 @@ fn missing_object_fails_naming_the_key() {
         other => panic!("READ of a missing object ended {other:?}"),
     }
     // An object shorter than its registration: the READ past its end fails too.
-    let small = pattern(1000, 4);
+    let small = pattern(4, 1000);
     let _s = reg(&a, MemKind::Dram, vec![Desc::from_slice(&small)]);
     let o2 = Desc::new(0, 1000, 7);
     let _o2 = reg(&a, MemKind::Object, vec![o2]);
@@ -571,7 +560,7 @@ fn server_killed_mid_transfer_fails_within_the_timeout() {
     // A READ of 20000 separate 16-byte ranges: 20000 GETs, far more than moto serves in the
     // time before the kill.
     let n = 1 << 20;
-    let src = pattern(n, 5);
+    let src = pattern(5, n);
     let mut dst = vec![0u8; 20000 * 16];
     let _m = reg(
         &a,
@@ -601,7 +590,7 @@ fn server_killed_mid_transfer_fails_within_the_timeout() {
         "key_prefix = \"kill/\"\npart_size = 65536\nmultipart_threshold = 65536\n\
          request_timeout_ms = 3000\nmax_concurrency = 4",
     );
-    let big = pattern(64 << 20, 6);
+    let big = pattern(6, 64 << 20);
     let _b = reg(&a, MemKind::Dram, vec![Desc::from_slice(&big)]);
     let o = Desc::new(0, 64 << 20, 2);
     let _o = reg(&a, MemKind::Object, vec![o]);
@@ -617,7 +606,7 @@ fn cancelled_multipart_write_is_aborted() {
         "key_prefix = \"cancel/\"\npart_size = 65536\nmultipart_threshold = 65536\n\
          max_concurrency = 2",
     );
-    let big = pattern(32 << 20, 8);
+    let big = pattern(8, 32 << 20);
     let _b = reg(&a, MemKind::Dram, vec![Desc::from_slice(&big)]);
     let o = Desc::new(0, 32 << 20, 3);
     let _o = reg(&a, MemKind::Object, vec![o]);
@@ -695,7 +684,7 @@ fn silent_server_fails_the_request_after_the_timeout() {
         &endpoint,
         "request_timeout_ms = 500\nmultipart_threshold = 67108864",
     );
-    let big = pattern(32 << 20, 9);
+    let big = pattern(9, 32 << 20);
     let _b = reg(&a, MemKind::Dram, vec![Desc::from_slice(&big)]);
     let o = Desc::new(0, 32 << 20, 2);
     let _o = reg(&a, MemKind::Object, vec![o]);
@@ -937,7 +926,7 @@ fn https_round_trip_byte_exact_and_an_untrusted_server_refused() {
     );
     // A single PUT with an odd tail, and a multipart upload of 33 parts.
     let (n1, n2) = (100_003, (2 << 20) + 4321);
-    let (s1, s2) = (pattern(n1, 21), pattern(n2, 22));
+    let (s1, s2) = (pattern(21, n1), pattern(22, n2));
     let (mut d1, mut d2) = (vec![0u8; n1], vec![0u8; n2]);
     let _m = reg(
         &a,

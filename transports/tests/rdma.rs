@@ -16,15 +16,10 @@ use nixl_transports::control::Loopback;
 use nixl_transports::local::LocalBackend;
 use nixl_transports::rdma::{verbs, RdmaBackend, RdmaConfig};
 
-fn skip(test: &str, reason: &str) {
-    eprintln!("SKIP: {test}: {reason}");
-}
-
 /// Compiles `tests/c/verbs_layout.c` against `<infiniband/verbs.h>` and compares every size,
 /// offset and constant it prints with the Rust binding's.
 #[test]
 fn verbs_layout() {
-    let required = std::env::var("NIXL_REQUIRE_VERBS_HEADERS").is_ok_and(|v| v == "1");
     let header = PathBuf::from("/usr/include/infiniband/verbs.h");
     let gcc = Command::new("gcc").arg("--version").output();
     if gcc.is_err() || !header.exists() {
@@ -33,8 +28,7 @@ fn verbs_layout() {
         } else {
             "<infiniband/verbs.h> not found (apt-get install libibverbs-dev)"
         };
-        assert!(!required, "NIXL_REQUIRE_VERBS_HEADERS=1 but {why}");
-        skip("verbs_layout", why);
+        nixl_testkit::skip(why, false, &["NIXL_REQUIRE_VERBS_HEADERS"]);
         return;
     }
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/c/verbs_layout.c");
@@ -113,7 +107,7 @@ fn probe_with_the_real_library() {
     let b = RdmaBackend::new(RdmaConfig::default(), Loopback::new("rdma-probe-real"));
     match b.probe() {
         Err(e) if e.starts_with("libibverbs.so.1 not found") => {
-            skip("probe_with_the_real_library", &e);
+            nixl_testkit::skip(&e, true, &[]);
         }
         Err(e) => assert!(
             e.starts_with("no RDMA devices (") && e.contains("/sys/class/infiniband"),
@@ -175,9 +169,10 @@ fn dram(d: Vec<Desc>) -> DescList {
 #[test]
 fn hardware_write_and_read_with_notifications() {
     let Ok(dev) = std::env::var("NIXL_TEST_RDMA_DEVICE") else {
-        skip(
-            "hardware_write_and_read_with_notifications",
+        nixl_testkit::skip(
             "NIXL_TEST_RDMA_DEVICE is not set (name an RDMA device, e.g. mlx5_0)",
+            true,
+            &[],
         );
         return;
     };
@@ -292,18 +287,19 @@ fn vram(d: Vec<Desc>) -> DescList {
 /// around the region stay untouched.
 #[test]
 fn hardware_vram_through_dmabuf() {
-    let test = "hardware_vram_through_dmabuf";
     let Ok(dev) = std::env::var("NIXL_TEST_RDMA_DEVICE") else {
-        skip(
-            test,
+        nixl_testkit::skip(
             "NIXL_TEST_RDMA_DEVICE is not set (name an RDMA device, e.g. mlx5_0)",
+            true,
+            &[],
         );
         return;
     };
     if std::env::var("NIXL_TEST_CUDA").as_deref() != Ok("1") {
-        skip(
-            test,
+        nixl_testkit::skip(
             "NIXL_TEST_CUDA=1 is not set (needs an NVIDIA GPU with dmabuf support)",
+            true,
+            &[],
         );
         return;
     }

@@ -4,7 +4,6 @@
 
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -15,15 +14,14 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_nixl-agent");
 
-/// Whether a missing resource must fail the test rather than skip it (set by `.ci/run`).
-pub fn required() -> bool {
-    std::env::var_os("NIXL_REQUIRE_DAEMON_TESTS").is_some_and(|v| v == "1")
-}
-
-/// Prints a visible skip, or panics when the tests are required.
-pub fn skip(test: &str, why: &str) {
-    assert!(!required(), "{test}: {why} (NIXL_REQUIRE_DAEMON_TESTS=1)");
-    let _ = writeln!(std::io::stderr(), "SKIP: {test}: {why}");
+/// Prints a visible skip naming `what` could not run, or panics when the tests are required
+/// (`NIXL_REQUIRE_DAEMON_TESTS=1` or `NIXL_REQUIRE_ALL=1`, set by `.ci/run`).
+pub fn skip(what: &str, why: &str) {
+    nixl_testkit::skip(
+        format!("{what}: {why}"),
+        false,
+        &["NIXL_REQUIRE_DAEMON_TESTS"],
+    );
 }
 
 /// Why the namespace tests cannot run here, if they cannot.

@@ -51,8 +51,8 @@ use clap::Parser;
 use nixl_benches::harness::{self, human, Progress, Sizing};
 use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, Registration, XferOp};
 use nixl_tests::netns::{skip_reason, Lab};
-use nixl_tests::peer::{check_parts, fill_parts, BenchError, BenchMode, BenchSpec};
-use nixl_tests::peers::{self, Measured, UcxOpts};
+use nixl_tests::reference_tools::{self, Measured, UcxOpts};
+use nixl_tests::scripted_peer::{check_parts, fill_parts, BenchError, BenchMode, BenchSpec};
 use nixl_tests::Peer;
 use nixl_transports::config::Config;
 
@@ -188,7 +188,7 @@ type Res<T> = Result<T, Fail>;
 fn main() {
     let args = Args::parse();
     if let Some(peer_args) = &args.peer_mode {
-        if let Err(e) = nixl_tests::peer::run(peer_args) {
+        if let Err(e) = nixl_tests::scripted_peer::run(peer_args) {
             eprintln!("nixl-bench peer: {e}");
             std::process::exit(1);
         }
@@ -282,16 +282,16 @@ impl Net {
     /// iperf3 from the initiator's host to the target's, `streams` streams.
     fn iperf3(&self, block: usize, streams: usize, seconds: f64) -> Measured {
         match &self.lab {
-            Some(l) => peers::iperf3(l, 1, 0, block, seconds, streams),
-            None => peers::iperf3_loopback(block, seconds, streams),
+            Some(l) => reference_tools::iperf3(l, 1, 0, block, seconds, streams),
+            None => reference_tools::iperf3_loopback(block, seconds, streams),
         }
     }
 
     /// ucx_perftest's one-sided put from the initiator's host to the target's.
     fn ucx_put_bw(&self, block: usize, iters: usize) -> Measured {
         match &self.lab {
-            Some(l) => peers::ucx_put_bw(l, 1, 0, block, iters),
-            None => peers::ucx_put_bw_loopback(block, iters),
+            Some(l) => reference_tools::ucx_put_bw(l, 1, 0, block, iters),
+            None => reference_tools::ucx_put_bw_loopback(block, iters),
         }
     }
 
@@ -411,7 +411,7 @@ impl Setup {
             Setup::Local(l) => {
                 let a = Desc::new(l.a.as_ptr() as u64, l.a.len() as u64, 0);
                 let b = Desc::new(l.b.as_ptr() as u64, l.b.len() as u64, 0);
-                match nixl_tests::peer::bench(&l.agent, l.agent.name(), a, b, spec) {
+                match nixl_tests::scripted_peer::bench(&l.agent, l.agent.name(), a, b, spec) {
                     Ok(r) => Ok(Row {
                         gbps: r.gbps,
                         posts: r.posts,
@@ -907,7 +907,7 @@ fn run(args: &Args) -> Res<()> {
                                     args: &[],
                                     env: &[("UCX_TLS", "sm")],
                                 };
-                                let m = peers::ucx_perftest_loopback(
+                                let m = reference_tools::ucx_perftest_loopback(
                                     test,
                                     block,
                                     ucx_iters(block, args.iters, batch, threads),

@@ -1,10 +1,9 @@
 //! A real etcd server for tests: started on free loopback ports with a temporary data dir,
-//! killed on drop. Where the binary is missing, [`Etcd::start`] prints a `SKIP:` line and
-//! returns `None`. `NIXL_ETCD_BIN` names another binary than `etcd` on the `PATH`.
+//! killed on drop. Where the binary is missing, [`Etcd::start`] prints a `SKIPPED` line and
+//! returns `None` (or fails the test under `NIXL_REQUIRE_ALL=1`). `NIXL_ETCD_BIN` names another binary than `etcd` on the `PATH`.
 
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -47,13 +46,11 @@ impl Etcd {
     pub fn start(test: &str) -> Option<Etcd> {
         init_tracing();
         if let Err(e) = Command::new(bin()).arg("--version").output() {
-            // Past the harness's capture (which takes `eprintln!` only), so that a skip shows in
-            // a plain `cargo test`.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIP: etcd not installed ({}: {e}; Debian package etcd-server) [{test}]",
+            let why = format!(
+                "etcd not installed ({}: {e}; Debian package etcd-server) [{test}]",
                 bin()
             );
+            nixl_testkit::skip(why, false, &[]);
             return None;
         }
         let (client, peer) = (free_port(), free_port());

@@ -1,0 +1,226 @@
+//! The copy thread pool: a list of copies ([`CopyPlan`]) seen as one stream of bytes, cut into
+//! ranges that [`CopyPool`]'s workers copy with the kernels of [`super`], in pieces, checking
+//! for a cancel between pieces. Small transfers ([`INLINE_MAX`]) are copied inline instead.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+
+use crossbeam_channel::Sender;
+use nixl_core::Completion;
+use parking_lot::Mutex;
+
+use super::{copy_cached, copy_overlapping};
+
+/// Transfers up to this many bytes are copied inline on the posting thread with memcpy.
+pub const INLINE_MAX: u64 = 4 << 20;
+/// Pool workers copy in pieces of this size, checking for a cancel between pieces.
+const PIECE: u64 = 16 << 20;
+
+/// One copy: `len` bytes from `src` to `dst`, addresses in this process.
+#[derive(Clone, Copy, Debug)]
+pub struct CopyOp {
+    /// Source address.
+    pub src: u64,
+    /// Destination address.
+    pub dst: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// A list of copies, seen as one stream of bytes so it can be cut at any byte for workers.
+#[derive(Clone, Debug)]
+pub struct CopyPlan {
+    ops: Arc<[CopyOp]>,
+    /// Byte offset at which each op starts in the stream.
+    starts: Arc<[u64]>,
+    total: u64,
+}
+
+impl CopyPlan {
+    /// A plan over `ops`. Every op's ranges must have been validated by the caller (see
+    /// [`CopyPlan::copy_range`]).
+    pub fn new(ops: Vec<CopyOp>) -> CopyPlan {
+        let mut starts = Vec::with_capacity(ops.len());
+        let mut total = 0u64;
+        for op in &ops {
+            starts.push(total);
+            total += op.len;
+        }
+        CopyPlan {
+            ops: ops.into(),
+            starts: starts.into(),
+            total,
+        }
+    }
+
+    /// Total bytes.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Copies the bytes `[from, to)` of the stream, with streaming stores for big pieces when
+    /// `stream` is set (pool workers), plain memmove otherwise (inline copies).
+    ///
+    /// # Safety
+    /// Every op's source must be valid for reads and destination for writes of its length for
+    /// the duration of the call (the backends guarantee it by holding the regions' access gates).
+    pub unsafe fn copy_range(&self, from: u64, to: u64, stream: bool) {
+        let (ops, starts) = (&self.ops, &self.starts);
+        let mut i = starts.partition_point(|&s| s <= from).saturating_sub(1);
+        let mut pos = from;
+        while pos < to && i < ops.len() {
+            let op = ops[i];
+            let off = pos - starts[i];
+            let n = (op.len - off).min(to - pos);
+            let (dst, src) = ((op.dst + off) as *mut u8, (op.src + off) as *const u8);
+            // SAFETY: inside op `i`, valid per the caller's contract; `copy_overlapping` and
+            // `ptr::copy` both allow overlap (an agent copying within its own region).
+            unsafe {
+                if stream {
+                    copy_overlapping(dst, src, n as usize);
+                } else if (dst as usize).abs_diff(src as usize) >= n as usize {
+                    copy_cached(dst, src, n as usize);
+                } else {
+                    std::ptr::copy(src, dst, n as usize);
+                }
+            }
+            pos += n;
+            i += 1;
+        }
+    }
+}
+
+type Task = Box<dyn FnOnce() + Send>;
+
+/// A pool of copy workers, one per core (at most 8), shared by the CPU-copying backends.
+#[derive(Debug)]
+pub struct CopyPool {
+    tx: Sender<Task>,
+    workers: usize,
+}
+
+static POOL: LazyLock<CopyPool> = LazyLock::new(|| {
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(8);
+    let (tx, rx) = crossbeam_channel::unbounded::<Task>();
+    let mut started = 0;
+    for i in 0..n {
+        let rx = rx.clone();
+        match std::thread::Builder::new()
+            .name(format!("nixl-copy-{i}"))
+            .spawn(move || {
+                while let Ok(task) = rx.recv() {
+                    task();
+                }
+            }) {
+            Ok(_) => started += 1,
+            Err(e) => tracing::error!(error = %e, "cannot start a copy worker"),
+        }
+    }
+    CopyPool {
+        tx,
+        workers: started,
+    }
+});
+
+struct Split<F> {
+    plan: CopyPlan,
+    remaining: AtomicUsize,
+    abandoned: Box<dyn Fn() -> bool + Send + Sync>,
+    finish: Mutex<Option<F>>,
+}
+
+impl CopyPool {
+    /// The process-wide pool (started on first use).
+    pub fn global() -> &'static CopyPool {
+        &POOL
+    }
+
+    /// Copies `plan` for the post that `done` ends: split over the workers; when every range is
+    /// copied, `hold` is dropped and `finish(done)` runs, unless the post was cancelled or timed
+    /// out meanwhile (then the copy stops early and `done` is dropped, which changes nothing).
+    ///
+    /// # Safety
+    /// As [`CopyPool::run_split`]; `hold` (and the completion, which holds the local regions)
+    /// must keep every op valid until dropped.
+    pub unsafe fn run_post<H: Send + 'static>(
+        &self,
+        plan: CopyPlan,
+        done: Completion,
+        hold: H,
+        finish: impl FnOnce(Completion) + Send + 'static,
+    ) {
+        let done = Arc::new(Mutex::new(Some(done)));
+        let watch = Arc::clone(&done);
+        let abandoned = move || watch.lock().as_ref().is_none_or(|d| d.is_abandoned());
+        let end = move |completed: bool| {
+            drop(hold);
+            if let Some(done) = done.lock().take() {
+                if completed {
+                    finish(done);
+                }
+            }
+        };
+        // SAFETY: forwarded contract; `hold` and `done` live until `end` runs, after the copies.
+        unsafe { self.run_split(plan, abandoned, end) };
+    }
+
+    /// Copies `plan` split into one byte range per worker, with streaming stores, checking
+    /// `abandoned` between pieces; the last range to end calls `finish(completed)`, where
+    /// `completed` is false if a piece was skipped because the work was abandoned.
+    ///
+    /// # Safety
+    /// As [`CopyPlan::copy_range`], for as long as the copies run (until `finish` is called):
+    /// callers keep the regions held in the state `finish` releases.
+    pub unsafe fn run_split<F>(
+        &self,
+        plan: CopyPlan,
+        abandoned: impl Fn() -> bool + Send + Sync + 'static,
+        finish: F,
+    ) where
+        F: FnOnce(bool) + Send + 'static,
+    {
+        let workers = self.workers.max(1) as u64;
+        let chunk = plan.total.div_ceil(workers).max(INLINE_MAX);
+        let n = plan.total.div_ceil(chunk).max(1) as usize;
+        let total = plan.total;
+        let split = Arc::new(Split {
+            plan,
+            remaining: AtomicUsize::new(n),
+            abandoned: Box::new(abandoned),
+            finish: Mutex::new(Some(finish)),
+        });
+        let skipped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for k in 0..n {
+            let from = k as u64 * chunk;
+            let to = (from + chunk).min(total);
+            let s = Arc::clone(&split);
+            let skipped = Arc::clone(&skipped);
+            let task: Task = Box::new(move || {
+                let mut pos = from;
+                while pos < to {
+                    if (s.abandoned)() {
+                        skipped.store(true, Ordering::Release);
+                        break;
+                    }
+                    let end = (pos + PIECE).min(to);
+                    // SAFETY: the caller of `run_split` keeps every op valid until `finish`,
+                    // which runs only after this range is done.
+                    unsafe { s.plan.copy_range(pos, end, true) };
+                    pos = end;
+                }
+                if s.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    if let Some(f) = s.finish.lock().take() {
+                        f(!skipped.load(Ordering::Acquire));
+                    }
+                }
+            });
+            if let Err(e) = self.tx.send(task) {
+                // No worker left (process teardown): do the range here.
+                (e.into_inner())();
+            }
+        }
+    }
+}
