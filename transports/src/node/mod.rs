@@ -656,12 +656,18 @@ unsafe fn copy_split(
         return unsafe { sys::cross_copy(pid, dir, ours, theirs) };
     }
     let parts = split_spans(ours, theirs, threads);
+    let Some(((o0, t0), rest)) = parts.split_first() else {
+        return Ok(0);
+    };
     std::thread::scope(|sc| {
-        let handles: Vec<_> = parts
+        let handles: Vec<_> = rest
             .iter()
             // SAFETY: forwarded contract; the scope ends before this function returns.
             .map(|(o, t)| sc.spawn(move || unsafe { sys::cross_copy(pid, dir, o, t) }))
             .collect();
+        // The first part on this thread, meanwhile.
+        // SAFETY: forwarded contract.
+        let first = unsafe { sys::cross_copy(pid, dir, o0, t0) };
         handles
             .into_iter()
             .map(|h| {
@@ -669,6 +675,7 @@ unsafe fn copy_split(
                     .unwrap_or_else(|_| Err(io::Error::other("copy thread panicked")))
             })
             .try_fold(0u64, |acc, r| r.map(|n| acc + n))
+            .and_then(|n| first.map(|f| f + n))
     })
 }
 
@@ -1692,6 +1699,11 @@ impl Conn {
     }
 }
 
+/// Granted copies up to this size run on the posting thread (a few milliseconds at most; from
+/// 8 MiB with helper threads beside it): no thread to wake first, which on a busy host costs
+/// more than the copy. Bigger ones run on a thread of their own.
+const GRANT_INLINE_MAX: u64 = 16 << 20;
+
 /// A prepared transfer we copy ourselves with `process_vm_*` under the target's grants.
 #[derive(Debug)]
 struct GrantedXfer {
@@ -1732,9 +1744,10 @@ impl GrantedXfer {
             }));
             return;
         }
+        let threads = conn.backend.cfg.copy_threads;
         // SAFETY: our spans lie in our registered regions, held by `done` until it completes;
         // the target's were checked against its grants, held live by `hold`.
-        let r = unsafe { copy_split(conn.pid, dir, ours, theirs, conn.backend.cfg.copy_threads) };
+        let r = unsafe { copy_split(conn.pid, dir, ours, theirs, threads) };
         drop(hold);
         let outcome = match r {
             Ok(n) if n == total => match notif {
@@ -1770,7 +1783,7 @@ impl PreparedXfer for GrantedXfer {
             done.complete(Err(c.disconnected()));
             return;
         }
-        if self.total <= INLINE_MAX {
+        if self.total <= GRANT_INLINE_MAX {
             let spans = (&self.ours[..], &self.theirs[..]);
             let notif = self.notif.as_deref();
             GrantedXfer::run(c, self.dir, self.total, spans, &self.grants, notif, done);
