@@ -1982,6 +1982,19 @@ mod tests {
 
     /// A fake peer answers a mapping request with `fd`; returns what the initiator made of it.
     fn map_from_fake_peer(fd: OwnedFd) -> Option<MapResult> {
+        with_fake_peer(fd, 0, 0, |conn| {
+            conn.map_region(&Desc::new(0x10000, 4096, 0), 7)
+        })
+    }
+
+    /// Runs `ask` on a connection to a fake peer that answers a MapReq or a GrantReq with
+    /// success, `fd` attached (and `slot`, `gen` in a GrantReply).
+    fn with_fake_peer<T>(
+        fd: OwnedFd,
+        slot: u32,
+        gen: u64,
+        ask: impl FnOnce(&Conn) -> T,
+    ) -> Option<T> {
         let dir = std::env::temp_dir().join(format!(
             "nixl-seal-{}-{:x}",
             std::process::id(),
@@ -2006,19 +2019,27 @@ mod tests {
             let mut framer = Framer::default();
             loop {
                 while let Some(body) = framer.next_frame().unwrap() {
-                    if let Frame::MapReq { id, .. } = Frame::decode(&body).unwrap() {
-                        let reply = Frame::MapReply {
+                    let reply = match Frame::decode(&body).unwrap() {
+                        Frame::MapReq { id, .. } => Frame::MapReply {
                             id,
                             status: Status::Ok,
                             buf_len: 4096,
                             offset: 0,
                             text: String::new(),
-                        };
-                        sys::send_with_fd(&s, &reply.encode(), fd.as_raw_fd()).unwrap();
-                        // Hold the socket until the initiator is done.
-                        let _ = (&s).read(&mut [0u8; 64]);
-                        return;
-                    }
+                        },
+                        Frame::GrantReq { id, .. } => Frame::GrantReply {
+                            id,
+                            status: Status::Ok,
+                            slot,
+                            gen,
+                            text: String::new(),
+                        },
+                        _ => continue,
+                    };
+                    sys::send_with_fd(&s, &reply.encode(), fd.as_raw_fd()).unwrap();
+                    // Hold the socket until the initiator is done.
+                    let _ = (&s).read(&mut [0u8; 64]);
+                    return;
                 }
                 let spare = framer.spare(4096);
                 let n = (&s).read(spare).unwrap();
@@ -2029,13 +2050,74 @@ mod tests {
         let mut info = ConnInfo::ours(&path.to_string_lossy());
         info.pid = std::process::id();
         let conn = Conn::open(&be.inner, "fake", &info).unwrap();
-        let got = conn.map_region(&Desc::new(0x10000, 4096, 0), 7);
+        let got = ask(&conn);
         conn.mark_closed("test over");
         drop(conn);
         drop(agent);
         peer.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         Some(got)
+    }
+
+    fn memfd_of(len: i64, seals: libc::c_int) -> OwnedFd {
+        // SAFETY: the name is a NUL-terminated static string.
+        let raw = unsafe {
+            libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate and fcntl with integer arguments on an fd we own.
+        unsafe {
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), len), 0);
+            if seals != 0 {
+                assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals), 0);
+            }
+        }
+        fd
+    }
+
+    #[test]
+    fn a_lying_peers_grant_is_refused() {
+        let region = Desc::new(0x10000, 4096, 0);
+        let table = TABLE_BYTES as i64;
+        // A grant table that is not sealed, or of the wrong size, or a slot out of range or a
+        // zero generation: refused (the transfer then goes the round-trip way).
+        let cases: [(OwnedFd, u32, u64, &str); 5] = [
+            (memfd_of(table, 0), 1, 1, "not sealed"),
+            (memfd_of(table, libc::F_SEAL_SHRINK), 1, 1, "not sealed"),
+            (memfd_of(4096, sys::SIZE_SEALS), 1, 1, "bytes, not"),
+            (
+                memfd_of(table, sys::SIZE_SEALS),
+                GRANT_SLOTS as u32,
+                1,
+                "slot",
+            ),
+            (memfd_of(table, sys::SIZE_SEALS), 3, 0, "generation 0"),
+        ];
+        for (fd, slot, gen, want) in cases {
+            let Some(got) = with_fake_peer(fd, slot, gen, |c| c.grant_region(&region, 7)) else {
+                return;
+            };
+            let e = got.unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // A good one is taken, but its slot is live only when the target set it so.
+        let fd = memfd_of(table, sys::SIZE_SEALS);
+        let Some(got) = with_fake_peer(fd, 3, 9, |c| c.grant_region(&region, 7)) else {
+            return;
+        };
+        let g = got.unwrap();
+        assert!(
+            !g.live(),
+            "the fake peer never wrote generation 9 in slot 3"
+        );
+        assert!(GrantHold::enter(std::slice::from_ref(&g)).is_none());
+        assert_eq!(
+            g.table.inflight(3).load(Ordering::SeqCst),
+            0,
+            "enter backed out"
+        );
     }
 
     #[test]
