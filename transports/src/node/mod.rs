@@ -38,8 +38,8 @@
 //! only). A post does `inflight += 1`, then reads `live`: if it is not its generation, it backs
 //! off and fails `Denied`. After the copy it does `inflight -= 1`. Deregistration removes the
 //! region from the table (no new grant or Op), drains the accesses in progress, then for each
-//! grant stores `live = 0` and waits until `inflight` is 0 (bounded by `revoke_timeout`, or
-//! until that peer's connection ends). All four accesses are sequentially consistent (Dekker's
+//! grant stores `live = 0` and waits until `inflight` is 0 (or that peer's connection ends;
+//! at most 60 s, as the agent waits for its own transfers holding a region). All four accesses are sequentially consistent (Dekker's
 //! pattern): either the post sees `live = 0`, or the target sees its count and waits for the
 //! copy to end. So once deregistration returns, no granted copy touches the region. A slot
 //! whose count does not drain in time is logged and never reused. A granted copy that was
@@ -820,6 +820,9 @@ const GRANT_SLOTS: usize = 4096;
 const SLOT_BYTES: usize = 16;
 /// Size of a grant table.
 const TABLE_BYTES: usize = GRANT_SLOTS * SLOT_BYTES;
+/// How long deregistration waits for a peer's granted copy in flight (as long as the agent
+/// waits for its own transfers holding a region).
+const GRANT_DRAIN_PATIENCE: Duration = Duration::from_secs(60);
 
 /// A connection's grant table: a sealed memfd the target creates and maps, and lends to the
 /// one initiator of that connection, which maps it too. Slot `i` holds two words: `live`, the
@@ -983,7 +986,10 @@ impl Inner {
         let Some(grants) = self.cma_grants.lock().remove(&key) else {
             return;
         };
-        let deadline = Instant::now() + self.cfg.revoke_timeout;
+        // A copy under way ends in microseconds to milliseconds; a peer stopped in the middle
+        // of one (SIGSTOP, a debugger) holds us as long as a held local transfer holds the
+        // agent's deregistration, since the memory may be freed and reused once we return.
+        let deadline = Instant::now() + GRANT_DRAIN_PATIENCE.max(self.cfg.revoke_timeout);
         for (conn, slot) in grants {
             let Some(table) = self
                 .grant_tables
