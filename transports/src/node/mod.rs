@@ -38,8 +38,11 @@
 //! only). A post does `inflight += 1`, then reads `live`: if it is not its generation, it backs
 //! off and fails `Denied`. After the copy it does `inflight -= 1`. Deregistration removes the
 //! region from the table (no new grant or Op), drains the accesses in progress, then for each
-//! grant stores `live = 0` and waits until `inflight` is 0 (or that peer's connection ends;
-//! at most 60 s, as the agent waits for its own transfers holding a region). All four accesses are sequentially consistent (Dekker's
+//! grant stores `live = 0` and waits until `inflight` is 0 (or the initiator process has
+//! exited, seen on a pidfd; at most 60 s, as the agent waits for its own transfers holding a
+//! region). When a connection ends (the initiator closes its side on invalidation, possibly
+//! with a copy still under way), every grant on it is revoked and drained the same way before
+//! it is forgotten. All four accesses are sequentially consistent (Dekker's
 //! pattern): either the post sees `live = 0`, or the target sees its count and waits for the
 //! copy to end. So once deregistration returns, no granted copy touches the region. A slot
 //! whose count does not drain in time is logged and never reused. A granted copy that was
@@ -467,10 +470,7 @@ fn serve(inner: &Arc<Inner>, stream: UnixStream) -> io::Result<()> {
     for conns in inner.granted.lock().values_mut() {
         conns.remove(&id);
     }
-    inner.grant_tables.lock().remove(&id);
-    for grants in inner.cma_grants.lock().values_mut() {
-        grants.retain(|(c, _)| *c != id);
-    }
+    inner.end_grants(id);
     inner.acks_cv.notify_all();
     result
 }
@@ -549,7 +549,8 @@ fn serve_frames(
                 inner.acks_cv.notify_all();
             }
             Frame::GrantReq { id, addr, len, key } => {
-                grant_cma(inner, target, writer, conn_id, id, addr, len, key)?;
+                let peer = (conn_id, peer_pid);
+                grant_cma(inner, target, writer, peer, id, addr, len, key)?;
             }
             other => {
                 return Err(io::Error::new(
@@ -889,6 +890,8 @@ impl Drop for GrantTable {
 #[derive(Debug)]
 struct TableSlots {
     table: Arc<GrantTable>,
+    /// The initiator process (None if no pidfd could be had: then only its count tells).
+    pidfd: Option<Arc<OwnedFd>>,
     free: Vec<u32>,
     next_gen: u64,
 }
@@ -899,7 +902,7 @@ fn grant_cma(
     inner: &Inner,
     target: &TargetHandle,
     writer: &Mutex<UnixStream>,
-    conn_id: u64,
+    (conn_id, peer_pid): (u64, i32),
     id: u64,
     addr: u64,
     len: u64,
@@ -942,6 +945,7 @@ fn grant_cma(
         std::collections::hash_map::Entry::Vacant(v) => match GrantTable::create() {
             Ok(t) => v.insert(TableSlots {
                 table: Arc::new(t),
+                pidfd: sys::pidfd_open(peer_pid).ok().map(Arc::new),
                 free: (0..GRANT_SLOTS as u32).rev().collect(),
                 next_gen: 0,
             }),
@@ -979,7 +983,61 @@ fn grant_cma(
     sys::send_with_fd(&w, &reply.encode(), fd)
 }
 
+/// Waits until `idle()`, or the process behind `pidfd` has exited (its copies with it), or
+/// `deadline`; false on the deadline.
+fn drain(idle: impl Fn() -> bool, pidfd: Option<&OwnedFd>, deadline: Instant) -> bool {
+    let mut spins = 0u32;
+    loop {
+        if idle() || pidfd.is_some_and(sys::pid_exited) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        spins += 1;
+        if spins < 100 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
 impl Inner {
+    /// The connection `conn` has ended: revokes every grant given on it and waits for the
+    /// copies under way, then forgets them. (A connection ends when the peer closes its side,
+    /// which it also does on invalidation, alive and possibly still copying: so the end of
+    /// the connection alone is not the end of its copies.)
+    fn end_grants(&self, conn: u64) {
+        let entry = self
+            .grant_tables
+            .lock()
+            .get(&conn)
+            .map(|t| (Arc::clone(&t.table), t.pidfd.clone()));
+        if let Some((table, pidfd)) = entry {
+            for slot in 0..GRANT_SLOTS as u32 {
+                table.live(slot).store(0, Ordering::SeqCst);
+            }
+            let idle =
+                || (0..GRANT_SLOTS as u32).all(|s| table.inflight(s).load(Ordering::SeqCst) == 0);
+            if !drain(
+                idle,
+                pidfd.as_deref(),
+                Instant::now() + GRANT_DRAIN_PATIENCE,
+            ) {
+                tracing::error!(
+                    conn,
+                    "shm: a closed peer's granted copies did not end in time"
+                );
+            }
+        }
+        // Only now: a revocation meanwhile found the table and waited on its slot itself.
+        self.grant_tables.lock().remove(&conn);
+        for grants in self.cma_grants.lock().values_mut() {
+            grants.retain(|(c, _)| *c != conn);
+        }
+    }
+
     /// Revokes every cross-memory grant on the region with `key`: marks each slot revoked, then
     /// waits (bounded) until the copies the initiator started before that have ended.
     fn revoke_grants(&self, key: u64) {
@@ -991,35 +1049,19 @@ impl Inner {
         // agent's deregistration, since the memory may be freed and reused once we return.
         let deadline = Instant::now() + GRANT_DRAIN_PATIENCE.max(self.cfg.revoke_timeout);
         for (conn, slot) in grants {
-            let Some(table) = self
+            let Some((table, pidfd)) = self
                 .grant_tables
                 .lock()
                 .get(&conn)
-                .map(|t| Arc::clone(&t.table))
+                .map(|t| (Arc::clone(&t.table), t.pidfd.clone()))
             else {
-                continue; // that peer's connection has ended: it holds no grant any more
+                continue; // that connection's grants were all revoked and drained when it ended
             };
             // Dekker with the initiator's `inflight += 1; check live`: both SeqCst, so either
             // it sees 0 here and backs off, or we see its count below and wait for the copy.
             table.live(slot).store(0, Ordering::SeqCst);
-            let mut spins = 0u32;
-            let drained = loop {
-                if table.inflight(slot).load(Ordering::SeqCst) == 0 {
-                    break true;
-                }
-                if !self.served.lock().contains_key(&conn) {
-                    break true; // the peer is gone, and its copies with it
-                }
-                if Instant::now() >= deadline {
-                    break false;
-                }
-                spins += 1;
-                if spins < 100 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-            };
+            let idle = || table.inflight(slot).load(Ordering::SeqCst) == 0;
+            let drained = drain(idle, pidfd.as_deref(), deadline);
             if drained {
                 if let Some(t) = self.grant_tables.lock().get_mut(&conn) {
                     t.free.push(slot);
