@@ -1496,6 +1496,34 @@ fn read_loop(c: Arc<Conn>, stream: UnixStream) {
     }
 }
 
+/// Hands a MapReply or GrantReply (its file descriptor and two numbers) to the request waiting
+/// for it.
+fn answer(
+    c: &Conn,
+    fds: &mut VecDeque<OwnedFd>,
+    id: u64,
+    status: Status,
+    (a, b): (u64, u64),
+    text: String,
+    what: &str,
+) {
+    let r = if status == Status::Ok {
+        match fds.pop_front() {
+            Some(fd) => Ok((fd, a, b)),
+            None => Err((
+                Status::Failed,
+                format!("{what} reply came without a file descriptor"),
+            )),
+        }
+    } else {
+        Err((status, text))
+    };
+    if let Some(w) = c.map_waits.lock().get_mut(&id) {
+        *w = Some(r);
+    }
+    c.map_cv.notify_all();
+}
+
 fn handle_reply(c: &Conn, f: Frame, fds: &mut VecDeque<OwnedFd>) {
     match f {
         Frame::Done { id, status, text } => {
@@ -1522,46 +1550,14 @@ fn handle_reply(c: &Conn, f: Frame, fds: &mut VecDeque<OwnedFd>) {
             buf_len,
             offset,
             text,
-        } => {
-            let r = if status == Status::Ok {
-                match fds.pop_front() {
-                    Some(fd) => Ok((fd, buf_len, offset)),
-                    None => Err((
-                        Status::Failed,
-                        "mapping reply came without a file descriptor".into(),
-                    )),
-                }
-            } else {
-                Err((status, text))
-            };
-            if let Some(slot) = c.map_waits.lock().get_mut(&id) {
-                *slot = Some(r);
-            }
-            c.map_cv.notify_all();
-        }
+        } => answer(c, fds, id, status, (buf_len, offset), text, "mapping"),
         Frame::GrantReply {
             id,
             status,
             slot,
             gen,
             text,
-        } => {
-            let r = if status == Status::Ok {
-                match fds.pop_front() {
-                    Some(fd) => Ok((fd, u64::from(slot), gen)),
-                    None => Err((
-                        Status::Failed,
-                        "grant reply came without a file descriptor".into(),
-                    )),
-                }
-            } else {
-                Err((status, text))
-            };
-            if let Some(w) = c.map_waits.lock().get_mut(&id) {
-                *w = Some(r);
-            }
-            c.map_cv.notify_all();
-        }
+        } => answer(c, fds, id, status, (u64::from(slot), gen), text, "grant"),
         Frame::Revoke { key } => {
             let m = c.maps.lock().remove(&key);
             if let Some(m) = m {
