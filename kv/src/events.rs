@@ -6,6 +6,10 @@
 //! (seed 1337) of its token ids as little-endian u32; the sequence hash of the first block is
 //! its local hash, and of each next block xxh3-64 (seed 1337) of the parent's sequence hash
 //! and the block's local hash (both little-endian u64), so equal hashes mean equal prefixes.
+//!
+//! Events, blocks and kinds encode with serde; in JSON a kind is tagged by `type`
+//! (`{"id":3,"kind":{"type":"stored","blocks":[{"hash":1,"parent":null}],"tokens_per_block":16}}`).
+//! A consumer decoding what a peer sent checks it with [`KvEvent::check`] (bounded block counts).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -55,8 +59,11 @@ pub fn seq_hashes(tokens: &[u32], tokens_per_block: usize) -> Vec<u64> {
         .collect()
 }
 
+/// Most blocks (or hashes) one event may carry; [`KvEvent::check`] refuses more.
+pub const MAX_EVENT_BLOCKS: usize = 1 << 20;
+
 /// One cached block as events describe it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoredBlock {
     /// Sequence hash.
     pub hash: u64,
@@ -65,7 +72,8 @@ pub struct StoredBlock {
 }
 
 /// What changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum KvEventKind {
     /// Blocks now held (each with its parent), of `tokens_per_block` tokens.
     Stored {
@@ -84,12 +92,53 @@ pub enum KvEventKind {
 }
 
 /// An event with its id (monotonic per worker, from 1).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KvEvent {
     /// Event id.
     pub id: u64,
     /// What changed.
     pub kind: KvEventKind,
+}
+
+impl KvEvent {
+    /// Checks an event decoded from a peer: an id from 1, at most `max_blocks` blocks (or
+    /// hashes), and tokens per block from 1. Returns the reason otherwise.
+    ///
+    /// ```
+    /// use nixl_kv::events::{KvEvent, KvEventKind, StoredBlock};
+    /// let e: KvEvent = serde_json::from_str(
+    ///     r#"{"id":1,"kind":{"type":"stored","blocks":[{"hash":7,"parent":null}],"tokens_per_block":16}}"#,
+    /// ).unwrap();
+    /// assert!(e.check(1).is_ok());
+    /// assert_eq!(e.kind, KvEventKind::Stored {
+    ///     blocks: vec![StoredBlock { hash: 7, parent: None }], tokens_per_block: 16 });
+    /// assert!(e.check(0).is_err());
+    /// ```
+    pub fn check(&self, max_blocks: usize) -> Result<(), String> {
+        if self.id == 0 {
+            return Err("event id 0 (ids start at 1)".into());
+        }
+        let n = match &self.kind {
+            KvEventKind::Stored {
+                blocks,
+                tokens_per_block,
+            } => {
+                if *tokens_per_block == 0 {
+                    return Err(format!("event {}: tokens_per_block 0", self.id));
+                }
+                blocks.len()
+            }
+            KvEventKind::Removed { hashes } => hashes.len(),
+            KvEventKind::Cleared => 0,
+        };
+        if n > max_blocks {
+            return Err(format!(
+                "event {}: {n} blocks, more than the limit {max_blocks}",
+                self.id
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A consumer asked for events the log no longer keeps: it must start over from
@@ -183,5 +232,74 @@ impl KvEventLog {
                 .map(|(&hash, &parent)| StoredBlock { hash, parent })
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_and_tags() {
+        let mut log = KvEventLog::new(8);
+        let h = seq_hashes(&(0..32).collect::<Vec<u32>>(), 16);
+        log.stored(
+            vec![
+                StoredBlock {
+                    hash: h[0],
+                    parent: None,
+                },
+                StoredBlock {
+                    hash: h[1],
+                    parent: Some(h[0]),
+                },
+            ],
+            16,
+        );
+        log.removed(vec![h[1]]);
+        log.cleared();
+        let events = log.since(0).unwrap();
+        let json = serde_json::to_string(&events).unwrap();
+        assert!(json.contains(r#""type":"stored""#), "{json}");
+        assert!(json.contains(r#""type":"removed""#), "{json}");
+        assert!(json.contains(r#""type":"cleared""#), "{json}");
+        // u64 hashes above 2^53 survive.
+        assert!(json.contains(&h[0].to_string()), "{json}");
+        let back: Vec<KvEvent> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, events);
+        for e in &back {
+            e.check(2).unwrap();
+        }
+    }
+
+    #[test]
+    fn check_refuses_bad_events() {
+        let e = |id, kind| KvEvent { id, kind };
+        assert!(e(0, KvEventKind::Cleared).check(10).is_err());
+        let stored = KvEventKind::Stored {
+            blocks: vec![
+                StoredBlock {
+                    hash: 1,
+                    parent: None
+                };
+                3
+            ],
+            tokens_per_block: 16,
+        };
+        assert!(e(1, stored.clone()).check(3).is_ok());
+        assert!(e(1, stored).check(2).is_err());
+        let zero_tpb = KvEventKind::Stored {
+            blocks: vec![],
+            tokens_per_block: 0,
+        };
+        assert!(e(1, zero_tpb).check(3).is_err());
+        let removed = KvEventKind::Removed {
+            hashes: vec![1, 2, 3],
+        };
+        assert!(e(1, removed).check(2).is_err());
+        // Unknown tags and missing fields are decode errors, not panics.
+        assert!(serde_json::from_str::<KvEvent>(r#"{"id":1,"kind":{"type":"evicted"}}"#).is_err());
+        assert!(serde_json::from_str::<KvEvent>(r#"{"id":1,"kind":{"type":"stored"}}"#).is_err());
+        assert!(serde_json::from_str::<KvEvent>(r#"{"id":-1,"kind":{"type":"cleared"}}"#).is_err());
     }
 }

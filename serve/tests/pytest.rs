@@ -1,0 +1,75 @@
+//! Runs the pytest suite of `serve/tests/python/` (the official `openai` client against
+//! `nixl-serve up` deployments) with the `nixl-serve` binary cargo built for this test.
+//!
+//! Needs `python3` with `venv`, and `openai` and `pytest` (installed by `.ci/setup`; else they
+//! are installed into a venv under the target directory from PyPI). Without them the test
+//! prints a visible SKIP, unless `NIXL_REQUIRE_SERVE_TESTS=1` (set by `.ci/run`) makes it fail.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn openai_client_against_nixl_serve_up() {
+    let required = std::env::var("NIXL_REQUIRE_SERVE_TESTS").is_ok_and(|v| v == "1");
+    let skip = |why: String| {
+        assert!(!required, "NIXL_REQUIRE_SERVE_TESTS=1 but {why}");
+        eprintln!("SKIP openai_client_against_nixl_serve_up: {why}");
+    };
+    if !ok(Command::new("python3").args(["-c", "import venv, ensurepip"])) {
+        return skip("python3 with venv is missing (see .ci/setup)".into());
+    }
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let venv = tmp.join("nixl-serve-venv");
+    let py = venv.join("bin/python");
+    if !py.exists()
+        && !ok(Command::new("python3")
+            .args(["-m", "venv", "--system-site-packages"])
+            .arg(&venv))
+    {
+        return skip("could not create a venv".into());
+    }
+    let have = || ok(Command::new(&py).args(["-c", "import openai, pytest"]));
+    if !have() {
+        let _ = Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(["openai", "pytest"])
+            .status();
+        if !have() {
+            return skip("the venv lacks openai or pytest and pip could not install them".into());
+        }
+    }
+    let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python");
+    let mut child = Command::new(&py)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-x"])
+        .arg(&tests)
+        .current_dir(&tests)
+        .env("NIXL_SERVE_BIN", env!("CARGO_BIN_EXE_nixl-serve"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .spawn()
+        .expect("pytest starts");
+    // Bounded: the suite takes well under a minute; a hang fails here.
+    let end = Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pytest ran past 240 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "pytest failed: {status}");
+}
