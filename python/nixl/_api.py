@@ -653,21 +653,26 @@ class nixl_agent:
                 return False
         return self.agent.check_remote(agent, x)
 
-    def _peer(self, ip_addr: str, what: str) -> str:
-        if not ip_addr:
-            raise nixlNotSupportedError(
-                f"{what}: nixl-rs has no central metadata server in this API; give ip_addr "
-                "(or use the nixl-agent daemon's etcd discovery)"
-            )
-        return ip_addr
+    # With ``ip_addr`` empty, the metadata calls use the central metadata store, as NIXL does:
+    # etcd, at the endpoints of ``NIXL_ETCD_ENDPOINTS`` (comma-separated; the key prefix is
+    # ``NIXL_ETCD_NAMESPACE``, default ``/nixl/agents/``), through nixl-rs's discovery crate.
+    # Without it they raise nixlNotSupportedError saying so.
 
     def fetch_remote_metadata(
         self, remote_agent: str, ip_addr: str = "", port: int = DEFAULT_COMM_PORT, label: str = ""
     ) -> None:
         """Fetches ``remote_agent``'s metadata from its listener at ``ip_addr:port`` and loads
         it (waiting up to 10 s for the listener to come up). Authenticated with the secret,
-        when configured."""
-        ip = self._peer(ip_addr, "fetch_remote_metadata")
+        when configured. With no ``ip_addr``: from etcd (see above); if it is not published yet,
+        it is loaded when it appears within 30 s (poll ``check_remote_metadata``, as with
+        NIXL)."""
+        if not ip_addr:
+            if label:
+                raise nixlNotSupportedError("fetch_remote_metadata: labels (partial metadata) "
+                                            "are not kept in etcd by nixl-rs")
+            self.agent.etcd_fetch(remote_agent, 30_000)
+            return
+        ip = ip_addr
         known = set(self.agent.peers())
         name = self.agent.fetch_remote_md(ip, int(port), 10_000)
         if name != remote_agent:
@@ -678,9 +683,13 @@ class nixl_agent:
             )
 
     def send_local_metadata(self, ip_addr: str = "", port: int = DEFAULT_COMM_PORT) -> None:
-        """Sends this agent's metadata to the listener at ``ip_addr:port``, which loads it."""
-        ip = self._peer(ip_addr, "send_local_metadata")
-        self.agent.send_md(ip, int(port), 10_000)
+        """Sends this agent's metadata to the listener at ``ip_addr:port``, which loads it.
+        With no ``ip_addr``: publishes it in etcd (see above), where nixl-rs keeps it up to date
+        (new registrations included) until ``invalidate_local_metadata()`` or the agent's end."""
+        if not ip_addr:
+            self.agent.etcd_publish()
+            return
+        self.agent.send_md(ip_addr, int(port), 10_000)
 
     def send_partial_agent_metadata(
         self,
@@ -691,8 +700,14 @@ class nixl_agent:
         port: int = DEFAULT_COMM_PORT,
         label: str = "",
     ) -> None:
-        """Sends the metadata of the regions of ``descs`` to the listener at ``ip_addr:port``."""
-        ip = self._peer(ip_addr, "send_partial_agent_metadata")
+        """Sends the metadata of the regions of ``descs`` to the listener at ``ip_addr:port``.
+        (Not through etcd: nixl-rs publishes whole metadata there, with ``send_local_metadata()``.)"""
+        if not ip_addr:
+            raise nixlNotSupportedError(
+                "send_partial_agent_metadata: nixl-rs keeps only whole metadata in etcd "
+                "(send_local_metadata()); give ip_addr to send partial metadata to a listen thread"
+            )
+        ip = ip_addr
         reg = self.get_reg_descs(descs) if descs is not None else None
         if reg is None:
             reg = nixlBind.nixlRegDList(nixlBind.DRAM_SEG)
@@ -702,9 +717,18 @@ class nixl_agent:
         """Tells the agent listening at ``ip_addr:port`` to drop this agent's metadata, so that
         its later requests to this agent fail (it must accept pushes, as its listen thread
         does; it drops only the metadata of the agent the connection proved, this one). Nothing
-        listening there is not an error: a gone peer holds nothing of this agent."""
-        ip = self._peer(ip_addr, "invalidate_local_metadata")
-        self.agent.invalidate_md(ip, int(port), 10_000)
+        listening there is not an error: a gone peer holds nothing of this agent. With no
+        ``ip_addr``: deletes this agent's metadata from etcd (peers that fetched it keep it
+        until they remove it; nixl-rs's daemon's watchers drop it at once)."""
+        if not ip_addr:
+            if self.agent.etcd_endpoints() is None:
+                raise nixlNotSupportedError(
+                    "invalidate_local_metadata: no metadata server (give ip_addr, or set "
+                    "NIXL_ETCD_ENDPOINTS)"
+                )
+            self.agent.etcd_unpublish()
+            return
+        self.agent.invalidate_md(ip_addr, int(port), 10_000)
 
     def make_connection(self, remote_agent: str, backends: Optional[list[str]] = None) -> None:
         """Accepted (optional in NIXL): nixl-rs connects on the first request to a peer."""
@@ -829,7 +853,20 @@ class nixl_agent:
         return handle._handle.telemetry()
 
     def estimate_xfer_cost(self, req_handle: nixl_xfer_handle) -> tuple[int, int, str]:
-        raise nixlNotSupportedError("nixl-rs backends give no cost estimate")
+        """Estimates one post of the request: ``(duration, error margin, method)``, times in
+        microseconds, as NIXL returns them. The method is NIXL's ``"ANALYTICAL_BACKEND"``;
+        ``estimate_xfer_cost_detail`` (a nixl-rs extension) says where the numbers came from:
+        ``"MEASURED_REQUEST"`` (this request's own last posts: median and spread),
+        ``"MEASURED_BACKEND"`` (a fit of latency and bandwidth over the posts its backend
+        completed in this agent) or ``"CONFIGURED"`` (the backend's nominal latency and
+        bandwidth, with a margin of 100 %). Durations are those this process observed, from
+        the post to the first state check that saw it done."""
+        duration, margin, _ = req_handle._handle.estimate()
+        return duration, margin, "ANALYTICAL_BACKEND"
+
+    def estimate_xfer_cost_detail(self, req_handle: nixl_xfer_handle) -> tuple[int, int, str]:
+        """As ``estimate_xfer_cost``, with nixl-rs's own method name (a nixl-rs extension)."""
+        return tuple(req_handle._handle.estimate())
 
     def query_xfer_backend(self, handle: nixl_xfer_handle) -> str:
         """The backend carrying the request, by the name it was created with."""

@@ -21,6 +21,7 @@ use nixl_core::{
     Agent, BackendName, Desc, DescList, Error, MemKind, XferOp, XferOptions, XferRequest,
     XferStatus,
 };
+use nixl_discovery::{DiscoveryError, EtcdConfig, Publication, Registry};
 use nixl_transports::config::Config;
 use nixl_transports::tcp::{
     fetch_metadata, invalidate_metadata, listen_addrs_in, push_metadata, Auth, PeerIdentity,
@@ -135,6 +136,59 @@ fn err(e: Error) -> PyErr {
         Error::TimedOut => nixlTimeoutError::new_err(msg),
         Error::Backend { .. } | Error::Io { .. } => nixlBackendError::new_err(msg),
         _ => nixlUnknownError::new_err(msg),
+    }
+}
+
+/// The central metadata store from the environment, as NIXL configures it:
+/// `NIXL_ETCD_ENDPOINTS` (comma-separated URLs) and `NIXL_ETCD_NAMESPACE` (the key prefix,
+/// default `/nixl/agents/`).
+fn etcd_env() -> Option<EtcdConfig> {
+    let eps = std::env::var("NIXL_ETCD_ENDPOINTS").ok()?;
+    let eps: Vec<String> = eps
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            if e.contains("://") {
+                e.to_owned()
+            } else {
+                format!("http://{e}")
+            }
+        })
+        .collect();
+    if eps.is_empty() {
+        return None;
+    }
+    let mut cfg = EtcdConfig::new(eps);
+    if let Ok(ns) = std::env::var("NIXL_ETCD_NAMESPACE") {
+        if !ns.is_empty() {
+            cfg.prefix = if ns.ends_with('/') { ns } else { ns + "/" };
+        }
+    }
+    Some(cfg)
+}
+
+/// The etcd connection (made now if it is not yet) and the publication slot.
+fn etcd_state(
+    slot: &mut Option<(Registry, Option<Publication>)>,
+) -> PyResult<&mut (Registry, Option<Publication>)> {
+    if slot.is_none() {
+        let cfg = etcd_env().ok_or_else(|| {
+            nixlNotSupportedError::new_err(
+                "no metadata server: give ip_addr (and port) to reach a peer's listen thread, \
+                 or set NIXL_ETCD_ENDPOINTS (e.g. http://127.0.0.1:2379) to use etcd",
+            )
+        })?;
+        *slot = Some((Registry::connect(&cfg).map_err(etcd_err)?, None));
+    }
+    Ok(slot.as_mut().expect("just set"))
+}
+
+fn etcd_err(e: DiscoveryError) -> PyErr {
+    match e {
+        DiscoveryError::Load { source, .. } => err(source),
+        DiscoveryError::Config(_) => invalid(format!("etcd: {e}")),
+        e => nixlBackendError::new_err(format!("etcd: {e}")),
     }
 }
 
@@ -476,13 +530,94 @@ fn deserialize_descs_safe(py: Python<'_>, data: &[u8]) -> PyResult<PyObject> {
 /// What an agent handle and its requests share; the agent shuts down when the last goes.
 #[derive(Debug)]
 struct Shared {
-    agent: Agent,
+    agent: Arc<Agent>,
     auth: Auth,
+    /// The central metadata store (etcd), connected on first use; this agent's publication.
+    etcd: Mutex<Option<(Registry, Option<Publication>)>>,
     telemetry: bool,
+    /// Per backend: what its transfers have taken in this agent (for `estimate_xfer_cost`).
+    costs: Mutex<HashMap<BackendName, CostFit>>,
+}
+
+/// Durations of the posts a backend completed, fitted to `µs = latency + bytes × per_byte` by
+/// exponentially weighted least squares (recent posts weigh most).
+#[derive(Clone, Copy, Debug, Default)]
+struct CostFit {
+    n: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    sxy: f64,
+    syy: f64,
+    count: u64,
+}
+
+/// Weight left to a sample after each newer one.
+const COST_DECAY: f64 = 0.98;
+/// Durations kept per request.
+const OWN_SAMPLES: usize = 16;
+
+impl CostFit {
+    fn add(&mut self, bytes: u64, us: u64) {
+        let (x, y) = (bytes as f64, us as f64);
+        for v in [
+            &mut self.n,
+            &mut self.sx,
+            &mut self.sy,
+            &mut self.sxx,
+            &mut self.sxy,
+            &mut self.syy,
+        ] {
+            *v *= COST_DECAY;
+        }
+        self.n += 1.0;
+        self.sx += x;
+        self.sy += y;
+        self.sxx += x * x;
+        self.sxy += x * y;
+        self.syy += y * y;
+        self.count += 1;
+    }
+
+    /// `(latency µs, µs per byte, rms residual µs)`, once posts of different sizes were seen.
+    fn line(&self) -> Option<(f64, f64, f64)> {
+        if self.count < 2 {
+            return None;
+        }
+        let det = self.n * self.sxx - self.sx * self.sx;
+        // Sizes must differ by more than rounding: a spread of at least 1 KiB.
+        if det.is_nan() || det <= self.n * self.n * 1e6 {
+            return None;
+        }
+        let b = ((self.n * self.sxy - self.sx * self.sy) / det).max(0.0);
+        let a = ((self.sy - b * self.sx) / self.n).max(0.0);
+        let rss = self.syy - 2.0 * a * self.sy - 2.0 * b * self.sxy
+            + a * a * self.n
+            + 2.0 * a * b * self.sx
+            + b * b * self.sxx;
+        Some((a, b, (rss.max(0.0) / self.n).sqrt()))
+    }
+}
+
+/// What a backend is configured to take before it has been measured here: `(latency µs,
+/// bytes per µs)` (bytes per µs is MB/s).
+fn cost_prior(b: BackendName) -> (f64, f64) {
+    match b {
+        BackendName::Local => (1.0, 10_000.0),
+        BackendName::Shm => (5.0, 8_000.0),
+        BackendName::Tcp => (30.0, 2_000.0),
+        BackendName::Rdma => (5.0, 12_000.0),
+        BackendName::Cuda => (10.0, 20_000.0),
+        BackendName::Gds => (50.0, 5_000.0),
+        BackendName::Uring | BackendName::Posix => (50.0, 2_000.0),
+        BackendName::Object => (20_000.0, 200.0),
+    }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        // Unpublished first (the lease is revoked, the key deleted), then shut down.
+        drop(self.etcd.lock().take());
         self.agent.shutdown();
     }
 }
@@ -627,9 +762,11 @@ impl PyAgent {
         }
         Ok(PyAgent {
             shared: Arc::new(Shared {
-                agent,
+                agent: Arc::new(agent),
+                etcd: Mutex::new(None),
                 auth: config.auth(),
                 telemetry,
+                costs: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -719,6 +856,81 @@ impl PyAgent {
             None => DescList::new(MemKind::Dram),
         };
         self.shared.agent.check_remote(name, &list).is_ok()
+    }
+
+    /// The etcd endpoints this agent would use (`NIXL_ETCD_ENDPOINTS`), or None.
+    #[staticmethod]
+    fn etcd_endpoints() -> Option<String> {
+        etcd_env().map(|c| c.endpoints.join(","))
+    }
+
+    /// Publishes this agent's metadata in etcd (NIXL's `send_local_metadata()` with no
+    /// address), kept up to date until `etcd_unpublish` or the agent's end; again: at once.
+    fn etcd_publish(&self, py: Python<'_>) -> PyResult<()> {
+        let s = &self.shared;
+        py.allow_threads(|| {
+            let mut guard = s.etcd.lock();
+            let (reg, publication) = etcd_state(&mut guard)?;
+            match publication {
+                Some(p) => p.refresh().map_err(etcd_err),
+                None => {
+                    *publication = Some(reg.publish(&s.agent).map_err(etcd_err)?);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    /// Deletes this agent's metadata from etcd (NIXL's `invalidate_local_metadata()` with no
+    /// address): peers watching it drop it; peers that loaded it keep it until they are told
+    /// otherwise. Not published is no error.
+    fn etcd_unpublish(&self, py: Python<'_>) -> PyResult<()> {
+        let s = &self.shared;
+        py.allow_threads(|| {
+            let p = s.etcd.lock().as_mut().and_then(|(_, p)| p.take());
+            drop(p); // revokes the lease: the key goes
+        });
+        Ok(())
+    }
+
+    /// Loads `name`'s metadata from etcd (NIXL's `fetch_remote_metadata(name)` with no
+    /// address): `True` when it was there and is loaded. When it is not there yet, a
+    /// background thread keeps looking for `wait_ms` and loads it when it appears, so that
+    /// `check_remote_metadata` turns true then (NIXL's fetch is asynchronous too).
+    fn etcd_fetch(&self, py: Python<'_>, name: &str, wait_ms: u64) -> PyResult<bool> {
+        let s = &self.shared;
+        let reg = py.allow_threads(|| {
+            let mut guard = s.etcd.lock();
+            etcd_state(&mut guard).map(|(r, _)| r.clone())
+        })?;
+        if py
+            .allow_threads(|| reg.load_peer(&s.agent, name))
+            .map_err(etcd_err)?
+        {
+            return Ok(true);
+        }
+        let weak = Arc::downgrade(&s.agent);
+        let name = name.to_owned();
+        let deadline = Instant::now() + Duration::from_millis(wait_ms);
+        std::thread::Builder::new()
+            .name("nixl-etcd-fetch".into())
+            .spawn(move || {
+                while Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let Some(agent) = weak.upgrade() else { return };
+                    match reg.load_peer(&agent, &name) {
+                        Ok(true) => return,
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(peer = %name, error = %e, "etcd: fetching a peer failed");
+                            return;
+                        }
+                    }
+                }
+                tracing::warn!(peer = %name, "etcd: the peer did not appear in time");
+            })
+            .map_err(|e| nixlBackendError::new_err(format!("etcd: cannot start a thread: {e}")))?;
+        Ok(false)
     }
 
     /// Fetches the metadata of the agent listening at `ip:port` (retrying while nothing
@@ -983,6 +1195,8 @@ struct XState {
     posted: Option<(u64, Instant)>,
     post_us: u64,
     done_us: Option<u64>,
+    /// This request's last completed post durations (µs).
+    samples: std::collections::VecDeque<u64>,
 }
 
 /// A transfer request: created once, posted many times. It holds its agent alive.
@@ -1040,6 +1254,7 @@ impl XferReq {
                 posted: None,
                 post_us: 0,
                 done_us: None,
+                samples: std::collections::VecDeque::new(),
             }),
         })
     }
@@ -1050,6 +1265,19 @@ fn micros(d: Duration) -> u64 {
 }
 
 impl XferReq {
+    /// Notes a completed post's duration: for this request, and for its backend's fit.
+    fn record(&self, st: &mut XState, req: &XferRequest, us: u64) {
+        if st.samples.len() == OWN_SAMPLES {
+            st.samples.pop_front();
+        }
+        st.samples.push_back(us);
+        let mut costs = self.shared.costs.lock();
+        costs
+            .entry(req.backend())
+            .or_default()
+            .add(req.info().bytes, us);
+    }
+
     /// The request, unless released. The state lock is only ever taken with the GIL held and
     /// never across a call that lets the GIL go, so it cannot deadlock against the GIL.
     fn req(&self) -> PyResult<Arc<XferRequest>> {
@@ -1123,6 +1351,9 @@ impl XferReq {
         st.posted = Some((wall, t0));
         st.post_us = post_us;
         st.done_us = matches!(code, Ok(DONE)).then_some(post_us);
+        if st.done_us.is_some() {
+            self.record(&mut st, &req, post_us);
+        }
         Ok(match code? {
             DONE => intern!(py, "DONE").clone(),
             _ => intern!(py, "PROC").clone(),
@@ -1146,8 +1377,43 @@ impl XferReq {
         let code = status_of(req.status())?;
         if code == DONE && st.done_us.is_none() {
             st.done_us = st.posted.map(|(_, t)| micros(t.elapsed()));
+            if let (Some(us), Some(req)) = (st.done_us, st.req.clone()) {
+                self.record(&mut st, &req, us);
+            }
         }
         Ok(code)
+    }
+
+    /// `(duration µs, error margin µs, how)` of one post (NIXL's `estimateXferCost`): from this
+    /// request's own completed posts when it has some (median, and the spread), else from the
+    /// fit of its backend's posts in this agent (and the fit's residual, at least 10 %), else
+    /// from the backend's configured latency and bandwidth (margin: the estimate itself).
+    fn estimate(&self) -> PyResult<(u64, u64, &'static str)> {
+        let st = self.st.lock();
+        let req = st
+            .req
+            .as_ref()
+            .ok_or_else(|| invalid("the request was released"))?;
+        if !st.samples.is_empty() {
+            let mut v: Vec<u64> = st.samples.iter().copied().collect();
+            v.sort_unstable();
+            let med = v[v.len() / 2];
+            let spread = (v[v.len() - 1] - med).max(med - v[0]).max(1);
+            return Ok((med, spread, "MEASURED_REQUEST"));
+        }
+        let bytes = req.info().bytes as f64;
+        let fit = self.shared.costs.lock().get(&req.backend()).copied();
+        if let Some((a, b, rms)) = fit.and_then(|f| f.line()) {
+            let d = a + b * bytes;
+            return Ok((
+                d.round() as u64,
+                rms.max(d * 0.1).round().max(1.0) as u64,
+                "MEASURED_BACKEND",
+            ));
+        }
+        let (lat, per_us) = cost_prior(req.backend());
+        let d = (lat + bytes / per_us).round() as u64;
+        Ok((d, d.max(1), "CONFIGURED"))
     }
 
     /// Blocks (without the GIL) until the last post ends or `timeout_ms` passes (< 0: no

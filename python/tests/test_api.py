@@ -256,9 +256,7 @@ def test_error_classes(pair):
     assert not a.check_remote_metadata(b.name)
     with pytest.raises(nixlNotFoundError):
         a.initialize_xfer("READ", x, a.get_xfer_descs(other[:4096]), b.name)
-    with pytest.raises(nixlNotSupportedError):
-        a.send_local_metadata()  # no central metadata server
-    with pytest.raises(nixlNotSupportedError):
+    with pytest.raises(nixlInvalidParamError, match="released"):
         a.estimate_xfer_cost(h)
 
 
@@ -407,3 +405,38 @@ def test_torch_tensors(pair):
     a.transfer(h)
     wait_done(a, h)
     assert torch.equal(t, u)
+
+
+def test_estimate_xfer_cost(pair):
+    """NIXL's shape (duration µs, margin µs, "ANALYTICAL_BACKEND"): from the backend's nominal
+    figures before anything ran, then from the request's own measured posts, then for a new
+    request from the fit over its backend's posts of several sizes."""
+    a, b = pair
+    src = np.ones(4 << 20, dtype=np.uint8)
+    dst = np.zeros(4 << 20, dtype=np.uint8)
+    a.register_memory(src)
+    b.register_memory(dst)
+    a.add_remote_agent(b.get_agent_metadata())
+
+    def req(n):
+        return a.initialize_xfer("WRITE", a.get_xfer_descs(src[:n]), a.get_xfer_descs(dst[:n]), b.name)
+
+    h = req(1 << 20)
+    d, m, method = a.estimate_xfer_cost(h)
+    assert method == "ANALYTICAL_BACKEND" and isinstance(d, int) and isinstance(m, int)
+    d2, m2, how = a.estimate_xfer_cost_detail(h)
+    assert how == "CONFIGURED" and d2 == d > 0 and m2 == d  # nominal: a margin of 100 %
+    a.transfer(h)
+    wait_done(a, h)
+    # One post measured: the estimate is that post's duration (as telemetry saw it).
+    d, m, how = a.estimate_xfer_cost_detail(h)
+    assert how == "MEASURED_REQUEST" and d == a.get_xfer_telemetry(h).xferDuration and m >= 1
+    for n in (4096, 64 << 10, 4 << 20):
+        g = req(n)
+        for _ in range(3):
+            a.transfer(g)
+            wait_done(a, g)
+    fresh = req(2 << 20)
+    d, m, how = a.estimate_xfer_cost_detail(fresh)
+    assert how == "MEASURED_BACKEND" and d >= 1 and m >= max(1, d // 10), (d, m)
+    assert np.array_equal(src, dst)

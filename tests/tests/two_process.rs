@@ -34,6 +34,20 @@ fn initiator(name: &str) -> Agent {
         .unwrap()
 }
 
+/// An initiator whose cross-memory transfers are all carried out by the target (no grants):
+/// for the tests of that round-trip path's faults (a stopped target, late answers).
+fn round_trip_initiator(name: &str, op_timeout: Duration) -> Agent {
+    let shm = ShmConfig {
+        op_timeout,
+        cma_grants: false,
+        ..ShmConfig::default()
+    };
+    Agent::builder(name)
+        .backend(Arc::new(ShmBackend::new(shm)))
+        .build()
+        .unwrap()
+}
+
 fn dram(d: Vec<Desc>) -> DescList {
     DescList::from_descs(MemKind::Dram, d).unwrap()
 }
@@ -412,6 +426,85 @@ fn owner_deregistration_revokes_access() {
     }
 }
 
+/// Cross-memory grants: the initiator copies into a heap target itself (it does so even while
+/// the target is stopped, which only a grant allows), and the owner's deregistration revokes the
+/// grant with copies in flight: once it has returned, no byte of the buffer changes.
+#[test]
+fn grant_revocation_stops_copies_in_flight() {
+    let size = 4 << 20;
+    let mut peer = Peer::start(PEER, "granter", size, false);
+    let me = initiator("grantee");
+    let name = connect(&me, &mut peer);
+    let remote = remote_region(&peer);
+    let src = vec![9u8; size];
+    let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
+    let make = |len: usize| {
+        me.create_xfer(
+            XferOp::Write,
+            &dram(vec![Desc::from_slice(&src[..len])]),
+            &dram(vec![Desc::new(remote.addr, len as u64, 0)]),
+            &name,
+            Default::default(),
+        )
+        .unwrap()
+    };
+    let small = make(4096);
+    small.run_blocking().unwrap();
+    let pid = peer.child.id() as i32;
+    // SAFETY: kill(2) takes plain integers; the pid is our child, not yet reaped.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_stopped(pid);
+    small.post().unwrap();
+    let st = small.wait_blocking(Some(Duration::from_secs(10)));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        matches!(st, XferStatus::Done),
+        "a granted WRITE to a stopped target: {st:?}"
+    );
+    let big = make(size);
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::*};
+    let (stop, ok, denied) = (AtomicBool::new(false), AtomicU32::new(0), AtomicU32::new(0));
+    // Waits (bounded) until `n` reaches `at_least`; false if it does not.
+    let reach = |n: &AtomicU32, at_least: u32| {
+        let t = Instant::now();
+        while n.load(Acquire) < at_least && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        n.load(Acquire) >= at_least
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Acquire) {
+                match big.run_blocking() {
+                    Ok(()) => ok.fetch_add(1, AcqRel),
+                    Err(e) => {
+                        assert_eq!(e.class(), ErrorClass::Denied, "{e}");
+                        denied.fetch_add(1, AcqRel)
+                    }
+                };
+            }
+        });
+        // Deregister while WRITEs keep coming, then overwrite the buffer: none of the WRITEs
+        // posted meanwhile or later may land on it.
+        let started = reach(&ok, 3);
+        let reply = peer.cmd("dereg");
+        let filled = peer.cmd("fill 33");
+        let after = denied.load(Acquire);
+        let refused = reach(&denied, after + 10);
+        stop.store(true, Release); // before any assertion: the writer must end either way
+        assert!(started, "no WRITE completed before deregistration");
+        assert!(reply.starts_with("ok "), "{reply}");
+        assert_eq!(filled, "ok");
+        assert!(refused, "WRITEs were not refused after deregistration");
+    });
+    assert_eq!(
+        peer.cmd("check 33"),
+        "ok",
+        "a WRITE landed after deregistration"
+    );
+}
+
 #[test]
 fn garbage_on_the_socket_drops_only_that_connection() {
     use std::io::Write;
@@ -458,7 +551,7 @@ fn garbage_on_the_socket_drops_only_that_connection() {
 #[test]
 fn stuck_target_cannot_hang_a_request() {
     let mut peer = Peer::start(PEER, "sleepy", 1 << 20, false);
-    let me = initiator("impatient");
+    let me = round_trip_initiator("impatient", ShmConfig::default().op_timeout);
     let name = connect(&me, &mut peer);
     let remote = remote_region(&peer);
     let src = vec![5u8; 1 << 20];
@@ -516,14 +609,7 @@ fn late_answer_keeps_local_memory_held_until_it_lands() {
     let mut peer = Peer::start(PEER, "late", 1 << 20, false);
     // A short operation timeout: the post is ended by it (and by the deadline) long before the
     // target answers, and the memory must stay held all the same.
-    let shm = ShmConfig {
-        op_timeout: Duration::from_millis(300),
-        ..ShmConfig::default()
-    };
-    let me = Agent::builder("waiting")
-        .backend(Arc::new(ShmBackend::new(shm)))
-        .build()
-        .unwrap();
+    let me = round_trip_initiator("waiting", Duration::from_millis(300));
     let name = connect(&me, &mut peer);
     assert_eq!(peer.cmd("fill 21"), "ok");
     let remote = remote_region(&peer);

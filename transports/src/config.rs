@@ -41,6 +41,7 @@
 //! socket_dir = "/run/nixl"   # default $XDG_RUNTIME_DIR/nixl, else $TMPDIR/nixl-<uid>; created
 //!                            # 0700, refused unless ours and writable by nobody else
 //! op_timeout_ms = 5000
+//! cma_grants = true          # false: the target does every cross-memory copy (a round trip)
 //!
 //! [uring]                    # DRAM <-> FILE through io_uring
 //! queue_depth = 64
@@ -325,6 +326,7 @@ pub struct ShmSection {
     pub socket_dir: Option<PathBuf>,
     pub op_timeout_ms: Option<u64>,
     pub allow_map: Option<bool>,
+    pub cma_grants: Option<bool>,
 }
 
 /// Deserializers for the units settings are written in; the backends' config structs name them
@@ -437,6 +439,7 @@ impl Config {
                 .op_timeout_ms
                 .map_or(d.op_timeout, Duration::from_millis),
             allow_map: self.shm.allow_map.unwrap_or(d.allow_map),
+            cma_grants: self.shm.cma_grants.unwrap_or(d.cma_grants),
             ..d
         }
     }

@@ -1,14 +1,22 @@
 //! The `shm` backend: transfers between agent processes on one node.
 //!
-//! # Two paths
+//! # Three paths
 //!
-//! - **Cross-memory attach** works for memory allocated any way (engines own their buffers).
-//!   The initiator sends the target one Op frame over the target's Unix socket; the *target*
-//!   checks every descriptor against its own registrations (region, bounds, key), then copies
-//!   with `process_vm_readv` (WRITE) or `process_vm_writev` (READ) against the initiator's pid,
-//!   splitting big transfers over several threads, delivers the notification after the data has
-//!   landed, and answers Done. The owner of the memory decides, and nothing is touched if a
-//!   check fails.
+//! - **Granted cross-memory copies** (the default for memory allocated any way: engines own
+//!   their buffers, numpy, torch). The first time an initiator uses one of the target's regions
+//!   it asks the target for a *grant* on it (GrantReq, one round trip per region and
+//!   connection). The target checks the request as it would check an Op (the region exists,
+//!   the key matches, the range is exactly the registered region) and answers with a slot in
+//!   a *grant table* it lends the initiator (a sealed memfd, one per connection, mapped by
+//!   both). From then on the initiator copies itself with `process_vm_writev` (WRITE) or
+//!   `process_vm_readv` (READ) against the target's pid, with no message and no wake-up of
+//!   the target per post; the notification, if any, is sent on the socket after the copy has
+//!   returned, so it arrives after the data.
+//! - **Round-trip cross-memory copies** (fallback: grants disabled by `cma_grants = false` on
+//!   either side, the target's grant table full, no pidfd). The initiator sends one Op frame;
+//!   the *target* checks every descriptor against its registrations, copies with
+//!   `process_vm_readv`/`writev` against the initiator's pid, delivers the notification after
+//!   the data has landed, and answers Done.
 //! - **Mapped copies** for memory from [`ShmBuffer`] (a memfd). Its registration says it may be
 //!   mapped; the initiator asks the target once, presenting the region's key, receives the memfd
 //!   over the socket (SCM_RIGHTS), maps it, and then copies with plain loads and stores in its
@@ -16,13 +24,51 @@
 //!   deregisters the region it revokes the mapping from every peer and waits (bounded) for the
 //!   acknowledgements, so a deregistered buffer is not written afterwards.
 //!
+//! # The grant model
+//!
+//! What a grant proves, once: the target's pid (the socket's `SO_PEERCRED` equals the pid in
+//! its metadata, and a pidfd is taken on it right then), and the bounds and key of the region
+//! (checked by the target, which answers only for a region it holds registered with that key,
+//! and only for the whole region). What the initiator then enforces on every transfer: each
+//! remote range lies inside the region its grant covers (checked when the transfer is
+//! prepared), and the grant is still live (checked at every post).
+//!
+//! Revocation. Slot *i* of the table holds `live` (the grant's generation, or 0 once revoked;
+//! written by the target only) and `inflight` (copies under way; written by the initiator
+//! only). A post does `inflight += 1`, then reads `live`: if it is not its generation, it backs
+//! off and fails `Denied`. After the copy it does `inflight -= 1`. Deregistration removes the
+//! region from the table (no new grant or Op), drains the accesses in progress, then for each
+//! grant stores `live = 0` and waits until `inflight` is 0 (or the initiator process has
+//! exited, seen on a pidfd; at most 60 s, as the agent waits for its own transfers holding a
+//! region). When a connection ends (the initiator closes its side on invalidation, possibly
+//! with a copy still under way), every grant on it is revoked and drained the same way before
+//! it is forgotten. All four accesses are sequentially consistent (Dekker's
+//! pattern): either the post sees `live = 0`, or the target sees its count and waits for the
+//! copy to end. So once deregistration returns, no granted copy touches the region. A slot
+//! whose count does not drain in time is logged and never reused. A granted copy that was
+//! posted before the revocation and is in flight may still complete; that is the same as an
+//! Op the target was carrying out.
+//!
+//! What a grant does not add: `process_vm_*` needs ptrace permission, which every agent of the
+//! same uid already has on every other (same uid, and `PR_SET_PTRACER_ANY` under Yama). A peer
+//! running hostile code as our uid could therefore write anywhere in us with or without this
+//! backend; the checks above stop a peer that runs this library from touching anything but the
+//! regions the owner registered, with their keys, while they are registered — the same
+//! guarantee the round-trip path gives. The grant table is per connection, so a peer writing
+//! garbage into it confuses only its own grants; the target never trusts anything in it but
+//! the in-flight count, and only to wait (bounded). The target's pid: a post checks the pidfd
+//! before copying and fails `RemoteDisconnect` once the target has exited (also on `ESRCH`);
+//! the pid cannot be reused before the exited target is reaped, which leaves only a window of
+//! microseconds between that check and the copy.
+//!
 //! # Security and faults
 //!
 //! Both ends check `SO_PEERCRED`: the peer runs as our uid and is the process its metadata names.
 //! Every frame is length-bounded and decoded without trusting it; a bad frame drops that
 //! connection only. A target that dies closes the socket, and every transfer pending on it ends
 //! `Failed(remote disconnect)` at once; a target that is alive but stuck fails them after
-//! `op_timeout` plus a size allowance. `process_vm_*` needs ptrace permission on the peer: on
+//! `op_timeout` plus a size allowance (a granted copy does not wait for the target at all).
+//! `process_vm_*` needs ptrace permission on the peer: on
 //! hosts with Yama `ptrace_scope = 1` the backend calls `prctl(PR_SET_PTRACER, ANY)` at start, and
 //! an EPERM is reported with that explanation.
 
@@ -65,8 +111,12 @@ pub struct ShmConfig {
     pub copy_threads: usize,
     /// Whether this agent maps peers' memfd buffers when they allow it.
     pub allow_map: bool,
-    /// How long deregistration waits for peers to give up a mapping.
+    /// How long deregistration waits for peers to give up a mapping or a grant.
     pub revoke_timeout: Duration,
+    /// Cross-memory grants: as initiator, ask targets for a grant per region and copy with
+    /// `process_vm_*` ourselves; as target, give grants. Off: every cross-memory transfer is a
+    /// round trip on the socket (the target copies).
+    pub cma_grants: bool,
 }
 
 impl Default for ShmConfig {
@@ -80,6 +130,7 @@ impl Default for ShmConfig {
                 .min(8),
             allow_map: true,
             revoke_timeout: Duration::from_secs(2),
+            cma_grants: true,
         }
     }
 }
@@ -111,6 +162,10 @@ struct Inner {
     acks_cv: Condvar,
     /// Connections we opened to peers.
     clients: Mutex<Vec<Weak<Conn>>>,
+    /// Connection -> the grant table we gave it.
+    grant_tables: Mutex<HashMap<u64, TableSlots>>,
+    /// Region key -> the cross-memory grants given on it: (connection, slot).
+    cma_grants: Mutex<HashMap<u64, Vec<(u64, u32)>>>,
 }
 
 impl ShmBackend {
@@ -128,6 +183,8 @@ impl ShmBackend {
                 acks: Mutex::new(HashSet::new()),
                 acks_cv: Condvar::new(),
                 clients: Mutex::new(Vec::new()),
+                grant_tables: Mutex::new(HashMap::new()),
+                cma_grants: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -293,6 +350,7 @@ impl Backend for ShmBackend {
         if mappable {
             self.inner.revoke(region.key);
         }
+        self.inner.revoke_grants(region.key);
     }
 
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
@@ -412,6 +470,7 @@ fn serve(inner: &Arc<Inner>, stream: UnixStream) -> io::Result<()> {
     for conns in inner.granted.lock().values_mut() {
         conns.remove(&id);
     }
+    inner.end_grants(id);
     inner.acks_cv.notify_all();
     result
 }
@@ -489,6 +548,10 @@ fn serve_frames(
                 inner.acks.lock().insert((conn_id, key));
                 inner.acks_cv.notify_all();
             }
+            Frame::GrantReq { id, addr, len, key } => {
+                let peer = (conn_id, peer_pid);
+                grant_cma(inner, target, writer, peer, id, addr, len, key)?;
+            }
             other => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -551,44 +614,70 @@ fn carry_out(
         .collect();
     let dir = if write { Cma::Pull } else { Cma::Push };
     let total: u64 = segs.iter().map(|s| s.len).sum();
-    let threads = inner.cfg.copy_threads.max(1);
-    let result = if total >= (8 << 20) && threads > 1 {
-        let parts = split_spans(&ours, &theirs, threads);
-        std::thread::scope(|sc| {
-            let handles: Vec<_> = parts
-                .iter()
-                .map(|(o, t)| {
-                    // SAFETY: every span of `o` was checked against a registration held in
-                    // `held` (live memory of ours) for the whole scope.
-                    sc.spawn(move || unsafe { sys::cross_copy(peer_pid, dir, o, t) })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(io::Error::other("copy thread panicked")))
-                })
-                .try_fold(0u64, |acc, r| r.map(|n| acc + n))
-        })
-    } else {
-        // SAFETY: as above.
-        unsafe { sys::cross_copy(peer_pid, dir, &ours, &theirs) }
-    };
+    // SAFETY: every span of `ours` was checked against a registration held in `held` (live
+    // memory of ours) until after the copy.
+    let result = unsafe { copy_split(peer_pid, dir, &ours, &theirs, inner.cfg.copy_threads) };
     drop(held);
     match result {
         Ok(n) if n == total => (Status::Ok, String::new()),
         Ok(n) => (Status::Failed, format!("moved {n} of {total} bytes")),
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => (
-            Status::Failed,
-            format!(
-                "process_vm_{} on pid {peer_pid}: {e} (ptrace permission: same uid needed, and \
-                 Yama ptrace_scope <= 1 with PR_SET_PTRACER, or CAP_SYS_PTRACE)",
-                if write { "readv" } else { "writev" }
-            ),
-        ),
-        Err(e) => (Status::Failed, format!("cross-memory copy: {e}")),
+        Err(e) => (Status::Failed, cma_failure(&e, peer_pid, dir)),
     }
+}
+
+/// Explains a failed `process_vm_*` call on `pid`.
+fn cma_failure(e: &io::Error, pid: i32, dir: Cma) -> String {
+    if e.raw_os_error() == Some(libc::EPERM) {
+        format!(
+            "process_vm_{} on pid {pid}: {e} (ptrace permission: same uid needed, and Yama \
+             ptrace_scope <= 1 with PR_SET_PTRACER, or CAP_SYS_PTRACE)",
+            if dir == Cma::Pull { "readv" } else { "writev" }
+        )
+    } else {
+        format!("cross-memory copy with pid {pid}: {e}")
+    }
+}
+
+/// Cross-memory copy of `ours` with `theirs` in process `pid`, split over up to `threads`
+/// threads when it is big. Returns the bytes moved.
+///
+/// # Safety
+/// As [`sys::cross_copy`]: every span of `ours` stays valid for the whole call.
+unsafe fn copy_split(
+    pid: i32,
+    dir: Cma,
+    ours: &[Span],
+    theirs: &[Span],
+    threads: usize,
+) -> io::Result<u64> {
+    let total: u64 = ours.iter().map(|s| s.len).sum();
+    let threads = threads.max(1);
+    if total < (8 << 20) || threads == 1 {
+        // SAFETY: forwarded contract.
+        return unsafe { sys::cross_copy(pid, dir, ours, theirs) };
+    }
+    let parts = split_spans(ours, theirs, threads);
+    let Some(((o0, t0), rest)) = parts.split_first() else {
+        return Ok(0);
+    };
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = rest
+            .iter()
+            // SAFETY: forwarded contract; the scope ends before this function returns.
+            .map(|(o, t)| sc.spawn(move || unsafe { sys::cross_copy(pid, dir, o, t) }))
+            .collect();
+        // The first part on this thread, meanwhile.
+        // SAFETY: forwarded contract.
+        let first = unsafe { sys::cross_copy(pid, dir, o0, t0) };
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("copy thread panicked")))
+            })
+            .try_fold(0u64, |acc, r| r.map(|n| acc + n))
+            .and_then(|n| first.map(|f| f + n))
+    })
 }
 
 /// Cuts paired span lists (equal lengths pairwise) into `n` parts of about equal bytes.
@@ -724,6 +813,271 @@ impl Inner {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Cross-memory grants (both sides).
+
+/// Slots in a connection's grant table.
+const GRANT_SLOTS: usize = 4096;
+/// Bytes per slot: the live generation word, then the in-flight counter.
+const SLOT_BYTES: usize = 16;
+/// Size of a grant table.
+const TABLE_BYTES: usize = GRANT_SLOTS * SLOT_BYTES;
+/// How long deregistration waits for a peer's granted copy in flight (as long as the agent
+/// waits for its own transfers holding a region).
+const GRANT_DRAIN_PATIENCE: Duration = Duration::from_secs(60);
+
+/// A connection's grant table: a sealed memfd the target creates and maps, and lends to the
+/// one initiator of that connection, which maps it too. Slot `i` holds two words: `live`, the
+/// generation of the grant in it (0: revoked, written by the target only), and `inflight`, the
+/// initiator's copies under way on it (written by the initiator only).
+#[derive(Debug)]
+struct GrantTable {
+    base: *mut u8,
+    /// The memfd, kept by the target to lend it.
+    fd: Option<OwnedFd>,
+}
+
+// SAFETY: the table is shared memory accessed only through atomics.
+unsafe impl Send for GrantTable {}
+// SAFETY: as above.
+unsafe impl Sync for GrantTable {}
+
+impl GrantTable {
+    /// A fresh table (target side).
+    fn create() -> io::Result<GrantTable> {
+        let fd = sys::memfd(TABLE_BYTES, false)?;
+        let base = sys::map_shared(fd.as_raw_fd(), TABLE_BYTES, true)?;
+        Ok(GrantTable { base, fd: Some(fd) })
+    }
+
+    /// Maps a table a target lent us (initiator side): a memfd sealed against shrinking and
+    /// growing, of the right size, or nothing is mapped.
+    fn adopt(fd: &OwnedFd) -> std::result::Result<GrantTable, String> {
+        sys::check_sealed(fd.as_raw_fd())?;
+        let size = sys::fd_size(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+        if size != TABLE_BYTES as u64 {
+            return Err(format!(
+                "peer's grant table is {size} bytes, not {TABLE_BYTES}"
+            ));
+        }
+        let base = sys::map_shared(fd.as_raw_fd(), TABLE_BYTES, true).map_err(|e| e.to_string())?;
+        Ok(GrantTable { base, fd: None })
+    }
+
+    fn word(&self, slot: u32, which: usize) -> &AtomicU64 {
+        let i = (slot as usize).min(GRANT_SLOTS - 1) * SLOT_BYTES + which * 8;
+        // SAFETY: `i + 8 <= TABLE_BYTES` (slot clamped), the mapping is page-aligned so the word
+        // is 8-aligned, and it lives as long as `self`; it is only accessed atomically.
+        unsafe { &*(self.base.add(i) as *const AtomicU64) }
+    }
+
+    fn live(&self, slot: u32) -> &AtomicU64 {
+        self.word(slot, 0)
+    }
+
+    fn inflight(&self, slot: u32) -> &AtomicU64 {
+        self.word(slot, 1)
+    }
+}
+
+impl Drop for GrantTable {
+    fn drop(&mut self) {
+        // SAFETY: (base, TABLE_BYTES) is our mapping; the table is dropped with its last user.
+        unsafe { sys::unmap(self.base, TABLE_BYTES) };
+    }
+}
+
+/// The target's view of one connection's grant table.
+#[derive(Debug)]
+struct TableSlots {
+    table: Arc<GrantTable>,
+    /// The initiator process (None if no pidfd could be had: then only its count tells).
+    pidfd: Option<Arc<OwnedFd>>,
+    free: Vec<u32>,
+    next_gen: u64,
+}
+
+/// Answers a GrantReq: checks the region as for an Op, records the grant, lends the table.
+#[allow(clippy::too_many_arguments)]
+fn grant_cma(
+    inner: &Inner,
+    target: &TargetHandle,
+    writer: &Mutex<UnixStream>,
+    (conn_id, peer_pid): (u64, i32),
+    id: u64,
+    addr: u64,
+    len: u64,
+    key: u64,
+) -> io::Result<()> {
+    let refuse = |status, text: String| {
+        let f = Frame::GrantReply {
+            id,
+            status,
+            slot: 0,
+            gen: 0,
+            text,
+        };
+        send(writer, &f)
+    };
+    if !inner.cfg.cma_grants {
+        return refuse(
+            Status::Failed,
+            "this agent gives no cross-memory grants".into(),
+        );
+    }
+    let d = Desc::new(addr, len, 0);
+    if len == 0 || d.end().is_none() {
+        return refuse(Status::Denied, "empty or wrapping region".into());
+    }
+    // Held until the grant is recorded: a deregistration drains it before it revokes grants.
+    let access = match target.check(MemKind::Dram, &d, key) {
+        Ok(a) => a,
+        Err(denied) => {
+            metrics::counter!("nixl_access_denied_total", "backend" => "shm").increment(1);
+            return refuse(Status::Denied, denied.to_string());
+        }
+    };
+    if access.region().desc != d {
+        return refuse(Status::Denied, "a grant covers a whole region".into());
+    }
+    let mut tables = inner.grant_tables.lock();
+    let slots = match tables.entry(conn_id) {
+        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => match GrantTable::create() {
+            Ok(t) => v.insert(TableSlots {
+                table: Arc::new(t),
+                pidfd: sys::pidfd_open(peer_pid).ok().map(Arc::new),
+                free: (0..GRANT_SLOTS as u32).rev().collect(),
+                next_gen: 0,
+            }),
+            Err(e) => {
+                drop(tables);
+                return refuse(Status::Failed, format!("grant table: {e}"));
+            }
+        },
+    };
+    let Some(slot) = slots.free.pop() else {
+        drop(tables);
+        return refuse(Status::Failed, "grant table full".into());
+    };
+    slots.next_gen += 1;
+    let gen = slots.next_gen;
+    let table = Arc::clone(&slots.table);
+    table.live(slot).store(gen, Ordering::SeqCst);
+    inner
+        .cma_grants
+        .lock()
+        .entry(key)
+        .or_default()
+        .push((conn_id, slot));
+    drop(tables);
+    drop(access);
+    let reply = Frame::GrantReply {
+        id,
+        status: Status::Ok,
+        slot,
+        gen,
+        text: String::new(),
+    };
+    let fd = table.fd.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
+    let w = writer.lock();
+    sys::send_with_fd(&w, &reply.encode(), fd)
+}
+
+/// Waits until `idle()`, or the process behind `pidfd` has exited (its copies with it), or
+/// `deadline`; false on the deadline.
+fn drain(idle: impl Fn() -> bool, pidfd: Option<&OwnedFd>, deadline: Instant) -> bool {
+    let mut spins = 0u32;
+    loop {
+        if idle() || pidfd.is_some_and(sys::pid_exited) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        spins += 1;
+        if spins < 100 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+impl Inner {
+    /// The connection `conn` has ended: revokes every grant given on it and waits for the
+    /// copies under way, then forgets them. (A connection ends when the peer closes its side,
+    /// which it also does on invalidation, alive and possibly still copying: so the end of
+    /// the connection alone is not the end of its copies.)
+    fn end_grants(&self, conn: u64) {
+        let entry = self
+            .grant_tables
+            .lock()
+            .get(&conn)
+            .map(|t| (Arc::clone(&t.table), t.pidfd.clone()));
+        if let Some((table, pidfd)) = entry {
+            for slot in 0..GRANT_SLOTS as u32 {
+                table.live(slot).store(0, Ordering::SeqCst);
+            }
+            let idle =
+                || (0..GRANT_SLOTS as u32).all(|s| table.inflight(s).load(Ordering::SeqCst) == 0);
+            if !drain(
+                idle,
+                pidfd.as_deref(),
+                Instant::now() + GRANT_DRAIN_PATIENCE,
+            ) {
+                tracing::error!(
+                    conn,
+                    "shm: a closed peer's granted copies did not end in time"
+                );
+            }
+        }
+        // Only now: a revocation meanwhile found the table and waited on its slot itself.
+        self.grant_tables.lock().remove(&conn);
+        for grants in self.cma_grants.lock().values_mut() {
+            grants.retain(|(c, _)| *c != conn);
+        }
+    }
+
+    /// Revokes every cross-memory grant on the region with `key`: marks each slot revoked, then
+    /// waits (bounded) until the copies the initiator started before that have ended.
+    fn revoke_grants(&self, key: u64) {
+        let Some(grants) = self.cma_grants.lock().remove(&key) else {
+            return;
+        };
+        // A copy under way ends in microseconds to milliseconds; a peer stopped in the middle
+        // of one (SIGSTOP, a debugger) holds us as long as a held local transfer holds the
+        // agent's deregistration, since the memory may be freed and reused once we return.
+        let deadline = Instant::now() + GRANT_DRAIN_PATIENCE.max(self.cfg.revoke_timeout);
+        for (conn, slot) in grants {
+            let Some((table, pidfd)) = self
+                .grant_tables
+                .lock()
+                .get(&conn)
+                .map(|t| (Arc::clone(&t.table), t.pidfd.clone()))
+            else {
+                continue; // that connection's grants were all revoked and drained when it ended
+            };
+            // Dekker with the initiator's `inflight += 1; check live`: both SeqCst, so either
+            // it sees 0 here and backs off, or we see its count below and wait for the copy.
+            table.live(slot).store(0, Ordering::SeqCst);
+            let idle = || table.inflight(slot).load(Ordering::SeqCst) == 0;
+            let drained = drain(idle, pidfd.as_deref(), deadline);
+            if drained {
+                if let Some(t) = self.grant_tables.lock().get_mut(&conn) {
+                    t.free.push(slot);
+                }
+            } else {
+                // The slot is not reused (its counter is not trusted any more).
+                tracing::error!(
+                    key,
+                    "shm: a peer's copy on a deregistered region did not end in time"
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Initiator side.
 
 struct Pending {
@@ -759,8 +1113,51 @@ impl Drop for Mapping {
 }
 
 type MapResult = std::result::Result<Arc<Mapping>, String>;
-/// A peer's answer to a mapping request: the memfd, the buffer length, the region's offset.
-type Granted = std::result::Result<(OwnedFd, u64, u64), String>;
+/// A peer's answer to a mapping request (the memfd, the buffer length, the region's offset) or
+/// to a grant request (the table's memfd, the slot, the generation).
+type Granted = std::result::Result<(OwnedFd, u64, u64), (Status, String)>;
+
+/// A cross-memory grant a target gave us on one of its regions.
+#[derive(Debug)]
+struct Grant {
+    table: Arc<GrantTable>,
+    slot: u32,
+    gen: u64,
+    /// The region it covers (in the target).
+    desc: Desc,
+}
+
+impl Grant {
+    fn live(&self) -> bool {
+        self.table.live(self.slot).load(Ordering::SeqCst) == self.gen
+    }
+}
+
+/// Copies under way on a set of grants: entered with `inflight += 1` on each, left on drop.
+struct GrantHold<'a>(&'a [Arc<Grant>], usize);
+
+impl<'a> GrantHold<'a> {
+    /// Enters every grant, or none if one was revoked.
+    fn enter(grants: &'a [Arc<Grant>]) -> Option<GrantHold<'a>> {
+        let mut hold = GrantHold(grants, 0);
+        for g in grants {
+            g.table.inflight(g.slot).fetch_add(1, Ordering::SeqCst);
+            hold.1 += 1;
+            if !g.live() {
+                return None; // `hold` leaves the ones entered
+            }
+        }
+        Some(hold)
+    }
+}
+
+impl Drop for GrantHold<'_> {
+    fn drop(&mut self) {
+        for g in &self.0[..self.1] {
+            g.table.inflight(g.slot).fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
 
 /// Our connection to one peer's socket.
 struct Conn {
@@ -776,6 +1173,12 @@ struct Conn {
     next_id: AtomicU64,
     closed: AtomicBool,
     close_reason: Mutex<String>,
+    /// The target's pid (its socket's SO_PEERCRED, matching its metadata) and a pidfd on it.
+    pid: i32,
+    pidfd: Option<OwnedFd>,
+    /// The grant table the target lent us, and our grants by region key.
+    table: Mutex<Option<Arc<GrantTable>>>,
+    grants: Mutex<HashMap<u64, Arc<Grant>>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -816,6 +1219,10 @@ impl Conn {
         (&stream)
             .write_all(&hello.encode())
             .map_err(|e| disconnected(format!("hello: {e}")))?;
+        // Taken after the pid was checked against the socket: the process that listens there.
+        let pidfd = sys::pidfd_open(pid)
+            .map_err(|e| tracing::debug!(error = %e, "shm: no pidfd; grants off for this peer"))
+            .ok();
         let reader = stream
             .try_clone()
             .map_err(|e| Error::io("shm: clone socket", e))?;
@@ -834,6 +1241,10 @@ impl Conn {
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             close_reason: Mutex::new(String::new()),
+            pid,
+            pidfd,
+            table: Mutex::new(None),
+            grants: Mutex::new(HashMap::new()),
         });
         // The reader holds the connection until the peer's end of the socket closes: pending
         // posts keep our memory held until then (we close our sending side on invalidation or
@@ -901,21 +1312,13 @@ impl Conn {
     }
 
     /// The mapping of a peer's mappable region, asking the peer for it the first time.
-    fn map_region(&self, region: &Desc, key: u64) -> MapResult {
-        if let Some(m) = self.maps.lock().get(&key) {
-            return Ok(Arc::clone(m));
-        }
+    /// Sends a MapReq or GrantReq made by `req(id)` and waits (bounded) for its answer.
+    fn ask(&self, req: impl FnOnce(u64) -> Frame) -> Granted {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.map_waits.lock().insert(id, None);
-        let req = Frame::MapReq {
-            id,
-            addr: region.addr,
-            len: region.len,
-            key,
-        };
-        if let Err(e) = self.send(&req) {
+        if let Err(e) = self.send(&req(id)) {
             self.map_waits.lock().remove(&id);
-            return Err(e.to_string());
+            return Err((Status::Failed, e.to_string()));
         }
         let deadline = Instant::now() + self.backend.cfg.op_timeout;
         let mut waits = self.map_waits.lock();
@@ -924,15 +1327,82 @@ impl Conn {
                 break r;
             }
             if self.closed.load(Ordering::Acquire) {
-                break Err("connection closed".into());
+                break Err((Status::Failed, "connection closed".into()));
             }
             if self.map_cv.wait_until(&mut waits, deadline).timed_out() {
-                break Err("no answer to the mapping request".into());
+                break Err((Status::Failed, "no answer to the request".into()));
             }
         };
         waits.remove(&id);
-        drop(waits);
-        let (fd, buf_len, offset) = got?;
+        got
+    }
+
+    /// Our cross-memory grant on a peer's region, asking the peer for it the first time (or
+    /// again after a revocation, which the peer then refuses if the region is gone).
+    fn grant_region(&self, region: &Desc, key: u64) -> std::result::Result<Arc<Grant>, Error> {
+        if let Some(g) = self.grants.lock().get(&key) {
+            if g.live() && g.desc == *region {
+                return Ok(Arc::clone(g));
+            }
+        }
+        let failed = |reason: String| Error::Backend {
+            backend: BackendName::Shm,
+            op: "grant",
+            reason,
+        };
+        let got = self.ask(|id| Frame::GrantReq {
+            id,
+            addr: region.addr,
+            len: region.len,
+            key,
+        });
+        let (fd, slot, gen) = got.map_err(|(status, reason)| match status {
+            Status::Denied => Error::Denied {
+                peer: self.peer.to_string(),
+                reason,
+            },
+            _ => failed(reason),
+        })?;
+        if slot >= GRANT_SLOTS as u64 || gen == 0 {
+            return Err(failed(format!("peer gave slot {slot} generation {gen}")));
+        }
+        let table = {
+            let mut t = self.table.lock();
+            match &*t {
+                Some(t) => Arc::clone(t),
+                None => {
+                    let adopted = Arc::new(GrantTable::adopt(&fd).map_err(failed)?);
+                    *t = Some(Arc::clone(&adopted));
+                    adopted
+                }
+            }
+        };
+        let g = Arc::new(Grant {
+            table,
+            slot: slot as u32,
+            gen,
+            desc: *region,
+        });
+        self.grants.lock().insert(key, Arc::clone(&g));
+        Ok(g)
+    }
+
+    /// Whether the target process is known to have exited.
+    fn target_exited(&self) -> bool {
+        self.pidfd.as_ref().is_none_or(sys::pid_exited)
+    }
+
+    fn map_region(&self, region: &Desc, key: u64) -> MapResult {
+        if let Some(m) = self.maps.lock().get(&key) {
+            return Ok(Arc::clone(m));
+        }
+        let got = self.ask(|id| Frame::MapReq {
+            id,
+            addr: region.addr,
+            len: region.len,
+            key,
+        });
+        let (fd, buf_len, offset) = got.map_err(|(_, text)| text)?;
         // Sealed first: only then does the size checked next stay the size.
         sys::check_sealed(fd.as_raw_fd())?;
         let size = sys::fd_size(fd.as_raw_fd()).map_err(|e| e.to_string())?;
@@ -1026,6 +1496,34 @@ fn read_loop(c: Arc<Conn>, stream: UnixStream) {
     }
 }
 
+/// Hands a MapReply or GrantReply (its file descriptor and two numbers) to the request waiting
+/// for it.
+fn answer(
+    c: &Conn,
+    fds: &mut VecDeque<OwnedFd>,
+    id: u64,
+    status: Status,
+    (a, b): (u64, u64),
+    text: String,
+    what: &str,
+) {
+    let r = if status == Status::Ok {
+        match fds.pop_front() {
+            Some(fd) => Ok((fd, a, b)),
+            None => Err((
+                Status::Failed,
+                format!("{what} reply came without a file descriptor"),
+            )),
+        }
+    } else {
+        Err((status, text))
+    };
+    if let Some(w) = c.map_waits.lock().get_mut(&id) {
+        *w = Some(r);
+    }
+    c.map_cv.notify_all();
+}
+
 fn handle_reply(c: &Conn, f: Frame, fds: &mut VecDeque<OwnedFd>) {
     match f {
         Frame::Done { id, status, text } => {
@@ -1052,20 +1550,14 @@ fn handle_reply(c: &Conn, f: Frame, fds: &mut VecDeque<OwnedFd>) {
             buf_len,
             offset,
             text,
-        } => {
-            let r = if status == Status::Ok {
-                match fds.pop_front() {
-                    Some(fd) => Ok((fd, buf_len, offset)),
-                    None => Err("mapping reply came without a file descriptor".into()),
-                }
-            } else {
-                Err(text)
-            };
-            if let Some(slot) = c.map_waits.lock().get_mut(&id) {
-                *slot = Some(r);
-            }
-            c.map_cv.notify_all();
-        }
+        } => answer(c, fds, id, status, (buf_len, offset), text, "mapping"),
+        Frame::GrantReply {
+            id,
+            status,
+            slot,
+            gen,
+            text,
+        } => answer(c, fds, id, status, (u64::from(slot), gen), text, "grant"),
         Frame::Revoke { key } => {
             let m = c.maps.lock().remove(&key);
             if let Some(m) = m {
@@ -1142,6 +1634,21 @@ impl Connection for Conn {
                 }
             }
         }
+        if self.backend.cfg.cma_grants && self.pidfd.is_some() {
+            let grants: Result<Vec<Arc<Grant>>> = plan
+                .remote_regions
+                .iter()
+                .map(|r| self.grant_region(&r.desc, r.key))
+                .collect();
+            match grants {
+                Ok(grants) => return self.granted_xfer(conn, &plan, grants),
+                Err(e @ Error::Denied { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e,
+                        "shm: no cross-memory grant; the target copies");
+                }
+            }
+        }
         let segs: Vec<WireSeg> = plan
             .segments
             .iter()
@@ -1185,6 +1692,161 @@ impl Connection for Conn {
 impl Conn {
     fn self_arc(&self) -> Result<Arc<Conn>> {
         self.me.upgrade().ok_or_else(|| self.disconnected())
+    }
+
+    /// A transfer we copy ourselves under `grants` (one per remote region of `plan`). Every
+    /// remote range is checked here against the region its grant covers.
+    fn granted_xfer(
+        &self,
+        conn: Arc<Conn>,
+        plan: &XferPlan,
+        grants: Vec<Arc<Grant>>,
+    ) -> Result<Box<dyn PreparedXfer>> {
+        let mut ours = Vec::with_capacity(plan.segments.len());
+        let mut theirs = Vec::with_capacity(plan.segments.len());
+        for (i, s) in plan.segments.iter().enumerate() {
+            let g = grants
+                .get(s.remote_region as usize)
+                .ok_or_else(|| Error::InvalidArgument(format!("descriptor {i}: no region")))?;
+            let remote = Desc::new(s.remote.addr, s.local.len, g.desc.dev_id);
+            if s.local.len == 0 || remote.end().is_none() || !g.desc.contains(&remote) {
+                return Err(Error::Denied {
+                    peer: self.peer.to_string(),
+                    reason: format!(
+                        "descriptor {i} ({:#x}+{}) is outside the granted region",
+                        s.remote.addr, s.local.len
+                    ),
+                });
+            }
+            ours.push(Span {
+                addr: s.local.addr,
+                len: s.local.len,
+            });
+            theirs.push(Span {
+                addr: s.remote.addr,
+                len: s.local.len,
+            });
+        }
+        Ok(Box::new(GrantedXfer {
+            conn,
+            dir: if plan.op == XferOp::Write {
+                Cma::Push
+            } else {
+                Cma::Pull
+            },
+            total: plan.total_bytes(),
+            ours: ours.into(),
+            theirs: theirs.into(),
+            grants: grants.into(),
+            notif: plan.notif.clone(),
+        }))
+    }
+}
+
+/// Granted copies up to this size run on the posting thread (a few milliseconds at most; from
+/// 8 MiB with helper threads beside it): no thread to wake first, which on a busy host costs
+/// more than the copy. Bigger ones run on a thread of their own.
+const GRANT_INLINE_MAX: u64 = 16 << 20;
+
+/// A prepared transfer we copy ourselves with `process_vm_*` under the target's grants.
+#[derive(Debug)]
+struct GrantedXfer {
+    conn: Arc<Conn>,
+    dir: Cma,
+    total: u64,
+    ours: Arc<[Span]>,
+    theirs: Arc<[Span]>,
+    grants: Arc<[Arc<Grant>]>,
+    notif: Option<Vec<u8>>,
+}
+
+impl GrantedXfer {
+    /// Copies under the grants and ends the post.
+    fn run(
+        conn: &Conn,
+        dir: Cma,
+        total: u64,
+        (ours, theirs): (&[Span], &[Span]),
+        grants: &[Arc<Grant>],
+        notif: Option<&[u8]>,
+        done: Completion,
+    ) {
+        let Some(hold) = GrantHold::enter(grants) else {
+            done.complete(Err(Error::Denied {
+                peer: conn.peer.to_string(),
+                reason: "the peer deregistered a region of this transfer".into(),
+            }));
+            return;
+        };
+        // Checked after entering: a target that exits can no longer revoke, and its pid must
+        // not be written once it may have been reused.
+        if conn.target_exited() {
+            drop(hold);
+            done.complete(Err(Error::RemoteDisconnect {
+                peer: conn.peer.to_string(),
+                reason: "the target process has exited".into(),
+            }));
+            return;
+        }
+        let threads = conn.backend.cfg.copy_threads;
+        // SAFETY: our spans lie in our registered regions, held by `done` until it completes;
+        // the target's were checked against its grants, held live by `hold`.
+        let r = unsafe { copy_split(conn.pid, dir, ours, theirs, threads) };
+        drop(hold);
+        let outcome = match r {
+            Ok(n) if n == total => match notif {
+                // The data has landed: the notification follows it on the socket.
+                Some(msg) => conn.send(&Frame::Notif { msg: msg.to_vec() }),
+                None => Ok(()),
+            },
+            Ok(n) => Err(Error::Backend {
+                backend: BackendName::Shm,
+                op: "copy",
+                reason: format!("moved {n} of {total} bytes"),
+            }),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) || conn.target_exited() => {
+                Err(Error::RemoteDisconnect {
+                    peer: conn.peer.to_string(),
+                    reason: format!("the target process has exited ({e})"),
+                })
+            }
+            Err(e) => Err(Error::Backend {
+                backend: BackendName::Shm,
+                op: "copy",
+                reason: cma_failure(&e, conn.pid, dir),
+            }),
+        };
+        done.complete(outcome);
+    }
+}
+
+impl PreparedXfer for GrantedXfer {
+    fn post(&self, done: Completion) {
+        let c = &self.conn;
+        if c.closed.load(Ordering::Acquire) {
+            done.complete(Err(c.disconnected()));
+            return;
+        }
+        if self.total <= GRANT_INLINE_MAX {
+            let spans = (&self.ours[..], &self.theirs[..]);
+            let notif = self.notif.as_deref();
+            GrantedXfer::run(c, self.dir, self.total, spans, &self.grants, notif, done);
+            return;
+        }
+        // Big: on a thread of its own (which splits the copy further), not the caller's.
+        let (conn, dir, total) = (Arc::clone(c), self.dir, self.total);
+        let (ours, theirs) = (Arc::clone(&self.ours), Arc::clone(&self.theirs));
+        let (grants, notif) = (Arc::clone(&self.grants), self.notif.clone());
+        let spawned = std::thread::Builder::new()
+            .name("nixl-shm-copy".into())
+            .spawn(move || {
+                let spans = (&ours[..], &theirs[..]);
+                GrantedXfer::run(&conn, dir, total, spans, &grants, notif.as_deref(), done);
+            });
+        if let Err(e) = spawned {
+            // The closure (and the completion in it) is dropped: the post ends as failed.
+            tracing::error!(error = %e, "shm: cannot start a copy thread");
+        }
     }
 }
 
@@ -1364,6 +2026,19 @@ mod tests {
 
     /// A fake peer answers a mapping request with `fd`; returns what the initiator made of it.
     fn map_from_fake_peer(fd: OwnedFd) -> Option<MapResult> {
+        with_fake_peer(fd, 0, 0, |conn| {
+            conn.map_region(&Desc::new(0x10000, 4096, 0), 7)
+        })
+    }
+
+    /// Runs `ask` on a connection to a fake peer that answers a MapReq or a GrantReq with
+    /// success, `fd` attached (and `slot`, `gen` in a GrantReply).
+    fn with_fake_peer<T>(
+        fd: OwnedFd,
+        slot: u32,
+        gen: u64,
+        ask: impl FnOnce(&Conn) -> T,
+    ) -> Option<T> {
         let dir = std::env::temp_dir().join(format!(
             "nixl-seal-{}-{:x}",
             std::process::id(),
@@ -1388,19 +2063,27 @@ mod tests {
             let mut framer = Framer::default();
             loop {
                 while let Some(body) = framer.next_frame().unwrap() {
-                    if let Frame::MapReq { id, .. } = Frame::decode(&body).unwrap() {
-                        let reply = Frame::MapReply {
+                    let reply = match Frame::decode(&body).unwrap() {
+                        Frame::MapReq { id, .. } => Frame::MapReply {
                             id,
                             status: Status::Ok,
                             buf_len: 4096,
                             offset: 0,
                             text: String::new(),
-                        };
-                        sys::send_with_fd(&s, &reply.encode(), fd.as_raw_fd()).unwrap();
-                        // Hold the socket until the initiator is done.
-                        let _ = (&s).read(&mut [0u8; 64]);
-                        return;
-                    }
+                        },
+                        Frame::GrantReq { id, .. } => Frame::GrantReply {
+                            id,
+                            status: Status::Ok,
+                            slot,
+                            gen,
+                            text: String::new(),
+                        },
+                        _ => continue,
+                    };
+                    sys::send_with_fd(&s, &reply.encode(), fd.as_raw_fd()).unwrap();
+                    // Hold the socket until the initiator is done.
+                    let _ = (&s).read(&mut [0u8; 64]);
+                    return;
                 }
                 let spare = framer.spare(4096);
                 let n = (&s).read(spare).unwrap();
@@ -1411,13 +2094,74 @@ mod tests {
         let mut info = ConnInfo::ours(&path.to_string_lossy());
         info.pid = std::process::id();
         let conn = Conn::open(&be.inner, "fake", &info).unwrap();
-        let got = conn.map_region(&Desc::new(0x10000, 4096, 0), 7);
+        let got = ask(&conn);
         conn.mark_closed("test over");
         drop(conn);
         drop(agent);
         peer.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         Some(got)
+    }
+
+    fn memfd_of(len: i64, seals: libc::c_int) -> OwnedFd {
+        // SAFETY: the name is a NUL-terminated static string.
+        let raw = unsafe {
+            libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        assert!(raw >= 0);
+        // SAFETY: a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ftruncate and fcntl with integer arguments on an fd we own.
+        unsafe {
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), len), 0);
+            if seals != 0 {
+                assert_eq!(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals), 0);
+            }
+        }
+        fd
+    }
+
+    #[test]
+    fn a_lying_peers_grant_is_refused() {
+        let region = Desc::new(0x10000, 4096, 0);
+        let table = TABLE_BYTES as i64;
+        // A grant table that is not sealed, or of the wrong size, or a slot out of range or a
+        // zero generation: refused (the transfer then goes the round-trip way).
+        let cases: [(OwnedFd, u32, u64, &str); 5] = [
+            (memfd_of(table, 0), 1, 1, "not sealed"),
+            (memfd_of(table, libc::F_SEAL_SHRINK), 1, 1, "not sealed"),
+            (memfd_of(4096, sys::SIZE_SEALS), 1, 1, "bytes, not"),
+            (
+                memfd_of(table, sys::SIZE_SEALS),
+                GRANT_SLOTS as u32,
+                1,
+                "slot",
+            ),
+            (memfd_of(table, sys::SIZE_SEALS), 3, 0, "generation 0"),
+        ];
+        for (fd, slot, gen, want) in cases {
+            let Some(got) = with_fake_peer(fd, slot, gen, |c| c.grant_region(&region, 7)) else {
+                return;
+            };
+            let e = got.unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // A good one is taken, but its slot is live only when the target set it so.
+        let fd = memfd_of(table, sys::SIZE_SEALS);
+        let Some(got) = with_fake_peer(fd, 3, 9, |c| c.grant_region(&region, 7)) else {
+            return;
+        };
+        let g = got.unwrap();
+        assert!(
+            !g.live(),
+            "the fake peer never wrote generation 9 in slot 3"
+        );
+        assert!(GrantHold::enter(std::slice::from_ref(&g)).is_none());
+        assert_eq!(
+            g.table.inflight(3).load(Ordering::SeqCst),
+            0,
+            "enter backed out"
+        );
     }
 
     #[test]

@@ -243,3 +243,23 @@ pub fn pid_ns() -> u64 {
         .map(|m| m.ino())
         .unwrap_or(0)
 }
+
+/// A pidfd for `pid` (`pidfd_open(2)`, Linux 5.3+).
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes plain integers and returns a new descriptor or -1.
+    let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: a fresh descriptor the kernel just gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether the process behind `pidfd` has exited (a pidfd polls readable once it has).
+pub fn pid_exited(pidfd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on a descriptor we own, zero timeout.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    r > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP) != 0
+}

@@ -71,6 +71,22 @@ pub enum Frame {
     Revoke { key: u64 },
     /// The mapping is gone.
     RevokeAck { key: u64 },
+    /// Ask for a cross-memory grant on a region (the initiator then copies itself).
+    GrantReq {
+        id: u64,
+        addr: u64,
+        len: u64,
+        key: u64,
+    },
+    /// Answer to GrantReq: the grant's slot in the connection's grant table and its
+    /// generation; the table's memfd arrives with an Ok reply.
+    GrantReply {
+        id: u64,
+        status: Status,
+        slot: u32,
+        gen: u64,
+        text: String,
+    },
 }
 
 const HELLO: u8 = 1;
@@ -81,6 +97,8 @@ const MAP_REQ: u8 = 5;
 const MAP_REPLY: u8 = 6;
 const REVOKE: u8 = 7;
 const REVOKE_ACK: u8 = 8;
+const GRANT_REQ: u8 = 9;
+const GRANT_REPLY: u8 = 10;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     let b = &s.as_bytes()[..s.len().min(MAX_TEXT)];
@@ -171,6 +189,26 @@ impl Frame {
                 out.push(REVOKE_ACK);
                 out.extend_from_slice(&key.to_le_bytes());
             }
+            Frame::GrantReq { id, addr, len, key } => {
+                out.push(GRANT_REQ);
+                for v in [*id, *addr, *len, *key] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            Frame::GrantReply {
+                id,
+                status,
+                slot,
+                gen,
+                text,
+            } => {
+                out.push(GRANT_REPLY);
+                out.extend_from_slice(&id.to_le_bytes());
+                out.push(*status as u8);
+                out.extend_from_slice(&slot.to_le_bytes());
+                out.extend_from_slice(&gen.to_le_bytes());
+                put_str(out, text);
+            }
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -259,6 +297,19 @@ impl Frame {
             },
             REVOKE => Frame::Revoke { key: r.u64("key")? },
             REVOKE_ACK => Frame::RevokeAck { key: r.u64("key")? },
+            GRANT_REQ => Frame::GrantReq {
+                id: r.u64("id")?,
+                addr: r.u64("addr")?,
+                len: r.u64("len")?,
+                key: r.u64("key")?,
+            },
+            GRANT_REPLY => Frame::GrantReply {
+                id: r.u64("id")?,
+                status: status(r.u8("status")?)?,
+                slot: r.u32("slot")?,
+                gen: r.u64("generation")?,
+                text: r.str("text", MAX_TEXT)?,
+            },
             k => {
                 return Err(DecodeError::Invalid {
                     field: "frame type",
@@ -373,6 +424,19 @@ mod tests {
             },
             Frame::Revoke { key: 5 },
             Frame::RevokeAck { key: 5 },
+            Frame::GrantReq {
+                id: 3,
+                addr: 0x1000,
+                len: 4096,
+                key: 77,
+            },
+            Frame::GrantReply {
+                id: 3,
+                status: Status::Ok,
+                slot: 9,
+                gen: 12,
+                text: String::new(),
+            },
         ]
     }
 
