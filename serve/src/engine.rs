@@ -11,6 +11,12 @@
 //! - `decode`: wait for the offers of a request (one per own rank), pull them into freshly
 //!   allocated blocks ([`nixl_kv::handoff::DecodeSide::pull`]), then decode.
 //!
+//! Under KV pressure work waits rather than fails: queued prefills wait (up to 30 s) for
+//! blocks other requests hold; a decode admission waits (within half the lease) until its
+//! blocks plus one block of headroom per running request are free; a running request that
+//! finds no block waits too, and one is preempted (ends with an error, so its frontend
+//! prefills it again elsewhere) only when none can step.
+//!
 //! Every request ends in one terminal status (`ok`, `cancelled`, `error`) and releases its
 //! blocks. A request whose token stream is no longer read (the client went away) is cancelled
 //! at its next step.
