@@ -292,8 +292,8 @@ impl Weights {
 pub trait KvStore {
     /// Stores the key and value of (layer, pos, head).
     fn write(&mut self, layer: u32, pos: u32, head: u32, k: &[f32], v: &[f32]);
-    /// Reads the key and value of (layer, pos, head) into `k` and `v`.
-    fn read(&self, layer: u32, pos: u32, head: u32, k: &mut [f32], v: &mut [f32]);
+    /// Reads the key (`plane` 0) or the value (`plane` 1) of (layer, pos, head) into `out`.
+    fn read(&self, layer: u32, plane: u32, pos: u32, head: u32, out: &mut [f32]);
 }
 
 /// A plain in-memory [`KvStore`] (tests and references).
@@ -324,10 +324,10 @@ impl KvStore for VecKv {
         self.data[o..o + n].copy_from_slice(k);
         self.data[o + n..o + 2 * n].copy_from_slice(v);
     }
-    fn read(&self, layer: u32, pos: u32, head: u32, k: &mut [f32], v: &mut [f32]) {
-        let (o, n) = (self.at(layer, pos, head), k.len());
-        k.copy_from_slice(&self.data[o..o + n]);
-        v.copy_from_slice(&self.data[o + n..o + 2 * n]);
+    fn read(&self, layer: u32, plane: u32, pos: u32, head: u32, out: &mut [f32]) {
+        let n = out.len();
+        let o = self.at(layer, pos, head) + plane as usize * n;
+        out.copy_from_slice(&self.data[o..o + n]);
     }
 }
 
@@ -466,7 +466,7 @@ impl Model {
                 let heads = kh * group..(kh + 1) * group;
                 let mut all = vec![0f32; group * (pos as usize + 1)];
                 for t in 0..=pos {
-                    kv.read(li, t, kh as u32, &mut kt, &mut vt);
+                    kv.read(li, 0, t, kh as u32, &mut kt);
                     for (gi, hq) in heads.clone().enumerate() {
                         all[gi * (pos as usize + 1) + t as usize] =
                             dot(&q[hq * hd..(hq + 1) * hd], &kt) * scale;
@@ -488,7 +488,7 @@ impl Model {
                 }
                 // Weighted values, positions in order.
                 for t in 0..=pos {
-                    kv.read(li, t, kh as u32, &mut kt, &mut vt);
+                    kv.read(li, 1, t, kh as u32, &mut vt);
                     for (gi, hq) in heads.clone().enumerate() {
                         let p = all[gi * n + t as usize];
                         let out = &mut att[hq * hd..(hq + 1) * hd];
