@@ -656,10 +656,10 @@ impl Engine<'_> {
             table: &table,
         };
         let start = reused * tpb;
-        let mut logits = Vec::new();
-        for (i, &t) in tokens.iter().enumerate().skip(start) {
-            logits = self.model.step(t, i as u32, &mut kv);
+        for (i, &t) in tokens.iter().enumerate().take(n - 1).skip(start) {
+            self.model.advance(t, i as u32, &mut kv);
         }
+        let logits = self.model.step(tokens[n - 1], n as u32 - 1, &mut kv);
         let full = n / tpb;
         self.blocks
             .commit(&table[..full], &hashes[..full], &mut self.shared.log.lock());

@@ -428,6 +428,16 @@ impl Model {
     /// Computes token `token` at position `pos` (keys and values of positions `0..pos` already
     /// in `kv`), writes its keys and values, and returns the logits of the next token.
     pub fn step(&self, token: u32, pos: u32, kv: &mut dyn KvStore) -> Vec<f32> {
+        self.run(token, pos, kv, true)
+    }
+
+    /// [`Model::step`] without the output head: only the keys and values of the token are
+    /// written (the same bytes; a prefill needs the logits of its last token only).
+    pub fn advance(&self, token: u32, pos: u32, kv: &mut dyn KvStore) {
+        self.run(token, pos, kv, false);
+    }
+
+    fn run(&self, token: u32, pos: u32, kv: &mut dyn KvStore, head: bool) -> Vec<f32> {
         let c = &self.cfg;
         let (d, hd) = (c.d_model as usize, c.head_dim as usize);
         let (nq, nkv, f) = (c.heads as usize, c.kv_heads as usize, c.ffn as usize);
@@ -513,6 +523,9 @@ impl Model {
             for i in 0..d {
                 x[i] += o[i];
             }
+        }
+        if !head {
+            return Vec::new();
         }
         rmsnorm(&x, &self.final_norm, c.eps, &mut h);
         let mut logits = vec![0f32; c.vocab as usize];
