@@ -1,5 +1,6 @@
 //! Cost of [`KvIndex::overlap`] and [`Router::choose`]: a request of 1,000 blocks over 64
-//! workers that each hold a different-length prefix of it.
+//! workers that each hold a different-length prefix of it; next to it, the peer: the naive
+//! per-worker walk (each worker's blocks in its own hash set, walked until its first miss).
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use nixl_kv::events::{seq_hashes, KvEvent, KvEventKind, StoredBlock};
@@ -50,6 +51,27 @@ fn bench(c: &mut Criterion) {
     });
     c.bench_function("choose 1000 blocks x 64 workers", |b| {
         b.iter(|| std::hint::black_box(r.choose(std::hint::black_box(&h), &names)))
+    });
+    // The peer: per-worker sets, each walked separately.
+    let sets: Vec<std::collections::HashSet<u64>> = (0..64)
+        .map(|w| {
+            let n = (w + 1) * 1000 / 64;
+            h[..n]
+                .iter()
+                .copied()
+                .chain((0..1000u64).map(|i| (w as u64) << 32 | i))
+                .collect()
+        })
+        .collect();
+    c.bench_function("naive per-worker walk 1000 blocks x 64 workers", |b| {
+        b.iter(|| {
+            let h = std::hint::black_box(&h);
+            std::hint::black_box(
+                sets.iter()
+                    .map(|s| h.iter().take_while(|x| s.contains(x)).count())
+                    .collect::<Vec<_>>(),
+            )
+        })
     });
     let miss: Vec<u64> = (0..1000u64).map(|i| i ^ 0xdead_beef).collect();
     c.bench_function("overlap 1000 blocks, no worker holds the first", |b| {

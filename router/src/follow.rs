@@ -301,6 +301,10 @@ impl<S: EventSource> Follower<S> {
 
     /// Runs the follower on the current tokio runtime, one [`Follower::step`] every
     /// `interval`, until the handle is dropped.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn`).
     pub fn spawn(mut self, interval: Duration) -> FollowerHandle {
         let status = self.status.clone();
         let worker = self.worker.clone();

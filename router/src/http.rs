@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use nixl_kv::events::{Gap, MAX_EVENT_BLOCKS};
 
 use crate::follow::{EventSource, Events, Snapshot, SourceError};
@@ -47,6 +47,7 @@ impl HttpSource {
         conn.set_connect_timeout(Some(DEFAULT_TIMEOUT));
         conn.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(conn);
         Ok(HttpSource {

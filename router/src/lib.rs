@@ -41,6 +41,10 @@ impl Router {
     /// Follows `worker`'s events from `source` into this router's index (and its load into the
     /// router's loads), polling every `interval` on the current tokio runtime, until the handle
     /// is dropped.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (as `tokio::spawn`).
     pub fn follow<S: EventSource>(
         &self,
         worker: &str,

@@ -254,7 +254,9 @@ impl Router {
 
     /// Picks the worker for a whole request (aggregated serving), or its prefill worker: in
     /// the KV-aware mode the candidate of lowest [`cost`]; ties go to the larger overlap, then
-    /// the fewer active requests, then the smaller name. `None` if `candidates` is empty.
+    /// the fewer active requests, then the smaller name. Candidates whose reported free blocks
+    /// (`total_blocks` − active blocks) cannot hold the request's new blocks come after all
+    /// that can. `None` if `candidates` is empty.
     pub fn choose<S: AsRef<str>>(&self, hashes: &[u64], candidates: &[S]) -> Option<Choice> {
         let weight = match self.mode {
             Mode::KvAware { overlap_weight } => overlap_weight,
@@ -262,7 +264,7 @@ impl Router {
         };
         let ov = self.overlaps(hashes);
         let loads = self.loads.lock();
-        let mut best: Option<(f64, usize, u64, &str)> = None;
+        let mut best: Option<Key> = None;
         for c in candidates {
             let name = c.as_ref();
             let o = ov.get(name);
@@ -270,20 +272,21 @@ impl Router {
                 .get(name)
                 .map(LoadState::effective)
                 .unwrap_or_default();
-            let k = (
-                cost(weight, hashes.len(), o, load.active_blocks),
-                o,
-                load.active_requests,
+            let k = Key {
+                overfull: overfull(&load, hashes.len().saturating_sub(o)),
+                cost: cost(weight, hashes.len(), o, load.active_blocks),
+                overlap: o,
+                requests: load.active_requests,
                 name,
-            );
-            if best.is_none_or(|b| better(&k, &b)) {
+            };
+            if best.as_ref().is_none_or(|b| k.better(b)) {
                 best = Some(k);
             }
         }
-        best.map(|(cost, o, _, name)| Choice {
-            worker: name.to_string(),
-            overlap_blocks: o,
-            cost,
+        best.map(|k| Choice {
+            worker: k.name.to_string(),
+            overlap_blocks: k.overlap,
+            cost: k.cost,
         })
     }
 
@@ -299,43 +302,37 @@ impl Router {
     /// The decode worker of a disaggregated request (its KV comes from the prefill worker, so
     /// overlap does not matter): in the KV-aware mode the candidate of least decode load, its
     /// active blocks + the request's blocks (reported as the cost); ties go to the fewer
-    /// active requests, then the smaller name.
+    /// active requests, then the smaller name; candidates without room for the request's
+    /// blocks come last.
     pub fn choose_decode<S: AsRef<str>>(&self, hashes: &[u64], candidates: &[S]) -> Option<Choice> {
         if !matches!(self.mode, Mode::KvAware { .. }) {
             return self.choose_blind(hashes, candidates);
         }
         let loads = self.loads.lock();
-        let mut best: Option<(f64, u64, &str)> = None;
+        let mut best: Option<Key> = None;
         for c in candidates {
             let name = c.as_ref();
             let load = loads
                 .get(name)
                 .map(LoadState::effective)
                 .unwrap_or_default();
-            let k = (
-                load.active_blocks as f64 + hashes.len() as f64,
-                load.active_requests,
+            let k = Key {
+                overfull: overfull(&load, hashes.len()),
+                cost: load.active_blocks as f64 + hashes.len() as f64,
+                overlap: 0,
+                requests: load.active_requests,
                 name,
-            );
-            let wins = match &best {
-                None => true,
-                Some(b) => {
-                    k.0.total_cmp(&b.0)
-                        .then(k.1.cmp(&b.1))
-                        .then(k.2.cmp(b.2))
-                        .is_lt()
-                }
             };
-            if wins {
+            if best.as_ref().is_none_or(|b| k.better(b)) {
                 best = Some(k);
             }
         }
         drop(loads);
-        let (cost, _, name) = best?;
+        let k = best?;
         Some(Choice {
-            worker: name.to_string(),
-            overlap_blocks: self.overlaps(hashes).get(name),
-            cost,
+            worker: k.name.to_string(),
+            overlap_blocks: self.overlaps(hashes).get(k.name),
+            cost: k.cost,
         })
     }
 
@@ -356,12 +353,33 @@ impl Router {
     }
 }
 
-fn better(a: &(f64, usize, u64, &str), b: &(f64, usize, u64, &str)) -> bool {
-    a.0.total_cmp(&b.0)
-        .then(b.1.cmp(&a.1))
-        .then(a.2.cmp(&b.2))
-        .then(a.3.cmp(b.3))
-        .is_lt()
+/// True if `load` says the worker has fewer free blocks than `new_blocks` (never when it
+/// reports no total).
+fn overfull(load: &WorkerLoad, new_blocks: usize) -> bool {
+    load.total_blocks > 0
+        && load.active_blocks.saturating_add(new_blocks as u64) > load.total_blocks
+}
+
+/// Ranking of a candidate: those with room first, then lower cost, larger overlap, fewer
+/// active requests, smaller name.
+struct Key<'a> {
+    overfull: bool,
+    cost: f64,
+    overlap: usize,
+    requests: u64,
+    name: &'a str,
+}
+
+impl Key<'_> {
+    fn better(&self, b: &Key<'_>) -> bool {
+        self.overfull
+            .cmp(&b.overfull)
+            .then(self.cost.total_cmp(&b.cost))
+            .then(b.overlap.cmp(&self.overlap))
+            .then(self.requests.cmp(&b.requests))
+            .then(self.name.cmp(b.name))
+            .is_lt()
+    }
 }
 
 #[cfg(test)]
@@ -458,6 +476,36 @@ mod tests {
     }
 
     #[test]
+    fn workers_without_room_come_last() {
+        let r = Router::new(Mode::KvAware {
+            overlap_weight: 1.0,
+        });
+        let h: Vec<u64> = (1..=10).collect();
+        store(&r, "a", &h[..8]);
+        let load = |active, total| WorkerLoad {
+            active_requests: 1,
+            active_blocks: active,
+            total_blocks: total,
+        };
+        // a: cheapest (2 new blocks), but only 1 free block; b: 10 new blocks, 10 free.
+        r.set_load("a", load(15, 16));
+        r.set_load("b", load(30, 40));
+        let c = r.choose(&h, &["a", "b"]).unwrap();
+        assert_eq!((c.worker.as_str(), c.cost), ("b", 50.0));
+        // a has exactly the room it needs: back to the cost.
+        r.set_load("a", load(14, 16));
+        assert_eq!(r.choose(&h, &["a", "b"]).unwrap().worker, "a");
+        // Nobody has room: still the cheapest, never none.
+        r.set_load("b", load(39, 40));
+        r.set_load("a", load(15, 16));
+        assert_eq!(r.choose(&h, &["a", "b"]).unwrap().worker, "a");
+        // Decode: the request needs all 10 blocks.
+        r.set_load("d0", load(0, 9));
+        r.set_load("d1", load(20, 100));
+        assert_eq!(r.choose_decode(&h, &["d0", "d1"]).unwrap().worker, "d1");
+    }
+
+    #[test]
     fn decode_by_load_and_blind_modes() {
         let r = Router::new(Mode::KvAware {
             overlap_weight: 1.0,
@@ -493,11 +541,11 @@ mod tests {
     /// formula, minimum by sorting on the full key.
     fn model(
         held: &[Vec<u64>],
-        loads: &[(u64, u64)],
+        loads: &[(u64, u64, u64)],
         req: &[u64],
         weight: f64,
     ) -> (String, usize, f64) {
-        let mut rows: Vec<(f64, usize, u64, String)> = held
+        let mut rows: Vec<(bool, f64, usize, u64, String)> = held
             .iter()
             .enumerate()
             .map(|(w, set)| {
@@ -505,17 +553,19 @@ mod tests {
                 let o = req.iter().take_while(|h| set.contains(h)).count();
                 let prefill = (req.len() - o) as f64;
                 let c = weight * prefill + loads[w].1 as f64 + prefill;
-                (c, o, loads[w].0, format!("w{w:02}"))
+                let (total, active) = (loads[w].2, loads[w].1);
+                let full = total != 0 && active + (req.len() - o) as u64 > total;
+                (full, c, o, loads[w].0, format!("w{w:02}"))
             })
             .collect();
         rows.sort_by(|a, b| {
-            a.0.partial_cmp(&b.0)
-                .unwrap()
-                .then(b.1.cmp(&a.1))
-                .then(a.2.cmp(&b.2))
+            a.0.cmp(&b.0)
+                .then(a.1.partial_cmp(&b.1).unwrap())
+                .then(b.2.cmp(&a.2))
                 .then(a.3.cmp(&b.3))
+                .then(a.4.cmp(&b.4))
         });
-        let (c, o, _, w) = rows.swap_remove(0);
+        let (_, c, o, _, w) = rows.swap_remove(0);
         (w, o, c)
     }
 
@@ -523,7 +573,7 @@ mod tests {
         #[test]
         fn choice_matches_brute_force(
             held in prop::collection::vec(prop::collection::vec(0u64..24, 0..24), 1..10),
-            loads in prop::collection::vec((0u64..4, 0u64..30), 10),
+            loads in prop::collection::vec((0u64..4, 0u64..30, prop::sample::select(vec![0u64, 20, 40, 64])), 10),
             req in prop::collection::vec(0u64..24, 0..16),
             weight in prop::sample::select(vec![0.0, 0.5, 1.0, 2.0, 7.25]),
         ) {
@@ -532,7 +582,7 @@ mod tests {
             for (w, h) in held.iter().enumerate() {
                 store(&r, &names[w], h);
                 r.set_load(&names[w], WorkerLoad {
-                    active_requests: loads[w].0, active_blocks: loads[w].1, total_blocks: 64 });
+                    active_requests: loads[w].0, active_blocks: loads[w].1, total_blocks: loads[w].2 });
             }
             let c = r.choose(&req, &names).unwrap();
             let (w, o, cost) = model(&held, &loads, &req, weight);
