@@ -594,6 +594,10 @@ impl Engine<'_> {
                 self.decs[*rank].cancel(from, *h, "request ended");
             }
         }
+        // Offers that came for it are declined at once (prefill frees on the acknowledgement).
+        for (rank, o, _) in self.offers.remove(&r.id).unwrap_or_default() {
+            self.decs[rank].cancel(&o.from, o.id, "request ended");
+        }
         self.blocks.release(&r.table);
         self.finish(status);
         if let Some(e) = err {
