@@ -67,6 +67,77 @@
 #define NIXL_WRITE 1
 
 /**
+ * Bytes of an encoded layout (`nixl_kv_layout_encode`).
+ */
+#define NIXL_KV_LAYOUT_BYTES 60
+
+/**
+ * Most blocks one handoff names.
+ */
+#define NIXL_KV_MAX_BLOCKS 100000
+
+/**
+ * `nixl_kv_layout.kind`: separate K and V (MHA, GQA).
+ */
+#define NIXL_KV_SPLIT 0
+
+/**
+ * `nixl_kv_layout.kind`: one latent per token, replicated on every rank (MLA).
+ */
+#define NIXL_KV_MLA 1
+
+/**
+ * `nixl_kv_layout.order`: `[layer][kv][block][token][head][dim]`.
+ */
+#define NIXL_KV_LAYER_FIRST_NHD 0
+
+/**
+ * `nixl_kv_layout.order`: `[layer][kv][block][head][token][dim]`.
+ */
+#define NIXL_KV_LAYER_FIRST_HND 1
+
+/**
+ * `nixl_kv_layout.order`: `[block][layer][kv][token][head][dim]`.
+ */
+#define NIXL_KV_BLOCK_FIRST_NHD 2
+
+/**
+ * `nixl_kv_layout.order`: `[block][layer][kv][head][token][dim]`.
+ */
+#define NIXL_KV_BLOCK_FIRST_HND 3
+
+/**
+ * `nixl_kv_event.kind` (decode): prefill offers a request's blocks (`blocks`: its blocks).
+ */
+#define NIXL_KV_OFFERED 1
+
+/**
+ * `nixl_kv_event.kind` (decode): a pull ended (`blocks`: the decode blocks; with
+ * `NIXL_KV_DONE` every byte landed, otherwise nothing writes them any more).
+ */
+#define NIXL_KV_ENDED 2
+
+/**
+ * `nixl_kv_event.kind` (prefill): the blocks of a handoff are the engine's to free.
+ */
+#define NIXL_KV_FREED 3
+
+/**
+ * `nixl_kv_event.outcome`: every byte landed.
+ */
+#define NIXL_KV_DONE 0
+
+/**
+ * `nixl_kv_event.outcome`: failed (`reason` says why: peer died, lease expired, ...).
+ */
+#define NIXL_KV_FAILED 1
+
+/**
+ * `nixl_kv_event.outcome`: cancelled by one side (`reason` says which and why).
+ */
+#define NIXL_KV_CANCELLED 2
+
+/**
  * The most dimensions a tensor has (a `shape` array of this many always suffices).
  */
 #define NIXL_WEIGHTS_MAX_DIMS 16
@@ -75,6 +146,18 @@
  * An agent (opaque). Create with `nixl_agent_new`, free with `nixl_agent_free`.
  */
 typedef struct nixl_agent nixl_agent;
+
+/**
+ * The decode side of pull handoffs on one agent (opaque): `nixl_kv_decode_new`,
+ * `nixl_kv_decode_free`.
+ */
+typedef struct nixl_kv_decode nixl_kv_decode;
+
+/**
+ * The prefill side of pull handoffs on one agent (opaque): `nixl_kv_prefill_new`,
+ * `nixl_kv_prefill_free`.
+ */
+typedef struct nixl_kv_prefill nixl_kv_prefill;
 
 /**
  * A model's sources, opened for tensor pulls (opaque). Open with `nixl_weights_open`, free
@@ -138,6 +221,101 @@ typedef struct nixl_ckpt_region {
    */
   uint64_t dev_id;
 } nixl_ckpt_region;
+
+/**
+ * One worker's KV cache (one tensor-parallel rank), one contiguous registered region at
+ * `base`. Both sides exchange it (`nixl_kv_layout_encode` / `_decode`).
+ */
+typedef struct nixl_kv_layout {
+  /**
+   * Layers.
+   */
+  uint32_t layers;
+  /**
+   * Blocks in this worker's cache.
+   */
+  uint32_t blocks;
+  /**
+   * Tokens per block.
+   */
+  uint32_t tokens_per_block;
+  /**
+   * KV heads of the whole model (a rank holds `total_heads / tp_size`; MLA: 1).
+   */
+  uint32_t total_heads;
+  /**
+   * Elements per head.
+   */
+  uint32_t head_dim;
+  /**
+   * Bytes per element.
+   */
+  uint32_t dtype_bytes;
+  /**
+   * `NIXL_KV_SPLIT` or `NIXL_KV_MLA`.
+   */
+  uint32_t kind;
+  /**
+   * `NIXL_KV_LAYER_FIRST_NHD`, `_LAYER_FIRST_HND`, `_BLOCK_FIRST_NHD` or `_BLOCK_FIRST_HND`.
+   */
+  uint32_t order;
+  /**
+   * This worker's tensor-parallel rank.
+   */
+  uint32_t tp_rank;
+  /**
+   * Tensor-parallel size of its group.
+   */
+  uint32_t tp_size;
+  /**
+   * Address of the region (registered with the worker's agent).
+   */
+  uint64_t base;
+  /**
+   * Device of the region (0 for DRAM).
+   */
+  uint64_t dev_id;
+} nixl_kv_layout;
+
+/**
+ * What a side's poll reports (see `NIXL_KV_OFFERED`, `NIXL_KV_ENDED`, `NIXL_KV_FREED`). The
+ * strings are NUL-terminated; `reason` is cut to fit.
+ */
+typedef struct nixl_kv_event {
+  /**
+   * `NIXL_KV_OFFERED`, `NIXL_KV_ENDED` or `NIXL_KV_FREED`.
+   */
+  int32_t kind;
+  /**
+   * `NIXL_KV_DONE`, `NIXL_KV_FAILED` or `NIXL_KV_CANCELLED` (0 for an offer).
+   */
+  int32_t outcome;
+  /**
+   * Handoff id.
+   */
+  uint64_t id;
+  /**
+   * The offer's lease, milliseconds (0 otherwise).
+   */
+  uint32_t lease_ms;
+  /**
+   * Blocks of the event, written to the caller's array.
+   */
+  uint32_t nblocks;
+  /**
+   * The other side's agent (the prefill agent of an offer or a pull; the decode agent of a
+   * freed handoff).
+   */
+  char peer[256];
+  /**
+   * The engine's request id.
+   */
+  char request[260];
+  /**
+   * Why it ended, unless `NIXL_KV_DONE`.
+   */
+  char reason[520];
+} nixl_kv_event;
 
 /**
  * Success.
@@ -547,6 +725,211 @@ nixl_status nixl_ckpt_restore(struct nixl_agent *agent,
                               const char *uri,
                               const struct nixl_ckpt_region *regions,
                               size_t count);
+
+/**
+ * Checks a layout: `NIXL_OK`, or `NIXL_ERR_INVALID` with the field at fault.
+ *
+ * # Safety
+ * `layout` is NULL or readable.
+ */
+nixl_status nixl_kv_layout_validate(const struct nixl_kv_layout *layout);
+
+/**
+ * Encodes a (valid) layout into `NIXL_KV_LAYOUT_BYTES` bytes at `out` (`cap` bytes), for the
+ * peer; writes the length to `*len`.
+ *
+ * # Safety
+ * `layout` is NULL or readable; `out` has `cap` writable bytes; `len` is NULL or writable.
+ */
+nixl_status nixl_kv_layout_encode(const struct nixl_kv_layout *layout,
+                                  uint8_t *out,
+                                  size_t cap,
+                                  size_t *len);
+
+/**
+ * Decodes a peer's encoded layout (every field checked) into `*out`.
+ *
+ * # Safety
+ * `bytes` points to `len` readable bytes; `out` is NULL or writable.
+ */
+nixl_status nixl_kv_layout_decode(const uint8_t *bytes, size_t len, struct nixl_kv_layout *out);
+
+/**
+ * The descriptors that move blocks `src[i]` of the prefill group (`prefill`, `nprefill`
+ * layouts in rank order) into blocks `dst[i]` of `decode`, for the part read from prefill rank
+ * `rank`: decode-side (`local`) and prefill-side (`remote`) lists of `*count` entries each,
+ * contiguous runs merged. With fewer than `*count` places (`cap`) it returns
+ * `NIXL_ERR_BUFFER_TOO_SMALL` with `*count` set. Layouts that cannot hand KV over are
+ * `NIXL_ERR_INVALID` with the reason.
+ *
+ * # Safety
+ * The arrays hold the counts given; `local` and `remote` have `cap` writable entries; `count`
+ * is writable.
+ */
+nixl_status nixl_kv_descs(const struct nixl_kv_layout *prefill,
+                          size_t nprefill,
+                          const struct nixl_kv_layout *decode,
+                          const uint32_t *src,
+                          const uint32_t *dst,
+                          size_t nblocks,
+                          uint32_t rank,
+                          struct nixl_desc *local,
+                          struct nixl_desc *remote,
+                          size_t cap,
+                          size_t *count);
+
+/**
+ * Opens the prefill side of pull handoffs on `agent` (which has loaded the decode peers'
+ * metadata) and writes the handle to `*out`.
+ *
+ * # Safety
+ * `out` is NULL or writable.
+ */
+nixl_status nixl_kv_prefill_new(struct nixl_agent *agent, struct nixl_kv_prefill **out);
+
+/**
+ * Frees a prefill side. Handoffs still held are forgotten (their blocks are the engine's
+ * again at once: free only when no decode reads them). NULL is a no-op.
+ *
+ * # Safety
+ * `p` is NULL or a handle from `nixl_kv_prefill_new` not yet freed; no other thread uses it
+ * during or after this call.
+ */
+void nixl_kv_prefill_free(struct nixl_kv_prefill *p);
+
+/**
+ * Offers `nblocks` blocks of `request` to agent `decode` under a lease of `lease_ms`; writes
+ * the handoff id to `*id`. The blocks stay held until `nixl_kv_prefill_poll` reports them
+ * freed (`NIXL_KV_FREED`).
+ *
+ * # Safety
+ * `decode` and `request` are NUL-terminated; `blocks` has `nblocks` entries; `id` is writable.
+ */
+nixl_status nixl_kv_offer(struct nixl_kv_prefill *p,
+                          const char *decode,
+                          const char *request,
+                          const uint32_t *blocks,
+                          size_t nblocks,
+                          uint32_t lease_ms,
+                          uint64_t *id);
+
+/**
+ * Aborts handoff `id`: decode is told; the blocks are reported freed once decode let go (or a
+ * lease from now at the latest). An unknown id is `NIXL_ERR_NOT_FOUND`.
+ *
+ * # Safety
+ * `reason` is NULL or NUL-terminated.
+ */
+nixl_status nixl_kv_prefill_cancel(struct nixl_kv_prefill *p, uint64_t id, const char *reason);
+
+/**
+ * Reads decode's messages and the clock, then hands out the oldest event (`NIXL_KV_FREED`:
+ * the handoff's blocks, written to `blocks`, are the engine's to free): `NIXL_OK`, or
+ * `NIXL_EMPTY` when there is none. With fewer than `ev->nblocks` places (`cap`) it returns
+ * `NIXL_ERR_BUFFER_TOO_SMALL` and keeps the event.
+ *
+ * # Safety
+ * `ev` is writable; `blocks` has `cap` writable entries (NULL with `cap` 0).
+ */
+nixl_status nixl_kv_prefill_poll(struct nixl_kv_prefill *p,
+                                 struct nixl_kv_event *ev,
+                                 uint32_t *blocks,
+                                 size_t cap);
+
+/**
+ * Writes how many handoffs still hold blocks to `*count`.
+ *
+ * # Safety
+ * `count` is NULL or writable.
+ */
+nixl_status nixl_kv_prefill_held(struct nixl_kv_prefill *p, size_t *count);
+
+/**
+ * Opens the decode side of pull handoffs on `agent`, whose KV cache is `*layout` (registered
+ * with the agent), and writes the handle to `*out`.
+ *
+ * # Safety
+ * `layout` is readable; `out` is NULL or writable.
+ */
+nixl_status nixl_kv_decode_new(struct nixl_agent *agent,
+                               const struct nixl_kv_layout *layout,
+                               struct nixl_kv_decode **out);
+
+/**
+ * Frees a decode side; READs still running are cancelled and let go first. NULL is a no-op.
+ *
+ * # Safety
+ * `d` is NULL or a handle from `nixl_kv_decode_new` not yet freed; no other thread uses it
+ * during or after this call.
+ */
+void nixl_kv_decode_free(struct nixl_kv_decode *d);
+
+/**
+ * Accepts offers from the prefill group whose rank 0 is agent `peer`: `n` layouts in rank
+ * order and the agent name of each rank. Layouts that cannot hand KV to this rank are
+ * `NIXL_ERR_INVALID` with the reason.
+ *
+ * # Safety
+ * `peer` is NUL-terminated; `layouts` and `agents` have `n` entries, each agent name
+ * NUL-terminated.
+ */
+nixl_status nixl_kv_decode_add_prefill(struct nixl_kv_decode *d,
+                                       const char *peer,
+                                       const struct nixl_kv_layout *layouts,
+                                       const char *const *agents,
+                                       size_t n);
+
+/**
+ * Reads prefill's messages and the pulls' states, then hands out the oldest event:
+ * `NIXL_KV_OFFERED` (pull it with `nixl_kv_pull`, or decline with `nixl_kv_decode_cancel`;
+ * `blocks`: prefill's blocks) or `NIXL_KV_ENDED` (`blocks`: the decode blocks; with
+ * `NIXL_KV_DONE` every byte landed, otherwise nothing writes them any more). `NIXL_EMPTY` when
+ * there is none; `NIXL_ERR_BUFFER_TOO_SMALL` (event kept, `ev->nblocks` the count) when `cap`
+ * is too small.
+ *
+ * # Safety
+ * `ev` is writable; `blocks` has `cap` writable entries (NULL with `cap` 0).
+ */
+nixl_status nixl_kv_decode_poll(struct nixl_kv_decode *d,
+                                struct nixl_kv_event *ev,
+                                uint32_t *blocks,
+                                size_t cap);
+
+/**
+ * READs offer `id` of prefill agent `from` (reported by `nixl_kv_decode_poll`) into the
+ * `n` decode blocks `dst` (as many as the offer's), with a deadline inside its lease;
+ * `nixl_kv_decode_poll` reports `NIXL_KV_ENDED` when it is over. An offer not reported, or
+ * already pulled, is `NIXL_ERR_NOT_FOUND`.
+ *
+ * # Safety
+ * `from` is NUL-terminated; `dst` has `n` entries.
+ */
+nixl_status nixl_kv_pull(struct nixl_kv_decode *d,
+                         const char *from,
+                         uint64_t id,
+                         const uint32_t *dst,
+                         size_t n);
+
+/**
+ * Asks prefill agent `from` to extend the lease of handoff `id` by its length from now.
+ *
+ * # Safety
+ * `from` is NUL-terminated.
+ */
+nixl_status nixl_kv_renew(struct nixl_kv_decode *d, const char *from, uint64_t id);
+
+/**
+ * Aborts pull `id` of `from` (or declines its offer): the READ is cancelled and let go, then
+ * prefill is told; a pull that was running is reported `NIXL_KV_ENDED` (cancelled) by the next
+ * poll.
+ *
+ * # Safety
+ * `from` is NUL-terminated; `reason` is NULL or NUL-terminated.
+ */
+nixl_status nixl_kv_decode_cancel(struct nixl_kv_decode *d,
+                                  const char *from,
+                                  uint64_t id,
+                                  const char *reason);
 
 /**
  * Opens model `model` on `agent` (which must run the `tcp` backend) from its sources and

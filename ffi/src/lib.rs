@@ -16,6 +16,17 @@
 
 mod ckpt;
 pub use ckpt::{nixl_ckpt_region, nixl_ckpt_restore, nixl_ckpt_save};
+mod kv;
+pub use kv::{
+    nixl_kv_decode, nixl_kv_decode_add_prefill, nixl_kv_decode_cancel, nixl_kv_decode_free,
+    nixl_kv_decode_new, nixl_kv_decode_poll, nixl_kv_descs, nixl_kv_event, nixl_kv_layout,
+    nixl_kv_layout_decode, nixl_kv_layout_encode, nixl_kv_layout_validate, nixl_kv_offer,
+    nixl_kv_prefill, nixl_kv_prefill_cancel, nixl_kv_prefill_free, nixl_kv_prefill_held,
+    nixl_kv_prefill_new, nixl_kv_prefill_poll, nixl_kv_pull, nixl_kv_renew,
+    NIXL_KV_BLOCK_FIRST_HND, NIXL_KV_BLOCK_FIRST_NHD, NIXL_KV_CANCELLED, NIXL_KV_DONE,
+    NIXL_KV_ENDED, NIXL_KV_FAILED, NIXL_KV_FREED, NIXL_KV_LAYER_FIRST_HND, NIXL_KV_LAYER_FIRST_NHD,
+    NIXL_KV_LAYOUT_BYTES, NIXL_KV_MAX_BLOCKS, NIXL_KV_MLA, NIXL_KV_OFFERED, NIXL_KV_SPLIT,
+};
 mod weights;
 pub use weights::{
     nixl_weights, nixl_weights_close, nixl_weights_model_id, nixl_weights_open,
@@ -164,6 +175,11 @@ struct Shared {
     /// Files the agent opened for `nixl_register_file`, by fd; closed on deregistration (and
     /// when the agent goes, after its backends stopped).
     files: Mutex<HashMap<u64, OwnedFd>>,
+    /// KV sides open on the agent (`nixl_kv_prefill_new`, `nixl_kv_decode_new`): while any is,
+    /// `nixl_notif_next` sets KV messages aside in `kv_pending` for them.
+    kv_sides: std::sync::atomic::AtomicUsize,
+    /// KV messages `nixl_notif_next` took from the agent, for the KV sides' next poll.
+    kv_pending: Mutex<VecDeque<Notification>>,
 }
 
 impl Drop for Shared {
@@ -274,6 +290,8 @@ fn not_live(what: &str, magic: u64) -> Fail {
         match magic {
             AGENT_MAGIC => "nixl_agent",
             weights::WEIGHTS_MAGIC => "nixl_weights",
+            kv::PREFILL_MAGIC => "nixl_kv_prefill",
+            kv::DECODE_MAGIC => "nixl_kv_decode",
             _ => "nixl_xfer",
         }
     ))
@@ -509,6 +527,8 @@ pub unsafe extern "C" fn nixl_agent_new(
                 notifs: Mutex::new(VecDeque::new()),
                 auth: config.auth(),
                 files: Mutex::new(HashMap::new()),
+                kv_sides: Default::default(),
+                kv_pending: Mutex::new(VecDeque::new()),
             }),
         });
         let p = Box::into_raw(handle);
@@ -1094,7 +1114,17 @@ pub unsafe extern "C" fn nixl_notif_next(
         }
         let mut q = a.shared.notifs.lock();
         if q.is_empty() {
-            q.extend(a.shared.agent.take_notifs());
+            let got = a.shared.agent.take_notifs();
+            if a.shared.kv_sides.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                // KV messages are the KV sides' (they read them at their next poll).
+                let (kv, other): (Vec<_>, Vec<_>) = got
+                    .into_iter()
+                    .partition(|n| n.msg.starts_with(nixl_kv::handoff::MAGIC));
+                a.shared.kv_pending.lock().extend(kv);
+                q.extend(other);
+            } else {
+                q.extend(got);
+            }
         }
         let Some(n) = q.front() else {
             return Ok(NIXL_EMPTY);

@@ -16,6 +16,10 @@
 //!   serves it from an agent of its own (as `nixl-weights serve` does); the program lists the
 //!   tensors, pulls each into malloc'd memory it registered (also from four threads at once),
 //!   checks every byte, and checks each way to get a pull wrong.
+//! - `kv.c`: KV-cache handoff (`nixl_kv_*`): layouts validated, encoded and decoded, the
+//!   descriptors of a block mapping, then a pull handoff between a prefill and a decode agent of
+//!   one process over tcp (decode rank 1 of 2 in another order), every byte of the decode cache
+//!   checked, a declined offer, and the ABI's refusals.
 //!
 //! Each runs once plainly and once under valgrind with smaller sizes, where an invalid access or
 //! a definite leak fails the test (valgrind exits 99). A C program exits 0 when it passed, 1 with
@@ -156,6 +160,7 @@ struct Programs {
     files: PathBuf,
     ckpt: PathBuf,
     weights: PathBuf,
+    kv: PathBuf,
 }
 
 /// Compiles the programs (in parallel), or says why not: `Err(Skip)` when there is no compiler.
@@ -217,7 +222,7 @@ fn build_programs() -> Result<Programs, String> {
         .args(["-lpthread", "-ldl", "-lm"]);
     jobs.push(("peer", c));
     // misuse, threads: the shared library, found through an rpath.
-    for name in ["misuse", "threads", "files", "ckpt", "weights"] {
+    for name in ["misuse", "threads", "files", "ckpt", "weights", "kv"] {
         let mut c = Command::new(&cc[0]);
         common(&mut c, name);
         c.arg("-L")
@@ -262,6 +267,7 @@ fn build_programs() -> Result<Programs, String> {
         files: out.join("files"),
         ckpt: out.join("ckpt"),
         weights: out.join("weights"),
+        kv: out.join("kv"),
     })
 }
 
@@ -561,6 +567,18 @@ fn files_under_valgrind() {
 #[test]
 fn checkpoints_through_the_c_abi() {
     single("ckpt", |p| &p.ckpt, &["{dir}", "3000", "{tmo}"], false);
+}
+
+/// `kv.c`: a KV pull handoff between two agents of one process over tcp (`nixl_kv_*`), every
+/// byte checked, and the ABI's refusals.
+#[test]
+fn kv_handoff_through_the_c_abi() {
+    single("kv", |p| &p.kv, &["{tmo}"], false);
+}
+
+#[test]
+fn kv_handoff_under_valgrind() {
+    single("kv", |p| &p.kv, &["{tmo}"], true);
 }
 
 #[test]

@@ -24,7 +24,14 @@
 //!
 //! The prefill side frees after an abort or an expiry only when the decode side cannot be
 //! reading any more: on decode's abort (sent after its READ let go), or a grace period (one
-//! more lease) after the lease ran out, since decode's READ deadline ends within the lease.
+//! more lease) after the lease ran out, since decode's READ deadline ends within the lease;
+//! and in both cases only once this agent's own listeners serve that peer nothing any more
+//! ([`Agent::peer_idle`]): a `tcp` READ that decode gave up on may still be carried out by the
+//! listener from the blocks (its chunks were asked for before decode gave up). A listener
+//! stuck on a frozen peer gives up within its I/O timeout, so this wait is bounded too.
+//! Replies that nobody waits for (aborts, acknowledgements, renewals) are posted
+//! ([`Agent::post_notif`]): over `tcp` an acknowledgement would otherwise wait behind the DATA
+//! the peer still has queued to this side.
 //! Limitation: a pull from a prefill group of several ranks holds the lease on the offering
 //! agent (rank 0) only; the other ranks' blocks must be kept by the engine until rank 0's
 //! `Freed`. Push has no such gap (each writing rank tracks its own WRITE).
@@ -40,7 +47,8 @@ use nixl_core::{Agent, MemKind, Notification, XferOp, XferOptions, XferRequest, 
 use crate::layout::KvLayout;
 use crate::{descs, plan, KvError, Result};
 
-const MAGIC: &[u8; 4] = b"NKV1";
+/// The first bytes of every KV message (other notifications can share the agent's queue).
+pub const MAGIC: &[u8; 4] = b"NKV1";
 /// Longest request id.
 pub const MAX_REQUEST_ID: usize = 256;
 /// Most blocks one handoff may name.
@@ -260,6 +268,8 @@ pub enum Outcome {
 /// What [`PrefillSide::poll`] reports: the blocks of a handoff are the engine's to free.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Freed {
+    /// The decode agent of the handoff.
+    pub peer: String,
     /// Handoff id.
     pub id: u64,
     /// Request id.
@@ -280,6 +290,10 @@ struct Held {
     /// Set once prefill aborted (or the lease ran out): freed at this instant unless decode's
     /// abort or done comes first.
     free_at: Option<(Instant, Outcome)>,
+    /// Decided (decode's abort came, or the time above passed): freed, with this outcome, once
+    /// this agent's listeners carry out nothing of the decode peer's any more
+    /// ([`Agent::peer_idle`]): a READ decode gave up on may still be served from the blocks.
+    draining: Option<Outcome>,
 }
 
 /// A push reservation received by the prefill side.
@@ -368,7 +382,7 @@ impl<'a> PrefillSide<'a> {
         let r = self.start_push(res, src);
         if let Err(e) = &r {
             let msg = abort(res.id, &format!("prefill could not push: {e}"));
-            let _ = self.agent.send_notif(&res.from, &msg);
+            let _ = self.agent.post_notif(&res.from, &msg);
         }
         r
     }
@@ -454,6 +468,7 @@ impl<'a> PrefillSide<'a> {
                 lease,
                 expires: Instant::now() + lease,
                 free_at: None,
+                draining: None,
             },
         );
         Ok(id)
@@ -463,15 +478,20 @@ impl<'a> PrefillSide<'a> {
     /// READ let go) or a lease after now at the latest.
     pub fn cancel(&mut self, id: u64, reason: &str) {
         if let Some(h) = self.held.get_mut(&id) {
-            if h.free_at.is_none() {
+            if h.free_at.is_none() && h.draining.is_none() {
                 let msg = abort(id, reason);
-                let _ = self.agent.send_notif(&h.peer, &msg);
+                let _ = self.agent.post_notif(&h.peer, &msg);
                 h.free_at = Some((
                     Instant::now() + h.lease,
                     Outcome::Cancelled(format!("cancelled by prefill: {reason}")),
                 ));
             }
         }
+    }
+
+    /// Whether handoff `id` still holds its blocks.
+    pub fn is_held(&self, id: u64) -> bool {
+        self.held.contains_key(&id)
     }
 
     /// Handoffs still holding blocks.
@@ -482,9 +502,16 @@ impl<'a> PrefillSide<'a> {
     /// Reads decode's messages and the clock; returns the handoffs whose blocks are now free,
     /// and notifications that were not KV messages.
     pub fn poll(&mut self) -> (Vec<Freed>, Vec<Notification>) {
+        let notifs = self.agent.take_notifs();
+        self.poll_notifs(notifs)
+    }
+
+    /// [`PrefillSide::poll`] with notifications the caller took from the agent itself (an
+    /// application that shares the agent's queue with other readers).
+    pub fn poll_notifs(&mut self, notifs: Vec<Notification>) -> (Vec<Freed>, Vec<Notification>) {
         let mut freed = Vec::new();
         let mut other = Vec::new();
-        for n in self.agent.take_notifs() {
+        for n in notifs {
             let msg = match Msg::decode(&n.msg) {
                 None => {
                     other.push(n);
@@ -521,7 +548,7 @@ impl<'a> PrefillSide<'a> {
                     self.reservations
                         .retain(|r| !(r.id == id && r.from == n.from));
                     let ack = abort(id, "acknowledged");
-                    let _ = self.agent.send_notif(&n.from, &ack);
+                    let _ = self.agent.post_notif(&n.from, &ack);
                     continue;
                 }
                 Msg::Abort { id, ref reason }
@@ -533,8 +560,9 @@ impl<'a> PrefillSide<'a> {
                     }
                     // Acknowledge: our WRITE has let go of decode's blocks.
                     let ack = abort(id, "acknowledged");
-                    let _ = self.agent.send_notif(&n.from, &ack);
+                    let _ = self.agent.post_notif(&n.from, &ack);
                     freed.push(Freed {
+                        peer: n.from.clone(),
                         id,
                         request: p.request,
                         blocks: p.blocks,
@@ -549,27 +577,34 @@ impl<'a> PrefillSide<'a> {
             let Some(h) = self.held.get_mut(&id).filter(|h| h.peer == n.from) else {
                 continue;
             };
-            let outcome = match msg {
-                Msg::Done { .. } => Outcome::Done,
-                Msg::Abort { reason, .. } => match h.free_at.take() {
-                    // Decode acknowledges our abort: its READ has let go.
-                    Some((_, o)) => o,
-                    None => Outcome::Cancelled(format!("cancelled by decode: {reason}")),
-                },
+            match msg {
+                // The READ's own notification (or, with several ranks, sent once every READ
+                // ended): every chunk was answered, nothing reads the blocks any more.
+                Msg::Done { .. } => {
+                    let h = self.held.remove(&id).expect("present");
+                    freed.push(Freed {
+                        peer: h.peer,
+                        id,
+                        request: h.request,
+                        blocks: h.blocks,
+                        outcome: Outcome::Done,
+                    });
+                }
+                Msg::Abort { reason, .. } => {
+                    if h.draining.is_none() {
+                        h.draining = Some(match h.free_at.take() {
+                            // Decode acknowledges our abort: its READ has let go.
+                            Some((_, o)) => o,
+                            None => Outcome::Cancelled(format!("cancelled by decode: {reason}")),
+                        });
+                    }
+                }
                 _ => {
-                    if h.free_at.is_none() {
+                    if h.free_at.is_none() && h.draining.is_none() {
                         h.expires = Instant::now() + h.lease;
                     }
-                    continue;
                 }
-            };
-            let h = self.held.remove(&id).expect("present");
-            freed.push(Freed {
-                id,
-                request: h.request,
-                blocks: h.blocks,
-                outcome,
-            });
+            }
         }
         let mut done_pushes = Vec::new();
         for (key, p) in &self.pushes {
@@ -590,9 +625,10 @@ impl<'a> PrefillSide<'a> {
                     x.release();
                 }
                 let msg = abort(key.1, why);
-                let _ = self.agent.send_notif(&key.0, &msg);
+                let _ = self.agent.post_notif(&key.0, &msg);
             }
             freed.push(Freed {
+                peer: key.0.clone(),
                 id: key.1,
                 request: p.request,
                 blocks: p.blocks,
@@ -602,23 +638,27 @@ impl<'a> PrefillSide<'a> {
         let now = Instant::now();
         let mut ended = Vec::new();
         for (id, h) in self.held.iter_mut() {
-            if h.free_at.is_none() && now >= h.expires {
+            if h.draining.is_none() && h.free_at.is_none() && now >= h.expires {
                 // Decode's READ ends within the lease; free one more lease later.
                 h.free_at = Some((now + h.lease, Outcome::Failed("lease expired".into())));
                 let msg = abort(*id, "lease expired");
-                let _ = self.agent.send_notif(&h.peer, &msg);
+                let _ = self.agent.post_notif(&h.peer, &msg);
             }
             if matches!(&h.free_at, Some((t, _)) if now >= *t) {
+                h.draining = h.free_at.take().map(|x| x.1);
+            }
+            // Never free while this agent still serves the peer a READ that may read them.
+            if h.draining.is_some() && self.agent.peer_idle(&h.peer) {
                 ended.push(*id);
             }
         }
         for id in ended {
             let h = self.held.remove(&id).expect("present");
             let outcome = h
-                .free_at
-                .map(|x| x.1)
+                .draining
                 .unwrap_or(Outcome::Failed("lease expired".into()));
             freed.push(Freed {
+                peer: h.peer,
                 id,
                 request: h.request,
                 blocks: h.blocks,
@@ -684,6 +724,9 @@ pub enum DecodeEvent {
     /// A pull ended: with `Done`, every byte landed in `blocks`; otherwise the blocks may be
     /// freed (nothing writes them any more).
     Ended {
+        /// The prefill agent: the one that offered (pull), or that the reservation was made
+        /// with (push).
+        from: String,
         /// Handoff id.
         id: u64,
         /// Request id.
@@ -719,10 +762,16 @@ pub struct DecodeSide<'a> {
     /// Push reservations by id (decode's).
     reserved: HashMap<u64, Reserved>,
     next: u64,
+    /// Acknowledgements of pulls that ended without every byte: posted at the start of the next
+    /// poll, once the engine has seen the end (prefill may reuse the blocks as soon as it has
+    /// one).
+    outbox: Vec<(String, Vec<u8>)>,
 }
 
 #[derive(Debug)]
 struct Reserved {
+    /// The prefill agent the reservation was made with.
+    prefill: String,
     request: String,
     blocks: Vec<u32>,
     lease: Duration,
@@ -747,6 +796,7 @@ impl<'a> DecodeSide<'a> {
             // Push ids have the top bit set, pull ids (prefill's) do not: a message naming an
             // id can never be taken for the other kind of handoff.
             next: PUSH_ID_BASE,
+            outbox: Vec::new(),
         })
     }
 
@@ -791,6 +841,7 @@ impl<'a> DecodeSide<'a> {
         self.reserved.insert(
             id,
             Reserved {
+                prefill: prefill.to_owned(),
                 request: request.to_owned(),
                 blocks: blocks.to_vec(),
                 lease,
@@ -809,7 +860,7 @@ impl<'a> DecodeSide<'a> {
             if r.free_at.is_none() {
                 let msg = abort(id, reason);
                 for w in &r.waiting {
-                    let _ = self.agent.send_notif(w, &msg);
+                    let _ = self.agent.post_notif(w, &msg);
                 }
                 r.free_at = Some((
                     Instant::now() + r.lease,
@@ -851,7 +902,7 @@ impl<'a> DecodeSide<'a> {
         if let Err(e) = &res {
             // Nothing runs: tell prefill at once so it frees.
             let msg = abort(offer.id, &format!("decode could not pull: {e}"));
-            let _ = self.agent.send_notif(&offer.from, &msg);
+            let _ = self.agent.post_notif(&offer.from, &msg);
         }
         res
     }
@@ -925,7 +976,7 @@ impl<'a> DecodeSide<'a> {
 
     /// Asks prefill to extend the lease of an open offer or a pull.
     pub fn renew(&mut self, from: &str, id: u64) -> Result<()> {
-        self.agent.send_notif(from, &Msg::Renew { id }.encode())?;
+        self.agent.post_notif(from, &Msg::Renew { id }.encode())?;
         Ok(())
     }
 
@@ -938,8 +989,9 @@ impl<'a> DecodeSide<'a> {
             x.release();
         }
         let msg = abort(id, reason);
-        let _ = self.agent.send_notif(from, &msg);
+        let _ = self.agent.post_notif(from, &msg);
         p.map(|p| DecodeEvent::Ended {
+            from: from.to_owned(),
             id,
             request: p.request,
             blocks: p.blocks,
@@ -947,11 +999,45 @@ impl<'a> DecodeSide<'a> {
         })
     }
 
-    /// Reads prefill's messages and the pulls' states.
+    /// Cancels every pull (its READ let go first, prefill told) and declines every open
+    /// offer: for a decode side that closes. Returns the pulls that ended. Push reservations
+    /// are left to [`DecodeSide::cancel_reservation`] (their blocks stay reserved until the
+    /// writers let go).
+    pub fn cancel_all(&mut self, reason: &str) -> Vec<DecodeEvent> {
+        let keys: Vec<(String, u64)> = self.pulls.keys().cloned().collect();
+        let ev = keys
+            .into_iter()
+            .filter_map(|(from, id)| self.cancel(&from, id, reason))
+            .collect();
+        for (from, id) in std::mem::take(&mut self.offered).into_keys() {
+            let _ = self.agent.post_notif(&from, &abort(id, reason));
+        }
+        for (to, msg) in std::mem::take(&mut self.outbox) {
+            let _ = self.agent.post_notif(&to, &msg);
+        }
+        ev
+    }
+
+    /// Reads prefill's messages and the pulls' states. A pull that ended without every byte
+    /// (its READ let go of the blocks first) is reported here and prefill is told at the next
+    /// poll.
     pub fn poll(&mut self) -> (Vec<DecodeEvent>, Vec<Notification>) {
+        let notifs = self.agent.take_notifs();
+        self.poll_notifs(notifs)
+    }
+
+    /// [`DecodeSide::poll`] with notifications the caller took from the agent itself (an
+    /// application that shares the agent's queue with other readers).
+    pub fn poll_notifs(
+        &mut self,
+        notifs: Vec<Notification>,
+    ) -> (Vec<DecodeEvent>, Vec<Notification>) {
+        for (to, msg) in std::mem::take(&mut self.outbox) {
+            let _ = self.agent.post_notif(&to, &msg);
+        }
         let mut ev = Vec::new();
         let mut other = Vec::new();
-        for n in self.agent.take_notifs() {
+        for n in notifs {
             match Msg::decode(&n.msg) {
                 None => other.push(n),
                 Some(Err(_)) => {}
@@ -995,7 +1081,7 @@ impl<'a> DecodeSide<'a> {
                         // they have let go too.
                         let msg = abort(id, "another rank aborted");
                         for w in &r.waiting {
-                            let _ = self.agent.send_notif(w, &msg);
+                            let _ = self.agent.post_notif(w, &msg);
                         }
                         r.free_at = Some((
                             Instant::now() + r.lease,
@@ -1008,16 +1094,17 @@ impl<'a> DecodeSide<'a> {
                     if self.offered.remove(&key).is_some() {
                         // An offer not pulled: nothing reads; acknowledge so prefill frees.
                         let ack = abort(id, "acknowledged");
-                        let _ = self.agent.send_notif(&n.from, &ack);
+                        let _ = self.agent.post_notif(&n.from, &ack);
                     }
                     if let Some(p) = self.pulls.remove(&key) {
                         for x in &p.reqs {
                             x.release();
                         }
-                        // Acknowledge: our READ has let go.
-                        let ack = abort(id, "acknowledged");
-                        let _ = self.agent.send_notif(&n.from, &ack);
+                        // Acknowledge (next poll): our READ has let go.
+                        self.outbox
+                            .push((n.from.clone(), abort(id, "acknowledged")));
                         ev.push(DecodeEvent::Ended {
+                            from: n.from.clone(),
                             id,
                             request: p.request,
                             blocks: p.blocks,
@@ -1034,7 +1121,7 @@ impl<'a> DecodeSide<'a> {
             if r.free_at.is_none() && now >= r.expires && !r.waiting.is_empty() {
                 let msg = abort(*id, "lease expired");
                 for w in &r.waiting {
-                    let _ = self.agent.send_notif(w, &msg);
+                    let _ = self.agent.post_notif(w, &msg);
                 }
                 // Writers' deadlines end within the lease; free one more lease later.
                 r.free_at = Some((now + r.lease, Outcome::Failed("lease expired".into())));
@@ -1052,6 +1139,7 @@ impl<'a> DecodeSide<'a> {
         for (id, outcome) in over {
             let r = self.reserved.remove(&id).expect("present");
             ev.push(DecodeEvent::Ended {
+                from: r.prefill,
                 id,
                 request: r.request,
                 blocks: r.blocks,
@@ -1086,18 +1174,18 @@ impl<'a> DecodeSide<'a> {
                             id: key.1,
                             request: p.request.clone(),
                         };
-                        let _ = self.agent.send_notif(&p.from, &done.encode());
+                        let _ = self.agent.post_notif(&p.from, &done.encode());
                     }
                 }
                 Outcome::Failed(why) | Outcome::Cancelled(why) => {
                     for x in &p.reqs {
                         x.release();
                     }
-                    let msg = abort(key.1, why);
-                    let _ = self.agent.send_notif(&p.from, &msg);
+                    self.outbox.push((p.from.clone(), abort(key.1, why)));
                 }
             }
             ev.push(DecodeEvent::Ended {
+                from: key.0.clone(),
                 id: key.1,
                 request: p.request,
                 blocks: p.blocks,

@@ -82,7 +82,7 @@ fn say(line: &str) {
 }
 
 /// A child's role: `prefill|decode RANK PTP DTP MODE`, MODE `pull`, `push` (either with
-/// `-mla`: MLA layouts), or a fault:
+/// `-mla`: MLA layouts, or `-big`: the fault tests' 384 KiB blocks), or a fault:
 /// `killpre` (prefill is killed mid-READ), `killdec` (decode is killed mid-READ), `expire`
 /// (the lease runs out mid-READ), `killpush` (prefill is killed mid-WRITE), the agent config in
 /// `NIXL_KV_CONFIG`.
@@ -94,6 +94,8 @@ struct Role {
     mode: String,
     /// MLA layouts (MODE ends in `-mla`).
     mla: bool,
+    /// Big blocks (MODE ends in `-big`, and every fault).
+    big: bool,
 }
 
 impl Role {
@@ -110,8 +112,12 @@ fn role() -> Option<Role> {
         rank: w[1].parse().unwrap(),
         ptp: w[2].parse().unwrap(),
         dtp: w[3].parse().unwrap(),
-        mode: w[4].trim_end_matches("-mla").to_owned(),
+        mode: w[4]
+            .trim_end_matches("-mla")
+            .trim_end_matches("-big")
+            .to_owned(),
         mla: w[4].ends_with("-mla"),
+        big: w[4].ends_with("-big") || !matches!(w[4], "pull" | "push" | "pull-mla" | "push-mla"),
     })
 }
 
@@ -127,7 +133,7 @@ fn child(r: Role) {
         .backends(cfg.backends().unwrap())
         .build()
         .unwrap();
-    let big = r.fault();
+    let big = r.big;
     let layout = if r.prefill {
         prefill_shape(r.rank, r.ptp, big, r.mla)
     } else {
@@ -498,6 +504,10 @@ cases! {
     tcp_netns_pull_tp_4_to_2: netns 4 -> 2 "pull";
     tcp_netns_push_tp_4_to_2: netns 4 -> 2 "push";
     tcp_netns_pull_mla_2_to_4: netns 2 -> 4 "pull-mla";
+    shm_pull_big_blocks_tp_2_to_1: shm 2 -> 1 "pull-big";
+    shm_push_big_blocks_tp_1_to_2: shm 1 -> 2 "push-big";
+    tcp_netns_pull_big_blocks_tp_1_to_2: netns 1 -> 2 "pull-big";
+    tcp_netns_push_big_blocks_tp_2_to_1: netns 2 -> 1 "push-big";
 }
 
 /// Starts a fault case between namespaces, prefill's sending rate limited so the READ (or
@@ -577,14 +587,11 @@ fn tcp_netns_decode_killed_mid_pull_prefill_frees_after_the_lease() {
     assert!(ps[0].child.wait().unwrap().success());
 }
 
-/// Known gap (fails today): the READ's deadline (inside the lease) ends its status on time, but
-/// the `tcp` backend cannot stop a READ mid-stream, so decode's memory is let go only when the
-/// last byte lands; decode's renewals or acknowledgement queue behind the READ's chunks on the
-/// same lanes, and prefill frees (lease + one more) while its blocks are still being read.
-/// Needs notifications ahead of queued chunks in `tcp` (or a READ that can be cut), then decode
-/// renewing while a timed-out READ still holds memory.
+/// The lease runs out while the READ (3 s at the rate) is in flight: the READ's deadline (inside
+/// the lease) ends it, the `tcp` initiator lets go of decode's memory at once (the DATA still
+/// queued is read and thrown away), decode reports the end and tells prefill, and prefill frees
+/// only after that and once its listener serves decode nothing any more.
 #[test]
-#[ignore = "known gap: prefill frees before a timed-out tcp READ lets go (see the doc comment)"]
 fn tcp_netns_lease_expires_mid_pull_prefill_frees_after_the_read_ended() {
     const TEST: &str = "tcp_netns_lease_expires_mid_pull_prefill_frees_after_the_read_ended";
     if let Some(r) = role() {

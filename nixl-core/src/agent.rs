@@ -1331,6 +1331,25 @@ impl Agent {
 
     /// Sends a standalone notification to a peer, over the best backend that carries them.
     pub fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
+        self.notif_via(peer, msg, false)
+    }
+
+    /// As [`Agent::send_notif`], but returns once the message is on its way instead of when the
+    /// peer took it: for messages whose sender would otherwise wait behind data queued to the
+    /// same peer (a `tcp` acknowledgement travels behind the DATA of READs the peer serves). A
+    /// refusal by the peer is logged, not returned.
+    pub fn post_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
+        self.notif_via(peer, msg, true)
+    }
+
+    /// Whether nothing that `peer` asked of this agent's memory is being carried out, or was
+    /// received and waits to be, by any backend right now (see [`Backend::peer_idle`]): once a
+    /// peer said it stopped, memory it read may be reused when this holds.
+    pub fn peer_idle(&self, peer: &str) -> bool {
+        self.inner.backends.iter().all(|b| b.peer_idle(peer))
+    }
+
+    fn notif_via(&self, peer: &str, msg: &[u8], post: bool) -> Result<()> {
         self.inner.check_live()?;
         check_notif_len(Some(msg))?;
         let p = self.peer(peer)?;
@@ -1347,7 +1366,11 @@ impl Agent {
                 continue;
             }
             let conn = self.connection(&p, b)?;
-            return conn.send_notif(&self.inner.name, msg);
+            return if post {
+                conn.post_notif(&self.inner.name, msg)
+            } else {
+                conn.send_notif(&self.inner.name, msg)
+            };
         }
         Err(Error::NoBackend {
             peer: peer.to_owned(),

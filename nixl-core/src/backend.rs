@@ -214,6 +214,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn stager(&self) -> Option<Arc<dyn crate::staging::Stager>> {
         None
     }
+    /// Whether nothing that `peer` asked of this agent's memory through this backend is being
+    /// carried out, or was received and waits to be, right now (a listener that serves a peer's
+    /// READs reads this agent's memory on the peer's behalf). Backends whose peers touch this
+    /// agent's memory only themselves (shared memory, one-sided RDMA) answer true: for them the
+    /// peer's own completion is final.
+    fn peer_idle(&self, _peer: &str) -> bool {
+        true
+    }
 }
 
 /// A backend's connection to one peer.
@@ -222,6 +230,13 @@ pub trait Connection: Send + Sync + fmt::Debug {
     fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>>;
     /// Sends a standalone notification.
     fn send_notif(&self, from: &str, msg: &[u8]) -> Result<()>;
+    /// Sends a standalone notification without waiting for the peer to take it (a refusal or
+    /// a failure after the call is only logged). By default the same as
+    /// [`Connection::send_notif`]; a backend whose acknowledgement can queue behind data (`tcp`)
+    /// returns once the message is queued.
+    fn post_notif(&self, from: &str, msg: &[u8]) -> Result<()> {
+        self.send_notif(from, msg)
+    }
     /// Closes the connection (the peer was invalidated): its transfers fail from now on.
     fn close(&self);
 }

@@ -34,7 +34,7 @@ pub use follow::{
 };
 pub use http::HttpSource;
 pub use index::{Applied, KvIndex, Overlaps, SharedIndex, WorkerInfo};
-pub use router::{cost, Booking, Choice, Mode, Router};
+pub use router::{cost, splitmix64, Booking, Choice, Mode, Router};
 pub use wire::WorkerLoad;
 
 impl Router {

@@ -242,13 +242,7 @@ impl Router {
     }
 
     fn next_random(&self, n: usize) -> usize {
-        // splitmix64
-        let mut s = self.rng.lock();
-        *s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = *s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
+        let z = splitmix64(&mut self.rng.lock());
         ((u128::from(z) * n as u128) >> 64) as usize
     }
 
@@ -351,6 +345,16 @@ impl Router {
             cost: 0.0,
         })
     }
+}
+
+/// splitmix64: the next value of a small seeded generator (the random mode's, and the load
+/// generator's), the same on every machine.
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// True if `load` says the worker has fewer free blocks than `new_blocks` (never when it

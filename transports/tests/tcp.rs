@@ -411,6 +411,73 @@ fn a_deadline_ends_a_post_and_the_session_stays_usable() {
     x.run_blocking().unwrap();
 }
 
+/// The target answers `peer_idle` for the initiator: busy while it serves a READ, idle once
+/// the READ's chunks are carried out; a READ past its deadline lets go of the initiator's memory
+/// (release returns) and the session stays usable; a posted notification arrives.
+#[test]
+fn the_target_knows_when_it_serves_a_peer_and_a_late_read_lets_go() {
+    let len = 64 << 20;
+    let l = linked("idle", vec![0u8; len], len);
+    let (a, b, src, dst) = (&l.a, &l.b, &l.src, &l.dst);
+    let idle_soon = |what: &str| {
+        let until = Instant::now() + Duration::from_secs(5);
+        while !b.peer_idle("idle-a") {
+            assert!(Instant::now() < until, "{what}: the target never went idle");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    idle_soon("before any request");
+    // b's memory holds the pattern (written through a WRITE of a's buffer first).
+    let mut pat = pattern(5, len);
+    let _r = reg(a, &mut pat);
+    a.create_xfer(XferOp::Write, &one(&pat), &one(dst), "idle-b", opts(None))
+        .unwrap()
+        .run_blocking()
+        .unwrap();
+    let read = a
+        .create_xfer(XferOp::Read, &one(src), &one(dst), "idle-b", opts(None))
+        .unwrap();
+    read.post().unwrap();
+    let mut busy_seen = false;
+    while !read.status().is_terminal() {
+        busy_seen |= !b.peer_idle("idle-a");
+    }
+    assert!(matches!(read.status(), XferStatus::Done));
+    assert!(busy_seen, "the target never reported serving a 64 MiB READ");
+    assert!(*src == pattern(5, len));
+    idle_soon("after the READ");
+    // Past its deadline: ends TimedOut, lets go, and the next READ works.
+    let late = a
+        .create_xfer(
+            XferOp::Read,
+            &one(src),
+            &one(dst),
+            "idle-b",
+            XferOptions {
+                deadline: Some(Duration::from_micros(200)),
+                ..XferOptions::default()
+            },
+        )
+        .unwrap();
+    let err = late.run_blocking().unwrap_err();
+    assert_eq!(err.class(), ErrorClass::TimedOut, "{err}");
+    late.release();
+    assert!(!late.is_held());
+    idle_soon("after a READ past its deadline");
+    read.run_blocking().unwrap();
+    assert!(*src == pattern(5, len));
+    // A posted notification (no wait for its acknowledgement) arrives.
+    a.post_notif("idle-b", b"posted").unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = b.wait_notifs(Duration::from_millis(100));
+        if n.iter().any(|n| n.msg == b"posted" && n.from == "idle-a") {
+            break;
+        }
+        assert!(Instant::now() < until, "the posted notification never came");
+    }
+}
+
 /// After authentication, a peer sends frames of random types, lengths and bodies (and random
 /// bytes after them), each on a fresh connection: every one may drop its own connection, none
 /// may touch memory outside the registration or stop the agent from serving.

@@ -107,16 +107,12 @@ fn memcpy_median(bytes: usize, chunk: usize) -> f64 {
     times[times.len() / 2]
 }
 
-/// splitmix64: small, seeded, the same everywhere.
+/// Seeded, the same everywhere ([`nixl_router::splitmix64`]).
 struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        nixl_router::splitmix64(&mut self.0)
     }
     /// Uniform in (0, 1].
     fn unit(&mut self) -> f64 {

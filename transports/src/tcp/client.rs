@@ -258,11 +258,81 @@ struct Post {
     in_notif: AtomicBool,
     error: Mutex<Option<Error>>,
     done: Mutex<Option<Done>>,
+    /// Lane threads inside the post's local memory now (reading DATA into it, writing it out).
+    users: AtomicUsize,
+    /// The post was abandoned and its completion let go before every answer came (see
+    /// [`Post::let_go_if_abandoned`]).
+    let_go: AtomicBool,
 }
 
 impl Post {
+    fn new(
+        id: u64,
+        plan: Option<Arc<Plan>>,
+        msg: Option<Vec<u8>>,
+        left: usize,
+        done: Option<Done>,
+    ) -> Post {
+        Post {
+            id,
+            in_notif: AtomicBool::new(plan.is_none()),
+            plan,
+            msg,
+            left: AtomicUsize::new(left),
+            error: Mutex::new(None),
+            done: Mutex::new(done),
+            users: AtomicUsize::new(0),
+            let_go: AtomicBool::new(false),
+        }
+    }
+
     fn abandoned(&self) -> bool {
-        matches!(&*self.done.lock(), Some(Done::Xfer(c)) if c.is_abandoned())
+        self.let_go.load(Ordering::Acquire)
+            || matches!(&*self.done.lock(), Some(Done::Xfer(c)) if c.is_abandoned())
+    }
+
+    /// Enters the post's local memory: false once the post was abandoned (cancelled, past its
+    /// deadline), when its memory must not be touched any more.
+    fn enter_mem(&self) -> bool {
+        let d = self.done.lock();
+        match &*d {
+            Some(Done::Xfer(c)) if !c.is_abandoned() => {
+                self.users.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Leaves the post's local memory (after [`Post::enter_mem`]).
+    fn leave_mem(&self) {
+        if self.users.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.let_go_if_abandoned();
+        }
+    }
+
+    /// An abandoned post lets go of its memory (its completion: the core's holds on the local
+    /// regions) as soon as no lane thread is inside that memory, without waiting for the
+    /// peer's remaining answers: their DATA is read and thrown away as it comes. So a READ
+    /// that ran past its deadline lets go in about one socket read, however much of it the
+    /// target had already queued.
+    fn let_go_if_abandoned(&self) {
+        let taken = {
+            let mut d = self.done.lock();
+            match &*d {
+                Some(Done::Xfer(c))
+                    if c.is_abandoned() && self.users.load(Ordering::Acquire) == 0 =>
+                {
+                    self.let_go.store(true, Ordering::Release);
+                    d.take()
+                }
+                _ => None,
+            }
+        };
+        if let Some(Done::Xfer(c)) = taken {
+            // The post already ended (cancelled or timed out): this only lets go.
+            c.complete(Err(Error::Cancelled));
+        }
     }
 
     fn notif_msg(&self) -> Option<&[u8]> {
@@ -296,7 +366,12 @@ impl Drop for Post {
                 *w.result.lock() = Some(outcome);
                 w.cv.notify_all();
             }
-            None => {}
+            None => {
+                // A posted notification nobody waits for, or a post let go early.
+                if let (Err(e), false) = (outcome, self.let_go.load(Ordering::Acquire)) {
+                    tracing::warn!(error = %e, "tcp: a posted notification was not delivered");
+                }
+            }
         }
     }
 }
@@ -635,14 +710,30 @@ impl Session {
                 } else {
                     &[]
                 };
+                let inside = ty == wire::WRITE;
+                if inside && !post.enter_mem() {
+                    // Abandoned since the check above: as there, nothing is sent.
+                    self.release(lane);
+                    self.lane_reply(lane);
+                    self.chunk_done(post, Err(Error::Cancelled));
+                    return true;
+                }
                 if !self.mark_sent(lane, post, *idx) {
+                    if inside {
+                        post.leave_mem();
+                    }
                     self.release(lane);
                     return false;
                 }
                 // SAFETY: the local spans lie in regions the core validated at prepare and
-                // holds for as long as the post's completion lives; `job` keeps the post (and
-                // so its completion) alive until this write returns. The memory is only read.
-                unsafe { net::write_spans(s, hdr, data, iov, &mut LaneIdle(self, lane)) }
+                // holds for as long as the post's completion lives; the completion is not let
+                // go while a thread is inside the memory (`enter_mem` above, for WRITE data).
+                // The memory is only read.
+                let r = unsafe { net::write_spans(s, hdr, data, iov, &mut LaneIdle(self, lane)) };
+                if inside {
+                    post.leave_mem();
+                }
+                r
             }
             Job::Notif(post) => {
                 wire::notif(hdr, post.id, post.notif_msg().unwrap_or_default());
@@ -764,15 +855,22 @@ impl Session {
             }
         };
         if let (Some(spans), Status::Ok) = (spans, r.status) {
-            if post.abandoned() {
-                net::discard(s, r.len, scratch, &mut LaneIdle(self, lane))?;
-            } else {
+            if post.enter_mem() {
+                let mut stop = || post.abandoned();
                 // SAFETY: the spans are the local descriptors of this chunk, which lie in
-                // regions the core validated and holds while the post's completion lives;
-                // `post` (held here) keeps the completion alive until this read returns, and the
-                // length was checked to be exactly the chunk's. Registered memory is lent to
-                // transfers by contract, so no Rust reference aliases it.
-                unsafe { net::read_spans(s, spans, iov, &mut LaneIdle(self, lane))? };
+                // regions the core validated and holds while the post's completion lives; the
+                // completion is not let go while this thread is inside the memory (`enter_mem`,
+                // left below), and the length was checked to be exactly the chunk's.
+                // Registered memory is lent to transfers by contract, so no Rust reference
+                // aliases it.
+                let got = unsafe {
+                    net::read_spans_until(s, spans, iov, &mut LaneIdle(self, lane), &mut stop)
+                };
+                post.leave_mem();
+                // Abandoned mid-chunk: the rest is read off the stream and thrown away.
+                net::discard(s, r.len - got?, scratch, &mut LaneIdle(self, lane))?;
+            } else {
+                net::discard(s, r.len, scratch, &mut LaneIdle(self, lane))?;
             }
         }
         self.answered(lane);
@@ -845,16 +943,33 @@ impl PreparedXfer for TcpXfer {
                 return;
             }
         };
-        let post = Arc::new(Post {
-            id: sess.next_id.fetch_add(1, Ordering::Relaxed),
-            plan: Some(Arc::clone(&self.plan)),
-            msg: None,
-            left: AtomicUsize::new(self.plan.chunks.len()),
-            in_notif: AtomicBool::new(false),
-            error: Mutex::new(None),
-            done: Mutex::new(Some(Done::Xfer(done))),
-        });
+        let post = Arc::new(Post::new(
+            sess.next_id.fetch_add(1, Ordering::Relaxed),
+            Some(Arc::clone(&self.plan)),
+            None,
+            self.plan.chunks.len(),
+            Some(Done::Xfer(done)),
+        ));
         sess.submit(post);
+    }
+
+    fn cancel(&self) {
+        // The core marked the post ended: let its memory go now unless a lane thread is inside
+        // it (that thread lets go as it leaves). Its remaining answers are thrown away.
+        let Some(sess) = self.conn.session.lock().clone() else {
+            return;
+        };
+        let posts: Vec<Arc<Post>> = sess
+            .state
+            .lock()
+            .pending
+            .values()
+            .filter(|p| p.plan.as_ref().is_some_and(|x| Arc::ptr_eq(x, &self.plan)))
+            .cloned()
+            .collect();
+        for p in posts {
+            p.let_go_if_abandoned();
+        }
     }
 }
 
@@ -877,6 +992,27 @@ impl Connection for Conn {
         Ok(Box::new(TcpXfer { conn, plan }))
     }
 
+    fn post_notif(&self, _from: &str, msg: &[u8]) -> Result<()> {
+        if msg.len() > wire::MAX_NOTIF {
+            return Err(Error::InvalidArgument(format!(
+                "notification of {} bytes is over the {} byte limit",
+                msg.len(),
+                wire::MAX_NOTIF
+            )));
+        }
+        let sess = self.session()?;
+        // No one waits: the post ends when its ACK comes (a refusal is only logged).
+        let post = Arc::new(Post::new(
+            sess.next_id.fetch_add(1, Ordering::Relaxed),
+            None,
+            Some(msg.to_vec()),
+            1,
+            None,
+        ));
+        sess.submit(post);
+        Ok(())
+    }
+
     fn send_notif(&self, _from: &str, msg: &[u8]) -> Result<()> {
         if msg.len() > wire::MAX_NOTIF {
             return Err(Error::InvalidArgument(format!(
@@ -890,15 +1026,13 @@ impl Connection for Conn {
             result: Mutex::new(None),
             cv: Condvar::new(),
         });
-        let post = Arc::new(Post {
-            id: sess.next_id.fetch_add(1, Ordering::Relaxed),
-            plan: None,
-            msg: Some(msg.to_vec()),
-            left: AtomicUsize::new(1),
-            in_notif: AtomicBool::new(true),
-            error: Mutex::new(None),
-            done: Mutex::new(Some(Done::Wait(Arc::clone(&waiter)))),
-        });
+        let post = Arc::new(Post::new(
+            sess.next_id.fetch_add(1, Ordering::Relaxed),
+            None,
+            Some(msg.to_vec()),
+            1,
+            Some(Done::Wait(Arc::clone(&waiter))),
+        ));
         sess.submit(post);
         let deadline = Instant::now() + self.cfg.io_timeout * 2;
         let mut r = waiter.result.lock();

@@ -207,6 +207,24 @@ impl Link {
         }
     }
 
+    /// Whether bytes already read from the socket wait inside the link (TLS records not yet
+    /// opened, or opened and not yet read): a reader has more to do before it blocks.
+    pub fn pending(&self) -> bool {
+        match &self.tls {
+            None => false,
+            Some(t) => {
+                let rx = t.rx.lock();
+                if rx.start != rx.end {
+                    return true;
+                }
+                let mut c = t.conn.lock();
+                // An error is kept by rustls and met by the next read: work to do.
+                c.process_new_packets()
+                    .map_or(true, |st| st.plaintext_bytes_to_read() > 0)
+            }
+        }
+    }
+
     /// Writes all of `buf`; a socket timeout is an error.
     pub fn send_all(&self, buf: &[u8]) -> io::Result<()> {
         match &self.tls {

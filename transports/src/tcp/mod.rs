@@ -22,6 +22,19 @@
 //! stays held until no thread touches it any more. The next post reconnects, and refuses a peer
 //! that restarted (a new instance id) until its new metadata is loaded.
 //!
+//! A post that ends early (cancelled, past its deadline) lets go of its memory at once: no
+//! further chunk is sent, a READ's DATA still on its way is read off the stream and thrown
+//! away (a chunk being read stops after the current socket read), and its completion (the
+//! core's hold on the local regions) is dropped as soon as no lane thread is inside that memory,
+//! without waiting for the target's remaining answers, which a slow link can take seconds to
+//! bring. The target cannot be stopped mid-chunk, but what it still serves of a READ comes from
+//! its own memory: it knows when it stopped, and answers [`nixl_core::Backend::peer_idle`]
+//! exactly (a data connection counts as idle only while its thread waits for a frame with
+//! nothing unread on the socket), so the owner of that memory (a KV handoff's prefill side) frees
+//! it only once every READ the peer had asked for was carried out. Notifications nobody waits
+//! for ([`nixl_core::Agent::post_notif`]) return once queued, not after their acknowledgement,
+//! which travels behind whatever DATA the peer still has queued on that connection.
+//!
 //! A lying target cannot make the initiator write where or when it should not: each lane's
 //! answers must match, in order, what that lane asked (DATA of exactly the chunk's length for a
 //! READ chunk, ACK for the rest); an unknown, duplicate, late, oversized or wrong-kind answer is
@@ -503,6 +516,13 @@ impl Backend for TcpBackend {
         conns.retain(|c| c.strong_count() > 0);
         conns.push(Arc::downgrade(&conn));
         Ok(conn)
+    }
+
+    fn peer_idle(&self, peer: &str) -> bool {
+        self.server
+            .lock()
+            .as_ref()
+            .is_none_or(|s| s.peer_idle(peer))
     }
 
     fn shutdown(&self) {

@@ -446,6 +446,60 @@ pub unsafe fn read_spans(
     Ok(())
 }
 
+/// As [`read_spans`], but asks `stop` after every read that moved bytes and returns early when
+/// it says so: the bytes read into the spans (all of them unless it stopped). The caller reads
+/// the rest of the frame off the stream.
+///
+/// # Safety
+/// As [`read_spans`].
+pub unsafe fn read_spans_until(
+    s: &Link,
+    spans: &[Span],
+    iov: &mut Vec<libc::iovec>,
+    on: &mut dyn OnBlock,
+    stop: &mut dyn FnMut() -> bool,
+) -> io::Result<u64> {
+    let total: u64 = spans.iter().map(|x| x.len).sum();
+    let mut got = 0u64;
+    if s.is_tls() {
+        // In steps of 256 KiB (one decryption step), asking between them.
+        let mut cur = SpanCursor::new(spans);
+        let mut step = Vec::new();
+        while !cur.done() {
+            step.clear();
+            let mut budget = 256u64 << 10;
+            while budget > 0 {
+                let Some((addr, len)) = cur.take(budget) else {
+                    break;
+                };
+                step.push(Span { addr, len });
+                budget -= len;
+            }
+            // SAFETY: forwarded from the caller (`step` lies inside `spans`).
+            unsafe { s.tls_read_spans(&step, on)? };
+            got += step.iter().map(|x| x.len).sum::<u64>();
+            if got < total && stop() {
+                break;
+            }
+        }
+        return Ok(got);
+    }
+    let sock = s.socket();
+    let mut cur = SpanCursor::new(spans);
+    while !cur.done() {
+        // SAFETY: forwarded from the caller.
+        let r = unsafe { readv_once(sock, &cur, iov) };
+        if let Ok(n) = &r {
+            got += *n as u64;
+        }
+        after_read(r, &mut cur, on)?;
+        if !cur.done() && stop() {
+            break;
+        }
+    }
+    Ok(got)
+}
+
 /// Writes `head` then the spans' memory, all of it.
 ///
 /// # Safety

@@ -32,6 +32,10 @@ struct Shared {
     /// The socket of each connection being served, to shut down on stop. A connection's entry is
     /// removed (under this lock) before its socket is closed, so every fd here is open.
     conns: Mutex<HashMap<u64, RawFd>>,
+    /// Data connections past their OPEN, by connection id: the peer's name, whether the
+    /// connection's thread waits for a frame with nothing received left to carry out, and the
+    /// socket (open while its entry is here, as in `conns`). See [`Server::peer_idle`].
+    data: Mutex<HashMap<u64, DataConn>>,
     /// Connections being served, in total and per peer address.
     admitted: Mutex<Admitted>,
     /// `max_conns`, capped by the fd limit.
@@ -44,6 +48,35 @@ struct Shared {
     next: AtomicU64,
     shut: AtomicBool,
     services: Arc<Services>,
+}
+
+#[derive(Debug)]
+struct DataConn {
+    peer: Arc<str>,
+    waiting: Arc<AtomicBool>,
+    fd: RawFd,
+}
+
+/// A data connection's entry in [`Shared::data`], removed on drop (before the socket closes).
+struct DataEntry<'a>(&'a Shared, u64);
+
+impl Drop for DataEntry<'_> {
+    fn drop(&mut self) {
+        self.0.data.lock().remove(&self.1);
+    }
+}
+
+/// Bytes received on `fd` and not read yet.
+fn unread(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer; the caller keeps `fd` open.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r < 0 {
+        // Unknown: count it as work, the answer that can only delay a free.
+        1
+    } else {
+        n.max(0) as usize
+    }
 }
 
 #[derive(Debug, Default)]
@@ -183,6 +216,7 @@ impl Server {
             target,
             host,
             conns: Mutex::new(HashMap::new()),
+            data: Mutex::new(HashMap::new()),
             admitted: Mutex::new(Admitted::default()),
             max_conns,
             frame_bytes: AtomicUsize::new(0),
@@ -204,6 +238,22 @@ impl Server {
             shared,
             listener,
             published,
+        })
+    }
+
+    /// Whether no data connection of `peer` has a frame being carried out or received and
+    /// waiting: every READ it asked of this agent so far has stopped reading the memory. Exact
+    /// for what arrived before the call: a connection counts as idle only while its thread
+    /// waits for a frame with nothing read and nothing unread (it marks itself busy before it
+    /// takes a byte off the socket, and the socket's unread count is read between two looks
+    /// at that mark).
+    pub(super) fn peer_idle(&self, peer: &str) -> bool {
+        let data = self.shared.data.lock();
+        data.values().filter(|c| &*c.peer == peer).all(|c| {
+            // SeqCst on both sides: the thread clears `waiting` before it reads the socket.
+            c.waiting.load(Ordering::SeqCst)
+                && unread(c.fd) == 0
+                && c.waiting.load(Ordering::SeqCst)
         })
     }
 
@@ -476,7 +526,19 @@ fn serve_inner(shared: &Shared, s: TcpStream, peer: SocketAddr) -> io::Result<()
     match open.purpose {
         Purpose::Metadata => serve_metadata(shared, s, frames, &who, &mut body, &mut out),
         Purpose::Control => serve_control(shared, s, frames, &who.name, &mut body, &mut out),
-        Purpose::Data => Worker::new(shared, who.name).run(s, frames, &mut body),
+        Purpose::Data => {
+            let waiting = Arc::new(AtomicBool::new(false));
+            shared.data.lock().insert(
+                served.id,
+                DataConn {
+                    peer: Arc::from(who.name.as_str()),
+                    waiting: Arc::clone(&waiting),
+                    fd: s.socket().as_raw_fd(),
+                },
+            );
+            let _entry = DataEntry(shared, served.id);
+            Worker::new(shared, who.name).run(s, frames, &mut body, &waiting)
+        }
     }
 }
 
@@ -731,8 +793,15 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn run(mut self, s: &Link, mut frames: Frames<'_>, body: &mut Vec<u8>) -> io::Result<()> {
+    fn run(
+        mut self,
+        s: &Link,
+        mut frames: Frames<'_>,
+        body: &mut Vec<u8>,
+        waiting: &AtomicBool,
+    ) -> io::Result<()> {
         loop {
+            self.await_frame(s, waiting)?;
             let ty = frames.next(s, body)?;
             // Data moving after a frame gives up after `io_timeout` of silence (`started`).
             let mut idle = Idle::new(self.shared, self.shared.cfg.idle_timeout);
@@ -770,6 +839,40 @@ impl<'a> Worker<'a> {
                 }
             }
         }
+    }
+
+    /// Returns once a frame's first bytes are here (or the stream ended), marked idle in
+    /// `waiting` meanwhile, and busy again before a byte is taken off the socket: what
+    /// [`Server::peer_idle`] reads. Gives up as a read between frames does (shutdown, idle).
+    fn await_frame(&self, s: &Link, waiting: &AtomicBool) -> io::Result<()> {
+        if s.pending() {
+            return Ok(());
+        }
+        waiting.store(true, Ordering::SeqCst);
+        let mut idle = Idle::new(self.shared, self.shared.cfg.idle_timeout);
+        let fd = s.socket().as_raw_fd();
+        let res = loop {
+            let mut b = 0u8;
+            // SAFETY: peeks at most one byte into `b`; the socket is ours and open. It blocks
+            // for at most the socket's read timeout (TICK).
+            let r = unsafe { libc::recv(fd, (&mut b as *mut u8).cast(), 1, libc::MSG_PEEK) };
+            if r >= 0 {
+                // Bytes, or the end of the stream (the frame read reports it).
+                break Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match net::retry(&e) {
+                Some(true) => {
+                    if let Err(e) = idle.blocked(false) {
+                        break Err(e);
+                    }
+                }
+                Some(false) => {}
+                None => break Err(e),
+            }
+        };
+        waiting.store(false, Ordering::SeqCst);
+        res
     }
 
     /// Checks every piece against the registrations; holds the regions while the data moves.
