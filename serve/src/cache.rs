@@ -119,10 +119,9 @@ impl KvStore for Paged<'_> {
         r.write(r.layout.offset(layer, 0, b, h, t), k);
         r.write(r.layout.offset(layer, 1, b, h, t), v);
     }
-    fn read(&self, layer: u32, pos: u32, head: u32, k: &mut [f32], v: &mut [f32]) {
+    fn read(&self, layer: u32, plane: u32, pos: u32, head: u32, out: &mut [f32]) {
         let (r, b, h, t) = self.place(pos, head);
-        r.read(r.layout.offset(layer, 0, b, h, t), k);
-        r.read(r.layout.offset(layer, 1, b, h, t), v);
+        r.read(r.layout.offset(layer, plane, b, h, t), out);
     }
 }
 

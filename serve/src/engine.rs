@@ -11,6 +11,12 @@
 //! - `decode`: wait for the offers of a request (one per own rank), pull them into freshly
 //!   allocated blocks ([`nixl_kv::handoff::DecodeSide::pull`]), then decode.
 //!
+//! Under KV pressure work waits rather than fails: queued prefills wait (up to 30 s) for
+//! blocks other requests hold; a decode admission waits (within half the lease) until its
+//! blocks plus one block of headroom per running request are free; a running request that
+//! finds no block waits too, and one is preempted (ends with an error, so its frontend
+//! prefills it again elsewhere) only when none can step.
+//!
 //! Every request ends in one terminal status (`ok`, `cancelled`, `error`) and releases its
 //! blocks. A request whose token stream is no longer read (the client went away) is cancelled
 //! at its next step.
@@ -588,6 +594,10 @@ impl Engine<'_> {
                 self.decs[*rank].cancel(from, *h, "request ended");
             }
         }
+        // Offers that came for it are declined at once (prefill frees on the acknowledgement).
+        for (rank, o, _) in self.offers.remove(&r.id).unwrap_or_default() {
+            self.decs[rank].cancel(&o.from, o.id, "request ended");
+        }
         self.blocks.release(&r.table);
         self.finish(status);
         if let Some(e) = err {
@@ -650,10 +660,10 @@ impl Engine<'_> {
             table: &table,
         };
         let start = reused * tpb;
-        let mut logits = Vec::new();
-        for (i, &t) in tokens.iter().enumerate().skip(start) {
-            logits = self.model.step(t, i as u32, &mut kv);
+        for (i, &t) in tokens.iter().enumerate().take(n - 1).skip(start) {
+            self.model.advance(t, i as u32, &mut kv);
         }
+        let logits = self.model.step(tokens[n - 1], n as u32 - 1, &mut kv);
         let full = n / tpb;
         self.blocks
             .commit(&table[..full], &hashes[..full], &mut self.shared.log.lock());

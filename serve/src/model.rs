@@ -292,8 +292,8 @@ impl Weights {
 pub trait KvStore {
     /// Stores the key and value of (layer, pos, head).
     fn write(&mut self, layer: u32, pos: u32, head: u32, k: &[f32], v: &[f32]);
-    /// Reads the key and value of (layer, pos, head) into `k` and `v`.
-    fn read(&self, layer: u32, pos: u32, head: u32, k: &mut [f32], v: &mut [f32]);
+    /// Reads the key (`plane` 0) or the value (`plane` 1) of (layer, pos, head) into `out`.
+    fn read(&self, layer: u32, plane: u32, pos: u32, head: u32, out: &mut [f32]);
 }
 
 /// A plain in-memory [`KvStore`] (tests and references).
@@ -324,10 +324,10 @@ impl KvStore for VecKv {
         self.data[o..o + n].copy_from_slice(k);
         self.data[o + n..o + 2 * n].copy_from_slice(v);
     }
-    fn read(&self, layer: u32, pos: u32, head: u32, k: &mut [f32], v: &mut [f32]) {
-        let (o, n) = (self.at(layer, pos, head), k.len());
-        k.copy_from_slice(&self.data[o..o + n]);
-        v.copy_from_slice(&self.data[o + n..o + 2 * n]);
+    fn read(&self, layer: u32, plane: u32, pos: u32, head: u32, out: &mut [f32]) {
+        let n = out.len();
+        let o = self.at(layer, pos, head) + plane as usize * n;
+        out.copy_from_slice(&self.data[o..o + n]);
     }
 }
 
@@ -428,6 +428,16 @@ impl Model {
     /// Computes token `token` at position `pos` (keys and values of positions `0..pos` already
     /// in `kv`), writes its keys and values, and returns the logits of the next token.
     pub fn step(&self, token: u32, pos: u32, kv: &mut dyn KvStore) -> Vec<f32> {
+        self.run(token, pos, kv, true)
+    }
+
+    /// [`Model::step`] without the output head: only the keys and values of the token are
+    /// written (the same bytes; a prefill needs the logits of its last token only).
+    pub fn advance(&self, token: u32, pos: u32, kv: &mut dyn KvStore) {
+        self.run(token, pos, kv, false);
+    }
+
+    fn run(&self, token: u32, pos: u32, kv: &mut dyn KvStore, head: bool) -> Vec<f32> {
         let c = &self.cfg;
         let (d, hd) = (c.d_model as usize, c.head_dim as usize);
         let (nq, nkv, f) = (c.heads as usize, c.kv_heads as usize, c.ffn as usize);
@@ -466,7 +476,7 @@ impl Model {
                 let heads = kh * group..(kh + 1) * group;
                 let mut all = vec![0f32; group * (pos as usize + 1)];
                 for t in 0..=pos {
-                    kv.read(li, t, kh as u32, &mut kt, &mut vt);
+                    kv.read(li, 0, t, kh as u32, &mut kt);
                     for (gi, hq) in heads.clone().enumerate() {
                         all[gi * (pos as usize + 1) + t as usize] =
                             dot(&q[hq * hd..(hq + 1) * hd], &kt) * scale;
@@ -488,7 +498,7 @@ impl Model {
                 }
                 // Weighted values, positions in order.
                 for t in 0..=pos {
-                    kv.read(li, t, kh as u32, &mut kt, &mut vt);
+                    kv.read(li, 1, t, kh as u32, &mut vt);
                     for (gi, hq) in heads.clone().enumerate() {
                         let p = all[gi * n + t as usize];
                         let out = &mut att[hq * hd..(hq + 1) * hd];
@@ -513,6 +523,9 @@ impl Model {
             for i in 0..d {
                 x[i] += o[i];
             }
+        }
+        if !head {
+            return Vec::new();
         }
         rmsnorm(&x, &self.final_norm, c.eps, &mut h);
         let mut logits = vec![0f32; c.vocab as usize];

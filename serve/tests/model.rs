@@ -51,6 +51,23 @@ fn prefill_equals_one_token_at_a_time_bitwise_at_every_position() {
 }
 
 #[test]
+fn advance_writes_the_same_kv_as_step() {
+    let m = model();
+    let p = prompt("advance skips the output head only");
+    let (mut a, mut b) = (VecKv::new(&m.cfg), VecKv::new(&m.cfg));
+    for (i, &t) in p.iter().enumerate() {
+        m.advance(t, i as u32, &mut a);
+        let _ = m.step(t, i as u32, &mut b);
+    }
+    let n = p.len() as u32;
+    let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(m.step(b'x' as u32, n, &mut a)),
+        bits(m.step(b'x' as u32, n, &mut b))
+    );
+}
+
+#[test]
 fn paged_cache_over_tp_ranks_equals_the_plain_store_bitwise() {
     let m = model();
     let p = prompt("Paged blocks, split by heads over two ranks.");
