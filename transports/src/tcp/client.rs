@@ -316,12 +316,18 @@ impl Post {
     /// peer's remaining answers: their DATA is read and thrown away as it comes. So a READ
     /// that ran past its deadline lets go in about one socket read, however much of it the
     /// target had already queued.
+    ///
+    /// Only READs let go early: a WRITE's chunks already sent still land in the peer's memory,
+    /// so an abandoned WRITE keeps its completion until every sent chunk is answered (chunks
+    /// not yet sent are skipped): freeing or deregistering it returns only once it can no
+    /// longer change the peer's memory.
     fn let_go_if_abandoned(&self) {
+        let read = self.plan.as_ref().is_some_and(|p| p.op == XferOp::Read);
         let taken = {
             let mut d = self.done.lock();
             match &*d {
                 Some(Done::Xfer(c))
-                    if c.is_abandoned() && self.users.load(Ordering::Acquire) == 0 =>
+                    if read && c.is_abandoned() && self.users.load(Ordering::Acquire) == 0 =>
                 {
                     self.let_go.store(true, Ordering::Release);
                     d.take()
