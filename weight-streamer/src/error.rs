@@ -44,6 +44,15 @@ pub enum Error {
         /// What changed.
         detail: String,
     },
+    /// The per-node daemon's pool refused or failed something.
+    #[error("{what}: {source}")]
+    Daemon {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: nixl_agent::pool_client::PoolError,
+    },
     /// The pull could not get every chunk.
     #[error("pull incomplete: {0}")]
     Incomplete(String),

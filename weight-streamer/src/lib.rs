@@ -14,10 +14,12 @@
 //! - [`source`]: an origin loads a directory, publishes it, and refuses files changed on disk.
 //! - [`mod@pull`]: a replica pulls, verifies, writes, falls back to storage, and may serve on.
 //! - [`tensors`]: single tensors pulled by name into memory the caller registered.
+//! - [`daemon`]: an origin loads a directory into the per-node daemon's pool, which serves it
+//!   after the CLI exits.
 //!
-//! Without a daemon everything runs in the CLI's own agent; the seam for the per-node daemon's
-//! pool is [`mem::HostMem`] (the buffer the model lives in) and the agent passed in.
+//! Without a daemon everything runs in the CLI's own agent, the model in a [`mem::HostMem`].
 
+pub mod daemon;
 pub mod error;
 pub mod manifest;
 pub mod mem;

@@ -56,6 +56,19 @@ enum Cmd {
         /// TEST ONLY: corrupt this chunk in the served memory after the manifest is computed.
         #[arg(long, hide = true)]
         fault_corrupt_chunk: Vec<usize>,
+        /// Load the model into the per-node daemon's pool (`nixl-agent serve`, at this control
+        /// socket; default: the daemon's default socket) and exit: the daemon serves it on its
+        /// own tcp listener until its leases are released (`nixl-weights unload NAME`).
+        #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "")]
+        daemon: Option<PathBuf>,
+    },
+    /// Stop a daemon serving a model that `serve --daemon` loaded: its leases are released.
+    Unload {
+        /// Model name.
+        name: String,
+        /// The daemon's control socket (default: the daemon's default socket).
+        #[arg(long, value_name = "SOCKET")]
+        daemon: Option<PathBuf>,
     },
     /// Pull a model from its sources into a directory, verified.
     Pull {
@@ -237,6 +250,51 @@ fn etcd_cfg(cfg: &Config, flags: Vec<String>) -> Result<Option<EtcdConfig>> {
     })
 }
 
+/// The daemon's control socket: as given, or the default when empty.
+fn daemon_socket(p: PathBuf) -> PathBuf {
+    if p.as_os_str().is_empty() {
+        nixl_agent::config::default_control_socket()
+    } else {
+        p
+    }
+}
+
+fn serve_in_daemon(
+    sock: &std::path::Path,
+    path: &std::path::Path,
+    opts: &SourceOptions,
+    json: bool,
+) -> Result<ExitCode> {
+    let d = nixl_weight_streamer::daemon::load(sock, path, opts)?;
+    let m = &d.manifest;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "serving": m.name, "model_id": m.model_id(), "addrs": d.tcp_listen,
+                "bytes": m.total_bytes(), "files": m.files.len(),
+                "tensors": m.tensors.len(), "chunks": m.chunk_count(),
+                "daemon": sock, "lease_jobs": [d.ctrl.job, d.data.job],
+            })
+        );
+    } else {
+        println!(
+            "the daemon at {} serves {} ({} files, {} tensors, {} bytes) on {} \
+             (lease jobs {} and {}; `nixl-weights unload {}` stops it)",
+            sock.display(),
+            m.model_id(),
+            m.files.len(),
+            m.tensors.len(),
+            m.total_bytes(),
+            d.tcp_listen.join(" "),
+            d.ctrl.job,
+            d.data.job,
+            m.name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve {
@@ -248,14 +306,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             etcd,
             json,
             fault_corrupt_chunk,
+            daemon,
         } => {
-            let (agent, cfg, addrs) = agent(config.as_ref(), listen, "src", false)?;
-            let etcd = etcd_cfg(&cfg, etcd)?;
             let opts = SourceOptions {
                 name,
                 chunk_size,
                 corrupt_chunks: fault_corrupt_chunk,
             };
+            if let Some(sock) = daemon {
+                if !etcd.is_empty() || listen.is_some() || config.is_some() {
+                    return Err(Error::Invalid(
+                        "--daemon serves through the daemon's own agent: its configuration \
+                         says where it listens and whether it is in etcd (--etcd, --listen and \
+                         --config do not apply)"
+                            .into(),
+                    ));
+                }
+                return serve_in_daemon(&daemon_socket(sock), &path, &opts, json);
+            }
+            let (agent, cfg, addrs) = agent(config.as_ref(), listen, "src", false)?;
+            let etcd = etcd_cfg(&cfg, etcd)?;
             let src = Source::load(&agent, &path, &opts)?;
             let m = src.manifest();
             let announced = match &etcd {
@@ -381,6 +451,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 drop(pulled.announcements);
                 return pulled.published.withdraw().map(|()| ExitCode::SUCCESS);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Unload { name, daemon } => {
+            let sock = daemon_socket(daemon.unwrap_or_default());
+            nixl_weight_streamer::daemon::release(&sock, &name)?;
+            println!("unloaded {name} from the daemon at {}", sock.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ls { etcd, config, json } => {

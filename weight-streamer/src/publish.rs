@@ -113,6 +113,35 @@ impl Header {
     }
 }
 
+/// The header of a model whose data region is `data` (as its serving agent registered it).
+pub fn header_for(manifest: &Manifest, enc: &[u8], data: Desc, complete: bool) -> Header {
+    Header {
+        name: manifest.name.clone(),
+        manifest_len: enc.len() as u64,
+        digest: xxhash_rust::xxh3::xxh3_128(enc),
+        data,
+        chunks: manifest.chunk_count() as u64,
+        complete,
+    }
+}
+
+/// Lays out a control region in `c` (at least [`Header::control_len`] bytes): the header page,
+/// the encoded manifest `enc`, and the have bytes (all [`HAVE`] when `header.complete`).
+pub fn fill_control(c: &mut [u8], header: &Header, enc: &[u8]) -> Result<()> {
+    if (c.len() as u64) < header.control_len() {
+        return Err(Error::Invalid(format!(
+            "a control region of {} bytes for {}",
+            c.len(),
+            header.control_len()
+        )));
+    }
+    c[..HEADER as usize].copy_from_slice(&header.encode());
+    c[HEADER as usize..(HEADER as usize + enc.len())].copy_from_slice(enc);
+    let h = header.have_offset() as usize;
+    c[h..h + header.chunks as usize].fill(u8::from(header.complete));
+    Ok(())
+}
+
 /// A model published from this agent's registered memory: an origin's whole model, or a
 /// replica's buffers that fill as it pulls (`--serve`).
 #[derive(Debug)]
@@ -140,22 +169,14 @@ impl Published {
         if (data.len() as u64) < data_len {
             return Err(Error::Invalid("data buffer smaller than the model".into()));
         }
-        let header = Header {
-            name: manifest.name.clone(),
-            manifest_len: enc.len() as u64,
-            digest: xxhash_rust::xxh3::xxh3_128(&enc),
-            data: Desc::new(data.addr(), data.len() as u64, 0),
-            chunks: manifest.chunk_count() as u64,
+        let header = header_for(
+            &manifest,
+            &enc,
+            Desc::new(data.addr(), data.len() as u64, 0),
             complete,
-        };
+        );
         let mut ctrl = HostMem::new(header.control_len() as usize)?;
-        {
-            let c = ctrl.as_mut_slice();
-            c[..HEADER as usize].copy_from_slice(&header.encode());
-            c[HEADER as usize..(HEADER as usize + enc.len())].copy_from_slice(&enc);
-            let h = header.have_offset() as usize;
-            c[h..h + header.chunks as usize].fill(u8::from(complete));
-        }
+        fill_control(ctrl.as_mut_slice(), &header, &enc)?;
         let ctrl = Arc::new(ctrl);
         let ctrl_reg = register(agent, &ctrl)?;
         let data_reg = register(agent, &data)?;

@@ -92,6 +92,94 @@ fn read_into(path: &Path, buf: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// What loading a model directory takes: its files with their stamps, where each goes in the
+/// data buffer, and the buffer's length.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub(crate) name: String,
+    names: Vec<String>,
+    files: Vec<(PathBuf, Stamp)>,
+    offs: Vec<u64>,
+    /// Bytes of the data buffer.
+    pub(crate) len: u64,
+}
+
+impl Plan {
+    pub(crate) fn new(dir: &Path, opts: &SourceOptions) -> Result<Plan> {
+        let name = match &opts.name {
+            Some(n) => n.clone(),
+            None => dir
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().and_then(|s| s.to_str()).map(str::to_owned))
+                .ok_or_else(|| {
+                    Error::Invalid(format!("{}: give the model a --name", dir.display()))
+                })?,
+        };
+        let names = model_files(dir)?;
+        let mut files = Vec::with_capacity(names.len());
+        for n in &names {
+            let p = dir.join(n);
+            let s = stamp(&p)?;
+            files.push((p, s));
+        }
+        let mut at = 0u64;
+        let mut offs = Vec::with_capacity(files.len());
+        for (_, s) in &files {
+            offs.push(at);
+            at += s.size.div_ceil(crate::manifest::FILE_ALIGN) * crate::manifest::FILE_ALIGN;
+        }
+        Ok(Plan {
+            name,
+            names,
+            files,
+            offs,
+            len: at,
+        })
+    }
+
+    /// Reads every file once into `buf` (at least [`Plan::len`] bytes), refuses a file that
+    /// changed meanwhile, builds the manifest, and applies the corruption fault hook.
+    pub(crate) fn fill(&self, buf: &mut [u8], opts: &SourceOptions) -> Result<Manifest> {
+        if (buf.len() as u64) < self.len {
+            return Err(Error::Invalid(format!(
+                "a buffer of {} bytes for a model of {}",
+                buf.len(),
+                self.len
+            )));
+        }
+        for ((p, s), &o) in self.files.iter().zip(&self.offs) {
+            read_into(p, &mut buf[o as usize..(o + s.size) as usize])?;
+        }
+        for (p, s) in &self.files {
+            check_stamp(p, s)?;
+        }
+        let manifest = {
+            let slices: Vec<(String, &[u8])> = self
+                .names
+                .iter()
+                .zip(self.files.iter().zip(&self.offs))
+                .map(|(n, ((_, s), &o))| (n.clone(), &buf[o as usize..(o + s.size) as usize]))
+                .collect();
+            Manifest::build(&self.name, opts.chunk_size, &slices)?
+        };
+        if !opts.corrupt_chunks.is_empty() {
+            let chunks = manifest.chunks();
+            for &c in &opts.corrupt_chunks {
+                let ch = chunks
+                    .get(c)
+                    .ok_or_else(|| Error::Invalid(format!("fault hook: no chunk {c}")))?;
+                buf[ch.data_offset as usize] ^= 0x5a;
+            }
+            tracing::warn!(
+                chunks = opts.corrupt_chunks.len(),
+                "fault hook: chunks corrupted in served memory"
+            );
+        }
+        Ok(manifest)
+    }
+}
+
 /// A model directory loaded into registered memory and published by an agent.
 #[derive(Debug)]
 pub struct Source {
@@ -125,64 +213,14 @@ impl Source {
     /// Reads every file of `dir` once into one buffer, builds the manifest, and publishes the
     /// model through `agent`. A file that changes while it is read is refused.
     pub fn load(agent: &Agent, dir: &Path, opts: &SourceOptions) -> Result<Source> {
-        let name = match &opts.name {
-            Some(n) => n.clone(),
-            None => dir
-                .canonicalize()
-                .ok()
-                .and_then(|p| p.file_name().and_then(|s| s.to_str()).map(str::to_owned))
-                .ok_or_else(|| {
-                    Error::Invalid(format!("{}: give the model a --name", dir.display()))
-                })?,
-        };
-        let names = model_files(dir)?;
-        let mut files = Vec::with_capacity(names.len());
-        for n in &names {
-            let p = dir.join(n);
-            let s = stamp(&p)?;
-            files.push((p, s));
-        }
-        let mut at = 0u64;
-        let mut offs = Vec::with_capacity(files.len());
-        for (_, s) in &files {
-            offs.push(at);
-            at += s.size.div_ceil(crate::manifest::FILE_ALIGN) * crate::manifest::FILE_ALIGN;
-        }
-        let mut data = HostMem::new(at as usize)?;
-        {
-            let buf = data.as_mut_slice();
-            for ((p, s), &o) in files.iter().zip(&offs) {
-                read_into(p, &mut buf[o as usize..(o + s.size) as usize])?;
-            }
-        }
-        for (p, s) in &files {
-            check_stamp(p, s)?;
-        }
-        let manifest = {
-            let buf = data.as_mut_slice();
-            let slices: Vec<(String, &[u8])> = names
-                .iter()
-                .zip(files.iter().zip(&offs))
-                .map(|(n, ((_, s), &o))| (n.clone(), &buf[o as usize..(o + s.size) as usize]))
-                .collect();
-            Manifest::build(&name, opts.chunk_size, &slices)?
-        };
-        if !opts.corrupt_chunks.is_empty() {
-            let chunks = manifest.chunks();
-            let buf = data.as_mut_slice();
-            for &c in &opts.corrupt_chunks {
-                let ch = chunks
-                    .get(c)
-                    .ok_or_else(|| Error::Invalid(format!("fault hook: no chunk {c}")))?;
-                buf[ch.data_offset as usize] ^= 0x5a;
-            }
-            tracing::warn!(
-                chunks = opts.corrupt_chunks.len(),
-                "fault hook: chunks corrupted in served memory"
-            );
-        }
+        let plan = Plan::new(dir, opts)?;
+        let mut data = HostMem::new(plan.len as usize)?;
+        let manifest = plan.fill(data.as_mut_slice(), opts)?;
         let published = Published::new(agent, Arc::new(manifest), Arc::new(data), true)?;
-        Ok(Source { published, files })
+        Ok(Source {
+            published,
+            files: plan.files,
+        })
     }
 
     /// The model as published.
