@@ -21,6 +21,7 @@
 
 pub mod daemon;
 pub mod error;
+pub mod load;
 pub mod manifest;
 pub mod mem;
 pub mod publish;

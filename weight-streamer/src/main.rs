@@ -111,6 +111,9 @@ enum Cmd {
         /// Give up after this many seconds without progress.
         #[arg(long, default_value_t = 30)]
         stall_timeout: u64,
+        /// TEST ONLY: read from this source only once every other source has been dropped.
+        #[arg(long, hide = true)]
+        fault_hold_back_source: Vec<String>,
         /// Print one JSON summary object on stdout at the end.
         #[arg(long)]
         json: bool,
@@ -383,6 +386,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             origin_streams,
             etcd,
             stall_timeout,
+            fault_hold_back_source,
             json,
         } => {
             let fallback = fallback.as_deref().map(Fallback::parse).transpose()?;
@@ -397,6 +401,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.streams_per_source = streams;
             opts.origin_streams = origin_streams;
             opts.stall_timeout = Duration::from_secs(stall_timeout);
+            opts.fault_hold_back = fault_hold_back_source;
             opts.progress = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
             if serve {
                 if json {

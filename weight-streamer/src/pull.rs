@@ -215,6 +215,10 @@ pub struct PullOptions {
     /// The manifest to pull by when no source answers (as a pull leaves it beside the files,
     /// [`crate::MANIFEST_FILE`]): needed with an S3 fallback alone.
     pub manifest: Option<PathBuf>,
+    /// Test-only fault hook: sources (by address, as given in `sources`) read from only once
+    /// every other source has been dropped, so a test decides which source serves first
+    /// instead of the machine's load deciding it.
+    pub fault_hold_back: Vec<String>,
 }
 
 impl PullOptions {
@@ -232,6 +236,7 @@ impl PullOptions {
             stall_timeout: Duration::from_secs(30),
             progress: false,
             manifest: None,
+            fault_hold_back: Vec::new(),
         }
     }
 }
@@ -521,6 +526,8 @@ struct Run<'a> {
     chunk_timeout: Duration,
     /// The serving replicas as of the last have-byte refresh.
     view: RwLock<View>,
+    /// [`PullOptions::fault_hold_back`].
+    hold_back: Vec<String>,
 }
 
 impl Run<'_> {
@@ -636,8 +643,24 @@ impl Run<'_> {
         self.cv.notify_all();
     }
 
+    /// Whether another source than `s` is still alive (for the hold-back fault hook).
+    fn others_alive(&self, s: usize) -> bool {
+        self.sources
+            .read()
+            .iter()
+            .enumerate()
+            .any(|(i, o)| i != s && o.alive.load(Ordering::Acquire))
+    }
+
     fn source_worker(&self, s: usize) {
         let src = self.src(s);
+        if self.hold_back.contains(&src.label) {
+            while !self.finished.load(Ordering::Acquire) && self.others_alive(s) {
+                let mut b = self.board.lock();
+                self.cv.wait_for(&mut b, Duration::from_millis(20));
+            }
+            tracing::warn!(source = %src.label, "fault hook: held-back source starts");
+        }
         while !self.finished.load(Ordering::Acquire) && src.alive.load(Ordering::Acquire) {
             let Some(c) = self.pick(s) else {
                 let mut b = self.board.lock();
@@ -1091,6 +1114,7 @@ pub fn pull(
         dropped: Mutex::new(Vec::new()),
         fatal: Mutex::new(None),
         chunk_timeout: opts.chunk_timeout,
+        hold_back: opts.fault_hold_back.clone(),
     };
     let skipped = Mutex::new(skipped);
     let start = Instant::now();

@@ -1,7 +1,6 @@
 //! The origin side: a model directory read once into registered memory and published.
 
-use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -73,25 +72,6 @@ pub fn model_files(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Reads `path` (expected `size` bytes) into `buf` with positioned reads, each byte once.
-fn read_into(path: &Path, buf: &mut [u8]) -> Result<()> {
-    let f = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    let mut at = 0usize;
-    while at < buf.len() {
-        let n = f
-            .read_at(&mut buf[at..], at as u64)
-            .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-        if n == 0 {
-            return Err(Error::Changed {
-                path: path.display().to_string(),
-                detail: format!("ended at {at} of {} bytes", buf.len()),
-            });
-        }
-        at += n;
-    }
-    Ok(())
-}
-
 /// What loading a model directory takes: its files with their stamps, where each goes in the
 /// data buffer, and the buffer's length.
 #[derive(Debug)]
@@ -149,7 +129,11 @@ impl Plan {
             )));
         }
         for ((p, s), &o) in self.files.iter().zip(&self.offs) {
-            read_into(p, &mut buf[o as usize..(o + s.size) as usize])?;
+            // The file's slot runs to the next FILE_ALIGN (a block multiple): O_DIRECT reads
+            // whole blocks and stops at the end of the file.
+            let slot_end = (o + s.size.next_multiple_of(crate::manifest::FILE_ALIGN)) as usize;
+            let mode = crate::load::read_file(p, &mut buf[o as usize..slot_end], s.size)?;
+            tracing::debug!(path = %p.display(), bytes = s.size, mode = mode.as_str(), "read");
         }
         for (p, s) in &self.files {
             check_stamp(p, s)?;

@@ -33,9 +33,7 @@ fn numpy_dump(dir: &std::path::Path, out: &std::path::Path) {
 
 #[test]
 fn tensors_pulled_by_name_into_caller_memory() {
-    if skip("tensors_pulled_by_name_into_caller_memory") {
-        return;
-    }
+    nixl_testkit::require!(python_missing(), REQ);
     let t = tmpdir("api");
     let model = t.join("m");
     make_model(&model, "sharded", 7);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_model, cmd, make_model, pull, skip, tmpdir, SECRET};
+use common::{assert_same_model, cmd, make_model, pull, python_missing, tmpdir, REQ, SECRET};
 
 /// The `nixl-agent` binary beside this test's own target directory (built by
 /// `cargo build -p nixl-agent`, and by any workspace build or test run).
@@ -73,17 +73,15 @@ fn run(c: &mut Command) -> (i32, String, String) {
 
 #[test]
 fn a_model_loaded_into_the_daemon_is_served_after_the_cli_exits_until_unloaded() {
-    let test = "a_model_loaded_into_the_daemon_is_served_after_the_cli_exits_until_unloaded";
-    if skip(test) {
-        return;
-    }
-    let Some(bin) = agent_bin() else {
-        if std::env::var("NIXL_REQUIRE_WEIGHTS_TESTS").as_deref() == Ok("1") {
-            panic!("{test}: the nixl-agent binary is not built (cargo build -p nixl-agent)");
-        }
-        eprintln!("SKIP: {test}: the nixl-agent binary is not built (cargo build -p nixl-agent)");
-        return;
-    };
+    nixl_testkit::require!(python_missing(), REQ);
+    nixl_testkit::require!(
+        agent_bin().is_none().then_some(
+            "the nixl-agent binary is not built (cargo build --release -p nixl-agent; any \
+             workspace build or test run builds it)"
+        ),
+        REQ
+    );
+    let bin = agent_bin().expect("checked above");
     let t = tmpdir("daemon");
     let model = t.join("sharded");
     make_model(&model, "sharded", 20);

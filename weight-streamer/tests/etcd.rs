@@ -10,12 +10,8 @@ use common::*;
 #[test]
 fn sources_found_in_etcd_and_a_stale_entry_skipped() {
     let test = "sources_found_in_etcd_and_a_stale_entry_skipped";
-    if skip(test) {
-        return;
-    }
-    let Some(etcd) = Etcd::start(test) else {
-        return;
-    };
+    nixl_testkit::require!(etcd_missing(), REQ);
+    let etcd = Etcd::start(test);
     let t = tmpdir("etcd");
     let model = t.join("m");
     make_model(&model, "sharded", 10);

@@ -22,9 +22,7 @@ fn u(v: &serde_json::Value) -> u64 {
 
 #[test]
 fn a_source_killed_mid_pull_is_replaced_by_the_others_and_the_fallback() {
-    if skip_netns("a_source_killed_mid_pull_is_replaced_by_the_others_and_the_fallback") {
-        return;
-    }
+    nixl_testkit::require!(netns_missing(), REQ);
     let t = tmpdir("killed");
     let model = t.join("m");
     make_model(&model, "big", 16);
@@ -120,9 +118,7 @@ fn a_source_killed_mid_pull_is_replaced_by_the_others_and_the_fallback() {
 
 #[test]
 fn one_origin_fans_out_to_three_serving_replicas() {
-    if skip_netns("one_origin_fans_out_to_three_serving_replicas") {
-        return;
-    }
+    nixl_testkit::require!(netns_missing(), REQ);
     let t = tmpdir("fanout");
     let model = t.join("m");
     make_model(&model, "big", 16);

@@ -10,9 +10,7 @@ use common::*;
 
 #[test]
 fn single_and_sharded_models_pull_byte_identical_and_verify() {
-    if skip("single_and_sharded_models_pull_byte_identical_and_verify") {
-        return;
-    }
+    nixl_testkit::require!(python_missing(), REQ);
     let t = tmpdir("basic");
     for (kind, chunk) in [("single", "65536"), ("sharded", "4096")] {
         let model = t.join(kind);
@@ -62,9 +60,7 @@ fn single_and_sharded_models_pull_byte_identical_and_verify() {
 
 #[test]
 fn corrupt_chunks_are_refetched_elsewhere_and_the_offender_dropped() {
-    if skip("corrupt_chunks_are_refetched_elsewhere_and_the_offender_dropped") {
-        return;
-    }
+    nixl_testkit::require!(python_missing(), REQ);
     let t = tmpdir("corrupt");
     let model = t.join("m");
     make_model(&model, "single", 20);
@@ -87,12 +83,19 @@ fn corrupt_chunks_are_refetched_elsewhere_and_the_offender_dropped() {
     }
     let (_bad, bad_addr) = serve(cmd(), &model, "m", "127.0.0.1:0", &extra);
     let out = t.join("out");
+    // The good source is held back (test-only fault hook in the puller) until the bad one is
+    // dropped: however loaded the machine, the bad one serves its corrupt chunks first.
     let r = pull(
         cmd(),
         "m",
         &out,
         &[&bad_addr, &good_addr],
-        &["--listen", "127.0.0.1:0"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--fault-hold-back-source",
+            &good_addr,
+        ],
     )
     .unwrap();
     assert!(r["corrupt_chunks"].as_u64().unwrap() >= 2, "{r}");
@@ -145,9 +148,7 @@ fn corrupt_chunks_are_refetched_elsewhere_and_the_offender_dropped() {
 
 #[test]
 fn unreachable_and_silent_sources_are_skipped_within_a_bound() {
-    if skip("unreachable_and_silent_sources_are_skipped_within_a_bound") {
-        return;
-    }
+    nixl_testkit::require!(python_missing(), REQ);
     let t = tmpdir("stale");
     let model = t.join("m");
     make_model(&model, "single", 5);
@@ -197,9 +198,7 @@ fn unreachable_and_silent_sources_are_skipped_within_a_bound() {
 
 #[test]
 fn manifest_mismatch_between_sources_names_the_tensor() {
-    if skip("manifest_mismatch_between_sources_names_the_tensor") {
-        return;
-    }
+    nixl_testkit::require!(python_missing(), REQ);
     let t = tmpdir("mismatch");
     let a = t.join("a");
     let b = t.join("b");
@@ -225,9 +224,7 @@ fn manifest_mismatch_between_sources_names_the_tensor() {
 
 #[test]
 fn a_file_changed_on_disk_while_served_is_refused() {
-    if skip("a_file_changed_on_disk_while_served_is_refused") {
-        return;
-    }
+    nixl_testkit::require!(python_missing(), REQ);
     let t = tmpdir("changed");
     let model = t.join("m");
     make_model(&model, "single", 5);
@@ -263,9 +260,7 @@ fn a_file_changed_on_disk_while_served_is_refused() {
 
 #[test]
 fn bad_input_gets_clear_errors() {
-    if skip("bad_input_gets_clear_errors") {
-        return;
-    }
+    nixl_testkit::require!(python_missing(), REQ);
     let t = tmpdir("badinput");
     // A directory without safetensors, a truncated safetensors file.
     std::fs::write(t.join("x.bin"), b"hello").unwrap();

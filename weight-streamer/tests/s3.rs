@@ -17,17 +17,20 @@ impl Drop for Moto {
     }
 }
 
-fn moto(test: &str) -> Option<Moto> {
+/// Why moto cannot run here, or `None`.
+fn moto_missing() -> Option<String> {
     let ok = Command::new("python3")
         .args(["-c", "import moto.server, boto3"])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    let why = (!ok)
-        .then(|| "moto[server] and boto3 are not installed (.ci/setup installs them)".to_owned());
-    if skip(test) || gate_s3(test, why) {
-        return None;
-    }
+    python_missing().or_else(|| {
+        (!ok).then(|| "moto[server] and boto3 are not installed (.ci/setup installs them)".into())
+    })
+}
+
+/// Starts moto (check [`moto_missing`] first).
+fn moto() -> Moto {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -53,20 +56,7 @@ fn moto(test: &str) -> Option<Moto> {
         assert!(t.elapsed() < Duration::from_secs(30), "moto did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Some(m)
-}
-
-fn gate_s3(test: &str, why: Option<String>) -> bool {
-    match why {
-        None => false,
-        Some(why) if std::env::var("NIXL_REQUIRE_WEIGHTS_TESTS").as_deref() == Ok("1") => {
-            panic!("{test}: NIXL_REQUIRE_WEIGHTS_TESTS=1 but {why}")
-        }
-        Some(why) => {
-            eprintln!("SKIP: {test}: {why}");
-            true
-        }
-    }
+    m
 }
 
 fn aws(c: &mut Command, port: u16) -> &mut Command {
@@ -78,8 +68,8 @@ fn aws(c: &mut Command, port: u16) -> &mut Command {
 
 #[test]
 fn s3_fallback_alone_and_behind_a_bad_source() {
-    let test = "s3_fallback_alone_and_behind_a_bad_source";
-    let Some(m) = moto(test) else { return };
+    nixl_testkit::require!(moto_missing(), REQ);
+    let m = moto();
     let t = tmpdir("s3");
     let model = t.join("m");
     make_model(&model, "sharded", 10);

@@ -12,48 +12,33 @@ use std::time::Duration;
 pub const BIN: &str = env!("CARGO_BIN_EXE_nixl-weights");
 pub const SECRET: &str = "weights-test-secret";
 
-/// Why the tests cannot run here (no Python safetensors), or `None`. With
-/// `NIXL_REQUIRE_WEIGHTS_TESTS=1` (CI) a missing prerequisite panics instead.
-pub fn skip(test: &str) -> bool {
+/// The variable that turns the weight-streamer tests' skips into failures (`.ci/run` sets it,
+/// and `NIXL_REQUIRE_ALL`): `nixl_testkit::require!(python_missing(), REQ)`.
+pub const REQ: &str = "NIXL_REQUIRE_WEIGHTS_TESTS";
+
+/// Why the tests cannot run here (no Python safetensors and numpy), or `None`.
+pub fn python_missing() -> Option<String> {
     let ok = Command::new("python3")
         .args(["-c", "import safetensors.numpy, numpy"])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    let why = if ok {
-        None
-    } else {
-        Some("python3 with safetensors and numpy is missing (.ci/setup installs them)".to_owned())
-    };
-    gate(test, why)
+    (!ok).then(|| {
+        "python3 with safetensors and numpy is missing (.ci/setup installs them)".to_owned()
+    })
 }
 
-/// [`skip`], and network namespaces (root): without them the test prints a visible skip, as
-/// the other network-namespace tests of the workspace do.
-pub fn skip_netns(test: &str) -> bool {
-    if skip(test) {
-        return true;
-    }
-    match nixl_tests::netns::skip_reason() {
-        None => false,
-        Some(why) => {
-            eprintln!("SKIP: {test}: {why}");
-            true
-        }
-    }
+/// [`python_missing`], or no network namespaces (root).
+pub fn netns_missing() -> Option<String> {
+    python_missing().or_else(nixl_tests::netns::skip_reason)
 }
 
-fn gate(test: &str, why: Option<String>) -> bool {
-    match why {
-        None => false,
-        Some(why) => {
-            if std::env::var("NIXL_REQUIRE_WEIGHTS_TESTS").as_deref() == Ok("1") {
-                panic!("{test}: NIXL_REQUIRE_WEIGHTS_TESTS=1 but {why}");
-            }
-            eprintln!("SKIP: {test}: {why}");
-            true
-        }
-    }
+/// [`python_missing`], or no etcd.
+pub fn etcd_missing() -> Option<String> {
+    python_missing().or_else(|| {
+        nixl_testkit::missing_program("etcd")
+            .map(|why| format!("{why} (Debian package etcd-server, from .ci/setup)"))
+    })
 }
 
 pub fn tmpdir(tag: &str) -> PathBuf {
@@ -221,14 +206,8 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    pub fn start(test: &str) -> Option<Etcd> {
-        let found = Command::new("etcd").arg("--version").output().is_ok();
-        if gate(
-            test,
-            (!found).then(|| "etcd is not installed (Debian package etcd-server)".to_owned()),
-        ) {
-            return None;
-        }
+    /// Starts one (check [`etcd_missing`] first).
+    pub fn start(test: &str) -> Etcd {
         let port = || {
             std::net::TcpListener::bind("127.0.0.1:0")
                 .unwrap()
@@ -267,7 +246,7 @@ impl Etcd {
             assert!(t.elapsed() < Duration::from_secs(20), "etcd did not answer");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Some(e)
+        e
     }
 }
 
