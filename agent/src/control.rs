@@ -15,8 +15,8 @@
 //! | `GET /v1/peers` | the peers with their health |
 //! | `GET /v1/pool` | the host memory pool and its leases |
 //! | `GET /v1/jobs`, `GET /v1/jobs/ID` | jobs and their state (`running`, `done`, `failed` with `error`, `cancelled`) |
-//! | `POST /v1/jobs` | a new job: `{"kind": "lease", "name", "size"}` or `{"kind": "transfer", "op": "read"/"write", "lease", "offset", "len", "peer", "remote_addr", "notif"}` |
-//! | `DELETE /v1/jobs/ID` | release a lease / cancel a transfer |
+//! | `POST /v1/jobs` | a new job: `{"kind": "lease", "name", "size"}`, `{"kind": "transfer", "op": "read"/"write", "lease", "offset", "len", "peer", "remote_addr", "notif"}`, or `{"kind": "publish", "prefix"}` (the agent's metadata under another etcd prefix too) |
+//! | `DELETE /v1/jobs/ID` | release a lease / cancel a transfer / unpublish |
 //!
 //! Errors are a status code with `{"error": "..."}`; a draining daemon answers 503.
 //!

@@ -4,6 +4,10 @@
 //!
 //! - `lease`: holds a named lease of the host memory pool until the job is deleted. Its
 //!   `addr` is what peers name to reach it (and what a local `transfer` job refers to by name).
+//! - `publish`: puts the daemon's agent metadata in etcd under another key prefix as well (as
+//!   `[etcd]` configures it otherwise), kept alive until the job is deleted or the daemon
+//!   drains: a service announces "this daemon serves X" (weight streaming's
+//!   `/nixl/weights/<model>/`) for data it left in the daemon.
 //! - `transfer`: one READ or WRITE between (part of) a lease and a peer's registered memory,
 //!   through the agent (the selection policy picks the backend). Runs until it ends Done,
 //!   Failed (with the reason), Cancelled (`DELETE`, or a drain past `drain_timeout`) or TimedOut.
@@ -35,6 +39,11 @@ pub enum JobSpec {
         name: String,
         /// Bytes, or a size such as `"64MiB"`.
         size: SizeArg,
+    },
+    /// Publish the agent's metadata under another etcd prefix until deleted.
+    Publish {
+        /// The prefix (`/` at both ends); the key is the prefix and the agent's name.
+        prefix: String,
     },
     /// Move bytes between a lease and a peer.
     Transfer {
@@ -101,6 +110,8 @@ pub(crate) struct Job {
     /// The lease a `lease` job holds, or a `transfer` uses.
     lease: String,
     xfer: Option<Arc<XferRequest>>,
+    /// A `publish` job's presence in etcd (dropped: the key goes).
+    publication: Mutex<Option<nixl_discovery::Publication>>,
 }
 
 impl Job {
@@ -185,6 +196,16 @@ impl Jobs {
         n
     }
 
+    /// Ends every `publish` job's presence in etcd (the drain).
+    pub(crate) fn unpublish_all(&self) {
+        let all: Vec<Arc<Job>> = self.all.lock().values().cloned().collect();
+        for j in all {
+            if j.publication.lock().take().is_some() {
+                *j.state.lock() = JobState::Done;
+            }
+        }
+    }
+
     /// Waits until no transfer runs, or `deadline`; true if none runs.
     pub(crate) async fn wait_idle(&self, deadline: tokio::time::Instant) -> bool {
         loop {
@@ -203,15 +224,56 @@ impl Jobs {
 /// to a peer not yet connected connects first): call it off the async workers.
 pub(crate) fn create(d: &Arc<Daemon>, spec: JobSpec) -> Result<Value, Refusal> {
     let _edit = d.jobs.edit.lock();
-    let pool = d.pool.as_ref().ok_or_else(|| {
+    let no_pool = || {
         (
             409,
             "this daemon has no host memory pool ([daemon] pool_size = 0)".to_owned(),
         )
-    })?;
+    };
     let id = d.jobs.next.fetch_add(1, Ordering::Relaxed) + 1;
     match spec {
+        JobSpec::Publish { prefix } => {
+            let Some(etcd) = &d.cfg.etcd else {
+                return Err((409, "this daemon has no [etcd] to publish in".to_owned()));
+            };
+            if prefix.len() < 2
+                || prefix.len() > 256
+                || !prefix.starts_with('/')
+                || !prefix.ends_with('/')
+                || prefix.chars().any(char::is_control)
+                || prefix == etcd.prefix
+            {
+                return Err((
+                    400,
+                    format!(
+                        "prefix {prefix:?}: 2 to 256 characters, '/' at both ends, no control \
+                         characters, not the daemon's own prefix"
+                    ),
+                ));
+            }
+            let cfg = nixl_discovery::EtcdConfig {
+                prefix: prefix.clone(),
+                ..etcd.clone()
+            };
+            let p = nixl_discovery::Registry::connect(&cfg)
+                .and_then(|r| r.publish(&d.agent))
+                .map_err(|e| (503, format!("publishing under {prefix}: {e}")))?;
+            let job = Arc::new(Job {
+                id,
+                kind: "publish",
+                created: SystemTime::now(),
+                detail: json!({ "prefix": prefix, "key": p.key() }),
+                state: Mutex::new(JobState::Running),
+                lease: String::new(),
+                xfer: None,
+                publication: Mutex::new(Some(p)),
+            });
+            d.jobs.insert(Arc::clone(&job))?;
+            tracing::info!(job = id, %prefix, "published under another prefix");
+            Ok(job.json())
+        }
         JobSpec::Lease { name, size } => {
+            let pool = d.pool.as_ref().ok_or_else(no_pool)?;
             let len = match size {
                 SizeArg::Bytes(n) => n,
                 SizeArg::Text(t) => crate::config::parse_size(&t).map_err(|e| (400, e))?,
@@ -232,6 +294,7 @@ pub(crate) fn create(d: &Arc<Daemon>, spec: JobSpec) -> Result<Value, Refusal> {
                 state: Mutex::new(JobState::Running),
                 lease: name.clone(),
                 xfer: None,
+                publication: Mutex::new(None),
             });
             if let Err(e) = d.jobs.insert(Arc::clone(&job)) {
                 let _ = pool.release(&name);
@@ -255,6 +318,7 @@ pub(crate) fn create(d: &Arc<Daemon>, spec: JobSpec) -> Result<Value, Refusal> {
                 "write" => XferOp::Write,
                 o => return Err((400, format!("op {o:?}: \"read\" or \"write\""))),
             };
+            let pool = d.pool.as_ref().ok_or_else(no_pool)?;
             if d.jobs.in_flight() >= MAX_RUNNING {
                 return Err((
                     429,
@@ -313,6 +377,7 @@ pub(crate) fn create(d: &Arc<Daemon>, spec: JobSpec) -> Result<Value, Refusal> {
                 state: Mutex::new(JobState::Running),
                 lease,
                 xfer: Some(Arc::clone(&x)),
+                publication: Mutex::new(None),
             });
             if let Err(e) = d.jobs.insert(Arc::clone(&job)) {
                 x.cancel();
@@ -353,6 +418,15 @@ pub(crate) fn delete(d: &Daemon, id: u64) -> Result<Value, Refusal> {
         .ok_or_else(|| (404, format!("no job {id}")))?;
     if let Some(x) = &job.xfer {
         x.cancel();
+        return Ok(job.json());
+    }
+    if job.kind == "publish" {
+        // Dropping the publication revokes its etcd lease: the key goes at once.
+        if job.publication.lock().take().is_some() {
+            *job.state.lock() = JobState::Done;
+            tracing::info!(job = id, "unpublished");
+        }
+        d.jobs.changed.notify_waiters();
         return Ok(job.json());
     }
     // Lock order: the table, then a job's state; never the other way round.

@@ -295,6 +295,7 @@ async fn drain(d: &Arc<Daemon>, why: &str) {
     // Revoke the lease at once, beside waiting for transfers.
     let dd = Arc::clone(d);
     let unpublish = tokio::task::spawn_blocking(move || {
+        dd.jobs.unpublish_all();
         let taken = dd.discovery.lock().take();
         if let Some((r, p, w)) = taken {
             drop(p);

@@ -80,7 +80,14 @@ run() {
         done
     done
     t1=$(date +%s.%N); tx1=$(tx)
-    [ -n "${BENCH_DEBUG:-}" ] && for i in $(seq 1 $n); do grep -o "\"dropped\":\[[^]]*\]" "$W/r$i.json" | cut -c1-300 >&2; done
+    [ -n "${BENCH_DEBUG:-}" ] && for i in $(seq 1 $n); do
+        python3 -c "
+import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+o = r['sources'].get(sys.argv[2], 0)
+print(f'replica {sys.argv[3]}: {r[\"seconds\"]:.2f} s, from the origin {o / r[\"bytes\"]:.2f} of the model, dropped {r[\"dropped\"]}')
+" "$W/r$i.json" "$(addr 0):7000" $i >&2 || true
+    done
     for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done
     wait "${pids[@]}" 2>/dev/null || true
     python3 - "$n" "$mode" "$t0" "$t1" "$tx0" "$tx1" "$BYTES" "$RATE" <<'PY'

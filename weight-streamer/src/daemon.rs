@@ -7,8 +7,10 @@
 //! lease, builds the manifest, writes the control lease last, and exits. Each lease is a region
 //! of the daemon's agent, so pullers pointed at the daemon's tcp listener (`--source`) find the
 //! control region among its regions and READ the data as from any origin: nothing changes for
-//! them. The daemon serves the model until the leases are released
-//! ([`release`], or `DELETE /v1/jobs/ID`); a restart of the daemon forgets it.
+//! them. Where the daemon has an `[etcd]` section, it also announces itself as a source of the
+//! model (a `publish` job under `/nixl/weights/<model>/`, as [`crate::pull::announce`] does for
+//! a CLI origin), so pullers with `--etcd` find it. The daemon serves the model until the leases
+//! are released ([`release`], or `DELETE /v1/jobs/ID`); a restart of the daemon forgets it.
 //!
 //! The daemon's copy is checked against the files while they are read (a file that changes
 //! meanwhile is refused); after that it is the model as loaded, whatever happens on disk.
@@ -33,6 +35,30 @@ pub struct DaemonModel {
     pub data: LeaseInfo,
     /// The daemon's tcp listener(s): what pullers name with `--source`.
     pub tcp_listen: Vec<String>,
+    /// The `publish` job that announces the daemon in etcd as a source of the model (when the
+    /// daemon has `[etcd]`).
+    pub publish_job: Option<u64>,
+}
+
+/// The etcd prefix under which sources of `model` announce themselves.
+pub fn etcd_prefix(model: &str) -> String {
+    format!("{}{model}/", crate::ETCD_PREFIX)
+}
+
+/// The running `publish` job of `prefix`, if any.
+fn publish_job(pool: &PoolClient, prefix: &str) -> Result<Option<u64>> {
+    let jobs = pool
+        .control()
+        .get("/v1/jobs")
+        .map_err(|e| pool_err("listing the daemon's jobs")(e.into()))?;
+    Ok(jobs["jobs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|j| {
+            j["kind"] == "publish" && j["state"] == "running" && j["detail"]["prefix"] == prefix
+        })
+        .and_then(|j| j["id"].as_u64()))
 }
 
 /// The lease names of model `name`: (control, data).
@@ -89,11 +115,33 @@ pub fn load(control_socket: &Path, dir: &Path, opts: &SourceOptions) -> Result<D
     taken.names.push(ctrl_name);
     // SAFETY: as for the data lease: new, and only this process writes it.
     fill_control(unsafe { ctrl.as_mut_slice() }, &header, &enc)?;
+    let publish_job = match status["etcd"]["state"].as_str() {
+        None | Some("off") => None,
+        Some(_) => {
+            let prefix = etcd_prefix(&plan.name);
+            let job = match publish_job(&pool, &prefix)? {
+                Some(id) => id,
+                None => pool
+                    .control()
+                    .post(
+                        "/v1/jobs",
+                        &serde_json::json!({ "kind": "publish", "prefix": prefix }),
+                    )
+                    .map_err(|e| {
+                        pool_err(format!("announcing the daemon under {prefix}"))(e.into())
+                    })?["id"]
+                    .as_u64()
+                    .unwrap_or(0),
+            };
+            Some(job)
+        }
+    };
     let m = DaemonModel {
         manifest,
         ctrl: ctrl.info().clone(),
         data: data.info().clone(),
         tcp_listen,
+        publish_job,
     };
     taken.names.clear();
     tracing::info!(model = %m.manifest.model_id(), data_job = m.data.job, ctrl_job = m.ctrl.job,
@@ -101,11 +149,16 @@ pub fn load(control_socket: &Path, dir: &Path, opts: &SourceOptions) -> Result<D
     Ok(m)
 }
 
-/// Stops the daemon serving model `name`: its control lease first (pullers stop finding it),
-/// then its data.
+/// Stops the daemon serving model `name`: its etcd announcement, its control lease (pullers
+/// stop finding it), then its data.
 pub fn release(control_socket: &Path, name: &str) -> Result<()> {
     let pool = PoolClient::new(control_socket);
     let (ctrl, data) = lease_names(name);
+    if let Some(id) = publish_job(&pool, &etcd_prefix(name))? {
+        pool.control()
+            .delete(&format!("/v1/jobs/{id}"))
+            .map_err(|e| pool_err("withdrawing the etcd announcement")(e.into()))?;
+    }
     pool.release(&ctrl)
         .map_err(pool_err(format!("releasing {ctrl}")))?;
     pool.release(&data)

@@ -278,6 +278,7 @@ fn serve_in_daemon(
                 "bytes": m.total_bytes(), "files": m.files.len(),
                 "tensors": m.tensors.len(), "chunks": m.chunk_count(),
                 "daemon": sock, "lease_jobs": [d.ctrl.job, d.data.job],
+                "publish_job": d.publish_job,
             })
         );
     } else {

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_same_model, cmd, make_model, pull, python_missing, tmpdir, REQ, SECRET};
+use common::{
+    assert_same_model, cmd, etcd_missing, make_model, pull, python_missing, tmpdir, Etcd, REQ,
+    SECRET,
+};
 
 /// The `nixl-agent` binary beside this test's own target directory (built by
 /// `cargo build -p nixl-agent`, and by any workspace build or test run).
@@ -27,7 +30,7 @@ impl Drop for Daemon {
     }
 }
 
-fn start_daemon(bin: &Path, dir: &Path) -> (Daemon, PathBuf) {
+fn start_daemon(bin: &Path, dir: &Path, etcd: Option<&str>) -> (Daemon, PathBuf) {
     let sock = dir.join("agent.sock");
     let cfg = dir.join("agent.toml");
     std::fs::write(
@@ -35,8 +38,10 @@ fn start_daemon(bin: &Path, dir: &Path) -> (Daemon, PathBuf) {
         format!(
             "backends = [\"tcp\"]\n[auth]\nsecret = \"{SECRET}\"\n[tcp]\nlisten = \"127.0.0.1:0\"\n\
              [daemon]\nname = \"weights-daemon\"\ncontrol_socket = \"{}\"\n\
-             http_listen = \"127.0.0.1:0\"\npool_size = \"64MiB\"\n",
-            sock.display()
+             http_listen = \"127.0.0.1:0\"\npool_size = \"64MiB\"\n{}",
+            sock.display(),
+            etcd.map(|u| format!("[etcd]\nendpoints = [\"{u}\"]\n"))
+                .unwrap_or_default()
         ),
     )
     .unwrap();
@@ -85,7 +90,7 @@ fn a_model_loaded_into_the_daemon_is_served_after_the_cli_exits_until_unloaded()
     let t = tmpdir("daemon");
     let model = t.join("sharded");
     make_model(&model, "sharded", 20);
-    let (_d, sock) = start_daemon(&bin, &t);
+    let (_d, sock) = start_daemon(&bin, &t, None);
 
     // Loaded; the CLI exits at once.
     let (code, out, err) = run(cmd()
@@ -156,5 +161,53 @@ fn a_model_loaded_into_the_daemon_is_served_after_the_cli_exits_until_unloaded()
     .unwrap_err();
     assert_ne!(code, 0);
     assert!(e.contains("does not serve a model named"), "{e}");
+    let _ = std::fs::remove_dir_all(&t);
+}
+
+#[test]
+fn a_model_loaded_into_the_daemon_is_announced_in_etcd_until_unloaded() {
+    nixl_testkit::require!(etcd_missing(), REQ);
+    nixl_testkit::require!(
+        agent_bin()
+            .is_none()
+            .then_some("the nixl-agent binary is not built (cargo build --release -p nixl-agent)"),
+        REQ
+    );
+    let bin = agent_bin().expect("checked above");
+    let etcd = Etcd::start("daemon-etcd");
+    let t = tmpdir("daemon-etcd");
+    let model = t.join("single");
+    make_model(&model, "single", 5);
+    let (_d, sock) = start_daemon(&bin, &t, Some(&etcd.url));
+    let (code, out, err) = run(cmd()
+        .arg("serve")
+        .arg(&model)
+        .args(["--name", "e", "--json", "--daemon"])
+        .arg(&sock));
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert!(v["publish_job"].as_u64().is_some(), "{v}");
+    // The CLI is gone; a puller finds the daemon in etcd alone.
+    let r = pull(
+        cmd(),
+        "e",
+        &t.join("out"),
+        &[],
+        &["--listen", "127.0.0.1:0", "--etcd", &etcd.url],
+    )
+    .unwrap();
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["fallback_bytes"], 0, "{r}");
+    assert_same_model(&model, &t.join("out"));
+    // Unloaded: the announcement goes with the leases.
+    let (code, _, err) = run(cmd().args(["unload", "e", "--daemon"]).arg(&sock));
+    assert_eq!(code, 0, "{err}");
+    let ls = std::process::Command::new(common::BIN)
+        .args(["ls", "--json", "--etcd", &etcd.url])
+        .env("NIXL_SECRET", SECRET)
+        .output()
+        .unwrap();
+    let ls: serde_json::Value = serde_json::from_slice(&ls.stdout).unwrap();
+    assert_eq!(ls["models"].as_array().map(Vec::len), Some(0), "{ls}");
     let _ = std::fs::remove_dir_all(&t);
 }
