@@ -64,7 +64,7 @@ run() {
     rm -rf "$W"/out*; tx0=$(tx); t0=$(date +%s.%N)
     for i in $(seq 1 $n); do
         if [ $mode = fanout ]; then
-            ip netns exec $P-h$i $BIN pull m --out "$W/out$i" --serve --json --etcd $ETCD --streams ${STREAMS:-4} \
+            ip netns exec $P-h$i $BIN pull m --out "$W/out$i" --serve --json --etcd $ETCD --streams ${STREAMS:-4} --origin-streams ${ORIGIN_STREAMS:-2} \
                 --listen $(addr $i):7000 > "$W/r$i.json" 2>"$W/e$i.log" &
         else
             ip netns exec $P-h$i $BIN pull m --out "$W/out$i" --json --source $(addr 0):7000 \
@@ -84,7 +84,7 @@ run() {
         python3 -c "
 import json, sys
 r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
-o = r['sources'].get(sys.argv[2], 0)
+o = sum(v for k, v in r['sources'].items() if k == sys.argv[2] or '-src-' in k)
 print(f'replica {sys.argv[3]}: {r[\"seconds\"]:.2f} s, from the origin {o / r[\"bytes\"]:.2f} of the model, dropped {r[\"dropped\"]}')
 " "$W/r$i.json" "$(addr 0):7000" $i >&2 || true
     done

@@ -96,7 +96,19 @@ pub(crate) enum From {
     Replica,
     /// An origin (complete from the start).
     Origin,
+    /// An origin, after this replica's origin streams have found nothing to take for
+    /// [`ENDGAME_PATIENCE`]: it helps even with another replica's last few chunks.
+    OriginImpatient,
 }
+
+/// A replica leaves to their owner the last this many unheld chunks it owns (the owner's own
+/// origin streams take them next; a helper would only send them twice over the origin's link,
+/// which the owner has to itself by then) unless it has waited [`ENDGAME_PATIENCE`].
+pub const ENDGAME_LEFT: usize = 2;
+
+/// How long a replica's origin streams wait with nothing to take before they help with the
+/// last chunks of another replica (one that is stuck or gone without being dropped yet).
+pub const ENDGAME_PATIENCE: Duration = Duration::from_millis(1500);
 
 /// The chunk to read next from one source, among `candidates` (pending here, held by that
 /// source).
@@ -109,7 +121,10 @@ pub(crate) enum From {
 /// left it helps the replica with the most left (one whose link to the origin is slower, or a
 /// stuck one), taking from the back of that replica's order (the chunks it would take last,
 /// so the two rarely take the same one), at an offset of its own (so that two helpers rarely
-/// do either).
+/// do either); but not with that replica's last [`ENDGAME_LEFT`] chunks (its own streams take
+/// them next, with the origin's link to themselves by then: a helper would have the origin send
+/// them twice), unless this replica's origin streams have waited [`ENDGAME_PATIENCE`]
+/// (`From::OriginImpatient`: the owner may be stuck).
 ///
 /// Ties go by this replica's own pseudo-random order, so that replicas picking at once from
 /// stale have bytes rarely pick the same chunk (as they did sweeping forward from different
@@ -134,10 +149,18 @@ pub(crate) fn rarest(
     for &c in &unheld {
         *left.entry(owner(c)).or_default() += 1;
     }
-    let (&behind, _) = left.iter().max_by_key(|&(&o, &n)| (n, o))?;
+    let (&behind, &n) = left.iter().max_by_key(|&(&o, &n)| (n, o))?;
+    if n <= ENDGAME_LEFT && from == From::Origin {
+        return None;
+    }
     let mut theirs: Vec<usize> = unheld.into_iter().filter(|&c| owner(c) == behind).collect();
     theirs.sort_by_key(|&c| std::cmp::Reverse(rank(c, behind)));
-    let k = rank(behind as usize, view.me) as usize % (theirs.len() / 2).max(1);
+    let k = rank(behind as usize, view.me) as usize
+        % if n <= ENDGAME_LEFT {
+            theirs.len()
+        } else {
+            (theirs.len() / 2).max(1)
+        };
     theirs.get(k).copied()
 }
 
@@ -528,6 +551,8 @@ struct Run<'a> {
     view: RwLock<View>,
     /// [`PullOptions::fault_hold_back`].
     hold_back: Vec<String>,
+    /// Since when the origin streams found nothing to take ([`ENDGAME_PATIENCE`]).
+    origin_idle_since: Mutex<Option<Instant>>,
 }
 
 impl Run<'_> {
@@ -550,17 +575,28 @@ impl Run<'_> {
         let c = {
             let have = src.have.lock();
             let b = &*b;
-            let from = if src.origin {
-                From::Origin
-            } else {
-                From::Replica
+            let idle = *self.origin_idle_since.lock();
+            let from = match (src.origin, idle) {
+                (false, _) => From::Replica,
+                (true, Some(t)) if t.elapsed() >= ENDGAME_PATIENCE => From::OriginImpatient,
+                (true, _) => From::Origin,
             };
             let candidates = (0..self.chunks.len()).filter(|&c| {
                 b.st[c] == St::Pending && have[c] == HAVE && !b.failed_on[c].contains(&(s as u16))
             });
             // An origin leaves to serving replicas (complete or not) the chunks they hold or
             // are fetching, so that it sends each chunk about once however many replicas pull.
-            rarest(candidates, &view, from)
+            let c = rarest(candidates, &view, from);
+            if src.origin {
+                let mut idle = self.origin_idle_since.lock();
+                match c {
+                    Some(_) => *idle = None,
+                    None => {
+                        idle.get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+            c
         }?;
         b.st[c] = St::InFlight;
         if let Some(p) = self.published {
@@ -1115,6 +1151,7 @@ pub fn pull(
         fatal: Mutex::new(None),
         chunk_timeout: opts.chunk_timeout,
         hold_back: opts.fault_hold_back.clone(),
+        origin_idle_since: Mutex::new(None),
     };
     let skipped = Mutex::new(skipped);
     let start = Instant::now();
@@ -1590,6 +1627,11 @@ mod tests {
         let b_next = rarest(left.iter().copied(), &views[1], From::Origin).unwrap();
         assert_eq!(views[1].owner[b_next], b);
         assert_ne!(help, b_next, "a helper took what the owner takes next");
+        // The owner's last few are its own, unless the helper has waited long enough.
+        let last: Vec<usize> = (0..256).filter(|&x| a.owner[x] == b).take(2).collect();
+        assert_eq!(rarest(last.iter().copied(), a, From::Origin), None);
+        let late = rarest(last.iter().copied(), a, From::OriginImpatient).unwrap();
+        assert!(last.contains(&late));
         // A chunk someone holds or fetches, never.
         let mut held = a.clone();
         for &x in &left {
