@@ -25,7 +25,7 @@ pub const DEPTH: u32 = 16;
 pub const MAX_OP: usize = 1 << 20;
 /// Alignment `O_DIRECT` needs of the buffer, the offsets and the lengths (the largest logical
 /// block size in use).
-const BLOCK: usize = 4096;
+pub const BLOCK: usize = 4096;
 
 /// How a file was read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
