@@ -35,6 +35,8 @@ pub struct DaemonModel {
     pub data: LeaseInfo,
     /// The daemon's tcp listener(s): what pullers name with `--source`.
     pub tcp_listen: Vec<String>,
+    /// How the files were read.
+    pub read: crate::source::ReadModes,
     /// The `publish` job that announces the daemon in etcd as a source of the model (when the
     /// daemon has `[etcd]`).
     pub publish_job: Option<u64>,
@@ -101,7 +103,7 @@ pub fn load(control_socket: &Path, dir: &Path, opts: &SourceOptions) -> Result<D
     taken.names.push(data_name);
     // SAFETY: the lease is new and not yet described anywhere peers could learn of it (its
     // control region does not exist yet), and this process is its only client.
-    let manifest = plan.fill(unsafe { data.as_mut_slice() }, opts)?;
+    let (manifest, read) = plan.fill(unsafe { data.as_mut_slice() }, opts)?;
     let enc = manifest.encode();
     let header = header_for(
         &manifest,
@@ -142,6 +144,7 @@ pub fn load(control_socket: &Path, dir: &Path, opts: &SourceOptions) -> Result<D
         data: data.info().clone(),
         tcp_listen,
         publish_job,
+        read,
     };
     taken.names.clear();
     tracing::info!(model = %m.manifest.model_id(), data_job = m.data.job, ctrl_job = m.ctrl.job,

@@ -278,7 +278,7 @@ fn serve_in_daemon(
                 "bytes": m.total_bytes(), "files": m.files.len(),
                 "tensors": m.tensors.len(), "chunks": m.chunk_count(),
                 "daemon": sock, "lease_jobs": [d.ctrl.job, d.data.job],
-                "publish_job": d.publish_job,
+                "publish_job": d.publish_job, "read": d.read.json(),
             })
         );
     } else {
@@ -343,6 +343,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         "serving": m.name, "model_id": m.model_id(), "addrs": addrs,
                         "bytes": m.total_bytes(), "files": m.files.len(),
                         "tensors": m.tensors.len(), "chunks": m.chunk_count(),
+                        "read": src.read_modes().json(),
                     })
                 );
             } else {

@@ -119,8 +119,13 @@ impl Plan {
     }
 
     /// Reads every file once into `buf` (at least [`Plan::len`] bytes), refuses a file that
-    /// changed meanwhile, builds the manifest, and applies the corruption fault hook.
-    pub(crate) fn fill(&self, buf: &mut [u8], opts: &SourceOptions) -> Result<Manifest> {
+    /// changed meanwhile, builds the manifest, and applies the corruption fault hook. Returns
+    /// the manifest and how each file was read.
+    pub(crate) fn fill(
+        &self,
+        buf: &mut [u8],
+        opts: &SourceOptions,
+    ) -> Result<(Manifest, ReadModes)> {
         if (buf.len() as u64) < self.len {
             return Err(Error::Invalid(format!(
                 "a buffer of {} bytes for a model of {}",
@@ -128,12 +133,14 @@ impl Plan {
                 self.len
             )));
         }
+        let mut modes = ReadModes::default();
         for ((p, s), &o) in self.files.iter().zip(&self.offs) {
             // The file's slot runs to the next FILE_ALIGN (a block multiple): O_DIRECT reads
             // whole blocks and stops at the end of the file.
             let slot_end = (o + s.size.next_multiple_of(crate::manifest::FILE_ALIGN)) as usize;
             let mode = crate::load::read_file(p, &mut buf[o as usize..slot_end], s.size)?;
             tracing::debug!(path = %p.display(), bytes = s.size, mode = mode.as_str(), "read");
+            modes.add(mode);
         }
         for (p, s) in &self.files {
             check_stamp(p, s)?;
@@ -160,7 +167,38 @@ impl Plan {
                 "fault hook: chunks corrupted in served memory"
             );
         }
-        Ok(manifest)
+        Ok((manifest, modes))
+    }
+}
+
+/// How many files of a model were read each way ([`crate::load::ReadMode`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadModes {
+    /// io_uring with `O_DIRECT`.
+    pub uring_direct: usize,
+    /// io_uring through the page cache.
+    pub uring_buffered: usize,
+    /// `pread` (io_uring unavailable).
+    pub pread: usize,
+}
+
+impl ReadModes {
+    fn add(&mut self, m: crate::load::ReadMode) {
+        use crate::load::ReadMode as M;
+        *match m {
+            M::UringDirect => &mut self.uring_direct,
+            M::UringBuffered => &mut self.uring_buffered,
+            M::Pread => &mut self.pread,
+        } += 1;
+    }
+
+    /// As JSON: `{"uring_direct": n, "uring_buffered": n, "pread": n}`.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "uring_direct": self.uring_direct,
+            "uring_buffered": self.uring_buffered,
+            "pread": self.pread,
+        })
     }
 }
 
@@ -169,6 +207,7 @@ impl Plan {
 pub struct Source {
     published: Published,
     files: Vec<(PathBuf, Stamp)>,
+    read: ReadModes,
 }
 
 /// How a source loads its model.
@@ -199,12 +238,18 @@ impl Source {
     pub fn load(agent: &Agent, dir: &Path, opts: &SourceOptions) -> Result<Source> {
         let plan = Plan::new(dir, opts)?;
         let mut data = HostMem::new(plan.len as usize)?;
-        let manifest = plan.fill(data.as_mut_slice(), opts)?;
+        let (manifest, read) = plan.fill(data.as_mut_slice(), opts)?;
         let published = Published::new(agent, Arc::new(manifest), Arc::new(data), true)?;
         Ok(Source {
             published,
             files: plan.files,
+            read,
         })
+    }
+
+    /// How its files were read.
+    pub fn read_modes(&self) -> ReadModes {
+        self.read
     }
 
     /// The model as published.

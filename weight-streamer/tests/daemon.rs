@@ -101,6 +101,18 @@ fn a_model_loaded_into_the_daemon_is_served_after_the_cli_exits_until_unloaded()
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let addr = v["addrs"][0].as_str().unwrap().to_owned();
+    // Each of the 5 files read once, through io_uring where the kernel allows it.
+    let read = &v["read"];
+    let n = |k: &str| read[k].as_u64().unwrap();
+    assert_eq!(
+        n("uring_direct") + n("uring_buffered") + n("pread"),
+        5,
+        "{v}"
+    );
+    if std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").is_ok_and(|s| s.trim() == "0")
+    {
+        assert_eq!(n("pread"), 0, "{v}");
+    }
     let pool = nixl_agent::control::Client::new(&sock)
         .get("/v1/pool")
         .unwrap();
