@@ -6,7 +6,7 @@
 # reading from the origin only; and one replica reading from S3 (moto behind the origin's link)
 # and from local disk with a cold cache.
 #
-#   sudo [CHUNK=bytes] [STREAMS=4] [MODES="fanout origin"] weight-streamer/bench/fanout.sh [RATE_MBIT] [MODEL_MIB] [N...]
+#   sudo [CHUNK=bytes] [STREAMS=1] [ORIGIN_STREAMS=1] [MODES="fanout origin"] weight-streamer/bench/fanout.sh [RATE_MBIT] [MODEL_MIB] [N...]
 #   (defaults: 500 Mbit/s, 512 MiB, N = 1 2 4 8; needs root, iproute2, etcd, python3 with
 #   safetensors/numpy, moto[server] for the S3 row, a release build of nixl-weights)
 set -euo pipefail
@@ -64,7 +64,7 @@ run() {
     rm -rf "$W"/out*; tx0=$(tx); t0=$(date +%s.%N)
     for i in $(seq 1 $n); do
         if [ $mode = fanout ]; then
-            ip netns exec $P-h$i $BIN pull m --out "$W/out$i" --serve --json --etcd $ETCD --streams ${STREAMS:-4} --origin-streams ${ORIGIN_STREAMS:-2} \
+            ip netns exec $P-h$i $BIN pull m --out "$W/out$i" --serve --json --etcd $ETCD --streams ${STREAMS:-1} --origin-streams ${ORIGIN_STREAMS:-1} \
                 --listen $(addr $i):7000 > "$W/r$i.json" 2>"$W/e$i.log" &
         else
             ip netns exec $P-h$i $BIN pull m --out "$W/out$i" --json --source $(addr 0):7000 \

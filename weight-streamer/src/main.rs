@@ -98,12 +98,13 @@ enum Cmd {
         /// Listen address of the tcp backend.
         #[arg(long)]
         listen: Option<String>,
-        /// READs in flight per source.
-        #[arg(long, default_value_t = 4)]
+        /// READs in flight per source (1: each chunk turns around sooner on a busy replica
+        /// link, and the have bytes queued behind it are fresher; see BENCHMARKS.md).
+        #[arg(long, default_value_t = 1)]
         streams: usize,
         /// READs in flight per origin (a source complete from the start; at most --streams):
         /// fewer, so that replicas starting at once do not queue past the origin's link.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 1)]
         origin_streams: usize,
         /// etcd endpoint to find sources at (repeatable; default: the configuration's `[etcd]`).
         #[arg(long)]
