@@ -569,7 +569,7 @@ fn checkpoints_through_the_c_abi() {
     single("ckpt", |p| &p.ckpt, &["{dir}", "3000", "{tmo}"], false);
 }
 
-/// `kv.c`: a KV pull handoff between two agents of one process over tcp (`nixl_kv_*`), every
+/// `kv.c`: a KV pull and a push handoff between two agents of one process over tcp (`nixl_kv_*`), every
 /// byte checked, and the ABI's refusals.
 #[test]
 fn kv_handoff_through_the_c_abi() {
