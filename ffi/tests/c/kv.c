@@ -21,7 +21,9 @@
  *     set, decode's blocks), WRITEs its blocks {1, 7, 3} with nixl_kv_push; prefill reports
  *     them freed (done, push set), decode NIXL_KV_ENDED (done, push set); every byte of the
  *     decode cache is checked again. Then a reservation decode cancels before prefill pushes
- *     ends cancelled on decode within the test's time, and pushing it is NIXL_ERR_NOT_FOUND.
+ *     ends cancelled on decode within the test's time, and pushing it is NIXL_ERR_NOT_FOUND;
+ *     while only that KV message is on its way, nixl_notif_wait on prefill's agent is
+ *     NIXL_EMPTY (it agrees with nixl_notif_next, which leaves KV messages to the sides).
  * Exit status 0 passed, 1 failed. */
 #include "nixl_test.h"
 
@@ -369,8 +371,17 @@ int main(int argc, char **argv)
                               "push: layer %u plane %u block %u token %u elem %u: %u, not %u", L, p,
                               b, t, e, have, want);
                     }
-    /* A reservation cancelled before prefill pushes it. */
+    /* A reservation cancelled before prefill pushes it. Meanwhile only a KV message is on its
+     * way to prefill's agent: nixl_notif_wait does not report it ready (nixl_notif_next would
+     * not hand it out), and the prefill side still gets it. */
     EXPECT_OK(nixl_kv_reserve(dec, "kv-prefill", "req-4", pdst, NB, 5000, &rid));
+    EXPECT(nixl_notif_wait(pa, 1000), NIXL_EMPTY);
+    {
+        char from[256];
+        uint8_t msg[64];
+        size_t mlen = 0;
+        EXPECT(nixl_notif_next(pa, from, sizeof from, msg, sizeof msg, &mlen), NIXL_EMPTY);
+    }
     until = now_s() + tmo_s;
     for (;;) {
         CHECK(now_s() < until, "no reservation");
