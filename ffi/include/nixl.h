@@ -661,7 +661,8 @@ nixl_status nixl_notif_next(struct nixl_agent *agent,
 
 /**
  * Waits up to `timeout_ms` (< 0: no limit) for a notification: `NIXL_OK` when one is ready
- * for `nixl_notif_next`, `NIXL_EMPTY` when the time ran out.
+ * for `nixl_notif_next`, `NIXL_EMPTY` when the time ran out. While a KV side is open on the
+ * agent, its messages do not count (`nixl_notif_next` would not hand them out).
  *
  * # Safety
  * `agent` is NULL or a live agent.
