@@ -197,7 +197,7 @@ pub unsafe fn save(
 ///
 /// # Safety
 /// As [`save`], for `read`.
-unsafe fn save_from(
+pub(crate) unsafe fn save_from(
     agent: &Agent,
     uri: &str,
     regions: &[Region],
@@ -457,7 +457,7 @@ fn files_sizes(data: &[Option<(u32, DataFd)>], files: &[DataFile]) -> Vec<u64> {
         .collect()
 }
 
-fn file_index(files: &mut Vec<DataFile>, name: &str, size: u64) -> u32 {
+pub(crate) fn file_index(files: &mut Vec<DataFile>, name: &str, size: u64) -> u32 {
     match files.iter().position(|f| f.name == name) {
         Some(i) => i as u32,
         None => {
@@ -789,7 +789,7 @@ pub unsafe fn restore(
 ///
 /// # Safety
 /// As [`restore`], for `into`.
-unsafe fn restore_into(
+pub(crate) unsafe fn restore_into(
     agent: &Agent,
     uri: &str,
     asked: &[Region],

@@ -62,6 +62,7 @@
 
 mod dir;
 mod error;
+mod manage;
 pub mod manifest;
 mod mapped;
 pub mod ops;
@@ -73,6 +74,7 @@ pub use dir::{
     read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
 };
 pub use error::{CkptError, Result};
+pub use manage::{copy_with, remove_with};
 pub use manifest::Manifest;
 pub use mapped::{restore_mapped, Placement, Restored, RestoredRegion};
 pub use ops::{read_manifest, remove, verify, Location, VerifyReport};

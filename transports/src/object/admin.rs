@@ -45,7 +45,11 @@ pub(crate) struct ListPage {
 }
 
 /// Parses one `ListObjectsV2` answer for `prefix` (see the module's rules).
-pub(crate) fn parse_list(doc: &[u8], prefix: &str) -> Result<ListPage, String> {
+pub(crate) fn parse_list(
+    doc: &[u8],
+    prefix: &str,
+    delimiter: Option<&str>,
+) -> Result<ListPage, String> {
     let doc = std::str::from_utf8(doc).map_err(|e| format!("the answer is not UTF-8: {e}"))?;
     if !doc.contains("<ListBucketResult") {
         return Err("the answer is not a ListBucketResult document".into());
@@ -73,6 +77,13 @@ pub(crate) fn parse_list(doc: &[u8], prefix: &str) -> Result<ListPage, String> {
             return Err(format!(
                 "key {key:?} is not under the prefix asked for ({prefix:?})"
             ));
+        }
+        if let Some(d) = delimiter.filter(|d| !d.is_empty()) {
+            if key[prefix.len()..].contains(d) {
+                return Err(format!(
+                    "key {key:?} holds the delimiter {d:?} past the prefix {prefix:?}"
+                ));
+            }
         }
         let size = xml_text(entry, "Size").ok_or_else(|| format!("key {key:?} has no <Size>"))?;
         let size = size
@@ -115,12 +126,14 @@ async fn read_bounded(mut body: Incoming, limit: usize) -> Result<Bytes, String>
     Ok(out.into())
 }
 
-/// Every object of `bucket` whose key starts with `prefix`, in key order; more than `limit`
-/// objects is an error. Each request is bounded by `timeout`.
+/// Every object of `bucket` whose key starts with `prefix` (and, with a delimiter, holds none
+/// past the prefix: the prefix's direct children), in key order; more than `limit` objects is
+/// an error. Each request is bounded by `timeout`.
 pub(crate) async fn list_all(
     s3: &S3,
     bucket: &str,
     prefix: &str,
+    delimiter: Option<&str>,
     limit: usize,
     timeout: Duration,
 ) -> Result<Vec<ListedObject>, String> {
@@ -134,6 +147,9 @@ pub(crate) async fn list_all(
         ];
         if let Some(t) = tokens.last() {
             query.push(("continuation-token", t.clone()));
+        }
+        if let Some(d) = delimiter {
+            query.push(("delimiter", d.to_owned()));
         }
         let req = S3Req {
             method: Method::GET,
@@ -153,7 +169,7 @@ pub(crate) async fn list_all(
             if !parts.status.is_success() {
                 return Err(status_error(&what, parts.status, &bytes));
             }
-            parse_list(&bytes, prefix).map_err(|e| format!("{what}: bad answer: {e}"))
+            parse_list(&bytes, prefix, delimiter).map_err(|e| format!("{what}: bad answer: {e}"))
         })
         .await
         .map_err(|_| format!("{what}: no answer within {timeout:?}"))??;
@@ -260,9 +276,11 @@ mod tests {
             s += &format!("<Contents><Key>{k}</Key><Size>{n}</Size></Contents>");
         }
         match trunc {
-            Some(t) => s += &format!(
+            Some(t) => {
+                s += &format!(
                 "<IsTruncated>true</IsTruncated><NextContinuationToken>{t}</NextContinuationToken>"
-            ),
+            )
+            }
             None => s += "<IsTruncated>false</IsTruncated>",
         }
         s + "</ListBucketResult>"
@@ -273,6 +291,7 @@ mod tests {
         let p = parse_list(
             page(&[("p/a", "1"), ("p/b&amp;c", "22")], Some("t1")).as_bytes(),
             "p/",
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -289,7 +308,7 @@ mod tests {
             ]
         );
         assert_eq!(p.next.as_deref(), Some("t1"));
-        let p = parse_list(page(&[], None).as_bytes(), "p/").unwrap();
+        let p = parse_list(page(&[], None).as_bytes(), "p/", None).unwrap();
         assert!(p.objects.is_empty() && p.next.is_none());
         let bad: Vec<(Vec<u8>, &str)> = vec![
             (b"\xff\xfe".to_vec(), "UTF-8"),
@@ -333,16 +352,18 @@ mod tests {
             ),
         ];
         for (doc, want) in bad {
-            let e = parse_list(&doc, "p/").unwrap_err();
+            let e = parse_list(&doc, "p/", None).unwrap_err();
             assert!(e.contains(want), "{want}: {e}");
         }
+        let e = parse_list(page(&[("p/a/b", "1")], None).as_bytes(), "p/", Some("/")).unwrap_err();
+        assert!(e.contains("delimiter"), "{e}");
         let long = "k".repeat(MAX_KEY_BYTES + 1);
-        let e = parse_list(page(&[(&long, "1")], None).as_bytes(), "").unwrap_err();
+        let e = parse_list(page(&[(&long, "1")], None).as_bytes(), "", None).unwrap_err();
         assert!(e.contains("1025 bytes"), "{e}");
         let many: Vec<(String, &str)> =
             (0..=PAGE_KEYS).map(|i| (format!("k{i:05}"), "1")).collect();
         let many: Vec<(&str, &str)> = many.iter().map(|(k, n)| (k.as_str(), *n)).collect();
-        let e = parse_list(page(&many, None).as_bytes(), "").unwrap_err();
+        let e = parse_list(page(&many, None).as_bytes(), "", None).unwrap_err();
         assert!(e.contains("more than 1000 entries"), "{e}");
     }
 
@@ -386,7 +407,14 @@ mod tests {
             .build()
             .unwrap();
         let s3 = crate::object::s3::test_client(at);
-        rt.block_on(list_all(&s3, "b", "p/", limit, Duration::from_millis(500)))
+        rt.block_on(list_all(
+            &s3,
+            "b",
+            "p/",
+            None,
+            limit,
+            Duration::from_millis(500),
+        ))
     }
 
     #[test]

@@ -271,15 +271,17 @@ pub fn name_object(agent: &Agent, id: u64, name: &str) -> Result<()> {
 }
 
 /// Lists the objects of `bucket` whose keys start with `prefix` through the `object` backend of
-/// `agent` (`ListObjectsV2`, every page), in key order. More than `limit` objects, or an answer
-/// that breaks the rules of a listing (see [`admin`]), is an error.
+/// `agent` (`ListObjectsV2`, every page), in key order; with a `delimiter` (`"/"`), only those
+/// with no delimiter past the prefix (its direct children). More than `limit` objects, or an
+/// answer that breaks the rules of a listing (see [`admin`]), is an error.
 pub fn list_objects(
     agent: &Agent,
     bucket: &str,
     prefix: &str,
+    delimiter: Option<&str>,
     limit: usize,
 ) -> Result<Vec<ListedObject>> {
-    started(agent)?.list_objects(bucket, prefix, limit)
+    started(agent)?.list_objects(bucket, prefix, delimiter, limit)
 }
 
 /// Deletes the objects `keys` of `bucket` through the `object` backend of `agent`
@@ -458,9 +460,10 @@ impl ObjectBackend {
         &self,
         bucket: &str,
         prefix: &str,
+        delimiter: Option<&str>,
         limit: usize,
     ) -> Result<Vec<ListedObject>> {
-        self.inner.list_objects(bucket, prefix, limit)
+        self.inner.list_objects(bucket, prefix, delimiter, limit)
     }
 
     /// [`delete_objects`] on this (started) backend.
@@ -497,14 +500,21 @@ impl Inner {
         }
     }
 
-    fn list_objects(&self, bucket: &str, prefix: &str, limit: usize) -> Result<Vec<ListedObject>> {
-        let (b, p, t) = (
+    fn list_objects(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        delimiter: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ListedObject>> {
+        let (b, p, d, t) = (
             bucket.to_owned(),
             prefix.to_owned(),
+            delimiter.map(str::to_owned),
             self.cfg.request_timeout,
         );
         self.block("list", move |s3| async move {
-            admin::list_all(&s3, &b, &p, limit, t).await
+            admin::list_all(&s3, &b, &p, d.as_deref(), limit, t).await
         })
     }
 

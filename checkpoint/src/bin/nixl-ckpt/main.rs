@@ -41,7 +41,7 @@ struct Cli {
 enum Cmd {
     /// Show what a checkpoint holds (from its manifest).
     Inspect {
-        /// Checkpoint directory.
+        /// Checkpoint: directory, s3://bucket/prefix or nixl://HOST:PORT.
         uri: String,
     },
     /// Read every chunk and check its checksum.
@@ -49,16 +49,17 @@ enum Cmd {
         /// Checkpoint directory.
         uri: String,
     },
-    /// Copy a checkpoint, verifying every chunk, into a self-contained one.
+    /// Copy a checkpoint, verifying every chunk, into a self-contained one: between
+    /// directories and s3://bucket/prefix either way (also from nixl://HOST:PORT).
     Copy {
         /// Source checkpoint.
         src: String,
-        /// Destination directory (must not hold a checkpoint).
+        /// Destination directory or s3://bucket/prefix (must not hold a checkpoint).
         dst: String,
     },
-    /// Remove a checkpoint (manifest first, then its data files).
+    /// Remove a checkpoint (manifest first, then its data files or objects).
     Rm {
-        /// Checkpoint directory.
+        /// Checkpoint directory or s3://bucket/prefix.
         uri: String,
     },
     /// Hold a checkpoint in registered memory (every byte verified) and serve it to peers over
@@ -238,18 +239,36 @@ fn is_s3(uri: &str) -> bool {
     uri.starts_with("s3://")
 }
 
-/// An agent for `s3://` checkpoints: the `object` backend configured from the standard AWS
-/// environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...).
-fn s3_agent() -> Result<nixl_core::Agent, CkptError> {
-    let bad = |e: nixl_core::Error| CkptError::InvalidArgument(format!("object store agent: {e}"));
-    let cfg = nixl_transports::config::Config::from_toml("backends = [\"object\"]").map_err(bad)?;
+/// An agent with what `uris` need: `uring` and `posix` for directories, `object` for `s3://`
+/// (configured from the AWS environment), `tcp` for `nixl://`.
+fn agent_for(uris: &[&str]) -> Result<nixl_core::Agent, CkptError> {
+    let bad = |e: nixl_core::Error| CkptError::InvalidArgument(format!("nixl-ckpt's agent: {e}"));
+    let mut backends = vec!["\"uring\"", "\"posix\""];
+    let s3 = uris.iter().any(|u| is_s3(u));
+    if s3 {
+        backends.push("\"object\"");
+    }
+    if uris.iter().any(|u| u.starts_with("nixl://")) {
+        backends.push("\"tcp\"");
+    }
+    let cfg = nixl_transports::config::Config::from_toml(&format!(
+        "backends = [{}]",
+        backends.join(", ")
+    ))
+    .map_err(bad)?;
     let a = nixl_core::Agent::builder(format!("nixl-ckpt-{}", std::process::id()))
         .backends(cfg.backends().map_err(bad)?)
         .build()
         .map_err(bad)?;
-    a.check_backend(nixl_core::BackendName::Object)
-        .map_err(bad)?;
+    if s3 {
+        a.check_backend(nixl_core::BackendName::Object)
+            .map_err(bad)?;
+    }
     Ok(a)
+}
+
+fn is_dir(uri: &str) -> bool {
+    matches!(ops::Location::parse(uri), Ok(ops::Location::Dir(_)))
 }
 
 /// `nixl-ckpt serve`: never returns unless it fails.
@@ -301,8 +320,8 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
     match &cli.cmd {
         Cmd::Serve { uri, listen } => serve(cli, uri, listen),
         Cmd::Inspect { uri } => {
-            let m = if is_s3(uri) {
-                nixl_checkpoint::read_manifest_with(&s3_agent()?, uri)?
+            let m = if !is_dir(uri) {
+                nixl_checkpoint::read_manifest_with(&agent_for(&[uri])?, uri)?
             } else {
                 ops::read_manifest(uri)?
             };
@@ -337,9 +356,9 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
         }
         Cmd::Verify { uri } => {
             let t = Instant::now();
-            let r = if is_s3(uri) {
+            let r = if !is_dir(uri) {
                 // Every region read into memory mapped for the purpose, every chunk checked.
-                let a = s3_agent()?;
+                let a = agent_for(&[uri])?;
                 let m = nixl_checkpoint::read_manifest_with(&a, uri)?;
                 let restored = nixl_checkpoint::restore_mapped(
                     &a,
@@ -371,7 +390,11 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             )
         }
         Cmd::Copy { src, dst } => {
-            let m = ops::copy(src, dst, p.as_ref())?;
+            let m = if is_dir(src) && is_dir(dst) {
+                ops::copy(src, dst, p.as_ref())?
+            } else {
+                nixl_checkpoint::copy_with(&agent_for(&[src, dst])?, src, dst, p.as_ref())?
+            };
             if !cli.json {
                 println!(
                     "copied {src} to {dst}: {} in {} regions, verified",
@@ -382,7 +405,11 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             Ok(json!({"ok": true, "bytes": m.total_bytes(), "regions": m.regions.len()}))
         }
         Cmd::Rm { uri } => {
-            let n = ops::remove(uri)?;
+            let n = if is_dir(uri) {
+                ops::remove(uri)?
+            } else {
+                nixl_checkpoint::remove_with(&agent_for(&[uri])?, uri)?
+            };
             if !cli.json {
                 println!("removed {uri} ({n} files)");
             }
