@@ -81,6 +81,9 @@ pub struct SaveOptions {
     pub direct: bool,
     /// Progress reports.
     pub progress: Option<Progress>,
+    /// Artifact directories saved with the regions: `(name, directory)` (checkpoint
+    /// directories only; see [`crate::artifact`]). An incremental save writes them whole.
+    pub artifacts: Vec<(String, std::path::PathBuf)>,
 }
 
 impl Default for SaveOptions {
@@ -88,6 +91,7 @@ impl Default for SaveOptions {
         SaveOptions {
             chunk_size: 8 << 20,
             metadata: None,
+            artifacts: Vec::new(),
             base: None,
             direct: true,
             progress: None,
@@ -102,6 +106,7 @@ impl std::fmt::Debug for SaveOptions {
             .field("metadata", &self.metadata.as_ref().map(String::len))
             .field("base", &self.base)
             .field("direct", &self.direct)
+            .field("artifacts", &self.artifacts)
             .finish_non_exhaustive()
     }
 }
@@ -366,6 +371,17 @@ pub(crate) unsafe fn save_from(
         }
     };
     drop(data);
+    let first = files.len().max(regions.len());
+    let artifacts =
+        match crate::artifact::save_artifacts(&dir, save_id, first, &opts.artifacts, &mut files) {
+            Ok(a) => a,
+            Err(e) => {
+                for f in files.iter().filter(|f| !f.name.contains('/')) {
+                    let _ = std::fs::remove_file(dir.join(&f.name));
+                }
+                return Err(e);
+            }
+        };
     let mut k = 0;
     for (ri, e) in entries.iter_mut().enumerate() {
         while k < chunks.len() && chunks[k].0 == ri {
@@ -390,6 +406,7 @@ pub(crate) unsafe fn save_from(
         metadata,
         files,
         regions: entries,
+        artifacts,
     };
     m.validate()?;
     write_manifest(&dir, &m)?;

@@ -60,6 +60,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod artifact;
 mod dir;
 mod error;
 mod manage;
@@ -70,6 +71,7 @@ mod s3;
 pub mod serve;
 pub mod vram;
 
+pub use artifact::{restore_artifact, ArtifactReport};
 pub use dir::{
     read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
 };

@@ -47,6 +47,13 @@ pub fn copy_with(
         Err(e) => return Err(e),
     }
     let m = read_manifest_with(agent, src)?;
+    if let Some(a) = m.artifacts.first() {
+        return Err(CkptError::Unsupported(format!(
+            "{src} holds artifact directories ({:?}, ...), which are stored in checkpoint \
+             directories only: copy it between directories",
+            a.name
+        )));
+    }
     let asked: Vec<Region> = m
         .regions
         .iter()

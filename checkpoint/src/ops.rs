@@ -295,6 +295,8 @@ pub fn copy(src: &str, dst: &str, progress: Option<&Progress>) -> Result<Manifes
         f.sync_all()
             .map_err(|e| CkptError::io(format!("fsync in {}", ddir.display()), e))?;
     }
+    let first = out.files.len();
+    crate::artifact::copy_artifacts(&sdir, &m, &ddir, id, first, &mut out)?;
     out.validate()?;
     write_manifest(&ddir, &out)?;
     Ok(out)

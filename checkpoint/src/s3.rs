@@ -115,6 +115,13 @@ pub(crate) unsafe fn save(
     metadata: String,
 ) -> Result<SaveReport> {
     let cs = opts.chunk_size;
+    if !opts.artifacts.is_empty() {
+        return Err(CkptError::Unsupported(format!(
+            "{}: artifact directories are saved to checkpoint directories only (save to a \
+             directory)",
+            loc.uri()
+        )));
+    }
     let base = match &opts.base {
         None => None,
         Some(b) => match Location::parse(b)? {
@@ -231,6 +238,7 @@ pub(crate) unsafe fn save(
         metadata,
         files,
         regions: entries,
+        artifacts: Vec::new(),
     };
     m.validate()?;
     let body = m.encode();

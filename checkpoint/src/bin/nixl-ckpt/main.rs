@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use nixl_checkpoint::manifest::EntryKind;
 use nixl_checkpoint::{ops, CkptError, Manifest, Progress};
 use serde_json::{json, Value};
 use throttle::Throttle;
@@ -61,6 +62,16 @@ enum Cmd {
     Rm {
         /// Checkpoint directory or s3://bucket/prefix.
         uri: String,
+    },
+    /// Restore an artifact directory of a checkpoint into DEST (which must not exist, or be an
+    /// empty directory): every file verified before the tree appears there.
+    Artifact {
+        /// Checkpoint directory.
+        uri: String,
+        /// The artifact directory's name (see `inspect`).
+        name: String,
+        /// Where to put it.
+        dest: std::path::PathBuf,
     },
     /// Hold a checkpoint in registered memory (every byte verified) and serve it to peers over
     /// tcp until killed: they restore from `nixl://HOST:PORT` (printed on stdout first).
@@ -200,7 +211,7 @@ fn manifest_json(uri: &str, m: &Manifest) -> Value {
         serde_json::from_str(&m.metadata).unwrap_or(Value::String(m.metadata.clone()));
     json!({
         "location": uri,
-        "version": nixl_checkpoint::manifest::VERSION,
+        "version": if m.artifacts.is_empty() { 1 } else { 2 },
         "save_id": format!("{:016x}", m.save_id),
         "created_unix_ms": m.created_unix_ms,
         "chunk_size": m.chunk_size,
@@ -216,7 +227,28 @@ fn manifest_json(uri: &str, m: &Manifest) -> Value {
             "chunks": r.chunks.len(),
         })).collect::<Vec<_>>(),
         "files": m.files.iter().map(|f| json!({"name": f.name, "size": f.size})).collect::<Vec<_>>(),
+        "artifacts": m.artifacts.iter().map(|a| {
+            let (files, dirs, bytes) = artifact_counts(a);
+            json!({"name": a.name, "files": files, "dirs": dirs, "bytes": bytes,
+                   "entries": a.entries.iter().map(|e| json!({
+                       "path": e.path,
+                       "kind": if e.kind == EntryKind::Dir { "dir" } else { "file" },
+                       "mode": format!("{:o}", e.mode),
+                       "size": e.size,
+                   })).collect::<Vec<_>>()})
+        }).collect::<Vec<_>>(),
     })
+}
+
+/// (files, directories, bytes) of an artifact directory.
+fn artifact_counts(a: &nixl_checkpoint::manifest::Artifact) -> (usize, usize, u64) {
+    let files = a
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .count();
+    let bytes = a.entries.iter().map(|e| e.size).sum();
+    (files, a.entries.len() - files, bytes)
 }
 
 fn error_json(e: &CkptError) -> Value {
@@ -328,7 +360,7 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             if !cli.json {
                 println!(
                     "checkpoint {uri}: manifest v{}, save {:016x}, {} in {} regions, chunks of {}{}",
-                    nixl_checkpoint::manifest::VERSION,
+                    if m.artifacts.is_empty() { 1 } else { 2 },
                     m.save_id,
                     human(m.total_bytes()),
                     m.regions.len(),
@@ -350,6 +382,16 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
                         r.len,
                         r.chunks.len()
                     );
+                }
+                if !m.artifacts.is_empty() {
+                    println!(
+                        "{:<24} {:>8} {:>8} {:>14}",
+                        "ARTIFACT", "FILES", "DIRS", "BYTES"
+                    );
+                    for a in &m.artifacts {
+                        let (files, dirs, bytes) = artifact_counts(a);
+                        println!("{:<24} {files:>8} {dirs:>8} {bytes:>14}", a.name);
+                    }
                 }
             }
             Ok(manifest_json(uri, &m))
@@ -403,6 +445,19 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
                 );
             }
             Ok(json!({"ok": true, "bytes": m.total_bytes(), "regions": m.regions.len()}))
+        }
+        Cmd::Artifact { uri, name, dest } => {
+            let r = nixl_checkpoint::restore_artifact(uri, name, dest)?;
+            if !cli.json {
+                println!(
+                    "restored artifact {name} of {uri} into {}: {} files, {} directories, {}, verified",
+                    dest.display(),
+                    r.files,
+                    r.dirs,
+                    human(r.bytes)
+                );
+            }
+            Ok(json!({"ok": true, "files": r.files, "dirs": r.dirs, "bytes": r.bytes}))
         }
         Cmd::Rm { uri } => {
             let n = if is_dir(uri) {
