@@ -61,6 +61,7 @@
 //! ```
 
 pub mod artifact;
+pub mod daemon;
 mod dir;
 mod error;
 mod manage;

@@ -81,6 +81,22 @@ enum Cmd {
         /// Listen address of the tcp backend.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// Place it in the pool of the node daemon with this control socket instead, and exit:
+        /// the daemon's agent serves it (at its tcp listener) until `nixl-ckpt unserve`.
+        #[arg(long, value_name = "CONTROL_SOCKET")]
+        daemon: Option<std::path::PathBuf>,
+        /// The daemon's leases are named NAME/control, NAME/r0, ...
+        #[arg(long, default_value = "ckpt")]
+        name: String,
+    },
+    /// Release a checkpoint placed in a daemon's pool by `serve --daemon`.
+    Unserve {
+        /// The name given to `serve --name`.
+        #[arg(default_value = "ckpt")]
+        name: String,
+        /// The daemon's control socket.
+        #[arg(long, value_name = "CONTROL_SOCKET")]
+        daemon: std::path::PathBuf,
     },
     /// Save and restore SIZE bytes of host memory through an agent, with the GB/s of each.
     Bench {
@@ -350,7 +366,37 @@ fn serve(cli: &Cli, uri: &str, listen: &str) -> Result<Value, CkptError> {
 fn run(cli: &Cli) -> Result<Value, CkptError> {
     let p = progress(cli.quiet);
     match &cli.cmd {
-        Cmd::Serve { uri, listen } => serve(cli, uri, listen),
+        Cmd::Serve {
+            uri,
+            daemon: Some(sock),
+            name,
+            ..
+        } => {
+            let d = nixl_checkpoint::daemon::serve_in_daemon(&agent_for(&[uri])?, uri, sock, name)?;
+            let at = d.tcp_listen.first().map(|a| format!("nixl://{a}"));
+            if !cli.json {
+                println!(
+                    "placed {uri} ({} in {} regions) in the pool of {} as {name}/...; served at {}",
+                    human(d.manifest.total_bytes()),
+                    d.manifest.regions.len(),
+                    sock.display(),
+                    at.as_deref().unwrap_or("(the daemon has no tcp listener)")
+                );
+            }
+            Ok(json!({
+                "ok": true, "serving": uri, "uri": at, "name": name,
+                "leases": d.leases.iter().map(|l| json!({"name": l.name, "addr": format!("{:#x}", l.addr), "len": l.len})).collect::<Vec<_>>(),
+                "regions": d.manifest.regions.len(), "bytes": d.manifest.total_bytes(),
+            }))
+        }
+        Cmd::Serve { uri, listen, .. } => serve(cli, uri, listen),
+        Cmd::Unserve { name, daemon } => {
+            let n = nixl_checkpoint::daemon::release_from_daemon(daemon, name)?;
+            if !cli.json {
+                println!("released {name} from {} ({n} leases)", daemon.display());
+            }
+            Ok(json!({"ok": true, "leases_released": n}))
+        }
         Cmd::Inspect { uri } => {
             let m = if !is_dir(uri) {
                 nixl_checkpoint::read_manifest_with(&agent_for(&[uri])?, uri)?
