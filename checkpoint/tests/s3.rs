@@ -1,8 +1,8 @@
 //! Checkpoints under `s3://bucket/prefix` against moto's S3 server (`python3 -m moto.server`,
 //! installed by `.ci/setup`): round trips, a second save over the first, and the store's objects
 //! damaged behind the library's back (deleted, flipped, truncated; the manifest deleted or from a
-//! newer version), each refused naming region and chunk. Without moto: `SKIP` (a failure under
-//! `NIXL_REQUIRE_OBJECT_TESTS=1`, as in CI).
+//! newer version), each refused naming region and chunk. Without moto: `SKIPPED` (a failure under
+//! `NIXL_REQUIRE_OBJECT_TESTS=1` or `NIXL_REQUIRE_ALL=1`, as in CI).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -34,23 +34,20 @@ impl Drop for Moto {
 }
 
 impl Moto {
-    fn start() -> Option<Moto> {
+    /// Why moto cannot run here, if it cannot.
+    fn missing() -> Option<String> {
         let have = Command::new("python3")
             .args(["-c", "import moto.server"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        if !have {
-            assert!(
-                std::env::var("NIXL_REQUIRE_OBJECT_TESTS").as_deref() != Ok("1"),
-                "moto not installed and NIXL_REQUIRE_OBJECT_TESTS=1"
-            );
-            eprintln!(
-                "SKIP: moto not installed (python3 -m pip install 'moto[server]'; .ci/setup does)"
-            );
-            return None;
-        }
+        (!have).then(|| {
+            "moto not installed (python3 -m pip install 'moto[server]'; .ci/setup does)".into()
+        })
+    }
+
+    fn start() -> Moto {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -90,7 +87,7 @@ impl Moto {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(m.http("PUT", &format!("/{BUCKET}"), b"").unwrap().0, 200);
-        Some(m)
+        m
     }
 
     /// One HTTP/1.0 exchange: (status, body).
@@ -234,9 +231,8 @@ fn restore_all(a: &Agent, uri: &str) -> (Result<u64, CkptError>, Vec<Vec<u8>>) {
 
 #[test]
 fn s3_round_trips_and_every_damage_is_named() {
-    let Some(m) = Moto::start() else {
-        return;
-    };
+    nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
+    let m = Moto::start();
     let a = agent(&m);
     let uri = format!("s3://{BUCKET}/ckpt/w0");
     let first = save_gen(&a, &uri, 1);
@@ -363,9 +359,8 @@ fn save_bufs(a: &Agent, uri: &str, bufs: &mut [Vec<u8>], base: Option<&str>) -> 
 /// deleted, and `rm` (manifest first) through the library and the CLI.
 #[test]
 fn s3_incremental_copy_cleanup_and_rm() {
-    let Some(m) = Moto::start() else {
-        return;
-    };
+    nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
+    let m = Moto::start();
     let a = agent(&m);
     let base = format!("s3://{BUCKET}/inc/base");
     let step = format!("s3://{BUCKET}/inc/step");

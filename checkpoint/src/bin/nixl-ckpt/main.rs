@@ -117,6 +117,9 @@ enum Cmd {
         /// Buffered I/O instead of O_DIRECT.
         #[arg(long)]
         buffered: bool,
+        /// Leave the full checkpoint at DIR (the incremental one is removed).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -523,10 +526,11 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             chunk,
             changed,
             buffered,
+            keep,
         } => {
             let size = parse_size(size).map_err(CkptError::InvalidArgument)?;
             let chunk = parse_size(chunk).map_err(CkptError::InvalidArgument)?;
-            let v = bench::run(dir, size, *regions, chunk, *changed, !*buffered, p)?;
+            let v = bench::run(dir, size, *regions, chunk, *changed, !*buffered, *keep, p)?;
             if !cli.json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             }
