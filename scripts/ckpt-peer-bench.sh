@@ -11,6 +11,10 @@
 # 4. A node daemon (`nixl-agent serve`, pool of SIZE + 64 MiB) in namespace a holding the
 #    checkpoint (`nixl-ckpt serve DIR --daemon SOCK`), and the same restore from b.
 #
+# 5. The tcp backend's own READ of 8 MiB blocks with and without TLS (`nixl-bench --backend tcp
+#    --tls both`, its own namespace pair): the restores above run over TLS (agents with a shared
+#    secret), iperf3 does not.
+#
 # Prints one JSON object per row, with the load average when it was taken. Needs root, ip
 # (iproute2) and iperf3.
 set -euo pipefail
@@ -20,7 +24,7 @@ for p in ip iperf3 python3; do
     command -v "$p" >/dev/null || { echo "needs $p" >&2; exit 2; }
 done
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespaces)" >&2; exit 2; }
-cargo build --release -q -p nixl-checkpoint -p nixl-agent
+cargo build --release -q -p nixl-checkpoint -p nixl-agent -p nixl-benches --bin nixl-bench --bin nixl-ckpt --bin nixl-agent
 ckpt=$PWD/target/release/nixl-ckpt
 agentbin=$PWD/target/release/nixl-agent
 mkdir -p "$dir"
@@ -104,3 +108,6 @@ duri=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["uri"])' "$pla
 row "daemon pool -> restore" "$(ip netns exec "$b" "$ckpt" verify "$duri" --json -q)"
 row "daemon pool -> restore, again" "$(ip netns exec "$b" "$ckpt" verify "$duri" --json -q)"
 "$ckpt" unserve bench --daemon "$work/agent.sock" -q >/dev/null
+echo "{\"row\": \"nixl-bench tcp READ 8 MiB x 4, plain and TLS (below)\", \"loadavg\": \"$(load)\"}"
+"$PWD/target/release/nixl-bench" --backend tcp --tls both --op read --block-sizes 8MiB --batch 4 \
+    --seconds 2 2>&1 | grep -E "^ *[0-9]+[KMG]iB|connections:" || true
