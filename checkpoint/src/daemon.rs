@@ -5,7 +5,7 @@
 //! [`serve_in_daemon`] takes one lease of the daemon's pool per region (`NAME/r<i>`) and one for
 //! the control region (`NAME/control`), restores the checkpoint into the leases (mapped into
 //! this process, registered with the caller's agent for the reads, every byte verified), then
-//! writes the control region ([`crate::serve`]'s layout, with the regions at the leases'
+//! writes the control region ([`mod@crate::serve`]'s layout, with the regions at the leases'
 //! addresses in the daemon's agent), its header page last, so that a peer probing meanwhile
 //! finds nothing rather than half a checkpoint. The leases outlive this process: the daemon
 //! serves them until [`release_from_daemon`] (control region first). A failure releases the

@@ -713,7 +713,8 @@ mod tests {
             f(&mut m);
             Manifest::decode(&m.encode()).unwrap_err().to_string()
         };
-        let cases: Vec<(Box<dyn Fn(&mut Manifest)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|m| m.artifacts[0].entries[1].path = "../x".into()),
                 "plain names",

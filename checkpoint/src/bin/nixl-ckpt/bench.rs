@@ -60,6 +60,7 @@ fn fill(b: &mut [u8], seed: u64) {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the CLI's flags, one each
 pub fn run(
     dir: &str,
     size: u64,
