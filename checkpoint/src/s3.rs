@@ -261,8 +261,8 @@ pub(crate) unsafe fn save(
 /// Most objects directly under one checkpoint prefix that a listing accepts.
 const LIST_LIMIT: usize = manifest::MAX_FILES + 4096;
 
-/// The data objects (and nothing else) of checkpoints directly under `loc`: `(key, name)`.
-fn our_objects(agent: &Agent, loc: &S3Loc) -> Result<Vec<(String, String)>> {
+/// The objects directly under `loc`: `(key, name under the prefix)`.
+fn children(agent: &Agent, loc: &S3Loc) -> Result<Vec<(String, String)>> {
     let dir = loc.dir_prefix();
     let objs = list_objects(agent, &loc.bucket, &dir, Some("/"), LIST_LIMIT)
         .map_err(|e| CkptError::agent(format!("list {}", loc.uri()), e))?;
@@ -270,8 +270,16 @@ fn our_objects(agent: &Agent, loc: &S3Loc) -> Result<Vec<(String, String)>> {
         .into_iter()
         .filter_map(|o| {
             let name = o.key[dir.len()..].to_owned();
-            (is_ours(&name) && !name.contains('/')).then_some((o.key, name))
+            (!name.contains('/')).then_some((o.key, name))
         })
+        .collect())
+}
+
+/// The data objects (and nothing else) of checkpoints directly under `loc`: `(key, name)`.
+fn our_objects(agent: &Agent, loc: &S3Loc) -> Result<Vec<(String, String)>> {
+    Ok(children(agent, loc)?
+        .into_iter()
+        .filter(|(_, name)| is_ours(name))
         .collect())
 }
 
@@ -300,12 +308,10 @@ fn remove_stale(agent: &Agent, loc: &S3Loc, m: &Manifest) {
 /// restores from it), then its data objects directly under the prefix. Objects of other
 /// checkpoints it references (an incremental save's base) stay. Returns the objects removed.
 pub(crate) fn remove(agent: &Agent, loc: &S3Loc) -> Result<usize> {
-    let data = our_objects(agent, loc)?;
+    let all = children(agent, loc)?;
     let mkey = loc.key(MANIFEST)?;
-    let listed_manifest = list_objects(agent, &loc.bucket, &mkey, None, 16)
-        .map_err(|e| CkptError::agent(format!("list {}", loc.uri()), e))?
-        .iter()
-        .any(|o| o.key == mkey);
+    let listed_manifest = all.iter().any(|(k, _)| *k == mkey);
+    let data: Vec<(String, String)> = all.into_iter().filter(|(_, n)| is_ours(n)).collect();
     // The manifest goes first even if the listing did not show it.
     delete_objects(agent, &loc.bucket, std::slice::from_ref(&mkey))
         .map_err(|e| CkptError::agent(format!("delete s3://{}/{mkey}", loc.bucket), e))?;
