@@ -739,6 +739,40 @@ nixl_status nixl_ckpt_restore(struct nixl_agent *agent,
                               size_t count);
 
 /**
+ * Saves like [`nixl_ckpt_save`], plus `n_artifacts` artifact directories (file trees such as
+ * kernel and compile caches): artifact `i` is the tree at `artifact_dirs[i]`, saved under the
+ * name `artifact_names[i]` with a checksum per file. Directories and regular files only (a
+ * symbolic link or special file in a tree fails the save naming it); checkpoint directories
+ * only (`NIXL_ERR_UNAVAILABLE` for `s3://`). Restore them with
+ * [`nixl_ckpt_restore_artifact`].
+ *
+ * # Safety
+ * As [`nixl_ckpt_save`]; `artifact_names` and `artifact_dirs` each point to `n_artifacts`
+ * NUL-terminated strings (both may be NULL when `n_artifacts` is 0).
+ */
+nixl_status nixl_ckpt_save_artifacts(struct nixl_agent *agent,
+                                     const char *uri,
+                                     const struct nixl_ckpt_region *regions,
+                                     size_t count,
+                                     const char *base_uri,
+                                     const char *const *artifact_names,
+                                     const char *const *artifact_dirs,
+                                     size_t n_artifacts);
+
+/**
+ * Restores the artifact directory `name` of the checkpoint directory `uri` into `dest_dir`,
+ * which must not exist or be an empty directory (its parent must exist). Every file is
+ * written into a hidden directory beside `dest_dir` and checked against the checkpoint before
+ * that directory is renamed onto `dest_dir`: on any error `dest_dir` is left as it was.
+ * `NIXL_ERR_NOT_FOUND` for a name the checkpoint lacks, `NIXL_ERR_INVALID` for a damaged
+ * file (named in `nixl_last_error`) or a taken destination.
+ *
+ * # Safety
+ * The strings are NUL-terminated (or NULL: `NIXL_ERR_INVALID`).
+ */
+nixl_status nixl_ckpt_restore_artifact(const char *uri, const char *name, const char *dest_dir);
+
+/**
  * Checks a layout: `NIXL_OK`, or `NIXL_ERR_INVALID` with the field at fault.
  *
  * # Safety
