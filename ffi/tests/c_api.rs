@@ -228,6 +228,9 @@ fn build_programs() -> Result<Programs, String> {
         c.arg("-L")
             .arg(&lib)
             .arg("-lnixl")
+            // DT_RPATH, not DT_RUNPATH: cargo puts `target/<profile>` on LD_LIBRARY_PATH, and a
+            // RUNPATH would lose to it, loading an older libnixl.so left there by `cargo build`.
+            .arg("-Wl,--disable-new-dtags")
             .arg(format!("-Wl,-rpath,{}", lib.display()));
         jobs.push((name, c));
     }
