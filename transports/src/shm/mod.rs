@@ -641,14 +641,16 @@ fn cma_failure(e: &io::Error, pid: i32, dir: Cma) -> String {
 /// Cross-memory copies from this many bytes are split over the copy pool's workers (see
 /// [`copy_split`]).
 const SPLIT_MIN: u64 = 8 << 20;
-/// A split copy is cut into pieces of this size that its threads take in turn.
-const SPLIT_PIECE: u64 = 1 << 20;
+/// A split copy is cut into pieces that its threads take in turn: about four per thread, and
+/// at least this big.
+const SPLIT_PIECE_MIN: u64 = 1 << 20;
 
 /// Cross-memory copy of `ours` with `theirs` in process `pid`, split over up to `threads`
 /// threads when it is big: the calling thread and parked workers of the copy pool (no thread is
-/// started per copy). The copy is cut into pieces of [`SPLIT_PIECE`] that each thread takes in
-/// turn, so a worker that starts late (a busy host) takes fewer and the caller never waits for
-/// more than the piece a worker is copying. Returns the bytes moved.
+/// started per copy). The copy is cut into pieces (about four per thread, at least
+/// [`SPLIT_PIECE_MIN`]) that each thread takes in turn, so a worker that starts late (a busy
+/// host) takes fewer and the caller never waits for more than the piece a worker is copying.
+/// Returns the bytes moved.
 ///
 /// # Safety
 /// As [`sys::cross_copy`]: every span of `ours` stays valid for the whole call.
@@ -666,7 +668,8 @@ unsafe fn copy_split(
         // SAFETY: forwarded contract.
         return unsafe { sys::cross_copy(pid, dir, ours, theirs) };
     }
-    let pieces = split_spans(ours, theirs, total.div_ceil(SPLIT_PIECE) as usize);
+    let piece = total.div_ceil(threads as u64 * 4).max(SPLIT_PIECE_MIN);
+    let pieces = split_spans(ours, theirs, total.div_ceil(piece) as usize);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let take = || -> io::Result<u64> {
         let mut moved = 0;
