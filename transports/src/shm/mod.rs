@@ -1762,7 +1762,7 @@ impl Conn {
 }
 
 /// Granted copies up to this size run on the posting thread (a few milliseconds at most; from
-/// 8 MiB with helper threads beside it): no thread to wake first, which on a busy host costs
+/// 8 MiB with copy pool workers beside it): no thread to wake first, which on a busy host costs
 /// more than the copy. Bigger ones run on a thread of their own.
 const GRANT_INLINE_MAX: u64 = 16 << 20;
 
