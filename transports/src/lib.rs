@@ -25,6 +25,7 @@
 //! lib.rs              this map; default_backends()
 //! config.rs           the TOML configuration: every backend's settings, building the backends
 //! control.rs          the control channel between agents (rdma, cross-node cuda)
+//! frame.rs            the length-prefixed frame codec of the shm and tcp wire formats
 //! limits.rs           process limits (locked memory, open files) with the fix in the error text
 //! unix.rs             Unix-socket plumbing (fd passing, peer credentials) for shm and cuda
 //! copy/mod.rs         CPU copy kernels (memcpy, streaming stores, the 4K-aliasing loop)
@@ -99,6 +100,7 @@ pub mod control;
 pub mod copy;
 pub mod cuda;
 pub mod files;
+mod frame;
 pub mod gds;
 pub mod limits;
 pub mod local;
