@@ -27,6 +27,7 @@
 //! control.rs          the control channel between agents (rdma, cross-node cuda)
 //! frame.rs            the length-prefixed frame codec of the shm and tcp wire formats
 //! limits.rs           process limits (locked memory, open files) with the fix in the error text
+//! units.rs            parse_size: sizes as written in files and on command lines
 //! unix.rs             Unix-socket plumbing (fd passing, peer credentials) for shm and cuda
 //! copy/mod.rs         CPU copy kernels (memcpy, streaming stores, the 4K-aliasing loop)
 //! copy/pool.rs        the copy thread pool that runs big copies in pieces (local, shm)
@@ -109,6 +110,7 @@ pub mod posix;
 pub mod rdma;
 pub mod shm;
 pub mod tcp;
+pub mod units;
 mod unix;
 pub mod uring;
 
