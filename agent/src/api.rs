@@ -209,6 +209,7 @@ fn pool(d: &Daemon) -> Value {
             "used": p.used(),
             "base": p.base(),
             "huge_pages": p.huge_pages(),
+            "socket": crate::config::pool_socket_for(&d.cfg.daemon.control_socket),
             "leases": p.leases(),
         }),
     }
@@ -232,6 +233,8 @@ fn status(d: &Daemon) -> Value {
         "ready": d.not_ready().is_none(),
         "not_ready_reason": d.not_ready(),
         "backends": crate::http::backends_json(d),
+        "tcp_listen": nixl_transports::tcp::listen_addrs_in(&d.agent.metadata())
+            .iter().map(ToString::to_string).collect::<Vec<_>>(),
         "etcd": etcd,
         "peers": peers(d)["peers"],
         "registered": {

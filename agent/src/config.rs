@@ -225,6 +225,13 @@ pub fn default_control_socket() -> PathBuf {
     }
 }
 
+/// The pool socket beside a control socket: `agent.sock` -> `agent.pool.sock`, in the same
+/// (private) directory. Local processes of the daemon's user get a lease's memfd there (see
+/// [`crate::pool_client`]).
+pub fn pool_socket_for(control_socket: &Path) -> PathBuf {
+    control_socket.with_extension("pool.sock")
+}
+
 /// The host's name (the kernel's UTS name).
 pub fn hostname() -> Result<String, String> {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -237,6 +237,7 @@ pub(crate) fn create(d: &Arc<Daemon>, spec: JobSpec) -> Result<Value, Refusal> {
                 let _ = pool.release(&name);
                 return Err(e);
             }
+            republish(d);
             tracing::info!(job = id, lease = %name, bytes = lease.len, "lease taken");
             Ok(job.json())
         }
@@ -282,10 +283,22 @@ pub(crate) fn create(d: &Arc<Daemon>, spec: JobSpec) -> Result<Value, Refusal> {
                 notif: notif.map(String::into_bytes),
                 ..XferOptions::default()
             };
-            let x = d
+            // Leases come and go (each is its own region), so a peer's metadata loaded a moment
+            // ago may not show the lease named yet: reload it from etcd once and retry.
+            let x = match d
                 .agent
-                .create_xfer(op, &local, &remote, &peer, opts)
-                .map_err(|e| (status_of(&e), e.to_string()))?;
+                .create_xfer(op, &local, &remote, &peer, opts.clone())
+            {
+                Ok(x) => x,
+                Err(e) if reload_peer(d, &peer) => d
+                    .agent
+                    .create_xfer(op, &local, &remote, &peer, opts)
+                    .map_err(|e2| {
+                        tracing::debug!(first = %e, "transfer refused before and after a reload");
+                        (status_of(&e2), e2.to_string())
+                    })?,
+                Err(e) => return Err((status_of(&e), e.to_string())),
+            };
             let backend = x.info().backend;
             x.post().map_err(|e| (status_of(&e), e.to_string()))?;
             let x = Arc::new(x);
@@ -358,12 +371,34 @@ pub(crate) fn delete(d: &Daemon, id: u64) -> Result<Value, Refusal> {
         if let Some(p) = &d.pool {
             let _ = p.release(&job.lease);
         }
+        republish(d);
         *st = JobState::Done;
         tracing::info!(job = id, lease = %job.lease, "lease released");
     }
     drop(st);
     d.jobs.changed.notify_waiters();
     Ok(job.json())
+}
+
+/// Puts the agent's metadata in etcd now (a lease taken or released changed its regions), so
+/// peers see the change without waiting for the periodic check.
+fn republish(d: &Daemon) {
+    if let Some((_, p, _)) = &*d.discovery.lock() {
+        if let Err(e) = p.refresh() {
+            tracing::debug!(error = %e, "republishing after a lease change");
+        }
+    }
+}
+
+/// Loads `peer`'s metadata from etcd again; whether a newer one was loaded.
+fn reload_peer(d: &Daemon, peer: &str) -> bool {
+    let generation = |a: &nixl_core::Agent| a.peer_metadata(peer).map(|m| m.generation);
+    let before = generation(&d.agent);
+    let loaded = match &*d.discovery.lock() {
+        Some((r, _, _)) => r.load_peer(&d.agent, peer).unwrap_or(false),
+        None => false,
+    };
+    loaded && generation(&d.agent) != before
 }
 
 fn status_of(e: &nixl_core::Error) -> u16 {

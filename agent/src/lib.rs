@@ -9,7 +9,9 @@
 //! - [`config`]: the `[daemon]` section and the defaults;
 //! - [`serve::run`]: the daemon itself, its drain on SIGTERM/SIGINT;
 //! - [`control`]: the control API's routes and a client;
-//! - [`pool`]: the host memory pool.
+//! - [`pool`]: the host memory pool;
+//! - [`pool_client`]: a local process takes a lease of the pool, maps it and fills it; the
+//!   daemon serves it to peers until the lease is released.
 //!
 //! # Metrics
 //!
@@ -40,12 +42,15 @@
 pub mod config;
 pub mod control;
 pub mod pool;
+pub mod pool_client;
 pub mod serve;
 
 mod api;
 mod canary;
+mod fdpass;
 mod http;
 mod jobs;
+mod poolsock;
 
 pub use config::{DaemonConfig, ServeConfig};
 pub use jobs::{JobSpec, JobState, SizeArg};

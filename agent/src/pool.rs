@@ -1,14 +1,19 @@
-//! The node's host memory pool: one memfd mapping (huge pages where the kernel has them
-//! reserved), registered with the agent once, lent out in named leases.
+//! The node's host memory pool: one sealed memfd mapping (huge pages where the kernel has them
+//! reserved), lent out in named leases, each lease registered with the agent as its own region.
 //!
 //! Jobs (a weight cache, a checkpoint staged in host memory) take a lease by name and move bytes
 //! into and out of it through the agent; peers reach it like any registered memory (one-sided
-//! READ/WRITE, checked against the registration by the daemon's agent). The mapping is populated
-//! when the daemon starts, so a pool the node cannot hold fails at start, never later with a
-//! fault. A restart rebuilds it empty: a lease is a cache, never the only copy of anything.
+//! READ/WRITE, checked against the registration by the daemon's agent), and find it among the
+//! agent's regions (one region per lease, at the lease's `addr`, `len` bytes). A local process
+//! of the daemon's user may map a lease itself and fill it (see [`crate::pool_client`]): the
+//! memfd is sealed against shrinking and growing, so no client can truncate the pages under the
+//! daemon's feet. The mapping is populated when the daemon starts, so a pool the node cannot
+//! hold fails at start, never later with a fault. A restart rebuilds it empty: a lease is a
+//! cache, never the only copy of anything.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
 use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
 use parking_lot::Mutex;
@@ -62,14 +67,13 @@ impl std::error::Error for LeaseError {}
 
 /// The pool (see the [module docs](self)).
 pub struct Pool {
-    /// Deregistered before the mapping goes (see `Drop`).
-    reg: Option<Registration>,
+    agent: Arc<Agent>,
     base: *mut u8,
     len: u64,
     huge: bool,
-    _fd: OwnedFd,
-    /// By offset.
-    leases: Mutex<BTreeMap<u64, Lease>>,
+    fd: OwnedFd,
+    /// By offset, each with its registration (deregistered before the mapping goes: `Drop`).
+    leases: Mutex<BTreeMap<u64, (Lease, Registration)>>,
 }
 
 // SAFETY: the raw pointer is the base of a shared mapping that lives as long as the pool; the
@@ -91,26 +95,24 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// Maps `len` bytes (rounded up to the page size) and registers them with `agent`.
-    pub fn new(agent: &Agent, len: u64) -> Result<Pool, String> {
+    /// Maps `len` bytes (rounded up to the page size) of a sealed memfd; leases are registered
+    /// with `agent` as they are taken.
+    pub fn new(agent: &Arc<Agent>, len: u64) -> Result<Pool, String> {
         let (fd, base, len, huge) = map(len)?;
-        let mut pool = Pool {
-            reg: None,
+        Ok(Pool {
+            agent: Arc::clone(agent),
             base,
             len,
             huge,
-            _fd: fd,
+            fd,
             leases: Mutex::new(BTreeMap::new()),
-        };
-        let list = DescList::from_descs(MemKind::Dram, vec![Desc::new(base as u64, len, 0)])
-            .map_err(|e| e.to_string())?;
-        // SAFETY: the range is a mapping this pool owns; it stays mapped until `Drop`, which
-        // deregisters first (and deregistration waits for transfers that still use it). Nothing
-        // else in this process holds a Rust reference into it.
-        let reg = unsafe { agent.register(&list) }
-            .map_err(|e| format!("registering the {len}-byte pool: {e}"))?;
-        pool.reg = Some(reg);
-        Ok(pool)
+        })
+    }
+
+    /// The pool's memfd (sealed against shrinking and growing): what a local client maps,
+    /// at a lease's `offset`, to fill or read the lease.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// Bytes in the pool.
@@ -135,12 +137,16 @@ impl Pool {
 
     /// Bytes lent.
     pub fn used(&self) -> u64 {
-        self.leases.lock().values().map(|l| l.len).sum()
+        self.leases.lock().values().map(|(l, _)| l.len).sum()
     }
 
     /// Every lease, by offset.
     pub fn leases(&self) -> Vec<Lease> {
-        self.leases.lock().values().cloned().collect()
+        self.leases
+            .lock()
+            .values()
+            .map(|(l, _)| l.clone())
+            .collect()
     }
 
     /// The lease named `name`.
@@ -148,11 +154,12 @@ impl Pool {
         self.leases
             .lock()
             .values()
-            .find(|l| l.name == name)
-            .cloned()
+            .find(|(l, _)| l.name == name)
+            .map(|(l, _)| l.clone())
     }
 
-    /// Lends `len` bytes (rounded up to the lease alignment) under `name`: first fit.
+    /// Lends `len` bytes (rounded up to the lease alignment) under `name`, first fit, and
+    /// registers them with the agent as one region (at the lease's `addr`).
     pub fn lease(&self, name: &str, len: u64) -> Result<Lease, LeaseError> {
         if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
             return Err(LeaseError::Invalid(format!(
@@ -173,21 +180,21 @@ impl Pool {
                 ))
             })?;
         let mut leases = self.leases.lock();
-        if leases.values().any(|l| l.name == name) {
+        if leases.values().any(|(l, _)| l.name == name) {
             return Err(LeaseError::Exists(name.to_owned()));
         }
         if leases.len() >= MAX_LEASES {
             return Err(LeaseError::Full(format!("{MAX_LEASES} leases at most")));
         }
         let mut at = 0u64;
-        for l in leases.values() {
+        for (l, _) in leases.values() {
             if l.offset - at >= want {
                 break;
             }
             at = (l.offset + l.len).next_multiple_of(align);
         }
         if self.len - at.min(self.len) < want {
-            let used: u64 = leases.values().map(|l| l.len).sum();
+            let used: u64 = leases.values().map(|(l, _)| l.len).sum();
             return Err(LeaseError::Full(format!(
                 "no {want} contiguous free bytes in the pool ({used} of {} bytes lent)",
                 self.len
@@ -199,28 +206,47 @@ impl Pool {
             len: want,
             addr: self.base as u64 + at,
         };
-        leases.insert(at, lease.clone());
+        let list = DescList::from_descs(MemKind::Dram, vec![Desc::new(lease.addr, want, 0)])
+            .map_err(|e| LeaseError::Invalid(e.to_string()))?;
+        // SAFETY: the range lies inside the pool's mapping (checked above), which stays mapped
+        // until `Drop`, and `Drop` and `release` deregister first (deregistration waits for
+        // transfers that still use it). Leases do not overlap, so neither do the regions.
+        // Nothing in this process holds a Rust reference into the pool.
+        let reg = unsafe { self.agent.register(&list) }.map_err(|e| {
+            LeaseError::Full(format!("registering the {want}-byte lease {name:?}: {e}"))
+        })?;
+        leases.insert(at, (lease.clone(), reg));
         Ok(lease)
     }
 
-    /// Returns the lease `name`.
+    /// Returns the lease `name`: its region is deregistered first (which waits for transfers
+    /// that still use it), so peers cannot reach the bytes once it is lent again.
     pub fn release(&self, name: &str) -> Result<Lease, LeaseError> {
         let mut leases = self.leases.lock();
         let off = leases
             .iter()
-            .find(|(_, l)| l.name == name)
+            .find(|(_, (l, _))| l.name == name)
             .map(|(o, _)| *o)
             .ok_or_else(|| LeaseError::Unknown(name.to_owned()))?;
-        Ok(leases.remove(&off).expect("found above"))
+        let (lease, reg) = leases.remove(&off).expect("found above");
+        if let Err(e) = reg.deregister() {
+            tracing::warn!(lease = %lease.name, error = %e, "deregistering a released lease");
+        }
+        Ok(lease)
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
         // Deregister first: it waits until no transfer uses the memory.
-        drop(self.reg.take());
-        // SAFETY: `base`/`len` are the mapping made in `map`, unmapped once, here; nothing uses
-        // it any more (deregistered above, and the pool never lent out references).
+        for (_, (l, reg)) in std::mem::take(&mut *self.leases.lock()) {
+            if let Err(e) = reg.deregister() {
+                tracing::warn!(lease = %l.name, error = %e, "deregistering a lease");
+            }
+        }
+        // SAFETY: `base`/`len` are the mapping made in `map`, unmapped once, here; nothing in
+        // this process uses it any more (deregistered above, and the pool never lent out
+        // references). Clients' own mappings of the memfd are theirs and stay valid.
         unsafe { libc::munmap(self.base.cast(), self.len as usize) };
     }
 }
@@ -236,7 +262,8 @@ fn map(len: u64) -> Result<(OwnedFd, *mut u8, u64, bool), String> {
 
 fn try_map(len: u64, huge: bool) -> Result<(OwnedFd, *mut u8, u64, bool), String> {
     let size = usize::try_from(len).map_err(|_| format!("pool of {len} bytes is too large"))?;
-    let flags = libc::MFD_CLOEXEC | if huge { libc::MFD_HUGETLB } else { 0 };
+    let flags =
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | if huge { libc::MFD_HUGETLB } else { 0 };
     // SAFETY: the name is a NUL-terminated literal; the call has no other preconditions.
     let raw = unsafe { libc::memfd_create(c"nixl-pool".as_ptr(), flags) };
     if raw < 0 {
@@ -248,6 +275,16 @@ fn try_map(len: u64, huge: bool) -> Result<(OwnedFd, *mut u8, u64, bool), String
     if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
         return Err(format!(
             "sizing the pool to {len} bytes: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // Sealed: a client given the fd can neither shrink it (the daemon's mapping would fault
+    // with SIGBUS) nor grow it, nor change the seals.
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: plain fcntl on our own descriptor.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(format!(
+            "sealing the pool's memfd: {}",
             std::io::Error::last_os_error()
         ));
     }
@@ -293,10 +330,23 @@ mod tests {
         let a = agent();
         let p = Pool::new(&a, 1 << 20).unwrap();
         assert!(p.len() >= 1 << 20);
-        assert_eq!(a.metadata().regions.len(), 1, "registered once");
+        assert!(
+            a.metadata().regions.is_empty(),
+            "nothing registered before a lease"
+        );
+        // SAFETY: F_GET_SEALS on the pool's own descriptor.
+        let seals = unsafe { libc::fcntl(p.fd().as_raw_fd(), libc::F_GET_SEALS) };
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & want, want, "sealed");
         let align = if p.huge_pages() { HUGE } else { SMALL };
         let x = p.lease("x", 1).unwrap();
         assert_eq!((x.offset, x.len, x.addr), (0, align, p.base()));
+        let regions: Vec<_> = a.metadata().regions.iter().map(|r| r.desc).collect();
+        assert_eq!(
+            regions,
+            vec![Desc::new(x.addr, x.len, 0)],
+            "the lease is its region"
+        );
         assert_eq!(p.lease("x", 10), Err(LeaseError::Exists("x".into())));
         assert!(matches!(p.lease("", 10), Err(LeaseError::Invalid(_))));
         assert!(matches!(
@@ -313,6 +363,7 @@ mod tests {
             assert_eq!(p.used(), 4096 + 8192 + 8192);
         }
         assert!(matches!(p.release("nope"), Err(LeaseError::Unknown(_))));
+        assert_eq!(a.metadata().regions.len(), p.leases().len());
         drop(p);
         assert!(a.metadata().regions.is_empty(), "deregistered on drop");
     }

@@ -131,6 +131,12 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     http.set_nonblocking(true)
         .map_err(|e| start(format!("http listener: {e}")))?;
     let control = crate::api::bind(&d.control_socket, d.socket_mode).map_err(start)?;
+    // The pool socket lends memory: the daemon's own user only, whatever `socket_mode` says.
+    let pool_socket = crate::config::pool_socket_for(&d.control_socket);
+    let pool_listener = match d.pool_size {
+        0 => None,
+        _ => Some(crate::api::bind(&pool_socket, 0o600).map_err(start)?),
+    };
 
     let built = cfg
         .agent
@@ -197,6 +203,13 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         tokio::spawn(crate::http::serve(Arc::clone(&daemon), http));
         tokio::spawn(crate::api::serve(Arc::clone(&daemon), control));
         tokio::spawn(crate::canary::run(Arc::clone(&daemon)));
+        if let Some(l) = pool_listener {
+            let d = Arc::clone(&daemon);
+            std::thread::Builder::new()
+                .name("nixl-pool-sock".into())
+                .spawn(move || crate::poolsock::serve(d, l))
+                .map_err(|e| start(format!("pool socket thread: {e}")))?;
+        }
         if daemon.cfg.etcd.is_some() {
             let d = Arc::clone(&daemon);
             std::thread::Builder::new()
@@ -214,6 +227,9 @@ pub fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         Ok(())
     });
     let _ = std::fs::remove_file(&daemon.cfg.daemon.control_socket);
+    if daemon.pool.is_some() {
+        let _ = std::fs::remove_file(&pool_socket);
+    }
     rt.shutdown_timeout(Duration::from_secs(1));
     result
 }

@@ -222,9 +222,10 @@ fn three_daemons_find_watch_measure_and_drain() {
         sample(&after_a, &format!("nixl_peer_up{{peer=\"{}\"}}", names[1])),
         1.0
     );
+    // Each lease is registered as its own region: b registers its one 16 MiB lease.
     assert_eq!(
         sample(&after_b, "nixl_agent_registered_bytes{kind=\"dram\"}"),
-        (64u64 << 20) as f64
+        (16u64 << 20) as f64
     );
     assert!(sample(&after_a, "nixl_peer_canary_seconds_count") >= 1.0);
 

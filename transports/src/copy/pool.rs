@@ -30,7 +30,8 @@ pub struct CopyOp {
 /// A list of copies, seen as one stream of bytes so it can be cut at any byte for workers.
 #[derive(Clone, Debug)]
 pub struct CopyPlan {
-    ops: Arc<[CopyOp]>,
+    /// Kept as given (no copy into a new allocation: a 100k-piece plan is made per request).
+    ops: Arc<Vec<CopyOp>>,
     /// Byte offset at which each op starts in the stream.
     starts: Arc<[u64]>,
     total: u64,
@@ -40,15 +41,19 @@ impl CopyPlan {
     /// A plan over `ops`. Every op's ranges must have been validated by the caller (see
     /// [`CopyPlan::copy_range`]).
     pub fn new(ops: Vec<CopyOp>) -> CopyPlan {
-        let mut starts = Vec::with_capacity(ops.len());
         let mut total = 0u64;
-        for op in &ops {
-            starts.push(total);
-            total += op.len;
-        }
+        // Collected straight into its shared allocation (exact size: one allocation).
+        let starts: Arc<[u64]> = ops
+            .iter()
+            .map(|op| {
+                let start = total;
+                total += op.len;
+                start
+            })
+            .collect();
         CopyPlan {
-            ops: ops.into(),
-            starts: starts.into(),
+            ops: Arc::new(ops),
+            starts,
             total,
         }
     }

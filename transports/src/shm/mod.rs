@@ -91,7 +91,7 @@ use nixl_core::codec::Reader;
 use nixl_core::region::{enter_all, leave_all, AccessGate, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, RegionAccess, Result, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, Region, RegionAccess, Result, Runs, TargetHandle, XferOp, XferPlan,
 };
 use parking_lot::{Condvar, Mutex};
 use sys::{Cma, Span};
@@ -1572,67 +1572,119 @@ fn handle_reply(c: &Conn, f: Frame, fds: &mut VecDeque<OwnedFd>) {
     }
 }
 
+impl Conn {
+    /// The peer's buffers mapped here for every remote region of `plan`, when this backend maps
+    /// and every region is mappable; `None` when the request must go another way (a mapping
+    /// refused for a reason other than the key is logged and left to the other paths).
+    fn mapped(&self, plan: &XferPlan) -> Result<Option<Vec<Arc<Mapping>>>> {
+        if !self.backend.cfg.allow_map {
+            return Ok(None);
+        }
+        let mappable = plan.remote_regions.iter().all(|r| {
+            r.backends
+                .iter()
+                .any(|(b, p)| *b == BackendName::Shm && parse_public(p).is_some())
+        });
+        if !mappable {
+            return Ok(None);
+        }
+        let maps: std::result::Result<Vec<Arc<Mapping>>, String> = plan
+            .remote_regions
+            .iter()
+            .map(|r| self.map_region(&r.desc, r.key))
+            .collect();
+        match maps {
+            Ok(maps) => Ok(Some(maps)),
+            Err(reason) => {
+                if reason.contains("denied") || reason.contains("key") {
+                    return Err(Error::Denied {
+                        peer: self.peer.to_string(),
+                        reason,
+                    });
+                }
+                tracing::debug!(peer = %self.peer, %reason,
+                    "shm: mapping refused; using cross-memory attach");
+                Ok(None)
+            }
+        }
+    }
+}
+
 impl Connection for Conn {
+    fn prepare_runs(&self, mut plan: XferPlan, runs: Runs) -> Result<Box<dyn PreparedXfer>> {
+        let Some(maps) = self.mapped(&plan)? else {
+            plan.segments = runs.to_segments();
+            return self.prepare(plan);
+        };
+        let conn = self.self_arc()?;
+        // One remote region (the core's contract for runs): one offset maps every remote
+        // address into the mapping; the region lies inside the mapped buffer (checked when it
+        // was mapped), and every run inside the region (checked when its list was prepared).
+        let m = &maps[0];
+        let delta = (m.base as u64 + m.offset).wrapping_sub(m.region_addr);
+        let write = plan.op == XferOp::Write;
+        // `Run` and `CopyOp` are both three u64s: this map reuses the runs' allocation.
+        let ops: Vec<CopyOp> = runs
+            .runs
+            .into_iter()
+            .map(|r| {
+                let mapped = r.remote.wrapping_add(delta);
+                if write {
+                    CopyOp {
+                        src: r.local,
+                        dst: mapped,
+                        len: r.len,
+                    }
+                } else {
+                    CopyOp {
+                        src: mapped,
+                        dst: r.local,
+                        len: r.len,
+                    }
+                }
+            })
+            .collect();
+        Ok(Box::new(MappedXfer {
+            conn,
+            plan: CopyPlan::new(ops),
+            maps: maps.into(),
+            notif: plan.notif,
+        }))
+    }
+
     fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>> {
         let write = plan.op == XferOp::Write;
         let total = plan.total_bytes();
         let conn = self.self_arc()?;
         // Mapped path when we allow it and every remote region is mappable and mapped.
-        if self.backend.cfg.allow_map {
-            let mappable = plan.remote_regions.iter().all(|r| {
-                r.backends
-                    .iter()
-                    .any(|(b, p)| *b == BackendName::Shm && parse_public(p).is_some())
-            });
-            if mappable {
-                let maps: std::result::Result<Vec<Arc<Mapping>>, String> = plan
-                    .remote_regions
-                    .iter()
-                    .map(|r| self.map_region(&r.desc, r.key))
-                    .collect();
-                match maps {
-                    Ok(maps) => {
-                        let ops = plan
-                            .segments
-                            .iter()
-                            .map(|s| {
-                                let m = &maps[s.remote_region as usize];
-                                let mapped =
-                                    m.base as u64 + m.offset + (s.remote.addr - m.region_addr);
-                                if write {
-                                    CopyOp {
-                                        src: s.local.addr,
-                                        dst: mapped,
-                                        len: s.local.len,
-                                    }
-                                } else {
-                                    CopyOp {
-                                        src: mapped,
-                                        dst: s.local.addr,
-                                        len: s.local.len,
-                                    }
-                                }
-                            })
-                            .collect();
-                        return Ok(Box::new(MappedXfer {
-                            conn,
-                            plan: CopyPlan::new(ops),
-                            maps: maps.into(),
-                            notif: plan.notif,
-                        }));
-                    }
-                    Err(reason) => {
-                        if reason.contains("denied") || reason.contains("key") {
-                            return Err(Error::Denied {
-                                peer: self.peer.to_string(),
-                                reason,
-                            });
+        if let Some(maps) = self.mapped(&plan)? {
+            let ops = plan
+                .segments
+                .iter()
+                .map(|s| {
+                    let m = &maps[s.remote_region as usize];
+                    let mapped = m.base as u64 + m.offset + (s.remote.addr - m.region_addr);
+                    if write {
+                        CopyOp {
+                            src: s.local.addr,
+                            dst: mapped,
+                            len: s.local.len,
                         }
-                        tracing::debug!(peer = %self.peer, %reason,
-                            "shm: mapping refused; using cross-memory attach");
+                    } else {
+                        CopyOp {
+                            src: mapped,
+                            dst: s.local.addr,
+                            len: s.local.len,
+                        }
                     }
-                }
-            }
+                })
+                .collect();
+            return Ok(Box::new(MappedXfer {
+                conn,
+                plan: CopyPlan::new(ops),
+                maps: maps.into(),
+                notif: plan.notif,
+            }));
         }
         if self.backend.cfg.cma_grants && self.pidfd.is_some() {
             let grants: Result<Vec<Arc<Grant>>> = plan

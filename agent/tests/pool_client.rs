@@ -1,0 +1,173 @@
+//! The pool seam: a separate local process takes a lease of a running daemon's pool, maps it,
+//! fills it and exits; the daemon's agent serves the bytes to a peer (found among its regions),
+//! until the lease is released.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Daemon, Scratch, BIN};
+use nixl_agent::pool_client::{PoolClient, PoolError};
+use nixl_core::{Agent, Desc, DescList, MemKind, XferOp, XferOptions};
+use nixl_transports::config::Config;
+
+const SECRET: &str = "pool client secret";
+/// The child role: fill the lease named in this variable at the daemon in POOL_TEST_SOCKET.
+const ROLE: &str = "POOL_TEST_LEASE";
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[2])
+        .collect()
+}
+
+/// Run by the child process (the test binary again): takes the lease, fills it, exits.
+#[test]
+fn child_fills_a_lease() {
+    let (Ok(name), Ok(sock)) = (std::env::var(ROLE), std::env::var("POOL_TEST_SOCKET")) else {
+        return; // only a child role of the test below
+    };
+    let pool = PoolClient::new(sock);
+    let mut l = pool.lease(&name, 3 << 20).expect("lease");
+    let want = pattern(3 << 20);
+    // SAFETY: a new lease nobody else knows of yet.
+    let bytes = unsafe { l.as_mut_slice() };
+    bytes[..want.len()].copy_from_slice(&want);
+    println!("LEASE {} {} {}", l.info().job, l.info().addr, l.info().len);
+}
+
+fn peer(name: &str) -> (Agent, Config) {
+    let cfg = Config::from_toml(&format!(
+        "backends = [\"tcp\"]\n[auth]\nsecret = \"{SECRET}\"\n[tcp]\nlisten = \"127.0.0.1:0\"\n"
+    ))
+    .unwrap();
+    let a = cfg
+        .agent_builder(name)
+        .backends(cfg.backends().unwrap())
+        .build()
+        .unwrap();
+    (a, cfg)
+}
+
+/// READs `len` bytes at `addr` of the daemon's agent, through its tcp listener.
+fn read_from_daemon(
+    a: &Agent,
+    cfg: &Config,
+    tcp: &str,
+    addr: u64,
+    len: u64,
+) -> Result<Vec<u8>, String> {
+    let md = nixl_transports::tcp::fetch_metadata(tcp, &cfg.auth(), Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    let md = nixl_core::AgentMetadata::decode(&md).map_err(|e| e.to_string())?;
+    if !md
+        .regions
+        .iter()
+        .any(|r| r.kind == MemKind::Dram && r.desc == Desc::new(addr, len, 0))
+    {
+        return Err(format!("no region at {addr:#x}+{len} among the daemon's"));
+    }
+    let name = a.load_remote_md(md).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; len as usize];
+    let local = DescList::from_descs(MemKind::Dram, vec![Desc::from_mut_slice(&mut buf)])
+        .map_err(|e| e.to_string())?;
+    // SAFETY: `buf` outlives the registration, dropped at the end of this function after the
+    // READ ended; nothing else touches it meanwhile.
+    let reg = unsafe { a.register(&local) }.map_err(|e| e.to_string())?;
+    let remote = DescList::from_descs(MemKind::Dram, vec![Desc::new(addr, len, 0)]).unwrap();
+    let x = a
+        .create_xfer(XferOp::Read, &local, &remote, &name, XferOptions::default())
+        .map_err(|e| e.to_string())?;
+    x.post().map_err(|e| e.to_string())?;
+    let r = x
+        .wait_blocking(Some(Duration::from_secs(10)))
+        .into_result()
+        .map_err(|e| e.to_string());
+    drop(x);
+    drop(reg);
+    r.map(|()| buf)
+}
+
+#[test]
+fn a_lease_filled_by_another_process_is_served_to_peers_until_released() {
+    let dir = Scratch::new("pool-client");
+    let d = Daemon::start(
+        Command::new(BIN),
+        &dir.0,
+        "poolnode",
+        &format!(
+            "backends = [\"local\", \"tcp\"]\n[auth]\nsecret = \"{SECRET}\"\n[tcp]\n\
+             listen = \"127.0.0.1:0\"\n[daemon]\nhttp_listen = \"127.0.0.1:0\"\n\
+             pool_size = \"16MiB\"\n"
+        ),
+    );
+    d.until("ready", Duration::from_secs(20), |s| s["ready"] == true);
+    let s = d.status().unwrap();
+    let tcp = s["tcp_listen"][0].as_str().expect("tcp_listen").to_owned();
+    assert_eq!(
+        s["pool"]["socket"].as_str(),
+        Some(dir.0.join("poolnode.pool.sock").to_str().unwrap())
+    );
+
+    // Another process takes the lease, fills it and exits.
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_fills_a_lease",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ROLE, "weights")
+        .env("POOL_TEST_SOCKET", &d.sock)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = text
+        .split("LEASE ")
+        .nth(1)
+        .and_then(|t| t.lines().next())
+        .expect(&text);
+    let v: Vec<u64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+    let (job, addr, len) = (v[0], v[1], v[2]);
+    assert!(job > 0 && len >= 3 << 20);
+
+    // The lease outlived its client; a peer finds it among the daemon's regions and reads it.
+    let (a, cfg) = peer("pool-peer");
+    let got = read_from_daemon(&a, &cfg, &tcp, addr, len).unwrap();
+    assert!(
+        got[..3 << 20] == pattern(3 << 20)[..],
+        "the bytes the client wrote"
+    );
+
+    // Refusals are clear: a second lease of the name, mapping a lease that does not exist.
+    let pool = PoolClient::new(&d.sock);
+    match pool.create("weights", 4096) {
+        Err(PoolError::Control(e)) => assert!(e.to_string().contains("exists"), "{e}"),
+        other => panic!("a taken name: {other:?}"),
+    }
+    match pool.map("nope") {
+        Err(PoolError::Refused(m)) => assert!(m.contains("no lease named"), "{m}"),
+        other => panic!("no such lease: {other:?}"),
+    }
+    // A client maps the same lease again and sees the bytes (shared, not a copy).
+    let again = pool.map("weights").unwrap();
+    assert_eq!((again.info().job, again.info().addr), (job, addr));
+    // SAFETY: nothing writes the lease meanwhile (no peer has been told to, the client exited).
+    assert!(unsafe { again.as_slice() }[..3 << 20] == pattern(3 << 20)[..]);
+    drop(again);
+
+    // Released: gone from the daemon's regions, peers' reads refused.
+    pool.release("weights").unwrap();
+    assert_eq!(pool.find("weights").unwrap(), None);
+    let e = read_from_daemon(&a, &cfg, &tcp, addr, len).unwrap_err();
+    assert!(e.contains("no region"), "{e}");
+    // Its room is lent again.
+    let l = pool.lease("next", len).unwrap();
+    assert_eq!(l.info().addr, addr);
+}
