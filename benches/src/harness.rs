@@ -5,31 +5,10 @@ use std::time::{Duration, Instant};
 
 use nixl_tests::scripted_peer::percentile;
 
-/// Parses a size: a number with an optional unit `B`, `KiB`/`K`, `MiB`/`M`, `GiB`/`G`
-/// (case-insensitive; binary multiples). Zero is refused.
+/// Parses a size (see [`nixl_transports::units::parse_size`]) that fits in memory.
 pub fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: usize = n
-        .parse()
-        .map_err(|_| format!("bad size {s:?}: expected a number and a unit, e.g. 64KiB"))?;
-    let m: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        u => {
-            return Err(format!(
-                "bad size {s:?}: unknown unit {u:?} (B, KiB, MiB or GiB)"
-            ))
-        }
-    };
-    match n.checked_mul(m) {
-        Some(0) => Err(format!("bad size {s:?}: must be more than 0 bytes")),
-        Some(v) => Ok(v),
-        None => Err(format!("bad size {s:?}: too large")),
-    }
+    let v = nixl_transports::units::parse_size(s)?;
+    usize::try_from(v).map_err(|_| format!("bad size {s:?}: too large"))
 }
 
 /// Parses a comma-separated list of sizes (see [`parse_size`]); an empty list is refused.
