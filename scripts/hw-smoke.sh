@@ -71,8 +71,8 @@ preflight() {
         ldconfig -p 2>/dev/null | grep -E 'libcuda\.so\.1|libcufile\.so|libibverbs\.so\.1|libnvidia-ml\.so\.1' || true
         echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
     } >"$log" 2>&1
-    # The driver's version and every symbol the cuda backend resolves (from driver.rs's table).
-    python3 - "$ROOT/transports/src/cuda/driver.rs" >>"$log" 2>&1 <<'EOF'
+    # The driver's version and every symbol the cuda backend resolves (from driver/sys.rs's table).
+    python3 - "$ROOT/transports/src/cuda/driver/sys.rs" >>"$log" 2>&1 <<'EOF'
 import ctypes, re, sys
 src = open(sys.argv[1]).read()
 table = src[src.index("api! {"):]

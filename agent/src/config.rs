@@ -243,27 +243,7 @@ pub fn hostname() -> Result<String, String> {
     Ok(name)
 }
 
-/// Parses `123`, `64KiB`, `1MiB`, `1GiB` (also KB/MB/GB as powers of 1000); zero is refused.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        "tib" | "t" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
-    };
-    n.checked_mul(mult)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("size {s:?} is zero or too large"))
-}
+pub use nixl_transports::units::parse_size;
 
 /// Parses `"500ms"`, `"10s"`, `"2m"`, or a number of seconds.
 pub fn parse_duration(v: &toml::Value) -> Result<Duration, String> {

@@ -5,31 +5,10 @@ use std::time::{Duration, Instant};
 
 use nixl_tests::scripted_peer::percentile;
 
-/// Parses a size: a number with an optional unit `B`, `KiB`/`K`, `MiB`/`M`, `GiB`/`G`
-/// (case-insensitive; binary multiples). Zero is refused.
+/// Parses a size (see [`nixl_transports::units::parse_size`]) that fits in memory.
 pub fn parse_size(s: &str) -> Result<usize, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: usize = n
-        .parse()
-        .map_err(|_| format!("bad size {s:?}: expected a number and a unit, e.g. 64KiB"))?;
-    let m: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" | "k" => 1 << 10,
-        "mib" | "m" => 1 << 20,
-        "gib" | "g" => 1 << 30,
-        u => {
-            return Err(format!(
-                "bad size {s:?}: unknown unit {u:?} (B, KiB, MiB or GiB)"
-            ))
-        }
-    };
-    match n.checked_mul(m) {
-        Some(0) => Err(format!("bad size {s:?}: must be more than 0 bytes")),
-        Some(v) => Ok(v),
-        None => Err(format!("bad size {s:?}: too large")),
-    }
+    let v = nixl_transports::units::parse_size(s)?;
+    usize::try_from(v).map_err(|_| format!("bad size {s:?}: too large"))
 }
 
 /// Parses a comma-separated list of sizes (see [`parse_size`]); an empty list is refused.
@@ -109,7 +88,24 @@ pub fn memcpy(
     buf_size: usize,
     sizing: Sizing,
 ) -> CopyOutcome {
-    let part = block * batch;
+    memcpy_spread(block, batch, 1, threads, buf_size, sizing)
+}
+
+/// [`memcpy`] of scattered blocks: each thread copies `batch` blocks of `block` bytes that lie
+/// `spread` blocks apart (block `i` of its part at `i·spread·block`, on both sides), the very
+/// blocks a `--prepped` or `--stride` row moves (spread 2: every other block). Spread 1 is
+/// [`memcpy`]. The ceiling of those rows: a copy of the same scattered blocks.
+pub fn memcpy_spread(
+    block: usize,
+    batch: usize,
+    spread: usize,
+    threads: usize,
+    buf_size: usize,
+    sizing: Sizing,
+) -> CopyOutcome {
+    let spread = spread.max(1);
+    let moved = block * batch;
+    let part = moved * spread;
     let len = buf_size.max(part * threads);
     let mut src_mem = vec![0x5au8; len + PAGE];
     let mut dst_mem = vec![0xa5u8; len + PAGE];
@@ -125,7 +121,7 @@ pub fn memcpy(
                 let barrier = &barrier;
                 s.spawn(move || {
                     let once = |dst: &mut [u8]| {
-                        for (d, s) in dst.chunks_mut(block).zip(src.chunks(block)) {
+                        for (d, s) in dst.chunks_mut(block).zip(src.chunks(block)).step_by(spread) {
                             d.copy_from_slice(std::hint::black_box(s));
                         }
                         std::hint::black_box(&mut *dst);
@@ -167,7 +163,7 @@ pub fn memcpy(
     lat.sort_by(f64::total_cmp);
     let posts = lat.len() as u64;
     CopyOutcome {
-        gbps: posts as f64 * part as f64 / seconds.max(1e-9) / 1e9,
+        gbps: posts as f64 * moved as f64 / seconds.max(1e-9) / 1e9,
         posts,
         p50_us: percentile(&lat, 0.5),
     }
@@ -256,6 +252,9 @@ mod tests {
             seconds: 0.0,
         };
         let c = memcpy(4096, 4, 2, 1 << 20, s);
+        assert_eq!(c.posts, 20);
+        assert!(c.gbps > 0.0 && c.p50_us > 0.0);
+        let c = memcpy_spread(4096, 4, 2, 2, 1 << 20, s);
         assert_eq!(c.posts, 20);
         assert!(c.gbps > 0.0 && c.p50_us > 0.0);
     }

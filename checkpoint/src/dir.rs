@@ -81,6 +81,9 @@ pub struct SaveOptions {
     pub direct: bool,
     /// Progress reports.
     pub progress: Option<Progress>,
+    /// Artifact directories saved with the regions: `(name, directory)` (checkpoint
+    /// directories only; see [`crate::artifact`]). An incremental save writes them whole.
+    pub artifacts: Vec<(String, std::path::PathBuf)>,
 }
 
 impl Default for SaveOptions {
@@ -88,6 +91,7 @@ impl Default for SaveOptions {
         SaveOptions {
             chunk_size: 8 << 20,
             metadata: None,
+            artifacts: Vec::new(),
             base: None,
             direct: true,
             progress: None,
@@ -102,6 +106,7 @@ impl std::fmt::Debug for SaveOptions {
             .field("metadata", &self.metadata.as_ref().map(String::len))
             .field("base", &self.base)
             .field("direct", &self.direct)
+            .field("artifacts", &self.artifacts)
             .finish_non_exhaustive()
     }
 }
@@ -197,7 +202,7 @@ pub unsafe fn save(
 ///
 /// # Safety
 /// As [`save`], for `read`.
-unsafe fn save_from(
+pub(crate) unsafe fn save_from(
     agent: &Agent,
     uri: &str,
     regions: &[Region],
@@ -366,6 +371,17 @@ unsafe fn save_from(
         }
     };
     drop(data);
+    let first = files.len().max(regions.len());
+    let artifacts =
+        match crate::artifact::save_artifacts(&dir, save_id, first, &opts.artifacts, &mut files) {
+            Ok(a) => a,
+            Err(e) => {
+                for f in files.iter().filter(|f| !f.name.contains('/')) {
+                    let _ = std::fs::remove_file(dir.join(&f.name));
+                }
+                return Err(e);
+            }
+        };
     let mut k = 0;
     for (ri, e) in entries.iter_mut().enumerate() {
         while k < chunks.len() && chunks[k].0 == ri {
@@ -390,6 +406,7 @@ unsafe fn save_from(
         metadata,
         files,
         regions: entries,
+        artifacts,
     };
     m.validate()?;
     write_manifest(&dir, &m)?;
@@ -457,7 +474,7 @@ fn files_sizes(data: &[Option<(u32, DataFd)>], files: &[DataFile]) -> Vec<u64> {
         .collect()
 }
 
-fn file_index(files: &mut Vec<DataFile>, name: &str, size: u64) -> u32 {
+pub(crate) fn file_index(files: &mut Vec<DataFile>, name: &str, size: u64) -> u32 {
     match files.iter().position(|f| f.name == name) {
         Some(i) => i as u32,
         None => {
@@ -789,7 +806,7 @@ pub unsafe fn restore(
 ///
 /// # Safety
 /// As [`restore`], for `into`.
-unsafe fn restore_into(
+pub(crate) unsafe fn restore_into(
     agent: &Agent,
     uri: &str,
     asked: &[Region],

@@ -51,6 +51,18 @@ pub enum CkptError {
         /// Whether restore had written the caller's memory before this was found.
         memory_written: bool,
     },
+    /// A file of an artifact directory is damaged or missing in the checkpoint.
+    #[error(
+        "artifact {artifact:?} file {path:?}: {reason}; nothing was restored to the destination"
+    )]
+    ArtifactCorrupt {
+        /// The artifact directory.
+        artifact: String,
+        /// The file's path inside it.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The caller's region does not match the checkpoint's (kind or length).
     #[error("region {region:?} does not match the checkpoint: {reason}; the caller's memory was not touched")]
     Mismatch {
@@ -109,6 +121,7 @@ impl CkptError {
                 | CkptError::Manifest(_)
                 | CkptError::NewerVersion { .. }
                 | CkptError::Corrupt { .. }
+                | CkptError::ArtifactCorrupt { .. }
                 | CkptError::Mismatch { .. }
         )
     }

@@ -8,8 +8,11 @@
 //! DIR/d<save id>-<region>.dat    one data file per region, chunks at chunk-size-aligned offsets
 //! ```
 //!
-//! Or under `s3://bucket/prefix` through the agent's `object` backend: one object per region,
-//! the manifest object (`prefix/manifest.nckpt`) PUT last (full saves only; see `s3.rs`).
+//! Or under `s3://bucket/prefix` through the agent's `object` backend: one object per region
+//! (per run of changed chunks in an incremental save), the manifest object
+//! (`prefix/manifest.nckpt`) PUT last; see `s3.rs`, [`copy_with`] and [`remove_with`].
+//! Artifact directories (file trees) travel with a checkpoint directory: [`artifact`]. A node
+//! daemon's pool can hold a checkpoint for peers: [`daemon`].
 //!
 //! **Moving the bytes.** [`save`] and [`restore`] go through the caller's [`nixl_core::Agent`]
 //! as any user would: the data files are opened (with `O_DIRECT` where the file system and the
@@ -60,8 +63,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod artifact;
+pub mod daemon;
 mod dir;
 mod error;
+mod manage;
 pub mod manifest;
 mod mapped;
 pub mod ops;
@@ -69,10 +75,12 @@ mod s3;
 pub mod serve;
 pub mod vram;
 
+pub use artifact::{restore_artifact, ArtifactReport};
 pub use dir::{
     read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
 };
 pub use error::{CkptError, Result};
+pub use manage::{copy_with, remove_with};
 pub use manifest::Manifest;
 pub use mapped::{restore_mapped, Placement, Restored, RestoredRegion};
 pub use ops::{read_manifest, remove, verify, Location, VerifyReport};

@@ -11,8 +11,15 @@
 //! files: u32 count, each { name: u16-length UTF-8, size u64 }
 //! regions: u32 count, each { name: u16-length UTF-8, kind u8, dev_id u64, addr u64, len u64,
 //!                            chunks: u32 count, each { file u32, offset u64, len u64, xxh3 u64 } }
+//! artifacts (version 2 only): u32 count, each { name: u16-length UTF-8,
+//!     entries: u32 count, each { kind u8 (0 directory, 1 file), path: u16-length UTF-8,
+//!                                mode u32, file u32, offset u64, size u64, xxh3 u64 } }
 //! xxh3-64 of every byte above, u64
 //! ```
+//!
+//! A manifest without artifact directories is written as version 1 (readable by builds that
+//! predate them); one with artifacts as version 2. An artifact's paths are relative (plain
+//! components, no `.`, `..`, empty or NUL), each parent listed before what it holds.
 //!
 //! Chunk `i` of a region covers bytes `[i * chunk_size, min(len, (i + 1) * chunk_size))` of it;
 //! a chunk names a data file (by index in `files`) and an offset inside it, so an incremental
@@ -27,7 +34,7 @@ use crate::error::{CkptError, Result};
 /// The first bytes of every manifest.
 pub const MAGIC: [u8; 8] = *b"NIXLCKPT";
 /// The manifest version this build writes (and the newest it reads).
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest manifest read.
 pub const MAX_MANIFEST_BYTES: usize = 64 << 20;
 /// Largest caller metadata (JSON) in a manifest.
@@ -42,12 +49,57 @@ pub const MAX_NAME_BYTES: usize = 1024;
 pub const MAX_GPU_ORDINAL: u64 = 1 << 16;
 /// Smallest and largest chunk size.
 pub const CHUNK_BOUNDS: (u64, u64) = (4096, 1 << 30);
+/// Most artifact directories in one checkpoint.
+pub const MAX_ARTIFACTS: usize = 4096;
+/// Most entries (files and directories) in all artifact directories of a checkpoint.
+pub const MAX_ARTIFACT_ENTRIES: usize = 1 << 20;
+/// Longest path inside an artifact directory, and longest component of one.
+pub const MAX_PATH_BYTES: (usize, usize) = (4096, 255);
 /// Size of the header (magic, version, flags) read to learn the version before anything else.
 pub const HEADER_BYTES: usize = 12;
 
 const MIN_FILE_LEN: usize = 2 + 8;
 const MIN_REGION_LEN: usize = 2 + 1 + 8 * 3 + 4;
 const CHUNK_LEN: usize = 4 + 8 + 8 + 8;
+const MIN_ARTIFACT_LEN: usize = 2 + 4;
+const MIN_ENTRY_LEN: usize = 1 + 2 + 4 + 4 + 8 * 3;
+
+/// What an artifact entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A directory.
+    Dir,
+    /// A regular file.
+    File,
+}
+
+/// One directory or file of an artifact directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArtifactEntry {
+    /// Path relative to the artifact directory's root (`a/b/c`).
+    pub path: String,
+    /// Directory or file.
+    pub kind: EntryKind,
+    /// Permission bits (`0o777` at most).
+    pub mode: u32,
+    /// Data file (index in `files`) holding a file's bytes (0 for a directory).
+    pub file: u32,
+    /// Where its bytes start in that data file.
+    pub offset: u64,
+    /// Its length (0 for a directory).
+    pub size: u64,
+    /// xxh3-64 of its bytes (0 for a directory).
+    pub xxh3: u64,
+}
+
+/// A named file tree (kernel or compile caches) saved with the regions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Artifact {
+    /// The caller's name for it (unique in the checkpoint).
+    pub name: String,
+    /// Its directories and files, each parent before what it holds.
+    pub entries: Vec<ArtifactEntry>,
+}
 
 /// One data file a checkpoint's chunks point into, by its path relative to the checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,9 +159,28 @@ pub struct Manifest {
     pub files: Vec<DataFile>,
     /// Regions.
     pub regions: Vec<RegionEntry>,
+    /// Artifact directories.
+    pub artifacts: Vec<Artifact>,
 }
 
 impl Manifest {
+    /// The artifact directory named `name`, or the error naming it and what the checkpoint
+    /// holds.
+    pub fn artifact(&self, name: &str) -> Result<&Artifact> {
+        self.artifacts
+            .iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| CkptError::NotFound {
+                region: format!("artifact {name}"),
+                holds: self
+                    .artifacts
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
     /// The region named `name`.
     pub fn region(&self, name: &str) -> Option<&RegionEntry> {
         self.regions.iter().find(|r| r.name == name)
@@ -137,7 +208,8 @@ impl Manifest {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(256 + self.regions.len() * 64);
         b.extend_from_slice(&MAGIC);
-        b.extend_from_slice(&VERSION.to_le_bytes());
+        let version: u16 = if self.artifacts.is_empty() { 1 } else { 2 };
+        b.extend_from_slice(&version.to_le_bytes());
         b.extend_from_slice(&0u16.to_le_bytes());
         for v in [self.save_id, self.created_unix_ms, self.chunk_size] {
             b.extend_from_slice(&v.to_le_bytes());
@@ -162,6 +234,25 @@ impl Manifest {
                 b.extend_from_slice(&c.file.to_le_bytes());
                 for v in [c.offset, c.len, c.xxh3] {
                     b.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+        if !self.artifacts.is_empty() {
+            b.extend_from_slice(&(self.artifacts.len() as u32).to_le_bytes());
+            for a in &self.artifacts {
+                put_str(&mut b, &a.name);
+                b.extend_from_slice(&(a.entries.len() as u32).to_le_bytes());
+                for e in &a.entries {
+                    b.push(match e.kind {
+                        EntryKind::Dir => 0,
+                        EntryKind::File => 1,
+                    });
+                    put_str(&mut b, &e.path);
+                    b.extend_from_slice(&e.mode.to_le_bytes());
+                    b.extend_from_slice(&e.file.to_le_bytes());
+                    for v in [e.offset, e.size, e.xxh3] {
+                        b.extend_from_slice(&v.to_le_bytes());
+                    }
                 }
             }
         }
@@ -209,7 +300,7 @@ impl Manifest {
             ));
         }
         let mut r = Reader::new(&body[10..]);
-        let m = decode_body(&mut r).map_err(bad)?;
+        let m = decode_body(&mut r, version).map_err(bad)?;
         if !r.is_empty() {
             return Err(bad(DecodeError::Trailing(r.buf.len())));
         }
@@ -307,6 +398,70 @@ impl Manifest {
                 }
             }
         }
+        self.validate_artifacts()
+    }
+
+    fn validate_artifacts(&self) -> Result<()> {
+        let mut total = 0usize;
+        for (i, a) in self.artifacts.iter().enumerate() {
+            let bad = |reason: String| -> Result<()> {
+                Err(CkptError::Manifest(format!(
+                    "artifact {:?}: {reason}",
+                    a.name
+                )))
+            };
+            check_region_name(&a.name).map_err(CkptError::Manifest)?;
+            if self.artifacts[..i].iter().any(|b| b.name == a.name) {
+                return bad("listed twice".into());
+            }
+            total += a.entries.len();
+            if total > MAX_ARTIFACT_ENTRIES {
+                return bad(format!("over {MAX_ARTIFACT_ENTRIES} entries in all"));
+            }
+            let mut seen: std::collections::HashMap<&str, EntryKind> =
+                std::collections::HashMap::with_capacity(a.entries.len());
+            for e in &a.entries {
+                check_artifact_path(&e.path)
+                    .map_err(|r| CkptError::Manifest(format!("artifact {:?}: {r}", a.name)))?;
+                if e.mode & !0o777 != 0 {
+                    return bad(format!("{:?} has mode {:#o}", e.path, e.mode));
+                }
+                if let Some((parent, _)) = e.path.rsplit_once('/') {
+                    if seen.get(parent) != Some(&EntryKind::Dir) {
+                        return bad(format!(
+                            "{:?} comes before its directory {parent:?} (or that is no \
+                             directory)",
+                            e.path
+                        ));
+                    }
+                }
+                if seen.insert(&e.path, e.kind).is_some() {
+                    return bad(format!("{:?} listed twice", e.path));
+                }
+                match e.kind {
+                    EntryKind::Dir if e.size != 0 || e.offset != 0 || e.xxh3 != 0 => {
+                        return bad(format!("directory {:?} has contents", e.path));
+                    }
+                    EntryKind::Dir => {}
+                    EntryKind::File => {
+                        let Some(f) = self.files.get(e.file as usize) else {
+                            return bad(format!(
+                                "{:?} names data file #{}, of {}",
+                                e.path,
+                                e.file,
+                                self.files.len()
+                            ));
+                        };
+                        if e.offset.checked_add(e.size).is_none_or(|end| end > f.size) {
+                            return bad(format!(
+                                "{:?}: bytes {}+{} lie past the end of {:?} ({} bytes)",
+                                e.path, e.offset, e.size, f.name, f.size
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -316,7 +471,7 @@ fn put_str(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(s.as_bytes());
 }
 
-fn decode_body(r: &mut Reader<'_>) -> std::result::Result<Manifest, DecodeError> {
+fn decode_body(r: &mut Reader<'_>, version: u16) -> std::result::Result<Manifest, DecodeError> {
     let flags = r.u16("flags")?;
     if flags != 0 {
         return Err(DecodeError::Invalid {
@@ -376,6 +531,47 @@ fn decode_body(r: &mut Reader<'_>) -> std::result::Result<Manifest, DecodeError>
             chunks,
         });
     }
+    let mut artifacts = Vec::new();
+    if version >= 2 {
+        let n = r.peek_u32()? as usize;
+        let n = r.count("artifacts", n, 4, MAX_ARTIFACTS, MIN_ARTIFACT_LEN)?;
+        let mut total = 0usize;
+        for _ in 0..n {
+            let name = r.str("artifact name", MAX_NAME_BYTES)?;
+            let c = r.peek_u32()? as usize;
+            let c = r.count(
+                "artifact entries",
+                c,
+                4,
+                MAX_ARTIFACT_ENTRIES - total,
+                MIN_ENTRY_LEN,
+            )?;
+            total += c;
+            let mut entries = Vec::with_capacity(c);
+            for _ in 0..c {
+                let kind = match r.u8("entry kind")? {
+                    0 => EntryKind::Dir,
+                    1 => EntryKind::File,
+                    k => {
+                        return Err(DecodeError::Invalid {
+                            field: "entry kind",
+                            reason: format!("{k} (0 directory, 1 file)"),
+                        })
+                    }
+                };
+                entries.push(ArtifactEntry {
+                    kind,
+                    path: r.str("entry path", MAX_PATH_BYTES.0)?,
+                    mode: r.u32("entry mode")?,
+                    file: r.u32("entry file")?,
+                    offset: r.u64("entry offset")?,
+                    size: r.u64("entry size")?,
+                    xxh3: r.u64("entry xxh3")?,
+                });
+            }
+            artifacts.push(Artifact { name, entries });
+        }
+    }
     Ok(Manifest {
         save_id,
         created_unix_ms,
@@ -384,6 +580,7 @@ fn decode_body(r: &mut Reader<'_>) -> std::result::Result<Manifest, DecodeError>
         metadata,
         files,
         regions,
+        artifacts,
     })
 }
 
@@ -395,6 +592,25 @@ pub fn check_region_name(name: &str) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A path inside an artifact directory: `/`-separated plain components (not empty, `.` or
+/// `..`, no NUL, at most 255 bytes each), at most 4096 bytes, never absolute.
+pub fn check_artifact_path(path: &str) -> std::result::Result<(), String> {
+    let (max, max_c) = MAX_PATH_BYTES;
+    let ok = !path.is_empty()
+        && path.len() <= max
+        && path.split('/').all(|c| {
+            !c.is_empty() && c != "." && c != ".." && c.len() <= max_c && !c.contains('\0')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "path {path:?} is not a relative path of plain names (no \"\", \".\", \"..\", \
+             NUL; at most {max} bytes, {max_c} per name)"
+        ))
+    }
 }
 
 /// A data file name: a relative path of plain components (`[A-Za-z0-9._-]`, not `.`) or `..`,
@@ -455,7 +671,128 @@ mod tests {
                     },
                 ],
             }],
+            artifacts: Vec::new(),
         }
+    }
+
+    fn with_artifact() -> Manifest {
+        let mut m = sample();
+        m.files.push(DataFile {
+            name: "a.dat".into(),
+            size: 10,
+        });
+        let e = |path: &str, kind, size| ArtifactEntry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            file: u32::from(kind == EntryKind::File),
+            offset: 0,
+            size,
+            xxh3: 0,
+        };
+        m.artifacts.push(Artifact {
+            name: "triton".into(),
+            entries: vec![
+                e("d", EntryKind::Dir, 0),
+                e("d/x y", EntryKind::File, 10),
+                e("e", EntryKind::File, 0),
+            ],
+        });
+        m
+    }
+
+    #[test]
+    fn artifacts_round_trip_as_version_2_and_lies_are_refused() {
+        let m = with_artifact();
+        let b = m.encode();
+        assert_eq!(u16::from_le_bytes([b[8], b[9]]), 2);
+        assert_eq!(Manifest::decode(&b).unwrap(), m);
+        assert_eq!(u16::from_le_bytes([sample().encode()[8], 0]), 1);
+        let reseal = |f: &dyn Fn(&mut Manifest)| {
+            let mut m = with_artifact();
+            f(&mut m);
+            Manifest::decode(&m.encode()).unwrap_err().to_string()
+        };
+        type Edit = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<(Edit, &str)> = vec![
+            (
+                Box::new(|m| m.artifacts[0].entries[1].path = "../x".into()),
+                "plain names",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].path = "/etc/x".into()),
+                "plain names",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].path = "d/./x".into()),
+                "plain names",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].path = "d//x".into()),
+                "plain names",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].path = "d/a\0b".into()),
+                "plain names",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].path = "q/x".into()),
+                "before its directory",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].path = "e".into()),
+                "listed twice",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries.swap(0, 1)),
+                "before its directory",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[2].path = "e/f".into()),
+                "before its directory",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].size = 11),
+                "past the end",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].offset = u64::MAX),
+                "past the end",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].file = 9),
+                "data file #9",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].mode = 0o4755),
+                "mode",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[0].size = 1),
+                "has contents",
+            ),
+            (
+                Box::new(|m| m.artifacts.push(m.artifacts[0].clone())),
+                "listed twice",
+            ),
+            (
+                Box::new(|m| m.artifacts[0].entries[1].path = "d/".to_owned() + &"n".repeat(256)),
+                "plain names",
+            ),
+        ];
+        for (f, want) in cases {
+            let e = reseal(&*f);
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        // A count of entries past the bytes left is refused before allocating.
+        let mut b = m.encode();
+        let at = 10 + b[10..].windows(6).position(|w| w == b"triton").unwrap() + 6;
+        b[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let body = b.len() - 8;
+        let sum = xxh3_64(&b[..body]);
+        b[body..].copy_from_slice(&sum.to_le_bytes());
+        let e = Manifest::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("artifact entries"), "{e}");
     }
 
     proptest::proptest! {
@@ -529,10 +866,10 @@ mod tests {
     #[test]
     fn a_newer_version_is_named() {
         let mut b = sample().encode();
-        b[8] = 2;
+        b[8] = 3;
         let e = Manifest::decode(&b).unwrap_err().to_string();
         assert!(
-            e.contains("version 2") && e.contains("reads up to 1"),
+            e.contains("version 3") && e.contains("reads up to 2"),
             "{e}"
         );
     }

@@ -98,8 +98,8 @@ impl Location {
             Location::Dir(d) => Ok(d),
             Location::S3 { bucket, prefix } => Err(CkptError::Unsupported(format!(
                 "s3://{bucket}/{prefix}: this operation reads directories only; for object \
-                 stores use read_manifest_with / restore_mapped with an agent running the \
-                 object backend (nixl-ckpt inspect and verify do); copy and rm are not built"
+                 stores use read_manifest_with, restore_mapped, copy_with and remove_with with \
+                 an agent running the object backend (nixl-ckpt does)"
             ))),
             Location::Peer { addr } => Err(CkptError::Unsupported(format!(
                 "nixl://{addr}: this operation reads directories only; a served checkpoint is \
@@ -295,6 +295,8 @@ pub fn copy(src: &str, dst: &str, progress: Option<&Progress>) -> Result<Manifes
         f.sync_all()
             .map_err(|e| CkptError::io(format!("fsync in {}", ddir.display()), e))?;
     }
+    let first = out.files.len();
+    crate::artifact::copy_artifacts(&sdir, &m, &ddir, id, first, &mut out)?;
     out.validate()?;
     write_manifest(&ddir, &out)?;
     Ok(out)

@@ -5,12 +5,12 @@
 //! leaves the previous manifest, which names only the previous objects.
 
 use nixl_core::{Agent, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
-use nixl_transports::object::name_object;
+use nixl_transports::object::{delete_objects, list_objects, name_object};
 
-use crate::dir::{hash_all, Posted, Region, RestoreOptions, SaveOptions, SaveReport};
+use crate::dir::{file_index, hash_all, Posted, Region, RestoreOptions, SaveOptions, SaveReport};
 use crate::error::{CkptError, Result};
 use crate::manifest::{self, Chunk, DataFile, Manifest, RegionEntry};
-use crate::ops::MANIFEST;
+use crate::ops::{is_ours, Location, MANIFEST};
 
 /// A bucket and a key prefix (no trailing slash; may be empty).
 #[derive(Clone, Debug)]
@@ -20,8 +20,32 @@ pub(crate) struct S3Loc {
 }
 
 impl S3Loc {
-    fn uri(&self) -> String {
+    pub(crate) fn uri(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    /// The prefix the checkpoint's objects are listed under (`prefix/`, or empty).
+    fn dir_prefix(&self) -> String {
+        let p = self.prefix.trim_matches('/');
+        if p.is_empty() {
+            String::new()
+        } else {
+            format!("{p}/")
+        }
+    }
+
+    /// `key` (a full key) relative to the prefix, in the manifest's file name form.
+    fn relative(&self, key: &str) -> String {
+        let a: Vec<&str> = self.prefix.split('/').filter(|p| !p.is_empty()).collect();
+        let b: Vec<&str> = key.split('/').filter(|p| !p.is_empty()).collect();
+        let common = a
+            .iter()
+            .zip(&b[..b.len().saturating_sub(1)])
+            .take_while(|(x, y)| x == y)
+            .count();
+        let mut parts: Vec<&str> = vec![".."; a.len() - common];
+        parts.extend_from_slice(&b[common..]);
+        parts.join("/")
     }
 
     /// The key of `name` (a manifest file name, `..` allowed) under the prefix.
@@ -73,7 +97,12 @@ fn is_missing(e: &CkptError) -> bool {
     s.contains("404") || s.contains("NoSuchKey")
 }
 
-/// Saves `regions` under `loc` (a full checkpoint).
+/// Saves `regions` under `loc`: a full checkpoint, or (with `opts.base`, a checkpoint in the
+/// same bucket) an incremental one whose unchanged chunks are the base's objects, referenced by
+/// their keys relative to `loc` (`../base/d....dat`, as in directories). Changed chunks are
+/// written in runs: each run of consecutive changed chunks of a region is one new object (a
+/// full save: one object per region). After the manifest, objects of earlier saves under the
+/// prefix that it does not name are deleted.
 ///
 /// # Safety
 /// As [`crate::save`].
@@ -85,55 +114,131 @@ pub(crate) unsafe fn save(
     opts: &SaveOptions,
     metadata: String,
 ) -> Result<SaveReport> {
-    if opts.base.is_some() {
+    let cs = opts.chunk_size;
+    if !opts.artifacts.is_empty() {
         return Err(CkptError::Unsupported(format!(
-            "{}: incremental saves to object stores are not built yet (save in full)",
+            "{}: artifact directories are saved to checkpoint directories only (save to a \
+             directory)",
             loc.uri()
         )));
     }
-    let cs = opts.chunk_size;
+    let base = match &opts.base {
+        None => None,
+        Some(b) => match Location::parse(b)? {
+            Location::S3 { bucket, prefix } if bucket == loc.bucket => {
+                let bl = S3Loc { bucket, prefix };
+                let bm = read_manifest(agent, &bl)?;
+                if bm.chunk_size != cs {
+                    return Err(CkptError::InvalidArgument(format!(
+                        "base {b} has chunk size {}, this save {cs}: they must be equal",
+                        bm.chunk_size
+                    )));
+                }
+                Some((bl, bm))
+            }
+            _ => {
+                return Err(CkptError::Unsupported(format!(
+                    "{}: the base of an incremental save to an object store must be a \
+                     checkpoint in the same bucket (s3://{}/...), not {b}",
+                    loc.uri(),
+                    loc.bucket
+                )))
+            }
+        },
+    };
     let save_id = nixl_core::random_u64().map_err(|e| CkptError::agent("random save id", e))?;
+    let chunks = crate::dir::chunk_list(regions, cs);
+    let progress = opts.progress.as_ref();
+    let mut files: Vec<DataFile> = Vec::new();
+    let mut placed: Vec<Option<Chunk>> = vec![None; chunks.len()];
+    let mut hashes: Vec<u64> = Vec::new();
+    if let Some((bl, bm)) = &base {
+        // SAFETY: the caller keeps the regions readable for the call.
+        hashes = unsafe { hash_all(&chunks, progress, "hash") };
+        for (k, &(ri, ci, _, len)) in chunks.iter().enumerate() {
+            let Some(be) = bm.region(&regions[ri].name) else {
+                continue;
+            };
+            if be.kind != origin[ri].kind || be.dev_id != origin[ri].dev_id {
+                continue;
+            }
+            if let Some(bc) = be.chunks.get(ci) {
+                if bc.len == len && bc.xxh3 == hashes[k] {
+                    let bf = &bm.files[bc.file as usize];
+                    let rel = loc.relative(&bl.key(&bf.name)?);
+                    let fi = file_index(&mut files, &rel, bf.size);
+                    placed[k] = Some(Chunk { file: fi, ..*bc });
+                }
+            }
+        }
+    }
+    let reused = placed.iter().filter(|c| c.is_some()).count();
+    // Runs of consecutive chunks to write, each one new object.
     let mut regs = Vec::new();
     let mut mem = Vec::new();
     let mut obj = Vec::new();
-    let mut files = Vec::new();
-    for (ri, r) in regions.iter().enumerate() {
-        let name = format!("d{save_id:016x}-{ri}.dat");
-        let (id, reg) = loc.register(agent, &loc.key(&name)?, r.len)?;
+    let (mut k, mut n) = (0, 0u32);
+    while k < chunks.len() {
+        if placed[k].is_some() {
+            k += 1;
+            continue;
+        }
+        let (ri, _, addr, _) = chunks[k];
+        let mut end = k;
+        let mut size = 0;
+        while end < chunks.len() && chunks[end].0 == ri && placed[end].is_none() {
+            size += chunks[end].3;
+            end += 1;
+        }
+        let name = format!("d{save_id:016x}-{n}.dat");
+        n += 1;
+        let (id, reg) = loc.register(agent, &loc.key(&name)?, size)?;
         regs.push(reg);
-        mem.push(Desc::new(r.addr, r.len, 0));
-        obj.push(Desc::new(0, r.len, id));
-        files.push(DataFile { name, size: r.len });
+        mem.push(Desc::new(addr, size, 0));
+        obj.push(Desc::new(0, size, id));
+        let fi = file_index(&mut files, &name, size);
+        for (j, p) in placed[k..end].iter_mut().enumerate() {
+            *p = Some(Chunk {
+                file: fi,
+                offset: j as u64 * cs,
+                len: chunks[k + j].3,
+                xxh3: 0,
+            });
+        }
+        k = end;
     }
-    let chunks = crate::dir::chunk_list(regions, cs);
+    let written: u64 = mem.iter().map(|d| d.len).sum();
     let what = format!("write the regions to {}", loc.uri());
-    // Checksums on every core while the objects are uploaded.
-    let (written, hashes) = std::thread::scope(|s| {
-        // SAFETY: the caller keeps the regions readable for the call.
-        let h = s.spawn(|| unsafe { hash_all(&chunks, opts.progress.as_ref(), "save") });
-        let w = run(agent, XferOp::Write, mem, obj, &what);
-        (w, h.join())
-    });
-    written?;
-    let hashes =
-        hashes.map_err(|_| CkptError::InvalidArgument("checksum thread panicked".into()))?;
+    if hashes.is_empty() {
+        // A full save: checksums on every core while the objects are uploaded.
+        let (w, h) = std::thread::scope(|s| {
+            // SAFETY: the caller keeps the regions readable for the call.
+            let h = s.spawn(|| unsafe { hash_all(&chunks, progress, "save") });
+            let w = run(agent, XferOp::Write, mem, obj, &what);
+            (w, h.join())
+        });
+        w?;
+        hashes = h.map_err(|_| CkptError::InvalidArgument("checksum thread panicked".into()))?;
+    } else if !mem.is_empty() {
+        run(agent, XferOp::Write, mem, obj, &what)?;
+    }
     let mut entries = crate::dir::entries_of(origin);
-    for (k, &(ri, ci, _, len)) in chunks.iter().enumerate() {
+    for (k, &(ri, _, _, _)) in chunks.iter().enumerate() {
+        let c = placed[k].expect("every chunk is reused or written");
         entries[ri].chunks.push(Chunk {
-            file: ri as u32,
-            offset: ci as u64 * cs,
-            len,
             xxh3: hashes[k],
+            ..c
         });
     }
     let m = Manifest {
         save_id,
         created_unix_ms: crate::dir::now_ms(),
         chunk_size: cs,
-        base: None,
+        base: opts.base.clone(),
         metadata,
         files,
         regions: entries,
+        artifacts: Vec::new(),
     };
     m.validate()?;
     let body = m.encode();
@@ -142,15 +247,85 @@ pub(crate) unsafe fn save(
     buf.extend_from_slice(&body);
     transfer_buf(agent, loc, &mut buf, XferOp::Write)?;
     drop(regs);
-    let total = regions.iter().map(|r| r.len).sum();
+    remove_stale(agent, loc, &m);
     Ok(SaveReport {
-        bytes: total,
-        written: total,
+        bytes: regions.iter().map(|r| r.len).sum(),
+        written,
         chunks: chunks.len(),
-        reused: 0,
+        reused,
         backend: Some("object".into()),
         manifest: m,
     })
+}
+
+/// Most objects directly under one checkpoint prefix that a listing accepts.
+const LIST_LIMIT: usize = manifest::MAX_FILES + 4096;
+
+/// The objects directly under `loc`: `(key, name under the prefix)`.
+fn children(agent: &Agent, loc: &S3Loc) -> Result<Vec<(String, String)>> {
+    let dir = loc.dir_prefix();
+    let objs = list_objects(agent, &loc.bucket, &dir, Some("/"), LIST_LIMIT)
+        .map_err(|e| CkptError::agent(format!("list {}", loc.uri()), e))?;
+    Ok(objs
+        .into_iter()
+        .filter_map(|o| {
+            let name = o.key[dir.len()..].to_owned();
+            (!name.contains('/')).then_some((o.key, name))
+        })
+        .collect())
+}
+
+/// The data objects (and nothing else) of checkpoints directly under `loc`: `(key, name)`.
+fn our_objects(agent: &Agent, loc: &S3Loc) -> Result<Vec<(String, String)>> {
+    Ok(children(agent, loc)?
+        .into_iter()
+        .filter(|(_, name)| is_ours(name))
+        .collect())
+}
+
+/// Deletes the data objects under `loc` that `m` does not name (a replaced save's, or those a
+/// killed save wrote before its manifest). Failures are logged: the new checkpoint stands.
+fn remove_stale(agent: &Agent, loc: &S3Loc, m: &Manifest) {
+    let stale: Vec<String> = match our_objects(agent, loc) {
+        Ok(o) => o
+            .into_iter()
+            .filter(|(_, name)| !m.files.iter().any(|f| &f.name == name))
+            .map(|(k, _)| k)
+            .collect(),
+        Err(e) => {
+            tracing::warn!(at = %loc.uri(), "could not list the objects of replaced saves: {e}");
+            return;
+        }
+    };
+    if !stale.is_empty() {
+        if let Err(e) = delete_objects(agent, &loc.bucket, &stale) {
+            tracing::warn!(at = %loc.uri(), "could not delete the objects of replaced saves: {e}");
+        }
+    }
+}
+
+/// Removes the checkpoint under `loc`: the manifest object first (from then on nothing
+/// restores from it), then its data objects directly under the prefix. Objects of other
+/// checkpoints it references (an incremental save's base) stay. Returns the objects removed.
+pub(crate) fn remove(agent: &Agent, loc: &S3Loc) -> Result<usize> {
+    let all = children(agent, loc)?;
+    let mkey = loc.key(MANIFEST)?;
+    let listed_manifest = all.iter().any(|(k, _)| *k == mkey);
+    let data: Vec<(String, String)> = all.into_iter().filter(|(_, n)| is_ours(n)).collect();
+    // The manifest goes first even if the listing did not show it.
+    delete_objects(agent, &loc.bucket, std::slice::from_ref(&mkey))
+        .map_err(|e| CkptError::agent(format!("delete s3://{}/{mkey}", loc.bucket), e))?;
+    if !listed_manifest && data.is_empty() {
+        return Err(CkptError::NoCheckpoint {
+            location: loc.uri(),
+            reason: "no manifest and no data objects of a checkpoint there (nothing removed)"
+                .into(),
+        });
+    }
+    let keys: Vec<String> = data.into_iter().map(|(k, _)| k).collect();
+    let n = delete_objects(agent, &loc.bucket, &keys)
+        .map_err(|e| CkptError::agent(format!("delete the data objects of {}", loc.uri()), e))?;
+    Ok(n + usize::from(listed_manifest))
 }
 
 /// Moves `buf` to or from the manifest object (from offset 0).

@@ -92,22 +92,14 @@ pub fn serve(agent: &Agent, uri: &str) -> Result<Served> {
         )));
     }
     let restored = restore_mapped(agent, uri, None, Placement::Anywhere)?;
-    let mut body = m.encode();
+    let mut at = Vec::with_capacity(m.regions.len());
     for e in &m.regions {
         let r = restored.region(&e.name).ok_or_else(|| {
             CkptError::InvalidArgument(format!("region {:?} was not restored", e.name))
         })?;
-        body.extend_from_slice(&r.addr.to_le_bytes());
-        body.extend_from_slice(&r.len.to_le_bytes());
+        at.push(Desc::new(r.addr, r.len, 0));
     }
-    let manifest_len = body.len() as u64 - 16 * m.regions.len() as u64;
-    let mut ctrl = vec![0u8; HEADER as usize];
-    ctrl[..8].copy_from_slice(&MAGIC);
-    ctrl[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    ctrl[12..16].copy_from_slice(&(m.regions.len() as u32).to_le_bytes());
-    ctrl[16..24].copy_from_slice(&manifest_len.to_le_bytes());
-    ctrl[24..32].copy_from_slice(&xxh3_64(&body).to_le_bytes());
-    ctrl.extend_from_slice(&body);
+    let ctrl = control_bytes(&m, &at);
     let desc = Desc::new(ctrl.as_ptr() as u64, ctrl.len() as u64, 0);
     let list = DescList::from_descs(MemKind::Dram, vec![desc])
         .map_err(|e| CkptError::agent("control region", e))?;
@@ -121,6 +113,25 @@ pub fn serve(agent: &Agent, uri: &str) -> Result<Served> {
         restored,
         manifest: m,
     })
+}
+
+/// The control region of `m` whose regions are served at `at` (manifest order): the header
+/// page, then the manifest and the table.
+pub(crate) fn control_bytes(m: &Manifest, at: &[Desc]) -> Vec<u8> {
+    let mut body = m.encode();
+    let manifest_len = body.len() as u64;
+    for d in at {
+        body.extend_from_slice(&d.addr.to_le_bytes());
+        body.extend_from_slice(&d.len.to_le_bytes());
+    }
+    let mut ctrl = vec![0u8; HEADER as usize];
+    ctrl[..8].copy_from_slice(&MAGIC);
+    ctrl[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    ctrl[12..16].copy_from_slice(&(m.regions.len() as u32).to_le_bytes());
+    ctrl[16..24].copy_from_slice(&manifest_len.to_le_bytes());
+    ctrl[24..32].copy_from_slice(&xxh3_64(&body).to_le_bytes());
+    ctrl.extend_from_slice(&body);
+    ctrl
 }
 
 /// A peer serving a checkpoint, as found by [`open`].

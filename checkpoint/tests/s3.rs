@@ -1,8 +1,8 @@
 //! Checkpoints under `s3://bucket/prefix` against moto's S3 server (`python3 -m moto.server`,
 //! installed by `.ci/setup`): round trips, a second save over the first, and the store's objects
 //! damaged behind the library's back (deleted, flipped, truncated; the manifest deleted or from a
-//! newer version), each refused naming region and chunk. Without moto: `SKIP` (a failure under
-//! `NIXL_REQUIRE_OBJECT_TESTS=1`, as in CI).
+//! newer version), each refused naming region and chunk. Without moto: `SKIPPED` (a failure under
+//! `NIXL_REQUIRE_OBJECT_TESTS=1` or `NIXL_REQUIRE_ALL=1`, as in CI).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use nixl_checkpoint::{
     restore, restore_mapped, save, CkptError, Placement, Region, RestoreOptions, SaveOptions,
+    SaveReport,
 };
 use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
 use nixl_transports::config::Config;
@@ -33,23 +34,20 @@ impl Drop for Moto {
 }
 
 impl Moto {
-    fn start() -> Option<Moto> {
+    /// Why moto cannot run here, if it cannot.
+    fn missing() -> Option<String> {
         let have = Command::new("python3")
             .args(["-c", "import moto.server"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        if !have {
-            assert!(
-                std::env::var("NIXL_REQUIRE_OBJECT_TESTS").as_deref() != Ok("1"),
-                "moto not installed and NIXL_REQUIRE_OBJECT_TESTS=1"
-            );
-            eprintln!(
-                "SKIP: moto not installed (python3 -m pip install 'moto[server]'; .ci/setup does)"
-            );
-            return None;
-        }
+        (!have).then(|| {
+            "moto not installed (python3 -m pip install 'moto[server]'; .ci/setup does)".into()
+        })
+    }
+
+    fn start() -> Moto {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -89,7 +87,7 @@ impl Moto {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(m.http("PUT", &format!("/{BUCKET}"), b"").unwrap().0, 200);
-        Some(m)
+        m
     }
 
     /// One HTTP/1.0 exchange: (status, body).
@@ -233,9 +231,8 @@ fn restore_all(a: &Agent, uri: &str) -> (Result<u64, CkptError>, Vec<Vec<u8>>) {
 
 #[test]
 fn s3_round_trips_and_every_damage_is_named() {
-    let Some(m) = Moto::start() else {
-        return;
-    };
+    nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
+    let m = Moto::start();
     let a = agent(&m);
     let uri = format!("s3://{BUCKET}/ckpt/w0");
     let first = save_gen(&a, &uri, 1);
@@ -343,4 +340,170 @@ fn s3_round_trips_and_every_damage_is_named() {
         .0
         .unwrap_err();
     assert!(matches!(e, CkptError::NoCheckpoint { .. }), "{e}");
+}
+
+fn save_bufs(a: &Agent, uri: &str, bufs: &mut [Vec<u8>], base: Option<&str>) -> SaveReport {
+    let (regions, _r) = reg(a, bufs);
+    let opts = SaveOptions {
+        chunk_size: CHUNK,
+        metadata: Some("{\"inc\":1}".into()),
+        base: base.map(str::to_owned),
+        ..SaveOptions::default()
+    };
+    // SAFETY: the buffers are unchanged for the call.
+    unsafe { save(a, uri, &regions, &opts) }.unwrap()
+}
+
+/// Incremental saves to S3 (only the changed chunks written, the base's objects referenced),
+/// copies between S3 and directories both ways (verified), the objects of a replaced save
+/// deleted, and `rm` (manifest first) through the library and the CLI.
+#[test]
+fn s3_incremental_copy_cleanup_and_rm() {
+    nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
+    let m = Moto::start();
+    let a = agent(&m);
+    let base = format!("s3://{BUCKET}/inc/base");
+    let step = format!("s3://{BUCKET}/inc/step");
+    let mut bufs: Vec<Vec<u8>> = LENS
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| pattern(l, 7 + i as u64))
+        .collect();
+    let first = bufs.clone();
+    let rep = save_bufs(&a, &base, &mut bufs, None);
+    assert_eq!(
+        (rep.written, rep.reused),
+        (LENS.iter().sum::<usize>() as u64, 0)
+    );
+    // One chunk of r0 and all of r1 change.
+    bufs[0][2 * CHUNK as usize + 17] ^= 0x5a;
+    bufs[1][0] ^= 1;
+    let rep = save_bufs(&a, &step, &mut bufs, Some(&base));
+    assert_eq!(rep.written, CHUNK + 3, "{rep:?}");
+    assert_eq!(rep.reused, 5);
+    let step_keys = m.keys("inc/step/");
+    assert_eq!(step_keys.len(), 3, "manifest and two runs: {step_keys:?}");
+    let (res, got) = restore_all(&a, &step);
+    res.unwrap();
+    assert_eq!(got, bufs);
+    let (res, got) = restore_all(&a, &base);
+    res.unwrap();
+    assert_eq!(got, first);
+    let insp = nixl_checkpoint::read_manifest_with(&a, &step).unwrap();
+    assert_eq!(insp.base.as_deref(), Some(base.as_str()));
+    assert!(
+        insp.files.iter().any(|f| f.name.starts_with("../base/d")),
+        "{:?}",
+        insp.files
+    );
+    // A base elsewhere than this bucket is refused.
+    let dir = std::env::temp_dir().join(format!("nixl-ckpt-s3copy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d1 = dir.join("d1");
+    let d1 = d1.to_str().unwrap();
+    let (regions, _r) = reg(&a, &mut bufs);
+    let opts = SaveOptions {
+        chunk_size: CHUNK,
+        base: Some(d1.to_owned()),
+        ..SaveOptions::default()
+    };
+    // SAFETY: the buffers are unchanged for the call.
+    let e = unsafe { save(&a, &format!("s3://{BUCKET}/inc/x"), &regions, &opts) }.unwrap_err();
+    assert!(matches!(e, CkptError::Unsupported(_)), "{e}");
+    drop(_r);
+
+    // Copies: the incremental S3 checkpoint to a directory, that back to S3, verified.
+    let cm = nixl_checkpoint::copy_with(&a, &step, d1, None).unwrap();
+    assert!(cm.base.is_none());
+    let (res, got) = restore_all(&a, d1);
+    res.unwrap();
+    assert_eq!(got, bufs);
+    let back = format!("s3://{BUCKET}/copy/back");
+    nixl_checkpoint::copy_with(&a, d1, &back, None).unwrap();
+    let (res, got) = restore_all(&a, &back);
+    res.unwrap();
+    assert_eq!(got, bufs);
+    assert_eq!(
+        nixl_checkpoint::read_manifest_with(&a, &back)
+            .unwrap()
+            .metadata,
+        "{\"inc\":1}"
+    );
+    let e = nixl_checkpoint::copy_with(&a, d1, &back, None).unwrap_err();
+    assert!(e.to_string().contains("already holds"), "{e}");
+    // A source that is damaged is not copied.
+    let bad = m
+        .keys("copy/back/")
+        .into_iter()
+        .find(|k| k.ends_with("-0.dat"))
+        .unwrap();
+    let mut b = m.object(&bad);
+    b[100] ^= 1;
+    m.put(&bad, &b);
+    let e =
+        nixl_checkpoint::copy_with(&a, &back, dir.join("d3").to_str().unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("checksum"), "{e}");
+    assert!(!dir.join("d3").join("manifest.nckpt").exists());
+    // The CLI: S3 to a directory, and verify it.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+            .args(args)
+            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .output()
+            .unwrap()
+    };
+    let d2 = dir.join("d2");
+    let d2 = d2.to_str().unwrap();
+    let o = cli(&["copy", &step, d2, "--json", "-q"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = cli(&["verify", d2, "--json", "-q"]);
+    assert!(o.status.success(), "{o:?}");
+
+    // A new save over `step` deletes the objects of the save it replaces and those a killed
+    // save left, and nothing else.
+    m.put("inc/step/d0123456789abcdef-0.dat", b"left by a killed save");
+    m.put("inc/step/notes.txt", b"not ours");
+    m.put("inc/step/sub/d0123456789abcdef-0.dat", b"another prefix");
+    let mut other: Vec<Vec<u8>> = LENS.iter().map(|&l| pattern(l, 99)).collect();
+    save_bufs(&a, &step, &mut other, None);
+    let keys = m.keys("inc/step/");
+    let ours: Vec<&String> = keys
+        .iter()
+        .filter(|k| !k.ends_with("notes.txt") && !k.contains("/sub/"))
+        .collect();
+    assert_eq!(ours.len(), 3, "{keys:?}");
+    assert!(step_keys
+        .iter()
+        .all(|k| k.ends_with("manifest.nckpt") || !keys.contains(k)));
+    assert!(!keys.contains(&"inc/step/d0123456789abcdef-0.dat".to_owned()));
+    assert!(keys.contains(&"inc/step/notes.txt".to_owned()));
+    assert!(keys.contains(&"inc/step/sub/d0123456789abcdef-0.dat".to_owned()));
+    let (res, got) = restore_all(&a, &step);
+    res.unwrap();
+    assert_eq!(got, other);
+
+    // rm: manifest and data objects go, the rest stays; the base is untouched.
+    let o = cli(&["rm", &step, "--json", "-q"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["files_removed"], 3, "{v}");
+    let keys = m.keys("inc/step/");
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let e = restore_all(&a, &step).0.unwrap_err();
+    assert!(matches!(e, CkptError::NoCheckpoint { .. }), "{e}");
+    let o = cli(&["rm", &step, "--json", "-q"]);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nothing removed"),
+        "{o:?}"
+    );
+    let (res, got) = restore_all(&a, &base);
+    res.unwrap();
+    assert_eq!(got, first);
+    assert_eq!(nixl_checkpoint::remove_with(&a, &base).unwrap(), 3);
+    assert!(m.keys("inc/base/").is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -3,7 +3,7 @@
 //! addresses (CUDA VMM), every byte compared.
 //!
 //! The GPU test runs only with `NIXL_TEST_CUDA=1` (device 0), as the `cuda` backend's tests do,
-//! and is run by `scripts/hw-smoke.sh`; without it the test prints `SKIP` with the reason. The
+//! and is run by `scripts/hw-smoke.sh`; without it the test prints `SKIPPED` with the reason. The
 //! other test runs everywhere: without a driver it checks the error, with one the bytes.
 //!
 //! ```text
@@ -20,12 +20,10 @@ use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
 use nixl_transports::config::Config;
 use nixl_transports::cuda::{CudaBackend, CudaConfig, VmmBuffer};
 
-fn gpu(test: &str) -> bool {
-    if std::env::var("NIXL_TEST_CUDA").as_deref() != Ok("1") {
-        eprintln!("SKIP: {test}: NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)");
-        return false;
-    }
-    true
+/// Why the GPU test does not run: `NIXL_TEST_CUDA=1` says this host has a GPU.
+fn no_gpu() -> Option<&'static str> {
+    (std::env::var("NIXL_TEST_CUDA").as_deref() != Ok("1"))
+        .then_some("NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)")
 }
 
 fn agent(cuda: bool) -> Agent {
@@ -85,9 +83,7 @@ fn read_device(addr: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn gpu_vram_regions_save_restore_and_recorded_addresses() {
-    if !gpu("gpu_vram_regions_save_restore_and_recorded_addresses") {
-        return;
-    }
+    nixl_testkit::require!(hardware: no_gpu(), "NIXL_TEST_CUDA");
     let a = agent(true);
     let dir = scratch("gpu");
     let uri = dir.to_str().unwrap();

@@ -123,6 +123,12 @@
 #define NIXL_KV_FREED 3
 
 /**
+ * `nixl_kv_event.kind` (prefill): decode reserved blocks for a push (`blocks`: decode's
+ * blocks; `id`: decode's reservation id): WRITE them with `nixl_kv_push`.
+ */
+#define NIXL_KV_RESERVED 4
+
+/**
  * `nixl_kv_event.outcome`: every byte landed.
  */
 #define NIXL_KV_DONE 0
@@ -315,6 +321,11 @@ typedef struct nixl_kv_event {
    * Why it ended, unless `NIXL_KV_DONE`.
    */
   char reason[520];
+  /**
+   * 1 when the event is about a push (`id` is decode's reservation id), 0 for a pull (`id`
+   * is prefill's offer id): the two kinds of id never mix.
+   */
+  uint32_t push;
 } nixl_kv_event;
 
 /**
@@ -650,7 +661,8 @@ nixl_status nixl_notif_next(struct nixl_agent *agent,
 
 /**
  * Waits up to `timeout_ms` (< 0: no limit) for a notification: `NIXL_OK` when one is ready
- * for `nixl_notif_next`, `NIXL_EMPTY` when the time ran out.
+ * for `nixl_notif_next`, `NIXL_EMPTY` when the time ran out. While a KV side is open on the
+ * agent, its messages do not count (`nixl_notif_next` would not hand them out).
  *
  * # Safety
  * `agent` is NULL or a live agent.
@@ -725,6 +737,40 @@ nixl_status nixl_ckpt_restore(struct nixl_agent *agent,
                               const char *uri,
                               const struct nixl_ckpt_region *regions,
                               size_t count);
+
+/**
+ * Saves like [`nixl_ckpt_save`], plus `n_artifacts` artifact directories (file trees such as
+ * kernel and compile caches): artifact `i` is the tree at `artifact_dirs[i]`, saved under the
+ * name `artifact_names[i]` with a checksum per file. Directories and regular files only (a
+ * symbolic link or special file in a tree fails the save naming it); checkpoint directories
+ * only (`NIXL_ERR_UNAVAILABLE` for `s3://`). Restore them with
+ * [`nixl_ckpt_restore_artifact`].
+ *
+ * # Safety
+ * As [`nixl_ckpt_save`]; `artifact_names` and `artifact_dirs` each point to `n_artifacts`
+ * NUL-terminated strings (both may be NULL when `n_artifacts` is 0).
+ */
+nixl_status nixl_ckpt_save_artifacts(struct nixl_agent *agent,
+                                     const char *uri,
+                                     const struct nixl_ckpt_region *regions,
+                                     size_t count,
+                                     const char *base_uri,
+                                     const char *const *artifact_names,
+                                     const char *const *artifact_dirs,
+                                     size_t n_artifacts);
+
+/**
+ * Restores the artifact directory `name` of the checkpoint directory `uri` into `dest_dir`,
+ * which must not exist or be an empty directory (its parent must exist). Every file is
+ * written into a hidden directory beside `dest_dir` and checked against the checkpoint before
+ * that directory is renamed onto `dest_dir`: on any error `dest_dir` is left as it was.
+ * `NIXL_ERR_NOT_FOUND` for a name the checkpoint lacks, `NIXL_ERR_INVALID` for a damaged
+ * file (named in `nixl_last_error`) or a taken destination.
+ *
+ * # Safety
+ * The strings are NUL-terminated (or NULL: `NIXL_ERR_INVALID`).
+ */
+nixl_status nixl_ckpt_restore_artifact(const char *uri, const char *name, const char *dest_dir);
 
 /**
  * Checks a layout: `NIXL_OK`, or `NIXL_ERR_INVALID` with the field at fault.
@@ -930,6 +976,67 @@ nixl_status nixl_kv_decode_cancel(struct nixl_kv_decode *d,
                                   const char *from,
                                   uint64_t id,
                                   const char *reason);
+
+/**
+ * Push: accepts reservations from decode agent `decode`, whose KV cache is `*decode_layout`;
+ * this worker is rank `rank` of the prefill group whose layouts are `group` (`n`, rank
+ * order). Layouts that cannot hand KV over are `NIXL_ERR_INVALID` with the reason.
+ *
+ * # Safety
+ * `decode` is NUL-terminated; `decode_layout` is readable; `group` has `n` entries.
+ */
+nixl_status nixl_kv_prefill_add_decode(struct nixl_kv_prefill *p,
+                                       const char *decode,
+                                       const struct nixl_kv_layout *decode_layout,
+                                       const struct nixl_kv_layout *group,
+                                       size_t n,
+                                       uint32_t rank);
+
+/**
+ * Push: WRITEs this rank's share of prefill blocks `src` (`n`, as many as reserved) into the
+ * blocks of reservation `id` of decode agent `decode` (reported by `nixl_kv_prefill_poll` as
+ * `NIXL_KV_RESERVED`), with a deadline inside its lease; decode learns of it after the data.
+ * `nixl_kv_prefill_poll` reports `src` free (`NIXL_KV_FREED`, `push` set) once the WRITE
+ * ended. A reservation not reported, or already pushed, is `NIXL_ERR_NOT_FOUND`; a failed
+ * start is reported to decode, which ends the handoff.
+ *
+ * # Safety
+ * `decode` is NUL-terminated; `src` has `n` entries.
+ */
+nixl_status nixl_kv_push(struct nixl_kv_prefill *p,
+                         const char *decode,
+                         uint64_t id,
+                         const uint32_t *src,
+                         size_t n);
+
+/**
+ * Push: reserves the `n` decode blocks `blocks` for `request` and asks the prefill group of
+ * `prefill` (added with `nixl_kv_decode_add_prefill`) to WRITE into them within `lease_ms`;
+ * writes the reservation id to `*id`. `nixl_kv_decode_poll` reports `NIXL_KV_ENDED` (`push`
+ * set) once every writing rank's data landed, or why not; the blocks are never reported
+ * while a WRITE may still land in them.
+ *
+ * # Safety
+ * `prefill` and `request` are NUL-terminated; `blocks` has `n` entries; `id` is writable.
+ */
+nixl_status nixl_kv_reserve(struct nixl_kv_decode *d,
+                            const char *prefill,
+                            const char *request,
+                            const uint32_t *blocks,
+                            size_t n,
+                            uint32_t lease_ms,
+                            uint64_t *id);
+
+/**
+ * Push: aborts reservation `id`: the writers are told; `nixl_kv_decode_poll` reports it ended
+ * (cancelled) once they let go, or a lease from now at the latest.
+ *
+ * # Safety
+ * `reason` is NULL or NUL-terminated.
+ */
+nixl_status nixl_kv_decode_cancel_reservation(struct nixl_kv_decode *d,
+                                              uint64_t id,
+                                              const char *reason);
 
 /**
  * Opens model `model` on `agent` (which must run the `tcp` backend) from its sources and

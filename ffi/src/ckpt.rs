@@ -132,3 +132,107 @@ pub unsafe extern "C" fn nixl_ckpt_restore(
         Ok(NIXL_OK)
     })
 }
+
+/// Most artifact directories one call takes.
+const MAX_C_ARTIFACTS: usize = 4096;
+
+/// Saves like [`nixl_ckpt_save`], plus `n_artifacts` artifact directories (file trees such as
+/// kernel and compile caches): artifact `i` is the tree at `artifact_dirs[i]`, saved under the
+/// name `artifact_names[i]` with a checksum per file. Directories and regular files only (a
+/// symbolic link or special file in a tree fails the save naming it); checkpoint directories
+/// only (`NIXL_ERR_UNAVAILABLE` for `s3://`). Restore them with
+/// [`nixl_ckpt_restore_artifact`].
+///
+/// # Safety
+/// As [`nixl_ckpt_save`]; `artifact_names` and `artifact_dirs` each point to `n_artifacts`
+/// NUL-terminated strings (both may be NULL when `n_artifacts` is 0).
+#[no_mangle]
+pub unsafe extern "C" fn nixl_ckpt_save_artifacts(
+    agent: *mut nixl_agent,
+    uri: *const c_char,
+    regions: *const nixl_ckpt_region,
+    count: usize,
+    base_uri: *const c_char,
+    artifact_names: *const *const c_char,
+    artifact_dirs: *const *const c_char,
+    n_artifacts: usize,
+) -> nixl_status {
+    guard(|| {
+        let a = agent_ref(agent)?;
+        let uri = str_arg(uri, "uri")?;
+        let regions = regions_arg(regions, count)?;
+        let base = if base_uri.is_null() {
+            None
+        } else {
+            Some(str_arg(base_uri, "base_uri")?.to_owned())
+        };
+        if n_artifacts > MAX_C_ARTIFACTS {
+            return Err(Fail::invalid(format!(
+                "n_artifacts {n_artifacts} is over the limit of {MAX_C_ARTIFACTS}"
+            )));
+        }
+        let mut artifacts = Vec::with_capacity(n_artifacts);
+        if n_artifacts > 0 {
+            for (p, what) in [
+                (artifact_names, "artifact_names"),
+                (artifact_dirs, "artifact_dirs"),
+            ] {
+                if p.is_null() {
+                    return Err(Fail::invalid(format!(
+                        "{what} is NULL with n_artifacts {n_artifacts}"
+                    )));
+                }
+                if !p.is_aligned() {
+                    return Err(Fail::invalid(format!("{what} is misaligned")));
+                }
+            }
+            // SAFETY: non-NULL, aligned, bounded; the caller passes `n_artifacts` pointers in
+            // each array, valid for the call.
+            let (names, dirs) = unsafe {
+                (
+                    std::slice::from_raw_parts(artifact_names, n_artifacts),
+                    std::slice::from_raw_parts(artifact_dirs, n_artifacts),
+                )
+            };
+            for i in 0..n_artifacts {
+                let n = str_arg(names[i], &format!("artifact_names[{i}]"))?;
+                let d = str_arg(dirs[i], &format!("artifact_dirs[{i}]"))?;
+                artifacts.push((n.to_owned(), std::path::PathBuf::from(d)));
+            }
+        }
+        let opts = SaveOptions {
+            base,
+            artifacts,
+            ..SaveOptions::default()
+        };
+        // SAFETY: the caller's contract (above) is `save`'s.
+        unsafe { nixl_checkpoint::save(&a.shared.agent, uri, &regions, &opts) }
+            .map_err(ckpt_fail)?;
+        Ok(NIXL_OK)
+    })
+}
+
+/// Restores the artifact directory `name` of the checkpoint directory `uri` into `dest_dir`,
+/// which must not exist or be an empty directory (its parent must exist). Every file is
+/// written into a hidden directory beside `dest_dir` and checked against the checkpoint before
+/// that directory is renamed onto `dest_dir`: on any error `dest_dir` is left as it was.
+/// `NIXL_ERR_NOT_FOUND` for a name the checkpoint lacks, `NIXL_ERR_INVALID` for a damaged
+/// file (named in `nixl_last_error`) or a taken destination.
+///
+/// # Safety
+/// The strings are NUL-terminated (or NULL: `NIXL_ERR_INVALID`).
+#[no_mangle]
+pub unsafe extern "C" fn nixl_ckpt_restore_artifact(
+    uri: *const c_char,
+    name: *const c_char,
+    dest_dir: *const c_char,
+) -> nixl_status {
+    guard(|| {
+        let uri = str_arg(uri, "uri")?;
+        let name = str_arg(name, "name")?;
+        let dest = str_arg(dest_dir, "dest_dir")?;
+        nixl_checkpoint::restore_artifact(uri, name, std::path::Path::new(dest))
+            .map_err(ckpt_fail)?;
+        Ok(NIXL_OK)
+    })
+}

@@ -4,13 +4,19 @@
 //! prefill side offers a request's blocks under a lease and learns when it may free them
 //! (`nixl_kv_offer`, `nixl_kv_prefill_poll`); the decode side learns of offers, READs them into
 //! its blocks, renews or cancels, and learns when every byte landed (`nixl_kv_decode_poll`,
-//! `nixl_kv_pull`, `nixl_kv_renew`, `nixl_kv_decode_cancel`).
+//! `nixl_kv_pull`, `nixl_kv_renew`, `nixl_kv_decode_cancel`). Push handoffs: the decode side
+//! reserves blocks under a lease and asks the prefill group to WRITE into them
+//! (`nixl_kv_reserve`, `nixl_kv_decode_cancel_reservation`); the prefill side learns of the
+//! reservation (`NIXL_KV_RESERVED`), WRITEs its share (`nixl_kv_push`) and learns when its source
+//! blocks are free (`NIXL_KV_FREED` with `push` set); decode learns when every byte landed
+//! (`NIXL_KV_ENDED` with `push` set).
 //!
 //! A side takes the KV messages from its agent's notifications; other notifications stay for
 //! `nixl_notif_next`, and while a side is open `nixl_notif_next` leaves KV messages to it.
 
 use super::*;
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 
 use nixl_kv::handoff::{DecodeEvent, DecodeSide, Freed, Offer, Outcome, PrefillSide};
@@ -52,6 +58,9 @@ pub const NIXL_KV_OFFERED: i32 = 1;
 pub const NIXL_KV_ENDED: i32 = 2;
 /// `nixl_kv_event.kind` (prefill): the blocks of a handoff are the engine's to free.
 pub const NIXL_KV_FREED: i32 = 3;
+/// `nixl_kv_event.kind` (prefill): decode reserved blocks for a push (`blocks`: decode's
+/// blocks; `id`: decode's reservation id): WRITE them with `nixl_kv_push`.
+pub const NIXL_KV_RESERVED: i32 = 4;
 /// `nixl_kv_event.outcome`: every byte landed.
 pub const NIXL_KV_DONE: i32 = 0;
 /// `nixl_kv_event.outcome`: failed (`reason` says why: peer died, lease expired, ...).
@@ -112,6 +121,9 @@ pub struct nixl_kv_event {
     pub request: [c_char; 260],
     /// Why it ended, unless `NIXL_KV_DONE`.
     pub reason: [c_char; 520],
+    /// 1 when the event is about a push (`id` is decode's reservation id), 0 for a pull (`id`
+    /// is prefill's offer id): the two kinds of id never mix.
+    pub push: u32,
 }
 
 /// The prefill side of pull handoffs on one agent (opaque): `nixl_kv_prefill_new`,
@@ -139,6 +151,7 @@ struct Ev {
     request: String,
     reason: String,
     blocks: Vec<u32>,
+    push: bool,
 }
 
 fn outcome_parts(o: &Outcome) -> (i32, String) {
@@ -172,6 +185,7 @@ impl Ev {
             peer: [0; 256],
             request: [0; 260],
             reason: [0; 520],
+            push: u32::from(self.push),
         };
         put_fixed(&mut e.peer, &self.peer);
         put_fixed(&mut e.request, &self.request);
@@ -473,6 +487,9 @@ fn agent_static(shared: &Arc<Shared>) -> &'static Agent {
 struct PrefillInner {
     side: PrefillSide<'static>,
     events: VecDeque<Ev>,
+    /// Push reservations already reported (they stay in the side until pushed, so that an
+    /// abort of one not pushed is acknowledged there), by (decode agent, id).
+    reported: HashSet<(String, u64)>,
 }
 
 /// What a `nixl_kv_prefill *` points to.
@@ -531,6 +548,7 @@ fn freed_ev(f: Freed) -> Ev {
         request: f.request,
         reason,
         blocks: f.blocks,
+        push: f.push,
     }
 }
 
@@ -557,6 +575,7 @@ pub unsafe extern "C" fn nixl_kv_prefill_new(
             inner: Mutex::new(PrefillInner {
                 side,
                 events: VecDeque::new(),
+                reported: HashSet::new(),
             }),
             agent: shared,
         }));
@@ -678,6 +697,30 @@ pub unsafe extern "C" fn nixl_kv_prefill_poll(
         for f in freed {
             g.events.push_back(freed_ev(f));
         }
+        let g = &mut *g;
+        let open: HashSet<(String, u64)> = g
+            .side
+            .reservations()
+            .iter()
+            .map(|r| (r.from.clone(), r.id))
+            .collect();
+        for r in g.side.reservations() {
+            if g.reported.insert((r.from.clone(), r.id)) {
+                g.events.push_back(Ev {
+                    kind: NIXL_KV_RESERVED,
+                    outcome: 0,
+                    id: r.id,
+                    lease_ms: u32::try_from(r.lease.as_millis()).unwrap_or(u32::MAX),
+                    peer: r.from.clone(),
+                    request: r.request.clone(),
+                    reason: String::new(),
+                    blocks: r.blocks.clone(),
+                    push: true,
+                });
+            }
+        }
+        // Forget the ones pushed or aborted since.
+        g.reported.retain(|k| open.contains(k));
         hand_event(&mut g.events, ev, blocks, cap)
     })
 }
@@ -827,6 +870,7 @@ pub unsafe extern "C" fn nixl_kv_decode_poll(
                         request: o.request.clone(),
                         reason: String::new(),
                         blocks: o.blocks.clone(),
+                        push: false,
                     };
                     g.offers.insert((o.from.clone(), o.id), o);
                     ev
@@ -837,7 +881,8 @@ pub unsafe extern "C" fn nixl_kv_decode_poll(
                     request,
                     blocks,
                     outcome,
-                } => ended_ev(from, id, request, blocks, &outcome),
+                    push,
+                } => ended_ev(from, id, request, blocks, &outcome, push),
             };
             g.events.push_back(ev);
         }
@@ -845,7 +890,14 @@ pub unsafe extern "C" fn nixl_kv_decode_poll(
     })
 }
 
-fn ended_ev(from: String, id: u64, request: String, blocks: Vec<u32>, o: &Outcome) -> Ev {
+fn ended_ev(
+    from: String,
+    id: u64,
+    request: String,
+    blocks: Vec<u32>,
+    o: &Outcome,
+    push: bool,
+) -> Ev {
     let (outcome, reason) = outcome_parts(o);
     Ev {
         kind: NIXL_KV_ENDED,
@@ -856,6 +908,7 @@ fn ended_ev(from: String, id: u64, request: String, blocks: Vec<u32>, o: &Outcom
         request,
         reason,
         blocks,
+        push,
     }
 }
 
@@ -937,11 +990,146 @@ pub unsafe extern "C" fn nixl_kv_decode_cancel(
             request,
             blocks,
             outcome,
+            push,
         }) = g.side.cancel(from, id, reason)
         {
-            let ev = ended_ev(from, id, request, blocks, &outcome);
+            let ev = ended_ev(from, id, request, blocks, &outcome, push);
             g.events.push_back(ev);
         }
+        Ok(NIXL_OK)
+    })
+}
+
+/// Push: accepts reservations from decode agent `decode`, whose KV cache is `*decode_layout`;
+/// this worker is rank `rank` of the prefill group whose layouts are `group` (`n`, rank
+/// order). Layouts that cannot hand KV over are `NIXL_ERR_INVALID` with the reason.
+///
+/// # Safety
+/// `decode` is NUL-terminated; `decode_layout` is readable; `group` has `n` entries.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_prefill_add_decode(
+    p: *mut nixl_kv_prefill,
+    decode: *const c_char,
+    decode_layout: *const nixl_kv_layout,
+    group: *const nixl_kv_layout,
+    n: usize,
+    rank: u32,
+) -> nixl_status {
+    guard(|| {
+        let h = prefill_ref(p)?;
+        let decode = str_arg(decode, "decode")?;
+        let dl = layout_arg(decode_layout, "decode_layout")?;
+        let group = layouts_arg(group, n, "group")?;
+        h.inner
+            .lock()
+            .side
+            .add_decode(decode, dl, group, rank)
+            .map_err(kv_fail)?;
+        Ok(NIXL_OK)
+    })
+}
+
+/// Push: WRITEs this rank's share of prefill blocks `src` (`n`, as many as reserved) into the
+/// blocks of reservation `id` of decode agent `decode` (reported by `nixl_kv_prefill_poll` as
+/// `NIXL_KV_RESERVED`), with a deadline inside its lease; decode learns of it after the data.
+/// `nixl_kv_prefill_poll` reports `src` free (`NIXL_KV_FREED`, `push` set) once the WRITE
+/// ended. A reservation not reported, or already pushed, is `NIXL_ERR_NOT_FOUND`; a failed
+/// start is reported to decode, which ends the handoff.
+///
+/// # Safety
+/// `decode` is NUL-terminated; `src` has `n` entries.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_push(
+    p: *mut nixl_kv_prefill,
+    decode: *const c_char,
+    id: u64,
+    src: *const u32,
+    n: usize,
+) -> nixl_status {
+    guard(|| {
+        let h = prefill_ref(p)?;
+        let decode = str_arg(decode, "decode")?;
+        let src = array_arg(src, n, NIXL_KV_MAX_BLOCKS, "src")?;
+        let mut g = h.inner.lock();
+        let g = &mut *g;
+        if !g.reported.remove(&(decode.to_owned(), id)) {
+            return Err(Fail::new(
+                NIXL_ERR_NOT_FOUND,
+                format!(
+                    "no open reservation {id} from '{decode}' (not reported, pushed or aborted)"
+                ),
+            ));
+        }
+        match g.side.push_reserved(decode, id, src) {
+            None => Err(Fail::new(
+                NIXL_ERR_NOT_FOUND,
+                format!("reservation {id} from '{decode}' was aborted"),
+            )),
+            Some(r) => {
+                r.map_err(kv_fail)?;
+                Ok(NIXL_OK)
+            }
+        }
+    })
+}
+
+/// Push: reserves the `n` decode blocks `blocks` for `request` and asks the prefill group of
+/// `prefill` (added with `nixl_kv_decode_add_prefill`) to WRITE into them within `lease_ms`;
+/// writes the reservation id to `*id`. `nixl_kv_decode_poll` reports `NIXL_KV_ENDED` (`push`
+/// set) once every writing rank's data landed, or why not; the blocks are never reported
+/// while a WRITE may still land in them.
+///
+/// # Safety
+/// `prefill` and `request` are NUL-terminated; `blocks` has `n` entries; `id` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_reserve(
+    d: *mut nixl_kv_decode,
+    prefill: *const c_char,
+    request: *const c_char,
+    blocks: *const u32,
+    n: usize,
+    lease_ms: u32,
+    id: *mut u64,
+) -> nixl_status {
+    guard(|| {
+        let h = decode_ref(d)?;
+        let prefill = str_arg(prefill, "prefill")?;
+        let request = str_arg(request, "request")?;
+        let blocks = array_arg(blocks, n, NIXL_KV_MAX_BLOCKS, "blocks")?;
+        if id.is_null() || !id.is_aligned() {
+            return Err(Fail::invalid("id is NULL or misaligned"));
+        }
+        let lease = Duration::from_millis(lease_ms.into());
+        let got = h
+            .inner
+            .lock()
+            .side
+            .reserve(prefill, request, blocks, lease)
+            .map_err(kv_fail)?;
+        write_out(id, got, "id")?;
+        Ok(NIXL_OK)
+    })
+}
+
+/// Push: aborts reservation `id`: the writers are told; `nixl_kv_decode_poll` reports it ended
+/// (cancelled) once they let go, or a lease from now at the latest.
+///
+/// # Safety
+/// `reason` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_decode_cancel_reservation(
+    d: *mut nixl_kv_decode,
+    id: u64,
+    reason: *const c_char,
+) -> nixl_status {
+    guard(|| {
+        let h = decode_ref(d)?;
+        let reason = if reason.is_null() {
+            "cancelled"
+        } else {
+            str_arg(reason, "reason")?
+        };
+        h.inner.lock().side.cancel_reservation(id, reason);
         Ok(NIXL_OK)
     })
 }

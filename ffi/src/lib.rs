@@ -1115,16 +1115,7 @@ pub unsafe extern "C" fn nixl_notif_next(
         let mut q = a.shared.notifs.lock();
         if q.is_empty() {
             let got = a.shared.agent.take_notifs();
-            if a.shared.kv_sides.load(std::sync::atomic::Ordering::Acquire) > 0 {
-                // KV messages are the KV sides' (they read them at their next poll).
-                let (kv, other): (Vec<_>, Vec<_>) = got
-                    .into_iter()
-                    .partition(|n| n.msg.starts_with(nixl_kv::handoff::MAGIC));
-                a.shared.kv_pending.lock().extend(kv);
-                q.extend(other);
-            } else {
-                q.extend(got);
-            }
+            q.extend(not_kv(&a.shared, got));
         }
         let Some(n) = q.front() else {
             return Ok(NIXL_EMPTY);
@@ -1161,8 +1152,24 @@ pub unsafe extern "C" fn nixl_notif_next(
     })
 }
 
+/// The notifications of `got` that are not KV messages; while a KV side is open on the agent,
+/// its messages are set aside in `kv_pending` for it (it reads them at its next poll).
+fn not_kv(s: &Shared, got: Vec<Notification>) -> Vec<Notification> {
+    if got.is_empty() || s.kv_sides.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        return got;
+    }
+    let (kv, other): (Vec<_>, Vec<_>) = got
+        .into_iter()
+        .partition(|n| n.msg.starts_with(nixl_kv::handoff::MAGIC));
+    if !kv.is_empty() {
+        s.kv_pending.lock().extend(kv);
+    }
+    other
+}
+
 /// Waits up to `timeout_ms` (< 0: no limit) for a notification: `NIXL_OK` when one is ready
-/// for `nixl_notif_next`, `NIXL_EMPTY` when the time ran out.
+/// for `nixl_notif_next`, `NIXL_EMPTY` when the time ran out. While a KV side is open on the
+/// agent, its messages do not count (`nixl_notif_next` would not hand them out).
 ///
 /// # Safety
 /// `agent` is NULL or a live agent.
@@ -1176,7 +1183,8 @@ pub unsafe extern "C" fn nixl_notif_wait(agent: *mut nixl_agent, timeout_ms: i64
             {
                 let mut q = a.shared.notifs.lock();
                 if q.is_empty() {
-                    q.extend(a.shared.agent.take_notifs());
+                    let got = a.shared.agent.take_notifs();
+                    q.extend(not_kv(&a.shared, got));
                 }
                 if !q.is_empty() {
                     return Ok(NIXL_OK);
@@ -1191,6 +1199,8 @@ pub unsafe extern "C" fn nixl_notif_wait(agent: *mut nixl_agent, timeout_ms: i64
             }
             // Taken without the queue's lock, so nixl_notif_next is not held up meanwhile.
             let got = a.shared.agent.wait_notifs(left.min(Duration::from_secs(1)));
+            // Ready only for what nixl_notif_next will hand out: not a KV side's message.
+            let got = not_kv(&a.shared, got);
             if !got.is_empty() {
                 a.shared.notifs.lock().extend(got);
                 return Ok(NIXL_OK);

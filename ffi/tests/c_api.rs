@@ -228,6 +228,9 @@ fn build_programs() -> Result<Programs, String> {
         c.arg("-L")
             .arg(&lib)
             .arg("-lnixl")
+            // DT_RPATH, not DT_RUNPATH: cargo puts `target/<profile>` on LD_LIBRARY_PATH, and a
+            // RUNPATH would lose to it, loading an older libnixl.so left there by `cargo build`.
+            .arg("-Wl,--disable-new-dtags")
             .arg(format!("-Wl,-rpath,{}", lib.display()));
         jobs.push((name, c));
     }
@@ -569,7 +572,7 @@ fn checkpoints_through_the_c_abi() {
     single("ckpt", |p| &p.ckpt, &["{dir}", "3000", "{tmo}"], false);
 }
 
-/// `kv.c`: a KV pull handoff between two agents of one process over tcp (`nixl_kv_*`), every
+/// `kv.c`: a KV pull and a push handoff between two agents of one process over tcp (`nixl_kv_*`), every
 /// byte checked, and the ABI's refusals.
 #[test]
 fn kv_handoff_through_the_c_abi() {

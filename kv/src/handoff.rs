@@ -278,6 +278,9 @@ pub struct Freed {
     pub blocks: Vec<u32>,
     /// How it ended.
     pub outcome: Outcome,
+    /// A push (its id is decode's reservation id, its blocks the prefill blocks written)
+    /// rather than a pull (its id is this side's offer id): the two kinds of id never mix.
+    pub push: bool,
 }
 
 #[derive(Debug)]
@@ -373,6 +376,24 @@ impl<'a> PrefillSide<'a> {
     /// Push reservations received by [`PrefillSide::poll`] and not yet taken.
     pub fn take_reservations(&mut self) -> Vec<Reservation> {
         std::mem::take(&mut self.reservations)
+    }
+
+    /// Push reservations received and neither taken nor pushed yet, oldest first. One that
+    /// decode aborts meanwhile leaves the list at the next poll (acknowledged at once: nothing
+    /// writes its blocks).
+    pub fn reservations(&self) -> &[Reservation] {
+        &self.reservations
+    }
+
+    /// [`PrefillSide::push`] of the reservation `id` of decode agent `from` still in
+    /// [`PrefillSide::reservations`] (it leaves the list); `None` when there is none.
+    pub fn push_reserved(&mut self, from: &str, id: u64, src: &[u32]) -> Option<Result<()>> {
+        let i = self
+            .reservations
+            .iter()
+            .position(|r| r.id == id && r.from == from)?;
+        let res = self.reservations.remove(i);
+        Some(self.push(&res, src))
     }
 
     /// WRITEs this rank's share of prefill blocks `src` into the reservation's blocks, with a
@@ -567,6 +588,7 @@ impl<'a> PrefillSide<'a> {
                         request: p.request,
                         blocks: p.blocks,
                         outcome: Outcome::Cancelled(format!("cancelled by decode: {reason}")),
+                        push: true,
                     });
                     continue;
                 }
@@ -588,6 +610,7 @@ impl<'a> PrefillSide<'a> {
                         request: h.request,
                         blocks: h.blocks,
                         outcome: Outcome::Done,
+                        push: false,
                     });
                 }
                 Msg::Abort { reason, .. } => {
@@ -633,6 +656,7 @@ impl<'a> PrefillSide<'a> {
                 request: p.request,
                 blocks: p.blocks,
                 outcome,
+                push: true,
             });
         }
         let now = Instant::now();
@@ -663,6 +687,7 @@ impl<'a> PrefillSide<'a> {
                 request: h.request,
                 blocks: h.blocks,
                 outcome,
+                push: false,
             });
         }
         (freed, other)
@@ -735,6 +760,9 @@ pub enum DecodeEvent {
         blocks: Vec<u32>,
         /// How it ended.
         outcome: Outcome,
+        /// A push reservation ([`DecodeSide::reserve`], `id` is its id) rather than a pull
+        /// (`id` is prefill's offer id): the two kinds of id never mix.
+        push: bool,
     },
 }
 
@@ -996,6 +1024,7 @@ impl<'a> DecodeSide<'a> {
             request: p.request,
             blocks: p.blocks,
             outcome: Outcome::Cancelled(format!("cancelled by decode: {reason}")),
+            push: false,
         })
     }
 
@@ -1109,6 +1138,7 @@ impl<'a> DecodeSide<'a> {
                             request: p.request,
                             blocks: p.blocks,
                             outcome: Outcome::Cancelled(format!("cancelled by prefill: {reason}")),
+                            push: false,
                         });
                     }
                 }
@@ -1144,6 +1174,7 @@ impl<'a> DecodeSide<'a> {
                 request: r.request,
                 blocks: r.blocks,
                 outcome,
+                push: true,
             });
         }
         let mut ended = Vec::new();
@@ -1190,6 +1221,7 @@ impl<'a> DecodeSide<'a> {
                 request: p.request,
                 blocks: p.blocks,
                 outcome,
+                push: false,
             });
         }
         (ev, other)

@@ -459,10 +459,11 @@ fn handoff(place: Place, test: &str, ptp: u32, dtp: u32, mode: &str) {
     }
 }
 
-/// The lab for a netns test, or `None` after a visible skip.
+/// The lab for a netns test, or `None` after a visible skip (`nixl_testkit::skip`: a failure
+/// instead under `NIXL_REQUIRE_ALL=1`, as `require!`).
 fn lab(test: &str) -> Option<Place> {
     if let Some(why) = nixl_tests::netns::skip_reason() {
-        let _ = writeln!(std::io::stderr(), "SKIP: {test}: {why}");
+        nixl_testkit::skip(format!("{test}: {why}"), false, &[]);
         return None;
     }
     Some(Place::Netns(nixl_tests::netns::Lab::pair()))

@@ -11,8 +11,8 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 
 use crate::backend::{
-    Backend, BackendName, Connection, MetadataHooks, Notification, PeerInfo, Segment, TargetHandle,
-    XferPlan,
+    Backend, BackendName, Connection, MetadataHooks, Notification, PeerInfo, Runs, Segment,
+    TargetHandle, XferPlan,
 };
 use crate::error::{Error, Result};
 use crate::mem::{Desc, DescList, MemKind};
@@ -964,7 +964,7 @@ impl Agent {
             &p,
             op,
             (local.kind(), remote.kind()),
-            segments,
+            Pieces::Segments(segments),
             local_regions,
             remote_regions,
             opts,
@@ -979,13 +979,13 @@ impl Agent {
         p: &Arc<PeerState>,
         op: XferOp,
         (local_kind, remote_kind): (MemKind, MemKind),
-        segments: Vec<Segment>,
+        pieces: Pieces,
         local_regions: Vec<Arc<Region>>,
         remote_regions: Vec<RegionInfo>,
         opts: XferOptions,
     ) -> Result<XferRequest> {
         let peer = &*p.name;
-        let descs = segments.len();
+        let descs = pieces.len();
         let (backend, reason) = match self.select(
             p,
             op,
@@ -1006,7 +1006,7 @@ impl Agent {
                     p,
                     op,
                     remote_kind,
-                    segments,
+                    pieces.into_segments(),
                     local_regions,
                     remote_regions,
                     &opts,
@@ -1032,18 +1032,24 @@ impl Agent {
         tracing::debug!(agent = %self.inner.name, peer, backend = %backend.name(), op = op.as_str(),
             descs, "backend {}: {reason}", backend.name());
         let conn = self.connection(p, backend)?;
-        let plan = XferPlan {
+        let bytes = pieces.total_bytes();
+        let mut plan = XferPlan {
             op,
             local_kind,
             remote_kind,
-            segments,
+            segments: Vec::new(),
             local_regions: local_regions.clone(),
             remote_regions,
             notif: opts.notif,
             initiator: Arc::clone(&self.inner.name),
         };
-        let bytes = plan.total_bytes();
-        let prepared = conn.prepare(plan)?;
+        let prepared = match pieces {
+            Pieces::Segments(segments) => {
+                plan.segments = segments;
+                conn.prepare(plan)?
+            }
+            Pieces::Runs(runs) => conn.prepare_runs(plan, runs)?,
+        };
         Ok(XferRequest::new(
             prepared,
             local_regions,
@@ -1415,6 +1421,38 @@ fn random_failed(e: std::io::Error) -> Error {
         "the OS random generator (getrandom) failed, so no unguessable key or id can be made",
         e,
     )
+}
+
+/// A request's pieces as the core resolved them: segments, or compact runs (one region and
+/// device per side) for the backends that take them ([`Connection::prepare_runs`]).
+pub(crate) enum Pieces {
+    Segments(Vec<Segment>),
+    Runs(Runs),
+}
+
+impl Pieces {
+    fn len(&self) -> usize {
+        match self {
+            Pieces::Segments(s) => s.len(),
+            Pieces::Runs(r) => r.runs.len(),
+        }
+    }
+
+    fn total_bytes(&self) -> u64 {
+        match self {
+            Pieces::Segments(s) => s
+                .iter()
+                .fold(0u64, |acc, s| acc.saturating_add(s.local.len)),
+            Pieces::Runs(r) => r.total_bytes(),
+        }
+    }
+
+    fn into_segments(self) -> Vec<Segment> {
+        match self {
+            Pieces::Segments(s) => s,
+            Pieces::Runs(r) => r.to_segments(),
+        }
+    }
 }
 
 #[cfg(test)]

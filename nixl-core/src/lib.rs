@@ -28,7 +28,8 @@ pub use agent::{
 };
 pub use backend::{
     Backend, BackendName, Caps, Connection, Locality, NotifRefused, Notification, PeerInfo,
-    PreparedXfer, Segment, TargetHandle, XferPlan, DEFAULT_NOTIF_QUEUE_BYTES, MAX_NOTIF_BYTES,
+    PreparedXfer, Run, Runs, Segment, TargetHandle, XferPlan, DEFAULT_NOTIF_QUEUE_BYTES,
+    MAX_NOTIF_BYTES,
 };
 pub use error::{Error, ErrorClass, Result};
 pub use mem::{Desc, DescList, MemKind, Strided, MAX_STRIDED_COUNT};

@@ -9,13 +9,15 @@
 use std::sync::Arc;
 
 use super::{Agent, PeerState};
-use crate::backend::Segment;
+use crate::backend::{Run, Runs, Segment};
 use crate::error::{Error, Result};
 use crate::mem::{Desc, DescList, MemKind, Strided, MAX_STRIDED_COUNT};
 use crate::metadata::RegionInfo;
 use crate::region::Region;
 use crate::xfer::{XferOp, XferRequest};
 use crate::XferOptions;
+
+use super::Pieces;
 
 /// Whose registrations a [`PreppedList`] was checked against.
 #[derive(Clone)]
@@ -74,14 +76,118 @@ enum Descs {
         /// Per descriptor, its region's index in `side`.
         region_of: Vec<u32>,
     },
+    /// An explicit list whose descriptors all have one length and device and lie in region 0
+    /// of `side`: 8 bytes per descriptor (a KV cache's blocks), read once per index.
+    Uniform {
+        addrs: Vec<u64>,
+        len: u64,
+        dev_id: u64,
+    },
     /// Every piece lies in region 0 of `side`.
     Strided(Strided),
 }
 
+/// The pieces of a uniform list.
+enum UniformAt<'a> {
+    Addrs(&'a [u64]),
+    Strided(Strided),
+}
+
+/// The address of piece `i` of a uniform list (`None` past its end).
+trait AddrAt {
+    fn at(&self, i: u32) -> Option<u64>;
+}
+
+impl AddrAt for &[u64] {
+    #[inline(always)]
+    fn at(&self, i: u32) -> Option<u64> {
+        self.get(i as usize).copied()
+    }
+}
+
+impl AddrAt for Strided {
+    #[inline(always)]
+    fn at(&self, i: u32) -> Option<u64> {
+        // In range, `addr + i·stride` lies inside the span checked at preparation.
+        (u64::from(i) < self.count).then(|| self.addr + u64::from(i) * self.stride)
+    }
+}
+
+/// Builds a request's runs from two uniform lists (pieces of `len` bytes): one pass over the
+/// indices, every index checked against its list, runs contiguous on both sides merged.
+fn uniform_runs<L: AddrAt, R: AddrAt>(
+    l: L,
+    local_idx: &[u32],
+    r: R,
+    remote_idx: &[u32],
+    len: u64,
+) -> std::result::Result<Vec<Run>, usize> {
+    let mut runs: Vec<Run> = Vec::with_capacity(local_idx.len());
+    let mut last = Run {
+        local: 0,
+        remote: 0,
+        len: 0,
+    };
+    for (k, (&li, &ri)) in local_idx.iter().zip(remote_idx).enumerate() {
+        let (Some(la), Some(ra)) = (l.at(li), r.at(ri)) else {
+            return Err(k);
+        };
+        // `last` lies in the regions (checked at preparation), so the sums cannot overflow.
+        if last.len != 0 && last.local + last.len == la && last.remote + last.len == ra {
+            last.len += len;
+            continue;
+        }
+        if last.len != 0 {
+            runs.push(last);
+        }
+        last = Run {
+            local: la,
+            remote: ra,
+            len,
+        };
+    }
+    if last.len != 0 {
+        runs.push(last);
+    }
+    Ok(runs)
+}
+
 impl Descs {
+    /// The compact form when every descriptor has one length and device and there is one
+    /// region; the explicit list otherwise.
+    fn new(descs: &[Desc], region_of: Vec<u32>, regions: usize) -> Descs {
+        let first = descs[0];
+        if regions == 1
+            && descs
+                .iter()
+                .all(|d| d.len == first.len && d.dev_id == first.dev_id)
+        {
+            return Descs::Uniform {
+                addrs: descs.iter().map(|d| d.addr).collect(),
+                len: first.len,
+                dev_id: first.dev_id,
+            };
+        }
+        Descs::List {
+            descs: descs.to_vec(),
+            region_of,
+        }
+    }
+
+    /// `(addresses, length, device)` of a list whose pieces all have one length and device and
+    /// lie in region 0.
+    fn uniform(&self) -> Option<(UniformAt<'_>, u64, u64)> {
+        match self {
+            Descs::List { .. } => None,
+            Descs::Uniform { addrs, len, dev_id } => Some((UniformAt::Addrs(addrs), *len, *dev_id)),
+            Descs::Strided(s) => Some((UniformAt::Strided(*s), s.len, s.dev_id)),
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Descs::List { descs, .. } => descs.len(),
+            Descs::Uniform { addrs, .. } => addrs.len(),
             Descs::Strided(s) => s.count as usize,
         }
     }
@@ -90,6 +196,9 @@ impl Descs {
     fn get(&self, i: usize) -> Option<(Desc, usize)> {
         match self {
             Descs::List { descs, region_of } => Some((*descs.get(i)?, *region_of.get(i)? as usize)),
+            Descs::Uniform { addrs, len, dev_id } => {
+                Some((Desc::new(*addrs.get(i)?, *len, *dev_id), 0))
+            }
             Descs::Strided(s) => ((i as u64) < s.count)
                 .then(|| (Desc::new(s.addr + i as u64 * s.stride, s.len, s.dev_id), 0)),
         }
@@ -100,7 +209,7 @@ impl Descs {
             Descs::List { region_of, .. } => {
                 region_of.iter().position(|&x| x as usize == k).unwrap_or(0)
             }
-            Descs::Strided(_) => 0,
+            Descs::Uniform { .. } | Descs::Strided(_) => 0,
         }
     }
 }
@@ -181,10 +290,7 @@ impl Agent {
         }
         Ok(PreppedList {
             kind: list.kind(),
-            descs: Descs::List {
-                descs: list.descs().to_vec(),
-                region_of,
-            },
+            descs: Descs::new(list.descs(), region_of, regions.len()),
             side: Side::Local(regions),
         })
     }
@@ -220,12 +326,10 @@ impl Agent {
             region_of.push(i as u32);
         }
         let regions = idx.iter().map(|&i| p.md.regions[i].clone()).collect();
+        let descs = Descs::new(list.descs(), region_of, idx.len());
         Ok(PreppedList {
             kind: list.kind(),
-            descs: Descs::List {
-                descs: list.descs().to_vec(),
-                region_of,
-            },
+            descs,
             side: Side::Remote { peer: p, regions },
         })
     }
@@ -360,6 +464,59 @@ impl Agent {
                 });
             }
         }
+        if let (Some((la, llen, ldev)), Some((ra, rlen, rdev))) =
+            (local.descs.uniform(), remote.descs.uniform())
+        {
+            // One region per side, one length per side: runs, no region bookkeeping.
+            let out_of_range = |k: usize| {
+                Error::InvalidArgument(format!(
+                    "pair {k}: index {} of {} local or {} of {} remote descriptors is out of range",
+                    local_idx[k],
+                    local.len(),
+                    remote_idx[k],
+                    remote.len()
+                ))
+            };
+            if llen != rlen {
+                // Every pair differs: report pair 0 (its range first, as the general path).
+                if local.descs.get(local_idx[0] as usize).is_none()
+                    || remote.descs.get(remote_idx[0] as usize).is_none()
+                {
+                    return Err(out_of_range(0));
+                }
+                return Err(Error::Mismatch(format!(
+                    "pair 0: local length {llen} != remote length {rlen}"
+                )));
+            }
+            let runs = match (la, ra) {
+                (UniformAt::Addrs(l), UniformAt::Addrs(r)) => {
+                    uniform_runs(l, local_idx, r, remote_idx, llen)
+                }
+                (UniformAt::Addrs(l), UniformAt::Strided(r)) => {
+                    uniform_runs(l, local_idx, r, remote_idx, llen)
+                }
+                (UniformAt::Strided(l), UniformAt::Addrs(r)) => {
+                    uniform_runs(l, local_idx, r, remote_idx, llen)
+                }
+                (UniformAt::Strided(l), UniformAt::Strided(r)) => {
+                    uniform_runs(l, local_idx, r, remote_idx, llen)
+                }
+            }
+            .map_err(out_of_range)?;
+            return self.finish_xfer(
+                &p,
+                op,
+                (local.kind, remote.kind),
+                Pieces::Runs(Runs {
+                    runs,
+                    local_dev: ldev,
+                    remote_dev: rdev,
+                }),
+                vec![Arc::clone(&lregs[0])],
+                vec![rregs[0].clone()],
+                opts,
+            );
+        }
         // Regions of the lists -> regions of this request, in order of first use.
         const UNUSED: u32 = u32::MAX;
         let mut lmap = vec![UNUSED; lregs.len()];
@@ -416,7 +573,7 @@ impl Agent {
             &p,
             op,
             (local.kind, remote.kind),
-            segments,
+            Pieces::Segments(segments),
             plan_l,
             plan_r,
             opts,

@@ -4,7 +4,7 @@
 that the same script measures nixl-rs's ``nixl`` package and NVIDIA NIXL (``nixl-cu12``) side
 by side: whichever ``nixl`` the interpreter imports is measured.
 
-    python3 python/bench/two_proc_bench.py [--json] [--iters N] [--blocks 56000]
+    python3 python/bench/two_proc_bench.py [--json] [--iters N] [--blocks 56000] [--sizes B ...]
 
 The initiator starts the target as a child process (same interpreter and environment), fetches
 its metadata over the listen thread, and for each size from 4 KiB to 64 MiB creates one request
@@ -77,6 +77,9 @@ def run(args) -> dict:
         rows = []
         size = 4096
         while size <= MAX:
+            if args.sizes and size not in args.sizes:
+                size *= 4 if size < (1 << 20) else 8
+                continue
             for op in ("WRITE", "READ"):
                 lo = local.ctypes.data
                 ld = agent.get_xfer_descs([(lo, size, 0)], "DRAM")
@@ -156,6 +159,8 @@ def main() -> None:
     p.add_argument("--port", type=int, default=15555, help="the target's listen port")
     p.add_argument("--init-port", type=int, default=15556, help="the initiator's listen port")
     p.add_argument("--backends", nargs="*", default=[], help="backends= of every request")
+    p.add_argument("--sizes", type=int, nargs="*", default=[],
+                   help="only these transfer sizes in bytes (of 4 KiB, 16 KiB, ... 64 MiB)")
     p.add_argument("--target", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.target:

@@ -482,6 +482,27 @@ class nixl_agent:
             if is_rows and mem_type is None:
                 logger.error("Please specify a mem type for an Nx3 array of descriptors")
                 return None
+            if descs.ndim == 2 and descs.shape[1] == 4 and mem_type is not None:
+                # (addr, len, dev, meta) rows, as 4-tuples: registration only.
+                if not reg:
+                    logger.error("Nx3 shape required for transfer descriptor list from numpy array")
+                    return None
+                rows = []
+                for row in descs.tolist():
+                    meta = row[3]
+                    if isinstance(meta, bytes):
+                        meta = meta.decode("utf-8", "replace")
+                    elif meta is None:
+                        meta = ""
+                    if not isinstance(meta, str):
+                        logger.error("An Nx4 array's fourth column is meta info: str, bytes or None")
+                        return None
+                    try:
+                        rows.append((int(row[0]), int(row[1]), int(row[2]), meta))
+                    except (TypeError, ValueError):
+                        logger.error("An Nx4 array's first three columns are integers")
+                        return None
+                return cls(self._mem(mem_type), rows)
             # nixl-rs extension: any other array is a host buffer of its own.
             return cls(self._mem(mem_type or "DRAM"), [self._buffer_row(descs) + (("",) if reg else ())])
         if _torch_tensor(descs):
@@ -526,7 +547,8 @@ class nixl_agent:
 
     def get_reg_descs(self, descs: Any, mem_type: Optional[str] = None, is_sorted: bool = False) -> Any:
         """A ``nixlRegDList`` from the inputs of ``get_xfer_descs``, with
-        ``(addr, len, dev, meta)`` tuples instead of 3-tuples."""
+        ``(addr, len, dev, meta)`` tuples instead of 3-tuples; an Nx4 numpy array (object
+        dtype, meta a str) with ``mem_type`` gives such rows too."""
         return self._descs(descs, mem_type, reg=True)
 
     def get_serialized_descs(self, descs: Any) -> bytes:

@@ -4,7 +4,13 @@
 //! from `nixl://ADDR_A:PORT` and compares every byte. Skips visibly where namespaces cannot be
 //! made (not root, no iproute2).
 //!
-//! The test runs itself again in each namespace (`current_exe`, a role in `NIXL_CKPT_NETNS`).
+//! The same with the checkpoint held by a node daemon: `nixl-agent serve` (in-process, in
+//! namespace `a`) with a memory pool; this process places the checkpoint in the pool
+//! (`nixl_checkpoint::daemon::serve_in_daemon`, over the daemon's local sockets) and the
+//! restorer in `b` restores from the daemon's tcp listener, unchanged.
+//!
+//! The tests run themselves again in each namespace (`current_exe`, a role in
+//! `NIXL_CKPT_NETNS`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -59,6 +65,131 @@ fn restorer(uri: &str) {
     let _ = writeln!(std::io::stderr(), "restored {} regions", SIZES.len());
 }
 
+/// Saves the three regions of the test to `dir`.
+fn save_sample(dir: &Path) {
+    let a = agent("backends = [\"uring\", \"posix\"]");
+    let mut bufs: Vec<Vec<u8>> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| nixl_tests::pattern(i as u64 + 1, n))
+        .collect();
+    let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
+    // SAFETY: the buffers outlive the registration.
+    let _reg = unsafe { a.register(&DescList::from_descs(MemKind::Dram, descs.clone()).unwrap()) }
+        .unwrap();
+    let regions: Vec<Region> = descs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
+        .collect();
+    // SAFETY: the buffers are live and unchanged during the call.
+    unsafe { save(&a, dir.to_str().unwrap(), &regions, &SaveOptions::default()) }.unwrap();
+}
+
+const DAEMON_TEST: &str = "checkpoint_held_by_a_daemon_restores_in_another_namespace";
+
+#[test]
+fn checkpoint_held_by_a_daemon_restores_in_another_namespace() {
+    match std::env::var(ROLE).as_deref() {
+        Ok("daemon") => {
+            let cfg = std::env::var("NIXL_CKPT_DAEMON_CONFIG").unwrap();
+            let cfg = nixl_agent::serve::load_config(Some(Path::new(&cfg))).unwrap();
+            nixl_agent::serve::run(cfg).unwrap();
+            return;
+        }
+        Ok("restore") => return restorer(&std::env::var("NIXL_CKPT_URI").unwrap()),
+        Ok("restore-none") => {
+            let a = agent("backends = [\"tcp\"]");
+            let uri = std::env::var("NIXL_CKPT_URI").unwrap();
+            let e = restore_mapped(&a, &uri, None, Placement::Anywhere).unwrap_err();
+            let _ = writeln!(std::io::stderr(), "refused: {e}");
+            return;
+        }
+        _ => {}
+    }
+    nixl_testkit::require!(skip_reason());
+    let dir = std::env::temp_dir().join(format!("nixl-ckpt-netnsd-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = dir.join("ck");
+    save_sample(&ck);
+    let lab = Lab::pair();
+    let secret = format!("ckpt-netnsd-{:032x}", nixl_core::random_u64().unwrap());
+    let sock = dir.join("agent.sock");
+    let cfg = dir.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backends = [\"tcp\"]\n[auth]\nsecret = \"{secret}\"\n[tcp]\nlisten = \"{a}:0\"\n\
+             [daemon]\ncontrol_socket = \"{}\"\nhttp_listen = \"{a}:0\"\npool_size = \"64MiB\"\n",
+            sock.display(),
+            a = lab.addr(0)
+        ),
+    )
+    .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let child = |i: usize, role: &str| -> Command {
+        let mut c = lab.command(i, &exe);
+        c.args([DAEMON_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env(ROLE, role)
+            .env("NIXL_CKPT_DAEMON_CONFIG", &cfg)
+            .env("NIXL_SECRET", &secret);
+        c
+    };
+    let mut daemon = child(0, "daemon")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let control = nixl_agent::control::Client::new(&sock);
+    let t0 = std::time::Instant::now();
+    while !control.get("/v1/status").is_ok_and(|s| s["ready"] == true) {
+        if t0.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = daemon.kill();
+            panic!("the daemon did not get ready");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Placed from this process (the daemon's sockets are files; no network involved).
+    let a = agent("backends = [\"uring\", \"posix\"]");
+    let placed =
+        nixl_checkpoint::daemon::serve_in_daemon(&a, ck.to_str().unwrap(), &sock, "w").unwrap();
+    assert_eq!(placed.leases.len(), 1 + SIZES.len());
+    let at = placed
+        .tcp_listen
+        .first()
+        .expect("the daemon's tcp listener")
+        .clone();
+    assert!(at.starts_with(&lab.addr(0).to_string()), "{at}");
+    let e =
+        nixl_checkpoint::daemon::serve_in_daemon(&a, ck.to_str().unwrap(), &sock, "w").unwrap_err();
+    assert!(e.to_string().contains("already holds"), "{e}");
+    let uri = format!("nixl://{at}");
+    let out = child(1, "restore")
+        .env("NIXL_CKPT_URI", &uri)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    let released = nixl_checkpoint::daemon::release_from_daemon(&sock, "w");
+    let after = child(1, "restore-none")
+        .env("NIXL_CKPT_URI", &uri)
+        .output()
+        .unwrap();
+    let after = String::from_utf8_lossy(&after.stderr).into_owned();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success() && text.contains("restored 3 regions"),
+        "restorer: {text}"
+    );
+    assert_eq!(released.unwrap(), 1 + SIZES.len());
+    assert!(
+        after.contains("refused") && after.contains("no control region"),
+        "{after}"
+    );
+}
+
 #[test]
 fn checkpoint_served_in_one_namespace_restores_in_another() {
     match std::env::var(ROLE).as_deref() {
@@ -73,26 +204,7 @@ fn checkpoint_served_in_one_namespace_restores_in_another() {
     }
     nixl_testkit::require!(skip_reason());
     let dir = std::env::temp_dir().join(format!("nixl-ckpt-netns-{}", std::process::id()));
-    {
-        let a = agent("backends = [\"uring\", \"posix\"]");
-        let mut bufs: Vec<Vec<u8>> = SIZES
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| nixl_tests::pattern(i as u64 + 1, n))
-            .collect();
-        let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
-        // SAFETY: the buffers outlive the registration.
-        let _reg =
-            unsafe { a.register(&DescList::from_descs(MemKind::Dram, descs.clone()).unwrap()) }
-                .unwrap();
-        let regions: Vec<Region> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
-            .collect();
-        // SAFETY: the buffers are live and unchanged during the call.
-        unsafe { save(&a, dir.to_str().unwrap(), &regions, &SaveOptions::default()) }.unwrap();
-    }
+    save_sample(&dir);
     let lab = Lab::pair();
     let secret = format!("ckpt-netns-{:032x}", nixl_core::random_u64().unwrap());
     let exe = std::env::current_exe().unwrap();

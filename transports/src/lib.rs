@@ -25,15 +25,24 @@
 //! lib.rs              this map; default_backends()
 //! config.rs           the TOML configuration: every backend's settings, building the backends
 //! control.rs          the control channel between agents (rdma, cross-node cuda)
+//! frame.rs            the length-prefixed frame codec of the shm and tcp wire formats
 //! limits.rs           process limits (locked memory, open files) with the fix in the error text
+//! units.rs            parse_size: sizes as written in files and on command lines
 //! unix.rs             Unix-socket plumbing (fd passing, peer credentials) for shm and cuda
 //! copy/mod.rs         CPU copy kernels (memcpy, streaming stores, the 4K-aliasing loop)
 //! copy/pool.rs        the copy thread pool that runs big copies in pieces (local, shm)
-//! files.rs            the file layer of posix/uring/gds: fd checks, I/O operations, a post
+//! files/mod.rs        the file backends' shared layer (posix, uring, gds)
+//! files/backend.rs      FileBackend<E>: the agent-facing skeleton, generic over its engine
+//! files/fd.rs           fd checks: open, how, O_DIRECT alignment, block device size
+//! files/ops.rs          a request cut into I/O operations, and one post of them
+//! files/workers.rs      the worker pool of the engines that block per operation
 //! local.rs            `local`: copies inside one process
-//! posix.rs            `posix`: DRAM <-> FILE with preadv/pwritev on worker threads
-//! uring.rs            `uring`: DRAM <-> FILE through io_uring
-//! gds.rs              `gds`: VRAM <-> FILE through cuFile
+//! posix.rs            `posix`: the engine, preadv/pwritev on worker threads
+//! uring/mod.rs        `uring`: the engine, DRAM <-> FILE through io_uring
+//! uring/ring.rs         the ring: slots, submission, the completion thread
+//! uring/fixed.rs        the fixed-file and registered-buffer tables
+//! gds/mod.rs          `gds`: the engine, VRAM <-> FILE through cuFile
+//! gds/cufile.rs         libcufile, loaded at run time
 //! shm/mod.rs          `shm`: between processes of one node (server, client, the two paths)
 //! shm/buffer.rs         ShmBuffer, memfd-backed host memory a peer may map
 //! shm/sys.rs            the syscalls (process_vm_readv/writev, mmap, memfd)
@@ -52,7 +61,12 @@
 //! object/s3.rs          the small S3 client (HTTP/1.1, SigV4, TLS)
 //! cuda/mod.rs         `cuda`: the backend, registration, revocation, fabric
 //! cuda/conn.rs          a connection to a peer: resolving, planning and posting transfers
-//! cuda/driver.rs        the CUDA driver API, loaded at run time (the unsafe bottom)
+//! cuda/driver/mod.rs    the CUDA driver API, loaded at run time (the unsafe bottom): the probe
+//! cuda/driver/sys.rs      types, constants, C structs, the entry-point tables
+//! cuda/driver/ctx.rs      a device's primary context; the one teardown path of its handles
+//! cuda/driver/stream.rs   streams, copies, events
+//! cuda/driver/mem.rs      pinned host memory, imports, VMM and legacy allocations
+//! cuda/driver/gather.rs   the gather kernel
 //! cuda/alloc.rs         device buffers (VMM, legacy) for tests and benches
 //! cuda/copy.rs          the batched copy planner and executor (gather kernel: gather.ptx)
 //! cuda/handles.rs       what cuda publishes: devices, NVLink domains, region handles
@@ -64,7 +78,10 @@
 //! cuda/dmabuf.rs        device memory as a dmabuf (for rdma)
 //! cuda/nvml.rs          NVML, for a GPU's NVLink domain
 //! rdma/mod.rs         `rdma`: the backend, lanes, served regions, posts
-//! rdma/verbs.rs         the verbs binding, loaded at run time
+//! rdma/verbs/mod.rs     the verbs binding, loaded at run time
+//! rdma/verbs/sys.rs       the raw layer: constants, repr(C) structs, entry-point types
+//! rdma/verbs/objects.rs   context, PD, MR, owned buffers, CQ
+//! rdma/verbs/qp.rs        queue pairs and posting
 //! rdma/wire.rs          connection info and control messages
 //! rdma/plan.rs          slicing, striping, completions, failover (pure logic)
 //! rdma/slab.rs          the wr_id -> completion owner table
@@ -84,6 +101,7 @@ pub mod control;
 pub mod copy;
 pub mod cuda;
 pub mod files;
+mod frame;
 pub mod gds;
 pub mod limits;
 pub mod local;
@@ -92,6 +110,7 @@ pub mod posix;
 pub mod rdma;
 pub mod shm;
 pub mod tcp;
+pub mod units;
 mod unix;
 pub mod uring;
 

@@ -22,20 +22,14 @@
 //! This is the fallback for files and the baseline that the `uring` backend is measured
 //! against.
 
-use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
-use nixl_core::{
-    Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
-};
-use parking_lot::Mutex;
+use nixl_core::{BackendName, Desc, Error, MemKind, Region, Result, XferOp, XferPlan};
 
 pub use crate::files::MAX_IOV;
-use crate::files::{prepare_files, IoOp, OwnAgent, Post};
+use crate::files::{check_storage_region, FileBackend, FileEngine, IoOp, Post, Workers};
 
 /// Settings of the `posix` backend (`[posix]` in the agent's configuration).
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -56,34 +50,28 @@ impl Default for PosixConfig {
     }
 }
 
-/// The `posix` backend.
-pub struct PosixBackend {
-    cfg: PosixConfig,
-    own: OwnAgent,
-    pool: Mutex<Option<Pool>>,
-}
-
-impl fmt::Debug for PosixBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PosixBackend")
-            .field("cfg", &self.cfg)
-            .finish_non_exhaustive()
-    }
-}
+/// The `posix` backend: the file skeleton run by a thread pool.
+pub type PosixBackend = FileBackend<PosixEngine>;
 
 impl PosixBackend {
     /// A backend with these settings (threads start with the agent).
     pub fn new(cfg: PosixConfig) -> PosixBackend {
-        PosixBackend {
-            cfg,
-            own: OwnAgent::default(),
-            pool: Mutex::new(None),
-        }
+        FileBackend::with_engine(PosixEngine { cfg })
     }
 }
 
-const KINDS: &[MemKind] = &[MemKind::Dram, MemKind::File, MemKind::Block];
-const FILE: &[MemKind] = &[MemKind::File, MemKind::Block];
+/// The `posix` engine: `preadv`/`pwritev` on a thread pool.
+#[derive(Debug)]
+pub struct PosixEngine {
+    cfg: PosixConfig,
+}
+
+/// The running engine: the workers and the flag that cancels what they have not started.
+pub(crate) struct Pool {
+    workers: Workers<(Arc<Post>, usize)>,
+    /// Set when the backend shuts down: operations not yet started end the request Cancelled.
+    stopping: Arc<AtomicBool>,
+}
 
 fn backend_err(op: &'static str, reason: impl Into<String>) -> Error {
     Error::Backend {
@@ -93,18 +81,16 @@ fn backend_err(op: &'static str, reason: impl Into<String>) -> Error {
     }
 }
 
-impl Backend for PosixBackend {
-    fn name(&self) -> BackendName {
-        BackendName::Posix
-    }
+impl FileEngine for PosixEngine {
+    type Running = Pool;
+    type Resolved = ();
+    const NAME: BackendName = BackendName::Posix;
+    const LOCAL_KINDS: &'static [MemKind] = &[MemKind::Dram, MemKind::File, MemKind::Block];
+    const REMOTE_KINDS: &'static [MemKind] = &[MemKind::File, MemKind::Block];
+    const MEM: MemKind = MemKind::Dram;
 
-    fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: KINDS,
-            remote_kinds: FILE,
-            notifications: false,
-            locality: Locality::SameProcess,
-        }
+    fn max_io(&self) -> usize {
+        self.cfg.max_io_bytes
     }
 
     fn probe(&self) -> std::result::Result<(), String> {
@@ -117,94 +103,56 @@ impl Backend for PosixBackend {
         Ok(())
     }
 
-    fn start(&self, target: TargetHandle) -> Result<()> {
-        *self.pool.lock() = Some(Pool::start(self.cfg.threads)?);
-        self.own.set(target);
+    fn start(&self) -> Result<Pool> {
+        Ok(Pool {
+            workers: Workers::start(
+                "posix",
+                self.cfg.threads,
+                |(post, i): (Arc<Post>, usize)| run_one(&post, i),
+            )?,
+            stopping: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn register(&self, _run: Option<&Pool>, kind: MemKind, desc: &Desc) -> Result<()> {
+        check_storage_region(kind, desc)
+    }
+
+    fn deregister(&self, _run: &Pool, _region: &Region) {}
+
+    fn resolve(_run: &Pool, _plan: &XferPlan, _ops: &[IoOp]) -> Result<()> {
         Ok(())
     }
 
-    fn conn_info(&self) -> Vec<u8> {
-        self.own.conn_info()
+    fn stopping(run: &Pool) -> &Arc<AtomicBool> {
+        &run.stopping
     }
 
-    fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>> {
-        crate::files::check_storage_region(kind, desc)?;
-        Ok(Vec::new())
-    }
-
-    fn deregister(&self, _region: &Region) {}
-
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
-        self.own.can_reach(conn_info, "files")
-    }
-
-    fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {
-        let target = self.own.connect(BackendName::Posix, peer)?;
-        let pool = self
-            .pool
-            .lock()
-            .as_ref()
-            .map(Pool::handle)
-            .ok_or_else(|| Error::Shutdown("posix backend shut down".into()))?;
-        Ok(Arc::new(PosixConn {
-            target,
-            pool,
-            max_io: self.cfg.max_io_bytes,
-        }))
-    }
-
-    fn shutdown(&self) {
-        if let Some(p) = self.pool.lock().take() {
-            p.stop();
+    fn submit(run: &Pool, post: Arc<Post>, _resolved: &Arc<()>) {
+        if post.ops.len() == 1 && post.ops[0].len() <= 64 << 10 {
+            // Small: no thread hand-off.
+            run_one(&post, 0);
+            return;
         }
-        self.own.clear();
-    }
-}
-
-#[derive(Debug)]
-struct PosixConn {
-    target: TargetHandle,
-    pool: PoolHandle,
-    max_io: usize,
-}
-
-#[derive(Debug)]
-struct PosixXfer {
-    op: XferOp,
-    ops: Arc<[IoOp]>,
-    remote_regions: Arc<[Arc<Region>]>,
-    pool: PoolHandle,
-}
-
-impl Connection for PosixConn {
-    fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>> {
-        let (ops, remote_regions) = prepare_files(
-            BackendName::Posix,
-            &self.target,
-            &plan,
-            self.max_io,
-            MemKind::Dram,
-        )?;
-        Ok(Box::new(PosixXfer {
-            op: plan.op,
-            ops,
-            remote_regions,
-            pool: self.pool.clone(),
-        }))
+        for i in 0..post.ops.len() {
+            if let Err((post, i)) = run.workers.send((Arc::clone(&post), i)) {
+                // The pool is gone (shutdown): finish this operation as cancelled.
+                post.stopping.store(true, Ordering::Release);
+                run_one(&post, i);
+            }
+        }
     }
 
-    fn send_notif(&self, _from: &str, _msg: &[u8]) -> Result<()> {
-        Err(backend_err(
-            "notification",
-            "posix carries no notifications",
-        ))
+    /// Stops taking work; queued operations still run (they end quickly once their requests
+    /// are cancelled), then the workers exit.
+    fn stop(run: &Pool) {
+        run.stopping.store(true, Ordering::Release);
+        run.workers.stop();
     }
-
-    fn close(&self) {}
 }
 
 /// Runs operation `i` of `post` unless the post is over, then counts it done.
-fn run(post: &Post, i: usize) {
+fn run_one(post: &Post, i: usize) {
     if !post.should_skip() {
         post.record(run_op(post.op, &post.ops[i]));
     }
@@ -301,105 +249,4 @@ fn run_op(op: XferOp, io_op: &IoOp) -> Result<()> {
         }
     }
     Ok(())
-}
-
-impl PreparedXfer for PosixXfer {
-    fn post(&self, done: Completion) {
-        let Some(post) = Post::start(
-            self.op,
-            &self.ops,
-            &self.remote_regions,
-            done,
-            &self.pool.stopping,
-        ) else {
-            return;
-        };
-        if self.ops.len() == 1 && self.ops[0].len() <= 64 << 10 {
-            // Small: no thread hand-off.
-            run(&post, 0);
-            return;
-        }
-        for i in 0..self.ops.len() {
-            if let Err(job) = self.pool.send(Job {
-                post: Arc::clone(&post),
-                index: i,
-            }) {
-                // The pool is gone (shutdown): finish this operation as cancelled.
-                job.post.stopping.store(true, Ordering::Release);
-                run(&job.post, job.index);
-            }
-        }
-    }
-}
-
-struct Job {
-    post: Arc<Post>,
-    index: usize,
-}
-
-/// The worker threads.
-struct Pool {
-    tx: PoolHandle,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-/// The pool's queue, shared by connections and requests; emptied (`None`) when the pool stops.
-#[derive(Clone, Debug)]
-struct PoolHandle {
-    tx: Arc<Mutex<Option<Sender<Job>>>>,
-    /// Set when the backend shuts down: operations not yet started end the request Cancelled.
-    stopping: Arc<AtomicBool>,
-}
-
-impl PoolHandle {
-    fn send(&self, job: Job) -> std::result::Result<(), Job> {
-        match &*self.tx.lock() {
-            Some(tx) => tx.send(job).map_err(|e| e.0),
-            None => Err(job),
-        }
-    }
-}
-
-impl Pool {
-    fn start(n: usize) -> Result<Pool> {
-        let (tx, rx) = channel::<Job>();
-        let rx = Arc::new(Mutex::new(rx));
-        let mut threads = Vec::with_capacity(n);
-        for i in 0..n {
-            let rx: Arc<Mutex<Receiver<Job>>> = Arc::clone(&rx);
-            let t = std::thread::Builder::new()
-                .name(format!("nixl-posix-{i}"))
-                .spawn(move || loop {
-                    let job = rx.lock().recv();
-                    match job {
-                        Ok(job) => run(&job.post, job.index),
-                        Err(_) => return,
-                    }
-                })
-                .map_err(|e| Error::io("spawning posix workers", e))?;
-            threads.push(t);
-        }
-        Ok(Pool {
-            tx: PoolHandle {
-                tx: Arc::new(Mutex::new(Some(tx))),
-                stopping: Arc::new(AtomicBool::new(false)),
-            },
-            threads,
-        })
-    }
-
-    fn handle(&self) -> PoolHandle {
-        self.tx.clone()
-    }
-
-    /// Stops taking work; queued operations still run (they end quickly once their requests
-    /// are cancelled), then the workers exit.
-    fn stop(self) {
-        self.tx.stopping.store(true, Ordering::Release);
-        // The only sender: once it is gone the workers drain the queue and see the end.
-        self.tx.tx.lock().take();
-        for t in self.threads {
-            let _ = t.join();
-        }
-    }
 }

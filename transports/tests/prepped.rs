@@ -357,3 +357,166 @@ proptest! {
         prop_assert!(p.b_buf == b_exp);
     }
 }
+
+/// `a` and `b` over `shm`, each with a memfd buffer of `n` blocks (plus a spare 64 bytes), so
+/// `a` copies through `b`'s buffer mapped in its address space.
+struct ShmPair {
+    // Dropped first: deregistration before the buffers go.
+    _regs: Vec<Registration>,
+    a: Agent,
+    _b: Agent,
+    a_buf: nixl_transports::shm::ShmBuffer,
+    b_buf: nixl_transports::shm::ShmBuffer,
+}
+
+fn shm_pair(n: usize, block: usize) -> ShmPair {
+    use nixl_transports::shm::{ShmBackend, ShmBuffer, ShmConfig};
+    let agent = |name: &str| {
+        Agent::builder(name)
+            .backend(Arc::new(ShmBackend::new(ShmConfig::default())))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (agent("shm-a"), agent("shm-b"));
+    let mut a_buf = ShmBuffer::new(n * block + 64).unwrap();
+    let mut b_buf = ShmBuffer::new(n * block + 64).unwrap();
+    a_buf
+        .as_mut_slice()
+        .copy_from_slice(&pattern(7, n * block + 64));
+    b_buf
+        .as_mut_slice()
+        .copy_from_slice(&pattern(9, n * block + 64));
+    let reg = |agent: &Agent, d: Desc| {
+        // SAFETY: the buffers live in the `ShmPair` beside the registrations, which are dropped
+        // first (field order); the test reads them only after its transfers complete.
+        unsafe { agent.register(&DescList::from_descs(MemKind::Dram, vec![d]).unwrap()) }.unwrap()
+    };
+    let regs = vec![reg(&a, a_buf.desc()), reg(&b, b_buf.desc())];
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    ShmPair {
+        _regs: regs,
+        a,
+        _b: b,
+        a_buf,
+        b_buf,
+    }
+}
+
+/// How a side's list is prepared in [`prepped_over_shm_matches_naive_copy`].
+#[derive(Clone, Copy, Debug)]
+enum ListKind {
+    /// Explicit blocks of one length: the compact list, the backend's runs path.
+    Uniform,
+    /// One strided run: the runs path, nothing stored per block.
+    Strided,
+    /// Explicit blocks and one more descriptor of another length: the segments path.
+    Mixed,
+}
+
+fn shm_list(a: &Agent, peer: Option<&str>, base: u64, block: usize, kind: ListKind) -> PreppedList {
+    let run = Strided {
+        addr: base,
+        stride: block as u64,
+        count: 48,
+        len: block as u64,
+        dev_id: 0,
+    };
+    let mut list = blocks(base, block as u64, 48);
+    match (kind, peer) {
+        (ListKind::Strided, None) => return a.prep_local_strided(MemKind::Dram, run).unwrap(),
+        (ListKind::Strided, Some(p)) => {
+            return a.prep_remote_strided(p, MemKind::Dram, run).unwrap()
+        }
+        (ListKind::Mixed, _) => {
+            list = DescList::from_descs(
+                MemKind::Dram,
+                list.descs()
+                    .iter()
+                    .copied()
+                    .chain([Desc::new(base + 48 * block as u64, 64, 0)])
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap()
+        }
+        (ListKind::Uniform, _) => {}
+    }
+    match peer {
+        None => a.prep_local(&list).unwrap(),
+        Some(p) => a.prep_remote(p, &list).unwrap(),
+    }
+}
+
+fn list_kind() -> impl Strategy<Value = ListKind> {
+    prop_oneof![
+        Just(ListKind::Uniform),
+        Just(ListKind::Strided),
+        Just(ListKind::Mixed)
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Over `shm` (the copy through the peer's mapped buffer), with each side's list compact,
+    /// strided or explicit with mixed lengths: the bytes land as a naive per-block copy would
+    /// put them, nothing else changes, and the request has the naive number of merged runs.
+    #[test]
+    fn prepped_over_shm_matches_naive_copy(
+        block in prop_oneof![Just(1usize), Just(24), Just(4096)],
+        pairs in proptest::collection::vec((0u32..48, 0u32..48, 1usize..6), 1..24),
+        write in any::<bool>(),
+        kinds in (list_kind(), list_kind()),
+    ) {
+        let mut p = shm_pair(48, block);
+        let l = shm_list(&p.a, None, p.a_buf.as_ptr() as u64, block, kinds.0);
+        let r = shm_list(&p.a, Some("shm-b"), p.b_buf.as_ptr() as u64, block, kinds.1);
+        let (mut li, mut ri) = (Vec::new(), Vec::new());
+        let mut dst_used = [false; 48];
+        for (x, y, n) in pairs {
+            for k in 0..n as u32 {
+                let (x, y) = (x + k, y + k);
+                if x >= 48 || y >= 48 {
+                    break;
+                }
+                let d = if write { y } else { x } as usize;
+                if dst_used[d] {
+                    continue;
+                }
+                dst_used[d] = true;
+                li.push(x);
+                ri.push(y);
+            }
+        }
+        let op = if write { XferOp::Write } else { XferOp::Read };
+        let req = p.a.create_xfer_prepped(op, &l, &li, &r, &ri, XferOptions::default()).unwrap();
+        prop_assert_eq!(req.info().backend, BackendName::Shm);
+        prop_assert_eq!(req.info().descs, naive_runs(&li, &ri));
+        prop_assert_eq!(req.info().bytes, (li.len() * block) as u64);
+        let (a0, b0) = (p.a_buf.as_slice().to_vec(), p.b_buf.as_slice().to_vec());
+        let (mut a_exp, mut b_exp) = (a0.clone(), b0.clone());
+        for (&x, &y) in li.iter().zip(&ri) {
+            let (x, y) = (x as usize * block, y as usize * block);
+            if write {
+                b_exp[y..y + block].copy_from_slice(&a0[x..x + block]);
+            } else {
+                a_exp[x..x + block].copy_from_slice(&b0[y..y + block]);
+            }
+        }
+        // Twice: a prepared request posts any number of times.
+        req.run_blocking().unwrap();
+        prop_assert!(p.a_buf.as_slice() == &a_exp[..]);
+        prop_assert!(p.b_buf.as_slice() == &b_exp[..]);
+        p.a_buf.as_mut_slice().copy_from_slice(&a0);
+        req.run_blocking().unwrap();
+        prop_assert!(p.a_buf.as_slice() == &a_exp[..]);
+        prop_assert!(p.b_buf.as_slice() == &b_exp[..]);
+        // An index past either list is refused with its pair, on every path.
+        let mut bad = li.clone();
+        let k = bad.len() / 2;
+        bad[k] = if matches!(kinds.0, ListKind::Mixed) { 49 } else { 48 };
+        let e = p.a.create_xfer_prepped(op, &l, &bad, &r, &ri, XferOptions::default())
+            .unwrap_err();
+        prop_assert!(e.to_string().contains(&format!("pair {k}:")), "{}", e);
+        prop_assert!(e.to_string().contains("out of range"), "{}", e);
+    }
+}

@@ -26,7 +26,8 @@
 //! run with `nixl-bench: backend X unavailable: <reason>` and exit status 2, never a figure.
 //!
 //! `--compare` measures, in the same run: memcpy of the same block size and batch on every core of
-//! this machine (its copy capacity for that pattern) as the ceiling of `local` and `shm`; iperf3 at
+//! this machine (its copy capacity for that pattern; with `--prepped`/`--stride`, a copy of the
+//! same scattered blocks, `memcpy_scattered`) as the ceiling of `local` and `shm`; iperf3 at
 //! its best (writes of 128 KiB, 512 KiB and 1 MiB, 1 and 2 streams, the best of the six, once for
 //! all rows: the link's limit) as the ceiling of `tcp`;
 //! ucx_perftest as the peer of `shm` (`UCX_TLS=sm`, `ucp_put_bw` for WRITE, `ucp_get` for READ,
@@ -753,9 +754,15 @@ fn run(args: &Args) -> Res<()> {
             args.seconds, args.warmup
         ),
     };
+    // With --prepped or --stride, the ceiling copies the same scattered blocks.
+    let copy_name = if mode == BenchMode::Plain {
+        "memcpy"
+    } else {
+        "memcpy_scattered"
+    };
     let (baseline_name, peer_name) = match topo {
-        Topo::Local => ("memcpy", None),
-        Topo::Shm => ("memcpy", Some("ucx_perftest UCX_TLS=sm")),
+        Topo::Local => (copy_name, None),
+        Topo::Shm => (copy_name, Some("ucx_perftest UCX_TLS=sm")),
         Topo::Tcp => ("iperf3", Some("ucx_perftest ucp_put_bw UCX_TLS=tcp")),
     };
     if !args.json {
@@ -793,6 +800,7 @@ fn run(args: &Args) -> Res<()> {
                 "  ceiling: {baseline_name}{}; peer: {}",
                 match topo {
                     Topo::Tcp => " at its best (writes of 128 KiB, 512 KiB, 1 MiB; 1 and 2 streams), once for all rows",
+                    _ if mode != BenchMode::Plain => " of the same scattered blocks (every other block, same block and batch; on every core, this process)",
                     _ => " (same block and batch, on every core, this process)",
                 },
                 match topo {
@@ -888,12 +896,16 @@ fn run(args: &Args) -> Res<()> {
                             progress.step(&format!("{label}: memcpy"));
                             // The machine's copy capacity for this pattern: the same blocks and
                             // batch, on every core (one thread would be no ceiling for a
-                            // backend that copies with several).
+                            // backend that copies with several); with --prepped or --stride the
+                            // same scattered blocks (every other one).
                             let c = copy_ceiling
                                 .get_or_insert_with(|| {
                                     let all = harness::cores().max(threads);
-                                    let buf = size.max(block * batch * all);
-                                    let m = harness::memcpy(block, batch, all, buf, sizing);
+                                    let spread = mode.spread();
+                                    let buf = size.max(block * batch * spread * all);
+                                    let m = harness::memcpy_spread(
+                                        block, batch, spread, all, buf, sizing,
+                                    );
                                     Measured::Gbps(m.gbps)
                                 })
                                 .clone();

@@ -9,6 +9,10 @@
  *     checkpoint lacks (NIXL_ERR_NOT_FOUND), a length that differs, a byte flipped in a data
  *     file (NIXL_ERR_INVALID naming region, chunk, and that memory was partly written), no
  *     checkpoint, NULL arguments, memory outside every registration.
+ *  4. Artifact directories (nixl_ckpt_save_artifacts, nixl_ckpt_restore_artifact): a nested
+ *     tree with an empty file saved with the regions and restored into a new directory, every
+ *     byte compared; a taken destination, an unknown name and a damaged file refused, leaving
+ *     the destination absent.
  * Exit status 0 passed, 1 failed. */
 #include "nixl_test.h"
 
@@ -55,6 +59,37 @@ static void largest_data_file(const char *dir, char *out, size_t cap)
     }
     closedir(d);
     CHECK(best > 0, "no data file in %s", dir);
+}
+
+static void write_file(const char *path, const void *p, size_t n)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0644);
+    CHECK(fd >= 0, "create %s: %s", path, strerror(errno));
+    CHECK(n == 0 || write(fd, p, n) == (ssize_t)n, "write %s", path);
+    close(fd);
+}
+
+/* Reads up to `cap` bytes of `path`; returns how many there were (cap + 1 if more). */
+static size_t read_file(const char *path, void *p, size_t cap)
+{
+    int fd = open(path, O_RDONLY);
+    CHECK(fd >= 0, "open %s: %s", path, strerror(errno));
+    size_t got = 0;
+    for (;;) {
+        ssize_t n = read(fd, (uint8_t *)p + got, cap - got);
+        CHECK(n >= 0, "read %s", path);
+        if (n == 0)
+            break;
+        got += (size_t)n;
+        if (got == cap) {
+            uint8_t extra;
+            if (read(fd, &extra, 1) == 1)
+                got = cap + 1;
+            break;
+        }
+    }
+    close(fd);
+    return got;
 }
 
 int main(int argc, char **argv)
@@ -138,6 +173,63 @@ int main(int argc, char **argv)
     EXPECT(nixl_ckpt_restore(a, full, r, NREG), NIXL_ERR_INVALID);
     expect_error_mentions("flipped byte", "\"weights\" chunk 0");
     expect_error_mentions("flipped byte", "partly written");
+
+    /* 4. Artifact directories. */
+    char tree[4096], sub[4200], f1[4400], f2[4400], art[4096], out[4096], got[4400];
+    snprintf(tree, sizeof tree, "%s/tree", dir);
+    snprintf(sub, sizeof sub, "%s/sub dir", tree);
+    snprintf(f1, sizeof f1, "%s/kernel.bin", sub);
+    snprintf(f2, sizeof f2, "%s/empty", tree);
+    snprintf(art, sizeof art, "%s/art", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    CHECK(mkdir(tree, 0755) == 0 && mkdir(sub, 0750) == 0, "mkdir: %s", strerror(errno));
+    size_t alen = lens[1] - 5;
+    write_file(f1, src[1], alen);
+    write_file(f2, src[1], 0);
+    const char *anames[1] = {"triton"};
+    const char *adirs[1] = {tree};
+    EXPECT_OK(nixl_ckpt_save_artifacts(a, art, s, NREG, NULL, anames, adirs, 1));
+    EXPECT_OK(nixl_ckpt_restore_artifact(art, "triton", out));
+    snprintf(got, sizeof got, "%s/sub dir/kernel.bin", out);
+    uint8_t *back = xmalloc(lens[1]);
+    CHECK(read_file(got, back, lens[1]) == alen && memcmp(back, src[1], alen) == 0,
+          "restored %s differs", got);
+    snprintf(got, sizeof got, "%s/empty", out);
+    CHECK(read_file(got, back, lens[1]) == 0, "%s is not empty", got);
+    EXPECT(nixl_ckpt_restore_artifact(art, "triton", out), NIXL_ERR_INVALID);
+    expect_error_mentions("taken destination", "not empty");
+    snprintf(got, sizeof got, "%s/out2", dir);
+    EXPECT(nixl_ckpt_restore_artifact(art, "nope", got), NIXL_ERR_NOT_FOUND);
+    EXPECT(nixl_ckpt_restore_artifact(NULL, "triton", got), NIXL_ERR_INVALID);
+    EXPECT(nixl_ckpt_save_artifacts(a, art, s, NREG, NULL, NULL, adirs, 1), NIXL_ERR_INVALID);
+    /* A byte of the artifact's data flipped: refused, nothing at the destination. */
+    /* The artifact's data file is the one of alen bytes (the regions' have other sizes). */
+    DIR *dd = opendir(art);
+    CHECK(dd != NULL, "opendir %s", art);
+    struct dirent *de;
+    int flipped = 0;
+    while ((de = readdir(dd)) != NULL) {
+        char p[8192];
+        snprintf(p, sizeof p, "%s/%s", art, de->d_name);
+        struct stat st;
+        if (de->d_name[0] != 'd' || stat(p, &st) != 0 || (uint64_t)st.st_size != alen)
+            continue;
+        int afd = open(p, O_RDWR);
+        CHECK(afd >= 0, "open %s", p);
+        uint8_t b;
+        CHECK(pread(afd, &b, 1, 7) == 1, "pread");
+        b ^= 1;
+        CHECK(pwrite(afd, &b, 1, 7) == 1, "pwrite");
+        close(afd);
+        flipped = 1;
+    }
+    closedir(dd);
+    CHECK(flipped, "no artifact data file of %zu bytes in %s", alen, art);
+    EXPECT(nixl_ckpt_restore_artifact(art, "triton", got), NIXL_ERR_INVALID);
+    expect_error_mentions("damaged artifact", "kernel.bin");
+    struct stat gst;
+    CHECK(stat(got, &gst) != 0, "%s exists after a failed restore", got);
+    free(back);
 
     for (int i = 0; i < NREG; i++) {
         nixl_desc ds[2] = {dram(src[i], lens[i]), dram(dst[i], lens[i])};

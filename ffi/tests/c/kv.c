@@ -17,6 +17,13 @@
  *  4. Decode declines an offer: prefill reports it freed, cancelled, with decode's reason.
  *  5. Misuse: NULL handles and arrays, a pull of no offer (NIXL_ERR_NOT_FOUND), a small block
  *     array (NIXL_ERR_BUFFER_TOO_SMALL, the event kept), a freed handle.
+ *  6. A push handoff: decode reserves blocks {6, 2, 4}; prefill sees NIXL_KV_RESERVED (push
+ *     set, decode's blocks), WRITEs its blocks {1, 7, 3} with nixl_kv_push; prefill reports
+ *     them freed (done, push set), decode NIXL_KV_ENDED (done, push set); every byte of the
+ *     decode cache is checked again. Then a reservation decode cancels before prefill pushes
+ *     ends cancelled on decode within the test's time, and pushing it is NIXL_ERR_NOT_FOUND;
+ *     while only that KV message is on its way, nixl_notif_wait on prefill's agent is
+ *     NIXL_EMPTY (it agrees with nixl_notif_next, which leaves KV messages to the sides).
  * Exit status 0 passed, 1 failed. */
 #include "nixl_test.h"
 
@@ -297,12 +304,123 @@ int main(int argc, char **argv)
     }
     EXPECT(nixl_kv_prefill_cancel(pre, id, "gone"), NIXL_ERR_NOT_FOUND);
 
+    /* 6. A push handoff into blocks decode reserved. */
+    memset(dmem, 0, dsize);
+    bad = pl;
+    bad.head_dim = 4; /* differs from decode's: refused */
+    EXPECT(nixl_kv_prefill_add_decode(pre, "kv-decode", &dl, &bad, 1, 0), NIXL_ERR_INVALID);
+    EXPECT(nixl_kv_prefill_add_decode(pre, "kv-decode", &dl, &pl, 1, 1), NIXL_ERR_INVALID);
+    EXPECT_OK(nixl_kv_prefill_add_decode(pre, "kv-decode", &dl, &pl, 1, 0));
+    uint32_t psrc[NB] = {1, 7, 3}, pdst[NB] = {6, 2, 4};
+    uint64_t rid = 0;
+    EXPECT(nixl_kv_reserve(dec, "nobody", "req-3", pdst, NB, 5000, &rid), NIXL_ERR_INVALID);
+    EXPECT(nixl_kv_reserve(dec, "kv-prefill", "req-3", pdst, NB, 5000, NULL), NIXL_ERR_INVALID);
+    EXPECT_OK(nixl_kv_reserve(dec, "kv-prefill", "req-3", pdst, NB, 5000, &rid));
+    int reserved = 0, pushed = 0, landed = 0;
+    until = now_s() + tmo_s;
+    while (!(pushed && landed)) {
+        CHECK(now_s() < until, "push: reserved %d pushed %d landed %d", reserved, pushed, landed);
+        nixl_status s = nixl_kv_prefill_poll(pre, &ev, blocks, 16);
+        if (s == NIXL_OK && ev.kind == NIXL_KV_RESERVED) {
+            CHECK(!reserved && ev.push == 1 && ev.id == rid && strcmp(ev.peer, "kv-decode") == 0 &&
+                      strcmp(ev.request, "req-3") == 0 && ev.lease_ms == 5000 && ev.nblocks == NB &&
+                      blocks[0] == 6 && blocks[1] == 2 && blocks[2] == 4,
+                  "reservation %llu from %s of %s, %u blocks, push %u",
+                  (unsigned long long)ev.id, ev.peer, ev.request, ev.nblocks, ev.push);
+            reserved = 1;
+            EXPECT(nixl_kv_push(pre, "kv-decode", rid + 100, psrc, NB), NIXL_ERR_NOT_FOUND);
+            EXPECT(nixl_kv_push(pre, "kv-decode", rid, NULL, NB), NIXL_ERR_INVALID);
+            EXPECT_OK(nixl_kv_push(pre, "kv-decode", rid, psrc, NB));
+            EXPECT(nixl_kv_push(pre, "kv-decode", rid, psrc, NB), NIXL_ERR_NOT_FOUND);
+        } else if (s == NIXL_OK) {
+            CHECK(reserved && ev.kind == NIXL_KV_FREED && ev.outcome == NIXL_KV_DONE &&
+                      ev.push == 1 && ev.id == rid && strcmp(ev.peer, "kv-decode") == 0 &&
+                      strcmp(ev.request, "req-3") == 0 && ev.nblocks == NB && blocks[0] == 1 &&
+                      blocks[1] == 7 && blocks[2] == 3,
+                  "push freed: kind %d outcome %d push %u (%s)", ev.kind, ev.outcome, ev.push,
+                  ev.reason);
+            pushed = 1;
+        } else {
+            CHECK(s == NIXL_EMPTY, "prefill poll: %d", s);
+        }
+        s = nixl_kv_decode_poll(dec, &ev, blocks, 16);
+        if (s == NIXL_OK) {
+            CHECK(ev.kind == NIXL_KV_ENDED && ev.outcome == NIXL_KV_DONE && ev.push == 1 &&
+                      ev.id == rid && strcmp(ev.peer, "kv-prefill") == 0 && ev.nblocks == NB &&
+                      blocks[0] == 6 && blocks[1] == 2 && blocks[2] == 4,
+                  "push ended: kind %d outcome %d push %u (%s)", ev.kind, ev.outcome, ev.push,
+                  ev.reason);
+            landed = 1;
+        } else {
+            CHECK(s == NIXL_EMPTY, "decode poll: %d", s);
+        }
+        usleep(1000);
+    }
+    for (uint32_t L = 0; L < LAYERS; L++)
+        for (uint32_t p = 0; p < 2; p++)
+            for (uint32_t b = 0; b < BLOCKS; b++)
+                for (uint32_t t = 0; t < TPB; t++)
+                    for (uint32_t e = 0; e < DIM; e++) {
+                        int from = -1;
+                        for (int i = 0; i < NB; i++)
+                            if (pdst[i] == b)
+                                from = (int)psrc[i];
+                        uint16_t want = from < 0 ? 0 : val(L, p, (uint32_t)from, 1, t, e), have;
+                        memcpy(&have, dmem + offset(&dl, L, p, b, 0, t) + 2 * e, 2);
+                        CHECK(have == want,
+                              "push: layer %u plane %u block %u token %u elem %u: %u, not %u", L, p,
+                              b, t, e, have, want);
+                    }
+    /* A reservation cancelled before prefill pushes it. Meanwhile only a KV message is on its
+     * way to prefill's agent: nixl_notif_wait does not report it ready (nixl_notif_next would
+     * not hand it out), and the prefill side still gets it. */
+    EXPECT_OK(nixl_kv_reserve(dec, "kv-prefill", "req-4", pdst, NB, 5000, &rid));
+    EXPECT(nixl_notif_wait(pa, 1000), NIXL_EMPTY);
+    {
+        char from[256];
+        uint8_t msg[64];
+        size_t mlen = 0;
+        EXPECT(nixl_notif_next(pa, from, sizeof from, msg, sizeof msg, &mlen), NIXL_EMPTY);
+    }
+    until = now_s() + tmo_s;
+    for (;;) {
+        CHECK(now_s() < until, "no reservation");
+        nixl_status s = nixl_kv_prefill_poll(pre, &ev, blocks, 16);
+        if (s == NIXL_OK) {
+            CHECK(ev.kind == NIXL_KV_RESERVED && ev.id == rid, "reservation: kind %d", ev.kind);
+            break;
+        }
+        CHECK(s == NIXL_EMPTY, "prefill poll: %d", s);
+        usleep(1000);
+    }
+    EXPECT_OK(nixl_kv_decode_cancel_reservation(dec, rid, "request aborted"));
+    until = now_s() + tmo_s;
+    for (;;) {
+        CHECK(now_s() < until, "cancelled reservation never ended");
+        nixl_status s = nixl_kv_prefill_poll(pre, &ev, blocks, 16);
+        CHECK(s == NIXL_EMPTY, "prefill poll after a cancel: %d kind %d", s, ev.kind);
+        s = nixl_kv_decode_poll(dec, &ev, blocks, 16);
+        if (s == NIXL_OK) {
+            CHECK(ev.kind == NIXL_KV_ENDED && ev.outcome == NIXL_KV_CANCELLED && ev.push == 1 &&
+                      ev.id == rid && strstr(ev.reason, "request aborted") != NULL,
+                  "cancelled reservation: kind %d outcome %d push %u reason %s", ev.kind,
+                  ev.outcome, ev.push, ev.reason);
+            break;
+        }
+        CHECK(s == NIXL_EMPTY, "decode poll: %d", s);
+        usleep(1000);
+    }
+    EXPECT(nixl_kv_push(pre, "kv-decode", rid, psrc, NB), NIXL_ERR_NOT_FOUND);
+
     /* 5. Misuse. */
     EXPECT(nixl_kv_prefill_poll(NULL, &ev, blocks, 16), NIXL_ERR_INVALID);
     EXPECT(nixl_kv_decode_poll(dec, NULL, blocks, 16), NIXL_ERR_INVALID);
     EXPECT(nixl_kv_decode_poll(dec, &ev, NULL, 4), NIXL_ERR_INVALID);
     EXPECT(nixl_kv_offer(pre, NULL, "r", src, NB, 10, &id), NIXL_ERR_INVALID);
     EXPECT(nixl_kv_offer(pre, "kv-decode", "r", src, NB, 10, NULL), NIXL_ERR_INVALID);
+    EXPECT(nixl_kv_push(NULL, "kv-decode", 1, src, NB), NIXL_ERR_INVALID);
+    EXPECT(nixl_kv_reserve(dec, "kv-prefill", "r", NULL, NB, 10, &id), NIXL_ERR_INVALID);
+    EXPECT(nixl_kv_decode_cancel_reservation(NULL, 1, NULL), NIXL_ERR_INVALID);
     EXPECT(nixl_kv_decode_poll((nixl_kv_decode *)pre, &ev, blocks, 16), NIXL_ERR_INVALID);
     expect_error_mentions("wrong handle", "nixl_kv_decode");
     nixl_kv_prefill_free(pre);

@@ -30,7 +30,8 @@ pub struct CopyOp {
 /// A list of copies, seen as one stream of bytes so it can be cut at any byte for workers.
 #[derive(Clone, Debug)]
 pub struct CopyPlan {
-    ops: Arc<[CopyOp]>,
+    /// Kept as given (no copy into a new allocation: a 100k-piece plan is made per request).
+    ops: Arc<Vec<CopyOp>>,
     /// Byte offset at which each op starts in the stream.
     starts: Arc<[u64]>,
     total: u64,
@@ -40,15 +41,19 @@ impl CopyPlan {
     /// A plan over `ops`. Every op's ranges must have been validated by the caller (see
     /// [`CopyPlan::copy_range`]).
     pub fn new(ops: Vec<CopyOp>) -> CopyPlan {
-        let mut starts = Vec::with_capacity(ops.len());
         let mut total = 0u64;
-        for op in &ops {
-            starts.push(total);
-            total += op.len;
-        }
+        // Collected straight into its shared allocation (exact size: one allocation).
+        let starts: Arc<[u64]> = ops
+            .iter()
+            .map(|op| {
+                let start = total;
+                total += op.len;
+                start
+            })
+            .collect();
         CopyPlan {
-            ops: ops.into(),
-            starts: starts.into(),
+            ops: Arc::new(ops),
+            starts,
             total,
         }
     }
@@ -222,5 +227,170 @@ impl CopyPool {
                 (e.into_inner())();
             }
         }
+    }
+}
+
+/// A part of a [`CopyPool::join`], with its lifetime erased (see the safety argument there).
+type Part<T> = Box<dyn FnOnce() -> T + Send + 'static>;
+
+/// One part's state: the work until someone takes it, then its outcome.
+struct Slot<T> {
+    part: Mutex<Option<Part<T>>>,
+    out: Mutex<Option<std::thread::Result<T>>>,
+}
+
+/// What the caller of [`CopyPool::join`] and the workers that took its parts share.
+struct Join<T> {
+    slots: Vec<Slot<T>>,
+    /// Parts not yet finished by the one that took them (the caller counts its own).
+    left: AtomicUsize,
+    caller: std::thread::Thread,
+}
+
+impl<T> Join<T> {
+    /// Runs part `i` if nobody has taken it yet; says whether it did.
+    fn run(&self, i: usize) -> bool {
+        let Some(part) = self.slots[i].part.lock().take() else {
+            return false;
+        };
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(part));
+        *self.slots[i].out.lock() = Some(out);
+        true
+    }
+}
+
+impl CopyPool {
+    /// Runs `parts` at once and returns their outcomes in order (`Err` for a part that
+    /// panicked): the first on the calling thread, the others on the pool's parked workers (a
+    /// wake-up each, no thread started). A part no worker has picked up by the time the caller
+    /// has finished its own runs on the caller as well, so a pool busy with other copies (or a
+    /// call from a pool worker) never makes the caller wait for a queue; it returns once every
+    /// part has ended, so the parts may borrow from the caller.
+    pub fn join<'a, T: Send + 'static>(
+        &self,
+        parts: Vec<Box<dyn FnOnce() -> T + Send + 'a>>,
+    ) -> Vec<std::thread::Result<T>> {
+        let n = parts.len();
+        let slots = parts
+            .into_iter()
+            .map(|p| {
+                // SAFETY: only the lifetime changes. Each part is taken (under its slot's lock)
+                // and run to its end before `left` counts it done, and this function does not
+                // return before `left` is zero, so no part runs or is dropped after 'a; a
+                // worker that finds its slot empty later touches nothing of 'a.
+                let p: Part<T> = unsafe {
+                    std::mem::transmute::<Box<dyn FnOnce() -> T + Send + 'a>, Part<T>>(p)
+                };
+                Slot {
+                    part: Mutex::new(Some(p)),
+                    out: Mutex::new(None),
+                }
+            })
+            .collect();
+        let join = Arc::new(Join {
+            slots,
+            left: AtomicUsize::new(n),
+            caller: std::thread::current(),
+        });
+        for i in 1..n {
+            let j = Arc::clone(&join);
+            let task: Task = Box::new(move || {
+                if j.run(i) && j.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    j.caller.unpark();
+                }
+            });
+            if self.tx.send(task).is_err() {
+                // No worker left (process teardown): the caller takes the part below.
+                break;
+            }
+        }
+        for i in 0..n {
+            if join.run(i) {
+                join.left.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        while join.left.load(Ordering::Acquire) != 0 {
+            std::thread::park();
+        }
+        join.slots
+            .iter()
+            .map(|s| {
+                s.out
+                    .lock()
+                    .take()
+                    .unwrap_or_else(|| Err(Box::new("copy part never ran")))
+            })
+            .collect()
+    }
+
+    /// Workers in the pool (0 only when none could be started).
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Barrier;
+    use std::time::Duration;
+
+    fn boxed<'a>(f: impl FnOnce() -> u64 + Send + 'a) -> Box<dyn FnOnce() -> u64 + Send + 'a> {
+        Box::new(f)
+    }
+
+    #[test]
+    fn join_runs_every_part_once_and_keeps_the_order() {
+        let pool = CopyPool::global();
+        let data: Vec<u64> = (0..64).collect();
+        let ran = AtomicUsize::new(0);
+        for n in [1, 2, 3, 9] {
+            ran.store(0, Ordering::Relaxed);
+            let parts = (0..n)
+                .map(|k| {
+                    let (data, ran) = (&data, &ran);
+                    boxed(move || {
+                        ran.fetch_add(1, Ordering::Relaxed);
+                        data.iter().skip(k).step_by(n).sum()
+                    })
+                })
+                .collect();
+            let out: Vec<u64> = pool.join(parts).into_iter().map(|r| r.unwrap()).collect();
+            assert_eq!(ran.load(Ordering::Relaxed), n);
+            let want: Vec<u64> = (0..n)
+                .map(|k| data.iter().skip(k).step_by(n).sum())
+                .collect();
+            assert_eq!(out, want);
+        }
+    }
+
+    #[test]
+    fn a_panicking_part_is_an_error_and_the_others_finish() {
+        let parts = vec![boxed(|| 1), boxed(|| panic!("part two fails")), boxed(|| 3)];
+        let out = CopyPool::global().join(parts);
+        assert_eq!(*out[0].as_ref().unwrap(), 1);
+        assert!(out[1].is_err());
+        assert_eq!(*out[2].as_ref().unwrap(), 3);
+    }
+
+    #[test]
+    fn join_does_not_wait_for_a_busy_pool() {
+        // Every worker is held until the join is over: the caller must run all parts itself.
+        let pool = CopyPool::global();
+        let n = pool.workers();
+        let hold = Arc::new(Barrier::new(n + 1));
+        for _ in 0..n {
+            let h = Arc::clone(&hold);
+            pool.tx
+                .send(Box::new(move || {
+                    h.wait();
+                }))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let parts = (0..4u64).map(|k| boxed(move || k * 10)).collect();
+        let out: Vec<u64> = pool.join(parts).into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(out, [0, 10, 20, 30]);
+        hold.wait();
     }
 }

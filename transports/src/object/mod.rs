@@ -66,6 +66,7 @@
 //! that; it needs a host name endpoint (not an IP address) and DNS-compatible bucket names
 //! (checked at registration and when a request is created).
 
+pub mod admin;
 pub mod s3;
 
 use std::collections::HashMap;
@@ -88,6 +89,7 @@ use tokio::sync::watch;
 
 use crate::files::OwnAgent;
 
+pub use admin::ListedObject;
 pub use s3::Secret;
 use s3::{Creds, Endpoint, MemSource, ReqBody, S3Req, Scheme, S3};
 
@@ -265,6 +267,32 @@ static STARTED: Mutex<Vec<(u128, Weak<Inner>)>> = Mutex::new(Vec::new());
 /// configuration, so the caller holds no handle on the backend). Errors if the agent runs no
 /// `object` backend.
 pub fn name_object(agent: &Agent, id: u64, name: &str) -> Result<()> {
+    started(agent)?.name_object(id, name)
+}
+
+/// Lists the objects of `bucket` whose keys start with `prefix` through the `object` backend of
+/// `agent` (`ListObjectsV2`, every page), in key order; with a `delimiter` (`"/"`), only those
+/// with no delimiter past the prefix (its direct children). More than `limit` objects, or an
+/// answer that breaks the rules of a listing (see [`admin`]), is an error.
+pub fn list_objects(
+    agent: &Agent,
+    bucket: &str,
+    prefix: &str,
+    delimiter: Option<&str>,
+    limit: usize,
+) -> Result<Vec<ListedObject>> {
+    started(agent)?.list_objects(bucket, prefix, delimiter, limit)
+}
+
+/// Deletes the objects `keys` of `bucket` through the `object` backend of `agent`
+/// (`max_concurrency` DELETEs at a time; an object already gone is not an error). Returns the
+/// number deleted; the first failure is the error (some may have been deleted then).
+pub fn delete_objects(agent: &Agent, bucket: &str, keys: &[String]) -> Result<usize> {
+    started(agent)?.delete_objects(bucket, keys)
+}
+
+/// The started `object` backend of `agent`.
+fn started(agent: &Agent) -> Result<Arc<Inner>> {
     let inner = {
         let mut t = STARTED.lock();
         t.retain(|(_, w)| w.strong_count() > 0);
@@ -281,7 +309,7 @@ pub fn name_object(agent: &Agent, id: u64, name: &str) -> Result<()> {
             .unwrap_or_else(|| format!("agent '{}' runs no object backend", agent.name()))
     };
     match inner {
-        Some(i) => i.name_object(id, name),
+        Some(i) => Ok(i),
         None => Err(Error::Unavailable {
             backend: BackendName::Object,
             reason: reason(),
@@ -426,9 +454,82 @@ impl ObjectBackend {
     pub fn object_name(&self, id: u64) -> Option<ObjectName> {
         self.inner.object_name(id)
     }
+
+    /// [`list_objects`] on this (started) backend.
+    pub fn list_objects(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        delimiter: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ListedObject>> {
+        self.inner.list_objects(bucket, prefix, delimiter, limit)
+    }
+
+    /// [`delete_objects`] on this (started) backend.
+    pub fn delete_objects(&self, bucket: &str, keys: &[String]) -> Result<usize> {
+        self.inner.delete_objects(bucket, keys)
+    }
 }
 
 impl Inner {
+    /// Runs `f` (given the client) on the backend's runtime and waits for it, from any thread.
+    fn block<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<S3>) -> Fut,
+        Fut: Future<Output = std::result::Result<T, String>> + Send + 'static,
+    {
+        let (rt, s3) = {
+            let r = self.running.lock();
+            let r = r
+                .as_ref()
+                .ok_or_else(|| Error::Shutdown("object backend not running".into()))?;
+            (r.rt.handle().clone(), Arc::clone(&r.s3))
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let fut = f(s3);
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        match rx.recv() {
+            Ok(r) => r.map_err(|e| backend_err(op, e)),
+            Err(_) => Err(Error::Shutdown(
+                "the object backend stopped during the request".into(),
+            )),
+        }
+    }
+
+    fn list_objects(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        delimiter: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ListedObject>> {
+        let (b, p, d, t) = (
+            bucket.to_owned(),
+            prefix.to_owned(),
+            delimiter.map(str::to_owned),
+            self.cfg.request_timeout,
+        );
+        self.block("list", move |s3| async move {
+            admin::list_all(&s3, &b, &p, d.as_deref(), limit, t).await
+        })
+    }
+
+    fn delete_objects(&self, bucket: &str, keys: &[String]) -> Result<usize> {
+        let (b, k, c, t) = (
+            bucket.to_owned(),
+            keys.to_vec(),
+            self.cfg.max_concurrency,
+            self.cfg.request_timeout,
+        );
+        self.block("delete", move |s3| async move {
+            admin::delete_all(&s3, &b, &k, c, t).await
+        })
+    }
+
     fn name_object(&self, id: u64, name: &str) -> Result<()> {
         let n = ObjectName::parse(name)?;
         self.names.write().insert(id, n);

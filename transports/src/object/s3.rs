@@ -768,6 +768,25 @@ fn authorization(
     )
 }
 
+/// A client for tests of this module's callers: no trust roots (plain http), test credentials.
+#[cfg(test)]
+pub(crate) fn test_client(endpoint: &str) -> S3 {
+    let tls = tls_config_from(Vec::new(), &[], None, false).expect("tls settings");
+    S3::new(
+        Endpoint::parse(endpoint).expect("endpoint"),
+        false,
+        "us-east-1".into(),
+        Some(Creds {
+            access_key_id: "testing".into(),
+            secret: Secret::new("testing"),
+            session_token: None,
+        }),
+        &tls,
+        Duration::from_secs(1),
+        1,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

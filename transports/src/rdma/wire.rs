@@ -28,9 +28,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> DecodeError {
 }
 
 fn put_str(v: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
-    v.extend_from_slice(&(b.len() as u16).to_le_bytes());
-    v.extend_from_slice(b);
+    crate::frame::put_str(v, s, usize::from(u16::MAX));
 }
 
 fn version(r: &mut Reader<'_>, what: &'static str) -> Result<(), DecodeError> {
@@ -44,13 +42,7 @@ fn version(r: &mut Reader<'_>, what: &'static str) -> Result<(), DecodeError> {
     Ok(())
 }
 
-fn finish(r: &Reader<'_>) -> Result<(), DecodeError> {
-    if r.is_empty() {
-        Ok(())
-    } else {
-        Err(DecodeError::Trailing(r.buf.len()))
-    }
-}
+use crate::frame::end as finish;
 
 /// One NIC as published.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -91,7 +91,7 @@ use nixl_core::codec::Reader;
 use nixl_core::region::{enter_all, leave_all, AccessGate, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, RegionAccess, Result, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, Region, RegionAccess, Result, Runs, TargetHandle, XferOp, XferPlan,
 };
 use parking_lot::{Condvar, Mutex};
 use sys::{Cma, Span};
@@ -638,8 +638,19 @@ fn cma_failure(e: &io::Error, pid: i32, dir: Cma) -> String {
     }
 }
 
+/// Cross-memory copies from this many bytes are split over the copy pool's workers (see
+/// [`copy_split`]).
+const SPLIT_MIN: u64 = 8 << 20;
+/// A split copy is cut into pieces that its threads take in turn: about four per thread, and
+/// at least this big.
+const SPLIT_PIECE_MIN: u64 = 1 << 20;
+
 /// Cross-memory copy of `ours` with `theirs` in process `pid`, split over up to `threads`
-/// threads when it is big. Returns the bytes moved.
+/// threads when it is big: the calling thread and parked workers of the copy pool (no thread is
+/// started per copy). The copy is cut into pieces (about four per thread, at least
+/// [`SPLIT_PIECE_MIN`]) that each thread takes in turn, so a worker that starts late (a busy
+/// host) takes fewer and the caller never waits for more than the piece a worker is copying.
+/// Returns the bytes moved.
 ///
 /// # Safety
 /// As [`sys::cross_copy`]: every span of `ours` stays valid for the whole call.
@@ -651,32 +662,39 @@ unsafe fn copy_split(
     threads: usize,
 ) -> io::Result<u64> {
     let total: u64 = ours.iter().map(|s| s.len).sum();
-    let threads = threads.max(1);
-    if total < (8 << 20) || threads == 1 {
+    let pool = CopyPool::global();
+    let threads = threads.min(pool.workers() + 1).max(1);
+    if total < SPLIT_MIN || threads == 1 {
         // SAFETY: forwarded contract.
         return unsafe { sys::cross_copy(pid, dir, ours, theirs) };
     }
-    let parts = split_spans(ours, theirs, threads);
-    let Some(((o0, t0), rest)) = parts.split_first() else {
-        return Ok(0);
+    let piece = total.div_ceil(threads as u64 * 4).max(SPLIT_PIECE_MIN);
+    let pieces = split_spans(ours, theirs, total.div_ceil(piece) as usize);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let take = || -> io::Result<u64> {
+        let mut moved = 0;
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some((o, t)) = pieces.get(i) else {
+                return Ok(moved);
+            };
+            // SAFETY: forwarded contract; `join` returns only once every part has ended.
+            match unsafe { sys::cross_copy(pid, dir, o, t) } {
+                Ok(n) => moved += n,
+                Err(e) => {
+                    // The others stop at their next piece.
+                    next.store(pieces.len(), Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
     };
-    std::thread::scope(|sc| {
-        let handles: Vec<_> = rest
-            .iter()
-            // SAFETY: forwarded contract; the scope ends before this function returns.
-            .map(|(o, t)| sc.spawn(move || unsafe { sys::cross_copy(pid, dir, o, t) }))
-            .collect();
-        // The first part on this thread, meanwhile.
-        // SAFETY: forwarded contract.
-        let first = unsafe { sys::cross_copy(pid, dir, o0, t0) };
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("copy thread panicked")))
-            })
-            .try_fold(0u64, |acc, r| r.map(|n| acc + n))
-            .and_then(|n| first.map(|f| f + n))
+    let parts = (0..threads)
+        .map(|_| Box::new(&take) as Box<dyn FnOnce() -> io::Result<u64> + Send + '_>)
+        .collect();
+    pool.join(parts).into_iter().try_fold(0u64, |acc, r| {
+        let n = r.unwrap_or_else(|_| Err(io::Error::other("copy part panicked")))?;
+        Ok(acc + n)
     })
 }
 
@@ -1572,67 +1590,119 @@ fn handle_reply(c: &Conn, f: Frame, fds: &mut VecDeque<OwnedFd>) {
     }
 }
 
+impl Conn {
+    /// The peer's buffers mapped here for every remote region of `plan`, when this backend maps
+    /// and every region is mappable; `None` when the request must go another way (a mapping
+    /// refused for a reason other than the key is logged and left to the other paths).
+    fn mapped(&self, plan: &XferPlan) -> Result<Option<Vec<Arc<Mapping>>>> {
+        if !self.backend.cfg.allow_map {
+            return Ok(None);
+        }
+        let mappable = plan.remote_regions.iter().all(|r| {
+            r.backends
+                .iter()
+                .any(|(b, p)| *b == BackendName::Shm && parse_public(p).is_some())
+        });
+        if !mappable {
+            return Ok(None);
+        }
+        let maps: std::result::Result<Vec<Arc<Mapping>>, String> = plan
+            .remote_regions
+            .iter()
+            .map(|r| self.map_region(&r.desc, r.key))
+            .collect();
+        match maps {
+            Ok(maps) => Ok(Some(maps)),
+            Err(reason) => {
+                if reason.contains("denied") || reason.contains("key") {
+                    return Err(Error::Denied {
+                        peer: self.peer.to_string(),
+                        reason,
+                    });
+                }
+                tracing::debug!(peer = %self.peer, %reason,
+                    "shm: mapping refused; using cross-memory attach");
+                Ok(None)
+            }
+        }
+    }
+}
+
 impl Connection for Conn {
+    fn prepare_runs(&self, mut plan: XferPlan, runs: Runs) -> Result<Box<dyn PreparedXfer>> {
+        let Some(maps) = self.mapped(&plan)? else {
+            plan.segments = runs.to_segments();
+            return self.prepare(plan);
+        };
+        let conn = self.self_arc()?;
+        // One remote region (the core's contract for runs): one offset maps every remote
+        // address into the mapping; the region lies inside the mapped buffer (checked when it
+        // was mapped), and every run inside the region (checked when its list was prepared).
+        let m = &maps[0];
+        let delta = (m.base as u64 + m.offset).wrapping_sub(m.region_addr);
+        let write = plan.op == XferOp::Write;
+        // `Run` and `CopyOp` are both three u64s: this map reuses the runs' allocation.
+        let ops: Vec<CopyOp> = runs
+            .runs
+            .into_iter()
+            .map(|r| {
+                let mapped = r.remote.wrapping_add(delta);
+                if write {
+                    CopyOp {
+                        src: r.local,
+                        dst: mapped,
+                        len: r.len,
+                    }
+                } else {
+                    CopyOp {
+                        src: mapped,
+                        dst: r.local,
+                        len: r.len,
+                    }
+                }
+            })
+            .collect();
+        Ok(Box::new(MappedXfer {
+            conn,
+            plan: CopyPlan::new(ops),
+            maps: maps.into(),
+            notif: plan.notif,
+        }))
+    }
+
     fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>> {
         let write = plan.op == XferOp::Write;
         let total = plan.total_bytes();
         let conn = self.self_arc()?;
         // Mapped path when we allow it and every remote region is mappable and mapped.
-        if self.backend.cfg.allow_map {
-            let mappable = plan.remote_regions.iter().all(|r| {
-                r.backends
-                    .iter()
-                    .any(|(b, p)| *b == BackendName::Shm && parse_public(p).is_some())
-            });
-            if mappable {
-                let maps: std::result::Result<Vec<Arc<Mapping>>, String> = plan
-                    .remote_regions
-                    .iter()
-                    .map(|r| self.map_region(&r.desc, r.key))
-                    .collect();
-                match maps {
-                    Ok(maps) => {
-                        let ops = plan
-                            .segments
-                            .iter()
-                            .map(|s| {
-                                let m = &maps[s.remote_region as usize];
-                                let mapped =
-                                    m.base as u64 + m.offset + (s.remote.addr - m.region_addr);
-                                if write {
-                                    CopyOp {
-                                        src: s.local.addr,
-                                        dst: mapped,
-                                        len: s.local.len,
-                                    }
-                                } else {
-                                    CopyOp {
-                                        src: mapped,
-                                        dst: s.local.addr,
-                                        len: s.local.len,
-                                    }
-                                }
-                            })
-                            .collect();
-                        return Ok(Box::new(MappedXfer {
-                            conn,
-                            plan: CopyPlan::new(ops),
-                            maps: maps.into(),
-                            notif: plan.notif,
-                        }));
-                    }
-                    Err(reason) => {
-                        if reason.contains("denied") || reason.contains("key") {
-                            return Err(Error::Denied {
-                                peer: self.peer.to_string(),
-                                reason,
-                            });
+        if let Some(maps) = self.mapped(&plan)? {
+            let ops = plan
+                .segments
+                .iter()
+                .map(|s| {
+                    let m = &maps[s.remote_region as usize];
+                    let mapped = m.base as u64 + m.offset + (s.remote.addr - m.region_addr);
+                    if write {
+                        CopyOp {
+                            src: s.local.addr,
+                            dst: mapped,
+                            len: s.local.len,
                         }
-                        tracing::debug!(peer = %self.peer, %reason,
-                            "shm: mapping refused; using cross-memory attach");
+                    } else {
+                        CopyOp {
+                            src: mapped,
+                            dst: s.local.addr,
+                            len: s.local.len,
+                        }
                     }
-                }
-            }
+                })
+                .collect();
+            return Ok(Box::new(MappedXfer {
+                conn,
+                plan: CopyPlan::new(ops),
+                maps: maps.into(),
+                notif: plan.notif,
+            }));
         }
         if self.backend.cfg.cma_grants && self.pidfd.is_some() {
             let grants: Result<Vec<Arc<Grant>>> = plan
@@ -1744,7 +1814,7 @@ impl Conn {
 }
 
 /// Granted copies up to this size run on the posting thread (a few milliseconds at most; from
-/// 8 MiB with helper threads beside it): no thread to wake first, which on a busy host costs
+/// 8 MiB with copy pool workers beside it): no thread to wake first, which on a busy host costs
 /// more than the copy. Bigger ones run on a thread of their own.
 const GRANT_INLINE_MAX: u64 = 16 << 20;
 
@@ -2022,6 +2092,37 @@ mod tests {
             .unwrap();
         assert_eq!(n, 5000);
         assert_eq!(dst, src);
+    }
+
+    #[test]
+    fn split_copy_moves_every_byte_and_reports_a_bad_span() {
+        // 20 MiB + 3 bytes in spans of uneven lengths (pairwise equal), over 4 threads: several
+        // pieces each, taken by the caller and the copy pool's workers.
+        let len = (20 << 20) + 3;
+        let src: Vec<u8> = (0..len as u64).map(|i| (i * 7 % 251) as u8).collect();
+        let mut dst = vec![0u8; len];
+        let cuts = [0, 1, 4097, 3 << 20, (3 << 20) + 5, 11 << 20, len];
+        let spans = |base: u64| -> Vec<Span> {
+            cuts.windows(2)
+                .map(|w| Span {
+                    addr: base + w[0] as u64,
+                    len: (w[1] - w[0]) as u64,
+                })
+                .collect()
+        };
+        let ours = spans(dst.as_mut_ptr() as u64);
+        let theirs = spans(src.as_ptr() as u64);
+        let me = std::process::id() as i32;
+        // SAFETY: `ours` covers `dst`, live and writable for the call.
+        let n = unsafe { copy_split(me, Cma::Pull, &ours, &theirs, 4) }.unwrap();
+        assert_eq!(n, len as u64);
+        assert!(dst == src, "bytes differ");
+        // The far side's last span points at nothing mapped: an error, not a hang or a panic.
+        let mut bad = theirs.clone();
+        bad.last_mut().unwrap().addr = 8;
+        // SAFETY: as above.
+        let r = unsafe { copy_split(me, Cma::Pull, &ours, &bad, 4) };
+        assert!(r.is_err(), "{r:?}");
     }
 
     /// A fake peer answers a mapping request with `fd`; returns what the initiator made of it.

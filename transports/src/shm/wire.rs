@@ -4,6 +4,12 @@
 use nixl_core::codec::Reader;
 use nixl_core::DecodeError;
 
+pub use crate::frame::Status;
+use crate::frame::{begin, end, finish, put_blob, put_u32, put_u64};
+
+/// Cuts the socket's byte stream into frame bodies of at most [`MAX_FRAME`] bytes.
+pub type Framer = crate::frame::Framer<MAX_FRAME>;
+
 /// Largest frame accepted (a 64 MiB frame carries ~2M descriptors).
 pub const MAX_FRAME: usize = 64 << 20;
 /// Bytes per segment in an Op frame.
@@ -18,15 +24,6 @@ pub struct WireSeg {
     pub target: u64,
     pub len: u64,
     pub key: u64,
-}
-
-/// Status of a Done or MapReply.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Status {
-    Ok = 0,
-    Denied = 1,
-    Failed = 2,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -101,31 +98,24 @@ const GRANT_REQ: u8 = 9;
 const GRANT_REPLY: u8 = 10;
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    let b = &s.as_bytes()[..s.len().min(MAX_TEXT)];
-    out.extend_from_slice(&(b.len() as u16).to_le_bytes());
-    out.extend_from_slice(b);
-}
-
-fn put_blob(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    out.extend_from_slice(b);
+    crate::frame::put_str(out, s, MAX_TEXT);
 }
 
 impl Frame {
     /// Appends the encoded frame (with its length prefix) to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.extend_from_slice(&[0; 4]);
+        let start = begin(out, 0);
+        let ty = start + 4;
         match self {
             Frame::Hello {
                 name,
                 instance,
                 pid,
             } => {
-                out.push(HELLO);
+                out[ty] = HELLO;
                 put_str(out, name);
                 out.extend_from_slice(&instance.to_le_bytes());
-                out.extend_from_slice(&pid.to_le_bytes());
+                put_u32(out, *pid);
             }
             Frame::Op {
                 id,
@@ -133,8 +123,8 @@ impl Frame {
                 notif,
                 segs,
             } => {
-                out.push(OP);
-                out.extend_from_slice(&id.to_le_bytes());
+                out[ty] = OP;
+                put_u64(out, *id);
                 out.push(u8::from(*write));
                 match notif {
                     Some(n) => {
@@ -147,24 +137,24 @@ impl Frame {
                 out.reserve(segs.len() * SEG_BYTES);
                 for s in segs {
                     for v in [s.init, s.target, s.len, s.key] {
-                        out.extend_from_slice(&v.to_le_bytes());
+                        put_u64(out, v);
                     }
                 }
             }
             Frame::Done { id, status, text } => {
-                out.push(DONE);
-                out.extend_from_slice(&id.to_le_bytes());
+                out[ty] = DONE;
+                put_u64(out, *id);
                 out.push(*status as u8);
                 put_str(out, text);
             }
             Frame::Notif { msg } => {
-                out.push(NOTIF);
+                out[ty] = NOTIF;
                 put_blob(out, msg);
             }
             Frame::MapReq { id, addr, len, key } => {
-                out.push(MAP_REQ);
+                out[ty] = MAP_REQ;
                 for v in [*id, *addr, *len, *key] {
-                    out.extend_from_slice(&v.to_le_bytes());
+                    put_u64(out, v);
                 }
             }
             Frame::MapReply {
@@ -174,25 +164,25 @@ impl Frame {
                 offset,
                 text,
             } => {
-                out.push(MAP_REPLY);
-                out.extend_from_slice(&id.to_le_bytes());
+                out[ty] = MAP_REPLY;
+                put_u64(out, *id);
                 out.push(*status as u8);
-                out.extend_from_slice(&buf_len.to_le_bytes());
-                out.extend_from_slice(&offset.to_le_bytes());
+                put_u64(out, *buf_len);
+                put_u64(out, *offset);
                 put_str(out, text);
             }
             Frame::Revoke { key } => {
-                out.push(REVOKE);
-                out.extend_from_slice(&key.to_le_bytes());
+                out[ty] = REVOKE;
+                put_u64(out, *key);
             }
             Frame::RevokeAck { key } => {
-                out.push(REVOKE_ACK);
-                out.extend_from_slice(&key.to_le_bytes());
+                out[ty] = REVOKE_ACK;
+                put_u64(out, *key);
             }
             Frame::GrantReq { id, addr, len, key } => {
-                out.push(GRANT_REQ);
+                out[ty] = GRANT_REQ;
                 for v in [*id, *addr, *len, *key] {
-                    out.extend_from_slice(&v.to_le_bytes());
+                    put_u64(out, v);
                 }
             }
             Frame::GrantReply {
@@ -202,16 +192,15 @@ impl Frame {
                 gen,
                 text,
             } => {
-                out.push(GRANT_REPLY);
-                out.extend_from_slice(&id.to_le_bytes());
+                out[ty] = GRANT_REPLY;
+                put_u64(out, *id);
                 out.push(*status as u8);
-                out.extend_from_slice(&slot.to_le_bytes());
-                out.extend_from_slice(&gen.to_le_bytes());
+                put_u32(out, *slot);
+                put_u64(out, *gen);
                 put_str(out, text);
             }
         }
-        let len = (out.len() - start - 4) as u32;
-        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        finish(out, start);
     }
 
     /// Encodes to a fresh buffer.
@@ -225,15 +214,7 @@ impl Frame {
     pub fn decode(body: &[u8]) -> Result<Frame, DecodeError> {
         let mut r = Reader::new(body);
         let kind = r.u8("frame type")?;
-        let status = |code: u8| match code {
-            0 => Ok(Status::Ok),
-            1 => Ok(Status::Denied),
-            2 => Ok(Status::Failed),
-            c => Err(DecodeError::Invalid {
-                field: "status",
-                reason: format!("unknown code {c}"),
-            }),
-        };
+        let status = Status::from_code;
         let f = match kind {
             HELLO => Frame::Hello {
                 name: r.str("name", 255)?,
@@ -317,61 +298,8 @@ impl Frame {
                 })
             }
         };
-        if !r.is_empty() {
-            return Err(DecodeError::Trailing(r.buf.len()));
-        }
+        end(&r)?;
         Ok(f)
-    }
-}
-
-/// Accumulates stream bytes and yields whole frame bodies.
-#[derive(Debug, Default)]
-pub struct Framer {
-    buf: Vec<u8>,
-    start: usize,
-}
-
-impl Framer {
-    /// Room to read into: at least `min` bytes at the end of the buffer.
-    pub fn spare(&mut self, min: usize) -> &mut [u8] {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > (1 << 20) {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        let len = self.buf.len();
-        self.buf.resize(len + min, 0);
-        &mut self.buf[len..]
-    }
-
-    /// Keeps `n` bytes of what [`Framer::spare`] returned; drops the rest of it.
-    pub fn commit(&mut self, min: usize, n: usize) {
-        let len = self.buf.len();
-        self.buf.truncate(len - min + n);
-    }
-
-    /// The next whole frame body, if buffered; an error if the length prefix is over the limit.
-    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, DecodeError> {
-        let avail = &self.buf[self.start..];
-        if avail.len() < 4 {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        if len > MAX_FRAME || len == 0 {
-            return Err(DecodeError::TooLarge {
-                field: "frame",
-                got: len,
-                limit: MAX_FRAME,
-            });
-        }
-        if avail.len() < 4 + len {
-            return Ok(None);
-        }
-        let body = avail[4..4 + len].to_vec();
-        self.start += 4 + len;
-        Ok(Some(body))
     }
 }
 

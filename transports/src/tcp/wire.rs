@@ -7,6 +7,8 @@ use std::io;
 use nixl_core::codec::Reader;
 use nixl_core::DecodeError;
 
+pub use crate::frame::{put_blob, put_u32, put_u64, Status};
+
 /// Largest frame accepted.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Most descriptors in one WRITE or READ frame (bounded so a frame fits in one writev).
@@ -43,29 +45,6 @@ pub enum Purpose {
     Control = 2,
 }
 
-/// Status of a reply.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Status {
-    Ok = 0,
-    Denied = 1,
-    Failed = 2,
-}
-
-impl Status {
-    fn from_code(c: u8) -> Result<Status, DecodeError> {
-        match c {
-            0 => Ok(Status::Ok),
-            1 => Ok(Status::Denied),
-            2 => Ok(Status::Failed),
-            _ => Err(DecodeError::Invalid {
-                field: "status",
-                reason: format!("unknown code {c}"),
-            }),
-        }
-    }
-}
-
 pub const OPEN: u8 = 1;
 pub const WRITE: u8 = 2;
 pub const READ: u8 = 3;
@@ -84,43 +63,17 @@ pub const CTRL_RE: u8 = 20;
 /// Starts a frame in `out` (cleared): length placeholder and type.
 pub fn begin(out: &mut Vec<u8>, ty: u8) {
     out.clear();
-    out.extend_from_slice(&[0, 0, 0, 0, ty]);
+    crate::frame::begin(out, ty);
 }
 
 /// Patches the length of a frame begun with [`begin`].
 pub fn finish(out: &mut [u8]) {
-    let len = (out.len() - 4) as u32;
-    out[..4].copy_from_slice(&len.to_le_bytes());
+    crate::frame::finish(out, 0);
 }
 
-pub fn put_u32(out: &mut Vec<u8>, v: u32) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
-pub fn put_u64(out: &mut Vec<u8>, v: u64) {
-    out.extend_from_slice(&v.to_le_bytes());
-}
-
+/// Appends a text of at most [`MAX_TEXT`] bytes.
 pub fn put_str(out: &mut Vec<u8>, s: &str) {
-    let s = &s.as_bytes()[..floor_char(s, MAX_TEXT)];
-    out.extend_from_slice(&(s.len() as u16).to_le_bytes());
-    out.extend_from_slice(s);
-}
-
-fn floor_char(s: &str, max: usize) -> usize {
-    if s.len() <= max {
-        return s.len();
-    }
-    let mut i = max;
-    while !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
-}
-
-pub fn put_blob(out: &mut Vec<u8>, b: &[u8]) {
-    put_u32(out, b.len() as u32);
-    out.extend_from_slice(b);
+    crate::frame::put_str(out, s, MAX_TEXT);
 }
 
 /// OPEN: purpose, the initiator's name and instance, the instance it expects (0: any); with a
@@ -368,16 +321,7 @@ pub fn decode_ctrl_re(body: &[u8]) -> Result<(Status, &[u8]), DecodeError> {
     Ok((status, bytes))
 }
 
-fn end(r: &Reader<'_>) -> Result<(), DecodeError> {
-    if r.is_empty() {
-        Ok(())
-    } else {
-        Err(DecodeError::Invalid {
-            field: "frame",
-            reason: "trailing bytes".into(),
-        })
-    }
-}
+use crate::frame::end;
 
 /// Largest frame a peer may send for a purpose (metadata frames carry whole metadata).
 pub fn frame_limit(ty: u8) -> usize {

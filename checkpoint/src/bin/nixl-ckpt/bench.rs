@@ -60,6 +60,7 @@ fn fill(b: &mut [u8], seed: u64) {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the CLI's flags, one each
 pub fn run(
     dir: &str,
     size: u64,
@@ -67,6 +68,7 @@ pub fn run(
     chunk: u64,
     changed_pct: f64,
     direct: bool,
+    keep: bool,
     progress: Option<Progress>,
 ) -> Result<Value, CkptError> {
     let cfg = Config::from_toml("backends = [\"uring\", \"posix\"]")
@@ -153,7 +155,9 @@ pub fn run(
     let inc_s = t.elapsed().as_secs_f64();
     drop(reg);
     nixl_checkpoint::ops::remove(&inc_dir)?;
-    nixl_checkpoint::ops::remove(dir)?;
+    if !keep {
+        nixl_checkpoint::ops::remove(dir)?;
+    }
     let gbps = |b: u64, s: f64| b as f64 / s / 1e9;
     Ok(json!({
         "bytes": rep.bytes,

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use nixl_checkpoint::manifest::EntryKind;
 use nixl_checkpoint::{ops, CkptError, Manifest, Progress};
 use serde_json::{json, Value};
 use throttle::Throttle;
@@ -41,7 +42,7 @@ struct Cli {
 enum Cmd {
     /// Show what a checkpoint holds (from its manifest).
     Inspect {
-        /// Checkpoint directory.
+        /// Checkpoint: directory, s3://bucket/prefix or nixl://HOST:PORT.
         uri: String,
     },
     /// Read every chunk and check its checksum.
@@ -49,17 +50,28 @@ enum Cmd {
         /// Checkpoint directory.
         uri: String,
     },
-    /// Copy a checkpoint, verifying every chunk, into a self-contained one.
+    /// Copy a checkpoint, verifying every chunk, into a self-contained one: between
+    /// directories and s3://bucket/prefix either way (also from nixl://HOST:PORT).
     Copy {
         /// Source checkpoint.
         src: String,
-        /// Destination directory (must not hold a checkpoint).
+        /// Destination directory or s3://bucket/prefix (must not hold a checkpoint).
         dst: String,
     },
-    /// Remove a checkpoint (manifest first, then its data files).
+    /// Remove a checkpoint (manifest first, then its data files or objects).
     Rm {
+        /// Checkpoint directory or s3://bucket/prefix.
+        uri: String,
+    },
+    /// Restore an artifact directory of a checkpoint into DEST (which must not exist, or be an
+    /// empty directory): every file verified before the tree appears there.
+    Artifact {
         /// Checkpoint directory.
         uri: String,
+        /// The artifact directory's name (see `inspect`).
+        name: String,
+        /// Where to put it.
+        dest: std::path::PathBuf,
     },
     /// Hold a checkpoint in registered memory (every byte verified) and serve it to peers over
     /// tcp until killed: they restore from `nixl://HOST:PORT` (printed on stdout first).
@@ -69,6 +81,22 @@ enum Cmd {
         /// Listen address of the tcp backend.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// Place it in the pool of the node daemon with this control socket instead, and exit:
+        /// the daemon's agent serves it (at its tcp listener) until `nixl-ckpt unserve`.
+        #[arg(long, value_name = "CONTROL_SOCKET")]
+        daemon: Option<std::path::PathBuf>,
+        /// The daemon's leases are named NAME/control, NAME/r0, ...
+        #[arg(long, default_value = "ckpt")]
+        name: String,
+    },
+    /// Release a checkpoint placed in a daemon's pool by `serve --daemon`.
+    Unserve {
+        /// The name given to `serve --name`.
+        #[arg(default_value = "ckpt")]
+        name: String,
+        /// The daemon's control socket.
+        #[arg(long, value_name = "CONTROL_SOCKET")]
+        daemon: std::path::PathBuf,
     },
     /// Save and restore SIZE bytes of host memory through an agent, with the GB/s of each.
     Bench {
@@ -89,6 +117,9 @@ enum Cmd {
         /// Buffered I/O instead of O_DIRECT.
         #[arg(long)]
         buffered: bool,
+        /// Leave the full checkpoint at DIR (the incremental one is removed).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -173,33 +204,14 @@ fn human(b: u64) -> String {
     }
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = [
-        ("KiB", 1u64 << 10),
-        ("MiB", 1 << 20),
-        ("GiB", 1 << 30),
-        ("K", 1 << 10),
-        ("M", 1 << 20),
-        ("G", 1 << 30),
-    ]
-    .iter()
-    .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
-    .unwrap_or((s, 1));
-    num.trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{s:?} is not a size (like 4096, 8MiB, 1GiB)"))
-}
+use nixl_transports::units::parse_size;
 
 fn manifest_json(uri: &str, m: &Manifest) -> Value {
     let metadata: Value =
         serde_json::from_str(&m.metadata).unwrap_or(Value::String(m.metadata.clone()));
     json!({
         "location": uri,
-        "version": nixl_checkpoint::manifest::VERSION,
+        "version": if m.artifacts.is_empty() { 1 } else { 2 },
         "save_id": format!("{:016x}", m.save_id),
         "created_unix_ms": m.created_unix_ms,
         "chunk_size": m.chunk_size,
@@ -215,7 +227,28 @@ fn manifest_json(uri: &str, m: &Manifest) -> Value {
             "chunks": r.chunks.len(),
         })).collect::<Vec<_>>(),
         "files": m.files.iter().map(|f| json!({"name": f.name, "size": f.size})).collect::<Vec<_>>(),
+        "artifacts": m.artifacts.iter().map(|a| {
+            let (files, dirs, bytes) = artifact_counts(a);
+            json!({"name": a.name, "files": files, "dirs": dirs, "bytes": bytes,
+                   "entries": a.entries.iter().map(|e| json!({
+                       "path": e.path,
+                       "kind": if e.kind == EntryKind::Dir { "dir" } else { "file" },
+                       "mode": format!("{:o}", e.mode),
+                       "size": e.size,
+                   })).collect::<Vec<_>>()})
+        }).collect::<Vec<_>>(),
     })
+}
+
+/// (files, directories, bytes) of an artifact directory.
+fn artifact_counts(a: &nixl_checkpoint::manifest::Artifact) -> (usize, usize, u64) {
+    let files = a
+        .entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .count();
+    let bytes = a.entries.iter().map(|e| e.size).sum();
+    (files, a.entries.len() - files, bytes)
 }
 
 fn error_json(e: &CkptError) -> Value {
@@ -238,18 +271,36 @@ fn is_s3(uri: &str) -> bool {
     uri.starts_with("s3://")
 }
 
-/// An agent for `s3://` checkpoints: the `object` backend configured from the standard AWS
-/// environment (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, ...).
-fn s3_agent() -> Result<nixl_core::Agent, CkptError> {
-    let bad = |e: nixl_core::Error| CkptError::InvalidArgument(format!("object store agent: {e}"));
-    let cfg = nixl_transports::config::Config::from_toml("backends = [\"object\"]").map_err(bad)?;
+/// An agent with what `uris` need: `uring` and `posix` for directories, `object` for `s3://`
+/// (configured from the AWS environment), `tcp` for `nixl://`.
+fn agent_for(uris: &[&str]) -> Result<nixl_core::Agent, CkptError> {
+    let bad = |e: nixl_core::Error| CkptError::InvalidArgument(format!("nixl-ckpt's agent: {e}"));
+    let mut backends = vec!["\"uring\"", "\"posix\""];
+    let s3 = uris.iter().any(|u| is_s3(u));
+    if s3 {
+        backends.push("\"object\"");
+    }
+    if uris.iter().any(|u| u.starts_with("nixl://")) {
+        backends.push("\"tcp\"");
+    }
+    let cfg = nixl_transports::config::Config::from_toml(&format!(
+        "backends = [{}]",
+        backends.join(", ")
+    ))
+    .map_err(bad)?;
     let a = nixl_core::Agent::builder(format!("nixl-ckpt-{}", std::process::id()))
         .backends(cfg.backends().map_err(bad)?)
         .build()
         .map_err(bad)?;
-    a.check_backend(nixl_core::BackendName::Object)
-        .map_err(bad)?;
+    if s3 {
+        a.check_backend(nixl_core::BackendName::Object)
+            .map_err(bad)?;
+    }
     Ok(a)
+}
+
+fn is_dir(uri: &str) -> bool {
+    matches!(ops::Location::parse(uri), Ok(ops::Location::Dir(_)))
 }
 
 /// `nixl-ckpt serve`: never returns unless it fails.
@@ -299,17 +350,47 @@ fn serve(cli: &Cli, uri: &str, listen: &str) -> Result<Value, CkptError> {
 fn run(cli: &Cli) -> Result<Value, CkptError> {
     let p = progress(cli.quiet);
     match &cli.cmd {
-        Cmd::Serve { uri, listen } => serve(cli, uri, listen),
+        Cmd::Serve {
+            uri,
+            daemon: Some(sock),
+            name,
+            ..
+        } => {
+            let d = nixl_checkpoint::daemon::serve_in_daemon(&agent_for(&[uri])?, uri, sock, name)?;
+            let at = d.tcp_listen.first().map(|a| format!("nixl://{a}"));
+            if !cli.json {
+                println!(
+                    "placed {uri} ({} in {} regions) in the pool of {} as {name}/...; served at {}",
+                    human(d.manifest.total_bytes()),
+                    d.manifest.regions.len(),
+                    sock.display(),
+                    at.as_deref().unwrap_or("(the daemon has no tcp listener)")
+                );
+            }
+            Ok(json!({
+                "ok": true, "serving": uri, "uri": at, "name": name,
+                "leases": d.leases.iter().map(|l| json!({"name": l.name, "addr": format!("{:#x}", l.addr), "len": l.len})).collect::<Vec<_>>(),
+                "regions": d.manifest.regions.len(), "bytes": d.manifest.total_bytes(),
+            }))
+        }
+        Cmd::Serve { uri, listen, .. } => serve(cli, uri, listen),
+        Cmd::Unserve { name, daemon } => {
+            let n = nixl_checkpoint::daemon::release_from_daemon(daemon, name)?;
+            if !cli.json {
+                println!("released {name} from {} ({n} leases)", daemon.display());
+            }
+            Ok(json!({"ok": true, "leases_released": n}))
+        }
         Cmd::Inspect { uri } => {
-            let m = if is_s3(uri) {
-                nixl_checkpoint::read_manifest_with(&s3_agent()?, uri)?
+            let m = if !is_dir(uri) {
+                nixl_checkpoint::read_manifest_with(&agent_for(&[uri])?, uri)?
             } else {
                 ops::read_manifest(uri)?
             };
             if !cli.json {
                 println!(
                     "checkpoint {uri}: manifest v{}, save {:016x}, {} in {} regions, chunks of {}{}",
-                    nixl_checkpoint::manifest::VERSION,
+                    if m.artifacts.is_empty() { 1 } else { 2 },
                     m.save_id,
                     human(m.total_bytes()),
                     m.regions.len(),
@@ -332,14 +413,24 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
                         r.chunks.len()
                     );
                 }
+                if !m.artifacts.is_empty() {
+                    println!(
+                        "{:<24} {:>8} {:>8} {:>14}",
+                        "ARTIFACT", "FILES", "DIRS", "BYTES"
+                    );
+                    for a in &m.artifacts {
+                        let (files, dirs, bytes) = artifact_counts(a);
+                        println!("{:<24} {files:>8} {dirs:>8} {bytes:>14}", a.name);
+                    }
+                }
             }
             Ok(manifest_json(uri, &m))
         }
         Cmd::Verify { uri } => {
             let t = Instant::now();
-            let r = if is_s3(uri) {
+            let r = if !is_dir(uri) {
                 // Every region read into memory mapped for the purpose, every chunk checked.
-                let a = s3_agent()?;
+                let a = agent_for(&[uri])?;
                 let m = nixl_checkpoint::read_manifest_with(&a, uri)?;
                 let restored = nixl_checkpoint::restore_mapped(
                     &a,
@@ -371,7 +462,11 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             )
         }
         Cmd::Copy { src, dst } => {
-            let m = ops::copy(src, dst, p.as_ref())?;
+            let m = if is_dir(src) && is_dir(dst) {
+                ops::copy(src, dst, p.as_ref())?
+            } else {
+                nixl_checkpoint::copy_with(&agent_for(&[src, dst])?, src, dst, p.as_ref())?
+            };
             if !cli.json {
                 println!(
                     "copied {src} to {dst}: {} in {} regions, verified",
@@ -381,8 +476,25 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             }
             Ok(json!({"ok": true, "bytes": m.total_bytes(), "regions": m.regions.len()}))
         }
+        Cmd::Artifact { uri, name, dest } => {
+            let r = nixl_checkpoint::restore_artifact(uri, name, dest)?;
+            if !cli.json {
+                println!(
+                    "restored artifact {name} of {uri} into {}: {} files, {} directories, {}, verified",
+                    dest.display(),
+                    r.files,
+                    r.dirs,
+                    human(r.bytes)
+                );
+            }
+            Ok(json!({"ok": true, "files": r.files, "dirs": r.dirs, "bytes": r.bytes}))
+        }
         Cmd::Rm { uri } => {
-            let n = ops::remove(uri)?;
+            let n = if is_dir(uri) {
+                ops::remove(uri)?
+            } else {
+                nixl_checkpoint::remove_with(&agent_for(&[uri])?, uri)?
+            };
             if !cli.json {
                 println!("removed {uri} ({n} files)");
             }
@@ -395,10 +507,11 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             chunk,
             changed,
             buffered,
+            keep,
         } => {
             let size = parse_size(size).map_err(CkptError::InvalidArgument)?;
             let chunk = parse_size(chunk).map_err(CkptError::InvalidArgument)?;
-            let v = bench::run(dir, size, *regions, chunk, *changed, !*buffered, p)?;
+            let v = bench::run(dir, size, *regions, chunk, *changed, !*buffered, *keep, p)?;
             if !cli.json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             }

@@ -38,24 +38,26 @@
 //! `cuda` backend's stager over `uring` or `posix` (see `nixl_core::staging`), and the request
 //! says so.
 
-#![allow(non_snake_case)]
+//!
+//! The cuFile bindings are in `cufile`; what every file backend shares (registrations,
+//! connections, requests, posts) is [`crate::files`].
+
+mod cufile;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_int, c_void};
-use std::fmt;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use libloading::Library;
-use nixl_core::{
-    Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
-};
+use nixl_core::{BackendName, Desc, Error, MemKind, Region, Result, XferOp, XferPlan};
 use parking_lot::Mutex;
 
 use crate::cuda::driver::{self, DeviceCtx};
-use crate::files::{inspect_fd, OwnAgent};
-use crate::files::{prepare_files, IoOp, Post};
+use crate::files::{inspect_fd, FileBackend, FileEngine, IoOp, Post, Workers};
+use cufile::{
+    cufile, describe, op_error_text, CuFileDescr, CuFileDescrHandle, CuFileLib, HandleT,
+    CU_FILE_HANDLE_TYPE_OPAQUE_FD, CU_FILE_SUCCESS,
+};
 
 /// Settings of the `gds` backend (`[gds]` in the agent's configuration).
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -107,193 +109,6 @@ fn compat_refusal(nvidia_fs: bool, allow_compat_mode: bool) -> Option<String> {
     )
 }
 
-/// `CUfileError_t`: plain integers (a value the library returns that is not a variant of a
-/// Rust enum must not be read as one).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct CuFileError {
-    err: c_int,
-    cu_err: c_int,
-}
-
-/// `CUfileDescr_t` with an fd handle.
-#[repr(C)]
-struct CuFileDescr {
-    type_: c_int,
-    /// The union `{ int fd; void *handle; }`: the fd in its first four bytes.
-    handle: CuFileDescrHandle,
-    fs_ops: *const c_void,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-union CuFileDescrHandle {
-    fd: c_int,
-    handle: *mut c_void,
-}
-
-// The layouts above are cudarc's generated ones (which use Rust enums for the integer fields).
-const _: () = {
-    use cudarc::cufile::sys as s;
-    assert!(std::mem::size_of::<CuFileError>() == std::mem::size_of::<s::CUfileError_t>());
-    assert!(std::mem::size_of::<CuFileDescr>() == std::mem::size_of::<s::CUfileDescr_t>());
-    assert!(
-        std::mem::offset_of!(CuFileDescr, handle) == std::mem::offset_of!(s::CUfileDescr_t, handle)
-    );
-    assert!(
-        std::mem::offset_of!(CuFileDescr, fs_ops) == std::mem::offset_of!(s::CUfileDescr_t, fs_ops)
-    );
-};
-
-const CU_FILE_SUCCESS: c_int = cudarc::cufile::sys::CUfileOpError::CU_FILE_SUCCESS as c_int;
-const CU_FILE_HANDLE_TYPE_OPAQUE_FD: c_int =
-    cudarc::cufile::sys::CUfileFileHandleType::CU_FILE_HANDLE_TYPE_OPAQUE_FD as c_int;
-
-/// What a cuFile status code means, for messages.
-fn op_error_text(code: c_int) -> String {
-    use cudarc::cufile::sys::CUfileOpError as E;
-    let known: &[(E, &str)] = &[
-        (
-            E::CU_FILE_DRIVER_NOT_INITIALIZED,
-            "cuFile driver not initialised",
-        ),
-        (
-            E::CU_FILE_DRIVER_INVALID_PROPS,
-            "invalid cuFile driver properties",
-        ),
-        (
-            E::CU_FILE_DRIVER_VERSION_MISMATCH,
-            "cuFile driver version mismatch",
-        ),
-        (
-            E::CU_FILE_PLATFORM_NOT_SUPPORTED,
-            "platform not supported by GDS",
-        ),
-        (
-            E::CU_FILE_IO_NOT_SUPPORTED,
-            "I/O not supported on this file (file system or mount)",
-        ),
-        (E::CU_FILE_DEVICE_NOT_SUPPORTED, "GPU not supported by GDS"),
-        (
-            E::CU_FILE_NVFS_DRIVER_ERROR,
-            "nvidia-fs driver error (is the module loaded?)",
-        ),
-        (E::CU_FILE_CUDA_DRIVER_ERROR, "CUDA driver error"),
-        (E::CU_FILE_CUDA_POINTER_INVALID, "invalid device pointer"),
-        (
-            E::CU_FILE_CUDA_MEMORY_TYPE_INVALID,
-            "memory is not device memory",
-        ),
-        (
-            E::CU_FILE_CUDA_POINTER_RANGE_ERROR,
-            "device pointer range out of the allocation",
-        ),
-        (E::CU_FILE_CUDA_CONTEXT_MISMATCH, "CUDA context mismatch"),
-        (E::CU_FILE_INVALID_MAPPING_SIZE, "invalid mapping size"),
-        (E::CU_FILE_INVALID_FILE_TYPE, "invalid file type"),
-        (
-            E::CU_FILE_INVALID_FILE_OPEN_FLAG,
-            "file opened with unsupported flags",
-        ),
-        (
-            E::CU_FILE_HANDLE_ALREADY_REGISTERED,
-            "file handle already registered",
-        ),
-        (
-            E::CU_FILE_HANDLE_NOT_REGISTERED,
-            "file handle not registered",
-        ),
-        (
-            E::CU_FILE_MEMORY_ALREADY_REGISTERED,
-            "buffer already registered",
-        ),
-        (E::CU_FILE_MEMORY_NOT_REGISTERED, "buffer not registered"),
-        (E::CU_FILE_PERMISSION_DENIED, "permission denied"),
-        (E::CU_FILE_IO_DISABLED, "I/O disabled by configuration"),
-        (E::CU_FILE_INTERNAL_ERROR, "internal cuFile error"),
-    ];
-    known.iter().find(|(e, _)| *e as c_int == code).map_or_else(
-        || format!("cuFile status {code}"),
-        |(_, t)| format!("{t} (cuFile status {code})"),
-    )
-}
-
-fn describe(e: CuFileError) -> String {
-    if e.cu_err != 0 {
-        format!("{}; CUDA error {}", op_error_text(e.err), e.cu_err)
-    } else {
-        op_error_text(e.err)
-    }
-}
-
-type HandleT = *mut c_void;
-
-/// libcufile's entry points, resolved once.
-struct CuFileLib {
-    _lib: Library,
-    driver_open: unsafe extern "C" fn() -> CuFileError,
-    handle_register: unsafe extern "C" fn(*mut HandleT, *mut CuFileDescr) -> CuFileError,
-    handle_deregister: unsafe extern "C" fn(HandleT),
-    buf_register: unsafe extern "C" fn(*const c_void, usize, c_int) -> CuFileError,
-    buf_deregister: unsafe extern "C" fn(*const c_void) -> CuFileError,
-    read: unsafe extern "C" fn(HandleT, *mut c_void, usize, i64, i64) -> isize,
-    write: unsafe extern "C" fn(HandleT, *const c_void, usize, i64, i64) -> isize,
-}
-
-impl fmt::Debug for CuFileLib {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("CuFileLib")
-    }
-}
-
-/// Loads the first of `names` that opens and has every symbol.
-fn load_cufile(names: &[&str]) -> std::result::Result<CuFileLib, String> {
-    let mut why = Vec::new();
-    for name in names {
-        // SAFETY: loading libcufile runs its initialisers, which only set up the library's own
-        // state; it is NVIDIA's documented way to use it.
-        let lib = match unsafe { Library::new(*name) } {
-            Ok(l) => l,
-            Err(e) => {
-                why.push(format!("{name}: {e}"));
-                continue;
-            }
-        };
-        macro_rules! sym {
-            ($n:literal) => {
-                // SAFETY: the symbol's type is the one declared in cufile.h for this name; the
-                // pointer stays valid while `lib` (kept in the table) is loaded.
-                match unsafe { lib.get($n) } {
-                    Ok(s) => *s,
-                    Err(e) => {
-                        why.push(format!("{name}: {e}"));
-                        continue;
-                    }
-                }
-            };
-        }
-        let t = CuFileLib {
-            driver_open: sym!(b"cuFileDriverOpen\0"),
-            handle_register: sym!(b"cuFileHandleRegister\0"),
-            handle_deregister: sym!(b"cuFileHandleDeregister\0"),
-            buf_register: sym!(b"cuFileBufRegister\0"),
-            buf_deregister: sym!(b"cuFileBufDeregister\0"),
-            read: sym!(b"cuFileRead\0"),
-            write: sym!(b"cuFileWrite\0"),
-            _lib: lib,
-        };
-        return Ok(t);
-    }
-    Err(format!("libcufile not found ({})", why.join("; ")))
-}
-
-fn cufile() -> std::result::Result<&'static CuFileLib, String> {
-    static LIB: OnceLock<std::result::Result<CuFileLib, String>> = OnceLock::new();
-    LIB.get_or_init(|| load_cufile(&["libcufile.so.0", "libcufile.so"]))
-        .as_ref()
-        .map_err(Clone::clone)
-}
-
 /// Why `gds` cannot run here, or the libraries it runs on.
 fn probe_all() -> std::result::Result<(&'static driver::Driver, &'static CuFileLib), String> {
     let drv = driver::driver().map_err(|r| format!("needs the CUDA driver: {r}"))?;
@@ -316,54 +131,40 @@ struct Tables {
     ctxs: HashMap<i32, Arc<DeviceCtx>>,
 }
 
-/// The `gds` backend.
-pub struct GdsBackend {
-    cfg: GdsConfig,
-    own: OwnAgent,
-    running: Mutex<Option<Arc<Running>>>,
-}
+/// The `gds` backend: the file skeleton run by cuFile workers.
+pub type GdsBackend = FileBackend<GdsEngine>;
 
-impl fmt::Debug for GdsBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GdsBackend")
-            .field("cfg", &self.cfg)
-            .finish_non_exhaustive()
+impl GdsBackend {
+    /// A backend with these settings (the cuFile driver opens with the agent).
+    pub fn new(cfg: GdsConfig) -> GdsBackend {
+        FileBackend::with_engine(GdsEngine { cfg })
     }
 }
 
-struct Running {
+/// The `gds` engine: `cuFileRead`/`cuFileWrite` on a thread pool.
+#[derive(Debug)]
+pub struct GdsEngine {
+    cfg: GdsConfig,
+}
+
+/// The running engine: the libraries, the cuFile tables, the workers.
+pub(crate) struct Running {
     drv: &'static driver::Driver,
     lib: &'static CuFileLib,
     tables: Mutex<Tables>,
-    jobs: crossbeam_channel::Sender<Job>,
+    workers: Workers<Job>,
     stopping: Arc<AtomicBool>,
+    /// `[gds] register_buffers`.
+    register_buffers: bool,
 }
 
 type Job = (Arc<Post>, usize, Arc<Resolved>);
 
 /// A request's operations with their cuFile handles and buffer bases, resolved at creation.
-struct Resolved {
+pub(crate) struct Resolved {
     /// Per operation: the cuFile handle and, per piece, (registered base, offset in it).
     ops: Vec<(usize, Vec<(u64, u64)>)>,
     ctx: Arc<DeviceCtx>,
-}
-
-impl GdsBackend {
-    /// A backend with these settings (the cuFile driver opens with the agent).
-    pub fn new(cfg: GdsConfig) -> GdsBackend {
-        GdsBackend {
-            cfg,
-            own: OwnAgent::default(),
-            running: Mutex::new(None),
-        }
-    }
-
-    fn running(&self) -> Result<Arc<Running>> {
-        self.running
-            .lock()
-            .clone()
-            .ok_or_else(|| Error::Shutdown("gds backend not running".into()))
-    }
 }
 
 fn err(op: &'static str, reason: impl Into<String>) -> Error {
@@ -374,21 +175,16 @@ fn err(op: &'static str, reason: impl Into<String>) -> Error {
     }
 }
 
-const VRAM_FILE: &[MemKind] = &[MemKind::Vram, MemKind::File];
-const FILE: &[MemKind] = &[MemKind::File];
+impl FileEngine for GdsEngine {
+    type Running = Running;
+    type Resolved = Resolved;
+    const NAME: BackendName = BackendName::Gds;
+    const LOCAL_KINDS: &'static [MemKind] = &[MemKind::Vram, MemKind::File];
+    const REMOTE_KINDS: &'static [MemKind] = &[MemKind::File];
+    const MEM: MemKind = MemKind::Vram;
 
-impl Backend for GdsBackend {
-    fn name(&self) -> BackendName {
-        BackendName::Gds
-    }
-
-    fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: VRAM_FILE,
-            remote_kinds: FILE,
-            notifications: false,
-            locality: Locality::SameProcess,
-        }
+    fn max_io(&self) -> usize {
+        self.cfg.max_io_bytes
     }
 
     fn probe(&self) -> std::result::Result<(), String> {
@@ -405,7 +201,7 @@ impl Backend for GdsBackend {
         }
     }
 
-    fn start(&self, target: TargetHandle) -> Result<()> {
+    fn start(&self) -> Result<Running> {
         let unavailable = |reason: String| Error::Unavailable {
             backend: BackendName::Gds,
             reason,
@@ -423,41 +219,24 @@ impl Backend for GdsBackend {
                 describe(r)
             )));
         }
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
-        let stopping = Arc::new(AtomicBool::new(false));
-        let running = Arc::new(Running {
+        let workers = Workers::start("gds", self.cfg.threads, move |(post, i, res): Job| {
+            if !post.should_skip() {
+                post.record(run_op(lib, post.op, &post.ops[i], &res, i));
+            }
+            post.finish_one();
+        })?;
+        Ok(Running {
             drv,
             lib,
             tables: Mutex::new(Tables::default()),
-            jobs: tx,
-            stopping,
-        });
-        for i in 0..self.cfg.threads {
-            let rx = rx.clone();
-            let lib = running.lib;
-            std::thread::Builder::new()
-                .name(format!("nixl-gds-{i}"))
-                .spawn(move || {
-                    while let Ok((post, i, res)) = rx.recv() {
-                        if !post.should_skip() {
-                            post.record(run_op(lib, post.op, &post.ops[i], &res, i));
-                        }
-                        post.finish_one();
-                    }
-                })
-                .map_err(|e| Error::io("spawning a gds thread", e))?;
-        }
-        *self.running.lock() = Some(running);
-        self.own.set(target);
-        Ok(())
+            workers,
+            stopping: Arc::new(AtomicBool::new(false)),
+            register_buffers: self.cfg.register_buffers,
+        })
     }
 
-    fn conn_info(&self) -> Vec<u8> {
-        self.own.conn_info()
-    }
-
-    fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>> {
-        let run = self.running()?;
+    fn register(&self, run: Option<&Running>, kind: MemKind, desc: &Desc) -> Result<()> {
+        let run = run.ok_or_else(|| Error::Shutdown("gds backend not running".into()))?;
         let mut t = run.tables.lock();
         match kind {
             MemKind::File => {
@@ -487,13 +266,10 @@ impl Backend for GdsBackend {
             }
             _ => {}
         }
-        Ok(Vec::new())
+        Ok(())
     }
 
-    fn deregister(&self, region: &Region) {
-        let Ok(run) = self.running() else {
-            return;
-        };
+    fn deregister(&self, run: &Running, region: &Region) {
         let mut t = run.tables.lock();
         match region.kind {
             MemKind::File => {
@@ -540,38 +316,60 @@ impl Backend for GdsBackend {
         }
     }
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
-        self.own.can_reach(conn_info, "files")
-    }
-
-    fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {
-        let target = self.own.connect(BackendName::Gds, peer)?;
-        Ok(Arc::new(GdsConn {
-            target,
-            run: self.running()?,
-            max_io: self.cfg.max_io_bytes,
-            register_buffers: self.cfg.register_buffers,
-        }))
-    }
-
-    fn shutdown(&self) {
-        if let Some(r) = self.running.lock().take() {
-            r.stopping.store(true, std::sync::atomic::Ordering::Release);
+    fn resolve(run: &Running, plan: &XferPlan, ops: &[IoOp]) -> Result<Resolved> {
+        let ordinal = plan
+            .segments
+            .first()
+            .map(|s| s.local.dev_id)
+            .unwrap_or_default();
+        if plan.segments.iter().any(|s| s.local.dev_id != ordinal) {
+            return Err(Error::InvalidArgument(
+                "gds: one request moves the memory of one GPU; split it by device".into(),
+            ));
         }
-        self.own.clear();
+        let mut t = run.tables.lock();
+        let ctx = t
+            .ctxs
+            .get(&(ordinal as i32))
+            .cloned()
+            .ok_or_else(|| err("prepare", format!("GPU {ordinal} has no registration")))?;
+        if run.register_buffers {
+            for r in plan
+                .local_regions
+                .iter()
+                .filter(|r| r.kind == MemKind::Vram)
+            {
+                register_buffer(run.lib, &mut t, &ctx, &r.desc);
+            }
+        }
+        let mut resolved = Vec::with_capacity(ops.len());
+        for (op, pieces) in ops.iter().zip(resolve_pieces(ops, &t.bufs)) {
+            let h = file_handle(run.lib, &mut t, op.fd)?;
+            resolved.push((h, pieces));
+        }
+        Ok(Resolved { ops: resolved, ctx })
     }
-}
 
-struct GdsConn {
-    target: TargetHandle,
-    run: Arc<Running>,
-    max_io: usize,
-    register_buffers: bool,
-}
+    fn stopping(run: &Running) -> &Arc<AtomicBool> {
+        &run.stopping
+    }
 
-impl fmt::Debug for GdsConn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GdsConn").finish_non_exhaustive()
+    fn submit(run: &Running, post: Arc<Post>, resolved: &Arc<Resolved>) {
+        for i in 0..post.ops.len() {
+            if run
+                .workers
+                .send((Arc::clone(&post), i, Arc::clone(resolved)))
+                .is_err()
+            {
+                post.record(Err(Error::Shutdown("gds backend stopped".into())));
+                post.finish_one();
+            }
+        }
+    }
+
+    fn stop(run: &Running) {
+        run.stopping.store(true, Ordering::Release);
+        run.workers.stop();
     }
 }
 
@@ -594,62 +392,6 @@ pub(crate) fn resolve_pieces(
                 .collect()
         })
         .collect()
-}
-
-impl Connection for GdsConn {
-    fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>> {
-        let (ops, remote_regions) = prepare_files(
-            BackendName::Gds,
-            &self.target,
-            &plan,
-            self.max_io,
-            MemKind::Vram,
-        )?;
-        let ordinal = plan
-            .segments
-            .first()
-            .map(|s| s.local.dev_id)
-            .unwrap_or_default();
-        if plan.segments.iter().any(|s| s.local.dev_id != ordinal) {
-            return Err(Error::InvalidArgument(
-                "gds: one request moves the memory of one GPU; split it by device".into(),
-            ));
-        }
-        let mut t = self.run.tables.lock();
-        let ctx = t
-            .ctxs
-            .get(&(ordinal as i32))
-            .cloned()
-            .ok_or_else(|| err("prepare", format!("GPU {ordinal} has no registration")))?;
-        if self.register_buffers {
-            for r in plan
-                .local_regions
-                .iter()
-                .filter(|r| r.kind == MemKind::Vram)
-            {
-                register_buffer(self.run.lib, &mut t, &ctx, &r.desc);
-            }
-        }
-        let mut resolved = Vec::with_capacity(ops.len());
-        for (op, pieces) in ops.iter().zip(resolve_pieces(&ops, &t.bufs)) {
-            let h = file_handle(self.run.lib, &mut t, op.fd)?;
-            resolved.push((h, pieces));
-        }
-        drop(t);
-        Ok(Box::new(GdsXfer {
-            op: plan.op,
-            ops,
-            remote_regions,
-            resolved: Arc::new(Resolved { ops: resolved, ctx }),
-            run: Arc::clone(&self.run),
-        }))
-    }
-
-    fn send_notif(&self, _from: &str, _msg: &[u8]) -> Result<()> {
-        Err(err("notification", "gds carries no notifications"))
-    }
-
-    fn close(&self) {}
 }
 
 /// Registers a VRAM region's buffer with cuFile the first time a request needs it (once: a
@@ -715,47 +457,6 @@ fn file_handle(lib: &CuFileLib, t: &mut Tables, fd: i32) -> Result<usize> {
     }
     e.0 = Some(h as usize);
     Ok(h as usize)
-}
-
-struct GdsXfer {
-    op: XferOp,
-    ops: Arc<[IoOp]>,
-    remote_regions: Arc<[Arc<Region>]>,
-    resolved: Arc<Resolved>,
-    run: Arc<Running>,
-}
-
-impl fmt::Debug for GdsXfer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("GdsXfer")
-            .field("ops", &self.ops.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl PreparedXfer for GdsXfer {
-    fn post(&self, done: Completion) {
-        let Some(post) = Post::start(
-            self.op,
-            &self.ops,
-            &self.remote_regions,
-            done,
-            &self.run.stopping,
-        ) else {
-            return;
-        };
-        for i in 0..self.ops.len() {
-            if self
-                .run
-                .jobs
-                .send((Arc::clone(&post), i, Arc::clone(&self.resolved)))
-                .is_err()
-            {
-                post.record(Err(Error::Shutdown("gds backend stopped".into())));
-                post.finish_one();
-            }
-        }
-    }
 }
 
 /// Runs operation `i` to the end with cuFile, resuming short transfers.
@@ -826,7 +527,9 @@ mod tests {
         assert_eq!(super::compat_refusal(true, false), None);
     }
 
+    use super::cufile::{load_cufile, CuFileError};
     use super::*;
+    use nixl_core::Backend;
 
     #[test]
     fn without_the_libraries_the_probe_says_what_is_missing() {
