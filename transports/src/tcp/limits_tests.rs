@@ -115,7 +115,7 @@ fn data_connections_take_only_data_frames() {
 
 #[test]
 fn large_frames_share_one_memory_budget() {
-    let (_agent, _tb, addr) = target(TcpConfig {
+    let (_agent, tb, addr) = target(TcpConfig {
         frame_memory: 3 << 20,
         ..TcpConfig::default()
     });
@@ -127,7 +127,17 @@ fn large_frames_share_one_memory_budget() {
         s.send_all(&[0; 1000]).unwrap();
         held.push(s);
     }
-    std::thread::sleep(Duration::from_millis(200));
+    let held_now = || tb.server.lock().as_ref().unwrap().frame_bytes_held();
+    // Waits (at most 10 s: a loaded machine schedules the listener's threads late) until the
+    // listener holds `want` bytes of the budget.
+    let settle = |want: usize| {
+        let t = Instant::now();
+        while held_now() != want && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(held_now(), want, "budget held after {:?}", t.elapsed());
+    };
+    settle(3 << 20);
     // ...so a third is refused from its header.
     let s = open(addr, Purpose::Metadata);
     s.send_all(&header(wire::MD_PUSH, 3 << 19)).unwrap();
@@ -143,7 +153,7 @@ fn large_frames_share_one_memory_budget() {
     assert_eq!(ty, wire::MD);
     // A connection that ends gives its share back.
     drop(held.pop());
-    std::thread::sleep(Duration::from_millis(300));
+    settle(3 << 19);
     let s = open(addr, Purpose::Metadata);
     s.send_all(&header(wire::MD_PUSH, 3 << 19)).unwrap();
     s.send_all(&[0; 1000]).unwrap();

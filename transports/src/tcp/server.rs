@@ -257,6 +257,12 @@ impl Server {
         })
     }
 
+    /// Bytes of the `frame_memory` budget that admitted frames hold now (for tests).
+    #[cfg(test)]
+    pub(super) fn frame_bytes_held(&self) -> usize {
+        self.shared.frame_bytes.load(Ordering::Acquire)
+    }
+
     /// Stops accepting and drops every connection (their threads end soon after).
     pub(super) fn stop(&self) {
         self.shared.shut.store(true, Ordering::Release);
