@@ -18,8 +18,8 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nixl_core::{
-    Agent, BackendName, Desc, DescList, Error, MemKind, XferOp, XferOptions, XferRequest,
-    XferStatus,
+    Agent, BackendName, Desc, DescList, Error, MemKind, PreppedList, XferOp, XferOptions,
+    XferRequest, XferStatus,
 };
 use nixl_discovery::{DiscoveryError, EtcdConfig, Publication, Registry};
 use nixl_transports::config::Config;
@@ -1057,17 +1057,27 @@ impl PyAgent {
     }
 
     /// Prepares a descriptor list for `make_prepped`: `agent_name` empty means local.
-    fn prep_dlist(&self, agent_name: &str, descs: &XferDList) -> PreppedDlist {
+    fn prep_dlist(&self, py: Python<'_>, agent_name: &str, descs: &XferDList) -> PreppedDlist {
         let peer = if agent_name.is_empty() || agent_name == "NIXL_INIT_AGENT" {
             None
         } else {
             Some(agent_name.to_owned())
         };
+        let a = &self.shared.agent;
+        let core = py.allow_threads(|| {
+            let list = DescList::from_descs(descs.kind, descs.descs.clone()).ok()?;
+            let prepped = match &peer {
+                None => a.prep_local(&list),
+                Some(p) => a.prep_remote(p, &list),
+            };
+            prepped.ok().map(Arc::new)
+        });
         PreppedDlist {
             peer,
             kind: descs.kind,
-            descs: descs.descs.clone(),
+            descs: Arc::new(descs.descs.clone()),
             released: AtomicBool::new(false),
+            core,
         }
     }
 
@@ -1095,25 +1105,60 @@ impl PyAgent {
             .peer
             .clone()
             .ok_or_else(|| invalid("the remote side was prepared as local (name its agent)"))?;
-        let pick = |p: &PreppedDlist, idx: &Bound<'_, PyAny>, side: &str| -> PyResult<DescList> {
+        let pick = |p: &PreppedDlist, idx: &Bound<'_, PyAny>, side: &str| -> PyResult<Picked> {
             if p.released.load(Ordering::Acquire) {
                 return Err(invalid(format!("the {side} prepared list was released")));
             }
-            let idx = indices_from(idx)?;
-            let mut v = Vec::with_capacity(idx.len());
-            for i in idx {
-                v.push(*p.descs.get(i).ok_or_else(|| {
-                    invalid(format!(
-                        "{side} index {i} out of range (the prepared list has {})",
-                        p.descs.len()
-                    ))
-                })?);
-            }
-            list_of(p.kind, &v)
+            let n = p.descs.len();
+            let idx = indices_from(idx)?
+                .into_iter()
+                .map(|i| {
+                    // In range of the list, so it fits in u32 unless the list is longer than
+                    // the core prepares (then `core` is None and the descriptors are used).
+                    (i < n)
+                        .then(|| u32::try_from(i).unwrap_or(u32::MAX))
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "{side} index {i} out of range (the prepared list has {n})"
+                            ))
+                        })
+                })
+                .collect::<PyResult<Vec<u32>>>()?;
+            Ok(Picked {
+                kind: p.kind,
+                descs: Arc::clone(&p.descs),
+                idx,
+            })
         };
         let l = pick(local, local_idx, "local")?;
         let r = pick(remote, remote_idx, "remote")?;
         let backend = backend_of(backend)?;
+        if let (Some(lp), Some(rp)) = (&local.core, &remote.core) {
+            // From the core's prepared lists: one pass over the indices. Should that fail (a
+            // region deregistered and registered again since the list was prepared, the peer's
+            // metadata reloaded), the request is made from the descriptors below, whose answer
+            // (request or error) is the one given.
+            let opts = XferOptions {
+                notif: notif.clone().filter(|n| !n.is_empty()),
+                backend,
+                deadline: None,
+            };
+            let a = &self.shared.agent;
+            if let Ok(req) =
+                py.allow_threads(|| a.create_xfer_prepped(op, lp, &l.idx, rp, &r.idx, opts))
+            {
+                return Ok(XferReq::new(
+                    &self.shared,
+                    req,
+                    op,
+                    Lists::Picked(l, r),
+                    peer,
+                    notif,
+                    backend,
+                ));
+            }
+        }
+        let (l, r) = (l.list()?, r.list()?);
         XferReq::create(py, &self.shared, op, l, r, peer, notif, backend)
     }
 
@@ -1150,8 +1195,13 @@ struct PreppedDlist {
     /// The remote agent; `None` for the local side.
     peer: Option<String>,
     kind: MemKind,
-    descs: Vec<Desc>,
+    descs: Arc<Vec<Desc>>,
     released: AtomicBool,
+    /// The list prepared in the core (`prep_local` / `prep_remote`) when that succeeded at
+    /// `prep_dlist` time: requests are then made by index in one pass with no region lookups.
+    /// `None` (memory not registered yet, the peer not loaded yet): requests are made from the
+    /// descriptors, checked when they are made, as before.
+    core: Option<Arc<PreppedList>>,
 }
 
 #[pymethods]
@@ -1186,8 +1236,8 @@ struct Telemetry {
 struct XState {
     req: Option<Arc<XferRequest>>,
     op: XferOp,
-    local: DescList,
-    remote: DescList,
+    /// What the request moves (to make it again with another notification).
+    lists: Lists,
     peer: String,
     notif: Option<Vec<u8>>,
     backend: Option<BackendName>,
@@ -1231,9 +1281,8 @@ impl XferReq {
         notif: Option<Vec<u8>>,
         backend: Option<BackendName>,
     ) -> PyResult<XferReq> {
-        let notif = notif.filter(|n| !n.is_empty());
         let opts = XferOptions {
-            notif: notif.clone(),
+            notif: notif.clone().filter(|n| !n.is_empty()),
             backend,
             deadline: None,
         };
@@ -1241,13 +1290,33 @@ impl XferReq {
         let req = py
             .allow_threads(|| a.create_xfer(op, &local, &remote, &peer, opts))
             .map_err(err)?;
-        Ok(XferReq {
+        Ok(XferReq::new(
+            shared,
+            req,
+            op,
+            Lists::Built(local, remote),
+            peer,
+            notif,
+            backend,
+        ))
+    }
+
+    fn new(
+        shared: &Arc<Shared>,
+        req: XferRequest,
+        op: XferOp,
+        lists: Lists,
+        peer: String,
+        notif: Option<Vec<u8>>,
+        backend: Option<BackendName>,
+    ) -> XferReq {
+        let notif = notif.filter(|n| !n.is_empty());
+        XferReq {
             shared: Arc::clone(shared),
             st: Mutex::new(XState {
                 req: Some(Arc::new(req)),
                 op,
-                local,
-                remote,
+                lists,
                 peer,
                 notif,
                 backend,
@@ -1256,7 +1325,40 @@ impl XferReq {
                 done_us: None,
                 samples: std::collections::VecDeque::new(),
             }),
-        })
+        }
+    }
+}
+
+/// One side of a request made by index from a prepared list.
+#[derive(Debug)]
+struct Picked {
+    kind: MemKind,
+    descs: Arc<Vec<Desc>>,
+    idx: Vec<u32>,
+}
+
+impl Picked {
+    /// The descriptors the indices pick, as a list.
+    fn list(&self) -> PyResult<DescList> {
+        let v: Vec<Desc> = self.idx.iter().map(|&i| self.descs[i as usize]).collect();
+        list_of(self.kind, &v)
+    }
+}
+
+/// What a request moves: lists, or indices into prepared lists (made into lists only when the
+/// request must be made again).
+#[derive(Debug)]
+enum Lists {
+    Built(DescList, DescList),
+    Picked(Picked, Picked),
+}
+
+impl Lists {
+    fn get(&self) -> PyResult<(DescList, DescList)> {
+        match self {
+            Lists::Built(l, r) => Ok((l.clone(), r.clone())),
+            Lists::Picked(l, r) => Ok((l.list()?, r.list()?)),
+        }
     }
 }
 
@@ -1302,14 +1404,8 @@ impl XferReq {
                 if st.notif.as_deref() == Some(n) {
                     (false, st.op, None, None, String::new(), None)
                 } else {
-                    (
-                        true,
-                        st.op,
-                        Some(st.local.clone()),
-                        Some(st.remote.clone()),
-                        st.peer.clone(),
-                        st.backend,
-                    )
+                    let (l, r) = st.lists.get()?;
+                    (true, st.op, Some(l), Some(r), st.peer.clone(), st.backend)
                 }
             };
             if changed {
