@@ -112,6 +112,12 @@ pub mod shm;
 pub mod tcp;
 pub mod units;
 mod unix;
+/// Unix-socket plumbing the agent's pool socket shares with `shm` and `cuda`: descriptors
+/// passed with SCM_RIGHTS and the peer's credentials. Not a stable API.
+#[doc(hidden)]
+pub mod unix_socket {
+    pub use crate::unix::{peer_cred, recv_with_fds, send_with_fd};
+}
 pub mod uring;
 
 use std::sync::Arc;

@@ -94,7 +94,7 @@ pub(crate) fn cvt(r: libc::c_long) -> io::Result<usize> {
 }
 
 /// The (pid, uid) of the process at the other end of a Unix socket.
-pub(crate) fn peer_cred(s: &UnixStream) -> io::Result<(i32, u32)> {
+pub fn peer_cred(s: &UnixStream) -> io::Result<(i32, u32)> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -129,7 +129,7 @@ pub(crate) fn boot_id() -> String {
 }
 
 /// Sends `data` with `fd` attached to its first byte (SCM_RIGHTS).
-pub(crate) fn send_with_fd(s: &UnixStream, data: &[u8], fd: RawFd) -> io::Result<()> {
+pub fn send_with_fd(s: &UnixStream, data: &[u8], fd: RawFd) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -169,11 +169,7 @@ pub(crate) fn send_with_fd(s: &UnixStream, data: &[u8], fd: RawFd) -> io::Result
 }
 
 /// Receives into `buf`, keeping any fds that came with the bytes. Returns bytes read (0 = EOF).
-pub(crate) fn recv_with_fds(
-    s: &UnixStream,
-    buf: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
-) -> io::Result<usize> {
+pub fn recv_with_fds(s: &UnixStream, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
