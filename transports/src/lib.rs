@@ -106,6 +106,7 @@ pub mod gds;
 pub mod limits;
 pub mod local;
 pub mod object;
+mod owner;
 pub mod posix;
 pub mod rdma;
 pub mod shm;

@@ -189,6 +189,7 @@ use nixl_core::{
 use parking_lot::Mutex;
 
 use crate::control::{ControlChannel, ControlService};
+use crate::owner::Clients;
 use conn::*;
 use handles::{Ctl, MAX_CTL_NOTIF};
 
@@ -513,7 +514,7 @@ struct Inner {
     devices: Mutex<HashMap<i32, Arc<DevState>>>,
     jobs: Mutex<Option<crossbeam_channel::Sender<Job>>>,
     shut: AtomicBool,
-    conns: Mutex<Vec<Weak<Conn>>>,
+    conns: Clients<Conn>,
     stager: OnceLock<std::result::Result<Arc<staging::CudaStager>, String>>,
     node: Option<NodeOverride>,
     local_fabric: OnceLock<LocalFabric>,
@@ -573,7 +574,7 @@ impl CudaBackend {
                 devices: Mutex::new(HashMap::new()),
                 jobs: Mutex::new(None),
                 shut: AtomicBool::new(false),
-                conns: Mutex::new(Vec::new()),
+                conns: Clients::default(),
                 stager: OnceLock::new(),
                 node,
                 local_fabric: OnceLock::new(),
@@ -1024,9 +1025,8 @@ impl Inner {
     ) -> std::result::Result<Vec<u8>, String> {
         let conns: Vec<Arc<Conn>> = self
             .conns
-            .lock()
-            .iter()
-            .filter_map(Weak::upgrade)
+            .live()
+            .into_iter()
             .filter(|c| c.instance == instance)
             .collect();
         // Only the agent we connected to under that instance may revoke (dropping an import
@@ -1330,9 +1330,7 @@ impl Backend for CudaBackend {
             peer_devices: info.devices,
             closed: Arc::new(AtomicBool::new(false)),
         });
-        let mut conns = self.inner.conns.lock();
-        conns.retain(|w| w.strong_count() > 0);
-        conns.push(Arc::downgrade(&conn));
+        self.inner.conns.add(&conn);
         Ok(conn)
     }
 
@@ -1340,10 +1338,8 @@ impl Backend for CudaBackend {
         if self.inner.shut.swap(true, Ordering::AcqRel) {
             return;
         }
-        for c in self.inner.conns.lock().drain(..) {
-            if let Some(c) = c.upgrade() {
-                c.close();
-            }
+        for c in self.inner.conns.drain() {
+            c.close();
         }
         if let Some(s) = self.inner.server.lock().take() {
             s.shutdown();

@@ -77,10 +77,10 @@ mod sys;
 #[doc(hidden)] // for the fuzz targets (fuzz/): the frames a peer sends on the socket
 pub mod wire;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
@@ -98,6 +98,7 @@ use sys::{Cma, Span};
 use wire::{Frame, Framer, Status, WireSeg};
 
 use crate::copy::{CopyOp, CopyPlan, CopyPool, INLINE_MAX};
+use crate::owner::{Clients, Peers};
 
 /// Settings of the `shm` backend.
 #[derive(Clone, Debug)]
@@ -142,26 +143,15 @@ pub struct ShmBackend {
 }
 
 #[derive(Debug)]
-struct ServerConn {
-    writer: Arc<Mutex<UnixStream>>,
-}
-
-#[derive(Debug)]
 struct Inner {
     cfg: ShmConfig,
     target: OnceLock<TargetHandle>,
     path: OnceLock<PathBuf>,
     shut: AtomicBool,
-    next_conn: AtomicU64,
-    /// Connections peers opened to us.
-    served: Mutex<HashMap<u64, ServerConn>>,
-    /// Region key -> connections that mapped it.
-    granted: Mutex<HashMap<u64, HashSet<u64>>>,
-    /// (connection, key) pairs whose revocation was acknowledged.
-    acks: Mutex<HashSet<(u64, u64)>>,
-    acks_cv: Condvar,
+    /// Connections peers opened to us, and which mapped which region (by key).
+    peers: Peers<u64>,
     /// Connections we opened to peers.
-    clients: Mutex<Vec<Weak<Conn>>>,
+    clients: Clients<Conn>,
     /// Connection -> the grant table we gave it.
     grant_tables: Mutex<HashMap<u64, TableSlots>>,
     /// Region key -> the cross-memory grants given on it: (connection, slot).
@@ -177,12 +167,8 @@ impl ShmBackend {
                 target: OnceLock::new(),
                 path: OnceLock::new(),
                 shut: AtomicBool::new(false),
-                next_conn: AtomicU64::new(1),
-                served: Mutex::new(HashMap::new()),
-                granted: Mutex::new(HashMap::new()),
-                acks: Mutex::new(HashSet::new()),
-                acks_cv: Condvar::new(),
-                clients: Mutex::new(Vec::new()),
+                peers: Peers::default(),
+                clients: Clients::default(),
                 grant_tables: Mutex::new(HashMap::new()),
                 cma_grants: Mutex::new(HashMap::new()),
             }),
@@ -298,25 +284,23 @@ impl Backend for ShmBackend {
     fn start(&self, target: TargetHandle) -> Result<()> {
         sys::allow_any_ptracer();
         let dir = &self.inner.cfg.socket_dir;
-        crate::unix::secure_socket_dir(dir, "shm")?;
         let path = dir.join(format!(
             "{}-{:032x}.sock",
             sanitize(target.name()),
             target.instance_id()
         ));
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)
-            .map_err(|e| Error::io(format!("shm: bind {}", path.display()), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("shm: listener", e))?;
+        let listener = crate::owner::bind(dir, &path, "shm")?;
         let _ = self.inner.target.set(target);
         let _ = self.inner.path.set(path);
-        let inner = Arc::clone(&self.inner);
-        std::thread::Builder::new()
-            .name("nixl-shm-accept".into())
-            .spawn(move || accept_loop(inner, listener))
-            .map_err(|e| Error::io("shm: spawn accept thread", e))?;
+        let (inner, inner2) = (Arc::clone(&self.inner), Arc::clone(&self.inner));
+        crate::owner::spawn_accept(
+            listener,
+            "shm",
+            "nixl-shm-accept",
+            "nixl-shm-serve",
+            move || inner.shut.load(Ordering::Acquire),
+            move |stream| serve(&inner2, stream),
+        )?;
         Ok(())
     }
 
@@ -374,9 +358,7 @@ impl Backend for ShmBackend {
             reason,
         })?;
         let conn = Conn::open(&self.inner, peer.name, &info)?;
-        let mut clients = self.inner.clients.lock();
-        clients.retain(|w| w.strong_count() > 0);
-        clients.push(Arc::downgrade(&conn));
+        self.inner.clients.add(&conn);
         Ok(conn)
     }
 
@@ -384,15 +366,11 @@ impl Backend for ShmBackend {
         if self.inner.shut.swap(true, Ordering::AcqRel) {
             return;
         }
-        for c in self.inner.clients.lock().drain(..) {
-            if let Some(c) = c.upgrade() {
-                c.end_all_early(&Error::Cancelled);
-                c.mark_closed("agent shut down");
-            }
+        for c in self.inner.clients.drain() {
+            c.end_all_early(&Error::Cancelled);
+            c.mark_closed("agent shut down");
         }
-        for (_, s) in self.inner.served.lock().drain() {
-            let _ = s.writer.lock().shutdown(std::net::Shutdown::Both);
-        }
+        self.inner.peers.close_all();
         if let Some(p) = self.inner.path.get() {
             let _ = std::fs::remove_file(p);
         }
@@ -402,41 +380,6 @@ impl Backend for ShmBackend {
 // ---------------------------------------------------------------------------------------------
 // Target side.
 
-fn accept_loop(inner: Arc<Inner>, listener: UnixListener) {
-    while !inner.shut.load(Ordering::Acquire) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let inner = Arc::clone(&inner);
-                let spawned = std::thread::Builder::new()
-                    .name("nixl-shm-serve".into())
-                    .spawn(move || {
-                        if let Err(e) = serve(&inner, stream) {
-                            tracing::debug!(error = %e, "shm: connection ended");
-                        }
-                    });
-                if let Err(e) = spawned {
-                    tracing::error!(error = %e, "shm: cannot serve a connection");
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Sleep in poll(2) until a peer connects (at once) or 200 ms pass (to look at
-                // `shut`): an idle agent wakes 5 times a second here, not 100.
-                let mut pfd = libc::pollfd {
-                    fd: listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd on our own listening socket, for the call's duration.
-                unsafe { libc::poll(&mut pfd, 1, 200) };
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "shm: accept failed");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
 fn send(w: &Mutex<UnixStream>, f: &Frame) -> io::Result<()> {
     let bytes = f.encode();
     w.lock().write_all(&bytes)
@@ -444,34 +387,17 @@ fn send(w: &Mutex<UnixStream>, f: &Frame) -> io::Result<()> {
 
 /// Serves one connection a peer opened to us, until it closes.
 fn serve(inner: &Arc<Inner>, stream: UnixStream) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    let (cred_pid, cred_uid) = sys::peer_cred(&stream)?;
-    if cred_uid != sys::uid() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("peer uid {cred_uid} is not ours"),
-        ));
-    }
+    let cred_pid = crate::owner::admit(&stream)?;
     let target = inner
         .target
         .get()
         .cloned()
         .ok_or_else(|| io::Error::other("not started"))?;
-    let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
-    inner.served.lock().insert(
-        id,
-        ServerConn {
-            writer: Arc::clone(&writer),
-        },
-    );
+    let id = inner.peers.join(Arc::clone(&writer));
     let result = serve_frames(inner, &target, &stream, &writer, id, cred_pid);
-    inner.served.lock().remove(&id);
-    for conns in inner.granted.lock().values_mut() {
-        conns.remove(&id);
-    }
+    inner.peers.leave(id);
     inner.end_grants(id);
-    inner.acks_cv.notify_all();
     result
 }
 
@@ -545,8 +471,7 @@ fn serve_frames(
                 }
             }
             Frame::RevokeAck { key } => {
-                inner.acks.lock().insert((conn_id, key));
-                inner.acks_cv.notify_all();
+                inner.peers.acked(conn_id, key);
             }
             Frame::GrantReq { id, addr, len, key } => {
                 let peer = (conn_id, peer_pid);
@@ -785,7 +710,7 @@ fn grant_map(
             None
         }
         Some(Ok(())) => {
-            inner.granted.lock().entry(key).or_default().insert(conn_id);
+            inner.peers.record(conn_id, key);
             None
         }
     }
@@ -794,39 +719,21 @@ fn grant_map(
 impl Inner {
     /// Revokes every peer's mapping of the region with `key` and waits (bounded) for them.
     fn revoke(&self, key: u64) {
-        let conns = self.granted.lock().remove(&key).unwrap_or_default();
-        if conns.is_empty() {
-            return;
+        let report = self.peers.revoke(
+            key,
+            |_, w| {
+                let _ = send(w, &Frame::Revoke { key });
+            },
+            Instant::now() + self.cfg.revoke_timeout,
+            || self.shut.load(Ordering::Acquire),
+        );
+        if report.late > 0 {
+            tracing::warn!(
+                key,
+                peers = report.late,
+                "shm: peers did not give up a mapping of a deregistered region in time"
+            );
         }
-        for c in &conns {
-            let writer = self.served.lock().get(c).map(|s| Arc::clone(&s.writer));
-            if let Some(w) = writer {
-                let _ = send(&w, &Frame::Revoke { key });
-            }
-        }
-        let deadline = Instant::now() + self.cfg.revoke_timeout;
-        let mut acks = self.acks.lock();
-        loop {
-            let served = self.served.lock();
-            let waiting: Vec<u64> = conns
-                .iter()
-                .copied()
-                .filter(|c| served.contains_key(c) && !acks.contains(&(*c, key)))
-                .collect();
-            drop(served);
-            if waiting.is_empty() {
-                break;
-            }
-            if self.acks_cv.wait_until(&mut acks, deadline).timed_out() {
-                tracing::warn!(
-                    key,
-                    peers = waiting.len(),
-                    "shm: peers did not give up a mapping of a deregistered region in time"
-                );
-                break;
-            }
-        }
-        acks.retain(|(_, k)| *k != key);
     }
 }
 
@@ -2017,6 +1924,7 @@ impl PreparedXfer for MappedXfer {
 mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
+    use std::os::unix::net::UnixListener;
 
     #[test]
     fn conn_info_round_trips_and_garbage_is_refused() {

@@ -46,10 +46,10 @@
 //! reply, and every write on either side has that timeout, so a dead or stuck owner or peer is a
 //! clear error, never a hang.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -59,6 +59,8 @@ use nixl_core::codec::Reader;
 use nixl_core::region::{enter_all, leave_all, AccessGate, Ticket};
 use nixl_core::{BackendName, DecodeError, Desc, Error, Result};
 use parking_lot::{Condvar, Mutex};
+
+use crate::owner::Peers;
 
 mod client;
 mod imports;

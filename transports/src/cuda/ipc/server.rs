@@ -40,18 +40,7 @@ pub trait GrantSource: Send + Sync {
     fn notify(&self, from: &str, msg: Vec<u8>);
 }
 
-/// The outcome of [`IpcServer::revoke`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RevokeReport {
-    /// Connections that had imported the region.
-    pub peers: usize,
-    /// Those that acknowledged in time.
-    pub acked: usize,
-    /// Those whose connection had ended or ended meanwhile (skipped).
-    pub gone: usize,
-    /// Those still silent at the deadline (reported; the owner went on).
-    pub late: usize,
-}
+pub use crate::owner::RevokeReport;
 
 /// A region as the owner published it, with its key.
 type RegionId = (Desc, u64);
@@ -60,14 +49,8 @@ type RegionId = (Desc, u64);
 pub(super) struct ServerShared {
     path: PathBuf,
     shut: AtomicBool,
-    /// Writers of the live connections (the serving thread answers, `revoke` sends Revoke).
-    conns: Mutex<HashMap<u64, Arc<Mutex<UnixStream>>>>,
-    next: AtomicU64,
-    /// Which connections imported which region.
-    imports: Mutex<HashMap<RegionId, HashSet<u64>>>,
-    /// Revocations in progress: (connection, region) → acknowledged.
-    pub(super) revokes: Mutex<HashMap<(u64, RegionId), bool>>,
-    revoke_cv: Condvar,
+    /// The live connections, what each imported, the revocations in progress.
+    pub(super) peers: Peers<RegionId>,
     /// Write timeout of every connection.
     io_timeout: Duration,
 }
@@ -88,29 +71,23 @@ impl IpcServer {
         source: Weak<dyn GrantSource>,
         io_timeout: Duration,
     ) -> Result<IpcServer> {
-        crate::unix::secure_socket_dir(dir, "cuda")?;
         let path = dir.join(file);
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)
-            .map_err(|e| Error::io(format!("cuda: bind {}", path.display()), e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("cuda: listener", e))?;
+        let listener = crate::owner::bind(dir, &path, "cuda")?;
         let shared = Arc::new(ServerShared {
             path,
             shut: AtomicBool::new(false),
-            conns: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
-            imports: Mutex::new(HashMap::new()),
-            revokes: Mutex::new(HashMap::new()),
-            revoke_cv: Condvar::new(),
+            peers: Peers::default(),
             io_timeout: io_timeout.max(Duration::from_millis(1)),
         });
-        let sh = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("nixl-cuda-ipc".into())
-            .spawn(move || accept_loop(sh, listener, source))
-            .map_err(|e| Error::io("cuda: spawn the socket thread", e))?;
+        let (sh, sh2) = (Arc::clone(&shared), Arc::clone(&shared));
+        crate::owner::spawn_accept(
+            listener,
+            "cuda",
+            "nixl-cuda-ipc",
+            "nixl-cuda-serve",
+            move || sh.shut.load(Ordering::Acquire),
+            move |stream| serve(&sh2, stream, &source),
+        )?;
         Ok(IpcServer { shared })
     }
 
@@ -121,11 +98,7 @@ impl IpcServer {
 
     /// Connections that imported `region` (with key `key`) and have not given it up.
     pub fn importers(&self, region: &Desc, key: u64) -> usize {
-        self.shared
-            .imports
-            .lock()
-            .get(&(*region, key))
-            .map_or(0, HashSet::len)
+        self.shared.peers.importers(&(*region, key))
     }
 
     /// Revokes every peer's import of `region` (with key `key`): sends Revoke to each connection
@@ -133,67 +106,21 @@ impl IpcServer {
     /// Peers still silent then are logged and counted in [`RevokeReport::late`].
     pub fn revoke(&self, region: &Desc, key: u64, timeout: Duration) -> RevokeReport {
         let sh = &self.shared;
-        let id: RegionId = (*region, key);
-        let holders: Vec<u64> = sh
-            .imports
-            .lock()
-            .remove(&id)
-            .map(|s| s.into_iter().collect())
-            .unwrap_or_default();
-        let mut report = RevokeReport {
-            peers: holders.len(),
-            ..RevokeReport::default()
-        };
-        if holders.is_empty() {
-            return report;
-        }
-        let deadline = Instant::now() + timeout;
-        {
-            // Registered before sending, so that an answer cannot come before its slot.
-            let mut r = sh.revokes.lock();
-            for c in &holders {
-                r.insert((*c, id), false);
-            }
-        }
         let frame = Frame::Revoke {
             region: *region,
             key,
         }
         .encode();
-        for c in &holders {
-            let w = sh.conns.lock().get(c).cloned();
-            if let Some(w) = w {
-                if let Err(e) = write_frame(&w, &frame, None) {
+        let report = sh.peers.revoke(
+            (*region, key),
+            |c, w| {
+                if let Err(e) = write_frame(w, &frame, None) {
                     tracing::debug!(conn = c, error = %e, "cuda: sending a revocation failed");
                 }
-            }
-        }
-        let mut r = sh.revokes.lock();
-        loop {
-            let waiting = {
-                let conns = sh.conns.lock();
-                holders
-                    .iter()
-                    .filter(|c| conns.contains_key(c) && r.get(&(**c, id)) == Some(&false))
-                    .count()
-            };
-            if waiting == 0 || sh.shut.load(Ordering::Acquire) {
-                break;
-            }
-            if sh.revoke_cv.wait_until(&mut r, deadline).timed_out() {
-                break;
-            }
-        }
-        let conns = sh.conns.lock();
-        for c in &holders {
-            match r.remove(&(*c, id)) {
-                Some(true) => report.acked += 1,
-                _ if !conns.contains_key(c) => report.gone += 1,
-                _ => report.late += 1,
-            }
-        }
-        drop(conns);
-        drop(r);
+            },
+            Instant::now() + timeout,
+            || sh.shut.load(Ordering::Acquire),
+        );
         if report.late > 0 {
             metrics::counter!("nixl_cuda_revoke_timeouts_total").increment(report.late as u64);
             tracing::warn!(
@@ -211,10 +138,7 @@ impl IpcServer {
         if self.shared.shut.swap(true, Ordering::AcqRel) {
             return;
         }
-        for (_, c) in self.shared.conns.lock().drain() {
-            let _ = c.lock().shutdown(std::net::Shutdown::Both);
-        }
-        self.shared.revoke_cv.notify_all();
+        self.shared.peers.close_all();
         let _ = std::fs::remove_file(&self.shared.path);
     }
 }
@@ -225,47 +149,11 @@ impl Drop for IpcServer {
     }
 }
 
-fn accept_loop(sh: Arc<ServerShared>, listener: UnixListener, source: Weak<dyn GrantSource>) {
-    while !sh.shut.load(Ordering::Acquire) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let sh2 = Arc::clone(&sh);
-                let source = source.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("nixl-cuda-serve".into())
-                    .spawn(move || {
-                        if let Err(e) = serve(&sh2, stream, &source) {
-                            tracing::debug!(error = %e, "cuda: socket connection ended");
-                        }
-                    });
-                if let Err(e) = spawned {
-                    tracing::error!(error = %e, "cuda: cannot serve a connection");
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cuda: accept failed");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
 fn serve(sh: &ServerShared, stream: UnixStream, source: &Weak<dyn GrantSource>) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    let (_, cred_uid) = peer_cred(&stream)?;
-    if cred_uid != uid() {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("peer uid {cred_uid} is not ours"),
-        ));
-    }
+    crate::owner::admit(&stream)?;
     stream.set_write_timeout(Some(sh.io_timeout))?;
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
-    let id = sh.next.fetch_add(1, Ordering::Relaxed);
-    sh.conns.lock().insert(id, Arc::clone(&writer));
+    let id = sh.peers.join(Arc::clone(&writer));
     let result = if sh.shut.load(Ordering::Acquire) {
         Ok(())
     } else {
@@ -274,22 +162,8 @@ fn serve(sh: &ServerShared, stream: UnixStream, source: &Weak<dyn GrantSource>) 
     // The connection is over: nothing it imported is tracked any more (the peer gives its
     // mappings up when it sees the end), and a revocation waiting for it goes on.
     let _ = stream.shutdown(std::net::Shutdown::Both);
-    sh.conns.lock().remove(&id);
-    sh.imports.lock().retain(|_, conns| {
-        conns.remove(&id);
-        !conns.is_empty()
-    });
-    let _r = sh.revokes.lock();
-    sh.revoke_cv.notify_all();
+    sh.peers.leave(id);
     result
-}
-
-fn record(sh: &ServerShared, conn: u64, region: &Desc, key: u64) {
-    sh.imports
-        .lock()
-        .entry((*region, key))
-        .or_default()
-        .insert(conn);
 }
 
 fn serve_frames(
@@ -334,7 +208,7 @@ fn serve_frames(
                 Ok(g) => {
                     // Recorded and answered while the region is held: a deregistration waits
                     // for both and then finds this import.
-                    record(sh, conn, &region, key);
+                    sh.peers.record(conn, (region, key));
                     let f = Frame::Granted {
                         id,
                         alloc_size: g.alloc_size,
@@ -346,7 +220,7 @@ fn serve_frames(
             },
             Frame::Opened { id, region, key } => match src.opened(&region, key) {
                 Ok(hold) => {
-                    record(sh, conn, &region, key);
+                    sh.peers.record(conn, (region, key));
                     write_frame(writer, &Frame::Ack { id }.encode(), None)?;
                     drop(hold);
                 }
@@ -358,11 +232,7 @@ fn serve_frames(
             }
             Frame::Revoked { region, key } => {
                 // Only an answer to a revocation in progress counts; others are ignored.
-                let mut r = sh.revokes.lock();
-                if let Some(acked) = r.get_mut(&(conn, (region, key))) {
-                    *acked = true;
-                    sh.revoke_cv.notify_all();
-                }
+                sh.peers.acked(conn, (region, key));
             }
             other => {
                 return Err(io::Error::new(
