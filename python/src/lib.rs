@@ -727,12 +727,10 @@ impl PyAgent {
         }
         let mut config = Config::from_toml(config_toml).map_err(err)?;
         if let Some(port) = listen_port {
-            if config.tcp.listen.is_none() {
-                config.tcp.listen = Some(format!("0.0.0.0:{port}"));
-            }
-            if config.tcp.accept_pushes.is_none() {
-                config.tcp.accept_pushes = Some(true);
-            }
+            config
+                .tcp
+                .listen_unless_set(format!("0.0.0.0:{port}"))
+                .accept_pushes_unless_set(true);
             if let Some(list) = &mut config.backends {
                 if !list.iter().any(|b| b == "tcp") {
                     list.push("tcp".into());

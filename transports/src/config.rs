@@ -165,7 +165,7 @@ pub struct Config {
     pub tls: TlsSection,
     /// `[shm]`.
     #[serde(default)]
-    pub shm: ShmSection,
+    pub shm: ShmConfig,
     /// `[uring]`.
     #[serde(default)]
     pub uring: UringConfig,
@@ -210,6 +210,28 @@ pub struct TcpSection {
     pub max_conns_per_ip: Option<usize>,
     pub idle_timeout_ms: Option<u64>,
     pub frame_memory: Option<usize>,
+}
+
+impl TcpSection {
+    /// Listens on `addr` (`host:port`), unless the document named an address.
+    pub fn listen_unless_set(&mut self, addr: impl Into<String>) -> &mut TcpSection {
+        self.listen.get_or_insert_with(|| addr.into());
+        self
+    }
+
+    /// Listens on `addr` when it is given, in place of the document's address.
+    pub fn listen_on(&mut self, addr: Option<String>) -> &mut TcpSection {
+        if addr.is_some() {
+            self.listen = addr;
+        }
+        self
+    }
+
+    /// Accepts pushes (`accept_pushes = accept`) unless the document said otherwise.
+    pub fn accept_pushes_unless_set(&mut self, accept: bool) -> &mut TcpSection {
+        self.accept_pushes.get_or_insert(accept);
+        self
+    }
 }
 
 /// `[auth]`.
@@ -319,16 +341,6 @@ pub struct AgentSection {
     pub notif_queue_bytes: Option<usize>,
 }
 
-/// `[shm]`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShmSection {
-    pub socket_dir: Option<PathBuf>,
-    pub op_timeout_ms: Option<u64>,
-    pub allow_map: Option<bool>,
-    pub cma_grants: Option<bool>,
-}
-
 /// Deserializers for the units settings are written in; the backends' config structs name them
 /// in `#[serde(deserialize_with = ...)]`, so each setting is declared once, in its backend.
 pub(crate) mod de {
@@ -431,17 +443,7 @@ impl Config {
 
     /// The `shm` backend's settings.
     pub fn shm_config(&self) -> ShmConfig {
-        let d = ShmConfig::default();
-        ShmConfig {
-            socket_dir: self.shm.socket_dir.clone().unwrap_or(d.socket_dir),
-            op_timeout: self
-                .shm
-                .op_timeout_ms
-                .map_or(d.op_timeout, Duration::from_millis),
-            allow_map: self.shm.allow_map.unwrap_or(d.allow_map),
-            cma_grants: self.shm.cma_grants.unwrap_or(d.cma_grants),
-            ..d
-        }
+        self.shm.clone()
     }
 
     /// The `uring` backend's settings.

@@ -184,9 +184,7 @@ fn agent(
     {
         b.push("object".into());
     }
-    if listen.is_some() {
-        cfg.tcp.listen = listen;
-    }
+    cfg.tcp.listen_on(listen);
     let tcp = Arc::new(TcpBackend::new(
         cfg.tcp_config()
             .map_err(|e| Error::core("config [tcp]", e))?,
