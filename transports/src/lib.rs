@@ -29,6 +29,7 @@
 //! limits.rs           process limits (locked memory, open files) with the fix in the error text
 //! units.rs            parse_size: sizes as written in files and on command lines
 //! unix.rs             Unix-socket plumbing (fd passing, peer credentials) for shm and cuda
+//! owner.rs            the owner's socket of shm and cuda: accept, admit, who imported what, revoke
 //! copy/mod.rs         CPU copy kernels (memcpy, streaming stores, the 4K-aliasing loop)
 //! copy/pool.rs        the copy thread pool that runs big copies in pieces (local, shm)
 //! files/mod.rs        the file backends' shared layer (posix, uring, gds)
@@ -43,7 +44,13 @@
 //! uring/fixed.rs        the fixed-file and registered-buffer tables
 //! gds/mod.rs          `gds`: the engine, VRAM <-> FILE through cuFile
 //! gds/cufile.rs         libcufile, loaded at run time
-//! shm/mod.rs          `shm`: between processes of one node (server, client, the two paths)
+//! shm/mod.rs          `shm`: between processes of one node: the backend, what it publishes
+//! shm/config.rs         ShmConfig, the [shm] section
+//! shm/serve.rs          the target's side: Ops carried out, mappings granted and revoked
+//! shm/split.rs          big cross-memory copies cut over the copy pool
+//! shm/grants.rs         cross-memory grant tables (both sides)
+//! shm/conn.rs           the initiator's connection, its reader thread, mappings and grants
+//! shm/xfer.rs           the initiator's prepared transfers (granted, round trip, mapped)
 //! shm/buffer.rs         ShmBuffer, memfd-backed host memory a peer may map
 //! shm/sys.rs            the syscalls (process_vm_readv/writev, mmap, memfd)
 //! shm/wire.rs           the frames on its Unix socket
@@ -57,9 +64,16 @@
 //! tcp/wire.rs           the frames
 //! tcp/client.rs         the initiator: chunked, pipelined posts
 //! tcp/server.rs         the target: listener and connection threads
-//! object/mod.rs       `object`: DRAM <-> OBJECT in S3-compatible stores
+//! object/mod.rs       `object`: DRAM <-> OBJECT in S3-compatible stores: the backend
+//! object/config.rs      ObjectConfig (the [object] section), ObjectName
+//! object/conn.rs        a request cut into ranged GETs and objects to write
+//! object/post.rs        a post in progress and its reads
+//! object/upload.rs      writes: single PUT or multipart upload
 //! object/s3.rs          the small S3 client (HTTP/1.1, SigV4, TLS)
-//! cuda/mod.rs         `cuda`: the backend, registration, revocation, fabric
+//! cuda/mod.rs         `cuda`: the backend
+//! cuda/config.rs        CudaConfig, the [cuda] section
+//! cuda/register.rs      registering device memory, the completion thread, socket grants
+//! cuda/remote.rs        peers on other nodes: fabric domains, announcements, revocations
 //! cuda/conn.rs          a connection to a peer: resolving, planning and posting transfers
 //! cuda/driver/mod.rs    the CUDA driver API, loaded at run time (the unsafe bottom): the probe
 //! cuda/driver/sys.rs      types, constants, C structs, the entry-point tables
@@ -69,7 +83,9 @@
 //! cuda/driver/gather.rs   the gather kernel
 //! cuda/alloc.rs         device buffers (VMM, legacy) for tests and benches
 //! cuda/copy.rs          the batched copy planner and executor (gather kernel: gather.ptx)
-//! cuda/handles.rs       what cuda publishes: devices, NVLink domains, region handles
+//! cuda/handles/mod.rs   what cuda publishes: devices, NVLink domains, region handles
+//! cuda/handles/ctl.rs     the cross-node control messages
+//! cuda/handles/plan.rs    cutting a registered range into exportable chunks
 //! cuda/ipc/mod.rs       the owner socket's wire format
 //! cuda/ipc/server.rs      the owner's side: grants, imports recorded, revocation
 //! cuda/ipc/client.rs      the importer's side: a connection with its reader thread
