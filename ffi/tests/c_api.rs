@@ -24,16 +24,17 @@
 //! Each runs once plainly and once under valgrind with smaller sizes, where an invalid access or
 //! a definite leak fails the test (valgrind exits 99). A C program exits 0 when it passed, 1 with
 //! the reason on stderr when it failed, and 77 when the backend it tests cannot run on this host
-//! (a visible SKIP, or a failure under `NIXL_REQUIRE_C_TESTS=1`).
+//! (a visible skip through `nixl_testkit::require!`, or a failure under `NIXL_REQUIRE_C_TESTS=1` or
+//! `NIXL_REQUIRE_ALL=1`).
 //!
 //! Linking: `peer` links the static library `libnixl.a` (with `-lpthread -ldl -lm`), `misuse`,
 //! `threads` and `files` link `libnixl.so` (with an rpath to its directory), so that both artifacts C
 //! users get are exercised: the static one for missing native libraries, the shared one for its
 //! exported symbols.
 //!
-//! Without a C compiler or valgrind the tests print `SKIP: <reason>` (on the real stderr, so it
-//! shows even when the output is captured) and pass, unless `NIXL_REQUIRE_C_TESTS=1` (CI), which
-//! makes them fail instead. `CC` overrides the compiler (`cc`). Each run gets a fresh directory
+//! Without a C compiler or valgrind the tests skip with `nixl_testkit::require!` (`SKIPPED
+//! <test>: <reason>` on the real stderr, so it shows even when the output is captured) and pass,
+//! unless `NIXL_REQUIRE_C_TESTS=1` or `NIXL_REQUIRE_ALL=1` (CI), which make them fail instead. `CC` overrides the compiler (`cc`). Each run gets a fresh directory
 //! under the temp dir (the shm backend's socket_dir and the metadata files), removed when the run
 //! passes and kept (its path printed) when it fails.
 
@@ -71,13 +72,9 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// Skips (visibly), or fails when `NIXL_REQUIRE_C_TESTS=1`.
-fn skip(reason: &str) {
-    if std::env::var("NIXL_REQUIRE_C_TESTS").is_ok_and(|v| v == "1") {
-        panic!("NIXL_REQUIRE_C_TESTS=1 and the C tests cannot run: {reason}");
-    }
-    say(&format!("SKIP: {reason}"));
-}
+/// The variable that makes a C test that cannot run fail instead of skipping (besides
+/// `NIXL_REQUIRE_ALL`; see `nixl_testkit::require!`).
+const REQUIRE_C: &str = "NIXL_REQUIRE_C_TESTS";
 
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -274,29 +271,25 @@ fn build_programs() -> Result<Programs, String> {
     })
 }
 
-/// The programs, or `None` after a visible skip. Compile errors fail the test.
-fn programs_or_skip() -> Option<&'static Programs> {
+/// Why the C programs cannot be built here (no compiler), for `require!`; `None` once they are
+/// built. Compile errors fail the test.
+fn no_programs() -> Option<String> {
     match programs() {
-        Ok(p) => Some(p),
-        Err(e) if e.starts_with(SKIP_PREFIX) => {
-            skip(&e[SKIP_PREFIX.len()..]);
-            None
-        }
+        Ok(_) => None,
+        Err(e) if e.starts_with(SKIP_PREFIX) => Some(e[SKIP_PREFIX.len()..].to_owned()),
         Err(e) => panic!("{e}"),
     }
 }
 
-fn valgrind_or_skip() -> bool {
+/// Why a run under valgrind cannot happen here, for `require!` (`None` for a plain run).
+fn no_valgrind(valgrind: bool) -> Option<String> {
+    if !valgrind {
+        return None;
+    }
     match Command::new("valgrind").arg("--version").output() {
-        Ok(o) if o.status.success() => true,
-        Ok(_) => {
-            skip("valgrind does not run");
-            false
-        }
-        Err(e) => {
-            skip(&format!("valgrind is not installed ({e})"));
-            false
-        }
+        Ok(o) if o.status.success() => None,
+        Ok(_) => Some("valgrind does not run".into()),
+        Err(e) => Some(format!("valgrind is not installed ({e})")),
     }
 }
 
@@ -437,8 +430,7 @@ fn finish(what: &str, dir: &Path, mut procs: Vec<Proc>, kill_after: Duration, st
         // A backend this host cannot run (the library said so, with the reason). shm and tcp
         // run on every Linux host CI uses, so under NIXL_REQUIRE_C_TESTS=1 this fails too.
         let _ = fs::remove_dir_all(dir);
-        skip(&format!("{what}: {}", report.trim_end()));
-        return;
+        nixl_testkit::require!(Some(format!("{what}: {}", report.trim_end())), REQUIRE_C);
     }
     panic!(
         "{what} failed after {:.1} s (files kept in {}):\n{report}",
@@ -458,12 +450,9 @@ fn limits(valgrind: bool) -> (String, Duration) {
 }
 
 fn two_process(backend: &str, valgrind: bool) {
-    let Some(progs) = programs_or_skip() else {
-        return;
-    };
-    if valgrind && !valgrind_or_skip() {
-        return;
-    }
+    nixl_testkit::require!(no_programs(), REQUIRE_C);
+    nixl_testkit::require!(no_valgrind(valgrind), REQUIRE_C);
+    let progs = programs().expect("built: checked above");
     let mode = if valgrind { "valgrind" } else { "plain" };
     let dir = fresh_dir(&format!("peer-{backend}-{mode}"));
     let size = if valgrind { "small" } else { "full" };
@@ -513,12 +502,9 @@ fn two_processes_tcp_under_valgrind() {
 
 /// One program, plainly or under valgrind.
 fn single(name: &str, program: fn(&Programs) -> &Path, args: &[&str], valgrind: bool) {
-    let Some(progs) = programs_or_skip() else {
-        return;
-    };
-    if valgrind && !valgrind_or_skip() {
-        return;
-    }
+    nixl_testkit::require!(no_programs(), REQUIRE_C);
+    nixl_testkit::require!(no_valgrind(valgrind), REQUIRE_C);
+    let progs = programs().expect("built: checked above");
     let mode = if valgrind { "valgrind" } else { "plain" };
     let dir = fresh_dir(&format!("{name}-{mode}"));
     let d = dir.to_str().expect("UTF-8 temp dir").to_owned();
