@@ -119,8 +119,6 @@
 //!
 //! Unknown keys are errors, so a typo does not silently fall back to a default.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -132,7 +130,7 @@ use crate::control::{ControlChannel, Unserved};
 use crate::cuda::{CudaBackend, CudaConfig};
 use crate::gds::{GdsBackend, GdsConfig};
 use crate::local::LocalBackend;
-use crate::object::{ObjectBackend, ObjectConfig, ObjectName, Secret};
+use crate::object::{ObjectBackend, ObjectConfig};
 use crate::posix::{PosixBackend, PosixConfig};
 use crate::rdma::{RdmaBackend, RdmaConfig};
 use crate::shm::{ShmBackend, ShmConfig};
@@ -174,7 +172,7 @@ pub struct Config {
     pub posix: PosixConfig,
     /// `[object]`.
     #[serde(default)]
-    pub object: ObjectSection,
+    pub object: ObjectConfig,
     /// `[cuda]`.
     #[serde(default)]
     pub cuda: CudaConfig,
@@ -277,55 +275,6 @@ impl TlsSection {
             }
         };
         Ok(TlsSettings::new(mode, files))
-    }
-}
-
-/// `[object]`. `Debug` hides the secrets.
-#[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ObjectSection {
-    pub endpoint: Option<String>,
-    /// PEM bundle of CA certificates trusted for `https://` endpoints, besides the system's.
-    pub ca_file: Option<PathBuf>,
-    /// Bucket in the host name (`bucket.host/key`) instead of the path (`host/bucket/key`).
-    pub virtual_host: Option<bool>,
-    pub region: Option<String>,
-    pub bucket: Option<String>,
-    pub key_prefix: Option<String>,
-    pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
-    pub session_token: Option<String>,
-    pub part_size: Option<usize>,
-    pub multipart_threshold: Option<usize>,
-    pub max_concurrency: Option<usize>,
-    pub request_timeout_ms: Option<u64>,
-    pub connect_timeout_ms: Option<u64>,
-    pub threads: Option<usize>,
-    /// Object id (as a string: TOML keys are strings) → `"bucket/key"`.
-    pub names: Option<BTreeMap<String, String>>,
-}
-
-impl fmt::Debug for ObjectSection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hidden = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
-        f.debug_struct("ObjectSection")
-            .field("endpoint", &self.endpoint)
-            .field("ca_file", &self.ca_file)
-            .field("virtual_host", &self.virtual_host)
-            .field("region", &self.region)
-            .field("bucket", &self.bucket)
-            .field("key_prefix", &self.key_prefix)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &hidden(&self.secret_access_key))
-            .field("session_token", &hidden(&self.session_token))
-            .field("part_size", &self.part_size)
-            .field("multipart_threshold", &self.multipart_threshold)
-            .field("max_concurrency", &self.max_concurrency)
-            .field("request_timeout_ms", &self.request_timeout_ms)
-            .field("connect_timeout_ms", &self.connect_timeout_ms)
-            .field("threads", &self.threads)
-            .field("names", &self.names)
-            .finish()
     }
 }
 
@@ -474,44 +423,13 @@ impl Config {
     /// The `object` backend's settings (unset ones come from the `AWS_*` environment when the
     /// backend is built).
     pub fn object_config(&self) -> Result<ObjectConfig> {
-        let o = &self.object;
-        let d = ObjectConfig::default();
-        let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
-        let mut names = Vec::new();
-        for (id, name) in o.names.iter().flatten() {
-            let id: u64 = id.parse().map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "config: [object.names] key {id:?} is not an object id (a number)"
-                ))
-            })?;
-            ObjectName::parse(name)?;
-            names.push((id, name.clone()));
-        }
-        if let Some(path) = &o.ca_file {
+        if let Some(path) = &self.object.ca_file {
             // Read now, so that a wrong path is an error of the configuration, not a backend
             // that later turns out unavailable.
             crate::object::s3::read_ca_file("[object] ca_file", path)
                 .map_err(|e| Error::InvalidArgument(format!("config: {e}")))?;
         }
-        Ok(ObjectConfig {
-            endpoint: o.endpoint.clone(),
-            ca_file: o.ca_file.clone(),
-            virtual_host: o.virtual_host.unwrap_or(false),
-            region: o.region.clone(),
-            bucket: o.bucket.clone(),
-            key_prefix: o.key_prefix.clone().unwrap_or_default(),
-            names,
-            access_key_id: o.access_key_id.clone(),
-            secret_access_key: o.secret_access_key.clone().map(Secret::new),
-            session_token: o.session_token.clone().map(Secret::new),
-            part_size: o.part_size.unwrap_or(d.part_size),
-            multipart_threshold: o.multipart_threshold.unwrap_or(d.multipart_threshold),
-            max_concurrency: o.max_concurrency.unwrap_or(d.max_concurrency),
-            request_timeout: ms(o.request_timeout_ms, d.request_timeout),
-            connect_timeout: ms(o.connect_timeout_ms, d.connect_timeout),
-            threads: o.threads.unwrap_or(d.threads),
-            use_env: true,
-        })
+        Ok(self.object.clone())
     }
 
     /// The backends this configuration asks for, built.
@@ -683,6 +601,10 @@ mod tests {
             "[rdma]\npoll = 1",
             "[rdma]\nconnect_timeout = 5",
             "[cuda]\nop_timeout = 5",
+            "[shm]\nop_timeout = 5",
+            "[shm]\ncopy_threads = 2",
+            "[object]\nrequest_timeout = 5",
+            "[object]\nuse_env = false",
             "[uring]\nqueue_dept = 3",
             "[posix]\nthreads = -1",
         ] {

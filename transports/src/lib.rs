@@ -69,7 +69,7 @@
 //! object/conn.rs        a request cut into ranged GETs and objects to write
 //! object/post.rs        a post in progress and its reads
 //! object/upload.rs      writes: single PUT or multipart upload
-//! object/s3.rs          the small S3 client (HTTP/1.1, SigV4, TLS)
+//! object/s3/mod.rs      the small S3 client (HTTP/1.1, SigV4, TLS)
 //! cuda/mod.rs         `cuda`: the backend
 //! cuda/config.rs        CudaConfig, the [cuda] section
 //! cuda/register.rs      registering device memory, the completion thread, socket grants

@@ -36,6 +36,24 @@ pub(crate) fn bind(dir: &Path, path: &Path, backend: &str) -> Result<UnixListene
     Ok(listener)
 }
 
+/// The socket's file name for the agent `target`: `{prefix}{name}-{instance id}.sock`, the name cut
+/// to 40 characters of `[A-Za-z0-9_-]` (others become `_`).
+pub(crate) fn socket_file(prefix: &str, target: &nixl_core::TargetHandle) -> String {
+    let name: String = target
+        .name()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(40)
+        .collect();
+    format!("{prefix}{name}-{:032x}.sock", target.instance_id())
+}
+
 /// Accepts peers on `listener` on a thread named `thread` until `stopped()` says so; each peer is
 /// served on its own thread (named `serve_thread`) by `serve`, whose error ends that connection
 /// only (logged at debug).

@@ -387,19 +387,6 @@ impl Drop for CudaBackend {
     }
 }
 
-fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(40)
-        .collect()
-}
-
 impl Inner {
     /// Forgets legacy mappings that no region uses any more (closed with their last user).
     fn prune_legacy(&self) {
@@ -431,11 +418,7 @@ impl Backend for CudaBackend {
         // One fd per exported or imported VMM chunk: the default soft limit of 1024 is far too
         // low for a KV pool of expandable segments.
         crate::limits::raise_nofile();
-        let file = format!(
-            "cuda-{}-{:032x}.sock",
-            sanitize(target.name()),
-            target.instance_id()
-        );
+        let file = crate::owner::socket_file("cuda-", &target);
         let _ = self.inner.target.set(target);
         if let Some(c) = &self.inner.control {
             // Served even without a driver: peers then learn "not registered" from us.

@@ -4,7 +4,8 @@ use super::*;
 
 /// Settings of the `object` backend (`[object]` in the agent's configuration). Values left
 /// `None` come from the standard AWS environment variables.
-#[derive(Clone)]
+#[derive(Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ObjectConfig {
     /// `http://host[:port]` or `https://host[:port]` of the S3-compatible server (default:
     /// `https://s3.{region}.amazonaws.com`).
@@ -19,7 +20,8 @@ pub struct ObjectConfig {
     pub bucket: Option<String>,
     /// Object `id` is key `{key_prefix}{id}` in `bucket`.
     pub key_prefix: String,
-    /// Explicit names: object id → `"bucket/key"`.
+    /// Explicit names: object id → `"bucket/key"` (`[object.names]`, `"7" = "bucket/key"`).
+    #[serde(deserialize_with = "names")]
     pub names: Vec<(u64, String)>,
     /// Access key id.
     pub access_key_id: Option<String>,
@@ -34,13 +36,43 @@ pub struct ObjectConfig {
     /// HTTP requests in flight per posted request.
     pub max_concurrency: usize,
     /// Longest one HTTP request (a range, a part) may take, answer included.
+    #[serde(
+        rename = "request_timeout_ms",
+        deserialize_with = "crate::config::de::millis"
+    )]
     pub request_timeout: Duration,
     /// Longest a connection may take to open.
+    #[serde(
+        rename = "connect_timeout_ms",
+        deserialize_with = "crate::config::de::millis"
+    )]
     pub connect_timeout: Duration,
     /// Threads of the backend's runtime.
     pub threads: usize,
-    /// Whether unset values are taken from the `AWS_*` environment variables.
+    /// Whether unset values are taken from the `AWS_*` environment variables (not a setting of
+    /// the file: a backend built from a configuration always looks there).
+    #[serde(skip)]
     pub use_env: bool,
+}
+
+/// `[object.names]`: TOML keys are strings, so each must read as an object id; each name must be
+/// `"bucket/key"`.
+fn names<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<(u64, String)>, D::Error> {
+    use serde::de::Error as _;
+    let table: std::collections::BTreeMap<String, String> = serde::Deserialize::deserialize(d)?;
+    let mut names = Vec::with_capacity(table.len());
+    for (id, name) in table {
+        let id: u64 = id.parse().map_err(|_| {
+            D::Error::custom(format!(
+                "[object.names] key {id:?} is not an object id (a number)"
+            ))
+        })?;
+        ObjectName::parse(&name).map_err(|e| D::Error::custom(format!("[object.names] {e}")))?;
+        names.push((id, name));
+    }
+    Ok(names)
 }
 
 impl Default for ObjectConfig {

@@ -232,19 +232,6 @@ fn parse_public(p: &[u8]) -> Option<(u64, u64)> {
 
 const DRAM: &[MemKind] = &[MemKind::Dram];
 
-fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(40)
-        .collect()
-}
-
 impl Backend for ShmBackend {
     fn name(&self) -> BackendName {
         BackendName::Shm
@@ -270,11 +257,7 @@ impl Backend for ShmBackend {
     fn start(&self, target: TargetHandle) -> Result<()> {
         sys::allow_any_ptracer();
         let dir = &self.inner.cfg.socket_dir;
-        let path = dir.join(format!(
-            "{}-{:032x}.sock",
-            sanitize(target.name()),
-            target.instance_id()
-        ));
+        let path = dir.join(crate::owner::socket_file("", &target));
         let listener = crate::owner::bind(dir, &path, "shm")?;
         let _ = self.inner.target.set(target);
         let _ = self.inner.path.set(path);
