@@ -180,7 +180,10 @@ struct Plan {
 #[derive(Debug)]
 enum Body {
     /// A local span and a remote piece (any region) per piece: WRITE and READ frames.
-    Pieces { local: Vec<Span>, remote: Vec<Piece> },
+    Pieces {
+        local: Vec<Span>,
+        remote: Vec<Piece>,
+    },
     /// The core's runs (one remote region, `key`), kept as they came: SPAN_WRITE and SPAN_READ
     /// frames of 12 bytes a span, the local side read and written straight from the runs.
     Runs { runs: Vec<Run>, key: u64 },
@@ -1509,10 +1512,15 @@ mod tests {
         let (out, chunks) = cut_runs(vec![run(0, 3000), run(10_000, 0), run(20_000, 9000)], 4096);
         assert_eq!(
             out,
-            vec![run(0, 3000), run(20_000, 4096), run(24_096, 4096), run(28_192, 808)]
+            vec![
+                run(0, 3000),
+                run(20_000, 4096),
+                run(24_096, 4096),
+                run(28_192, 808)
+            ]
         );
         let bytes: Vec<u64> = chunks.iter().map(|c| c.bytes).collect();
-        assert_eq!(bytes, vec![3000, 4096, 4904]);
+        assert_eq!(bytes, vec![3000, 4096, 4096, 808]);
         // Many tiny runs: at most MAX_SPANS per chunk.
         let runs: Vec<Run> = (0..40_000).map(|i| run(i * 16, 8)).collect();
         let (_, chunks) = cut_runs(runs, 64 << 20);

@@ -243,12 +243,13 @@ pub fn decode_spans(body: &[u8], spans: &mut Vec<Span>) -> Result<SpanXfer, Deco
     for i in 0..n {
         let addr = r.u64("span address")?;
         let len = u64::from(r.u32("span length")?);
-        let end = addr.checked_add(len).filter(|_| len > 0).ok_or_else(|| {
-            DecodeError::Invalid {
-                field: "span",
-                reason: format!("span {i} ({addr:#x}+{len}) is empty or wraps"),
-            }
-        })?;
+        let end =
+            addr.checked_add(len)
+                .filter(|_| len > 0)
+                .ok_or_else(|| DecodeError::Invalid {
+                    field: "span",
+                    reason: format!("span {i} ({addr:#x}+{len}) is empty or wraps"),
+                })?;
         lo = lo.min(addr);
         hi = hi.max(end);
         total += len;
