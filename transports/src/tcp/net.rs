@@ -15,7 +15,7 @@ pub use super::link::Link;
 pub const IOV_MAX: usize = 1024;
 
 /// One contiguous range of memory to read into or write from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {
     pub addr: u64,
     pub len: u64,
