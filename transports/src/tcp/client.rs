@@ -988,13 +988,13 @@ impl Session {
         if let (Some(spans), Status::Ok) = (spans, r.status) {
             if post.enter_mem() {
                 let mut stop = || post.abandoned();
+                let on = &mut LaneIdle(self, lane);
                 // SAFETY: the spans are the local descriptors of this chunk, which lie in
                 // regions the core validated and holds while the post's completion lives; the
                 // completion is not let go while this thread is inside the memory (`enter_mem`,
                 // left below), and the length was checked to be exactly the chunk's.
                 // Registered memory is lent to transfers by contract, so no Rust reference
                 // aliases it.
-                let on = &mut LaneIdle(self, lane);
                 let got = unsafe {
                     match spans {
                         Local::Spans(x) => net::read_spans_until(s, x, iov, on, &mut stop),

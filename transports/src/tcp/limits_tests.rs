@@ -311,7 +311,7 @@ fn span_frames_are_bounded_and_checked_against_one_region() {
         s.send_all(&span_frame(ty, 7, k, spans.len() as u32, spans))
             .unwrap();
         if ty == wire::SPAN_WRITE {
-            s.send_all(&vec![0xEE; 16]).unwrap();
+            s.send_all(&[0xEE; 16]).unwrap();
         }
         let (rty, r) = answer(&s);
         let want = if ty == wire::SPAN_WRITE {
