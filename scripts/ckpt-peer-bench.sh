@@ -11,7 +11,12 @@
 # 4. A node daemon (`nixl-agent serve`, pool of SIZE + 64 MiB) in namespace a holding the
 #    checkpoint (`nixl-ckpt serve DIR --daemon SOCK`), and the same restore from b.
 #
-# 5. The tcp backend's own READ of 8 MiB blocks with and without TLS (`nixl-bench --backend tcp
+# 5. The first touch of SIZE_GIB of fresh memory (`dd bs=SIZE` of /dev/zero: the kernel faults
+#    in and zeroes the buffer as it fills it): a restore lands in memory it has just mapped and
+#    pays this too, while iperf3 and nixl-bench reuse buffers they touched long ago. On a VM that
+#    returns freed memory to its host (virtio-balloon free page reporting), the first touch is a
+#    host fault as well.
+# 6. The tcp backend's own READ of 8 MiB blocks with and without TLS (`nixl-bench --backend tcp
 #    --tls both`, its own namespace pair): the restores above run over TLS (agents with a shared
 #    secret), iperf3 does not.
 #
@@ -108,6 +113,18 @@ duri=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["uri"])' "$pla
 row "daemon pool -> restore" "$(ip netns exec "$b" "$ckpt" verify "$duri" --json -q)"
 row "daemon pool -> restore, again" "$(ip netns exec "$b" "$ckpt" verify "$duri" --json -q)"
 "$ckpt" unserve bench --daemon "$work/agent.sock" -q >/dev/null
+ddout=$(ip netns exec "$b" dd if=/dev/zero of=/dev/null bs="${gib}G" count=1 2>&1 | tail -1)
+python3 - "$ddout" "$(load)" "$gib" <<'PY'
+import json, re, sys
+out, load, gib = sys.argv[1], sys.argv[2], int(sys.argv[3])
+m = re.search(r"copied, ([0-9.]+) s", out)
+row = {"row": f"first touch of {gib} GiB of fresh memory (dd)", "loadavg": load}
+if m:
+    row["gbps"] = round((gib << 30) / float(m.group(1)) / 1e9, 3)
+else:
+    row["dd"] = out
+print(json.dumps(row))
+PY
 echo "{\"row\": \"nixl-bench tcp READ 8 MiB x 4, plain and TLS (below)\", \"loadavg\": \"$(load)\"}"
 "$PWD/target/release/nixl-bench" --backend tcp --tls both --op read --block-sizes 8MiB --batch 4 \
     --seconds 2 2>&1 | grep -E "^ *[0-9]+[KMG]iB|connections:" || true

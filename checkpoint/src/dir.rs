@@ -460,10 +460,45 @@ pub(crate) fn now_ms() -> u64 {
 /// The manifest of the checkpoint at `uri`: a directory, or `s3://bucket/prefix` read through
 /// `agent`'s `object` backend.
 pub fn read_manifest_with(agent: &Agent, uri: &str) -> Result<Manifest> {
-    match Location::parse(uri)? {
-        Location::S3 { bucket, prefix } => s3::read_manifest(agent, &S3Loc { bucket, prefix }),
-        Location::Peer { addr } => Ok(serve::open(agent, &addr, &serve::auth())?.manifest),
-        Location::Dir(_) => read_manifest(uri),
+    Ok(Opened::open(agent, uri)?.manifest)
+}
+
+/// A checkpoint location with its manifest read once (and, for a peer, the peer found: its
+/// metadata fetched and its control region read), for a restore that goes on from there
+/// without asking again.
+pub(crate) struct Opened {
+    pub uri: String,
+    pub loc: Location,
+    pub manifest: Manifest,
+    pub peer: Option<serve::PeerCkpt>,
+}
+
+impl Opened {
+    pub(crate) fn open(agent: &Agent, uri: &str) -> Result<Opened> {
+        let loc = Location::parse(uri)?;
+        let (manifest, peer) = match &loc {
+            Location::S3 { bucket, prefix } => (
+                s3::read_manifest(
+                    agent,
+                    &S3Loc {
+                        bucket: bucket.clone(),
+                        prefix: prefix.clone(),
+                    },
+                )?,
+                None,
+            ),
+            Location::Peer { addr } => {
+                let p = serve::open(agent, addr, &serve::auth())?;
+                (p.manifest.clone(), Some(p))
+            }
+            Location::Dir(_) => (read_manifest(uri)?, None),
+        };
+        Ok(Opened {
+            uri: uri.to_owned(),
+            loc,
+            manifest,
+            peer,
+        })
     }
 }
 
@@ -788,12 +823,27 @@ pub unsafe fn restore(
     regions: &[Region],
     opts: &RestoreOptions,
 ) -> Result<u64> {
+    let src = Opened::open(agent, uri)?;
+    // SAFETY: the caller's contract is this function's.
+    unsafe { restore_opened(agent, &src, regions, opts) }
+}
+
+/// [`restore`] from a location already opened.
+///
+/// # Safety
+/// As [`restore`].
+pub(crate) unsafe fn restore_opened(
+    agent: &Agent,
+    src: &Opened,
+    regions: &[Region],
+    opts: &RestoreOptions,
+) -> Result<u64> {
     match HostStage::new(agent, regions)? {
         // SAFETY: the caller's contract is this function's.
-        None => unsafe { restore_into(agent, uri, regions, regions, opts) },
+        None => unsafe { restore_into_opened(agent, src, regions, regions, opts) },
         Some(st) => {
             // SAFETY: the host copies are ours and live as long as `st`.
-            let n = unsafe { restore_into(agent, uri, regions, &st.regions, opts) }?;
+            let n = unsafe { restore_into_opened(agent, src, regions, &st.regions, opts) }?;
             // SAFETY: the caller keeps the VRAM regions writable for the call.
             unsafe { st.upload(regions) }?;
             Ok(n)
@@ -813,9 +863,24 @@ pub(crate) unsafe fn restore_into(
     into: &[Region],
     opts: &RestoreOptions,
 ) -> Result<u64> {
+    let src = Opened::open(agent, uri)?;
+    // SAFETY: the caller's contract is this function's.
+    unsafe { restore_into_opened(agent, &src, asked, into, opts) }
+}
+
+/// [`restore_into`] from a location already opened.
+///
+/// # Safety
+/// As [`restore`], for `into`.
+pub(crate) unsafe fn restore_into_opened(
+    agent: &Agent,
+    src: &Opened,
+    asked: &[Region],
+    into: &[Region],
+    opts: &RestoreOptions,
+) -> Result<u64> {
     let regions = asked;
-    let loc = Location::parse(uri)?;
-    let m = read_manifest_with(agent, uri)?;
+    let m = &src.manifest;
     if regions.is_empty() {
         return Err(CkptError::InvalidArgument("no regions named".into()));
     }
@@ -839,27 +904,35 @@ pub(crate) unsafe fn restore_into(
         }
         chosen.push((&into[i], e));
     }
-    let chunks = match loc {
-        Location::S3 { bucket, prefix } => {
-            let loc = S3Loc { bucket, prefix };
+    let (chunks, hashed) = match (&src.loc, &src.peer) {
+        (Location::S3 { bucket, prefix }, _) => {
+            let loc = S3Loc {
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+            };
             // SAFETY: the caller's contract is this function's.
-            unsafe { s3::read_regions(agent, &loc, &m, &chosen, opts) }?
+            (
+                unsafe { s3::read_regions(agent, &loc, m, &chosen, opts) }?,
+                None,
+            )
         }
-        Location::Dir(dir) => read_files(agent, &dir, &m, &chosen, opts)?,
-        Location::Peer { addr } => {
-            let p = serve::open(agent, &addr, &serve::auth())?;
-            if p.manifest != m {
-                return Err(CkptError::Manifest(format!(
-                    "nixl://{addr}: the served checkpoint changed while it was being restored"
-                )));
-            }
+        (Location::Dir(dir), _) => (read_files(agent, dir, m, &chosen, opts)?, None),
+        (Location::Peer { .. }, Some(p)) => {
             // SAFETY: the caller's contract is this function's.
-            unsafe { serve::read_regions(agent, &p, &chosen) }?
+            let (c, h) = unsafe { serve::read_regions(agent, p, &chosen, opts) }?;
+            (c, Some(h))
+        }
+        (Location::Peer { addr }, None) => {
+            return Err(CkptError::InvalidArgument(format!(
+                "nixl://{addr} ({}): the peer was not opened",
+                src.uri
+            )))
         }
     };
     let total: u64 = chosen.iter().map(|(r, _)| r.len).sum();
     // SAFETY: the caller keeps the regions valid for the call; the reads have ended.
-    let got = unsafe { hash_all(&chunks, opts.progress.as_ref(), "verify") };
+    let got =
+        hashed.unwrap_or_else(|| unsafe { hash_all(&chunks, opts.progress.as_ref(), "verify") });
     for (k, &(ri, ci, _, _)) in chunks.iter().enumerate() {
         let want = chosen[ri].1.chunks[ci].xxh3;
         if got[k] != want {

@@ -431,13 +431,13 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             let r = if !is_dir(uri) {
                 // Every region read into memory mapped for the purpose, every chunk checked.
                 let a = agent_for(&[uri])?;
-                let m = nixl_checkpoint::read_manifest_with(&a, uri)?;
                 let restored = nixl_checkpoint::restore_mapped(
                     &a,
                     uri,
                     None,
                     nixl_checkpoint::Placement::Anywhere,
                 )?;
+                let m = restored.manifest().clone();
                 drop(restored);
                 ops::VerifyReport {
                     regions: m.regions.len(),
