@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
+use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -803,6 +804,39 @@ fn remove_stale(dir: &Path, m: &Manifest) {
     }
 }
 
+/// A chunk read: `(index of its region in the restore, chunk index, where it landed, len)`.
+pub(crate) type ChunkAt = (usize, usize, u64, u64);
+
+/// A region of a restore: the memory it goes into, its entry in the manifest, and the chunks
+/// read (all of them, or a run: chunk `chunks.start` lands at `into.addr`).
+pub(crate) struct Pick<'a> {
+    pub into: &'a Region,
+    pub entry: &'a RegionEntry,
+    pub chunks: Range<usize>,
+}
+
+impl Pick<'_> {
+    /// The chunks read, with their index in the region.
+    pub(crate) fn each(&self) -> impl Iterator<Item = (usize, &Chunk)> {
+        self.entry
+            .chunks
+            .iter()
+            .enumerate()
+            .skip(self.chunks.start)
+            .take(self.chunks.len())
+    }
+
+    /// Where chunk `ci` lands.
+    pub(crate) fn addr(&self, ci: usize, cs: u64) -> u64 {
+        self.into.addr + (ci - self.chunks.start) as u64 * cs
+    }
+
+    /// Bytes read.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.each().map(|(_, c)| c.len).sum()
+    }
+}
+
 /// Restores the regions of the checkpoint `uri` named in `regions` into the memory they
 /// describe (matched by name, kinds and lengths equal), verifying every byte before it returns
 /// `Ok`. Every DRAM region must lie inside a registration of `agent`, and the agent must run a
@@ -852,23 +886,8 @@ pub(crate) unsafe fn restore_opened(
 }
 
 /// [`restore`] of the regions `asked` (what the checkpoint's entries are checked against)
-/// into the memory of `into` (same order, names and lengths; registered host memory).
-///
-/// # Safety
-/// As [`restore`], for `into`.
-pub(crate) unsafe fn restore_into(
-    agent: &Agent,
-    uri: &str,
-    asked: &[Region],
-    into: &[Region],
-    opts: &RestoreOptions,
-) -> Result<u64> {
-    let src = Opened::open(agent, uri)?;
-    // SAFETY: the caller's contract is this function's.
-    unsafe { restore_into_opened(agent, &src, asked, into, opts) }
-}
-
-/// [`restore_into`] from a location already opened.
+/// into the memory of `into` (same order, names and lengths; registered host memory), from a
+/// location already opened.
 ///
 /// # Safety
 /// As [`restore`], for `into`.
@@ -879,12 +898,29 @@ pub(crate) unsafe fn restore_into_opened(
     into: &[Region],
     opts: &RestoreOptions,
 ) -> Result<u64> {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { restore_chunks(agent, src, asked, into, None, opts) }
+}
+
+/// [`restore_into_opened`] of the chunks `runs[i]` of region `i` only (all when `None`): the
+/// first chunk of a run lands at the start of its region in `into`. Returns the bytes read.
+///
+/// # Safety
+/// As [`restore`], for the memory of `into` that the chunks read land in.
+pub(crate) unsafe fn restore_chunks(
+    agent: &Agent,
+    src: &Opened,
+    asked: &[Region],
+    into: &[Region],
+    runs: Option<&[Range<usize>]>,
+    opts: &RestoreOptions,
+) -> Result<u64> {
     let regions = asked;
     let m = &src.manifest;
     if regions.is_empty() {
         return Err(CkptError::InvalidArgument("no regions named".into()));
     }
-    let mut chosen: Vec<(&Region, &RegionEntry)> = Vec::with_capacity(regions.len());
+    let mut chosen: Vec<Pick> = Vec::with_capacity(regions.len());
     for (i, r) in regions.iter().enumerate() {
         if regions[..i].iter().any(|o| o.name == r.name) {
             return Err(CkptError::InvalidArgument(format!(
@@ -902,7 +938,25 @@ pub(crate) unsafe fn restore_into_opened(
                 ),
             });
         }
-        chosen.push((&into[i], e));
+        let chunks = match runs {
+            Some(rs) => {
+                let r = rs.get(i).cloned().unwrap_or(0..0);
+                if r.start > r.end || r.end > e.chunks.len() {
+                    return Err(CkptError::InvalidArgument(format!(
+                        "chunks {r:?} of region {:?}, which has {}",
+                        e.name,
+                        e.chunks.len()
+                    )));
+                }
+                r
+            }
+            None => 0..e.chunks.len(),
+        };
+        chosen.push(Pick {
+            into: &into[i],
+            entry: e,
+            chunks,
+        });
     }
     let (chunks, hashed) = match (&src.loc, &src.peer) {
         (Location::S3 { bucket, prefix }, _) => {
@@ -929,15 +983,15 @@ pub(crate) unsafe fn restore_into_opened(
             )))
         }
     };
-    let total: u64 = chosen.iter().map(|(r, _)| r.len).sum();
+    let total: u64 = chosen.iter().map(Pick::bytes).sum();
     // SAFETY: the caller keeps the regions valid for the call; the reads have ended.
     let got =
         hashed.unwrap_or_else(|| unsafe { hash_all(&chunks, opts.progress.as_ref(), "verify") });
     for (k, &(ri, ci, _, _)) in chunks.iter().enumerate() {
-        let want = chosen[ri].1.chunks[ci].xxh3;
+        let want = chosen[ri].entry.chunks[ci].xxh3;
         if got[k] != want {
             return Err(CkptError::Corrupt {
-                region: chosen[ri].0.name.clone(),
+                region: chosen[ri].into.name.clone(),
                 chunk: Some(ci),
                 reason: format!(
                     "checksum mismatch (manifest xxh3 {want:016x}, data {:016x})",
@@ -956,15 +1010,16 @@ fn read_files(
     agent: &Agent,
     dir: &Path,
     m: &Manifest,
-    chosen: &[(&Region, &RegionEntry)],
+    chosen: &[Pick],
     opts: &RestoreOptions,
 ) -> Result<Vec<(usize, usize, u64, u64)>> {
     // Open every data file needed, checking it is there and long enough.
     let mut open: Vec<(u32, DataFd)> = Vec::new();
     let mut pieces = Vec::new();
     let mut chunks = Vec::new();
-    for (ri, (r, e)) in chosen.iter().enumerate() {
-        for (ci, c) in e.chunks.iter().enumerate() {
+    for (ri, pk) in chosen.iter().enumerate() {
+        let r = pk.into;
+        for (ci, c) in pk.each() {
             let corrupt = |reason: String| CkptError::Corrupt {
                 region: r.name.clone(),
                 chunk: Some(ci),
@@ -1002,7 +1057,7 @@ fn read_files(
                     c.offset + c.len
                 )));
             }
-            let addr = r.addr + ci as u64 * m.chunk_size;
+            let addr = pk.addr(ci, m.chunk_size);
             fd.pieces(addr, c.offset, c.len, &mut pieces);
             chunks.push((ri, ci, addr, c.len));
         }
@@ -1014,7 +1069,7 @@ fn read_files(
         .collect();
     let _reg = register_files(agent, &fds, &sizes)?;
     if let Some(p) = &opts.progress {
-        p("read", 0, chosen.iter().map(|(r, _)| r.len).sum());
+        p("read", 0, chosen.iter().map(Pick::bytes).sum());
     }
     let reqs = transfers(agent, XferOp::Read, &pieces)?;
     let failed = reqs
@@ -1026,7 +1081,7 @@ fn read_files(
         return Err(CkptError::Corrupt {
             region: chosen
                 .iter()
-                .map(|(r, _)| r.name.as_str())
+                .map(|pk| pk.into.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
             chunk: None,

@@ -7,9 +7,11 @@
 use nixl_core::{Agent, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
 use nixl_transports::object::{delete_objects, list_objects, name_object};
 
-use crate::dir::{file_index, hash_all, Posted, Region, RestoreOptions, SaveOptions, SaveReport};
+use crate::dir::{
+    file_index, hash_all, Pick, Posted, Region, RestoreOptions, SaveOptions, SaveReport,
+};
 use crate::error::{CkptError, Result};
-use crate::manifest::{self, Chunk, DataFile, Manifest, RegionEntry};
+use crate::manifest::{self, Chunk, DataFile, Manifest};
 use crate::ops::{is_ours, Location, MANIFEST};
 
 /// A bucket and a key prefix (no trailing slash; may be empty).
@@ -328,6 +330,37 @@ pub(crate) fn remove(agent: &Agent, loc: &S3Loc) -> Result<usize> {
     Ok(n + usize::from(listed_manifest))
 }
 
+/// PUTs the registered host memory `mem` as the data object `name` under `loc` (a streamed
+/// copy's run of chunks).
+pub(crate) fn put_data(agent: &Agent, loc: &S3Loc, name: &str, mem: Desc) -> Result<()> {
+    let key = loc.key(name)?;
+    let (id, reg) = loc.register(agent, &key, mem.len)?;
+    let what = format!("PUT s3://{}/{key}", loc.bucket);
+    let r = run(
+        agent,
+        XferOp::Write,
+        vec![mem],
+        vec![Desc::new(0, mem.len, id)],
+        &what,
+    );
+    drop(reg);
+    r
+}
+
+/// Writes the manifest object of `m` under `loc` (what makes the checkpoint there valid:
+/// every data object it names must be written first), then deletes data objects under `loc`
+/// that `m` does not name.
+pub(crate) fn put_manifest(agent: &Agent, loc: &S3Loc, m: &Manifest) -> Result<()> {
+    m.validate()?;
+    let body = m.encode();
+    let mut buf = Vec::with_capacity(8 + body.len());
+    buf.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&body);
+    transfer_buf(agent, loc, &mut buf, XferOp::Write)?;
+    remove_stale(agent, loc, m);
+    Ok(())
+}
+
 /// Moves `buf` to or from the manifest object (from offset 0).
 fn transfer_buf(agent: &Agent, loc: &S3Loc, buf: &mut [u8], op: XferOp) -> Result<()> {
     let key = loc.key(MANIFEST)?;
@@ -397,7 +430,7 @@ pub(crate) unsafe fn read_regions(
     agent: &Agent,
     loc: &S3Loc,
     m: &Manifest,
-    chosen: &[(&Region, &RegionEntry)],
+    chosen: &[Pick],
     _opts: &RestoreOptions,
 ) -> Result<Vec<(usize, usize, u64, u64)>> {
     let mut ids: Vec<(u32, u64, String)> = Vec::new();
@@ -405,8 +438,8 @@ pub(crate) unsafe fn read_regions(
     let mut mem = Vec::new();
     let mut obj = Vec::new();
     let mut chunks = Vec::new();
-    for (ri, (r, e)) in chosen.iter().enumerate() {
-        for (ci, c) in e.chunks.iter().enumerate() {
+    for (ri, pk) in chosen.iter().enumerate() {
+        for (ci, c) in pk.each() {
             let id = match ids.iter().find(|x| x.0 == c.file) {
                 Some(x) => x.1,
                 None => {
@@ -418,7 +451,7 @@ pub(crate) unsafe fn read_regions(
                     id
                 }
             };
-            let addr = r.addr + ci as u64 * m.chunk_size;
+            let addr = pk.addr(ci, m.chunk_size);
             mem.push(Desc::new(addr, c.len, 0));
             obj.push(Desc::new(c.offset, c.len, id));
             chunks.push((ri, ci, addr, c.len));
@@ -434,12 +467,10 @@ pub(crate) unsafe fn read_regions(
             .find(|(_, _, key)| msg.contains(key.as_str()))
             .and_then(|(fi, _, key)| {
                 let of_file = || {
-                    chosen.iter().flat_map(|(r, e)| {
-                        e.chunks
-                            .iter()
-                            .enumerate()
+                    chosen.iter().flat_map(|pk| {
+                        pk.each()
                             .filter(|(_, c)| c.file == *fi)
-                            .map(move |(ci, c)| (r.name.clone(), ci, c.offset))
+                            .map(move |(ci, c)| (pk.into.name.clone(), ci, c.offset))
                     })
                 };
                 of_file()
@@ -461,7 +492,7 @@ pub(crate) unsafe fn read_regions(
             None => (
                 chosen
                     .iter()
-                    .map(|(r, _)| r.name.as_str())
+                    .map(|pk| pk.into.name.as_str())
                     .collect::<Vec<_>>()
                     .join(", "),
                 None,

@@ -30,7 +30,7 @@ use nixl_transports::tcp::{fetch_metadata, Auth};
 use parking_lot::{Condvar, Mutex};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::dir::{Region, RestoreOptions};
+use crate::dir::{ChunkAt, Pick, RestoreOptions};
 use crate::error::{CkptError, Result};
 use crate::manifest::{Manifest, RegionEntry, MAX_MANIFEST_BYTES, MAX_REGIONS};
 use crate::mapped::{restore_mapped, Placement, Restored};
@@ -320,14 +320,15 @@ pub const BATCHES_IN_FLIGHT: usize = 8;
 pub(crate) unsafe fn read_regions(
     agent: &Agent,
     p: &PeerCkpt,
-    chosen: &[(&Region, &RegionEntry)],
+    chosen: &[Pick],
     opts: &RestoreOptions,
-) -> Result<(Vec<(usize, usize, u64, u64)>, Vec<u64>)> {
+) -> Result<(Vec<ChunkAt>, Vec<u64>)> {
     let cs = p.manifest.chunk_size;
     let mut local = Vec::new();
     let mut remote = Vec::new();
     let mut chunks = Vec::new();
-    for (ri, (r, e)) in chosen.iter().enumerate() {
+    for (ri, pk) in chosen.iter().enumerate() {
+        let e = pk.entry;
         let i = p
             .manifest
             .regions
@@ -336,11 +337,11 @@ pub(crate) unsafe fn read_regions(
             .ok_or_else(|| {
                 CkptError::Manifest(format!("region {:?} changed on the peer", e.name))
             })?;
-        for (ci, c) in e.chunks.iter().enumerate() {
-            let off = ci as u64 * cs;
-            local.push(Desc::new(r.addr + off, c.len, 0));
-            remote.push(Desc::new(p.served[i].addr + off, c.len, 0));
-            chunks.push((ri, ci, r.addr + off, c.len));
+        for (ci, c) in pk.each() {
+            let at = pk.addr(ci, cs);
+            local.push(Desc::new(at, c.len, 0));
+            remote.push(Desc::new(p.served[i].addr + ci as u64 * cs, c.len, 0));
+            chunks.push((ri, ci, at, c.len));
         }
     }
     // At most BATCH_BYTES a request, and at least 16 requests where the chunks allow, so that
@@ -355,7 +356,7 @@ pub(crate) unsafe fn read_regions(
     let failed = |e: String| CkptError::Corrupt {
         region: chosen
             .iter()
-            .map(|(r, _)| r.name.as_str())
+            .map(|pk| pk.into.name.as_str())
             .collect::<Vec<_>>()
             .join(", "),
         chunk: None,

@@ -431,6 +431,15 @@ fn s3_incremental_copy_cleanup_and_rm() {
     );
     let e = nixl_checkpoint::copy_with(&a, d1, &back, None).unwrap_err();
     assert!(e.to_string().contains("already holds"), "{e}");
+    // Streamed through a buffer of one chunk: an object per chunk, the same bytes.
+    let runs = format!("s3://{BUCKET}/copy/runs");
+    let rm = nixl_checkpoint::copy_with_buffer(&a, d1, &runs, None, CHUNK).unwrap();
+    let chunks: usize = rm.regions.iter().map(|r| r.chunks.len()).sum();
+    assert!(chunks > rm.regions.len(), "{chunks} chunks");
+    assert_eq!(rm.files.len(), chunks);
+    let (res, got) = restore_all(&a, &runs);
+    res.unwrap();
+    assert_eq!(got, bufs);
     // A source that is damaged is not copied.
     let bad = m
         .keys("copy/back/")

@@ -57,6 +57,10 @@ enum Cmd {
         src: String,
         /// Destination directory or s3://bucket/prefix (must not hold a checkpoint).
         dst: String,
+        /// Most host memory staged at once when the copy goes through an agent (s3:// or
+        /// nixl:// at either end); raised to one chunk if a chunk is larger.
+        #[arg(long, default_value = "256MiB")]
+        buffer: String,
     },
     /// Remove a checkpoint (manifest first, then its data files or objects).
     Rm {
@@ -187,6 +191,14 @@ fn progress(quiet: bool) -> Option<Progress> {
             let _ = writeln!(e);
         }
     }))
+}
+
+/// This process's peak resident memory (`VmHWM`), when /proc says.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let l = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = l.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn human(b: u64) -> String {
@@ -461,11 +473,18 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
                 json!({"ok": true, "regions": r.regions, "chunks": r.chunks, "bytes": r.bytes, "seconds": s}),
             )
         }
-        Cmd::Copy { src, dst } => {
+        Cmd::Copy { src, dst, buffer } => {
+            let buffer = parse_size(buffer).map_err(CkptError::InvalidArgument)?;
             let m = if is_dir(src) && is_dir(dst) {
                 ops::copy(src, dst, p.as_ref())?
             } else {
-                nixl_checkpoint::copy_with(&agent_for(&[src, dst])?, src, dst, p.as_ref())?
+                nixl_checkpoint::copy_with_buffer(
+                    &agent_for(&[src, dst])?,
+                    src,
+                    dst,
+                    p.as_ref(),
+                    buffer,
+                )?
             };
             if !cli.json {
                 println!(
@@ -474,7 +493,10 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
                     m.regions.len()
                 );
             }
-            Ok(json!({"ok": true, "bytes": m.total_bytes(), "regions": m.regions.len()}))
+            Ok(json!({
+                "ok": true, "bytes": m.total_bytes(), "regions": m.regions.len(),
+                "peak_rss_bytes": peak_rss(),
+            }))
         }
         Cmd::Artifact { uri, name, dest } => {
             let r = nixl_checkpoint::restore_artifact(uri, name, dest)?;
