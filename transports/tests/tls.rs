@@ -71,11 +71,13 @@ fn pointing_at(mut md: AgentMetadata, addr: SocketAddr) -> AgentMetadata {
 /// A stranger without the secret in the middle of tcp connections to `target`: it forwards
 /// bytes both ways; once `hijack` is set it stops forwarding the initiator's bytes (the test then
 /// writes its own into the target side); with `flip_in` set it flips one bit of the initiator's
-/// stream that many bytes later.
+/// stream that many bytes later; it forwards at most `back` bytes of the target's stream (then
+/// holds the rest until `back` grows; `u64::MAX`: no limit).
 struct Relay {
     addr: SocketAddr,
     hijack: Arc<AtomicBool>,
     flip_in: Arc<AtomicU64>,
+    back: Arc<AtomicU64>,
     to_target: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -86,11 +88,13 @@ impl Relay {
             addr: l.local_addr().unwrap(),
             hijack: Arc::new(AtomicBool::new(false)),
             flip_in: Arc::new(AtomicU64::new(u64::MAX)),
+            back: Arc::new(AtomicU64::new(u64::MAX)),
             to_target: Arc::default(),
         };
-        let (hijack, flip_in, to_target) = (
+        let (hijack, flip_in, back, to_target) = (
             Arc::clone(&r.hijack),
             Arc::clone(&r.flip_in),
+            Arc::clone(&r.back),
             Arc::clone(&r.to_target),
         );
         std::thread::spawn(move || {
@@ -103,7 +107,8 @@ impl Relay {
                 let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
                 let (hijack, flip_in) = (Arc::clone(&hijack), Arc::clone(&flip_in));
                 std::thread::spawn(move || pump(a, b, Some((hijack, flip_in))));
-                std::thread::spawn(move || pump(b2, a2, None));
+                let back = Arc::clone(&back);
+                std::thread::spawn(move || pump_back(b2, a2, back));
             }
         });
         r
@@ -142,6 +147,36 @@ fn pump(mut from: TcpStream, mut to: TcpStream, ctl: Option<(Arc<AtomicBool>, Ar
         }
         if to.write_all(&buf[..n]).is_err() {
             break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+/// Copies the target's stream `from` to the initiator `to` until either closes, forwarding no
+/// more than `budget` allows (held bytes wait for it to grow).
+fn pump_back(mut from: TcpStream, mut to: TcpStream, budget: Arc<AtomicU64>) {
+    let mut buf = vec![0u8; 16 << 10];
+    'outer: loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut off = 0;
+        while off < n {
+            let b = budget.load(Ordering::SeqCst);
+            if b == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let k = (n - off).min(usize::try_from(b).unwrap_or(usize::MAX));
+            if to.write_all(&buf[off..off + k]).is_err() {
+                break 'outer;
+            }
+            if b != u64::MAX {
+                budget.fetch_sub(k as u64, Ordering::SeqCst);
+            }
+            off += k;
         }
     }
     let _ = from.shutdown(Shutdown::Both);
@@ -246,6 +281,67 @@ fn a_byte_flipped_on_the_wire_fails_the_transfer() {
         res.is_err(),
         "a transfer whose bytes were changed ended Done"
     );
+}
+
+/// A READ whose DATA stops coming mid-chunk (a relay holds the target's stream) runs past its
+/// deadline: it ends TimedOut and lets go of the initiator's memory within about a socket tick,
+/// not after the connection's I/O timeout, though the TLS lane is inside that memory mid-chunk.
+/// Then the held bytes flow again, are thrown away, and the next READ on the session is exact.
+#[test]
+fn a_read_stalled_mid_chunk_over_tls_lets_go_at_its_deadline() {
+    let one_lane = |auth| TcpConfig {
+        conns_per_peer: 1,
+        chunk_bytes: 8 << 20,
+        io_timeout: Duration::from_secs(30),
+        ..cfg(auth)
+    };
+    let (b, bb) = agent("stall-b", one_lane(Auth::with_secret(SECRET)));
+    let (a, _) = agent("stall-a", one_lane(Auth::with_secret(SECRET)));
+    let len = 8 << 20;
+    let mut src = pattern(8, len);
+    let mut dst = vec![0u8; len];
+    let _ra = reg(&a, &mut dst);
+    let _rb = reg(&b, &mut src);
+    let relay = Relay::start(bb.listen_addrs()[0]);
+    a.load_remote_md(pointing_at(b.metadata(), relay.addr))
+        .unwrap();
+    let read = |deadline| {
+        a.create_xfer(
+            XferOp::Read,
+            &one(&dst),
+            &one(&src),
+            "stall-b",
+            XferOptions {
+                deadline,
+                ..XferOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    // The session is up before the relay starts holding bytes.
+    a.send_notif("stall-b", b"hello").unwrap();
+    relay.back.store(1 << 20, Ordering::SeqCst);
+    let late = read(Some(Duration::from_millis(300)));
+    let t = Instant::now();
+    let err = late.run_blocking().unwrap_err();
+    assert_eq!(err.class(), ErrorClass::TimedOut, "{err}");
+    late.release();
+    let took = t.elapsed();
+    assert!(!late.is_held());
+    assert!(
+        took < Duration::from_secs(3),
+        "the READ let go of its memory {took:?} after it was posted (I/O timeout 30 s)"
+    );
+    assert!(
+        relay.back.load(Ordering::SeqCst) < 64 << 10,
+        "the relay was not holding the DATA when the READ gave up"
+    );
+    drop(late);
+    relay.back.store(u64::MAX, Ordering::SeqCst);
+    let x = read(None);
+    x.run_blocking().unwrap();
+    drop(x);
+    assert!(dst == src);
 }
 
 // --- a relay that terminates TLS on both sides ---------------------------------------------

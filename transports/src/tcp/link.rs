@@ -325,15 +325,39 @@ impl Link {
         spans: &[Span],
         on: &mut dyn OnBlock,
     ) -> io::Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.tls_read_spans_until(spans, on, &mut || false) }.map(drop)
+    }
+
+    /// [`Link::tls_read_spans`] that asks `stop` after every read (and every socket timeout)
+    /// that leaves the spans unfilled, and returns early with the bytes read when it says so.
+    /// The TLS stream stays in step: what was not read is still there to read or discard.
+    ///
+    /// # Safety
+    /// As for [`Link::tls_read_spans`].
+    pub(super) unsafe fn tls_read_spans_until(
+        &self,
+        spans: &[Span],
+        on: &mut dyn OnBlock,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> io::Result<u64> {
         let mut cur = SpanCursor::new(spans);
+        let mut got = 0u64;
         while let Some((addr, len)) = cur.peek() {
             // SAFETY: the caller guarantees the span is writable and unaliased until this
             // returns; the slice lives only for this read.
             let dst =
                 unsafe { std::slice::from_raw_parts_mut(addr as usize as *mut u8, len as usize) };
-            after_read(self.read(dst), &mut cur, on)?;
+            let r = self.read(dst);
+            if let Ok(n) = &r {
+                got += *n as u64;
+            }
+            after_read(r, &mut cur, on)?;
+            if !cur.done() && stop() {
+                break;
+            }
         }
-        Ok(())
+        Ok(got)
     }
 }
 

@@ -446,9 +446,10 @@ pub unsafe fn read_spans(
     Ok(())
 }
 
-/// As [`read_spans`], but asks `stop` after every read that moved bytes and returns early when
-/// it says so: the bytes read into the spans (all of them unless it stopped). The caller reads
-/// the rest of the frame off the stream.
+/// As [`read_spans`], but asks `stop` after every read and every socket timeout (a tick) that
+/// leaves the spans unfilled, and returns early when it says so: the bytes read into the spans
+/// (all of them unless it stopped). The caller reads the rest of the frame off the stream. So an
+/// abandoned READ leaves its memory within one socket read or one tick, over TLS too.
 ///
 /// # Safety
 /// As [`read_spans`].
@@ -459,30 +460,10 @@ pub unsafe fn read_spans_until(
     on: &mut dyn OnBlock,
     stop: &mut dyn FnMut() -> bool,
 ) -> io::Result<u64> {
-    let total: u64 = spans.iter().map(|x| x.len).sum();
     let mut got = 0u64;
     if s.is_tls() {
-        // In steps of 256 KiB (one decryption step), asking between them.
-        let mut cur = SpanCursor::new(spans);
-        let mut step = Vec::new();
-        while !cur.done() {
-            step.clear();
-            let mut budget = 256u64 << 10;
-            while budget > 0 {
-                let Some((addr, len)) = cur.take(budget) else {
-                    break;
-                };
-                step.push(Span { addr, len });
-                budget -= len;
-            }
-            // SAFETY: forwarded from the caller (`step` lies inside `spans`).
-            unsafe { s.tls_read_spans(&step, on)? };
-            got += step.iter().map(|x| x.len).sum::<u64>();
-            if got < total && stop() {
-                break;
-            }
-        }
-        return Ok(got);
+        // SAFETY: forwarded from the caller.
+        return unsafe { s.tls_read_spans_until(spans, on, stop) };
     }
     let sock = s.socket();
     let mut cur = SpanCursor::new(spans);
