@@ -82,8 +82,9 @@ pub struct SaveOptions {
     pub direct: bool,
     /// Progress reports.
     pub progress: Option<Progress>,
-    /// Artifact directories saved with the regions: `(name, directory)` (checkpoint
-    /// directories only; see [`crate::artifact`]). An incremental save writes them whole.
+    /// Artifact directories saved with the regions: `(name, directory)` (in a checkpoint
+    /// directory or under `s3://`; see [`crate::artifact`]). An incremental save writes them
+    /// whole.
     pub artifacts: Vec<(String, std::path::PathBuf)>,
 }
 

@@ -75,7 +75,7 @@ mod s3;
 pub mod serve;
 pub mod vram;
 
-pub use artifact::{restore_artifact, ArtifactReport};
+pub use artifact::{restore_artifact, restore_artifact_with, ArtifactReport};
 pub use dir::{
     read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
 };

@@ -73,8 +73,8 @@ pub fn copy_with_buffer(
     let m = &source.manifest;
     if let Some(a) = m.artifacts.first() {
         return Err(CkptError::Unsupported(format!(
-            "{src} holds artifact directories ({:?}, ...), which are stored in checkpoint \
-             directories only: copy it between directories",
+            "{src} holds artifact directories ({:?}, ...), which a copy through an agent \
+             does not carry yet: copy it between directories",
             a.name
         )));
     }

@@ -523,7 +523,11 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             }))
         }
         Cmd::Artifact { uri, name, dest } => {
-            let r = nixl_checkpoint::restore_artifact(uri, name, dest)?;
+            let r = if is_dir(uri) {
+                nixl_checkpoint::restore_artifact(uri, name, dest)?
+            } else {
+                nixl_checkpoint::restore_artifact_with(&agent_for(&[uri])?, uri, name, dest)?
+            };
             if !cli.json {
                 println!(
                     "restored artifact {name} of {uri} into {}: {} files, {} directories, {}, verified",
