@@ -179,8 +179,13 @@ impl PoolClient {
             .map_err(sock)?;
         let mut req = json!({ "lease": name }).to_string();
         req.push('\n');
-        std::io::Write::write_all(&mut &s, req.as_bytes()).map_err(sock)?;
-        let (line, fd) = crate::fdpass::recv_line(&s, 64 << 10).map_err(sock)?;
+        let wrote = std::io::Write::write_all(&mut &s, req.as_bytes());
+        // A caller the daemon refuses (another uid) is answered and cut before its request is
+        // read, so the request may not go out: the answer, still there to read, says why.
+        let (line, fd) = match crate::fdpass::recv_line(&s, 64 << 10) {
+            Ok(got) => got,
+            Err(e) => return Err(sock(wrote.err().unwrap_or(e))),
+        };
         let v: Value = serde_json::from_slice(&line)
             .map_err(|e| PoolError::Malformed(format!("answer is not JSON: {e}")))?;
         if let Some(e) = v["error"].as_str() {

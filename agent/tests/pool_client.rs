@@ -172,3 +172,83 @@ fn a_lease_filled_by_another_process_is_served_to_peers_until_released() {
     let l = pool.lease("next", len).unwrap();
     assert_eq!(l.info().addr, addr);
 }
+
+/// Run by the child process as another uid: asks the pool socket for a lease and prints the
+/// answer.
+#[test]
+#[ignore = "child process of another_uid_is_refused_by_the_pool_socket_even_when_it_can_connect"]
+fn child_maps_as_another_uid() {
+    let sock = std::env::var("POOL_TEST_SOCKET").expect("run by the test named above");
+    match PoolClient::new(sock).map("weights") {
+        Err(PoolError::Refused(m)) => println!("REFUSED {m}"),
+        Err(e) => println!("ERROR {e}"),
+        Ok(l) => println!("MAPPED {} {}", l.info().addr, l.info().len),
+    }
+}
+
+/// The pool socket lends memory to the daemon's own uid only, by the caller's credentials
+/// (SO_PEERCRED), not only by the socket file's mode: with the socket opened to everyone
+/// (mode 0666), a process of another uid connects and is still refused, and the lease it asked
+/// for stays the owner's.
+#[test]
+fn another_uid_is_refused_by_the_pool_socket_even_when_it_can_connect() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    nixl_testkit::require!(
+        (!root).then_some("not root: cannot run a process under another uid"),
+        "NIXL_REQUIRE_DAEMON_TESTS"
+    );
+    let dir = Scratch::new("pool-uid");
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Daemon::start(
+        Command::new(BIN),
+        &dir.0,
+        "uidnode",
+        "backends = [\"local\"]\n[daemon]\nhttp_listen = \"127.0.0.1:0\"\npool_size = \"4MiB\"\n",
+    );
+    d.until("ready", Duration::from_secs(20), |s| s["ready"] == true);
+    let pool = PoolClient::new(&d.sock);
+    let mut l = pool.lease("weights", 1 << 20).unwrap();
+    // SAFETY: a new lease nobody else knows of yet.
+    let bytes = unsafe { l.as_mut_slice() };
+    bytes[..4].copy_from_slice(b"mine");
+    let pool_sock = dir.0.join("uidnode.pool.sock");
+    std::fs::set_permissions(&pool_sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    // The test binary where uid 65534 can run it (the build directory may not be reachable).
+    let exe_dir = Scratch::new("pool-uid-exe");
+    std::fs::set_permissions(&exe_dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = exe_dir.0.join("pool_client");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(&exe)
+        .args([
+            "--ignored",
+            "--exact",
+            "child_maps_as_another_uid",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("POOL_TEST_SOCKET", &d.sock)
+        .current_dir("/")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("REFUSED uid 65534 may not map the pool"),
+        "another uid was not refused by its credentials: {text}"
+    );
+    // The owner still maps it, unchanged.
+    let again = pool.map("weights").unwrap();
+    // SAFETY: nothing writes the lease meanwhile.
+    let bytes = unsafe { again.as_slice() };
+    assert_eq!(&bytes[..4], b"mine");
+}
