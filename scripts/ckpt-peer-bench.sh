@@ -7,11 +7,18 @@
 # 1. `nixl-ckpt bench DIR --keep` leaves a checkpoint of SIZE_GIB (4 regions) in DIR.
 # 2. iperf3 from namespace b to namespace a: one stream, then 4 (-P 4), 5 s each.
 # 3. `nixl-ckpt serve DIR` in namespace a; in namespace b `nixl-ckpt verify nixl://A:PORT`
-#    (restore_mapped: manifest, every region READ into fresh memory, every chunk checked).
+#    (restore_mapped: manifest, every region READ into fresh memory, every chunk checked);
+#    the second restore with `--warm` also restores again into the memory it has just filled
+#    (no fresh pages: the figure to set next to nixl-bench's READ, which reuses its buffers).
 # 4. A node daemon (`nixl-agent serve`, pool of SIZE + 64 MiB) in namespace a holding the
 #    checkpoint (`nixl-ckpt serve DIR --daemon SOCK`), and the same restore from b.
 #
-# 5. The tcp backend's own READ of 8 MiB blocks with and without TLS (`nixl-bench --backend tcp
+# 5. The first touch of SIZE_GIB of fresh memory (`dd bs=SIZE` of /dev/zero: the kernel faults
+#    in and zeroes the buffer as it fills it): a restore lands in memory it has just mapped and
+#    pays this too, while iperf3 and nixl-bench reuse buffers they touched long ago. On a VM that
+#    returns freed memory to its host (virtio-balloon free page reporting), the first touch is a
+#    host fault as well.
+# 6. The tcp backend's own READ of 8 MiB blocks with and without TLS (`nixl-bench --backend tcp
 #    --tls both`, its own namespace pair): the restores above run over TLS (agents with a shared
 #    secret), iperf3 does not.
 #
@@ -67,6 +74,9 @@ if "end" in v:  # iperf3
 else:
     gbps = v["bytes"] / v["seconds"] / 1e9
 print(json.dumps({"row": name, "gbps": round(gbps, 3), "loadavg": load}))
+if v.get("warm_seconds"):
+    print(json.dumps({"row": name + ", then again into the same (touched) memory",
+                      "gbps": round(v["bytes"] / v["warm_seconds"] / 1e9, 3), "loadavg": load}))
 PY
 }
 
@@ -82,7 +92,7 @@ pids+=($!)
 for _ in $(seq 600); do grep -q '"uri"' "$work/serve.out" 2>/dev/null && break; sleep 0.1; done
 uri=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["uri"])' "$work/serve.out")
 row "nixl-ckpt serve -> restore" "$(ip netns exec "$b" "$ckpt" verify "$uri" --json -q)"
-row "nixl-ckpt serve -> restore, again" "$(ip netns exec "$b" "$ckpt" verify "$uri" --json -q)"
+row "nixl-ckpt serve -> restore, again" "$(ip netns exec "$b" "$ckpt" verify "$uri" --json -q --warm)"
 
 # The daemon's pool holding it.
 pool=$(( (gib << 30) + (64 << 20) ))
@@ -106,8 +116,20 @@ done
 placed=$("$ckpt" serve "$dir/ckpt" --daemon "$work/agent.sock" --name bench --json -q)
 duri=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["uri"])' "$placed")
 row "daemon pool -> restore" "$(ip netns exec "$b" "$ckpt" verify "$duri" --json -q)"
-row "daemon pool -> restore, again" "$(ip netns exec "$b" "$ckpt" verify "$duri" --json -q)"
+row "daemon pool -> restore, again" "$(ip netns exec "$b" "$ckpt" verify "$duri" --json -q --warm)"
 "$ckpt" unserve bench --daemon "$work/agent.sock" -q >/dev/null
+ddout=$(ip netns exec "$b" dd if=/dev/zero of=/dev/null bs="${gib}G" count=1 2>&1 | tail -1)
+python3 - "$ddout" "$(load)" "$gib" <<'PY'
+import json, re, sys
+out, load, gib = sys.argv[1], sys.argv[2], int(sys.argv[3])
+m = re.search(r"copied, ([0-9.]+) s", out)
+row = {"row": f"first touch of {gib} GiB of fresh memory (dd)", "loadavg": load}
+if m:
+    row["gbps"] = round((gib << 30) / float(m.group(1)) / 1e9, 3)
+else:
+    row["dd"] = out
+print(json.dumps(row))
+PY
 echo "{\"row\": \"nixl-bench tcp READ 8 MiB x 4, plain and TLS (below)\", \"loadavg\": \"$(load)\"}"
 "$PWD/target/release/nixl-bench" --backend tcp --tls both --op read --block-sizes 8MiB --batch 4 \
     --seconds 2 2>&1 | grep -E "^ *[0-9]+[KMG]iB|connections:" || true

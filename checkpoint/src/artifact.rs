@@ -289,12 +289,39 @@ pub fn restore_artifact(uri: &str, name: &str, dest: &Path) -> Result<ArtifactRe
         Location::Dir(d) => d,
         _ => {
             return Err(CkptError::Unsupported(format!(
-                "{uri}: artifact directories are stored in checkpoint directories only (copy \
-                 the checkpoint to a directory first)"
+                "{uri}: restore_artifact reads checkpoint directories; for s3:// use \
+                 restore_artifact_with and an agent running the object backend"
             )))
         }
     };
     let m = read_manifest(uri)?;
+    restore_artifact_from(&dir, &m, name, dest)
+}
+
+/// [`restore_artifact`] of a checkpoint anywhere the agent reaches: a directory, or
+/// `s3://bucket/prefix` through its `object` backend (the artifact's objects fetched into a
+/// private temporary directory first, then restored from there).
+pub fn restore_artifact_with(
+    agent: &nixl_core::Agent,
+    uri: &str,
+    name: &str,
+    dest: &Path,
+) -> Result<ArtifactReport> {
+    match Location::parse(uri)? {
+        Location::S3 { bucket, prefix } => {
+            crate::s3::restore_artifact(agent, &crate::s3::S3Loc { bucket, prefix }, name, dest)
+        }
+        _ => restore_artifact(uri, name, dest),
+    }
+}
+
+/// [`restore_artifact`] from the data files of `m` in `dir`.
+pub(crate) fn restore_artifact_from(
+    dir: &Path,
+    m: &Manifest,
+    name: &str,
+    dest: &Path,
+) -> Result<ArtifactReport> {
     let a = m.artifact(name)?;
     let leaf = dest
         .file_name()
@@ -336,7 +363,7 @@ pub fn restore_artifact(uri: &str, name: &str, dest: &Path) -> Result<ArtifactRe
         .mode(0o700)
         .create(&tmp)
         .map_err(|e| CkptError::io(format!("create {}", tmp.display()), e))?;
-    let r = fill(&dir, &m, a, &tmp).and_then(|rep| {
+    let r = fill(dir, m, a, &tmp).and_then(|rep| {
         std::fs::rename(&tmp, dest).map_err(|e| {
             CkptError::io(
                 format!("rename {} onto {}", tmp.display(), dest.display()),

@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write as _};
+use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -81,8 +82,9 @@ pub struct SaveOptions {
     pub direct: bool,
     /// Progress reports.
     pub progress: Option<Progress>,
-    /// Artifact directories saved with the regions: `(name, directory)` (checkpoint
-    /// directories only; see [`crate::artifact`]). An incremental save writes them whole.
+    /// Artifact directories saved with the regions: `(name, directory)` (in a checkpoint
+    /// directory or under `s3://`; see [`crate::artifact`]). An incremental save writes them
+    /// whole.
     pub artifacts: Vec<(String, std::path::PathBuf)>,
 }
 
@@ -460,10 +462,45 @@ pub(crate) fn now_ms() -> u64 {
 /// The manifest of the checkpoint at `uri`: a directory, or `s3://bucket/prefix` read through
 /// `agent`'s `object` backend.
 pub fn read_manifest_with(agent: &Agent, uri: &str) -> Result<Manifest> {
-    match Location::parse(uri)? {
-        Location::S3 { bucket, prefix } => s3::read_manifest(agent, &S3Loc { bucket, prefix }),
-        Location::Peer { addr } => Ok(serve::open(agent, &addr, &serve::auth())?.manifest),
-        Location::Dir(_) => read_manifest(uri),
+    Ok(Opened::open(agent, uri)?.manifest)
+}
+
+/// A checkpoint location with its manifest read once (and, for a peer, the peer found: its
+/// metadata fetched and its control region read), for a restore that goes on from there
+/// without asking again.
+pub(crate) struct Opened {
+    pub uri: String,
+    pub loc: Location,
+    pub manifest: Manifest,
+    pub peer: Option<serve::PeerCkpt>,
+}
+
+impl Opened {
+    pub(crate) fn open(agent: &Agent, uri: &str) -> Result<Opened> {
+        let loc = Location::parse(uri)?;
+        let (manifest, peer) = match &loc {
+            Location::S3 { bucket, prefix } => (
+                s3::read_manifest(
+                    agent,
+                    &S3Loc {
+                        bucket: bucket.clone(),
+                        prefix: prefix.clone(),
+                    },
+                )?,
+                None,
+            ),
+            Location::Peer { addr } => {
+                let p = serve::open(agent, addr, &serve::auth())?;
+                (p.manifest.clone(), Some(p))
+            }
+            Location::Dir(_) => (read_manifest(uri)?, None),
+        };
+        Ok(Opened {
+            uri: uri.to_owned(),
+            loc,
+            manifest,
+            peer,
+        })
     }
 }
 
@@ -768,6 +805,39 @@ fn remove_stale(dir: &Path, m: &Manifest) {
     }
 }
 
+/// A chunk read: `(index of its region in the restore, chunk index, where it landed, len)`.
+pub(crate) type ChunkAt = (usize, usize, u64, u64);
+
+/// A region of a restore: the memory it goes into, its entry in the manifest, and the chunks
+/// read (all of them, or a run: chunk `chunks.start` lands at `into.addr`).
+pub(crate) struct Pick<'a> {
+    pub into: &'a Region,
+    pub entry: &'a RegionEntry,
+    pub chunks: Range<usize>,
+}
+
+impl Pick<'_> {
+    /// The chunks read, with their index in the region.
+    pub(crate) fn each(&self) -> impl Iterator<Item = (usize, &Chunk)> {
+        self.entry
+            .chunks
+            .iter()
+            .enumerate()
+            .skip(self.chunks.start)
+            .take(self.chunks.len())
+    }
+
+    /// Where chunk `ci` lands.
+    pub(crate) fn addr(&self, ci: usize, cs: u64) -> u64 {
+        self.into.addr + (ci - self.chunks.start) as u64 * cs
+    }
+
+    /// Bytes read.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.each().map(|(_, c)| c.len).sum()
+    }
+}
+
 /// Restores the regions of the checkpoint `uri` named in `regions` into the memory they
 /// describe (matched by name, kinds and lengths equal), verifying every byte before it returns
 /// `Ok`. Every DRAM region must lie inside a registration of `agent`, and the agent must run a
@@ -788,12 +858,27 @@ pub unsafe fn restore(
     regions: &[Region],
     opts: &RestoreOptions,
 ) -> Result<u64> {
+    let src = Opened::open(agent, uri)?;
+    // SAFETY: the caller's contract is this function's.
+    unsafe { restore_opened(agent, &src, regions, opts) }
+}
+
+/// [`restore`] from a location already opened.
+///
+/// # Safety
+/// As [`restore`].
+pub(crate) unsafe fn restore_opened(
+    agent: &Agent,
+    src: &Opened,
+    regions: &[Region],
+    opts: &RestoreOptions,
+) -> Result<u64> {
     match HostStage::new(agent, regions)? {
         // SAFETY: the caller's contract is this function's.
-        None => unsafe { restore_into(agent, uri, regions, regions, opts) },
+        None => unsafe { restore_into_opened(agent, src, regions, regions, opts) },
         Some(st) => {
             // SAFETY: the host copies are ours and live as long as `st`.
-            let n = unsafe { restore_into(agent, uri, regions, &st.regions, opts) }?;
+            let n = unsafe { restore_into_opened(agent, src, regions, &st.regions, opts) }?;
             // SAFETY: the caller keeps the VRAM regions writable for the call.
             unsafe { st.upload(regions) }?;
             Ok(n)
@@ -802,24 +887,41 @@ pub unsafe fn restore(
 }
 
 /// [`restore`] of the regions `asked` (what the checkpoint's entries are checked against)
-/// into the memory of `into` (same order, names and lengths; registered host memory).
+/// into the memory of `into` (same order, names and lengths; registered host memory), from a
+/// location already opened.
 ///
 /// # Safety
 /// As [`restore`], for `into`.
-pub(crate) unsafe fn restore_into(
+pub(crate) unsafe fn restore_into_opened(
     agent: &Agent,
-    uri: &str,
+    src: &Opened,
     asked: &[Region],
     into: &[Region],
     opts: &RestoreOptions,
 ) -> Result<u64> {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { restore_chunks(agent, src, asked, into, None, opts) }
+}
+
+/// [`restore_into_opened`] of the chunks `runs[i]` of region `i` only (all when `None`): the
+/// first chunk of a run lands at the start of its region in `into`. Returns the bytes read.
+///
+/// # Safety
+/// As [`restore`], for the memory of `into` that the chunks read land in.
+pub(crate) unsafe fn restore_chunks(
+    agent: &Agent,
+    src: &Opened,
+    asked: &[Region],
+    into: &[Region],
+    runs: Option<&[Range<usize>]>,
+    opts: &RestoreOptions,
+) -> Result<u64> {
     let regions = asked;
-    let loc = Location::parse(uri)?;
-    let m = read_manifest_with(agent, uri)?;
+    let m = &src.manifest;
     if regions.is_empty() {
         return Err(CkptError::InvalidArgument("no regions named".into()));
     }
-    let mut chosen: Vec<(&Region, &RegionEntry)> = Vec::with_capacity(regions.len());
+    let mut chosen: Vec<Pick> = Vec::with_capacity(regions.len());
     for (i, r) in regions.iter().enumerate() {
         if regions[..i].iter().any(|o| o.name == r.name) {
             return Err(CkptError::InvalidArgument(format!(
@@ -837,34 +939,60 @@ pub(crate) unsafe fn restore_into(
                 ),
             });
         }
-        chosen.push((&into[i], e));
-    }
-    let chunks = match loc {
-        Location::S3 { bucket, prefix } => {
-            let loc = S3Loc { bucket, prefix };
-            // SAFETY: the caller's contract is this function's.
-            unsafe { s3::read_regions(agent, &loc, &m, &chosen, opts) }?
-        }
-        Location::Dir(dir) => read_files(agent, &dir, &m, &chosen, opts)?,
-        Location::Peer { addr } => {
-            let p = serve::open(agent, &addr, &serve::auth())?;
-            if p.manifest != m {
-                return Err(CkptError::Manifest(format!(
-                    "nixl://{addr}: the served checkpoint changed while it was being restored"
-                )));
+        let chunks = match runs {
+            Some(rs) => {
+                let r = rs.get(i).cloned().unwrap_or(0..0);
+                if r.start > r.end || r.end > e.chunks.len() {
+                    return Err(CkptError::InvalidArgument(format!(
+                        "chunks {r:?} of region {:?}, which has {}",
+                        e.name,
+                        e.chunks.len()
+                    )));
+                }
+                r
             }
+            None => 0..e.chunks.len(),
+        };
+        chosen.push(Pick {
+            into: &into[i],
+            entry: e,
+            chunks,
+        });
+    }
+    let (chunks, hashed) = match (&src.loc, &src.peer) {
+        (Location::S3 { bucket, prefix }, _) => {
+            let loc = S3Loc {
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+            };
             // SAFETY: the caller's contract is this function's.
-            unsafe { serve::read_regions(agent, &p, &chosen) }?
+            (
+                unsafe { s3::read_regions(agent, &loc, m, &chosen, opts) }?,
+                None,
+            )
+        }
+        (Location::Dir(dir), _) => (read_files(agent, dir, m, &chosen, opts)?, None),
+        (Location::Peer { .. }, Some(p)) => {
+            // SAFETY: the caller's contract is this function's.
+            let (c, h) = unsafe { serve::read_regions(agent, p, &chosen, opts) }?;
+            (c, Some(h))
+        }
+        (Location::Peer { addr }, None) => {
+            return Err(CkptError::InvalidArgument(format!(
+                "nixl://{addr} ({}): the peer was not opened",
+                src.uri
+            )))
         }
     };
-    let total: u64 = chosen.iter().map(|(r, _)| r.len).sum();
+    let total: u64 = chosen.iter().map(Pick::bytes).sum();
     // SAFETY: the caller keeps the regions valid for the call; the reads have ended.
-    let got = unsafe { hash_all(&chunks, opts.progress.as_ref(), "verify") };
+    let got =
+        hashed.unwrap_or_else(|| unsafe { hash_all(&chunks, opts.progress.as_ref(), "verify") });
     for (k, &(ri, ci, _, _)) in chunks.iter().enumerate() {
-        let want = chosen[ri].1.chunks[ci].xxh3;
+        let want = chosen[ri].entry.chunks[ci].xxh3;
         if got[k] != want {
             return Err(CkptError::Corrupt {
-                region: chosen[ri].0.name.clone(),
+                region: chosen[ri].into.name.clone(),
                 chunk: Some(ci),
                 reason: format!(
                     "checksum mismatch (manifest xxh3 {want:016x}, data {:016x})",
@@ -883,15 +1011,16 @@ fn read_files(
     agent: &Agent,
     dir: &Path,
     m: &Manifest,
-    chosen: &[(&Region, &RegionEntry)],
+    chosen: &[Pick],
     opts: &RestoreOptions,
 ) -> Result<Vec<(usize, usize, u64, u64)>> {
     // Open every data file needed, checking it is there and long enough.
     let mut open: Vec<(u32, DataFd)> = Vec::new();
     let mut pieces = Vec::new();
     let mut chunks = Vec::new();
-    for (ri, (r, e)) in chosen.iter().enumerate() {
-        for (ci, c) in e.chunks.iter().enumerate() {
+    for (ri, pk) in chosen.iter().enumerate() {
+        let r = pk.into;
+        for (ci, c) in pk.each() {
             let corrupt = |reason: String| CkptError::Corrupt {
                 region: r.name.clone(),
                 chunk: Some(ci),
@@ -929,7 +1058,7 @@ fn read_files(
                     c.offset + c.len
                 )));
             }
-            let addr = r.addr + ci as u64 * m.chunk_size;
+            let addr = pk.addr(ci, m.chunk_size);
             fd.pieces(addr, c.offset, c.len, &mut pieces);
             chunks.push((ri, ci, addr, c.len));
         }
@@ -941,7 +1070,7 @@ fn read_files(
         .collect();
     let _reg = register_files(agent, &fds, &sizes)?;
     if let Some(p) = &opts.progress {
-        p("read", 0, chosen.iter().map(|(r, _)| r.len).sum());
+        p("read", 0, chosen.iter().map(Pick::bytes).sum());
     }
     let reqs = transfers(agent, XferOp::Read, &pieces)?;
     let failed = reqs
@@ -953,7 +1082,7 @@ fn read_files(
         return Err(CkptError::Corrupt {
             region: chosen
                 .iter()
-                .map(|(r, _)| r.name.as_str())
+                .map(|pk| pk.into.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
             chunk: None,

@@ -75,12 +75,12 @@ mod s3;
 pub mod serve;
 pub mod vram;
 
-pub use artifact::{restore_artifact, ArtifactReport};
+pub use artifact::{restore_artifact, restore_artifact_with, ArtifactReport};
 pub use dir::{
     read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
 };
 pub use error::{CkptError, Result};
-pub use manage::{copy_with, remove_with};
+pub use manage::{copy_with, copy_with_buffer, remove_with, COPY_BUFFER};
 pub use manifest::Manifest;
 pub use mapped::{restore_mapped, Placement, Restored, RestoredRegion};
 pub use ops::{read_manifest, remove, verify, Location, VerifyReport};

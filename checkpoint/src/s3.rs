@@ -4,12 +4,16 @@
 //! length first) is PUT last, after every data object was written, so a save killed before it
 //! leaves the previous manifest, which names only the previous objects.
 
-use nixl_core::{Agent, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
+use std::io;
+
+use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
 use nixl_transports::object::{delete_objects, list_objects, name_object};
 
-use crate::dir::{file_index, hash_all, Posted, Region, RestoreOptions, SaveOptions, SaveReport};
+use crate::dir::{
+    file_index, hash_all, Pick, Posted, Region, RestoreOptions, SaveOptions, SaveReport,
+};
 use crate::error::{CkptError, Result};
-use crate::manifest::{self, Chunk, DataFile, Manifest, RegionEntry};
+use crate::manifest::{self, Chunk, DataFile, Manifest};
 use crate::ops::{is_ours, Location, MANIFEST};
 
 /// A bucket and a key prefix (no trailing slash; may be empty).
@@ -115,13 +119,6 @@ pub(crate) unsafe fn save(
     metadata: String,
 ) -> Result<SaveReport> {
     let cs = opts.chunk_size;
-    if !opts.artifacts.is_empty() {
-        return Err(CkptError::Unsupported(format!(
-            "{}: artifact directories are saved to checkpoint directories only (save to a \
-             directory)",
-            loc.uri()
-        )));
-    }
     let base = match &opts.base {
         None => None,
         Some(b) => match Location::parse(b)? {
@@ -240,6 +237,11 @@ pub(crate) unsafe fn save(
         regions: entries,
         artifacts: Vec::new(),
     };
+    let mut m = m;
+    if !opts.artifacts.is_empty() {
+        let first = m.files.len();
+        m.artifacts = put_artifacts(agent, loc, save_id, first, &opts.artifacts, &mut m.files)?;
+    }
     m.validate()?;
     let body = m.encode();
     let mut buf = Vec::with_capacity(8 + body.len());
@@ -328,6 +330,220 @@ pub(crate) fn remove(agent: &Agent, loc: &S3Loc) -> Result<usize> {
     Ok(n + usize::from(listed_manifest))
 }
 
+/// Packs the artifact directories `arts` as a directory save does (one data file per
+/// artifact, `d<save id>-<first + i>.dat`, in a private temporary directory) and PUTs each as
+/// the object of that name under `loc`; returns their manifest entries, `files` extended.
+fn put_artifacts(
+    agent: &Agent,
+    loc: &S3Loc,
+    save_id: u64,
+    first: usize,
+    arts: &[(String, std::path::PathBuf)],
+    files: &mut Vec<DataFile>,
+) -> Result<Vec<crate::manifest::Artifact>> {
+    let tmp = TempDir::new("pack")?;
+    let n = files.len();
+    let out = crate::artifact::save_artifacts(&tmp.0, save_id, first, arts, files)?;
+    for f in &files[n..] {
+        let path = tmp.0.join(&f.name);
+        with_file_mapped(agent, &path, f.size, false, |mem| {
+            put_data(agent, loc, &f.name, mem)
+        })?;
+    }
+    Ok(out)
+}
+
+/// Restores the artifact directory `name` of the checkpoint under `loc` into `dest`: its data
+/// objects are fetched into a private temporary directory, then restored from there as from a
+/// checkpoint directory (every file checked, the tree renamed into place last).
+pub(crate) fn restore_artifact(
+    agent: &Agent,
+    loc: &S3Loc,
+    name: &str,
+    dest: &std::path::Path,
+) -> Result<crate::ArtifactReport> {
+    let m = read_manifest(agent, loc)?;
+    let a = m.artifact(name)?;
+    let tmp = TempDir::new("fetch")?;
+    // The fetched objects get names of ours: the manifest's are keys relative to `loc`.
+    let mut local = m.clone();
+    let mut used: Vec<usize> = a
+        .entries
+        .iter()
+        .filter(|e| e.kind == crate::manifest::EntryKind::File)
+        .map(|e| e.file as usize)
+        .collect();
+    used.sort_unstable();
+    used.dedup();
+    for &i in &used {
+        let f = m.files.get(i).ok_or_else(|| {
+            CkptError::Manifest(format!("artifact {name:?} names data file {i}, not listed"))
+        })?;
+        let lname = format!("f{i}.dat");
+        let path = tmp.0.join(&lname);
+        std::fs::File::create(&path)
+            .and_then(|h| h.set_len(f.size))
+            .map_err(|e| CkptError::io(format!("create {}", path.display()), e))?;
+        if f.size > 0 {
+            let key = loc.key(&f.name)?;
+            with_file_mapped(agent, &path, f.size, true, |mem| {
+                let (id, reg) = loc.register(agent, &key, f.size)?;
+                let what = format!("GET s3://{}/{key}", loc.bucket);
+                let r = run(
+                    agent,
+                    XferOp::Read,
+                    vec![mem],
+                    vec![Desc::new(0, f.size, id)],
+                    &what,
+                );
+                drop(reg);
+                r.map_err(|e| CkptError::ArtifactCorrupt {
+                    artifact: name.to_owned(),
+                    path: String::new(),
+                    reason: if is_missing(&e) {
+                        format!("object {key} is missing: {e}")
+                    } else {
+                        format!("reading object {key}: {e}")
+                    },
+                })
+            })?;
+        }
+        local.files[i].name = lname;
+    }
+    crate::artifact::restore_artifact_from(&tmp.0, &local, name, dest)
+}
+
+/// A private temporary directory, removed with what it holds when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> Result<TempDir> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        let r = nixl_core::random_u64().map_err(|e| CkptError::agent("random name", e))?;
+        let p = std::env::temp_dir().join(format!("nixl-ckpt-{what}-{r:016x}"));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&p)
+            .map_err(|e| CkptError::io(format!("create {}", p.display()), e))?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Maps the file at `path` (`len` bytes; `write`: changes reach the file) and hands `f` the
+/// mapping, registered with the agent's `object` backend, as a DRAM descriptor. A file of no
+/// bytes is not mapped and `f` is not called.
+fn with_file_mapped(
+    agent: &Agent,
+    path: &std::path::Path,
+    len: u64,
+    write: bool,
+    f: impl FnOnce(Desc) -> Result<()>,
+) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| CkptError::io(format!("open {}", path.display()), e))?;
+    let size = file
+        .metadata()
+        .map_err(|e| CkptError::io(format!("stat {}", path.display()), e))?
+        .len();
+    let n = usize::try_from(len)
+        .ok()
+        .filter(|_| size == len)
+        .ok_or_else(|| {
+            CkptError::InvalidArgument(format!("{}: {size} bytes, {len} expected", path.display()))
+        })?;
+    let flags = if write {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
+    // SAFETY: a fresh mapping of `n` bytes of an open file that holds them; unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            n,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(CkptError::io(
+            format!("mmap {}", path.display()),
+            io::Error::last_os_error(),
+        ));
+    }
+    let unmap = Unmapped(p, n);
+    let d = Desc::new(p as u64, len, 0);
+    let r = (|| {
+        let list = DescList::from_descs(MemKind::Dram, vec![d])
+            .map_err(|e| CkptError::agent("artifact pack", e))?;
+        // SAFETY: the mapping outlives the registration (dropped at the end of this closure,
+        // before `unmap`), and nothing else touches it meanwhile.
+        let reg = unsafe { agent.register_with(&list, &[BackendName::Object]) }
+            .map_err(|e| CkptError::agent("register the artifact pack", e))?;
+        let r = f(d);
+        drop(reg);
+        r
+    })();
+    drop(unmap);
+    r
+}
+
+/// Unmaps a mapping when dropped.
+struct Unmapped(*mut libc::c_void, usize);
+
+impl Drop for Unmapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `with_file_mapped`, whose registration of it was
+        // dropped first.
+        unsafe { libc::munmap(self.0, self.1) };
+    }
+}
+
+/// PUTs the registered host memory `mem` as the data object `name` under `loc` (a streamed
+/// copy's run of chunks).
+pub(crate) fn put_data(agent: &Agent, loc: &S3Loc, name: &str, mem: Desc) -> Result<()> {
+    let key = loc.key(name)?;
+    let (id, reg) = loc.register(agent, &key, mem.len)?;
+    let what = format!("PUT s3://{}/{key}", loc.bucket);
+    let r = run(
+        agent,
+        XferOp::Write,
+        vec![mem],
+        vec![Desc::new(0, mem.len, id)],
+        &what,
+    );
+    drop(reg);
+    r
+}
+
+/// Writes the manifest object of `m` under `loc` (what makes the checkpoint there valid:
+/// every data object it names must be written first), then deletes data objects under `loc`
+/// that `m` does not name.
+pub(crate) fn put_manifest(agent: &Agent, loc: &S3Loc, m: &Manifest) -> Result<()> {
+    m.validate()?;
+    let body = m.encode();
+    let mut buf = Vec::with_capacity(8 + body.len());
+    buf.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&body);
+    transfer_buf(agent, loc, &mut buf, XferOp::Write)?;
+    remove_stale(agent, loc, m);
+    Ok(())
+}
+
 /// Moves `buf` to or from the manifest object (from offset 0).
 fn transfer_buf(agent: &Agent, loc: &S3Loc, buf: &mut [u8], op: XferOp) -> Result<()> {
     let key = loc.key(MANIFEST)?;
@@ -397,7 +613,7 @@ pub(crate) unsafe fn read_regions(
     agent: &Agent,
     loc: &S3Loc,
     m: &Manifest,
-    chosen: &[(&Region, &RegionEntry)],
+    chosen: &[Pick],
     _opts: &RestoreOptions,
 ) -> Result<Vec<(usize, usize, u64, u64)>> {
     let mut ids: Vec<(u32, u64, String)> = Vec::new();
@@ -405,8 +621,8 @@ pub(crate) unsafe fn read_regions(
     let mut mem = Vec::new();
     let mut obj = Vec::new();
     let mut chunks = Vec::new();
-    for (ri, (r, e)) in chosen.iter().enumerate() {
-        for (ci, c) in e.chunks.iter().enumerate() {
+    for (ri, pk) in chosen.iter().enumerate() {
+        for (ci, c) in pk.each() {
             let id = match ids.iter().find(|x| x.0 == c.file) {
                 Some(x) => x.1,
                 None => {
@@ -418,7 +634,7 @@ pub(crate) unsafe fn read_regions(
                     id
                 }
             };
-            let addr = r.addr + ci as u64 * m.chunk_size;
+            let addr = pk.addr(ci, m.chunk_size);
             mem.push(Desc::new(addr, c.len, 0));
             obj.push(Desc::new(c.offset, c.len, id));
             chunks.push((ri, ci, addr, c.len));
@@ -434,12 +650,10 @@ pub(crate) unsafe fn read_regions(
             .find(|(_, _, key)| msg.contains(key.as_str()))
             .and_then(|(fi, _, key)| {
                 let of_file = || {
-                    chosen.iter().flat_map(|(r, e)| {
-                        e.chunks
-                            .iter()
-                            .enumerate()
+                    chosen.iter().flat_map(|pk| {
+                        pk.each()
                             .filter(|(_, c)| c.file == *fi)
-                            .map(move |(ci, c)| (r.name.clone(), ci, c.offset))
+                            .map(move |(ci, c)| (pk.into.name.clone(), ci, c.offset))
                     })
                 };
                 of_file()
@@ -461,7 +675,7 @@ pub(crate) unsafe fn read_regions(
             None => (
                 chosen
                     .iter()
-                    .map(|(r, _)| r.name.as_str())
+                    .map(|pk| pk.into.name.as_str())
                     .collect::<Vec<_>>()
                     .join(", "),
                 None,

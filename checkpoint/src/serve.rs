@@ -19,13 +19,18 @@
 //! then READs the chunks straight into the caller's memory; each chunk is verified against the
 //! manifest before the restore reports success, as from a directory.
 
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use nixl_core::{Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
+use nixl_core::{
+    Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferOp, XferOptions, XferRequest,
+};
 use nixl_transports::tcp::{fetch_metadata, Auth};
+use parking_lot::{Condvar, Mutex};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::dir::Region;
+use crate::dir::{ChunkAt, Pick, RestoreOptions};
 use crate::error::{CkptError, Result};
 use crate::manifest::{Manifest, RegionEntry, MAX_MANIFEST_BYTES, MAX_REGIONS};
 use crate::mapped::{restore_mapped, Placement, Restored};
@@ -293,21 +298,37 @@ fn check_served(registered: &[Desc], e: &RegionEntry, d: Desc) -> std::result::R
     Ok(())
 }
 
-/// READs the chunks of `chosen` from the peer into the caller's regions; returns the chunks
-/// read, `(index in chosen, chunk, addr, len)`, for the caller to verify.
+/// Most bytes of one READ request of a restore (whole chunks; at least one).
+pub const BATCH_BYTES: u64 = 32 << 20;
+/// READ requests of a restore in flight at once (the backend queues them on its connections in
+/// order, so its pipeline never runs dry between them).
+pub const BATCHES_IN_FLIGHT: usize = 8;
+
+/// READs the chunks of `chosen` from the peer into the caller's regions and hashes each as soon
+/// as it has landed, while later ones still travel; returns the chunks read,
+/// `(index in chosen, chunk, addr, len)`, and their xxh3, for the caller to compare with the
+/// manifest.
+///
+/// The chunks go in requests of at most [`BATCH_BYTES`] (a 16th of the restore when that is
+/// less, whole chunks), at most [`BATCHES_IN_FLIGHT`] posted at
+/// once (each with its own deadline, so a restore of any size fits the per-request bound), and
+/// hashing threads follow the requests as they complete: the verification costs the hash of
+/// the last request after the last byte, not a pass over everything.
 ///
 /// # Safety
 /// As [`crate::restore`].
 pub(crate) unsafe fn read_regions(
     agent: &Agent,
     p: &PeerCkpt,
-    chosen: &[(&Region, &RegionEntry)],
-) -> Result<Vec<(usize, usize, u64, u64)>> {
+    chosen: &[Pick],
+    opts: &RestoreOptions,
+) -> Result<(Vec<ChunkAt>, Vec<u64>)> {
     let cs = p.manifest.chunk_size;
     let mut local = Vec::new();
     let mut remote = Vec::new();
     let mut chunks = Vec::new();
-    for (ri, (r, e)) in chosen.iter().enumerate() {
+    for (ri, pk) in chosen.iter().enumerate() {
+        let e = pk.entry;
         let i = p
             .manifest
             .regions
@@ -316,24 +337,140 @@ pub(crate) unsafe fn read_regions(
             .ok_or_else(|| {
                 CkptError::Manifest(format!("region {:?} changed on the peer", e.name))
             })?;
-        for (ci, c) in e.chunks.iter().enumerate() {
-            let off = ci as u64 * cs;
-            local.push(Desc::new(r.addr + off, c.len, 0));
-            remote.push(Desc::new(p.served[i].addr + off, c.len, 0));
-            chunks.push((ri, ci, r.addr + off, c.len));
+        for (ci, c) in pk.each() {
+            let at = pk.addr(ci, cs);
+            local.push(Desc::new(at, c.len, 0));
+            remote.push(Desc::new(p.served[i].addr + ci as u64 * cs, c.len, 0));
+            chunks.push((ri, ci, at, c.len));
         }
     }
-    read(agent, &p.agent, local, remote).map_err(|e| CkptError::Corrupt {
+    // At most BATCH_BYTES a request, and at least 16 requests where the chunks allow, so that
+    // hashing follows the data closely in small restores too.
+    let all: u64 = chunks.iter().map(|c| c.3).sum();
+    let per = ((all / 16).min(BATCH_BYTES) / cs.max(1)).max(1) as usize;
+    let batches: Vec<Range<usize>> = (0..chunks.len())
+        .step_by(per)
+        .map(|a| a..(a + per).min(chunks.len()))
+        .collect();
+    let total: u64 = chunks.iter().map(|c| c.3).sum();
+    let failed = |e: String| CkptError::Corrupt {
         region: chosen
             .iter()
-            .map(|(r, _)| r.name.as_str())
+            .map(|pk| pk.into.name.as_str())
             .collect::<Vec<_>>()
             .join(", "),
         chunk: None,
         reason: format!("reading from the peer failed: {e}"),
         memory_written: true,
-    })?;
-    Ok(chunks)
+    };
+    let post = |b: &Range<usize>| -> nixl_core::Result<XferRequest> {
+        let l = DescList::from_descs(MemKind::Dram, local[b.clone()].to_vec())?;
+        let r = DescList::from_descs(MemKind::Dram, remote[b.clone()].to_vec())?;
+        let x = agent.create_xfer(
+            XferOp::Read,
+            &l,
+            &r,
+            &p.agent,
+            XferOptions {
+                deadline: Some(PEER_TIMEOUT),
+                ..Default::default()
+            },
+        )?;
+        x.post()?;
+        Ok(x)
+    };
+    let hashes: Vec<AtomicU64> = chunks.iter().map(|_| AtomicU64::new(0)).collect();
+    // Chunks below `landed` are in memory; `stop` ends the hashing threads early.
+    let landed = Mutex::new((0usize, false));
+    let cv = Condvar::new();
+    let next = AtomicUsize::new(0);
+    let hashed = AtomicU64::new(0);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(chunks.len().max(1));
+    let progress = opts.progress.as_ref();
+    let outcome = std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(_, _, addr, len)) = chunks.get(k) else {
+                    return;
+                };
+                {
+                    let mut g = landed.lock();
+                    while g.0 <= k && !g.1 {
+                        cv.wait(&mut g);
+                    }
+                    if g.0 <= k {
+                        return;
+                    }
+                }
+                // SAFETY: the chunk lies in the caller's region (valid for the call, per the
+                // caller's contract) and the request that wrote it has ended; no request
+                // writes it again.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(addr as usize as *const u8, len as usize) };
+                hashes[k].store(xxh3_64(bytes), Ordering::Relaxed);
+                let d = hashed.fetch_add(len, Ordering::Relaxed) + len;
+                if let Some(pr) = progress {
+                    pr("verify", d, total);
+                }
+            });
+        }
+        let stop = |r: Result<()>| {
+            landed.lock().1 = true;
+            cv.notify_all();
+            r
+        };
+        // Requests in flight, oldest first; dropping it releases (cancels) what is left.
+        let mut inflight = Posted(std::collections::VecDeque::new());
+        let mut posted = 0;
+        let mut read = 0u64;
+        for (bi, b) in batches.iter().enumerate() {
+            while posted < batches.len() && posted < bi + BATCHES_IN_FLIGHT {
+                match post(&batches[posted]) {
+                    Ok(x) => inflight.0.push_back(x),
+                    Err(e) => return stop(Err(failed(e.to_string()))),
+                }
+                posted += 1;
+            }
+            let Some(x) = inflight.0.pop_front() else {
+                return stop(Err(failed("a request went missing".into())));
+            };
+            let r = x
+                .wait_blocking(Some(PEER_TIMEOUT + Duration::from_secs(1)))
+                .into_result();
+            x.release();
+            if let Err(e) = r {
+                return stop(Err(failed(e.to_string())));
+            }
+            read += chunks[b.clone()].iter().map(|c| c.3).sum::<u64>();
+            if let Some(pr) = progress {
+                pr("read", read, total);
+            }
+            landed.lock().0 = b.end;
+            cv.notify_all();
+        }
+        Ok(())
+    });
+    outcome?;
+    Ok((
+        chunks,
+        hashes.into_iter().map(AtomicU64::into_inner).collect(),
+    ))
+}
+
+/// Posted requests: dropping them releases (cancels) what is still in flight and waits until
+/// no backend touches the memory any more.
+struct Posted(std::collections::VecDeque<XferRequest>);
+
+impl Drop for Posted {
+    fn drop(&mut self) {
+        for r in &self.0 {
+            r.release();
+        }
+    }
 }
 
 #[cfg(test)]

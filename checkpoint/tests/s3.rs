@@ -431,6 +431,15 @@ fn s3_incremental_copy_cleanup_and_rm() {
     );
     let e = nixl_checkpoint::copy_with(&a, d1, &back, None).unwrap_err();
     assert!(e.to_string().contains("already holds"), "{e}");
+    // Streamed through a buffer of one chunk: an object per chunk, the same bytes.
+    let runs = format!("s3://{BUCKET}/copy/runs");
+    let rm = nixl_checkpoint::copy_with_buffer(&a, d1, &runs, None, CHUNK).unwrap();
+    let chunks: usize = rm.regions.iter().map(|r| r.chunks.len()).sum();
+    assert!(chunks > rm.regions.len(), "{chunks} chunks");
+    assert_eq!(rm.files.len(), chunks);
+    let (res, got) = restore_all(&a, &runs);
+    res.unwrap();
+    assert_eq!(got, bufs);
     // A source that is damaged is not copied.
     let bad = m
         .keys("copy/back/")
@@ -506,4 +515,77 @@ fn s3_incremental_copy_cleanup_and_rm() {
     assert_eq!(nixl_checkpoint::remove_with(&a, &base).unwrap(), 3);
     assert!(m.keys("inc/base/").is_empty());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn s3_artifacts_round_trip_and_a_damaged_pack_is_refused() {
+    nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
+    let m = Moto::start();
+    let a = agent(&m);
+    let work = std::env::temp_dir().join(format!("nixl-ckpt-s3art-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let tree = work.join("cache");
+    std::fs::create_dir_all(tree.join("k/v")).unwrap();
+    std::fs::create_dir_all(tree.join("empty")).unwrap();
+    // Past moto's multipart threshold (64 KiB here): the pack goes up in parts.
+    let big = pattern((1 << 20) + 3, 5);
+    std::fs::write(tree.join("k/v/kernel.bin"), &big).unwrap();
+    std::fs::write(tree.join("k/none"), b"").unwrap();
+    std::fs::write(tree.join("top.json"), b"{\"v\":2}").unwrap();
+    let uri = format!("s3://{BUCKET}/art/one");
+    let mut bufs = vec![pattern(100_000, 3)];
+    let (regions, r) = reg(&a, &mut bufs);
+    let opts = SaveOptions {
+        chunk_size: CHUNK,
+        artifacts: vec![("cache".into(), tree.clone())],
+        ..SaveOptions::default()
+    };
+    // SAFETY: the buffers are unchanged for the call.
+    unsafe { save(&a, &uri, &regions, &opts) }.unwrap();
+    drop(r);
+    let mf = nixl_checkpoint::read_manifest_with(&a, &uri).unwrap();
+    assert_eq!(mf.artifacts.len(), 1);
+    let back = restore_mapped(&a, &uri, None, Placement::Anywhere).unwrap();
+    let x = back.region("r0").unwrap();
+    // SAFETY: mapped and written by the restore, which has returned.
+    let b = unsafe { std::slice::from_raw_parts(x.addr as usize as *const u8, x.len as usize) };
+    assert!(b == bufs[0].as_slice(), "r0 differs");
+    drop(back);
+
+    // Into a fresh directory: the same tree.
+    let dest = work.join("restored");
+    let rep = nixl_checkpoint::restore_artifact_with(&a, &uri, "cache", &dest).unwrap();
+    assert_eq!((rep.files, rep.bytes), (3, big.len() as u64 + 7));
+    assert_eq!(std::fs::read(dest.join("k/v/kernel.bin")).unwrap(), big);
+    assert_eq!(std::fs::read(dest.join("top.json")).unwrap(), b"{\"v\":2}");
+    assert!(std::fs::read(dest.join("k/none")).unwrap().is_empty());
+    assert!(dest.join("empty").is_dir());
+    let e = nixl_checkpoint::restore_artifact_with(&a, &uri, "nope", &work.join("x")).unwrap_err();
+    assert!(matches!(e, CkptError::NotFound { .. }), "{e}");
+
+    // A flipped byte in the pack object: refused, and nothing appears at the destination.
+    let fi = mf.artifacts[0]
+        .entries
+        .iter()
+        .find(|e| e.size > 0)
+        .unwrap()
+        .file as usize;
+    let key = format!("art/one/{}", mf.files[fi].name);
+    let mut b = m.object(&key);
+    b[10] ^= 1;
+    m.put(&key, &b);
+    let bad = work.join("bad");
+    let e = nixl_checkpoint::restore_artifact_with(&a, &uri, "cache", &bad).unwrap_err();
+    assert!(matches!(e, CkptError::ArtifactCorrupt { .. }), "{e}");
+    assert!(!bad.exists());
+    // The pack object missing: refused the same way.
+    m.delete(&key);
+    let e = nixl_checkpoint::restore_artifact_with(&a, &uri, "cache", &bad).unwrap_err();
+    assert!(e.to_string().contains("missing"), "{e}");
+    assert!(!bad.exists());
+
+    // `rm` takes the pack with the rest.
+    nixl_checkpoint::remove_with(&a, &uri).unwrap();
+    assert_eq!(m.keys("art/one/"), Vec::<String>::new());
+    std::fs::remove_dir_all(&work).unwrap();
 }

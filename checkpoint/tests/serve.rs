@@ -62,7 +62,8 @@ impl Drop for Server {
 fn restore_from_a_peer_serving_the_checkpoint_over_tcp() {
     let dir = scratch("serve");
     let uri = dir.to_str().unwrap();
-    let sizes = [(3 << 20) + 17, 4096, 777];
+    // 21 chunks of 1 MiB in r0: the restore goes in more requests than it keeps in flight.
+    let sizes = [(20 << 20) + 17, 4096, 777];
     let want: Vec<Vec<u8>> = sizes
         .iter()
         .enumerate()
@@ -229,4 +230,104 @@ fn a_peer_serving_altered_bytes_is_caught_by_the_checksums() {
     }
     drop(served);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn copy_from_a_peer_streams_in_bounded_memory() {
+    let dir = scratch("copy-src");
+    let uri = dir.to_str().unwrap();
+    // 72 MiB and change in three regions, chunks of 1 MiB; the copy stages 4 MiB at a time.
+    let sizes = [(48 << 20) + 4097, 24 << 20, 999];
+    let total: usize = sizes.iter().sum();
+    {
+        let a = agent("backends = [\"uring\", \"posix\"]");
+        let mut bufs: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| pattern(n, i as u64 + 11))
+            .collect();
+        let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
+        let _regs: Vec<_> = descs.iter().map(|d| register(&a, *d)).collect();
+        let regions: Vec<Region> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
+            .collect();
+        let opts = SaveOptions {
+            chunk_size: 1 << 20,
+            metadata: Some("{\"model\": \"copy-test\"}".into()),
+            ..SaveOptions::default()
+        };
+        // SAFETY: the buffers are live and unchanged during the call.
+        unsafe { save(&a, uri, &regions, &opts) }.unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+        .args(["serve", uri, "--json", "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Server(child);
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let peer = v["uri"].as_str().unwrap().to_owned();
+
+    // The copy's peak resident memory, as it reports it (its own VmHWM: a child's rusage
+    // would count this test's memory too, which the child shares until it execs).
+    let copy = |dst: &std::path::Path, buffer: &str| -> u64 {
+        let out = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+            .args(["copy", &peer, dst.to_str().unwrap(), "--json", "--quiet"])
+            .args(["--buffer", buffer])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{:?}: {text}", out.status);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["bytes"].as_u64(), Some(total as u64), "{v}");
+        v["peak_rss_bytes"].as_u64().expect("peak_rss_bytes")
+    };
+    let dst = scratch("copy-dst");
+    let peak = copy(&dst, "4MiB");
+    // The same copy staging a whole region at once (the largest, 48 MiB).
+    let whole = scratch("copy-whole");
+    let peak_whole = copy(&whole, "1GiB");
+    eprintln!("peak RSS: {peak} bytes staging 4 MiB, {peak_whole} staging 1 GiB ({total} bytes)");
+    assert!(
+        peak < 48 << 20 && peak + (32 << 20) < peak_whole,
+        "the bounded copy peaked at {peak} bytes, the one staging a region at once at \
+         {peak_whole}"
+    );
+
+    // Both copies are self-contained checkpoints with the source's chunks, every one verified.
+    let src_m = ops::read_manifest(uri).unwrap();
+    for d in [&dst, &whole] {
+        let m = ops::read_manifest(d.to_str().unwrap()).unwrap();
+        assert_eq!(m.metadata, src_m.metadata);
+        assert!(m.base.is_none());
+        for (a, b) in m.regions.iter().zip(&src_m.regions) {
+            assert_eq!((&a.name, a.len, a.addr), (&b.name, b.len, b.addr));
+            let ha: Vec<u64> = a.chunks.iter().map(|c| c.xxh3).collect();
+            let hb: Vec<u64> = b.chunks.iter().map(|c| c.xxh3).collect();
+            assert_eq!(ha, hb, "{}", a.name);
+        }
+        let rep = ops::verify(d.to_str().unwrap(), None).unwrap();
+        assert_eq!(rep.bytes, total as u64);
+    }
+    // The data files hold the bytes that were saved.
+    let a = agent("backends = [\"uring\", \"posix\"]");
+    let r = restore_mapped(&a, dst.to_str().unwrap(), None, Placement::Anywhere).unwrap();
+    for (i, &n) in sizes.iter().enumerate() {
+        let x = r.region(&format!("r{i}")).unwrap();
+        // SAFETY: the region is mapped and written by the restore, which has returned.
+        let b = unsafe { std::slice::from_raw_parts(x.addr as usize as *const u8, x.len as usize) };
+        assert!(b == pattern(n, i as u64 + 11).as_slice(), "r{i} differs");
+    }
+    drop(r);
+    for d in [&dir, &dst, &whole] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }

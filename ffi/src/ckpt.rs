@@ -139,9 +139,9 @@ const MAX_C_ARTIFACTS: usize = 4096;
 /// Saves like [`nixl_ckpt_save`], plus `n_artifacts` artifact directories (file trees such as
 /// kernel and compile caches): artifact `i` is the tree at `artifact_dirs[i]`, saved under the
 /// name `artifact_names[i]` with a checksum per file. Directories and regular files only (a
-/// symbolic link or special file in a tree fails the save naming it); checkpoint directories
-/// only (`NIXL_ERR_UNAVAILABLE` for `s3://`). Restore them with
-/// [`nixl_ckpt_restore_artifact`].
+/// symbolic link or special file in a tree fails the save naming it); into a checkpoint
+/// directory or under `s3://`. Restore them with [`nixl_ckpt_restore_artifact`] (from a
+/// directory; from `s3://` with `nixl-ckpt artifact` or the Rust API).
 ///
 /// # Safety
 /// As [`nixl_ckpt_save`]; `artifact_names` and `artifact_dirs` each point to `n_artifacts`

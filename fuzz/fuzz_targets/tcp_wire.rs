@@ -1,9 +1,11 @@
 //! What a tcp peer sends after the handshake: frame bodies of every type (OPEN, WRITE/READ with
-//! their pieces, ACK/DATA answers, NOTIF, metadata frames (MD_PUSH, MD_DROP, MD) and control frames), and the per-purpose
+//! their pieces, SPAN_WRITE/SPAN_READ with their spans, ACK/DATA answers, NOTIF, metadata frames (MD_PUSH, MD_DROP, MD) and control frames), and the per-purpose
 //! admission check a listener makes from a frame's header before reading its body. Any input
 //! gives Ok or Err, never a panic or an allocation beyond the frame; a body that decodes
 //! re-encodes to one that decodes to the same value; a decoded transfer never holds more than
-//! `MAX_PIECES` pieces; an admitted size never exceeds the largest frame.
+//! `MAX_PIECES` pieces, a decoded span list never more than `MAX_SPANS` non-empty spans, all
+//! inside the hull it reports, of at most `MAX_CHUNK` bytes in all; an admitted size never
+//! exceeds the largest frame.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -14,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut out = Vec::new();
-    match which % 9 {
+    match which % 10 {
         0 => {
             if let Ok(o) = wire::decode_open(body) {
                 wire::open(&mut out, o.purpose, &o.name, o.instance, o.expect);
@@ -34,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         3 | 4 => {
-            let ty = if which % 9 == 3 { wire::ACK } else { wire::DATA };
+            let ty = if which % 10 == 3 { wire::ACK } else { wire::DATA };
             if let Ok(r) = wire::decode_reply(ty, body) {
                 assert!(r.len <= wire::MAX_CHUNK);
             }
@@ -54,6 +56,27 @@ fuzz_target!(|data: &[u8]| {
             let _ = wire::decode_ctrl(body);
             if wire::decode_md_drop(body).is_ok() {
                 assert!(body.is_empty());
+            }
+        }
+        8 => {
+            let mut spans = Vec::new();
+            if let Ok(x) = wire::decode_spans(body, &mut spans) {
+                assert!(spans.len() <= wire::MAX_SPANS);
+                assert!(x.total <= wire::MAX_CHUNK);
+                let mut total = 0;
+                for s in &spans {
+                    assert!(s.len > 0 && s.addr >= x.lo && s.addr + s.len <= x.hi);
+                    total += s.len;
+                }
+                assert_eq!(total, x.total);
+                wire::span_head(&mut out, wire::SPAN_READ, x.id, x.chunk, x.key, spans.len() as u32);
+                for s in &spans {
+                    wire::put_span(&mut out, s.addr, s.len as u32);
+                }
+                wire::finish(&mut out);
+                let mut again = Vec::new();
+                assert_eq!(wire::decode_spans(&out[5..], &mut again).expect("re-encoded"), x);
+                assert_eq!(again, spans);
             }
         }
         _ => {

@@ -12,11 +12,19 @@ and posts it again and again (post, poll check_xfer_state until DONE), WRITE and
 latency of one post and the bandwidth. Then a prepared transfer of --blocks blocks of 1 KiB
 (prep_xfer_dlist once, make_prepped_xfer with int32 index arrays, in a shuffled order): the time
 to make the request and to move it. Every size's last transfer is checked byte by byte.
+
+The 64 KiB-1 MiB rows move through page pinning (cross-memory copies, ours and UCX's), which
+costs about twice as much over 4 KiB pages as over 2 MiB ones: numpy asks for transparent huge
+pages for big arrays (``madvise``), and whether the kernel has them to give depends on the
+machine's memory at the time. So the JSON gives ``anon_huge_kb`` of both processes (their
+buffers' huge pages); ``--no-hugepages`` turns numpy's request off in both, for runs that are
+comparable whatever the machine's state.
 """
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -29,6 +37,23 @@ MAX = 64 << 20
 BLOCK = 1024
 
 
+def anon_huge_kb() -> int:
+    """This process's anonymous memory in transparent huge pages (kB; -1 when unknown)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def no_hugepages() -> None:
+    """Stops numpy from asking for transparent huge pages for its big arrays."""
+    np.core.multiarray._set_madvise_hugepage(False)
+
+
 def target(port_file: str, blocks: int, port: int) -> None:
     agent = nixl_agent("bench-target", nixl_agent_config(True, True, port))
     buf = np.zeros(max(MAX, blocks * BLOCK), dtype=np.uint8)
@@ -39,7 +64,7 @@ def target(port_file: str, blocks: int, port: int) -> None:
     os.rename(port_file + ".tmp", port_file)
     while not agent.check_remote_metadata("bench-init"):
         time.sleep(0.001)
-    agent.send_notif("bench-init", b"%d %d" % (buf.ctypes.data, buf.nbytes))
+    agent.send_notif("bench-init", b"%d %d %d" % (buf.ctypes.data, buf.nbytes, anon_huge_kb()))
     while not agent.check_remote_xfer_done("bench-init", b"bye"):
         time.sleep(0.01)
 
@@ -53,7 +78,7 @@ def run(args) -> dict:
     port_file = f"/tmp/nixl-bench-port-{os.getpid()}"
     child = subprocess.Popen(
         [sys.executable, __file__, "--target", port_file, "--blocks", str(args.blocks),
-         "--port", str(args.port)]
+         "--port", str(args.port)] + (["--no-hugepages"] if args.no_hugepages else [])
     )
     try:
         while not os.path.exists(port_file):
@@ -71,9 +96,10 @@ def run(args) -> dict:
         notifs = {}
         while "bench-target" not in notifs:
             notifs = agent.get_new_notifs()
-        raddr, rlen = map(int, notifs["bench-target"][0].split())
+        raddr, rlen, target_huge_kb = map(int, notifs["bench-target"][0].split())
         pattern = (np.arange(rlen) % 251).astype(np.uint8)
         local[:] = pattern[: local.size]  # WRITEs keep the target's pattern as it is
+        huge = {"init": anon_huge_kb(), "target": target_huge_kb}
         rows = []
         size = 4096
         while size <= MAX:
@@ -125,9 +151,15 @@ def run(args) -> dict:
         prep_s = time.perf_counter() - t
         perm = np.random.default_rng(0).permutation(n).astype(np.int32)
         local[: n * BLOCK] = 0
+        lidx = np.arange(n, dtype=np.int32)
+        f0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
         t = time.perf_counter()
-        h = agent.make_prepped_xfer("READ", lp, np.arange(n, dtype=np.int32), rp, perm)
+        h = agent.make_prepped_xfer("READ", lp, lidx, rp, perm)
         make_s = time.perf_counter() - t
+        # Less sensitive to a loaded machine than the wall clock: the calling thread's CPU time,
+        # and the page faults (first touches of fresh memory) taken meanwhile.
+        make_cpu_s = time.thread_time() - c0
+        make_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         lat = []
         for _ in range(5):
             t = time.perf_counter()
@@ -140,12 +172,13 @@ def run(args) -> dict:
                                   pattern[j * BLOCK:(j + 1) * BLOCK]), f"block {i} differs"
         agent.release_xfer_handle(h)
         prepped = {"blocks": n, "block_bytes": BLOCK, "prep_ms": prep_s * 1e3,
-                   "make_ms": make_s * 1e3, "xfer_p50_ms": float(np.median(lat) * 1e3),
+                   "make_ms": make_s * 1e3, "make_cpu_ms": make_cpu_s * 1e3,
+                   "make_faults": make_faults, "xfer_p50_ms": float(np.median(lat) * 1e3),
                    "gbps": n * BLOCK / float(np.median(lat)) / 1e9}
         agent.send_notif("bench-target", b"bye")
         child.wait(timeout=30)
         impl = "nixl-rs" if hasattr(sys.modules[nixl_agent.__module__], "BACKEND_MAP") else "NIXL"
-        return {"impl": impl, "rows": rows, "prepped": prepped}
+        return {"impl": impl, "rows": rows, "prepped": prepped, "anon_huge_kb": huge}
     finally:
         if child.poll() is None:
             child.kill()
@@ -161,8 +194,12 @@ def main() -> None:
     p.add_argument("--backends", nargs="*", default=[], help="backends= of every request")
     p.add_argument("--sizes", type=int, nargs="*", default=[],
                    help="only these transfer sizes in bytes (of 4 KiB, 16 KiB, ... 64 MiB)")
+    p.add_argument("--no-hugepages", action="store_true",
+                   help="numpy asks for no transparent huge pages (both processes)")
     p.add_argument("--target", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.no_hugepages:
+        no_hugepages()
     if args.target:
         target(args.target, args.blocks, args.port)
         return
@@ -170,13 +207,14 @@ def main() -> None:
     if args.json:
         print(json.dumps(res))
         return
-    print(f"{res['impl']}: two processes, post + poll until DONE")
+    print(f"{res['impl']}: two processes, post + poll until DONE "
+          f"(huge pages, kB: {res['anon_huge_kb']})")
     print(f"{'op':6} {'size':>9} {'p50 us':>9} {'GB/s':>7}  backend")
     for r in res["rows"]:
         print(f"{r['op']:6} {r['bytes']:>9} {r['p50_us']:>9.1f} {r['gbps']:>7.2f}  {r['backend']}")
     pp = res["prepped"]
     print(f"prepped READ {pp['blocks']} x {pp['block_bytes']} B: prep {pp['prep_ms']:.1f} ms, "
-          f"make {pp['make_ms']:.1f} ms, transfer p50 {pp['xfer_p50_ms']:.2f} ms ({pp['gbps']:.2f} GB/s)")
+          f"make {pp['make_ms']:.1f} ms ({pp['make_cpu_ms']:.1f} ms CPU, {pp['make_faults']} page faults), transfer p50 {pp['xfer_p50_ms']:.2f} ms ({pp['gbps']:.2f} GB/s)")
 
 
 if __name__ == "__main__":

@@ -659,27 +659,40 @@ fn backend_of(name: Option<&str>) -> PyResult<Option<BackendName>> {
 }
 
 /// Indices from Python: packed native-endian int32 (a numpy array) or a sequence of ints.
-fn indices_from(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
-    let bad = |i: i64| invalid(format!("index {i} is negative"));
+/// Indices into a list of `n` entries, as `u32`: packed int32 (`bytes`, what `_api.py` makes of
+/// a numpy array) or any iterable of ints. One pass, no intermediate list: a 56,000-entry array
+/// is read straight into its final vector (a larger one costs page faults on first touch).
+fn indices_from(obj: &Bound<'_, PyAny>, n: usize, side: &str) -> PyResult<Vec<u32>> {
+    let check = |v: i64| -> PyResult<u32> {
+        if v < 0 {
+            return Err(invalid(format!("{side} index {v} is negative")));
+        }
+        // In range of the list, so it fits in u32 unless the list is longer than the core
+        // prepares (then the descriptors are used, and `u32::MAX` is never looked up).
+        usize::try_from(v)
+            .ok()
+            .filter(|&i| i < n)
+            .map(|i| u32::try_from(i).unwrap_or(u32::MAX))
+            .ok_or_else(|| {
+                invalid(format!(
+                    "{side} index {v} out of range (the prepared list has {n})"
+                ))
+            })
+    };
     if let Ok(b) = obj.downcast::<PyBytes>() {
         let raw = b.as_bytes();
         if raw.len() % 4 != 0 {
             return Err(invalid("packed indices: not a whole number of int32"));
         }
-        return raw
-            .chunks_exact(4)
-            .map(|c| {
-                let v = i32::from_ne_bytes(c.try_into().expect("4 bytes"));
-                usize::try_from(v).map_err(|_| bad(i64::from(v)))
-            })
-            .collect();
+        let mut out = Vec::with_capacity(raw.len() / 4);
+        for c in raw.chunks_exact(4) {
+            out.push(check(i64::from(i32::from_ne_bytes(
+                c.try_into().expect("4 bytes"),
+            )))?);
+        }
+        return Ok(out);
     }
-    obj.try_iter()?
-        .map(|x| {
-            let v: i64 = x?.extract()?;
-            usize::try_from(v).map_err(|_| bad(v))
-        })
-        .collect()
+    obj.try_iter()?.map(|x| check(x?.extract()?)).collect()
 }
 
 fn port_addr(ip: &str, port: u16) -> String {
@@ -1107,21 +1120,7 @@ impl PyAgent {
             if p.released.load(Ordering::Acquire) {
                 return Err(invalid(format!("the {side} prepared list was released")));
             }
-            let n = p.descs.len();
-            let idx = indices_from(idx)?
-                .into_iter()
-                .map(|i| {
-                    // In range of the list, so it fits in u32 unless the list is longer than
-                    // the core prepares (then `core` is None and the descriptors are used).
-                    (i < n)
-                        .then(|| u32::try_from(i).unwrap_or(u32::MAX))
-                        .ok_or_else(|| {
-                            invalid(format!(
-                                "{side} index {i} out of range (the prepared list has {n})"
-                            ))
-                        })
-                })
-                .collect::<PyResult<Vec<u32>>>()?;
+            let idx = indices_from(idx, p.descs.len(), side)?;
             Ok(Picked {
                 kind: p.kind,
                 descs: Arc::clone(&p.descs),

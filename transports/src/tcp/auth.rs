@@ -86,6 +86,13 @@ const HELLO_LEN: usize = 4 + 2 + 2;
 const FLAG_SECRET: u16 = 1;
 /// The secret is its user's per-host secret file, not a shared secret.
 const FLAG_USER: u16 = 2;
+/// Wire feature: the side takes SPAN_READ / SPAN_WRITE frames ([`super::wire`]). Every agent
+/// of this version sets it; an initiator sends those frames only to a listener whose hello has
+/// it, so agents of the previous wire (which ignore unknown flags) keep working with the old
+/// READ/WRITE frames. The hello is plaintext: an on-path attacker who clears the flag only
+/// makes the initiator use the old frames, and one who sets it only gets the connection
+/// dropped, which it could do anyway.
+const FLAG_SPANS: u16 = 4;
 /// Longest agent name or refusal text in the handshake.
 const MAX_TEXT: usize = 1024;
 
@@ -404,7 +411,7 @@ fn hello(auth: &Auth) -> [u8; HELLO_LEN] {
     let mut h = [0u8; HELLO_LEN];
     h[..4].copy_from_slice(&MAGIC);
     h[4..6].copy_from_slice(&VERSION.to_le_bytes());
-    h[6..8].copy_from_slice(&auth.flags().to_le_bytes());
+    h[6..8].copy_from_slice(&(auth.flags() | FLAG_SPANS).to_le_bytes());
     h
 }
 
@@ -625,7 +632,8 @@ pub(super) fn connect(
 ) -> Result<(Link, Option<PeerIdentity>), AuthError> {
     let key = auth.key().map_err(AuthError::Denied)?;
     let mut io = Timed { s: &s, deadline };
-    let theirs = read_hello(&mut io, "the listener")? & FLAG_SECRET != 0;
+    let flags = read_hello(&mut io, "the listener")?;
+    let (theirs, spans) = (flags & FLAG_SECRET != 0, flags & FLAG_SPANS != 0);
     io.write_all(&hello(auth))?;
     let mut status = [0u8; 1];
     io.read_exact(&mut status)?;
@@ -634,7 +642,7 @@ pub(super) fn connect(
         return Err(AuthError::Denied(format!("refused by the listener: {why}")));
     }
     let Some(key) = key else {
-        let link = Link::plain(s);
+        let link = Link::plain(s).with_spans(spans);
         link.set_deadline(Some(deadline));
         return Ok((link, None));
     };
@@ -682,7 +690,7 @@ pub(super) fn connect(
             them.name, expect.0
         )));
     }
-    let link = Link::tls(s, rustls::Connection::Client(conn));
+    let link = Link::tls(s, rustls::Connection::Client(conn)).with_spans(spans);
     link.set_deadline(Some(deadline));
     Ok((link, Some(them)))
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use nixl_core::{
-    BackendName, Completion, Connection, Error, PreparedXfer, Result, XferOp, XferPlan,
+    BackendName, Completion, Connection, Error, PreparedXfer, Result, Run, Runs, XferOp, XferPlan,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -171,10 +171,77 @@ fn give_up(_: bool) -> io::Result<()> {
 #[derive(Debug)]
 struct Plan {
     op: XferOp,
-    local: Vec<Span>,
-    remote: Vec<Piece>,
+    body: Body,
     chunks: Vec<Chunk>,
     notif: Option<Vec<u8>>,
+}
+
+/// The pieces of a plan; a [`Chunk`] indexes into them.
+#[derive(Debug)]
+enum Body {
+    /// A local span and a remote piece (any region) per piece: WRITE and READ frames.
+    Pieces {
+        local: Vec<Span>,
+        remote: Vec<Piece>,
+    },
+    /// The core's runs (one remote region, `key`), kept as they came: SPAN_WRITE and SPAN_READ
+    /// frames of 12 bytes a span, the local side read and written straight from the runs.
+    Runs { runs: Vec<Run>, key: u64 },
+}
+
+/// A chunk's local memory, of either body.
+#[derive(Clone, Copy)]
+enum Local<'a> {
+    Spans(&'a [Span]),
+    Runs(&'a [Run]),
+}
+
+impl Plan {
+    fn local(&self, c: Chunk) -> Local<'_> {
+        let r = c.start as usize..c.end as usize;
+        match &self.body {
+            Body::Pieces { local, .. } => Local::Spans(&local[r]),
+            Body::Runs { runs, .. } => Local::Runs(&runs[r]),
+        }
+    }
+
+    /// Writes the frame that asks for chunk `idx` of post `id` into `out`; returns whether it
+    /// is a WRITE (its data follows it). `spans`: the lane's listener takes SPAN frames; a
+    /// plan of runs cannot be sent without them.
+    fn frame(&self, out: &mut Vec<u8>, id: u64, idx: u32, spans: bool) -> io::Result<bool> {
+        let c = self.chunks[idx as usize];
+        let write = self.op == XferOp::Write;
+        let r = c.start as usize..c.end as usize;
+        match &self.body {
+            Body::Pieces { remote, .. } => {
+                let ty = if write { wire::WRITE } else { wire::READ };
+                wire::xfer_head(out, ty, id, idx, c.end - c.start);
+                for p in &remote[r] {
+                    wire::put_piece(out, p);
+                }
+            }
+            Body::Runs { runs, key } => {
+                if !spans {
+                    return Err(io::Error::other(
+                        "the peer's listener no longer takes SPAN frames (it was replaced by \
+                         an older version): prepare the request again",
+                    ));
+                }
+                let ty = if write {
+                    wire::SPAN_WRITE
+                } else {
+                    wire::SPAN_READ
+                };
+                wire::span_head(out, ty, id, idx, *key, c.end - c.start);
+                for run in &runs[r] {
+                    // Runs are cut to at most a chunk (`cut_runs`), under u32::MAX.
+                    wire::put_span(out, run.remote, run.len as u32);
+                }
+            }
+        }
+        wire::finish(out);
+        Ok(write)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -226,11 +293,54 @@ fn make_plan(p: &XferPlan, chunk_bytes: u64) -> Plan {
     }
     Plan {
         op: p.op,
-        local,
-        remote,
+        body: Body::Pieces { local, remote },
         chunks,
         notif: p.notif.clone(),
     }
+}
+
+/// Cuts runs into chunks of SPAN frames: a chunk ends before the run that would take it over
+/// `chunk_bytes` or past [`wire::MAX_SPANS`] spans; a run longer than `chunk_bytes` is first cut
+/// into pieces of `chunk_bytes` (a new list only then: blocks of a KV cache never are), and
+/// empty runs are dropped. The runs' order is kept.
+fn cut_runs(mut runs: Vec<Run>, chunk_bytes: u64) -> (Vec<Run>, Vec<Chunk>) {
+    if runs.iter().any(|r| r.len > chunk_bytes || r.len == 0) {
+        let mut cut = Vec::with_capacity(runs.len());
+        for r in &runs {
+            let mut off = 0;
+            while off < r.len {
+                let len = (r.len - off).min(chunk_bytes);
+                cut.push(Run {
+                    local: r.local + off,
+                    remote: r.remote + off,
+                    len,
+                });
+                off += len;
+            }
+        }
+        runs = cut;
+    }
+    let mut chunks = Vec::with_capacity(runs.len() / 64 + 1);
+    let (mut start, mut bytes) = (0usize, 0u64);
+    for (i, r) in runs.iter().enumerate() {
+        if i > start && (bytes + r.len > chunk_bytes || i - start == wire::MAX_SPANS) {
+            chunks.push(Chunk {
+                start: start as u32,
+                end: i as u32,
+                bytes,
+            });
+            (start, bytes) = (i, 0);
+        }
+        bytes += r.len;
+    }
+    if start < runs.len() {
+        chunks.push(Chunk {
+            start: start as u32,
+            end: runs.len() as u32,
+            bytes,
+        });
+    }
+    (runs, chunks)
 }
 
 struct Waiter {
@@ -452,6 +562,8 @@ struct Lane {
 
 struct Session {
     peer: String,
+    /// Every lane's listener takes SPAN frames (said so in its hello).
+    spans: bool,
     cfg: Arc<TcpConfig>,
     lanes: Vec<Lane>,
     state: Mutex<State>,
@@ -472,6 +584,7 @@ impl Session {
         }
         let s = Arc::new(Session {
             peer: conn.peer.clone(),
+            spans: lanes.iter().all(|l| l.stream.takes_spans()),
             cfg: Arc::clone(&conn.cfg),
             lanes,
             state: Mutex::new(State {
@@ -700,23 +813,29 @@ impl Session {
             }
             Job::Chunk(post, idx) => {
                 let plan = post.plan.as_ref().expect("chunk jobs have a plan");
+                let inside = match plan.frame(hdr, post.id, *idx, s.takes_spans()) {
+                    Ok(write) => write,
+                    Err(e) => {
+                        // Nothing was written: the chunk fails, the session goes on.
+                        self.release(lane);
+                        self.lane_reply(lane);
+                        self.chunk_done(
+                            post,
+                            Err(Error::Backend {
+                                backend: BackendName::Tcp,
+                                op: "transfer",
+                                reason: e.to_string(),
+                            }),
+                        );
+                        return true;
+                    }
+                };
                 let c = plan.chunks[*idx as usize];
-                let range = c.start as usize..c.end as usize;
-                let ty = match plan.op {
-                    XferOp::Write => wire::WRITE,
-                    XferOp::Read => wire::READ,
-                };
-                wire::xfer_head(hdr, ty, post.id, *idx, c.end - c.start);
-                for p in &plan.remote[range.clone()] {
-                    wire::put_piece(hdr, p);
-                }
-                wire::finish(hdr);
-                let data: &[Span] = if ty == wire::WRITE {
-                    &plan.local[range]
+                let data = if inside {
+                    plan.local(c)
                 } else {
-                    &[]
+                    Local::Spans(&[])
                 };
-                let inside = ty == wire::WRITE;
                 if inside && !post.enter_mem() {
                     // Abandoned since the check above: as there, nothing is sent.
                     self.release(lane);
@@ -731,11 +850,17 @@ impl Session {
                     self.release(lane);
                     return false;
                 }
+                let on = &mut LaneIdle(self, lane);
                 // SAFETY: the local spans lie in regions the core validated at prepare and
                 // holds for as long as the post's completion lives; the completion is not let
                 // go while a thread is inside the memory (`enter_mem` above, for WRITE data).
                 // The memory is only read.
-                let r = unsafe { net::write_spans(s, hdr, data, iov, &mut LaneIdle(self, lane)) };
+                let r = unsafe {
+                    match data {
+                        Local::Spans(x) => net::write_spans(s, hdr, x, iov, on),
+                        Local::Runs(x) => net::write_spans(s, hdr, x, iov, on),
+                    }
+                };
                 if inside {
                     post.leave_mem();
                 }
@@ -748,7 +873,7 @@ impl Session {
                     return false;
                 }
                 // SAFETY: no spans; only `hdr` is written.
-                unsafe { net::write_spans(s, hdr, &[], iov, &mut LaneIdle(self, lane)) }
+                unsafe { net::write_spans::<Span>(s, hdr, &[], iov, &mut LaneIdle(self, lane)) }
             }
         };
         drop(job);
@@ -843,7 +968,7 @@ impl Session {
                         r.len, post.id, c.bytes
                     )));
                 }
-                Some(&plan.local[c.start as usize..c.end as usize])
+                Some(plan.local(c))
             }
             _ => {
                 if ty != wire::ACK {
@@ -863,6 +988,7 @@ impl Session {
         if let (Some(spans), Status::Ok) = (spans, r.status) {
             if post.enter_mem() {
                 let mut stop = || post.abandoned();
+                let on = &mut LaneIdle(self, lane);
                 // SAFETY: the spans are the local descriptors of this chunk, which lie in
                 // regions the core validated and holds while the post's completion lives; the
                 // completion is not let go while this thread is inside the memory (`enter_mem`,
@@ -870,7 +996,10 @@ impl Session {
                 // Registered memory is lent to transfers by contract, so no Rust reference
                 // aliases it.
                 let got = unsafe {
-                    net::read_spans_until(s, spans, iov, &mut LaneIdle(self, lane), &mut stop)
+                    match spans {
+                        Local::Spans(x) => net::read_spans_until(s, x, iov, on, &mut stop),
+                        Local::Runs(x) => net::read_spans_until(s, x, iov, on, &mut stop),
+                    }
                 };
                 post.leave_mem();
                 // Abandoned mid-chunk: the rest is read off the stream and thrown away.
@@ -985,27 +1114,37 @@ impl Connection for Conn {
             .this
             .upgrade()
             .ok_or_else(|| Error::InvalidArgument("tcp connection is gone".into()))?;
-        if let Some(n) = &plan.notif {
-            if n.len() > wire::MAX_NOTIF {
-                return Err(Error::InvalidArgument(format!(
-                    "notification of {} bytes is over the {} byte limit",
-                    n.len(),
-                    wire::MAX_NOTIF
-                )));
-            }
-        }
+        check_notif(plan.notif.as_deref())?;
         let plan = Arc::new(make_plan(&plan, self.cfg.chunk_bytes as u64));
         Ok(Box::new(TcpXfer { conn, plan }))
     }
 
+    fn prepare_runs(&self, mut plan: XferPlan, runs: Runs) -> Result<Box<dyn PreparedXfer>> {
+        // SPAN frames only to a listener that takes them (its hello said so); else the runs
+        // go as segments, in WRITE and READ frames.
+        let spans = self.session().is_ok_and(|s| s.spans);
+        let key = plan.remote_regions.first().map(|r| r.key);
+        let (true, Some(key)) = (spans, key) else {
+            plan.segments = runs.to_segments();
+            return self.prepare(plan);
+        };
+        let conn = self
+            .this
+            .upgrade()
+            .ok_or_else(|| Error::InvalidArgument("tcp connection is gone".into()))?;
+        check_notif(plan.notif.as_deref())?;
+        let (runs, chunks) = cut_runs(runs.runs, self.cfg.chunk_bytes as u64);
+        let plan = Arc::new(Plan {
+            op: plan.op,
+            body: Body::Runs { runs, key },
+            chunks,
+            notif: plan.notif,
+        });
+        Ok(Box::new(TcpXfer { conn, plan }))
+    }
+
     fn post_notif(&self, _from: &str, msg: &[u8]) -> Result<()> {
-        if msg.len() > wire::MAX_NOTIF {
-            return Err(Error::InvalidArgument(format!(
-                "notification of {} bytes is over the {} byte limit",
-                msg.len(),
-                wire::MAX_NOTIF
-            )));
-        }
+        check_notif(Some(msg))?;
         let sess = self.session()?;
         // No one waits: the post ends when its ACK comes (a refusal is only logged).
         let post = Arc::new(Post::new(
@@ -1020,13 +1159,7 @@ impl Connection for Conn {
     }
 
     fn send_notif(&self, _from: &str, msg: &[u8]) -> Result<()> {
-        if msg.len() > wire::MAX_NOTIF {
-            return Err(Error::InvalidArgument(format!(
-                "notification of {} bytes is over the {} byte limit",
-                msg.len(),
-                wire::MAX_NOTIF
-            )));
-        }
+        check_notif(Some(msg))?;
         let sess = self.session()?;
         let waiter = Arc::new(Waiter {
             result: Mutex::new(None),
@@ -1055,6 +1188,18 @@ impl Connection for Conn {
             peer: self.peer.clone(),
             reason: "the peer was invalidated".into(),
         });
+    }
+}
+
+/// Refuses a notification over the one limit.
+fn check_notif(msg: Option<&[u8]>) -> Result<()> {
+    match msg {
+        Some(n) if n.len() > wire::MAX_NOTIF => Err(Error::InvalidArgument(format!(
+            "notification of {} bytes is over the {} byte limit",
+            n.len(),
+            wire::MAX_NOTIF
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -1321,10 +1466,13 @@ mod tests {
     #[test]
     fn large_segments_are_cut_and_small_ones_batched() {
         let p = make_plan(&xplan(&[(0, 10_000), (20_000, 100), (30_000, 100)]), 4096);
+        let Body::Pieces { local, remote } = &p.body else {
+            panic!("segments make pieces")
+        };
         let bytes: Vec<u64> = p.chunks.iter().map(|c| c.bytes).collect();
         assert_eq!(bytes, vec![4096, 4096, 2008]);
-        assert_eq!(p.local.iter().map(|s| s.len).sum::<u64>(), 10_200);
-        for (l, r) in p.local.iter().zip(&p.remote) {
+        assert_eq!(local.iter().map(|s| s.len).sum::<u64>(), 10_200);
+        for (l, r) in local.iter().zip(remote) {
             assert_eq!(l.len, r.len);
             assert_eq!(l.addr + (1 << 40), r.addr);
             assert_eq!(r.key, 77);
@@ -1333,14 +1481,51 @@ mod tests {
         let mut next = 0;
         for c in &p.chunks {
             assert_eq!(c.start, next);
-            let sum: u64 = p.local[c.start as usize..c.end as usize]
+            let sum: u64 = local[c.start as usize..c.end as usize]
                 .iter()
                 .map(|s| s.len)
                 .sum();
             assert_eq!(sum, c.bytes);
             next = c.end;
         }
-        assert_eq!(next as usize, p.local.len());
+        assert_eq!(next as usize, local.len());
+    }
+
+    fn run(local: u64, len: u64) -> Run {
+        Run {
+            local,
+            remote: local + (1 << 40),
+            len,
+        }
+    }
+
+    #[test]
+    fn runs_are_chunked_at_run_boundaries_and_long_ones_cut() {
+        // 4 KiB blocks fill 512 KiB chunks exactly, in place.
+        let runs: Vec<Run> = (0..300).map(|i| run(i * 8192, 4096)).collect();
+        let ptr = runs.as_ptr();
+        let (out, chunks) = cut_runs(runs, 512 << 10);
+        assert_eq!(out.as_ptr(), ptr, "no new list when nothing is cut");
+        let n: Vec<u32> = chunks.iter().map(|c| c.end - c.start).collect();
+        assert_eq!(n, vec![128, 128, 44]);
+        // A long run is cut, empty ones dropped, and a chunk never goes over its bytes.
+        let (out, chunks) = cut_runs(vec![run(0, 3000), run(10_000, 0), run(20_000, 9000)], 4096);
+        assert_eq!(
+            out,
+            vec![
+                run(0, 3000),
+                run(20_000, 4096),
+                run(24_096, 4096),
+                run(28_192, 808)
+            ]
+        );
+        let bytes: Vec<u64> = chunks.iter().map(|c| c.bytes).collect();
+        assert_eq!(bytes, vec![3000, 4096, 4096, 808]);
+        // Many tiny runs: at most MAX_SPANS per chunk.
+        let runs: Vec<Run> = (0..40_000).map(|i| run(i * 16, 8)).collect();
+        let (_, chunks) = cut_runs(runs, 64 << 20);
+        let n: Vec<u32> = chunks.iter().map(|c| c.end - c.start).collect();
+        assert_eq!(n, vec![16384, 16384, 7232]);
     }
 
     #[test]

@@ -219,3 +219,135 @@ fn an_unopened_connection_takes_only_an_open_of_its_size() {
     )
     .unwrap();
 }
+
+/// A SPAN frame's head and spans, unchecked (a hostile peer's own encoding).
+fn span_frame(ty: u8, id: u64, key: u64, count: u32, spans: &[(u64, u32)]) -> Vec<u8> {
+    let mut f = Vec::new();
+    wire::span_head(&mut f, ty, id, 0, key, count);
+    for &(addr, len) in spans {
+        wire::put_span(&mut f, addr, len);
+    }
+    wire::finish(&mut f);
+    f
+}
+
+/// Reads one answer; returns its frame type and decoded reply.
+fn answer(s: &Link) -> (u8, wire::Reply) {
+    let mut body = Vec::new();
+    let ty = super::net::read_frame(s, &mut body, wire::frame_limit, &mut |_| Ok(())).unwrap();
+    (ty, wire::decode_reply(ty, &body).unwrap())
+}
+
+#[test]
+fn span_frames_are_bounded_and_checked_against_one_region() {
+    let (agent, _tb, addr) = target(TcpConfig::default());
+    let mut buf = vec![0u8; 64 << 10];
+    let (base, len) = (buf.as_mut_ptr() as u64, buf.len() as u64);
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let list = nixl_core::DescList::from_descs(
+        nixl_core::MemKind::Dram,
+        vec![nixl_core::Desc::from_mut_slice(&mut buf)],
+    )
+    .unwrap();
+    // SAFETY: `buf` outlives the registration (dropped at the end of the test, after `reg`),
+    // and it is read only after the transfers that write it were answered.
+    let reg = unsafe { agent.register(&list) }.unwrap();
+    let md = nixl_core::AgentMetadata::decode(&agent.metadata_bytes()).unwrap();
+    let key = md.regions[0].key;
+
+    // The listener says in its hello that it takes SPAN frames.
+    assert!(open(addr, Purpose::Data).takes_spans());
+
+    // Malformed: each drops the connection, before any memory is touched.
+    let too_many = span_frame(wire::SPAN_READ, 1, key, wire::MAX_SPANS as u32 + 1, &[]);
+    let lying = span_frame(wire::SPAN_READ, 1, key, 3, &[(base, 8)]);
+    let empty = span_frame(wire::SPAN_READ, 1, key, 1, &[(base, 0)]);
+    let wraps = span_frame(wire::SPAN_WRITE, 1, key, 1, &[(u64::MAX - 10, 100)]);
+    let huge: Vec<(u64, u32)> = (0..17).map(|_| (base, 4 << 20)).collect();
+    let over_chunk = span_frame(wire::SPAN_READ, 1, key, 17, &huge);
+    let mut trailing = span_frame(wire::SPAN_READ, 1, key, 1, &[(base, 8)]);
+    trailing.push(0);
+    let n = trailing.len() - 4;
+    trailing[..4].copy_from_slice(&(n as u32).to_le_bytes());
+    for (what, f) in [
+        ("over MAX_SPANS", too_many),
+        ("a count the body does not hold", lying),
+        ("an empty span", empty),
+        ("a span that wraps", wraps),
+        ("over MAX_CHUNK", over_chunk),
+        ("trailing bytes", trailing),
+        (
+            "a body over its limit",
+            header(wire::SPAN_READ, wire::SPAN_XFER_BYTES + 1),
+        ),
+    ] {
+        let s = open(addr, Purpose::Data);
+        s.send_all(&f).unwrap();
+        let t = closed_within(&s);
+        assert!(
+            t.is_some_and(|t| t < Duration::from_secs(2)),
+            "SPAN frame with {what}: still open after {t:?}"
+        );
+    }
+
+    // Access: refused with a reason, the connection goes on (a refused WRITE's data is read and
+    // thrown away), and nothing outside the region is touched.
+    let s = open(addr, Purpose::Data);
+    let outside = [(base, 8), (base + len - 4, 8)];
+    let below = [(base - 8, 8), (base, 8)];
+    for (what, ty, k, spans) in [
+        ("a wrong key", wire::SPAN_READ, key ^ 1, &[(base, 8)][..]),
+        ("a span past the region", wire::SPAN_READ, key, &outside[..]),
+        ("a span below the region", wire::SPAN_READ, key, &below[..]),
+        (
+            "a WRITE past the region",
+            wire::SPAN_WRITE,
+            key,
+            &outside[..],
+        ),
+    ] {
+        s.send_all(&span_frame(ty, 7, k, spans.len() as u32, spans))
+            .unwrap();
+        if ty == wire::SPAN_WRITE {
+            s.send_all(&[0xEE; 16]).unwrap();
+        }
+        let (rty, r) = answer(&s);
+        let want = if ty == wire::SPAN_WRITE {
+            wire::ACK
+        } else {
+            wire::DATA
+        };
+        assert_eq!(
+            (rty, r.status, r.len),
+            (want, wire::Status::Denied, 0),
+            "{what}"
+        );
+    }
+    // Served: a READ of scattered spans answers their bytes in order, a WRITE lands them.
+    let spans = [(base + 100, 3u32), (base + 7, 2), (base + len - 1, 1)];
+    s.send_all(&span_frame(wire::SPAN_READ, 8, key, 3, &spans))
+        .unwrap();
+    let (rty, r) = answer(&s);
+    assert_eq!((rty, r.status, r.len), (wire::DATA, wire::Status::Ok, 6));
+    let mut got = [0u8; 6];
+    super::net::read_exact_with(&s, &mut got, &mut |_| Ok(())).unwrap();
+    assert_eq!(got, [100, 101, 102, 7, 8, (len - 1) as u8]);
+    s.send_all(&span_frame(wire::SPAN_WRITE, 9, key, 2, &spans[..2]))
+        .unwrap();
+    s.send_all(&[1, 2, 3, 4, 5]).unwrap();
+    let (rty, r) = answer(&s);
+    assert_eq!((rty, r.status), (wire::ACK, wire::Status::Ok));
+    drop(s);
+    drop(reg);
+    assert_eq!(&buf[100..103], &[1, 2, 3]);
+    assert_eq!(&buf[7..9], &[4, 5]);
+    // The refused WRITE's 0xEE bytes went nowhere.
+    assert_eq!(&buf[..7], &[0, 1, 2, 3, 4, 5, 6]);
+    let l = len as usize;
+    assert_eq!(
+        &buf[l - 4..],
+        &[(l - 4) as u8, (l - 3) as u8, (l - 2) as u8, (l - 1) as u8]
+    );
+}

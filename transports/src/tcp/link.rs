@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::net::{after_error, after_read, OnBlock, Span, SpanCursor};
+use super::net::{after_error, after_read, AsSpan, OnBlock, SpanCursor};
 
 /// Most plaintext sealed under the connection's lock at once.
 const STEP: u64 = 256 << 10;
@@ -40,6 +40,8 @@ pub struct Link {
     /// Milliseconds since [`epoch`] (plus one) after which reads fail; 0: no deadline.
     deadline: AtomicU64,
     tls: Option<Box<Tls>>,
+    /// The other side said in its hello that it takes SPAN frames ([`super::wire::SPAN_READ`]).
+    spans: bool,
 }
 
 impl std::fmt::Debug for Link {
@@ -81,6 +83,7 @@ impl Link {
             sock,
             deadline: AtomicU64::new(0),
             tls: None,
+            spans: false,
         }
     }
 
@@ -100,7 +103,19 @@ impl Link {
                 }),
                 tx: Mutex::new(Vec::with_capacity(STEP as usize + (STEP as usize >> 6))),
             })),
+            spans: false,
         }
+    }
+
+    /// Records whether the other side takes SPAN frames (from its hello).
+    pub(super) fn with_spans(mut self, spans: bool) -> Link {
+        self.spans = spans;
+        self
+    }
+
+    /// Whether the other side takes SPAN frames (its hello said so).
+    pub fn takes_spans(&self) -> bool {
+        self.spans
     }
 
     /// The socket (for its options).
@@ -230,7 +245,7 @@ impl Link {
         match &self.tls {
             None => super::net::send_raw_all(&self.sock, buf),
             // SAFETY: no spans.
-            Some(t) => unsafe { self.tls_write(t, buf, &[], &mut GiveUp) },
+            Some(t) => unsafe { self.tls_write::<super::net::Span>(t, buf, &[], &mut GiveUp) },
         }
     }
 
@@ -238,10 +253,10 @@ impl Link {
     ///
     /// # Safety
     /// Every span must be readable memory until this returns.
-    pub(super) unsafe fn tls_write_spans(
+    pub(super) unsafe fn tls_write_spans<S: AsSpan>(
         &self,
         head: &[u8],
-        spans: &[Span],
+        spans: &[S],
         on: &mut dyn OnBlock,
     ) -> io::Result<()> {
         let t = self.tls.as_ref().expect("a TLS link");
@@ -251,11 +266,11 @@ impl Link {
 
     /// # Safety
     /// Every span must be readable memory until this returns.
-    unsafe fn tls_write(
+    unsafe fn tls_write<S: AsSpan>(
         &self,
         t: &Tls,
         head: &[u8],
-        spans: &[Span],
+        spans: &[S],
         on: &mut dyn OnBlock,
     ) -> io::Result<()> {
         let mut tx = t.tx.lock();
@@ -320,9 +335,9 @@ impl Link {
     ///
     /// # Safety
     /// Every span must be writable memory that no Rust reference aliases until this returns.
-    pub(super) unsafe fn tls_read_spans(
+    pub(super) unsafe fn tls_read_spans<S: AsSpan>(
         &self,
-        spans: &[Span],
+        spans: &[S],
         on: &mut dyn OnBlock,
     ) -> io::Result<()> {
         // SAFETY: forwarded from the caller.
@@ -335,9 +350,9 @@ impl Link {
     ///
     /// # Safety
     /// As for [`Link::tls_read_spans`].
-    pub(super) unsafe fn tls_read_spans_until(
+    pub(super) unsafe fn tls_read_spans_until<S: AsSpan>(
         &self,
-        spans: &[Span],
+        spans: &[S],
         on: &mut dyn OnBlock,
         stop: &mut dyn FnMut() -> bool,
     ) -> io::Result<u64> {

@@ -7,16 +7,37 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use nixl_core::Run;
+
 pub use super::link::Link;
 
 /// Most iovecs per readv/writev call (Linux's UIO_MAXIOV).
 pub const IOV_MAX: usize = 1024;
 
 /// One contiguous range of memory to read into or write from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {
     pub addr: u64,
     pub len: u64,
+}
+
+/// Something that names one range of local memory: a [`Span`], or the local side of a core
+/// [`Run`] (so a request made of runs is written and read without a second list).
+pub trait AsSpan {
+    /// Address and length.
+    fn span(&self) -> (u64, u64);
+}
+
+impl AsSpan for Span {
+    fn span(&self) -> (u64, u64) {
+        (self.addr, self.len)
+    }
+}
+
+impl AsSpan for Run {
+    fn span(&self) -> (u64, u64) {
+        (self.local, self.len)
+    }
 }
 
 /// The addresses of this host's interfaces that are up (loopback included).
@@ -136,14 +157,14 @@ pub fn write_timeout(s: &Link, t: Duration, give_up: Duration) -> io::Result<()>
 
 /// A cursor over spans for partial vectored I/O.
 #[derive(Debug)]
-pub struct SpanCursor<'a> {
-    spans: &'a [Span],
+pub struct SpanCursor<'a, S: AsSpan = Span> {
+    spans: &'a [S],
     idx: usize,
     off: u64,
 }
 
-impl<'a> SpanCursor<'a> {
-    pub fn new(spans: &'a [Span]) -> SpanCursor<'a> {
+impl<'a, S: AsSpan> SpanCursor<'a, S> {
+    pub fn new(spans: &'a [S]) -> SpanCursor<'a, S> {
         let mut c = SpanCursor {
             spans,
             idx: 0,
@@ -154,7 +175,7 @@ impl<'a> SpanCursor<'a> {
     }
 
     fn skip_empty(&mut self) {
-        while self.idx < self.spans.len() && self.off >= self.spans[self.idx].len {
+        while self.idx < self.spans.len() && self.off >= self.spans[self.idx].span().1 {
             self.idx += 1;
             self.off = 0;
         }
@@ -171,9 +192,10 @@ impl<'a> SpanCursor<'a> {
             if iov.len() >= IOV_MAX {
                 break;
             }
+            let (addr, len) = s.span();
             iov.push(libc::iovec {
-                iov_base: (s.addr + off) as usize as *mut libc::c_void,
-                iov_len: (s.len - off) as usize,
+                iov_base: (addr + off) as usize as *mut libc::c_void,
+                iov_len: (len - off) as usize,
             });
             off = 0;
         }
@@ -181,8 +203,8 @@ impl<'a> SpanCursor<'a> {
 
     /// The next contiguous range left (address, length), without moving.
     pub fn peek(&self) -> Option<(u64, u64)> {
-        let s = self.spans.get(self.idx)?;
-        Some((s.addr + self.off, s.len - self.off))
+        let (addr, len) = self.spans.get(self.idx)?.span();
+        Some((addr + self.off, len - self.off))
     }
 
     /// The next contiguous range left, at most `max` bytes, and moves past it.
@@ -198,7 +220,7 @@ impl<'a> SpanCursor<'a> {
 
     pub fn advance(&mut self, mut n: u64) {
         while n > 0 && self.idx < self.spans.len() {
-            let left = self.spans[self.idx].len - self.off;
+            let left = self.spans[self.idx].span().1 - self.off;
             if n < left {
                 self.off += n;
                 return;
@@ -219,7 +241,7 @@ impl<'a> SpanCursor<'a> {
 pub unsafe fn writev_once(
     s: &TcpStream,
     head: &[u8],
-    cur: &SpanCursor<'_>,
+    cur: &SpanCursor<'_, impl AsSpan>,
     iov: &mut Vec<libc::iovec>,
 ) -> io::Result<usize> {
     iov.clear();
@@ -254,7 +276,7 @@ pub unsafe fn writev_once(
 /// Every span must be writable memory that no Rust reference aliases for the call.
 pub unsafe fn readv_once(
     s: &TcpStream,
-    cur: &SpanCursor<'_>,
+    cur: &SpanCursor<'_, impl AsSpan>,
     iov: &mut Vec<libc::iovec>,
 ) -> io::Result<usize> {
     iov.clear();
@@ -427,9 +449,9 @@ impl OnBlock for Started<'_> {
 ///
 /// # Safety
 /// Every span must be writable memory that no Rust reference aliases until this returns.
-pub unsafe fn read_spans(
+pub unsafe fn read_spans<S: AsSpan>(
     s: &Link,
-    spans: &[Span],
+    spans: &[S],
     iov: &mut Vec<libc::iovec>,
     on: &mut dyn OnBlock,
 ) -> io::Result<()> {
@@ -453,9 +475,9 @@ pub unsafe fn read_spans(
 ///
 /// # Safety
 /// As [`read_spans`].
-pub unsafe fn read_spans_until(
+pub unsafe fn read_spans_until<S: AsSpan>(
     s: &Link,
-    spans: &[Span],
+    spans: &[S],
     iov: &mut Vec<libc::iovec>,
     on: &mut dyn OnBlock,
     stop: &mut dyn FnMut() -> bool,
@@ -485,10 +507,10 @@ pub unsafe fn read_spans_until(
 ///
 /// # Safety
 /// Every span must be readable memory until this returns.
-pub unsafe fn write_spans(
+pub unsafe fn write_spans<S: AsSpan>(
     s: &Link,
     head: &[u8],
-    spans: &[Span],
+    spans: &[S],
     iov: &mut Vec<libc::iovec>,
     on: &mut dyn OnBlock,
 ) -> io::Result<()> {
@@ -516,9 +538,9 @@ pub unsafe fn write_spans(
 
 /// One step of a loop that reads into spans: end of stream is an error, bytes advance the
 /// cursor, a timeout or interruption is retried (after telling `on`), anything else ends it.
-pub(super) fn after_read(
+pub(super) fn after_read<S: AsSpan>(
     r: io::Result<usize>,
-    cur: &mut SpanCursor<'_>,
+    cur: &mut SpanCursor<'_, S>,
     on: &mut dyn OnBlock,
 ) -> io::Result<()> {
     match r {

@@ -823,6 +823,16 @@ impl<'a> Worker<'a> {
                     }
                     self.holds.clear();
                 }
+                wire::SPAN_WRITE | wire::SPAN_READ => {
+                    let x = wire::decode_spans(body, &mut self.spans).map_err(wire::bad)?;
+                    let verdict = self.check_hull(&x);
+                    if ty == wire::SPAN_WRITE {
+                        self.write(s, x.id, x.chunk, x.total, verdict, &mut idle)?;
+                    } else {
+                        self.read(s, x.id, x.chunk, x.total, verdict, &mut idle)?;
+                    }
+                    self.holds.clear();
+                }
                 wire::NOTIF => {
                     let (id, msg) = wire::decode_notif(body).map_err(wire::bad)?;
                     match self.shared.target.deliver(&self.peer, msg.to_vec()) {
@@ -908,6 +918,33 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Checks a SPAN frame: every span lies in `lo..hi` (the decoder checked), so one check that
+    /// a region registered with `key` holds all of `lo..hi` covers them all; holds that region
+    /// while the data moves.
+    fn check_hull(&mut self, x: &wire::SpanXfer) -> std::result::Result<(), String> {
+        self.holds.clear();
+        if self.spans.is_empty() {
+            return Ok(());
+        }
+        let desc = Desc::new(x.lo, x.hi - x.lo, 0);
+        match self.shared.target.check(MemKind::Dram, &desc, x.key) {
+            Ok(access) => {
+                self.holds.push(access);
+                Ok(())
+            }
+            Err(denied) => {
+                self.spans.clear();
+                metrics::counter!("nixl_tcp_denied_total").increment(1);
+                tracing::warn!(agent = %self.shared.target.name(), peer = %self.peer,
+                    bytes = x.total, "tcp: refused remote access: {denied}");
+                Err(format!(
+                    "spans in {:#x}..{:#x} (key {:#x}): {denied}",
+                    x.lo, x.hi, x.key
+                ))
+            }
+        }
     }
 
     fn write(

@@ -1,11 +1,18 @@
 //! The `tcp` backend's frames: `len u32 | type u8 | body`, little-endian, at most
 //! [`MAX_FRAME`] bytes. Data follows its frame raw (WRITE from the initiator, DATA from the
 //! target), at most [`MAX_CHUNK`] bytes. A frame that does not decode drops its connection.
+//!
+//! Versions: the handshake's hello carries the protocol version (a mismatch is refused) and
+//! feature flags. SPAN_WRITE and SPAN_READ (a request of many spans in one region, 12 bytes a
+//! span) are a feature: a listener that takes them says so in its hello, and an initiator sends
+//! them only to such a listener; to others it sends the same chunks as WRITE and READ frames.
 
 use std::io;
 
 use nixl_core::codec::Reader;
 use nixl_core::DecodeError;
+
+use super::net::Span;
 
 pub use crate::frame::{put_blob, put_u32, put_u64, Status};
 
@@ -24,6 +31,10 @@ pub const MAX_TEXT: usize = 1024;
 pub const MAX_NOTIF: usize = nixl_core::MAX_NOTIF_BYTES;
 /// Longest agent name.
 const MAX_NAME: usize = 1024;
+/// Most spans in one SPAN_WRITE or SPAN_READ frame.
+pub const MAX_SPANS: usize = 16384;
+/// Bytes per span on the wire: address u64, length u32.
+pub const SPAN_BYTES: usize = 12;
 
 /// One target range of a WRITE or READ: address, length, region key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +65,12 @@ pub const MD_PUSH: u8 = 6;
 pub const CTRL: u8 = 7;
 /// MD_DROP: the caller asks the listener to forget the caller's own metadata (answered with MD).
 pub const MD_DROP: u8 = 8;
+/// SPAN_WRITE: a WRITE of many spans of one region, `id u64 | chunk u32 | key u64 | count u32 |
+/// count × (addr u64 | len u32)`; the spans' bytes follow raw, in order; answered by ACK.
+pub const SPAN_WRITE: u8 = 9;
+/// SPAN_READ: a READ of many spans of one region (body as SPAN_WRITE); answered by one DATA
+/// with the spans' bytes in order.
+pub const SPAN_READ: u8 = 10;
 pub const OPENED: u8 = 16;
 pub const ACK: u8 = 17;
 pub const DATA: u8 = 18;
@@ -179,6 +196,84 @@ pub fn decode_xfer(body: &[u8], pieces: &mut Vec<Piece>) -> Result<(u64, u32, u6
         });
     }
     Ok((id, chunk, total))
+}
+
+/// The head of a SPAN_WRITE or SPAN_READ frame; spans are appended with [`put_span`] (each at
+/// most `u32::MAX` bytes: a chunk is at most [`MAX_CHUNK`]).
+pub fn span_head(out: &mut Vec<u8>, ty: u8, id: u64, chunk: u32, key: u64, spans: u32) {
+    begin(out, ty);
+    put_u64(out, id);
+    put_u32(out, chunk);
+    put_u64(out, key);
+    put_u32(out, spans);
+}
+
+/// Appends one span of a SPAN frame.
+pub fn put_span(out: &mut Vec<u8>, addr: u64, len: u32) {
+    put_u64(out, addr);
+    put_u32(out, len);
+}
+
+/// A decoded SPAN_WRITE or SPAN_READ head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpanXfer {
+    pub id: u64,
+    pub chunk: u32,
+    pub key: u64,
+    /// Payload bytes (the spans' lengths added up).
+    pub total: u64,
+    /// The lowest address and the end of the highest span: every span lies in `lo..hi`, so a
+    /// region that holds `lo..hi` holds them all.
+    pub lo: u64,
+    pub hi: u64,
+}
+
+/// Decodes a SPAN_WRITE or SPAN_READ body into `spans` (cleared). Refused: more than
+/// [`MAX_SPANS`] spans, or a count the bytes do not hold; an empty span; a span whose end
+/// overflows; a payload over [`MAX_CHUNK`]; trailing bytes.
+pub fn decode_spans(body: &[u8], spans: &mut Vec<Span>) -> Result<SpanXfer, DecodeError> {
+    let mut r = Reader::new(body);
+    let id = r.u64("id")?;
+    let chunk = r.u32("chunk")?;
+    let key = r.u64("key")?;
+    let n = r.count("spans", r.peek_u32()? as usize, 4, MAX_SPANS, SPAN_BYTES)?;
+    spans.clear();
+    spans.reserve(n);
+    let (mut lo, mut hi, mut total) = (u64::MAX, 0u64, 0u64);
+    for i in 0..n {
+        let addr = r.u64("span address")?;
+        let len = u64::from(r.u32("span length")?);
+        let end =
+            addr.checked_add(len)
+                .filter(|_| len > 0)
+                .ok_or_else(|| DecodeError::Invalid {
+                    field: "span",
+                    reason: format!("span {i} ({addr:#x}+{len}) is empty or wraps"),
+                })?;
+        lo = lo.min(addr);
+        hi = hi.max(end);
+        total += len;
+        if total > MAX_CHUNK {
+            return Err(DecodeError::TooLarge {
+                field: "chunk payload",
+                got: usize::try_from(total).unwrap_or(usize::MAX),
+                limit: MAX_CHUNK as usize,
+            });
+        }
+        spans.push(Span { addr, len });
+    }
+    end(&r)?;
+    if n == 0 {
+        lo = 0;
+    }
+    Ok(SpanXfer {
+        id,
+        chunk,
+        key,
+        total,
+        lo,
+        hi,
+    })
 }
 
 /// ACK of a WRITE chunk, a NOTIF or a pushed metadata.
@@ -337,6 +432,8 @@ pub fn frame_limit(ty: u8) -> usize {
 pub const OPEN_BYTES: usize = 1 + 2 + MAX_NAME + 32;
 /// Largest WRITE or READ body: id, chunk, count, [`MAX_PIECES`] pieces.
 pub const XFER_BYTES: usize = 16 + MAX_PIECES * PIECE_BYTES;
+/// Largest SPAN_WRITE or SPAN_READ body: id, chunk, key, count, [`MAX_SPANS`] spans.
+pub const SPAN_XFER_BYTES: usize = 24 + MAX_SPANS * SPAN_BYTES;
 
 /// The frames a listener takes on a connection opened for `purpose` (`None`: not opened yet,
 /// only OPEN), and the largest body of each; `None` for a frame that has no business there.
@@ -346,6 +443,7 @@ pub fn purpose_limit(purpose: Option<Purpose>, ty: u8) -> Option<usize> {
     match (purpose, ty) {
         (None, OPEN) => Some(OPEN_BYTES),
         (Some(Purpose::Data), WRITE | READ) => Some(XFER_BYTES),
+        (Some(Purpose::Data), SPAN_WRITE | SPAN_READ) => Some(SPAN_XFER_BYTES),
         (Some(Purpose::Data), NOTIF) => Some(MAX_NOTIF + 12),
         (Some(Purpose::Metadata), MD_GET | MD_DROP) => Some(0),
         (Some(Purpose::Metadata), MD_PUSH) => Some(nixl_core::metadata::MAX_METADATA_BYTES + 4),
