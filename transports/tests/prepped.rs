@@ -358,19 +358,58 @@ proptest! {
     }
 }
 
-/// `a` and `b` over `shm`, each with a memfd buffer of `n` blocks (plus a spare 64 bytes), so
-/// `a` copies through `b`'s buffer mapped in its address space.
+/// A test buffer: a memfd the peer maps (`shm` copies through the mapping), or plain heap
+/// memory (no mapping: `shm` copies under a cross-memory grant).
+enum Buf {
+    Memfd(nixl_transports::shm::ShmBuffer),
+    Heap(Vec<u8>),
+}
+
+impl Buf {
+    fn new(len: usize, memfd: bool) -> Buf {
+        if memfd {
+            Buf::Memfd(nixl_transports::shm::ShmBuffer::new(len).unwrap())
+        } else {
+            Buf::Heap(vec![0u8; len])
+        }
+    }
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Buf::Memfd(b) => b.as_slice(),
+            Buf::Heap(v) => v,
+        }
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Buf::Memfd(b) => b.as_mut_slice(),
+            Buf::Heap(v) => v,
+        }
+    }
+    fn as_ptr(&self) -> *const u8 {
+        self.as_slice().as_ptr()
+    }
+    fn desc(&mut self) -> Desc {
+        match self {
+            Buf::Memfd(b) => b.desc(),
+            Buf::Heap(v) => Desc::from_mut_slice(v),
+        }
+    }
+}
+
+/// `a` and `b` over `shm`, each with a buffer of `n` blocks (plus a spare 64 bytes): memfds, so
+/// `a` copies through `b`'s buffer mapped in its address space, or heap memory, so `a` copies
+/// under a cross-memory grant on `b`'s region.
 struct ShmPair {
     // Dropped first: deregistration before the buffers go.
     _regs: Vec<Registration>,
     a: Agent,
     _b: Agent,
-    a_buf: nixl_transports::shm::ShmBuffer,
-    b_buf: nixl_transports::shm::ShmBuffer,
+    a_buf: Buf,
+    b_buf: Buf,
 }
 
-fn shm_pair(n: usize, block: usize) -> ShmPair {
-    use nixl_transports::shm::{ShmBackend, ShmBuffer, ShmConfig};
+fn shm_pair(n: usize, block: usize, memfd: bool) -> ShmPair {
+    use nixl_transports::shm::{ShmBackend, ShmConfig};
     let agent = |name: &str| {
         Agent::builder(name)
             .backend(Arc::new(ShmBackend::new(ShmConfig::default())))
@@ -378,8 +417,8 @@ fn shm_pair(n: usize, block: usize) -> ShmPair {
             .unwrap()
     };
     let (a, b) = (agent("shm-a"), agent("shm-b"));
-    let mut a_buf = ShmBuffer::new(n * block + 64).unwrap();
-    let mut b_buf = ShmBuffer::new(n * block + 64).unwrap();
+    let mut a_buf = Buf::new(n * block + 64, memfd);
+    let mut b_buf = Buf::new(n * block + 64, memfd);
     a_buf
         .as_mut_slice()
         .copy_from_slice(&pattern(7, n * block + 64));
@@ -457,17 +496,19 @@ fn list_kind() -> impl Strategy<Value = ListKind> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
-    /// Over `shm` (the copy through the peer's mapped buffer), with each side's list compact,
-    /// strided or explicit with mixed lengths: the bytes land as a naive per-block copy would
-    /// put them, nothing else changes, and the request has the naive number of merged runs.
+    /// Over `shm` (the copy through the peer's mapped buffer, or under a cross-memory grant on
+    /// heap memory), with each side's list compact, strided or explicit with mixed lengths: the
+    /// bytes land as a naive per-block copy would put them, nothing else changes, and the
+    /// request has the naive number of merged runs.
     #[test]
     fn prepped_over_shm_matches_naive_copy(
         block in prop_oneof![Just(1usize), Just(24), Just(4096)],
         pairs in proptest::collection::vec((0u32..48, 0u32..48, 1usize..6), 1..24),
         write in any::<bool>(),
         kinds in (list_kind(), list_kind()),
+        memfd in any::<bool>(),
     ) {
-        let mut p = shm_pair(48, block);
+        let mut p = shm_pair(48, block, memfd);
         let l = shm_list(&p.a, None, p.a_buf.as_ptr() as u64, block, kinds.0);
         let r = shm_list(&p.a, Some("shm-b"), p.b_buf.as_ptr() as u64, block, kinds.1);
         let (mut li, mut ri) = (Vec::new(), Vec::new());
