@@ -72,12 +72,16 @@ fn pointing_at(mut md: AgentMetadata, addr: SocketAddr) -> AgentMetadata {
 /// bytes both ways; once `hijack` is set it stops forwarding the initiator's bytes (the test then
 /// writes its own into the target side); with `flip_in` set it flips one bit of the initiator's
 /// stream that many bytes later; it forwards at most `back` bytes of the target's stream (then
-/// holds the rest until `back` grows; `u64::MAX`: no limit).
+/// holds the rest until `back` grows; `u64::MAX`: no limit); with `old_hello` set it clears the
+/// span-frames flag in the listener's plaintext hello (counting in `cleared` the hellos it
+/// changed), as an older listener would send it.
 struct Relay {
     addr: SocketAddr,
     hijack: Arc<AtomicBool>,
     flip_in: Arc<AtomicU64>,
     back: Arc<AtomicU64>,
+    old_hello: Arc<AtomicBool>,
+    cleared: Arc<AtomicU64>,
     to_target: Arc<Mutex<Vec<TcpStream>>>,
 }
 
@@ -89,6 +93,8 @@ impl Relay {
             hijack: Arc::new(AtomicBool::new(false)),
             flip_in: Arc::new(AtomicU64::new(u64::MAX)),
             back: Arc::new(AtomicU64::new(u64::MAX)),
+            old_hello: Arc::new(AtomicBool::new(false)),
+            cleared: Arc::new(AtomicU64::new(0)),
             to_target: Arc::default(),
         };
         let (hijack, flip_in, back, to_target) = (
@@ -97,6 +103,7 @@ impl Relay {
             Arc::clone(&r.back),
             Arc::clone(&r.to_target),
         );
+        let (old_hello, cleared) = (Arc::clone(&r.old_hello), Arc::clone(&r.cleared));
         std::thread::spawn(move || {
             for a in l.incoming() {
                 let Ok(a) = a else { return };
@@ -108,7 +115,10 @@ impl Relay {
                 let (hijack, flip_in) = (Arc::clone(&hijack), Arc::clone(&flip_in));
                 std::thread::spawn(move || pump(a, b, Some((hijack, flip_in))));
                 let back = Arc::clone(&back);
-                std::thread::spawn(move || pump_back(b2, a2, back));
+                let old = old_hello
+                    .load(Ordering::SeqCst)
+                    .then(|| Arc::clone(&cleared));
+                std::thread::spawn(move || pump_back(b2, a2, back, old));
             }
         });
         r
@@ -154,9 +164,28 @@ fn pump(mut from: TcpStream, mut to: TcpStream, ctl: Option<(Arc<AtomicBool>, Ar
 }
 
 /// Copies the target's stream `from` to the initiator `to` until either closes, forwarding no
-/// more than `budget` allows (held bytes wait for it to grow).
-fn pump_back(mut from: TcpStream, mut to: TcpStream, budget: Arc<AtomicU64>) {
+/// more than `budget` allows (held bytes wait for it to grow); with `old_hello`, first clears
+/// the span-frames flag (bit 2 of the flags at bytes 6..8) of the listener's 8-byte hello.
+fn pump_back(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    budget: Arc<AtomicU64>,
+    old_hello: Option<Arc<AtomicU64>>,
+) {
     let mut buf = vec![0u8; 16 << 10];
+    if let Some(cleared) = old_hello {
+        let mut hello = [0u8; 8];
+        if from.read_exact(&mut hello).is_err() {
+            return;
+        }
+        if hello[6] & 4 != 0 {
+            hello[6] &= !4;
+            cleared.fetch_add(1, Ordering::SeqCst);
+        }
+        if to.write_all(&hello).is_err() {
+            return;
+        }
+    }
     'outer: loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -342,6 +371,64 @@ fn a_read_stalled_mid_chunk_over_tls_lets_go_at_its_deadline() {
     x.run_blocking().unwrap();
     drop(x);
     assert!(dst == src);
+}
+
+/// A listener whose hello does not offer span frames (an older one; or a stranger on the path
+/// clearing the flag, which it can: the hello is plaintext, and all it gets is the old frames)
+/// is sent the old one-piece-per-frame WRITEs and READs: requests made from prepared lists of
+/// scattered blocks still move every byte to its place, both ways, over TLS.
+#[test]
+fn a_listener_without_span_frames_gets_old_frames_and_exact_bytes() {
+    let (b, bb) = agent("old-b", cfg(Auth::with_secret(SECRET)));
+    let (a, _) = agent("old-a", cfg(Auth::with_secret(SECRET)));
+    let (n, block) = (256usize, 4096usize);
+    let mut at_b = pattern(3, n * block);
+    let mut at_a = pattern(4, n * block);
+    let _ra = reg(&a, &mut at_a);
+    let _rb = reg(&b, &mut at_b);
+    let relay = Relay::start(bb.listen_addrs()[0]);
+    relay.old_hello.store(true, Ordering::SeqCst);
+    a.load_remote_md(pointing_at(b.metadata(), relay.addr))
+        .unwrap();
+    let blocks = |base: *const u8| {
+        DescList::from_descs(
+            MemKind::Dram,
+            (0..n)
+                .map(|i| Desc::new(base as u64 + (i * block) as u64, block as u64, 0))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap()
+    };
+    let l = a.prep_local(&blocks(at_a.as_ptr())).unwrap();
+    let r = a.prep_remote("old-b", &blocks(at_b.as_ptr())).unwrap();
+    // Every other block, the remote side reversed: no two neighbours merge into one run.
+    let li: Vec<u32> = (0..n as u32).step_by(2).collect();
+    let ri: Vec<u32> = li.iter().rev().copied().collect();
+    let (a0, b0) = (at_a.clone(), at_b.clone());
+    let x = a
+        .create_xfer_prepped(XferOp::Read, &l, &li, &r, &ri, XferOptions::default())
+        .unwrap();
+    x.run_blocking().unwrap();
+    drop(x);
+    let w = a
+        .create_xfer_prepped(XferOp::Write, &l, &ri, &r, &li, XferOptions::default())
+        .unwrap();
+    w.run_blocking().unwrap();
+    drop(w);
+    assert!(
+        relay.cleared.load(Ordering::SeqCst) > 0,
+        "the listener's hello never offered span frames, so nothing was downgraded"
+    );
+    let (mut want_a, mut want_b) = (a0.clone(), b0.clone());
+    let at = |i: u32| i as usize * block..(i as usize + 1) * block;
+    for (&x, &y) in li.iter().zip(&ri) {
+        want_a[at(x)].copy_from_slice(&b0[at(y)]);
+    }
+    for (&x, &y) in ri.iter().zip(&li) {
+        want_b[at(y)].copy_from_slice(&want_a[at(x)]);
+    }
+    assert!(at_a == want_a, "READ: a block landed in the wrong place");
+    assert!(at_b == want_b, "WRITE: a block landed in the wrong place");
 }
 
 // --- a relay that terminates TLS on both sides ---------------------------------------------
