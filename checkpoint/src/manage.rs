@@ -1,7 +1,6 @@
 //! Copying and removing checkpoints through an agent: between directories, object stores
 //! (`s3://`) and, as a source, peers (`nixl://`).
 
-use std::fs::OpenOptions;
 use std::ops::Range;
 use std::os::unix::fs::FileExt as _;
 
@@ -145,25 +144,7 @@ pub fn copy_with_buffer(
         Location::Dir(ddir) => {
             std::fs::create_dir_all(ddir)
                 .map_err(|e| CkptError::io(format!("create {}", ddir.display()), e))?;
-            let mut files = Vec::new();
-            for (ri, r) in m.regions.iter().enumerate() {
-                let name = format!("d{id:016x}-{ri}.dat");
-                let path = ddir.join(&name);
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .map_err(|e| CkptError::io(format!("create {}", path.display()), e))?;
-                out.files.push(DataFile { name, size: r.len });
-                for (ci, c) in out.regions[ri].chunks.iter_mut().enumerate() {
-                    *c = Chunk {
-                        file: ri as u32,
-                        offset: ci as u64 * cs,
-                        ..*c
-                    };
-                }
-                files.push(f);
-            }
+            let files = ops::new_data_files(ddir, id, &mut out)?;
             for (ri, r) in &runs {
                 let n = read_run(&source, *ri, r)?;
                 // SAFETY: the run has landed in the buffer (its READ ended) and no transfer

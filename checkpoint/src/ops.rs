@@ -266,25 +266,7 @@ pub fn copy(src: &str, dst: &str, progress: Option<&Progress>) -> Result<Manifes
     out.save_id = id;
     out.base = None;
     out.files = Vec::new();
-    let mut outs = Vec::new();
-    for (ri, r) in m.regions.iter().enumerate() {
-        let name = format!("d{id:016x}-{ri}.dat");
-        let path = ddir.join(&name);
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| CkptError::io(format!("create {}", path.display()), e))?;
-        out.files.push(DataFile { name, size: r.len });
-        for (ci, c) in out.regions[ri].chunks.iter_mut().enumerate() {
-            *c = Chunk {
-                file: ri as u32,
-                offset: ci as u64 * m.chunk_size,
-                ..*c
-            };
-        }
-        outs.push(f);
-    }
+    let outs = new_data_files(&ddir, id, &mut out)?;
     let cs = m.chunk_size;
     each_chunk(&sdir, &m, progress, "copy", |ri, ci, b| {
         outs[ri]
@@ -358,6 +340,34 @@ pub fn remove(uri: &str) -> Result<usize> {
     }
     let _ = std::fs::remove_dir(&dir);
     Ok(removed)
+}
+
+/// Creates one data file per region of `out` (a copy being written into the directory `ddir`
+/// under save id `id`; none may exist yet), names them in `out.files`, and points every chunk of
+/// region `ri` at its place in file `ri`. Returns the files, in region order.
+pub(crate) fn new_data_files(ddir: &Path, id: u64, out: &mut Manifest) -> Result<Vec<File>> {
+    let mut files = Vec::with_capacity(out.regions.len());
+    out.files = Vec::with_capacity(out.regions.len());
+    let cs = out.chunk_size;
+    for (ri, r) in out.regions.iter_mut().enumerate() {
+        let name = format!("d{id:016x}-{ri}.dat");
+        let path = ddir.join(&name);
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| CkptError::io(format!("create {}", path.display()), e))?;
+        out.files.push(DataFile { name, size: r.len });
+        for (ci, c) in r.chunks.iter_mut().enumerate() {
+            *c = Chunk {
+                file: ri as u32,
+                offset: ci as u64 * cs,
+                ..*c
+            };
+        }
+        files.push(f);
+    }
+    Ok(files)
 }
 
 #[cfg(test)]

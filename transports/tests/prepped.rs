@@ -321,41 +321,61 @@ proptest! {
     ) {
         let p = pair(48, block);
         let (l, r) = if strided { p.strided_lists() } else { p.lists() };
-        // Runs of consecutive indices, clipped at the end; destinations distinct so the
-        // expected result is well defined.
-        let (mut li, mut ri) = (Vec::new(), Vec::new());
-        let mut dst_used = [false; 48];
-        for (x, y, n) in pairs {
-            for k in 0..n as u32 {
-                let (x, y) = (x + k, y + k);
-                if x >= 48 || y >= 48 {
-                    break;
-                }
-                let d = if write { y } else { x } as usize;
-                if dst_used[d] {
-                    continue;
-                }
-                dst_used[d] = true;
-                li.push(x);
-                ri.push(y);
-            }
-        }
+        let (li, ri) = index_pairs(&pairs, write);
         let op = if write { XferOp::Write } else { XferOp::Read };
         let req = p.a.create_xfer_prepped(op, &l, &li, &r, &ri, XferOptions::default()).unwrap();
         prop_assert_eq!(req.info().descs, naive_runs(&li, &ri));
-        let (mut a_exp, mut b_exp) = (p.a_buf.clone(), p.b_buf.clone());
-        for (&x, &y) in li.iter().zip(&ri) {
-            let (x, y) = (x as usize * block, y as usize * block);
-            if write {
-                b_exp[y..y + block].copy_from_slice(&p.a_buf[x..x + block]);
-            } else {
-                a_exp[x..x + block].copy_from_slice(&p.b_buf[y..y + block]);
-            }
-        }
+        let (a_exp, b_exp) = naive_copy(&p.a_buf, &p.b_buf, &li, &ri, block, write);
         req.run_blocking().unwrap();
         prop_assert!(p.a_buf == a_exp);
         prop_assert!(p.b_buf == b_exp);
     }
+}
+
+/// Local and remote block indices (of 48 a side) from runs of `(local, remote, length)`,
+/// clipped at the end, each destination block written at most once (so the expected result is
+/// well defined).
+fn index_pairs(pairs: &[(u32, u32, usize)], write: bool) -> (Vec<u32>, Vec<u32>) {
+    let (mut li, mut ri) = (Vec::new(), Vec::new());
+    let mut dst_used = [false; 48];
+    for &(x, y, n) in pairs {
+        for k in 0..n as u32 {
+            let (x, y) = (x + k, y + k);
+            if x >= 48 || y >= 48 {
+                break;
+            }
+            let d = if write { y } else { x } as usize;
+            if dst_used[d] {
+                continue;
+            }
+            dst_used[d] = true;
+            li.push(x);
+            ri.push(y);
+        }
+    }
+    (li, ri)
+}
+
+/// What the local (`a`) and remote (`b`) buffers hold after a naive per-block copy of blocks
+/// `li` <-> `ri` of `block` bytes (a WRITE copies local to remote, a READ remote to local).
+fn naive_copy(
+    a: &[u8],
+    b: &[u8],
+    li: &[u32],
+    ri: &[u32],
+    block: usize,
+    write: bool,
+) -> (Vec<u8>, Vec<u8>) {
+    let (mut a_exp, mut b_exp) = (a.to_vec(), b.to_vec());
+    for (&x, &y) in li.iter().zip(ri) {
+        let (x, y) = (x as usize * block, y as usize * block);
+        if write {
+            b_exp[y..y + block].copy_from_slice(&a[x..x + block]);
+        } else {
+            a_exp[x..x + block].copy_from_slice(&b[y..y + block]);
+        }
+    }
+    (a_exp, b_exp)
 }
 
 /// A test buffer: a memfd the peer maps (`shm` copies through the mapping), or plain heap
@@ -511,38 +531,14 @@ proptest! {
         let mut p = shm_pair(48, block, memfd);
         let l = shm_list(&p.a, None, p.a_buf.as_ptr() as u64, block, kinds.0);
         let r = shm_list(&p.a, Some("shm-b"), p.b_buf.as_ptr() as u64, block, kinds.1);
-        let (mut li, mut ri) = (Vec::new(), Vec::new());
-        let mut dst_used = [false; 48];
-        for (x, y, n) in pairs {
-            for k in 0..n as u32 {
-                let (x, y) = (x + k, y + k);
-                if x >= 48 || y >= 48 {
-                    break;
-                }
-                let d = if write { y } else { x } as usize;
-                if dst_used[d] {
-                    continue;
-                }
-                dst_used[d] = true;
-                li.push(x);
-                ri.push(y);
-            }
-        }
+        let (li, ri) = index_pairs(&pairs, write);
         let op = if write { XferOp::Write } else { XferOp::Read };
         let req = p.a.create_xfer_prepped(op, &l, &li, &r, &ri, XferOptions::default()).unwrap();
         prop_assert_eq!(req.info().backend, BackendName::Shm);
         prop_assert_eq!(req.info().descs, naive_runs(&li, &ri));
         prop_assert_eq!(req.info().bytes, (li.len() * block) as u64);
         let (a0, b0) = (p.a_buf.as_slice().to_vec(), p.b_buf.as_slice().to_vec());
-        let (mut a_exp, mut b_exp) = (a0.clone(), b0.clone());
-        for (&x, &y) in li.iter().zip(&ri) {
-            let (x, y) = (x as usize * block, y as usize * block);
-            if write {
-                b_exp[y..y + block].copy_from_slice(&a0[x..x + block]);
-            } else {
-                a_exp[x..x + block].copy_from_slice(&b0[y..y + block]);
-            }
-        }
+        let (a_exp, b_exp) = naive_copy(&a0, &b0, &li, &ri, block, write);
         // Twice: a prepared request posts any number of times.
         req.run_blocking().unwrap();
         prop_assert!(p.a_buf.as_slice() == &a_exp[..]);
@@ -631,37 +627,13 @@ proptest! {
         let mut p = tcp_pair(48, block, chunk, tls);
         let l = shm_list(&p.a, None, p.a_buf.as_ptr() as u64, block, kinds.0);
         let r = shm_list(&p.a, Some("tcp-b"), p.b_buf.as_ptr() as u64, block, kinds.1);
-        let (mut li, mut ri) = (Vec::new(), Vec::new());
-        let mut dst_used = [false; 48];
-        for (x, y, n) in pairs {
-            for k in 0..n as u32 {
-                let (x, y) = (x + k, y + k);
-                if x >= 48 || y >= 48 {
-                    break;
-                }
-                let d = if write { y } else { x } as usize;
-                if dst_used[d] {
-                    continue;
-                }
-                dst_used[d] = true;
-                li.push(x);
-                ri.push(y);
-            }
-        }
+        let (li, ri) = index_pairs(&pairs, write);
         let op = if write { XferOp::Write } else { XferOp::Read };
         let req = p.a.create_xfer_prepped(op, &l, &li, &r, &ri, XferOptions::default()).unwrap();
         prop_assert_eq!(req.info().backend, BackendName::Tcp);
         prop_assert_eq!(req.info().bytes, (li.len() * block) as u64);
         let (a0, b0) = (p.a_buf.clone(), p.b_buf.clone());
-        let (mut a_exp, mut b_exp) = (a0.clone(), b0.clone());
-        for (&x, &y) in li.iter().zip(&ri) {
-            let (x, y) = (x as usize * block, y as usize * block);
-            if write {
-                b_exp[y..y + block].copy_from_slice(&a0[x..x + block]);
-            } else {
-                a_exp[x..x + block].copy_from_slice(&b0[y..y + block]);
-            }
-        }
+        let (a_exp, b_exp) = naive_copy(&a0, &b0, &li, &ri, block, write);
         req.run_blocking().unwrap();
         prop_assert!(p.a_buf == a_exp);
         prop_assert!(p.b_buf == b_exp);
