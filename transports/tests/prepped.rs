@@ -645,3 +645,55 @@ proptest! {
         prop_assert!(p.b_buf == b_exp);
     }
 }
+
+/// A target that deregisters everything and frees its agent (closing its connections) before
+/// the initiator posts a prepared request: the post ends as a disconnect, not as a refusal,
+/// whether or not the initiator's reader thread has seen the connection end yet, through a
+/// cross-memory grant (heap memory) and through a mapping (memfd) alike.
+#[test]
+fn a_post_to_a_target_that_left_is_a_disconnect_not_a_refusal() {
+    use nixl_transports::shm::{ShmBackend, ShmConfig};
+    for memfd in [false, true] {
+        for _ in 0..20 {
+            let agent = |name: &str| {
+                Agent::builder(name)
+                    .backend(Arc::new(ShmBackend::new(ShmConfig::default())))
+                    .build()
+                    .unwrap()
+            };
+            let (a, b) = (agent("left-a"), agent("left-b"));
+            let mut a_buf = Buf::new(1 << 16, memfd);
+            let mut b_buf = Buf::new(1 << 16, memfd);
+            let reg = |agent: &Agent, d: Desc| {
+                // SAFETY: the buffers are declared before the registrations and outlive them
+                // (dropped at the end of the loop body, after the registrations).
+                unsafe { agent.register(&DescList::from_descs(MemKind::Dram, vec![d]).unwrap()) }
+                    .unwrap()
+            };
+            let ra = reg(&a, a_buf.desc());
+            let rb = reg(&b, b_buf.desc());
+            a.load_remote(&b.metadata_bytes()).unwrap();
+            let l = a
+                .prep_local(&blocks(a_buf.as_ptr() as u64, 4096, 16))
+                .unwrap();
+            let r = a
+                .prep_remote("left-b", &blocks(b_buf.as_ptr() as u64, 4096, 16))
+                .unwrap();
+            let idx: Vec<u32> = (0..16).step_by(2).collect();
+            let x = a
+                .create_xfer_prepped(XferOp::Read, &l, &idx, &r, &idx, XferOptions::default())
+                .unwrap();
+            x.run_blocking().unwrap();
+            drop(rb);
+            drop(b);
+            let e = x.run_blocking().unwrap_err();
+            assert_eq!(
+                e.class(),
+                ErrorClass::RemoteDisconnect,
+                "memfd {memfd}: a post to a target that left ended {e}"
+            );
+            drop(x);
+            drop(ra);
+        }
+    }
+}

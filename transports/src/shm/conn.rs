@@ -88,6 +88,8 @@ pub(super) struct Conn {
     pub(super) peer: Arc<str>,
     pub(super) backend: Arc<Inner>,
     pub(super) writer: Mutex<UnixStream>,
+    /// The same socket, only polled for the target hanging up ([`Conn::target_gone`]).
+    pub(super) watch: UnixStream,
     pub(super) pending: Mutex<HashMap<u64, Pending>>,
     pub(super) map_waits: Mutex<HashMap<u64, Option<Granted>>>,
     pub(super) map_cv: Condvar,
@@ -151,11 +153,15 @@ impl Conn {
         reader
             .set_read_timeout(Some(Duration::from_millis(100)))
             .map_err(|e| Error::io("shm: socket timeout", e))?;
+        let watch = stream
+            .try_clone()
+            .map_err(|e| Error::io("shm: clone socket", e))?;
         let conn = Arc::new_cyclic(|me| Conn {
             me: me.clone(),
             peer: Arc::from(peer),
             backend: Arc::clone(inner),
             writer: Mutex::new(stream),
+            watch,
             pending: Mutex::new(HashMap::new()),
             map_waits: Mutex::new(HashMap::new()),
             map_cv: Condvar::new(),
@@ -316,6 +322,28 @@ impl Conn {
     /// Whether the target process is known to have exited.
     pub(super) fn target_exited(&self) -> bool {
         self.pidfd.as_ref().is_none_or(sys::pid_exited)
+    }
+
+    /// Why a post found a region of the target revoked: the target left (its agent shut the
+    /// connection down after deregistering everything, or its process exited), which is a
+    /// disconnect, not a refusal; or it deregistered that region and stays (`Denied`). The
+    /// socket is asked directly, so the answer does not depend on whether our reader thread has
+    /// seen the end yet.
+    pub(super) fn revoked(&self) -> Error {
+        if self.closed.load(Ordering::Acquire) {
+            return self.disconnected();
+        }
+        if sys::peer_hung_up(&self.watch) || self.target_exited() {
+            return Error::RemoteDisconnect {
+                peer: self.peer.to_string(),
+                reason: "the target left (it deregistered its regions and closed the connection)"
+                    .into(),
+            };
+        }
+        Error::Denied {
+            peer: self.peer.to_string(),
+            reason: "the peer deregistered a region of this transfer".into(),
+        }
     }
 
     pub(super) fn map_region(&self, region: &Desc, key: u64) -> MapResult {

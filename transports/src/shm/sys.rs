@@ -253,6 +253,20 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 }
 
 /// Whether the process behind `pidfd` has exited (a pidfd polls readable once it has).
+/// Whether the other end of the connected socket `s` has shut it down or closed it (a zero
+/// timeout poll for POLLRDHUP/POLLHUP): known at once from the kernel, before any reader of the
+/// socket has seen the end.
+pub fn peer_hung_up(s: &impl AsRawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on a descriptor the caller holds open, zero timeout.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 pub fn pid_exited(pidfd: &OwnedFd) -> bool {
     let mut pfd = libc::pollfd {
         fd: pidfd.as_raw_fd(),

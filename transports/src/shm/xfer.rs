@@ -31,10 +31,7 @@ impl GrantedXfer {
         done: Completion,
     ) {
         let Some(hold) = GrantHold::enter(grants) else {
-            done.complete(Err(Error::Denied {
-                peer: conn.peer.to_string(),
-                reason: "the peer deregistered a region of this transfer".into(),
-            }));
+            done.complete(Err(conn.revoked()));
             return;
         };
         // Checked after entering: a target that exits can no longer revoke, and its pid must
@@ -176,10 +173,7 @@ pub(super) fn finish_mapped(conn: &Conn, notif: Option<&[u8]>, done: Completion)
 impl PreparedXfer for MappedXfer {
     fn post(&self, done: Completion) {
         let Ok(ticket) = enter_all(&self.maps, |m| &m.gate) else {
-            done.complete(Err(Error::Denied {
-                peer: self.conn.peer.to_string(),
-                reason: "the peer deregistered a region of this transfer".into(),
-            }));
+            done.complete(Err(self.conn.revoked()));
             return;
         };
         let hold = MapHold(Arc::clone(&self.maps), ticket);
