@@ -1,0 +1,193 @@
+//! The prefill side of pull handoffs: offer a request's blocks, learn when they are free.
+
+use super::*;
+
+/// Opens the prefill side of pull handoffs on `agent` (which has loaded the decode peers'
+/// metadata) and writes the handle to `*out`.
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_prefill_new(
+    agent: *mut nixl_agent,
+    out: *mut *mut nixl_kv_prefill,
+) -> nixl_status {
+    guard(|| {
+        let a = agent_ref(agent)?;
+        if out.is_null() || !out.is_aligned() {
+            return Err(Fail::invalid("out is NULL or misaligned"));
+        }
+        let shared = Arc::clone(&a.shared);
+        let side = PrefillSide::new(agent_static(&shared));
+        shared.kv_sides.fetch_add(1, Ordering::AcqRel);
+        let p = Box::into_raw(Box::new(PrefillHandle {
+            magic: PREFILL_MAGIC,
+            inner: Mutex::new(PrefillInner {
+                side,
+                events: VecDeque::new(),
+                reported: HashSet::new(),
+            }),
+            agent: shared,
+        }));
+        write_out(out, p.cast::<nixl_kv_prefill>(), "out")?;
+        hand_out(p, PREFILL_MAGIC);
+        Ok(NIXL_OK)
+    })
+}
+
+/// Frees a prefill side. Handoffs still held are forgotten (their blocks are the engine's
+/// again at once: free only when no decode reads them). NULL is a no-op.
+///
+/// # Safety
+/// `p` is NULL or a handle from `nixl_kv_prefill_new` not yet freed; no other thread uses it
+/// during or after this call.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_prefill_free(p: *mut nixl_kv_prefill) {
+    guard(|| {
+        if p.is_null() {
+            return Ok(NIXL_OK);
+        }
+        take_back(p.cast(), "prefill", PREFILL_MAGIC)?;
+        // SAFETY: a live handle made by `Box::into_raw` in `nixl_kv_prefill_new`, given up by
+        // the caller, and now out of LIVE, so no later call touches it.
+        let mut b = unsafe { Box::from_raw(p.cast::<PrefillHandle>()) };
+        b.magic = DEAD_MAGIC;
+        b.agent.kv_sides.fetch_sub(1, Ordering::AcqRel);
+        drop(b);
+        Ok(NIXL_OK)
+    });
+}
+
+/// Offers `nblocks` blocks of `request` to agent `decode` under a lease of `lease_ms`; writes
+/// the handoff id to `*id`. The blocks stay held until `nixl_kv_prefill_poll` reports them
+/// freed (`NIXL_KV_FREED`).
+///
+/// # Safety
+/// `decode` and `request` are NUL-terminated; `blocks` has `nblocks` entries; `id` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_offer(
+    p: *mut nixl_kv_prefill,
+    decode: *const c_char,
+    request: *const c_char,
+    blocks: *const u32,
+    nblocks: usize,
+    lease_ms: u32,
+    id: *mut u64,
+) -> nixl_status {
+    guard(|| {
+        let h = prefill_ref(p)?;
+        let decode = str_arg(decode, "decode")?;
+        let request = str_arg(request, "request")?;
+        let blocks = array_arg(blocks, nblocks, NIXL_KV_MAX_BLOCKS, "blocks")?;
+        if id.is_null() || !id.is_aligned() {
+            return Err(Fail::invalid("id is NULL or misaligned"));
+        }
+        let lease = Duration::from_millis(lease_ms.into());
+        let got = h
+            .inner
+            .lock()
+            .side
+            .offer(decode, request, blocks, lease)
+            .map_err(kv_fail)?;
+        write_out(id, got, "id")?;
+        Ok(NIXL_OK)
+    })
+}
+
+/// Aborts handoff `id`: decode is told; the blocks are reported freed once decode let go (or a
+/// lease from now at the latest). An unknown id is `NIXL_ERR_NOT_FOUND`.
+///
+/// # Safety
+/// `reason` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_prefill_cancel(
+    p: *mut nixl_kv_prefill,
+    id: u64,
+    reason: *const c_char,
+) -> nixl_status {
+    guard(|| {
+        let h = prefill_ref(p)?;
+        let reason = if reason.is_null() {
+            "cancelled"
+        } else {
+            str_arg(reason, "reason")?
+        };
+        let mut g = h.inner.lock();
+        if !g.side.is_held(id) {
+            return Err(Fail::new(
+                NIXL_ERR_NOT_FOUND,
+                format!("no handoff {id} held"),
+            ));
+        }
+        g.side.cancel(id, reason);
+        Ok(NIXL_OK)
+    })
+}
+
+/// Reads decode's messages and the clock, then hands out the oldest event (`NIXL_KV_FREED`:
+/// the handoff's blocks, written to `blocks`, are the engine's to free): `NIXL_OK`, or
+/// `NIXL_EMPTY` when there is none. With fewer than `ev->nblocks` places (`cap`) it returns
+/// `NIXL_ERR_BUFFER_TOO_SMALL` and keeps the event.
+///
+/// # Safety
+/// `ev` is writable; `blocks` has `cap` writable entries (NULL with `cap` 0).
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_prefill_poll(
+    p: *mut nixl_kv_prefill,
+    ev: *mut nixl_kv_event,
+    blocks: *mut u32,
+    cap: usize,
+) -> nixl_status {
+    guard(|| {
+        let h = prefill_ref(p)?;
+        let mut g = h.inner.lock();
+        let notifs = take_kv_notifs(&h.agent);
+        let (freed, other) = g.side.poll_notifs(notifs);
+        give_back(&h.agent, other);
+        for f in freed {
+            g.events.push_back(freed_ev(f));
+        }
+        let g = &mut *g;
+        let open: HashSet<(String, u64)> = g
+            .side
+            .reservations()
+            .iter()
+            .map(|r| (r.from.clone(), r.id))
+            .collect();
+        for r in g.side.reservations() {
+            if g.reported.insert((r.from.clone(), r.id)) {
+                g.events.push_back(Ev {
+                    kind: NIXL_KV_RESERVED,
+                    outcome: 0,
+                    id: r.id,
+                    lease_ms: u32::try_from(r.lease.as_millis()).unwrap_or(u32::MAX),
+                    peer: r.from.clone(),
+                    request: r.request.clone(),
+                    reason: String::new(),
+                    blocks: r.blocks.clone(),
+                    push: true,
+                });
+            }
+        }
+        // Forget the ones pushed or aborted since.
+        g.reported.retain(|k| open.contains(k));
+        hand_event(&mut g.events, ev, blocks, cap)
+    })
+}
+
+/// Writes how many handoffs still hold blocks to `*count`.
+///
+/// # Safety
+/// `count` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_prefill_held(
+    p: *mut nixl_kv_prefill,
+    count: *mut usize,
+) -> nixl_status {
+    guard(|| {
+        let h = prefill_ref(p)?;
+        let n = h.inner.lock().side.held();
+        write_out(count, n, "count")?;
+        Ok(NIXL_OK)
+    })
+}
