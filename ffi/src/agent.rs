@@ -73,7 +73,7 @@ pub unsafe extern "C" fn nixl_agent_new(
                 return Err(e.into());
             }
         };
-        let handle = Box::new(AgentHandle {
+        let handle = AgentHandle {
             magic: AGENT_MAGIC,
             shared: Arc::new(Shared {
                 agent: Arc::new(agent),
@@ -83,10 +83,8 @@ pub unsafe extern "C" fn nixl_agent_new(
                 kv_sides: Default::default(),
                 kv_pending: Mutex::new(VecDeque::new()),
             }),
-        });
-        let p = Box::into_raw(handle);
-        write_out(out, p.cast::<nixl_agent>(), "out")?;
-        hand_out(p, AGENT_MAGIC);
+        };
+        publish(out, handle)?;
         Ok(NIXL_OK)
     })
 }
@@ -99,18 +97,8 @@ pub unsafe extern "C" fn nixl_agent_new(
 /// during or after this call.
 #[no_mangle]
 pub unsafe extern "C" fn nixl_agent_free(agent: *mut nixl_agent) {
-    guard(|| {
-        if agent.is_null() {
-            return Ok(NIXL_OK);
-        }
-        take_back(agent.cast(), "agent", AGENT_MAGIC)?;
-        // SAFETY: a live handle made by `Box::into_raw` in `nixl_agent_new`, given up by the
-        // caller, and now out of LIVE, so no later call (a second free included) touches it.
-        let mut b = unsafe { Box::from_raw(agent.cast::<AgentHandle>()) };
-        b.magic = DEAD_MAGIC;
-        drop(b);
-        Ok(NIXL_OK)
-    });
+    // SAFETY: the caller's contract (above) is `free_handle`'s.
+    guard(|| unsafe { free_handle::<AgentHandle>(agent, |_| {}) });
 }
 
 /// Registers `count` descriptors of memory `kind` with every running backend that handles
@@ -191,9 +179,7 @@ pub unsafe extern "C" fn nixl_register_file(
         use std::os::unix::fs::OpenOptionsExt;
         let a = agent_ref(agent)?;
         let path = str_arg(path, "path")?;
-        if out.is_null() || !out.is_aligned() {
-            return Err(Fail::invalid("out is NULL or misaligned"));
-        }
+        out_arg(out, "out")?;
         let known = NIXL_FILE_DIRECT | NIXL_FILE_READ_ONLY | NIXL_FILE_CREATE;
         if flags & !known != 0 {
             return Err(Fail::invalid(format!(

@@ -14,6 +14,23 @@ pub(crate) fn str_arg<'a>(p: *const c_char, what: &str) -> Res<&'a str> {
         .map_err(|_| Fail::invalid(format!("{what} is not UTF-8")))
 }
 
+/// An optional C string argument: NULL gives `default`.
+pub(crate) fn opt_str_arg<'a>(p: *const c_char, what: &str, default: &'a str) -> Res<&'a str> {
+    if p.is_null() {
+        Ok(default)
+    } else {
+        str_arg(p, what)
+    }
+}
+
+/// Checks an output pointer up front (before the call does its work): non-NULL and aligned.
+pub(crate) fn out_arg<T>(out: *mut T, what: &str) -> Res<()> {
+    if out.is_null() || !out.is_aligned() {
+        return Err(Fail::invalid(format!("{what} is NULL or misaligned")));
+    }
+    Ok(())
+}
+
 /// `len` bytes at `p`; NULL is accepted for an empty buffer only.
 pub(crate) fn bytes_arg<'a>(p: *const u8, len: usize, what: &str) -> Res<&'a [u8]> {
     if p.is_null() {
@@ -85,6 +102,14 @@ pub(crate) fn check_str_out(out: *mut c_char, cap: usize, s: &str, what: &str) -
             ),
         ));
     }
+    Ok(())
+}
+
+/// Writes `s` and its NUL to `out` (`cap` bytes) as a call's last step: [`check_str_out`],
+/// then [`put_str`].
+pub(crate) fn str_out(out: *mut c_char, cap: usize, s: &str, what: &str) -> Res<()> {
+    check_str_out(out, cap, s, what)?;
+    put_str(out, s);
     Ok(())
 }
 

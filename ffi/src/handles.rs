@@ -49,14 +49,81 @@ pub(crate) fn tagged<'a, T>(p: *const (), what: &str, magic: u64) -> Res<&'a T> 
     Ok(unsafe { &*p.cast::<T>() })
 }
 
+/// A Rust value handed to C as an opaque `*mut Self::C`: made by [`publish`], reached by
+/// [`handle_ref`], freed by [`free_handle`], each of them checked against [`LIVE`].
+pub(crate) trait Handle: Sized {
+    /// The opaque C type of the pointer.
+    type C;
+    /// Its tag in [`LIVE`] (and in its `magic` field while it is live).
+    const MAGIC: u64;
+    /// What errors call it ("agent", "xfer", ...).
+    const WHAT: &'static str;
+    /// Its `magic` field, set to [`DEAD_MAGIC`] when it is freed.
+    fn magic(&mut self) -> &mut u64;
+}
+
+/// Ends a `_new` export: boxes `handle`, writes the pointer to `*out`, and records it live.
+pub(crate) fn publish<H: Handle>(out: *mut *mut H::C, handle: H) -> Res<()> {
+    let p = Box::into_raw(Box::new(handle));
+    if let Err(e) = write_out(out, p.cast::<H::C>(), "out") {
+        // SAFETY: `p` is the box made just above, handed to no one.
+        drop(unsafe { Box::from_raw(p) });
+        return Err(e);
+    }
+    hand_out(p, H::MAGIC);
+    Ok(())
+}
+
+/// A reference to the handle behind `p`, once [`LIVE`] says it is a live `H`.
+pub(crate) fn handle_ref<'a, H: Handle>(p: *const H::C) -> Res<&'a H> {
+    tagged(p.cast(), H::WHAT, H::MAGIC)
+}
+
+/// The body of a `_free` export: NULL is a no-op; otherwise the handle leaves [`LIVE`] (so of
+/// two frees of one handle only the first frees it), `before_drop` runs on it, and it is
+/// dropped.
+///
+/// # Safety
+/// No other thread uses the handle during or after this call (the API's contract).
+pub(crate) unsafe fn free_handle<H: Handle>(
+    p: *mut H::C,
+    before_drop: impl FnOnce(&mut H),
+) -> Res<nixl_status> {
+    if p.is_null() {
+        return Ok(NIXL_OK);
+    }
+    take_back(p.cast(), H::WHAT, H::MAGIC)?;
+    // SAFETY: a live handle made by `Box::into_raw` in `publish`, given up by the caller, and
+    // now out of LIVE, so no later call (a second free included) touches it.
+    let mut b = unsafe { Box::from_raw(p.cast::<H>()) };
+    *b.magic() = DEAD_MAGIC;
+    before_drop(&mut b);
+    drop(b);
+    Ok(NIXL_OK)
+}
+
+/// Implements [`Handle`] for a handle struct whose first field is `magic: u64`.
+macro_rules! handle {
+    ($t:ty, $c:ty, $magic:expr, $what:literal) => {
+        impl $crate::handles::Handle for $t {
+            type C = $c;
+            const MAGIC: u64 = $magic;
+            const WHAT: &'static str = $what;
+            fn magic(&mut self) -> &mut u64 {
+                &mut self.magic
+            }
+        }
+    };
+}
+pub(crate) use handle;
+
+handle!(AgentHandle, nixl_agent, AGENT_MAGIC, "agent");
+handle!(XferHandle, nixl_xfer, XFER_MAGIC, "xfer");
+
 pub(crate) fn agent_ref<'a>(p: *const nixl_agent) -> Res<&'a AgentHandle> {
-    let h: &AgentHandle = tagged(p.cast(), "agent", AGENT_MAGIC)?;
-    debug_assert_eq!(h.magic, AGENT_MAGIC);
-    Ok(h)
+    handle_ref(p)
 }
 
 pub(crate) fn xfer_ref<'a>(p: *const nixl_xfer) -> Res<&'a XferHandle> {
-    let h: &XferHandle = tagged(p.cast(), "xfer", XFER_MAGIC)?;
-    debug_assert_eq!(h.magic, XFER_MAGIC);
-    Ok(h)
+    handle_ref(p)
 }

@@ -16,8 +16,7 @@ pub unsafe extern "C" fn nixl_agent_name(
     guard(|| {
         let a = agent_ref(agent)?;
         let name = a.shared.agent.name();
-        check_str_out(out, cap, name, "out")?;
-        put_str(out, name);
+        str_out(out, cap, name, "out")?;
         Ok(NIXL_OK)
     })
 }

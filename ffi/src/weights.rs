@@ -48,10 +48,10 @@ impl std::fmt::Debug for WeightsHandle {
     }
 }
 
+handle!(WeightsHandle, nixl_weights, WEIGHTS_MAGIC, "weights");
+
 fn weights_ref<'a>(p: *const nixl_weights) -> Res<&'a WeightsHandle> {
-    let h: &WeightsHandle = tagged(p.cast(), "weights", WEIGHTS_MAGIC)?;
-    debug_assert_eq!(h.magic, WEIGHTS_MAGIC);
-    Ok(h)
+    handle_ref(p)
 }
 
 fn weights_fail(e: WsError) -> Fail {
@@ -156,13 +156,12 @@ pub unsafe extern "C" fn nixl_weights_open(
             WsError::Incomplete(m) => Fail::new(NIXL_ERR_NOT_FOUND, m),
             e => weights_fail(e),
         })?;
-        let p = Box::into_raw(Box::new(WeightsHandle {
+        let h = WeightsHandle {
             magic: WEIGHTS_MAGIC,
             src,
             _agent: Arc::clone(&a.shared),
-        }));
-        write_out(out, p.cast::<nixl_weights>(), "out")?;
-        hand_out(p, WEIGHTS_MAGIC);
+        };
+        publish(out, h)?;
         Ok(NIXL_OK)
     })
 }
@@ -174,18 +173,8 @@ pub unsafe extern "C" fn nixl_weights_open(
 /// it during or after this call.
 #[no_mangle]
 pub unsafe extern "C" fn nixl_weights_close(weights: *mut nixl_weights) {
-    guard(|| {
-        if weights.is_null() {
-            return Ok(NIXL_OK);
-        }
-        take_back(weights.cast(), "weights", WEIGHTS_MAGIC)?;
-        // SAFETY: a live handle made by `Box::into_raw` in `nixl_weights_open`, given up by the
-        // caller, and now out of LIVE, so no later call (a second close included) touches it.
-        let mut b = unsafe { Box::from_raw(weights.cast::<WeightsHandle>()) };
-        b.magic = DEAD_MAGIC;
-        drop(b);
-        Ok(NIXL_OK)
-    });
+    // SAFETY: the caller's contract (above) is `free_handle`'s.
+    guard(|| unsafe { free_handle::<WeightsHandle>(weights, |_| {}) });
 }
 
 /// Writes the model's id (its name, `@`, and 16 hex digits of its manifest's digest: equal ids
@@ -202,8 +191,7 @@ pub unsafe extern "C" fn nixl_weights_model_id(
     guard(|| {
         let w = weights_ref(weights)?;
         let id = w.src.manifest().model_id();
-        check_str_out(out, cap, &id, "out")?;
-        put_str(out, &id);
+        str_out(out, cap, &id, "out")?;
         Ok(NIXL_OK)
     })
 }
@@ -245,8 +233,7 @@ pub unsafe extern "C" fn nixl_weights_tensor_name(
                 ts.len()
             ))
         })?;
-        check_str_out(out, cap, &t.name, "out")?;
-        put_str(out, &t.name);
+        str_out(out, cap, &t.name, "out")?;
         Ok(NIXL_OK)
     })
 }

@@ -82,14 +82,12 @@ pub unsafe extern "C" fn nixl_xfer_create(
             .shared
             .agent
             .create_xfer(op, &local, &remote, peer, opts)?;
-        let x = Box::new(XferHandle {
+        let x = XferHandle {
             magic: XFER_MAGIC,
             req,
             _agent: Arc::clone(&a.shared),
-        });
-        let p = Box::into_raw(x);
-        write_out(out, p.cast::<nixl_xfer>(), "out")?;
-        hand_out(p, XFER_MAGIC);
+        };
+        publish(out, x)?;
         Ok(NIXL_OK)
     })
 }
@@ -169,8 +167,7 @@ pub unsafe extern "C" fn nixl_xfer_backend(
     guard(|| {
         let x = xfer_ref(xfer)?;
         let name = x.req.backend().as_str();
-        check_str_out(out, cap, name, "out")?;
-        put_str(out, name);
+        str_out(out, cap, name, "out")?;
         Ok(NIXL_OK)
     })
 }
@@ -191,8 +188,7 @@ pub unsafe extern "C" fn nixl_xfer_staged(
     guard(|| {
         let x = xfer_ref(xfer)?;
         let name = x.req.info().staged.map_or("", |b| b.as_str());
-        check_str_out(out, cap, name, "out")?;
-        put_str(out, name);
+        str_out(out, cap, name, "out")?;
         Ok(NIXL_OK)
     })
 }
@@ -205,17 +201,6 @@ pub unsafe extern "C" fn nixl_xfer_staged(
 /// `xfer` is NULL or a live request that no other thread uses during or after this call.
 #[no_mangle]
 pub unsafe extern "C" fn nixl_xfer_free(xfer: *mut nixl_xfer) -> nixl_status {
-    guard(|| {
-        if xfer.is_null() {
-            return Ok(NIXL_OK);
-        }
-        take_back(xfer.cast(), "xfer", XFER_MAGIC)?;
-        // SAFETY: a live handle made by `Box::into_raw` in `nixl_xfer_create`, given up by the
-        // caller, and now out of LIVE, so no later call (a second free included) touches it.
-        let mut b = unsafe { Box::from_raw(xfer.cast::<XferHandle>()) };
-        b.magic = DEAD_MAGIC;
-        b.req.release();
-        drop(b);
-        Ok(NIXL_OK)
-    })
+    // SAFETY: the caller's contract (above) is `free_handle`'s.
+    guard(|| unsafe { free_handle::<XferHandle>(xfer, |x| x.req.release()) })
 }

@@ -17,13 +17,11 @@ pub unsafe extern "C" fn nixl_kv_decode_new(
     guard(|| {
         let a = agent_ref(agent)?;
         let l = layout_arg(layout, "layout")?;
-        if out.is_null() || !out.is_aligned() {
-            return Err(Fail::invalid("out is NULL or misaligned"));
-        }
+        out_arg(out, "out")?;
         let shared = Arc::clone(&a.shared);
         let side = DecodeSide::new(agent_static(&shared), l).map_err(kv_fail)?;
         shared.kv_sides.fetch_add(1, Ordering::AcqRel);
-        let p = Box::into_raw(Box::new(DecodeHandle {
+        let h = DecodeHandle {
             magic: DECODE_MAGIC,
             inner: Mutex::new(DecodeInner {
                 side,
@@ -31,9 +29,8 @@ pub unsafe extern "C" fn nixl_kv_decode_new(
                 offers: HashMap::new(),
             }),
             agent: shared,
-        }));
-        write_out(out, p.cast::<nixl_kv_decode>(), "out")?;
-        hand_out(p, DECODE_MAGIC);
+        };
+        publish(out, h)?;
         Ok(NIXL_OK)
     })
 }
@@ -45,22 +42,15 @@ pub unsafe extern "C" fn nixl_kv_decode_new(
 /// during or after this call.
 #[no_mangle]
 pub unsafe extern "C" fn nixl_kv_decode_free(d: *mut nixl_kv_decode) {
-    guard(|| {
-        if d.is_null() {
-            return Ok(NIXL_OK);
-        }
-        take_back(d.cast(), "decode", DECODE_MAGIC)?;
-        // SAFETY: a live handle made by `Box::into_raw` in `nixl_kv_decode_new`, given up by
-        // the caller, and now out of LIVE, so no later call touches it.
-        let mut b = unsafe { Box::from_raw(d.cast::<DecodeHandle>()) };
-        b.magic = DEAD_MAGIC;
-        b.inner
-            .get_mut()
-            .side
-            .cancel_all("the decode side was closed");
-        b.agent.kv_sides.fetch_sub(1, Ordering::AcqRel);
-        drop(b);
-        Ok(NIXL_OK)
+    // SAFETY: the caller's contract (above) is `free_handle`'s.
+    guard(|| unsafe {
+        free_handle::<DecodeHandle>(d, |b| {
+            b.inner
+                .get_mut()
+                .side
+                .cancel_all("the decode side was closed");
+            b.agent.kv_sides.fetch_sub(1, Ordering::AcqRel);
+        })
     });
 }
 
@@ -238,11 +228,7 @@ pub unsafe extern "C" fn nixl_kv_decode_cancel(
     guard(|| {
         let h = decode_ref(d)?;
         let from = str_arg(from, "from")?;
-        let reason = if reason.is_null() {
-            "cancelled"
-        } else {
-            str_arg(reason, "reason")?
-        };
+        let reason = opt_str_arg(reason, "reason", "cancelled")?;
         let mut g = h.inner.lock();
         g.offers.remove(&(from.to_owned(), id));
         if let Some(DecodeEvent::Ended {

@@ -310,12 +310,37 @@ struct DecodeHandle {
     agent: Arc<Shared>,
 }
 
+handle!(PrefillHandle, nixl_kv_prefill, PREFILL_MAGIC, "prefill");
+handle!(DecodeHandle, nixl_kv_decode, DECODE_MAGIC, "decode");
+
 fn prefill_ref<'a>(p: *const nixl_kv_prefill) -> Res<&'a PrefillHandle> {
-    tagged(p.cast(), "prefill", PREFILL_MAGIC)
+    handle_ref(p)
 }
 
 fn decode_ref<'a>(p: *const nixl_kv_decode) -> Res<&'a DecodeHandle> {
-    tagged(p.cast(), "decode", DECODE_MAGIC)
+    handle_ref(p)
+}
+
+/// What an offer (pull) and a reservation (push) are given: the peer's and the request's
+/// names, the blocks, and the lease; `id`, where the handoff's id goes, is checked up front.
+#[allow(clippy::type_complexity)]
+fn handoff_args<'a>(
+    (peer, peer_what): (*const c_char, &str),
+    request: *const c_char,
+    (blocks, n): (*const u32, usize),
+    lease_ms: u32,
+    id: *mut u64,
+) -> Res<(&'a str, &'a str, &'a [u32], Duration)> {
+    let peer = str_arg(peer, peer_what)?;
+    let request = str_arg(request, "request")?;
+    let blocks = array_arg(blocks, n, NIXL_KV_MAX_BLOCKS, "blocks")?;
+    out_arg(id, "id")?;
+    Ok((
+        peer,
+        request,
+        blocks,
+        Duration::from_millis(lease_ms.into()),
+    ))
 }
 
 /// The notifications a side reads: KV messages `nixl_notif_next` set aside, then the agent's.

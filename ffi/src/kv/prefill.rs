@@ -14,13 +14,11 @@ pub unsafe extern "C" fn nixl_kv_prefill_new(
 ) -> nixl_status {
     guard(|| {
         let a = agent_ref(agent)?;
-        if out.is_null() || !out.is_aligned() {
-            return Err(Fail::invalid("out is NULL or misaligned"));
-        }
+        out_arg(out, "out")?;
         let shared = Arc::clone(&a.shared);
         let side = PrefillSide::new(agent_static(&shared));
         shared.kv_sides.fetch_add(1, Ordering::AcqRel);
-        let p = Box::into_raw(Box::new(PrefillHandle {
+        let h = PrefillHandle {
             magic: PREFILL_MAGIC,
             inner: Mutex::new(PrefillInner {
                 side,
@@ -28,9 +26,8 @@ pub unsafe extern "C" fn nixl_kv_prefill_new(
                 reported: HashSet::new(),
             }),
             agent: shared,
-        }));
-        write_out(out, p.cast::<nixl_kv_prefill>(), "out")?;
-        hand_out(p, PREFILL_MAGIC);
+        };
+        publish(out, h)?;
         Ok(NIXL_OK)
     })
 }
@@ -43,18 +40,11 @@ pub unsafe extern "C" fn nixl_kv_prefill_new(
 /// during or after this call.
 #[no_mangle]
 pub unsafe extern "C" fn nixl_kv_prefill_free(p: *mut nixl_kv_prefill) {
-    guard(|| {
-        if p.is_null() {
-            return Ok(NIXL_OK);
-        }
-        take_back(p.cast(), "prefill", PREFILL_MAGIC)?;
-        // SAFETY: a live handle made by `Box::into_raw` in `nixl_kv_prefill_new`, given up by
-        // the caller, and now out of LIVE, so no later call touches it.
-        let mut b = unsafe { Box::from_raw(p.cast::<PrefillHandle>()) };
-        b.magic = DEAD_MAGIC;
-        b.agent.kv_sides.fetch_sub(1, Ordering::AcqRel);
-        drop(b);
-        Ok(NIXL_OK)
+    // SAFETY: the caller's contract (above) is `free_handle`'s.
+    guard(|| unsafe {
+        free_handle::<PrefillHandle>(p, |b| {
+            b.agent.kv_sides.fetch_sub(1, Ordering::AcqRel);
+        })
     });
 }
 
@@ -76,13 +66,8 @@ pub unsafe extern "C" fn nixl_kv_offer(
 ) -> nixl_status {
     guard(|| {
         let h = prefill_ref(p)?;
-        let decode = str_arg(decode, "decode")?;
-        let request = str_arg(request, "request")?;
-        let blocks = array_arg(blocks, nblocks, NIXL_KV_MAX_BLOCKS, "blocks")?;
-        if id.is_null() || !id.is_aligned() {
-            return Err(Fail::invalid("id is NULL or misaligned"));
-        }
-        let lease = Duration::from_millis(lease_ms.into());
+        let (decode, request, blocks, lease) =
+            handoff_args((decode, "decode"), request, (blocks, nblocks), lease_ms, id)?;
         let got = h
             .inner
             .lock()
@@ -107,11 +92,7 @@ pub unsafe extern "C" fn nixl_kv_prefill_cancel(
 ) -> nixl_status {
     guard(|| {
         let h = prefill_ref(p)?;
-        let reason = if reason.is_null() {
-            "cancelled"
-        } else {
-            str_arg(reason, "reason")?
-        };
+        let reason = opt_str_arg(reason, "reason", "cancelled")?;
         let mut g = h.inner.lock();
         if !g.side.is_held(id) {
             return Err(Fail::new(

@@ -95,13 +95,8 @@ pub unsafe extern "C" fn nixl_kv_reserve(
 ) -> nixl_status {
     guard(|| {
         let h = decode_ref(d)?;
-        let prefill = str_arg(prefill, "prefill")?;
-        let request = str_arg(request, "request")?;
-        let blocks = array_arg(blocks, n, NIXL_KV_MAX_BLOCKS, "blocks")?;
-        if id.is_null() || !id.is_aligned() {
-            return Err(Fail::invalid("id is NULL or misaligned"));
-        }
-        let lease = Duration::from_millis(lease_ms.into());
+        let (prefill, request, blocks, lease) =
+            handoff_args((prefill, "prefill"), request, (blocks, n), lease_ms, id)?;
         let got = h
             .inner
             .lock()
@@ -126,11 +121,7 @@ pub unsafe extern "C" fn nixl_kv_decode_cancel_reservation(
 ) -> nixl_status {
     guard(|| {
         let h = decode_ref(d)?;
-        let reason = if reason.is_null() {
-            "cancelled"
-        } else {
-            str_arg(reason, "reason")?
-        };
+        let reason = opt_str_arg(reason, "reason", "cancelled")?;
         h.inner.lock().side.cancel_reservation(id, reason);
         Ok(NIXL_OK)
     })
