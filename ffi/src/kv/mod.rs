@@ -323,7 +323,6 @@ fn decode_ref<'a>(p: *const nixl_kv_decode) -> Res<&'a DecodeHandle> {
 
 /// What an offer (pull) and a reservation (push) are given: the peer's and the request's
 /// names, the blocks, and the lease; `id`, where the handoff's id goes, is checked up front.
-#[allow(clippy::type_complexity)]
 fn handoff_args<'a>(
     (peer, peer_what): (*const c_char, &str),
     request: *const c_char,
