@@ -1,6 +1,6 @@
 //! What the workspace's tests share: [`require!`] for tests that need something a machine may
-//! lack (root, etcd, moto, a C compiler, hardware), and [`pattern()`], the one generator of test
-//! bytes.
+//! lack (root, etcd, moto, a C compiler, hardware), [`pattern()`], the one generator of test
+//! bytes, [`moto`], an S3 server on loopback, and [`child`], the output of child processes.
 //!
 //! # Skipping, visibly, or failing
 //!
@@ -39,6 +39,8 @@
 use std::fmt::Display;
 use std::io::Write;
 
+pub mod child;
+pub mod moto;
 pub mod pattern;
 pub use pattern::pattern;
 
