@@ -10,11 +10,11 @@
 //! what these rows measure).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, XferOp, XferOptions};
+use nixl_testkit::moto::Moto;
 use nixl_tests::reference_tools::Measured;
 use nixl_transports::config::Config;
 
@@ -26,66 +26,22 @@ pub const BUCKET: &str = "nixl-bench";
 /// An S3-compatible server on 127.0.0.1: moto started here (killed on drop), or one given.
 #[derive(Debug)]
 pub struct Server {
-    child: Option<Child>,
+    moto: Option<Moto>,
     /// `host:port`.
     pub addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 impl Server {
     /// Starts moto on a free loopback port and creates the bucket.
     pub fn start_moto() -> Result<Server, String> {
-        let ok = Command::new("python3")
-            .args(["-c", "import moto.server, flask, werkzeug"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return Err(
-                "moto not installed (python3 -m pip install 'moto[server]'; \
-                        .ci/setup does)"
-                    .into(),
-            );
+        if let Some(why) = nixl_testkit::moto::missing(&["flask", "werkzeug"]) {
+            return Err(why);
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .env("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "268435456")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting moto: {e}"))?;
+        let moto = Moto::start(&[], &[("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "268435456")])?;
         let s = Server {
-            child: Some(child),
-            addr: format!("127.0.0.1:{port}"),
+            addr: moto.addr(),
+            moto: Some(moto),
         };
-        let t = Instant::now();
-        while TcpStream::connect(&s.addr).is_err() {
-            if t.elapsed() > Duration::from_secs(20) {
-                return Err("moto did not listen within 20 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
         s.create_bucket()?;
         Ok(s)
     }
@@ -93,7 +49,7 @@ impl Server {
     /// A server that is already running (`host:port`); creates the bucket if missing.
     pub fn existing(addr: &str) -> Result<Server, String> {
         let s = Server {
-            child: None,
+            moto: None,
             addr: addr.to_owned(),
         };
         s.create_bucket()?;
@@ -102,7 +58,7 @@ impl Server {
 
     /// Whether this is the moto server started here.
     pub fn is_moto(&self) -> bool {
-        self.child.is_some()
+        self.moto.is_some()
     }
 
     fn create_bucket(&self) -> Result<(), String> {

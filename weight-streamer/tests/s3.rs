@@ -3,60 +3,16 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 
-struct Moto(std::process::Child, u16);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use nixl_testkit::moto::{self, Moto};
 
 /// Why moto cannot run here, or `None`.
 fn moto_missing() -> Option<String> {
-    let ok = Command::new("python3")
-        .args(["-c", "import moto.server, boto3"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    python_missing().or_else(|| {
-        (!ok).then(|| "moto[server] and boto3 are not installed (.ci/setup installs them)".into())
-    })
-}
-
-/// Starts moto (check [`moto_missing`] first).
-fn moto() -> Moto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let m = Moto(child, port);
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "moto did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    m
+    python_missing().or_else(|| moto::missing(&["boto3"]))
 }
 
 fn aws(c: &mut Command, port: u16) -> &mut Command {
@@ -69,10 +25,8 @@ fn aws(c: &mut Command, port: u16) -> &mut Command {
 #[test]
 fn s3_fallback_alone_and_behind_a_bad_source() {
     nixl_testkit::require!(moto_missing(), REQ);
-    let m = moto();
-    let t = tmpdir("s3");
-    let model = t.join("m");
-    make_model(&model, "sharded", 10);
+    let m = Moto::start(&[], &[]).unwrap();
+    let (t, model) = model_dir("s3", "sharded", 10);
     // boto3 makes the bucket and uploads the files under models/m/.
     let mut up = Command::new("python3");
     up.args([
@@ -84,7 +38,7 @@ fn s3_fallback_alone_and_behind_a_bad_source() {
          \x20   s3.upload_file(os.path.join(sys.argv[1], f), 'weights', 'models/m/' + f)",
     ])
     .arg(&model);
-    let o = aws(&mut up, m.1).output().unwrap();
+    let o = aws(&mut up, m.port()).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // A bad source (every chunk corrupted) and S3: S3 gives every chunk.
@@ -103,7 +57,7 @@ fn s3_fallback_alone_and_behind_a_bad_source() {
     let (_bad, bad) = serve(cmd(), &model, "m", "127.0.0.1:0", &extra);
     let out = t.join("out");
     let mut c = cmd();
-    aws(&mut c, m.1);
+    aws(&mut c, m.port());
     let r = pull(
         c,
         "m",
@@ -124,7 +78,7 @@ fn s3_fallback_alone_and_behind_a_bad_source() {
     // No source at all: S3 alone, by the manifest the first pull left.
     let out2 = t.join("out2");
     let mut c = cmd();
-    aws(&mut c, m.1);
+    aws(&mut c, m.port());
     let mf = out.join(".nixl-weights-manifest");
     let r = pull(
         c,
@@ -146,7 +100,7 @@ fn s3_fallback_alone_and_behind_a_bad_source() {
 
     // A wrong prefix: a clear error, not a hang.
     let mut c = cmd();
-    aws(&mut c, m.1);
+    aws(&mut c, m.port());
     let (code, err) = pull(
         c,
         "m",
