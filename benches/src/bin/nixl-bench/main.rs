@@ -187,10 +187,12 @@ impl<E: std::fmt::Display> From<E> for Fail {
 type Res<T> = Result<T, Fail>;
 
 mod cuda;
+mod report;
 mod setup;
 mod storage;
 mod transfer;
 use cuda::*;
+use report::*;
 use setup::*;
 use storage::*;
 use transfer::*;

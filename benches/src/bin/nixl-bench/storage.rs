@@ -178,7 +178,6 @@ pub(crate) fn run_storage(args: &Args) -> Res<()> {
                     };
                     progress.clear();
                     let rps = r.posts as f64 / r.seconds.max(1e-9);
-                    let ratio = |m: &Measured| m.gbps().map(|c| r.gbps / c);
                     if args.json {
                         let mut o = serde_json::json!({
                             "topology": "storage",
@@ -202,29 +201,14 @@ pub(crate) fn run_storage(args: &Args) -> Res<()> {
                             o.as_object_mut().map(|m| m.remove("direct"));
                         }
                         if args.compare {
-                            o["baseline"] = if is_object { "http" } else { "fio" }.into();
-                            o["baseline_gbps"] = baseline.gbps().into();
-                            o["ratio"] = ratio(&baseline).into();
-                            if let Measured::Missing(why) = &baseline {
-                                o["baseline_missing"] = why.clone().into();
-                            }
-                            if let Some(m) = &peer {
-                                o["peer"] = "posix".into();
-                                o["peer_gbps"] = m.gbps().into();
-                                o["peer_ratio"] = ratio(m).into();
-                                if let Measured::Missing(why) = m {
-                                    o["peer_missing"] = why.clone().into();
-                                }
-                            }
+                            let name = if is_object { "http" } else { "fio" };
+                            let peer = peer.as_ref().map(|m| ("posix", m));
+                            put_compared(&mut o, r.gbps, (name, &baseline), peer);
                         }
                         println!("{o}");
                     } else {
-                        let fmt = |m: Option<&Measured>| match m.and_then(Measured::gbps) {
-                            Some(g) => (format!("{g:.2}"), format!("{:.2}", r.gbps / g)),
-                            None => ("-".into(), "-".into()),
-                        };
-                        let (c, cr) = fmt(Some(&baseline));
-                        let (u, ur) = fmt(peer.as_ref());
+                        let (c, cr) = compared_cells(r.gbps, Some(&baseline));
+                        let (u, ur) = compared_cells(r.gbps, peer.as_ref());
                         if is_object {
                             println!(
                                 "{:>7} {:>5} {:>5} {:>8.3} {:>9.0} {:>8.1} {:>8.1} {:>7} | {:>8} {:>6}",

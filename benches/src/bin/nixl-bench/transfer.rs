@@ -370,7 +370,6 @@ pub(crate) fn run(args: &Args) -> Res<()> {
 
                 progress.clear();
                 let rps = r.posts as f64 / r.seconds.max(1e-9);
-                let ratio = |m: &Measured| m.gbps().map(|c| r.gbps / c);
                 if args.json {
                     let mut o = serde_json::json!({
                         "topology": topo.as_str(),
@@ -393,29 +392,13 @@ pub(crate) fn run(args: &Args) -> Res<()> {
                         "verified": args.verify,
                     });
                     if args.compare {
-                        o["baseline"] = baseline_name.into();
-                        o["baseline_gbps"] = baseline.gbps().into();
-                        o["ratio"] = ratio(&baseline).into();
-                        if let Measured::Missing(why) = &baseline {
-                            o["baseline_missing"] = why.clone().into();
-                        }
-                        if let Some((name, m)) = &peer {
-                            o["peer"] = name.clone().into();
-                            o["peer_gbps"] = m.gbps().into();
-                            o["peer_ratio"] = ratio(m).into();
-                            if let Measured::Missing(why) = m {
-                                o["peer_missing"] = why.clone().into();
-                            }
-                        }
+                        let peer = peer.as_ref().map(|(n, m)| (n.as_str(), m));
+                        put_compared(&mut o, r.gbps, (baseline_name, &baseline), peer);
                     }
                     println!("{o}");
                 } else {
-                    let fmt = |m: Option<&Measured>| match m.and_then(Measured::gbps) {
-                        Some(g) => (format!("{g:.2}"), format!("{:.2}", r.gbps / g)),
-                        None => ("-".into(), "-".into()),
-                    };
-                    let (c, cr) = fmt(Some(&baseline));
-                    let (u, ur) = fmt(peer.as_ref().map(|p| &p.1));
+                    let (c, cr) = compared_cells(r.gbps, Some(&baseline));
+                    let (u, ur) = compared_cells(r.gbps, peer.as_ref().map(|p| &p.1));
                     println!(
                         "{:>7} {:>5} {:>5} {:>3} {:>8.2} {:>9.0} {:>8.1} {:>8.1} {:>9.1} {:>7} | {:>8} {:>6} | {:>8} {:>6}",
                         human(block), batch, op.as_str(), threads, r.gbps, rps, r.p50_us,
