@@ -1,31 +1,17 @@
 //! Core overheads: what the engine's loop pays per request besides the copy.
 
 use std::hint::black_box;
-use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use nixl_core::metadata::{AgentMetadata, BackendInfo, RegionInfo};
-use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, XferOp, XferOptions};
-use nixl_transports::local::LocalBackend;
-
-fn agents() -> (Agent, Agent) {
-    let a = Agent::builder("bench-a")
-        .backend(Arc::new(LocalBackend::new()))
-        .build()
-        .expect("agent");
-    let b = Agent::builder("bench-b")
-        .backend(Arc::new(LocalBackend::new()))
-        .build()
-        .expect("agent");
-    (a, b)
-}
+use nixl_core::{BackendName, Desc, DescList, MemKind, XferOp, XferOptions};
 
 fn dram(d: Vec<Desc>) -> DescList {
     DescList::from_descs(MemKind::Dram, d).expect("descs")
 }
 
 fn bench_core(c: &mut Criterion) {
-    let (a, b) = agents();
+    let (a, b) = nixl_benches::harness::local_agents();
     let src = vec![1u8; 4 << 20];
     let mut dst = vec![0u8; 4 << 20];
     let dd = Desc::from_mut_slice(&mut dst);

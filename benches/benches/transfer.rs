@@ -1,11 +1,9 @@
 //! The `local` backend's READ and WRITE next to memcpy of the same sizes, in the same group.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use nixl_core::{Agent, Desc, DescList, MemKind, XferOp, XferOptions};
-use nixl_transports::local::LocalBackend;
+use nixl_core::{Desc, DescList, MemKind, XferOp, XferOptions};
 
 const SIZES: [usize; 3] = [64 << 10, 1 << 20, 64 << 20];
 
@@ -14,14 +12,7 @@ fn dram(d: Desc) -> DescList {
 }
 
 fn bench_local(c: &mut Criterion) {
-    let a = Agent::builder("bench-a")
-        .backend(Arc::new(LocalBackend::new()))
-        .build()
-        .expect("agent");
-    let b = Agent::builder("bench-b")
-        .backend(Arc::new(LocalBackend::new()))
-        .build()
-        .expect("agent");
+    let (a, b) = nixl_benches::harness::local_agents();
     let max = SIZES[2];
     // Filled, so every page is faulted in before timing.
     let mut ours = vec![1u8; max];

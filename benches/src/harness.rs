@@ -6,6 +6,20 @@ use std::time::{Duration, Instant};
 use nixl_tests::scripted_peer::percentile;
 
 /// Parses a size (see [`nixl_transports::units::parse_size`]) that fits in memory.
+/// Two agents in this process, `bench-a` and `bench-b`, each running the `local` backend only:
+/// what the criterion benches of core overheads and of local copies measure on.
+pub fn local_agents() -> (nixl_core::Agent, nixl_core::Agent) {
+    let agent = |name: &str| {
+        nixl_core::Agent::builder(name)
+            .backend(std::sync::Arc::new(
+                nixl_transports::local::LocalBackend::new(),
+            ))
+            .build()
+            .expect("agent")
+    };
+    (agent("bench-a"), agent("bench-b"))
+}
+
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let v = nixl_transports::units::parse_size(s)?;
     usize::try_from(v).map_err(|_| format!("bad size {s:?}: too large"))

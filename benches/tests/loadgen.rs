@@ -106,11 +106,7 @@ fn run(url: &str, extra: &[&str]) -> serde_json::Value {
         .args(extra)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nixl_testkit::child::assert_success(&out, "nixl-loadgen");
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

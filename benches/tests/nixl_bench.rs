@@ -23,13 +23,8 @@ fn text(b: &[u8]) -> String {
 /// Runs, requires success, and parses every stdout line as a JSON row.
 fn rows(args: &[&str]) -> Vec<Value> {
     let out = run(args);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(
-        out.status.success(),
-        "nixl-bench {args:?}: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    stdout
+    nixl_testkit::child::assert_success(&out, &format!("nixl-bench {args:?}"));
+    text(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect()
