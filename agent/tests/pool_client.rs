@@ -124,11 +124,7 @@ fn a_lease_filled_by_another_process_is_served_to_peers_until_released() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nixl_testkit::child::assert_success(&out, "the child test");
     let line = text
         .split("LEASE ")
         .nth(1)
@@ -237,11 +233,7 @@ fn another_uid_is_refused_by_the_pool_socket_even_when_it_can_connect() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nixl_testkit::child::assert_success(&out, "the child test");
     assert!(
         text.contains("REFUSED uid 65534 may not map the pool"),
         "another uid was not refused by its credentials: {text}"

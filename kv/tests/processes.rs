@@ -13,7 +13,7 @@
 mod common;
 use common::{check, worker_on, Worker};
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -335,15 +335,7 @@ impl Proc {
             .spawn()
             .unwrap();
         let out = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = nixl_testkit::child::lines_of(out);
         Proc {
             stdin: child.stdin.take(),
             child,

@@ -34,9 +34,7 @@ fn numpy_dump(dir: &std::path::Path, out: &std::path::Path) {
 #[test]
 fn tensors_pulled_by_name_into_caller_memory() {
     nixl_testkit::require!(python_missing(), REQ);
-    let t = tmpdir("api");
-    let model = t.join("m");
-    make_model(&model, "sharded", 7);
+    let (t, model) = model_dir("api", "sharded", 7);
     let (_a, aa) = serve(cmd(), &model, "m", "127.0.0.1:0", &["--chunk-size", "4096"]);
     let (_b, ab) = serve(cmd(), &model, "m", "127.0.0.1:0", &["--chunk-size", "4096"]);
     let cfg = Config::from_toml(&format!(

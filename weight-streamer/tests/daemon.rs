@@ -163,14 +163,7 @@ fn a_model_loaded_into_the_daemon_is_served_after_the_cli_exits_until_unloaded()
         .get("/v1/pool")
         .unwrap();
     assert_eq!(pool["used"], 0, "{pool}");
-    let (code, e) = pull(
-        cmd(),
-        "m",
-        &t.join("out3"),
-        &[&addr],
-        &["--listen", "127.0.0.1:0"],
-    )
-    .unwrap_err();
+    let (code, e) = pull_err("m", &t.join("out3"), &[&addr]);
     assert_ne!(code, 0);
     assert!(e.contains("does not serve a model named"), "{e}");
     let _ = std::fs::remove_dir_all(&t);

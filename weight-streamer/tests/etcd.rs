@@ -12,9 +12,7 @@ fn sources_found_in_etcd_and_a_stale_entry_skipped() {
     let test = "sources_found_in_etcd_and_a_stale_entry_skipped";
     nixl_testkit::require!(etcd_missing(), REQ);
     let etcd = Etcd::start(test);
-    let t = tmpdir("etcd");
-    let model = t.join("m");
-    make_model(&model, "sharded", 10);
+    let (t, model) = model_dir("etcd", "sharded", 10);
     let (live, live_addr) = serve(cmd(), &model, "m", "127.0.0.1:0", &["--etcd", &etcd.url]);
     let (mut dead, _) = serve(cmd(), &model, "m", "127.0.0.1:0", &["--etcd", &etcd.url]);
 

@@ -23,9 +23,7 @@ fn u(v: &serde_json::Value) -> u64 {
 #[test]
 fn a_source_killed_mid_pull_is_replaced_by_the_others_and_the_fallback() {
     nixl_testkit::require!(netns_missing(), REQ);
-    let t = tmpdir("killed");
-    let model = t.join("m");
-    make_model(&model, "big", 16);
+    let (t, model) = model_dir("killed", "big", 16);
     let lab = Lab::star(3);
     // 150 Mbit/s out of each source: the 16 MiB model takes about half a second from both.
     lab.set_rate(0, 150_000_000).unwrap();
@@ -119,9 +117,7 @@ fn a_source_killed_mid_pull_is_replaced_by_the_others_and_the_fallback() {
 #[test]
 fn one_origin_fans_out_to_three_serving_replicas() {
     nixl_testkit::require!(netns_missing(), REQ);
-    let t = tmpdir("fanout");
-    let model = t.join("m");
-    make_model(&model, "big", 16);
+    let (t, model) = model_dir("fanout", "big", 16);
     let lab = Lab::star(4);
     // The origin's link is the bottleneck, as in a fleet where it is one NIC among many.
     lab.set_rate(0, 100_000_000).unwrap();

@@ -61,9 +61,7 @@ fn single_and_sharded_models_pull_byte_identical_and_verify() {
 #[test]
 fn corrupt_chunks_are_refetched_elsewhere_and_the_offender_dropped() {
     nixl_testkit::require!(python_missing(), REQ);
-    let t = tmpdir("corrupt");
-    let model = t.join("m");
-    make_model(&model, "single", 20);
+    let (t, model) = model_dir("corrupt", "single", 20);
     let mut good_cmd = cmd();
     good_cmd
         .arg("serve")
@@ -132,14 +130,7 @@ fn corrupt_chunks_are_refetched_elsewhere_and_the_offender_dropped() {
 
     // Only the bad source and no fallback: a clear error, no output files.
     let out3 = t.join("out3");
-    let (code, err) = pull(
-        cmd(),
-        "m",
-        &out3,
-        &[&bad_addr],
-        &["--listen", "127.0.0.1:0"],
-    )
-    .unwrap_err();
+    let (code, err) = pull_err("m", &out3, &[&bad_addr]);
     assert_eq!(code, 1);
     assert!(err.contains("every source is gone"), "{err}");
     assert!(!out3.join("model.safetensors").exists());
@@ -149,9 +140,7 @@ fn corrupt_chunks_are_refetched_elsewhere_and_the_offender_dropped() {
 #[test]
 fn unreachable_and_silent_sources_are_skipped_within_a_bound() {
     nixl_testkit::require!(python_missing(), REQ);
-    let t = tmpdir("stale");
-    let model = t.join("m");
-    make_model(&model, "single", 5);
+    let (t, model) = model_dir("stale", "single", 5);
     let (_src, addr) = serve(cmd(), &model, "m", "127.0.0.1:0", &[]);
     // A port nobody listens on, and a listener that accepts and never answers (a hung host).
     let dead = {
@@ -182,14 +171,7 @@ fn unreachable_and_silent_sources_are_skipped_within_a_bound() {
     assert_eq!(r["sources"][&addr], r["bytes"]);
     assert_same_model(&model, &t.join("out"));
     // A source that serves another model is skipped too; none left is an error.
-    let (code, err) = pull(
-        cmd(),
-        "other",
-        &t.join("o2"),
-        &[&addr],
-        &["--listen", "127.0.0.1:0"],
-    )
-    .unwrap_err();
+    let (code, err) = pull_err("other", &t.join("o2"), &[&addr]);
     assert_eq!(code, 1);
     assert!(err.contains("does not serve a model named"), "{err}");
     drop(silent);
@@ -206,14 +188,7 @@ fn manifest_mismatch_between_sources_names_the_tensor() {
     make_model(&b, "single", 6); // layer.N.w has another shape
     let (_sa, aa) = serve(cmd(), &a, "m", "127.0.0.1:0", &[]);
     let (_sb, ab) = serve(cmd(), &b, "m", "127.0.0.1:0", &[]);
-    let (code, err) = pull(
-        cmd(),
-        "m",
-        &t.join("out"),
-        &[&aa, &ab],
-        &["--listen", "127.0.0.1:0"],
-    )
-    .unwrap_err();
+    let (code, err) = pull_err("m", &t.join("out"), &[&aa, &ab]);
     assert_eq!(code, 1);
     assert!(
         err.contains("manifest mismatch at tensor \"layer.0.w\""),
@@ -225,9 +200,7 @@ fn manifest_mismatch_between_sources_names_the_tensor() {
 #[test]
 fn a_file_changed_on_disk_while_served_is_refused() {
     nixl_testkit::require!(python_missing(), REQ);
-    let t = tmpdir("changed");
-    let model = t.join("m");
-    make_model(&model, "single", 5);
+    let (t, model) = model_dir("changed", "single", 5);
     let (mut src, addr) = serve(cmd(), &model, "m", "127.0.0.1:0", &[]);
     let f = model.join("model.safetensors");
     let mut bytes = std::fs::read(&f).unwrap();
@@ -246,14 +219,7 @@ fn a_file_changed_on_disk_while_served_is_refused() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(status.code(), Some(3));
-    let (code, _) = pull(
-        cmd(),
-        "m",
-        &t.join("out"),
-        &[&addr],
-        &["--listen", "127.0.0.1:0"],
-    )
-    .unwrap_err();
+    let (code, _) = pull_err("m", &t.join("out"), &[&addr]);
     assert_eq!(code, 1);
     let _ = std::fs::remove_dir_all(&t);
 }

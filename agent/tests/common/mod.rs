@@ -220,11 +220,7 @@ pub fn scrape(lab: Option<(&Lab, usize)>, url: &str) -> serde_json::Map<String, 
     };
     c.args(["-c", SCRAPE, url]);
     let out = run(c);
-    assert!(
-        out.status.success(),
-        "scraping {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nixl_testkit::child::assert_success(&out, &format!("scraping {url}"));
     match serde_json::from_slice(&out.stdout).expect("scrape output is JSON") {
         Value::Object(m) => m,
         v => panic!("{v}"),

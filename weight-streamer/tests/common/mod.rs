@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
@@ -48,6 +47,15 @@ pub fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
+/// A fresh temporary directory for test `tag` with a model of `kind` and `scale` made in its
+/// `m`: (the directory, the model).
+pub fn model_dir(tag: &str, kind: &str, scale: u32) -> (PathBuf, PathBuf) {
+    let t = tmpdir(tag);
+    let model = t.join("m");
+    make_model(&model, kind, scale);
+    (t, model)
+}
+
 /// Writes a model with Python's safetensors (see make_model.py).
 pub fn make_model(dir: &Path, kind: &str, scale: u32) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/make_model.py");
@@ -58,11 +66,7 @@ pub fn make_model(dir: &Path, kind: &str, scale: u32) {
         .arg(scale.to_string())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "make_model: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nixl_testkit::child::assert_success(&out, "make_model");
 }
 
 /// Every file of `a` equals its namesake in `b` (`cmp`), and Python's safetensors loads equal
@@ -92,11 +96,7 @@ pub fn assert_same_model(a: &Path, b: &Path) {
         .arg(b)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "safetensors.numpy.load_file comparison: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    nixl_testkit::child::assert_success(&out, "safetensors.numpy.load_file comparison");
 }
 
 /// A child killed (SIGKILL) and reaped when dropped, with its stdout lines on a channel.
@@ -113,15 +113,7 @@ impl Proc {
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().unwrap();
         let out: ChildStdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = nixl_testkit::child::lines_of(out);
         Proc { child, lines }
     }
 
@@ -163,6 +155,12 @@ pub fn serve(
     let v = p.json(Duration::from_secs(30));
     let addr = v["addrs"][0].as_str().unwrap().to_owned();
     (p, addr)
+}
+
+/// A pull of `model` into `out` from `sources`, on a fresh port, that must fail: its exit
+/// code and stderr.
+pub fn pull_err(model: &str, out: &Path, sources: &[&str]) -> (i32, String) {
+    pull(cmd(), model, out, sources, &["--listen", "127.0.0.1:0"]).unwrap_err()
 }
 
 /// `nixl-weights pull NAME --out OUT --json` with each source, then `extra`; the JSON summary,
