@@ -29,6 +29,14 @@ fn config(dir: &tempdir::Dir, name: &str, listen: &str, extra: &str) -> String {
     path
 }
 
+/// `a` fills its buffer with pattern `seed` and WRITEs it to peer `name` (`b`), which checks it.
+fn write_checked(a: &mut Peer, b: &mut Peer, name: &str, seed: u32) {
+    assert_eq!(a.cmd_within(&format!("fill {seed}"), T), "ok");
+    let r = a.cmd_within(&format!("xfer {name} write 1 -"), T);
+    assert!(r.starts_with("ok "), "{r}");
+    assert_eq!(b.cmd_within(&format!("check {seed}"), T), "ok");
+}
+
 fn peer(lab: &Lab, ns: usize, name: &str, size: usize, cfg: &str) -> Peer {
     let mut cmd = lab.command(ns, EXE);
     cmd.args(["--config", cfg]);
@@ -103,10 +111,7 @@ fn bytes_cross_namespaces_both_ways_over_v4_and_v6_with_notifications() {
     let cc = config(&dir, "c.toml", &c6, SECRET);
     let mut c = peer(&lab, 1, "C", 4 * MIB, &cc);
     assert_eq!(a.cmd_within(&format!("fetch {c6}"), T), "ok C");
-    assert_eq!(a.cmd_within("fill 13", T), "ok");
-    let r = a.cmd_within("xfer C write 1 -", T);
-    assert!(r.starts_with("ok "), "{r}");
-    assert_eq!(c.cmd_within("check 13", T), "ok");
+    write_checked(&mut a, &mut c, "C", 13);
 }
 
 #[test]
@@ -190,10 +195,7 @@ fn killed_peer_fails_requests_fast_others_keep_working_and_a_restart_reconnects(
         "{r}"
     );
     assert_eq!(a.cmd_within(&format!("fetch {b_addr}"), T), "ok B");
-    assert_eq!(a.cmd_within("fill 21", T), "ok");
-    let r = a.cmd_within("xfer B write 1 -", T);
-    assert!(r.starts_with("ok "), "{r}");
-    assert_eq!(b.cmd_within("check 21", T), "ok");
+    write_checked(&mut a, &mut b, "B", 21);
 }
 
 #[test]

@@ -52,6 +52,34 @@ fn dram(d: Vec<Desc>) -> DescList {
     DescList::from_descs(MemKind::Dram, d).unwrap()
 }
 
+/// A request of `op` between DRAM descriptors, here and at `peer`.
+fn dram_xfer(
+    me: &Agent,
+    op: XferOp,
+    local: Vec<Desc>,
+    remote: Vec<Desc>,
+    peer: &str,
+    opts: XferOptions,
+) -> XferRequest {
+    me.create_xfer(op, &dram(local), &dram(remote), peer, opts)
+        .unwrap()
+}
+
+/// Runs a request of `op` between DRAM descriptors to its end.
+fn dram_run(me: &Agent, op: XferOp, local: Vec<Desc>, remote: Vec<Desc>, peer: &str) {
+    dram_xfer(me, op, local, remote, peer, Default::default())
+        .run_blocking()
+        .unwrap();
+}
+
+/// Options that deliver `msg` to the peer after each post's data.
+fn notif(msg: &[u8]) -> XferOptions {
+    XferOptions {
+        notif: Some(msg.to_vec()),
+        ..Default::default()
+    }
+}
+
 fn remote_region(p: &Peer) -> Desc {
     AgentMetadata::decode(&p.metadata).unwrap().regions[0].desc
 }
@@ -79,18 +107,14 @@ fn gib_each_way(memfd: bool) {
         .unwrap();
 
     // WRITE 1 GiB with a notification; the target checks every byte when it arrives.
-    let w = me
-        .create_xfer(
-            XferOp::Write,
-            &dram(vec![Desc::from_slice(&src)]),
-            &dram(vec![remote]),
-            &name,
-            XferOptions {
-                notif: Some(b"gib".to_vec()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let w = dram_xfer(
+        &me,
+        XferOp::Write,
+        vec![Desc::from_slice(&src)],
+        vec![remote],
+        &name,
+        notif(b"gib"),
+    );
     assert_eq!(w.backend(), BackendName::Shm, "{}", w.info().reason);
     w.run_blocking().unwrap();
     assert_eq!(
@@ -100,16 +124,7 @@ fn gib_each_way(memfd: bool) {
 
     // The target writes another pattern; READ 1 GiB back and check every byte here.
     assert_eq!(peer.cmd("fill 12"), "ok");
-    let r = me
-        .create_xfer(
-            XferOp::Read,
-            &dram(vec![back_desc]),
-            &dram(vec![remote]),
-            &name,
-            Default::default(),
-        )
-        .unwrap();
-    r.run_blocking().unwrap();
+    dram_run(&me, XferOp::Read, vec![back_desc], vec![remote], &name);
     assert_eq!(first_mismatch(&back, 12), None);
 }
 
@@ -163,31 +178,13 @@ fn many_descriptors(memfd: bool) {
         .iter()
         .map(|&i| Desc::new(remote.addr + 7 + ps[i].0 as u64, ps[i].1 as u64, 0))
         .collect();
-    let w = me
-        .create_xfer(
-            XferOp::Write,
-            &dram(local),
-            &dram(remote_l.clone()),
-            &name,
-            Default::default(),
-        )
-        .unwrap();
-    w.run_blocking().unwrap();
+    dram_run(&me, XferOp::Write, local, remote_l.clone(), &name);
 
     // READ the whole remote buffer back in one descriptor and compare every byte.
     let mut back = vec![0u8; size + 4096];
     let back_desc = Desc::from_mut_slice(&mut back);
     let _rb = me.reg(&dram(vec![back_desc])).unwrap();
-    let r = me
-        .create_xfer(
-            XferOp::Read,
-            &dram(vec![back_desc]),
-            &dram(vec![remote]),
-            &name,
-            Default::default(),
-        )
-        .unwrap();
-    r.run_blocking().unwrap();
+    dram_run(&me, XferOp::Read, vec![back_desc], vec![remote], &name);
     assert!(
         back[..7].iter().all(|&b| b == 0),
         "bytes before the first piece touched"
@@ -210,16 +207,7 @@ fn many_descriptors(memfd: bool) {
         .iter()
         .map(|&i| Desc::new(dst_base.addr + 13 + ps[i].0 as u64, ps[i].1 as u64, 0))
         .collect();
-    let r = me
-        .create_xfer(
-            XferOp::Read,
-            &dram(local),
-            &dram(remote_l),
-            &name,
-            Default::default(),
-        )
-        .unwrap();
-    r.run_blocking().unwrap();
+    dram_run(&me, XferOp::Read, local, remote_l, &name);
     let mut expect = vec![0u8; size];
     fill_at(&mut expect, 7, 6);
     assert!(dst[13..] == expect[..], "scattered READ differs");
@@ -319,18 +307,14 @@ fn kill_mid_transfer(memfd: bool) {
     let remote = remote_region(&peer);
     let src = vec![1u8; size];
     let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
-    let w = me
-        .create_xfer(
-            XferOp::Write,
-            &dram(vec![Desc::from_slice(&src)]),
-            &dram(vec![remote]),
-            &name,
-            XferOptions {
-                notif: Some(b"x".to_vec()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let w = dram_xfer(
+        &me,
+        XferOp::Write,
+        vec![Desc::from_slice(&src)],
+        vec![remote],
+        &name,
+        notif(b"x"),
+    );
     w.run_blocking().unwrap();
     // Post in a loop and kill the target while a post is in flight.
     let killer = {
@@ -365,16 +349,13 @@ fn kill_mid_transfer(memfd: bool) {
     let mut fresh = Peer::start(PEER, "victim", size, memfd);
     let name = connect(&me, &mut fresh);
     let remote = remote_region(&fresh);
-    let w = me
-        .create_xfer(
-            XferOp::Write,
-            &dram(vec![Desc::from_slice(&src[..4096])]),
-            &dram(vec![Desc::new(remote.addr, 4096, 0)]),
-            &name,
-            Default::default(),
-        )
-        .unwrap();
-    w.run_blocking().unwrap();
+    dram_run(
+        &me,
+        XferOp::Write,
+        vec![Desc::from_slice(&src[..4096])],
+        vec![Desc::new(remote.addr, 4096, 0)],
+        &name,
+    );
     me.send_notif(&name, b"still here").unwrap();
     assert!(fresh.cmd("notif 5000").starts_with("notif survivor"));
 }
@@ -407,16 +388,13 @@ fn owner_deregistration_revokes_access() {
         let remote = remote_region(&peer);
         let src = vec![9u8; 1 << 20];
         let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
-        let w = me
-            .create_xfer(
-                XferOp::Write,
-                &dram(vec![Desc::from_slice(&src)]),
-                &dram(vec![remote]),
-                &name,
-                Default::default(),
-            )
-            .unwrap();
-        w.run_blocking().unwrap();
+        dram_run(
+            &me,
+            XferOp::Write,
+            vec![Desc::from_slice(&src)],
+            vec![remote],
+            &name,
+        );
         // The owner deregisters; with a mapping out, it revokes it and waits for our ack.
         let reply = peer.cmd("dereg");
         let ms: u64 = reply.strip_prefix("ok ").expect(&reply).parse().unwrap();
@@ -439,14 +417,14 @@ fn grant_revocation_stops_copies_in_flight() {
     let src = vec![9u8; size];
     let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
     let make = |len: usize| {
-        me.create_xfer(
+        dram_xfer(
+            &me,
             XferOp::Write,
-            &dram(vec![Desc::from_slice(&src[..len])]),
-            &dram(vec![Desc::new(remote.addr, len as u64, 0)]),
+            vec![Desc::from_slice(&src[..len])],
+            vec![Desc::new(remote.addr, len as u64, 0)],
             &name,
             Default::default(),
         )
-        .unwrap()
     };
     let small = make(4096);
     small.run_blocking().unwrap();
@@ -536,14 +514,14 @@ fn garbage_on_the_socket_drops_only_that_connection() {
     let src = vec![4u8; 4096];
     let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
     let remote = remote_region(&peer);
-    me.create_xfer(
+    dram_xfer(
+        &me,
         XferOp::Write,
-        &dram(vec![Desc::from_slice(&src)]),
-        &dram(vec![Desc::new(remote.addr, 4096, 0)]),
+        vec![Desc::from_slice(&src)],
+        vec![Desc::new(remote.addr, 4096, 0)],
         &name,
         Default::default(),
     )
-    .unwrap()
     .run_blocking()
     .unwrap();
 }
