@@ -377,6 +377,11 @@ mod tests {
             .block_on(f)
     }
 
+    /// The step that resynced from `blocks` blocks for `reason`.
+    fn resynced(reason: ResyncReason, blocks: usize) -> Step {
+        Step::Resynced { reason, blocks }
+    }
+
     #[test]
     fn follows_and_recovers_from_a_gap() {
         block_on(async {
@@ -385,13 +390,7 @@ mod tests {
             let mut f = Follower::new("w", log.clone(), index.clone());
             let a = chain(0, 20);
             log.lock().stored(blocks(&a[..2]), 4);
-            assert_eq!(
-                f.step().await,
-                Step::Resynced {
-                    reason: ResyncReason::Start,
-                    blocks: 2
-                }
-            );
+            assert_eq!(f.step().await, resynced(ResyncReason::Start, 2));
             log.lock().stored(blocks(&a[..4])[2..].to_vec(), 4);
             log.lock().removed(vec![a[3]]);
             assert_eq!(f.step().await, Step::Events(2));
@@ -401,13 +400,7 @@ mod tests {
             for i in 3..13 {
                 log.lock().stored(blocks(&a[..=i])[i..].to_vec(), 4);
             }
-            assert_eq!(
-                f.step().await,
-                Step::Resynced {
-                    reason: ResyncReason::Gap,
-                    blocks: 13
-                }
-            );
+            assert_eq!(f.step().await, resynced(ResyncReason::Gap, 13));
             assert_eq!(f.last_id(), 13);
             assert_eq!(index.read().overlap(&a).get("w"), 13);
             // Cleared is an ordinary event.
@@ -435,13 +428,7 @@ mod tests {
             *log.lock() = KvEventLog::new(64);
             log.lock().stored(blocks(&b[..2]), 4);
             log.lock().stored(blocks(&b[..3])[2..].to_vec(), 4);
-            assert_eq!(
-                f.step().await,
-                Step::Resynced {
-                    reason: ResyncReason::Restart,
-                    blocks: 3
-                }
-            );
+            assert_eq!(f.step().await, resynced(ResyncReason::Restart, 3));
             assert!(index.read().overlap(&a).is_empty());
             assert_eq!(index.read().overlap(&b).get("w"), 3);
         });
@@ -505,13 +492,7 @@ mod tests {
             assert_eq!(router.load("w").active_blocks, 0);
             assert!(!router.index().read().worker("w").unwrap().up);
             src.up.store(true, Ordering::SeqCst);
-            assert_eq!(
-                f.step().await,
-                Step::Resynced {
-                    reason: ResyncReason::Start,
-                    blocks: 4
-                }
-            );
+            assert_eq!(f.step().await, resynced(ResyncReason::Start, 4));
             assert_eq!(router.overlaps(&a).get("w"), 4);
             // A restart with as many events as before, told by the instance alone.
             {
@@ -521,13 +502,7 @@ mod tests {
                 log.stored(vec![], 4);
             }
             *src.instance.lock() = 2;
-            assert_eq!(
-                f.step().await,
-                Step::Resynced {
-                    reason: ResyncReason::Restart,
-                    blocks: 1
-                }
-            );
+            assert_eq!(f.step().await, resynced(ResyncReason::Restart, 1));
             assert_eq!(router.overlaps(&a).get("w"), 1);
         });
     }
@@ -546,13 +521,7 @@ mod tests {
             *log.lock() = KvEventLog::new(64);
             log.lock().stored(blocks(&a[..1]), 4);
             std::thread::sleep(Duration::from_millis(2));
-            assert_eq!(
-                f.step().await,
-                Step::Resynced {
-                    reason: ResyncReason::Periodic,
-                    blocks: 1
-                }
-            );
+            assert_eq!(f.step().await, resynced(ResyncReason::Periodic, 1));
             assert_eq!(index.read().overlap(&a).get("w"), 1);
         });
     }

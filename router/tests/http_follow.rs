@@ -80,6 +80,11 @@ fn blocks_of(h: &[u64], from: usize, to: usize) -> Vec<StoredBlock> {
         .collect()
 }
 
+/// The step that resynced from `blocks` blocks for `reason`.
+fn resynced(reason: ResyncReason, blocks: usize) -> Step {
+    Step::Resynced { reason, blocks }
+}
+
 #[tokio::test]
 async fn follows_gaps_and_restarts_over_http() {
     let (w, url) = worker("prefill-0", 4).await;
@@ -88,13 +93,7 @@ async fn follows_gaps_and_restarts_over_http() {
     let mut f = Follower::new("prefill-0", src, index.clone()).resync_every(None);
     let a = chain(0, 32);
     w.log.lock().stored(blocks_of(&a, 0, 4), 16);
-    assert_eq!(
-        f.step().await,
-        Step::Resynced {
-            reason: ResyncReason::Start,
-            blocks: 4
-        }
-    );
+    assert_eq!(f.step().await, resynced(ResyncReason::Start, 4));
     w.log.lock().stored(blocks_of(&a, 4, 6), 16);
     w.log.lock().removed(vec![a[5]]);
     assert_eq!(f.step().await, Step::Events(2));
@@ -104,13 +103,7 @@ async fn follows_gaps_and_restarts_over_http() {
     for i in 5..15 {
         w.log.lock().stored(blocks_of(&a, i, i + 1), 16);
     }
-    assert_eq!(
-        f.step().await,
-        Step::Resynced {
-            reason: ResyncReason::Gap,
-            blocks: 15
-        }
-    );
+    assert_eq!(f.step().await, resynced(ResyncReason::Gap, 15));
     assert_eq!(index.read().overlap(&a).get("prefill-0"), 15);
     assert_eq!(f.last_id(), 13);
 
@@ -118,13 +111,7 @@ async fn follows_gaps_and_restarts_over_http() {
     let b = chain(9000, 4);
     *w.log.lock() = KvEventLog::new(4);
     w.log.lock().stored(blocks_of(&b, 0, 4), 16);
-    assert_eq!(
-        f.step().await,
-        Step::Resynced {
-            reason: ResyncReason::Restart,
-            blocks: 4
-        }
-    );
+    assert_eq!(f.step().await, resynced(ResyncReason::Restart, 4));
     assert!(index.read().overlap(&a).is_empty());
     assert_eq!(index.read().overlap(&b).get("prefill-0"), 4);
     assert_eq!(f.status(), FollowStatus::Up);
