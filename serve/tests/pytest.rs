@@ -3,7 +3,8 @@
 //!
 //! Needs `python3` with `venv`, and `openai` and `pytest` (installed by `.ci/setup`; else they
 //! are installed into a venv under the target directory from PyPI). Without them the test
-//! prints a visible SKIP, unless `NIXL_REQUIRE_SERVE_TESTS=1` (set by `.ci/run`) makes it fail.
+//! skips visibly (`nixl_testkit::require!`), unless `NIXL_REQUIRE_SERVE_TESTS=1` or
+//! `NIXL_REQUIRE_ALL=1` (set by `.ci/run`) makes it fail.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,15 +14,11 @@ fn ok(cmd: &mut Command) -> bool {
     cmd.output().is_ok_and(|o| o.status.success())
 }
 
-#[test]
-fn openai_client_against_nixl_serve_up() {
-    let required = std::env::var("NIXL_REQUIRE_SERVE_TESTS").is_ok_and(|v| v == "1");
-    let skip = |why: String| {
-        assert!(!required, "NIXL_REQUIRE_SERVE_TESTS=1 but {why}");
-        eprintln!("SKIP openai_client_against_nixl_serve_up: {why}");
-    };
+/// The venv's python with `openai` and `pytest` (made, and filled from PyPI, if need be), or
+/// why there is none.
+fn python_env() -> Result<PathBuf, String> {
     if !ok(Command::new("python3").args(["-c", "import venv, ensurepip"])) {
-        return skip("python3 with venv is missing (see .ci/setup)".into());
+        return Err("python3 with venv is missing (see .ci/setup)".into());
     }
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let venv = tmp.join("nixl-serve-venv");
@@ -31,7 +28,7 @@ fn openai_client_against_nixl_serve_up() {
             .args(["-m", "venv", "--system-site-packages"])
             .arg(&venv))
     {
-        return skip("could not create a venv".into());
+        return Err("could not create a venv".into());
     }
     let have = || ok(Command::new(&py).args(["-c", "import openai, pytest"]));
     if !have() {
@@ -46,9 +43,17 @@ fn openai_client_against_nixl_serve_up() {
             .args(["openai", "pytest"])
             .status();
         if !have() {
-            return skip("the venv lacks openai or pytest and pip could not install them".into());
+            return Err("the venv lacks openai or pytest and pip could not install them".into());
         }
     }
+    Ok(py)
+}
+
+#[test]
+fn openai_client_against_nixl_serve_up() {
+    let py = python_env();
+    nixl_testkit::require!(py.as_ref().err(), "NIXL_REQUIRE_SERVE_TESTS");
+    let py = py.unwrap_or_default();
     let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python");
     let mut child = Command::new(&py)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-x"])
