@@ -93,6 +93,28 @@ static void expect_error_mentions(const char *what, const char *needle)
     CHECK(e != NULL && strstr(e, needle) != NULL, "%s: last error lacks \"%s\"", what, needle);
 }
 
+/* Checks decode's memory `dmem` (layout `dl`) after a handoff of prefill's blocks `src` into
+ * `dst`: each block of `dst` holds its source block's values, every other block is still zero. */
+static void check_landed(const char *what, const uint8_t *dmem, const nixl_kv_layout *dl,
+                         const uint32_t *src, const uint32_t *dst)
+{
+    for (uint32_t L = 0; L < LAYERS; L++)
+        for (uint32_t p = 0; p < 2; p++)
+            for (uint32_t b = 0; b < BLOCKS; b++)
+                for (uint32_t t = 0; t < TPB; t++)
+                    for (uint32_t e = 0; e < DIM; e++) {
+                        int from = -1;
+                        for (int i = 0; i < NB; i++)
+                            if (dst[i] == b)
+                                from = (int)src[i];
+                        uint16_t want = from < 0 ? 0 : val(L, p, (uint32_t)from, 1, t, e), have;
+                        memcpy(&have, dmem + offset(dl, L, p, b, 0, t) + 2 * e, 2);
+                        CHECK(have == want,
+                              "%s: layer %u plane %u block %u token %u elem %u: %u, not %u", what,
+                              L, p, b, t, e, have, want);
+                    }
+}
+
 static double now_s(void)
 {
     struct timespec ts;
@@ -255,20 +277,7 @@ int main(int argc, char **argv)
         }
         usleep(1000);
     }
-    for (uint32_t L = 0; L < LAYERS; L++)
-        for (uint32_t p = 0; p < 2; p++)
-            for (uint32_t b = 0; b < BLOCKS; b++)
-                for (uint32_t t = 0; t < TPB; t++)
-                    for (uint32_t e = 0; e < DIM; e++) {
-                        int from = -1;
-                        for (int i = 0; i < NB; i++)
-                            if (dst[i] == b)
-                                from = (int)src[i];
-                        uint16_t want = from < 0 ? 0 : val(L, p, (uint32_t)from, 1, t, e), have;
-                        memcpy(&have, dmem + offset(&dl, L, p, b, 0, t) + 2 * e, 2);
-                        CHECK(have == want, "layer %u plane %u block %u token %u elem %u: %u, not %u",
-                              L, p, b, t, e, have, want);
-                    }
+    check_landed("pull", dmem, &dl, src, dst);
     EXPECT_OK(nixl_kv_prefill_held(pre, &held));
     CHECK(held == 0, "%zu still held", held);
 
@@ -356,21 +365,7 @@ int main(int argc, char **argv)
         }
         usleep(1000);
     }
-    for (uint32_t L = 0; L < LAYERS; L++)
-        for (uint32_t p = 0; p < 2; p++)
-            for (uint32_t b = 0; b < BLOCKS; b++)
-                for (uint32_t t = 0; t < TPB; t++)
-                    for (uint32_t e = 0; e < DIM; e++) {
-                        int from = -1;
-                        for (int i = 0; i < NB; i++)
-                            if (pdst[i] == b)
-                                from = (int)psrc[i];
-                        uint16_t want = from < 0 ? 0 : val(L, p, (uint32_t)from, 1, t, e), have;
-                        memcpy(&have, dmem + offset(&dl, L, p, b, 0, t) + 2 * e, 2);
-                        CHECK(have == want,
-                              "push: layer %u plane %u block %u token %u elem %u: %u, not %u", L, p,
-                              b, t, e, have, want);
-                    }
+    check_landed("push", dmem, &dl, psrc, pdst);
     /* A reservation cancelled before prefill pushes it. Meanwhile only a KV message is on its
      * way to prefill's agent: nixl_notif_wait does not report it ready (nixl_notif_next would
      * not hand it out), and the prefill side still gets it. */
