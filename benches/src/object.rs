@@ -13,12 +13,11 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, XferOp, XferOptions};
+use nixl_core::{BackendName, Desc, DescList, MemKind, XferOp, XferOptions};
 use nixl_testkit::moto::Moto;
 use nixl_tests::reference_tools::Measured;
-use nixl_transports::config::Config;
 
-use crate::storage::{drive, Aligned, StorageRow, StorageSpec};
+use crate::storage::{agent_running, drive, Aligned, StorageRow, StorageSpec};
 
 /// The bucket the rows use.
 pub const BUCKET: &str = "nixl-bench";
@@ -208,7 +207,7 @@ pub fn ceiling(server: &Server, spec: &StorageSpec) -> Measured {
 
 /// One nixl row against `server`: `depth` objects of one block, whole-object WRITEs or READs.
 pub fn nixl_row(server: &Server, spec: &StorageSpec) -> Result<StorageRow, String> {
-    let cfg = Config::from_toml(&format!(
+    let toml = format!(
         "backends = [\"object\"]\n[object]\nendpoint = \"http://{}\"\nbucket = \"{BUCKET}\"\n\
          region = \"us-east-1\"\nkey_prefix = \"bench-{}-\"\n{}",
         server.addr,
@@ -220,20 +219,8 @@ pub fn nixl_row(server: &Server, spec: &StorageSpec) -> Result<StorageRow, Strin
         } else {
             ""
         }
-    ))
-    .map_err(|e| e.to_string())?;
-    let agent = Agent::builder("bench-object")
-        .backends(cfg.backends().map_err(|e| e.to_string())?)
-        .build()
-        .map_err(|e| e.to_string())?;
-    if let Some(why) = agent
-        .backends()
-        .iter()
-        .find(|s| s.name == BackendName::Object)
-        .and_then(|s| s.unavailable.clone())
-    {
-        return Err(format!("unavailable: {why}"));
-    }
+    );
+    let agent = agent_running("bench-object", &toml, BackendName::Object)?;
     let n = spec.depth * 2;
     let mem = Aligned::new(spec.block * n);
     let dram = DescList::from_descs(

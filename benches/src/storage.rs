@@ -127,18 +127,11 @@ fn next(x: &mut u64) -> u64 {
     *x
 }
 
-/// Runs one row with `backend` on `file`.
-pub fn nixl_row(
-    backend: BackendName,
-    file: &TestFile,
-    spec: &StorageSpec,
-) -> Result<StorageRow, String> {
-    let cfg = Config::from_toml(&format!(
-        "backends = [\"{backend}\"]\n[{backend}]\nmax_io_bytes = {}\n",
-        spec.block.max(1 << 20)
-    ))
-    .map_err(|e| e.to_string())?;
-    let agent = Agent::builder("bench-storage")
+/// An agent named `name`, configured by `toml`, on which `backend` runs: `Err` says why not
+/// (`unavailable: <reason>`), or what failed.
+pub(crate) fn agent_running(name: &str, toml: &str, backend: BackendName) -> Result<Agent, String> {
+    let cfg = Config::from_toml(toml).map_err(|e| e.to_string())?;
+    let agent = Agent::builder(name)
         .backends(cfg.backends().map_err(|e| e.to_string())?)
         .build()
         .map_err(|e| e.to_string())?;
@@ -150,6 +143,23 @@ pub fn nixl_row(
     {
         return Err(format!("unavailable: {why}"));
     }
+    Ok(agent)
+}
+
+/// Runs one row with `backend` on `file`.
+pub fn nixl_row(
+    backend: BackendName,
+    file: &TestFile,
+    spec: &StorageSpec,
+) -> Result<StorageRow, String> {
+    let agent = agent_running(
+        "bench-storage",
+        &format!(
+            "backends = [\"{backend}\"]\n[{backend}]\nmax_io_bytes = {}\n",
+            spec.block.max(1 << 20)
+        ),
+        backend,
+    )?;
     let mut o = OpenOptions::new();
     o.read(true).write(true);
     if spec.direct {

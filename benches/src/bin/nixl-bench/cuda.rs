@@ -7,19 +7,13 @@ use super::*;
 pub(crate) fn run_cuda(args: &Args) -> Res<()> {
     use nixl_benches::cuda::{buffer_bytes, ceiling, CudaPair, CudaRow};
     use nixl_transports::cuda::CudaConfig;
-    let ops: Vec<XferOp> = match args.op.as_str() {
-        "both" => vec![XferOp::Write, XferOp::Read],
-        "read" => vec![XferOp::Read],
-        "write" => vec![XferOp::Write],
-        o => return Err(Fail::Other(format!("--op {o:?}: read, write or both"))),
-    };
+    let ops = args.ops()?;
     let legacy = match args.cuda_mem.as_str() {
         "vmm" => false,
         "legacy" => true,
         m => return Err(Fail::Other(format!("--cuda-mem {m:?}: vmm or legacy"))),
     };
-    let blocks = harness::parse_sizes(&args.block_sizes)
-        .map_err(|e| Fail::Other(format!("--block-sizes: {e}")))?;
+    let blocks = args.block_sizes()?;
     let batches =
         harness::parse_counts(&args.batch).map_err(|e| Fail::Other(format!("--batch: {e}")))?;
     if args.threads != 1 {

@@ -186,6 +186,24 @@ impl<E: std::fmt::Display> From<E> for Fail {
 
 type Res<T> = Result<T, Fail>;
 
+impl Args {
+    /// `--op`: the operations of the rows.
+    fn ops(&self) -> Res<Vec<XferOp>> {
+        Ok(match self.op.as_str() {
+            "both" => vec![XferOp::Write, XferOp::Read],
+            "read" => vec![XferOp::Read],
+            "write" => vec![XferOp::Write],
+            o => return Err(Fail::Other(format!("--op {o:?}: read, write or both"))),
+        })
+    }
+
+    /// `--block-sizes`: the block sizes of the rows.
+    fn block_sizes(&self) -> Res<Vec<usize>> {
+        harness::parse_sizes(&self.block_sizes)
+            .map_err(|e| Fail::Other(format!("--block-sizes: {e}")))
+    }
+}
+
 mod cuda;
 mod report;
 mod setup;

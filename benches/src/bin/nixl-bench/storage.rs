@@ -17,14 +17,8 @@ pub(crate) fn run_storage(args: &Args) -> Res<()> {
                 .into(),
         ));
     }
-    let ops: Vec<XferOp> = match args.op.as_str() {
-        "both" => vec![XferOp::Write, XferOp::Read],
-        "read" => vec![XferOp::Read],
-        "write" => vec![XferOp::Write],
-        o => return Err(Fail::Other(format!("--op {o:?}: read, write or both"))),
-    };
-    let blocks = harness::parse_sizes(&args.block_sizes)
-        .map_err(|e| Fail::Other(format!("--block-sizes: {e}")))?;
+    let ops = args.ops()?;
+    let blocks = args.block_sizes()?;
     let depths =
         harness::parse_counts(&args.depth).map_err(|e| Fail::Other(format!("--depth: {e}")))?;
     let modes: Vec<bool> = args

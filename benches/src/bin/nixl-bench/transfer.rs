@@ -62,14 +62,8 @@ pub(crate) fn run(args: &Args) -> Res<()> {
         "tcp" => Topo::Tcp,
         t => return Err(Fail::Other(format!("--topology {t:?}: local, shm or tcp"))),
     };
-    let ops: Vec<XferOp> = match args.op.as_str() {
-        "both" => vec![XferOp::Write, XferOp::Read],
-        "read" => vec![XferOp::Read],
-        "write" => vec![XferOp::Write],
-        o => return Err(Fail::Other(format!("--op {o:?}: read, write or both"))),
-    };
-    let blocks = harness::parse_sizes(&args.block_sizes)
-        .map_err(|e| Fail::Other(format!("--block-sizes: {e}")))?;
+    let ops = args.ops()?;
+    let blocks = args.block_sizes()?;
     let batches =
         harness::parse_counts(&args.batch).map_err(|e| Fail::Other(format!("--batch: {e}")))?;
     if args.threads == 0 {
