@@ -230,26 +230,24 @@ fn bad_input_gets_clear_errors() {
     let t = tmpdir("badinput");
     // A directory without safetensors, a truncated safetensors file.
     std::fs::write(t.join("x.bin"), b"hello").unwrap();
-    let o = Command::new(BIN)
-        .arg("serve")
-        .arg(&t)
-        .args(["--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no *.safetensors file"));
+    // Serving `t` fails (exit 1) with `why` on stderr.
+    let refused = |why: &str| {
+        let o = Command::new(BIN)
+            .arg("serve")
+            .arg(&t)
+            .args(["--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "{err}");
+    };
+    refused("no *.safetensors file");
     std::fs::write(
         t.join("m.safetensors"),
         b"\xff\xff\xff\xff\xff\xff\xff\xff{",
     )
     .unwrap();
-    let o = Command::new(BIN)
-        .arg("serve")
-        .arg(&t)
-        .args(["--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("not a valid safetensors file"));
+    refused("not a valid safetensors file");
     let _ = std::fs::remove_dir_all(&t);
 }
