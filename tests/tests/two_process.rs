@@ -388,13 +388,15 @@ fn owner_deregistration_revokes_access() {
         let remote = remote_region(&peer);
         let src = vec![9u8; 1 << 20];
         let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
-        dram_run(
+        let w = dram_xfer(
             &me,
             XferOp::Write,
             vec![Desc::from_slice(&src)],
             vec![remote],
             &name,
+            Default::default(),
         );
+        w.run_blocking().unwrap();
         // The owner deregisters; with a mapping out, it revokes it and waits for our ack.
         let reply = peer.cmd("dereg");
         let ms: u64 = reply.strip_prefix("ok ").expect(&reply).parse().unwrap();

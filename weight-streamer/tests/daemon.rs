@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_same_model, cmd, etcd_missing, make_model, pull, python_missing, tmpdir, Etcd, REQ,
-    SECRET,
+    assert_same_model, cmd, etcd_missing, make_model, pull, pull_err, python_missing, tmpdir, Etcd,
+    REQ, SECRET,
 };
 
 /// The `nixl-agent` binary beside this test's own target directory (built by
