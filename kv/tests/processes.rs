@@ -13,7 +13,7 @@
 mod common;
 use common::{check, worker_on, Worker};
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
