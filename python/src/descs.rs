@@ -200,8 +200,37 @@ pub(crate) fn desc_tuple<'py>(py: Python<'py>, d: &Desc) -> PyResult<Bound<'py, 
     PyTuple::new(py, [d.addr, d.len, d.dev_id])
 }
 
-#[pymethods]
-impl XferDList {
+/// The `#[pymethods]` of a descriptor list class (`$ty`, named `$name` in Python): the
+/// methods both kinds of list have, and then the class's own (`$own`).
+macro_rules! list_methods {
+    ($ty:ident, $name:literal, $($own:tt)*) => {
+        #[pymethods]
+        impl $ty {
+            fn __len__(&self) -> usize {
+                self.descs.len()
+            }
+            #[pyo3(name = "getType")]
+            fn get_type(&self) -> u8 {
+                self.kind.code()
+            }
+            #[pyo3(name = "descCount")]
+            fn desc_count(&self) -> usize {
+                self.descs.len()
+            }
+            #[pyo3(name = "isEmpty")]
+            fn is_empty(&self) -> bool {
+                self.descs.is_empty()
+            }
+            fn __repr__(&self) -> String {
+                format!(concat!($name, "({}, {} descriptors)"), self.kind, self.descs.len())
+            }
+            $($own)*
+        }
+    };
+}
+
+list_methods! {
+    XferDList, "nixlXferDList",
     #[new]
     #[pyo3(signature = (mem_type, descs = None))]
     fn new(mem_type: i64, descs: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
@@ -212,35 +241,13 @@ impl XferDList {
         };
         Ok(XferDList { kind, descs })
     }
-    fn __len__(&self) -> usize {
-        self.descs.len()
-    }
     fn __getitem__<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyTuple>> {
         desc_tuple(py, &self.descs[row(self.descs.len(), i)?])
-    }
-    #[pyo3(name = "getType")]
-    fn get_type(&self) -> u8 {
-        self.kind.code()
-    }
-    #[pyo3(name = "descCount")]
-    fn desc_count(&self) -> usize {
-        self.descs.len()
-    }
-    #[pyo3(name = "isEmpty")]
-    fn is_empty(&self) -> bool {
-        self.descs.is_empty()
     }
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
         other
             .downcast::<XferDList>()
             .is_ok_and(|o| o.get().kind == self.kind && o.get().descs == self.descs)
-    }
-    fn __repr__(&self) -> String {
-        format!(
-            "nixlXferDList({}, {} descriptors)",
-            self.kind,
-            self.descs.len()
-        )
     }
     /// Pickling (what NIXL's `get_serialized_descs` does) rebuilds the list from its rows.
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
@@ -256,8 +263,8 @@ impl XferDList {
     }
 }
 
-#[pymethods]
-impl RegDList {
+list_methods! {
+    RegDList, "nixlRegDList",
     #[new]
     #[pyo3(signature = (mem_type, descs = None))]
     fn new(mem_type: i64, descs: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
@@ -268,25 +275,10 @@ impl RegDList {
         };
         Ok(RegDList { kind, descs, metas })
     }
-    fn __len__(&self) -> usize {
-        self.descs.len()
-    }
     fn __getitem__<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyTuple>> {
         let j = row(self.descs.len(), i)?;
         let d = &self.descs[j];
         (d.addr, d.len, d.dev_id, self.metas[j].clone()).into_pyobject(py)
-    }
-    #[pyo3(name = "getType")]
-    fn get_type(&self) -> u8 {
-        self.kind.code()
-    }
-    #[pyo3(name = "descCount")]
-    fn desc_count(&self) -> usize {
-        self.descs.len()
-    }
-    #[pyo3(name = "isEmpty")]
-    fn is_empty(&self) -> bool {
-        self.descs.is_empty()
     }
     /// The transfer descriptors of the same memory (what `trim()` gives in NIXL).
     fn trim(&self) -> XferDList {
@@ -300,13 +292,6 @@ impl RegDList {
             let o = o.get();
             o.kind == self.kind && o.descs == self.descs && o.metas == self.metas
         })
-    }
-    fn __repr__(&self) -> String {
-        format!(
-            "nixlRegDList({}, {} descriptors)",
-            self.kind,
-            self.descs.len()
-        )
     }
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
         let me = slf.get();
