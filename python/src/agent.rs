@@ -1,7 +1,7 @@
 //! The agent (`nixlAgent`) and what its handle shares with its requests.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use crate::cost::CostFit;
 use crate::descs::{list_of, RegDList, XferDList};
 use crate::errors::{err, invalid, nixlBackendError, nixlNotFoundError};
 use crate::etcd::{etcd_env, etcd_err, etcd_state};
-use crate::prepped::{indices_from, Picked, PreppedDlist};
+use crate::prepped::PreppedDlist;
 use crate::xfer::{Lists, XferReq};
 
 /// What an agent handle and its requests share; the agent shuts down when the last goes.
@@ -500,19 +500,8 @@ impl PyAgent {
             .peer
             .clone()
             .ok_or_else(|| invalid("the remote side was prepared as local (name its agent)"))?;
-        let pick = |p: &PreppedDlist, idx: &Bound<'_, PyAny>, side: &str| -> PyResult<Picked> {
-            if p.released.load(Ordering::Acquire) {
-                return Err(invalid(format!("the {side} prepared list was released")));
-            }
-            let idx = indices_from(idx, p.descs.len(), side)?;
-            Ok(Picked {
-                kind: p.kind,
-                descs: Arc::clone(&p.descs),
-                idx,
-            })
-        };
-        let l = pick(local, local_idx, "local")?;
-        let r = pick(remote, remote_idx, "remote")?;
+        let l = local.pick(local_idx, "local")?;
+        let r = remote.pick(remote_idx, "remote")?;
         let backend = backend_of(backend)?;
         if let (Some(lp), Some(rp)) = (&local.core, &remote.core) {
             // From the core's prepared lists: one pass over the indices. Should that fail (a
@@ -525,9 +514,8 @@ impl PyAgent {
                 deadline: None,
             };
             let a = &self.shared.agent;
-            if let Ok(req) =
-                py.allow_threads(|| a.create_xfer_prepped(op, lp, &l.idx, rp, &r.idx, opts))
-            {
+            let (li, ri) = (l.idx.as_slice(py), r.idx.as_slice(py));
+            if let Ok(req) = py.allow_threads(|| a.create_xfer_prepped(op, lp, li, rp, ri, opts)) {
                 return Ok(XferReq::new(
                     &self.shared,
                     req,
@@ -539,7 +527,7 @@ impl PyAgent {
                 ));
             }
         }
-        let (l, r) = (l.list()?, r.list()?);
+        let (l, r) = (l.list(py)?, r.list(py)?);
         XferReq::create(py, &self.shared, op, l, r, peer, notif, backend)
     }
 

@@ -139,10 +139,10 @@ pub(crate) enum Lists {
 }
 
 impl Lists {
-    fn get(&self) -> PyResult<(DescList, DescList)> {
+    fn get(&self, py: Python<'_>) -> PyResult<(DescList, DescList)> {
         match self {
             Lists::Built(l, r) => Ok((l.clone(), r.clone())),
-            Lists::Picked(l, r) => Ok((l.list()?, r.list()?)),
+            Lists::Picked(l, r) => Ok((l.list(py)?, r.list(py)?)),
         }
     }
 }
@@ -189,7 +189,7 @@ impl XferReq {
                 if st.notif.as_deref() == Some(n) {
                     (false, st.op, None, None, String::new(), None)
                 } else {
-                    let (l, r) = st.lists.get()?;
+                    let (l, r) = st.lists.get(py)?;
                     (true, st.op, Some(l), Some(r), st.peer.clone(), st.backend)
                 }
             };
