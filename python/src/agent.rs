@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
-use nixl_core::{Agent, BackendName, DescList, Error, MemKind, XferOp, XferOptions};
+use nixl_core::{Agent, BackendName, DescList, Error, MemKind, XferOp};
 use nixl_discovery::{Publication, Registry};
 use nixl_transports::config::Config;
 use nixl_transports::tcp::{
@@ -21,7 +21,7 @@ use crate::descs::{list_of, RegDList, XferDList};
 use crate::errors::{err, invalid, nixlBackendError, nixlNotFoundError};
 use crate::etcd::{etcd_env, etcd_err, etcd_state};
 use crate::prepped::PreppedDlist;
-use crate::xfer::{Lists, XferReq};
+use crate::xfer::{How, Lists, XferReq};
 
 /// What an agent handle and its requests share; the agent shuts down when the last goes.
 #[derive(Debug)]
@@ -94,6 +94,26 @@ pub(crate) fn not_listening(e: &Error) -> bool {
         Error::Io { source, .. } => source.kind() == std::io::ErrorKind::ConnectionRefused,
         Error::RemoteDisconnect { reason, .. } => reason.contains("os error 111"),
         _ => false,
+    }
+}
+
+/// `call(time left)` again every 50 ms while nothing listens at the peer's address yet, until
+/// `timeout_ms` has passed (each try gets at least 100 ms); its first other answer otherwise.
+fn until_listening<T>(
+    timeout_ms: u64,
+    mut call: impl FnMut(Duration) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match call(left.max(Duration::from_millis(100))) {
+            Err(e)
+                if not_listening(&e) && Instant::now() + Duration::from_millis(50) < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -340,20 +360,8 @@ impl PyAgent {
         let addr = port_addr(ip, port);
         let s = &self.shared;
         py.allow_threads(|| {
-            let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match fetch_metadata(&addr, &s.auth, left.max(Duration::from_millis(100))) {
-                    Ok(md) => return s.agent.load_remote(&md),
-                    Err(e)
-                        if not_listening(&e)
-                            && Instant::now() + Duration::from_millis(50) < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            let md = until_listening(timeout_ms, |left| fetch_metadata(&addr, &s.auth, left))?;
+            s.agent.load_remote(&md)
         })
         .map_err(err)
     }
@@ -383,19 +391,7 @@ impl PyAgent {
         let addr = port_addr(ip, port);
         let auth = &self.shared.auth;
         py.allow_threads(|| {
-            let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match push_metadata(&addr, auth, &md, left.max(Duration::from_millis(100))) {
-                    Err(e)
-                        if not_listening(&e)
-                            && Instant::now() + Duration::from_millis(50) < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    r => return r,
-                }
-            }
+            until_listening(timeout_ms, |left| push_metadata(&addr, auth, &md, left))
         })
         .map_err(err)
     }
@@ -438,17 +434,8 @@ impl PyAgent {
         let op = op_of(op)?;
         let local = list_of(local.kind, &local.descs)?;
         let remote = list_of(remote.kind, &remote.descs)?;
-        let backend = backend_of(backend)?;
-        XferReq::create(
-            py,
-            &self.shared,
-            op,
-            local,
-            remote,
-            peer.to_owned(),
-            notif,
-            backend,
-        )
+        let how = How::new(op, peer.to_owned(), notif, backend_of(backend)?);
+        XferReq::create(py, &self.shared, how, local, remote)
     }
 
     /// Prepares a descriptor list for `make_prepped`: `agent_name` empty means local.
@@ -502,33 +489,21 @@ impl PyAgent {
             .ok_or_else(|| invalid("the remote side was prepared as local (name its agent)"))?;
         let l = local.pick(local_idx, "local")?;
         let r = remote.pick(remote_idx, "remote")?;
-        let backend = backend_of(backend)?;
+        let how = How::new(op, peer, notif, backend_of(backend)?);
         if let (Some(lp), Some(rp)) = (&local.core, &remote.core) {
             // From the core's prepared lists: one pass over the indices. Should that fail (a
             // region deregistered and registered again since the list was prepared, the peer's
             // metadata reloaded), the request is made from the descriptors below, whose answer
             // (request or error) is the one given.
-            let opts = XferOptions {
-                notif: notif.clone().filter(|n| !n.is_empty()),
-                backend,
-                deadline: None,
-            };
+            let opts = how.opts();
             let a = &self.shared.agent;
             let (li, ri) = (l.idx.as_slice(py), r.idx.as_slice(py));
             if let Ok(req) = py.allow_threads(|| a.create_xfer_prepped(op, lp, li, rp, ri, opts)) {
-                return Ok(XferReq::new(
-                    &self.shared,
-                    req,
-                    op,
-                    Lists::Picked(l, r),
-                    peer,
-                    notif,
-                    backend,
-                ));
+                return Ok(XferReq::new(&self.shared, req, how, Lists::Picked(l, r)));
             }
         }
         let (l, r) = (l.list(py)?, r.list(py)?);
-        XferReq::create(py, &self.shared, op, l, r, peer, notif, backend)
+        XferReq::create(py, &self.shared, how, l, r)
     }
 
     /// The notifications received since the last call: `{agent name: [bytes, ...]}`.

@@ -33,15 +33,48 @@ pub(crate) struct Telemetry {
     backend: String,
 }
 
+/// How a request is made, besides what it moves: with `Lists`, enough to make it again.
+#[derive(Debug, Clone)]
+pub(crate) struct How {
+    pub(crate) op: XferOp,
+    pub(crate) peer: String,
+    /// The notification message (`None` for none: an empty one is none).
+    pub(crate) notif: Option<Vec<u8>>,
+    pub(crate) backend: Option<BackendName>,
+}
+
+impl How {
+    pub(crate) fn new(
+        op: XferOp,
+        peer: String,
+        notif: Option<Vec<u8>>,
+        backend: Option<BackendName>,
+    ) -> How {
+        let notif = notif.filter(|n| !n.is_empty());
+        How {
+            op,
+            peer,
+            notif,
+            backend,
+        }
+    }
+
+    /// The core's options for it.
+    pub(crate) fn opts(&self) -> XferOptions {
+        XferOptions {
+            notif: self.notif.clone(),
+            backend: self.backend,
+            deadline: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct XState {
     req: Option<Arc<XferRequest>>,
-    op: XferOp,
+    how: How,
     /// What the request moves (to make it again with another notification).
     lists: Lists,
-    peer: String,
-    notif: Option<Vec<u8>>,
-    backend: Option<BackendName>,
     /// Wall clock (µs since the epoch) and monotonic time of the last post.
     posted: Option<(u64, Instant)>,
     post_us: u64,
@@ -71,56 +104,30 @@ pub(crate) fn status_of(st: XferStatus) -> PyResult<i32> {
 }
 
 impl XferReq {
-    #[allow(clippy::too_many_arguments)]
+    /// A request moving `local` to or from `remote`, made `how`.
     pub(crate) fn create(
         py: Python<'_>,
         shared: &Arc<Shared>,
-        op: XferOp,
+        how: How,
         local: DescList,
         remote: DescList,
-        peer: String,
-        notif: Option<Vec<u8>>,
-        backend: Option<BackendName>,
     ) -> PyResult<XferReq> {
-        let opts = XferOptions {
-            notif: notif.clone().filter(|n| !n.is_empty()),
-            backend,
-            deadline: None,
-        };
         let a = &shared.agent;
+        let opts = how.opts();
         let req = py
-            .allow_threads(|| a.create_xfer(op, &local, &remote, &peer, opts))
+            .allow_threads(|| a.create_xfer(how.op, &local, &remote, &how.peer, opts))
             .map_err(err)?;
-        Ok(XferReq::new(
-            shared,
-            req,
-            op,
-            Lists::Built(local, remote),
-            peer,
-            notif,
-            backend,
-        ))
+        Ok(XferReq::new(shared, req, how, Lists::Built(local, remote)))
     }
 
-    pub(crate) fn new(
-        shared: &Arc<Shared>,
-        req: XferRequest,
-        op: XferOp,
-        lists: Lists,
-        peer: String,
-        notif: Option<Vec<u8>>,
-        backend: Option<BackendName>,
-    ) -> XferReq {
-        let notif = notif.filter(|n| !n.is_empty());
+    /// The handle of `req`, made `how` from `lists`.
+    pub(crate) fn new(shared: &Arc<Shared>, req: XferRequest, how: How, lists: Lists) -> XferReq {
         XferReq {
             shared: Arc::clone(shared),
             st: Mutex::new(XState {
                 req: Some(Arc::new(req)),
-                op,
+                how,
                 lists,
-                peer,
-                notif,
-                backend,
                 posted: None,
                 post_us: 0,
                 done_us: None,
@@ -184,34 +191,32 @@ impl XferReq {
     fn post<'py>(&self, py: Python<'py>, notif: Option<&[u8]>) -> PyResult<Bound<'py, PyString>> {
         let mut req = self.req()?;
         if let Some(n) = notif.filter(|n| !n.is_empty()) {
-            let (changed, op, local, remote, peer, backend) = {
+            let again = {
                 let st = self.st.lock();
-                if st.notif.as_deref() == Some(n) {
-                    (false, st.op, None, None, String::new(), None)
+                if st.how.notif.as_deref() == Some(n) {
+                    None
                 } else {
-                    let (l, r) = st.lists.get(py)?;
-                    (true, st.op, Some(l), Some(r), st.peer.clone(), st.backend)
+                    let how = How {
+                        notif: Some(n.to_vec()),
+                        ..st.how.clone()
+                    };
+                    Some((how, st.lists.get(py)?))
                 }
             };
-            if changed {
+            if let Some((how, (local, remote))) = again {
                 // The message is part of a prepared request: prepare it again with this one.
                 if matches!(req.status(), XferStatus::InProgress) {
                     return Err(err(Error::InFlight));
                 }
-                let opts = XferOptions {
-                    notif: Some(n.to_vec()),
-                    backend,
-                    deadline: None,
-                };
-                let (local, remote) = (local.expect("set"), remote.expect("set"));
                 let a = &self.shared.agent;
+                let opts = how.opts();
                 let new = py
-                    .allow_threads(|| a.create_xfer(op, &local, &remote, &peer, opts))
+                    .allow_threads(|| a.create_xfer(how.op, &local, &remote, &how.peer, opts))
                     .map_err(err)?;
                 let new = Arc::new(new);
                 let old = {
                     let mut st = self.st.lock();
-                    st.notif = Some(n.to_vec());
+                    st.how = how;
                     st.req.replace(Arc::clone(&new))
                 };
                 if let Some(old) = old {
