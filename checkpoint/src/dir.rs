@@ -1037,7 +1037,10 @@ fn read_files(
                         Err(CkptError::Io { source, .. })
                             if source.kind() == io::ErrorKind::NotFound =>
                         {
-                            return Err(corrupt(format!("data file {name:?} is missing")));
+                            return Err(corrupt(format!(
+                                "data file {name:?} is missing{}",
+                                crate::ops::base_note(m, name)
+                            )));
                         }
                         Err(e) => return Err(e),
                     };

@@ -80,8 +80,10 @@ pub use dir::{
     read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
 };
 pub use error::{CkptError, Result};
-pub use manage::{copy_with, copy_with_buffer, remove_with, COPY_BUFFER};
+pub use manage::{copy_with, copy_with_buffer, remove_with, remove_with_opts, COPY_BUFFER};
 pub use manifest::Manifest;
 pub use mapped::{restore_mapped, Placement, Restored, RestoredRegion};
-pub use ops::{read_manifest, remove, verify, Location, VerifyReport};
+pub use ops::{
+    dependents, read_manifest, remove, remove_opts, verify, Location, RemoveOptions, VerifyReport,
+};
 pub use serve::{serve, Served};

@@ -225,10 +225,22 @@ impl Drop for Unmap {
 /// manifest object first, so that a removal cut short never leaves something that restores as
 /// valid, then the data objects directly under the prefix; objects of another checkpoint it
 /// references stay). Returns the files or objects removed.
+///
+/// Refused with [`CkptError::HasDependents`] when checkpoints beside it (same parent directory,
+/// or same parent prefix in the bucket) are incremental saves over it; see [`ops::dependents`]
+/// and [`remove_with_opts`].
 pub fn remove_with(agent: &Agent, uri: &str) -> Result<usize> {
+    remove_with_opts(agent, uri, &ops::RemoveOptions::default())
+}
+
+/// [`remove_with`] with options (`force`: remove it even when incremental checkpoints over it
+/// are found).
+pub fn remove_with_opts(agent: &Agent, uri: &str, opts: &ops::RemoveOptions) -> Result<usize> {
     match Location::parse(uri)? {
-        Location::S3 { bucket, prefix } => s3::remove(agent, &S3Loc { bucket, prefix }),
-        Location::Dir(_) => ops::remove(uri),
+        Location::S3 { bucket, prefix } => {
+            s3::remove(agent, &S3Loc { bucket, prefix }, opts.force)
+        }
+        Location::Dir(_) => ops::remove_opts(uri, opts),
         Location::Peer { addr } => Err(CkptError::Unsupported(format!(
             "nixl://{addr}: a served checkpoint is removed by stopping its server"
         ))),

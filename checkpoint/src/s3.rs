@@ -309,7 +309,16 @@ fn remove_stale(agent: &Agent, loc: &S3Loc, m: &Manifest) {
 /// Removes the checkpoint under `loc`: the manifest object first (from then on nothing
 /// restores from it), then its data objects directly under the prefix. Objects of other
 /// checkpoints it references (an incremental save's base) stay. Returns the objects removed.
-pub(crate) fn remove(agent: &Agent, loc: &S3Loc) -> Result<usize> {
+pub(crate) fn remove(agent: &Agent, loc: &S3Loc, force: bool) -> Result<usize> {
+    if !force {
+        let deps = dependents(agent, loc)?;
+        if !deps.is_empty() {
+            return Err(CkptError::HasDependents {
+                location: loc.uri(),
+                dependents: deps,
+            });
+        }
+    }
     let all = children(agent, loc)?;
     let mkey = loc.key(MANIFEST)?;
     let listed_manifest = all.iter().any(|(k, _)| *k == mkey);
@@ -328,6 +337,60 @@ pub(crate) fn remove(agent: &Agent, loc: &S3Loc) -> Result<usize> {
     let n = delete_objects(agent, &loc.bucket, &keys)
         .map_err(|e| CkptError::agent(format!("delete the data objects of {}", loc.uri()), e))?;
     Ok(n + usize::from(listed_manifest))
+}
+
+/// Most objects under the parent prefix that [`dependents`] lists.
+const SIBLINGS_LIST_LIMIT: usize = 1_000_000;
+
+/// The checkpoints beside `loc` (under the same parent prefix, one level down) whose manifests
+/// name data objects directly under `loc`: incremental saves over it. As `s3://` URIs, sorted.
+/// A prefix beside it whose manifest cannot be read is passed over.
+pub(crate) fn dependents(agent: &Agent, loc: &S3Loc) -> Result<Vec<String>> {
+    let own = loc.dir_prefix();
+    let p = loc.prefix.trim_matches('/');
+    let parent = match p.rfind('/') {
+        Some(i) => &p[..=i],
+        None => "",
+    };
+    let objs = list_objects(agent, &loc.bucket, parent, None, SIBLINGS_LIST_LIMIT).map_err(|e| {
+        CkptError::agent(
+            format!(
+                "list s3://{}/{parent} for incremental checkpoints over {} (nixl-ckpt rm \
+                 --force skips this)",
+                loc.bucket,
+                loc.uri()
+            ),
+            e,
+        )
+    })?;
+    let mut out = Vec::new();
+    for o in objs {
+        let Some(sib) = o.key[parent.len()..].strip_suffix(&format!("/{MANIFEST}")) else {
+            continue;
+        };
+        if sib.is_empty() || sib.contains('/') || format!("{parent}{sib}/") == own {
+            continue;
+        }
+        let sl = S3Loc {
+            bucket: loc.bucket.clone(),
+            prefix: format!("{parent}{sib}"),
+        };
+        let Ok(m) = read_manifest(agent, &sl) else {
+            continue;
+        };
+        let ours = |f: &DataFile| {
+            f.name.contains('/')
+                && sl.key(&f.name).is_ok_and(|k| {
+                    k.strip_prefix(own.as_str())
+                        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+                })
+        };
+        if m.files.iter().any(ours) {
+            out.push(sl.uri());
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Packs the artifact directories `arts` as a directory save does (one data file per
@@ -649,6 +712,7 @@ pub(crate) unsafe fn read_regions(
             .iter()
             .find(|(_, _, key)| msg.contains(key.as_str()))
             .and_then(|(fi, _, key)| {
+                let note = crate::ops::base_note(m, &m.files[*fi as usize].name);
                 let of_file = || {
                     chosen.iter().flat_map(|pk| {
                         pk.each()
@@ -659,19 +723,19 @@ pub(crate) unsafe fn read_regions(
                 of_file()
                     .find(|(_, _, off)| msg.contains(&format!("bytes {off}-")))
                     .or_else(|| of_file().next())
-                    .map(|(r, ci, _)| (r, ci, key.clone()))
+                    .map(|(r, ci, _)| (r, ci, key.clone(), note))
             });
         let short = msg.contains("shorter") || msg.contains("Content-Range");
         let (region, chunk, why) = match blame {
-            Some((r, ci, key)) if is_missing(&e) => {
-                (r, Some(ci), format!("object {key} is missing: {msg}"))
+            Some((r, ci, key, note)) if is_missing(&e) => {
+                (r, Some(ci), format!("object {key} is missing{note}: {msg}"))
             }
-            Some((r, ci, key)) if short => (
+            Some((r, ci, key, _)) if short => (
                 r,
                 Some(ci),
                 format!("object {key} is truncated (shorter than the manifest says): {msg}"),
             ),
-            Some((r, ci, _)) => (r, Some(ci), format!("reading failed: {msg}")),
+            Some((r, ci, _, _)) => (r, Some(ci), format!("reading failed: {msg}")),
             None => (
                 chosen
                     .iter()

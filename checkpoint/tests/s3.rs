@@ -354,6 +354,68 @@ fn save_bufs(a: &Agent, uri: &str, bufs: &mut [Vec<u8>], base: Option<&str>) -> 
     unsafe { save(a, uri, &regions, &opts) }.unwrap()
 }
 
+/// `rm` of a base refuses while an incremental checkpoint beside it (same parent prefix) reads
+/// its objects, naming it, through the library and the CLI (`--json` lists the dependents);
+/// `--force` removes it, and the incremental then fails naming its missing base.
+#[test]
+fn s3_rm_of_a_base_with_an_incremental_beside_it_is_refused_unless_forced() {
+    nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
+    let m = Moto::start();
+    let a = agent(&m);
+    let base = format!("s3://{BUCKET}/guard/base");
+    let step = format!("s3://{BUCKET}/guard/step");
+    let other = format!("s3://{BUCKET}/guard/other");
+    let mut bufs: Vec<Vec<u8>> = LENS.iter().map(|&l| pattern(l, 3)).collect();
+    save_bufs(&a, &base, &mut bufs, None);
+    save_bufs(&a, &other, &mut bufs, None);
+    bufs[0][5] ^= 1;
+    save_bufs(&a, &step, &mut bufs, Some(&base));
+    // A prefix that merely starts like the base's is not confused with it.
+    save_bufs(&a, &format!("{base}x"), &mut bufs, None);
+    match nixl_checkpoint::remove_with(&a, &base) {
+        Err(CkptError::HasDependents { dependents, .. }) => assert_eq!(dependents, [step.clone()]),
+        r => panic!("the base of an incremental was removed: {r:?}"),
+    }
+    // The others have no dependents and go.
+    assert_eq!(nixl_checkpoint::remove_with(&a, &other).unwrap(), 3);
+    assert_eq!(
+        nixl_checkpoint::remove_with(&a, &format!("{base}x")).unwrap(),
+        3
+    );
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+            .args(args)
+            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .output()
+            .unwrap()
+    };
+    let o = cli(&["rm", &base, "--json", "-q"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["dependents"], serde_json::json!([step.clone()]), "{v}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--force"),
+        "{o:?}"
+    );
+    let (res, got) = restore_all(&a, &step);
+    res.unwrap();
+    assert_eq!(got, bufs);
+    let o = cli(&["rm", &base, "--force", "--json", "-q"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(m.keys("guard/base/").is_empty());
+    let e = restore_all(&a, &step).0.unwrap_err().to_string();
+    assert!(
+        e.contains("missing") && e.contains(&format!("belongs to {base}, the base")),
+        "{e}"
+    );
+    // The incremental itself has no dependents and goes.
+    let o = cli(&["rm", &step, "-q"]);
+    assert!(o.status.success(), "{o:?}");
+}
+
 /// Incremental saves to S3 (only the changed chunks written, the base's objects referenced),
 /// copies between S3 and directories both ways (verified), the objects of a replaced save
 /// deleted, and `rm` (manifest first) through the library and the CLI.

@@ -4,7 +4,7 @@
 //! nixl-ckpt inspect /ckpt/worker-0            # what it holds
 //! nixl-ckpt verify  /ckpt/worker-0 --json     # read every chunk, check every checksum
 //! nixl-ckpt copy    /ckpt/worker-0 /backup/w0 # verified, self-contained copy
-//! nixl-ckpt rm      /ckpt/worker-0
+//! nixl-ckpt rm      /ckpt/worker-0            # refused while an incremental over it is beside it
 //! nixl-ckpt bench   /mnt/nvme/bench --size 1GiB
 //! ```
 //!
@@ -67,10 +67,15 @@ enum Cmd {
         #[arg(long, default_value = "256MiB")]
         buffer: String,
     },
-    /// Remove a checkpoint (manifest first, then its data files or objects).
+    /// Remove a checkpoint (manifest first, then its data files or objects). Refused, listing
+    /// them, while checkpoints beside it (same parent directory or prefix) are incremental
+    /// saves over it.
     Rm {
         /// Checkpoint directory or s3://bucket/prefix.
         uri: String,
+        /// Remove it even if incremental checkpoints over it are found (they stop restoring).
+        #[arg(long)]
+        force: bool,
     },
     /// Restore an artifact directory of a checkpoint into DEST (which must not exist, or be an
     /// empty directory): every file verified before the tree appears there.
@@ -281,7 +286,11 @@ fn error_json(e: &CkptError) -> Value {
         }
         _ => (None, None, None),
     };
-    json!({"ok": false, "error": e.to_string(), "region": region, "chunk": chunk, "memory_written": written})
+    let mut v = json!({"ok": false, "error": e.to_string(), "region": region, "chunk": chunk, "memory_written": written});
+    if let CkptError::HasDependents { dependents, .. } = e {
+        v["dependents"] = json!(dependents);
+    }
+    v
 }
 
 fn is_s3(uri: &str) -> bool {
@@ -539,11 +548,12 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             }
             Ok(json!({"ok": true, "files": r.files, "dirs": r.dirs, "bytes": r.bytes}))
         }
-        Cmd::Rm { uri } => {
+        Cmd::Rm { uri, force } => {
+            let opts = ops::RemoveOptions { force: *force };
             let n = if is_dir(uri) {
-                ops::remove(uri)?
+                ops::remove_opts(uri, &opts)?
             } else {
-                nixl_checkpoint::remove_with(&agent_for(&[uri])?, uri)?
+                nixl_checkpoint::remove_with_opts(&agent_for(&[uri])?, uri, &opts)?
             };
             if !cli.json {
                 println!("removed {uri} ({n} files)");
