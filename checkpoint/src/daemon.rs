@@ -11,8 +11,9 @@
 //! serves them until [`release_from_daemon`] (control region first). A failure releases the
 //! leases taken.
 //!
-//! A restorer finds the first control region among the daemon's regions: hold one checkpoint
-//! per daemon.
+//! A daemon holds any number of checkpoints, each under its own name: restorers ask for one
+//! with `nixl://HOST:PORT/NAME` (without a name they take the only one, and are refused, with
+//! the names listed, when there are several).
 
 use std::path::Path;
 
@@ -50,6 +51,7 @@ pub fn serve_in_daemon(
     control_socket: &Path,
     name: &str,
 ) -> Result<DaemonServed> {
+    crate::serve::check_name(name).map_err(CkptError::InvalidArgument)?;
     let m = read_manifest_with(agent, uri)?;
     if let Some(e) = m.regions.iter().find(|e| e.kind != MemKind::Dram) {
         return Err(CkptError::Unsupported(format!(
@@ -139,7 +141,7 @@ fn place(
         .zip(&m.regions)
         .map(|(l, e)| Desc::new(l.info().addr, e.len, 0))
         .collect();
-    let ctrl = control_bytes(m, &at);
+    let ctrl = control_bytes(m, &at, name);
     let n = format!("{name}/control");
     let mut cl = pool
         .lease(&n, ctrl.len() as u64)

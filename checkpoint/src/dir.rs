@@ -247,7 +247,7 @@ pub(crate) unsafe fn save_from(
                 )
             };
         }
-        Location::Peer { addr } => {
+        Location::Peer { addr, .. } => {
             return Err(CkptError::Unsupported(format!(
                 "nixl://{addr}: a save goes to a directory or s3://; to serve it from memory, \
                  save it there and run `nixl-ckpt serve` on it"
@@ -489,8 +489,8 @@ impl Opened {
                 )?,
                 None,
             ),
-            Location::Peer { addr } => {
-                let p = serve::open(agent, addr, &serve::auth())?;
+            Location::Peer { addr, name } => {
+                let p = serve::open(agent, addr, name.as_deref(), &serve::auth())?;
                 (p.manifest.clone(), Some(p))
             }
             Location::Dir(_) => (read_manifest(uri)?, None),
@@ -977,7 +977,7 @@ pub(crate) unsafe fn restore_chunks(
             let (c, h) = unsafe { serve::read_regions(agent, p, &chosen, opts) }?;
             (c, Some(h))
         }
-        (Location::Peer { addr }, None) => {
+        (Location::Peer { addr, .. }, None) => {
             return Err(CkptError::InvalidArgument(format!(
                 "nixl://{addr} ({}): the peer was not opened",
                 src.uri

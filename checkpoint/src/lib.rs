@@ -86,4 +86,4 @@ pub use mapped::{restore_mapped, Placement, Restored, RestoredRegion};
 pub use ops::{
     dependents, read_manifest, remove, remove_opts, verify, Location, RemoveOptions, VerifyReport,
 };
-pub use serve::{serve, Served};
+pub use serve::{serve, serve_named, Served};

@@ -53,7 +53,7 @@ pub fn copy_with_buffer(
     if matches!((&sl, &dl), (Location::Dir(_), Location::Dir(_))) {
         return ops::copy(src, dst, progress);
     }
-    if let Location::Peer { addr } = &dl {
+    if let Location::Peer { addr, .. } = &dl {
         return Err(CkptError::Unsupported(format!(
             "nixl://{addr}: a copy goes to a directory or s3://; to serve a checkpoint from \
              memory, run `nixl-ckpt serve` on it"
@@ -241,7 +241,7 @@ pub fn remove_with_opts(agent: &Agent, uri: &str, opts: &ops::RemoveOptions) -> 
             s3::remove(agent, &S3Loc { bucket, prefix }, opts.force)
         }
         Location::Dir(_) => ops::remove_opts(uri, opts),
-        Location::Peer { addr } => Err(CkptError::Unsupported(format!(
+        Location::Peer { addr, .. } => Err(CkptError::Unsupported(format!(
             "nixl://{addr}: a served checkpoint is removed by stopping its server"
         ))),
     }

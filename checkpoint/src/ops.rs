@@ -42,16 +42,19 @@ pub enum Location {
         /// Key prefix.
         prefix: String,
     },
-    /// `nixl://HOST:PORT`: a peer agent serving the checkpoint from its memory
-    /// (`nixl-ckpt serve`), read over `tcp`.
+    /// `nixl://HOST:PORT[/NAME]`: a peer agent serving the checkpoint from its memory
+    /// (`nixl-ckpt serve`, or a node daemon's pool), read over `tcp`.
     Peer {
         /// The peer's tcp listener, `HOST:PORT`.
         addr: String,
+        /// Which of the checkpoints the peer serves (needed when it serves several).
+        name: Option<String>,
     },
 }
 
 impl Location {
-    /// Parses a URI: `s3://bucket/prefix`, `nixl://HOST:PORT`, `file://path`, or a plain path.
+    /// Parses a URI: `s3://bucket/prefix`, `nixl://HOST:PORT[/NAME]`, `file://path`, or a plain
+    /// path.
     pub fn parse(uri: &str) -> Result<Location> {
         if uri.is_empty() {
             return Err(CkptError::InvalidArgument(
@@ -70,15 +73,23 @@ impl Location {
             };
         }
         if let Some(rest) = uri.strip_prefix("nixl://") {
-            let addr = rest.trim_end_matches('/');
+            let rest = rest.trim_end_matches('/');
+            let (addr, name) = match rest.split_once('/') {
+                Some((a, n)) => (a, Some(n)),
+                None => (rest, None),
+            };
+            if let Some(n) = name {
+                crate::serve::check_name(n).map_err(|e| {
+                    CkptError::InvalidArgument(format!("{uri}: the checkpoint's name: {e}"))
+                })?;
+            }
             return match addr.rsplit_once(':') {
-                Some((h, p))
-                    if !h.is_empty() && p.parse::<u16>().is_ok() && !addr.contains('/') =>
-                {
-                    Ok(Location::Peer { addr: addr.into() })
-                }
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(Location::Peer {
+                    addr: addr.into(),
+                    name: name.map(str::to_owned),
+                }),
                 _ => Err(CkptError::InvalidArgument(format!(
-                    "{uri}: expected nixl://HOST:PORT (a peer serving a checkpoint)"
+                    "{uri}: expected nixl://HOST:PORT[/NAME] (a peer serving a checkpoint)"
                 ))),
             };
         }
@@ -101,7 +112,7 @@ impl Location {
                  stores use read_manifest_with, restore_mapped, copy_with and remove_with with \
                  an agent running the object backend (nixl-ckpt does)"
             ))),
-            Location::Peer { addr } => Err(CkptError::Unsupported(format!(
+            Location::Peer { addr, .. } => Err(CkptError::Unsupported(format!(
                 "nixl://{addr}: this operation reads directories only; a served checkpoint is \
                  read with an agent running the tcp backend (restore, restore_mapped, \
                  read_manifest_with)"

@@ -8,9 +8,15 @@
 //! ```text
 //! header page (4096 bytes): magic "NIXLCKSV" | version u32 | regions u32 | manifest_len u64
 //!                           | xxh3-64 of everything after the header page, u64
+//!                           | name_len u16 | name (UTF-8, [A-Za-z0-9._-], at most 128 bytes;
+//!                             0 bytes from servers that predate names)
 //! manifest (as stored, see manifest.rs), then per region in manifest order { addr u64, len u64 }:
 //! where the region lives in the server's memory now
 //! ```
+//!
+//! One agent may serve several checkpoints, each under its own name (one control region
+//! each): a restorer names the one it wants, `nixl://HOST:PORT/NAME`; without a name it takes
+//! the only one there, and is refused, with the names listed, when there are several.
 //!
 //! A restorer fetches the server's agent metadata from its listener, finds the control region
 //! among its registered DRAM regions by the magic (a bounded number of probes), READs the
@@ -46,6 +52,67 @@ pub const MAX_PROBED_REGIONS: usize = 256;
 /// Bound on one metadata fetch or one READ from a peer.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Longest name of a served checkpoint.
+pub const MAX_NAME: usize = 128;
+
+/// Checks the name of a served checkpoint: 1 to [`MAX_NAME`] bytes of ASCII letters, digits,
+/// `.`, `_` and `-`.
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(format!(
+            "{name:?}: a name is 1 to {MAX_NAME} bytes, this one {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{name:?}: {c:?} is not allowed in a name (letters, digits, '.', '_', '-')"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a name"));
+    }
+    Ok(())
+}
+
+/// The name a checkpoint at `uri` is served under when none is given: the last component of
+/// its directory or prefix, with other characters than a name's replaced by `_` (`ckpt` when
+/// nothing is left).
+pub fn default_name(uri: &str) -> String {
+    let last = match crate::ops::Location::parse(uri) {
+        Ok(crate::ops::Location::Dir(d)) => d
+            .canonicalize()
+            .unwrap_or(d)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        Ok(crate::ops::Location::S3 { prefix, .. }) => {
+            prefix.rsplit('/').next().unwrap_or_default().to_owned()
+        }
+        Ok(crate::ops::Location::Peer { name, .. }) => name.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let n: String = last
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(MAX_NAME)
+        .collect();
+    if check_name(&n).is_ok() {
+        n
+    } else {
+        "ckpt".into()
+    }
+}
+
 /// How a restorer authenticates to the peer: `NIXL_SECRET`, else this user's per-host secret
 /// (as the `tcp` backend's defaults).
 pub(crate) fn auth() -> Auth {
@@ -60,9 +127,16 @@ pub struct Served {
     ctrl: Vec<u8>,
     restored: Restored,
     manifest: Manifest,
+    name: String,
+    agent: String,
 }
 
 impl Served {
+    /// The name restorers ask for (`nixl://HOST:PORT/NAME`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The checkpoint's manifest.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
@@ -82,13 +156,49 @@ impl Served {
 impl Drop for Served {
     fn drop(&mut self) {
         drop(self.ctrl_reg.take());
+        unlist(&self.agent, &self.name);
     }
 }
 
 /// Loads the checkpoint at `uri` into memory registered with `agent` (every byte verified) and
-/// publishes it for peers that reach `agent` (its `tcp` backend) to restore from. VRAM regions
-/// are not served (the error says so).
+/// publishes it for peers that reach `agent` (its `tcp` backend) to restore from, under the
+/// name [`default_name`] gives. VRAM regions are not served (the error says so).
 pub fn serve(agent: &Agent, uri: &str) -> Result<Served> {
+    serve_named(agent, uri, &default_name(uri))
+}
+
+/// [`serve`] under `name` ([`check_name`]): restorers find it at `nixl://HOST:PORT/NAME`, or
+/// without the name while it is the only checkpoint `agent` serves. Serving several
+/// checkpoints from one agent is several calls with different names (the same name twice is
+/// refused while the first is served).
+pub fn serve_named(agent: &Agent, uri: &str, name: &str) -> Result<Served> {
+    check_name(name).map_err(CkptError::InvalidArgument)?;
+    {
+        let mut names = SERVED.lock();
+        let key = (agent.name().to_owned(), name.to_owned());
+        if names.contains(&key) {
+            return Err(CkptError::InvalidArgument(format!(
+                "agent '{}' already serves a checkpoint named {name:?}",
+                agent.name()
+            )));
+        }
+        names.push(key);
+    }
+    let r = serve_as(agent, uri, name);
+    if r.is_err() {
+        unlist(agent.name(), name);
+    }
+    r
+}
+
+/// `(agent, name)` of every checkpoint served from this process.
+static SERVED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+fn unlist(agent: &str, name: &str) {
+    SERVED.lock().retain(|(a, n)| !(a == agent && n == name));
+}
+
+fn serve_as(agent: &Agent, uri: &str, name: &str) -> Result<Served> {
     let m = crate::dir::read_manifest_with(agent, uri)?;
     if let Some(e) = m.regions.iter().find(|e| e.kind != MemKind::Dram) {
         return Err(CkptError::Unsupported(format!(
@@ -104,7 +214,7 @@ pub fn serve(agent: &Agent, uri: &str) -> Result<Served> {
         })?;
         at.push(Desc::new(r.addr, r.len, 0));
     }
-    let ctrl = control_bytes(&m, &at);
+    let ctrl = control_bytes(&m, &at, name);
     let desc = Desc::new(ctrl.as_ptr() as u64, ctrl.len() as u64, 0);
     let list = DescList::from_descs(MemKind::Dram, vec![desc])
         .map_err(|e| CkptError::agent("control region", e))?;
@@ -117,12 +227,14 @@ pub fn serve(agent: &Agent, uri: &str) -> Result<Served> {
         ctrl,
         restored,
         manifest: m,
+        name: name.to_owned(),
+        agent: agent.name().to_owned(),
     })
 }
 
 /// The control region of `m` whose regions are served at `at` (manifest order): the header
 /// page, then the manifest and the table.
-pub(crate) fn control_bytes(m: &Manifest, at: &[Desc]) -> Vec<u8> {
+pub(crate) fn control_bytes(m: &Manifest, at: &[Desc], name: &str) -> Vec<u8> {
     let mut body = m.encode();
     let manifest_len = body.len() as u64;
     for d in at {
@@ -135,6 +247,10 @@ pub(crate) fn control_bytes(m: &Manifest, at: &[Desc]) -> Vec<u8> {
     ctrl[12..16].copy_from_slice(&(m.regions.len() as u32).to_le_bytes());
     ctrl[16..24].copy_from_slice(&manifest_len.to_le_bytes());
     ctrl[24..32].copy_from_slice(&xxh3_64(&body).to_le_bytes());
+    // Names are checked (at most MAX_NAME bytes) before they get here.
+    let nb = &name.as_bytes()[..name.len().min(MAX_NAME)];
+    ctrl[32..34].copy_from_slice(&(nb.len() as u16).to_le_bytes());
+    ctrl[34..34 + nb.len()].copy_from_slice(nb);
     ctrl.extend_from_slice(&body);
     ctrl
 }
@@ -181,8 +297,14 @@ fn read_buf(agent: &Agent, peer: &str, remote: u64, len: u64, what: &str) -> Res
     Ok(buf)
 }
 
-/// Finds the checkpoint served at `addr` (`HOST:PORT`) and reads its manifest.
-pub(crate) fn open(agent: &Agent, addr: &str, auth: &Auth) -> Result<PeerCkpt> {
+/// Finds the checkpoint served at `addr` (`HOST:PORT`) under `name` (the only one there when
+/// `None`) and reads its manifest.
+pub(crate) fn open(
+    agent: &Agent,
+    addr: &str,
+    name: Option<&str>,
+    auth: &Auth,
+) -> Result<PeerCkpt> {
     let bytes = fetch_metadata(addr, auth, PEER_TIMEOUT)
         .map_err(|e| CkptError::agent(format!("metadata of the peer {addr}"), e))?;
     let md = AgentMetadata::decode(&bytes)
@@ -196,6 +318,9 @@ pub(crate) fn open(agent: &Agent, addr: &str, auth: &Auth) -> Result<PeerCkpt> {
         .filter(|r| r.kind == MemKind::Dram)
         .map(|r| r.desc)
         .collect();
+    // The names of the control regions passed over (another name, or a second one).
+    let mut others: Vec<String> = Vec::new();
+    let mut found: Option<(String, PeerCkpt)> = None;
     for r in registered.iter().take(MAX_PROBED_REGIONS) {
         if r.len < HEADER {
             continue;
@@ -204,6 +329,65 @@ pub(crate) fn open(agent: &Agent, addr: &str, auth: &Auth) -> Result<PeerCkpt> {
         if head[..8] != MAGIC {
             continue;
         }
+        let bad = |why: String| CkptError::Manifest(format!("control region of {addr}: {why}"));
+        let nlen = u16::from_le_bytes([head[32], head[33]]) as usize;
+        let here = if nlen == 0 {
+            String::new()
+        } else {
+            let n = std::str::from_utf8(&head[34..34 + nlen.min(MAX_NAME)])
+                .ok()
+                .filter(|n| nlen <= MAX_NAME && check_name(n).is_ok())
+                .ok_or_else(|| bad(format!("a name of {nlen} bytes that is not a name")))?;
+            n.to_owned()
+        };
+        if name.is_some_and(|n| n != here) || found.is_some() {
+            others.push(here);
+            continue;
+        }
+        let p = read_control(agent, addr, &peer, &registered, r, &head)?;
+        found = Some((here, p));
+    }
+    let listed = |v: &[String]| {
+        v.iter()
+            .map(|n| if n.is_empty() { "(unnamed)" } else { n.as_str() })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (found, name) {
+        (Some((here, _)), None) if !others.is_empty() => Err(CkptError::InvalidArgument(format!(
+            "nixl://{addr} serves several checkpoints ({}, {}): name one, nixl://{addr}/NAME",
+            listed(std::slice::from_ref(&here)),
+            listed(&others)
+        ))),
+        (Some((_, p)), _) => Ok(p),
+        (None, Some(n)) if !others.is_empty() => Err(CkptError::NoCheckpoint {
+            location: format!("nixl://{addr}/{n}"),
+            reason: format!(
+                "the agent there ({}) serves no checkpoint named {n:?} (it serves: {})",
+                md.name,
+                listed(&others)
+            ),
+        }),
+        (None, _) => Err(CkptError::NoCheckpoint {
+            location: format!("nixl://{addr}"),
+            reason: format!(
+                "the agent there ({}) registers no control region of a served checkpoint",
+                md.name
+            ),
+        }),
+    }
+}
+
+/// Reads and checks the control region `r` of the peer whose header page is `head`.
+fn read_control(
+    agent: &Agent,
+    addr: &str,
+    peer: &str,
+    registered: &[Desc],
+    r: &Desc,
+    head: &[u8],
+) -> Result<PeerCkpt> {
+    {
         let u32_at =
             |o: usize| u32::from_le_bytes([head[o], head[o + 1], head[o + 2], head[o + 3]]);
         let u64_at = |o: usize| {
@@ -234,7 +418,7 @@ pub(crate) fn open(agent: &Agent, addr: &str, auth: &Auth) -> Result<PeerCkpt> {
         }
         let body = read_buf(
             agent,
-            &peer,
+            peer,
             r.addr + HEADER,
             body_len,
             &format!("manifest from {addr}"),
@@ -259,22 +443,15 @@ pub(crate) fn open(agent: &Agent, addr: &str, auth: &Auth) -> Result<PeerCkpt> {
             let mut l = [0u8; 8];
             l.copy_from_slice(&body[o + 8..o + 16]);
             let d = Desc::new(u64::from_le_bytes(a), u64::from_le_bytes(l), 0);
-            check_served(&registered, e, d).map_err(bad)?;
+            check_served(registered, e, d).map_err(bad)?;
             served.push(d);
         }
-        return Ok(PeerCkpt {
-            agent: peer,
+        Ok(PeerCkpt {
+            agent: peer.to_owned(),
             manifest,
             served,
-        });
+        })
     }
-    Err(CkptError::NoCheckpoint {
-        location: format!("nixl://{addr}"),
-        reason: format!(
-            "the agent there ({}) registers no control region of a served checkpoint",
-            md.name
-        ),
-    })
 }
 
 /// Whether the served copy `d` of `e` has its length and lies inside a registered region.

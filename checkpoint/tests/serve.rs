@@ -151,6 +151,102 @@ fn restore_from_a_peer_serving_the_checkpoint_over_tcp() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Saves `sizes` regions `r<i>` of `pattern(n, seed + i)` to `dir` in chunks of 1 MiB; returns
+/// their bytes.
+fn save_sample(dir: &std::path::Path, sizes: &[usize], seed: u64) -> Vec<Vec<u8>> {
+    let want: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| pattern(n, seed + i as u64))
+        .collect();
+    let a = agent("backends = [\"uring\", \"posix\"]");
+    let mut bufs = want.clone();
+    let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
+    let _regs: Vec<_> = descs.iter().map(|d| register(&a, *d)).collect();
+    let regions: Vec<Region> = descs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
+        .collect();
+    let opts = SaveOptions {
+        chunk_size: 1 << 20,
+        ..SaveOptions::default()
+    };
+    // SAFETY: the buffers are live and unchanged during the call.
+    unsafe { save(&a, dir.to_str().unwrap(), &regions, &opts) }.unwrap();
+    want
+}
+
+/// One `nixl-ckpt serve` process serves two checkpoints, each restored by its name
+/// (`nixl://HOST:PORT/NAME`); without a name the restorer is refused with both names listed,
+/// and an unknown name is "no checkpoint" listing what is there.
+#[test]
+fn one_server_serves_several_checkpoints_each_by_name() {
+    let root = scratch("serve-several");
+    std::fs::create_dir_all(&root).unwrap();
+    let (da, db) = (root.join("first"), root.join("second-ck"));
+    let wa = save_sample(&da, &[(3 << 20) + 5, 999], 11);
+    let wb = save_sample(&db, &[4096, (2 << 20) + 1, 17], 50);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+        .arg("serve")
+        .arg(format!("alpha={}", da.display()))
+        .arg(&db)
+        .args(["--json", "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Server(child);
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let peer = v["uri"].as_str().unwrap().to_owned();
+    let served = v["served"].as_array().unwrap();
+    assert_eq!(served.len(), 2, "{v}");
+    assert_eq!(served[0]["name"], "alpha");
+    assert_eq!(served[1]["name"], "second-ck");
+    assert_eq!(served[1]["uri"], format!("{peer}/second-ck"));
+
+    let a = agent("backends = [\"tcp\"]");
+    for (name, want) in [("alpha", &wa), ("second-ck", &wb)] {
+        let r = restore_mapped(&a, &format!("{peer}/{name}"), None, Placement::Anywhere).unwrap();
+        assert_eq!(r.regions().len(), want.len(), "{name}");
+        for (i, w) in want.iter().enumerate() {
+            let x = r.region(&format!("r{i}")).unwrap();
+            // SAFETY: mapped and written by the restore, which has returned.
+            let b =
+                unsafe { std::slice::from_raw_parts(x.addr as usize as *const u8, x.len as usize) };
+            assert!(b == w.as_slice(), "{name} r{i} differs");
+        }
+    }
+    match read_manifest_with(&a, &peer) {
+        Err(CkptError::InvalidArgument(e)) => assert!(
+            e.contains("several") && e.contains("alpha") && e.contains("second-ck"),
+            "{e}"
+        ),
+        other => panic!("no name, two checkpoints: {other:?}"),
+    }
+    match read_manifest_with(&a, &format!("{peer}/nope")) {
+        Err(CkptError::NoCheckpoint { reason, .. }) => {
+            assert!(reason.contains("alpha") && reason.contains("\"nope\""), "{reason}")
+        }
+        other => panic!("an unknown name: {other:?}"),
+    }
+    // The same name twice is refused before anything is served.
+    let o = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+        .arg("serve")
+        .arg(format!("x={}", da.display()))
+        .arg(format!("x={}", db.display()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("two checkpoints"), "{o:?}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 #[test]
 fn a_peer_without_a_checkpoint_or_not_there_is_a_clear_error() {
     let server = agent("backends = [\"tcp\"]\n[tcp]\nlisten = \"127.0.0.1:0\"\n");
@@ -171,7 +267,14 @@ fn a_peer_without_a_checkpoint_or_not_there_is_a_clear_error() {
     drop(l);
     let e = read_manifest_with(&a, &format!("nixl://{dead}")).unwrap_err();
     assert!(e.to_string().contains(&dead.to_string()), "{e}");
-    for bad in ["nixl://", "nixl://host", "nixl://h:99999", "nixl://h:1/x"] {
+    for bad in [
+        "nixl://",
+        "nixl://host",
+        "nixl://h:99999",
+        "nixl://h:1/x/y",
+        "nixl://h:1/a b",
+        "nixl://h:1/..",
+    ] {
         assert!(matches!(
             read_manifest_with(&a, bad),
             Err(CkptError::InvalidArgument(_))
