@@ -67,6 +67,7 @@ pub mod artifact;
 pub mod daemon;
 mod dir;
 mod error;
+mod fetch;
 mod manage;
 pub mod manifest;
 mod mapped;

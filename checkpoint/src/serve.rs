@@ -10,9 +10,16 @@
 //!                           | xxh3-64 of everything after the header page, u64
 //!                           | name_len u16 | name (UTF-8, [A-Za-z0-9._-], at most 128 bytes;
 //!                             0 bytes from servers that predate names)
+//!                           | at offset 168: files u32 | at 176: xxh3-64 of the file table, u64
 //! manifest (as stored, see manifest.rs), then per region in manifest order { addr u64, len u64 }:
 //! where the region lives in the server's memory now
+//! file table (after the digested part): per artifact data file served { index in the
+//! manifest's files u64, addr u64, len u64 }
 //! ```
+//!
+//! Artifact directories travel as their data files: the server holds each data file the
+//! artifacts use in registered memory, and a restorer READs them into a private temporary
+//! directory and restores from there, every file checked ([`crate::restore_artifact_with`]).
 //!
 //! One agent may serve several checkpoints, each under its own name (one control region
 //! each): a restorer names the one it wants, `nixl://HOST:PORT/NAME`; without a name it takes
@@ -38,7 +45,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::dir::{ChunkAt, Pick, RestoreOptions};
 use crate::error::{CkptError, Result};
-use crate::manifest::{Manifest, RegionEntry, MAX_MANIFEST_BYTES, MAX_REGIONS};
+use crate::manifest::{Manifest, RegionEntry, MAX_FILES, MAX_MANIFEST_BYTES, MAX_REGIONS};
 use crate::mapped::{restore_mapped, Placement, Restored};
 
 /// The first bytes of a control region.
@@ -122,9 +129,12 @@ pub(crate) fn auth() -> Auth {
 /// A checkpoint served from this process's memory; dropping it stops serving it.
 #[derive(Debug)]
 pub struct Served {
-    // Field order: the control registration goes before its buffer.
+    // Field order: the control registration goes before its buffer, the artifact files'
+    // before theirs.
     ctrl_reg: Option<Registration>,
     ctrl: Vec<u8>,
+    files_reg: Option<Registration>,
+    _files: Vec<(u32, Vec<u8>)>,
     restored: Restored,
     manifest: Manifest,
     name: String,
@@ -156,6 +166,7 @@ impl Served {
 impl Drop for Served {
     fn drop(&mut self) {
         drop(self.ctrl_reg.take());
+        drop(self.files_reg.take());
         unlist(&self.agent, &self.name);
     }
 }
@@ -199,7 +210,9 @@ fn unlist(agent: &str, name: &str) {
 }
 
 fn serve_as(agent: &Agent, uri: &str, name: &str) -> Result<Served> {
-    let m = crate::dir::read_manifest_with(agent, uri)?;
+    let src = crate::dir::Opened::open(agent, uri)?;
+    let files = crate::fetch::artifact_file_bytes(agent, &src)?;
+    let m = src.manifest;
     if let Some(e) = m.regions.iter().find(|e| e.kind != MemKind::Dram) {
         return Err(CkptError::Unsupported(format!(
             "region {:?} is {}: only DRAM regions are served to peers",
@@ -214,7 +227,25 @@ fn serve_as(agent: &Agent, uri: &str, name: &str) -> Result<Served> {
         })?;
         at.push(Desc::new(r.addr, r.len, 0));
     }
-    let ctrl = control_bytes(&m, &at, name);
+    let table: Vec<(u32, Desc)> = files
+        .iter()
+        .filter(|(_, b)| !b.is_empty())
+        .map(|(i, b)| (*i, Desc::new(b.as_ptr() as u64, b.len() as u64, 0)))
+        .collect();
+    let files_reg = if table.is_empty() {
+        None
+    } else {
+        let list =
+            DescList::from_descs(MemKind::Dram, table.iter().map(|t| t.1).collect::<Vec<_>>())
+                .map_err(|e| CkptError::agent("artifact data files", e))?;
+        // SAFETY: the buffers are owned by the `Served` the registration goes into, never
+        // resized, and dropped after the registration (its Drop deregisters first).
+        Some(
+            unsafe { agent.register(&list) }
+                .map_err(|e| CkptError::agent("register the artifact data files", e))?,
+        )
+    };
+    let ctrl = control_bytes(&m, &at, name, &table);
     let desc = Desc::new(ctrl.as_ptr() as u64, ctrl.len() as u64, 0);
     let list = DescList::from_descs(MemKind::Dram, vec![desc])
         .map_err(|e| CkptError::agent("control region", e))?;
@@ -225,6 +256,8 @@ fn serve_as(agent: &Agent, uri: &str, name: &str) -> Result<Served> {
     Ok(Served {
         ctrl_reg: Some(reg),
         ctrl,
+        files_reg,
+        _files: files,
         restored,
         manifest: m,
         name: name.to_owned(),
@@ -234,7 +267,12 @@ fn serve_as(agent: &Agent, uri: &str, name: &str) -> Result<Served> {
 
 /// The control region of `m` whose regions are served at `at` (manifest order): the header
 /// page, then the manifest and the table.
-pub(crate) fn control_bytes(m: &Manifest, at: &[Desc], name: &str) -> Vec<u8> {
+pub(crate) fn control_bytes(
+    m: &Manifest,
+    at: &[Desc],
+    name: &str,
+    files: &[(u32, Desc)],
+) -> Vec<u8> {
     let mut body = m.encode();
     let manifest_len = body.len() as u64;
     for d in at {
@@ -251,7 +289,16 @@ pub(crate) fn control_bytes(m: &Manifest, at: &[Desc], name: &str) -> Vec<u8> {
     let nb = &name.as_bytes()[..name.len().min(MAX_NAME)];
     ctrl[32..34].copy_from_slice(&(nb.len() as u16).to_le_bytes());
     ctrl[34..34 + nb.len()].copy_from_slice(nb);
+    let mut table = Vec::with_capacity(24 * files.len());
+    for (i, d) in files {
+        table.extend_from_slice(&u64::from(*i).to_le_bytes());
+        table.extend_from_slice(&d.addr.to_le_bytes());
+        table.extend_from_slice(&d.len.to_le_bytes());
+    }
+    ctrl[168..172].copy_from_slice(&(files.len() as u32).to_le_bytes());
+    ctrl[176..184].copy_from_slice(&xxh3_64(&table).to_le_bytes());
     ctrl.extend_from_slice(&body);
+    ctrl.extend_from_slice(&table);
     ctrl
 }
 
@@ -261,6 +308,42 @@ pub(crate) struct PeerCkpt {
     pub manifest: Manifest,
     /// Where each region of the manifest lives in the peer, in manifest order.
     pub served: Vec<Desc>,
+    /// Where the artifact data files live in the peer: `(index in the manifest's files, where)`.
+    pub files: Vec<(u32, Desc)>,
+}
+
+/// READs data file `i` of the peer's checkpoint (an artifact's) into registered local memory
+/// `mem` (its length), in requests of at most [`BATCH_BYTES`].
+pub(crate) fn read_file(agent: &Agent, p: &PeerCkpt, i: u32, mem: Desc) -> Result<()> {
+    let at = p
+        .files
+        .iter()
+        .find(|f| f.0 == i)
+        .map(|f| f.1)
+        .ok_or_else(|| {
+            CkptError::Manifest(format!(
+                "the peer does not serve data file {i} (an artifact's)"
+            ))
+        })?;
+    if at.len != mem.len {
+        return Err(CkptError::Manifest(format!(
+            "the peer serves data file {i} with {} bytes, {} expected",
+            at.len, mem.len
+        )));
+    }
+    let mut off = 0;
+    while off < mem.len {
+        let n = (mem.len - off).min(BATCH_BYTES);
+        read(
+            agent,
+            &p.agent,
+            vec![Desc::new(mem.addr + off, n, 0)],
+            vec![Desc::new(at.addr + off, n, 0)],
+        )
+        .map_err(|e| CkptError::agent(format!("READ of data file {i}"), e))?;
+        off += n;
+    }
+    Ok(())
 }
 
 /// READs `len` bytes of peer memory at `remote` into registered local memory at `local`.
@@ -299,12 +382,7 @@ fn read_buf(agent: &Agent, peer: &str, remote: u64, len: u64, what: &str) -> Res
 
 /// Finds the checkpoint served at `addr` (`HOST:PORT`) under `name` (the only one there when
 /// `None`) and reads its manifest.
-pub(crate) fn open(
-    agent: &Agent,
-    addr: &str,
-    name: Option<&str>,
-    auth: &Auth,
-) -> Result<PeerCkpt> {
+pub(crate) fn open(agent: &Agent, addr: &str, name: Option<&str>, auth: &Auth) -> Result<PeerCkpt> {
     let bytes = fetch_metadata(addr, auth, PEER_TIMEOUT)
         .map_err(|e| CkptError::agent(format!("metadata of the peer {addr}"), e))?;
     let md = AgentMetadata::decode(&bytes)
@@ -349,7 +427,13 @@ pub(crate) fn open(
     }
     let listed = |v: &[String]| {
         v.iter()
-            .map(|n| if n.is_empty() { "(unnamed)" } else { n.as_str() })
+            .map(|n| {
+                if n.is_empty() {
+                    "(unnamed)"
+                } else {
+                    n.as_str()
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -409,21 +493,32 @@ fn read_control(
                 "{n} regions, a manifest of {mlen} bytes: over the limits"
             )));
         }
+        let k = u32_at(168) as usize;
+        if k > MAX_FILES {
+            return Err(bad(format!("{k} artifact data files: over the limit")));
+        }
         let body_len = mlen + 16 * n as u64;
-        if HEADER + body_len > r.len {
+        let all_len = body_len + 24 * k as u64;
+        if HEADER + all_len > r.len {
             return Err(bad(format!(
-                "{body_len} bytes after the header, and the region holds {}",
+                "{all_len} bytes after the header, and the region holds {}",
                 r.len
             )));
         }
-        let body = read_buf(
+        let all = read_buf(
             agent,
             peer,
             r.addr + HEADER,
-            body_len,
+            all_len,
             &format!("manifest from {addr}"),
         )?;
-        if xxh3_64(&body) != u64_at(24) {
+        let (body, table) = all.split_at(body_len as usize);
+        if xxh3_64(table) != u64_at(176) {
+            return Err(bad(
+                "the file table does not match the digest in the header".into(),
+            ));
+        }
+        if xxh3_64(body) != u64_at(24) {
             return Err(bad(
                 "the manifest does not match the digest in the header".into()
             ));
@@ -446,10 +541,37 @@ fn read_control(
             check_served(registered, e, d).map_err(bad)?;
             served.push(d);
         }
+        let mut files: Vec<(u32, Desc)> = Vec::with_capacity(k);
+        for t in table.chunks_exact(24) {
+            let word = |o: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&t[o..o + 8]);
+                u64::from_le_bytes(b)
+            };
+            let (i, d) = (word(0), Desc::new(word(8), word(16), 0));
+            let f = usize::try_from(i)
+                .ok()
+                .and_then(|i| manifest.files.get(i))
+                .ok_or_else(|| bad(format!("the file table names data file {i}, not listed")))?;
+            let what = RegionEntry {
+                name: format!("data file {i}"),
+                kind: MemKind::Dram,
+                dev_id: 0,
+                addr: 0,
+                len: f.size,
+                chunks: Vec::new(),
+            };
+            check_served(registered, &what, d).map_err(bad)?;
+            if files.iter().any(|x| u64::from(x.0) == i) {
+                return Err(bad(format!("data file {i} is in the file table twice")));
+            }
+            files.push((i as u32, d));
+        }
         Ok(PeerCkpt {
             agent: peer.to_owned(),
             manifest,
             served,
+            files,
         })
     }
 }

@@ -625,6 +625,23 @@ fn s3_artifacts_round_trip_and_a_damaged_pack_is_refused() {
     let e = nixl_checkpoint::restore_artifact_with(&a, &uri, "nope", &work.join("x")).unwrap_err();
     assert!(matches!(e, CkptError::NotFound { .. }), "{e}");
 
+    // Copies through the agent carry the artifact: S3 to a directory, that back to S3 under
+    // another prefix; the tree restores from each, the same.
+    let cdir = work.join("copied");
+    let cm = nixl_checkpoint::copy_with(&a, &uri, cdir.to_str().unwrap(), None).unwrap();
+    assert_eq!(cm.artifacts.len(), 1);
+    let d2 = work.join("from-dir-copy");
+    nixl_checkpoint::restore_artifact(cdir.to_str().unwrap(), "cache", &d2).unwrap();
+    assert_eq!(std::fs::read(d2.join("k/v/kernel.bin")).unwrap(), big);
+    let back_uri = format!("s3://{BUCKET}/art/back");
+    nixl_checkpoint::copy_with_buffer(&a, cdir.to_str().unwrap(), &back_uri, None, CHUNK).unwrap();
+    let d3 = work.join("from-s3-copy");
+    nixl_checkpoint::restore_artifact_with(&a, &back_uri, "cache", &d3).unwrap();
+    assert_eq!(std::fs::read(d3.join("k/v/kernel.bin")).unwrap(), big);
+    assert!(std::fs::read(d3.join("k/none")).unwrap().is_empty() && d3.join("empty").is_dir());
+    nixl_checkpoint::remove_with(&a, &back_uri).unwrap();
+    assert!(m.keys("art/back/").is_empty());
+
     // A flipped byte in the pack object: refused, and nothing appears at the destination.
     let fi = mf.artifacts[0]
         .entries

@@ -231,7 +231,10 @@ fn one_server_serves_several_checkpoints_each_by_name() {
     }
     match read_manifest_with(&a, &format!("{peer}/nope")) {
         Err(CkptError::NoCheckpoint { reason, .. }) => {
-            assert!(reason.contains("alpha") && reason.contains("\"nope\""), "{reason}")
+            assert!(
+                reason.contains("alpha") && reason.contains("\"nope\""),
+                "{reason}"
+            )
         }
         other => panic!("an unknown name: {other:?}"),
     }
@@ -243,7 +246,99 @@ fn one_server_serves_several_checkpoints_each_by_name() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1), "{o:?}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("two checkpoints"), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("two checkpoints"),
+        "{o:?}"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Artifact directories of a served checkpoint: restored from the peer (library and CLI) and
+/// carried by a copy from the peer into a directory, every file the same.
+#[test]
+fn artifacts_are_served_by_a_peer_and_carried_by_a_copy_from_it() {
+    let root = scratch("serve-art");
+    std::fs::create_dir_all(root.join("tree/k/v")).unwrap();
+    std::fs::create_dir_all(root.join("tree/empty")).unwrap();
+    let big = pattern((5 << 20) + 9, 77);
+    std::fs::write(root.join("tree/k/v/kernel.bin"), &big).unwrap();
+    std::fs::write(root.join("tree/k/none"), b"").unwrap();
+    std::fs::write(root.join("tree/top.json"), b"{\"v\":3}").unwrap();
+    let ck = root.join("ck");
+    {
+        let a = agent("backends = [\"uring\", \"posix\"]");
+        let mut b = pattern(300_000, 4);
+        let d = Desc::from_mut_slice(&mut b);
+        let _r = register(&a, d);
+        let opts = SaveOptions {
+            chunk_size: 1 << 20,
+            artifacts: vec![
+                ("cache".into(), root.join("tree")),
+                ("small".into(), root.join("tree/k")),
+            ],
+            ..SaveOptions::default()
+        };
+        // SAFETY: the buffer is live and unchanged during the call.
+        unsafe {
+            save(
+                &a,
+                ck.to_str().unwrap(),
+                &[Region::dram("r0", d.addr, d.len)],
+                &opts,
+            )
+        }
+        .unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+        .args(["serve", ck.to_str().unwrap(), "--json", "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _server = Server(child);
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let peer = v["served"][0]["uri"].as_str().unwrap().to_owned();
+    assert!(peer.ends_with("/ck"), "{peer}");
+
+    let check = |d: &std::path::Path| {
+        assert_eq!(std::fs::read(d.join("k/v/kernel.bin")).unwrap(), big);
+        assert!(std::fs::read(d.join("k/none")).unwrap().is_empty());
+        assert_eq!(std::fs::read(d.join("top.json")).unwrap(), b"{\"v\":3}");
+        assert!(d.join("empty").is_dir());
+    };
+    let a = agent("backends = [\"tcp\", \"uring\", \"posix\"]");
+    let d1 = root.join("out1");
+    let rep = nixl_checkpoint::restore_artifact_with(&a, &peer, "cache", &d1).unwrap();
+    assert_eq!(rep.files, 3);
+    check(&d1);
+    let d2 = root.join("out2");
+    let o = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+        .args(["artifact", &peer, "small"])
+        .arg(&d2)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(std::fs::read(d2.join("v/kernel.bin")).unwrap(), big);
+    let e = nixl_checkpoint::restore_artifact_with(&a, &peer, "nope", &root.join("x")).unwrap_err();
+    assert!(matches!(e, CkptError::NotFound { .. }), "{e}");
+
+    // A copy from the peer carries both artifacts.
+    let copy = root.join("copy");
+    let o = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+        .args(["copy", &peer])
+        .arg(&copy)
+        .args(["--buffer", "1MiB", "-q"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let d3 = root.join("out3");
+    nixl_checkpoint::restore_artifact(copy.to_str().unwrap(), "cache", &d3).unwrap();
+    check(&d3);
     std::fs::remove_dir_all(&root).unwrap();
 }
 

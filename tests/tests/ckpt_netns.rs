@@ -71,10 +71,52 @@ fn restorer(uri: &str) {
         );
     }
     let _ = writeln!(std::io::stderr(), "restored {} regions", SIZES.len());
+    if std::env::var_os("NIXL_CKPT_ARTIFACT").is_some() {
+        let dest = std::env::temp_dir().join(format!("nixl-ckpt-netns-art-{}", std::process::id()));
+        let rep = nixl_checkpoint::restore_artifact_with(&a, uri, "cache", &dest).unwrap();
+        let got = std::fs::read(dest.join("k/kernel.bin")).unwrap();
+        let _ = std::fs::remove_dir_all(&dest);
+        assert!(
+            got == nixl_tests::pattern(seed, ARTIFACT_LEN),
+            "the artifact differs"
+        );
+        let _ = writeln!(std::io::stderr(), "restored artifact: {} files", rep.files);
+    }
+}
+
+/// The artifact directory of the second sample: one file of `pattern(seed, ARTIFACT_LEN)`.
+const ARTIFACT_LEN: usize = (1 << 20) + 3;
+
+/// Saves the three regions of the test to `dir`, their bytes from `seed`, with an artifact
+/// directory `cache` when `artifact`.
+fn save_sample_with(dir: &Path, seed: u64, artifact: bool) {
+    let mut artifacts = Vec::new();
+    if artifact {
+        let tree = dir.with_extension("tree");
+        std::fs::create_dir_all(tree.join("k")).unwrap();
+        std::fs::write(
+            tree.join("k/kernel.bin"),
+            nixl_tests::pattern(seed, ARTIFACT_LEN),
+        )
+        .unwrap();
+        artifacts.push(("cache".to_owned(), tree));
+    }
+    save_opts(
+        dir,
+        seed,
+        SaveOptions {
+            artifacts,
+            ..SaveOptions::default()
+        },
+    );
 }
 
 /// Saves the three regions of the test to `dir`, their bytes from `seed`.
 fn save_sample(dir: &Path, seed: u64) {
+    save_opts(dir, seed, SaveOptions::default());
+}
+
+fn save_opts(dir: &Path, seed: u64, opts: SaveOptions) {
     let a = agent("backends = [\"uring\", \"posix\"]");
     let mut bufs: Vec<Vec<u8>> = SIZES
         .iter()
@@ -91,7 +133,7 @@ fn save_sample(dir: &Path, seed: u64) {
         .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
         .collect();
     // SAFETY: the buffers are live and unchanged during the call.
-    unsafe { save(&a, dir.to_str().unwrap(), &regions, &SaveOptions::default()) }.unwrap();
+    unsafe { save(&a, dir.to_str().unwrap(), &regions, &opts) }.unwrap();
 }
 
 const DAEMON_TEST: &str = "checkpoint_held_by_a_daemon_restores_in_another_namespace";
@@ -122,7 +164,7 @@ fn checkpoint_held_by_a_daemon_restores_in_another_namespace() {
     let ck = dir.join("ck");
     save_sample(&ck, 1);
     let ck2 = dir.join("ck2");
-    save_sample(&ck2, 40);
+    save_sample_with(&ck2, 40, true);
     let lab = Lab::pair();
     let secret = format!("ckpt-netnsd-{:032x}", nixl_core::random_u64().unwrap());
     let sock = dir.join("agent.sock");
@@ -182,14 +224,22 @@ fn checkpoint_held_by_a_daemon_restores_in_another_namespace() {
     let text = String::from_utf8_lossy(&out.stderr).into_owned();
     // A second checkpoint in the same daemon: each restores by its name, and a restorer that
     // names none is refused with both names.
-    nixl_checkpoint::daemon::serve_in_daemon(&a, ck2.to_str().unwrap(), &sock, "v").unwrap();
+    // It holds an artifact directory, served from a lease of its own and restored by the peer.
+    let placed_v =
+        nixl_checkpoint::daemon::serve_in_daemon(&a, ck2.to_str().unwrap(), &sock, "v").unwrap();
+    assert_eq!(placed_v.leases.len(), 2 + SIZES.len());
     let by_name = |name: &str, seed: u64| {
-        let o = child(1, "restore")
-            .env("NIXL_CKPT_URI", format!("{uri}/{name}"))
-            .env("NIXL_CKPT_SEED", seed.to_string())
-            .output()
-            .unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+        let mut c = child(1, "restore");
+        c.env("NIXL_CKPT_URI", format!("{uri}/{name}"))
+            .env("NIXL_CKPT_SEED", seed.to_string());
+        if name == "v" {
+            c.env("NIXL_CKPT_ARTIFACT", "1");
+        }
+        let o = c.output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     let (w_ok, w_text) = by_name("w", 1);
     let (v_ok, v_text) = by_name("v", 40);
@@ -213,12 +263,15 @@ fn checkpoint_held_by_a_daemon_restores_in_another_namespace() {
         "restorer: {text}"
     );
     assert!(w_ok && w_text.contains("restored 3 regions"), "w: {w_text}");
-    assert!(v_ok && v_text.contains("restored 3 regions"), "v: {v_text}");
+    assert!(
+        v_ok && v_text.contains("restored 3 regions") && v_text.contains("restored artifact: 1"),
+        "v: {v_text}"
+    );
     assert!(
         ambiguous.contains("refused") && ambiguous.contains("several") && ambiguous.contains("v"),
         "{ambiguous}"
     );
-    assert_eq!(released_v.unwrap(), 1 + SIZES.len());
+    assert_eq!(released_v.unwrap(), 2 + SIZES.len());
     assert_eq!(released.unwrap(), 1 + SIZES.len());
     assert!(
         after.contains("refused") && after.contains("no control region"),
