@@ -373,7 +373,9 @@ fn s3_rm_of_a_base_with_an_incremental_beside_it_is_refused_unless_forced() {
     // A prefix that merely starts like the base's is not confused with it.
     save_bufs(&a, &format!("{base}x"), &mut bufs, None);
     match nixl_checkpoint::remove_with(&a, &base) {
-        Err(CkptError::HasDependents { dependents, .. }) => assert_eq!(dependents, [step.clone()]),
+        Err(CkptError::HasDependents { dependents, .. }) => {
+            assert_eq!(dependents, std::slice::from_ref(&step))
+        }
         r => panic!("the base of an incremental was removed: {r:?}"),
     }
     // The others have no dependents and go.
