@@ -36,7 +36,14 @@ struct Cli {
     /// No progress on stderr.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Connections per peer of this process's tcp backend (reads from nixl://; the backend's
+    /// default, 2, when not given).
+    #[arg(long, global = true, value_name = "N")]
+    tcp_conns: Option<usize>,
 }
+
+/// `--tcp-conns`, for [`agent_for`].
+static TCP_CONNS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
@@ -313,8 +320,12 @@ fn agent_for(uris: &[&str]) -> Result<nixl_core::Agent, CkptError> {
     if uris.iter().any(|u| u.starts_with("nixl://")) {
         backends.push("\"tcp\"");
     }
+    let tcp = TCP_CONNS
+        .get()
+        .map(|n| format!("\n[tcp]\nconns_per_peer = {n}\n"))
+        .unwrap_or_default();
     let cfg = nixl_transports::config::Config::from_toml(&format!(
-        "backends = [{}]",
+        "backends = [{}]{tcp}",
         backends.join(", ")
     ))
     .map_err(bad)?;
@@ -671,6 +682,9 @@ mod bench;
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(n) = cli.tcp_conns {
+        let _ = TCP_CONNS.set(n);
+    }
     match run(&cli) {
         Ok(v) => {
             if cli.json {
