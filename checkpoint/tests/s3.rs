@@ -141,6 +141,21 @@ impl Moto {
         );
     }
 
+    /// Runs `nixl-ckpt ARGS` with the AWS environment pointing at this server.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+            .args(args)
+            .env(
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            )
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .output()
+            .unwrap()
+    }
+
     /// Keys under `prefix`.
     fn keys(&self, prefix: &str) -> Vec<String> {
         let (_, b) = self
@@ -240,16 +255,7 @@ fn s3_round_trips_and_every_damage_is_named() {
     assert_eq!(res.unwrap(), LENS.iter().sum::<usize>() as u64);
     assert_eq!(got, first);
     // The CLI reads it too, configured from the standard AWS environment.
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-            .args(args)
-            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| m.cli(args);
     let o = cli(&["inspect", &uri, "--json"]);
     assert!(o.status.success(), "{o:?}");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -384,16 +390,7 @@ fn s3_rm_of_a_base_with_an_incremental_beside_it_is_refused_unless_forced() {
         nixl_checkpoint::remove_with(&a, &format!("{base}x")).unwrap(),
         3
     );
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-            .args(args)
-            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| m.cli(args);
     let o = cli(&["rm", &base, "--json", "-q"]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -518,16 +515,7 @@ fn s3_incremental_copy_cleanup_and_rm() {
     assert!(e.to_string().contains("checksum"), "{e}");
     assert!(!dir.join("d3").join("manifest.nckpt").exists());
     // The CLI: S3 to a directory, and verify it.
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-            .args(args)
-            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| m.cli(args);
     let d2 = dir.join("d2");
     let d2 = d2.to_str().unwrap();
     let o = cli(&["copy", &step, d2, "--json", "-q"]);

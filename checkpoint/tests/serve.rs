@@ -51,6 +51,23 @@ fn scratch(tag: &str) -> std::path::PathBuf {
 /// Kills the serving process when the test ends, passing or not.
 struct Server(Child);
 
+impl Server {
+    /// Starts `nixl-ckpt serve ... --json` and reads the JSON line it prints first.
+    fn start(mut cmd: Command) -> (Server, serde_json::Value) {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        (Server(child), v)
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -64,41 +81,10 @@ fn restore_from_a_peer_serving_the_checkpoint_over_tcp() {
     let uri = dir.to_str().unwrap();
     // 21 chunks of 1 MiB in r0: the restore goes in more requests than it keeps in flight.
     let sizes = [(20 << 20) + 17, 4096, 777];
-    let want: Vec<Vec<u8>> = sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| pattern(n, i as u64 + 3))
-        .collect();
-    {
-        let a = agent("backends = [\"uring\", \"posix\"]");
-        let mut bufs = want.clone();
-        let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
-        let _regs: Vec<_> = descs.iter().map(|d| register(&a, *d)).collect();
-        let regions: Vec<Region> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
-            .collect();
-        let opts = SaveOptions {
-            chunk_size: 1 << 20,
-            ..SaveOptions::default()
-        };
-        // SAFETY: the buffers are live and unchanged during the call.
-        unsafe { save(&a, uri, &regions, &opts) }.unwrap();
-    }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-        .args(["serve", uri, "--json", "--quiet"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = Server(child);
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let want = save_sample(&dir, &sizes, 3);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"));
+    cmd.args(["serve", uri, "--json", "--quiet"]);
+    let (_server, v) = Server::start(cmd);
     let peer = v["uri"].as_str().unwrap().to_owned();
     assert!(peer.starts_with("nixl://127.0.0.1:"), "{peer}");
 
@@ -187,22 +173,12 @@ fn one_server_serves_several_checkpoints_each_by_name() {
     let (da, db) = (root.join("first"), root.join("second-ck"));
     let wa = save_sample(&da, &[(3 << 20) + 5, 999], 11);
     let wb = save_sample(&db, &[4096, (2 << 20) + 1, 17], 50);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-        .arg("serve")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"));
+    cmd.arg("serve")
         .arg(format!("alpha={}", da.display()))
         .arg(&db)
-        .args(["--json", "--quiet"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = Server(child);
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        .args(["--json", "--quiet"]);
+    let (_server, v) = Server::start(cmd);
     let peer = v["uri"].as_str().unwrap().to_owned();
     let served = v["served"].as_array().unwrap();
     assert_eq!(served.len(), 2, "{v}");
@@ -289,19 +265,9 @@ fn artifacts_are_served_by_a_peer_and_carried_by_a_copy_from_it() {
         }
         .unwrap();
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-        .args(["serve", ck.to_str().unwrap(), "--json", "--quiet"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = Server(child);
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"));
+    cmd.args(["serve", ck.to_str().unwrap(), "--json", "--quiet"]);
+    let (_server, v) = Server::start(cmd);
     let peer = v["served"][0]["uri"].as_str().unwrap().to_owned();
     assert!(peer.ends_with("/ck"), "{peer}");
 
@@ -459,19 +425,9 @@ fn copy_from_a_peer_streams_in_bounded_memory() {
         // SAFETY: the buffers are live and unchanged during the call.
         unsafe { save(&a, uri, &regions, &opts) }.unwrap();
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-        .args(["serve", uri, "--json", "--quiet"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = Server(child);
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"));
+    cmd.args(["serve", uri, "--json", "--quiet"]);
+    let (_server, v) = Server::start(cmd);
     let peer = v["uri"].as_str().unwrap().to_owned();
 
     // The copy's peak resident memory, as it reports it (its own VmHWM: a child's rusage
