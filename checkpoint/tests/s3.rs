@@ -4,117 +4,34 @@
 //! newer version), each refused naming region and chunk. Without moto: `SKIPPED` (a failure under
 //! `NIXL_REQUIRE_OBJECT_TESTS=1` or `NIXL_REQUIRE_ALL=1`, as in CI).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use nixl_checkpoint::{
     restore, restore_mapped, save, CkptError, Placement, Region, RestoreOptions, SaveOptions,
     SaveReport,
 };
 use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
+use nixl_testkit::moto::Moto;
 use nixl_transports::config::Config;
 
 const BUCKET: &str = "ckpt-test";
-const AUTH: &str = "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/s3/aws4_request, \
-                    SignedHeaders=host, Signature=0";
-
-struct Moto {
-    child: Child,
-    port: u16,
+/// moto with the test's bucket (multipart from 64 KiB, so that packs go up in parts).
+fn start_moto() -> Moto {
+    let m = Moto::start(&[("S3_UPLOAD_PART_MIN_SIZE", "65536")]);
+    m.make_bucket(BUCKET);
+    m
 }
 
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The objects of the test's bucket, and the CLI pointed at the server.
+trait Bucket {
+    fn object(&self, key: &str) -> Vec<u8>;
+    fn put(&self, key: &str, body: &[u8]);
+    fn delete(&self, key: &str);
+    fn cli(&self, args: &[&str]) -> std::process::Output;
+    fn keys(&self, prefix: &str) -> Vec<String>;
 }
 
-impl Moto {
-    /// Why moto cannot run here, if it cannot.
-    fn missing() -> Option<String> {
-        let have = Command::new("python3")
-            .args(["-c", "import moto.server"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        (!have).then(|| {
-            "moto not installed (python3 -m pip install 'moto[server]'; .ci/setup does)".into()
-        })
-    }
-
-    fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cmd = Command::new("python3");
-        cmd.args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .env("S3_UPLOAD_PART_MIN_SIZE", "65536")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe and touches only the child: the server dies with
-        // the test process.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let m = Moto {
-            child: cmd.spawn().unwrap(),
-            port,
-        };
-        let t0 = Instant::now();
-        while m.http("GET", "/", b"").map_or(true, |(s, _)| s == 0) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "moto did not answer"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(m.http("PUT", &format!("/{BUCKET}"), b"").unwrap().0, 200);
-        m
-    }
-
-    /// One HTTP/1.0 exchange: (status, body).
-    fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nAuthorization: {AUTH}\r\n\r\n",
-            self.port,
-            body.len()
-        )?;
-        s.write_all(body)?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)?;
-        let head_end = out
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map_or(out.len(), |i| i + 4);
-        let status = String::from_utf8_lossy(&out[..head_end])
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        Ok((status, out[head_end..].to_vec()))
-    }
-
+impl Bucket for Moto {
     fn object(&self, key: &str) -> Vec<u8> {
         let (st, b) = self.http("GET", &format!("/{BUCKET}/{key}"), b"").unwrap();
         assert_eq!(st, 200, "GET {key}");
@@ -247,7 +164,7 @@ fn restore_all(a: &Agent, uri: &str) -> (Result<u64, CkptError>, Vec<Vec<u8>>) {
 #[test]
 fn s3_round_trips_and_every_damage_is_named() {
     nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
-    let m = Moto::start();
+    let m = start_moto();
     let a = agent(&m);
     let uri = format!("s3://{BUCKET}/ckpt/w0");
     let first = save_gen(&a, &uri, 1);
@@ -366,7 +283,7 @@ fn save_bufs(a: &Agent, uri: &str, bufs: &mut [Vec<u8>], base: Option<&str>) -> 
 #[test]
 fn s3_rm_of_a_base_with_an_incremental_beside_it_is_refused_unless_forced() {
     nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
-    let m = Moto::start();
+    let m = start_moto();
     let a = agent(&m);
     let base = format!("s3://{BUCKET}/guard/base");
     let step = format!("s3://{BUCKET}/guard/step");
@@ -421,7 +338,7 @@ fn s3_rm_of_a_base_with_an_incremental_beside_it_is_refused_unless_forced() {
 #[test]
 fn s3_incremental_copy_cleanup_and_rm() {
     nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
-    let m = Moto::start();
+    let m = start_moto();
     let a = agent(&m);
     let base = format!("s3://{BUCKET}/inc/base");
     let step = format!("s3://{BUCKET}/inc/step");
@@ -572,7 +489,7 @@ fn s3_incremental_copy_cleanup_and_rm() {
 #[test]
 fn s3_artifacts_round_trip_and_a_damaged_pack_is_refused() {
     nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
-    let m = Moto::start();
+    let m = start_moto();
     let a = agent(&m);
     let work = std::env::temp_dir().join(format!("nixl-ckpt-s3art-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);

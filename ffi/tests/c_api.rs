@@ -570,91 +570,15 @@ fn kv_handoff_under_valgrind() {
     single("kv", |p| &p.kv, &["{tmo}"], true);
 }
 
-/// moto's S3 server (`python3 -m moto.server`, from `.ci/setup`) with one bucket, for the
-/// checkpoint artifacts under `s3://`; killed when dropped.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Moto {
-    fn missing() -> Option<String> {
-        let have = Command::new("python3")
-            .args(["-c", "import moto.server"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        (!have).then(|| {
-            "moto not installed (python3 -m pip install 'moto[server]'; .ci/setup does)".into()
-        })
-    }
-
-    /// Starts moto and makes `bucket`.
-    fn start(bucket: &str) -> Moto {
-        use std::io::Read as _;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto");
-        let m = Moto { child, port };
-        let put = || -> std::io::Result<String> {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(
-                s,
-                "PUT /{bucket} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\n\
-                 Authorization: AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/s3/aws4_request, \
-                 SignedHeaders=host, Signature=0\r\n\r\n"
-            )?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        };
-        let t0 = Instant::now();
-        loop {
-            match put() {
-                Ok(a) if a.starts_with("HTTP/1.0 200") || a.starts_with("HTTP/1.1 200") => break,
-                r => assert!(
-                    t0.elapsed() < Duration::from_secs(30),
-                    "moto did not make the bucket: {r:?}"
-                ),
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        m
-    }
-}
-
 /// `ckpt.c` part 5: artifact directories under `s3://` (moto) through the C ABI, restored by
 /// `nixl_ckpt_restore_artifact` (a private agent from `AWS_*`) and `..._with` (the caller's).
 #[test]
 fn checkpoint_artifacts_under_s3_through_the_c_abi() {
+    use nixl_testkit::moto::Moto;
     nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
-    let m = Moto::start("c-ckpt");
-    let endpoint = format!("http://127.0.0.1:{}", m.port);
+    let m = Moto::start(&[]);
+    m.make_bucket("c-ckpt");
+    let endpoint = m.endpoint();
     single(
         "ckpt",
         |p| &p.ckpt,
