@@ -140,6 +140,16 @@ fn restore_from_a_peer_serving_the_checkpoint_over_tcp() {
 /// Saves `sizes` regions `r<i>` of `pattern(n, seed + i)` to `dir` in chunks of 1 MiB; returns
 /// their bytes.
 fn save_sample(dir: &std::path::Path, sizes: &[usize], seed: u64) -> Vec<Vec<u8>> {
+    save_sample_with(dir, sizes, seed, None)
+}
+
+/// [`save_sample`] with the caller's JSON `metadata`.
+fn save_sample_with(
+    dir: &std::path::Path,
+    sizes: &[usize],
+    seed: u64,
+    metadata: Option<&str>,
+) -> Vec<Vec<u8>> {
     let want: Vec<Vec<u8>> = sizes
         .iter()
         .enumerate()
@@ -156,6 +166,7 @@ fn save_sample(dir: &std::path::Path, sizes: &[usize], seed: u64) -> Vec<Vec<u8>
         .collect();
     let opts = SaveOptions {
         chunk_size: 1 << 20,
+        metadata: metadata.map(str::to_owned),
         ..SaveOptions::default()
     };
     // SAFETY: the buffers are live and unchanged during the call.
@@ -403,28 +414,7 @@ fn copy_from_a_peer_streams_in_bounded_memory() {
     // 72 MiB and change in three regions, chunks of 1 MiB; the copy stages 4 MiB at a time.
     let sizes = [(48 << 20) + 4097, 24 << 20, 999];
     let total: usize = sizes.iter().sum();
-    {
-        let a = agent("backends = [\"uring\", \"posix\"]");
-        let mut bufs: Vec<Vec<u8>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| pattern(n, i as u64 + 11))
-            .collect();
-        let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
-        let _regs: Vec<_> = descs.iter().map(|d| register(&a, *d)).collect();
-        let regions: Vec<Region> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
-            .collect();
-        let opts = SaveOptions {
-            chunk_size: 1 << 20,
-            metadata: Some("{\"model\": \"copy-test\"}".into()),
-            ..SaveOptions::default()
-        };
-        // SAFETY: the buffers are live and unchanged during the call.
-        unsafe { save(&a, uri, &regions, &opts) }.unwrap();
-    }
+    save_sample_with(&dir, &sizes, 11, Some("{\"model\": \"copy-test\"}"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"));
     cmd.args(["serve", uri, "--json", "--quiet"]);
     let (_server, v) = Server::start(cmd);
