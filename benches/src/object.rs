@@ -33,12 +33,12 @@ pub struct Server {
 impl Server {
     /// Starts moto on a free loopback port and creates the bucket.
     pub fn start_moto() -> Result<Server, String> {
-        if let Some(why) = nixl_testkit::moto::missing(&["flask", "werkzeug"]) {
+        if let Some(why) = Moto::missing() {
             return Err(why);
         }
-        let moto = Moto::start(&[], &[("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "268435456")])?;
+        let moto = Moto::start(&[("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "268435456")]);
         let s = Server {
-            addr: moto.addr(),
+            addr: format!("127.0.0.1:{}", moto.port),
             moto: Some(moto),
         };
         s.create_bucket()?;

@@ -3,16 +3,23 @@
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 
-use nixl_testkit::moto::{self, Moto};
+use nixl_testkit::moto::Moto;
 
-/// Why moto cannot run here, or `None`.
+/// Why moto (with boto3, which uploads the model) cannot run here, or `None`.
 fn moto_missing() -> Option<String> {
-    python_missing().or_else(|| moto::missing(&["boto3"]))
+    python_missing().or_else(Moto::missing).or_else(|| {
+        let ok = Command::new("python3")
+            .args(["-c", "import boto3"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        (!ok).then(|| "boto3 is not installed (.ci/setup installs it)".into())
+    })
 }
 
 fn aws(c: &mut Command, port: u16) -> &mut Command {
@@ -25,7 +32,7 @@ fn aws(c: &mut Command, port: u16) -> &mut Command {
 #[test]
 fn s3_fallback_alone_and_behind_a_bad_source() {
     nixl_testkit::require!(moto_missing(), REQ);
-    let m = Moto::start(&[], &[]).unwrap();
+    let m = Moto::start(&[]);
     let (t, model) = model_dir("s3", "sharded", 10);
     // boto3 makes the bucket and uploads the files under models/m/.
     let mut up = Command::new("python3");
@@ -38,7 +45,7 @@ fn s3_fallback_alone_and_behind_a_bad_source() {
          \x20   s3.upload_file(os.path.join(sys.argv[1], f), 'weights', 'models/m/' + f)",
     ])
     .arg(&model);
-    let o = aws(&mut up, m.port()).output().unwrap();
+    let o = aws(&mut up, m.port).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     // A bad source (every chunk corrupted) and S3: S3 gives every chunk.
@@ -57,7 +64,7 @@ fn s3_fallback_alone_and_behind_a_bad_source() {
     let (_bad, bad) = serve(cmd(), &model, "m", "127.0.0.1:0", &extra);
     let out = t.join("out");
     let mut c = cmd();
-    aws(&mut c, m.port());
+    aws(&mut c, m.port);
     let r = pull(
         c,
         "m",
@@ -78,7 +85,7 @@ fn s3_fallback_alone_and_behind_a_bad_source() {
     // No source at all: S3 alone, by the manifest the first pull left.
     let out2 = t.join("out2");
     let mut c = cmd();
-    aws(&mut c, m.port());
+    aws(&mut c, m.port);
     let mf = out.join(".nixl-weights-manifest");
     let r = pull(
         c,
@@ -100,7 +107,7 @@ fn s3_fallback_alone_and_behind_a_bad_source() {
 
     // A wrong prefix: a clear error, not a hang.
     let mut c = cmd();
-    aws(&mut c, m.port());
+    aws(&mut c, m.port);
     let (code, err) = pull(
         c,
         "m",
