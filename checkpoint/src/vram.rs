@@ -88,6 +88,18 @@ impl DataPath {
     }
 }
 
+/// `[{"region": NAME, "path": ..., "reason": ...}, ...]` of a report's `paths`.
+pub fn paths_json(paths: &[(String, DataPath)]) -> serde_json::Value {
+    paths
+        .iter()
+        .map(|(name, p)| {
+            let mut j = p.to_json();
+            j["region"] = serde_json::Value::from(name.as_str());
+            j
+        })
+        .collect()
+}
+
 /// What decides a region's path: see [`choose_path`].
 #[derive(Clone, Debug)]
 pub struct PathFacts<'a> {
