@@ -626,14 +626,12 @@ mod tests {
     fn vram_goes_through_gds_only_when_every_condition_holds() {
         assert_eq!(choose_path(&facts()), DataPath::Gds);
         // Host memory never takes gds, whatever else holds.
-        for kind in [MemKind::Dram] {
-            let f = PathFacts {
-                kind,
-                gds: Err("x"),
-                ..facts()
-            };
-            assert_eq!(choose_path(&f), DataPath::Host);
-        }
+        let f = PathFacts {
+            kind: MemKind::Dram,
+            gds: Err("x"),
+            ..facts()
+        };
+        assert_eq!(choose_path(&f), DataPath::Host);
         let r = reason(choose_path(&PathFacts {
             gds: Err("needs libcufile.so.0: not found"),
             ..facts()
