@@ -110,12 +110,12 @@ use nixl_core::codec::Reader;
 use nixl_core::region::{enter_all, leave_all, AccessGate, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, RegionAccess, Result, Runs, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, Region, RegionAccess, Result, Run, Runs, TargetHandle, XferOp, XferPlan,
 };
 use parking_lot::{Condvar, Mutex};
 use serve::*;
 use split::*;
-use sys::{Cma, Span};
+use sys::{Cma, Cursor, Pairs};
 use wire::{Frame, Framer, Status, WireSeg};
 use xfer::*;
 
