@@ -199,6 +199,7 @@ stage gds-cufile "${EXE[gds]}" gpu_vram_to_file_through_cufile "${GPU[@]}" NIXL_
 stage gds-cufile-compat "${EXE[gds]}" gpu_vram_to_file_through_cufile_compat_mode "${GPU[@]}" NIXL_TEST_GDS_DIR="$GDSDIR"
 stage ckpt-vram "${EXE[vram]}" gpu_vram_regions_save_restore_and_recorded_addresses "${GPU[@]}"
 stage ckpt-vram-manifest "${EXE[vram]}" vram_region_in_a_manifest_needs_the_driver "${GPU[@]}"
+stage ckpt-vram-gds "${EXE[vram]}" gpu_vram_regions_through_gds "${GPU[@]}" NIXL_TEST_GDS_DIR="$GDSDIR"
 if [ "${NIXL_TEST_CUDA_FABRIC:-}" = 1 ]; then
     stage cuda-fabric "${EXE[cuda]}" gpu_two_processes_fabric_handles "${GPU[@]}" NIXL_TEST_CUDA_FABRIC=1
 fi

@@ -6,25 +6,27 @@ use std::path::{Component, Path};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nixl_core::{Agent, Desc, DescList, MemKind, XferOp};
+use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, XferOp};
 
 use crate::error::{CkptError, Result};
 use crate::manifest::{self, Chunk, DataFile, Manifest, RegionEntry};
 use crate::ops::{read_manifest, Location};
 use crate::s3::{self, S3Loc};
-use crate::vram::HostStage;
+use crate::vram::{self, DataPath, HostStage};
 
 pub(crate) use crate::files::{
-    hash_all, register_files, remove_stale, sync_dir, transfers, write_manifest, DataFd, Posted,
+    hash_all, register_files, remove_stale, sync_dir, transfers, transfers_of, write_manifest,
+    DataFd, Posted,
 };
-pub use crate::restore::{read_manifest_with, restore};
+pub use crate::restore::{read_manifest_with, restore, restore_report, RestoreReport};
 pub(crate) use crate::restore::{restore_chunks, restore_opened, ChunkAt, Opened, Pick};
 /// A region to save, or to restore into: a name, and where the memory is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Region {
     /// Name (unique in a checkpoint; what restore matches on).
     pub name: String,
-    /// Memory kind: DRAM, or VRAM (staged through host memory; see the crate's docs).
+    /// Memory kind: DRAM, or VRAM (through `gds` or staged through host memory; see
+    /// [`crate::vram`]).
     pub kind: MemKind,
     /// Virtual address.
     pub addr: u64,
@@ -152,14 +154,19 @@ pub struct SaveReport {
     pub backend: Option<String>,
     /// The manifest written.
     pub manifest: Manifest,
+    /// How each region's bytes moved (`(name, path)`, in the order given): host memory, VRAM
+    /// through `gds`, or VRAM staged through host memory with the reason (see [`crate::vram`]).
+    pub paths: Vec<(String, DataPath)>,
 }
 
 /// Saves `regions` of `agent`'s registered memory to the checkpoint directory `uri`, replacing
 /// the checkpoint there (if any) only once the new one is complete and durable.
 ///
 /// Every region must lie inside a registration of `agent`, and the agent must run a backend
-/// that writes files (`uring` or `posix`). VRAM regions are copied to host memory first (the
-/// CUDA driver is needed then; without it the error says so).
+/// that writes files (`uring` or `posix`). VRAM regions go to a directory through the agent's
+/// `gds` backend where it runs and the region allows ([`vram::choose_path`]); otherwise they
+/// are copied to host memory first (the CUDA driver is needed then; without it the error says
+/// so). [`SaveReport::paths`] says which.
 ///
 /// # Safety
 /// Every region's memory must stay valid for reads, and unchanged, for the whole call.
@@ -185,7 +192,12 @@ pub unsafe fn save(
             ))
         })?;
     }
-    match HostStage::new(agent, regions)? {
+    let dir = match Location::parse(uri)? {
+        Location::Dir(d) => Some(d),
+        _ => None,
+    };
+    let paths = vram::plan(agent, regions, dir.as_deref(), true, opts.direct, |_| true);
+    let mut rep = match HostStage::new(agent, regions, &paths)? {
         // SAFETY: the caller's contract is this function's.
         None => unsafe { save_from(agent, uri, regions, regions, opts) },
         Some(st) => {
@@ -194,11 +206,14 @@ pub unsafe fn save(
             // SAFETY: the host copies live as long as `st`, past the call.
             unsafe { save_from(agent, uri, &st.regions, regions, opts) }
         }
-    }
+    }?;
+    rep.paths = regions.iter().map(|r| r.name.clone()).zip(paths).collect();
+    Ok(rep)
 }
 
-/// [`save`] of the bytes of `read` (registered host memory), recorded in the manifest as
-/// `origin` (the caller's regions, same order, names and lengths).
+/// [`save`] of the bytes of `regions` (registered host memory, or VRAM that goes through
+/// `gds`), recorded in the manifest as `origin` (the caller's regions, same order, names and
+/// lengths).
 ///
 /// # Safety
 /// As [`save`], for `read`.
@@ -279,6 +294,7 @@ pub(crate) unsafe fn save_from(
 
     // The chunks of every region, and (for an incremental save) which of them changed.
     let chunks = chunk_list(regions, cs);
+    let refs: Vec<&Region> = regions.iter().collect();
     let progress = opts.progress.as_ref();
     let mut files: Vec<DataFile> = Vec::new();
     let mut entries = entries_of(origin);
@@ -287,7 +303,7 @@ pub(crate) unsafe fn save_from(
     let mut hashes: Vec<u64> = Vec::new();
     if let Some((bdir, bm)) = &base {
         // SAFETY: the caller keeps the regions readable for the call.
-        hashes = unsafe { hash_all(&chunks, progress, "hash") };
+        hashes = unsafe { vram::hash_chunks(&refs, &chunks, progress, "hash") }?;
         for (k, &(ri, ci, _, len)) in chunks.iter().enumerate() {
             let Some(be) = bm.region(&regions[ri].name) else {
                 continue;
@@ -310,6 +326,8 @@ pub(crate) unsafe fn save_from(
     let mut placed: Vec<Chunk> = Vec::with_capacity(chunks.len());
     let mut next_off = vec![0u64; regions.len()];
     let mut pieces: Vec<(Desc, Desc, bool)> = Vec::new();
+    // Pieces of VRAM regions (only those going through `gds` reach here), per device.
+    let mut vpieces: Vec<(Desc, Desc, bool)> = Vec::new();
     let result = (|| -> Result<Option<String>> {
         for (k, &(ri, _, addr, len)) in chunks.iter().enumerate() {
             if let Some(c) = reuse[k] {
@@ -327,7 +345,15 @@ pub(crate) unsafe fn save_from(
             next_off[ri] += cs;
             let size = &mut files[*fi as usize].size;
             *size = (*size).max(off + len);
-            fd.pieces(addr, off, len, &mut pieces);
+            if regions[ri].kind == MemKind::Vram {
+                let from = vpieces.len();
+                fd.pieces(addr, off, len, &mut vpieces);
+                for p in &mut vpieces[from..] {
+                    p.0.dev_id = regions[ri].dev_id;
+                }
+            } else {
+                fd.pieces(addr, off, len, &mut pieces);
+            }
             placed.push(Chunk {
                 file: *fi,
                 offset: off,
@@ -336,15 +362,31 @@ pub(crate) unsafe fn save_from(
             });
         }
         let fds: Vec<&DataFd> = data.iter().flatten().map(|(_, fd)| fd).collect();
-        if pieces.is_empty() {
+        if pieces.is_empty() && vpieces.is_empty() {
             return Ok(None);
         }
         let _files_reg = register_files(agent, &fds, &files_sizes(&data, &files))?;
-        let reqs = transfers(agent, XferOp::Write, &pieces)?;
+        let mut reqs = transfers(agent, XferOp::Write, &pieces)?;
+        for dev in device_ids(&vpieces) {
+            let mine: Vec<_> = vpieces
+                .iter()
+                .filter(|p| p.0.dev_id == dev)
+                .copied()
+                .collect();
+            let mut v = transfers_of(
+                agent,
+                XferOp::Write,
+                MemKind::Vram,
+                Some(BackendName::Gds),
+                &mine,
+            )?;
+            reqs.0.append(&mut v.0);
+        }
         if hashes.is_empty() {
-            // A full save: checksums on every core while the writes run.
+            // A full save: checksums on every core while the writes run (VRAM chunks through
+            // a bounded host bounce, see `vram`).
             // SAFETY: the caller keeps the regions readable for the call.
-            hashes = unsafe { hash_all(&chunks, progress, "save") };
+            hashes = unsafe { vram::hash_chunks(&refs, &chunks, progress, "save") }?;
         }
         let mut backend = None;
         for req in &reqs.0 {
@@ -418,7 +460,19 @@ pub(crate) unsafe fn save_from(
         reused: reuse.iter().filter(|r| r.is_some()).count(),
         backend,
         manifest: m,
+        paths: Vec::new(),
     })
+}
+
+/// The devices of VRAM pieces, each once, in order of first use.
+pub(crate) fn device_ids(pieces: &[(Desc, Desc, bool)]) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    for p in pieces {
+        if !out.contains(&p.0.dev_id) {
+            out.push(p.0.dev_id);
+        }
+    }
+    out
 }
 
 /// Every chunk of `regions` in chunks of `cs`: `(region index, chunk index, address, length)`.

@@ -7,7 +7,9 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use nixl_core::{Agent, Desc, DescList, MemKind, Registration, XferOp, XferOptions, XferRequest};
+use nixl_core::{
+    Agent, BackendName, Desc, DescList, MemKind, Registration, XferOp, XferOptions, XferRequest,
+};
 use nixl_transports::files::{inspect_fd, FileInfo};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -116,10 +118,23 @@ pub(crate) fn register_files(
     Ok(vec![reg])
 }
 
-/// Creates and posts one request for the `O_DIRECT` pieces and one for the buffered ones.
+/// Creates and posts one request for the `O_DIRECT` pieces and one for the buffered ones, of
+/// host memory.
 pub(crate) fn transfers(
     agent: &Agent,
     op: XferOp,
+    pieces: &[(Desc, Desc, bool)],
+) -> Result<Posted> {
+    transfers_of(agent, op, MemKind::Dram, None, pieces)
+}
+
+/// [`transfers`] of memory of `kind` (VRAM pieces carry their device in `dev_id`), through
+/// `backend` when one is named.
+pub(crate) fn transfers_of(
+    agent: &Agent,
+    op: XferOp,
+    kind: MemKind,
+    backend: Option<BackendName>,
     pieces: &[(Desc, Desc, bool)],
 ) -> Result<Posted> {
     let mut reqs = Posted(Vec::new());
@@ -137,12 +152,20 @@ pub(crate) fn transfers(
         } else {
             "read the data files into the regions"
         };
-        let local =
-            DescList::from_descs(MemKind::Dram, mem).map_err(|e| CkptError::agent(ctx, e))?;
+        let local = DescList::from_descs(kind, mem).map_err(|e| CkptError::agent(ctx, e))?;
         let remote =
             DescList::from_descs(MemKind::File, file).map_err(|e| CkptError::agent(ctx, e))?;
         let req = agent
-            .create_xfer(op, &local, &remote, agent.name(), XferOptions::default())
+            .create_xfer(
+                op,
+                &local,
+                &remote,
+                agent.name(),
+                XferOptions {
+                    backend,
+                    ..XferOptions::default()
+                },
+            )
             .map_err(|e| CkptError::agent(ctx, e))?;
         req.post().map_err(|e| CkptError::agent(ctx, e))?;
         reqs.0.push(req);

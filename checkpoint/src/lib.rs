@@ -80,7 +80,8 @@ pub mod vram;
 
 pub use artifact::{restore_artifact, restore_artifact_with, ArtifactReport};
 pub use dir::{
-    read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
+    read_manifest_with, restore, restore_report, save, Progress, Region, RestoreOptions,
+    RestoreReport, SaveOptions, SaveReport,
 };
 pub use error::{CkptError, Result};
 pub use manage::{copy_with, copy_with_buffer, remove_with, remove_with_opts, COPY_BUFFER};
@@ -90,3 +91,4 @@ pub use ops::{
     dependents, read_manifest, remove, remove_opts, verify, Location, RemoveOptions, VerifyReport,
 };
 pub use serve::{serve, serve_named, Served};
+pub use vram::DataPath;

@@ -5,17 +5,27 @@ use std::io;
 use std::ops::Range;
 use std::path::Path;
 
-use nixl_core::{Agent, XferOp};
+use nixl_core::{Agent, BackendName, MemKind, XferOp};
 
 use crate::error::{CkptError, Result};
 use crate::manifest::{Chunk, Manifest, RegionEntry};
 use crate::ops::{read_manifest, Location};
 use crate::s3::{self, S3Loc};
 use crate::serve;
-use crate::vram::HostStage;
+use crate::vram::{self, DataPath, HostStage, GDS_ALIGN};
 
-use crate::dir::{Region, RestoreOptions};
-use crate::files::{hash_all, register_files, transfers, DataFd};
+use crate::dir::{device_ids, Region, RestoreOptions};
+use crate::files::{register_files, transfers, transfers_of, DataFd};
+
+/// What [`restore_report`] did.
+#[derive(Clone, Debug)]
+pub struct RestoreReport {
+    /// Bytes restored (every one verified).
+    pub bytes: u64,
+    /// How each region's bytes moved (`(name, path)`, in the order given): host memory, VRAM
+    /// through `gds`, or VRAM staged through host memory with the reason (see [`crate::vram`]).
+    pub paths: Vec<(String, DataPath)>,
+}
 
 /// The manifest of the checkpoint at `uri`: a directory, or `s3://bucket/prefix` read through
 /// `agent`'s `object` backend.
@@ -98,9 +108,11 @@ impl Pick<'_> {
 /// Restores the regions of the checkpoint `uri` named in `regions` into the memory they
 /// describe (matched by name, kinds and lengths equal), verifying every byte before it returns
 /// `Ok`. Every DRAM region must lie inside a registration of `agent`, and the agent must run a
-/// backend that reads files (`uring` or `posix`). VRAM regions are read and verified in host
-/// memory, then copied to the device (on the GPU the caller names; the checkpoint's ordinal is
-/// informational here).
+/// backend that reads files (`uring` or `posix`). VRAM regions are read from a directory
+/// through the agent's `gds` backend where it runs and the region allows
+/// ([`vram::choose_path`]; each chunk is then copied back to a host buffer to be verified),
+/// otherwise read and verified in host memory, then copied to the device (on the GPU the caller
+/// names; the checkpoint's ordinal is informational here). [`restore_report`] says which.
 ///
 /// Everything that can be checked before memory is written is (the manifest, names, lengths,
 /// data files present and long enough); a checksum mismatch found afterwards says that the
@@ -115,9 +127,23 @@ pub unsafe fn restore(
     regions: &[Region],
     opts: &RestoreOptions,
 ) -> Result<u64> {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { restore_report(agent, uri, regions, opts) }.map(|r| r.bytes)
+}
+
+/// [`restore`], saying how each region's bytes moved.
+///
+/// # Safety
+/// As [`restore`].
+pub unsafe fn restore_report(
+    agent: &Agent,
+    uri: &str,
+    regions: &[Region],
+    opts: &RestoreOptions,
+) -> Result<RestoreReport> {
     let src = Opened::open(agent, uri)?;
     // SAFETY: the caller's contract is this function's.
-    unsafe { restore_opened(agent, &src, regions, opts) }
+    unsafe { restore_opened_report(agent, &src, regions, opts) }
 }
 
 /// [`restore`] from a location already opened.
@@ -130,7 +156,31 @@ pub(crate) unsafe fn restore_opened(
     regions: &[Region],
     opts: &RestoreOptions,
 ) -> Result<u64> {
-    match HostStage::new(agent, regions)? {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { restore_opened_report(agent, src, regions, opts) }.map(|r| r.bytes)
+}
+
+/// [`restore_opened`], saying how each region's bytes moved.
+///
+/// # Safety
+/// As [`restore`].
+unsafe fn restore_opened_report(
+    agent: &Agent,
+    src: &Opened,
+    regions: &[Region],
+    opts: &RestoreOptions,
+) -> Result<RestoreReport> {
+    let dir = match &src.loc {
+        Location::Dir(d) => Some(d.as_path()),
+        _ => None,
+    };
+    let aligned = |i: usize| {
+        src.manifest
+            .find(&regions[i].name)
+            .is_ok_and(|e| e.chunks.iter().all(|c| c.offset % GDS_ALIGN == 0))
+    };
+    let paths = vram::plan(agent, regions, dir, false, opts.direct, aligned);
+    let bytes = match HostStage::new(agent, regions, &paths)? {
         // SAFETY: the caller's contract is this function's.
         None => unsafe { restore_into_opened(agent, src, regions, regions, opts) },
         Some(st) => {
@@ -140,7 +190,11 @@ pub(crate) unsafe fn restore_opened(
             unsafe { st.upload(regions) }?;
             Ok(n)
         }
-    }
+    }?;
+    Ok(RestoreReport {
+        bytes,
+        paths: regions.iter().map(|r| r.name.clone()).zip(paths).collect(),
+    })
 }
 
 /// [`restore`] of the regions `asked` (what the checkpoint's entries are checked against)
@@ -242,9 +296,25 @@ pub(crate) unsafe fn restore_chunks(
         }
     };
     let total: u64 = chosen.iter().map(Pick::bytes).sum();
-    // SAFETY: the caller keeps the regions valid for the call; the reads have ended.
-    let got =
-        hashed.unwrap_or_else(|| unsafe { hash_all(&chunks, opts.progress.as_ref(), "verify") });
+    let got = match hashed {
+        Some(h) => h,
+        None => {
+            let into: Vec<&Region> = chosen.iter().map(|pk| pk.into).collect();
+            // SAFETY: the caller keeps the regions valid for the call; the reads have ended.
+            unsafe { vram::hash_chunks(&into, &chunks, opts.progress.as_ref(), "verify") }.map_err(
+                |e| CkptError::Corrupt {
+                    region: into
+                        .iter()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    chunk: None,
+                    reason: format!("reading the restored bytes back to verify them failed: {e}"),
+                    memory_written: true,
+                },
+            )?
+        }
+    };
     for (k, &(ri, ci, _, _)) in chunks.iter().enumerate() {
         let want = chosen[ri].entry.chunks[ci].xxh3;
         if got[k] != want {
@@ -274,6 +344,8 @@ fn read_files(
     // Open every data file needed, checking it is there and long enough.
     let mut open: Vec<(u32, DataFd)> = Vec::new();
     let mut pieces = Vec::new();
+    // Pieces into VRAM (regions going through `gds`), with their device.
+    let mut vpieces = Vec::new();
     let mut chunks = Vec::new();
     for (ri, pk) in chosen.iter().enumerate() {
         let r = pk.into;
@@ -319,7 +391,15 @@ fn read_files(
                 )));
             }
             let addr = pk.addr(ci, m.chunk_size);
-            fd.pieces(addr, c.offset, c.len, &mut pieces);
+            if r.kind == MemKind::Vram {
+                let from = vpieces.len();
+                fd.pieces(addr, c.offset, c.len, &mut vpieces);
+                for p in &mut vpieces[from..] {
+                    p.0.dev_id = r.dev_id;
+                }
+            } else {
+                fd.pieces(addr, c.offset, c.len, &mut pieces);
+            }
             chunks.push((ri, ci, addr, c.len));
         }
     }
@@ -332,7 +412,25 @@ fn read_files(
     if let Some(p) = &opts.progress {
         p("read", 0, chosen.iter().map(Pick::bytes).sum());
     }
-    let reqs = transfers(agent, XferOp::Read, &pieces)?;
+    // The VRAM requests first: one that cannot be made fails before any memory is written.
+    let mut reqs = crate::files::Posted(Vec::new());
+    for dev in device_ids(&vpieces) {
+        let mine: Vec<_> = vpieces
+            .iter()
+            .filter(|p| p.0.dev_id == dev)
+            .copied()
+            .collect();
+        let mut v = transfers_of(
+            agent,
+            XferOp::Read,
+            MemKind::Vram,
+            Some(BackendName::Gds),
+            &mine,
+        )?;
+        reqs.0.append(&mut v.0);
+    }
+    reqs.0
+        .append(&mut transfers(agent, XferOp::Read, &pieces)?.0);
     let failed = reqs
         .0
         .iter()

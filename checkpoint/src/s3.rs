@@ -267,6 +267,7 @@ pub(crate) unsafe fn save(
         reused,
         backend: Some("object".into()),
         manifest: m,
+        paths: Vec::new(),
     })
 }
 

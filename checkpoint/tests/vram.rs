@@ -1,24 +1,30 @@
-//! VRAM regions: saved from device memory (staged through host memory), restored into the
-//! caller's device memory, into memory the library maps anywhere, and at the recorded device
-//! addresses (CUDA VMM), every byte compared.
+//! VRAM regions: saved from device memory (through `gds`, or staged through host memory),
+//! restored into the caller's device memory, into memory the library maps anywhere, and at the
+//! recorded device addresses (CUDA VMM), every byte compared.
 //!
-//! The GPU test runs only with `NIXL_TEST_CUDA=1` (device 0), as the `cuda` backend's tests do,
-//! and is run by `scripts/hw-smoke.sh`; without it the test prints `SKIPPED` with the reason. The
-//! other test runs everywhere: without a driver it checks the error, with one the bytes.
+//! The GPU tests run only with `NIXL_TEST_CUDA=1` (device 0), as the `cuda` backend's tests do,
+//! and are run by `scripts/hw-smoke.sh`; without it they print `SKIPPED` with the reason. The
+//! `gds` test also skips (visibly, with cuFile's reason) where the agent's `gds` backend cannot
+//! run (no `libcufile.so.0`); its files go in `NIXL_TEST_GDS_DIR` (default: the temp dir; cuFile
+//! refuses tmpfs). The other test runs everywhere: without a driver it checks the error, with one
+//! the bytes.
 //!
 //! ```text
-//! NIXL_TEST_CUDA=1 cargo test --release -p nixl-checkpoint --test vram -- --nocapture
+//! NIXL_TEST_CUDA=1 NIXL_TEST_GDS_DIR=/var/tmp \
+//!     cargo test --release -p nixl-checkpoint --test vram -- --nocapture
 //! ```
 
 use std::path::PathBuf;
 
 use nixl_checkpoint::manifest::Manifest;
 use nixl_checkpoint::{
-    ops, restore, restore_mapped, save, CkptError, Placement, Region, RestoreOptions, SaveOptions,
+    ops, restore, restore_mapped, restore_report, save, CkptError, DataPath, Placement, Region,
+    RestoreOptions, SaveOptions,
 };
-use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
+use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, Registration};
 use nixl_transports::config::Config;
 use nixl_transports::cuda::{CudaBackend, CudaConfig, VmmBuffer};
+use nixl_transports::gds::{GdsBackend, GdsConfig};
 
 /// Why the GPU test does not run: `NIXL_TEST_CUDA=1` says this host has a GPU.
 fn no_gpu() -> Option<&'static str> {
@@ -164,6 +170,114 @@ fn gpu_vram_regions_save_restore_and_recorded_addresses() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// VRAM regions VRAM <-> FILE through `gds` (cuFile; compatibility mode allowed, so a host
+/// without nvidia-fs runs it too): the aligned region goes through `gds`, the odd-sized one is
+/// staged with the reason, both restore byte-exact, the checksums computed from the host bounce
+/// match the bytes on disk (`verify`), a flipped byte is found before success, and a
+/// destination outside the agent's registrations is staged.
+#[test]
+fn gpu_vram_regions_through_gds() {
+    nixl_testkit::require!(hardware: no_gpu(), "NIXL_TEST_CUDA");
+    let cfg = Config::from_toml("backends = [\"uring\", \"posix\"]").unwrap();
+    let a = Agent::builder("ckpt-vram-gds")
+        .backends(cfg.backends().unwrap())
+        .backend(CudaBackend::new(CudaConfig {
+            socket_dir: std::env::temp_dir().join(format!("nixl-ckpt-gds-{}", std::process::id())),
+            ..CudaConfig::default()
+        }))
+        .backend(std::sync::Arc::new(GdsBackend::new(GdsConfig {
+            allow_compat_mode: true,
+            ..GdsConfig::default()
+        })))
+        .build()
+        .unwrap();
+    let why_not = a
+        .check_backend(BackendName::Gds)
+        .err()
+        .map(|e| format!("the gds backend cannot run here: {e}"));
+    nixl_testkit::require!(hardware: why_not);
+    let dir = std::env::var_os("NIXL_TEST_GDS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!(
+            "nixl-ckpt-gds-{}-{:x}",
+            std::process::id(),
+            nixl_core::random_u64().unwrap()
+        ));
+    let uri = dir.to_str().unwrap();
+    let (wlen, olen) = (9 << 20, (5 << 20) + 123);
+    let (wwant, owant) = (pattern(wlen, 21), pattern(olen, 22));
+    let w = VmmBuffer::new(0, wlen, false).unwrap();
+    let o = VmmBuffer::new(0, olen, false).unwrap();
+    w.upload(0, &wwant).unwrap();
+    o.upload(0, &owant).unwrap();
+    let _wr = register(&a, MemKind::Vram, w.desc());
+    let _or = register(&a, MemKind::Vram, o.desc());
+    let regions = [
+        Region::vram("w", w.addr(), wlen as u64, 0),
+        Region::vram("odd", o.addr(), olen as u64, 0),
+    ];
+    // SAFETY: both regions are live and unchanged during the call.
+    let rep = unsafe { save(&a, uri, &regions, &SaveOptions::default()) }.unwrap();
+    eprintln!("save paths: {:?}", rep.paths);
+    assert_eq!(rep.paths[0], ("w".to_string(), DataPath::Gds));
+    match &rep.paths[1] {
+        (n, DataPath::Staged { reason }) if n == "odd" => {
+            assert!(reason.contains("length"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The checksums (hashed from the host bounce) are those of the bytes gds wrote.
+    ops::verify(uri, None).unwrap();
+
+    let dw = VmmBuffer::new(0, wlen, false).unwrap();
+    let dout = VmmBuffer::new(0, olen, false).unwrap();
+    dw.upload(0, &vec![0u8; wlen]).unwrap();
+    dout.upload(0, &vec![0u8; olen]).unwrap();
+    let dw_reg = register(&a, MemKind::Vram, dw.desc());
+    let into = [
+        Region::vram("w", dw.addr(), wlen as u64, 0),
+        Region::vram("odd", dout.addr(), olen as u64, 0),
+    ];
+    // SAFETY: the buffers are live and not referenced during the call.
+    let rr = unsafe { restore_report(&a, uri, &into, &RestoreOptions::default()) }.unwrap();
+    eprintln!("restore paths: {:?}", rr.paths);
+    assert_eq!(rr.bytes, (wlen + olen) as u64);
+    assert_eq!(rr.paths[0], ("w".to_string(), DataPath::Gds));
+    match &rr.paths[1] {
+        (n, DataPath::Staged { reason }) if n == "odd" => {
+            assert!(reason.contains("registration"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(download(&dw) == wwant, "VRAM restored through gds differs");
+    assert!(download(&dout) == owant, "staged VRAM differs");
+
+    // A flipped byte in chunk 1 of the gds region is found before success.
+    let m = ops::read_manifest(uri).unwrap();
+    let c = m.region("w").unwrap().chunks[1];
+    let path = dir.join(&m.files[c.file as usize].name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[c.offset as usize + 4097] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let one = [Region::vram("w", dw.addr(), wlen as u64, 0)];
+    // SAFETY: as above.
+    match unsafe { restore_report(&a, uri, &one, &RestoreOptions::default()) } {
+        Err(CkptError::Corrupt {
+            region,
+            chunk,
+            memory_written,
+            ..
+        }) => assert_eq!(
+            (region.as_str(), chunk, memory_written),
+            ("w", Some(1), true)
+        ),
+        other => panic!("{other:?}"),
+    }
+    drop(dw_reg);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A checkpoint whose manifest records a VRAM region: without a CUDA driver, restoring it says
 /// why (naming the region); with one (`NIXL_TEST_CUDA=1`), it lands on the GPU, every byte
 /// equal.
@@ -178,7 +292,7 @@ fn vram_region_in_a_manifest_needs_the_driver() {
     let d = Desc::from_mut_slice(&mut buf);
     let reg = register(&a, MemKind::Dram, d);
     // SAFETY: `buf` is live and unchanged during the call.
-    unsafe {
+    let rep = unsafe {
         save(
             &a,
             uri,
@@ -187,6 +301,7 @@ fn vram_region_in_a_manifest_needs_the_driver() {
         )
     }
     .unwrap();
+    assert_eq!(rep.paths, vec![("kv".to_string(), DataPath::Host)]);
     drop(reg);
     // Rewrite the manifest as if the region had been on GPU 0 (the checksum is resealed).
     let mut m = ops::read_manifest(uri).unwrap();

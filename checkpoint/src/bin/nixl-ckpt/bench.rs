@@ -4,7 +4,10 @@
 
 use std::time::Instant;
 
-use nixl_checkpoint::{restore, save, CkptError, Progress, Region, RestoreOptions, SaveOptions};
+use nixl_checkpoint::vram::paths_json;
+use nixl_checkpoint::{
+    restore_report, save, CkptError, Progress, Region, RestoreOptions, SaveOptions,
+};
 use nixl_core::{Agent, Desc, DescList, MemKind};
 use nixl_transports::config::Config;
 use serde_json::{json, Value};
@@ -126,7 +129,7 @@ pub fn run(
     };
     let t = Instant::now();
     // SAFETY: the destination buffers are mapped and nothing references them.
-    let restored = unsafe { restore(&agent, dir, &rd, &ropts) }?;
+    let restored = unsafe { restore_report(&agent, dir, &rd, &ropts) }?;
     let restore_s = t.elapsed().as_secs_f64();
     for (s, d) in src.iter_mut().zip(dst.iter_mut()) {
         if s.slice() != d.slice() {
@@ -168,7 +171,8 @@ pub fn run(
         "save_s": save_s,
         "save_gbps": gbps(rep.bytes, save_s),
         "restore_s": restore_s,
-        "restore_gbps": gbps(restored, restore_s),
+        "restore_gbps": gbps(restored.bytes, restore_s),
+        "paths": { "save": paths_json(&rep.paths), "restore": paths_json(&restored.paths) },
         "incremental": {
             "changed_chunks": want,
             "chunks": rep.chunks,
