@@ -110,7 +110,7 @@ impl AgentBuilder {
                     Ok(()) => None,
                     Err(e) => Some(format!("start failed: {e}")),
                 },
-                Err(reason) => Some(reason),
+                Err(why) => Some(why.to_string()),
             };
             match &unavailable {
                 None => {
@@ -1275,7 +1275,7 @@ impl Agent {
             } else {
                 match p.backend_info(n) {
                     None => Some("peer does not run it".into()),
-                    Some(info) => b.can_reach(&info.conn_info).err(),
+                    Some(info) => b.can_reach(&info.conn_info).err().map(|e| e.to_string()),
                 }
             };
             match reject {
@@ -1483,7 +1483,7 @@ pub(crate) mod tests {
                 locality: crate::Locality::SameProcess,
             }
         }
-        fn probe(&self) -> std::result::Result<(), String> {
+        fn probe(&self) -> std::result::Result<(), crate::Unusable> {
             Ok(())
         }
         fn start(&self, _target: TargetHandle) -> Result<()> {
@@ -1499,7 +1499,7 @@ pub(crate) mod tests {
         fn deregister(&self, _region: &Region) {
             self.registered.fetch_sub(1, Ordering::Relaxed);
         }
-        fn can_reach(&self, _conn_info: &[u8]) -> std::result::Result<(), String> {
+        fn can_reach(&self, _conn_info: &[u8]) -> std::result::Result<(), crate::Unusable> {
             Err("nowhere".into())
         }
         fn connect(&self, _peer: &crate::PeerInfo<'_>) -> Result<Arc<dyn crate::Connection>> {

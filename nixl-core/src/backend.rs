@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unusable};
 use crate::mem::{Desc, MemKind};
 use crate::metadata::RegionInfo;
 use crate::region::{AccessDenied, Region, RegionAccess, RegionTable};
@@ -243,8 +243,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn name(&self) -> BackendName;
     /// What it can do.
     fn caps(&self) -> Caps;
-    /// `Err(reason)` if it cannot run on this host.
-    fn probe(&self) -> std::result::Result<(), String>;
+    /// `Err(why)` if it cannot run on this host.
+    fn probe(&self) -> std::result::Result<(), Unusable>;
     /// Called once, before anything else, with the agent's target-side hooks.
     fn start(&self, target: TargetHandle) -> Result<()>;
     /// Connection info published in the agent's metadata.
@@ -253,8 +253,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>>;
     /// Deregisters a region (after the core has drained its users).
     fn deregister(&self, region: &Region);
-    /// `Err(reason)` if this backend cannot reach a peer with this connection info.
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String>;
+    /// `Err(why)` if this backend cannot reach a peer with this connection info.
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable>;
     /// Connects to a peer.
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>>;
     /// Stops: in-flight work ends `Cancelled`, threads exit.

@@ -31,7 +31,7 @@ pub use backend::{
     PreparedXfer, Run, Runs, Segment, TargetHandle, XferPlan, DEFAULT_NOTIF_QUEUE_BYTES,
     MAX_NOTIF_BYTES,
 };
-pub use error::{Error, ErrorClass, Result};
+pub use error::{Error, ErrorClass, Result, Unusable};
 pub use mem::{Desc, DescList, MemKind, Strided, MAX_STRIDED_COUNT};
 pub use metadata::{AgentMetadata, DecodeError};
 pub use region::{AccessDenied, Region, RegionAccess};

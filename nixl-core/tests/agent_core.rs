@@ -84,7 +84,7 @@ impl Backend for Scripted {
             locality: self.locality,
         }
     }
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         match self.unavailable {
             Some(r) => Err(r.into()),
             None => Ok(()),
@@ -106,7 +106,7 @@ impl Backend for Scripted {
         }
     }
     fn deregister(&self, _region: &Region) {}
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         if conn_info == [self.name.code()] {
             Ok(())
         } else {

@@ -17,7 +17,7 @@ use std::sync::{Arc, LazyLock};
 use nixl_core::region::{enter_all, leave_all, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, Region, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::Mutex;
 
@@ -95,7 +95,7 @@ impl Backend for LocalBackend {
         }
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         Ok(())
     }
 
@@ -116,7 +116,7 @@ impl Backend for LocalBackend {
 
     fn deregister(&self, _region: &Region) {}
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         let (token, _) = decode_info(conn_info)?;
         if token == *PROCESS_TOKEN {
             Ok(())

@@ -26,7 +26,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use nixl_core::{BackendName, Desc, Error, MemKind, Region, Result, XferOp, XferPlan};
+use nixl_core::{BackendName, Desc, Error, MemKind, Region, Result, Unusable, XferOp, XferPlan};
 
 pub use crate::files::MAX_IOV;
 use crate::files::{check_storage_region, FileBackend, FileEngine, IoOp, Post, Workers};
@@ -93,7 +93,7 @@ impl FileEngine for PosixEngine {
         self.cfg.max_io_bytes
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         if self.cfg.threads == 0 {
             return Err("[posix] threads is 0".into());
         }

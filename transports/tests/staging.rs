@@ -124,7 +124,7 @@ impl Backend for StandInGpu {
             locality: Locality::SameNode,
         }
     }
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         Ok(())
     }
     fn start(&self, _target: TargetHandle) -> Result<()> {
@@ -137,7 +137,7 @@ impl Backend for StandInGpu {
         Ok(Vec::new())
     }
     fn deregister(&self, _region: &Region) {}
-    fn can_reach(&self, _conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, _conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         Err("the stand-in device reaches no peer".into())
     }
     fn connect(&self, _peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {

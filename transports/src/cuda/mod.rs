@@ -195,7 +195,7 @@ use ipc::{
 };
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, Region, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::Mutex;
 
@@ -410,8 +410,8 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
-        driver::driver().map(|_| ())
+    fn probe(&self) -> std::result::Result<(), Unusable> {
+        driver::driver().map(|_| ()).map_err(Unusable::Reason)
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
@@ -507,10 +507,11 @@ impl Backend for CudaBackend {
         self.inner.regs.lock().remove(&(d.dev_id, d.addr, d.len));
     }
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         let peer = ConnInfo::decode(conn_info)?;
         peer.route_from(&self.inner.our_conn_info(""), self.inner.cfg.allow_fabric)
             .map(|_| ())
+            .map_err(Unusable::Reason)
     }
 
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, Region, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::Mutex;
 
@@ -36,7 +36,7 @@ pub(crate) trait FileEngine: fmt::Debug + Send + Sync + 'static {
     /// Largest single operation.
     fn max_io(&self) -> usize;
     /// Why the engine cannot run here, if it cannot.
-    fn probe(&self) -> std::result::Result<(), String>;
+    fn probe(&self) -> std::result::Result<(), Unusable>;
     /// Starts the engine.
     fn start(&self) -> Result<Self::Running>;
     /// Checks and records a registration (`run` is `None` before start).
@@ -102,7 +102,7 @@ impl<E: FileEngine> Backend for FileBackend<E> {
         }
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         self.engine.probe()
     }
 
@@ -128,7 +128,7 @@ impl<E: FileEngine> Backend for FileBackend<E> {
         }
     }
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         self.own.can_reach(conn_info, "files")
     }
 

@@ -94,7 +94,7 @@ use hyper::{Method, StatusCode};
 use nixl_core::region::{enter_all, leave_all, Ticket};
 use nixl_core::{
     Agent, Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind,
-    PeerInfo, PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
+    PeerInfo, PreparedXfer, Region, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
@@ -485,12 +485,12 @@ impl Backend for ObjectBackend {
         }
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         self.inner
             .settings
             .as_ref()
             .map(|_| ())
-            .map_err(Clone::clone)
+            .map_err(|r| Unusable::Reason(r.clone()))
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
@@ -551,7 +551,7 @@ impl Backend for ObjectBackend {
 
     fn deregister(&self, _region: &Region) {}
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         self.inner.own.can_reach(conn_info, "objects")
     }
 

@@ -85,7 +85,7 @@ use std::time::Duration;
 
 use nixl_core::{
     Backend, BackendName, Caps, Connection, Desc, Error, Locality, MemKind, PeerInfo, Region,
-    Result, TargetHandle,
+    Result, TargetHandle, Unusable,
 };
 use parking_lot::Mutex;
 
@@ -448,11 +448,14 @@ impl Backend for TcpBackend {
         }
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
-        self.cfg.check().map_err(|e| e.to_string())?;
+    fn probe(&self) -> std::result::Result<(), Unusable> {
+        self.cfg.check().map_err(Unusable::from_error)?;
         // Reads (or creates) the per-user secret file now: a missing or unsafe one makes the
         // backend unavailable with the reason, rather than failing every connection.
-        self.cfg.auth.ready().map_err(|e| format!("tcp auth: {e}"))
+        self.cfg
+            .auth
+            .ready()
+            .map_err(|e| Unusable::Reason(format!("tcp auth: {e}")))
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
@@ -484,8 +487,10 @@ impl Backend for TcpBackend {
 
     fn deregister(&self, _region: &Region) {}
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
-        decode_conn_info(conn_info).map(|_| ())
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
+        decode_conn_info(conn_info)
+            .map(|_| ())
+            .map_err(Unusable::Reason)
     }
 
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {
