@@ -144,6 +144,19 @@ pub struct PeerInfo<'a> {
     pub conn_info: &'a [u8],
 }
 
+/// A region as one backend registered it: what [`Backend::deregister`] is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Registered<'a> {
+    /// Memory kind.
+    pub kind: MemKind,
+    /// Address range and device.
+    pub desc: Desc,
+    /// The region's access key.
+    pub key: u64,
+    /// What this backend's [`Backend::register`] returned for the region.
+    pub public: &'a [u8],
+}
+
 /// One pair of descriptors of a transfer, resolved against both sides' registrations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
@@ -251,8 +264,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn conn_info(&self) -> Vec<u8>;
     /// Registers a region; returns the public per-region data published in metadata.
     fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>>;
-    /// Deregisters a region (after the core has drained its users).
-    fn deregister(&self, region: &Region);
+    /// Forgets a region this backend registered (after the core has drained its users, or when
+    /// the registration failed at another backend).
+    fn deregister(&self, region: Registered<'_>);
     /// `Err(why)` if this backend cannot reach a peer with this connection info.
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable>;
     /// Connects to a peer.

@@ -17,7 +17,7 @@ use std::sync::{Arc, LazyLock};
 use nixl_core::region::{enter_all, leave_all, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, Unusable, XferOp, XferPlan,
+    PreparedXfer, Region, Registered, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::Mutex;
 
@@ -114,7 +114,7 @@ impl Backend for LocalBackend {
         Ok(Vec::new())
     }
 
-    fn deregister(&self, _region: &Region) {}
+    fn deregister(&self, _region: Registered<'_>) {}
 
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         let (token, _) = decode_info(conn_info)?;

@@ -26,7 +26,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use nixl_core::{BackendName, Desc, Error, MemKind, Region, Result, Unusable, XferOp, XferPlan};
+use nixl_core::{
+    BackendName, Desc, Error, MemKind, Registered, Result, Unusable, XferOp, XferPlan,
+};
 
 pub use crate::files::MAX_IOV;
 use crate::files::{check_storage_region, FileBackend, FileEngine, IoOp, Post, Workers};
@@ -118,7 +120,7 @@ impl FileEngine for PosixEngine {
         check_storage_region(kind, desc)
     }
 
-    fn deregister(&self, _run: &Pool, _region: &Region) {}
+    fn deregister(&self, _run: &Pool, _region: Registered<'_>) {}
 
     fn resolve(_run: &Pool, _plan: &XferPlan, _ops: &[IoOp]) -> Result<()> {
         Ok(())

@@ -136,7 +136,7 @@ impl Backend for StandInGpu {
     fn register(&self, _kind: MemKind, _desc: &Desc) -> Result<Vec<u8>> {
         Ok(Vec::new())
     }
-    fn deregister(&self, _region: &Region) {}
+    fn deregister(&self, _region: Registered<'_>) {}
     fn can_reach(&self, _conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         Err("the stand-in device reaches no peer".into())
     }

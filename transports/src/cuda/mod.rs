@@ -195,7 +195,7 @@ use ipc::{
 };
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, Unusable, XferOp, XferPlan,
+    PreparedXfer, Registered, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::Mutex;
 
@@ -460,7 +460,7 @@ impl Backend for CudaBackend {
         self.inner.register_vram(desc)
     }
 
-    fn deregister(&self, region: &Region) {
+    fn deregister(&self, region: Registered<'_>) {
         let d = region.desc;
         // Peers that imported the region give their mappings up first (bounded; see `ipc`), so
         // the caller may free legacy memory once this returns.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, Unusable, XferOp, XferPlan,
+    PreparedXfer, Region, Registered, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::Mutex;
 
@@ -42,7 +42,7 @@ pub(crate) trait FileEngine: fmt::Debug + Send + Sync + 'static {
     /// Checks and records a registration (`run` is `None` before start).
     fn register(&self, run: Option<&Self::Running>, kind: MemKind, desc: &Desc) -> Result<()>;
     /// Forgets a registration.
-    fn deregister(&self, run: &Self::Running, region: &Region);
+    fn deregister(&self, run: &Self::Running, region: Registered<'_>);
     /// Resolves what the request needs besides its operations.
     fn resolve(run: &Self::Running, plan: &XferPlan, ops: &[IoOp]) -> Result<Self::Resolved>;
     /// Set when the engine stops: operations not yet started end their requests Cancelled.
@@ -122,7 +122,7 @@ impl<E: FileEngine> Backend for FileBackend<E> {
         Ok(Vec::new())
     }
 
-    fn deregister(&self, region: &Region) {
+    fn deregister(&self, region: Registered<'_>) {
         if let Some(run) = self.running() {
             self.engine.deregister(&run, region);
         }

@@ -49,7 +49,9 @@ use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use nixl_core::{BackendName, Desc, Error, MemKind, Region, Result, Unusable, XferOp, XferPlan};
+use nixl_core::{
+    BackendName, Desc, Error, MemKind, Registered, Result, Unusable, XferOp, XferPlan,
+};
 use parking_lot::Mutex;
 
 use crate::cuda::driver::{self, DeviceCtx};
@@ -269,7 +271,7 @@ impl FileEngine for GdsEngine {
         Ok(())
     }
 
-    fn deregister(&self, run: &Running, region: &Region) {
+    fn deregister(&self, run: &Running, region: Registered<'_>) {
         let mut t = run.tables.lock();
         match region.kind {
             MemKind::File => {

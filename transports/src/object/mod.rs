@@ -94,7 +94,7 @@ use hyper::{Method, StatusCode};
 use nixl_core::region::{enter_all, leave_all, Ticket};
 use nixl_core::{
     Agent, Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind,
-    PeerInfo, PreparedXfer, Region, Result, TargetHandle, Unusable, XferOp, XferPlan,
+    PeerInfo, PreparedXfer, Region, Registered, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
@@ -549,7 +549,7 @@ impl Backend for ObjectBackend {
         Ok(Vec::new())
     }
 
-    fn deregister(&self, _region: &Region) {}
+    fn deregister(&self, _region: Registered<'_>) {}
 
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         self.inner.own.can_reach(conn_info, "objects")

@@ -93,7 +93,7 @@ use std::time::{Duration, Instant};
 
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, Unusable, XferOp, XferPlan,
+    PreparedXfer, Registered, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -872,7 +872,7 @@ impl Backend for RdmaBackend {
         Ok(keys.encode())
     }
 
-    fn deregister(&self, region: &Region) {
+    fn deregister(&self, region: Registered<'_>) {
         if let Some(st) = self.state.get() {
             let k = (
                 region.kind.code(),

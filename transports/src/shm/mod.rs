@@ -110,7 +110,7 @@ use nixl_core::codec::Reader;
 use nixl_core::region::{enter_all, leave_all, AccessGate, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, RegionAccess, Result, Runs, TargetHandle, Unusable, XferOp, XferPlan,
+    PreparedXfer, RegionAccess, Registered, Result, Runs, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::{Condvar, Mutex};
 use serve::*;
@@ -296,11 +296,8 @@ impl Backend for ShmBackend {
         })
     }
 
-    fn deregister(&self, region: &Region) {
-        let mappable = region
-            .backend_public(BackendName::Shm)
-            .and_then(parse_public)
-            .is_some();
+    fn deregister(&self, region: Registered<'_>) {
+        let mappable = parse_public(region.public).is_some();
         if mappable {
             self.inner.revoke(region.key);
         }

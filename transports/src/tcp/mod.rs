@@ -84,7 +84,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use nixl_core::{
-    Backend, BackendName, Caps, Connection, Desc, Error, Locality, MemKind, PeerInfo, Region,
+    Backend, BackendName, Caps, Connection, Desc, Error, Locality, MemKind, PeerInfo, Registered,
     Result, TargetHandle, Unusable,
 };
 use parking_lot::Mutex;
@@ -485,7 +485,7 @@ impl Backend for TcpBackend {
         Ok(Vec::new())
     }
 
-    fn deregister(&self, _region: &Region) {}
+    fn deregister(&self, _region: Registered<'_>) {}
 
     fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         decode_conn_info(conn_info)

@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use io_uring::IoUring;
-use nixl_core::{BackendName, Desc, Error, MemKind, Region, Result, Unusable, XferPlan};
+use nixl_core::{BackendName, Desc, Error, MemKind, Registered, Result, Unusable, XferPlan};
 
 use crate::files::{check_storage_region, FileBackend, FileEngine, IoOp, Post};
 use fixed::Fixed;
@@ -197,7 +197,7 @@ impl FileEngine for UringEngine {
         Ok(())
     }
 
-    fn deregister(&self, run: &RingThread, region: &Region) {
+    fn deregister(&self, run: &RingThread, region: Registered<'_>) {
         let sh = &run.shared;
         let fx = &mut sh.state.lock().fixed;
         match region.kind {
