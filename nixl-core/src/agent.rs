@@ -126,7 +126,10 @@ impl AgentBuilder {
                 unavailable,
             });
         }
-        running.sort_by_key(|b| (b.caps().locality, b.name().preference()));
+        running.sort_by_key(|b| {
+            let caps = b.caps();
+            (caps.locality, caps.preference)
+        });
         let inner = Arc::new(AgentInner {
             watchdog: Watchdog::new(Arc::clone(&name)),
             name,
@@ -1477,12 +1480,8 @@ pub(crate) mod tests {
             BackendName::Local
         }
         fn caps(&self) -> crate::Caps {
-            crate::Caps {
-                local_kinds: &[MemKind::Dram],
-                remote_kinds: &[MemKind::Dram],
-                notifications: false,
-                locality: crate::Locality::SameProcess,
-            }
+            crate::Caps::new(&[MemKind::Dram], crate::Locality::SameProcess, 0)
+                .without_notifications()
         }
         fn probe(&self) -> std::result::Result<(), crate::Unusable> {
             Ok(())

@@ -3,7 +3,8 @@
 //! A backend is chosen per transfer request by policy (see [`crate::Agent::create_xfer`]):
 //! among the backends that both agents run, that registered every region involved, that reach
 //! the peer, and that move the two memory kinds, the one with the best [`Locality`] and then the
-//! best [`BackendName::preference`] wins, unless the caller names one.
+//! best [`Caps::preference`] wins, unless the caller names one. Both come from the backends
+//! themselves ([`Backend::caps`]): adding a backend changes no policy here.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -85,22 +86,6 @@ impl BackendName {
     pub fn from_code(code: u8) -> Option<BackendName> {
         BackendName::ALL.get(usize::from(code)).copied()
     }
-
-    /// Tie-break among backends of equal locality: lower is preferred. Direct device paths
-    /// first, then shared memory, RDMA, io_uring, POSIX, object, TCP last.
-    pub fn preference(self) -> u8 {
-        match self {
-            BackendName::Local => 0,
-            BackendName::Cuda => 1,
-            BackendName::Gds => 2,
-            BackendName::Shm => 3,
-            BackendName::Rdma => 4,
-            BackendName::Uring => 5,
-            BackendName::Posix => 6,
-            BackendName::Object => 7,
-            BackendName::Tcp => 8,
-        }
-    }
 }
 
 impl fmt::Display for BackendName {
@@ -131,6 +116,40 @@ pub struct Caps {
     pub notifications: bool,
     /// How far it reaches.
     pub locality: Locality,
+    /// Tie-break among running backends of equal locality: lower is preferred. The built-in
+    /// backends put direct device paths first, then shared memory, RDMA, io_uring, POSIX,
+    /// object, TCP last: `local` 0, `cuda` 1, `gds` 2, `shm` 3, `rdma` 4, `uring` 5, `posix` 6,
+    /// `object` 7, `tcp` 8.
+    pub preference: u8,
+}
+
+impl Caps {
+    /// A backend that moves `kinds` on both sides and carries notifications.
+    pub const fn new(kinds: &'static [MemKind], locality: Locality, preference: u8) -> Caps {
+        Caps {
+            local_kinds: kinds,
+            remote_kinds: kinds,
+            notifications: true,
+            locality,
+            preference,
+        }
+    }
+
+    /// The same, moving `kinds` on the target's side.
+    pub const fn remote(self, kinds: &'static [MemKind]) -> Caps {
+        Caps {
+            remote_kinds: kinds,
+            ..self
+        }
+    }
+
+    /// The same, carrying no notifications.
+    pub const fn without_notifications(self) -> Caps {
+        Caps {
+            notifications: false,
+            ..self
+        }
+    }
 }
 
 /// What a peer published about itself, as given to [`Backend::connect`].

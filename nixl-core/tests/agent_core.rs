@@ -80,12 +80,19 @@ impl Backend for Scripted {
         self.name
     }
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: DRAM,
-            remote_kinds: DRAM,
-            notifications: true,
-            locality: self.locality,
-        }
+        // The built-in backends' order, by name.
+        let preference = match self.name {
+            BackendName::Local => 0,
+            BackendName::Cuda => 1,
+            BackendName::Gds => 2,
+            BackendName::Shm => 3,
+            BackendName::Rdma => 4,
+            BackendName::Uring => 5,
+            BackendName::Posix => 6,
+            BackendName::Object => 7,
+            BackendName::Tcp => 8,
+        };
+        Caps::new(DRAM, self.locality, preference)
     }
     fn probe(&self) -> std::result::Result<(), Unusable> {
         match self.unavailable {

@@ -549,6 +549,29 @@ mod tests {
     }
 
     #[test]
+    fn each_backend_states_its_own_preference_in_the_documented_order() {
+        let c = Config::from_toml(
+            "backends = [\"tcp\", \"object\", \"posix\", \"uring\", \"rdma\", \"shm\", \"gds\", \
+             \"cuda\", \"local\"]\n[auth]\nsecret = \"x\"",
+        )
+        .unwrap();
+        let mut built: Vec<(u8, nixl_core::BackendName)> = c
+            .backends()
+            .unwrap()
+            .iter()
+            .map(|b| (b.caps().preference, b.name()))
+            .collect();
+        built.sort();
+        let order: Vec<&str> = built.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            order,
+            ["local", "cuda", "gds", "shm", "rdma", "uring", "posix", "object", "tcp"]
+        );
+        let prefs: Vec<u8> = built.iter().map(|(p, _)| *p).collect();
+        assert_eq!(prefs, (0..9).collect::<Vec<u8>>(), "one preference each");
+    }
+
+    #[test]
     fn settings_land_in_the_backend_configs_and_the_rest_keep_their_defaults() {
         let c = Config::from_toml(
             "[cuda]\nop_timeout_ms = 7\ninline_wait_us = 3\n\

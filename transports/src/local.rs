@@ -87,12 +87,7 @@ impl Backend for LocalBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: DRAM,
-            remote_kinds: DRAM,
-            notifications: true,
-            locality: Locality::SameProcess,
-        }
+        Caps::new(DRAM, Locality::SameProcess, 0)
     }
 
     fn probe(&self) -> std::result::Result<(), Unusable> {

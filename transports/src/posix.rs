@@ -88,6 +88,7 @@ impl FileEngine for PosixEngine {
     type Resolved = ();
     const NAME: BackendName = BackendName::Posix;
     const LOCAL_KINDS: &'static [MemKind] = &[MemKind::Dram, MemKind::File, MemKind::Block];
+    const PREFERENCE: u8 = 6;
     const REMOTE_KINDS: &'static [MemKind] = &[MemKind::File, MemKind::Block];
     const MEM: MemKind = MemKind::Dram;
 

@@ -117,12 +117,7 @@ impl Backend for StandInGpu {
         BackendName::Cuda
     }
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: VRAM,
-            remote_kinds: VRAM,
-            notifications: false,
-            locality: Locality::SameNode,
-        }
+        Caps::new(VRAM, Locality::SameNode, 1).without_notifications()
     }
     fn probe(&self) -> std::result::Result<(), Unusable> {
         Ok(())

@@ -402,12 +402,7 @@ impl Backend for CudaBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: VRAM,
-            remote_kinds: VRAM,
-            notifications: true,
-            locality: Locality::SameNode,
-        }
+        Caps::new(VRAM, Locality::SameNode, 1)
     }
 
     fn probe(&self) -> std::result::Result<(), Unusable> {

@@ -30,6 +30,8 @@ pub(crate) trait FileEngine: fmt::Debug + Send + Sync + 'static {
     const LOCAL_KINDS: &'static [MemKind];
     /// Memory kinds it reaches (files, block devices).
     const REMOTE_KINDS: &'static [MemKind];
+    /// Its [`Caps::preference`].
+    const PREFERENCE: u8;
     /// The memory it moves to and from files.
     const MEM: MemKind;
 
@@ -94,12 +96,9 @@ impl<E: FileEngine> Backend for FileBackend<E> {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: E::LOCAL_KINDS,
-            remote_kinds: E::REMOTE_KINDS,
-            notifications: false,
-            locality: Locality::SameProcess,
-        }
+        Caps::new(E::LOCAL_KINDS, Locality::SameProcess, E::PREFERENCE)
+            .remote(E::REMOTE_KINDS)
+            .without_notifications()
     }
 
     fn probe(&self) -> std::result::Result<(), Unusable> {

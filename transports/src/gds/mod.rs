@@ -182,6 +182,7 @@ impl FileEngine for GdsEngine {
     type Resolved = Resolved;
     const NAME: BackendName = BackendName::Gds;
     const LOCAL_KINDS: &'static [MemKind] = &[MemKind::Vram, MemKind::File];
+    const PREFERENCE: u8 = 2;
     const REMOTE_KINDS: &'static [MemKind] = &[MemKind::File];
     const MEM: MemKind = MemKind::Vram;
 

@@ -477,12 +477,9 @@ impl Backend for ObjectBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: KINDS,
-            remote_kinds: OBJECT,
-            notifications: false,
-            locality: Locality::SameProcess,
-        }
+        Caps::new(KINDS, Locality::SameProcess, 7)
+            .remote(OBJECT)
+            .without_notifications()
     }
 
     fn probe(&self) -> std::result::Result<(), Unusable> {

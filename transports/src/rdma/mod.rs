@@ -762,12 +762,7 @@ impl Backend for RdmaBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: KINDS,
-            remote_kinds: KINDS,
-            notifications: true,
-            locality: Locality::AnyNode,
-        }
+        Caps::new(KINDS, Locality::AnyNode, 4)
     }
 
     fn probe(&self) -> std::result::Result<(), Unusable> {

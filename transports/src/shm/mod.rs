@@ -238,12 +238,7 @@ impl Backend for ShmBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: DRAM,
-            remote_kinds: DRAM,
-            notifications: true,
-            locality: Locality::SameNode,
-        }
+        Caps::new(DRAM, Locality::SameNode, 3)
     }
 
     fn probe(&self) -> std::result::Result<(), Unusable> {

@@ -440,12 +440,7 @@ impl Backend for TcpBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: DRAM,
-            remote_kinds: DRAM,
-            notifications: true,
-            locality: Locality::AnyNode,
-        }
+        Caps::new(DRAM, Locality::AnyNode, 8)
     }
 
     fn probe(&self) -> std::result::Result<(), Unusable> {

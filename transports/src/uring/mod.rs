@@ -157,6 +157,7 @@ impl FileEngine for UringEngine {
     type Resolved = ();
     const NAME: BackendName = BackendName::Uring;
     const LOCAL_KINDS: &'static [MemKind] = &[MemKind::Dram, MemKind::File, MemKind::Block];
+    const PREFERENCE: u8 = 5;
     const REMOTE_KINDS: &'static [MemKind] = &[MemKind::File, MemKind::Block];
     const MEM: MemKind = MemKind::Dram;
 
