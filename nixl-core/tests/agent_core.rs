@@ -28,6 +28,9 @@ impl RegisterExt for Agent {
     }
 }
 
+/// A region a backend was told to forget: its key and the backend's public data.
+type Forgotten = (u64, Vec<u8>);
+
 /// A backend whose posts are parked until the test completes them.
 #[derive(Debug)]
 struct Scripted {
@@ -41,7 +44,7 @@ struct Scripted {
     /// Refuse every registration as Unavailable with this reason.
     refuse: Option<&'static str>,
     /// What each deregistration was given: the key and the public data.
-    forgot: Arc<Mutex<Vec<(u64, Vec<u8>)>>>,
+    forgot: Arc<Mutex<Vec<Forgotten>>>,
 }
 
 impl Scripted {
