@@ -9,7 +9,9 @@
 # 3. `nixl-ckpt serve DIR` in namespace a; in namespace b `nixl-ckpt verify nixl://A:PORT`
 #    (restore_mapped: manifest, every region READ into fresh memory, every chunk checked);
 #    the second restore with `--warm` also restores again into the memory it has just filled
-#    (no fresh pages: the figure to set next to nixl-bench's READ, which reuses its buffers).
+#    (no fresh pages: the figure to set next to nixl-bench's READ, which reuses its buffers);
+#    then the same with the restorer's tcp backend opening 4 and 8 connections to the peer
+#    (`--tcp-conns`; the default is 2).
 # 4. A node daemon (`nixl-agent serve`, pool of SIZE + 64 MiB) in namespace a holding the
 #    checkpoint (`nixl-ckpt serve DIR --daemon SOCK`), and the same restore from b.
 #
@@ -93,6 +95,11 @@ for _ in $(seq 600); do grep -q '"uri"' "$work/serve.out" 2>/dev/null && break; 
 uri=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["uri"])' "$work/serve.out")
 row "nixl-ckpt serve -> restore" "$(ip netns exec "$b" "$ckpt" verify "$uri" --json -q)"
 row "nixl-ckpt serve -> restore, again" "$(ip netns exec "$b" "$ckpt" verify "$uri" --json -q --warm)"
+# The restorer with more tcp connections to the peer than the backend's default (2).
+for conns in 4 8; do
+    row "nixl-ckpt serve -> restore, again, $conns tcp connections" \
+        "$(ip netns exec "$b" "$ckpt" verify "$uri" --json -q --warm --tcp-conns "$conns")"
+done
 
 # The daemon's pool holding it.
 pool=$(( (gib << 30) + (64 << 20) ))

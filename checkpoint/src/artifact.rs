@@ -298,21 +298,24 @@ pub fn restore_artifact(uri: &str, name: &str, dest: &Path) -> Result<ArtifactRe
     restore_artifact_from(&dir, &m, name, dest)
 }
 
-/// [`restore_artifact`] of a checkpoint anywhere the agent reaches: a directory, or
-/// `s3://bucket/prefix` through its `object` backend (the artifact's objects fetched into a
-/// private temporary directory first, then restored from there).
+/// [`restore_artifact`] of a checkpoint anywhere the agent reaches: a directory,
+/// `s3://bucket/prefix` through its `object` backend, or a peer serving it (`nixl://`, its
+/// `tcp` backend). From `s3://` and `nixl://` the artifact's data files are fetched into a
+/// private temporary directory first, then restored from there, every file checked.
 pub fn restore_artifact_with(
     agent: &nixl_core::Agent,
     uri: &str,
     name: &str,
     dest: &Path,
 ) -> Result<ArtifactReport> {
-    match Location::parse(uri)? {
-        Location::S3 { bucket, prefix } => {
-            crate::s3::restore_artifact(agent, &crate::s3::S3Loc { bucket, prefix }, name, dest)
-        }
-        _ => restore_artifact(uri, name, dest),
+    if let Location::Dir(_) = Location::parse(uri)? {
+        return restore_artifact(uri, name, dest);
     }
+    let src = crate::dir::Opened::open(agent, uri)?;
+    let a = src.manifest.artifact(name)?;
+    let tmp = crate::fetch::TempDir::new("fetch")?;
+    let (dir, local) = crate::fetch::local_files(agent, &src, [a], &tmp.0, name)?;
+    restore_artifact_from(&dir, &local, name, dest)
 }
 
 /// [`restore_artifact`] from the data files of `m` in `dir`.

@@ -2,8 +2,9 @@
 //! pool_size`), served by the daemon's agent to peers that restore from `nixl://HOST:PORT`
 //! (the daemon's tcp listener) exactly as from `nixl-ckpt serve`.
 //!
-//! [`serve_in_daemon`] takes one lease of the daemon's pool per region (`NAME/r<i>`) and one for
-//! the control region (`NAME/control`), restores the checkpoint into the leases (mapped into
+//! [`serve_in_daemon`] takes one lease of the daemon's pool per region (`NAME/r<i>`), one per
+//! data file of its artifact directories (`NAME/a<j>`) and one for the control region
+//! (`NAME/control`), restores the checkpoint into the leases (mapped into
 //! this process, registered with the caller's agent for the reads, every byte verified), then
 //! writes the control region ([`mod@crate::serve`]'s layout, with the regions at the leases'
 //! addresses in the daemon's agent), its header page last, so that a peer probing meanwhile
@@ -11,8 +12,9 @@
 //! serves them until [`release_from_daemon`] (control region first). A failure releases the
 //! leases taken.
 //!
-//! A restorer finds the first control region among the daemon's regions: hold one checkpoint
-//! per daemon.
+//! A daemon holds any number of checkpoints, each under its own name: restorers ask for one
+//! with `nixl://HOST:PORT/NAME` (without a name they take the only one, and are refused, with
+//! the names listed, when there are several).
 
 use std::path::Path;
 
@@ -21,7 +23,7 @@ use nixl_core::{Agent, Desc, DescList, MemKind};
 
 use crate::dir::{read_manifest_with, restore, Region, RestoreOptions};
 use crate::error::{CkptError, Result};
-use crate::manifest::{Manifest, MAX_REGIONS};
+use crate::manifest::{Manifest, MAX_FILES, MAX_REGIONS};
 use crate::serve::{control_bytes, HEADER};
 
 /// A checkpoint placed in a daemon's pool.
@@ -50,6 +52,7 @@ pub fn serve_in_daemon(
     control_socket: &Path,
     name: &str,
 ) -> Result<DaemonServed> {
+    crate::serve::check_name(name).map_err(CkptError::InvalidArgument)?;
     let m = read_manifest_with(agent, uri)?;
     if let Some(e) = m.regions.iter().find(|e| e.kind != MemKind::Dram) {
         return Err(CkptError::Unsupported(format!(
@@ -139,7 +142,26 @@ fn place(
         .zip(&m.regions)
         .map(|(l, e)| Desc::new(l.info().addr, e.len, 0))
         .collect();
-    let ctrl = control_bytes(m, &at);
+    // The artifacts' data files, a lease each (NAME/a<j>).
+    let src = crate::dir::Opened::open(agent, uri)?;
+    let mut table = Vec::new();
+    for (j, (i, bytes)) in crate::fetch::artifact_file_bytes(agent, &src)?
+        .into_iter()
+        .filter(|(_, b)| !b.is_empty())
+        .enumerate()
+    {
+        let n = format!("{name}/a{j}");
+        let mut l = pool
+            .lease(&n, bytes.len() as u64)
+            .map_err(pool_err(format!("lease {n:?} of {} bytes", bytes.len())))?;
+        taken.push(n);
+        // SAFETY: a new lease that no peer knows of yet (the control region comes last).
+        let dst = unsafe { l.as_mut_slice() };
+        dst[..bytes.len()].copy_from_slice(&bytes);
+        table.push((i, Desc::new(l.info().addr, bytes.len() as u64, 0)));
+        maps.push(l);
+    }
+    let ctrl = control_bytes(m, &at, name, &table);
     let n = format!("{name}/control");
     let mut cl = pool
         .lease(&n, ctrl.len() as u64)
@@ -168,14 +190,16 @@ pub fn release_from_daemon(control_socket: &Path, name: &str) -> Result<usize> {
             .map_err(pool_err(format!("release {ctrl:?}")))?;
         n += 1;
     }
-    for i in 0..MAX_REGIONS {
-        let r = format!("{name}/r{i}");
-        if pool.find(&r).map_err(pool_err(what.clone()))?.is_none() {
-            break;
+    for (prefix, most) in [("r", MAX_REGIONS), ("a", MAX_FILES)] {
+        for i in 0..most {
+            let r = format!("{name}/{prefix}{i}");
+            if pool.find(&r).map_err(pool_err(what.clone()))?.is_none() {
+                break;
+            }
+            pool.release(&r)
+                .map_err(pool_err(format!("release {r:?}")))?;
+            n += 1;
         }
-        pool.release(&r)
-            .map_err(pool_err(format!("release {r:?}")))?;
-        n += 1;
     }
     if n == 0 {
         return Err(CkptError::NoCheckpoint {

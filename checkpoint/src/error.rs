@@ -71,6 +71,22 @@ pub enum CkptError {
         /// How.
         reason: String,
     },
+    /// A removal refused: other checkpoints are incremental saves over this one and read their
+    /// unchanged chunks from its data files (removing it would leave them unrestorable). Copy
+    /// them into self-contained ones (`nixl-ckpt copy`), remove them first, or force.
+    #[error(
+        "{location} is the base of {} incremental checkpoint(s) that read data from it: {}; \
+         removing it would leave them unrestorable (copy them into self-contained ones with \
+         `nixl-ckpt copy`, or remove them first, or force the removal: `nixl-ckpt rm --force`)",
+        dependents.len(),
+        dependents.join(", ")
+    )]
+    HasDependents {
+        /// The checkpoint asked to be removed.
+        location: String,
+        /// The checkpoints found to depend on it (directories or `s3://` URIs).
+        dependents: Vec<String>,
+    },
     /// A bad argument.
     #[error("{0}")]
     InvalidArgument(String),

@@ -67,10 +67,13 @@ pub mod artifact;
 pub mod daemon;
 mod dir;
 mod error;
+mod fetch;
+mod files;
 mod manage;
 pub mod manifest;
 mod mapped;
 pub mod ops;
+mod restore;
 mod s3;
 pub mod serve;
 pub mod vram;
@@ -80,8 +83,10 @@ pub use dir::{
     read_manifest_with, restore, save, Progress, Region, RestoreOptions, SaveOptions, SaveReport,
 };
 pub use error::{CkptError, Result};
-pub use manage::{copy_with, copy_with_buffer, remove_with, COPY_BUFFER};
+pub use manage::{copy_with, copy_with_buffer, remove_with, remove_with_opts, COPY_BUFFER};
 pub use manifest::Manifest;
 pub use mapped::{restore_mapped, Placement, Restored, RestoredRegion};
-pub use ops::{read_manifest, remove, verify, Location, VerifyReport};
-pub use serve::{serve, Served};
+pub use ops::{
+    dependents, read_manifest, remove, remove_opts, verify, Location, RemoveOptions, VerifyReport,
+};
+pub use serve::{serve, serve_named, Served};

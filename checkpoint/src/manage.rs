@@ -8,6 +8,7 @@ use nixl_core::{Agent, Desc, DescList, MemKind};
 
 use crate::dir::{read_manifest_with, restore_chunks, write_manifest, Opened, Progress, Region};
 use crate::error::{CkptError, Result};
+use crate::fetch::{local_files, put_files, TempDir};
 use crate::manifest::{Chunk, DataFile, Manifest};
 use crate::mapped::map;
 use crate::ops::{self, Location};
@@ -21,7 +22,7 @@ pub const COPY_BUFFER: u64 = 256 << 20;
 /// Copies the checkpoint `src` to `dst` (each a directory or `s3://bucket/prefix`; `src` may
 /// also be `nixl://HOST:PORT`), into a self-contained checkpoint (an incremental one loses its
 /// dependence on its base) with the same regions, recorded addresses, chunk size and
-/// metadata. `dst` must not hold a checkpoint.
+/// metadata, and its artifact directories. `dst` must not hold a checkpoint.
 ///
 /// Between two directories this is [`ops::copy`] (streamed, no agent work). Otherwise the
 /// checkpoint is streamed through one staging buffer of at most [`COPY_BUFFER`] bytes
@@ -31,6 +32,10 @@ pub const COPY_BUFFER: u64 = 256 << 20;
 /// every run is read back from `dst` and verified again before the call returns. `agent` needs
 /// the backends of both ends: `uring` or `posix` for directories, `object` for `s3://`, `tcp`
 /// for `nixl://`.
+///
+/// Artifact directories are carried as their data files: fetched from `s3://` or `nixl://`
+/// into a private temporary directory, every file checked against the manifest as it is
+/// copied (one data file per artifact at `dst`, an object under `s3://`).
 pub fn copy_with(
     agent: &Agent,
     src: &str,
@@ -53,7 +58,7 @@ pub fn copy_with_buffer(
     if matches!((&sl, &dl), (Location::Dir(_), Location::Dir(_))) {
         return ops::copy(src, dst, progress);
     }
-    if let Location::Peer { addr } = &dl {
+    if let Location::Peer { addr, .. } = &dl {
         return Err(CkptError::Unsupported(format!(
             "nixl://{addr}: a copy goes to a directory or s3://; to serve a checkpoint from \
              memory, run `nixl-ckpt serve` on it"
@@ -70,13 +75,6 @@ pub fn copy_with_buffer(
     }
     let source = Opened::open(agent, src)?;
     let m = &source.manifest;
-    if let Some(a) = m.artifacts.first() {
-        return Err(CkptError::Unsupported(format!(
-            "{src} holds artifact directories ({:?}, ...), which a copy through an agent \
-             does not carry yet: copy it between directories",
-            a.name
-        )));
-    }
     let cs = m.chunk_size;
     // Runs of consecutive chunks of one region, each at most `per` chunks.
     let per = (buffer / cs).max(1) as usize;
@@ -163,6 +161,12 @@ pub fn copy_with_buffer(
                 f.sync_all()
                     .map_err(|e| CkptError::io(format!("fsync in {}", ddir.display()), e))?;
             }
+            if !m.artifacts.is_empty() {
+                let tmp = TempDir::new("copy")?;
+                let (sdir, local) = local_files(agent, &source, &m.artifacts, &tmp.0, "(all)")?;
+                let first = out.files.len();
+                crate::artifact::copy_artifacts(&sdir, &local, ddir, id, first, &mut out)?;
+            }
             out.validate()?;
             write_manifest(ddir, &out)?;
         }
@@ -188,6 +192,14 @@ pub fn copy_with_buffer(
                 if let Some(p) = progress {
                     p("copy", done, total);
                 }
+            }
+            if !m.artifacts.is_empty() {
+                // Packed as a directory copy packs them, then PUT an object per artifact.
+                let (tmp, pack) = (TempDir::new("copy")?, TempDir::new("pack")?);
+                let (sdir, local) = local_files(agent, &source, &m.artifacts, &tmp.0, "(all)")?;
+                let first = out.files.len();
+                crate::artifact::copy_artifacts(&sdir, &local, &pack.0, id, first, &mut out)?;
+                put_files(agent, &loc, &pack.0, &out.files[first..])?;
             }
             s3::put_manifest(agent, &loc, &out)?;
         }
@@ -225,11 +237,21 @@ impl Drop for Unmap {
 /// manifest object first, so that a removal cut short never leaves something that restores as
 /// valid, then the data objects directly under the prefix; objects of another checkpoint it
 /// references stay). Returns the files or objects removed.
+///
+/// Refused with [`CkptError::HasDependents`] when checkpoints beside it (same parent directory,
+/// or same parent prefix in the bucket) are incremental saves over it; see [`ops::dependents`]
+/// and [`remove_with_opts`].
 pub fn remove_with(agent: &Agent, uri: &str) -> Result<usize> {
+    remove_with_opts(agent, uri, &ops::RemoveOptions::default())
+}
+
+/// [`remove_with`] with options (`force`: remove it even when incremental checkpoints over it
+/// are found).
+pub fn remove_with_opts(agent: &Agent, uri: &str, opts: &ops::RemoveOptions) -> Result<usize> {
     match Location::parse(uri)? {
-        Location::S3 { bucket, prefix } => s3::remove(agent, &S3Loc { bucket, prefix }),
-        Location::Dir(_) => ops::remove(uri),
-        Location::Peer { addr } => Err(CkptError::Unsupported(format!(
+        Location::S3 { bucket, prefix } => s3::remove(agent, &S3Loc { bucket, prefix }, opts.force),
+        Location::Dir(_) => ops::remove_opts(uri, opts),
+        Location::Peer { addr, .. } => Err(CkptError::Unsupported(format!(
             "nixl://{addr}: a served checkpoint is removed by stopping its server"
         ))),
     }

@@ -42,16 +42,19 @@ pub enum Location {
         /// Key prefix.
         prefix: String,
     },
-    /// `nixl://HOST:PORT`: a peer agent serving the checkpoint from its memory
-    /// (`nixl-ckpt serve`), read over `tcp`.
+    /// `nixl://HOST:PORT[/NAME]`: a peer agent serving the checkpoint from its memory
+    /// (`nixl-ckpt serve`, or a node daemon's pool), read over `tcp`.
     Peer {
         /// The peer's tcp listener, `HOST:PORT`.
         addr: String,
+        /// Which of the checkpoints the peer serves (needed when it serves several).
+        name: Option<String>,
     },
 }
 
 impl Location {
-    /// Parses a URI: `s3://bucket/prefix`, `nixl://HOST:PORT`, `file://path`, or a plain path.
+    /// Parses a URI: `s3://bucket/prefix`, `nixl://HOST:PORT[/NAME]`, `file://path`, or a plain
+    /// path.
     pub fn parse(uri: &str) -> Result<Location> {
         if uri.is_empty() {
             return Err(CkptError::InvalidArgument(
@@ -70,15 +73,23 @@ impl Location {
             };
         }
         if let Some(rest) = uri.strip_prefix("nixl://") {
-            let addr = rest.trim_end_matches('/');
+            let rest = rest.trim_end_matches('/');
+            let (addr, name) = match rest.split_once('/') {
+                Some((a, n)) => (a, Some(n)),
+                None => (rest, None),
+            };
+            if let Some(n) = name {
+                crate::serve::check_name(n).map_err(|e| {
+                    CkptError::InvalidArgument(format!("{uri}: the checkpoint's name: {e}"))
+                })?;
+            }
             return match addr.rsplit_once(':') {
-                Some((h, p))
-                    if !h.is_empty() && p.parse::<u16>().is_ok() && !addr.contains('/') =>
-                {
-                    Ok(Location::Peer { addr: addr.into() })
-                }
+                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(Location::Peer {
+                    addr: addr.into(),
+                    name: name.map(str::to_owned),
+                }),
                 _ => Err(CkptError::InvalidArgument(format!(
-                    "{uri}: expected nixl://HOST:PORT (a peer serving a checkpoint)"
+                    "{uri}: expected nixl://HOST:PORT[/NAME] (a peer serving a checkpoint)"
                 ))),
             };
         }
@@ -101,7 +112,7 @@ impl Location {
                  stores use read_manifest_with, restore_mapped, copy_with and remove_with with \
                  an agent running the object backend (nixl-ckpt does)"
             ))),
-            Location::Peer { addr } => Err(CkptError::Unsupported(format!(
+            Location::Peer { addr, .. } => Err(CkptError::Unsupported(format!(
                 "nixl://{addr}: this operation reads directories only; a served checkpoint is \
                  read with an agent running the tcp backend (restore, restore_mapped, \
                  read_manifest_with)"
@@ -284,12 +295,38 @@ pub fn copy(src: &str, dst: &str, progress: Option<&Progress>) -> Result<Manifes
     Ok(out)
 }
 
+/// Options of [`remove_opts`] (and [`crate::remove_with_opts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoveOptions {
+    /// Remove the checkpoint even when other checkpoints are found to be incremental saves
+    /// over it (they will no longer restore).
+    pub force: bool,
+}
+
 /// Removes the checkpoint at `uri`: the manifest first (from then on nothing restores from
 /// it), then its data files, temporary manifests of unfinished saves, and the directory if it
 /// is left empty. Files of other checkpoints it referenced (an incremental save's base) stay.
 /// Returns the files removed.
+///
+/// Refused with [`CkptError::HasDependents`] when a checkpoint in a directory beside it (same
+/// parent directory) reads data files from it, i.e. is an incremental save over it (see
+/// [`dependents`] for what is found); [`remove_opts`] with `force` removes it anyway.
 pub fn remove(uri: &str) -> Result<usize> {
+    remove_opts(uri, &RemoveOptions::default())
+}
+
+/// [`remove`] with options.
+pub fn remove_opts(uri: &str, opts: &RemoveOptions) -> Result<usize> {
     let dir = Location::parse(uri)?.dir()?;
+    if !opts.force {
+        let deps = dependents(uri)?;
+        if !deps.is_empty() {
+            return Err(CkptError::HasDependents {
+                location: dir.display().to_string(),
+                dependents: deps,
+            });
+        }
+    }
     let m = match read_manifest(uri) {
         Ok(m) => Some(m),
         Err(CkptError::NoCheckpoint { .. }) => None,
@@ -340,6 +377,75 @@ pub fn remove(uri: &str) -> Result<usize> {
     }
     let _ = std::fs::remove_dir(&dir);
     Ok(removed)
+}
+
+/// The checkpoints that read data files inside the checkpoint directory `uri` (incremental
+/// saves over it, directly or over one of its own incremental saves), as directory paths,
+/// sorted.
+///
+/// Found where they can be known without a registry: the directories beside `uri` (in the
+/// same parent directory), each manifest read and its data file names resolved. An
+/// incremental checkpoint saved elsewhere (another parent directory) is not found; a
+/// directory beside it whose manifest cannot be read is passed over.
+pub fn dependents(uri: &str) -> Result<Vec<String>> {
+    let dir = Location::parse(uri)?.dir()?;
+    let Ok(dir) = dir.canonicalize() else {
+        return Ok(Vec::new());
+    };
+    let Some(parent) = dir.parent() else {
+        return Ok(Vec::new());
+    };
+    let rd = std::fs::read_dir(parent)
+        .map_err(|e| CkptError::io(format!("list {} (for dependents)", parent.display()), e))?;
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let sib = parent.join(e.file_name());
+        if sib == dir || !sib.join(MANIFEST).is_file() {
+            continue;
+        }
+        let Some(sib_uri) = sib.to_str() else {
+            continue;
+        };
+        let Ok(m) = read_manifest(sib_uri) else {
+            continue;
+        };
+        if m.files
+            .iter()
+            .any(|f| f.name.contains('/') && lexical(&sib.join(&f.name)).starts_with(&dir))
+        {
+            out.push(sib.display().to_string());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `p` with its `.` and `..` components resolved by name (no file system access).
+fn lexical(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c.as_os_str()),
+        }
+    }
+    out
+}
+
+/// Why a data file of `m` named `name` may be missing: an incremental checkpoint's file that
+/// lies outside it belongs to its base (empty otherwise).
+pub(crate) fn base_note(m: &Manifest, name: &str) -> String {
+    match &m.base {
+        Some(b) if name.contains('/') => format!(
+            " (it belongs to {b}, the base this incremental checkpoint was saved over: \
+             the base is gone or was replaced)"
+        ),
+        _ => String::new(),
+    }
 }
 
 /// Creates one data file per region of `out` (a copy being written into the directory `ddir`

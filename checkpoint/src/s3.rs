@@ -4,8 +4,6 @@
 //! length first) is PUT last, after every data object was written, so a save killed before it
 //! leaves the previous manifest, which names only the previous objects.
 
-use std::io;
-
 use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, Registration, XferOp, XferOptions};
 use nixl_transports::object::{delete_objects, list_objects, name_object};
 
@@ -13,6 +11,7 @@ use crate::dir::{
     file_index, hash_all, Pick, Posted, Region, RestoreOptions, SaveOptions, SaveReport,
 };
 use crate::error::{CkptError, Result};
+use crate::fetch::{with_file_mapped, TempDir};
 use crate::manifest::{self, Chunk, DataFile, Manifest};
 use crate::ops::{is_ours, Location, MANIFEST};
 
@@ -53,7 +52,7 @@ impl S3Loc {
     }
 
     /// The key of `name` (a manifest file name, `..` allowed) under the prefix.
-    fn key(&self, name: &str) -> Result<String> {
+    pub(crate) fn key(&self, name: &str) -> Result<String> {
         let mut parts: Vec<&str> = self.prefix.split('/').filter(|p| !p.is_empty()).collect();
         for c in name.split('/') {
             if c == ".." {
@@ -70,7 +69,12 @@ impl S3Loc {
     }
 
     /// Registers object `key` (`size` bytes) with the agent under a fresh id.
-    fn register(&self, agent: &Agent, key: &str, size: u64) -> Result<(u64, Registration)> {
+    pub(crate) fn register(
+        &self,
+        agent: &Agent,
+        key: &str,
+        size: u64,
+    ) -> Result<(u64, Registration)> {
         let id = nixl_core::random_u64().map_err(|e| CkptError::agent("object id", e))?;
         let name = format!("{}/{key}", self.bucket);
         name_object(agent, id, &name)
@@ -84,7 +88,13 @@ impl S3Loc {
     }
 }
 
-fn run(agent: &Agent, op: XferOp, mem: Vec<Desc>, obj: Vec<Desc>, what: &str) -> Result<()> {
+pub(crate) fn run(
+    agent: &Agent,
+    op: XferOp,
+    mem: Vec<Desc>,
+    obj: Vec<Desc>,
+    what: &str,
+) -> Result<()> {
     let ctx = |e| CkptError::agent(what.to_owned(), e);
     let local = DescList::from_descs(MemKind::Dram, mem).map_err(ctx)?;
     let remote = DescList::from_descs(MemKind::Object, obj).map_err(ctx)?;
@@ -96,7 +106,7 @@ fn run(agent: &Agent, op: XferOp, mem: Vec<Desc>, obj: Vec<Desc>, what: &str) ->
     posted.0[0].wait_blocking(None).into_result().map_err(ctx)
 }
 
-fn is_missing(e: &CkptError) -> bool {
+pub(crate) fn is_missing(e: &CkptError) -> bool {
     let s = e.to_string();
     s.contains("404") || s.contains("NoSuchKey")
 }
@@ -309,7 +319,16 @@ fn remove_stale(agent: &Agent, loc: &S3Loc, m: &Manifest) {
 /// Removes the checkpoint under `loc`: the manifest object first (from then on nothing
 /// restores from it), then its data objects directly under the prefix. Objects of other
 /// checkpoints it references (an incremental save's base) stay. Returns the objects removed.
-pub(crate) fn remove(agent: &Agent, loc: &S3Loc) -> Result<usize> {
+pub(crate) fn remove(agent: &Agent, loc: &S3Loc, force: bool) -> Result<usize> {
+    if !force {
+        let deps = dependents(agent, loc)?;
+        if !deps.is_empty() {
+            return Err(CkptError::HasDependents {
+                location: loc.uri(),
+                dependents: deps,
+            });
+        }
+    }
     let all = children(agent, loc)?;
     let mkey = loc.key(MANIFEST)?;
     let listed_manifest = all.iter().any(|(k, _)| *k == mkey);
@@ -330,6 +349,61 @@ pub(crate) fn remove(agent: &Agent, loc: &S3Loc) -> Result<usize> {
     Ok(n + usize::from(listed_manifest))
 }
 
+/// Most objects under the parent prefix that [`dependents`] lists.
+const SIBLINGS_LIST_LIMIT: usize = 1_000_000;
+
+/// The checkpoints beside `loc` (under the same parent prefix, one level down) whose manifests
+/// name data objects directly under `loc`: incremental saves over it. As `s3://` URIs, sorted.
+/// A prefix beside it whose manifest cannot be read is passed over.
+pub(crate) fn dependents(agent: &Agent, loc: &S3Loc) -> Result<Vec<String>> {
+    let own = loc.dir_prefix();
+    let p = loc.prefix.trim_matches('/');
+    let parent = match p.rfind('/') {
+        Some(i) => &p[..=i],
+        None => "",
+    };
+    let objs =
+        list_objects(agent, &loc.bucket, parent, None, SIBLINGS_LIST_LIMIT).map_err(|e| {
+            CkptError::agent(
+                format!(
+                    "list s3://{}/{parent} for incremental checkpoints over {} (nixl-ckpt rm \
+                 --force skips this)",
+                    loc.bucket,
+                    loc.uri()
+                ),
+                e,
+            )
+        })?;
+    let mut out = Vec::new();
+    for o in objs {
+        let Some(sib) = o.key[parent.len()..].strip_suffix(&format!("/{MANIFEST}")) else {
+            continue;
+        };
+        if sib.is_empty() || sib.contains('/') || format!("{parent}{sib}/") == own {
+            continue;
+        }
+        let sl = S3Loc {
+            bucket: loc.bucket.clone(),
+            prefix: format!("{parent}{sib}"),
+        };
+        let Ok(m) = read_manifest(agent, &sl) else {
+            continue;
+        };
+        let ours = |f: &DataFile| {
+            f.name.contains('/')
+                && sl.key(&f.name).is_ok_and(|k| {
+                    k.strip_prefix(own.as_str())
+                        .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+                })
+        };
+        if m.files.iter().any(ours) {
+            out.push(sl.uri());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Packs the artifact directories `arts` as a directory save does (one data file per
 /// artifact, `d<save id>-<first + i>.dat`, in a private temporary directory) and PUTs each as
 /// the object of that name under `loc`; returns their manifest entries, `files` extended.
@@ -346,171 +420,11 @@ fn put_artifacts(
     let out = crate::artifact::save_artifacts(&tmp.0, save_id, first, arts, files)?;
     for f in &files[n..] {
         let path = tmp.0.join(&f.name);
-        with_file_mapped(agent, &path, f.size, false, |mem| {
+        with_file_mapped(agent, &path, f.size, false, BackendName::Object, |mem| {
             put_data(agent, loc, &f.name, mem)
         })?;
     }
     Ok(out)
-}
-
-/// Restores the artifact directory `name` of the checkpoint under `loc` into `dest`: its data
-/// objects are fetched into a private temporary directory, then restored from there as from a
-/// checkpoint directory (every file checked, the tree renamed into place last).
-pub(crate) fn restore_artifact(
-    agent: &Agent,
-    loc: &S3Loc,
-    name: &str,
-    dest: &std::path::Path,
-) -> Result<crate::ArtifactReport> {
-    let m = read_manifest(agent, loc)?;
-    let a = m.artifact(name)?;
-    let tmp = TempDir::new("fetch")?;
-    // The fetched objects get names of ours: the manifest's are keys relative to `loc`.
-    let mut local = m.clone();
-    let mut used: Vec<usize> = a
-        .entries
-        .iter()
-        .filter(|e| e.kind == crate::manifest::EntryKind::File)
-        .map(|e| e.file as usize)
-        .collect();
-    used.sort_unstable();
-    used.dedup();
-    for &i in &used {
-        let f = m.files.get(i).ok_or_else(|| {
-            CkptError::Manifest(format!("artifact {name:?} names data file {i}, not listed"))
-        })?;
-        let lname = format!("f{i}.dat");
-        let path = tmp.0.join(&lname);
-        std::fs::File::create(&path)
-            .and_then(|h| h.set_len(f.size))
-            .map_err(|e| CkptError::io(format!("create {}", path.display()), e))?;
-        if f.size > 0 {
-            let key = loc.key(&f.name)?;
-            with_file_mapped(agent, &path, f.size, true, |mem| {
-                let (id, reg) = loc.register(agent, &key, f.size)?;
-                let what = format!("GET s3://{}/{key}", loc.bucket);
-                let r = run(
-                    agent,
-                    XferOp::Read,
-                    vec![mem],
-                    vec![Desc::new(0, f.size, id)],
-                    &what,
-                );
-                drop(reg);
-                r.map_err(|e| CkptError::ArtifactCorrupt {
-                    artifact: name.to_owned(),
-                    path: String::new(),
-                    reason: if is_missing(&e) {
-                        format!("object {key} is missing: {e}")
-                    } else {
-                        format!("reading object {key}: {e}")
-                    },
-                })
-            })?;
-        }
-        local.files[i].name = lname;
-    }
-    crate::artifact::restore_artifact_from(&tmp.0, &local, name, dest)
-}
-
-/// A private temporary directory, removed with what it holds when dropped.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> Result<TempDir> {
-        use std::os::unix::fs::DirBuilderExt as _;
-        let r = nixl_core::random_u64().map_err(|e| CkptError::agent("random name", e))?;
-        let p = std::env::temp_dir().join(format!("nixl-ckpt-{what}-{r:016x}"));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&p)
-            .map_err(|e| CkptError::io(format!("create {}", p.display()), e))?;
-        Ok(TempDir(p))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Maps the file at `path` (`len` bytes; `write`: changes reach the file) and hands `f` the
-/// mapping, registered with the agent's `object` backend, as a DRAM descriptor. A file of no
-/// bytes is not mapped and `f` is not called.
-fn with_file_mapped(
-    agent: &Agent,
-    path: &std::path::Path,
-    len: u64,
-    write: bool,
-    f: impl FnOnce(Desc) -> Result<()>,
-) -> Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(|e| CkptError::io(format!("open {}", path.display()), e))?;
-    let size = file
-        .metadata()
-        .map_err(|e| CkptError::io(format!("stat {}", path.display()), e))?
-        .len();
-    let n = usize::try_from(len)
-        .ok()
-        .filter(|_| size == len)
-        .ok_or_else(|| {
-            CkptError::InvalidArgument(format!("{}: {size} bytes, {len} expected", path.display()))
-        })?;
-    let flags = if write {
-        libc::MAP_SHARED
-    } else {
-        libc::MAP_PRIVATE
-    };
-    // SAFETY: a fresh mapping of `n` bytes of an open file that holds them; unmapped below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            n,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            std::os::fd::AsRawFd::as_raw_fd(&file),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(CkptError::io(
-            format!("mmap {}", path.display()),
-            io::Error::last_os_error(),
-        ));
-    }
-    let unmap = Unmapped(p, n);
-    let d = Desc::new(p as u64, len, 0);
-    let r = (|| {
-        let list = DescList::from_descs(MemKind::Dram, vec![d])
-            .map_err(|e| CkptError::agent("artifact pack", e))?;
-        // SAFETY: the mapping outlives the registration (dropped at the end of this closure,
-        // before `unmap`), and nothing else touches it meanwhile.
-        let reg = unsafe { agent.register_with(&list, &[BackendName::Object]) }
-            .map_err(|e| CkptError::agent("register the artifact pack", e))?;
-        let r = f(d);
-        drop(reg);
-        r
-    })();
-    drop(unmap);
-    r
-}
-
-/// Unmaps a mapping when dropped.
-struct Unmapped(*mut libc::c_void, usize);
-
-impl Drop for Unmapped {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made by `with_file_mapped`, whose registration of it was
-        // dropped first.
-        unsafe { libc::munmap(self.0, self.1) };
-    }
 }
 
 /// PUTs the registered host memory `mem` as the data object `name` under `loc` (a streamed
@@ -649,6 +563,7 @@ pub(crate) unsafe fn read_regions(
             .iter()
             .find(|(_, _, key)| msg.contains(key.as_str()))
             .and_then(|(fi, _, key)| {
+                let note = crate::ops::base_note(m, &m.files[*fi as usize].name);
                 let of_file = || {
                     chosen.iter().flat_map(|pk| {
                         pk.each()
@@ -659,19 +574,19 @@ pub(crate) unsafe fn read_regions(
                 of_file()
                     .find(|(_, _, off)| msg.contains(&format!("bytes {off}-")))
                     .or_else(|| of_file().next())
-                    .map(|(r, ci, _)| (r, ci, key.clone()))
+                    .map(|(r, ci, _)| (r, ci, key.clone(), note))
             });
         let short = msg.contains("shorter") || msg.contains("Content-Range");
         let (region, chunk, why) = match blame {
-            Some((r, ci, key)) if is_missing(&e) => {
-                (r, Some(ci), format!("object {key} is missing: {msg}"))
+            Some((r, ci, key, note)) if is_missing(&e) => {
+                (r, Some(ci), format!("object {key} is missing{note}: {msg}"))
             }
-            Some((r, ci, key)) if short => (
+            Some((r, ci, key, _)) if short => (
                 r,
                 Some(ci),
                 format!("object {key} is truncated (shorter than the manifest says): {msg}"),
             ),
-            Some((r, ci, _)) => (r, Some(ci), format!("reading failed: {msg}")),
+            Some((r, ci, _, _)) => (r, Some(ci), format!("reading failed: {msg}")),
             None => (
                 chosen
                     .iter()

@@ -317,7 +317,14 @@ fn artifact_trees_round_trip_and_bad_ones_leave_nothing() {
         assert!(left.is_empty(), "{left:?}");
     }
 
-    // rm takes the artifact data with the rest.
+    // rm takes the artifact data with the rest, once the incremental over it is gone.
+    match ops::remove(ck) {
+        Err(CkptError::HasDependents { dependents, .. }) => {
+            assert_eq!(dependents, [base.join("inc").display().to_string()])
+        }
+        r => panic!("the base of an incremental was removed: {r:?}"),
+    }
+    ops::remove(base.join("inc").to_str().unwrap()).unwrap();
     ops::remove(ck).unwrap();
     assert!(!Path::new(ck).exists());
     std::fs::remove_dir_all(&base).unwrap();

@@ -604,9 +604,29 @@ fn incremental_saves_write_only_changed_chunks_and_restore_on_their_own() {
     let flat = scratch("flat");
     std::fs::remove_dir(&flat).unwrap();
     ops::copy(inc.to_str().unwrap(), flat.to_str().unwrap(), None).unwrap();
-    ops::remove(base.to_str().unwrap()).unwrap();
+    // The base is not removed while the incremental beside it reads from it: the error names
+    // it, and nothing is removed. The flat copy does not depend on it.
+    let bs = base.to_str().unwrap();
+    assert_eq!(
+        nixl_checkpoint::dependents(bs).unwrap(),
+        [inc.display().to_string()]
+    );
+    assert!(nixl_checkpoint::dependents(inc.to_str().unwrap())
+        .unwrap()
+        .is_empty());
+    match ops::remove(bs) {
+        Err(CkptError::HasDependents { dependents, .. }) => {
+            assert_eq!(dependents, [inc.display().to_string()])
+        }
+        r => panic!("the base of an incremental was removed: {r:?}"),
+    }
+    assert!(base.join("manifest.nckpt").exists());
+    restore_small(&a, &inc, &lens).0.unwrap();
+    // Forced, it goes; the incremental then fails naming its missing base.
+    ops::remove_opts(bs, &ops::RemoveOptions { force: true }).unwrap();
     let e = restore_small(&a, &inc, &lens).0.unwrap_err().to_string();
     assert!(e.contains("\"r0\" chunk 0") && e.contains("missing"), "{e}");
+    assert!(e.contains(&format!("belongs to {bs}, the base")), "{e}");
     let (res, got) = restore_small(&a, &flat, &lens);
     res.unwrap();
     assert_eq!(got, bufs);

@@ -4,117 +4,34 @@
 //! newer version), each refused naming region and chunk. Without moto: `SKIPPED` (a failure under
 //! `NIXL_REQUIRE_OBJECT_TESTS=1` or `NIXL_REQUIRE_ALL=1`, as in CI).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use nixl_checkpoint::{
     restore, restore_mapped, save, CkptError, Placement, Region, RestoreOptions, SaveOptions,
     SaveReport,
 };
 use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
+use nixl_testkit::moto::Moto;
 use nixl_transports::config::Config;
 
 const BUCKET: &str = "ckpt-test";
-const AUTH: &str = "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/s3/aws4_request, \
-                    SignedHeaders=host, Signature=0";
-
-struct Moto {
-    child: Child,
-    port: u16,
+/// moto with the test's bucket (multipart from 64 KiB, so that packs go up in parts).
+fn start_moto() -> Moto {
+    let m = Moto::start(&[("S3_UPLOAD_PART_MIN_SIZE", "65536")]);
+    m.make_bucket(BUCKET);
+    m
 }
 
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The objects of the test's bucket, and the CLI pointed at the server.
+trait Bucket {
+    fn object(&self, key: &str) -> Vec<u8>;
+    fn put(&self, key: &str, body: &[u8]);
+    fn delete(&self, key: &str);
+    fn cli(&self, args: &[&str]) -> std::process::Output;
+    fn keys(&self, prefix: &str) -> Vec<String>;
 }
 
-impl Moto {
-    /// Why moto cannot run here, if it cannot.
-    fn missing() -> Option<String> {
-        let have = Command::new("python3")
-            .args(["-c", "import moto.server"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        (!have).then(|| {
-            "moto not installed (python3 -m pip install 'moto[server]'; .ci/setup does)".into()
-        })
-    }
-
-    fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cmd = Command::new("python3");
-        cmd.args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .env("S3_UPLOAD_PART_MIN_SIZE", "65536")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe and touches only the child: the server dies with
-        // the test process.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let m = Moto {
-            child: cmd.spawn().unwrap(),
-            port,
-        };
-        let t0 = Instant::now();
-        while m.http("GET", "/", b"").map_or(true, |(s, _)| s == 0) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "moto did not answer"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert_eq!(m.http("PUT", &format!("/{BUCKET}"), b"").unwrap().0, 200);
-        m
-    }
-
-    /// One HTTP/1.0 exchange: (status, body).
-    fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nAuthorization: {AUTH}\r\n\r\n",
-            self.port,
-            body.len()
-        )?;
-        s.write_all(body)?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)?;
-        let head_end = out
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map_or(out.len(), |i| i + 4);
-        let status = String::from_utf8_lossy(&out[..head_end])
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        Ok((status, out[head_end..].to_vec()))
-    }
-
+impl Bucket for Moto {
     fn object(&self, key: &str) -> Vec<u8> {
         let (st, b) = self.http("GET", &format!("/{BUCKET}/{key}"), b"").unwrap();
         assert_eq!(st, 200, "GET {key}");
@@ -139,6 +56,21 @@ impl Moto {
             204,
             "DELETE {key}"
         );
+    }
+
+    /// Runs `nixl-ckpt ARGS` with the AWS environment pointing at this server.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+            .args(args)
+            .env(
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            )
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .output()
+            .unwrap()
     }
 
     /// Keys under `prefix`.
@@ -232,7 +164,7 @@ fn restore_all(a: &Agent, uri: &str) -> (Result<u64, CkptError>, Vec<Vec<u8>>) {
 #[test]
 fn s3_round_trips_and_every_damage_is_named() {
     nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
-    let m = Moto::start();
+    let m = start_moto();
     let a = agent(&m);
     let uri = format!("s3://{BUCKET}/ckpt/w0");
     let first = save_gen(&a, &uri, 1);
@@ -240,16 +172,7 @@ fn s3_round_trips_and_every_damage_is_named() {
     assert_eq!(res.unwrap(), LENS.iter().sum::<usize>() as u64);
     assert_eq!(got, first);
     // The CLI reads it too, configured from the standard AWS environment.
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-            .args(args)
-            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| m.cli(args);
     let o = cli(&["inspect", &uri, "--json"]);
     assert!(o.status.success(), "{o:?}");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -354,13 +277,68 @@ fn save_bufs(a: &Agent, uri: &str, bufs: &mut [Vec<u8>], base: Option<&str>) -> 
     unsafe { save(a, uri, &regions, &opts) }.unwrap()
 }
 
+/// `rm` of a base refuses while an incremental checkpoint beside it (same parent prefix) reads
+/// its objects, naming it, through the library and the CLI (`--json` lists the dependents);
+/// `--force` removes it, and the incremental then fails naming its missing base.
+#[test]
+fn s3_rm_of_a_base_with_an_incremental_beside_it_is_refused_unless_forced() {
+    nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
+    let m = start_moto();
+    let a = agent(&m);
+    let base = format!("s3://{BUCKET}/guard/base");
+    let step = format!("s3://{BUCKET}/guard/step");
+    let other = format!("s3://{BUCKET}/guard/other");
+    let mut bufs: Vec<Vec<u8>> = LENS.iter().map(|&l| pattern(l, 3)).collect();
+    save_bufs(&a, &base, &mut bufs, None);
+    save_bufs(&a, &other, &mut bufs, None);
+    bufs[0][5] ^= 1;
+    save_bufs(&a, &step, &mut bufs, Some(&base));
+    // A prefix that merely starts like the base's is not confused with it.
+    save_bufs(&a, &format!("{base}x"), &mut bufs, None);
+    match nixl_checkpoint::remove_with(&a, &base) {
+        Err(CkptError::HasDependents { dependents, .. }) => {
+            assert_eq!(dependents, std::slice::from_ref(&step))
+        }
+        r => panic!("the base of an incremental was removed: {r:?}"),
+    }
+    // The others have no dependents and go.
+    assert_eq!(nixl_checkpoint::remove_with(&a, &other).unwrap(), 3);
+    assert_eq!(
+        nixl_checkpoint::remove_with(&a, &format!("{base}x")).unwrap(),
+        3
+    );
+    let cli = |args: &[&str]| m.cli(args);
+    let o = cli(&["rm", &base, "--json", "-q"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["dependents"], serde_json::json!([step.clone()]), "{v}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--force"),
+        "{o:?}"
+    );
+    let (res, got) = restore_all(&a, &step);
+    res.unwrap();
+    assert_eq!(got, bufs);
+    let o = cli(&["rm", &base, "--force", "--json", "-q"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(m.keys("guard/base/").is_empty());
+    let e = restore_all(&a, &step).0.unwrap_err().to_string();
+    assert!(
+        e.contains("missing") && e.contains(&format!("belongs to {base}, the base")),
+        "{e}"
+    );
+    // The incremental itself has no dependents and goes.
+    let o = cli(&["rm", &step, "-q"]);
+    assert!(o.status.success(), "{o:?}");
+}
+
 /// Incremental saves to S3 (only the changed chunks written, the base's objects referenced),
 /// copies between S3 and directories both ways (verified), the objects of a replaced save
 /// deleted, and `rm` (manifest first) through the library and the CLI.
 #[test]
 fn s3_incremental_copy_cleanup_and_rm() {
     nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
-    let m = Moto::start();
+    let m = start_moto();
     let a = agent(&m);
     let base = format!("s3://{BUCKET}/inc/base");
     let step = format!("s3://{BUCKET}/inc/step");
@@ -454,16 +432,7 @@ fn s3_incremental_copy_cleanup_and_rm() {
     assert!(e.to_string().contains("checksum"), "{e}");
     assert!(!dir.join("d3").join("manifest.nckpt").exists());
     // The CLI: S3 to a directory, and verify it.
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-            .args(args)
-            .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", m.port))
-            .env("AWS_REGION", "us-east-1")
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| m.cli(args);
     let d2 = dir.join("d2");
     let d2 = d2.to_str().unwrap();
     let o = cli(&["copy", &step, d2, "--json", "-q"]);
@@ -520,7 +489,7 @@ fn s3_incremental_copy_cleanup_and_rm() {
 #[test]
 fn s3_artifacts_round_trip_and_a_damaged_pack_is_refused() {
     nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
-    let m = Moto::start();
+    let m = start_moto();
     let a = agent(&m);
     let work = std::env::temp_dir().join(format!("nixl-ckpt-s3art-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
@@ -562,6 +531,23 @@ fn s3_artifacts_round_trip_and_a_damaged_pack_is_refused() {
     assert!(dest.join("empty").is_dir());
     let e = nixl_checkpoint::restore_artifact_with(&a, &uri, "nope", &work.join("x")).unwrap_err();
     assert!(matches!(e, CkptError::NotFound { .. }), "{e}");
+
+    // Copies through the agent carry the artifact: S3 to a directory, that back to S3 under
+    // another prefix; the tree restores from each, the same.
+    let cdir = work.join("copied");
+    let cm = nixl_checkpoint::copy_with(&a, &uri, cdir.to_str().unwrap(), None).unwrap();
+    assert_eq!(cm.artifacts.len(), 1);
+    let d2 = work.join("from-dir-copy");
+    nixl_checkpoint::restore_artifact(cdir.to_str().unwrap(), "cache", &d2).unwrap();
+    assert_eq!(std::fs::read(d2.join("k/v/kernel.bin")).unwrap(), big);
+    let back_uri = format!("s3://{BUCKET}/art/back");
+    nixl_checkpoint::copy_with_buffer(&a, cdir.to_str().unwrap(), &back_uri, None, CHUNK).unwrap();
+    let d3 = work.join("from-s3-copy");
+    nixl_checkpoint::restore_artifact_with(&a, &back_uri, "cache", &d3).unwrap();
+    assert_eq!(std::fs::read(d3.join("k/v/kernel.bin")).unwrap(), big);
+    assert!(std::fs::read(d3.join("k/none")).unwrap().is_empty() && d3.join("empty").is_dir());
+    nixl_checkpoint::remove_with(&a, &back_uri).unwrap();
+    assert!(m.keys("art/back/").is_empty());
 
     // A flipped byte in the pack object: refused, and nothing appears at the destination.
     let fi = mf.artifacts[0]

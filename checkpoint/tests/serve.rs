@@ -51,6 +51,23 @@ fn scratch(tag: &str) -> std::path::PathBuf {
 /// Kills the serving process when the test ends, passing or not.
 struct Server(Child);
 
+impl Server {
+    /// Starts `nixl-ckpt serve ... --json` and reads the JSON line it prints first.
+    fn start(mut cmd: Command) -> (Server, serde_json::Value) {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        (Server(child), v)
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -64,41 +81,10 @@ fn restore_from_a_peer_serving_the_checkpoint_over_tcp() {
     let uri = dir.to_str().unwrap();
     // 21 chunks of 1 MiB in r0: the restore goes in more requests than it keeps in flight.
     let sizes = [(20 << 20) + 17, 4096, 777];
-    let want: Vec<Vec<u8>> = sizes
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| pattern(n, i as u64 + 3))
-        .collect();
-    {
-        let a = agent("backends = [\"uring\", \"posix\"]");
-        let mut bufs = want.clone();
-        let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
-        let _regs: Vec<_> = descs.iter().map(|d| register(&a, *d)).collect();
-        let regions: Vec<Region> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
-            .collect();
-        let opts = SaveOptions {
-            chunk_size: 1 << 20,
-            ..SaveOptions::default()
-        };
-        // SAFETY: the buffers are live and unchanged during the call.
-        unsafe { save(&a, uri, &regions, &opts) }.unwrap();
-    }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-        .args(["serve", uri, "--json", "--quiet"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = Server(child);
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let want = save_sample(&dir, &sizes, 3);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"));
+    cmd.args(["serve", uri, "--json", "--quiet"]);
+    let (_server, v) = Server::start(cmd);
     let peer = v["uri"].as_str().unwrap().to_owned();
     assert!(peer.starts_with("nixl://127.0.0.1:"), "{peer}");
 
@@ -151,6 +137,188 @@ fn restore_from_a_peer_serving_the_checkpoint_over_tcp() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Saves `sizes` regions `r<i>` of `pattern(n, seed + i)` to `dir` in chunks of 1 MiB; returns
+/// their bytes.
+fn save_sample(dir: &std::path::Path, sizes: &[usize], seed: u64) -> Vec<Vec<u8>> {
+    save_sample_with(dir, sizes, seed, None)
+}
+
+/// [`save_sample`] with the caller's JSON `metadata`.
+fn save_sample_with(
+    dir: &std::path::Path,
+    sizes: &[usize],
+    seed: u64,
+    metadata: Option<&str>,
+) -> Vec<Vec<u8>> {
+    let want: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| pattern(n, seed + i as u64))
+        .collect();
+    let a = agent("backends = [\"uring\", \"posix\"]");
+    let mut bufs = want.clone();
+    let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
+    let _regs: Vec<_> = descs.iter().map(|d| register(&a, *d)).collect();
+    let regions: Vec<Region> = descs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
+        .collect();
+    let opts = SaveOptions {
+        chunk_size: 1 << 20,
+        metadata: metadata.map(str::to_owned),
+        ..SaveOptions::default()
+    };
+    // SAFETY: the buffers are live and unchanged during the call.
+    unsafe { save(&a, dir.to_str().unwrap(), &regions, &opts) }.unwrap();
+    want
+}
+
+/// One `nixl-ckpt serve` process serves two checkpoints, each restored by its name
+/// (`nixl://HOST:PORT/NAME`); without a name the restorer is refused with both names listed,
+/// and an unknown name is "no checkpoint" listing what is there.
+#[test]
+fn one_server_serves_several_checkpoints_each_by_name() {
+    let root = scratch("serve-several");
+    std::fs::create_dir_all(&root).unwrap();
+    let (da, db) = (root.join("first"), root.join("second-ck"));
+    let wa = save_sample(&da, &[(3 << 20) + 5, 999], 11);
+    let wb = save_sample(&db, &[4096, (2 << 20) + 1, 17], 50);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"));
+    cmd.arg("serve")
+        .arg(format!("alpha={}", da.display()))
+        .arg(&db)
+        .args(["--json", "--quiet"]);
+    let (_server, v) = Server::start(cmd);
+    let peer = v["uri"].as_str().unwrap().to_owned();
+    let served = v["served"].as_array().unwrap();
+    assert_eq!(served.len(), 2, "{v}");
+    assert_eq!(served[0]["name"], "alpha");
+    assert_eq!(served[1]["name"], "second-ck");
+    assert_eq!(served[1]["uri"], format!("{peer}/second-ck"));
+
+    let a = agent("backends = [\"tcp\"]");
+    for (name, want) in [("alpha", &wa), ("second-ck", &wb)] {
+        let r = restore_mapped(&a, &format!("{peer}/{name}"), None, Placement::Anywhere).unwrap();
+        assert_eq!(r.regions().len(), want.len(), "{name}");
+        for (i, w) in want.iter().enumerate() {
+            let x = r.region(&format!("r{i}")).unwrap();
+            // SAFETY: mapped and written by the restore, which has returned.
+            let b =
+                unsafe { std::slice::from_raw_parts(x.addr as usize as *const u8, x.len as usize) };
+            assert!(b == w.as_slice(), "{name} r{i} differs");
+        }
+    }
+    match read_manifest_with(&a, &peer) {
+        Err(CkptError::InvalidArgument(e)) => assert!(
+            e.contains("several") && e.contains("alpha") && e.contains("second-ck"),
+            "{e}"
+        ),
+        other => panic!("no name, two checkpoints: {other:?}"),
+    }
+    match read_manifest_with(&a, &format!("{peer}/nope")) {
+        Err(CkptError::NoCheckpoint { reason, .. }) => {
+            assert!(
+                reason.contains("alpha") && reason.contains("\"nope\""),
+                "{reason}"
+            )
+        }
+        other => panic!("an unknown name: {other:?}"),
+    }
+    // The same name twice is refused before anything is served.
+    let o = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+        .arg("serve")
+        .arg(format!("x={}", da.display()))
+        .arg(format!("x={}", db.display()))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("two checkpoints"),
+        "{o:?}"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// Artifact directories of a served checkpoint: restored from the peer (library and CLI) and
+/// carried by a copy from the peer into a directory, every file the same.
+#[test]
+fn artifacts_are_served_by_a_peer_and_carried_by_a_copy_from_it() {
+    let root = scratch("serve-art");
+    std::fs::create_dir_all(root.join("tree/k/v")).unwrap();
+    std::fs::create_dir_all(root.join("tree/empty")).unwrap();
+    let big = pattern((5 << 20) + 9, 77);
+    std::fs::write(root.join("tree/k/v/kernel.bin"), &big).unwrap();
+    std::fs::write(root.join("tree/k/none"), b"").unwrap();
+    std::fs::write(root.join("tree/top.json"), b"{\"v\":3}").unwrap();
+    let ck = root.join("ck");
+    {
+        let a = agent("backends = [\"uring\", \"posix\"]");
+        let mut b = pattern(300_000, 4);
+        let d = Desc::from_mut_slice(&mut b);
+        let _r = register(&a, d);
+        let opts = SaveOptions {
+            chunk_size: 1 << 20,
+            artifacts: vec![
+                ("cache".into(), root.join("tree")),
+                ("small".into(), root.join("tree/k")),
+            ],
+            ..SaveOptions::default()
+        };
+        // SAFETY: the buffer is live and unchanged during the call.
+        unsafe {
+            save(
+                &a,
+                ck.to_str().unwrap(),
+                &[Region::dram("r0", d.addr, d.len)],
+                &opts,
+            )
+        }
+        .unwrap();
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"));
+    cmd.args(["serve", ck.to_str().unwrap(), "--json", "--quiet"]);
+    let (_server, v) = Server::start(cmd);
+    let peer = v["served"][0]["uri"].as_str().unwrap().to_owned();
+    assert!(peer.ends_with("/ck"), "{peer}");
+
+    let check = |d: &std::path::Path| {
+        assert_eq!(std::fs::read(d.join("k/v/kernel.bin")).unwrap(), big);
+        assert!(std::fs::read(d.join("k/none")).unwrap().is_empty());
+        assert_eq!(std::fs::read(d.join("top.json")).unwrap(), b"{\"v\":3}");
+        assert!(d.join("empty").is_dir());
+    };
+    let a = agent("backends = [\"tcp\", \"uring\", \"posix\"]");
+    let d1 = root.join("out1");
+    let rep = nixl_checkpoint::restore_artifact_with(&a, &peer, "cache", &d1).unwrap();
+    assert_eq!(rep.files, 3);
+    check(&d1);
+    let d2 = root.join("out2");
+    let o = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+        .args(["artifact", &peer, "small"])
+        .arg(&d2)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(std::fs::read(d2.join("v/kernel.bin")).unwrap(), big);
+    let e = nixl_checkpoint::restore_artifact_with(&a, &peer, "nope", &root.join("x")).unwrap_err();
+    assert!(matches!(e, CkptError::NotFound { .. }), "{e}");
+
+    // A copy from the peer carries both artifacts.
+    let copy = root.join("copy");
+    let o = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
+        .args(["copy", &peer])
+        .arg(&copy)
+        .args(["--buffer", "1MiB", "-q"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let d3 = root.join("out3");
+    nixl_checkpoint::restore_artifact(copy.to_str().unwrap(), "cache", &d3).unwrap();
+    check(&d3);
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 #[test]
 fn a_peer_without_a_checkpoint_or_not_there_is_a_clear_error() {
     let server = agent("backends = [\"tcp\"]\n[tcp]\nlisten = \"127.0.0.1:0\"\n");
@@ -171,7 +339,14 @@ fn a_peer_without_a_checkpoint_or_not_there_is_a_clear_error() {
     drop(l);
     let e = read_manifest_with(&a, &format!("nixl://{dead}")).unwrap_err();
     assert!(e.to_string().contains(&dead.to_string()), "{e}");
-    for bad in ["nixl://", "nixl://host", "nixl://h:99999", "nixl://h:1/x"] {
+    for bad in [
+        "nixl://",
+        "nixl://host",
+        "nixl://h:99999",
+        "nixl://h:1/x/y",
+        "nixl://h:1/a b",
+        "nixl://h:1/..",
+    ] {
         assert!(matches!(
             read_manifest_with(&a, bad),
             Err(CkptError::InvalidArgument(_))
@@ -239,41 +414,10 @@ fn copy_from_a_peer_streams_in_bounded_memory() {
     // 72 MiB and change in three regions, chunks of 1 MiB; the copy stages 4 MiB at a time.
     let sizes = [(48 << 20) + 4097, 24 << 20, 999];
     let total: usize = sizes.iter().sum();
-    {
-        let a = agent("backends = [\"uring\", \"posix\"]");
-        let mut bufs: Vec<Vec<u8>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| pattern(n, i as u64 + 11))
-            .collect();
-        let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
-        let _regs: Vec<_> = descs.iter().map(|d| register(&a, *d)).collect();
-        let regions: Vec<Region> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
-            .collect();
-        let opts = SaveOptions {
-            chunk_size: 1 << 20,
-            metadata: Some("{\"model\": \"copy-test\"}".into()),
-            ..SaveOptions::default()
-        };
-        // SAFETY: the buffers are live and unchanged during the call.
-        unsafe { save(&a, uri, &regions, &opts) }.unwrap();
-    }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
-        .args(["serve", uri, "--json", "--quiet"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _server = Server(child);
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    save_sample_with(&dir, &sizes, 11, Some("{\"model\": \"copy-test\"}"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"));
+    cmd.args(["serve", uri, "--json", "--quiet"]);
+    let (_server, v) = Server::start(cmd);
     let peer = v["uri"].as_str().unwrap().to_owned();
 
     // The copy's peak resident memory, as it reports it (its own VmHWM: a child's rusage

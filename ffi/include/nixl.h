@@ -744,7 +744,7 @@ nixl_status nixl_ckpt_restore(struct nixl_agent *agent,
  * name `artifact_names[i]` with a checksum per file. Directories and regular files only (a
  * symbolic link or special file in a tree fails the save naming it); into a checkpoint
  * directory or under `s3://`. Restore them with [`nixl_ckpt_restore_artifact`] (from a
- * directory; from `s3://` with `nixl-ckpt artifact` or the Rust API).
+ * directory, `s3://` or a peer) or [`nixl_ckpt_restore_artifact_with`].
  *
  * # Safety
  * As [`nixl_ckpt_save`]; `artifact_names` and `artifact_dirs` each point to `n_artifacts`
@@ -760,17 +760,35 @@ nixl_status nixl_ckpt_save_artifacts(struct nixl_agent *agent,
                                      size_t n_artifacts);
 
 /**
- * Restores the artifact directory `name` of the checkpoint directory `uri` into `dest_dir`,
- * which must not exist or be an empty directory (its parent must exist). Every file is
- * written into a hidden directory beside `dest_dir` and checked against the checkpoint before
- * that directory is renamed onto `dest_dir`: on any error `dest_dir` is left as it was.
+ * Restores the artifact directory `name` of the checkpoint `uri` into `dest_dir`, which must
+ * not exist or be an empty directory (its parent must exist). `uri` is a checkpoint
+ * directory, `s3://bucket/prefix` (read by a private agent whose `object` backend is
+ * configured from the standard `AWS_*` environment, as `nixl-ckpt` does), or
+ * `nixl://HOST:PORT[/NAME]` (a peer serving it, read over `tcp`); to read through an agent
+ * of your own configuration use [`nixl_ckpt_restore_artifact_with`]. Every file is written
+ * into a hidden directory beside `dest_dir` and checked against the checkpoint before that
+ * directory is renamed onto `dest_dir`: on any error `dest_dir` is left as it was.
  * `NIXL_ERR_NOT_FOUND` for a name the checkpoint lacks, `NIXL_ERR_INVALID` for a damaged
- * file (named in `nixl_last_error`) or a taken destination.
+ * file (named in `nixl_last_error`), no checkpoint there, or a taken destination.
  *
  * # Safety
  * The strings are NUL-terminated (or NULL: `NIXL_ERR_INVALID`).
  */
 nixl_status nixl_ckpt_restore_artifact(const char *uri, const char *name, const char *dest_dir);
+
+/**
+ * [`nixl_ckpt_restore_artifact`] through `agent`: `s3://` with its `object` backend (as
+ * configured when the agent was made), `nixl://` with its `tcp` backend, a directory
+ * directly.
+ *
+ * # Safety
+ * `agent` is NULL or a live agent; the strings are NUL-terminated (or NULL:
+ * `NIXL_ERR_INVALID`).
+ */
+nixl_status nixl_ckpt_restore_artifact_with(struct nixl_agent *agent,
+                                            const char *uri,
+                                            const char *name,
+                                            const char *dest_dir);
 
 /**
  * Checks a layout: `NIXL_OK`, or `NIXL_ERR_INVALID` with the field at fault.

@@ -141,7 +141,7 @@ const MAX_C_ARTIFACTS: usize = 4096;
 /// name `artifact_names[i]` with a checksum per file. Directories and regular files only (a
 /// symbolic link or special file in a tree fails the save naming it); into a checkpoint
 /// directory or under `s3://`. Restore them with [`nixl_ckpt_restore_artifact`] (from a
-/// directory; from `s3://` with `nixl-ckpt artifact` or the Rust API).
+/// directory, `s3://` or a peer) or [`nixl_ckpt_restore_artifact_with`].
 ///
 /// # Safety
 /// As [`nixl_ckpt_save`]; `artifact_names` and `artifact_dirs` each point to `n_artifacts`
@@ -212,12 +212,16 @@ pub unsafe extern "C" fn nixl_ckpt_save_artifacts(
     })
 }
 
-/// Restores the artifact directory `name` of the checkpoint directory `uri` into `dest_dir`,
-/// which must not exist or be an empty directory (its parent must exist). Every file is
-/// written into a hidden directory beside `dest_dir` and checked against the checkpoint before
-/// that directory is renamed onto `dest_dir`: on any error `dest_dir` is left as it was.
+/// Restores the artifact directory `name` of the checkpoint `uri` into `dest_dir`, which must
+/// not exist or be an empty directory (its parent must exist). `uri` is a checkpoint
+/// directory, `s3://bucket/prefix` (read by a private agent whose `object` backend is
+/// configured from the standard `AWS_*` environment, as `nixl-ckpt` does), or
+/// `nixl://HOST:PORT[/NAME]` (a peer serving it, read over `tcp`); to read through an agent
+/// of your own configuration use [`nixl_ckpt_restore_artifact_with`]. Every file is written
+/// into a hidden directory beside `dest_dir` and checked against the checkpoint before that
+/// directory is renamed onto `dest_dir`: on any error `dest_dir` is left as it was.
 /// `NIXL_ERR_NOT_FOUND` for a name the checkpoint lacks, `NIXL_ERR_INVALID` for a damaged
-/// file (named in `nixl_last_error`) or a taken destination.
+/// file (named in `nixl_last_error`), no checkpoint there, or a taken destination.
 ///
 /// # Safety
 /// The strings are NUL-terminated (or NULL: `NIXL_ERR_INVALID`).
@@ -230,8 +234,53 @@ pub unsafe extern "C" fn nixl_ckpt_restore_artifact(
     guard(|| {
         let uri = str_arg(uri, "uri")?;
         let name = str_arg(name, "name")?;
-        let dest = str_arg(dest_dir, "dest_dir")?;
-        nixl_checkpoint::restore_artifact(uri, name, std::path::Path::new(dest))
+        let dest = std::path::Path::new(str_arg(dest_dir, "dest_dir")?);
+        let backend = if uri.starts_with("s3://") {
+            "object"
+        } else if uri.starts_with("nixl://") {
+            "tcp"
+        } else {
+            nixl_checkpoint::restore_artifact(uri, name, dest).map_err(ckpt_fail)?;
+            return Ok(NIXL_OK);
+        };
+        let cfg =
+            nixl_transports::config::Config::from_toml(&format!("backends = [\"{backend}\"]"))
+                .and_then(|c| c.backends())
+                .map_err(|e| {
+                    Fail::new(
+                        NIXL_ERR_INVALID,
+                        format!("the private agent for {uri}: {e}"),
+                    )
+                })?;
+        let agent = nixl_core::Agent::builder(format!("nixl-ckpt-artifact-{}", std::process::id()))
+            .backends(cfg)
+            .build()
+            .map_err(|e| Fail::new(code_of(&e), format!("the private agent for {uri}: {e}")))?;
+        nixl_checkpoint::restore_artifact_with(&agent, uri, name, dest).map_err(ckpt_fail)?;
+        Ok(NIXL_OK)
+    })
+}
+
+/// [`nixl_ckpt_restore_artifact`] through `agent`: `s3://` with its `object` backend (as
+/// configured when the agent was made), `nixl://` with its `tcp` backend, a directory
+/// directly.
+///
+/// # Safety
+/// `agent` is NULL or a live agent; the strings are NUL-terminated (or NULL:
+/// `NIXL_ERR_INVALID`).
+#[no_mangle]
+pub unsafe extern "C" fn nixl_ckpt_restore_artifact_with(
+    agent: *mut nixl_agent,
+    uri: *const c_char,
+    name: *const c_char,
+    dest_dir: *const c_char,
+) -> nixl_status {
+    guard(|| {
+        let a = agent_ref(agent)?;
+        let uri = str_arg(uri, "uri")?;
+        let name = str_arg(name, "name")?;
+        let dest = std::path::Path::new(str_arg(dest_dir, "dest_dir")?);
+        nixl_checkpoint::restore_artifact_with(&a.shared.agent, uri, name, dest)
             .map_err(ckpt_fail)?;
         Ok(NIXL_OK)
     })

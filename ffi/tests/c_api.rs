@@ -570,6 +570,23 @@ fn kv_handoff_under_valgrind() {
     single("kv", |p| &p.kv, &["{tmo}"], true);
 }
 
+/// `ckpt.c` part 5: artifact directories under `s3://` (moto) through the C ABI, restored by
+/// `nixl_ckpt_restore_artifact` (a private agent from `AWS_*`) and `..._with` (the caller's).
+#[test]
+fn checkpoint_artifacts_under_s3_through_the_c_abi() {
+    use nixl_testkit::moto::Moto;
+    nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
+    let m = Moto::start(&[]);
+    m.make_bucket("c-ckpt");
+    let endpoint = m.endpoint();
+    single(
+        "ckpt",
+        |p| &p.ckpt,
+        &["{dir}", "1", "{tmo}", &endpoint, "c-ckpt"],
+        false,
+    );
+}
+
 #[test]
 fn checkpoints_under_valgrind() {
     single("ckpt", |p| &p.ckpt, &["{dir}", "200", "{tmo}"], true);

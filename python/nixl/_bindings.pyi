@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Type stubs of the Rust module nixl._bindings (see python/src/lib.rs)."""
+"""Type stubs of the Rust module nixl._bindings (see python/src/)."""
 
 from typing import Any, Optional, Sequence, Union
 

@@ -217,6 +217,21 @@ def test_prepped_lists_with_numpy_indices(pair):
     for i in range(0, n, 97):
         assert np.array_equal(src[i * blk:(i + 1) * blk], dst[perm[i] * blk:(perm[i] + 1) * blk])
     assert wait_notif(b, a.name) == [b"prepped"]
+    # A new message makes the request again from its indices (read where Python keeps them).
+    dst[:] = 0
+    a.transfer(h, b"again")
+    wait_done(a, h)
+    for i in range(0, n, 89):
+        assert np.array_equal(src[i * blk:(i + 1) * blk], dst[perm[i] * blk:(perm[i] + 1) * blk])
+    assert wait_notif(b, a.name) == [b"again"]
+    # Bad int32 arrays: a negative or too large index is an error naming it.
+    good = np.array([0, 1], np.int32)
+    for bad, why in ((np.array([0, -1], np.int32), "negative"),
+                     (np.array([n, 0], np.int32), "out of range")):
+        with pytest.raises(nixlInvalidParamError, match=why):
+            a.make_prepped_xfer("WRITE", lh, bad, rh, good)
+        with pytest.raises(nixlInvalidParamError, match=why):
+            a.make_prepped_xfer("WRITE", lh, good, rh, bad)
     # Lists of ints work too; a bad index is an error naming it.
     h2 = a.make_prepped_xfer("WRITE", lh, [0, 1], rh, [1, 0])
     with pytest.raises(nixlInvalidParamError, match="out of range"):

@@ -39,6 +39,7 @@
 use std::fmt::Display;
 use std::io::Write;
 
+pub mod moto;
 pub mod pattern;
 pub use pattern::pattern;
 

@@ -7,7 +7,9 @@
 //! The same with the checkpoint held by a node daemon: `nixl-agent serve` (in-process, in
 //! namespace `a`) with a memory pool; this process places the checkpoint in the pool
 //! (`nixl_checkpoint::daemon::serve_in_daemon`, over the daemon's local sockets) and the
-//! restorer in `b` restores from the daemon's tcp listener, unchanged.
+//! restorer in `b` restores from the daemon's tcp listener, unchanged; then a second
+//! checkpoint goes into the same daemon and each is restored by its name
+//! (`nixl://HOST:PORT/NAME`).
 //!
 //! The tests run themselves again in each namespace (`current_exe`, a role in
 //! `NIXL_CKPT_NETNS`).
@@ -48,8 +50,14 @@ fn server(dir: &str, listen: &str) {
     let _ = std::io::stdin().read_line(&mut s);
 }
 
+/// The seed of the sample checkpoint a restorer compares with (`NIXL_CKPT_SEED`, default 1).
+fn seed() -> u64 {
+    std::env::var("NIXL_CKPT_SEED").map_or(1, |s| s.parse().unwrap())
+}
+
 /// In namespace `b`: restores every region from `uri` and compares it.
 fn restorer(uri: &str) {
+    let seed = seed();
     let a = agent("backends = [\"tcp\"]");
     let r = restore_mapped(&a, uri, None, Placement::Anywhere).unwrap();
     for (i, &n) in SIZES.iter().enumerate() {
@@ -58,20 +66,62 @@ fn restorer(uri: &str) {
         // SAFETY: mapped and written by the restore, which has returned.
         let b = unsafe { std::slice::from_raw_parts(x.addr as usize as *const u8, n) };
         assert!(
-            b == nixl_tests::pattern(i as u64 + 1, n).as_slice(),
+            b == nixl_tests::pattern(i as u64 + seed, n).as_slice(),
             "r{i} differs"
         );
     }
     let _ = writeln!(std::io::stderr(), "restored {} regions", SIZES.len());
+    if std::env::var_os("NIXL_CKPT_ARTIFACT").is_some() {
+        let dest = std::env::temp_dir().join(format!("nixl-ckpt-netns-art-{}", std::process::id()));
+        let rep = nixl_checkpoint::restore_artifact_with(&a, uri, "cache", &dest).unwrap();
+        let got = std::fs::read(dest.join("k/kernel.bin")).unwrap();
+        let _ = std::fs::remove_dir_all(&dest);
+        assert!(
+            got == nixl_tests::pattern(seed, ARTIFACT_LEN),
+            "the artifact differs"
+        );
+        let _ = writeln!(std::io::stderr(), "restored artifact: {} files", rep.files);
+    }
 }
 
-/// Saves the three regions of the test to `dir`.
-fn save_sample(dir: &Path) {
+/// The artifact directory of the second sample: one file of `pattern(seed, ARTIFACT_LEN)`.
+const ARTIFACT_LEN: usize = (1 << 20) + 3;
+
+/// Saves the three regions of the test to `dir`, their bytes from `seed`, with an artifact
+/// directory `cache` when `artifact`.
+fn save_sample_with(dir: &Path, seed: u64, artifact: bool) {
+    let mut artifacts = Vec::new();
+    if artifact {
+        let tree = dir.with_extension("tree");
+        std::fs::create_dir_all(tree.join("k")).unwrap();
+        std::fs::write(
+            tree.join("k/kernel.bin"),
+            nixl_tests::pattern(seed, ARTIFACT_LEN),
+        )
+        .unwrap();
+        artifacts.push(("cache".to_owned(), tree));
+    }
+    save_opts(
+        dir,
+        seed,
+        SaveOptions {
+            artifacts,
+            ..SaveOptions::default()
+        },
+    );
+}
+
+/// Saves the three regions of the test to `dir`, their bytes from `seed`.
+fn save_sample(dir: &Path, seed: u64) {
+    save_opts(dir, seed, SaveOptions::default());
+}
+
+fn save_opts(dir: &Path, seed: u64, opts: SaveOptions) {
     let a = agent("backends = [\"uring\", \"posix\"]");
     let mut bufs: Vec<Vec<u8>> = SIZES
         .iter()
         .enumerate()
-        .map(|(i, &n)| nixl_tests::pattern(i as u64 + 1, n))
+        .map(|(i, &n)| nixl_tests::pattern(i as u64 + seed, n))
         .collect();
     let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
     // SAFETY: the buffers outlive the registration.
@@ -83,7 +133,7 @@ fn save_sample(dir: &Path) {
         .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
         .collect();
     // SAFETY: the buffers are live and unchanged during the call.
-    unsafe { save(&a, dir.to_str().unwrap(), &regions, &SaveOptions::default()) }.unwrap();
+    unsafe { save(&a, dir.to_str().unwrap(), &regions, &opts) }.unwrap();
 }
 
 const DAEMON_TEST: &str = "checkpoint_held_by_a_daemon_restores_in_another_namespace";
@@ -112,7 +162,9 @@ fn checkpoint_held_by_a_daemon_restores_in_another_namespace() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let ck = dir.join("ck");
-    save_sample(&ck);
+    save_sample(&ck, 1);
+    let ck2 = dir.join("ck2");
+    save_sample_with(&ck2, 40, true);
     let lab = Lab::pair();
     let secret = format!("ckpt-netnsd-{:032x}", nixl_core::random_u64().unwrap());
     let sock = dir.join("agent.sock");
@@ -170,6 +222,33 @@ fn checkpoint_held_by_a_daemon_restores_in_another_namespace() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    // A second checkpoint in the same daemon: each restores by its name, and a restorer that
+    // names none is refused with both names.
+    // It holds an artifact directory, served from a lease of its own and restored by the peer.
+    let placed_v =
+        nixl_checkpoint::daemon::serve_in_daemon(&a, ck2.to_str().unwrap(), &sock, "v").unwrap();
+    assert_eq!(placed_v.leases.len(), 2 + SIZES.len());
+    let by_name = |name: &str, seed: u64| {
+        let mut c = child(1, "restore");
+        c.env("NIXL_CKPT_URI", format!("{uri}/{name}"))
+            .env("NIXL_CKPT_SEED", seed.to_string());
+        if name == "v" {
+            c.env("NIXL_CKPT_ARTIFACT", "1");
+        }
+        let o = c.output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (w_ok, w_text) = by_name("w", 1);
+    let (v_ok, v_text) = by_name("v", 40);
+    let ambiguous = child(1, "restore-none")
+        .env("NIXL_CKPT_URI", &uri)
+        .output()
+        .unwrap();
+    let ambiguous = String::from_utf8_lossy(&ambiguous.stderr).into_owned();
+    let released_v = nixl_checkpoint::daemon::release_from_daemon(&sock, "v");
     let released = nixl_checkpoint::daemon::release_from_daemon(&sock, "w");
     let after = child(1, "restore-none")
         .env("NIXL_CKPT_URI", &uri)
@@ -183,6 +262,16 @@ fn checkpoint_held_by_a_daemon_restores_in_another_namespace() {
         out.status.success() && text.contains("restored 3 regions"),
         "restorer: {text}"
     );
+    assert!(w_ok && w_text.contains("restored 3 regions"), "w: {w_text}");
+    assert!(
+        v_ok && v_text.contains("restored 3 regions") && v_text.contains("restored artifact: 1"),
+        "v: {v_text}"
+    );
+    assert!(
+        ambiguous.contains("refused") && ambiguous.contains("several") && ambiguous.contains("v"),
+        "{ambiguous}"
+    );
+    assert_eq!(released_v.unwrap(), 2 + SIZES.len());
     assert_eq!(released.unwrap(), 1 + SIZES.len());
     assert!(
         after.contains("refused") && after.contains("no control region"),
@@ -204,7 +293,7 @@ fn checkpoint_served_in_one_namespace_restores_in_another() {
     }
     nixl_testkit::require!(skip_reason());
     let dir = std::env::temp_dir().join(format!("nixl-ckpt-netns-{}", std::process::id()));
-    save_sample(&dir);
+    save_sample(&dir, 1);
     let lab = Lab::pair();
     let secret = format!("ckpt-netns-{:032x}", nixl_core::random_u64().unwrap());
     let exe = std::env::current_exe().unwrap();

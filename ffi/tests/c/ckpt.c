@@ -13,6 +13,14 @@
  *     tree with an empty file saved with the regions and restored into a new directory, every
  *     byte compared; a taken destination, an unknown name and a damaged file refused, leaving
  *     the destination absent.
+ *
+ *   ckpt <dir> <size_kib> <timeout_s> <s3_endpoint> <bucket>
+ *
+ *  5. Artifact directories under s3://<bucket>/c-art (an S3 server at <s3_endpoint>, moto in
+ *     the tests): saved through an agent with the object backend, restored by
+ *     nixl_ckpt_restore_artifact (a private agent configured from AWS_*) and by
+ *     nixl_ckpt_restore_artifact_with (the caller's agent), every byte compared; an unknown
+ *     name and a prefix holding no checkpoint refused.
  * Exit status 0 passed, 1 failed. */
 #include "nixl_test.h"
 
@@ -92,11 +100,77 @@ static size_t read_file(const char *path, void *p, size_t cap)
     return got;
 }
 
+/* Compares the tree restored at `out` with the one s3_artifacts saved. */
+static void check_tree(const char *out, const uint8_t *want, size_t n)
+{
+    char got[8192];
+    uint8_t *back = xmalloc(n + 1);
+    snprintf(got, sizeof got, "%s/sub/kernel.bin", out);
+    CHECK(read_file(got, back, n) == n && memcmp(back, want, n) == 0, "restored %s differs", got);
+    snprintf(got, sizeof got, "%s/empty", out);
+    CHECK(read_file(got, back, n) == 0, "%s is not empty", got);
+    free(back);
+}
+
+/* Part 5: artifact directories under s3://. */
+static int s3_artifacts(const char *dir, const char *endpoint, const char *bucket)
+{
+    CHECK(setenv("AWS_ENDPOINT_URL", endpoint, 1) == 0 && setenv("AWS_REGION", "us-east-1", 1) == 0 &&
+              setenv("AWS_ACCESS_KEY_ID", "testing", 1) == 0 &&
+              setenv("AWS_SECRET_ACCESS_KEY", "testing", 1) == 0,
+          "setenv");
+    nixl_agent *b = NULL;
+    EXPECT_OK(nixl_agent_new(NAME "-s3", "backends = [\"uring\", \"posix\", \"object\"]", &b));
+    size_t rlen = 100003, alen = (1 << 20) + 77;
+    uint8_t *reg = xmalloc(rlen), *data = xmalloc(alen);
+    fill(reg, rlen, 9);
+    fill(data, alen, 10);
+    nixl_desc d = dram(reg, rlen);
+    EXPECT_OK(nixl_register(b, NIXL_DRAM, &d, 1));
+    nixl_ckpt_region r = {"r", NIXL_DRAM, (uint64_t)(uintptr_t)reg, rlen, 0};
+    char tree[2048], sub[4096], f[8192], uri[4096], none[4096], out[4096];
+    snprintf(tree, sizeof tree, "%s/s3tree", dir);
+    snprintf(sub, sizeof sub, "%s/sub", tree);
+    CHECK(mkdir(tree, 0755) == 0 && mkdir(sub, 0750) == 0, "mkdir: %s", strerror(errno));
+    snprintf(f, sizeof f, "%s/kernel.bin", sub);
+    write_file(f, data, alen);
+    snprintf(f, sizeof f, "%s/empty", tree);
+    write_file(f, data, 0);
+    snprintf(uri, sizeof uri, "s3://%s/c-art", bucket);
+    snprintf(none, sizeof none, "s3://%s/c-none", bucket);
+    const char *anames[1] = {"triton"};
+    const char *adirs[1] = {tree};
+    EXPECT_OK(nixl_ckpt_save_artifacts(b, uri, &r, 1, NULL, anames, adirs, 1));
+    /* A private agent configured from the environment. */
+    snprintf(out, sizeof out, "%s/s3out1", dir);
+    EXPECT_OK(nixl_ckpt_restore_artifact(uri, "triton", out));
+    check_tree(out, data, alen);
+    /* The caller's agent. */
+    snprintf(out, sizeof out, "%s/s3out2", dir);
+    EXPECT_OK(nixl_ckpt_restore_artifact_with(b, uri, "triton", out));
+    check_tree(out, data, alen);
+    snprintf(out, sizeof out, "%s/s3out3", dir);
+    EXPECT(nixl_ckpt_restore_artifact(uri, "nope", out), NIXL_ERR_NOT_FOUND);
+    EXPECT(nixl_ckpt_restore_artifact(none, "triton", out), NIXL_ERR_INVALID);
+    expect_error_mentions("no checkpoint", "no checkpoint");
+    EXPECT(nixl_ckpt_restore_artifact_with(NULL, uri, "triton", out), NIXL_ERR_INVALID);
+    struct stat st;
+    CHECK(stat(out, &st) != 0, "%s exists after failed restores", out);
+    EXPECT_OK(nixl_deregister(b, NIXL_DRAM, &d, 1));
+    nixl_agent_free(b);
+    free(reg);
+    free(data);
+    printf("ckpt s3: ok\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     g_role = NAME;
+    if (argc == 6)
+        return s3_artifacts(argv[1], argv[4], argv[5]);
     if (argc != 4) {
-        fprintf(stderr, "usage: ckpt <dir> <size_kib> <timeout_s>\n");
+        fprintf(stderr, "usage: ckpt <dir> <size_kib> <timeout_s> [<s3_endpoint> <bucket>]\n");
         return 1;
     }
     const char *dir = argv[1];

@@ -573,7 +573,7 @@ impl Connection for Conn {
             {
                 let r = &plan.remote_regions[0];
                 match self.grant_region(&r.desc, r.key) {
-                    Ok(g) => return self.granted_runs(self.self_arc()?, &plan, &runs, g),
+                    Ok(g) => return self.granted_runs(self.self_arc()?, &plan, runs, g),
                     Err(e @ Error::Denied { .. }) => return Err(e),
                     // The general path below says why in its log and goes by round trips.
                     Err(_) => {}
@@ -712,41 +712,32 @@ impl Conn {
         self.me.upgrade().ok_or_else(|| self.disconnected())
     }
 
+    /// `Denied` unless `len` bytes at `remote` (piece `i` of a request) lie inside the region
+    /// `g` grants: what stops a peer's indices or descriptors from reaching anything else.
+    fn inside_grant(&self, g: &Grant, i: usize, remote: u64, len: u64) -> Result<()> {
+        let (lo, hi) = (g.desc.addr, g.desc.addr.saturating_add(g.desc.len));
+        if len != 0 && remote >= lo && remote.checked_add(len).is_some_and(|e| e <= hi) {
+            return Ok(());
+        }
+        Err(Error::Denied {
+            peer: self.peer.to_string(),
+            reason: format!("piece {i} ({remote:#x}+{len}) is outside the granted region"),
+        })
+    }
+
     /// [`Conn::granted_xfer`] from runs in one remote region: every run checked against the
-    /// grant first, then each side's spans collected straight into their shared allocation.
-    fn granted_runs(
+    /// grant, then kept as they are (each post reads them in place).
+    pub(super) fn granted_runs(
         &self,
         conn: Arc<Conn>,
         plan: &XferPlan,
-        runs: &Runs,
+        runs: Runs,
         g: Arc<Grant>,
     ) -> Result<Box<dyn PreparedXfer>> {
-        let (lo, hi) = (g.desc.addr, g.desc.addr.saturating_add(g.desc.len));
-        if let Some((i, r)) = runs.runs.iter().enumerate().find(|(_, r)| {
-            r.len == 0 || r.remote < lo || r.remote.checked_add(r.len).is_none_or(|e| e > hi)
-        }) {
-            return Err(Error::Denied {
-                peer: self.peer.to_string(),
-                reason: format!(
-                    "run {i} ({:#x}+{}) is outside the granted region",
-                    r.remote, r.len
-                ),
-            });
+        for (i, r) in runs.runs.iter().enumerate() {
+            self.inside_grant(&g, i, r.remote, r.len)?;
         }
-        let span = |addr, len| Span { addr, len };
-        Ok(Box::new(GrantedXfer {
-            conn,
-            dir: if plan.op == XferOp::Write {
-                Cma::Push
-            } else {
-                Cma::Pull
-            },
-            total: runs.total_bytes(),
-            ours: runs.runs.iter().map(|r| span(r.local, r.len)).collect(),
-            theirs: runs.runs.iter().map(|r| span(r.remote, r.len)).collect(),
-            grants: vec![g].into(),
-            notif: plan.notif.clone(),
-        }))
+        Ok(Box::new(GrantedXfer::new(conn, plan, runs.runs, vec![g])))
     }
 
     /// A transfer we copy ourselves under `grants` (one per remote region of `plan`). Every
@@ -757,43 +748,22 @@ impl Conn {
         plan: &XferPlan,
         grants: Vec<Arc<Grant>>,
     ) -> Result<Box<dyn PreparedXfer>> {
-        let mut ours = Vec::with_capacity(plan.segments.len());
-        let mut theirs = Vec::with_capacity(plan.segments.len());
-        for (i, s) in plan.segments.iter().enumerate() {
-            let g = grants
-                .get(s.remote_region as usize)
-                .ok_or_else(|| Error::InvalidArgument(format!("descriptor {i}: no region")))?;
-            let remote = Desc::new(s.remote.addr, s.local.len, g.desc.dev_id);
-            if s.local.len == 0 || remote.end().is_none() || !g.desc.contains(&remote) {
-                return Err(Error::Denied {
-                    peer: self.peer.to_string(),
-                    reason: format!(
-                        "descriptor {i} ({:#x}+{}) is outside the granted region",
-                        s.remote.addr, s.local.len
-                    ),
-                });
-            }
-            ours.push(Span {
-                addr: s.local.addr,
-                len: s.local.len,
-            });
-            theirs.push(Span {
-                addr: s.remote.addr,
-                len: s.local.len,
-            });
-        }
-        Ok(Box::new(GrantedXfer {
-            conn,
-            dir: if plan.op == XferOp::Write {
-                Cma::Push
-            } else {
-                Cma::Pull
-            },
-            total: plan.total_bytes(),
-            ours: ours.into(),
-            theirs: theirs.into(),
-            grants: grants.into(),
-            notif: plan.notif.clone(),
-        }))
+        let runs = plan
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let g = grants
+                    .get(s.remote_region as usize)
+                    .ok_or_else(|| Error::InvalidArgument(format!("descriptor {i}: no region")))?;
+                self.inside_grant(g, i, s.remote.addr, s.local.len)?;
+                Ok(Run {
+                    local: s.local.addr,
+                    remote: s.remote.addr,
+                    len: s.local.len,
+                })
+            })
+            .collect::<Result<Vec<Run>>>()?;
+        Ok(Box::new(GrantedXfer::new(conn, plan, runs, grants)))
     }
 }

@@ -110,12 +110,13 @@ use nixl_core::codec::Reader;
 use nixl_core::region::{enter_all, leave_all, AccessGate, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, RegionAccess, Registered, Result, Runs, TargetHandle, Unusable, XferOp, XferPlan,
+    PreparedXfer, Region, RegionAccess, Registered, Result, Run, Runs, TargetHandle, Unusable,
+    XferOp, XferPlan,
 };
 use parking_lot::{Condvar, Mutex};
 use serve::*;
 use split::*;
-use sys::{Cma, Span};
+use sys::{Cma, Cursor, Pairs};
 use wire::{Frame, Framer, Status, WireSeg};
 use xfer::*;
 

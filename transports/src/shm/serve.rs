@@ -146,25 +146,11 @@ pub(super) fn carry_out(
             }
         }
     }
-    let ours: Vec<Span> = segs
-        .iter()
-        .map(|s| Span {
-            addr: s.target,
-            len: s.len,
-        })
-        .collect();
-    let theirs: Vec<Span> = segs
-        .iter()
-        .map(|s| Span {
-            addr: s.init,
-            len: s.len,
-        })
-        .collect();
     let dir = if write { Cma::Pull } else { Cma::Push };
     let total: u64 = segs.iter().map(|s| s.len).sum();
-    // SAFETY: every span of `ours` was checked against a registration held in `held` (live
-    // memory of ours) until after the copy.
-    let result = unsafe { copy_split(peer_pid, dir, &ours, &theirs, inner.cfg.copy_threads) };
+    // SAFETY: every target range of `segs` (ours) was checked against a registration held in
+    // `held` (live memory of ours) until after the copy.
+    let result = unsafe { copy_split(peer_pid, dir, segs, total, inner.cfg.copy_threads) };
     drop(held);
     match result {
         Ok(n) if n == total => (Status::Ok, String::new()),

@@ -9,45 +9,45 @@ pub(super) const SPLIT_MIN: u64 = 8 << 20;
 /// at least this big.
 pub(super) const SPLIT_PIECE_MIN: u64 = 1 << 20;
 
-/// Cross-memory copy of `ours` with `theirs` in process `pid`, split over up to `threads`
-/// threads when it is big: the calling thread and parked workers of the copy pool (no thread is
-/// started per copy). The copy is cut into pieces (about four per thread, at least
-/// [`SPLIT_PIECE_MIN`]) that each thread takes in turn, so a worker that starts late (a busy
-/// host) takes fewer and the caller never waits for more than the piece a worker is copying.
-/// Returns the bytes moved.
+/// Cross-memory copy of `pairs` (`total` bytes in all) with process `pid`, split over up to
+/// `threads` threads when it is big: the calling thread and parked workers of the copy pool (no
+/// thread is started per copy). The copy is cut into pieces (about four per thread, at least
+/// [`SPLIT_PIECE_MIN`]), windows of the pair list that each thread takes in turn, so a worker
+/// that starts late (a busy host) takes fewer and the caller never waits for more than the
+/// piece a worker is copying. Returns the bytes moved.
 ///
 /// # Safety
-/// As [`sys::cross_copy`]: every span of `ours` stays valid for the whole call.
-pub(super) unsafe fn copy_split(
+/// As [`sys::cross_copy`]: every `ours` range of `pairs` stays valid for the whole call.
+pub(super) unsafe fn copy_split<P: Pairs + ?Sized>(
     pid: i32,
     dir: Cma,
-    ours: &[Span],
-    theirs: &[Span],
+    pairs: &P,
+    total: u64,
     threads: usize,
 ) -> io::Result<u64> {
-    let total: u64 = ours.iter().map(|s| s.len).sum();
     let pool = CopyPool::global();
     let threads = threads.min(pool.workers() + 1).max(1);
+    let (start, end) = (Cursor::default(), Cursor::end(pairs));
     if total < SPLIT_MIN || threads == 1 {
         // SAFETY: forwarded contract.
-        return unsafe { sys::cross_copy(pid, dir, ours, theirs) };
+        return unsafe { sys::cross_copy(pid, dir, pairs, start, end) };
     }
     let piece = total.div_ceil(threads as u64 * 4).max(SPLIT_PIECE_MIN);
-    let pieces = split_spans(ours, theirs, total.div_ceil(piece) as usize);
+    let cuts = split_points(pairs, piece);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let take = || -> io::Result<u64> {
         let mut moved = 0;
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            let Some((o, t)) = pieces.get(i) else {
+            let (Some(&from), Some(&to)) = (cuts.get(i), cuts.get(i + 1)) else {
                 return Ok(moved);
             };
             // SAFETY: forwarded contract; `join` returns only once every part has ended.
-            match unsafe { sys::cross_copy(pid, dir, o, t) } {
+            match unsafe { sys::cross_copy(pid, dir, pairs, from, to) } {
                 Ok(n) => moved += n,
                 Err(e) => {
                     // The others stop at their next piece.
-                    next.store(pieces.len(), Ordering::Relaxed);
+                    next.store(cuts.len(), Ordering::Relaxed);
                     return Err(e);
                 }
             }
@@ -62,35 +62,47 @@ pub(super) unsafe fn copy_split(
     })
 }
 
-/// Cuts paired span lists (equal lengths pairwise) into `n` parts of about equal bytes.
-pub(super) fn split_spans(ours: &[Span], theirs: &[Span], n: usize) -> Vec<(Vec<Span>, Vec<Span>)> {
-    let total: u64 = ours.iter().map(|s| s.len).sum();
-    let per = total.div_ceil(n as u64).max(1);
-    let mut parts = Vec::with_capacity(n);
-    let (mut o, mut t) = (Vec::new(), Vec::new());
-    let mut in_part = 0u64;
-    for (a, b) in ours.iter().zip(theirs) {
+/// Where to cut `pairs` into pieces of `piece` bytes (the last one shorter): the first point
+/// is the start, the last the end, so piece `i` is the window from point `i` to point `i + 1`.
+pub(super) fn split_points<P: Pairs + ?Sized>(pairs: &P, piece: u64) -> Vec<Cursor> {
+    let piece = piece.max(1);
+    let mut cuts = vec![Cursor::default()];
+    let mut in_piece = 0u64;
+    for idx in 0..pairs.count() {
+        let len = pairs.pair(idx).2;
         let mut off = 0;
-        while off < a.len {
-            let take = (a.len - off).min(per - in_part);
-            o.push(Span {
-                addr: a.addr + off,
-                len: take,
-            });
-            t.push(Span {
-                addr: b.addr + off,
-                len: take,
-            });
-            off += take;
-            in_part += take;
-            if in_part == per {
-                parts.push((std::mem::take(&mut o), std::mem::take(&mut t)));
-                in_part = 0;
-            }
+        while len - off >= piece - in_piece {
+            off += piece - in_piece;
+            in_piece = 0;
+            cuts.push(Cursor { idx, off });
         }
+        in_piece += len - off;
     }
-    if !o.is_empty() {
-        parts.push((o, t));
+    let end = Cursor::end(pairs);
+    if cuts.last().is_some_and(|c| *c < end) && in_piece > 0 {
+        cuts.push(end);
     }
-    parts
+    cuts
+}
+
+/// The initiator's side of a request's runs: ours local, theirs remote.
+impl Pairs for [Run] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn pair(&self, i: usize) -> (u64, u64, u64) {
+        let r = &self[i];
+        (r.local, r.remote, r.len)
+    }
+}
+
+/// The target's side of an Op's descriptors: ours the target's, theirs the initiator's.
+impl Pairs for [WireSeg] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn pair(&self, i: usize) -> (u64, u64, u64) {
+        let s = &self[i];
+        (s.target, s.init, s.len)
+    }
 }

@@ -18,13 +18,6 @@ fn cvt(r: libc::c_long) -> io::Result<usize> {
     }
 }
 
-/// One (address, length) pair in our or the other process.
-#[derive(Clone, Copy, Debug)]
-pub struct Span {
-    pub addr: u64,
-    pub len: u64,
-}
-
 /// Direction of a cross-memory copy, seen from the calling process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cma {
@@ -34,55 +27,97 @@ pub enum Cma {
     Push,
 }
 
-/// Copies between `ours` and `theirs` (pairwise, equal total length) in process `pid`, looping
-/// over short counts and IOV_MAX batches. Returns the bytes moved (always the total on success).
+/// A list of copies between this process and another: pair `i` moves `len` bytes between
+/// `ours` (an address here) and `theirs` (an address there). A request's runs, an Op's
+/// descriptors: the copy reads them in place, so no list is built for it.
+pub trait Pairs: Sync {
+    /// How many pairs.
+    fn count(&self) -> usize;
+    /// Pair `i < count()`: `(ours, theirs, len)`.
+    fn pair(&self, i: usize) -> (u64, u64, u64);
+}
+
+impl Pairs for [(u64, u64, u64)] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn pair(&self, i: usize) -> (u64, u64, u64) {
+        self[i]
+    }
+}
+
+/// A place in a [`Pairs`] list: `off` bytes into pair `idx`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor {
+    pub idx: usize,
+    pub off: u64,
+}
+
+impl Cursor {
+    /// The end of `pairs`.
+    pub fn end(pairs: &(impl Pairs + ?Sized)) -> Cursor {
+        Cursor {
+            idx: pairs.count(),
+            off: 0,
+        }
+    }
+}
+
+/// Copies the bytes of `pairs` from `from` up to `to` with process `pid`, in batches of up to
+/// IOV_MAX pairs (iovecs built from the pairs as each batch goes: the buffers are the only
+/// memory the copy takes), looping over short counts. Returns the bytes moved (always all of
+/// them on success).
 ///
 /// # Safety
-/// Every span of `ours` must be valid for writes (Pull) or reads (Push) for its length in this
+/// Every `ours` range of the window must be valid for writes (Pull) or reads (Push) in this
 /// process for the duration of the call. `theirs` is checked by the kernel (EFAULT).
-pub unsafe fn cross_copy(pid: i32, dir: Cma, ours: &[Span], theirs: &[Span]) -> io::Result<u64> {
+pub unsafe fn cross_copy<P: Pairs + ?Sized>(
+    pid: i32,
+    dir: Cma,
+    pairs: &P,
+    from: Cursor,
+    to: Cursor,
+) -> io::Result<u64> {
+    // The end of pair `i` inside the window.
+    let end_of = |i: usize| if i == to.idx { to.off } else { pairs.pair(i).2 };
+    let batch_max = IOV_MAX.min(to.idx.saturating_sub(from.idx) + 1);
+    let mut local: Vec<libc::iovec> = Vec::with_capacity(batch_max);
+    let mut remote: Vec<libc::iovec> = Vec::with_capacity(batch_max);
+    let mut cur = from;
     let mut moved = 0u64;
-    // Walk both lists as byte streams; build at most IOV_MAX iovecs per side per call.
-    let (mut oi, mut ooff) = (0usize, 0u64);
-    let (mut ti, mut toff) = (0usize, 0u64);
-    let mut local: Vec<libc::iovec> = Vec::with_capacity(IOV_MAX.min(ours.len().max(1)));
-    let mut remote: Vec<libc::iovec> = Vec::with_capacity(IOV_MAX.min(theirs.len().max(1)));
-    while oi < ours.len() && ti < theirs.len() {
+    loop {
+        // Past the pairs (and pieces of them) with nothing left in the window.
+        while cur < to && cur.off >= end_of(cur.idx) {
+            cur = Cursor {
+                idx: cur.idx + 1,
+                off: 0,
+            };
+        }
+        if cur >= to {
+            return Ok(moved);
+        }
         local.clear();
         remote.clear();
-        let mut batch = 0u64;
-        let (mut li, mut loff) = (oi, ooff);
-        while li < ours.len() && local.len() < IOV_MAX {
-            let s = ours[li];
+        let mut want = 0u64;
+        let mut i = cur.idx;
+        while local.len() < IOV_MAX && (i < to.idx || (i == to.idx && to.off > 0)) {
+            let (o, t, _) = pairs.pair(i);
+            let start = if i == cur.idx { cur.off } else { 0 };
+            let len = end_of(i).saturating_sub(start);
             local.push(libc::iovec {
-                iov_base: (s.addr + loff) as *mut libc::c_void,
-                iov_len: (s.len - loff) as usize,
+                iov_base: o.wrapping_add(start) as *mut libc::c_void,
+                iov_len: len as usize,
             });
-            batch += s.len - loff;
-            li += 1;
-            loff = 0;
-        }
-        let mut rbatch = 0u64;
-        let (mut ri, mut roff) = (ti, toff);
-        while ri < theirs.len() && remote.len() < IOV_MAX && rbatch < batch {
-            let s = theirs[ri];
-            let take = (s.len - roff).min(batch - rbatch);
             remote.push(libc::iovec {
-                iov_base: (s.addr + roff) as *mut libc::c_void,
-                iov_len: take as usize,
+                iov_base: t.wrapping_add(start) as *mut libc::c_void,
+                iov_len: len as usize,
             });
-            rbatch += take;
-            if take == s.len - roff {
-                ri += 1;
-                roff = 0;
-            } else {
-                roff += take;
-            }
+            want += len;
+            i += 1;
         }
-        let want = batch.min(rbatch);
-        // SAFETY: the local iovecs point into `ours`, valid per the caller's contract; the remote
-        // ones are addresses in the other process, which the kernel checks. The kernel copies at
-        // most min(local total, remote total) bytes.
+        // SAFETY: the local iovecs point into `ours` ranges of the window, valid per the
+        // caller's contract; the remote ones are addresses in the other process, which the
+        // kernel checks. Both sides of the batch have the same lengths.
         let n = cvt(unsafe {
             match dir {
                 Cma::Pull => libc::process_vm_readv(
@@ -110,21 +145,18 @@ pub unsafe fn cross_copy(pid: i32, dir: Cma, ours: &[Span], theirs: &[Span]) -> 
             ));
         }
         moved += n;
-        advance(ours, &mut oi, &mut ooff, n);
-        advance(theirs, &mut ti, &mut toff, n);
-    }
-    Ok(moved)
-}
-
-/// Moves a (span index, offset) cursor over `spans` forward by `n` bytes.
-fn advance(spans: &[Span], idx: &mut usize, off: &mut u64, mut n: u64) {
-    while n > 0 && *idx < spans.len() {
-        let step = (spans[*idx].len - *off).min(n);
-        n -= step;
-        *off += step;
-        if *off == spans[*idx].len {
-            *idx += 1;
-            *off = 0;
+        // Forward by `n` bytes (a short count stops inside a pair).
+        let mut n = n;
+        while n > 0 && cur < to {
+            let step = (end_of(cur.idx) - cur.off).min(n);
+            n -= step;
+            cur.off += step;
+            if cur.off == end_of(cur.idx) && cur.idx < to.idx {
+                cur = Cursor {
+                    idx: cur.idx + 1,
+                    off: 0,
+                };
+            }
         }
     }
 }
@@ -133,16 +165,10 @@ fn advance(spans: &[Span], idx: &mut usize, off: &mut u64, mut n: u64) {
 pub fn probe_cma() -> io::Result<()> {
     let src = [0x5au8; 1];
     let mut dst = [0u8; 1];
-    let ours = [Span {
-        addr: dst.as_mut_ptr() as u64,
-        len: 1,
-    }];
-    let theirs = [Span {
-        addr: src.as_ptr() as u64,
-        len: 1,
-    }];
+    let pairs = [(dst.as_mut_ptr() as u64, src.as_ptr() as u64, 1)];
+    let (from, to) = (Cursor::default(), Cursor::end(&pairs[..]));
     // SAFETY: `dst` is a live local array valid for a 1-byte write.
-    unsafe { cross_copy(std::process::id() as i32, Cma::Pull, &ours, &theirs)? };
+    unsafe { cross_copy(std::process::id() as i32, Cma::Pull, &pairs[..], from, to)? };
     if dst[0] == 0x5a {
         Ok(())
     } else {

@@ -1,4 +1,5 @@
 use super::*;
+use nixl_core::Segment;
 use std::os::fd::FromRawFd;
 use std::os::unix::net::UnixListener;
 
@@ -37,80 +38,97 @@ fn reach_rules() {
 }
 
 #[test]
-fn split_spans_preserves_pairs_and_bytes() {
-    let ours = [Span { addr: 0, len: 10 }, Span { addr: 100, len: 7 }];
-    let theirs = [
-        Span {
-            addr: 1000,
-            len: 10,
-        },
-        Span { addr: 2000, len: 7 },
-    ];
-    let parts = split_spans(&ours, &theirs, 3);
-    assert_eq!(parts.len(), 3);
-    let flat: Vec<(u64, u64, u64)> = parts
-        .iter()
-        .flat_map(|(o, t)| o.iter().zip(t).map(|(a, b)| (a.addr, b.addr, a.len)))
-        .collect();
-    let total: u64 = flat.iter().map(|x| x.2).sum();
-    assert_eq!(total, 17);
-    for (a, b, _) in flat {
-        assert!(b == a + 1000 || b == a + 1900, "pairing kept: {a} {b}");
-    }
+fn split_points_cut_pairs_into_equal_windows() {
+    let pairs = [(0, 1000, 10), (100, 2000, 0), (200, 3000, 7)];
+    let cuts = split_points(&pairs[..], 6);
+    let c = |idx, off| Cursor { idx, off };
+    assert_eq!(cuts, [c(0, 0), c(0, 6), c(2, 2), c(3, 0)]);
+    // A total that is a whole number of pieces ends at the last pair's end.
+    assert_eq!(split_points(&pairs[..], 17), [c(0, 0), c(2, 7)]);
+    assert_eq!(split_points(&pairs[..0], 4), [c(0, 0)]);
 }
 
 #[test]
-fn cross_copy_handles_many_uneven_spans() {
-    let src: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
-    let mut dst = vec![0u8; 5000];
-    // 2500 spans of 2 bytes on our side, 1000 of 5 on theirs: more than IOV_MAX.
-    let ours: Vec<Span> = (0..2500)
-        .map(|i| Span {
-            addr: dst.as_mut_ptr() as u64 + i * 2,
-            len: 2,
-        })
-        .collect();
-    let theirs: Vec<Span> = (0..1000)
-        .map(|i| Span {
-            addr: src.as_ptr() as u64 + i * 5,
-            len: 5,
-        })
-        .collect();
-    // SAFETY: `ours` covers `dst`, live and writable for the call.
-    let n =
-        unsafe { sys::cross_copy(std::process::id() as i32, Cma::Pull, &ours, &theirs) }.unwrap();
-    assert_eq!(n, 5000);
-    assert_eq!(dst, src);
+fn cross_copy_moves_many_uneven_pairs_and_windows_of_them() {
+    let src: Vec<u8> = (0..6000u32).map(|i| (i % 251) as u8).collect();
+    let mut dst = vec![0u8; 6000];
+    // 2,400 pairs (more than IOV_MAX) of 1 to 4 bytes, in reverse order on their side.
+    let (mut pairs, mut at) = (Vec::new(), 0u64);
+    for i in 0..2400u64 {
+        let len = 1 + i % 4;
+        pairs.push((
+            dst.as_mut_ptr() as u64 + at,
+            src.as_ptr() as u64 + 6000 - at - len,
+            len,
+        ));
+        at += len;
+    }
+    let me = std::process::id() as i32;
+    let expect = |dst: &[u8], upto: u64| {
+        for &(o, t, len) in &pairs {
+            let o = (o - dst.as_ptr() as u64) as usize;
+            let t = (t - src.as_ptr() as u64) as usize;
+            if (o as u64) < upto {
+                assert_eq!(
+                    dst[o..o + len as usize],
+                    src[t..t + len as usize],
+                    "pair at {o}"
+                );
+            }
+        }
+    };
+    // SAFETY: every `ours` range lies in `dst`, live and writable for the call.
+    let n = unsafe {
+        sys::cross_copy(
+            me,
+            Cma::Pull,
+            &pairs[..],
+            Cursor::default(),
+            Cursor::end(&pairs[..]),
+        )
+    }
+    .unwrap();
+    assert_eq!(n, at);
+    expect(&dst, at);
+    // Windows that start and end inside pairs: together, every byte once.
+    dst.fill(0);
+    let cuts = split_points(&pairs[..], 777);
+    assert!(cuts.len() > 5 && cuts.iter().any(|c| c.off != 0));
+    let mut total = 0;
+    for w in cuts.windows(2) {
+        // SAFETY: as above.
+        total += unsafe { sys::cross_copy(me, Cma::Pull, &pairs[..], w[0], w[1]) }.unwrap();
+    }
+    assert_eq!(total, at);
+    expect(&dst, at);
 }
 
 #[test]
 fn split_copy_moves_every_byte_and_reports_a_bad_span() {
-    // 20 MiB + 3 bytes in spans of uneven lengths (pairwise equal), over 4 threads: several
-    // pieces each, taken by the caller and the copy pool's workers.
+    // 20 MiB + 3 bytes in runs of uneven lengths, over 4 threads: several pieces each, taken
+    // by the caller and the copy pool's workers.
     let len = (20 << 20) + 3;
     let src: Vec<u8> = (0..len as u64).map(|i| (i * 7 % 251) as u8).collect();
     let mut dst = vec![0u8; len];
     let cuts = [0, 1, 4097, 3 << 20, (3 << 20) + 5, 11 << 20, len];
-    let spans = |base: u64| -> Vec<Span> {
-        cuts.windows(2)
-            .map(|w| Span {
-                addr: base + w[0] as u64,
-                len: (w[1] - w[0]) as u64,
-            })
-            .collect()
-    };
-    let ours = spans(dst.as_mut_ptr() as u64);
-    let theirs = spans(src.as_ptr() as u64);
+    let (ours, theirs) = (dst.as_mut_ptr() as u64, src.as_ptr() as u64);
+    let mut runs: Vec<Run> = cuts
+        .windows(2)
+        .map(|w| Run {
+            local: ours + w[0] as u64,
+            remote: theirs + w[0] as u64,
+            len: (w[1] - w[0]) as u64,
+        })
+        .collect();
     let me = std::process::id() as i32;
-    // SAFETY: `ours` covers `dst`, live and writable for the call.
-    let n = unsafe { copy_split(me, Cma::Pull, &ours, &theirs, 4) }.unwrap();
+    // SAFETY: every local range lies in `dst`, live and writable for the call.
+    let n = unsafe { copy_split(me, Cma::Pull, &runs[..], len as u64, 4) }.unwrap();
     assert_eq!(n, len as u64);
     assert!(dst == src, "bytes differ");
-    // The far side's last span points at nothing mapped: an error, not a hang or a panic.
-    let mut bad = theirs.clone();
-    bad.last_mut().unwrap().addr = 8;
+    // The far side's last run points at nothing mapped: an error, not a hang or a panic.
+    runs.last_mut().unwrap().remote = 8;
     // SAFETY: as above.
-    let r = unsafe { copy_split(me, Cma::Pull, &ours, &bad, 4) };
+    let r = unsafe { copy_split(me, Cma::Pull, &runs[..], len as u64, 4) };
     assert!(r.is_err(), "{r:?}");
 }
 
@@ -291,4 +309,78 @@ fn a_peer_memfd_that_can_shrink_is_not_mapped() {
     assert_ne!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0) }, 0);
     let m = map_from_fake_peer(fd).unwrap().unwrap();
     assert_eq!(m.buf_len, 4096);
+}
+
+#[test]
+fn granted_pieces_outside_the_grant_are_refused_before_any_copy() {
+    let region = Desc::new(0x10000, 4096, 0);
+    let fd = memfd_of(TABLE_BYTES as i64, sys::SIZE_SEALS);
+    // (`with_fake_peer` says when it skips.)
+    with_fake_peer(fd, 3, 9, |c| {
+        let g = c.grant_region(&region, 7).unwrap();
+        let plan = |segments| XferPlan {
+            op: XferOp::Read,
+            local_kind: MemKind::Dram,
+            remote_kind: MemKind::Dram,
+            segments,
+            local_regions: Vec::new(),
+            remote_regions: Vec::new(),
+            notif: None,
+            initiator: "t".into(),
+        };
+        let run = |remote, len| Run {
+            local: 0x1000,
+            remote,
+            len,
+        };
+        let by_runs = |runs: Vec<Run>| {
+            let runs = Runs {
+                runs,
+                local_dev: 0,
+                remote_dev: 0,
+            };
+            c.granted_runs(
+                c.self_arc().unwrap(),
+                &plan(Vec::new()),
+                runs,
+                Arc::clone(&g),
+            )
+        };
+        let by_segments = |runs: Vec<Run>| {
+            let segments = runs
+                .iter()
+                .map(|r| Segment {
+                    local: Desc::new(r.local, r.len, 0),
+                    remote: Desc::new(r.remote, r.len, 0),
+                    local_region: 0,
+                    remote_region: 0,
+                })
+                .collect();
+            c.granted_xfer(c.self_arc().unwrap(), &plan(segments), vec![Arc::clone(&g)])
+        };
+        assert!(by_runs(vec![run(0x10000, 4096)]).is_ok());
+        assert!(by_segments(vec![run(0x10000, 16), run(0x10ff0, 16)]).is_ok());
+        // Before, after, across either end, empty, wrapping: a peer's indices or descriptors
+        // reach nothing outside the region the target granted.
+        let bad = [
+            (0xfff0, 32),
+            (0x10ff0, 32),
+            (0x11000, 1),
+            (0x10000, 0),
+            (0x10000, 4097),
+            (u64::MAX - 3, 8),
+        ];
+        for (remote, len) in bad {
+            for made in [&by_runs as &dyn Fn(Vec<Run>) -> _, &by_segments] {
+                match made(vec![run(0x10000, 16), run(remote, len)]) {
+                    Ok(_) => panic!("{remote:#x}+{len} was taken"),
+                    Err(e) => {
+                        let text = e.to_string();
+                        assert!(matches!(e, Error::Denied { .. }), "{text}");
+                        assert!(text.contains("piece 1"), "{text}");
+                    }
+                }
+            }
+        }
+    });
 }

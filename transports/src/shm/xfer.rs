@@ -10,22 +10,51 @@ pub(super) const GRANT_INLINE_MAX: u64 = 16 << 20;
 /// A prepared transfer we copy ourselves with `process_vm_*` under the target's grants.
 #[derive(Debug)]
 pub(super) struct GrantedXfer {
-    pub(super) conn: Arc<Conn>,
-    pub(super) dir: Cma,
-    pub(super) total: u64,
-    pub(super) ours: Arc<[Span]>,
-    pub(super) theirs: Arc<[Span]>,
-    pub(super) grants: Arc<[Arc<Grant>]>,
-    pub(super) notif: Option<Vec<u8>>,
+    conn: Arc<Conn>,
+    dir: Cma,
+    total: u64,
+    /// What each post copies, read in place (no list is built from it): the core's runs, or
+    /// the pieces of a request made from descriptors.
+    runs: Arc<Vec<Run>>,
+    grants: Arc<[Arc<Grant>]>,
+    notif: Option<Vec<u8>>,
+}
+
+impl Cma {
+    /// The initiator's direction for `op`: a WRITE pushes into the target, a READ pulls.
+    pub(super) fn of(op: XferOp) -> Cma {
+        match op {
+            XferOp::Write => Cma::Push,
+            XferOp::Read => Cma::Pull,
+        }
+    }
 }
 
 impl GrantedXfer {
+    /// A transfer of `runs` (every remote range checked against its grant by the caller) under
+    /// `grants`, one per remote region of `plan`.
+    pub(super) fn new(
+        conn: Arc<Conn>,
+        plan: &XferPlan,
+        runs: Vec<Run>,
+        grants: Vec<Arc<Grant>>,
+    ) -> GrantedXfer {
+        GrantedXfer {
+            conn,
+            dir: Cma::of(plan.op),
+            total: runs.iter().map(|r| r.len).sum(),
+            runs: Arc::new(runs),
+            grants: grants.into(),
+            notif: plan.notif.clone(),
+        }
+    }
+
     /// Copies under the grants and ends the post.
     pub(super) fn run(
         conn: &Conn,
         dir: Cma,
         total: u64,
-        (ours, theirs): (&[Span], &[Span]),
+        runs: &[Run],
         grants: &[Arc<Grant>],
         notif: Option<&[u8]>,
         done: Completion,
@@ -45,9 +74,9 @@ impl GrantedXfer {
             return;
         }
         let threads = conn.backend.cfg.copy_threads;
-        // SAFETY: our spans lie in our registered regions, held by `done` until it completes;
+        // SAFETY: our ranges lie in our registered regions, held by `done` until it completes;
         // the target's were checked against its grants, held live by `hold`.
-        let r = unsafe { copy_split(conn.pid, dir, ours, theirs, threads) };
+        let r = unsafe { copy_split(conn.pid, dir, runs, total, threads) };
         drop(hold);
         let outcome = match r {
             Ok(n) if n == total => match notif {
@@ -84,20 +113,26 @@ impl PreparedXfer for GrantedXfer {
             return;
         }
         if self.total <= GRANT_INLINE_MAX {
-            let spans = (&self.ours[..], &self.theirs[..]);
             let notif = self.notif.as_deref();
-            GrantedXfer::run(c, self.dir, self.total, spans, &self.grants, notif, done);
+            GrantedXfer::run(
+                c,
+                self.dir,
+                self.total,
+                &self.runs,
+                &self.grants,
+                notif,
+                done,
+            );
             return;
         }
         // Big: on a thread of its own (which splits the copy further), not the caller's.
         let (conn, dir, total) = (Arc::clone(c), self.dir, self.total);
-        let (ours, theirs) = (Arc::clone(&self.ours), Arc::clone(&self.theirs));
+        let runs = Arc::clone(&self.runs);
         let (grants, notif) = (Arc::clone(&self.grants), self.notif.clone());
         let spawned = std::thread::Builder::new()
             .name("nixl-shm-copy".into())
             .spawn(move || {
-                let spans = (&ours[..], &theirs[..]);
-                GrantedXfer::run(&conn, dir, total, spans, &grants, notif.as_deref(), done);
+                GrantedXfer::run(&conn, dir, total, &runs, &grants, notif.as_deref(), done);
             });
         if let Err(e) = spawned {
             // The closure (and the completion in it) is dropped: the post ends as failed.

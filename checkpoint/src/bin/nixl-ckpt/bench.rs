@@ -107,9 +107,9 @@ pub fn run(
     // SAFETY: the buffers outlive the registration (dropped at the end of this function, after it).
     let reg =
         unsafe { agent.register(&list) }.map_err(|e| CkptError::InvalidArgument(e.to_string()))?;
-    let _ = nixl_checkpoint::ops::remove(dir);
     let inc_dir = format!("{}-inc", dir.trim_end_matches('/'));
     let _ = nixl_checkpoint::ops::remove(&inc_dir);
+    let _ = nixl_checkpoint::ops::remove(dir);
     let opts = SaveOptions {
         chunk_size: chunk,
         direct,

@@ -4,7 +4,7 @@
 //! nixl-ckpt inspect /ckpt/worker-0            # what it holds
 //! nixl-ckpt verify  /ckpt/worker-0 --json     # read every chunk, check every checksum
 //! nixl-ckpt copy    /ckpt/worker-0 /backup/w0 # verified, self-contained copy
-//! nixl-ckpt rm      /ckpt/worker-0
+//! nixl-ckpt rm      /ckpt/worker-0            # refused while an incremental over it is beside it
 //! nixl-ckpt bench   /mnt/nvme/bench --size 1GiB
 //! ```
 //!
@@ -36,7 +36,14 @@ struct Cli {
     /// No progress on stderr.
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// Connections per peer of this process's tcp backend (reads from nixl://; the backend's
+    /// default, 2, when not given).
+    #[arg(long, global = true, value_name = "N")]
+    tcp_conns: Option<usize>,
 }
+
+/// `--tcp-conns`, for [`agent_for`].
+static TCP_CONNS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
@@ -67,10 +74,15 @@ enum Cmd {
         #[arg(long, default_value = "256MiB")]
         buffer: String,
     },
-    /// Remove a checkpoint (manifest first, then its data files or objects).
+    /// Remove a checkpoint (manifest first, then its data files or objects). Refused, listing
+    /// them, while checkpoints beside it (same parent directory or prefix) are incremental
+    /// saves over it.
     Rm {
         /// Checkpoint directory or s3://bucket/prefix.
         uri: String,
+        /// Remove it even if incremental checkpoints over it are found (they stop restoring).
+        #[arg(long)]
+        force: bool,
     },
     /// Restore an artifact directory of a checkpoint into DEST (which must not exist, or be an
     /// empty directory): every file verified before the tree appears there.
@@ -82,11 +94,14 @@ enum Cmd {
         /// Where to put it.
         dest: std::path::PathBuf,
     },
-    /// Hold a checkpoint in registered memory (every byte verified) and serve it to peers over
-    /// tcp until killed: they restore from `nixl://HOST:PORT` (printed on stdout first).
+    /// Hold checkpoints in registered memory (every byte verified) and serve them to peers over
+    /// tcp until killed: they restore from `nixl://HOST:PORT/NAME` (printed on stdout first), or
+    /// `nixl://HOST:PORT` while one is served.
     Serve {
-        /// Checkpoint (directory or s3://bucket/prefix).
-        uri: String,
+        /// Checkpoints (directory or s3://bucket/prefix), each `NAME=URI` or `URI` (the name is
+        /// then the last component of its path, or --name).
+        #[arg(required = true, num_args = 1..)]
+        uris: Vec<String>,
         /// Listen address of the tcp backend.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
@@ -94,9 +109,10 @@ enum Cmd {
         /// the daemon's agent serves it (at its tcp listener) until `nixl-ckpt unserve`.
         #[arg(long, value_name = "CONTROL_SOCKET")]
         daemon: Option<std::path::PathBuf>,
-        /// The daemon's leases are named NAME/control, NAME/r0, ...
-        #[arg(long, default_value = "ckpt")]
-        name: String,
+        /// The name of a single checkpoint given without `NAME=` (with --daemon the default
+        /// is `ckpt`; the daemon's leases are named NAME/control, NAME/r0, ...).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// Release a checkpoint placed in a daemon's pool by `serve --daemon`.
     Unserve {
@@ -281,7 +297,11 @@ fn error_json(e: &CkptError) -> Value {
         }
         _ => (None, None, None),
     };
-    json!({"ok": false, "error": e.to_string(), "region": region, "chunk": chunk, "memory_written": written})
+    let mut v = json!({"ok": false, "error": e.to_string(), "region": region, "chunk": chunk, "memory_written": written});
+    if let CkptError::HasDependents { dependents, .. } = e {
+        v["dependents"] = json!(dependents);
+    }
+    v
 }
 
 fn is_s3(uri: &str) -> bool {
@@ -300,8 +320,12 @@ fn agent_for(uris: &[&str]) -> Result<nixl_core::Agent, CkptError> {
     if uris.iter().any(|u| u.starts_with("nixl://")) {
         backends.push("\"tcp\"");
     }
+    let tcp = TCP_CONNS
+        .get()
+        .map(|n| format!("\n[tcp]\nconns_per_peer = {n}\n"))
+        .unwrap_or_default();
     let cfg = nixl_transports::config::Config::from_toml(&format!(
-        "backends = [{}]",
+        "backends = [{}]{tcp}",
         backends.join(", ")
     ))
     .map_err(bad)?;
@@ -320,13 +344,57 @@ fn is_dir(uri: &str) -> bool {
     matches!(ops::Location::parse(uri), Ok(ops::Location::Dir(_)))
 }
 
+/// The `(name, uri)` of each `NAME=URI` or `URI` of `nixl-ckpt serve`: an unnamed one is named
+/// `name` when it is the only one and `name` is given, else `fallback` when the only one, else
+/// after its last path component.
+fn serve_specs(
+    specs: &[String],
+    name: Option<&str>,
+    fallback: Option<&str>,
+) -> Result<Vec<(String, String)>, CkptError> {
+    let one = specs.len() == 1;
+    let mut out: Vec<(String, String)> = Vec::new();
+    for s in specs {
+        let (n, uri) = match s.split_once('=') {
+            Some((n, u)) if nixl_checkpoint::serve::check_name(n).is_ok() => {
+                (n.to_owned(), u.to_owned())
+            }
+            _ => {
+                let n = match (one, name, fallback) {
+                    (true, Some(n), _) | (true, None, Some(n)) => n.to_owned(),
+                    _ => nixl_checkpoint::serve::default_name(s),
+                };
+                (n, s.clone())
+            }
+        };
+        nixl_checkpoint::serve::check_name(&n).map_err(CkptError::InvalidArgument)?;
+        if out.iter().any(|(o, _)| *o == n) {
+            return Err(CkptError::InvalidArgument(format!(
+                "the name {n:?} is given to two checkpoints: name them, NAME=URI"
+            )));
+        }
+        out.push((n, uri));
+    }
+    Ok(out)
+}
+
 /// `nixl-ckpt serve`: never returns unless it fails.
-fn serve(cli: &Cli, uri: &str, listen: &str) -> Result<Value, CkptError> {
+fn serve(
+    cli: &Cli,
+    specs: &[String],
+    name: Option<&str>,
+    listen: &str,
+) -> Result<Value, CkptError> {
+    let specs = serve_specs(specs, name, None)?;
     let bad = |e: nixl_core::Error| CkptError::InvalidArgument(format!("serving agent: {e}"));
     if listen.contains('"') || listen.contains('\n') {
         return Err(CkptError::InvalidArgument(format!("--listen {listen:?}")));
     }
-    let extra = if is_s3(uri) { ", \"object\"" } else { "" };
+    let extra = if specs.iter().any(|(_, u)| is_s3(u)) {
+        ", \"object\""
+    } else {
+        ""
+    };
     let cfg = nixl_transports::config::Config::from_toml(&format!(
         "backends = [\"tcp\", \"uring\", \"posix\"{extra}]\n[tcp]\nlisten = \"{listen}\"\n"
     ))
@@ -335,27 +403,42 @@ fn serve(cli: &Cli, uri: &str, listen: &str) -> Result<Value, CkptError> {
         .backends(cfg.backends().map_err(bad)?)
         .build()
         .map_err(bad)?;
-    let served = nixl_checkpoint::serve(&a, uri)?;
+    let mut served = Vec::with_capacity(specs.len());
+    for (n, uri) in &specs {
+        served.push(nixl_checkpoint::serve_named(&a, uri, n)?);
+    }
     let addrs = nixl_transports::tcp::listen_addrs_in(&a.metadata());
     let at = addrs
         .first()
         .ok_or_else(|| CkptError::InvalidArgument("the tcp backend has no listener".into()))?;
-    let m = served.manifest();
-    let v = json!({
-        "ok": true,
-        "serving": uri,
-        "uri": format!("nixl://{at}"),
-        "regions": m.regions.len(),
-        "bytes": m.total_bytes(),
-    });
+    let each: Vec<Value> = specs
+        .iter()
+        .zip(&served)
+        .map(|((n, uri), s)| {
+            let m = s.manifest();
+            json!({
+                "name": n, "serving": uri, "uri": format!("nixl://{at}/{n}"),
+                "regions": m.regions.len(), "bytes": m.total_bytes(),
+            })
+        })
+        .collect();
+    let mut v = json!({ "ok": true, "uri": format!("nixl://{at}"), "served": each });
+    if let [one] = &each[..] {
+        for k in ["name", "serving", "regions", "bytes"] {
+            v[k] = one[k].clone();
+        }
+    }
     if cli.json {
         println!("{v}");
     } else {
-        println!(
-            "serving {uri} ({} in {} regions) at nixl://{at}",
-            human(m.total_bytes()),
-            m.regions.len()
-        );
+        for ((n, uri), s) in specs.iter().zip(&served) {
+            let m = s.manifest();
+            println!(
+                "serving {uri} ({} in {} regions) at nixl://{at}/{n}",
+                human(m.total_bytes()),
+                m.regions.len()
+            );
+        }
     }
     use std::io::Write as _;
     let _ = std::io::stdout().flush();
@@ -368,29 +451,53 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
     let p = progress(cli.quiet);
     match &cli.cmd {
         Cmd::Serve {
-            uri,
+            uris,
             daemon: Some(sock),
             name,
             ..
         } => {
-            let d = nixl_checkpoint::daemon::serve_in_daemon(&agent_for(&[uri])?, uri, sock, name)?;
-            let at = d.tcp_listen.first().map(|a| format!("nixl://{a}"));
-            if !cli.json {
-                println!(
-                    "placed {uri} ({} in {} regions) in the pool of {} as {name}/...; served at {}",
-                    human(d.manifest.total_bytes()),
-                    d.manifest.regions.len(),
-                    sock.display(),
-                    at.as_deref().unwrap_or("(the daemon has no tcp listener)")
-                );
+            let specs = serve_specs(uris, name.as_deref(), Some("ckpt"))?;
+            let all: Vec<&str> = specs.iter().map(|(_, u)| u.as_str()).collect();
+            let agent = agent_for(&all)?;
+            let mut each = Vec::new();
+            for (k, (name, uri)) in specs.iter().enumerate() {
+                let d = match nixl_checkpoint::daemon::serve_in_daemon(&agent, uri, sock, name) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // All or none: release the ones placed before this one.
+                        for (n, _) in &specs[..k] {
+                            let _ = nixl_checkpoint::daemon::release_from_daemon(sock, n);
+                        }
+                        return Err(e);
+                    }
+                };
+                let at = d.tcp_listen.first().map(|a| format!("nixl://{a}"));
+                if !cli.json {
+                    println!(
+                        "placed {uri} ({} in {} regions) in the pool of {} as {name}/...; served at {}/{name}",
+                        human(d.manifest.total_bytes()),
+                        d.manifest.regions.len(),
+                        sock.display(),
+                        at.as_deref().unwrap_or("(the daemon has no tcp listener)")
+                    );
+                }
+                each.push(json!({
+                    "serving": uri, "uri": at, "name": name,
+                    "leases": d.leases.iter().map(|l| json!({"name": l.name, "addr": format!("{:#x}", l.addr), "len": l.len})).collect::<Vec<_>>(),
+                    "regions": d.manifest.regions.len(), "bytes": d.manifest.total_bytes(),
+                }));
             }
-            Ok(json!({
-                "ok": true, "serving": uri, "uri": at, "name": name,
-                "leases": d.leases.iter().map(|l| json!({"name": l.name, "addr": format!("{:#x}", l.addr), "len": l.len})).collect::<Vec<_>>(),
-                "regions": d.manifest.regions.len(), "bytes": d.manifest.total_bytes(),
-            }))
+            let mut v = json!({"ok": true, "served": each});
+            if let [one] = &each[..] {
+                for k in ["serving", "uri", "name", "leases", "regions", "bytes"] {
+                    v[k] = one[k].clone();
+                }
+            }
+            Ok(v)
         }
-        Cmd::Serve { uri, listen, .. } => serve(cli, uri, listen),
+        Cmd::Serve {
+            uris, listen, name, ..
+        } => serve(cli, uris, name.as_deref(), listen),
         Cmd::Unserve { name, daemon } => {
             let n = nixl_checkpoint::daemon::release_from_daemon(daemon, name)?;
             if !cli.json {
@@ -539,11 +646,12 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             }
             Ok(json!({"ok": true, "files": r.files, "dirs": r.dirs, "bytes": r.bytes}))
         }
-        Cmd::Rm { uri } => {
+        Cmd::Rm { uri, force } => {
+            let opts = ops::RemoveOptions { force: *force };
             let n = if is_dir(uri) {
-                ops::remove(uri)?
+                ops::remove_opts(uri, &opts)?
             } else {
-                nixl_checkpoint::remove_with(&agent_for(&[uri])?, uri)?
+                nixl_checkpoint::remove_with_opts(&agent_for(&[uri])?, uri, &opts)?
             };
             if !cli.json {
                 println!("removed {uri} ({n} files)");
@@ -574,6 +682,9 @@ mod bench;
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(n) = cli.tcp_conns {
+        let _ = TCP_CONNS.set(n);
+    }
     match run(&cli) {
         Ok(v) => {
             if cli.json {

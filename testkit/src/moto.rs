@@ -1,0 +1,128 @@
+//! moto's S3 server (`python3 -m moto.server`, installed by `.ci/setup`) for tests of `s3://`
+//! paths: started on a free port of 127.0.0.1, killed when dropped (or when the test process
+//! dies).
+//!
+//! ```no_run
+//! use nixl_testkit::moto::Moto;
+//! # fn t() {
+//! nixl_testkit::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
+//! let m = Moto::start(&[("S3_UPLOAD_PART_MIN_SIZE", "65536")]);
+//! m.make_bucket("my-bucket");
+//! let endpoint = m.endpoint(); // http://127.0.0.1:PORT, for AWS_ENDPOINT_URL
+//! # }
+//! ```
+
+use std::io::{Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// An `Authorization` header moto accepts (it does not check signatures).
+pub const AUTH: &str = "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/s3/aws4_request, \
+                        SignedHeaders=host, Signature=0";
+
+/// A running moto server.
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    /// Why moto cannot run here, if it cannot (for [`crate::require!`]).
+    pub fn missing() -> Option<String> {
+        let have = Command::new("python3")
+            .args(["-c", "import moto.server"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        (!have).then(|| {
+            "moto not installed (python3 -m pip install 'moto[server]'; .ci/setup does)".into()
+        })
+    }
+
+    /// Starts moto with the environment `env` added, and waits until it answers (30 s at
+    /// most, else a panic).
+    pub fn start(env: &[(&str, &str)]) -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("its address")
+            .port();
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe and touches only the child: the server dies with
+        // the test process, even one killed without unwinding.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start moto (python3 -m moto.server)");
+        let m = Moto { child, port };
+        let t0 = Instant::now();
+        while m.http("GET", "/", b"").map_or(true, |(s, _)| s == 0) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "moto did not answer"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Makes `bucket` (a panic if moto refuses).
+    pub fn make_bucket(&self, bucket: &str) {
+        let r = self.http("PUT", &format!("/{bucket}"), b"");
+        assert!(
+            r.as_ref().is_ok_and(|(s, _)| *s == 200),
+            "make bucket {bucket}: {r:?}"
+        );
+    }
+
+    /// One HTTP/1.0 exchange: (status, body).
+    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nAuthorization: {AUTH}\r\n\r\n",
+            self.port,
+            body.len()
+        )?;
+        s.write_all(body)?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        let head_end = out
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map_or(out.len(), |i| i + 4);
+        let status = String::from_utf8_lossy(&out[..head_end])
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((status, out[head_end..].to_vec()))
+    }
+}
