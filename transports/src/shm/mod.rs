@@ -110,8 +110,8 @@ use nixl_core::codec::Reader;
 use nixl_core::region::{enter_all, leave_all, AccessGate, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, RegionAccess, Registered, Result, Run, Runs, TargetHandle, Unusable,
-    XferOp, XferPlan,
+    PreparedXfer, RegionAccess, Registered, Result, Run, Runs, TargetHandle, Unusable, XferOp,
+    XferPlan,
 };
 use parking_lot::{Condvar, Mutex};
 use serve::*;
