@@ -11,8 +11,8 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 
 use crate::backend::{
-    Backend, BackendName, Connection, MetadataHooks, Notification, PeerInfo, Runs, Segment,
-    TargetHandle, XferPlan,
+    Backend, BackendName, Connection, MetadataHooks, Notification, PeerInfo, Registered, Runs,
+    Segment, TargetHandle, XferPlan,
 };
 use crate::error::{Error, Result};
 use crate::mem::{Desc, DescList, MemKind};
@@ -110,7 +110,7 @@ impl AgentBuilder {
                     Ok(()) => None,
                     Err(e) => Some(format!("start failed: {e}")),
                 },
-                Err(reason) => Some(reason),
+                Err(why) => Some(why.to_string()),
             };
             match &unavailable {
                 None => {
@@ -126,7 +126,10 @@ impl AgentBuilder {
                 unavailable,
             });
         }
-        running.sort_by_key(|b| (b.caps().locality, b.name().preference()));
+        running.sort_by_key(|b| {
+            let caps = b.caps();
+            (caps.locality, caps.preference)
+        });
         let inner = Arc::new(AgentInner {
             watchdog: Watchdog::new(Arc::clone(&name)),
             name,
@@ -383,7 +386,7 @@ impl AgentInner {
         let drained = region.gate.close_and_drain(DEREGISTER_PATIENCE);
         for b in &self.backends {
             if region.has_backend(b.name()) {
-                b.deregister(region);
+                b.deregister(region.registered(b.name()));
             }
         }
         if drained {
@@ -648,9 +651,14 @@ impl Agent {
                             skipped.get_or_insert(e);
                         }
                         Err(e) => {
-                            for (name, _) in &publics {
+                            for (name, public) in &publics {
                                 if let Some(b) = self.backend(*name) {
-                                    b.deregister(&placeholder(kind, desc));
+                                    b.deregister(Registered {
+                                        kind,
+                                        desc: *desc,
+                                        key,
+                                        public,
+                                    });
                                 }
                             }
                             return Err(e);
@@ -662,7 +670,6 @@ impl Agent {
                         return Err(e);
                     }
                 }
-                let names: Vec<BackendName> = publics.iter().map(|p| p.0).collect();
                 let region = Region {
                     id: self.inner.next_region.fetch_add(1, Ordering::Relaxed),
                     kind,
@@ -671,11 +678,19 @@ impl Agent {
                     backends: publics,
                     gate: AccessGate::default(),
                 };
+                let registered: Vec<(BackendName, Vec<u8>)> = region.backends.clone();
                 match self.inner.target.0.regions.insert(region) {
                     Ok(r) => done.push(r),
                     Err(e) => {
-                        for b in chosen.iter().filter(|b| names.contains(&b.name())) {
-                            b.deregister(&placeholder(kind, desc));
+                        for (name, public) in &registered {
+                            if let Some(b) = chosen.iter().find(|b| b.name() == *name) {
+                                b.deregister(Registered {
+                                    kind,
+                                    desc: *desc,
+                                    key,
+                                    public,
+                                });
+                            }
                         }
                         return Err(e);
                     }
@@ -1275,7 +1290,7 @@ impl Agent {
             } else {
                 match p.backend_info(n) {
                     None => Some("peer does not run it".into()),
-                    Some(info) => b.can_reach(&info.conn_info).err(),
+                    Some(info) => b.can_reach(&info.conn_info).err().map(|e| e.to_string()),
                 }
             };
             match reject {
@@ -1383,17 +1398,6 @@ fn region_info(r: &Region) -> RegionInfo {
     }
 }
 
-fn placeholder(kind: MemKind, desc: &Desc) -> Region {
-    Region {
-        id: 0,
-        kind,
-        desc: *desc,
-        key: 0,
-        backends: Vec::new(),
-        gate: AccessGate::default(),
-    }
-}
-
 /// A random u64 from the OS generator (`getrandom`), or an error when it fails: region keys,
 /// instance ids and nonces are never made of guessable bytes instead.
 pub fn random_u64() -> Result<u64> {
@@ -1476,14 +1480,10 @@ pub(crate) mod tests {
             BackendName::Local
         }
         fn caps(&self) -> crate::Caps {
-            crate::Caps {
-                local_kinds: &[MemKind::Dram],
-                remote_kinds: &[MemKind::Dram],
-                notifications: false,
-                locality: crate::Locality::SameProcess,
-            }
+            crate::Caps::new(&[MemKind::Dram], crate::Locality::SameProcess, 0)
+                .without_notifications()
         }
-        fn probe(&self) -> std::result::Result<(), String> {
+        fn probe(&self) -> std::result::Result<(), crate::Unusable> {
             Ok(())
         }
         fn start(&self, _target: TargetHandle) -> Result<()> {
@@ -1496,10 +1496,10 @@ pub(crate) mod tests {
             self.registered.fetch_add(1, Ordering::Relaxed);
             Ok(Vec::new())
         }
-        fn deregister(&self, _region: &Region) {
+        fn deregister(&self, _region: crate::backend::Registered<'_>) {
             self.registered.fetch_sub(1, Ordering::Relaxed);
         }
-        fn can_reach(&self, _conn_info: &[u8]) -> std::result::Result<(), String> {
+        fn can_reach(&self, _conn_info: &[u8]) -> std::result::Result<(), crate::Unusable> {
             Err("nowhere".into())
         }
         fn connect(&self, _peer: &crate::PeerInfo<'_>) -> Result<Arc<dyn crate::Connection>> {

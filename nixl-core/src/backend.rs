@@ -3,7 +3,8 @@
 //! A backend is chosen per transfer request by policy (see [`crate::Agent::create_xfer`]):
 //! among the backends that both agents run, that registered every region involved, that reach
 //! the peer, and that move the two memory kinds, the one with the best [`Locality`] and then the
-//! best [`BackendName::preference`] wins, unless the caller names one.
+//! best [`Caps::preference`] wins, unless the caller names one. Both come from the backends
+//! themselves ([`Backend::caps`]): adding a backend changes no policy here.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unusable};
 use crate::mem::{Desc, MemKind};
 use crate::metadata::RegionInfo;
 use crate::region::{AccessDenied, Region, RegionAccess, RegionTable};
@@ -85,22 +86,6 @@ impl BackendName {
     pub fn from_code(code: u8) -> Option<BackendName> {
         BackendName::ALL.get(usize::from(code)).copied()
     }
-
-    /// Tie-break among backends of equal locality: lower is preferred. Direct device paths
-    /// first, then shared memory, RDMA, io_uring, POSIX, object, TCP last.
-    pub fn preference(self) -> u8 {
-        match self {
-            BackendName::Local => 0,
-            BackendName::Cuda => 1,
-            BackendName::Gds => 2,
-            BackendName::Shm => 3,
-            BackendName::Rdma => 4,
-            BackendName::Uring => 5,
-            BackendName::Posix => 6,
-            BackendName::Object => 7,
-            BackendName::Tcp => 8,
-        }
-    }
 }
 
 impl fmt::Display for BackendName {
@@ -131,6 +116,40 @@ pub struct Caps {
     pub notifications: bool,
     /// How far it reaches.
     pub locality: Locality,
+    /// Tie-break among running backends of equal locality: lower is preferred. The built-in
+    /// backends put direct device paths first, then shared memory, RDMA, io_uring, POSIX,
+    /// object, TCP last: `local` 0, `cuda` 1, `gds` 2, `shm` 3, `rdma` 4, `uring` 5, `posix` 6,
+    /// `object` 7, `tcp` 8.
+    pub preference: u8,
+}
+
+impl Caps {
+    /// A backend that moves `kinds` on both sides and carries notifications.
+    pub const fn new(kinds: &'static [MemKind], locality: Locality, preference: u8) -> Caps {
+        Caps {
+            local_kinds: kinds,
+            remote_kinds: kinds,
+            notifications: true,
+            locality,
+            preference,
+        }
+    }
+
+    /// The same, moving `kinds` on the target's side.
+    pub const fn remote(self, kinds: &'static [MemKind]) -> Caps {
+        Caps {
+            remote_kinds: kinds,
+            ..self
+        }
+    }
+
+    /// The same, carrying no notifications.
+    pub const fn without_notifications(self) -> Caps {
+        Caps {
+            notifications: false,
+            ..self
+        }
+    }
 }
 
 /// What a peer published about itself, as given to [`Backend::connect`].
@@ -142,6 +161,19 @@ pub struct PeerInfo<'a> {
     pub instance_id: u128,
     /// The peer's connection info for this backend.
     pub conn_info: &'a [u8],
+}
+
+/// A region as one backend registered it: what [`Backend::deregister`] is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Registered<'a> {
+    /// Memory kind.
+    pub kind: MemKind,
+    /// Address range and device.
+    pub desc: Desc,
+    /// The region's access key.
+    pub key: u64,
+    /// What this backend's [`Backend::register`] returned for the region.
+    pub public: &'a [u8],
 }
 
 /// One pair of descriptors of a transfer, resolved against both sides' registrations.
@@ -243,18 +275,19 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn name(&self) -> BackendName;
     /// What it can do.
     fn caps(&self) -> Caps;
-    /// `Err(reason)` if it cannot run on this host.
-    fn probe(&self) -> std::result::Result<(), String>;
+    /// `Err(why)` if it cannot run on this host.
+    fn probe(&self) -> std::result::Result<(), Unusable>;
     /// Called once, before anything else, with the agent's target-side hooks.
     fn start(&self, target: TargetHandle) -> Result<()>;
     /// Connection info published in the agent's metadata.
     fn conn_info(&self) -> Vec<u8>;
     /// Registers a region; returns the public per-region data published in metadata.
     fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>>;
-    /// Deregisters a region (after the core has drained its users).
-    fn deregister(&self, region: &Region);
-    /// `Err(reason)` if this backend cannot reach a peer with this connection info.
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String>;
+    /// Forgets a region this backend registered (after the core has drained its users, or when
+    /// the registration failed at another backend).
+    fn deregister(&self, region: Registered<'_>);
+    /// `Err(why)` if this backend cannot reach a peer with this connection info.
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable>;
     /// Connects to a peer.
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>>;
     /// Stops: in-flight work ends `Cancelled`, threads exit.

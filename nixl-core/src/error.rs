@@ -244,3 +244,105 @@ impl Error {
         }
     }
 }
+
+/// Why a backend cannot run on this host ([`crate::Backend::probe`]) or cannot reach a peer
+/// ([`crate::Backend::can_reach`]): what is missing, and the error underneath where there is
+/// one ([`std::error::Error::source`]). Its text is what users see after
+/// `backend X unavailable:` or in a [`Error::NoBackend`] reason.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unusable {
+    /// A condition the backend checked itself (a setting, a peer on another node).
+    #[error("{0}")]
+    Reason(String),
+    /// An error underneath, said as it is.
+    #[error("{0}")]
+    Error(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    /// A step failed: what was being done, and why.
+    #[error("{context}: {source}")]
+    Failed {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Unusable {
+    /// An [`Unusable::Failed`] with context.
+    pub fn failed(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Unusable {
+        Unusable::Failed {
+            context: context.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// An [`Unusable::Error`]: the error's own text, and the error as the source.
+    pub fn from_error(source: impl std::error::Error + Send + Sync + 'static) -> Unusable {
+        Unusable::Error(Arc::new(source))
+    }
+
+    /// The same reason with `context` put in front (`"{context}: {self}"`), its source kept.
+    pub fn context(self, context: impl std::fmt::Display) -> Unusable {
+        match self {
+            Unusable::Reason(r) => Unusable::Reason(format!("{context}: {r}")),
+            Unusable::Error(source) => Unusable::Failed {
+                context: context.to_string(),
+                source,
+            },
+            Unusable::Failed { context: c, source } => Unusable::Failed {
+                context: format!("{context}: {c}"),
+                source,
+            },
+        }
+    }
+}
+
+impl From<String> for Unusable {
+    fn from(reason: String) -> Unusable {
+        Unusable::Reason(reason)
+    }
+}
+
+impl From<&str> for Unusable {
+    fn from(reason: &str) -> Unusable {
+        Unusable::Reason(reason.to_owned())
+    }
+}
+
+impl PartialEq for Unusable {
+    /// Equal when the texts are (sources compare by their text).
+    fn eq(&self, other: &Unusable) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn an_unusable_reason_keeps_its_cause_as_the_source() {
+        let io = io::Error::new(io::ErrorKind::PermissionDenied, "blocked by seccomp");
+        let u = Unusable::failed("process_vm_readv does not work here", io);
+        assert_eq!(
+            u.to_string(),
+            "process_vm_readv does not work here: blocked by seccomp"
+        );
+        assert_eq!(u.source().unwrap().to_string(), "blocked by seccomp");
+        let u = u.context("shm");
+        assert!(u.to_string().starts_with("shm: process_vm_readv"), "{u}");
+        assert!(u.source().is_some());
+        let plain = Unusable::from("peer is in another process");
+        assert!(plain.source().is_none());
+        assert_eq!(plain.to_string(), "peer is in another process");
+        let wrapped = Unusable::from_error(io::Error::other("no such device"));
+        assert_eq!(wrapped.to_string(), "no such device");
+        assert!(wrapped.source().is_some());
+    }
+}

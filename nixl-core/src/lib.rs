@@ -28,10 +28,10 @@ pub use agent::{
 };
 pub use backend::{
     Backend, BackendName, Caps, Connection, Locality, NotifRefused, Notification, PeerInfo,
-    PreparedXfer, Run, Runs, Segment, TargetHandle, XferPlan, DEFAULT_NOTIF_QUEUE_BYTES,
-    MAX_NOTIF_BYTES,
+    PreparedXfer, Registered, Run, Runs, Segment, TargetHandle, XferPlan,
+    DEFAULT_NOTIF_QUEUE_BYTES, MAX_NOTIF_BYTES,
 };
-pub use error::{Error, ErrorClass, Result};
+pub use error::{Error, ErrorClass, Result, Unusable};
 pub use mem::{Desc, DescList, MemKind, Strided, MAX_STRIDED_COUNT};
 pub use metadata::{AgentMetadata, DecodeError};
 pub use region::{AccessDenied, Region, RegionAccess};

@@ -185,6 +185,16 @@ impl Region {
             .find(|(b, _)| *b == backend)
             .map(|(_, p)| p.as_slice())
     }
+
+    /// The region as `backend` registered it (its public data empty if it did not).
+    pub fn registered(&self, backend: BackendName) -> crate::backend::Registered<'_> {
+        crate::backend::Registered {
+            kind: self.kind,
+            desc: self.desc,
+            key: self.key,
+            public: self.backend_public(backend).unwrap_or_default(),
+        }
+    }
 }
 
 type Key = (MemKind, u64, u64); // kind, dev_id, start address

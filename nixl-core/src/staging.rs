@@ -203,16 +203,13 @@ impl Bounce {
                     done.push(Arc::clone(b));
                 }
                 Err(e) => {
-                    let placeholder = Region {
-                        id,
-                        kind: MemKind::Dram,
-                        desc,
-                        key: 0,
-                        backends: Vec::new(),
-                        gate: Default::default(),
-                    };
-                    for d in &done {
-                        d.deregister(&placeholder);
+                    for (d, (_, public)) in done.iter().zip(&publics) {
+                        d.deregister(crate::backend::Registered {
+                            kind: MemKind::Dram,
+                            desc,
+                            key,
+                            public,
+                        });
                     }
                     return Err(e);
                 }
@@ -244,7 +241,7 @@ impl Drop for Bounce {
             return;
         }
         for b in &self.backends {
-            b.deregister(&self.region);
+            b.deregister(self.region.registered(b.name()));
         }
     }
 }

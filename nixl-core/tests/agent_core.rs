@@ -28,6 +28,9 @@ impl RegisterExt for Agent {
     }
 }
 
+/// A region a backend was told to forget: its key and the backend's public data.
+type Forgotten = (u64, Vec<u8>);
+
 /// A backend whose posts are parked until the test completes them.
 #[derive(Debug)]
 struct Scripted {
@@ -40,6 +43,8 @@ struct Scripted {
     unavailable: Option<&'static str>,
     /// Refuse every registration as Unavailable with this reason.
     refuse: Option<&'static str>,
+    /// What each deregistration was given: the key and the public data.
+    forgot: Arc<Mutex<Vec<Forgotten>>>,
 }
 
 impl Scripted {
@@ -52,6 +57,7 @@ impl Scripted {
             inline_ok: false,
             unavailable: None,
             refuse: None,
+            forgot: Arc::default(),
         }
     }
 }
@@ -77,14 +83,21 @@ impl Backend for Scripted {
         self.name
     }
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: DRAM,
-            remote_kinds: DRAM,
-            notifications: true,
-            locality: self.locality,
-        }
+        // The built-in backends' order, by name.
+        let preference = match self.name {
+            BackendName::Local => 0,
+            BackendName::Cuda => 1,
+            BackendName::Gds => 2,
+            BackendName::Shm => 3,
+            BackendName::Rdma => 4,
+            BackendName::Uring => 5,
+            BackendName::Posix => 6,
+            BackendName::Object => 7,
+            BackendName::Tcp => 8,
+        };
+        Caps::new(DRAM, self.locality, preference)
     }
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         match self.unavailable {
             Some(r) => Err(r.into()),
             None => Ok(()),
@@ -105,8 +118,12 @@ impl Backend for Scripted {
             None => Ok(vec![1, 2, 3]),
         }
     }
-    fn deregister(&self, _region: &Region) {}
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn deregister(&self, region: Registered<'_>) {
+        self.forgot
+            .lock()
+            .push((region.key, region.public.to_vec()));
+    }
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         if conn_info == [self.name.code()] {
             Ok(())
         } else {
@@ -785,6 +802,36 @@ fn a_backend_that_cannot_take_a_region_is_left_out_unless_named() {
     let e = only.reg(&list).unwrap_err();
     assert_eq!(e.class(), ErrorClass::Unavailable, "{e}");
     assert!(only.metadata().regions.is_empty());
+}
+
+#[test]
+fn a_backend_is_told_the_key_and_its_data_of_a_region_it_forgets() {
+    let tcp = Scripted::new(BackendName::Tcp, Locality::AnyNode);
+    let forgot = Arc::clone(&tcp.forgot);
+    let a = Agent::builder("forgets")
+        .backend(Arc::new(tcp))
+        .backend(Arc::new(Scripted {
+            refuse: Some("no peer memory for this"),
+            ..Scripted::new(BackendName::Rdma, Locality::AnyNode)
+        }))
+        .build()
+        .unwrap();
+    let buf = vec![0u8; 4096];
+    let list = DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(&buf)]).unwrap();
+    // Deregistered after use: the region's own key and what tcp published for it.
+    let r = a.reg_with(&list, &[BackendName::Tcp]).unwrap();
+    let key = a.metadata().regions[0].key;
+    r.deregister().unwrap();
+    assert_eq!(forgot.lock().as_slice(), &[(key, vec![1, 2, 3])]);
+    // Undone because a later backend refused: tcp forgets what it took, with its data.
+    forgot.lock().clear();
+    a.reg_with(&list, &[BackendName::Tcp, BackendName::Rdma])
+        .unwrap_err();
+    let undone = forgot.lock().clone();
+    assert_eq!(undone.len(), 1, "{undone:?}");
+    assert_ne!(undone[0].0, 0, "a real key, not a placeholder's");
+    assert_eq!(undone[0].1, vec![1, 2, 3]);
+    assert!(a.metadata().regions.is_empty());
 }
 
 #[test]

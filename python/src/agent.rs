@@ -146,8 +146,8 @@ impl PyAgent {
         if let Some(port) = listen_port {
             config
                 .tcp
-                .listen_unless_set(format!("0.0.0.0:{port}"))
-                .accept_pushes_unless_set(true);
+                .listen_unless_set(std::net::SocketAddr::from(([0, 0, 0, 0], port)));
+            config.accept_pushes_unless_set(true);
             if let Some(list) = &mut config.backends {
                 if !list.iter().any(|b| b == "tcp") {
                     list.push("tcp".into());
@@ -170,7 +170,7 @@ impl PyAgent {
                     agent.shutdown();
                     return Err(nixlBackendError::new_err(format!(
                         "the listen thread (tcp listener on {}) cannot run: {why}",
-                        config.tcp.listen.as_deref().unwrap_or("?")
+                        config.tcp.listen.map_or("?".into(), |a| a.to_string())
                     )));
                 }
             }

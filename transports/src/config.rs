@@ -121,7 +121,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use nixl_core::{Backend, Error, Result};
 use serde::Deserialize;
@@ -134,7 +133,7 @@ use crate::object::{ObjectBackend, ObjectConfig};
 use crate::posix::{PosixBackend, PosixConfig};
 use crate::rdma::{RdmaBackend, RdmaConfig};
 use crate::shm::{ShmBackend, ShmConfig};
-use crate::tcp::{parse_listen, Auth, CertFiles, TcpBackend, TcpConfig, TlsMode, TlsSettings};
+use crate::tcp::{Auth, CertFiles, TcpBackend, TcpConfig, TlsMode, TlsSettings};
 use crate::uring::{UringBackend, UringConfig};
 
 /// What [`Config::backends_and_control`] builds.
@@ -152,9 +151,9 @@ pub struct Built {
 pub struct Config {
     /// Backends to run, by name (default: every one this crate builds).
     pub backends: Option<Vec<String>>,
-    /// `[tcp]`.
+    /// `[tcp]` (its `auth` comes from `[auth]` and `[tls]`: see [`Config::tcp_config`]).
     #[serde(default)]
-    pub tcp: TcpSection,
+    pub tcp: TcpConfig,
     /// `[auth]`.
     #[serde(default)]
     pub auth: AuthSection,
@@ -189,47 +188,9 @@ pub struct Config {
     pub etcd: Option<toml::Table>,
     /// `[daemon]`, kept as written for the agent daemon (which refuses unknown keys in it).
     pub daemon: Option<toml::Table>,
-}
-
-/// `[tcp]`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TcpSection {
-    pub listen: Option<String>,
-    pub conns_per_peer: Option<usize>,
-    pub chunk_bytes: Option<usize>,
-    pub window: Option<usize>,
-    pub io_timeout_ms: Option<u64>,
-    pub connect_timeout_ms: Option<u64>,
-    pub handshake_timeout_ms: Option<u64>,
-    pub socket_buffer: Option<usize>,
-    pub accept_pushes: Option<bool>,
-    pub max_conns: Option<usize>,
-    pub max_conns_per_ip: Option<usize>,
-    pub idle_timeout_ms: Option<u64>,
-    pub frame_memory: Option<usize>,
-}
-
-impl TcpSection {
-    /// Listens on `addr` (`host:port`), unless the document named an address.
-    pub fn listen_unless_set(&mut self, addr: impl Into<String>) -> &mut TcpSection {
-        self.listen.get_or_insert_with(|| addr.into());
-        self
-    }
-
-    /// Listens on `addr` when it is given, in place of the document's address.
-    pub fn listen_on(&mut self, addr: Option<String>) -> &mut TcpSection {
-        if addr.is_some() {
-            self.listen = addr;
-        }
-        self
-    }
-
-    /// Accepts pushes (`accept_pushes = accept`) unless the document said otherwise.
-    pub fn accept_pushes_unless_set(&mut self, accept: bool) -> &mut TcpSection {
-        self.accept_pushes.get_or_insert(accept);
-        self
-    }
+    /// Whether the document wrote `accept_pushes` in `[tcp]`.
+    #[serde(skip)]
+    accept_pushes_written: bool,
 }
 
 /// `[auth]`.
@@ -315,8 +276,13 @@ const ALL: [&str; 9] = [
 impl Config {
     /// Parses a TOML document.
     pub fn from_toml(text: &str) -> Result<Config> {
-        let cfg: Config = toml::from_str(text)
-            .map_err(|e| Error::InvalidArgument(format!("config: {}", e.message())))?;
+        let bad = |e: toml::de::Error| Error::InvalidArgument(format!("config: {}", e.message()));
+        let mut cfg: Config = toml::from_str(text).map_err(bad)?;
+        let raw: toml::Table = toml::from_str(text).map_err(bad)?;
+        cfg.accept_pushes_written = raw
+            .get("tcp")
+            .and_then(|t| t.get("accept_pushes"))
+            .is_some();
         let tcp = cfg.tcp_config()?;
         tcp.check()?;
         if cfg.tls.mode.is_some() {
@@ -367,27 +333,21 @@ impl Config {
         .with_tls(self.tls.settings().unwrap_or_default())
     }
 
-    /// The `tcp` backend's settings.
+    /// The `tcp` backend's settings: `[tcp]`, with `auth` from `[auth]` and `[tls]`.
     pub fn tcp_config(&self) -> Result<TcpConfig> {
-        let t = &self.tcp;
-        let d = TcpConfig::default();
-        let ms = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_millis);
         Ok(TcpConfig {
-            listen: t.listen.as_deref().map(parse_listen).transpose()?,
-            conns_per_peer: t.conns_per_peer.unwrap_or(d.conns_per_peer),
-            chunk_bytes: t.chunk_bytes.unwrap_or(d.chunk_bytes),
-            window: t.window.unwrap_or(d.window),
-            io_timeout: ms(t.io_timeout_ms, d.io_timeout),
-            connect_timeout: ms(t.connect_timeout_ms, d.connect_timeout),
-            handshake_timeout: ms(t.handshake_timeout_ms, d.handshake_timeout),
-            socket_buffer: t.socket_buffer.unwrap_or(d.socket_buffer),
             auth: self.auth().with_tls(self.tls.settings()?),
-            accept_pushes: t.accept_pushes.unwrap_or(d.accept_pushes),
-            max_conns: t.max_conns.unwrap_or(d.max_conns),
-            max_conns_per_ip: t.max_conns_per_ip.unwrap_or(d.max_conns_per_ip),
-            idle_timeout: ms(t.idle_timeout_ms, d.idle_timeout),
-            frame_memory: t.frame_memory.unwrap_or(d.frame_memory),
+            ..self.tcp.clone()
         })
+    }
+
+    /// Makes the `tcp` listener accept pushed metadata (`accept_pushes = accept`), unless the
+    /// document wrote `accept_pushes` in `[tcp]` itself.
+    pub fn accept_pushes_unless_set(&mut self, accept: bool) -> &mut Config {
+        if !self.accept_pushes_written {
+            self.tcp.accept_pushes = accept;
+        }
+        self
     }
 
     /// The `shm` backend's settings.
@@ -499,6 +459,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn full_document_parses() {
@@ -546,6 +507,53 @@ mod tests {
             vec![(7, "w/layer-7".into())]
         );
         assert!(!format!("{c:?}").contains("hidden-one"));
+    }
+
+    #[test]
+    fn tcp_helpers_fill_in_only_what_the_document_left_unset() {
+        let any: std::net::SocketAddr = "0.0.0.0:7000".parse().unwrap();
+        let mut c = Config::from_toml("").unwrap();
+        c.tcp.listen_unless_set(any);
+        c.accept_pushes_unless_set(true);
+        let t = c.tcp_config().unwrap();
+        assert_eq!(t.listen, Some(any));
+        assert!(t.accept_pushes);
+        let mut c =
+            Config::from_toml("[tcp]\nlisten = \"127.0.0.1:0\"\naccept_pushes = false").unwrap();
+        c.tcp.listen_unless_set(any);
+        c.accept_pushes_unless_set(true);
+        let t = c.tcp_config().unwrap();
+        assert_eq!(t.listen, Some("127.0.0.1:0".parse().unwrap()));
+        assert!(!t.accept_pushes, "the document's false stands");
+        c.tcp.listen_on(Some(any));
+        assert_eq!(c.tcp.listen, Some(any));
+        c.tcp.listen_on(None);
+        assert_eq!(c.tcp.listen, Some(any));
+        let e = Config::from_toml("[tcp]\nlisten = \"nope\"").unwrap_err();
+        assert!(e.to_string().contains("tcp listen address \"nope\""), "{e}");
+    }
+
+    #[test]
+    fn each_backend_states_its_own_preference_in_the_documented_order() {
+        let c = Config::from_toml(
+            "backends = [\"tcp\", \"object\", \"posix\", \"uring\", \"rdma\", \"shm\", \"gds\", \
+             \"cuda\", \"local\"]\n[auth]\nsecret = \"x\"",
+        )
+        .unwrap();
+        let mut built: Vec<(u8, nixl_core::BackendName)> = c
+            .backends()
+            .unwrap()
+            .iter()
+            .map(|b| (b.caps().preference, b.name()))
+            .collect();
+        built.sort();
+        let order: Vec<&str> = built.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            order,
+            ["local", "cuda", "gds", "shm", "rdma", "uring", "posix", "object", "tcp"]
+        );
+        let prefs: Vec<u8> = built.iter().map(|(p, _)| *p).collect();
+        assert_eq!(prefs, (0..9).collect::<Vec<u8>>(), "one preference each");
     }
 
     #[test]
@@ -602,6 +610,12 @@ mod tests {
             "[rdma]\nconnect_timeout = 5",
             "[cuda]\nop_timeout = 5",
             "[shm]\nop_timeout = 5",
+            "[tcp]\nio_timeout = 5",
+            "[tcp]\nconnect_timeout = 5",
+            "[tcp]\nhandshake_timeout = 5",
+            "[tcp]\nidle_timeout = 5",
+            "[tcp]\nauth = \"x\"",
+            "[tcp]\nlisten = \"not an address\"",
             "[shm]\ncopy_threads = 2",
             "[object]\nrequest_timeout = 5",
             "[object]\nuse_env = false",

@@ -17,7 +17,7 @@ use std::sync::{Arc, LazyLock};
 use nixl_core::region::{enter_all, leave_all, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, Region, Registered, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::Mutex;
 
@@ -87,15 +87,10 @@ impl Backend for LocalBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: DRAM,
-            remote_kinds: DRAM,
-            notifications: true,
-            locality: Locality::SameProcess,
-        }
+        Caps::new(DRAM, Locality::SameProcess, 0)
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         Ok(())
     }
 
@@ -114,9 +109,9 @@ impl Backend for LocalBackend {
         Ok(Vec::new())
     }
 
-    fn deregister(&self, _region: &Region) {}
+    fn deregister(&self, _region: Registered<'_>) {}
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         let (token, _) = decode_info(conn_info)?;
         if token == *PROCESS_TOKEN {
             Ok(())

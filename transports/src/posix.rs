@@ -26,7 +26,9 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use nixl_core::{BackendName, Desc, Error, MemKind, Region, Result, XferOp, XferPlan};
+use nixl_core::{
+    BackendName, Desc, Error, MemKind, Registered, Result, Unusable, XferOp, XferPlan,
+};
 
 pub use crate::files::MAX_IOV;
 use crate::files::{check_storage_region, FileBackend, FileEngine, IoOp, Post, Workers};
@@ -86,6 +88,7 @@ impl FileEngine for PosixEngine {
     type Resolved = ();
     const NAME: BackendName = BackendName::Posix;
     const LOCAL_KINDS: &'static [MemKind] = &[MemKind::Dram, MemKind::File, MemKind::Block];
+    const PREFERENCE: u8 = 6;
     const REMOTE_KINDS: &'static [MemKind] = &[MemKind::File, MemKind::Block];
     const MEM: MemKind = MemKind::Dram;
 
@@ -93,7 +96,7 @@ impl FileEngine for PosixEngine {
         self.cfg.max_io_bytes
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         if self.cfg.threads == 0 {
             return Err("[posix] threads is 0".into());
         }
@@ -118,7 +121,7 @@ impl FileEngine for PosixEngine {
         check_storage_region(kind, desc)
     }
 
-    fn deregister(&self, _run: &Pool, _region: &Region) {}
+    fn deregister(&self, _run: &Pool, _region: Registered<'_>) {}
 
     fn resolve(_run: &Pool, _plan: &XferPlan, _ops: &[IoOp]) -> Result<()> {
         Ok(())

@@ -107,7 +107,7 @@ fn round_trip(
 #[test]
 fn without_the_libraries_gds_says_why() {
     let b = GdsBackend::new(GdsConfig::default());
-    match b.probe() {
+    match b.probe().map_err(|e| e.to_string()) {
         Ok(()) => nixl_testkit::skip("gds can run here", true, &[]),
         Err(why) => assert!(
             why.contains("CUDA driver") || why.contains("libcufile"),

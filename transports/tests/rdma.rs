@@ -92,7 +92,7 @@ fn probe_names_a_missing_library() {
         Loopback::new("rdma-probe-missing"),
         "libibverbs-nixl-missing.so.1",
     );
-    let e = b.probe().unwrap_err();
+    let e = b.probe().unwrap_err().to_string();
     assert!(
         e.starts_with("libibverbs-nixl-missing.so.1 not found: "),
         "{e}"
@@ -105,7 +105,7 @@ fn probe_names_a_missing_library() {
 #[test]
 fn probe_with_the_real_library() {
     let b = RdmaBackend::new(RdmaConfig::default(), Loopback::new("rdma-probe-real"));
-    match b.probe() {
+    match b.probe().map_err(|e| e.to_string()) {
         Err(e) if e.starts_with("libibverbs.so.1 not found") => {
             nixl_testkit::skip(&e, true, &[]);
         }
@@ -119,7 +119,7 @@ fn probe_with_the_real_library() {
                 ..Default::default()
             };
             let b = RdmaBackend::new(cfg, Loopback::new("rdma-probe-absent"));
-            let e = b.probe().unwrap_err();
+            let e = b.probe().unwrap_err().to_string();
             assert!(
                 e.starts_with("configured RDMA device 'nixl_absent_0' is not present"),
                 "{e}"

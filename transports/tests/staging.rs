@@ -117,14 +117,9 @@ impl Backend for StandInGpu {
         BackendName::Cuda
     }
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: VRAM,
-            remote_kinds: VRAM,
-            notifications: false,
-            locality: Locality::SameNode,
-        }
+        Caps::new(VRAM, Locality::SameNode, 1).without_notifications()
     }
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         Ok(())
     }
     fn start(&self, _target: TargetHandle) -> Result<()> {
@@ -136,8 +131,8 @@ impl Backend for StandInGpu {
     fn register(&self, _kind: MemKind, _desc: &Desc) -> Result<Vec<u8>> {
         Ok(Vec::new())
     }
-    fn deregister(&self, _region: &Region) {}
-    fn can_reach(&self, _conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn deregister(&self, _region: Registered<'_>) {}
+    fn can_reach(&self, _conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         Err("the stand-in device reaches no peer".into())
     }
     fn connect(&self, _peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {

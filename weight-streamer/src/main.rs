@@ -184,7 +184,13 @@ fn agent(
     {
         b.push("object".into());
     }
-    cfg.tcp.listen_on(listen);
+    cfg.tcp.listen_on(
+        listen
+            .as_deref()
+            .map(nixl_transports::tcp::parse_listen)
+            .transpose()
+            .map_err(|e| Error::core("--listen", e))?,
+    );
     let tcp = Arc::new(TcpBackend::new(
         cfg.tcp_config()
             .map_err(|e| Error::core("config [tcp]", e))?,

@@ -195,7 +195,7 @@ use ipc::{
 };
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, Registered, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::Mutex;
 
@@ -402,16 +402,11 @@ impl Backend for CudaBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: VRAM,
-            remote_kinds: VRAM,
-            notifications: true,
-            locality: Locality::SameNode,
-        }
+        Caps::new(VRAM, Locality::SameNode, 1)
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
-        driver::driver().map(|_| ())
+    fn probe(&self) -> std::result::Result<(), Unusable> {
+        driver::driver().map(|_| ()).map_err(Unusable::Reason)
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
@@ -460,7 +455,7 @@ impl Backend for CudaBackend {
         self.inner.register_vram(desc)
     }
 
-    fn deregister(&self, region: &Region) {
+    fn deregister(&self, region: Registered<'_>) {
         let d = region.desc;
         // Peers that imported the region give their mappings up first (bounded; see `ipc`), so
         // the caller may free legacy memory once this returns.
@@ -507,10 +502,11 @@ impl Backend for CudaBackend {
         self.inner.regs.lock().remove(&(d.dev_id, d.addr, d.len));
     }
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         let peer = ConnInfo::decode(conn_info)?;
         peer.route_from(&self.inner.our_conn_info(""), self.inner.cfg.allow_fabric)
             .map(|_| ())
+            .map_err(Unusable::Reason)
     }
 
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {

@@ -189,6 +189,7 @@ fn unavailable_without_a_driver_and_reachability() {
     match b.probe() {
         Ok(()) => eprintln!("SKIP: unavailable_without_a_driver_and_reachability (driver part): a CUDA driver is present"),
         Err(reason) => {
+            let reason = reason.to_string();
             assert!(reason.starts_with("libcuda.so.1 not found: "), "{reason}");
             let e = b
                 .register(MemKind::Vram, &Desc::new(0x1000, 10, 0))
@@ -209,7 +210,7 @@ fn unavailable_without_a_driver_and_reachability() {
     assert!(b.can_reach(&ours.encode()).is_ok());
     let mut other = ours.clone();
     other.boot_id = "another-node".into();
-    let e = b.can_reach(&other.encode()).unwrap_err();
+    let e = b.can_reach(&other.encode()).unwrap_err().to_string();
     assert!(e.starts_with("different node"), "{e}");
     if b.probe().is_err() {
         // No driver: no domain here, and the reason says why.
@@ -218,6 +219,7 @@ fn unavailable_without_a_driver_and_reachability() {
     assert!(b
         .can_reach(b"garbage")
         .unwrap_err()
+        .to_string()
         .contains("bad cuda connection info"));
     let info = b.conn_info();
     let d = ConnInfo::decode(&info).unwrap();
@@ -361,13 +363,13 @@ fn fabric_reach_connect_and_prepare_refusals() {
     assert!(published.fabric);
     let mut other = peer.clone();
     other.devices[0].domain = domain(8);
-    let e = b.can_reach(&other.encode()).unwrap_err();
+    let e = b.can_reach(&other.encode()).unwrap_err().to_string();
     assert!(e.contains("no common NVLink domain"), "{e}");
     let mut same = peer.clone();
     same.boot_id = "node-a".into();
     assert_eq!(b.can_reach(&same.encode()), Ok(()));
     let (nb, npeer, _l) = fabric_pair("nofabric", false, domain(7));
-    let e = nb.can_reach(&npeer.encode()).unwrap_err();
+    let e = nb.can_reach(&npeer.encode()).unwrap_err().to_string();
     assert!(e.contains("fabric is not allowed here"), "{e}");
     assert!(!ConnInfo::decode(&nb.conn_info()).unwrap().fabric);
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, Region, Registered, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::Mutex;
 
@@ -30,19 +30,21 @@ pub(crate) trait FileEngine: fmt::Debug + Send + Sync + 'static {
     const LOCAL_KINDS: &'static [MemKind];
     /// Memory kinds it reaches (files, block devices).
     const REMOTE_KINDS: &'static [MemKind];
+    /// Its [`Caps::preference`].
+    const PREFERENCE: u8;
     /// The memory it moves to and from files.
     const MEM: MemKind;
 
     /// Largest single operation.
     fn max_io(&self) -> usize;
     /// Why the engine cannot run here, if it cannot.
-    fn probe(&self) -> std::result::Result<(), String>;
+    fn probe(&self) -> std::result::Result<(), Unusable>;
     /// Starts the engine.
     fn start(&self) -> Result<Self::Running>;
     /// Checks and records a registration (`run` is `None` before start).
     fn register(&self, run: Option<&Self::Running>, kind: MemKind, desc: &Desc) -> Result<()>;
     /// Forgets a registration.
-    fn deregister(&self, run: &Self::Running, region: &Region);
+    fn deregister(&self, run: &Self::Running, region: Registered<'_>);
     /// Resolves what the request needs besides its operations.
     fn resolve(run: &Self::Running, plan: &XferPlan, ops: &[IoOp]) -> Result<Self::Resolved>;
     /// Set when the engine stops: operations not yet started end their requests Cancelled.
@@ -94,15 +96,12 @@ impl<E: FileEngine> Backend for FileBackend<E> {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: E::LOCAL_KINDS,
-            remote_kinds: E::REMOTE_KINDS,
-            notifications: false,
-            locality: Locality::SameProcess,
-        }
+        Caps::new(E::LOCAL_KINDS, Locality::SameProcess, E::PREFERENCE)
+            .remote(E::REMOTE_KINDS)
+            .without_notifications()
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         self.engine.probe()
     }
 
@@ -122,13 +121,13 @@ impl<E: FileEngine> Backend for FileBackend<E> {
         Ok(Vec::new())
     }
 
-    fn deregister(&self, region: &Region) {
+    fn deregister(&self, region: Registered<'_>) {
         if let Some(run) = self.running() {
             self.engine.deregister(&run, region);
         }
     }
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         self.own.can_reach(conn_info, "files")
     }
 

@@ -21,7 +21,7 @@ pub use ops::MAX_IOV;
 pub(crate) use ops::{IoOp, Post};
 pub(crate) use workers::Workers;
 
-use nixl_core::{BackendName, Error, PeerInfo, Result, TargetHandle};
+use nixl_core::{BackendName, Error, PeerInfo, Result, TargetHandle, Unusable};
 use parking_lot::Mutex;
 
 /// The agent a storage backend (`uring`, `posix`, `object`) serves: storage is reached only by
@@ -50,13 +50,13 @@ impl OwnAgent {
     }
 
     /// Only the agent itself is reachable.
-    pub fn can_reach(&self, conn_info: &[u8], what: &str) -> std::result::Result<(), String> {
+    pub fn can_reach(&self, conn_info: &[u8], what: &str) -> std::result::Result<(), Unusable> {
         if conn_info == self.conn_info().as_slice() {
             Ok(())
         } else {
-            Err(format!(
+            Err(Unusable::Reason(format!(
                 "{what} are reached by their own agent only (name the agent itself as the remote)"
-            ))
+            )))
         }
     }
 

@@ -49,7 +49,9 @@ use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use nixl_core::{BackendName, Desc, Error, MemKind, Region, Result, XferOp, XferPlan};
+use nixl_core::{
+    BackendName, Desc, Error, MemKind, Registered, Result, Unusable, XferOp, XferPlan,
+};
 use parking_lot::Mutex;
 
 use crate::cuda::driver::{self, DeviceCtx};
@@ -180,6 +182,7 @@ impl FileEngine for GdsEngine {
     type Resolved = Resolved;
     const NAME: BackendName = BackendName::Gds;
     const LOCAL_KINDS: &'static [MemKind] = &[MemKind::Vram, MemKind::File];
+    const PREFERENCE: u8 = 2;
     const REMOTE_KINDS: &'static [MemKind] = &[MemKind::File];
     const MEM: MemKind = MemKind::Vram;
 
@@ -187,7 +190,7 @@ impl FileEngine for GdsEngine {
         self.cfg.max_io_bytes
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         if !self.cfg.enabled {
             return Err("turned off by configuration ([gds] enabled = false)".into());
         }
@@ -196,7 +199,7 @@ impl FileEngine for GdsEngine {
         }
         probe_all()?;
         match compat_refusal(nvidia_fs_loaded(), self.cfg.allow_compat_mode) {
-            Some(why) => Err(why),
+            Some(why) => Err(Unusable::Reason(why)),
             None => Ok(()),
         }
     }
@@ -269,7 +272,7 @@ impl FileEngine for GdsEngine {
         Ok(())
     }
 
-    fn deregister(&self, run: &Running, region: &Region) {
+    fn deregister(&self, run: &Running, region: Registered<'_>) {
         let mut t = run.tables.lock();
         match region.kind {
             MemKind::File => {
@@ -540,6 +543,7 @@ mod tests {
         );
         // This host: the CUDA driver (or libcufile) is missing, and the backend says which.
         if let Err(why) = GdsBackend::new(GdsConfig::default()).probe() {
+            let why = why.to_string();
             assert!(
                 why.contains("CUDA driver") || why.contains("libcufile"),
                 "{why}"
@@ -549,7 +553,11 @@ mod tests {
             enabled: false,
             ..GdsConfig::default()
         });
-        assert!(off.probe().unwrap_err().contains("enabled = false"));
+        assert!(off
+            .probe()
+            .unwrap_err()
+            .to_string()
+            .contains("enabled = false"));
     }
 
     #[test]

@@ -94,7 +94,7 @@ use hyper::{Method, StatusCode};
 use nixl_core::region::{enter_all, leave_all, Ticket};
 use nixl_core::{
     Agent, Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind,
-    PeerInfo, PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
+    PeerInfo, PreparedXfer, Region, Registered, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
@@ -477,20 +477,17 @@ impl Backend for ObjectBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: KINDS,
-            remote_kinds: OBJECT,
-            notifications: false,
-            locality: Locality::SameProcess,
-        }
+        Caps::new(KINDS, Locality::SameProcess, 7)
+            .remote(OBJECT)
+            .without_notifications()
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         self.inner
             .settings
             .as_ref()
             .map(|_| ())
-            .map_err(Clone::clone)
+            .map_err(|r| Unusable::Reason(r.clone()))
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
@@ -549,9 +546,9 @@ impl Backend for ObjectBackend {
         Ok(Vec::new())
     }
 
-    fn deregister(&self, _region: &Region) {}
+    fn deregister(&self, _region: Registered<'_>) {}
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         self.inner.own.can_reach(conn_info, "objects")
     }
 

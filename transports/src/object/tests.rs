@@ -43,7 +43,7 @@ fn unconfigured_is_unavailable_and_secrets_stay_hidden() {
         use_env: false,
         ..ObjectConfig::default()
     });
-    assert_eq!(b.probe().unwrap_err(), UNCONFIGURED);
+    assert_eq!(b.probe().unwrap_err().to_string(), UNCONFIGURED);
     // A bucket alone means AWS S3 itself, over https (trusting the CA file here, so that
     // the test does not depend on this host's CA store).
     let dir = std::env::temp_dir().join(format!("nixl-object-cfg-{}", std::process::id()));
@@ -70,7 +70,7 @@ fn unconfigured_is_unavailable_and_secrets_stay_hidden() {
         ca_file: Some(dir.join("nope.pem")),
         ..aws.clone()
     });
-    let e = b.probe().unwrap_err();
+    let e = b.probe().unwrap_err().to_string();
     assert!(
         e.contains("[object] ca_file") && e.contains("nope.pem"),
         "{e}"
@@ -81,14 +81,14 @@ fn unconfigured_is_unavailable_and_secrets_stay_hidden() {
         endpoint: Some("https://10.0.0.1:9000".into()),
         ..aws.clone()
     });
-    let e = b.probe().unwrap_err();
+    let e = b.probe().unwrap_err().to_string();
     assert!(e.contains("virtual_host") && e.contains("10.0.0.1"), "{e}");
     let b = ObjectBackend::new(ObjectConfig {
         virtual_host: true,
         bucket: Some("Not_A_Host".into()),
         ..aws.clone()
     });
-    let e = b.probe().unwrap_err();
+    let e = b.probe().unwrap_err().to_string();
     assert!(e.contains("Not_A_Host") && e.contains("host name"), "{e}");
     let b = ObjectBackend::new(ObjectConfig {
         virtual_host: true,

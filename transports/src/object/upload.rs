@@ -9,29 +9,32 @@ pub(super) struct Upload {
     pub(super) etags: Mutex<Vec<Option<String>>>,
 }
 
+/// What every task of one write shares: the post, the run's handles, the objects and their
+/// uploads (cloned once per task).
+#[derive(Clone)]
+struct Shared {
+    p: Arc<Post>,
+    r: Run,
+    o: Arc<[WriteObj]>,
+    u: Arc<[Upload]>,
+}
+
 pub(super) async fn write(post: &Arc<Post>, run: &Run, objs: &Arc<[WriteObj]>) {
     let multi: Arc<[usize]> = (0..objs.len()).filter(|&i| objs[i].parts > 0).collect();
     let uploads: Arc<[Upload]> = objs.iter().map(|_| Upload::default()).collect();
+    let shared = Shared {
+        p: Arc::clone(post),
+        r: run.clone(),
+        o: Arc::clone(objs),
+        u: Arc::clone(&uploads),
+    };
 
     // 1. Start the multipart uploads.
     {
-        let (p, r, o, m, u) = (
-            Arc::clone(post),
-            run.clone(),
-            Arc::clone(objs),
-            Arc::clone(&multi),
-            Arc::clone(&uploads),
-        );
+        let (sh, m) = (shared.clone(), Arc::clone(&multi));
         parallel(post, multi.len(), run.conc, move |i| {
-            let (p, r, o, m, u) = (
-                Arc::clone(&p),
-                r.clone(),
-                Arc::clone(&o),
-                Arc::clone(&m),
-                Arc::clone(&u),
-            );
+            let (Shared { p, r, o, u }, k) = (sh.clone(), m[i]);
             async move {
-                let k = m[i];
                 let name = &o[k].name;
                 let what = || format!("POST {name}?uploads");
                 p.guarded(r.timeout, what, async {
@@ -69,50 +72,20 @@ pub(super) async fn write(post: &Arc<Post>, run: &Run, objs: &Arc<[WriteObj]>) {
             }
         }
         let jobs: Arc<[(usize, u64)]> = jobs.into();
-        let (p, r, o, u, j) = (
-            Arc::clone(post),
-            run.clone(),
-            Arc::clone(objs),
-            Arc::clone(&uploads),
-            Arc::clone(&jobs),
-        );
+        let (sh, j) = (shared.clone(), Arc::clone(&jobs));
         parallel(post, jobs.len(), run.conc, move |i| {
-            let (p, r, o, u, j) = (
-                Arc::clone(&p),
-                r.clone(),
-                Arc::clone(&o),
-                Arc::clone(&u),
-                Arc::clone(&j),
-            );
-            async move {
-                let (k, part) = j[i];
-                put_one(&p, &r, &o[k], &u[k], part).await
-            }
+            let (Shared { p, r, o, u }, (k, part)) = (sh.clone(), j[i]);
+            async move { put_one(&p, &r, &o[k], &u[k], part).await }
         })
         .await;
     }
 
     // 3. Complete the uploads.
     if !post.first_error() {
-        let (p, r, o, m, u) = (
-            Arc::clone(post),
-            run.clone(),
-            Arc::clone(objs),
-            Arc::clone(&multi),
-            Arc::clone(&uploads),
-        );
+        let (sh, m) = (shared, Arc::clone(&multi));
         parallel(post, multi.len(), run.conc, move |i| {
-            let (p, r, o, m, u) = (
-                Arc::clone(&p),
-                r.clone(),
-                Arc::clone(&o),
-                Arc::clone(&m),
-                Arc::clone(&u),
-            );
-            async move {
-                let k = m[i];
-                complete_upload(&p, &r, &o[k], &u[k]).await
-            }
+            let (Shared { p, r, o, u }, k) = (sh.clone(), m[i]);
+            async move { complete_upload(&p, &r, &o[k], &u[k]).await }
         })
         .await;
     }

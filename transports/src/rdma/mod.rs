@@ -93,7 +93,7 @@ use std::time::{Duration, Instant};
 
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, Result, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, Registered, Result, TargetHandle, Unusable, XferOp, XferPlan,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -682,12 +682,12 @@ impl RdmaBackend {
         verbs: &Arc<Verbs>,
         idx: u8,
         name: &str,
-    ) -> std::result::Result<Nic, String> {
-        let ctx = verbs.open(name).map_err(|e| e.to_string())?;
-        let dev = ctx.query_device().map_err(|e| e.to_string())?;
+    ) -> std::result::Result<Nic, Unusable> {
+        let ctx = verbs.open(name).map_err(Unusable::from_error)?;
+        let dev = ctx.query_device().map_err(Unusable::from_error)?;
         let mut found = None;
         for port in 1..=dev.phys_port_cnt {
-            let a = ctx.query_port(port).map_err(|e| e.to_string())?;
+            let a = ctx.query_port(port).map_err(Unusable::from_error)?;
             if a.state == verbs::PORT_ACTIVE {
                 found = Some((port, a));
                 break;
@@ -706,13 +706,15 @@ impl RdmaBackend {
             }
             _ => 0,
         };
-        let gid = ctx.query_gid(port, sgid_index).map_err(|e| e.to_string())?;
-        let pd = ctx.alloc_pd().map_err(|e| e.to_string())?;
+        let gid = ctx
+            .query_gid(port, sgid_index)
+            .map_err(Unusable::from_error)?;
+        let pd = ctx.alloc_pd().map_err(Unusable::from_error)?;
         let depth = self
             .cfg
             .cq_depth
             .min(u32::try_from(dev.max_cqe).unwrap_or(u32::MAX));
-        let cq = ctx.create_cq(depth).map_err(|e| e.to_string())?;
+        let cq = ctx.create_cq(depth).map_err(Unusable::from_error)?;
         Ok(Nic {
             idx,
             name: name.to_owned(),
@@ -738,8 +740,9 @@ impl RdmaBackend {
 
     /// The NICs (by name) that topology picks for memory at `loc` (for diagnostics and
     /// VRAM): the configured override, or all usable NICs at the best PCIe/NUMA distance.
-    pub fn nics_for(&self, loc: &topo::MemLocation) -> std::result::Result<Vec<String>, String> {
-        let nics = topo::scan(&self.cfg.sysfs).map_err(|e| e.to_string())?;
+    pub fn nics_for(&self, loc: &topo::MemLocation) -> std::result::Result<Vec<String>, Unusable> {
+        let nics = topo::scan(&self.cfg.sysfs)
+            .map_err(|e| Unusable::failed(format!("reading {}", self.cfg.sysfs.display()), e))?;
         let over = topo::NicOverride {
             devices: self.cfg.devices.clone(),
             per_gpu: self
@@ -749,7 +752,7 @@ impl RdmaBackend {
                 .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
                 .collect(),
         };
-        topo::select(&self.cfg.sysfs, &nics, loc, &over)
+        topo::select(&self.cfg.sysfs, &nics, loc, &over).map_err(Unusable::Reason)
     }
 }
 
@@ -759,18 +762,15 @@ impl Backend for RdmaBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: KINDS,
-            remote_kinds: KINDS,
-            notifications: true,
-            locality: Locality::AnyNode,
-        }
+        Caps::new(KINDS, Locality::AnyNode, 4)
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         self.cfg.check()?;
         let verbs = self.verbs()?;
-        self.device_names(&verbs).map(|_| ())
+        self.device_names(&verbs)
+            .map(|_| ())
+            .map_err(Unusable::Reason)
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
@@ -867,7 +867,7 @@ impl Backend for RdmaBackend {
         Ok(keys.encode())
     }
 
-    fn deregister(&self, region: &Region) {
+    fn deregister(&self, region: Registered<'_>) {
         if let Some(st) = self.state.get() {
             let k = (
                 region.kind.code(),
@@ -880,8 +880,8 @@ impl Backend for RdmaBackend {
         }
     }
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
-        let st = self.state().map_err(|e| e.to_string())?;
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
+        let st = self.state().map_err(Unusable::from_error)?;
         let ci =
             ConnInfo::decode(conn_info).map_err(|e| format!("bad rdma connection info: {e}"))?;
         if ci.endpoint.is_empty() {

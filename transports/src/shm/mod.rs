@@ -110,7 +110,8 @@ use nixl_core::codec::Reader;
 use nixl_core::region::{enter_all, leave_all, AccessGate, Ticket};
 use nixl_core::{
     Backend, BackendName, Caps, Completion, Connection, Desc, Error, Locality, MemKind, PeerInfo,
-    PreparedXfer, Region, RegionAccess, Result, Run, Runs, TargetHandle, XferOp, XferPlan,
+    PreparedXfer, RegionAccess, Registered, Result, Run, Runs, TargetHandle, Unusable, XferOp,
+    XferPlan,
 };
 use parking_lot::{Condvar, Mutex};
 use serve::*;
@@ -238,18 +239,14 @@ impl Backend for ShmBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: DRAM,
-            remote_kinds: DRAM,
-            notifications: true,
-            locality: Locality::SameNode,
-        }
+        Caps::new(DRAM, Locality::SameNode, 3)
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         sys::probe_cma().map_err(|e| {
-            format!(
-                "process_vm_readv does not work here ({e}); seccomp or a container may block it"
+            Unusable::failed(
+                "process_vm_readv does not work here (seccomp or a container may block it)",
+                e,
             )
         })
     }
@@ -295,18 +292,15 @@ impl Backend for ShmBackend {
         })
     }
 
-    fn deregister(&self, region: &Region) {
-        let mappable = region
-            .backend_public(BackendName::Shm)
-            .and_then(parse_public)
-            .is_some();
+    fn deregister(&self, region: Registered<'_>) {
+        let mappable = parse_public(region.public).is_some();
         if mappable {
             self.inner.revoke(region.key);
         }
         self.inner.revoke_grants(region.key);
     }
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
         let peer = ConnInfo::decode(conn_info)?;
         let ours = ConnInfo::ours("");
         if peer.boot_id != ours.boot_id {
@@ -314,7 +308,7 @@ impl Backend for ShmBackend {
         } else if peer.pid_ns != ours.pid_ns {
             Err("peer is in another pid namespace".into())
         } else if peer.uid != ours.uid {
-            Err(format!("peer runs as uid {}, we as {}", peer.uid, ours.uid))
+            Err(format!("peer runs as uid {}, we as {}", peer.uid, ours.uid).into())
         } else {
             Ok(())
         }

@@ -26,10 +26,15 @@ fn reach_rules() {
     assert!(be
         .can_reach(&i.encode())
         .unwrap_err()
+        .to_string()
         .contains("another node"));
     let mut i = ConnInfo::ours("/x");
     i.uid += 1;
-    assert!(be.can_reach(&i.encode()).unwrap_err().contains("uid"));
+    assert!(be
+        .can_reach(&i.encode())
+        .unwrap_err()
+        .to_string()
+        .contains("uid"));
 }
 
 #[test]

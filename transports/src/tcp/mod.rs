@@ -84,8 +84,8 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use nixl_core::{
-    Backend, BackendName, Caps, Connection, Desc, Error, Locality, MemKind, PeerInfo, Region,
-    Result, TargetHandle,
+    Backend, BackendName, Caps, Connection, Desc, Error, Locality, MemKind, PeerInfo, Registered,
+    Result, TargetHandle, Unusable,
 };
 use parking_lot::Mutex;
 
@@ -97,10 +97,14 @@ use server::Server;
 
 use crate::control::{ControlChannel, ControlService, Services};
 
-/// Settings of the `tcp` backend.
-#[derive(Clone, Debug)]
+/// Settings of the `tcp` backend: the `[tcp]` section of the agent's configuration, keys as the
+/// fields except the durations (`io_timeout_ms`, `connect_timeout_ms`, `handshake_timeout_ms`,
+/// `idle_timeout_ms`); `auth` comes from `[auth]` and `[tls]` instead.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TcpConfig {
     /// Where to listen; `None` is the host's first non-loopback address with a free port.
+    #[serde(deserialize_with = "de_listen")]
     pub listen: Option<SocketAddr>,
     /// Connections per peer.
     pub conns_per_peer: usize,
@@ -109,15 +113,28 @@ pub struct TcpConfig {
     /// Most unanswered chunks per connection.
     pub window: usize,
     /// How long a connection with work outstanding may move no byte before it is dropped.
+    #[serde(
+        rename = "io_timeout_ms",
+        deserialize_with = "crate::config::de::millis"
+    )]
     pub io_timeout: Duration,
     /// How long connecting and authenticating may take (in all, at the initiator).
+    #[serde(
+        rename = "connect_timeout_ms",
+        deserialize_with = "crate::config::de::millis"
+    )]
     pub connect_timeout: Duration,
     /// How long a listener gives an accepted connection to finish its whole handshake (TLS, the
     /// proofs, and the OPEN frame); past it the connection is dropped, however the peer trickles.
+    #[serde(
+        rename = "handshake_timeout_ms",
+        deserialize_with = "crate::config::de::millis"
+    )]
     pub handshake_timeout: Duration,
     /// Socket send and receive buffer sizes asked of the kernel.
     pub socket_buffer: usize,
-    /// How connections authenticate.
+    /// How connections authenticate (from `[auth]` and `[tls]`).
+    #[serde(skip)]
     pub auth: Auth,
     /// Whether the listener loads metadata that peers push ([`push_metadata`]); even then only
     /// an agent's own, under the name and instance its connection proved. Off by default.
@@ -129,6 +146,10 @@ pub struct TcpConfig {
     pub max_conns_per_ip: usize,
     /// How long an opened connection may sit between frames before the listener closes it
     /// (initiators reconnect on their next post).
+    #[serde(
+        rename = "idle_timeout_ms",
+        deserialize_with = "crate::config::de::millis"
+    )]
     pub idle_timeout: Duration,
     /// Bytes the listener may buffer at once for frame bodies over 64 KiB (metadata pushes,
     /// control requests, large notifications), over all its connections.
@@ -156,7 +177,31 @@ impl Default for TcpConfig {
     }
 }
 
+/// `listen = "ADDR:PORT"` in `[tcp]`.
+fn de_listen<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<SocketAddr>, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    listen_addr(&s)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("tcp listen address {s:?}: {e}")))
+}
+
 impl TcpConfig {
+    /// Listens on `addr`, unless the configuration named an address.
+    pub fn listen_unless_set(&mut self, addr: SocketAddr) -> &mut TcpConfig {
+        self.listen.get_or_insert(addr);
+        self
+    }
+
+    /// Listens on `addr` when it is given, in place of the configuration's address.
+    pub fn listen_on(&mut self, addr: Option<SocketAddr>) -> &mut TcpConfig {
+        if addr.is_some() {
+            self.listen = addr;
+        }
+        self
+    }
+
     pub(crate) fn check(&self) -> Result<()> {
         let bad = |what: String| Err(Error::InvalidArgument(format!("tcp config: {what}")));
         if !(1..=64).contains(&self.conns_per_peer) {
@@ -204,13 +249,17 @@ impl TcpConfig {
 
 /// Parses a listen address `"ADDR:PORT"` (IPv6 as `"[ADDR]:PORT"`); port 0 picks a free one.
 pub fn parse_listen(s: &str) -> Result<SocketAddr> {
-    s.parse::<SocketAddr>()
-        .or_else(|_| {
-            s.to_socket_addrs()
-                .map_err(|e| e.to_string())
-                .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()))
-        })
-        .map_err(|e| Error::InvalidArgument(format!("tcp listen address {s:?}: {e}")))
+    listen_addr(s).map_err(|e| Error::InvalidArgument(format!("tcp listen address {s:?}: {e}")))
+}
+
+fn listen_addr(s: &str) -> std::io::Result<SocketAddr> {
+    match s.parse::<SocketAddr>() {
+        Ok(a) => Ok(a),
+        Err(_) => s
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address")),
+    }
 }
 
 /// The `tcp` backend.
@@ -440,19 +489,17 @@ impl Backend for TcpBackend {
     }
 
     fn caps(&self) -> Caps {
-        Caps {
-            local_kinds: DRAM,
-            remote_kinds: DRAM,
-            notifications: true,
-            locality: Locality::AnyNode,
-        }
+        Caps::new(DRAM, Locality::AnyNode, 8)
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
-        self.cfg.check().map_err(|e| e.to_string())?;
+    fn probe(&self) -> std::result::Result<(), Unusable> {
+        self.cfg.check().map_err(Unusable::from_error)?;
         // Reads (or creates) the per-user secret file now: a missing or unsafe one makes the
         // backend unavailable with the reason, rather than failing every connection.
-        self.cfg.auth.ready().map_err(|e| format!("tcp auth: {e}"))
+        self.cfg
+            .auth
+            .ready()
+            .map_err(|e| Unusable::Reason(format!("tcp auth: {e}")))
     }
 
     fn start(&self, target: TargetHandle) -> Result<()> {
@@ -482,10 +529,12 @@ impl Backend for TcpBackend {
         Ok(Vec::new())
     }
 
-    fn deregister(&self, _region: &Region) {}
+    fn deregister(&self, _region: Registered<'_>) {}
 
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), String> {
-        decode_conn_info(conn_info).map(|_| ())
+    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
+        decode_conn_info(conn_info)
+            .map(|_| ())
+            .map_err(Unusable::Reason)
     }
 
     fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {

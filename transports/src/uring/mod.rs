@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use io_uring::IoUring;
-use nixl_core::{BackendName, Desc, Error, MemKind, Region, Result, XferPlan};
+use nixl_core::{BackendName, Desc, Error, MemKind, Registered, Result, Unusable, XferPlan};
 
 use crate::files::{check_storage_region, FileBackend, FileEngine, IoOp, Post};
 use fixed::Fixed;
@@ -157,6 +157,7 @@ impl FileEngine for UringEngine {
     type Resolved = ();
     const NAME: BackendName = BackendName::Uring;
     const LOCAL_KINDS: &'static [MemKind] = &[MemKind::Dram, MemKind::File, MemKind::Block];
+    const PREFERENCE: u8 = 5;
     const REMOTE_KINDS: &'static [MemKind] = &[MemKind::File, MemKind::Block];
     const MEM: MemKind = MemKind::Dram;
 
@@ -164,14 +165,14 @@ impl FileEngine for UringEngine {
         self.cfg.max_io_bytes
     }
 
-    fn probe(&self) -> std::result::Result<(), String> {
+    fn probe(&self) -> std::result::Result<(), Unusable> {
         if !self.cfg.enabled {
             return Err("turned off by configuration ([uring] enabled = false)".into());
         }
         if self.cfg.queue_depth == 0 || self.cfg.max_io_bytes == 0 {
             return Err("[uring] queue_depth and max_io_bytes must be positive".into());
         }
-        new_ring(2).map(drop)
+        new_ring(2).map(drop).map_err(Unusable::Reason)
     }
 
     fn start(&self) -> Result<RingThread> {
@@ -197,7 +198,7 @@ impl FileEngine for UringEngine {
         Ok(())
     }
 
-    fn deregister(&self, run: &RingThread, region: &Region) {
+    fn deregister(&self, run: &RingThread, region: Registered<'_>) {
         let sh = &run.shared;
         let fx = &mut sh.state.lock().fixed;
         match region.kind {

@@ -382,5 +382,7 @@ pub(crate) fn procs_setup(topo: Topo, args: &Args, backends: &str, size: usize) 
 pub(crate) fn probe_reason(b: &str) -> Option<String> {
     let cfg = Config::from_toml(&format!("backends = [\"{b}\"]\n")).ok()?;
     let backends = cfg.backends().ok()?;
-    backends.iter().find_map(|x| x.probe().err())
+    backends
+        .iter()
+        .find_map(|x| x.probe().err().map(|e| e.to_string()))
 }

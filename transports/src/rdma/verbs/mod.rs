@@ -92,6 +92,8 @@ impl fmt::Display for VerbsError {
     }
 }
 
+impl std::error::Error for VerbsError {}
+
 fn errno_err(call: &'static str) -> VerbsError {
     let e = std::io::Error::last_os_error();
     let hint = e.raw_os_error().and_then(|n| {
