@@ -2,7 +2,6 @@
 //! the backend (or the staged path), preparing the plan.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::mem::{DescList, MemKind};
 use crate::metadata::RegionInfo;
 use crate::region::Region;
+use crate::staging::{ChunkPlan, StagedCut};
 use crate::xfer::{Choice, XferInfo, XferOp, XferRequest};
 
 use super::notif::check_notif_len;
@@ -265,20 +265,6 @@ impl Agent {
         opts: &XferOptions,
         direct: &str,
     ) -> std::result::Result<XferRequest, String> {
-        let total = segments
-            .iter()
-            .try_fold(0u64, |a, s| a.checked_add(s.local.len))
-            .ok_or("request length overflows")?;
-        let layout = crate::staging::ChunkLayout::new(total, stager.chunk_bytes(), stager.slots());
-        let (slot_len, slots) = (layout.slot_len, layout.slots);
-        let dev_id = segments.first().map_or(0, |s| s.local.dev_id);
-        let host = stager.alloc(slot_len * slots, dev_id).map_err(|e| {
-            format!(
-                "{} could not allocate {} host bytes: {e}",
-                stager.backend(),
-                slot_len * slots
-            )
-        })?;
         let dram: Vec<Arc<dyn Backend>> = self
             .inner
             .backends
@@ -286,10 +272,8 @@ impl Agent {
             .filter(|b| b.caps().local_kinds.contains(&MemKind::Dram))
             .cloned()
             .collect();
-        let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
-        let bounce = crate::staging::Bounce::register(id, host, dram).map_err(|e| e.to_string())?;
-        let base = bounce.region.desc.addr;
-        let cut = layout.cut(&segments, base);
+        let StagedCut { total, bounce, cut } =
+            StagedCut::new(&*stager, &segments, dram, &self.inner.next_region)?;
         let bounce_regions = [Arc::clone(&bounce.region)];
         let (backend, _) = self
             .select(
@@ -309,53 +293,17 @@ impl Agent {
             })?;
         let conn = self.connection(p, backend).map_err(|e| e.to_string())?;
         let telemetry = p.telemetry(backend.name(), op);
-        let silent = Arc::new(crate::xfer::Telemetry::silent());
-        let last = cut.len() - 1;
-        let mut chunks = Vec::with_capacity(cut.len());
-        for (k, pieces) in cut.into_iter().enumerate() {
-            let plan = XferPlan {
-                op,
-                local_kind: MemKind::Dram,
-                remote_kind,
-                segments: pieces
-                    .iter()
-                    .map(|(s, h)| Segment {
-                        local: *h,
-                        remote: s.remote,
-                        local_region: 0,
-                        remote_region: s.remote_region,
-                    })
-                    .collect(),
-                local_regions: vec![Arc::clone(&bounce.region)],
-                remote_regions: remote_regions.clone(),
-                notif: if k == last { opts.notif.clone() } else { None },
-                initiator: Arc::clone(&self.inner.name),
-            };
-            let bytes = plan.total_bytes();
-            let descs = plan.segments.len();
-            let prepared = conn.prepare(plan).map_err(|e| e.to_string())?;
-            let req = XferRequest::new(
-                prepared,
-                vec![Arc::clone(&bounce.region)],
-                XferInfo {
-                    op,
-                    backend: backend.name(),
-                    peer: Arc::clone(&p.name),
-                    bytes,
-                    descs,
-                    reason: Choice::Best,
-                    staged: None,
-                },
-                None,
-                Arc::clone(&self.inner.watchdog),
-                // Counted once, as the staged request.
-                Arc::clone(&silent),
-            );
-            chunks.push(crate::staging::Chunk {
-                req,
-                pieces: pieces.iter().map(|(s, h)| (s.local, h.addr)).collect(),
-            });
+        let chunks = ChunkPlan {
+            op,
+            remote_kind,
+            remote_regions: &remote_regions,
+            notif: opts.notif.as_ref(),
+            initiator: &self.inner.name,
+            backend: backend.name(),
+            peer: &p.name,
+            watchdog: &self.inner.watchdog,
         }
+        .prepare(&*conn, cut, &bounce)?;
         let jobs = match self.inner.stage.get() {
             Some(t) => t.sender(),
             None => {
