@@ -1,16 +1,7 @@
 //! The agent: the per-process endpoint that owns backends and registrations, exports its
 //! metadata, loads its peers', and creates transfer requests.
 //!
-//! ```text
-//! mod.rs        Agent and the state its parts share (AgentInner); liveness, shutdown
-//! build.rs      AgentBuilder: starting the backends; which backends run, and why not
-//! random.rs     keys and ids from the OS random generator
-//! register.rs   registering and deregistering memory; Registration
-//! peers.rs      this agent's metadata; loading, merging and forgetting peers'; connections
-//! create.rs     creating transfer requests: resolving descriptors, choosing the backend
-//! prepped.rs    prepared descriptor lists and the requests made from them by index
-//! notif.rs      standalone notifications
-//! ```
+//! Its parts, one job per file, are listed in the crate's map (`lib.rs`).
 
 use std::collections::HashMap;
 use std::fmt;
