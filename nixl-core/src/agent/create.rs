@@ -407,7 +407,7 @@ impl Agent {
 }
 
 /// A request's pieces as the core resolved them: segments, or compact runs (one region and
-/// device per side) for the backends that take them ([`Connection::prepare_runs`]).
+/// device per side) for the backends that take them ([`crate::Connection::prepare_runs`]).
 pub(super) enum Pieces {
     Segments(Vec<Segment>),
     Runs(Runs),

@@ -37,7 +37,7 @@ impl Agent {
     }
 
     /// Whether nothing that `peer` asked of this agent's memory is being carried out, or was
-    /// received and waits to be, by any backend right now (see [`Backend::peer_idle`]): once a
+    /// received and waits to be, by any backend right now (see [`crate::Backend::peer_idle`]): once a
     /// peer said it stopped, memory it read may be reused when this holds.
     pub fn peer_idle(&self, peer: &str) -> bool {
         self.inner.backends.iter().all(|b| b.peer_idle(peer))
