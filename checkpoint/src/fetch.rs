@@ -11,6 +11,7 @@ use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, XferOp};
 use crate::dir::Opened;
 use crate::error::{CkptError, Result};
 use crate::manifest::{Artifact, DataFile, EntryKind, Manifest};
+use crate::mapped::network_backends;
 use crate::ops::Location;
 use crate::s3::{self, S3Loc};
 
@@ -91,7 +92,7 @@ pub(crate) fn fetch_files(
                     prefix: prefix.clone(),
                 };
                 let key = loc.key(&f.name)?;
-                with_file_mapped(agent, &path, f.size, true, BackendName::Object, |mem| {
+                with_file_mapped(agent, &path, f.size, true, &[BackendName::Object], |mem| {
                     let (id, reg) = loc.register(agent, &key, f.size)?;
                     let what = format!("GET s3://{}/{key}", loc.bucket);
                     let r = s3::run(
@@ -112,7 +113,8 @@ pub(crate) fn fetch_files(
                 })?;
             }
             (Location::Peer { addr, .. }, Some(p)) => {
-                with_file_mapped(agent, &path, f.size, true, BackendName::Tcp, |mem| {
+                let net = network_backends(agent);
+                with_file_mapped(agent, &path, f.size, true, &net, |mem| {
                     crate::serve::read_file(agent, p, i as u32, mem).map_err(|e| {
                         failed(format!("reading data file {i} from nixl://{addr}: {e}"))
                     })
@@ -188,7 +190,7 @@ pub(crate) fn artifact_file_bytes(agent: &Agent, src: &Opened) -> Result<Vec<(u3
 pub(crate) fn put_files(agent: &Agent, loc: &S3Loc, dir: &Path, files: &[DataFile]) -> Result<()> {
     for f in files {
         let path = dir.join(&f.name);
-        with_file_mapped(agent, &path, f.size, false, BackendName::Object, |mem| {
+        with_file_mapped(agent, &path, f.size, false, &[BackendName::Object], |mem| {
             s3::put_data(agent, loc, &f.name, mem)
         })?;
     }
@@ -203,7 +205,7 @@ pub(crate) fn with_file_mapped(
     path: &Path,
     len: u64,
     write: bool,
-    backend: BackendName,
+    backends: &[BackendName],
     f: impl FnOnce(Desc) -> Result<()>,
 ) -> Result<()> {
     if len == 0 {
@@ -253,7 +255,7 @@ pub(crate) fn with_file_mapped(
             .map_err(|e| CkptError::agent("artifact pack", e))?;
         // SAFETY: the mapping outlives the registration (dropped at the end of this closure,
         // before `unmap`), and nothing else touches it meanwhile.
-        let reg = unsafe { agent.register_with(&list, &[backend]) }
+        let reg = unsafe { agent.register_with(&list, backends) }
             .map_err(|e| CkptError::agent("register the artifact pack", e))?;
         let r = f(d);
         drop(reg);

@@ -65,7 +65,7 @@ impl Restored {
 
     /// The registration of the regions with the agent (they can be the source of transfers):
     /// with every backend of the agent that registers their memory, or, restored from a peer
-    /// (`nixl://`), with its `tcp` backend alone.
+    /// (`nixl://`), with its network backends alone (`rdma` where it runs, and `tcp`).
     pub fn registration(&self) -> Option<&Registration> {
         self.reg.as_ref()
     }
@@ -271,11 +271,13 @@ pub fn restore_mapped(
         }
     }
     if !regions.is_empty() {
-        // From a peer, the memory is registered with `tcp` alone (the backend that fills it):
-        // `uring` would pin it as fixed buffers, faulting in and zeroing every page on this
-        // thread before the first byte is asked for; the tcp receivers fault the pages in as
-        // the data lands, on their own threads, overlapped with the network.
-        let only = src.peer.as_ref().map(|_| &[BackendName::Tcp][..]);
+        // From a peer, the memory is registered with the network backends alone (those that
+        // fill it, `rdma` where it runs, and `tcp`): `uring` would pin it as fixed buffers,
+        // faulting in and zeroing every page on this thread before the first byte is asked
+        // for; the tcp receivers fault the pages in as the data lands, on their own threads,
+        // overlapped with the network.
+        let net = network_backends(agent);
+        let only = src.peer.as_ref().map(|_| &net[..]);
         out.reg = Some(register(agent, MemKind::Dram, &regions, only)?);
     }
     if !vregions.is_empty() {
@@ -307,6 +309,18 @@ fn vram_region(e: &RegionEntry, addr: u64) -> Region {
 
 /// Registers `regions` (all of `kind`, in memory owned by a [`Restored`], which deregisters
 /// before unmapping) with `agent`: with every backend that registers `kind`, or `only` those.
+/// The backends that can fill memory from a peer, among those `agent` runs: `rdma` (first, when
+/// it runs) and `tcp`. `tcp` stays in the list even when it does not run, so that registering
+/// with the list fails with the reason it is unavailable.
+pub(crate) fn network_backends(agent: &Agent) -> Vec<BackendName> {
+    let mut v: Vec<BackendName> = [BackendName::Rdma]
+        .into_iter()
+        .filter(|&n| agent.check_backend(n).is_ok())
+        .collect();
+    v.push(BackendName::Tcp);
+    v
+}
+
 fn register(
     agent: &Agent,
     kind: MemKind,

@@ -421,7 +421,7 @@ fn put_artifacts(
     let out = crate::artifact::save_artifacts(&tmp.0, save_id, first, arts, files)?;
     for f in &files[n..] {
         let path = tmp.0.join(&f.name);
-        with_file_mapped(agent, &path, f.size, false, BackendName::Object, |mem| {
+        with_file_mapped(agent, &path, f.size, false, &[BackendName::Object], |mem| {
             put_data(agent, loc, &f.name, mem)
         })?;
     }
