@@ -89,9 +89,9 @@ impl OnBlock for Deadline {
     }
 }
 
-/// A connection past its handshake, its socket registered for [`Server::stop`] to shut down.
-/// Dropping it removes the entry (under the lock) before the socket is closed, so every fd in
-/// the map is open.
+/// A connection past its handshake, its socket registered for
+/// [`Server::stop`](super::server::Server::stop) to shut down. Dropping it removes the entry
+/// (under the lock) before the socket is closed, so every fd in the map is open.
 struct Served<'a> {
     shared: &'a Shared,
     id: u64,

@@ -98,7 +98,8 @@ impl<'a> Worker<'a> {
 
     /// Returns once a frame's first bytes are here (or the stream ended), marked idle in
     /// `waiting` meanwhile, and busy again before a byte is taken off the socket: what
-    /// [`Server::peer_idle`] reads. Gives up as a read between frames does (shutdown, idle).
+    /// [`Server::peer_idle`](super::server::Server::peer_idle) reads. Gives up as a read between
+    /// frames does (shutdown, idle).
     fn await_frame(&self, s: &Link, waiting: &AtomicBool) -> io::Result<()> {
         if s.pending() {
             return Ok(());
