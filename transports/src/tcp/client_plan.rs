@@ -188,3 +188,7 @@ pub(super) fn cut_runs(mut runs: Vec<Run>, chunk_bytes: u64) -> (Vec<Run>, Vec<C
     }
     (runs, chunks)
 }
+
+#[cfg(test)]
+#[path = "client_plan_tests.rs"]
+mod tests;

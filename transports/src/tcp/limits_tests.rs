@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nixl_core::Agent;
 
 use super::wire::{self, Purpose};
-use super::{client, Auth, Link, PeerIdentity, TcpBackend, TcpConfig};
+use super::{client_setup, Auth, Link, PeerIdentity, TcpBackend, TcpConfig};
 
 const SECRET: &str = "limits";
 

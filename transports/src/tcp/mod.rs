@@ -71,8 +71,6 @@ mod client_plan;
 mod client_post;
 mod client_session;
 mod client_setup;
-#[cfg(test)]
-mod client_tests;
 mod identity;
 #[cfg(test)]
 mod limits_tests;

@@ -1,6 +1,8 @@
-//! Tests of the chunking of a post's plan.
+//! Tests of the chunking of a post's plan (a child of `client_plan`).
 
-use super::client_plan::{cut_runs, make_plan};
+use std::sync::Arc;
+
+use super::*;
 use nixl_core::{Desc, MemKind, Segment};
 
 fn xplan(segs: &[(u64, u64)]) -> XferPlan {
