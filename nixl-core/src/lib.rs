@@ -12,6 +12,29 @@
 //! // SAFETY: nothing gets registered (and the address is never touched).
 //! assert!(unsafe { agent.register(&list) }.is_err());
 //! ```
+//!
+//! # Map
+//!
+//! ```text
+//! lib.rs              this map; the public API's re-exports
+//! agent/mod.rs        Agent and the state its parts share; liveness, shutdown
+//! agent/build.rs        AgentBuilder: starting the backends; which run, and why others do not
+//! agent/random.rs       keys and ids from the OS random generator
+//! agent/register.rs     registering and deregistering memory; Registration
+//! agent/peers.rs        this agent's metadata; loading, merging, forgetting peers'; connections
+//! agent/create.rs       creating requests: resolving descriptors, choosing the backend or staging
+//! agent/prepped.rs      prepared descriptor lists, and requests made from them by index
+//! agent/notif.rs        standalone notifications
+//! agent/tests.rs        the agent's unit tests
+//! backend.rs          the backend contract: Backend, Connection, plans, notifications' target
+//! codec.rs            bounds-checked decoding of untrusted bytes (metadata, wire formats)
+//! error.rs            Error, its classes, Unusable
+//! mem.rs              memory kinds and descriptors
+//! metadata.rs         agent metadata and its wire format
+//! region.rs           registered regions and the access gates transfers hold
+//! staging.rs          the staged path: host buffer, chunk cutting, the pipelined posts
+//! xfer.rs             transfer requests, their posts and completions, telemetry, the watchdog
+//! ```
 
 mod agent;
 pub mod backend;

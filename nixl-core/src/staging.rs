@@ -24,15 +24,17 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{Backend, BackendName, PreparedXfer, Segment};
+use crate::backend::{Backend, BackendName, Connection, PreparedXfer, Segment, XferPlan};
 use crate::error::{Error, Result};
 use crate::mem::{Desc, MemKind};
+use crate::metadata::RegionInfo;
 use crate::region::Region;
-use crate::xfer::{Completion, XferOp, XferRequest};
+use crate::xfer::{Choice, Completion, Watchdog, XferInfo, XferOp, XferRequest};
 
 /// Host memory for staging, owned by the stager that allocated it (pinned where the device
 /// needs it); freed on drop.
@@ -148,6 +150,123 @@ impl ChunkLayout {
             }
         }
         cut
+    }
+}
+
+/// A staged request's host side: its buffer, registered privately, and the request cut into
+/// chunks of it.
+pub(crate) struct StagedCut {
+    /// The request's length.
+    pub(crate) total: u64,
+    pub(crate) bounce: Bounce,
+    /// Each chunk's pieces (see [`ChunkLayout::cut`]).
+    pub(crate) cut: Vec<Vec<(Segment, Desc)>>,
+}
+
+impl StagedCut {
+    /// Allocates the host buffer for `segments` from `stager`, registers it as region number
+    /// `ids` gives (the agent's region counter) with `dram` (the backends that move DRAM), and
+    /// cuts `segments` into chunks of it.
+    pub(crate) fn new(
+        stager: &dyn Stager,
+        segments: &[Segment],
+        dram: Vec<Arc<dyn Backend>>,
+        ids: &AtomicU64,
+    ) -> std::result::Result<StagedCut, String> {
+        let total = segments
+            .iter()
+            .try_fold(0u64, |a, s| a.checked_add(s.local.len))
+            .ok_or("request length overflows")?;
+        let layout = ChunkLayout::new(total, stager.chunk_bytes(), stager.slots());
+        let (slot_len, slots) = (layout.slot_len, layout.slots);
+        let dev_id = segments.first().map_or(0, |s| s.local.dev_id);
+        let host = stager.alloc(slot_len * slots, dev_id).map_err(|e| {
+            format!(
+                "{} could not allocate {} host bytes: {e}",
+                stager.backend(),
+                slot_len * slots
+            )
+        })?;
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let bounce = Bounce::register(id, host, dram).map_err(|e| e.to_string())?;
+        let base = bounce.region.desc.addr;
+        let cut = layout.cut(segments, base);
+        Ok(StagedCut { total, bounce, cut })
+    }
+}
+
+/// What the DRAM requests of a staged request's chunks share: everything of their plans and
+/// infos but the chunk's segments.
+pub(crate) struct ChunkPlan<'a> {
+    pub(crate) op: XferOp,
+    pub(crate) remote_kind: MemKind,
+    pub(crate) remote_regions: &'a [RegionInfo],
+    /// The request's notification, sent with the last chunk.
+    pub(crate) notif: Option<&'a Vec<u8>>,
+    pub(crate) initiator: &'a Arc<str>,
+    /// The backend that carries the chunks (chosen for host memory).
+    pub(crate) backend: BackendName,
+    pub(crate) peer: &'a Arc<str>,
+    pub(crate) watchdog: &'a Arc<Watchdog>,
+}
+
+impl ChunkPlan<'_> {
+    /// Prepares one DRAM request over `conn` per chunk of `cut`, from its slot of `bounce`.
+    pub(crate) fn prepare(
+        &self,
+        conn: &dyn Connection,
+        cut: Vec<Vec<(Segment, Desc)>>,
+        bounce: &Bounce,
+    ) -> std::result::Result<Vec<Chunk>, String> {
+        let op = self.op;
+        let silent = Arc::new(crate::xfer::Telemetry::silent());
+        let last = cut.len() - 1;
+        let mut chunks = Vec::with_capacity(cut.len());
+        for (k, pieces) in cut.into_iter().enumerate() {
+            let plan = XferPlan {
+                op,
+                local_kind: MemKind::Dram,
+                remote_kind: self.remote_kind,
+                segments: pieces
+                    .iter()
+                    .map(|(s, h)| Segment {
+                        local: *h,
+                        remote: s.remote,
+                        local_region: 0,
+                        remote_region: s.remote_region,
+                    })
+                    .collect(),
+                local_regions: vec![Arc::clone(&bounce.region)],
+                remote_regions: self.remote_regions.to_vec(),
+                notif: if k == last { self.notif.cloned() } else { None },
+                initiator: Arc::clone(self.initiator),
+            };
+            let bytes = plan.total_bytes();
+            let descs = plan.segments.len();
+            let prepared = conn.prepare(plan).map_err(|e| e.to_string())?;
+            let req = XferRequest::new(
+                prepared,
+                vec![Arc::clone(&bounce.region)],
+                XferInfo {
+                    op,
+                    backend: self.backend,
+                    peer: Arc::clone(self.peer),
+                    bytes,
+                    descs,
+                    reason: Choice::Best,
+                    staged: None,
+                },
+                None,
+                Arc::clone(self.watchdog),
+                // Counted once, as the staged request.
+                Arc::clone(&silent),
+            );
+            chunks.push(Chunk {
+                req,
+                pieces: pieces.iter().map(|(s, h)| (s.local, h.addr)).collect(),
+            });
+        }
+        Ok(chunks)
     }
 }
 

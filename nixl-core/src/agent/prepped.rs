@@ -17,7 +17,7 @@ use crate::region::Region;
 use crate::xfer::{XferOp, XferRequest};
 use crate::XferOptions;
 
-use super::Pieces;
+use super::create::Pieces;
 
 /// Whose registrations a [`PreppedList`] was checked against.
 #[derive(Clone)]
@@ -403,7 +403,7 @@ impl Agent {
         opts: XferOptions,
     ) -> Result<XferRequest> {
         self.inner.check_live()?;
-        super::check_notif_len(opts.notif.as_deref())?;
+        super::notif::check_notif_len(opts.notif.as_deref())?;
         if local_idx.len() != remote_idx.len() {
             return Err(Error::Mismatch(format!(
                 "{} local indices, {} remote",

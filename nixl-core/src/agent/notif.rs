@@ -1,0 +1,86 @@
+//! Standalone notifications: sending them to peers, taking the ones received.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::Agent;
+use crate::backend::Notification;
+use crate::error::{Error, Result};
+use crate::mem::MemKind;
+
+/// Refuses a notification over [`crate::backend::MAX_NOTIF_BYTES`] at the sender, with the limit.
+pub(super) fn check_notif_len(msg: Option<&[u8]>) -> Result<()> {
+    match msg {
+        Some(m) if m.len() > crate::backend::MAX_NOTIF_BYTES => {
+            Err(Error::InvalidArgument(format!(
+                "notification of {} bytes is over the limit of {} bytes (MAX_NOTIF_BYTES)",
+                m.len(),
+                crate::backend::MAX_NOTIF_BYTES
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Agent {
+    /// Sends a standalone notification to a peer, over the best backend that carries them.
+    pub fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
+        self.notif_via(peer, msg, false)
+    }
+
+    /// As [`Agent::send_notif`], but returns once the message is on its way instead of when the
+    /// peer took it: for messages whose sender would otherwise wait behind data queued to the
+    /// same peer (a `tcp` acknowledgement travels behind the DATA of READs the peer serves). A
+    /// refusal by the peer is logged, not returned.
+    pub fn post_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
+        self.notif_via(peer, msg, true)
+    }
+
+    /// Whether nothing that `peer` asked of this agent's memory is being carried out, or was
+    /// received and waits to be, by any backend right now (see [`crate::Backend::peer_idle`]): once a
+    /// peer said it stopped, memory it read may be reused when this holds.
+    pub fn peer_idle(&self, peer: &str) -> bool {
+        self.inner.backends.iter().all(|b| b.peer_idle(peer))
+    }
+
+    fn notif_via(&self, peer: &str, msg: &[u8], post: bool) -> Result<()> {
+        self.inner.check_live()?;
+        check_notif_len(Some(msg))?;
+        let p = self.peer(peer)?;
+        let mut why_not = String::new();
+        for b in &self.inner.backends {
+            if !b.caps().notifications {
+                continue;
+            }
+            let Some(info) = p.backend_info(b.name()) else {
+                continue;
+            };
+            if let Err(r) = b.can_reach(&info.conn_info) {
+                let _ = write!(why_not, " {}: {r};", b.name());
+                continue;
+            }
+            let conn = self.connection(&p, b)?;
+            return if post {
+                conn.post_notif(&self.inner.name, msg)
+            } else {
+                conn.send_notif(&self.inner.name, msg)
+            };
+        }
+        Err(Error::NoBackend {
+            peer: peer.to_owned(),
+            local_kind: MemKind::Dram,
+            remote_kind: MemKind::Dram,
+            reason: format!("no backend carries notifications to it;{why_not}"),
+        })
+    }
+
+    /// Takes every notification received so far.
+    pub fn take_notifs(&self) -> Vec<Notification> {
+        self.inner.target.take_notifs()
+    }
+
+    /// Waits up to `timeout` for at least one notification, then takes all of them.
+    pub fn wait_notifs(&self, timeout: Duration) -> Vec<Notification> {
+        self.inner.target.wait_notifs(timeout)
+    }
+}
