@@ -62,8 +62,15 @@
 //! tcp/link.rs           one connection's byte stream (plain or TLS)
 //! tcp/net.rs            addresses, socket options, frame reads and writes
 //! tcp/wire.rs           the frames
-//! tcp/client.rs         the initiator: chunked, pipelined posts
-//! tcp/server.rs         the target: listener and connection threads
+//! tcp/client.rs         the initiator: its connections, prepared transfers, notifications
+//! tcp/client_plan.rs    a post's plan: chunks and their span frames
+//! tcp/client_post.rs    one post on a session, and how it ends
+//! tcp/client_session.rs the lanes of a session: job queues, sends, answers (READ and WRITE)
+//! tcp/client_setup.rs   opening a connection; the metadata and control calls
+//! tcp/server.rs         the target: listener, admission, peer_idle bookkeeping
+//! tcp/server_conn.rs    one accepted connection: handshake, OPEN, its frame reader
+//! tcp/server_control.rs metadata (fetch, push, drop) and control frames
+//! tcp/server_worker.rs  a data connection's frames: WRITE, READ, NOTIF served
 //! object/mod.rs       `object`: DRAM <-> OBJECT in S3-compatible stores: the backend
 //! object/config.rs      ObjectConfig (the [object] section), ObjectName
 //! object/conn.rs        a request cut into ranged GETs and objects to write

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nixl_core::Agent;
 
 use super::wire::{self, Purpose};
-use super::{client, Auth, Link, PeerIdentity, TcpBackend, TcpConfig};
+use super::{client_setup, Auth, Link, PeerIdentity, TcpBackend, TcpConfig};
 
 const SECRET: &str = "limits";
 
@@ -27,7 +27,7 @@ fn target(cfg: TcpConfig) -> (Agent, Arc<TcpBackend>, SocketAddr) {
 }
 
 fn open(addr: SocketAddr, purpose: Purpose) -> Link {
-    client::open_call(
+    client_setup::open_call(
         addr,
         &Auth::with_secret(SECRET),
         Duration::from_secs(5),
@@ -210,7 +210,7 @@ fn an_unopened_connection_takes_only_an_open_of_its_size() {
         );
     }
     // The longest name there is still opens.
-    client::open_call(
+    client_setup::open_call(
         addr,
         &Auth::with_secret(SECRET),
         Duration::from_secs(5),

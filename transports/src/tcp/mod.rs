@@ -67,12 +67,19 @@
 
 mod auth;
 mod client;
+mod client_plan;
+mod client_post;
+mod client_session;
+mod client_setup;
 mod identity;
 #[cfg(test)]
 mod limits_tests;
 mod link;
 mod net;
 mod server;
+mod server_conn;
+mod server_control;
+mod server_worker;
 mod tls;
 mod user_secret;
 #[doc(hidden)] // for the fuzz targets (fuzz/): the frames a peer sends after the handshake
@@ -377,7 +384,7 @@ impl ControlChannel for TcpControl {
         }
         let mut last = None;
         for a in addrs {
-            match client::control_call(a, &self.cfg.auth, timeout, &me, backend, req) {
+            match client_setup::control_call(a, &self.cfg.auth, timeout, &me, backend, req) {
                 Ok(r) => return Ok(r),
                 // A refusal or a bad answer came from the agent itself: another address of it
                 // would answer the same.
@@ -599,12 +606,12 @@ impl Drop for TcpBackend {
 /// anonymous caller): only metadata of the agent the listener proves to be is returned.
 pub fn fetch_metadata(addr: &str, auth: &Auth, timeout: Duration) -> Result<Vec<u8>> {
     let addr = parse_listen(addr)?;
-    client::metadata_call(
+    client_setup::metadata_call(
         addr,
         auth,
         timeout,
         &PeerIdentity::anonymous(),
-        client::MdRequest::Get,
+        client_setup::MdRequest::Get,
     )
 }
 
@@ -634,7 +641,7 @@ pub fn push_metadata_as(
     timeout: Duration,
 ) -> Result<String> {
     let addr = parse_listen(addr)?;
-    client::metadata_call(addr, auth, timeout, me, client::MdRequest::Push(md))
+    client_setup::metadata_call(addr, auth, timeout, me, client_setup::MdRequest::Push(md))
         .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
@@ -650,7 +657,8 @@ pub fn invalidate_metadata(
     timeout: Duration,
 ) -> Result<bool> {
     let addr = parse_listen(addr)?;
-    let answer = client::metadata_call(addr, auth, timeout, me, client::MdRequest::Drop)?;
+    let answer =
+        client_setup::metadata_call(addr, auth, timeout, me, client_setup::MdRequest::Drop)?;
     match answer.as_slice() {
         [0] => Ok(false),
         [1] => Ok(true),
@@ -669,7 +677,7 @@ pub fn raw_data_connection(addr: SocketAddr, auth: &Auth, name: &str) -> Result<
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     let me = PeerIdentity::new(name, 1);
-    let (s, o) = client::open_stream(
+    let (s, o) = client_setup::open_stream(
         s,
         auth,
         wire::Purpose::Data,
