@@ -34,6 +34,7 @@ import numpy as np
 from nixl._api import nixl_agent, nixl_agent_config
 
 MAX = 64 << 20
+HUGE = 2 << 20
 BLOCK = 1024
 
 
@@ -49,6 +50,18 @@ def anon_huge_kb() -> int:
     return -1
 
 
+def aligned_zeros(n: int) -> "np.ndarray":
+    """`n` zero bytes starting on a 2 MiB boundary. numpy's big arrays start wherever mmap put
+    them (16 bytes past a page, at a 4 KiB multiple decided by the process's earlier mappings,
+    thread stacks included), so without this the first huge page of the buffer, the one every
+    single transfer below 2 MiB uses, is in transparent huge pages or not by the luck of the
+    process's layout: it moved the 256 KiB and 1 MiB rows by 2x between runs of the same
+    implementation. Aligned, both implementations get whole huge pages where the kernel has them."""
+    raw = np.zeros(n + HUGE, dtype=np.uint8)
+    off = (-raw.ctypes.data) % HUGE
+    return raw[off:off + n]
+
+
 def no_hugepages() -> None:
     """Stops numpy from asking for transparent huge pages for its big arrays."""
     np.core.multiarray._set_madvise_hugepage(False)
@@ -56,7 +69,7 @@ def no_hugepages() -> None:
 
 def target(port_file: str, blocks: int, port: int) -> None:
     agent = nixl_agent("bench-target", nixl_agent_config(True, True, port))
-    buf = np.zeros(max(MAX, blocks * BLOCK), dtype=np.uint8)
+    buf = aligned_zeros(max(MAX, blocks * BLOCK))
     buf[:] = (np.arange(buf.size) % 251).astype(np.uint8)
     agent.register_memory([(buf.ctypes.data, buf.nbytes, 0, "")], "DRAM")
     with open(port_file + ".tmp", "w") as f:
@@ -87,7 +100,7 @@ def run(args) -> dict:
         port = int(open(port_file).read())
         os.unlink(port_file)
         agent = nixl_agent("bench-init", nixl_agent_config(True, True, args.init_port))
-        local = np.zeros(max(MAX, args.blocks * BLOCK), dtype=np.uint8)
+        local = aligned_zeros(max(MAX, args.blocks * BLOCK))
         agent.register_memory([(local.ctypes.data, local.nbytes, 0, "")], "DRAM")
         agent.fetch_remote_metadata("bench-target", "127.0.0.1", port)
         agent.send_local_metadata("127.0.0.1", port)
