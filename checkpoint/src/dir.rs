@@ -6,7 +6,7 @@ use std::path::{Component, Path};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, XferOp};
+use nixl_core::{Agent, Desc, DescList, MemKind, XferOp};
 
 use crate::error::{CkptError, Result};
 use crate::manifest::{self, Chunk, DataFile, Manifest, RegionEntry};
@@ -15,7 +15,7 @@ use crate::s3::{self, S3Loc};
 use crate::vram::{self, DataPath, HostStage};
 
 pub(crate) use crate::files::{
-    hash_all, register_files, remove_stale, sync_dir, transfers, transfers_of, write_manifest,
+    gds_transfers, hash_all, register_files, remove_stale, sync_dir, transfers, write_manifest,
     DataFd, Posted,
 };
 pub use crate::restore::{read_manifest_with, restore, restore_report, RestoreReport};
@@ -367,21 +367,8 @@ pub(crate) unsafe fn save_from(
         }
         let _files_reg = register_files(agent, &fds, &files_sizes(&data, &files))?;
         let mut reqs = transfers(agent, XferOp::Write, &pieces)?;
-        for dev in device_ids(&vpieces) {
-            let mine: Vec<_> = vpieces
-                .iter()
-                .filter(|p| p.0.dev_id == dev)
-                .copied()
-                .collect();
-            let mut v = transfers_of(
-                agent,
-                XferOp::Write,
-                MemKind::Vram,
-                Some(BackendName::Gds),
-                &mine,
-            )?;
-            reqs.0.append(&mut v.0);
-        }
+        reqs.0
+            .append(&mut gds_transfers(agent, XferOp::Write, &vpieces)?.0);
         if hashes.is_empty() {
             // A full save: checksums on every core while the writes run (VRAM chunks through
             // a bounded host bounce, see `vram`).
@@ -462,17 +449,6 @@ pub(crate) unsafe fn save_from(
         manifest: m,
         paths: Vec::new(),
     })
-}
-
-/// The devices of VRAM pieces, each once, in order of first use.
-pub(crate) fn device_ids(pieces: &[(Desc, Desc, bool)]) -> Vec<u64> {
-    let mut out: Vec<u64> = Vec::new();
-    for p in pieces {
-        if !out.contains(&p.0.dev_id) {
-            out.push(p.0.dev_id);
-        }
-    }
-    out
 }
 
 /// Every chunk of `regions` in chunks of `cs`: `(region index, chunk index, address, length)`.

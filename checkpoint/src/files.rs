@@ -173,6 +173,32 @@ pub(crate) fn transfers_of(
     Ok(reqs)
 }
 
+/// Creates and posts the `gds` requests of VRAM pieces (their device in `dev_id`): one request
+/// per device, in order of first use.
+pub(crate) fn gds_transfers(
+    agent: &Agent,
+    op: XferOp,
+    vpieces: &[(Desc, Desc, bool)],
+) -> Result<Posted> {
+    let mut devices: Vec<u64> = Vec::new();
+    for p in vpieces {
+        if !devices.contains(&p.0.dev_id) {
+            devices.push(p.0.dev_id);
+        }
+    }
+    let mut reqs = Posted(Vec::new());
+    for dev in devices {
+        let mine: Vec<_> = vpieces
+            .iter()
+            .filter(|p| p.0.dev_id == dev)
+            .copied()
+            .collect();
+        let mut v = transfers_of(agent, op, MemKind::Vram, Some(BackendName::Gds), &mine)?;
+        reqs.0.append(&mut v.0);
+    }
+    Ok(reqs)
+}
+
 /// Posted requests: dropping them cancels what is still in flight and waits until no backend
 /// touches the memory or the files any more (so an early return cannot close fds under them).
 pub(crate) struct Posted(pub(crate) Vec<XferRequest>);

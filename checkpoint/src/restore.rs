@@ -5,7 +5,7 @@ use std::io;
 use std::ops::Range;
 use std::path::Path;
 
-use nixl_core::{Agent, BackendName, MemKind, XferOp};
+use nixl_core::{Agent, MemKind, XferOp};
 
 use crate::error::{CkptError, Result};
 use crate::manifest::{Chunk, Manifest, RegionEntry};
@@ -14,8 +14,8 @@ use crate::s3::{self, S3Loc};
 use crate::serve;
 use crate::vram::{self, DataPath, HostStage, GDS_ALIGN};
 
-use crate::dir::{device_ids, Region, RestoreOptions};
-use crate::files::{register_files, transfers, transfers_of, DataFd};
+use crate::dir::{Region, RestoreOptions};
+use crate::files::{gds_transfers, register_files, transfers, DataFd};
 
 /// What [`restore_report`] did.
 #[derive(Clone, Debug)]
@@ -413,22 +413,7 @@ fn read_files(
         p("read", 0, chosen.iter().map(Pick::bytes).sum());
     }
     // The VRAM requests first: one that cannot be made fails before any memory is written.
-    let mut reqs = crate::files::Posted(Vec::new());
-    for dev in device_ids(&vpieces) {
-        let mine: Vec<_> = vpieces
-            .iter()
-            .filter(|p| p.0.dev_id == dev)
-            .copied()
-            .collect();
-        let mut v = transfers_of(
-            agent,
-            XferOp::Read,
-            MemKind::Vram,
-            Some(BackendName::Gds),
-            &mine,
-        )?;
-        reqs.0.append(&mut v.0);
-    }
+    let mut reqs = gds_transfers(agent, XferOp::Read, &vpieces)?;
     reqs.0
         .append(&mut transfers(agent, XferOp::Read, &pieces)?.0);
     let failed = reqs
