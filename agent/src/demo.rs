@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nixl_core::codec::{hex, unhex};
 use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, XferOp, XferOptions, XferRequest};
 use nixl_transports::shm::ShmBuffer;
 
@@ -177,21 +178,6 @@ fn short_reason(reason: &str) -> &str {
         .min()
         .unwrap_or(reason.len());
     reason[..end].trim()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Res<Vec<u8>> {
-    let s = s.trim();
-    if s.len() % 2 != 0 {
-        return Err("odd-length hex".into());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.into()))
-        .collect()
 }
 
 fn dram(d: Desc) -> Res<DescList> {

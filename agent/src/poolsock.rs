@@ -9,6 +9,7 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,10 @@ use crate::serve::Daemon;
 const MAX_REQUEST: usize = 4096;
 /// How long a client may take to send its request or read the answer.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections served at once, each on a thread of its own, so that a client that connects
+/// and says nothing delays no other (only itself, until [`TIMEOUT`]). Beyond this many, a new
+/// connection is closed at once: its client sees the connection end and may try again.
+const MAX_IN_FLIGHT: usize = 32;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,16 +33,38 @@ struct Request {
     lease: String,
 }
 
-/// Accepts connections until the process ends (a thread of its own; requests are short and
-/// bounded by [`TIMEOUT`]).
+/// Accepts connections until the process ends (a thread of its own). Each connection is
+/// served on a thread of its own, at most [`MAX_IN_FLIGHT`] at once, each bounded by
+/// [`TIMEOUT`].
 pub(crate) fn serve(d: Arc<Daemon>, l: UnixListener) {
     if let Err(e) = l.set_nonblocking(false) {
         tracing::warn!(error = %e, "pool socket: not serving");
         return;
     }
+    let in_flight = Arc::new(AtomicUsize::new(0));
     for s in l.incoming() {
         match s {
-            Ok(s) => handle(&d, &s),
+            Ok(s) => {
+                if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!(
+                        max = MAX_IN_FLIGHT,
+                        "pool socket: too many connections in flight, one closed unanswered"
+                    );
+                    continue;
+                }
+                let (d, count) = (d.clone(), in_flight.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("nixl-pool-conn".into())
+                    .spawn(move || {
+                        handle(&d, &s);
+                        count.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if let Err(e) = spawned {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!(error = %e, "pool socket: no thread for a connection");
+                }
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "pool socket accept failed");
                 std::thread::sleep(Duration::from_millis(50));

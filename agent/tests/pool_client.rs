@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Daemon, Scratch, BIN};
-use nixl_agent::pool_client::{PoolClient, PoolError};
+use nixl_agent::pool_client::{MappedLease, PoolClient, PoolError};
 use nixl_core::{Agent, Desc, DescList, MemKind, XferOp, XferOptions};
 use nixl_transports::config::Config;
 
@@ -182,6 +182,24 @@ fn child_maps_as_another_uid() {
     }
 }
 
+/// A daemon `node` with a 4 MiB pool in `dir`, and its lease "weights" (1 MiB) starting with
+/// the bytes "mine", kept mapped by the caller.
+fn pool_daemon(dir: &Scratch, node: &str) -> (Daemon, PoolClient, MappedLease) {
+    let d = Daemon::start(
+        Command::new(BIN),
+        &dir.0,
+        node,
+        "backends = [\"local\"]\n[daemon]\nhttp_listen = \"127.0.0.1:0\"\npool_size = \"4MiB\"\n",
+    );
+    d.until("ready", Duration::from_secs(20), |s| s["ready"] == true);
+    let pool = PoolClient::new(&d.sock);
+    let mut l = pool.lease("weights", 1 << 20).unwrap();
+    // SAFETY: a new lease nobody else knows of yet.
+    let bytes = unsafe { l.as_mut_slice() };
+    bytes[..4].copy_from_slice(b"mine");
+    (d, pool, l)
+}
+
 /// The pool socket lends memory to the daemon's own uid only, by the caller's credentials
 /// (SO_PEERCRED), not only by the socket file's mode: with the socket opened to everyone
 /// (mode 0666), a process of another uid connects and is still refused, and the lease it asked
@@ -198,18 +216,7 @@ fn another_uid_is_refused_by_the_pool_socket_even_when_it_can_connect() {
     );
     let dir = Scratch::new("pool-uid");
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let d = Daemon::start(
-        Command::new(BIN),
-        &dir.0,
-        "uidnode",
-        "backends = [\"local\"]\n[daemon]\nhttp_listen = \"127.0.0.1:0\"\npool_size = \"4MiB\"\n",
-    );
-    d.until("ready", Duration::from_secs(20), |s| s["ready"] == true);
-    let pool = PoolClient::new(&d.sock);
-    let mut l = pool.lease("weights", 1 << 20).unwrap();
-    // SAFETY: a new lease nobody else knows of yet.
-    let bytes = unsafe { l.as_mut_slice() };
-    bytes[..4].copy_from_slice(b"mine");
+    let (d, pool, _lease) = pool_daemon(&dir, "uidnode");
     let pool_sock = dir.0.join("uidnode.pool.sock");
     std::fs::set_permissions(&pool_sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     // The test binary where uid 65534 can run it (the build directory may not be reachable).
@@ -243,4 +250,29 @@ fn another_uid_is_refused_by_the_pool_socket_even_when_it_can_connect() {
     // SAFETY: nothing writes the lease meanwhile.
     let bytes = unsafe { again.as_slice() };
     assert_eq!(&bytes[..4], b"mine");
+}
+
+/// A local client that connects to the pool socket and says nothing delays no other: each
+/// connection is served on its own, so the owner maps its lease while four silent connections
+/// are still open (served one after another, it would wait for each one's 2 s timeout).
+#[test]
+fn silent_connections_to_the_pool_socket_delay_no_other_client() {
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+    let dir = Scratch::new("pool-silent");
+    let (_daemon, pool, _lease) = pool_daemon(&dir, "silentnode");
+    let pool_sock = dir.0.join("silentnode.pool.sock");
+    let silent: Vec<UnixStream> = (0..4)
+        .map(|_| UnixStream::connect(&pool_sock).unwrap())
+        .collect();
+    let t = Instant::now();
+    let again = pool.map("weights").unwrap();
+    let waited = t.elapsed();
+    // SAFETY: nothing writes the lease meanwhile.
+    assert_eq!(unsafe { &again.as_slice()[..4] }, b"mine");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "the map waited {waited:?} behind four silent connections"
+    );
+    drop(silent);
 }

@@ -144,21 +144,11 @@ pub fn memcpy_spread(
                         once(dst);
                     }
                     barrier.wait();
-                    let mut lat = Vec::new();
-                    let t0 = Instant::now();
-                    loop {
-                        if sizing.iters > 0 {
-                            if lat.len() as u64 >= sizing.iters {
-                                break;
-                            }
-                        } else if t0.elapsed() >= until && !lat.is_empty() {
-                            break;
-                        }
-                        let p = Instant::now();
-                        once(dst);
-                        lat.push(p.elapsed().as_secs_f64() * 1e6);
-                    }
-                    (t0, Instant::now(), lat)
+                    let runs = nixl_tests::scripted_peer::timed_runs(sizing.iters, until, || {
+                        once(&mut *dst);
+                        Ok::<(), std::convert::Infallible>(())
+                    });
+                    runs.unwrap_or_else(|never| match never {})
                 })
             })
             .collect();

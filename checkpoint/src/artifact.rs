@@ -33,7 +33,7 @@ use crate::manifest::{
     check_artifact_path, check_region_name, Artifact, ArtifactEntry, DataFile, EntryKind, Manifest,
     MAX_ARTIFACTS, MAX_ARTIFACT_ENTRIES,
 };
-use crate::ops::{read_manifest, Location};
+use crate::ops::{create_data_file, read_manifest, Location};
 
 /// Bytes copied at a time.
 const PIECE: usize = 1 << 20;
@@ -157,13 +157,7 @@ pub(crate) fn save_artifacts(
                 "more than {MAX_ARTIFACT_ENTRIES} entries in all artifact directories"
             )));
         }
-        let dname = format!("d{save_id:016x}-{}.dat", first + i);
-        let dpath = dir.join(&dname);
-        let df = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&dpath)
-            .map_err(|e| CkptError::io(format!("create {}", dpath.display()), e))?;
+        let (dname, dpath, df) = create_data_file(dir, save_id, first + i)?;
         let mut w = io::BufWriter::with_capacity(PIECE, &df);
         let mut off = 0u64;
         let fi = files.len() as u32;
@@ -449,13 +443,7 @@ pub(crate) fn copy_artifacts(
     out.artifacts.clear();
     for (i, a) in m.artifacts.iter().enumerate() {
         let open = open_files(sdir, m, a)?;
-        let dname = format!("d{id:016x}-{}.dat", first + i);
-        let dpath = ddir.join(&dname);
-        let df = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&dpath)
-            .map_err(|e| CkptError::io(format!("create {}", dpath.display()), e))?;
+        let (dname, dpath, df) = create_data_file(ddir, id, first + i)?;
         let mut w = io::BufWriter::with_capacity(PIECE, &df);
         let fi = out.files.len() as u32;
         let mut off = 0;

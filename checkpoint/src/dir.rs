@@ -304,22 +304,9 @@ pub(crate) unsafe fn save_from(
     if let Some((bdir, bm)) = &base {
         // SAFETY: the caller keeps the regions readable for the call.
         hashes = unsafe { vram::hash_chunks(&refs, &chunks, progress, "hash") }?;
-        for (k, &(ri, ci, _, len)) in chunks.iter().enumerate() {
-            let Some(be) = bm.region(&regions[ri].name) else {
-                continue;
-            };
-            if be.kind != origin[ri].kind || be.dev_id != origin[ri].dev_id {
-                continue;
-            }
-            if let Some(bc) = be.chunks.get(ci) {
-                if bc.len == len && bc.xxh3 == hashes[k] {
-                    let name = &bm.files[bc.file as usize].name;
-                    let rel = relative_to(&dir, &bdir.join(name))?;
-                    let fi = file_index(&mut files, &rel, bm.files[bc.file as usize].size);
-                    reuse[k] = Some(Chunk { file: fi, ..*bc });
-                }
-            }
-        }
+        reuse = reused_chunks(bm, origin, &chunks, &hashes, &mut files, |f| {
+            relative_to(&dir, &bdir.join(&f.name))
+        })?;
     }
     // Open this save's data files (only for regions with a chunk to write).
     let mut data: Vec<Option<(u32, DataFd)>> = (0..regions.len()).map(|_| None).collect();
@@ -463,6 +450,38 @@ pub(crate) fn chunk_list(regions: &[Region], cs: u64) -> Vec<(usize, usize, u64,
             })
         })
         .collect()
+}
+
+/// The chunks of an incremental save that its base `bm` holds already: chunk `k` of `chunks`
+/// (of the caller's regions `origin`, hashed to `hashes[k]`) when the base's region of that
+/// name, kind and device has a chunk of that index, length and hash; placed in `files` under
+/// the name `rel` gives the base's file.
+pub(crate) fn reused_chunks(
+    bm: &Manifest,
+    origin: &[Region],
+    chunks: &[(usize, usize, u64, u64)],
+    hashes: &[u64],
+    files: &mut Vec<DataFile>,
+    rel: impl Fn(&DataFile) -> Result<String>,
+) -> Result<Vec<Option<Chunk>>> {
+    let mut reuse = vec![None; chunks.len()];
+    for (k, &(ri, ci, _, len)) in chunks.iter().enumerate() {
+        let o = &origin[ri];
+        let Some(be) = bm.region(&o.name) else {
+            continue;
+        };
+        if be.kind != o.kind || be.dev_id != o.dev_id {
+            continue;
+        }
+        if let Some(bc) = be.chunks.get(ci) {
+            if bc.len == len && bc.xxh3 == hashes[k] {
+                let bf = &bm.files[bc.file as usize];
+                let fi = file_index(files, &rel(bf)?, bf.size);
+                reuse[k] = Some(Chunk { file: fi, ..*bc });
+            }
+        }
+    }
+    Ok(reuse)
 }
 
 /// The manifest entries of `regions`, without their chunks yet.

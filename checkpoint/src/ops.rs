@@ -448,6 +448,19 @@ pub(crate) fn base_note(m: &Manifest, name: &str) -> String {
     }
 }
 
+/// Creates data file `n` of save `id` in `dir` (it must not exist yet): its name in the
+/// manifest, its path and the file, open for writing.
+pub(crate) fn create_data_file(dir: &Path, id: u64, n: usize) -> Result<(String, PathBuf, File)> {
+    let name = format!("d{id:016x}-{n}.dat");
+    let path = dir.join(&name);
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| CkptError::io(format!("create {}", path.display()), e))?;
+    Ok((name, path, f))
+}
+
 /// Creates one data file per region of `out` (a copy being written into the directory `ddir`
 /// under save id `id`; none may exist yet), names them in `out.files`, and points every chunk of
 /// region `ri` at its place in file `ri`. Returns the files, in region order.
@@ -456,13 +469,7 @@ pub(crate) fn new_data_files(ddir: &Path, id: u64, out: &mut Manifest) -> Result
     out.files = Vec::with_capacity(out.regions.len());
     let cs = out.chunk_size;
     for (ri, r) in out.regions.iter_mut().enumerate() {
-        let name = format!("d{id:016x}-{ri}.dat");
-        let path = ddir.join(&name);
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| CkptError::io(format!("create {}", path.display()), e))?;
+        let (name, _, f) = create_data_file(ddir, id, ri)?;
         out.files.push(DataFile { name, size: r.len });
         for (ci, c) in r.chunks.iter_mut().enumerate() {
             *c = Chunk {

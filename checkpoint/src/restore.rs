@@ -84,6 +84,17 @@ pub(crate) struct Pick<'a> {
 }
 
 impl Pick<'_> {
+    /// `Corrupt` for a read into the regions of `picks` that failed once their memory may have
+    /// been written, naming every one of them.
+    pub(crate) fn read_failed(picks: &[Pick], reason: String) -> CkptError {
+        CkptError::Corrupt {
+            region: crate::manifest::names(picks.iter().map(|pk| pk.into.name.as_str())),
+            chunk: None,
+            reason,
+            memory_written: true,
+        }
+    }
+
     /// The chunks read, with their index in the region.
     pub(crate) fn each(&self) -> impl Iterator<Item = (usize, &Chunk)> {
         self.entry
@@ -302,15 +313,9 @@ pub(crate) unsafe fn restore_chunks(
             let into: Vec<&Region> = chosen.iter().map(|pk| pk.into).collect();
             // SAFETY: the caller keeps the regions valid for the call; the reads have ended.
             unsafe { vram::hash_chunks(&into, &chunks, opts.progress.as_ref(), "verify") }.map_err(
-                |e| CkptError::Corrupt {
-                    region: into
-                        .iter()
-                        .map(|r| r.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    chunk: None,
-                    reason: format!("reading the restored bytes back to verify them failed: {e}"),
-                    memory_written: true,
+                |e| {
+                    let why = format!("reading the restored bytes back to verify them failed: {e}");
+                    Pick::read_failed(&chosen, why)
                 },
             )?
         }
@@ -422,16 +427,10 @@ fn read_files(
         .find_map(|r| r.wait_blocking(None).into_result().err());
     drop(reqs);
     if let Some(e) = failed {
-        return Err(CkptError::Corrupt {
-            region: chosen
-                .iter()
-                .map(|pk| pk.into.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            chunk: None,
-            reason: format!("reading the data files failed: {e}"),
-            memory_written: true,
-        });
+        return Err(Pick::read_failed(
+            chosen,
+            format!("reading the data files failed: {e}"),
+        ));
     }
     Ok(chunks)
 }

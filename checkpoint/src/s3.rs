@@ -162,22 +162,9 @@ pub(crate) unsafe fn save(
     if let Some((bl, bm)) = &base {
         // SAFETY: the caller keeps the regions readable for the call.
         hashes = unsafe { hash_all(&chunks, progress, "hash") };
-        for (k, &(ri, ci, _, len)) in chunks.iter().enumerate() {
-            let Some(be) = bm.region(&regions[ri].name) else {
-                continue;
-            };
-            if be.kind != origin[ri].kind || be.dev_id != origin[ri].dev_id {
-                continue;
-            }
-            if let Some(bc) = be.chunks.get(ci) {
-                if bc.len == len && bc.xxh3 == hashes[k] {
-                    let bf = &bm.files[bc.file as usize];
-                    let rel = loc.relative(&bl.key(&bf.name)?);
-                    let fi = file_index(&mut files, &rel, bf.size);
-                    placed[k] = Some(Chunk { file: fi, ..*bc });
-                }
-            }
-        }
+        placed = crate::dir::reused_chunks(bm, origin, &chunks, &hashes, &mut files, |f| {
+            Ok(loc.relative(&bl.key(&f.name)?))
+        })?;
     }
     let reused = placed.iter().filter(|c| c.is_some()).count();
     // Runs of consecutive chunks to write, each one new object.
@@ -252,14 +239,8 @@ pub(crate) unsafe fn save(
         let first = m.files.len();
         m.artifacts = put_artifacts(agent, loc, save_id, first, &opts.artifacts, &mut m.files)?;
     }
-    m.validate()?;
-    let body = m.encode();
-    let mut buf = Vec::with_capacity(8 + body.len());
-    buf.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    buf.extend_from_slice(&body);
-    transfer_buf(agent, loc, &mut buf, XferOp::Write)?;
+    put_manifest(agent, loc, &m)?;
     drop(regs);
-    remove_stale(agent, loc, &m);
     Ok(SaveReport {
         bytes: regions.iter().map(|r| r.len).sum(),
         written,
@@ -588,15 +569,7 @@ pub(crate) unsafe fn read_regions(
                 format!("object {key} is truncated (shorter than the manifest says): {msg}"),
             ),
             Some((r, ci, _, _)) => (r, Some(ci), format!("reading failed: {msg}")),
-            None => (
-                chosen
-                    .iter()
-                    .map(|pk| pk.into.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                None,
-                format!("reading failed: {msg}"),
-            ),
+            None => return Err(Pick::read_failed(chosen, format!("reading failed: {msg}"))),
         };
         return Err(CkptError::Corrupt {
             region,

@@ -36,9 +36,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use nixl_core::{
-    Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferOp, XferOptions, XferRequest,
-};
+use nixl_core::{Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferRequest};
 use nixl_transports::tcp::{fetch_metadata, Auth};
 use parking_lot::{Condvar, Mutex};
 use xxhash_rust::xxh3::xxh3_64;
@@ -350,17 +348,7 @@ pub(crate) fn read_file(agent: &Agent, p: &PeerCkpt, i: u32, mem: Desc) -> Resul
 fn read(agent: &Agent, peer: &str, local: Vec<Desc>, remote: Vec<Desc>) -> nixl_core::Result<()> {
     let l = DescList::from_descs(MemKind::Dram, local)?;
     let r = DescList::from_descs(MemKind::Dram, remote)?;
-    let x = agent.create_xfer(
-        XferOp::Read,
-        &l,
-        &r,
-        peer,
-        XferOptions {
-            deadline: Some(PEER_TIMEOUT),
-            ..Default::default()
-        },
-    )?;
-    x.post()?;
+    let x = agent.post_read(&l, &r, peer, PEER_TIMEOUT)?;
     x.wait_blocking(Some(PEER_TIMEOUT + Duration::from_secs(1)))
         .into_result()
 }
@@ -652,31 +640,12 @@ pub(crate) unsafe fn read_regions(
         .map(|a| a..(a + per).min(chunks.len()))
         .collect();
     let total: u64 = chunks.iter().map(|c| c.3).sum();
-    let failed = |e: String| CkptError::Corrupt {
-        region: chosen
-            .iter()
-            .map(|pk| pk.into.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        chunk: None,
-        reason: format!("reading from the peer failed: {e}"),
-        memory_written: true,
-    };
+    let failed =
+        |e: String| Pick::read_failed(chosen, format!("reading from the peer failed: {e}"));
     let post = |b: &Range<usize>| -> nixl_core::Result<XferRequest> {
         let l = DescList::from_descs(MemKind::Dram, local[b.clone()].to_vec())?;
         let r = DescList::from_descs(MemKind::Dram, remote[b.clone()].to_vec())?;
-        let x = agent.create_xfer(
-            XferOp::Read,
-            &l,
-            &r,
-            &p.agent,
-            XferOptions {
-                deadline: Some(PEER_TIMEOUT),
-                ..Default::default()
-            },
-        )?;
-        x.post()?;
-        Ok(x)
+        agent.post_read(&l, &r, &p.agent, PEER_TIMEOUT)
     };
     let hashes: Vec<AtomicU64> = chunks.iter().map(|_| AtomicU64::new(0)).collect();
     // Chunks below `landed` are in memory; `stop` ends the hashing threads early.

@@ -171,7 +171,15 @@ pub(crate) fn probe_o_direct(
         return Err("O_DIRECT is off (direct = false)".into());
     }
     let mut o = std::fs::OpenOptions::new();
+    // The directories a save's probe creates, removed again after it: a save that then fails
+    // on its arguments leaves nothing behind.
+    let mut created = Vec::new();
     let path = if write {
+        created = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .map(Path::to_path_buf)
+            .collect();
         if let Err(e) = std::fs::create_dir_all(dir) {
             return Err(format!("create {}: {e}", dir.display()));
         }
@@ -185,6 +193,10 @@ pub(crate) fn probe_o_direct(
     let r = o.custom_flags(libc::O_DIRECT).open(&path);
     if write {
         let _ = std::fs::remove_file(&path);
+        // Innermost first; `remove_dir` leaves a directory someone filled meanwhile alone.
+        for d in &created {
+            let _ = std::fs::remove_dir(d);
+        }
     }
     match r {
         Ok(_) => Ok(()),
@@ -632,39 +644,28 @@ mod tests {
             ..facts()
         };
         assert_eq!(choose_path(&f), DataPath::Host);
-        let r = reason(choose_path(&PathFacts {
-            gds: Err("needs libcufile.so.0: not found"),
-            ..facts()
-        }));
-        assert!(
-            r.contains("gds is unavailable") && r.contains("libcufile"),
-            "{r}"
-        );
-        let r = reason(choose_path(&PathFacts {
-            files: Err("the data files do not open O_DIRECT"),
-            ..facts()
-        }));
-        assert!(r.contains("O_DIRECT"), "{r}");
-        let r = reason(choose_path(&PathFacts {
-            registered: false,
-            ..facts()
-        }));
-        assert!(r.contains("registration"), "{r}");
-        let r = reason(choose_path(&PathFacts {
-            addr: 0x7f00_0000_0200,
-            ..facts()
-        }));
-        assert!(r.contains("0x7f0000000200") && r.contains("4096"), "{r}");
-        let r = reason(choose_path(&PathFacts {
-            len: (5 << 20) + 123,
-            ..facts()
-        }));
-        assert!(r.contains("length 5243003"), "{r}");
-        let r = reason(choose_path(&PathFacts {
-            offsets_aligned: false,
-            ..facts()
-        }));
-        assert!(r.contains("file offset"), "{r}");
+        // Each condition that fails, alone, and what the reason says.
+        type Edit = fn(&mut PathFacts);
+        let cases: [(Edit, &[&str]); 6] = [
+            (
+                |f| f.gds = Err("needs libcufile.so.0: not found"),
+                &["gds is unavailable", "libcufile"],
+            ),
+            (
+                |f| f.files = Err("the data files do not open O_DIRECT"),
+                &["O_DIRECT"],
+            ),
+            (|f| f.registered = false, &["registration"]),
+            (|f| f.addr = 0x7f00_0000_0200, &["0x7f0000000200", "4096"]),
+            (|f| f.len = (5 << 20) + 123, &["length 5243003"]),
+            (|f| f.offsets_aligned = false, &["file offset"]),
+        ];
+        for (edit, wants) in cases {
+            let mut f = facts();
+            edit(&mut f);
+            let r = reason(choose_path(&f));
+            assert!(wants.iter().all(|w| r.contains(w)), "{wants:?}: {r}");
+        }
         // The first failing condition is the one reported: gds before the files.
         let r = reason(choose_path(&PathFacts {
             gds: Err("no GPU"),
@@ -686,18 +687,25 @@ mod tests {
 
     #[test]
     fn the_o_direct_probe_leaves_nothing_and_says_why() {
-        let d = std::env::temp_dir().join(format!("nixl-ckpt-odirect-{}", std::process::id()));
+        let base = std::env::temp_dir().join(format!("nixl-ckpt-odirect-{}", std::process::id()));
+        std::fs::create_dir_all(&base).unwrap();
+        let d = base.join("new").join("ckpt");
         let r = probe_o_direct(&d, true, true);
-        // tmpfs has no O_DIRECT; other file systems do. Either way the probe file is gone.
+        // tmpfs has no O_DIRECT; other file systems do. Either way neither the probe file nor
+        // the directories it created are left (a save that then fails leaves nothing), and a
+        // directory it did not create stays.
         if let Err(m) = &r {
             assert!(m.contains("O_DIRECT"), "{m}");
         }
+        assert!(!base.join("new").exists(), "the probe left {}", d.display());
+        std::fs::create_dir_all(&d).unwrap();
+        let _ = probe_o_direct(&d, true, true);
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
         let off = probe_o_direct(&d, true, false).unwrap_err();
         assert!(off.contains("direct = false"), "{off}");
         // A restore probes the manifest, which is not there.
         assert!(probe_o_direct(&d, false, true).is_err());
-        std::fs::remove_dir(&d).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

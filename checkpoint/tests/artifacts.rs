@@ -10,18 +10,10 @@ use std::process::Command;
 
 use nixl_checkpoint::manifest::{ArtifactEntry, EntryKind, Manifest};
 use nixl_checkpoint::{ops, restore_artifact, save, CkptError, Region, SaveOptions};
-use nixl_core::{Agent, Desc, DescList, MemKind};
-use nixl_transports::config::Config;
+use nixl_core::{Agent, Desc, MemKind};
 
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "nixl-ckpt-art-{tag}-{}-{:x}",
-        std::process::id(),
-        nixl_core::random_u64().unwrap()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{file_agent, register, scratch};
 
 /// A cache-like tree with the awkward cases.
 fn make_tree(root: &Path) {
@@ -75,19 +67,14 @@ fn snapshot(root: &Path) -> BTreeMap<String, (bool, u32, Vec<u8>)> {
 }
 
 fn agent() -> Agent {
-    let cfg = Config::from_toml("backends = [\"uring\", \"posix\"]").unwrap();
-    Agent::builder("ckpt-art")
-        .backends(cfg.backends().unwrap())
-        .build()
-        .unwrap()
+    file_agent("ckpt-art")
 }
 
 /// Saves one region and the artifacts to `uri`.
 fn save_with(a: &Agent, uri: &str, arts: Vec<(String, PathBuf)>, base: Option<&str>) {
     let mut buf = nixl_testkit::pattern::pattern(1, 100_000);
     let d = Desc::from_mut_slice(&mut buf);
-    // SAFETY: `buf` outlives the registration.
-    let _r = unsafe { a.register(&DescList::from_descs(MemKind::Dram, vec![d]).unwrap()) }.unwrap();
+    let _r = register(a, MemKind::Dram, d);
     let opts = SaveOptions {
         artifacts: arts,
         base: base.map(str::to_owned),
@@ -289,8 +276,7 @@ fn artifact_trees_round_trip_and_bad_ones_leave_nothing() {
     std::os::unix::fs::symlink("/etc", with_link.join("etc")).unwrap();
     let mut buf = vec![1u8; 4096];
     let d = Desc::from_mut_slice(&mut buf);
-    // SAFETY: `buf` outlives the registration.
-    let _r = unsafe { a.register(&DescList::from_descs(MemKind::Dram, vec![d]).unwrap()) }.unwrap();
+    let _r = register(&a, MemKind::Dram, d);
     let ck2 = base.join("ck2");
     for (dir, want) in [
         (&with_link, "symbolic link"),

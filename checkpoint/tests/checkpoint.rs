@@ -13,52 +13,16 @@ use std::time::Duration;
 use nixl_checkpoint::{
     ops, restore, restore_mapped, save, CkptError, Placement, Region, RestoreOptions, SaveOptions,
 };
-use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
-use nixl_transports::config::Config;
+use nixl_core::{Agent, Desc, MemKind};
+
+mod common;
+use common::{
+    assert_corrupt, file_agent, numbered_regions, region, register_descs, register_regions, scratch,
+};
+use nixl_testkit::pattern::{fill, pattern};
 
 fn agent() -> Agent {
-    let cfg = Config::from_toml("backends = [\"uring\", \"posix\"]").unwrap();
-    Agent::builder("ckpt-test")
-        .backends(cfg.backends().unwrap())
-        .build()
-        .unwrap()
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "nixl-ckpt-{tag}-{}-{:x}",
-        std::process::id(),
-        nixl_core::random_u64().unwrap()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Deterministic bytes (xorshift64*), so two processes agree on them.
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed | 1;
-    for c in buf.chunks_mut(8) {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
-        c.copy_from_slice(&v[..c.len()]);
-    }
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    fill(&mut v, seed);
-    v
-}
-
-fn reg(a: &Agent, descs: Vec<Desc>) -> Registration {
-    // SAFETY: the test buffers outlive the registration.
-    unsafe { a.register(&DescList::from_descs(MemKind::Dram, descs).unwrap()) }.unwrap()
-}
-
-fn region(name: &str, buf: &mut [u8]) -> Region {
-    Region::dram(name, buf.as_mut_ptr() as u64, buf.len() as u64)
+    file_agent("ckpt-test")
 }
 
 fn run_child(test: &str, role: &str, dir: &Path) -> std::process::Child {
@@ -148,7 +112,7 @@ fn save_in_child(dir: &Path) {
         regions.push(Region::dram(name, addr, len));
         descs.push(Desc::new(addr, len, 0));
     }
-    let _r = reg(&a, descs);
+    let _r = register_descs(&a, MemKind::Dram, descs);
     let opts = SaveOptions {
         metadata: Some(r#"{"model":"test","step":7}"#.into()),
         chunk_size: 4 << 20,
@@ -173,7 +137,7 @@ fn expected(name: &str, addr: u64, len: u64, seed: u64) -> Vec<u8> {
         }
         v
     } else {
-        pattern(len as usize, seed)
+        pattern(seed, len as usize)
     }
 }
 
@@ -207,13 +171,7 @@ fn two_processes_plain_and_at_recorded_addresses() {
         .zip(bufs.iter_mut())
         .map(|(r, b)| region(r.0, b))
         .collect();
-    let _r = reg(
-        &a,
-        regions
-            .iter()
-            .map(|r| Desc::new(r.addr, r.len, 0))
-            .collect(),
-    );
+    let _r = register_regions(&a, &regions);
     // SAFETY: the buffers live and are untouched for the call.
     let n = unsafe { restore(&a, uri, &regions, &RestoreOptions::default()) }.unwrap();
     assert_eq!(n, REGIONS.iter().map(|r| r.2).sum::<u64>());
@@ -253,7 +211,7 @@ fn two_processes_plain_and_at_recorded_addresses() {
     let t = &r.regions()[0];
     // SAFETY: mapped by `r`.
     let bytes = unsafe { std::slice::from_raw_parts(t.addr as *const u8, 3) };
-    assert_eq!(bytes, &pattern(3, 14)[..]);
+    assert_eq!(bytes, &pattern(14, 3)[..]);
     drop(r);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -265,18 +223,7 @@ fn save_small(
     bufs: &mut [Vec<u8>],
     base: Option<&Path>,
 ) -> nixl_checkpoint::SaveReport {
-    let regions: Vec<Region> = bufs
-        .iter_mut()
-        .enumerate()
-        .map(|(i, b)| region(&format!("r{i}"), b))
-        .collect();
-    let _r = reg(
-        a,
-        regions
-            .iter()
-            .map(|r| Desc::new(r.addr, r.len, 0))
-            .collect(),
-    );
+    let (regions, _r) = numbered_regions(a, bufs);
     let opts = SaveOptions {
         chunk_size: 64 << 10,
         base: base.map(|b| b.to_str().unwrap().to_owned()),
@@ -288,18 +235,7 @@ fn save_small(
 
 fn restore_small(a: &Agent, dir: &Path, lens: &[usize]) -> (Result<u64, CkptError>, Vec<Vec<u8>>) {
     let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&l| vec![0xeeu8; l]).collect();
-    let regions: Vec<Region> = bufs
-        .iter_mut()
-        .enumerate()
-        .map(|(i, b)| region(&format!("r{i}"), b))
-        .collect();
-    let r = reg(
-        a,
-        regions
-            .iter()
-            .map(|r| Desc::new(r.addr, r.len, 0))
-            .collect(),
-    );
+    let (regions, r) = numbered_regions(a, &mut bufs);
     // SAFETY: the buffers live and are untouched for the call.
     let res = unsafe {
         restore(
@@ -326,7 +262,7 @@ fn every_corruption_names_region_and_chunk_and_what_memory_saw() {
     let mut bufs: Vec<Vec<u8>> = lens
         .iter()
         .enumerate()
-        .map(|(i, &l)| pattern(l, i as u64 + 1))
+        .map(|(i, &l)| pattern(i as u64 + 1, l))
         .collect();
     let good = bufs.clone();
     let fresh = || {
@@ -347,24 +283,8 @@ fn every_corruption_names_region_and_chunk_and_what_memory_saw() {
     bytes[2 * (64 << 10) + 17] ^= 1;
     std::fs::write(&f, &bytes).unwrap();
     let e = restore_small(&a, &dir, &lens).0.unwrap_err();
-    let msg = e.to_string();
-    assert!(
-        matches!(
-            e,
-            CkptError::Corrupt {
-                chunk: Some(2),
-                memory_written: true,
-                ..
-            }
-        ),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("\"r0\" chunk 2")
-            && msg.contains("checksum")
-            && msg.contains("partly written"),
-        "{msg}"
-    );
+    let says = ["\"r0\" chunk 2", "checksum", "partly written"];
+    assert_corrupt(&e, "r0", 2, true, &says);
     let e = ops::verify(dir.to_str().unwrap(), None)
         .unwrap_err()
         .to_string();
@@ -380,22 +300,12 @@ fn every_corruption_names_region_and_chunk_and_what_memory_saw() {
         .set_len(200_000)
         .unwrap();
     let (res, got) = restore_small(&a, &dir, &lens);
-    let e = res.unwrap_err();
-    let msg = e.to_string();
-    assert!(
-        matches!(
-            e,
-            CkptError::Corrupt {
-                chunk: Some(3),
-                memory_written: false,
-                ..
-            }
-        ),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("truncated") && msg.contains("not touched"),
-        "{msg}"
+    assert_corrupt(
+        &res.unwrap_err(),
+        "r0",
+        3,
+        false,
+        &["truncated", "not touched"],
     );
     assert!(
         got.iter().all(|b| b.iter().all(|&x| x == 0xee)),
@@ -448,7 +358,7 @@ fn every_corruption_names_region_and_chunk_and_what_memory_saw() {
     );
     let mut other = vec![0u8; 10];
     let rg = [region("r0", &mut bufs[0]), region("r7", &mut other)];
-    let _r = reg(&a, rg.iter().map(|r| Desc::new(r.addr, r.len, 0)).collect());
+    let _r = register_regions(&a, &rg);
     // SAFETY: the buffers live for the call.
     let e =
         unsafe { restore(&a, dir.to_str().unwrap(), &rg, &RestoreOptions::default()) }.unwrap_err();
@@ -486,7 +396,7 @@ fn kill_9_during_save_never_leaves_a_valid_looking_partial_checkpoint() {
             let mut bufs: Vec<Vec<u8>> = LENS
                 .iter()
                 .enumerate()
-                .map(|(i, &l)| pattern(l, g * 10 + i as u64))
+                .map(|(i, &l)| pattern(g * 10 + i as u64, l))
                 .collect();
             save_small(&a, &dir, &mut bufs, None);
         }
@@ -496,7 +406,7 @@ fn kill_9_during_save_never_leaves_a_valid_looking_partial_checkpoint() {
     // How long one save takes here: kills are spread over 1.25 times that after the child
     // starts its first save, so most land inside it, on slow and fast machines alike.
     let probe = scratch("kill-probe");
-    let mut bufs: Vec<Vec<u8>> = LENS.iter().map(|&l| pattern(l, 3)).collect();
+    let mut bufs: Vec<Vec<u8>> = LENS.iter().map(|&l| pattern(3, l)).collect();
     let t = std::time::Instant::now();
     save_small(&a, &probe, &mut bufs, None);
     let save_us = (t.elapsed().as_micros() as u64).max(1000);
@@ -510,7 +420,7 @@ fn kill_9_during_save_never_leaves_a_valid_looking_partial_checkpoint() {
             let mut bufs: Vec<Vec<u8>> = LENS
                 .iter()
                 .enumerate()
-                .map(|(i, &l)| pattern(l, 7 * 10 + i as u64))
+                .map(|(i, &l)| pattern(7 * 10 + i as u64, l))
                 .collect();
             save_small(&a, &dir, &mut bufs, None);
         }
@@ -545,11 +455,11 @@ fn kill_9_during_save_never_leaves_a_valid_looking_partial_checkpoint() {
             Ok(_) => {
                 let g = std::iter::once(7)
                     .chain(gen0..gen0 + 10_000)
-                    .find(|&g| got[0][..8] == pattern(8, g * 10)[..])
+                    .find(|&g| got[0][..8] == pattern(g * 10, 8)[..])
                     .unwrap_or_else(|| panic!("round {round}: restored bytes are no generation"));
                 for (i, &l) in LENS.iter().enumerate() {
                     assert!(
-                        got[i] == pattern(l, g * 10 + i as u64),
+                        got[i] == pattern(g * 10 + i as u64, l),
                         "round {round}: region {i} mixes generations"
                     );
                 }
@@ -580,7 +490,7 @@ fn incremental_saves_write_only_changed_chunks_and_restore_on_their_own() {
     let mut bufs: Vec<Vec<u8>> = lens
         .iter()
         .enumerate()
-        .map(|(i, &l)| pattern(l, 40 + i as u64))
+        .map(|(i, &l)| pattern(40 + i as u64, l))
         .collect();
     let base = scratch("base");
     let full = save_small(&a, &base, &mut bufs, None);

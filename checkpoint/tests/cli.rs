@@ -5,9 +5,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use nixl_checkpoint::{save, Region, SaveOptions};
-use nixl_core::{Agent, Desc, DescList, MemKind};
-use nixl_transports::config::Config;
 use serde_json::Value;
+
+mod common;
+use common::{file_agent, region, register_regions};
 
 fn ckpt(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nixl-ckpt"))
@@ -26,11 +27,7 @@ fn json(o: &Output) -> Value {
 }
 
 fn make(dir: &Path) {
-    let cfg = Config::from_toml("backends = [\"uring\", \"posix\"]").unwrap();
-    let a = Agent::builder("cli")
-        .backends(cfg.backends().unwrap())
-        .build()
-        .unwrap();
+    let a = file_agent("cli");
     let mut bufs: Vec<Vec<u8>> = vec![
         (0..300_000u32).map(|i| (i * 7) as u8).collect(),
         vec![5u8; 10],
@@ -38,18 +35,9 @@ fn make(dir: &Path) {
     let regions: Vec<Region> = bufs
         .iter_mut()
         .zip(["weights", "meta"])
-        .map(|(b, n)| Region::dram(n, b.as_mut_ptr() as u64, b.len() as u64))
+        .map(|(b, n)| region(n, b))
         .collect();
-    let list = DescList::from_descs(
-        MemKind::Dram,
-        regions
-            .iter()
-            .map(|r| Desc::new(r.addr, r.len, 0))
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
-    // SAFETY: the buffers outlive the registration.
-    let _r = unsafe { a.register(&list) }.unwrap();
+    let _r = register_regions(&a, &regions);
     let opts = SaveOptions {
         chunk_size: 64 << 10,
         metadata: Some(r#"{"model":"m","tp":2}"#.into()),

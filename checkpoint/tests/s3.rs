@@ -7,12 +7,14 @@
 use std::process::Command;
 
 use nixl_checkpoint::{
-    restore, restore_mapped, save, CkptError, Placement, Region, RestoreOptions, SaveOptions,
-    SaveReport,
+    restore, restore_mapped, save, CkptError, Placement, RestoreOptions, SaveOptions, SaveReport,
 };
-use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
+use nixl_core::Agent;
 use nixl_testkit::moto::Moto;
-use nixl_transports::config::Config;
+use nixl_testkit::pattern::pattern;
+
+mod common;
+use common::{agent_with, assert_corrupt, numbered_regions};
 
 const BUCKET: &str = "ckpt-test";
 /// moto with the test's bucket (multipart from 64 KiB, so that packs go up in parts).
@@ -88,47 +90,13 @@ impl Bucket for Moto {
 }
 
 fn agent(m: &Moto) -> Agent {
-    let cfg = Config::from_toml(&format!(
+    let toml = format!(
         "backends = [\"uring\", \"posix\", \"object\"]\n[object]\nendpoint = \"http://127.0.0.1:{}\"\n\
          region = \"us-east-1\"\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n\
          part_size = 1048576\nmultipart_threshold = 2097152\n",
         m.port
-    ))
-    .unwrap();
-    Agent::builder("ckpt-s3")
-        .backends(cfg.backends().unwrap())
-        .build()
-        .unwrap()
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn reg(a: &Agent, bufs: &mut [Vec<u8>]) -> (Vec<Region>, Registration) {
-    let regions: Vec<Region> = bufs
-        .iter_mut()
-        .enumerate()
-        .map(|(i, b)| Region::dram(format!("r{i}"), b.as_mut_ptr() as u64, b.len() as u64))
-        .collect();
-    let list = DescList::from_descs(
-        MemKind::Dram,
-        regions
-            .iter()
-            .map(|r| Desc::new(r.addr, r.len, 0))
-            .collect::<Vec<_>>(),
-    )
-    .unwrap();
-    // SAFETY: the buffers outlive the registration.
-    (regions, unsafe { a.register(&list) }.unwrap())
+    );
+    agent_with("ckpt-s3", &toml)
 }
 
 const LENS: [usize; 2] = [(5 << 20) + 333, 3];
@@ -138,9 +106,9 @@ fn save_gen(a: &Agent, uri: &str, seed: u64) -> Vec<Vec<u8>> {
     let mut bufs: Vec<Vec<u8>> = LENS
         .iter()
         .enumerate()
-        .map(|(i, &l)| pattern(l, seed + i as u64))
+        .map(|(i, &l)| pattern(seed + i as u64, l))
         .collect();
-    let (regions, _r) = reg(a, &mut bufs);
+    let (regions, _r) = numbered_regions(a, &mut bufs);
     let opts = SaveOptions {
         chunk_size: CHUNK,
         metadata: Some("{\"s3\":true}".into()),
@@ -154,7 +122,7 @@ fn save_gen(a: &Agent, uri: &str, seed: u64) -> Vec<Vec<u8>> {
 
 fn restore_all(a: &Agent, uri: &str) -> (Result<u64, CkptError>, Vec<Vec<u8>>) {
     let mut bufs: Vec<Vec<u8>> = LENS.iter().map(|&l| vec![0u8; l]).collect();
-    let (regions, r) = reg(a, &mut bufs);
+    let (regions, r) = numbered_regions(a, &mut bufs);
     // SAFETY: the buffers live and are untouched for the call.
     let res = unsafe { restore(a, uri, &regions, &RestoreOptions::default()) };
     drop(r);
@@ -218,22 +186,7 @@ fn s3_round_trips_and_every_damage_is_named() {
     b[3 * CHUNK as usize + 5] ^= 1;
     m.put(&r0, &b);
     let e = restore_all(&a, &uri).0.unwrap_err();
-    let msg = e.to_string();
-    assert!(
-        matches!(
-            e,
-            CkptError::Corrupt {
-                chunk: Some(3),
-                memory_written: true,
-                ..
-            }
-        ),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("\"r0\" chunk 3") && msg.contains("checksum"),
-        "{msg}"
-    );
+    assert_corrupt(&e, "r0", 3, true, &["\"r0\" chunk 3", "checksum"]);
     // Truncated.
     m.put(&r0, &orig[..orig.len() - 100]);
     let e = restore_all(&a, &uri).0.unwrap_err().to_string();
@@ -266,7 +219,7 @@ fn s3_round_trips_and_every_damage_is_named() {
 }
 
 fn save_bufs(a: &Agent, uri: &str, bufs: &mut [Vec<u8>], base: Option<&str>) -> SaveReport {
-    let (regions, _r) = reg(a, bufs);
+    let (regions, _r) = numbered_regions(a, bufs);
     let opts = SaveOptions {
         chunk_size: CHUNK,
         metadata: Some("{\"inc\":1}".into()),
@@ -288,7 +241,7 @@ fn s3_rm_of_a_base_with_an_incremental_beside_it_is_refused_unless_forced() {
     let base = format!("s3://{BUCKET}/guard/base");
     let step = format!("s3://{BUCKET}/guard/step");
     let other = format!("s3://{BUCKET}/guard/other");
-    let mut bufs: Vec<Vec<u8>> = LENS.iter().map(|&l| pattern(l, 3)).collect();
+    let mut bufs: Vec<Vec<u8>> = LENS.iter().map(|&l| pattern(3, l)).collect();
     save_bufs(&a, &base, &mut bufs, None);
     save_bufs(&a, &other, &mut bufs, None);
     bufs[0][5] ^= 1;
@@ -345,7 +298,7 @@ fn s3_incremental_copy_cleanup_and_rm() {
     let mut bufs: Vec<Vec<u8>> = LENS
         .iter()
         .enumerate()
-        .map(|(i, &l)| pattern(l, 7 + i as u64))
+        .map(|(i, &l)| pattern(7 + i as u64, l))
         .collect();
     let first = bufs.clone();
     let rep = save_bufs(&a, &base, &mut bufs, None);
@@ -379,7 +332,7 @@ fn s3_incremental_copy_cleanup_and_rm() {
     let _ = std::fs::remove_dir_all(&dir);
     let d1 = dir.join("d1");
     let d1 = d1.to_str().unwrap();
-    let (regions, _r) = reg(&a, &mut bufs);
+    let (regions, _r) = numbered_regions(&a, &mut bufs);
     let opts = SaveOptions {
         chunk_size: CHUNK,
         base: Some(d1.to_owned()),
@@ -445,7 +398,7 @@ fn s3_incremental_copy_cleanup_and_rm() {
     m.put("inc/step/d0123456789abcdef-0.dat", b"left by a killed save");
     m.put("inc/step/notes.txt", b"not ours");
     m.put("inc/step/sub/d0123456789abcdef-0.dat", b"another prefix");
-    let mut other: Vec<Vec<u8>> = LENS.iter().map(|&l| pattern(l, 99)).collect();
+    let mut other: Vec<Vec<u8>> = LENS.iter().map(|&l| pattern(99, l)).collect();
     save_bufs(&a, &step, &mut other, None);
     let keys = m.keys("inc/step/");
     let ours: Vec<&String> = keys
@@ -497,13 +450,13 @@ fn s3_artifacts_round_trip_and_a_damaged_pack_is_refused() {
     std::fs::create_dir_all(tree.join("k/v")).unwrap();
     std::fs::create_dir_all(tree.join("empty")).unwrap();
     // Past moto's multipart threshold (64 KiB here): the pack goes up in parts.
-    let big = pattern((1 << 20) + 3, 5);
+    let big = pattern(5, (1 << 20) + 3);
     std::fs::write(tree.join("k/v/kernel.bin"), &big).unwrap();
     std::fs::write(tree.join("k/none"), b"").unwrap();
     std::fs::write(tree.join("top.json"), b"{\"v\":2}").unwrap();
     let uri = format!("s3://{BUCKET}/art/one");
-    let mut bufs = vec![pattern(100_000, 3)];
-    let (regions, r) = reg(&a, &mut bufs);
+    let mut bufs = vec![pattern(3, 100_000)];
+    let (regions, r) = numbered_regions(&a, &mut bufs);
     let opts = SaveOptions {
         chunk_size: CHUNK,
         artifacts: vec![("cache".into(), tree.clone())],

@@ -9,43 +9,21 @@ use nixl_checkpoint::{
     ops, read_manifest_with, restore, restore_mapped, save, CkptError, Placement, Region,
     RestoreOptions, SaveOptions,
 };
-use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
-use nixl_transports::config::Config;
+use nixl_core::{Agent, Desc, MemKind, Registration};
+use nixl_testkit::pattern::pattern;
+
+mod common;
+use common::{agent_with, assert_corrupt, numbered_regions, scratch_path, FILE_BACKENDS};
 
 fn agent(toml: &str) -> Agent {
-    let cfg = Config::from_toml(toml).unwrap();
-    Agent::builder(format!(
-        "ckpt-serve-test-{:x}",
-        nixl_core::random_u64().unwrap()
-    ))
-    .backends(cfg.backends().unwrap())
-    .build()
-    .unwrap()
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    agent_with(
+        &format!("ckpt-serve-test-{:x}", nixl_core::random_u64().unwrap()),
+        toml,
+    )
 }
 
 fn register(a: &Agent, d: Desc) -> Registration {
-    // SAFETY: the test's buffers outlive the registration.
-    unsafe { a.register(&DescList::from_descs(MemKind::Dram, vec![d]).unwrap()) }.unwrap()
-}
-
-fn scratch(tag: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!(
-        "nixl-ckpt-{tag}-{}-{:x}",
-        std::process::id(),
-        nixl_core::random_u64().unwrap()
-    ))
+    common::register(a, MemKind::Dram, d)
 }
 
 /// Kills the serving process when the test ends, passing or not.
@@ -77,7 +55,7 @@ impl Drop for Server {
 
 #[test]
 fn restore_from_a_peer_serving_the_checkpoint_over_tcp() {
-    let dir = scratch("serve");
+    let dir = scratch_path("serve");
     let uri = dir.to_str().unwrap();
     // 21 chunks of 1 MiB in r0: the restore goes in more requests than it keeps in flight.
     let sizes = [(20 << 20) + 17, 4096, 777];
@@ -137,7 +115,7 @@ fn restore_from_a_peer_serving_the_checkpoint_over_tcp() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Saves `sizes` regions `r<i>` of `pattern(n, seed + i)` to `dir` in chunks of 1 MiB; returns
+/// Saves `sizes` regions `r<i>` of `pattern(seed + i, n)` to `dir` in chunks of 1 MiB; returns
 /// their bytes.
 fn save_sample(dir: &std::path::Path, sizes: &[usize], seed: u64) -> Vec<Vec<u8>> {
     save_sample_with(dir, sizes, seed, None)
@@ -153,17 +131,11 @@ fn save_sample_with(
     let want: Vec<Vec<u8>> = sizes
         .iter()
         .enumerate()
-        .map(|(i, &n)| pattern(n, seed + i as u64))
+        .map(|(i, &n)| pattern(seed + i as u64, n))
         .collect();
-    let a = agent("backends = [\"uring\", \"posix\"]");
+    let a = agent(FILE_BACKENDS);
     let mut bufs = want.clone();
-    let descs: Vec<Desc> = bufs.iter_mut().map(|b| Desc::from_mut_slice(b)).collect();
-    let _regs: Vec<_> = descs.iter().map(|d| register(&a, *d)).collect();
-    let regions: Vec<Region> = descs
-        .iter()
-        .enumerate()
-        .map(|(i, d)| Region::dram(format!("r{i}"), d.addr, d.len))
-        .collect();
+    let (regions, _r) = numbered_regions(&a, &mut bufs);
     let opts = SaveOptions {
         chunk_size: 1 << 20,
         metadata: metadata.map(str::to_owned),
@@ -179,7 +151,7 @@ fn save_sample_with(
 /// and an unknown name is "no checkpoint" listing what is there.
 #[test]
 fn one_server_serves_several_checkpoints_each_by_name() {
-    let root = scratch("serve-several");
+    let root = scratch_path("serve-several");
     std::fs::create_dir_all(&root).unwrap();
     let (da, db) = (root.join("first"), root.join("second-ck"));
     let wa = save_sample(&da, &[(3 << 20) + 5, 999], 11);
@@ -244,17 +216,17 @@ fn one_server_serves_several_checkpoints_each_by_name() {
 /// carried by a copy from the peer into a directory, every file the same.
 #[test]
 fn artifacts_are_served_by_a_peer_and_carried_by_a_copy_from_it() {
-    let root = scratch("serve-art");
+    let root = scratch_path("serve-art");
     std::fs::create_dir_all(root.join("tree/k/v")).unwrap();
     std::fs::create_dir_all(root.join("tree/empty")).unwrap();
-    let big = pattern((5 << 20) + 9, 77);
+    let big = pattern(77, (5 << 20) + 9);
     std::fs::write(root.join("tree/k/v/kernel.bin"), &big).unwrap();
     std::fs::write(root.join("tree/k/none"), b"").unwrap();
     std::fs::write(root.join("tree/top.json"), b"{\"v\":3}").unwrap();
     let ck = root.join("ck");
     {
-        let a = agent("backends = [\"uring\", \"posix\"]");
-        let mut b = pattern(300_000, 4);
+        let a = agent(FILE_BACKENDS);
+        let mut b = pattern(4, 300_000);
         let d = Desc::from_mut_slice(&mut b);
         let _r = register(&a, d);
         let opts = SaveOptions {
@@ -322,7 +294,7 @@ fn artifacts_are_served_by_a_peer_and_carried_by_a_copy_from_it() {
 #[test]
 fn a_peer_without_a_checkpoint_or_not_there_is_a_clear_error() {
     let server = agent("backends = [\"tcp\"]\n[tcp]\nlisten = \"127.0.0.1:0\"\n");
-    let mut junk = pattern(8192, 9);
+    let mut junk = pattern(9, 8192);
     let _reg = register(&server, Desc::from_mut_slice(&mut junk));
     let at = nixl_transports::tcp::listen_addrs_in(&server.metadata())[0];
     let a = agent("backends = [\"tcp\"]");
@@ -356,10 +328,10 @@ fn a_peer_without_a_checkpoint_or_not_there_is_a_clear_error() {
 
 #[test]
 fn a_peer_serving_altered_bytes_is_caught_by_the_checksums() {
-    let dir = scratch("serve-bad");
+    let dir = scratch_path("serve-bad");
     let uri = dir.to_str().unwrap();
-    let a = agent("backends = [\"uring\", \"posix\"]");
-    let mut buf = pattern((2 << 20) + 9, 4);
+    let a = agent(FILE_BACKENDS);
+    let mut buf = pattern(4, (2 << 20) + 9);
     let d = Desc::from_mut_slice(&mut buf);
     let reg = register(&a, d);
     let opts = SaveOptions {
@@ -391,25 +363,14 @@ fn a_peer_serving_altered_bytes_is_caught_by_the_checksums() {
         )
     }
     .unwrap_err();
-    match e {
-        CkptError::Corrupt {
-            region,
-            chunk,
-            memory_written,
-            ..
-        } => assert_eq!(
-            (region.as_str(), chunk, memory_written),
-            ("w", Some(1), true)
-        ),
-        other => panic!("{other:?}"),
-    }
+    assert_corrupt(&e, "w", 1, true, &[]);
     drop(served);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn copy_from_a_peer_streams_in_bounded_memory() {
-    let dir = scratch("copy-src");
+    let dir = scratch_path("copy-src");
     let uri = dir.to_str().unwrap();
     // 72 MiB and change in three regions, chunks of 1 MiB; the copy stages 4 MiB at a time.
     let sizes = [(48 << 20) + 4097, 24 << 20, 999];
@@ -434,10 +395,10 @@ fn copy_from_a_peer_streams_in_bounded_memory() {
         assert_eq!(v["bytes"].as_u64(), Some(total as u64), "{v}");
         v["peak_rss_bytes"].as_u64().expect("peak_rss_bytes")
     };
-    let dst = scratch("copy-dst");
+    let dst = scratch_path("copy-dst");
     let peak = copy(&dst, "4MiB");
     // The same copy staging a whole region at once (the largest, 48 MiB).
-    let whole = scratch("copy-whole");
+    let whole = scratch_path("copy-whole");
     let peak_whole = copy(&whole, "1GiB");
     eprintln!("peak RSS: {peak} bytes staging 4 MiB, {peak_whole} staging 1 GiB ({total} bytes)");
     assert!(
@@ -462,13 +423,13 @@ fn copy_from_a_peer_streams_in_bounded_memory() {
         assert_eq!(rep.bytes, total as u64);
     }
     // The data files hold the bytes that were saved.
-    let a = agent("backends = [\"uring\", \"posix\"]");
+    let a = agent(FILE_BACKENDS);
     let r = restore_mapped(&a, dst.to_str().unwrap(), None, Placement::Anywhere).unwrap();
     for (i, &n) in sizes.iter().enumerate() {
         let x = r.region(&format!("r{i}")).unwrap();
         // SAFETY: the region is mapped and written by the restore, which has returned.
         let b = unsafe { std::slice::from_raw_parts(x.addr as usize as *const u8, x.len as usize) };
-        assert!(b == pattern(n, i as u64 + 11).as_slice(), "r{i} differs");
+        assert!(b == pattern(i as u64 + 11, n).as_slice(), "r{i} differs");
     }
     drop(r);
     for d in [&dir, &dst, &whole] {

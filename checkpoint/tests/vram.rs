@@ -21,10 +21,14 @@ use nixl_checkpoint::{
     ops, restore, restore_mapped, restore_report, save, CkptError, DataPath, Placement, Region,
     RestoreOptions, SaveOptions,
 };
-use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, Registration};
+use nixl_core::{Agent, BackendName, Desc, MemKind};
+use nixl_testkit::pattern::pattern;
 use nixl_transports::config::Config;
 use nixl_transports::cuda::{CudaBackend, CudaConfig, VmmBuffer};
 use nixl_transports::gds::{GdsBackend, GdsConfig};
+
+mod common;
+use common::{assert_corrupt, register, scratch, FILE_BACKENDS};
 
 /// Why the GPU test does not run: `NIXL_TEST_CUDA=1` says this host has a GPU.
 fn no_gpu() -> Option<&'static str> {
@@ -33,7 +37,7 @@ fn no_gpu() -> Option<&'static str> {
 }
 
 fn agent(cuda: bool) -> Agent {
-    let cfg = Config::from_toml("backends = [\"uring\", \"posix\"]").unwrap();
+    let cfg = Config::from_toml(FILE_BACKENDS).unwrap();
     let mut b = Agent::builder("ckpt-vram-test").backends(cfg.backends().unwrap());
     if cuda {
         b = b.backend(CudaBackend::new(CudaConfig {
@@ -42,34 +46,6 @@ fn agent(cuda: bool) -> Agent {
         }));
     }
     b.build().unwrap()
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "nixl-ckpt-vram-{tag}-{}-{:x}",
-        std::process::id(),
-        nixl_core::random_u64().unwrap()
-    ));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = vec![0u8; len];
-    for c in v.chunks_mut(8) {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        let b = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
-        c.copy_from_slice(&b[..c.len()]);
-    }
-    v
-}
-
-fn register(a: &Agent, kind: MemKind, d: Desc) -> Registration {
-    // SAFETY: the test's buffers outlive the registration.
-    unsafe { a.register(&DescList::from_descs(kind, vec![d]).unwrap()) }.unwrap()
 }
 
 fn download(buf: &VmmBuffer) -> Vec<u8> {
@@ -94,10 +70,10 @@ fn gpu_vram_regions_save_restore_and_recorded_addresses() {
     let dir = scratch("gpu");
     let uri = dir.to_str().unwrap();
     let len = (5 << 20) + 123;
-    let want = pattern(len, 11);
+    let want = pattern(11, len);
     let src = VmmBuffer::new(0, len, false).unwrap();
     src.upload(0, &want).unwrap();
-    let mut host = pattern(70_001, 12);
+    let mut host = pattern(12, 70_001);
     let host_want = host.clone();
     let hd = Desc::from_mut_slice(&mut host);
     let src_reg = register(&a, MemKind::Vram, src.desc());
@@ -206,7 +182,7 @@ fn gpu_vram_regions_through_gds() {
         ));
     let uri = dir.to_str().unwrap();
     let (wlen, olen) = (9 << 20, (5 << 20) + 123);
-    let (wwant, owant) = (pattern(wlen, 21), pattern(olen, 22));
+    let (wwant, owant) = (pattern(21, wlen), pattern(22, olen));
     let w = VmmBuffer::new(0, wlen, false).unwrap();
     let o = VmmBuffer::new(0, olen, false).unwrap();
     w.upload(0, &wwant).unwrap();
@@ -262,18 +238,8 @@ fn gpu_vram_regions_through_gds() {
     std::fs::write(&path, bytes).unwrap();
     let one = [Region::vram("w", dw.addr(), wlen as u64, 0)];
     // SAFETY: as above.
-    match unsafe { restore_report(&a, uri, &one, &RestoreOptions::default()) } {
-        Err(CkptError::Corrupt {
-            region,
-            chunk,
-            memory_written,
-            ..
-        }) => assert_eq!(
-            (region.as_str(), chunk, memory_written),
-            ("w", Some(1), true)
-        ),
-        other => panic!("{other:?}"),
-    }
+    let e = unsafe { restore_report(&a, uri, &one, &RestoreOptions::default()) }.unwrap_err();
+    assert_corrupt(&e, "w", 1, true, &[]);
     drop(dw_reg);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -287,7 +253,7 @@ fn vram_region_in_a_manifest_needs_the_driver() {
     let a = agent(with_gpu);
     let dir = scratch("nodriver");
     let uri = dir.to_str().unwrap();
-    let mut buf = pattern(9000, 5);
+    let mut buf = pattern(5, 9000);
     let want = buf.clone();
     let d = Desc::from_mut_slice(&mut buf);
     let reg = register(&a, MemKind::Dram, d);

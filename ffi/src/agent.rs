@@ -3,18 +3,6 @@
 
 use super::*;
 
-pub(crate) fn init_logging() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if let Ok(filter) = std::env::var("NIXL_LOG") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-                .with_writer(std::io::stderr)
-                .try_init();
-        }
-    });
-}
-
 /// Creates an agent named `name` (non-empty, UTF-8) and writes it to `*out`.
 ///
 /// `config_toml` NULL means the defaults (backends `local`, `shm`, `tcp`); otherwise a TOML
@@ -33,7 +21,7 @@ pub unsafe extern "C" fn nixl_agent_new(
     out: *mut *mut nixl_agent,
 ) -> nixl_status {
     guard(|| {
-        init_logging();
+        nixl_core::init_logging_from_env();
         if out.is_null() {
             return Err(Fail::invalid("out is NULL"));
         }
@@ -116,14 +104,13 @@ pub unsafe extern "C" fn nixl_register(
     descs: *const nixl_desc,
     count: usize,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         let list = descs_arg(kind, descs, count, "descs")?;
         // SAFETY: the caller's contract (above) is `Agent::register`'s.
         let reg = unsafe { a.shared.agent.register(&list) }?;
         // Regions stay registered until nixl_deregister or the agent goes.
         reg.forget();
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -140,8 +127,7 @@ pub unsafe extern "C" fn nixl_deregister(
     descs: *const nixl_desc,
     count: usize,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         let list = descs_arg(kind, descs, count, "descs")?;
         for d in list.descs() {
             a.shared
@@ -152,7 +138,7 @@ pub unsafe extern "C" fn nixl_deregister(
                 a.shared.files.lock().remove(&d.dev_id);
             }
         }
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 

@@ -48,6 +48,23 @@ pub(crate) fn bytes_arg<'a>(p: *const u8, len: usize, what: &str) -> Res<&'a [u8
     Ok(unsafe { std::slice::from_raw_parts(p, len) })
 }
 
+/// `count` elements of `T` at `p` (the caller checks `count` against its own bounds first):
+/// non-NULL, aligned, at most `isize::MAX` bytes.
+pub(crate) fn slice_arg<'a, T>(p: *const T, count: usize, what: &str) -> Res<&'a [T]> {
+    if p.is_null() {
+        return Err(Fail::invalid(format!("{what} is NULL with count {count}")));
+    }
+    if !p.is_aligned() {
+        return Err(Fail::invalid(format!("{what} is misaligned")));
+    }
+    if count > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
+        return Err(Fail::invalid(format!("{what}: count {count} is too large")));
+    }
+    // SAFETY: non-NULL, aligned, size within isize::MAX; the caller passes `count` elements
+    // that stay valid and unchanged for the call.
+    Ok(unsafe { std::slice::from_raw_parts(p, count) })
+}
+
 /// A descriptor array: non-NULL, aligned, at least one element.
 pub(crate) fn descs_arg(kind: i32, p: *const nixl_desc, count: usize, what: &str) -> Res<DescList> {
     let kind = kind_arg(kind)?;
@@ -56,19 +73,7 @@ pub(crate) fn descs_arg(kind: i32, p: *const nixl_desc, count: usize, what: &str
             "{what}: no descriptors (count is 0)"
         )));
     }
-    if p.is_null() {
-        return Err(Fail::invalid(format!("{what} is NULL with count {count}")));
-    }
-    if !p.is_aligned() {
-        return Err(Fail::invalid(format!("{what} is misaligned")));
-    }
-    if count > isize::MAX as usize / std::mem::size_of::<nixl_desc>() {
-        return Err(Fail::invalid(format!("{what}: count {count} is too large")));
-    }
-    // SAFETY: non-NULL, aligned, size within isize::MAX; the caller passes `count` descriptors
-    // that stay valid for the call.
-    let s = unsafe { std::slice::from_raw_parts(p, count) };
-    let descs: Vec<Desc> = s
+    let descs: Vec<Desc> = slice_arg(p, count, what)?
         .iter()
         .map(|d| Desc::new(d.addr, d.len, d.dev_id))
         .collect();

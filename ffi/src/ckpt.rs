@@ -37,22 +37,14 @@ fn regions_arg(p: *const nixl_ckpt_region, count: usize) -> Res<Vec<Region>> {
     if count == 0 {
         return Err(Fail::invalid("regions: none given (count is 0)"));
     }
-    if p.is_null() {
-        return Err(Fail::invalid(format!("regions is NULL with count {count}")));
-    }
-    if !p.is_aligned() {
-        return Err(Fail::invalid("regions is misaligned"));
-    }
     if count > nixl_checkpoint::manifest::MAX_REGIONS {
         return Err(Fail::invalid(format!(
             "regions: count {count} is over the limit of {}",
             nixl_checkpoint::manifest::MAX_REGIONS
         )));
     }
-    // SAFETY: non-NULL, aligned, count bounded; the caller passes `count` regions that stay
-    // valid for the call.
-    let s = unsafe { std::slice::from_raw_parts(p, count) };
-    s.iter()
+    slice_arg(p, count, "regions")?
+        .iter()
         .enumerate()
         .map(|(i, r)| {
             Ok(Region {
@@ -84,24 +76,9 @@ pub unsafe extern "C" fn nixl_ckpt_save(
     count: usize,
     base_uri: *const c_char,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
-        let uri = str_arg(uri, "uri")?;
-        let regions = regions_arg(regions, count)?;
-        let base = if base_uri.is_null() {
-            None
-        } else {
-            Some(str_arg(base_uri, "base_uri")?.to_owned())
-        };
-        let opts = SaveOptions {
-            base,
-            ..SaveOptions::default()
-        };
-        // SAFETY: the caller's contract (above) is `save`'s.
-        unsafe { nixl_checkpoint::save(&a.shared.agent, uri, &regions, &opts) }
-            .map_err(ckpt_fail)?;
-        Ok(NIXL_OK)
-    })
+    let none = std::ptr::null();
+    // SAFETY: the caller's contract (above) is `nixl_ckpt_save_artifacts`' with no artifacts.
+    unsafe { nixl_ckpt_save_artifacts(agent, uri, regions, count, base_uri, none, none, 0) }
 }
 
 /// Restores the named regions of `uri` into the caller's registered memory described by
@@ -120,8 +97,7 @@ pub unsafe extern "C" fn nixl_ckpt_restore(
     regions: *const nixl_ckpt_region,
     count: usize,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         let uri = str_arg(uri, "uri")?;
         let regions = regions_arg(regions, count)?;
         // SAFETY: the caller's contract (above) is `restore`'s.
@@ -129,7 +105,7 @@ pub unsafe extern "C" fn nixl_ckpt_restore(
             nixl_checkpoint::restore(&a.shared.agent, uri, &regions, &RestoreOptions::default())
         }
         .map_err(ckpt_fail)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -157,8 +133,7 @@ pub unsafe extern "C" fn nixl_ckpt_save_artifacts(
     artifact_dirs: *const *const c_char,
     n_artifacts: usize,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         let uri = str_arg(uri, "uri")?;
         let regions = regions_arg(regions, count)?;
         let base = if base_uri.is_null() {
@@ -173,27 +148,8 @@ pub unsafe extern "C" fn nixl_ckpt_save_artifacts(
         }
         let mut artifacts = Vec::with_capacity(n_artifacts);
         if n_artifacts > 0 {
-            for (p, what) in [
-                (artifact_names, "artifact_names"),
-                (artifact_dirs, "artifact_dirs"),
-            ] {
-                if p.is_null() {
-                    return Err(Fail::invalid(format!(
-                        "{what} is NULL with n_artifacts {n_artifacts}"
-                    )));
-                }
-                if !p.is_aligned() {
-                    return Err(Fail::invalid(format!("{what} is misaligned")));
-                }
-            }
-            // SAFETY: non-NULL, aligned, bounded; the caller passes `n_artifacts` pointers in
-            // each array, valid for the call.
-            let (names, dirs) = unsafe {
-                (
-                    std::slice::from_raw_parts(artifact_names, n_artifacts),
-                    std::slice::from_raw_parts(artifact_dirs, n_artifacts),
-                )
-            };
+            let names = slice_arg(artifact_names, n_artifacts, "artifact_names")?;
+            let dirs = slice_arg(artifact_dirs, n_artifacts, "artifact_dirs")?;
             for i in 0..n_artifacts {
                 let n = str_arg(names[i], &format!("artifact_names[{i}]"))?;
                 let d = str_arg(dirs[i], &format!("artifact_dirs[{i}]"))?;
@@ -208,7 +164,7 @@ pub unsafe extern "C" fn nixl_ckpt_save_artifacts(
         // SAFETY: the caller's contract (above) is `save`'s.
         unsafe { nixl_checkpoint::save(&a.shared.agent, uri, &regions, &opts) }
             .map_err(ckpt_fail)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -275,13 +231,12 @@ pub unsafe extern "C" fn nixl_ckpt_restore_artifact_with(
     name: *const c_char,
     dest_dir: *const c_char,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         let uri = str_arg(uri, "uri")?;
         let name = str_arg(name, "name")?;
         let dest = std::path::Path::new(str_arg(dest_dir, "dest_dir")?);
         nixl_checkpoint::restore_artifact_with(&a.shared.agent, uri, name, dest)
             .map_err(ckpt_fail)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }

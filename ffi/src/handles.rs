@@ -60,6 +60,15 @@ pub(crate) trait Handle: Sized {
     const WHAT: &'static str;
     /// Its `magic` field, set to [`DEAD_MAGIC`] when it is freed.
     fn magic(&mut self) -> &mut u64;
+
+    /// The body of an export that acts on the live handle `p` ([`handle_ref`]), run in
+    /// [`guard`]: `NIXL_OK` once `f` succeeds.
+    fn with(p: *const Self::C, f: impl FnOnce(&Self) -> Res<()>) -> nixl_status {
+        guard(|| {
+            f(handle_ref(p)?)?;
+            Ok(NIXL_OK)
+        })
+    }
 }
 
 /// Ends a `_new` export: boxes `handle`, writes the pointer to `*out`, and records it live.

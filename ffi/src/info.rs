@@ -13,11 +13,10 @@ pub unsafe extern "C" fn nixl_agent_name(
     out: *mut c_char,
     cap: usize,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         let name = a.shared.agent.name();
         str_out(out, cap, name, "out")?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -32,11 +31,10 @@ pub unsafe extern "C" fn nixl_backend_status(
     agent: *const nixl_agent,
     backend: *const c_char,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         let name = str_arg(backend, "backend")?;
         a.shared.agent.check_backend(backend_arg(name)?)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 

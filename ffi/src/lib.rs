@@ -59,7 +59,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, CStr, CString};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixl_core::{

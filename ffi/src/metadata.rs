@@ -14,8 +14,7 @@ pub unsafe extern "C" fn nixl_local_md(
     md: *mut *mut u8,
     md_len: *mut usize,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         if md.is_null() || md_len.is_null() {
             return Err(Fail::invalid("md or md_len is NULL"));
         }
@@ -35,7 +34,7 @@ pub unsafe extern "C" fn nixl_local_md(
             unsafe { libc::free(p.cast()) };
             return Err(e);
         }
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -125,11 +124,10 @@ pub unsafe extern "C" fn nixl_object_name(
     id: u64,
     name: *const c_char,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         let name = str_arg(name, "name")?;
         nixl_transports::object::name_object(&a.shared.agent, id, name)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -143,10 +141,9 @@ pub unsafe extern "C" fn nixl_invalidate_remote(
     agent: *mut nixl_agent,
     remote_name: *const c_char,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         let name = str_arg(remote_name, "remote_name")?;
         a.shared.agent.invalidate_remote(name)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }

@@ -14,12 +14,11 @@ pub unsafe extern "C" fn nixl_notif_send(
     msg: *const u8,
     len: usize,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         let peer = str_arg(remote_name, "remote_name")?;
         let msg = bytes_arg(msg, len, "msg")?;
         a.shared.agent.send_notif(peer, msg)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 

@@ -50,10 +50,6 @@ impl std::fmt::Debug for WeightsHandle {
 
 handle!(WeightsHandle, nixl_weights, WEIGHTS_MAGIC, "weights");
 
-fn weights_ref<'a>(p: *const nixl_weights) -> Res<&'a WeightsHandle> {
-    handle_ref(p)
-}
-
 fn weights_fail(e: WsError) -> Fail {
     let code = match &e {
         WsError::Core { source, .. } => code_of(source),
@@ -123,8 +119,7 @@ pub unsafe extern "C" fn nixl_weights_open(
     timeout_ms: i64,
     out: *mut *mut nixl_weights,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         out_ok(out, "out")?;
         let model = str_arg(model, "model")?;
         let sources = list_arg(sources, "sources")?;
@@ -162,7 +157,7 @@ pub unsafe extern "C" fn nixl_weights_open(
             _agent: Arc::clone(&a.shared),
         };
         publish(out, h)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -188,11 +183,10 @@ pub unsafe extern "C" fn nixl_weights_model_id(
     out: *mut c_char,
     cap: usize,
 ) -> nixl_status {
-    guard(|| {
-        let w = weights_ref(weights)?;
+    WeightsHandle::with(weights, |w| {
         let id = w.src.manifest().model_id();
         str_out(out, cap, &id, "out")?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -205,10 +199,9 @@ pub unsafe extern "C" fn nixl_weights_tensor_count(
     weights: *const nixl_weights,
     count: *mut usize,
 ) -> nixl_status {
-    guard(|| {
-        let w = weights_ref(weights)?;
+    WeightsHandle::with(weights, |w| {
         write_out(count, w.src.manifest().tensors.len(), "count")?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -224,8 +217,7 @@ pub unsafe extern "C" fn nixl_weights_tensor_name(
     out: *mut c_char,
     cap: usize,
 ) -> nixl_status {
-    guard(|| {
-        let w = weights_ref(weights)?;
+    WeightsHandle::with(weights, |w| {
         let ts = &w.src.manifest().tensors;
         let t = ts.get(index).ok_or_else(|| {
             Fail::invalid(format!(
@@ -234,7 +226,7 @@ pub unsafe extern "C" fn nixl_weights_tensor_name(
             ))
         })?;
         str_out(out, cap, &t.name, "out")?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -260,8 +252,7 @@ pub unsafe extern "C" fn nixl_weights_tensor_info(
     ndim: *mut usize,
     len: *mut u64,
 ) -> nixl_status {
-    guard(|| {
-        let w = weights_ref(weights)?;
+    WeightsHandle::with(weights, |w| {
         let t = tensor(w, name)?;
         out_ok(ndim, "ndim")?;
         out_ok(len, "len")?;
@@ -292,7 +283,7 @@ pub unsafe extern "C" fn nixl_weights_tensor_info(
         }
         write_out(ndim, t.shape.len(), "ndim")?;
         write_out(len, t.end - t.begin, "len")?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -324,8 +315,7 @@ pub unsafe extern "C" fn nixl_weights_pull_tensor(
     len: u64,
     dev_id: u64,
 ) -> nixl_status {
-    guard(|| {
-        let w = weights_ref(weights)?;
+    WeightsHandle::with(weights, |w| {
         let t = tensor(w, name)?;
         let dtype = str_arg(dtype, "dtype")?;
         let shape: &[u64] = if ndim == 0 {
@@ -367,6 +357,6 @@ pub unsafe extern "C" fn nixl_weights_pull_tensor(
         // memory of `kind` that nothing else touches during the call.
         unsafe { w.src.pull_tensor(&t.name, &t.dtype, &t.shape, kind, dst) }
             .map_err(weights_fail)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }

@@ -41,8 +41,7 @@ pub unsafe extern "C" fn nixl_xfer_create(
     backend: *const c_char,
     out: *mut *mut nixl_xfer,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    AgentHandle::with(agent, |a| {
         if out.is_null() {
             return Err(Fail::invalid("out is NULL"));
         }
@@ -88,7 +87,7 @@ pub unsafe extern "C" fn nixl_xfer_create(
             _agent: Arc::clone(&a.shared),
         };
         publish(out, x)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -164,12 +163,7 @@ pub unsafe extern "C" fn nixl_xfer_backend(
     out: *mut c_char,
     cap: usize,
 ) -> nixl_status {
-    guard(|| {
-        let x = xfer_ref(xfer)?;
-        let name = x.req.backend().as_str();
-        str_out(out, cap, name, "out")?;
-        Ok(NIXL_OK)
-    })
+    name_out(xfer, out, cap, |r| r.backend().as_str())
 }
 
 /// Writes the name of the backend whose stager copies the request's device memory through
@@ -185,12 +179,19 @@ pub unsafe extern "C" fn nixl_xfer_staged(
     out: *mut c_char,
     cap: usize,
 ) -> nixl_status {
-    guard(|| {
-        let x = xfer_ref(xfer)?;
-        let name = x.req.info().staged.map_or("", |b| b.as_str());
-        str_out(out, cap, name, "out")?;
-        Ok(NIXL_OK)
+    name_out(xfer, out, cap, |r| {
+        r.info().staged.map_or("", |b| b.as_str())
     })
+}
+
+/// Writes the name `name_of` gives of the request behind `xfer` to `out` (`cap` bytes).
+fn name_out(
+    xfer: *const nixl_xfer,
+    out: *mut c_char,
+    cap: usize,
+    name_of: impl FnOnce(&XferRequest) -> &'static str,
+) -> nixl_status {
+    XferHandle::with(xfer, |x| str_out(out, cap, name_of(&x.req), "out"))
 }
 
 /// Frees a request. A post still in flight is cancelled, and the call returns only when no

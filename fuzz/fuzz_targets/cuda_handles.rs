@@ -5,8 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nixl_transports::cuda::handles::{ConnInfo, Ctl, RegionPublic};
-use nixl_transports::cuda::ipc::Frame;
+use nixl_transports::fuzzing::cuda_wire::{ConnInfo, Ctl, Frame, RegionPublic};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nixl_transports::rdma::wire::{ConnInfo, Msg, RegionKeys};
+use nixl_transports::fuzzing::rdma_wire::{ConnInfo, Msg, RegionKeys};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {

@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nixl_transports::shm::wire::{Frame, Framer};
+use nixl_transports::fuzzing::shm_wire::{Frame, Framer};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&cut, stream)) = data.split_first() else {

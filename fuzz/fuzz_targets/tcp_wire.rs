@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nixl_transports::tcp::wire::{self, Purpose};
+use nixl_transports::fuzzing::tcp_wire::{self as wire, Purpose};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, body)) = data.split_first() else {

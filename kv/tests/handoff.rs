@@ -139,6 +139,216 @@ fn prefill_abort_is_acknowledged_before_freeing() {
     assert!(dec.pull(&o, &[0, 1]).is_err());
 }
 
+/// Over `tcp`, decode's abort frees prefill's blocks at once, even while decode keeps every
+/// connection to prefill's listener busy with other READs (so prefill's listener never goes
+/// idle for that peer): the abort reaches prefill only after every frame decode wrote before
+/// it was served. Without that, prefill waited for an idle listener, i.e. until decode's other
+/// work stopped.
+#[test]
+fn over_tcp_decode_abort_frees_while_decode_keeps_every_connection_busy() {
+    use nixl_core::{Agent, Desc, DescList, MemKind, XferOp, XferOptions, XferStatus};
+    use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tcp = |name: &str| {
+        let c = TcpConfig {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            auth: Auth::host_only(),
+            // Enough READ chunks asked at once to keep prefill's listener writing.
+            window: 64,
+            ..TcpConfig::default()
+        };
+        let b = Arc::new(TcpBackend::new(c));
+        Agent::builder(name).backend(b).build().unwrap()
+    };
+    let p = common::worker_on(tcp("prefill"), shape(0, 1), true);
+    let d = common::worker_on(tcp("decode"), shape(0, 1), false);
+    // Other data of prefill's that decode keeps reading meanwhile.
+    let len = 16 << 20;
+    let mut other = vec![7u8; len];
+    let mut into = vec![0u8; len];
+    let list =
+        |b: &mut [u8]| DescList::from_descs(MemKind::Dram, vec![Desc::from_mut_slice(b)]).unwrap();
+    // SAFETY: both buffers outlive their registrations (dropped at the end of the test, after
+    // the busy thread stopped), and are read only by transfers.
+    let _regs = unsafe {
+        [
+            p.agent.register(&list(&mut other)),
+            d.agent.register(&list(&mut into)),
+        ]
+    };
+    p.agent.load_remote(&d.agent.metadata_bytes()).unwrap();
+    d.agent.load_remote(&p.agent.metadata_bytes()).unwrap();
+    let (mut pre, mut dec) = sides(&p, &d);
+    let (id, o) = offer(&mut pre, &mut dec, &[1, 2], Duration::from_secs(30));
+    let stop = AtomicBool::new(false);
+    let busy_for = Duration::from_secs(6);
+    std::thread::scope(|s| {
+        let (other, into, stop) = (list(&mut other), list(&mut into), &stop);
+        let agent = &d.agent;
+        let busy = s.spawn(move || {
+            // Eight READs of 16 MiB each, each posted again as it ends: both connections always
+            // have frames queued at prefill's listener.
+            let reqs: Vec<_> = (0..8)
+                .map(|_| {
+                    agent
+                        .create_xfer(
+                            XferOp::Read,
+                            &into,
+                            &other,
+                            "prefill",
+                            XferOptions::default(),
+                        )
+                        .unwrap()
+                })
+                .collect();
+            let t = Instant::now();
+            while !stop.load(Ordering::Acquire) && t.elapsed() < busy_for {
+                for x in &reqs {
+                    match x.status() {
+                        XferStatus::InProgress => {}
+                        XferStatus::Idle | XferStatus::Done => x.post().unwrap(),
+                        bad => panic!("a busy READ ended {bad:?}"),
+                    }
+                }
+                std::thread::yield_now();
+            }
+            for x in &reqs {
+                x.release();
+            }
+        });
+        // Let the busy READs start, then decode aborts.
+        let t = Instant::now();
+        while p.agent.peer_idle("decode") {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "decode's READs never came"
+            );
+        }
+        dec.cancel(&o.from, o.id, "client went away");
+        let t = Instant::now();
+        let (f, _) = drive(&mut pre, &mut dec, |f, _| !f.is_empty());
+        let took = t.elapsed();
+        let still_busy = !busy.is_finished();
+        stop.store(true, Ordering::Release);
+        busy.join().unwrap();
+        assert_eq!(f[0].id, id);
+        assert!(matches!(&f[0].outcome, Outcome::Cancelled(_)), "{f:?}");
+        assert!(
+            still_busy && took < Duration::from_millis(1500),
+            "freed after {took:?}, once decode's other READs stopped"
+        );
+    });
+}
+
+/// A tcp worker `me` (rank 0 of 1) that has talked to `peer`, which then went: its address now
+/// accepts connections that never finish a handshake (the listener returned keeps it so).
+fn with_frozen_peer(me: &str, peer: &str, fill: bool) -> (Worker, std::net::TcpListener) {
+    use nixl_core::Agent;
+    use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
+    use std::sync::Arc;
+    let tcp = |name: &str| {
+        let c = TcpConfig {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            auth: Auth::host_only(),
+            connect_timeout: Duration::from_secs(3),
+            ..TcpConfig::default()
+        };
+        let b = Arc::new(TcpBackend::new(c));
+        (Agent::builder(name).backend(b.clone()).build().unwrap(), b)
+    };
+    let ((a, _), (pa, pb)) = (tcp(me), tcp(peer));
+    let w = common::worker_on(a, shape(0, 1), fill);
+    w.agent.load_remote(&pa.metadata_bytes()).unwrap();
+    w.agent.send_notif(peer, b"hello").unwrap();
+    let addr = pb.listen_addrs()[0];
+    drop((pa, pb));
+    let silent = std::net::TcpListener::bind(addr).unwrap();
+    // The session to the peer sees it go before the handoff starts.
+    std::thread::sleep(Duration::from_millis(200));
+    (w, silent)
+}
+
+/// Waits for one poll to report something; fails after 10 s.
+fn first<T>(t: Instant, mut poll: impl FnMut() -> Vec<T>) -> Vec<T> {
+    loop {
+        let got = poll();
+        if !got.is_empty() {
+            return got;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the handoff never ended"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Polls (`poll`) until a side reports something, within 5 s of `t` (when the handoff of
+/// `lease` started): its peer gone, that is after the lease and one more (the grace), not before.
+fn poll_after_lease_and_grace<T>(
+    t: Instant,
+    lease: Duration,
+    mut poll: impl FnMut() -> Vec<T>,
+) -> Vec<T> {
+    loop {
+        let got = poll();
+        if !got.is_empty() {
+            assert!(t.elapsed() >= 2 * lease, "{:?}", t.elapsed());
+            return got;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Offering to a decode that stopped answering returns at once: the offer is posted, not sent,
+/// so the engine's poll loop never waits on the peer (a blocking send waited the whole
+/// connect timeout here and failed); the handoff then ends `Failed(lease expired)` through
+/// poll within two leases.
+#[test]
+fn over_tcp_an_offer_to_a_frozen_decode_never_blocks_and_ends_by_its_lease() {
+    let (p, _silent) = with_frozen_peer("prefill", "decode", true);
+    let mut pre = PrefillSide::new(&p.agent);
+    let t = Instant::now();
+    let id = pre
+        .offer("decode", "r", &[1], Duration::from_millis(300))
+        .unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "offer blocked for {took:?}"
+    );
+    let f = first(t, || pre.poll().0);
+    assert_eq!(
+        (f[0].id, &f[0].outcome),
+        (id, &Outcome::Failed("lease expired".into()))
+    );
+}
+
+/// As above for a push reservation asked of a prefill writer that stopped answering.
+#[test]
+fn over_tcp_a_reservation_with_a_frozen_prefill_never_blocks_and_ends_by_its_lease() {
+    let (d, _silent) = with_frozen_peer("decode", "prefill", false);
+    let mut dec = DecodeSide::new(&d.agent, d.layout).unwrap();
+    dec.add_prefill("prefill", vec![shape(0, 1)], vec!["prefill".into()])
+        .unwrap();
+    let t = Instant::now();
+    let id = dec
+        .reserve("prefill", "r", &[1], Duration::from_millis(300))
+        .unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "reserve blocked for {took:?}"
+    );
+    let e = first(t, || dec.poll().0);
+    assert!(
+        matches!(&e[0], DecodeEvent::Ended { id: i, outcome: Outcome::Failed(_), push: true, .. } if *i == id),
+        "{e:?}"
+    );
+}
+
 #[test]
 fn lease_expiry_frees_after_a_grace_period_when_decode_is_gone() {
     let (p, d) = setup();
@@ -148,13 +358,7 @@ fn lease_expiry_frees_after_a_grace_period_when_decode_is_gone() {
     let id = pre.offer("decode", "r", &[1], lease).unwrap();
     // Decode never answers (killed): prefill frees after the lease and one more, not before.
     drop(d);
-    let mut f = Vec::new();
-    while f.is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(5));
-        f = pre.poll().0;
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(t.elapsed() >= 2 * lease, "{:?}", t.elapsed());
+    let f = poll_after_lease_and_grace(t, lease, || pre.poll().0);
     assert_eq!(f[0].id, id);
     assert_eq!(f[0].outcome, Outcome::Failed("lease expired".into()));
 }
@@ -330,13 +534,7 @@ fn push_reservation_expires_when_prefill_never_writes() {
     dec.reserve("prefill-0", "r", &[1], lease).unwrap();
     // Prefill is gone (killed): decode frees after the lease and one more, not before.
     drop(ps);
-    let mut ev = Vec::new();
-    while ev.is_empty() {
-        assert!(t.elapsed() < Duration::from_secs(5));
-        ev = dec.poll().0;
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(t.elapsed() >= 2 * lease, "{:?}", t.elapsed());
+    let ev = poll_after_lease_and_grace(t, lease, || dec.poll().0);
     assert!(
         matches!(&ev[0], DecodeEvent::Ended { outcome: Outcome::Failed(w), .. } if w == "lease expired"),
         "{ev:?}"

@@ -11,7 +11,8 @@
 //! stdin to close (so its memory outlives every peer's transfer).
 
 mod common;
-use common::{check, worker_on, Worker};
+use common::{check, small_layout, worker_on, Worker};
+use nixl_core::codec::{hex, unhex};
 
 use std::io::{BufRead, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -33,19 +34,15 @@ const BOUND: Duration = Duration::from_secs(10);
 /// stays in flight for seconds behind a rate limit.
 /// `mla`: one latent head, replicated on every rank.
 fn shape(rank: u32, tp: u32, order: Order, big: bool, mla: bool) -> KvLayout {
-    KvLayout {
-        layers: 3,
-        blocks: 16,
-        tokens_per_block: if big { 64 } else { 4 },
-        total_heads: if mla { 1 } else { 4 },
-        head_dim: if big { 128 } else { 8 },
-        dtype_bytes: 2,
-        kind: if mla { KvKind::Mla } else { KvKind::Split },
-        order,
-        tp_rank: rank,
-        tp_size: tp,
-        base: 0,
-        dev_id: 0,
+    let small = small_layout(rank, tp, 16, order, mla);
+    if big {
+        KvLayout {
+            tokens_per_block: 64,
+            head_dim: 128,
+            ..small
+        }
+    } else {
+        small
     }
 }
 
@@ -63,16 +60,6 @@ fn now_ms() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
 }
 
 fn say(line: &str) {
@@ -155,8 +142,8 @@ fn child(r: Role) {
         }
         let w2: Vec<&str> = l.split_whitespace().collect();
         assert_eq!((w2.len(), w2[0]), (3, "META"), "{l}");
-        let peer = w.agent.load_remote(&unhex(w2[1])).unwrap();
-        layouts.insert(peer, KvLayout::decode(&unhex(w2[2])).unwrap());
+        let peer = w.agent.load_remote(&unhex(w2[1]).unwrap()).unwrap();
+        layouts.insert(peer, KvLayout::decode(&unhex(w2[2]).unwrap()).unwrap());
     }
     let peers = Peers(layouts);
     if r.prefill {

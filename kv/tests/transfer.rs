@@ -3,26 +3,13 @@
 //! checked at its place.
 
 mod common;
-use common::{check, worker, Worker};
+use common::{check, small_layout, worker, Worker};
 
 use nixl_core::{MemKind, XferOp, XferOptions};
 use nixl_kv::*;
 
 fn handoff(ptp: u32, dtp: u32, mla: bool, order_p: Order, order_d: Order) {
-    let shape = |rank, tp, order| KvLayout {
-        layers: 3,
-        blocks: 12,
-        tokens_per_block: 4,
-        total_heads: if mla { 1 } else { 4 },
-        head_dim: 8,
-        dtype_bytes: 2,
-        kind: if mla { KvKind::Mla } else { KvKind::Split },
-        order,
-        tp_rank: rank,
-        tp_size: tp,
-        base: 0,
-        dev_id: 0,
-    };
+    let shape = |rank, tp, order| small_layout(rank, tp, 12, order, mla);
     let prefill: Vec<Worker> = (0..ptp)
         .map(|r| worker(&format!("prefill-{r}"), shape(r, ptp, order_p), true))
         .collect();

@@ -4,6 +4,23 @@
 
 use crate::metadata::{DecodeError, MAX_BLOB_BYTES};
 
+/// Lower-case hex of `bytes` (how the text protocols of the tools carry metadata).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of the hex `s` (either case; white space around it is ignored), or why not.
+pub fn unhex(s: &str) -> Result<Vec<u8>, String> {
+    let s = s.trim();
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return Err(format!("not hex: {} bytes, odd or not ASCII", s.len()));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| format!("not hex: {e}")))
+        .collect()
+}
+
 /// A bounds-checked little-endian reader over untrusted bytes.
 #[derive(Debug)]
 pub struct Reader<'a> {
@@ -141,5 +158,20 @@ impl<'a> Reader<'a> {
                 field,
                 reason: e.to_string(),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_bad_hex_is_an_error_not_a_panic() {
+        let b = [0u8, 1, 0xab, 0xff];
+        assert_eq!(hex(&b), "0001abff");
+        assert_eq!(unhex(" 0001ABff\n").unwrap(), b);
+        for bad in ["abc", "zz", "é0", "éé"] {
+            assert!(unhex(bad).is_err(), "{bad:?}");
+        }
     }
 }

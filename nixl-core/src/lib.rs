@@ -27,7 +27,8 @@
 //! agent/notif.rs        standalone notifications
 //! agent/tests.rs        the agent's unit tests
 //! backend.rs          the backend contract: Backend, Connection, plans, notifications' target
-//! codec.rs            bounds-checked decoding of untrusted bytes (metadata, wire formats)
+//! codec.rs            bounds-checked decoding of untrusted bytes (metadata, wire formats); hex
+//! log.rs              init_logging_from_env for the C and Python embeddings (feature log-init)
 //! error.rs            Error, its classes, Unusable
 //! mem.rs              memory kinds and descriptors
 //! metadata.rs         agent metadata and its wire format
@@ -39,6 +40,10 @@
 mod agent;
 pub mod backend;
 pub mod codec;
+#[cfg(feature = "log-init")]
+mod log;
+#[cfg(feature = "log-init")]
+pub use log::init_logging_from_env;
 mod error;
 pub mod mem;
 pub mod metadata;

@@ -217,23 +217,11 @@ impl AgentMetadata {
             MAX_BACKENDS,
             MIN_BACKEND_LEN,
         )?;
-        let mut backends = Vec::with_capacity(backend_count);
-        for _ in 0..backend_count {
-            let code = r.u8("backend code")?;
-            let conn_info = r.blob("backend connection info")?;
-            if let Some(name) = BackendName::from_code(code) {
-                if backends.iter().any(|b: &BackendInfo| b.name == name) {
-                    return Err(DecodeError::Invalid {
-                        field: "backends",
-                        reason: format!("{name} listed twice"),
-                    });
-                }
-                backends.push(BackendInfo {
-                    name,
-                    conn_info: conn_info.to_vec(),
-                });
-            }
-        }
+        let fields = ["backend code", "backend connection info", "backends"];
+        let backends = backend_blobs(&mut r, backend_count, fields)?
+            .into_iter()
+            .map(|(name, conn_info)| BackendInfo { name, conn_info })
+            .collect();
 
         let region_count = r.count(
             "region count",
@@ -264,25 +252,16 @@ impl AgentMetadata {
                 MAX_BACKENDS,
                 MIN_REGION_BACKEND_LEN,
             )?;
-            let mut rb = Vec::with_capacity(bcount);
-            for _ in 0..bcount {
-                let code = r.u8("region backend code")?;
-                let public = r.blob("region public data")?;
-                if let Some(name) = BackendName::from_code(code) {
-                    if rb.iter().any(|(n, _)| *n == name) {
-                        return Err(DecodeError::Invalid {
-                            field: "region backends",
-                            reason: format!("{name} listed twice"),
-                        });
-                    }
-                    rb.push((name, public.to_vec()));
-                }
-            }
+            let fields = [
+                "region backend code",
+                "region public data",
+                "region backends",
+            ];
             regions.push(RegionInfo {
                 kind,
                 desc,
                 key,
-                backends: rb,
+                backends: backend_blobs(&mut r, bcount, fields)?,
             });
         }
         if !r.buf.is_empty() {
@@ -308,6 +287,31 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 fn put_blob(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
     out.extend_from_slice(b);
+}
+
+/// `count` entries of a backend's code and its bytes (`fields`: the names of the code, of the
+/// bytes and of the list, for errors): those of the backends this build knows, each at most
+/// once; entries of unknown backends (a newer peer's) are skipped.
+fn backend_blobs(
+    r: &mut Reader<'_>,
+    count: usize,
+    [code_field, blob_field, list_field]: [&'static str; 3],
+) -> Result<Vec<(BackendName, Vec<u8>)>, DecodeError> {
+    let mut out: Vec<(BackendName, Vec<u8>)> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let code = r.u8(code_field)?;
+        let blob = r.blob(blob_field)?;
+        if let Some(name) = BackendName::from_code(code) {
+            if out.iter().any(|(n, _)| *n == name) {
+                return Err(DecodeError::Invalid {
+                    field: list_field,
+                    reason: format!("{name} listed twice"),
+                });
+            }
+            out.push((name, blob.to_vec()));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -282,6 +282,31 @@ impl RegionTable {
         (r.kind == kind && r.desc.contains(desc)).then(|| Arc::clone(r))
     }
 
+    /// The index in `held` of the region of `kind` that holds `desc`, descriptor `index` of a
+    /// request: `held` is searched from its end first (consecutive descriptors usually share a
+    /// region), else the region is found here and appended to it.
+    pub(crate) fn find_held(
+        &self,
+        held: &mut Vec<Arc<Region>>,
+        kind: MemKind,
+        desc: &Desc,
+        index: usize,
+    ) -> Result<usize> {
+        if let Some(i) = held
+            .iter()
+            .rposition(|r| r.kind == kind && r.desc.contains(desc))
+        {
+            return Ok(i);
+        }
+        let r = self.find(kind, desc).ok_or(Error::LocalNotRegistered {
+            index,
+            kind,
+            desc: *desc,
+        })?;
+        held.push(r);
+        Ok(held.len() - 1)
+    }
+
     /// Owner-side check of a peer's access: inside a region, with its key, not deregistered.
     /// On success the region is held until the returned access is dropped.
     pub fn check(

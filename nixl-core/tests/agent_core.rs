@@ -223,6 +223,14 @@ fn xfer(p: &Pair, opts: XferOptions) -> XferRequest {
     .unwrap()
 }
 
+/// Asserts that the request's last post failed, saying `why`.
+fn assert_failed(req: &XferRequest, why: &str) {
+    match req.status() {
+        XferStatus::Failed(e) => assert!(e.to_string().contains(why), "{e}"),
+        s => panic!("{s:?}"),
+    }
+}
+
 #[test]
 fn registration_rules() {
     let p = pair();
@@ -315,10 +323,7 @@ fn post_complete_repost() {
         op: "copy",
         reason: "EFAULT".into(),
     }));
-    match req.status() {
-        XferStatus::Failed(e) => assert!(e.to_string().contains("EFAULT"), "{e}"),
-        s => panic!("{s:?}"),
-    }
+    assert_failed(&req, "EFAULT");
 }
 
 #[test]
@@ -375,10 +380,7 @@ fn dropped_completion_fails_the_post() {
     let req = xfer(&p, XferOptions::default());
     req.post().unwrap();
     drop(p.parked.lock().pop());
-    match req.status() {
-        XferStatus::Failed(e) => assert!(e.to_string().contains("without completing"), "{e}"),
-        s => panic!("{s:?}"),
-    }
+    assert_failed(&req, "without completing");
 }
 
 #[test]

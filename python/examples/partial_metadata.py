@@ -46,6 +46,15 @@ def buffers(fill_from: int, addrs: list) -> list:
     return rows
 
 
+def wait_for_metadata(init, descs, whose: str) -> None:
+    """Waits until the initiator has the target's metadata of `descs` (`whose`: for the error)."""
+    end = time.monotonic() + DEADLINE_S
+    while not init.check_remote_metadata("target", descs):
+        if time.monotonic() > end:
+            fail(f"{whose} metadata never arrived")
+        time.sleep(0.001)
+
+
 def read_and_check(init, target, local, remote, remote_rows, notif: bytes) -> None:
     h = init.initialize_xfer("READ", local, remote, "target", notif)
     if init.transfer(h) == "ERR":
@@ -97,11 +106,7 @@ def main() -> None:
 
     # The first group's metadata only.
     target.send_partial_agent_metadata(reg1, True, ["UCX"], ip, init_port)
-    end = time.monotonic() + DEADLINE_S
-    while not init.check_remote_metadata("target", xfer1):
-        if time.monotonic() > end:
-            fail("the first group's metadata never arrived")
-        time.sleep(0.001)
+    wait_for_metadata(init, xfer1, "the first group's")
     read_and_check(init, target, init_xfer, xfer1, rows1, b"group 1")
 
     # The second group is not described yet.
@@ -115,11 +120,7 @@ def main() -> None:
         fail("a request naming memory whose metadata was not sent was accepted")
 
     target.send_partial_agent_metadata(reg2, True, ["UCX"], ip, init_port)
-    end = time.monotonic() + DEADLINE_S
-    while not init.check_remote_metadata("target", xfer2):
-        if time.monotonic() > end:
-            fail("the second group's metadata never arrived")
-        time.sleep(0.001)
+    wait_for_metadata(init, xfer2, "the second group's")
     read_and_check(init, target, init_xfer, xfer2, rows2, b"group 2")
     # The first group is still described.
     read_and_check(init, target, init_xfer, xfer1, rows1, b"group 1 again")

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixl_core::{Agent, BackendName, DescList, Error, MemKind, XferOp};
@@ -41,19 +41,6 @@ impl Drop for Shared {
         drop(self.etcd.lock().take());
         self.agent.shutdown();
     }
-}
-
-/// Turns on logging to stderr once, when `NIXL_LOG` (e.g. `NIXL_LOG=info`) is set.
-pub(crate) fn init_logging() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        if let Ok(filter) = std::env::var("NIXL_LOG") {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-                .with_writer(std::io::stderr)
-                .try_init();
-        }
-    });
 }
 
 pub(crate) fn op_of(op: &str) -> PyResult<XferOp> {
@@ -138,7 +125,7 @@ impl PyAgent {
         listen_port: Option<u16>,
         telemetry: bool,
     ) -> PyResult<Self> {
-        init_logging();
+        nixl_core::init_logging_from_env();
         if name.is_empty() {
             return Err(PyValueError::new_err("agent name must not be empty"));
         }

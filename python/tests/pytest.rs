@@ -3,8 +3,8 @@
 //! over the listen thread, a dead peer).
 //!
 //! Needs `python3` with `maturin`, `pytest` and `numpy` (installed by `.ci/setup`). Without them
-//! the test prints a visible SKIP, unless `NIXL_REQUIRE_PYTHON=1` (set by `.ci/run`) makes it
-//! fail. The venv sees the system's site-packages (numpy, pytest, and torch where installed: the
+//! the test skips visibly (`nixl_testkit::require!`), unless `NIXL_REQUIRE_PYTHON=1` or
+//! `NIXL_REQUIRE_ALL=1` (set by `.ci/run`) makes it fail. The venv sees the system's site-packages (numpy, pytest, and torch where installed: the
 //! torch tests run only where torch imports).
 
 use std::path::{Path, PathBuf};
@@ -26,7 +26,6 @@ fn run(cmd: &mut Command, what: &str) {
 
 #[test]
 fn pytest_suite_against_the_built_wheel() {
-    let required = std::env::var("NIXL_REQUIRE_PYTHON").is_ok_and(|v| v == "1");
     let missing: Vec<&str> = [
         ("maturin", &["-m", "maturin", "--version"][..]),
         ("pytest", &["-m", "pytest", "--version"][..]),
@@ -37,12 +36,9 @@ fn pytest_suite_against_the_built_wheel() {
     .filter(|(_, args)| !have(args))
     .map(|(n, _)| n)
     .collect();
-    if !missing.is_empty() {
-        let why = format!("python3 lacks {} (see .ci/setup)", missing.join(", "));
-        assert!(!required, "NIXL_REQUIRE_PYTHON=1 but {why}");
-        eprintln!("SKIP pytest_suite_against_the_built_wheel: {why}");
-        return;
-    }
+    let why = (!missing.is_empty())
+        .then(|| format!("python3 lacks {} (see .ci/setup)", missing.join(", ")));
+    nixl_testkit::require!(why, "NIXL_REQUIRE_PYTHON");
 
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -67,27 +63,10 @@ fn pytest_suite_against_the_built_wheel() {
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .expect("maturin wrote no wheel");
 
-    if !venv.join("bin/python").exists() {
-        run(
-            Command::new("python3")
-                .args(["-m", "venv", "--system-site-packages"])
-                .arg(&venv),
-            "python3 -m venv",
-        );
-    }
-    let py = venv.join("bin/python");
+    let py = nixl_testkit::python::venv(&venv).unwrap_or_else(|e| panic!("{e}"));
     run(
-        Command::new(&py)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-index",
-                "--no-deps",
-                "--force-reinstall",
-            ])
+        nixl_testkit::python::pip_install(&py)
+            .args(["--no-index", "--no-deps", "--force-reinstall"])
             .arg(&wheel),
         "pip install of the wheel",
     );

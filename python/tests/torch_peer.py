@@ -8,33 +8,17 @@ metadata is here, waits for the notification b"written", checks that rows 16..31
 negated first half, answers b"verified:<ok>", then waits to be killed.
 """
 
-import os
 import sys
-import time
 
 import torch
 
 from nixl._api import nixl_agent, nixl_agent_config
+from target_side import serve
 
 name, initiator, port_file = sys.argv[1], sys.argv[2], sys.argv[3]
 agent = nixl_agent(name, nixl_agent_config(True, True, 0))
 t = torch.zeros((32, 512), dtype=torch.float32)
 t[:16] = torch.arange(16 * 512, dtype=torch.float32).reshape(16, 512)
 agent.register_memory(t)
-with open(port_file + ".tmp", "w") as f:
-    f.write(str(agent.get_listen_port()))
-os.rename(port_file + ".tmp", port_file)
-
-deadline = time.monotonic() + 30
-while not agent.check_remote_metadata(initiator):
-    assert time.monotonic() < deadline, "initiator's metadata never came"
-    time.sleep(0.005)
 rows = agent.get_xfer_descs([t[i, :] for i in range(32)])
-agent.send_notif(initiator, agent.serialize_descs_safe(rows))
-while not agent.check_remote_xfer_done(initiator, b"written"):
-    assert time.monotonic() < deadline, "no write came"
-    time.sleep(0.001)
-ok = bool(torch.equal(t[16:], -t[:16]))
-agent.send_notif(initiator, b"verified:%d" % ok)
-while True:
-    time.sleep(1)
+serve(agent, initiator, port_file, rows, lambda: torch.equal(t[16:], -t[:16]))

@@ -20,31 +20,12 @@ fn python_env() -> Result<PathBuf, String> {
     if !ok(Command::new("python3").args(["-c", "import venv, ensurepip"])) {
         return Err("python3 with venv is missing (see .ci/setup)".into());
     }
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let venv = tmp.join("nixl-serve-venv");
-    let py = venv.join("bin/python");
-    if !py.exists()
-        && !ok(Command::new("python3")
-            .args(["-m", "venv", "--system-site-packages"])
-            .arg(&venv))
-    {
-        return Err("could not create a venv".into());
-    }
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nixl-serve-venv");
+    let py = nixl_testkit::python::venv(&venv)?;
     let have = || ok(Command::new(&py).args(["-c", "import openai, pytest"]));
-    if !have() {
-        let _ = Command::new(&py)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(["openai", "pytest"])
-            .status();
-        if !have() {
-            return Err("the venv lacks openai or pytest and pip could not install them".into());
-        }
+    let install = || ok(nixl_testkit::python::pip_install(&py).args(["openai", "pytest"]));
+    if !(have() || install() && have()) {
+        return Err("the venv lacks openai or pytest and pip could not install them".into());
     }
     Ok(py)
 }

@@ -1,6 +1,6 @@
 //! What the workspace's tests share: [`require!`] for tests that need something a machine may
 //! lack (root, etcd, moto, a C compiler, hardware), [`pattern()`], the one generator of test
-//! bytes, [`moto`], an S3 server on loopback, and [`child`], the output of child processes.
+//! bytes, [`moto`], an S3 server on loopback, [`child`], the output of child processes, and [`python`], a virtual environment.
 //!
 //! # Skipping, visibly, or failing
 //!
@@ -42,6 +42,7 @@ use std::io::Write;
 pub mod child;
 pub mod moto;
 pub mod pattern;
+pub mod python;
 pub use pattern::pattern;
 
 /// The variable that turns every CI-runnable skip into a failure.
@@ -120,6 +121,26 @@ macro_rules! require {
             return $crate::Skip::skipped();
         }
     };
+}
+
+/// A test's own directory, `<temp dir>/nixl-<tag>-<pid>`: made empty, removed on drop.
+#[derive(Debug)]
+pub struct ScratchDir(pub std::path::PathBuf);
+
+impl ScratchDir {
+    /// Makes the directory of `tag` (unique within the test process), emptied first.
+    pub fn new(tag: &str) -> ScratchDir {
+        let p = std::env::temp_dir().join(format!("nixl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        ScratchDir(p)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `Some(reason)` unless `program --version` runs (`"<program> is not installed"`).

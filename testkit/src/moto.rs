@@ -12,7 +12,8 @@
 //! # }
 //! ```
 
-use std::io::{Read as _, Write as _};
+use std::ffi::OsStr;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
@@ -32,8 +33,7 @@ pub struct Moto {
 
 impl Drop for Moto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -54,6 +54,13 @@ impl Moto {
     /// Starts moto with the environment `env` added, and waits until it answers (30 s at
     /// most, else a panic).
     pub fn start(env: &[(&str, &str)]) -> Moto {
+        Moto::start_with(&[], env)
+    }
+
+    /// [`Moto::start`] with more arguments for the server (`--ssl-cert FILE --ssl-key FILE`
+    /// for HTTPS). It is up when it accepts connections (plain or TLS alike); a server that
+    /// exits first is a panic.
+    pub fn start_with(args: &[&OsStr], env: &[(&str, &str)]) -> Moto {
         let port = TcpListener::bind("127.0.0.1:0")
             .expect("a free port")
             .local_addr()
@@ -62,6 +69,7 @@ impl Moto {
         let mut cmd = Command::new("python3");
         cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
             .arg(port.to_string())
+            .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -75,9 +83,12 @@ impl Moto {
             });
         }
         let child = cmd.spawn().expect("start moto (python3 -m moto.server)");
-        let m = Moto { child, port };
+        let mut m = Moto { child, port };
         let t0 = Instant::now();
-        while m.http("GET", "/", b"").map_or(true, |(s, _)| s == 0) {
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = m.child.try_wait() {
+                panic!("moto exited at start: {st}");
+            }
             assert!(
                 t0.elapsed() < Duration::from_secs(30),
                 "moto did not answer"
@@ -85,6 +96,12 @@ impl Moto {
             std::thread::sleep(Duration::from_millis(50));
         }
         m
+    }
+
+    /// Kills the server now (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -103,26 +120,49 @@ impl Moto {
 
     /// One HTTP/1.0 exchange: (status, body).
     pub fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        let s = TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nAuthorization: {AUTH}\r\n\r\n",
-            self.port,
-            body.len()
-        )?;
-        s.write_all(body)?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)?;
-        let head_end = out
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .map_or(out.len(), |i| i + 4);
-        let status = String::from_utf8_lossy(&out[..head_end])
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        Ok((status, out[head_end..].to_vec()))
+        exchange(s, self.port, method, path, body)
     }
+}
+
+/// One HTTP/1.0 exchange with the moto on `port` over `s` (a TCP stream, or TLS over one):
+/// (status, body). The request carries [`AUTH`]: moto checks no signature, but treats a request
+/// without one as anonymous (refused on private objects).
+pub fn exchange(
+    mut s: impl Read + Write,
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u32, Vec<u8>)> {
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n\
+         Authorization: {AUTH}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    s.flush()?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            // A TLS server may close without close_notify: HTTP/1.0 ends at the close.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let head_end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(out.len(), |i| i + 4);
+    let status = String::from_utf8_lossy(&out[..head_end])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, out[head_end..].to_vec()))
 }

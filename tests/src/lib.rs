@@ -15,22 +15,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 pub use nixl_testkit::pattern::{fill, fill_at, first_mismatch, pattern, word};
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Parses lower- or upper-case hex.
-pub fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    let s = s.trim();
-    if s.len() % 2 != 0 {
-        return Err("odd-length hex".into());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string()))
-        .collect()
-}
+pub use nixl_core::codec::{hex, unhex};
 
 /// A scripted peer process: one agent with one registered buffer, driven by line commands.
 #[derive(Debug)]

@@ -498,25 +498,7 @@ pub fn bench(
                     // Every thread reaches the barrier, failed warm-up or not.
                     barrier.wait();
                     warm?;
-                    let mut lat = Vec::with_capacity(if spec.iters > 0 {
-                        spec.iters as usize
-                    } else {
-                        1 << 16
-                    });
-                    let t0 = Instant::now();
-                    loop {
-                        if spec.iters > 0 {
-                            if lat.len() as u64 >= spec.iters {
-                                break;
-                            }
-                        } else if t0.elapsed() >= until && !lat.is_empty() {
-                            break;
-                        }
-                        let p = Instant::now();
-                        x.run_blocking()?;
-                        lat.push(p.elapsed().as_secs_f64() * 1e6);
-                    }
-                    Ok((t0, Instant::now(), lat))
+                    timed_runs(spec.iters, until, || x.run_blocking())
                 })
             })
             .collect();
@@ -596,4 +578,29 @@ pub fn check_parts(buf: &[u8], seed: u64, part: usize, n: usize) -> Result<Optio
         }
     }
     Ok(None)
+}
+
+/// The timed part of one benchmark thread: `once` run `iters` times, or (`iters` 0) until
+/// `until` has passed and it ran at least once. Returns when it started and ended and each
+/// run's time in µs; the first error ends it.
+pub fn timed_runs<E>(
+    iters: u64,
+    until: Duration,
+    mut once: impl FnMut() -> Result<(), E>,
+) -> Result<(Instant, Instant, Vec<f64>), E> {
+    let mut lat = Vec::with_capacity(if iters > 0 { iters as usize } else { 1 << 16 });
+    let t0 = Instant::now();
+    loop {
+        if iters > 0 {
+            if lat.len() as u64 >= iters {
+                break;
+            }
+        } else if t0.elapsed() >= until && !lat.is_empty() {
+            break;
+        }
+        let p = Instant::now();
+        once()?;
+        lat.push(p.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok((t0, Instant::now(), lat))
 }

@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use nixl_testkit::ScratchDir;
 use nixl_tests::netns::{skip_reason, Lab};
 use nixl_tests::{hex, Peer};
 
@@ -17,8 +18,8 @@ fn sock(ip: IpAddr, port: u16) -> String {
 }
 
 /// Writes a config file for one agent: tcp only, listening on `listen`.
-fn config(dir: &tempdir::Dir, name: &str, listen: &str, extra: &str) -> String {
-    let path = dir.path(name);
+fn config(dir: &ScratchDir, name: &str, listen: &str, extra: &str) -> String {
+    let path = dir.0.join(name).to_string_lossy().into_owned();
     std::fs::write(
         &path,
         format!(
@@ -43,40 +44,24 @@ fn peer(lab: &Lab, ns: usize, name: &str, size: usize, cfg: &str) -> Peer {
     Peer::spawn(cmd, name, size)
 }
 
-mod tempdir {
-    /// A scratch directory removed on drop.
-    pub struct Dir(std::path::PathBuf);
-
-    impl Dir {
-        pub fn new(tag: &str) -> Dir {
-            let p = std::env::temp_dir().join(format!("nixl-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-
-        pub fn path(&self, name: &str) -> String {
-            self.0.join(name).to_string_lossy().into_owned()
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 const SECRET: &str = "[auth]\nsecret = \"fleet-secret\"";
+
+/// Two hosts and the configs of their agents (with [`SECRET`]) in a scratch directory: (the
+/// lab, the directory, B's address, A's config listening on any port of host 0, B's listening
+/// on B's address, port 17000 of host 1).
+fn two_hosts(tag: &str) -> (Lab, ScratchDir, String, String, String) {
+    let lab = Lab::pair();
+    let dir = ScratchDir::new(tag);
+    let b_addr = sock(lab.addr(1), 17000);
+    let ca = config(&dir, "a.toml", &sock(lab.addr(0), 0), SECRET);
+    let cb = config(&dir, "b.toml", &b_addr, SECRET);
+    (lab, dir, b_addr, ca, cb)
+}
 
 #[test]
 fn bytes_cross_namespaces_both_ways_over_v4_and_v6_with_notifications() {
     nixl_testkit::require!(skip_reason());
-    let lab = Lab::pair();
-    let dir = tempdir::Dir::new("tcp-bytes");
-    let b_addr = sock(lab.addr(1), 17000);
-    let ca = config(&dir, "a.toml", &sock(lab.addr(0), 0), SECRET);
-    let cb = config(&dir, "b.toml", &b_addr, SECRET);
+    let (lab, dir, b_addr, ca, cb) = two_hosts("tcp-bytes");
     // B loads the metadata A pushes (off by default); [tcp] is the file's last table.
     let mut f = std::fs::OpenOptions::new().append(true).open(&cb).unwrap();
     std::io::Write::write_all(&mut f, b"accept_pushes = true\n").unwrap();
@@ -118,7 +103,7 @@ fn bytes_cross_namespaces_both_ways_over_v4_and_v6_with_notifications() {
 fn wrong_or_missing_secret_and_foreign_hosts_without_secret_are_refused() {
     nixl_testkit::require!(skip_reason());
     let lab = Lab::pair();
-    let dir = tempdir::Dir::new("tcp-auth");
+    let dir = ScratchDir::new("tcp-auth");
     let b_addr = sock(lab.addr(1), 17000);
     let open_addr = sock(lab.addr(1), 17001);
     let cb = config(&dir, "b.toml", &b_addr, SECRET);
@@ -155,11 +140,7 @@ fn wrong_or_missing_secret_and_foreign_hosts_without_secret_are_refused() {
 #[test]
 fn killed_peer_fails_requests_fast_others_keep_working_and_a_restart_reconnects() {
     nixl_testkit::require!(skip_reason());
-    let lab = Lab::pair();
-    let dir = tempdir::Dir::new("tcp-kill");
-    let b_addr = sock(lab.addr(1), 17000);
-    let ca = config(&dir, "a.toml", &sock(lab.addr(0), 0), SECRET);
-    let cb = config(&dir, "b.toml", &b_addr, SECRET);
+    let (lab, _dir, b_addr, ca, cb) = two_hosts("tcp-kill");
     let size = 64 * MIB;
     let mut a = peer(&lab, 0, "A", size, &ca);
     let mut c = peer(&lab, 0, "C", size, &ca);
@@ -201,11 +182,7 @@ fn killed_peer_fails_requests_fast_others_keep_working_and_a_restart_reconnects(
 #[test]
 fn cut_link_times_out_in_bounded_time_and_recovers() {
     nixl_testkit::require!(skip_reason());
-    let lab = Lab::pair();
-    let dir = tempdir::Dir::new("tcp-cut");
-    let b_addr = sock(lab.addr(1), 17000);
-    let ca = config(&dir, "a.toml", &sock(lab.addr(0), 0), SECRET);
-    let cb = config(&dir, "b.toml", &b_addr, SECRET);
+    let (lab, _dir, b_addr, ca, cb) = two_hosts("tcp-cut");
     let size = 64 * MIB;
     let mut a = peer(&lab, 0, "A", size, &ca);
     let mut b = peer(&lab, 1, "B", size, &cb);
@@ -225,10 +202,7 @@ fn cut_link_times_out_in_bounded_time_and_recovers() {
         assert!(after < Duration::from_secs(5), "{op}: took {after:?}");
         lab.link_up(side);
         // The same peer instance: the next request reconnects and works.
-        assert_eq!(a.cmd_within("fill 31", T), "ok");
-        let r = a.cmd_within("xfer B write 1 -", T);
-        assert!(r.starts_with("ok "), "{op}: {r}");
-        assert_eq!(b.cmd_within("check 31", T), "ok");
+        write_checked(&mut a, &mut b, "B", 31);
     }
 }
 
@@ -236,7 +210,7 @@ fn cut_link_times_out_in_bounded_time_and_recovers() {
 fn three_hosts_on_a_bridge_each_initiator_reaches_both_others() {
     nixl_testkit::require!(skip_reason());
     let lab = Lab::star(3);
-    let dir = tempdir::Dir::new("tcp-star");
+    let dir = ScratchDir::new("tcp-star");
     let names = ["A", "B", "C"];
     let mut peers: Vec<Peer> = (0..3)
         .map(|i| {

@@ -65,6 +65,18 @@ fn dram_xfer(
         .unwrap()
 }
 
+/// A WRITE of all of `src` into `remote` at `peer`.
+fn write_xfer(me: &Agent, src: &[u8], remote: Desc, peer: &str, opts: XferOptions) -> XferRequest {
+    dram_xfer(
+        me,
+        XferOp::Write,
+        vec![Desc::from_slice(src)],
+        vec![remote],
+        peer,
+        opts,
+    )
+}
+
 /// Runs a request of `op` between DRAM descriptors to its end.
 fn dram_run(me: &Agent, op: XferOp, local: Vec<Desc>, remote: Vec<Desc>, peer: &str) {
     dram_xfer(me, op, local, remote, peer, Default::default())
@@ -92,12 +104,19 @@ fn connect(me: &Agent, peer: &mut Peer) -> String {
     name
 }
 
-fn gib_each_way(memfd: bool) {
-    let size = 1 << 30;
-    let mut peer = Peer::start(PEER, "target", size, memfd);
-    let me = initiator("initiator");
+/// A peer process named `peer` serving `size` bytes, and an initiator `me` connected to it
+/// both ways: (the peer, the initiator, the peer's agent name, the peer's region).
+fn pair(peer: &str, me: &str, size: usize, memfd: bool) -> (Peer, Agent, String, Desc) {
+    let mut peer = Peer::start(PEER, peer, size, memfd);
+    let me = initiator(me);
     let name = connect(&me, &mut peer);
     let remote = remote_region(&peer);
+    (peer, me, name, remote)
+}
+
+fn gib_each_way(memfd: bool) {
+    let size = 1 << 30;
+    let (mut peer, me, name, remote) = pair("target", "initiator", size, memfd);
     let mut src = vec![0u8; size];
     fill(&mut src, 11);
     let mut back = vec![0u8; size];
@@ -107,14 +126,7 @@ fn gib_each_way(memfd: bool) {
         .unwrap();
 
     // WRITE 1 GiB with a notification; the target checks every byte when it arrives.
-    let w = dram_xfer(
-        &me,
-        XferOp::Write,
-        vec![Desc::from_slice(&src)],
-        vec![remote],
-        &name,
-        notif(b"gib"),
-    );
+    let w = write_xfer(&me, &src, remote, &name, notif(b"gib"));
     assert_eq!(w.backend(), BackendName::Shm, "{}", w.info().reason);
     w.run_blocking().unwrap();
     assert_eq!(
@@ -157,10 +169,7 @@ fn pieces(len: usize, seed: u64) -> Vec<(usize, usize)> {
 fn many_descriptors(memfd: bool) {
     // 48 MiB in ~11k pieces of odd sizes, placed at odd offsets, in shuffled order.
     let size = 48 << 20;
-    let mut peer = Peer::start(PEER, "target-many", size + 4096, memfd);
-    let me = initiator("initiator-many");
-    let name = connect(&me, &mut peer);
-    let remote = remote_region(&peer);
+    let (mut peer, me, name, remote) = pair("target-many", "initiator-many", size + 4096, memfd);
     let ps = pieces(size, 99);
     assert!(ps.len() > 10_000);
     let mut src = vec![0u8; size + 13];
@@ -301,20 +310,10 @@ fn notifications_both_ways() {
 
 fn kill_mid_transfer(memfd: bool) {
     let size = 512 << 20;
-    let mut peer = Peer::start(PEER, "victim", size, memfd);
-    let me = initiator("survivor");
-    let name = connect(&me, &mut peer);
-    let remote = remote_region(&peer);
+    let (mut peer, me, name, remote) = pair("victim", "survivor", size, memfd);
     let src = vec![1u8; size];
     let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
-    let w = dram_xfer(
-        &me,
-        XferOp::Write,
-        vec![Desc::from_slice(&src)],
-        vec![remote],
-        &name,
-        notif(b"x"),
-    );
+    let w = write_xfer(&me, &src, remote, &name, notif(b"x"));
     w.run_blocking().unwrap();
     // Post in a loop and kill the target while a post is in flight.
     let killer = {
@@ -382,20 +381,10 @@ fn garbage_metadata_is_an_error_not_a_crash() {
 #[test]
 fn owner_deregistration_revokes_access() {
     for memfd in [true, false] {
-        let mut peer = Peer::start(PEER, "revoker", 1 << 20, memfd);
-        let me = initiator("revoked");
-        let name = connect(&me, &mut peer);
-        let remote = remote_region(&peer);
+        let (mut peer, me, name, remote) = pair("revoker", "revoked", 1 << 20, memfd);
         let src = vec![9u8; 1 << 20];
         let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
-        let w = dram_xfer(
-            &me,
-            XferOp::Write,
-            vec![Desc::from_slice(&src)],
-            vec![remote],
-            &name,
-            Default::default(),
-        );
+        let w = write_xfer(&me, &src, remote, &name, Default::default());
         w.run_blocking().unwrap();
         // The owner deregisters; with a mapping out, it revokes it and waits for our ack.
         let reply = peer.cmd("dereg");
@@ -412,21 +401,12 @@ fn owner_deregistration_revokes_access() {
 #[test]
 fn grant_revocation_stops_copies_in_flight() {
     let size = 4 << 20;
-    let mut peer = Peer::start(PEER, "granter", size, false);
-    let me = initiator("grantee");
-    let name = connect(&me, &mut peer);
-    let remote = remote_region(&peer);
+    let (mut peer, me, name, remote) = pair("granter", "grantee", size, false);
     let src = vec![9u8; size];
     let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
     let make = |len: usize| {
-        dram_xfer(
-            &me,
-            XferOp::Write,
-            vec![Desc::from_slice(&src[..len])],
-            vec![Desc::new(remote.addr, len as u64, 0)],
-            &name,
-            Default::default(),
-        )
+        let to = Desc::new(remote.addr, len as u64, 0);
+        write_xfer(&me, &src[..len], to, &name, Default::default())
     };
     let small = make(4096);
     small.run_blocking().unwrap();
@@ -516,16 +496,10 @@ fn garbage_on_the_socket_drops_only_that_connection() {
     let src = vec![4u8; 4096];
     let _r = me.reg(&dram(vec![Desc::from_slice(&src)])).unwrap();
     let remote = remote_region(&peer);
-    dram_xfer(
-        &me,
-        XferOp::Write,
-        vec![Desc::from_slice(&src)],
-        vec![Desc::new(remote.addr, 4096, 0)],
-        &name,
-        Default::default(),
-    )
-    .run_blocking()
-    .unwrap();
+    let to = Desc::new(remote.addr, 4096, 0);
+    write_xfer(&me, &src, to, &name, Default::default())
+        .run_blocking()
+        .unwrap();
 }
 
 #[test]

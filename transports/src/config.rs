@@ -350,36 +350,6 @@ impl Config {
         self
     }
 
-    /// The `shm` backend's settings.
-    pub fn shm_config(&self) -> ShmConfig {
-        self.shm.clone()
-    }
-
-    /// The `uring` backend's settings.
-    pub fn uring_config(&self) -> UringConfig {
-        self.uring.clone()
-    }
-
-    /// The `cuda` backend's settings.
-    pub fn cuda_config(&self) -> CudaConfig {
-        self.cuda.clone()
-    }
-
-    /// The `gds` backend's settings.
-    pub fn gds_config(&self) -> GdsConfig {
-        self.gds.clone()
-    }
-
-    /// The `rdma` backend's settings.
-    pub fn rdma_config(&self) -> RdmaConfig {
-        self.rdma.clone()
-    }
-
-    /// The `posix` backend's settings.
-    pub fn posix_config(&self) -> PosixConfig {
-        self.posix.clone()
-    }
-
     /// The `object` backend's settings (unset ones come from the `AWS_*` environment when the
     /// backend is built).
     pub fn object_config(&self) -> Result<ObjectConfig> {
@@ -410,7 +380,7 @@ impl Config {
             out.push(Arc::new(LocalBackend::new()));
         }
         if want("shm") {
-            out.push(Arc::new(ShmBackend::new(self.shm_config())));
+            out.push(Arc::new(ShmBackend::new(self.shm.clone())));
         }
         let mut control: Option<Arc<dyn ControlChannel>> = None;
         let mut tcp_control = None;
@@ -424,8 +394,8 @@ impl Config {
             // Peers on other nodes of an NVLink domain announce imports, take revocations and
             // send notifications over the tcp listener's control channel.
             out.push(match &control {
-                Some(c) => CudaBackend::with_control(self.cuda_config(), Arc::clone(c)),
-                None => CudaBackend::new(self.cuda_config()),
+                Some(c) => CudaBackend::with_control(self.cuda.clone(), Arc::clone(c)),
+                None => CudaBackend::new(self.cuda.clone()),
             });
         }
         if want("rdma") {
@@ -435,16 +405,16 @@ impl Config {
                         .into(),
                 ))
             });
-            out.push(RdmaBackend::new(self.rdma_config(), control));
+            out.push(RdmaBackend::new(self.rdma.clone(), control));
         }
         if want("uring") {
-            out.push(Arc::new(UringBackend::new(self.uring_config())));
+            out.push(Arc::new(UringBackend::new(self.uring.clone())));
         }
         if want("posix") {
-            out.push(Arc::new(PosixBackend::new(self.posix_config())));
+            out.push(Arc::new(PosixBackend::new(self.posix.clone())));
         }
         if want("gds") {
-            out.push(Arc::new(GdsBackend::new(self.gds_config())));
+            out.push(Arc::new(GdsBackend::new(self.gds.clone())));
         }
         if want("object") {
             out.push(Arc::new(ObjectBackend::new(self.object_config()?)));
@@ -564,23 +534,23 @@ mod tests {
              [uring]\nqueue_depth = 8\n[posix]\nthreads = 3\n[gds]\nenabled = false",
         )
         .unwrap();
-        let cuda = c.cuda_config();
+        let cuda = c.cuda.clone();
         assert_eq!(cuda.op_timeout, Duration::from_millis(7));
         assert_eq!(cuda.inline_wait, Duration::from_micros(3));
         assert_eq!(cuda.max_batch, CudaConfig::default().max_batch);
-        let rdma = c.rdma_config();
+        let rdma = c.rdma.clone();
         assert_eq!(rdma.connect_timeout, Duration::from_millis(9));
         assert_eq!(rdma.gid_index, Some(2));
         assert_eq!(rdma.gpu_devices["0:1"], vec!["m".to_string()]);
         assert_eq!(rdma.sysfs, RdmaConfig::default().sysfs);
         assert_eq!(rdma.cq_depth, RdmaConfig::default().cq_depth);
-        assert_eq!(c.uring_config().queue_depth, 8);
+        assert_eq!(c.uring.clone().queue_depth, 8);
         assert_eq!(
-            c.uring_config().max_io_bytes,
+            c.uring.clone().max_io_bytes,
             UringConfig::default().max_io_bytes
         );
-        assert_eq!(c.posix_config().threads, 3);
-        assert!(!c.gds_config().enabled);
+        assert_eq!(c.posix.clone().threads, 3);
+        assert!(!c.gds.clone().enabled);
     }
 
     #[test]

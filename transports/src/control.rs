@@ -48,16 +48,16 @@ pub trait ControlChannel: Send + Sync + fmt::Debug {
 
 /// The services an agent serves, by backend: what a channel's server side dispatches to.
 #[derive(Debug, Default)]
-pub struct Services(Mutex<HashMap<BackendName, Weak<dyn ControlService>>>);
+pub(crate) struct Services(Mutex<HashMap<BackendName, Weak<dyn ControlService>>>);
 
 impl Services {
     /// Serves `svc` for `backend`.
-    pub fn insert(&self, backend: BackendName, svc: Weak<dyn ControlService>) {
+    pub(crate) fn insert(&self, backend: BackendName, svc: Weak<dyn ControlService>) {
         self.0.lock().insert(backend, svc);
     }
 
     /// Answers a request for `backend` from `peer`.
-    pub fn dispatch(
+    pub(crate) fn dispatch(
         &self,
         peer: &str,
         backend: BackendName,
@@ -83,7 +83,7 @@ impl Services {
 /// A channel for an agent that serves none: every call fails with the reason given (the
 /// configuration runs no `tcp` listener, say).
 #[derive(Debug)]
-pub struct Unserved(pub String);
+pub(crate) struct Unserved(pub(crate) String);
 
 impl ControlChannel for Unserved {
     fn endpoint(&self) -> Vec<u8> {
@@ -112,6 +112,7 @@ fn loopback_table() -> &'static Mutex<HashMap<Vec<u8>, Weak<Services>>> {
     T.get_or_init(Default::default)
 }
 
+#[doc(hidden)] // for tests, through `crate::fuzzing`
 /// An in-process control channel: endpoints are names in a process-wide table. For tests of
 /// backends' control logic without sockets.
 #[derive(Debug)]

@@ -9,31 +9,31 @@ use nixl_core::DecodeError;
 
 /// Starts a frame at the end of `out`: the length placeholder and the type. Returns where it
 /// starts, for [`finish`].
-pub fn begin(out: &mut Vec<u8>, ty: u8) -> usize {
+pub(crate) fn begin(out: &mut Vec<u8>, ty: u8) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0, 0, 0, 0, ty]);
     start
 }
 
 /// Patches the length of the frame begun at `start`.
-pub fn finish(out: &mut [u8], start: usize) {
+pub(crate) fn finish(out: &mut [u8], start: usize) {
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Appends a `u32`.
-pub fn put_u32(out: &mut Vec<u8>, v: u32) {
+pub(crate) fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
 /// Appends a `u64`.
-pub fn put_u64(out: &mut Vec<u8>, v: u64) {
+pub(crate) fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
 /// Appends a text as `len u16 | bytes`, cut to at most `max` bytes at a character boundary (so
 /// what is sent still decodes as UTF-8).
-pub fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
     let mut end = s.len().min(max).min(usize::from(u16::MAX));
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -43,13 +43,13 @@ pub fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
 }
 
 /// Appends a blob as `len u32 | bytes`.
-pub fn put_blob(out: &mut Vec<u8>, b: &[u8]) {
+pub(crate) fn put_blob(out: &mut Vec<u8>, b: &[u8]) {
     put_u32(out, b.len() as u32);
     out.extend_from_slice(b);
 }
 
 /// That a body was read to its end.
-pub fn end(r: &Reader<'_>) -> Result<(), DecodeError> {
+pub(crate) fn end(r: &Reader<'_>) -> Result<(), DecodeError> {
     if r.is_empty() {
         Ok(())
     } else {

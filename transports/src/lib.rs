@@ -17,6 +17,13 @@
 //!
 //! [`config::Config`] reads the agent's TOML configuration and builds the backends it names.
 //!
+//! The public API is what a user needs: each backend with its config struct, [`config::Config`]
+//! and [`default_backends`], [`shm::ShmBuffer`], the `tcp` functions that fetch and push
+//! metadata with their [`tcp::Auth`], the control channel traits the `rdma` and `cuda` backends
+//! take, [`units::parse_size`] and [`files::inspect_fd`]. Wire formats, socket plumbing, the frame
+//! codec, planning and the copy pool are `pub(crate)`; the hidden `fuzzing` module re-exports
+//! what the fuzz targets and the integration tests reach of them (not a stable API).
+//!
 //! # Map
 //!
 //! Each backend's whole story is in the file or folder named after it (`src/`):
@@ -26,6 +33,7 @@
 //! config.rs           the TOML configuration: every backend's settings, building the backends
 //! control.rs          the control channel between agents (rdma, cross-node cuda)
 //! frame.rs            the length-prefixed frame codec of the shm and tcp wire formats
+//! fuzzing.rs          hidden: what fuzz/ and the tests reach inside (wire formats, raw links)
 //! limits.rs           process limits (locked memory, open files) with the fix in the error text
 //! units.rs            parse_size: sizes as written in files and on command lines
 //! unix.rs             Unix-socket plumbing (fd passing, peer credentials) for shm and cuda
@@ -100,7 +108,12 @@
 //! cuda/staging.rs       the stager of the agent's staged path (pinned buffers)
 //! cuda/dmabuf.rs        device memory as a dmabuf (for rdma)
 //! cuda/nvml.rs          NVML, for a GPU's NVLink domain
-//! rdma/mod.rs         `rdma`: the backend, lanes, served regions, posts
+//! rdma/mod.rs         `rdma`: opened NICs, lane QPs, the backend's state after start
+//! rdma/config.rs        RdmaConfig, the [rdma] section; PollPolicy
+//! rdma/backend.rs       the Backend trait (probe, start, register, connect) and control service
+//! rdma/conn.rs          the initiator: a connection to a peer with its lanes
+//! rdma/post.rs          a prepared transfer and its post state machine
+//! rdma/served.rs        the target: served lanes, reachable regions
 //! rdma/verbs/mod.rs     the verbs binding, loaded at run time
 //! rdma/verbs/sys.rs       the raw layer: constants, repr(C) structs, entry-point types
 //! rdma/verbs/objects.rs   context, PD, MR, owned buffers, CQ
@@ -119,14 +132,17 @@
 //! `nixl-weight-streamer`, `nixl-checkpoint`, `nixl-benches`, `nixl-tests` (multi-process test
 //! helpers) and `nixl-testkit` (`require!`, the test byte pattern).
 
+#![warn(unreachable_pub)]
 pub mod config;
 pub mod control;
-pub mod copy;
+mod copy;
 pub mod cuda;
 pub mod files;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gds;
-pub mod limits;
+mod limits;
 pub mod local;
 pub mod object;
 mod owner;

@@ -26,7 +26,7 @@ fn get(resource: libc::__rlimit_resource_t) -> Option<(Option<u64>, Option<u64>)
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit, once per process; returns the soft
 /// limit now in force (`None`: unlimited or unknown).
-pub fn raise_nofile() -> Option<u64> {
+pub(crate) fn raise_nofile() -> Option<u64> {
     static DONE: OnceLock<Option<u64>> = OnceLock::new();
     *DONE.get_or_init(|| {
         let (soft, hard) = get(libc::RLIMIT_NOFILE)?;
@@ -49,7 +49,7 @@ pub fn raise_nofile() -> Option<u64> {
 /// What to tell the user when pinning memory failed with `errno` (ENOMEM or EPERM from
 /// `ibv_reg_mr`): the memlock limit in force and how to raise it; `None` when the limit is not
 /// the likely cause.
-pub fn memlock_hint(errno: i32) -> Option<String> {
+pub(crate) fn memlock_hint(errno: i32) -> Option<String> {
     if errno != libc::ENOMEM && errno != libc::EPERM {
         return None;
     }
@@ -65,7 +65,7 @@ pub fn memlock_hint(errno: i32) -> Option<String> {
 
 /// What to tell the user when an fd could not be made (EMFILE/ENFILE): the open-file limit in
 /// force and the fix; `None` for other errors.
-pub fn nofile_hint(errno: i32) -> Option<String> {
+pub(crate) fn nofile_hint(errno: i32) -> Option<String> {
     if errno != libc::EMFILE && errno != libc::ENFILE {
         return None;
     }

@@ -4,11 +4,11 @@
 //! (region and key) and held through the region's access gate on every post, so the target can
 //! deregister at any time and never has memory written after its deregistration returns.
 //!
-//! Transfers up to [`INLINE_MAX`] bytes are copied on the posting thread with memcpy: no thread
+//! Transfers up to `INLINE_MAX` bytes are copied on the posting thread with memcpy: no thread
 //! hand-off (which alone costs more than copying a few hundred KiB), which is what makes
 //! create + post + complete of a 4 KiB transfer take well under 2 µs. Larger ones are cut into one
-//! byte range per worker of the [`CopyPool`] and copied in parallel with streaming stores (see
-//! [`crate::copy`]); the last worker to finish delivers the notification and completes.
+//! byte range per worker of the `CopyPool` and copied in parallel with streaming stores (see
+//! `copy`); the last worker to finish delivers the notification and completes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -165,20 +165,31 @@ struct LocalXfer {
     notif: Option<Vec<u8>>,
 }
 
+/// The owner-side check of a plan's remote regions, for the backends whose target is in this
+/// process (`local`, the file backends, `object`): each exists in `target` with its key, else
+/// `Denied` naming `peer` and the `what` region by its index. The regions, to hold on each post.
+pub(crate) fn owner_check(
+    target: &TargetHandle,
+    plan: &XferPlan,
+    peer: &str,
+    what: &str,
+) -> Result<Vec<Arc<Region>>> {
+    let check = |(i, r): (usize, &nixl_core::metadata::RegionInfo)| {
+        let access = target
+            .check(r.kind, &r.desc, r.key)
+            .map_err(|denied| Error::Denied {
+                peer: peer.to_owned(),
+                reason: format!("{what} region {i} {:?}: {denied}", r.desc),
+            })?;
+        Ok(Arc::clone(access.region()))
+    };
+    plan.remote_regions.iter().enumerate().map(check).collect()
+}
+
 impl Connection for LocalConn {
     fn prepare(&self, plan: XferPlan) -> Result<Box<dyn PreparedXfer>> {
         // Owner-side check, done once: every remote region exists in the target with this key.
-        let mut remote_regions = Vec::with_capacity(plan.remote_regions.len());
-        for (i, r) in plan.remote_regions.iter().enumerate() {
-            let access = self
-                .target
-                .check(r.kind, &r.desc, r.key)
-                .map_err(|denied| Error::Denied {
-                    peer: self.peer.to_string(),
-                    reason: format!("remote region {i} {:?}: {denied}", r.desc),
-                })?;
-            remote_regions.push(Arc::clone(access.region()));
-        }
+        let remote_regions = owner_check(&self.target, &plan, &self.peer, "remote")?;
         let ops = plan
             .segments
             .iter()

@@ -138,7 +138,7 @@ pub(crate) fn admit(stream: &UnixStream) -> io::Result<i32> {
 
 /// The outcome of a revocation: how many importers acknowledged, had gone, or were late.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RevokeReport {
+pub(crate) struct RevokeReport {
     /// Connections that had imported the region.
     pub peers: usize,
     /// Those that acknowledged in time.
@@ -199,6 +199,7 @@ impl<R: Copy + Eq + Hash> Peers<R> {
         self.imports.lock().entry(region).or_default().insert(conn);
     }
 
+    #[cfg(test)]
     /// Connections that imported `region` and have not given it up.
     pub(crate) fn importers(&self, region: &R) -> usize {
         self.imports.lock().get(region).map_or(0, HashSet::len)

@@ -10,7 +10,7 @@
 //! them the same way.
 //!
 //! Posting cuts a request into I/O operations: consecutive descriptors whose file ranges follow
-//! each other on one fd become one `preadv`/`pwritev` (up to [`MAX_IOV`] pieces), and an
+//! each other on one fd become one `preadv`/`pwritev` (up to `MAX_IOV` pieces), and an
 //! operation is at most `max_io_bytes` long so a large request spreads over the workers. The
 //! workers run the operations in parallel; the last one to finish completes the request. Every
 //! operation finishes what it was given: partial reads and writes are resumed, `EINTR` is
@@ -30,7 +30,6 @@ use nixl_core::{
     BackendName, Desc, Error, MemKind, Registered, Result, Unusable, XferOp, XferPlan,
 };
 
-pub use crate::files::MAX_IOV;
 use crate::files::{check_storage_region, FileBackend, FileEngine, IoOp, Post, Workers};
 
 /// Settings of the `posix` backend (`[posix]` in the agent's configuration).

@@ -24,15 +24,16 @@ use common::pattern;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use nixl_core::*;
 use nixl_transports::cuda::{
-    device, nvml, CudaBackend, CudaConfig, DeviceFabric, FabricDomain, LegacyBuffer, NodeOverride,
+    device, CudaBackend, CudaConfig, DeviceFabric, FabricDomain, LegacyBuffer, NodeOverride,
     VmmBuffer,
 };
+use nixl_transports::fuzzing::cuda_nvml as nvml;
 use nixl_transports::local::LocalBackend;
 use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
 
@@ -331,6 +332,96 @@ fn gpu_staged_vram_to_a_dram_peer() {
     assert!(host == src, "staged VRAM -> DRAM differs");
 }
 
+/// A child process of this test binary that runs the ignored test `name` as a peer of
+/// `owner` (its metadata in a file named by `env`), given the owner's VMM and legacy buffers'
+/// addresses: it prints `HOLDING` once it maps them, then waits for `GO` on stdin.
+struct OwnerChild {
+    child: Child,
+    md: PathBuf,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdout: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl OwnerChild {
+    fn start(name: &str, env: &str, owner: &Agent, vmm: u64, legacy: u64) -> OwnerChild {
+        let md = std::env::temp_dir().join(format!("nixl-cuda-{name}-md-{}", std::process::id()));
+        std::fs::write(&md, owner.metadata_bytes()).unwrap();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                name,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(env, &md)
+            .env("NIXL_CUDA_TEST_VMM", vmm.to_string())
+            .env("NIXL_CUDA_TEST_LEGACY", legacy.to_string())
+            .env("NIXL_TEST_CUDA", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let stdout = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(|l| l.ok())
+            {
+                all.push_str(&line);
+                all.push('\n');
+                let _ = tx.send(line);
+            }
+            all
+        });
+        let stderr = child.stderr.take().unwrap();
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut s);
+            s
+        });
+        OwnerChild {
+            child,
+            md,
+            lines,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits until the child holds its mappings: `false` if it ended or said nothing in 120 s.
+    fn holding(&self) -> bool {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(120)) {
+                Ok(line) if line.contains("HOLDING") => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Lets the child go on after `HOLDING`.
+    fn go(&mut self) {
+        let mut stdin = self.child.stdin.take().unwrap();
+        writeln!(stdin, "GO").unwrap();
+    }
+
+    /// Waits for the child, which must succeed; its stdout.
+    fn finish(mut self) -> String {
+        let status = self.child.wait().unwrap();
+        let out = self.stdout.join().unwrap();
+        let err = self.stderr.join().unwrap();
+        let _ = std::fs::remove_file(&self.md);
+        eprintln!("child stdout:\n{out}\nchild stderr:\n{err}");
+        assert!(status.success(), "child failed");
+        out
+    }
+}
+
 /// The owner's side of the two-process test: legacy and VMM regions filled with patterns; the
 /// child READs both and then holds its mappings; the owner deregisters and frees the legacy
 /// buffer (the child's mapping is revoked first), the child checks that its next transfer to it
@@ -351,53 +442,8 @@ fn gpu_two_processes_legacy_and_vmm_ipc() {
     l.upload(0, &pattern(11, size)).unwrap();
     let _rv = reg(&owner, &vram(vec![v.desc()])).unwrap();
     let rl = reg(&owner, &vram(vec![l.desc()])).unwrap();
-    let md: PathBuf = std::env::temp_dir().join(format!("nixl-cuda-md-{}", std::process::id()));
-    std::fs::write(&md, owner.metadata_bytes()).unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "ipc_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, &md)
-        .env("NIXL_CUDA_TEST_VMM", v.addr().to_string())
-        .env("NIXL_CUDA_TEST_LEGACY", l.addr().to_string())
-        .env("NIXL_TEST_CUDA", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(|l| l.ok())
-        {
-            all.push_str(&line);
-            all.push('\n');
-            let _ = tx.send(line);
-        }
-        all
-    });
-    let stderr = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut s);
-        s
-    });
-    // Wait until the child holds its mappings (or ends).
-    let holding = loop {
-        match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(line) if line.contains("HOLDING") => break true,
-            Ok(_) => {}
-            Err(_) => break false,
-        }
-    };
+    let mut child = OwnerChild::start("ipc_child", CHILD_ENV, &owner, v.addr(), l.addr());
+    let holding = child.holding();
     if holding {
         // Deregistration revokes the child's legacy mapping; the child answers at once.
         let t = std::time::Instant::now();
@@ -410,16 +456,10 @@ fn gpu_two_processes_legacy_and_vmm_ipc() {
         );
         // The memory can be freed now: nobody maps it any more.
         drop(l);
-        let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, "GO").unwrap();
+        child.go();
     }
-    let status = child.wait().unwrap();
-    let out = reader.join().unwrap();
-    let err = err_reader.join().unwrap();
-    let _ = std::fs::remove_file(&md);
-    eprintln!("child stdout:\n{out}\nchild stderr:\n{err}");
+    let out = child.finish();
     assert!(holding, "the child never reported holding its mappings");
-    assert!(status.success(), "child failed");
     assert!(out.contains("CHILD OK"), "the child did not run its checks");
     let n = owner.wait_notifs(Duration::from_secs(10));
     assert_eq!(n.len(), 1, "{n:?}");
@@ -647,53 +687,8 @@ fn gpu_two_processes_fabric_handles() {
     v.upload(0, &pattern(20, size)).unwrap();
     let rv = reg(&owner, &vram(vec![v.desc()])).unwrap();
     let _rl = reg(&owner, &vram(vec![l.desc()])).unwrap();
-    let md: PathBuf =
-        std::env::temp_dir().join(format!("nixl-cuda-fabric-md-{}", std::process::id()));
-    std::fs::write(&md, owner.metadata_bytes()).unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "fabric_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(FABRIC_CHILD_ENV, &md)
-        .env("NIXL_CUDA_TEST_VMM", v.addr().to_string())
-        .env("NIXL_CUDA_TEST_LEGACY", l.addr().to_string())
-        .env("NIXL_TEST_CUDA", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(|l| l.ok())
-        {
-            all.push_str(&line);
-            all.push('\n');
-            let _ = tx.send(line);
-        }
-        all
-    });
-    let stderr = child.stderr.take().unwrap();
-    let err_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut s);
-        s
-    });
-    let holding = loop {
-        match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(line) if line.contains("HOLDING") => break true,
-            Ok(_) => {}
-            Err(_) => break false,
-        }
-    };
+    let mut child = OwnerChild::start("fabric_child", FABRIC_CHILD_ENV, &owner, v.addr(), l.addr());
+    let holding = child.holding();
     let mut notifs = Vec::new();
     if holding {
         // The child's WRITE landed and its notification came over the control channel.
@@ -710,16 +705,10 @@ fn gpu_two_processes_fabric_handles() {
             took < CudaConfig::default().op_timeout,
             "the peer did not acknowledge the revocation ({took:?})"
         );
-        let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, "GO").unwrap();
+        child.go();
     }
-    let status = child.wait().unwrap();
-    let out = reader.join().unwrap();
-    let err = err_reader.join().unwrap();
-    let _ = std::fs::remove_file(&md);
-    eprintln!("child stdout:\n{out}\nchild stderr:\n{err}");
+    let out = child.finish();
     assert!(holding, "the child never reported holding its mapping");
-    assert!(status.success(), "child failed");
     assert!(
         out.contains("FABRIC CHILD OK"),
         "the child did not run its checks"

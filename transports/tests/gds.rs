@@ -57,6 +57,30 @@ fn reg(a: &Agent, kind: MemKind, d: Vec<Desc>) -> Registration {
     unsafe { a.register(&list(kind, d)) }.unwrap()
 }
 
+/// A fresh directory for cuFile's files, on the disk under `NIXL_TEST_GDS_DIR` (cuFile refuses
+/// tmpfs; by default the temp dir).
+fn gds_dir(tag: &str) -> PathBuf {
+    let dir = std::env::var_os("NIXL_TEST_GDS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("nixl-gds-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Checks that the file [`round_trip`] wrote in `dir` and the VRAM it read back into (copied
+/// out by `download`) both hold `want`, then removes `dir`.
+fn check_round_trip(dir: PathBuf, want: &[u8], download: impl FnOnce(&mut [u8])) {
+    assert!(
+        std::fs::read(dir.join("kv.bin")).unwrap() == want,
+        "file differs"
+    );
+    let mut back = vec![0u8; want.len()];
+    download(&mut back);
+    assert!(back == want, "VRAM read back differs");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// WRITEs `src` (VRAM) to a file and READs it back into `dst` (VRAM), checking the file and
 /// the bytes read back; returns the carrying backend and the stager.
 fn round_trip(
@@ -79,28 +103,21 @@ fn round_trip(
     let len = src.len;
     let _f = reg(a, MemKind::File, vec![Desc::new(0, len, fd)]);
     let file = list(MemKind::File, vec![Desc::new(0, len, fd)]);
-    let w = a
-        .create_xfer(
-            XferOp::Write,
-            &list(MemKind::Vram, vec![src]),
-            &file,
-            a.name(),
-            XferOptions::default(),
-        )
-        .unwrap();
-    w.run_blocking().unwrap();
-    let r = a
-        .create_xfer(
-            XferOp::Read,
-            &list(MemKind::Vram, vec![dst]),
-            &file,
-            a.name(),
-            XferOptions::default(),
-        )
-        .unwrap();
-    r.run_blocking().unwrap();
-    let info = (w.info().backend, w.info().staged);
-    assert_eq!((r.info().backend, r.info().staged), info);
+    let run = |op, vram| {
+        let x = a
+            .create_xfer(
+                op,
+                &list(MemKind::Vram, vec![vram]),
+                &file,
+                a.name(),
+                XferOptions::default(),
+            )
+            .unwrap();
+        x.run_blocking().unwrap();
+        (x.info().backend, x.info().staged)
+    };
+    let info = run(XferOp::Write, src);
+    assert_eq!(run(XferOp::Read, dst), info);
     info
 }
 
@@ -135,14 +152,7 @@ fn gpu_vram_to_file_staged_over_uring() {
     let dir = scratch("staged");
     let got = round_trip(&a, src.desc(), dst.desc(), &dir, false);
     assert_eq!(got, (BackendName::Uring, Some(BackendName::Cuda)));
-    assert!(
-        std::fs::read(dir.join("kv.bin")).unwrap() == want,
-        "file differs"
-    );
-    let mut back = vec![0u8; len];
-    dst.download(0, &mut back).unwrap();
-    assert!(back == want, "VRAM read back differs");
-    let _ = std::fs::remove_dir_all(dir);
+    check_round_trip(dir, &want, |back| dst.download(0, back).unwrap());
 }
 
 /// A round trip through cuFile with `cfg`; `None` (after printing the skip) where gds cannot
@@ -175,12 +185,7 @@ fn cufile_round_trip(test: &str, cfg: GdsConfig) -> Option<()> {
     let dst = VmmBuffer::new(0, len, false).unwrap();
     src.upload(0, &want).unwrap();
     let _m = reg(&built, MemKind::Vram, vec![src.desc(), dst.desc()]);
-    // On the disk, not in a tmpfs /tmp: cuFile refuses tmpfs.
-    let dir = std::env::var_os("NIXL_TEST_GDS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("nixl-gds-{test}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = gds_dir(test);
     // cuFile refuses some file systems at cuFileHandleRegister (a VM's virtio disk has no
     // volume attributes for it): a skip with cuFile's reason, not a failure of ours.
     {
@@ -214,14 +219,7 @@ fn cufile_round_trip(test: &str, cfg: GdsConfig) -> Option<()> {
     }
     let got = round_trip(&built, src.desc(), dst.desc(), &dir, true);
     assert_eq!(got, (BackendName::Gds, None));
-    assert!(
-        std::fs::read(dir.join("kv.bin")).unwrap() == want,
-        "file differs"
-    );
-    let mut back = vec![0u8; len];
-    dst.download(0, &mut back).unwrap();
-    assert!(back == want, "VRAM read back differs");
-    let _ = std::fs::remove_dir_all(dir);
+    check_round_trip(dir, &want, |back| dst.download(0, back).unwrap());
     Some(())
 }
 
@@ -272,11 +270,7 @@ fn gpu_vram_to_file_takes_the_best_path_and_says_which() {
     let dst = LegacyBuffer::new(0, len).unwrap();
     src.upload(0, &want).unwrap();
     let _m = reg(&a, MemKind::Vram, vec![src.desc(), dst.desc()]);
-    let dir = std::env::var_os("NIXL_TEST_GDS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir)
-        .join(format!("nixl-gds-choice-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = gds_dir("choice");
     let got = round_trip(&a, src.desc(), dst.desc(), &dir, gds_runs);
     let expect = if gds_runs {
         (BackendName::Gds, None)
@@ -284,8 +278,5 @@ fn gpu_vram_to_file_takes_the_best_path_and_says_which() {
         (BackendName::Uring, Some(BackendName::Cuda))
     };
     assert_eq!(got, expect);
-    let mut back = vec![0u8; len];
-    dst.download(0, &mut back).unwrap();
-    assert!(back == want, "VRAM read back differs");
-    let _ = std::fs::remove_dir_all(dir);
+    check_round_trip(dir, &want, |back| dst.download(0, back).unwrap());
 }

@@ -156,15 +156,17 @@ fn target_deregistration_refuses_later_posts() {
     let _ra = a.reg(&dram(vec![Desc::from_slice(&a_buf)])).unwrap();
     let rb = b.reg(&dram(vec![b_desc])).unwrap();
     a.load_remote(&b.metadata_bytes()).unwrap();
-    let req = a
-        .create_xfer(
+    // a's buffer written to b's, as the metadata a holds describes b.
+    let write = || {
+        a.create_xfer(
             XferOp::Write,
             &dram(vec![Desc::from_slice(&a_buf)]),
             &dram(vec![b_desc]),
             "b",
             Default::default(),
         )
-        .unwrap();
+    };
+    let req = write().unwrap();
     req.run_blocking().unwrap();
     rb.deregister().unwrap();
     // The stale request is refused by the owner (b's table), and b's memory is untouched.
@@ -173,15 +175,7 @@ fn target_deregistration_refuses_later_posts() {
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
     assert_eq!(b_buf, b_copy);
     // A new request against the stale metadata is refused at preparation.
-    let err = a
-        .create_xfer(
-            XferOp::Write,
-            &dram(vec![Desc::from_slice(&a_buf)]),
-            &dram(vec![b_desc]),
-            "b",
-            Default::default(),
-        )
-        .unwrap_err();
+    let err = write().unwrap_err();
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
     // Forged metadata with a wrong key is refused the same way.
     let mut md = b.metadata();
@@ -194,15 +188,7 @@ fn target_deregistration_refuses_later_posts() {
     real.regions[0].key ^= 1;
     real.generation = md.generation + 1;
     a.load_remote(&real.encode()).unwrap();
-    let err = a
-        .create_xfer(
-            XferOp::Write,
-            &dram(vec![Desc::from_slice(&a_buf)]),
-            &dram(vec![b_desc]),
-            "b",
-            Default::default(),
-        )
-        .unwrap_err();
+    let err = write().unwrap_err();
     assert!(err.to_string().contains("wrong region key"), "{err}");
 }
 

@@ -15,11 +15,10 @@
 //! Without moto the server tests print `SKIPPED <test>: moto not installed (...)` and pass,
 //! unless `NIXL_REQUIRE_OBJECT_TESTS=1` or `NIXL_REQUIRE_ALL=1`.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,8 +31,6 @@ use nixl_testkit::pattern;
 use nixl_transports::config::Config;
 
 const BUCKET: &str = "nixl-test";
-const FAKE_AUTH: &str = "AWS4-HMAC-SHA256 Credential=testing/20240101/us-east-1/s3/aws4_request, \
-                         SignedHeaders=host, Signature=0";
 
 /// A test CA (in a temporary directory, removed when dropped) and the server certificates it
 /// signs.
@@ -121,13 +118,10 @@ struct ServerTls {
     name: String,
 }
 
-/// What [`Moto::http`] talks through: TCP, or TLS over it.
-trait Stream: Read + Write {}
-impl<T: Read + Write> Stream for T {}
-
-/// A moto server on 127.0.0.1, killed when dropped.
+/// A moto server on 127.0.0.1 (`nixl_testkit::moto`) with the bucket made, over HTTP or HTTPS;
+/// killed when dropped.
 struct Moto {
-    child: Child,
+    server: nixl_testkit::moto::Moto,
     port: u16,
     tls: Option<ServerTls>,
 }
@@ -144,74 +138,32 @@ impl Moto {
     }
 
     fn launch(tls: Option<ServerTls>) -> Option<Moto> {
-        let have = Command::new("python3")
-            .args(["-c", "import moto.server, flask, werkzeug"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !have {
-            let why = "python3 -m moto.server unavailable; install with \
-                       python3 -m pip install 'moto[server]' (.ci/setup does)";
-            nixl_testkit::skip(
-                format!("moto not installed ({why})"),
-                false,
-                &["NIXL_REQUIRE_OBJECT_TESTS"],
-            );
+        if let Some(why) = nixl_testkit::moto::Moto::missing() {
+            nixl_testkit::skip(why, false, &["NIXL_REQUIRE_OBJECT_TESTS"]);
             return None;
         }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut cmd = Command::new("python3");
-        cmd.args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ]);
-        if let Some(t) = &tls {
-            cmd.arg("--ssl-cert")
-                .arg(&t.cert)
-                .arg("--ssl-key")
-                .arg(&t.key);
-        }
+        let args: Vec<&OsStr> = match &tls {
+            Some(t) => vec![
+                "--ssl-cert".as_ref(),
+                t.cert.as_os_str(),
+                "--ssl-key".as_ref(),
+                t.key.as_os_str(),
+            ],
+            None => Vec::new(),
+        };
         // Small parts for the multipart tests, objects kept in memory.
-        cmd.env("S3_UPLOAD_PART_MIN_SIZE", "65536")
-            .env("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "134217728")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: prctl is async-signal-safe and touches only the child's own state: if the
-        // test thread dies without dropping the guard, the server dies with it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawning moto");
-        let mut m = Moto { child, port, tls };
-        let t0 = Instant::now();
-        loop {
-            if let Ok((status, _)) = m.http("GET", "/", b"") {
-                if status > 0 {
-                    break;
-                }
-            }
-            if let Ok(Some(st)) = m.child.try_wait() {
-                panic!("moto exited at start: {st}");
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "moto did not answer"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let server = nixl_testkit::moto::Moto::start_with(
+            &args,
+            &[
+                ("S3_UPLOAD_PART_MIN_SIZE", "65536"),
+                ("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "134217728"),
+            ],
+        );
+        let m = Moto {
+            port: server.port,
+            server,
+            tls,
+        };
         let (status, body) = m.http("PUT", &format!("/{BUCKET}"), b"").unwrap();
         assert_eq!(
             status,
@@ -227,60 +179,23 @@ impl Moto {
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
-    /// One HTTP/1.0 exchange: (status, body). moto checks no signature, but treats a request
-    /// without one as anonymous (refused on private objects).
+    /// One HTTP/1.0 exchange: (status, body), over TLS when the server speaks it.
     fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u32, Vec<u8>)> {
+        let Some(t) = &self.tls else {
+            return self.server.http(method, path, body);
+        };
         let tcp = TcpStream::connect(("127.0.0.1", self.port))?;
         tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut s: Box<dyn Stream> = match &self.tls {
-            None => Box::new(tcp),
-            Some(t) => {
-                let name = rustls::pki_types::ServerName::try_from(t.name.clone())
-                    .map_err(std::io::Error::other)?;
-                let conn = rustls::ClientConnection::new(Arc::clone(&t.client), name)
-                    .map_err(std::io::Error::other)?;
-                Box::new(rustls::StreamOwned::new(conn, tcp))
-            }
-        };
-        write!(
-            s,
-            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n\
-             Authorization: {FAKE_AUTH}\r\n\r\n",
-            self.port,
-            body.len()
-        )?;
-        s.write_all(body)?;
-        s.flush()?;
-        let mut out = Vec::new();
-        let mut buf = [0u8; 65536];
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                // A TLS server may close without close_notify: HTTP/1.0 ends at the close.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => break,
-                Err(e) => return Err(e),
-            }
-        }
-        let text = String::from_utf8_lossy(&out);
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let start = text.find("\r\n\r\n").map_or(out.len(), |i| i + 4);
-        Ok((status, out[start..].to_vec()))
+        let name = rustls::pki_types::ServerName::try_from(t.name.clone())
+            .map_err(std::io::Error::other)?;
+        let conn = rustls::ClientConnection::new(Arc::clone(&t.client), name)
+            .map_err(std::io::Error::other)?;
+        let tls = rustls::StreamOwned::new(conn, tcp);
+        nixl_testkit::moto::exchange(tls, self.port, method, path, body)
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.kill();
+        self.server.kill();
     }
 }
 

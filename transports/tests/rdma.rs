@@ -12,14 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nixl_core::*;
-use nixl_transports::control::Loopback;
+use nixl_transports::fuzzing::Loopback;
 use nixl_transports::local::LocalBackend;
-use nixl_transports::rdma::{verbs, RdmaBackend, RdmaConfig};
+use nixl_transports::rdma::{RdmaBackend, RdmaConfig};
 
 /// Compiles `tests/c/verbs_layout.c` against `<infiniband/verbs.h>` and compares every size,
 /// offset and constant it prints with the Rust binding's.
 #[test]
 fn verbs_layout() {
+    use nixl_transports::fuzzing::rdma_verbs as verbs;
     let header = PathBuf::from("/usr/include/infiniband/verbs.h");
     let gcc = Command::new("gcc").arg("--version").output();
     if gcc.is_err() || !header.exists() {
@@ -163,36 +164,51 @@ fn dram(d: Vec<Desc>) -> DescList {
     DescList::from_descs(MemKind::Dram, d).unwrap()
 }
 
-/// Two agents in one process, each with an rdma backend on `NIXL_TEST_RDMA_DEVICE`, connected
-/// through loopback control channels: WRITE and READ with notifications, bytes checked, a
-/// transfer striped over many WRs and lanes, and a standalone notification.
-#[test]
-fn hardware_write_and_read_with_notifications() {
-    let Ok(dev) = std::env::var("NIXL_TEST_RDMA_DEVICE") else {
+/// The RDMA device of the hardware tests (`NIXL_TEST_RDMA_DEVICE`); `None`, the skip printed,
+/// where it is not set.
+fn rdma_device() -> Option<String> {
+    let dev = std::env::var("NIXL_TEST_RDMA_DEVICE").ok();
+    if dev.is_none() {
         nixl_testkit::skip(
             "NIXL_TEST_RDMA_DEVICE is not set (name an RDMA device, e.g. mlx5_0)",
             true,
             &[],
         );
+    }
+    dev
+}
+
+/// Two agents named `a` and `b`, each with an rdma backend of `cfg` on its own loopback control
+/// channel; fails the test where the backend cannot run on the device `cfg` names.
+fn rdma_agents(cfg: &RdmaConfig, a: &str, b: &str) -> (Agent, Agent) {
+    let mk = |name: &str| {
+        let ch = Loopback::new(&format!("rdma-hw-{name}-{}", std::process::id()));
+        let b = RdmaBackend::new(cfg.clone(), ch);
+        if let Err(e) = b.probe() {
+            let dev = cfg.devices.as_deref().unwrap_or_default().join(",");
+            panic!("NIXL_TEST_RDMA_DEVICE={dev} but the rdma backend cannot run: {e}");
+        }
+        Agent::builder(name).backend(b).build().unwrap()
+    };
+    (mk(a), mk(b))
+}
+
+/// Two agents in one process, each with an rdma backend on `NIXL_TEST_RDMA_DEVICE`, connected
+/// through loopback control channels: WRITE and READ with notifications, bytes checked, a
+/// transfer striped over many WRs and lanes, and a standalone notification.
+#[test]
+fn hardware_write_and_read_with_notifications() {
+    let Some(dev) = rdma_device() else {
         return;
     };
     let cfg = RdmaConfig {
-        devices: Some(vec![dev.clone()]),
+        devices: Some(vec![dev]),
         slice_bytes: 256 << 10,
         qps_per_nic: 3,
         max_outstanding: 8,
         ..Default::default()
     };
-    let mk = |name: &str| {
-        let ch = Loopback::new(&format!("rdma-hw-{name}-{}", std::process::id()));
-        let b = RdmaBackend::new(cfg.clone(), ch);
-        if let Err(e) = b.probe() {
-            panic!("NIXL_TEST_RDMA_DEVICE={dev} but the rdma backend cannot run: {e}");
-        }
-        Agent::builder(name).backend(b).build().unwrap()
-    };
-    let a = mk("rdma-a");
-    let b = mk("rdma-b");
+    let (a, b) = rdma_agents(&cfg, "rdma-a", "rdma-b");
     let size = 16 << 20;
     let src = pattern(1, size);
     let a_buf = src.clone();
@@ -287,12 +303,7 @@ fn vram(d: Vec<Desc>) -> DescList {
 /// around the region stay untouched.
 #[test]
 fn hardware_vram_through_dmabuf() {
-    let Ok(dev) = std::env::var("NIXL_TEST_RDMA_DEVICE") else {
-        nixl_testkit::skip(
-            "NIXL_TEST_RDMA_DEVICE is not set (name an RDMA device, e.g. mlx5_0)",
-            true,
-            &[],
-        );
+    let Some(dev) = rdma_device() else {
         return;
     };
     if std::env::var("NIXL_TEST_CUDA").as_deref() != Ok("1") {
@@ -305,21 +316,12 @@ fn hardware_vram_through_dmabuf() {
     }
     use nixl_transports::cuda::LegacyBuffer;
     let cfg = RdmaConfig {
-        devices: Some(vec![dev.clone()]),
+        devices: Some(vec![dev]),
         slice_bytes: 256 << 10,
         qps_per_nic: 2,
         ..Default::default()
     };
-    let mk = |name: &str| {
-        let ch = Loopback::new(&format!("rdma-vram-{name}-{}", std::process::id()));
-        let b = RdmaBackend::new(cfg.clone(), ch);
-        if let Err(e) = b.probe() {
-            panic!("NIXL_TEST_RDMA_DEVICE={dev} but the rdma backend cannot run: {e}");
-        }
-        Agent::builder(name).backend(b).build().unwrap()
-    };
-    let a = mk("rdma-vram-a");
-    let b = mk("rdma-vram-b");
+    let (a, b) = rdma_agents(&cfg, "rdma-vram-a", "rdma-vram-b");
     let size = (4 << 20) + 777;
     let off = 4096 + 123;
     let gpu = LegacyBuffer::new(0, size + 3 * 4096).unwrap();

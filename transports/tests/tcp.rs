@@ -2,39 +2,16 @@
 //! their listeners (the cross-namespace and cross-process tests live in the `nixl-tests` crate).
 
 mod common;
-use common::pattern;
+use common::{loopback, one, opts, pattern, reg, tcp_agent, xfer};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixl_core::*;
+use nixl_transports::fuzzing::{push_metadata_as, raw_data_connection};
 use nixl_transports::tcp::{
-    fetch_metadata, invalidate_metadata, push_metadata, push_metadata_as, Auth, PeerIdentity,
-    TcpBackend, TcpConfig,
+    fetch_metadata, invalidate_metadata, push_metadata, Auth, PeerIdentity, TcpConfig,
 };
-
-/// Registration for tests: every buffer is declared before its registration (so it outlives
-/// it) and is read only after the transfers that write it have ended (`Agent::register`).
-fn reg(agent: &Agent, buf: &mut [u8]) -> Registration {
-    let list = DescList::from_descs(MemKind::Dram, vec![Desc::from_mut_slice(buf)]).unwrap();
-    // SAFETY: see above.
-    unsafe { agent.register(&list) }.unwrap()
-}
-
-fn cfg(auth: Auth) -> TcpConfig {
-    TcpConfig {
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        io_timeout: Duration::from_secs(2),
-        auth,
-        ..TcpConfig::default()
-    }
-}
-
-fn agent(name: &str, c: TcpConfig) -> (Agent, Arc<TcpBackend>) {
-    let b = Arc::new(TcpBackend::new(c));
-    let a = Agent::builder(name).backend(b.clone()).build().unwrap();
-    (a, b)
-}
 
 /// Two agents on loopback; `src` registered with `a`, `dst` with `b`, b's metadata loaded into
 /// a. Fields drop in order: the registrations go before the buffers they cover.
@@ -47,8 +24,8 @@ struct Linked {
 }
 
 fn linked(prefix: &str, mut src: Vec<u8>, dst_len: usize) -> Linked {
-    let (a, _) = agent(&format!("{prefix}-a"), cfg(Auth::host_only()));
-    let (b, _) = agent(&format!("{prefix}-b"), cfg(Auth::host_only()));
+    let (a, _) = tcp_agent(&format!("{prefix}-a"), loopback(Auth::host_only()));
+    let (b, _) = tcp_agent(&format!("{prefix}-b"), loopback(Auth::host_only()));
     let mut dst = vec![0u8; dst_len];
     let regs = vec![reg(&a, &mut src), reg(&b, &mut dst)];
     a.load_remote(&b.metadata_bytes()).unwrap();
@@ -61,31 +38,12 @@ fn linked(prefix: &str, mut src: Vec<u8>, dst_len: usize) -> Linked {
     }
 }
 
-fn one(buf: &[u8]) -> DescList {
-    DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(buf)]).unwrap()
-}
-
-fn opts(notif: Option<&[u8]>) -> XferOptions {
-    XferOptions {
-        notif: notif.map(<[u8]>::to_vec),
-        ..XferOptions::default()
-    }
-}
-
 #[test]
 fn write_and_read_every_byte_with_notifications() {
     let len = 40 << 20;
     let l = linked("tcp", pattern(1, len), len);
     let (a, b, src, dst) = (&l.a, &l.b, &l.src, &l.dst);
-    let x = a
-        .create_xfer(
-            XferOp::Write,
-            &one(src),
-            &one(dst),
-            "tcp-b",
-            opts(Some(b"w1")),
-        )
-        .unwrap();
+    let x = xfer(a, XferOp::Write, src, dst, "tcp-b", Some(b"w1")).unwrap();
     assert_eq!(x.backend(), BackendName::Tcp);
     x.run_blocking().unwrap();
     let n = b.wait_notifs(Duration::from_secs(5));
@@ -127,8 +85,8 @@ fn write_and_read_every_byte_with_notifications() {
 
 #[test]
 fn out_of_bounds_wrong_key_and_deregistered_are_refused_at_the_target() {
-    let (a, _) = agent("oob-a", cfg(Auth::host_only()));
-    let (b, _) = agent("oob-b", cfg(Auth::host_only()));
+    let (a, _) = tcp_agent("oob-a", loopback(Auth::host_only()));
+    let (b, _) = tcp_agent("oob-b", loopback(Auth::host_only()));
     let mut src = vec![7u8; 1 << 16];
     let mut dst = vec![0u8; 1 << 16];
     let _ra = reg(&a, &mut src);
@@ -157,15 +115,7 @@ fn out_of_bounds_wrong_key_and_deregistered_are_refused_at_the_target() {
     wrong.regions[0].key ^= 1;
     wrong.generation += 2;
     a.load_remote_md(wrong).unwrap();
-    let x = a
-        .create_xfer(
-            XferOp::Read,
-            &one(&src),
-            &one(&dst),
-            "oob-b",
-            XferOptions::default(),
-        )
-        .unwrap();
+    let x = xfer(&a, XferOp::Read, &src, &dst, "oob-b", None).unwrap();
     let err = x.run_blocking().unwrap_err();
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
     assert!(src.iter().all(|&v| v == 7), "a refused READ wrote memory");
@@ -174,15 +124,7 @@ fn out_of_bounds_wrong_key_and_deregistered_are_refused_at_the_target() {
     let mut right = good.clone();
     right.generation += 3;
     a.load_remote_md(right).unwrap();
-    let x = a
-        .create_xfer(
-            XferOp::Write,
-            &one(&src),
-            &one(&dst),
-            "oob-b",
-            XferOptions::default(),
-        )
-        .unwrap();
+    let x = xfer(&a, XferOp::Write, &src, &dst, "oob-b", None).unwrap();
     x.run_blocking().unwrap();
     rb.deregister().unwrap();
     let err = x.run_blocking().unwrap_err();
@@ -192,21 +134,13 @@ fn out_of_bounds_wrong_key_and_deregistered_are_refused_at_the_target() {
     let mut fresh = b.metadata();
     fresh.generation = 100;
     a.load_remote_md(fresh).unwrap();
-    let x = a
-        .create_xfer(
-            XferOp::Write,
-            &one(&src),
-            &one(&dst),
-            "oob-b",
-            XferOptions::default(),
-        )
-        .unwrap();
+    let x = xfer(&a, XferOp::Write, &src, &dst, "oob-b", None).unwrap();
     x.run_blocking().unwrap();
 }
 
 #[test]
 fn shared_secret_must_match_on_both_sides() {
-    let (b, bb) = agent("sec-b", cfg(Auth::with_secret("s3cret")));
+    let (b, bb) = tcp_agent("sec-b", loopback(Auth::with_secret("s3cret")));
     let mut bbuf = [0u8; 16];
     let _rb = reg(&b, &mut bbuf);
     let addr = bb.listen_addrs()[0].to_string();
@@ -220,7 +154,7 @@ fn shared_secret_must_match_on_both_sides() {
         assert_eq!(err.class(), ErrorClass::Denied, "{err}");
     }
     // A client with a secret refuses a listener without one (it cannot prove itself).
-    let (_c, cb) = agent("sec-c", cfg(Auth::host_only()));
+    let (_c, cb) = tcp_agent("sec-c", loopback(Auth::host_only()));
     let err = fetch_metadata(
         &cb.listen_addrs()[0].to_string(),
         &Auth::with_secret("s3cret"),
@@ -229,21 +163,12 @@ fn shared_secret_must_match_on_both_sides() {
     .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
     // Transfers between agents with different secrets are refused at connect.
-    let (a, _) = agent("sec-a", cfg(Auth::with_secret("other")));
+    let (a, _) = tcp_agent("sec-a", loopback(Auth::with_secret("other")));
     let mut buf = [0u8; 16];
     let _ra = reg(&a, &mut buf);
     let err = a
         .load_remote(&md)
-        .and_then(|_| {
-            a.create_xfer(
-                XferOp::Read,
-                &one(&buf),
-                &one(&bbuf),
-                "sec-b",
-                XferOptions::default(),
-            )
-            .map(drop)
-        })
+        .and_then(|_| xfer(&a, XferOp::Read, &buf, &bbuf, "sec-b", None).map(drop))
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
     drop(b);
@@ -251,12 +176,12 @@ fn shared_secret_must_match_on_both_sides() {
 
 #[test]
 fn metadata_push_loads_the_pusher_at_the_listener() {
-    let (a, _) = agent("push-a", cfg(Auth::host_only()));
-    let (b, bb) = agent(
+    let (a, _) = tcp_agent("push-a", loopback(Auth::host_only()));
+    let (b, bb) = tcp_agent(
         "push-b",
         TcpConfig {
             accept_pushes: true,
-            ..cfg(Auth::host_only())
+            ..loopback(Auth::host_only())
         },
     );
     let name = push_metadata(
@@ -288,8 +213,8 @@ fn metadata_push_loads_the_pusher_at_the_listener() {
 #[test]
 fn garbage_on_the_listener_drops_that_connection_only() {
     use std::io::{Read, Write};
-    let (a, _) = agent("junk-a", cfg(Auth::host_only()));
-    let (b, bb) = agent("junk-b", cfg(Auth::host_only()));
+    let (a, _) = tcp_agent("junk-a", loopback(Auth::host_only()));
+    let (b, bb) = tcp_agent("junk-b", loopback(Auth::host_only()));
     let addr = bb.listen_addrs()[0];
     for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xffu8; 200][..], &[][..]] {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -304,16 +229,10 @@ fn garbage_on_the_listener_drops_that_connection_only() {
     let _ra = reg(&a, &mut src);
     let _rb = reg(&b, &mut dst);
     a.load_remote(&b.metadata_bytes()).unwrap();
-    a.create_xfer(
-        XferOp::Write,
-        &one(&src),
-        &one(&dst),
-        "junk-b",
-        XferOptions::default(),
-    )
-    .unwrap()
-    .run_blocking()
-    .unwrap();
+    xfer(&a, XferOp::Write, &src, &dst, "junk-b", None)
+        .unwrap()
+        .run_blocking()
+        .unwrap();
     assert!(dst.iter().all(|&v| v == 3));
 }
 
@@ -322,15 +241,7 @@ fn dropping_the_initiator_cancels_what_is_in_flight_and_a_dead_target_fails_fast
     let len = 64 << 20;
     let l = linked("drop", vec![1u8; len], len);
     let (a, b, src, dst) = (&l.a, &l.b, &l.src, &l.dst);
-    let x = a
-        .create_xfer(
-            XferOp::Write,
-            &one(src),
-            &one(dst),
-            "drop-b",
-            XferOptions::default(),
-        )
-        .unwrap();
+    let x = xfer(a, XferOp::Write, src, dst, "drop-b", None).unwrap();
     // Target shuts down: in-flight and later posts fail, within the io timeout.
     x.post().unwrap();
     b.shutdown();
@@ -348,19 +259,11 @@ fn dropping_the_initiator_cancels_what_is_in_flight_and_a_dead_target_fails_fast
     );
 
     // Initiator shuts down with a post in flight: it ends Cancelled.
-    let (c, _) = agent("drop-c", cfg(Auth::host_only()));
+    let (c, _) = tcp_agent("drop-c", loopback(Auth::host_only()));
     let mut dst2 = vec![0u8; len];
     let _rc = reg(&c, &mut dst2);
     a.load_remote(&c.metadata_bytes()).unwrap();
-    let y = a
-        .create_xfer(
-            XferOp::Write,
-            &one(src),
-            &one(&dst2),
-            "drop-c",
-            XferOptions::default(),
-        )
-        .unwrap();
+    let y = xfer(a, XferOp::Write, src, &dst2, "drop-c", None).unwrap();
     y.post().unwrap();
     a.shutdown();
     let st = y.wait_blocking(Some(Duration::from_secs(10)));
@@ -390,15 +293,7 @@ fn a_deadline_ends_a_post_and_the_session_stays_usable() {
     let err = slow.run_blocking().unwrap_err();
     assert_eq!(err.class(), ErrorClass::TimedOut, "{err}");
     // The chunks already on the wire finish; the rest are skipped; the connection is fine.
-    let x = a
-        .create_xfer(
-            XferOp::Write,
-            &one(src),
-            &one(dst),
-            "dl-b",
-            XferOptions::default(),
-        )
-        .unwrap();
+    let x = xfer(a, XferOp::Write, src, dst, "dl-b", None).unwrap();
     x.run_blocking().unwrap();
     assert!(*dst == pattern(9, len));
     // Cancelling a post in flight ends it Cancelled, and the next post still works.
@@ -430,13 +325,11 @@ fn the_target_knows_when_it_serves_a_peer_and_a_late_read_lets_go() {
     // b's memory holds the pattern (written through a WRITE of a's buffer first).
     let mut pat = pattern(5, len);
     let _r = reg(a, &mut pat);
-    a.create_xfer(XferOp::Write, &one(&pat), &one(dst), "idle-b", opts(None))
+    xfer(a, XferOp::Write, &pat, dst, "idle-b", None)
         .unwrap()
         .run_blocking()
         .unwrap();
-    let read = a
-        .create_xfer(XferOp::Read, &one(src), &one(dst), "idle-b", opts(None))
-        .unwrap();
+    let read = xfer(a, XferOp::Read, src, dst, "idle-b", None).unwrap();
     read.post().unwrap();
     let mut busy_seen = false;
     while !read.status().is_terminal() {
@@ -519,8 +412,7 @@ fn random_frames_after_authentication_never_hurt_the_agent() {
         x
     };
     for round in 0..300 {
-        let mut s =
-            nixl_transports::tcp::raw_data_connection(addr, &Auth::host_only(), "fuzzer").unwrap();
+        let mut s = raw_data_connection(addr, &Auth::host_only(), "fuzzer").unwrap();
         s.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let ty = [1u8, 2, 3, 4, 5, 6, 16, 17, 18, 19, 0, 255][(rnd() % 12) as usize];
@@ -576,15 +468,7 @@ fn random_frames_after_authentication_never_hurt_the_agent() {
         "a random frame wrote the registration"
     );
     // Still serving.
-    let w = a
-        .create_xfer(
-            XferOp::Write,
-            &one(&l.src),
-            &one(&l.dst),
-            "fz-b",
-            XferOptions::default(),
-        )
-        .unwrap();
+    let w = xfer(a, XferOp::Write, &l.src, &l.dst, "fz-b", None).unwrap();
     w.run_blocking().unwrap();
     assert!(l.dst == pattern(4, 1 << 16));
 }
@@ -609,9 +493,9 @@ impl nixl_transports::control::ControlService for Echo {
 fn control_requests_reach_the_named_service_through_the_authenticated_listener() {
     use nixl_transports::control::{ControlChannel, ControlService, MAX_CONTROL};
     let secret = || Auth::with_secret(b"control secret".to_vec());
-    let (_a, ta) = agent("ctl-a", cfg(secret()));
-    let (_b, tb) = agent("ctl-b", cfg(secret()));
-    let (_c, tc) = agent("ctl-c", cfg(Auth::with_secret(b"other".to_vec())));
+    let (_a, ta) = tcp_agent("ctl-a", loopback(secret()));
+    let (_b, tb) = tcp_agent("ctl-b", loopback(secret()));
+    let (_c, tc) = tcp_agent("ctl-c", loopback(Auth::with_secret(b"other".to_vec())));
     let svc: Arc<dyn ControlService> = Arc::new(Echo);
     tb.control().serve(BackendName::Rdma, Arc::downgrade(&svc));
     let ep = tb.control().endpoint();
@@ -676,15 +560,7 @@ fn control_requests_reach_the_named_service_through_the_authenticated_listener()
     assert!(err.to_string().contains("serves no rdma control"), "{err}");
     // Data transfers still work beside control traffic.
     let l = linked("ctl-data", pattern(3, 4096), 4096);
-    let x =
-        l.a.create_xfer(
-            XferOp::Write,
-            &one(&l.src),
-            &one(&l.dst),
-            "ctl-data-b",
-            opts(None),
-        )
-        .unwrap();
+    let x = xfer(&l.a, XferOp::Write, &l.src, &l.dst, "ctl-data-b", None).unwrap();
     x.run_blocking().unwrap();
     drop(x);
     assert!(
@@ -698,10 +574,10 @@ fn control_requests_reach_the_named_service_through_the_authenticated_listener()
 fn pushes_are_off_by_default_and_an_agent_pushes_only_its_own_metadata() {
     let auth = Auth::host_only;
     let t = Duration::from_secs(2);
-    let (a, _) = agent("own-a", cfg(auth()));
-    let (v, _) = agent("own-victim", cfg(auth()));
+    let (a, _) = tcp_agent("own-a", loopback(auth()));
+    let (v, _) = tcp_agent("own-victim", loopback(auth()));
     // Off by default: refused, nothing loaded.
-    let (b, bb) = agent("own-b", cfg(auth()));
+    let (b, bb) = tcp_agent("own-b", loopback(auth()));
     let addr = bb.listen_addrs()[0].to_string();
     let err = push_metadata(&addr, &auth(), &a.metadata_bytes(), t).unwrap_err();
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
@@ -709,11 +585,11 @@ fn pushes_are_off_by_default_and_an_agent_pushes_only_its_own_metadata() {
     assert!(b.peers().is_empty());
 
     // On: only under the name and instance the connection proved.
-    let (c, cb) = agent(
+    let (c, cb) = tcp_agent(
         "own-c",
         TcpConfig {
             accept_pushes: true,
-            ..cfg(auth())
+            ..loopback(auth())
         },
     );
     let addr = cb.listen_addrs()[0].to_string();
@@ -741,13 +617,13 @@ fn an_agent_invalidates_only_its_own_metadata_and_only_where_pushes_are_accepted
     let auth = Auth::host_only;
     let t = Duration::from_secs(2);
     let me = |x: &Agent| PeerIdentity::new(x.name(), x.instance_id());
-    let (a, _) = agent("inv-a", cfg(auth()));
-    let (c, _) = agent("inv-c", cfg(auth()));
-    let (b, bb) = agent(
+    let (a, _) = tcp_agent("inv-a", loopback(auth()));
+    let (c, _) = tcp_agent("inv-c", loopback(auth()));
+    let (b, bb) = tcp_agent(
         "inv-b",
         TcpConfig {
             accept_pushes: true,
-            ..cfg(auth())
+            ..loopback(auth())
         },
     );
     let addr = bb.listen_addrs()[0].to_string();
@@ -759,7 +635,7 @@ fn an_agent_invalidates_only_its_own_metadata_and_only_where_pushes_are_accepted
         push_metadata(&addr, &auth(), &x.metadata_bytes(), t).unwrap();
     }
     // B writes to A: a connection to A is open when A invalidates.
-    b.create_xfer(XferOp::Write, &one(&src), &one(&dst), "inv-a", opts(None))
+    xfer(&b, XferOp::Write, &src, &dst, "inv-a", None)
         .unwrap()
         .run_blocking()
         .unwrap();
@@ -779,8 +655,7 @@ fn an_agent_invalidates_only_its_own_metadata_and_only_where_pushes_are_accepted
     // A drops A: B's next request to A fails cleanly, and nothing of A is left at B.
     assert!(invalidate_metadata(&addr, &auth(), &me(&a), t).unwrap());
     assert!(b.peers().is_empty(), "{:?}", b.peers());
-    let err = b
-        .create_xfer(XferOp::Write, &one(&src), &one(&dst), "inv-a", opts(None))
+    let err = xfer(&b, XferOp::Write, &src, &dst, "inv-a", None)
         .map(|_| ())
         .unwrap_err();
     assert!(
@@ -789,7 +664,7 @@ fn an_agent_invalidates_only_its_own_metadata_and_only_where_pushes_are_accepted
     );
 
     // A listener that takes no pushes takes no invalidation either, and keeps what it loaded.
-    let (d, db) = agent("inv-d", cfg(auth()));
+    let (d, db) = tcp_agent("inv-d", loopback(auth()));
     d.load_remote(&a.metadata_bytes()).unwrap();
     let addr = db.listen_addrs()[0].to_string();
     let err = invalidate_metadata(&addr, &auth(), &me(&a), t).unwrap_err();
@@ -802,8 +677,8 @@ fn an_agent_invalidates_only_its_own_metadata_and_only_where_pushes_are_accepted
 /// etcd entry, a forged file): the listener proves who it is, and the initiator refuses.
 #[test]
 fn the_initiator_refuses_a_listener_that_is_not_the_agent_its_metadata_names() {
-    let (a, _) = agent("who-a", cfg(Auth::host_only()));
-    let (m, _) = agent("who-mallory", cfg(Auth::host_only()));
+    let (a, _) = tcp_agent("who-a", loopback(Auth::host_only()));
+    let (m, _) = tcp_agent("who-mallory", loopback(Auth::host_only()));
     let mut src = vec![1u8; 4096];
     let mut dst = vec![0u8; 4096];
     let _ra = reg(&a, &mut src);
@@ -812,14 +687,7 @@ fn the_initiator_refuses_a_listener_that_is_not_the_agent_its_metadata_names() {
     let mut forged = m.metadata();
     forged.name = "who-victim".into();
     a.load_remote_md(forged).unwrap();
-    let err = a
-        .create_xfer(
-            XferOp::Write,
-            &one(&src),
-            &one(&dst),
-            "who-victim",
-            XferOptions::default(),
-        )
+    let err = xfer(&a, XferOp::Write, &src, &dst, "who-victim", None)
         .and_then(|x| x.run_blocking())
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
@@ -834,12 +702,11 @@ fn the_initiator_refuses_a_listener_that_is_not_the_agent_its_metadata_names() {
 fn a_name_rewritten_on_the_path_is_refused_and_notifications_name_the_proven_sender() {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-    let (b, bb) = agent("seal-b", cfg(Auth::host_only()));
+    let (b, bb) = tcp_agent("seal-b", loopback(Auth::host_only()));
     let target = bb.listen_addrs()[0];
 
     // Straight: a notification names the sender its connection proved.
-    let mut s =
-        nixl_transports::tcp::raw_data_connection(target, &Auth::host_only(), "mallory").unwrap();
+    let mut s = raw_data_connection(target, &Auth::host_only(), "mallory").unwrap();
     s.write_all(&notif_frame(1, b"hi")).unwrap();
     let n = b.wait_notifs(Duration::from_secs(5));
     assert_eq!(n.len(), 1);
@@ -894,7 +761,7 @@ fn a_name_rewritten_on_the_path_is_refused_and_notifications_name_the_proven_sen
         let _ = back.join();
         seen
     });
-    let r = nixl_transports::tcp::raw_data_connection(relay_addr, &Auth::host_only(), "mallory");
+    let r = raw_data_connection(relay_addr, &Auth::host_only(), "mallory");
     assert!(
         r.is_err(),
         "the listener must drop a connection whose OPEN was changed"
@@ -937,29 +804,85 @@ fn notifications_up_to_the_one_limit_arrive_and_longer_ones_are_refused_at_the_s
     assert_eq!(err.class(), ErrorClass::Invalid, "{err}");
     // Refused by the agent itself, whichever backend would carry it.
     assert!(err.to_string().contains("MAX_NOTIF_BYTES"), "{err}");
-    let err = a
-        .create_xfer(
-            XferOp::Write,
-            &one(&l.src),
-            &one(&l.dst),
-            "nsz-b",
-            opts(Some(&vec![2u8; 2 << 20])),
-        )
-        .unwrap_err();
+    let err = xfer(
+        a,
+        XferOp::Write,
+        &l.src,
+        &l.dst,
+        "nsz-b",
+        Some(&vec![2u8; 2 << 20]),
+    )
+    .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Invalid, "{err}");
 
-    let x = a
-        .create_xfer(
-            XferOp::Write,
-            &one(&l.src),
-            &one(&l.dst),
-            "nsz-b",
-            opts(Some(&largest)),
-        )
-        .unwrap();
+    let x = xfer(a, XferOp::Write, &l.src, &l.dst, "nsz-b", Some(&largest)).unwrap();
     x.run_blocking().unwrap();
     let n = b.wait_notifs(Duration::from_secs(5));
     assert_eq!(n.len(), 1);
     assert!(n[0].msg == largest);
     assert!(l.dst == l.src);
+}
+
+/// A standalone notification reaches the target only after every frame its sender had
+/// written before it was carried out, on every connection: here a READ of one 64 MiB chunk on
+/// one connection, and a notification posted once the target serves it, which goes on the
+/// other. At the notification the target overwrites the READ's source (as a KV prefill side
+/// frees and reuses blocks once decode says it stopped reading them): the READ must have got
+/// only the old bytes. Without the barrier the notification overtakes the READ on the idle
+/// connection and the READ's tail carries the new bytes.
+#[test]
+fn a_notification_arrives_after_every_frame_written_before_it_on_any_connection() {
+    let len = 64 << 20;
+    let mk = |name: &str| {
+        let c = TcpConfig {
+            chunk_bytes: len,
+            conns_per_peer: 2,
+            ..loopback(Auth::host_only())
+        };
+        tcp_agent(name, c).0
+    };
+    let (a, b) = (mk("barrier-a"), mk("barrier-b"));
+    let mut src = pattern(9, len);
+    let mut dst = vec![0u8; len];
+    let _regs = [reg(&a, &mut dst), reg(&b, &mut src)];
+    a.load_remote(&b.metadata_bytes()).unwrap();
+    let src_addr = src.as_mut_ptr();
+    for round in 0..3 {
+        let read = a
+            .create_xfer(
+                XferOp::Read,
+                &one(&dst),
+                &one(&src),
+                "barrier-b",
+                opts(None),
+            )
+            .unwrap();
+        read.post().unwrap();
+        let until = Instant::now() + Duration::from_secs(10);
+        while b.peer_idle("barrier-a") {
+            assert!(Instant::now() < until, "the READ never reached the target");
+        }
+        a.post_notif("barrier-b", b"stopped").unwrap();
+        loop {
+            let n = b.wait_notifs(Duration::from_millis(100));
+            if n.iter().any(|n| n.msg == b"stopped") {
+                break;
+            }
+            assert!(Instant::now() < until, "the notification never came");
+        }
+        // SAFETY: b's registered buffer, which b may reuse now that a said it stopped; the
+        // kernel reading it for a READ still served is the race this test looks for.
+        unsafe { std::ptr::write_bytes(src_addr, 0xEE, len) };
+        read.wait_blocking(None).into_result().unwrap();
+        let want = pattern(9, len);
+        let late = dst.iter().zip(&want).filter(|(d, w)| d != w).count();
+        assert!(
+            late == 0,
+            "round {round}: the READ was still served after the notification ({late} bytes of \
+             the reused source landed)"
+        );
+        read.release();
+        // SAFETY: as above; no transfer runs; restores the source for the next round.
+        unsafe { std::ptr::copy_nonoverlapping(want.as_ptr(), src_addr, len) };
+    }
 }

@@ -17,10 +17,8 @@ use std::time::Duration;
 
 use nixl_core::metadata::{BackendInfo, RegionInfo};
 use nixl_core::*;
-use nixl_transports::tcp::{
-    conn_info_for, raw_listener_opening, Auth, PeerIdentity, RawConnection,
-};
-use nixl_transports::tcp::{TcpBackend, TcpConfig};
+use nixl_transports::fuzzing::{conn_info_for, raw_listener_opening, RawConnection};
+use nixl_transports::tcp::{Auth, PeerIdentity, TcpBackend, TcpConfig};
 
 const PAGE: usize = 4096;
 /// The mapping: guard, sentinel, descriptor A (2 pages), sentinel, descriptor B (2 pages),

@@ -82,7 +82,7 @@ fn refusals_are_counted() {
     assert!(wait_for(&snap, "nixl_tcp_auth_failures_total", 1) >= 1);
 
     // A malformed frame after authentication.
-    let mut s = nixl_transports::tcp::raw_data_connection(
+    let mut s = nixl_transports::fuzzing::raw_data_connection(
         tb.listen_addrs()[0],
         &Auth::with_secret("k"),
         "junk",

@@ -4,7 +4,7 @@
 //! byte) get nothing and break nothing silently; slow handshakes are cut at their deadline.
 
 mod common;
-use common::pattern;
+use common::{loopback, one, opts, pattern, reg, tcp_agent, xfer};
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -13,43 +13,16 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nixl_core::*;
-use nixl_transports::tcp::{fetch_metadata, push_metadata, Auth, TcpBackend, TcpConfig};
-
-/// Registration for tests: every buffer is declared before its registration (so it outlives
-/// it) and is read only after the transfers that write it have ended (`Agent::register`).
-fn reg(agent: &Agent, buf: &mut [u8]) -> Registration {
-    let list = DescList::from_descs(MemKind::Dram, vec![Desc::from_mut_slice(buf)]).unwrap();
-    // SAFETY: see above.
-    unsafe { agent.register(&list) }.unwrap()
-}
-
-fn one(buf: &[u8]) -> DescList {
-    DescList::from_descs(MemKind::Dram, vec![Desc::from_slice(buf)]).unwrap()
-}
-
-fn opts(notif: Option<&[u8]>) -> XferOptions {
-    XferOptions {
-        notif: notif.map(<[u8]>::to_vec),
-        ..XferOptions::default()
-    }
-}
+use nixl_transports::tcp::{fetch_metadata, push_metadata, Auth, TcpConfig};
 
 const SECRET: &str = "tls test secret";
 
+/// [`loopback`], connecting and its handshake cut after 1 s.
 fn cfg(auth: Auth) -> TcpConfig {
     TcpConfig {
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        io_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(1),
-        auth,
-        ..TcpConfig::default()
+        ..loopback(auth)
     }
-}
-
-fn agent(name: &str, c: TcpConfig) -> (Agent, Arc<TcpBackend>) {
-    let b = Arc::new(TcpBackend::new(c));
-    let a = Agent::builder(name).backend(b.clone()).build().unwrap();
-    (a, b)
 }
 
 /// `md` with its tcp connection info pointing at `addr` (a poisoned discovery entry).
@@ -66,6 +39,25 @@ fn pointing_at(mut md: AgentMetadata, addr: SocketAddr) -> AgentMetadata {
         }
     }
     md
+}
+
+/// Agents `{tag}-a` and `{tag}-b` with the shared secret (`tune` adjusts their tcp settings),
+/// `a_mem` registered with a and `b_mem` with b, and a reaching b through a [`Relay`]. The
+/// caller's buffers, declared before, outlive the registrations returned.
+fn relayed(
+    tag: &str,
+    tune: impl Fn(TcpConfig) -> TcpConfig,
+    a_mem: &mut [u8],
+    b_mem: &mut [u8],
+) -> (Agent, Agent, Relay, [Registration; 2]) {
+    let secret = || tune(cfg(Auth::with_secret(SECRET)));
+    let (b, bb) = tcp_agent(&format!("{tag}-b"), secret());
+    let (a, _) = tcp_agent(&format!("{tag}-a"), secret());
+    let regs = [reg(&a, a_mem), reg(&b, b_mem)];
+    let relay = Relay::start(bb.listen_addrs()[0]);
+    a.load_remote_md(pointing_at(b.metadata(), relay.addr))
+        .unwrap();
+    (a, b, relay, regs)
 }
 
 /// A stranger without the secret in the middle of tcp connections to `target`: it forwards
@@ -225,29 +217,15 @@ fn notif_frame(msg: &[u8]) -> Vec<u8> {
 
 #[test]
 fn a_relay_that_forwards_the_handshake_cannot_use_the_session() {
-    let one_lane = |auth| TcpConfig {
-        conns_per_peer: 1,
-        ..cfg(auth)
-    };
-    let (b, bb) = agent("relay-b", one_lane(Auth::with_secret(SECRET)));
-    let (a, _) = agent("relay-a", one_lane(Auth::with_secret(SECRET)));
     let mut src = pattern(5, 1 << 16);
     let mut dst = vec![0u8; 1 << 16];
-    let _ra = reg(&a, &mut src);
-    let _rb = reg(&b, &mut dst);
-    let relay = Relay::start(bb.listen_addrs()[0]);
-    a.load_remote_md(pointing_at(b.metadata(), relay.addr))
-        .unwrap();
+    let one_lane = |c| TcpConfig {
+        conns_per_peer: 1,
+        ..c
+    };
+    let (a, b, relay, _regs) = relayed("relay", one_lane, &mut src, &mut dst);
     // The initiator connects through the relay: the handshake passes it untouched.
-    let x = a
-        .create_xfer(
-            XferOp::Write,
-            &one(&src),
-            &one(&dst),
-            "relay-b",
-            opts(Some(b"from a")),
-        )
-        .unwrap();
+    let x = xfer(&a, XferOp::Write, &src, &dst, "relay-b", Some(b"from a")).unwrap();
     // Now the relay keeps the authenticated connection for itself and speaks on it.
     relay.hijack.store(true, Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(100));
@@ -266,30 +244,16 @@ fn a_relay_that_forwards_the_handshake_cannot_use_the_session() {
 
 #[test]
 fn a_byte_flipped_on_the_wire_fails_the_transfer() {
-    let one_lane = |auth| TcpConfig {
-        conns_per_peer: 1,
-        chunk_bytes: 512 << 10,
-        ..cfg(auth)
-    };
-    let (b, bb) = agent("flip-b", one_lane(Auth::with_secret(SECRET)));
-    let (a, _) = agent("flip-a", one_lane(Auth::with_secret(SECRET)));
     let len = 1 << 20;
     let mut src = pattern(6, len);
     let mut dst = vec![0u8; len];
-    let _ra = reg(&a, &mut src);
-    let _rb = reg(&b, &mut dst);
-    let relay = Relay::start(bb.listen_addrs()[0]);
-    a.load_remote_md(pointing_at(b.metadata(), relay.addr))
-        .unwrap();
-    let x = a
-        .create_xfer(
-            XferOp::Write,
-            &one(&src),
-            &one(&dst),
-            "flip-b",
-            XferOptions::default(),
-        )
-        .unwrap();
+    let one_lane = |c| TcpConfig {
+        conns_per_peer: 1,
+        chunk_bytes: 512 << 10,
+        ..c
+    };
+    let (a, _b, relay, _regs) = relayed("flip", one_lane, &mut src, &mut dst);
+    let x = xfer(&a, XferOp::Write, &src, &dst, "flip-b", None).unwrap();
     // One bit, well inside the first chunk's data.
     relay.flip_in.store(70_000, Ordering::SeqCst);
     let res = x.run_blocking();
@@ -318,22 +282,16 @@ fn a_byte_flipped_on_the_wire_fails_the_transfer() {
 /// Then the held bytes flow again, are thrown away, and the next READ on the session is exact.
 #[test]
 fn a_read_stalled_mid_chunk_over_tls_lets_go_at_its_deadline() {
-    let one_lane = |auth| TcpConfig {
-        conns_per_peer: 1,
-        chunk_bytes: 8 << 20,
-        io_timeout: Duration::from_secs(30),
-        ..cfg(auth)
-    };
-    let (b, bb) = agent("stall-b", one_lane(Auth::with_secret(SECRET)));
-    let (a, _) = agent("stall-a", one_lane(Auth::with_secret(SECRET)));
     let len = 8 << 20;
     let mut src = pattern(8, len);
     let mut dst = vec![0u8; len];
-    let _ra = reg(&a, &mut dst);
-    let _rb = reg(&b, &mut src);
-    let relay = Relay::start(bb.listen_addrs()[0]);
-    a.load_remote_md(pointing_at(b.metadata(), relay.addr))
-        .unwrap();
+    let one_lane = |c| TcpConfig {
+        conns_per_peer: 1,
+        chunk_bytes: 8 << 20,
+        io_timeout: Duration::from_secs(30),
+        ..c
+    };
+    let (a, _b, relay, _regs) = relayed("stall", one_lane, &mut dst, &mut src);
     let read = |deadline| {
         a.create_xfer(
             XferOp::Read,
@@ -381,17 +339,11 @@ fn a_read_stalled_mid_chunk_over_tls_lets_go_at_its_deadline() {
 /// scattered blocks still move every byte to its place, both ways, over TLS.
 #[test]
 fn a_listener_without_span_frames_gets_old_frames_and_exact_bytes() {
-    let (b, bb) = agent("old-b", cfg(Auth::with_secret(SECRET)));
-    let (a, _) = agent("old-a", cfg(Auth::with_secret(SECRET)));
     let (n, block) = (256usize, 4096usize);
     let mut at_b = pattern(3, n * block);
     let mut at_a = pattern(4, n * block);
-    let _ra = reg(&a, &mut at_a);
-    let _rb = reg(&b, &mut at_b);
-    let relay = Relay::start(bb.listen_addrs()[0]);
+    let (a, _b, relay, _regs) = relayed("old", |c| c, &mut at_a, &mut at_b);
     relay.old_hello.store(true, Ordering::SeqCst);
-    a.load_remote_md(pointing_at(b.metadata(), relay.addr))
-        .unwrap();
     let blocks = |base: *const u8| {
         DescList::from_descs(
             MemKind::Dram,
@@ -500,8 +452,8 @@ struct Seen {
 
 #[test]
 fn a_relay_that_terminates_tls_on_both_sides_is_refused_by_both() {
-    let (b, bb) = agent("mitm-b", cfg(Auth::with_secret(SECRET)));
-    let (a, _) = agent("mitm-a", cfg(Auth::with_secret(SECRET)));
+    let (b, bb) = tcp_agent("mitm-b", cfg(Auth::with_secret(SECRET)));
+    let (a, _) = tcp_agent("mitm-a", cfg(Auth::with_secret(SECRET)));
     let mut dst = vec![0u8; 4096];
     let _rb = reg(&b, &mut dst);
     let target = bb.listen_addrs()[0];
@@ -604,14 +556,7 @@ fn a_relay_that_terminates_tls_on_both_sides_is_refused_by_both() {
     a.load_remote_md(pointing_at(b.metadata(), relay)).unwrap();
     let mut src = [1u8; 4096];
     let _ra = reg(&a, &mut src);
-    let err = a
-        .create_xfer(
-            XferOp::Write,
-            &one(&src),
-            &one(&dst),
-            "mitm-b",
-            XferOptions::default(),
-        )
+    let err = xfer(&a, XferOp::Write, &src, &dst, "mitm-b", None)
         .map(drop)
         .unwrap_err();
     let seen = rx.recv_timeout(Duration::from_secs(5)).unwrap();
@@ -632,24 +577,17 @@ fn a_relay_that_terminates_tls_on_both_sides_is_refused_by_both() {
 
 #[test]
 fn wrong_secret_and_wrong_peer_are_refused() {
-    let (b, bb) = agent("who-b", cfg(Auth::with_secret(SECRET)));
-    let (c, cb) = agent("who-c", cfg(Auth::with_secret(SECRET)));
-    let (a, _) = agent("who-a", cfg(Auth::with_secret(SECRET)));
-    let (w, _) = agent("who-w", cfg(Auth::with_secret("another secret")));
+    let (b, bb) = tcp_agent("who-b", cfg(Auth::with_secret(SECRET)));
+    let (c, cb) = tcp_agent("who-c", cfg(Auth::with_secret(SECRET)));
+    let (a, _) = tcp_agent("who-a", cfg(Auth::with_secret(SECRET)));
+    let (w, _) = tcp_agent("who-w", cfg(Auth::with_secret("another secret")));
     let mut dst = vec![0u8; 4096];
     let _rb = reg(&b, &mut dst);
     let mut src = [3u8; 4096];
     let _ra = reg(&a, &mut src);
     let _rw = reg(&w, &mut src);
     let write = |from: &Agent, to: &str| {
-        from.create_xfer(
-            XferOp::Write,
-            &one(&src),
-            &one(&dst),
-            to,
-            XferOptions::default(),
-        )
-        .and_then(|x| x.run_blocking())
+        xfer(from, XferOp::Write, &src, &dst, to, None).and_then(|x| x.run_blocking())
     };
     // The wrong secret, both ways.
     w.load_remote(&b.metadata_bytes()).unwrap();
@@ -692,8 +630,8 @@ fn transfers_notifications_and_metadata_are_byte_exact_over_tls() {
         accept_pushes: true,
         ..cfg(auth)
     };
-    let (b, bb) = agent("rt-b", c(Auth::with_secret(SECRET)));
-    let (a, ab) = agent("rt-a", c(Auth::with_secret(SECRET)));
+    let (b, bb) = tcp_agent("rt-b", c(Auth::with_secret(SECRET)));
+    let (a, ab) = tcp_agent("rt-a", c(Auth::with_secret(SECRET)));
     let len = 24 << 20;
     let mut src = pattern(9, len);
     let mut dst = vec![0u8; len];
@@ -720,15 +658,7 @@ fn transfers_notifications_and_metadata_are_byte_exact_over_tls() {
     assert_eq!(name, "rt-a");
     let _ = ab;
 
-    let w = a
-        .create_xfer(
-            XferOp::Write,
-            &one(&src),
-            &one(&dst),
-            "rt-b",
-            opts(Some(b"w")),
-        )
-        .unwrap();
+    let w = xfer(&a, XferOp::Write, &src, &dst, "rt-b", Some(b"w")).unwrap();
     w.run_blocking().unwrap();
     let n = b.wait_notifs(Duration::from_secs(5));
     assert_eq!(
@@ -798,8 +728,8 @@ fn a_handshake_that_trickles_is_cut_at_its_deadline() {
         handshake_timeout: Duration::from_secs(1),
         ..cfg(auth)
     };
-    let (_b, bb) = agent("loris-b", slow(Auth::with_secret(SECRET)));
-    let (_p, pb) = agent("loris-p", slow(Auth::open()));
+    let (_b, bb) = tcp_agent("loris-b", slow(Auth::with_secret(SECRET)));
+    let (_p, pb) = tcp_agent("loris-p", slow(Auth::open()));
     // With a secret: the hello, then a TLS record header promising a long record, trickled.
     let mut tls = b"NXTP\x02\x00\x01\x00".to_vec();
     tls.extend_from_slice(&[0x16, 0x03, 0x01, 0x3f, 0xff]);
@@ -886,9 +816,9 @@ fn certificates_from_the_config_are_presented_and_verified_both_ways() {
     let with = |f: &nixl_transports::tcp::CertFiles| {
         cfg(Auth::with_secret(SECRET).with_tls(TlsSettings::new(TlsMode::Encrypt, Some(f.clone()))))
     };
-    let (x, _) = agent("cert-x", with(&ours[0]));
-    let (y, yb) = agent("cert-y", with(&ours[1]));
-    let (z, zb) = agent("cert-z", with(&theirs[0]));
+    let (x, _) = tcp_agent("cert-x", with(&ours[0]));
+    let (y, yb) = tcp_agent("cert-y", with(&ours[1]));
+    let (z, zb) = tcp_agent("cert-z", with(&theirs[0]));
     let mut src = pattern(11, 3 << 20);
     let mut dst = vec![0u8; 3 << 20];
     let _rx = reg(&x, &mut src);
@@ -896,16 +826,13 @@ fn certificates_from_the_config_are_presented_and_verified_both_ways() {
     let _ry = reg(&y, &mut dst);
     // Same CA and secret: transfers are byte-exact.
     x.load_remote(&y.metadata_bytes()).unwrap();
-    let w = x
-        .create_xfer(XferOp::Write, &one(&src), &one(&dst), "cert-y", opts(None))
-        .unwrap();
+    let w = xfer(&x, XferOp::Write, &src, &dst, "cert-y", None).unwrap();
     w.run_blocking().unwrap();
     drop(w);
     assert!(dst == src);
     // The secret but a certificate of another CA: refused at the TLS handshake, both ways.
     z.load_remote(&y.metadata_bytes()).unwrap();
-    let err = z
-        .create_xfer(XferOp::Write, &one(&src), &one(&dst), "cert-y", opts(None))
+    let err = xfer(&z, XferOp::Write, &src, &dst, "cert-y", None)
         .map(drop)
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Denied, "{err}");
@@ -1003,7 +930,7 @@ fn open_as(cc: &mut rustls::ClientConnection, s: &mut TcpStream, name: &str, ins
 
 #[test]
 fn the_open_frame_must_name_the_agent_the_handshake_proved() {
-    let (_b, bb) = agent("bind-b", cfg(Auth::with_secret(SECRET)));
+    let (_b, bb) = tcp_agent("bind-b", cfg(Auth::with_secret(SECRET)));
     let target = bb.listen_addrs()[0];
     let (mut cc, mut s) = handshake_by_hand(target, ("bind-x", 5));
     assert_eq!(open_as(&mut cc, &mut s, "bind-x", 5), 0, "the proven name");

@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nixl_core::{Agent, Desc, DescList, MemKind, XferOp, XferOptions};
+use nixl_core::{Agent, Desc, DescList, MemKind};
 use nixl_transports::tcp::Auth;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -172,17 +172,10 @@ impl TensorSource {
                     MemKind::Dram,
                     vec![Desc::new(p.header.data.addr + off, len, 0)],
                 )?;
-                let x = self.agent.create_xfer(
-                    XferOp::Read,
-                    &l,
-                    &r,
-                    &p.agent_name,
-                    XferOptions {
-                        deadline: Some(self.timeout * 10),
-                        ..Default::default()
-                    },
-                )?;
-                x.run_blocking()
+                let x = self
+                    .agent
+                    .post_read(&l, &r, &p.agent_name, self.timeout * 10)?;
+                x.wait_blocking(None).into_result()
             })();
             if let Err(e) = r {
                 if matches!(e, nixl_core::Error::LocalNotRegistered { .. }) {

@@ -16,6 +16,13 @@ fn on(lab: &Lab, i: usize) -> std::process::Command {
     c
 }
 
+/// Model `m` of `model` served from host `i` on port `port`, in chunks of 1 MiB: the process
+/// and its address.
+fn source(lab: &Lab, i: usize, model: &std::path::Path, port: u16) -> (Proc, String) {
+    let addr = format!("{}:{port}", lab.addr(i));
+    serve(on(lab, i), model, "m", &addr, &["--chunk-size", "1048576"])
+}
+
 fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
@@ -28,20 +35,8 @@ fn a_source_killed_mid_pull_is_replaced_by_the_others_and_the_fallback() {
     // 150 Mbit/s out of each source: the 16 MiB model takes about half a second from both.
     lab.set_rate(0, 150_000_000).unwrap();
     lab.set_rate(1, 150_000_000).unwrap();
-    let (mut a, aa) = serve(
-        on(&lab, 0),
-        &model,
-        "m",
-        &format!("{}:7000", lab.addr(0)),
-        &["--chunk-size", "1048576"],
-    );
-    let (_b, ab) = serve(
-        on(&lab, 1),
-        &model,
-        "m",
-        &format!("{}:7000", lab.addr(1)),
-        &["--chunk-size", "1048576"],
-    );
+    let (mut a, aa) = source(&lab, 0, &model, 7000);
+    let (_b, ab) = source(&lab, 1, &model, 7000);
     let out = t.join("out");
     let puller = {
         let (out, aa, ab) = (out.clone(), aa.clone(), ab.clone());
@@ -77,13 +72,7 @@ fn a_source_killed_mid_pull_is_replaced_by_the_others_and_the_fallback() {
     assert_same_model(&model, &out);
 
     // One source killed mid-pull, no other: the storage fallback finishes the pull.
-    let (mut a, aa) = serve(
-        on(&lab, 0),
-        &model,
-        "m",
-        &format!("{}:7001", lab.addr(0)),
-        &["--chunk-size", "1048576"],
-    );
+    let (mut a, aa) = source(&lab, 0, &model, 7001);
     let out2 = t.join("out2");
     let puller = {
         let (out2, aa) = (out2.clone(), aa.clone());
@@ -121,13 +110,7 @@ fn one_origin_fans_out_to_three_serving_replicas() {
     let lab = Lab::star(4);
     // The origin's link is the bottleneck, as in a fleet where it is one NIC among many.
     lab.set_rate(0, 100_000_000).unwrap();
-    let (_origin, oa) = serve(
-        on(&lab, 0),
-        &model,
-        "m",
-        &format!("{}:7000", lab.addr(0)),
-        &["--chunk-size", "1048576"],
-    );
+    let (_origin, oa) = source(&lab, 0, &model, 7000);
     let mut addrs = vec![oa.clone()];
     let mut replicas = Vec::new();
     for i in 1..4 {

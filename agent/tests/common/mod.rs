@@ -45,23 +45,10 @@ pub fn python_missing() -> Option<String> {
     (!ok).then(|| "python3 with prometheus_client not installed (.ci/setup installs it)".into())
 }
 
-/// A scratch directory for one test, removed on drop.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    pub fn new(test: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("nixl-daemon-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// A scratch directory for one test, removed on drop. (The daemon bench includes this module
+/// too and makes none.)
+#[allow(unused_imports)]
+pub use nixl_testkit::ScratchDir as Scratch;
 
 /// One daemon process.
 pub struct Daemon {

@@ -14,24 +14,13 @@ pub unsafe extern "C" fn nixl_kv_decode_new(
     layout: *const nixl_kv_layout,
     out: *mut *mut nixl_kv_decode,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
+    open_side(agent, out, |agent| {
         let l = layout_arg(layout, "layout")?;
-        out_arg(out, "out")?;
-        let shared = Arc::clone(&a.shared);
-        let side = DecodeSide::new(agent_static(&shared), l).map_err(kv_fail)?;
-        shared.kv_sides.fetch_add(1, Ordering::AcqRel);
-        let h = DecodeHandle {
-            magic: DECODE_MAGIC,
-            inner: Mutex::new(DecodeInner {
-                side,
-                events: VecDeque::new(),
-                offers: HashMap::new(),
-            }),
-            agent: shared,
-        };
-        publish(out, h)?;
-        Ok(NIXL_OK)
+        Ok(DecodeInner {
+            side: DecodeSide::new(agent, l).map_err(kv_fail)?,
+            events: VecDeque::new(),
+            offers: HashMap::new(),
+        })
     })
 }
 
@@ -69,8 +58,7 @@ pub unsafe extern "C" fn nixl_kv_decode_add_prefill(
     agents: *const *const c_char,
     n: usize,
 ) -> nixl_status {
-    guard(|| {
-        let h = decode_ref(d)?;
+    DecodeHandle::with(d, |h| {
         let peer = str_arg(peer, "peer")?;
         let ls = layouts_arg(layouts, n, "layouts")?;
         let names = array_arg(agents, n, ls.len(), "agents")?
@@ -83,7 +71,7 @@ pub unsafe extern "C" fn nixl_kv_decode_add_prefill(
             .side
             .add_prefill(peer, ls, names)
             .map_err(kv_fail)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -104,63 +92,60 @@ pub unsafe extern "C" fn nixl_kv_decode_poll(
     cap: usize,
 ) -> nixl_status {
     guard(|| {
-        let h = decode_ref(d)?;
+        let h = handle_ref::<DecodeHandle>(d)?;
         let mut g = h.inner.lock();
         let notifs = take_kv_notifs(&h.agent);
         let (evs, other) = g.side.poll_notifs(notifs);
         give_back(&h.agent, other);
         for e in evs {
-            let ev = match e {
-                DecodeEvent::Offered(o) => {
-                    let ev = Ev {
-                        kind: NIXL_KV_OFFERED,
-                        outcome: 0,
-                        id: o.id,
-                        lease_ms: u32::try_from(o.lease.as_millis()).unwrap_or(u32::MAX),
-                        peer: o.from.clone(),
-                        request: o.request.clone(),
-                        reason: String::new(),
-                        blocks: o.blocks.clone(),
-                        push: false,
-                    };
-                    g.offers.insert((o.from.clone(), o.id), o);
-                    ev
-                }
-                DecodeEvent::Ended {
-                    from,
-                    id,
-                    request,
-                    blocks,
-                    outcome,
-                    push,
-                } => ended_ev(from, id, request, blocks, &outcome, push),
-            };
-            g.events.push_back(ev);
+            queue_event(&mut g, e);
         }
         hand_event(&mut g.events, ev, blocks, cap)
     })
 }
 
-fn ended_ev(
-    from: String,
-    id: u64,
-    request: String,
-    blocks: Vec<u32>,
-    o: &Outcome,
-    push: bool,
-) -> Ev {
-    let (outcome, reason) = outcome_parts(o);
-    Ev {
-        kind: NIXL_KV_ENDED,
-        outcome,
-        id,
-        lease_ms: 0,
-        peer: from,
-        request,
-        reason,
-        blocks,
-        push,
-    }
+/// Queues what the side reported for the next poll to hand out; an offer is kept (by sender
+/// and id) for `nixl_kv_pull`.
+fn queue_event(g: &mut DecodeInner, e: DecodeEvent) {
+    let ev = match e {
+        DecodeEvent::Offered(o) => {
+            let ev = Ev {
+                kind: NIXL_KV_OFFERED,
+                outcome: 0,
+                id: o.id,
+                lease_ms: u32::try_from(o.lease.as_millis()).unwrap_or(u32::MAX),
+                peer: o.from.clone(),
+                request: o.request.clone(),
+                reason: String::new(),
+                blocks: o.blocks.clone(),
+                push: false,
+            };
+            g.offers.insert((o.from.clone(), o.id), o);
+            ev
+        }
+        DecodeEvent::Ended {
+            from,
+            id,
+            request,
+            blocks,
+            outcome,
+            push,
+        } => {
+            let (outcome, reason) = outcome_parts(&outcome);
+            Ev {
+                kind: NIXL_KV_ENDED,
+                outcome,
+                id,
+                lease_ms: 0,
+                peer: from,
+                request,
+                reason,
+                blocks,
+                push,
+            }
+        }
+    };
+    g.events.push_back(ev);
 }
 
 /// READs offer `id` of prefill agent `from` (reported by `nixl_kv_decode_poll`) into the
@@ -178,8 +163,7 @@ pub unsafe extern "C" fn nixl_kv_pull(
     dst: *const u32,
     n: usize,
 ) -> nixl_status {
-    guard(|| {
-        let h = decode_ref(d)?;
+    DecodeHandle::with(d, |h| {
         let from = str_arg(from, "from")?;
         let dst = array_arg(dst, n, NIXL_KV_MAX_BLOCKS, "dst")?;
         let mut g = h.inner.lock();
@@ -190,7 +174,7 @@ pub unsafe extern "C" fn nixl_kv_pull(
             ));
         };
         g.side.pull(&offer, dst).map_err(kv_fail)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -204,11 +188,10 @@ pub unsafe extern "C" fn nixl_kv_renew(
     from: *const c_char,
     id: u64,
 ) -> nixl_status {
-    guard(|| {
-        let h = decode_ref(d)?;
+    DecodeHandle::with(d, |h| {
         let from = str_arg(from, "from")?;
         h.inner.lock().side.renew(from, id).map_err(kv_fail)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -225,24 +208,14 @@ pub unsafe extern "C" fn nixl_kv_decode_cancel(
     id: u64,
     reason: *const c_char,
 ) -> nixl_status {
-    guard(|| {
-        let h = decode_ref(d)?;
+    DecodeHandle::with(d, |h| {
         let from = str_arg(from, "from")?;
         let reason = opt_str_arg(reason, "reason", "cancelled")?;
         let mut g = h.inner.lock();
         g.offers.remove(&(from.to_owned(), id));
-        if let Some(DecodeEvent::Ended {
-            from,
-            id,
-            request,
-            blocks,
-            outcome,
-            push,
-        }) = g.side.cancel(from, id, reason)
-        {
-            let ev = ended_ev(from, id, request, blocks, &outcome, push);
-            g.events.push_back(ev);
+        if let Some(e) = g.side.cancel(from, id, reason) {
+            queue_event(&mut g, e);
         }
-        Ok(NIXL_OK)
+        Ok(())
     })
 }

@@ -258,15 +258,7 @@ fn array_arg<'a, T>(p: *const T, count: usize, max: usize, what: &str) -> Res<&'
             "{what}: count {count} not in 1..={max}"
         )));
     }
-    if p.is_null() {
-        return Err(Fail::invalid(format!("{what} is NULL with count {count}")));
-    }
-    if !p.is_aligned() {
-        return Err(Fail::invalid(format!("{what} is misaligned")));
-    }
-    // SAFETY: non-NULL, aligned, count bounded (far below isize::MAX bytes); the caller passes
-    // `count` readable elements that stay valid for the call.
-    Ok(unsafe { std::slice::from_raw_parts(p, count) })
+    slice_arg(p, count, what)
 }
 
 /// `PrefillSide` and `DecodeSide` borrow their agent; the handle holds the agent (in `_agent`,
@@ -287,14 +279,6 @@ struct PrefillInner {
     reported: HashSet<(String, u64)>,
 }
 
-/// What a `nixl_kv_prefill *` points to.
-#[repr(C)]
-struct PrefillHandle {
-    magic: u64,
-    inner: Mutex<PrefillInner>,
-    agent: Arc<Shared>,
-}
-
 struct DecodeInner {
     side: DecodeSide<'static>,
     events: VecDeque<Ev>,
@@ -302,23 +286,43 @@ struct DecodeInner {
     offers: HashMap<(String, u64), Offer>,
 }
 
-/// What a `nixl_kv_decode *` points to.
+/// What a `nixl_kv_prefill *` (`PrefillInner`) or a `nixl_kv_decode *` (`DecodeInner`) points
+/// to: the side, and the agent it borrows (declared after it, so dropped after it).
 #[repr(C)]
-struct DecodeHandle {
+struct SideHandle<I> {
     magic: u64,
-    inner: Mutex<DecodeInner>,
+    inner: Mutex<I>,
     agent: Arc<Shared>,
 }
+
+type PrefillHandle = SideHandle<PrefillInner>;
+type DecodeHandle = SideHandle<DecodeInner>;
 
 handle!(PrefillHandle, nixl_kv_prefill, PREFILL_MAGIC, "prefill");
 handle!(DecodeHandle, nixl_kv_decode, DECODE_MAGIC, "decode");
 
-fn prefill_ref<'a>(p: *const nixl_kv_prefill) -> Res<&'a PrefillHandle> {
-    handle_ref(p)
-}
-
-fn decode_ref<'a>(p: *const nixl_kv_decode) -> Res<&'a DecodeHandle> {
-    handle_ref(p)
+/// The body of a side's `_new`: the side `make` makes on `agent`'s agent goes behind a new
+/// handle written to `*out`, counted as a KV side open on the agent (so `nixl_notif_next`
+/// leaves KV messages to it).
+fn open_side<I>(
+    agent: *const nixl_agent,
+    out: *mut *mut <SideHandle<I> as Handle>::C,
+    make: impl FnOnce(&'static Agent) -> Res<I>,
+) -> nixl_status
+where
+    SideHandle<I>: Handle,
+{
+    AgentHandle::with(agent, |a| {
+        out_arg(out, "out")?;
+        let inner = make(agent_static(&a.shared))?;
+        a.shared.kv_sides.fetch_add(1, Ordering::AcqRel);
+        let h = SideHandle {
+            magic: <SideHandle<I> as Handle>::MAGIC,
+            inner: Mutex::new(inner),
+            agent: Arc::clone(&a.shared),
+        };
+        publish(out, h)
+    })
 }
 
 /// What an offer (pull) and a reservation (push) are given: the peer's and the request's

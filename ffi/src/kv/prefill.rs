@@ -12,23 +12,12 @@ pub unsafe extern "C" fn nixl_kv_prefill_new(
     agent: *mut nixl_agent,
     out: *mut *mut nixl_kv_prefill,
 ) -> nixl_status {
-    guard(|| {
-        let a = agent_ref(agent)?;
-        out_arg(out, "out")?;
-        let shared = Arc::clone(&a.shared);
-        let side = PrefillSide::new(agent_static(&shared));
-        shared.kv_sides.fetch_add(1, Ordering::AcqRel);
-        let h = PrefillHandle {
-            magic: PREFILL_MAGIC,
-            inner: Mutex::new(PrefillInner {
-                side,
-                events: VecDeque::new(),
-                reported: HashSet::new(),
-            }),
-            agent: shared,
-        };
-        publish(out, h)?;
-        Ok(NIXL_OK)
+    open_side(agent, out, |agent| {
+        Ok(PrefillInner {
+            side: PrefillSide::new(agent),
+            events: VecDeque::new(),
+            reported: HashSet::new(),
+        })
     })
 }
 
@@ -64,8 +53,7 @@ pub unsafe extern "C" fn nixl_kv_offer(
     lease_ms: u32,
     id: *mut u64,
 ) -> nixl_status {
-    guard(|| {
-        let h = prefill_ref(p)?;
+    PrefillHandle::with(p, |h| {
         let (decode, request, blocks, lease) =
             handoff_args((decode, "decode"), request, (blocks, nblocks), lease_ms, id)?;
         let got = h
@@ -74,8 +62,7 @@ pub unsafe extern "C" fn nixl_kv_offer(
             .side
             .offer(decode, request, blocks, lease)
             .map_err(kv_fail)?;
-        write_out(id, got, "id")?;
-        Ok(NIXL_OK)
+        write_out(id, got, "id")
     })
 }
 
@@ -90,8 +77,7 @@ pub unsafe extern "C" fn nixl_kv_prefill_cancel(
     id: u64,
     reason: *const c_char,
 ) -> nixl_status {
-    guard(|| {
-        let h = prefill_ref(p)?;
+    PrefillHandle::with(p, |h| {
         let reason = opt_str_arg(reason, "reason", "cancelled")?;
         let mut g = h.inner.lock();
         if !g.side.is_held(id) {
@@ -101,7 +87,7 @@ pub unsafe extern "C" fn nixl_kv_prefill_cancel(
             ));
         }
         g.side.cancel(id, reason);
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -120,7 +106,7 @@ pub unsafe extern "C" fn nixl_kv_prefill_poll(
     cap: usize,
 ) -> nixl_status {
     guard(|| {
-        let h = prefill_ref(p)?;
+        let h = handle_ref::<PrefillHandle>(p)?;
         let mut g = h.inner.lock();
         let notifs = take_kv_notifs(&h.agent);
         let (freed, other) = g.side.poll_notifs(notifs);
@@ -165,10 +151,9 @@ pub unsafe extern "C" fn nixl_kv_prefill_held(
     p: *mut nixl_kv_prefill,
     count: *mut usize,
 ) -> nixl_status {
-    guard(|| {
-        let h = prefill_ref(p)?;
+    PrefillHandle::with(p, |h| {
         let n = h.inner.lock().side.held();
         write_out(count, n, "count")?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }

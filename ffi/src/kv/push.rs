@@ -17,8 +17,7 @@ pub unsafe extern "C" fn nixl_kv_prefill_add_decode(
     n: usize,
     rank: u32,
 ) -> nixl_status {
-    guard(|| {
-        let h = prefill_ref(p)?;
+    PrefillHandle::with(p, |h| {
         let decode = str_arg(decode, "decode")?;
         let dl = layout_arg(decode_layout, "decode_layout")?;
         let group = layouts_arg(group, n, "group")?;
@@ -27,7 +26,7 @@ pub unsafe extern "C" fn nixl_kv_prefill_add_decode(
             .side
             .add_decode(decode, dl, group, rank)
             .map_err(kv_fail)?;
-        Ok(NIXL_OK)
+        Ok(())
     })
 }
 
@@ -49,7 +48,7 @@ pub unsafe extern "C" fn nixl_kv_push(
     n: usize,
 ) -> nixl_status {
     guard(|| {
-        let h = prefill_ref(p)?;
+        let h = handle_ref::<PrefillHandle>(p)?;
         let decode = str_arg(decode, "decode")?;
         let src = array_arg(src, n, NIXL_KV_MAX_BLOCKS, "src")?;
         let mut g = h.inner.lock();
@@ -93,8 +92,7 @@ pub unsafe extern "C" fn nixl_kv_reserve(
     lease_ms: u32,
     id: *mut u64,
 ) -> nixl_status {
-    guard(|| {
-        let h = decode_ref(d)?;
+    DecodeHandle::with(d, |h| {
         let (prefill, request, blocks, lease) =
             handoff_args((prefill, "prefill"), request, (blocks, n), lease_ms, id)?;
         let got = h
@@ -103,8 +101,7 @@ pub unsafe extern "C" fn nixl_kv_reserve(
             .side
             .reserve(prefill, request, blocks, lease)
             .map_err(kv_fail)?;
-        write_out(id, got, "id")?;
-        Ok(NIXL_OK)
+        write_out(id, got, "id")
     })
 }
 
@@ -119,10 +116,9 @@ pub unsafe extern "C" fn nixl_kv_decode_cancel_reservation(
     id: u64,
     reason: *const c_char,
 ) -> nixl_status {
-    guard(|| {
-        let h = decode_ref(d)?;
+    DecodeHandle::with(d, |h| {
         let reason = opt_str_arg(reason, "reason", "cancelled")?;
         h.inner.lock().side.cancel_reservation(id, reason);
-        Ok(NIXL_OK)
+        Ok(())
     })
 }

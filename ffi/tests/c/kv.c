@@ -59,13 +59,7 @@ static uint64_t offset(const nixl_kv_layout *l, uint32_t layer, uint32_t plane, 
 static nixl_agent *new_agent(const char *name)
 {
     char cfg[1024];
-    snprintf(cfg, sizeof cfg,
-             "backends = [\"tcp\"]\n"
-             "[tcp]\n"
-             "listen = \"127.0.0.1:0\"\n"
-             "io_timeout_ms = %lld\n"
-             "connect_timeout_ms = %lld\n",
-             tmo_s * 1000, tmo_s * 1000);
+    nt_config(cfg, sizeof cfg, "\"tcp\"", tmo_s * 1000, "%s", "");
     nixl_agent *a = NULL;
     EXPECT_OK(nixl_agent_new(name, cfg, &a));
     nixl_status s = nixl_backend_status(a, "tcp");

@@ -100,19 +100,8 @@ static void contract_signatures(void)
 static const char *config(const char *backends, const char *extra)
 {
     static char buf[8192];
-    snprintf(buf, sizeof buf,
-             "backends = [%s]\n"
-             "[tcp]\n"
-             "listen = \"127.0.0.1:0\"\n"
-             "io_timeout_ms = %lld\n"
-             /* The TLS handshake runs ~50x slower under valgrind: the default 3 s deadline
-              * is too short on a loaded machine. */
-             "connect_timeout_ms = %lld\n"
-             "[shm]\n"
-             "socket_dir = '%s'\n"
-             "%s",
-             backends, (long long)tmo, (long long)tmo, dir, extra ? extra : "");
-    return buf;
+    return nt_config(buf, sizeof buf, backends, (long long)tmo, "[shm]\nsocket_dir = '%s'\n%s", dir,
+                     extra ? extra : "");
 }
 
 static nixl_agent *agent_ok(const char *name, const char *cfg)
@@ -135,6 +124,22 @@ static void expect_agent_new_fails(int line, const char *name, const char *cfg, 
         fail_at(__FILE__, line, "a failed nixl_agent_new wrote *out (%p)", (void *)a);
 }
 #define AGENT_NEW_FAILS(name, cfg, want) expect_agent_new_fails(__LINE__, (name), (cfg), (want))
+
+/* The string output of `fn(h, out, cap)`: refused for a NULL `out`, and for a capacity of 0 and
+ * one byte short of `want` and its NUL, writing nothing; then `want`. */
+#define EXPECT_STR_OUT(fn, h, want)                                                                \
+    do {                                                                                           \
+        char so_buf[16];                                                                           \
+        size_t so_need = strlen(want) + 1;                                                         \
+        EXPECT(fn(h, NULL, sizeof so_buf), NIXL_ERR_INVALID);                                      \
+        memset(so_buf, '#', sizeof so_buf);                                                        \
+        EXPECT(fn(h, so_buf, 0), NIXL_ERR_BUFFER_TOO_SMALL);                                       \
+        EXPECT(fn(h, so_buf, so_need - 1), NIXL_ERR_BUFFER_TOO_SMALL);                             \
+        for (size_t so_i = 0; so_i < sizeof so_buf; so_i++)                                        \
+            CHECK(so_buf[so_i] == '#', "a failed " #fn " wrote byte %zu", so_i);                   \
+        EXPECT_OK(fn(h, so_buf, so_need));                                                         \
+        CHECK(strcmp(so_buf, want) == 0, #fn " wrote \"%s\"", so_buf);                            \
+    } while (0)
 
 static nixl_desc dram(const void *p, uint64_t len)
 {
@@ -302,14 +307,7 @@ static void test_agent_name_and_backends(void)
     nixl_agent *a = agent_ok("mis-name", config("\"local\", \"tcp\"", NULL));
     char buf[16];
     EXPECT(nixl_agent_name(NULL, buf, sizeof buf), NIXL_ERR_INVALID);
-    EXPECT(nixl_agent_name(a, NULL, sizeof buf), NIXL_ERR_INVALID);
-    memset(buf, '#', sizeof buf);
-    EXPECT(nixl_agent_name(a, buf, 0), NIXL_ERR_BUFFER_TOO_SMALL);
-    EXPECT(nixl_agent_name(a, buf, 8), NIXL_ERR_BUFFER_TOO_SMALL); /* "mis-name" + NUL is 9 */
-    for (size_t i = 0; i < sizeof buf; i++)
-        CHECK(buf[i] == '#', "a failed nixl_agent_name wrote byte %zu", i);
-    EXPECT_OK(nixl_agent_name(a, buf, 9));
-    CHECK(strcmp(buf, "mis-name") == 0, "name \"%s\"", buf);
+    EXPECT_STR_OUT(nixl_agent_name, a, "mis-name");
 
     EXPECT(nixl_backend_status(NULL, "local"), NIXL_ERR_INVALID);
     EXPECT(nixl_backend_status(a, NULL), NIXL_ERR_INVALID);
@@ -671,14 +669,7 @@ static void test_xfer_calls(pair_t *p)
                           11, "local", NIXL_OK, "local write");
     EXPECT(nixl_xfer_status(x), NIXL_ERR_INVALID); /* never posted */
     EXPECT(nixl_xfer_wait(x, 0), NIXL_ERR_INVALID);
-    EXPECT(nixl_xfer_backend(x, NULL, sizeof buf), NIXL_ERR_INVALID);
-    memset(buf, '#', sizeof buf);
-    EXPECT(nixl_xfer_backend(x, buf, 0), NIXL_ERR_BUFFER_TOO_SMALL);
-    EXPECT(nixl_xfer_backend(x, buf, 5), NIXL_ERR_BUFFER_TOO_SMALL); /* "local" + NUL is 6 */
-    for (size_t i = 0; i < sizeof buf; i++)
-        CHECK(buf[i] == '#', "a failed nixl_xfer_backend wrote byte %zu", i);
-    EXPECT_OK(nixl_xfer_backend(x, buf, 6));
-    CHECK(strcmp(buf, "local") == 0, "backend \"%s\"", buf);
+    EXPECT_STR_OUT(nixl_xfer_backend, x, "local");
     POST(x);
     WAIT_OK(x, tmo);
     VERIFY(p->rb, 0, SMALL, 41, 0, "local WRITE");

@@ -123,6 +123,31 @@ NT_HELPER void expect_status_at(const char *file, int line, const char *call, ni
         *(outp) = s_;                                                                              \
     } while (0)
 
+/* A configuration, written to `buf` (`cap` bytes) and returned: the `backends` (TOML array
+ * contents), tcp listening on loopback with `tmo_ms` for its I/O and connection deadlines (the TLS
+ * handshake runs ~50x slower under valgrind: the default 3 s deadline is too short on a loaded
+ * machine), then the keys and sections `rest_fmt` formats with the remaining arguments. */
+NT_HELPER __attribute__((format(printf, 5, 6))) const char *
+nt_config(char *buf, size_t cap, const char *backends, long long tmo_ms, const char *rest_fmt, ...)
+{
+    int n = snprintf(buf, cap,
+                     "backends = [%s]\n"
+                     "[tcp]\n"
+                     "listen = \"127.0.0.1:0\"\n"
+                     "io_timeout_ms = %lld\n"
+                     "connect_timeout_ms = %lld\n",
+                     backends, tmo_ms, tmo_ms);
+    if (n < 0 || (size_t)n >= cap)
+        FAIL("configuration longer than %zu bytes", cap);
+    va_list ap;
+    va_start(ap, rest_fmt);
+    int m = vsnprintf(buf + n, cap - (size_t)n, rest_fmt, ap);
+    va_end(ap);
+    if (m < 0 || (size_t)m >= cap - (size_t)n)
+        FAIL("configuration longer than %zu bytes", cap);
+    return buf;
+}
+
 NT_HELPER int64_t now_ms(void)
 {
     struct timespec ts;

@@ -65,16 +65,8 @@ static void make_layout(int small)
 static nixl_agent *new_agent(const char *name)
 {
     char cfg[8192];
-    snprintf(cfg, sizeof cfg,
-             "backends = [\"shm\", \"tcp\"]\n"
-             "[tcp]\n"
-             "listen = \"127.0.0.1:0\"\n"
-             "io_timeout_ms = %lld\n"
-             "connect_timeout_ms = %lld\n"
-             "[shm]\n"
-             "socket_dir = '%s'\n"
-             "op_timeout_ms = %lld\n",
-             (long long)tmo, (long long)tmo, dir, (long long)tmo);
+    nt_config(cfg, sizeof cfg, "\"shm\", \"tcp\"", (long long)tmo,
+              "[shm]\nsocket_dir = '%s'\nop_timeout_ms = %lld\n", dir, (long long)tmo);
     nixl_agent *a = NULL;
     EXPECT_OK(nixl_agent_new(name, cfg, &a));
     CHECK(a != NULL, "nixl_agent_new returned NIXL_OK and no agent");

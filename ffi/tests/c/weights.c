@@ -82,11 +82,7 @@ int main(int argc, char **argv)
     const char *source = argv[1];
     long long tmo = atoll(argv[3]) * 1000;
     char cfg[1024];
-    /* The TLS handshake runs ~50x slower under valgrind: give it the run's timeout. */
-    snprintf(cfg, sizeof cfg,
-             "backends = [\"tcp\"]\n[tcp]\nlisten = \"127.0.0.1:0\"\nio_timeout_ms = %lld\n"
-             "connect_timeout_ms = %lld\n[auth]\nsecret = \"%s\"\n",
-             tmo, tmo, argv[2]);
+    nt_config(cfg, sizeof cfg, "\"tcp\"", tmo, "[auth]\nsecret = \"%s\"\n", argv[2]);
     nixl_agent *a = NULL;
     EXPECT_OK(nixl_agent_new("loader", cfg, &a));
 

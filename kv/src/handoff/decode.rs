@@ -146,9 +146,36 @@ impl<'a> DecodeSide<'a> {
             lease_ms: lease.as_millis() as u32,
         }
         .encode();
-        for w in &waiting {
-            self.agent.send_notif(w, &msg)?;
+        // Posted, not sent: the caller's poll loop never waits on a writer. A reservation a
+        // writer never gets ends `Failed(lease expired)` (see poll), within two leases.
+        for (i, w) in waiting.iter().enumerate() {
+            if let Err(e) = self.agent.post_notif(w, &msg) {
+                if i == 0 {
+                    return Err(e.into());
+                }
+                // Some writers may write already: the reservation ends through an abort.
+                let why = format!("could not ask writer {w}: {e}");
+                self.insert_reserved(id, prefill, request, blocks, lease, waiting.clone());
+                self.cancel_reservation(id, &why);
+                if let Some(r) = self.reserved.get_mut(&id) {
+                    r.free_at = r.free_at.take().map(|(t, _)| (t, Outcome::Failed(why)));
+                }
+                return Ok(id);
+            }
         }
+        self.insert_reserved(id, prefill, request, blocks, lease, waiting);
+        Ok(id)
+    }
+
+    fn insert_reserved(
+        &mut self,
+        id: u64,
+        prefill: &str,
+        request: &str,
+        blocks: &[u32],
+        lease: Duration,
+        waiting: Vec<String>,
+    ) {
         self.reserved.insert(
             id,
             Reserved {
@@ -161,7 +188,6 @@ impl<'a> DecodeSide<'a> {
                 free_at: None,
             },
         );
-        Ok(id)
     }
 
     /// Aborts a push reservation: the writers are told; the blocks are reported free when

@@ -11,8 +11,11 @@
 //! every writer's `Done` came, and never reports them free while a WRITE may still land (an
 //! abort waits for the writers' acknowledgement, an expiry for one more lease).
 //!
-//! Messages travel as nixl notifications ([`nixl_core::Agent::send_notif`]), versioned and
-//! bounded ([`Msg::decode`] checks every field of a peer's message). The sides:
+//! Messages travel as nixl notifications, versioned and bounded ([`Msg::decode`] checks every
+//! field of a peer's message), all of them posted ([`nixl_core::Agent::post_notif`]): no call
+//! of a side waits on the peer (over `tcp` not even to connect), so an engine's poll loop
+//! never blocks on a slow or dead peer; a message that never arrives ends its handoff through
+//! the lease (`Failed(lease expired)`, within two leases). The sides:
 //!
 //! - [`PrefillSide::offer`] sends `Ready` (handoff id, request id, blocks, lease). The blocks
 //!   stay the engine's to keep until [`PrefillSide::poll`] reports them freed, with one
@@ -23,12 +26,16 @@
 //!   (every byte landed), or `Failed` with the reason, after the READ has let go of the memory.
 //!
 //! The prefill side frees after an abort or an expiry only when the decode side cannot be
-//! reading any more: on decode's abort (sent after its READ let go), or a grace period (one
-//! more lease) after the lease ran out, since decode's READ deadline ends within the lease;
-//! and in both cases only once this agent's own listeners serve that peer nothing any more
-//! ([`Agent::peer_idle`](nixl_core::Agent::peer_idle)): a `tcp` READ that decode gave up on may still be carried out by the
-//! listener from the blocks (its chunks were asked for before decode gave up). A listener
-//! stuck on a frozen peer gives up within its I/O timeout, so this wait is bounded too.
+//! reading any more: at once on decode's abort (sent after its READ let go; a `tcp`
+//! notification reaches this agent only after every frame decode had written before it was
+//! served, on every connection, so no READ of the blocks is carried out any more, however busy
+//! decode keeps its connections), or, without a word from decode, a grace period (one more
+//! lease) after the lease ran out, since decode's READ deadline ends within the lease, and
+//! then only once this agent's own listeners serve that peer nothing any more
+//! ([`Agent::peer_idle`](nixl_core::Agent::peer_idle)): a `tcp` READ that decode gave up on may
+//! still be carried out by the listener from the blocks. A listener stuck on a frozen peer
+//! gives up within its I/O timeout; a decode that stays silent yet keeps every connection busy
+//! delays this last case without a fixed bound (known limitation).
 //! Replies that nobody waits for (aborts, acknowledgements, renewals) are posted
 //! ([`Agent::post_notif`](nixl_core::Agent::post_notif)): over `tcp` an acknowledgement would otherwise wait behind the DATA
 //! the peer still has queued to this side.

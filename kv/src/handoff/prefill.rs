@@ -19,10 +19,25 @@ struct Held {
     /// Set once prefill aborted (or the lease ran out): freed at this instant unless decode's
     /// abort or done comes first.
     free_at: Option<(Instant, Outcome)>,
-    /// Decided (decode's abort came, or the time above passed): freed, with this outcome, once
+    /// Decided without decode's word (the time above passed): freed, with this outcome, once
     /// this agent's listeners carry out nothing of the decode peer's any more
     /// ([`Agent::peer_idle`]): a READ decode gave up on may still be served from the blocks.
+    /// Decode's abort frees at once (see `poll_notifs`).
     draining: Option<Outcome>,
+}
+
+impl Held {
+    /// What the engine is told when these blocks (of pull handoff `id`) are freed.
+    fn freed(self, id: u64, outcome: Outcome) -> Freed {
+        Freed {
+            peer: self.peer,
+            id,
+            request: self.request,
+            blocks: self.blocks,
+            outcome,
+            push: false,
+        }
+    }
 }
 
 /// A push reservation received by the prefill side.
@@ -160,7 +175,7 @@ impl<'a> PrefillSide<'a> {
         };
         let mut reqs = Vec::new();
         if local.is_empty() {
-            self.agent.send_notif(&res.from, &done.encode())?;
+            self.agent.post_notif(&res.from, &done.encode())?;
         } else {
             let x = self.agent.create_xfer(
                 XferOp::Write,
@@ -205,7 +220,9 @@ impl<'a> PrefillSide<'a> {
             blocks: blocks.to_vec(),
             lease_ms: lease.as_millis() as u32,
         };
-        self.agent.send_notif(decode, &msg.encode())?;
+        // Posted, not sent: the caller's poll loop never waits on decode. An offer decode never
+        // gets ends `Failed(lease expired)` (see poll), within two leases.
+        self.agent.post_notif(decode, &msg.encode())?;
         self.held.insert(
             id,
             Held {
@@ -339,14 +356,19 @@ impl<'a> PrefillSide<'a> {
                         push: false,
                     });
                 }
+                // Decode sends its abort (or its acknowledgement of ours) once its READ let
+                // go, and a standalone notification reaches this agent only after every frame
+                // decode had written before it was served (the tcp barrier): nothing of the
+                // READ is carried out any more, however busy decode keeps its connections.
                 Msg::Abort { reason, .. } => {
-                    if h.draining.is_none() {
-                        h.draining = Some(match h.free_at.take() {
-                            // Decode acknowledges our abort: its READ has let go.
-                            Some((_, o)) => o,
-                            None => Outcome::Cancelled(format!("cancelled by decode: {reason}")),
-                        });
-                    }
+                    let mut h = self.held.remove(&id).expect("present");
+                    let outcome = match (h.draining.take(), h.free_at.take()) {
+                        (Some(o), _) | (None, Some((_, o))) => o,
+                        (None, None) => {
+                            Outcome::Cancelled(format!("cancelled by decode: {reason}"))
+                        }
+                    };
+                    freed.push(h.freed(id, outcome));
                 }
                 _ => {
                     if h.free_at.is_none() && h.draining.is_none() {
@@ -403,18 +425,12 @@ impl<'a> PrefillSide<'a> {
             }
         }
         for id in ended {
-            let h = self.held.remove(&id).expect("present");
+            let mut h = self.held.remove(&id).expect("present");
             let outcome = h
                 .draining
+                .take()
                 .unwrap_or(Outcome::Failed("lease expired".into()));
-            freed.push(Freed {
-                peer: h.peer,
-                id,
-                request: h.request,
-                blocks: h.blocks,
-                outcome,
-                push: false,
-            });
+            freed.push(h.freed(id, outcome));
         }
         (freed, other)
     }

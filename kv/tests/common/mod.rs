@@ -8,6 +8,25 @@ use nixl_core::{Agent, Desc, DescList, MemKind, Registration};
 use nixl_kv::*;
 use nixl_transports::local::LocalBackend;
 
+/// A small layout of rank `rank` of `tp`: 3 layers of `blocks` blocks of 4 tokens, 4 KV heads
+/// of 8 two-byte elements (`mla`: one latent head, replicated on every rank); base 0.
+pub fn small_layout(rank: u32, tp: u32, blocks: u32, order: Order, mla: bool) -> KvLayout {
+    KvLayout {
+        layers: 3,
+        blocks,
+        tokens_per_block: 4,
+        total_heads: if mla { 1 } else { 4 },
+        head_dim: 8,
+        dtype_bytes: 2,
+        kind: if mla { KvKind::Mla } else { KvKind::Split },
+        order,
+        tp_rank: rank,
+        tp_size: tp,
+        base: 0,
+        dev_id: 0,
+    }
+}
+
 pub fn value(layer: u32, plane: u32, block: u32, head: u32, token: u32, byte: u64) -> u8 {
     let x = ((layer as u64) << 40
         ^ (plane as u64) << 36

@@ -63,42 +63,8 @@ impl Agent {
                     l.len, r.len
                 )));
             }
-            // Consecutive descriptors usually share a region: check the last one first.
-            let li = match local_regions
-                .iter()
-                .rposition(|x| x.kind == local.kind() && x.desc.contains(l))
-            {
-                Some(i) => i,
-                None => {
-                    let reg = regions
-                        .find(local.kind(), l)
-                        .ok_or(Error::LocalNotRegistered {
-                            index,
-                            kind: local.kind(),
-                            desc: *l,
-                        })?;
-                    local_regions.push(reg);
-                    local_regions.len() - 1
-                }
-            };
-            let ri = match remote_idx
-                .iter()
-                .rposition(|&i| p.md.regions[i].desc.contains(r))
-            {
-                Some(i) => i,
-                None => {
-                    let (i, _) =
-                        p.find(remote.kind(), r)
-                            .ok_or_else(|| Error::RemoteNotRegistered {
-                                peer: peer.to_owned(),
-                                index,
-                                kind: remote.kind(),
-                                desc: *r,
-                            })?;
-                    remote_idx.push(i);
-                    remote_idx.len() - 1
-                }
-            };
+            let li = regions.find_held(&mut local_regions, local.kind(), l, index)?;
+            let ri = p.find_held(&mut remote_idx, remote.kind(), r, index)?;
             segments.push(Segment {
                 local: *l,
                 remote: *r,
@@ -119,6 +85,24 @@ impl Agent {
             remote_regions,
             opts,
         )
+    }
+
+    /// Creates a READ of the peer's `remote` into `local` whose every post ends `TimedOut`
+    /// `deadline` after it started, and posts it: the request, in flight.
+    pub fn post_read(
+        &self,
+        local: &DescList,
+        remote: &DescList,
+        peer: &str,
+        deadline: Duration,
+    ) -> Result<XferRequest> {
+        let opts = XferOptions {
+            deadline: Some(deadline),
+            ..Default::default()
+        };
+        let x = self.create_xfer(XferOp::Read, local, remote, peer, opts)?;
+        x.post()?;
+        Ok(x)
     }
 
     /// The second half of creating a request, once its segments are resolved: chooses the

@@ -64,6 +64,36 @@ impl PeerState {
         (r.kind == kind && r.desc.contains(desc)).then_some((i, r))
     }
 
+    /// The index in `held` (indices of this peer's regions) of the region of `kind` that
+    /// holds `desc`, descriptor `index` of a request: `held` is searched from its end first
+    /// (consecutive descriptors usually share a region), else the region is found in the
+    /// peer's metadata and appended to it.
+    pub(super) fn find_held(
+        &self,
+        held: &mut Vec<usize>,
+        kind: MemKind,
+        desc: &Desc,
+        index: usize,
+    ) -> Result<usize> {
+        let regions = &self.md.regions;
+        if let Some(i) = held
+            .iter()
+            .rposition(|&i| regions[i].kind == kind && regions[i].desc.contains(desc))
+        {
+            return Ok(i);
+        }
+        let (i, _) = self
+            .find(kind, desc)
+            .ok_or_else(|| Error::RemoteNotRegistered {
+                peer: self.name.to_string(),
+                index,
+                kind,
+                desc: *desc,
+            })?;
+        held.push(i);
+        Ok(held.len() - 1)
+    }
+
     pub(super) fn backend_info(&self, b: BackendName) -> Option<&BackendInfo> {
         self.md.backends.iter().find(|i| i.name == b)
     }

@@ -268,24 +268,7 @@ impl Agent {
         let mut regions: Vec<Arc<Region>> = Vec::new();
         let mut region_of = Vec::with_capacity(list.len());
         for (index, d) in list.descs().iter().enumerate() {
-            // Consecutive descriptors usually share a region: look at the last one first.
-            let i = match regions
-                .iter()
-                .rposition(|r| r.kind == list.kind() && r.desc.contains(d))
-            {
-                Some(i) => i,
-                None => {
-                    let r = table
-                        .find(list.kind(), d)
-                        .ok_or(Error::LocalNotRegistered {
-                            index,
-                            kind: list.kind(),
-                            desc: *d,
-                        })?;
-                    regions.push(r);
-                    regions.len() - 1
-                }
-            };
+            let i = table.find_held(&mut regions, list.kind(), d, index)?;
             region_of.push(i as u32);
         }
         Ok(PreppedList {
@@ -306,23 +289,7 @@ impl Agent {
         let mut idx: Vec<usize> = Vec::new();
         let mut region_of = Vec::with_capacity(list.len());
         for (index, d) in list.descs().iter().enumerate() {
-            let i = match idx.iter().rposition(|&i| {
-                p.md.regions[i].kind == list.kind() && p.md.regions[i].desc.contains(d)
-            }) {
-                Some(i) => i,
-                None => {
-                    let (i, _) =
-                        p.find(list.kind(), d)
-                            .ok_or_else(|| Error::RemoteNotRegistered {
-                                peer: peer.to_owned(),
-                                index,
-                                kind: list.kind(),
-                                desc: *d,
-                            })?;
-                    idx.push(i);
-                    idx.len() - 1
-                }
-            };
+            let i = p.find_held(&mut idx, list.kind(), d, index)?;
             region_of.push(i as u32);
         }
         let regions = idx.iter().map(|&i| p.md.regions[i].clone()).collect();

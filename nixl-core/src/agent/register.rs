@@ -163,6 +163,19 @@ impl Agent {
             for desc in list.descs() {
                 // Before any backend registers it: nothing to undo if there is no key.
                 let key = random_u64()?;
+                // Tells the backends that registered this descriptor to forget it.
+                let undo = |publics: &[(BackendName, Vec<u8>)]| {
+                    for (name, public) in publics {
+                        if let Some(b) = chosen.iter().find(|b| b.name() == *name) {
+                            b.deregister(Registered {
+                                kind,
+                                desc: *desc,
+                                key,
+                                public,
+                            });
+                        }
+                    }
+                };
                 let mut publics = Vec::with_capacity(chosen.len());
                 let mut skipped: Option<Error> = None;
                 for b in &chosen {
@@ -177,16 +190,7 @@ impl Agent {
                             skipped.get_or_insert(e);
                         }
                         Err(e) => {
-                            for (name, public) in &publics {
-                                if let Some(b) = self.backend(*name) {
-                                    b.deregister(Registered {
-                                        kind,
-                                        desc: *desc,
-                                        key,
-                                        public,
-                                    });
-                                }
-                            }
+                            undo(&publics);
                             return Err(e);
                         }
                     }
@@ -208,16 +212,7 @@ impl Agent {
                 match self.inner.target.0.regions.insert(region) {
                     Ok(r) => done.push(r),
                     Err(e) => {
-                        for (name, public) in &registered {
-                            if let Some(b) = chosen.iter().find(|b| b.name() == *name) {
-                                b.deregister(Registered {
-                                    kind,
-                                    desc: *desc,
-                                    key,
-                                    public,
-                                });
-                            }
-                        }
+                        undo(&registered);
                         return Err(e);
                     }
                 }

@@ -234,20 +234,7 @@ pub struct Shared {
     pub instance: u64,
 }
 
-/// Hex of bytes.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Bytes of hex, or why not.
-pub fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
-        return Err("bad hex".into());
-    }
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| "bad hex".to_owned()))
-        .collect()
-}
+pub use nixl_core::codec::{hex, unhex};
 
 /// Starts the engine thread; returns its command channel and shared state once the agents and
 /// regions are up.

@@ -18,15 +18,15 @@
 //! ([`CopyPool`], [`CopyPlan`]).
 
 mod pool;
-pub use pool::{CopyOp, CopyPlan, CopyPool, INLINE_MAX};
+pub(crate) use pool::{CopyOp, CopyPlan, CopyPool, INLINE_MAX};
 
 use std::sync::LazyLock;
 
 /// Copies of at least this many bytes use streaming stores.
-pub const STREAM_MIN: usize = 1 << 20;
+pub(crate) const STREAM_MIN: usize = 1 << 20;
 
 /// Distances `(dst - src) mod 4096` below this go through a plain SIMD loop rather than memcpy.
-pub const ALIASING: usize = 64;
+pub(crate) const ALIASING: usize = 64;
 /// Copies shorter than this always use memcpy (no `rep movsb` there).
 const ALIAS_MIN: usize = 256;
 
@@ -40,7 +40,7 @@ fn aliased(dst: *mut u8, src: *const u8, len: usize) -> bool {
 ///
 /// # Safety
 /// As [`copy_bytes`].
-pub unsafe fn copy_cached(dst: *mut u8, src: *const u8, len: usize) {
+pub(crate) unsafe fn copy_cached(dst: *mut u8, src: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     if aliased(dst, src, len) {
         // SAFETY: forwarded contract.
@@ -58,7 +58,7 @@ pub unsafe fn copy_cached(dst: *mut u8, src: *const u8, len: usize) {
 /// overlap. Other threads or processes may write the same memory concurrently (that is the
 /// one-sided model): the bytes then are unspecified, but memory safety holds since only raw
 /// pointer accesses are made.
-pub unsafe fn copy_bytes(dst: *mut u8, src: *const u8, len: usize) {
+pub(crate) unsafe fn copy_bytes(dst: *mut u8, src: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     if len >= STREAM_MIN {
         // SAFETY: forwarded contract.
@@ -73,7 +73,7 @@ pub unsafe fn copy_bytes(dst: *mut u8, src: *const u8, len: usize) {
 ///
 /// # Safety
 /// As [`copy_bytes`], except that the ranges may overlap.
-pub unsafe fn copy_overlapping(dst: *mut u8, src: *const u8, len: usize) {
+pub(crate) unsafe fn copy_overlapping(dst: *mut u8, src: *const u8, len: usize) {
     let (d, s) = (dst as usize, src as usize);
     if d.abs_diff(s) >= len {
         // SAFETY: the ranges are disjoint; the rest is the caller's contract.

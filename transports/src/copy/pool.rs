@@ -12,13 +12,13 @@ use parking_lot::Mutex;
 use super::{copy_cached, copy_overlapping};
 
 /// Transfers up to this many bytes are copied inline on the posting thread with memcpy.
-pub const INLINE_MAX: u64 = 4 << 20;
+pub(crate) const INLINE_MAX: u64 = 4 << 20;
 /// Pool workers copy in pieces of this size, checking for a cancel between pieces.
 const PIECE: u64 = 16 << 20;
 
 /// One copy: `len` bytes from `src` to `dst`, addresses in this process.
 #[derive(Clone, Copy, Debug)]
-pub struct CopyOp {
+pub(crate) struct CopyOp {
     /// Source address.
     pub src: u64,
     /// Destination address.
@@ -29,7 +29,7 @@ pub struct CopyOp {
 
 /// A list of copies, seen as one stream of bytes so it can be cut at any byte for workers.
 #[derive(Clone, Debug)]
-pub struct CopyPlan {
+pub(crate) struct CopyPlan {
     /// Kept as given (no copy into a new allocation: a 100k-piece plan is made per request).
     ops: Arc<Vec<CopyOp>>,
     /// Byte offset at which each op starts in the stream.
@@ -40,7 +40,7 @@ pub struct CopyPlan {
 impl CopyPlan {
     /// A plan over `ops`. Every op's ranges must have been validated by the caller (see
     /// [`CopyPlan::copy_range`]).
-    pub fn new(ops: Vec<CopyOp>) -> CopyPlan {
+    pub(crate) fn new(ops: Vec<CopyOp>) -> CopyPlan {
         let mut total = 0u64;
         // Collected straight into its shared allocation (exact size: one allocation).
         let starts: Arc<[u64]> = ops
@@ -59,7 +59,7 @@ impl CopyPlan {
     }
 
     /// Total bytes.
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.total
     }
 
@@ -69,7 +69,7 @@ impl CopyPlan {
     /// # Safety
     /// Every op's source must be valid for reads and destination for writes of its length for
     /// the duration of the call (the backends guarantee it by holding the regions' access gates).
-    pub unsafe fn copy_range(&self, from: u64, to: u64, stream: bool) {
+    pub(crate) unsafe fn copy_range(&self, from: u64, to: u64, stream: bool) {
         let (ops, starts) = (&self.ops, &self.starts);
         let mut i = starts.partition_point(|&s| s <= from).saturating_sub(1);
         let mut pos = from;
@@ -99,7 +99,7 @@ type Task = Box<dyn FnOnce() + Send>;
 
 /// A pool of copy workers, one per core (at most 8), shared by the CPU-copying backends.
 #[derive(Debug)]
-pub struct CopyPool {
+pub(crate) struct CopyPool {
     tx: Sender<Task>,
     workers: usize,
 }
@@ -139,7 +139,7 @@ struct Split<F> {
 
 impl CopyPool {
     /// The process-wide pool (started on first use).
-    pub fn global() -> &'static CopyPool {
+    pub(crate) fn global() -> &'static CopyPool {
         &POOL
     }
 
@@ -150,7 +150,7 @@ impl CopyPool {
     /// # Safety
     /// As [`CopyPool::run_split`]; `hold` (and the completion, which holds the local regions)
     /// must keep every op valid until dropped.
-    pub unsafe fn run_post<H: Send + 'static>(
+    pub(crate) unsafe fn run_post<H: Send + 'static>(
         &self,
         plan: CopyPlan,
         done: Completion,
@@ -179,7 +179,7 @@ impl CopyPool {
     /// # Safety
     /// As [`CopyPlan::copy_range`], for as long as the copies run (until `finish` is called):
     /// callers keep the regions held in the state `finish` releases.
-    pub unsafe fn run_split<F>(
+    pub(crate) unsafe fn run_split<F>(
         &self,
         plan: CopyPlan,
         abandoned: impl Fn() -> bool + Send + Sync + 'static,
@@ -266,7 +266,7 @@ impl CopyPool {
     /// has finished its own runs on the caller as well, so a pool busy with other copies (or a
     /// call from a pool worker) never makes the caller wait for a queue; it returns once every
     /// part has ended, so the parts may borrow from the caller.
-    pub fn join<'a, T: Send + 'static>(
+    pub(crate) fn join<'a, T: Send + 'static>(
         &self,
         parts: Vec<Box<dyn FnOnce() -> T + Send + 'a>>,
     ) -> Vec<std::thread::Result<T>> {
@@ -324,7 +324,7 @@ impl CopyPool {
     }
 
     /// Workers in the pool (0 only when none could be started).
-    pub fn workers(&self) -> usize {
+    pub(crate) fn workers(&self) -> usize {
         self.workers
     }
 }

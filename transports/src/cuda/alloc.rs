@@ -42,7 +42,7 @@ pub fn device(ordinal: i32) -> Result<Arc<DeviceCtx>> {
 }
 
 /// Rounds `len` up to a multiple of `granularity` (at least one granule).
-pub fn round_up(len: usize, granularity: usize) -> Option<usize> {
+pub(super) fn round_up(len: usize, granularity: usize) -> Option<usize> {
     let g = granularity.max(1);
     len.max(1).checked_next_multiple_of(g)
 }

@@ -42,7 +42,7 @@ pub struct CudaConfig {
     pub batch_copies: bool,
     /// Copy a request's many small runs with one launch of a gather kernel (its table uploaded
     /// once, when the request is prepared) instead of a driver call per run: used for a part of
-    /// at least [`copy::GATHER_MIN_RUNS`] runs averaging at most [`copy::GATHER_MAX_AVG`] bytes.
+    /// at least `copy::GATHER_MIN_RUNS` runs averaging at most `copy::GATHER_MAX_AVG` bytes.
     pub gather_kernel: bool,
 }
 

@@ -28,22 +28,22 @@ use std::sync::Arc;
 use super::driver::{CuRes, DeviceAlloc, DeviceCtx, Event, Gather, GatherEntry, Stream};
 
 /// Smallest run the planner cuts to balance streams.
-pub const MIN_SPLIT: u64 = 1 << 20;
+pub(super) const MIN_SPLIT: u64 = 1 << 20;
 
 /// Fewest bytes per stream: a request uses `min(streams, bytes / MIN_PART)` streams (at least 1).
-pub const MIN_PART: u64 = 64 << 20;
+pub(super) const MIN_PART: u64 = 64 << 20;
 
 /// Fewest runs in a part for the gather kernel (fewer go as batched copies).
-pub const GATHER_MIN_RUNS: usize = 16;
+pub(super) const GATHER_MIN_RUNS: usize = 16;
 
 /// Largest average run (bytes) for the gather kernel: one thread block copies a run, so large
 /// runs go faster as copies of their own.
-pub const GATHER_MAX_AVG: u64 = 1 << 20;
+pub(super) const GATHER_MAX_AVG: u64 = 1 << 20;
 
 /// A part's runs as a table in device memory, uploaded once when the request is prepared, for
 /// one launch of the gather kernel per post.
 #[derive(Debug)]
-pub struct GatherTable {
+pub(super) struct GatherTable {
     kernel: Arc<Gather>,
     table: DeviceAlloc,
     n: u32,
@@ -52,7 +52,7 @@ pub struct GatherTable {
 /// The gather tables of `plan`'s parts on device `ctx`: one per part that qualifies
 /// ([`GATHER_MIN_RUNS`], [`GATHER_MAX_AVG`]) when `kernel` gives a kernel; empty when no part
 /// does. The kernel is only asked for when a part qualifies.
-pub fn gather_tables(
+pub(super) fn gather_tables(
     plan: &CopyPlan,
     ctx: &Arc<DeviceCtx>,
     kernel: impl FnOnce() -> Option<Arc<Gather>>,
@@ -103,7 +103,7 @@ pub fn gather_tables(
 
 /// One copy: `len` bytes from `src` to `dst` (addresses in this process).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Run {
+pub(super) struct Run {
     /// Source address.
     pub src: u64,
     /// Destination address.
@@ -114,7 +114,7 @@ pub struct Run {
 
 /// Runs per stream.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CopyPlan {
+pub(super) struct CopyPlan {
     /// `parts[i]` goes on stream `i`; empty parts are left out of the executor's work.
     pub parts: Vec<Vec<Run>>,
     /// Total bytes.
@@ -126,7 +126,7 @@ pub struct CopyPlan {
 }
 
 /// Coalesces segments that are adjacent in both source and destination, in order.
-pub fn coalesce(segs: impl IntoIterator<Item = Run>) -> (Vec<Run>, usize) {
+pub(super) fn coalesce(segs: impl IntoIterator<Item = Run>) -> (Vec<Run>, usize) {
     let it = segs.into_iter();
     let mut out: Vec<Run> = Vec::with_capacity(it.size_hint().0);
     let mut n = 0usize;
@@ -151,7 +151,7 @@ pub fn coalesce(segs: impl IntoIterator<Item = Run>) -> (Vec<Run>, usize) {
 }
 
 /// Plans segments onto `streams` streams (at least 1).
-pub fn plan(segs: impl IntoIterator<Item = Run>, streams: usize) -> CopyPlan {
+pub(super) fn plan(segs: impl IntoIterator<Item = Run>, streams: usize) -> CopyPlan {
     let streams = streams.max(1);
     let (runs, segments) = coalesce(segs);
     let bytes = runs.iter().fold(0u64, |a, r| a.saturating_add(r.len));
@@ -225,7 +225,7 @@ pub fn plan(segs: impl IntoIterator<Item = Run>, streams: usize) -> CopyPlan {
 /// this process (own allocations or imported peer mappings) until every event has completed (or
 /// the streams were synchronized); the caller keeps the mappings and region holds alive until
 /// then.
-pub unsafe fn enqueue(
+pub(super) unsafe fn enqueue(
     plan: &CopyPlan,
     streams: &[Arc<Stream>],
     events: &mut Vec<Event>,

@@ -18,7 +18,7 @@ use super::driver::{self, DeviceCtx};
 
 /// Where a range lies in its page-aligned superset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Layout {
+pub(crate) struct Layout {
     /// Start of the superset (the range's start rounded down to a page).
     pub start: u64,
     /// Size of the superset (a multiple of the page size).
@@ -29,7 +29,7 @@ pub struct Layout {
 
 /// The page-aligned superset of `[addr, addr + len)` for pages of `page` bytes (a power of
 /// two); `None` for an empty range, a bad page size, or a range that overflows.
-pub fn layout(addr: u64, len: u64, page: u64) -> Option<Layout> {
+pub(crate) fn layout(addr: u64, len: u64, page: u64) -> Option<Layout> {
     if len == 0 || !page.is_power_of_two() {
         return None;
     }
@@ -43,7 +43,7 @@ pub fn layout(addr: u64, len: u64, page: u64) -> Option<Layout> {
 }
 
 /// The host page size.
-pub fn host_page_size() -> u64 {
+pub(crate) fn host_page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     u64::try_from(p)
@@ -54,7 +54,7 @@ pub fn host_page_size() -> u64 {
 
 /// A dmabuf of device memory and where the caller's range lies in it.
 #[derive(Debug)]
-pub struct DmabufRange {
+pub(crate) struct DmabufRange {
     /// The dmabuf (of the page-aligned superset). Close it once imported: the importer holds
     /// its own reference.
     pub fd: OwnedFd,
@@ -64,15 +64,11 @@ pub struct DmabufRange {
     pub len: u64,
     /// The caller's device virtual address (the address to register the bytes at).
     pub iova: u64,
-    /// The device ordinal.
-    pub ordinal: i32,
-    /// The device's PCI bus id in sysfs form (`0000:19:00.0`), for choosing nearby devices.
-    pub pci_bus_id: String,
 }
 
 /// VRAM checked with the driver: device memory of one device, within one allocation.
 #[derive(Debug)]
-pub struct Vram {
+pub(crate) struct Vram {
     /// The device ordinal.
     pub ordinal: i32,
     /// The device's PCI bus id in sysfs form (`0000:19:00.0`), for choosing nearby devices.
@@ -82,7 +78,7 @@ pub struct Vram {
 
 impl Vram {
     /// The device's context (for flushing GPUDirect RDMA writes before a notification).
-    pub fn ctx(&self) -> &Arc<DeviceCtx> {
+    pub(crate) fn ctx(&self) -> &Arc<DeviceCtx> {
         &self.ctx
     }
 }
@@ -90,7 +86,7 @@ impl Vram {
 /// Checks VRAM `desc` (`dev_id` = the device ordinal): device memory of that device, within
 /// one allocation. Without a CUDA driver, `Unavailable` (backend `cuda`) with the driver's
 /// reason; memory that is not so, `InvalidArgument`.
-pub fn locate(desc: &Desc) -> Result<Vram> {
+pub(crate) fn locate(desc: &Desc) -> Result<Vram> {
     driver::driver().map_err(unavailable)?;
     let ordinal = i32::try_from(desc.dev_id).map_err(|_| {
         Error::InvalidArgument(format!("VRAM {desc:?}: dev_id is not a device ordinal"))
@@ -133,7 +129,7 @@ impl Vram {
     /// Exports `desc` (the range [`locate`] checked) as a dmabuf of its page-aligned superset.
     /// A driver without dmabuf export or a device without dmabuf support is `Unavailable`
     /// (backend `cuda`) with the reason.
-    pub fn export(&self, desc: &Desc) -> Result<DmabufRange> {
+    pub(crate) fn export(&self, desc: &Desc) -> Result<DmabufRange> {
         self.ctx.driver().dmabuf_export().map_err(unavailable)?;
         if !self.ctx.dmabuf_supported() {
             return Err(unavailable(format!(
@@ -166,14 +162,13 @@ impl Vram {
             offset: lay.offset,
             len: desc.len,
             iova: desc.addr,
-            ordinal: self.ordinal,
-            pci_bus_id: self.pci_bus_id.clone(),
         })
     }
 }
 
 /// [`locate`] then [`Vram::export`].
-pub fn export(desc: &Desc) -> Result<DmabufRange> {
+#[cfg(test)]
+pub(crate) fn export(desc: &Desc) -> Result<DmabufRange> {
     locate(desc)?.export(desc)
 }
 

@@ -14,7 +14,7 @@
 //! # Registration
 //!
 //! `register(VRAM, desc)` checks that `desc.dev_id` is the pointer's device ordinal and walks the
-//! range allocation by allocation ([`handles::plan_chunks`]):
+//! range allocation by allocation (`handles::plan_chunks`):
 //! - memory from `cudaMalloc`/`cuMemAlloc` is exported with `cuIpcGetMemHandle` on its
 //!   allocation base (the chunk records its offset in the allocation);
 //! - memory from the VMM API (`cuMemCreate` + `cuMemMap`: nixl's [`VmmBuffer`], PyTorch's
@@ -36,10 +36,10 @@
 //! imported, mapped and made accessible to the local device) and caches the mapping per (peer
 //! instance, region, chunk, local device); a peer in the same process needs no mapping. The
 //! request's segments are resolved to addresses, coalesced, and spread over a pool of streams
-//! per device balanced by bytes ([`copy`]); each post enqueues `cuMemcpyDtoDAsync` (NVLink/P2P)
+//! per device balanced by bytes (`copy`); each post enqueues `cuMemcpyDtoDAsync` (NVLink/P2P)
 //! and events, and a completion thread waits for the events, delivers the notification to the
 //! owner over its socket (the owner calls `TargetHandle::deliver`), and completes the request
-//! once. Mappings belong to a peer *region* ([`ipc::RegionImport`]), never to a prepared
+//! once. Mappings belong to a peer *region* (`ipc::RegionImport`), never to a prepared
 //! transfer: a transfer holds the regions it uses (their gate) for each post, from before its
 //! copies are enqueued until their events have completed, so a region can be revoked (below)
 //! while prepared transfers still exist, and their next post fails cleanly.
@@ -58,7 +58,7 @@
 //! CUDA's docs say that if the owner frees legacy (`cudaMalloc`) memory while a peer still has
 //! it open through IPC, the behaviour is undefined; VMM memory stays allocated while a peer maps
 //! it, so a peer could keep writing memory the owner believes gone. So the owner tracks, and
-//! revokes, every import ([`ipc`] has the protocol):
+//! revokes, every import (`ipc` has the protocol):
 //! - before a peer maps any chunk of a region it announces the import over the owner's socket
 //!   ("opened", with the region key, checked like a VMM fd grant); the owner records which
 //!   connection imported which region (VMM fd grants are recorded too), while its check still
@@ -71,7 +71,7 @@
 //!   own `op_timeout`) for the copies in flight on it, closes its mappings
 //!   (`cuIpcCloseMemHandle`, or unmap + release for VMM; a legacy mapping shared with another
 //!   region of the same allocation stays open for that one), drops the region from its
-//!   [`ipc::ImportCache`] and answers "revoked". A later post of a transfer prepared on it fails
+//!   `ipc::ImportCache` and answers "revoked". A later post of a transfer prepared on it fails
 //!   with `Denied: region ... was deregistered by its owner`; a new prepare is refused by the
 //!   owner;
 //! - when the peer's connection to the owner ends (owner gone, garbage on the socket, a reply
@@ -89,7 +89,7 @@
 //! - same boot id and uid: the same node, reached as above (IPC handles, VMM fds, the socket);
 //! - another node: reachable when fabric is allowed here ([`CudaConfig::allow_fabric`]), the
 //!   peer exports fabric handles, and both agents have a device in the same NVLink domain (same
-//!   cluster UUID and clique id). The CUDA driver API does not expose the domain; [`nvml`] asks
+//!   cluster UUID and clique id). The CUDA driver API does not expose the domain; `nvml` asks
 //!   NVML (`nvmlDeviceGetGpuFabricInfoV`, or `nvmlDeviceGetGpuFabricInfo` on older drivers) for
 //!   each device this process sees, found by UUID without creating a context, and the
 //!   connection info lists every device with its domain when NVML reports the fabric
@@ -110,7 +110,7 @@
 //! What the socket carries on one node goes, across nodes, over the agents' control channel
 //! ([`crate::control`], the tcp backend's authenticated listener) when the backend has one
 //! ([`CudaBackend::with_control`]; its endpoint is in the connection info) and so does the
-//! peer (module [`handles`] has the messages, [`handles::Ctl`]):
+//! peer (module `handles` has the messages, [`handles::Ctl`]):
 //! - before mapping any chunk of a region, the importer announces it ("opened", with the region
 //!   key and the importer's own endpoint); the owner checks it like a socket announcement
 //!   (`TargetHandle::check`, whole region), records the importer while the check holds the
@@ -122,7 +122,7 @@
 //!   `deregistered by its owner`; an unreachable importer is skipped, a silent or busy one
 //!   reported (`nixl_cuda_revoke_timeouts_total`) and the owner goes on;
 //! - notifications are sent as control requests after the copies (the owner delivers them
-//!   under the name the channel authenticated), at most [`handles::MAX_CTL_NOTIF`] bytes.
+//!   under the name the channel authenticated), at most `handles::MAX_CTL_NOTIF` bytes.
 //!
 //! Without a control channel on either side (the plain [`CudaBackend::new`], or a peer that
 //! publishes no endpoint) a peer on another node is still reached, but:
@@ -141,7 +141,7 @@
 //!
 //! # Staging
 //!
-//! [`CudaBackend`] offers a [`nixl_core::Stager`] ([`staging::CudaStager`]: pinned host buffers,
+//! [`CudaBackend`] offers a [`nixl_core::Stager`] (`staging::CudaStager`: pinned host buffers,
 //! batched copies over the device's streams) so the agent can carry VRAM over `tcp`, `shm` or to
 //! files when no direct path exists.
 //!
@@ -153,26 +153,23 @@
 //! connection and its transfers; `handles/` what is published; `ipc/` the owner's socket;
 //! `driver/` the CUDA driver; `tests.rs` the unit tests.
 
-pub mod alloc;
+#![warn(unreachable_pub)]
+
+mod alloc;
 mod config;
 mod conn;
-// Bindings, wire formats and internals: public for the fuzz targets, the benches, the
-// checkpoint crate and the tests, hidden from the docs (not part of the API a user reads).
-#[doc(hidden)]
-pub mod copy;
-#[doc(hidden)]
-pub mod dmabuf;
+mod copy;
+pub(crate) mod dmabuf;
+// The device context and memory, for the benches and the checkpoint crate: hidden from the
+// docs (not part of the API a user reads).
 #[doc(hidden)]
 pub mod driver;
-#[doc(hidden)]
-pub mod handles;
-#[doc(hidden)]
-pub mod ipc;
-#[doc(hidden)]
-pub mod nvml;
+pub(crate) mod handles;
+pub(crate) mod ipc;
+pub(crate) mod nvml;
 mod register;
 mod remote;
-pub mod staging;
+mod staging;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;

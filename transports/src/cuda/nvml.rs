@@ -48,10 +48,11 @@ use std::sync::OnceLock;
 
 use libloading::Library;
 
+use super::driver::error_chain;
 use super::handles::{uuid_str, FabricDomain};
 
 /// `nvmlReturn_t`.
-pub type NvmlReturn = c_int;
+pub(crate) type NvmlReturn = c_int;
 type NvmlDevice = *mut c_void;
 
 const NVML_SUCCESS: NvmlReturn = 0;
@@ -60,13 +61,13 @@ const NVML_ERROR_FUNCTION_NOT_FOUND: NvmlReturn = 13;
 const NVML_ERROR_ARGUMENT_VERSION_MISMATCH: NvmlReturn = 25;
 
 /// `NVML_GPU_FABRIC_STATE_NOT_SUPPORTED`.
-pub const FABRIC_STATE_NOT_SUPPORTED: u8 = 0;
+pub(crate) const FABRIC_STATE_NOT_SUPPORTED: u8 = 0;
 /// `NVML_GPU_FABRIC_STATE_NOT_STARTED`.
-pub const FABRIC_STATE_NOT_STARTED: u8 = 1;
+pub(crate) const FABRIC_STATE_NOT_STARTED: u8 = 1;
 /// `NVML_GPU_FABRIC_STATE_IN_PROGRESS`.
-pub const FABRIC_STATE_IN_PROGRESS: u8 = 2;
+pub(crate) const FABRIC_STATE_IN_PROGRESS: u8 = 2;
 /// `NVML_GPU_FABRIC_STATE_COMPLETED`.
-pub const FABRIC_STATE_COMPLETED: u8 = 3;
+pub(crate) const FABRIC_STATE_COMPLETED: u8 = 3;
 
 /// `nvmlGpuFabricInfo_t`.
 #[repr(C)]
@@ -130,14 +131,6 @@ struct Api {
     fabric_v1: Option<FabricInfoFn>,
 }
 
-/// Symbols that must be present.
-pub const REQUIRED_SYMBOLS: &[&str] = &[
-    "nvmlInit_v2",
-    "nvmlErrorString",
-    "nvmlDeviceGetHandleByUUID",
-    "nvmlDeviceGetHandleByPciBusId_v2",
-];
-
 impl Api {
     /// Resolves the table.
     ///
@@ -179,18 +172,6 @@ impl Api {
     }
 }
 
-/// An error and its sources, `: `-separated (libloading puts dlerror's text in the source).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// What `nvmlInit_v2` returning `r` means: `Ok` or the reason NVML is unavailable.
 pub(crate) fn init_reason(r: NvmlReturn, name: &str) -> Result<(), String> {
     match r {
@@ -211,7 +192,7 @@ pub(crate) fn init_reason(r: NvmlReturn, name: &str) -> Result<(), String> {
 
 /// A GPU's fabric information as NVML reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FabricInfo {
+pub(crate) struct FabricInfo {
     /// `clusterUuid`.
     pub cluster_uuid: [u8; 16],
     /// `cliqueId`.
@@ -225,7 +206,7 @@ pub struct FabricInfo {
 impl FabricInfo {
     /// The NVLink domain, when the registration completed successfully into a cluster; otherwise
     /// why not (`status_name` names an `nvmlReturn_t`).
-    pub fn domain(
+    pub(crate) fn domain(
         &self,
         status_name: &dyn Fn(NvmlReturn) -> String,
     ) -> Result<FabricDomain, String> {
@@ -286,7 +267,7 @@ impl std::fmt::Debug for Nvml {
 
 /// The library names tried, in order (`libnvidia-ml.so` without a version is the toolkit's
 /// link-time stub).
-pub const LIBRARY_NAMES: &[&str] = &["libnvidia-ml.so.1"];
+pub(crate) const LIBRARY_NAMES: &[&str] = &["libnvidia-ml.so.1"];
 
 /// Opens NVML from the first of `names` that loads and initialises it; the error names each
 /// library tried and why. For tests that pass names of their own.
@@ -325,7 +306,7 @@ pub fn nvml() -> Result<&'static Nvml, String> {
 
 impl Nvml {
     /// The name of an `nvmlReturn_t`.
-    pub fn error_name(&self, r: NvmlReturn) -> String {
+    pub(crate) fn error_name(&self, r: NvmlReturn) -> String {
         // SAFETY: nvmlErrorString accepts any code and returns a static string (or NULL).
         let p = unsafe { (self.api.error_string)(r) };
         if p.is_null() {
@@ -409,7 +390,7 @@ impl Nvml {
 
     /// The fabric information of the GPU with CUDA UUID `uuid` (looked up by `GPU-<uuid>`, then
     /// by `pci_bus_id` where given).
-    pub fn fabric_of(
+    pub(crate) fn fabric_of(
         &self,
         uuid: &[u8; 16],
         pci_bus_id: Option<&str>,

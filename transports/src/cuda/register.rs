@@ -298,7 +298,7 @@ impl GrantSource for Inner {
         Ok(Grant {
             fd: dup,
             alloc_size: c.alloc_size,
-            hold: Box::new(access),
+            _hold: Box::new(access),
         })
     }
 

@@ -24,7 +24,7 @@ fn cu(op: &'static str, e: super::driver::CuError) -> Error {
 
 /// Pinned host memory handed to the agent's staged path.
 #[derive(Debug)]
-pub struct PinnedBuffer(PinnedHost);
+pub(super) struct PinnedBuffer(PinnedHost);
 
 // SAFETY: the pinned allocation is owned by this value, never resized, used by nothing else
 // (the slice is never handed out), and freed only on drop.
@@ -41,7 +41,7 @@ unsafe impl HostBuffer for PinnedBuffer {
 /// The `cuda` backend's [`nixl_core::Stager`]: pinned host buffers (`cuMemHostAlloc`, portable)
 /// and batched device ↔ host copies over a pool of streams per device.
 #[derive(Debug)]
-pub struct CudaStager {
+pub(super) struct CudaStager {
     streams: usize,
     /// Chunk size and chunks in flight of the agent's staged path (`[cuda]
     /// staging_buffer_size`, `staging_buffers`).
@@ -52,7 +52,7 @@ pub struct CudaStager {
 impl CudaStager {
     /// A stager using `streams` streams per device, staging in `chunk_bytes` chunks with
     /// `slots` of them in flight; `Err` is why there is none (no driver).
-    pub fn new(
+    pub(super) fn new(
         streams: usize,
         chunk_bytes: usize,
         slots: usize,

@@ -26,7 +26,7 @@ pub struct FileInfo {
 /// Checks a storage region at registration: FILE regions name a regular file or a block
 /// device; BLOCK regions name a block device (`(offset, len, fd)` of a raw device, e.g. an
 /// NVMe namespace or a loop device, usually opened with `O_DIRECT`) and must lie inside it.
-pub fn check_storage_region(kind: MemKind, desc: &Desc) -> Result<()> {
+pub(crate) fn check_storage_region(kind: MemKind, desc: &Desc) -> Result<()> {
     match kind {
         MemKind::File => inspect_fd(desc.dev_id).map(drop),
         MemKind::Block => {
@@ -46,7 +46,7 @@ pub fn check_storage_region(kind: MemKind, desc: &Desc) -> Result<()> {
 }
 
 /// The size of the block device open as `fd` (`BLKGETSIZE64`); an error if `fd` is not one.
-pub fn block_device_size(fd: u64) -> Result<u64> {
+pub(crate) fn block_device_size(fd: u64) -> Result<u64> {
     let raw = i32::try_from(fd)
         .map_err(|_| Error::InvalidArgument(format!("BLOCK descriptor: fd {fd} is not an fd")))?;
     // SAFETY: an all-zero stat is a valid value of this plain C struct.
@@ -140,7 +140,7 @@ fn dio_align(fd: i32) -> (u64, u64) {
 
 /// Checks that `fd` can serve `op`, and for `O_DIRECT` that every (memory, file) pair of the
 /// request is aligned as the kernel requires.
-pub fn check_request(
+pub(crate) fn check_request(
     info: &FileInfo,
     fd: u64,
     op: XferOp,

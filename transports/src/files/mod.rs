@@ -2,12 +2,12 @@
 //!
 //! - `fd`: what they need to know about a caller's fd (open, how, `O_DIRECT` alignment), so a
 //!   request a file cannot serve is refused when it is created, naming the descriptor;
-//! - `ops`: a request cut into I/O operations (`IoOp`, at most [`MAX_IOV`] pieces each) and
+//! - `ops`: a request cut into I/O operations (`IoOp`, at most `MAX_IOV` pieces each) and
 //!   one post of them (`Post`), completed by the last operation to finish;
 //! - `backend`: [`FileBackend`], the agent-facing skeleton, generic over its engine (the
 //!   `posix` thread pool, the `uring` ring, the `gds` cuFile workers);
 //! - `workers`: the thread pool of the engines that block per operation;
-//! - [`OwnAgent`]: storage is reached by its own agent only (also used by `object`).
+//! - `OwnAgent`: storage is reached by its own agent only (also used by `object`).
 
 mod backend;
 mod fd;
@@ -16,8 +16,8 @@ mod workers;
 
 pub use backend::FileBackend;
 pub(crate) use backend::FileEngine;
-pub use fd::{block_device_size, check_request, check_storage_region, inspect_fd, FileInfo};
-pub use ops::MAX_IOV;
+pub(crate) use fd::check_storage_region;
+pub use fd::{inspect_fd, FileInfo};
 pub(crate) use ops::{IoOp, Post};
 pub(crate) use workers::Workers;
 
@@ -28,29 +28,33 @@ use parking_lot::Mutex;
 /// its own agent, which names itself as the remote. Holds the agent's target handle from
 /// `start` to `shutdown` and answers `conn_info`, `can_reach` and the check in `connect`.
 #[derive(Debug, Default)]
-pub struct OwnAgent {
+pub(crate) struct OwnAgent {
     target: Mutex<Option<TargetHandle>>,
 }
 
 impl OwnAgent {
     /// Set at start.
-    pub fn set(&self, target: TargetHandle) {
+    pub(crate) fn set(&self, target: TargetHandle) {
         *self.target.lock() = Some(target);
     }
 
     /// Cleared at shutdown.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         self.target.lock().take();
     }
 
     /// The connection info: the agent's instance id.
-    pub fn conn_info(&self) -> Vec<u8> {
+    pub(crate) fn conn_info(&self) -> Vec<u8> {
         let instance = self.target.lock().as_ref().map_or(0, |t| t.instance_id());
         instance.to_le_bytes().to_vec()
     }
 
     /// Only the agent itself is reachable.
-    pub fn can_reach(&self, conn_info: &[u8], what: &str) -> std::result::Result<(), Unusable> {
+    pub(crate) fn can_reach(
+        &self,
+        conn_info: &[u8],
+        what: &str,
+    ) -> std::result::Result<(), Unusable> {
         if conn_info == self.conn_info().as_slice() {
             Ok(())
         } else {
@@ -61,7 +65,11 @@ impl OwnAgent {
     }
 
     /// The target handle for a connection to `peer`, which must be the agent itself.
-    pub fn connect(&self, backend: BackendName, peer: &PeerInfo<'_>) -> Result<TargetHandle> {
+    pub(crate) fn connect(
+        &self,
+        backend: BackendName,
+        peer: &PeerInfo<'_>,
+    ) -> Result<TargetHandle> {
         let target = self
             .target
             .lock()

@@ -1,5 +1,5 @@
 //! A request's I/O operations: `prepare_files` checks the file regions and cuts the request
-//! into operations (`IoOp`, at most [`MAX_IOV`] pieces each), and a `Post` tracks one post of
+//! into operations (`IoOp`, at most `MAX_IOV` pieces each), and a `Post` tracks one post of
 //! them across the threads that run them (the `posix` workers, the `uring` ring thread, the
 //! `gds` workers); the last operation to finish completes the request.
 
@@ -14,9 +14,10 @@ use nixl_core::{
 use parking_lot::Mutex;
 
 use super::fd::{check_request, inspect_fd};
+use crate::local::owner_check;
 
 /// Most pieces in one `preadv`/`pwritev` (Linux's `IOV_MAX`).
-pub const MAX_IOV: usize = 1024;
+pub(crate) const MAX_IOV: usize = 1024;
 
 /// One `preadv`/`pwritev`: file range `[offset, offset + len)` of `fd`, to or from `pieces`.
 #[derive(Clone, Debug)]
@@ -94,16 +95,7 @@ pub(crate) fn prepare_files(
             plan.local_kind, plan.remote_kind
         )));
     }
-    let mut remote_regions = Vec::with_capacity(plan.remote_regions.len());
-    for (i, r) in plan.remote_regions.iter().enumerate() {
-        let access = target
-            .check(r.kind, &r.desc, r.key)
-            .map_err(|denied| Error::Denied {
-                peer: target.name().to_owned(),
-                reason: format!("file region {i} {:?}: {denied}", r.desc),
-            })?;
-        remote_regions.push(Arc::clone(access.region()));
-    }
+    let remote_regions = owner_check(target, plan, target.name(), "file")?;
     check_files(plan)?;
     let segs: Vec<(Desc, Desc)> = plan.segments.iter().map(|s| (s.local, s.remote)).collect();
     let ops = plan_ops(&segs, max_io.max(1) as u64);

@@ -37,10 +37,11 @@
 //! unless `allow_compat_mode` asks for cuFile anyway. Without `gds`, VRAM ↔ FILE requests are staged through pinned host buffers by the
 //! `cuda` backend's stager over `uring` or `posix` (see `nixl_core::staging`), and the request
 //! says so.
-
 //!
 //! The cuFile bindings are in `cufile`; what every file backend shares (registrations,
 //! connections, requests, posts) is [`crate::files`].
+
+#![warn(unreachable_pub)]
 
 mod cufile;
 

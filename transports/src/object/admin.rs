@@ -19,11 +19,11 @@ use hyper::Method;
 use super::s3::{error_chain, status_error, xml_text, ReqBody, S3Req, S3};
 
 /// Entries asked for per LIST page (`max-keys`), and the most one page may hold.
-pub const PAGE_KEYS: usize = 1000;
+pub(super) const PAGE_KEYS: usize = 1000;
 /// Longest LIST answer read.
-pub const MAX_LIST_ANSWER: usize = 4 << 20;
+pub(super) const MAX_LIST_ANSWER: usize = 4 << 20;
 /// Longest key (S3's own limit).
-pub const MAX_KEY_BYTES: usize = 1024;
+pub(super) const MAX_KEY_BYTES: usize = 1024;
 /// Longest continuation token accepted.
 const MAX_TOKEN_BYTES: usize = 4096;
 

@@ -125,17 +125,7 @@ impl Connection for ObjectConn {
                 plan.local_kind, plan.remote_kind
             )));
         }
-        let mut remote_regions = Vec::with_capacity(plan.remote_regions.len());
-        for (i, r) in plan.remote_regions.iter().enumerate() {
-            let access = self
-                .target
-                .check(r.kind, &r.desc, r.key)
-                .map_err(|denied| Error::Denied {
-                    peer: self.target.name().to_owned(),
-                    reason: format!("object region {i} {:?}: {denied}", r.desc),
-                })?;
-            remote_regions.push(Arc::clone(access.region()));
-        }
+        let remote_regions = owner_check(&self.target, &plan, self.target.name(), "object")?;
         let cfg = &self.inner.cfg;
         let work = match plan.op {
             XferOp::Read => {

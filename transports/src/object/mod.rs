@@ -72,11 +72,11 @@
 //! `upload.rs` writes (single PUT or multipart upload); `s3.rs` the signed HTTP client;
 //! `admin.rs` listing and deleting; `tests.rs` the unit tests.
 
-pub mod admin;
+mod admin;
 mod config;
 mod conn;
 mod post;
-pub mod s3;
+pub(crate) mod s3;
 #[cfg(test)]
 mod tests;
 mod upload;
@@ -100,6 +100,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use crate::files::OwnAgent;
+use crate::local::owner_check;
 
 pub use admin::ListedObject;
 pub use config::{ObjectConfig, ObjectName};
@@ -170,7 +171,7 @@ pub fn name_object(agent: &Agent, id: u64, name: &str) -> Result<()> {
 /// Lists the objects of `bucket` whose keys start with `prefix` through the `object` backend of
 /// `agent` (`ListObjectsV2`, every page), in key order; with a `delimiter` (`"/"`), only those
 /// with no delimiter past the prefix (its direct children). More than `limit` objects, or an
-/// answer that breaks the rules of a listing (see [`admin`]), is an error.
+/// answer that breaks the rules of a listing (see `admin.rs`), is an error.
 pub fn list_objects(
     agent: &Agent,
     bucket: &str,
@@ -350,22 +351,6 @@ impl ObjectBackend {
     /// The bucket and key object `id` stands for, if it has any.
     pub fn object_name(&self, id: u64) -> Option<ObjectName> {
         self.inner.object_name(id)
-    }
-
-    /// [`list_objects`] on this (started) backend.
-    pub fn list_objects(
-        &self,
-        bucket: &str,
-        prefix: &str,
-        delimiter: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<ListedObject>> {
-        self.inner.list_objects(bucket, prefix, delimiter, limit)
-    }
-
-    /// [`delete_objects`] on this (started) backend.
-    pub fn delete_objects(&self, bucket: &str, keys: &[String]) -> Result<usize> {
-        self.inner.delete_objects(bucket, keys)
     }
 }
 

@@ -27,7 +27,7 @@ use super::{unavailable, RdmaConfig, State};
 /// The opened NICs (`opened[i]` = NIC `i`'s name) to register VRAM of the GPU at `pci_bus_id`
 /// with: the configured ones for that GPU, else the nearest by topology. `Err`: a configured
 /// NIC that is not opened.
-pub fn vram_nics(
+pub(crate) fn vram_nics(
     cfg: &RdmaConfig,
     sysfs: &Path,
     nics: &[NicInfo],

@@ -4,7 +4,7 @@
 //!
 //! Binaries must start on hosts without rdma-core, so libibverbs is opened at run time
 //! (`dlopen("libibverbs.so.1")` through `libloading`) by our own minimal binding in
-//! [`verbs`]. We do not use `rdma-sys`: it links libibverbs at build time. We do not use
+//! `verbs`. We do not use `rdma-sys`: it links libibverbs at build time. We do not use
 //! `sideway` either, although it loads at run time: its `rdma-mummy-sys` build script needs
 //! cmake, a C compiler and libclang (bindgen) at build time, and `cargo run --release -p
 //! nixl-agent -- demo` must build on a fresh machine with only Rust. The binding declares only
@@ -20,8 +20,8 @@
 //! # Design
 //!
 //! - **NICs.** Every device with an active port (or those named in [`RdmaConfig::devices`]) is
-//!   opened at start, with one protection domain and one completion queue each. [`topo`] ranks
-//!   NICs by PCIe/NUMA distance from a GPU or CPU socket read from sysfs ([`place`]). DRAM is
+//!   opened at start, with one protection domain and one completion queue each. `topo` ranks
+//!   NICs by PCIe/NUMA distance from a GPU or CPU socket read from sysfs (`place`). DRAM is
 //!   registered with every opened NIC (a peer may stripe over all of them), and the NUMA node
 //!   of its first page (`get_mempolicy`, asked once the MR has pinned the page) marks the
 //!   nearest NICs: a transfer from that memory stripes over the lanes of those NICs only
@@ -38,15 +38,15 @@
 //!   every remote descriptor against the region bounds from the peer's metadata. Deregistration
 //!   deregisters the MRs, so a peer cannot touch the memory afterwards. VRAM is exported as a
 //!   dmabuf by the cuda driver layer and registered with `ibv_reg_dmabuf_mr` on the NICs
-//!   nearest to its GPU only ([`dmabuf`]); where dmabuf is not available the device address
+//!   nearest to its GPU only (`dmabuf`); where dmabuf is not available the device address
 //!   is registered with `ibv_reg_mr` (works with `nvidia-peermem`); without a CUDA driver the
 //!   registration is `unavailable` with the cuda reason.
-//! - **Transfers.** [`plan`] cuts a request into WRs of at most `slice_bytes` (contiguous
+//! - **Transfers.** `plan` cuts a request into WRs of at most `slice_bytes` (contiguous
 //!   pieces coalesced, at most `max_sge` SGEs), stripes them by bytes over every usable lane
 //!   (all NICs, several QPs each, no cap at two rails), and keeps at most `max_outstanding`
 //!   WRs in flight per QP. One poller thread polls every CQ in user space (no syscall per
 //!   completion), spinning while busy and backing off to short sleeps when idle. A completion
-//!   finds its owner through the `wr_id` (a slot of [`slab`], checked by generation, no global
+//!   finds its owner through the `wr_id` (a slot of `slab`, checked by generation, no global
 //!   lock), and posting the next WRs reuses the post's scratch buffers: no allocation per
 //!   completion.
 //! - **Notifications.** After every data WR of a post has completed, the initiator posts one
@@ -55,7 +55,7 @@
 //!   authenticated at the handshake, and reposts the buffer. The post ends Done when the SEND
 //!   has completed, so the notification is never seen before the data. Each notification
 //!   carries a per-connection sequence number, kept across retries on other lanes, and the
-//!   target drops one it has already delivered ([`notif`]).
+//!   target drops one it has already delivered (`notif`).
 //! - **Failures.** Any error completion puts its QP in the error state: the lane goes down for
 //!   the connection, the lane's unfinished slices move to other lanes (another NIC first) and
 //!   a slice is retried at most `max_retries` times; with no lane left the post ends
@@ -64,29 +64,19 @@
 //!   path takes to report. A post ends exactly once; its local memory stays held until every WR
 //!   it posted has completed or flushed.
 
-// Bindings, wire formats and internals: public for the fuzz targets, the benches, the
-// checkpoint crate and the tests, hidden from the docs (not part of the API a user reads).
-#[doc(hidden)]
-pub mod dmabuf;
-#[doc(hidden)]
-pub mod notif;
-#[doc(hidden)]
-pub mod place;
-#[doc(hidden)]
-pub mod plan;
-#[doc(hidden)]
-pub mod slab;
-#[doc(hidden)]
-pub mod topo;
-#[doc(hidden)]
-#[doc(hidden)]
-pub mod verbs;
-#[doc(hidden)]
-pub mod wire;
+#![warn(unreachable_pub)]
 
-use std::collections::{BTreeMap, HashMap};
+pub(crate) mod dmabuf;
+mod notif;
+pub(crate) mod place;
+mod plan;
+mod slab;
+pub(crate) mod topo;
+pub(crate) mod verbs;
+pub(crate) mod wire;
+
+use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -106,6 +96,8 @@ use verbs::{
 };
 use wire::{ConnInfo, Msg, NicAddr, QpAddr, RegionKeys};
 
+mod backend;
+mod config;
 mod conn;
 mod post;
 mod served;
@@ -116,123 +108,7 @@ use conn::*;
 use post::*;
 use served::*;
 
-/// How the poller thread waits for completions.
-#[derive(Clone, Debug)]
-pub struct PollPolicy {
-    /// Empty polls of every CQ before the poller starts sleeping.
-    pub spin_polls: u32,
-    /// Sleep between polls while idle.
-    pub idle_sleep: Duration,
-}
-
-impl Default for PollPolicy {
-    fn default() -> Self {
-        PollPolicy {
-            spin_polls: 2000,
-            idle_sleep: Duration::from_micros(50),
-        }
-    }
-}
-
-/// Settings of the `rdma` backend (`[rdma]` in the agent's configuration).
-#[derive(Clone, Debug, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RdmaConfig {
-    /// Use only these devices (by name); `None`: every device with an active port.
-    pub devices: Option<Vec<String>>,
-    /// Devices per GPU PCI bus id (`0000:19:00.0`), overriding the topology for that GPU.
-    pub gpu_devices: BTreeMap<String, Vec<String>>,
-    /// Root of sysfs (tests point it at a fake tree).
-    #[serde(skip)]
-    pub sysfs: PathBuf,
-    /// Queue pairs per NIC per peer.
-    pub qps_per_nic: usize,
-    /// Largest work request.
-    pub slice_bytes: u64,
-    /// Most work requests in flight per queue pair.
-    pub max_outstanding: u32,
-    /// Most SGEs per work request (also capped by the device).
-    #[serde(skip)]
-    pub max_sge: usize,
-    /// Completion queue entries per NIC (shared by all its QPs; QPs are refused beyond it).
-    #[serde(skip)]
-    pub cq_depth: u32,
-    /// Times one slice is retried on another lane after a failure.
-    pub max_retries: u32,
-    /// How long connecting (the QP handshake) may take.
-    #[serde(
-        rename = "connect_timeout_ms",
-        deserialize_with = "crate::config::de::millis"
-    )]
-    pub connect_timeout: Duration,
-    /// Largest notification received; receive buffers of this size are posted per QP.
-    #[serde(skip)]
-    pub max_notif: u32,
-    /// Receive buffers posted per target-side QP.
-    #[serde(skip)]
-    pub recv_depth: u32,
-    /// GID index on RoCE ports; `None`: the first RoCE v2 GID (IPv4-mapped first).
-    pub gid_index: Option<u8>,
-    /// QP local ACK timeout exponent (4.096 µs × 2^n).
-    #[serde(skip)]
-    pub qp_timeout: u8,
-    /// QP transport retries before a path is declared failed.
-    #[serde(skip)]
-    pub retry_cnt: u8,
-    /// Traffic class on RoCE.
-    pub traffic_class: u8,
-    /// Service level.
-    pub service_level: u8,
-    /// How the poller waits.
-    #[serde(skip)]
-    pub poll: PollPolicy,
-}
-
-impl Default for RdmaConfig {
-    fn default() -> Self {
-        RdmaConfig {
-            devices: None,
-            gpu_devices: BTreeMap::new(),
-            sysfs: PathBuf::from("/sys"),
-            qps_per_nic: 4,
-            slice_bytes: 1 << 20,
-            max_outstanding: 32,
-            max_sge: 4,
-            cq_depth: 16384,
-            max_retries: 2,
-            connect_timeout: Duration::from_secs(5),
-            max_notif: 4096,
-            recv_depth: 32,
-            gid_index: None,
-            qp_timeout: 14,
-            retry_cnt: 7,
-            traffic_class: 0,
-            service_level: 0,
-            poll: PollPolicy::default(),
-        }
-    }
-}
-
-impl RdmaConfig {
-    fn check(&self) -> std::result::Result<(), String> {
-        if self.qps_per_nic == 0 || self.qps_per_nic > 64 {
-            return Err(format!("[rdma] qps_per_nic {} (1..=64)", self.qps_per_nic));
-        }
-        if self.slice_bytes == 0 || self.slice_bytes > 1 << 30 {
-            return Err(format!(
-                "[rdma] slice_bytes {} (1..=1 GiB)",
-                self.slice_bytes
-            ));
-        }
-        if self.max_outstanding == 0 || self.max_sge == 0 || self.recv_depth == 0 {
-            return Err("[rdma] max_outstanding, max_sge and recv_depth must be > 0".into());
-        }
-        if self.max_notif == 0 || self.max_notif > 1 << 20 {
-            return Err(format!("[rdma] max_notif {} (1..=1 MiB)", self.max_notif));
-        }
-        Ok(())
-    }
-}
+pub use config::{PollPolicy, RdmaConfig};
 
 fn err(op: &'static str, reason: impl Into<String>) -> Error {
     Error::Backend {
@@ -756,319 +632,6 @@ impl RdmaBackend {
     }
 }
 
-impl Backend for RdmaBackend {
-    fn name(&self) -> BackendName {
-        BackendName::Rdma
-    }
-
-    fn caps(&self) -> Caps {
-        Caps::new(KINDS, Locality::AnyNode, 4)
-    }
-
-    fn probe(&self) -> std::result::Result<(), Unusable> {
-        self.cfg.check()?;
-        let verbs = self.verbs()?;
-        self.device_names(&verbs)
-            .map(|_| ())
-            .map_err(Unusable::Reason)
-    }
-
-    fn start(&self, target: TargetHandle) -> Result<()> {
-        self.cfg.check().map_err(unavailable)?;
-        crate::limits::raise_nofile();
-        let verbs = self.verbs().map_err(unavailable)?;
-        let names = self.device_names(&verbs).map_err(unavailable)?;
-        let mut nics = Vec::new();
-        let mut skipped = Vec::new();
-        for name in names {
-            if nics.len() >= wire::MAX_NICS {
-                break;
-            }
-            match self.open_nic(&verbs, nics.len() as u8, &name) {
-                Ok(n) => nics.push(Arc::new(n)),
-                Err(e) if self.cfg.devices.is_some() => {
-                    return Err(unavailable(format!("configured device {name}: {e}")))
-                }
-                Err(e) => skipped.push(format!("{name}: {e}")),
-            }
-        }
-        if nics.is_empty() {
-            return Err(unavailable(format!(
-                "no usable RDMA device ({})",
-                skipped.join("; ")
-            )));
-        }
-        for s in &skipped {
-            tracing::info!(reason = %s, "rdma device skipped");
-        }
-        let names = nics.iter().map(|n| n.name.clone()).collect();
-        let state = Arc::new(State {
-            cfg: self.cfg.clone(),
-            nics,
-            names,
-            topo: dmabuf::scan_topology(&self.cfg.sysfs),
-            target,
-            regions: Mutex::new(HashMap::new()),
-            owners: Slab::new(),
-            served: Mutex::new(HashMap::new()),
-            served_seq: AtomicU64::new(0),
-            conns: Mutex::new(Vec::new()),
-            gdr_flush: Mutex::new(Vec::new()),
-            stop: AtomicBool::new(false),
-            poller: Mutex::new(None),
-        });
-        let st = Arc::clone(&state);
-        let h = std::thread::Builder::new()
-            .name("nixl-rdma-poll".into())
-            .spawn(move || st.poll_loop())
-            .map_err(|e| Error::io("spawning the rdma poller", e))?;
-        *state.poller.lock() = Some(h);
-        if self.state.set(state).is_err() {
-            return Err(err("start", "started twice"));
-        }
-        let svc: Weak<dyn ControlService> = self.me.clone();
-        self.control.serve(BackendName::Rdma, svc);
-        Ok(())
-    }
-
-    fn conn_info(&self) -> Vec<u8> {
-        match self.state.get() {
-            Some(st) => st.conn_info(self.control.endpoint()).encode(),
-            None => Vec::new(),
-        }
-    }
-
-    fn register(&self, kind: MemKind, desc: &Desc) -> Result<Vec<u8>> {
-        let st = self.state()?;
-        let access =
-            verbs::ACCESS_LOCAL_WRITE | verbs::ACCESS_REMOTE_READ | verbs::ACCESS_REMOTE_WRITE;
-        let (mrs, near) = match kind {
-            MemKind::Dram => st.register_dram(desc, access)?,
-            MemKind::Vram => dmabuf::register(st, desc, access)?,
-            k => {
-                return Err(Error::InvalidArgument(format!(
-                    "rdma registers DRAM and VRAM, not {k}"
-                )))
-            }
-        };
-        let keys = RegionKeys {
-            addr: desc.addr,
-            len: desc.len,
-            rkeys: mrs
-                .iter()
-                .zip(&st.nics)
-                .filter_map(|(m, n)| m.as_ref().map(|m| (n.idx, m.rkey())))
-                .collect(),
-        };
-        st.regions.lock().insert(
-            (kind.code(), desc.addr, desc.len, desc.dev_id),
-            RegionMrs { mrs, near },
-        );
-        Ok(keys.encode())
-    }
-
-    fn deregister(&self, region: Registered<'_>) {
-        if let Some(st) = self.state.get() {
-            let k = (
-                region.kind.code(),
-                region.desc.addr,
-                region.desc.len,
-                region.desc.dev_id,
-            );
-            let mrs = st.regions.lock().remove(&k);
-            drop(mrs);
-        }
-    }
-
-    fn can_reach(&self, conn_info: &[u8]) -> std::result::Result<(), Unusable> {
-        let st = self.state().map_err(Unusable::from_error)?;
-        let ci =
-            ConnInfo::decode(conn_info).map_err(|e| format!("bad rdma connection info: {e}"))?;
-        if ci.endpoint.is_empty() {
-            return Err("the peer's control channel is not serving".into());
-        }
-        if !ci
-            .nics
-            .iter()
-            .any(|r| st.nics.iter().any(|n| n.link_layer == r.link_layer))
-        {
-            return Err("no NIC of the peer shares a link layer with ours".into());
-        }
-        Ok(())
-    }
-
-    fn connect(&self, peer: &PeerInfo<'_>) -> Result<Arc<dyn Connection>> {
-        let st = Arc::clone(self.state()?);
-        let remote = ConnInfo::decode(peer.conn_info).map_err(|e| {
-            Error::InvalidArgument(format!(
-                "peer '{}': bad rdma connection info: {e}",
-                peer.name
-            ))
-        })?;
-        let local_ll: Vec<u8> = st.nics.iter().map(|n| n.link_layer).collect();
-        let remote_ll: Vec<u8> = remote.nics.iter().map(|n| n.link_layer).collect();
-        let pairs: Vec<(Arc<Nic>, u8)> = pair_nics(&local_ll, &remote_ll)
-            .into_iter()
-            .map(|(l, r)| (Arc::clone(&st.nics[l]), r))
-            .collect();
-        if pairs.is_empty() {
-            return Err(err(
-                "connect",
-                format!(
-                    "no NIC of peer '{}' shares a link layer with ours",
-                    peer.name
-                ),
-            ));
-        }
-        let total = pairs.len() * self.cfg.qps_per_nic;
-        if total > wire::MAX_LANES {
-            return Err(Error::InvalidArgument(format!(
-                "{total} lanes to peer '{}' exceed the handshake limit of {}: lower [rdma] qps_per_nic",
-                peer.name,
-                wire::MAX_LANES
-            )));
-        }
-        let max_sge = self.cfg.max_sge;
-        let mut lanes = Vec::new();
-        let mut req = Vec::new();
-        for (nic, rnic) in &pairs {
-            for _ in 0..self.cfg.qps_per_nic {
-                let sge = max_sge.min(nic.max_sge).min(nic.max_sge_rd).max(1);
-                let lq = nic.create_qp(self.cfg.max_outstanding + 2, 1, sge)?;
-                let psn = random24();
-                req.push(QpAddr {
-                    target_nic: *rnic,
-                    qpn: lq.qp.qpn(),
-                    psn,
-                    lid: nic.lid,
-                    gid: nic.gid,
-                    mtu: nic.mtu,
-                    rd_atomic: nic.rd_atomic,
-                });
-                lanes.push((lq, *rnic, psn));
-            }
-        }
-        let conn_id = random_u64();
-        let msg = Msg::Connect {
-            conn_id,
-            instance_id: st.target.instance_id(),
-            lanes: req,
-        };
-        let reply = self.control.call(
-            &remote.endpoint,
-            st.target.name(),
-            BackendName::Rdma,
-            &msg.encode(),
-            self.cfg.connect_timeout,
-        )?;
-        let close = |e: Error| {
-            // The peer set up its side: let it free those QPs (best effort).
-            let _ = self.control.call(
-                &remote.endpoint,
-                st.target.name(),
-                BackendName::Rdma,
-                &Msg::Close { conn_id }.encode(),
-                Duration::from_secs(1),
-            );
-            e
-        };
-        let theirs = match Msg::decode(&reply) {
-            Ok(Msg::Accept { lanes }) if lanes.len() == total => lanes,
-            Ok(other) => {
-                return Err(close(err(
-                    "connect",
-                    format!("peer '{}' answered {other:?} to a connect", peer.name),
-                )))
-            }
-            Err(e) => {
-                return Err(close(err(
-                    "connect",
-                    format!("peer '{}' sent a bad handshake reply: {e}", peer.name),
-                )))
-            }
-        };
-        let mut out = Vec::with_capacity(lanes.len());
-        for ((lq, rnic, psn), t) in lanes.into_iter().zip(theirs) {
-            if t.target_nic != rnic {
-                return Err(close(err(
-                    "connect",
-                    format!("peer '{}' answered for another NIC", peer.name),
-                )));
-            }
-            check_gid_kinds(&lq.nic.name, &lq.nic.gid, &t.gid, lq.nic.link_layer)
-                .map_err(|e| close(err("connect", e)))?;
-            let path = lq.nic.path(&self.cfg, t.mtu, t.rd_atomic);
-            let remote_qp = RemoteQp {
-                qpn: t.qpn,
-                psn: t.psn,
-                lid: t.lid,
-                gid: t.gid,
-            };
-            lq.qp
-                .to_rtr(&remote_qp, &path)
-                .and_then(|()| lq.qp.to_rts(psn, &path))
-                .map_err(|e| close(err("connect", format!("{}: {e}", lq.nic.name))))?;
-            out.push(Lane {
-                free: AtomicU32::new(lq.send_slots),
-                qp: lq,
-                remote_nic: rnic,
-                up: AtomicBool::new(true),
-            });
-        }
-        let conn = Arc::new_cyclic(|me| RdmaConn {
-            me: me.clone(),
-            st: Arc::clone(&st),
-            control: Arc::clone(&self.control),
-            peer: peer.name.to_owned(),
-            conn_id,
-            remote,
-            lanes: out,
-            closed: AtomicBool::new(false),
-            timeout: self.cfg.connect_timeout,
-            waiters: Mutex::new(Vec::new()),
-            has_waiters: AtomicBool::new(false),
-            notif_seq: AtomicU64::new(0),
-        });
-        let mut conns = st.conns.lock();
-        conns.retain(|w| w.strong_count() > 0);
-        conns.push(Arc::downgrade(&conn));
-        Ok(conn)
-    }
-
-    fn shutdown(&self) {
-        if self.shut.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let Some(st) = self.state.get() else {
-            return;
-        };
-        st.stop.store(true, Ordering::Release);
-        if let Some(h) = st.poller.lock().take() {
-            let _ = h.join();
-        }
-        // Stop the hardware: every QP to ERR, so the NICs no longer touch memory.
-        for c in st.conns.lock().drain(..).filter_map(|w| w.upgrade()) {
-            c.closed.store(true, Ordering::Release);
-            for l in &c.lanes {
-                l.up.store(false, Ordering::Release);
-                let _ = l.qp.qp.to_err();
-            }
-        }
-        let served: Vec<ServedConn> = st.served.lock().drain().map(|(_, c)| c).collect();
-        for c in served {
-            st.drop_served(c);
-        }
-        for o in st.owners.drain() {
-            match o {
-                Owner::Post(p) => p.cancel_now(Error::Cancelled),
-                Owner::Sync(s) => s.finish(Err((0, "the rdma backend shut down".into()))),
-                Owner::Recv(_) => {}
-            }
-        }
-        st.regions.lock().clear();
-    }
-}
-
 /// Which local NIC talks to which peer NIC (indices into `local` and `remote`, their link
 /// layers): every local NIC to a peer NIC of the same link layer, round robin (NIC i to NIC i
 /// on rail-aligned hosts); then every peer NIC left out gets a local NIC of its link layer, so
@@ -1122,27 +685,6 @@ fn choose_devices(
                 }
             }
             Ok(want.to_vec())
-        }
-    }
-}
-
-impl ControlService for RdmaBackend {
-    fn handle(&self, peer: &str, req: &[u8]) -> std::result::Result<Vec<u8>, String> {
-        let st = self.state().map_err(|e| e.to_string())?;
-        match Msg::decode(req).map_err(|e| format!("bad rdma control message: {e}"))? {
-            Msg::Connect {
-                conn_id,
-                instance_id,
-                lanes,
-            } => st.accept(peer, conn_id, instance_id, &lanes),
-            Msg::Close { conn_id } => {
-                let c = st.served.lock().remove(&(peer.to_owned(), conn_id));
-                if let Some(c) = c {
-                    st.drop_served(c);
-                }
-                Ok(Msg::Ok.encode())
-            }
-            other => Err(format!("unexpected rdma control message {other:?}")),
         }
     }
 }

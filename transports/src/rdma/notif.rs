@@ -19,25 +19,25 @@
 use std::collections::BTreeSet;
 
 /// Bytes of the header (the sequence number) ahead of every notification.
-pub const HEADER: usize = 8;
+pub(super) const HEADER: usize = 8;
 /// Delivered numbers kept above a gap before the floor skips it.
-pub const MAX_PENDING: usize = 16384;
+pub(super) const MAX_PENDING: usize = 16384;
 
 /// Writes the header of notification `seq` into `out` (at least [`HEADER`] bytes).
-pub fn put_header(out: &mut [u8; HEADER], seq: u64) {
+pub(super) fn put_header(out: &mut [u8; HEADER], seq: u64) {
     *out = seq.to_le_bytes();
 }
 
 /// Splits a received notification into its sequence number and message; `None` when it is
 /// shorter than the header.
-pub fn split(buf: &[u8]) -> Option<(u64, &[u8])> {
+pub(super) fn split(buf: &[u8]) -> Option<(u64, &[u8])> {
     let (h, msg) = buf.split_first_chunk::<HEADER>()?;
     Some((u64::from_le_bytes(*h), msg))
 }
 
 /// What a target remembers of one connection's notifications.
 #[derive(Debug, Default)]
-pub struct Dedup {
+pub(super) struct Dedup {
     /// Every number below was delivered (or skipped).
     floor: u64,
     /// Delivered numbers at or above `floor`.
@@ -47,7 +47,7 @@ pub struct Dedup {
 
 impl Dedup {
     /// Whether notification `seq` is new (deliver it) or a duplicate (drop it).
-    pub fn accept(&mut self, seq: u64) -> bool {
+    pub(super) fn accept(&mut self, seq: u64) -> bool {
         if seq < self.floor || !self.above.insert(seq) {
             self.dropped += 1;
             return false;
@@ -70,13 +70,15 @@ impl Dedup {
         }
     }
 
+    #[cfg(test)]
     /// Duplicates dropped so far.
-    pub fn dropped(&self) -> u64 {
+    pub(super) fn dropped(&self) -> u64 {
         self.dropped
     }
 
+    #[cfg(test)]
     /// Numbers remembered above the floor (bounded by [`MAX_PENDING`]).
-    pub fn pending(&self) -> usize {
+    pub(super) fn pending(&self) -> usize {
         self.above.len()
     }
 }

@@ -10,10 +10,10 @@ use std::path::Path;
 use super::topo::{self, MemLocation, NicInfo};
 
 /// A set of NICs by index (at most 64, as [`super::wire::MAX_NICS`]).
-pub type NicMask = u64;
+pub(crate) type NicMask = u64;
 
 /// Every NIC of `n`.
-pub fn all(n: usize) -> NicMask {
+pub(crate) fn all(n: usize) -> NicMask {
     if n >= 64 {
         u64::MAX
     } else {
@@ -23,7 +23,7 @@ pub fn all(n: usize) -> NicMask {
 
 /// The NUMA node holding the page at `addr`, or `None` when the kernel does not say (no NUMA
 /// support, an unmapped address, a seccomp filter).
-pub fn numa_node_of(addr: u64) -> Option<u32> {
+pub(crate) fn numa_node_of(addr: u64) -> Option<u32> {
     const MPOL_F_NODE: libc::c_ulong = 1;
     const MPOL_F_ADDR: libc::c_ulong = 2;
     let mut node: libc::c_int = -1;
@@ -51,7 +51,12 @@ pub fn numa_node_of(addr: u64) -> Option<u32> {
 /// `nics` (from [`topo::scan`] of `sysfs`). NICs sysfs does not describe count as at an
 /// unknown distance. Never empty when `opened` is not: with no information every NIC is
 /// nearest.
-pub fn nearest(sysfs: &Path, nics: &[NicInfo], opened: &[String], loc: &MemLocation) -> NicMask {
+pub(crate) fn nearest(
+    sysfs: &Path,
+    nics: &[NicInfo],
+    opened: &[String],
+    loc: &MemLocation,
+) -> NicMask {
     let known: Vec<Option<&NicInfo>> = opened
         .iter()
         .map(|o| nics.iter().find(|n| &n.name == o))
@@ -77,7 +82,7 @@ pub fn nearest(sysfs: &Path, nics: &[NicInfo], opened: &[String], loc: &MemLocat
 
 /// The indices of the opened NICs named in `names`, as a mask; `Err` names the first one that
 /// is not opened.
-pub fn named(opened: &[String], names: &[String]) -> Result<NicMask, String> {
+pub(crate) fn named(opened: &[String], names: &[String]) -> Result<NicMask, String> {
     let mut m = 0;
     for n in names {
         match opened.iter().position(|o| o == n) {

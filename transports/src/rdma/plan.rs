@@ -21,7 +21,7 @@ use nixl_core::Segment;
 
 /// One local piece of a slice: an SGE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Piece {
+pub(super) struct Piece {
     /// Local address.
     pub addr: u64,
     /// Length (at most `slice_bytes`, so it fits an SGE).
@@ -32,7 +32,7 @@ pub struct Piece {
 
 /// One work request: local pieces to/from one contiguous remote range.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Slice {
+pub(super) struct Slice {
     /// Remote start address.
     pub remote_addr: u64,
     /// Index of the remote region (for its rkey).
@@ -45,7 +45,7 @@ pub struct Slice {
 
 /// Cuts `segs` into slices of at most `slice_bytes` (at least 1) and at most `max_sge` pieces
 /// (at least 1).
-pub fn slice_segments(segs: &[Segment], slice_bytes: u64, max_sge: usize) -> Vec<Slice> {
+pub(super) fn slice_segments(segs: &[Segment], slice_bytes: u64, max_sge: usize) -> Vec<Slice> {
     let slice_bytes = slice_bytes.max(1);
     let max_sge = max_sge.max(1);
     let mut out: Vec<Slice> = Vec::new();
@@ -93,7 +93,7 @@ pub fn slice_segments(segs: &[Segment], slice_bytes: u64, max_sge: usize) -> Vec
 
 /// Assigns slices (by length) to `lanes` lanes, balanced by bytes: each slice, in order, goes
 /// to the least-loaded lane (lowest index on ties). Returns the slice indices per lane.
-pub fn stripe(lens: &[u64], lanes: usize) -> Vec<Vec<usize>> {
+pub(super) fn stripe(lens: &[u64], lanes: usize) -> Vec<Vec<usize>> {
     let mut out = vec![Vec::new(); lanes];
     if lanes == 0 {
         return out;
@@ -127,7 +127,7 @@ struct Lane {
 
 /// Where one post stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Progress {
+pub(super) enum Progress {
     /// Slices are queued or in flight.
     Running,
     /// Every slice is done.
@@ -140,7 +140,7 @@ pub enum Progress {
 
 /// The bookkeeping of one post of a request.
 #[derive(Clone, Debug)]
-pub struct Tracker {
+pub(super) struct Tracker {
     lens: Vec<u64>,
     state: Vec<State>,
     tries: Vec<u32>,
@@ -152,10 +152,11 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    #[cfg(test)]
     /// A post of slices of these lengths over lanes on these NICs (`lane_nics[lane]` = the
     /// lane's NIC index), at most `max_outstanding` WRs in flight per lane, each slice retried
     /// at most `max_retries` times after a failure.
-    pub fn new(
+    pub(super) fn new(
         lens: Vec<u64>,
         lane_nics: &[usize],
         max_outstanding: u32,
@@ -167,7 +168,7 @@ impl Tracker {
     /// As [`Tracker::new`], striping the slices over the lanes whose `preferred` entry is true
     /// only (a missing entry is false; with none preferred, over every lane). The other lanes
     /// take slices only when a preferred lane fails.
-    pub fn with_preferred(
+    pub(super) fn with_preferred(
         lens: Vec<u64>,
         lane_nics: &[usize],
         preferred: &[bool],
@@ -211,28 +212,24 @@ impl Tracker {
         }
     }
 
-    /// Number of lanes.
-    pub fn lanes(&self) -> usize {
-        self.lanes.len()
-    }
-
     /// Whether `lane` is still up.
-    pub fn lane_up(&self, lane: usize) -> bool {
+    pub(super) fn lane_up(&self, lane: usize) -> bool {
         self.lanes.get(lane).is_some_and(|l| l.up)
     }
 
     /// WRs in flight, all lanes.
-    pub fn inflight(&self) -> u32 {
+    pub(super) fn inflight(&self) -> u32 {
         self.lanes.iter().map(|l| l.inflight).sum()
     }
 
+    #[cfg(test)]
     /// Bytes queued or in flight on `lane`.
-    pub fn load(&self, lane: usize) -> u64 {
+    pub(super) fn load(&self, lane: usize) -> u64 {
         self.lanes.get(lane).map_or(0, |l| l.load)
     }
 
     /// The lane `slice` is in flight on, if it is.
-    pub fn lane_of(&self, slice: u32) -> Option<usize> {
+    pub(super) fn lane_of(&self, slice: u32) -> Option<usize> {
         match self.state.get(slice as usize) {
             Some(State::InFlight(l)) => Some(*l as usize),
             _ => None,
@@ -240,7 +237,7 @@ impl Tracker {
     }
 
     /// Where the post stands.
-    pub fn progress(&self) -> Progress {
+    pub(super) fn progress(&self) -> Progress {
         if let Some(f) = &self.failure {
             Progress::Failed(f.clone())
         } else if self.done == self.lens.len() {
@@ -251,7 +248,7 @@ impl Tracker {
     }
 
     /// How many slices [`Tracker::take`] would hand out on `lane` now.
-    pub fn wants(&self, lane: usize) -> u32 {
+    pub(super) fn wants(&self, lane: usize) -> u32 {
         match self.lanes.get(lane) {
             Some(l) if l.up && self.failure.is_none() => {
                 let room = self.max_outstanding.saturating_sub(l.inflight);
@@ -263,7 +260,7 @@ impl Tracker {
 
     /// The next slices to post on `lane`, at most `limit` and up to the lane's outstanding
     /// limit; marks them in flight. Nothing once the post has failed.
-    pub fn take(&mut self, lane: usize, limit: u32, out: &mut Vec<u32>) {
+    pub(super) fn take(&mut self, lane: usize, limit: u32, out: &mut Vec<u32>) {
         out.clear();
         if self.failure.is_some() {
             return;
@@ -284,7 +281,7 @@ impl Tracker {
     }
 
     /// A WR of `slice` on `lane` succeeded. Stale or duplicate reports change nothing.
-    pub fn complete(&mut self, slice: u32, lane: usize) {
+    pub(super) fn complete(&mut self, slice: u32, lane: usize) {
         let i = slice as usize;
         if self.state.get(i) != Some(&State::InFlight(lane as u32)) {
             return;
@@ -298,7 +295,7 @@ impl Tracker {
 
     /// A WR of `slice` on `lane` failed (`reason`): the lane goes down, its queued slices move
     /// to healthy lanes, and the slice is retried elsewhere (or the post fails).
-    pub fn fail(&mut self, slice: u32, lane: usize, reason: &str) {
+    pub(super) fn fail(&mut self, slice: u32, lane: usize, reason: &str) {
         let i = slice as usize;
         if self.state.get(i) != Some(&State::InFlight(lane as u32)) {
             return;
@@ -320,7 +317,7 @@ impl Tracker {
 
     /// Marks `lane` down (a path failure seen outside a WR of this post, or a failed post
     /// call) and moves its queued slices to healthy lanes. In-flight WRs on it still report.
-    pub fn fail_lane(&mut self, lane: usize, reason: &str) {
+    pub(super) fn fail_lane(&mut self, lane: usize, reason: &str) {
         let Some(l) = self.lanes.get_mut(lane) else {
             return;
         };
@@ -338,7 +335,7 @@ impl Tracker {
     }
 
     /// Ends the post early (cancelled, backend stopping).
-    pub fn abort(&mut self, reason: &str) {
+    pub(super) fn abort(&mut self, reason: &str) {
         self.set_failure(reason.to_owned());
     }
 

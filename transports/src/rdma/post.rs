@@ -229,6 +229,19 @@ impl PostState {
         &self.conn.lanes[self.keys.lanes[t]]
     }
 
+    /// Waits (once registered, it is woken) for a slot on the starved lanes; `true` if one was
+    /// freed between the caller's attempt and the registration, which woke nobody: try again.
+    fn wait_for_slot(&self, g: &mut PostInner) -> bool {
+        if !g.waiting {
+            g.waiting = true;
+            self.conn.add_waiter(self.me.clone());
+        }
+        g.scratch
+            .starved
+            .iter()
+            .any(|&t| self.lane(t).free.load(Ordering::SeqCst) > 0)
+    }
+
     /// Posts what the tracker hands out, on `only` lane or all of them.
     pub(super) fn pump(&self, g: &mut PostInner, only: Option<usize>) {
         let mut only = only;
@@ -237,17 +250,7 @@ impl PostState {
             if g.scratch.starved.is_empty() {
                 return;
             }
-            if !g.waiting {
-                g.waiting = true;
-                self.conn.add_waiter(self.me.clone());
-            }
-            // Slots freed between our attempt and the registration woke nobody: try again.
-            let freed = g
-                .scratch
-                .starved
-                .iter()
-                .any(|&t| self.lane(t).free.load(Ordering::SeqCst) > 0);
-            if !freed {
+            if !self.wait_for_slot(g) {
                 return;
             }
         }
@@ -465,16 +468,7 @@ impl PostState {
                 );
                 return self.end(st, g, Err(e));
             }
-            if !g.waiting {
-                g.waiting = true;
-                self.conn.add_waiter(self.me.clone());
-            }
-            let freed = g
-                .scratch
-                .starved
-                .iter()
-                .any(|&t| self.lane(t).free.load(Ordering::SeqCst) > 0);
-            if !freed {
+            if !self.wait_for_slot(g) {
                 return None;
             }
         }

@@ -15,16 +15,16 @@ use std::sync::OnceLock;
 use parking_lot::Mutex;
 
 /// Bits of the slot number in a token.
-pub const SLOT_BITS: u32 = 20;
+pub(super) const SLOT_BITS: u32 = 20;
 /// Bits of the generation in a token.
-pub const GEN_BITS: u32 = 20;
+pub(super) const GEN_BITS: u32 = 20;
 const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
 const GEN_MASK: u32 = (1 << GEN_BITS) - 1;
 const CHUNK_BITS: u32 = 10;
 const CHUNK: usize = 1 << CHUNK_BITS;
 const CHUNKS: usize = 1 << (SLOT_BITS - CHUNK_BITS);
 /// Most owners at once.
-pub const CAPACITY: usize = 1 << SLOT_BITS;
+pub(super) const CAPACITY: usize = 1 << SLOT_BITS;
 
 struct Entry<T> {
     gen: u32,
@@ -41,7 +41,7 @@ struct Free {
 type Chunk<T> = Box<[Mutex<Entry<T>>]>;
 
 /// A table of owners addressed by 40-bit tokens.
-pub struct Slab<T> {
+pub(super) struct Slab<T> {
     chunks: Box<[OnceLock<Chunk<T>>]>,
     free: Mutex<Free>,
 }
@@ -64,7 +64,7 @@ impl<T: Clone> Default for Slab<T> {
 
 impl<T: Clone> Slab<T> {
     /// An empty table (no chunk allocated yet).
-    pub fn new() -> Slab<T> {
+    pub(super) fn new() -> Slab<T> {
         Slab {
             chunks: (0..CHUNKS).map(|_| OnceLock::new()).collect(),
             free: Mutex::new(Free {
@@ -82,7 +82,7 @@ impl<T: Clone> Slab<T> {
     }
 
     /// Stores `val`; returns its token, or `None` when every slot is taken.
-    pub fn insert(&self, val: T) -> Option<u64> {
+    pub(super) fn insert(&self, val: T) -> Option<u64> {
         let slot = {
             let mut f = self.free.lock();
             match f.queue.pop_front() {
@@ -106,7 +106,7 @@ impl<T: Clone> Slab<T> {
     }
 
     /// The owner of `token`, if it is still the slot's current one.
-    pub fn get(&self, token: u64) -> Option<T> {
+    pub(super) fn get(&self, token: u64) -> Option<T> {
         let (slot, gen) = split(token);
         let e = self.entry(slot)?.lock();
         if e.gen == gen {
@@ -117,7 +117,7 @@ impl<T: Clone> Slab<T> {
     }
 
     /// Removes the owner of `token` (nothing if it is stale) and frees its slot.
-    pub fn remove(&self, token: u64) -> Option<T> {
+    pub(super) fn remove(&self, token: u64) -> Option<T> {
         let (slot, gen) = split(token);
         let val = {
             let mut e = self.entry(slot)?.lock();
@@ -133,7 +133,7 @@ impl<T: Clone> Slab<T> {
     }
 
     /// Removes every owner (shutdown).
-    pub fn drain(&self) -> Vec<T> {
+    pub(super) fn drain(&self) -> Vec<T> {
         let mut out = Vec::new();
         for (c, chunk) in self.chunks.iter().enumerate() {
             let Some(chunk) = chunk.get() else { continue };

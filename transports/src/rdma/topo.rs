@@ -15,11 +15,11 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// One port of a NIC.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PortInfo {
+pub(crate) struct PortInfo {
     /// Port number (from 1).
     pub num: u8,
     /// Whether `state` says ACTIVE.
@@ -32,7 +32,7 @@ pub struct PortInfo {
 
 /// One RDMA device as sysfs describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NicInfo {
+pub(crate) struct NicInfo {
     /// Device name (`mlx5_0`).
     pub name: String,
     /// Resolved PCI path components below `devices/` (`pci0000:00`, `0000:00:01.0`, ...);
@@ -46,7 +46,7 @@ pub struct NicInfo {
 
 impl NicInfo {
     /// The first active port.
-    pub fn active_port(&self) -> Option<&PortInfo> {
+    pub(crate) fn active_port(&self) -> Option<&PortInfo> {
         self.ports.iter().find(|p| p.active)
     }
 }
@@ -67,7 +67,7 @@ pub enum MemLocation {
 
 /// How far a NIC is from some memory; smaller is nearer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Distance {
+pub(crate) enum Distance {
     /// Behind a common PCIe bridge; `depth` is how many bridges below the root complex the
     /// two share (larger is nearer, so it is stored negated for ordering).
     Bridge {
@@ -117,7 +117,7 @@ fn pci_components(sysfs: &Path, dev_link: &Path) -> Vec<String> {
 
 /// Reads every RDMA device under `<sysfs>/class/infiniband`, sorted by name. An absent
 /// directory is no devices.
-pub fn scan(sysfs: &Path) -> io::Result<Vec<NicInfo>> {
+pub(crate) fn scan(sysfs: &Path) -> io::Result<Vec<NicInfo>> {
     let class = sysfs.join("class/infiniband");
     let entries = match fs::read_dir(&class) {
         Ok(e) => e,
@@ -161,7 +161,7 @@ pub fn scan(sysfs: &Path) -> io::Result<Vec<NicInfo>> {
 }
 
 /// Why `<sysfs>/class/infiniband` holds no usable device, for the probe's message.
-pub fn describe_empty(sysfs: &Path) -> String {
+pub(crate) fn describe_empty(sysfs: &Path) -> String {
     let class = sysfs.join("class/infiniband");
     match fs::read_dir(&class) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -221,7 +221,7 @@ fn distance_to(nic: &NicInfo, path: &[String], numa: Option<u32>) -> Distance {
 }
 
 /// The distance of each NIC from `loc` (same order as `nics`).
-pub fn distances(sysfs: &Path, nics: &[NicInfo], loc: &MemLocation) -> Vec<Distance> {
+pub(crate) fn distances(sysfs: &Path, nics: &[NicInfo], loc: &MemLocation) -> Vec<Distance> {
     if *loc == MemLocation::Any {
         return vec![Distance::Unknown; nics.len()];
     }
@@ -231,7 +231,7 @@ pub fn distances(sysfs: &Path, nics: &[NicInfo], loc: &MemLocation) -> Vec<Dista
 
 /// A configured choice of NICs that replaces the topology.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NicOverride {
+pub(crate) struct NicOverride {
     /// Use only these devices (for every memory location), if set.
     pub devices: Option<Vec<String>>,
     /// Devices per GPU PCI bus id (lower case), taking precedence for that GPU.
@@ -241,7 +241,7 @@ pub struct NicOverride {
 /// The NICs to use for memory at `loc`: the override if it names some for `loc`, else every
 /// usable NIC (active port; within `over.devices` if set) at the best distance. Names, in
 /// `nics` order. `Err` names what is missing.
-pub fn select(
+pub(crate) fn select(
     sysfs: &Path,
     nics: &[NicInfo],
     loc: &MemLocation,
@@ -298,7 +298,7 @@ fn pick_named(
 
 /// The GID index to use on a RoCE port: the first RoCE v2 GID, IPv4-mapped ones first, from
 /// `ports/<port>/gid_attrs/types/<i>` and `ports/<port>/gids/<i>`. `None` if none is RoCE v2.
-pub fn roce_v2_gid_index(sysfs: &Path, dev: &str, port: u8) -> Option<u8> {
+pub(crate) fn roce_v2_gid_index(sysfs: &Path, dev: &str, port: u8) -> Option<u8> {
     let base = sysfs
         .join("class/infiniband")
         .join(dev)
@@ -322,14 +322,15 @@ pub fn roce_v2_gid_index(sysfs: &Path, dev: &str, port: u8) -> Option<u8> {
     v2.into_iter().min().map(|(_, i)| i)
 }
 
+#[cfg(test)]
 /// A fake sysfs tree for tests (real directories and symlinks in a temporary directory).
-#[doc(hidden)]
-pub mod fake {
+pub(crate) mod fake {
     use super::*;
+    use std::path::PathBuf;
 
     /// A fake sysfs root, removed on drop.
     #[derive(Debug)]
-    pub struct FakeSys {
+    pub(crate) struct FakeSys {
         /// The root (pass it as the sysfs path).
         pub root: PathBuf,
     }
@@ -342,7 +343,7 @@ pub mod fake {
 
     impl FakeSys {
         /// An empty tree in a fresh temporary directory.
-        pub fn new(tag: &str) -> io::Result<FakeSys> {
+        pub(crate) fn new(tag: &str) -> io::Result<FakeSys> {
             use std::sync::atomic::{AtomicU64, Ordering};
             static N: AtomicU64 = AtomicU64::new(0);
             let root = std::env::temp_dir().join(format!(
@@ -359,7 +360,7 @@ pub mod fake {
 
         /// Creates a PCI function at `path` (e.g. `pci0000:00/0000:00:01.0/0000:0c:00.0`)
         /// with a `numa_node` and its `bus/pci/devices` link; returns its directory.
-        pub fn pci(&self, path: &str, numa: i32) -> io::Result<PathBuf> {
+        pub(crate) fn pci(&self, path: &str, numa: i32) -> io::Result<PathBuf> {
             let dir = self.root.join("devices").join(path);
             fs::create_dir_all(&dir)?;
             fs::write(dir.join("numa_node"), format!("{numa}\n"))?;
@@ -371,7 +372,7 @@ pub mod fake {
         }
 
         /// Adds an RDMA device at PCI `path` with ports (state ACTIVE or DOWN, link layer).
-        pub fn nic(
+        pub(crate) fn nic(
             &self,
             name: &str,
             path: &str,
@@ -489,41 +490,19 @@ mod tests {
         )
         .unwrap();
         // Same switch (deep), same root port only, same root complex, same numa, other socket.
-        fs.nic(
-            "sw",
-            "pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:01.0/0000:04:00.0",
-            0,
-            &[(true, "InfiniBand")],
-        )
-        .unwrap();
-        fs.nic(
-            "rp",
-            "pci0000:00/0000:00:01.0/0000:05:00.0",
-            0,
-            &[(true, "InfiniBand")],
-        )
-        .unwrap();
-        fs.nic(
-            "rc",
-            "pci0000:00/0000:00:02.0/0000:06:00.0",
-            0,
-            &[(true, "InfiniBand")],
-        )
-        .unwrap();
-        fs.nic(
-            "numa",
-            "pci0000:20/0000:20:01.0/0000:21:00.0",
-            0,
-            &[(true, "InfiniBand")],
-        )
-        .unwrap();
-        fs.nic(
-            "sock",
-            "pci0000:80/0000:80:01.0/0000:81:00.0",
-            1,
-            &[(true, "InfiniBand")],
-        )
-        .unwrap();
+        for (name, path, numa) in [
+            (
+                "sw",
+                "pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:01.0/0000:04:00.0",
+                0,
+            ),
+            ("rp", "pci0000:00/0000:00:01.0/0000:05:00.0", 0),
+            ("rc", "pci0000:00/0000:00:02.0/0000:06:00.0", 0),
+            ("numa", "pci0000:20/0000:20:01.0/0000:21:00.0", 0),
+            ("sock", "pci0000:80/0000:80:01.0/0000:81:00.0", 1),
+        ] {
+            fs.nic(name, path, numa, &[(true, "InfiniBand")]).unwrap();
+        }
         let nics = scan(&fs.root).unwrap();
         let d = distances(&fs.root, &nics, &gpu("0000:03:00.0"));
         let by: BTreeMap<&str, Distance> = nics.iter().map(|n| n.name.as_str()).zip(d).collect();

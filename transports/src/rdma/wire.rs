@@ -8,17 +8,17 @@ use nixl_core::codec::Reader;
 use nixl_core::DecodeError;
 
 /// Version of every encoding in this module.
-pub const VERSION: u8 = 2;
+pub(crate) const VERSION: u8 = 2;
 /// Most NICs one agent publishes.
-pub const MAX_NICS: usize = 64;
+pub(crate) const MAX_NICS: usize = 64;
 /// Most lanes (QPs) in one handshake.
-pub const MAX_LANES: usize = 1024;
+pub(crate) const MAX_LANES: usize = 1024;
 /// Longest device name.
-pub const MAX_NAME: usize = 64;
+pub(crate) const MAX_NAME: usize = 64;
 /// Longest control endpoint.
-pub const MAX_ENDPOINT: usize = 4096;
+pub(crate) const MAX_ENDPOINT: usize = 4096;
 /// QP numbers and PSNs are 24-bit.
-pub const MAX_24: u32 = (1 << 24) - 1;
+pub(crate) const MAX_24: u32 = (1 << 24) - 1;
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> DecodeError {
     DecodeError::Invalid {
@@ -206,7 +206,7 @@ impl RegionKeys {
     }
 
     /// The rkey for the owner's NIC `nic`.
-    pub fn rkey(&self, nic: u8) -> Option<u32> {
+    pub(crate) fn rkey(&self, nic: u8) -> Option<u32> {
         self.rkeys.iter().find(|(i, _)| *i == nic).map(|(_, k)| *k)
     }
 }
@@ -377,18 +377,6 @@ impl Msg {
     }
 }
 
-/// The `ibv_mtu` code of an MTU in bytes (256..4096), rounded down; 0 if below 256.
-pub fn mtu_code(bytes: u32) -> u8 {
-    match bytes {
-        4096.. => 5,
-        2048.. => 4,
-        1024.. => 3,
-        512.. => 2,
-        256.. => 1,
-        _ => 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,13 +515,6 @@ mod tests {
             rkeys: vec![],
         };
         assert!(RegionKeys::decode(&rk.encode()).is_err());
-    }
-
-    #[test]
-    fn mtu_codes() {
-        assert_eq!(mtu_code(4096), 5);
-        assert_eq!(mtu_code(1500), 3);
-        assert_eq!(mtu_code(100), 0);
     }
 
     proptest! {

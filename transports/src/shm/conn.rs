@@ -34,7 +34,7 @@ impl Drop for Mapping {
     }
 }
 
-pub(super) type MapResult = std::result::Result<Arc<Mapping>, String>;
+pub(super) type MapResult = std::result::Result<Arc<Mapping>, sys::MapError>;
 /// A peer's answer to a mapping request (the memfd, the buffer length, the region's offset) or
 /// to a grant request (the table's memfd, the slot, the generation).
 pub(super) type Granted = std::result::Result<(OwnedFd, u64, u64), (Status, String)>;
@@ -303,7 +303,8 @@ impl Conn {
             match &*t {
                 Some(t) => Arc::clone(t),
                 None => {
-                    let adopted = Arc::new(GrantTable::adopt(&fd).map_err(failed)?);
+                    let adopted =
+                        Arc::new(GrantTable::adopt(&fd).map_err(|e| failed(e.to_string()))?);
                     *t = Some(Arc::clone(&adopted));
                     adopted
                 }
@@ -356,19 +357,17 @@ impl Conn {
             len: region.len,
             key,
         });
-        let (fd, buf_len, offset) = got.map_err(|(_, text)| text)?;
-        // Sealed first: only then does the size checked next stay the size.
-        sys::check_sealed(fd.as_raw_fd())?;
-        let size = sys::fd_size(fd.as_raw_fd()).map_err(|e| e.to_string())?;
-        let end = offset.checked_add(region.len);
-        if size < buf_len || end.is_none_or(|e| e > buf_len) {
-            return Err(format!(
-                "peer's buffer is {size} bytes, too small for region at offset {offset} (+{})",
-                region.len
-            ));
-        }
-        let base =
-            sys::map_shared(fd.as_raw_fd(), buf_len as usize, true).map_err(|e| e.to_string())?;
+        let (fd, buf_len, offset) = got.map_err(|(_, text)| sys::MapError::Peer(text))?;
+        let base = sys::map_sealed(fd.as_raw_fd(), "buffer", buf_len as usize, |size| {
+            let end = offset.checked_add(region.len);
+            if size < buf_len || end.is_none_or(|e| e > buf_len) {
+                return Err(format!(
+                    "too small for region at offset {offset} (+{})",
+                    region.len
+                ));
+            }
+            Ok(())
+        })?;
         let m = Arc::new(Mapping {
             base,
             buf_len: buf_len as usize,
@@ -542,21 +541,24 @@ impl Conn {
         if !mappable {
             return Ok(None);
         }
-        let maps: std::result::Result<Vec<Arc<Mapping>>, String> = plan
+        let maps: std::result::Result<Vec<Arc<Mapping>>, _> = plan
             .remote_regions
             .iter()
             .map(|r| self.map_region(&r.desc, r.key))
             .collect();
         match maps {
             Ok(maps) => Ok(Some(maps)),
-            Err(reason) => {
-                if reason.contains("denied") || reason.contains("key") {
-                    return Err(Error::Denied {
-                        peer: self.peer.to_string(),
-                        reason,
-                    });
-                }
-                tracing::debug!(peer = %self.peer, %reason,
+            // The peer's key check refused: the transfer is refused, not sent another way.
+            Err(sys::MapError::Peer(reason))
+                if reason.contains("denied") || reason.contains("key") =>
+            {
+                Err(Error::Denied {
+                    peer: self.peer.to_string(),
+                    reason,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e,
                     "shm: mapping refused; using cross-memory attach");
                 Ok(None)
             }

@@ -39,15 +39,14 @@ impl GrantTable {
 
     /// Maps a table a target lent us (initiator side): a memfd sealed against shrinking and
     /// growing, of the right size, or nothing is mapped.
-    pub(super) fn adopt(fd: &OwnedFd) -> std::result::Result<GrantTable, String> {
-        sys::check_sealed(fd.as_raw_fd())?;
-        let size = sys::fd_size(fd.as_raw_fd()).map_err(|e| e.to_string())?;
-        if size != TABLE_BYTES as u64 {
-            return Err(format!(
-                "peer's grant table is {size} bytes, not {TABLE_BYTES}"
-            ));
-        }
-        let base = sys::map_shared(fd.as_raw_fd(), TABLE_BYTES, true).map_err(|e| e.to_string())?;
+    pub(super) fn adopt(fd: &OwnedFd) -> std::result::Result<GrantTable, sys::MapError> {
+        let base = sys::map_sealed(fd.as_raw_fd(), "grant table", TABLE_BYTES, |size| {
+            if size == TABLE_BYTES as u64 {
+                Ok(())
+            } else {
+                Err(format!("not {TABLE_BYTES}"))
+            }
+        })?;
         Ok(GrantTable { base, fd: None })
     }
 

@@ -89,8 +89,7 @@ mod split;
 mod sys;
 #[cfg(test)]
 mod tests;
-#[doc(hidden)] // for the fuzz targets (fuzz/): the frames a peer sends on the socket
-pub mod wire;
+pub(crate) mod wire;
 mod xfer;
 
 use std::collections::{HashMap, VecDeque};

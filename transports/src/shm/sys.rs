@@ -8,7 +8,7 @@ pub(crate) use crate::unix::{boot_id, peer_cred, recv_with_fds, send_with_fd, ui
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// `IOV_MAX` on Linux: the most iovecs one process_vm_* call takes.
-pub const IOV_MAX: usize = 1024;
+pub(super) const IOV_MAX: usize = 1024;
 
 fn cvt(r: libc::c_long) -> io::Result<usize> {
     if r < 0 {
@@ -20,7 +20,7 @@ fn cvt(r: libc::c_long) -> io::Result<usize> {
 
 /// Direction of a cross-memory copy, seen from the calling process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cma {
+pub(super) enum Cma {
     /// Copy from the other process into ours (process_vm_readv).
     Pull,
     /// Copy from ours into the other process (process_vm_writev).
@@ -30,7 +30,7 @@ pub enum Cma {
 /// A list of copies between this process and another: pair `i` moves `len` bytes between
 /// `ours` (an address here) and `theirs` (an address there). A request's runs, an Op's
 /// descriptors: the copy reads them in place, so no list is built for it.
-pub trait Pairs: Sync {
+pub(super) trait Pairs: Sync {
     /// How many pairs.
     fn count(&self) -> usize;
     /// Pair `i < count()`: `(ours, theirs, len)`.
@@ -48,14 +48,14 @@ impl Pairs for [(u64, u64, u64)] {
 
 /// A place in a [`Pairs`] list: `off` bytes into pair `idx`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Cursor {
+pub(super) struct Cursor {
     pub idx: usize,
     pub off: u64,
 }
 
 impl Cursor {
     /// The end of `pairs`.
-    pub fn end(pairs: &(impl Pairs + ?Sized)) -> Cursor {
+    pub(super) fn end(pairs: &(impl Pairs + ?Sized)) -> Cursor {
         Cursor {
             idx: pairs.count(),
             off: 0,
@@ -71,7 +71,7 @@ impl Cursor {
 /// # Safety
 /// Every `ours` range of the window must be valid for writes (Pull) or reads (Push) in this
 /// process for the duration of the call. `theirs` is checked by the kernel (EFAULT).
-pub unsafe fn cross_copy<P: Pairs + ?Sized>(
+pub(super) unsafe fn cross_copy<P: Pairs + ?Sized>(
     pid: i32,
     dir: Cma,
     pairs: &P,
@@ -115,28 +115,22 @@ pub unsafe fn cross_copy<P: Pairs + ?Sized>(
             want += len;
             i += 1;
         }
+        let call = match dir {
+            Cma::Pull => libc::process_vm_readv,
+            Cma::Push => libc::process_vm_writev,
+        };
         // SAFETY: the local iovecs point into `ours` ranges of the window, valid per the
         // caller's contract; the remote ones are addresses in the other process, which the
         // kernel checks. Both sides of the batch have the same lengths.
         let n = cvt(unsafe {
-            match dir {
-                Cma::Pull => libc::process_vm_readv(
-                    pid,
-                    local.as_ptr(),
-                    local.len() as libc::c_ulong,
-                    remote.as_ptr(),
-                    remote.len() as libc::c_ulong,
-                    0,
-                ),
-                Cma::Push => libc::process_vm_writev(
-                    pid,
-                    local.as_ptr(),
-                    local.len() as libc::c_ulong,
-                    remote.as_ptr(),
-                    remote.len() as libc::c_ulong,
-                    0,
-                ),
-            }
+            call(
+                pid,
+                local.as_ptr(),
+                local.len() as libc::c_ulong,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
         } as libc::c_long)? as u64;
         if n == 0 && want > 0 {
             return Err(io::Error::new(
@@ -162,7 +156,7 @@ pub unsafe fn cross_copy<P: Pairs + ?Sized>(
 }
 
 /// Whether process_vm_readv works here (reads one byte of our own memory).
-pub fn probe_cma() -> io::Result<()> {
+pub(super) fn probe_cma() -> io::Result<()> {
     let src = [0x5au8; 1];
     let mut dst = [0u8; 1];
     let pairs = [(dst.as_mut_ptr() as u64, src.as_ptr() as u64, 1)];
@@ -177,7 +171,7 @@ pub fn probe_cma() -> io::Result<()> {
 }
 
 /// Lets any process of ours ptrace us (and so use process_vm_* on us) where Yama restricts it.
-pub fn allow_any_ptracer() {
+pub(super) fn allow_any_ptracer() {
     // SAFETY: prctl with integer arguments; failure (EINVAL without Yama) is harmless.
     unsafe {
         libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0);
@@ -186,10 +180,10 @@ pub fn allow_any_ptracer() {
 
 /// The seals a mapped memfd must carry: its size is fixed for good, so no process holding it
 /// (a peer it was lent to, or one it came from) can cut the pages under a mapping (SIGBUS).
-pub const SIZE_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+pub(super) const SIZE_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
 
 /// A new memfd of `len` bytes, sealed against shrinking and growing.
-pub fn memfd(len: usize, huge: bool) -> io::Result<OwnedFd> {
+pub(super) fn memfd(len: usize, huge: bool) -> io::Result<OwnedFd> {
     let flags =
         libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | if huge { libc::MFD_HUGETLB } else { 0 };
     // SAFETY: the name is a NUL-terminated static string.
@@ -203,29 +197,78 @@ pub fn memfd(len: usize, huge: bool) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// `Err(reason)` unless `fd` is a memfd sealed with [`SIZE_SEALS`] (a peer's buffer is mapped
-/// only then).
-pub fn check_sealed(fd: RawFd) -> Result<(), String> {
+/// Why a peer's memfd (one of its buffers, or its grant table) was not mapped.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum MapError {
+    /// The peer refused or failed the request: its answer.
+    #[error("{0}")]
+    Peer(String),
+    /// The descriptor is not a memfd that takes seals.
+    #[error("the peer's buffer is not a sealable memfd ({0}): refusing to map it")]
+    NotMemfd(#[source] io::Error),
+    /// A memfd without both [`SIZE_SEALS`]: anyone holding it could truncate it under us.
+    #[error(
+        "the peer's memfd is not sealed against shrinking and growing (seals {0:#x}): refusing \
+         to map it, since anyone holding it could truncate it under the mapping"
+    )]
+    Unsealed(libc::c_int),
+    /// The memfd's size does not hold what the peer says is in it.
+    #[error("the peer's {what} is {size} bytes, {why}")]
+    Size {
+        /// What the memfd holds.
+        what: &'static str,
+        /// Its size.
+        size: u64,
+        /// What it should be.
+        why: String,
+    },
+    /// A system call on the memfd failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// The step that failed.
+        what: &'static str,
+        /// Its error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `Err` unless `fd` is a memfd sealed with [`SIZE_SEALS`] (a peer's buffer is mapped only then).
+pub(super) fn check_sealed(fd: RawFd) -> Result<(), MapError> {
     // SAFETY: fcntl with integer arguments; an fd that is not a memfd fails with EINVAL.
     let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
     if seals < 0 {
-        return Err(format!(
-            "the peer's buffer is not a sealable memfd ({}): refusing to map it",
-            io::Error::last_os_error()
-        ));
+        return Err(MapError::NotMemfd(io::Error::last_os_error()));
     }
     if seals & SIZE_SEALS != SIZE_SEALS {
-        return Err(format!(
-            "the peer's memfd is not sealed against shrinking and growing (seals {seals:#x}): \
-             refusing to map it, since anyone holding it could truncate it under the mapping"
-        ));
+        return Err(MapError::Unsealed(seals));
     }
     Ok(())
 }
 
+/// A sealed peer memfd of `len` bytes mapped shared: sealed first (only then does the size,
+/// checked next by `fits`, stay the size), then mapped whole. `fits` says why a size is wrong.
+pub(super) fn map_sealed(
+    fd: RawFd,
+    what: &'static str,
+    len: usize,
+    fits: impl FnOnce(u64) -> Result<(), String>,
+) -> Result<*mut u8, MapError> {
+    check_sealed(fd)?;
+    let size = fd_size(fd).map_err(|source| MapError::Sys {
+        what: "reading the peer's memfd size",
+        source,
+    })?;
+    fits(size).map_err(|why| MapError::Size { what, size, why })?;
+    map_shared(fd, len, true).map_err(|source| MapError::Sys {
+        what: "mapping the peer's memfd",
+        source,
+    })
+}
+
 /// Maps `len` bytes of `fd` shared, read-write; `populate` builds the page tables now
 /// (MAP_POPULATE) so the first transfer does not pay a fault per page.
-pub fn map_shared(fd: RawFd, len: usize, populate: bool) -> io::Result<*mut u8> {
+pub(super) fn map_shared(fd: RawFd, len: usize, populate: bool) -> io::Result<*mut u8> {
     // SAFETY: a fresh mapping chosen by the kernel; no existing memory is affected.
     let p = unsafe {
         libc::mmap(
@@ -248,13 +291,13 @@ pub fn map_shared(fd: RawFd, len: usize, populate: bool) -> io::Result<*mut u8> 
 ///
 /// # Safety
 /// `(p, len)` must be exactly a live mapping from [`map_shared`] that nothing uses any more.
-pub unsafe fn unmap(p: *mut u8, len: usize) {
+pub(super) unsafe fn unmap(p: *mut u8, len: usize) {
     // SAFETY: per the contract.
     unsafe { libc::munmap(p.cast(), len) };
 }
 
 /// The size of the file behind `fd`.
-pub fn fd_size(fd: RawFd) -> io::Result<u64> {
+pub(super) fn fd_size(fd: RawFd) -> io::Result<u64> {
     // SAFETY: fstat writes into a zeroed stat struct we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -263,7 +306,7 @@ pub fn fd_size(fd: RawFd) -> io::Result<u64> {
 }
 
 /// Inode of our pid namespace (0 if unreadable).
-pub fn pid_ns() -> u64 {
+pub(super) fn pid_ns() -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self/ns/pid")
         .map(|m| m.ino())
@@ -271,7 +314,7 @@ pub fn pid_ns() -> u64 {
 }
 
 /// A pidfd for `pid` (`pidfd_open(2)`, Linux 5.3+).
-pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+pub(super) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes plain integers and returns a new descriptor or -1.
     let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
     // SAFETY: a fresh descriptor the kernel just gave us.
@@ -282,7 +325,7 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
 /// Whether the other end of the connected socket `s` has shut it down or closed it (a zero
 /// timeout poll for POLLRDHUP/POLLHUP): known at once from the kernel, before any reader of the
 /// socket has seen the end.
-pub fn peer_hung_up(s: &impl AsRawFd) -> bool {
+pub(super) fn peer_hung_up(s: &impl AsRawFd) -> bool {
     let mut pfd = libc::pollfd {
         fd: s.as_raw_fd(),
         events: libc::POLLRDHUP,
@@ -293,7 +336,7 @@ pub fn peer_hung_up(s: &impl AsRawFd) -> bool {
     r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
-pub fn pid_exited(pidfd: &OwnedFd) -> bool {
+pub(super) fn pid_exited(pidfd: &OwnedFd) -> bool {
     let mut pfd = libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,

@@ -279,7 +279,7 @@ fn a_peer_memfd_that_can_shrink_is_not_mapped() {
     let Some(got) = map_from_fake_peer(fd) else {
         return;
     };
-    let e = got.unwrap_err();
+    let e = got.unwrap_err().to_string();
     assert!(e.contains("not sealed"), "{e}");
 
     // Sealed against shrinking only: growing is refused as well (both seals are asked).
@@ -300,7 +300,7 @@ fn a_peer_memfd_that_can_shrink_is_not_mapped() {
             0
         );
     }
-    let e = map_from_fake_peer(fd).unwrap().unwrap_err();
+    let e = map_from_fake_peer(fd).unwrap().unwrap_err().to_string();
     assert!(e.contains("not sealed"), "{e}");
 
     // Our own buffers are sealed, and a peer's sealed memfd maps.

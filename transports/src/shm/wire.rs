@@ -4,16 +4,16 @@
 use nixl_core::codec::Reader;
 use nixl_core::DecodeError;
 
-pub use crate::frame::Status;
+pub(crate) use crate::frame::Status;
 use crate::frame::{begin, end, finish, put_blob, put_u32, put_u64};
 
-/// Cuts the socket's byte stream into frame bodies of at most [`MAX_FRAME`] bytes.
+/// Cuts the socket's byte stream into frame bodies of at most `MAX_FRAME` bytes.
 pub type Framer = crate::frame::Framer<MAX_FRAME>;
 
 /// Largest frame accepted (a 64 MiB frame carries ~2M descriptors).
-pub const MAX_FRAME: usize = 64 << 20;
+pub(crate) const MAX_FRAME: usize = 64 << 20;
 /// Bytes per segment in an Op frame.
-pub const SEG_BYTES: usize = 32;
+pub(crate) const SEG_BYTES: usize = 32;
 /// Longest text in a reply.
 const MAX_TEXT: usize = 4096;
 

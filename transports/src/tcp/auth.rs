@@ -164,7 +164,7 @@ impl Auth {
 
     /// This user's per-host secret in the file `path` (`None`: the default path), created on
     /// first use; connections from this host only.
-    pub fn user_file(path: Option<&Path>) -> Auth {
+    pub(crate) fn user_file(path: Option<&Path>) -> Auth {
         Auth::from_source(Source::UserFile(path.map(Path::to_path_buf)))
     }
 
@@ -211,7 +211,7 @@ impl Auth {
     }
 
     /// Whether the secret is this user's per-host secret (connections from this host only).
-    pub fn is_user_secret(&self) -> bool {
+    pub(crate) fn is_user_secret(&self) -> bool {
         matches!(self.source, Source::UserFile(_))
     }
 
@@ -261,7 +261,7 @@ impl Auth {
     }
 
     /// Whether the secret is a shared one (`[auth] secret`), not this user's per-host one.
-    pub fn is_shared_secret(&self) -> bool {
+    pub(crate) fn is_shared_secret(&self) -> bool {
         matches!(self.source, Source::Given(_))
     }
 
@@ -272,7 +272,7 @@ impl Auth {
     }
 
     /// The TLS settings.
-    pub fn tls(&self) -> &TlsSettings {
+    pub(crate) fn tls(&self) -> &TlsSettings {
         &self.tls
     }
 
@@ -308,7 +308,7 @@ const SERVER_LABEL: &[u8] = b"nixl-tcp v2 listener";
 
 /// Why a handshake failed.
 #[derive(Debug)]
-pub enum AuthError {
+pub(super) enum AuthError {
     /// The other side is not a nixl-rs agent, or the bytes were cut short.
     Protocol(String),
     /// Authentication failed; the text says why.

@@ -30,6 +30,9 @@ pub(super) struct Conn {
     backend_shut: Arc<AtomicBool>,
     session: Mutex<Option<Arc<Session>>>,
     closed: Mutex<Option<Error>>,
+    /// Posted notifications waiting for a session that a thread of its own is opening, in
+    /// order; `true` while that thread runs (later ones queue behind, to keep the order).
+    backlog: Mutex<(Vec<Vec<u8>>, bool)>,
     this: Weak<Conn>,
 }
 
@@ -62,6 +65,7 @@ impl Conn {
             backend_shut,
             session: Mutex::new(None),
             closed: Mutex::new(None),
+            backlog: Mutex::new((Vec::new(), false)),
             this: this.clone(),
         })
     }
@@ -87,6 +91,20 @@ impl Conn {
         let s = Session::open(self)?;
         *g = Some(Arc::clone(&s));
         Ok(s)
+    }
+
+    /// Opens the session and queues the posted notifications that waited for it, in order (or
+    /// drops them, logged, if it cannot be opened).
+    fn send_backlog(&self) {
+        let sess = self.session();
+        let mut backlog = self.backlog.lock();
+        let msgs = std::mem::take(&mut backlog.0);
+        backlog.1 = false;
+        match sess {
+            Ok(sess) => msgs.iter().for_each(|m| submit_notif(&sess, m)),
+            Err(e) => tracing::warn!(peer = %self.peer, error = %e, dropped = msgs.len(),
+                "tcp: posted notifications not sent"),
+        }
     }
 
     /// Ends the connection for good: what is in flight ends with `e`, later posts fail with it.
@@ -246,16 +264,29 @@ impl Connection for Conn {
 
     fn post_notif(&self, _from: &str, msg: &[u8]) -> Result<()> {
         check_notif(Some(msg))?;
-        let sess = self.session()?;
-        // No one waits: the post ends when its ACK comes (a refusal is only logged).
-        let post = Arc::new(Post::new(
-            sess.next_id.fetch_add(1, Ordering::Relaxed),
-            None,
-            Some(msg.to_vec()),
-            1,
-            None,
-        ));
-        sess.submit(post);
+        if let Some(e) = self.closed.lock().clone() {
+            return Err(e);
+        }
+        // No one waits: the post ends when its ACK comes (a refusal is only logged). Without a
+        // live session, connecting (up to `connect_timeout`) is left to a thread of its own, so
+        // that the caller never waits on the peer; messages keep their order.
+        let mut backlog = self.backlog.lock();
+        if !backlog.1 {
+            let live = self.session.lock().clone();
+            if let Some(sess) = live.filter(|s| s.state.lock().failed.is_none()) {
+                submit_notif(&sess, msg);
+                return Ok(());
+            }
+        }
+        backlog.0.push(msg.to_vec());
+        if !backlog.1 {
+            let conn = self.this.upgrade().ok_or(Error::Cancelled)?;
+            std::thread::Builder::new()
+                .name("nixl-tcp-notif".into())
+                .spawn(move || conn.send_backlog())
+                .map_err(|e| Error::io("spawn tcp notification thread", e))?;
+            backlog.1 = true;
+        }
         Ok(())
     }
 
@@ -290,6 +321,18 @@ impl Connection for Conn {
             reason: "the peer was invalidated".into(),
         });
     }
+}
+
+/// Queues a notification nobody waits for on `sess`.
+fn submit_notif(sess: &Session, msg: &[u8]) {
+    let post = Arc::new(Post::new(
+        sess.next_id.fetch_add(1, Ordering::Relaxed),
+        None,
+        Some(msg.to_vec()),
+        1,
+        None,
+    ));
+    sess.submit(post);
 }
 
 /// Refuses a notification over the one limit.

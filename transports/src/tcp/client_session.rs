@@ -32,7 +32,10 @@ struct Sent {
 
 enum Job {
     Chunk(Arc<Post>, u32),
-    Notif(Arc<Post>),
+    /// A notification: of a post once all its chunks are answered (no barrier), or a
+    /// standalone one, written only once every lane has had answered (or dropped unsent) all
+    /// the frames it had claimed when the notification was submitted ([`State::claimed`]).
+    Notif(Arc<Post>, Option<Vec<u64>>),
 }
 
 pub(super) struct State {
@@ -47,6 +50,11 @@ pub(super) struct State {
     sent: Vec<VecDeque<Sent>>,
     /// A thread is writing on the lane (its sender, or a poster writing a small request inline).
     busy: Vec<bool>,
+    /// Frames each lane has claimed to write, ever (counted with `outstanding`).
+    claimed: Vec<u64>,
+    /// Of those, the ones answered or dropped unsent: a lane has nothing in flight of what it
+    /// had claimed at some instant once `settled` reaches `claimed` of that instant.
+    settled: Vec<u64>,
     pub(super) failed: Option<Error>,
 }
 
@@ -56,6 +64,36 @@ impl State {
         (0..self.queues.len())
             .min_by_key(|&i| self.queues[i].len() + self.outstanding[i])
             .unwrap_or(0)
+    }
+
+    /// `lane` takes one more frame to write (unanswered until [`State::settle`]).
+    fn claim(&mut self, lane: usize) {
+        self.outstanding[lane] += 1;
+        self.claimed[lane] += 1;
+    }
+
+    /// A frame `lane` claimed was answered, or dropped without being written.
+    fn settle(&mut self, lane: usize) {
+        self.outstanding[lane] = self.outstanding[lane].saturating_sub(1);
+        self.settled[lane] += 1;
+    }
+
+    /// Whether `lane`'s sender may take its next job now.
+    fn takeable(&self, lane: usize, window: usize) -> bool {
+        !self.busy[lane]
+            && self.outstanding[lane] < window
+            && self.queues[lane].front().is_some_and(|j| self.ready(j))
+    }
+
+    /// Whether a job may be written now: a standalone notification waits for its barrier.
+    fn ready(&self, job: &Job) -> bool {
+        match job {
+            Job::Notif(_, Some(barrier)) => barrier
+                .iter()
+                .zip(&self.settled)
+                .all(|(claimed, settled)| settled >= claimed),
+            _ => true,
+        }
     }
 }
 
@@ -93,10 +131,13 @@ pub(super) struct Session {
     peer: String,
     /// Every lane's listener takes SPAN frames (said so in its hello).
     pub(super) spans: bool,
+    /// Receiving threads ask for a lane's next READ chunk themselves ([`Session::claim_read`]).
+    inline_reads: bool,
     cfg: Arc<TcpConfig>,
     lanes: Vec<Lane>,
     pub(super) state: Mutex<State>,
-    cv: Condvar,
+    /// One per lane: its sender thread waits there for a job it may write.
+    cv: Vec<Condvar>,
     pub(super) next_id: AtomicU64,
     epoch: Instant,
 }
@@ -114,6 +155,8 @@ impl Session {
         let s = Arc::new(Session {
             peer: conn.peer.clone(),
             spans: lanes.iter().all(|l| l.stream.takes_spans()),
+            inline_reads: conn.cfg.window * (wire::MAX_SPANS * wire::SPAN_BYTES + 64)
+                <= conn.cfg.socket_buffer,
             cfg: Arc::clone(&conn.cfg),
             lanes,
             state: Mutex::new(State {
@@ -123,9 +166,11 @@ impl Session {
                 outstanding: vec![0; n],
                 sent: (0..n).map(|_| VecDeque::new()).collect(),
                 busy: vec![false; n],
+                claimed: vec![0; n],
+                settled: vec![0; n],
                 failed: None,
             }),
-            cv: Condvar::new(),
+            cv: (0..n).map(|_| Condvar::new()).collect(),
             next_id: AtomicU64::new(1),
             epoch: Instant::now(),
         });
@@ -166,19 +211,12 @@ impl Session {
                 let idle = idle.filter(|&i| st.queues[i].is_empty());
                 if let (true, Some(lane)) = (small, idle) {
                     st.busy[lane] = true;
-                    st.outstanding[lane] += 1;
+                    st.claim(lane);
                     self.lanes[lane]
                         .last
                         .store(self.now_ms(), Ordering::Release);
                     drop(st);
-                    INLINE_BUFS.with(|b| match b.try_borrow_mut() {
-                        Ok(mut bufs) => {
-                            self.send_job(lane, Job::Chunk(post, 0), &mut bufs);
-                        }
-                        Err(_) => {
-                            self.send_job(lane, Job::Chunk(post, 0), &mut WriteBufs::default());
-                        }
-                    });
+                    self.send_inline(lane, Job::Chunk(post, 0));
                     return;
                 }
                 let n = self.lanes.len();
@@ -189,12 +227,33 @@ impl Session {
                 }
             }
             _ => {
+                // A standalone notification goes after everything asked before it: every
+                // frame any lane claimed so far is answered first (a READ that the caller gave
+                // up on, then says so, is no longer served when the peer reads the message).
+                let barrier = st.claimed.clone();
                 let lane = st.quietest();
-                st.queues[lane].push_back(Job::Notif(Arc::clone(&post)));
+                st.queues[lane].push_back(Job::Notif(Arc::clone(&post), Some(barrier)));
             }
         }
         drop(st);
-        self.cv.notify_all();
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        for cv in &self.cv {
+            cv.notify_all();
+        }
+    }
+
+    /// After `lane` settled a frame: its sender may have a job to write now, and so may a lane
+    /// whose next job is a notification waiting for its barrier. Only those are woken.
+    fn wake_settled(&self, st: &State, lane: usize) {
+        for (i, q) in st.queues.iter().enumerate() {
+            let barrier = matches!(q.front(), Some(Job::Notif(_, Some(_))));
+            if (i == lane || barrier) && st.takeable(i, self.cfg.window) {
+                self.cv[i].notify_all();
+            }
+        }
     }
 
     /// Fails the session: every post on it fails with `e`, each ending once the lane threads
@@ -213,7 +272,7 @@ impl Session {
                 std::mem::take(&mut st.sent),
             )
         };
-        self.cv.notify_all();
+        self.wake_all();
         if !matches!(e, Error::Cancelled) {
             tracing::warn!(peer = %self.peer, error = %e, "tcp session failed");
         }
@@ -247,15 +306,46 @@ impl Session {
             let mut st = self.state.lock();
             if st.failed.is_none() {
                 let lane = st.quietest();
-                st.queues[lane].push_front(Job::Notif(Arc::clone(post)));
+                st.queues[lane].push_front(Job::Notif(Arc::clone(post), None));
                 drop(st);
-                self.cv.notify_all();
+                self.cv[lane].notify_all();
             }
             return;
         }
         // Every chunk is answered: the post ends as its last holder (often our caller) lets go.
         let gone = self.state.lock().pending.remove(&post.id);
         drop(gone);
+    }
+
+    /// Writes a job this thread claimed on `lane` (not a lane's sender thread).
+    fn send_inline(&self, lane: usize, job: Job) {
+        INLINE_BUFS.with(|b| match b.try_borrow_mut() {
+            Ok(mut bufs) => self.send_job(lane, job, &mut bufs),
+            Err(_) => self.send_job(lane, job, &mut WriteBufs::default()),
+        });
+    }
+
+    /// Claims `lane`'s next job if it is a READ chunk the lane may write now, for the thread
+    /// that just read an answer on that lane to ask for it itself: a READ request is a small
+    /// frame, and this spares the sender thread's wake-up in the chain that keeps the target
+    /// serving (answer read, next chunk asked, target serves it). Only where every request the
+    /// window allows fits in the socket buffer, so the write does not wait on the target.
+    fn claim_read(&self, st: &mut State, lane: usize) -> Option<Job> {
+        let is_read = |j: &Job| match j {
+            Job::Chunk(p, _) => p.plan.as_ref().is_some_and(|x| x.op == XferOp::Read),
+            Job::Notif(..) => false,
+        };
+        let free = st.failed.is_none() && !st.busy[lane] && st.outstanding[lane] < self.cfg.window;
+        if !self.inline_reads || !free || !st.queues[lane].front().is_some_and(is_read) {
+            return None;
+        }
+        let job = st.queues[lane].pop_front()?;
+        st.claim(lane);
+        st.busy[lane] = true;
+        self.lanes[lane]
+            .last
+            .store(self.now_ms(), Ordering::Release);
+        Some(job)
     }
 
     /// Records that `lane` is about to write `chunk` of `post`; false if the session failed.
@@ -280,16 +370,21 @@ impl Session {
             .map(|x| (Arc::clone(&x.post), x.chunk))
     }
 
-    /// The answer `lane` expected next has been read in full.
-    fn answered(&self, lane: usize) {
-        let done = {
+    /// The answer `lane` expected next has been read in full. Returns the lane's next job if
+    /// the caller is to write it ([`Session::claim_read`]).
+    fn answered(&self, lane: usize) -> Option<Job> {
+        let (done, next) = {
             let mut st = self.state.lock();
-            st.outstanding[lane] = st.outstanding[lane].saturating_sub(1);
-            st.sent.get_mut(lane).and_then(VecDeque::pop_front)
+            st.settle(lane);
+            let done = st.sent.get_mut(lane).and_then(VecDeque::pop_front);
+            let next = self.claim_read(&mut st, lane);
+            // With a job claimed the lane is busy: its sender is not woken.
+            self.wake_settled(&st, lane);
+            (done, next)
         };
-        self.cv.notify_all();
         // Outside the lock: the last holder of a post completes it.
         drop(done);
+        next
     }
 
     fn take_job(&self, lane: usize) -> Option<Job> {
@@ -298,9 +393,9 @@ impl Session {
             if st.failed.is_some() {
                 return None;
             }
-            if st.outstanding[lane] < self.cfg.window && !st.busy[lane] {
+            if st.takeable(lane, self.cfg.window) {
                 if let Some(j) = st.queues[lane].pop_front() {
-                    st.outstanding[lane] += 1;
+                    st.claim(lane);
                     st.busy[lane] = true;
                     self.lanes[lane]
                         .last
@@ -308,15 +403,14 @@ impl Session {
                     return Some(j);
                 }
             }
-            self.cv.wait(&mut st);
+            self.cv[lane].wait(&mut st);
         }
     }
 
     fn lane_reply(&self, lane: usize) {
         let mut st = self.state.lock();
-        st.outstanding[lane] = st.outstanding[lane].saturating_sub(1);
-        drop(st);
-        self.cv.notify_all();
+        st.settle(lane);
+        self.wake_settled(&st, lane);
     }
 
     fn send_loop(self: Arc<Self>, lane: usize) {
@@ -395,7 +489,7 @@ impl Session {
                 }
                 r
             }
-            Job::Notif(post) => {
+            Job::Notif(post, _) => {
                 wire::notif(hdr, post.id, post.notif_msg().unwrap_or_default());
                 if !self.mark_sent(lane, post, NOTIF_CHUNK) {
                     self.release(lane);
@@ -418,8 +512,11 @@ impl Session {
 
     /// Frees a lane claimed for a write.
     fn release(&self, lane: usize) {
-        self.state.lock().busy[lane] = false;
-        self.cv.notify_all();
+        let mut st = self.state.lock();
+        st.busy[lane] = false;
+        if st.takeable(lane, self.cfg.window) {
+            self.cv[lane].notify_all();
+        }
     }
 
     fn io_error(&self, e: &io::Error) -> Error {
@@ -537,7 +634,9 @@ impl Session {
                 net::discard(s, r.len, scratch, &mut LaneIdle(self, lane))?;
             }
         }
-        self.answered(lane);
+        if let Some(next) = self.answered(lane) {
+            self.send_inline(lane, next);
+        }
         let res = match r.status {
             Status::Ok => Ok(()),
             Status::Denied => Err(Error::Denied {

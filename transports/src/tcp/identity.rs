@@ -38,7 +38,7 @@ impl PeerIdentity {
     }
 
     /// Whether this is [`PeerIdentity::anonymous`].
-    pub fn is_anonymous(&self) -> bool {
+    pub(crate) fn is_anonymous(&self) -> bool {
         self.name.is_empty()
     }
 }

@@ -35,7 +35,7 @@ const STEP: u64 = 256 << 10;
 const RX_BUF: usize = 256 << 10;
 
 /// A connection's stream (see the module docs).
-pub struct Link {
+pub(crate) struct Link {
     sock: TcpStream,
     /// Milliseconds since [`epoch`] (plus one) after which reads fail; 0: no deadline.
     deadline: AtomicU64,
@@ -114,28 +114,28 @@ impl Link {
     }
 
     /// Whether the other side takes SPAN frames (its hello said so).
-    pub fn takes_spans(&self) -> bool {
+    pub(crate) fn takes_spans(&self) -> bool {
         self.spans
     }
 
     /// The socket (for its options).
-    pub fn socket(&self) -> &TcpStream {
+    pub(crate) fn socket(&self) -> &TcpStream {
         &self.sock
     }
 
     /// Whether the link is TLS.
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
 
     /// Shuts the socket down (wakes a thread blocked on it).
-    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+    pub(crate) fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         self.sock.shutdown(how)
     }
 
     /// From now on reads fail with `TimedOut` once `deadline` has passed (`None`: no deadline;
     /// the caller then sets the socket's timeouts it wants).
-    pub fn set_deadline(&self, deadline: Option<Instant>) {
+    pub(crate) fn set_deadline(&self, deadline: Option<Instant>) {
         self.deadline
             .store(deadline.map_or(0, epoch_ms), Ordering::Release);
     }
@@ -159,7 +159,7 @@ impl Link {
 
     /// One read of at most `buf.len()` bytes (0: the peer closed the stream). Errors of kind
     /// `WouldBlock`/`TimedOut` mean the socket's timeout passed with nothing to read.
-    pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match &self.tls {
             None => {
                 self.check_deadline()?;
@@ -224,7 +224,7 @@ impl Link {
 
     /// Whether bytes already read from the socket wait inside the link (TLS records not yet
     /// opened, or opened and not yet read): a reader has more to do before it blocks.
-    pub fn pending(&self) -> bool {
+    pub(crate) fn pending(&self) -> bool {
         match &self.tls {
             None => false,
             Some(t) => {
@@ -241,7 +241,7 @@ impl Link {
     }
 
     /// Writes all of `buf`; a socket timeout is an error.
-    pub fn send_all(&self, buf: &[u8]) -> io::Result<()> {
+    pub(crate) fn send_all(&self, buf: &[u8]) -> io::Result<()> {
         match &self.tls {
             None => super::net::send_raw_all(&self.sock, buf),
             // SAFETY: no spans.

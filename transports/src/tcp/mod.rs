@@ -5,15 +5,18 @@
 //! the region is still registered) before a byte moves. On a plain connection data goes
 //! straight between the socket and registered memory with vectored I/O, no staging copy on
 //! either side; on a TLS connection (agents with a secret) it is sealed from and opened
-//! into registered memory by rustls's record layer, one copy each way ([`Link`]).
+//! into registered memory by rustls's record layer, one copy each way (`Link`).
 //!
 //! An initiator keeps a session per peer: `conns_per_peer` authenticated connections, each with a
 //! sender and a receiver thread. A post splits its descriptors into chunks of at most
 //! `chunk_bytes` (large descriptors are cut, small ones batched, up to 1000 per frame) and deals
 //! them round-robin to the connections' queues; each connection sends its next chunk whenever it
-//! has fewer than `window` unanswered, so large transfers are pipelined across all connections. A request of one chunk of at most 64 KiB is written by the posting
-//! thread itself when a connection is idle, which saves a thread hand-off (about half the
-//! latency of a small request). A notification is sent once every chunk is acknowledged, so the
+//! has fewer than `window` unanswered, so large transfers are pipelined across all connections
+//! (for a READ, the thread that has just read a chunk's DATA asks for the lane's next chunk
+//! itself, a small frame, so the target is kept serving without waking the sender thread). A
+//! request of one chunk of at most 64 KiB is written by the posting thread itself when a
+//! connection is idle, which saves a thread hand-off (about half the latency of a small
+//! request). A notification is sent once every chunk is acknowledged, so the
 //! target sees it only after all the data landed.
 //!
 //! Faults: a connection closed under a request ends it `Failed(remote disconnect)`; a
@@ -34,6 +37,10 @@
 //! it only once every READ the peer had asked for was carried out. Notifications nobody waits
 //! for ([`nixl_core::Agent::post_notif`]) return once queued, not after their acknowledgement,
 //! which travels behind whatever DATA the peer still has queued on that connection.
+//! A standalone notification (sent or posted) is written only once every frame that any
+//! connection of the session had written, or was writing, when it was submitted has been
+//! answered: so when the peer reads "I stopped reading your blocks", no READ asked before it
+//! is still served, on any connection (a barrier across connections, which TCP does not order).
 //!
 //! A lying target cannot make the initiator write where or when it should not: each lane's
 //! answers must match, in order, what that lane asked (DATA of exactly the chunk's length for a
@@ -82,8 +89,7 @@ mod server_control;
 mod server_worker;
 mod tls;
 mod user_secret;
-#[doc(hidden)] // for the fuzz targets (fuzz/): the frames a peer sends after the handshake
-pub mod wire;
+pub(crate) mod wire;
 
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,7 +103,7 @@ use nixl_core::{
 use parking_lot::Mutex;
 
 pub use auth::{Auth, CertFiles, PeerIdentity, TlsMode, TlsSettings};
-pub use link::Link;
+pub(crate) use link::Link;
 
 use client::Conn;
 use server::Server;

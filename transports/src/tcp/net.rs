@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use nixl_core::Run;
 
-pub use super::link::Link;
+pub(super) use super::link::Link;
 
 /// Most iovecs per readv/writev call (Linux's UIO_MAXIOV).
-pub const IOV_MAX: usize = 1024;
+pub(super) const IOV_MAX: usize = 1024;
 
 /// One contiguous range of memory to read into or write from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub struct Span {
 
 /// Something that names one range of local memory: a [`Span`], or the local side of a core
 /// [`Run`] (so a request made of runs is written and read without a second list).
-pub trait AsSpan {
+pub(super) trait AsSpan {
     /// Address and length.
     fn span(&self) -> (u64, u64);
 }
@@ -41,7 +41,7 @@ impl AsSpan for Run {
 }
 
 /// The addresses of this host's interfaces that are up (loopback included).
-pub fn host_addrs() -> Vec<(String, IpAddr)> {
+pub(super) fn host_addrs() -> Vec<(String, IpAddr)> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a list head into `ifap`, which we free below with freeifaddrs.
@@ -81,7 +81,7 @@ pub fn host_addrs() -> Vec<(String, IpAddr)> {
 }
 
 /// Whether `ip` belongs to this host (loopback, or an address of one of its interfaces).
-pub fn is_local(ip: IpAddr, addrs: &[(String, IpAddr)]) -> bool {
+pub(super) fn is_local(ip: IpAddr, addrs: &[(String, IpAddr)]) -> bool {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -91,7 +91,7 @@ pub fn is_local(ip: IpAddr, addrs: &[(String, IpAddr)]) -> bool {
 
 /// The address an agent listens on by default: the host's first non-loopback IPv4 address, else
 /// its first global-scope IPv6 address, else loopback.
-pub fn default_listen_ip() -> IpAddr {
+pub(super) fn default_listen_ip() -> IpAddr {
     let addrs = host_addrs();
     let usable = |a: &IpAddr| match a {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified(),
@@ -126,7 +126,7 @@ fn setsockopt<T>(s: &TcpStream, level: i32, name: i32, value: T) -> io::Result<(
 }
 
 /// Low latency for small frames, large buffers for bulk data, keepalive to reap dead idle peers.
-pub fn tune(s: &TcpStream, buf_bytes: usize) -> io::Result<()> {
+pub(super) fn tune(s: &TcpStream, buf_bytes: usize) -> io::Result<()> {
     s.set_nodelay(true)?;
     let b = i32::try_from(buf_bytes).unwrap_or(i32::MAX);
     // Buffer sizes are hints the kernel caps; failing to raise them is not an error.
@@ -140,14 +140,14 @@ pub fn tune(s: &TcpStream, buf_bytes: usize) -> io::Result<()> {
 }
 
 /// Sets the receive timeout (how long one read may block).
-pub fn read_timeout(s: &Link, t: Duration) -> io::Result<()> {
+pub(super) fn read_timeout(s: &Link, t: Duration) -> io::Result<()> {
     s.socket()
         .set_read_timeout(Some(t.max(Duration::from_millis(1))))
 }
 
 /// Sets the send timeout (how long one write may block) and the time unacknowledged data may
 /// sit before the kernel gives the connection up.
-pub fn write_timeout(s: &Link, t: Duration, give_up: Duration) -> io::Result<()> {
+pub(super) fn write_timeout(s: &Link, t: Duration, give_up: Duration) -> io::Result<()> {
     let s = s.socket();
     s.set_write_timeout(Some(t.max(Duration::from_millis(1))))?;
     let ms = u32::try_from(give_up.as_millis()).unwrap_or(u32::MAX);
@@ -157,14 +157,14 @@ pub fn write_timeout(s: &Link, t: Duration, give_up: Duration) -> io::Result<()>
 
 /// A cursor over spans for partial vectored I/O.
 #[derive(Debug)]
-pub struct SpanCursor<'a, S: AsSpan = Span> {
+pub(super) struct SpanCursor<'a, S: AsSpan = Span> {
     spans: &'a [S],
     idx: usize,
     off: u64,
 }
 
 impl<'a, S: AsSpan> SpanCursor<'a, S> {
-    pub fn new(spans: &'a [S]) -> SpanCursor<'a, S> {
+    pub(super) fn new(spans: &'a [S]) -> SpanCursor<'a, S> {
         let mut c = SpanCursor {
             spans,
             idx: 0,
@@ -181,7 +181,7 @@ impl<'a, S: AsSpan> SpanCursor<'a, S> {
         }
     }
 
-    pub fn done(&self) -> bool {
+    pub(super) fn done(&self) -> bool {
         self.idx >= self.spans.len()
     }
 
@@ -202,13 +202,13 @@ impl<'a, S: AsSpan> SpanCursor<'a, S> {
     }
 
     /// The next contiguous range left (address, length), without moving.
-    pub fn peek(&self) -> Option<(u64, u64)> {
+    pub(super) fn peek(&self) -> Option<(u64, u64)> {
         let (addr, len) = self.spans.get(self.idx)?.span();
         Some((addr + self.off, len - self.off))
     }
 
     /// The next contiguous range left, at most `max` bytes, and moves past it.
-    pub fn take(&mut self, max: u64) -> Option<(u64, u64)> {
+    pub(super) fn take(&mut self, max: u64) -> Option<(u64, u64)> {
         let (addr, len) = self.peek()?;
         let len = len.min(max);
         if len == 0 {
@@ -218,7 +218,7 @@ impl<'a, S: AsSpan> SpanCursor<'a, S> {
         Some((addr, len))
     }
 
-    pub fn advance(&mut self, mut n: u64) {
+    pub(super) fn advance(&mut self, mut n: u64) {
         while n > 0 && self.idx < self.spans.len() {
             let left = self.spans[self.idx].span().1 - self.off;
             if n < left {
@@ -238,7 +238,7 @@ impl<'a, S: AsSpan> SpanCursor<'a, S> {
 ///
 /// # Safety
 /// Every span must be readable memory for the duration of the call.
-pub unsafe fn writev_once(
+pub(super) unsafe fn writev_once(
     s: &TcpStream,
     head: &[u8],
     cur: &SpanCursor<'_, impl AsSpan>,
@@ -274,7 +274,7 @@ pub unsafe fn writev_once(
 ///
 /// # Safety
 /// Every span must be writable memory that no Rust reference aliases for the call.
-pub unsafe fn readv_once(
+pub(super) unsafe fn readv_once(
     s: &TcpStream,
     cur: &SpanCursor<'_, impl AsSpan>,
     iov: &mut Vec<libc::iovec>,
@@ -295,7 +295,7 @@ pub unsafe fn readv_once(
 }
 
 /// Writes all of `buf` (sealed on a TLS link); a socket timeout is an error.
-pub fn send_all(s: &Link, buf: &[u8]) -> io::Result<()> {
+pub(super) fn send_all(s: &Link, buf: &[u8]) -> io::Result<()> {
     s.send_all(buf)
 }
 
@@ -325,7 +325,7 @@ pub(super) fn send_raw_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
 
 /// What to do when a blocking call found nothing for one socket timeout period: `Ok` to try
 /// again, an error to give up. `started` says whether part of the unit was already moved.
-pub trait OnBlock {
+pub(super) trait OnBlock {
     fn blocked(&mut self, started: bool) -> io::Result<()>;
     /// Bytes moved (resets idle clocks).
     fn progress(&mut self) {}
@@ -351,7 +351,7 @@ pub(super) fn retry(e: &io::Error) -> Option<bool> {
 }
 
 /// Reads exactly `buf`, asking `on` what to do whenever a read times out.
-pub fn read_exact_with(s: &Link, buf: &mut [u8], on: &mut dyn OnBlock) -> io::Result<()> {
+pub(super) fn read_exact_with(s: &Link, buf: &mut [u8], on: &mut dyn OnBlock) -> io::Result<()> {
     let mut got = 0;
     while got < buf.len() {
         match s.read(&mut buf[got..]) {
@@ -377,7 +377,7 @@ pub fn read_exact_with(s: &Link, buf: &mut [u8], on: &mut dyn OnBlock) -> io::Re
 
 /// Reads one frame into `body` (type byte first); returns the type. Grows `body` as bytes
 /// arrive, so a length prefix alone cannot make it allocate much.
-pub fn read_frame(
+pub(super) fn read_frame(
     s: &Link,
     body: &mut Vec<u8>,
     limit: impl Fn(u8) -> usize,
@@ -398,7 +398,7 @@ pub fn read_frame(
 
 /// As [`read_frame`], with `admit(type, body length)` deciding from the header alone, before a
 /// byte of the body is read or allocated, whether the frame may come in.
-pub fn read_frame_admit(
+pub(super) fn read_frame_admit(
     s: &Link,
     body: &mut Vec<u8>,
     admit: &mut dyn FnMut(u8, usize) -> io::Result<()>,
@@ -449,7 +449,7 @@ impl OnBlock for Started<'_> {
 ///
 /// # Safety
 /// Every span must be writable memory that no Rust reference aliases until this returns.
-pub unsafe fn read_spans<S: AsSpan>(
+pub(super) unsafe fn read_spans<S: AsSpan>(
     s: &Link,
     spans: &[S],
     iov: &mut Vec<libc::iovec>,
@@ -475,7 +475,7 @@ pub unsafe fn read_spans<S: AsSpan>(
 ///
 /// # Safety
 /// As [`read_spans`].
-pub unsafe fn read_spans_until<S: AsSpan>(
+pub(super) unsafe fn read_spans_until<S: AsSpan>(
     s: &Link,
     spans: &[S],
     iov: &mut Vec<libc::iovec>,
@@ -507,7 +507,7 @@ pub unsafe fn read_spans_until<S: AsSpan>(
 ///
 /// # Safety
 /// Every span must be readable memory until this returns.
-pub unsafe fn write_spans<S: AsSpan>(
+pub(super) unsafe fn write_spans<S: AsSpan>(
     s: &Link,
     head: &[u8],
     spans: &[S],
@@ -567,7 +567,7 @@ pub(super) fn after_error(e: io::Error, on: &mut dyn OnBlock) -> io::Result<()> 
 }
 
 /// Reads and throws away `n` bytes (the data of a refused WRITE, to keep the stream in step).
-pub fn discard(
+pub(super) fn discard(
     s: &Link,
     mut n: u64,
     scratch: &mut Vec<u8>,

@@ -32,7 +32,7 @@ pub enum TlsMode {
 
 impl TlsMode {
     /// Parses `"encrypt"` or `"integrity-only"`.
-    pub fn parse(s: &str) -> Result<TlsMode, String> {
+    pub(crate) fn parse(s: &str) -> Result<TlsMode, String> {
         match s {
             "encrypt" => Ok(TlsMode::Encrypt),
             "integrity-only" => Ok(TlsMode::IntegrityOnly),

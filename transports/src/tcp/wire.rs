@@ -14,7 +14,7 @@ use nixl_core::DecodeError;
 
 use super::net::Span;
 
-pub use crate::frame::{put_blob, put_u32, put_u64, Status};
+pub(crate) use crate::frame::{put_blob, put_u32, put_u64, Status};
 
 /// Largest frame accepted.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -23,9 +23,9 @@ pub const MAX_PIECES: usize = 1000;
 /// Largest data payload after one frame.
 pub const MAX_CHUNK: u64 = 64 << 20;
 /// Bytes per piece on the wire.
-pub const PIECE_BYTES: usize = 24;
+pub(crate) const PIECE_BYTES: usize = 24;
 /// Longest text in a reply.
-pub const MAX_TEXT: usize = 1024;
+pub(crate) const MAX_TEXT: usize = 1024;
 /// Largest notification: the one limit of every backend ([`nixl_core::MAX_NOTIF_BYTES`]),
 /// refused at the sender and accepted by the receiver.
 pub const MAX_NOTIF: usize = nixl_core::MAX_NOTIF_BYTES;
@@ -34,7 +34,7 @@ const MAX_NAME: usize = 1024;
 /// Most spans in one SPAN_WRITE or SPAN_READ frame.
 pub const MAX_SPANS: usize = 16384;
 /// Bytes per span on the wire: address u64, length u32.
-pub const SPAN_BYTES: usize = 12;
+pub(crate) const SPAN_BYTES: usize = 12;
 
 /// One target range of a WRITE or READ: address, length, region key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,40 +56,40 @@ pub enum Purpose {
     Control = 2,
 }
 
-pub const OPEN: u8 = 1;
-pub const WRITE: u8 = 2;
-pub const READ: u8 = 3;
-pub const NOTIF: u8 = 4;
-pub const MD_GET: u8 = 5;
-pub const MD_PUSH: u8 = 6;
-pub const CTRL: u8 = 7;
+pub(crate) const OPEN: u8 = 1;
+pub(crate) const WRITE: u8 = 2;
+pub(crate) const READ: u8 = 3;
+pub(crate) const NOTIF: u8 = 4;
+pub(crate) const MD_GET: u8 = 5;
+pub(crate) const MD_PUSH: u8 = 6;
+pub(crate) const CTRL: u8 = 7;
 /// MD_DROP: the caller asks the listener to forget the caller's own metadata (answered with MD).
-pub const MD_DROP: u8 = 8;
+pub(crate) const MD_DROP: u8 = 8;
 /// SPAN_WRITE: a WRITE of many spans of one region, `id u64 | chunk u32 | key u64 | count u32 |
 /// count × (addr u64 | len u32)`; the spans' bytes follow raw, in order; answered by ACK.
-pub const SPAN_WRITE: u8 = 9;
+pub(crate) const SPAN_WRITE: u8 = 9;
 /// SPAN_READ: a READ of many spans of one region (body as SPAN_WRITE); answered by one DATA
 /// with the spans' bytes in order.
 pub const SPAN_READ: u8 = 10;
-pub const OPENED: u8 = 16;
+pub(crate) const OPENED: u8 = 16;
 pub const ACK: u8 = 17;
 pub const DATA: u8 = 18;
-pub const MD: u8 = 19;
-pub const CTRL_RE: u8 = 20;
+pub(crate) const MD: u8 = 19;
+pub(crate) const CTRL_RE: u8 = 20;
 
 /// Starts a frame in `out` (cleared): length placeholder and type.
-pub fn begin(out: &mut Vec<u8>, ty: u8) {
+pub(crate) fn begin(out: &mut Vec<u8>, ty: u8) {
     out.clear();
     crate::frame::begin(out, ty);
 }
 
-/// Patches the length of a frame begun with [`begin`].
+/// Patches the length of a frame begun with `begin`.
 pub fn finish(out: &mut [u8]) {
     crate::frame::finish(out, 0);
 }
 
 /// Appends a text of at most [`MAX_TEXT`] bytes.
-pub fn put_str(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn put_str(out: &mut Vec<u8>, s: &str) {
     crate::frame::put_str(out, s, MAX_TEXT);
 }
 
@@ -157,14 +157,14 @@ pub fn decode_opened(body: &[u8]) -> Result<(Status, u128, String), DecodeError>
 }
 
 /// The head of a WRITE or READ frame; pieces are appended with [`put_piece`].
-pub fn xfer_head(out: &mut Vec<u8>, ty: u8, id: u64, chunk: u32, pieces: u32) {
+pub(crate) fn xfer_head(out: &mut Vec<u8>, ty: u8, id: u64, chunk: u32, pieces: u32) {
     begin(out, ty);
     put_u64(out, id);
     put_u32(out, chunk);
     put_u32(out, pieces);
 }
 
-pub fn put_piece(out: &mut Vec<u8>, p: &Piece) {
+pub(crate) fn put_piece(out: &mut Vec<u8>, p: &Piece) {
     put_u64(out, p.addr);
     put_u64(out, p.len);
     put_u64(out, p.key);
@@ -277,7 +277,7 @@ pub fn decode_spans(body: &[u8], spans: &mut Vec<Span>) -> Result<SpanXfer, Deco
 }
 
 /// ACK of a WRITE chunk, a NOTIF or a pushed metadata.
-pub fn ack(out: &mut Vec<u8>, id: u64, chunk: u32, status: Status, text: &str) {
+pub(crate) fn ack(out: &mut Vec<u8>, id: u64, chunk: u32, status: Status, text: &str) {
     begin(out, ACK);
     put_u64(out, id);
     put_u32(out, chunk);
@@ -287,7 +287,7 @@ pub fn ack(out: &mut Vec<u8>, id: u64, chunk: u32, status: Status, text: &str) {
 }
 
 /// DATA: the answer to a READ chunk; `len` raw bytes follow when the status is Ok.
-pub fn data(out: &mut Vec<u8>, id: u64, chunk: u32, status: Status, len: u64, text: &str) {
+pub(crate) fn data(out: &mut Vec<u8>, id: u64, chunk: u32, status: Status, len: u64, text: &str) {
     begin(out, DATA);
     put_u64(out, id);
     put_u32(out, chunk);
@@ -348,7 +348,7 @@ pub fn decode_notif(body: &[u8]) -> Result<(u64, &[u8]), DecodeError> {
 }
 
 /// MD: metadata bytes or a refusal text.
-pub fn md(out: &mut Vec<u8>, status: Status, bytes: &[u8]) {
+pub(crate) fn md(out: &mut Vec<u8>, status: Status, bytes: &[u8]) {
     begin(out, MD);
     out.push(status as u8);
     put_blob(out, bytes);
@@ -365,7 +365,7 @@ pub fn decode_md(body: &[u8]) -> Result<(Status, &[u8]), DecodeError> {
 
 /// MD_DROP: asks the listener to drop the caller's metadata. The body is empty: whose metadata
 /// is dropped is the name the connection proved, never anything a frame says.
-pub fn md_drop(out: &mut Vec<u8>) {
+pub(crate) fn md_drop(out: &mut Vec<u8>) {
     begin(out, MD_DROP);
     finish(out);
 }
@@ -376,7 +376,7 @@ pub fn decode_md_drop(body: &[u8]) -> Result<(), DecodeError> {
 }
 
 /// The answer to MD_DROP in an MD frame's bytes: whether the caller's metadata was loaded.
-pub fn dropped(loaded: bool) -> &'static [u8] {
+pub(crate) fn dropped(loaded: bool) -> &'static [u8] {
     if loaded {
         b"\x01"
     } else {
@@ -385,7 +385,7 @@ pub fn dropped(loaded: bool) -> &'static [u8] {
 }
 
 /// CTRL: a control request for a backend's service.
-pub fn ctrl(out: &mut Vec<u8>, backend: u8, req: &[u8]) {
+pub(crate) fn ctrl(out: &mut Vec<u8>, backend: u8, req: &[u8]) {
     begin(out, CTRL);
     out.push(backend);
     put_blob(out, req);
@@ -401,7 +401,7 @@ pub fn decode_ctrl(body: &[u8]) -> Result<(u8, &[u8]), DecodeError> {
 }
 
 /// CTRL_RE: the service's reply (status Ok) or its refusal text (Denied).
-pub fn ctrl_re(out: &mut Vec<u8>, status: Status, bytes: &[u8]) {
+pub(crate) fn ctrl_re(out: &mut Vec<u8>, status: Status, bytes: &[u8]) {
     begin(out, CTRL_RE);
     out.push(status as u8);
     put_blob(out, bytes);
@@ -429,11 +429,11 @@ pub fn frame_limit(ty: u8) -> usize {
 }
 
 /// Largest OPEN body: purpose, a name, two instance ids.
-pub const OPEN_BYTES: usize = 1 + 2 + MAX_NAME + 32;
+pub(crate) const OPEN_BYTES: usize = 1 + 2 + MAX_NAME + 32;
 /// Largest WRITE or READ body: id, chunk, count, [`MAX_PIECES`] pieces.
-pub const XFER_BYTES: usize = 16 + MAX_PIECES * PIECE_BYTES;
+pub(crate) const XFER_BYTES: usize = 16 + MAX_PIECES * PIECE_BYTES;
 /// Largest SPAN_WRITE or SPAN_READ body: id, chunk, key, count, [`MAX_SPANS`] spans.
-pub const SPAN_XFER_BYTES: usize = 24 + MAX_SPANS * SPAN_BYTES;
+pub(crate) const SPAN_XFER_BYTES: usize = 24 + MAX_SPANS * SPAN_BYTES;
 
 /// The frames a listener takes on a connection opened for `purpose` (`None`: not opened yet,
 /// only OPEN), and the largest body of each; `None` for a frame that has no business there.
@@ -453,7 +453,7 @@ pub fn purpose_limit(purpose: Option<Purpose>, ty: u8) -> Option<usize> {
 }
 
 /// Turns a decode error into an I/O error of kind InvalidData.
-pub fn bad(e: DecodeError) -> io::Error {
+pub(crate) fn bad(e: DecodeError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 

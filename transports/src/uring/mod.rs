@@ -125,25 +125,28 @@ pub struct UringCounts {
     pub fixed_buffer_ops: u64,
 }
 
-/// Why io_uring cannot be used, in words an operator can act on.
-pub(crate) fn unavailable_reason(e: &io::Error, sysctl: Option<&str>) -> String {
+/// Why io_uring cannot be used, in words an operator can act on: `e` (from `io_uring_setup`)
+/// kept as the source, `sysctl` the text of `kernel.io_uring_disabled` where it could be read.
+pub(crate) fn unavailable_reason(e: io::Error, sysctl: Option<&str>) -> Unusable {
     let disabled = sysctl.map(str::trim).filter(|v| *v != "0");
-    match (e.raw_os_error(), disabled) {
+    let context = match (e.raw_os_error(), disabled) {
         (_, Some(v)) => {
-            format!("io_uring is disabled on this host (kernel.io_uring_disabled = {v}): {e}")
+            format!("io_uring is disabled on this host (kernel.io_uring_disabled = {v})")
         }
-        (Some(libc::ENOSYS), _) => format!("this kernel has no io_uring: {e}"),
+        (Some(libc::ENOSYS), _) => "this kernel has no io_uring".into(),
         (Some(libc::EPERM), _) => {
-            format!("io_uring is not permitted here (a seccomp filter or container policy): {e}")
+            "io_uring is not permitted here (a seccomp filter or container policy)".into()
         }
-        _ => format!("io_uring_setup failed: {e}"),
-    }
+        _ => "io_uring_setup failed".into(),
+    };
+    Unusable::failed(context, e)
 }
 
-fn new_ring(depth: u32) -> std::result::Result<IoUring, String> {
+/// A ring of `depth` entries (at least 2), or why this host cannot give one.
+fn new_ring(depth: u32) -> std::result::Result<IoUring, Unusable> {
     let ring = IoUring::new(depth.max(2)).map_err(|e| {
         let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok();
-        unavailable_reason(&e, sysctl.as_deref())
+        unavailable_reason(e, sysctl.as_deref())
     })?;
     if !ring.params().is_feature_ext_arg() {
         // The completion thread waits with a timeout (IORING_ENTER_EXT_ARG).
@@ -172,13 +175,13 @@ impl FileEngine for UringEngine {
         if self.cfg.queue_depth == 0 || self.cfg.max_io_bytes == 0 {
             return Err("[uring] queue_depth and max_io_bytes must be positive".into());
         }
-        new_ring(2).map(drop).map_err(Unusable::Reason)
+        new_ring(2).map(drop)
     }
 
     fn start(&self) -> Result<RingThread> {
-        let ring = new_ring(self.cfg.queue_depth).map_err(|reason| Error::Unavailable {
+        let ring = new_ring(self.cfg.queue_depth).map_err(|why| Error::Unavailable {
             backend: BackendName::Uring,
-            reason,
+            reason: why.to_string(),
         })?;
         let fixed = Fixed::new(&ring, &self.cfg);
         RingThread::start(ring, self.cfg.queue_depth, fixed)
@@ -244,15 +247,29 @@ mod tests {
     }
 
     #[test]
-    fn unavailable_reasons_say_what_to_do() {
-        let eperm = io::Error::from_raw_os_error(libc::EPERM);
-        let r = unavailable_reason(&eperm, Some("2\n"));
-        assert!(r.contains("kernel.io_uring_disabled = 2"), "{r}");
-        let r = unavailable_reason(&eperm, Some("0\n"));
-        assert!(r.contains("seccomp"), "{r}");
-        let r = unavailable_reason(&io::Error::from_raw_os_error(libc::ENOSYS), None);
-        assert!(r.contains("no io_uring"), "{r}");
-        let r = unavailable_reason(&io::Error::from_raw_os_error(libc::ENOMEM), None);
-        assert!(r.contains("io_uring_setup failed"), "{r}");
+    fn unavailable_reasons_say_what_to_do_and_keep_the_cause() {
+        use std::error::Error as _;
+        let eperm = || io::Error::from_raw_os_error(libc::EPERM);
+        for (e, sysctl, says) in [
+            (eperm(), Some("2\n"), "kernel.io_uring_disabled = 2"),
+            (eperm(), Some("0\n"), "seccomp"),
+            (
+                io::Error::from_raw_os_error(libc::ENOSYS),
+                None,
+                "no io_uring",
+            ),
+            (
+                io::Error::from_raw_os_error(libc::ENOMEM),
+                None,
+                "io_uring_setup failed",
+            ),
+        ] {
+            let cause = e.to_string();
+            let r = unavailable_reason(e, sysctl);
+            let text = r.to_string();
+            assert!(text.contains(says) && text.ends_with(&cause), "{text}");
+            let source = r.source().expect("the io error is the source");
+            assert_eq!(source.to_string(), cause);
+        }
     }
 }

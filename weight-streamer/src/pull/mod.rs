@@ -32,9 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nixl_core::{
-    Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferOp, XferOptions, XferRequest,
-};
+use nixl_core::{Agent, AgentMetadata, Desc, DescList, MemKind, Registration, XferRequest};
 use nixl_transports::tcp::{fetch_metadata, Auth};
 use parking_lot::{Condvar, Mutex, RwLock};
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64, xxh3_64_with_seed};

@@ -62,18 +62,7 @@ pub(super) fn post_read(
 ) -> nixl_core::Result<XferRequest> {
     let l = DescList::from_descs(MemKind::Dram, vec![Desc::new(local.addr() + off, len, 0)])?;
     let r = DescList::from_descs(MemKind::Dram, vec![Desc::new(remote, len, 0)])?;
-    let x = agent.create_xfer(
-        XferOp::Read,
-        &l,
-        &r,
-        peer,
-        XferOptions {
-            deadline: Some(timeout),
-            ..Default::default()
-        },
-    )?;
-    x.post()?;
-    Ok(x)
+    agent.post_read(&l, &r, peer, timeout)
 }
 
 /// One bounded attempt to reach a source at `addr` and read its description of `name`.

@@ -293,17 +293,15 @@ impl Run<'_> {
                     let object = Desc::new(ch.file_offset, ch.len, OBJECT_ID_BASE + ch.file as u64);
                     let local = Desc::new(self.data.addr() + ch.data_offset, ch.len, 0);
                     (|| {
-                        let x = self.agent.create_xfer(
-                            XferOp::Read,
-                            &DescList::from_descs(MemKind::Dram, vec![local])?,
-                            &DescList::from_descs(MemKind::Object, vec![object])?,
-                            self.agent.name(),
-                            XferOptions {
-                                deadline: Some(self.chunk_timeout),
-                                ..Default::default()
-                            },
-                        )?;
-                        x.run_blocking()
+                        self.agent
+                            .post_read(
+                                &DescList::from_descs(MemKind::Dram, vec![local])?,
+                                &DescList::from_descs(MemKind::Object, vec![object])?,
+                                self.agent.name(),
+                                self.chunk_timeout,
+                            )?
+                            .wait_blocking(None)
+                            .into_result()
                     })()
                     .map_err(|e| {
                         Error::core(

@@ -100,6 +100,9 @@ struct Args {
     /// Bytes per chunk (the tcp backend's `chunk_bytes`).
     #[arg(long)]
     chunk: Option<usize>,
+    /// Most unanswered chunks per connection (the tcp backend's `window`).
+    #[arg(long)]
+    window: Option<usize>,
     /// tcp topology: `on` (the agents share a secret, so every connection is TLS 1.3), `off`
     /// (no secret, `allow_open`: plain sockets, zero-copy), or `both` (off then on, one run).
     #[arg(long, default_value = "on")]

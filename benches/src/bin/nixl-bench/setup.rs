@@ -340,6 +340,9 @@ pub(crate) fn procs_setup(topo: Topo, args: &Args, backends: &str, size: usize) 
             if let Some(c) = args.chunk {
                 tuning += &format!("chunk_bytes = {c}\n");
             }
+            if let Some(w) = args.window {
+                tuning += &format!("window = {w}\n");
+            }
             let target_addr =
                 SocketAddr::new(net.target_ip, 17000 + (std::process::id() % 1000) as u16);
             let auth = if args.tls == "off" {

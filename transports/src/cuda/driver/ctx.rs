@@ -67,6 +67,11 @@ impl Releaser<'_> {
         &self.ctx.drv.api
     }
 
+    /// The driver's optional entry points.
+    pub(super) fn opt(&self) -> &OptionalApi {
+        &self.ctx.drv.opt
+    }
+
     /// Logs a failed release call.
     pub(super) fn check(&self, op: &'static str, r: CuResult) {
         if let Err(e) = self.ctx.check(op, r) {
@@ -93,7 +98,7 @@ impl DeviceCtx {
     }
 
     /// Retains the primary context of device `ordinal` and reads its properties.
-    pub fn open(drv: &'static Driver, ordinal: i32) -> CuRes<Arc<DeviceCtx>> {
+    pub(crate) fn open(drv: &'static Driver, ordinal: i32) -> CuRes<Arc<DeviceCtx>> {
         if ordinal < 0 || ordinal >= drv.facts.devices {
             return Err(CuError {
                 op: "cuDeviceGet",
@@ -201,7 +206,7 @@ impl DeviceCtx {
     /// visible to work the device runs next (`cuFlushGPUDirectRDMAWrites`, to the owner): to be
     /// called before telling the application that an RDMA WRITE into its VRAM has landed. A
     /// driver without the call has nothing to flush with (`Ok`).
-    pub fn flush_gdr_writes(&self) -> CuRes<()> {
+    pub(crate) fn flush_gdr_writes(&self) -> CuRes<()> {
         let Some(f) = self.drv.opt.flush_gdr_writes else {
             return Ok(());
         };
@@ -225,7 +230,7 @@ impl DeviceCtx {
     }
 
     /// The driver.
-    pub fn driver(&self) -> &'static Driver {
+    pub(crate) fn driver(&self) -> &'static Driver {
         self.drv
     }
 
@@ -246,7 +251,7 @@ impl DeviceCtx {
 
     /// What the driver knows about the allocation holding `addr`: must be device memory of this
     /// device. Call with this context current.
-    pub fn query_allocation(&self, addr: u64) -> CuRes<RawAlloc> {
+    pub(crate) fn query_allocation(&self, addr: u64) -> CuRes<RawAlloc> {
         let mut handle: CuMemHandle = 0;
         // SAFETY: writes one handle; `addr` is only looked up, not dereferenced.
         let r = unsafe {
@@ -332,7 +337,7 @@ impl DeviceCtx {
     }
 
     /// The legacy IPC handle of the allocation starting at `base` (this context current).
-    pub fn ipc_handle(&self, base: u64) -> CuRes<[u8; 64]> {
+    pub(crate) fn ipc_handle(&self, base: u64) -> CuRes<[u8; 64]> {
         let mut h = IpcMemHandle { reserved: [0; 64] };
         // SAFETY: writes 64 bytes into `h`.
         self.check("cuIpcGetMemHandle", unsafe {
@@ -342,7 +347,7 @@ impl DeviceCtx {
     }
 
     /// Exports the VMM allocation mapped at `addr` as a POSIX fd (this context current).
-    pub fn export_fd(&self, addr: u64) -> CuRes<OwnedFd> {
+    pub(crate) fn export_fd(&self, addr: u64) -> CuRes<OwnedFd> {
         self.with_handle(addr, |h| {
             let mut fd: c_int = -1;
             // SAFETY: for POSIX_FD the driver writes one int (a new fd we then own).
@@ -363,7 +368,7 @@ impl DeviceCtx {
     }
 
     /// Exports the VMM allocation mapped at `addr` as a fabric handle (this context current).
-    pub fn export_fabric(&self, addr: u64) -> CuRes<[u8; 64]> {
+    pub(crate) fn export_fabric(&self, addr: u64) -> CuRes<[u8; 64]> {
         self.with_handle(addr, |h| {
             let mut fh = [0u8; 64];
             // SAFETY: for FABRIC the driver writes one 64-byte CUmemFabricHandle.
@@ -418,7 +423,7 @@ impl DeviceCtx {
     /// stream of this device copies to or from another GPU's VMM memory in the same process,
     /// which by default only its own device may touch. Peer access must be possible (NVLink or
     /// PCIe P2P); the driver refuses otherwise.
-    pub fn grant_access(&self, va: u64, size: usize) -> CuRes<()> {
+    pub(crate) fn grant_access(&self, va: u64, size: usize) -> CuRes<()> {
         let desc = self.access_desc();
         let _g = self.enter()?;
         // SAFETY: changes access flags of a mapped range of this process; one descriptor.
@@ -451,7 +456,7 @@ impl Drop for DeviceCtx {
 
 /// What [`DeviceCtx::query_allocation`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RawAlloc {
+pub(crate) struct RawAlloc {
     /// Whether the pointer is device memory (not host, not managed).
     pub device_memory: bool,
     /// The device the memory is on.
@@ -467,13 +472,13 @@ pub struct RawAlloc {
 }
 
 /// `CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD`.
-pub const RANGE_HANDLE_DMA_BUF_FD: c_uint = 1;
+pub(crate) const RANGE_HANDLE_DMA_BUF_FD: c_uint = 1;
 const CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED: c_int = 124;
 
 impl Driver {
     /// Whether the driver exports device memory as dmabuf fds (`cuMemGetHandleForAddressRange`,
     /// CUDA 11.7 or newer); `Err` says why not.
-    pub fn dmabuf_export(&self) -> Result<(), String> {
+    pub(crate) fn dmabuf_export(&self) -> Result<(), String> {
         match self.opt.mem_get_handle_for_address_range {
             Some(_) => Ok(()),
             None => Err(format!(
@@ -488,7 +493,7 @@ impl Driver {
 
 impl DeviceCtx {
     /// The device's PCI bus id as sysfs names it (`0000:19:00.0`, lower case).
-    pub fn pci_bus_id(&self) -> CuRes<String> {
+    pub(crate) fn pci_bus_id(&self) -> CuRes<String> {
         let mut buf = [0 as c_char; 64];
         // SAFETY: writes at most `len` bytes (NUL-terminated) into `buf`; `dev` is valid.
         self.check("cuDeviceGetPCIBusId", unsafe {
@@ -502,7 +507,7 @@ impl DeviceCtx {
 
     /// Whether the device can export its memory as dmabuf (`CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED`:
     /// the open kernel modules, or a proprietary driver with dmabuf support).
-    pub fn dmabuf_supported(&self) -> bool {
+    pub(crate) fn dmabuf_supported(&self) -> bool {
         self.drv
             .attribute(self.dev, CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED)
             .unwrap_or(0)
@@ -513,7 +518,7 @@ impl DeviceCtx {
     /// size (`cuMemGetHandleForAddressRange` with `CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD`). The fd
     /// holds the memory's pages for whoever imports it (an RDMA NIC); call with this context
     /// current.
-    pub fn export_dmabuf(&self, start: u64, size: u64) -> CuRes<OwnedFd> {
+    pub(crate) fn export_dmabuf(&self, start: u64, size: u64) -> CuRes<OwnedFd> {
         let op = "cuMemGetHandleForAddressRange(DMA_BUF_FD)";
         let Some(f) = self.drv.opt.mem_get_handle_for_address_range else {
             return Err(CuError {

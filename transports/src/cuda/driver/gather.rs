@@ -8,7 +8,7 @@ const GATHER_PTX: &str = concat!(include_str!("../gather.ptx"), "\0");
 /// One entry of a gather table, as the kernel reads it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GatherEntry {
+pub(crate) struct GatherEntry {
     /// Source address.
     pub src: u64,
     /// Destination address.
@@ -19,25 +19,36 @@ pub struct GatherEntry {
 
 /// The gather kernel loaded in one device's context: copies a table of runs (in device memory)
 /// in one launch, where one `cuMemcpyDtoDAsync` per run costs microseconds of driver time each.
-pub struct Gather {
-    pub(super) ctx: Arc<DeviceCtx>,
-    pub(super) module: CuModule,
-    pub(super) func: CuFunction,
+#[derive(Debug)]
+pub(crate) struct Gather {
+    module: Owned<Module>,
+    func: CuFunction,
 }
 
-// SAFETY: module and function handles are driver objects usable from any thread (every use
-// makes the context current first); the struct is immutable after creation.
+pub(super) struct Module;
+
+// SAFETY: module handles are driver objects usable from any thread (every use makes the
+// context current first); a `Gather` is immutable after creation.
+unsafe impl Kind for Module {
+    type Raw = CuModule;
+    const WHAT: &'static str = "gather kernel";
+
+    unsafe fn release(rel: &Releaser<'_>, module: &CuModule) {
+        // A module is only loaded where the driver has the module API (`Gather::load`).
+        let Some(unload) = rel.opt().module_unload else {
+            return;
+        };
+        // SAFETY: our module; no launch of it is pending once its owner drops it (the tables'
+        // requests hold the owner).
+        rel.check("cuModuleUnload", unsafe { unload(*module) });
+    }
+}
+
+// SAFETY: the function handle belongs to the module (`Send` and `Sync`, above) and is only
+// passed to the driver, which any thread may call.
 unsafe impl Send for Gather {}
 // SAFETY: as above.
 unsafe impl Sync for Gather {}
-
-impl fmt::Debug for Gather {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Gather")
-            .field("device", &self.ctx.ordinal)
-            .finish_non_exhaustive()
-    }
-}
 
 /// Threads per block of the gather kernel.
 const GATHER_THREADS: u32 = 256;
@@ -47,7 +58,7 @@ const GATHER_MAX_BLOCKS: u32 = 8192;
 impl Gather {
     /// Loads the kernel into `ctx` (JIT-compiled from PTX by the driver). `Err` when the
     /// driver lacks the module API or refuses the PTX.
-    pub fn load(ctx: &Arc<DeviceCtx>) -> CuRes<Gather> {
+    pub(crate) fn load(ctx: &Arc<DeviceCtx>) -> CuRes<Gather> {
         let o = &ctx.drv.opt;
         let (Some(load), Some(get), Some(_), Some(_)) = (
             o.module_load_data,
@@ -62,21 +73,18 @@ impl Gather {
             });
         };
         let _g = ctx.enter()?;
-        let mut module: CuModule = std::ptr::null_mut();
-        // SAFETY: a NUL-terminated PTX image; writes one module handle.
-        ctx.check("cuModuleLoadData", unsafe {
-            load(&mut module, GATHER_PTX.as_ptr().cast())
-        })?;
+        // SAFETY: a NUL-terminated PTX image; writes one module handle, ours to unload.
+        let module = unsafe {
+            Owned::<Module>::make(ctx, "cuModuleLoadData", std::ptr::null_mut(), |m| {
+                load(m, GATHER_PTX.as_ptr().cast())
+            })
+        }?;
         let mut func: CuFunction = std::ptr::null_mut();
         // SAFETY: a live module and a NUL-terminated name; writes one function handle.
-        let r = unsafe { get(&mut func, module, c"nixl_gather".as_ptr()) };
-        let me = Gather {
-            ctx: Arc::clone(ctx),
-            module,
-            func,
-        };
+        let r = unsafe { get(&mut func, module.raw, c"nixl_gather".as_ptr()) };
+        // On an error, dropping `module` unloads it.
         ctx.check("cuModuleGetFunction", r)?;
-        Ok(me)
+        Ok(Gather { module, func })
     }
 
     /// Enqueues the copies of the `n`-entry table at device address `table` on `stream` (of
@@ -86,11 +94,12 @@ impl Gather {
     /// `table` must hold `n` [`GatherEntry`]s in device memory, and every entry's source must be
     /// readable and destination writable device memory mapped in this process, all until the
     /// work is complete (as [`Stream::copy_dtod`]).
-    pub unsafe fn launch(&self, stream: &Stream, table: u64, n: u32) -> CuRes<()> {
+    pub(crate) unsafe fn launch(&self, stream: &Stream, table: u64, n: u32) -> CuRes<()> {
         if n == 0 {
             return Ok(());
         }
-        let launch = self.ctx.drv.opt.launch_kernel.expect("checked at load");
+        let ctx = self.module.ctx();
+        let launch = ctx.drv.opt.launch_kernel.expect("checked at load");
         let mut p_table = table;
         let mut p_n = n;
         let mut params: [*mut c_void; 2] = [
@@ -101,7 +110,7 @@ impl Gather {
         // SAFETY: a live function of this context; `params` points at the kernel's two
         // parameters (u64, u32), live for the call (the driver copies them); the memory the
         // kernel touches per the contract.
-        self.ctx.check("cuLaunchKernel", unsafe {
+        ctx.check("cuLaunchKernel", unsafe {
             launch(
                 self.func,
                 blocks,
@@ -111,23 +120,10 @@ impl Gather {
                 1,
                 1,
                 0,
-                stream.raw,
+                stream.raw(),
                 params.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
         })
-    }
-}
-
-impl Drop for Gather {
-    fn drop(&mut self) {
-        let Some(unload) = self.ctx.drv.opt.module_unload else {
-            return;
-        };
-        if let Some(rel) = self.ctx.releaser("gather kernel") {
-            // SAFETY: our module; no launch of it is pending once its owner drops it (the
-            // tables' requests hold the owner).
-            rel.check("cuModuleUnload", unsafe { unload(self.module) });
-        }
     }
 }

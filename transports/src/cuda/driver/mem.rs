@@ -4,159 +4,187 @@
 use super::*;
 
 /// Page-locked host memory from `cuMemHostAlloc` (portable: usable by every context).
-pub struct PinnedHost {
-    pub(super) ctx: Arc<DeviceCtx>,
-    pub(super) ptr: *mut u8,
-    pub(super) len: usize,
+#[derive(Debug)]
+pub(crate) struct PinnedHost(Owned<HostMem>);
+
+/// Pinned host memory: where it starts and its length.
+#[derive(Debug)]
+pub(super) struct HostBuf {
+    ptr: *mut u8,
+    len: usize,
 }
 
-// SAFETY: owned host memory, like a Box<[u8]>.
-unsafe impl Send for PinnedHost {}
-// SAFETY: shared access only reads through `as_slice`.
-unsafe impl Sync for PinnedHost {}
+pub(super) struct HostMem;
 
-impl fmt::Debug for PinnedHost {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PinnedHost")
-            .field("len", &self.len)
-            .finish()
+// SAFETY: owned host memory, like a Box<[u8]>; shared access only reads through `as_slice`.
+unsafe impl Kind for HostMem {
+    type Raw = HostBuf;
+    const WHAT: &'static str = "pinned memory";
+
+    unsafe fn release(rel: &Releaser<'_>, raw: &HostBuf) {
+        // SAFETY: frees the memory cuMemHostAlloc gave us; no borrow outlives its owner.
+        rel.check("cuMemFreeHost", unsafe {
+            (rel.api().mem_free_host)(raw.ptr.cast())
+        });
     }
 }
 
 impl PinnedHost {
     /// `len` bytes (at least 1) of pinned, zeroed host memory.
-    pub fn new(ctx: &Arc<DeviceCtx>, len: usize) -> CuRes<PinnedHost> {
+    pub(crate) fn new(ctx: &Arc<DeviceCtx>, len: usize) -> CuRes<PinnedHost> {
         let len = len.max(1);
         let _g = ctx.enter()?;
-        let mut p: *mut c_void = std::ptr::null_mut();
-        // SAFETY: writes one pointer to `len` bytes of new host memory.
-        ctx.check("cuMemHostAlloc", unsafe {
-            (ctx.drv.api.mem_host_alloc)(&mut p, len, CU_MEMHOSTALLOC_PORTABLE)
-        })?;
-        // SAFETY: `p` is `len` writable bytes we own.
-        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, len) };
-        Ok(PinnedHost {
-            ctx: Arc::clone(ctx),
-            ptr: p.cast(),
+        let init = HostBuf {
+            ptr: std::ptr::null_mut(),
             len,
-        })
+        };
+        // SAFETY: writes one pointer to `len` bytes of new host memory, ours to free.
+        let mem = unsafe {
+            Owned::<HostMem>::make(ctx, "cuMemHostAlloc", init, |b| {
+                let mut p: *mut c_void = std::ptr::null_mut();
+                let r = (ctx.drv.api.mem_host_alloc)(&mut p, len, CU_MEMHOSTALLOC_PORTABLE);
+                b.ptr = p.cast();
+                r
+            })
+        }?;
+        // SAFETY: `ptr` is `len` writable bytes we own.
+        unsafe { std::ptr::write_bytes(mem.raw.ptr, 0, len) };
+        Ok(PinnedHost(mem))
     }
 
     /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        let b = &self.0.raw;
         // SAFETY: `len` initialised bytes we own.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    /// The bytes, writable.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `len` initialised bytes we own exclusively.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for PinnedHost {
-    fn drop(&mut self) {
-        if let Some(rel) = self.ctx.releaser("pinned memory") {
-            // SAFETY: frees the memory cuMemHostAlloc gave us; no borrow outlives `self`.
-            rel.check("cuMemFreeHost", unsafe {
-                (rel.api().mem_free_host)(self.ptr.cast())
-            });
-        }
+        unsafe { std::slice::from_raw_parts(b.ptr, b.len) }
     }
 }
 
 /// A peer's legacy allocation opened with `cuIpcOpenMemHandle`, closed on drop.
-pub struct LegacyImport {
-    pub(super) ctx: Arc<DeviceCtx>,
-    pub(super) base: u64,
-}
+#[derive(Debug)]
+pub(crate) struct LegacyImport(Owned<IpcMapping>);
 
-// SAFETY: a device address and the context it lives in; both usable from any thread.
-unsafe impl Send for LegacyImport {}
-// SAFETY: as above.
-unsafe impl Sync for LegacyImport {}
+pub(super) struct IpcMapping;
 
-impl fmt::Debug for LegacyImport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LegacyImport({:#x})", self.base)
+// SAFETY: a device address of a mapping in a context; usable from any thread.
+unsafe impl Kind for IpcMapping {
+    type Raw = CuDevicePtr;
+    const WHAT: &'static str = "IPC mapping";
+
+    unsafe fn release(rel: &Releaser<'_>, base: &CuDevicePtr) {
+        // SAFETY: closes the mapping opened in `open`; the import cache drops us only when no
+        // transfer holds us.
+        rel.check("cuIpcCloseMemHandle", unsafe {
+            (rel.api().ipc_close_mem_handle)(*base)
+        });
     }
 }
 
 impl LegacyImport {
     /// Opens a peer's IPC handle in `ctx` (peer access enabled lazily).
-    pub fn open(ctx: &Arc<DeviceCtx>, handle: &[u8; 64]) -> CuRes<LegacyImport> {
+    pub(crate) fn open(ctx: &Arc<DeviceCtx>, handle: &[u8; 64]) -> CuRes<LegacyImport> {
         let _g = ctx.enter()?;
-        let mut base: CuDevicePtr = 0;
         let h = IpcMemHandle { reserved: *handle };
-        // SAFETY: writes one device pointer; the handle is passed by value as cuda.h declares.
-        ctx.check("cuIpcOpenMemHandle", unsafe {
-            (ctx.drv.api.ipc_open_mem_handle)(&mut base, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
-        })?;
-        Ok(LegacyImport {
-            ctx: Arc::clone(ctx),
-            base,
-        })
+        // SAFETY: writes one device pointer, a mapping ours to close; the handle is passed by
+        // value as cuda.h declares.
+        let m = unsafe {
+            Owned::make(ctx, "cuIpcOpenMemHandle", 0, |base| {
+                (ctx.drv.api.ipc_open_mem_handle)(base, h, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
+            })
+        }?;
+        Ok(LegacyImport(m))
     }
 
     /// Where the peer's allocation starts in our address space.
-    pub fn base(&self) -> u64 {
-        self.base
-    }
-}
-
-impl Drop for LegacyImport {
-    fn drop(&mut self) {
-        if let Some(rel) = self.ctx.releaser("IPC mapping") {
-            // SAFETY: closes the mapping opened in `open`; the import cache drops us only
-            // when no transfer holds us.
-            rel.check("cuIpcCloseMemHandle", unsafe {
-                (rel.api().ipc_close_mem_handle)(self.base)
-            });
-        }
+    pub(crate) fn base(&self) -> u64 {
+        self.0.raw
     }
 }
 
 /// Where a VMM mapping's physical memory comes from.
 #[derive(Debug)]
-pub enum VmmSource<'a> {
+pub(crate) enum VmmSource<'a> {
     /// A POSIX fd from `cuMemExportToShareableHandle` (received over SCM_RIGHTS).
     Fd(&'a OwnedFd),
     /// A 64-byte fabric handle.
     Fabric(&'a [u8; 64]),
 }
 
-/// A VMM allocation mapped into our address space: reserved range, mapped handle, access set.
-/// Unmapped, released and unreserved on drop, in that order.
-pub struct VmmImport {
-    pub(super) ctx: Arc<DeviceCtx>,
-    pub(super) handle: CuMemHandle,
-    pub(super) va: u64,
-    pub(super) size: usize,
-    pub(super) mapped: bool,
+/// A VMM mapping's parts, each set once the call that made it succeeded: released by
+/// [`release_vmm`] in order (unmap, free the range, release the handle).
+#[derive(Debug)]
+pub(super) struct VmmParts {
+    handle: CuMemHandle,
+    va: u64,
+    size: usize,
+    reserved: bool,
+    mapped: bool,
 }
 
-// SAFETY: driver handles and a device range; usable from any thread.
-unsafe impl Send for VmmImport {}
-// SAFETY: as above.
-unsafe impl Sync for VmmImport {}
+impl VmmParts {
+    fn new(size: usize) -> VmmParts {
+        VmmParts {
+            handle: 0,
+            va: 0,
+            size,
+            reserved: false,
+            mapped: false,
+        }
+    }
 
-impl fmt::Debug for VmmImport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VmmImport")
-            .field("va", &format_args!("{:#x}", self.va))
-            .field("size", &self.size)
-            .finish_non_exhaustive()
+    /// Reserves a range of `size` bytes (at `at` when the driver can: a hint only).
+    fn reserve(&mut self, ctx: &DeviceCtx, at: u64) -> CuRes<()> {
+        let mut va: CuDevicePtr = 0;
+        // SAFETY: reserves a fresh range of `size` bytes; writes its start.
+        ctx.check("cuMemAddressReserve", unsafe {
+            (ctx.drv.api.mem_address_reserve)(&mut va, self.size, 0, at, 0)
+        })?;
+        self.va = va;
+        self.reserved = true;
+        Ok(())
+    }
+
+    /// Maps the whole allocation at offset 0 into the reserved range, readable and writable
+    /// by `ctx`'s device.
+    fn map(&mut self, ctx: &DeviceCtx) -> CuRes<()> {
+        // SAFETY: maps our whole allocation at offset 0 into the range just reserved.
+        ctx.check("cuMemMap", unsafe {
+            (ctx.drv.api.mem_map)(self.va, self.size, 0, self.handle, 0)
+        })?;
+        self.mapped = true;
+        let desc = ctx.access_desc();
+        // SAFETY: the range is mapped; one access descriptor.
+        ctx.check("cuMemSetAccess", unsafe {
+            (ctx.drv.api.mem_set_access)(self.va, self.size, &desc, 1)
+        })
+    }
+}
+
+/// A peer's VMM allocation mapped into our address space: reserved range, mapped handle,
+/// access set. Unmapped, released and unreserved on drop, in that order.
+#[derive(Debug)]
+pub(crate) struct VmmImport(Owned<VmmMapping>);
+
+pub(super) struct VmmMapping;
+
+// SAFETY: driver handles and a device range; usable from any thread.
+unsafe impl Kind for VmmMapping {
+    type Raw = VmmParts;
+    const WHAT: &'static str = "VMM mapping";
+
+    unsafe fn release(rel: &Releaser<'_>, parts: &VmmParts) {
+        // SAFETY: the range was mapped (if `mapped`) and reserved (if `reserved`) in `import`,
+        // and the handle imported there; no transfer holds them any more.
+        unsafe { release_vmm(rel, parts) };
     }
 }
 
 impl VmmImport {
     /// Imports a shareable handle of an allocation of `size` bytes and maps it, readable and
     /// writable by `ctx`'s device.
-    pub fn import(ctx: &Arc<DeviceCtx>, src: VmmSource<'_>, size: u64) -> CuRes<VmmImport> {
+    pub(crate) fn import(ctx: &Arc<DeviceCtx>, src: VmmSource<'_>, size: u64) -> CuRes<VmmImport> {
         use std::os::fd::AsRawFd;
         let _g = ctx.enter()?;
-        let mut handle: CuMemHandle = 0;
         let (os_handle, kind, op): (*mut c_void, u32, &'static str) = match src {
             // The fd is passed as the pointer value itself (cuda.h: "(void *)(uintptr_t) fd").
             VmmSource::Fd(fd) => (
@@ -170,90 +198,47 @@ impl VmmImport {
                 "cuMemImportFromShareableHandle(FABRIC)",
             ),
         };
-        // SAFETY: writes one handle; the fd is open (we hold it) or the fabric handle is 64
-        // readable bytes, as the handle type says; the driver does not keep the pointer.
-        ctx.check(op, unsafe {
-            (ctx.drv.api.mem_import)(&mut handle, os_handle, kind)
-        })?;
-        let mut me = VmmImport {
-            ctx: Arc::clone(ctx),
-            handle,
-            va: 0,
-            size: 0,
-            mapped: false,
-        };
+        // SAFETY: writes one handle, ours to release; the fd is open (we hold it) or the
+        // fabric handle is 64 readable bytes, as the handle type says; the driver does not keep
+        // the pointer.
+        let mut me = unsafe {
+            Owned::<VmmMapping>::make(ctx, op, VmmParts::new(0), |p| {
+                (ctx.drv.api.mem_import)(&mut p.handle, os_handle, kind)
+            })
+        }?;
         let size = usize::try_from(size).map_err(|_| CuError {
             op: "cuMemAddressReserve",
             code: crate::cuda::driver::CUDA_ERROR_NOT_SUPPORTED,
             name: "size does not fit usize".into(),
         })?;
-        let mut va: CuDevicePtr = 0;
-        // SAFETY: reserves a fresh range of `size` bytes; writes its start.
-        ctx.check("cuMemAddressReserve", unsafe {
-            (ctx.drv.api.mem_address_reserve)(&mut va, size, 0, 0, 0)
-        })?;
-        me.va = va;
-        me.size = size;
-        // SAFETY: maps the whole imported allocation at offset 0 into the range just reserved.
-        ctx.check("cuMemMap", unsafe {
-            (ctx.drv.api.mem_map)(va, size, 0, handle, 0)
-        })?;
-        me.mapped = true;
-        let desc = ctx.access_desc();
-        // SAFETY: the range is mapped; one access descriptor.
-        ctx.check("cuMemSetAccess", unsafe {
-            (ctx.drv.api.mem_set_access)(va, size, &desc, 1)
-        })?;
-        Ok(me)
+        me.raw.size = size;
+        me.raw.reserve(ctx, 0)?;
+        me.raw.map(ctx)?;
+        Ok(VmmImport(me))
     }
 
     /// Where the allocation starts in our address space.
-    pub fn base(&self) -> u64 {
-        self.va
-    }
-}
-
-impl Drop for VmmImport {
-    fn drop(&mut self) {
-        if let Some(rel) = self.ctx.releaser("VMM mapping") {
-            // SAFETY: the range was mapped (if `mapped`) and reserved (if its size is not 0)
-            // in `import`, and the handle imported there; no transfer holds them any more.
-            unsafe {
-                release_vmm(
-                    &rel,
-                    self.va,
-                    self.size,
-                    self.mapped,
-                    self.size > 0,
-                    self.handle,
-                )
-            };
-        }
+    pub(crate) fn base(&self) -> u64 {
+        self.0.raw.va
     }
 }
 
 /// A VMM allocation we created: `cuMemCreate` + reserve + map + access (see
 /// [`crate::cuda::VmmBuffer`]).
-pub struct VmmAlloc {
-    pub(super) ctx: Arc<DeviceCtx>,
-    pub(super) handle: CuMemHandle,
-    pub(super) va: u64,
-    pub(super) size: usize,
-    pub(super) reserved: bool,
-    pub(super) mapped: bool,
-}
+#[derive(Debug)]
+pub struct VmmAlloc(Owned<VmmAllocation>);
+
+pub(super) struct VmmAllocation;
 
 // SAFETY: driver handles and a device range; usable from any thread.
-unsafe impl Send for VmmAlloc {}
-// SAFETY: as above.
-unsafe impl Sync for VmmAlloc {}
+unsafe impl Kind for VmmAllocation {
+    type Raw = VmmParts;
+    const WHAT: &'static str = "VMM allocation";
 
-impl fmt::Debug for VmmAlloc {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VmmAlloc")
-            .field("va", &format_args!("{:#x}", self.va))
-            .field("size", &self.size)
-            .finish_non_exhaustive()
+    unsafe fn release(rel: &Releaser<'_>, parts: &VmmParts) {
+        // SAFETY: our mapping, reserved range and handle from cuMemCreate; the owner
+        // guarantees nothing uses them (deregistered).
+        unsafe { release_vmm(rel, parts) };
     }
 }
 
@@ -285,27 +270,14 @@ impl VmmAlloc {
     fn create(ctx: &Arc<DeviceCtx>, size: usize, handle_types: u32, at: u64) -> CuRes<VmmAlloc> {
         let _g = ctx.enter()?;
         let prop = ctx.vmm_prop(handle_types);
-        let mut handle: CuMemHandle = 0;
-        // SAFETY: reads `prop`, writes one handle.
-        ctx.check("cuMemCreate", unsafe {
-            (ctx.drv.api.mem_create)(&mut handle, size, &prop, 0)
-        })?;
-        let mut me = VmmAlloc {
-            ctx: Arc::clone(ctx),
-            handle,
-            va: 0,
-            size,
-            reserved: false,
-            mapped: false,
-        };
-        let mut va: CuDevicePtr = 0;
-        // SAFETY: reserves a fresh range (at `at` when the driver can, a hint only); writes its
-        // start.
-        ctx.check("cuMemAddressReserve", unsafe {
-            (ctx.drv.api.mem_address_reserve)(&mut va, size, 0, at, 0)
-        })?;
-        me.va = va;
-        me.reserved = true;
+        // SAFETY: reads `prop`, writes one handle, ours to release.
+        let mut me = unsafe {
+            Owned::<VmmAllocation>::make(ctx, "cuMemCreate", VmmParts::new(size), |p| {
+                (ctx.drv.api.mem_create)(&mut p.handle, size, &prop, 0)
+            })
+        }?;
+        me.raw.reserve(ctx, at)?;
+        let va = me.raw.va;
         if at != 0 && va != at {
             // Dropping `me` frees the range given elsewhere and releases the handle.
             return Err(CuError {
@@ -316,51 +288,23 @@ impl VmmAlloc {
                 ),
             });
         }
-        // SAFETY: maps our whole allocation at offset 0 into our fresh range.
-        ctx.check("cuMemMap", unsafe {
-            (ctx.drv.api.mem_map)(va, size, 0, handle, 0)
-        })?;
-        me.mapped = true;
-        let desc = ctx.access_desc();
-        // SAFETY: the range is mapped; one access descriptor.
-        ctx.check("cuMemSetAccess", unsafe {
-            (ctx.drv.api.mem_set_access)(va, size, &desc, 1)
-        })?;
-        Ok(me)
+        me.raw.map(ctx)?;
+        Ok(VmmAlloc(me))
     }
 
     /// Device address of the first byte.
     pub fn addr(&self) -> u64 {
-        self.va
+        self.0.raw.va
     }
 
     /// Size in bytes.
     pub fn size(&self) -> usize {
-        self.size
+        self.0.raw.size
     }
 
     /// The device context.
     pub fn ctx(&self) -> &Arc<DeviceCtx> {
-        &self.ctx
-    }
-}
-
-impl Drop for VmmAlloc {
-    fn drop(&mut self) {
-        if let Some(rel) = self.ctx.releaser("VMM allocation") {
-            // SAFETY: our mapping, reserved range and handle from cuMemCreate; the owner
-            // guarantees nothing uses them (deregistered).
-            unsafe {
-                release_vmm(
-                    &rel,
-                    self.va,
-                    self.size,
-                    self.mapped,
-                    self.reserved,
-                    self.handle,
-                )
-            };
-        }
+        self.0.ctx()
     }
 }
 
@@ -371,80 +315,63 @@ impl Drop for VmmAlloc {
 /// # Safety
 /// `va..va+size` is mapped (if `mapped`) and reserved (if `reserved`) by the caller, `handle`
 /// is the caller's, and nothing uses any of them any more.
-unsafe fn release_vmm(
-    rel: &Releaser<'_>,
-    va: u64,
-    size: usize,
-    mapped: bool,
-    reserved: bool,
-    handle: CuMemHandle,
-) {
+unsafe fn release_vmm(rel: &Releaser<'_>, p: &VmmParts) {
     let api = rel.api();
-    if mapped {
+    if p.mapped {
         // SAFETY: per the contract, a mapping nothing uses.
-        rel.check("cuMemUnmap", unsafe { (api.mem_unmap)(va, size) });
+        rel.check("cuMemUnmap", unsafe { (api.mem_unmap)(p.va, p.size) });
     }
-    if reserved {
+    if p.reserved {
         // SAFETY: per the contract, a reserved range, now unmapped.
         rel.check("cuMemAddressFree", unsafe {
-            (api.mem_address_free)(va, size)
+            (api.mem_address_free)(p.va, p.size)
         });
     }
     // SAFETY: per the contract, the caller's handle.
-    rel.check("cuMemRelease", unsafe { (api.mem_release)(handle) });
+    rel.check("cuMemRelease", unsafe { (api.mem_release)(p.handle) });
 }
 
 /// A legacy allocation from `cuMemAlloc` (what `cudaMalloc` gives), freed on drop.
-pub struct DeviceAlloc {
-    pub(super) ctx: Arc<DeviceCtx>,
-    pub(super) ptr: u64,
-    pub(super) size: usize,
+#[derive(Debug)]
+pub(crate) struct DeviceAlloc {
+    mem: Owned<DeviceMem>,
+    size: usize,
 }
 
-// SAFETY: a device address; usable from any thread.
-unsafe impl Send for DeviceAlloc {}
-// SAFETY: as above.
-unsafe impl Sync for DeviceAlloc {}
+pub(super) struct DeviceMem;
 
-impl fmt::Debug for DeviceAlloc {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DeviceAlloc({:#x}, {})", self.ptr, self.size)
+// SAFETY: a device address; usable from any thread.
+unsafe impl Kind for DeviceMem {
+    type Raw = CuDevicePtr;
+    const WHAT: &'static str = "device memory";
+
+    unsafe fn release(rel: &Releaser<'_>, ptr: &CuDevicePtr) {
+        // SAFETY: frees our allocation; the owner guarantees nothing uses it.
+        rel.check("cuMemFree", unsafe { (rel.api().mem_free)(*ptr) });
     }
 }
 
 impl DeviceAlloc {
     /// `size` bytes of device memory.
-    pub fn new(ctx: &Arc<DeviceCtx>, size: usize) -> CuRes<DeviceAlloc> {
+    pub(crate) fn new(ctx: &Arc<DeviceCtx>, size: usize) -> CuRes<DeviceAlloc> {
         let _g = ctx.enter()?;
-        let mut ptr: CuDevicePtr = 0;
-        // SAFETY: writes one device pointer.
-        ctx.check("cuMemAlloc", unsafe {
-            (ctx.drv.api.mem_alloc)(&mut ptr, size.max(1))
-        })?;
-        Ok(DeviceAlloc {
-            ctx: Arc::clone(ctx),
-            ptr,
-            size,
-        })
+        // SAFETY: writes one device pointer, an allocation ours to free.
+        let mem = unsafe {
+            Owned::make(ctx, "cuMemAlloc", 0, |ptr| {
+                (ctx.drv.api.mem_alloc)(ptr, size.max(1))
+            })
+        }?;
+        Ok(DeviceAlloc { mem, size })
     }
 
     /// Device address of the first byte.
-    pub fn addr(&self) -> u64 {
-        self.ptr
+    pub(crate) fn addr(&self) -> u64 {
+        self.mem.raw
     }
 
     /// Size in bytes.
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         self.size
-    }
-}
-
-impl Drop for DeviceAlloc {
-    fn drop(&mut self) {
-        if let Some(rel) = self.ctx.releaser("device memory") {
-            // SAFETY: frees our allocation; the owner guarantees nothing uses it.
-            rel.check("cuMemFree", unsafe { (rel.api().mem_free)(self.ptr) });
-        }
     }
 }
 

@@ -17,29 +17,32 @@
 //! such a value as an enum would be undefined behaviour.
 //!
 //! Everything else in the backend is safe code over the wrappers below: [`DeviceCtx`] (a
-//! retained primary context, `Arc`'d, released last), [`Stream`], [`Event`], [`PinnedHost`],
-//! [`LegacyImport`], [`VmmImport`], [`DeviceAlloc`]. Each child holds an `Arc<DeviceCtx>`, so
+//! retained primary context, `Arc`'d, released last), [`Stream`], `Event`, `PinnedHost`,
+//! `LegacyImport`, `VmmImport`, `DeviceAlloc`. Each child holds an `Arc<DeviceCtx>`, so
 //! the context outlives every stream, event and mapping made in it. Nothing panics in `Drop`: a
 //! failure there is logged and counted.
 
 //!
 //! Files: `sys` (types, constants, C structs, entry-point tables), this file (loading and the
-//! probe), `ctx` (contexts), `stream` (streams, events), `mem` (pinned, imported and allocated
-//! memory), `gather` (the gather kernel).
+//! probe), `ctx` (contexts), `owned` (`Owned<Kind>`: one object made in a context, released in
+//! it on drop, which every wrapper below is), `stream` (streams, events), `mem` (pinned,
+//! imported and allocated memory), `gather` (the gather kernel).
 
 #![allow(non_snake_case)]
 
 mod ctx;
 mod gather;
 mod mem;
+mod owned;
 mod stream;
 mod sys;
 #[cfg(test)]
 mod tests;
 
 pub use ctx::*;
-pub use gather::*;
+pub(crate) use gather::*;
 pub use mem::*;
+use owned::{Kind, Owned};
 pub use stream::*;
 pub use sys::*;
 
@@ -188,7 +191,7 @@ impl InitApi for Api {
 }
 
 /// The library names tried, in order.
-pub const LIBRARY_NAMES: &[&str] = &["libcuda.so.1"];
+pub(crate) const LIBRARY_NAMES: &[&str] = &["libcuda.so.1"];
 
 /// Opens the first of `names` that loads and resolves every symbol; the error names the library
 /// and why (not found, symbol missing).
@@ -211,7 +214,7 @@ fn open(names: &[&str]) -> Result<(Library, Api), String> {
 }
 
 /// An error and its sources, `: `-separated (libloading puts dlerror's text in the source).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -272,7 +275,7 @@ impl Driver {
     }
 
     /// The UUID of device `ordinal` (no context is created).
-    pub fn device_uuid(&self, ordinal: i32) -> CuRes<[u8; 16]> {
+    pub(crate) fn device_uuid(&self, ordinal: i32) -> CuRes<[u8; 16]> {
         if ordinal < 0 || ordinal >= self.facts.devices {
             return Err(CuError {
                 op: "cuDeviceGet",
@@ -297,7 +300,7 @@ impl Driver {
     }
 
     /// Whether device `ordinal` exports fabric handles (no context is created).
-    pub fn device_supports_fabric(&self, ordinal: i32) -> bool {
+    pub(crate) fn device_supports_fabric(&self, ordinal: i32) -> bool {
         if ordinal < 0 || ordinal >= self.facts.devices {
             return false;
         }
@@ -323,7 +326,7 @@ impl Driver {
 /// A PCI bus id as `cuDeviceGetPCIBusId` writes it (`0000:19:00.0`, or with an 8-digit domain
 /// `00000000:19:00.0` as nvidia-smi does) in sysfs form: lower case, the domain cut to 4 hex
 /// digits when its extra digits are zeros.
-pub fn sysfs_bus_id(raw: &str) -> String {
+pub(crate) fn sysfs_bus_id(raw: &str) -> String {
     let s = raw.trim().to_ascii_lowercase();
     match s.split_once(':') {
         Some((dom, rest)) if dom.len() > 4 && dom[..dom.len() - 4].bytes().all(|b| b == b'0') => {

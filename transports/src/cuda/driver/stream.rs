@@ -3,24 +3,25 @@
 use super::*;
 
 /// Most copies in one `cuMemcpyBatchAsync` call.
-pub const BATCH_MAX: usize = 4096;
+pub(crate) const BATCH_MAX: usize = 4096;
 
 /// A non-blocking stream of a device.
-pub struct Stream {
-    pub(super) ctx: Arc<DeviceCtx>,
-    pub(super) raw: CuStream,
-}
+#[derive(Debug)]
+pub struct Stream(Owned<StreamKind>);
+
+pub(super) struct StreamKind;
 
 // SAFETY: a CUstream may be used from any thread; the driver serialises work on it.
-unsafe impl Send for Stream {}
-// SAFETY: as above.
-unsafe impl Sync for Stream {}
+unsafe impl Kind for StreamKind {
+    type Raw = CuStream;
+    const WHAT: &'static str = "stream";
 
-impl fmt::Debug for Stream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Stream")
-            .field("device", &self.ctx.ordinal)
-            .finish_non_exhaustive()
+    unsafe fn release(rel: &Releaser<'_>, raw: &CuStream) {
+        // SAFETY: destroys our stream; work still queued completes first (driver semantics),
+        // and nobody holds the raw handle any more.
+        rel.check("cuStreamDestroy", unsafe {
+            (rel.api().stream_destroy)(*raw)
+        });
     }
 }
 
@@ -28,20 +29,23 @@ impl Stream {
     /// A new non-blocking stream in `ctx`.
     pub fn new(ctx: &Arc<DeviceCtx>) -> CuRes<Stream> {
         let _g = ctx.enter()?;
-        let mut raw: CuStream = std::ptr::null_mut();
-        // SAFETY: writes one CUstream; our context is current.
-        ctx.check("cuStreamCreate", unsafe {
-            (ctx.drv.api.stream_create)(&mut raw, CU_STREAM_NON_BLOCKING)
-        })?;
-        Ok(Stream {
-            ctx: Arc::clone(ctx),
-            raw,
-        })
+        // SAFETY: writes one CUstream, ours to destroy; our context is current.
+        let s = unsafe {
+            Owned::make(ctx, "cuStreamCreate", std::ptr::null_mut(), |raw| {
+                (ctx.drv.api.stream_create)(raw, CU_STREAM_NON_BLOCKING)
+            })
+        }?;
+        Ok(Stream(s))
     }
 
     /// The device context.
     pub fn ctx(&self) -> &Arc<DeviceCtx> {
-        &self.ctx
+        self.0.ctx()
+    }
+
+    /// The driver's handle (live while `self` is).
+    pub(super) fn raw(&self) -> CuStream {
+        self.0.raw
     }
 
     /// Enqueues a device-to-device copy of `len` bytes (any devices, unified addressing). The
@@ -53,15 +57,9 @@ impl Stream {
     /// process until the work is complete (an [`Event`] recorded after it has completed).
     pub unsafe fn copy_dtod(&self, dst: u64, src: u64, len: usize) -> CuRes<()> {
         // SAFETY: per the contract.
-        self.ctx.check("cuMemcpyDtoDAsync", unsafe {
-            (self.ctx.drv.api.memcpy_dtod_async)(dst, src, len, self.raw)
+        self.0.ctx.check("cuMemcpyDtoDAsync", unsafe {
+            (self.0.ctx.drv.api.memcpy_dtod_async)(dst, src, len, self.raw())
         })
-    }
-
-    /// Whether the driver has `cuMemcpyBatchAsync` (CUDA 12.8+), which
-    /// [`Stream::copy_dtod_batch`] uses.
-    pub fn has_batch_copy(&self) -> bool {
-        self.ctx.drv.opt.memcpy_batch_v2.is_some() || self.ctx.drv.opt.memcpy_batch_v1.is_some()
     }
 
     /// Enqueues device-to-device copies `(dst, src, len)` with as few driver calls as the
@@ -71,8 +69,8 @@ impl Stream {
     ///
     /// # Safety
     /// As [`Stream::copy_dtod`], for every copy.
-    pub unsafe fn copy_dtod_batch(&self, copies: &[(u64, u64, usize)]) -> CuRes<()> {
-        let opt = &self.ctx.drv.opt;
+    pub(crate) unsafe fn copy_dtod_batch(&self, copies: &[(u64, u64, usize)]) -> CuRes<()> {
+        let opt = &self.0.ctx.drv.opt;
         if copies.len() < 2 || (opt.memcpy_batch_v2.is_none() && opt.memcpy_batch_v1.is_none()) {
             for &(dst, src, len) in copies {
                 // SAFETY: per the contract.
@@ -82,7 +80,7 @@ impl Stream {
         }
         let loc = MemLocation {
             type_: CU_MEM_LOCATION_TYPE_DEVICE,
-            id: self.ctx.ordinal,
+            id: self.0.ctx.ordinal,
         };
         let mut attrs = MemcpyAttributes {
             src_access_order: MEMCPY_SRC_ACCESS_ORDER_STREAM,
@@ -116,7 +114,7 @@ impl Stream {
                         &mut attrs,
                         idx.as_mut_ptr(),
                         1,
-                        self.raw,
+                        self.raw(),
                     )
                 }
             } else if let Some(f) = opt.memcpy_batch_v1 {
@@ -132,13 +130,13 @@ impl Stream {
                         idx.as_mut_ptr(),
                         1,
                         &mut fail,
-                        self.raw,
+                        self.raw(),
                     )
                 }
             } else {
                 unreachable!("checked above")
             };
-            self.ctx.check("cuMemcpyBatchAsync", r)?;
+            self.0.ctx.check("cuMemcpyBatchAsync", r)?;
         }
         Ok(())
     }
@@ -148,10 +146,10 @@ impl Stream {
     /// # Safety
     /// `src..src+len` must be readable device memory and `dst..dst+len` writable host memory
     /// (pinned for a truly asynchronous copy) until the work is complete.
-    pub unsafe fn copy_dtoh(&self, dst: *mut u8, src: u64, len: usize) -> CuRes<()> {
+    pub(crate) unsafe fn copy_dtoh(&self, dst: *mut u8, src: u64, len: usize) -> CuRes<()> {
         // SAFETY: per the contract.
-        self.ctx.check("cuMemcpyDtoHAsync", unsafe {
-            (self.ctx.drv.api.memcpy_dtoh_async)(dst.cast(), src, len, self.raw)
+        self.0.ctx.check("cuMemcpyDtoHAsync", unsafe {
+            (self.0.ctx.drv.api.memcpy_dtoh_async)(dst.cast(), src, len, self.raw())
         })
     }
 
@@ -160,105 +158,77 @@ impl Stream {
     /// # Safety
     /// `src..src+len` must be readable host memory and `dst..dst+len` writable device memory
     /// until the work is complete.
-    pub unsafe fn copy_htod(&self, dst: u64, src: *const u8, len: usize) -> CuRes<()> {
+    pub(crate) unsafe fn copy_htod(&self, dst: u64, src: *const u8, len: usize) -> CuRes<()> {
         // SAFETY: per the contract.
-        self.ctx.check("cuMemcpyHtoDAsync", unsafe {
-            (self.ctx.drv.api.memcpy_htod_async)(dst, src.cast(), len, self.raw)
+        self.0.ctx.check("cuMemcpyHtoDAsync", unsafe {
+            (self.0.ctx.drv.api.memcpy_htod_async)(dst, src.cast(), len, self.raw())
         })
     }
 
     /// Waits until every enqueued piece of work is done.
     pub fn synchronize(&self) -> CuRes<()> {
-        let _g = self.ctx.enter()?;
+        let _g = self.0.ctx.enter()?;
         // SAFETY: a live stream of the current context.
-        self.ctx.check("cuStreamSynchronize", unsafe {
-            (self.ctx.drv.api.stream_synchronize)(self.raw)
+        self.0.ctx.check("cuStreamSynchronize", unsafe {
+            (self.0.ctx.drv.api.stream_synchronize)(self.0.raw)
         })
     }
 }
 
-impl Drop for Stream {
-    fn drop(&mut self) {
-        if let Some(rel) = self.ctx.releaser("stream") {
-            // SAFETY: destroys our stream; work still queued completes first (driver
-            // semantics), and nobody holds the raw handle any more.
-            rel.check("cuStreamDestroy", unsafe {
-                (rel.api().stream_destroy)(self.raw)
-            });
-        }
-    }
-}
-
 /// An event (timing disabled) marking a point in a stream.
-pub struct Event {
-    pub(super) ctx: Arc<DeviceCtx>,
-    pub(super) raw: CuEvent,
-}
+#[derive(Debug)]
+pub(crate) struct Event(Owned<EventKind>);
+
+pub(super) struct EventKind;
 
 // SAFETY: a CUevent may be recorded, queried and synchronised from any thread.
-unsafe impl Send for Event {}
-// SAFETY: as above.
-unsafe impl Sync for Event {}
+unsafe impl Kind for EventKind {
+    type Raw = CuEvent;
+    const WHAT: &'static str = "event";
 
-impl fmt::Debug for Event {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Event")
-            .field("device", &self.ctx.ordinal)
-            .finish_non_exhaustive()
+    unsafe fn release(rel: &Releaser<'_>, raw: &CuEvent) {
+        // SAFETY: destroys our event (legal even while pending: its resources are freed when
+        // the work completes).
+        rel.check("cuEventDestroy", unsafe { (rel.api().event_destroy)(*raw) });
     }
 }
 
 impl Event {
     /// Records a new event on `stream` (after everything enqueued so far).
-    pub fn record(stream: &Stream) -> CuRes<Event> {
-        let ctx = &stream.ctx;
+    pub(crate) fn record(stream: &Stream) -> CuRes<Event> {
+        let ctx = stream.ctx();
         let _g = ctx.enter()?;
-        let mut raw: CuEvent = std::ptr::null_mut();
-        // SAFETY: writes one CUevent; our context is current.
-        ctx.check("cuEventCreate", unsafe {
-            (ctx.drv.api.event_create)(&mut raw, CU_EVENT_DISABLE_TIMING)
-        })?;
-        let ev = Event {
-            ctx: Arc::clone(ctx),
-            raw,
-        };
+        // SAFETY: writes one CUevent, ours to destroy; our context is current.
+        let ev = unsafe {
+            Owned::<EventKind>::make(ctx, "cuEventCreate", std::ptr::null_mut(), |raw| {
+                (ctx.drv.api.event_create)(raw, CU_EVENT_DISABLE_TIMING)
+            })
+        }?;
         // SAFETY: a live event and stream of the same context.
         ctx.check("cuEventRecord", unsafe {
-            (ctx.drv.api.event_record)(ev.raw, stream.raw)
+            (ctx.drv.api.event_record)(ev.raw, stream.raw())
         })?;
-        Ok(ev)
+        Ok(Event(ev))
     }
 
     /// Whether the work before the event is done (`Err` if it failed).
-    pub fn is_done(&self) -> CuRes<bool> {
-        let _g = self.ctx.enter()?;
+    pub(crate) fn is_done(&self) -> CuRes<bool> {
+        let _g = self.0.ctx.enter()?;
         // SAFETY: a live event of the current context.
-        let r = unsafe { (self.ctx.drv.api.event_query)(self.raw) };
+        let r = unsafe { (self.0.ctx.drv.api.event_query)(self.0.raw) };
         if r == CUDA_ERROR_NOT_READY {
             return Ok(false);
         }
-        self.ctx.check("cuEventQuery", r)?;
+        self.0.ctx.check("cuEventQuery", r)?;
         Ok(true)
     }
 
     /// Waits until the work before the event is done.
-    pub fn wait(&self) -> CuRes<()> {
-        let _g = self.ctx.enter()?;
+    pub(crate) fn wait(&self) -> CuRes<()> {
+        let _g = self.0.ctx.enter()?;
         // SAFETY: a live event of the current context.
-        self.ctx.check("cuEventSynchronize", unsafe {
-            (self.ctx.drv.api.event_synchronize)(self.raw)
+        self.0.ctx.check("cuEventSynchronize", unsafe {
+            (self.0.ctx.drv.api.event_synchronize)(self.0.raw)
         })
-    }
-}
-
-impl Drop for Event {
-    fn drop(&mut self) {
-        if let Some(rel) = self.ctx.releaser("event") {
-            // SAFETY: destroys our event (legal even while pending: its resources are freed
-            // when the work completes).
-            rel.check("cuEventDestroy", unsafe {
-                (rel.api().event_destroy)(self.raw)
-            });
-        }
     }
 }

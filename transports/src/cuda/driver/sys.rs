@@ -4,13 +4,13 @@
 use super::*;
 
 /// `CUresult`.
-pub type CuResult = c_int;
+pub(crate) type CuResult = c_int;
 /// `CUdevice`.
-pub type CuDevice = c_int;
+pub(crate) type CuDevice = c_int;
 /// `CUdeviceptr`.
-pub type CuDevicePtr = c_ulonglong;
+pub(crate) type CuDevicePtr = c_ulonglong;
 /// `CUmemGenericAllocationHandle`.
-pub type CuMemHandle = c_ulonglong;
+pub(crate) type CuMemHandle = c_ulonglong;
 pub(super) type CuContext = *mut c_void;
 pub(super) type CuStream = *mut c_void;
 pub(super) type CuEvent = *mut c_void;
@@ -53,7 +53,7 @@ pub(super) const CU_MEMHOSTALLOC_PORTABLE: c_uint = 1;
 
 /// Oldest driver the backend runs on (CUDA 12.0: VMM export, `cuDeviceGetUuid_v2`, pointer
 /// mapping attributes).
-pub const MIN_DRIVER_VERSION: i32 = 12000;
+pub(crate) const MIN_DRIVER_VERSION: i32 = 12000;
 
 /// `CUmemLocation`.
 #[repr(C)]
@@ -175,8 +175,38 @@ macro_rules! api {
                     }, )*
                 })
             }
+
+            /// Entry points that do nothing, each recording its name in [`FAKE_CALLS`] and
+            /// returning success, or `CUDA_ERROR_NOT_SUPPORTED` for the name in [`FAKE_FAIL`]:
+            /// the order of the driver calls, tested without a driver.
+            #[cfg(test)]
+            pub(super) fn fake() -> Api {
+                Api {
+                    $( $field: {
+                        unsafe extern "C" fn f($(_: $arg),*) -> CuResult {
+                            FAKE_CALLS.with(|c| c.borrow_mut().push($sym));
+                            if FAKE_FAIL.with(|f| f.get() == Some($sym)) {
+                                CUDA_ERROR_NOT_SUPPORTED
+                            } else {
+                                CUDA_SUCCESS
+                            }
+                        }
+                        f
+                    }, )*
+                }
+            }
         }
     };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The calls of [`Api::fake`] on this thread, in order.
+    pub(super) static FAKE_CALLS: std::cell::RefCell<Vec<&'static str>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+    /// The call [`Api::fake`] fails on this thread.
+    pub(super) static FAKE_FAIL: std::cell::Cell<Option<&'static str>> =
+        const { std::cell::Cell::new(None) };
 }
 
 api! {

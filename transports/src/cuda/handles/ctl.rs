@@ -4,7 +4,7 @@ use super::*;
 
 /// Largest notification carried in a [`Ctl::Notif`]: the one limit of every backend (the
 /// control channel leaves room for it and the header).
-pub const MAX_CTL_NOTIF: usize = nixl_core::MAX_NOTIF_BYTES;
+pub(crate) const MAX_CTL_NOTIF: usize = nixl_core::MAX_NOTIF_BYTES;
 
 /// A request between two agents' cuda backends over the agents' control channel: what the Unix
 /// socket carries on one node, for peers on other nodes. Encoded as a type byte, then

@@ -34,20 +34,20 @@ use nixl_core::DecodeError;
 
 use super::driver::{HANDLE_FABRIC, HANDLE_POSIX_FD};
 
-mod ctl;
+pub(crate) mod ctl;
 mod plan;
 #[cfg(test)]
 mod tests;
 
-pub use ctl::*;
-pub use plan::*;
+pub(crate) use ctl::*;
+pub(crate) use plan::*;
 
 /// Version of the region public data.
-pub const REGION_VERSION: u8 = 1;
+pub(crate) const REGION_VERSION: u8 = 1;
 /// Version of the connection info (version 1 is still decoded).
-pub const CONN_VERSION: u8 = 2;
+pub(crate) const CONN_VERSION: u8 = 2;
 /// Most chunks one region may have (a 64 GiB expandable segment in 2 MiB pieces is 32768).
-pub const MAX_CHUNKS: usize = 1 << 16;
+pub(crate) const MAX_CHUNKS: usize = 1 << 16;
 
 const FLAG_LEGACY: u8 = 1;
 const FLAG_FD: u8 = 2;
@@ -220,7 +220,7 @@ impl RegionPublic {
     }
 
     /// Index of the chunk holding region offset `off` (chunks are sorted and tile the region).
-    pub fn chunk_at(&self, off: u64) -> Option<usize> {
+    pub(crate) fn chunk_at(&self, off: u64) -> Option<usize> {
         let i = self.chunks.partition_point(|c| c.offset + c.len <= off);
         (i < self.chunks.len() && self.chunks[i].offset <= off).then_some(i)
     }
@@ -253,7 +253,7 @@ impl std::fmt::Display for FabricDomain {
 }
 
 /// A UUID in its usual text form (`8-4-4-4-12` lower-case hex digits).
-pub fn uuid_str(u: &[u8; 16]) -> String {
+pub(crate) fn uuid_str(u: &[u8; 16]) -> String {
     let mut s = String::with_capacity(36);
     for (i, b) in u.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
@@ -276,13 +276,13 @@ pub struct DeviceFabric {
 }
 
 /// Longest control endpoint kept in the connection info.
-pub const MAX_ENDPOINT: usize = 4096;
+pub(crate) const MAX_ENDPOINT: usize = 4096;
 /// Most devices one agent's connection info may list.
-pub const MAX_DEVICES: usize = 256;
+pub(crate) const MAX_DEVICES: usize = 256;
 /// Longest fabric note kept in the connection info.
-pub const MAX_NOTE: usize = 1024;
+pub(crate) const MAX_NOTE: usize = 1024;
 /// The fabric note of a peer whose connection info predates fabric domains (version 1).
-pub const V1_NOTE: &str =
+pub(crate) const V1_NOTE: &str =
     "the peer's cuda backend publishes no NVLink domains (connection info version 1)";
 
 /// What a peer publishes as the backend's connection info, version 2 (little-endian):
@@ -298,7 +298,7 @@ pub const V1_NOTE: &str =
 /// u16 length + bytes: the agent's control endpoint (at most MAX_ENDPOINT; empty: none)
 /// ```
 ///
-/// Version 1 (still decoded: devices empty, the note [`V1_NOTE`]) ended after the fabric byte.
+/// Version 1 (still decoded: devices empty, the note `V1_NOTE`) ended after the fabric byte.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnInfo {
     /// `/proc/sys/kernel/random/boot_id`: same value, same node (same kernel).
@@ -322,7 +322,7 @@ pub struct ConnInfo {
 
 /// How a peer is reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// Same node: CUDA IPC (legacy handles, VMM fds over the owner's socket, fabric handles).
     SameNode,
     /// Another node of a common NVLink domain: fabric handles only, no socket.
@@ -467,7 +467,7 @@ impl ConnInfo {
     }
 
     /// Whether any of the devices has an NVLink domain.
-    pub fn has_domain(&self) -> bool {
+    pub(crate) fn has_domain(&self) -> bool {
         self.devices.iter().any(|d| d.domain.is_some())
     }
 
@@ -475,7 +475,7 @@ impl ConnInfo {
     /// is not: the same node (boot id) and uid; or another node with which we share an NVLink
     /// domain (same cluster UUID and clique id), where the peer exports fabric handles and
     /// fabric is allowed here.
-    pub fn route_from(&self, ours: &ConnInfo, allow_fabric: bool) -> Result<Route, String> {
+    pub(crate) fn route_from(&self, ours: &ConnInfo, allow_fabric: bool) -> Result<Route, String> {
         if !self.boot_id.is_empty() && self.boot_id == ours.boot_id {
             if self.uid != ours.uid {
                 return Err(format!("peer runs as uid {}, we as {}", self.uid, ours.uid));
@@ -530,7 +530,7 @@ impl ConnInfo {
 
 /// The NVLink domain shared by the peer's device `remote` (its UUID, from a region's public
 /// data) and our device `local`, or why there is none.
-pub fn common_domain(
+pub(crate) fn common_domain(
     peer: &[DeviceFabric],
     remote: &[u8; 16],
     ours: &[DeviceFabric],

@@ -5,7 +5,7 @@ use super::*;
 
 /// How memory at an address was allocated, as the driver tells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AllocKind {
+pub(crate) enum AllocKind {
     /// `cudaMalloc` / `cuMemAlloc`: exported with `cuIpcGetMemHandle` on the base.
     Legacy {
         /// Whether legacy IPC works on it (false for stream-ordered pools).
@@ -20,7 +20,7 @@ pub enum AllocKind {
 
 /// The allocation holding an address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AllocInfo {
+pub(crate) struct AllocInfo {
     /// First byte of the allocation (legacy) or mapping (VMM).
     pub base: u64,
     /// Its size.
@@ -30,14 +30,14 @@ pub struct AllocInfo {
 }
 
 /// Address → allocation: the driver in production, a fake in tests.
-pub trait AllocationMap {
+pub(crate) trait AllocationMap {
     /// The allocation holding `addr`, or why there is none.
     fn lookup(&self, addr: u64) -> Result<AllocInfo, String>;
 }
 
 /// A chunk as the walk finds it, before export.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PlannedChunk {
+pub(crate) struct PlannedChunk {
     /// Offset in the region.
     pub offset: u64,
     /// Length.
@@ -51,7 +51,7 @@ pub struct PlannedChunk {
 }
 
 /// Walks `[addr, addr + len)` allocation by allocation and checks each piece can be exported.
-pub fn plan_chunks(
+pub(crate) fn plan_chunks(
     map: &dyn AllocationMap,
     addr: u64,
     len: u64,

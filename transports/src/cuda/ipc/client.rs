@@ -6,11 +6,11 @@ use super::*;
 /// The second half of a revocation (see [`RevokeSink::revoke`]): waits (bounded) for the copies
 /// in flight, closes the mappings; `true` once done, `false` if copies were still running at the
 /// bound.
-pub type FinishRevoke = Box<dyn FnOnce() -> bool + Send>;
+pub(crate) type FinishRevoke = Box<dyn FnOnce() -> bool + Send>;
 
 /// What a client does when its owner revokes a region or the connection ends (the backend's
 /// import cache; a fake in tests).
-pub trait RevokeSink: Send + Sync {
+pub(crate) trait RevokeSink: Send + Sync {
     /// The owner revoked `region` (with key `key`). Called on the connection's reader, in frame
     /// order, so it must be quick: stop new copies on the region and forget it. The returned
     /// rest runs on another thread (waiting for copies must not stop the reader, which carries
@@ -59,7 +59,7 @@ impl Link {
 
 /// A connection to a peer's socket; calls from several threads share it. Connects on first
 /// use, and again after the connection ended.
-pub struct IpcClient {
+pub(crate) struct IpcClient {
     peer: String,
     path: PathBuf,
     next: AtomicU64,
@@ -82,7 +82,7 @@ impl IpcClient {
     /// A client of the socket at `path` of agent `peer`; every reply is awaited at most
     /// `timeout`. Revocations go to `sink` (without one they are acknowledged at once: nothing
     /// is mapped through such a client).
-    pub fn new(
+    pub(crate) fn new(
         peer: &str,
         path: &Path,
         timeout: Duration,
@@ -199,7 +199,7 @@ impl IpcClient {
     }
 
     /// Asks for chunk `chunk` of `region` with `key`: the exported fd and the allocation size.
-    pub fn grant(&self, region: &Desc, key: u64, chunk: u32) -> Result<(OwnedFd, u64)> {
+    pub(crate) fn grant(&self, region: &Desc, key: u64, chunk: u32) -> Result<(OwnedFd, u64)> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (reply, mut fds) = self.call(
             id,
@@ -225,43 +225,34 @@ impl IpcClient {
 
     /// Announces that we map `region` (presenting `key`) through handles from the metadata;
     /// `Err(Denied)` if the owner refused (the region must then not be used).
-    pub fn announce(&self, region: &Desc, key: u64) -> Result<()> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (reply, _) = self.call(
+    pub(crate) fn announce(&self, region: &Desc, key: u64) -> Result<()> {
+        self.call_acked(|id| Frame::Opened {
             id,
-            &Frame::Opened {
-                id,
-                region: *region,
-                key,
-            },
-        )?;
-        match reply {
-            Frame::Ack { .. } => Ok(()),
-            Frame::Refused { reason, .. } => Err(Error::Denied {
-                peer: self.peer.clone(),
-                reason,
-            }),
-            other => Err(self.unexpected(&other)),
-        }
+            region: *region,
+            key,
+        })
     }
 
     /// Delivers a notification from `from` and waits for the owner's acknowledgement.
-    pub fn notify(&self, from: &str, msg: &[u8]) -> Result<()> {
+    pub(crate) fn notify(&self, from: &str, msg: &[u8]) -> Result<()> {
         if msg.len() > MAX_NOTIF {
             return Err(Error::InvalidArgument(format!(
                 "notification of {} bytes exceeds {MAX_NOTIF}",
                 msg.len()
             )));
         }
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (reply, _) = self.call(
+        self.call_acked(|id| Frame::Notif {
             id,
-            &Frame::Notif {
-                id,
-                from: from.to_owned(),
-                msg: msg.to_vec(),
-            },
-        )?;
+            from: from.to_owned(),
+            msg: msg.to_vec(),
+        })
+    }
+
+    /// Sends the frame `frame` makes with a fresh id and waits for the owner's answer: `Ok` for
+    /// an acknowledgement, `Err(Denied)` with the owner's reason for a refusal.
+    fn call_acked(&self, frame: impl FnOnce(u64) -> Frame) -> Result<()> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (reply, _) = self.call(id, &frame(id))?;
         match reply {
             Frame::Ack { .. } => Ok(()),
             Frame::Refused { reason, .. } => Err(Error::Denied {
@@ -273,7 +264,7 @@ impl IpcClient {
     }
 
     /// Closes the connection (a later call reconnects).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         if let Some(l) = self.link.lock().take() {
             l.fail("closed by us");
         }

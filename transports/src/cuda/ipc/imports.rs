@@ -5,7 +5,7 @@ use super::*;
 
 /// What identifies one peer region imported here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct RegionKey {
+pub(crate) struct RegionKey {
     /// The peer's instance id.
     pub peer: u128,
     /// The region (as the peer published it).
@@ -15,7 +15,7 @@ pub struct RegionKey {
 }
 
 /// The error of a transfer to a region whose owner deregistered it.
-pub fn deregistered(peer: &str, region: &Desc) -> Error {
+pub(crate) fn deregistered(peer: &str, region: &Desc) -> Error {
     Error::Denied {
         peer: peer.to_owned(),
         reason: format!(
@@ -37,7 +37,7 @@ struct ImportState<T> {
 /// was revoked. Transfers hold the region, never a mapping directly, so a revocation closes the
 /// mappings even while prepared transfers still exist (their next post fails cleanly).
 #[derive(Debug)]
-pub struct RegionImport<T> {
+pub(crate) struct RegionImport<T> {
     key: RegionKey,
     peer: Arc<str>,
     gate: AccessGate,
@@ -61,12 +61,12 @@ impl<T> RegionImport<T> {
     }
 
     /// Which region this is.
-    pub fn key(&self) -> &RegionKey {
+    pub(crate) fn key(&self) -> &RegionKey {
         &self.key
     }
 
     /// Why the region can no longer be used, if it cannot.
-    pub fn revoked(&self) -> Option<Error> {
+    pub(crate) fn revoked(&self) -> Option<Error> {
         self.state.lock().revoked.clone()
     }
 
@@ -76,14 +76,14 @@ impl<T> RegionImport<T> {
     }
 
     /// Mappings held.
-    pub fn mappings(&self) -> usize {
+    pub(crate) fn mappings(&self) -> usize {
         self.state.lock().maps.len()
     }
 
     /// The mapping of chunk `chunk` on our device `dev`, made by `make` on first use (outside
     /// any lock; concurrent first uses may both call it, one result is kept). Fails with the
     /// revocation's error once the region was revoked (a mapping made meanwhile is closed).
-    pub fn mapping(
+    pub(crate) fn mapping(
         &self,
         chunk: u32,
         dev: i32,
@@ -122,7 +122,7 @@ impl<T> RegionImport<T> {
     /// After the region was marked revoked ([`ImportCache::begin_revoke`]): waits until
     /// `deadline` for the copies in flight, then closes the mappings. `false` if copies were
     /// still running: the mappings then stay until the last holder lets go.
-    pub fn finish_revoke(&self, deadline: Instant) -> bool {
+    pub(crate) fn finish_revoke(&self, deadline: Instant) -> bool {
         let patience = deadline.saturating_duration_since(Instant::now());
         if !self.gate.close_and_drain(patience) {
             return false;
@@ -134,7 +134,7 @@ impl<T> RegionImport<T> {
 
     /// Revokes the region: no new copy, copies in flight waited for (at most `patience`), then
     /// its mappings closed. `false` if copies were still running at the bound.
-    pub fn revoke(&self, why: Error, patience: Duration) -> bool {
+    pub(crate) fn revoke(&self, why: Error, patience: Duration) -> bool {
         let deadline = Instant::now() + patience;
         self.start_revoke(why);
         self.finish_revoke(deadline)
@@ -145,7 +145,7 @@ impl<T> RegionImport<T> {
 /// when the owner deregisters a region, when the connection to the owner ends, or when the peer
 /// is invalidated, and replaced when the peer re-registers at the same address.
 #[derive(Debug)]
-pub struct ImportCache<T> {
+pub(crate) struct ImportCache<T> {
     map: Mutex<HashMap<RegionKey, Arc<RegionImport<T>>>>,
 }
 
@@ -163,7 +163,7 @@ impl<T> ImportCache<T> {
     /// announcement is returned to all of them and the entry dropped, so a later call asks
     /// again. A revoked import is an error. An entry of the same peer and address with another
     /// key (the peer re-registered) is revoked and dropped.
-    pub fn region(
+    pub(crate) fn region(
         &self,
         key: RegionKey,
         peer: &str,
@@ -220,9 +220,10 @@ impl<T> ImportCache<T> {
         }
     }
 
+    #[cfg(test)]
     /// Revokes one region of a peer (see [`RegionImport::revoke`]) and drops it. `true` if it
     /// was not imported or is now closed; `false` if copies were still running at the bound.
-    pub fn revoke_region(
+    pub(crate) fn revoke_region(
         &self,
         peer: u128,
         region: &Desc,
@@ -238,7 +239,7 @@ impl<T> ImportCache<T> {
     /// The quick half of [`ImportCache::revoke_region`]: drops the region from the cache, marks
     /// it revoked and closes its gate (no new copy starts on it). The rest is
     /// [`RegionImport::finish_revoke`]. `None` if it was not imported.
-    pub fn begin_revoke(
+    pub(crate) fn begin_revoke(
         &self,
         peer: u128,
         region: &Desc,
@@ -257,7 +258,12 @@ impl<T> ImportCache<T> {
 
     /// Revokes every region of a peer (gates closed first, then one common bound for the copies
     /// in flight). Returns the number of regions and how many still had copies running.
-    pub fn revoke_peer(&self, peer: u128, why: &Error, patience: Duration) -> (usize, usize) {
+    pub(crate) fn revoke_peer(
+        &self,
+        peer: u128,
+        why: &Error,
+        patience: Duration,
+    ) -> (usize, usize) {
         let deadline = Instant::now() + patience;
         let gone: Vec<Arc<RegionImport<T>>> = {
             let mut m = self.map.lock();
@@ -271,23 +277,25 @@ impl<T> ImportCache<T> {
         (gone.len(), busy)
     }
 
+    #[cfg(test)]
     /// Whether region `key` is imported (and not revoked).
-    pub fn contains(&self, key: &RegionKey) -> bool {
+    pub(crate) fn contains(&self, key: &RegionKey) -> bool {
         self.map.lock().contains_key(key)
     }
 
     /// Number of imported regions.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.map.lock().len()
     }
 
+    #[cfg(test)]
     /// Whether no region is imported.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Number of mappings held by imported regions.
-    pub fn mappings(&self) -> usize {
+    pub(crate) fn mappings(&self) -> usize {
         let regions: Vec<Arc<RegionImport<T>>> = self.map.lock().values().cloned().collect();
         regions.iter().map(|r| r.mappings()).sum()
     }
@@ -296,14 +304,14 @@ impl<T> ImportCache<T> {
 /// Holds on the gates of the regions a post uses, taken together and released on drop (after
 /// the post's copies are over).
 #[derive(Debug)]
-pub struct Holds<T> {
+pub(crate) struct Holds<T> {
     regions: Arc<[Arc<RegionImport<T>>]>,
     ticket: Option<Ticket>,
 }
 
 /// Takes a hold on every region, or none: `Err` with the revocation's reason of the first region
 /// that can no longer be used ("region was deregistered by its owner").
-pub fn hold_all<T>(regions: &Arc<[Arc<RegionImport<T>>]>) -> Result<Holds<T>> {
+pub(crate) fn hold_all<T>(regions: &Arc<[Arc<RegionImport<T>>]>) -> Result<Holds<T>> {
     match enter_all(regions, |r| &r.gate) {
         Ok(ticket) => Ok(Holds {
             regions: Arc::clone(regions),

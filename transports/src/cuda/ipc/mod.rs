@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use nixl_core::codec::Reader;
 use nixl_core::region::{enter_all, leave_all, AccessGate, Ticket};
-use nixl_core::{BackendName, DecodeError, Desc, Error, Result};
+use nixl_core::{DecodeError, Desc, Error, Result};
 use parking_lot::{Condvar, Mutex};
 
 use crate::owner::Peers;
@@ -68,14 +68,14 @@ mod server;
 #[cfg(test)]
 mod tests;
 
-pub use client::*;
-pub use imports::*;
-pub use server::*;
+pub(crate) use client::*;
+pub(crate) use imports::*;
+pub(crate) use server::*;
 
 /// Largest frame body.
-pub const MAX_FRAME: usize = (1 << 20) + 4096;
+pub(crate) const MAX_FRAME: usize = (1 << 20) + 4096;
 /// Longest notification message carried: the one limit of every backend.
-pub const MAX_NOTIF: usize = nixl_core::MAX_NOTIF_BYTES;
+pub(crate) const MAX_NOTIF: usize = nixl_core::MAX_NOTIF_BYTES;
 
 const T_GRANT: u8 = 1;
 const T_GRANTED: u8 = 2;
@@ -362,13 +362,4 @@ fn write_frame(w: &Mutex<UnixStream>, bytes: &[u8], fd: Option<RawFd>) -> io::Re
         let _ = s.shutdown(std::net::Shutdown::Both);
     }
     r
-}
-
-/// An error of this module's kind for the backend.
-pub fn backend_err(op: &'static str, reason: impl Into<String>) -> Error {
-    Error::Backend {
-        backend: BackendName::Cuda,
-        op,
-        reason: reason.into(),
-    }
 }

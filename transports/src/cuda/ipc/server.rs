@@ -6,16 +6,16 @@ use super::*;
 
 /// Keeps the owner's region from being deregistered (its `RegionAccess`) until the server has
 /// recorded an import and sent its answer.
-pub type Hold = Box<dyn Send>;
+pub(crate) type Hold = Box<dyn Send>;
 
 /// A granted chunk.
-pub struct Grant {
+pub(crate) struct Grant {
     /// A duplicate of the chunk's exported fd.
     pub fd: OwnedFd,
     /// Size of the exported allocation.
     pub alloc_size: u64,
     /// Held until the grant is recorded and sent.
-    pub hold: Hold,
+    pub _hold: Hold,
 }
 
 impl std::fmt::Debug for Grant {
@@ -28,7 +28,7 @@ impl std::fmt::Debug for Grant {
 }
 
 /// What the server asks its owner (the backend; a fake in tests).
-pub trait GrantSource: Send + Sync {
+pub(crate) trait GrantSource: Send + Sync {
     /// Checks the peer's access to chunk `chunk` of the whole region `region` with `key` and
     /// returns a duplicate of the chunk's exported fd and the allocation size, or the reason for
     /// refusing.
@@ -40,7 +40,7 @@ pub trait GrantSource: Send + Sync {
     fn notify(&self, from: &str, msg: Vec<u8>);
 }
 
-pub use crate::owner::RevokeReport;
+pub(crate) use crate::owner::RevokeReport;
 
 /// A region as the owner published it, with its key.
 type RegionId = (Desc, u64);
@@ -57,7 +57,7 @@ pub(super) struct ServerShared {
 
 /// The owner's socket service. Stops (and removes its socket) on [`IpcServer::shutdown`] or drop.
 #[derive(Debug)]
-pub struct IpcServer {
+pub(crate) struct IpcServer {
     pub(super) shared: Arc<ServerShared>,
 }
 
@@ -65,7 +65,7 @@ impl IpcServer {
     /// Binds `dir/<file>` (`dir` created with mode 0700, or refused unless ours and private:
     /// see `unix::secure_socket_dir`) and serves `source` (held weakly: a dropped owner is
     /// answered "shut down"). Writes to a peer time out after `io_timeout`.
-    pub fn start(
+    pub(crate) fn start(
         dir: &Path,
         file: &str,
         source: Weak<dyn GrantSource>,
@@ -92,19 +92,20 @@ impl IpcServer {
     }
 
     /// The socket's path.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.shared.path
     }
 
+    #[cfg(test)]
     /// Connections that imported `region` (with key `key`) and have not given it up.
-    pub fn importers(&self, region: &Desc, key: u64) -> usize {
+    pub(crate) fn importers(&self, region: &Desc, key: u64) -> usize {
         self.shared.peers.importers(&(*region, key))
     }
 
     /// Revokes every peer's import of `region` (with key `key`): sends Revoke to each connection
     /// that imported it and waits until each has answered Revoked or ended, at most `timeout`.
     /// Peers still silent then are logged and counted in [`RevokeReport::late`].
-    pub fn revoke(&self, region: &Desc, key: u64, timeout: Duration) -> RevokeReport {
+    pub(crate) fn revoke(&self, region: &Desc, key: u64, timeout: Duration) -> RevokeReport {
         let sh = &self.shared;
         let frame = Frame::Revoke {
             region: *region,
@@ -134,7 +135,7 @@ impl IpcServer {
     }
 
     /// Stops accepting, closes every connection, removes the socket.
-    pub fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         if self.shared.shut.swap(true, Ordering::AcqRel) {
             return;
         }

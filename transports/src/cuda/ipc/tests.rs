@@ -148,7 +148,7 @@ impl GrantSource for Owner {
         Ok(Grant {
             fd: fd.try_clone().map_err(|e| e.to_string())?,
             alloc_size: 4096,
-            hold: Box::new(()),
+            _hold: Box::new(()),
         })
     }
 

@@ -11,23 +11,24 @@
 //! The data path (`ibv_post_send`, `ibv_post_recv`, `ibv_poll_cq`) is `static inline` in
 //! verbs.h: it is called here through `context->ops`, exactly as the inline functions do.
 //!
-//! The safe layer follows the ownership of the verbs objects: each child holds an `Arc` of its
-//! parent's inner struct ([`Mr`] and [`Qp`] hold the [`Pd`], the [`Pd`] and [`Cq`] hold the
-//! [`Context`], a [`Qp`] holds its [`Cq`]), so teardown runs in dependency order whatever the
-//! order of the last drops. `Drop` never panics: a failing destroy is logged and counted.
+//! The safe layer follows the ownership of the verbs objects: each is an `Owned` pointer with
+//! its destroy call, holding its parent ([`Mr`] and [`Qp`] hold the [`Pd`], the [`Pd`] and
+//! [`Cq`] hold the [`Context`], a [`Qp`] holds its [`Cq`]), and is destroyed before the parent
+//! is let go, so teardown runs in dependency order whatever the order of the last drops. `Drop`
+//! never panics: a failing destroy is logged and counted.
 //!
 //! Files: `sys` (the raw layer), this file (loading the library, errors), `objects` (context,
 //! PD, MR, buffers, CQ), `qp` (queue pairs and posting).
 
 mod objects;
 mod qp;
-mod sys;
+pub(crate) mod sys;
 #[cfg(test)]
 mod tests;
 
-pub use objects::*;
-pub use qp::*;
-pub use sys::*;
+pub(crate) use objects::*;
+pub(crate) use qp::*;
+pub(crate) use sys::*;
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::fmt;
@@ -36,7 +37,7 @@ use std::sync::Arc;
 use libloading::Library;
 
 /// The library name loaded by [`Verbs::load`].
-pub const LIBIBVERBS: &str = "libibverbs.so.1";
+pub(crate) const LIBIBVERBS: &str = "libibverbs.so.1";
 
 /// The entry points of libibverbs, resolved once.
 struct Fns {
@@ -63,7 +64,7 @@ struct Fns {
 }
 
 /// libibverbs, loaded at run time.
-pub struct Verbs {
+pub(crate) struct Verbs {
     fns: Fns,
     // Last: the function pointers above point into it.
     _lib: Library,
@@ -79,7 +80,7 @@ impl fmt::Debug for Verbs {
 
 /// Why a verbs call failed: the call and errno.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VerbsError {
+pub(crate) struct VerbsError {
     /// The verbs function.
     pub call: &'static str,
     /// Its description of the failure.
@@ -115,7 +116,7 @@ fn errno_err(call: &'static str) -> VerbsError {
 /// A failed `ibv_post_send` of a chain: how many work requests were posted before the refused
 /// one (they are on the send queue and will complete), and why.
 #[derive(Clone, Debug)]
-pub struct PostError {
+pub(crate) struct PostError {
     /// Work requests at the head of the chain that were posted.
     pub posted: usize,
     /// The provider's error.
@@ -157,16 +158,11 @@ fn rc_err(call: &'static str, rc: c_int) -> VerbsError {
 }
 
 /// Result of a verbs call.
-pub type VResult<T> = std::result::Result<T, VerbsError>;
+pub(crate) type VResult<T> = std::result::Result<T, VerbsError>;
 
 impl Verbs {
-    /// Loads `libibverbs.so.1`.
-    pub fn load() -> std::result::Result<Arc<Verbs>, String> {
-        Verbs::load_from(LIBIBVERBS)
-    }
-
     /// Loads the library of that name (tests point it at a name that does not exist).
-    pub fn load_from(name: &str) -> std::result::Result<Arc<Verbs>, String> {
+    pub(crate) fn load_from(name: &str) -> std::result::Result<Arc<Verbs>, String> {
         // SAFETY: loading libibverbs runs its constructors, which only initialise the library's
         // own state (no requirement on the caller); a library of another name is the caller's
         // (test's) choice and is only looked up, never called, unless it exports these symbols.
@@ -210,12 +206,12 @@ impl Verbs {
     }
 
     /// Whether `ibv_reg_dmabuf_mr` is available.
-    pub fn has_dmabuf(&self) -> bool {
+    pub(crate) fn has_dmabuf(&self) -> bool {
         self.fns.reg_dmabuf_mr.is_some()
     }
 
     /// The devices: (name, node GUID in host order).
-    pub fn devices(&self) -> VResult<Vec<(String, u64)>> {
+    pub(crate) fn devices(&self) -> VResult<Vec<(String, u64)>> {
         self.with_list(|list| {
             list.iter()
                 .map(|&d| (self.dev_name(d), u64::from_be(self.dev_guid(d))))
@@ -258,7 +254,7 @@ impl Verbs {
     }
 
     /// Opens the device `name`.
-    pub fn open(self: &Arc<Self>, name: &str) -> VResult<Context> {
+    pub(crate) fn open(self: &Arc<Self>, name: &str) -> VResult<Context> {
         let ctx = self.with_list(|list| {
             list.iter()
                 .copied()
@@ -274,16 +270,21 @@ impl Verbs {
                 reason: format!("no device named '{name}'"),
             }),
             Some(p) if p.is_null() => Err(errno_err("ibv_open_device")),
-            Some(p) => Ok(Context(Arc::new(CtxInner {
-                verbs: Arc::clone(self),
-                ptr: p,
-                name: name.to_owned(),
+            // SAFETY: a context just opened.
+            Some(p) => Ok(Context(Arc::new(unsafe {
+                Owned::new(
+                    p,
+                    Opened {
+                        verbs: Arc::clone(self),
+                        name: name.to_owned(),
+                    },
+                )
             }))),
         }
     }
 
     /// The text of a work completion status.
-    pub fn wc_status_str(&self, status: c_uint) -> String {
+    pub(crate) fn wc_status_str(&self, status: c_uint) -> String {
         // SAFETY: ibv_wc_status_str accepts any value and returns a static string.
         let p = unsafe { (self.fns.wc_status_str)(status) };
         if p.is_null() {

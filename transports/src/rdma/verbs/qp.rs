@@ -5,7 +5,7 @@ use super::*;
 
 /// Where a QP connects to: the peer's side of a lane.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RemoteQp {
+pub(crate) struct RemoteQp {
     /// QP number.
     pub qpn: u32,
     /// Starting packet sequence number.
@@ -18,7 +18,7 @@ pub struct RemoteQp {
 
 /// Path settings of a QP.
 #[derive(Clone, Copy, Debug)]
-pub struct PathCfg {
+pub(crate) struct PathCfg {
     /// Local port.
     pub port: u8,
     /// Local GID index (RoCE).
@@ -44,36 +44,45 @@ pub struct PathCfg {
 }
 
 /// A reliable-connected queue pair.
-pub struct Qp {
-    pub(super) ptr: *mut IbvQp,
-    pub(super) cap: IbvQpCap,
+pub(crate) struct Qp {
+    pub(super) obj: Owned<QpKind>,
+}
+
+/// What a QP is made from: its CQ and its PD (released in that order after it).
+pub(super) struct QpParents {
     pub(super) _cq: Cq,
     pub(super) pd: Pd,
 }
 
-// SAFETY: posting to a QP is thread-safe per the verbs API (providers lock the queues); the
-// pointer is owned and destroyed once.
-unsafe impl Send for Qp {}
-// SAFETY: as for Send.
-unsafe impl Sync for Qp {}
+pub(super) struct QpKind;
 
-impl fmt::Debug for Qp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Qp({}, {})", self.pd.context().name(), self.qpn())
+// SAFETY: posting to a QP is thread-safe per the verbs API (providers lock the queues);
+// destroying it discards outstanding WRs.
+unsafe impl Kind for QpKind {
+    type Raw = IbvQp;
+    type Parent = QpParents;
+    const DESTROY: &'static str = "ibv_destroy_qp";
+    fn destroy(p: &QpParents) -> (DestroyQp, &str) {
+        (p.pd.context().verbs().fns.destroy_qp, p.pd.context().name())
     }
 }
 
-impl Drop for Qp {
-    fn drop(&mut self) {
-        // SAFETY: created by ibv_create_qp, destroyed once (outstanding WRs are discarded).
-        let rc = unsafe { (self.pd.0.ctx.0.verbs.fns.destroy_qp)(self.ptr) };
-        log_destroy("ibv_destroy_qp", self.pd.context().name(), rc);
+impl Qp {
+    /// The PD it was made on.
+    fn pd(&self) -> &Pd {
+        &self.obj.parent.pd
+    }
+}
+
+impl fmt::Debug for Qp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Qp({}, {})", self.pd().context().name(), self.qpn())
     }
 }
 
 /// One send work request to build: (`wr_id`, opcode, local pieces, remote address, rkey).
 #[derive(Clone, Debug)]
-pub struct SendReq<'a> {
+pub(crate) struct SendReq<'a> {
     /// Identifies the completion.
     pub wr_id: u64,
     /// `WR_RDMA_WRITE`, `WR_RDMA_READ` or `WR_SEND`.
@@ -90,7 +99,7 @@ pub struct SendReq<'a> {
 /// with [`Qp::post_batch`], cleared with [`SendBatch::clear`]. Its vectors keep their capacity,
 /// so a batch reused per post allocates only while it grows.
 #[derive(Default)]
-pub struct SendBatch {
+pub(crate) struct SendBatch {
     pub(super) wrs: Vec<IbvSendWr>,
     pub(super) sges: Vec<IbvSge>,
     /// (first SGE, SGE count) per WR.
@@ -114,25 +123,27 @@ impl fmt::Debug for SendBatch {
 
 impl SendBatch {
     /// Forgets the work requests (keeps the capacity).
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.wrs.clear();
         self.sges.clear();
         self.ranges.clear();
     }
 
+    #[cfg(test)]
     /// Number of work requests.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.wrs.len()
     }
 
+    #[cfg(test)]
     /// Whether there is none.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.wrs.is_empty()
     }
 
     /// Appends one signalled work request (`wr_id`, opcode, local pieces each inside an MR
     /// whose lkey it carries, remote address and rkey for RDMA).
-    pub fn push(
+    pub(crate) fn push(
         &mut self,
         wr_id: u64,
         opcode: c_uint,
@@ -164,19 +175,14 @@ impl SendBatch {
 
 impl Qp {
     /// The QP number.
-    pub fn qpn(&self) -> u32 {
+    pub(crate) fn qpn(&self) -> u32 {
         // SAFETY: live QP; qp_num is set at creation and never changes.
-        unsafe { (*self.ptr).qp_num }
-    }
-
-    /// The capabilities the provider granted.
-    pub fn cap(&self) -> IbvQpCap {
-        self.cap
+        unsafe { (*self.obj.ptr).qp_num }
     }
 
     fn modify(&self, attr: &mut IbvQpAttr, mask: c_int, what: &'static str) -> VResult<()> {
         // SAFETY: live QP, complete attr.
-        let rc = unsafe { (self.pd.0.ctx.0.verbs.fns.modify_qp)(self.ptr, attr, mask) };
+        let rc = unsafe { (self.pd().context().verbs().fns.modify_qp)(self.obj.ptr, attr, mask) };
         if rc != 0 {
             return Err(rc_err(what, rc));
         }
@@ -184,7 +190,7 @@ impl Qp {
     }
 
     /// RESET → INIT, allowing remote READ and WRITE.
-    pub fn to_init(&self, port: u8) -> VResult<()> {
+    pub(crate) fn to_init(&self, port: u8) -> VResult<()> {
         let mut a = IbvQpAttr {
             qp_state: QPS_INIT,
             port_num: port,
@@ -201,7 +207,7 @@ impl Qp {
     }
 
     /// INIT → RTR towards `remote`.
-    pub fn to_rtr(&self, remote: &RemoteQp, path: &PathCfg) -> VResult<()> {
+    pub(crate) fn to_rtr(&self, remote: &RemoteQp, path: &PathCfg) -> VResult<()> {
         let mut a = IbvQpAttr {
             qp_state: QPS_RTR,
             path_mtu: path.mtu,
@@ -235,7 +241,7 @@ impl Qp {
     }
 
     /// RTR → RTS with our starting `psn`.
-    pub fn to_rts(&self, psn: u32, path: &PathCfg) -> VResult<()> {
+    pub(crate) fn to_rts(&self, psn: u32, path: &PathCfg) -> VResult<()> {
         let mut a = IbvQpAttr {
             qp_state: QPS_RTS,
             sq_psn: psn,
@@ -258,7 +264,7 @@ impl Qp {
     }
 
     /// Moves the QP to ERR: every outstanding WR completes with a flush error.
-    pub fn to_err(&self) -> VResult<()> {
+    pub(crate) fn to_err(&self) -> VResult<()> {
         let mut a = IbvQpAttr {
             qp_state: QPS_ERR,
             ..Default::default()
@@ -276,7 +282,7 @@ impl Qp {
     /// whose lkey it carries, that this memory stays allocated and registered until then, and
     /// that memory a READ lands in is used by nothing else until then. The NIC refuses SGEs
     /// outside their MR with a protection error, but an MR over freed memory it cannot see.
-    pub unsafe fn post_send(&self, reqs: &[SendReq<'_>]) -> Result<(), PostError> {
+    pub(crate) unsafe fn post_send(&self, reqs: &[SendReq<'_>]) -> Result<(), PostError> {
         let mut batch = SendBatch::default();
         for r in reqs {
             batch.push(
@@ -300,7 +306,7 @@ impl Qp {
     ///
     /// # Safety
     /// As for [`Qp::post_send`], for every SGE of `batch`.
-    pub unsafe fn post_batch(&self, batch: &mut SendBatch) -> Result<(), PostError> {
+    pub(crate) unsafe fn post_batch(&self, batch: &mut SendBatch) -> Result<(), PostError> {
         let n = batch.wrs.len();
         if n == 0 {
             return Ok(());
@@ -329,7 +335,7 @@ impl Qp {
         let mut bad: *mut IbvSendWr = std::ptr::null_mut();
         // SAFETY: live QP; its context's ops table is the provider's (as the inline
         // ibv_post_send reads it).
-        let f = unsafe { (*(*self.ptr).context).ops.post_send };
+        let f = unsafe { (*(*self.obj.ptr).context).ops.post_send };
         let Some(f) = f else {
             return Err(PostError {
                 posted: 0,
@@ -342,7 +348,7 @@ impl Qp {
         // SAFETY: the chain and SGE arrays are valid for the call (the provider copies them
         // into the send queue before returning); the memory the SGEs name stays registered
         // and valid until completion (our caller's contract).
-        let rc = unsafe { f(self.ptr, wr_base, &mut bad) };
+        let rc = unsafe { f(self.obj.ptr, wr_base, &mut bad) };
         if rc != 0 {
             return Err(PostError {
                 posted: posted_before(wr_base, bad, n),
@@ -353,7 +359,13 @@ impl Qp {
     }
 
     /// Posts one receive of `[addr, addr + len)` in `buf` with `wr_id`.
-    pub fn post_recv(&self, buf: &OwnedBuf, off: usize, len: usize, wr_id: u64) -> VResult<()> {
+    pub(crate) fn post_recv(
+        &self,
+        buf: &OwnedBuf,
+        off: usize,
+        len: usize,
+        wr_id: u64,
+    ) -> VResult<()> {
         if off.checked_add(len).is_none_or(|e| e > buf.len()) {
             return Err(VerbsError {
                 call: "ibv_post_recv",
@@ -373,7 +385,7 @@ impl Qp {
         };
         let mut bad: *mut IbvRecvWr = std::ptr::null_mut();
         // SAFETY: live QP; ops table filled by the provider (as the inline ibv_post_recv).
-        let f = unsafe { (*(*self.ptr).context).ops.post_recv };
+        let f = unsafe { (*(*self.obj.ptr).context).ops.post_recv };
         let Some(f) = f else {
             return Err(VerbsError {
                 call: "ibv_post_recv",
@@ -382,7 +394,7 @@ impl Qp {
         };
         // SAFETY: `wr` and `sge` are valid for the call; the slot lies inside `buf`, which
         // outlives the QP's use of it (the owner drops the QP before the buffer).
-        let rc = unsafe { f(self.ptr, &mut wr, &mut bad) };
+        let rc = unsafe { f(self.obj.ptr, &mut wr, &mut bad) };
         if rc != 0 {
             return Err(rc_err("ibv_post_recv", rc));
         }

@@ -8,86 +8,86 @@ use super::*;
 // ---------------------------------------------------------------------------------------------
 
 /// `IBV_ACCESS_LOCAL_WRITE`.
-pub const ACCESS_LOCAL_WRITE: c_int = 1;
+pub(crate) const ACCESS_LOCAL_WRITE: c_int = 1;
 /// `IBV_ACCESS_REMOTE_WRITE`.
-pub const ACCESS_REMOTE_WRITE: c_int = 1 << 1;
+pub(crate) const ACCESS_REMOTE_WRITE: c_int = 1 << 1;
 /// `IBV_ACCESS_REMOTE_READ`.
-pub const ACCESS_REMOTE_READ: c_int = 1 << 2;
+pub(crate) const ACCESS_REMOTE_READ: c_int = 1 << 2;
 
 /// `IBV_QPT_RC`.
-pub const QPT_RC: c_uint = 2;
+pub(crate) const QPT_RC: c_uint = 2;
 /// `IBV_QPS_RESET` .. `IBV_QPS_ERR`.
-pub const QPS_INIT: c_uint = 1;
+pub(crate) const QPS_INIT: c_uint = 1;
 /// `IBV_QPS_RTR`.
-pub const QPS_RTR: c_uint = 2;
+pub(crate) const QPS_RTR: c_uint = 2;
 /// `IBV_QPS_RTS`.
-pub const QPS_RTS: c_uint = 3;
+pub(crate) const QPS_RTS: c_uint = 3;
 /// `IBV_QPS_ERR`.
-pub const QPS_ERR: c_uint = 6;
+pub(crate) const QPS_ERR: c_uint = 6;
 
 /// `ibv_qp_attr_mask` bits.
-pub mod qp_mask {
+pub(crate) mod qp_mask {
     use std::ffi::c_int;
     /// `IBV_QP_STATE`.
-    pub const STATE: c_int = 1;
+    pub(crate) const STATE: c_int = 1;
     /// `IBV_QP_ACCESS_FLAGS`.
-    pub const ACCESS_FLAGS: c_int = 1 << 3;
+    pub(crate) const ACCESS_FLAGS: c_int = 1 << 3;
     /// `IBV_QP_PKEY_INDEX`.
-    pub const PKEY_INDEX: c_int = 1 << 4;
+    pub(crate) const PKEY_INDEX: c_int = 1 << 4;
     /// `IBV_QP_PORT`.
-    pub const PORT: c_int = 1 << 5;
+    pub(crate) const PORT: c_int = 1 << 5;
     /// `IBV_QP_AV`.
-    pub const AV: c_int = 1 << 7;
+    pub(crate) const AV: c_int = 1 << 7;
     /// `IBV_QP_PATH_MTU`.
-    pub const PATH_MTU: c_int = 1 << 8;
+    pub(crate) const PATH_MTU: c_int = 1 << 8;
     /// `IBV_QP_TIMEOUT`.
-    pub const TIMEOUT: c_int = 1 << 9;
+    pub(crate) const TIMEOUT: c_int = 1 << 9;
     /// `IBV_QP_RETRY_CNT`.
-    pub const RETRY_CNT: c_int = 1 << 10;
+    pub(crate) const RETRY_CNT: c_int = 1 << 10;
     /// `IBV_QP_RNR_RETRY`.
-    pub const RNR_RETRY: c_int = 1 << 11;
+    pub(crate) const RNR_RETRY: c_int = 1 << 11;
     /// `IBV_QP_RQ_PSN`.
-    pub const RQ_PSN: c_int = 1 << 12;
+    pub(crate) const RQ_PSN: c_int = 1 << 12;
     /// `IBV_QP_MAX_QP_RD_ATOMIC`.
-    pub const MAX_QP_RD_ATOMIC: c_int = 1 << 13;
+    pub(crate) const MAX_QP_RD_ATOMIC: c_int = 1 << 13;
     /// `IBV_QP_MIN_RNR_TIMER`.
-    pub const MIN_RNR_TIMER: c_int = 1 << 15;
+    pub(crate) const MIN_RNR_TIMER: c_int = 1 << 15;
     /// `IBV_QP_SQ_PSN`.
-    pub const SQ_PSN: c_int = 1 << 16;
+    pub(crate) const SQ_PSN: c_int = 1 << 16;
     /// `IBV_QP_MAX_DEST_RD_ATOMIC`.
-    pub const MAX_DEST_RD_ATOMIC: c_int = 1 << 17;
+    pub(crate) const MAX_DEST_RD_ATOMIC: c_int = 1 << 17;
     /// `IBV_QP_DEST_QPN`.
-    pub const DEST_QPN: c_int = 1 << 20;
+    pub(crate) const DEST_QPN: c_int = 1 << 20;
 }
 
 /// `IBV_WR_RDMA_WRITE`.
-pub const WR_RDMA_WRITE: c_uint = 0;
+pub(crate) const WR_RDMA_WRITE: c_uint = 0;
 /// `IBV_WR_SEND`.
-pub const WR_SEND: c_uint = 2;
+pub(crate) const WR_SEND: c_uint = 2;
 /// `IBV_WR_RDMA_READ`.
-pub const WR_RDMA_READ: c_uint = 4;
+pub(crate) const WR_RDMA_READ: c_uint = 4;
 /// `IBV_SEND_SIGNALED`.
-pub const SEND_SIGNALED: c_uint = 1 << 1;
+pub(crate) const SEND_SIGNALED: c_uint = 1 << 1;
 
 /// `IBV_WC_SUCCESS`.
-pub const WC_SUCCESS: c_uint = 0;
+pub(crate) const WC_SUCCESS: c_uint = 0;
 /// `IBV_WC_WR_FLUSH_ERR`.
-pub const WC_WR_FLUSH_ERR: c_uint = 5;
+pub(crate) const WC_WR_FLUSH_ERR: c_uint = 5;
 /// `IBV_WC_REM_ACCESS_ERR`.
-pub const WC_REM_ACCESS_ERR: c_uint = 10;
+pub(crate) const WC_REM_ACCESS_ERR: c_uint = 10;
 /// `IBV_WC_RETRY_EXC_ERR`.
-pub const WC_RETRY_EXC_ERR: c_uint = 12;
+pub(crate) const WC_RETRY_EXC_ERR: c_uint = 12;
 /// `IBV_WC_RNR_RETRY_EXC_ERR`.
-pub const WC_RNR_RETRY_EXC_ERR: c_uint = 13;
+pub(crate) const WC_RNR_RETRY_EXC_ERR: c_uint = 13;
 /// `IBV_WC_RECV`.
-pub const WC_RECV: c_uint = 128;
+pub(crate) const WC_RECV: c_uint = 128;
 
 /// `IBV_PORT_ACTIVE`.
-pub const PORT_ACTIVE: c_uint = 4;
+pub(crate) const PORT_ACTIVE: c_uint = 4;
 /// `IBV_LINK_LAYER_INFINIBAND`.
-pub const LINK_LAYER_INFINIBAND: u8 = 1;
+pub(crate) const LINK_LAYER_INFINIBAND: u8 = 1;
 /// `IBV_LINK_LAYER_ETHERNET`.
-pub const LINK_LAYER_ETHERNET: u8 = 2;
+pub(crate) const LINK_LAYER_ETHERNET: u8 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Raw layer: structs.
@@ -96,14 +96,14 @@ pub const LINK_LAYER_ETHERNET: u8 = 2;
 /// `struct ibv_device` (opaque).
 #[repr(C)]
 #[derive(Debug)]
-pub struct IbvDevice {
+pub(crate) struct IbvDevice {
     pub(super) _opaque: [u8; 0],
 }
 
 /// `struct ibv_context_ops`: 32 function pointers; the data path uses three of them.
 #[repr(C)]
 #[derive(Debug)]
-pub struct IbvContextOps {
+pub(crate) struct IbvContextOps {
     pub(super) _before_poll_cq: [*const c_void; 11],
     /// `poll_cq`.
     pub poll_cq: Option<unsafe extern "C" fn(*mut IbvCq, c_int, *mut IbvWc) -> c_int>,
@@ -120,7 +120,7 @@ pub struct IbvContextOps {
 /// `struct ibv_context` (leading fields only; never allocated here).
 #[repr(C)]
 #[derive(Debug)]
-pub struct IbvContext {
+pub(crate) struct IbvContext {
     /// `device`.
     pub device: *mut IbvDevice,
     /// `ops`.
@@ -132,7 +132,7 @@ pub struct IbvContext {
 /// `struct ibv_device_attr` (complete).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct IbvDeviceAttr {
+pub(crate) struct IbvDeviceAttr {
     /// `fw_ver`.
     pub fw_ver: [c_char; 64],
     /// `node_guid` (big-endian).
@@ -187,7 +187,7 @@ pub struct IbvDeviceAttr {
 /// check accepts a Rust struct at least as large, with every shared field at the same offset.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-pub struct IbvPortAttr {
+pub(crate) struct IbvPortAttr {
     /// `state`.
     pub state: c_uint,
     /// `max_mtu`.
@@ -231,7 +231,7 @@ pub struct IbvPortAttr {
 /// `union ibv_gid`.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
-pub struct IbvGid {
+pub(crate) struct IbvGid {
     /// `raw`.
     pub raw: [u8; 16],
 }
@@ -239,7 +239,7 @@ pub struct IbvGid {
 /// `struct ibv_pd`.
 #[repr(C)]
 #[derive(Debug)]
-pub struct IbvPd {
+pub(crate) struct IbvPd {
     /// `context`.
     pub context: *mut IbvContext,
     /// `handle`.
@@ -249,7 +249,7 @@ pub struct IbvPd {
 /// `struct ibv_mr`.
 #[repr(C)]
 #[derive(Debug)]
-pub struct IbvMr {
+pub(crate) struct IbvMr {
     /// `context`.
     pub context: *mut IbvContext,
     /// `pd`.
@@ -269,7 +269,7 @@ pub struct IbvMr {
 /// `struct ibv_cq` (leading fields only).
 #[repr(C)]
 #[derive(Debug)]
-pub struct IbvCq {
+pub(crate) struct IbvCq {
     /// `context`.
     pub context: *mut IbvContext,
 }
@@ -277,7 +277,7 @@ pub struct IbvCq {
 /// `struct ibv_qp` (leading fields only).
 #[repr(C)]
 #[derive(Debug)]
-pub struct IbvQp {
+pub(crate) struct IbvQp {
     /// `context`.
     pub context: *mut IbvContext,
     /// `qp_context`.
@@ -301,7 +301,7 @@ pub struct IbvQp {
 /// `struct ibv_qp_cap`.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-pub struct IbvQpCap {
+pub(crate) struct IbvQpCap {
     /// `max_send_wr`.
     pub max_send_wr: u32,
     /// `max_recv_wr`.
@@ -317,7 +317,7 @@ pub struct IbvQpCap {
 /// `struct ibv_qp_init_attr`.
 #[repr(C)]
 #[derive(Debug)]
-pub struct IbvQpInitAttr {
+pub(crate) struct IbvQpInitAttr {
     /// `qp_context`.
     pub qp_context: *mut c_void,
     /// `send_cq`.
@@ -337,7 +337,7 @@ pub struct IbvQpInitAttr {
 /// `struct ibv_global_route`.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-pub struct IbvGlobalRoute {
+pub(crate) struct IbvGlobalRoute {
     /// `dgid`.
     pub dgid: IbvGid,
     /// `flow_label`.
@@ -353,7 +353,7 @@ pub struct IbvGlobalRoute {
 /// `struct ibv_ah_attr`.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-pub struct IbvAhAttr {
+pub(crate) struct IbvAhAttr {
     /// `grh`.
     pub grh: IbvGlobalRoute,
     /// `dlid`.
@@ -373,7 +373,7 @@ pub struct IbvAhAttr {
 /// `struct ibv_qp_attr` (complete).
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-pub struct IbvQpAttr {
+pub(crate) struct IbvQpAttr {
     /// `qp_state`.
     pub qp_state: c_uint,
     /// `cur_qp_state`.
@@ -431,7 +431,7 @@ pub struct IbvQpAttr {
 /// `struct ibv_sge`.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
-pub struct IbvSge {
+pub(crate) struct IbvSge {
     /// `addr`.
     pub addr: u64,
     /// `length`.
@@ -443,7 +443,7 @@ pub struct IbvSge {
 /// `struct ibv_send_wr` (complete; the `wr` union as its `rdma` member).
 #[repr(C)]
 #[derive(Debug)]
-pub struct IbvSendWr {
+pub(crate) struct IbvSendWr {
     /// `wr_id`.
     pub wr_id: u64,
     /// `next`.
@@ -470,7 +470,7 @@ pub struct IbvSendWr {
 /// `struct ibv_recv_wr`.
 #[repr(C)]
 #[derive(Debug)]
-pub struct IbvRecvWr {
+pub(crate) struct IbvRecvWr {
     /// `wr_id`.
     pub wr_id: u64,
     /// `next`.
@@ -484,7 +484,7 @@ pub struct IbvRecvWr {
 /// `struct ibv_wc`.
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
-pub struct IbvWc {
+pub(crate) struct IbvWc {
     /// `wr_id`.
     pub wr_id: u64,
     /// `status`.

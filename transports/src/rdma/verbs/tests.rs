@@ -55,3 +55,63 @@ fn a_refused_chain_counts_what_was_posted_before_bad_wr() {
     assert_eq!(posted_before(base, odd, 5), 0);
     assert_eq!(posted_before(base, base.wrapping_add(9), 5), 5);
 }
+
+std::thread_local! {
+    /// What the fake kind below saw, in order.
+    static SEEN: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn seen() -> Vec<String> {
+    SEEN.with(|s| std::mem::take(&mut *s.borrow_mut()))
+}
+
+/// A parent that says when it is dropped.
+struct Parent(&'static str);
+
+impl Drop for Parent {
+    fn drop(&mut self) {
+        SEEN.with(|s| s.borrow_mut().push(format!("drop {}", self.0)));
+    }
+}
+
+/// Stands in for a destroy call: records the object, fails (EIO) for object 0.
+unsafe extern "C" fn fake_destroy(p: *mut u32) -> c_int {
+    // SAFETY: the tests pass pointers to live u32s.
+    let v = unsafe { *p };
+    SEEN.with(|s| s.borrow_mut().push(format!("destroy {v}")));
+    if v == 0 {
+        5
+    } else {
+        0
+    }
+}
+
+struct FakeKind;
+
+// SAFETY: test objects are u32s on the test's stack, used on its thread only.
+unsafe impl Kind for FakeKind {
+    type Raw = u32;
+    type Parent = Parent;
+    const DESTROY: &'static str = "ibv_fake_destroy";
+    fn destroy(p: &Parent) -> (unsafe extern "C" fn(*mut u32) -> c_int, &str) {
+        (fake_destroy, p.0)
+    }
+}
+
+#[test]
+fn an_owned_object_is_destroyed_once_before_its_parent_and_a_failure_is_only_logged() {
+    let (mut a, mut b) = (1u32, 0u32);
+    {
+        // SAFETY: live u32s, "destroyed" by nobody else.
+        let _first = unsafe { Owned::<FakeKind>::new(&mut a, Parent("ctx a")) };
+        // SAFETY: as above.
+        let _second = unsafe { Owned::<FakeKind>::new(&mut b, Parent("ctx b")) };
+        assert!(seen().is_empty());
+    }
+    // Locals drop in reverse order; each object goes before its parent, and the failing
+    // destroy of the second does not stop the first.
+    assert_eq!(
+        seen(),
+        ["destroy 0", "drop ctx b", "destroy 1", "drop ctx a"]
+    );
+}
