@@ -20,7 +20,7 @@
 //! ```
 
 mod common;
-use common::pattern;
+use common::{gpu, pattern, unavailable};
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -38,16 +38,6 @@ use nixl_transports::local::LocalBackend;
 use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
 
 const CHILD_ENV: &str = "NIXL_CUDA_TEST_CHILD";
-
-/// Whether the GPU tests run (`NIXL_TEST_CUDA=1`); prints the skip otherwise.
-fn gpu() -> bool {
-    if !nixl_testkit::env_is_1("NIXL_TEST_CUDA") {
-        let why = "NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)";
-        nixl_testkit::skip(why, true, &[]);
-        return false;
-    }
-    true
-}
 
 fn cfg(tag: &str) -> CudaConfig {
     CudaConfig {
@@ -85,13 +75,7 @@ fn without_a_driver_cuda_is_unavailable_and_the_agent_runs() {
         .backend(Arc::new(LocalBackend::new()))
         .build()
         .unwrap();
-    let st = a
-        .backends()
-        .iter()
-        .find(|s| s.name == BackendName::Cuda)
-        .cloned()
-        .unwrap();
-    let reason = st.unavailable.expect("cuda must be unavailable here");
+    let reason = unavailable(&a, BackendName::Cuda).expect("cuda must be unavailable here");
     assert!(reason.starts_with("libcuda.so.1 not found: "), "{reason}");
     // Registering VRAM is refused with the reason; DRAM still works.
     let e = reg(&a, &vram(vec![Desc::new(0x7f00_0000_0000, 4096, 0)])).unwrap_err();

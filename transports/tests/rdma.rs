@@ -3,7 +3,7 @@
 //! between two agents in one process over one device.
 
 mod common;
-use common::pattern;
+use common::{pattern, unavailable};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -142,12 +142,7 @@ fn agent_runs_without_rdma() {
         .backend(Arc::new(LocalBackend::new()))
         .build()
         .unwrap();
-    let st = a
-        .backends()
-        .iter()
-        .find(|b| b.name == BackendName::Rdma)
-        .expect("rdma listed");
-    let why = st.unavailable.as_deref().expect("rdma unavailable");
+    let why = unavailable(&a, BackendName::Rdma).expect("rdma unavailable");
     assert!(
         why.contains("libibverbs-nixl-missing.so.1 not found"),
         "{why}"
