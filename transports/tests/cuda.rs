@@ -172,10 +172,7 @@ fn gpu_copy_between_two_agents_in_one_process() {
             &vram(vec![va.desc()]),
             &vram(vec![Desc::new(lb.addr() + 17, size as u64, 0)]),
             "b",
-            XferOptions {
-                notif: Some(b"vram-done".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"vram-done")),
         )
         .unwrap();
     assert_eq!(req.backend(), BackendName::Cuda);
@@ -569,10 +566,7 @@ fn ipc_child() {
             &vram(vec![mine.desc()]),
             &vram(vec![Desc::new(vmm_addr, size as u64, 0)]),
             "owner",
-            XferOptions {
-                notif: Some(b"written".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"written")),
         )
         .unwrap();
     req.run_blocking().unwrap();
@@ -748,10 +742,7 @@ fn fabric_child() {
         &vram(vec![mine.desc()]),
         &remote,
         "fowner",
-        XferOptions {
-            notif: Some(b"fabric-written".to_vec()),
-            ..Default::default()
-        },
+        common::opts(Some(b"fabric-written")),
     )
     .unwrap()
     .run_blocking()

@@ -229,10 +229,7 @@ fn hardware_write_and_read_with_notifications() {
             &dram(vec![Desc::from_slice(&a_buf)]),
             &dram(vec![Desc::from_mut_slice(&mut b_buf[3..3 + size])]),
             "rdma-b",
-            XferOptions {
-                notif: Some(b"written".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"written")),
         )
         .unwrap();
     assert_eq!(req.backend(), BackendName::Rdma);
@@ -267,10 +264,7 @@ fn hardware_write_and_read_with_notifications() {
             &dram(local),
             &dram(remote),
             "rdma-b",
-            XferOptions {
-                notif: Some(b"read".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"read")),
         )
         .unwrap();
     req.run_blocking().unwrap();
@@ -347,10 +341,7 @@ fn hardware_vram_through_dmabuf() {
             &dram(vec![Desc::from_slice(&src)]),
             &vram(vec![vdesc]),
             "rdma-vram-b",
-            XferOptions {
-                notif: Some(b"vram written".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"vram written")),
         )
         .unwrap();
     assert_eq!(w.backend(), BackendName::Rdma);

@@ -223,10 +223,7 @@ fn device_memory_goes_over_tcp_through_host_memory_and_says_so() {
             &list(MemKind::Vram, local.clone()),
             &list(MemKind::Dram, remote.clone()),
             "stage-b",
-            XferOptions {
-                notif: Some(b"staged".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"staged")),
         )
         .unwrap();
     assert_eq!(w.info().backend, BackendName::Tcp);
