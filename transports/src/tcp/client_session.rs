@@ -14,9 +14,9 @@ use parking_lot::{Condvar, Mutex};
 use super::client::Conn;
 use super::client_plan::Local;
 use super::client_post::Post;
-use super::net::{self, Link, OnBlock, Span};
+use super::config::TcpConfig;
+use super::net::{self, peer_err, Link, OnBlock, Span};
 use super::wire::{self, Status};
-use super::{peer_err, TcpConfig};
 
 /// Chunk index that marks the acknowledgement of a notification.
 const NOTIF_CHUNK: u32 = u32::MAX;
