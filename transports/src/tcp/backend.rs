@@ -163,6 +163,12 @@ impl Backend for TcpBackend {
             .is_none_or(|s| s.peer_idle(peer))
     }
 
+    fn fence_peer(&self, peer: &str, wait: std::time::Duration) -> bool {
+        // Shut down under the lock, wait without it (a shutdown of the backend may come).
+        let fence = self.server.lock().as_ref().map(|s| s.fence_peer(peer));
+        fence.is_none_or(|f| f.wait(wait))
+    }
+
     fn shutdown(&self) {
         if self.shut.swap(true, Ordering::AcqRel) {
             return;

@@ -78,11 +78,16 @@ impl State {
         self.settled[lane] += 1;
     }
 
-    /// Whether `lane`'s sender may take its next job now.
+    /// Whether `lane`'s sender may take its next job now (never once the session failed: its
+    /// queues are taken then, and a writer that ends after the failure still releases its lane).
     fn takeable(&self, lane: usize, window: usize) -> bool {
         !self.busy[lane]
             && self.outstanding[lane] < window
-            && self.queues[lane].front().is_some_and(|j| self.ready(j))
+            && self
+                .queues
+                .get(lane)
+                .and_then(VecDeque::front)
+                .is_some_and(|j| self.ready(j))
     }
 
     /// Whether a job may be written now: a standalone notification waits for its barrier.
