@@ -185,6 +185,21 @@ fn serve_inner(shared: &Shared, s: TcpStream, peer: SocketAddr) -> io::Result<()
         net::send_all(s, &out)?;
         return Ok(());
     }
+    // A data connection is in `data` (busy) before the peer learns it is open: a READ it sends
+    // the moment OPENED arrives is counted by `peer_idle` and ended by a fence from then on.
+    // The entry leaves (DataEntry's drop) on every way out below.
+    let waiting = Arc::new(AtomicBool::new(false));
+    let _entry = (open.purpose == Purpose::Data).then(|| {
+        shared.data.lock().insert(
+            served.id,
+            DataConn {
+                peer: Arc::from(who.name.as_str()),
+                waiting: Arc::clone(&waiting),
+                fd: s.socket().as_raw_fd(),
+            },
+        );
+        DataEntry(shared, served.id)
+    });
     wire::opened(&mut out, Status::Ok, me, shared.target.name());
     net::send_all(s, &out)?;
     s.set_deadline(None);
@@ -194,19 +209,7 @@ fn serve_inner(shared: &Shared, s: TcpStream, peer: SocketAddr) -> io::Result<()
     match open.purpose {
         Purpose::Metadata => serve_metadata(shared, s, frames, &who, &mut body, &mut out),
         Purpose::Control => serve_control(shared, s, frames, &who.name, &mut body, &mut out),
-        Purpose::Data => {
-            let waiting = Arc::new(AtomicBool::new(false));
-            shared.data.lock().insert(
-                served.id,
-                DataConn {
-                    peer: Arc::from(who.name.as_str()),
-                    waiting: Arc::clone(&waiting),
-                    fd: s.socket().as_raw_fd(),
-                },
-            );
-            let _entry = DataEntry(shared, served.id);
-            Worker::new(shared, who.name).run(s, frames, &mut body, &waiting)
-        }
+        Purpose::Data => Worker::new(shared, who.name).run(s, frames, &mut body, &waiting),
     }
 }
 
