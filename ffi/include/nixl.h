@@ -909,6 +909,19 @@ nixl_status nixl_kv_prefill_poll(struct nixl_kv_prefill *p,
 nixl_status nixl_kv_prefill_held(struct nixl_kv_prefill *p, size_t *count);
 
 /**
+ * How long a pull handoff that ended without decode's word (its lease and the grace after it
+ * ran out, or a cancel decode did not answer) waits for this agent to serve decode nothing
+ * any more before decode is fenced (its connections to this agent dropped, every READ on them
+ * failed) and the blocks are freed, reported with `; decode fenced` in the reason. By default
+ * the handoff's lease; `ms` 0 fences at once. Applies to handoffs that reach that point after
+ * the call.
+ *
+ * # Safety
+ * `p` is NULL (`NIXL_ERR_INVALID`) or a live handle from `nixl_kv_prefill_new`.
+ */
+nixl_status nixl_kv_prefill_set_fence_after(struct nixl_kv_prefill *p, uint32_t ms);
+
+/**
  * Opens the decode side of pull handoffs on `agent`, whose KV cache is `*layout` (registered
  * with the agent), and writes the handle to `*out`.
  *

@@ -157,3 +157,26 @@ pub unsafe extern "C" fn nixl_kv_prefill_held(
         Ok(())
     })
 }
+
+/// How long a pull handoff that ended without decode's word (its lease and the grace after it
+/// ran out, or a cancel decode did not answer) waits for this agent to serve decode nothing
+/// any more before decode is fenced (its connections to this agent dropped, every READ on them
+/// failed) and the blocks are freed, reported with `; decode fenced` in the reason. By default
+/// the handoff's lease; `ms` 0 fences at once. Applies to handoffs that reach that point after
+/// the call.
+///
+/// # Safety
+/// `p` is NULL (`NIXL_ERR_INVALID`) or a live handle from `nixl_kv_prefill_new`.
+#[no_mangle]
+pub unsafe extern "C" fn nixl_kv_prefill_set_fence_after(
+    p: *mut nixl_kv_prefill,
+    ms: u32,
+) -> nixl_status {
+    PrefillHandle::with(p, |h| {
+        h.inner
+            .lock()
+            .side
+            .set_fence_after(Duration::from_millis(u64::from(ms)));
+        Ok(())
+    })
+}

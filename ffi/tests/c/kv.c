@@ -203,6 +203,7 @@ int main(int argc, char **argv)
     nixl_kv_prefill *pre = NULL;
     nixl_kv_decode *dec = NULL;
     EXPECT_OK(nixl_kv_prefill_new(pa, &pre));
+    EXPECT_OK(nixl_kv_prefill_set_fence_after(pre, 2000));
     EXPECT_OK(nixl_kv_decode_new(da, &dl, &dec));
     const char *ranks[1] = {"kv-prefill"};
     bad = pl;
@@ -403,6 +404,7 @@ int main(int argc, char **argv)
 
     /* 5. Misuse. */
     EXPECT(nixl_kv_prefill_poll(NULL, &ev, blocks, 16), NIXL_ERR_INVALID);
+    EXPECT(nixl_kv_prefill_set_fence_after(NULL, 100), NIXL_ERR_INVALID);
     EXPECT(nixl_kv_decode_poll(dec, NULL, blocks, 16), NIXL_ERR_INVALID);
     EXPECT(nixl_kv_decode_poll(dec, &ev, NULL, 4), NIXL_ERR_INVALID);
     EXPECT(nixl_kv_offer(pre, NULL, "r", src, NB, 10, &id), NIXL_ERR_INVALID);
