@@ -36,7 +36,8 @@ impl Server {
         if let Some(why) = Moto::missing() {
             return Err(why);
         }
-        let moto = Moto::start(&[("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "268435456")]);
+        let moto = Moto::try_start_with(&[], &[("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", "268435456")])
+            .map_err(|e| e.to_string())?;
         let s = Server {
             addr: format!("127.0.0.1:{}", moto.port),
             moto: Some(moto),

@@ -11,7 +11,7 @@
 //!                           | name_len u16 | name (UTF-8, [A-Za-z0-9._-], at most 128 bytes;
 //!                             0 bytes from servers that predate names)
 //!                           | at offset 168: files u32 | at 176: xxh3-64 of the file table, u64
-//! manifest (as stored, see manifest.rs), then per region in manifest order { addr u64, len u64 }:
+//! manifest (as stored, see manifest/mod.rs), then per region in manifest order { addr u64, len u64 }:
 //! where the region lives in the server's memory now
 //! file table (after the digested part): per artifact data file served { index in the
 //! manifest's files u64, addr u64, len u64 }

@@ -139,16 +139,21 @@ fn prefill_abort_is_acknowledged_before_freeing() {
     assert!(dec.pull(&o, &[0, 1]).is_err());
 }
 
-/// Over `tcp`, decode's abort frees prefill's blocks at once, even while decode keeps every
-/// connection to prefill's listener busy with other READs (so prefill's listener never goes
-/// idle for that peer): the abort reaches prefill only after every frame decode wrote before
-/// it was served. Without that, prefill waited for an idle listener, i.e. until decode's other
-/// work stopped.
-#[test]
-fn over_tcp_decode_abort_frees_while_decode_keeps_every_connection_busy() {
-    use nixl_core::{Agent, Desc, DescList, MemKind, XferOp, XferOptions, XferStatus};
+/// Prefill and decode over `tcp` on loopback, each knowing the other, with 16 MiB of prefill's
+/// other data (`other`) that decode can keep reading into `into` ([`OverTcp::keep_reading`]).
+/// Fields drop in order: the registrations go before the buffers they cover.
+struct OverTcp {
+    _regs: [nixl_core::Registration; 2],
+    p: Worker,
+    d: Worker,
+    /// The two buffers as descriptor lists; only transfers touch them.
+    lists: [nixl_core::DescList; 2],
+    bufs: [Vec<u8>; 2],
+}
+
+fn over_tcp() -> OverTcp {
+    use nixl_core::{Agent, Desc, DescList, MemKind};
     use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let tcp = |name: &str| {
         let c = TcpConfig {
@@ -156,6 +161,8 @@ fn over_tcp_decode_abort_frees_while_decode_keeps_every_connection_busy() {
             auth: Auth::host_only(),
             // Enough READ chunks asked at once to keep prefill's listener writing.
             window: 64,
+            // A READ whose DATA is not read holds the listener for this long.
+            io_timeout: Duration::from_secs(30),
             ..TcpConfig::default()
         };
         let b = Arc::new(TcpBackend::new(c));
@@ -163,68 +170,126 @@ fn over_tcp_decode_abort_frees_while_decode_keeps_every_connection_busy() {
     };
     let p = common::worker_on(tcp("prefill"), shape(0, 1), true);
     let d = common::worker_on(tcp("decode"), shape(0, 1), false);
-    // Other data of prefill's that decode keeps reading meanwhile.
     let len = 16 << 20;
     let mut other = vec![7u8; len];
     let mut into = vec![0u8; len];
     let list =
         |b: &mut [u8]| DescList::from_descs(MemKind::Dram, vec![Desc::from_mut_slice(b)]).unwrap();
-    // SAFETY: both buffers outlive their registrations (dropped at the end of the test, after
-    // the busy thread stopped), and are read only by transfers.
-    let _regs = unsafe {
+    // SAFETY: both buffers outlive their registrations (dropped first, see `OverTcp`), and are
+    // read and written only by transfers.
+    let regs = unsafe {
         [
-            p.agent.register(&list(&mut other)),
-            d.agent.register(&list(&mut into)),
+            p.agent.register(&list(&mut other)).unwrap(),
+            d.agent.register(&list(&mut into)).unwrap(),
         ]
     };
     p.agent.load_remote(&d.agent.metadata_bytes()).unwrap();
     d.agent.load_remote(&p.agent.metadata_bytes()).unwrap();
-    let (mut pre, mut dec) = sides(&p, &d);
-    let (id, o) = offer(&mut pre, &mut dec, &[1, 2], Duration::from_secs(30));
-    let stop = AtomicBool::new(false);
-    let busy_for = Duration::from_secs(6);
-    std::thread::scope(|s| {
-        let (other, into, stop) = (list(&mut other), list(&mut into), &stop);
-        let agent = &d.agent;
-        let busy = s.spawn(move || {
-            // Eight READs of 16 MiB each, each posted again as it ends: both connections always
-            // have frames queued at prefill's listener.
-            let reqs: Vec<_> = (0..8)
-                .map(|_| {
-                    agent
-                        .create_xfer(
-                            XferOp::Read,
-                            &into,
-                            &other,
-                            "prefill",
-                            XferOptions::default(),
-                        )
-                        .unwrap()
-                })
-                .collect();
-            let t = Instant::now();
-            while !stop.load(Ordering::Acquire) && t.elapsed() < busy_for {
-                for x in &reqs {
-                    match x.status() {
-                        XferStatus::InProgress => {}
-                        XferStatus::Idle | XferStatus::Done => x.post().unwrap(),
-                        bad => panic!("a busy READ ended {bad:?}"),
+    OverTcp {
+        _regs: regs,
+        p,
+        d,
+        lists: [list(&mut other), list(&mut into)],
+        bufs: [other, into],
+    }
+}
+
+impl OverTcp {
+    /// Decode READs prefill's `other` into `into` with eight READs of 16 MiB each, each posted
+    /// again as it ends, until `stop` is set or `busy_for` passed, so that both connections
+    /// always have frames queued at prefill's listener. Counts in `failed` the READs that
+    /// failed (posted again as well).
+    fn keep_reading(
+        &self,
+        stop: &std::sync::atomic::AtomicBool,
+        failed: &std::sync::atomic::AtomicUsize,
+        busy_for: Duration,
+    ) {
+        use nixl_core::{XferOp, XferOptions, XferStatus};
+        use std::sync::atomic::Ordering;
+        let [other, into] = &self.lists;
+        let reqs: Vec<_> = (0..8)
+            .map(|_| {
+                self.d
+                    .agent
+                    .create_xfer(XferOp::Read, into, other, "prefill", XferOptions::default())
+                    .unwrap()
+            })
+            .collect();
+        let t = Instant::now();
+        while !stop.load(Ordering::Acquire) && t.elapsed() < busy_for {
+            for x in &reqs {
+                match x.status() {
+                    XferStatus::InProgress => {}
+                    XferStatus::Idle | XferStatus::Done => x.post().unwrap(),
+                    _ => {
+                        failed.fetch_add(1, Ordering::AcqRel);
+                        // The next post connects again.
+                        let _ = x.post();
                     }
                 }
-                std::thread::yield_now();
             }
-            for x in &reqs {
-                x.release();
-            }
-        });
-        // Let the busy READs start, then decode aborts.
+            std::thread::yield_now();
+        }
+        for x in &reqs {
+            x.release();
+        }
+    }
+
+    /// A data connection to prefill's listener in decode's name, opened by hand, that asks for
+    /// a READ of all of `other` and never reads the answer: the listener's thread stays blocked
+    /// writing it (until `io_timeout`), so the listener is never idle for decode, whatever the
+    /// scheduler does with decode's own READs (which leave an idle instant now and then).
+    fn stuck_read(&self) -> nixl_transports::fuzzing::RawConnection {
+        use nixl_transports::fuzzing::tcp_wire::{finish, put_span, span_head, SPAN_READ};
+        use std::io::Write;
+        let other = self.bufs[0].as_ptr() as u64;
+        let md = self.p.agent.metadata();
+        let key = md
+            .regions
+            .iter()
+            .find(|r| r.desc.addr == other)
+            .unwrap()
+            .key;
+        let addr = nixl_transports::tcp::listen_addrs_in(&md)[0];
+        let auth = nixl_transports::tcp::Auth::host_only();
+        let mut s = nixl_transports::fuzzing::raw_data_connection(addr, &auth, "decode").unwrap();
+        let mut f = Vec::new();
+        span_head(&mut f, SPAN_READ, 1, 0, key, 1);
+        put_span(&mut f, other, self.bufs[0].len() as u32);
+        finish(&mut f);
+        s.write_all(&f).unwrap();
+        s
+    }
+
+    /// Waits until decode's READs keep prefill's listener busy.
+    fn wait_busy(&self) {
         let t = Instant::now();
-        while p.agent.peer_idle("decode") {
+        while self.p.agent.peer_idle("decode") {
             assert!(
                 t.elapsed() < Duration::from_secs(2),
                 "decode's READs never came"
             );
         }
+    }
+}
+
+/// Over `tcp`, decode's abort frees prefill's blocks at once, even while decode keeps every
+/// connection to prefill's listener busy with other READs (so prefill's listener never goes
+/// idle for that peer): the abort reaches prefill only after every frame decode wrote before
+/// it was served. Without that, prefill waited for an idle listener, i.e. until decode's other
+/// work stopped.
+#[test]
+fn over_tcp_decode_abort_frees_while_decode_keeps_every_connection_busy() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let w = over_tcp();
+    let (mut pre, mut dec) = sides(&w.p, &w.d);
+    let (id, o) = offer(&mut pre, &mut dec, &[1, 2], Duration::from_secs(30));
+    let (stop, failed) = (AtomicBool::new(false), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        let busy = s.spawn(|| w.keep_reading(&stop, &failed, Duration::from_secs(6)));
+        // Let the busy READs start, then decode aborts.
+        w.wait_busy();
         dec.cancel(&o.from, o.id, "client went away");
         let t = Instant::now();
         let (f, _) = drive(&mut pre, &mut dec, |f, _| !f.is_empty());
@@ -232,12 +297,70 @@ fn over_tcp_decode_abort_frees_while_decode_keeps_every_connection_busy() {
         let still_busy = !busy.is_finished();
         stop.store(true, Ordering::Release);
         busy.join().unwrap();
+        assert_eq!(failed.load(Ordering::Acquire), 0, "a busy READ failed");
         assert_eq!(f[0].id, id);
         assert!(matches!(&f[0].outcome, Outcome::Cancelled(_)), "{f:?}");
         assert!(
             still_busy && took < Duration::from_millis(1500),
             "freed after {took:?}, once decode's other READs stopped"
         );
+    });
+}
+
+/// Over `tcp`, a decode that takes an offer and then says nothing (no renewal, no READ of the
+/// blocks, no abort) while it keeps every connection to prefill's listener busy with READs of
+/// other memory (and one connection more whose READ it never reads, so that the listener is
+/// never idle for it): prefill still frees the blocks, by fencing decode `fence_after` past the
+/// lease and its grace, and says so. Before the fence existed the blocks stayed held for as
+/// long as decode kept its connections busy. Decode's other READs fail at the fence and
+/// connect again.
+#[test]
+fn over_tcp_a_silent_decode_that_keeps_every_connection_busy_is_fenced_and_the_blocks_freed() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let w = over_tcp();
+    let (mut pre, mut dec) = sides(&w.p, &w.d);
+    let (lease, fence_after) = (Duration::from_millis(400), Duration::from_millis(300));
+    pre.set_fence_after(fence_after);
+    let (stop, failed) = (AtomicBool::new(false), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        let busy = s.spawn(|| w.keep_reading(&stop, &failed, Duration::from_secs(8)));
+        let _stuck = w.stuck_read();
+        w.wait_busy();
+        let t = Instant::now();
+        // Decode takes the offer, then goes silent (it never polls again).
+        let (id, _) = offer(&mut pre, &mut dec, &[1, 2], lease);
+        let mut f = Vec::new();
+        while f.is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(4),
+                "never freed while decode kept its connections busy"
+            );
+            f = pre.poll().0;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let took = t.elapsed();
+        let still_busy = !busy.is_finished();
+        // Decode learns of the fence as its sessions fail: its READs in flight fail.
+        let t2 = Instant::now();
+        while failed.load(Ordering::Acquire) == 0 && t2.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::Release);
+        busy.join().unwrap();
+        let failed = failed.load(Ordering::Acquire);
+        eprintln!("freed {took:?} after the offer (lease {lease:?}, fence_after {fence_after:?}); {failed} busy READs failed at the fence");
+        assert_eq!(
+            (f[0].id, &f[0].outcome),
+            (id, &Outcome::Failed("lease expired; decode fenced".into()))
+        );
+        assert!(still_busy, "decode's READs stopped before the free");
+        let bound = 2 * lease + fence_after;
+        assert!(
+            took >= bound && took < bound + Duration::from_millis(700),
+            "freed after {took:?}, bound {bound:?}"
+        );
+        assert!(failed > 0, "no READ of decode's was in flight at the fence");
+        assert_eq!(pre.held(), 0);
     });
 }
 

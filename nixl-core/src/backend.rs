@@ -305,6 +305,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn peer_idle(&self, _peer: &str) -> bool {
         true
     }
+    /// Ends everything this backend carries out of this agent's memory on `peer`'s behalf now
+    /// (for a listener: drops the peer's connections, so the requests it was serving or had
+    /// received fail there), and waits up to `wait` for it to have stopped touching the memory;
+    /// returns whether it has. Afterwards [`Backend::peer_idle`] no longer counts what was
+    /// fenced; the peer may connect again, and what it asks then is served as usual. Backends
+    /// that [`Backend::peer_idle`] answers true for have nothing to fence and return true.
+    fn fence_peer(&self, _peer: &str, _wait: Duration) -> bool {
+        true
+    }
 }
 
 /// A backend's connection to one peer.

@@ -61,11 +61,14 @@ impl Moto {
     /// for HTTPS). It is up when it accepts connections (plain or TLS alike); a server that
     /// exits first is a panic.
     pub fn start_with(args: &[&OsStr], env: &[(&str, &str)]) -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("a free port")
-            .local_addr()
-            .expect("its address")
-            .port();
+        Moto::try_start_with(args, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Moto::start_with`] for programs (benchmarks) that report a server that does not come
+    /// up as an error instead of a panic: it could not be started, exited at start, or did
+    /// not accept a connection within 30 s (then it is killed).
+    pub fn try_start_with(args: &[&OsStr], env: &[(&str, &str)]) -> std::io::Result<Moto> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut cmd = Command::new("python3");
         cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p"])
             .arg(port.to_string())
@@ -82,20 +85,28 @@ impl Moto {
                 Ok(())
             });
         }
-        let child = cmd.spawn().expect("start moto (python3 -m moto.server)");
+        let child = cmd.spawn().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("start moto (python3 -m moto.server): {e}"),
+            )
+        })?;
+        // Dropped on every early return below: the server is killed.
         let mut m = Moto { child, port };
         let t0 = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Ok(Some(st)) = m.child.try_wait() {
-                panic!("moto exited at start: {st}");
+                return Err(std::io::Error::other(format!("moto exited at start: {st}")));
             }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "moto did not answer"
-            );
+            if t0.elapsed() >= Duration::from_secs(30) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "moto did not accept a connection within 30 s",
+                ));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        m
+        Ok(m)
     }
 
     /// Kills the server now (SIGKILL), as a crash would.
@@ -165,4 +176,21 @@ pub fn exchange(
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
     Ok((status, out[head_end..].to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that cannot come up is an error for `try_start_with`, not a panic, and the
+    /// process is gone (the bench reports it and goes on).
+    #[test]
+    fn a_moto_that_exits_at_start_is_an_error() {
+        crate::require!(Moto::missing(), "NIXL_REQUIRE_OBJECT_TESTS");
+        let bad: &OsStr = "--no-such-moto-flag".as_ref();
+        let Err(e) = Moto::try_start_with(&[bad], &[]) else {
+            panic!("moto came up with an unknown flag");
+        };
+        assert!(e.to_string().contains("moto exited at start"), "{e}");
+    }
 }

@@ -19,6 +19,17 @@ use parking_lot::Mutex;
 /// ([`nixl_core::MAX_NOTIF_BYTES`]) and its header.
 pub const MAX_CONTROL: usize = nixl_core::MAX_NOTIF_BYTES + 4096;
 
+/// Refuses a request over [`MAX_CONTROL`] before it is sent (every channel's `call`).
+pub(crate) fn check_request(req: &[u8]) -> Result<()> {
+    if req.len() > MAX_CONTROL {
+        return Err(Error::InvalidArgument(format!(
+            "control request of {} bytes exceeds {MAX_CONTROL}",
+            req.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A backend's handler of control requests from peers.
 pub trait ControlService: Send + Sync + fmt::Debug {
     /// Answers one request from the authenticated peer agent `peer`. `Err` is sent back as the
@@ -152,12 +163,7 @@ impl ControlChannel for Loopback {
         req: &[u8],
         _timeout: Duration,
     ) -> Result<Vec<u8>> {
-        if req.len() > MAX_CONTROL {
-            return Err(Error::InvalidArgument(format!(
-                "control request of {} bytes exceeds {MAX_CONTROL}",
-                req.len()
-            )));
-        }
+        check_request(req)?;
         let peer = String::from_utf8_lossy(endpoint).into_owned();
         let services = loopback_table()
             .lock()

@@ -62,13 +62,19 @@
 //! shm/buffer.rs         ShmBuffer, memfd-backed host memory a peer may map
 //! shm/sys.rs            the syscalls (process_vm_readv/writev, mmap, memfd)
 //! shm/wire.rs           the frames on its Unix socket
-//! tcp/mod.rs          `tcp`: between hosts (backend, sessions, options)
+//! tcp/mod.rs          `tcp`: between hosts: how it works, what it exports
+//! tcp/config.rs         TcpConfig, the [tcp] section; parse_listen
+//! tcp/backend.rs        TcpBackend: the Backend trait (start, connect, peer_idle, shutdown)
+//! tcp/control.rs        the control channel through the listener (TcpControl), the ping service
+//! tcp/conn_info.rs      what the listener publishes: its addresses
+//! tcp/metadata.rs       fetch, push and drop metadata at a peer's listener
+//! tcp/raw.rs            hidden: raw connections past the handshake, for tests and fuzzers
 //! tcp/auth.rs           the handshake before any frame
 //! tcp/identity.rs       who the other end proved to be
 //! tcp/user_secret.rs    the per-user default secret
 //! tcp/tls.rs            TLS 1.3 for agents with a secret
 //! tcp/link.rs           one connection's byte stream (plain or TLS)
-//! tcp/net.rs            addresses, socket options, frame reads and writes
+//! tcp/net.rs            addresses, connecting, socket options, frame reads and writes
 //! tcp/wire.rs           the frames
 //! tcp/client.rs         the initiator: its connections, prepared transfers, notifications
 //! tcp/client_plan.rs    a post's plan: chunks and their span frames

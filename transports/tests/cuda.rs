@@ -20,7 +20,7 @@
 //! ```
 
 mod common;
-use common::pattern;
+use common::{gpu, pattern, unavailable};
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -38,16 +38,6 @@ use nixl_transports::local::LocalBackend;
 use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
 
 const CHILD_ENV: &str = "NIXL_CUDA_TEST_CHILD";
-
-/// Whether the GPU tests run (`NIXL_TEST_CUDA=1`); prints the skip otherwise.
-fn gpu() -> bool {
-    if !nixl_testkit::env_is_1("NIXL_TEST_CUDA") {
-        let why = "NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)";
-        nixl_testkit::skip(why, true, &[]);
-        return false;
-    }
-    true
-}
 
 fn cfg(tag: &str) -> CudaConfig {
     CudaConfig {
@@ -85,13 +75,7 @@ fn without_a_driver_cuda_is_unavailable_and_the_agent_runs() {
         .backend(Arc::new(LocalBackend::new()))
         .build()
         .unwrap();
-    let st = a
-        .backends()
-        .iter()
-        .find(|s| s.name == BackendName::Cuda)
-        .cloned()
-        .unwrap();
-    let reason = st.unavailable.expect("cuda must be unavailable here");
+    let reason = unavailable(&a, BackendName::Cuda).expect("cuda must be unavailable here");
     assert!(reason.starts_with("libcuda.so.1 not found: "), "{reason}");
     // Registering VRAM is refused with the reason; DRAM still works.
     let e = reg(&a, &vram(vec![Desc::new(0x7f00_0000_0000, 4096, 0)])).unwrap_err();
@@ -188,10 +172,7 @@ fn gpu_copy_between_two_agents_in_one_process() {
             &vram(vec![va.desc()]),
             &vram(vec![Desc::new(lb.addr() + 17, size as u64, 0)]),
             "b",
-            XferOptions {
-                notif: Some(b"vram-done".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"vram-done")),
         )
         .unwrap();
     assert_eq!(req.backend(), BackendName::Cuda);
@@ -585,10 +566,7 @@ fn ipc_child() {
             &vram(vec![mine.desc()]),
             &vram(vec![Desc::new(vmm_addr, size as u64, 0)]),
             "owner",
-            XferOptions {
-                notif: Some(b"written".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"written")),
         )
         .unwrap();
     req.run_blocking().unwrap();
@@ -764,10 +742,7 @@ fn fabric_child() {
         &vram(vec![mine.desc()]),
         &remote,
         "fowner",
-        XferOptions {
-            notif: Some(b"fabric-written".to_vec()),
-            ..Default::default()
-        },
+        common::opts(Some(b"fabric-written")),
     )
     .unwrap()
     .run_blocking()

@@ -12,8 +12,10 @@ use std::time::Duration;
 use nixl_core::{
     Agent, BackendName, Desc, DescList, MemKind, Registration, XferOp, XferOptions, XferStatus,
 };
-use nixl_testkit::pattern;
 use nixl_transports::config::Config;
+
+mod common;
+use common::{pattern, unavailable};
 
 fn agent(b: BackendName, extra: &str) -> Agent {
     let cfg = Config::from_toml(&format!("backends = [\"local\", \"{b}\"]\n{extra}")).unwrap();
@@ -34,14 +36,8 @@ fn scratch(tag: &str) -> PathBuf {
     d
 }
 
-fn rw(path: &PathBuf) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .unwrap()
+fn rw(path: &std::path::Path) -> File {
+    common::open_rw(path, 0).unwrap()
 }
 
 fn reg(a: &Agent, kind: MemKind, descs: Vec<Desc>) -> Registration {
@@ -346,17 +342,9 @@ fn cancel_and_shutdown_end_requests_and_let_go_of_memory(b: BackendName) {
 }
 
 fn direct_io_round_trips_aligned_and_refuses_misaligned(b: BackendName) {
-    use std::os::unix::fs::OpenOptionsExt;
     let a = agent(b, "");
     let dir = scratch("direct");
-    let f = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dir.join("d"))
-    {
+    let f = match common::open_rw(&dir.join("d"), libc::O_DIRECT) {
         Ok(f) => f,
         Err(e) => {
             // A property of the file system under the temp dir, not something CI installs.
@@ -467,12 +455,7 @@ fn without_io_uring_files_go_through_posix_and_the_request_says_why() {
         .backends(cfg.backends().unwrap())
         .build()
         .unwrap();
-    let uring = a
-        .backends()
-        .iter()
-        .find(|s| s.name == BackendName::Uring)
-        .unwrap();
-    let why = uring.unavailable.as_deref().unwrap_or("");
+    let why = unavailable(&a, BackendName::Uring).unwrap_or_default();
     assert!(why.contains("enabled = false"), "{why}");
     let dir = scratch("fallback");
     let f = rw(&dir.join("f"));
@@ -524,10 +507,7 @@ fn with_io_uring_files_go_through_uring_by_default() {
             XferOptions::default(),
         )
         .unwrap();
-    let uring_runs = a
-        .backends()
-        .iter()
-        .any(|s| s.name == BackendName::Uring && s.unavailable.is_none());
+    let uring_runs = unavailable(&a, BackendName::Uring).is_none();
     if uring_runs {
         assert_eq!(req.backend(), BackendName::Uring, "{}", req.info().reason);
     } else {

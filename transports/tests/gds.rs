@@ -12,11 +12,9 @@
 //! ```
 
 mod common;
-use common::pattern;
+use common::{gpu, open_rw, pattern, unavailable};
 
-use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -24,16 +22,6 @@ use nixl_core::*;
 use nixl_transports::cuda::{CudaBackend, CudaConfig, LegacyBuffer, VmmBuffer};
 use nixl_transports::gds::{GdsBackend, GdsConfig};
 use nixl_transports::uring::{UringBackend, UringConfig};
-
-/// Whether the GPU tests run (`NIXL_TEST_CUDA=1`); prints the skip otherwise.
-fn gpu() -> bool {
-    if !nixl_testkit::env_is_1("NIXL_TEST_CUDA") {
-        let why = "NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)";
-        nixl_testkit::skip(why, true, &[]);
-        return false;
-    }
-    true
-}
 
 fn scratch(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("nixl-gds-{tag}-{}", std::process::id()));
@@ -91,14 +79,7 @@ fn round_trip(
     direct: bool,
 ) -> (BackendName, Option<BackendName>) {
     let path = dir.join("kv.bin");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
-        .open(&path)
-        .unwrap();
+    let f = open_rw(&path, if direct { libc::O_DIRECT } else { 0 }).unwrap();
     let fd = f.as_raw_fd() as u64;
     let len = src.len;
     let _f = reg(a, MemKind::File, vec![Desc::new(0, len, fd)]);
@@ -168,14 +149,7 @@ fn cufile_round_trip(test: &str, cfg: GdsConfig) -> Option<()> {
         .backend(gds)
         .build()
         .unwrap();
-    let st = built
-        .backends()
-        .iter()
-        .find(|s| s.name == BackendName::Gds)
-        .unwrap()
-        .unavailable
-        .clone();
-    if let Some(why) = st {
+    if let Some(why) = unavailable(&built, BackendName::Gds) {
         nixl_testkit::skip(format!("gds did not start: {why}"), true, &[]);
         return None;
     }
@@ -190,14 +164,7 @@ fn cufile_round_trip(test: &str, cfg: GdsConfig) -> Option<()> {
     // volume attributes for it): a skip with cuFile's reason, not a failure of ours.
     {
         let probe = dir.join("probe.bin");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&probe)
-            .unwrap();
+        let f = open_rw(&probe, libc::O_DIRECT).unwrap();
         let fd = f.as_raw_fd() as u64;
         let _f = reg(&built, MemKind::File, vec![Desc::new(0, 4096, fd)]);
         let r = built.create_xfer(

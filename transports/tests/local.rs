@@ -70,10 +70,7 @@ fn write_and_read_big_and_many_descriptors() {
             &dram(vec![Desc::from_slice(&a_buf)]),
             &dram(vec![Desc::from_mut_slice(&mut b_buf[3..])]),
             "b",
-            XferOptions {
-                notif: Some(b"layer-0".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"layer-0")),
         )
         .unwrap();
     assert_eq!(req.backend(), BackendName::Local);
@@ -133,10 +130,7 @@ fn small_transfers_inline_and_agent_to_itself() {
             &dram(vec![Desc::from_slice(lo)]),
             &dram(vec![Desc::from_mut_slice(hi)]),
             "solo",
-            XferOptions {
-                notif: Some(vec![1]),
-                ..Default::default()
-            },
+            common::opts(Some(&[1])),
         )
         .unwrap();
     req.run_blocking().unwrap();

@@ -27,8 +27,10 @@ use nixl_core::{
     Agent, BackendName, Desc, DescList, Error, MemKind, Registration, XferOp, XferOptions,
     XferRequest, XferStatus,
 };
-use nixl_testkit::pattern;
 use nixl_transports::config::Config;
+
+mod common;
+use common::{pattern, unavailable};
 
 const BUCKET: &str = "nixl-test";
 
@@ -219,6 +221,13 @@ fn reg(a: &Agent, kind: MemKind, descs: Vec<Desc>) -> Registration {
     unsafe { a.register(&list) }.unwrap()
 }
 
+/// Registers the `sources` and `dests` of a round trip as DRAM.
+fn reg_dram(a: &Agent, sources: &[&[u8]], dests: &mut [&mut [u8]]) -> Registration {
+    let mut descs: Vec<Desc> = sources.iter().map(|s| Desc::from_slice(s)).collect();
+    descs.extend(dests.iter_mut().map(|d| Desc::from_mut_slice(d)));
+    reg(a, MemKind::Dram, descs)
+}
+
 fn create(a: &Agent, op: XferOp, mem: Vec<Desc>, obj: Vec<Desc>) -> nixl_core::Result<XferRequest> {
     let req = a.create_xfer(
         op,
@@ -263,16 +272,7 @@ fn single_put_and_multipart_round_trip_byte_exact() {
     let (n1, n2) = ((3 << 20) + 333, (6 << 20) + 777); // odd tails; n2 is 25 parts
     let (s1, s2) = (pattern(1, n1), pattern(2, n2));
     let (mut d1, mut d2) = (vec![0u8; n1], vec![0u8; n2]);
-    let _m = reg(
-        &a,
-        MemKind::Dram,
-        vec![
-            Desc::from_slice(&s1),
-            Desc::from_slice(&s2),
-            Desc::from_mut_slice(&mut d1),
-            Desc::from_mut_slice(&mut d2),
-        ],
-    );
+    let _m = reg_dram(&a, &[&s1, &s2], &mut [&mut d1, &mut d2]);
     // Object 1 by its default name (rt/1); object 99 named explicitly through the agent.
     nixl_transports::object::name_object(&a, 99, &format!("{BUCKET}/explicit/b.bin")).unwrap();
     let (o1, o2) = (Desc::new(0, n1 as u64, 1), Desc::new(0, n2 as u64, 99));
@@ -464,14 +464,13 @@ fn killed_mid_transfer(moto: &mut Moto, req: &XferRequest, what: &str) {
 
 #[test]
 fn server_killed_mid_transfer_fails_within_the_timeout() {
+    // Small parts, a short timeout, a few requests at a time.
+    const SETTINGS: &str = "key_prefix = \"kill/\"\npart_size = 65536\n\
+         multipart_threshold = 65536\nrequest_timeout_ms = 3000\nmax_concurrency = 4";
     let Some(mut moto) = Moto::start() else {
         return;
     };
-    let a = agent(
-        &moto.endpoint(),
-        "key_prefix = \"kill/\"\npart_size = 65536\nmultipart_threshold = 65536\n\
-         request_timeout_ms = 3000\nmax_concurrency = 4",
-    );
+    let a = agent(&moto.endpoint(), SETTINGS);
     // A READ of 20000 separate 16-byte ranges: 20000 GETs, far more than moto serves in the
     // time before the kill.
     let n = 1 << 20;
@@ -500,11 +499,7 @@ fn server_killed_mid_transfer_fails_within_the_timeout() {
     let Some(mut moto) = Moto::start() else {
         return;
     };
-    let a = agent(
-        &moto.endpoint(),
-        "key_prefix = \"kill/\"\npart_size = 65536\nmultipart_threshold = 65536\n\
-         request_timeout_ms = 3000\nmax_concurrency = 4",
-    );
+    let a = agent(&moto.endpoint(), SETTINGS);
     let big = pattern(6, 64 << 20);
     let _b = reg(&a, MemKind::Dram, vec![Desc::from_slice(&big)]);
     let o = Desc::new(0, 64 << 20, 2);
@@ -787,13 +782,8 @@ fn misuse_is_refused_when_the_request_is_created() {
         }),
     ));
     let c = Agent::builder("plain").backends(backends).build().unwrap();
-    let s = c
-        .backends()
-        .iter()
-        .find(|s| s.name == BackendName::Object)
-        .unwrap();
     assert_eq!(
-        s.unavailable.as_deref(),
+        unavailable(&c, BackendName::Object).as_deref(),
         Some("no object store configured ([object] endpoint/bucket or AWS_* environment)")
     );
     let e = nixl_transports::object::name_object(&c, 1, "b/k").unwrap_err();
@@ -843,16 +833,7 @@ fn https_round_trip_byte_exact_and_an_untrusted_server_refused() {
     let (n1, n2) = (100_003, (2 << 20) + 4321);
     let (s1, s2) = (pattern(21, n1), pattern(22, n2));
     let (mut d1, mut d2) = (vec![0u8; n1], vec![0u8; n2]);
-    let _m = reg(
-        &a,
-        MemKind::Dram,
-        vec![
-            Desc::from_slice(&s1),
-            Desc::from_slice(&s2),
-            Desc::from_mut_slice(&mut d1),
-            Desc::from_mut_slice(&mut d2),
-        ],
-    );
+    let _m = reg_dram(&a, &[&s1, &s2], &mut [&mut d1, &mut d2]);
     let (o1, o2) = (Desc::new(0, n1 as u64, 1), Desc::new(0, n2 as u64, 2));
     let _o = reg(&a, MemKind::Object, vec![o1, o2]);
     assert_done(
@@ -1025,12 +1006,7 @@ fn unusable_ca_file_is_a_config_error_naming_it() {
         });
     let backends: Vec<Arc<dyn nixl_core::Backend>> = vec![Arc::new(backend)];
     let a = Agent::builder("bad-ca").backends(backends).build().unwrap();
-    let s = a
-        .backends()
-        .iter()
-        .find(|s| s.name == BackendName::Object)
-        .unwrap();
-    let why = s.unavailable.as_deref().unwrap_or_default();
+    let why = unavailable(&a, BackendName::Object).unwrap_or_default();
     assert!(
         why.contains("missing.pem") && why.contains("cannot read"),
         "{why}"

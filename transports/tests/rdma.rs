@@ -3,7 +3,7 @@
 //! between two agents in one process over one device.
 
 mod common;
-use common::pattern;
+use common::{pattern, unavailable};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -142,12 +142,7 @@ fn agent_runs_without_rdma() {
         .backend(Arc::new(LocalBackend::new()))
         .build()
         .unwrap();
-    let st = a
-        .backends()
-        .iter()
-        .find(|b| b.name == BackendName::Rdma)
-        .expect("rdma listed");
-    let why = st.unavailable.as_deref().expect("rdma unavailable");
+    let why = unavailable(&a, BackendName::Rdma).expect("rdma unavailable");
     assert!(
         why.contains("libibverbs-nixl-missing.so.1 not found"),
         "{why}"
@@ -234,10 +229,7 @@ fn hardware_write_and_read_with_notifications() {
             &dram(vec![Desc::from_slice(&a_buf)]),
             &dram(vec![Desc::from_mut_slice(&mut b_buf[3..3 + size])]),
             "rdma-b",
-            XferOptions {
-                notif: Some(b"written".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"written")),
         )
         .unwrap();
     assert_eq!(req.backend(), BackendName::Rdma);
@@ -272,10 +264,7 @@ fn hardware_write_and_read_with_notifications() {
             &dram(local),
             &dram(remote),
             "rdma-b",
-            XferOptions {
-                notif: Some(b"read".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"read")),
         )
         .unwrap();
     req.run_blocking().unwrap();
@@ -352,10 +341,7 @@ fn hardware_vram_through_dmabuf() {
             &dram(vec![Desc::from_slice(&src)]),
             &vram(vec![vdesc]),
             "rdma-vram-b",
-            XferOptions {
-                notif: Some(b"vram written".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"vram written")),
         )
         .unwrap();
     assert_eq!(w.backend(), BackendName::Rdma);

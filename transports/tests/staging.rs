@@ -6,7 +6,6 @@
 mod common;
 use common::pattern;
 
-use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -224,10 +223,7 @@ fn device_memory_goes_over_tcp_through_host_memory_and_says_so() {
             &list(MemKind::Vram, local.clone()),
             &list(MemKind::Dram, remote.clone()),
             "stage-b",
-            XferOptions {
-                notif: Some(b"staged".to_vec()),
-                ..Default::default()
-            },
+            common::opts(Some(b"staged")),
         )
         .unwrap();
     assert_eq!(w.info().backend, BackendName::Tcp);
@@ -376,13 +372,7 @@ fn device_memory_goes_to_files_through_uring_the_gds_compatible_path() {
     let dir = std::env::temp_dir().join(format!("nixl-stage-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("kv.bin");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let f = common::open_rw(&path, 0).unwrap();
     let len = (5 << 20) + 4095;
     let gpu = pattern(9, len);
     let mut back = vec![0u8; len];

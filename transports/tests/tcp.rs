@@ -886,3 +886,90 @@ fn a_notification_arrives_after_every_frame_written_before_it_on_any_connection(
         unsafe { std::ptr::copy_nonoverlapping(want.as_ptr(), src_addr, len) };
     }
 }
+
+/// `fence_peer` ends what the listener serves one peer at once, even a READ whose DATA that
+/// peer does not read (the listener's thread blocked writing it, which would otherwise last
+/// until `io_timeout`); afterwards the peer counts as idle. Another peer's READ, blocked the
+/// same way, is untouched: all of its DATA comes once it reads.
+#[test]
+fn fence_peer_ends_a_peer_s_blocked_read_at_once_and_leaves_other_peers_alone() {
+    use nixl_transports::fuzzing::tcp_wire::{decode_reply, finish, put_span, span_head};
+    use nixl_transports::fuzzing::tcp_wire::{DATA, SPAN_READ};
+    use std::io::{Read, Write};
+    let len = 32 << 20;
+    let (b, tb) = tcp_agent(
+        "fence-b",
+        TcpConfig {
+            io_timeout: Duration::from_secs(10),
+            ..loopback(Auth::host_only())
+        },
+    );
+    let mut src = pattern(3, len);
+    let _r = reg(&b, &mut src);
+    let key = b.metadata().regions[0].key;
+    let addr = tb.listen_addrs()[0];
+    let read = |name: &str| {
+        let mut s = raw_data_connection(addr, &Auth::host_only(), name).unwrap();
+        let mut f = Vec::new();
+        span_head(&mut f, SPAN_READ, 1, 0, key, 1);
+        put_span(&mut f, src.as_ptr() as u64, len as u32);
+        finish(&mut f);
+        s.write_all(&f).unwrap();
+        s
+    };
+    let (mut fenced, mut other) = (read("fence-a"), read("fence-c"));
+    // Both READs are served and neither peer reads: the listener's threads block writing.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!b.peer_idle("fence-a") && !b.peer_idle("fence-c"));
+    let t = Instant::now();
+    assert!(b.fence_peer("fence-a", Duration::from_secs(5)));
+    let took = t.elapsed();
+    eprintln!("fence_peer returned after {took:?}");
+    assert!(took < Duration::from_millis(500), "fence took {took:?}");
+    assert!(b.peer_idle("fence-a"));
+    assert!(!b.peer_idle("fence-c"), "the other peer's READ was touched");
+    // A peer with nothing served is fenced at once.
+    assert!(b.fence_peer("nobody", Duration::ZERO));
+    // The fenced peer's stream ends (after what the kernel had buffered) before its DATA did.
+    fenced
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = Vec::new();
+    let r = fenced.read_to_end(&mut got);
+    assert!(
+        r.as_ref().map_or_else(
+            |e| !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            |_| true
+        ),
+        "{r:?}"
+    );
+    assert!(got.len() < len, "the fenced READ was carried out whole");
+    // The other peer's READ goes on: its DATA, whole and right.
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut head = [0u8; 4];
+    other.read_exact(&mut head).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(head) as usize];
+    other.read_exact(&mut body).unwrap();
+    assert_eq!(body[0], DATA);
+    let reply = decode_reply(DATA, &body[1..]).unwrap();
+    assert_eq!(reply.len, len as u64, "{reply:?}");
+    let mut data = vec![0u8; len];
+    other.read_exact(&mut data).unwrap();
+    assert!(data == pattern(3, len), "the other peer's READ differs");
+    // Fenced connections are gone: a new one of the fenced peer is served as usual.
+    let mut again = read("fence-a");
+    again
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    again.read_exact(&mut head).unwrap();
+    let mut body = vec![0u8; u32::from_le_bytes(head) as usize];
+    again.read_exact(&mut body).unwrap();
+    assert_eq!(decode_reply(DATA, &body[1..]).unwrap().len, len as u64);
+    again.read_exact(&mut data).unwrap();
+    assert!(data == pattern(3, len));
+}

@@ -411,17 +411,40 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
     }
     fn verify_tls13_signature(
         &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        self.verify_tls12_signature(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         rustls::crypto::ring::default_provider()
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// An initiator's opening on `s`, by hand: the plaintext hellos, then TLS 1.3 that trusts any
+/// certificate (the proofs inside it are what authenticate).
+fn tls_by_hand(s: &mut TcpStream) -> rustls::ClientConnection {
+    let mut hello = [0u8; 8];
+    s.read_exact(&mut hello).unwrap();
+    s.write_all(b"NXTP\x02\x00\x01\x00").unwrap();
+    let mut v = [0u8; 1];
+    s.read_exact(&mut v).unwrap();
+    assert_eq!(v[0], 0, "the target refused the plaintext hello");
+    let ccfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert))
+        .with_no_client_auth();
+    let mut cc =
+        rustls::ClientConnection::new(Arc::new(ccfg), "nixl-agent".try_into().unwrap()).unwrap();
+    while cc.is_handshaking() {
+        cc.complete_io(s).unwrap();
+    }
+    cc
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -490,23 +513,7 @@ fn a_relay_that_terminates_tls_on_both_sides_is_refused_by_both() {
 
         // Towards the target: an initiator, passing the initiator's proof on.
         let mut sb = TcpStream::connect(target).unwrap();
-        sb.read_exact(&mut hello).unwrap();
-        sb.write_all(b"NXTP\x02\x00\x01\x00").unwrap();
-        let mut v = [0u8; 1];
-        sb.read_exact(&mut v).unwrap();
-        assert_eq!(v[0], 0, "the target refused the plaintext hello");
-        let ccfg = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCert))
-            .with_no_client_auth();
-        let mut cc =
-            rustls::ClientConnection::new(Arc::new(ccfg), "nixl-agent".try_into().unwrap())
-                .unwrap();
-        while cc.is_handshaking() {
-            cc.complete_io(&mut sb).unwrap();
-        }
+        let mut cc = tls_by_hand(&mut sb);
         let mut to_b = rustls::Stream::new(&mut cc, &mut sb);
         to_b.write_all(&proof).unwrap();
         let mut verdict = [0u8; 1];
@@ -863,23 +870,7 @@ fn handshake_by_hand(
 ) -> (rustls::ClientConnection, TcpStream) {
     use hmac::{Hmac, Mac};
     let mut s = TcpStream::connect(target).unwrap();
-    let mut hello = [0u8; 8];
-    s.read_exact(&mut hello).unwrap();
-    s.write_all(b"NXTP\x02\x00\x01\x00").unwrap();
-    let mut v = [0u8; 1];
-    s.read_exact(&mut v).unwrap();
-    assert_eq!(v[0], 0);
-    let ccfg = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert))
-        .with_no_client_auth();
-    let mut cc =
-        rustls::ClientConnection::new(Arc::new(ccfg), "nixl-agent".try_into().unwrap()).unwrap();
-    while cc.is_handshaking() {
-        cc.complete_io(&mut s).unwrap();
-    }
+    let mut cc = tls_by_hand(&mut s);
     let e = cc
         .export_keying_material([0u8; 32], b"EXPORTER-nixl-tcp-auth-v2", None)
         .unwrap();
@@ -902,6 +893,7 @@ fn handshake_by_hand(
     msg.extend_from_slice(&m.finalize().into_bytes());
     let mut st = rustls::Stream::new(&mut cc, &mut s);
     st.write_all(&msg).unwrap();
+    let mut v = [0u8; 1];
     st.read_exact(&mut v).unwrap();
     assert_eq!(v[0], 0, "the listener refused a proof made by hand");
     let mut raw = Vec::new();

@@ -15,7 +15,8 @@
 //! field of a peer's message), all of them posted ([`nixl_core::Agent::post_notif`]): no call
 //! of a side waits on the peer (over `tcp` not even to connect), so an engine's poll loop
 //! never blocks on a slow or dead peer; a message that never arrives ends its handoff through
-//! the lease (`Failed(lease expired)`, within two leases). The sides:
+//! the lease (`Failed(lease expired)`, within two leases; three at most by default if decode
+//! keeps this agent's listener busy meanwhile, see below). The sides:
 //!
 //! - [`PrefillSide::offer`] sends `Ready` (handoff id, request id, blocks, lease). The blocks
 //!   stay the engine's to keep until [`PrefillSide::poll`] reports them freed, with one
@@ -33,9 +34,22 @@
 //! lease) after the lease ran out, since decode's READ deadline ends within the lease, and
 //! then only once this agent's own listeners serve that peer nothing any more
 //! ([`Agent::peer_idle`](nixl_core::Agent::peer_idle)): a `tcp` READ that decode gave up on may
-//! still be carried out by the listener from the blocks. A listener stuck on a frozen peer
-//! gives up within its I/O timeout; a decode that stays silent yet keeps every connection busy
-//! delays this last case without a fixed bound (known limitation).
+//! still be carried out by the listener from the blocks. If the listeners still serve decode
+//! `fence_after` later ([`PrefillSide::set_fence_after`], by default one more lease), prefill
+//! fences decode ([`Agent::fence_peer`](nixl_core::Agent::fence_peer)): decode's connections to
+//! this agent's listener are shut down and their threads end, so nothing decode asked before
+//! reads the blocks any more, and they are freed with the reason and `; decode fenced`
+//! (`Failed("lease expired; decode fenced")`). So every pull handoff is freed within a fixed
+//! bound whatever decode does, silent or keeping every connection busy: lease + grace (one
+//! lease) + `fence_after` after its last renewal, three leases by default (after prefill's
+//! [`PrefillSide::cancel`]: one lease + `fence_after`), plus the time between two polls and
+//! the fence's own wait (a shut socket fails its thread's reads and writes at once, so
+//! milliseconds; a poll waits at most 100 ms for it and fences again at the next one). The
+//! price, paid only by a decode silent for a lease past its lease, which is broken or hostile:
+//! its other READs from this agent in flight at the fence fail with a remote disconnect (and
+//! messages it had queued on those connections may be lost); its next request connects again
+//! and is served as usual, so a READ it asks after the fence of blocks it lost with its lease
+//! gets whatever the engine put there since.
 //! Replies that nobody waits for (aborts, acknowledgements, renewals) are posted
 //! ([`Agent::post_notif`](nixl_core::Agent::post_notif)): over `tcp` an acknowledgement would otherwise wait behind the DATA
 //! the peer still has queued to this side.

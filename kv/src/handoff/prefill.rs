@@ -22,8 +22,9 @@ struct Held {
     /// Decided without decode's word (the time above passed): freed, with this outcome, once
     /// this agent's listeners carry out nothing of the decode peer's any more
     /// ([`Agent::peer_idle`]): a READ decode gave up on may still be served from the blocks.
+    /// Past the instant, decode is fenced ([`Agent::fence_peer`]) and the blocks freed.
     /// Decode's abort frees at once (see `poll_notifs`).
-    draining: Option<Outcome>,
+    draining: Option<(Instant, Outcome)>,
 }
 
 impl Held {
@@ -73,6 +74,23 @@ pub struct PrefillSide<'a> {
     decode: HashMap<String, (KvLayout, Vec<KvLayout>, u32)>,
     reservations: Vec<Reservation>,
     pushes: HashMap<(String, u64), Push>,
+    /// See [`PrefillSide::set_fence_after`]; `None`: the handoff's lease.
+    fence_after: Option<Duration>,
+}
+
+/// How long one poll waits for a fenced decode's connections to let go (normally they do within
+/// a millisecond: their sockets are shut); a fence that did not finish is made again at the
+/// next poll.
+const FENCE_WAIT: Duration = Duration::from_millis(100);
+
+/// `outcome`, saying that decode was fenced to end it.
+fn fenced(outcome: Outcome) -> Outcome {
+    const WHY: &str = "; decode fenced";
+    match outcome {
+        Outcome::Failed(w) => Outcome::Failed(w + WHY),
+        Outcome::Cancelled(w) => Outcome::Cancelled(w + WHY),
+        Outcome::Done => Outcome::Done,
+    }
 }
 
 impl<'a> PrefillSide<'a> {
@@ -85,7 +103,18 @@ impl<'a> PrefillSide<'a> {
             decode: HashMap::new(),
             reservations: Vec::new(),
             pushes: HashMap::new(),
+            fence_after: None,
         }
+    }
+
+    /// How long a pull handoff that ended without decode's word (its lease and the grace after
+    /// it ran out, or prefill's abort went unanswered for a lease) waits for this agent's
+    /// listeners to serve decode nothing any more ([`Agent::peer_idle`]) before it fences decode
+    /// ([`Agent::fence_peer`]: decode's connections to this agent are dropped, every READ they
+    /// carry fails) and frees its blocks, reported with `; decode fenced` after the reason. By
+    /// default the handoff's lease. Applies to handoffs that reach that point after the call.
+    pub fn set_fence_after(&mut self, after: Duration) {
+        self.fence_after = Some(after);
     }
 
     /// Accepts push reservations from `peer` (a decode rank with `layout`); this worker is
@@ -239,7 +268,9 @@ impl<'a> PrefillSide<'a> {
     }
 
     /// Aborts a handoff: decode is told; the blocks are freed when decode acknowledges (its
-    /// READ let go) or a lease after now at the latest.
+    /// READ let go), or without its word a lease after now once this agent serves decode
+    /// nothing any more, and `fence_after` later at the latest (decode fenced, see
+    /// [`PrefillSide::set_fence_after`]).
     pub fn cancel(&mut self, id: u64, reason: &str) {
         if let Some(h) = self.held.get_mut(&id) {
             if h.free_at.is_none() && h.draining.is_none() {
@@ -363,7 +394,7 @@ impl<'a> PrefillSide<'a> {
                 Msg::Abort { reason, .. } => {
                     let mut h = self.held.remove(&id).expect("present");
                     let outcome = match (h.draining.take(), h.free_at.take()) {
-                        (Some(o), _) | (None, Some((_, o))) => o,
+                        (Some((_, o)), _) | (None, Some((_, o))) => o,
                         (None, None) => {
                             Outcome::Cancelled(format!("cancelled by decode: {reason}"))
                         }
@@ -409,6 +440,7 @@ impl<'a> PrefillSide<'a> {
         }
         let now = Instant::now();
         let mut ended = Vec::new();
+        let mut fence: Vec<String> = Vec::new();
         for (id, h) in self.held.iter_mut() {
             if h.draining.is_none() && h.free_at.is_none() && now >= h.expires {
                 // Decode's READ ends within the lease; free one more lease later.
@@ -417,20 +449,36 @@ impl<'a> PrefillSide<'a> {
                 let _ = self.agent.post_notif(&h.peer, &msg);
             }
             if matches!(&h.free_at, Some((t, _)) if now >= *t) {
-                h.draining = h.free_at.take().map(|x| x.1);
+                let fence_at = now + self.fence_after.unwrap_or(h.lease);
+                h.draining = h.free_at.take().map(|(_, o)| (fence_at, o));
             }
-            // Never free while this agent still serves the peer a READ that may read them.
-            if h.draining.is_some() && self.agent.peer_idle(&h.peer) {
-                ended.push(*id);
+            // Never free while this agent still serves the peer a READ that may read them:
+            // wait for its listeners to go idle for the peer, and past `fence_at` end what
+            // they serve it.
+            if let Some((fence_at, _)) = h.draining {
+                if self.agent.peer_idle(&h.peer) {
+                    ended.extend(h.draining.take().map(|(_, outcome)| (*id, outcome)));
+                } else if now >= fence_at && !fence.contains(&h.peer) {
+                    fence.push(h.peer.clone());
+                }
             }
         }
-        for id in ended {
-            let mut h = self.held.remove(&id).expect("present");
-            let outcome = h
-                .draining
-                .take()
-                .unwrap_or(Outcome::Failed("lease expired".into()));
-            freed.push(h.freed(id, outcome));
+        for peer in fence {
+            if !self.agent.fence_peer(&peer, FENCE_WAIT) {
+                continue; // made again at the next poll
+            }
+            // Nothing decode asked before the fence is carried out any more: every handoff of
+            // that peer that waited for it to go idle is free now.
+            for (id, h) in self.held.iter_mut().filter(|(_, h)| h.peer == peer) {
+                if let Some((_, outcome)) = h.draining.take() {
+                    ended.push((*id, fenced(outcome)));
+                }
+            }
+        }
+        for (id, outcome) in ended {
+            if let Some(h) = self.held.remove(&id) {
+                freed.push(h.freed(id, outcome));
+            }
         }
         (freed, other)
     }

@@ -1,6 +1,6 @@
 //! Standalone notifications: sending them to peers, taking the ones received.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Agent;
 use crate::backend::Notification;
@@ -40,6 +40,27 @@ impl Agent {
     /// peer said it stopped, memory it read may be reused when this holds.
     pub fn peer_idle(&self, peer: &str) -> bool {
         self.inner.backends.iter().all(|b| b.peer_idle(peer))
+    }
+
+    /// Ends whatever this agent's backends carry out of its memory on `peer`'s behalf right now,
+    /// and waits up to `wait` for all of it to have stopped touching the memory; returns whether
+    /// it has (see [`crate::Backend::fence_peer`]). Over `tcp` this drops every data connection
+    /// that `peer` opened to this agent's listener: the READs and WRITEs it was serving or had
+    /// received stop (the peer sees them fail as a remote disconnect), and once this returns
+    /// true, nothing asked before the call reads or writes this agent's memory any more, and
+    /// [`Agent::peer_idle`] no longer counts it. The peer may connect again; what it asks then is
+    /// served as usual. For a peer that stopped answering yet keeps the listener busy, so that
+    /// [`Agent::peer_idle`] never holds: memory it was lent can be reused after this returns
+    /// true. A shut connection's thread ends at once, so this normally takes milliseconds.
+    pub fn fence_peer(&self, peer: &str, wait: Duration) -> bool {
+        let until = Instant::now().checked_add(wait);
+        let mut done = true;
+        for b in &self.inner.backends {
+            let left = until.map_or(wait, |u| u.saturating_duration_since(Instant::now()));
+            // Every backend is fenced, whatever an earlier one answered.
+            done &= b.fence_peer(peer, left);
+        }
+        done
     }
 
     fn notif_via(&self, peer: &str, msg: &[u8], post: bool) -> Result<()> {

@@ -2,6 +2,8 @@
 
 use super::*;
 
+use crate::config::de;
+
 /// Settings of the `cuda` backend.
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -21,20 +23,14 @@ pub struct CudaConfig {
     /// How long a request on a peer's socket (fd grant, announcement, notification) may take;
     /// also how long a deregistration waits for peers to give up their mappings, and how long a
     /// peer waits for its copies in flight before giving one up.
-    #[serde(
-        rename = "op_timeout_ms",
-        deserialize_with = "crate::config::de::millis"
-    )]
+    #[serde(rename = "op_timeout_ms", deserialize_with = "de::millis")]
     pub op_timeout: Duration,
     /// How long `post` itself may poll the copies of a request of at most
     /// [`INLINE_MAX_BYTES`] (plus a microsecond per MB, the copy's own time at about 1 TB/s)
     /// before handing them to the completion thread; a request done by then completes on the
     /// posting thread, with no thread hand-off (measured on an H200: a 4 KiB request's median
     /// latency from 27 µs to 13 µs, against 11 µs for the bare copy). Zero turns it off.
-    #[serde(
-        rename = "inline_wait_us",
-        deserialize_with = "crate::config::de::micros"
-    )]
+    #[serde(rename = "inline_wait_us", deserialize_with = "de::micros")]
     pub inline_wait: Duration,
     /// Enqueue a request's copies with `cuMemcpyBatchAsync` (CUDA 12.8+; one driver call per
     /// 4096 copies) instead of one `cuMemcpyDtoDAsync` each. On by default: measured on an H200,

@@ -2,6 +2,8 @@
 
 use super::*;
 
+use crate::config::de;
+
 /// Settings of the `object` backend (`[object]` in the agent's configuration). Values left
 /// `None` come from the standard AWS environment variables.
 #[derive(Clone, serde::Deserialize)]
@@ -36,16 +38,10 @@ pub struct ObjectConfig {
     /// HTTP requests in flight per posted request.
     pub max_concurrency: usize,
     /// Longest one HTTP request (a range, a part) may take, answer included.
-    #[serde(
-        rename = "request_timeout_ms",
-        deserialize_with = "crate::config::de::millis"
-    )]
+    #[serde(rename = "request_timeout_ms", deserialize_with = "de::millis")]
     pub request_timeout: Duration,
     /// Longest a connection may take to open.
-    #[serde(
-        rename = "connect_timeout_ms",
-        deserialize_with = "crate::config::de::millis"
-    )]
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "de::millis")]
     pub connect_timeout: Duration,
     /// Threads of the backend's runtime.
     pub threads: usize,

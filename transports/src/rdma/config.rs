@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::config::de;
+
 /// How the poller thread waits for completions.
 #[derive(Clone, Debug)]
 pub struct PollPolicy {
@@ -48,10 +50,7 @@ pub struct RdmaConfig {
     /// Times one slice is retried on another lane after a failure.
     pub max_retries: u32,
     /// How long connecting (the QP handshake) may take.
-    #[serde(
-        rename = "connect_timeout_ms",
-        deserialize_with = "crate::config::de::millis"
-    )]
+    #[serde(rename = "connect_timeout_ms", deserialize_with = "de::millis")]
     pub connect_timeout: Duration,
     /// Largest notification received; receive buffers of this size are posted per QP.
     #[serde(skip)]

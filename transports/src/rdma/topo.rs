@@ -401,6 +401,11 @@ mod tests {
     use super::fake::FakeSys;
     use super::*;
 
+    /// The NICs `select` picks for `loc`, without overrides.
+    fn nearest(fs: &FakeSys, nics: &[NicInfo], loc: &MemLocation) -> Vec<String> {
+        select(&fs.root, nics, loc, &NicOverride::default()).unwrap()
+    }
+
     fn gpu(id: &str) -> MemLocation {
         MemLocation::Gpu {
             pci_bus_id: id.into(),
@@ -459,7 +464,7 @@ mod tests {
         assert_eq!(nics.len(), 8);
         assert!(nics[0].pci_path[0].starts_with("pci0000:"));
         for g in 0..8u32 {
-            let sel = select(&fs.root, &nics, &gpu(&gpu_bus(g)), &NicOverride::default()).unwrap();
+            let sel = nearest(&fs, &nics, &gpu(&gpu_bus(g)));
             let sw = g / 2;
             assert_eq!(
                 sel,
@@ -468,16 +473,10 @@ mod tests {
             );
         }
         // A CPU socket: the 4 NICs of that NUMA node.
-        let sel = select(
-            &fs.root,
-            &nics,
-            &MemLocation::Numa(1),
-            &NicOverride::default(),
-        )
-        .unwrap();
+        let sel = nearest(&fs, &nics, &MemLocation::Numa(1));
         assert_eq!(sel, vec!["mlx5_4", "mlx5_5", "mlx5_6", "mlx5_7"]);
         // Unknown location: all 8, not capped.
-        let sel = select(&fs.root, &nics, &MemLocation::Any, &NicOverride::default()).unwrap();
+        let sel = nearest(&fs, &nics, &MemLocation::Any);
         assert_eq!(sel.len(), 8);
     }
 
@@ -511,13 +510,7 @@ mod tests {
         assert_eq!(by["rc"], Distance::RootComplex);
         assert_eq!(by["numa"], Distance::Numa);
         assert_eq!(by["sock"], Distance::CrossSocket);
-        let sel = select(
-            &fs.root,
-            &nics,
-            &gpu("0000:03:00.0"),
-            &NicOverride::default(),
-        )
-        .unwrap();
+        let sel = nearest(&fs, &nics, &gpu("0000:03:00.0"));
         assert_eq!(sel, vec!["sw"]);
     }
 
@@ -559,22 +552,10 @@ mod tests {
             2
         );
         assert_eq!(nics[0].numa_node, None, "numa_node -1 is unknown");
-        let sel = select(
-            &fs.root,
-            &nics,
-            &gpu("0000:03:00.0"),
-            &NicOverride::default(),
-        )
-        .unwrap();
+        let sel = nearest(&fs, &nics, &gpu("0000:03:00.0"));
         assert_eq!(sel, vec!["a", "b"], "the NIC whose port is down is skipped");
         // NUMA location with every numa_node -1: all usable NICs tie as unknown.
-        let sel = select(
-            &fs.root,
-            &nics,
-            &MemLocation::Numa(0),
-            &NicOverride::default(),
-        )
-        .unwrap();
+        let sel = nearest(&fs, &nics, &MemLocation::Numa(0));
         assert_eq!(sel, vec!["a", "b"]);
     }
 

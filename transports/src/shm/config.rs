@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::config::de;
+
 /// Settings of the `shm` backend (`[shm]` in the agent's configuration).
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -11,10 +13,7 @@ pub struct ShmConfig {
     /// be ours and writable by nobody else (see `unix::secure_socket_dir`).
     pub socket_dir: PathBuf,
     /// How long an initiator waits for a stuck (alive) target, plus 1 s per 500 MB moved.
-    #[serde(
-        rename = "op_timeout_ms",
-        deserialize_with = "crate::config::de::millis"
-    )]
+    #[serde(rename = "op_timeout_ms", deserialize_with = "de::millis")]
     pub op_timeout: Duration,
     /// Threads a target uses for one big cross-memory copy.
     #[serde(skip)]

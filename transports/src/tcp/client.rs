@@ -13,11 +13,11 @@ use super::client_plan::{cut_runs, make_plan, Body, Plan};
 use super::client_post::{Done, Post, Waiter};
 use super::client_session::Session;
 use super::client_setup::open_stream;
+use super::config::TcpConfig;
 use super::identity::PeerIdentity;
-use super::net::{self, Link};
+use super::net::{self, connect_any, peer_err, Link};
 use super::server::TICK;
 use super::wire::{self, Purpose, Status};
-use super::{connect_any, peer_err, TcpConfig};
 
 /// A connection (in the core's sense) to one peer: a session of sockets, remade when it fails.
 pub(super) struct Conn {

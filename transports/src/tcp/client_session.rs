@@ -14,9 +14,9 @@ use parking_lot::{Condvar, Mutex};
 use super::client::Conn;
 use super::client_plan::Local;
 use super::client_post::Post;
-use super::net::{self, Link, OnBlock, Span};
+use super::config::TcpConfig;
+use super::net::{self, peer_err, Link, OnBlock, Span};
 use super::wire::{self, Status};
-use super::{peer_err, TcpConfig};
 
 /// Chunk index that marks the acknowledgement of a notification.
 const NOTIF_CHUNK: u32 = u32::MAX;
@@ -78,11 +78,16 @@ impl State {
         self.settled[lane] += 1;
     }
 
-    /// Whether `lane`'s sender may take its next job now.
+    /// Whether `lane`'s sender may take its next job now (never once the session failed: its
+    /// queues are taken then, and a writer that ends after the failure still releases its lane).
     fn takeable(&self, lane: usize, window: usize) -> bool {
         !self.busy[lane]
             && self.outstanding[lane] < window
-            && self.queues[lane].front().is_some_and(|j| self.ready(j))
+            && self
+                .queues
+                .get(lane)
+                .and_then(VecDeque::front)
+                .is_some_and(|j| self.ready(j))
     }
 
     /// Whether a job may be written now: a standalone notification waits for its barrier.

@@ -10,8 +10,7 @@ use nixl_core::{BackendName, Error, Result};
 use super::auth::{self, AuthError};
 use super::client::give_up;
 use super::identity::PeerIdentity;
-use super::net::{self, Link};
-use super::peer_err;
+use super::net::{self, peer_err, Link};
 use super::wire::{self, Purpose, Status};
 
 /// What a listener answered to our OPEN.

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use nixl_core::Agent;
 
+use super::link::Link;
 use super::wire::{self, Purpose};
-use super::{client_setup, Auth, Link, PeerIdentity, TcpBackend, TcpConfig};
+use super::{client_setup, Auth, PeerIdentity, TcpBackend, TcpConfig};
 
 const SECRET: &str = "limits";
 
@@ -22,7 +23,7 @@ fn target(cfg: TcpConfig) -> (Agent, Arc<TcpBackend>, SocketAddr) {
         .backend(tb.clone())
         .build()
         .unwrap();
-    let addr = tb.server.lock().as_ref().unwrap().published[0];
+    let addr = tb.listen_addrs()[0];
     (agent, tb, addr)
 }
 
@@ -103,14 +104,7 @@ fn data_connections_take_only_data_frames() {
     s.send_all(&header(wire::WRITE, 40)).unwrap();
     assert!(closed_within(&s).is_some());
     // Frames of the purpose are still served.
-    let s = open(addr, Purpose::Metadata);
-    let mut f = Vec::new();
-    wire::begin(&mut f, wire::MD_GET);
-    wire::finish(&mut f);
-    s.send_all(&f).unwrap();
-    let mut body = Vec::new();
-    let ty = super::net::read_frame(&s, &mut body, wire::frame_limit, &mut |_| Ok(())).unwrap();
-    assert_eq!(ty, wire::MD);
+    fetches_metadata(&open(addr, Purpose::Metadata));
 }
 
 #[test]
@@ -143,14 +137,7 @@ fn large_frames_share_one_memory_budget() {
     s.send_all(&header(wire::MD_PUSH, 3 << 19)).unwrap();
     assert!(closed_within(&s).is_some(), "third large frame admitted");
     // Small frames need no budget.
-    let s = open(addr, Purpose::Metadata);
-    let mut f = Vec::new();
-    wire::begin(&mut f, wire::MD_GET);
-    wire::finish(&mut f);
-    s.send_all(&f).unwrap();
-    let mut body = Vec::new();
-    let ty = super::net::read_frame(&s, &mut body, wire::frame_limit, &mut |_| Ok(())).unwrap();
-    assert_eq!(ty, wire::MD);
+    fetches_metadata(&open(addr, Purpose::Metadata));
     // A connection that ends gives its share back.
     drop(held.pop());
     settle(3 << 19);
@@ -229,6 +216,17 @@ fn span_frame(ty: u8, id: u64, key: u64, count: u32, spans: &[(u64, u32)]) -> Ve
     }
     wire::finish(&mut f);
     f
+}
+
+/// Asks for the listener's metadata on `s` and checks that it is served.
+fn fetches_metadata(s: &Link) {
+    let mut f = Vec::new();
+    wire::begin(&mut f, wire::MD_GET);
+    wire::finish(&mut f);
+    s.send_all(&f).unwrap();
+    let mut body = Vec::new();
+    let ty = super::net::read_frame(s, &mut body, wire::frame_limit, &mut |_| Ok(())).unwrap();
+    assert_eq!(ty, wire::MD);
 }
 
 /// Reads one answer; returns its frame type and decoded reply.

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::net::{after_error, after_read, AsSpan, OnBlock, SpanCursor};
+use super::net::{after_error, fill_spans, AsSpan, OnBlock, SpanCursor};
 
 /// Most plaintext sealed under the connection's lock at once.
 const STEP: u64 = 256 << 10;
@@ -243,7 +243,7 @@ impl Link {
     /// Writes all of `buf`; a socket timeout is an error.
     pub(crate) fn send_all(&self, buf: &[u8]) -> io::Result<()> {
         match &self.tls {
-            None => super::net::send_raw_all(&self.sock, buf),
+            None => send_with(&self.sock, buf, &mut GiveUp),
             // SAFETY: no spans.
             Some(t) => unsafe { self.tls_write::<super::net::Span>(t, buf, &[], &mut GiveUp) },
         }
@@ -331,48 +331,29 @@ impl Link {
         Ok(())
     }
 
-    /// Reads exactly the spans' total length into their memory, decrypting.
+    /// Reads the spans' total length into their memory, decrypting, asking `stop` after every
+    /// read (and every socket timeout) that leaves the spans unfilled, and returns early with
+    /// the bytes read when it says so. The TLS stream stays in step: what was not read is still
+    /// there to read or discard.
     ///
     /// # Safety
     /// Every span must be writable memory that no Rust reference aliases until this returns.
-    pub(super) unsafe fn tls_read_spans<S: AsSpan>(
-        &self,
-        spans: &[S],
-        on: &mut dyn OnBlock,
-    ) -> io::Result<()> {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.tls_read_spans_until(spans, on, &mut || false) }.map(drop)
-    }
-
-    /// [`Link::tls_read_spans`] that asks `stop` after every read (and every socket timeout)
-    /// that leaves the spans unfilled, and returns early with the bytes read when it says so.
-    /// The TLS stream stays in step: what was not read is still there to read or discard.
-    ///
-    /// # Safety
-    /// As for [`Link::tls_read_spans`].
     pub(super) unsafe fn tls_read_spans_until<S: AsSpan>(
         &self,
         spans: &[S],
         on: &mut dyn OnBlock,
         stop: &mut dyn FnMut() -> bool,
     ) -> io::Result<u64> {
-        let mut cur = SpanCursor::new(spans);
-        let mut got = 0u64;
-        while let Some((addr, len)) = cur.peek() {
+        fill_spans(spans, on, stop, |cur| {
+            let Some((addr, len)) = cur.peek() else {
+                return Ok(0); // never: `fill_spans` reads only while a range is left
+            };
             // SAFETY: the caller guarantees the span is writable and unaliased until this
             // returns; the slice lives only for this read.
             let dst =
                 unsafe { std::slice::from_raw_parts_mut(addr as usize as *mut u8, len as usize) };
-            let r = self.read(dst);
-            if let Ok(n) = &r {
-                got += *n as u64;
-            }
-            after_read(r, &mut cur, on)?;
-            if !cur.done() && stop() {
-                break;
-            }
-        }
-        Ok(got)
+            self.read(dst)
+        })
     }
 }
 

@@ -3,11 +3,11 @@
 //! memory, on a TLS link through its record layer.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use nixl_core::Run;
+use nixl_core::{Error, Run};
 
 pub(super) use super::link::Link;
 
@@ -137,6 +137,36 @@ pub(super) fn tune(s: &TcpStream, buf_bytes: usize) -> io::Result<()> {
     let _ = setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5i32);
     let _ = setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3i32);
     Ok(())
+}
+
+/// A socket error as a request outcome: a path that stopped carrying packets (the kernel's
+/// retransmission timeout, an unreachable network) is `TimedOut`; the peer closing or
+/// resetting is a remote disconnect.
+pub(super) fn peer_err(peer: &str, e: &io::Error) -> Error {
+    use io::ErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::WouldBlock | K::NetworkUnreachable | K::HostUnreachable => {
+            tracing::warn!(peer, error = %e, "tcp: no path to the peer");
+            Error::TimedOut
+        }
+        _ => Error::RemoteDisconnect {
+            peer: peer.to_owned(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+pub(super) fn connect_any(addrs: &[SocketAddr], timeout: Duration) -> io::Result<TcpStream> {
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(a, timeout) {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                last = Some(io::Error::new(e.kind(), format!("connect to {a}: {e}")));
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no address to connect to")))
 }
 
 /// Sets the receive timeout (how long one read may block).
@@ -299,30 +329,6 @@ pub(super) fn send_all(s: &Link, buf: &[u8]) -> io::Result<()> {
     s.send_all(buf)
 }
 
-/// Writes all of `buf` on the socket without raising SIGPIPE.
-pub(super) fn send_raw_all(s: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        // SAFETY: `buf` is a live byte slice for the call.
-        let r = unsafe {
-            libc::send(
-                s.as_raw_fd(),
-                buf.as_ptr() as *const libc::c_void,
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        buf = &buf[r as usize..];
-    }
-    Ok(())
-}
-
 /// What to do when a blocking call found nothing for one socket timeout period: `Ok` to try
 /// again, an error to give up. `started` says whether part of the unit was already moved.
 pub(super) trait OnBlock {
@@ -455,17 +461,8 @@ pub(super) unsafe fn read_spans<S: AsSpan>(
     iov: &mut Vec<libc::iovec>,
     on: &mut dyn OnBlock,
 ) -> io::Result<()> {
-    if s.is_tls() {
-        // SAFETY: forwarded from the caller.
-        return unsafe { s.tls_read_spans(spans, on) };
-    }
-    let s = s.socket();
-    let mut cur = SpanCursor::new(spans);
-    while !cur.done() {
-        // SAFETY: forwarded from the caller.
-        after_read(unsafe { readv_once(s, &cur, iov) }, &mut cur, on)?;
-    }
-    Ok(())
+    // SAFETY: forwarded from the caller.
+    unsafe { read_spans_until(s, spans, iov, on, &mut || false) }.map(drop)
 }
 
 /// As [`read_spans`], but asks `stop` after every read and every socket timeout (a tick) that
@@ -482,16 +479,28 @@ pub(super) unsafe fn read_spans_until<S: AsSpan>(
     on: &mut dyn OnBlock,
     stop: &mut dyn FnMut() -> bool,
 ) -> io::Result<u64> {
-    let mut got = 0u64;
     if s.is_tls() {
         // SAFETY: forwarded from the caller.
         return unsafe { s.tls_read_spans_until(spans, on, stop) };
     }
     let sock = s.socket();
+    // SAFETY: forwarded from the caller.
+    fill_spans(spans, on, stop, |cur| unsafe { readv_once(sock, cur, iov) })
+}
+
+/// The loop of the span reads, plain or TLS: `read_once` reads at the cursor (one `readv`, or
+/// one TLS read into the next range) until the spans are full, and `stop` is asked after every
+/// read and every socket timeout that leaves them unfilled. Returns the bytes read.
+pub(super) fn fill_spans<S: AsSpan>(
+    spans: &[S],
+    on: &mut dyn OnBlock,
+    stop: &mut dyn FnMut() -> bool,
+    mut read_once: impl FnMut(&SpanCursor<'_, S>) -> io::Result<usize>,
+) -> io::Result<u64> {
     let mut cur = SpanCursor::new(spans);
+    let mut got = 0u64;
     while !cur.done() {
-        // SAFETY: forwarded from the caller.
-        let r = unsafe { readv_once(sock, &cur, iov) };
+        let r = read_once(&cur);
         if let Ok(n) = &r {
             got += *n as u64;
         }

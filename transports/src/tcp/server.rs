@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixl_core::{Error, Result, TargetHandle};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::net;
 use super::server_conn::serve;
@@ -34,6 +34,9 @@ pub(super) struct Shared {
     /// connection's thread waits for a frame with nothing received left to carry out, and the
     /// socket (open while its entry is here, as in `conns`). See [`Server::peer_idle`].
     pub(super) data: Mutex<HashMap<u64, DataConn>>,
+    /// Signalled whenever an entry leaves `data` (its thread no longer touches memory), for
+    /// [`Fence::wait`].
+    data_gone: Condvar,
     /// Connections being served, in total and per peer address.
     admitted: Mutex<Admitted>,
     /// `max_conns`, capped by the fd limit.
@@ -55,12 +58,50 @@ pub(super) struct DataConn {
     pub(super) fd: RawFd,
 }
 
-/// A data connection's entry in [`Shared::data`], removed on drop (before the socket closes).
+/// A data connection's entry in [`Shared::data`], removed on drop (before the socket closes),
+/// once its worker (and with it every hold on registered memory) is gone.
 pub(super) struct DataEntry<'a>(pub(super) &'a Shared, pub(super) u64);
 
 impl Drop for DataEntry<'_> {
     fn drop(&mut self) {
-        self.0.data.lock().remove(&self.1);
+        let mut data = self.0.data.lock();
+        data.remove(&self.1);
+        self.0.data_gone.notify_all();
+    }
+}
+
+/// The data connections of one peer that [`Server::fence_peer`] shut down: waits for their
+/// threads to end.
+#[derive(Debug)]
+pub(super) struct Fence {
+    shared: Arc<Shared>,
+    ids: Vec<u64>,
+}
+
+impl Fence {
+    /// Waits up to `wait` until the thread of every fenced connection has ended (its worker,
+    /// and every access to registered memory it held, dropped); returns whether they all have.
+    /// A shut socket fails the thread's blocked reads and writes at once, so this takes as long
+    /// as the threads take to be scheduled and unwind, not as long as the peer lets it.
+    pub(super) fn wait(&self, wait: Duration) -> bool {
+        let until = Instant::now().checked_add(wait);
+        let mut data = self.shared.data.lock();
+        while self.ids.iter().any(|id| data.contains_key(id)) {
+            match until {
+                Some(until) => {
+                    if self
+                        .shared
+                        .data_gone
+                        .wait_until(&mut data, until)
+                        .timed_out()
+                    {
+                        return !self.ids.iter().any(|id| data.contains_key(id));
+                    }
+                }
+                None => self.shared.data_gone.wait(&mut data),
+            }
+        }
+        true
     }
 }
 
@@ -215,6 +256,7 @@ impl Server {
             host,
             conns: Mutex::new(HashMap::new()),
             data: Mutex::new(HashMap::new()),
+            data_gone: Condvar::new(),
             admitted: Mutex::new(Admitted::default()),
             max_conns,
             frame_bytes: AtomicUsize::new(0),
@@ -253,6 +295,37 @@ impl Server {
                 && unread(c.fd) == 0
                 && c.waiting.load(Ordering::SeqCst)
         })
+    }
+
+    /// Ends what this listener serves `peer`: shuts down (both ways) every data connection of
+    /// `peer` past its OPEN, so that their threads' blocked reads and writes fail at once, a
+    /// chunk being served stops mid-way and frames the peer queued are not carried out (the
+    /// first that answers fails on the shut socket). [`Fence::wait`] waits for the threads to
+    /// end; once they have, [`Server::peer_idle`] no longer counts them. Connections the peer
+    /// opens afterwards are served as usual: they carry requests made after the fence.
+    pub(super) fn fence_peer(&self, peer: &str) -> Fence {
+        let data = self.shared.data.lock();
+        let ids: Vec<u64> = data
+            .iter()
+            .filter(|(_, c)| &*c.peer == peer)
+            .map(|(id, c)| {
+                // SAFETY: the fd is open while its entry is in the map (the entry is removed,
+                // under this lock, before the socket closes). Shutdown only makes the
+                // connection's reads and writes fail; its thread then ends and closes it.
+                unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+                *id
+            })
+            .collect();
+        drop(data);
+        if !ids.is_empty() {
+            metrics::counter!("nixl_tcp_fenced_conns_total").increment(ids.len() as u64);
+            tracing::info!(agent = %self.shared.target.name(), peer, conns = ids.len(),
+                "tcp: fenced a peer: its data connections are shut down");
+        }
+        Fence {
+            shared: Arc::clone(&self.shared),
+            ids,
+        }
     }
 
     /// Bytes of the `frame_memory` budget that admitted frames hold now (for tests).

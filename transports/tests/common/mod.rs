@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nixl_core::{Agent, Desc, DescList, MemKind, Registration, XferOp, XferOptions, XferRequest};
+use nixl_core::{
+    Agent, BackendName, Desc, DescList, MemKind, Registration, XferOp, XferOptions, XferRequest,
+};
 use nixl_transports::tcp::{Auth, TcpBackend, TcpConfig};
 
 pub use nixl_testkit::pattern;
@@ -51,6 +53,38 @@ pub fn loopback(auth: Auth) -> TcpConfig {
         auth,
         ..TcpConfig::default()
     }
+}
+
+/// Why the agent's backend `name` cannot run (`None`: it runs). Panics when the agent was not
+/// built with it.
+pub fn unavailable(agent: &Agent, name: BackendName) -> Option<String> {
+    let st = agent.backends().iter().find(|s| s.name == name);
+    st.unwrap_or_else(|| panic!("{name} not among the agent's backends"))
+        .unavailable
+        .clone()
+}
+
+/// The file at `path`, created or emptied, open for reading and writing with the extra open
+/// `flags` (`libc::O_DIRECT`, or 0).
+pub fn open_rw(path: &std::path::Path, flags: i32) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(flags)
+        .open(path)
+}
+
+/// Whether the GPU tests run (`NIXL_TEST_CUDA=1`); prints the skip otherwise.
+pub fn gpu() -> bool {
+    if !nixl_testkit::env_is_1("NIXL_TEST_CUDA") {
+        let why = "NIXL_TEST_CUDA=1 not set (needs an NVIDIA GPU and driver)";
+        nixl_testkit::skip(why, true, &[]);
+        return false;
+    }
+    true
 }
 
 /// An agent running the `tcp` backend alone, and the backend.
