@@ -164,7 +164,9 @@ impl DaemonConfig {
             None => 0,
             Some(toml::Value::Integer(n)) if *n >= 0 => *n as u64,
             Some(toml::Value::String(t)) if t.trim() == "0" => 0,
-            Some(toml::Value::String(t)) => parse_size(t).map_err(|e| bad("pool_size", e))?,
+            Some(toml::Value::String(t)) => {
+                parse_size(t).map_err(|e| bad("pool_size", e.to_string()))?
+            }
             Some(v) => {
                 return Err(bad(
                     "pool_size",

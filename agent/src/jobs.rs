@@ -276,7 +276,9 @@ pub(crate) fn create(d: &Arc<Daemon>, spec: JobSpec) -> Result<Value, Refusal> {
             let pool = d.pool.as_ref().ok_or_else(no_pool)?;
             let len = match size {
                 SizeArg::Bytes(n) => n,
-                SizeArg::Text(t) => crate::config::parse_size(&t).map_err(|e| (400, e))?,
+                SizeArg::Text(t) => {
+                    crate::config::parse_size(&t).map_err(|e| (400, e.to_string()))?
+                }
             };
             let lease = pool.lease(&name, len).map_err(|e| {
                 let code = match e {

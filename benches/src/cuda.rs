@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, XferOp, XferOptions};
-use nixl_transports::cuda::driver::Stream;
+use nixl_transports::cuda::Stream;
 use nixl_transports::cuda::{device, CudaBackend, CudaConfig, LegacyBuffer, VmmBuffer};
 
 /// VRAM of one of two kinds: what engines register.

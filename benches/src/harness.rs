@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use nixl_tests::scripted_peer::percentile;
 
-/// Parses a size (see [`nixl_transports::units::parse_size`]) that fits in memory.
 /// Two agents in this process, `bench-a` and `bench-b`, each running the `local` backend only:
 /// what the criterion benches of core overheads and of local copies measure on.
 pub fn local_agents() -> (nixl_core::Agent, nixl_core::Agent) {
@@ -18,23 +17,6 @@ pub fn local_agents() -> (nixl_core::Agent, nixl_core::Agent) {
             .expect("agent")
     };
     (agent("bench-a"), agent("bench-b"))
-}
-
-pub fn parse_size(s: &str) -> Result<usize, String> {
-    let v = nixl_transports::units::parse_size(s)?;
-    usize::try_from(v).map_err(|_| format!("bad size {s:?}: too large"))
-}
-
-/// Parses a comma-separated list of sizes (see [`parse_size`]); an empty list is refused.
-pub fn parse_sizes(list: &str) -> Result<Vec<usize>, String> {
-    let v = list
-        .split(',')
-        .map(parse_size)
-        .collect::<Result<Vec<_>, _>>()?;
-    if v.is_empty() {
-        return Err("no sizes given".into());
-    }
-    Ok(v)
 }
 
 /// Parses a comma-separated list of positive counts (`1,16`).
@@ -231,16 +213,6 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(
-            parse_sizes("4KiB,1MiB,64MiB").unwrap(),
-            [4096, 1 << 20, 64 << 20]
-        );
-        assert_eq!(parse_size("100").unwrap(), 100);
-        assert_eq!(parse_size("2k").unwrap(), 2048);
-        assert!(parse_size("4XB").unwrap_err().contains("unknown unit"));
-        assert!(parse_size("KiB").unwrap_err().contains("bad size"));
-        assert!(parse_size("0KiB").unwrap_err().contains("more than 0"));
-        assert!(parse_sizes("4KiB,,1MiB").is_err());
         assert_eq!(parse_counts("1,16").unwrap(), [1, 16]);
         assert!(parse_counts("0").is_err());
         assert_eq!(human(4096), "4KiB");

@@ -5,7 +5,7 @@ use std::io;
 
 use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, Registration};
 
-use nixl_transports::cuda::driver::VmmAlloc;
+use nixl_transports::cuda::VmmAlloc;
 
 use crate::dir::{restore_opened, Opened, Region, RestoreOptions};
 use crate::error::{CkptError, Result};

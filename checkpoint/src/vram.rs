@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::path::Path;
 
 use nixl_core::{Agent, BackendName, Desc, DescList, MemKind, Registration};
-use nixl_transports::cuda::driver::{self, CuError, DeviceCtx, VmmAlloc, HANDLE_POSIX_FD};
+use nixl_transports::cuda::{self, CuError, DeviceCtx, VmmAlloc, HANDLE_POSIX_FD};
 
 use crate::dir::Progress;
 use crate::dir::Region;
@@ -222,7 +222,7 @@ pub(crate) fn plan(
         return vec![DataPath::Host; regions.len()];
     }
     let gds = agent.check_backend(BackendName::Gds).map_err(|e| match e {
-        nixl_core::Error::Unavailable { reason, .. } => reason,
+        nixl_core::Error::Unavailable { reason, .. } => reason.to_string(),
         e => e.to_string(),
     });
     let files = match dir {
@@ -302,7 +302,7 @@ pub(crate) unsafe fn hash_chunks(
         };
         let dst = &mut buf[..c.3 as usize];
         // SAFETY: the chunk is readable device memory per the contract; `dst` is ours.
-        unsafe { driver::download(&ctx, dst, c.2) }.map_err(|e| {
+        unsafe { cuda::download(&ctx, dst, c.2) }.map_err(|e| {
             cuda_err(
                 format!(
                     "copy chunk {} of VRAM region {:?} to host to hash it",
@@ -379,12 +379,11 @@ fn cuda_err(context: String, op: &'static str, e: CuError) -> CkptError {
 /// The context of device `dev_id` for region `name`, or why VRAM cannot be reached here (no
 /// driver, no such device).
 pub(crate) fn device(name: &str, dev_id: u64) -> Result<Arc<DeviceCtx>> {
-    let drv = driver::driver().map_err(|reason| {
+    let count = cuda::device_count().map_err(|reason| {
         CkptError::Unsupported(format!(
             "region {name:?} is VRAM and the CUDA driver is unavailable: {reason}"
         ))
     })?;
-    let count = drv.device_count();
     let ord = i32::try_from(dev_id)
         .ok()
         .filter(|&d| d >= 0 && d < count)
@@ -396,7 +395,7 @@ pub(crate) fn device(name: &str, dev_id: u64) -> Result<Arc<DeviceCtx>> {
                      device that is here)"
             ),
         })?;
-    nixl_transports::cuda::device(ord).map_err(|e| CkptError::agent(format!("region {name:?}"), e))
+    cuda::device(ord).map_err(|e| CkptError::agent(format!("region {name:?}"), e))
 }
 
 /// Host copies of the VRAM regions of a save or restore, registered with the agent as DRAM.
@@ -465,7 +464,7 @@ impl HostStage {
             let r = unsafe {
                 let dst =
                     std::slice::from_raw_parts_mut(h.addr as usize as *mut u8, o.len as usize);
-                driver::download(ctx, dst, o.addr)
+                cuda::download(ctx, dst, o.addr)
             };
             r.map_err(|e| {
                 cuda_err(
@@ -490,7 +489,7 @@ impl HostStage {
             // contract.
             let r = unsafe {
                 let src = std::slice::from_raw_parts(h.addr as usize as *const u8, o.len as usize);
-                driver::upload(ctx, o.addr, src)
+                cuda::upload(ctx, o.addr, src)
             };
             r.map_err(|e| CkptError::Corrupt {
                 region: o.name.clone(),

@@ -59,7 +59,7 @@ fn read_device(addr: u64, len: usize) -> Vec<u8> {
     let ctx = nixl_transports::cuda::device(0).unwrap();
     let mut v = vec![0u8; len];
     // SAFETY: `addr..addr+len` is a live VRAM region of a `Restored` held by the caller.
-    unsafe { nixl_transports::cuda::driver::download(&ctx, &mut v, addr) }.unwrap();
+    unsafe { nixl_transports::cuda::download(&ctx, &mut v, addr) }.unwrap();
     v
 }
 

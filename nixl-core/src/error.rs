@@ -114,16 +114,18 @@ pub enum Error {
     /// A backend name that no backend has.
     #[error("unknown backend '{0}'")]
     UnknownBackend(String),
-    /// The backend cannot run on this host.
+    /// The backend cannot run on this host (or cannot take this memory).
     #[error("backend {backend} unavailable: {reason}")]
     Unavailable {
         /// The backend.
         backend: BackendName,
-        /// Why it cannot run.
-        reason: String,
+        /// Why it cannot run, with the error underneath where there is one (also this error's
+        /// [`std::error::Error::source`]).
+        #[source]
+        reason: Unusable,
     },
     /// No backend can carry the transfer.
-    #[error("no backend can move {local_kind} to/from {remote_kind} of peer '{peer}': {reason}")]
+    #[error("no backend can move {local_kind} to/from {remote_kind} of peer '{peer}': {rejected}")]
     NoBackend {
         /// The peer.
         peer: String,
@@ -131,8 +133,9 @@ pub enum Error {
         local_kind: MemKind,
         /// Kind of the remote list.
         remote_kind: MemKind,
-        /// What each candidate lacked.
-        reason: String,
+        /// What each candidate lacked (and why the staged path failed, where it was tried).
+        #[source]
+        rejected: Rejections,
     },
     /// Metadata bytes could not be decoded.
     #[error("bad metadata: {0}")]
@@ -249,24 +252,40 @@ impl Error {
 /// ([`crate::Backend::can_reach`]): what is missing, and the error underneath where there is
 /// one ([`std::error::Error::source`]). Its text is what users see after
 /// `backend X unavailable:` or in a [`Error::NoBackend`] reason.
-#[derive(Clone, Debug, thiserror::Error)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Unusable {
     /// A condition the backend checked itself (a setting, a peer on another node).
-    #[error("{0}")]
     Reason(String),
     /// An error underneath, said as it is.
-    #[error("{0}")]
-    Error(#[source] Arc<dyn std::error::Error + Send + Sync>),
+    Error(Arc<dyn std::error::Error + Send + Sync>),
     /// A step failed: what was being done, and why.
-    #[error("{context}: {source}")]
     Failed {
         /// What was being done.
         context: String,
         /// The cause.
-        #[source]
         source: Arc<dyn std::error::Error + Send + Sync>,
     },
+}
+
+impl std::fmt::Display for Unusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unusable::Reason(r) => f.write_str(r),
+            Unusable::Error(e) => e.fmt(f),
+            Unusable::Failed { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Unusable {
+    /// The error underneath itself (not the `Arc` holding it), so that callers can downcast it.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Unusable::Reason(_) => None,
+            Unusable::Error(e) | Unusable::Failed { source: e, .. } => Some(&**e),
+        }
+    }
 }
 
 impl Unusable {
@@ -299,6 +318,56 @@ impl Unusable {
                 source,
             },
         }
+    }
+}
+
+/// Why no backend carries a transfer ([`Error::NoBackend`]): each backend passed over with
+/// what it lacked, in the order they were tried (the ones that do not run here last), and why
+/// the staged path through host memory failed, where it was tried. Its text reads
+/// `tcp: does not move local vram; cuda: unavailable: libcuda.so.1 not found; staged through
+/// host memory: ...`.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct Rejections {
+    /// Each backend passed over, with what it lacked.
+    pub backends: Vec<(BackendName, Unusable)>,
+    /// Why the staged path through host memory failed too, where it was tried.
+    pub staged: Option<Unusable>,
+}
+
+impl Rejections {
+    /// What `backend` lacked, if it was passed over.
+    pub fn reason(&self, backend: BackendName) -> Option<&Unusable> {
+        self.backends
+            .iter()
+            .find(|(n, _)| *n == backend)
+            .map(|(_, why)| why)
+    }
+
+    /// Whether no backend was passed over and no staged path tried.
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty() && self.staged.is_none()
+    }
+}
+
+impl std::fmt::Display for Rejections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut sep = "";
+        for (name, why) in &self.backends {
+            write!(f, "{sep}{name}: {why};")?;
+            sep = " ";
+        }
+        if let Some(e) = &self.staged {
+            write!(f, "{sep}staged through host memory: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Rejections {
+    /// Why the staged path failed, where it was tried.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.staged.as_ref().map(|u| u as _)
     }
 }
 
@@ -344,5 +413,63 @@ mod tests {
         let wrapped = Unusable::from_error(io::Error::other("no such device"));
         assert_eq!(wrapped.to_string(), "no such device");
         assert!(wrapped.source().is_some());
+    }
+
+    #[test]
+    fn unavailable_and_no_backend_keep_their_reasons_typed() {
+        let io = io::Error::new(io::ErrorKind::NotFound, "libcuda.so.1: cannot open");
+        let e = Error::Unavailable {
+            backend: BackendName::Cuda,
+            reason: Unusable::failed("dlopen", io),
+        };
+        assert_eq!(
+            e.to_string(),
+            "backend cuda unavailable: dlopen: libcuda.so.1: cannot open"
+        );
+        // The chain: the error, the backend's reason, the error underneath it.
+        let why = e.source().expect("the reason");
+        assert!(why.downcast_ref::<Unusable>().is_some());
+        let io = why.source().expect("the cause");
+        assert_eq!(
+            io.downcast_ref::<io::Error>().map(io::Error::kind),
+            Some(io::ErrorKind::NotFound)
+        );
+
+        let mut rejected = Rejections::default();
+        rejected
+            .backends
+            .push((BackendName::Tcp, "does not move local VRAM".into()));
+        rejected.backends.push((
+            BackendName::Cuda,
+            Unusable::from("no libcuda").context("unavailable"),
+        ));
+        let no = |rejected: Rejections| Error::NoBackend {
+            peer: "b".into(),
+            local_kind: MemKind::Vram,
+            remote_kind: MemKind::Dram,
+            rejected,
+        };
+        assert_eq!(
+            no(rejected.clone()).to_string(),
+            "no backend can move VRAM to/from DRAM of peer 'b': tcp: does not move local VRAM; \
+             cuda: unavailable: no libcuda;"
+        );
+        assert_eq!(
+            rejected.reason(BackendName::Tcp).map(ToString::to_string),
+            Some("does not move local VRAM".into())
+        );
+        rejected.staged = Some(Unusable::from("request length overflows"));
+        let e = no(rejected);
+        assert!(
+            e.to_string()
+                .ends_with("; staged through host memory: request length overflows"),
+            "{e}"
+        );
+        let staged = e
+            .source()
+            .and_then(|r| r.source())
+            .expect("the staged reason");
+        assert_eq!(staged.to_string(), "request length overflows");
+        assert_eq!(e.class(), ErrorClass::NotFound);
     }
 }

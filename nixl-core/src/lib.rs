@@ -29,7 +29,7 @@
 //! backend.rs          the backend contract: Backend, Connection, plans, notifications' target
 //! codec.rs            bounds-checked decoding of untrusted bytes (metadata, wire formats); hex
 //! log.rs              init_logging_from_env for the C and Python embeddings (feature log-init)
-//! error.rs            Error, its classes, Unusable
+//! error.rs            Error, its classes, Unusable, Rejections
 //! mem.rs              memory kinds and descriptors
 //! metadata.rs         agent metadata and its wire format
 //! region.rs           registered regions and the access gates transfers hold
@@ -59,7 +59,7 @@ pub use backend::{
     PreparedXfer, Registered, Run, Runs, Segment, TargetHandle, XferPlan,
     DEFAULT_NOTIF_QUEUE_BYTES, MAX_NOTIF_BYTES,
 };
-pub use error::{Error, ErrorClass, Result, Unusable};
+pub use error::{Error, ErrorClass, Rejections, Result, Unusable};
 pub use mem::{Desc, DescList, MemKind, Strided, MAX_STRIDED_COUNT};
 pub use metadata::{AgentMetadata, DecodeError};
 pub use region::{AccessDenied, Region, RegionAccess};

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{Backend, BackendName, Connection, PreparedXfer, Segment, XferPlan};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unusable};
 use crate::mem::{Desc, MemKind};
 use crate::metadata::RegionInfo;
 use crate::region::Region;
@@ -172,23 +172,24 @@ impl StagedCut {
         segments: &[Segment],
         dram: Vec<Arc<dyn Backend>>,
         ids: &AtomicU64,
-    ) -> std::result::Result<StagedCut, String> {
+    ) -> std::result::Result<StagedCut, Unusable> {
         let total = segments
             .iter()
             .try_fold(0u64, |a, s| a.checked_add(s.local.len))
-            .ok_or("request length overflows")?;
+            .ok_or_else(|| Unusable::from("request length overflows"))?;
         let layout = ChunkLayout::new(total, stager.chunk_bytes(), stager.slots());
         let (slot_len, slots) = (layout.slot_len, layout.slots);
         let dev_id = segments.first().map_or(0, |s| s.local.dev_id);
         let host = stager.alloc(slot_len * slots, dev_id).map_err(|e| {
-            format!(
-                "{} could not allocate {} host bytes: {e}",
+            let what = format!(
+                "{} could not allocate {} host bytes",
                 stager.backend(),
                 slot_len * slots
-            )
+            );
+            Unusable::failed(what, e)
         })?;
         let id = ids.fetch_add(1, Ordering::Relaxed);
-        let bounce = Bounce::register(id, host, dram).map_err(|e| e.to_string())?;
+        let bounce = Bounce::register(id, host, dram).map_err(Unusable::from_error)?;
         let base = bounce.region.desc.addr;
         let cut = layout.cut(segments, base);
         Ok(StagedCut { total, bounce, cut })
@@ -217,7 +218,7 @@ impl ChunkPlan<'_> {
         conn: &dyn Connection,
         cut: Vec<Vec<(Segment, Desc)>>,
         bounce: &Bounce,
-    ) -> std::result::Result<Vec<Chunk>, String> {
+    ) -> std::result::Result<Vec<Chunk>, Unusable> {
         let op = self.op;
         let silent = Arc::new(crate::xfer::Telemetry::silent());
         let last = cut.len() - 1;
@@ -243,7 +244,7 @@ impl ChunkPlan<'_> {
             };
             let bytes = plan.total_bytes();
             let descs = plan.segments.len();
-            let prepared = conn.prepare(plan).map_err(|e| e.to_string())?;
+            let prepared = conn.prepare(plan).map_err(Unusable::from_error)?;
             let req = XferRequest::new(
                 prepared,
                 vec![Arc::clone(&bounce.region)],

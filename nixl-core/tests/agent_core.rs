@@ -289,6 +289,15 @@ fn vram_without_a_backend_says_why() {
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Unavailable);
     assert!(err.to_string().contains("no libcuda.so.1"), "{err}");
+    let src = std::error::Error::source(&err).expect("a source");
+    assert!(src.downcast_ref::<Unusable>().is_some(), "{src:?}");
+    // Asking for the backend: the probe's reason is the error's source, as the backend gave it.
+    let err = a.check_backend(BackendName::Cuda).unwrap_err();
+    let src = std::error::Error::source(&err).expect("a source");
+    let why = src
+        .downcast_ref::<Unusable>()
+        .expect("the probe's Unusable");
+    assert_eq!(why, &Unusable::from("no libcuda.so.1"));
     let err = a
         .reg_with(&dram(&[Desc::new(0x1000, 1, 0)]), &[BackendName::Cuda])
         .unwrap_err();
@@ -790,7 +799,7 @@ fn a_backend_that_cannot_take_a_region_is_left_out_unless_named() {
     // Named: its refusal is the answer.
     let e = a.reg_with(&list, &[BackendName::Rdma]).unwrap_err();
     assert!(
-        matches!(&e, Error::Unavailable { backend: BackendName::Rdma, reason } if reason == "no peer memory for this"),
+        matches!(&e, Error::Unavailable { backend: BackendName::Rdma, reason } if reason.to_string() == "no peer memory for this"),
         "{e}"
     );
     // Nobody takes it: the refusal is the answer too, and nothing stays registered.

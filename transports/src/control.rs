@@ -113,7 +113,7 @@ impl ControlChannel for Unserved {
     ) -> Result<Vec<u8>> {
         Err(Error::Unavailable {
             backend,
-            reason: self.0.clone(),
+            reason: self.0.clone().into(),
         })
     }
 }

@@ -10,7 +10,7 @@ use parking_lot::{Mutex, RwLock};
 use super::random::random_u128;
 use super::{Agent, AgentInner};
 use crate::backend::{Backend, BackendName, MetadataHooks, TargetHandle};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Unusable};
 use crate::metadata::MAX_NAME_BYTES;
 use crate::xfer::Watchdog;
 
@@ -74,6 +74,7 @@ impl AgentBuilder {
         let target = TargetHandle::new(Arc::clone(&name), instance_id, self.notif_queue_bytes);
         let mut running: Vec<Arc<dyn Backend>> = Vec::new();
         let mut states = Vec::new();
+        let mut unusable = Vec::new();
         for b in self.backends {
             if states.iter().any(|s: &BackendState| s.name == b.name()) {
                 return Err(Error::InvalidArgument(format!(
@@ -84,9 +85,9 @@ impl AgentBuilder {
             let unavailable = match b.probe() {
                 Ok(()) => match b.start(target.clone()) {
                     Ok(()) => None,
-                    Err(e) => Some(format!("start failed: {e}")),
+                    Err(e) => Some(Unusable::failed("start failed", e)),
                 },
-                Err(why) => Some(why.to_string()),
+                Err(why) => Some(why),
             };
             match &unavailable {
                 None => {
@@ -99,8 +100,9 @@ impl AgentBuilder {
             }
             states.push(BackendState {
                 name: b.name(),
-                unavailable,
+                unavailable: unavailable.as_ref().map(ToString::to_string),
             });
+            unusable.extend(unavailable.map(|why| (b.name(), why)));
         }
         running.sort_by_key(|b| {
             let caps = b.caps();
@@ -114,6 +116,7 @@ impl AgentBuilder {
             next_region: AtomicU64::new(1),
             backends: running,
             states,
+            unusable,
             target,
             peers: RwLock::new(HashMap::new()),
             own_peer: Mutex::new(None),
@@ -155,24 +158,28 @@ impl Agent {
     }
 
     pub(super) fn missing_backend(&self, name: BackendName) -> Error {
-        match self.inner.states.iter().find(|s| s.name == name) {
-            Some(BackendState {
-                unavailable: Some(reason),
-                ..
-            }) => Error::Unavailable {
-                backend: name,
-                reason: reason.clone(),
-            },
+        let reason = match self.unusable(name) {
+            Some(why) => why.clone(),
             // A name the library knows, but not among the agent's backends: it cannot run here
             // (not built, or left out of the configuration), which is what callers act on.
-            _ => Error::Unavailable {
-                backend: name,
-                reason: format!(
-                    "not run by agent '{}' (not built in this version, or left out of its \
-                     configured backends)",
-                    self.name()
-                ),
-            },
+            None => Unusable::Reason(format!(
+                "not run by agent '{}' (not built in this version, or left out of its \
+                 configured backends)",
+                self.name()
+            )),
+        };
+        Error::Unavailable {
+            backend: name,
+            reason,
         }
+    }
+
+    /// Why backend `name` does not run on this agent, if it was given and does not.
+    pub(super) fn unusable(&self, name: BackendName) -> Option<&Unusable> {
+        self.inner
+            .unusable
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, why)| why)
     }
 }

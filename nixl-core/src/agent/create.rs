@@ -1,14 +1,13 @@
 //! Creating transfer requests: resolving descriptors against both sides' registrations, choosing
 //! the backend (or the staged path), preparing the plan.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::peers::PeerState;
 use super::Agent;
 use crate::backend::{Backend, BackendName, Runs, Segment, XferPlan};
-use crate::error::{Error, Result};
+use crate::error::{Error, Rejections, Result, Unusable};
 use crate::mem::{DescList, MemKind};
 use crate::metadata::RegionInfo;
 use crate::region::Region;
@@ -131,10 +130,10 @@ impl Agent {
         ) {
             Ok(x) => x,
             Err(Error::NoBackend {
-                peer: pn,
+                peer,
                 local_kind,
                 remote_kind,
-                reason,
+                mut rejected,
             }) => {
                 return match self.create_staged(
                     p,
@@ -144,20 +143,23 @@ impl Agent {
                     local_regions,
                     remote_regions,
                     &opts,
-                    &reason,
+                    &rejected,
                 ) {
                     Some(Ok(x)) => Ok(x),
-                    Some(Err(why)) => Err(Error::NoBackend {
-                        peer: pn,
-                        local_kind,
-                        remote_kind,
-                        reason: format!("{reason} staged through host memory: {why}"),
-                    }),
+                    Some(Err(why)) => {
+                        rejected.staged = Some(why);
+                        Err(Error::NoBackend {
+                            peer,
+                            local_kind,
+                            remote_kind,
+                            rejected,
+                        })
+                    }
                     None => Err(Error::NoBackend {
-                        peer: pn,
+                        peer,
                         local_kind,
                         remote_kind,
-                        reason,
+                        rejected,
                     }),
                 };
             }
@@ -214,8 +216,8 @@ impl Agent {
         local_regions: Vec<Arc<Region>>,
         remote_regions: Vec<RegionInfo>,
         opts: &XferOptions,
-        direct: &str,
-    ) -> Option<std::result::Result<XferRequest, String>> {
+        direct: &Rejections,
+    ) -> Option<std::result::Result<XferRequest, Unusable>> {
         let kind = local_regions.first()?.kind;
         let stager = self
             .inner
@@ -247,8 +249,8 @@ impl Agent {
         mut local_regions: Vec<Arc<Region>>,
         remote_regions: Vec<RegionInfo>,
         opts: &XferOptions,
-        direct: &str,
-    ) -> std::result::Result<XferRequest, String> {
+        direct: &Rejections,
+    ) -> std::result::Result<XferRequest, Unusable> {
         let dram: Vec<Arc<dyn Backend>> = self
             .inner
             .backends
@@ -270,12 +272,12 @@ impl Agent {
                 opts,
             )
             .map_err(|e| match e {
-                Error::NoBackend { reason, .. } => {
-                    format!("no backend carries host memory: {reason}")
+                Error::NoBackend { rejected, .. } => {
+                    Unusable::failed("no backend carries host memory", rejected)
                 }
-                e => e.to_string(),
+                e => Unusable::from_error(e),
             })?;
-        let conn = self.connection(p, backend).map_err(|e| e.to_string())?;
+        let conn = self.connection(p, backend).map_err(Unusable::from_error)?;
         let telemetry = p.telemetry(backend.name(), op);
         let chunks = ChunkPlan {
             op,
@@ -292,7 +294,7 @@ impl Agent {
             Some(t) => t.sender(),
             None => {
                 let t = crate::staging::StageThread::start(&self.inner.name)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(Unusable::from_error)?;
                 self.inner.stage.get_or_init(|| t).sender()
             }
         };
@@ -313,7 +315,7 @@ impl Agent {
                 peer: Arc::clone(&p.name),
                 bytes: total,
                 descs,
-                reason: Choice::PassedOver(format!(" {}", direct.trim())),
+                reason: Choice::PassedOver(format!(" {direct}")),
                 staged: Some(staged_by),
             },
             opts.deadline,
@@ -333,7 +335,7 @@ impl Agent {
         remote_regions: &[RegionInfo],
         opts: &XferOptions,
     ) -> Result<(&'a Arc<dyn Backend>, Choice)> {
-        let mut why_not = String::new();
+        let mut rejected = Rejections::default();
         let candidates: Vec<&Arc<dyn Backend>> = match opts.backend {
             Some(n) => vec![self.backend(n).ok_or_else(|| self.missing_backend(n))?],
             None => self.inner.backends.iter().collect(),
@@ -341,51 +343,49 @@ impl Agent {
         for b in candidates {
             let n = b.name();
             let caps = b.caps();
-            let reject = if !caps.local_kinds.contains(&local_kind) {
-                Some(format!("does not move local {}", local_kind))
+            let reject: Option<Unusable> = if !caps.local_kinds.contains(&local_kind) {
+                Some(format!("does not move local {}", local_kind).into())
             } else if !caps.remote_kinds.contains(&remote_kind) {
-                Some(format!("does not move remote {}", remote_kind))
+                Some(format!("does not move remote {}", remote_kind).into())
             } else if opts.notif.is_some() && !caps.notifications {
                 Some("carries no notifications".into())
             } else if let Some(r) = local_regions.iter().find(|r| !r.has_backend(n)) {
-                Some(format!("local region {:?} not registered with it", r.desc))
+                Some(format!("local region {:?} not registered with it", r.desc).into())
             } else if let Some(r) = remote_regions
                 .iter()
                 .find(|r| !r.backends.iter().any(|x| x.0 == n))
             {
-                Some(format!("remote region {:?} not registered with it", r.desc))
+                Some(format!("remote region {:?} not registered with it", r.desc).into())
             } else {
                 match p.backend_info(n) {
                     None => Some("peer does not run it".into()),
-                    Some(info) => b.can_reach(&info.conn_info).err().map(|e| e.to_string()),
+                    Some(info) => b.can_reach(&info.conn_info).err(),
                 }
             };
             match reject {
                 None => {
                     let reason = if opts.backend.is_some() {
                         Choice::Named
-                    } else if why_not.is_empty() {
+                    } else if rejected.is_empty() {
                         Choice::Best
                     } else {
-                        Choice::PassedOver(why_not)
+                        Choice::PassedOver(format!(" {rejected}"))
                     };
                     return Ok((b, reason));
                 }
-                Some(r) => {
-                    let _ = write!(why_not, " {n}: {r};");
-                }
+                Some(r) => rejected.backends.push((n, r)),
             }
         }
-        for s in &self.inner.states {
-            if let Some(r) = &s.unavailable {
-                let _ = write!(why_not, " {}: unavailable: {r};", s.name);
-            }
+        for (name, why) in &self.inner.unusable {
+            rejected
+                .backends
+                .push((*name, why.clone().context("unavailable")));
         }
         Err(Error::NoBackend {
             peer: p.md.name.clone(),
             local_kind,
             remote_kind,
-            reason: why_not.trim().to_owned(),
+            rejected,
         })
     }
 }

@@ -38,6 +38,9 @@ pub(crate) struct AgentInner {
     next_region: AtomicU64,
     backends: Vec<Arc<dyn Backend>>,
     states: Vec<BackendState>,
+    /// Why each backend in `states` that does not run cannot, as the typed reason (the
+    /// source of the `Unavailable` errors naming it).
+    unusable: Vec<(crate::BackendName, crate::Unusable)>,
     target: TargetHandle,
     peers: RwLock<HashMap<String, Arc<PeerState>>>,
     own_peer: Mutex<Option<(u64, Arc<PeerState>)>>,

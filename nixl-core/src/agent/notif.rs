@@ -1,11 +1,10 @@
 //! Standalone notifications: sending them to peers, taking the ones received.
 
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use super::Agent;
 use crate::backend::Notification;
-use crate::error::{Error, Result};
+use crate::error::{Error, Rejections, Result};
 use crate::mem::MemKind;
 
 /// Refuses a notification over [`crate::backend::MAX_NOTIF_BYTES`] at the sender, with the limit.
@@ -68,16 +67,22 @@ impl Agent {
         self.inner.check_live()?;
         check_notif_len(Some(msg))?;
         let p = self.peer(peer)?;
-        let mut why_not = String::new();
+        let mut rejected = Rejections::default();
         for b in &self.inner.backends {
             if !b.caps().notifications {
+                rejected
+                    .backends
+                    .push((b.name(), "carries no notifications".into()));
                 continue;
             }
             let Some(info) = p.backend_info(b.name()) else {
+                rejected
+                    .backends
+                    .push((b.name(), "peer does not run it".into()));
                 continue;
             };
             if let Err(r) = b.can_reach(&info.conn_info) {
-                let _ = write!(why_not, " {}: {r};", b.name());
+                rejected.backends.push((b.name(), r));
                 continue;
             }
             let conn = self.connection(&p, b)?;
@@ -91,7 +96,7 @@ impl Agent {
             peer: peer.to_owned(),
             local_kind: MemKind::Dram,
             remote_kind: MemKind::Dram,
-            reason: format!("no backend carries notifications to it;{why_not}"),
+            rejected,
         })
     }
 

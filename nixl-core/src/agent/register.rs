@@ -155,7 +155,7 @@ impl Agent {
                     MemKind::File | MemKind::Block => BackendName::Posix,
                     MemKind::Dram => BackendName::Local,
                 },
-                reason,
+                reason: reason.into(),
             });
         }
         let mut done: Vec<Arc<Region>> = Vec::with_capacity(list.len());

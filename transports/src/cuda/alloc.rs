@@ -5,17 +5,17 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use nixl_core::{BackendName, Desc, Error, Result};
+use nixl_core::{BackendName, Desc, Error, Result, Unusable};
 use parking_lot::Mutex;
 
 use super::driver::{
     self, CuError, DeviceAlloc, DeviceCtx, VmmAlloc, HANDLE_FABRIC, HANDLE_POSIX_FD,
 };
 
-pub(crate) fn unavailable(reason: String) -> Error {
+pub(crate) fn unavailable(reason: impl Into<Unusable>) -> Error {
     Error::Unavailable {
         backend: BackendName::Cuda,
-        reason,
+        reason: reason.into(),
     }
 }
 
@@ -39,6 +39,15 @@ pub fn device(ordinal: i32) -> Result<Arc<DeviceCtx>> {
     let c = DeviceCtx::open(drv, ordinal).map_err(|e| cu_err("open device", e))?;
     m.insert(ordinal, Arc::clone(&c));
     Ok(c)
+}
+
+/// The number of CUDA devices this process sees, or why the CUDA driver cannot be used here
+/// (no `libcuda.so.1`, a driver too old, no device): the text the `cuda` backend reports as
+/// `unavailable`.
+pub fn device_count() -> std::result::Result<i32, Unusable> {
+    driver::driver()
+        .map(driver::Driver::device_count)
+        .map_err(Unusable::Reason)
 }
 
 /// Rounds `len` up to a multiple of `granularity` (at least one granule).

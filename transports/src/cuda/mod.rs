@@ -160,10 +160,7 @@ mod config;
 mod conn;
 mod copy;
 pub(crate) mod dmabuf;
-// The device context and memory, for the benches and the checkpoint crate: hidden from the
-// docs (not part of the API a user reads).
-#[doc(hidden)]
-pub mod driver;
+pub(crate) mod driver;
 pub(crate) mod handles;
 pub(crate) mod ipc;
 pub(crate) mod nvml;
@@ -179,9 +176,15 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use alloc::{cu_err, unavailable};
-pub use alloc::{device, LegacyBuffer, VmmBuffer};
+pub use alloc::{device, device_count, LegacyBuffer, VmmBuffer};
 use copy::{CopyPlan, Run};
-use driver::{CuError, DeviceCtx, Event, LegacyImport, Stream, VmmImport, VmmSource};
+// The few driver-layer pieces that tools outside the backend use (the checkpoint crate's VRAM
+// regions, the benches' copy ceiling): a device's context, VMM allocations, a stream for
+// device-to-device copies, and synchronous copies between host and device.
+pub use driver::{
+    download, upload, CtxGuard, CuError, CuRes, DeviceCtx, Stream, VmmAlloc, HANDLE_POSIX_FD,
+};
+use driver::{Event, LegacyImport, VmmImport, VmmSource};
 use handles::{
     AllocInfo, AllocKind, AllocationMap, Chunk, ChunkHandles, ConnInfo, RegionPublic, Route,
 };

@@ -416,10 +416,13 @@ impl Nvml {
 /// The UUIDs of the CUDA devices this process sees, by ordinal, read with `cuDeviceGet` and
 /// `cuDeviceGetUuid_v2` (no context is created: retaining a primary context on every visible
 /// GPU would cost each of them memory), through the driver's table ([`super::driver::driver`]).
-pub fn cuda_device_uuids() -> Result<Vec<[u8; 16]>, String> {
-    let drv = super::driver::driver()?;
+pub fn cuda_device_uuids() -> Result<Vec<[u8; 16]>, nixl_core::Unusable> {
+    let drv = super::driver::driver().map_err(nixl_core::Unusable::Reason)?;
     (0..drv.device_count())
-        .map(|ordinal| drv.device_uuid(ordinal).map_err(|e| e.to_string()))
+        .map(|ordinal| {
+            drv.device_uuid(ordinal)
+                .map_err(nixl_core::Unusable::from_error)
+        })
         .collect()
 }
 
@@ -514,7 +517,7 @@ mod tests {
     fn uuids_without_a_driver_say_why() {
         match cuda_device_uuids() {
             Ok(v) => eprintln!("CUDA devices: {}", v.len()),
-            Err(e) => assert!(e.contains("libcuda.so.1"), "{e}"),
+            Err(e) => assert!(e.to_string().contains("libcuda.so.1"), "{e}"),
         }
     }
 }

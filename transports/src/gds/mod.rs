@@ -208,7 +208,7 @@ impl FileEngine for GdsEngine {
     fn start(&self) -> Result<Running> {
         let unavailable = |reason: String| Error::Unavailable {
             backend: BackendName::Gds,
-            reason,
+            reason: reason.into(),
         };
         let (drv, lib) = probe_all().map_err(unavailable)?;
         if let Some(why) = compat_refusal(nvidia_fs_loaded(), self.cfg.allow_compat_mode) {

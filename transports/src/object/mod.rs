@@ -198,19 +198,15 @@ fn started(agent: &Agent) -> Result<Arc<Inner>> {
             .find(|(i, _)| *i == agent.instance_id())
             .and_then(|(_, w)| w.upgrade())
     };
-    let reason = || {
-        agent
-            .backends()
-            .iter()
-            .find(|s| s.name == BackendName::Object)
-            .and_then(|s| s.unavailable.clone())
-            .unwrap_or_else(|| format!("agent '{}' runs no object backend", agent.name()))
-    };
     match inner {
         Some(i) => Ok(i),
-        None => Err(Error::Unavailable {
-            backend: BackendName::Object,
-            reason: reason(),
+        // Not given, or given and unavailable (with the probe's reason as the source).
+        None => Err(match agent.check_backend(BackendName::Object) {
+            Err(e) => e,
+            Ok(()) => Error::Unavailable {
+                backend: BackendName::Object,
+                reason: format!("agent '{}' runs no object backend", agent.name()).into(),
+            },
         }),
     }
 }
@@ -482,7 +478,7 @@ impl Backend for ObjectBackend {
             .as_ref()
             .map_err(|r| Error::Unavailable {
                 backend: BackendName::Object,
-                reason: r.clone(),
+                reason: r.clone().into(),
             })?;
         let cfg = &self.inner.cfg;
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -90,7 +90,7 @@ pub(super) fn register(st: &State, desc: &Desc, access: i32) -> Result<(Vec<Opti
             Err(Error::Unavailable {
                 backend: BackendName::Cuda,
                 reason,
-            }) => reason,
+            }) => reason.to_string(),
             Err(e) => return Err(e),
             Ok(exp) => {
                 let mut mrs: Vec<Option<Mr>> = (0..st.nics.len()).map(|_| None).collect();
@@ -166,9 +166,9 @@ fn from_cuda(e: Error) -> Error {
         Error::Unavailable {
             backend: BackendName::Cuda,
             reason,
-        } => unavailable(format!(
-            "VRAM registration with rdma needs the cuda driver's dmabuf export: {reason}"
-        )),
+        } => unavailable(
+            reason.context("VRAM registration with rdma needs the cuda driver's dmabuf export"),
+        ),
         other => other,
     }
 }

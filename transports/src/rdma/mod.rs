@@ -118,7 +118,7 @@ fn err(op: &'static str, reason: impl Into<String>) -> Error {
     }
 }
 
-fn unavailable(reason: impl Into<String>) -> Error {
+fn unavailable(reason: impl Into<Unusable>) -> Error {
     Error::Unavailable {
         backend: BackendName::Rdma,
         reason: reason.into(),

@@ -181,7 +181,7 @@ impl FileEngine for UringEngine {
     fn start(&self) -> Result<RingThread> {
         let ring = new_ring(self.cfg.queue_depth).map_err(|why| Error::Unavailable {
             backend: BackendName::Uring,
-            reason: why.to_string(),
+            reason: why,
         })?;
         let fixed = Fixed::new(&ring, &self.cfg);
         RingThread::start(ring, self.cfg.queue_depth, fixed)

@@ -33,9 +33,8 @@ pub(crate) fn run_cuda(args: &Args) -> Res<()> {
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         return Err(Fail::Other("--seconds must be a positive number".into()));
     }
-    let count = nixl_transports::cuda::driver::driver()
-        .map_err(|e| Fail::Unavailable("cuda".into(), e))?
-        .device_count();
+    let count = nixl_transports::cuda::device_count()
+        .map_err(|why| Fail::Unavailable("cuda".into(), why.to_string()))?;
     let (init_dev, target_dev) = match &args.gpus {
         None => (0, (count - 1).max(0)),
         Some(g) => {

@@ -202,7 +202,7 @@ impl Args {
 
     /// `--block-sizes`: the block sizes of the rows.
     fn block_sizes(&self) -> Res<Vec<usize>> {
-        harness::parse_sizes(&self.block_sizes)
+        nixl_transports::units::parse_lens(&self.block_sizes)
             .map_err(|e| Fail::Other(format!("--block-sizes: {e}")))
     }
 }

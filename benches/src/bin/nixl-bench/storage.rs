@@ -30,8 +30,8 @@ pub(crate) fn run_storage(args: &Args) -> Res<()> {
             m => Err(Fail::Other(format!("--io {m:?}: buffered or direct"))),
         })
         .collect::<Res<_>>()?;
-    let file_size = harness::parse_size(&args.file_size)
-        .map_err(|e| Fail::Other(format!("--file-size: {e}")))? as u64;
+    let file_size = nixl_transports::units::parse_size(&args.file_size)
+        .map_err(|e| Fail::Other(format!("--file-size: {e}")))?;
     let is_object = backend == BackendName::Object;
     let server = if is_object {
         let s = match &args.endpoint {

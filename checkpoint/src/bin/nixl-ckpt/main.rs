@@ -605,7 +605,8 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             )
         }
         Cmd::Copy { src, dst, buffer } => {
-            let buffer = parse_size(buffer).map_err(CkptError::InvalidArgument)?;
+            let buffer =
+                parse_size(buffer).map_err(|e| CkptError::InvalidArgument(e.to_string()))?;
             let m = if is_dir(src) && is_dir(dst) {
                 ops::copy(src, dst, p.as_ref())?
             } else {
@@ -667,8 +668,8 @@ fn run(cli: &Cli) -> Result<Value, CkptError> {
             buffered,
             keep,
         } => {
-            let size = parse_size(size).map_err(CkptError::InvalidArgument)?;
-            let chunk = parse_size(chunk).map_err(CkptError::InvalidArgument)?;
+            let size = parse_size(size).map_err(|e| CkptError::InvalidArgument(e.to_string()))?;
+            let chunk = parse_size(chunk).map_err(|e| CkptError::InvalidArgument(e.to_string()))?;
             let v = bench::run(dir, size, *regions, chunk, *changed, !*buffered, *keep, p)?;
             if !cli.json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -76,7 +76,7 @@ pub type CuRes<T> = Result<T, CuError>;
 
 /// Facts the probe learned.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DriverFacts {
+pub(crate) struct DriverFacts {
     /// `cuDriverGetVersion` (e.g. 12080).
     pub version: i32,
     /// Number of devices.
@@ -84,7 +84,7 @@ pub struct DriverFacts {
 }
 
 /// The loaded driver: the library (kept open for the life of the process) and its entry points.
-pub struct Driver {
+pub(crate) struct Driver {
     api: Api,
     opt: OptionalApi,
     facts: DriverFacts,
@@ -243,7 +243,7 @@ pub(crate) fn probe_names(names: &[&str]) -> Result<Driver, String> {
 
 /// The driver, loaded and initialised once per process; `Err` is the reason the backend is
 /// unavailable here.
-pub fn driver() -> Result<&'static Driver, String> {
+pub(crate) fn driver() -> Result<&'static Driver, String> {
     static DRIVER: OnceLock<Result<Driver, String>> = OnceLock::new();
     DRIVER
         .get_or_init(|| probe_names(LIBRARY_NAMES))
@@ -264,13 +264,8 @@ impl Driver {
         }
     }
 
-    /// What the probe learned.
-    pub fn facts(&self) -> &DriverFacts {
-        &self.facts
-    }
-
     /// Number of devices.
-    pub fn device_count(&self) -> i32 {
+    pub(crate) fn device_count(&self) -> i32 {
         self.facts.devices
     }
 

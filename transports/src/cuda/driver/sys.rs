@@ -27,7 +27,7 @@ pub(crate) const CUDA_ERROR_NOT_SUPPORTED: CuResult = 801;
 /// `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR`.
 pub const HANDLE_POSIX_FD: u32 = 1;
 /// `CU_MEM_HANDLE_TYPE_FABRIC`.
-pub const HANDLE_FABRIC: u32 = 8;
+pub(crate) const HANDLE_FABRIC: u32 = 8;
 
 pub(super) const CU_MEM_ALLOCATION_TYPE_PINNED: u32 = 1;
 pub(super) const CU_MEM_LOCATION_TYPE_DEVICE: u32 = 1;
