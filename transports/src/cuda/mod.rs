@@ -5,7 +5,7 @@
 //! # Availability
 //!
 //! The driver (`libcuda.so.1`) is opened at run time and every entry point is resolved and
-//! `cuInit` called once, before any other driver call ([`driver`]). Without a driver, without
+//! `cuInit` called once, before any other driver call (`cuda::driver`). Without a driver, without
 //! devices, or with a driver older than CUDA 12.0, [`CudaBackend::probe`](nixl_core::Backend)
 //! says why (`libcuda.so.1 not found: ...`, `no CUDA devices ...`, `driver too old: ...`), the
 //! agent reports `cuda unavailable: <reason>` and runs its other backends, and registering VRAM

@@ -415,7 +415,7 @@ impl Nvml {
 
 /// The UUIDs of the CUDA devices this process sees, by ordinal, read with `cuDeviceGet` and
 /// `cuDeviceGetUuid_v2` (no context is created: retaining a primary context on every visible
-/// GPU would cost each of them memory), through the driver's table ([`super::driver::driver`]).
+/// GPU would cost each of them memory), through the driver's table (`driver::driver`).
 pub fn cuda_device_uuids() -> Result<Vec<[u8; 16]>, nixl_core::Unusable> {
     let drv = super::driver::driver().map_err(nixl_core::Unusable::Reason)?;
     (0..drv.device_count())

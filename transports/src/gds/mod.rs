@@ -27,7 +27,7 @@
 //!
 //! # When it is unavailable
 //!
-//! The probe needs the CUDA driver (see [`crate::cuda::driver`]) and `libcufile.so.0`, whose
+//! The probe needs the CUDA driver (see `cuda::driver`) and `libcufile.so.0`, whose
 //! symbols are resolved once into a table of function pointers (no code path calls into a
 //! library that is not there, so nothing can panic). `cuFileDriverOpen` runs when the agent
 //! starts the backend; its failure (no nvidia-fs and compatibility mode off in

@@ -54,7 +54,7 @@ impl Stream {
     ///
     /// # Safety
     /// `src..src+len` must be readable and `dst..dst+len` writable device memory mapped in this
-    /// process until the work is complete (an [`Event`] recorded after it has completed).
+    /// process until the work is complete (an event recorded after it has completed).
     pub unsafe fn copy_dtod(&self, dst: u64, src: u64, len: usize) -> CuRes<()> {
         // SAFETY: per the contract.
         self.0.ctx.check("cuMemcpyDtoDAsync", unsafe {
