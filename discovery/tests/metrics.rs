@@ -3,23 +3,29 @@
 
 mod common;
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use common::{agent, has, until, Etcd};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use nixl_discovery::Registry;
 
-/// Counters by name, summed over labels. (A snapshot resets what it reads.)
-fn counters(s: &Snapshotter) -> impl Fn(&str) -> u64 {
-    let snap = s.snapshot().into_vec();
-    move |name| {
-        snap.iter()
-            .filter(|(k, _, _, _)| k.key().name() == name)
-            .map(|(_, _, _, v)| match v {
-                DebugValue::Counter(c) => *c,
-                _ => 0,
-            })
-            .sum()
+/// Counters by name, summed over labels, accumulated over snapshots (a snapshot resets what
+/// it reads).
+#[derive(Default)]
+struct Counts(HashMap<String, u64>);
+
+impl Counts {
+    fn take(&mut self, s: &Snapshotter) {
+        for (k, _, _, v) in s.snapshot().into_vec() {
+            if let DebugValue::Counter(c) = v {
+                *self.0.entry(k.key().name().to_owned()).or_default() += c;
+            }
+        }
+    }
+
+    fn get(&self, name: &str) -> u64 {
+        self.0.get(name).copied().unwrap_or(0)
     }
 }
 
@@ -51,11 +57,21 @@ fn loads_invalidations_and_bad_values_are_counted() {
         !has(&a, "m-b")
     });
 
-    let counter = counters(&snap);
-    assert!(counter("nixl_etcd_publishes_total") >= 1);
-    assert!(counter("nixl_etcd_loads_total") >= 1);
-    assert_eq!(counter("nixl_etcd_bad_values_total"), 1);
-    assert_eq!(counter("nixl_etcd_invalidations_total"), 1);
-    assert_eq!(counter("nixl_etcd_watch_restarts_total"), 0);
-    assert_eq!(counter("nixl_etcd_errors_total"), 0);
+    // The counter is bumped on the client's thread just after the peer is dropped: wait for it
+    // (bounded) rather than race it.
+    let mut c = Counts::default();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        c.take(&snap);
+        if c.get("nixl_etcd_invalidations_total") >= 1 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(c.get("nixl_etcd_publishes_total") >= 1);
+    assert!(c.get("nixl_etcd_loads_total") >= 1);
+    assert_eq!(c.get("nixl_etcd_bad_values_total"), 1);
+    assert_eq!(c.get("nixl_etcd_invalidations_total"), 1);
+    assert_eq!(c.get("nixl_etcd_watch_restarts_total"), 0);
+    assert_eq!(c.get("nixl_etcd_errors_total"), 0);
 }

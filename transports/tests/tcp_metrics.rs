@@ -2,24 +2,26 @@
 //! malformed frames. A process-wide recorder (this file is its own test binary) sees the counters
 //! of the listener's threads.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use nixl_core::*;
 use nixl_transports::tcp::{fetch_metadata, push_metadata, Auth, TcpBackend, TcpConfig};
 
+/// A counter's total so far. A snapshot drains every counter, so the totals are kept here: a
+/// wait for one counter does not lose another's counts.
 fn counter(s: &Snapshotter, name: &str) -> u64 {
-    s.snapshot()
-        .into_vec()
-        .iter()
-        .filter(|(k, _, _, _)| k.key().name() == name)
-        .map(|(_, _, _, v)| match v {
-            DebugValue::Counter(c) => *c,
-            _ => 0,
-        })
-        .sum()
+    static TOTALS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+    let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+    for (k, _, _, v) in s.snapshot().into_vec() {
+        if let DebugValue::Counter(c) = v {
+            *totals.entry(k.key().name().to_owned()).or_default() += c;
+        }
+    }
+    totals.get(name).copied().unwrap_or(0)
 }
 
 fn wait_for(s: &Snapshotter, name: &str, at_least: u64) -> u64 {
