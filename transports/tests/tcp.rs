@@ -823,13 +823,14 @@ fn notifications_up_to_the_one_limit_arrive_and_longer_ones_are_refused_at_the_s
     assert!(l.dst == l.src);
 }
 
-/// A standalone notification reaches the target only after every frame its sender had
-/// written before it was carried out, on every connection: here a READ of one 64 MiB chunk on
-/// one connection, and a notification posted once the target serves it, which goes on the
-/// other. At the notification the target overwrites the READ's source (as a KV prefill side
-/// frees and reuses blocks once decode says it stopped reading them): the READ must have got
-/// only the old bytes. Without the barrier the notification overtakes the READ on the idle
-/// connection and the READ's tail carries the new bytes.
+/// A standalone notification reaches the target only after every transfer its sender had
+/// posted before it was carried out, on every connection: here a READ of one 64 MiB chunk on
+/// one connection, and a notification posted either at once (the READ may still wait in its
+/// lane's queue, not yet written) or once the target serves it; the notification goes on the
+/// other connection. At the notification the target overwrites the READ's source (as a KV
+/// prefill side frees and reuses blocks once decode says it stopped reading them): the READ must
+/// have got only the old bytes. Without the barrier the notification overtakes the READ on the
+/// idle connection and the READ's tail (or all of it) carries the new bytes.
 #[test]
 fn a_notification_arrives_after_every_frame_written_before_it_on_any_connection() {
     let len = 64 << 20;
@@ -847,7 +848,7 @@ fn a_notification_arrives_after_every_frame_written_before_it_on_any_connection(
     let _regs = [reg(&a, &mut dst), reg(&b, &mut src)];
     a.load_remote(&b.metadata_bytes()).unwrap();
     let src_addr = src.as_mut_ptr();
-    for round in 0..3 {
+    for round in 0..4 {
         let read = a
             .create_xfer(
                 XferOp::Read,
@@ -859,7 +860,9 @@ fn a_notification_arrives_after_every_frame_written_before_it_on_any_connection(
             .unwrap();
         read.post().unwrap();
         let until = Instant::now() + Duration::from_secs(10);
-        while b.peer_idle("barrier-a") {
+        // Odd rounds: once the target serves the READ. The session's connections are open
+        // and idle by then (round 0 opened them), so a busy one is the READ being served.
+        while round % 2 == 1 && b.peer_idle("barrier-a") {
             assert!(Instant::now() < until, "the READ never reached the target");
         }
         a.post_notif("barrier-b", b"stopped").unwrap();

@@ -28,8 +28,8 @@
 //!
 //! The prefill side frees after an abort or an expiry only when the decode side cannot be
 //! reading any more: at once on decode's abort (sent after its READ let go; a `tcp`
-//! notification reaches this agent only after every frame decode had written before it was
-//! served, on every connection, so no READ of the blocks is carried out any more, however busy
+//! notification reaches this agent only after every transfer decode had posted before it
+//! ended, on every connection, so no READ of the blocks is carried out any more, however busy
 //! decode keeps its connections), or, without a word from decode, a grace period (one more
 //! lease) after the lease ran out, since decode's READ deadline ends within the lease, and
 //! then only once this agent's own listeners serve that peer nothing any more

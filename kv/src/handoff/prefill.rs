@@ -388,8 +388,8 @@ impl<'a> PrefillSide<'a> {
                     });
                 }
                 // Decode sends its abort (or its acknowledgement of ours) once its READ let
-                // go, and a standalone notification reaches this agent only after every frame
-                // decode had written before it was served (the tcp barrier): nothing of the
+                // go, and a standalone notification reaches this agent only after every transfer
+                // decode had posted before it ended (the tcp barrier): nothing of the
                 // READ is carried out any more, however busy decode keeps its connections.
                 Msg::Abort { reason, .. } => {
                     let mut h = self.held.remove(&id).expect("present");

@@ -33,8 +33,9 @@ struct Sent {
 enum Job {
     Chunk(Arc<Post>, u32),
     /// A notification: of a post once all its chunks are answered (no barrier), or a
-    /// standalone one, written only once every lane has had answered (or dropped unsent) all
-    /// the frames it had claimed when the notification was submitted ([`State::claimed`]).
+    /// standalone one, written only once every post submitted before it has ended (the ids
+    /// of the posts [`State::pending`] held then, ascending): each of their chunks answered,
+    /// or dropped unsent because the post was abandoned.
     Notif(Arc<Post>, Option<Vec<u64>>),
 }
 
@@ -44,17 +45,14 @@ pub(super) struct State {
     queues: Vec<VecDeque<Job>>,
     /// Lane the next post's first chunk goes to.
     next_lane: usize,
+    /// Posts submitted and not ended: a post leaves once every chunk (and its notification)
+    /// was answered or dropped, or when the session fails.
     pub(super) pending: HashMap<u64, Arc<Post>>,
     outstanding: Vec<usize>,
     /// What each lane has written and not had answered, in order.
     sent: Vec<VecDeque<Sent>>,
     /// A thread is writing on the lane (its sender, or a poster writing a small request inline).
     busy: Vec<bool>,
-    /// Frames each lane has claimed to write, ever (counted with `outstanding`).
-    claimed: Vec<u64>,
-    /// Of those, the ones answered or dropped unsent: a lane has nothing in flight of what it
-    /// had claimed at some instant once `settled` reaches `claimed` of that instant.
-    settled: Vec<u64>,
     pub(super) failed: Option<Error>,
 }
 
@@ -69,13 +67,11 @@ impl State {
     /// `lane` takes one more frame to write (unanswered until [`State::settle`]).
     fn claim(&mut self, lane: usize) {
         self.outstanding[lane] += 1;
-        self.claimed[lane] += 1;
     }
 
     /// A frame `lane` claimed was answered, or dropped without being written.
     fn settle(&mut self, lane: usize) {
         self.outstanding[lane] = self.outstanding[lane].saturating_sub(1);
-        self.settled[lane] += 1;
     }
 
     /// Whether `lane`'s sender may take its next job now (never once the session failed: its
@@ -91,12 +87,11 @@ impl State {
     }
 
     /// Whether a job may be written now: a standalone notification waits for its barrier.
+    /// Posts mostly end in the order they were submitted, so the oldest id still pending is
+    /// usually the first one looked at.
     fn ready(&self, job: &Job) -> bool {
         match job {
-            Job::Notif(_, Some(barrier)) => barrier
-                .iter()
-                .zip(&self.settled)
-                .all(|(claimed, settled)| settled >= claimed),
+            Job::Notif(_, Some(barrier)) => barrier.iter().all(|id| !self.pending.contains_key(id)),
             _ => true,
         }
     }
@@ -171,8 +166,6 @@ impl Session {
                 outstanding: vec![0; n],
                 sent: (0..n).map(|_| VecDeque::new()).collect(),
                 busy: vec![false; n],
-                claimed: vec![0; n],
-                settled: vec![0; n],
                 failed: None,
             }),
             cv: (0..n).map(|_| Condvar::new()).collect(),
@@ -232,10 +225,18 @@ impl Session {
                 }
             }
             _ => {
-                // A standalone notification goes after everything asked before it: every
-                // frame any lane claimed so far is answered first (a READ that the caller gave
-                // up on, then says so, is no longer served when the peer reads the message).
-                let barrier = st.claimed.clone();
+                // A standalone notification goes after everything asked before it: every post
+                // submitted so far ends first, whether its chunks were written or still wait
+                // in a queue (a READ that the caller gave up on, then says so, is no longer
+                // served when the peer reads the message; one still running is carried out).
+                // Their chunks are queued ahead of this one on every lane, so the wait ends.
+                let mut barrier: Vec<u64> = st
+                    .pending
+                    .keys()
+                    .copied()
+                    .filter(|&id| id != post.id)
+                    .collect();
+                barrier.sort_unstable();
                 let lane = st.quietest();
                 st.queues[lane].push_back(Job::Notif(Arc::clone(&post), Some(barrier)));
             }
@@ -250,12 +251,20 @@ impl Session {
         }
     }
 
-    /// After `lane` settled a frame: its sender may have a job to write now, and so may a lane
-    /// whose next job is a notification waiting for its barrier. Only those are woken.
+    /// After `lane` settled a frame: its sender may have a job to write now. Only it is woken
+    /// (a post that ended wakes the barriers: [`Session::wake_barriers`]).
     fn wake_settled(&self, st: &State, lane: usize) {
+        if st.takeable(lane, self.cfg.window) {
+            self.cv[lane].notify_all();
+        }
+    }
+
+    /// After a post ended: a lane whose next job is a notification waiting for its barrier
+    /// may write it now.
+    fn wake_barriers(&self, st: &State) {
         for (i, q) in st.queues.iter().enumerate() {
             let barrier = matches!(q.front(), Some(Job::Notif(_, Some(_))));
-            if (i == lane || barrier) && st.takeable(i, self.cfg.window) {
+            if barrier && st.takeable(i, self.cfg.window) {
                 self.cv[i].notify_all();
             }
         }
@@ -318,7 +327,12 @@ impl Session {
             return;
         }
         // Every chunk is answered: the post ends as its last holder (often our caller) lets go.
-        let gone = self.state.lock().pending.remove(&post.id);
+        let gone = {
+            let mut st = self.state.lock();
+            let gone = st.pending.remove(&post.id);
+            self.wake_barriers(&st);
+            gone
+        };
         drop(gone);
     }
 

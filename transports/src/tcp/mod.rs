@@ -37,10 +37,11 @@
 //! it only once every READ the peer had asked for was carried out. Notifications nobody waits
 //! for ([`nixl_core::Agent::post_notif`]) return once queued, not after their acknowledgement,
 //! which travels behind whatever DATA the peer still has queued on that connection.
-//! A standalone notification (sent or posted) is written only once every frame that any
-//! connection of the session had written, or was writing, when it was submitted has been
-//! answered: so when the peer reads "I stopped reading your blocks", no READ asked before it
-//! is still served, on any connection (a barrier across connections, which TCP does not order).
+//! A standalone notification (sent or posted) is written only once every transfer posted on
+//! the session before it has ended: each chunk answered, whether it was on the wire or still
+//! queued for a connection, or dropped unsent because the caller gave the transfer up. So when
+//! the peer reads "I stopped reading your blocks", no READ asked before it is still served or
+//! still to come, on any connection (a barrier across connections, which TCP does not order).
 //!
 //! A lying target cannot make the initiator write where or when it should not: each lane's
 //! answers must match, in order, what that lane asked (DATA of exactly the chunk's length for a
